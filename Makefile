@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# torch is pinned in the same pip command as everything else, so pip takes the CPU build
+# (torch 2.13.0) from this machine's disk and never pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIN    := torch==2.13.0 torchvision==0.28.0
+export OMP_NUM_THREADS ?= 2
+TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
+RUNENV := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),)
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIN)
+	$(PY) -m pip install -q -e '.[dev]' $(PIN)
+	-(command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (dpkg -s libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null)))
+	touch $@
+
+demo: setup
+	$(RUNENV) $(PY) -m uninet_feat demo --out runs/demo
+
+test: setup
+	TRITON_INTERPRET=1 $(RUNENV) $(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	TRITON_INTERPRET=0 $(RUNENV) $(PY) -m pytest -q benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks
