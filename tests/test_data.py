@@ -1,0 +1,264 @@
+"""layouts.py, tiling.py, dataset.py: sample discovery, tile/stitch round trips, dataset items."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uninet_feat.data import (ImageDataset, Sample, discover, extract_tiles, load_image, load_mask, select,
+                              split_train_val, stitch, tile_grid)
+from uninet_feat.errors import BadInputError
+
+
+def _mask(p, size, box=None):
+    arr = np.zeros(size, np.uint8)
+    if box:
+        y0, y1, x0, x1 = box
+        arr[y0:y1, x0:x1] = 255
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(p)
+    return p
+
+
+def _mode(p):
+    with Image.open(p) as im:
+        return im.mode
+
+
+# ---------------------------------------------------------------- layouts
+
+def test_mvtec_layout(tmp_path, write_image):
+    for i in range(3):
+        write_image(f"train/good/{i:03d}.png")
+    write_image("test/good/000.png")
+    write_image("test/crack/000.png")
+    write_image("test/crack/001.png")
+    _mask(tmp_path / "ground_truth/crack/000_mask.png", (16, 24))
+    s = discover(tmp_path)
+    assert len(s) == 6 and [x.path for x in s] == sorted((x.path for x in s), key=str)
+    assert sum(x.split == "train" for x in s) == 3
+    cracks = select(s, split="test")
+    assert [(x.label, x.is_normal) for x in cracks] == [("crack", False), ("crack", False), ("good", True)]
+    assert cracks[0].mask == tmp_path / "ground_truth/crack/000_mask.png" and cracks[1].mask is None
+    assert all(x.group == "" for x in s)
+
+
+def test_mvtec_nested_categories(tmp_path, write_image):
+    for cat in ("bottle", "cable"):
+        write_image(f"{cat}/train/good/a.png")
+        write_image(f"{cat}/test/bad/b.png")
+    s = discover(tmp_path)
+    assert {x.group for x in s} == {"bottle", "cable"} and len(s) == 4
+    assert len(select(s, group="cable")) == 2 and len(select(s, split="train", group=["bottle", "x"])) == 1
+
+
+def test_plain_layouts_and_masks_beside(tmp_path, write_image):
+    write_image("good/a.jpg")
+    write_image("scratch/b.jpg")
+    _mask(tmp_path / "scratch/b.png", (16, 24))  # magnetic-tile style: mask beside the jpg
+    write_image("hole/c.png")
+    _mask(tmp_path / "hole/c_mask.png", (16, 24))
+    s = discover(tmp_path)
+    assert [(x.path.name, x.label, x.split, x.group) for x in s] == [
+        ("a.jpg", "good", "", ""), ("c.png", "hole", "", ""), ("b.jpg", "scratch", "", "")]
+    assert s[1].mask.name == "c_mask.png" and s[2].mask.name == "b.png" and s[0].mask is None
+
+
+def test_plain_nested_groups_and_ground_truth_mirror(tmp_path, write_image):
+    write_image("fab_0/good/a.png")
+    write_image("fab_0/d01/b.png")
+    write_image("fab_1/good/c.png")
+    _mask(tmp_path / "fab_0/ground_truth/d01/b_mask.png", (16, 24))
+    s = discover(tmp_path)
+    assert [(x.group, x.label) for x in s] == [("fab_0", "d01"), ("fab_0", "good"), ("fab_1", "good")]
+    assert s[0].mask == tmp_path / "fab_0/ground_truth/d01/b_mask.png"
+
+
+def test_mask_pattern_override(tmp_path, write_image):
+    write_image("bad/x.png")
+    _mask(tmp_path / "bad/x_mask.png", (16, 24))
+    _mask(tmp_path / "masks/bad/x.gt.png", (16, 24))
+    s = discover(tmp_path, mask_pattern="../masks/{label}/{stem}.gt.png")
+    assert len(s) == 1 and s[0].mask.resolve() == (tmp_path / "masks/bad/x.gt.png").resolve()
+
+
+def test_normal_labels():
+    assert all(Sample("x", label=l).is_normal for l in ("good", "GOOD", "Normal", "ok", "Free"))
+    assert not any(Sample("x", label=l).is_normal for l in ("crack", "not_good", "", "defect"))
+
+
+def test_csv_layout(tmp_path, write_image):
+    write_image("imgs/a.png")
+    write_image("imgs/b.png")
+    _mask(tmp_path / "gt/b.png", (16, 24))
+    csv = tmp_path / "split.csv"
+    csv.write_text("path,split,label,mask,fabric\nimgs/b.png,test,hole,gt/b.png,f1\nimgs/a.png,train,OK,,f0\n")
+    s = discover(tmp_path, split_csv=csv)
+    assert [(x.path.name, x.split, x.label, x.group, x.is_normal) for x in s] == [
+        ("a.png", "train", "OK", "f0", True), ("b.png", "test", "hole", "f1", False)]
+    assert s[0].mask is None and s[1].mask == tmp_path / "gt/b.png"
+
+
+def test_csv_missing_file_names_line(tmp_path, write_image):
+    write_image("a.png")
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,split,label\na.png,train,good\ngone.png,test,good\n")
+    with pytest.raises(BadInputError) as e:
+        discover(tmp_path, split_csv=csv)
+    assert "line 3" in str(e.value) and "gone.png" in str(e.value) and "m.csv" in str(e.value)
+    csv.write_text("path,split,label\na.png,train,good\na.png,test,good\n")
+    with pytest.raises(BadInputError, match="already listed on line 2"):
+        discover(tmp_path, split_csv=csv)
+    csv.write_text("file,label\na.png,good\n")
+    with pytest.raises(BadInputError, match="path"):
+        discover(tmp_path, split_csv=csv)
+
+
+def test_empty_folder(tmp_path, write_image):
+    (tmp_path / "good").mkdir()
+    with pytest.raises(BadInputError, match="no images found under .*expected layouts"):
+        discover(tmp_path)
+    write_image("loose.png")
+    with pytest.raises(BadInputError, match="ROOT/good"):
+        discover(tmp_path)
+    with pytest.raises(BadInputError, match="not found"):
+        discover(tmp_path / "nope")
+
+
+def test_split_train_val(tmp_path):
+    s = [Sample(tmp_path / f"{i:02d}.png", "train", "good") for i in range(20)]
+    s += [Sample(tmp_path / "d.png", "train", "crack"), Sample(tmp_path / "t.png", "test", "good")]
+    rest, val = split_train_val(s, 0.25, seed=3)
+    assert len(val) == 5 and all(v.split == "train" and v.is_normal for v in val)
+    assert len(rest) == 17 and not set(map(id, rest)) & set(map(id, val))
+    assert [v.path for v in split_train_val(s, 0.25, seed=3)[1]] == [v.path for v in val]
+    assert [v.path for v in split_train_val(s, 0.25, seed=4)[1]] != [v.path for v in val]
+    assert split_train_val(s, 0.0, 0)[1] == [] and len(split_train_val(s[:2], 0.9, 0)[1]) == 1
+    with pytest.raises(BadInputError):
+        split_train_val(s, 1.0, 0)
+
+
+def test_real_magnetic_tile_csv(shared_data):
+    s = discover(shared_data, split_csv=shared_data / "splits/magnetic_tile.csv")
+    assert len(s) == 1344
+    assert sum(x.split == "train" and x.is_normal for x in s) == 678
+    assert sum(x.split == "test" and x.is_normal for x in s) == 274
+    defects = [x for x in s if not x.is_normal]
+    assert len(defects) == 392 and all(x.mask is not None and x.split == "test" for x in defects)
+    d = next(x for x in defects if x.path.name == "exp1_num_108719.jpg")
+    with pytest.warns(UserWarning, match="exp1_num_108719.png: mask is not binary"):  # real masks are anti-aliased
+        m = load_mask(d.mask, size=load_image(d.path).shape[:2])
+    assert m.sum() == 122  # 98 pixels at 255 + 24 anti-aliased ones (values 1..254)
+    with pytest.warns(UserWarning, match="not binary"):
+        it = ImageDataset([d], image_size=64)[0]
+    assert it["image"].shape == (3, 64, 64) and it["label"] == 1 and 0 < it["mask"].sum() < 64 * 64
+
+
+def test_real_aitex(shared_data):
+    s = discover(shared_data, split_csv=shared_data / "splits/aitex.csv")
+    assert sorted({x.group for x in s}) == ["fabric_00", "fabric_01", "fabric_03", "fabric_04"]
+    assert len(s) == 141 and sum(x.split == "train" for x in s) == 57
+    folders = discover(shared_data / "aitex")  # plain nested layout: same images, groups from folders
+    assert [x.path for x in folders] == [x.path for x in s]
+    assert [(x.group, x.label) for x in folders] == [(x.group, x.label) for x in s]
+    la = next(x.path for x in s if _mode(x.path) == "LA")
+    a = load_image(la)
+    assert a.shape == (256, 4096, 3) and np.array_equal(a[..., 0], a[..., 2])
+    ds = ImageDataset(s[:2], image_size=256, tile=256)
+    assert len(ds) == 32 and [k for _, _, k in ds.tile_index] == list(range(16)) * 2
+    assert ds[31]["tile"].tolist() == [0, 4096 - 256, 256, 256] and ds[31]["index"] == 1
+
+
+# ---------------------------------------------------------------- tiling
+
+@pytest.mark.parametrize("h,w,t,ov", [(37, 53, 16, 0), (37, 53, 16, 5), (64, 64, 16, 0), (16, 16, 16, 0),
+                                      (5, 7, 16, 0), (5, 40, 16, 4), (300, 20, 32, 8)])
+def test_tiling_round_trip(h, w, t, ov):
+    g = tile_grid(h, w, t, ov)
+    img = np.random.default_rng(h * w).random((h, w, 3), dtype=np.float32)
+    tiles = extract_tiles(img, g)
+    assert tiles.shape == (g.n, t, t, 3)
+    cover = np.zeros((h, w), int)
+    for y, x in g.origins:
+        assert y + t <= max(h, t) and x + t <= max(w, t)  # never beyond the border unless padded
+        cover[y:y + t, x:x + t] += 1
+    assert cover.min() >= 1
+    assert max(y for y, _ in g.origins) == max(0, h - t) and max(x for _, x in g.origins) == max(0, w - t)
+    assert g.pad == (max(0, t - h), max(0, t - w))
+    for reduce in ("mean", "max"):
+        np.testing.assert_array_equal(stitch(tiles, g, reduce), img)
+    np.testing.assert_array_equal(stitch(tiles[..., 1], g), img[..., 1])
+    ttiles = extract_tiles(torch.from_numpy(img).permute(2, 0, 1), g)
+    assert ttiles.shape == (g.n, 3, t, t)
+    np.testing.assert_array_equal(ttiles.permute(0, 2, 3, 1).numpy(), tiles)
+
+
+def test_tiling_padding_is_reflection():
+    img = np.arange(5, dtype=np.float32)[:, None].repeat(3, 1)  # 5 x 3
+    t = extract_tiles(img, tile_grid(5, 3, 8))[0]
+    np.testing.assert_array_equal(t[:, 0], [0, 1, 2, 3, 4, 3, 2, 1])
+    np.testing.assert_array_equal(t[0], [0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_strip_tiles_and_overlap_reduce():
+    assert tile_grid(256, 4096, 256).n == 16 and tile_grid(4096, 256, 256).n == 16
+    g = tile_grid(8, 12, 8, overlap=4)
+    assert g.origins == [(0, 0), (0, 4)]
+    maps = np.stack([np.full((8, 8), 1.0), np.full((8, 8), 3.0)])
+    mean, mx = stitch(maps, g, "mean"), stitch(maps, g, "max")
+    assert mean[0, 0] == 1 and mean[0, 6] == 2 and mean[0, 11] == 3
+    assert mx[0, 0] == 1 and mx[0, 6] == 3
+    with pytest.raises(BadInputError):
+        tile_grid(10, 10, 8, overlap=8)
+    with pytest.raises(ValueError):
+        stitch(maps[:1], g)
+
+
+# ---------------------------------------------------------------- dataset
+
+def test_dataset_whole_images(tmp_path, write_image):
+    a = write_image("good/a.png", array=np.full((20, 30, 3), 255, np.uint8))
+    b = write_image("bad/b.png", size=(40, 24))
+    _mask(tmp_path / "bad/b_mask.png", (40, 24), (0, 21, 0, 24))  # 21: not on a 2.5x cell edge
+    s = discover(tmp_path)
+    ds = ImageDataset(s, image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert len(ds) == 2
+    by_path = {str(x.path): i for i, x in enumerate(s)}
+    it = ds[by_path[str(a)]]
+    assert it["image"].shape == (3, 16, 16) and it["image"].dtype == torch.float32
+    assert torch.allclose(it["image"], torch.ones(1))  # (1 - 0.5) / 0.5
+    assert it["mask"].shape == (1, 16, 16) and it["mask"].sum() == 0 and it["label"] == 0
+    assert it["tile"].tolist() == [0, 0, 20, 30]
+    it = ds[by_path[str(b)]]
+    assert it["label"] == 1 and it["index"] == by_path[str(b)] and it["tile"].tolist() == [0, 0, 40, 24]
+    assert set(it["mask"].unique().tolist()) == {0.0, 1.0}
+    assert it["mask"][0, :8].min() == 1 and it["mask"][0, 8:].max() == 0  # top half defect
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["tile"].shape == (2, 4)
+    assert ImageDataset(s, image_size=(8, 12))[0]["image"].shape == (3, 8, 12)
+
+
+def test_dataset_tiles_stitch_back(tmp_path, write_image):
+    p0 = write_image("good/strip.png", size=(20, 70))
+    p1 = write_image("good/small.png", size=(10, 12))
+    _mask(tmp_path / "good/strip_mask.png", (20, 70), (0, 20, 60, 70))
+    s = [Sample(p0, "test", "good", tmp_path / "good/strip_mask.png"), Sample(p1, "test", "good")]
+    ds = ImageDataset(s, image_size=16, tile=16, overlap=4, mean=(0, 0, 0), std=(1, 1, 1))
+    g0, g1 = tile_grid(20, 70, 16, 4), tile_grid(10, 12, 16)
+    assert len(ds) == g0.n + g1.n == len(ds.tile_index)
+    assert [(i, k) for i, _, k in ds.tile_index] == [(0, k) for k in range(g0.n)] + [(1, 0)]
+    per = {0: [], 1: []}
+    masks = []
+    for j in range(len(ds)):
+        it = ds[j]
+        i, g, k = ds.tile_index[j]
+        assert it["index"] == i and it["tile"].tolist() == list(g.box(k))
+        per[i].append(it["image"].permute(1, 2, 0).numpy())
+        if i == 0:
+            masks.append(it["mask"][0].numpy())
+    for i, p in ((0, p0), (1, p1)):
+        np.testing.assert_array_equal(stitch(np.stack(per[i]), ds.tile_index[[x[0] for x in ds.tile_index].index(i)][1]),
+                                      load_image(p))
+    m = stitch(np.stack(masks), g0)
+    assert m[:, 60:].min() == 1 and m[:, :60].max() == 0
+    resized = ImageDataset(s, image_size=8, tile=16)
+    assert resized[0]["image"].shape == (3, 8, 8) and resized[0]["tile"].tolist() == [0, 0, 16, 16]

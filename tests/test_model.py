@@ -1,0 +1,153 @@
+"""UniNet model: sizing from feature_info, MEM forms, DFS learning, losses, supervision."""
+import copy
+
+import pytest
+import torch
+
+from uninet_feat.model import UniNet, pair_loss, pair_loss_reference, reparameterize
+from uninet_feat.model.losses import row_weights
+from uninet_feat.model.mem import MEMBlock
+
+from _tiny import TinyBackbone
+
+
+@pytest.mark.parametrize("channels,strides,size", [((8, 16, 32), (4, 8, 16), 64), ((6, 12, 20), (2, 4, 8), 48)])
+def test_shapes_follow_backbone(channels, strides, size):
+    torch.manual_seed(0)
+    m = UniNet(TinyBackbone(channels, strides))
+    out = m(torch.randn(2, 3, size, size))
+    assert len(out.teachers) == len(out.students) == 6
+    for k, (t, s) in enumerate(zip(out.teachers, out.students)):
+        lvl = k % 3
+        assert t.shape == s.shape == (2, channels[lvl], size // strides[lvl], size // strides[lvl])
+    assert m.bottleneck.out_channels == 2 * channels[-1]
+
+
+def test_input_size_not_multiple_of_bottleneck_stride_is_explained():
+    m = UniNet(TinyBackbone())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        m(torch.randn(1, 3, 40, 40))
+
+
+def test_source_teacher_stays_frozen_and_in_eval():
+    m = UniNet(TinyBackbone())
+    m.train()
+    assert not m.source.training and m.target.training
+    before = copy.deepcopy(m.source.state_dict())
+    opt = torch.optim.SGD([p for g in m.trainable_groups().values() for p in g], lr=0.1)
+    loss = m.loss(m(torch.randn(2, 3, 64, 64)))["loss"]
+    loss.backward()
+    opt.step()
+    for k, v in m.source.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights and BN running stats untouched
+    assert all(not p.requires_grad for p in m.source.parameters())
+
+
+def test_dfs_theta_is_learned_and_saved():
+    torch.manual_seed(0)
+    m = UniNet(TinyBackbone(), dfs="learned")
+    names = [n for n, _ in m.named_parameters()]
+    assert any(n.startswith("dfs.phi") for n in names)
+    assert any(k.startswith("dfs.phi") for k in m.state_dict())
+    opt = torch.optim.AdamW(m.trainable_groups()["student"], lr=0.05)
+    x = torch.randn(4, 3, 64, 64)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = m.loss(m(x))["loss"]
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.dfs.phi)
+        opt.step()
+    theta = [m.dfs.theta(i) for i in range(3)]
+    assert any((t < 1).any() for t in theta)  # θ moved below its initial 1.0
+    assert all(((t > 0.5) & (t <= 1)).all() for t in theta)
+
+
+def test_dfs_modes_differ():
+    torch.manual_seed(0)
+    m = UniNet(TinyBackbone(), dfs="fixed")
+    assert len(list(m.dfs.parameters())) == 0
+    out = m(torch.randn(2, 3, 64, 64))
+    fixed = m.loss(out)["loss"].item()
+    m.dfs.mode = "off"
+    off = m.loss(out)["loss"].item()
+    assert abs(fixed - off) > 1e-4
+
+
+@pytest.mark.parametrize("T", [0.1, 2.0])
+def test_pair_loss_matches_official_formula(T):
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 16, 7, 9), torch.randn(3, 16, 7, 9).relu()
+    ours = pair_loss(s, t, T, 0.7)["loss"]
+    assert torch.allclose(ours, pair_loss_reference(s, t, T, 0.7, eps=0.0), atol=1e-5)
+    # the official epsilons only matter where p_ii is tiny
+    assert torch.allclose(ours, pair_loss_reference(s, t, T, 0.7), atol=1e-3)
+
+
+def test_pair_loss_gradients_match_reference():
+    torch.manual_seed(2)
+    s = torch.randn(2, 8, 6, 6, requires_grad=True)
+    t = torch.randn(2, 8, 6, 6, requires_grad=True)
+    g1 = torch.autograd.grad(pair_loss(s, t, 0.1)["loss"], (s, t))
+    g2 = torch.autograd.grad(pair_loss_reference(s, t, 0.1, eps=0.0), (s, t))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_supervised_mask_loss_runs_and_pushes_abnormal_rows():
+    torch.manual_seed(3)
+    t = torch.randn(2, 8, 8, 8)
+    s = (t + 0.01 * torch.randn_like(t)).requires_grad_()  # student ≈ teacher: p_ii high everywhere
+    labels = torch.tensor([0, 1])
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[1, :, 10:30, 10:30] = 1
+    normal, cos_w = row_weights(labels, masks, (8, 8), torch.tensor([False, True]))
+    assert normal.shape == (2, 64) and normal[0].all() and not normal[1].all() and normal[1].any()
+    assert torch.equal(cos_w[1] == 0, ~normal[1])
+    terms = pair_loss(s, t, 0.1, normal=normal, cos_weight=cos_w)
+    assert terms["margin_abnormal"] > 0
+    terms["loss"].backward()
+    assert torch.isfinite(s.grad).all()
+    # image label without a mask: every position of the defect image is abnormal
+    normal2, _ = row_weights(labels, masks, (8, 8), torch.tensor([False, False]))
+    assert not normal2[1].any() and normal2[0].all()
+
+
+def test_all_abnormal_batch_has_no_normal_terms():
+    s, t = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    normal = torch.zeros(2, 16, dtype=torch.bool)
+    terms = pair_loss(s, t, 0.1, normal=normal)
+    assert terms["sc"] == 0 and terms["margin"] == 0 and torch.isfinite(terms["loss"])
+
+
+def test_multiscale_mem_reparameterizes_exactly():
+    torch.manual_seed(4)
+    blk = MEMBlock(24, 16, 32, stride=2, form="multiscale")
+    blk.train()
+    for _ in range(3):  # give BN non-trivial running statistics
+        blk(torch.randn(4, 24, 16, 16))
+    blk.eval()
+    x = torch.randn(2, 24, 16, 16)
+    before = blk(x)
+    reparameterize(blk)
+    kernels = [m.kernel_size for m in blk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert (7, 7) in kernels
+    assert torch.allclose(blk(x), before, atol=1e-5)
+
+
+def test_official_mem_has_no_7x7():
+    blk = MEMBlock(24, 16, 32, stride=2, form="official")
+    ks = {m.kernel_size for m in blk.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert (7, 7) not in ks and (3, 3) in ks
+
+
+def test_whole_model_reparam_same_scores():
+    torch.manual_seed(5)
+    m = UniNet(TinyBackbone(), mem="multiscale")
+    m.train()
+    m.loss(m(torch.randn(4, 3, 64, 64)))
+    m.eval()
+    x = torch.randn(2, 3, 64, 64)
+    p1, s1 = m.predict(x)
+    m.reparameterize()
+    p2, s2 = m.predict(x)
+    assert torch.allclose(p1, p2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)

@@ -1,0 +1,83 @@
+"""Checkpoints that rebuild the whole model and load with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain dict of tensors and primitives: the format tag, the library version,
+the resolved run config (backbone name, levels, model options…), the backbone's own config, the
+model state dict and — for resumable training checkpoints — optimiser states, the epoch and RNG
+states. Pickled objects are never loaded: a file that needs ``weights_only=False`` is refused.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import torch
+
+from .errors import BadInputError
+from .io import atomic_write_bytes
+
+FORMAT = "uninet-feat/checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path, model, cfg: dict, **extra) -> Path:
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
+               "library_version": __import__("uninet_feat").__version__,
+               "config": _plain(cfg), "backbone": _plain(model.source.config()),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError("checkpoint not found", path=path, fix="pass the model.pt of a finished run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BadInputError("refusing a pickle-based checkpoint (it would run arbitrary code on load)",
+                            path=path, fix="re-save it as a state dict of tensors, or retrain") from e
+    except Exception as e:  # truncated/corrupt zip, not a torch file at all
+        raise BadInputError(f"not a readable checkpoint ({type(e).__name__}: {e})", path=path,
+                            fix="the file is corrupt or not a uninet-feat checkpoint; retrain or restore it") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise BadInputError("not a uninet-feat checkpoint (no format tag)", path=path,
+                            fix="pass a model.pt written by `uninet-feat train`")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise BadInputError(f"checkpoint format {ckpt['format_version']} is newer than this library "
+                            f"understands ({FORMAT_VERSION})", path=path, fix="upgrade uninet-feat")
+    return ckpt
+
+
+def build_from_checkpoint(path, weights: str = "random"):
+    """Rebuild a UniNet exactly as trained (backbone weights come from the checkpoint itself)."""
+    from .backbones import create_backbone
+    from .config import model_options
+    from .model import UniNet
+
+    ckpt = read_checkpoint(path)
+    cfg = ckpt["config"]
+    bb_cfg = dict(ckpt["backbone"])
+    backbone = create_backbone(**{**bb_cfg, "weights": weights})
+    model = UniNet(backbone, **model_options(cfg))
+    state = ckpt["state_dict"]
+    if cfg.get("mem") == "multiscale" and any(".fused." in k for k in state):
+        model.eval().reparameterize()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BadInputError(f"checkpoint does not match its model: {len(missing)} missing keys "
+                            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})",
+                            path=path, fix="it was written by another version or edited; retrain")
+    return model, ckpt
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)

@@ -1,0 +1,104 @@
+"""`uninet-feat` command line: every command takes a YAML --config and flags that override it."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import BadInputError
+
+
+def _common_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    p.add_argument("--data", help="image folder (root/<label>/*, MVTec-style) or the root a --split-csv is relative to")
+    p.add_argument("--split-csv", dest="split_csv", help="CSV manifest path,split,label[,mask][,group]")
+    p.add_argument("--group", help="train/evaluate one category only (one-class); default: all (multi-class)")
+    p.add_argument("--backbone", help="timm model name (default tf_efficientnet_lite0)")
+    p.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint")
+    p.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], help="three feature levels, e.g. 1,2,3")
+    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--tile", type=int, help="tile large images into TILE×TILE pieces (e.g. 256 for fabric strips)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--mem", choices=["official", "multiscale"])
+    p.add_argument("--dfs", choices=["learned", "fixed", "off"])
+    p.add_argument("--temperature", "-T", type=float)
+    p.add_argument("--supervised", action="store_true", default=None,
+                   help="use labelled defects (and masks) in the training split")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
+                   help="skip unreadable images with a warning instead of stopping")
+
+
+_TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
+               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "supervised", "skip_bad")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="uninet-feat", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train UniNet on normal images")
+    _common_train_flags(p)
+    p.add_argument("--out", required=True, help="run folder (checkpoints, config, logs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("evaluate", help="score the test split and print/write metrics")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data")
+    p.add_argument("--split-csv", dest="split_csv")
+    p.add_argument("--group")
+    p.add_argument("--json", help="write the metrics JSON here")
+    p.add_argument("--csv", help="write per-image scores here")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("demo", help="synthetic woven fabric → train → evaluate → report, in a few minutes")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; re-run with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    warnings.simplefilter("default")
+    if args.command == "train":
+        from .config import load_config
+        from .train import train
+        cfg = load_config(args.config, {k: getattr(args, k) for k in _TRAIN_KEYS})
+        path = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
+        print(f"model written to {path}")
+        return 0
+    if args.command == "evaluate":
+        from .evaluate import evaluate
+        rep = evaluate(args.run, args.data, args.split_csv, json_path=args.json, csv_path=args.csv,
+                       group=args.group, quiet=args.quiet, overrides={"threads": args.threads})
+        if args.quiet:
+            print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+        run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

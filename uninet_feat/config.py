@@ -1,0 +1,100 @@
+"""Run configuration: one flat plain dict (open_clip style), YAML file + CLI flags on top of defaults.
+
+Every run writes its resolved config, library versions and seed beside its outputs
+(``config.yaml`` and ``env.json``), so a run can be re-created exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .errors import BadInputError
+from .io import atomic_write_text
+from .model.uninet import DEFAULTS as MODEL_DEFAULTS
+
+DEFAULT_CONFIG: dict = {
+    # data
+    "data": None, "split_csv": None, "group": None, "mask_pattern": None,
+    "image_size": 256, "tile": None, "tile_overlap": 0, "tile_score": "max",
+    "val_fraction": 0.1, "supervised": False, "skip_bad": False,
+    # backbone
+    "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "levels": None,
+    # optimisation (method §5, one-class recipe; fixed schedule: the last epoch is the model)
+    "epochs": 10, "batch_size": 8, "lr": 5e-3, "lr_target": 1e-6, "weight_decay": 1e-5,
+    "seed": 1203, "threads": None, "channels_last": True, "eval_batch_size": 8, "cache_images": True,
+    # model
+    **{k: (list(v) if isinstance(v, tuple) else v) for k, v in MODEL_DEFAULTS.items()},
+}
+MODEL_KEYS = tuple(MODEL_DEFAULTS)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None,
+                base: dict | None = None) -> dict:
+    """Defaults ← ``base`` ← YAML file ← non-None ``overrides``; unknown keys are refused."""
+    cfg = dict(DEFAULT_CONFIG)
+    cfg.update(base or {})
+    if path:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise BadInputError(f"cannot read config: {e}", path=p, fix="pass a readable YAML mapping") from e
+        if not isinstance(loaded, dict):
+            raise BadInputError("config must be a YAML mapping", path=p, fix="write `key: value` lines")
+        _check_keys(loaded, p)
+        cfg.update(loaded)
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(ov, None)
+    cfg.update(ov)
+    return cfg
+
+
+def _check_keys(d: dict, path) -> None:
+    unknown = sorted(set(d) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise BadInputError(f"unknown config keys {unknown}", path=path,
+                            fix=f"use only: {', '.join(sorted(DEFAULT_CONFIG))}")
+
+
+def model_options(cfg: dict) -> dict:
+    opts = {k: cfg[k] for k in MODEL_KEYS}
+    opts["decoder_depths"] = tuple(opts["decoder_depths"])
+    return opts
+
+
+def environment(seed: int) -> dict:
+    import timm
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            "timm": timm.__version__, "numpy": np.__version__, "seed": seed,
+            "threads": torch.get_num_threads(), "uninet_feat": __import__("uninet_feat").__version__}
+
+
+def save_run_config(run_dir: Path, cfg: dict, name: str = "config.yaml") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / name, yaml.safe_dump(_plain(cfg), sort_keys=True))
+    atomic_write_text(run_dir / "env.json", json.dumps(environment(cfg.get("seed", 0)), indent=2))
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,121 @@
+"""The torch Dataset every command uses: whole images resized, or native-resolution tiles of large images.
+
+Each item is ``dict(image, mask, label, index, tile)``:
+- ``image``  float (3, S, S) normalised with the backbone's mean/std;
+- ``mask``   float (1, S, S), 1 = defect, zeros when the sample has no mask;
+- ``label``  0 normal / 1 defect; ``index`` the position of the sample in the list given;
+- ``tile``   int64 [y, x, h, w]: the region in ORIGINAL pixels the item shows (the full image when not
+  tiled; a tile of an image smaller than the tile runs past its border, see `tiling`), so callers
+  can put per-item maps back with `stitch` via ``dataset.tile_index``.
+
+Resizing: images bilinear with antialias (so downscaling does not alias fabric texture into fake
+defects); masks ``nearest-exact`` (stays binary and pixel-centre aligned; a defect thinner than the
+scale factor can vanish, which is why thin defects on large images should be tiled, not resized).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInputError
+from .images import MIN_SIDE, check_image, load_image, load_mask, read_size
+from .tiling import TileGrid, extract_tile, tile_grid
+
+
+def _pair(v):
+    if v is None:
+        return None
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images (or tiles of images) of ``samples`` as normalised tensors; see the module docstring."""
+
+    def __init__(self, samples, image_size=256, tile=None, overlap: int = 0,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), skip_bad: bool = False,
+                 min_side: int = MIN_SIDE):
+        self.samples = list(samples)
+        self.image_size, self.tile, self.overlap = _pair(image_size), _pair(tile), overlap
+        self.min_side = min_side
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.kept = list(range(len(self.samples)))  # indices into `samples` actually served
+        self.skipped: list[tuple[int, str]] = []
+        self._sizes: dict[int, tuple[int, int]] = {}
+        self._tile_index = None
+        self._cache = None  # (sample index, image, mask): consecutive tiles share one decode
+        if skip_bad:
+            self._validate()
+
+    def _validate(self) -> None:
+        """Cheap up-front check of every image (and mask size); unreadable samples are dropped with a warning."""
+        kept = []
+        for i in self.kept:
+            s = self.samples[i]
+            try:
+                self._sizes[i] = hw = check_image(s.path, self.min_side)
+                if s.mask is not None and read_size(s.mask) != hw:
+                    load_mask(s.mask, size=hw, image_path=s.path)  # raises the detailed size error
+                kept.append(i)
+            except BadInputError as e:
+                warnings.warn(f"skipping unreadable sample: {e}")
+                self.skipped.append((i, str(e)))
+        self.kept = kept
+        if not kept:
+            raise BadInputError(f"none of the {len(self.samples)} images is readable",
+                                fix="see the warnings above for each file")
+
+    @property
+    def tile_index(self) -> list[tuple[int, TileGrid, int]]:
+        """Item → (sample index, TileGrid of that image, tile number). Built on first use from file headers."""
+        if self._tile_index is None:
+            index = []
+            for i in self.kept:
+                if self.tile is None:
+                    hw = self._sizes.get(i) or read_size(self.samples[i].path)
+                    grid = TileGrid(hw[0], hw[1], hw, [(0, 0)])
+                else:
+                    h, w = self._sizes.get(i) or read_size(self.samples[i].path)
+                    grid = tile_grid(h, w, self.tile, self.overlap)
+                index += [(i, grid, k) for k in range(grid.n)]
+            self._tile_index = index
+        return self._tile_index
+
+    def __len__(self) -> int:
+        return len(self.tile_index) if self.tile else len(self.kept)
+
+    def _load(self, i: int):
+        if self._cache is None or self._cache[0] != i:
+            s = self.samples[i]
+            img = load_image(s.path, self.min_side)
+            mask = load_mask(s.mask, size=img.shape[:2], image_path=s.path) if s.mask is not None \
+                else np.zeros(img.shape[:2], dtype=bool)
+            self._cache = (i, img, mask)
+        return self._cache[1], self._cache[2]
+
+    def __getitem__(self, j: int) -> dict:
+        if self.tile:
+            i, grid, k = self.tile_index[j]
+        else:
+            i, grid, k = self.kept[j], None, 0
+        img, mask = self._load(i)
+        if grid is None:
+            box = (0, 0) + img.shape[:2]
+        else:
+            if (grid.h, grid.w) != img.shape[:2]:
+                raise BadInputError(f"header says {grid.w}x{grid.h} px but decoded {img.shape[1]}x{img.shape[0]}",
+                                    path=self.samples[i].path, fix="re-export the file")
+            img, mask = extract_tile(img, grid, k), extract_tile(mask, grid, k)
+            box = grid.box(k)
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        size = self.image_size
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+            m = F.interpolate(m[None], size=size, mode="nearest-exact")[0]
+        return {"image": (x - self.mean) / self.std, "mask": m,
+                "label": 0 if self.samples[i].is_normal else 1, "index": i,
+                "tile": torch.tensor(box, dtype=torch.int64)}

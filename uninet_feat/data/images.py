@@ -1,0 +1,193 @@
+"""Decoding any image or mask file into one predictable array, or a `BadInputError` that says why not.
+
+Inspection data arrives in every PIL mode (grey strips saved as ``LA``, palette PNGs, 16-bit camera
+frames, CMYK JPEGs) and sometimes broken. Everything downstream assumes float32 RGB in [0, 1], so
+the whole zoo is funnelled here, and a bad file fails *here*, by name, instead of as a shape error
+deep inside a training epoch.
+
+Rules (why):
+- PIL must fully decode (``.load()``); truncated files are errors. ``ImageFile.LOAD_TRUNCATED_IMAGES``
+  is never set: a half-grey image silently trained on as "normal" is worse than a crash.
+- Alpha is dropped, not composited: the colour under a transparent pixel is still the captured one.
+- Integer data is scaled by its container's full range (``/65535`` for 16-bit), not by its max,
+  so an image's brightness does not depend on its content.
+- EXIF orientation is ignored on purpose: masks (PNG) carry no EXIF, and rotating only the image
+  would misalign it with its mask.
+- 16-bit *RGB* PNGs are reduced to 8 bits by PIL itself (it has no 16-bit RGB mode); the values
+  stay correctly scaled, only precision is lost.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadInputError
+
+MIN_SIDE = 8  # smaller images cannot feed a backbone with stride 8+, and are usually thumbnails/mistakes
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_FIX = "re-export or remove the file (or pass --skip-bad to skip unreadable images)"
+
+
+def _open(path, decode: bool = True) -> Image.Image:
+    """Open (and by default fully decode) ``path``; every failure becomes a BadInputError."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError("file not found" if not p.exists() else "not a file", path=p,
+                            fix="check the path (and the CSV/folder it came from)")
+    if p.stat().st_size == 0:
+        raise BadInputError("file is empty (0 bytes)", path=p, fix=_FIX)
+    img = None
+    try:
+        img = Image.open(p)
+        if decode:
+            img.load()
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as e:
+        if img is not None:
+            img.close()
+        if isinstance(e, Image.DecompressionBombError):
+            raise BadInputError(f"image too large for PIL's safety limit ({e})", path=p,
+                                fix="raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+        # UnidentifiedImageError (not an image) is an OSError; truncation is an OSError or EOFError
+        what = "truncated or corrupt image" if "truncat" in str(e).lower() or isinstance(e, EOFError) \
+            else "cannot decode image"
+        raise BadInputError(f"{what} ({type(e).__name__}: {e})", path=p, fix=_FIX) from None
+    return img
+
+
+def _to_array(img: Image.Image, path) -> np.ndarray:
+    """Any PIL mode → float32 (H, W, C) with C in {1, 3}, in [0, 1]."""
+    mode = img.mode
+    if mode == "1":
+        a = np.asarray(img, dtype=np.float32)
+    elif mode in ("L", "LA", "La"):
+        a = np.asarray(img.getchannel(0), dtype=np.float32) / 255.0
+    elif mode in ("RGB", "RGBA", "RGBX", "RGBa"):
+        a = np.asarray(img, dtype=np.float32)[..., :3] / 255.0
+    elif mode in ("P", "PA"):
+        # RGBA keeps PIL from warning about palette transparency; the alpha is then dropped.
+        a = np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
+    elif mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.float32) / 65535.0
+    elif mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        if a.size and a.min() < 0:
+            raise BadInputError("signed integer image with negative values", path=path,
+                                fix="save it as unsigned 8- or 16-bit")
+        a = (a / _int_max(img, a)).astype(np.float32)
+    elif mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise BadInputError("float image contains NaN or Inf", path=path,
+                                fix="replace non-finite pixels before saving")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        if lo < 0 or hi > 1:  # no container range for floats: rescale, but say so
+            warnings.warn(f"{path}: float image outside [0, 1] (min {lo:g}, max {hi:g}); rescaled min-max")
+            a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    else:  # CMYK, YCbCr, LAB, HSV, ...: PIL knows the conversion
+        try:
+            a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        except (ValueError, OSError) as e:
+            raise BadInputError(f"unsupported image mode {mode!r} ({e})", path=path,
+                                fix="convert the file to 8-bit RGB or grey PNG") from None
+    if a.ndim == 2:
+        a = a[..., None]
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _int_max(img: Image.Image, a: np.ndarray) -> float:
+    """Full-scale value of a 32-bit-int PIL image: from the TIFF tags when present (bits, signedness),
+    else 65535 (old PIL opens 16-bit PNGs as mode I; a max that fits 16 bits is taken as 16-bit data)."""
+    tag = getattr(img, "tag_v2", None)
+    if tag is not None and 258 in tag:
+        first = lambda v: int(v[0] if isinstance(v, tuple) else v)  # noqa: E731
+        bits, signed = first(tag[258]), 339 in tag and first(tag[339]) == 2
+        return float(2 ** (bits - 1 if signed else bits) - 1)
+    if img.format == "PNG" or (a.size and a.max() <= 65535):
+        return 65535.0
+    return float(2 ** 32 - 1)
+
+
+def load_image(path, min_side: int = MIN_SIDE) -> np.ndarray:
+    """Decode ``path`` to float32 (H, W, 3) in [0, 1]; grey is repeated to three channels.
+
+    Raises BadInputError for missing/empty/corrupt/truncated files, non-images, NaN/Inf, and
+    images whose shorter side is below ``min_side`` pixels.
+    """
+    with _open(path) as img:
+        w, h = img.size
+        if min(h, w) < min_side:
+            raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=path,
+                                fix="remove it, or lower the minimum side if such tiny images are intended")
+        a = _to_array(img, path)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return a
+
+
+def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.ndarray:
+    """Decode a defect mask to bool (H, W): any non-zero pixel (in any colour channel) is defect.
+
+    A mask with more than two distinct values (anti-aliased edges, JPEG-saved masks) is still
+    binarised at > 0 but warns, since that usually means a lossy export. ``size=(H, W)`` is the
+    image's size; a mismatch is an error rather than a silent resize, because it usually means
+    the mask belongs to a different image.
+    """
+    with _open(path) as img:
+        if img.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+            raw = np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "RGBa", "PA") else "LA"))[..., :-1]
+        elif img.mode in ("P", "CMYK", "YCbCr"):
+            raw = np.asarray(img.convert("RGB"))
+        else:
+            raw = np.asarray(img)
+    if raw.ndim == 3:
+        raw = raw.max(axis=2) if raw.dtype != bool else raw.any(axis=2)
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise BadInputError("mask contains NaN or Inf", path=path, fix="re-export the mask as 8-bit PNG")
+    h, w = raw.shape
+    if size is not None and (h, w) != tuple(size):
+        img_txt = f"image {image_path}" if image_path else "its image"
+        raise BadInputError(f"mask is {w}x{h} px but {img_txt} is {size[1]}x{size[0]} px", path=path,
+                            fix=f"resize the mask to {size[1]}x{size[0]} with nearest-neighbour, "
+                                "or check that the mask belongs to this image")
+    if len(np.unique(raw)) > 2:
+        warnings.warn(f"{path}: mask is not binary ({len(np.unique(raw))} distinct values); "
+                      "every non-zero pixel is taken as defect")
+    return raw > 0
+
+
+def read_size(path) -> tuple[int, int]:
+    """(H, W) from the file header only (no decode): cheap enough for tiling thousands of strips."""
+    with _open(path, decode=False) as img:
+        w, h = img.size
+    return h, w
+
+
+def check_image(path, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """Cheap up-front validation → (H, W), raising BadInputError like `load_image` would.
+
+    Reads the header and verifies the file without decoding pixels (PNG: every chunk CRC,
+    truncation included). JPEGs are checked for the end-of-image marker; one that lacks it
+    (truncated, or trailing bytes) is fully decoded to decide.
+    """
+    p = Path(path)
+    with _open(p, decode=False) as img:
+        w, h, fmt = img.size[0], img.size[1], img.format
+        if min(h, w) < min_side:
+            raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=p,
+                                fix="remove it, or lower the minimum side if such tiny images are intended")
+        try:
+            img.verify()
+        except Exception as e:  # verify raises assorted types depending on the plugin
+            raise BadInputError(f"corrupt image ({type(e).__name__}: {e})", path=p, fix=_FIX) from None
+    if fmt == "JPEG":
+        with open(p, "rb") as f:
+            f.seek(max(0, p.stat().st_size - 2))
+            tail = f.read(2)
+        if tail != b"\xff\xd9":
+            load_image(p, min_side)
+    elif fmt not in ("PNG",):  # verify() is shallow for most other formats: decode to be sure
+        load_image(p, min_side)
+    return h, w

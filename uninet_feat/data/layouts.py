@@ -1,0 +1,202 @@
+"""Finding samples (image, split, label, mask, group) in the folder layouts people actually have.
+
+Supported, tried in this order:
+  (a) a CSV manifest ``path,split,label[,mask][,group|fabric|category]``, paths relative to ``root``
+      (e.g. ``shared/data/splits/magnetic_tile.csv``, ``aitex.csv``);
+  (b) MVTec-style ``root/train/good/*``, ``root/test/<defect>/*``, ``root/ground_truth/<defect>/<stem>_mask.png``,
+      or the same one level deeper per category, ``root/<category>/train/good/*`` (group = category);
+  (c) plain ``root/<label>/*`` (split ``''``), or ``root/<group>/<label>/*`` (e.g. ``aitex/fabric_00/good``).
+
+Normal vs defect: the label is kept exactly as written; a sample is normal when its label is, case-
+insensitively, one of ``good``, ``normal``, ``ok``, ``free`` (the magnetic-tile data set calls its
+normal class *Free*; its CSV labels those rows ``good``). Every other label is a defect type.
+
+Order is sorted by path string, so the same data gives the same sample list on every machine.
+"""
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInputError
+from .images import IMAGE_EXTENSIONS
+
+NORMAL_LABELS = frozenset({"good", "normal", "ok", "free"})
+SPLITS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val", "": ""}
+MASK_DIRS = frozenset({"ground_truth", "masks", "mask", "gt"})
+_LAYOUTS = ("a CSV manifest (--split-csv) with columns path,split,label[,mask][,group]; "
+            "MVTec-style ROOT[/<category>]/train/good/*, ROOT[/<category>]/test/<defect>/*; "
+            "or plain ROOT[/<group>]/<label>/* with label `good` for normal images")
+
+
+@dataclass
+class Sample:
+    """One image. ``split`` is 'train' | 'test' | 'val' | '' (layout has none); ``group`` is '' or a category."""
+
+    path: Path
+    split: str = ""
+    label: str = "good"
+    mask: Path | None = None
+    group: str = ""
+
+    @property
+    def is_normal(self) -> bool:
+        return self.label.strip().lower() in NORMAL_LABELS
+
+
+def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Sample]:
+    """All samples under ``root`` (or listed in ``split_csv``, relative to ``root``), sorted by path.
+
+    ``mask_pattern`` (e.g. ``"{stem}_mask.png"`` or ``"../masks/{stem}.png"``), relative to the image's
+    folder, with fields {stem} {name} {label} {group}, replaces the default mask search.
+    """
+    if split_csv:
+        samples = _from_csv(Path(split_csv), Path(root) if root else Path(split_csv).parent, mask_pattern)
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise BadInputError("data folder not found" if not root.exists() else "not a folder", path=root,
+                                fix="pass the folder that holds the images (or the root a --split-csv is relative to)")
+        samples = _from_mvtec(root, mask_pattern) or _from_plain(root, mask_pattern)
+    if not samples:
+        loose = " (images directly in ROOT are not used: move them into ROOT/good/)" \
+            if not split_csv and _images(Path(root)) else ""
+        raise BadInputError(f"no images found under {root}; expected layouts: {_LAYOUTS}{loose}",
+                            path=split_csv or root, fix="check the path and the folder layout")
+    return sorted(samples, key=lambda s: str(s.path))
+
+
+def _images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, minus masks kept beside them (``*_mask.*``, ``x.png`` beside ``x.jpg``)."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
+    non_png = {p.stem for p in files if p.suffix.lower() != ".png"}
+    return sorted(p for p in files if not p.stem.lower().endswith("_mask")
+                  and not (p.suffix.lower() == ".png" and p.stem in non_png))
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _find_mask(img: Path, label: str, group: str, gt_dir: Path | None, pattern: str | None) -> Path | None:
+    """Mask for ``img``: the explicit pattern, else ``<stem>_mask.png`` / ``<stem>.png`` beside it, else
+    ``gt_dir/<label>/<stem>_mask.png`` (or ``<stem>.png``)."""
+    if pattern:
+        cands = [img.parent / pattern.format(stem=img.stem, name=img.name, label=label, group=group)]
+    else:
+        cands = [img.with_name(img.stem + "_mask.png")]
+        if img.suffix.lower() != ".png":
+            cands.append(img.with_suffix(".png"))
+        if gt_dir is not None:
+            cands += [gt_dir / label / (img.stem + "_mask.png"), gt_dir / label / (img.stem + ".png")]
+    return next((c for c in cands if c.is_file()), None)
+
+
+def _from_mvtec(root: Path, pattern) -> list[Sample]:
+    def one(base: Path, group: str) -> list[Sample]:
+        out = []
+        gt = base / "ground_truth"
+        for split_dir in _subdirs(base):
+            split = SPLITS.get(split_dir.name.lower())
+            if not split:
+                continue
+            for label_dir in _subdirs(split_dir):
+                for p in _images(label_dir):
+                    out.append(Sample(p, split, label_dir.name,
+                                      _find_mask(p, label_dir.name, group, gt, pattern), group))
+        return out
+
+    def has_splits(d: Path) -> bool:
+        return any((d / s).is_dir() for s in ("train", "test"))
+
+    if has_splits(root):
+        return one(root, "")
+    return [s for d in _subdirs(root) if has_splits(d) for s in one(d, d.name)]
+
+
+def _from_plain(root: Path, pattern) -> list[Sample]:
+    out = []
+    for d in _subdirs(root):
+        if d.name.lower() in MASK_DIRS:
+            continue
+        direct = _images(d)
+        if direct:  # root/<label>/*
+            out += [Sample(p, "", d.name, _find_mask(p, d.name, "", root / "ground_truth", pattern), "")
+                    for p in direct]
+            continue
+        for ld in _subdirs(d):  # root/<group>/<label>/*
+            if ld.name.lower() in MASK_DIRS:
+                continue
+            out += [Sample(p, "", ld.name, _find_mask(p, ld.name, d.name, d / "ground_truth", pattern), d.name)
+                    for p in _images(ld)]
+    return out
+
+
+def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
+    if not csv_path.is_file():
+        raise BadInputError("split CSV not found", path=csv_path, fix="check the --split-csv path")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "path" not in cols or "label" not in cols:
+            raise BadInputError(f"CSV header {reader.fieldnames} lacks `path` and `label` columns", path=csv_path,
+                                fix="first line must be e.g. path,split,label[,mask][,group]")
+        group_col = next((c for c in ("group", "fabric", "category") if c in cols), None)
+        out, seen, missing = [], {}, []
+        for row in reader:
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            line = reader.line_num
+            if not row.get("path"):
+                continue
+            split = SPLITS.get(row.get("split", "").lower())
+            if split is None:
+                raise BadInputError(f"line {line}: unknown split {row['split']!r}", path=csv_path,
+                                    fix="use train, test, val or leave it empty")
+            p = root / row["path"]
+            if str(p) in seen:
+                raise BadInputError(f"line {line}: {row['path']} already listed on line {seen[str(p)]}",
+                                    path=csv_path, fix="list every image once (a duplicate can leak train into test)")
+            seen[str(p)] = line
+            if not p.is_file():
+                missing.append((line, row["path"]))
+                continue
+            group = row.get(group_col, "") if group_col else ""
+            if "mask" in cols:
+                mask = root / row["mask"] if row.get("mask") else None
+                if mask is not None and not mask.is_file():
+                    missing.append((line, row["mask"]))
+            else:
+                mask = _find_mask(p, row["label"], group, None, pattern)
+            out.append(Sample(p, split, row["label"], mask, group))
+    if missing:
+        first = "; ".join(f"line {ln}: {rel}" for ln, rel in missing[:5])
+        raise BadInputError(f"{len(missing)} file(s) listed in the CSV not found under {root} ({first}"
+                            f"{' ...' if len(missing) > 5 else ''})", path=csv_path,
+                            fix="paths are relative to --data; fix the CSV or the --data root")
+    return out
+
+
+def select(samples, split=None, group=None) -> list[Sample]:
+    """Samples whose split / group is ``split`` / ``group`` (each a name or a list of names; None = any)."""
+    def ok(value, want):
+        if want is None:
+            return True
+        return value == want if isinstance(want, str) else value in want
+    return [s for s in samples if ok(s.split, split) and ok(s.group, group)]
+
+
+def split_train_val(samples, val_fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """(rest, val): a seeded random ``val_fraction`` of the *training normals* only, and everything else.
+
+    Validation comes from training normals because it only calibrates a threshold; taking it from
+    test rows would leak. Samples are not modified or copied; at least one training normal is kept.
+    """
+    if not 0 <= val_fraction < 1:
+        raise BadInputError(f"val_fraction {val_fraction} must be in [0, 1)", fix="e.g. 0.1")
+    pool = sorted((s for s in samples if s.split == "train" and s.is_normal), key=lambda s: str(s.path))
+    n_val = min(max(1, round(val_fraction * len(pool))), len(pool) - 1) if val_fraction > 0 and pool else 0
+    val_ids = {id(s) for s in random.Random(seed).sample(pool, n_val)}
+    return [s for s in samples if id(s) not in val_ids], [s for s in samples if id(s) in val_ids]

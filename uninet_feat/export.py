@@ -1,0 +1,95 @@
+"""Exported features: what a trained UniNet gives to FAISS and LightGBM.
+
+Per image (or per tile of a large image):
+* an **image vector** — for each level l: the DFS-pooled target-teacher features and the DFS-pooled
+  student features (C_l each), then four statistics (mean, std, max, 0.99-quantile) of each of the
+  level's two anomaly maps, then the WDM image score. A head therefore sees both what the image
+  looks like (domain-adapted features) and how anomalous it is.
+  DFS pooling: v_c = Σ_hw softmax_hw(P_c) · X_c · (θ_c + g_c) — the same spatial selection and the
+  same learned θ that DFS applies during training, turned into a pooling.
+* optional **patch vectors** — on the level-2 grid: θ-weighted teacher features of levels 2 and 3
+  (level 3 upsampled), 3×3 locally averaged (PatchCore's neighbourhood aggregation), for kNN search.
+Without a trained run (``backbone_features``) the vectors come from the plain backbone with θ ≡ 1
+and no map statistics, so adapted and plain features can be compared on equal terms.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MAP_STATS = ("mean", "std", "max", "q99")
+
+
+def dfs_pool(x: torch.Tensor, prior: torch.Tensor, theta) -> torch.Tensor:
+    """(N,C,H,W) → (N,C): attention pooling by the prior's spatial softmax, scaled by θ + g."""
+    prior = prior.float()
+    attn = torch.softmax(prior.flatten(2), -1)
+    g = prior.clamp(min=0).mean((2, 3))
+    th = theta.view(1, -1) if torch.is_tensor(theta) else theta
+    return (x.float().flatten(2) * attn).sum(-1) * (th + g)
+
+
+def _map_stats(m: torch.Tensor) -> torch.Tensor:
+    f = m.flatten(1)
+    return torch.stack([f.mean(1), f.std(1), f.amax(1), torch.quantile(f, 0.99, dim=1)], 1)
+
+
+def patch_vectors(feats: list[torch.Tensor], thetas) -> torch.Tensor:
+    """Level-2 grid patch vectors (N, h*w, C2+C3) from teacher maps [l1, l2, l3]."""
+    f2, f3 = feats[1].float(), feats[2].float()
+    t2, t3 = thetas[1], thetas[2]
+    if torch.is_tensor(t2):
+        f2, f3 = f2 * t2.view(1, -1, 1, 1), f3 * t3.view(1, -1, 1, 1)
+    f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+    p = F.avg_pool2d(torch.cat([f2, f3], 1), 3, 1, 1, count_include_pad=False)
+    return p.flatten(2).transpose(1, 2).contiguous()
+
+
+@torch.no_grad()
+def uninet_features(model, x: torch.Tensor, patches: bool = False) -> dict:
+    """Image vectors (N, D), WDM scores (N,), pixel maps (N,H,W) and optionally patch vectors."""
+    from .scoring import anomaly_maps, wdm_score
+    model.eval()
+    out = model(x)
+    L = out.n_levels
+    maps = anomaly_maps(out.teachers, out.students)
+    pix, score = wdm_score(maps, tuple(x.shape[-2:]), model.cfg["alpha"], model.cfg["beta"])
+    thetas = [model.dfs.theta(l) for l in range(L)]
+    parts = []
+    for l in range(L):
+        tgt, src = out.teachers[L + l], out.teachers[l]
+        parts.append(dfs_pool(tgt, tgt, thetas[l]))
+        parts.append(dfs_pool(out.students[l], src, thetas[l]))
+        parts.append(_map_stats(maps[l]))
+        parts.append(_map_stats(maps[L + l]))
+    parts.append(score.view(-1, 1).float())
+    res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix}
+    if patches:
+        res["patches"] = patch_vectors(out.teachers[L:], thetas)
+        res["patch_grid"] = tuple(out.teachers[1].shape[-2:])
+    return res
+
+
+@torch.no_grad()
+def backbone_features(backbone, x: torch.Tensor, patches: bool = False) -> dict:
+    """The same vectors from the plain backbone (θ ≡ 1, no anomaly maps): the comparison baseline."""
+    backbone.eval()
+    feats = backbone(x)
+    vec = torch.cat([dfs_pool(f, f, 1.0) for f in feats], 1)
+    res = {"vectors": vec, "scores": None, "maps": None}
+    if patches:
+        res["patches"] = patch_vectors(feats, [1.0] * len(feats))
+        res["patch_grid"] = tuple(feats[1].shape[-2:])
+    return res
+
+
+def vector_names(channels, adapted: bool = True) -> list[str]:
+    """Column names of the image vector, in order (written into the feature-store manifest)."""
+    names = []
+    for l, c in enumerate(channels, 1):
+        if adapted:
+            names += [f"l{l}_teacher_{i}" for i in range(c)] + [f"l{l}_student_{i}" for i in range(c)]
+            names += [f"l{l}_mapS_{s}" for s in MAP_STATS] + [f"l{l}_mapT_{s}" for s in MAP_STATS]
+        else:
+            names += [f"l{l}_feat_{i}" for i in range(c)]
+    return names + (["wdm_score"] if adapted else [])

@@ -1,0 +1,124 @@
+"""`Extractor`: a trained run (or a plain backbone) as a feature extractor, in memory or to a store."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .config import DEFAULT_CONFIG
+from .data.layouts import Sample
+from .export import backbone_features, uninet_features, vector_names
+from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
+from .io import atomic_write_text
+from .runs import make_dataset, run_path
+
+
+class Extractor:
+    """``Extractor(run).extract(paths)`` → dict of arrays; ``extract_to(samples, folder)`` → FeatureStore.
+
+    With ``run=None`` the plain backbone (``backbone``, ``weights``) is used: ImageNet features, the
+    baseline that adapted features are compared against.
+    """
+
+    def __init__(self, run=None, backbone: str | None = None, weights: str = "imagenet",
+                 image_size: int | None = None, tile: int | None = None, patches: bool = False,
+                 batch_size: int = 8):
+        from .backbones import create_backbone
+        from .checkpoint import build_from_checkpoint
+        if run is not None:
+            path = run_path(run, "model.pt")
+            self.model, ckpt = build_from_checkpoint(path)
+            self.model.eval()
+            self.backbone = self.model.source
+            self.cfg = dict(ckpt["config"])
+            self.source = {"run": str(run), "model_sha256": file_sha256(path)}
+        else:
+            self.model = None
+            name = backbone or DEFAULT_CONFIG["backbone"]
+            self.backbone = create_backbone(name, weights=weights).eval()
+            self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights}
+            self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
+        if image_size:
+            self.cfg["image_size"] = image_size
+        if tile is not None:
+            self.cfg["tile"] = tile or None
+        self.patches, self.batch_size = patches, batch_size
+        self.vector_names = vector_names(self.backbone.channels, adapted=self.model is not None)
+
+    def _forward(self, x: torch.Tensor) -> dict:
+        if self.model is not None:
+            return uninet_features(self.model, x, self.patches)
+        return backbone_features(self.backbone, x, self.patches)
+
+    def _dataset(self, samples):
+        samples = [s if isinstance(s, Sample) else Sample(Path(s), "", "unknown", None, "") for s in samples]
+        return samples, make_dataset(samples, {**self.cfg, "skip_bad": False}, self.backbone)
+
+    def _run(self, ds, indices) -> dict:
+        sub = torch.utils.data.Subset(ds, list(indices))
+        loader = torch.utils.data.DataLoader(sub, batch_size=self.batch_size, shuffle=False)
+        vecs, scores, patches, tiles, idx = [], [], [], [], []
+        for batch in loader:
+            r = self._forward(batch["image"])
+            vecs.append(r["vectors"].float().numpy())
+            scores.append(r["scores"].float().numpy() if r["scores"] is not None
+                          else np.full(len(batch["image"]), np.nan, np.float32))
+            if self.patches:
+                patches.append(r["patches"].to(torch.float16).numpy())
+            tiles.append(batch["tile"].numpy())
+            idx.append(batch["index"].numpy())
+        out = {"vectors": np.concatenate(vecs).astype(np.float32), "scores": np.concatenate(scores).astype(np.float32),
+               "tile": np.concatenate(tiles).astype(np.int64), "index": np.concatenate(idx).astype(np.int64)}
+        if self.patches:
+            out["patches"] = np.concatenate(patches)
+        return out
+
+    @torch.no_grad()
+    def extract(self, samples) -> dict:
+        """In memory: ``vectors`` (n_items, D), ``scores``, ``tile``, ``index`` (sample of each item), ``patches``."""
+        samples, ds = self._dataset(samples)
+        out = self._run(ds, range(len(ds)))
+        out["samples"] = samples
+        return out
+
+    @torch.no_grad()
+    def extract_to(self, samples, folder, shard_size: int = 256, shard: tuple[int, int] = (0, 1),
+                   quiet: bool = True) -> FeatureStore | None:
+        """Stream features into ``folder`` shard by shard; resumes a killed run.
+
+        ``shard=(i, n)`` extracts only shards ``k`` with ``k % n == i`` (several processes or machines
+        can fill one store). Returns the store when every shard exists.
+        """
+        folder = Path(folder)
+        samples, ds = self._dataset(samples)
+        items = []
+        for j in range(len(ds)):
+            si, tile = ds.item_info(j)
+            s = samples[si]
+            items.append({"path": str(s.path), "label": s.label, "group": s.group, "split": s.split,
+                          "is_normal": bool(s.is_normal), "tile": [int(v) for v in tile]})
+        n_shards = max(1, -(-len(items) // shard_size))
+        settings = {"image_size": self.cfg["image_size"], "tile": self.cfg.get("tile"), "patches": self.patches,
+                    "shard_size": shard_size}
+        fp = hashlib.sha256(json.dumps([self.source, settings, [i["path"] for i in items]],
+                                       sort_keys=True).encode()).hexdigest()
+        manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
+                    "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
+                    "n_shards": n_shards, "items": items}
+        done = start_store(folder, manifest)
+        mine = [k for k in range(n_shards) if k % shard[1] == shard[0] and k not in done]
+        with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=quiet) as prog:
+            task = prog.add_task("extract", total=len(mine))
+            for k in mine:
+                r = self._run(ds, range(k * shard_size, min((k + 1) * shard_size, len(items))))
+                write_shard(folder, k, {key: v for key, v in r.items() if key in ("vectors", "scores", "patches")})
+                prog.update(task, advance=1)
+        if all((folder / f"shard-{k:05d}.npz").exists() for k in range(n_shards)):
+            atomic_write_text(folder / "complete", "ok\n")
+            return FeatureStore(folder)
+        return None

@@ -1,0 +1,128 @@
+"""The on-disk feature store: versioned, sharded, resumable, with flat memory.
+
+Layout of a FEATURES folder (schema ``uninet-feat/features`` version 1):
+    manifest.json       schema, source (run path, model sha256, backbone), vector names, shard size,
+                        and one record per item (path, label, group, split, tile [y, x, h, w], shard)
+    shard-00000.npz     arrays for items [0, shard_size): ``vectors`` (n, D) float32, ``scores`` (n,)
+                        float32 (NaN without a model), ``patches`` (n, h*w, P) float16 when requested
+    complete            written last
+Each shard is written atomically; a killed run re-started with the same arguments skips shards that
+exist and redoes only the missing ones. The manifest records a fingerprint of the source model and
+settings, and a resume with a different one is refused rather than silently mixing features.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+from .io import atomic_write_bytes, atomic_write_text
+
+SCHEMA = "uninet-feat/features"
+SCHEMA_VERSION = 1
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.npz"
+
+
+def write_shard(folder: Path, i: int, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(folder / shard_name(i), buf.getvalue())
+
+
+def start_store(folder: Path, manifest: dict) -> set[int]:
+    """Create or re-open a store; returns the shard ids already finished."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mpath = folder / "manifest.json"
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        if old.get("fingerprint") != manifest["fingerprint"]:
+            raise BadInputError("feature folder holds features of another model/settings", path=folder,
+                                fix="choose a new --out, or delete the folder to start over")
+        done = set()
+        for i in range(manifest["n_shards"]):
+            p = folder / shard_name(i)
+            if p.exists():
+                try:
+                    with np.load(p) as z:
+                        z["vectors"]
+                    done.add(i)
+                except Exception:
+                    p.unlink()  # a shard that cannot be read is redone
+        return done
+    atomic_write_text(mpath, json.dumps(manifest))
+    return set()
+
+
+class FeatureStore:
+    """Read a finished (or partial, with ``allow_partial``) feature folder."""
+
+    def __init__(self, folder, allow_partial: bool = False):
+        self.folder = Path(folder)
+        mpath = self.folder / "manifest.json"
+        if not mpath.exists():
+            raise BadInputError("not a feature folder (no manifest.json)", path=self.folder,
+                                fix="run `uninet-feat extract --out FOLDER` first")
+        self.manifest = json.loads(mpath.read_text())
+        if self.manifest.get("schema") != SCHEMA or self.manifest.get("schema_version", 0) > SCHEMA_VERSION:
+            raise BadInputError("unknown feature schema", path=mpath, fix="re-extract with this version")
+        if not allow_partial and not (self.folder / "complete").exists():
+            raise BadInputError("extraction did not finish", path=self.folder,
+                                fix="re-run the same `uninet-feat extract` command to resume it")
+        self.items = self.manifest["items"]
+
+    def _shards(self):
+        for i in range(self.manifest["n_shards"]):
+            p = self.folder / shard_name(i)
+            if p.exists():
+                yield i, np.load(p)
+
+    def array(self, key: str) -> np.ndarray:
+        parts = [z[key] for _, z in self._shards() if key in z.files]
+        if not parts:
+            raise BadInputError(f"no '{key}' in this feature store", path=self.folder,
+                                fix="re-extract with --patches" if key == "patches" else None)
+        return np.concatenate(parts)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self.array("vectors")
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.array("scores")
+
+    def image_table(self):
+        """One row per image: tiles aggregated as [vector of the highest-scoring tile, mean over tiles].
+
+        Returns (X (n_images, 2D or D), records) — single-tile images give [v, v].
+        """
+        vec, sc = self.vectors, self.scores
+        groups: dict[str, list[int]] = {}
+        for j, it in enumerate(self.items):
+            groups.setdefault(it["path"], []).append(j)
+        rows, recs = [], []
+        for path, idx in groups.items():
+            v, s = vec[idx], sc[idx]
+            top = int(np.nanargmax(s)) if np.isfinite(s).any() else 0
+            rows.append(np.concatenate([v[top], v.mean(0)]))
+            rec = dict(self.items[idx[0]])
+            rec.pop("tile", None)
+            rec["score"] = float(np.nanmax(s)) if np.isfinite(s).any() else float("nan")
+            rec["n_tiles"] = len(idx)
+            recs.append(rec)
+        return np.stack(rows).astype(np.float32), recs

@@ -1,0 +1,54 @@
+"""Atomic file writes: a crash or a kill leaves either the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import BadInputError
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
+    """Call ``writer(tmp_path)`` on a temp file in the target's folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _cleanup(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BadInputError("disk full while writing; the previous version of this file is intact",
+                                path=path, fix="free disk space and run the command again") from e
+        raise
+    except BaseException:
+        _cleanup(tmp)
+        raise
+    return path
+
+
+def _cleanup(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path, text: str) -> Path:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    return atomic_write(path, w)
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return atomic_write(path, w)

@@ -1,0 +1,59 @@
+"""Student decoder: reverse distillation, mirroring the backbone's levels coarse → fine.
+
+Like RD4AD's de-WideResNet: one stage per teacher level, each a stack of residual bottleneck
+blocks whose first block upsamples with a transposed conv (kernel = stride = the stride ratio),
+in its main path and in its shortcut. Stage outputs have the teacher's channels at the teacher's
+stride, so every student map pairs with a teacher map. Default depths (3, 4, 6) are the official
+ones; the inner width is half the stage's output channels (min 16), as in the official decoder.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, width: int, up: int = 1):
+        super().__init__()
+        mid = (nn.ConvTranspose2d(width, width, up, up, bias=False) if up > 1
+               else nn.Conv2d(width, width, 3, 1, 1, bias=False))
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            mid, nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        if up > 1:
+            self.shortcut = nn.Sequential(nn.ConvTranspose2d(cin, cout, up, up, bias=False), nn.BatchNorm2d(cout))
+        elif cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        else:
+            self.shortcut = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class StudentDecoder(nn.Module):
+    def __init__(self, channels, strides, in_channels: int, in_stride: int, depths=(3, 4, 6)):
+        super().__init__()
+        channels, strides = tuple(channels), tuple(strides)
+        if len(depths) != len(channels):
+            raise ValueError(f"decoder depths {depths} must have one entry per level {channels}")
+        stages, c, s = [], in_channels, in_stride
+        for cout, sout, depth in zip(channels[::-1], strides[::-1], depths):
+            up = s // sout
+            if up * sout != s:
+                raise ValueError(f"stride {s} is not a multiple of {sout}")
+            width = max(cout // 2, 16)
+            blocks = [DecoderBlock(c, cout, width, up)] + [DecoderBlock(cout, cout, width) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c, s = cout, sout
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Returns maps fine → coarse, in the teacher's level order."""
+        outs = []
+        for stage in self.stages:
+            z = stage(z)
+            outs.append(z)
+        return outs[::-1]

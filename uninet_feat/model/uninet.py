@@ -1,0 +1,123 @@
+"""UniNet: frozen source teacher, trainable target teacher, bottleneck with MEM, student decoder, DFS.
+
+Data flow for a batch of N images (method notes §1):
+    S = source(x)            frozen, always eval mode, no grad
+    T = target(x)            trainable copy of the source (train mode in training: BN adapts)
+    z = bottleneck([T_l ; S_l] stacked along the batch)    one pass over 2N images
+    D = student(z), split into D_a (decoded from T, first N) and D_b (decoded from S, last N)
+    pairs (crossed, as in ReContrast): (S_l, D_a,l) and (T_l, D_b,l) for every level l.
+Everything is sized from the backbone's ``channels`` and ``strides``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .bottleneck import Bottleneck
+from .dfs import DFS
+from .losses import pair_loss, row_weights
+from .mem import reparameterize
+from .student import StudentDecoder
+
+DEFAULTS = {
+    "mem": "official",          # 'official' (two 3×3 branches, as run) or 'multiscale' (3×3 + 7×7, re-param)
+    "dfs": "learned",           # 'learned', 'fixed' (parameter-free) or 'off'
+    "temperature": 2.0,         # T of the similarity-contrastive loss
+    "lam": 0.7,                 # λ: weight of the cosine term vs the contrastive term
+    "margin": 1.0,              # abnormal margin pushes p_ii below margin/2
+    "alpha": 0.01, "beta": 3e-5,  # WDM
+    "decoder_depths": (3, 4, 6),
+    "stop_grad": False,         # detach teacher features inside the loss
+}
+
+
+@dataclass
+class UniNetOutput:
+    teachers: list[torch.Tensor]   # [S_1..S_L, T_1..T_L]
+    students: list[torch.Tensor]   # [D_a,1..D_a,L, D_b,1..D_b,L]
+    n_levels: int
+
+    def level(self, k: int) -> int:
+        return k % self.n_levels
+
+
+class UniNet(nn.Module):
+    def __init__(self, backbone: nn.Module, **cfg):
+        super().__init__()
+        unknown = set(cfg) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown UniNet options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        self.cfg = {**DEFAULTS, **cfg}
+        channels, strides = tuple(backbone.channels), tuple(backbone.strides)
+        self.channels, self.strides = channels, strides
+        self.source = backbone
+        self.target = copy.deepcopy(backbone)
+        for p in self.source.parameters():
+            p.requires_grad_(False)
+        self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"])
+        self.student = StudentDecoder(channels, strides, self.bottleneck.out_channels,
+                                      self.bottleneck.out_stride, tuple(self.cfg["decoder_depths"]))
+        self.dfs = DFS(channels, self.cfg["dfs"])
+        for m in list(self.bottleneck.modules()) + list(self.student.modules()):
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.source.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.source.eval()  # the source teacher never leaves eval mode (anomalib's port lets it drift)
+        return self
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups for the two optimisers of the method."""
+        return {"student": list(self.student.parameters()) + list(self.bottleneck.parameters())
+                + list(self.dfs.parameters()),
+                "target": list(self.target.parameters())}
+
+    def forward(self, x: torch.Tensor) -> UniNetOutput:
+        n, step = x.shape[0], self.bottleneck.out_stride
+        if x.shape[-2] % step or x.shape[-1] % step:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} must be a multiple of {step} for this backbone "
+                             f"(the bottleneck works at stride {step}); use e.g. image_size "
+                             f"{max(step, round(x.shape[-1] / step) * step)}")
+        with torch.no_grad():
+            src = self.source(x)
+        tgt = self.target(x)
+        z = self.bottleneck([torch.cat([t, s], 0) for t, s in zip(tgt, src)])
+        dec = self.student(z)
+        return UniNetOutput(teachers=list(src) + list(tgt),
+                            students=[d[:n] for d in dec] + [d[n:] for d in dec],
+                            n_levels=len(src))
+
+    def loss(self, out: UniNetOutput, labels=None, masks=None, has_mask=None, backend=None) -> dict:
+        """Sum over the 2L pairs of the per-pair loss, with DFS applied to the student maps."""
+        c = self.cfg
+        total, parts = 0.0, {}
+        for k, (t, s) in enumerate(zip(out.teachers, out.students)):
+            lvl = out.level(k)
+            normal, cos_w = row_weights(labels, masks, tuple(t.shape[-2:]), has_mask)
+            terms = pair_loss(self.dfs(s, t, lvl), t, c["temperature"], c["lam"], normal, cos_w,
+                              c["margin"], c["stop_grad"], backend)
+            total = total + terms.pop("loss")
+            for name, v in terms.items():
+                parts[name] = parts.get(name, 0.0) + v
+        return {"loss": total, **{k: float(v) for k, v in parts.items()}}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, out_size=None):
+        """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method."""
+        from uninet_feat.scoring import anomaly_maps, wdm_score
+        out = self(x)
+        maps = anomaly_maps(out.teachers, out.students)
+        return wdm_score(maps, tuple(out_size or x.shape[-2:]), self.cfg["alpha"], self.cfg["beta"])
+
+    def reparameterize(self) -> "UniNet":
+        """Fold multi-scale MEM branches into single convs (inference only)."""
+        reparameterize(self.bottleneck)
+        return self

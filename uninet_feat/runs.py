@@ -1,0 +1,102 @@
+"""Shared plumbing for commands: choosing samples, building datasets and the model from a config."""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from .backbones import create_backbone
+from .config import model_options
+from .data.dataset import ImageDataset
+from .data.layouts import discover
+from .errors import BadInputError
+from .model import UniNet
+
+
+def load_samples(cfg: dict):
+    if not cfg.get("data"):
+        raise BadInputError("no data folder given", fix="pass --data ROOT (a folder of images, or the root a CSV is relative to)")
+    samples = discover(cfg["data"], split_csv=cfg.get("split_csv"), mask_pattern=cfg.get("mask_pattern"))
+    group = cfg.get("group")
+    if group:
+        groups = [group] if isinstance(group, str) else list(group)
+        samples = [s for s in samples if s.group in groups]
+        if not samples:
+            raise BadInputError(f"no images in group(s) {groups}", path=cfg["data"],
+                                fix="check --group against the category folders / CSV column")
+    return assign_splits(samples)
+
+
+def assign_splits(samples):
+    """Layouts without a split get a stable one: ~20% of normals (by path hash) and all defects are test.
+
+    A hash, not a random draw, so the split never changes between runs or machines.
+    """
+    if any(s.split for s in samples):
+        return samples
+    for s in samples:
+        h = int(hashlib.sha1(str(s.path).encode()).hexdigest()[:8], 16) % 5
+        s.split = "test" if (not s.is_normal or h == 0) else "train"
+    return samples
+
+
+def train_val_samples(samples, cfg: dict):
+    """Training normals (and labelled defects when supervised), and a validation split of normals.
+
+    The validation split only calibrates a score threshold and is reported; no checkpoint or
+    hyper-parameter is selected on it or on test labels (fixed schedule: the last epoch wins).
+    """
+    from .data.layouts import split_train_val
+    train = [s for s in samples if s.split == "train"]
+    normals = [s for s in train if s.is_normal]
+    if not normals:
+        raise BadInputError("no normal training images", path=cfg.get("split_csv") or cfg.get("data"),
+                            fix="UniNet learns from normal images: add a `good` folder or `train,good` CSV rows")
+    fit, val = split_train_val(normals, cfg["val_fraction"], cfg["seed"]) if cfg["val_fraction"] else (normals, [])
+    defects = [s for s in train if not s.is_normal]
+    if defects and cfg.get("supervised"):
+        fit = fit + defects
+    elif defects:
+        warnings.warn(f"{len(defects)} defective training images ignored (unsupervised run; pass --supervised to use them)")
+    return fit, val
+
+
+def make_dataset(samples, cfg: dict, backbone) -> ImageDataset:
+    return ImageDataset(samples, image_size=cfg["image_size"], tile=cfg.get("tile"),
+                        overlap=cfg.get("tile_overlap", 0), mean=tuple(backbone.mean), std=tuple(backbone.std),
+                        skip_bad=cfg.get("skip_bad", False))
+
+
+def make_model(cfg: dict) -> UniNet:
+    backbone = create_backbone(cfg["backbone"], weights=cfg["weights"], levels=cfg.get("levels"))
+    return UniNet(backbone, **model_options(cfg))
+
+
+def set_threads(cfg: dict) -> None:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Keeps decoded, resized items in memory after first use: decoding dominates CPU epochs otherwise."""
+
+    def __init__(self, ds):
+        self.ds, self.cache = ds, {}
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i not in self.cache:
+            self.cache[i] = self.ds[i]
+        return self.cache[i]
+
+
+def run_path(run: str | Path, name: str) -> Path:
+    p = Path(run) / name
+    if not p.exists():
+        raise BadInputError(f"{name} not found in run folder", path=run,
+                            fix="pass the --out folder of a finished `uninet-feat train`")
+    return p

@@ -1,0 +1,128 @@
+"""The training loop, kept apart from the pure torch model (anomalib's split, without its wrappers).
+
+One code path for one-class (``group`` = one category), multi-class (several or all categories in
+one model) and supervised training (labelled defects and masks in the training split push the
+abnormal margin). Two AdamW optimisers as in the method: student + bottleneck + DFS at ``lr``,
+target teacher at ``lr_target``. Fixed schedule: the model after the last epoch is the model.
+A resumable checkpoint is written atomically after every epoch; ``resume=True`` continues from it
+and reproduces the uninterrupted run (shuffling is seeded per epoch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import save_run_config, seed_everything
+from .errors import BadInputError
+from .io import atomic_write_text
+from .runs import CachedDataset, load_samples, make_dataset, make_model, set_threads, train_val_samples
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=quiet, transient=False)
+
+
+def _optimizers(model, cfg):
+    groups = model.trainable_groups()
+    opt_s = torch.optim.AdamW(groups["student"], lr=cfg["lr"], betas=(0.9, 0.999),
+                              weight_decay=cfg["weight_decay"], eps=1e-8)
+    opt_t = torch.optim.AdamW(groups["target"], lr=cfg["lr_target"], betas=(0.9, 0.999),
+                              weight_decay=cfg["weight_decay"], eps=1e-8)
+    return opt_s, opt_t
+
+
+def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False) -> Path:
+    """Train UniNet with ``cfg`` into the run folder ``out``; returns the path of ``model.pt``."""
+    out = Path(out)
+    ckpt_path = out / "checkpoint.pt"
+    start_epoch = 0
+    if resume:
+        if not ckpt_path.exists():
+            raise BadInputError("nothing to resume: no checkpoint.pt", path=out, fix="drop --resume to start fresh")
+        state = read_checkpoint(ckpt_path)
+        cfg = {**state["config"], "epochs": cfg["epochs"]}
+    elif (out / "model.pt").exists() or ckpt_path.exists():
+        raise BadInputError("run folder already holds a run", path=out,
+                            fix="pass --resume to continue it, or choose a new --out")
+    set_threads(cfg)
+    seed_everything(cfg["seed"])
+    samples = load_samples(cfg)
+    fit, val = train_val_samples(samples, cfg)
+    model = make_model(cfg)
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    opt_s, opt_t = _optimizers(model, cfg)
+    if resume:
+        model.load_state_dict(state["state_dict"])
+        opt_s.load_state_dict(state["opt_student"])
+        opt_t.load_state_dict(state["opt_target"])
+        start_epoch = int(state["epoch"])
+    save_run_config(out, cfg)
+    ds = make_dataset(fit, cfg, model.source)
+    if cfg.get("cache_images", True):
+        ds = CachedDataset(ds)
+    if len(ds) < 1:
+        raise BadInputError("no training images left after filtering", path=cfg["data"])
+    has_mask = torch.tensor([s.mask is not None for s in fit])
+    log_path = out / "train_log.jsonl"
+    log_lines = log_path.read_text().splitlines()[:start_epoch] if (resume and log_path.exists()) else []
+    steps = math.ceil(len(ds) / cfg["batch_size"])
+    with _progress(quiet) as prog:
+        task = prog.add_task("train", total=(cfg["epochs"] - start_epoch) * steps, info="")
+        for epoch in range(start_epoch, cfg["epochs"]):
+            model.train()
+            gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=gen,
+                                                 drop_last=len(ds) > cfg["batch_size"])
+            t0, sums, n = time.time(), {}, 0
+            for batch in loader:
+                x = batch["image"]
+                if cfg.get("channels_last"):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                labels = batch["label"] if cfg.get("supervised") else None
+                masks = batch["mask"] if cfg.get("supervised") else None
+                hm = has_mask[batch["index"]] if cfg.get("supervised") else None
+                terms = model.loss(model(x), labels, masks, hm)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise BadInputError(f"loss became {loss.item()} at epoch {epoch + 1}", path=out,
+                                        fix="check the inputs for NaN/Inf or lower --lr")
+                opt_s.zero_grad(set_to_none=True)
+                opt_t.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_s.step()
+                opt_t.step()
+                n += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg['epochs']} loss {float(loss):.4f}")
+            rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n,
+                   **{k: v / max(n, 1) for k, v in sums.items()}}
+            log_lines.append(json.dumps(rec))
+            save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
+                            opt_target=opt_t.state_dict())
+            atomic_write_text(log_path, "\n".join(log_lines) + "\n")
+    model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
+    if val:
+        _calibrate(model, val, cfg, out, quiet)
+    return model_path
+
+
+def _calibrate(model, val, cfg, out: Path, quiet: bool) -> None:
+    """Score the held-out validation normals: a threshold that never saw a test label."""
+    from .evaluate import score_samples
+    res = score_samples(model, val, cfg, keep_maps=False, quiet=quiet)
+    s = np.asarray(res["scores"], dtype=np.float64)
+    cal = {"n_val_normals": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
+           "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
+           "threshold": float(np.quantile(s, 0.99)),
+           "threshold_rule": "0.99 quantile of validation-normal image scores (no test labels used)"}
+    atomic_write_text(out / "calibration.json", json.dumps(cal, indent=2))
