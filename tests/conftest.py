@@ -36,3 +36,11 @@ def write_image(tmp_path):
         (img if mode is None or img.mode == mode else img.convert(mode)).save(p, **save_kw)
         return p
     return write
+
+
+@pytest.fixture(autouse=True)
+def _reset_nonbinary_mask_log():
+    """Non-binary masks warn once per process; each test starts with a fresh count."""
+    from uninet_feat.data import images
+    images._NONBINARY.clear()
+    yield

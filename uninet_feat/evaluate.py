@@ -62,15 +62,18 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
                         masks[idx] = batch["mask"][j, 0].numpy() > 0.5
             prog.update(task, advance=len(x))
     reduce = np.max if cfg.get("tile_score", "max") == "max" else np.mean
-    scores = [float(reduce(tile_scores[i])) for i in range(n)]
+    missing = [str(samples[i].path) for i in range(n) if i not in tile_scores]
+    if missing:  # only with skip_bad: drop them from the evaluation, loudly
+        warnings.warn(f"{len(missing)} unreadable test images were skipped: {missing[:5]}")
+    keep = [i for i in range(n) if i in tile_scores]
+    scores = [float(reduce(tile_scores[i])) for i in keep]
     if keep_maps and tiled:
-        grids = {}
-        for item in ds.tile_index:
-            grids[item[0]] = item[1]
-        for i in range(n):
+        grids = {item[0]: item[1] for item in ds.tile_index}
+        for i in keep:
             maps[i] = stitch(np.stack(tile_maps[i]), grids[i])
-    return {"samples": samples, "scores": scores, "maps": maps if keep_maps else None,
-            "masks": masks if keep_maps and not tiled else None}
+    return {"samples": [samples[i] for i in keep], "scores": scores,
+            "maps": [maps[i] for i in keep] if keep_maps else None,
+            "masks": [masks[i] for i in keep] if keep_maps and not tiled else None}
 
 
 def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = None, json_path=None,
@@ -92,6 +95,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
                             fix="mark rows `test` in the CSV, or use an MVTec-style test/ folder")
     has_masks = any(s.mask is not None for s in test) and not cfg.get("tile")
     res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet)
+    test = res["samples"]
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
     report = {"n_test": len(test), "n_defect": int(labels.sum())}

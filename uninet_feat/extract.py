@@ -96,9 +96,8 @@ class Extractor:
         folder = Path(folder)
         samples, ds = self._dataset(samples)
         items = []
-        for j in range(len(ds)):
-            si, tile = ds.item_info(j)
-            s = samples[si]
+        for si, grid, k in ds.tile_index:
+            s, tile = samples[si], grid.box(k)
             items.append({"path": str(s.path), "label": s.label, "group": s.group, "split": s.split,
                           "is_normal": bool(s.is_normal), "tile": [int(v) for v in tile]})
         n_shards = max(1, -(-len(items) // shard_size))

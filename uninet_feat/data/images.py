@@ -153,9 +153,20 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
                             fix=f"resize the mask to {size[1]}x{size[0]} with nearest-neighbour, "
                                 "or check that the mask belongs to this image")
     if len(np.unique(raw)) > 2:
-        warnings.warn(f"{path}: mask is not binary ({len(np.unique(raw))} distinct values); "
-                      "every non-zero pixel is taken as defect")
+        _NONBINARY.append(str(path))
+        if len(_NONBINARY) == 1:  # once per process: anti-aliased mask sets would otherwise flood the log
+            warnings.warn(f"{path}: mask is not binary ({len(np.unique(raw))} distinct values); "
+                          "every non-zero pixel is taken as defect (further such masks are counted in "
+                          "uninet_feat.data.images.nonbinary_masks(), not warned about)")
     return raw > 0
+
+
+_NONBINARY: list[str] = []
+
+
+def nonbinary_masks() -> list[str]:
+    """Paths of the non-binary masks seen so far in this process."""
+    return list(_NONBINARY)
 
 
 def read_size(path) -> tuple[int, int]:

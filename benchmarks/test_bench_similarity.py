@@ -1,0 +1,45 @@
+"""similarity_lse forward+backward: naive full matrix vs chunked on CPU; Triton vs naive on CUDA only.
+
+Run with ``make bench`` (``pytest benchmarks --benchmark-only``); pedantic with few rounds keeps it quick.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uninet_feat.kernels import similarity_lse, triton_available
+
+
+def _step(s, t, g, backend):
+    def run():
+        s.grad = t.grad = None
+        similarity_lse(s, t, 10.0, backend=backend).backward(g)
+    return run
+
+
+def _inputs(n, hw, c, device):
+    gen = torch.Generator().manual_seed(0)
+    s = F.normalize(torch.randn(n, hw, c, generator=gen), dim=-1).to(device).requires_grad_()
+    t = F.normalize(torch.randn(n, hw, c, generator=gen), dim=-1).to(device).requires_grad_()
+    return s, t, torch.randn(n, hw, generator=gen).to(device)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_bench_cpu(benchmark, backend):
+    benchmark.group = "similarity_lse cpu N=2 HW=1024 C=64 fwd+bwd"
+    s, t, g = _inputs(2, 1024, 64, "cpu")
+    benchmark.pedantic(_step(s, t, g, backend), rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bench_cuda(benchmark, backend, dtype):
+    benchmark.group = f"similarity_lse cuda N=8 HW=4096 C=256 {dtype} fwd+bwd"
+    s, t, g = _inputs(8, 4096, 256, "cuda")
+    s, t = s.detach().to(dtype).requires_grad_(), t.detach().to(dtype).requires_grad_()
+    step = _step(s, t, g, backend)
+
+    def synced():
+        step()
+        torch.cuda.synchronize()
+    benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=2)

@@ -1,0 +1,13 @@
+"""Fused math for UniNet with torch references. Backends are chosen in ``_dispatch`` (env UNINET_KERNELS).
+
+Triton is imported lazily, only when the triton backend runs, so this package imports without it.
+"""
+from ._dispatch import resolve_backend, triton_available
+from .similarity_lse import similarity_lse, similarity_lse_chunked, similarity_lse_naive
+
+__all__ = [
+    "resolve_backend", "triton_available",
+    "similarity_lse", "similarity_lse_chunked", "similarity_lse_naive",
+]
+
+# --- anomaly map + WDM (kernels/wdm.py, separate owner): add its imports and __all__ entries below. ---

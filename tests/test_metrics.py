@@ -1,0 +1,164 @@
+"""Metrics: fast pixel AUROC / AUPRO against sklearn and a slow literal reference, plus edge cases."""
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from uninet_feat import metrics as M
+
+
+def blobs(seed, n=4, size=24, empty=(1,), levels=None):
+    """Masks with several blobs per image (images in `empty` have none) and maps that half-find them.
+
+    `levels` quantises the maps so many pixels tie (exercising tie handling).
+    """
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(n, size, size)), sigma=(0, 1.5, 1.5))
+    masks = smooth > np.quantile(smooth, 0.9)
+    masks[list(empty)] = False
+    maps = rng.random((n, size, size)) + 0.6 * masks * rng.random((n, size, size))
+    if levels:
+        maps = np.round(maps * levels) / levels
+    return masks, maps.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- image metrics
+def test_image_metrics_match_sklearn_and_brute_force_f1():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 60)
+    scores = np.round(rng.random(60) + 0.4 * labels, 1)           # ties
+    assert M.image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    f1, thr = M.f1_max(labels, scores)
+    best = 0.0
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp = np.sum(pred & (labels == 1))
+        best = max(best, 2 * tp / (pred.sum() + labels.sum()))
+    assert f1 == pytest.approx(best)
+    pred = scores >= thr                                          # threshold reproduces the F1
+    assert 2 * np.sum(pred & (labels == 1)) / (pred.sum() + labels.sum()) == pytest.approx(f1)
+    assert 0 < M.image_ap(labels, scores) <= 1
+
+
+def test_image_errors_single_class_and_nan():
+    with pytest.raises(ValueError, match="only normal"):
+        M.image_auroc([0, 0, 0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="only defect"):
+        M.f1_max([1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"scores contains 2 non-finite"):
+        M.image_ap([0, 1, 1], [np.nan, 0.2, np.inf])
+    with pytest.raises(ValueError, match="0/1"):
+        M.image_auroc([0, 2], [0.1, 0.2])
+
+
+# ----------------------------------------------------------------------------- pixel AUROC
+@pytest.mark.parametrize("levels", [None, 4, 20])
+def test_pixel_auroc_matches_sklearn_with_ties(levels):
+    masks, maps = blobs(1, levels=levels)
+    expect = roc_auc_score(masks.ravel(), maps.ravel())
+    assert M.pixel_auroc(masks, maps) == pytest.approx(expect, abs=1e-12)
+    assert M.pixel_auroc(masks, maps, chunk=7) == pytest.approx(expect, abs=1e-12)  # chunked path
+
+
+def test_pixel_errors():
+    masks, maps = blobs(2)
+    bad = maps.copy()
+    bad[0, 0, :3] = np.nan
+    with pytest.raises(ValueError, match=r"maps contains 3 non-finite"):
+        M.pixel_auroc(masks, bad)
+    with pytest.raises(ValueError, match=r"maps contains 3 non-finite"):
+        M.aupro(masks, bad)
+    with pytest.raises(ValueError, match="only normal pixels"):
+        M.aupro(np.zeros_like(masks), maps)
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        M.pixel_auroc(masks, maps[:, :-1])
+
+
+# ----------------------------------------------------------------------------- AUPRO
+@pytest.mark.parametrize("seed,levels,limit", [(3, None, 0.3), (4, 5, 0.3), (5, 30, 0.3),
+                                               (6, None, 1.0), (7, 10, 0.05), (8, 3, 0.3)])
+def test_aupro_exact_equals_literal_reference(seed, levels, limit):
+    masks, maps = blobs(seed, levels=levels, empty=(1, 3))
+    n_regions = sum(ndimage.label(m, np.ones((3, 3)))[1] for m in masks)
+    assert n_regions > 2                                          # several regions, two defect-free images
+    ref = M.aupro_reference(masks, maps, fpr_limit=limit, num_thresholds=None)  # every distinct score
+    assert M.aupro(masks, maps, fpr_limit=limit) == pytest.approx(ref, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [9, 10])
+def test_aupro_close_to_many_threshold_reference(seed):
+    masks, maps = blobs(seed)
+    fast = M.aupro(masks, maps)
+    assert M.aupro_reference(masks, maps, num_thresholds=1000) == pytest.approx(fast, abs=1e-3)
+    # subsampled mode evaluates exactly the reference's thresholds
+    assert M.aupro(masks, maps, num_thresholds=200) == pytest.approx(
+        M.aupro_reference(masks, maps, num_thresholds=200), abs=1e-9)
+
+
+def test_aupro_perfect_inverted_and_constant_maps():
+    masks, _ = blobs(11)
+    assert M.aupro(masks, masks.astype(np.float32)) == pytest.approx(1.0)
+    assert M.aupro(masks, (~masks).astype(np.float32)) == pytest.approx(0.0)
+    # constant map: one threshold, curve (0,0)->(1,1); area to 0.3 is 0.3**2/2, normalised 0.15
+    assert M.aupro(masks, np.zeros(masks.shape, np.float32)) == pytest.approx(0.15)
+
+
+def test_aupro_hand_case_8_connectivity_and_interpolation():
+    masks = np.zeros((1, 6, 6), bool)
+    masks[0, 1, 1] = masks[0, 2, 2] = True                       # region A: diagonal neighbours, one region
+    masks[0, 4, 4] = True                                         # region B
+    maps = np.zeros((1, 6, 6), np.float32)
+    maps[0, 1, 1] = maps[0, 4, 4] = 1.0                           # all of B, half of A, no normals
+    # curve (0,0)->(0,0.75)->(1,1): PRO at FPR .3 is .825, area (.75+.825)/2*.3, normalised .7875
+    # (4-connectivity would give 3 regions and 0.7167)
+    assert M.aupro(masks, maps) == pytest.approx(0.7875)
+    assert M.aupro_reference(masks, maps, num_thresholds=None) == pytest.approx(0.7875)
+
+
+@pytest.mark.parametrize("limit,expect", [(0.25, 0.025 / 0.25), (0.35, 0.1 / 0.35), (1.0, 0.75)])
+def test_aupro_hand_case_limit_between_normal_scores(limit, expect):
+    # two 1-pixel regions scoring .8 and .7; ten normals at .95, .85, ..., .05
+    maps = np.array([[[0.8, .95, .85, .75, .65, .55, .45, .35, .25, .15, .05, 0.7]]], np.float32)
+    masks = np.zeros(maps.shape, bool)
+    masks[0, 0, [0, -1]] = True
+    # curve: (.1,0) (.2,0) (.2,.5) (.3,.5) (.3,1) (.4,1) ... (1,1)
+    assert M.aupro(masks, maps, fpr_limit=limit) == pytest.approx(expect)
+    assert M.aupro_reference(masks, maps, fpr_limit=limit, num_thresholds=None) == pytest.approx(expect)
+
+
+# ----------------------------------------------------------------------------- evaluate_maps
+def test_evaluate_maps_keys_and_skip_without_defect_pixels():
+    masks, maps = blobs(12)
+    labels = masks.reshape(len(masks), -1).any(1).astype(int)
+    scores = maps.reshape(len(maps), -1).max(1)
+    out = M.evaluate_maps(labels, scores, masks, maps)
+    assert set(out) == {"image_auroc", "image_ap", "f1_max", "pixel_auroc", "aupro"}
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in out.values())
+    with pytest.warns(UserWarning, match="no test image has a defect pixel"):
+        out = M.evaluate_maps(labels, scores, np.zeros_like(masks), maps)
+    assert set(out) == {"image_auroc", "image_ap", "f1_max"}
+
+
+# ----------------------------------------------------------------------------- scale
+def test_pixel_metrics_on_2e7_pixels_stay_memory_sane():
+    rng = np.random.default_rng(13)
+    maps = rng.random((20, 1000, 1000), dtype=np.float32)       # 2e7 pixels, 80 MB
+    masks = np.zeros(maps.shape, bool)
+    masks[:, 100:160, 200:300] = True
+    masks[::2, 500:520, 500:900] = True
+    maps[masks] += 0.3
+    start = time.perf_counter()
+    tracemalloc.start()                                           # numpy reports its buffers here
+    try:
+        auc = M.pixel_auroc(masks, maps)
+        pro = M.aupro(masks, maps)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    if time.perf_counter() - start > 10:
+        pytest.skip("machine too busy for the large-input check")
+    assert 0.5 < auc < 1 and 0 < pro < 1
+    assert peak < 6 * maps.nbytes, f"peak {peak / 2**20:.0f} MiB for {maps.nbytes / 2**20:.0f} MiB of maps"

@@ -1,0 +1,66 @@
+"""The `Backbone` contract every feature extractor meets, so UniNet never looks inside one.
+
+UniNet sizes its bottleneck, student and DFS from ``channels`` and ``strides`` alone, deep-copies the
+backbone into the trainable target teacher, and rebuilds it from ``config()`` when a checkpoint is
+read. Any ``nn.Module`` with these attributes works (tests use a hand-written one); subclassing
+`Backbone` just documents them and adds `describe`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import BadInputError
+
+
+class Backbone(nn.Module):
+    """A multi-level feature extractor.
+
+    Attributes (all known before the first forward, e.g. from timm's ``feature_info``):
+        name:       the name ``create_backbone`` was called with.
+        levels:     the backbone-specific indices of the returned levels (timm ``out_indices``).
+        channels:   channels of each returned level, fine → coarse.
+        strides:    input-to-feature reduction of each level, fine → coarse (e.g. 4, 8, 16).
+        mean, std:  per-channel input normalisation the weights expect (inputs in [0, 1]).
+        finetunable: whether it may serve as UniNet's trainable target teacher.
+    """
+
+    name: str
+    levels: tuple[int, ...]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    finetunable: bool = True
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """(N, 3, H, W) normalised images → one (N, channels[i], H/strides[i], W/strides[i]) map per level."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """Plain dict such that ``create_backbone(**config())`` rebuilds this backbone (random weights)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return (f"{self.name} levels={list(self.levels)} channels={list(self.channels)} "
+                f"strides={list(self.strides)} mean={list(self.mean)} std={list(self.std)}")
+
+
+_REQUIRED = ("name", "levels", "channels", "strides", "mean", "std", "config")
+
+
+def check_backbone(bb, origin: str = "backbone") -> nn.Module:
+    """Fail early (not deep inside UniNet) when a factory returns something off-contract."""
+    missing = [a for a in _REQUIRED if not hasattr(bb, a)]
+    if not isinstance(bb, nn.Module) or missing:
+        raise BadInputError(f"{origin} returned {type(bb).__name__}, which lacks {missing or 'nn.Module'}",
+                            fix="return an nn.Module with the attributes of uninet_feat.backbones.Backbone")
+    n = len(bb.channels)
+    if n == 0 or len(bb.strides) != n or len(bb.levels) != n:
+        raise BadInputError(f"{origin}: channels {bb.channels}, strides {bb.strides} and levels {bb.levels} "
+                            "must be non-empty and of equal length")
+    if list(bb.strides) != sorted(bb.strides):
+        raise BadInputError(f"{origin}: strides {bb.strides} must go fine → coarse")
+    if len(bb.mean) != 3 or len(bb.std) != 3:
+        raise BadInputError(f"{origin}: mean/std must have 3 values, got {bb.mean} / {bb.std}")
+    return bb

