@@ -28,3 +28,46 @@ class TinyBackbone(nn.Module):
 
     def config(self):
         return {"name": self.name, "channels": list(self.channels), "strides": list(self.strides)}
+
+
+def tiny_factory(name, weights="random", levels=None, channels=(8, 16, 32), strides=(4, 8, 16), **_):
+    return TinyBackbone(channels, strides)
+
+
+def register_tiny():
+    from uninet_feat.backbones import register_backbone
+    try:
+        register_backbone("tiny", tiny_factory)
+    except Exception:
+        pass  # already registered in this process
+
+
+def write_texture_set(root, n_train=10, n_good=4, n_bad=4, size=64, seed=0, wide=False):
+    """A small MVTec-style set: smooth periodic texture; defects are bright squares with masks."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    h, w = (size, size * 3) if wide else (size, size)
+    yy, xx = np.mgrid[0:h, 0:w]
+
+    def texture():
+        ph = rng.uniform(0, 6.28, 2)
+        img = 0.5 + 0.2 * np.sin(xx / 2.0 + ph[0]) * np.sin(yy / 2.0 + ph[1]) + rng.normal(0, 0.02, (h, w))
+        return np.clip(img, 0, 1)
+
+    def save(a, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((a * 255).astype("uint8")).save(path)
+
+    for i in range(n_train):
+        save(texture(), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(texture(), root / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_bad):
+        img, m = texture(), np.zeros((h, w))
+        y, x = rng.integers(4, h - 20), rng.integers(4, w - 20)
+        img[y:y + 14, x:x + 14] = 1.0
+        m[y:y + 14, x:x + 14] = 1.0
+        save(img, root / "test" / "spot" / f"{i:03d}.png")
+        save(m, root / "ground_truth" / "spot" / f"{i:03d}_mask.png")
+    return root

@@ -58,6 +58,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("extract", help="export image (and patch) feature vectors into a sharded store")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split-csv", dest="split_csv")
+    p.add_argument("--group")
+    p.add_argument("--run", help="trained run (domain-adapted features); omit for plain backbone features")
+    p.add_argument("--backbone", help="backbone when no --run (default tf_efficientnet_lite0)")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--tile", type=int)
+    p.add_argument("--patches", action="store_true", help="also store patch vectors (for kNN)")
+    p.add_argument("--shard", default="0/1", help="i/n: extract every n-th shard starting at i")
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=256)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("index", help="FAISS index / kNN scorer over extracted features")
+    p.add_argument("--features", required=True)
+    p.add_argument("--kind", choices=["flat", "ivfpq", "hnsw"], default="flat")
+    p.add_argument("--level", choices=["patch", "image"], default="patch")
+    p.add_argument("--coreset", type=float, default=0.1, help="memory-bank fraction kept (patch level)")
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("train-head", help="LightGBM head on extracted image vectors, with a CV report")
+    p.add_argument("--features", required=True)
+    p.add_argument("--task", choices=["binary", "multiclass"], default="binary")
+    p.add_argument("--label-from", dest="label_from", choices=["label", "group/label"], default="label")
+    p.add_argument("--defects-only", dest="defects_only", action="store_true",
+                   help="multiclass over defect types only (normal rows left out)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("predict", help="scores, flags, kNN scores and head predictions per image")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split-csv", dest="split_csv")
+    p.add_argument("--knn", help="folder written by `index --level patch`")
+    p.add_argument("--head", action="append", default=[], help="folder written by `train-head` (repeatable)")
+    p.add_argument("--no-overlays", dest="overlays", action="store_false")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("demo", help="synthetic woven fabric → train → evaluate → report, in a few minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None)
@@ -92,6 +135,24 @@ def _dispatch(args) -> int:
                        group=args.group, quiet=args.quiet, overrides={"threads": args.threads})
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
+        return 0
+    if args.command in ("extract", "index", "train-head", "predict"):
+        from . import workflows as wf
+        if args.command == "extract":
+            res = wf.extract_cmd(args.data, args.out, args.run, args.split_csv, args.group, args.backbone,
+                                 args.weights, args.image_size, args.tile, args.patches, args.shard,
+                                 args.shard_size, args.quiet)
+        elif args.command == "index":
+            res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k)
+        elif args.command == "train-head":
+            res = wf.train_head_cmd(args.features, args.out, args.task, args.label_from, args.defects_only,
+                                    args.folds, args.seed)
+            res = {"task": res["task"], "classes": res["classes"], "cv": res["oof"], "out": args.out}
+        else:
+            rows = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
+                                  args.overlays, args.quiet)
+            res = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "out": args.out}
+        print(json.dumps(res, indent=2, default=str))
         return 0
     if args.command == "demo":
         from .demo import run_demo

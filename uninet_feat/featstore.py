@@ -107,22 +107,33 @@ class FeatureStore:
         return self.array("scores")
 
     def image_table(self):
-        """One row per image: tiles aggregated as [vector of the highest-scoring tile, mean over tiles].
-
-        Returns (X (n_images, 2D or D), records) — single-tile images give [v, v].
-        """
-        vec, sc = self.vectors, self.scores
-        groups: dict[str, list[int]] = {}
-        for j, it in enumerate(self.items):
-            groups.setdefault(it["path"], []).append(j)
-        rows, recs = [], []
-        for path, idx in groups.items():
-            v, s = vec[idx], sc[idx]
-            top = int(np.nanargmax(s)) if np.isfinite(s).any() else 0
-            rows.append(np.concatenate([v[top], v.mean(0)]))
+        """One row per image (tiles aggregated by ``aggregate_tiles``) and its record."""
+        keys = [it["path"] for it in self.items]
+        X, order = aggregate_tiles(self.vectors, self.scores, keys)
+        recs = []
+        sc = self.scores
+        for path, idx in order:
             rec = dict(self.items[idx[0]])
             rec.pop("tile", None)
+            s = sc[idx]
             rec["score"] = float(np.nanmax(s)) if np.isfinite(s).any() else float("nan")
             rec["n_tiles"] = len(idx)
             recs.append(rec)
-        return np.stack(rows).astype(np.float32), recs
+        return X, recs
+
+
+def aggregate_tiles(vectors: np.ndarray, scores: np.ndarray, keys) -> tuple[np.ndarray, list]:
+    """Per image: [vector of its highest-scoring tile, mean vector over its tiles] (2D columns).
+
+    The top tile carries the defect when there is one, the mean carries the fabric's overall look.
+    Single-tile images give [v, v]. Returns (X, [(key, item indices)] in first-seen order).
+    """
+    groups: dict = {}
+    for j, k in enumerate(keys):
+        groups.setdefault(k, []).append(j)
+    rows = []
+    for k, idx in groups.items():
+        v, s = vectors[idx], scores[idx]
+        top = int(np.nanargmax(s)) if np.isfinite(s).any() else 0
+        rows.append(np.concatenate([v[top], v.mean(0)]))
+    return np.stack(rows).astype(np.float32), list(groups.items())

@@ -1,0 +1,75 @@
+"""Greedy k-center coreset (PatchCore's memory-bank subsampling).
+
+Why: a kNN memory bank of every normal patch is redundant; k-center greedy keeps the patches that
+cover the feature space (it minimises the covering radius within a factor 2), so a 1-10 % bank
+scores almost like the full one. Distances are computed after an optional seeded Gaussian random
+projection (Johnson-Lindenstrauss: distances are roughly preserved) because each greedy step is a
+pass over all n vectors.
+
+Memory: the (projected) float32 matrix plus one n-vector of running minimum distances; the
+projection is applied in chunks so a 10^6 × 256 float64/torch input never doubles in size.
+Cost: O(n_selected · n · proj_dim); use a GPU (``device='auto'`` picks it) for 10^5+ picks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import BadInputError
+from .index import as_matrix
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _project(vectors, proj_dim, seed, dev, chunk) -> torch.Tensor:
+    """(n, d) → (n, min(d, proj_dim)) float32 on ``dev``, one chunk of rows at a time."""
+    n, d = vectors.shape
+    if proj_dim is None or proj_dim >= d:
+        return torch.as_tensor(as_matrix(vectors)).to(dev)
+    rng = np.random.default_rng(seed)
+    w = torch.as_tensor((rng.standard_normal((d, proj_dim)) / np.sqrt(proj_dim)).astype(np.float32), device=dev)
+    out = torch.empty((n, proj_dim), dtype=torch.float32, device=dev)
+    for s in range(0, n, chunk):
+        out[s:s + chunk] = torch.as_tensor(as_matrix(vectors[s:s + chunk])).to(dev) @ w
+    return out
+
+
+@torch.no_grad()
+def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, seed: int = 0,
+                      proj_dim: int | None = 128, device: str = "auto", chunk: int = 65536) -> np.ndarray:
+    """Indices (int64, in selection order) of a greedy k-center coreset of ``vectors`` (N, d).
+
+    Keeps ``n`` points if given, else ``ceil(ratio * N)``. The first centre is drawn with ``seed``;
+    each next one is the point farthest from all chosen so far (ties: lowest index), so the
+    result is deterministic for a given seed and device. ``vectors`` may be numpy, a memmap or a
+    torch tensor; it is read chunk by chunk.
+    """
+    if vectors.ndim != 2:
+        raise BadInputError(f"vectors must be (N, d), got shape {tuple(vectors.shape)}")
+    total = vectors.shape[0]
+    if n is None:
+        if ratio is None or not 0 < ratio <= 1:
+            raise BadInputError(f"coreset ratio must be in (0, 1], got {ratio}")
+        n = int(np.ceil(ratio * total))
+    n = int(n)
+    if n < 1:
+        raise BadInputError(f"coreset size must be >= 1, got {n}")
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    dev = _device(device)
+    x = _project(vectors, proj_dim, seed, dev, chunk)
+    sq = (x * x).sum(1)
+    chosen = torch.empty(n, dtype=torch.long, device=dev)
+    last = torch.as_tensor(int(np.random.default_rng(seed).integers(total)), device=dev)
+    mind = torch.full((total,), float("inf"), device=dev)
+    for i in range(n):  # no .item() in the loop: on GPU the whole loop stays asynchronous
+        chosen[i] = last
+        c = x[last]
+        mind = torch.minimum(mind, (sq - 2 * (x @ c) + sq[last]).clamp_min_(0))
+        mind.index_fill_(0, last.view(1), -1.0)  # never re-pick a centre, even with duplicates
+        last = torch.argmax(mind)
+    return chosen.cpu().numpy()

@@ -1,0 +1,119 @@
+"""PatchCore-style kNN anomaly scoring on exported patch vectors.
+
+A patch is anomalous when it is far from every normal patch seen in training: the score of a
+patch is its mean Euclidean distance to the k nearest patches of a (coreset-subsampled) memory
+bank of normal patches. The map is the patch grid of scores upsampled bilinearly to the image
+size, and the image score is the map's maximum (one bad patch makes a bad image). PatchCore's
+optional neighbourhood reweighting of the image score is not applied.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInputError
+from ..io import atomic_write_text
+from .coreset import coreset_subsample
+from .index import as_matrix, build_index, load_index, save_index, search
+
+_FORMAT = "uninet-feat-knn/1"
+
+
+def knn_scores(index, queries, k: int = 1) -> np.ndarray:
+    """(n,) mean Euclidean distance of each query (n, d) to its k nearest vectors in an l2 index."""
+    dist, _ = search(index, queries, k)
+    return dist.mean(1)
+
+
+def _flat(vectors, what):
+    """(n_images, h*w, d) or (n, d) → (n*, d); also returns the leading shape to restore."""
+    if hasattr(vectors, "detach"):
+        vectors = vectors.detach().cpu().numpy()
+    v = np.asarray(vectors)
+    if v.ndim == 3:
+        return as_matrix(v.reshape(-1, v.shape[-1]), what), v.shape[:2]
+    if v.ndim == 2:
+        return as_matrix(v, what), (v.shape[0],)
+    raise BadInputError(f"{what} must be (n_images, h*w, d) or (n, d), got shape {v.shape}")
+
+
+class KNNScorer:
+    """Memory bank of normal patches + faiss index; ``fit`` then ``score_patches`` / ``score_maps``.
+
+    ``coreset_ratio`` (None or 1 = keep all) subsamples the bank with greedy k-center
+    (``coreset_subsample``); ``index_kw`` go to ``build_index`` (e.g. nlist, m_pq, ef_search).
+    Deterministic for a given seed with kind='flat' or 'ivfpq'.
+    """
+
+    def __init__(self, kind="flat", k=1, coreset_ratio=0.1, seed=0, device="auto", proj_dim=128, **index_kw):
+        if int(k) < 1:
+            raise BadInputError(f"k must be >= 1, got {k}")
+        self.kind, self.k, self.coreset_ratio, self.seed = kind, int(k), coreset_ratio, seed
+        self.device, self.proj_dim, self.index_kw = device, proj_dim, index_kw
+        self.index = None
+        self.n_normal = 0
+
+    def fit(self, normal_patches) -> "KNNScorer":
+        x, _ = _flat(normal_patches, "normal patch vectors")
+        self.n_normal = len(x)
+        if self.coreset_ratio is not None and self.coreset_ratio < 1:
+            x = x[np.sort(coreset_subsample(x, ratio=self.coreset_ratio, seed=self.seed,
+                                            proj_dim=self.proj_dim, device=self.device))]
+        self.index = build_index(x, kind=self.kind, metric="l2", device=self.device, seed=self.seed,
+                                 **self.index_kw)
+        return self
+
+    def _need_fit(self):
+        if self.index is None:
+            raise BadInputError("KNNScorer is not fitted", fix="call fit(normal_patches) or KNNScorer.load(dir)")
+
+    def score_patches(self, test_patches) -> np.ndarray:
+        """(n, h*w, d) → (n, h*w) patch scores; (n, d) → (n,)."""
+        self._need_fit()
+        x, lead = _flat(test_patches, "test patch vectors")
+        return knn_scores(self.index, x, min(self.k, self.index.ntotal)).reshape(lead)
+
+    def score_maps(self, test_patches, grid_hw, out_size):
+        """(maps (n, H, W) float32 bilinear-upsampled from the (h, w) patch grid, image scores = map max)."""
+        h, w = map(int, grid_hw)
+        s = self.score_patches(test_patches)
+        if s.ndim != 2 or s.shape[1] != h * w:
+            raise BadInputError(f"test patches have shape {s.shape} scores, expected (n, {h}*{w})",
+                                fix="pass grid_hw matching the exported patch grid")
+        size = (int(out_size), int(out_size)) if np.isscalar(out_size) else tuple(map(int, out_size))
+        maps = F.interpolate(torch.from_numpy(s.astype(np.float32)).view(-1, 1, h, w), size=size,
+                             mode="bilinear", align_corners=False)[:, 0].numpy()
+        return maps, maps.reshape(len(maps), -1).max(1)
+
+    def save(self, directory) -> Path:
+        """``index.faiss`` + ``knn.json`` in ``directory`` (each written atomically)."""
+        self._need_fit()
+        d = Path(directory)
+        save_index(self.index, d / "index.faiss")
+        meta = dict(format=_FORMAT, kind=self.kind, k=self.k, coreset_ratio=self.coreset_ratio, seed=self.seed,
+                    proj_dim=self.proj_dim, index_kw=self.index_kw, n_normal=self.n_normal,
+                    n_memory=int(self.index.ntotal), dim=int(self.index.d))
+        atomic_write_text(d / "knn.json", json.dumps(meta, indent=1))
+        return d
+
+    @classmethod
+    def load(cls, directory, device="auto") -> "KNNScorer":
+        d = Path(directory)
+        try:
+            meta = json.loads((d / "knn.json").read_text())
+        except FileNotFoundError as e:
+            raise BadInputError("no knn.json here", path=d, fix="point to a folder written by KNNScorer.save") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInputError("knn.json is corrupt", path=d / "knn.json", fix="save the scorer again") from e
+        if meta.get("format") != _FORMAT:
+            raise BadInputError(f"unknown kNN format {meta.get('format')!r}", path=d / "knn.json")
+        self = cls(meta["kind"], meta["k"], meta["coreset_ratio"], meta["seed"], device, meta.get("proj_dim", 128),
+                   **meta.get("index_kw", {}))
+        self.index = load_index(os.fspath(d / "index.faiss"), device=device)
+        self.n_normal = meta.get("n_normal", 0)
+        return self

@@ -1,0 +1,119 @@
+"""LightGBM head: CV accuracy on separable synthetic defects, persistence, threshold hygiene, errors."""
+import json
+
+import numpy as np
+import pytest
+from sklearn.model_selection import StratifiedKFold
+
+from uninet_feat.downstream import Head, train_head
+from uninet_feat.downstream.head import f1_max_threshold
+from uninet_feat.errors import BadInputError
+
+FAST = dict(n_estimators=200, learning_rate=0.1)
+
+
+def defects(n_per=40, d=12, seed=0, names=("hole", "stain", "thread")):
+    """Class-dependent Gaussian means on a few informative features, unit noise everywhere."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((len(names), d)) * 1.5
+    means[:, 6:] = 0  # half the features are pure noise
+    y = np.repeat(np.array(names), n_per)
+    x = means[np.repeat(np.arange(len(names)), n_per)] + rng.standard_normal((len(y), d))
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def multiclass():
+    x, y = defects()
+    return x, y, train_head(x, y, n_splits=4, seed=0, params=FAST, n_jobs=1)
+
+
+def test_multiclass_cv_beats_chance(multiclass):
+    x, y, res = multiclass
+    assert res.task == "multiclass" and res.classes == ["hole", "stain", "thread"] and res.n_splits == 4
+    assert res.oof["accuracy"] > 0.8 and res.oof["macro_f1"] > 0.8      # chance is 0.33
+    assert len(res.folds) == 4 and all(f["n_test"] == 30 for f in res.folds)
+    assert np.array(res.oof["confusion"]).sum() == len(y)
+    assert set(res.oof["per_class"]) == set(res.classes)
+    assert res.n_estimators == max(1, int(np.median([f["best_iteration"] for f in res.folds])))
+    json.dumps(res.summary())
+    assert set(res.head.predict(x)) <= set(res.classes)
+
+
+def test_save_load_identical(multiclass, tmp_path):
+    x, _, res = multiclass
+    res.head.save(tmp_path / "head")
+    loaded = Head.load(tmp_path / "head")
+    np.testing.assert_array_equal(loaded.predict_proba(x), res.head.predict_proba(x))
+    np.testing.assert_array_equal(loaded.predict(x), res.head.predict(x))
+    assert loaded.classes == res.head.classes and loaded.feature_names == res.head.feature_names
+    (tmp_path / "head" / "model.txt").write_text((tmp_path / "head" / "model.txt").read_text() + "\n")
+    with pytest.raises(BadInputError, match="does not match"):
+        Head.load(tmp_path / "head")
+    with pytest.raises(BadInputError, match="missing head.json"):
+        Head.load(tmp_path / "nothing")
+
+
+def test_deterministic(multiclass):
+    x, y, res = multiclass
+    again = train_head(x, y, n_splits=4, seed=0, params=FAST, n_jobs=1)
+    np.testing.assert_array_equal(again.oof_proba, res.oof_proba)
+    np.testing.assert_array_equal(again.head.predict_proba(x), res.head.predict_proba(x))
+
+
+def binary(seed=0):
+    x, y = defects(n_per=45, seed=seed, names=("defect", "good"))
+    x += np.random.default_rng(seed + 1).standard_normal(x.shape).astype(np.float32) * 1.5  # overlap
+    return x, y
+
+
+def test_binary_threshold_never_sees_test_labels():
+    x, y = binary()
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(x, y))
+    res = train_head(x, y, cv=folds, params=FAST, n_jobs=1)
+    assert res.classes == ["good", "defect"]            # "good" is recognised as the negative class
+    assert 0 < res.oof["auroc"] <= 1 and np.array(res.oof["confusion"]).shape == (2, 2)
+    ts = [f["threshold"] for f in res.folds]
+    assert res.head.threshold == pytest.approx(np.mean(ts))
+    # each out-of-fold prediction uses its own fold's threshold
+    pred = (res.oof_proba[:, 1] >= np.array(ts)[res.fold_of]).astype(int)
+    assert res.oof["accuracy"] == pytest.approx((pred == (y == "defect")).mean())
+    # relabelling fold 0's test rows changes nothing that fold 0 derives: model, threshold
+    y2 = y.copy()
+    te = folds[0][1]
+    y2[te] = np.where(y[te] == "good", "defect", "good")
+    res2 = train_head(x, y2, cv=folds, params=FAST, n_jobs=1)
+    assert res2.folds[0]["threshold"] == res.folds[0]["threshold"]
+    np.testing.assert_array_equal(res2.oof_proba[te], res.oof_proba[te])
+    assert res2.folds[0]["accuracy"] == pytest.approx(1 - res.folds[0]["accuracy"])
+
+
+def test_f1_max_threshold():
+    assert f1_max_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.225)
+    assert f1_max_threshold(np.array([0, 1]), np.array([0.1, 0.9])) == pytest.approx(0.5)
+    assert f1_max_threshold(np.array([1, 1]), np.array([0.1, 0.2])) is None
+
+
+def test_errors_and_clamping():
+    x, y = defects(n_per=10)
+    y = y.astype(object)
+    bad = x.copy()
+    bad[[3, 17], 0] = np.nan
+    with pytest.raises(BadInputError, match=r"2 of 30 feature rows contain NaN or Inf \(rows \[3, 17\]"):
+        train_head(bad, y)
+    y1 = y.copy()
+    y1[0] = "scratch"
+    with pytest.raises(BadInputError, match=r"fewer than 2 samples.*scratch \(1\)"):
+        train_head(x, y1)
+    with pytest.raises(BadInputError, match="exactly 2 classes"):
+        train_head(x, y, task="binary")
+    y3 = y.copy()
+    y3[:3] = "scratch"                                   # smallest class: 3 rows -> 3 folds
+    res = train_head(x, y3, n_splits=5, params=FAST, n_jobs=1)
+    assert res.n_splits == 3
+    with pytest.raises(BadInputError, match="expected 12"):
+        res.head.predict(x[:, :5])
+    y3[:3] = ["scratch", "scratch", "hole"]              # 2 rows: 2 folds, each fold model still sees it
+    res = train_head(x, y3, params=FAST, n_jobs=1)
+    assert res.n_splits == 2 and res.oof_proba.shape == (30, 4)
+    assert np.allclose(res.oof_proba.sum(1), 1)

@@ -1,0 +1,151 @@
+"""FAISS index wrapper, coreset and kNN scorer: exactness, recall, persistence, errors. Small and fast."""
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from uninet_feat.downstream import (KNNScorer, build_index, coreset_subsample, load_index, save_index,
+                                    search)
+from uninet_feat.downstream import index as index_mod
+from uninet_feat.errors import BadInputError
+
+
+def clustered(n, d=32, n_clusters=20, rank=6, noise=0.05, seed=0):
+    """Cluster centres + a low-rank spread inside each cluster + small noise (feature-like data)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d)) * 4
+    basis = rng.standard_normal((n_clusters, rank, d))
+    lab = rng.integers(n_clusters, size=n)
+    z = rng.standard_normal((n, rank))
+    x = centres[lab] + np.einsum("nr,nrd->nd", z, basis[lab]) + noise * rng.standard_normal((n, d))
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(4200, seed=0)
+    return x[:4000], x[4000:]
+
+
+@pytest.fixture(scope="module")
+def indices(data):
+    base, _ = data
+    return {k: build_index(base, k, m_pq=8) if k == "ivfpq" else build_index(base, k) for k in index_mod.KINDS}
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_flat_matches_brute_force(data, metric):
+    base, q = data
+    dist, lab = search(build_index(base, "flat", metric=metric), q, 5)
+    if metric == "l2":
+        ref = np.sqrt(((q[:, None, :].astype(np.float64) - base[None]) ** 2).sum(-1))
+        order = np.argsort(ref, 1)[:, :5]
+    else:
+        ref = q.astype(np.float64) @ base.T
+        order = np.argsort(-ref, 1)[:, :5]
+    np.testing.assert_array_equal(lab, order)
+    np.testing.assert_allclose(dist, np.take_along_axis(ref, order, 1), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", index_mod.KINDS)
+def test_save_load_identical(indices, data, tmp_path, kind):
+    _, q = data
+    path = tmp_path / f"{kind}.faiss"
+    save_index(indices[kind], path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    d0, l0 = search(indices[kind], q, 3)
+    d1, l1 = search(load_index(path), q, 3)
+    np.testing.assert_array_equal(l0, l1)
+    np.testing.assert_array_equal(d0, d1)
+
+
+@pytest.mark.parametrize("kind,bound", [("hnsw", 0.95), ("ivfpq", 0.6)])
+def test_approximate_recall_at_1(indices, data, kind, bound):
+    _, q = data
+    _, ref = search(indices["flat"], q, 1)
+    _, got = search(indices[kind], q, 1)
+    assert (got[:, 0] == ref[:, 0]).mean() > bound
+
+
+def test_auto_sizes_and_bad_pq():
+    assert index_mod.auto_nlist(1_000_000) == 4000 and index_mod.auto_nlist(1000) == 25
+    assert index_mod.auto_nlist(10) == 1
+    for d in (8, 64, 128, 256, 1536, 100, 7):
+        m = index_mod.auto_m_pq(d)
+        assert d % m == 0 and m <= max(1, d // 4)
+    assert index_mod.auto_m_pq(256) == 64
+    with pytest.raises(BadInputError, match="does not divide"):
+        build_index(np.zeros((300, 10), np.float32), "ivfpq", m_pq=3)
+    with pytest.raises(BadInputError, match="ivfpq needs at least"):
+        build_index(np.zeros((100, 8), np.float32), "ivfpq")
+
+
+def test_bad_vectors_named():
+    x = np.ones((10, 4), np.float32)
+    x[[2, 7], 1] = [np.nan, np.inf]
+    with pytest.raises(BadInputError, match=r"2 of 10 vectors contain NaN or Inf \(rows \[2, 7\]"):
+        build_index(x)
+    ok = build_index(np.ones((10, 4), np.float32))
+    with pytest.raises(BadInputError, match="queries have dimension 3"):
+        search(ok, np.ones((1, 3), np.float32))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(BadInputError, match="not found"):
+        load_index(tmp_path / "nope.faiss")
+    bad = tmp_path / "bad.faiss"
+    bad.write_bytes(b"not an index at all")
+    with pytest.raises(BadInputError, match="not a readable FAISS index"):
+        load_index(bad)
+
+
+def test_gpu_branch_without_gpu(monkeypatch):
+    x = np.ones((10, 4), np.float32)
+    with pytest.raises(BadInputError, match="no GPU"):
+        build_index(x, device="cuda")
+    moved = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda ix: moved.append(ix) or ix)
+    build_index(x, "flat")
+    build_index(x, "hnsw")        # no GPU HNSW in faiss: stays on CPU
+    build_index(x, "flat", device="cpu")
+    assert len(moved) == 1
+
+
+def covering_radius(x, idx):
+    d, _ = search(build_index(x[idx]), x, 1)
+    return d.max()
+
+
+def test_coreset_spread_and_deterministic():
+    x = clustered(3000, d=48, rank=2, seed=1)
+    a = coreset_subsample(x, ratio=0.05, seed=3, proj_dim=16, device="cpu")  # projected 48 -> 16 dims
+    assert len(a) == 150 and len(np.unique(a)) == 150
+    np.testing.assert_array_equal(a, coreset_subsample(x, ratio=0.05, seed=3, proj_dim=16, device="cpu"))
+    rand = min(covering_radius(x, np.random.default_rng(s).choice(len(x), 150, replace=False)) for s in range(3))
+    assert covering_radius(x, a) < 0.7 * rand
+    assert covering_radius(x, coreset_subsample(x, n=150, proj_dim=None, device="cpu")) < 0.6 * rand
+    assert len(coreset_subsample(x, n=5000)) == 3000
+
+
+def test_knn_flags_outlier_patch_and_persists(tmp_path):
+    rng = np.random.default_rng(0)
+    h = w = 6
+    normal = clustered(12 * h * w, d=16, n_clusters=5, seed=2).reshape(12, h * w, 16)
+    test = clustered(3 * h * w, d=16, n_clusters=5, seed=2).reshape(3, h * w, 16)  # same distribution
+    test[1, 2 * w + 4] += 25 * rng.standard_normal(16).astype(np.float32)      # outlier at row 2, col 4
+    sc = KNNScorer("flat", k=3, coreset_ratio=0.5, seed=0, device="cpu").fit(normal)
+    maps, img = sc.score_maps(test, (h, w), 48)
+    assert maps.shape == (3, 48, 48) and img.shape == (3,)
+    assert int(np.argmax(img)) == 1
+    r, c = np.unravel_index(np.argmax(maps[1]), maps[1].shape)
+    assert (r // 8, c // 8) == (2, 4)
+    sc.save(tmp_path / "knn")
+    assert json.loads((tmp_path / "knn" / "knn.json").read_text())["n_memory"] == sc.index.ntotal
+    again = KNNScorer.load(tmp_path / "knn", device="cpu")
+    np.testing.assert_array_equal(again.score_patches(test), sc.score_patches(test))
+    np.testing.assert_array_equal(KNNScorer("flat", k=3, coreset_ratio=0.5, seed=0, device="cpu").fit(normal)
+                                  .score_patches(test), sc.score_patches(test))
+    with pytest.raises(BadInputError, match="no knn.json"):
+        KNNScorer.load(tmp_path)

@@ -1,0 +1,113 @@
+"""Feature export: schema round trip, resume after a crash, plain vs adapted, CLI downstream chain."""
+import json
+
+import numpy as np
+import pytest
+
+from uninet_feat import featstore
+from uninet_feat.config import load_config
+from uninet_feat.errors import BadInputError
+from uninet_feat.extract import Extractor
+from uninet_feat.featstore import FeatureStore
+from uninet_feat.train import train
+from uninet_feat.runs import load_samples
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ex")
+    data = write_texture_set(root / "data", n_train=6, n_good=3, n_bad=3)
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 1, "batch_size": 4, "channels_last": False})
+    train(cfg, root / "run", quiet=True)
+    return data, root / "run", load_samples(cfg)
+
+
+def test_store_round_trip_and_schema(setup, tmp_path):
+    data, run, samples = setup
+    ex = Extractor(run=run, patches=True)
+    mem = ex.extract(samples)
+    store = ex.extract_to(samples, tmp_path / "f", shard_size=4)
+    assert store is not None and store.manifest["schema"] == featstore.SCHEMA
+    assert store.manifest["n_shards"] == 3 and len(store.items) == len(samples)
+    np.testing.assert_allclose(store.vectors, mem["vectors"], rtol=1e-6)
+    assert store.vectors.shape[1] == len(store.manifest["vector_names"])
+    assert store.array("patches").shape[:2] == (len(samples), 16 * 16)
+    assert np.isfinite(store.scores).all()
+    X, recs = store.image_table()
+    assert X.shape == (len(samples), 2 * store.vectors.shape[1]) and recs[0]["path"] == str(samples[0].path)
+
+
+def test_resume_after_crash_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    data, run, samples = setup
+    ex = Extractor(run=run)
+    full = ex.extract_to(samples, tmp_path / "full", shard_size=3)
+    calls = {"n": 0}
+    real = featstore.write_shard
+
+    def crashing(folder, i, arrays):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        real(folder, i, arrays)
+
+    monkeypatch.setattr("uninet_feat.extract.write_shard", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        ex.extract_to(samples, tmp_path / "part", shard_size=3)
+    assert not (tmp_path / "part" / "complete").exists()
+    with pytest.raises(BadInputError, match="did not finish"):
+        FeatureStore(tmp_path / "part")
+    monkeypatch.setattr("uninet_feat.extract.write_shard", real)
+    done = sorted(p.name for p in (tmp_path / "part").glob("shard-*.npz"))
+    assert len(done) == 2
+    resumed = ex.extract_to(samples, tmp_path / "part", shard_size=3)
+    np.testing.assert_array_equal(resumed.vectors, full.vectors)
+
+
+def test_resume_with_other_model_refused(setup, tmp_path):
+    data, run, samples = setup
+    Extractor(run=run).extract_to(samples, tmp_path / "f", shard_size=4)
+    with pytest.raises(BadInputError, match="another model"):
+        Extractor(backbone="tiny", weights="random").extract_to(samples, tmp_path / "f", shard_size=4)
+
+
+def test_plain_backbone_features_have_no_map_stats(setup):
+    data, run, samples = setup
+    plain = Extractor(backbone="tiny", weights="random").extract(samples[:2])
+    adapted = Extractor(run=run).extract(samples[:2])
+    assert plain["vectors"].shape[1] == 8 + 16 + 32
+    assert adapted["vectors"].shape[1] == 2 * (8 + 16 + 32) + 3 * 8 + 1
+    assert np.isnan(plain["scores"]).all() and np.isfinite(adapted["scores"]).all()
+
+
+def test_sharded_extraction_fills_one_store(setup, tmp_path):
+    data, run, samples = setup
+    ex = Extractor(run=run)
+    one = ex.extract_to(samples, tmp_path / "one", shard_size=2)
+    assert ex.extract_to(samples, tmp_path / "two", shard_size=2, shard=(0, 2)) is None
+    two = ex.extract_to(samples, tmp_path / "two", shard_size=2, shard=(1, 2))
+    np.testing.assert_array_equal(one.vectors, two.vectors)
+
+
+def test_cli_chain_extract_index_head_predict(setup, tmp_path, capsys):
+    from uninet_feat.cli import main
+    data, run, samples = setup
+    f = tmp_path / "feats"
+    assert main(["extract", "--data", str(data), "--run", str(run), "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--out", str(tmp_path / "knn"), "--coreset", "0.5"]) == 0
+    assert main(["train-head", "--features", str(f), "--task", "binary", "--folds", "2",
+                 "--out", str(tmp_path / "head")]) == 0
+    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(tmp_path / "knn"),
+                 "--head", str(tmp_path / "head"), "--out", str(tmp_path / "pred"), "--no-overlays"]) == 0
+    rows = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(rows) == len(samples)
+    assert {"wdm_score", "knn_score", "flagged", "head_prediction", "head_confidence"} <= set(rows[0])
+    # kNN: training normals are in the memory bank, so they score lower than the defects on average
+    ks = {r["path"]: r["knn_score"] for r in rows}
+    normal_train = np.mean([ks[str(s.path)] for s in samples if s.split == "train"])
+    defect = np.mean([ks[str(s.path)] for s in samples if not s.is_normal])
+    assert defect > normal_train

@@ -1,0 +1,139 @@
+"""Train → checkpoint → evaluate on a tiny backbone: reproducibility, resume, tiling, supervision."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from uninet_feat.checkpoint import build_from_checkpoint, read_checkpoint
+from uninet_feat.config import load_config
+from uninet_feat.errors import BadInputError
+from uninet_feat.evaluate import evaluate
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+BASE = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 2, "batch_size": 4,
+        "val_fraction": 0.2, "channels_last": False, "seed": 7}
+
+
+def _cfg(data, **kw):
+    return load_config(None, {"data": str(data), **kw}, base=BASE)
+
+
+@pytest.fixture(scope="module")
+def texture(tmp_path_factory):
+    return write_texture_set(tmp_path_factory.mktemp("tex"))
+
+
+@pytest.fixture(scope="module")
+def trained(texture, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "r"
+    train(_cfg(texture), run, quiet=True)
+    return run
+
+
+def test_run_folder_has_everything(trained):
+    for name in ("config.yaml", "env.json", "model.pt", "checkpoint.pt", "train_log.jsonl", "calibration.json"):
+        assert (trained / name).exists(), name
+    log = [json.loads(l) for l in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    cal = json.loads((trained / "calibration.json").read_text())
+    assert cal["n_val_normals"] == 2 and cal["threshold"] >= cal["quantiles"]["0.5"]
+
+
+def test_evaluate_reports_pixel_metrics(trained, tmp_path):
+    rep = evaluate(trained, json_path=tmp_path / "m.json", csv_path=tmp_path / "s.csv", quiet=True)
+    for k in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= rep[k] <= 1.0
+    assert rep["n_test"] == 8 and rep["n_defect"] == 4
+    assert json.loads((tmp_path / "m.json").read_text())["image_auroc"] == rep["image_auroc"]
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 9
+
+
+def test_same_seed_same_scores(texture, trained, tmp_path):
+    run2 = tmp_path / "r2"
+    train(_cfg(texture), run2, quiet=True)
+    a = evaluate(trained, quiet=True)["_rows"]
+    b = evaluate(run2, quiet=True)["_rows"]
+    assert [r["score"] for r in a] == [r["score"] for r in b]
+
+
+def test_resume_matches_uninterrupted(texture, trained, tmp_path):
+    run = tmp_path / "killed"
+    train(_cfg(texture, epochs=1), run, quiet=True)
+    (run / "model.pt").unlink()  # as if killed after epoch 1's checkpoint
+    train(_cfg(texture, epochs=2), run, resume=True, quiet=True)
+    a = read_checkpoint(trained / "model.pt")["state_dict"]
+    b = read_checkpoint(run / "model.pt")["state_dict"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_refuses_to_overwrite_a_run(texture, trained):
+    with pytest.raises(BadInputError, match="already holds a run"):
+        train(_cfg(texture), trained, quiet=True)
+
+
+def test_checkpoint_round_trip(trained):
+    m1, _ = build_from_checkpoint(trained / "model.pt")
+    m2, _ = build_from_checkpoint(trained / "model.pt")
+    x = torch.randn(2, 3, 64, 64)
+    p1, s1 = m1.eval().predict(x)
+    p2, s2 = m2.eval().predict(x)
+    assert torch.equal(p1, p2) and torch.equal(s1, s2)
+    assert torch.load(trained / "model.pt", weights_only=True)["format"] == "uninet-feat/checkpoint"
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    class Evil:
+        pass
+    p = tmp_path / "evil.pt"
+    torch.save({"format": "uninet-feat/checkpoint", "obj": Evil()}, p, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(BadInputError, match="pickle"):
+        read_checkpoint(p)
+    q = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, q)
+    with pytest.raises(BadInputError, match="not a uninet-feat checkpoint"):
+        read_checkpoint(q)
+    r = tmp_path / "trunc.pt"
+    r.write_bytes((tmp_path / "plain.pt").read_bytes()[:50])
+    with pytest.raises(BadInputError, match="not a readable checkpoint"):
+        read_checkpoint(r)
+
+
+def test_tiled_training_and_stitched_scores(tmp_path):
+    data = write_texture_set(tmp_path / "wide", n_train=4, n_good=2, n_bad=2, wide=True)
+    run = tmp_path / "tiled"
+    train(_cfg(data, tile=64, epochs=1), run, quiet=True)
+    rep = evaluate(run, quiet=True)
+    assert rep["n_test"] == 4 and len(rep["_rows"]) == 4
+    from uninet_feat.evaluate import score_samples
+    model, ckpt = build_from_checkpoint(run / "model.pt")
+    from uninet_feat.runs import load_samples
+    test = [s for s in load_samples(ckpt["config"]) if s.split == "test"]
+    res = score_samples(model, test, ckpt["config"], keep_maps=True)
+    assert res["maps"][0].shape == (64, 192)  # three 64-px tiles stitched back to full size
+
+
+def test_supervised_training_uses_masks(tmp_path):
+    data = write_texture_set(tmp_path / "sup", n_train=6, n_good=2, n_bad=6)
+    # move 4 defects (with masks) into the training split, MVTec-style csv manifest
+    import csv
+    rows = []
+    for p in sorted((data / "train/good").glob("*.png")):
+        rows.append([str(p.relative_to(data)), "train", "good", ""])
+    for i, p in enumerate(sorted((data / "test/spot").glob("*.png"))):
+        m = data / "ground_truth/spot" / f"{p.stem}_mask.png"
+        rows.append([str(p.relative_to(data)), "train" if i < 4 else "test", "spot", str(m.relative_to(data))])
+    for p in sorted((data / "test/good").glob("*.png")):
+        rows.append([str(p.relative_to(data)), "test", "good", ""])
+    with open(data / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "split", "label", "mask"]] + rows)
+    run = tmp_path / "sup_run"
+    train(_cfg(data, split_csv=str(data / "m.csv"), supervised=True, epochs=1, val_fraction=0.0), run, quiet=True)
+    log = json.loads((run / "train_log.jsonl").read_text().splitlines()[0])
+    assert log["margin_abnormal"] >= 0 and np.isfinite(log["loss"])
+    assert "margin_abnormal" in log

@@ -1,0 +1,157 @@
+"""The downstream commands: extract → index → train-head → predict (the CLI calls these)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+from .featstore import FeatureStore, aggregate_tiles
+from .io import atomic_write_text
+
+
+def _samples(data, split_csv=None, group=None):
+    from .config import load_config
+    from .runs import load_samples
+    return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group}))
+
+
+def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
+                image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False) -> dict:
+    from .extract import Extractor
+    i, n = (int(v) for v in shard.split("/"))
+    if not 0 <= i < n:
+        raise BadInputError(f"--shard {shard} must be i/n with 0 <= i < n")
+    ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches)
+    samples = _samples(data, split_csv, group)
+    store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
+    m = json.loads((Path(out) / "manifest.json").read_text())
+    return {"features": str(out), "n_items": m["n_items"], "n_shards": m["n_shards"],
+            "dim": len(m["vector_names"]), "complete": store is not None}
+
+
+def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1) -> dict:
+    """Patch level: a kNN scorer over the training normals' patches. Image level: an index of image rows."""
+    from .downstream import KNNScorer, build_index, save_index
+    store = FeatureStore(features)
+    out = Path(out)
+    if level == "patch":
+        normal = np.array([it["is_normal"] and it["split"] in ("train", "") for it in store.items])
+        if not normal.any():
+            raise BadInputError("no normal training images in these features", path=features,
+                                fix="extract features of a folder with normal (good) training images")
+        patches = store.array("patches")[normal].astype(np.float32)
+        scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset).fit(patches)
+        scorer.save(out)
+        return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
+    X, recs = store.image_table()
+    index = build_index(X, kind=kind)
+    save_index(index, out / "index.faiss")
+    atomic_write_text(out / "ids.json", json.dumps([r["path"] for r in recs]))
+    return {"index": str(out), "level": level, "kind": kind, "n": len(recs)}
+
+
+def _labels_for(recs, task: str, label_from: str):
+    if task == "binary":
+        return np.array(["good" if r["is_normal"] else "defect" for r in recs])
+    if label_from == "group/label":
+        return np.array([f"{r['group']}/{r['label']}" for r in recs])
+    return np.array([r["label"] for r in recs])
+
+
+def train_head_cmd(features, out, task="binary", label_from="label", defects_only=False, folds=5, seed=0,
+                   min_class=2) -> dict:
+    """LightGBM head on image rows, stratified CV report, final booster + label map saved."""
+    from .downstream import train_head
+    store = FeatureStore(features)
+    X, recs = store.image_table()
+    keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
+    X, recs = X[keep], [recs[j] for j in keep]
+    y = _labels_for(recs, task, label_from)
+    labels, counts = np.unique(y, return_counts=True)
+    rare = set(labels[counts < min_class])
+    if rare:  # a class with one example can be neither trained on nor tested in CV
+        keep = [j for j, v in enumerate(y) if v not in rare]
+        X, recs, y = X[keep], [recs[j] for j in keep], y[keep]
+    names = [f"top_{n}" for n in store.manifest["vector_names"]] + [f"mean_{n}" for n in store.manifest["vector_names"]]
+    res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names)
+    out = Path(out)
+    res.head.save(out)
+    summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
+               "features": str(features), "label_from": label_from, "defects_only": defects_only}
+    atomic_write_text(out / "cv_report.json", json.dumps(summary, indent=2, default=_json_default))
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False) -> list[dict]:
+    """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays."""
+    from .extract import Extractor
+    ex = Extractor(run=run, patches=knn is not None)
+    samples = _samples(data, split_csv)
+    res = ex.extract(samples)
+    keys = [str(samples[i].path) for i in res["index"]]
+    X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
+    cal = Path(run) / "calibration.json"
+    threshold = json.loads(cal.read_text())["threshold"] if cal.exists() else None
+    rows = []
+    for (path, idx), x in zip(order, X):
+        s = samples[int(res["index"][idx[0]])]
+        rows.append({"path": path, "label": s.label, "wdm_score": float(np.max(res["scores"][idx])),
+                     "flagged": bool(threshold is not None and np.max(res["scores"][idx]) > threshold)})
+    if knn is not None:
+        from .downstream import KNNScorer
+        scorer = KNNScorer.load(knn)
+        ks = scorer.score_patches(res["patches"].astype(np.float32)).max(1)
+        for row, (_, idx) in zip(rows, order):
+            row["knn_score"] = float(ks[idx].max())
+    from .downstream import Head
+    for hd in heads:
+        head = Head.load(hd)
+        proba = head.predict_proba(X)
+        pred = head.predict(X)
+        name = Path(hd).name
+        for row, p, c in zip(rows, proba, pred):
+            row[f"{name}_prediction"] = str(c)
+            row[f"{name}_confidence"] = float(p.max())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
+    if overlays and any(r["flagged"] for r in rows):
+        _write_overlays(ex, samples, rows, out / "overlays")
+    return rows
+
+
+def _write_overlays(ex, samples, rows, folder: Path) -> None:
+    """Heatmap overlays for flagged images, colours fixed to the validation-score scale."""
+    try:
+        from .overlay import heatmap_overlay
+    except ImportError:
+        return
+    from .evaluate import score_samples
+    flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
+    res = score_samples(ex.model, flagged, ex.cfg, keep_maps=True)
+    vmax = max(float(np.max(m)) for m in res["maps"])
+    for s, m in zip(res["samples"], res["maps"]):
+        heatmap_overlay(s.path, m, folder / f"{Path(s.path).stem}_overlay.png", vmin=0.0, vmax=vmax,
+                        mask=None)
+
+
+def _by_path(samples, rows):
+    d = {str(s.path): s for s in samples}
+    return [d[r["path"]] for r in rows]
