@@ -34,9 +34,9 @@ def test_store_round_trip_and_schema(setup, tmp_path):
     store = ex.extract_to(samples, tmp_path / "f", shard_size=4)
     assert store is not None and store.manifest["schema"] == featstore.SCHEMA
     assert store.manifest["n_shards"] == 3 and len(store.items) == len(samples)
-    np.testing.assert_allclose(store.vectors, mem["vectors"], rtol=1e-6)
+    np.testing.assert_allclose(store.vectors, mem["vectors"], rtol=1e-5, atol=1e-6)  # batch make-up differs
     assert store.vectors.shape[1] == len(store.manifest["vector_names"])
-    assert store.array("patches").shape[:2] == (len(samples), 16 * 16)
+    assert store.array("patches").shape[:2] == (len(samples), 8 * 8)  # level-2 grid: 64 px / stride 8
     assert np.isfinite(store.scores).all()
     X, recs = store.image_table()
     assert X.shape == (len(samples), 2 * store.vectors.shape[1]) and recs[0]["path"] == str(samples[0].path)

@@ -87,9 +87,11 @@ def test_checkpoint_round_trip(trained):
     assert torch.load(trained / "model.pt", weights_only=True)["format"] == "uninet-feat/checkpoint"
 
 
+class Evil:
+    """Any non-tensor Python object forces a pickle-based checkpoint."""
+
+
 def test_pickle_checkpoint_refused(tmp_path):
-    class Evil:
-        pass
     p = tmp_path / "evil.pt"
     torch.save({"format": "uninet-feat/checkpoint", "obj": Evil()}, p, pickle_protocol=pickle.DEFAULT_PROTOCOL)
     with pytest.raises(BadInputError, match="pickle"):

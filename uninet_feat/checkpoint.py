@@ -65,7 +65,12 @@ def build_from_checkpoint(path, weights: str = "random"):
     state = ckpt["state_dict"]
     if cfg.get("mem") == "multiscale" and any(".fused." in k for k in state):
         model.eval().reparameterize()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: weights of another backbone or another size
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise BadInputError(f"checkpoint does not match its model ({first})", path=path,
+                            fix="the weights belong to another backbone/levels than its config says; retrain") from e
     if missing or unexpected:
         raise BadInputError(f"checkpoint does not match its model: {len(missing)} missing keys "
                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})",

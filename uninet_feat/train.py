@@ -103,7 +103,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                 n += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-                prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg['epochs']} loss {float(loss):.4f}")
+                prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg['epochs']} loss {loss.item():.4f}")
             rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n,
                    **{k: v / max(n, 1) for k, v in sums.items()}}
             log_lines.append(json.dumps(rec))

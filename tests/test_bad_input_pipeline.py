@@ -1,0 +1,100 @@
+"""Bad input at the pipeline level: each case gives a clear error naming the file and the fix."""
+import errno
+
+import numpy as np
+import pytest
+import torch
+
+from uninet_feat.checkpoint import build_from_checkpoint, save_checkpoint
+from uninet_feat.cli import main
+from uninet_feat.config import load_config
+from uninet_feat.errors import BadInputError
+from uninet_feat.io import atomic_write_text
+from uninet_feat.model import UniNet
+from uninet_feat.runs import load_samples, train_val_samples
+
+from _tiny import TinyBackbone, register_tiny, write_texture_set
+
+register_tiny()
+
+
+def test_folder_without_normal_images(tmp_path):
+    from PIL import Image
+    (tmp_path / "hole").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "hole" / "a.png")
+    cfg = load_config(None, {"data": str(tmp_path)})
+    with pytest.raises(BadInputError, match="no normal training images"):
+        train_val_samples(load_samples(cfg), cfg)
+
+
+def test_empty_folder_via_cli(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no images" in err and str(tmp_path / "empty") in err
+
+
+def test_unknown_config_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochz: 3\n")
+    with pytest.raises(BadInputError, match="unknown config keys.*epochz"):
+        load_config(p)
+
+
+def test_checkpoint_from_another_backbone(tmp_path):
+    m = UniNet(TinyBackbone((8, 16, 32)))
+    p = save_checkpoint(tmp_path / "m.pt", m, {**load_config(None), "backbone": "tiny"})
+    ck = torch.load(p, weights_only=True)
+    ck["backbone"]["channels"] = [4, 8, 16]  # config says another backbone than the weights
+    torch.save(ck, p)
+    with pytest.raises(BadInputError, match="does not match"):
+        build_from_checkpoint(p)
+
+
+def test_checkpoint_from_newer_version(tmp_path):
+    m = UniNet(TinyBackbone())
+    p = save_checkpoint(tmp_path / "m.pt", m, load_config(None))
+    ck = torch.load(p, weights_only=True)
+    ck["format_version"] = 99
+    torch.save(ck, p)
+    with pytest.raises(BadInputError, match="newer"):
+        build_from_checkpoint(p)
+
+
+def test_disk_full_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old")
+    import os
+    real = os.replace
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(BadInputError, match="disk full"):
+        atomic_write_text(target, "new")
+    monkeypatch.setattr(os, "replace", real)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left
+
+
+def test_nan_input_stops_training_with_a_message(tmp_path):
+    from uninet_feat.train import train
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 1, "batch_size": 2, "lr": 1e30,
+                                                       "channels_last": False, "val_fraction": 0.0})
+    with pytest.raises(BadInputError, match="loss became"):
+        train(cfg, tmp_path / "run", quiet=True)
+
+
+def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
+    from uninet_feat.train import train
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    (data / "train" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    base = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 2,
+            "channels_last": False, "val_fraction": 0.0}
+    with pytest.raises(BadInputError, match="broken.png"):
+        train(load_config(None, {"data": str(data)}, base=base), tmp_path / "r1", quiet=True)
+    with pytest.warns(UserWarning, match="broken.png"):
+        train(load_config(None, {"data": str(data), "skip_bad": True}, base=base), tmp_path / "r2", quiet=True)
+    assert (tmp_path / "r2" / "model.pt").exists()

@@ -1,0 +1,74 @@
+"""Anomaly maps and the WDM image score (method §6): the public API used by the model, evaluation and export.
+
+Thin wrappers over ``uninet_feat.kernels.wdm``: everything is batched and stays on the input's device (no
+per-image loop, no host sync), with a Triton backend on CUDA (env UNINET_KERNELS=auto|triton|torch).
+``wdm_score_reference`` is the per-image numpy/scipy spec, as the official code computes it; tests compare
+the batched paths against it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from uninet_feat.kernels import wdm as _wdm
+
+ALPHA, BETA = 0.01, 3e-5  # method defaults: w = max(ALPHA * mean(kept maxima), BETA)
+
+
+def anomaly_maps(teacher_feats, student_feats, backend: str | None = None) -> list[torch.Tensor]:
+    """K maps M_k = 1 - cos over channels, (N, h_k, w_k) fp32, from equal-shape (N, C_k, h_k, w_k) pairs."""
+    return _wdm.anomaly_maps(list(teacher_feats), list(student_feats), backend)
+
+
+def anomaly_map(maps, out_size, backend: str | None = None) -> torch.Tensor:
+    """Pixel map A (N, H, W): the sum of the maps upsampled bilinearly (align_corners=True); not smoothed."""
+    return _wdm.anomaly_map(list(maps), out_size, backend)
+
+
+def wdm_weights(maps, alpha: float, beta: float, out_size):
+    """(k LongTensor (N,), w float64 (N,)): how many top pixels of the blurred map each image's score averages."""
+    return _wdm.wdm_k(_wdm.map_maxima(list(maps)), out_size, alpha, beta)
+
+
+def gaussian_blur_scipy(x: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0,
+                        backend: str | None = None) -> torch.Tensor:
+    """Batched scipy.ndimage.gaussian_filter(x[i], sigma, truncate=truncate, mode='reflect') for (N, H, W)."""
+    return _wdm.gaussian_blur_scipy(x, sigma, truncate, backend)
+
+
+def wdm_score(maps, out_size, alpha: float = ALPHA, beta: float = BETA, backend: str | None = None):
+    """(pixel map (N, H, W), image score (N,)): the score is the mean of the top-k of the blurred pixel map."""
+    return _wdm.wdm_from_maps(list(maps), out_size, alpha, beta, backend)
+
+
+def wdm_score_reference(maps, out_size, alpha: float = ALPHA, beta: float = BETA):
+    """Per-image numpy/scipy spec of ``wdm_score``: (pixel maps (N,H,W), scores (N,), k (N,)), numpy fp64.
+
+    Independent of the torch code on purpose: upsampling by scipy map_coordinates (order 1 at align-corners
+    coordinates), scipy gaussian_filter, np.partition. Slow; for tests and benchmarks only.
+    """
+    from scipy import ndimage
+
+    hh, ww = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+    arrs = [m.detach().cpu().double().numpy() for m in maps]
+    pix, scores, ks = [], [], []
+    for i in range(arrs[0].shape[0]):
+        mx = np.array([a[i].max() for a in arrs])
+        q = np.exp(mx - mx.max())
+        q /= q.sum()
+        kept = mx[q > q.mean()]
+        kept = kept if kept.size else mx  # all maxima equal: keep all
+        w = max(alpha * kept.mean(), beta)
+        k = int(min(max(np.floor(hh * ww * w), 1), hh * ww))
+        total = np.zeros((hh, ww))
+        for a in arrs:
+            h, w_ = a[i].shape
+            ys = np.arange(hh) * ((h - 1) / (hh - 1) if hh > 1 else 0.0)
+            xs = np.arange(ww) * ((w_ - 1) / (ww - 1) if ww > 1 else 0.0)
+            yy, xx = np.meshgrid(ys, xs, indexing="ij")
+            total += ndimage.map_coordinates(a[i], [yy, xx], order=1, mode="nearest")
+        s = ndimage.gaussian_filter(total, 4.0, truncate=4.0, mode="reflect")
+        pix.append(total)
+        scores.append(np.partition(s.ravel(), -k)[-k:].mean())
+        ks.append(k)
+    return np.stack(pix), np.array(scores), np.array(ks)
