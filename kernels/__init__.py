@@ -11,3 +11,6 @@ __all__ = [
 ]
 
 # --- anomaly map + WDM (kernels/wdm.py, separate owner): add its imports and __all__ entries below. ---
+from .wdm import anomaly_map_wdm  # noqa: E402
+
+__all__ += ["anomaly_map_wdm"]

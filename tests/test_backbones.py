@@ -169,15 +169,15 @@ def test_registry_exact_prefix_and_errors(monkeypatch):
     def factory(name, weights="random", levels=None, **kw):
         seen.update(name=name, weights=weights, **kw)
         return TinyBackbone()
-    register_backbone("tiny", factory)
+    register_backbone("tiny-reg", factory)
     register_backbone("toy:", factory)
-    assert isinstance(create_backbone("tiny"), TinyBackbone)
+    assert isinstance(create_backbone("tiny-reg"), TinyBackbone)
     create_backbone("toy:ViT-B-16", weights="openai", width=2)
     assert seen == {"name": "toy:ViT-B-16", "weights": "openai", "width": 2}
-    assert {"tiny", "toy:", "timm:"} <= set(list_backbones())
+    assert {"tiny-reg", "toy:", "timm:"} <= set(list_backbones())
     assert create_backbone("timm:resnet18").channels == (64, 128, 256)
     with pytest.raises(ValueError, match="already registered"):
-        register_backbone("tiny", lambda *a, **k: None)
+        register_backbone("tiny-reg", lambda *a, **k: None)
     register_backbone("broken", lambda *a, **k: torch.nn.Identity())
     with pytest.raises(BadInputError, match="lacks"):
         create_backbone("broken")
