@@ -1,0 +1,84 @@
+"""Defect-type heads on AITEX: UniNet-adapted features vs plain backbone features, same folds.
+
+    python -m benchmarks.aitex_heads --data ../shared/data --split-csv ../shared/data/splits/aitex.csv \
+        --runs runs/aitex_fabric_00 runs/aitex_fabric_01 ... --json out.json
+
+Adapted features of each fabric come from that fabric's one-class run (so a strip is described by
+the model of its own line); plain features from the same backbone with ImageNet weights. Rows are
+the defective strips; labels are `fabric/defect code`; classes with fewer than 2 strips are
+dropped; stratified 5-fold CV with identical folds for both feature sets. Also a binary
+normal-vs-defect head on all strips.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+import uninet_feat  # noqa: F401
+from uninet_feat.config import load_config
+from uninet_feat.downstream import train_head
+from uninet_feat.extract import Extractor
+from uninet_feat.featstore import aggregate_tiles
+from uninet_feat.runs import load_samples
+
+
+def table(ex, samples):
+    r = ex.extract(samples)
+    keys = [str(samples[i].path) for i in r["index"]]
+    X, order = aggregate_tiles(r["vectors"], r["scores"], keys)
+    return X, [k for k, _ in order]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--split-csv", required=True)
+    ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    samples = load_samples(load_config(None, {"data": a.data, "split_csv": a.split_csv}))
+    by_path = {str(s.path): s for s in samples}
+    plain_ex = Extractor(backbone="tf_efficientnet_lite0", weights="imagenet", image_size=256, tile=256)
+    Xa, Xp, paths = [], [], []
+    for run in a.runs:
+        ex = Extractor(run=run)
+        group = ex.cfg["group"]
+        ss = [s for s in samples if s.group == group]
+        xa, ka = table(ex, ss)
+        xp, kp = table(plain_ex, ss)
+        assert ka == kp
+        Xa.append(xa); Xp.append(xp); paths += ka
+    Xa, Xp = np.concatenate(Xa), np.concatenate(Xp)
+    recs = [by_path[p] for p in paths]
+    out = {}
+    for task in ("defect_type", "binary"):
+        if task == "defect_type":
+            idx = [i for i, s in enumerate(recs) if not s.is_normal]
+            y = np.array([f"{recs[i].group}/{recs[i].label}" for i in idx])
+            vals, cnt = np.unique(y, return_counts=True)
+            ok = set(vals[cnt >= 2])
+            keep = [j for j, v in enumerate(y) if v in ok]
+            idx, y = [idx[j] for j in keep], y[keep]
+        else:
+            idx = list(range(len(recs)))
+            y = np.array(["good" if s.is_normal else "defect" for s in recs])
+        n_splits = min(a.folds, int(np.unique(y, return_counts=True)[1].min()))
+        folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+        res = {}
+        for name, X in (("adapted", Xa), ("plain", Xp)):
+            r = train_head(X[idx], y, task="multiclass" if task == "defect_type" else "binary", cv=folds, seed=0)
+            res[name] = {k: r.oof.get(k) for k in ("accuracy", "macro_f1", "auroc") if k in r.oof}
+        out[task] = {"n_rows": len(y), "n_classes": len(set(y)), "n_splits": n_splits, **res}
+    print(json.dumps(out, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""open_clip ViT backbone (clip:) and zero-shot text scoring (uninet_feat.vlm), on tiny random configs."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import uninet_feat  # noqa: F401  (before open_clip/timm)
+from uninet_feat.backbones import create_backbone
+from uninet_feat.backbones.clip import build_clip_model
+from uninet_feat.errors import BadInputError
+
+P14 = {"embed_dim": 16, "vision_cfg": {"image_size": 56, "layers": 3, "width": 32, "head_width": 16, "patch_size": 14},
+       "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+P32 = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": 3, "width": 32, "head_width": 16, "patch_size": 32},
+       "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("name,kw,size,strides", [
+    ("clip:tiny", {}, 64, (4, 8, 16)), ("clip:tiny", {}, 96, (4, 8, 16)),          # patch 16, two resolutions
+    ("clip:tiny-p8", {}, 64, (2, 4, 8)), ("clip:tiny-p8", {}, 40, (2, 4, 8)),       # patch 8
+    ("clip:p32", {"model_cfg": P32}, 64, (8, 16, 32)), ("clip:p32", {"model_cfg": P32}, 128, (8, 16, 32)),
+    ("clip:p14", {"model_cfg": P14}, 112, (4, 8, 16)),                               # patch 14: resampled
+])
+def test_pyramid_shapes_and_strides(name, kw, size, strides):
+    bb = create_backbone(name, **kw)
+    assert bb.strides == strides and bb.channels == (bb.width,) * 3 and bb.finetunable
+    w = size + bb.size_multiple  # not square
+    feats = bb(torch.randn(2, 3, size, w))
+    assert [tuple(f.shape) for f in feats] == [(2, bb.width, size // s, w // s) for s in strides]
+    assert all(torch.isfinite(f).all() for f in feats)
+
+
+def test_real_model_geometry_known_without_weights():
+    with torch.device("meta"):  # nothing allocated, nothing downloaded
+        b16, l14, b32 = (create_backbone(f"clip:{n}") for n in ("ViT-B-16", "ViT-L-14", "ViT-B-32"))
+    assert (b16.levels, b16.strides, b16.channels, b16.size_multiple) == ((3, 6, 9), (4, 8, 16), (768,) * 3, 16)
+    assert (l14.levels, l14.strides, l14.channels, l14.size_multiple) == ((6, 12, 18), (4, 8, 16), (1024,) * 3, 112)
+    assert (b32.strides, b32.size_multiple) == ((8, 16, 32), 32)
+    assert b16.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_input_not_a_multiple_is_refused_with_working_sizes():
+    bb = create_backbone("clip:tiny")
+    with pytest.raises(BadInputError, match=r"multiples of 16.*got 70×64.*image_size 64 or 80"):
+        bb(torch.randn(1, 3, 70, 64))
+    p14 = create_backbone("clip:p14", model_cfg=P14)
+    with pytest.raises(BadInputError, match="multiples of 112"):
+        p14(torch.randn(1, 3, 56, 56))  # a multiple of the patch, but not of the stride-16 level
+
+
+def test_levels_and_strides_options():
+    bb = create_backbone("clip:tiny", levels="0,1,3", strides=(2, 4, 8))
+    assert bb.levels == (0, 1, 3) and bb.strides == (2, 4, 8)
+    assert [f.shape[-1] for f in bb(torch.randn(1, 3, 64, 64))] == [32, 16, 8]
+    for bad in ((1, 1, 2), (0, 2, 4), (3, 2, 1)):
+        with pytest.raises(BadInputError, match="levels"):
+            create_backbone("clip:tiny", levels=bad)
+    with pytest.raises(BadInputError, match="strides"):
+        create_backbone("clip:tiny", strides=(4, 12, 16))
+
+
+def test_matches_open_clip_and_file_round_trip(tmp_path):
+    clip = build_clip_model("tiny")
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")          # the whole open_clip model
+    bb = create_backbone("clip:tiny", weights=str(tmp_path / "clip.pt")).eval()
+    x = torch.randn(2, 3, 64, 64)                                 # native size: no pos-embed interpolation
+    with torch.no_grad():
+        ref = clip.visual.forward_intermediates(x, indices=[1, 2, 3], output_fmt="NCHW")["image_intermediates"]
+        f = bb(x)
+        torch.testing.assert_close(f[2], ref[2])
+        torch.testing.assert_close(f[1], F.interpolate(ref[1], scale_factor=2, mode="bilinear"))
+        torch.testing.assert_close(f[0], F.interpolate(ref[0], scale_factor=4, mode="bilinear"))
+        torch.testing.assert_close(bb.embed(x)["image_embedding"], clip.encode_image(x, normalize=True))
+    # the backbone's own state dict (image tower only), through a {'state_dict': ...} wrapper
+    torch.save({"state_dict": bb.state_dict()}, tmp_path / "bb.pth")
+    again = create_backbone("clip:tiny", weights=str(tmp_path / "bb.pth")).eval()
+    y = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        for a, b in zip(bb(y), again(y)):
+            assert torch.equal(a, b)
+    # config() rebuilds the same architecture (random weights)
+    rebuilt = create_backbone(**bb.config())
+    assert rebuilt.config() == bb.config()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in bb.state_dict().items()}
+
+
+def test_bad_weight_files_refused(tmp_path):
+    sd = build_clip_model("tiny").state_dict()
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
+    with pytest.raises(BadInputError, match="refusing to load"):
+        create_backbone("clip:tiny", weights=str(tmp_path / "pickled.pt"))
+    torch.save(build_clip_model("tiny-p8").state_dict(), tmp_path / "p8.pt")
+    with pytest.raises(BadInputError, match="wrong shape"):
+        create_backbone("clip:tiny", weights=str(tmp_path / "p8.pt"))
+    with pytest.raises(BadInputError, match="not found"):
+        create_backbone("clip:tiny", weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(BadInputError, match="pretrained tag"):  # checked offline, before any download
+        create_backbone("clip:ViT-B-16", weights="imagenet")
+
+
+def test_unsupported_models_explained():
+    with pytest.raises(BadInputError, match="did you mean"):
+        create_backbone("clip:ViT-B-61")
+    with pytest.raises(BadInputError, match="ModifiedResNet"):
+        create_backbone("clip:RN50")
+    with pytest.raises(BadInputError, match="timm image tower"):
+        create_backbone("clip:ViT-B-16-SigLIP")
+
+
+def test_importing_backbones_does_not_import_open_clip():
+    code = "import sys, uninet_feat.backbones as b; assert 'clip:' in b.list_backbones(); " \
+           "assert 'open_clip' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_uninet_trains_and_scores_on_clip(tmp_path):
+    from uninet_feat.checkpoint import build_from_checkpoint, save_checkpoint
+    from uninet_feat.config import DEFAULT_CONFIG
+    from uninet_feat.model import UniNet
+    model = UniNet(create_backbone("clip:tiny", levels=(1, 2, 3)), decoder_depths=(1, 1, 1))
+    before = {k: v.clone() for k, v in model.source.state_dict().items()}
+    g = model.trainable_groups()
+    opts = [torch.optim.AdamW(g["student"], lr=1e-3), torch.optim.AdamW(g["target"], lr=1e-4)]
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    for _ in range(2):
+        loss = model.loss(model(x))["loss"]
+        assert torch.isfinite(loss)
+        for o in opts:
+            o.zero_grad()
+        loss.backward()
+        assert model.target.visual.conv1.weight.grad is not None
+        for o in opts:
+            o.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.source.state_dict().items())
+    assert not torch.equal(model.target.visual.conv1.weight, model.source.visual.conv1.weight)
+    model.eval()
+    maps, scores = model.predict(x)
+    assert maps.shape == (2, 64, 64) and scores.shape == (2,) and torch.isfinite(scores).all()
+    cfg = {**DEFAULT_CONFIG, "backbone": "clip:tiny", "decoder_depths": [1, 1, 1]}
+    save_checkpoint(tmp_path / "model.pt", model, cfg)
+    again, _ = build_from_checkpoint(tmp_path / "model.pt")
+    torch.testing.assert_close(again.eval().predict(x)[1], scores)
+
+
+# ---------------------------------------------------------------- text side
+def test_text_scorer_shapes_and_features():
+    from uninet_feat.vlm import FEATURE_NAMES, TextScorer
+    bb = create_backbone("clip:tiny")
+    ts = TextScorer(bb)
+    assert ts.text_embeddings.shape == (2, 32) and len(ts.normal_prompts) > 10 and len(ts.defect_prompts) > 10
+    assert "a photo of a flawless fabric." in ts.normal_prompts
+    x = torch.randn(3, 3, 64, 96)
+    s, p, f = ts.image_scores(x), ts.patch_scores(x), ts.features(x)
+    assert s.shape == (3,) and p.shape == (3, 4, 6) and f.shape == (3, len(FEATURE_NAMES)) == (3, 4)
+    assert ts.patch_scores(x, out_size=(64, 96)).shape == (3, 64, 96)
+    assert all(torch.isfinite(t).all() and (t >= 0).all() and (t <= 1).all() for t in (s, p, f))
+    torch.testing.assert_close(f[:, 0], s)
+    torch.testing.assert_close(f[:, 1], p.flatten(1).amax(1))
+    value = TextScorer(bb, patch_mode="value", text_model=build_clip_model("tiny"))
+    assert value.patch_scores(x).shape == (3, 4, 6)
+    with pytest.raises(BadInputError, match="patch size"):
+        ts.image_scores(torch.randn(1, 3, 60, 64))
+
+
+def test_prompts_are_editable(tmp_path):
+    from uninet_feat.vlm import TextScorer, dump_prompts, load_prompts
+    clip = build_clip_model("tiny")
+    ts = TextScorer(clip, ["a photo of perfect denim."], ["a photo of torn denim.", "ripped {}"], obj="denim",
+                    templates=("a {} close-up.",))
+    assert ts.normal_prompts == ["a photo of perfect denim."]
+    assert ts.defect_prompts == ["a photo of torn denim.", "a ripped denim close-up."]
+    f = dump_prompts(tmp_path / "prompts.yaml")
+    f.write_text(f.read_text().replace("object: fabric", "object: silk"))
+    assert all("silk" in p for p in load_prompts(f)["defect"])
+    from_file = TextScorer(clip, prompt_file=f)
+    assert from_file.defect_prompts == load_prompts(f)["defect"]
+    assert not torch.allclose(from_file.text_embeddings, ts.text_embeddings)
+    (tmp_path / "bad.yaml").write_text("normals: [x]\n")
+    with pytest.raises(BadInputError, match="keys"):
+        load_prompts(tmp_path / "bad.yaml")
+
+
+def test_zero_shot_ranking_on_constructed_text_embeddings():
+    """Monkeypatched text embeddings: 'defect' = image B's embedding, 'normal' = image A's → B ranks above A;
+    at patch level, 'defect' = one patch's embedding, 'normal' = its negation → that patch scores highest."""
+    from uninet_feat.model import UniNet
+    from uninet_feat.vlm import TextScorer
+    bb = create_backbone("clip:tiny").eval()
+    ts = TextScorer(UniNet(bb, decoder_depths=(1, 1, 1)))   # a UniNet: scored with its frozen source teacher
+    assert ts.visual is bb.visual
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        e = bb.embed(x)["image_embedding"]
+        ts.text_embeddings.copy_(torch.stack([e[0], e[1]]))
+        s = ts.image_scores(x)
+        assert s[1] > 0.5 > s[0]
+        pe = bb.patch_embeddings(x[:1])                      # (1, D, 4, 4)
+        d = pe[0, :, 2, 1]
+        ts.text_embeddings.copy_(torch.stack([-d, d]))
+        p = ts.patch_scores(x[:1])[0]
+    assert divmod(int(p.argmax()), p.shape[1]) == (2, 1)
+
+
+@pytest.mark.filterwarnings("ignore")  # tracing warnings: the archive only carries the weights
+def test_openai_style_torchscript_archive_loads(tmp_path):
+    clip = build_clip_model("tiny")
+    x = torch.randn(1, 3, 64, 64)
+    traced = torch.jit.trace(clip, (x, torch.zeros(1, 32, dtype=torch.long)), check_trace=False)
+    traced.save(str(tmp_path / "ViT-tiny.pt"))
+    bb = create_backbone("clip:tiny", weights=str(tmp_path / "ViT-tiny.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(bb.embed(x)["image_embedding"], clip.encode_image(x, normalize=True))
+
+
+def test_text_tower_comes_from_the_backbone_weights(tmp_path):
+    from uninet_feat.vlm import TextScorer
+    clip = build_clip_model("tiny")
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    bb = create_backbone("clip:tiny", weights=str(tmp_path / "clip.pt"))
+    torch.testing.assert_close(TextScorer(bb).text_embeddings, TextScorer(clip).text_embeddings)
+    torch.testing.assert_close(TextScorer(bb).logit_scale, float(clip.logit_scale.detach().exp()))
+    torch.save(bb.state_dict(), tmp_path / "visual_only.pt")
+    with pytest.raises(BadInputError, match="only an image tower"):
+        TextScorer(create_backbone("clip:tiny", weights=str(tmp_path / "visual_only.pt")))

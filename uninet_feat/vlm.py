@@ -1,0 +1,234 @@
+"""Zero-shot text scoring with a CLIP model (the VLM variant), WinCLIP-style prompt ensembles.
+
+``TextScorer(model, normal_prompts, defect_prompts)`` embeds two prompt sets once with the CLIP text tower
+(each prompt L2-normalised, averaged per set, re-normalised) and then scores images without any training
+image:
+
+* ``image_scores(x) -> (N,)``: P(defect) = softmax(logit_scale · [cos(img, normal), cos(img, defect)])[1],
+  the image embedding being ``encode_image(normalize=True)`` and ``logit_scale`` the model's learnt
+  temperature (exp, clamped at 100 as in CLIP).
+* ``patch_scores(x) -> (N, h, w)`` on the patch grid (or ``(N, H, W)`` with ``out_size``): the same softmax
+  for every patch, whose embedding is the final patch token through the tower's ``ln_post`` and visual
+  projection (``patch_mode='tokens'``, the default), or, with ``patch_mode='value'``, the token from a last
+  block whose attention map is replaced by the identity (MaskCLIP-style; CLIP's final-layer patch tokens
+  are only loosely aligned with text, so this often localises better — not validated here on real weights).
+  This is not WinCLIP's sliding-window CLS scoring (which re-runs the tower per window).
+* ``features(x) -> (N, 4)``: image score, patch-score max / mean / 0.99-quantile — extra columns for a
+  LightGBM head (names in ``feature_names``).
+
+``x`` is a batch normalised with the backbone's ``mean``/``std`` (as every backbone input), each side a
+multiple of the patch size; CLIP is most reliable at its native resolution (224 px for ViT-B/L).
+
+Prompts: plain lists of sentences, or phrases containing ``{}`` (the object, e.g. "scratched {}") that are
+expanded with every template; ``load_prompts(path)`` reads the same from a YAML file (``dump_prompts`` writes
+the defaults as a starting point).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+OBJECT = "fabric"
+TEMPLATES = (
+    "a photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of the {}.",
+    "a photo of the {} for visual inspection.",
+    "a macro photo of a {}.",
+    "a photo of {} on a production line.",
+    "a textile surface: {}.",
+)
+NORMAL_STATES = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "clean {}",
+    "evenly woven {}",
+    "{} without defect",
+    "{} without damage",
+    "{} without flaw",
+)
+DEFECT_STATES = (
+    "damaged {}",
+    "defective {}",
+    "{} with a defect",
+    "{} with a hole",
+    "{} with a stain",
+    "{} with a broken thread",
+    "{} with a knot",
+    "{} with a missing yarn",
+    "torn {}",
+    "{} with an irregular weave",
+)
+FEATURE_NAMES = ("clip_image_score", "clip_patch_max", "clip_patch_mean", "clip_patch_q99")
+
+
+def expand_prompts(items, templates=TEMPLATES, obj: str = OBJECT) -> list[str]:
+    """Phrases with ``{}`` → one sentence per template (``{}`` filled with ``obj``); other items as they are."""
+    if isinstance(items, str):
+        items = [items]
+    out = []
+    for it in items:
+        if not isinstance(it, str) or not it.strip():
+            raise BadInputError(f"prompts must be non-empty strings, got {it!r}")
+        if "{}" in it:
+            out += [t.format(it.format(obj)) for t in templates]
+        else:
+            out.append(it)
+    if not out:
+        raise BadInputError("a prompt set is empty", fix="give at least one prompt per set")
+    return list(dict.fromkeys(out))  # de-duplicated, order kept
+
+
+def default_prompts(obj: str = OBJECT, templates=TEMPLATES) -> dict[str, list[str]]:
+    return {"normal": expand_prompts(NORMAL_STATES, templates, obj),
+            "defect": expand_prompts(DEFECT_STATES, templates, obj)}
+
+
+def load_prompts(path) -> dict[str, list[str]]:
+    """YAML ``{object: fabric, templates: [...], normal: [...], defect: [...]}`` → sentences per set.
+
+    ``object`` and ``templates`` are optional (defaults: "fabric" and `TEMPLATES`); a missing ``normal`` or
+    ``defect`` list keeps the default states."""
+    import yaml
+    p = Path(path).expanduser()
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p) from e
+    if not isinstance(d, dict) or set(d) - {"object", "templates", "normal", "defect"}:
+        raise BadInputError("a prompt file is a mapping with keys object, templates, normal, defect", path=p)
+    obj, templates = d.get("object", OBJECT), tuple(d.get("templates") or TEMPLATES)
+    if any(not isinstance(t, str) or "{}" not in t for t in templates):
+        raise BadInputError("every template needs a '{}' placeholder", path=p)
+    return {"normal": expand_prompts(d.get("normal") or NORMAL_STATES, templates, obj),
+            "defect": expand_prompts(d.get("defect") or DEFECT_STATES, templates, obj)}
+
+
+def dump_prompts(path, obj: str = OBJECT) -> Path:
+    """Write the default prompt file (to edit)."""
+    import yaml
+    p = Path(path).expanduser()
+    p.write_text(yaml.safe_dump({"object": obj, "templates": list(TEMPLATES), "normal": list(NORMAL_STATES),
+                                 "defect": list(DEFECT_STATES)}, sort_keys=False))
+    return p
+
+
+def _resolve(model, text_model, tokenizer, clip_name):
+    """(visual tower, open_clip model with a text tower, tokenizer)."""
+    from .backbones.clip import ClipViT, build_clip_model
+    if hasattr(model, "source") and isinstance(getattr(model, "source"), ClipViT):
+        model = model.source  # a UniNet: its frozen source teacher is the unadapted CLIP tower
+    if isinstance(model, ClipViT):
+        visual = model.visual
+        clip_name = clip_name or (model.clip_name if model._model_cfg is None else None)  # open_clip built-in
+        if text_model is None:
+            if model.weights_source in ("random", "none", ""):
+                log.warning("TextScorer: %s has random weights, so its text tower is random too; scores are "
+                            "meaningless (load open_clip weights for zero-shot use)", model.name)
+            text_model = build_clip_model(model.clip_name, model.weights_source, model._model_cfg, model.quick_gelu)
+    elif hasattr(model, "visual") and hasattr(model, "encode_text"):
+        visual, text_model = model.visual, text_model or model
+    else:
+        raise BadInputError(f"TextScorer needs a clip: backbone, a UniNet built on one, or an open_clip model; "
+                            f"got {type(model).__name__}")
+    if tokenizer is None:
+        import open_clip
+        if clip_name:
+            tokenizer = open_clip.get_tokenizer(clip_name)
+        else:
+            tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=getattr(text_model, "context_length", 77))
+    return visual, text_model, tokenizer
+
+
+class TextScorer(nn.Module):
+    """Zero-shot defect scores from text prompts; see the module doc. ``text_embeddings`` (2, D): normal, defect."""
+
+    def __init__(self, model, normal_prompts=None, defect_prompts=None, *, prompt_file=None, obj: str = OBJECT,
+                 templates=TEMPLATES, patch_mode: str = "tokens", text_model=None, tokenizer=None,
+                 clip_name: str | None = None):
+        super().__init__()
+        if patch_mode not in ("tokens", "value"):
+            raise BadInputError(f"patch_mode must be 'tokens' or 'value', got {patch_mode!r}")
+        base = load_prompts(prompt_file) if prompt_file is not None else default_prompts(obj, templates)
+        self.normal_prompts = expand_prompts(normal_prompts, templates, obj) if normal_prompts else base["normal"]
+        self.defect_prompts = expand_prompts(defect_prompts, templates, obj) if defect_prompts else base["defect"]
+        self.visual, text_model, self.tokenizer = _resolve(model, text_model, tokenizer, clip_name)
+        self.patch_mode = patch_mode
+        self.patch_size = int(self.visual.patch_size[0])
+        self.feature_names = FEATURE_NAMES
+        self.logit_scale = float(text_model.logit_scale.detach().exp().clamp(max=100).reshape(-1)[0])
+        self.register_buffer("text_embeddings", torch.stack(
+            [self._embed_set(text_model, self.normal_prompts), self._embed_set(text_model, self.defect_prompts)]))
+
+    @torch.no_grad()
+    def _embed_set(self, text_model, prompts: list[str]) -> torch.Tensor:
+        was = text_model.training
+        text_model.eval()
+        try:
+            dev = next(text_model.parameters()).device
+            embs = [text_model.encode_text(self.tokenizer(prompts[i:i + 64]).to(dev), normalize=True).float()
+                    for i in range(0, len(prompts), 64)]
+        finally:
+            text_model.train(was)
+        return F.normalize(F.normalize(torch.cat(embs), dim=-1).mean(0), dim=-1).cpu()
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise BadInputError(f"TextScorer needs (N, 3, H, W) with H, W multiples of the patch size "
+                                f"{self.patch_size}; got {tuple(x.shape)}")
+
+    def _probs(self, e: torch.Tensor) -> torch.Tensor:
+        """P(defect) from L2-normalised embeddings (..., D)."""
+        logits = self.logit_scale * e.float() @ self.text_embeddings.to(e.device).t()
+        return logits.softmax(-1)[..., 1]
+
+    @torch.no_grad()
+    def image_scores(self, x: torch.Tensor) -> torch.Tensor:
+        from .backbones.clip import pool_vit, project, run_vit
+        self._check(x)
+        _, t, _ = run_vit(self.visual, x)
+        pooled, _ = pool_vit(self.visual, t)
+        return self._probs(F.normalize(project(self.visual, pooled), dim=-1))
+
+    @torch.no_grad()
+    def _both(self, x: torch.Tensor):
+        from .backbones.clip import pool_vit, project, run_vit
+        self._check(x)
+        value = self.patch_mode == "value"
+        _, t, (gh, gw) = run_vit(self.visual, x)
+        pooled, tok = pool_vit(self.visual, t)
+        img = self._probs(F.normalize(project(self.visual, pooled), dim=-1))
+        if value:
+            _, tv, _ = run_vit(self.visual, x, value_last=True)
+            _, tok = pool_vit(self.visual, tv)
+        patch = self._probs(F.normalize(project(self.visual, tok), dim=-1)).reshape(x.shape[0], gh, gw)
+        return img, patch
+
+    @torch.no_grad()
+    def patch_scores(self, x: torch.Tensor, out_size=None) -> torch.Tensor:
+        """(N, H/p, W/p) per-patch P(defect); with ``out_size`` bilinearly resized to (N, *out_size)."""
+        from .backbones.clip import pool_vit, project, run_vit
+        self._check(x)
+        _, t, (gh, gw) = run_vit(self.visual, x, value_last=self.patch_mode == "value")
+        _, tok = pool_vit(self.visual, t)
+        s = self._probs(F.normalize(project(self.visual, tok), dim=-1)).reshape(x.shape[0], gh, gw)
+        if out_size is not None:
+            size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+            s = F.interpolate(s[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return s
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 4) float32: image score, patch max, patch mean, patch 0.99-quantile (``feature_names``)."""
+        img, patch = self._both(x)
+        flat = patch.flatten(1)
+        return torch.stack([img, flat.amax(1), flat.mean(1), torch.quantile(flat, 0.99, dim=1)], 1).float()
