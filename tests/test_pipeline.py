@@ -45,7 +45,10 @@ def test_run_folder_has_everything(trained):
 
 
 def test_evaluate_reports_pixel_metrics(trained, tmp_path):
-    rep = evaluate(trained, json_path=tmp_path / "m.json", csv_path=tmp_path / "s.csv", quiet=True)
+    rep = evaluate(trained, json_path=tmp_path / "m.json", csv_path=tmp_path / "s.csv", quiet=True,
+                   report_path=tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert "data:image/png;base64" in html and f"{rep['image_auroc']:.4f}" in html
     for k in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= rep[k] <= 1.0
     assert rep["n_test"] == 8 and rep["n_defect"] == 4

@@ -77,7 +77,8 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
 
 
 def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = None, json_path=None,
-             csv_path=None, group=None, quiet: bool = False, overrides: dict | None = None) -> dict:
+             csv_path=None, group=None, quiet: bool = False, overrides: dict | None = None,
+             report_path=None) -> dict:
     """Evaluate a run on the test split of ``data`` (default: the data it was trained on)."""
     model, ckpt = build_from_checkpoint(run_path(run, "model.pt"))
     cfg = dict(ckpt["config"])
@@ -126,7 +127,27 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if not quiet:
         print_report(report)
     report["_rows"] = rows
+    if report_path:
+        write_html_report(report_path, report, model, cfg, test, labels, scores)
     return report
+
+
+def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores, top_k: int = 8) -> Path:
+    """HTML report with overlays of the worst false positives / negatives (maps recomputed for those only)."""
+    from .overlay import heatmap_overlay
+    from .report import write_report
+    normal = [i for i in np.argsort(-scores) if labels[i] == 0][:top_k]
+    defect = [i for i in np.argsort(scores) if labels[i] == 1][:top_k]
+    pick = list(dict.fromkeys(normal + defect))
+    overlays = {}
+    if pick:
+        res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
+        vmax = max(float(np.max(m)) for m in res["maps"])
+        for s, m in zip(res["samples"], res["maps"]):
+            overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=0.0, vmax=vmax, mask=s.mask, max_width=1024)
+    summary = {k: v for k, v in report.items() if not k.startswith("_")}
+    return write_report(path, summary, report["_rows"], threshold=report.get("threshold"), overlays=overlays,
+                        title=f"uninet-feat evaluation: {cfg.get('data')}", config=cfg)
 
 
 def _metrics(labels, scores, res, has_masks) -> dict:

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
+from .distributed import init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
 from .errors import BadInputError
 from .io import atomic_write_text
 from .runs import CachedDataset, load_samples, make_dataset, make_model, set_threads, train_val_samples
@@ -65,7 +66,11 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         opt_s.load_state_dict(state["opt_student"])
         opt_t.load_state_dict(state["opt_target"])
         start_epoch = int(state["epoch"])
-    save_run_config(out, cfg)
+    # [distributed] torchrun: every rank has loaded the same state; DDP + global BN (distributed.py)
+    dd = init_from_env(device="cpu")  # this loop keeps the model on the CPU: gloo
+    step = dd.wrap(model)             # None in the single-process run
+    if dd.is_main:
+        save_run_config(out, cfg)
     ds = make_dataset(fit, cfg, model.source)
     if cfg.get("cache_images", True):
         ds = CachedDataset(ds)
@@ -75,13 +80,16 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     log_path = out / "train_log.jsonl"
     log_lines = log_path.read_text().splitlines()[:start_epoch] if (resume and log_path.exists()) else []
     steps = math.ceil(len(ds) / cfg["batch_size"])
-    with _progress(quiet) as prog:
+    with _progress(quiet or not dd.is_main) as prog:
         task = prog.add_task("train", total=(cfg["epochs"] - start_epoch) * steps, info="")
         for epoch in range(start_epoch, cfg["epochs"]):
             model.train()
             gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-            loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=gen,
-                                                 drop_last=len(ds) > cfg["batch_size"])
+            if dd.enabled:  # [distributed] this rank's slice of the same global batches
+                loader = dd.shard_batches(ds, cfg["batch_size"], gen, drop_last=len(ds) > cfg["batch_size"])
+            else:
+                loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=gen,
+                                                     drop_last=len(ds) > cfg["batch_size"])
             t0, sums, n = time.time(), {}, 0
             for batch in loader:
                 x = batch["image"]
@@ -90,14 +98,18 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                 labels = batch["label"] if cfg.get("supervised") else None
                 masks = batch["mask"] if cfg.get("supervised") else None
                 hm = has_mask[batch["index"]] if cfg.get("supervised") else None
-                terms = model.loss(model(x), labels, masks, hm)
+                if dd.enabled:  # [distributed] global-batch terms for logging, this rank's share to backward
+                    terms, local_loss = dd.loss(step, x, labels, masks, hm, batch["global_batch_size"])
+                else:
+                    terms = model.loss(model(x), labels, masks, hm)
+                    local_loss = terms["loss"]
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise BadInputError(f"loss became {loss.item()} at epoch {epoch + 1}", path=out,
                                         fix="check the inputs for NaN/Inf or lower --lr")
                 opt_s.zero_grad(set_to_none=True)
                 opt_t.zero_grad(set_to_none=True)
-                loss.backward()
+                local_loss.backward()
                 opt_s.step()
                 opt_t.step()
                 n += 1
@@ -107,12 +119,17 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
             rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n,
                    **{k: v / max(n, 1) for k, v in sums.items()}}
             log_lines.append(json.dumps(rec))
-            save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
-                            opt_target=opt_t.state_dict())
-            atomic_write_text(log_path, "\n".join(log_lines) + "\n")
-    model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
-    if val:
-        _calibrate(model, val, cfg, out, quiet)
+            if dd.is_main:  # [distributed] rank 0 writes, the others wait
+                save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
+                                opt_target=opt_t.state_dict())
+                atomic_write_text(log_path, "\n".join(log_lines) + "\n")
+            dd.barrier()
+    model_path = out / "model.pt"
+    if dd.is_main:
+        model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
+        if val:
+            _calibrate(model, val, cfg, out, quiet)
+    dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
 

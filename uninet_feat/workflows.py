@@ -20,17 +20,35 @@ def _samples(data, split_csv=None, group=None):
 
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
-                image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False) -> dict:
+                image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
+                validate=False) -> dict:
     from .extract import Extractor
     i, n = (int(v) for v in shard.split("/"))
     if not 0 <= i < n:
         raise BadInputError(f"--shard {shard} must be i/n with 0 <= i < n")
+    # [distributed] under torchrun (RANK/WORLD_SIZE set) the default --shard becomes rank/world_size;
+    # a barrier at the end lets rank 0 report (and validate) the finished store.
+    from .distributed import env_rank_world, init_from_env
+    dd = None
+    if shard == "0/1" and (env_rank_world() or (0, 1))[1] > 1:
+        dd = init_from_env(device="cpu")
+        i, n = dd.rank, dd.world_size
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches)
     samples = _samples(data, split_csv, group)
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
+    complete = store is not None
+    if dd is not None:
+        dd.close()  # barrier: every rank's shards are written; the last one to finish wrote `complete`
+        complete = (Path(out) / "complete").exists()
     m = json.loads((Path(out) / "manifest.json").read_text())
-    return {"features": str(out), "n_items": m["n_items"], "n_shards": m["n_shards"],
-            "dim": len(m["vector_names"]), "complete": store is not None}
+    res = {"features": str(out), "n_items": m["n_items"], "n_shards": m["n_shards"],
+           "dim": len(m["vector_names"]), "complete": complete}
+    if dd is not None:
+        res["shard"] = f"{i}/{n}"
+    if validate and complete and (dd is None or dd.is_main):
+        from .distributed import validate_store
+        res["validation"] = validate_store(out, expected_paths=sorted({str(s.path) for s in samples}))
+    return res
 
 
 def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1) -> dict:

@@ -1,0 +1,270 @@
+"""torchrun training (DDP + global BN) equals one process; sharded extraction; sharded FAISS merge.
+
+The torchrun tests launch ``python -m torch.distributed.run --standalone --nproc-per-node 2`` on this
+file (its ``__main__`` block is the worker), CPU/gloo, TinyBackbone at 64 px, a few steps. Every
+launch has a timeout and its process group is killed on the way out.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _tiny import register_tiny, write_texture_set  # noqa: E402
+
+register_tiny()
+# batch 3 over 2 ranks: slices of 1 and 2 images, so the unequal-slice weighting is exercised too
+BASE = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 2, "batch_size": 3,
+        "val_fraction": 0.2, "channels_last": False, "seed": 7}
+LAUNCH_TIMEOUT = 420
+
+
+# ----------------------------------------------------------------------------- worker (under torchrun)
+def _worker(jobs_file: str) -> None:
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    from uninet_feat.workflows import extract_cmd
+    for job in json.loads(Path(jobs_file).read_text()):
+        if job["do"] == "train":
+            cfg = load_config(None, job["cfg"], base=BASE)
+            train(cfg, job["out"], resume=job.get("resume", False), quiet=True)
+        elif job["do"] == "extract":
+            res = extract_cmd(job["data"], job["out"], run=job["run"], patches=True, shard_size=job["shard_size"],
+                              quiet=True, validate=True)
+            Path(job["report"] + f".{os.environ['RANK']}").write_text(json.dumps(res))
+
+
+def torchrun(jobs, tmp_path, nproc=2) -> float:
+    """Run ``jobs`` in ``nproc`` processes; returns the wall time. Kills the whole group on timeout."""
+    jf = tmp_path / f"jobs-{time.monotonic_ns()}.json"
+    jf.write_text(json.dumps(jobs))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(Path(__file__).resolve()), str(jf)]
+    t0 = time.time()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT}s")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, out.decode(errors="replace")[-6000:]
+    return time.time() - t0
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def texture(tmp_path_factory):
+    return write_texture_set(tmp_path_factory.mktemp("tex"), n_train=10)
+
+
+@pytest.fixture(scope="module")
+def runs(texture, tmp_path_factory):
+    """The same 2-epoch run three ways: one process; torchrun 2 ranks for 1 epoch then --resume to 2
+    (which also extracts features with 2 ranks)."""
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    tmp = tmp_path_factory.mktemp("dist")
+    single, multi = tmp / "single", tmp / "multi"
+    t0 = time.time()
+    train(load_config(None, {"data": str(texture)}, base=BASE), single, quiet=True)
+    t_single = time.time() - t0
+    t_multi = torchrun([{"do": "train", "cfg": {"data": str(texture), "epochs": 1}, "out": str(multi)}], tmp)
+    t_resume = torchrun([{"do": "train", "cfg": {"data": str(texture), "epochs": 2}, "out": str(multi), "resume": True},
+                         {"do": "extract", "data": str(texture), "run": str(multi), "out": str(tmp / "feat2"),
+                          "shard_size": 3, "report": str(tmp / "report")}], tmp)
+    print(f"\n[timing] 1 process, 2 epochs (in-process): {t_single:.1f}s; torchrun 2 ranks: 1 epoch {t_multi:.1f}s, "
+          f"resume to 2 epochs + extract {t_resume:.1f}s (wall, incl. process start)")
+    return {"single": single, "multi": multi, "tmp": tmp, "data": texture}
+
+
+# ----------------------------------------------------------------------------- data sharding
+@pytest.mark.parametrize("n,batch,world", [(8, 4, 2), (8, 3, 2), (10, 4, 3), (3, 4, 2)])
+def test_rank_slices_are_the_single_process_batches(n, batch, world):
+    from uninet_feat.distributed import shard_batches
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"index": i, "image": torch.full((1,), float(i))}
+
+    drop = n > batch
+    ref = [b["index"].tolist() for b in torch.utils.data.DataLoader(
+        DS(), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(5), drop_last=drop)]
+    per_rank = [list(shard_batches(DS(), batch, torch.Generator().manual_seed(5), drop, r, world))
+                for r in range(world)]
+    assert all(len(p) == len(ref) for p in per_rank)
+    for j, b in enumerate(ref):
+        parts = [p[j] for p in per_rank]
+        assert sum((q["index"].tolist() for q in parts), []) == b
+        assert all(q["global_batch_size"] == len(b) for q in parts)
+        assert max(len(q["index"]) for q in parts) - min(len(q["index"]) for q in parts) <= 1
+
+
+def test_init_from_env_is_a_noop_without_torchrun(monkeypatch):
+    from uninet_feat.distributed import init_from_env
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dd = init_from_env()
+    assert not dd.enabled and dd.is_main and dd.wrap(torch.nn.Linear(1, 1)) is None
+    dd.barrier()
+    dd.close()
+
+
+# ----------------------------------------------------------------------------- (a) DDP training
+def test_ddp_training_equals_single_process(runs):
+    from uninet_feat.checkpoint import read_checkpoint
+    a = read_checkpoint(runs["single"] / "model.pt")
+    b = read_checkpoint(runs["multi"] / "model.pt")
+    assert b["epoch"] == 2
+    worst = 0.0
+    for k, v in a["state_dict"].items():
+        w = b["state_dict"][k]
+        assert v.shape == w.shape, k
+        if v.is_floating_point():
+            worst = max(worst, float((v - w).abs().max()))
+            assert torch.allclose(v, w, rtol=1e-4, atol=1e-5), (k, float((v - w).abs().max()))
+        else:
+            assert torch.equal(v, w), k  # num_batches_tracked: same number of BN updates
+    print(f"\n[ddp] max |single - 2 ranks| over all weights and BN buffers: {worst:.2e}")
+    la = [json.loads(line) for line in (runs["single"] / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(line) for line in (runs["multi"] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lb] == [1, 2] and [r["steps"] for r in la] == [r["steps"] for r in lb]
+    for ra, rb in zip(la, lb):
+        for key in ("loss", "cos", "sc", "margin"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    for name in ("config.yaml", "env.json", "checkpoint.pt", "calibration.json"):
+        assert (runs["multi"] / name).exists(), name
+    assert not list(runs["multi"].glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- (b) sharded extraction
+def test_two_rank_extraction_equals_one_rank(runs):
+    from uninet_feat.featstore import FeatureStore
+    from uninet_feat.workflows import extract_cmd
+    one, two = runs["tmp"] / "feat1", runs["tmp"] / "feat2"
+    res1 = extract_cmd(runs["data"], one, run=runs["multi"], patches=True, shard_size=3, quiet=True, validate=True)
+    reports = [json.loads((runs["tmp"] / f"report.{r}").read_text()) for r in (0, 1)]
+    assert {r["shard"] for r in reports} == {"0/2", "1/2"} and all(r["complete"] for r in reports)
+    assert reports[0]["validation"]["ok"] and "validation" not in reports[1]  # rank 0 validates
+    assert res1["complete"] and res1["n_shards"] == reports[0]["n_shards"] == 6
+    assert json.loads((one / "manifest.json").read_text()) == json.loads((two / "manifest.json").read_text())
+    s1, s2 = FeatureStore(one), FeatureStore(two)
+    for key in ("vectors", "scores", "patches"):
+        np.testing.assert_array_equal(s1.array(key), s2.array(key), err_msg=key)
+
+
+def test_validate_store_finds_problems(runs, tmp_path):
+    from uninet_feat.distributed import validate_store
+    from uninet_feat.errors import BadInputError
+    src = runs["tmp"] / "feat2"
+    rep = validate_store(src, expected_paths={it["path"] for it in json.loads((src / "manifest.json").read_text())["items"]})
+    assert rep["ok"] and rep["rows"] == rep["n_items"] == 18 and rep["n_shards"] == 6
+
+    def broken(name):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    d = broken("missing")
+    (d / "shard-00003.npz").unlink()
+    with pytest.raises(BadInputError, match="1 of 6 shards missing"):
+        validate_store(d)
+    d = broken("rows")
+    with np.load(d / "shard-00001.npz") as z:
+        arrays = {k: z[k][:2] for k in z.files}
+    np.savez(d / "shard-00001.npz", **arrays)
+    with pytest.raises(BadInputError, match=r"shard-00001.npz: vectors \(2,"):
+        validate_store(d)
+    d = broken("dup")
+    m = json.loads((d / "manifest.json").read_text())
+    m["items"][1] = dict(m["items"][0])
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BadInputError, match="1 duplicate items"):
+        validate_store(d)
+    with pytest.raises(BadInputError, match="1 expected images missing"):
+        validate_store(src, expected_paths=[it["path"] for it in m["items"]] + ["/nowhere/x.png"])
+
+
+# ----------------------------------------------------------------------------- (c) sharded FAISS
+def _clustered(n, d=32, k=12, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((k, d)) * 4
+    return (c[rng.integers(k, size=n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def vec():
+    x = _clustered(2600)
+    return x[:2400], x[2400:], [x[:900], x[900:1400], x[1400:2400]]
+
+
+@pytest.mark.parametrize("as_shards", [False, True])
+def test_merged_flat_equals_single_flat(vec, as_shards):
+    from uninet_feat.downstream import build_index, search
+    from uninet_feat.downstream.merge import build_sharded_index
+    base, q, shards = vec
+    merged = build_sharded_index(shards, "flat", as_shards=as_shards)
+    assert merged.ntotal == len(base)
+    d0, l0 = search(build_index(base, "flat", device="cpu"), q, 5)
+    d1, l1 = search(merged, q, 5)
+    np.testing.assert_array_equal(l0, l1)
+    np.testing.assert_array_equal(d0, d1)
+
+
+@pytest.mark.parametrize("kind", ["ivfflat", "ivfpq"])
+def test_merged_ivf_equals_single_index(vec, kind):
+    from uninet_feat.downstream import build_index, search
+    from uninet_feat.downstream.merge import build_sharded_index, fill_shard, train_empty_index
+    base, q, shards = vec
+    merged = build_sharded_index(shards, kind, nlist=16, m_pq=8, nbits=6, nprobe=4)
+    if kind == "ivfpq":  # same sample, same seeds: the very index build_index trains on all vectors
+        single = build_index(base, "ivfpq", nlist=16, m_pq=8, nbits=6, nprobe=4, device="cpu")
+    else:
+        single = fill_shard(train_empty_index([base], kind, nlist=16, nprobe=4), base)
+    assert merged.ntotal == single.ntotal == len(base)
+    d0, l0 = search(single, q, 10)
+    d1, l1 = search(merged, q, 10)
+    np.testing.assert_array_equal(l0, l1)
+    np.testing.assert_array_equal(d0, d1)
+
+
+def test_merge_with_global_ids_and_errors(vec):
+    import faiss
+
+    from uninet_feat.downstream import search
+    from uninet_feat.downstream.merge import build_sharded_index, merge_indices
+    from uninet_feat.errors import BadInputError
+    base, q, shards = vec
+    ids = [1000 + 2 * np.arange(len(s)) + k for k, s in enumerate(shards)]  # arbitrary global ids
+    merged = build_sharded_index(shards, "ivfflat", ids=ids, nlist=16, nprobe=16)
+    ref = build_sharded_index(shards, "ivfflat", nlist=16, nprobe=16)
+    all_ids = np.concatenate(ids)
+    (_, l0), (_, l1) = search(ref, q, 3), search(merged, q, 3)
+    np.testing.assert_array_equal(all_ids[l0], l1)
+    flat = build_sharded_index(shards, "flat", ids=ids)
+    np.testing.assert_array_equal(search(flat, q, 3)[1], all_ids[search(ref, q, 3)[1]])
+    with pytest.raises(BadInputError, match="HNSW"):
+        build_sharded_index(shards, "hnsw")
+    with pytest.raises(BadInputError, match="differ in type"):
+        merge_indices([faiss.IndexFlatL2(32), faiss.IndexFlatIP(32)])
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

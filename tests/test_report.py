@@ -1,0 +1,222 @@
+"""Heatmap overlays and the self-contained HTML report (no model needed: synthetic maps and rows)."""
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uninet_feat.overlay import MASK_COLOR, colormap, heatmap_overlay
+from uninet_feat.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lum(rgb):
+    rgb = np.asarray(rgb, np.float64)
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+# ---------------------------------------------------------------------------------------- overlay
+def test_colormap_luminance_increases():
+    lut = colormap("inferno")
+    assert lut.shape == (256, 3) and lut.dtype == np.uint8
+    lum = _lum(lut)
+    assert np.all(np.diff(lum) > -0.5)          # (numerically) monotonic: dark → bright
+    assert lum[-1] - lum[0] > 200
+    assert colormap("jet").shape == (256, 3)
+
+
+def test_overlay_shape_dtype_and_hot_vs_cold():
+    img = np.full((40, 60), 0.5, np.float32)            # grey image, any size
+    amap = np.zeros((10, 15), np.float32)                # evaluated resolution, smaller
+    amap[1:4, 1:4] = 1.0                                 # hot spot top-left
+    out = heatmap_overlay(img, amap, vmin=0.0, vmax=1.0)
+    assert out.shape == (40, 60, 3) and out.dtype == np.uint8
+    hot, cold = out[8, 8].astype(int), out[30, 50].astype(int)
+    assert _lum(hot) > _lum(cold) + 60
+    assert hot[0] > cold[0] + 60                         # redder too
+
+
+def test_fixed_scale_gives_comparable_colours():
+    img = np.zeros((32, 32, 3), np.uint8)
+    a = np.full((8, 8), 0.3, np.float32)
+    b = a.copy()
+    b[0, 0] = 5.0                                        # a different map range
+    oa = heatmap_overlay(img, a, vmin=0.0, vmax=1.0, alpha=1.0)
+    ob = heatmap_overlay(img, b, vmin=0.0, vmax=1.0, alpha=1.0)
+    assert np.array_equal(oa[20, 20], ob[20, 20])        # same value → same colour
+    auto = heatmap_overlay(img, b, alpha=1.0)            # own min/max: 0.3 is now near the bottom
+    assert _lum(auto[20, 20]) < _lum(oa[20, 20])
+
+
+def test_mask_outline_and_threshold_contour():
+    img = np.full((64, 64, 3), 128, np.uint8)
+    amap = np.zeros((64, 64), np.float32)
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    out = heatmap_overlay(img, amap, vmin=0, vmax=1, mask=mask)
+    assert tuple(out[20, 30]) == MASK_COLOR and tuple(out[39, 30]) == MASK_COLOR   # edges
+    assert tuple(out[30, 30]) != MASK_COLOR and tuple(out[5, 5]) != MASK_COLOR    # inside / outside
+    amap[10:20, 10:20] = 1.0
+    cont = heatmap_overlay(img, amap, vmin=0, vmax=1, threshold=0.5, contour_color=(1, 2, 3))
+    assert (cont == np.array([1, 2, 3], np.uint8)).all(-1).sum() > 20
+    # a mask at another resolution is resampled; a thin defect survives downscaling
+    thin = np.zeros((256, 256), bool)
+    thin[100, 50:200] = True
+    out = heatmap_overlay(img, amap, vmin=0, vmax=1, mask=thin)
+    assert (out == np.array(MASK_COLOR, np.uint8)).all(-1).sum() > 10
+
+
+def test_wide_strip_downscale_keeps_aspect_and_writes_png(tmp_path, write_image):
+    p = write_image("strip.png", size=(256, 4096))
+    amap = np.random.default_rng(0).random((16, 256)).astype(np.float32)
+    out_png = tmp_path / "ov" / "strip_overlay.png"
+    out = heatmap_overlay(p, amap, out_png, vmin=0, vmax=1, max_width=1024)
+    assert out.shape == (64, 1024, 3)
+    assert np.array_equal(np.asarray(Image.open(out_png)), out)
+    assert sorted(x.name for x in out_png.parent.iterdir()) == ["strip_overlay.png"]   # no temp files left
+    full = heatmap_overlay(p, amap, vmin=0, vmax=1)
+    assert full.shape == (256, 4096, 3)
+
+
+def test_overlay_rejects_bad_map():
+    with pytest.raises(ValueError):
+        heatmap_overlay(np.zeros((8, 8)), np.zeros((2, 3, 4)))
+
+
+# ----------------------------------------------------------------------------------------- report
+def _rows(n_normal=12, n_defect=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_normal):
+        rows.append({"path": f"/data/good/n{i:02d}.png", "group": "a" if i % 2 else "b", "label": "good",
+                     "is_defect": 0, "score": f"{rng.uniform(0, 0.5):.6g}"})
+    for i in range(n_defect):
+        rows.append({"path": f"/data/hole/d{i:02d}.png", "group": "a", "label": "hole", "is_defect": 1,
+                     "score": f"{rng.uniform(0.3, 1.0):.6g}"})
+    for r in rows:
+        r["flagged"] = int(float(r["score"]) > 0.4)
+    return rows
+
+
+def _overlays(tmp_path, rows):
+    ovs = {}
+    for i, r in enumerate(rows):
+        img = np.full((48, 48), 0.5, np.float32)
+        amap = np.zeros((12, 12), np.float32)
+        amap[i % 12, (3 * i) % 12] = 1.0
+        heatmap_overlay(img, amap, tmp_path / "ov" / f"{i}.png", vmin=0, vmax=1)
+        ovs[r["path"]] = tmp_path / "ov" / f"{i}.png"
+    return ovs
+
+
+METRICS = {"n_test": 18, "n_defect": 6, "image_auroc": 0.912345, "image_ap": 0.8765, "f1_max": 0.8125,
+           "pixel_auroc": 0.955555, "aupro": 0.871234, "threshold": 0.4,
+           "per_group": {"a": {"image_auroc": 0.9321}, "b": {"image_auroc": 0.8888}}, "mean_image_auroc": 0.91}
+
+
+def _section(text, sid):
+    start = text.index(f"<section id='{sid}'>")
+    return text[start:text.index("</section>", start)]
+
+
+def test_report_self_contained_with_metrics_charts_and_worst_cases(tmp_path):
+    rows = _rows()
+    ovs = _overlays(tmp_path, rows)
+    top_normal = max((r for r in rows if not r["is_defect"]), key=lambda r: float(r["score"]))
+    del ovs[top_normal["path"]]                                                 # one image without overlay
+    out = write_report(tmp_path / "rep" / "report.html", METRICS, rows, threshold=0.4, overlays=ovs,
+                       title="T<est>", config={"backbone": "x", "epochs": 3})
+    text = out.read_text()
+    assert out == tmp_path / "rep" / "report.html"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.html"]      # atomic: no temp files
+    # self-contained: nothing fetched, no external scripts / styles / links
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//|file:)""", text, re.I)
+    assert not re.search(r"<script[^>]*\bsrc\s*=", text, re.I)
+    assert "<link" not in text.lower() and "@import" not in text
+    assert "T&lt;est&gt;" in text                                               # escaped title
+    # metrics
+    for v in ("0.9123", "0.9556", "0.8712", "0.8765", "0.8125", "0.9321", "0.8888"):
+        assert v in text, v
+    # charts
+    for cls in ("chart roc", "chart pr", "chart hist"):
+        assert f'<svg class="{cls}"' in text
+    assert text.count("<polyline") >= 5 and "false positive rate" in text and "threshold 0.4" in text
+    # embedded images are data URIs
+    srcs = re.findall(r"<img[^>]*\bsrc='([^']*)'", text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    # worst FP = highest-scoring normals, in order; worst FN = lowest-scoring defects
+    normals = sorted((r for r in rows if not r["is_defect"]), key=lambda r: -float(r["score"]))
+    fp = _section(text, "worst-fp")
+    listed = re.findall(r"data-path='([^']*)'", fp)
+    assert listed == [r["path"] for r in normals[:8]]
+    defects = sorted((r for r in rows if r["is_defect"]), key=lambda r: float(r["score"]))
+    assert re.findall(r"data-path='([^']*)'", _section(text, "worst-fn")) == [r["path"] for r in defects[:6]]
+    assert fp.count("<img") == 7 and fp.count("no overlay") == 1
+    # per-image table and config
+    assert _section(text, "images").count("<tr>") == len(rows) + 1
+    assert "<details>" in text and "&quot;epochs&quot;: 3" in text
+
+
+def test_report_single_class_no_overlays_no_threshold(tmp_path):
+    rows = [r for r in _rows() if not r["is_defect"]]
+    for r in rows:
+        del r["flagged"]
+    out = write_report(tmp_path / "one.html", {"n_test": len(rows), "n_defect": 0}, rows)
+    text = out.read_text()
+    assert "Only normal images" in text and "chart roc" not in text and "chart pr" not in text
+    assert '<svg class="chart hist"' in text
+    assert "No heatmap overlays were given" in text and "<img" not in text
+    assert "Defects flagged at threshold" not in text                          # no threshold given
+    assert "No defect images" in text
+
+
+def test_report_from_evaluate_dict_and_empty(tmp_path):
+    rep = dict(METRICS, _rows=_rows())
+    text = write_report(tmp_path / "r.html", rep).read_text()     # rows and threshold from the dict
+    assert "chart roc" in text and "threshold 0.4" in text
+    text = write_report(tmp_path / "e.html", {}, []).read_text()
+    assert "No scored images" in text
+
+
+def test_report_size_stays_reasonable(tmp_path, write_image):
+    rows = _rows(40, 10)
+    ovs = {}
+    for i, r in enumerate(rows):                 # noisy 512×512 overlays compress badly: the worst case
+        p = write_image(f"img{i}.png", size=(400, 400))
+        amap = np.random.default_rng(i).random((32, 32)).astype(np.float32)
+        ovs[r["path"]] = heatmap_overlay(p, amap, vmin=0, vmax=1)      # arrays are accepted too
+    out = write_report(tmp_path / "big.html", METRICS, rows, overlays=ovs)
+    assert out.stat().st_size < 10e6
+
+
+def _load_screenshot():
+    spec = importlib.util.spec_from_file_location("screenshot_report", ROOT / "scripts" / "screenshot_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_screenshot_is_not_blank(tmp_path):
+    shot = _load_screenshot()
+    if shot.find_chromium() is None:
+        pytest.skip("chromium not installed (/usr/bin/chromium); install with "
+                    "`apt-get update && apt-get install -y chromium` to run the screenshot check")
+    rows = _rows()
+    html = write_report(tmp_path / "report.html", METRICS, rows, overlays=_overlays(tmp_path, rows))
+    png = shot.screenshot(html, tmp_path / "shot.png", width=1200, height=1400)
+    a = np.asarray(Image.open(png).convert("L"), np.float64)
+    assert a.shape == (1400, 1200)
+    assert a.std() > 10, "screenshot looks blank"
+    assert not list(tmp_path.glob(".shot.png*"))
+
+
+def test_report_without_threshold_shows_no_outcomes(tmp_path):
+    rows = _rows()
+    for r in rows:
+        r["flagged"] = 0                       # what evaluate writes when the run has no threshold
+    text = write_report(tmp_path / "r.html", {"image_auroc": 0.5}, rows).read_text()
+    assert "oc oc-FN" not in text and "oc oc-TN" not in text and "Defects flagged" not in text
+    assert "— (none)" in text

@@ -1,0 +1,356 @@
+"""Multi-process training and extraction under ``torchrun`` (one or many machines).
+
+``torchrun --nproc-per-node N -m uninet_feat train ...`` runs the ordinary training loop in N
+processes; ``init_from_env()`` is a no-op when torchrun's ``WORLD_SIZE`` is unset, so the
+single-process path is untouched. What the distributed path does, and why it equals the
+single-process run on the same global batch:
+
+* **Data.** Every rank draws the *same* global permutation from the same per-epoch seeded
+  generator (it iterates an index-only ``DataLoader`` with exactly the single-process arguments),
+  then takes its contiguous slice of each global batch (``shard_batches``). N ranks × B/N images see
+  exactly the single-process global batch of B; ``--batch-size`` stays the *global* batch size.
+* **Gradients.** The trainable parts (target teacher, bottleneck/MEM, student, DFS) are wrapped in
+  one ``DistributedDataParallel`` around a small module whose ``forward`` computes the model
+  outputs *and* ``model.loss`` (``LossStep``). The DFS φ parameters get their gradient only through
+  the loss, so computing the loss inside the DDP forward is what makes DDP see them as used
+  (no ``find_unused_parameters``, no manual all-reduce). The frozen source teacher has no
+  trainable parameters and is ignored by DDP.
+* **Loss.** ``model.loss`` is a mean over images and positions; its similarity-contrastive term is
+  an InfoNCE over the positions *of one image*, so no cross-rank gather of negatives is needed.
+  Each rank's loss is the mean over its images; DDP averages gradients over ranks, which equals the
+  global-batch mean when the per-rank batches are equal. Unequal slices (a global batch not
+  divisible by N) are weighted by ``n_rank · N / n_global`` so the average is still the global mean.
+  (Supervised runs with labelled defects use weighted means over *normal rows*; there the per-rank
+  normalisation makes the distributed loss an approximation — exact only when every rank holds the
+  same number of normal rows.) The logged loss is the all-reduced global value.
+* **BatchNorm.** Target teacher, bottleneck and student use BatchNorm in train mode. Per-rank
+  batch statistics differ from the global batch's, so their BN layers are switched to
+  ``GlobalBatchNorm`` (``sync_batchnorm``): statistics are all-reduced over ranks (exact two-pass
+  mean/variance, differentiable all-reduce), so normalisation, gradients and running statistics
+  equal single-process BN on the global batch. torch's own ``SyncBatchNorm`` refuses CPU tensors
+  in torch 2.13 ("SyncBatchNorm expected input tensor to be on GPU…"), hence our own; it works on
+  gloo (CPU) and nccl (CUDA) alike, and keeps module classes' state-dict keys (checkpoints are
+  unchanged). timm's ``BatchNormAct2d`` keeps its activation.
+* **Checkpoints/logs.** Rank 0 writes config, log, ``checkpoint.pt`` and ``model.pt``; the others
+  wait at a barrier. ``--resume`` loads the checkpoint on every rank (multi-node: ``--out`` must be
+  on a shared filesystem, or the checkpoint copied to every node).
+
+Extraction needs no collectives: ``Extractor.extract_to(shard=(rank, world))`` lets every process
+fill its shards of one store; ``validate_store`` checks the finished store.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import BadInputError
+
+
+# ----------------------------------------------------------------------------- process group
+def env_rank_world() -> tuple[int, int] | None:
+    """(rank, world_size) from torchrun's environment, or None outside torchrun."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+@dataclass
+class DistEnv:
+    """Where this process stands; ``world_size == 1`` is the plain single-process run."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    owned: bool = False            # this object created the process group (and destroys it)
+    bn_group: object = None        # process group for BatchNorm statistics
+    _restore: list = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def wrap(self, model: nn.Module):
+        """Global BN in the trainable parts + DDP around ``LossStep(model)``; None when single-process."""
+        if not self.enabled:
+            return None
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        for part in (model.target, model.bottleneck, model.student):
+            self._restore += sync_batchnorm(part, self.bn_group)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(LossStep(model), device_ids=ids, broadcast_buffers=True)
+
+    def shard_batches(self, dataset, batch_size: int, generator: torch.Generator, drop_last: bool):
+        return shard_batches(dataset, batch_size, generator, drop_last, self.rank, self.world_size)
+
+    def loss(self, step, x, labels, masks, has_mask, global_n: int) -> tuple[dict, torch.Tensor]:
+        """(terms of the global batch for logging, this rank's loss to call ``backward`` on)."""
+        terms = step(x, labels, masks, has_mask)
+        w = x.shape[0] / global_n                    # this rank's share of the global mean
+        keys = sorted(terms)
+        vals = torch.tensor([float(terms[k].detach() if torch.is_tensor(terms[k]) else terms[k]) * w
+                             for k in keys], dtype=torch.float64, device=x.device)
+        dist.all_reduce(vals)
+        glob = {k: (vals[i].to(torch.float32) if k == "loss" else float(vals[i])) for i, k in enumerate(keys)}
+        return glob, terms["loss"] * (w * self.world_size)
+
+    def close(self) -> None:
+        """Barrier, undo the BN switch, destroy the process group if this object created it."""
+        if not self.enabled:
+            return
+        dist.barrier()
+        for m, cls in self._restore:
+            m.__class__ = cls
+        self._restore.clear()
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owned = False
+
+
+def init_from_env(device: str | torch.device | None = None, backend: str | None = None,
+                  timeout_s: float = 1800.0) -> DistEnv:
+    """Join torchrun's process group (env:// rendezvous); a no-op ``DistEnv()`` without ``WORLD_SIZE``.
+
+    ``backend`` defaults to nccl for a CUDA ``device`` and gloo otherwise; ``device`` defaults to
+    ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. Re-uses a group that already exists.
+    """
+    rw = env_rank_world()
+    if rw is None or rw[1] <= 1:
+        return DistEnv(device=torch.device(device or "cpu"))
+    rank, world = rw
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    owned = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        owned = True
+    bn_group = dist.new_group(backend=backend)  # BN statistics apart from DDP's gradient buckets
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
+                   backend=backend, owned=owned, bn_group=bn_group)
+
+
+# ----------------------------------------------------------------------------- data sharding
+def global_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool):
+    """The single-process loader's index batches: the same ``DataLoader`` arguments over indices only.
+
+    Going through ``DataLoader`` (not a re-implementation of ``RandomSampler``) keeps the
+    generator draws — the loader's base-seed draw, then ``randperm`` — identical in any torch version.
+    """
+    loader = torch.utils.data.DataLoader(range(n), batch_size=batch_size, shuffle=True, generator=generator,
+                                         drop_last=drop_last)
+    for b in loader:
+        yield [int(i) for i in b]
+
+
+def rank_slice(batch: list[int], rank: int, world: int) -> list[int]:
+    """Contiguous slice of a global batch; sizes differ by at most one between ranks."""
+    m = len(batch)
+    return batch[rank * m // world:(rank + 1) * m // world]
+
+
+def shard_batches(dataset, batch_size: int, generator: torch.Generator, drop_last: bool, rank: int, world: int):
+    """This rank's part of every global batch, collated like the single-process ``DataLoader``.
+
+    Yields the usual batch dict plus ``global_batch_size`` (int): the rank's weight in the global
+    mean is ``len(batch) / global_batch_size``.
+    """
+    from torch.utils.data import default_collate
+    if len(dataset) < world:
+        raise BadInputError(f"{len(dataset)} training images cannot be split over {world} processes",
+                            fix="use fewer processes (--nproc-per-node) or more images")
+    for b in global_batches(len(dataset), batch_size, generator, drop_last):
+        mine = rank_slice(b, rank, world)
+        batch = default_collate([dataset[i] for i in mine])
+        batch["global_batch_size"] = len(b)
+        yield batch
+
+
+# ----------------------------------------------------------------------------- the DDP module
+class LossStep(nn.Module):
+    """``forward`` = model outputs + ``model.loss``: every trainable parameter (DFS φ included, which
+    is only touched by the loss) is used inside the DDP forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, labels=None, masks=None, has_mask=None) -> dict:
+        return self.model.loss(self.model(x), labels, masks, has_mask)
+
+
+# ----------------------------------------------------------------------------- global BatchNorm
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum-all-reduce is the sum-all-reduce of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable sum over ranks."""
+    return _AllReduceSum.apply(x, group)
+
+
+def global_batch_norm(x: torch.Tensor, bn: _BatchNorm, group=None) -> torch.Tensor:
+    """``F.batch_norm`` in train mode over the union of every rank's batch (two-pass, exact)."""
+    c = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, c] + [1] * (x.dim() - 2)
+    xf = x.float()
+    count = torch.tensor([x.numel() // c], dtype=torch.float32, device=x.device)
+    packed = all_reduce_sum(torch.cat([xf.sum(dims), count]), group)
+    n = packed[c].detach()
+    mean = packed[:c] / n
+    d = xf - mean.view(shape)
+    var = all_reduce_sum((d * d).sum(dims), group) / n
+    y = d * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - f).add_(mean.detach() * f)
+            bn.running_var.mul_(1 - f).add_(var.detach() * (n / (n - 1).clamp(min=1)) * f)
+    return y.to(x.dtype)
+
+
+class _GlobalBNMixin:
+    """Mixed in front of a BatchNorm class: in training, with >1 rank, statistics are global."""
+    _global_bn_group = None
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self._global_bn_group) > 1):
+            return super().forward(x)
+        y = global_batch_norm(x, self, self._global_bn_group)
+        if hasattr(self, "act"):  # timm BatchNormAct2d: drop, then activation
+            y = self.act(self.drop(y) if hasattr(self, "drop") else y)
+        return y
+
+
+_GLOBAL_CLASSES: dict = {}
+
+
+def sync_batchnorm(module: nn.Module, group=None) -> list:
+    """Switch every BatchNorm in ``module`` to global statistics, in place (class swap: same
+    parameters, buffers and state-dict keys). Returns ``[(module, original class)]`` to undo."""
+    swapped = []
+    for m in module.modules():
+        if isinstance(m, _BatchNorm) and not isinstance(m, _GlobalBNMixin):
+            cls = type(m)
+            if cls not in _GLOBAL_CLASSES:
+                _GLOBAL_CLASSES[cls] = type(f"Global{cls.__name__}", (_GlobalBNMixin, cls), {})
+            m.__class__ = _GLOBAL_CLASSES[cls]
+            m._global_bn_group = group
+            swapped.append((m, cls))
+    return swapped
+
+
+# ----------------------------------------------------------------------------- feature store check
+def validate_store(folder, expected_paths=None) -> dict:
+    """Check a (possibly multi-process) feature store: every shard present and readable, row counts
+    as the manifest says, no duplicate item (path, tile), and — with ``expected_paths`` — no missing
+    or unexpected image. Returns a report; raises ``BadInputError`` listing every problem."""
+    from .featstore import SCHEMA, shard_name
+    folder = Path(folder)
+    mpath = folder / "manifest.json"
+    if not mpath.exists():
+        raise BadInputError("not a feature folder (no manifest.json)", path=folder,
+                            fix="run `uninet-feat extract --out FOLDER` first")
+    m = json.loads(mpath.read_text())
+    problems = []
+    if m.get("schema") != SCHEMA:
+        problems.append(f"schema {m.get('schema')!r} is not {SCHEMA!r}")
+    items, n_items, n_shards = m.get("items", []), int(m.get("n_items", -1)), int(m.get("n_shards", -1))
+    size = int(m.get("settings", {}).get("shard_size", 0))
+    patches = bool(m.get("settings", {}).get("patches"))
+    dim = len(m.get("vector_names", []))
+    if len(items) != n_items:
+        problems.append(f"manifest lists {len(items)} items but n_items = {n_items}")
+    if size < 1 or n_shards != max(1, -(-n_items // size)):
+        problems.append(f"n_shards = {n_shards} does not fit {n_items} items in shards of {size}")
+    keys = [(it["path"], tuple(it.get("tile") or ())) for it in items]
+    seen, dups = set(), []
+    for k in keys:
+        if k in seen:
+            dups.append(k[0])
+        seen.add(k)
+    if dups:
+        problems.append(f"{len(dups)} duplicate items (e.g. {dups[:3]})")
+    missing_shards, rows, nonfinite = [], 0, 0
+    for k in range(max(n_shards, 0)):
+        p = folder / shard_name(k)
+        want = max(0, min(size, n_items - k * size))
+        if not p.exists():
+            missing_shards.append(k)
+            continue
+        try:
+            with np.load(p) as z:
+                v, s = z["vectors"], z["scores"]
+                pr = z["patches"].shape[0] if "patches" in z.files else None
+        except Exception as e:  # noqa: BLE001 - any unreadable shard is reported
+            problems.append(f"{p.name} is unreadable ({type(e).__name__})")
+            continue
+        rows += len(v)
+        nonfinite += int((~np.isfinite(v).all(1)).sum()) if v.ndim == 2 else 0
+        if v.ndim != 2 or len(v) != want or (dim and v.shape[1] != dim):
+            problems.append(f"{p.name}: vectors {v.shape}, expected ({want}, {dim})")
+        if len(s) != want:
+            problems.append(f"{p.name}: {len(s)} scores, expected {want}")
+        if patches and pr != want:
+            problems.append(f"{p.name}: patches rows {pr}, expected {want}")
+    if missing_shards:
+        problems.append(f"{len(missing_shards)} of {n_shards} shards missing (e.g. {missing_shards[:5]})")
+    extra = sorted(p.name for p in folder.glob("shard-*.npz")
+                   if not p.name[6:11].isdigit() or int(p.name[6:11]) >= n_shards)
+    if extra:
+        problems.append(f"shard files beyond n_shards: {extra[:5]}")
+    paths = {it["path"] for it in items}
+    if expected_paths is not None:
+        exp = {str(p) for p in expected_paths}
+        if exp - paths:
+            problems.append(f"{len(exp - paths)} expected images missing (e.g. {sorted(exp - paths)[:3]})")
+        if paths - exp:
+            problems.append(f"{len(paths - exp)} unexpected images (e.g. {sorted(paths - exp)[:3]})")
+    report = {"folder": str(folder), "n_items": n_items, "n_images": len(paths), "n_shards": n_shards,
+              "rows": rows, "dim": dim, "nonfinite_vectors": nonfinite,
+              "complete_marker": (folder / "complete").exists(), "ok": not problems, "problems": problems}
+    if problems:
+        raise BadInputError("feature store failed validation: " + "; ".join(problems), path=folder,
+                            fix="re-run the same `uninet-feat extract` (every --shard i/n) to redo missing shards")
+    return report

@@ -1,0 +1,155 @@
+"""Heatmap overlays: an anomaly map coloured and blended over its image, optionally saved as PNG.
+
+The colour scale is fixed by ``vmin``/``vmax``. Pass the **same** values for every image of a data
+set (e.g. ``vmin=0`` and ``vmax`` = a high quantile of the validation normals' maps, or the
+normals' score range) so that a colour means the same anomaly level in every overlay. Left at
+``None`` they default to this map's own min/max: every overlay then has a hot spot somewhere, even a
+perfectly normal image — fine for a quick look, misleading for comparison.
+
+No matplotlib at run time: the colormaps are small built-in tables (``colormap(name)``).
+Very wide images (4096×256 fabric strips) keep their aspect ratio; ``max_width`` downscales the
+output (image, map, mask all resampled to the output size).
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .io import atomic_write_bytes
+
+# 11 evenly spaced anchors of the "inferno" perceptual colormap (black → purple → orange → pale yellow);
+# the 256-entry table is interpolated between them. Luminance increases monotonically.
+_INFERNO_ANCHORS = ["000004", "160b39", "420a68", "6a176e", "932667", "bc3754",
+                    "dd513a", "f37819", "fca50a", "f6d746", "fcffa4"]
+
+MASK_COLOR = (0, 255, 0)          # ground-truth outline: green
+CONTOUR_COLOR = (0, 200, 255)     # threshold contour: light blue
+
+
+def colormap(name: str = "inferno") -> np.ndarray:
+    """A (256, 3) uint8 lookup table: ``inferno`` (perceptual, default) or ``jet``."""
+    x = np.linspace(0.0, 1.0, 256)
+    if name == "inferno":
+        anchors = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in _INFERNO_ANCHORS], np.float64)
+        pos = np.linspace(0.0, 1.0, len(anchors))
+        lut = np.stack([np.interp(x, pos, anchors[:, c]) for c in range(3)], 1)
+    elif name == "jet":
+        lut = 255.0 * np.clip(np.stack([1.5 - np.abs(4 * x - 3), 1.5 - np.abs(4 * x - 2),
+                                        1.5 - np.abs(4 * x - 1)], 1), 0.0, 1.0)
+    else:
+        raise ValueError(f"unknown colormap {name!r}; use 'inferno' or 'jet'")
+    return np.round(lut).astype(np.uint8)
+
+
+def apply_colormap(values: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:
+    """Map values to uint8 RGB (..., 3); values outside [vmin, vmax] are clipped, NaN counts as vmin."""
+    v = np.nan_to_num(np.asarray(values, np.float64), nan=vmin, posinf=vmax, neginf=vmin)
+    span = vmax - vmin
+    t = (v - vmin) / span if span > 0 else np.zeros_like(v)
+    idx = np.clip(np.round(t * 255), 0, 255).astype(np.int64)
+    return colormap(cmap)[idx]
+
+
+def _as_rgb_uint8(image) -> np.ndarray:
+    """A path or an array (H,W) / (H,W,1|3|4), uint8 / uint16 / bool / float in [0,1] → uint8 (H,W,3)."""
+    if isinstance(image, (str, Path)):
+        from .data.images import load_image
+        a = load_image(image)
+    else:
+        a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be (H,W), (H,W,1), (H,W,3) or (H,W,4), got {a.shape}")
+    a = a[..., :3]
+    if a.dtype == np.uint8:
+        out = a
+    elif a.dtype == np.bool_:
+        out = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.integer):
+        out = np.clip(a.astype(np.float64) / np.iinfo(a.dtype).max * 255 + 0.5, 0, 255).astype(np.uint8)
+    else:
+        out = np.clip(np.nan_to_num(a.astype(np.float64)) * 255 + 0.5, 0, 255).astype(np.uint8)
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return np.ascontiguousarray(out)
+
+
+def _resize_float(a: np.ndarray, size_hw: tuple[int, int], resample) -> np.ndarray:
+    h, w = size_hw
+    if a.shape == (h, w):
+        return a.astype(np.float32, copy=False)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a, np.float32), mode="F").resize((w, h), resample),
+                      np.float32)
+
+
+def _outline(region: np.ndarray, thickness: int) -> np.ndarray:
+    """Pixels of ``region`` that touch its outside (4-neighbourhood; the image border counts as
+    outside), grown inwards/outwards to about ``thickness`` pixels."""
+    p = np.pad(region, 1, constant_values=False)
+    interior = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    edge = region & ~interior
+    for _ in range(thickness - 1):
+        q = np.pad(edge, 1, constant_values=False)
+        edge = q[1:-1, 1:-1] | q[:-2, 1:-1] | q[2:, 1:-1] | q[1:-1, :-2] | q[1:-1, 2:]
+    return edge
+
+
+def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float | None = None,
+                    vmax: float | None = None, alpha: float = 0.5, mask=None, threshold: float | None = None,
+                    max_width: int | None = None, cmap: str = "inferno",
+                    mask_color=MASK_COLOR, contour_color=CONTOUR_COLOR) -> np.ndarray:
+    """Colour ``anomaly_map`` and blend it over the image; returns uint8 (H, W, 3).
+
+    - ``anomaly_map`` (h, w) at any resolution (e.g. the evaluated 256×256, or a stitched full-size
+      map) is resized bilinearly to the output size.
+    - ``vmin``/``vmax``: the colour scale; fix them across a data set (see the module docstring).
+    - ``alpha``: weight of the colour (0 = image only, 1 = colour only).
+    - ``mask``: ground-truth defect mask (bool array of any size, or a mask file path); its outline is
+      drawn in ``mask_color``. Thin defects survive downscaling (any coverage counts).
+    - ``threshold``: if given, the contour of ``map >= threshold`` is drawn in ``contour_color``.
+    - ``max_width``: downscale so the width is at most this, keeping the aspect ratio (wide strips).
+    - ``out_path``: if given, the PNG is written atomically.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    img = _as_rgb_uint8(image_path_or_array)
+    amap = np.asarray(anomaly_map, dtype=np.float32)
+    amap = np.squeeze(amap) if amap.ndim > 2 else amap
+    if amap.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D (h, w), got shape {np.shape(anomaly_map)}")
+    H, W = img.shape[:2]
+    if max_width is not None and W > max_width:
+        oh, ow = max(1, round(H * max_width / W)), int(max_width)
+        img = np.asarray(Image.fromarray(img).resize((ow, oh), Image.Resampling.BOX))
+        H, W = oh, ow
+    finite = amap[np.isfinite(amap)]
+    lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    amap = np.nan_to_num(amap, nan=lo, posinf=hi, neginf=lo)
+    m = _resize_float(amap, (H, W), Image.Resampling.BILINEAR)
+    colour = apply_colormap(m, lo, hi, cmap).astype(np.float32)
+    out = np.clip((1.0 - alpha) * img.astype(np.float32) + alpha * colour + 0.5, 0, 255).astype(np.uint8)
+    thickness = int(np.clip(round(math.sqrt(H * W) / 150), 1, 4))  # wide strips get a visible line
+    if threshold is not None:
+        out[_outline(m >= threshold, thickness)] = contour_color
+    if mask is not None:
+        if isinstance(mask, (str, Path)):
+            from .data.images import load_mask
+            mask = load_mask(mask)
+        mk = np.asarray(mask)
+        mk = np.squeeze(mk) if mk.ndim > 2 else mk
+        if mk.ndim != 2:
+            raise ValueError(f"mask must be 2-D (h, w), got shape {np.shape(mask)}")
+        mk = _resize_float(mk.astype(np.float32) > 0, (H, W), Image.Resampling.BOX) > 0 \
+            if mk.shape != (H, W) else mk > 0
+        out[_outline(mk, thickness)] = mask_color
+    if out_path is not None:
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, format="PNG")
+        atomic_write_bytes(out_path, buf.getvalue())
+    return out
