@@ -1,0 +1,74 @@
+"""Time one full UniNet training step: forward, loss, backward and both AdamW steps (as in ``uninet_feat.train``).
+
+    python -m benchmarks.train_step --backbone wide_resnet50_2 --weights random --image-size 256 \
+        --batch-size 8 --steps 5 --warmup 1 --threads 2 [--kernels chunked|naive|triton] \
+        [--mem official|multiscale] [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last]
+
+Prints one JSON line: median step seconds, images/s, peak RSS (and CUDA peak) and the configuration.
+Inputs are random tensors; peak RSS covers the whole process (model build included), so compare runs
+that each had their own process.
+"""
+from __future__ import annotations
+
+import argparse
+
+import uninet_feat  # noqa: F401  (before timm/torchvision)
+import torch
+
+from benchmarks import _measure as M
+from uninet_feat.backbones import create_backbone
+from uninet_feat.config import DEFAULT_CONFIG
+from uninet_feat.kernels import resolve_backend
+from uninet_feat.model import UniNet
+from uninet_feat.train import _optimizers
+
+
+def build(args):
+    """(model, input batch) on the device, in the requested memory format."""
+    torch.manual_seed(args.seed)
+    model = UniNet(create_backbone(args.backbone, weights=args.weights), mem=args.mem).to(args.device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    M.add_common_args(ap)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--kernels", default=None, help="similarity_lse backend: chunked, naive, triton (default: env/auto)")
+    args = ap.parse_args(argv)
+    threads = M.set_threads(args.threads)
+    model, x = build(args)
+    model.train()
+    opt_s, opt_t = _optimizers(model, DEFAULT_CONFIG)
+    rss_model = M.current_rss_mb()
+
+    def step():
+        with M.autocast(args.device, args.dtype):
+            loss = model.loss(model(x), backend=args.kernels)["loss"]
+        opt_s.zero_grad(set_to_none=True)
+        opt_t.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+        opt_t.step()
+
+    M.reset_cuda_peak(args.device)
+    times = M.time_calls(step, args.steps, args.warmup, args.device)
+    med = M.summary(times)["median_s"]
+    return M.emit({
+        "benchmark": "train_step", "median_step_s": round(med, 4), "images_per_s": round(args.batch_size / med, 3),
+        "steps": args.steps, "step_times_s": [round(t, 4) for t in times], "rss_after_build_mb": round(rss_model, 1),
+        "trainable_params": M.param_counts(opt_s, opt_t),
+        **M.memory(args.device),
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("steps",)},
+                   "kernels_resolved": resolve_backend(x, args.kernels), "threads": threads,
+                   "torch": torch.__version__},
+    })
+
+
+if __name__ == "__main__":
+    main()
