@@ -24,7 +24,7 @@ from .student import StudentDecoder
 
 DEFAULTS = {
     "mem": "official",          # 'official' (two 3×3 branches, as run) or 'multiscale' (3×3 + 7×7, re-param)
-    "dfs": "learned",           # 'learned', 'fixed' (parameter-free) or 'off'
+    "dfs": "off",               # "learned", "fixed" (parameter-free) or "off"; see README (DFS)
     "temperature": 2.0,         # T of the similarity-contrastive loss
     "lam": 0.7,                 # λ: weight of the cosine term vs the contrastive term
     "margin": 1.0,              # abnormal margin pushes p_ii below margin/2
