@@ -25,8 +25,8 @@ single-process run on the same global batch:
   same number of normal rows.) The logged loss is the all-reduced global value.
 * **BatchNorm.** Target teacher, bottleneck and student use BatchNorm in train mode. Per-rank
   batch statistics differ from the global batch's, so their BN layers are switched to
-  ``GlobalBatchNorm`` (``sync_batchnorm``): statistics are all-reduced over ranks (exact two-pass
-  mean/variance, differentiable all-reduce), so normalisation, gradients and running statistics
+  ``GlobalBatchNorm`` (``sync_batchnorm``): per-channel sums are all-reduced over ranks (one
+  differentiable all-reduce per layer and direction, float64 sums), so normalisation, gradients and running statistics
   equal single-process BN on the global batch. torch's own ``SyncBatchNorm`` refuses CPU tensors
   in torch 2.13 ("SyncBatchNorm expected input tensor to be on GPU…"), hence our own; it works on
   gloo (CPU) and nccl (CUDA) alike, and keeps module classes' state-dict keys (checkpoints are
@@ -73,6 +73,7 @@ class DistEnv:
     backend: str | None = None
     owned: bool = False            # this object created the process group (and destroys it)
     bn_group: object = None        # process group for BatchNorm statistics
+    group: object = None           # group for DDP/loss/barriers; None = the default group
     _restore: list = field(default_factory=list)
 
     @property
@@ -85,7 +86,7 @@ class DistEnv:
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def wrap(self, model: nn.Module):
         """Global BN in the trainable parts + DDP around ``LossStep(model)``; None when single-process."""
@@ -95,7 +96,7 @@ class DistEnv:
         for part in (model.target, model.bottleneck, model.student):
             self._restore += sync_batchnorm(part, self.bn_group)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(LossStep(model), device_ids=ids, broadcast_buffers=True)
+        return DDP(LossStep(model), device_ids=ids, broadcast_buffers=True, process_group=self.group)
 
     def shard_batches(self, dataset, batch_size: int, generator: torch.Generator, drop_last: bool):
         return shard_batches(dataset, batch_size, generator, drop_last, self.rank, self.world_size)
@@ -107,7 +108,7 @@ class DistEnv:
         keys = sorted(terms)
         vals = torch.tensor([float(terms[k].detach() if torch.is_tensor(terms[k]) else terms[k]) * w
                              for k in keys], dtype=torch.float64, device=x.device)
-        dist.all_reduce(vals)
+        dist.all_reduce(vals, group=self.group)
         glob = {k: (vals[i].to(torch.float32) if k == "loss" else float(vals[i])) for i, k in enumerate(keys)}
         return glob, terms["loss"] * (w * self.world_size)
 
@@ -115,7 +116,7 @@ class DistEnv:
         """Barrier, undo the BN switch, destroy the process group if this object created it."""
         if not self.enabled:
             return
-        dist.barrier()
+        dist.barrier(group=self.group)
         for m, cls in self._restore:
             m.__class__ = cls
         self._restore.clear()
@@ -129,9 +130,14 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
     """Join torchrun's process group (env:// rendezvous); a no-op ``DistEnv()`` without ``WORLD_SIZE``.
 
     ``backend`` defaults to nccl for a CUDA ``device`` and gloo otherwise; ``device`` defaults to
-    ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. Re-uses a group that already exists.
+    ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. Re-uses a group that already exists
+    (then ``close`` leaves it alone). Several phases in one process (train, then extract) should
+    share one group: initialise it first and close it last (re-creating the default group after
+    ``destroy_process_group`` under torchrun hung in our tests, torch 2.13).
     """
     rw = env_rank_world()
+    if rw is None and dist.is_available() and dist.is_initialized():  # e.g. mp.spawn + init_process_group
+        rw = dist.get_rank(), dist.get_world_size()
     if rw is None or rw[1] <= 1:
         return DistEnv(device=torch.device(device or "cpu"))
     rank, world = rw
@@ -148,9 +154,11 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         owned = True
+    # an existing group of another backend (say nccl, with this model on the CPU) gets a gloo twin
+    group = None if dist.get_backend() == backend else dist.new_group(backend=backend)
     bn_group = dist.new_group(backend=backend)  # BN statistics apart from DDP's gradient buckets
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
-                   backend=backend, owned=owned, bn_group=bn_group)
+                   backend=backend, owned=owned, bn_group=bn_group, group=group)
 
 
 # ----------------------------------------------------------------------------- data sharding
@@ -226,27 +234,34 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def global_batch_norm(x: torch.Tensor, bn: _BatchNorm, group=None) -> torch.Tensor:
-    """``F.batch_norm`` in train mode over the union of every rank's batch (two-pass, exact)."""
+    """``F.batch_norm`` in train mode over the union of every rank's batch.
+
+    One all-reduce per call (forward and backward): per-channel sum, sum of squares and count,
+    accumulated in float64 so that var = E[x²] − E[x]² keeps full float32 accuracy (no float64 copy
+    of the activation is made).
+    """
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
     shape = [1, c] + [1] * (x.dim() - 2)
-    xf = x.float()
-    count = torch.tensor([x.numel() // c], dtype=torch.float32, device=x.device)
-    packed = all_reduce_sum(torch.cat([xf.sum(dims), count]), group)
-    n = packed[c].detach()
+    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    count = torch.full((1,), x.numel() // c, dtype=torch.float64, device=x.device)
+    sums = torch.cat([xs.sum(dims, dtype=torch.float64), (xs * xs).sum(dims, dtype=torch.float64), count])
+    packed = all_reduce_sum(sums, group)
+    n = packed[2 * c].detach()
     mean = packed[:c] / n
-    d = xf - mean.view(shape)
-    var = all_reduce_sum((d * d).sum(dims), group) / n
-    y = d * torch.rsqrt(var + bn.eps).view(shape)
+    var = (packed[c:2 * c] / n - mean * mean).clamp(min=0)
+    y = (xs - mean.to(xs.dtype).view(shape)) * torch.rsqrt(var + bn.eps).to(xs.dtype).view(shape)
+    y = y.to(x.dtype)
     if bn.affine:
         y = y * bn.weight.view(shape) + bn.bias.view(shape)
     if bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - f).add_(mean.detach() * f)
-            bn.running_var.mul_(1 - f).add_(var.detach() * (n / (n - 1).clamp(min=1)) * f)
-    return y.to(x.dtype)
+            bn.running_mean.mul_(1 - f).add_(mean.detach().to(bn.running_mean.dtype) * f)
+            unbiased = var.detach() * (n / (n - 1).clamp(min=1))
+            bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype) * f)
+    return y
 
 
 class _GlobalBNMixin:
