@@ -233,7 +233,9 @@ def test_two_rank_extraction_equals_one_rank(runs):
     assert json.loads((one / "manifest.json").read_text()) == json.loads((two / "manifest.json").read_text())
     s1, s2 = FeatureStore(one), FeatureStore(two)
     for key in ("vectors", "scores", "patches"):
-        np.testing.assert_array_equal(s1.array(key), s2.array(key), err_msg=key)
+        # same rows, same values; the ranks may run with another thread count, so allow float rounding
+        np.testing.assert_allclose(s1.array(key).astype(np.float32), s2.array(key).astype(np.float32),
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_validate_store_finds_problems(runs, tmp_path):
