@@ -64,3 +64,13 @@ def check_backbone(bb, origin: str = "backbone") -> nn.Module:
     if len(bb.mean) != 3 or len(bb.std) != 3:
         raise BadInputError(f"{origin}: mean/std must have 3 values, got {bb.mean} / {bb.std}")
     return bb
+
+
+def parse_indices(levels, what: str) -> tuple[int, ...]:
+    """``levels`` as a tuple of ints: accepts a sequence or a "1,2,3" string (CLI and YAML both give those)."""
+    if isinstance(levels, str):
+        levels = [v for v in levels.replace(" ", "").split(",") if v]
+    try:
+        return tuple(int(v) for v in levels)
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"levels must be {what}, got {levels!r}") from e

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadInputError
-from .base import Backbone
+from .base import Backbone, parse_indices
 from .registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,7 @@ def default_strides(patch: int) -> tuple[int, int, int]:
 
 
 def _check_levels(levels, depth: int) -> tuple[int, ...]:
-    if isinstance(levels, str):
-        levels = [v for v in levels.replace(" ", "").split(",") if v]
-    try:
-        levels = tuple(int(v) for v in levels)
-    except (TypeError, ValueError) as e:
-        raise BadInputError(f"levels must be transformer block indices, got {levels!r}") from e
+    levels = parse_indices(levels, "transformer block indices")
     if len(levels) != 3 or any(not 0 <= v < depth for v in levels) or list(levels) != sorted(set(levels)):
         raise BadInputError(f"levels {list(levels)} must be three increasing 0-based block indices of this "
                             f"{depth}-block ViT", fix=f"e.g. levels={list(default_block_levels(depth))}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError
-from .base import Backbone
+from .base import Backbone, parse_indices
 
 log = logging.getLogger(__name__)
 WEIGHT_KINDS = ("random", "imagenet", "timm-hub")
@@ -50,12 +50,7 @@ def default_levels(reductions: list[int]) -> tuple[int, ...]:
 
 
 def _check_levels(levels, reductions) -> tuple[int, ...]:
-    if isinstance(levels, str):
-        levels = [v for v in levels.replace(" ", "").split(",") if v]
-    try:
-        levels = tuple(int(v) for v in levels)
-    except (TypeError, ValueError) as e:
-        raise BadInputError(f"levels must be feature indices, got {levels!r}") from e
+    levels = parse_indices(levels, "feature indices")
     n = len(reductions)
     if not levels or any(not 0 <= v < n for v in levels) or list(levels) != sorted(set(levels)):
         raise BadInputError(f"levels {list(levels)} must be increasing indices into the {n} feature levels "
