@@ -151,3 +151,47 @@ def test_whole_model_reparam_same_scores():
     m.reparameterize()
     p2, s2 = m.predict(x)
     assert torch.allclose(p1, p2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)
+
+
+class _Signed(TinyBackbone):
+    """TinyBackbone whose last level is linear (signed), like EfficientNet's linear bottlenecks."""
+
+    def forward(self, x):
+        outs = super().forward(x)
+        return outs[:-1] + [outs[-1] - outs[-1].mean()]
+
+
+def test_student_ends_follow_the_teachers_sign():
+    """A ReLU-ended student cannot match signed teacher maps (cosine floor ≈ 0.5 on EfficientNet-Lite0):
+    'auto' keeps the ReLU only on non-negative levels; the student's output sign follows."""
+    from uninet_feat.model.uninet import nonnegative_levels
+    torch.manual_seed(0)
+    assert nonnegative_levels(TinyBackbone()) == (True, True, True)
+    model = UniNet(_Signed(), decoder_depths=(1, 1, 1))
+    assert model.cfg["student_relu"] == (True, True, False)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert (out.students[0] >= 0).all() and (out.students[2] < 0).any()
+    forced = UniNet(_Signed(), decoder_depths=(1, 1, 1), student_relu=True)
+    assert forced.cfg["student_relu"] == (True, True, True) and (forced(torch.randn(2, 3, 64, 64)).students[2] >= 0).all()
+
+
+def test_linear_student_end_fits_a_signed_teacher_better():
+    """Same data, same steps: 1 − cos on the signed level ends lower with the linear end than with a ReLU."""
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def fit(relu):
+        torch.manual_seed(0)
+        m = UniNet(_Signed(), decoder_depths=(1, 1, 1), student_relu=relu)
+        opt = torch.optim.Adam(m.trainable_groups()["student"], lr=5e-3)
+        for _ in range(30):
+            opt.zero_grad()
+            m.loss(m(x))["loss"].backward()
+            opt.step()
+        m.eval()
+        with torch.no_grad():
+            out = m(x)
+        return float((1 - torch.nn.functional.cosine_similarity(out.teachers[2], out.students[2], dim=1)).mean())
+
+    linear, relu = fit("auto"), fit(True)
+    print(f"1-cos linear {linear:.3f} relu {relu:.3f}")
+    assert linear < relu - 0.05, (linear, relu)

@@ -90,6 +90,21 @@ def test_checkpoint_round_trip(trained):
     assert torch.load(trained / "model.pt", weights_only=True)["format"] == "uninet-feat/checkpoint"
 
 
+def test_checkpoint_keeps_the_resolved_student_ends(trained, tmp_path):
+    """The resolved `student_relu` travels in the checkpoint (not re-probed); older checkpoints, written
+    before the option existed, always ended in a ReLU and still load that way."""
+    payload = torch.load(trained / "model.pt", weights_only=True)
+    assert payload["student_relu"] == [True, True, True]          # TinyBackbone is post-ReLU
+    payload["student_relu"] = [True, False, True]
+    torch.save(payload, tmp_path / "m.pt")
+    m, _ = build_from_checkpoint(tmp_path / "m.pt")
+    assert m.cfg["student_relu"] == (True, False, True)
+    assert isinstance(m.student.stages[1][-1].act, torch.nn.Identity)   # stages run coarse → fine
+    del payload["student_relu"]
+    torch.save(payload, tmp_path / "legacy.pt")
+    assert build_from_checkpoint(tmp_path / "legacy.pt")[0].cfg["student_relu"] == (True, True, True)
+
+
 class Evil:
     """Any non-tensor Python object forces a pickle-based checkpoint."""
 

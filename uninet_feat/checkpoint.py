@@ -24,6 +24,7 @@ def save_checkpoint(path, model, cfg: dict, **extra) -> Path:
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "library_version": __import__("uninet_feat").__version__,
                "config": _plain(cfg), "backbone": _plain(model.source.config()),
+               "student_relu": [bool(r) for r in model.cfg["student_relu"]],
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -51,6 +52,13 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
+def checkpoint_config(ckpt: dict) -> dict:
+    """The run config with the model options as resolved when the checkpoint was written.
+
+    ``student_relu``: checkpoints from before that option existed always ended the student in a ReLU."""
+    return {**ckpt["config"], "student_relu": ckpt.get("student_relu", True)}
+
+
 def build_from_checkpoint(path, weights: str = "random"):
     """Rebuild a UniNet exactly as trained (backbone weights come from the checkpoint itself)."""
     from .backbones import create_backbone
@@ -61,7 +69,7 @@ def build_from_checkpoint(path, weights: str = "random"):
     cfg = ckpt["config"]
     bb_cfg = dict(ckpt["backbone"])
     backbone = create_backbone(**{**bb_cfg, "weights": weights})
-    model = UniNet(backbone, **model_options(cfg))
+    model = UniNet(backbone, **model_options(checkpoint_config(ckpt)))
     state = ckpt["state_dict"]
     if cfg.get("mem") == "multiscale" and any(".fused." in k for k in state):
         model.eval().reparameterize()

@@ -65,7 +65,8 @@ def _check_keys(d: dict, path) -> None:
 
 
 def model_options(cfg: dict) -> dict:
-    opts = {k: cfg[k] for k in MODEL_KEYS}
+    """The UniNet options of a run config; keys a config from an older version lacks take their defaults."""
+    opts = {k: cfg.get(k, MODEL_DEFAULTS[k]) for k in MODEL_KEYS}
     opts["decoder_depths"] = tuple(opts["decoder_depths"])
     return opts
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
 from .distributed import init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
 from .errors import BadInputError
@@ -49,7 +49,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         if not ckpt_path.exists():
             raise BadInputError("nothing to resume: no checkpoint.pt", path=out, fix="drop --resume to start fresh")
         state = read_checkpoint(ckpt_path)
-        cfg = {**state["config"], "epochs": cfg["epochs"]}
+        cfg = {**checkpoint_config(state), "epochs": cfg["epochs"]}
     elif (out / "model.pt").exists() or ckpt_path.exists():
         raise BadInputError("run folder already holds a run", path=out,
                             fix="pass --resume to continue it, or choose a new --out")

@@ -5,6 +5,11 @@ blocks whose first block upsamples with a transposed conv (kernel = stride = the
 in its main path and in its shortcut. Stage outputs have the teacher's channels at the teacher's
 stride, so every student map pairs with a teacher map. Default depths (3, 4, 6) are the official
 ones; the inner width is half the stage's output channels (min 16), as in the official decoder.
+
+Each stage ends in a ReLU only when the teacher's level is non-negative (ResNets: post-ReLU). Many
+backbones return signed maps (EfficientNet/MobileNet linear bottlenecks, ConvNeXt, ViT tokens: about
+half the values of EfficientNet-Lite0's levels are negative); a ReLU-ended student cannot point
+along those, which left a floor of ≈0.5 in 1 − cos on every pair. ``UniNet`` probes the sign.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch.nn as nn
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, width: int, up: int = 1):
+    def __init__(self, cin: int, cout: int, width: int, up: int = 1, relu: bool = True):
         super().__init__()
         mid = (nn.ConvTranspose2d(width, width, up, up, bias=False) if up > 1
                else nn.Conv2d(width, width, 3, 1, 1, bias=False))
@@ -27,25 +32,29 @@ class DecoderBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
         else:
             self.shortcut = nn.Identity()
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if relu else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + self.shortcut(x))
 
 
 class StudentDecoder(nn.Module):
-    def __init__(self, channels, strides, in_channels: int, in_stride: int, depths=(3, 4, 6)):
+    def __init__(self, channels, strides, in_channels: int, in_stride: int, depths=(3, 4, 6),
+                 out_relu=None):
+        """``out_relu[i]``: whether level i (fine → coarse) ends in a ReLU; default all True (RD4AD)."""
         super().__init__()
         channels, strides = tuple(channels), tuple(strides)
+        out_relu = tuple(out_relu) if out_relu is not None else (True,) * len(channels)
         if len(depths) != len(channels):
             raise ValueError(f"decoder depths {depths} must have one entry per level {channels}")
         stages, c, s = [], in_channels, in_stride
-        for cout, sout, depth in zip(channels[::-1], strides[::-1], depths):
+        for cout, sout, depth, relu in zip(channels[::-1], strides[::-1], depths, out_relu[::-1]):
             up = s // sout
             if up * sout != s:
                 raise ValueError(f"stride {s} is not a multiple of {sout}")
             width = max(cout // 2, 16)
-            blocks = [DecoderBlock(c, cout, width, up)] + [DecoderBlock(cout, cout, width) for _ in range(depth - 1)]
+            blocks = [DecoderBlock(c if i == 0 else cout, cout, width, up if i == 0 else 1, relu or i < depth - 1)
+                      for i in range(depth)]
             stages.append(nn.Sequential(*blocks))
             c, s = cout, sout
         self.stages = nn.ModuleList(stages)

@@ -31,7 +31,27 @@ DEFAULTS = {
     "alpha": 0.01, "beta": 3e-5,  # WDM
     "decoder_depths": (3, 4, 6),
     "stop_grad": False,         # detach teacher features inside the loss
+    "student_relu": "auto",     # end student levels in a ReLU: "auto" (iff the teacher level is ≥ 0), a bool, or one per level
 }
+
+
+@torch.no_grad()
+def nonnegative_levels(backbone: nn.Module) -> tuple[bool, ...]:
+    """Which levels are ≥ 0 (post-ReLU, as in ResNets), probed on fixed noise; signed when unsure.
+
+    The sign is set by the architecture (a final ReLU or not), not by the weights, so a probe of
+    randomly initialised and of trained weights agree.
+    """
+    size = 4 * max(backbone.strides)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    was_training = backbone.training
+    try:
+        feats = backbone.eval()(x.to(next(backbone.parameters()).device))
+        return tuple(bool((f >= 0).all()) for f in feats)
+    except Exception:  # a backbone that refuses this input size: a linear student end is always safe
+        return (False,) * len(backbone.channels)
+    finally:
+        backbone.train(was_training)
 
 
 @dataclass
@@ -58,8 +78,15 @@ class UniNet(nn.Module):
         for p in self.source.parameters():
             p.requires_grad_(False)
         self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"])
+        relu = self.cfg["student_relu"]
+        if relu == "auto":
+            relu = nonnegative_levels(backbone)
+        relu = (bool(relu),) * len(channels) if isinstance(relu, bool) else tuple(bool(r) for r in relu)
+        if len(relu) != len(channels):
+            raise ValueError(f"student_relu needs one entry per level {channels}, got {relu}")
+        self.cfg["student_relu"] = relu   # resolved, so a checkpoint rebuilds the same network
         self.student = StudentDecoder(channels, strides, self.bottleneck.out_channels,
-                                      self.bottleneck.out_stride, tuple(self.cfg["decoder_depths"]))
+                                      self.bottleneck.out_stride, tuple(self.cfg["decoder_depths"]), relu)
         self.dfs = DFS(channels, self.cfg["dfs"])
         for m in list(self.bottleneck.modules()) + list(self.student.modules()):
             if isinstance(m, nn.Conv2d):
