@@ -29,3 +29,74 @@ def test_clip_backbone_through_the_cli(tmp_path):
                  "--no-overlays"]) == 0
     rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
     assert len(rows) == 8 and all(np.isfinite(r["wdm_score"]) for r in rows)
+
+
+def _full_clip_file(path):
+    """A tiny open_clip model with both towers (image + text), saved as a local checkpoint file."""
+    from uninet_feat.backbones.clip import build_clip_model
+    torch.manual_seed(1)
+    torch.save(build_clip_model("tiny").state_dict(), path)
+    return path
+
+
+def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
+    """`--text` appends the zero-shot columns; they come from the original CLIP file's text tower and the
+    (frozen) image tower, so a run's store and a plain-backbone store agree; the zero-shot command gives
+    the same image scores; a head trained on them needs `predict --text`."""
+    from uninet_feat.backbones.clip import build_clip_model
+    from uninet_feat.vlm import FEATURE_NAMES, TextScorer
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=3, n_bad=3)
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--epochs", "1", "--batch-size", "2", "--out", str(run), "--quiet"]) == 0
+    assert main(["extract", "--data", str(data), "--run", str(run), "--text", "--out", str(tmp_path / "fr"),
+                 "--quiet"]) == 0
+    assert main(["extract", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--text", "--out", str(tmp_path / "fp"), "--quiet"]) == 0
+    fr, fp = FeatureStore(tmp_path / "fr"), FeatureStore(tmp_path / "fp")
+    assert fr.manifest["vector_names"][-4:] == list(FEATURE_NAMES) == fp.manifest["vector_names"][-4:]
+    assert fr.manifest["source"]["text"]["defect"][0].endswith("fabric.")
+    np.testing.assert_allclose(fr.vectors[:, -4:], fp.vectors[:, -4:], rtol=1e-5, atol=1e-6)
+    # the same numbers as a TextScorer built by hand on the file's model
+    ts = TextScorer(create_backbone("clip:tiny", weights=str(weights)).eval(), text_model=build_clip_model(
+        "tiny", str(weights)))
+    other = TextScorer(create_backbone("clip:tiny", weights=str(weights)).eval(), text_model=build_clip_model("tiny"))
+    assert not torch.allclose(ts.text_embeddings, other.text_embeddings)  # the file's text tower matters
+    paths = [it["path"] for it in fp.items]
+    from uninet_feat.extract import Extractor
+    x = Extractor(backbone="clip:tiny", weights=str(weights), image_size=64)._dataset(paths)[1]
+    batch = torch.stack([x[i]["image"] for i in range(len(paths))])
+    np.testing.assert_allclose(fp.vectors[:, -4:], ts.features(batch).numpy(), rtol=1e-5, atol=1e-6)
+
+    zs = tmp_path / "zs"
+    assert main(["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--out", str(zs), "--quiet"]) == 0
+    rows = json.loads((zs / "scores.json").read_text())
+    by_path = {r["path"]: r["clip_image_score"] for r in rows}
+    np.testing.assert_allclose([by_path[p] for p in paths], fp.vectors[:, -4], rtol=1e-5)
+    metrics = json.loads((zs / "metrics.json").read_text())
+    assert 0.0 <= metrics["clip_image_score"]["image_auroc"] <= 1.0 and (zs / "config.yaml").exists()
+
+    head = tmp_path / "head"
+    assert main(["train-head", "--features", str(tmp_path / "fr"), "--folds", "2", "--out", str(head)]) == 0
+    assert main(["predict", "--run", str(run), "--data", str(data), "--head", str(head), "--no-overlays",
+                 "--out", str(tmp_path / "p0")]) == 2            # head needs the text columns
+    assert main(["predict", "--run", str(run), "--data", str(data), "--head", str(head), "--text", "--no-overlays",
+                 "--out", str(tmp_path / "p1")]) == 0
+    preds = json.loads((tmp_path / "p1" / "predictions.json").read_text())
+    assert len(preds) == 12 and all("head_prediction" in r for r in preds)
+
+
+def test_text_columns_need_a_clip_backbone(tmp_path, capsys):
+    data = write_texture_set(tmp_path / "d", n_train=2, n_good=1, n_bad=1)
+    assert main(["extract", "--data", str(data), "--backbone", "resnet18", "--weights", "random", "--text",
+                 "--image-size", "64", "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    assert "clip: backbone" in capsys.readouterr().err
+
+
+def test_prompts_command_writes_an_editable_file(tmp_path):
+    from uninet_feat.vlm import load_prompts
+    assert main(["prompts", "--object", "tile", "--out", str(tmp_path / "p" / "prompts.yaml")]) == 0
+    p = load_prompts(tmp_path / "p" / "prompts.yaml")
+    assert "a photo of a flawless tile." in p["normal"] and all("fabric" not in s for s in p["defect"])

@@ -44,6 +44,26 @@ def test_run_folder_has_everything(trained):
     assert cal["n_val_normals"] == 2 and cal["threshold"] >= cal["quantiles"]["0.5"]
 
 
+def test_overlay_colour_scale_comes_from_validation_normals(trained, texture):
+    """Overlays are coloured from the validation normals' median pixel (black) to their 0.999 quantile;
+    a normal image's overlay stays mostly dark while its own min..max scale would light half of it up."""
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.overlay import display_range, heatmap_overlay
+    from uninet_feat.runs import load_samples
+    cal = json.loads((trained / "calibration.json").read_text())
+    lo, hi = cal["map_range"]
+    assert lo < hi and display_range(trained) == (lo, hi)
+    model, ck = build_from_checkpoint(trained / "model.pt")
+    normal = [s for s in load_samples(ck["config"]) if s.split == "test" and s.is_normal][:1]
+    m = score_samples(model, normal, ck["config"], keep_maps=True)["maps"][0]
+    grey = np.full(m.shape + (3,), 128, np.uint8)
+    calibrated = heatmap_overlay(grey, m, vmin=lo, vmax=hi, alpha=1.0).mean()
+    own_scale = heatmap_overlay(grey, m, alpha=1.0).mean()
+    assert calibrated < own_scale, (calibrated, own_scale)
+    assert display_range(texture, [m]) == (0.0, float(m.max()))   # no calibration: 0 .. largest value
+
+
 def test_evaluate_reports_pixel_metrics(trained, tmp_path):
     rep = evaluate(trained, json_path=tmp_path / "m.json", csv_path=tmp_path / "s.csv", quiet=True,
                    report_path=tmp_path / "r.html")

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--tile", type=int)
     p.add_argument("--patches", action="store_true", help="also store patch vectors (for kNN)")
+    p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
+                   help="clip: backbones: append zero-shot text-similarity columns (default fabric prompts, "
+                        "or a prompt file from `uninet-feat prompts`)")
     p.add_argument("--shard", default="0/1", help="i/n: extract every n-th shard starting at i")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=256)
     p.add_argument("--out", required=True)
@@ -99,8 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn", help="folder written by `index --level patch`")
     p.add_argument("--head", action="append", default=[], help="folder written by `train-head` (repeatable)")
     p.add_argument("--no-overlays", dest="overlays", action="store_false")
+    p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
+                   help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("zero-shot", help="score images with CLIP text prompts only (no training images)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split-csv", dest="split_csv")
+    p.add_argument("--group")
+    p.add_argument("--backbone", required=True, help="a clip: backbone, e.g. clip:ViT-B-16")
+    p.add_argument("--weights", required=True, help="the whole open_clip checkpoint (both towers), or a tag")
+    p.add_argument("--prompts", help="prompt YAML (write the defaults with `uninet-feat prompts`)")
+    p.add_argument("--image-size", dest="image_size", type=int, default=224)
+    p.add_argument("--tile", type=int)
+    p.add_argument("--patch-mode", dest="patch_mode", choices=["tokens", "value"], default="tokens")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("prompts", help="write the default normal/defect prompt file, to edit")
+    p.add_argument("--object", default="fabric", help="what the images show (fills {} in the prompts)")
+    p.add_argument("--out", required=True)
 
     p = sub.add_parser("demo", help="synthetic woven fabric → train → evaluate → report, in a few minutes")
     p.add_argument("--out", default="runs/demo")
@@ -143,7 +165,7 @@ def _dispatch(args) -> int:
         if args.command == "extract":
             res = wf.extract_cmd(args.data, args.out, args.run, args.split_csv, args.group, args.backbone,
                                  args.weights, args.image_size, args.tile, args.patches, args.shard,
-                                 args.shard_size, args.quiet)
+                                 args.shard_size, args.quiet, text=args.text)
         elif args.command == "index":
             res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k)
         elif args.command == "train-head":
@@ -152,9 +174,19 @@ def _dispatch(args) -> int:
             res = {"task": res["task"], "classes": res["classes"], "cv": res["oof"], "out": args.out}
         else:
             rows = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
-                                  args.overlays, args.quiet)
+                                  args.overlays, args.quiet, text=args.text)
             res = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "out": args.out}
         print(json.dumps(res, indent=2, default=str))
+        return 0
+    if args.command == "zero-shot":
+        from .workflows import zero_shot_cmd
+        res = zero_shot_cmd(args.data, args.out, args.backbone, args.weights, args.prompts, args.split_csv,
+                            args.group, args.image_size, args.tile, args.patch_mode, args.quiet)
+        print(json.dumps(res, indent=2))
+        return 0
+    if args.command == "prompts":
+        from .vlm import dump_prompts
+        print(f"prompts written to {dump_prompts(args.out, args.object)} (pass it as --prompts / --text)")
         return 0
     if args.command == "demo":
         from .demo import run_demo

@@ -128,13 +128,14 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         print_report(report)
     report["_rows"] = rows
     if report_path:
-        write_html_report(report_path, report, model, cfg, test, labels, scores)
+        write_html_report(report_path, report, model, cfg, test, labels, scores, run_dir=run)
     return report
 
 
-def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores, top_k: int = 8) -> Path:
+def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores, top_k: int = 8,
+                      run_dir=None) -> Path:
     """HTML report with overlays of the worst false positives / negatives (maps recomputed for those only)."""
-    from .overlay import heatmap_overlay
+    from .overlay import display_range, heatmap_overlay
     from .report import write_report
     normal = [i for i in np.argsort(-scores) if labels[i] == 0][:top_k]
     defect = [i for i in np.argsort(scores) if labels[i] == 1][:top_k]
@@ -142,9 +143,9 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     overlays = {}
     if pick:
         res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
-        vmax = max(float(np.max(m)) for m in res["maps"])
+        vmin, vmax = display_range(run_dir, res["maps"])
         for s, m in zip(res["samples"], res["maps"]):
-            overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=0.0, vmax=vmax, mask=s.mask, max_width=1024)
+            overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=vmin, vmax=vmax, mask=s.mask, max_width=1024)
     summary = {k: v for k, v in report.items() if not k.startswith("_")}
     return write_report(path, summary, report["_rows"], threshold=report.get("threshold"), overlays=overlays,
                         title=f"uninet-feat evaluation: {cfg.get('data')}", config=cfg)

@@ -22,22 +22,28 @@ class Extractor:
 
     With ``run=None`` the plain backbone (``backbone``, ``weights``) is used: ImageNet features, the
     baseline that adapted features are compared against.
+
+    ``text`` (CLIP backbones only): True for the default fabric prompts, or a prompt YAML file; appends the
+    zero-shot `TextScorer.features` columns (``clip_image_score``, patch max / mean / q99) to every vector,
+    so a LightGBM head sees the text similarities beside the UniNet features. The text tower comes from the
+    run's original CLIP weights file (a run's checkpoint holds the image towers only).
     """
 
     def __init__(self, run=None, backbone: str | None = None, weights: str = "imagenet",
                  image_size: int | None = None, tile: int | None = None, patches: bool = False,
-                 batch_size: int = 8):
+                 batch_size: int = 8, text=None):
         from .backbones import create_backbone
         from .checkpoint import build_from_checkpoint
         if run is not None:
             path = run_path(run, "model.pt")
+            self.run_dir = path.parent
             self.model, ckpt = build_from_checkpoint(path)
             self.model.eval()
             self.backbone = self.model.source
             self.cfg = dict(ckpt["config"])
             self.source = {"run": str(run), "model_sha256": file_sha256(path)}
         else:
-            self.model = None
+            self.model, self.run_dir = None, None
             name = backbone or DEFAULT_CONFIG["backbone"]
             self.backbone = create_backbone(name, weights=weights).eval()
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights}
@@ -48,6 +54,27 @@ class Extractor:
             self.cfg["tile"] = tile or None
         self.patches, self.batch_size = patches, batch_size
         self.vector_names = vector_names(self.backbone.channels, adapted=self.model is not None)
+        self.text_scorer = self._text_scorer(text) if text else None
+        if self.text_scorer is not None:
+            self.vector_names = self.vector_names + list(self.text_scorer.feature_names)
+            ts = self.text_scorer
+            self.source = {**self.source, "text": {"normal": ts.normal_prompts, "defect": ts.defect_prompts}}
+
+    def _text_scorer(self, text):
+        from .backbones.clip import ClipViT, build_clip_model
+        from .errors import BadInputError
+        from .vlm import TextScorer
+        bb = self.backbone
+        if not isinstance(bb, ClipViT):
+            raise BadInputError(f"text features need a clip: backbone, this one is {getattr(bb, 'name', bb)}",
+                                fix="drop --text, or train/extract with --backbone clip:<model> --weights FILE")
+        weights = self.cfg.get("weights")
+        if str(weights) in ("random", "none", ""):
+            import warnings
+            warnings.warn("text features with random CLIP weights: the text tower is random, its columns are noise")
+        text_model = build_clip_model(bb.clip_name, weights, bb._model_cfg, bb.quick_gelu)
+        prompt_file = None if text is True else text
+        return TextScorer(bb, prompt_file=prompt_file, text_model=text_model).eval()
 
     def _forward(self, x: torch.Tensor) -> dict:
         if self.model is not None:
@@ -64,7 +91,10 @@ class Extractor:
         vecs, scores, patches, tiles, idx = [], [], [], [], []
         for batch in loader:
             r = self._forward(batch["image"])
-            vecs.append(r["vectors"].float().numpy())
+            v = r["vectors"].float()
+            if self.text_scorer is not None:
+                v = torch.cat([v, self.text_scorer.features(batch["image"])], 1)
+            vecs.append(v.numpy())
             scores.append(r["scores"].float().numpy() if r["scores"] is not None
                           else np.full(len(batch["image"]), np.nan, np.float32))
             if self.patches:

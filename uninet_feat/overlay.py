@@ -6,6 +6,10 @@ normals' score range) so that a colour means the same anomaly level in every ove
 ``None`` they default to this map's own min/max: every overlay then has a hot spot somewhere, even a
 perfectly normal image — fine for a quick look, misleading for comparison.
 
+`display_range` gives that scale for a trained run: from the validation normals' median pixel
+(black) to their 0.999-quantile pixel (full colour), written by ``train`` into ``calibration.json``
+(``map_range``), so a normal image stays dark and only what exceeds every normal glows.
+
 No matplotlib at run time: the colormaps are small built-in tables (``colormap(name)``).
 Very wide images (4096×256 fabric strips) keep their aspect ratio; ``max_width`` downscales the
 output (image, map, mask all resampled to the output size).
@@ -97,6 +101,27 @@ def _outline(region: np.ndarray, thickness: int) -> np.ndarray:
         q = np.pad(edge, 1, constant_values=False)
         edge = q[1:-1, 1:-1] | q[:-2, 1:-1] | q[2:, 1:-1] | q[1:-1, :-2] | q[1:-1, 2:]
     return edge
+
+
+def map_range(maps) -> list[float]:
+    """[median pixel, 0.999-quantile pixel] over validation-normal maps: the overlays' colour scale."""
+    flat = np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])
+    flat = flat[np.isfinite(flat)]
+    lo, hi = float(np.quantile(flat, 0.5)), float(np.quantile(flat, 0.999))
+    return [lo, max(hi, lo + 1e-6)]
+
+
+def display_range(run_dir, maps=None) -> tuple[float, float]:
+    """Colour scale for a run's overlays: its calibration ``map_range`` when present, else (older runs)
+    from 0 to the largest value of ``maps``."""
+    import json
+    cal = Path(run_dir) / "calibration.json" if run_dir is not None else None
+    if cal is not None and cal.exists():
+        r = json.loads(cal.read_text()).get("map_range")
+        if r:
+            return float(r[0]), float(r[1])
+    hi = max((float(np.nanmax(m)) for m in maps), default=1.0) if maps else 1.0
+    return 0.0, max(hi, 1e-6)
 
 
 def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float | None = None,

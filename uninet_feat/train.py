@@ -136,10 +136,13 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
 def _calibrate(model, val, cfg, out: Path, quiet: bool) -> None:
     """Score the held-out validation normals: a threshold that never saw a test label."""
     from .evaluate import score_samples
-    res = score_samples(model, val, cfg, keep_maps=False, quiet=quiet)
+    from .overlay import map_range
+    res = score_samples(model, val, cfg, keep_maps=True, quiet=quiet)
     s = np.asarray(res["scores"], dtype=np.float64)
     cal = {"n_val_normals": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
            "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
            "threshold": float(np.quantile(s, 0.99)),
-           "threshold_rule": "0.99 quantile of validation-normal image scores (no test labels used)"}
+           "threshold_rule": "0.99 quantile of validation-normal image scores (no test labels used)",
+           "map_range": map_range(res["maps"]),
+           "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
     atomic_write_text(out / "calibration.json", json.dumps(cal, indent=2))

@@ -116,10 +116,10 @@ def load_prompts(path) -> dict[str, list[str]]:
 def dump_prompts(path, obj: str = OBJECT) -> Path:
     """Write the default prompt file (to edit)."""
     import yaml
-    p = Path(path).expanduser()
-    p.write_text(yaml.safe_dump({"object": obj, "templates": list(TEMPLATES), "normal": list(NORMAL_STATES),
-                                 "defect": list(DEFECT_STATES)}, sort_keys=False))
-    return p
+    from .io import atomic_write_text
+    return atomic_write_text(Path(path).expanduser(), yaml.safe_dump(
+        {"object": obj, "templates": list(TEMPLATES), "normal": list(NORMAL_STATES),
+         "defect": list(DEFECT_STATES)}, sort_keys=False))
 
 
 def _resolve(model, text_model, tokenizer, clip_name):

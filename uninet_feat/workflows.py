@@ -21,7 +21,7 @@ def _samples(data, split_csv=None, group=None):
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
                 image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
-                validate=False) -> dict:
+                validate=False, text=None) -> dict:
     from .extract import Extractor
     i, n = (int(v) for v in shard.split("/"))
     if not 0 <= i < n:
@@ -33,7 +33,8 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     if shard == "0/1" and (env_rank_world() or (0, 1))[1] > 1:
         dd = init_from_env(device="cpu")
         i, n = dd.rank, dd.world_size
-    ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches)
+    ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
+                   text=text)
     samples = _samples(data, split_csv, group)
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
@@ -112,10 +113,17 @@ def _json_default(o):
     return str(o)
 
 
-def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False) -> list[dict]:
+def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
+                text=None) -> list[dict]:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays."""
+    from .downstream import Head
     from .extract import Extractor
-    ex = Extractor(run=run, patches=knn is not None)
+    loaded = {hd: Head.load(hd) for hd in heads}
+    for hd, head in loaded.items():
+        if not text and any("clip_" in n for n in head.feature_names):
+            raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
+                                fix="pass --text (with the same prompt file as at extraction)")
+    ex = Extractor(run=run, patches=knn is not None, text=text)
     samples = _samples(data, split_csv)
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
@@ -133,9 +141,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         ks = scorer.score_patches(res["patches"].astype(np.float32)).max(1)
         for row, (_, idx) in zip(rows, order):
             row["knn_score"] = float(ks[idx].max())
-    from .downstream import Head
-    for hd in heads:
-        head = Head.load(hd)
+    for hd, head in loaded.items():
         proba = head.predict_proba(X)
         pred = head.predict(X)
         name = Path(hd).name
@@ -156,20 +162,72 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
 
 
 def _write_overlays(ex, samples, rows, folder: Path) -> None:
-    """Heatmap overlays for flagged images, colours fixed to the validation-score scale."""
-    try:
-        from .overlay import heatmap_overlay
-    except ImportError:
-        return
+    """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range."""
+    from .overlay import display_range, heatmap_overlay
     from .evaluate import score_samples
     flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
     res = score_samples(ex.model, flagged, ex.cfg, keep_maps=True)
-    vmax = max(float(np.max(m)) for m in res["maps"])
+    vmin, vmax = display_range(ex.run_dir, res["maps"])
     for s, m in zip(res["samples"], res["maps"]):
-        heatmap_overlay(s.path, m, folder / f"{Path(s.path).stem}_overlay.png", vmin=0.0, vmax=vmax,
+        heatmap_overlay(s.path, m, folder / f"{Path(s.path).stem}_overlay.png", vmin=vmin, vmax=vmax,
                         mask=None)
 
 
 def _by_path(samples, rows):
     d = {str(s.path): s for s in samples}
     return [d[r["path"]] for r in rows]
+
+
+def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,
+                  tile=None, patch_mode="tokens", quiet=False) -> dict:
+    """Score images with CLIP text prompts alone (no training image): the VLM variant's cold start.
+
+    Per image: P(defect) from the image embedding (``clip_image_score``, the score) and the patch-score
+    max / mean / q99; tiled images take each column's max over tiles. Writes ``scores.csv`` / ``.json``,
+    the resolved settings, and — when the labels hold both normal and defective images — ``metrics.json``
+    (I-AUROC, I-AP, F1-max; nothing is tuned on them).
+    """
+    import torch
+    from rich.progress import track
+    from .backbones import create_backbone
+    from .config import DEFAULT_CONFIG, save_run_config
+    from .metrics import f1_max, image_ap, image_auroc
+    from .runs import make_dataset
+    from .vlm import TextScorer
+    bb = create_backbone(backbone, weights=weights).eval()
+    ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
+    samples = _samples(data, split_csv, group)
+    cfg = {**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group, "backbone": backbone,
+           "weights": str(weights), "image_size": image_size, "tile": tile}
+    ds = make_dataset(samples, cfg, bb)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
+    feats, index = [], []
+    with torch.no_grad():
+        for batch in track(loader, description="zero-shot", disable=quiet):
+            feats.append(ts.features(batch["image"]).numpy())
+            index.append(batch["index"].numpy())
+    feats, index = np.concatenate(feats), np.concatenate(index)
+    rows = []
+    for i in sorted(set(index.tolist())):
+        f = feats[index == i].max(0)
+        s = samples[i]
+        rows.append({"path": str(s.path), "label": s.label, "split": s.split, "is_normal": bool(s.is_normal),
+                     **{n: float(v) for n, v in zip(ts.feature_names, f)}})
+    out = Path(out)
+    save_run_config(out, {**cfg, "prompts": {"normal": ts.normal_prompts, "defect": ts.defect_prompts},
+                          "patch_mode": patch_mode})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "scores.csv", buf.getvalue())
+    atomic_write_text(out / "scores.json", json.dumps(rows, indent=1))
+    res = {"n_images": len(rows), "out": str(out)}
+    test = [r for r in rows if r["split"] in ("test", "")]
+    y = np.array([0 if r["is_normal"] else 1 for r in test])
+    if 0 < y.sum() < len(y):
+        for col in ("clip_image_score", "clip_patch_max"):
+            sc = np.array([r[col] for r in test])
+            res[col] = {"image_auroc": image_auroc(y, sc), "image_ap": image_ap(y, sc), "f1_max": f1_max(y, sc)}
+        atomic_write_text(out / "metrics.json", json.dumps(res, indent=2))
+    return res
