@@ -1,0 +1,94 @@
+"""Crash safety with a real kill: SIGKILL a `train` / `extract` process mid-run, resume, and get exactly
+what an uninterrupted run gives (the other resume tests simulate the crash in-process)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uninet_feat.checkpoint import read_checkpoint
+from uninet_feat.cli import main
+from uninet_feat.featstore import FeatureStore
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+TESTS = Path(__file__).parent
+# runs the CLI in a child process with the tiny test backbone registered
+CHILD = ("import sys; sys.path.insert(0, {tests!r}); from _tiny import register_tiny; register_tiny(); "
+         "from uninet_feat.cli import main; sys.exit(main(sys.argv[1:]))")
+TRAIN = ["--backbone", "tiny", "--weights", "random", "--image-size", "64", "--batch-size", "2",
+         "--seed", "3", "--threads", "1", "--quiet"]
+
+
+def _start(argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(TESTS)), *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_when(proc, ready, timeout=120.0):
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; fails if the process ended first (nothing was killed)."""
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before it could be killed: "
+                                 f"{proc.stderr.read().decode()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the kill point")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    proc.stderr.close()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The in-process runs use --threads 1 like the child (same float rounding); give the rest back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_killed_mid_run_resumes_to_the_same_model(tmp_path):
+    data = write_texture_set(tmp_path / "d", n_train=24, n_good=2, n_bad=2)
+    args = ["train", "--data", str(data), *TRAIN, "--epochs", "6"]
+    killed = tmp_path / "killed"
+    proc = _start(args + ["--out", str(killed)])
+    log = killed / "train_log.jsonl"
+    _kill_when(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
+    assert not (killed / "model.pt").exists()
+    done = read_checkpoint(killed / "checkpoint.pt")["epoch"]          # what survived the kill is readable
+    assert 2 <= done < 6
+    assert main(args + ["--out", str(killed), "--resume"]) == 0
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+    a = read_checkpoint(killed / "model.pt")["state_dict"]
+    b = read_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    epochs = [int(line.split('"epoch": ')[1].split(",")[0]) for line in log.read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_extract_killed_mid_run_resumes_to_the_same_store(tmp_path):
+    data = write_texture_set(tmp_path / "d", n_train=40, n_good=10, n_bad=10)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), *TRAIN, "--epochs", "1", "--out", str(run)]) == 0
+    args = ["extract", "--data", str(data), "--run", str(run), "--patches", "--shard-size", "2", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = _start(args + ["--out", str(killed)])
+    _kill_when(proc, lambda: len(list(killed.glob("shard-*.npz"))) >= 3)
+    before = {p.name: p.stat().st_mtime_ns for p in killed.glob("shard-*.npz")}
+    assert not (killed / "complete").exists() and len(before) < 30
+    assert main(args + ["--out", str(killed)]) == 0
+    assert all(killed.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())  # finished shards kept
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+    a, b = FeatureStore(killed), FeatureStore(tmp_path / "straight")
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    np.testing.assert_array_equal(a.array("patches"), b.array("patches"))
