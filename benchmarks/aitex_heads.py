@@ -4,10 +4,11 @@
         --runs runs/aitex_fabric_00 runs/aitex_fabric_01 ... --json out.json
 
 Adapted features of each fabric come from that fabric's one-class run (so a strip is described by
-the model of its own line); plain features from the same backbone with ImageNet weights. Rows are
-the defective strips; labels are `fabric/defect code`; classes with fewer than 2 strips are
-dropped; stratified 5-fold CV with identical folds for both feature sets. Also a binary
-normal-vs-defect head on all strips.
+the model of its own line; or one multi-class run for all); plain features from the same backbone with
+ImageNet weights. Rows are the defective strips; labels are `fabric/defect code` (``defect_type``) or the
+defect code alone across fabrics (``defect_code``); classes with fewer than 2 strips are dropped;
+stratified CV (at most ``--folds``, at most the smallest class) with identical folds for both feature
+sets. Also a binary normal-vs-defect head on all strips.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def main(argv=None):
     for run in a.runs:
         ex = Extractor(run=run)
         group = ex.cfg["group"]
-        ss = [s for s in samples if s.group == group]
+        ss = [s for s in samples if group is None or s.group == group]   # a multi-class run: every fabric
         xa, ka = table(ex, ss)
         xp, kp = table(plain_ex, ss)
         assert ka == kp
@@ -55,10 +56,11 @@ def main(argv=None):
     Xa, Xp = np.concatenate(Xa), np.concatenate(Xp)
     recs = [by_path[p] for p in paths]
     out = {}
-    for task in ("defect_type", "binary"):
-        if task == "defect_type":
+    for task in ("defect_type", "defect_code", "binary"):
+        if task != "binary":   # defect_type: fabric/code (per line); defect_code: the AITEX code across fabrics
             idx = [i for i, s in enumerate(recs) if not s.is_normal]
-            y = np.array([f"{recs[i].group}/{recs[i].label}" for i in idx])
+            y = np.array([f"{recs[i].group}/{recs[i].label}" if task == "defect_type" else recs[i].label
+                          for i in idx])
             vals, cnt = np.unique(y, return_counts=True)
             ok = set(vals[cnt >= 2])
             keep = [j for j, v in enumerate(y) if v in ok]
@@ -70,7 +72,7 @@ def main(argv=None):
         folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
         res = {}
         for name, X in (("adapted", Xa), ("plain", Xp)):
-            r = train_head(X[idx], y, task="multiclass" if task == "defect_type" else "binary", cv=folds, seed=0)
+            r = train_head(X[idx], y, task="binary" if task == "binary" else "multiclass", cv=folds, seed=0)
             res[name] = {k: r.oof.get(k) for k in ("accuracy", "macro_f1", "auroc") if k in r.oof}
         out[task] = {"n_rows": len(y), "n_classes": len(set(y)), "n_splits": n_splits, **res}
     print(json.dumps(out, indent=2))

@@ -32,6 +32,16 @@ def _eval(labels, scores, masks, maps) -> dict:
     return out
 
 
+def _wdm_maps(ex, samples, image_size: int) -> np.ndarray:
+    """UniNet's own pixel maps (the evaluated, unsmoothed sum of the six 1 − cos maps)."""
+    import torch
+    from uninet_feat.data.dataset import ImageDataset
+    ds = ImageDataset(samples, image_size=image_size, mean=ex.backbone.mean, std=ex.backbone.std)
+    with torch.no_grad():
+        return np.concatenate([ex.model.predict(b["image"])[0].numpy()
+                               for b in torch.utils.data.DataLoader(ds, batch_size=8)])
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -70,23 +80,17 @@ def main(argv=None) -> dict:
     res = {"image_size": a.image_size, "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
            "fit_seconds": round(t_fit, 1), "knn": _eval(labels, kscores, masks, kmaps)}
     if a.run:
-        wmaps, wscores = [], te["scores"]
-        # UniNet's own maps for the same test images
-        from uninet_feat.export import uninet_features  # noqa: F401
-        import torch
-        ds = ImageDataset(test, image_size=a.image_size, mean=ex.backbone.mean, std=ex.backbone.std)
-        loader = torch.utils.data.DataLoader(ds, batch_size=8)
-        for b in loader:
-            pm, _ = ex.model.predict(b["image"])
-            wmaps.append(pm.numpy())
-        wmaps = np.concatenate(wmaps)
+        wscores, wmaps = te["scores"], _wdm_maps(ex, test, a.image_size)
         res["wdm"] = _eval(labels, wscores, masks, wmaps)
+        # combined: each scorer z-normalised on the validation normals (images and pixels), then summed
         va = ex.extract(val)
-        vk = knn.score_maps(va["patches"].astype(np.float32), (hw, hw), size)[1]
-        zk = (kscores - vk.mean()) / (vk.std() + 1e-12)
-        zw = (wscores - va["scores"].mean()) / (va["scores"].std() + 1e-12)
-        res["combined"] = {"image_auroc": metrics.image_auroc(labels, zk + zw),
-                           "rule": "z-score of each scorer on validation normals, summed"}
+        vkmaps, vk = knn.score_maps(va["patches"].astype(np.float32), (hw, hw), size)
+        vwmaps = _wdm_maps(ex, val, a.image_size)
+        z = lambda v, ref: (v - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
+        comb_scores = z(kscores, vk) + z(wscores, va["scores"])
+        comb_maps = z(kmaps, vkmaps) + z(wmaps, vwmaps)
+        res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps),
+                           "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
     print(json.dumps(res, indent=2))
     if a.json:
         with open(a.json, "w") as f:

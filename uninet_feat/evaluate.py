@@ -8,8 +8,6 @@ flags comes from the run's validation normals (``calibration.json``), never from
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import warnings
 from pathlib import Path
@@ -23,7 +21,7 @@ from rich.table import Table
 from . import metrics
 from .checkpoint import build_from_checkpoint
 from .errors import BadInputError
-from .io import atomic_write_text
+from .io import atomic_write_csv, atomic_write_text
 from .runs import load_samples, make_dataset, run_path, set_threads
 
 
@@ -121,7 +119,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
              "flagged": int(threshold is not None and sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if csv_path:
-        _write_csv(csv_path, rows)
+        atomic_write_csv(csv_path, rows)
     if json_path:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if not quiet:
@@ -166,14 +164,6 @@ def _metrics(labels, scores, res, has_masks) -> dict:
             out["pixel_auroc"] = metrics.pixel_auroc(m, a)
             out["aupro"] = metrics.aupro(m, a)
     return out
-
-
-def _write_csv(path, rows) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["path"])
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def print_report(report: dict) -> None:

@@ -52,3 +52,14 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
     return atomic_write(path, w)
+
+
+def atomic_write_csv(path, rows: list[dict]) -> Path:
+    """Rows of dicts (the first row's keys are the header) as a CSV file, atomically."""
+    import csv
+    import io as _io
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["path"])
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -1,8 +1,6 @@
 """The downstream commands: extract → index → train-head → predict (the CLI calls these)."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import numpy as np
 
 from .errors import BadInputError
 from .featstore import FeatureStore, aggregate_tiles
-from .io import atomic_write_text
+from .io import atomic_write_csv, atomic_write_text
 
 
 def _samples(data, split_csv=None, group=None):
@@ -150,11 +148,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             row[f"{name}_confidence"] = float(p.max())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     if overlays and any(r["flagged"] for r in rows):
         _write_overlays(ex, samples, rows, out / "overlays")
@@ -216,11 +210,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     out = Path(out)
     save_run_config(out, {**cfg, "prompts": {"normal": ts.normal_prompts, "defect": ts.defect_prompts},
                           "patch_mode": patch_mode})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "scores.csv", buf.getvalue())
+    atomic_write_csv(out / "scores.csv", rows)
     atomic_write_text(out / "scores.json", json.dumps(rows, indent=1))
     res = {"n_images": len(rows), "out": str(out)}
     test = [r for r in rows if r["split"] in ("test", "")]
