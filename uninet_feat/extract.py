@@ -101,8 +101,10 @@ class Extractor:
                 patches.append(r["patches"].to(torch.float16).numpy())
             tiles.append(batch["tile"].numpy())
             idx.append(batch["index"].numpy())
-        out = {"vectors": np.concatenate(vecs).astype(np.float32), "scores": np.concatenate(scores).astype(np.float32),
-               "tile": np.concatenate(tiles).astype(np.int64), "index": np.concatenate(idx).astype(np.int64)}
+        out = {"vectors": np.concatenate(vecs).astype(np.float32, copy=False),
+               "scores": np.concatenate(scores).astype(np.float32, copy=False),
+               "tile": np.concatenate(tiles).astype(np.int64, copy=False),
+               "index": np.concatenate(idx).astype(np.int64, copy=False)}
         if self.patches:
             out["patches"] = np.concatenate(patches)
         return out

@@ -13,14 +13,13 @@ settings, and a resume with a different one is refused rather than silently mixi
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInputError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write, atomic_write_text
 
 SCHEMA = "uninet-feat/features"
 SCHEMA_VERSION = 1
@@ -39,9 +38,11 @@ def shard_name(i: int) -> str:
 
 
 def write_shard(folder: Path, i: int, arrays: dict) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(folder / shard_name(i), buf.getvalue())
+    """Streamed into the temp file (no in-memory copy of the shard), then renamed into place."""
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(folder / shard_name(i), w)
 
 
 def start_store(folder: Path, manifest: dict) -> set[int]:
