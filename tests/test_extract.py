@@ -111,3 +111,31 @@ def test_cli_chain_extract_index_head_predict(setup, tmp_path, capsys):
     normal_train = np.mean([ks[str(s.path)] for s in samples if s.split == "train"])
     defect = np.mean([ks[str(s.path)] for s in samples if not s.is_normal])
     assert defect > normal_train
+
+
+def test_every_command_takes_a_yaml_config_and_saves_its_resolved_one(setup, tmp_path, capsys):
+    """Non-train commands: `--config FILE` keys are flag names, flags override them, the resolved flags
+    land in OUT/config.yaml (+ env.json) and that file re-runs the same command."""
+    import yaml
+    from uninet_feat.cli import main
+    data, run, samples = setup
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text(yaml.safe_dump({"data": str(data), "run": str(run), "shard-size": 4, "quiet": True}))
+    f = tmp_path / "f"
+    assert main(["extract", "--config", str(cfg), "--shard-size", "5", "--out", str(f)]) == 0
+    saved = yaml.safe_load((f / "config.yaml").read_text())
+    assert saved["command"] == "extract" and saved["shard_size"] == 5 and saved["run"] == str(run)
+    assert FeatureStore(f).manifest["settings"]["shard_size"] == 5 and (f / "env.json").exists()
+    again = tmp_path / "f2"
+    assert main(["extract", "--config", str(f / "config.yaml"), "--out", str(again)]) == 0
+    np.testing.assert_array_equal(FeatureStore(again).vectors, FeatureStore(f).vectors)
+    head_cfg = tmp_path / "head.yaml"
+    head_cfg.write_text(yaml.safe_dump({"features": str(f), "folds": 2, "task": "binary"}))
+    assert main(["train-head", "--config", str(head_cfg), "--out", str(tmp_path / "h")]) == 0
+    assert yaml.safe_load((tmp_path / "h" / "config.yaml").read_text())["folds"] == 2
+    capsys.readouterr()
+    cfg.write_text(yaml.safe_dump({"data": str(data), "epochs": 3}))
+    assert main(["extract", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown keys ['epochs']" in capsys.readouterr().err
+    assert main(["index", "--config", str(f / "config.yaml"), "--out", str(tmp_path / "i")]) == 2
+    assert "another command" in capsys.readouterr().err

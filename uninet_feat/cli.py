@@ -128,19 +128,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    for name, sp in sub.choices.items():
+        if name != "train":   # train's --config holds model/training options (uninet_feat.config)
+            sp.add_argument("--config", help="YAML file: flag names (without --) → values; flags override it")
+    ap.commands = sub.choices
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``--config FILE`` of a non-train command: its keys become that command's defaults (flags still win)."""
+    cmd = argv[0] if argv and not argv[0].startswith("-") else None
+    if cmd not in ap.commands or cmd == "train" or not any(a == "--config" or a.startswith("--config=")
+                                                         for a in argv):
+        return
+    i = next(j for j, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    path = Path(argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else ""))
+    import yaml
     try:
-        return _dispatch(args)
+        d = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise BadInputError(f"cannot read config ({type(e).__name__}: {e})", path=path,
+                            fix="pass a readable YAML mapping of flag names to values") from e
+    if not isinstance(d, dict):
+        raise BadInputError("config must be a YAML mapping", path=path, fix="write `flag-name: value` lines")
+    if d.pop("command", cmd) != cmd:
+        raise BadInputError(f"this config was written for another command, not `{cmd}`", path=path)
+    sp = ap.commands[cmd]
+    actions = {a.dest: a for a in sp._actions if a.dest not in ("help", "config")}
+    values = {str(k).replace("-", "_"): v for k, v in d.items()}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise BadInputError(f"unknown keys {unknown} for `{cmd}`", path=path,
+                            fix=f"use only: {', '.join(sorted(actions))}")
+    for k in values:
+        actions[k].required = False
+    sp.set_defaults(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    try:
+        _apply_config(ap, argv)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = ap.parse_args(argv)
+    try:
+        code = _dispatch(args)
+        _save_command_config(args)
+        return code
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; re-run with --resume to continue", file=sys.stderr)
         return 130
+
+
+def _save_command_config(args) -> None:
+    """Beside a command's outputs: ``config.yaml`` (every resolved flag; reusable as ``--config``) and
+    ``env.json``. train, zero-shot and demo write their own."""
+    if args.command in ("train", "zero-shot", "demo", "evaluate", "prompts"):
+        return
+    from .config import save_run_config
+    opts = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
+    save_run_config(Path(args.out), {"command": args.command, **opts})
 
 
 def _dispatch(args) -> int:
