@@ -76,6 +76,21 @@ def test_evaluate_reports_pixel_metrics(trained, tmp_path):
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 9
 
 
+def test_pixel_map_choice_changes_maps_not_scores(trained, tmp_path):
+    """`--pixel-map raw` (official) vs the default smoothed map: identical image scores, different pixel maps."""
+    smooth = evaluate(trained, quiet=True, csv_path=tmp_path / "a.csv")
+    raw = evaluate(trained, quiet=True, csv_path=tmp_path / "b.csv", overrides={"pixel_map": "raw"})
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    assert smooth["image_auroc"] == raw["image_auroc"] and smooth["pixel_auroc"] != raw["pixel_auroc"]
+    from uninet_feat.checkpoint import build_from_checkpoint
+    m, _ = build_from_checkpoint(trained / "model.pt")
+    x = torch.randn(2, 3, 64, 64)
+    p_s, s_s = m.eval().predict(x)
+    m.cfg["pixel_map"] = "raw"
+    p_r, s_r = m.predict(x)
+    assert torch.equal(s_s, s_r) and p_s.std() < p_r.std()
+
+
 def test_same_seed_same_scores(texture, trained, tmp_path):
     run2 = tmp_path / "r2"
     train(_cfg(texture), run2, quiet=True)

@@ -77,6 +77,18 @@ def test_batched_matches_scipy_reference(n, sizes, out):
     torch.testing.assert_close(scoring.anomaly_map(maps, out, backend="torch"), pix)
 
 
+def test_smoothed_pixel_map_is_the_blurred_map_the_score_comes_from():
+    """``smoothed=True``: same scores; the pixel map is scipy's σ=4 blur of the raw sum (per image)."""
+    ts, ss = _feats(3, [(8, 8), (4, 4)])
+    maps = scoring.anomaly_maps(ts, ss)
+    raw, s_raw = scoring.wdm_score(maps, (32, 32))
+    smooth, s_smooth = scoring.wdm_score(maps, (32, 32), smoothed=True)
+    torch.testing.assert_close(s_smooth, s_raw)
+    ref = np.stack([ndimage.gaussian_filter(r.double().numpy(), 4.0, truncate=4.0, mode="reflect") for r in raw])
+    np.testing.assert_allclose(smooth.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert smooth.std() < raw.std()
+
+
 def test_anomaly_map_wdm_from_features_matches_maps_path():
     ts, ss = _feats(3, [(8, 12), (4, 6)])
     pix, score = wdm.anomaly_map_wdm(ts, ss, (32, 48), backend="torch")

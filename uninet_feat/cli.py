@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics JSON here")
     p.add_argument("--csv", help="write per-image scores here")
     p.add_argument("--report", help="write a self-contained HTML report here")
+    p.add_argument("--pixel-map", dest="pixel_map", choices=["smoothed", "raw"],
+                   help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true")
 
@@ -208,7 +210,8 @@ def _dispatch(args) -> int:
     if args.command == "evaluate":
         from .evaluate import evaluate
         rep = evaluate(args.run, args.data, args.split_csv, json_path=args.json, csv_path=args.csv,
-                       group=args.group, quiet=args.quiet, overrides={"threads": args.threads},
+                       group=args.group, quiet=args.quiet,
+                       overrides={"threads": args.threads, "pixel_map": args.pixel_map},
                        report_path=args.report)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))

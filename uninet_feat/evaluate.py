@@ -85,6 +85,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if group is not None:
         cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
+        model.cfg["pixel_map"] = cfg["pixel_map"]
     set_threads(cfg)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -141,7 +143,7 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     overlays = {}
     if pick:
         res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
-        vmin, vmax = display_range(run_dir, res["maps"])
+        vmin, vmax = display_range(run_dir, res["maps"], model.cfg["pixel_map"])
         for s, m in zip(res["samples"], res["maps"]):
             overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=vmin, vmax=vmax, mask=s.mask, max_width=1024)
     summary = {k: v for k, v in report.items() if not k.startswith("_")}

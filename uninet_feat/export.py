@@ -53,7 +53,8 @@ def uninet_features(model, x: torch.Tensor, patches: bool = False) -> dict:
     out = model(x)
     L = out.n_levels
     maps = anomaly_maps(out.teachers, out.students)
-    pix, score = wdm_score(maps, tuple(x.shape[-2:]), model.cfg["alpha"], model.cfg["beta"])
+    pix, score = wdm_score(maps, tuple(x.shape[-2:]), model.cfg["alpha"], model.cfg["beta"],
+                           smoothed=model.cfg.get("pixel_map") == "smoothed")
     thetas = [model.dfs.theta(l) for l in range(L)]
     parts = []
     for l in range(L):

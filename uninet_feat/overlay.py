@@ -111,14 +111,15 @@ def map_range(maps) -> list[float]:
     return [lo, max(hi, lo + 1e-6)]
 
 
-def display_range(run_dir, maps=None) -> tuple[float, float]:
-    """Colour scale for a run's overlays: its calibration ``map_range`` when present, else (older runs)
-    from 0 to the largest value of ``maps``."""
+def display_range(run_dir, maps=None, pixel_map: str | None = None) -> tuple[float, float]:
+    """Colour scale for a run's overlays: its calibration ``map_range`` when present (and computed on the
+    same kind of ``pixel_map``), else from 0 to the largest value of ``maps``."""
     import json
     cal = Path(run_dir) / "calibration.json" if run_dir is not None else None
     if cal is not None and cal.exists():
-        r = json.loads(cal.read_text()).get("map_range")
-        if r:
+        c = json.loads(cal.read_text())
+        r = c.get("map_range")
+        if r and (pixel_map is None or c.get("map_range_pixel_map", "raw") == pixel_map):
             return float(r[0]), float(r[1])
     hi = max((float(np.nanmax(m)) for m in maps), default=1.0) if maps else 1.0
     return 0.0, max(hi, 1e-6)

@@ -36,9 +36,20 @@ def gaussian_blur_scipy(x: torch.Tensor, sigma: float = 4.0, truncate: float = 4
     return _wdm.gaussian_blur_scipy(x, sigma, truncate, backend)
 
 
-def wdm_score(maps, out_size, alpha: float = ALPHA, beta: float = BETA, backend: str | None = None):
-    """(pixel map (N, H, W), image score (N,)): the score is the mean of the top-k of the blurred pixel map."""
-    return _wdm.wdm_from_maps(list(maps), out_size, alpha, beta, backend)
+def wdm_score(maps, out_size, alpha: float = ALPHA, beta: float = BETA, backend: str | None = None,
+              smoothed: bool = False):
+    """(pixel map (N, H, W), image score (N,)): the score is the mean of the top-k of the blurred pixel map.
+
+    ``smoothed=False`` returns the unsmoothed sum A (the official pixel map); ``True`` returns the σ=4
+    blurred S that the score is taken from (RD4AD's convention; the heatmap then shows what was scored).
+    """
+    if not smoothed:
+        return _wdm.wdm_from_maps(list(maps), out_size, alpha, beta, backend)
+    maps = list(maps)
+    size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+    k, _ = _wdm.wdm_k(_wdm.map_maxima(maps), size, alpha, beta)
+    s = gaussian_blur_scipy(anomaly_map(maps, size, backend), 4.0, 4.0, backend)
+    return s, _wdm.topk_mean(s, k)
 
 
 def wdm_score_reference(maps, out_size, alpha: float = ALPHA, beta: float = BETA):

@@ -143,6 +143,6 @@ def _calibrate(model, val, cfg, out: Path, quiet: bool) -> None:
            "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
            "threshold": float(np.quantile(s, 0.99)),
            "threshold_rule": "0.99 quantile of validation-normal image scores (no test labels used)",
-           "map_range": map_range(res["maps"]),
+           "map_range": map_range(res["maps"]), "map_range_pixel_map": model.cfg["pixel_map"],
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
     atomic_write_text(out / "calibration.json", json.dumps(cal, indent=2))

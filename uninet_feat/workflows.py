@@ -161,7 +161,7 @@ def _write_overlays(ex, samples, rows, folder: Path) -> None:
     from .evaluate import score_samples
     flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
     res = score_samples(ex.model, flagged, ex.cfg, keep_maps=True)
-    vmin, vmax = display_range(ex.run_dir, res["maps"])
+    vmin, vmax = display_range(ex.run_dir, res["maps"], ex.model.cfg["pixel_map"])
     for s, m in zip(res["samples"], res["maps"]):
         heatmap_overlay(s.path, m, folder / f"{Path(s.path).stem}_overlay.png", vmin=vmin, vmax=vmax,
                         mask=None)

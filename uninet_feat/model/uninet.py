@@ -29,6 +29,7 @@ DEFAULTS = {
     "lam": 0.7,                 # λ: weight of the cosine term vs the contrastive term
     "margin": 1.0,              # abnormal margin pushes p_ii below margin/2
     "alpha": 0.01, "beta": 3e-5,  # WDM
+    "pixel_map": "smoothed",    # pixel output: "smoothed" (the σ=4 map the WDM scores) or "raw" (official, unsmoothed)
     "decoder_depths": (3, 4, 6),
     "stop_grad": False,         # detach teacher features inside the loss
     "student_relu": "auto",     # end student levels in a ReLU: "auto" (iff the teacher level is ≥ 0), a bool, or one per level
@@ -71,6 +72,8 @@ class UniNet(nn.Module):
         if unknown:
             raise ValueError(f"unknown UniNet options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         self.cfg = {**DEFAULTS, **cfg}
+        if self.cfg["pixel_map"] not in ("smoothed", "raw"):
+            raise ValueError(f"pixel_map must be 'smoothed' or 'raw', got {self.cfg['pixel_map']!r}")
         channels, strides = tuple(backbone.channels), tuple(backbone.strides)
         self.channels, self.strides = channels, strides
         self.source = backbone
@@ -142,7 +145,8 @@ class UniNet(nn.Module):
         from uninet_feat.scoring import anomaly_maps, wdm_score
         out = self(x)
         maps = anomaly_maps(out.teachers, out.students)
-        return wdm_score(maps, tuple(out_size or x.shape[-2:]), self.cfg["alpha"], self.cfg["beta"])
+        return wdm_score(maps, tuple(out_size or x.shape[-2:]), self.cfg["alpha"], self.cfg["beta"],
+                         smoothed=self.cfg["pixel_map"] == "smoothed")
 
     def reparameterize(self) -> "UniNet":
         """Fold multi-scale MEM branches into single convs (inference only)."""
