@@ -80,6 +80,17 @@ def memory(device: str) -> dict:
     return out
 
 
+def train_step_report(name: str, step, args, rss_model: float, opt_student, opt_target) -> dict:
+    """Time ``step()`` (``args.steps`` after ``args.warmup``) and report it as both train benchmarks do."""
+    reset_cuda_peak(args.device)
+    times = time_calls(step, args.steps, args.warmup, args.device)
+    med = summary(times)["median_s"]
+    return {"benchmark": name, "median_step_s": round(med, 4), "images_per_s": round(args.batch_size / med, 3),
+            "steps": args.steps, "step_times_s": [round(t, 4) for t in times],
+            "rss_after_build_mb": round(rss_model, 1), "trainable_params": param_counts(opt_student, opt_target),
+            **memory(args.device)}
+
+
 def param_counts(opt_student, opt_target) -> dict:
     """Parameters each optimiser updates: a check that two implementations train the same network."""
     count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731

@@ -85,13 +85,7 @@ def official_train(args) -> dict:
         opt1.step()
         loss.item()
 
-    M.reset_cuda_peak(args.device)
-    times = M.time_calls(step, args.steps, args.warmup, args.device)
-    med = M.summary(times)["median_s"]
-    return {"benchmark": "official_train_step", "median_step_s": round(med, 4),
-            "images_per_s": round(args.batch_size / med, 3), "steps": args.steps,
-            "step_times_s": [round(t, 4) for t in times], "rss_after_build_mb": round(rss_model, 1),
-            "trainable_params": M.param_counts(opt, opt1), **M.memory(args.device)}
+    return M.train_step_report("official_train_step", step, args, rss_model, opt, opt1)
 
 
 def official_inference(args) -> dict:

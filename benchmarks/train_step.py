@@ -56,14 +56,8 @@ def main(argv=None) -> dict:
         opt_s.step()
         opt_t.step()
 
-    M.reset_cuda_peak(args.device)
-    times = M.time_calls(step, args.steps, args.warmup, args.device)
-    med = M.summary(times)["median_s"]
     return M.emit({
-        "benchmark": "train_step", "median_step_s": round(med, 4), "images_per_s": round(args.batch_size / med, 3),
-        "steps": args.steps, "step_times_s": [round(t, 4) for t in times], "rss_after_build_mb": round(rss_model, 1),
-        "trainable_params": M.param_counts(opt_s, opt_t),
-        **M.memory(args.device),
+        **M.train_step_report("train_step", step, args, rss_model, opt_s, opt_t),
         "config": {**{k: v for k, v in vars(args).items() if k not in ("steps",)},
                    "kernels_resolved": resolve_backend(x, args.kernels), "threads": threads,
                    "torch": torch.__version__},
