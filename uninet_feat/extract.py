@@ -61,7 +61,7 @@ class Extractor:
             self.source = {**self.source, "text": {"normal": ts.normal_prompts, "defect": ts.defect_prompts}}
 
     def _text_scorer(self, text):
-        from .backbones.clip import ClipViT, build_clip_model
+        from .backbones.clip import _RANDOM, ClipViT, build_clip_model
         from .errors import BadInputError
         from .vlm import TextScorer
         bb = self.backbone
@@ -69,7 +69,7 @@ class Extractor:
             raise BadInputError(f"text features need a clip: backbone, this one is {getattr(bb, 'name', bb)}",
                                 fix="drop --text, or train/extract with --backbone clip:<model> --weights FILE")
         weights = self.cfg.get("weights")
-        if str(weights) in ("random", "none", ""):
+        if str(weights) in _RANDOM:
             import warnings
             warnings.warn("text features with random CLIP weights: the text tower is random, its columns are noise")
         text_model = build_clip_model(bb.clip_name, weights, bb._model_cfg, bb.quick_gelu)

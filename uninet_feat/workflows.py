@@ -201,9 +201,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
             feats.append(ts.features(batch["image"]).numpy())
             index.append(batch["index"].numpy())
     feats, index = np.concatenate(feats), np.concatenate(index)
+    order = np.argsort(index, kind="stable")           # tiles of one image together, then max per image
+    ids, starts = np.unique(index[order], return_index=True)
     rows = []
-    for i in sorted(set(index.tolist())):
-        f = feats[index == i].max(0)
+    for i, f in zip(ids.tolist(), np.maximum.reduceat(feats[order], starts)):
         s = samples[i]
         rows.append({"path": str(s.path), "label": s.label, "split": s.split, "is_normal": bool(s.is_normal),
                      **{n: float(v) for n, v in zip(ts.feature_names, f)}})
