@@ -192,3 +192,29 @@ def test_supervised_training_uses_masks(tmp_path):
     log = json.loads((run / "train_log.jsonl").read_text().splitlines()[0])
     assert log["margin_abnormal"] >= 0 and np.isfinite(log["loss"])
     assert "margin_abnormal" in log
+
+
+def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_path):
+    """Two defect labels in a manifest: each is scored against all test normals, the image AUROC per
+    label equals the one recomputed from the score CSV, and the labels' defect-pixel shares sum to 1."""
+    from uninet_feat import metrics
+    bad = sorted((texture / "test" / "spot").glob("*.png"))
+    rows = ["path,split,label,mask"] + [f"{p.relative_to(texture)},train,good," for p in
+                                        sorted((texture / "train" / "good").glob("*.png"))]
+    rows += [f"{p.relative_to(texture)},test,good," for p in sorted((texture / "test" / "good").glob("*.png"))]
+    for i, p in enumerate(bad):
+        mask = texture / "ground_truth" / "spot" / f"{p.stem}_mask.png"
+        rows.append(f"{p.relative_to(texture)},test,{'crack' if i < 2 else 'hole'},{mask.relative_to(texture)}")
+    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    rep = evaluate(trained, data=str(texture), split_csv=str(tmp_path / "split.csv"), quiet=True,
+                   csv_path=tmp_path / "s.csv")
+    per = rep["per_label"]
+    assert sorted(per) == ["crack", "hole"] and per["crack"]["n"] == per["hole"]["n"] == 2
+    assert abs(per["crack"]["defect_pixel_share"] + per["hole"]["defect_pixel_share"] - 1) < 1e-9
+    import csv
+    got = list(csv.DictReader(open(tmp_path / "s.csv")))
+    for name in ("crack", "hole"):
+        sub = [r for r in got if r["label"] in ("good", name)]
+        y = np.array([int(r["is_defect"]) for r in sub])
+        assert per[name]["image_auroc"] == metrics.image_auroc(y, np.array([float(r["score"]) for r in sub]))
+        assert 0 <= per[name]["pixel_auroc"] <= 1 and 0 <= per[name]["aupro"] <= 1

@@ -111,6 +111,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
             per[g] = _metrics(labels[idx], scores[idx], sub, has_masks)
         report["per_group"] = per
         report["mean_image_auroc"] = float(np.mean([v["image_auroc"] for v in per.values()]))
+    defect_labels = sorted({s.label for s in test if not s.is_normal})
+    if len(defect_labels) > 1 and (labels == 0).any():
+        report["per_label"] = _per_label(test, labels, scores, res, has_masks, defect_labels)
     cal = Path(run) / "calibration.json"
     threshold = json.loads(cal.read_text())["threshold"] if cal.exists() else None
     report["threshold"] = threshold
@@ -168,6 +171,29 @@ def _metrics(labels, scores, res, has_masks) -> dict:
     return out
 
 
+def _per_label(test, labels, scores, res, has_masks, defect_labels) -> dict:
+    """Each defect label against all test normals, and its share of the defect pixels.
+
+    Pixel AUROC pools pixels over the test set, so a label whose masks are large dominates it; the
+    share tells a reader which label a low pooled figure comes from.
+    """
+    normal = [i for i, s in enumerate(test) if s.is_normal]
+    masks = res.get("masks") if has_masks else None
+    total = sum(int(m.sum()) for m in masks) if masks else 0
+    per = {}
+    for name in defect_labels:
+        mine = [i for i, s in enumerate(test) if s.label == name]
+        idx = normal + mine
+        sub = {"maps": [res["maps"][i] for i in idx] if masks else None,
+               "masks": [masks[i] for i in idx] if masks else None}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per[name] = {"n": len(mine), **_metrics(labels[idx], scores[idx], sub, has_masks)}
+        if total:
+            per[name]["defect_pixel_share"] = sum(int(masks[i].sum()) for i in mine) / total
+    return per
+
+
 def print_report(report: dict) -> None:
     table = Table(title="uninet-feat evaluation")
     table.add_column("scope")
@@ -175,6 +201,7 @@ def print_report(report: dict) -> None:
     for k in keys:
         table.add_column(k)
     rows = [("all", report)] + list(report.get("per_group", {}).items())
+    rows += [(f"label {k}", v) for k, v in report.get("per_label", {}).items()]
     for name, r in rows:
         table.add_row(name, *[f"{r[k]:.4f}" if k in r else "-" for k in keys])
     Console().print(table)

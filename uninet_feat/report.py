@@ -42,7 +42,7 @@ _METRIC_NAMES = [
     ("mean_image_auroc", "Mean image AUROC over groups"),
 ]
 _GROUP_KEYS = ["image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max"]
-_SKIP_KEYS = {"per_group", "at_threshold", "threshold", "n_test", "n_defect"}
+_SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect"}
 
 TOP_K = 8
 
@@ -371,14 +371,20 @@ def _metrics_table(metrics: dict, op, threshold, n, n_def) -> str:
             rows.append((k.replace("_", " "), _fmt(v, 3)))
     body = "".join(f"<tr><th>{_esc(a)}</th><td class='num'>{b}</td></tr>" for a, b in rows)
     out = f"<div class='mtables'><div><h3>All test images</h3><table class='metrics'>{body}</table></div>"
-    per = metrics.get("per_group")
-    if isinstance(per, dict) and per:
-        keys = [k for k in _GROUP_KEYS if any(k in (v or {}) for v in per.values())]
-        head = "".join(f"<th>{_esc(dict(_METRIC_NAMES).get(k, k))}</th>" for k in keys)
+    for key, title, col, extra in (("per_group", "Per group", "group", []),
+                                   ("per_label", "Per defect label (vs all test normals)", "label",
+                                    ["n", "defect_pixel_share"])):
+        per = metrics.get(key)
+        if not (isinstance(per, dict) and per):
+            continue
+        keys = [k for k in _GROUP_KEYS + extra if any(k in (v or {}) for v in per.values())]
+        names = {**dict(_METRIC_NAMES), "n": "images", "defect_pixel_share": "share of defect pixels"}
+        head = "".join(f"<th>{_esc(names.get(k, k))}</th>" for k in keys)
         trs = "".join(f"<tr><th>{_esc(g)}</th>" + "".join(f"<td class='num'>{_fmt((v or {}).get(k))}</td>"
                                                            for k in keys) + "</tr>"
                       for g, v in sorted(per.items()))
-        out += f"<div><h3>Per group</h3><table class='metrics pergroup'><tr><th>group</th>{head}</tr>{trs}</table></div>"
+        out += (f"<div><h3>{_esc(title)}</h3><table class='metrics pergroup'><tr><th>{col}</th>{head}</tr>"
+                f"{trs}</table></div>")
     return out + "</div>"
 
 
