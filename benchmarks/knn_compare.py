@@ -24,16 +24,23 @@ from uninet_feat.extract import Extractor
 from uninet_feat.runs import load_samples, train_val_samples
 
 
-def _eval(labels, scores, masks, maps) -> dict:
+def _eval(labels, scores, masks, maps, test) -> dict:
+    """Pooled metrics, then the same per defect label (each label vs all test normals), as `evaluate`."""
+    from uninet_feat.evaluate import _per_label
     out = {"image_auroc": metrics.image_auroc(labels, scores)}
-    if masks is not None and masks.any():
+    has_masks = masks is not None and masks.any()
+    if has_masks:
         out["pixel_auroc"] = metrics.pixel_auroc(masks, maps)
         out["aupro"] = metrics.aupro(masks, maps)
+    defect_labels = sorted({s.label for s in test if not s.is_normal})
+    if len(defect_labels) > 1:
+        res = {"maps": maps, "masks": masks} if has_masks else {}
+        out["per_label"] = _per_label(test, labels, np.asarray(scores), res, has_masks, defect_labels)
     return out
 
 
 def _wdm_maps(ex, samples, image_size: int) -> np.ndarray:
-    """UniNet's own pixel maps (the evaluated, unsmoothed sum of the six 1 − cos maps)."""
+    """UniNet's own pixel maps, the kind the run evaluates (``pixel_map``: smoothed by default)."""
     import torch
     from uninet_feat.data.dataset import ImageDataset
     ds = ImageDataset(samples, image_size=image_size, mean=ex.backbone.mean, std=ex.backbone.std)
@@ -78,10 +85,10 @@ def main(argv=None) -> dict:
         ds = ImageDataset(test, image_size=a.image_size)
         masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
     res = {"image_size": a.image_size, "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
-           "fit_seconds": round(t_fit, 1), "knn": _eval(labels, kscores, masks, kmaps)}
+           "fit_seconds": round(t_fit, 1), "knn": _eval(labels, kscores, masks, kmaps, test)}
     if a.run:
         wscores, wmaps = te["scores"], _wdm_maps(ex, test, a.image_size)
-        res["wdm"] = _eval(labels, wscores, masks, wmaps)
+        res["wdm"] = _eval(labels, wscores, masks, wmaps, test)
         # combined: each scorer z-normalised on the validation normals (images and pixels), then summed
         va = ex.extract(val)
         vkmaps, vk = knn.score_maps(va["patches"].astype(np.float32), (hw, hw), size)
@@ -89,7 +96,7 @@ def main(argv=None) -> dict:
         z = lambda v, ref: (v - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
         comb_scores = z(kscores, vk) + z(wscores, va["scores"])
         comb_maps = z(kmaps, vkmaps) + z(wmaps, vwmaps)
-        res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps),
+        res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps, test),
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
     print(json.dumps(res, indent=2))
     if a.json:

@@ -218,3 +218,21 @@ def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_pat
         y = np.array([int(r["is_defect"]) for r in sub])
         assert per[name]["image_auroc"] == metrics.image_auroc(y, np.array([float(r["score"]) for r in sub]))
         assert 0 <= per[name]["pixel_auroc"] <= 1 and 0 <= per[name]["aupro"] <= 1
+
+
+def test_per_label_takes_lists_or_arrays():
+    """`evaluate` passes lists of maps/masks, the benchmarks pass stacked arrays: same breakdown."""
+    from types import SimpleNamespace
+    from uninet_feat.evaluate import _per_label
+    rng = np.random.default_rng(0)
+    test = [SimpleNamespace(label=l, is_normal=l == "good") for l in ["good"] * 4 + ["a"] * 3 + ["b"] * 3]
+    labels = np.array([0 if s.is_normal else 1 for s in test])
+    masks = np.zeros((10, 16, 16), bool)
+    masks[4:7, 2:6, 2:6] = True
+    masks[7:, :, 8:] = True
+    maps = rng.random((10, 16, 16)) + masks * rng.random((10, 1, 1))
+    scores = maps.reshape(10, -1).max(1)
+    a = _per_label(test, labels, scores, {"maps": maps, "masks": masks}, True, ["a", "b"])
+    b = _per_label(test, labels, scores, {"maps": list(maps), "masks": list(masks)}, True, ["a", "b"])
+    assert a == b
+    assert a["a"]["defect_pixel_share"] == 48 / (48 + 384) and a["b"]["n"] == 3

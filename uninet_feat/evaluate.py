@@ -179,13 +179,14 @@ def _per_label(test, labels, scores, res, has_masks, defect_labels) -> dict:
     """
     normal = [i for i, s in enumerate(test) if s.is_normal]
     masks = res.get("masks") if has_masks else None
-    total = sum(int(m.sum()) for m in masks) if masks else 0
+    masks = None if masks is None or len(masks) == 0 else masks   # a list (evaluate) or an array (benchmarks)
+    total = sum(int(m.sum()) for m in masks) if masks is not None else 0
     per = {}
     for name in defect_labels:
         mine = [i for i, s in enumerate(test) if s.label == name]
         idx = normal + mine
-        sub = {"maps": [res["maps"][i] for i in idx] if masks else None,
-               "masks": [masks[i] for i in idx] if masks else None}
+        sub = {"maps": [res["maps"][i] for i in idx] if masks is not None else None,
+               "masks": [masks[i] for i in idx] if masks is not None else None}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             per[name] = {"n": len(mine), **_metrics(labels[idx], scores[idx], sub, has_masks)}
