@@ -167,6 +167,12 @@ def test_text_scorer_shapes_and_features():
     torch.testing.assert_close(f[:, 1], p.flatten(1).amax(1))
     value = TextScorer(bb, patch_mode="value", text_model=build_clip_model("tiny"))
     assert value.patch_scores(x).shape == (3, 4, 6)
+    # value mode shares blocks 0..L-2 between the image and the patch side: same as two full passes
+    fv = value.features(x)
+    pv = value.patch_scores(x).flatten(1)
+    torch.testing.assert_close(fv[:, 0], value.image_scores(x))
+    torch.testing.assert_close(fv[:, 1:3], torch.stack([pv.amax(1), pv.mean(1)], 1))
+    assert not torch.allclose(pv, p.flatten(1))   # and the value end differs from the token end
     with pytest.raises(BadInputError, match="patch size"):
         ts.image_scores(torch.randn(1, 3, 60, 64))
 

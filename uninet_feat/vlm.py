@@ -201,14 +201,15 @@ class TextScorer(nn.Module):
 
     @torch.no_grad()
     def _both(self, x: torch.Tensor):
-        from .backbones.clip import pool_vit, project, run_vit
+        from .backbones.clip import pool_vit, project, run_vit, run_vit_two_ends
         self._check(x)
-        value = self.patch_mode == "value"
-        _, t, (gh, gw) = run_vit(self.visual, x)
+        if self.patch_mode == "value":   # blocks 0..L-2 once, the last block both ways
+            t, tv, (gh, gw) = run_vit_two_ends(self.visual, x)
+        else:
+            _, t, (gh, gw) = run_vit(self.visual, x)
         pooled, tok = pool_vit(self.visual, t)
         img = self._probs(F.normalize(project(self.visual, pooled), dim=-1))
-        if value:
-            _, tv, _ = run_vit(self.visual, x, value_last=True)
+        if self.patch_mode == "value":
             _, tok = pool_vit(self.visual, tv)
         patch = self._probs(F.normalize(project(self.visual, tok), dim=-1)).reshape(x.shape[0], gh, gw)
         return img, patch

@@ -194,6 +194,24 @@ def run_vit(visual, x: torch.Tensor, take=(), upto: int | None = None, value_las
     return out, (t if batch_first else t.transpose(0, 1)), (gh, gw)
 
 
+def run_vit_two_ends(visual, x: torch.Tensor):
+    """Final tokens of the plain tower and of the ``value_last`` one, sharing blocks 0..L-2 (one tower
+    pass plus one extra last block instead of two passes), plus the grid."""
+    blocks = visual.transformer.resblocks
+    last = len(blocks) - 1
+    if last == 0:
+        _, a, grid = run_vit(visual, x)
+        return a, run_vit(visual, x, value_last=True)[1], grid
+    _, t, grid = run_vit(visual, x, upto=last - 1)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    if not batch_first:
+        t = t.transpose(0, 1)
+    a, b = blocks[last](t, attn_mask=None), _identity_attention_block(blocks[last], t)
+    if not batch_first:
+        a, b = a.transpose(0, 1), b.transpose(0, 1)
+    return a, b, grid
+
+
 def _identity_attention_block(blk, t):
     attn = getattr(blk, "attn", None)
     if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
