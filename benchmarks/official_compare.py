@@ -134,6 +134,9 @@ def compare(args) -> dict:
                                         me + ["--role", "official-train", *_common(args, b), *steps]),
            "ours_train": M.run_json("benchmarks.train_step", ours_net + ["--kernels", "chunked", *_common(args, b),
                                                                           *steps])}
+    if args.grad_checkpointing:
+        res["ours_train_ckpt"] = M.run_json("benchmarks.train_step", ours_net + [
+            "--kernels", "chunked", "--grad-checkpointing", *_common(args, b), *steps])
     if not args.skip_inference:
         res["official_infer_b1"] = M.run_json("benchmarks.official_compare", me + [
             "--role", "official-infer", *_common(args, 1), "--infer-images", args.infer_images])
@@ -151,6 +154,11 @@ def compare(args) -> dict:
         "train_time_ratio": ratio("official_train", "median_step_s", "ours_train", "median_step_s"),
         "train_memory_ratio": ratio("official_train", "peak_rss_mb", "ours_train", "peak_rss_mb"),
     }
+    if args.grad_checkpointing:
+        res["ratios"]["train_time_ratio_ckpt"] = ratio("official_train", "median_step_s", "ours_train_ckpt",
+                                                       "median_step_s")
+        res["ratios"]["train_memory_ratio_ckpt"] = ratio("official_train", "peak_rss_mb", "ours_train_ckpt",
+                                                         "peak_rss_mb")
     if args.device.startswith("cuda"):
         res["ratios"]["train_cuda_memory_ratio"] = ratio("official_train", "cuda_peak_mb", "ours_train",
                                                          "cuda_peak_mb")
@@ -176,6 +184,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", choices=sorted(M.DTYPES), default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="also measure our training step with activation checkpointing (ours_train_ckpt)")
     ap.add_argument("--role", choices=["compare", "official-train", "official-infer"], default="compare",
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --backbone wide_resnet50_2 --weights random --image-size 256 \
         --batch-size 8 --steps 5 --warmup 1 --threads 2 [--kernels chunked|naive|triton] \
-        [--mem official|multiscale] [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last]
+        [--mem official|multiscale] [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--grad-checkpointing]
 
 Prints one JSON line: median step seconds, images/s, peak RSS (and CUDA peak) and the configuration.
 Inputs are random tensors; peak RSS covers the whole process (model build included), so compare runs
@@ -40,10 +40,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--kernels", default=None, help="similarity_lse backend: chunked, naive, triton (default: env/auto)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="as `train --grad-checkpointing`")
     args = ap.parse_args(argv)
     threads = M.set_threads(args.threads)
     model, x = build(args)
     model.train()
+    recompute = args.grad_checkpointing and bool(model.set_grad_checkpointing(True))
     opt_s, opt_t = _optimizers(model, DEFAULT_CONFIG)
     rss_model = M.current_rss_mb()
 
@@ -52,7 +54,10 @@ def main(argv=None) -> dict:
             loss = model.loss(model(x), backend=args.kernels)["loss"]
         opt_s.zero_grad(set_to_none=True)
         opt_t.zero_grad(set_to_none=True)
+        bn = model.running_stats() if recompute else None
         loss.backward()
+        if bn is not None:
+            model.load_running_stats(bn)
         opt_s.step()
         opt_t.step()
 

@@ -236,3 +236,29 @@ def test_per_label_takes_lists_or_arrays():
     b = _per_label(test, labels, scores, {"maps": list(maps), "masks": list(masks)}, True, ["a", "b"])
     assert a == b
     assert a["a"]["defect_pixel_share"] == 48 / (48 + 384) and a["b"]["n"] == 3
+
+
+def test_grad_checkpointing_trains_the_same_model(texture, tmp_path):
+    """`--grad-checkpointing` recomputes the target teacher (timm) and the student in backward: the run's
+    weights and BN running statistics equal a run without it; without restoring the statistics after
+    backward they would not (the recomputed forward updates them a second time)."""
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.model import UniNet
+    kw = dict(backbone="tf_efficientnet_lite0", weights="random", epochs=1, image_size=64)
+    a = build_from_checkpoint(train(_cfg(texture, **kw), tmp_path / "a", quiet=True))[0].state_dict()
+    b = build_from_checkpoint(train(_cfg(texture, grad_checkpointing=True, **kw), tmp_path / "b",
+                                    quiet=True))[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    torch.manual_seed(0)
+    m = UniNet(create_backbone("tf_efficientnet_lite0", weights="random")).train()
+    assert m.set_grad_checkpointing(True) == ["target", "student"]
+    x = torch.randn(2, 3, 64, 64)
+    loss = m.loss(m(x))["loss"]
+    after_forward = m.running_stats()
+    loss.backward()
+    moved = [k for k, v in m.running_stats().items() if "running_mean" in k and not torch.equal(v, after_forward[k])]
+    assert any(k.startswith("student.") for k in moved) and any(k.startswith("target.") for k in moved)
+    m.load_running_stats(after_forward)
+    assert all(torch.equal(v, after_forward[k]) for k, v in m.running_stats().items())

@@ -32,10 +32,14 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                    help="use labelled defects (and masks) in the training split")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
                    help="skip unreadable images with a warning instead of stopping")
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward: about 0.6x the peak memory for about 1.15x the step "
+                        "time (same results)")
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
-               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "supervised", "skip_bad")
+               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "supervised", "skip_bad",
+               "grad_checkpointing")
 
 
 def build_parser() -> argparse.ArgumentParser:

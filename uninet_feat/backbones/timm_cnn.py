@@ -196,6 +196,14 @@ class TimmCNN(Backbone):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """timm's own per-stage activation checkpointing; False when this timm model has none."""
+        fn = getattr(self.body, "set_grad_checkpointing", None)
+        if fn is None:
+            return False
+        fn(enable)
+        return True
+
     def config(self) -> dict:
         return {"name": self.name, "levels": list(self.levels), "mean": list(self.mean), "std": list(self.std),
                 **self._timm_kw}

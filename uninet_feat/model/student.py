@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 class DecoderBlock(nn.Module):
@@ -58,11 +59,14 @@ class StudentDecoder(nn.Module):
             stages.append(nn.Sequential(*blocks))
             c, s = cout, sout
         self.stages = nn.ModuleList(stages)
+        self.grad_checkpointing = False   # recompute each block in backward, keeping only its input
 
     def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Returns maps fine → coarse, in the teacher's level order."""
         outs = []
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in self.stages:
-            z = stage(z)
+            for block in stage:
+                z = checkpoint(block, z, use_reentrant=False) if recompute else block(z)
             outs.append(z)
         return outs[::-1]

@@ -104,6 +104,31 @@ class UniNet(nn.Module):
         self.source.eval()  # the source teacher never leaves eval mode (anomalib's port lets it drift)
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> list[str]:
+        """Recompute activations in backward instead of storing them: the student's blocks always,
+        the target teacher's stages when its backbone offers ``set_grad_checkpointing`` (timm CNNs).
+        Returns the parts that are checkpointed. Less peak memory for more step time; a recomputed
+        forward would update BN running statistics a second time, so the training loop restores them
+        after backward (``running_stats`` / ``load_running_stats``) and the run equals one without it.
+        """
+        parts = []
+        fn = getattr(self.target, "set_grad_checkpointing", None)
+        if fn is not None and fn(enable) is not False:
+            parts.append("target")
+        self.student.grad_checkpointing = enable
+        return parts + ["student"]
+
+    def running_stats(self) -> dict[str, torch.Tensor]:
+        """Copies of every BatchNorm running statistic (and batch counter)."""
+        return {k: v.detach().clone() for k, v in self.named_buffers()
+                if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+    def load_running_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        bufs = dict(self.named_buffers())
+        with torch.no_grad():
+            for k, v in stats.items():
+                bufs[k].copy_(v)
+
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups for the two optimisers of the method."""
         return {"student": list(self.student.parameters()) + list(self.bottleneck.parameters())
