@@ -207,8 +207,10 @@ def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_pat
         rows.append(f"{p.relative_to(texture)},test,{'crack' if i < 2 else 'hole'},{mask.relative_to(texture)}")
     (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
     rep = evaluate(trained, data=str(texture), split_csv=str(tmp_path / "split.csv"), quiet=True,
-                   csv_path=tmp_path / "s.csv")
+                   csv_path=tmp_path / "s.csv", report_path=tmp_path / "r.html")
     per = rep["per_label"]
+    html = (tmp_path / "r.html").read_text()
+    assert "Per defect label" in html and f"{per['hole']['pixel_auroc']:.4f}" in html
     assert sorted(per) == ["crack", "hole"] and per["crack"]["n"] == per["hole"]["n"] == 2
     assert abs(per["crack"]["defect_pixel_share"] + per["hole"]["defect_pixel_share"] - 1) < 1e-9
     import csv
