@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
     threads = M.set_threads(args.threads)
     model, x = build(args)
     model.train()
-    recompute = args.grad_checkpointing and bool(model.set_grad_checkpointing(True))
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     opt_s, opt_t = _optimizers(model, DEFAULT_CONFIG)
     rss_model = M.current_rss_mb()
 
@@ -54,10 +55,8 @@ def main(argv=None) -> dict:
             loss = model.loss(model(x), backend=args.kernels)["loss"]
         opt_s.zero_grad(set_to_none=True)
         opt_t.zero_grad(set_to_none=True)
-        bn = model.running_stats() if recompute else None
-        loss.backward()
-        if bn is not None:
-            model.load_running_stats(bn)
+        with model.backward_guard():
+            loss.backward()
         opt_s.step()
         opt_t.step()
 

@@ -61,7 +61,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = _optimizers(model, cfg)
-    recompute = bool(cfg.get("grad_checkpointing")) and bool(model.set_grad_checkpointing(True))
+    if cfg.get("grad_checkpointing"):
+        model.set_grad_checkpointing(True)
     if resume:
         model.load_state_dict(state["state_dict"])
         opt_s.load_state_dict(state["opt_student"])
@@ -110,10 +111,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                                         fix="check the inputs for NaN/Inf or lower --lr")
                 opt_s.zero_grad(set_to_none=True)
                 opt_t.zero_grad(set_to_none=True)
-                bn = model.running_stats() if recompute else None
-                local_loss.backward()
-                if bn is not None:   # the recomputed forward in backward updated them a second time
-                    model.load_running_stats(bn)
+                with model.backward_guard():   # BN statistics not updated twice under checkpointing
+                    local_loss.backward()
                 opt_s.step()
                 opt_t.step()
                 n += 1

@@ -199,10 +199,7 @@ def run_vit_two_ends(visual, x: torch.Tensor):
     pass plus one extra last block instead of two passes), plus the grid."""
     blocks = visual.transformer.resblocks
     last = len(blocks) - 1
-    if last == 0:
-        _, a, grid = run_vit(visual, x)
-        return a, run_vit(visual, x, value_last=True)[1], grid
-    _, t, grid = run_vit(visual, x, upto=last - 1)
+    _, t, grid = run_vit(visual, x, upto=last - 1)   # upto=-1 (a one-block tower): the embedded tokens
     batch_first = getattr(visual.transformer, "batch_first", True)
     if not batch_first:
         t = t.transpose(0, 1)

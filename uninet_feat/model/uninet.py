@@ -11,6 +11,7 @@ Everything is sized from the backbone's ``channels`` and ``strides``.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +109,8 @@ class UniNet(nn.Module):
         """Recompute activations in backward instead of storing them: the student's blocks always,
         the target teacher's stages when its backbone offers ``set_grad_checkpointing`` (timm CNNs).
         Returns the parts that are checkpointed. Less peak memory for more step time; a recomputed
-        forward would update BN running statistics a second time, so the training loop restores them
-        after backward (``running_stats`` / ``load_running_stats``) and the run equals one without it.
+        forward would update BN running statistics a second time, so backward runs inside
+        ``backward_guard`` and the run equals one without checkpointing.
         """
         parts = []
         fn = getattr(self.target, "set_grad_checkpointing", None)
@@ -117,6 +118,15 @@ class UniNet(nn.Module):
             parts.append("target")
         self.student.grad_checkpointing = enable
         return parts + ["student"]
+
+    @contextmanager
+    def backward_guard(self):
+        """Wrap ``loss.backward()``: with checkpointing on, BN running statistics come out as they went in
+        (the recomputed forwards in backward would update them again); a no-op otherwise."""
+        stats = self.running_stats() if self.student.grad_checkpointing else None
+        yield
+        if stats is not None:
+            self.load_running_stats(stats)
 
     def running_stats(self) -> dict[str, torch.Tensor]:
         """Copies of every BatchNorm running statistic (and batch counter)."""
