@@ -26,7 +26,7 @@ from uninet_feat.runs import load_samples, train_val_samples
 
 def _eval(labels, scores, masks, maps, test) -> dict:
     """Pooled metrics, then the same per defect label (each label vs all test normals), as `evaluate`."""
-    from uninet_feat.evaluate import _per_label
+    from uninet_feat.evaluate import per_label_metrics
     out = {"image_auroc": metrics.image_auroc(labels, scores)}
     has_masks = masks is not None and masks.any()
     if has_masks:
@@ -35,7 +35,7 @@ def _eval(labels, scores, masks, maps, test) -> dict:
     defect_labels = sorted({s.label for s in test if not s.is_normal})
     if len(defect_labels) > 1:
         res = {"maps": maps, "masks": masks} if has_masks else {}
-        out["per_label"] = _per_label(test, labels, np.asarray(scores), res, has_masks, defect_labels)
+        out["per_label"] = per_label_metrics(test, labels, np.asarray(scores), res, has_masks, defect_labels)
     return out
 
 

@@ -225,7 +225,7 @@ def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_pat
 def test_per_label_takes_lists_or_arrays():
     """`evaluate` passes lists of maps/masks, the benchmarks pass stacked arrays: same breakdown."""
     from types import SimpleNamespace
-    from uninet_feat.evaluate import _per_label
+    from uninet_feat.evaluate import per_label_metrics
     rng = np.random.default_rng(0)
     test = [SimpleNamespace(label=l, is_normal=l == "good") for l in ["good"] * 4 + ["a"] * 3 + ["b"] * 3]
     labels = np.array([0 if s.is_normal else 1 for s in test])
@@ -234,8 +234,8 @@ def test_per_label_takes_lists_or_arrays():
     masks[7:, :, 8:] = True
     maps = rng.random((10, 16, 16)) + masks * rng.random((10, 1, 1))
     scores = maps.reshape(10, -1).max(1)
-    a = _per_label(test, labels, scores, {"maps": maps, "masks": masks}, True, ["a", "b"])
-    b = _per_label(test, labels, scores, {"maps": list(maps), "masks": list(masks)}, True, ["a", "b"])
+    a = per_label_metrics(test, labels, scores, {"maps": maps, "masks": masks}, True, ["a", "b"])
+    b = per_label_metrics(test, labels, scores, {"maps": list(maps), "masks": list(masks)}, True, ["a", "b"])
     assert a == b
     assert a["a"]["defect_pixel_share"] == 48 / (48 + 384) and a["b"]["n"] == 3
 
@@ -263,4 +263,9 @@ def test_grad_checkpointing_trains_the_same_model(texture, tmp_path):
     moved = [k for k, v in m.running_stats().items() if "running_mean" in k and not torch.equal(v, after_forward[k])]
     assert any(k.startswith("student.") for k in moved) and any(k.startswith("target.") for k in moved)
     m.load_running_stats(after_forward)
+    assert all(torch.equal(v, after_forward[k]) for k, v in m.running_stats().items())
+    loss = m.loss(m(x))["loss"]
+    after_forward = m.running_stats()
+    with m.backward_guard():   # what train() does
+        loss.backward()
     assert all(torch.equal(v, after_forward[k]) for k, v in m.running_stats().items())

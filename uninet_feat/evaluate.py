@@ -105,15 +105,12 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if len(groups) > 1:
         per = {}
         for g in groups:
-            idx = [i for i, s in enumerate(test) if s.group == g]
-            sub = {"maps": [res["maps"][i] for i in idx] if res["maps"] else None,
-                   "masks": [res["masks"][i] for i in idx] if res["masks"] else None}
-            per[g] = _metrics(labels[idx], scores[idx], sub, has_masks)
+            per[g] = _subset_metrics([i for i, s in enumerate(test) if s.group == g], labels, scores, res, has_masks)
         report["per_group"] = per
         report["mean_image_auroc"] = float(np.mean([v["image_auroc"] for v in per.values()]))
     defect_labels = sorted({s.label for s in test if not s.is_normal})
     if len(defect_labels) > 1 and (labels == 0).any():
-        report["per_label"] = _per_label(test, labels, scores, res, has_masks, defect_labels)
+        report["per_label"] = per_label_metrics(test, labels, scores, res, has_masks, defect_labels)
     cal = Path(run) / "calibration.json"
     threshold = json.loads(cal.read_text())["threshold"] if cal.exists() else None
     report["threshold"] = threshold
@@ -171,25 +168,27 @@ def _metrics(labels, scores, res, has_masks) -> dict:
     return out
 
 
-def _per_label(test, labels, scores, res, has_masks, defect_labels) -> dict:
+def _subset_metrics(idx, labels, scores, res, has_masks) -> dict:
+    """``_metrics`` on the images ``idx`` only (maps and masks may be lists or stacked arrays)."""
+    pick = lambda key: [res[key][i] for i in idx] if res.get(key) is not None else None  # noqa: E731
+    return _metrics(labels[idx], scores[idx], {"maps": pick("maps"), "masks": pick("masks")}, has_masks)
+
+
+def per_label_metrics(test, labels, scores, res, has_masks, defect_labels) -> dict:
     """Each defect label against all test normals, and its share of the defect pixels.
 
     Pixel AUROC pools pixels over the test set, so a label whose masks are large dominates it; the
     share tells a reader which label a low pooled figure comes from.
     """
     normal = [i for i, s in enumerate(test) if s.is_normal]
-    masks = res.get("masks") if has_masks else None
-    masks = None if masks is None or len(masks) == 0 else masks   # a list (evaluate) or an array (benchmarks)
+    masks = res.get("masks") if has_masks else None   # a list (evaluate) or an array (benchmarks)
     total = sum(int(m.sum()) for m in masks) if masks is not None else 0
     per = {}
     for name in defect_labels:
         mine = [i for i, s in enumerate(test) if s.label == name]
-        idx = normal + mine
-        sub = {"maps": [res["maps"][i] for i in idx] if masks is not None else None,
-               "masks": [masks[i] for i in idx] if masks is not None else None}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            per[name] = {"n": len(mine), **_metrics(labels[idx], scores[idx], sub, has_masks)}
+            per[name] = {"n": len(mine), **_subset_metrics(normal + mine, labels, scores, res, has_masks)}
         if total:
             per[name]["defect_pixel_share"] = sum(int(masks[i].sum()) for i in mine) / total
     return per
