@@ -1,7 +1,8 @@
 """The official UniNet code vs this package: training step and inference, each side in its own process.
 
     python -m benchmarks.official_compare --official-path /tmp/official_uninet \
-        --image-size 256 --batch-size 8 --steps 3 --threads 2 [--infer-images 16] [--device cpu]
+        --image-size 256 --batch-size 8 --steps 3 --threads 2 [--infer-images 16] [--device cpu] \
+        [--channels-last] [--grad-checkpointing] [--step-in-backward]
 
 Official side (imported from ``--official-path``, never from this repository): WideResNet-50-2 teacher with
 random init (``pretrained=False``, nothing is downloaded), their bottleneck, decoder, DFS, loss and their
@@ -134,9 +135,12 @@ def compare(args) -> dict:
                                         me + ["--role", "official-train", *_common(args, b), *steps]),
            "ours_train": M.run_json("benchmarks.train_step", ours_net + ["--kernels", "chunked", *_common(args, b),
                                                                           *steps])}
-    if args.grad_checkpointing:
-        res["ours_train_ckpt"] = M.run_json("benchmarks.train_step", ours_net + [
-            "--kernels", "chunked", "--grad-checkpointing", *_common(args, b), *steps])
+    variants = {"ckpt": ["--grad-checkpointing"] if args.grad_checkpointing else None,
+                "lowmem": ["--grad-checkpointing", "--step-in-backward"] if args.step_in_backward else None}
+    variants = {k: v for k, v in variants.items() if v}
+    for name, flags in variants.items():
+        res[f"ours_train_{name}"] = M.run_json("benchmarks.train_step", ours_net + [
+            "--kernels", "chunked", *flags, *_common(args, b), *steps])
     if not args.skip_inference:
         res["official_infer_b1"] = M.run_json("benchmarks.official_compare", me + [
             "--role", "official-infer", *_common(args, 1), "--infer-images", args.infer_images])
@@ -154,11 +158,11 @@ def compare(args) -> dict:
         "train_time_ratio": ratio("official_train", "median_step_s", "ours_train", "median_step_s"),
         "train_memory_ratio": ratio("official_train", "peak_rss_mb", "ours_train", "peak_rss_mb"),
     }
-    if args.grad_checkpointing:
-        res["ratios"]["train_time_ratio_ckpt"] = ratio("official_train", "median_step_s", "ours_train_ckpt",
-                                                       "median_step_s")
-        res["ratios"]["train_memory_ratio_ckpt"] = ratio("official_train", "peak_rss_mb", "ours_train_ckpt",
-                                                         "peak_rss_mb")
+    for name in variants:
+        res["ratios"][f"train_time_ratio_{name}"] = ratio("official_train", "median_step_s", f"ours_train_{name}",
+                                                          "median_step_s")
+        res["ratios"][f"train_memory_ratio_{name}"] = ratio("official_train", "peak_rss_mb", f"ours_train_{name}",
+                                                            "peak_rss_mb")
     if args.device.startswith("cuda"):
         res["ratios"]["train_cuda_memory_ratio"] = ratio("official_train", "cuda_peak_mb", "ours_train",
                                                          "cuda_peak_mb")
@@ -186,6 +190,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="also measure our training step with activation checkpointing (ours_train_ckpt)")
+    ap.add_argument("--step-in-backward", action="store_true",
+                    help="also measure it with checkpointing and AdamW stepped inside backward (ours_train_lowmem)")
     ap.add_argument("--role", choices=["compare", "official-train", "official-infer"], default="compare",
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

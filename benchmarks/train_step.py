@@ -3,6 +3,7 @@
     python -m benchmarks.train_step --backbone wide_resnet50_2 --weights random --image-size 256 \
         --batch-size 8 --steps 5 --warmup 1 --threads 2 [--kernels chunked|naive|triton] \
         [--mem official|multiscale] [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--grad-checkpointing]
+        [--step-in-backward]
 
 Prints one JSON line: median step seconds, images/s, peak RSS (and CUDA peak) and the configuration.
 Inputs are random tensors; peak RSS covers the whole process (model build included), so compare runs
@@ -20,7 +21,7 @@ from uninet_feat.backbones import create_backbone
 from uninet_feat.config import DEFAULT_CONFIG
 from uninet_feat.kernels import resolve_backend
 from uninet_feat.model import UniNet
-from uninet_feat.train import _optimizers
+from uninet_feat.optim import make_optimizers
 
 
 def build(args):
@@ -41,13 +42,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--kernels", default=None, help="similarity_lse backend: chunked, naive, triton (default: env/auto)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="as `train --grad-checkpointing`")
+    ap.add_argument("--step-in-backward", action="store_true", help="as `train --step-in-backward`")
     args = ap.parse_args(argv)
     threads = M.set_threads(args.threads)
     model, x = build(args)
     model.train()
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    opt_s, opt_t = _optimizers(model, DEFAULT_CONFIG)
+    opt_s, opt_t = make_optimizers(model, DEFAULT_CONFIG, in_backward=args.step_in_backward)
     rss_model = M.current_rss_mb()
 
     def step():

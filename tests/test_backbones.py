@@ -240,3 +240,34 @@ def test_lite0_stem_statistics_say_mean_std_half():
     s = torch.load(lite0_source_file(), weights_only=True)
     pred = s["_conv_stem.weight"].sum((2, 3)) @ ((torch.tensor([0.485, 0.456, 0.406]) - 0.5) / 0.5)
     assert torch.corrcoef(torch.stack([pred, s["_bn0.running_mean"]]))[0, 1] > 0.9
+
+
+def test_block_checkpointing_of_feature_list_bodies():
+    """ResNet-like timm bodies (FeatureListNet) recompute block by block, the last stage too: same
+    features and weight gradients as a plain forward, and only block inputs are kept for backward."""
+    torch.manual_seed(0)
+    bb = create_backbone("resnet18", weights="random").train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def run():
+        saved = []
+
+        def pack(t):
+            saved.append(t.untyped_storage().nbytes())
+            return t
+        bb.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            feats = bb(x)
+        sum(f.square().mean() for f in feats).backward()
+        return [f.detach() for f in feats], {n: p.grad.clone() for n, p in bb.named_parameters()}, sum(saved)
+
+    stats = {k: v.clone() for k, v in bb.state_dict().items()}
+    f_plain, g_plain, bytes_plain = run()
+    bb.load_state_dict(stats)
+    assert bb.set_grad_checkpointing(True) is True
+    f_ckpt, g_ckpt, bytes_ckpt = run()
+    for a, b in zip(f_plain, f_ckpt):
+        torch.testing.assert_close(b, a)
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert bytes_ckpt < 0.5 * bytes_plain

@@ -20,24 +20,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
-from .distributed import init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
+from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
 from .errors import BadInputError
 from .io import atomic_write_text
+from .optim import make_optimizers
 from .runs import CachedDataset, load_samples, make_dataset, make_model, set_threads, train_val_samples
 
 
 def _progress(quiet: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=quiet, transient=False)
-
-
-def _optimizers(model, cfg):
-    groups = model.trainable_groups()
-    opt_s = torch.optim.AdamW(groups["student"], lr=cfg["lr"], betas=(0.9, 0.999),
-                              weight_decay=cfg["weight_decay"], eps=1e-8)
-    opt_t = torch.optim.AdamW(groups["target"], lr=cfg["lr_target"], betas=(0.9, 0.999),
-                              weight_decay=cfg["weight_decay"], eps=1e-8)
-    return opt_s, opt_t
 
 
 def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False) -> Path:
@@ -60,7 +52,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     model = make_model(cfg)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    opt_s, opt_t = _optimizers(model, cfg)
+    opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
     if cfg.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)
     if resume:
@@ -69,6 +61,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         opt_t.load_state_dict(state["opt_target"])
         start_epoch = int(state["epoch"])
     # [distributed] torchrun: every rank has loaded the same state; DDP + global BN (distributed.py)
+    if cfg.get("step_in_backward") and (env_rank_world() or (0, 1))[1] > 1:
+        raise BadInputError("--step-in-backward cannot be used with torchrun (DDP averages gradients after "
+                            "they are consumed)", path=out, fix="drop --step-in-backward for distributed runs")
     dd = init_from_env(device="cpu")  # this loop keeps the model on the CPU: gloo
     step = dd.wrap(model)             # None in the single-process run
     if dd.is_main:

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .mem import MEMBlock
 
@@ -52,6 +53,12 @@ class Bottleneck(nn.Module):
             cin = self.out_channels
         self.mem = nn.Sequential(*blocks)
         self.out_stride = 2 * s_last
+        self.grad_checkpointing = False   # recompute in backward, keeping only the input levels
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._fuse, *feats, use_reentrant=False)
+        return self._fuse(*feats)
+
+    def _fuse(self, *feats: torch.Tensor) -> torch.Tensor:
         return self.mem(torch.cat([p(f) for p, f in zip(self.pre, feats)], 1))

@@ -106,8 +106,9 @@ class UniNet(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> list[str]:
-        """Recompute activations in backward instead of storing them: the student's blocks always,
-        the target teacher's stages when its backbone offers ``set_grad_checkpointing`` (timm CNNs).
+        """Recompute activations in backward instead of storing them: the bottleneck and the student's
+        blocks always, the target teacher's stages when its backbone offers ``set_grad_checkpointing``
+        (timm CNNs).
         Returns the parts that are checkpointed. Less peak memory for more step time; a recomputed
         forward would update BN running statistics a second time, so backward runs inside
         ``backward_guard`` and the run equals one without checkpointing.
@@ -116,8 +117,8 @@ class UniNet(nn.Module):
         fn = getattr(self.target, "set_grad_checkpointing", None)
         if fn is not None and fn(enable) is not False:
             parts.append("target")
-        self.student.grad_checkpointing = enable
-        return parts + ["student"]
+        self.bottleneck.grad_checkpointing = self.student.grad_checkpointing = enable
+        return parts + ["bottleneck", "student"]
 
     @contextmanager
     def backward_guard(self):
