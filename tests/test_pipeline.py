@@ -269,3 +269,36 @@ def test_grad_checkpointing_trains_the_same_model(texture, tmp_path):
     with m.backward_guard():   # what train() does
         loss.backward()
     assert all(torch.equal(v, after_forward[k]) for k, v in m.running_stats().items())
+
+
+def test_operating_point_flags_from_validation_normals(trained, texture, tmp_path):
+    """`--max-fpr` picks the threshold on the run's validation-normal scores (kept in calibration.json);
+    `--threshold` is taken as given; evaluate's flags and recall follow the chosen threshold."""
+    from uninet_feat.cli import main
+    cal = json.loads((trained / "calibration.json").read_text())
+    assert len(cal["val_scores"]) == cal["n_val_normals"]
+    rep = evaluate(trained, quiet=True, overrides={"max_fpr": 0.0}, csv_path=tmp_path / "s.csv")
+    assert rep["threshold"] == max(cal["val_scores"]) and "--max-fpr" in rep["threshold_rule"]
+    rows = rep["_rows"]
+    assert [r["flagged"] for r in rows] == [int(float(r["score"]) > rep["threshold"]) for r in rows]
+    low = evaluate(trained, quiet=True, overrides={"threshold": -1e9})
+    assert low["at_threshold"]["recall_defect"] == 1.0 and low["at_threshold"]["false_positive_rate"] == 1.0
+    assert main(["predict", "--run", str(trained), "--data", str(texture), "--out",
+                 str(tmp_path / "p"), "--threshold=-1e9", "--no-overlays", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["threshold"] == -1e9 and summary["n_flagged"] == summary["n_images"] > 0
+
+
+def test_calibrate_rewrites_the_same_calibration(trained, tmp_path):
+    """`uninet-feat calibrate` re-scores the same seeded validation split: an older calibration.json
+    without `val_scores` comes back identical to the one training wrote."""
+    import shutil
+    from uninet_feat.cli import main
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    before = json.loads((run / "calibration.json").read_text())
+    (run / "calibration.json").write_text(json.dumps({k: v for k, v in before.items() if k != "val_scores"}))
+    assert main(["calibrate", "--run", str(run), "--quiet"]) == 0
+    after = json.loads((run / "calibration.json").read_text())
+    assert after["val_scores"] == pytest.approx(before["val_scores"], rel=1e-5)
+    assert after["threshold"] == pytest.approx(before["threshold"], rel=1e-5)

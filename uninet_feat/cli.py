@@ -40,6 +40,14 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                         "one parameter copy less at the peak (same results; not with torchrun)")
 
 
+def _threshold_args(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="flag images whose score is above this value")
+    g.add_argument("--max-fpr", dest="max_fpr", type=float,
+                   help="flag with the lowest threshold that flags at most this fraction of the run's validation "
+                        "normals (default: their 0.99 quantile)")
+
+
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "supervised", "skip_bad",
                "grad_checkpointing", "step_in_backward")
@@ -65,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write a self-contained HTML report here")
     p.add_argument("--pixel-map", dest="pixel_map", choices=["smoothed", "raw"],
                    help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
+    _threshold_args(p)
     p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("calibrate", help="re-score a run's validation normals (thresholds for --max-fpr)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", help="where the training data is now (default: where it was)")
+    p.add_argument("--split-csv", dest="split_csv")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("extract", help="export image (and patch) feature vectors into a sharded store")
@@ -113,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", dest="overlays", action="store_false")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
+    _threshold_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
@@ -198,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 def _save_command_config(args) -> None:
     """Beside a command's outputs: ``config.yaml`` (every resolved flag; reusable as ``--config``) and
     ``env.json``. train, zero-shot and demo write their own."""
-    if args.command in ("train", "zero-shot", "demo", "evaluate", "prompts"):
+    if args.command in ("train", "zero-shot", "demo", "evaluate", "prompts", "calibrate"):
         return
     from .config import save_run_config
     opts = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
@@ -218,7 +234,8 @@ def _dispatch(args) -> int:
         from .evaluate import evaluate
         rep = evaluate(args.run, args.data, args.split_csv, json_path=args.json, csv_path=args.csv,
                        group=args.group, quiet=args.quiet,
-                       overrides={"threads": args.threads, "pixel_map": args.pixel_map},
+                       overrides={"threads": args.threads, "pixel_map": args.pixel_map,
+                                  "threshold": args.threshold, "max_fpr": args.max_fpr},
                        report_path=args.report)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
@@ -237,8 +254,9 @@ def _dispatch(args) -> int:
             res = {"task": res["task"], "classes": res["classes"], "cv": res["oof"], "out": args.out}
         else:
             rows = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
-                                  args.overlays, args.quiet, text=args.text)
-            res = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "out": args.out}
+                                  args.overlays, args.quiet, text=args.text, threshold=args.threshold,
+                                  max_fpr=args.max_fpr)
+            res = {**json.loads((Path(args.out) / "summary.json").read_text()), "out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0
     if args.command == "zero-shot":
@@ -246,6 +264,11 @@ def _dispatch(args) -> int:
         res = zero_shot_cmd(args.data, args.out, args.backbone, args.weights, args.prompts, args.split_csv,
                             args.group, args.image_size, args.tile, args.patch_mode, args.quiet)
         print(json.dumps(res, indent=2))
+        return 0
+    if args.command == "calibrate":
+        from .calibration import recalibrate
+        cal = recalibrate(args.run, args.data, args.split_csv, args.quiet)
+        print(json.dumps({k: cal[k] for k in ("n_val_normals", "threshold", "threshold_rule", "quantiles")}, indent=2))
         return 0
     if args.command == "prompts":
         from .vlm import dump_prompts

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import metrics
+from .calibration import resolve_threshold
 from .checkpoint import build_from_checkpoint
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
@@ -111,9 +112,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     defect_labels = sorted({s.label for s in test if not s.is_normal})
     if len(defect_labels) > 1 and (labels == 0).any():
         report["per_label"] = per_label_metrics(test, labels, scores, res, has_masks, defect_labels)
-    cal = Path(run) / "calibration.json"
-    threshold = json.loads(cal.read_text())["threshold"] if cal.exists() else None
-    report["threshold"] = threshold
+    threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"))
+    report["threshold"], report["threshold_rule"] = threshold, rule
     if threshold is not None:
         pred = scores > threshold
         report["at_threshold"] = {"recall_defect": float(pred[labels == 1].mean()) if labels.any() else None,
@@ -205,3 +205,8 @@ def print_report(report: dict) -> None:
     for name, r in rows:
         table.add_row(name, *[f"{r[k]:.4f}" if k in r else "-" for k in keys])
     Console().print(table)
+    at = report.get("at_threshold")
+    if at:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        Console().print(f"threshold {report['threshold']:.6g} ({report['threshold_rule']}): defect recall "
+                        f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")

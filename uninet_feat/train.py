@@ -14,10 +14,10 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .calibration import calibrate
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
 from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
@@ -126,21 +126,6 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if dd.is_main:
         model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
         if val:
-            _calibrate(model, val, cfg, out, quiet)
+            calibrate(model, val, cfg, out, quiet)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
-
-
-def _calibrate(model, val, cfg, out: Path, quiet: bool) -> None:
-    """Score the held-out validation normals: a threshold that never saw a test label."""
-    from .evaluate import score_samples
-    from .overlay import map_range
-    res = score_samples(model, val, cfg, keep_maps=True, quiet=quiet)
-    s = np.asarray(res["scores"], dtype=np.float64)
-    cal = {"n_val_normals": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
-           "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
-           "threshold": float(np.quantile(s, 0.99)),
-           "threshold_rule": "0.99 quantile of validation-normal image scores (no test labels used)",
-           "map_range": map_range(res["maps"]), "map_range_pixel_map": model.cfg["pixel_map"],
-           "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
-    atomic_write_text(out / "calibration.json", json.dumps(cal, indent=2))

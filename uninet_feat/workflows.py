@@ -112,8 +112,12 @@ def _json_default(o):
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
-                text=None) -> list[dict]:
-    """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays."""
+                text=None, threshold=None, max_fpr=None) -> list[dict]:
+    """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
+
+    An image is flagged when its WDM score is above the threshold ``calibration.resolve_threshold`` picks
+    (``threshold`` as given, ``max_fpr`` on the validation normals, else the run's default)."""
+    from .calibration import resolve_threshold
     from .downstream import Head
     from .extract import Extractor
     loaded = {hd: Head.load(hd) for hd in heads}
@@ -126,8 +130,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
-    cal = Path(run) / "calibration.json"
-    threshold = json.loads(cal.read_text())["threshold"] if cal.exists() else None
+    threshold, rule = resolve_threshold(run, threshold, max_fpr)
     rows = []
     for (path, idx), x in zip(order, X):
         s = samples[int(res["index"][idx[0]])]
@@ -150,6 +153,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(
+        {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "threshold": threshold,
+         "threshold_rule": rule}, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         _write_overlays(ex, samples, rows, out / "overlays")
     return rows

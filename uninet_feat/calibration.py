@@ -1,0 +1,86 @@
+"""Thresholds from the run's validation normals only, never from test labels.
+
+``train`` scores the held-out validation normals once and writes ``calibration.json``: their image
+scores, the default threshold (their 0.99 quantile) and the overlays' colour scale. ``evaluate`` and
+``predict`` flag an image when its score is above a threshold chosen by one of three rules:
+``--threshold VALUE`` as given; ``--max-fpr F``: the lowest threshold that flags at most a fraction F
+of the validation normals; neither: the run's default.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+from .io import atomic_write_text
+
+DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels used)"
+
+
+def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True) -> dict:
+    """Score the validation normals and write ``out/calibration.json``; returns its content."""
+    from .evaluate import score_samples
+    from .overlay import map_range
+    res = score_samples(model, val, cfg, keep_maps=True, quiet=quiet)
+    s = np.asarray(res["scores"], dtype=np.float64)
+    cal = {"n_val_normals": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
+           "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
+           "threshold": float(np.quantile(s, 0.99)), "threshold_rule": DEFAULT_RULE,
+           "val_scores": sorted(float(v) for v in s),
+           "map_range": map_range(res["maps"]), "map_range_pixel_map": model.cfg["pixel_map"],
+           "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
+    atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
+    return cal
+
+
+def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True) -> dict:
+    """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
+    for runs written before the scores were kept, or whose data moved (``data``/``split_csv``)."""
+    from .checkpoint import build_from_checkpoint
+    from .runs import load_samples, run_path, set_threads, train_val_samples
+    model, ckpt = build_from_checkpoint(run_path(run, "model.pt"))
+    cfg = dict(ckpt["config"])
+    if data:
+        cfg["data"], cfg["split_csv"] = data, split_csv
+    set_threads(cfg)
+    _, val = train_val_samples(load_samples(cfg), cfg)
+    if not val:
+        raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
+                            fix="choose a threshold with --threshold VALUE")
+    return calibrate(model.eval(), val, cfg, Path(run), quiet)
+
+
+def threshold_at_fpr(val_scores, max_fpr: float) -> float:
+    """The lowest threshold with at most ``floor(max_fpr · n)`` validation normals strictly above it."""
+    s = np.sort(np.asarray(val_scores, dtype=np.float64))[::-1]
+    return float(s[min(int(math.floor(max_fpr * len(s) + 1e-9)), len(s) - 1)])
+
+
+def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None = None):
+    """(threshold or None, rule) for ``run``; see the module docstring."""
+    if threshold is not None and max_fpr is not None:
+        raise BadInputError("give --threshold or --max-fpr, not both", fix="drop one of them")
+    if threshold is not None:
+        if not math.isfinite(threshold):
+            raise BadInputError(f"--threshold must be a finite number, got {threshold}")
+        return float(threshold), "given (--threshold)"
+    path = Path(run) / "calibration.json"
+    cal = json.loads(path.read_text()) if path.exists() else None
+    if max_fpr is None:
+        return (cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)) if cal else (None, "none: no calibration")
+    if not 0.0 <= max_fpr < 1.0:
+        raise BadInputError(f"--max-fpr must be in [0, 1), got {max_fpr}", fix="e.g. --max-fpr 0.05")
+    if cal is None or "val_scores" not in cal:
+        raise BadInputError("the run has no validation-normal scores to choose a threshold on", path=path,
+                            fix=f"run `uninet-feat calibrate --run {run}` (older runs did not keep them), "
+                                "or pass --threshold VALUE")
+    n = len(cal["val_scores"])
+    if 0 < max_fpr * n < 1:
+        warnings.warn(f"--max-fpr {max_fpr}: only {n} validation normals, so the lowest false-positive rate "
+                      f"they resolve is 1/{n}; the threshold is their highest score", stacklevel=2)
+    return (threshold_at_fpr(cal["val_scores"], max_fpr),
+            f"at most {max_fpr:g} of the {n} validation normals above it (--max-fpr)")
