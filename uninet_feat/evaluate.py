@@ -86,6 +86,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if group is not None:
         cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"))  # fails before scoring
     if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
         model.cfg["pixel_map"] = cfg["pixel_map"]
     set_threads(cfg)
@@ -112,7 +113,6 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     defect_labels = sorted({s.label for s in test if not s.is_normal})
     if len(defect_labels) > 1 and (labels == 0).any():
         report["per_label"] = per_label_metrics(test, labels, scores, res, has_masks, defect_labels)
-    threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"))
     report["threshold"], report["threshold_rule"] = threshold, rule
     if threshold is not None:
         pred = scores > threshold

@@ -120,6 +120,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     from .calibration import resolve_threshold
     from .downstream import Head
     from .extract import Extractor
+    threshold, rule = resolve_threshold(run, threshold, max_fpr)   # bad flags fail before any scoring
     loaded = {hd: Head.load(hd) for hd in heads}
     for hd, head in loaded.items():
         if not text and any("clip_" in n for n in head.feature_names):
@@ -130,7 +131,6 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
-    threshold, rule = resolve_threshold(run, threshold, max_fpr)
     rows = []
     for (path, idx), x in zip(order, X):
         s = samples[int(res["index"][idx[0]])]

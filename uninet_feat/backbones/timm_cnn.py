@@ -177,6 +177,7 @@ class TimmCNN(Backbone):
             self.body = timm.create_model(timm_name, pretrained=False, **kw)
         self._trim()
         self.load_report = None
+        self._recompute = False   # set_grad_checkpointing on a FeatureListNet body
         if lite0:
             from .efficientnet_lite import LITE0_MEAN, LITE0_STD, lite0_imagenet_state_dict, lite0_source_file
             self.load_report = load_weights(self.body, lite0_imagenet_state_dict(timm_name.split(".")[0]),
@@ -195,7 +196,7 @@ class TimmCNN(Backbone):
             self.body.blocks = self.body.blocks[:max(stages)]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if getattr(self, "_recompute", False) and torch.is_grad_enabled():
+        if self._recompute and torch.is_grad_enabled():
             return self._forward_recompute(x)
         return list(self.body(x))
 
@@ -215,7 +216,7 @@ class TimmCNN(Backbone):
     def set_grad_checkpointing(self, enable: bool = True) -> bool:
         """Recompute activations in backward: per block for timm's FeatureListNet bodies (ResNets,
         most CNNs), else timm's own per-stage checkpointing. False when this timm model has neither."""
-        from timm.models._features import FeatureListNet
+        from timm.models import FeatureListNet
         if isinstance(self.body, FeatureListNet):
             self._recompute = enable
             return True
