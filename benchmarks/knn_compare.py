@@ -46,6 +46,11 @@ def _per_image(item_scores, index, n: int) -> np.ndarray:
     return out
 
 
+def _z(v, ref):
+    """Standardise ``v`` by the validation normals ``ref`` (no test label involved)."""
+    return (v - ref.mean()) / (ref.std() + 1e-12)
+
+
 def _wdm_maps(ex, samples, image_size: int) -> np.ndarray:
     """UniNet's own pixel maps, the kind the run evaluates (``pixel_map``: smoothed by default)."""
     import torch
@@ -103,9 +108,8 @@ def main(argv=None) -> dict:
         va = ex.extract(val)
         vkmaps, vk = knn.score_maps(va["patches"].astype(np.float32), (hw, hw), size)
         vwmaps = _wdm_maps(ex, val, a.image_size)
-        z = lambda v, ref: (v - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
-        comb_scores = z(kscores, vk) + z(wscores, va["scores"])
-        comb_maps = z(kmaps, vkmaps) + z(wmaps, vwmaps)
+        comb_scores = _z(kscores, vk) + _z(wscores, va["scores"])
+        comb_maps = _z(kmaps, vkmaps) + _z(wmaps, vwmaps)
         res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps, test),
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
     _write(res, a.json)
@@ -115,17 +119,19 @@ def main(argv=None) -> dict:
 def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:
     """Image-level comparison for tiled images (no masks): kNN, WDM and combined, highest tile each."""
     n, labels = len(test), np.array([0 if s.is_normal else 1 for s in test])
-    ks = _per_image(knn.score_patches(te["patches"].astype(np.float32)).max(1), te["index"], n)
+
+    def knn_images(out, n):
+        return _per_image(knn.score_patches(out["patches"].astype(np.float32)).max(1), out["index"], n)
+
+    ks = knn_images(te, n)
     res = {"image_size": a.image_size, "tile": ex.cfg["tile"], "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
            "fit_seconds": round(t_fit, 1), "knn": _eval(labels, ks, None, None, test)}
     if a.run:
         ws = _per_image(te["scores"], te["index"], n)
         res["wdm"] = _eval(labels, ws, None, None, test)
         va = ex.extract(val)
-        vk = _per_image(knn.score_patches(va["patches"].astype(np.float32)).max(1), va["index"], len(val))
-        vw = _per_image(va["scores"], va["index"], len(val))
-        z = lambda v, ref: (v - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
-        res["combined"] = {**_eval(labels, z(ks, vk) + z(ws, vw), None, None, test),
+        vk, vw = knn_images(va, len(val)), _per_image(va["scores"], va["index"], len(val))
+        res["combined"] = {**_eval(labels, _z(ks, vk) + _z(ws, vw), None, None, test),
                            "rule": "z-score of each scorer on validation normals (image scores), summed"}
     _write(res, a.json)
     return res

@@ -135,9 +135,11 @@ def compare(args) -> dict:
                                         me + ["--role", "official-train", *_common(args, b), *steps]),
            "ours_train": M.run_json("benchmarks.train_step", ours_net + ["--kernels", "chunked", *_common(args, b),
                                                                           *steps])}
-    variants = {"ckpt": ["--grad-checkpointing"] if args.grad_checkpointing else None,
-                "lowmem": ["--grad-checkpointing", "--step-in-backward"] if args.step_in_backward else None}
-    variants = {k: v for k, v in variants.items() if v}
+    variants = {}   # extra measurements of our training step: name -> train_step flags
+    if args.grad_checkpointing:
+        variants["ckpt"] = ["--grad-checkpointing"]
+    if args.step_in_backward:
+        variants["lowmem"] = ["--grad-checkpointing", "--step-in-backward"]
     for name, flags in variants.items():
         res[f"ours_train_{name}"] = M.run_json("benchmarks.train_step", ours_net + [
             "--kernels", "chunked", *flags, *_common(args, b), *steps])

@@ -51,7 +51,7 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
-    return calibrate(model.eval(), val, cfg, Path(run), quiet)
+    return calibrate(model, val, cfg, Path(run), quiet)   # score_samples puts the model in eval mode
 
 
 def threshold_at_fpr(val_scores, max_fpr: float) -> float:

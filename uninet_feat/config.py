@@ -30,7 +30,7 @@ DEFAULT_CONFIG: dict = {
     # optimisation (method §5, one-class recipe; fixed schedule: the last epoch is the model)
     "epochs": 10, "batch_size": 8, "lr": 5e-3, "lr_target": 1e-6, "weight_decay": 1e-5,
     "seed": 1203, "threads": None, "channels_last": True, "eval_batch_size": 8, "cache_images": True,
-    "grad_checkpointing": False,   # recompute target-teacher/student activations in backward: less memory, more time
+    "grad_checkpointing": False,   # recompute target/bottleneck/student activations in backward: less memory, more time
     "step_in_backward": False,     # AdamW per parameter inside backward, gradients freed at once: less memory
     # model
     **{k: (list(v) if isinstance(v, tuple) else v) for k, v in MODEL_DEFAULTS.items()},
