@@ -64,8 +64,10 @@ def test_resume_after_crash_equals_uninterrupted(setup, tmp_path, monkeypatch):
     monkeypatch.setattr("uninet_feat.extract.write_shard", real)
     done = sorted(p.name for p in (tmp_path / "part").glob("shard-*.npz"))
     assert len(done) == 2
-    resumed = ex.extract_to(samples, tmp_path / "part", shard_size=3)
+    seen = []
+    resumed = ex.extract_to(samples, tmp_path / "part", shard_size=3, on_shard=seen.append)
     np.testing.assert_array_equal(resumed.vectors, full.vectors)
+    assert seen == [2, 3]  # only the shards the crash left undone, each reported once it is on disk
 
 
 def test_resume_with_other_model_refused(setup, tmp_path):

@@ -86,27 +86,28 @@ class Extractor:
         return samples, make_dataset(samples, {**self.cfg, "skip_bad": False}, self.backbone)
 
     def _run(self, ds, indices) -> dict:
-        sub = torch.utils.data.Subset(ds, list(indices))
-        loader = torch.utils.data.DataLoader(sub, batch_size=self.batch_size, shuffle=False)
-        vecs, scores, patches, tiles, idx = [], [], [], [], []
+        """Features of ``indices``, written batch by batch into arrays allocated once at the first batch:
+        no per-batch list and no concatenated second copy, so a shard's peak memory is one shard."""
+        indices = list(indices)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=self.batch_size,
+                                             shuffle=False)
+        out, i = {}, 0
         for batch in loader:
             r = self._forward(batch["image"])
             v = r["vectors"].float()
             if self.text_scorer is not None:
                 v = torch.cat([v, self.text_scorer.features(batch["image"])], 1)
-            vecs.append(v.numpy())
-            scores.append(r["scores"].float().numpy() if r["scores"] is not None
-                          else np.full(len(batch["image"]), np.nan, np.float32))
+            cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),
+                    "scores": (r["scores"].float().numpy() if r["scores"] is not None
+                               else np.full(len(v), np.nan, np.float32))}
             if self.patches:
-                patches.append(r["patches"].to(torch.float16).numpy())
-            tiles.append(batch["tile"].numpy())
-            idx.append(batch["index"].numpy())
-        out = {"vectors": np.concatenate(vecs).astype(np.float32, copy=False),
-               "scores": np.concatenate(scores).astype(np.float32, copy=False),
-               "tile": np.concatenate(tiles).astype(np.int64, copy=False),
-               "index": np.concatenate(idx).astype(np.int64, copy=False)}
-        if self.patches:
-            out["patches"] = np.concatenate(patches)
+                cols["patches"] = r["patches"].to(torch.float16).numpy()
+            for key, a in cols.items():
+                if key not in out:
+                    dtype = {"vectors": np.float32, "scores": np.float32, "patches": np.float16}.get(key, np.int64)
+                    out[key] = np.empty((len(indices),) + a.shape[1:], dtype)
+                out[key][i:i + len(a)] = a
+            i += len(v)
         return out
 
     @torch.no_grad()
@@ -119,11 +120,12 @@ class Extractor:
 
     @torch.no_grad()
     def extract_to(self, samples, folder, shard_size: int = 256, shard: tuple[int, int] = (0, 1),
-                   quiet: bool = True) -> FeatureStore | None:
+                   quiet: bool = True, on_shard=None) -> FeatureStore | None:
         """Stream features into ``folder`` shard by shard; resumes a killed run.
 
         ``shard=(i, n)`` extracts only shards ``k`` with ``k % n == i`` (several processes or machines
-        can fill one store). Returns the store when every shard exists.
+        can fill one store). ``on_shard(k)`` is called after shard ``k`` is on disk (progress, memory
+        probes). Returns the store when every shard exists.
         """
         folder = Path(folder)
         samples, ds = self._dataset(samples)
@@ -148,7 +150,10 @@ class Extractor:
             for k in mine:
                 r = self._run(ds, range(k * shard_size, min((k + 1) * shard_size, len(items))))
                 write_shard(folder, k, {key: v for key, v in r.items() if key in ("vectors", "scores", "patches")})
+                del r  # else this shard stays alive while the next one is filled: two shards at the peak
                 prog.update(task, advance=1)
+                if on_shard is not None:
+                    on_shard(k)
         if all((folder / f"shard-{k:05d}.npz").exists() for k in range(n_shards)):
             atomic_write_text(folder / "complete", "ok\n")
             return FeatureStore(folder)
