@@ -75,12 +75,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--tile", type=int, help="tile large images (e.g. 256 for AITEX strips); image scores only")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
-    cfg = load_config(None, {"data": a.data, "split_csv": a.split_csv, "group": a.group})
+    ex = (Extractor(run=a.run, image_size=a.image_size, patches=True, tile=a.tile) if a.run else
+          Extractor(backbone=a.backbone, weights=a.weights, image_size=a.image_size, patches=True, tile=a.tile))
+    # with a run: its own training / validation split (val_fraction, seed), so the kNN memory holds exactly
+    # the run's training normals and the z-scores use the run's validation normals
+    cfg = load_config(None, {"data": a.data, "split_csv": a.split_csv, "group": a.group},
+                      base={k: ex.cfg[k] for k in ("val_fraction", "seed", "mask_pattern")} if a.run else None)
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
     test = [s for s in samples if s.split == "test"]
-    ex = (Extractor(run=a.run, image_size=a.image_size, patches=True, tile=a.tile) if a.run else
-          Extractor(backbone=a.backbone, weights=a.weights, image_size=a.image_size, patches=True, tile=a.tile))
     t0 = time.time()
     tr = ex.extract(fit)
     knn = KNNScorer(kind="flat", k=a.k, coreset_ratio=a.coreset).fit(tr["patches"].astype(np.float32))
@@ -88,10 +91,9 @@ def main(argv=None) -> dict:
     te = ex.extract(test)
     if ex.cfg.get("tile"):
         return _tiled(a, ex, knn, te, test, val, t_fit)
-    grid = ex._grid if hasattr(ex, "_grid") else None
     hw = int(np.sqrt(te["patches"].shape[1]))
     size = (a.image_size, a.image_size)
-    kmaps, kscores = knn.score_maps(te["patches"].astype(np.float32), grid or (hw, hw), size)
+    kmaps, kscores = knn.score_maps(te["patches"].astype(np.float32), (hw, hw), size)
     labels = np.array([0 if s.is_normal else 1 for s in test])
     from uninet_feat.data.dataset import ImageDataset
     has_masks = any(s.mask is not None for s in test)
@@ -112,6 +114,9 @@ def main(argv=None) -> dict:
         comb_maps = _z(kmaps, vkmaps) + _z(wmaps, vwmaps)
         res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps, test),
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
+        res["scores"] = _scores(test, knn=kscores, wdm=wscores, combined=comb_scores)
+    else:
+        res["scores"] = _scores(test, knn=kscores)
     _write(res, a.json)
     return res
 
@@ -131,14 +136,23 @@ def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:
         res["wdm"] = _eval(labels, ws, None, None, test)
         va = ex.extract(val)
         vk, vw = knn_images(va, len(val)), _per_image(va["scores"], va["index"], len(val))
-        res["combined"] = {**_eval(labels, _z(ks, vk) + _z(ws, vw), None, None, test),
+        comb = _z(ks, vk) + _z(ws, vw)
+        res["combined"] = {**_eval(labels, comb, None, None, test),
                            "rule": "z-score of each scorer on validation normals (image scores), summed"}
+        res["scores"] = _scores(test, knn=ks, wdm=ws, combined=comb)
+    else:
+        res["scores"] = _scores(test, knn=ks)
     _write(res, a.json)
     return res
 
 
+def _scores(test, **by_scorer) -> dict:
+    """Per test image: its path and each scorer's image score (for per-image study and cross-checks)."""
+    return {"path": [str(s.path) for s in test], **{k: [float(x) for x in v] for k, v in by_scorer.items()}}
+
+
 def _write(res: dict, path) -> None:
-    print(json.dumps(res, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k != "scores"}, indent=2))  # per-image scores: file only
     if path:
         with open(path, "w") as f:
             json.dump(res, f, indent=2)

@@ -1,0 +1,68 @@
+"""benchmarks.knn_compare on tiled images: a strip's score is its highest tile score, for every scorer."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import knn_compare
+from uninet_feat.config import load_config
+from uninet_feat.downstream import KNNScorer
+from uninet_feat.evaluate import evaluate
+from uninet_feat.extract import Extractor
+from uninet_feat.runs import load_samples, train_val_samples
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+
+
+@pytest.fixture(scope="module")
+def tiled_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kc")
+    data = write_texture_set(root / "wide", n_train=8, n_good=3, n_bad=3, wide=True)
+    cfg = load_config(None, {"data": str(data), "tile": 64}, base={
+        "backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 4,
+        "val_fraction": 0.25, "channels_last": False, "seed": 3})
+    train(cfg, root / "run", quiet=True)
+    return data, root / "run", cfg
+
+
+def test_tiled_scores_are_the_highest_tile_and_wdm_equals_evaluate(tiled_run, tmp_path):
+    data, run, cfg = tiled_run
+    res = knn_compare.main(["--data", str(data), "--run", str(run), "--tile", "64", "--image-size", "64",
+                            "--coreset", "1.0", "--json", str(tmp_path / "k.json")])
+    assert json.loads((tmp_path / "k.json").read_text())["scores"] == res["scores"]
+    test = [s for s in load_samples(cfg) if s.split == "test"]
+    assert res["scores"]["path"] == [str(s.path) for s in test]
+
+    # WDM: the same strip scores as `evaluate` (highest tile, tile_score max)
+    rows = {r["path"]: float(r["score"]) for r in evaluate(run, quiet=True)["_rows"]}
+    np.testing.assert_allclose(res["scores"]["wdm"], [rows[str(s.path)] for s in test], rtol=1e-5)
+
+    # kNN: recomputed tile by tile, the strip takes the max over its three tiles
+    samples = load_samples(cfg)
+    fit, val = train_val_samples(samples, cfg)
+    ex = Extractor(run=run, image_size=64, patches=True, tile=64)
+    knn = KNNScorer(kind="flat", k=1, coreset_ratio=1.0).fit(ex.extract(fit)["patches"].astype(np.float32))
+    te = ex.extract(test)
+    tile_scores = knn.score_patches(te["patches"].astype(np.float32)).max(1)
+    assert len(tile_scores) == 3 * len(test)
+    expect = [tile_scores[te["index"] == i].max() for i in range(len(test))]
+    np.testing.assert_allclose(res["scores"]["knn"], expect, rtol=1e-5)
+
+    # combined: z-scores on the validation normals' strip scores, never on test labels
+    va = ex.extract(val)
+    vk = np.array([knn.score_patches(va["patches"][va["index"] == i].astype(np.float32)).max()
+                   for i in range(len(val))])
+    vw = np.array([va["scores"][va["index"] == i].max() for i in range(len(val))])
+    z = lambda v, ref: (np.asarray(v) - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
+    np.testing.assert_allclose(res["scores"]["combined"], z(res["scores"]["knn"], vk) + z(res["scores"]["wdm"], vw),
+                               rtol=1e-5, atol=1e-6)
+    assert res["combined"]["image_auroc"] == pytest.approx(
+        knn_compare.metrics.image_auroc([0 if s.is_normal else 1 for s in test], res["scores"]["combined"]))
+
+
+def test_per_image_takes_the_max_over_an_images_items():
+    out = knn_compare._per_image([0.1, 0.9, 0.3, 0.2, -5.0], [0, 0, 1, 1, 2], 3)
+    np.testing.assert_array_equal(out, [0.9, 0.3, -5.0])
