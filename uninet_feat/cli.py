@@ -53,8 +53,22 @@ _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "i
                "grad_checkpointing", "step_in_backward")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps its options by destination (``options``), so that a ``--config`` file
+    can be checked against them without argparse's private ``_actions``; sub-commands inherit the class."""
+
+    def __init__(self, *args, **kw):
+        self.options: dict[str, argparse.Action] = {}   # before super(): it adds --help
+        super().__init__(*args, **kw)
+
+    def add_argument(self, *args, **kw):
+        action = super().add_argument(*args, **kw)
+        self.options[action.dest] = action
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="uninet-feat", description=__doc__)
+    ap = _Parser(prog="uninet-feat", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train UniNet on normal images")
@@ -179,7 +193,7 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     if d.pop("command", cmd) != cmd:
         raise BadInputError(f"this config was written for another command, not `{cmd}`", path=path)
     sp = ap.commands[cmd]
-    actions = {a.dest: a for a in sp._actions if a.dest not in ("help", "config")}
+    actions = {d: a for d, a in sp.options.items() if d not in ("help", "config")}
     values = {str(k).replace("-", "_"): v for k, v in d.items()}
     unknown = sorted(set(values) - set(actions))
     if unknown:
