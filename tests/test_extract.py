@@ -141,3 +141,11 @@ def test_every_command_takes_a_yaml_config_and_saves_its_resolved_one(setup, tmp
     assert "unknown keys ['epochs']" in capsys.readouterr().err
     assert main(["index", "--config", str(f / "config.yaml"), "--out", str(tmp_path / "i")]) == 2
     assert "another command" in capsys.readouterr().err
+
+
+def test_no_images_is_a_clear_error(tmp_path):
+    ex = Extractor(backbone="tiny", weights="random")
+    for call in (lambda: ex.extract([]), lambda: ex.extract_to([], tmp_path / "f")):
+        with pytest.raises(BadInputError, match="no images"):
+            call()
+    assert not (tmp_path / "f").exists()   # nothing half-written

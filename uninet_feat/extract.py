@@ -83,6 +83,9 @@ class Extractor:
 
     def _dataset(self, samples):
         samples = [s if isinstance(s, Sample) else Sample(Path(s), "", "unknown", None, "") for s in samples]
+        if not samples:
+            from .errors import BadInputError
+            raise BadInputError("no images to extract features from", fix="pass at least one image path or Sample")
         return samples, make_dataset(samples, {**self.cfg, "skip_bad": False}, self.backbone)
 
     def _run(self, ds, indices) -> dict:
