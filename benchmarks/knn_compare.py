@@ -103,6 +103,7 @@ def main(argv=None) -> dict:
         masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
     res = {"image_size": a.image_size, "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
            "fit_seconds": round(t_fit, 1), "knn": _eval(labels, kscores, masks, kmaps, test)}
+    per_image = {"knn": kscores}
     if a.run:
         wscores, wmaps = te["scores"], _wdm_maps(ex, test, a.image_size)
         res["wdm"] = _eval(labels, wscores, masks, wmaps, test)
@@ -114,11 +115,8 @@ def main(argv=None) -> dict:
         comb_maps = _z(kmaps, vkmaps) + _z(wmaps, vwmaps)
         res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps, test),
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
-        res["scores"] = _scores(test, knn=kscores, wdm=wscores, combined=comb_scores)
-    else:
-        res["scores"] = _scores(test, knn=kscores)
-    _write(res, a.json)
-    return res
+        per_image.update(wdm=wscores, combined=comb_scores)
+    return _finish(res, test, per_image, a.json)
 
 
 def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:
@@ -131,6 +129,7 @@ def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:
     ks = knn_images(te, n)
     res = {"image_size": a.image_size, "tile": ex.cfg["tile"], "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
            "fit_seconds": round(t_fit, 1), "knn": _eval(labels, ks, None, None, test)}
+    per_image = {"knn": ks}
     if a.run:
         ws = _per_image(te["scores"], te["index"], n)
         res["wdm"] = _eval(labels, ws, None, None, test)
@@ -139,23 +138,20 @@ def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:
         comb = _z(ks, vk) + _z(ws, vw)
         res["combined"] = {**_eval(labels, comb, None, None, test),
                            "rule": "z-score of each scorer on validation normals (image scores), summed"}
-        res["scores"] = _scores(test, knn=ks, wdm=ws, combined=comb)
-    else:
-        res["scores"] = _scores(test, knn=ks)
-    _write(res, a.json)
-    return res
+        per_image.update(wdm=ws, combined=comb)
+    return _finish(res, test, per_image, a.json)
 
 
-def _scores(test, **by_scorer) -> dict:
-    """Per test image: its path and each scorer's image score (for per-image study and cross-checks)."""
-    return {"path": [str(s.path) for s in test], **{k: [float(x) for x in v] for k, v in by_scorer.items()}}
-
-
-def _write(res: dict, path) -> None:
+def _finish(res: dict, test, per_image: dict, path) -> dict:
+    """Add per test image its path and each scorer's image score (``scores``, for per-image study and
+    cross-checks), print the summary and write the whole result as JSON."""
+    res["scores"] = {"path": [str(s.path) for s in test],
+                     **{k: [float(x) for x in v] for k, v in per_image.items()}}
     print(json.dumps({k: v for k, v in res.items() if k != "scores"}, indent=2))  # per-image scores: file only
     if path:
         with open(path, "w") as f:
             json.dump(res, f, indent=2)
+    return res
 
 
 if __name__ == "__main__":

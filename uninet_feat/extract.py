@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import DEFAULT_CONFIG
 from .data.layouts import Sample
+from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
 from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
 from .io import atomic_write_text
@@ -62,7 +63,6 @@ class Extractor:
 
     def _text_scorer(self, text):
         from .backbones.clip import _RANDOM, ClipViT, build_clip_model
-        from .errors import BadInputError
         from .vlm import TextScorer
         bb = self.backbone
         if not isinstance(bb, ClipViT):
@@ -84,7 +84,6 @@ class Extractor:
     def _dataset(self, samples):
         samples = [s if isinstance(s, Sample) else Sample(Path(s), "", "unknown", None, "") for s in samples]
         if not samples:
-            from .errors import BadInputError
             raise BadInputError("no images to extract features from", fix="pass at least one image path or Sample")
         return samples, make_dataset(samples, {**self.cfg, "skip_bad": False}, self.backbone)
 
@@ -105,10 +104,9 @@ class Extractor:
                                else np.full(len(v), np.nan, np.float32))}
             if self.patches:
                 cols["patches"] = r["patches"].to(torch.float16).numpy()
-            for key, a in cols.items():
+            for key, a in cols.items():   # float32 vectors/scores, float16 patches, int64 tile/index
                 if key not in out:
-                    dtype = {"vectors": np.float32, "scores": np.float32, "patches": np.float16}.get(key, np.int64)
-                    out[key] = np.empty((len(indices),) + a.shape[1:], dtype)
+                    out[key] = np.empty((len(indices),) + a.shape[1:], a.dtype)
                 out[key][i:i + len(a)] = a
             i += len(v)
         return out
