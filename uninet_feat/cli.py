@@ -267,9 +267,10 @@ def _dispatch(args) -> int:
                                     args.folds, args.seed)
             res = {"task": res["task"], "classes": res["classes"], "cv": res["oof"], "out": args.out}
         else:
-            wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv, args.overlays,
-                           args.quiet, text=args.text, threshold=args.threshold, max_fpr=args.max_fpr)
-            res = {**json.loads((Path(args.out) / "summary.json").read_text()), "out": args.out}
+            res = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
+                                 args.overlays, args.quiet, text=args.text, threshold=args.threshold,
+                                 max_fpr=args.max_fpr)
+            res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0
     if args.command == "zero-shot":

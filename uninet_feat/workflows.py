@@ -112,8 +112,10 @@ def _json_default(o):
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
-                text=None, threshold=None, max_fpr=None) -> list[dict]:
+                text=None, threshold=None, max_fpr=None) -> dict:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
+
+    Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
 
     An image is flagged when its WDM score is above the threshold ``calibration.resolve_threshold`` picks
     (``threshold`` as given, ``max_fpr`` on the validation normals, else the run's default)."""
@@ -153,12 +155,12 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
-    atomic_write_text(out / "summary.json", json.dumps(
-        {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "threshold": threshold,
-         "threshold_rule": rule}, indent=2))
+    summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "threshold": threshold,
+               "threshold_rule": rule}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         _write_overlays(ex, samples, rows, out / "overlays")
-    return rows
+    return {**summary, "rows": rows}
 
 
 def _write_overlays(ex, samples, rows, folder: Path) -> None:
