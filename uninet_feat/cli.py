@@ -28,6 +28,12 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem", choices=["official", "multiscale"])
     p.add_argument("--dfs", choices=["learned", "fixed", "off"])
     p.add_argument("--temperature", "-T", type=float)
+    p.add_argument("--select", choices=["last", "synthetic"],
+                   help="which epoch becomes model.pt: the last (fixed schedule, default) or the one that best "
+                        "separates the validation normals from synthetic defects made from them (no labels)")
+    p.add_argument("--val-every", dest="val_every", type=int, help="with --select synthetic: validate every N epochs")
+    p.add_argument("--keep-every", dest="keep_every", type=int,
+                   help="also keep every N-th epoch's model as epochs/epoch_NNN.pt (evaluate --checkpoint)")
     p.add_argument("--supervised", action="store_true", default=None,
                    help="use labelled defects (and masks) in the training split")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
@@ -49,8 +55,8 @@ def _threshold_args(p) -> None:
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
-               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "supervised", "skip_bad",
-               "grad_checkpointing", "step_in_backward")
+               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "select", "val_every", "keep_every",
+               "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics JSON here")
     p.add_argument("--csv", help="write per-image scores here")
     p.add_argument("--report", help="write a self-contained HTML report here")
+    p.add_argument("--checkpoint", help="evaluate this model file of the run instead of model.pt (e.g. "
+                                         "checkpoint.pt = the last epoch, or epochs/epoch_010.pt)")
     p.add_argument("--pixel-map", dest="pixel_map", choices=["smoothed", "raw"],
                    help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
     _threshold_args(p)
@@ -250,7 +258,7 @@ def _dispatch(args) -> int:
                        group=args.group, quiet=args.quiet,
                        overrides={"threads": args.threads, "pixel_map": args.pixel_map,
                                   "threshold": args.threshold, "max_fpr": args.max_fpr},
-                       report_path=args.report)
+                       report_path=args.report, checkpoint=args.checkpoint)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
         return 0

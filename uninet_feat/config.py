@@ -25,6 +25,10 @@ DEFAULT_CONFIG: dict = {
     "data": None, "split_csv": None, "group": None, "mask_pattern": None,
     "image_size": 256, "tile": None, "tile_overlap": 0, "tile_score": "max",
     "val_fraction": 0.1, "supervised": False, "skip_bad": False,
+    # model selection without labels (selection.py): "last" = fixed schedule; "synthetic" = the epoch
+    # whose model best separates the validation normals from synthetic defects made from them
+    "select": "last", "val_every": 1, "synthetic_copies": 2,
+    "keep_every": 0,               # also keep the model of every N-th epoch as epochs/epoch_NNN.pt (0: none)
     # backbone
     "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "levels": None,
     # optimisation (method §5, one-class recipe; fixed schedule: the last epoch is the model)

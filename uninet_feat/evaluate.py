@@ -77,9 +77,12 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
 
 def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = None, json_path=None,
              csv_path=None, group=None, quiet: bool = False, overrides: dict | None = None,
-             report_path=None) -> dict:
-    """Evaluate a run on the test split of ``data`` (default: the data it was trained on)."""
-    model, ckpt = build_from_checkpoint(run_path(run, "model.pt"))
+             report_path=None, checkpoint=None) -> dict:
+    """Evaluate a run on the test split of ``data`` (default: the data it was trained on).
+
+    ``checkpoint``: another model file of the run than ``model.pt`` — ``checkpoint.pt`` (the last epoch)
+    or ``epochs/epoch_NNN.pt`` (``keep_every``) — to report how a model of another epoch does."""
+    model, ckpt = build_from_checkpoint(Path(checkpoint) if checkpoint else run_path(run, "model.pt"))
     cfg = dict(ckpt["config"])
     if data:
         cfg["data"], cfg["split_csv"] = data, split_csv
@@ -101,7 +104,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     test = res["samples"]
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
-    report = {"n_test": len(test), "n_defect": int(labels.sum())}
+    report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch")}
+    if "selection" in ckpt:
+        report["selection"] = ckpt["selection"]
     report.update(_metrics(labels, scores, res, has_masks))
     groups = sorted({s.group for s in test})
     if len(groups) > 1:

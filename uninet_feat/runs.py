@@ -45,8 +45,8 @@ def assign_splits(samples):
 def train_val_samples(samples, cfg: dict):
     """Training normals (and labelled defects when supervised), and a validation split of normals.
 
-    The validation split only calibrates a score threshold and is reported; no checkpoint or
-    hyper-parameter is selected on it or on test labels (fixed schedule: the last epoch wins).
+    The validation split calibrates the score threshold and, with ``select: synthetic``, chooses the
+    epoch (against synthetic defects made from it, `selection`); nothing is chosen on test labels.
     """
     from .data.layouts import split_train_val
     train = [s for s in samples if s.split == "train"]

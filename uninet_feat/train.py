@@ -3,7 +3,9 @@
 One code path for one-class (``group`` = one category), multi-class (several or all categories in
 one model) and supervised training (labelled defects and masks in the training split push the
 abnormal margin). Two AdamW optimisers as in the method: student + bottleneck + DFS at ``lr``,
-target teacher at ``lr_target``. Fixed schedule: the model after the last epoch is the model.
+target teacher at ``lr_target``. Fixed schedule: by default the model after the last epoch is the
+model; ``select: synthetic`` keeps instead the epoch that best separates the validation normals from
+synthetic defects made from them (`selection`, no labels), saved as ``best.pt`` as it is found.
 A resumable checkpoint is written atomically after every epoch; ``resume=True`` continues from it
 and reproduces the uninterrupted run (shuffling is seeded per epoch).
 """
@@ -25,6 +27,7 @@ from .errors import BadInputError
 from .io import atomic_write_text
 from .optim import make_optimizers
 from .runs import CachedDataset, load_samples, make_dataset, make_model, set_threads, train_val_samples
+from .selection import SyntheticValidation
 
 
 def _progress(quiet: bool) -> Progress:
@@ -76,6 +79,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     has_mask = torch.tensor([s.mask is not None for s in fit])
     log_path = out / "train_log.jsonl"
     log_lines = log_path.read_text().splitlines()[:start_epoch] if (resume and log_path.exists()) else []
+    synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main)
     steps = math.ceil(len(ds) / cfg["batch_size"])
     with _progress(quiet or not dd.is_main) as prog:
         task = prog.add_task("train", total=(cfg["epochs"] - start_epoch) * steps, info="")
@@ -116,16 +120,58 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                 prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg['epochs']} loss {loss.item():.4f}")
             rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n,
                    **{k: v / max(n, 1) for k, v in sums.items()}}
+            if synth is not None and ((epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == cfg["epochs"]):
+                v = synth.score(model, cfg["eval_batch_size"], bool(cfg.get("channels_last")))
+                rec.update({f"val_synthetic_{k}": x for k, x in v.items()})
+                if v["score"] > best["score"]:   # strict: ties keep the earlier epoch; NaN never wins
+                    best = {"epoch": epoch + 1, "score": v["score"]}
+                    save_checkpoint(out / "best.pt", model, cfg, epoch=epoch + 1, selection=best)
+                prog.update(task, info=f"epoch {epoch + 1}: synthetic val {v['score']:.3f} (best {best['epoch']})")
             log_lines.append(json.dumps(rec))
             if dd.is_main:  # [distributed] rank 0 writes, the others wait
                 save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
                                 opt_target=opt_t.state_dict())
                 atomic_write_text(log_path, "\n".join(log_lines) + "\n")
+                if cfg.get("keep_every") and (epoch + 1) % cfg["keep_every"] == 0:
+                    save_checkpoint(out / "epochs" / f"epoch_{epoch + 1:03d}.pt", model, cfg, epoch=epoch + 1)
             dd.barrier()
     model_path = out / "model.pt"
     if dd.is_main:
-        model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
+        if synth is not None and best["epoch"]:
+            model.load_state_dict(read_checkpoint(out / "best.pt")["state_dict"])
+            model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=best["epoch"],
+                                         selection={**best, "rule": RULE, "epochs_trained": cfg["epochs"]})
+        else:
+            model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
         if val:
             calibrate(model, val, cfg, out, quiet)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
+
+
+RULE = "best mean of image and pixel AUROC: validation normals vs synthetic defects made from them"
+
+
+def _selection(cfg: dict, val, model, out: Path, log_lines: list[str], is_main: bool):
+    """(SyntheticValidation or None, best so far) — on a resume the best comes back from the log."""
+    if cfg.get("select", "last") == "last":
+        return None, None
+    if cfg["select"] != "synthetic":
+        raise BadInputError(f"unknown select {cfg['select']!r}", fix="use select: last or select: synthetic")
+    if int(cfg.get("val_every", 1)) < 1:
+        raise BadInputError(f"val_every must be >= 1, got {cfg['val_every']}", fix="e.g. val_every: 1")
+    if not val:
+        raise BadInputError("select: synthetic needs validation normals, but val_fraction is 0",
+                            path=cfg.get("split_csv") or cfg.get("data"), fix="set val_fraction > 0 or select: last")
+    best = {"epoch": 0, "score": float("-inf")}
+    for line in log_lines:
+        rec = json.loads(line)
+        if rec.get("val_synthetic_score", float("nan")) > best["score"]:
+            best = {"epoch": rec["epoch"], "score": rec["val_synthetic_score"]}
+    if best["epoch"] and not (out / "best.pt").exists():
+        raise BadInputError("the log names a best epoch but best.pt is missing", path=out,
+                            fix="restore best.pt, or start a new run")
+    if not is_main:   # [distributed] rank 0 validates and writes; the others only train
+        return None, best
+    return SyntheticValidation(make_dataset(val, cfg, model.source), int(cfg.get("synthetic_copies", 2)),
+                               cfg["seed"]), best

@@ -1,0 +1,134 @@
+"""Label-free model selection (select: synthetic): the synthetic set, its scoring, and the training loop."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from uninet_feat.checkpoint import read_checkpoint
+from uninet_feat.config import load_config
+from uninet_feat.data.dataset import ImageDataset
+from uninet_feat.data.layouts import discover
+from uninet_feat.errors import BadInputError
+from uninet_feat.selection import MIN_CHANGED, VISIBLE, SyntheticValidation, synthetic_defect
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+BASE = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 3, "batch_size": 4,
+        "val_fraction": 0.3, "channels_last": False, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def texture(tmp_path_factory):
+    return write_texture_set(tmp_path_factory.mktemp("tex"))
+
+
+def _cfg(data, **kw):
+    return load_config(None, {"data": str(data), **kw}, base=BASE)
+
+
+def _val_set(texture, copies=2, seed=0):
+    goods = [s for s in discover(texture) if s.is_normal][:3]
+    return SyntheticValidation(ImageDataset(goods, image_size=64), copies=copies, seed=seed)
+
+
+def test_synthetic_defect_mask_is_exactly_the_visible_change():
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[:96, :96]
+    img = np.repeat((128 + 60 * np.sin(x / 1.5) * np.sin(y / 1.5)).astype(np.uint8)[..., None], 3, -1)
+    for _ in range(10):
+        out, mask = synthetic_defect(img, rng)
+        diff = np.abs(out.astype(int) - img.astype(int)).max(-1)
+        assert mask.sum() >= MIN_CHANGED
+        assert (diff[mask] >= VISIBLE).all()          # nothing invisible is called a defect
+        assert (diff[~mask] < VISIBLE).all()          # and nothing visible outside the mask
+
+
+def test_flat_image_refused_with_a_clear_error():
+    with pytest.raises(BadInputError, match="no visible synthetic defect"):
+        synthetic_defect(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0), tries=3)
+
+
+def test_set_is_seeded_and_leaves_torch_rng_alone(texture):
+    state = torch.get_rng_state()
+    a = _val_set(texture, seed=1)
+    assert torch.equal(state, torch.get_rng_state())
+    b, c = _val_set(texture, seed=1), _val_set(texture, seed=2)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    assert len(a) == 9 and a.labels.tolist() == [0, 1, 1] * 3
+
+
+class _Oracle(torch.nn.Module):
+    """Scores each image by its distance to the clean normal it was made from: a perfect detector."""
+
+    def __init__(self, sv, copies):
+        super().__init__()
+        clean = sv.images[::copies + 1].float()
+        self.ref = clean.repeat_interleave(copies + 1, 0)
+        self.mean, self.std, self.seen = sv.mean, sv.std, 0
+
+    def predict(self, x):
+        raw = (x * self.std + self.mean) * 255
+        pix = (raw - self.ref[self.seen:self.seen + len(x)]).abs().amax(1)
+        self.seen += len(x)
+        return pix, pix.flatten(1).amax(1)
+
+
+def test_score_aligns_images_masks_and_labels(texture):
+    sv = _val_set(texture, copies=2)
+    v = sv.score(_Oracle(sv, 2), batch_size=4)
+    assert v["image_auroc"] == 1.0 and v["pixel_auroc"] == 1.0 and v["score"] == 1.0
+    flat = sv.score(type("Flat", (torch.nn.Module,), {
+        "predict": lambda self, x: (torch.zeros(len(x), 64, 64), torch.zeros(len(x)))})())
+    assert flat["image_auroc"] == 0.5 and flat["pixel_auroc"] == 0.5
+
+
+def test_selection_keeps_the_best_epoch_and_does_not_change_training(texture, tmp_path):
+    sel, last = tmp_path / "sel", tmp_path / "last"
+    train(_cfg(texture, select="synthetic"), sel, quiet=True)
+    train(_cfg(texture), last, quiet=True)
+    log = [json.loads(x) for x in (sel / "train_log.jsonl").read_text().splitlines()]
+    scores = [r["val_synthetic_score"] for r in log]
+    best_epoch = int(np.argmax(scores)) + 1           # argmax: the first of equal scores, as the rule says
+    model, best = read_checkpoint(sel / "model.pt"), read_checkpoint(sel / "best.pt")
+    assert model["epoch"] == best["epoch"] == best_epoch
+    assert model["selection"]["score"] == pytest.approx(max(scores))
+    assert all(torch.equal(model["state_dict"][k], best["state_dict"][k]) for k in best["state_dict"])
+    # validating between epochs leaves the trajectory alone: the last epoch equals a select: last run
+    a, b = read_checkpoint(sel / "checkpoint.pt")["state_dict"], read_checkpoint(last / "checkpoint.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "val_synthetic_score" not in (last / "train_log.jsonl").read_text()
+
+
+def test_resumed_selection_matches_uninterrupted(texture, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(_cfg(texture, select="synthetic", epochs=4), full, quiet=True)
+    train(_cfg(texture, select="synthetic", epochs=2), cut, quiet=True)
+    (cut / "model.pt").unlink()                        # as if killed after epoch 2's checkpoint
+    train(_cfg(texture, epochs=4), cut, resume=True, quiet=True)
+    a, b = read_checkpoint(full / "model.pt"), read_checkpoint(cut / "model.pt")
+    assert a["epoch"] == b["epoch"] and a["selection"]["score"] == b["selection"]["score"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_val_every_and_bad_settings(texture, tmp_path):
+    train(_cfg(texture, select="synthetic", val_every=2), tmp_path / "r", quiet=True)
+    log = [json.loads(x) for x in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert ["val_synthetic_score" in r for r in log] == [False, True, True]   # epoch 2, and the last
+    with pytest.raises(BadInputError, match="val_fraction is 0"):
+        train(_cfg(texture, select="synthetic", val_fraction=0.0), tmp_path / "a", quiet=True)
+    with pytest.raises(BadInputError, match="unknown select"):
+        train(_cfg(texture, select="best"), tmp_path / "b", quiet=True)
+
+
+def test_kept_epochs_can_be_evaluated(texture, tmp_path):
+    from uninet_feat.evaluate import evaluate
+    run = tmp_path / "k"
+    train(_cfg(texture, keep_every=2), run, quiet=True)
+    assert sorted(p.name for p in (run / "epochs").iterdir()) == ["epoch_002.pt"]
+    kept = evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True)
+    final = evaluate(run, quiet=True)
+    assert kept["epoch"] == 2 and final["epoch"] == 3 and "selection" not in final
+    assert [r["score"] for r in kept["_rows"]] != [r["score"] for r in final["_rows"]]
