@@ -132,3 +132,16 @@ def test_kept_epochs_can_be_evaluated(texture, tmp_path):
     final = evaluate(run, quiet=True)
     assert kept["epoch"] == 2 and final["epoch"] == 3 and "selection" not in final
     assert [r["score"] for r in kept["_rows"]] != [r["score"] for r in final["_rows"]]
+
+
+def test_selection_curve_reports_every_kept_epoch(texture, tmp_path):
+    from benchmarks.selection_curve import curve
+    run = tmp_path / "c"
+    train(_cfg(texture, select="synthetic", keep_every=1, epochs=4), run, quiet=True)
+    res = curve(run)
+    assert [r["epoch"] for r in res["rows"][:-1]] == [1, 2, 3, 4]
+    sel = res["selected"]
+    twin = next(r for r in res["rows"][:-1] if r["epoch"] == sel["epoch"])
+    assert {k: v for k, v in twin.items() if k != "model"} == {k: v for k, v in sel.items() if k != "model"}
+    assert sel["synthetic"] == max(r["synthetic"] for r in res["rows"][:-1])
+    assert set(res["spearman_synthetic_vs_test"]) == {"image_auroc", "pixel_auroc", "aupro"}
