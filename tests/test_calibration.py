@@ -46,3 +46,14 @@ def test_resolve_threshold_rules(tmp_path):
         resolve_threshold(old, max_fpr=0.05)
     assert "calibration.json" in str(e.value) and "uninet-feat calibrate" in str(e.value)
     assert resolve_threshold(tmp_path / "none") == (None, "none: no calibration")
+
+
+def test_map_range_exact_when_small_and_close_when_strided():
+    from uninet_feat.overlay import map_range
+    rng = np.random.default_rng(0)
+    maps = [rng.gamma(2.0, 1.0, (300, 400)).astype(np.float32) for _ in range(3)]
+    flat = np.concatenate([m.ravel() for m in maps])
+    exact = [float(np.quantile(flat, 0.5)), float(np.quantile(flat, 0.999))]
+    assert map_range(maps) == exact
+    strided = map_range(maps, max_pixels=40_000)          # every 9th pixel
+    assert strided != exact and np.allclose(strided, exact, rtol=0.03)

@@ -103,9 +103,14 @@ def _outline(region: np.ndarray, thickness: int) -> np.ndarray:
     return edge
 
 
-def map_range(maps) -> list[float]:
-    """[median pixel, 0.999-quantile pixel] over validation-normal maps: the overlays' colour scale."""
-    flat = np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])
+def map_range(maps, max_pixels: int = 1 << 22) -> list[float]:
+    """[median pixel, 0.999-quantile pixel] over validation-normal maps: the overlays' colour scale.
+
+    Exact up to ``max_pixels`` pixels in all; above that, every k-th pixel of each map (k the same for
+    all maps), so a large validation set does not need a concatenated copy of all its maps."""
+    total = sum(int(np.size(m)) for m in maps)
+    k = max(1, -(-total // max_pixels))
+    flat = np.concatenate([np.asarray(m, np.float32).ravel()[::k] for m in maps])
     flat = flat[np.isfinite(flat)]
     lo, hi = float(np.quantile(flat, 0.5)), float(np.quantile(flat, 0.999))
     return [lo, max(hi, lo + 1e-6)]
