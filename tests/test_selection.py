@@ -132,6 +132,12 @@ def test_kept_epochs_can_be_evaluated(texture, tmp_path):
     final = evaluate(run, quiet=True)
     assert kept["epoch"] == 2 and final["epoch"] == 3 and "selection" not in final
     assert [r["score"] for r in kept["_rows"]] != [r["score"] for r in final["_rows"]]
+    # the run's threshold was calibrated on model.pt: another epoch's model gets none unless one is given
+    assert final["threshold"] is not None and kept["threshold"] is None and "model.pt" in kept["threshold_rule"]
+    with pytest.raises(BadInputError, match="max-fpr"):
+        evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True, overrides={"max_fpr": 0.1})
+    given = evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True, overrides={"threshold": 0.5})
+    assert given["threshold"] == 0.5
 
 
 def test_selection_curve_reports_every_kept_epoch(texture, tmp_path):

@@ -55,8 +55,8 @@ def _threshold_args(p) -> None:
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
-               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "select", "val_every", "keep_every",
-               "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
+               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "select", "val_every",
+               "keep_every", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):

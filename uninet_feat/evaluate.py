@@ -89,7 +89,14 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if group is not None:
         cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"))  # fails before scoring
+    other = checkpoint is not None and Path(checkpoint).resolve() != (Path(run) / "model.pt").resolve()
+    if other and cfg.get("threshold") is None:   # calibration.json was computed for model.pt only
+        if cfg.get("max_fpr") is not None:
+            raise BadInputError("--max-fpr uses the validation scores of model.pt, not of this checkpoint",
+                                path=checkpoint, fix="pass --threshold VALUE, or evaluate model.pt")
+        threshold, rule = None, "none: the run's calibration belongs to model.pt, not to --checkpoint"
+    else:
+        threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"))  # fails before scoring
     if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
         model.cfg["pixel_map"] = cfg["pixel_map"]
     set_threads(cfg)
@@ -200,7 +207,11 @@ def per_label_metrics(test, labels, scores, res, has_masks, defect_labels) -> di
 
 
 def print_report(report: dict) -> None:
-    table = Table(title="uninet-feat evaluation")
+    sel = report.get("selection")
+    epoch = f", model of epoch {report['epoch']}" if report.get("epoch") else ""
+    if sel:
+        epoch += f" (chosen on synthetic validation, of {sel.get('epochs_trained', '?')} trained)"
+    table = Table(title=f"uninet-feat evaluation{epoch}")
     table.add_column("scope")
     keys = ["image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max"]
     for k in keys:
