@@ -35,7 +35,7 @@ def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8):
     """(defective copy, bool mask of the visibly changed pixels) of a uint8 (H, W, 3) image.
 
     Why blended: at full strength the edits are too easy to rank models — epoch-5 and epoch-100
-    magnetic-tile models both scored 0.98-0.99 image AUROC on them (label-free observation) — so each
+    magnetic-tile models both scored 0.98-0.99 image AUROC on them (the first version; README) — so each
     edit is mixed in at a strength drawn from ``STRENGTH``. The mask is `add_defect`'s mask cut to the
     pixels the result really changed: on fine textures an edit can leave parts of its region (or all of
     it) unchanged, and an invisible "defect" would be label noise.
