@@ -79,6 +79,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     has_mask = torch.tensor([s.mask is not None for s in fit])
     log_path = out / "train_log.jsonl"
     log_lines = log_path.read_text().splitlines()[:start_epoch] if (resume and log_path.exists()) else []
+    if int(cfg.get("keep_every") or 0) < 0:
+        raise BadInputError(f"keep_every must be >= 0, got {cfg['keep_every']}", fix="e.g. keep_every: 10, or 0")
     synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main)
     steps = math.ceil(len(ds) / cfg["batch_size"])
     with _progress(quiet or not dd.is_main) as prog:
@@ -126,7 +128,10 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                 if v["score"] > best["score"]:   # strict: ties keep the earlier epoch; NaN never wins
                     best = {"epoch": epoch + 1, "score": v["score"]}
                     save_checkpoint(out / "best.pt", model, cfg, epoch=epoch + 1, selection=best)
-                prog.update(task, info=f"epoch {epoch + 1}: synthetic val {v['score']:.3f} (best {best['epoch']})")
+                if not quiet:   # a line above the bar: the bar's own info is overwritten by the next step
+                    prog.console.print(f"epoch {epoch + 1}: synthetic validation {v['score']:.4f} "
+                                       f"(image {v['image_auroc']:.4f}, pixel {v['pixel_auroc']:.4f}; "
+                                       f"best epoch {best['epoch']})")
             log_lines.append(json.dumps(rec))
             if dd.is_main:  # [distributed] rank 0 writes, the others wait
                 save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
