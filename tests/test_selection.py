@@ -134,12 +134,42 @@ def test_kept_epochs_can_be_evaluated(texture, tmp_path):
     final = evaluate(run, quiet=True)
     assert kept["epoch"] == 2 and final["epoch"] == 3 and "selection" not in final
     assert [r["score"] for r in kept["_rows"]] != [r["score"] for r in final["_rows"]]
-    # the run's threshold was calibrated on model.pt: another epoch's model gets none unless one is given
-    assert final["threshold"] is not None and kept["threshold"] is None and "model.pt" in kept["threshold_rule"]
-    with pytest.raises(BadInputError, match="max-fpr"):
-        evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True, overrides={"max_fpr": 0.1})
+    # calibration.json belongs to model.pt: another epoch's model is calibrated on the same validation
+    # normals, in memory, so its threshold is its own 0.99 quantile there and --max-fpr works on its scores
+    from uninet_feat.calibration import calibration, threshold_at_fpr, validation_normals
+    from uninet_feat.checkpoint import build_from_checkpoint
+    cal_before = (run / "calibration.json").read_text()
+    model2, ck2 = build_from_checkpoint(run / "epochs" / "epoch_002.pt")
+    own = calibration(model2, validation_normals(dict(ck2["config"])), dict(ck2["config"]))
+    assert kept["threshold"] == pytest.approx(own["threshold"]) and "epoch_002.pt" in kept["threshold_rule"]
+    assert final["threshold"] == pytest.approx(json.loads(cal_before)["threshold"])
+    assert kept["threshold"] != pytest.approx(final["threshold"])
+    at = evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True, overrides={"max_fpr": 0.0})
+    assert at["threshold"] == pytest.approx(threshold_at_fpr(own["val_scores"], 0.0)) == max(own["val_scores"])
+    assert (run / "calibration.json").read_text() == cal_before   # model.pt's calibration untouched
     given = evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True, overrides={"threshold": 0.5})
     assert given["threshold"] == 0.5
+    with pytest.raises(BadInputError, match="not both"):
+        evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True,
+                 overrides={"threshold": 0.5, "max_fpr": 0.1})
+
+
+def test_checkpoint_report_colours_from_its_own_validation_maps(texture, tmp_path, monkeypatch):
+    import uninet_feat.overlay as overlay
+    from uninet_feat.calibration import calibration, validation_normals
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.evaluate import evaluate
+    run = tmp_path / "k"
+    train(_cfg(texture, keep_every=2), run, quiet=True)
+    seen = []
+    real = overlay.heatmap_overlay
+    monkeypatch.setattr(overlay, "heatmap_overlay", lambda *a, **k: seen.append((k["vmin"], k["vmax"])) or real(*a, **k))
+    evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True, report_path=tmp_path / "r.html")
+    model2, ck2 = build_from_checkpoint(run / "epochs" / "epoch_002.pt")
+    own = calibration(model2, validation_normals(dict(ck2["config"])), dict(ck2["config"]))["map_range"]
+    last = json.loads((run / "calibration.json").read_text())["map_range"]
+    assert seen and all(v == pytest.approx(tuple(own)) for v in seen)
+    assert tuple(own) != pytest.approx(tuple(last))
 
 
 def test_selection_curve_reports_every_kept_epoch(texture, tmp_path):

@@ -4,7 +4,9 @@
 scores, the default threshold (their 0.99 quantile) and the overlays' colour scale. ``evaluate`` and
 ``predict`` flag an image when its score is above a threshold chosen by one of three rules:
 ``--threshold VALUE`` as given; ``--max-fpr F``: the lowest threshold that flags at most a fraction F
-of the validation normals; neither: the run's default.
+of the validation normals; neither: the run's default. ``calibration.json`` belongs to ``model.pt``:
+``evaluate --checkpoint`` scores another epoch's model on the same validation normals and takes its
+threshold and colour scale from those scores instead (kept in memory, not written).
 """
 from __future__ import annotations
 
@@ -23,6 +25,13 @@ DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels 
 
 def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True) -> dict:
     """Score the validation normals and write ``out/calibration.json``; returns its content."""
+    cal = calibration(model, val, cfg, quiet)
+    atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
+    return cal
+
+
+def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
+    """The content of ``calibration.json`` for ``model`` on the validation normals ``val``, not written."""
     from .evaluate import score_samples
     from .overlay import map_range
     res = score_samples(model, val, cfg, keep_maps=True, quiet=quiet)
@@ -33,21 +42,26 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True) -> dict:
            "val_scores": sorted(float(v) for v in s),
            "map_range": map_range(res["maps"]), "map_range_pixel_map": model.cfg["pixel_map"],
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
-    atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
     return cal
+
+
+def validation_normals(cfg: dict) -> list:
+    """The run's held-out validation normals: the same seeded split as in training."""
+    from .runs import load_samples, train_val_samples
+    return train_val_samples(load_samples(cfg), cfg)[1]
 
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``)."""
     from .checkpoint import build_from_checkpoint
-    from .runs import load_samples, run_path, set_threads, train_val_samples
+    from .runs import run_path, set_threads
     model, ckpt = build_from_checkpoint(run_path(run, "model.pt"))
     cfg = dict(ckpt["config"])
     if data:
         cfg["data"], cfg["split_csv"] = data, split_csv
     set_threads(cfg)
-    _, val = train_val_samples(load_samples(cfg), cfg)
+    val = validation_normals(cfg)
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
@@ -60,20 +74,32 @@ def threshold_at_fpr(val_scores, max_fpr: float) -> float:
     return float(s[min(int(math.floor(max_fpr * len(s) + 1e-9)), len(s) - 1)])
 
 
-def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None = None):
-    """(threshold or None, rule) for ``run``; see the module docstring."""
+def check_threshold_flags(threshold: float | None, max_fpr: float | None) -> None:
+    """Refuse bad ``--threshold`` / ``--max-fpr`` values before any scoring."""
     if threshold is not None and max_fpr is not None:
         raise BadInputError("give --threshold or --max-fpr, not both", fix="drop one of them")
+    if threshold is not None and not math.isfinite(threshold):
+        raise BadInputError(f"--threshold must be a finite number, got {threshold}")
+    if max_fpr is not None and not 0.0 <= max_fpr < 1.0:
+        raise BadInputError(f"--max-fpr must be in [0, 1), got {max_fpr}", fix="e.g. --max-fpr 0.05")
+
+
+def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None = None, cal: dict | None = None,
+                      source: str = "calibration.json"):
+    """(threshold or None, rule) for ``run``; see the module docstring.
+
+    ``cal``: a `calibration` dict to use instead of the run's ``calibration.json`` (e.g. that of another
+    epoch's model); ``source`` names it in errors."""
+    check_threshold_flags(threshold, max_fpr)
     if threshold is not None:
-        if not math.isfinite(threshold):
-            raise BadInputError(f"--threshold must be a finite number, got {threshold}")
         return float(threshold), "given (--threshold)"
     path = Path(run) / "calibration.json"
-    cal = json.loads(path.read_text()) if path.exists() else None
+    if cal is None:
+        cal = json.loads(path.read_text()) if path.exists() else None
+    else:
+        path = source
     if max_fpr is None:
         return (cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)) if cal else (None, "none: no calibration")
-    if not 0.0 <= max_fpr < 1.0:
-        raise BadInputError(f"--max-fpr must be in [0, 1), got {max_fpr}", fix="e.g. --max-fpr 0.05")
     if cal is None or "val_scores" not in cal:
         raise BadInputError("the run has no validation-normal scores to choose a threshold on", path=path,
                             fix=f"run `uninet-feat calibrate --run {run}` (older runs did not keep them), "

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write per-image scores here")
     p.add_argument("--report", help="write a self-contained HTML report here")
     p.add_argument("--checkpoint", help="evaluate this model file of the run instead of model.pt (e.g. "
-                                         "checkpoint.pt = the last epoch, or epochs/epoch_010.pt)")
+                                         "checkpoint.pt = the last epoch, or epochs/epoch_010.pt); its threshold and "
+                                         "colours come from its own validation-normal scores")
     p.add_argument("--pixel-map", dest="pixel_map", choices=["smoothed", "raw"],
                    help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
     _threshold_args(p)

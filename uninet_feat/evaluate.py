@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import metrics
-from .calibration import resolve_threshold
+from .calibration import check_threshold_flags, resolve_threshold
 from .checkpoint import build_from_checkpoint
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
@@ -81,7 +81,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     """Evaluate a run on the test split of ``data`` (default: the data it was trained on).
 
     ``checkpoint``: another model file of the run than ``model.pt`` — ``checkpoint.pt`` (the last epoch)
-    or ``epochs/epoch_NNN.pt`` (``keep_every``) — to report how a model of another epoch does."""
+    or ``epochs/epoch_NNN.pt`` (``keep_every``) — to report how a model of another epoch does. Its
+    threshold and overlay colours come from its own scores on the run's validation normals, because
+    ``calibration.json`` holds model.pt's."""
     model, ckpt = build_from_checkpoint(Path(checkpoint) if checkpoint else run_path(run, "model.pt"))
     cfg = dict(ckpt["config"])
     if data:
@@ -90,13 +92,14 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     other = checkpoint is not None and Path(checkpoint).resolve() != (Path(run) / "model.pt").resolve()
-    if other and cfg.get("threshold") is None:   # calibration.json was computed for model.pt only
-        if cfg.get("max_fpr") is not None:
-            raise BadInputError("--max-fpr uses the validation scores of model.pt, not of this checkpoint",
-                                path=checkpoint, fix="pass --threshold VALUE, or evaluate model.pt")
-        threshold, rule = None, "none: the run's calibration belongs to model.pt, not to --checkpoint"
-    else:
-        threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"))  # fails before scoring
+    cal = None   # None: the run's calibration.json, which belongs to model.pt
+    if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
+        check_threshold_flags(cfg.get("threshold"), cfg.get("max_fpr"))   # before scoring the validation normals
+        cal = _checkpoint_calibration(model, cfg, checkpoint, need=cfg.get("threshold") is None or report_path)
+    threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"), cal=cal,
+                                        source=f"validation normals of {checkpoint}")   # fails before scoring
+    if other and cal is not None and cfg.get("threshold") is None:
+        rule += f" — scored with {Path(checkpoint).name}, not model.pt"
     if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
         model.cfg["pixel_map"] = cfg["pixel_map"]
     set_threads(cfg)
@@ -140,12 +143,27 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         print_report(report)
     report["_rows"] = rows
     if report_path:
-        write_html_report(report_path, report, model, cfg, test, labels, scores, run_dir=run)
+        write_html_report(report_path, report, model, cfg, test, labels, scores, run_dir=run, cal=cal)
     return report
 
 
+def _checkpoint_calibration(model, cfg: dict, checkpoint, need) -> dict | None:
+    """`calibration` of another epoch's model on the run's validation normals (not written: calibration.json
+    stays model.pt's), or None when not ``need``-ed; {} when the run kept no validation normals."""
+    from .calibration import calibration, validation_normals
+    if not need:
+        return None
+    val = validation_normals(cfg)
+    if not val:
+        if cfg.get("max_fpr") is not None:
+            raise BadInputError("--max-fpr needs validation normals and this run kept none (val_fraction 0)",
+                                path=checkpoint, fix="pass --threshold VALUE")
+        return {}
+    return calibration(model, val, cfg)
+
+
 def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores, top_k: int = 8,
-                      run_dir=None) -> Path:
+                      run_dir=None, cal: dict | None = None) -> Path:
     """HTML report with overlays of the worst false positives / negatives (maps recomputed for those only)."""
     from .overlay import display_range, heatmap_overlay
     from .report import write_report
@@ -155,7 +173,7 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     overlays = {}
     if pick:
         res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
-        vmin, vmax = display_range(run_dir, res["maps"], model.cfg["pixel_map"])
+        vmin, vmax = display_range(run_dir, res["maps"], model.cfg["pixel_map"], cal=cal)
         for s, m in zip(res["samples"], res["maps"]):
             overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=vmin, vmax=vmax, mask=s.mask, max_width=1024)
     summary = {k: v for k, v in report.items() if not k.startswith("_")}

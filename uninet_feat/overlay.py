@@ -116,13 +116,15 @@ def map_range(maps, max_pixels: int = 1 << 22) -> list[float]:
     return [lo, max(hi, lo + 1e-6)]
 
 
-def display_range(run_dir, maps=None, pixel_map: str | None = None) -> tuple[float, float]:
+def display_range(run_dir, maps=None, pixel_map: str | None = None, cal: dict | None = None
+                  ) -> tuple[float, float]:
     """Colour scale for a run's overlays: its calibration ``map_range`` when present (and computed on the
-    same kind of ``pixel_map``), else from 0 to the largest value of ``maps``."""
+    same kind of ``pixel_map``), else from 0 to the largest value of ``maps``. ``cal``: a calibration dict
+    used instead of the run's ``calibration.json``."""
     import json
-    cal = Path(run_dir) / "calibration.json" if run_dir is not None else None
-    if cal is not None and cal.exists():
-        c = json.loads(cal.read_text())
+    path = Path(run_dir) / "calibration.json" if run_dir is not None else None
+    c = cal if cal is not None else (json.loads(path.read_text()) if path is not None and path.exists() else None)
+    if c:
         r = c.get("map_range")
         if r and (pixel_map is None or c.get("map_range_pixel_map", "raw") == pixel_map):
             return float(r[0]), float(r[1])
