@@ -57,3 +57,9 @@ def test_map_range_exact_when_small_and_close_when_strided():
     assert map_range(maps) == exact
     strided = map_range(maps, max_pixels=40_000)          # every 9th pixel
     assert strided != exact and np.allclose(strided, exact, rtol=0.03)
+    from uninet_feat.overlay import MapRangeSample       # the streamed form calibrate uses
+    for cap in (1 << 22, 40_000):
+        acc = MapRangeSample(len(maps), max_pixels=cap)
+        for m in maps:
+            acc.add(m)
+        assert acc.result() == map_range(maps, max_pixels=cap)

@@ -77,6 +77,24 @@ def test_pixel_errors():
         M.pixel_auroc(masks, maps[:, :-1])
 
 
+def test_pixel_metrics_take_images_of_different_sizes():
+    """Full-size maps of tiled images differ in size between images: lists of 2-D arrays are pooled as
+    one set of pixels, regions stay per image. Two images placed side by side (masks clear of the
+    seam) are the same pixels and regions, so every figure must match the single joined image."""
+    (ma, pa), (mb, pb) = blobs(11, n=1, size=24, empty=()), blobs(12, n=1, size=40, empty=())
+    ma, pa, mb, pb = ma[0], pa[0], mb[0, :24], pb[0, :24]          # 24x24 and 24x40
+    for m in (ma, mb):
+        m[:, [0, -1]] = False
+    joined_m, joined_a = np.hstack([ma, mb])[None], np.hstack([pa, pb])[None]
+    assert M.pixel_auroc([ma, mb], [pa, pb]) == pytest.approx(M.pixel_auroc(joined_m, joined_a), abs=1e-12)
+    assert M.aupro([ma, mb], [pa, pb]) == pytest.approx(M.aupro(joined_m, joined_a), abs=1e-12)
+    assert M.aupro([ma, mb], [pa, pb]) != pytest.approx(M.aupro(joined_m, joined_a[:, :, ::-1]), abs=1e-3)
+    with pytest.raises(ValueError, match=r"image 1: mask \(24, 40\) and map \(24, 39\)"):
+        M.pixel_auroc([ma, mb], [pa, pb[:, :-1]])
+    with pytest.raises(ValueError, match="2 masks but 1 maps"):
+        M.aupro([ma, mb], [pa])
+
+
 # ----------------------------------------------------------------------------- AUPRO
 @pytest.mark.parametrize("seed,levels,limit", [(3, None, 0.3), (4, 5, 0.3), (5, 30, 0.3),
                                                (6, None, 1.0), (7, 10, 0.05), (8, 3, 0.3)])

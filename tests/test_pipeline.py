@@ -171,6 +171,31 @@ def test_tiled_training_and_stitched_scores(tmp_path):
     test = [s for s in load_samples(ckpt["config"]) if s.split == "test"]
     res = score_samples(model, test, ckpt["config"], keep_maps=True)
     assert res["maps"][0].shape == (64, 192)  # three 64-px tiles stitched back to full size
+    # masks exist, so tiled evaluation reports pixel metrics on the stitched full-size maps against the
+    # full-size masks read from their files (one extra image of another size: lists, not a stack)
+    import numpy as np
+    from PIL import Image
+    from uninet_feat import metrics
+    from uninet_feat.data import load_mask
+    img = np.asarray(Image.open(data / "test/spot/000.png"))[:, :128].copy()
+    m = np.zeros(img.shape, np.uint8)
+    m[20:30, 70:90] = 255
+    img[20:30, 70:90] = 255
+    Image.fromarray(img).save(data / "test/spot/narrow.png")
+    Image.fromarray(m).save(data / "ground_truth/spot/narrow_mask.png")
+    rep = evaluate(run, quiet=True)
+    test = [s for s in load_samples(ckpt["config"]) if s.split == "test"]
+    streamed = []
+    res = score_samples(model, test, ckpt["config"], on_map=lambda s, a, k: streamed.append((s.path, a, k)))
+    assert res["maps"] is None and len(streamed) == len(test) == 5
+    full = score_samples(model, test, ckpt["config"], keep_maps=True)
+    for (p, a, k), s, a2, k2 in zip(streamed, full["samples"], full["maps"], full["masks"]):
+        assert p == s.path and np.array_equal(a, a2) and np.array_equal(k, k2) and a.shape == k.shape
+        want = load_mask(s.mask, size=a.shape, image_path=s.path) if s.mask else np.zeros(a.shape, bool)
+        assert np.array_equal(k, want)
+    assert {a.shape for _, a, _ in streamed} == {(64, 192), (64, 128)}
+    assert rep["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(full["masks"], full["maps"]))
+    assert rep["aupro"] == pytest.approx(metrics.aupro(full["masks"], full["maps"]))
 
 
 def test_supervised_training_uses_masks(tmp_path):

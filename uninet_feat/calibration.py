@@ -33,14 +33,15 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True) -> dict:
 def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
     """The content of ``calibration.json`` for ``model`` on the validation normals ``val``, not written."""
     from .evaluate import score_samples
-    from .overlay import map_range
-    res = score_samples(model, val, cfg, keep_maps=True, quiet=quiet)
+    from .overlay import MapRangeSample
+    pixels = MapRangeSample(len(val))            # maps streamed through, not held
+    res = score_samples(model, val, cfg, quiet=quiet, on_map=lambda _, m, __: pixels.add(m))
     s = np.asarray(res["scores"], dtype=np.float64)
     cal = {"n_val_normals": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
            "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
            "threshold": float(np.quantile(s, 0.99)), "threshold_rule": DEFAULT_RULE,
            "val_scores": sorted(float(v) for v in s),
-           "map_range": map_range(res["maps"]), "map_range_pixel_map": model.cfg["pixel_map"],
+           "map_range": pixels.result(), "map_range_pixel_map": model.cfg["pixel_map"],
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
     return cal
 

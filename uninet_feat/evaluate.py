@@ -27,17 +27,36 @@ from .runs import load_samples, make_dataset, run_path, set_threads
 
 
 @torch.no_grad()
-def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool = True) -> dict:
-    """Scores (and optionally pixel maps and masks) for every sample, batched."""
-    from .data.tiling import stitch
+def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool = True, on_map=None) -> dict:
+    """Scores (and optionally pixel maps and masks) for every sample, batched.
+
+    Tiled images: a full-size map is stitched as soon as the image's last tile is scored (its tiles
+    are then freed) and paired with the full-size mask read from the mask file, so pixel metrics are
+    at native resolution. ``on_map(sample, map, mask)``: called with each finished map instead of keeping it,
+    so memory stays flat however many images (``keep_maps`` is then implied and ``maps`` is None)."""
+    from .data import load_mask, stitch
     model.eval()
     ds = make_dataset(samples, cfg, model.source)
     tiled = bool(cfg.get("tile"))
+    want_maps = keep_maps or on_map is not None
+    grids = {i: g for i, g, _ in ds.tile_index} if tiled and want_maps else {}
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.get("eval_batch_size", 8), shuffle=False)
     n = len(samples)
     tile_scores: dict[int, list[float]] = {}
     tile_maps: dict[int, list[np.ndarray]] = {}
     maps, masks = [None] * n, [None] * n
+
+    def finish(idx, m, mask):
+        if on_map is not None:
+            on_map(samples[idx], m, mask)
+        else:
+            maps[idx], masks[idx] = m, mask
+
+    def full_mask(idx):
+        s, g = samples[idx], grids[idx]
+        return load_mask(s.mask, size=(g.h, g.w), image_path=s.path) if s.mask is not None \
+            else np.zeros((g.h, g.w), dtype=bool)
+
     with Progress(TextColumn("score"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=quiet) as prog:
         task = prog.add_task("score", total=len(ds))
@@ -48,31 +67,32 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
             pix, score = model.predict(x)
             for j, idx in enumerate(batch["index"].tolist()):
                 tile_scores.setdefault(idx, []).append(float(score[j]))
-                if keep_maps:
-                    m = pix[j]
-                    if tiled:
-                        th, tw = int(batch["tile"][j, 2]), int(batch["tile"][j, 3])
-                        if tuple(m.shape) != (th, tw):
-                            m = torch.nn.functional.interpolate(m[None, None], (th, tw), mode="bilinear",
-                                                                align_corners=False)[0, 0]
-                        tile_maps.setdefault(idx, []).append(m.numpy().astype(np.float32))
-                    else:
-                        maps[idx] = m.numpy().astype(np.float32)
-                        masks[idx] = batch["mask"][j, 0].numpy() > 0.5
+                if not want_maps:
+                    continue
+                m = pix[j]
+                if not tiled:
+                    finish(idx, m.numpy().astype(np.float32), batch["mask"][j, 0].numpy() > 0.5)
+                    continue
+                th, tw = int(batch["tile"][j, 2]), int(batch["tile"][j, 3])
+                if tuple(m.shape) != (th, tw):
+                    m = torch.nn.functional.interpolate(m[None, None], (th, tw), mode="bilinear",
+                                                        align_corners=False)[0, 0]
+                tile_maps.setdefault(idx, []).append(m.numpy().astype(np.float32))
+                if len(tile_maps[idx]) == grids[idx].n:
+                    finish(idx, stitch(np.stack(tile_maps.pop(idx)), grids[idx]), full_mask(idx))
             prog.update(task, advance=len(x))
     reduce = np.max if cfg.get("tile_score", "max") == "max" else np.mean
     missing = [str(samples[i].path) for i in range(n) if i not in tile_scores]
     if missing:  # only with skip_bad: drop them from the evaluation, loudly
         warnings.warn(f"{len(missing)} unreadable test images were skipped: {missing[:5]}")
+    if tile_maps:
+        raise RuntimeError(f"tiles missing for {[str(samples[i].path) for i in tile_maps][:5]}")
     keep = [i for i in range(n) if i in tile_scores]
     scores = [float(reduce(tile_scores[i])) for i in keep]
-    if keep_maps and tiled:
-        grids = {item[0]: item[1] for item in ds.tile_index}
-        for i in keep:
-            maps[i] = stitch(np.stack(tile_maps[i]), grids[i])
+    kept = keep_maps and on_map is None
     return {"samples": [samples[i] for i in keep], "scores": scores,
-            "maps": [maps[i] for i in keep] if keep_maps else None,
-            "masks": [masks[i] for i in keep] if keep_maps and not tiled else None}
+            "maps": [maps[i] for i in keep] if kept else None,
+            "masks": [masks[i] for i in keep] if kept else None}
 
 
 def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = None, json_path=None,
@@ -109,7 +129,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if not test:
         raise BadInputError("no test images", path=cfg.get("split_csv") or cfg["data"],
                             fix="mark rows `test` in the CSV, or use an MVTec-style test/ folder")
-    has_masks = any(s.mask is not None for s in test) and not cfg.get("tile")
+    has_masks = any(s.mask is not None for s in test)
     res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet)
     test = res["samples"]
     labels = np.array([0 if s.is_normal else 1 for s in test])
@@ -190,9 +210,8 @@ def _metrics(labels, scores, res, has_masks) -> dict:
     out["image_ap"] = metrics.image_ap(labels, scores)
     out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
     if has_masks and res.get("maps") is not None:
-        m = np.stack(res["masks"])
-        if m.any():
-            a = np.stack(res["maps"])
+        m, a = res["masks"], res["maps"]   # lists of 2-D arrays (tiled images may differ in size) or arrays
+        if any(np.any(x) for x in m):
             out["pixel_auroc"] = metrics.pixel_auroc(m, a)
             out["aupro"] = metrics.aupro(m, a)
     return out

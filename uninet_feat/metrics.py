@@ -55,15 +55,29 @@ def _image_inputs(labels, scores):
 
 
 def _pixel_inputs(masks, maps):
-    masks, maps = _binary("masks", masks), _finite("maps", maps)
-    if masks.shape != maps.shape or masks.ndim != 3:
-        raise BadInputError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
-    n_def = int(np.count_nonzero(masks))
-    if n_def in (0, masks.size):
+    """(per-image 2-D masks, flat bool masks, flat float maps) from (N, H, W) arrays, or from lists of
+    2-D arrays whose sizes may differ between images (full-size maps of tiled images)."""
+    if isinstance(masks, (list, tuple)) or isinstance(maps, (list, tuple)):
+        if len(masks) != len(maps):
+            raise BadInputError(f"{len(masks)} masks but {len(maps)} maps")
+        per = [_binary("masks", m) for m in masks]
+        flat = [_finite("maps", a) for a in maps]
+        for i, (m, a) in enumerate(zip(per, flat)):
+            if m.shape != a.shape or m.ndim != 2:
+                raise BadInputError(f"image {i}: mask {m.shape} and map {a.shape} must be the same (H, W)")
+        fm = np.concatenate([m.ravel() for m in per]) if per else np.zeros(0, bool)
+        fa = np.concatenate([a.ravel() for a in flat]) if flat else np.zeros(0, np.float32)
+    else:
+        per, fa = _binary("masks", masks), _finite("maps", maps)
+        if per.shape != fa.shape or per.ndim != 3:
+            raise BadInputError(f"masks {per.shape} and maps {fa.shape} must both be (N, H, W)")
+        fm, fa = per.reshape(-1), fa.reshape(-1)
+    n_def = int(np.count_nonzero(fm))
+    if n_def in (0, fm.size):
         only = "defect" if n_def else "normal"
         raise BadInputError(f"masks contain only {only} pixels; pixel metrics need both",
                             fix="include images with annotated defects (and normal pixels)")
-    return masks, maps
+    return per, fm, fa
 
 
 # ----------------------------------------------------------------------------- image level
@@ -96,14 +110,15 @@ def f1_max(labels, scores) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- pixel level
 def pixel_auroc(masks, maps, chunk: int = 1 << 22) -> float:
-    """ROC AUC over all pixels of (N, H, W) masks and maps, exact, in O(n log n) and ~1 copy of memory.
+    """ROC AUC over all pixels of (N, H, W) masks and maps (or lists of 2-D ones of any sizes), exact, in
+    O(n log n) and ~1 copy of memory.
 
     AUROC equals P(defect score > normal score) + 0.5 P(equal) (Mann-Whitney U). We sort the normal
     scores once and, for each defect score, count normals below it (`searchsorted` left) and at or
     below it (right); their mean counts ties as one half, exactly like the trapezoidal ROC. No
     (n,) int64 argsort or float64 rank array is built, which is what makes 10^8 pixels fit.
     """
-    masks, maps = _pixel_inputs(masks, maps)
+    _, masks, maps = _pixel_inputs(masks, maps)
     neg = np.sort(maps[~masks])
     pos = np.sort(maps[masks])                             # sorted queries make searchsorted faster
     twice_u = 0                                            # Python int: never overflows
@@ -156,11 +171,11 @@ def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None
     """
     if not 0 < fpr_limit <= 1:
         raise BadInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    masks, maps = _pixel_inputs(masks, maps)
+    per_image, masks, maps = _pixel_inputs(masks, maps)
     neg = maps[~masks]
     pos = maps[masks]
     n_normal = neg.size
-    region = _regions(masks)
+    region = _regions(per_image)
     weight = 1.0 / (np.bincount(region)[region] * (region.max() + 1.0))
     order = np.argsort(pos, kind="stable")
     pos = pos[order]
@@ -187,7 +202,8 @@ def aupro_reference(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | N
     """
     from skimage.measure import label
 
-    masks, maps = _pixel_inputs(masks, maps)
+    _pixel_inputs(masks, maps)                            # validation only: this reference needs (N, H, W)
+    masks, maps = _binary("masks", masks), np.asarray(maps, dtype=np.float64)
     if num_thresholds is None:
         thresholds = np.unique(maps)[::-1]
     else:

@@ -110,7 +110,29 @@ def map_range(maps, max_pixels: int = 1 << 22) -> list[float]:
     all maps), so a large validation set does not need a concatenated copy of all its maps."""
     total = sum(int(np.size(m)) for m in maps)
     k = max(1, -(-total // max_pixels))
-    flat = np.concatenate([np.asarray(m, np.float32).ravel()[::k] for m in maps])
+    return _range_of(np.concatenate([np.asarray(m, np.float32).ravel()[::k] for m in maps]))
+
+
+class MapRangeSample:
+    """`map_range` over maps streamed in one at a time (``add``), holding only the pixels it uses.
+
+    k comes from the first map's size times ``n_maps`` (the expected count), so for maps of one size
+    the result equals `map_range` of the whole list."""
+
+    def __init__(self, n_maps: int, max_pixels: int = 1 << 22):
+        self.n_maps, self.max_pixels, self.k, self.parts = max(1, n_maps), max_pixels, None, []
+
+    def add(self, m) -> None:
+        a = np.asarray(m, np.float32).ravel()
+        if self.k is None:
+            self.k = max(1, -(-(self.n_maps * a.size) // self.max_pixels))
+        self.parts.append(a[::self.k].copy())
+
+    def result(self) -> list[float]:
+        return _range_of(np.concatenate(self.parts))
+
+
+def _range_of(flat: np.ndarray) -> list[float]:
     flat = flat[np.isfinite(flat)]
     lo, hi = float(np.quantile(flat, 0.5)), float(np.quantile(flat, 0.999))
     return [lo, max(hi, lo + 1e-6)]
