@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 import uninet_feat  # noqa: F401
 from uninet_feat.evaluate import evaluate
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "mean_image_auroc")   # the mean over groups: multi-class runs
 
 
 def curve(run: Path, threads: int | None = None) -> dict:
@@ -35,6 +35,8 @@ def curve(run: Path, threads: int | None = None) -> dict:
         e = rep["epoch"]
         rows.append({"model": path.name, "epoch": e, "synthetic": log.get(e, {}).get("val_synthetic_score"),
                      **{m: rep.get(m) for m in METRICS}})
+        if "per_group" in rep:
+            rows[-1]["per_group_image_auroc"] = {g: v.get("image_auroc") for g, v in rep["per_group"].items()}
         print(json.dumps(rows[-1]), flush=True)
     both = [r for r in rows[:-1] if r["synthetic"] is not None]
     corr = {}
