@@ -3,6 +3,7 @@ import argparse
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,42 @@ def test_text_scorer_shapes_and_features():
     assert not torch.allclose(pv, p.flatten(1))   # and the value end differs from the token end
     with pytest.raises(BadInputError, match="patch size"):
         ts.image_scores(torch.randn(1, 3, 60, 64))
+
+
+@pytest.mark.parametrize("mode,levels", [("tokens", None), ("value", (0, 1, 2)), ("tokens", (0, 1, 2))])
+def test_text_side_reuses_the_teachers_tower_pass(tmp_path, mode, levels):
+    """extract --text: the text columns come from the backbone's own pass (one tower run per batch, not
+    two), equal to a separate `TextScorer.features`; the pyramid is unchanged by keeping the tokens."""
+    import warnings
+    from PIL import Image
+    from uninet_feat.extract import Extractor
+    from uninet_feat.vlm import TextScorer
+    bb = create_backbone("clip:tiny", levels=levels).eval()
+    ts = TextScorer(bb, patch_mode=mode, text_model=build_clip_model("tiny")).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        plain = bb(x)
+        with bb.keep_tower_output() as passes:
+            kept = bb(x)
+        assert len(passes) == 1 and all(torch.equal(a, b) for a, b in zip(plain, kept))
+        torch.testing.assert_close(ts.features_from_tower(passes[0]), ts.features(x), rtol=1e-5, atol=1e-6)
+        assert bb(x)[0].shape == plain[0].shape and getattr(bb, "_tower_out", None) is None  # off again
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(paths[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = Extractor(backbone="clip:tiny", weights="random", image_size=64, text=True, batch_size=2)
+    ex.text_scorer.patch_mode = mode
+    if levels:
+        ex.backbone.levels = levels
+    runs = []
+    ex.backbone.visual.conv1.register_forward_hook(lambda *a: runs.append(1))
+    got = ex.extract(paths)["vectors"][:, -4:]
+    assert len(runs) == 3                                   # 5 images in batches of 2: one pass each
+    batch = torch.stack([ex._dataset(paths)[1][i]["image"] for i in range(5)])
+    np.testing.assert_allclose(got, ex.text_scorer.features(batch).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_prompts_are_editable(tmp_path):

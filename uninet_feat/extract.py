@@ -81,6 +81,19 @@ class Extractor:
             return uninet_features(self.model, x, self.patches)
         return backbone_features(self.backbone, x, self.patches)
 
+    def _forward_with_text(self, x: torch.Tensor):
+        """(`_forward` result, text columns or None). With a CLIP source teacher the text scorer reuses
+        the teacher's own tower pass (`ClipViT.keep_tower_output`) instead of running the tower again."""
+        ts = self.text_scorer
+        if ts is None:
+            return self._forward(x), None
+        keep = getattr(self.backbone, "keep_tower_output", None)
+        if keep is None or ts.visual is not getattr(self.backbone, "visual", None):
+            return self._forward(x), ts.features(x)
+        with keep() as passes:
+            r = self._forward(x)
+        return r, (ts.features_from_tower(passes[0]) if len(passes) == 1 else ts.features(x))
+
     def _dataset(self, samples):
         samples = [s if isinstance(s, Sample) else Sample(Path(s), "", "unknown", None, "") for s in samples]
         if not samples:
@@ -95,10 +108,10 @@ class Extractor:
                                              shuffle=False)
         out, i = {}, 0
         for batch in loader:
-            r = self._forward(batch["image"])
+            r, text = self._forward_with_text(batch["image"])
             v = r["vectors"].float()
-            if self.text_scorer is not None:
-                v = torch.cat([v, self.text_scorer.features(batch["image"])], 1)
+            if text is not None:
+                v = torch.cat([v, text], 1)
             cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),
                     "scores": (r["scores"].float().numpy() if r["scores"] is not None
                                else np.full(len(v), np.nan, np.float32))}

@@ -201,17 +201,24 @@ class TextScorer(nn.Module):
 
     @torch.no_grad()
     def _both(self, x: torch.Tensor):
-        from .backbones.clip import pool_vit, project, run_vit, run_vit_two_ends
+        from .backbones.clip import run_vit, run_vit_two_ends
         self._check(x)
         if self.patch_mode == "value":   # blocks 0..L-2 once, the last block both ways
-            t, tv, (gh, gw) = run_vit_two_ends(self.visual, x)
+            t, tv, grid = run_vit_two_ends(self.visual, x)
         else:
-            _, t, (gh, gw) = run_vit(self.visual, x)
+            _, t, grid = run_vit(self.visual, x)
+            tv = None
+        return self._scores(t, tv, grid)
+
+    def _scores(self, t: torch.Tensor, tv, grid):
+        """(image P(defect) (N,), patch P(defect) (N, gh, gw)) from final tokens ``t`` (and the
+        identity-attention ones ``tv`` in patch mode 'value')."""
+        from .backbones.clip import pool_vit, project
         pooled, tok = pool_vit(self.visual, t)
         img = self._probs(F.normalize(project(self.visual, pooled), dim=-1))
-        if self.patch_mode == "value":
+        if tv is not None:
             _, tok = pool_vit(self.visual, tv)
-        patch = self._probs(F.normalize(project(self.visual, tok), dim=-1)).reshape(x.shape[0], gh, gw)
+        patch = self._probs(F.normalize(project(self.visual, tok), dim=-1)).reshape(t.shape[0], *grid)
         return img, patch
 
     @torch.no_grad()
@@ -230,6 +237,17 @@ class TextScorer(nn.Module):
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 4) float32: image score, patch max, patch mean, patch 0.99-quantile (``feature_names``)."""
-        img, patch = self._both(x)
+        return self._stats(*self._both(x))
+
+    @torch.no_grad()
+    def features_from_tower(self, out: dict) -> torch.Tensor:
+        """`features` from a pass the backbone already ran (``ClipViT.keep_tower_output``): its
+        final tokens, and in patch mode 'value' the last block again with identity attention."""
+        from .backbones.clip import last_block
+        tv = last_block(self.visual, out["pre_last"], value_last=True) if self.patch_mode == "value" else None
+        return self._stats(*self._scores(out["final"], tv, out["grid"]))
+
+    @staticmethod
+    def _stats(img: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
         flat = patch.flatten(1)
         return torch.stack([img, flat.amax(1), flat.mean(1), torch.quantile(flat, 0.99, dim=1)], 1).float()

@@ -35,6 +35,7 @@ first use).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -197,16 +198,20 @@ def run_vit(visual, x: torch.Tensor, take=(), upto: int | None = None, value_las
 def run_vit_two_ends(visual, x: torch.Tensor):
     """Final tokens of the plain tower and of the ``value_last`` one, sharing blocks 0..L-2 (one tower
     pass plus one extra last block instead of two passes), plus the grid."""
-    blocks = visual.transformer.resblocks
-    last = len(blocks) - 1
+    last = len(visual.transformer.resblocks) - 1
     _, t, grid = run_vit(visual, x, upto=last - 1)   # upto=-1 (a one-block tower): the embedded tokens
+    return last_block(visual, t), last_block(visual, t, value_last=True), grid
+
+
+def last_block(visual, t: torch.Tensor, value_last: bool = False) -> torch.Tensor:
+    """The tower's last block on batch-first tokens ``t`` (those after block L-2); ``value_last``: with
+    an identity attention map, as in `run_vit`."""
+    blk = visual.transformer.resblocks[-1]
     batch_first = getattr(visual.transformer, "batch_first", True)
     if not batch_first:
         t = t.transpose(0, 1)
-    a, b = blocks[last](t, attn_mask=None), _identity_attention_block(blocks[last], t)
-    if not batch_first:
-        a, b = a.transpose(0, 1), b.transpose(0, 1)
-    return a, b, grid
+    t = _identity_attention_block(blk, t) if value_last else blk(t, attn_mask=None)
+    return t if batch_first else t.transpose(0, 1)
 
 
 def _identity_attention_block(blk, t):
@@ -411,8 +416,27 @@ class ClipViT(Backbone):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_size(*x.shape[-2:])
-        tokens, _, grid = run_vit(self.visual, x, take=self.levels, upto=self.levels[-1])
+        keep = getattr(self, "_tower_out", None)
+        if keep is None or self.depth < 2:
+            tokens, _, grid = run_vit(self.visual, x, take=self.levels, upto=self.levels[-1])
+        else:   # run every block once and keep what the text side needs (`keep_tower_output`)
+            take = tuple(sorted(set(self.levels) | {self.depth - 2}))
+            outs, final, grid = run_vit(self.visual, x, take=take)
+            tokens = [outs[take.index(lv)] for lv in self.levels]
+            keep.append({"final": final, "pre_last": outs[take.index(self.depth - 2)], "grid": grid})
         return self._pyramid(tokens, grid, x.shape[-2:])
+
+    @contextlib.contextmanager
+    def keep_tower_output(self):
+        """Within the block every `forward` runs the whole tower and appends its final tokens, the tokens
+        before the last block and the grid to the yielded list, so `vlm.TextScorer.features_from_tower`
+        scores the same pass instead of running the tower a second time (``extract --text``). Towers
+        of one block keep nothing."""
+        self._tower_out = []
+        try:
+            yield self._tower_out
+        finally:
+            self._tower_out = None
 
     def config(self) -> dict:
         out = {"name": self.name, "levels": list(self.levels), "mean": list(self.mean), "std": list(self.std),
