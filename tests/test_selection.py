@@ -154,6 +154,16 @@ def test_kept_epochs_can_be_evaluated(texture, tmp_path):
                  overrides={"threshold": 0.5, "max_fpr": 0.1})
 
 
+def test_checkpoint_of_a_run_without_validation_normals(texture, tmp_path):
+    from uninet_feat.evaluate import evaluate
+    run = tmp_path / "nv"
+    train(_cfg(texture, keep_every=2, val_fraction=0.0), run, quiet=True)
+    rep = evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True)
+    assert rep["threshold"] is None and rep["threshold_rule"].startswith("none") and "image_auroc" in rep
+    with pytest.raises(BadInputError, match="val_fraction 0"):
+        evaluate(run, checkpoint=run / "epochs" / "epoch_002.pt", quiet=True, overrides={"max_fpr": 0.1})
+
+
 def test_checkpoint_report_colours_from_its_own_validation_maps(texture, tmp_path, monkeypatch):
     import uninet_feat.overlay as overlay
     from uninet_feat.calibration import calibration, validation_normals

@@ -111,6 +111,11 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if group is not None:
         cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
+        model.cfg["pixel_map"] = cfg["pixel_map"]
+    set_threads(cfg)
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
     other = checkpoint is not None and Path(checkpoint).resolve() != (Path(run) / "model.pt").resolve()
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
@@ -118,13 +123,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         cal = _checkpoint_calibration(model, cfg, checkpoint, need=cfg.get("threshold") is None or report_path)
     threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"), cal=cal,
                                         source=f"validation normals of {checkpoint}")   # fails before scoring
-    if other and cal is not None and cfg.get("threshold") is None:
+    if other and cal and cfg.get("threshold") is None:
         rule += f" — scored with {Path(checkpoint).name}, not model.pt"
-    if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
-        model.cfg["pixel_map"] = cfg["pixel_map"]
-    set_threads(cfg)
-    if cfg.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
     test = [s for s in load_samples(cfg) if s.split == "test"]
     if not test:
         raise BadInputError("no test images", path=cfg.get("split_csv") or cfg["data"],
