@@ -1,6 +1,7 @@
 """Train → checkpoint → evaluate on a tiny backbone: reproducibility, resume, tiling, supervision."""
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,6 +313,36 @@ def test_operating_point_flags_from_validation_normals(trained, texture, tmp_pat
                  str(tmp_path / "p"), "--threshold=-1e9", "--no-overlays", "--quiet"]) == 0
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["threshold"] == -1e9 and summary["n_flagged"] == summary["n_images"] > 0
+
+
+def test_predict_overlays_one_per_flagged_image_named_by_folder(trained, texture, tmp_path, monkeypatch):
+    """Every flagged image gets its own overlay (test/good/000.png and test/spot/000.png share a name),
+    linked from its row; with the run's calibration the colours are its range, without it 0..max."""
+    import csv
+    import shutil
+    from PIL import Image
+    from uninet_feat import overlay
+    from uninet_feat.workflows import predict_cmd
+    res = predict_cmd(trained, texture, tmp_path / "p", threshold=-1e9, quiet=True)
+    files = sorted((tmp_path / "p" / "overlays").iterdir())
+    assert len(files) == res["n_images"] == res["n_flagged"] > 0
+    assert {"test__good__000_overlay.png", "test__spot__000_overlay.png"} <= {f.name for f in files}
+    on_disk = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    assert sorted(r["overlay"] for r in on_disk) == sorted(str(f) for f in files)
+    for r in on_disk:
+        assert Image.open(r["overlay"]).size[0] >= 64 and Path(r["overlay"]).stem.endswith(Path(r["path"]).stem + "_overlay")
+    # colours: calibration range when present (streamed), the maps' 0..max when the run has none
+    seen = []
+    real = overlay.heatmap_overlay
+    monkeypatch.setattr(overlay, "heatmap_overlay", lambda *a, **k: seen.append((k["vmin"], k["vmax"])) or real(*a, **k))
+    predict_cmd(trained, texture / "test", tmp_path / "q", threshold=-1e9, quiet=True)
+    assert set(seen) == {tuple(json.loads((trained / "calibration.json").read_text())["map_range"])}
+    bare = tmp_path / "bare"
+    shutil.copytree(trained, bare)
+    (bare / "calibration.json").unlink()
+    seen.clear()
+    predict_cmd(bare, texture / "test", tmp_path / "r", threshold=-1e9, quiet=True)
+    assert len(set(seen)) == 1 and seen[0][0] == 0.0 and len(seen) == len(list((tmp_path / "r/overlays").iterdir()))
 
 
 def test_calibrate_rewrites_the_same_calibration(trained, tmp_path):

@@ -138,18 +138,25 @@ def _range_of(flat: np.ndarray) -> list[float]:
     return [lo, max(hi, lo + 1e-6)]
 
 
-def display_range(run_dir, maps=None, pixel_map: str | None = None, cal: dict | None = None
-                  ) -> tuple[float, float]:
-    """Colour scale for a run's overlays: its calibration ``map_range`` when present (and computed on the
-    same kind of ``pixel_map``), else from 0 to the largest value of ``maps``. ``cal``: a calibration dict
-    used instead of the run's ``calibration.json``."""
+def calibrated_range(run_dir, pixel_map: str | None = None, cal: dict | None = None):
+    """(vmin, vmax) from the run's calibration ``map_range`` (or ``cal``'s) when present and computed on
+    the same kind of ``pixel_map``; else None."""
     import json
     path = Path(run_dir) / "calibration.json" if run_dir is not None else None
     c = cal if cal is not None else (json.loads(path.read_text()) if path is not None and path.exists() else None)
-    if c:
-        r = c.get("map_range")
-        if r and (pixel_map is None or c.get("map_range_pixel_map", "raw") == pixel_map):
-            return float(r[0]), float(r[1])
+    r = c.get("map_range") if c else None
+    if r and (pixel_map is None or c.get("map_range_pixel_map", "raw") == pixel_map):
+        return float(r[0]), float(r[1])
+    return None
+
+
+def display_range(run_dir, maps=None, pixel_map: str | None = None, cal: dict | None = None
+                  ) -> tuple[float, float]:
+    """Colour scale for a run's overlays: `calibrated_range` when there is one, else from 0 to the
+    largest value of ``maps``. ``cal``: a calibration dict used instead of the run's ``calibration.json``."""
+    r = calibrated_range(run_dir, pixel_map, cal)
+    if r is not None:
+        return r
     hi = max((float(np.nanmax(m)) for m in maps), default=1.0) if maps else 1.0
     return 0.0, max(hi, 1e-6)
 

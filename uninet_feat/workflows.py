@@ -159,20 +159,58 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                "threshold_rule": rule}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
-        _write_overlays(ex, samples, rows, out / "overlays")
+        for r in rows:
+            r["overlay"] = ""
+        _write_overlays(ex, samples, rows, out / "overlays", root=Path(data))
+        atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
+        atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     return {**summary, "rows": rows}
 
 
-def _write_overlays(ex, samples, rows, folder: Path) -> None:
-    """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range."""
-    from .overlay import display_range, heatmap_overlay
+def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
+    """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range.
+
+    Each overlay is written as its map is finished (none are held) when the run has that range; only
+    without it (a run with no validation normals) are the maps held to share one 0..max scale. Names
+    keep the image's folders below ``root`` (``spot__000_overlay.png``), so MVTec-style sets whose
+    files are named 000.png in every folder do not overwrite each other; the row gets ``overlay``."""
+    from .overlay import calibrated_range, display_range, heatmap_overlay
     from .evaluate import score_samples
+    by_path = {r["path"]: r for r in rows}
     flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
+    names = _overlay_names([s.path for s in flagged], root)
+
+    def write(s, m, vmin, vmax):
+        out = folder / names[str(s.path)]
+        heatmap_overlay(s.path, m, out, vmin=vmin, vmax=vmax, mask=None)
+        by_path[str(s.path)]["overlay"] = str(out)
+
+    pm = ex.model.cfg["pixel_map"]
+    fixed = calibrated_range(ex.run_dir, pm)
+    if fixed is not None:
+        score_samples(ex.model, flagged, ex.cfg, on_map=lambda s, m, _: write(s, m, *fixed))
+        return
     res = score_samples(ex.model, flagged, ex.cfg, keep_maps=True)
-    vmin, vmax = display_range(ex.run_dir, res["maps"], ex.model.cfg["pixel_map"])
+    vmin, vmax = display_range(ex.run_dir, res["maps"], pm)
     for s, m in zip(res["samples"], res["maps"]):
-        heatmap_overlay(s.path, m, folder / f"{Path(s.path).stem}_overlay.png", vmin=vmin, vmax=vmax,
-                        mask=None)
+        write(s, m, vmin, vmax)
+
+
+def _overlay_names(paths, root=None) -> dict:
+    """Unique overlay file names: the path below ``root`` (else the parent folder and name) joined by '__'."""
+    names, used = {}, set()
+    for p in map(Path, paths):
+        try:
+            parts = p.resolve().relative_to(Path(root).resolve()).with_suffix("").parts if root is not None else None
+        except ValueError:
+            parts = None
+        stem = "__".join(parts or (p.parent.name, p.stem)).replace(" ", "_")
+        name, k = f"{stem}_overlay.png", 2
+        while name in used:
+            name, k = f"{stem}_{k}_overlay.png", k + 1
+        used.add(name)
+        names[str(p)] = name
+    return names
 
 
 def _by_path(samples, rows):
