@@ -120,7 +120,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
         check_threshold_flags(cfg.get("threshold"), cfg.get("max_fpr"))   # before scoring the validation normals
-        cal = _checkpoint_calibration(model, cfg, checkpoint, need=cfg.get("threshold") is None or report_path)
+        if cfg.get("threshold") is None or report_path:   # a given threshold and no report need none
+            cal = _checkpoint_calibration(model, cfg, checkpoint)
     threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"), cal=cal,
                                         source=f"validation normals of {checkpoint}")   # fails before scoring
     if other and cal and cfg.get("threshold") is None:
@@ -167,12 +168,10 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     return report
 
 
-def _checkpoint_calibration(model, cfg: dict, checkpoint, need) -> dict | None:
+def _checkpoint_calibration(model, cfg: dict, checkpoint) -> dict:
     """`calibration` of another epoch's model on the run's validation normals (not written: calibration.json
-    stays model.pt's), or None when not ``need``-ed; {} when the run kept no validation normals."""
+    stays model.pt's); {} when the run kept no validation normals."""
     from .calibration import calibration, validation_normals
-    if not need:
-        return None
     val = validation_normals(cfg)
     if not val:
         if cfg.get("max_fpr") is not None:

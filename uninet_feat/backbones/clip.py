@@ -388,6 +388,7 @@ class ClipViT(Backbone):
                 sd = _visual_part(read_clip_state_dict(weights))
                 _load_tower(self.visual, sd, f"{clip_name} image tower", weights)
         self.quick_gelu = bool(quick_gelu)
+        self._tower_out = None   # a list while `keep_tower_output` is active
         self.mean = tuple(float(x) for x in (mean or dmean))
         self.std = tuple(float(x) for x in (std or dstd))
 
@@ -416,7 +417,7 @@ class ClipViT(Backbone):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_size(*x.shape[-2:])
-        keep = getattr(self, "_tower_out", None)
+        keep = self._tower_out
         if keep is None or self.depth < 2:
             tokens, _, grid = run_vit(self.visual, x, take=self.levels, upto=self.levels[-1])
         else:   # run every block once and keep what the text side needs (`keep_tower_output`)
