@@ -1,5 +1,11 @@
 """Shared test fixtures. Keep small: helpers that several test files need."""
 import os
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any test module (or
+# uninet_feat) imports a kernel: without it a plain `pytest tests` on a machine without a GPU fails the kernel
+# tests with "Cannot call @triton.jit'd outside of the scope of a kernel". Set TRITON_INTERPRET=0 on a CUDA
+# machine to test the compiled kernels instead of the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import zlib
 from pathlib import Path
 
