@@ -7,6 +7,10 @@ Without ``--run``: the plain-backbone kNN baseline (PatchCore-style, ImageNet fe
 and resolution as UniNet). With ``--run``: kNN over the run's domain-adapted patch features, the
 run's WDM scores, and the two combined — each scorer z-normalised by its scores on the run's
 validation normals (never on test labels) and summed. Prints and writes JSON.
+
+``--index-kinds flat,ivfpq,hnsw`` (untiled sets) also puts the same coreset memory bank into each FAISS
+index kind and reports, over every test patch as a query: recall@1 against the flat index, query time
+per 1,000 patches, serialised size, build time, and the kNN metrics that index gives.
 """
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ import argparse
 import json
 import time
 
+import faiss
 import numpy as np
 
 import uninet_feat  # noqa: F401
 from uninet_feat import metrics
 from uninet_feat.config import DEFAULT_CONFIG, load_config
-from uninet_feat.downstream import KNNScorer
+from uninet_feat.downstream import KNNScorer, search
+from uninet_feat.downstream.index import is_gpu_index
 from uninet_feat.extract import Extractor
 from uninet_feat.runs import load_samples, train_val_samples
 
@@ -73,8 +79,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--coreset", type=float, default=0.01)
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--tile", type=int, help="tile large images (e.g. 256 for AITEX strips); image scores only")
+    ap.add_argument("--index-kinds", default="flat",
+                    help="comma list starting with flat, e.g. flat,ivfpq,hnsw: compare FAISS index kinds (untiled)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    kinds = [k.strip() for k in a.index_kinds.split(",") if k.strip()]
+    if kinds[:1] != ["flat"] or (len(kinds) > 1 and a.tile):
+        ap.error("--index-kinds must start with flat (the reference) and needs untiled images")
     ex = (Extractor(run=a.run, image_size=a.image_size, patches=True, tile=a.tile) if a.run else
           Extractor(backbone=a.backbone, weights=a.weights, image_size=a.image_size, patches=True, tile=a.tile))
     # with a run: its own training / validation split (val_fraction, seed), so the kNN memory holds exactly
@@ -103,6 +114,9 @@ def main(argv=None) -> dict:
         masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
     res = {"image_size": a.image_size, "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
            "fit_seconds": round(t_fit, 1), "knn": _eval(labels, kscores, masks, kmaps, test)}
+    if len(kinds) > 1:
+        res["index_kinds"] = _index_kinds(knn, te["patches"].astype(np.float32), kinds, (hw, hw), size,
+                                          lambda m, sc: _eval(labels, sc, masks, m, test))
     per_image = {"knn": kscores}
     if a.run:
         wscores, wmaps = te["scores"], _wdm_maps(ex, test, a.image_size)
@@ -117,6 +131,29 @@ def main(argv=None) -> dict:
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
         per_image.update(wdm=wscores, combined=comb_scores)
     return _finish(res, test, per_image, a.json)
+
+
+def _index_kinds(knn, patches, kinds, grid, size, evaluate) -> dict:
+    """Each FAISS kind over ``knn``'s memory bank (the same coreset, so only the index differs): recall@1 of
+    the nearest normal patch against flat's, query ms per 1k test patches, bytes, build s, kNN metrics."""
+    bank = knn.index.reconstruct_n(0, knn.index.ntotal)
+    queries = patches.reshape(-1, patches.shape[-1])
+    out, ref = {}, None
+    for kind in kinds:
+        t0 = time.perf_counter()
+        sc = KNNScorer(kind=kind, k=knn.k, coreset_ratio=None, seed=knn.seed, device=knn.device).fit(bank)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, nn = search(sc.index, queries, 1)
+        query_s = time.perf_counter() - t0
+        ref = nn[:, 0] if ref is None else ref
+        maps, scores = sc.score_maps(patches, grid, size)
+        out[kind] = {"recall@1": float((nn[:, 0] == ref).mean()), "n_queries": len(queries),
+                     "query_ms_per_1k": round(1e6 * query_s / len(queries), 3), "build_s": round(build_s, 2),
+                     "bytes": int(faiss.serialize_index(
+                         faiss.index_gpu_to_cpu(sc.index) if is_gpu_index(sc.index) else sc.index).nbytes),
+                     **{k: v for k, v in evaluate(maps, scores).items() if k != "per_label"}}
+    return out
 
 
 def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:

@@ -66,3 +66,23 @@ def test_tiled_scores_are_the_highest_tile_and_wdm_equals_evaluate(tiled_run, tm
 def test_per_image_takes_the_max_over_an_images_items():
     out = knn_compare._per_image([0.1, 0.9, 0.3, 0.2, -5.0], [0, 0, 1, 1, 2], 3)
     np.testing.assert_array_equal(out, [0.9, 0.3, -5.0])
+
+
+def test_index_kinds_share_one_memory_bank_and_flat_is_the_reference(tmp_path):
+    data = write_texture_set(tmp_path / "set", n_train=8, n_good=3, n_bad=3)
+    res = knn_compare.main(["--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                            "--coreset", "1.0", "--index-kinds", "flat,ivfpq,hnsw"])
+    kinds = res["index_kinds"]
+    assert list(kinds) == ["flat", "ivfpq", "hnsw"]
+    assert kinds["flat"]["recall@1"] == 1.0
+    for key in ("image_auroc", "pixel_auroc", "aupro"):   # flat over the same bank = the main kNN figures
+        assert kinds["flat"][key] == pytest.approx(res["knn"][key])
+    assert kinds["flat"]["n_queries"] == 6 * 8 * 8       # every patch of the 6 test images (8×8 grid at 64 px)
+    assert 0.0 <= kinds["ivfpq"]["recall@1"] < 1.0       # 8-byte PQ codes lose exact ties on 2,048 vectors
+    assert kinds["ivfpq"]["bytes"] < kinds["flat"]["bytes"]   # codes + codebooks vs raw float32 vectors
+    assert 0.0 <= kinds["hnsw"]["recall@1"] <= 1.0 and kinds["hnsw"]["bytes"] > kinds["flat"]["bytes"]
+
+
+def test_index_kinds_must_start_with_flat():
+    with pytest.raises(SystemExit):
+        knn_compare.main(["--data", "x", "--index-kinds", "hnsw,flat"])
