@@ -248,6 +248,25 @@ def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_pat
         assert 0 <= per[name]["pixel_auroc"] <= 1 and 0 <= per[name]["aupro"] <= 1
 
 
+def test_defect_images_without_masks_stay_out_of_pixel_metrics(trained, texture, tmp_path):
+    """Two defect labels, one without masks: its images are not counted as all-normal pixels, so the
+    pooled P-AUROC / AUPRO equal those of the normals plus the masked label alone (they were lower)."""
+    bad = sorted((texture / "test" / "spot").glob("*.png"))
+    rows = ["path,split,label,mask"] + [f"{p.relative_to(texture)},train,good," for p in
+                                        sorted((texture / "train" / "good").glob("*.png"))]
+    rows += [f"{p.relative_to(texture)},test,good," for p in sorted((texture / "test" / "good").glob("*.png"))]
+    for i, p in enumerate(bad):
+        mask = texture / "ground_truth" / "spot" / f"{p.stem}_mask.png"
+        rows.append(f"{p.relative_to(texture)},test," + ("hole," + str(mask.relative_to(texture)) if i < 2 else "stain,"))
+    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match="2 defect image.*no mask"):
+        rep = evaluate(trained, data=str(texture), split_csv=str(tmp_path / "split.csv"), quiet=True)
+    assert rep["pixel_metrics_without"] == 2
+    assert rep["pixel_auroc"] == pytest.approx(rep["per_label"]["hole"]["pixel_auroc"])
+    assert rep["aupro"] == pytest.approx(rep["per_label"]["hole"]["aupro"])
+    assert "pixel_auroc" not in rep["per_label"]["stain"]   # no masked defect pixels: no pixel metrics
+
+
 def test_per_label_takes_lists_or_arrays():
     """`evaluate` passes lists of maps/masks, the benchmarks pass stacked arrays: same breakdown."""
     from types import SimpleNamespace

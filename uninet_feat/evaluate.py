@@ -136,6 +136,13 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch")}
+    if has_masks:   # a defect image without a mask is not "all normal pixels": keep it out of pixel metrics
+        res["pixel_ok"] = [s.is_normal or s.mask is not None for s in test]
+        unmasked = [str(s.path) for s, ok in zip(test, res["pixel_ok"]) if not ok]
+        if unmasked:
+            report["pixel_metrics_without"] = len(unmasked)
+            warnings.warn(f"{len(unmasked)} defect image(s) have no mask and are left out of the pixel metrics "
+                          f"(e.g. {unmasked[0]}); add their masks to include them")
     if "selection" in ckpt:
         report["selection"] = ckpt["selection"]
     report.update(_metrics(labels, scores, res, has_masks))
@@ -210,6 +217,8 @@ def _metrics(labels, scores, res, has_masks) -> dict:
     out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
     if has_masks and res.get("maps") is not None:
         m, a = res["masks"], res["maps"]   # lists of 2-D arrays (tiled images may differ in size) or arrays
+        if res.get("pixel_ok") is not None:   # only normals and masked defects have known pixel labels
+            m, a = [x for x, ok in zip(m, res["pixel_ok"]) if ok], [x for x, ok in zip(a, res["pixel_ok"]) if ok]
         if any(np.any(x) for x in m):
             out["pixel_auroc"] = metrics.pixel_auroc(m, a)
             out["aupro"] = metrics.aupro(m, a)
@@ -219,7 +228,7 @@ def _metrics(labels, scores, res, has_masks) -> dict:
 def _subset_metrics(idx, labels, scores, res, has_masks) -> dict:
     """``_metrics`` on the images ``idx`` only (maps and masks may be lists or stacked arrays)."""
     pick = lambda key: [res[key][i] for i in idx] if res.get(key) is not None else None  # noqa: E731
-    return _metrics(labels[idx], scores[idx], {"maps": pick("maps"), "masks": pick("masks")}, has_masks)
+    return _metrics(labels[idx], scores[idx], {k: pick(k) for k in ("maps", "masks", "pixel_ok")}, has_masks)
 
 
 def per_label_metrics(test, labels, scores, res, has_masks, defect_labels) -> dict:
@@ -257,6 +266,8 @@ def print_report(report: dict) -> None:
     for name, r in rows:
         table.add_row(name, *[f"{r[k]:.4f}" if k in r else "-" for k in keys])
     Console().print(table)
+    if report.get("pixel_metrics_without"):
+        Console().print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
     at = report.get("at_threshold")
     if at:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
