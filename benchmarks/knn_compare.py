@@ -11,6 +11,8 @@ validation normals (never on test labels) and summed. Prints and writes JSON.
 ``--index-kinds flat,ivfpq,hnsw`` (untiled sets) also puts the same coreset memory bank into each FAISS
 index kind and reports, over every test patch as a query: recall@1 against the flat index, query time
 per 1,000 patches, serialised size, build time, and the kNN metrics that index gives.
+``--knn-features plain`` (with ``--run``): the kNN uses the ImageNet backbone's patches while WDM comes
+from the run, so the combined scorer pairs UniNet with the plain PatchCore-style baseline.
 """
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--coreset", type=float, default=0.01)
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--tile", type=int, help="tile large images (e.g. 256 for AITEX strips); image scores only")
+    ap.add_argument("--knn-features", choices=("run", "plain"), default="run",
+                    help="with --run: kNN over the run's adapted patches (run) or the ImageNet backbone's (plain)")
     ap.add_argument("--index-kinds", default="flat",
                     help="comma list starting with flat, e.g. flat,ivfpq,hnsw: compare FAISS index kinds (untiled)")
     ap.add_argument("--json")
@@ -86,8 +90,12 @@ def main(argv=None) -> dict:
     kinds = [k.strip() for k in a.index_kinds.split(",") if k.strip()]
     if kinds[:1] != ["flat"] or (len(kinds) > 1 and a.tile):
         ap.error("--index-kinds must start with flat (the reference) and needs untiled images")
-    ex = (Extractor(run=a.run, image_size=a.image_size, patches=True, tile=a.tile) if a.run else
+    ex = (Extractor(run=a.run, image_size=a.image_size, patches=a.knn_features == "run", tile=a.tile) if a.run else
           Extractor(backbone=a.backbone, weights=a.weights, image_size=a.image_size, patches=True, tile=a.tile))
+    kex = ex   # the kNN's patch features; WDM scores always come from ``ex``
+    if a.run and a.knn_features == "plain":
+        kex = Extractor(backbone=ex.cfg["backbone"], weights=a.weights, image_size=a.image_size, patches=True,
+                        tile=a.tile)
     # with a run: its own training / validation split (val_fraction, seed), so the kNN memory holds exactly
     # the run's training normals and the z-scores use the run's validation normals
     cfg = load_config(None, {"data": a.data, "split_csv": a.split_csv, "group": a.group},
@@ -96,12 +104,13 @@ def main(argv=None) -> dict:
     fit, val = train_val_samples(samples, cfg)
     test = [s for s in samples if s.split == "test"]
     t0 = time.time()
-    tr = ex.extract(fit)
+    tr = kex.extract(fit)
     knn = KNNScorer(kind="flat", k=a.k, coreset_ratio=a.coreset).fit(tr["patches"].astype(np.float32))
     t_fit = time.time() - t0
-    te = ex.extract(test)
+    te = kex.extract(test)
+    run_out = (lambda s, out: out if kex is ex else ex.extract(s))   # the run's own pass, for WDM scores
     if ex.cfg.get("tile"):
-        return _tiled(a, ex, knn, te, test, val, t_fit)
+        return _tiled(a, ex, kex, knn, te, test, val, t_fit, run_out)
     hw = int(np.sqrt(te["patches"].shape[1]))
     size = (a.image_size, a.image_size)
     kmaps, kscores = knn.score_maps(te["patches"].astype(np.float32), (hw, hw), size)
@@ -113,19 +122,20 @@ def main(argv=None) -> dict:
         ds = ImageDataset(test, image_size=a.image_size)
         masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
     res = {"image_size": a.image_size, "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
+           "knn_features": a.knn_features if a.run else "plain",
            "fit_seconds": round(t_fit, 1), "knn": _eval(labels, kscores, masks, kmaps, test)}
     if len(kinds) > 1:
         res["index_kinds"] = _index_kinds(knn, te["patches"].astype(np.float32), kinds, (hw, hw), size,
                                           lambda m, sc: _eval(labels, sc, masks, m, test))
     per_image = {"knn": kscores}
     if a.run:
-        wscores, wmaps = te["scores"], _wdm_maps(ex, test, a.image_size)
+        wscores, wmaps = run_out(test, te)["scores"], _wdm_maps(ex, test, a.image_size)
         res["wdm"] = _eval(labels, wscores, masks, wmaps, test)
         # combined: each scorer z-normalised on the validation normals (images and pixels), then summed
-        va = ex.extract(val)
+        va = kex.extract(val)
         vkmaps, vk = knn.score_maps(va["patches"].astype(np.float32), (hw, hw), size)
         vwmaps = _wdm_maps(ex, val, a.image_size)
-        comb_scores = _z(kscores, vk) + _z(wscores, va["scores"])
+        comb_scores = _z(kscores, vk) + _z(wscores, run_out(val, va)["scores"])
         comb_maps = _z(kmaps, vkmaps) + _z(wmaps, vwmaps)
         res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps, test),
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
@@ -156,7 +166,7 @@ def _index_kinds(knn, patches, kinds, grid, size, evaluate) -> dict:
     return out
 
 
-def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:
+def _tiled(a, ex, kex, knn, te, test, val, t_fit, run_out) -> dict:
     """Image-level comparison for tiled images (no masks): kNN, WDM and combined, highest tile each."""
     n, labels = len(test), np.array([0 if s.is_normal else 1 for s in test])
 
@@ -165,13 +175,16 @@ def _tiled(a, ex, knn, te, test, val, t_fit) -> dict:
 
     ks = knn_images(te, n)
     res = {"image_size": a.image_size, "tile": ex.cfg["tile"], "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
-           "fit_seconds": round(t_fit, 1), "knn": _eval(labels, ks, None, None, test)}
+           "knn_features": a.knn_features if a.run else "plain", "fit_seconds": round(t_fit, 1),
+           "knn": _eval(labels, ks, None, None, test)}
     per_image = {"knn": ks}
     if a.run:
-        ws = _per_image(te["scores"], te["index"], n)
+        wte = run_out(test, te)
+        ws = _per_image(wte["scores"], wte["index"], n)
         res["wdm"] = _eval(labels, ws, None, None, test)
-        va = ex.extract(val)
-        vk, vw = knn_images(va, len(val)), _per_image(va["scores"], va["index"], len(val))
+        va = kex.extract(val)
+        wva = run_out(val, va)
+        vk, vw = knn_images(va, len(val)), _per_image(wva["scores"], wva["index"], len(val))
         comb = _z(ks, vk) + _z(ws, vw)
         res["combined"] = {**_eval(labels, comb, None, None, test),
                            "rule": "z-score of each scorer on validation normals (image scores), summed"}

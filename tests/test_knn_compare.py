@@ -86,3 +86,18 @@ def test_index_kinds_share_one_memory_bank_and_flat_is_the_reference(tmp_path):
 def test_index_kinds_must_start_with_flat():
     with pytest.raises(SystemExit):
         knn_compare.main(["--data", "x", "--index-kinds", "hnsw,flat"])
+
+
+def test_plain_knn_features_beside_the_runs_wdm(tiled_run, tmp_path):
+    """--knn-features plain: the kNN sees the ImageNet-style backbone's patches (its scores change), WDM
+    still comes from the run (unchanged), and the combined score is built from the two as before."""
+    data, run, _ = tiled_run
+    args = ["--data", str(data), "--run", str(run), "--tile", "64", "--image-size", "64", "--coreset", "1.0",
+            "--weights", "random"]
+    adapted = knn_compare.main(args)
+    plain = knn_compare.main(args + ["--knn-features", "plain"])
+    assert plain["knn_features"] == "plain" and adapted["knn_features"] == "run"
+    np.testing.assert_allclose(plain["scores"]["wdm"], adapted["scores"]["wdm"], rtol=1e-6)
+    assert not np.allclose(plain["scores"]["knn"], adapted["scores"]["knn"])
+    comb, k, w = (np.asarray(plain["scores"][n]) for n in ("combined", "knn", "wdm"))
+    assert np.corrcoef(comb, k)[0, 1] > 0 and np.corrcoef(comb, w)[0, 1] > 0
