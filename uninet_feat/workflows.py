@@ -11,10 +11,12 @@ from .featstore import FeatureStore, aggregate_tiles
 from .io import atomic_write_csv, atomic_write_text
 
 
-def _samples(data, split_csv=None, group=None):
+def _samples(data, split_csv=None, group=None, split_hash=None):
+    """Samples of ``data``; ``split_hash`` from a run's config gives that run's split (None: a new one's)."""
     from .config import load_config
     from .runs import load_samples
-    return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group}))
+    return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group,
+                                           "split_hash": split_hash}))
 
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
@@ -33,7 +35,9 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         i, n = dd.rank, dd.world_size
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
                    text=text)
-    samples = _samples(data, split_csv, group)
+    # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
+    # `train` rows are the images the run trained on
+    samples = _samples(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None)
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
     if dd is not None:
