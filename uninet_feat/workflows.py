@@ -121,6 +121,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
 
+    ``data`` is a folder (every image under it; a labelled layout keeps its labels, anything else is
+    scored with label ``''``, unknown) or one image file.
+
     An image is flagged when its WDM score is above the threshold ``calibration.resolve_threshold`` picks
     (``threshold`` as given, ``max_fpr`` on the validation normals, else the run's default)."""
     from .calibration import resolve_threshold
@@ -133,7 +136,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
     ex = Extractor(run=run, patches=knn is not None, text=text)
-    samples = _samples(data, split_csv)
+    if split_csv:
+        samples = _samples(data, split_csv)
+    else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
+        from .data.layouts import discover_batch
+        samples = discover_batch(data, ex.cfg.get("mask_pattern"))
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)

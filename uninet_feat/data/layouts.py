@@ -86,6 +86,32 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
     return sorted(samples, key=lambda s: str(s.path))
 
 
+def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
+    """Images to score (``predict``): one image file, or every image under a folder, sorted by path.
+
+    A new batch has no labels, so its samples get label ``''`` (unknown: neither normal nor a defect type)
+    and no split. A folder in a labelled layout (MVTec-style, or label folders with a normal one such as
+    ``good/``) keeps its labels and masks; images directly in it are added unlabelled. Without a normal
+    folder the folder names are taken for storage (``day1/``, ``camera2/``), not labels.
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise BadInputError(f"not an image file (known: {', '.join(IMAGE_EXTENSIONS)})", path=p,
+                                fix="pass an image, or the folder that holds the images")
+        return [Sample(p, "", "", None, "")]
+    if not p.is_dir():
+        raise BadInputError("data folder not found", path=p, fix="pass the folder (or image file) to score")
+    samples = _from_mvtec(p, mask_pattern) or _from_plain(p, mask_pattern)
+    if not any(s.is_normal for s in samples):   # no labelled layout: folders are storage
+        samples = [Sample(s.path, "", "", s.mask, "") for s in samples]
+    samples += [Sample(x, "", "", None, "") for x in _images(p)]
+    if not samples:
+        raise BadInputError("no images found in this folder or below it", path=p,
+                            fix=f"put the images to score in it (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(samples, key=lambda s: str(s.path))
+
+
 def _images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, minus masks kept beside them (``*_mask.*``, ``x.png`` beside ``x.jpg``)."""
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
