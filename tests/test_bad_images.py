@@ -200,3 +200,40 @@ def test_dataset_skip_bad(tmp_path, write_image):
     assert len(strict) == 5
     with pytest.raises(BadInputError, match="cut.png"):
         strict[1]
+
+
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_exif_orientation_applied_to_images_and_their_sizes(tmp_path):
+    """A phone-style JPEG stored 96x48 with orientation 6 is shown 48x96 (turned 90 degrees clockwise): it is
+    read that way, so a mask drawn on the displayed image fits it."""
+    from uninet_feat.data.images import read_size
+    from uninet_feat.report import _aspect
+    stored = np.zeros((48, 96, 3), np.uint8)
+    stored[:, :48] = 255                           # left half white → top half once turned clockwise
+    p = _save(tmp_path, "phone.jpg", Image.fromarray(stored), exif=_exif(6), quality=95)
+    a = load_image(p)
+    assert a.shape == (96, 48, 3)
+    assert a[:40].mean() > 0.9 and a[56:].mean() < 0.1
+    assert read_size(p) == (96, 48) and check_image(p) == (96, 48) and _aspect(p) == 0.5
+    drawn = np.zeros((96, 48), np.uint8)
+    drawn[:10, :10] = 255
+    m = _save(tmp_path, "phone_mask.png", Image.fromarray(drawn))
+    assert load_mask(m, size=a.shape[:2]).sum() == 100
+    it = ImageDataset([Sample(p, label="hole", mask=m)], image_size=32)[0]
+    assert it["image"].shape == (3, 32, 32) and it["mask"][0, :3, :3].min() == 1 and it["mask"][0, 8:].max() == 0
+    plain = _save(tmp_path, "plain.jpg", Image.fromarray(stored), quality=95)
+    assert load_image(plain).shape == (48, 96, 3) and read_size(plain) == (48, 96)
+
+
+def test_exif_orientation_on_a_mask_too(tmp_path):
+    """A mask carries no EXIF as a rule and is used as stored; one that does carry the tag is turned too."""
+    drawn = np.zeros((48, 96), np.uint8)
+    drawn[:, :10] = 255                            # left strip → top strip once turned clockwise
+    m = _save(tmp_path, "m.png", Image.fromarray(drawn), exif=_exif(6))
+    got = load_mask(m, size=(96, 48))
+    assert got[:10].all() and not got[10:].any()

@@ -73,6 +73,75 @@ def test_plain_nested_groups_and_ground_truth_mirror(tmp_path, write_image):
     assert s[0].mask == tmp_path / "fab_0/ground_truth/d01/b_mask.png"
 
 
+def test_label_folders_are_read_recursively(tmp_path, write_image):
+    """Subfolders of a label folder are storage (e.g. by date): their images keep the folder's label."""
+    write_image("good/a.png")
+    write_image("good/extra/b.png")
+    write_image("good/extra/deeper/c.png")
+    write_image("good/masks/a.png")            # a mask folder is never read as images
+    write_image("hole/d.png")
+    s = discover(tmp_path)
+    assert [(x.path.relative_to(tmp_path).as_posix(), x.label, x.group) for x in s] == [
+        ("good/a.png", "good", ""), ("good/extra/b.png", "good", ""), ("good/extra/deeper/c.png", "good", ""),
+        ("hole/d.png", "hole", "")]
+
+
+def test_dated_subfolders_under_label_folders_train(tmp_path, write_image):
+    """ROOT/good/day1, ROOT/good/day2, ROOT/hole/day1: labels good and hole, not a group `good`."""
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import load_samples, train_val_samples
+    for i in range(6):
+        write_image(f"good/day{1 + i % 2}/{i}.png")
+    write_image("hole/day1/x.png")
+    s = discover(tmp_path)
+    assert {(x.label, x.group) for x in s} == {("good", ""), ("hole", "")} and len(s) == 7
+    assert [x.label for x in s if x.path.parent.name == "day1"].count("hole") == 1
+    cfg = load_config(None, {"data": str(tmp_path), "val_fraction": 0})
+    fit, _ = train_val_samples(load_samples(cfg), cfg)
+    assert fit and all(x.label == "good" for x in fit)
+
+
+def test_groups_keep_their_label_folders_nested(tmp_path, write_image):
+    write_image("fab_0/good/day1/a.png")
+    write_image("fab_0/hole/b.png")
+    write_image("fab_1/hole/day3/c.png")       # a group with defects only is still a group
+    s = discover(tmp_path)
+    assert [(x.group, x.label) for x in s] == [("fab_0", "good"), ("fab_0", "hole"), ("fab_1", "hole")]
+
+
+def test_mixed_label_and_group_folders_refused(tmp_path, write_image):
+    write_image("good/a.png")
+    write_image("fab_0/good/b.png")
+    with pytest.raises(BadInputError, match="fab_0 holds a `good` folder") as e:
+        discover(tmp_path)
+    assert "fix:" in str(e.value)
+
+
+def test_unused_images_are_named_in_one_warning(tmp_path, write_image, recwarn):
+    write_image("good/a.png")
+    write_image("loose.png")
+    s = discover(tmp_path)
+    assert [x.path.name for x in s] == ["a.png"]
+    msgs = [str(w.message) for w in recwarn.list]
+    assert msgs == [f"{tmp_path}: 1 image(s) directly in this folder are not used "
+                    "(move them into a label folder such as good/)"]
+    discover(tmp_path)
+    assert len(recwarn.list) == 1               # once per folder
+
+
+def test_mvtec_nested_and_unused_folders(tmp_path, write_image, recwarn):
+    write_image("train/good/day1/a.png")
+    write_image("train/b.png")                 # loose in the split folder
+    write_image("test/crack/c.png")
+    write_image("extra/d.png")                 # beside the split folders
+    _mask(tmp_path / "ground_truth/crack/c_mask.png", (16, 24))
+    s = discover(tmp_path)
+    assert [(x.path.name, x.split, x.label) for x in s] == [("c.png", "test", "crack"), ("a.png", "train", "good")]
+    assert s[0].mask == tmp_path / "ground_truth/crack/c_mask.png"
+    warned = sorted(str(w.message).split(":")[0] for w in recwarn.list)
+    assert warned == [str(tmp_path / "extra"), str(tmp_path / "train")]
+
+
 def test_mask_pattern_override(tmp_path, write_image):
     write_image("bad/x.png")
     _mask(tmp_path / "bad/x_mask.png", (16, 24))

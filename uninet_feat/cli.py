@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="scores, flags, kNN scores and head predictions per image")
     p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="one image, or a folder: every image in it and below it "
+                                                  "(unlabelled unless it is a labelled layout)")
     p.add_argument("--split-csv", dest="split_csv")
     p.add_argument("--knn", help="folder written by `index --level patch`")
     p.add_argument("--head", action="append", default=[], help="folder written by `train-head` (repeatable)")

@@ -25,6 +25,10 @@ DEFAULT_CONFIG: dict = {
     "data": None, "split_csv": None, "group": None, "mask_pattern": None,
     "image_size": 256, "tile": None, "tile_overlap": 0, "tile_score": "max",
     "val_fraction": 0.1, "supervised": False, "skip_bad": False,
+    # what the stable split of split-less layouts hashes (runs.assign_splits): "relative" = each image's path
+    # below --data, the same however --data is spelled; a run config without the key is older and used
+    # "path" (the path as typed), which its evaluate/calibrate keep so its split does not change
+    "split_hash": "relative",
     # model selection without labels (selection.py): "last" = fixed schedule; "synthetic" = the epoch
     # whose model best separates the validation normals from synthetic defects made from them
     "select": "last", "val_every": 1, "synthetic_copies": 2,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .data.images import oriented, oriented_size
 from .io import atomic_write_text
 
 NORMAL_COLOR = "#2b6cb0"   # blue
@@ -108,7 +109,7 @@ def _thumb_uri(src, max_w: int, max_h: int, max_bytes: int = 100_000) -> str | N
             img = Image.fromarray(src)
         else:
             with Image.open(src) as f:
-                img = f.convert("RGB")
+                img = oriented(f).convert("RGB")   # upright, as its map (load_image) is
         img = img.convert("RGB")
         img.thumbnail((max_w, max_h), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
@@ -439,7 +440,8 @@ def _aspect(src) -> float:
         return src.shape[1] / max(src.shape[0], 1)
     try:
         with Image.open(src) as f:
-            return f.size[0] / max(f.size[1], 1)
+            w, h = oriented_size(f)
+            return w / max(h, 1)
     except OSError:
         return 1.0
 

@@ -16,6 +16,7 @@ from .model import UniNet
 
 
 def load_samples(cfg: dict):
+    """The samples of ``cfg``'s data (``group`` filtered), with the stable split that ``split_hash`` names."""
     if not cfg.get("data"):
         raise BadInputError("no data folder given", fix="pass --data ROOT (a folder of images, or the root a CSV is relative to)")
     samples = discover(cfg["data"], split_csv=cfg.get("split_csv"), mask_pattern=cfg.get("mask_pattern"))
@@ -26,20 +27,45 @@ def load_samples(cfg: dict):
         if not samples:
             raise BadInputError(f"no images in group(s) {groups}", path=cfg["data"],
                                 fix="check --group against the category folders / CSV column")
-    return assign_splits(samples)
+    how = cfg.get("split_hash") or "path"   # a config without the key is from a run trained before it existed
+    if how not in SPLIT_HASHES:
+        raise BadInputError(f"split_hash {how!r} is not one of {list(SPLIT_HASHES)}", path=cfg.get("data"),
+                            fix="use split_hash: relative (or `path` only to reproduce an old run's split)")
+    return assign_splits(samples, root=Path(cfg["data"]) if how == "relative" else None)
 
 
-def assign_splits(samples):
+SPLIT_HASHES = ("relative", "path")
+
+
+def absolute_data_paths(cfg: dict) -> dict:
+    """``cfg`` with ``data`` and ``split_csv`` resolved to absolute paths, as a new run saves them, so that
+    ``evaluate --run RUN`` (which reads them back) finds the data from any working directory."""
+    return {**cfg, **{k: str(Path(cfg[k]).expanduser().resolve()) for k in ("data", "split_csv") if cfg.get(k)}}
+
+
+def assign_splits(samples, root=None):
     """Layouts without a split get a stable one: ~20% of normals (by path hash) and all defects are test.
 
-    A hash, not a random draw, so the split never changes between runs or machines.
+    A hash, not a random draw, so the split never changes between runs or machines. With ``root`` the
+    hash is of the path below it (posix), so ``lf``, ``/abs/lf`` or a moved copy give the same split;
+    without it, of the path as written (``split_hash: path``, runs trained before ``relative`` existed).
     """
     if any(s.split for s in samples):
         return samples
     for s in samples:
-        h = int(hashlib.sha1(str(s.path).encode()).hexdigest()[:8], 16) % 5
+        key = _split_key(s.path, root) if root is not None else str(s.path)
+        h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 5
         s.split = "test" if (not s.is_normal or h == 0) else "train"
     return samples
+
+
+def _split_key(path, root) -> str:
+    """``path`` below ``root`` as posix text; discovery builds every path as ``root / ...``, so this is
+    lexical (no resolving); an absolute CSV path outside the root keeps its own absolute form."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).absolute().as_posix()
 
 
 def train_val_samples(samples, cfg: dict):

@@ -26,7 +26,7 @@ from .distributed import env_rank_world, init_from_env  # [distributed] torchrun
 from .errors import BadInputError
 from .io import atomic_write_text
 from .optim import make_optimizers
-from .runs import CachedDataset, load_samples, make_dataset, make_model, set_threads, train_val_samples
+from .runs import CachedDataset, absolute_data_paths, load_samples, make_dataset, make_model, set_threads, train_val_samples
 from .selection import SyntheticValidation
 
 
@@ -48,6 +48,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     elif (out / "model.pt").exists() or ckpt_path.exists():
         raise BadInputError("run folder already holds a run", path=out,
                             fix="pass --resume to continue it, or choose a new --out")
+    else:   # a resumed run keeps its config as saved: an older run's split hashes `data` as it was typed
+        cfg = absolute_data_paths(cfg)
     set_threads(cfg)
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)

@@ -11,10 +11,12 @@ from .featstore import FeatureStore, aggregate_tiles
 from .io import atomic_write_csv, atomic_write_text
 
 
-def _samples(data, split_csv=None, group=None):
+def _samples(data, split_csv=None, group=None, split_hash=None):
+    """Samples of ``data``; ``split_hash`` from a run's config gives that run's split (None: a new one's)."""
     from .config import load_config
     from .runs import load_samples
-    return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group}))
+    return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group,
+                                           "split_hash": split_hash}))
 
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
@@ -33,7 +35,9 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         i, n = dd.rank, dd.world_size
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
                    text=text)
-    samples = _samples(data, split_csv, group)
+    # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
+    # `train` rows are the images the run trained on
+    samples = _samples(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None)
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
     if dd is not None:
@@ -117,6 +121,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
 
+    ``data`` is a folder (every image under it; a labelled layout keeps its labels, anything else is
+    scored with label ``''``, unknown) or one image file.
+
     An image is flagged when its WDM score is above the threshold ``calibration.resolve_threshold`` picks
     (``threshold`` as given, ``max_fpr`` on the validation normals, else the run's default)."""
     from .calibration import resolve_threshold
@@ -129,7 +136,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
     ex = Extractor(run=run, patches=knn is not None, text=text)
-    samples = _samples(data, split_csv)
+    if split_csv:
+        samples = _samples(data, split_csv)
+    else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
+        from .data.layouts import discover_batch
+        samples = discover_batch(data, ex.cfg.get("mask_pattern"))
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)

@@ -11,8 +11,9 @@ Rules (why):
 - Alpha is dropped, not composited: the colour under a transparent pixel is still the captured one.
 - Integer data is scaled by its container's full range (``/65535`` for 16-bit), not by its max,
   so an image's brightness does not depend on its content.
-- EXIF orientation is ignored on purpose: masks (PNG) carry no EXIF, and rotating only the image
-  would misalign it with its mask.
+- EXIF orientation is applied (``ImageOps.exif_transpose``), to images and masks alike: cameras store
+  portrait JPEGs sideways with a tag, viewers show them upright, and masks are drawn on what the viewer
+  shows. A mask (PNG) without the tag is used as stored. Sizes from the header (`read_size`) follow it too.
 - 16-bit *RGB* PNGs are reduced to 8 bits by PIL itself (it has no 16-bit RGB mode); the values
   stay correctly scaled, only precision is lost.
 """
@@ -22,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import BadInputError
 
@@ -57,8 +58,30 @@ def _open(path, decode: bool = True) -> Image.Image:
     return img
 
 
-def _to_array(img: Image.Image, path) -> np.ndarray:
-    """Any PIL mode → float32 (H, W, C) with C in {1, 3}, in [0, 1]."""
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1 = as stored); an unreadable EXIF block counts as 1, since the
+    pixels are still fine and a broken tag is no reason to refuse them."""
+    try:
+        o = int(img.getexif().get(0x0112, 1))
+    except Exception:  # Pillow raises assorted types on malformed EXIF
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def oriented(img: Image.Image) -> Image.Image:
+    """``img`` as a viewer shows it (EXIF orientation applied); ``img`` itself when it has no rotation."""
+    return ImageOps.exif_transpose(img) if orientation(img) != 1 else img
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(W, H) as a viewer shows it, from the header: orientations 5..8 swap width and height."""
+    w, h = img.size
+    return (h, w) if orientation(img) >= 5 else (w, h)
+
+
+def _to_array(img: Image.Image, path, meta: Image.Image | None = None) -> np.ndarray:
+    """Any PIL mode → float32 (H, W, C) with C in {1, 3}, in [0, 1]. ``meta``: the file as opened, whose
+    format and TIFF tags give the full scale of a 32-bit-int image when ``img`` is a rotated copy."""
     mode = img.mode
     if mode == "1":
         a = np.asarray(img, dtype=np.float32)
@@ -76,7 +99,7 @@ def _to_array(img: Image.Image, path) -> np.ndarray:
         if a.size and a.min() < 0:
             raise BadInputError("signed integer image with negative values", path=path,
                                 fix="save it as unsigned 8- or 16-bit")
-        a = (a / _int_max(img, a)).astype(np.float32)
+        a = (a / _int_max(meta or img, a)).astype(np.float32)
     elif mode == "F":
         a = np.asarray(img, dtype=np.float32)
         if not np.isfinite(a).all():
@@ -121,7 +144,7 @@ def load_image(path, min_side: int = MIN_SIDE) -> np.ndarray:
         if min(h, w) < min_side:
             raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=path,
                                 fix="remove it, or lower the minimum side if such tiny images are intended")
-        a = _to_array(img, path)
+        a = _to_array(oriented(img), path, meta=img)
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     return a
@@ -135,7 +158,8 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
     image's size; a mismatch is an error rather than a silent resize, because it usually means
     the mask belongs to a different image.
     """
-    with _open(path) as img:
+    with _open(path) as stored:
+        img = oriented(stored)
         if img.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
             raw = np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "RGBa", "PA") else "LA"))[..., :-1]
         elif img.mode in ("P", "CMYK", "YCbCr"):
@@ -170,9 +194,10 @@ def nonbinary_masks() -> list[str]:
 
 
 def read_size(path) -> tuple[int, int]:
-    """(H, W) from the file header only (no decode): cheap enough for tiling thousands of strips."""
+    """(H, W) as `load_image` returns it, from the file header only (no decode): cheap enough for tiling
+    thousands of strips."""
     with _open(path, decode=False) as img:
-        w, h = img.size
+        w, h = oriented_size(img)
     return h, w
 
 
@@ -185,7 +210,7 @@ def check_image(path, min_side: int = MIN_SIDE) -> tuple[int, int]:
     """
     p = Path(path)
     with _open(p, decode=False) as img:
-        w, h, fmt = img.size[0], img.size[1], img.format
+        (w, h), fmt = img.size, img.format     # as stored: verify() must come right after open
         if min(h, w) < min_side:
             raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=p,
                                 fix="remove it, or lower the minimum side if such tiny images are intended")
@@ -201,4 +226,4 @@ def check_image(path, min_side: int = MIN_SIDE) -> tuple[int, int]:
             load_image(p, min_side)
     elif fmt not in ("PNG",):  # verify() is shallow for most other formats: decode to be sure
         load_image(p, min_side)
-    return h, w
+    return read_size(p)   # as load_image returns it (EXIF orientation); a header read, cheap

@@ -7,6 +7,18 @@ Supported, tried in this order:
       or the same one level deeper per category, ``root/<category>/train/good/*`` (group = category);
   (c) plain ``root/<label>/*`` (split ``''``), or ``root/<group>/<label>/*`` (e.g. ``aitex/fabric_00/good``).
 
+Label folders and nesting (why: people file new images by date, ``good/2024-05-01/``, and expect them used):
+- A label folder's images are collected recursively; its subfolders are storage, not labels
+  (``good/day1/a.png`` is label ``good``). Folders named like masks (``ground_truth``, ``masks``, ``mask``,
+  ``gt``) and hidden ones are never searched for images.
+- In (b) the label folders are ``<split>/<label>``. In (c) the first level under ``root`` holds the label
+  folders when any of its folders is named like a normal label (``good``/``normal``/``ok``/``free``) or holds
+  images directly; then every folder there is a label (``root/hole/day1/*`` is label ``hole``). Otherwise
+  the first level holds groups, and each group's subfolders are its label folders.
+- A folder that would mix the two (``root/good/*`` beside ``root/fab_0/good/*``) is an error, not a guess.
+- What is still not used, images directly in ``root`` or in ``root/train``, or a folder beside the split
+  folders of (b), is named in one warning per folder instead of being dropped silently.
+
 Normal vs defect: the label is kept exactly as written; a sample is normal when its label is, case-
 insensitively, one of ``good``, ``normal``, ``ok``, ``free`` (the magnetic-tile data set calls its
 normal class *Free*; its CSV labels those rows ``good``). Every other label is a defect type.
@@ -16,7 +28,9 @@ Order is sorted by path string, so the same data gives the same sample list on e
 from __future__ import annotations
 
 import csv
+import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +74,41 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
             raise BadInputError("data folder not found" if not root.exists() else "not a folder", path=root,
                                 fix="pass the folder that holds the images (or the root a --split-csv is relative to)")
         samples = _from_mvtec(root, mask_pattern) or _from_plain(root, mask_pattern)
+        loose = _images(root)
+        if samples and loose:
+            _warn_unused(root, f"{len(loose)} image(s) directly in this folder are not used "
+                               "(move them into a label folder such as good/)")
     if not samples:
         loose = " (images directly in ROOT are not used: move them into ROOT/good/)" \
             if not split_csv and _images(Path(root)) else ""
         raise BadInputError(f"no images found under {root}; expected layouts: {_LAYOUTS}{loose}",
                             path=split_csv or root, fix="check the path and the folder layout")
+    return sorted(samples, key=lambda s: str(s.path))
+
+
+def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
+    """Images to score (``predict``): one image file, or every image under a folder, sorted by path.
+
+    A new batch has no labels, so its samples get label ``''`` (unknown: neither normal nor a defect type)
+    and no split. A folder in a labelled layout (MVTec-style, or label folders with a normal one such as
+    ``good/``) keeps its labels and masks; images directly in it are added unlabelled. Without a normal
+    folder the folder names are taken for storage (``day1/``, ``camera2/``), not labels.
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise BadInputError(f"not an image file (known: {', '.join(IMAGE_EXTENSIONS)})", path=p,
+                                fix="pass an image, or the folder that holds the images")
+        return [Sample(p, "", "", None, "")]
+    if not p.is_dir():
+        raise BadInputError("data folder not found", path=p, fix="pass the folder (or image file) to score")
+    samples = _from_mvtec(p, mask_pattern) or _from_plain(p, mask_pattern)
+    if not any(s.is_normal for s in samples):   # no labelled layout: folders are storage
+        samples = [Sample(s.path, "", "", s.mask, "") for s in samples]
+    samples += [Sample(x, "", "", None, "") for x in _images(p)]
+    if not samples:
+        raise BadInputError("no images found in this folder or below it", path=p,
+                            fix=f"put the images to score in it (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return sorted(samples, key=lambda s: str(s.path))
 
 
@@ -79,6 +123,39 @@ def _images(folder: Path) -> list[Path]:
 
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_under(folder: Path, _seen=None) -> list[Path]:
+    """Images in the label folder ``folder`` and, recursively, its subfolders (storage, e.g. by date);
+    mask folders are left out, and a symlink loop is followed once."""
+    seen = _seen if _seen is not None else set()
+    real = os.path.realpath(folder)
+    if real in seen:
+        return []
+    seen.add(real)
+    out = _images(folder)
+    for d in _subdirs(folder):
+        if d.name.lower() not in MASK_DIRS:
+            out += _images_under(d, seen)
+    return out
+
+
+def _has_images(folder: Path) -> bool:
+    """Whether any image lies anywhere under ``folder`` (stops at the first)."""
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unused(folder: Path, why: str) -> None:
+    """Warn once per folder and process that images in it are not used (a re-discovery stays quiet)."""
+    if str(folder) not in _WARNED:
+        _WARNED.add(str(folder))
+        warnings.warn(f"{folder}: {why}", stacklevel=3)
 
 
 def _find_mask(img: Path, label: str, group: str, gt_dir: Path | None, pattern: str | None) -> Path | None:
@@ -102,9 +179,15 @@ def _from_mvtec(root: Path, pattern) -> list[Sample]:
         for split_dir in _subdirs(base):
             split = SPLITS.get(split_dir.name.lower())
             if not split:
+                if split_dir.name.lower() not in MASK_DIRS and _has_images(split_dir):
+                    _warn_unused(split_dir, "not used: beside train/ and test/ only split folders "
+                                            f"({', '.join(sorted(k for k in SPLITS if k))}) are read")
                 continue
+            if _images(split_dir):
+                _warn_unused(split_dir, f"{len(_images(split_dir))} image(s) directly in this folder are not "
+                                        f"used (move them into {split_dir.name}/good/ or {split_dir.name}/<defect>/)")
             for label_dir in _subdirs(split_dir):
-                for p in _images(label_dir):
+                for p in _images_under(label_dir):
                     out.append(Sample(p, split, label_dir.name,
                                       _find_mask(p, label_dir.name, group, gt, pattern), group))
         return out
@@ -114,24 +197,41 @@ def _from_mvtec(root: Path, pattern) -> list[Sample]:
 
     if has_splits(root):
         return one(root, "")
-    return [s for d in _subdirs(root) if has_splits(d) for s in one(d, d.name)]
+    cats = [d for d in _subdirs(root) if has_splits(d)]
+    if cats:
+        for d in _subdirs(root):
+            if d not in cats and d.name.lower() not in MASK_DIRS and _has_images(d):
+                _warn_unused(d, "not used: beside category folders with train/ and test/, a folder without "
+                                "them is not read")
+    return [s for d in cats for s in one(d, d.name)]
 
 
 def _from_plain(root: Path, pattern) -> list[Sample]:
+    """``root/<label>/**`` when any first-level folder is a label folder (a normal name, or images in it),
+    else ``root/<group>/<label>/**``; see the module docstring."""
+    firsts = [d for d in _subdirs(root) if d.name.lower() not in MASK_DIRS]
+
+    def is_label(d: Path) -> bool:
+        return d.name.lower() in NORMAL_LABELS or bool(_images(d))
+
+    labels = [d for d in firsts if is_label(d)]
+    if labels:  # root/<label>/**
+        for d in firsts:
+            inner = [x.name for x in _subdirs(d) if x.name.lower() in NORMAL_LABELS]
+            if inner and d.name.lower() not in NORMAL_LABELS:
+                raise BadInputError(
+                    f"{d} holds a `{inner[0]}` folder, as if it were a group (ROOT/<group>/<label>/), but "
+                    f"{labels[0]} makes {root} a ROOT/<label>/ layout, where {d.name} would be one defect label",
+                    path=d, fix="use one layout: move the label folders into group folders, or give a --split-csv")
+        return [Sample(p, "", d.name, _find_mask(p, d.name, "", root / "ground_truth", pattern), "")
+                for d in firsts for p in _images_under(d)]
     out = []
-    for d in _subdirs(root):
-        if d.name.lower() in MASK_DIRS:
-            continue
-        direct = _images(d)
-        if direct:  # root/<label>/*
-            out += [Sample(p, "", d.name, _find_mask(p, d.name, "", root / "ground_truth", pattern), "")
-                    for p in direct]
-            continue
-        for ld in _subdirs(d):  # root/<group>/<label>/*
+    for g in firsts:  # root/<group>/<label>/**
+        for ld in _subdirs(g):
             if ld.name.lower() in MASK_DIRS:
                 continue
-            out += [Sample(p, "", ld.name, _find_mask(p, ld.name, d.name, d / "ground_truth", pattern), d.name)
-                    for p in _images(ld)]
+            out += [Sample(p, "", ld.name, _find_mask(p, ld.name, g.name, g / "ground_truth", pattern), g.name)
+                    for p in _images_under(ld)]
     return out
 
 

@@ -1,0 +1,66 @@
+"""predict on a new batch: a plain folder of images (any depth) or one image file, scored unlabelled."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uninet_feat.config import load_config
+from uninet_feat.data import discover, discover_batch
+from uninet_feat.errors import BadInputError
+from uninet_feat.train import train
+from uninet_feat.workflows import predict_cmd
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+
+
+def _png(p, seed=0):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tex = write_texture_set(tmp_path_factory.mktemp("tex"), n_train=6, n_good=1, n_bad=1, size=32)
+    out = tmp_path_factory.mktemp("run") / "r"
+    train(load_config(None, {"data": str(tex), "backbone": "tiny", "weights": "random", "image_size": 32,
+                             "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
+          out, quiet=True)
+    return out
+
+
+def test_predict_scores_a_plain_folder_and_a_single_file(run, tmp_path):
+    flat = tmp_path / "flat"
+    imgs = [_png(flat / "a.png", 1), _png(flat / "b.jpg", 2)]
+    with pytest.raises(BadInputError, match="ROOT/good"):       # train/evaluate keep their layouts
+        discover(flat)
+    imgs.append(_png(flat / "2024-05-01" / "c.png", 3))
+    res = predict_cmd(run, flat, tmp_path / "p", threshold=-1e9, quiet=True)
+    assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))
+    assert all(r["label"] == "" and r["flagged"] for r in res["rows"]) and res["n_images"] == 3
+    assert len(list((tmp_path / "p" / "overlays").iterdir())) == 3
+    one = predict_cmd(run, imgs[2], tmp_path / "q", threshold=-1e9, quiet=True)
+    assert [(r["path"], r["label"]) for r in one["rows"]] == [(str(imgs[2]), "")]
+    assert one["rows"][0]["wdm_score"] == pytest.approx(
+        next(r for r in res["rows"] if r["path"] == str(imgs[2]))["wdm_score"], rel=1e-5)
+    assert json.loads((tmp_path / "q" / "summary.json").read_text())["n_images"] == 1
+
+
+def test_discover_batch_labels(tmp_path):
+    _png(tmp_path / "dated" / "day1" / "a.png")
+    _png(tmp_path / "dated" / "day2" / "b.png")
+    assert [(s.label, s.is_normal, s.split) for s in discover_batch(tmp_path / "dated")] == [("", False, "")] * 2
+    _png(tmp_path / "lab" / "good" / "a.png")
+    _png(tmp_path / "lab" / "hole" / "b.png")
+    _png(tmp_path / "lab" / "new.png")
+    assert [(s.path.name, s.label) for s in discover_batch(tmp_path / "lab")] == [
+        ("a.png", "good"), ("b.png", "hole"), ("new.png", "")]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(BadInputError, match="not an image file"):
+        discover_batch(tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no images found"):
+        discover_batch(tmp_path / "empty")
