@@ -244,12 +244,38 @@ def _save_command_config(args) -> None:
     save_run_config(Path(args.out), {"command": args.command, **opts})
 
 
+def _resume_base(out: Path, config, overrides: dict) -> dict:
+    """The config a resumed run continues with: its own saved one, so that `train --out RUN --resume` finishes
+    the run's schedule instead of the defaults'; flags (and --config keys) given now override it, and only
+    those a resume can honour (--epochs, --threads) are accepted."""
+    import yaml
+    from .checkpoint import checkpoint_config, read_checkpoint
+    from .config import load_config
+    from .train import RESUMABLE_KEYS
+    saved_path = out / "config.yaml"
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    elif (out / "checkpoint.pt").is_file():
+        saved = checkpoint_config(read_checkpoint(out / "checkpoint.pt"))
+    else:
+        return {}   # train() says there is nothing to resume
+    given = load_config(config, overrides, base=saved)
+    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_KEYS and given[k] != saved[k])
+    if changed:
+        raise BadInputError(f"{', '.join(changed)} cannot change when a run is resumed (it was trained with "
+                            f"{', '.join(f'{k}={saved[k]!r}' for k in changed)})", path=saved_path,
+                            fix="drop those flags to continue the run, or train a new run with a new --out")
+    return saved
+
+
 def _dispatch(args) -> int:
     warnings.simplefilter("default")
     if args.command == "train":
         from .config import load_config
         from .train import train
-        cfg = load_config(args.config, {k: getattr(args, k) for k in _TRAIN_KEYS})
+        overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
+        base = _resume_base(Path(args.out), args.config, overrides) if args.resume else None
+        cfg = load_config(args.config, overrides, base=base)
         path = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
         print(f"model written to {path}")
         return 0
