@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +22,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, open_mode(path))   # mkstemp made it 0600
         os.replace(tmp, path)
     except OSError as e:
         _cleanup(tmp)
@@ -31,6 +34,24 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         _cleanup(tmp)
         raise
     return path
+
+
+_umask_lock = threading.Lock()
+
+
+def open_mode(path) -> int:
+    """The permission bits a plain ``open(path, "w")`` would leave: an existing file's own, else 0666 & ~umask.
+
+    Temp files from ``mkstemp`` are 0600; renamed into place as they are, a run's outputs would be unreadable
+    to the group and others that the umask lets read them."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    with _umask_lock:   # the umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _cleanup(tmp: str) -> None:
