@@ -72,6 +72,19 @@ class _Parser(argparse.ArgumentParser):
         self.options[action.dest] = action
         return action
 
+    def add_mutually_exclusive_group(self, **kw):
+        """A group whose options are recorded too (--threshold / --max-fpr live in one)."""
+        group = super().add_mutually_exclusive_group(**kw)
+        add = group.add_argument
+
+        def add_recorded(*args, **kw):
+            action = add(*args, **kw)
+            self.options[action.dest] = action
+            return action
+        group.add_argument = add_recorded
+        return group
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="uninet-feat", description=__doc__)
@@ -204,6 +217,11 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     sp = ap.commands[cmd]
     actions = {d: a for d, a in sp.options.items() if d not in ("help", "config")}
     values = {str(k).replace("-", "_"): v for k, v in d.items()}
+    record_only = set()
+    if cmd == "zero-shot":   # its config.yaml also records the resolved run settings: accepted, not flags
+        from .config import DEFAULT_CONFIG
+        record_only = set(DEFAULT_CONFIG) - set(actions)
+    values = {k: v for k, v in values.items() if k not in record_only}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise BadInputError(f"unknown keys {unknown} for `{cmd}`", path=path,

@@ -235,7 +235,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .runs import make_dataset
     from .vlm import TextScorer
     bb = create_backbone(backbone, weights=weights).eval()
-    ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
+    if isinstance(prompts, dict):   # the resolved sentences a zero-shot config.yaml records (re-run with --config)
+        ts = TextScorer(bb, prompts.get("normal"), prompts.get("defect"), patch_mode=patch_mode).eval()
+    else:
+        ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
     samples = _samples(data, split_csv, group)
     cfg = {**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group, "backbone": backbone,
            "weights": str(weights), "image_size": image_size, "tile": tile}
