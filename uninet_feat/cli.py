@@ -54,6 +54,12 @@ def _threshold_args(p) -> None:
                         "normals (default: their 0.99 quantile)")
 
 
+def _skip_bad_flag(p) -> None:
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                   help="leave unreadable images out with a warning naming each (listed as `skipped` in the "
+                        "output) instead of stopping at the first")
+
+
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "select", "val_every",
                "keep_every", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
@@ -111,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
     _threshold_args(p)
     p.add_argument("--threads", type=int)
+    _skip_bad_flag(p)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("calibrate", help="re-score a run's validation normals (thresholds for --max-fpr)")
@@ -134,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a prompt file from `uninet-feat prompts`)")
     p.add_argument("--shard", default="0/1", help="i/n: extract every n-th shard starting at i")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=256)
+    _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
     _threshold_args(p)
+    _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
@@ -303,7 +312,7 @@ def _dispatch(args) -> int:
                        group=args.group, quiet=args.quiet,
                        overrides={"threads": args.threads, "pixel_map": args.pixel_map,
                                   "threshold": args.threshold, "max_fpr": args.max_fpr},
-                       report_path=args.report, checkpoint=args.checkpoint)
+                       report_path=args.report, checkpoint=args.checkpoint, skip_bad=args.skip_bad)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
         return 0
@@ -312,7 +321,7 @@ def _dispatch(args) -> int:
         if args.command == "extract":
             res = wf.extract_cmd(args.data, args.out, args.run, args.split_csv, args.group, args.backbone,
                                  args.weights, args.image_size, args.tile, args.patches, args.shard,
-                                 args.shard_size, args.quiet, text=args.text)
+                                 args.shard_size, args.quiet, text=args.text, skip_bad=args.skip_bad)
         elif args.command == "index":
             res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k)
         elif args.command == "train-head":
@@ -322,7 +331,7 @@ def _dispatch(args) -> int:
         else:
             res = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
                                  args.overlays, args.quiet, text=args.text, threshold=args.threshold,
-                                 max_fpr=args.max_fpr)
+                                 max_fpr=args.max_fpr, skip_bad=args.skip_bad)
             res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0

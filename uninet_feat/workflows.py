@@ -19,7 +19,7 @@ def _samples(data, split_csv=None, group=None):
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
                 image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
-                validate=False, text=None) -> dict:
+                validate=False, text=None, skip_bad=False) -> dict:
     from .extract import Extractor
     i, n = (int(v) for v in shard.split("/"))
     if not 0 <= i < n:
@@ -32,7 +32,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         dd = init_from_env(device="cpu")
         i, n = dd.rank, dd.world_size
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
-                   text=text)
+                   text=text, skip_bad=skip_bad)
     samples = _samples(data, split_csv, group)
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
@@ -41,7 +41,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         complete = (Path(out) / "complete").exists()
     m = json.loads((Path(out) / "manifest.json").read_text())
     res = {"features": str(out), "n_items": m["n_items"], "n_shards": m["n_shards"],
-           "dim": len(m["vector_names"]), "complete": complete}
+           "dim": len(m["vector_names"]), "complete": complete, "skipped": m.get("skipped", [])}
     if dd is not None:
         res["shard"] = f"{i}/{n}"
     if validate and complete and (dd is None or dd.is_main):
@@ -112,7 +112,7 @@ def _json_default(o):
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
-                text=None, threshold=None, max_fpr=None) -> dict:
+                text=None, threshold=None, max_fpr=None, skip_bad=False) -> dict:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
@@ -128,7 +128,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         if not text and any("clip_" in n for n in head.feature_names):
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
-    ex = Extractor(run=run, patches=knn is not None, text=text)
+    ex = Extractor(run=run, patches=knn is not None, text=text, skip_bad=skip_bad)
     samples = _samples(data, split_csv)
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
@@ -156,7 +156,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "threshold": threshold,
-               "threshold_rule": rule}
+               "threshold_rule": rule, "skipped": res["skipped"]}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         for r in rows:
