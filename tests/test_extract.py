@@ -184,3 +184,36 @@ def test_saved_config_of_every_command_reruns_it(setup, tmp_path, capsys):
 def saved_command(folder):
     import yaml
     return yaml.safe_load((folder / "config.yaml").read_text())["command"]
+
+
+def test_predict_refuses_index_and_head_of_another_run(setup, tmp_path, capsys):
+    """knn.json / head.json record the source model; predict with another run's model refuses them, naming
+    both files; files from before the record are accepted with a warning."""
+    from uninet_feat.cli import main
+    data, run, samples = setup
+    other = tmp_path / "other"
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 1, "batch_size": 4, "channels_last": False,
+                                                       "seed": 99})
+    train(cfg, other, quiet=True)
+    f, knn, head = tmp_path / "f", tmp_path / "knn", tmp_path / "head"
+    assert main(["extract", "--data", str(data), "--run", str(run), "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--coreset", "0.5", "--out", str(knn)]) == 0
+    assert main(["train-head", "--features", str(f), "--folds", "2", "--out", str(head)]) == 0
+    sha = featstore.file_sha256(run / "model.pt")
+    for meta in (knn / "knn.json", head / "head.json"):
+        assert json.loads(meta.read_text())["source"]["model_sha256"] == sha
+    base = ["predict", "--data", str(data), "--no-overlays", "--quiet"]
+    assert main(base + ["--run", str(run), "--knn", str(knn), "--head", str(head), "--out", str(tmp_path / "p")]) == 0
+    for flag, folder, name in (("--knn", knn, "knn.json"), ("--head", head, "head.json")):
+        capsys.readouterr()
+        assert main(base + ["--run", str(other), flag, str(folder), "--out", str(tmp_path / "q")]) == 2
+        err = capsys.readouterr().err
+        assert str(folder / name) in err and str(other / "model.pt") in err and "rebuild" in err, err
+    for meta in (knn / "knn.json", head / "head.json"):   # as written by an older version
+        d = json.loads(meta.read_text())
+        del d["source"]
+        meta.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="records no source model"):
+        assert main(base + ["--run", str(other), "--knn", str(knn), "--head", str(head),
+                            "--out", str(tmp_path / "r")]) == 0

@@ -62,7 +62,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1) -> di
                                 fix="extract features of a folder with normal (good) training images")
         patches = store.array("patches")[normal].astype(np.float32)
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset).fit(patches)
-        scorer.save(out)
+        scorer.save(out, source=store.manifest.get("source"))
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
     index = build_index(X, kind=kind)
@@ -96,7 +96,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     names = [f"top_{n}" for n in store.manifest["vector_names"]] + [f"mean_{n}" for n in store.manifest["vector_names"]]
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names)
     out = Path(out)
-    res.head.save(out)
+    res.head.save(out, source=store.manifest.get("source"))
     summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
                "features": str(features), "label_from": label_from, "defects_only": defects_only}
     atomic_write_text(out / "cv_report.json", json.dumps(summary, indent=2, default=_json_default))
@@ -129,6 +129,12 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
     ex = Extractor(run=run, patches=knn is not None, text=text, skip_bad=skip_bad)
+    if knn is not None:
+        from .downstream import KNNScorer
+        scorer = KNNScorer.load(knn)
+        _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
+    for hd, head in loaded.items():
+        _check_built_from(head.source, Path(hd) / "head.json", ex, "head")
     samples = _samples(data, split_csv)
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
@@ -139,8 +145,6 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         rows.append({"path": path, "label": s.label, "wdm_score": float(np.max(res["scores"][idx])),
                      "flagged": bool(threshold is not None and np.max(res["scores"][idx]) > threshold)})
     if knn is not None:
-        from .downstream import KNNScorer
-        scorer = KNNScorer.load(knn)
         ks = scorer.score_patches(res["patches"].astype(np.float32)).max(1)
         for row, (_, idx) in zip(rows, order):
             row["knn_score"] = float(ks[idx].max())
@@ -165,6 +169,25 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     return {**summary, "rows": rows}
+
+
+def _check_built_from(source, meta_path: Path, ex, what: str) -> None:
+    """Refuse a kNN index or head built from features of another model than the run predict scores with:
+    its scores would be silently wrong. Files saved before the source was recorded are only warned about."""
+    model = ex.run_dir / "model.pt"
+    if source is None:
+        import warnings
+        warnings.warn(f"{meta_path}: records no source model, so it cannot be checked against {model}; "
+                      f"rebuild the {what} from features of this run to have it checked")
+        return
+    if source.get("model_sha256") != ex.source["model_sha256"]:
+        built = (f"features of {source.get('run')}/model.pt (sha256 {str(source.get('model_sha256'))[:12]})"
+                 if source.get("run") else "plain backbone features (no run)")
+        raise BadInputError(f"this {what} was built from {built}, not from {model} "
+                            f"(sha256 {ex.source['model_sha256'][:12]})", path=meta_path,
+                            fix=f"rebuild the {what} from features of this run: `uninet-feat extract --run "
+                                f"{ex.run_dir}{' --patches' if what == 'index' else ''} --out F`, then "
+                                f"`uninet-feat {'index' if what == 'index' else 'train-head'} --features F`")
 
 
 def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
