@@ -127,3 +127,35 @@ def test_skip_bad_in_predict_extract_and_evaluate(tmp_path, capsys):
     assert str(broken) not in {r["path"] for r in rows} and len(rows) == 4 + 2 + 2
     assert json.loads((tmp_path / "extract" / "manifest.json").read_text())["skipped"] == [str(broken)]
     assert json.loads((tmp_path / "m.json").read_text())["skipped"] == [str(broken)]
+
+
+def test_cli_small_input_mistakes_get_one_line_errors(tmp_path, capsys):
+    """Unwritable outputs and conflicting flags: exit 2 with one line naming the path/flags (no traceback);
+    `--run RUN/model.pt` is taken as the run folder."""
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run / "model.pt"), "--quiet", "--json", "/proc/nope/m.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/proc/nope/m.json" in err and "Traceback" not in err, err
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main(["predict", "--run", str(run), "--data", str(data), "--quiet", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(blocker) in err, err
+    assert main(["train-head", "--features", str(tmp_path), "--task", "binary", "--defects-only",
+                 "--out", str(tmp_path / "h")]) == 2
+    assert "--task multiclass" in capsys.readouterr().err
+
+
+def test_interrupt_message_says_how_each_command_continues(tmp_path, capsys, monkeypatch):
+    import uninet_feat.workflows as wf
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(wf, "extract_cmd", interrupted)
+    assert main(["extract", "--data", str(tmp_path), "--out", str(tmp_path / "f")]) == 130
+    err = capsys.readouterr().err
+    assert "re-run the same command" in err and "--resume" not in err

@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = ap.parse_args(argv)
+    run = getattr(args, "run", None)
+    if run and Path(run).is_file():   # `--run RUN/model.pt`: the run is the folder the model is in
+        args.run = str(Path(run).parent)
     try:
         code = _dispatch(args)
         _save_command_config(args)
@@ -256,9 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # e.g. an output under /proc, or --out naming an existing file: one line, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (fix: check the path; outputs need a writable folder)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted: finished outputs are kept; re-run with --resume to continue", file=sys.stderr)
+        print(f"interrupted: finished outputs are kept; {_CONTINUE.get(args.command, 're-run the command')}",
+              file=sys.stderr)
         return 130
+
+
+_CONTINUE = {"train": "re-run with --resume to continue",
+             "extract": "re-run the same command to continue (finished shards are kept)"}
 
 
 def _save_command_config(args) -> None:

@@ -15,8 +15,12 @@ from .errors import BadInputError
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
     """Call ``writer(tmp_path)`` on a temp file in the target's folder, fsync, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise BadInputError(f"cannot write here ({e.strerror or e})", path=path,
+                            fix="choose an output in a writable folder (an existing file cannot be a folder)") from e
     os.close(fd)
     try:
         writer(tmp)

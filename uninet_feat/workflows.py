@@ -83,6 +83,10 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
                    min_class=2) -> dict:
     """LightGBM head on image rows, stratified CV report, final booster + label map saved."""
     from .downstream import train_head
+    if defects_only and task == "binary":
+        raise BadInputError("--defects-only leaves out the normal rows, so a binary (normal vs defect) head would "
+                            "have one class", path=features,
+                            fix="use --task multiclass with --defects-only (defect types), or drop --defects-only")
     store = FeatureStore(features)
     X, recs = store.image_table()
     keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
