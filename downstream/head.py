@@ -47,6 +47,7 @@ class Head:
         self.threshold = None if threshold is None else float(threshold)
         self.feature_names = list(feature_names or booster.feature_name())
         self.n_jobs = n_jobs
+        self.source = None   # the feature store's source it was trained on (set by save / load)
 
     @property
     def task(self) -> str:
@@ -66,16 +67,21 @@ class Head:
         idx = (p[:, 1] >= t).astype(int) if self.task == "binary" else p.argmax(1)
         return np.asarray(self.classes, dtype=object)[idx]
 
-    def save(self, directory) -> Path:
+    def save(self, directory, source: dict | None = None) -> Path:
         """``model.txt`` (LightGBM text, readable by any LightGBM) then ``head.json`` with its sha256.
 
         Both are written atomically, head.json last, so ``load`` detects a save cut in between.
+        ``source``: the feature store's source (run, ``model_sha256``), recorded so that predict can refuse
+        a head trained on another model's features (kept from the last ``save`` when not given).
         """
         d = Path(directory)
         text = self.booster.model_to_string()
         atomic_write_text(d / "model.txt", text)
         meta = dict(format=_FORMAT, task=self.task, classes=self.classes, threshold=self.threshold,
                     feature_names=self.feature_names, model_sha256=hashlib.sha256(text.encode()).hexdigest())
+        self.source = source if source is not None else self.source
+        if self.source is not None:
+            meta["source"] = self.source
         atomic_write_text(d / "head.json", json.dumps(meta, indent=1))
         return d
 
@@ -96,7 +102,9 @@ class Head:
             raise BadInputError("model.txt does not match head.json (interrupted save or edited file)",
                                 path=d, fix="save the head again")
         booster = lgb.Booster(model_str=text)
-        return cls(booster, meta["classes"], meta["threshold"], meta["feature_names"], n_jobs)
+        head = cls(booster, meta["classes"], meta["threshold"], meta["feature_names"], n_jobs)
+        head.source = meta.get("source")   # None: saved before sources were recorded, or not from a store
+        return head
 
 
 @dataclass

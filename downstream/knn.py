@@ -57,6 +57,7 @@ class KNNScorer:
         self.device, self.proj_dim, self.index_kw = device, proj_dim, index_kw
         self.index = None
         self.n_normal = 0
+        self.source = None   # the feature store's source it was built from (set by save / load)
 
     def fit(self, normal_patches) -> "KNNScorer":
         x, _ = _flat(normal_patches, "normal patch vectors")
@@ -90,14 +91,20 @@ class KNNScorer:
                              mode="bilinear", align_corners=False)[:, 0].numpy()
         return maps, maps.reshape(len(maps), -1).max(1)
 
-    def save(self, directory) -> Path:
-        """``index.faiss`` + ``knn.json`` in ``directory`` (each written atomically)."""
+    def save(self, directory, source: dict | None = None) -> Path:
+        """``index.faiss`` + ``knn.json`` in ``directory`` (each written atomically).
+
+        ``source``: the feature store's source (run, ``model_sha256``), recorded so that predict can refuse
+        an index built from another model's patches (kept from the last ``save`` when not given)."""
         self._need_fit()
         d = Path(directory)
         save_index(self.index, d / "index.faiss")
         meta = dict(format=_FORMAT, kind=self.kind, k=self.k, coreset_ratio=self.coreset_ratio, seed=self.seed,
                     proj_dim=self.proj_dim, index_kw=self.index_kw, n_normal=self.n_normal,
                     n_memory=int(self.index.ntotal), dim=int(self.index.d))
+        self.source = source if source is not None else self.source
+        if self.source is not None:
+            meta["source"] = self.source
         atomic_write_text(d / "knn.json", json.dumps(meta, indent=1))
         return d
 
@@ -116,4 +123,5 @@ class KNNScorer:
                    **meta.get("index_kw", {}))
         self.index = load_index(os.fspath(d / "index.faiss"), device=device)
         self.n_normal = meta.get("n_normal", 0)
+        self.source = meta.get("source")   # None: saved before sources were recorded, or not from a store
         return self

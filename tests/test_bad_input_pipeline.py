@@ -98,3 +98,64 @@ def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
     with pytest.warns(UserWarning, match="broken.png"):
         train(load_config(None, {"data": str(data), "skip_bad": True}, base=base), tmp_path / "r2", quiet=True)
     assert (tmp_path / "r2" / "model.pt").exists()
+
+
+def test_skip_bad_in_predict_extract_and_evaluate(tmp_path, capsys):
+    """A truncated test image stops predict / extract / evaluate with its name; with --skip-bad each command
+    finishes, warns with the name and lists it as `skipped` in its output."""
+    import json
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=2, n_bad=2)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
+    good = (data / "test" / "good" / "000.png").read_bytes()
+    broken = data / "test" / "good" / "truncated.png"
+    broken.write_bytes(good[: len(good) // 2])
+    commands = {"predict": ["predict", "--run", str(run), "--data", str(data), "--no-overlays", "--quiet"],
+                "extract": ["extract", "--run", str(run), "--data", str(data), "--quiet"],
+                "evaluate": ["evaluate", "--run", str(run), "--quiet"]}
+    for name, argv in commands.items():
+        out = ["--json", str(tmp_path / "m.json")] if name == "evaluate" else ["--out", str(tmp_path / name)]
+        capsys.readouterr()
+        assert main(argv + out) == 2, name
+        err = capsys.readouterr().err
+        assert "truncated.png" in err and "--skip-bad" in err, err
+        with pytest.warns(UserWarning, match="truncated.png"):
+            assert main(argv + out + ["--skip-bad"]) == 0, name
+    assert json.loads((tmp_path / "predict" / "summary.json").read_text())["skipped"] == [str(broken)]
+    rows = json.loads((tmp_path / "predict" / "predictions.json").read_text())
+    assert str(broken) not in {r["path"] for r in rows} and len(rows) == 4 + 2 + 2
+    assert json.loads((tmp_path / "extract" / "manifest.json").read_text())["skipped"] == [str(broken)]
+    assert json.loads((tmp_path / "m.json").read_text())["skipped"] == [str(broken)]
+
+
+def test_cli_small_input_mistakes_get_one_line_errors(tmp_path, capsys):
+    """Unwritable outputs and conflicting flags: exit 2 with one line naming the path/flags (no traceback);
+    `--run RUN/model.pt` is taken as the run folder."""
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run / "model.pt"), "--quiet", "--json", "/proc/nope/m.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/proc/nope/m.json" in err and "Traceback" not in err, err
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main(["predict", "--run", str(run), "--data", str(data), "--quiet", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(blocker) in err, err
+    assert main(["train-head", "--features", str(tmp_path), "--task", "binary", "--defects-only",
+                 "--out", str(tmp_path / "h")]) == 2
+    assert "--task multiclass" in capsys.readouterr().err
+
+
+def test_interrupt_message_says_how_each_command_continues(tmp_path, capsys, monkeypatch):
+    import uninet_feat.workflows as wf
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(wf, "extract_cmd", interrupted)
+    assert main(["extract", "--data", str(tmp_path), "--out", str(tmp_path / "f")]) == 130
+    err = capsys.readouterr().err
+    assert "re-run the same command" in err and "--resume" not in err

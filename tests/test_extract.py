@@ -149,3 +149,71 @@ def test_no_images_is_a_clear_error(tmp_path):
         with pytest.raises(BadInputError, match="no images"):
             call()
     assert not (tmp_path / "f").exists()   # nothing half-written
+
+
+def test_saved_config_of_every_command_reruns_it(setup, tmp_path, capsys):
+    """OUT/config.yaml of extract, index, train-head and predict (threshold / max_fpr saved as null) is
+    accepted by `--config`; a hand-written `max_fpr:` works for predict and evaluate."""
+    import yaml
+    from uninet_feat.cli import main
+    data, run, samples = setup
+    f, knn, head, pred = (tmp_path / n for n in ("f", "knn", "head", "pred"))
+    assert main(["extract", "--data", str(data), "--run", str(run), "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--coreset", "0.5", "--out", str(knn)]) == 0
+    assert main(["train-head", "--features", str(f), "--folds", "2", "--out", str(head)]) == 0
+    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--head", str(head),
+                 "--no-overlays", "--quiet", "--out", str(pred)]) == 0
+    saved = yaml.safe_load((pred / "config.yaml").read_text())
+    assert saved["threshold"] is None and saved["max_fpr"] is None
+    for folder in (f, knn, head, pred):
+        capsys.readouterr()
+        again = tmp_path / f"{folder.name}_again"
+        assert main([saved_command(folder), "--config", str(folder / "config.yaml"), "--out", str(again)]) == 0, \
+            capsys.readouterr().err
+    first = json.loads((pred / "predictions.json").read_text())
+    assert json.loads((tmp_path / "pred_again" / "predictions.json").read_text()) == first
+    hand = tmp_path / "hand.yaml"
+    hand.write_text(yaml.safe_dump({"run": str(run), "data": str(data), "max_fpr": 0.5, "overlays": False}))
+    assert main(["predict", "--config", str(hand), "--out", str(tmp_path / "p2"), "--quiet"]) == 0
+    assert "0.5" in json.loads((tmp_path / "p2" / "summary.json").read_text())["threshold_rule"]
+    hand.write_text(yaml.safe_dump({"run": str(run), "max_fpr": 0.5, "quiet": True}))
+    assert main(["evaluate", "--config", str(hand), "--json", str(tmp_path / "m.json")]) == 0
+    assert "0.5" in json.loads((tmp_path / "m.json").read_text())["threshold_rule"]
+
+
+def saved_command(folder):
+    import yaml
+    return yaml.safe_load((folder / "config.yaml").read_text())["command"]
+
+
+def test_predict_refuses_index_and_head_of_another_run(setup, tmp_path, capsys):
+    """knn.json / head.json record the source model; predict with another run's model refuses them, naming
+    both files; files from before the record are accepted with a warning."""
+    from uninet_feat.cli import main
+    data, run, samples = setup
+    other = tmp_path / "other"
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 1, "batch_size": 4, "channels_last": False,
+                                                       "seed": 99})
+    train(cfg, other, quiet=True)
+    f, knn, head = tmp_path / "f", tmp_path / "knn", tmp_path / "head"
+    assert main(["extract", "--data", str(data), "--run", str(run), "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--coreset", "0.5", "--out", str(knn)]) == 0
+    assert main(["train-head", "--features", str(f), "--folds", "2", "--out", str(head)]) == 0
+    sha = featstore.file_sha256(run / "model.pt")
+    for meta in (knn / "knn.json", head / "head.json"):
+        assert json.loads(meta.read_text())["source"]["model_sha256"] == sha
+    base = ["predict", "--data", str(data), "--no-overlays", "--quiet"]
+    assert main(base + ["--run", str(run), "--knn", str(knn), "--head", str(head), "--out", str(tmp_path / "p")]) == 0
+    for flag, folder, name in (("--knn", knn, "knn.json"), ("--head", head, "head.json")):
+        capsys.readouterr()
+        assert main(base + ["--run", str(other), flag, str(folder), "--out", str(tmp_path / "q")]) == 2
+        err = capsys.readouterr().err
+        assert str(folder / name) in err and str(other / "model.pt") in err and "rebuild" in err, err
+    for meta in (knn / "knn.json", head / "head.json"):   # as written by an older version
+        d = json.loads(meta.read_text())
+        del d["source"]
+        meta.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="records no source model"):
+        assert main(base + ["--run", str(other), "--knn", str(knn), "--head", str(head),
+                            "--out", str(tmp_path / "r")]) == 0

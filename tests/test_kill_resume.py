@@ -1,5 +1,6 @@
 """Crash safety with a real kill: SIGKILL a `train` / `extract` process mid-run, resume, and get exactly
 what an uninterrupted run gives (the other resume tests simulate the crash in-process)."""
+import json
 import os
 import signal
 import subprocess
@@ -62,7 +63,8 @@ def test_train_killed_mid_run_resumes_to_the_same_model(tmp_path):
     killed = tmp_path / "killed"
     proc = _start(args + ["--out", str(killed)])
     log = killed / "train_log.jsonl"
-    _kill_when(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
+    # the log line of epoch 3 is written after epoch 2's checkpoint
+    _kill_when(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
     assert not (killed / "model.pt").exists()
     done = read_checkpoint(killed / "checkpoint.pt")["epoch"]          # what survived the kill is readable
     assert 2 <= done < 6
@@ -92,3 +94,45 @@ def test_extract_killed_mid_run_resumes_to_the_same_store(tmp_path):
     a, b = FeatureStore(killed), FeatureStore(tmp_path / "straight")
     np.testing.assert_array_equal(a.vectors, b.vectors)
     np.testing.assert_array_equal(a.array("patches"), b.array("patches"))
+
+
+def test_plain_resume_finishes_the_runs_own_schedule(tmp_path, monkeypatch):
+    """`train --out RUN --resume` without --epochs continues to the run's own epoch count (not the default 10)
+    and equals the uninterrupted run; --epochs extends a finished run; other changed flags are refused."""
+    import uninet_feat.train as train_mod
+    data = write_texture_set(tmp_path / "d", n_train=9, n_good=2, n_bad=2)
+    args = ["train", "--data", str(data), *TRAIN, "--epochs", "3"]
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+
+    real_save, real_progress, bars = train_mod.save_checkpoint, train_mod._progress, []
+
+    def interrupt_after_epoch_2(path, model, cfg, **kw):   # Ctrl-C right after epoch 2's checkpoint
+        out = real_save(path, model, cfg, **kw)
+        if Path(path).name == "checkpoint.pt" and kw.get("epoch") == 2:
+            raise KeyboardInterrupt
+        return out
+
+    def visible_progress(quiet):   # keep the bar to check its total against the steps done
+        p = real_progress(True)
+        bars.append(p)
+        return p
+    monkeypatch.setattr(train_mod, "save_checkpoint", interrupt_after_epoch_2)
+    monkeypatch.setattr(train_mod, "_progress", visible_progress)
+    cut = tmp_path / "cut"
+    assert main(args + ["--out", str(cut)]) == 130
+    assert read_checkpoint(cut / "checkpoint.pt")["epoch"] == 2 and not (cut / "model.pt").exists()
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert main(["train", "--out", str(cut), "--resume", "--quiet"]) == 0
+    ckpt = read_checkpoint(cut / "model.pt")
+    assert ckpt["epoch"] == 3 and "epochs: 3\n" in (cut / "config.yaml").read_text()
+    ref = read_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
+    for k in ref:
+        torch.testing.assert_close(ckpt["state_dict"][k], ref[k], rtol=0, atol=1e-6, msg=k)
+    steps = [json.loads(line)["steps"] for line in (cut / "train_log.jsonl").read_text().splitlines()]
+    resumed_bar = bars[-1].tasks[0]
+    assert resumed_bar.total == resumed_bar.completed == steps[2]   # one epoch's real batches, not ceil()s
+    assert main(["train", "--out", str(cut), "--resume", "--lr", "0.5"]) == 2      # would change the model
+    assert main(["train", "--out", str(cut), "--resume", "--epochs", "2"]) == 2    # fewer than trained
+    assert main(["train", "--out", str(cut), "--resume", "--epochs", "4", "--quiet"]) == 0   # extend it
+    assert read_checkpoint(cut / "model.pt")["epoch"] == 4 and len(steps) == 3
+    assert len((cut / "train_log.jsonl").read_text().splitlines()) == 4

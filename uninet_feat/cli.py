@@ -54,6 +54,12 @@ def _threshold_args(p) -> None:
                         "normals (default: their 0.99 quantile)")
 
 
+def _skip_bad_flag(p) -> None:
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                   help="leave unreadable images out with a warning naming each (listed as `skipped` in the "
+                        "output) instead of stopping at the first")
+
+
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "select", "val_every",
                "keep_every", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
@@ -71,6 +77,19 @@ class _Parser(argparse.ArgumentParser):
         action = super().add_argument(*args, **kw)
         self.options[action.dest] = action
         return action
+
+    def add_mutually_exclusive_group(self, **kw):
+        """A group whose options are recorded too (--threshold / --max-fpr live in one)."""
+        group = super().add_mutually_exclusive_group(**kw)
+        add = group.add_argument
+
+        def add_recorded(*args, **kw):
+            action = add(*args, **kw)
+            self.options[action.dest] = action
+            return action
+        group.add_argument = add_recorded
+        return group
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
     _threshold_args(p)
     p.add_argument("--threads", type=int)
+    _skip_bad_flag(p)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("calibrate", help="re-score a run's validation normals (thresholds for --max-fpr)")
@@ -121,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a prompt file from `uninet-feat prompts`)")
     p.add_argument("--shard", default="0/1", help="i/n: extract every n-th shard starting at i")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=256)
+    _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
@@ -153,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
     _threshold_args(p)
+    _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
@@ -205,6 +227,11 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     sp = ap.commands[cmd]
     actions = {d: a for d, a in sp.options.items() if d not in ("help", "config")}
     values = {str(k).replace("-", "_"): v for k, v in d.items()}
+    record_only = set()
+    if cmd == "zero-shot":   # its config.yaml also records the resolved run settings: accepted, not flags
+        from .config import DEFAULT_CONFIG
+        record_only = set(DEFAULT_CONFIG) - set(actions)
+    values = {k: v for k, v in values.items() if k not in record_only}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise BadInputError(f"unknown keys {unknown} for `{cmd}`", path=path,
@@ -223,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = ap.parse_args(argv)
+    run = getattr(args, "run", None)
+    if run and Path(run).is_file():   # `--run RUN/model.pt`: the run is the folder the model is in
+        args.run = str(Path(run).parent)
     try:
         code = _dispatch(args)
         _save_command_config(args)
@@ -230,9 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # e.g. an output under /proc, or --out naming an existing file: one line, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (fix: check the path; outputs need a writable folder)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted: finished outputs are kept; re-run with --resume to continue", file=sys.stderr)
+        print(f"interrupted: finished outputs are kept; {_CONTINUE.get(args.command, 're-run the command')}",
+              file=sys.stderr)
         return 130
+
+
+_CONTINUE = {"train": "re-run with --resume to continue",
+             "extract": "re-run the same command to continue (finished shards are kept)"}
 
 
 def _save_command_config(args) -> None:
@@ -245,12 +285,38 @@ def _save_command_config(args) -> None:
     save_run_config(Path(args.out), {"command": args.command, **opts})
 
 
+def _resume_base(out: Path, config, overrides: dict) -> dict:
+    """The config a resumed run continues with: its own saved one, so that `train --out RUN --resume` finishes
+    the run's schedule instead of the defaults'; flags (and --config keys) given now override it, and only
+    those a resume can honour (--epochs, --threads) are accepted."""
+    import yaml
+    from .checkpoint import checkpoint_config, read_checkpoint
+    from .config import load_config
+    from .train import RESUMABLE_KEYS
+    saved_path = out / "config.yaml"
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    elif (out / "checkpoint.pt").is_file():
+        saved = checkpoint_config(read_checkpoint(out / "checkpoint.pt"))
+    else:
+        return {}   # train() says there is nothing to resume
+    given = load_config(config, overrides, base=saved)
+    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_KEYS and given[k] != saved[k])
+    if changed:
+        raise BadInputError(f"{', '.join(changed)} cannot change when a run is resumed (it was trained with "
+                            f"{', '.join(f'{k}={saved[k]!r}' for k in changed)})", path=saved_path,
+                            fix="drop those flags to continue the run, or train a new run with a new --out")
+    return saved
+
+
 def _dispatch(args) -> int:
     warnings.simplefilter("default")
     if args.command == "train":
         from .config import load_config
         from .train import train
-        cfg = load_config(args.config, {k: getattr(args, k) for k in _TRAIN_KEYS})
+        overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
+        base = _resume_base(Path(args.out), args.config, overrides) if args.resume else None
+        cfg = load_config(args.config, overrides, base=base)
         path = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
         print(f"model written to {path}")
         return 0
@@ -260,7 +326,7 @@ def _dispatch(args) -> int:
                        group=args.group, quiet=args.quiet,
                        overrides={"threads": args.threads, "pixel_map": args.pixel_map,
                                   "threshold": args.threshold, "max_fpr": args.max_fpr},
-                       report_path=args.report, checkpoint=args.checkpoint)
+                       report_path=args.report, checkpoint=args.checkpoint, skip_bad=args.skip_bad)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
         return 0
@@ -269,7 +335,7 @@ def _dispatch(args) -> int:
         if args.command == "extract":
             res = wf.extract_cmd(args.data, args.out, args.run, args.split_csv, args.group, args.backbone,
                                  args.weights, args.image_size, args.tile, args.patches, args.shard,
-                                 args.shard_size, args.quiet, text=args.text)
+                                 args.shard_size, args.quiet, text=args.text, skip_bad=args.skip_bad)
         elif args.command == "index":
             res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k)
         elif args.command == "train-head":
@@ -279,7 +345,7 @@ def _dispatch(args) -> int:
         else:
             res = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
                                  args.overlays, args.quiet, text=args.text, threshold=args.threshold,
-                                 max_fpr=args.max_fpr)
+                                 max_fpr=args.max_fpr, skip_bad=args.skip_bad)
             res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0

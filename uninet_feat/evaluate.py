@@ -90,20 +90,23 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     keep = [i for i in range(n) if i in tile_scores]
     scores = [float(reduce(tile_scores[i])) for i in keep]
     kept = keep_maps and on_map is None
-    return {"samples": [samples[i] for i in keep], "scores": scores,
+    return {"samples": [samples[i] for i in keep], "scores": scores, "skipped": missing,
             "maps": [maps[i] for i in keep] if kept else None,
             "masks": [masks[i] for i in keep] if kept else None}
 
 
 def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = None, json_path=None,
              csv_path=None, group=None, quiet: bool = False, overrides: dict | None = None,
-             report_path=None, checkpoint=None) -> dict:
+             report_path=None, checkpoint=None, skip_bad: bool = False) -> dict:
     """Evaluate a run on the test split of ``data`` (default: the data it was trained on).
 
     ``checkpoint``: another model file of the run than ``model.pt`` — ``checkpoint.pt`` (the last epoch)
     or ``epochs/epoch_NNN.pt`` (``keep_every``) — to report how a model of another epoch does. Its
     threshold and overlay colours come from its own scores on the run's validation normals, because
-    ``calibration.json`` holds model.pt's."""
+    ``calibration.json`` holds model.pt's.
+
+    ``skip_bad``: leave unreadable test images out (warned, listed in the report's ``skipped``) instead of
+    stopping at the first."""
     model, ckpt = build_from_checkpoint(Path(checkpoint) if checkpoint else run_path(run, "model.pt"))
     cfg = dict(ckpt["config"])
     if data:
@@ -111,6 +114,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if group is not None:
         cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg["skip_bad"] = bool(skip_bad)   # asked for at evaluation, not inherited from how the run was trained
     if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
         model.cfg["pixel_map"] = cfg["pixel_map"]
     set_threads(cfg)
@@ -135,7 +139,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     test = res["samples"]
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
-    report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch")}
+    report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
+              "skipped": res["skipped"]}
     if has_masks:   # a defect image without a mask is not "all normal pixels": keep it out of pixel metrics
         res["pixel_ok"] = [s.is_normal or s.mask is not None for s in test]
         unmasked = [str(s.path) for s, ok in zip(test, res["pixel_ok"]) if not ok]

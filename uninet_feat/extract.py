@@ -32,7 +32,7 @@ class Extractor:
 
     def __init__(self, run=None, backbone: str | None = None, weights: str = "imagenet",
                  image_size: int | None = None, tile: int | None = None, patches: bool = False,
-                 batch_size: int = 8, text=None):
+                 batch_size: int = 8, text=None, skip_bad: bool = False):
         from .backbones import create_backbone
         from .checkpoint import build_from_checkpoint
         if run is not None:
@@ -54,6 +54,7 @@ class Extractor:
         if tile is not None:
             self.cfg["tile"] = tile or None
         self.patches, self.batch_size = patches, batch_size
+        self.skip_bad = skip_bad   # unreadable images are left out (warned, listed in ``skipped``) instead of stopping
         self.vector_names = vector_names(self.backbone.channels, adapted=self.model is not None)
         self.text_scorer = self._text_scorer(text) if text else None
         if self.text_scorer is not None:
@@ -98,7 +99,12 @@ class Extractor:
         samples = [s if isinstance(s, Sample) else Sample(Path(s), "", "unknown", None, "") for s in samples]
         if not samples:
             raise BadInputError("no images to extract features from", fix="pass at least one image path or Sample")
-        return samples, make_dataset(samples, {**self.cfg, "skip_bad": False}, self.backbone)
+        return samples, make_dataset(samples, {**self.cfg, "skip_bad": self.skip_bad}, self.backbone)
+
+    @staticmethod
+    def skipped(samples, ds) -> list[str]:
+        """Paths of the samples the dataset left out (unreadable, with ``skip_bad``)."""
+        return [str(samples[i].path) for i, _ in ds.skipped]
 
     def _run(self, ds, indices) -> dict:
         """Features of ``indices``, written batch by batch into arrays allocated once at the first batch:
@@ -129,7 +135,7 @@ class Extractor:
         """In memory: ``vectors`` (n_items, D), ``scores``, ``tile``, ``index`` (sample of each item), ``patches``."""
         samples, ds = self._dataset(samples)
         out = self._run(ds, range(len(ds)))
-        out["samples"] = samples
+        out["samples"], out["skipped"] = samples, self.skipped(samples, ds)
         return out
 
     @torch.no_grad()
@@ -155,7 +161,7 @@ class Extractor:
                                        sort_keys=True).encode()).hexdigest()
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
                     "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
-                    "n_shards": n_shards, "items": items}
+                    "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds)}
         done = start_store(folder, manifest)
         mine = [k for k in range(n_shards) if k % shard[1] == shard[0] and k not in done]
         with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

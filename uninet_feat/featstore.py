@@ -49,7 +49,8 @@ def start_store(folder: Path, manifest: dict) -> set[int]:
     """Create or re-open a store; returns the shard ids already finished."""
     folder.mkdir(parents=True, exist_ok=True)
     mpath = folder / "manifest.json"
-    if mpath.exists():
+    started = any(folder.glob("shard-*.npz"))   # a store that failed before its first shard is started over
+    if mpath.exists() and started:
         old = json.loads(mpath.read_text())
         if old.get("fingerprint") != manifest["fingerprint"]:
             raise BadInputError("feature folder holds features of another model/settings", path=folder,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -13,13 +15,18 @@ from .errors import BadInputError
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
     """Call ``writer(tmp_path)`` on a temp file in the target's folder, fsync, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise BadInputError(f"cannot write here ({e.strerror or e})", path=path,
+                            fix="choose an output in a writable folder (an existing file cannot be a folder)") from e
     os.close(fd)
     try:
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, open_mode(path))   # mkstemp made it 0600
         os.replace(tmp, path)
     except OSError as e:
         _cleanup(tmp)
@@ -31,6 +38,24 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         _cleanup(tmp)
         raise
     return path
+
+
+_umask_lock = threading.Lock()
+
+
+def open_mode(path) -> int:
+    """The permission bits a plain ``open(path, "w")`` would leave: an existing file's own, else 0666 & ~umask.
+
+    Temp files from ``mkstemp`` are 0600; renamed into place as they are, a run's outputs would be unreadable
+    to the group and others that the umask lets read them."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    with _umask_lock:   # the umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _cleanup(tmp: str) -> None:

@@ -12,7 +12,6 @@ and reproduces the uninterrupted run (shuffling is seeded per epoch).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -44,7 +43,14 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         if not ckpt_path.exists():
             raise BadInputError("nothing to resume: no checkpoint.pt", path=out, fix="drop --resume to start fresh")
         state = read_checkpoint(ckpt_path)
-        cfg = {**checkpoint_config(state), "epochs": cfg["epochs"]}
+        # model, data and options are the checkpoint's; ``cfg`` sets only the schedule's length (to finish or
+        # extend it) and, when given, the thread count
+        cfg = {**checkpoint_config(state), **{k: cfg[k] for k in RESUMABLE_KEYS if cfg.get(k) is not None}}
+        if cfg["epochs"] < int(state["epoch"]):
+            raise BadInputError(f"the run has already trained {state['epoch']} epochs, more than epochs "
+                                f"{cfg['epochs']}", path=out,
+                                fix=f"drop --epochs to finish the run's own schedule, or pass --epochs >= "
+                                    f"{state['epoch']}")
     elif (out / "model.pt").exists() or ckpt_path.exists():
         raise BadInputError("run folder already holds a run", path=out,
                             fix="pass --resume to continue it, or choose a new --out")
@@ -84,17 +90,18 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if int(cfg.get("keep_every") or 0) < 0:
         raise BadInputError(f"keep_every must be >= 0, got {cfg['keep_every']}", fix="e.g. keep_every: 10, or 0")
     synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main)
-    steps = math.ceil(len(ds) / cfg["batch_size"])
+    drop_last = len(ds) > cfg["batch_size"]
+    steps = len(ds) // cfg["batch_size"] if drop_last else 1   # the batches an epoch really runs
     with _progress(quiet or not dd.is_main) as prog:
         task = prog.add_task("train", total=(cfg["epochs"] - start_epoch) * steps, info="")
         for epoch in range(start_epoch, cfg["epochs"]):
             model.train()
             gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
             if dd.enabled:  # [distributed] this rank's slice of the same global batches
-                loader = dd.shard_batches(ds, cfg["batch_size"], gen, drop_last=len(ds) > cfg["batch_size"])
+                loader = dd.shard_batches(ds, cfg["batch_size"], gen, drop_last=drop_last)
             else:
                 loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=gen,
-                                                     drop_last=len(ds) > cfg["batch_size"])
+                                                     drop_last=drop_last)
             t0, sums, n = time.time(), {}, 0
             for batch in loader:
                 x = batch["image"]
@@ -136,9 +143,11 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                                        f"best epoch {best['epoch']})")
             log_lines.append(json.dumps(rec))
             if dd.is_main:  # [distributed] rank 0 writes, the others wait
+                # the log first: a stop between the two leaves an extra log line (cut on resume), never a
+                # checkpoint whose epoch the log lacks
+                atomic_write_text(log_path, "\n".join(log_lines) + "\n")
                 save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
                                 opt_target=opt_t.state_dict())
-                atomic_write_text(log_path, "\n".join(log_lines) + "\n")
                 if cfg.get("keep_every") and (epoch + 1) % cfg["keep_every"] == 0:
                     save_checkpoint(out / "epochs" / f"epoch_{epoch + 1:03d}.pt", model, cfg, epoch=epoch + 1)
             dd.barrier()
@@ -155,6 +164,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
+
+# what `train --resume` takes from the config it is given; everything else comes from the checkpoint
+RESUMABLE_KEYS = ("epochs", "threads")
 
 RULE = "best mean of image and pixel AUROC: validation normals vs synthetic defects made from them"
 

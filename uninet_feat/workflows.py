@@ -21,7 +21,7 @@ def _samples(data, split_csv=None, group=None, split_hash=None):
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
                 image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
-                validate=False, text=None) -> dict:
+                validate=False, text=None, skip_bad=False) -> dict:
     from .extract import Extractor
     i, n = (int(v) for v in shard.split("/"))
     if not 0 <= i < n:
@@ -34,7 +34,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         dd = init_from_env(device="cpu")
         i, n = dd.rank, dd.world_size
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
-                   text=text)
+                   text=text, skip_bad=skip_bad)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
     samples = _samples(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None)
@@ -45,7 +45,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         complete = (Path(out) / "complete").exists()
     m = json.loads((Path(out) / "manifest.json").read_text())
     res = {"features": str(out), "n_items": m["n_items"], "n_shards": m["n_shards"],
-           "dim": len(m["vector_names"]), "complete": complete}
+           "dim": len(m["vector_names"]), "complete": complete, "skipped": m.get("skipped", [])}
     if dd is not None:
         res["shard"] = f"{i}/{n}"
     if validate and complete and (dd is None or dd.is_main):
@@ -66,7 +66,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1) -> di
                                 fix="extract features of a folder with normal (good) training images")
         patches = store.array("patches")[normal].astype(np.float32)
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset).fit(patches)
-        scorer.save(out)
+        scorer.save(out, source=store.manifest.get("source"))
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
     index = build_index(X, kind=kind)
@@ -87,6 +87,10 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
                    min_class=2) -> dict:
     """LightGBM head on image rows, stratified CV report, final booster + label map saved."""
     from .downstream import train_head
+    if defects_only and task == "binary":
+        raise BadInputError("--defects-only leaves out the normal rows, so a binary (normal vs defect) head would "
+                            "have one class", path=features,
+                            fix="use --task multiclass with --defects-only (defect types), or drop --defects-only")
     store = FeatureStore(features)
     X, recs = store.image_table()
     keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
@@ -100,7 +104,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     names = [f"top_{n}" for n in store.manifest["vector_names"]] + [f"mean_{n}" for n in store.manifest["vector_names"]]
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names)
     out = Path(out)
-    res.head.save(out)
+    res.head.save(out, source=store.manifest.get("source"))
     summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
                "features": str(features), "label_from": label_from, "defects_only": defects_only}
     atomic_write_text(out / "cv_report.json", json.dumps(summary, indent=2, default=_json_default))
@@ -116,7 +120,7 @@ def _json_default(o):
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
-                text=None, threshold=None, max_fpr=None) -> dict:
+                text=None, threshold=None, max_fpr=None, skip_bad=False) -> dict:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
@@ -135,7 +139,13 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         if not text and any("clip_" in n for n in head.feature_names):
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
-    ex = Extractor(run=run, patches=knn is not None, text=text)
+    ex = Extractor(run=run, patches=knn is not None, text=text, skip_bad=skip_bad)
+    if knn is not None:
+        from .downstream import KNNScorer
+        scorer = KNNScorer.load(knn)
+        _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
+    for hd, head in loaded.items():
+        _check_built_from(head.source, Path(hd) / "head.json", ex, "head")
     if split_csv:
         samples = _samples(data, split_csv)
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
@@ -150,8 +160,6 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         rows.append({"path": path, "label": s.label, "wdm_score": float(np.max(res["scores"][idx])),
                      "flagged": bool(threshold is not None and np.max(res["scores"][idx]) > threshold)})
     if knn is not None:
-        from .downstream import KNNScorer
-        scorer = KNNScorer.load(knn)
         ks = scorer.score_patches(res["patches"].astype(np.float32)).max(1)
         for row, (_, idx) in zip(rows, order):
             row["knn_score"] = float(ks[idx].max())
@@ -167,7 +175,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "threshold": threshold,
-               "threshold_rule": rule}
+               "threshold_rule": rule, "skipped": res["skipped"]}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         for r in rows:
@@ -176,6 +184,25 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     return {**summary, "rows": rows}
+
+
+def _check_built_from(source, meta_path: Path, ex, what: str) -> None:
+    """Refuse a kNN index or head built from features of another model than the run predict scores with:
+    its scores would be silently wrong. Files saved before the source was recorded are only warned about."""
+    model = ex.run_dir / "model.pt"
+    if source is None:
+        import warnings
+        warnings.warn(f"{meta_path}: records no source model, so it cannot be checked against {model}; "
+                      f"rebuild the {what} from features of this run to have it checked")
+        return
+    if source.get("model_sha256") != ex.source["model_sha256"]:
+        built = (f"features of {source.get('run')}/model.pt (sha256 {str(source.get('model_sha256'))[:12]})"
+                 if source.get("run") else "plain backbone features (no run)")
+        raise BadInputError(f"this {what} was built from {built}, not from {model} "
+                            f"(sha256 {ex.source['model_sha256'][:12]})", path=meta_path,
+                            fix=f"rebuild the {what} from features of this run: `uninet-feat extract --run "
+                                f"{ex.run_dir}{' --patches' if what == 'index' else ''} --out F`, then "
+                                f"`uninet-feat {'index' if what == 'index' else 'train-head'} --features F`")
 
 
 def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
@@ -246,7 +273,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .runs import make_dataset
     from .vlm import TextScorer
     bb = create_backbone(backbone, weights=weights).eval()
-    ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
+    if isinstance(prompts, dict):   # the resolved sentences a zero-shot config.yaml records (re-run with --config)
+        ts = TextScorer(bb, prompts.get("normal"), prompts.get("defect"), patch_mode=patch_mode).eval()
+    else:
+        ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
     samples = _samples(data, split_csv, group)
     cfg = {**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group, "backbone": backbone,
            "weights": str(weights), "image_size": image_size, "tile": tile}
