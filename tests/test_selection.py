@@ -154,6 +154,18 @@ def test_kept_epochs_can_be_evaluated(texture, tmp_path):
                  overrides={"threshold": 0.5, "max_fpr": 0.1})
 
 
+def test_checkpoint_of_another_run_is_refused(texture, tmp_path):
+    """--checkpoint from another run would bring that run's data, split and calibration along: refused,
+    naming what differs; a model of the run itself (checkpoint.pt) is accepted."""
+    from uninet_feat.evaluate import evaluate
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(texture, epochs=1), a, quiet=True)
+    train(_cfg(texture, epochs=1, seed=8), b, quiet=True)
+    with pytest.raises(BadInputError, match=r"not a model of the run .*seed 8 vs 7"):
+        evaluate(a, checkpoint=b / "model.pt", quiet=True)
+    assert evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)["epoch"] == 1
+
+
 def test_checkpoint_of_a_run_without_validation_normals(texture, tmp_path):
     from uninet_feat.evaluate import evaluate
     run = tmp_path / "nv"

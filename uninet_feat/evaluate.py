@@ -108,6 +108,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     ``skip_bad``: leave unreadable test images out (warned, listed in the report's ``skipped``) instead of
     stopping at the first."""
     model, ckpt = build_from_checkpoint(Path(checkpoint) if checkpoint else run_path(run, "model.pt"))
+    if checkpoint:
+        _check_same_run(run, checkpoint, ckpt["config"])
     cfg = dict(ckpt["config"])
     if data:
         cfg["data"], cfg["split_csv"] = data, split_csv
@@ -210,6 +212,28 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     summary = {k: v for k, v in report.items() if not k.startswith("_")}
     return write_report(path, summary, report["_rows"], threshold=report.get("threshold"), overlays=overlays,
                         title=f"uninet-feat evaluation: {cfg.get('data')}", config=cfg)
+
+
+# what makes a checkpoint a model of a given run: same network input and the same data and split
+_SAME_RUN_KEYS = ("backbone", "levels", "image_size", "tile", "data", "split_csv", "group", "seed", "val_fraction",
+                  "split_hash")
+
+
+def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
+    """Refuse ``--checkpoint`` from another run: its stored config would silently swap the data, the split
+    and the calibration for those of the run it came from."""
+    import yaml
+    path = Path(run) / "config.yaml"
+    try:
+        run_cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return   # an older or hand-made run folder without its config: nothing to compare against
+    diff = [k for k in _SAME_RUN_KEYS if k in run_cfg and run_cfg.get(k) != ckpt_cfg.get(k)]
+    if diff:
+        raise BadInputError(f"{checkpoint} is not a model of the run {run}: "
+                            + ", ".join(f"{k} {ckpt_cfg.get(k)!r} vs {run_cfg.get(k)!r}" for k in diff),
+                            path=checkpoint, fix=f"pass a model from {run} (checkpoint.pt or epochs/epoch_NNN.pt), "
+                                                 "or --run the folder this checkpoint came from")
 
 
 def _metrics(labels, scores, res, has_masks) -> dict:
