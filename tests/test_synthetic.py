@@ -174,7 +174,7 @@ def test_atomic_write_cleans_up_on_failure(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(syn.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)   # the rename inside uninet_feat.io.atomic_write
     with pytest.raises(OSError):
         syn._write_atomic(target, b"new")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.png"]

@@ -14,8 +14,6 @@ import argparse
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from ..errors import BadInputError
+from ..io import atomic_write
 
 WEAVES = ("plain", "twill", "patterned")
 DEFECTS = ("hole", "broken_yarn", "slub", "knot", "stain", "missing_pick", "oil_line")
@@ -314,17 +313,8 @@ def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator | None = Non
 
 # ----------------------------------------------------------------------------------------------- data set
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then os.replace: a crash never leaves a half-written PNG or CSV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """A crash never leaves a half-written PNG or CSV; the file gets the mode open() would give it."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _png(arr: np.ndarray) -> bytes:
