@@ -31,7 +31,12 @@ class TinyBackbone(nn.Module):
 
 
 def tiny_factory(name, weights="random", levels=None, channels=(8, 16, 32), strides=(4, 8, 16), **_):
-    return TinyBackbone(channels, strides)
+    """Random init, or the state dict in a local file (``weights=PATH``) for tests that need the same
+    backbone twice."""
+    m = TinyBackbone(channels, strides)
+    if weights not in (None, "random", "imagenet"):
+        m.load_state_dict(torch.load(weights, weights_only=True))
+    return m
 
 
 def register_tiny():

@@ -217,3 +217,53 @@ def test_predict_refuses_index_and_head_of_another_run(setup, tmp_path, capsys):
     with pytest.warns(UserWarning, match="records no source model"):
         assert main(base + ["--run", str(other), "--knn", str(knn), "--head", str(head),
                             "--out", str(tmp_path / "r")]) == 0
+
+
+def test_predict_with_a_plain_feature_index_and_the_combined_score(setup, tmp_path):
+    """An index over plain backbone patches (extract without --run) is queried with patches of that backbone,
+    made by predict itself (not the run's adapted ones, which would be another feature space); each row's
+    combined_score is the kNN and WDM scores z-scored on the run's validation normals and summed."""
+    import torch
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.calibration import validation_normals
+    from uninet_feat.cli import main
+    from uninet_feat.downstream import KNNScorer
+    data, _, samples = setup
+    run = tmp_path / "run"   # 3 validation normals to standardise by
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 1, "batch_size": 2, "channels_last": False,
+                                                       "val_fraction": 0.5}), run, quiet=True)
+    weights = tmp_path / "tiny.pt"   # a fixed file: random init differs per call
+    torch.save(create_backbone("tiny", weights="random").state_dict(), weights)
+    f, knn, p = tmp_path / "plain", tmp_path / "knn", tmp_path / "p"
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
+                 "64", "--patches", "--out", str(f), "--quiet"]) == 0
+    base = ["predict", "--run", str(run), "--data", str(data), "--no-overlays", "--quiet"]
+    assert main(["index", "--features", str(f), "--coreset", "1.0", "--out", str(tmp_path / "all")]) == 0
+    with pytest.warns(UserWarning, match="validation normals of .* held out"):   # the bank holds them: no z-score
+        assert main(base + ["--knn", str(tmp_path / "all"), "--out", str(tmp_path / "p0")]) == 0
+    assert "combined_score" not in json.loads((tmp_path / "p0" / "predictions.json").read_text())[0]
+    assert main(["index", "--features", str(f), "--coreset", "1.0", "--run", str(run), "--out", str(knn)]) == 0
+    assert json.loads((knn / "knn.json").read_text())["source"]["held_out_val"]["n"] == 3
+    assert main(base + ["--knn", str(knn), "--out", str(p)]) == 0
+    rows = {r["path"]: r for r in json.loads((p / "predictions.json").read_text())}
+    summary = json.loads((p / "summary.json").read_text())
+    assert summary["knn_features"] == "plain backbone" and "validation normals" in summary["combined_rule"]
+
+    scorer = KNNScorer.load(knn)
+    plain = Extractor(backbone="tiny", weights=str(weights), image_size=64, patches=True)
+    want = scorer.score_patches(plain.extract(samples)["patches"].astype(np.float32)).max(1)
+    got = np.array([rows[str(s.path)]["knn_score"] for s in samples])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    adapted = Extractor(run=run, patches=True).extract(samples)["patches"]
+    assert adapted.shape[-1] != scorer.index.d or not np.allclose(
+        got, scorer.score_patches(adapted.astype(np.float32)).max(1))
+
+    cfg = json.loads(json.dumps(load_config(run / "config.yaml")))
+    val = validation_normals(cfg)
+    kv = scorer.score_patches(plain.extract(val)["patches"].astype(np.float32)).max(1)
+    wv = np.array(json.loads((run / "calibration.json").read_text())["val_scores"])
+    for s in samples:
+        r = rows[str(s.path)]
+        z = (r["knn_score"] - kv.mean()) / kv.std() + (r["wdm_score"] - wv.mean()) / wv.std()
+        assert r["combined_score"] == pytest.approx(z, rel=1e-4, abs=1e-6)

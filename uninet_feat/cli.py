@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=["patch", "image"], default="patch")
     p.add_argument("--coreset", type=float, default=0.1, help="memory-bank fraction kept (patch level)")
     p.add_argument("--k", type=int, default=1)
+    p.add_argument("--run", help="leave this run's validation normals out of the memory bank (automatic for "
+                                 "features of a run), so predict can standardise kNN scores on them")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("train-head", help="LightGBM head on extracted image vectors, with a CV report")
@@ -337,7 +339,7 @@ def _dispatch(args) -> int:
                                  args.weights, args.image_size, args.tile, args.patches, args.shard,
                                  args.shard_size, args.quiet, text=args.text, skip_bad=args.skip_bad)
         elif args.command == "index":
-            res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k)
+            res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k, args.run)
         elif args.command == "train-head":
             res = wf.train_head_cmd(args.features, args.out, args.task, args.label_from, args.defects_only,
                                     args.folds, args.seed)

@@ -54,19 +54,35 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     return res
 
 
-def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1) -> dict:
-    """Patch level: a kNN scorer over the training normals' patches. Image level: an index of image rows."""
+def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=None) -> dict:
+    """Patch level: a kNN scorer over the training normals' patches. Image level: an index of image rows.
+
+    The validation normals of ``run`` (by default the run the features came from) stay out of the memory
+    bank: a bank that holds them scores them 0, and predict standardises kNN scores on them."""
     from .downstream import KNNScorer, build_index, save_index
     store = FeatureStore(features)
     out = Path(out)
     if level == "patch":
-        normal = np.array([it["is_normal"] and it["split"] in ("train", "") for it in store.items])
+        source = store.manifest.get("source") or {}
+        run = run or source.get("run")
+        try:
+            held_out = _validation_paths(run) if run else set()
+        except BadInputError as e:   # the run's data moved: the bank keeps every normal; predict won't z-score
+            import warnings
+            warnings.warn(f"cannot hold out the validation normals of {run} ({e}); predict will give no combined score")
+            run, held_out = None, set()
+        normal = np.array([it["is_normal"] and it["split"] in ("train", "") and it["path"] not in held_out
+                           for it in store.items])
         if not normal.any():
             raise BadInputError("no normal training images in these features", path=features,
                                 fix="extract features of a folder with normal (good) training images")
         patches = store.array("patches")[normal].astype(np.float32)
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset).fit(patches)
-        scorer.save(out, source=store.manifest.get("source"))
+        # the source, the settings a plain-feature index needs for predict to extract matching patches, and
+        # which validation normals were held out (predict's combined score needs them outside the bank)
+        held = {"run": str(run), "paths_sha256": _paths_sha(held_out),
+                "n": len(held_out & {it["path"] for it in store.items})} if run else None
+        scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held})
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
     index = build_index(X, kind=kind)
@@ -139,10 +155,13 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         if not text and any("clip_" in n for n in head.feature_names):
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
-    ex = Extractor(run=run, patches=knn is not None, text=text, skip_bad=skip_bad)
+    scorer = kex = None
     if knn is not None:
         from .downstream import KNNScorer
         scorer = KNNScorer.load(knn)
+        kex = _plain_knn_extractor(scorer.source, Path(knn) / "knn.json", skip_bad)
+    ex = Extractor(run=run, patches=scorer is not None and kex is None, text=text, skip_bad=skip_bad)
+    if scorer is not None and kex is None:
         _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
     for hd, head in loaded.items():
         _check_built_from(head.source, Path(hd) / "head.json", ex, "head")
@@ -159,10 +178,13 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         s = samples[int(res["index"][idx[0]])]
         rows.append({"path": path, "label": s.label, "wdm_score": float(np.max(res["scores"][idx])),
                      "flagged": bool(threshold is not None and np.max(res["scores"][idx]) > threshold)})
-    if knn is not None:
-        ks = scorer.score_patches(res["patches"].astype(np.float32)).max(1)
-        for row, (_, idx) in zip(rows, order):
-            row["knn_score"] = float(ks[idx].max())
+    summary_extra = {}
+    if scorer is not None:
+        knn_of = _knn_image_scores(scorer, kex or ex, samples, res if kex is None else None)
+        for row in rows:
+            row["knn_score"] = knn_of.get(row["path"], float("nan"))
+        summary_extra = {"knn_index": str(knn), "knn_features": "plain backbone" if kex else "this run",
+                         **_combine(rows, run, ex.cfg, scorer, kex or ex)}
     for hd, head in loaded.items():
         proba = head.predict_proba(X)
         pred = head.predict(X)
@@ -175,7 +197,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "threshold": threshold,
-               "threshold_rule": rule, "skipped": res["skipped"]}
+               "threshold_rule": rule, "skipped": res["skipped"], **summary_extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         for r in rows:
@@ -184,6 +206,75 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     return {**summary, "rows": rows}
+
+
+def _validation_paths(run) -> set:
+    """Paths of ``run``'s validation normals (its own seeded split of its own data)."""
+    from .calibration import validation_normals
+    from .checkpoint import read_checkpoint
+    from .runs import run_path
+    return {str(s.path) for s in validation_normals(dict(read_checkpoint(run_path(run, "model.pt"))["config"]))}
+
+
+def _paths_sha(paths) -> str:
+    import hashlib
+    return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
+
+
+def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
+    """For an index over plain backbone patches (extract without --run: the PatchCore-style baseline), the
+    extractor that makes matching query patches; None for an index over a run's adapted patches."""
+    from .extract import Extractor
+    if not isinstance(source, dict) or source.get("run") is not None or "backbone" not in source:
+        return None
+    settings = source.get("settings")
+    if not settings:
+        raise BadInputError("this plain-feature index records no image size / tiling", path=meta_path,
+                            fix="rebuild it with `uninet-feat index` from its feature store")
+    return Extractor(backbone=source["backbone"]["name"], weights=source.get("weights", "imagenet"),
+                     image_size=settings["image_size"], tile=settings.get("tile") or 0, patches=True,
+                     skip_bad=skip_bad)
+
+
+def _knn_image_scores(scorer, kex, samples, res=None) -> dict:
+    """{image path: kNN image score}: the highest patch score over the image's tiles. ``res``: an extraction
+    with patches already made (the run's own pass); else ``kex`` extracts them."""
+    res = res if res is not None else kex.extract(samples)
+    ks = scorer.score_patches(res["patches"].astype(np.float32)).max(1)
+    out = {}
+    for i, k in zip(res["index"], ks):
+        p = str(samples[int(i)].path)
+        out[p] = max(out.get(p, -np.inf), float(k))
+    return out
+
+
+def _combine(rows, run, cfg: dict, scorer, kex) -> dict:
+    """``combined_score`` = the kNN and WDM scores each standardised by its scores on the run's validation
+    normals (never test labels), summed — the rule `benchmarks.knn_compare` measures. Skipped, with a
+    warning, when the run's validation normals or their calibrated WDM scores are not at hand."""
+    import warnings
+    from .calibration import validation_normals
+    try:
+        wv = np.asarray(json.loads((Path(run) / "calibration.json").read_text())["val_scores"], dtype=np.float64)
+        val = validation_normals(cfg)
+    except (OSError, KeyError, ValueError, BadInputError) as e:
+        warnings.warn(f"no combined score: the run's validation normals are not available ({e}); "
+                      f"run `uninet-feat calibrate --run {run}` (with --data where the data is now)")
+        return {}
+    if len(val) < 2 or len(wv) < 2:
+        warnings.warn(f"no combined score: the run has {len(val)} validation normal(s), too few to standardise by")
+        return {}
+    held = (scorer.source or {}).get("held_out_val") or {}
+    if held.get("paths_sha256") != _paths_sha(str(s.path) for s in val):
+        warnings.warn(f"no combined score: this kNN index was not built with the validation normals of {run} "
+                      f"held out (their kNN scores would be 0); rebuild it with `uninet-feat index --run {run} ...`")
+        return {}
+    kv = np.asarray(list(_knn_image_scores(scorer, kex, val).values()), dtype=np.float64)
+    z = lambda v, ref: (v - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
+    for r in rows:
+        r["combined_score"] = float(z(r["knn_score"], kv) + z(r["wdm_score"], wv))
+    return {"combined_rule": f"z-score of the kNN and of the WDM score on the run's {len(val)} validation "
+                             f"normals, summed (flags still follow the WDM threshold)"}
 
 
 def _check_built_from(source, meta_path: Path, ex, what: str) -> None:
