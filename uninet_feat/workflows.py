@@ -71,7 +71,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=N
             import warnings
             warnings.warn(f"cannot hold out the validation normals of {run} ({e}); predict will give no combined score")
             run, held_out = None, set()
-        normal = np.array([it["is_normal"] and it["split"] in ("train", "") and it["path"] not in held_out
+        normal = np.array([it["is_normal"] and it["split"] in ("train", "") and _abs(it["path"]) not in held_out
                            for it in store.items])
         if not normal.any():
             raise BadInputError("no normal training images in these features", path=features,
@@ -81,7 +81,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=N
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
         held = {"run": str(run), "paths_sha256": _paths_sha(held_out),
-                "n": len(held_out & {it["path"] for it in store.items})} if run else None
+                "n": len(held_out & {_abs(it["path"]) for it in store.items})} if run else None
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held})
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
@@ -213,7 +213,12 @@ def _validation_paths(run) -> set:
     from .calibration import validation_normals
     from .checkpoint import read_checkpoint
     from .runs import run_path
-    return {str(s.path) for s in validation_normals(dict(read_checkpoint(run_path(run, "model.pt"))["config"]))}
+    return {_abs(s.path) for s in validation_normals(dict(read_checkpoint(run_path(run, "model.pt"))["config"]))}
+
+
+def _abs(path) -> str:
+    """One spelling per file (a run may have saved a relative --data, a store an absolute one)."""
+    return str(Path(path).absolute().resolve())
 
 
 def _paths_sha(paths) -> str:
@@ -265,7 +270,7 @@ def _combine(rows, run, cfg: dict, scorer, kex) -> dict:
         warnings.warn(f"no combined score: the run has {len(val)} validation normal(s), too few to standardise by")
         return {}
     held = (scorer.source or {}).get("held_out_val") or {}
-    if held.get("paths_sha256") != _paths_sha(str(s.path) for s in val):
+    if held.get("paths_sha256") != _paths_sha(_abs(s.path) for s in val):
         warnings.warn(f"no combined score: this kNN index was not built with the validation normals of {run} "
                       f"held out (their kNN scores would be 0); rebuild it with `uninet-feat index --run {run} ...`")
         return {}
