@@ -220,18 +220,23 @@ def test_supervised_training_uses_masks(tmp_path):
     assert "margin_abnormal" in log
 
 
+def _relabelled_manifest(texture, path, label_of):
+    """A CSV manifest of the texture set whose i-th defect gets ``label_of(i) = (label, with_mask)``."""
+    rows = ["path,split,label,mask"] + [f"{p.relative_to(texture)},train,good," for p in
+                                        sorted((texture / "train" / "good").glob("*.png"))]
+    rows += [f"{p.relative_to(texture)},test,good," for p in sorted((texture / "test" / "good").glob("*.png"))]
+    for i, p in enumerate(sorted((texture / "test" / "spot").glob("*.png"))):
+        label, with_mask = label_of(i)
+        mask = (texture / "ground_truth" / "spot" / f"{p.stem}_mask.png").relative_to(texture) if with_mask else ""
+        rows.append(f"{p.relative_to(texture)},test,{label},{mask}")
+    path.write_text("\n".join(rows) + "\n")
+
+
 def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_path):
     """Two defect labels in a manifest: each is scored against all test normals, the image AUROC per
     label equals the one recomputed from the score CSV, and the labels' defect-pixel shares sum to 1."""
     from uninet_feat import metrics
-    bad = sorted((texture / "test" / "spot").glob("*.png"))
-    rows = ["path,split,label,mask"] + [f"{p.relative_to(texture)},train,good," for p in
-                                        sorted((texture / "train" / "good").glob("*.png"))]
-    rows += [f"{p.relative_to(texture)},test,good," for p in sorted((texture / "test" / "good").glob("*.png"))]
-    for i, p in enumerate(bad):
-        mask = texture / "ground_truth" / "spot" / f"{p.stem}_mask.png"
-        rows.append(f"{p.relative_to(texture)},test,{'crack' if i < 2 else 'hole'},{mask.relative_to(texture)}")
-    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    _relabelled_manifest(texture, tmp_path / "split.csv", lambda i: ("crack" if i < 2 else "hole", True))
     rep = evaluate(trained, data=str(texture), split_csv=str(tmp_path / "split.csv"), quiet=True,
                    csv_path=tmp_path / "s.csv", report_path=tmp_path / "r.html")
     per = rep["per_label"]
@@ -251,14 +256,7 @@ def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_pat
 def test_defect_images_without_masks_stay_out_of_pixel_metrics(trained, texture, tmp_path):
     """Two defect labels, one without masks: its images are not counted as all-normal pixels, so the
     pooled P-AUROC / AUPRO equal those of the normals plus the masked label alone (they were lower)."""
-    bad = sorted((texture / "test" / "spot").glob("*.png"))
-    rows = ["path,split,label,mask"] + [f"{p.relative_to(texture)},train,good," for p in
-                                        sorted((texture / "train" / "good").glob("*.png"))]
-    rows += [f"{p.relative_to(texture)},test,good," for p in sorted((texture / "test" / "good").glob("*.png"))]
-    for i, p in enumerate(bad):
-        mask = texture / "ground_truth" / "spot" / f"{p.stem}_mask.png"
-        rows.append(f"{p.relative_to(texture)},test," + ("hole," + str(mask.relative_to(texture)) if i < 2 else "stain,"))
-    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    _relabelled_manifest(texture, tmp_path / "split.csv", lambda i: ("hole", True) if i < 2 else ("stain", False))
     with pytest.warns(UserWarning, match="2 defect image.*no mask"):
         rep = evaluate(trained, data=str(texture), split_csv=str(tmp_path / "split.csv"), quiet=True)
     assert rep["pixel_metrics_without"] == 2
