@@ -1,7 +1,7 @@
 """kNN-over-patch-features scoring vs UniNet's WDM (and both combined), on a split with masks.
 
     python -m benchmarks.knn_compare --data ../shared/data --split-csv ../shared/data/splits/magnetic_tile.csv \
-        [--run RUN] [--backbone tf_efficientnet_lite0 --image-size 256] [--coreset 0.01] --json out.json
+        [--run RUN] [--backbone tf_efficientnet_lite0 --image-size 256] [--coreset 0.1] --json out.json
 
 Without ``--run``: the plain-backbone kNN baseline (PatchCore-style, ImageNet features, same backbone
 and resolution as UniNet). With ``--run``: kNN over the run's domain-adapted patch features, the
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--backbone", default=DEFAULT_CONFIG["backbone"])
     ap.add_argument("--weights", default="imagenet")
     ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--coreset", type=float, default=0.01)
+    ap.add_argument("--coreset", type=float, default=0.1, help="memory-bank fraction (the index command's default; 1.0 = all)")
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--tile", type=int, help="tile large images (e.g. 256 for AITEX strips); image scores only")
     ap.add_argument("--knn-features", choices=("run", "plain"), default="run",
