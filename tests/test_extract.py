@@ -267,3 +267,12 @@ def test_predict_with_a_plain_feature_index_and_the_combined_score(setup, tmp_pa
         r = rows[str(s.path)]
         z = (r["knn_score"] - kv.mean()) / kv.std() + (r["wdm_score"] - wv.mean()) / wv.std()
         assert r["combined_score"] == pytest.approx(z, rel=1e-4, abs=1e-6)
+
+
+def test_extract_refuses_backbone_flags_with_a_run(setup, tmp_path, capsys):
+    """--backbone/--weights pick plain features; beside --run they were silently ignored."""
+    from uninet_feat.cli import main
+    data, run, _ = setup
+    assert main(["extract", "--data", str(data), "--run", str(run), "--backbone", "resnet18",
+                 "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    assert "drop --backbone/--weights" in capsys.readouterr().err and not (tmp_path / "f").exists()

@@ -26,6 +26,9 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     i, n = (int(v) for v in shard.split("/"))
     if not 0 <= i < n:
         raise BadInputError(f"--shard {shard} must be i/n with 0 <= i < n")
+    if run is not None and (backbone is not None or weights != "imagenet"):
+        raise BadInputError("--backbone/--weights choose plain features; with --run the run's own model is used",
+                            path=run, fix="drop --backbone/--weights, or drop --run for plain backbone features")
     # [distributed] under torchrun (RANK/WORLD_SIZE set) the default --shard becomes rank/world_size;
     # a barrier at the end lets rank 0 report (and validate) the finished store.
     from .distributed import env_rank_world, init_from_env
