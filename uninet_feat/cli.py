@@ -91,7 +91,6 @@ class _Parser(argparse.ArgumentParser):
         return group
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="uninet-feat", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
