@@ -205,3 +205,10 @@ def test_selection_curve_reports_every_kept_epoch(texture, tmp_path):
     assert {k: v for k, v in twin.items() if k != "model"} == {k: v for k, v in sel.items() if k != "model"}
     assert sel["synthetic"] == max(r["synthetic"] for r in res["rows"][:-1])
     assert set(res["spearman_synthetic_vs_test"]) == {"image_auroc", "pixel_auroc", "aupro"}
+
+
+def test_val_every_without_synthetic_selection_warns(tmp_path):
+    """--val-every only paces the synthetic validation; on its own it did nothing, silently."""
+    from uninet_feat.cli import main
+    with pytest.warns(UserWarning, match="--val-every has no effect without --select synthetic"):
+        assert main(["train", "--data", str(tmp_path / "missing"), "--val-every", "5", "--out", str(tmp_path / "r")]) == 2

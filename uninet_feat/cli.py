@@ -318,6 +318,8 @@ def _dispatch(args) -> int:
         overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
         base = _resume_base(Path(args.out), args.config, overrides) if args.resume else None
         cfg = load_config(args.config, overrides, base=base)
+        if args.val_every is not None and cfg.get("select") != "synthetic":
+            warnings.warn("--val-every has no effect without --select synthetic (nothing is validated)")
         path = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
         print(f"model written to {path}")
         return 0
