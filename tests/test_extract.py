@@ -276,3 +276,33 @@ def test_extract_refuses_backbone_flags_with_a_run(setup, tmp_path, capsys):
     assert main(["extract", "--data", str(data), "--run", str(run), "--backbone", "resnet18",
                  "--out", str(tmp_path / "f"), "--quiet"]) == 2
     assert "drop --backbone/--weights" in capsys.readouterr().err and not (tmp_path / "f").exists()
+
+
+def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch):
+    """When the run's frozen source teacher is the index's backbone (same config, same named weights, same
+    size), predict takes the plain patches from the run's own pass: no second backbone, the same scores."""
+    import torch
+    from uninet_feat import workflows
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.cli import main
+    from uninet_feat.downstream import KNNScorer
+    data, _, samples = setup
+    weights = tmp_path / "tiny.pt"
+    torch.save(create_backbone("tiny", weights="random").state_dict(), weights)
+    run = tmp_path / "run"
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": str(weights), "image_size": 64,
+                                                       "epochs": 1, "batch_size": 2, "channels_last": False,
+                                                       "val_fraction": 0.5}), run, quiet=True)
+    f, knn, p = tmp_path / "plain", tmp_path / "knn", tmp_path / "p"
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
+                 "64", "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--coreset", "1.0", "--run", str(run), "--out", str(knn)]) == 0
+    monkeypatch.setattr(workflows, "_plain_knn_extractor", lambda *a: pytest.fail("a second backbone pass"))
+    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--no-overlays", "--quiet",
+                 "--out", str(p)]) == 0
+    rows = {r["path"]: r for r in json.loads((p / "predictions.json").read_text())}
+    assert json.loads((p / "summary.json").read_text())["knn_features"] == "plain backbone"
+    plain = Extractor(backbone="tiny", weights=str(weights), image_size=64, patches=True).extract(samples)
+    want = KNNScorer.load(knn).score_patches(plain["patches"].astype(np.float32)).max(1)
+    np.testing.assert_allclose([rows[str(s.path)]["knn_score"] for s in samples], want, rtol=1e-3, atol=1e-5)
+    assert all(np.isfinite(r["combined_score"]) for r in rows.values())

@@ -46,8 +46,10 @@ def patch_vectors(feats: list[torch.Tensor], thetas) -> torch.Tensor:
 
 
 @torch.no_grad()
-def uninet_features(model, x: torch.Tensor, patches: bool = False) -> dict:
-    """Image vectors (N, D), WDM scores (N,), pixel maps (N,H,W) and optionally patch vectors."""
+def uninet_features(model, x: torch.Tensor, patches: bool | str = False) -> dict:
+    """Image vectors (N, D), WDM scores (N,), pixel maps (N,H,W) and optionally patch vectors: the adapted
+    target teacher's (``patches=True``), or ``"source"``: the frozen source teacher's, which equal the plain
+    backbone's (``backbone_features``) when the run kept its ImageNet weights, at no extra pass."""
     from .scoring import anomaly_maps, wdm_score
     model.eval()
     out = model(x)
@@ -65,8 +67,11 @@ def uninet_features(model, x: torch.Tensor, patches: bool = False) -> dict:
         parts.append(_map_stats(maps[L + l]))
     parts.append(score.view(-1, 1).float())
     res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix}
-    if patches:
+    if patches == "source":
+        res["patches"] = patch_vectors(out.teachers[:L], [1.0] * L)
+    elif patches:
         res["patches"] = patch_vectors(out.teachers[L:], thetas)
+    if patches:
         res["patch_grid"] = tuple(out.teachers[1].shape[-2:])
     return res
 

@@ -159,13 +159,17 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
     scorer = kex = None
+    ex = Extractor(run=run, text=text, skip_bad=skip_bad)
     if knn is not None:
         from .downstream import KNNScorer
         scorer = KNNScorer.load(knn)
-        kex = _plain_knn_extractor(scorer.source, Path(knn) / "knn.json", skip_bad)
-    ex = Extractor(run=run, patches=scorer is not None and kex is None, text=text, skip_bad=skip_bad)
-    if scorer is not None and kex is None:
-        _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
+        if _is_plain(scorer.source) and _same_plain_backbone(scorer.source, ex):
+            ex.patches = "source"   # the run's frozen source teacher is that backbone: its patches, same pass
+        elif _is_plain(scorer.source):
+            kex = _plain_knn_extractor(scorer.source, Path(knn) / "knn.json", skip_bad)
+        else:
+            ex.patches = True
+            _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
     for hd, head in loaded.items():
         _check_built_from(head.source, Path(hd) / "head.json", ex, "head")
     if split_csv:
@@ -186,7 +190,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         knn_of = _knn_image_scores(scorer, kex or ex, samples, res if kex is None else None)
         for row in rows:
             row["knn_score"] = knn_of.get(row["path"], float("nan"))
-        summary_extra = {"knn_index": str(knn), "knn_features": "plain backbone" if kex else "this run",
+        summary_extra = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone",
                          **_combine(rows, run, ex.cfg, scorer, kex or ex)}
     for hd, head in loaded.items():
         proba = head.predict_proba(X)
@@ -229,12 +233,24 @@ def _paths_sha(paths) -> str:
     return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
 
 
+def _is_plain(source) -> bool:
+    """An index over plain backbone patches (extract without --run: the PatchCore-style baseline)."""
+    return isinstance(source, dict) and source.get("run") is None and "backbone" in source
+
+
+def _same_plain_backbone(source, ex) -> bool:
+    """Whether the run's source teacher is the index's backbone (same configuration and named weights — a
+    random init is never the same twice) at the same input size and tiling."""
+    settings, cfg = source.get("settings") or {}, ex.cfg
+    return (source["backbone"] == ex.backbone.config()
+            and str(source.get("weights")) == str(cfg.get("weights")) and str(cfg.get("weights")) != "random"
+            and settings.get("image_size") == cfg.get("image_size")
+            and (settings.get("tile") or None) == (cfg.get("tile") or None))
+
+
 def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
-    """For an index over plain backbone patches (extract without --run: the PatchCore-style baseline), the
-    extractor that makes matching query patches; None for an index over a run's adapted patches."""
+    """The extractor that makes query patches matching an index over plain backbone patches."""
     from .extract import Extractor
-    if not isinstance(source, dict) or source.get("run") is not None or "backbone" not in source:
-        return None
     settings = source.get("settings")
     if not settings:
         raise BadInputError("this plain-feature index records no image size / tiling", path=meta_path,
