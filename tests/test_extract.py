@@ -306,3 +306,16 @@ def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch
     want = KNNScorer.load(knn).score_patches(plain["patches"].astype(np.float32)).max(1)
     np.testing.assert_allclose([rows[str(s.path)]["knn_score"] for s in samples], want, rtol=1e-3, atol=1e-5)
     assert all(np.isfinite(r["combined_score"]) for r in rows.values())
+
+    # evaluate --knn: the same per-image kNN / combined scores on the test split, and their image metrics
+    from uninet_feat import metrics
+    from uninet_feat.evaluate import evaluate
+    rep = evaluate(run, knn=knn, quiet=True)
+    test = [r for r in rep["_rows"]]
+    y = np.array([r["is_defect"] for r in test])
+    for name, key in (("knn", "knn_score"), ("combined", "combined_score")):
+        got = np.array([float(r[key]) for r in test])
+        np.testing.assert_allclose(got, [rows[r["path"]][key] for r in test], rtol=1e-4, atol=1e-5)
+        assert rep["scorers"][name]["image_auroc"] == pytest.approx(metrics.image_auroc(y, got))
+    with pytest.raises(BadInputError, match="--checkpoint"):
+        evaluate(run, knn=knn, checkpoint=run / "checkpoint.pt", quiet=True)

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "colours come from its own validation-normal scores")
     p.add_argument("--pixel-map", dest="pixel_map", choices=["smoothed", "raw"],
                    help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
+    p.add_argument("--knn", help="kNN index folder (uninet-feat index): also report its image metrics and those of "
+                                 "kNN + WDM combined (as predict's combined_score)")
     _threshold_args(p)
     p.add_argument("--threads", type=int)
     _skip_bad_flag(p)
@@ -329,7 +331,7 @@ def _dispatch(args) -> int:
                        group=args.group, quiet=args.quiet,
                        overrides={"threads": args.threads, "pixel_map": args.pixel_map,
                                   "threshold": args.threshold, "max_fpr": args.max_fpr},
-                       report_path=args.report, checkpoint=args.checkpoint, skip_bad=args.skip_bad)
+                       report_path=args.report, checkpoint=args.checkpoint, skip_bad=args.skip_bad, knn=args.knn)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
         return 0

@@ -97,7 +97,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
 
 def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = None, json_path=None,
              csv_path=None, group=None, quiet: bool = False, overrides: dict | None = None,
-             report_path=None, checkpoint=None, skip_bad: bool = False) -> dict:
+             report_path=None, checkpoint=None, skip_bad: bool = False, knn=None) -> dict:
     """Evaluate a run on the test split of ``data`` (default: the data it was trained on).
 
     ``checkpoint``: another model file of the run than ``model.pt`` — ``checkpoint.pt`` (the last epoch)
@@ -106,7 +106,13 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     ``calibration.json`` holds model.pt's.
 
     ``skip_bad``: leave unreadable test images out (warned, listed in the report's ``skipped``) instead of
-    stopping at the first."""
+    stopping at the first.
+
+    ``knn``: a kNN index folder (`uninet-feat index`) scored beside WDM, and their combination as `predict`
+    computes it: image metrics of both under ``scorers`` and per-image columns in the CSV."""
+    if knn is not None and checkpoint is not None:
+        raise BadInputError("--knn combines with model.pt's calibration; it cannot go with --checkpoint",
+                            path=checkpoint, fix="drop one of --knn / --checkpoint")
     model, ckpt = build_from_checkpoint(Path(checkpoint) if checkpoint else run_path(run, "model.pt"))
     if checkpoint:
         _check_same_run(run, checkpoint, ckpt["config"])
@@ -170,6 +176,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
                                   "false_positive_rate": float(pred[labels == 0].mean()) if (labels == 0).any() else None}
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
              "flagged": int(threshold is not None and sc > threshold)} for s, l, sc in zip(test, labels, scores)]
+    if knn is not None:
+        report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, skip_bad)
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:
@@ -180,6 +188,26 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if report_path:
         write_html_report(report_path, report, model, cfg, test, labels, scores, run_dir=run, cal=cal)
     return report
+
+
+def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, skip_bad: bool) -> dict:
+    """kNN image scores of the test images (the index's own feature space, as predict makes them) and the
+    combined score; their image metrics, and ``knn_score`` / ``combined_score`` added to ``rows``."""
+    from .extract import Extractor
+    from .workflows import _combine, _knn_image_scores, knn_setup
+    ex = Extractor(run=run, skip_bad=skip_bad)
+    scorer, kex = knn_setup(knn, ex, skip_bad)
+    knn_of = _knn_image_scores(scorer, kex or ex, test)
+    scored = [{"wdm_score": float(w), "knn_score": knn_of[str(s.path)]} for s, w in zip(test, wdm)]
+    extra = _combine(scored, run, cfg, scorer, kex or ex)
+    out = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone"}
+    for name in ("knn_score", "combined_score"):
+        if name in scored[0]:
+            v = np.array([r[name] for r in scored])
+            out[name.replace("_score", "")] = _metrics(labels, v, {}, False)
+            for row, x in zip(rows, v):
+                row[name] = f"{x:.6g}"
+    return {**out, **extra}
 
 
 def _checkpoint_calibration(model, cfg: dict, checkpoint) -> dict:
@@ -295,6 +323,11 @@ def print_report(report: dict) -> None:
     for name, r in rows:
         table.add_row(name, *[f"{r[k]:.4f}" if k in r else "-" for k in keys])
     Console().print(table)
+    sc = report.get("scorers") or {}
+    for name in ("knn", "combined"):
+        if "image_auroc" in sc.get(name, {}):
+            Console().print(f"{name} ({sc['knn_features']} features): image_auroc {sc[name]['image_auroc']:.4f}, "
+                            f"image_ap {sc[name]['image_ap']:.4f}, f1_max {sc[name]['f1_max']:.4f}")
     if report.get("pixel_metrics_without"):
         Console().print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
     at = report.get("at_threshold")

@@ -158,18 +158,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         if not text and any("clip_" in n for n in head.feature_names):
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
-    scorer = kex = None
     ex = Extractor(run=run, text=text, skip_bad=skip_bad)
-    if knn is not None:
-        from .downstream import KNNScorer
-        scorer = KNNScorer.load(knn)
-        if _is_plain(scorer.source) and _same_plain_backbone(scorer.source, ex):
-            ex.patches = "source"   # the run's frozen source teacher is that backbone: its patches, same pass
-        elif _is_plain(scorer.source):
-            kex = _plain_knn_extractor(scorer.source, Path(knn) / "knn.json", skip_bad)
-        else:
-            ex.patches = True
-            _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
+    scorer, kex = knn_setup(knn, ex, skip_bad) if knn is not None else (None, None)
     for hd, head in loaded.items():
         _check_built_from(head.source, Path(hd) / "head.json", ex, "head")
     if split_csv:
@@ -231,6 +221,22 @@ def _abs(path) -> str:
 def _paths_sha(paths) -> str:
     import hashlib
     return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
+
+
+def knn_setup(knn, ex, skip_bad: bool = False):
+    """(scorer, kex) for the kNN index folder ``knn`` beside the run extractor ``ex``: an index over the run's
+    adapted patches (checked to be this run's) sets ``ex.patches``; one over plain backbone patches uses the
+    run's source teacher when it is that backbone, else ``kex``, an extractor of that backbone's patches."""
+    from .downstream import KNNScorer
+    scorer, kex = KNNScorer.load(knn), None
+    if _is_plain(scorer.source) and _same_plain_backbone(scorer.source, ex):
+        ex.patches = "source"   # the run's frozen source teacher is that backbone: its patches, same pass
+    elif _is_plain(scorer.source):
+        kex = _plain_knn_extractor(scorer.source, Path(knn) / "knn.json", skip_bad)
+    else:
+        ex.patches = True
+        _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
+    return scorer, kex
 
 
 def _is_plain(source) -> bool:
