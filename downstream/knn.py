@@ -42,6 +42,14 @@ def _flat(vectors, what):
     raise BadInputError(f"{what} must be (n_images, h*w, d) or (n, d), got shape {v.shape}")
 
 
+def upsample_scores(scores, grid_hw, out_size) -> np.ndarray:
+    """(n, h*w) patch scores → (n, H, W) float32 maps, bilinear from the patch grid (PatchCore's map)."""
+    h, w = map(int, grid_hw)
+    size = (int(out_size), int(out_size)) if np.isscalar(out_size) else tuple(map(int, out_size))
+    return F.interpolate(torch.from_numpy(np.asarray(scores, dtype=np.float32)).view(-1, 1, h, w), size=size,
+                         mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
 class KNNScorer:
     """Memory bank of normal patches + faiss index; ``fit`` then ``score_patches`` / ``score_maps``.
 
@@ -86,9 +94,7 @@ class KNNScorer:
         if s.ndim != 2 or s.shape[1] != h * w:
             raise BadInputError(f"test patches have shape {s.shape} scores, expected (n, {h}*{w})",
                                 fix="pass grid_hw matching the exported patch grid")
-        size = (int(out_size), int(out_size)) if np.isscalar(out_size) else tuple(map(int, out_size))
-        maps = F.interpolate(torch.from_numpy(s.astype(np.float32)).view(-1, 1, h, w), size=size,
-                             mode="bilinear", align_corners=False)[:, 0].numpy()
+        maps = upsample_scores(s, (h, w), out_size)
         return maps, maps.reshape(len(maps), -1).max(1)
 
     def save(self, directory, source: dict | None = None) -> Path:

@@ -317,5 +317,15 @@ def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch
         got = np.array([float(r[key]) for r in test])
         np.testing.assert_allclose(got, [rows[r["path"]][key] for r in test], rtol=1e-4, atol=1e-5)
         assert rep["scorers"][name]["image_auroc"] == pytest.approx(metrics.image_auroc(y, got))
+    # the kNN map's pixel metrics: patch distances upsampled to the image size, against the test masks
+    from uninet_feat.data.dataset import ImageDataset
+    test_s = [next(s for s in samples if str(s.path) == r["path"]) for r in test]
+    kmaps, _ = KNNScorer.load(knn).score_maps(
+        Extractor(backbone="tiny", weights=str(weights), image_size=64, patches=True).extract(test_s)["patches"]
+        .astype(np.float32), (8, 8), (64, 64))
+    ds = ImageDataset(test_s, image_size=64)
+    masks = [ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))]
+    assert rep["scorers"]["knn"]["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, list(kmaps)), rel=1e-3)
+    assert "pixel_auroc" not in rep["scorers"]["combined"]
     with pytest.raises(BadInputError, match="--checkpoint"):
         evaluate(run, knn=knn, checkpoint=run / "checkpoint.pt", quiet=True)

@@ -177,7 +177,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
              "flagged": int(threshold is not None and sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if knn is not None:
-        report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, skip_bad)
+        report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, res, skip_bad)
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:
@@ -190,21 +190,34 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     return report
 
 
-def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, skip_bad: bool) -> dict:
-    """kNN image scores of the test images (the index's own feature space, as predict makes them) and the
-    combined score; their image metrics, and ``knn_score`` / ``combined_score`` added to ``rows``."""
+def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip_bad: bool) -> dict:
+    """kNN scores of the test images (the index's own feature space, as predict makes them) and the combined
+    score: their image metrics, the kNN map's pixel metrics when masks exist and images are not tiled (the
+    patch-grid distances upsampled to the WDM map's size), and ``knn_score`` / ``combined_score`` in ``rows``."""
     from .extract import Extractor
-    from .workflows import _combine, _knn_image_scores, knn_setup
+    from .workflows import _combine, knn_setup
     ex = Extractor(run=run, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad)
-    knn_of = _knn_image_scores(scorer, kex or ex, test)
-    scored = [{"wdm_score": float(w), "knn_score": knn_of[str(s.path)]} for s, w in zip(test, wdm)]
+    r = (kex or ex).extract(test)
+    patches = r["patches"].astype(np.float32)
+    patch_scores = scorer.score_patches(patches)
+    item_scores = patch_scores.max(1)   # as predict: the highest patch score
+    kmaps = None
+    if res.get("maps") is not None and not (kex or ex).cfg.get("tile"):
+        from .downstream.knn import upsample_scores
+        h = int(round(np.sqrt(patches.shape[1])))
+        kmaps = upsample_scores(patch_scores, (h, patches.shape[1] // h), res["maps"][0].shape)
+    per_image = np.full(len(test), -np.inf)
+    np.maximum.at(per_image, np.asarray(r["index"]), item_scores)   # tiled: an image's highest tile
+    scored = [{"wdm_score": float(w), "knn_score": float(k)} for w, k in zip(wdm, per_image)]
     extra = _combine(scored, run, cfg, scorer, kex or ex)
     out = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone"}
     for name in ("knn_score", "combined_score"):
         if name in scored[0]:
-            v = np.array([r[name] for r in scored])
-            out[name.replace("_score", "")] = _metrics(labels, v, {}, False)
+            v = np.array([x[name] for x in scored])
+            pix = ({"maps": [kmaps[i] for i in np.argsort(r["index"])], "masks": res["masks"],
+                    "pixel_ok": res.get("pixel_ok")} if name == "knn_score" and kmaps is not None else {})
+            out[name.replace("_score", "")] = _metrics(labels, v, pix, bool(pix))
             for row, x in zip(rows, v):
                 row[name] = f"{x:.6g}"
     return {**out, **extra}
@@ -326,8 +339,9 @@ def print_report(report: dict) -> None:
     sc = report.get("scorers") or {}
     for name in ("knn", "combined"):
         if "image_auroc" in sc.get(name, {}):
-            Console().print(f"{name} ({sc['knn_features']} features): image_auroc {sc[name]['image_auroc']:.4f}, "
-                            f"image_ap {sc[name]['image_ap']:.4f}, f1_max {sc[name]['f1_max']:.4f}")
+            Console().print(f"{name} ({sc['knn_features']} features): " + ", ".join(
+                f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max")
+                if k in sc[name]))
     if report.get("pixel_metrics_without"):
         Console().print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
     at = report.get("at_threshold")
