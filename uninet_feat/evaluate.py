@@ -195,20 +195,15 @@ def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip
     score: their image metrics, the kNN map's pixel metrics when masks exist and images are not tiled (the
     patch-grid distances upsampled to the WDM map's size), and ``knn_score`` / ``combined_score`` in ``rows``."""
     from .extract import Extractor
-    from .workflows import _combine, knn_setup
+    from .workflows import _combine, knn_scores, knn_setup
     ex = Extractor(run=run, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad)
-    r = (kex or ex).extract(test)
-    patches = r["patches"].astype(np.float32)
-    patch_scores = scorer.score_patches(patches)
-    item_scores = patch_scores.max(1)   # as predict: the highest patch score
+    per_image, patch_scores, r = knn_scores(scorer, kex or ex, test)   # as predict: the highest patch score
     kmaps = None
     if res.get("maps") is not None and not (kex or ex).cfg.get("tile"):
         from .downstream.knn import upsample_scores
-        h = int(round(np.sqrt(patches.shape[1])))
-        kmaps = upsample_scores(patch_scores, (h, patches.shape[1] // h), res["maps"][0].shape)
-    per_image = np.full(len(test), -np.inf)
-    np.maximum.at(per_image, np.asarray(r["index"]), item_scores)   # tiled: an image's highest tile
+        h = int(round(np.sqrt(patch_scores.shape[1])))
+        kmaps = upsample_scores(patch_scores, (h, patch_scores.shape[1] // h), res["maps"][0].shape)
     scored = [{"wdm_score": float(w), "knn_score": float(k)} for w, k in zip(wdm, per_image)]
     extra = _combine(scored, run, cfg, scorer, kex or ex)
     out = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone"}

@@ -177,9 +177,10 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                      "flagged": bool(threshold is not None and np.max(res["scores"][idx]) > threshold)})
     summary_extra = {}
     if scorer is not None:
-        knn_of = _knn_image_scores(scorer, kex or ex, samples, res if kex is None else None)
+        knn_of = dict(zip((str(x.path) for x in samples),
+                          knn_scores(scorer, kex or ex, samples, res if kex is None else None)[0]))
         for row in rows:
-            row["knn_score"] = knn_of.get(row["path"], float("nan"))
+            row["knn_score"] = float(knn_of[row["path"]])
         summary_extra = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone",
                          **_combine(rows, run, ex.cfg, scorer, kex or ex)}
     for hd, head in loaded.items():
@@ -266,16 +267,15 @@ def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
                      skip_bad=skip_bad)
 
 
-def _knn_image_scores(scorer, kex, samples, res=None) -> dict:
-    """{image path: kNN image score}: the highest patch score over the image's tiles. ``res``: an extraction
-    with patches already made (the run's own pass); else ``kex`` extracts them."""
+def knn_scores(scorer, kex, samples, res=None):
+    """(image scores, patch scores, extraction): each sample's kNN score in ``samples`` order — the highest
+    patch score over its tiles, NaN for an image the extraction skipped — and the (n_items, h*w) patch scores
+    of ``res`` (an extraction with patches already made, the run's own pass) or of ``kex.extract(samples)``."""
     res = res if res is not None else kex.extract(samples)
-    ks = scorer.score_patches(res["patches"].astype(np.float32)).max(1)
-    out = {}
-    for i, k in zip(res["index"], ks):
-        p = str(samples[int(i)].path)
-        out[p] = max(out.get(p, -np.inf), float(k))
-    return out
+    patch_scores = scorer.score_patches(res["patches"].astype(np.float32))
+    per_image = np.full(len(samples), np.nan)
+    np.fmax.at(per_image, np.asarray(res["index"]), patch_scores.max(1))
+    return per_image, patch_scores, res
 
 
 def _combine(rows, run, cfg: dict, scorer, kex) -> dict:
@@ -299,7 +299,8 @@ def _combine(rows, run, cfg: dict, scorer, kex) -> dict:
         warnings.warn(f"no combined score: this kNN index was not built with the validation normals of {run} "
                       f"held out (their kNN scores would be 0); rebuild it with `uninet-feat index --run {run} ...`")
         return {}
-    kv = np.asarray(list(_knn_image_scores(scorer, kex, val).values()), dtype=np.float64)
+    kv = knn_scores(scorer, kex, val)[0]
+    kv = kv[np.isfinite(kv)]   # a validation normal the extraction skipped has no score
     z = lambda v, ref: (v - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
     for r in rows:
         r["combined_score"] = float(z(r["knn_score"], kv) + z(r["wdm_score"], wv))
