@@ -28,6 +28,9 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem", choices=["official", "multiscale"])
     p.add_argument("--dfs", choices=["learned", "fixed", "off"])
     p.add_argument("--temperature", "-T", type=float)
+    p.add_argument("--width", type=float,
+                   help="inner width of the bottleneck and the student, x the official sizing from the backbone "
+                        "(default 1)")
     p.add_argument("--select", choices=["last", "synthetic"],
                    help="which epoch becomes model.pt: the last (fixed schedule, default) or the one that best "
                         "separates the validation normals from synthetic defects made from them (no labels)")
@@ -61,7 +64,7 @@ def _skip_bad_flag(p) -> None:
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
-               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "select", "val_every",
+               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "width", "select", "val_every",
                "keep_every", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
 
 

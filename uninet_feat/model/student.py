@@ -41,8 +41,9 @@ class DecoderBlock(nn.Module):
 
 class StudentDecoder(nn.Module):
     def __init__(self, channels, strides, in_channels: int, in_stride: int, depths=(3, 4, 6),
-                 out_relu=None):
-        """``out_relu[i]``: whether level i (fine → coarse) ends in a ReLU; default all True (RD4AD)."""
+                 out_relu=None, width_mult: float = 1.0):
+        """``out_relu[i]``: whether level i (fine → coarse) ends in a ReLU; default all True (RD4AD).
+        ``width_mult`` scales the blocks' inner width (official: half the stage's output channels)."""
         super().__init__()
         channels, strides = tuple(channels), tuple(strides)
         out_relu = tuple(out_relu) if out_relu is not None else (True,) * len(channels)
@@ -53,7 +54,7 @@ class StudentDecoder(nn.Module):
             up = s // sout
             if up * sout != s:
                 raise ValueError(f"stride {s} is not a multiple of {sout}")
-            width = max(cout // 2, 16)
+            width = max(round(width_mult * (cout // 2)), 16)
             blocks = [DecoderBlock(c if i == 0 else cout, cout, width, up if i == 0 else 1, relu or i < depth - 1)
                       for i in range(depth)]
             stages.append(nn.Sequential(*blocks))

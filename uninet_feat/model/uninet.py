@@ -32,6 +32,7 @@ DEFAULTS = {
     "alpha": 0.01, "beta": 3e-5,  # WDM
     "pixel_map": "smoothed",    # pixel output: "smoothed" (the σ=4 map the WDM scores) or "raw" (official, unsmoothed)
     "decoder_depths": (3, 4, 6),
+    "width": 1.0,               # inner width of the bottleneck's MEM and the student's blocks, × the official sizing
     "stop_grad": False,         # detach teacher features inside the loss
     "student_relu": "auto",     # end student levels in a ReLU: "auto" (iff the teacher level is ≥ 0), a bool, or one per level
 }
@@ -81,7 +82,12 @@ class UniNet(nn.Module):
         self.target = copy.deepcopy(backbone)
         for p in self.source.parameters():
             p.requires_grad_(False)
-        self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"])
+        w = float(self.cfg["width"])
+        if not w > 0:
+            raise ValueError(f"width must be > 0, got {w}")
+        scaled = {} if w == 1 else {"width": max(8, round(w * channels[-1])),
+                                    "out_channels": max(8, round(2 * w * channels[-1]))}
+        self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"], **scaled)
         relu = self.cfg["student_relu"]
         if relu == "auto":
             relu = nonnegative_levels(backbone)
@@ -90,7 +96,7 @@ class UniNet(nn.Module):
             raise ValueError(f"student_relu needs one entry per level {channels}, got {relu}")
         self.cfg["student_relu"] = relu   # resolved, so a checkpoint rebuilds the same network
         self.student = StudentDecoder(channels, strides, self.bottleneck.out_channels,
-                                      self.bottleneck.out_stride, tuple(self.cfg["decoder_depths"]), relu)
+                                      self.bottleneck.out_stride, tuple(self.cfg["decoder_depths"]), relu, w)
         self.dfs = DFS(channels, self.cfg["dfs"])
         for m in list(self.bottleneck.modules()) + list(self.student.modules()):
             if isinstance(m, nn.Conv2d):
