@@ -30,6 +30,7 @@ from uninet_feat.downstream import KNNScorer, search
 from uninet_feat.downstream.index import is_gpu_index
 from uninet_feat.extract import Extractor
 from uninet_feat.runs import load_samples, train_val_samples
+from uninet_feat.scorers import per_sample_max, zscore
 
 
 def _eval(labels, scores, masks, maps, test) -> dict:
@@ -45,18 +46,6 @@ def _eval(labels, scores, masks, maps, test) -> dict:
         res = {"maps": maps, "masks": masks} if has_masks else {}
         out["per_label"] = per_label_metrics(test, labels, np.asarray(scores), res, has_masks, defect_labels)
     return out
-
-
-def _per_image(item_scores, index, n: int) -> np.ndarray:
-    """Tiled runs: an image's score is its highest tile score (as `evaluate` with tile_score max)."""
-    out = np.full(n, -np.inf)
-    np.maximum.at(out, np.asarray(index), np.asarray(item_scores, dtype=np.float64))
-    return out
-
-
-def _z(v, ref):
-    """Standardise ``v`` by the validation normals ``ref`` (no test label involved)."""
-    return (v - ref.mean()) / (ref.std() + 1e-12)
 
 
 def _wdm_maps(ex, samples, image_size: int) -> np.ndarray:
@@ -135,8 +124,8 @@ def main(argv=None) -> dict:
         va = kex.extract(val)
         vkmaps, vk = knn.score_maps(va["patches"].astype(np.float32), (hw, hw), size)
         vwmaps = _wdm_maps(ex, val, a.image_size)
-        comb_scores = _z(kscores, vk) + _z(wscores, run_out(val, va)["scores"])
-        comb_maps = _z(kmaps, vkmaps) + _z(wmaps, vwmaps)
+        comb_scores = zscore(kscores, vk) + zscore(wscores, run_out(val, va)["scores"])
+        comb_maps = zscore(kmaps, vkmaps) + zscore(wmaps, vwmaps)
         res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps, test),
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
         per_image.update(wdm=wscores, combined=comb_scores)
@@ -171,7 +160,7 @@ def _tiled(a, ex, kex, knn, te, test, val, t_fit, run_out) -> dict:
     n, labels = len(test), np.array([0 if s.is_normal else 1 for s in test])
 
     def knn_images(out, n):
-        return _per_image(knn.score_patches(out["patches"].astype(np.float32)).max(1), out["index"], n)
+        return per_sample_max(knn.score_patches(out["patches"].astype(np.float32)).max(1), out["index"], n)
 
     ks = knn_images(te, n)
     res = {"image_size": a.image_size, "tile": ex.cfg["tile"], "coreset": a.coreset, "n_memory": int(knn.index.ntotal),
@@ -180,12 +169,12 @@ def _tiled(a, ex, kex, knn, te, test, val, t_fit, run_out) -> dict:
     per_image = {"knn": ks}
     if a.run:
         wte = run_out(test, te)
-        ws = _per_image(wte["scores"], wte["index"], n)
+        ws = per_sample_max(wte["scores"], wte["index"], n)
         res["wdm"] = _eval(labels, ws, None, None, test)
         va = kex.extract(val)
         wva = run_out(val, va)
-        vk, vw = knn_images(va, len(val)), _per_image(wva["scores"], wva["index"], len(val))
-        comb = _z(ks, vk) + _z(ws, vw)
+        vk, vw = knn_images(va, len(val)), per_sample_max(wva["scores"], wva["index"], len(val))
+        comb = zscore(ks, vk) + zscore(ws, vw)
         res["combined"] = {**_eval(labels, comb, None, None, test),
                            "rule": "z-score of each scorer on validation normals (image scores), summed"}
         per_image.update(wdm=ws, combined=comb)

@@ -282,7 +282,7 @@ def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch
     """When the run's frozen source teacher is the index's backbone (same config, same named weights, same
     size), predict takes the plain patches from the run's own pass: no second backbone, the same scores."""
     import torch
-    from uninet_feat import workflows
+    from uninet_feat import scorers
     from uninet_feat.backbones import create_backbone
     from uninet_feat.cli import main
     from uninet_feat.downstream import KNNScorer
@@ -297,7 +297,7 @@ def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch
     assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
                  "64", "--patches", "--out", str(f), "--quiet"]) == 0
     assert main(["index", "--features", str(f), "--coreset", "1.0", "--run", str(run), "--out", str(knn)]) == 0
-    monkeypatch.setattr(workflows, "_plain_knn_extractor", lambda *a: pytest.fail("a second backbone pass"))
+    monkeypatch.setattr(scorers, "_plain_knn_extractor", lambda *a: pytest.fail("a second backbone pass"))
     assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--no-overlays", "--quiet",
                  "--out", str(p)]) == 0
     rows = {r["path"]: r for r in json.loads((p / "predictions.json").read_text())}

@@ -64,8 +64,9 @@ def test_tiled_scores_are_the_highest_tile_and_wdm_equals_evaluate(tiled_run, tm
 
 
 def test_per_image_takes_the_max_over_an_images_items():
-    out = knn_compare._per_image([0.1, 0.9, 0.3, 0.2, -5.0], [0, 0, 1, 1, 2], 3)
-    np.testing.assert_array_equal(out, [0.9, 0.3, -5.0])
+    from uninet_feat.scorers import per_sample_max
+    out = per_sample_max([0.1, 0.9, 0.3, 0.2, -5.0], [0, 0, 1, 1, 3], 4)
+    np.testing.assert_array_equal(out, [0.9, 0.3, np.nan, -5.0])   # NaN: a sample without items (skipped)
 
 
 def test_index_kinds_share_one_memory_bank_and_flat_is_the_reference(tmp_path):

@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn", help="folder written by `index --level patch`")
     p.add_argument("--head", action="append", default=[], help="folder written by `train-head` (repeatable)")
     p.add_argument("--no-overlays", dest="overlays", action="store_false")
+    p.add_argument("--flag-by", dest="flag_by", choices=["wdm", "knn", "combined"], default="wdm",
+                   help="the score that flags images (knn / combined need --knn); its threshold comes from its own "
+                        "scores on the run's validation normals, like WDM's (default wdm)")
+    p.add_argument("--heatmap", choices=["wdm", "knn"], default="wdm",
+                   help="the map the overlays of flagged images show: WDM's, or the kNN patch distances (--knn)")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
     _threshold_args(p)
@@ -353,7 +358,8 @@ def _dispatch(args) -> int:
         else:
             res = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
                                  args.overlays, args.quiet, text=args.text, threshold=args.threshold,
-                                 max_fpr=args.max_fpr, skip_bad=args.skip_bad)
+                                 max_fpr=args.max_fpr, skip_bad=args.skip_bad, flag_by=args.flag_by,
+                                 heatmap=args.heatmap)
             res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0

@@ -171,9 +171,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         report["per_label"] = per_label_metrics(test, labels, scores, res, has_masks, defect_labels)
     report["threshold"], report["threshold_rule"] = threshold, rule
     if threshold is not None:
-        pred = scores > threshold
-        report["at_threshold"] = {"recall_defect": float(pred[labels == 1].mean()) if labels.any() else None,
-                                  "false_positive_rate": float(pred[labels == 0].mean()) if (labels == 0).any() else None}
+        report["at_threshold"] = _at_threshold(labels, scores > threshold)
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
              "flagged": int(threshold is not None and sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if knn is not None:
@@ -193,29 +191,40 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
 def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip_bad: bool) -> dict:
     """kNN scores of the test images (the index's own feature space, as predict makes them) and the combined
     score: their image metrics, the kNN map's pixel metrics when masks exist and images are not tiled (the
-    patch-grid distances upsampled to the WDM map's size), and ``knn_score`` / ``combined_score`` in ``rows``."""
+    patch-grid distances upsampled to the WDM map's size), recall and false-positive rate at each one's own
+    threshold (``max_fpr`` of, else the 0.99 quantile of, its validation-normal scores, as predict
+    ``--flag-by`` sets it), and ``knn_score`` / ``combined_score`` in ``rows``."""
     from .extract import Extractor
-    from .workflows import _combine, knn_scores, knn_setup
+    from .scorers import flag_threshold, knn_scores, knn_setup, reference
     ex = Extractor(run=run, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad)
     per_image, patch_scores, r = knn_scores(scorer, kex or ex, test)   # as predict: the highest patch score
     kmaps = None
     if res.get("maps") is not None and not (kex or ex).cfg.get("tile"):
         from .downstream.knn import upsample_scores
-        h = int(round(np.sqrt(patch_scores.shape[1])))
-        kmaps = upsample_scores(patch_scores, (h, patch_scores.shape[1] // h), res["maps"][0].shape)
-    scored = [{"wdm_score": float(w), "knn_score": float(k)} for w, k in zip(wdm, per_image)]
-    extra = _combine(scored, run, cfg, scorer, kex or ex)
+        kmaps = upsample_scores(patch_scores, r["patch_grid"], res["maps"][0].shape)
+    ref = reference(run, cfg, scorer, kex or ex, ex, paired=True)
+    scored = {"knn_score": per_image}
     out = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone"}
-    for name in ("knn_score", "combined_score"):
-        if name in scored[0]:
-            v = np.array([x[name] for x in scored])
-            pix = ({"maps": [kmaps[i] for i in np.argsort(r["index"])], "masks": res["masks"],
-                    "pixel_ok": res.get("pixel_ok")} if name == "knn_score" and kmaps is not None else {})
-            out[name.replace("_score", "")] = _metrics(labels, v, pix, bool(pix))
-            for row, x in zip(rows, v):
-                row[name] = f"{x:.6g}"
-    return {**out, **extra}
+    if ref is not None:
+        scored["combined_score"] = ref.combine(per_image, wdm)
+        out["combined_rule"] = f"z-score of the kNN and of the WDM score on the run's {ref.n} validation normals, summed"
+    for name, v in scored.items():
+        key = name.replace("_score", "")
+        pix = ({"maps": [kmaps[i] for i in np.argsort(r["index"])], "masks": res["masks"],
+                "pixel_ok": res.get("pixel_ok")} if key == "knn" and kmaps is not None else {})
+        out[key] = _metrics(labels, v, pix, bool(pix))
+        if ref is not None:
+            t, rule = flag_threshold(key, ref, max_fpr=cfg.get("max_fpr"))
+            out[key].update(threshold=t, threshold_rule=rule, at_threshold=_at_threshold(labels, v > t))
+        for row, x in zip(rows, v):
+            row[name] = f"{x:.6g}"
+    return out
+
+
+def _at_threshold(labels, pred) -> dict:
+    return {"recall_defect": float(pred[labels == 1].mean()) if labels.any() else None,
+            "false_positive_rate": float(pred[labels == 0].mean()) if (labels == 0).any() else None}
 
 
 def _checkpoint_calibration(model, cfg: dict, checkpoint) -> dict:
@@ -332,15 +341,18 @@ def print_report(report: dict) -> None:
         table.add_row(name, *[f"{r[k]:.4f}" if k in r else "-" for k in keys])
     Console().print(table)
     sc = report.get("scorers") or {}
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name in ("knn", "combined"):
         if "image_auroc" in sc.get(name, {}):
+            at = sc[name].get("at_threshold")
             Console().print(f"{name} ({sc['knn_features']} features): " + ", ".join(
                 f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max")
-                if k in sc[name]))
+                if k in sc[name]) + (f"; at its threshold {sc[name]['threshold']:.4g}: defect recall "
+                                     f"{fmt(at['recall_defect'])}, false-positive rate "
+                                     f"{fmt(at['false_positive_rate'])}" if at else ""))
     if report.get("pixel_metrics_without"):
         Console().print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
     at = report.get("at_threshold")
     if at:
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         Console().print(f"threshold {report['threshold']:.6g} ({report['threshold_rule']}): defect recall "
                         f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")

@@ -123,6 +123,7 @@ class Extractor:
                                else np.full(len(v), np.nan, np.float32))}
             if self.patches:
                 cols["patches"] = r["patches"].to(torch.float16).numpy()
+                out["patch_grid"] = tuple(r["patch_grid"])
             for key, a in cols.items():   # float32 vectors/scores, float16 patches, int64 tile/index
                 if key not in out:
                     out[key] = np.empty((len(indices),) + a.shape[1:], a.dtype)

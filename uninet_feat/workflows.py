@@ -9,6 +9,7 @@ import numpy as np
 from .errors import BadInputError
 from .featstore import FeatureStore, aggregate_tiles
 from .io import atomic_write_csv, atomic_write_text
+from .scorers import abs_path, paths_sha
 
 
 def _samples(data, split_csv=None, group=None, split_hash=None):
@@ -74,7 +75,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=N
             import warnings
             warnings.warn(f"cannot hold out the validation normals of {run} ({e}); predict will give no combined score")
             run, held_out = None, set()
-        normal = np.array([it["is_normal"] and it["split"] in ("train", "") and _abs(it["path"]) not in held_out
+        normal = np.array([it["is_normal"] and it["split"] in ("train", "") and abs_path(it["path"]) not in held_out
                            for it in store.items])
         if not normal.any():
             raise BadInputError("no normal training images in these features", path=features,
@@ -83,8 +84,8 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=N
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset).fit(patches)
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
-        held = {"run": str(run), "paths_sha256": _paths_sha(held_out),
-                "n": len(held_out & {_abs(it["path"]) for it in store.items})} if run else None
+        held = {"run": str(run), "paths_sha256": paths_sha(held_out),
+                "n": len(held_out & {abs_path(it["path"]) for it in store.items})} if run else None
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held})
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
@@ -139,7 +140,7 @@ def _json_default(o):
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
-                text=None, threshold=None, max_fpr=None, skip_bad=False) -> dict:
+                text=None, threshold=None, max_fpr=None, skip_bad=False, flag_by="wdm", heatmap="wdm") -> dict:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
@@ -147,12 +148,24 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     ``data`` is a folder (every image under it; a labelled layout keeps its labels, anything else is
     scored with label ``''``, unknown) or one image file.
 
-    An image is flagged when its WDM score is above the threshold ``calibration.resolve_threshold`` picks
-    (``threshold`` as given, ``max_fpr`` on the validation normals, else the run's default)."""
-    from .calibration import resolve_threshold
+    An image is flagged when its ``flag_by`` score (``wdm``, or with ``knn``: ``knn`` / ``combined``) is
+    above the threshold chosen on that score: ``threshold`` as given, ``max_fpr`` on the run's validation
+    normals, else their 0.99 quantile (WDM: the run's calibrated default). ``heatmap``: the map drawn in
+    the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances."""
+    from .calibration import check_threshold_flags, resolve_threshold
     from .downstream import Head
     from .extract import Extractor
-    threshold, rule = resolve_threshold(run, threshold, max_fpr)   # bad flags fail before any scoring
+    from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
+    if flag_by not in SCORES or heatmap not in ("wdm", "knn"):
+        raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
+                            fix=f"--flag-by one of {', '.join(SCORES)}; --heatmap wdm or knn")
+    if knn is None and (flag_by != "wdm" or heatmap == "knn"):
+        raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need a kNN index",
+                            fix="pass --knn DIR (built by `uninet-feat index`)")
+    if flag_by == "wdm":
+        threshold, rule = resolve_threshold(run, threshold, max_fpr)   # bad flags fail before any scoring
+    else:
+        check_threshold_flags(threshold, max_fpr)
     loaded = {hd: Head.load(hd) for hd in heads}
     for hd, head in loaded.items():
         if not text and any("clip_" in n for n in head.feature_names):
@@ -161,7 +174,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     ex = Extractor(run=run, text=text, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad) if knn is not None else (None, None)
     for hd, head in loaded.items():
-        _check_built_from(head.source, Path(hd) / "head.json", ex, "head")
+        check_built_from(head.source, Path(hd) / "head.json", ex, "head")
     if split_csv:
         samples = _samples(data, split_csv)
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
@@ -170,19 +183,25 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
-    rows = []
-    for (path, idx), x in zip(order, X):
-        s = samples[int(res["index"][idx[0]])]
-        rows.append({"path": path, "label": s.label, "wdm_score": float(np.max(res["scores"][idx])),
-                     "flagged": bool(threshold is not None and np.max(res["scores"][idx]) > threshold)})
-    summary_extra = {}
+    rows = [{"path": path, "label": samples[int(res["index"][idx[0]])].label,
+             "wdm_score": float(np.max(res["scores"][idx]))} for path, idx in order]
+    summary_extra, ref = {}, None
     if scorer is not None:
-        knn_of = dict(zip((str(x.path) for x in samples),
-                          knn_scores(scorer, kex or ex, samples, res if kex is None else None)[0]))
+        per_image, patch_scores, kres = knn_scores(scorer, kex or ex, samples, res if kex is None else None)
+        knn_of = dict(zip((str(x.path) for x in samples), per_image))
         for row in rows:
             row["knn_score"] = float(knn_of[row["path"]])
-        summary_extra = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone",
-                         **_combine(rows, run, ex.cfg, scorer, kex or ex)}
+        summary_extra = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone"}
+        ref = reference(run, ex.cfg, scorer, kex or ex, ex, paired=flag_by == "combined")
+        if ref is not None:
+            for r, c in zip(rows, ref.combine([r["knn_score"] for r in rows], [r["wdm_score"] for r in rows])):
+                r["combined_score"] = float(c)
+            summary_extra["combined_rule"] = (f"z-score of the kNN and of the WDM score on the run's {ref.n} "
+                                              f"validation normals, summed")
+    if flag_by != "wdm":
+        threshold, rule = flag_threshold(flag_by, ref, threshold, max_fpr)
+    for r in rows:
+        r["flagged"] = bool(threshold is not None and r[f"{flag_by}_score"] > threshold)
     for hd, head in loaded.items():
         proba = head.predict_proba(X)
         pred = head.predict(X)
@@ -194,13 +213,17 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
-    summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "threshold": threshold,
-               "threshold_rule": rule, "skipped": res["skipped"], **summary_extra}
+    summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "flag_by": flag_by,
+               "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap, "skipped": res["skipped"],
+               **summary_extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         for r in rows:
             r["overlay"] = ""
-        _write_overlays(ex, samples, rows, out / "overlays", root=Path(data))
+        if heatmap == "knn":
+            _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", root=Path(data))
+        else:
+            _write_overlays(ex, samples, rows, out / "overlays", root=Path(data))
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     return {**summary, "rows": rows}
@@ -211,120 +234,7 @@ def _validation_paths(run) -> set:
     from .calibration import validation_normals
     from .checkpoint import read_checkpoint
     from .runs import run_path
-    return {_abs(s.path) for s in validation_normals(dict(read_checkpoint(run_path(run, "model.pt"))["config"]))}
-
-
-def _abs(path) -> str:
-    """One spelling per file (a run may have saved a relative --data, a store an absolute one)."""
-    return str(Path(path).absolute().resolve())
-
-
-def _paths_sha(paths) -> str:
-    import hashlib
-    return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
-
-
-def knn_setup(knn, ex, skip_bad: bool = False):
-    """(scorer, kex) for the kNN index folder ``knn`` beside the run extractor ``ex``: an index over the run's
-    adapted patches (checked to be this run's) sets ``ex.patches``; one over plain backbone patches uses the
-    run's source teacher when it is that backbone, else ``kex``, an extractor of that backbone's patches."""
-    from .downstream import KNNScorer
-    scorer, kex = KNNScorer.load(knn), None
-    if _is_plain(scorer.source) and _same_plain_backbone(scorer.source, ex):
-        ex.patches = "source"   # the run's frozen source teacher is that backbone: its patches, same pass
-    elif _is_plain(scorer.source):
-        kex = _plain_knn_extractor(scorer.source, Path(knn) / "knn.json", skip_bad)
-    else:
-        ex.patches = True
-        _check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
-    return scorer, kex
-
-
-def _is_plain(source) -> bool:
-    """An index over plain backbone patches (extract without --run: the PatchCore-style baseline)."""
-    return isinstance(source, dict) and source.get("run") is None and "backbone" in source
-
-
-def _same_plain_backbone(source, ex) -> bool:
-    """Whether the run's source teacher is the index's backbone (same configuration and named weights — a
-    random init is never the same twice) at the same input size and tiling."""
-    settings, cfg = source.get("settings") or {}, ex.cfg
-    return (source["backbone"] == ex.backbone.config()
-            and str(source.get("weights")) == str(cfg.get("weights")) and str(cfg.get("weights")) != "random"
-            and settings.get("image_size") == cfg.get("image_size")
-            and (settings.get("tile") or None) == (cfg.get("tile") or None))
-
-
-def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
-    """The extractor that makes query patches matching an index over plain backbone patches."""
-    from .extract import Extractor
-    settings = source.get("settings")
-    if not settings:
-        raise BadInputError("this plain-feature index records no image size / tiling", path=meta_path,
-                            fix="rebuild it with `uninet-feat index` from its feature store")
-    return Extractor(backbone=source["backbone"]["name"], weights=source.get("weights", "imagenet"),
-                     image_size=settings["image_size"], tile=settings.get("tile") or 0, patches=True,
-                     skip_bad=skip_bad)
-
-
-def knn_scores(scorer, kex, samples, res=None):
-    """(image scores, patch scores, extraction): each sample's kNN score in ``samples`` order — the highest
-    patch score over its tiles, NaN for an image the extraction skipped — and the (n_items, h*w) patch scores
-    of ``res`` (an extraction with patches already made, the run's own pass) or of ``kex.extract(samples)``."""
-    res = res if res is not None else kex.extract(samples)
-    patch_scores = scorer.score_patches(res["patches"].astype(np.float32))
-    per_image = np.full(len(samples), np.nan)
-    np.fmax.at(per_image, np.asarray(res["index"]), patch_scores.max(1))
-    return per_image, patch_scores, res
-
-
-def _combine(rows, run, cfg: dict, scorer, kex) -> dict:
-    """``combined_score`` = the kNN and WDM scores each standardised by its scores on the run's validation
-    normals (never test labels), summed — the rule `benchmarks.knn_compare` measures. Skipped, with a
-    warning, when the run's validation normals or their calibrated WDM scores are not at hand."""
-    import warnings
-    from .calibration import validation_normals
-    try:
-        wv = np.asarray(json.loads((Path(run) / "calibration.json").read_text())["val_scores"], dtype=np.float64)
-        val = validation_normals(cfg)
-    except (OSError, KeyError, ValueError, BadInputError) as e:
-        warnings.warn(f"no combined score: the run's validation normals are not available ({e}); "
-                      f"run `uninet-feat calibrate --run {run}` (with --data where the data is now)")
-        return {}
-    if len(val) < 2 or len(wv) < 2:
-        warnings.warn(f"no combined score: the run has {len(val)} validation normal(s), too few to standardise by")
-        return {}
-    held = (scorer.source or {}).get("held_out_val") or {}
-    if held.get("paths_sha256") != _paths_sha(_abs(s.path) for s in val):
-        warnings.warn(f"no combined score: this kNN index was not built with the validation normals of {run} "
-                      f"held out (their kNN scores would be 0); rebuild it with `uninet-feat index --run {run} ...`")
-        return {}
-    kv = knn_scores(scorer, kex, val)[0]
-    kv = kv[np.isfinite(kv)]   # a validation normal the extraction skipped has no score
-    z = lambda v, ref: (v - ref.mean()) / (ref.std() + 1e-12)  # noqa: E731
-    for r in rows:
-        r["combined_score"] = float(z(r["knn_score"], kv) + z(r["wdm_score"], wv))
-    return {"combined_rule": f"z-score of the kNN and of the WDM score on the run's {len(val)} validation "
-                             f"normals, summed (flags still follow the WDM threshold)"}
-
-
-def _check_built_from(source, meta_path: Path, ex, what: str) -> None:
-    """Refuse a kNN index or head built from features of another model than the run predict scores with:
-    its scores would be silently wrong. Files saved before the source was recorded are only warned about."""
-    model = ex.run_dir / "model.pt"
-    if source is None:
-        import warnings
-        warnings.warn(f"{meta_path}: records no source model, so it cannot be checked against {model}; "
-                      f"rebuild the {what} from features of this run to have it checked")
-        return
-    if source.get("model_sha256") != ex.source["model_sha256"]:
-        built = (f"features of {source.get('run')}/model.pt (sha256 {str(source.get('model_sha256'))[:12]})"
-                 if source.get("run") else "plain backbone features (no run)")
-        raise BadInputError(f"this {what} was built from {built}, not from {model} "
-                            f"(sha256 {ex.source['model_sha256'][:12]})", path=meta_path,
-                            fix=f"rebuild the {what} from features of this run: `uninet-feat extract --run "
-                                f"{ex.run_dir}{' --patches' if what == 'index' else ''} --out F`, then "
-                                f"`uninet-feat {'index' if what == 'index' else 'train-head'} --features F`")
+    return {abs_path(s.path) for s in validation_normals(dict(read_checkpoint(run_path(run, "model.pt"))["config"]))}
 
 
 def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
@@ -354,6 +264,20 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
     vmin, vmax = display_range(ex.run_dir, res["maps"], pm)
     for s, m in zip(res["samples"], res["maps"]):
         write(s, m, vmin, vmax)
+
+
+def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, root=None) -> None:
+    """Overlays of flagged images' kNN maps (`scorers.knn_map`, native size, tiles stitched), coloured on the
+    validation normals' patch-score range (median .. 0.999 quantile), else 0 .. the largest flagged score."""
+    from .overlay import heatmap_overlay
+    from .scorers import knn_map
+    pos = {str(s.path): i for i, s in enumerate(samples)}
+    flagged = [r for r in rows if r["flagged"]]
+    names = _overlay_names([r["path"] for r in flagged], root)
+    lo, hi = ref.knn_range if ref is not None else (0.0, max(max(r["knn_score"] for r in flagged), 1e-6))
+    for r in flagged:
+        r["overlay"] = str(folder / names[r["path"]])
+        heatmap_overlay(r["path"], knn_map(patch_scores, kres, pos[r["path"]]), r["overlay"], vmin=lo, vmax=hi)
 
 
 def _overlay_names(paths, root=None) -> dict:

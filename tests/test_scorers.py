@@ -1,0 +1,141 @@
+"""The kNN and combined scorers beside WDM: flagging by them, their thresholds, the kNN heatmap."""
+import json
+
+import numpy as np
+import pytest
+
+from uninet_feat.cli import main
+from uninet_feat.config import load_config
+from uninet_feat.errors import BadInputError
+from uninet_feat.extract import Extractor
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A run with 5 validation normals and a plain-feature index that holds them out."""
+    import torch
+    from uninet_feat.backbones import create_backbone
+    root = tmp_path_factory.mktemp("sc")
+    data = write_texture_set(root / "data", n_train=10, n_good=3, n_bad=4)
+    weights = root / "tiny.pt"
+    torch.save(create_backbone("tiny", weights="random").state_dict(), weights)
+    run = root / "run"
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": str(weights), "image_size": 64,
+                                                       "epochs": 1, "batch_size": 2, "channels_last": False,
+                                                       "val_fraction": 0.5}), run, quiet=True)
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
+                 "64", "--patches", "--out", str(root / "f"), "--quiet"]) == 0
+    assert main(["index", "--features", str(root / "f"), "--coreset", "1.0", "--run", str(run),
+                 "--out", str(root / "knn")]) == 0
+    return data, run, root / "knn"
+
+
+def _validation_scores(run, knn):
+    """Each validation normal's kNN, WDM and combined score, computed here from the pieces."""
+    from uninet_feat.calibration import validation_normals
+    from uninet_feat.downstream import KNNScorer
+    cfg = load_config(run / "config.yaml")
+    val = validation_normals(cfg)
+    res = Extractor(run=run, patches="source").extract(val)
+    k = KNNScorer.load(knn).score_patches(res["patches"].astype(np.float32)).max(1)
+    w = res["scores"]
+    wv = np.array(json.loads((run / "calibration.json").read_text())["val_scores"])
+    np.testing.assert_allclose(np.sort(w), wv, rtol=1e-5)   # the same model on the same images
+    z = lambda v, ref: (v - ref.mean()) / ref.std()  # noqa: E731
+    return {"knn": k, "wdm": w, "combined": z(k, k) + z(w, wv)}
+
+
+@pytest.mark.parametrize("flag_by", ["knn", "combined"])
+def test_predict_flags_by_the_knn_or_combined_score_at_its_own_validation_threshold(setup, tmp_path, flag_by):
+    data, run, knn = setup
+    val = _validation_scores(run, knn)[flag_by]
+    base = ["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--flag-by", flag_by,
+            "--no-overlays", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "p")]) == 0
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert summary["flag_by"] == flag_by and f"validation normals' {flag_by} scores" in summary["threshold_rule"]
+    assert summary["threshold"] == pytest.approx(np.quantile(val, 0.99), rel=1e-4)
+    assert [r["flagged"] for r in rows] == [r[f"{flag_by}_score"] > summary["threshold"] for r in rows]
+    assert summary["n_flagged"] == sum(r["flagged"] for r in rows)
+    # --max-fpr 0.2 of 5 validation normals: at most one above the threshold, i.e. the second highest score
+    assert main(base + ["--max-fpr", "0.2", "--out", str(tmp_path / "q")]) == 0
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["threshold"] == pytest.approx(np.sort(val)[-2], rel=1e-4)
+    assert main(base + ["--threshold=-1e9", "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["n_flagged"] == len(rows)
+
+
+def test_flag_by_knn_needs_an_index_and_valid_normals(setup, tmp_path, capsys):
+    data, run, knn = setup
+    base = ["predict", "--run", str(run), "--data", str(data), "--quiet"]
+    for extra in (["--flag-by", "knn"], ["--flag-by", "combined"], ["--heatmap", "knn"]):
+        assert main(base + extra + ["--out", str(tmp_path / "p")]) == 2
+        assert "--knn DIR" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    # an index whose bank holds the validation normals cannot z-score or threshold on them
+    assert main(["index", "--features", str(knn.parent / "f"), "--coreset", "1.0", "--out", str(tmp_path / "all")]) == 0
+    with pytest.warns(UserWarning, match="held out"):
+        assert main(base + ["--knn", str(tmp_path / "all"), "--flag-by", "knn", "--out", str(tmp_path / "p")]) == 2
+    assert "needs the run's validation normals" in capsys.readouterr().err
+
+
+def test_knn_heatmap_overlays_show_the_patch_distances_at_native_size(setup, tmp_path):
+    from PIL import Image
+    from uninet_feat.downstream import KNNScorer
+    from uninet_feat.downstream.knn import upsample_scores
+    from uninet_feat.overlay import heatmap_overlay
+    from uninet_feat.scorers import knn_map
+    data, run, knn = setup
+    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--threshold=-1e9",
+                 "--heatmap", "knn", "--quiet", "--out", str(tmp_path / "p")]) == 0
+    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["heatmap"] == "knn" and all(r["overlay"] for r in rows)
+    row = next(r for r in rows if r["label"] == "spot")   # (a training image is in the bank: distance 0)
+    res = Extractor(run=run, patches="source").extract([row["path"]])
+    s = KNNScorer.load(knn).score_patches(res["patches"].astype(np.float32))
+    m = knn_map(s, res, 0)
+    np.testing.assert_allclose(m, upsample_scores(s, res["patch_grid"], (64, 64))[0], rtol=1e-6)
+    from uninet_feat.calibration import validation_normals   # colour scale: the validation normals' patch scores
+    vres = Extractor(run=run, patches="source").extract(validation_normals(load_config(run / "config.yaml")))
+    vs = KNNScorer.load(knn).score_patches(vres["patches"].astype(np.float32)).ravel()
+    lo, hi = np.quantile(vs, 0.5), np.quantile(vs, 0.999)
+    got = np.asarray(Image.open(row["overlay"]).convert("RGB"))
+    np.testing.assert_array_equal(got, heatmap_overlay(row["path"], m, vmin=lo, vmax=hi))
+    assert not np.array_equal(got, heatmap_overlay(row["path"], m, vmin=0, vmax=float(m.max())))
+
+
+def test_knn_map_stitches_tiles_into_the_native_image():
+    from uninet_feat.downstream.knn import upsample_scores
+    from uninet_feat.scorers import knn_map
+    rng = np.random.default_rng(0)
+    s = rng.random((4, 6)).astype(np.float32)   # 4 items on a 2x3 patch grid
+    res = {"index": np.array([1, 1, 0, 1]), "patch_grid": (2, 3),
+           "tile": np.array([[0, 0, 8, 12], [0, 12, 8, 12], [0, 0, 10, 15], [0, 24, 8, 12]])}
+    m = knn_map(s, res, 1)   # three side-by-side tiles of a 8x36 strip
+    assert m.shape == (8, 36)
+    for j, x in ((0, 0), (1, 12), (3, 24)):
+        np.testing.assert_allclose(m[:, x:x + 12], upsample_scores(s[j][None], (2, 3), (8, 12))[0], rtol=1e-6)
+    np.testing.assert_allclose(knn_map(s, res, 0), upsample_scores(s[2][None], (2, 3), (10, 15))[0], rtol=1e-6)
+
+
+def test_evaluate_reports_each_scorers_operating_point(setup):
+    from uninet_feat.evaluate import evaluate
+    data, run, knn = setup
+    rep = evaluate(run, knn=knn, quiet=True)
+    val = _validation_scores(run, knn)
+    y = np.array([r["is_defect"] for r in rep["_rows"]])
+    for name in ("knn", "combined"):
+        sc = rep["scorers"][name]
+        assert sc["threshold"] == pytest.approx(np.quantile(val[name], 0.99), rel=1e-4)
+        pred = np.array([float(r[f"{name}_score"]) for r in rep["_rows"]]) > sc["threshold"]
+        assert sc["at_threshold"]["recall_defect"] == pytest.approx(pred[y == 1].mean())
+        assert sc["at_threshold"]["false_positive_rate"] == pytest.approx(pred[y == 0].mean())
+    with pytest.raises(BadInputError, match="--checkpoint"):
+        evaluate(run, knn=knn, checkpoint=run / "checkpoint.pt", quiet=True)

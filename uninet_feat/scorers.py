@@ -1,0 +1,198 @@
+"""The kNN and combined scorers beside a run's WDM, as `predict` and `evaluate --knn` use them.
+
+A kNN index (`uninet-feat index`) holds normal patches: of the run's adapted target teacher, or of a plain
+backbone (the PatchCore-style baseline). ``knn_setup`` pairs it with the run so that query patches come
+from the same feature space. Everything that turns its distances into decisions is fitted on the run's
+validation normals, never on test labels (`Reference`): the combined score standardises the kNN and WDM
+scores on them, the kNN and combined thresholds are quantiles of their scores, and the kNN heatmap's
+colour scale is their patch scores' median and 0.999 quantile, as the WDM overlays' scale is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+
+SCORES = ("wdm", "knn", "combined")
+
+
+def abs_path(path) -> str:
+    """One spelling per file (a run may have saved a relative --data, a store an absolute one)."""
+    return str(Path(path).absolute().resolve())
+
+
+def paths_sha(paths) -> str:
+    return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
+
+
+def knn_setup(knn, ex, skip_bad: bool = False):
+    """(scorer, kex) for the kNN index folder ``knn`` beside the run extractor ``ex``: an index over the run's
+    adapted patches (checked to be this run's) sets ``ex.patches``; one over plain backbone patches uses the
+    run's source teacher when it is that backbone, else ``kex``, an extractor of that backbone's patches."""
+    from .downstream import KNNScorer
+    scorer, kex = KNNScorer.load(knn), None
+    if _is_plain(scorer.source) and _same_plain_backbone(scorer.source, ex):
+        ex.patches = "source"   # the run's frozen source teacher is that backbone: its patches, same pass
+    elif _is_plain(scorer.source):
+        kex = _plain_knn_extractor(scorer.source, Path(knn) / "knn.json", skip_bad)
+    else:
+        ex.patches = True
+        check_built_from(scorer.source, Path(knn) / "knn.json", ex, "index")
+    return scorer, kex
+
+
+def _is_plain(source) -> bool:
+    """An index over plain backbone patches (extract without --run: the PatchCore-style baseline)."""
+    return isinstance(source, dict) and source.get("run") is None and "backbone" in source
+
+
+def _same_plain_backbone(source, ex) -> bool:
+    """Whether the run's source teacher is the index's backbone (same configuration and named weights — a
+    random init is never the same twice) at the same input size and tiling."""
+    settings, cfg = source.get("settings") or {}, ex.cfg
+    return (source["backbone"] == ex.backbone.config()
+            and str(source.get("weights")) == str(cfg.get("weights")) and str(cfg.get("weights")) != "random"
+            and settings.get("image_size") == cfg.get("image_size")
+            and (settings.get("tile") or None) == (cfg.get("tile") or None))
+
+
+def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
+    """The extractor that makes query patches matching an index over plain backbone patches."""
+    from .extract import Extractor
+    settings = source.get("settings")
+    if not settings:
+        raise BadInputError("this plain-feature index records no image size / tiling", path=meta_path,
+                            fix="rebuild it with `uninet-feat index` from its feature store")
+    return Extractor(backbone=source["backbone"]["name"], weights=source.get("weights", "imagenet"),
+                     image_size=settings["image_size"], tile=settings.get("tile") or 0, patches=True,
+                     skip_bad=skip_bad)
+
+
+def check_built_from(source, meta_path: Path, ex, what: str) -> None:
+    """Refuse a kNN index or head built from features of another model than the run predict scores with:
+    its scores would be silently wrong. Files saved before the source was recorded are only warned about."""
+    model = ex.run_dir / "model.pt"
+    if source is None:
+        warnings.warn(f"{meta_path}: records no source model, so it cannot be checked against {model}; "
+                      f"rebuild the {what} from features of this run to have it checked")
+        return
+    if source.get("model_sha256") != ex.source["model_sha256"]:
+        built = (f"features of {source.get('run')}/model.pt (sha256 {str(source.get('model_sha256'))[:12]})"
+                 if source.get("run") else "plain backbone features (no run)")
+        raise BadInputError(f"this {what} was built from {built}, not from {model} "
+                            f"(sha256 {ex.source['model_sha256'][:12]})", path=meta_path,
+                            fix=f"rebuild the {what} from features of this run: `uninet-feat extract --run "
+                                f"{ex.run_dir}{' --patches' if what == 'index' else ''} --out F`, then "
+                                f"`uninet-feat {'index' if what == 'index' else 'train-head'} --features F`")
+
+
+def knn_scores(scorer, kex, samples, res=None):
+    """(image scores, patch scores, extraction): each sample's kNN score in ``samples`` order — the highest
+    patch score over its tiles, NaN for an image the extraction skipped — and the (n_items, h*w) patch scores
+    of ``res`` (an extraction with patches already made, the run's own pass) or of ``kex.extract(samples)``."""
+    res = res if res is not None else kex.extract(samples)
+    patch_scores = scorer.score_patches(res["patches"].astype(np.float32))
+    return per_sample_max(patch_scores.max(1), res["index"], len(samples)), patch_scores, res
+
+
+def per_sample_max(item_scores, index, n: int) -> np.ndarray:
+    """Item (tile) scores → the highest per sample, NaN for a sample without items (skipped)."""
+    out = np.full(n, np.nan)
+    np.fmax.at(out, np.asarray(index), np.asarray(item_scores, dtype=np.float64))
+    return out
+
+
+def knn_map(patch_scores, res, i: int) -> np.ndarray:
+    """Sample ``i``'s kNN heatmap at its native size: each of its items' (tiles') patch grid upsampled
+    bilinearly to the tile's box and placed there (overlaps averaged) — PatchCore's map, stitched."""
+    from .downstream.knn import upsample_scores
+    items = np.flatnonzero(np.asarray(res["index"]) == i)
+    boxes = np.asarray(res["tile"])[items]
+    h, w = int((boxes[:, 0] + boxes[:, 2]).max()), int((boxes[:, 1] + boxes[:, 3]).max())
+    acc, cnt = np.zeros((h, w)), np.zeros((h, w))
+    for j, (y, x, th, tw) in zip(items, boxes.tolist()):
+        acc[y:y + th, x:x + tw] += upsample_scores(patch_scores[j][None], res["patch_grid"], (th, tw))[0]
+        cnt[y:y + th, x:x + tw] += 1
+    return (acc / np.maximum(cnt, 1)).astype(np.float32)
+
+
+def zscore(v, ref) -> np.ndarray:
+    """Standardise ``v`` by the mean and standard deviation of ``ref`` (the validation normals' scores)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    return (np.asarray(v, dtype=np.float64) - ref.mean()) / (ref.std() + 1e-12)
+
+
+@dataclass
+class Reference:
+    """The run's validation normals seen through a kNN index: what standardises and thresholds the kNN and
+    combined scores and scales the kNN heatmap. ``wdm`` is calibration.json's scores (for the z-score);
+    ``wdm_paired`` / ``combined`` are per image in ``knn``'s order (None unless asked for)."""
+    n: int
+    knn: np.ndarray
+    wdm: np.ndarray
+    knn_range: tuple[float, float]
+    wdm_paired: np.ndarray | None = None
+
+    def combine(self, knn, wdm) -> np.ndarray:
+        return zscore(knn, self.knn) + zscore(wdm, self.wdm)
+
+    @property
+    def combined(self) -> np.ndarray | None:
+        return None if self.wdm_paired is None else self.combine(self.knn, self.wdm_paired)
+
+    def val_scores(self, name: str) -> np.ndarray:
+        return {"knn": self.knn, "combined": self.combined, "wdm": self.wdm}[name]
+
+
+def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Reference | None:
+    """`Reference` of ``run``'s validation normals, or None with a warning when they, their calibrated WDM
+    scores or an index that keeps them out of its bank are not at hand. ``paired``: also each validation
+    normal's WDM score (from the same pass when ``kex`` is the run's extractor, else one pass of ``ex``)."""
+    from .calibration import validation_normals
+    try:
+        wv = np.asarray(json.loads((Path(run) / "calibration.json").read_text())["val_scores"], dtype=np.float64)
+        val = validation_normals(cfg)
+    except (OSError, KeyError, ValueError, BadInputError) as e:
+        warnings.warn(f"no combined score: the run's validation normals are not available ({e}); "
+                      f"run `uninet-feat calibrate --run {run}` (with --data where the data is now)")
+        return None
+    if len(val) < 2 or len(wv) < 2:
+        warnings.warn(f"no combined score: the run has {len(val)} validation normal(s), too few to standardise by")
+        return None
+    held = (scorer.source or {}).get("held_out_val") or {}
+    if held.get("paths_sha256") != paths_sha(abs_path(s.path) for s in val):
+        warnings.warn(f"no combined score: this kNN index was not built with the validation normals of {run} "
+                      f"held out (their kNN scores would be 0); rebuild it with `uninet-feat index --run {run} ...`")
+        return None
+    kv, patch_scores, res = knn_scores(scorer, kex, val)
+    wp = None
+    if paired:
+        w_res = res if kex is ex or ex is None else ex.extract(val)
+        wp = per_sample_max(w_res["scores"], w_res["index"], len(val))
+    ok = np.isfinite(kv) & (np.isfinite(wp) if wp is not None else True)  # a skipped normal has no score
+    from .overlay import _range_of
+    return Reference(int(ok.sum()), kv[ok], wv, tuple(_range_of(patch_scores.ravel())),
+                     wp[ok] if wp is not None else None)
+
+
+def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=None) -> tuple[float, str]:
+    """(threshold, rule) for flagging by the kNN or combined score: ``threshold`` as given, the lowest one that
+    flags at most ``max_fpr`` of the validation normals, or their 0.99 quantile — WDM's rules, on this score."""
+    from .calibration import check_threshold_flags, resolve_threshold
+    check_threshold_flags(threshold, max_fpr)
+    if threshold is not None:
+        return float(threshold), "given (--threshold)"
+    if ref is None:
+        raise BadInputError(f"flagging by the {name} score needs the run's validation normals (see the warning)",
+                            fix="fix what the warning names, pass --threshold VALUE, or flag by wdm")
+    v = np.sort(ref.val_scores(name))
+    cal = {"threshold": float(np.quantile(v, 0.99)), "val_scores": v.tolist(),
+           "threshold_rule": f"0.99 quantile of the {len(v)} validation normals' {name} scores (no test labels used)"}
+    t, rule = resolve_threshold(".", None, max_fpr, cal=cal, source=f"{name} scores")
+    return t, rule.replace("validation normals", f"validation normals' {name} scores", 1) if max_fpr else rule
