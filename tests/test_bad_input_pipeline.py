@@ -100,6 +100,25 @@ def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
     assert (tmp_path / "r2" / "model.pt").exists()
 
 
+def test_train_names_every_unreadable_image_before_training(tmp_path, capsys, monkeypatch):
+    """Without --skip-bad, train checks the training AND validation normals before building the model, and one
+    error counts and names every unreadable one with the fix (not the first it would have met)."""
+    import uninet_feat.train as tr
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
+    cfg = load_config(None, {"data": str(data)})
+    fit, val = train_val_samples(load_samples(cfg), cfg)   # the split train makes (1 validation normal)
+    bad = [fit[0].path, fit[3].path, val[0].path]   # a validation normal is read only after the last epoch
+    for p in bad:
+        p.write_bytes(p.read_bytes()[:100])
+    monkeypatch.setattr(tr, "make_model", lambda cfg: pytest.fail("the model was built before the check"))
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 of 8 images are unreadable:") and err.count("Truncated File Read") == 3, err
+    assert all(f"  {p}: corrupt image" in err for p in bad) and "--skip-bad" in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_skip_bad_in_predict_extract_and_evaluate(tmp_path, capsys):
     """A truncated test image stops predict / extract / evaluate with its name; with --skip-bad each command
     finishes, warns with the name and lists it as `skipped` in its output."""

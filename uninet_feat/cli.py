@@ -60,7 +60,7 @@ def _threshold_args(p) -> None:
 def _skip_bad_flag(p) -> None:
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
                    help="leave unreadable images out with a warning naming each (listed as `skipped` in the "
-                        "output) instead of stopping at the first")
+                        "output) instead of stopping with an error that names them all")
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .calibration import calibrate
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
+from .data.dataset import check_samples
 from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
 from .errors import BadInputError
 from .io import atomic_write_text
@@ -60,6 +61,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
+    if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
+        check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     model = make_model(cfg)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
