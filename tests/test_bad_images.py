@@ -196,10 +196,44 @@ def test_dataset_skip_bad(tmp_path, write_image):
     assert "cut.png" in text and "empty.jpg" in text
     assert len(ds) == 3 and ds.kept == [0, 2, 4] and [i for i, _ in ds.skipped] == [1, 3]
     assert [ds[j]["index"] for j in range(3)] == [0, 2, 4]  # indices stay those of the list given
-    strict = ImageDataset(samples, image_size=16)
-    assert len(strict) == 5
-    with pytest.raises(BadInputError, match="cut.png"):
-        strict[1]
+    with pytest.raises(BadInputError) as e:   # without skip_bad: both named at construction, in one error
+        ImageDataset(samples, image_size=16)
+    msg = str(e.value)
+    assert msg.startswith("2 of 5 images are unreadable:") and "--skip-bad" in e.value.fix
+    assert f"{tmp_path / 'cut.png'}: " in msg and f"{tmp_path / 'empty.jpg'}: file is empty" in msg
+
+
+def test_dataset_names_every_unreadable_image_in_one_error(tmp_path, write_image):
+    """Without skip_bad the up-front check collects every failure: a count of the whole, the first 20 by
+    name with their reasons (a file's own fix beside it when it is not the usual one), then "and N more"."""
+    good = [write_image(f"g{i}.png", size=(16, 16)) for i in range(3)]
+    broken = []
+    for i in range(23):
+        broken.append(tmp_path / f"bad{i:02d}.png")
+        broken[-1].write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    mask = write_image("m.png", size=(8, 8))
+    samples = ([Sample(p) for p in good[:2]] + [Sample(tmp_path / "gone.png")] + [Sample(p) for p in broken]
+               + [Sample(good[2], "defect", "spot", mask)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing is warned about: it is all in the error
+        with pytest.raises(BadInputError) as e:
+            ImageDataset(samples, image_size=16)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "25 of 27 images are unreadable:"
+    assert lines[1] == f"  {tmp_path / 'gone.png'}: file not found (fix: check the path (and the CSV/folder it came " \
+                       "from))"
+    assert [ln.split(":")[0].strip() for ln in lines[2:21]] == [str(p) for p in broken[:19]]
+    assert "corrupt image" in lines[2] and "(fix:" not in lines[2]   # the usual fix is said once, below
+    assert lines[21] == "  and 5 more" and lines[22].startswith("(fix: re-export or remove them")
+    assert "--skip-bad" in lines[22] and len(lines) == 23
+    # the mask of the wrong size is among the 5 not named; with fewer files it is listed with its own fix
+    with pytest.raises(BadInputError) as e:
+        ImageDataset(samples[:2] + samples[-1:], image_size=16)
+    assert "1 of 3 images is unreadable" in str(e.value) and "m.png: mask is 8x8 px" in str(e.value)
+    assert "(fix: resize the mask" in str(e.value)
+    with pytest.warns(UserWarning):
+        ds = ImageDataset(samples, image_size=16, skip_bad=True)
+    assert ds.kept == [0, 1] and len(ds.skipped) == 25
 
 
 def _exif(orientation):

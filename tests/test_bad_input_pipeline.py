@@ -100,6 +100,50 @@ def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
     assert (tmp_path / "r2" / "model.pt").exists()
 
 
+def test_train_names_every_unreadable_image_before_training(tmp_path, capsys, monkeypatch):
+    """Without --skip-bad, train checks the training AND validation normals before building the model, and one
+    error counts and names every unreadable one with the fix (not the first it would have met)."""
+    import uninet_feat.train as tr
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
+    cfg = load_config(None, {"data": str(data)})
+    fit, val = train_val_samples(load_samples(cfg), cfg)   # the split train makes (1 validation normal)
+    bad = [fit[0].path, fit[3].path, val[0].path]   # a validation normal is read only after the last epoch
+    for p in bad:
+        p.write_bytes(p.read_bytes()[:100])
+    monkeypatch.setattr(tr, "make_model", lambda cfg: pytest.fail("the model was built before the check"))
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 of 8 images are unreadable:") and err.count("Truncated File Read") == 3, err
+    assert all(f"  {p}: corrupt image" in err for p in bad) and "--skip-bad" in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_small_set_warns_when_each_epoch_leaves_a_quarter_out(tmp_path):
+    """6 training images at batch 4: one step per epoch, 2 left out; a warning says so and names the batch sizes
+    that use them all (dividing 6, at least 2). The batching itself is unchanged (one step)."""
+    import json
+    import warnings
+    from uninet_feat.train import dropped_items_note, train
+    assert dropped_items_note(15, 8) == ("15 training images at batch size 8: each epoch runs 1 step and leaves 7 out "
+                                         "(a different 7 each epoch); use --batch-size 5 or 15 to use them all")
+    assert dropped_items_note(13, 8).endswith("use --batch-size 13 to use them all")   # prime: only all at once
+    assert "2 steps and leaves 3 out" in dropped_items_note(11, 4, "tiles")
+    assert "(a different one each epoch); use --batch-size 3 to" in dropped_items_note(3, 2)
+    for n, b in ((31, 8), (16, 8), (8, 8), (3, 8), (9, 1)):   # under a quarter left out, or none
+        assert dropped_items_note(n, b) is None
+    base = {"backbone": "tiny", "weights": "random", "image_size": 32, "epochs": 1, "batch_size": 4,
+            "channels_last": False, "val_fraction": 0.0}
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=1, n_bad=1, size=32)
+    with pytest.warns(UserWarning, match=r"6 training images at batch size 4: each epoch runs 1 step and leaves 2 "
+                                         r"out .*use --batch-size 3 or 6 to use them all"):
+        train(load_config(None, {"data": str(data)}, base=base), tmp_path / "r6", quiet=True)
+    assert json.loads((tmp_path / "r6" / "train_log.jsonl").read_text())["steps"] == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*training images at batch size")
+        train(load_config(None, {"data": str(data), "batch_size": 3}, base=base), tmp_path / "r3", quiet=True)
+
+
 def test_skip_bad_in_predict_extract_and_evaluate(tmp_path, capsys):
     """A truncated test image stops predict / extract / evaluate with its name; with --skip-bad each command
     finishes, warns with the name and lists it as `skipped` in its output."""

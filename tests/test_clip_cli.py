@@ -88,6 +88,32 @@ def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
     assert len(preds) == 12 and all("head_prediction" in r for r in preds)
 
 
+def test_zero_shot_skip_bad(tmp_path, capsys):
+    """zero-shot stops on an unreadable image with its name and the fix; with --skip-bad it scores the others,
+    warns with the name and lists it as `skipped` (printed result and metrics.json)."""
+    import pytest
+    import yaml
+    data = write_texture_set(tmp_path / "d", n_train=2, n_good=2, n_bad=2)
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    broken = data / "test" / "good" / "truncated.png"
+    good = (data / "test" / "good" / "000.png").read_bytes()
+    broken.write_bytes(good[: len(good) // 2])
+    argv = ["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+            "--image-size", "64", "--quiet", "--out", str(tmp_path / "zs")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 of 7 images is unreadable" in err and str(broken) in err and "--skip-bad" in err, err
+    with pytest.warns(UserWarning, match="truncated.png"):
+        assert main(argv + ["--skip-bad"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["skipped"] == [str(broken)] and res["n_images"] == 6
+    rows = json.loads((tmp_path / "zs" / "scores.json").read_text())
+    assert str(broken) not in {r["path"] for r in rows} and len(rows) == 6
+    assert json.loads((tmp_path / "zs" / "metrics.json").read_text())["skipped"] == [str(broken)]
+    assert yaml.safe_load((tmp_path / "zs" / "config.yaml").read_text())["skip_bad"] is True
+
+
 def test_text_columns_need_a_clip_backbone(tmp_path, capsys):
     data = write_texture_set(tmp_path / "d", n_train=2, n_good=1, n_bad=1)
     assert main(["extract", "--data", str(data), "--backbone", "resnet18", "--weights", "random", "--text",

@@ -60,7 +60,7 @@ def _threshold_args(p) -> None:
 def _skip_bad_flag(p) -> None:
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
                    help="leave unreadable images out with a warning naming each (listed as `skipped` in the "
-                        "output) instead of stopping at the first")
+                        "output) instead of stopping with an error that names them all")
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", dest="image_size", type=int, default=224)
     p.add_argument("--tile", type=int)
     p.add_argument("--patch-mode", dest="patch_mode", choices=["tokens", "value"], default="tokens")
+    _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
@@ -366,7 +367,8 @@ def _dispatch(args) -> int:
     if args.command == "zero-shot":
         from .workflows import zero_shot_cmd
         res = zero_shot_cmd(args.data, args.out, args.backbone, args.weights, args.prompts, args.split_csv,
-                            args.group, args.image_size, args.tile, args.patch_mode, args.quiet)
+                            args.group, args.image_size, args.tile, args.patch_mode, args.quiet,
+                            skip_bad=args.skip_bad)
         print(json.dumps(res, indent=2))
         return 0
     if args.command == "calibrate":

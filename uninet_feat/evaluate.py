@@ -106,7 +106,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     ``calibration.json`` holds model.pt's.
 
     ``skip_bad``: leave unreadable test images out (warned, listed in the report's ``skipped``) instead of
-    stopping at the first.
+    stopping with an error that names them all.
 
     ``knn``: a kNN index folder (`uninet-feat index`) scored beside WDM, and their combination as `predict`
     computes it: image metrics of both under ``scorers`` and per-image columns in the CSV."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .calibration import calibrate
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
+from .data.dataset import check_samples
 from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
 from .errors import BadInputError
 from .io import atomic_write_text
@@ -60,6 +62,8 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
+    if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
+        check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     model = make_model(cfg)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -92,6 +96,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main)
     drop_last = len(ds) > cfg["batch_size"]
     steps = len(ds) // cfg["batch_size"] if drop_last else 1   # the batches an epoch really runs
+    note = dropped_items_note(len(ds), cfg["batch_size"], "tiles" if cfg.get("tile") else "images")
+    if note and dd.is_main:
+        warnings.warn(note)
     with _progress(quiet or not dd.is_main) as prog:
         task = prog.add_task("train", total=(cfg["epochs"] - start_epoch) * steps, info="")
         for epoch in range(start_epoch, cfg["epochs"]):
@@ -163,6 +170,23 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
             calibrate(model, val, cfg, out, quiet)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
+
+
+def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | None:
+    """The warning for a batch size at which every epoch leaves a quarter or more of the ``n`` training items
+    out (the last, incomplete batch is dropped whenever there is more than one batch), with the batch sizes
+    nearest ``batch_size`` that divide ``n`` (at least 2: BatchNorm needs two); None when little is left out.
+    The batching itself stays as it is: changing it would change the training of existing runs."""
+    left = n % batch_size if n > batch_size else 0
+    if not left or left * 4 < n:
+        return None
+    divisors = [d for d in range(2, n + 1) if n % d == 0]
+    below = [d for d in divisors if d < batch_size][-1:]
+    sizes = " or ".join(str(d) for d in below + [next(d for d in divisors if d > batch_size)])
+    steps = n // batch_size
+    return (f"{n} training {what} at batch size {batch_size}: each epoch runs {steps} step{'s' * (steps > 1)} "
+            f"and leaves {left} out (a different {'one' if left == 1 else left} each epoch); use --batch-size {sizes} "
+            "to use them all")
 
 
 # what `train --resume` takes from the config it is given; everything else comes from the checkpoint

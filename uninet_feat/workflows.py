@@ -303,18 +303,20 @@ def _by_path(samples, rows):
 
 
 def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,
-                  tile=None, patch_mode="tokens", quiet=False) -> dict:
+                  tile=None, patch_mode="tokens", quiet=False, skip_bad=False) -> dict:
     """Score images with CLIP text prompts alone (no training image): the VLM variant's cold start.
 
     Per image: P(defect) from the image embedding (``clip_image_score``, the score) and the patch-score
     max / mean / q99; tiled images take each column's max over tiles. Writes ``scores.csv`` / ``.json``,
     the resolved settings, and — when the labels hold both normal and defective images — ``metrics.json``
-    (I-AUROC, I-AP, F1-max; nothing is tuned on them).
+    (I-AUROC, I-AP, F1-max; nothing is tuned on them). ``skip_bad``: unreadable images are left out (warned,
+    listed as ``skipped`` in the result and ``metrics.json``) instead of stopping with an error that names them all.
     """
     import torch
     from rich.progress import track
     from .backbones import create_backbone
     from .config import DEFAULT_CONFIG, save_run_config
+    from .extract import Extractor
     from .metrics import f1_max, image_ap, image_auroc
     from .runs import make_dataset
     from .vlm import TextScorer
@@ -325,7 +327,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
         ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
     samples = _samples(data, split_csv, group)
     cfg = {**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group, "backbone": backbone,
-           "weights": str(weights), "image_size": image_size, "tile": tile}
+           "weights": str(weights), "image_size": image_size, "tile": tile, "skip_bad": bool(skip_bad)}
     ds = make_dataset(samples, cfg, bb)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
     feats, index = [], []
@@ -346,7 +348,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
                           "patch_mode": patch_mode})
     atomic_write_csv(out / "scores.csv", rows)
     atomic_write_text(out / "scores.json", json.dumps(rows, indent=1))
-    res = {"n_images": len(rows), "out": str(out)}
+    res = {"n_images": len(rows), "out": str(out), "skipped": Extractor.skipped(samples, ds)}
     test = [r for r in rows if r["split"] in ("test", "")]
     y = np.array([0 if r["is_normal"] else 1 for r in test])
     if 0 < y.sum() < len(y):

@@ -8,6 +8,9 @@ Each item is ``dict(image, mask, label, index, tile)``:
   tiled; a tile of an image smaller than the tile runs past its border, see `tiling`), so callers
   can put per-item maps back with `stitch` via ``dataset.tile_index``.
 
+Construction checks every image up front (`check_samples`: headers and checksums, no decode): without
+``skip_bad`` one error names all the unreadable ones; with it they are left out, each with a warning.
+
 Resizing: images bilinear with antialias (so downscaling does not alias fabric texture into fake
 defects); masks ``nearest-exact`` (stays binary and pixel-centre aligned; a defect thinner than the
 scale factor can vanish, which is why thin defects on large images should be tiled, not resized).
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInputError
-from .images import MIN_SIDE, check_image, load_image, load_mask, read_size
+from .images import _FIX as IMAGE_FIX, MIN_SIDE, check_image, load_image, load_mask, read_size
 from .tiling import TileGrid, extract_tile, tile_grid
 
 
@@ -29,6 +32,50 @@ def _pair(v):
     if v is None:
         return None
     return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+MAX_LISTED = 20  # an error about unreadable images names this many, then counts the rest
+
+
+def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
+    """The cheap up-front check of every sample (`check_image`: header and verify, no decode; and its mask's
+    size) → ({index: (H, W)} of the usable ones, in order; [(index, error text)] of the others).
+
+    Without ``skip_bad`` any failure raises ONE BadInputError that counts them and names each with its
+    reason (the first `MAX_LISTED`), so a set with many bad files is fixed in one pass, not one file per run.
+    With ``skip_bad`` each is left out with a warning; none usable is still an error."""
+    samples = list(samples)
+    sizes, bad = {}, []
+    for i, s in enumerate(samples):
+        try:
+            hw = check_image(s.path, min_side)
+            if s.mask is not None and read_size(s.mask) != hw:
+                load_mask(s.mask, size=hw, image_path=s.path)  # raises the detailed size error
+            sizes[i] = hw
+        except BadInputError as e:
+            bad.append((i, e))
+    if bad and not skip_bad:
+        raise _unreadable(bad, samples)
+    for _, e in bad:
+        warnings.warn(f"skipping unreadable sample: {e}")
+    if skip_bad and samples and not sizes:
+        raise BadInputError(f"none of the {len(samples)} images is readable",
+                            fix="see the warnings above for each file")
+    return sizes, [(i, str(e)) for i, e in bad]
+
+
+def _unreadable(bad, samples) -> BadInputError:
+    """One error for all the failures ``bad`` [(index, BadInputError)] among ``samples``: each file with its
+    reason (and its own fix when it is not the usual re-export/remove), at most `MAX_LISTED` of them."""
+    lines = []
+    for i, e in bad[:MAX_LISTED]:
+        own = e.fix and e.fix != IMAGE_FIX
+        lines.append(f"  {e.path or samples[i].path}: {e.reason}" + (f" (fix: {e.fix})" if own else ""))
+    if len(bad) > MAX_LISTED:
+        lines.append(f"  and {len(bad) - MAX_LISTED} more")
+    n = len(bad)
+    return BadInputError(f"{n} of {len(samples)} images {'is' if n == 1 else 'are'} unreadable:\n" + "\n".join(lines),
+                         fix="re-export or remove them, or pass --skip-bad to leave them out with a warning each")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -42,44 +89,21 @@ class ImageDataset(torch.utils.data.Dataset):
         self.min_side = min_side
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.kept = list(range(len(self.samples)))  # indices into `samples` actually served
-        self.skipped: list[tuple[int, str]] = []
-        self._sizes: dict[int, tuple[int, int]] = {}
         self._tile_index = None
         self._cache = None  # (sample index, image, mask): consecutive tiles share one decode
-        if skip_bad:
-            self._validate()
-
-    def _validate(self) -> None:
-        """Cheap up-front check of every image (and mask size); unreadable samples are dropped with a warning."""
-        kept = []
-        for i in self.kept:
-            s = self.samples[i]
-            try:
-                self._sizes[i] = hw = check_image(s.path, self.min_side)
-                if s.mask is not None and read_size(s.mask) != hw:
-                    load_mask(s.mask, size=hw, image_path=s.path)  # raises the detailed size error
-                kept.append(i)
-            except BadInputError as e:
-                warnings.warn(f"skipping unreadable sample: {e}")
-                self.skipped.append((i, str(e)))
-        self.kept = kept
-        if not kept:
-            raise BadInputError(f"none of the {len(self.samples)} images is readable",
-                                fix="see the warnings above for each file")
+        # every image is checked up front (header + verify, no decode), with or without skip_bad
+        self._sizes, self.skipped = check_samples(self.samples, min_side, skip_bad)
+        self.kept = list(self._sizes)  # indices into `samples` actually served
 
     @property
     def tile_index(self) -> list[tuple[int, TileGrid, int]]:
-        """Item → (sample index, TileGrid of that image, tile number). Built on first use from file headers."""
+        """Item → (sample index, TileGrid of that image, tile number). Built on first use from the checked sizes."""
         if self._tile_index is None:
             index = []
             for i in self.kept:
-                if self.tile is None:
-                    hw = self._sizes.get(i) or read_size(self.samples[i].path)
-                    grid = TileGrid(hw[0], hw[1], hw, [(0, 0)])
-                else:
-                    h, w = self._sizes.get(i) or read_size(self.samples[i].path)
-                    grid = tile_grid(h, w, self.tile, self.overlap)
+                h, w = self._sizes[i]
+                grid = (TileGrid(h, w, (h, w), [(0, 0)]) if self.tile is None
+                        else tile_grid(h, w, self.tile, self.overlap))
                 index += [(i, grid, k) for k in range(grid.n)]
             self._tile_index = index
         return self._tile_index
