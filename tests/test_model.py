@@ -195,3 +195,30 @@ def test_linear_student_end_fits_a_signed_teacher_better():
     linear, relu = fit("auto"), fit(True)
     print(f"1-cos linear {linear:.3f} relu {relu:.3f}")
     assert linear < relu - 0.05, (linear, relu)
+
+
+def test_width_scales_the_bottleneck_and_student_and_survives_a_checkpoint(tmp_path):
+    """``width`` multiplies the MEM and student inner widths (1 = the official sizing); the teacher-facing
+    channels stay the backbone's, and a checkpoint rebuilds the wider network with identical outputs."""
+    from uninet_feat.checkpoint import build_from_checkpoint, save_checkpoint
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import make_model
+    from _tiny import register_tiny
+    register_tiny()
+    base = {"backbone": "tiny", "weights": "random", "channels_last": False}
+    narrow, wide = (make_model(load_config(None, base={**base, "width": w})) for w in (1, 2))
+    c3 = narrow.channels[-1]
+    assert narrow.bottleneck.out_channels == 2 * c3 and wide.bottleneck.out_channels == 4 * c3
+    inner = lambda m: [st[0].body[0].out_channels for st in m.student.stages]  # noqa: E731
+    assert inner(narrow) == [max(c // 2, 16) for c in narrow.channels[::-1]]          # the official sizing
+    assert inner(wide) == [max(2 * (c // 2), 16) for c in narrow.channels[::-1]] != inner(narrow)
+    x = torch.randn(2, 3, 64, 64)
+    out = wide.eval()(x)
+    assert [s.shape for s in out.students] == [t.shape for t in out.teachers]
+    p = save_checkpoint(tmp_path / "m.pt", wide, load_config(None, base={**base, "width": 2}))
+    again, _ = build_from_checkpoint(p)
+    assert again.bottleneck.out_channels == 4 * c3
+    for a, b in zip(again.eval()(x).students, out.students):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="width"):
+        UniNet(TinyBackbone(), width=0)
