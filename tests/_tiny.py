@@ -76,3 +76,24 @@ def write_texture_set(root, n_train=10, n_good=4, n_bad=4, size=64, seed=0, wide
         save(img, root / "test" / "spot" / f"{i:03d}.png")
         save(m, root / "ground_truth" / "spot" / f"{i:03d}_mask.png")
     return root
+
+
+def run_with_plain_index(root, data):
+    """A tiny run (its source teacher a fixed weights file, half its normals for validation) and a kNN index over
+    plain patches of that same backbone, built with ``index --run`` (validation normals held out).
+    Returns (run, knn folder, weights file, plain feature store)."""
+    import torch
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.cli import main
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    register_tiny()
+    weights, run, f, knn = root / "tiny.pt", root / "run", root / "plain", root / "knn"
+    torch.save(create_backbone("tiny", weights="random").state_dict(), weights)   # random init differs per call
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": str(weights), "image_size": 64,
+                                                       "epochs": 1, "batch_size": 2, "channels_last": False,
+                                                       "val_fraction": 0.5}), run, quiet=True)
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
+                 "64", "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--coreset", "1.0", "--run", str(run), "--out", str(knn)]) == 0
+    return run, knn, weights, f

@@ -12,7 +12,7 @@ from uninet_feat.featstore import FeatureStore
 from uninet_feat.train import train
 from uninet_feat.runs import load_samples
 
-from _tiny import register_tiny, write_texture_set
+from _tiny import register_tiny, run_with_plain_index, write_texture_set
 
 register_tiny()
 
@@ -281,22 +281,12 @@ def test_extract_refuses_backbone_flags_with_a_run(setup, tmp_path, capsys):
 def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch):
     """When the run's frozen source teacher is the index's backbone (same config, same named weights, same
     size), predict takes the plain patches from the run's own pass: no second backbone, the same scores."""
-    import torch
     from uninet_feat import scorers
-    from uninet_feat.backbones import create_backbone
     from uninet_feat.cli import main
     from uninet_feat.downstream import KNNScorer
     data, _, samples = setup
-    weights = tmp_path / "tiny.pt"
-    torch.save(create_backbone("tiny", weights="random").state_dict(), weights)
-    run = tmp_path / "run"
-    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": str(weights), "image_size": 64,
-                                                       "epochs": 1, "batch_size": 2, "channels_last": False,
-                                                       "val_fraction": 0.5}), run, quiet=True)
-    f, knn, p = tmp_path / "plain", tmp_path / "knn", tmp_path / "p"
-    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
-                 "64", "--patches", "--out", str(f), "--quiet"]) == 0
-    assert main(["index", "--features", str(f), "--coreset", "1.0", "--run", str(run), "--out", str(knn)]) == 0
+    run, knn, weights, _ = run_with_plain_index(tmp_path, data)
+    p = tmp_path / "p"
     monkeypatch.setattr(scorers, "_plain_knn_extractor", lambda *a: pytest.fail("a second backbone pass"))
     assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--no-overlays", "--quiet",
                  "--out", str(p)]) == 0

@@ -8,9 +8,8 @@ from uninet_feat.cli import main
 from uninet_feat.config import load_config
 from uninet_feat.errors import BadInputError
 from uninet_feat.extract import Extractor
-from uninet_feat.train import train
 
-from _tiny import register_tiny, write_texture_set
+from _tiny import register_tiny, run_with_plain_index, write_texture_set
 
 register_tiny()
 
@@ -18,21 +17,10 @@ register_tiny()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A run with 5 validation normals and a plain-feature index that holds them out."""
-    import torch
-    from uninet_feat.backbones import create_backbone
     root = tmp_path_factory.mktemp("sc")
     data = write_texture_set(root / "data", n_train=10, n_good=3, n_bad=4)
-    weights = root / "tiny.pt"
-    torch.save(create_backbone("tiny", weights="random").state_dict(), weights)
-    run = root / "run"
-    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": str(weights), "image_size": 64,
-                                                       "epochs": 1, "batch_size": 2, "channels_last": False,
-                                                       "val_fraction": 0.5}), run, quiet=True)
-    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
-                 "64", "--patches", "--out", str(root / "f"), "--quiet"]) == 0
-    assert main(["index", "--features", str(root / "f"), "--coreset", "1.0", "--run", str(run),
-                 "--out", str(root / "knn")]) == 0
-    return data, run, root / "knn"
+    run, knn, _, _ = run_with_plain_index(root, data)
+    return data, run, knn
 
 
 def _validation_scores(run, knn):
@@ -79,7 +67,7 @@ def test_flag_by_knn_needs_an_index_and_valid_normals(setup, tmp_path, capsys):
         assert "--knn DIR" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
     # an index whose bank holds the validation normals cannot z-score or threshold on them
-    assert main(["index", "--features", str(knn.parent / "f"), "--coreset", "1.0", "--out", str(tmp_path / "all")]) == 0
+    assert main(["index", "--features", str(knn.parent / "plain"), "--coreset", "1.0", "--out", str(tmp_path / "all")]) == 0
     with pytest.warns(UserWarning, match="held out"):
         assert main(base + ["--knn", str(tmp_path / "all"), "--flag-by", "knn", "--out", str(tmp_path / "p")]) == 2
     assert "needs the run's validation normals" in capsys.readouterr().err
