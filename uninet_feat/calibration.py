@@ -86,11 +86,11 @@ def check_threshold_flags(threshold: float | None, max_fpr: float | None) -> Non
 
 
 def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None = None, cal: dict | None = None,
-                      source: str = "calibration.json"):
+                      source: str = "calibration.json", scores: str = "validation normals"):
     """(threshold or None, rule) for ``run``; see the module docstring.
 
     ``cal``: a `calibration` dict to use instead of the run's ``calibration.json`` (e.g. that of another
-    epoch's model); ``source`` names it in errors."""
+    epoch's model, or another scorer's); ``source`` names it in errors, ``scores`` its values in the rule."""
     check_threshold_flags(threshold, max_fpr)
     if threshold is not None:
         return float(threshold), "given (--threshold)"
@@ -110,4 +110,4 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
         warnings.warn(f"--max-fpr {max_fpr}: only {n} validation normals, so the lowest false-positive rate "
                       f"they resolve is 1/{n}; the threshold is their highest score", stacklevel=2)
     return (threshold_at_fpr(cal["val_scores"], max_fpr),
-            f"at most {max_fpr:g} of the {n} validation normals above it (--max-fpr)")
+            f"at most {max_fpr:g} of the {n} {scores} above it (--max-fpr)")

@@ -194,5 +194,5 @@ def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=Non
     v = np.sort(ref.val_scores(name))
     cal = {"threshold": float(np.quantile(v, 0.99)), "val_scores": v.tolist(),
            "threshold_rule": f"0.99 quantile of the {len(v)} validation normals' {name} scores (no test labels used)"}
-    t, rule = resolve_threshold(".", None, max_fpr, cal=cal, source=f"{name} scores")
-    return t, rule.replace("validation normals", f"validation normals' {name} scores", 1) if max_fpr else rule
+    return resolve_threshold(".", None, max_fpr, cal=cal, source=f"{name} scores",
+                             scores=f"validation normals' {name} scores")
