@@ -86,10 +86,14 @@ def test_knn_heatmap_overlays_show_the_patch_distances_at_native_size(setup, tmp
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["heatmap"] == "knn" and all(r["overlay"] for r in rows)
     row = next(r for r in rows if r["label"] == "spot")   # (a training image is in the bank: distance 0)
-    res = Extractor(run=run, patches="source").extract([row["path"]])
+    from uninet_feat.data.layouts import discover_batch   # predict's images in its batches: bitwise the same scores
+    samples = discover_batch(data)
+    i = [str(x.path) for x in samples].index(row["path"])
+    res = Extractor(run=run, patches="source").extract(samples)
     s = KNNScorer.load(knn).score_patches(res["patches"].astype(np.float32))
-    m = knn_map(s, res, 0)
-    np.testing.assert_allclose(m, upsample_scores(s, res["patch_grid"], (64, 64))[0], rtol=1e-6)
+    m = knn_map(s, res, i)
+    np.testing.assert_allclose(m, upsample_scores(s[list(res["index"]).index(i)][None], res["patch_grid"],
+                                                  (64, 64))[0], rtol=1e-6)
     from uninet_feat.calibration import validation_normals   # colour scale: the validation normals' patch scores
     vres = Extractor(run=run, patches="source").extract(validation_normals(load_config(run / "config.yaml")))
     vs = KNNScorer.load(knn).score_patches(vres["patches"].astype(np.float32)).ravel()
