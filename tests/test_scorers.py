@@ -131,3 +131,39 @@ def test_evaluate_reports_each_scorers_operating_point(setup):
         assert sc["at_threshold"]["false_positive_rate"] == pytest.approx(pred[y == 0].mean())
     with pytest.raises(BadInputError, match="--checkpoint"):
         evaluate(run, knn=knn, checkpoint=run / "checkpoint.pt", quiet=True)
+
+
+def test_combined_map_is_both_maps_in_units_of_their_validation_range():
+    from uninet_feat.scorers import combined_map, range_units
+    w, k = np.array([[1.0, 2.0, 5.0]]), np.array([[10.0, 30.0, 10.0]])
+    np.testing.assert_allclose(range_units(w, (1.0, 3.0)), [[0.0, 0.5, 2.0]])
+    np.testing.assert_allclose(combined_map(w, k, (1.0, 3.0), (10.0, 20.0)), [[0.0, 2.5, 2.0]])
+
+
+def test_evaluate_reports_the_combined_pixel_map(setup):
+    """The combined map's pixel metrics are those of WDM's and the kNN's test maps, each scaled by its own
+    validation-normal range (calibration.json's map_range, the index's patch scores), summed."""
+    from uninet_feat import metrics
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.downstream import KNNScorer
+    from uninet_feat.downstream.knn import upsample_scores
+    from uninet_feat.evaluate import evaluate, score_samples
+    from uninet_feat.runs import load_samples
+    from uninet_feat.scorers import combined_map, knn_setup, reference
+    data, run, knn = setup
+    rep = evaluate(run, knn=knn, quiet=True)
+    model, ck = build_from_checkpoint(run / "model.pt")
+    cfg = dict(ck["config"])
+    test = [s for s in load_samples(cfg) if s.split == "test"]
+    res = score_samples(model, test, cfg, keep_maps=True)
+    kres = Extractor(run=run, patches="source").extract(test)
+    kmaps = upsample_scores(KNNScorer.load(knn).score_patches(kres["patches"].astype(np.float32)),
+                            kres["patch_grid"], res["maps"][0].shape)
+    ex = Extractor(run=run)
+    scorer, kex = knn_setup(knn, ex)
+    ref = reference(run, cfg, scorer, kex or ex, ex)
+    wr = json.loads((run / "calibration.json").read_text())["map_range"]
+    comb = [combined_map(w, kmaps[i], wr, ref.knn_range) for i, w in enumerate(res["maps"])]
+    sc = rep["scorers"]["combined"]
+    assert sc["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(res["masks"], comb), abs=1e-6)
+    assert sc["aupro"] == pytest.approx(metrics.aupro(res["masks"], comb), abs=1e-6)

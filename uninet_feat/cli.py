@@ -37,6 +37,9 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", dest="val_every", type=int, help="with --select synthetic: validate every N epochs")
     p.add_argument("--keep-every", dest="keep_every", type=int,
                    help="also keep every N-th epoch's model as epochs/epoch_NNN.pt (evaluate --checkpoint)")
+    p.add_argument("--map-levels", dest="map_levels",
+                   help="levels summed into the pixel map: all (the method, default), auto (chosen after training "
+                        "on synthetic defects of the validation normals, no labels) or a list such as 2,3")
     p.add_argument("--supervised", action="store_true", default=None,
                    help="use labelled defects (and masks) in the training split")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
@@ -65,7 +68,7 @@ def _skip_bad_flag(p) -> None:
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "width", "select", "val_every",
-               "keep_every", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
+               "keep_every", "map_levels", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--data", help="where the training data is now (default: where it was)")
     p.add_argument("--split-csv", dest="split_csv")
+    p.add_argument("--map-levels", dest="map_levels",
+                   help="levels summed into the pixel map: all (the method), auto (chosen on synthetic defects of "
+                        "the validation normals, no labels) or a list such as 2,3; default: keep the run's")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("extract", help="export image (and patch) feature vectors into a sharded store")
@@ -373,8 +379,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "calibrate":
         from .calibration import recalibrate
-        cal = recalibrate(args.run, args.data, args.split_csv, args.quiet)
-        print(json.dumps({k: cal[k] for k in ("n_val_normals", "threshold", "threshold_rule", "quantiles")}, indent=2))
+        cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels)
+        keys = ("n_val_normals", "threshold", "threshold_rule", "quantiles", "map_levels", "map_levels_choice")
+        print(json.dumps({k: cal[k] for k in keys if k in cal}, indent=2))
         return 0
     if args.command == "prompts":
         from .vlm import dump_prompts

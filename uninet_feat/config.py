@@ -32,6 +32,9 @@ DEFAULT_CONFIG: dict = {
     # model selection without labels (selection.py): "last" = fixed schedule; "synthetic" = the epoch
     # whose model best separates the validation normals from synthetic defects made from them
     "select": "last", "val_every": 1, "synthetic_copies": 2,
+    # levels summed into the pixel map (calibration.py): "all" (the method), "auto" (chosen after training on
+    # synthetic defects of the validation normals, no labels) or a list such as [2, 3]; the image score uses all
+    "map_levels": "all",
     "keep_every": 0,               # also keep the model of every N-th epoch as epochs/epoch_NNN.pt (0: none)
     # backbone
     "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "levels": None,

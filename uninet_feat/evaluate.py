@@ -19,11 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import metrics
-from .calibration import check_threshold_flags, resolve_threshold
+from .calibration import apply_calibration, check_threshold_flags, resolve_threshold
 from .checkpoint import build_from_checkpoint
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .runs import load_samples, make_dataset, run_path, set_threads
+from .scoring import pixel_map_kind
 
 
 @torch.no_grad()
@@ -113,7 +114,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if knn is not None and checkpoint is not None:
         raise BadInputError("--knn combines with model.pt's calibration; it cannot go with --checkpoint",
                             path=checkpoint, fix="drop one of --knn / --checkpoint")
-    model, ckpt = build_from_checkpoint(Path(checkpoint) if checkpoint else run_path(run, "model.pt"))
+    model_path = Path(checkpoint) if checkpoint else run_path(run, "model.pt")
+    model, ckpt = build_from_checkpoint(model_path)
+    apply_calibration(model, run, model_path)   # the run's pixel-map levels (model.pt only)
     if checkpoint:
         _check_same_run(run, checkpoint, ckpt["config"])
     cfg = dict(ckpt["config"])
@@ -175,7 +178,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
              "flagged": int(threshold is not None and sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if knn is not None:
-        report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, res, skip_bad)
+        report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, res, skip_bad,
+                                           pixel_map_kind(model.cfg))
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:
@@ -188,14 +192,17 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     return report
 
 
-def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip_bad: bool) -> dict:
+def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip_bad: bool,
+                   map_kind: str) -> dict:
     """kNN scores of the test images (the index's own feature space, as predict makes them) and the combined
     score: their image metrics, the kNN map's pixel metrics when masks exist and images are not tiled (the
-    patch-grid distances upsampled to the WDM map's size), recall and false-positive rate at each one's own
-    threshold (``max_fpr`` of, else the 0.99 quantile of, its validation-normal scores, as predict
-    ``--flag-by`` sets it), and ``knn_score`` / ``combined_score`` in ``rows``."""
+    patch-grid distances upsampled to the WDM map's size) and of the combined map (`scorers.combined_map`, when
+    calibration.json has the WDM maps' validation range for this ``map_kind`` of pixel map), recall and
+    false-positive rate at each one's own threshold (``max_fpr`` of, else the 0.99 quantile of, its
+    validation-normal scores, as predict ``--flag-by`` sets it), and ``knn_score`` / ``combined_score`` in ``rows``."""
     from .extract import Extractor
-    from .scorers import flag_threshold, knn_scores, knn_setup, reference
+    from .overlay import calibrated_range
+    from .scorers import combined_map, flag_threshold, knn_scores, knn_setup, reference
     ex = Extractor(run=run, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad)
     per_image, patch_scores, r = knn_scores(scorer, kex or ex, test)   # as predict: the highest patch score
@@ -209,10 +216,19 @@ def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip
     if ref is not None:
         scored["combined_score"] = ref.combine(per_image, wdm)
         out["combined_rule"] = f"z-score of the kNN and of the WDM score on the run's {ref.n} validation normals, summed"
+    pixel_maps = {}
+    if kmaps is not None:
+        pixel_maps["knn"] = [kmaps[i] for i in np.argsort(r["index"])]
+        wdm_range = calibrated_range(run, map_kind)
+        if ref is not None and wdm_range is not None:
+            pixel_maps["combined"] = [combined_map(w, k, wdm_range, ref.knn_range)
+                                      for w, k in zip(res["maps"], pixel_maps["knn"])]
+            out["combined_map_rule"] = ("WDM and kNN maps, each as (map - median) / (0.999 quantile - median) of "
+                                        "its validation-normal pixels, summed")
     for name, v in scored.items():
         key = name.replace("_score", "")
-        pix = ({"maps": [kmaps[i] for i in np.argsort(r["index"])], "masks": res["masks"],
-                "pixel_ok": res.get("pixel_ok")} if key == "knn" and kmaps is not None else {})
+        pix = ({"maps": pixel_maps[key], "masks": res["masks"], "pixel_ok": res.get("pixel_ok")}
+               if key in pixel_maps else {})
         out[key] = _metrics(labels, v, pix, bool(pix))
         if ref is not None:
             t, rule = flag_threshold(key, ref, max_fpr=cfg.get("max_fpr"))
@@ -251,7 +267,7 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     overlays = {}
     if pick:
         res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
-        vmin, vmax = display_range(run_dir, res["maps"], model.cfg["pixel_map"], cal=cal)
+        vmin, vmax = display_range(run_dir, res["maps"], pixel_map_kind(model.cfg), cal=cal)
         for s, m in zip(res["samples"], res["maps"]):
             overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=vmin, vmax=vmax, mask=s.mask, max_width=1024)
     summary = {k: v for k, v in report.items() if not k.startswith("_")}

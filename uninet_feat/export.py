@@ -50,13 +50,12 @@ def uninet_features(model, x: torch.Tensor, patches: bool | str = False) -> dict
     """Image vectors (N, D), WDM scores (N,), pixel maps (N,H,W) and optionally patch vectors: the adapted
     target teacher's (``patches=True``), or ``"source"``: the frozen source teacher's, which equal the plain
     backbone's (``backbone_features``) when the run kept its ImageNet weights, at no extra pass."""
-    from .scoring import anomaly_maps, wdm_score
+    from .scoring import anomaly_maps
     model.eval()
     out = model(x)
     L = out.n_levels
     maps = anomaly_maps(out.teachers, out.students)
-    pix, score = wdm_score(maps, tuple(x.shape[-2:]), model.cfg["alpha"], model.cfg["beta"],
-                           smoothed=model.cfg.get("pixel_map") == "smoothed")
+    pix, score = model.score_maps(maps, tuple(x.shape[-2:]))
     thetas = [model.dfs.theta(l) for l in range(L)]
     parts = []
     for l in range(L):

@@ -122,6 +122,19 @@ def knn_map(patch_scores, res, i: int) -> np.ndarray:
     return (acc / np.maximum(cnt, 1)).astype(np.float32)
 
 
+def range_units(m, rng) -> np.ndarray:
+    """A map in units of its validation-normal range: (m - median) / (0.999 quantile - median), so that 0 is
+    a typical normal pixel and 1 a rare one, whatever the scorer's own scale."""
+    lo, hi = float(rng[0]), float(rng[1])
+    return (np.asarray(m, dtype=np.float32) - lo) / max(hi - lo, 1e-12)
+
+
+def combined_map(wdm_map, knn_map_, wdm_range, knn_range) -> np.ndarray:
+    """The combined pixel map: WDM's and the kNN's maps, each in `range_units` of its own validation-normal
+    pixels, summed — the pixel counterpart of the combined image score (fitted on normals only)."""
+    return range_units(wdm_map, wdm_range) + range_units(knn_map_, knn_range)
+
+
 def zscore(v, ref) -> np.ndarray:
     """Standardise ``v`` by the mean and standard deviation of ``ref`` (the validation normals' scores)."""
     ref = np.asarray(ref, dtype=np.float64)

@@ -52,6 +52,28 @@ def wdm_score(maps, out_size, alpha: float = ALPHA, beta: float = BETA, backend:
     return s, _wdm.topk_mean(s, k)
 
 
+def level_pixel_map(maps, levels, out_size, smoothed: bool = True, backend: str | None = None) -> torch.Tensor:
+    """The pixel map of ``levels`` only (1-based; both pairs of each level, so 2 maps per level), summed as
+    `anomaly_map` sums all, then σ=4 blurred when ``smoothed``: what ``map_levels`` shows and evaluates."""
+    maps = list(maps)
+    n_levels = len(maps) // 2
+    bad = [lv for lv in levels if not 1 <= int(lv) <= n_levels]
+    if bad or not levels:
+        raise ValueError(f"map levels must be a non-empty subset of 1..{n_levels}, got {list(levels)}")
+    size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+    keep = [maps[k] for k in range(len(maps)) if k % n_levels + 1 in {int(lv) for lv in levels}]
+    a = anomaly_map(keep, size, backend)
+    return gaussian_blur_scipy(a, 4.0, 4.0, backend) if smoothed else a
+
+
+def pixel_map_kind(cfg: dict) -> str:
+    """A name for the kind of pixel map ``cfg`` makes ("smoothed", "raw, levels 2,3"): colour scales and
+    ranges computed on one kind are not used for another."""
+    levels = cfg.get("map_levels")
+    kind = cfg.get("pixel_map", "smoothed")
+    return kind if not levels else f"{kind}, levels {','.join(str(int(v)) for v in levels)}"
+
+
 def wdm_score_reference(maps, out_size, alpha: float = ALPHA, beta: float = BETA):
     """Per-image numpy/scipy spec of ``wdm_score``: (pixel maps (N,H,W), scores (N,), k (N,)), numpy fp64.
 

@@ -94,3 +94,25 @@ class SyntheticValidation:
         img = metrics.image_auroc(self.labels, scores)
         pix = metrics.pixel_auroc(self.masks, maps)
         return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
+
+    @torch.no_grad()
+    def pixel_auroc_by_levels(self, model, subsets, batch_size: int = 8, channels_last: bool = False) -> dict:
+        """{tuple of levels: pixel AUROC of the pixel map made from those levels only} on the set, one model
+        pass per batch for every subset (`calibration.choose_map_levels`)."""
+        from .scoring import anomaly_maps, level_pixel_map
+        model.eval()
+        smoothed = model.cfg["pixel_map"] == "smoothed"
+        maps = {tuple(s): [] for s in subsets}
+        for i in range(0, len(self), batch_size):
+            x = (self.images[i:i + batch_size].float() / 255 - self.mean) / self.std
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = model(x)
+            am = anomaly_maps(out.teachers, out.students)
+            for s in maps:
+                maps[s].append(level_pixel_map(am, s, tuple(x.shape[-2:]), smoothed).float().numpy())
+        out = {}
+        for s, m in maps.items():
+            m = np.concatenate(m)
+            out[s] = metrics.pixel_auroc(self.masks, m) if np.isfinite(m).all() else float("nan")
+        return out

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .calibration import calibrate
+from .calibration import calibrate, parse_map_levels
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
 from .data.dataset import check_samples
@@ -65,6 +65,11 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     model = make_model(cfg)
+    if cfg.get("map_levels", "all") == "auto" and not val:   # checked now, not after the last epoch
+        raise BadInputError("map_levels: auto chooses on the validation normals, but val_fraction leaves none",
+                            path=cfg.get("split_csv") or cfg.get("data"), fix="set val_fraction > 0 or map_levels: all")
+    if cfg.get("map_levels", "all") != "auto":
+        parse_map_levels(cfg.get("map_levels", "all"), len(model.channels))
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
@@ -167,7 +172,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         else:
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
         if val:
-            calibrate(model, val, cfg, out, quiet)
+            calibrate(model, val, cfg, out, quiet, cfg.get("map_levels", "all"))
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
@@ -190,7 +195,7 @@ def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | N
 
 
 # what `train --resume` takes from the config it is given; everything else comes from the checkpoint
-RESUMABLE_KEYS = ("epochs", "threads")
+RESUMABLE_KEYS = ("epochs", "threads", "map_levels")   # map_levels: only the calibration after the last epoch
 
 RULE = "best mean of image and pixel AUROC: validation normals vs synthetic defects made from them"
 

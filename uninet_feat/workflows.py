@@ -255,7 +255,8 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
         heatmap_overlay(s.path, m, out, vmin=vmin, vmax=vmax, mask=None)
         by_path[str(s.path)]["overlay"] = str(out)
 
-    pm = ex.model.cfg["pixel_map"]
+    from .scoring import pixel_map_kind
+    pm = pixel_map_kind(ex.model.cfg)
     fixed = calibrated_range(ex.run_dir, pm)
     if fixed is not None:
         score_samples(ex.model, flagged, ex.cfg, on_map=lambda s, m, _: write(s, m, *fixed))

@@ -184,11 +184,20 @@ class UniNet(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, out_size=None):
         """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method."""
-        from uninet_feat.scoring import anomaly_maps, wdm_score
+        from uninet_feat.scoring import anomaly_maps
         out = self(x)
-        maps = anomaly_maps(out.teachers, out.students)
-        return wdm_score(maps, tuple(out_size or x.shape[-2:]), self.cfg["alpha"], self.cfg["beta"],
-                         smoothed=self.cfg["pixel_map"] == "smoothed")
+        return self.score_maps(anomaly_maps(out.teachers, out.students), tuple(out_size or x.shape[-2:]))
+
+    def score_maps(self, maps, out_size):
+        """(pixel map, WDM image score) from the 2L anomaly maps: the score always from all of them (the
+        method's WDM); the pixel map from the levels in ``cfg["map_levels"]`` only, when a run's
+        calibration.json sets them (`calibration.apply_calibration`, chosen on synthetic defects)."""
+        from uninet_feat.scoring import level_pixel_map, wdm_score
+        smoothed = self.cfg["pixel_map"] == "smoothed"
+        pix, score = wdm_score(maps, out_size, self.cfg["alpha"], self.cfg["beta"], smoothed=smoothed)
+        if self.cfg.get("map_levels"):
+            pix = level_pixel_map(maps, self.cfg["map_levels"], out_size, smoothed)
+        return pix, score
 
     def reparameterize(self) -> "UniNet":
         """Fold multi-scale MEM branches into single convs (inference only)."""

@@ -1,0 +1,120 @@
+"""The pixel map's levels: a label-free calibration choice (`calibrate --map-levels`), the image score unchanged."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from uninet_feat.calibration import parse_map_levels, pick_map_levels
+from uninet_feat.errors import BadInputError
+from uninet_feat.model import UniNet
+from uninet_feat.scoring import anomaly_map, gaussian_blur_scipy, level_pixel_map, pixel_map_kind
+
+from _tiny import TinyBackbone, register_tiny, write_texture_set
+
+register_tiny()
+
+
+def _maps(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, s, s, generator=g) for s in (16, 8, 4)] * 2   # [S1, S2, S3, T1, T2, T3]
+
+
+def test_level_pixel_map_sums_both_pairs_of_the_chosen_levels():
+    maps = _maps()
+    raw = level_pixel_map(maps, [2, 3], (32, 32), smoothed=False)
+    np.testing.assert_allclose(raw, anomaly_map([maps[1], maps[2], maps[4], maps[5]], (32, 32)), rtol=1e-6)
+    np.testing.assert_allclose(level_pixel_map(maps, [1, 2, 3], (32, 32), smoothed=True),
+                               gaussian_blur_scipy(anomaly_map(maps, (32, 32))), rtol=1e-5)
+    with pytest.raises(ValueError, match="1..3"):
+        level_pixel_map(maps, [4], (32, 32))
+
+
+def test_map_levels_change_the_pixel_map_not_the_image_score():
+    torch.manual_seed(0)
+    model = UniNet(TinyBackbone()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    pix_all, s_all = model.predict(x)
+    model.cfg["map_levels"] = [3]
+    pix3, s3 = model.predict(x)
+    torch.testing.assert_close(s3, s_all)
+    assert not torch.allclose(pix3, pix_all)
+    out = model(x)
+    from uninet_feat.scoring import anomaly_maps
+    am = anomaly_maps(out.teachers, out.students)
+    torch.testing.assert_close(pix3, gaussian_blur_scipy(anomaly_map([am[2], am[5]], (64, 64))))
+    assert pixel_map_kind(model.cfg) == "smoothed, levels 3"
+    model.cfg["map_levels"] = None
+    assert pixel_map_kind(model.cfg) == "smoothed"
+
+
+def test_pick_map_levels_keeps_all_levels_unless_a_subset_is_clearly_better():
+    s = {(1,): 0.80, (2,): 0.95, (3,): 0.90, (1, 2): 0.90, (1, 3): 0.91, (2, 3): 0.962, (1, 2, 3): 0.958}
+    assert pick_map_levels(s, 3) is None                       # 0.962 vs 0.958: within the margin
+    assert pick_map_levels({**s, (2, 3): 0.97}, 3) == [2, 3]
+    assert pick_map_levels({**s, (2,): 0.97, (2, 3): 0.97}, 3) == [2, 3]   # a tie goes to more levels
+    assert pick_map_levels({**s, (1, 2, 3): float("nan")}, 3) == [2, 3]
+    assert parse_map_levels("all", 3) is None and parse_map_levels("3,2", 3) == [2, 3]
+    assert parse_map_levels([1, 2, 3], 3) is None
+    for bad in ("0,1", "4", "x", []):
+        with pytest.raises(BadInputError, match="map levels"):
+            parse_map_levels(bad, 3)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    root = tmp_path_factory.mktemp("ml")
+    data = write_texture_set(root / "data", n_train=8, n_good=2, n_bad=3)
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "image_size": 64, "epochs": 1,
+                                                       "batch_size": 2, "channels_last": False, "val_fraction": 0.5,
+                                                       "map_levels": [3]}), root / "run", quiet=True)
+    return data, root / "run"
+
+
+def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.cli import main
+    from uninet_feat.evaluate import evaluate, score_samples
+    from uninet_feat.runs import load_samples
+    data, r = run
+    cal = json.loads((r / "calibration.json").read_text())   # train's map_levels: [3]
+    assert cal["map_levels"] == [3] and cal["map_range_pixel_map"] == "smoothed, levels 3"
+    assert main(["calibrate", "--run", str(r), "--map-levels", "auto", "--quiet"]) == 0
+    cal = json.loads((r / "calibration.json").read_text())
+    choice = cal["map_levels_choice"]
+    scores = {tuple(int(v) for v in k.split(",")): v for k, v in choice["synthetic_pixel_auroc"].items()}
+    assert len(scores) == 7 and cal["map_levels"] == pick_map_levels(scores, 3) == choice["levels"]
+    # evaluate scores model.pt with the calibrated levels: its maps are those of a model given them by hand
+    main(["calibrate", "--run", str(r), "--map-levels", "2,3", "--quiet"])
+    assert json.loads((r / "calibration.json").read_text())["map_levels"] == [2, 3]
+    rep = evaluate(r, quiet=True)
+    model, ck = build_from_checkpoint(r / "model.pt")
+    test = [s for s in load_samples(dict(ck["config"])) if s.split == "test"]
+    model.cfg["map_levels"] = [2, 3]
+    res = score_samples(model, test, dict(ck["config"]), keep_maps=True)
+    from uninet_feat import metrics
+    assert rep["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(res["masks"], res["maps"]), abs=1e-9)
+    model.cfg["map_levels"] = None
+    res_all = score_samples(model, test, dict(ck["config"]), keep_maps=True)
+    assert not np.allclose(res["maps"][0], res_all["maps"][0])
+    np.testing.assert_allclose(res["scores"], res_all["scores"])   # image scores: all levels either way
+    # another epoch's model keeps all levels (the choice was made for model.pt)
+    other = evaluate(r, checkpoint=r / "checkpoint.pt", quiet=True)
+    assert other["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(res_all["masks"], res_all["maps"]), abs=1e-9)
+    assert main(["calibrate", "--run", str(r), "--map-levels", "all", "--quiet"]) == 0
+    assert json.loads((r / "calibration.json").read_text())["map_levels"] is None
+
+
+def test_map_levels_auto_without_validation_normals_is_refused_before_training(tmp_path):
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "image_size": 64, "epochs": 1,
+                                                       "batch_size": 2, "val_fraction": 0.0, "map_levels": "auto"})
+    with pytest.raises(BadInputError, match="val_fraction"):
+        train(cfg, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    with pytest.raises(BadInputError, match="map levels"):
+        train({**cfg, "val_fraction": 0.5, "map_levels": "5"}, tmp_path / "run2", quiet=True)
