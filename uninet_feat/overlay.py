@@ -110,7 +110,7 @@ def map_range(maps, max_pixels: int = 1 << 22) -> list[float]:
     all maps), so a large validation set does not need a concatenated copy of all its maps."""
     total = sum(int(np.size(m)) for m in maps)
     k = max(1, -(-total // max_pixels))
-    return _range_of(np.concatenate([np.asarray(m, np.float32).ravel()[::k] for m in maps]))
+    return robust_range(np.concatenate([np.asarray(m, np.float32).ravel()[::k] for m in maps]))
 
 
 class MapRangeSample:
@@ -129,10 +129,12 @@ class MapRangeSample:
         self.parts.append(a[::self.k].copy())
 
     def result(self) -> list[float]:
-        return _range_of(np.concatenate(self.parts))
+        return robust_range(np.concatenate(self.parts))
 
 
-def _range_of(flat: np.ndarray) -> list[float]:
+def robust_range(flat: np.ndarray) -> list[float]:
+    """[median, 0.999 quantile] of the finite values: the colour scale of a scorer's validation-normal pixels
+    (WDM maps here, kNN patch scores in `scorers.reference`), and the unit of `scorers.range_units`."""
     flat = flat[np.isfinite(flat)]
     lo, hi = float(np.quantile(flat, 0.5)), float(np.quantile(flat, 0.999))
     return [lo, max(hi, lo + 1e-6)]

@@ -168,19 +168,20 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     scores or an index that keeps them out of its bank are not at hand. ``paired``: also each validation
     normal's WDM score (from the same pass when ``kex`` is the run's extractor, else one pass of ``ex``)."""
     from .calibration import validation_normals
+    lost = "no combined score, kNN threshold or kNN colour scale"   # what every reason below costs
     try:
         wv = np.asarray(json.loads((Path(run) / "calibration.json").read_text())["val_scores"], dtype=np.float64)
         val = validation_normals(cfg)
     except (OSError, KeyError, ValueError, BadInputError) as e:
-        warnings.warn(f"no combined score: the run's validation normals are not available ({e}); "
+        warnings.warn(f"{lost}: the run's validation normals are not available ({e}); "
                       f"run `uninet-feat calibrate --run {run}` (with --data where the data is now)")
         return None
     if len(val) < 2 or len(wv) < 2:
-        warnings.warn(f"no combined score: the run has {len(val)} validation normal(s), too few to standardise by")
+        warnings.warn(f"{lost}: the run has {len(val)} validation normal(s), too few to standardise by")
         return None
     held = (scorer.source or {}).get("held_out_val") or {}
     if held.get("paths_sha256") != paths_sha(abs_path(s.path) for s in val):
-        warnings.warn(f"no combined score: this kNN index was not built with the validation normals of {run} "
+        warnings.warn(f"{lost}: this kNN index was not built with the validation normals of {run} "
                       f"held out (their kNN scores would be 0); rebuild it with `uninet-feat index --run {run} ...`")
         return None
     kv, patch_scores, res = knn_scores(scorer, kex, val)
@@ -189,8 +190,8 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
         w_res = res if kex is ex or ex is None else ex.extract(val)
         wp = per_sample_max(w_res["scores"], w_res["index"], len(val))
     ok = np.isfinite(kv) & (np.isfinite(wp) if wp is not None else True)  # a skipped normal has no score
-    from .overlay import _range_of
-    return Reference(int(ok.sum()), kv[ok], wv, tuple(_range_of(patch_scores.ravel())),
+    from .overlay import robust_range
+    return Reference(int(ok.sum()), kv[ok], wv, tuple(robust_range(patch_scores.ravel())),
                      wp[ok] if wp is not None else None)
 
 
