@@ -90,6 +90,7 @@ def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
     main(["calibrate", "--run", str(r), "--map-levels", "2,3", "--quiet"])
     assert json.loads((r / "calibration.json").read_text())["map_levels"] == [2, 3]
     rep = evaluate(r, quiet=True)
+    assert rep["pixel_map"] == "smoothed, levels 2,3"
     model, ck = build_from_checkpoint(r / "model.pt")
     test = [s for s in load_samples(dict(ck["config"])) if s.split == "test"]
     model.cfg["map_levels"] = [2, 3]
@@ -103,6 +104,12 @@ def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
     # another epoch's model keeps all levels (the choice was made for model.pt)
     other = evaluate(r, checkpoint=r / "checkpoint.pt", quiet=True)
     assert other["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(res_all["masks"], res_all["maps"]), abs=1e-9)
+    # predict's overlays show the calibrated map, on its calibrated colour scale
+    from uninet_feat.overlay import calibrated_range
+    assert main(["predict", "--run", str(r), "--data", str(data), "--threshold=-1e9", "--quiet",
+                 "--out", str(r.parent / "pred")]) == 0
+    assert json.loads((r.parent / "pred" / "summary.json").read_text())["wdm_pixel_map"] == "smoothed, levels 2,3"
+    assert calibrated_range(r, "smoothed, levels 2,3") is not None and calibrated_range(r, "smoothed") is None
     assert main(["calibrate", "--run", str(r), "--map-levels", "all", "--quiet"]) == 0
     assert json.loads((r / "calibration.json").read_text())["map_levels"] is None
 

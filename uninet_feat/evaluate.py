@@ -151,6 +151,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
+              "pixel_map": pixel_map_kind(model.cfg),
               "skipped": res["skipped"]}
     if has_masks:   # a defect image without a mask is not "all normal pixels": keep it out of pixel metrics
         res["pixel_ok"] = [s.is_normal or s.mask is not None for s in test]

@@ -156,6 +156,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     from .downstream import Head
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
+    from .scoring import pixel_map_kind
     if flag_by not in SCORES or heatmap not in ("wdm", "knn"):
         raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
                             fix=f"--flag-by one of {', '.join(SCORES)}; --heatmap wdm or knn")
@@ -214,7 +215,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "flag_by": flag_by,
-               "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap, "skipped": res["skipped"],
+               "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
+               "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
                **summary_extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
