@@ -65,8 +65,9 @@ MAP_LEVELS_RULE = ("pixel AUROC on the validation normals and synthetic defectiv
 def choose_map_levels(model, val, cfg: dict, quiet: bool = True) -> dict:
     """Which levels' maps to sum into the pixel map, chosen without labels.
 
-    Why: the deepest levels localise best on some lines and the finest level adds noise (magnetic tile:
-    pixel AUROC on synthetic defects 0.958 with all levels, 0.965 without level 1). Every non-empty subset
+    Why: the deepest levels localise best on some lines and the finest level adds noise (the width-4
+    magnetic-tile models: pixel AUROC on synthetic defects 0.958-0.960 with all levels, 0.965-0.967 with
+    levels 2 + 3; on the test masks 0.767-0.771 and 0.802-0.805). Every non-empty subset
     is scored on `selection.SyntheticValidation` (the validation normals and defective copies with exact
     masks); the method's sum of all levels is kept unless a subset beats it by more than MAP_LEVELS_MARGIN."""
     from itertools import combinations
