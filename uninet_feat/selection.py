@@ -76,15 +76,18 @@ class SyntheticValidation:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _inputs(self, batch_size: int, channels_last: bool):
+        """The set's images in order, as normalised model input batches."""
+        for i in range(0, len(self), batch_size):
+            x = (self.images[i:i + batch_size].float() / 255 - self.mean) / self.std
+            yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
     @torch.no_grad()
     def score(self, model, batch_size: int = 8, channels_last: bool = False) -> dict:
         """Image and pixel AUROC of ``model`` (put in eval mode) on the set, and their mean (``score``)."""
         model.eval()
         scores, maps = [], []
-        for i in range(0, len(self), batch_size):
-            x = (self.images[i:i + batch_size].float() / 255 - self.mean) / self.std
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x in self._inputs(batch_size, channels_last):
             pix, s = model.predict(x)
             scores.append(s.float().numpy())
             maps.append(pix.float().numpy())
@@ -103,10 +106,7 @@ class SyntheticValidation:
         model.eval()
         smoothed = model.cfg["pixel_map"] == "smoothed"
         maps = {tuple(s): [] for s in subsets}
-        for i in range(0, len(self), batch_size):
-            x = (self.images[i:i + batch_size].float() / 255 - self.mean) / self.std
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x in self._inputs(batch_size, channels_last):
             out = model(x)
             am = anomaly_maps(out.teachers, out.students)
             for s in maps:
