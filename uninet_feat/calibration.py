@@ -91,7 +91,7 @@ def pick_map_levels(scores: dict, n_levels: int, margin: float = MAP_LEVELS_MARG
     every = tuple(range(1, n_levels + 1))
     base = scores.get(every, float("nan"))
     best = max((k for k in scores if scores[k] == scores[k]), key=lambda k: (scores[k], len(k)), default=every)
-    if best == every or not (scores[best] > base + margin or base != base):
+    if best == every or scores[best] <= base + margin:   # False for a NaN base: any scored subset beats it
         return None
     return list(best)
 

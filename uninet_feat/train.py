@@ -65,11 +65,12 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     model = make_model(cfg)
-    if cfg.get("map_levels", "all") == "auto" and not val:   # checked now, not after the last epoch
+    map_levels = cfg.get("map_levels", "all")   # used after the last epoch; checked now
+    if map_levels != "auto":
+        parse_map_levels(map_levels, len(model.channels))
+    elif not val:
         raise BadInputError("map_levels: auto chooses on the validation normals, but val_fraction leaves none",
                             path=cfg.get("split_csv") or cfg.get("data"), fix="set val_fraction > 0 or map_levels: all")
-    if cfg.get("map_levels", "all") != "auto":
-        parse_map_levels(cfg.get("map_levels", "all"), len(model.channels))
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
@@ -172,7 +173,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         else:
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
         if val:
-            calibrate(model, val, cfg, out, quiet, cfg.get("map_levels", "all"))
+            calibrate(model, val, cfg, out, quiet, map_levels)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
