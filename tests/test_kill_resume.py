@@ -136,3 +136,8 @@ def test_plain_resume_finishes_the_runs_own_schedule(tmp_path, monkeypatch):
     assert main(["train", "--out", str(cut), "--resume", "--epochs", "4", "--quiet"]) == 0   # extend it
     assert read_checkpoint(cut / "model.pt")["epoch"] == 4 and len(steps) == 3
     assert len((cut / "train_log.jsonl").read_text().splitlines()) == 4
+    # the same data spelled relative (as a --config file spells it) is the same run; other data is not
+    monkeypatch.chdir(tmp_path)
+    resumed = ["train", *TRAIN, "--out", "cut", "--resume", "--epochs", "5", "--quiet"]
+    assert main(resumed + ["--data", "."]) == 2
+    assert main(resumed + ["--data", "d"]) == 0 and read_checkpoint(cut / "model.pt")["epoch"] == 5

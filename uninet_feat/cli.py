@@ -310,6 +310,7 @@ def _resume_base(out: Path, config, overrides: dict) -> dict:
     import yaml
     from .checkpoint import checkpoint_config, read_checkpoint
     from .config import load_config
+    from .runs import absolute_data_paths
     from .train import RESUMABLE_KEYS
     saved_path = out / "config.yaml"
     if saved_path.is_file():
@@ -319,7 +320,10 @@ def _resume_base(out: Path, config, overrides: dict) -> dict:
     else:
         return {}   # train() says there is nothing to resume
     given = load_config(config, overrides, base=saved)
-    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_KEYS and given[k] != saved[k])
+    # data paths as a new run saves them (absolute), on both sides: `--config FILE` spells them relative
+    saved_paths, given_paths = absolute_data_paths(saved), absolute_data_paths(given)
+    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_KEYS and given[k] != saved[k]
+                     and not (k in ("data", "split_csv") and given_paths[k] == saved_paths[k]))
     if changed:
         raise BadInputError(f"{', '.join(changed)} cannot change when a run is resumed (it was trained with "
                             f"{', '.join(f'{k}={saved[k]!r}' for k in changed)})", path=saved_path,
