@@ -1,11 +1,12 @@
-"""The pixel map's levels: a label-free calibration choice (`calibrate --map-levels`), the image score unchanged."""
+"""The pixel map's levels and range units: label-free calibration choices (`calibrate --map-levels --map-norm`),
+the image score unchanged."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from uninet_feat.calibration import parse_map_levels, pick_map_levels
+from uninet_feat.calibration import map_ranges, parse_map_levels, parse_map_norm, pick_pixel_map
 from uninet_feat.errors import BadInputError
 from uninet_feat.model import UniNet
 from uninet_feat.scoring import anomaly_map, gaussian_blur_scipy, level_pixel_map, pixel_map_kind
@@ -30,6 +31,18 @@ def test_level_pixel_map_sums_both_pairs_of_the_chosen_levels():
         level_pixel_map(maps, [4], (32, 32))
 
 
+def test_range_units_put_each_map_on_its_own_normal_scale_before_the_sum():
+    maps = _maps()
+    norm = [[0.1 * k, 0.5 + 0.3 * k] for k in range(6)]
+    by_hand = [(m - lo) / (hi - lo) for m, (lo, hi) in zip(maps, norm)]
+    np.testing.assert_allclose(level_pixel_map(maps, None, (32, 32), smoothed=False, norm=norm),
+                               anomaly_map(by_hand, (32, 32)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(level_pixel_map(maps, [3], (32, 32), smoothed=True, norm=norm),
+                               gaussian_blur_scipy(anomaly_map([by_hand[2], by_hand[5]], (32, 32))), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="6 maps"):
+        level_pixel_map(maps, None, (32, 32), norm=norm[:3])
+
+
 def test_map_levels_change_the_pixel_map_not_the_image_score():
     torch.manual_seed(0)
     model = UniNet(TinyBackbone()).eval()
@@ -46,19 +59,33 @@ def test_map_levels_change_the_pixel_map_not_the_image_score():
     assert pixel_map_kind(model.cfg) == "smoothed, levels 3"
     model.cfg["map_levels"] = None
     assert pixel_map_kind(model.cfg) == "smoothed"
+    model.cfg["map_norm"] = [[0.0, 2.0]] * 6    # range units: every map halved, so the whole map is halved
+    pix_n, s_n = model.predict(x)
+    torch.testing.assert_close(s_n, s_all)
+    torch.testing.assert_close(pix_n, pix_all / 2)
+    assert pixel_map_kind(model.cfg) == "smoothed, range units"
 
 
-def test_pick_map_levels_keeps_all_levels_unless_a_subset_is_clearly_better():
-    s = {(1,): 0.80, (2,): 0.95, (3,): 0.90, (1, 2): 0.90, (1, 3): 0.91, (2, 3): 0.962, (1, 2, 3): 0.958}
-    assert pick_map_levels(s, 3) is None                       # 0.962 vs 0.958: within the margin
-    assert pick_map_levels({**s, (2, 3): 0.97}, 3) == [2, 3]
-    assert pick_map_levels({**s, (2,): 0.97, (2, 3): 0.97}, 3) == [2, 3]   # a tie goes to more levels
-    assert pick_map_levels({**s, (1, 2, 3): float("nan")}, 3) == [2, 3]
+def test_pick_pixel_map_keeps_the_base_unless_another_map_is_clearly_better():
+    s = {(k, "none"): v for k, v in {(1,): 0.80, (2,): 0.95, (3,): 0.90, (1, 2): 0.90, (1, 3): 0.91, (2, 3): 0.962,
+                                     (1, 2, 3): 0.958}.items()}
+    base = ((1, 2, 3), "none")
+    assert pick_pixel_map(s, base) == base                      # 0.962 vs 0.958: within the margin
+    assert pick_pixel_map({**s, ((2, 3), "none"): 0.97}, base) == ((2, 3), "none")
+    assert pick_pixel_map({**s, ((2,), "none"): 0.97, ((2, 3), "none"): 0.97}, base) == ((2, 3), "none")  # more levels
+    assert pick_pixel_map({**s, base: float("nan")}, base) == ((2, 3), "none")
+    ranged = {**s, ((2, 3), "range"): 0.962, ((1, 2, 3), "range"): 0.97}
+    assert pick_pixel_map(ranged, base) == ((1, 2, 3), "range")
+    assert pick_pixel_map({**ranged, ((1, 2, 3), "none"): 0.97}, base) == base   # a tie goes to the raw maps
+    assert pick_pixel_map({((2, 3), "range"): 0.90, ((2, 3), "none"): 0.80}, ((2, 3), "range")) == ((2, 3), "range")
     assert parse_map_levels("all", 3) is None and parse_map_levels("3,2", 3) == [2, 3]
     assert parse_map_levels([1, 2, 3], 3) is None
     for bad in ("0,1", "4", "x", []):
         with pytest.raises(BadInputError, match="map levels"):
             parse_map_levels(bad, 3)
+    assert [parse_map_norm(v) for v in ("none", "range", "auto")] == ["none", "range", "auto"]
+    with pytest.raises(BadInputError, match="map_norm"):
+        parse_map_norm("zscore")
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +110,11 @@ def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
     assert cal["map_levels"] == [3] and cal["map_range_pixel_map"] == "smoothed, levels 3"
     assert main(["calibrate", "--run", str(r), "--map-levels", "auto", "--quiet"]) == 0
     cal = json.loads((r / "calibration.json").read_text())
-    choice = cal["map_levels_choice"]
-    scores = {tuple(int(v) for v in k.split(",")): v for k, v in choice["synthetic_pixel_auroc"].items()}
-    assert len(scores) == 7 and cal["map_levels"] == pick_map_levels(scores, 3) == choice["levels"]
+    choice = cal["pixel_map_choice"]
+    scores = {(tuple(int(v) for v in k.split(",")), "none"): v for k, v in choice["synthetic_pixel_auroc"].items()}
+    assert len(scores) == 7 and choice["norm"] == "none" and cal["map_norm"] is None
+    best = pick_pixel_map(scores, ((1, 2, 3), "none"))[0]
+    assert cal["map_levels"] == choice["levels"] == (None if best == (1, 2, 3) else list(best))
     # evaluate scores model.pt with the calibrated levels: its maps are those of a model given them by hand
     main(["calibrate", "--run", str(r), "--map-levels", "2,3", "--quiet"])
     assert json.loads((r / "calibration.json").read_text())["map_levels"] == [2, 3]
@@ -114,6 +143,49 @@ def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
     assert json.loads((r / "calibration.json").read_text())["map_levels"] is None
 
 
+def test_map_norm_units_come_from_the_validation_normals_and_evaluate_applies_them(run):
+    from uninet_feat import metrics
+    from uninet_feat.calibration import validation_normals
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.cli import main
+    from uninet_feat.evaluate import evaluate, score_samples
+    from uninet_feat.runs import load_samples, make_dataset
+    from uninet_feat.scoring import anomaly_maps
+    data, r = run
+    assert main(["calibrate", "--run", str(r), "--map-levels", "auto", "--map-norm", "auto", "--quiet"]) == 0
+    cal = json.loads((r / "calibration.json").read_text())
+    choice, scores = cal["pixel_map_choice"], {}
+    for k, v in choice["synthetic_pixel_auroc"].items():
+        levels, _, norm = k.partition(" ")
+        scores[(tuple(int(x) for x in levels.split(",")), norm or "none")] = v
+    assert len(scores) == 14   # 7 subsets x raw / range units
+    levels, norm = pick_pixel_map(scores, ((1, 2, 3), "none"))
+    assert choice["norm"] == norm and (cal["map_norm"] is not None) == (norm == "range")
+    # fixed choices: the units are each map's median and 0.999 quantile over the validation normals' pixels
+    assert main(["calibrate", "--run", str(r), "--map-levels", "all", "--map-norm", "range", "--quiet"]) == 0
+    cal = json.loads((r / "calibration.json").read_text())
+    assert "pixel_map_choice" not in cal and cal["map_range_pixel_map"] == "smoothed, range units"
+    model, ck = build_from_checkpoint(r / "model.pt")
+    cfg = dict(ck["config"])
+    ds = make_dataset(validation_normals(cfg), cfg, model.source)
+    with torch.no_grad():
+        out = model.eval()(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    by_hand = [[float(np.median(m)), float(np.quantile(m, 0.999))]
+               for m in (a.numpy() for a in anomaly_maps(out.teachers, out.students))]
+    np.testing.assert_allclose(cal["map_norm"], by_hand, rtol=1e-5)
+    np.testing.assert_allclose(map_ranges(model, validation_normals(cfg), cfg), by_hand, rtol=1e-5)
+    rep = evaluate(r, quiet=True)
+    test = [s for s in load_samples(cfg) if s.split == "test"]
+    model.cfg["map_norm"] = by_hand
+    res = score_samples(model, test, cfg, keep_maps=True)
+    assert rep["pixel_map"] == "smoothed, range units"
+    assert rep["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(res["masks"], res["maps"]), abs=1e-6)
+    assert rep["image_auroc"] == pytest.approx(metrics.image_auroc([int(not s.is_normal) for s in test],
+                                                                   res["scores"]), abs=1e-9)
+    assert main(["calibrate", "--run", str(r), "--map-norm", "none", "--quiet"]) == 0
+    assert json.loads((r / "calibration.json").read_text())["map_norm"] is None
+
+
 def test_map_levels_auto_without_validation_normals_is_refused_before_training(tmp_path):
     from uninet_feat.config import load_config
     from uninet_feat.train import train
@@ -125,3 +197,8 @@ def test_map_levels_auto_without_validation_normals_is_refused_before_training(t
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     with pytest.raises(BadInputError, match="map levels"):
         train({**cfg, "val_fraction": 0.5, "map_levels": "5"}, tmp_path / "run2", quiet=True)
+    with pytest.raises(BadInputError, match="val_fraction"):
+        train({**cfg, "map_levels": "all", "map_norm": "auto"}, tmp_path / "run3", quiet=True)
+    with pytest.raises(BadInputError, match="map_norm"):
+        train({**cfg, "val_fraction": 0.5, "map_levels": "all", "map_norm": "zscore"}, tmp_path / "run4", quiet=True)
+    assert not any((tmp_path / f"run{i}" / "checkpoint.pt").exists() for i in (2, 3, 4))

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import BadInputError
 from .io import atomic_write_text
@@ -23,20 +24,31 @@ from .io import atomic_write_text
 DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels used)"
 
 
-def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None) -> dict:
+def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None, map_norm=None) -> dict:
     """Score the validation normals and write ``out/calibration.json``; returns its content.
 
-    ``map_levels``: the levels of the pixel map — "all", "auto" (`choose_map_levels`), a list, or None to
-    keep ``model.cfg``'s (the run's current choice); set on ``model`` and recorded in the file."""
+    ``map_levels``: the levels of the pixel map — "all", "auto", a list, or None to keep ``model.cfg``'s (the
+    run's current choice). ``map_norm``: "none", "range" (each map in its validation-normal range units,
+    `map_ranges`), "auto", or None to keep the run's. Either "auto": chosen on synthetic defects
+    (`choose_pixel_map`). Set on ``model`` and recorded in the file."""
+    n = len(model.channels)
+    if map_levels is None:
+        map_levels = model.cfg.get("map_levels") or "all"
+    if map_norm is None:
+        map_norm = "range" if model.cfg.get("map_norm") else "none"
+    map_norm = parse_map_norm(map_norm)
+    ranges = map_ranges(model, val, cfg) if map_norm != "none" else None   # fresh: the model or data may have changed
     choice = None
-    if map_levels == "auto":
-        choice = choose_map_levels(model, val, cfg, quiet)
-        model.cfg["map_levels"] = choice["levels"]
-    elif map_levels is not None:
-        model.cfg["map_levels"] = parse_map_levels(map_levels, len(model.channels))
+    if "auto" in (map_levels, map_norm):
+        choice = choose_pixel_map(model, val, cfg, map_levels, map_norm, ranges, quiet)
+        levels, norm = choice["levels"], choice["norm"]
+    else:
+        levels, norm = parse_map_levels(map_levels, n), map_norm
+    model.cfg["map_levels"] = levels
+    model.cfg["map_norm"] = ranges if norm == "range" else None
     cal = calibration(model, val, cfg, quiet)
     if choice is not None:
-        cal["map_levels_choice"] = choice
+        cal["pixel_map_choice"] = choice
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
     return cal
 
@@ -57,56 +69,110 @@ def parse_map_levels(v, n_levels: int):
     return None if len(levels) == n_levels else levels
 
 
-MAP_LEVELS_MARGIN = 0.005
-MAP_LEVELS_RULE = ("pixel AUROC on the validation normals and synthetic defective copies of them (selection.py); "
-                   f"all levels (the method) unless a subset beats them by more than {MAP_LEVELS_MARGIN}")
+def parse_map_norm(v) -> str:
+    """"none" (the method: raw maps summed), "range" or "auto"; anything else is refused."""
+    if v not in ("none", "range", "auto"):
+        raise BadInputError(f"map_norm must be none, range or auto, got {v!r}", fix="e.g. --map-norm auto")
+    return v
 
 
-def choose_map_levels(model, val, cfg: dict, quiet: bool = True) -> dict:
-    """Which levels' maps to sum into the pixel map, chosen without labels.
+@torch.no_grad()
+def map_ranges(model, val, cfg: dict) -> list[list[float]]:
+    """[median, 0.999 quantile] of each of the 2L anomaly maps over all validation-normal pixels, at the map's
+    own resolution: the units of ``map_norm: range`` (0 = a typical normal pixel, 1 = a rare one)."""
+    from .runs import make_dataset
+    from .scoring import anomaly_maps
+    model.eval()
+    loader = torch.utils.data.DataLoader(make_dataset(val, cfg, model.source),
+                                         batch_size=cfg.get("eval_batch_size", 8), shuffle=False)
+    pixels = None
+    for batch in loader:
+        x = batch["image"]
+        if cfg.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        maps = anomaly_maps(out.teachers, out.students)
+        pixels = pixels or [[] for _ in maps]
+        for k, m in enumerate(maps):
+            pixels[k].append(m.float().numpy().ravel())
+    ranges = [[float(np.median(v)), float(np.quantile(v, 0.999))] for v in map(np.concatenate, pixels)]
+    bad = [k for k, (lo, hi) in enumerate(ranges) if not (np.isfinite(lo) and np.isfinite(hi))]
+    if bad:
+        raise BadInputError(f"anomaly maps {bad} are not finite on the validation normals", fix="retrain the run")
+    return ranges
 
-    Why: the deepest levels localise best on some lines and the finest level adds noise (the width-4
-    magnetic-tile models: pixel AUROC on synthetic defects 0.958-0.960 with all levels, 0.965-0.967 with
-    levels 2 + 3; on the test masks 0.767-0.771 and 0.802-0.805). Every non-empty subset
-    is scored on `selection.SyntheticValidation` (the validation normals and defective copies with exact
-    masks); the method's sum of all levels is kept unless a subset beats it by more than MAP_LEVELS_MARGIN."""
+
+PIXEL_MAP_MARGIN = 0.005
+PIXEL_MAP_RULE = ("pixel AUROC on the validation normals and synthetic defective copies of them (selection.py); "
+                  f"the method's map (all levels, raw) unless another beats it by more than {PIXEL_MAP_MARGIN}")
+
+
+def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", ranges=None,
+                     quiet: bool = True) -> dict:
+    """Which levels' maps the pixel map sums, and whether each map is first put in its validation-normal
+    range units, chosen without labels.
+
+    Why: the levels' maps differ in scale and in how well they localise, and their plain sum lets the
+    noisiest set the map. The width-4 magnetic-tile models: pixel AUROC on synthetic defects 0.958-0.960
+    with all levels, 0.965-0.967 with levels 2 + 3 (on the test masks 0.767-0.771 and 0.802-0.805).
+    Every candidate (each subset when ``map_levels`` is "auto", else the given levels; raw and range units when
+    ``map_norm`` is "auto", else the given one) is scored on `selection.SyntheticValidation` (the validation
+    normals and defective copies with exact masks); the base (all levels, or the given ones; raw, or the given
+    norm) is kept unless a candidate beats it by more than PIXEL_MAP_MARGIN."""
     from itertools import combinations
 
     from .runs import make_dataset
     from .selection import SyntheticValidation
     if not val:
-        raise BadInputError("choosing map levels needs validation normals, and this run kept none (val_fraction 0)",
-                            fix="use --map-levels all, or a list such as 2,3")
+        raise BadInputError("choosing the pixel map needs validation normals, and this run kept none (val_fraction 0)",
+                            fix="use --map-levels all --map-norm none, or a list of levels such as 2,3")
     n = len(model.channels)
-    subsets = [list(c) for r in range(1, n + 1) for c in combinations(range(1, n + 1), r)]
+    every = tuple(range(1, n + 1))
+    if map_levels == "auto":
+        subsets, base_levels = [c for r in range(1, n + 1) for c in combinations(every, r)], every
+    else:
+        base_levels = tuple(parse_map_levels(map_levels, n) or every)
+        subsets = [base_levels]
+    norms = ["none", "range"] if map_norm == "auto" else [map_norm]
+    if "range" in norms and ranges is None:
+        ranges = map_ranges(model, val, cfg)
+    candidates = {(s, nm): (list(s), ranges if nm == "range" else None) for s in subsets for nm in norms}
     sv = SyntheticValidation(make_dataset(val, cfg, model.source), int(cfg.get("synthetic_copies", 2)), cfg["seed"])
-    scores = sv.pixel_auroc_by_levels(model, subsets, cfg.get("eval_batch_size", 8), bool(cfg.get("channels_last")))
-    return {"levels": pick_map_levels(scores, n), "rule": MAP_LEVELS_RULE,
-            "synthetic_pixel_auroc": {",".join(map(str, k)): v for k, v in scores.items()}}
+    scores = sv.pixel_auroc_of(model, candidates, cfg.get("eval_batch_size", 8), bool(cfg.get("channels_last")))
+    levels, norm = pick_pixel_map(scores, (base_levels, "none" if map_norm == "auto" else map_norm))
+    return {"levels": None if levels == every else list(levels), "norm": norm, "rule": PIXEL_MAP_RULE,
+            "synthetic_pixel_auroc": {_label(k): v for k, v in scores.items()}}
 
 
-def pick_map_levels(scores: dict, n_levels: int, margin: float = MAP_LEVELS_MARGIN):
-    """None (all levels) unless the best-scoring subset beats all levels by more than ``margin``; ties and
-    NaN keep all. ``scores``: {tuple of levels: pixel AUROC}."""
-    every = tuple(range(1, n_levels + 1))
-    base = scores.get(every, float("nan"))
-    best = max((k for k in scores if scores[k] == scores[k]), key=lambda k: (scores[k], len(k)), default=every)
-    if best == every or scores[best] <= base + margin:   # False for a NaN base: any scored subset beats it
-        return None
-    return list(best)
+def _label(key) -> str:
+    levels, norm = key
+    return ",".join(map(str, levels)) + ("" if norm == "none" else f" {norm}")
+
+
+def pick_pixel_map(scores: dict, base, margin: float = PIXEL_MAP_MARGIN):
+    """The (levels, norm) key of ``scores`` ({(levels tuple, "none"|"range"): pixel AUROC}) to use: ``base``
+    unless the best candidate beats it by more than ``margin``. Ties go to more levels, then to raw maps;
+    NaN scores never win, and a NaN base loses to any scored candidate."""
+    base_score = scores.get(base, float("nan"))
+    best = max((k for k in scores if scores[k] == scores[k]), key=lambda k: (scores[k], len(k[0]), k[1] == "none"),
+               default=base)
+    if best == base or scores[best] <= base_score + margin:   # False for a NaN base
+        return base
+    return best
 
 
 def apply_calibration(model, run, model_path) -> None:
-    """Give ``model`` the run's calibrated pixel-map levels when ``model_path`` is the run's model.pt (the
+    """Give ``model`` the run's calibrated pixel map (levels, range units) when ``model_path`` is the run's model.pt (the
     levels were chosen for that model; another epoch's model keeps all levels)."""
     path = Path(run) / "calibration.json"
     if Path(model_path).resolve() != (Path(run) / "model.pt").resolve() or not path.exists():
         return
     try:
-        levels = json.loads(path.read_text()).get("map_levels")
+        cal = json.loads(path.read_text())
     except (OSError, ValueError):
         return   # an unreadable calibration is reported where its threshold is read
-    model.cfg["map_levels"] = levels or None
+    model.cfg["map_levels"] = cal.get("map_levels") or None
+    model.cfg["map_norm"] = cal.get("map_norm") or None
 
 
 def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
@@ -122,7 +188,7 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
            "threshold": float(np.quantile(s, 0.99)), "threshold_rule": DEFAULT_RULE,
            "val_scores": sorted(float(v) for v in s),
            "map_range": pixels.result(), "map_range_pixel_map": pixel_map_kind(model.cfg),
-           "map_levels": model.cfg.get("map_levels"),
+           "map_levels": model.cfg.get("map_levels"), "map_norm": model.cfg.get("map_norm"),
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
     return cal
 
@@ -134,10 +200,11 @@ def validation_normals(cfg: dict) -> list:
 
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
-                map_levels=None) -> dict:
+                map_levels=None, map_norm=None) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``), or to
-    (re)choose the pixel map's levels (``map_levels``: "all", "auto", a list; None keeps the run's)."""
+    (re)choose the pixel map: ``map_levels`` ("all", "auto", a list) and ``map_norm`` ("none", "range", "auto");
+    None keeps the run's."""
     from .checkpoint import build_from_checkpoint
     from .runs import run_path, set_threads
     path = run_path(run, "model.pt")
@@ -151,7 +218,7 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
-    return calibrate(model, val, cfg, Path(run), quiet, map_levels)   # score_samples puts the model in eval mode
+    return calibrate(model, val, cfg, Path(run), quiet, map_levels, map_norm)   # score_samples puts the model in eval mode
 
 
 def threshold_at_fpr(val_scores, max_fpr: float) -> float:

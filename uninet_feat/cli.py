@@ -40,6 +40,9 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map-levels", dest="map_levels",
                    help="levels summed into the pixel map: all (the method, default), auto (chosen after training "
                         "on synthetic defects of the validation normals, no labels) or a list such as 2,3")
+    p.add_argument("--map-norm", dest="map_norm", choices=["none", "range", "auto"],
+                   help="each level's map in its validation-normal range units before the pixel map sums them: "
+                        "none (the method, default), range, or auto (chosen with --map-levels on synthetic defects)")
     p.add_argument("--supervised", action="store_true", default=None,
                    help="use labelled defects (and masks) in the training split")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
@@ -68,7 +71,8 @@ def _skip_bad_flag(p) -> None:
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "width", "select", "val_every",
-               "keep_every", "map_levels", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
+               "keep_every", "map_levels", "map_norm", "supervised", "skip_bad", "grad_checkpointing",
+               "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-levels", dest="map_levels",
                    help="levels summed into the pixel map: all (the method), auto (chosen on synthetic defects of "
                         "the validation normals, no labels) or a list such as 2,3; default: keep the run's")
+    p.add_argument("--map-norm", dest="map_norm", choices=["none", "range", "auto"],
+                   help="each level's map in its validation-normal range units before the sum: none (the method), "
+                        "range, or auto (chosen on synthetic defects, no labels); default: keep the run's")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("extract", help="export image (and patch) feature vectors into a sharded store")
@@ -383,8 +390,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "calibrate":
         from .calibration import recalibrate
-        cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels)
-        keys = ("n_val_normals", "threshold", "threshold_rule", "quantiles", "map_levels", "map_levels_choice")
+        cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels, args.map_norm)
+        keys = ("n_val_normals", "threshold", "threshold_rule", "quantiles", "map_levels", "map_norm",
+                "pixel_map_choice")
         print(json.dumps({k: cal[k] for k in keys if k in cal}, indent=2))
         return 0
     if args.command == "prompts":

@@ -35,6 +35,9 @@ DEFAULT_CONFIG: dict = {
     # levels summed into the pixel map (calibration.py): "all" (the method), "auto" (chosen after training on
     # synthetic defects of the validation normals, no labels) or a list such as [2, 3]; the image score uses all
     "map_levels": "all",
+    # each map in its validation-normal range units before the pixel map sums them (calibration.py): "none" (the
+    # method), "range" ((M - median) / (0.999 quantile - median) of its validation-normal pixels) or "auto"
+    "map_norm": "none",
     "keep_every": 0,               # also keep the model of every N-th epoch as epochs/epoch_NNN.pt (0: none)
     # backbone
     "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "levels": None,

@@ -52,26 +52,41 @@ def wdm_score(maps, out_size, alpha: float = ALPHA, beta: float = BETA, backend:
     return s, _wdm.topk_mean(s, k)
 
 
-def level_pixel_map(maps, levels, out_size, smoothed: bool = True, backend: str | None = None) -> torch.Tensor:
-    """The pixel map of ``levels`` only (1-based; both pairs of each level, so 2 maps per level), summed as
-    `anomaly_map` sums all, then σ=4 blurred when ``smoothed``: what ``map_levels`` shows and evaluates."""
+def level_pixel_map(maps, levels, out_size, smoothed: bool = True, backend: str | None = None,
+                    norm=None) -> torch.Tensor:
+    """The pixel map of ``levels`` only (1-based, None = all; both pairs of each level, so 2 maps per level),
+    summed as `anomaly_map` sums all, then σ=4 blurred when ``smoothed``: what ``map_levels`` shows and evaluates.
+
+    ``norm``: one (median, 0.999 quantile) pair per map, of its validation-normal pixels (``map_norm: range``):
+    each map is put in those units, (M - median) / (q999 - median), before the sum, so that every map counts
+    on its own normal scale instead of the noisiest one setting the sum."""
     maps = list(maps)
     n_levels = len(maps) // 2
+    levels = range(1, n_levels + 1) if levels is None else levels
     bad = [lv for lv in levels if not 1 <= int(lv) <= n_levels]
     if bad or not levels:
         raise ValueError(f"map levels must be a non-empty subset of 1..{n_levels}, got {list(levels)}")
+    if norm is not None and len(norm) != len(maps):
+        raise ValueError(f"map_norm has {len(norm)} ranges for {len(maps)} maps")
     size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-    keep = [maps[k] for k in range(len(maps)) if k % n_levels + 1 in {int(lv) for lv in levels}]
-    a = anomaly_map(keep, size, backend)
+    keep = {int(lv) for lv in levels}
+    idx = [k for k in range(len(maps)) if k % n_levels + 1 in keep]
+    if norm is None:
+        sel = [maps[k] for k in idx]
+    else:
+        sel = [(maps[k] - float(norm[k][0])) / max(float(norm[k][1]) - float(norm[k][0]), 1e-12) for k in idx]
+    a = anomaly_map(sel, size, backend)
     return gaussian_blur_scipy(a, 4.0, 4.0, backend) if smoothed else a
 
 
 def pixel_map_kind(cfg: dict) -> str:
-    """A name for the kind of pixel map ``cfg`` makes ("smoothed", "raw, levels 2,3"): colour scales and
-    ranges computed on one kind are not used for another."""
+    """A name for the kind of pixel map ``cfg`` makes ("smoothed", "raw, levels 2,3", "smoothed, range units"):
+    colour scales and ranges computed on one kind are not used for another."""
     levels = cfg.get("map_levels")
     kind = cfg.get("pixel_map", "smoothed")
-    return kind if not levels else f"{kind}, levels {','.join(str(int(v)) for v in levels)}"
+    if levels:
+        kind += f", levels {','.join(str(int(v)) for v in levels)}"
+    return kind + ", range units" if cfg.get("map_norm") else kind
 
 
 def wdm_score_reference(maps, out_size, alpha: float = ALPHA, beta: float = BETA):

@@ -99,20 +99,21 @@ class SyntheticValidation:
         return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
 
     @torch.no_grad()
-    def pixel_auroc_by_levels(self, model, subsets, batch_size: int = 8, channels_last: bool = False) -> dict:
-        """{tuple of levels: pixel AUROC of the pixel map made from those levels only} on the set, one model
-        pass per batch for every subset (`calibration.choose_map_levels`)."""
+    def pixel_auroc_of(self, model, candidates: dict, batch_size: int = 8, channels_last: bool = False) -> dict:
+        """{key: pixel AUROC of that candidate pixel map} on the set, one model pass per batch for all of them
+        (`calibration.choose_pixel_map`). ``candidates``: {key: (levels or None, norm or None)}, the pixel map
+        `scoring.level_pixel_map` makes from them."""
         from .scoring import anomaly_maps, level_pixel_map
         model.eval()
         smoothed = model.cfg["pixel_map"] == "smoothed"
-        maps = {tuple(s): [] for s in subsets}
+        maps = {k: [] for k in candidates}
         for x in self._inputs(batch_size, channels_last):
             out = model(x)
             am = anomaly_maps(out.teachers, out.students)
-            for s in maps:
-                maps[s].append(level_pixel_map(am, s, tuple(x.shape[-2:]), smoothed).float().numpy())
+            for k, (levels, norm) in candidates.items():
+                maps[k].append(level_pixel_map(am, levels, tuple(x.shape[-2:]), smoothed, norm=norm).float().numpy())
         out = {}
-        for s, m in maps.items():
+        for k, m in maps.items():
             m = np.concatenate(m)
-            out[s] = metrics.pixel_auroc(self.masks, m) if np.isfinite(m).all() else float("nan")
+            out[k] = metrics.pixel_auroc(self.masks, m) if np.isfinite(m).all() else float("nan")
         return out

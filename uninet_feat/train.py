@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .calibration import calibrate, parse_map_levels
+from .calibration import calibrate, parse_map_levels, parse_map_norm
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
 from .data.dataset import check_samples
@@ -65,12 +65,14 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     model = make_model(cfg)
-    map_levels = cfg.get("map_levels", "all")   # used after the last epoch; checked now
+    map_levels = cfg.get("map_levels", "all")   # the pixel map: used after the last epoch; checked now
+    map_norm = parse_map_norm(cfg.get("map_norm", "none"))
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
-    elif not val:
-        raise BadInputError("map_levels: auto chooses on the validation normals, but val_fraction leaves none",
-                            path=cfg.get("split_csv") or cfg.get("data"), fix="set val_fraction > 0 or map_levels: all")
+    if "auto" in (map_levels, map_norm) and not val:
+        raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
+                            "leaves none", path=cfg.get("split_csv") or cfg.get("data"),
+                            fix="set val_fraction > 0, or map_levels: all and map_norm: none")
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
@@ -173,7 +175,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         else:
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
         if val:
-            calibrate(model, val, cfg, out, quiet, map_levels)
+            calibrate(model, val, cfg, out, quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
@@ -196,7 +198,7 @@ def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | N
 
 
 # what `train --resume` takes from the config it is given; everything else comes from the checkpoint
-RESUMABLE_KEYS = ("epochs", "threads", "map_levels")   # map_levels: only the calibration after the last epoch
+RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm")   # map_*: only the calibration after the last epoch
 
 RULE = "best mean of image and pixel AUROC: validation normals vs synthetic defects made from them"
 

@@ -189,14 +189,15 @@ class UniNet(nn.Module):
         return self.score_maps(anomaly_maps(out.teachers, out.students), tuple(out_size or x.shape[-2:]))
 
     def score_maps(self, maps, out_size):
-        """(pixel map, WDM image score) from the 2L anomaly maps: the score always from all of them (the
-        method's WDM); the pixel map from the levels in ``cfg["map_levels"]`` only, when a run's
-        calibration.json sets them (`calibration.apply_calibration`, chosen on synthetic defects)."""
+        """(pixel map, WDM image score) from the 2L anomaly maps: the score always from all of them, raw (the
+        method's WDM); the pixel map from the levels in ``cfg["map_levels"]`` only and each map in its
+        validation-normal range units (``cfg["map_norm"]``), when a run's calibration.json sets them
+        (`calibration.apply_calibration`, chosen on synthetic defects)."""
         from uninet_feat.scoring import level_pixel_map, wdm_score
         smoothed = self.cfg["pixel_map"] == "smoothed"
         pix, score = wdm_score(maps, out_size, self.cfg["alpha"], self.cfg["beta"], smoothed=smoothed)
-        if self.cfg.get("map_levels"):
-            pix = level_pixel_map(maps, self.cfg["map_levels"], out_size, smoothed)
+        if self.cfg.get("map_levels") or self.cfg.get("map_norm"):
+            pix = level_pixel_map(maps, self.cfg.get("map_levels"), out_size, smoothed, norm=self.cfg.get("map_norm"))
         return pix, score
 
     def reparameterize(self) -> "UniNet":
