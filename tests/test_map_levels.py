@@ -38,7 +38,8 @@ def test_range_units_put_each_map_on_its_own_normal_scale_before_the_sum():
     np.testing.assert_allclose(level_pixel_map(maps, None, (32, 32), smoothed=False, norm=norm),
                                anomaly_map(by_hand, (32, 32)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(level_pixel_map(maps, [3], (32, 32), smoothed=True, norm=norm),
-                               gaussian_blur_scipy(anomaly_map([by_hand[2], by_hand[5]], (32, 32))), rtol=1e-5, atol=1e-6)
+                               gaussian_blur_scipy(anomaly_map([by_hand[2], by_hand[5]], (32, 32))),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="6 maps"):
         level_pixel_map(maps, None, (32, 32), norm=norm[:3])
 
@@ -78,6 +79,12 @@ def test_pick_pixel_map_keeps_the_base_unless_another_map_is_clearly_better():
     assert pick_pixel_map(ranged, base) == ((1, 2, 3), "range")
     assert pick_pixel_map({**ranged, ((1, 2, 3), "none"): 0.97}, base) == base   # a tie goes to the raw maps
     assert pick_pixel_map({((2, 3), "range"): 0.90, ((2, 3), "none"): 0.80}, ((2, 3), "range")) == ((2, 3), "range")
+    # near-ties among the better candidates go to the one nearest the method (the session-11 magnetic-tile run)
+    near = {**s, ((2,), "none"): 0.9700, ((2,), "range"): 0.9723, ((1, 2, 3), "range"): 0.9685, base: 0.9624}
+    assert pick_pixel_map(near, base) == ((1, 2, 3), "range")
+    assert pick_pixel_map({**near, ((1, 2, 3), "range"): 0.9650}, base) == ((2,), "none")   # raw before range
+    # 0.969 is not more than the margin above a 0.965 base: only 0.9723 is
+    assert pick_pixel_map({**near, base: 0.9650, ((1, 2, 3), "range"): 0.9690}, base) == ((2,), "range")
     assert parse_map_levels("all", 3) is None and parse_map_levels("3,2", 3) == [2, 3]
     assert parse_map_levels([1, 2, 3], 3) is None
     for bad in ("0,1", "4", "x", []):
