@@ -212,3 +212,27 @@ def test_val_every_without_synthetic_selection_warns(tmp_path):
     from uninet_feat.cli import main
     with pytest.warns(UserWarning, match="--val-every has no effect without --select synthetic"):
         assert main(["train", "--data", str(tmp_path / "missing"), "--val-every", "5", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_pixel_auroc_of_holds_a_pixel_grid_when_the_maps_would_pass_the_memory_cap(texture):
+    from uninet_feat import metrics
+    from uninet_feat.model import UniNet
+    from uninet_feat.scoring import anomaly_maps, level_pixel_map
+    from uninet_feat.selection import pixel_step
+    from _tiny import TinyBackbone
+    assert [pixel_step(n, 100) for n in (100, 101, 400, 401, 900)] == [1, 2, 2, 3, 3]
+    sv = _val_set(texture)
+    torch.manual_seed(0)
+    model = UniNet(TinyBackbone()).eval()
+    cands = {"all": (None, None), "3": ([3], None)}
+    full = sv.pixel_auroc_of(model, cands)
+    nbytes = sv.masks.size * 4 * len(cands)
+    capped = sv.pixel_auroc_of(model, cands, max_bytes=nbytes // 9)   # stride 3 in each direction
+    with torch.no_grad():
+        out = model(torch.cat(list(sv._inputs(8, False))))
+    am = anomaly_maps(out.teachers, out.students)
+    for k, (levels, norm) in cands.items():
+        m = level_pixel_map(am, levels, sv.masks.shape[-2:], norm=norm).numpy()
+        assert full[k] == pytest.approx(metrics.pixel_auroc(sv.masks, m), abs=1e-6)
+        assert capped[k] == pytest.approx(metrics.pixel_auroc(sv.masks[:, ::3, ::3], m[:, ::3, ::3]), abs=1e-6)
+    assert capped != full

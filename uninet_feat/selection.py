@@ -99,21 +99,37 @@ class SyntheticValidation:
         return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
 
     @torch.no_grad()
-    def pixel_auroc_of(self, model, candidates: dict, batch_size: int = 8, channels_last: bool = False) -> dict:
+    def pixel_auroc_of(self, model, candidates: dict, batch_size: int = 8, channels_last: bool = False,
+                       max_bytes: int = 1 << 30) -> dict:
         """{key: pixel AUROC of that candidate pixel map} on the set, one model pass per batch for all of them
         (`calibration.choose_pixel_map`). ``candidates``: {key: (levels or None, norm or None)}, the pixel map
-        `scoring.level_pixel_map` makes from them."""
+        `scoring.level_pixel_map` makes from them.
+
+        The maps of every candidate are held until the end; when they would pass ``max_bytes`` (a large
+        validation set), every s-th pixel in each direction is kept, the same pixels for every candidate
+        and the masks, so that memory stays bounded and the AUROC is estimated on a regular grid."""
         from .scoring import anomaly_maps, level_pixel_map
         model.eval()
         smoothed = model.cfg["pixel_map"] == "smoothed"
+        step = pixel_step(self.masks.size * 4 * max(len(candidates), 1), max_bytes)
         maps = {k: [] for k in candidates}
         for x in self._inputs(batch_size, channels_last):
             out = model(x)
             am = anomaly_maps(out.teachers, out.students)
             for k, (levels, norm) in candidates.items():
-                maps[k].append(level_pixel_map(am, levels, tuple(x.shape[-2:]), smoothed, norm=norm).float().numpy())
+                m = level_pixel_map(am, levels, tuple(x.shape[-2:]), smoothed, norm=norm)
+                maps[k].append(m[:, ::step, ::step].float().numpy().copy())
+        masks = self.masks[:, ::step, ::step]
         out = {}
         for k, m in maps.items():
             m = np.concatenate(m)
-            out[k] = metrics.pixel_auroc(self.masks, m) if np.isfinite(m).all() else float("nan")
+            out[k] = metrics.pixel_auroc(masks, m) if np.isfinite(m).all() else float("nan")
         return out
+
+
+def pixel_step(nbytes: int, max_bytes: int) -> int:
+    """The smallest pixel stride s (1 = every pixel) with nbytes / s^2 <= max_bytes."""
+    step = 1
+    while nbytes > max_bytes * step * step:
+        step += 1
+    return step
