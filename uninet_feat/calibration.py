@@ -119,8 +119,8 @@ def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", 
     0.715 → 0.756 and 0.772 → 0.799 (AUPRO 0.476 → 0.502, 0.487 → 0.503).
     Every candidate (each subset when ``map_levels`` is "auto", else the given levels; raw and range units when
     ``map_norm`` is "auto", else the given one) is scored on `selection.SyntheticValidation` (the validation
-    normals and defective copies with exact masks); the base (all levels, or the given ones; raw, or the given
-    norm) is kept unless a candidate beats it by more than PIXEL_MAP_MARGIN."""
+    normals and defective copies with exact masks), and `pick_pixel_map` takes one: the base (all levels, or
+    the given ones; raw, or the given norm) unless a candidate beats it by more than PIXEL_MAP_MARGIN."""
     from itertools import combinations
 
     from .runs import make_dataset
@@ -171,7 +171,7 @@ def pick_pixel_map(scores: dict, base, margin: float = PIXEL_MAP_MARGIN):
 
 def apply_calibration(model, run, model_path) -> None:
     """Give ``model`` the run's calibrated pixel map (levels, range units) when ``model_path`` is its model.pt (the
-    levels were chosen for that model; another epoch's model keeps all levels)."""
+    map was chosen for that model; another epoch's model keeps all levels, raw)."""
     path = Path(run) / "calibration.json"
     if Path(model_path).resolve() != (Path(run) / "model.pt").resolve() or not path.exists():
         return
