@@ -80,16 +80,11 @@ def parse_map_norm(v) -> str:
 def map_ranges(model, val, cfg: dict) -> list[list[float]]:
     """[median, 0.999 quantile] of each of the 2L anomaly maps over all validation-normal pixels, at the map's
     own resolution: the units of ``map_norm: range`` (0 = a typical normal pixel, 1 = a rare one)."""
-    from .runs import make_dataset
+    from .runs import eval_batches, make_dataset
     from .scoring import anomaly_maps
     model.eval()
-    loader = torch.utils.data.DataLoader(make_dataset(val, cfg, model.source),
-                                         batch_size=cfg.get("eval_batch_size", 8), shuffle=False)
     pixels = None
-    for batch in loader:
-        x = batch["image"]
-        if cfg.get("channels_last"):
-            x = x.contiguous(memory_format=torch.channels_last)
+    for _, x in eval_batches(make_dataset(val, cfg, model.source), cfg):
         out = model(x)
         maps = anomaly_maps(out.teachers, out.students)
         pixels = pixels or [[] for _ in maps]

@@ -326,11 +326,9 @@ def _resume_base(out: Path, config, overrides: dict) -> dict:
         saved = checkpoint_config(read_checkpoint(out / "checkpoint.pt"))
     else:
         return {}   # train() says there is nothing to resume
-    given = load_config(config, overrides, base=saved)
-    # data paths as a new run saves them (absolute), on both sides: `--config FILE` spells them relative
-    saved_paths, given_paths = absolute_data_paths(saved), absolute_data_paths(given)
-    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_KEYS and given[k] != saved[k]
-                     and not (k in ("data", "split_csv") and given_paths[k] == saved_paths[k]))
+    # data paths compared as a new run saves them (absolute), on both sides: `--config FILE` spells them relative
+    given, saved_abs = absolute_data_paths(load_config(config, overrides, base=saved)), absolute_data_paths(saved)
+    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_KEYS and given[k] != saved_abs[k])
     if changed:
         raise BadInputError(f"{', '.join(changed)} cannot change when a run is resumed (it was trained with "
                             f"{', '.join(f'{k}={saved[k]!r}' for k in changed)})", path=saved_path,

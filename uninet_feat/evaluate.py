@@ -23,7 +23,7 @@ from .calibration import apply_calibration, check_threshold_flags, resolve_thres
 from .checkpoint import build_from_checkpoint
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
-from .runs import load_samples, make_dataset, run_path, set_threads
+from .runs import eval_batches, load_samples, make_dataset, run_path, set_threads
 from .scoring import pixel_map_kind
 
 
@@ -41,7 +41,6 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     tiled = bool(cfg.get("tile"))
     want_maps = keep_maps or on_map is not None
     grids = {i: g for i, g, _ in ds.tile_index} if tiled and want_maps else {}
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.get("eval_batch_size", 8), shuffle=False)
     n = len(samples)
     tile_scores: dict[int, list[float]] = {}
     tile_maps: dict[int, list[np.ndarray]] = {}
@@ -61,10 +60,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     with Progress(TextColumn("score"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=quiet) as prog:
         task = prog.add_task("score", total=len(ds))
-        for batch in loader:
-            x = batch["image"]
-            if cfg.get("channels_last"):
-                x = x.contiguous(memory_format=torch.channels_last)
+        for batch, x in eval_batches(ds, cfg):
             pix, score = model.predict(x)
             for j, idx in enumerate(batch["index"].tolist()):
                 tile_scores.setdefault(idx, []).append(float(score[j]))

@@ -95,6 +95,14 @@ def make_dataset(samples, cfg: dict, backbone) -> ImageDataset:
                         skip_bad=cfg.get("skip_bad", False))
 
 
+def eval_batches(ds, cfg: dict):
+    """(batch, model input) over ``ds`` in order at the run's eval batch size, the input channels_last when the
+    run uses it: the scoring loop of `evaluate.score_samples` and `calibration.map_ranges`."""
+    for batch in torch.utils.data.DataLoader(ds, batch_size=cfg.get("eval_batch_size", 8), shuffle=False):
+        x = batch["image"]
+        yield batch, (x.contiguous(memory_format=torch.channels_last) if cfg.get("channels_last") else x)
+
+
 def make_model(cfg: dict) -> UniNet:
     backbone = create_backbone(cfg["backbone"], weights=cfg["weights"], levels=cfg.get("levels"))
     return UniNet(backbone, **model_options(cfg))
