@@ -62,7 +62,7 @@ def test_predict_flags_by_the_knn_or_combined_score_at_its_own_validation_thresh
 def test_flag_by_knn_needs_an_index_and_valid_normals(setup, tmp_path, capsys):
     data, run, knn = setup
     base = ["predict", "--run", str(run), "--data", str(data), "--quiet"]
-    for extra in (["--flag-by", "knn"], ["--flag-by", "combined"], ["--heatmap", "knn"]):
+    for extra in (["--flag-by", "knn"], ["--flag-by", "combined"], ["--heatmap", "knn"], ["--heatmap", "combined"]):
         assert main(base + extra + ["--out", str(tmp_path / "p")]) == 2
         assert "--knn DIR" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
@@ -101,6 +101,49 @@ def test_knn_heatmap_overlays_show_the_patch_distances_at_native_size(setup, tmp
     got = np.asarray(Image.open(row["overlay"]).convert("RGB"))
     np.testing.assert_array_equal(got, heatmap_overlay(row["path"], m, vmin=lo, vmax=hi))
     assert not np.array_equal(got, heatmap_overlay(row["path"], m, vmin=0, vmax=float(m.max())))
+
+
+def test_combined_heatmap_overlays_sum_both_maps_in_range_units(setup, tmp_path):
+    """`--heatmap combined` draws WDM's map plus the kNN map (at the WDM map's size), each in its own
+    validation-normal range units, coloured median .. 0.999 quantile of that combined map on the validation normals."""
+    from PIL import Image
+    from uninet_feat.calibration import validation_normals
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.data.layouts import discover_batch
+    from uninet_feat.downstream import KNNScorer
+    from uninet_feat.downstream.knn import upsample_scores
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.overlay import heatmap_overlay
+    data, run, knn = setup
+    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--threshold=-1e9",
+                 "--heatmap", "combined", "--quiet", "--out", str(tmp_path / "p")]) == 0
+    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["heatmap"] == "combined" and all(r["overlay"] for r in rows)
+    model, ck = build_from_checkpoint(run / "model.pt")
+    cfg, bank = dict(ck["config"]), KNNScorer.load(knn)
+    wr = json.loads((run / "calibration.json").read_text())["map_range"]
+
+    def combined(samples):   # each sample's combined map, from the pieces
+        res = score_samples(model, samples, cfg, keep_maps=True)
+        kres = Extractor(run=run, patches="source").extract(samples)
+        k = upsample_scores(bank.score_patches(kres["patches"].astype(np.float32)), kres["patch_grid"],
+                            res["maps"][0].shape)
+        kr = np.quantile(bank.score_patches(vres["patches"].astype(np.float32)), [0.5, 0.999])
+        return [(w - wr[0]) / (wr[1] - wr[0]) + (k[i] - kr[0]) / (kr[1] - kr[0]) for i, w in enumerate(res["maps"])]
+    val = validation_normals(cfg)
+    vres = Extractor(run=run, patches="source").extract(val)
+    v = np.concatenate([m.ravel() for m in combined(val)])
+    lo, hi = np.quantile(v, 0.5), np.quantile(v, 0.999)
+    assert summary["heatmap_range"] == pytest.approx([lo, hi], rel=1e-4)
+    samples = discover_batch(data)
+    maps = combined(samples)
+    for row in rows[:3]:
+        m = maps[[str(x.path) for x in samples].index(row["path"])]
+        got = np.asarray(Image.open(row["overlay"]).convert("RGB")).astype(int)
+        want = heatmap_overlay(row["path"], m, vmin=lo, vmax=hi).astype(int)
+        assert np.abs(got - want).max() <= 1       # float rounding of the colour index at most
+        assert np.abs(got - heatmap_overlay(row["path"], m, vmin=0, vmax=float(m.max()))).max() > 1
 
 
 def test_knn_map_stitches_tiles_into_the_native_image():
@@ -167,3 +210,18 @@ def test_evaluate_reports_the_combined_pixel_map(setup):
     sc = rep["scorers"]["combined"]
     assert sc["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(res["masks"], comb), abs=1e-6)
     assert sc["aupro"] == pytest.approx(metrics.aupro(res["masks"], comb), abs=1e-6)
+
+
+def test_calibration_names_each_validation_normal_beside_its_score(setup):
+    """calibration.json's val_paths[i] is the validation normal that scored val_scores[i] (ascending), so the
+    normal that sets a threshold can be looked at."""
+    from pathlib import Path
+    from uninet_feat.calibration import validation_normals
+    data, run, knn = setup
+    cal = json.loads((run / "calibration.json").read_text())
+    val = validation_normals(load_config(run / "config.yaml"))
+    res = Extractor(run=run).extract(val)
+    own = {str(Path(val[i].path).resolve()): float(v) for i, v in zip(res["index"], res["scores"])}
+    assert sorted(cal["val_paths"]) == sorted(own) and len(own) == 5
+    assert cal["val_scores"] == sorted(cal["val_scores"])
+    assert [own[p] for p in cal["val_paths"]] == pytest.approx(cal["val_scores"], rel=1e-5)

@@ -186,10 +186,12 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
     pixels = MapRangeSample(len(val))            # maps streamed through, not held
     res = score_samples(model, val, cfg, quiet=quiet, on_map=lambda _, m, __: pixels.add(m))
     s = np.asarray(res["scores"], dtype=np.float64)
+    order = np.argsort(s, kind="stable")       # val_paths[i] scored val_scores[i]: which normal sets the threshold
     cal = {"n_val_normals": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
            "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
            "threshold": float(np.quantile(s, 0.99)), "threshold_rule": DEFAULT_RULE,
-           "val_scores": sorted(float(v) for v in s),
+           "val_scores": [float(v) for v in s[order]],
+           "val_paths": [str(Path(res["samples"][i].path).resolve()) for i in order],
            "map_range": pixels.result(), "map_range_pixel_map": pixel_map_kind(model.cfg),
            "map_levels": model.cfg.get("map_levels"), "map_norm": model.cfg.get("map_norm"),
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}

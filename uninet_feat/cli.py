@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flag-by", dest="flag_by", choices=["wdm", "knn", "combined"], default="wdm",
                    help="the score that flags images (knn / combined need --knn); its threshold comes from its own "
                         "scores on the run's validation normals, like WDM's (default wdm)")
-    p.add_argument("--heatmap", choices=["wdm", "knn"], default="wdm",
-                   help="the map the overlays of flagged images show: WDM's, or the kNN patch distances (--knn)")
+    p.add_argument("--heatmap", choices=["wdm", "knn", "combined"], default="wdm",
+                   help="the map the overlays of flagged images show: WDM's, the kNN patch distances (--knn), or "
+                        "both in their validation-normal range units, summed (combined, --knn)")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
     _threshold_args(p)

@@ -108,11 +108,17 @@ def per_sample_max(item_scores, index, n: int) -> np.ndarray:
     return out
 
 
-def knn_map(patch_scores, res, i: int) -> np.ndarray:
+def knn_map(patch_scores, res, i: int, shape=None) -> np.ndarray | None:
     """Sample ``i``'s kNN heatmap at its native size: each of its items' (tiles') patch grid upsampled
-    bilinearly to the tile's box and placed there (overlaps averaged) — PatchCore's map, stitched."""
+    bilinearly to the tile's box and placed there (overlaps averaged) — PatchCore's map, stitched.
+    ``shape``: an untiled sample's map straight at that size instead (the WDM map's, to combine with it).
+    None for a sample the extraction skipped (no items)."""
     from .downstream.knn import upsample_scores
     items = np.flatnonzero(np.asarray(res["index"]) == i)
+    if not len(items):
+        return None
+    if shape is not None and len(items) == 1:
+        return upsample_scores(patch_scores[items[0]][None], res["patch_grid"], tuple(shape))[0]
     boxes = np.asarray(res["tile"])[items]
     h, w = int((boxes[:, 0] + boxes[:, 2]).max()), int((boxes[:, 1] + boxes[:, 3]).max())
     acc, cnt = np.zeros((h, w)), np.zeros((h, w))
@@ -135,6 +141,24 @@ def combined_map(wdm_map, knn_map_, wdm_range, knn_range) -> np.ndarray:
     return range_units(wdm_map, wdm_range) + range_units(knn_map_, knn_range)
 
 
+def combined_range(model, cfg: dict, ref: "Reference", wdm_range, max_pixels: int = 65536) -> tuple[float, float]:
+    """Colour scale of the combined map: the median and 0.999 quantile of its pixels on the validation normals
+    (the rule of the WDM and kNN overlays), from one WDM pass over them; at most ``max_pixels`` pixels per
+    image, on a regular stride, so memory stays small however large the images."""
+    from .evaluate import score_samples
+    from .overlay import robust_range
+    pos = {str(x.path): i for i, x in enumerate(ref.val)}
+    pixels = []
+
+    def take(sample, m, _mask):
+        k = knn_map(ref.val_patch_scores, ref.val_res, pos[str(sample.path)], m.shape)
+        if k is not None:
+            c = combined_map(m, k, wdm_range, ref.knn_range).ravel()
+            pixels.append(c[::max(1, -(-c.size // max_pixels))])
+    score_samples(model, ref.val, cfg, on_map=take)
+    return tuple(robust_range(np.concatenate(pixels)))
+
+
 def zscore(v, ref) -> np.ndarray:
     """Standardise ``v`` by the mean and standard deviation of ``ref`` (the validation normals' scores)."""
     ref = np.asarray(ref, dtype=np.float64)
@@ -145,12 +169,16 @@ def zscore(v, ref) -> np.ndarray:
 class Reference:
     """The run's validation normals seen through a kNN index: what standardises and thresholds the kNN and
     combined scores and scales the kNN heatmap. ``wdm`` is calibration.json's scores (for the z-score);
-    ``wdm_paired`` / ``combined`` are per image in ``knn``'s order (None unless asked for)."""
+    ``wdm_paired`` / ``combined`` are per image in ``knn``'s order (None unless asked for); ``val`` the
+    validation normals with their patch scores and extraction (for `combined_range`)."""
     n: int
     knn: np.ndarray
     wdm: np.ndarray
     knn_range: tuple[float, float]
     wdm_paired: np.ndarray | None = None
+    val: list | None = None
+    val_patch_scores: np.ndarray | None = None
+    val_res: dict | None = None
 
     def combine(self, knn, wdm) -> np.ndarray:
         return zscore(knn, self.knn) + zscore(wdm, self.wdm)
@@ -192,7 +220,7 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     ok = np.isfinite(kv) & (np.isfinite(wp) if wp is not None else True)  # a skipped normal has no score
     from .overlay import robust_range
     return Reference(int(ok.sum()), kv[ok], wv, tuple(robust_range(patch_scores.ravel())),
-                     wp[ok] if wp is not None else None)
+                     wp[ok] if wp is not None else None, val, patch_scores, res)
 
 
 def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=None) -> tuple[float, str]:

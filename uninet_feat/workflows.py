@@ -151,16 +151,18 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     An image is flagged when its ``flag_by`` score (``wdm``, or with ``knn``: ``knn`` / ``combined``) is
     above the threshold chosen on that score: ``threshold`` as given, ``max_fpr`` on the run's validation
     normals, else their 0.99 quantile (WDM: the run's calibrated default). ``heatmap``: the map drawn in
-    the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances."""
+    the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the combined map
+    (`scorers.combined_map`: both in their validation-normal range units, summed)."""
     from .calibration import check_threshold_flags, resolve_threshold
     from .downstream import Head
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
+    from .overlay import calibrated_range
     from .scoring import pixel_map_kind
-    if flag_by not in SCORES or heatmap not in ("wdm", "knn"):
+    if flag_by not in SCORES or heatmap not in SCORES:
         raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
-                            fix=f"--flag-by one of {', '.join(SCORES)}; --heatmap wdm or knn")
-    if knn is None and (flag_by != "wdm" or heatmap == "knn"):
+                            fix=f"--flag-by and --heatmap: one of {', '.join(SCORES)}")
+    if knn is None and (flag_by != "wdm" or heatmap != "wdm"):
         raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need a kNN index",
                             fix="pass --knn DIR (built by `uninet-feat index`)")
     if flag_by == "wdm":
@@ -201,6 +203,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                                               f"validation normals, summed")
     if flag_by != "wdm":
         threshold, rule = flag_threshold(flag_by, ref, threshold, max_fpr)
+    wdm_range = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg))
+    if heatmap == "combined" and overlays and (ref is None or wdm_range is None):   # before anything is written
+        raise BadInputError("--heatmap combined needs the run's validation normals: "
+                            + ("see the warning" if ref is None else "calibration.json has no WDM map range"),
+                            fix=f"fix what it names (`uninet-feat calibrate --run {run}`), or --heatmap wdm / knn")
     for r in rows:
         r["flagged"] = bool(threshold is not None and r[f"{flag_by}_score"] > threshold)
     for hd, head in loaded.items():
@@ -224,6 +231,10 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             r["overlay"] = ""
         if heatmap == "knn":
             _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", root=Path(data))
+        elif heatmap == "combined":
+            summary["heatmap_range"] = _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range,
+                                                                out / "overlays", root=Path(data))
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         else:
             _write_overlays(ex, samples, rows, out / "overlays", root=Path(data))
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
@@ -281,6 +292,27 @@ def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, ro
     for r in flagged:
         r["overlay"] = str(folder / names[r["path"]])
         heatmap_overlay(r["path"], knn_map(patch_scores, kres, pos[r["path"]]), r["overlay"], vmin=lo, vmax=hi)
+
+
+def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range, folder: Path, root=None):
+    """Overlays of flagged images' combined maps (WDM's map and the kNN map at its size, each in its
+    validation-normal range units, summed), coloured on the combined map's own validation-normal range
+    (`scorers.combined_range`), which is returned."""
+    from .evaluate import score_samples
+    from .overlay import heatmap_overlay
+    from .scorers import combined_map, combined_range, knn_map
+    lo, hi = combined_range(ex.model, ex.cfg, ref, wdm_range)
+    pos = {str(s.path): i for i, s in enumerate(samples)}
+    by_path = {r["path"]: r for r in rows}
+    flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
+    names = _overlay_names([s.path for s in flagged], root)
+
+    def write(s, m, _mask):
+        c = combined_map(m, knn_map(patch_scores, kres, pos[str(s.path)], m.shape), wdm_range, ref.knn_range)
+        by_path[str(s.path)]["overlay"] = str(folder / names[str(s.path)])
+        heatmap_overlay(s.path, c, folder / names[str(s.path)], vmin=lo, vmax=hi, mask=None)
+    score_samples(ex.model, flagged, ex.cfg, on_map=write)
+    return [lo, hi]
 
 
 def _overlay_names(paths, root=None) -> dict:
