@@ -158,6 +158,10 @@ def test_knn_map_stitches_tiles_into_the_native_image():
     for j, x in ((0, 0), (1, 12), (3, 24)):
         np.testing.assert_allclose(m[:, x:x + 12], upsample_scores(s[j][None], (2, 3), (8, 12))[0], rtol=1e-6)
     np.testing.assert_allclose(knn_map(s, res, 0), upsample_scores(s[2][None], (2, 3), (10, 15))[0], rtol=1e-6)
+    # at a WDM map's size: an untiled image's grid goes straight to it; a tiled one is stitched at native size
+    np.testing.assert_allclose(knn_map(s, res, 0, (20, 30)), upsample_scores(s[2][None], (2, 3), (20, 30))[0], rtol=1e-6)
+    np.testing.assert_array_equal(knn_map(s, res, 1, (8, 36)), m)
+    assert knn_map(s, res, 2) is None   # a sample the extraction skipped has no map
 
 
 def test_evaluate_reports_each_scorers_operating_point(setup):

@@ -220,7 +220,8 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     ok = np.isfinite(kv) & (np.isfinite(wp) if wp is not None else True)  # a skipped normal has no score
     from .overlay import robust_range
     return Reference(int(ok.sum()), kv[ok], wv, tuple(robust_range(patch_scores.ravel())),
-                     wp[ok] if wp is not None else None, val, patch_scores, res)
+                     wp[ok] if wp is not None else None, val, patch_scores,
+                     {k: res[k] for k in ("index", "tile", "patch_grid")})   # not the patch vectors
 
 
 def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=None) -> tuple[float, str]:
