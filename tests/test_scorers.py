@@ -73,6 +73,17 @@ def test_flag_by_knn_needs_an_index_and_valid_normals(setup, tmp_path, capsys):
     assert "needs the run's validation normals" in capsys.readouterr().err
 
 
+def _predict_every_image(setup, out, heatmap):
+    """predict with every image flagged and ``heatmap`` overlays: (rows, summary), every row with its overlay."""
+    data, run, knn = setup
+    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--threshold=-1e9",
+                 "--heatmap", heatmap, "--quiet", "--out", str(out)]) == 0
+    rows = json.loads((out / "predictions.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heatmap"] == heatmap and all(r["overlay"] for r in rows)
+    return rows, summary
+
+
 def test_knn_heatmap_overlays_show_the_patch_distances_at_native_size(setup, tmp_path):
     from PIL import Image
     from uninet_feat.downstream import KNNScorer
@@ -80,11 +91,7 @@ def test_knn_heatmap_overlays_show_the_patch_distances_at_native_size(setup, tmp
     from uninet_feat.overlay import heatmap_overlay
     from uninet_feat.scorers import knn_map
     data, run, knn = setup
-    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--threshold=-1e9",
-                 "--heatmap", "knn", "--quiet", "--out", str(tmp_path / "p")]) == 0
-    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
-    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
-    assert summary["heatmap"] == "knn" and all(r["overlay"] for r in rows)
+    rows, summary = _predict_every_image(setup, tmp_path / "p", "knn")
     row = next(r for r in rows if r["label"] == "spot")   # (a training image is in the bank: distance 0)
     from uninet_feat.data.layouts import discover_batch   # predict's images in its batches: bitwise the same scores
     samples = discover_batch(data)
@@ -115,11 +122,7 @@ def test_combined_heatmap_overlays_sum_both_maps_in_range_units(setup, tmp_path)
     from uninet_feat.evaluate import score_samples
     from uninet_feat.overlay import heatmap_overlay
     data, run, knn = setup
-    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--threshold=-1e9",
-                 "--heatmap", "combined", "--quiet", "--out", str(tmp_path / "p")]) == 0
-    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
-    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
-    assert summary["heatmap"] == "combined" and all(r["overlay"] for r in rows)
+    rows, summary = _predict_every_image(setup, tmp_path / "p", "combined")
     model, ck = build_from_checkpoint(run / "model.pt")
     cfg, bank = dict(ck["config"]), KNNScorer.load(knn)
     wr = json.loads((run / "calibration.json").read_text())["map_range"]
