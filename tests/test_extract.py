@@ -86,6 +86,15 @@ def test_plain_backbone_features_have_no_map_stats(setup):
     assert np.isnan(plain["scores"]).all() and np.isfinite(adapted["scores"]).all()
 
 
+def test_tiles_aggregate_to_the_top_tile_and_the_mean_or_without_scores_the_max():
+    from uninet_feat.featstore import aggregate_tiles
+    v = np.array([[1, 5], [3, 2], [0, 0], [7, 1], [2, 9]], np.float32)
+    X, order = aggregate_tiles(v, np.array([0.1, 0.9, np.nan, np.nan, np.nan]), ["a", "a", "b", "b", "b"])
+    assert [k for k, _ in order] == ["a", "b"] and [list(i) for _, i in order] == [[0, 1], [2, 3, 4]]
+    np.testing.assert_allclose(X[0], [3, 2, 2, 3.5])          # image a: its top tile (score 0.9), the mean
+    np.testing.assert_allclose(X[1], [7, 9, 3, 10 / 3])       # image b, no scores: the elementwise max, the mean
+
+
 def test_sharded_extraction_fills_one_store(setup, tmp_path):
     data, run, samples = setup
     ex = Extractor(run=run)

@@ -128,7 +128,10 @@ def aggregate_tiles(vectors: np.ndarray, scores: np.ndarray, keys) -> tuple[np.n
     """Per image: [vector of its highest-scoring tile, mean vector over its tiles] (2D columns).
 
     The top tile carries the defect when there is one, the mean carries the fabric's overall look.
-    Single-tile images give [v, v]. Returns (X, [(key, item indices)] in first-seen order).
+    Without scores (plain backbone features have no anomaly score) the first half is the elementwise
+    maximum over the tiles instead, which still sees a defect in any tile, where a fixed tile (the
+    first: background on some fabric strips) would not. Single-tile images give [v, v].
+    Returns (X, [(key, item indices)] in first-seen order).
     """
     groups: dict = {}
     for j, k in enumerate(keys):
@@ -136,6 +139,6 @@ def aggregate_tiles(vectors: np.ndarray, scores: np.ndarray, keys) -> tuple[np.n
     rows = []
     for k, idx in groups.items():
         v, s = vectors[idx], scores[idx]
-        top = int(np.nanargmax(s)) if np.isfinite(s).any() else 0
-        rows.append(np.concatenate([v[top], v.mean(0)]))
+        first = v[int(np.nanargmax(s))] if np.isfinite(s).any() else v.max(0)
+        rows.append(np.concatenate([first, v.mean(0)]))
     return np.stack(rows).astype(np.float32), list(groups.items())
