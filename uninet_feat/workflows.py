@@ -203,7 +203,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                                               f"validation normals, summed")
     if flag_by != "wdm":
         threshold, rule = flag_threshold(flag_by, ref, threshold, max_fpr)
-    wdm_range = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg))
+    wdm_range = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg)) if heatmap == "combined" else None
     if heatmap == "combined" and overlays and (ref is None or wdm_range is None):   # before anything is written
         raise BadInputError("--heatmap combined needs the run's validation normals: "
                             + ("see the warning" if ref is None else "calibration.json has no WDM map range"),
@@ -250,13 +250,14 @@ def _validation_paths(run) -> set:
     return {abs_path(s.path) for s in validation_normals(dict(read_checkpoint(run_path(run, "model.pt"))["config"]))}
 
 
-def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
+def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, fixed=None) -> None:
     """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range.
 
     Each overlay is written as its map is finished (none are held) when the run has that range; only
     without it (a run with no validation normals) are the maps held to share one 0..max scale. Names
     keep the image's folders below ``root`` (``spot__000_overlay.png``), so MVTec-style sets whose
-    files are named 000.png in every folder do not overwrite each other; the row gets ``overlay``."""
+    files are named 000.png in every folder do not overwrite each other; the row gets ``overlay``.
+    ``transform(sample, map)``: the map drawn instead of WDM's, on the colour scale ``fixed`` (vmin, vmax)."""
     from .overlay import calibrated_range, display_range, heatmap_overlay
     from .evaluate import score_samples
     by_path = {r["path"]: r for r in rows}
@@ -265,12 +266,12 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None) -> None:
 
     def write(s, m, vmin, vmax):
         out = folder / names[str(s.path)]
-        heatmap_overlay(s.path, m, out, vmin=vmin, vmax=vmax, mask=None)
+        heatmap_overlay(s.path, transform(s, m) if transform else m, out, vmin=vmin, vmax=vmax, mask=None)
         by_path[str(s.path)]["overlay"] = str(out)
 
     from .scoring import pixel_map_kind
     pm = pixel_map_kind(ex.model.cfg)
-    fixed = calibrated_range(ex.run_dir, pm)
+    fixed = fixed or calibrated_range(ex.run_dir, pm)
     if fixed is not None:
         score_samples(ex.model, flagged, ex.cfg, on_map=lambda s, m, _: write(s, m, *fixed))
         return
@@ -298,20 +299,11 @@ def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_ran
     """Overlays of flagged images' combined maps (WDM's map and the kNN map at its size, each in its
     validation-normal range units, summed), coloured on the combined map's own validation-normal range
     (`scorers.combined_range`), which is returned."""
-    from .evaluate import score_samples
-    from .overlay import heatmap_overlay
     from .scorers import combined_map, combined_range, knn_map
     lo, hi = combined_range(ex.model, ex.cfg, ref, wdm_range)
     pos = {str(s.path): i for i, s in enumerate(samples)}
-    by_path = {r["path"]: r for r in rows}
-    flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
-    names = _overlay_names([s.path for s in flagged], root)
-
-    def write(s, m, _mask):
-        c = combined_map(m, knn_map(patch_scores, kres, pos[str(s.path)], m.shape), wdm_range, ref.knn_range)
-        by_path[str(s.path)]["overlay"] = str(folder / names[str(s.path)])
-        heatmap_overlay(s.path, c, folder / names[str(s.path)], vmin=lo, vmax=hi, mask=None)
-    score_samples(ex.model, flagged, ex.cfg, on_map=write)
+    _write_overlays(ex, samples, rows, folder, root, fixed=(lo, hi), transform=lambda s, m: combined_map(
+        m, knn_map(patch_scores, kres, pos[str(s.path)], m.shape), wdm_range, ref.knn_range))
     return [lo, hi]
 
 
