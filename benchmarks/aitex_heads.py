@@ -7,8 +7,8 @@ Adapted features of each fabric come from that fabric's one-class run (so a stri
 the model of its own line; or one multi-class run for all); plain features from the same backbone with
 ImageNet weights. Rows are the defective strips; labels are `fabric/defect code` (``defect_type``) or the
 defect code alone across fabrics (``defect_code``); classes with fewer than 2 strips are dropped;
-stratified CV (at most ``--folds``, at most the smallest class) with identical folds for both feature
-sets. Also a binary normal-vs-defect head on all strips. ``--baselines`` adds, on the same folds and
+stratified CV (``--folds``, at most the largest class; a smaller class is tested in fewer folds, as in
+`train_head`) with identical folds for both feature sets. Also a binary normal-vs-defect head on all strips. ``--baselines`` adds, on the same folds and
 features, two reference classifiers from scikit-learn (standardised logistic regression with balanced
 class weights, and 1-nearest-neighbour by cosine): what the features allow beyond LightGBM's trees,
 which have only 1-6 training strips per class here.
@@ -19,11 +19,11 @@ import argparse
 import json
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 import uninet_feat  # noqa: F401
 from uninet_feat.config import load_config
 from uninet_feat.downstream import train_head
+from uninet_feat.downstream.head import stratified_folds
 from uninet_feat.extract import Extractor
 from uninet_feat.featstore import aggregate_tiles
 from uninet_feat.runs import load_samples
@@ -72,8 +72,8 @@ def main(argv=None):
         else:
             idx = list(range(len(recs)))
             y = np.array(["good" if s.is_normal else "defect" for s in recs])
-        n_splits = min(a.folds, int(np.unique(y, return_counts=True)[1].min()))
-        folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+        folds = stratified_folds(y, a.folds, seed=0)   # train_head's own folds, shared by both feature sets
+        n_splits = len(folds)
         res = {}
         for name, X in (("adapted", Xa), ("plain", Xp)):
             r = train_head(X[idx], y, task="binary" if task == "binary" else "multiclass", cv=folds, seed=0)

@@ -108,12 +108,16 @@ def test_errors_and_clamping():
     with pytest.raises(BadInputError, match="exactly 2 classes"):
         train_head(x, y, task="binary")
     y3 = y.copy()
-    y3[:3] = "scratch"                                   # smallest class: 3 rows -> 3 folds
+    y3[:3] = "scratch"                                   # a class of 3 rows does not cut the other classes' folds
     res = train_head(x, y3, n_splits=5, params=FAST, n_jobs=1)
-    assert res.n_splits == 3
+    assert res.n_splits == 5 and res.small_classes == ["scratch"] and res.summary()["small_classes"] == ["scratch"]
+    assert sorted(res.fold_of[:3]) == sorted(set(res.fold_of[:3]))   # its rows tested in 3 different folds
+    assert all(f["n_train"] + f["n_val"] >= 24 for f in res.folds)      # each model trains on ~4/5 of the rows
     with pytest.raises(BadInputError, match="expected 12"):
         res.head.predict(x[:, :5])
-    y3[:3] = ["scratch", "scratch", "hole"]              # 2 rows: 2 folds, each fold model still sees it
+    y3[:3] = ["scratch", "scratch", "hole"]              # 2 rows: tested in 2 folds, every fold model still sees it
     res = train_head(x, y3, params=FAST, n_jobs=1)
-    assert res.n_splits == 2 and res.oof_proba.shape == (30, 4)
+    assert res.n_splits == 5 and res.oof_proba.shape == (30, 4)
     assert np.allclose(res.oof_proba.sum(1), 1)
+    res = train_head(x[:12], y[:12], n_splits=10, params=FAST, n_jobs=1)   # folds capped by the largest class
+    assert res.n_splits == int(np.unique(y[:12], return_counts=True)[1].max())
