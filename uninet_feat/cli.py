@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-from", dest="label_from", choices=["label", "group/label"], default="label")
     p.add_argument("--defects-only", dest="defects_only", action="store_true",
                    help="multiclass over defect types only (normal rows left out)")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=5, help="stratified CV folds (at most the largest class; a class "
+                                                        "with fewer rows is tested in fewer folds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
