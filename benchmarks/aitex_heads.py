@@ -8,10 +8,11 @@ the model of its own line; or one multi-class run for all); plain features from 
 ImageNet weights. Rows are the defective strips; labels are `fabric/defect code` (``defect_type``) or the
 defect code alone across fabrics (``defect_code``); classes with fewer than 2 strips are dropped;
 stratified CV (``--folds``, at most the largest class; a smaller class is tested in fewer folds, as in
-`train_head`) with identical folds for both feature sets. Also a binary normal-vs-defect head on all strips. ``--baselines`` adds, on the same folds and
-features, two reference classifiers from scikit-learn (standardised logistic regression with balanced
-class weights, and 1-nearest-neighbour by cosine): what the features allow beyond LightGBM's trees,
-which have only 1-6 training strips per class here.
+`train_head`) with identical folds for both feature sets. Also a binary normal-vs-defect head on all
+strips. ``--baselines`` adds, on the same folds and features, two reference classifiers from
+scikit-learn (standardised logistic regression with balanced class weights, and 1-nearest-neighbour by
+cosine): what the features allow beyond LightGBM's trees, which have only 1-9 training strips per class
+here.
 """
 from __future__ import annotations
 
