@@ -1,5 +1,6 @@
 """Thresholds come from the validation normals (or the user), never from test labels."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ def _run(tmp_path, **cal):
 
 def test_resolve_threshold_rules(tmp_path):
     run = _run(tmp_path / "a", val_scores=[0.1, 0.2, 0.3, 0.4])
-    assert resolve_threshold(run) == (0.9, "r")
+    with pytest.warns(UserWarning, match="only 4 validation normals"):
+        assert resolve_threshold(run) == (0.9, "r")
     assert resolve_threshold(run, threshold=2.5)[0] == 2.5
     assert resolve_threshold(run, max_fpr=0.25)[0] == 0.3
     with pytest.warns(UserWarning, match="lowest false-positive rate"):
@@ -46,6 +48,42 @@ def test_resolve_threshold_rules(tmp_path):
         resolve_threshold(old, max_fpr=0.05)
     assert "calibration.json" in str(e.value) and "uninet-feat calibrate" in str(e.value)
     assert resolve_threshold(tmp_path / "none") == (None, "none: no calibration")
+
+
+def test_default_threshold_warns_when_it_rests_on_too_few_validation_normals(tmp_path):
+    """With n validation normals the 0.99 quantile is about their maximum, passed by a new normal with probability
+    >= 1/(n+1): one AITEX validation strip made it 50 %, and a run flagged all its test normals."""
+    few = _run(tmp_path / "few", val_scores=[0.5], n_val_normals=1)
+    with pytest.warns(UserWarning, match=r"only 1 validation normal, .*1/2 \(50 %\).*--val-fraction"):
+        assert resolve_threshold(few) == (0.9, "r")
+    eighteen = _run(tmp_path / "18", val_scores=list(np.linspace(0, 1, 18)), n_val_normals=18)
+    with pytest.warns(UserWarning, match=r"only 18 validation normals, .*1/19 \(5 %\)"):
+        resolve_threshold(eighteen)
+    enough = _run(tmp_path / "19", val_scores=list(np.linspace(0, 1, 19)), n_val_normals=19)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_threshold(enough)
+        resolve_threshold(few, threshold=1.0)      # a given threshold does not rest on them
+        resolve_threshold(tmp_path / "none")       # no calibration: nothing to warn about
+
+
+def test_train_val_fraction_flag_sets_the_validation_share(tmp_path, capsys):
+    """`train --val-fraction`: the held-out share is the flag's (saved in config.yaml), the warning says when the
+    default threshold rests on too few normals, and a share outside [0, 1) is refused before training."""
+    import yaml
+    from uninet_feat.cli import main
+    from _tiny import register_tiny, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
+    args = ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+            "--epochs", "1", "--batch-size", "2", "--quiet"]
+    with pytest.warns(UserWarning, match="only 4 validation normals"):
+        assert main(args + ["--val-fraction", "0.5", "--out", str(tmp_path / "r")]) == 0
+    cal = json.loads((tmp_path / "r" / "calibration.json").read_text())
+    assert cal["n_val_normals"] == 4 and len(cal["val_paths"]) == 4
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["val_fraction"] == 0.5
+    assert main(args + ["--val-fraction", "1.0", "--out", str(tmp_path / "bad")]) == 2
+    assert "val_fraction 1.0 must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_map_range_exact_when_small_and_close_when_strided():

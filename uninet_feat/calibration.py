@@ -22,6 +22,21 @@ from .errors import BadInputError
 from .io import atomic_write_text
 
 DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels used)"
+FEW_NORMALS = 19   # below this many validation normals a new normal passes the default threshold > 5 % of the time
+
+
+def few_normals_warning(n: int) -> None:
+    """Warn that the default threshold rests on too few validation normals to mean "1 % false positives".
+
+    Why: with n normals the 0.99 quantile is (about) their highest score, and a new normal like them scores
+    above the highest of n with probability 1/(n+1) — 50 % for one validation strip, which is what a 10 %
+    split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals)."""
+    if 0 < n < FEW_NORMALS:
+        warnings.warn(f"the default threshold is the 0.99 quantile of only {n} validation normal"
+                      f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
+                      f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: hold out more "
+                      f"normals (`train --val-fraction`, e.g. 0.3; {FEW_NORMALS} or more make it under 5 %), or "
+                      "set --threshold / --max-fpr from normal images of your own", stacklevel=3)
 
 
 def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None, map_norm=None) -> dict:
@@ -47,6 +62,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     model.cfg["map_levels"] = levels
     model.cfg["map_norm"] = ranges if norm == "range" else None
     cal = calibration(model, val, cfg, quiet)
+    few_normals_warning(cal["n_val_normals"])
     if choice is not None:
         cal["pixel_map_choice"] = choice
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
@@ -257,6 +273,8 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
     else:
         path = source
     if max_fpr is None:
+        if cal:
+            few_normals_warning(int(cal.get("n_val_normals", len(cal.get("val_scores", [])))))
         return (cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)) if cal else (None, "none: no calibration")
     if cal is None or "val_scores" not in cal:
         raise BadInputError("the run has no validation-normal scores to choose a threshold on", path=path,

@@ -35,6 +35,10 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                    help="which epoch becomes model.pt: the last (fixed schedule, default) or the one that best "
                         "separates the validation normals from synthetic defects made from them (no labels)")
     p.add_argument("--val-every", dest="val_every", type=int, help="with --select synthetic: validate every N epochs")
+    p.add_argument("--val-fraction", dest="val_fraction", type=float,
+                   help="share of the training normals held out as validation normals, which set the threshold and "
+                        "the label-free choices (default 0.1; at least 19 of them for a threshold near 1 %% "
+                        "false positives)")
     p.add_argument("--keep-every", dest="keep_every", type=int,
                    help="also keep every N-th epoch's model as epochs/epoch_NNN.pt (evaluate --checkpoint)")
     p.add_argument("--map-levels", dest="map_levels",
@@ -71,7 +75,7 @@ def _skip_bad_flag(p) -> None:
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "width", "select", "val_every",
-               "keep_every", "map_levels", "map_norm", "supervised", "skip_bad", "grad_checkpointing",
+               "val_fraction", "keep_every", "map_levels", "map_norm", "supervised", "skip_bad", "grad_checkpointing",
                "step_in_backward")
 
 
