@@ -65,6 +65,12 @@ def test_default_threshold_warns_when_it_rests_on_too_few_validation_normals(tmp
         resolve_threshold(enough)
         resolve_threshold(few, threshold=1.0)      # a given threshold does not rest on them
         resolve_threshold(tmp_path / "none")       # no calibration: nothing to warn about
+    with warnings.catch_warnings(record=True) as seen:   # the CLI's "default" filter: once per command, not
+        warnings.simplefilter("default")                # once per scorer (`evaluate --knn` resolves three)
+        resolve_threshold(few)
+        resolve_threshold(".", cal={"threshold": 0.9, "val_scores": [0.5]})
+        resolve_threshold(".", cal={"threshold": 0.9, "val_scores": [0.5]})
+    assert [str(w.message).count("only 1 validation normal,") for w in seen] == [1]
 
 
 def test_train_val_fraction_flag_sets_the_validation_share(tmp_path, capsys):

@@ -30,13 +30,15 @@ def few_normals_warning(n: int) -> None:
 
     Why: with n normals the 0.99 quantile is (about) their highest score, and a new normal like them scores
     above the highest of n with probability 1/(n+1) — 50 % for one validation strip, which is what a 10 %
-    split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals)."""
+    split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals).
+    Issued from this one place (no stacklevel) so that the "default" filter the CLI sets prints it once per command,
+    not once per scorer whose threshold is resolved (`evaluate --knn` resolves three)."""
     if 0 < n < FEW_NORMALS:
         warnings.warn(f"the default threshold is the 0.99 quantile of only {n} validation normal"
                       f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
                       f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: hold out more "
                       f"normals (`train --val-fraction`, e.g. 0.3; {FEW_NORMALS} or more make it under 5 %), or "
-                      "set --threshold / --max-fpr from normal images of your own", stacklevel=3)
+                      "set --threshold / --max-fpr from normal images of your own")
 
 
 def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None, map_norm=None) -> dict:
