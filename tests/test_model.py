@@ -222,3 +222,36 @@ def test_width_scales_the_bottleneck_and_student_and_survives_a_checkpoint(tmp_p
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="width"):
         UniNet(TinyBackbone(), width=0)
+
+
+def test_bottleneck_stride_one_keeps_the_coarsest_grid_and_survives_a_checkpoint(tmp_path):
+    """``bottleneck_stride=1`` embeds on the coarsest level's grid (the method: twice its stride), so inputs
+    need only be a multiple of that stride; the student still pairs every level, and a checkpoint
+    rebuilds the same network (old configs without the key get the method's stride 2)."""
+    from uninet_feat.checkpoint import build_from_checkpoint, save_checkpoint
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import make_model
+    from _tiny import register_tiny
+    register_tiny()
+    torch.manual_seed(0)
+    method, kept = UniNet(TinyBackbone()), UniNet(TinyBackbone(), bottleneck_stride=1)
+    assert (method.bottleneck.out_stride, kept.bottleneck.out_stride) == (32, 16)
+    x = torch.randn(2, 3, 48, 48)                     # a multiple of 16, not of 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        method(x)
+    out = kept.eval()(x)
+    assert [s.shape for s in out.students] == [t.shape for t in out.teachers]
+    z = kept.bottleneck([torch.cat([t, s], 0) for t, s in zip(out.teachers[3:], out.teachers[:3])])
+    assert z.shape[-2:] == (3, 3)                     # 48 / 16: the coarsest level's grid
+    base = {"backbone": "tiny", "weights": "random", "channels_last": False}
+    m = make_model(load_config(None, base={**base, "bottleneck_stride": 1}))
+    x = torch.randn(2, 3, 64, 64)
+    ref = m.eval()(x).students
+    again, _ = build_from_checkpoint(save_checkpoint(tmp_path / "m.pt", m,
+                                                     load_config(None, base={**base, "bottleneck_stride": 1})))
+    assert again.bottleneck.out_stride == 16
+    for a, b in zip(again.eval()(x).students, ref):
+        torch.testing.assert_close(a, b)
+    assert make_model(load_config(None, base=base)).bottleneck.out_stride == 32
+    with pytest.raises(ValueError, match="bottleneck stride"):
+        UniNet(TinyBackbone(), bottleneck_stride=4)

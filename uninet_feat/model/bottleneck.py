@@ -5,6 +5,10 @@ for WideResNet-50-2 (256/512/1024 channels at strides 4/8/16) this reproduces th
 network — level 1 goes 256→512→1024 by two stride-2 3×3 convs, level 2 512→1024 by one,
 level 3 passes through; the 3072-channel concatenation feeds three MEM blocks (width c3,
 output 2·c3, the first with stride 2), so the embedding sits at twice the coarsest stride.
+
+``stride=1`` keeps the embedding on the coarsest level's grid instead (not the method: an option for
+inputs smaller than the method's 256 px, where stride 2 leaves a very coarse grid; see
+``DEFAULTS["bottleneck_stride"]``).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def _downsampler(cin: int, stride: int, channels: dict[int, int], s_last: int, c
 
 class Bottleneck(nn.Module):
     def __init__(self, channels, strides, mem_form: str = "official", n_blocks: int = 3,
-                 width: int | None = None, out_channels: int | None = None):
+                 width: int | None = None, out_channels: int | None = None, stride: int = 2):
         super().__init__()
         channels, strides = tuple(channels), tuple(strides)
         c_last, s_last = channels[-1], strides[-1]
@@ -47,12 +51,14 @@ class Bottleneck(nn.Module):
         width = width or c_last
         self.out_channels = out_channels or 2 * c_last
         cin = c_last * len(channels)
+        if stride not in (1, 2):
+            raise ValueError(f"bottleneck stride must be 1 or 2 (× the coarsest level's), got {stride!r}")
         blocks = []
         for i in range(n_blocks):
-            blocks.append(MEMBlock(cin, width, self.out_channels, stride=2 if i == 0 else 1, form=mem_form))
+            blocks.append(MEMBlock(cin, width, self.out_channels, stride=stride if i == 0 else 1, form=mem_form))
             cin = self.out_channels
         self.mem = nn.Sequential(*blocks)
-        self.out_stride = 2 * s_last
+        self.out_stride = stride * s_last
         self.grad_checkpointing = False   # recompute in backward, keeping only the input levels
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:

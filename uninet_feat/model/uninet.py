@@ -33,6 +33,7 @@ DEFAULTS = {
     "pixel_map": "smoothed",    # pixel output: "smoothed" (the σ=4 map the WDM scores) or "raw" (official, unsmoothed)
     "decoder_depths": (3, 4, 6),
     "width": 1.0,               # inner width of the bottleneck's MEM and the student's blocks, × the official sizing
+    "bottleneck_stride": 2,     # embedding stride × the coarsest level's: 2 (the method) or 1 (its grid kept)
     "stop_grad": False,         # detach teacher features inside the loss
     "student_relu": "auto",     # end student levels in a ReLU: "auto" (iff the teacher level is ≥ 0), a bool, or one per level
 }
@@ -87,7 +88,8 @@ class UniNet(nn.Module):
             raise ValueError(f"width must be > 0, got {w}")
         scaled = {} if w == 1 else {"width": max(8, round(w * channels[-1])),
                                     "out_channels": max(8, round(2 * w * channels[-1]))}
-        self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"], **scaled)
+        self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"], **scaled,
+                                     stride=int(self.cfg["bottleneck_stride"]))
         relu = self.cfg["student_relu"]
         if relu == "auto":
             relu = nonnegative_levels(backbone)
