@@ -253,5 +253,6 @@ def test_bottleneck_stride_one_keeps_the_coarsest_grid_and_survives_a_checkpoint
     for a, b in zip(again.eval()(x).students, ref):
         torch.testing.assert_close(a, b)
     assert make_model(load_config(None, base=base)).bottleneck.out_stride == 32
-    with pytest.raises(ValueError, match="bottleneck stride"):
-        UniNet(TinyBackbone(), bottleneck_stride=4)
+    for bad in (4, 1.5):
+        with pytest.raises(ValueError, match="bottleneck_stride must be 1 or 2"):
+            UniNet(TinyBackbone(), bottleneck_stride=bad)

@@ -33,7 +33,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                         "(default 1)")
     p.add_argument("--bottleneck-stride", dest="bottleneck_stride", type=int, choices=[1, 2],
                    help="the bottleneck's embedding stride, x the coarsest level's: 2 (the method, default) or 1, "
-                        "which keeps the coarsest level's grid (for images below the method's 256 px)")
+                        "which keeps the coarsest level's grid (measured worse on magnetic tile at 128 px: the student "
+                        "then reconstructs defects too; docs/results.md)")
     p.add_argument("--select", choices=["last", "synthetic"],
                    help="which epoch becomes model.pt: the last (fixed schedule, default) or the one that best "
                         "separates the validation normals from synthetic defects made from them (no labels)")
@@ -77,9 +78,9 @@ def _skip_bad_flag(p) -> None:
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
-               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "width", "bottleneck_stride", "select", "val_every",
-               "val_fraction", "keep_every", "map_levels", "map_norm", "supervised", "skip_bad", "grad_checkpointing",
-               "step_in_backward")
+               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "width", "bottleneck_stride",
+               "select", "val_every", "val_fraction", "keep_every", "map_levels", "map_norm", "supervised", "skip_bad",
+               "grad_checkpointing", "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,9 +6,9 @@ network — level 1 goes 256→512→1024 by two stride-2 3×3 convs, level 2 51
 level 3 passes through; the 3072-channel concatenation feeds three MEM blocks (width c3,
 output 2·c3, the first with stride 2), so the embedding sits at twice the coarsest stride.
 
-``stride=1`` keeps the embedding on the coarsest level's grid instead (not the method: an option for
-inputs smaller than the method's 256 px, where stride 2 leaves a very coarse grid; see
-``DEFAULTS["bottleneck_stride"]``).
+``stride=1`` keeps the embedding on the coarsest level's grid instead (not the method): tried for inputs
+smaller than the method's 256 px, where stride 2 leaves a very coarse grid, and measured worse there (the
+student then reconstructs defects too; docs/results.md). Kept for experiments.
 """
 from __future__ import annotations
 
