@@ -256,3 +256,24 @@ def test_bottleneck_stride_one_keeps_the_coarsest_grid_and_survives_a_checkpoint
     for bad in (4, 1.5):
         with pytest.raises(ValueError, match="bottleneck_stride must be 1 or 2"):
             UniNet(TinyBackbone(), bottleneck_stride=bad)
+
+
+def test_lr_target_flag_sets_how_far_the_target_teacher_moves(tmp_path):
+    """`train --lr-target`: at 0 the target teacher's weights stay the source's (only BN statistics adapt), at
+    the default 1e-6 they move; the value is saved in config.yaml."""
+    import yaml
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.cli import main
+    from _tiny import register_tiny, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
+    args = ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+            "--epochs", "1", "--batch-size", "2", "--quiet"]
+    moved = {}
+    for name, extra in (("zero", ["--lr-target", "0"]), ("default", [])):
+        assert main(args + extra + ["--out", str(tmp_path / name)]) == 0
+        m, _ = build_from_checkpoint(tmp_path / name / "model.pt")
+        src, tgt = dict(m.source.named_parameters()), dict(m.target.named_parameters())
+        moved[name] = max(float((tgt[k] - src[k]).abs().max()) for k in src)
+    assert moved["zero"] == 0 < moved["default"], moved
+    assert yaml.safe_load((tmp_path / "zero" / "config.yaml").read_text())["lr_target"] == 0

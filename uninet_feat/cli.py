@@ -23,6 +23,9 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-target", dest="lr_target", type=float,
+                   help="learning rate of the trainable target teacher (default 1e-6, the method's; it uses 1e-4 for "
+                        "one MVTec class)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--mem", choices=["official", "multiscale"])
@@ -78,9 +81,9 @@ def _skip_bad_flag(p) -> None:
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
-               "batch_size", "lr", "seed", "threads", "mem", "dfs", "temperature", "width", "bottleneck_stride",
-               "select", "val_every", "val_fraction", "keep_every", "map_levels", "map_norm", "supervised", "skip_bad",
-               "grad_checkpointing", "step_in_backward")
+               "batch_size", "lr", "lr_target", "seed", "threads", "mem", "dfs", "temperature", "width",
+               "bottleneck_stride", "select", "val_every", "val_fraction", "keep_every", "map_levels", "map_norm",
+               "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):
