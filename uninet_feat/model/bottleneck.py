@@ -52,7 +52,8 @@ class Bottleneck(nn.Module):
         self.out_channels = out_channels or 2 * c_last
         cin = c_last * len(channels)
         if stride not in (1, 2):
-            raise ValueError(f"bottleneck stride must be 1 or 2 (× the coarsest level's), got {stride!r}")
+            raise ValueError(f"bottleneck_stride must be 1 or 2 (× the coarsest level's stride), got {stride!r}")
+        stride = int(stride)   # 1.0 / 2.0 from a config file
         blocks = []
         for i in range(n_blocks):
             blocks.append(MEMBlock(cin, width, self.out_channels, stride=stride if i == 0 else 1, form=mem_form))

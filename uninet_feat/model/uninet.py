@@ -88,10 +88,7 @@ class UniNet(nn.Module):
             raise ValueError(f"width must be > 0, got {w}")
         scaled = {} if w == 1 else {"width": max(8, round(w * channels[-1])),
                                     "out_channels": max(8, round(2 * w * channels[-1]))}
-        if self.cfg["bottleneck_stride"] not in (1, 2):
-            raise ValueError(f"bottleneck_stride must be 1 or 2, got {self.cfg['bottleneck_stride']!r}")
-        self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"], **scaled,
-                                     stride=int(self.cfg["bottleneck_stride"]))
+        self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"], **scaled, stride=self.cfg["bottleneck_stride"])
         relu = self.cfg["student_relu"]
         if relu == "auto":
             relu = nonnegative_levels(backbone)
