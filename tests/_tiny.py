@@ -47,6 +47,12 @@ def register_tiny():
         pass  # already registered in this process
 
 
+def tiny_train_args(data) -> list[str]:
+    """`uninet-feat train` arguments for a one-epoch run of the tiny backbone on ``data`` (add --out and flags)."""
+    return ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+            "--epochs", "1", "--batch-size", "2", "--quiet"]
+
+
 def write_texture_set(root, n_train=10, n_good=4, n_bad=4, size=64, seed=0, wide=False):
     """A small MVTec-style set: smooth periodic texture; defects are bright squares with masks."""
     import numpy as np

@@ -78,11 +78,10 @@ def test_train_val_fraction_flag_sets_the_validation_share(tmp_path, capsys):
     default threshold rests on too few normals, and a share outside [0, 1) is refused before training."""
     import yaml
     from uninet_feat.cli import main
-    from _tiny import register_tiny, write_texture_set
+    from _tiny import register_tiny, tiny_train_args, write_texture_set
     register_tiny()
     data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
-    args = ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
-            "--epochs", "1", "--batch-size", "2", "--quiet"]
+    args = tiny_train_args(data)
     with pytest.warns(UserWarning, match="only 4 validation normals"):
         assert main(args + ["--val-fraction", "0.5", "--out", str(tmp_path / "r")]) == 0
     cal = json.loads((tmp_path / "r" / "calibration.json").read_text())

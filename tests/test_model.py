@@ -244,11 +244,11 @@ def test_bottleneck_stride_one_keeps_the_coarsest_grid_and_survives_a_checkpoint
     z = kept.bottleneck([torch.cat([t, s], 0) for t, s in zip(out.teachers[3:], out.teachers[:3])])
     assert z.shape[-2:] == (3, 3)                     # 48 / 16: the coarsest level's grid
     base = {"backbone": "tiny", "weights": "random", "channels_last": False}
-    m = make_model(load_config(None, base={**base, "bottleneck_stride": 1}))
+    cfg = load_config(None, base={**base, "bottleneck_stride": 1})
+    m = make_model(cfg)
     x = torch.randn(2, 3, 64, 64)
     ref = m.eval()(x).students
-    again, _ = build_from_checkpoint(save_checkpoint(tmp_path / "m.pt", m,
-                                                     load_config(None, base={**base, "bottleneck_stride": 1})))
+    again, _ = build_from_checkpoint(save_checkpoint(tmp_path / "m.pt", m, cfg))
     assert again.bottleneck.out_stride == 16
     for a, b in zip(again.eval()(x).students, ref):
         torch.testing.assert_close(a, b)
@@ -264,11 +264,10 @@ def test_lr_target_flag_sets_how_far_the_target_teacher_moves(tmp_path):
     import yaml
     from uninet_feat.checkpoint import build_from_checkpoint
     from uninet_feat.cli import main
-    from _tiny import register_tiny, write_texture_set
+    from _tiny import register_tiny, tiny_train_args, write_texture_set
     register_tiny()
     data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
-    args = ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
-            "--epochs", "1", "--batch-size", "2", "--quiet"]
+    args = tiny_train_args(data)
     moved = {}
     for name, extra in (("zero", ["--lr-target", "0"]), ("default", [])):
         assert main(args + extra + ["--out", str(tmp_path / name)]) == 0
