@@ -122,6 +122,18 @@ def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
     assert len(scores) == 7 and choice["norm"] == "none" and cal["map_norm"] is None
     best = pick_pixel_map(scores, ((1, 2, 3), "none"))[0]
     assert cal["map_levels"] == choice["levels"] == (None if best == (1, 2, 3) else list(best))
+    assert choice["synthetic_kinds"] == ["hole", "broken_yarn", "slub", "knot", "stain", "missing_pick", "oil_line"]
+    # --synthetic-kinds: the choice is made on those defects, and says so
+    assert main(["calibrate", "--run", str(r), "--map-levels", "auto", "--synthetic-kinds", "texture_patch",
+                 "--quiet"]) == 0
+    patch = json.loads((r / "calibration.json").read_text())["pixel_map_choice"]
+    assert patch["synthetic_kinds"] == ["texture_patch"]
+    assert patch["synthetic_pixel_auroc"] != choice["synthetic_pixel_auroc"]
+    before = (r / "calibration.json").read_text()
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(r), "--map-levels", "auto", "--synthetic-kinds", "scratch", "--quiet"]) != 0
+    assert "unknown synthetic defect kinds ['scratch']" in capsys.readouterr().err
+    assert (r / "calibration.json").read_text() == before
     # evaluate scores model.pt with the calibrated levels: its maps are those of a model given them by hand
     main(["calibrate", "--run", str(r), "--map-levels", "2,3", "--quiet"])
     assert json.loads((r / "calibration.json").read_text())["map_levels"] == [2, 3]

@@ -4,13 +4,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from uninet_feat.checkpoint import read_checkpoint
 from uninet_feat.config import load_config
 from uninet_feat.data.dataset import ImageDataset
 from uninet_feat.data.layouts import discover
 from uninet_feat.errors import BadInputError
-from uninet_feat.selection import MIN_CHANGED, VISIBLE, SyntheticValidation, synthetic_defect
+from uninet_feat.data.surface import texture_patch
+from uninet_feat.data.synthetic import DEFECTS
+from uninet_feat.selection import MIN_CHANGED, VISIBLE, SyntheticValidation, parse_kinds, synthetic_defect
 from uninet_feat.train import train
 
 from _tiny import register_tiny, write_texture_set
@@ -236,3 +239,43 @@ def test_pixel_auroc_of_holds_a_pixel_grid_when_the_maps_would_pass_the_memory_c
         assert full[k] == pytest.approx(metrics.pixel_auroc(sv.masks, m), abs=1e-6)
         assert capped[k] == pytest.approx(metrics.pixel_auroc(sv.masks[:, ::3, ::3], m[:, ::3, ::3]), abs=1e-6)
     assert capped != full
+
+
+def _stripes(n=96):
+    y, x = np.mgrid[:n, :n]
+    return np.repeat((128 + 60 * np.sin(x / 1.2) + 20 * np.sin(y / 7.0)).astype(np.uint8)[..., None], 3, -1)
+
+
+def test_texture_patch_changes_the_texture_inside_its_region_only():
+    img = _stripes()
+    for seed in range(8):
+        out, mask = texture_patch(img, np.random.default_rng(seed))
+        again, mask2 = texture_patch(img, np.random.default_rng(seed))
+        assert np.array_equal(out, again) and np.array_equal(mask, mask2)          # seeded
+        diff = np.abs(out.astype(int) - img.astype(int)).max(-1)
+        assert 0.01 < mask.mean() < 0.6
+        assert diff[mask].mean() > 15                      # vertical stripes turned, flipped or rescaled
+        far = ~ndi.binary_dilation(mask, iterations=12)    # past the soft edge the image is untouched
+        assert far.any() and (diff[far] == 0).all()
+
+
+def test_synthetic_kinds_parse_and_choose_what_is_drawn(texture, tmp_path):
+    assert parse_kinds(None) == parse_kinds("fabric") == DEFECTS
+    assert parse_kinds("all") == DEFECTS + ("texture_patch",)
+    assert parse_kinds("hole, texture_patch") == parse_kinds(["hole", "texture_patch"]) == ("hole", "texture_patch")
+    with pytest.raises(BadInputError, match="scratch"):
+        parse_kinds("hole,scratch")
+    goods = [s for s in discover(texture) if s.is_normal][:3]
+    ds = ImageDataset(goods, image_size=64)
+    fabric, default = SyntheticValidation(ds, seed=4, kinds="fabric"), SyntheticValidation(ds, seed=4)
+    assert torch.equal(fabric.images, default.images)      # the default set is the fabric set, unchanged
+    patch = SyntheticValidation(ds, seed=4, kinds="texture_patch")
+    assert not torch.equal(patch.images, default.images)
+    # a texture_patch-only set equals drawing texture_patch on the same normals with the same generator
+    rng = np.random.default_rng([4, 0x5E1EC7])
+    first = patch.images[0].permute(1, 2, 0).numpy()
+    out, m = synthetic_defect(first, rng, kinds=("texture_patch",))
+    assert np.array_equal(out, patch.images[1].permute(1, 2, 0).numpy()) and np.array_equal(m, patch.masks[1])
+    with pytest.raises(BadInputError, match="unknown synthetic defect kinds"):   # refused before any epoch
+        train(_cfg(texture, synthetic_kinds="stain,foo"), tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()

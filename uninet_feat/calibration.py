@@ -137,7 +137,7 @@ def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", 
     from itertools import combinations
 
     from .runs import make_dataset
-    from .selection import SyntheticValidation
+    from .selection import SyntheticValidation, parse_kinds
     if not val:
         raise BadInputError("choosing the pixel map needs validation normals, and this run kept none (val_fraction 0)",
                             fix="use --map-levels all --map-norm none, or a list of levels such as 2,3")
@@ -152,10 +152,11 @@ def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", 
     if "range" in norms and ranges is None:
         ranges = map_ranges(model, val, cfg)
     candidates = {(s, nm): (list(s), ranges if nm == "range" else None) for s in subsets for nm in norms}
-    sv = SyntheticValidation(make_dataset(val, cfg, model.source), int(cfg.get("synthetic_copies", 2)), cfg["seed"])
+    sv = SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg)
     scores = sv.pixel_auroc_of(model, candidates, cfg.get("eval_batch_size", 8), bool(cfg.get("channels_last")))
     levels, norm = pick_pixel_map(scores, (base_levels, "none" if map_norm == "auto" else map_norm))
     return {"levels": None if levels == every else list(levels), "norm": norm, "rule": PIXEL_MAP_RULE,
+            "synthetic_kinds": list(parse_kinds(cfg.get("synthetic_kinds"))),
             "synthetic_pixel_auroc": {_label(k): v for k, v in scores.items()}}
 
 
@@ -223,19 +224,24 @@ def validation_normals(cfg: dict) -> list:
 
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
-                map_levels=None, map_norm=None) -> dict:
+                map_levels=None, map_norm=None, synthetic_kinds=None) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``), or to
     (re)choose the pixel map: ``map_levels`` ("all", "auto", a list) and ``map_norm`` ("none", "range", "auto");
-    None keeps the run's."""
+    None keeps the run's. ``synthetic_kinds``: the synthetic defects an "auto" choice is made on
+    (`selection.parse_kinds`; None: the run's)."""
     from .checkpoint import build_from_checkpoint
     from .runs import run_path, set_threads
+    from .selection import parse_kinds
     path = run_path(run, "model.pt")
     model, ckpt = build_from_checkpoint(path)
     apply_calibration(model, run, path)
     cfg = dict(ckpt["config"])
     if data:
         cfg["data"], cfg["split_csv"] = data, split_csv
+    if synthetic_kinds is not None:
+        cfg["synthetic_kinds"] = synthetic_kinds
+    parse_kinds(cfg.get("synthetic_kinds"))   # a bad value fails before any scoring
     set_threads(cfg)
     val = validation_normals(cfg)
     if not val:

@@ -42,6 +42,7 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                    help="which epoch becomes model.pt: the last (fixed schedule, default) or the one that best "
                         "separates the validation normals from synthetic defects made from them (no labels)")
     p.add_argument("--val-every", dest="val_every", type=int, help="with --select synthetic: validate every N epochs")
+    _kinds_flag(p, "the synthetic defects that --select synthetic and the auto map choices use")
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="share of the training normals held out as validation normals, which set the threshold and "
                         "the label-free choices (default 0.1; at least 19 of them for a threshold near 1 %% "
@@ -80,10 +81,17 @@ def _skip_bad_flag(p) -> None:
                         "output) instead of stopping with an error that names them all")
 
 
+def _kinds_flag(p, what: str) -> None:
+    p.add_argument("--synthetic-kinds", dest="synthetic_kinds",
+                   help=f"{what}: fabric (holes, yarns, picks, stains, oil; default), all (and texture_patch, a "
+                        "region of changed texture, for tiles and other non-fabric surfaces) or names such as "
+                        "hole,texture_patch")
+
+
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "lr_target", "seed", "threads", "mem", "dfs", "temperature", "width",
-               "bottleneck_stride", "select", "val_every", "val_fraction", "keep_every", "map_levels", "map_norm",
-               "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
+               "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
+               "map_levels", "map_norm", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-norm", dest="map_norm", choices=["none", "range", "auto"],
                    help="each level's map in its validation-normal range units before the sum: none (the method), "
                         "range, or auto (chosen on synthetic defects, no labels); default: keep the run's")
+    _kinds_flag(p, "the synthetic defects the auto choices are made on; default: the run's")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("extract", help="export image (and patch) feature vectors into a sharded store")
@@ -401,7 +410,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "calibrate":
         from .calibration import recalibrate
-        cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels, args.map_norm)
+        cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels, args.map_norm,
+                          args.synthetic_kinds)
         keys = ("n_val_normals", "threshold", "threshold_rule", "quantiles", "map_levels", "map_norm",
                 "pixel_map_choice")
         print(json.dumps({k: cal[k] for k in keys if k in cal}, indent=2))

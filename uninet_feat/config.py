@@ -32,6 +32,9 @@ DEFAULT_CONFIG: dict = {
     # model selection without labels (selection.py): "last" = fixed schedule; "synthetic" = the epoch
     # whose model best separates the validation normals from synthetic defects made from them
     "select": "last", "val_every": 1, "synthetic_copies": 2,
+    # the synthetic defects drawn (selection.parse_kinds): "fabric" (holes, yarns, picks, stains, oil; the
+    # default), "all" (and texture_patch, a region of changed texture, for non-fabric surfaces) or a list
+    "synthetic_kinds": "fabric",
     # levels summed into the pixel map (calibration.py): "all" (the method), "auto" (chosen after training on
     # synthetic defects of the validation normals, no labels) or a list such as [2, 3]; the image score uses all
     "map_levels": "all",

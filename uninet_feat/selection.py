@@ -6,8 +6,9 @@ reconstructs more also reconstructs defects (measured: the multi-class AITEX mod
 0.659 strip AUROC between 4 and 20 epochs while its training loss kept falling). With ``select:
 synthetic`` the run scores, every ``val_every`` epochs, its held-out validation normals (items: whole
 images or tiles, at model resolution) next to ``synthetic_copies`` defective copies of each, made by
-`data.synthetic.add_defect` (holes, broken yarns, slubs, knots, stains, missing picks, oil lines) with
-their exact masks, and keeps the epoch with the best mean of image AUROC and pixel AUROC on that set.
+`data.synthetic.add_defect` (holes, broken yarns, slubs, knots, stains, missing picks, oil lines; with
+``synthetic_kinds: all`` also `data.surface.texture_patch`, for non-fabric surfaces) with their exact
+masks, and keeps the epoch with the best mean of image AUROC and pixel AUROC on that set.
 
 Only training normals and procedural edits are used: no test image or label. The set is drawn once
 from its own seeded generator, so it is the same at every epoch and after a resume, and it takes
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .data.surface import SURFACE_DEFECTS, texture_patch
 from .data.synthetic import DEFECTS, add_defect
 from .errors import BadInputError
 
@@ -31,8 +33,27 @@ def _to_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndar
     return (((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)).permute(1, 2, 0).numpy()
 
 
-def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8):
-    """(defective copy, bool mask of the visibly changed pixels) of a uint8 (H, W, 3) image.
+KIND_SETS = {"fabric": DEFECTS, "all": DEFECTS + SURFACE_DEFECTS}
+
+
+def parse_kinds(kinds) -> tuple[str, ...]:
+    """The config's ``synthetic_kinds`` as a tuple of defect names: None or "fabric" (the fabric faults, the
+    default), "all" (those and ``texture_patch``), or names as a list or comma-separated string."""
+    if kinds is None:
+        return DEFECTS
+    if isinstance(kinds, str):
+        kinds = KIND_SETS.get(kinds) or [k.strip() for k in kinds.split(",") if k.strip()]
+    kinds = tuple(str(k) for k in kinds)
+    bad = [k for k in kinds if k not in DEFECTS + SURFACE_DEFECTS]
+    if bad or not kinds:
+        raise BadInputError(f"unknown synthetic defect kinds {bad or '(none given)'}",
+                            fix=f"synthetic_kinds: fabric, all, or names from {DEFECTS + SURFACE_DEFECTS}")
+    return kinds
+
+
+def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8, kinds=DEFECTS):
+    """(defective copy, bool mask of the visibly changed pixels) of a uint8 (H, W, 3) image; ``kinds``: the
+    defects drawn from, each with equal chance (`parse_kinds`).
 
     Why blended: at full strength the edits are too easy to rank models — epoch-5 and epoch-100
     magnetic-tile models both scored 0.98-0.99 image AUROC on them (the first version; README) — so each
@@ -42,7 +63,8 @@ def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8):
     """
     base = img.astype(np.float64)
     for _ in range(tries):
-        out, mask = add_defect(img, DEFECTS[rng.integers(len(DEFECTS))], rng)
+        kind = kinds[rng.integers(len(kinds))]
+        out, mask = texture_patch(img, rng) if kind in SURFACE_DEFECTS else add_defect(img, kind, rng)
         out = np.clip(base + rng.uniform(*STRENGTH) * (out - base) + 0.5, 0, 255).astype(np.uint8)
         mask = mask & (np.abs(out.astype(np.int16) - img.astype(np.int16)).max(-1) >= VISIBLE)
         if mask.sum() >= MIN_CHANGED:
@@ -54,7 +76,8 @@ def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8):
 class SyntheticValidation:
     """The fixed validation set: each item of ``dataset`` once as normal, ``copies`` times with a defect."""
 
-    def __init__(self, dataset, copies: int = 2, seed: int = 0):
+    def __init__(self, dataset, copies: int = 2, seed: int = 0, kinds=None):
+        kinds = parse_kinds(kinds)
         if len(dataset) == 0 or copies < 1:
             raise BadInputError("synthetic validation needs validation normals and copies >= 1",
                                 fix="keep val_fraction > 0 (and synthetic_copies >= 1), or use select: last")
@@ -66,12 +89,17 @@ class SyntheticValidation:
             images.append(img)
             masks.append(np.zeros(img.shape[:2], bool))
             for _ in range(copies):
-                out, m = synthetic_defect(img, rng)
+                out, m = synthetic_defect(img, rng, kinds=kinds)
                 images.append(out)
                 masks.append(m)
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)   # uint8 (N, 3, H, W)
         self.masks = np.stack(masks)
         self.labels = self.masks.reshape(len(masks), -1).any(1).astype(np.int64)
+
+    @classmethod
+    def from_config(cls, dataset, cfg: dict) -> "SyntheticValidation":
+        """The set a run's config asks for: ``synthetic_copies``, ``seed`` and ``synthetic_kinds``."""
+        return cls(dataset, int(cfg.get("synthetic_copies", 2)), cfg["seed"], cfg.get("synthetic_kinds"))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -28,7 +28,7 @@ from .errors import BadInputError
 from .io import atomic_write_text
 from .optim import make_optimizers
 from .runs import CachedDataset, absolute_data_paths, load_samples, make_dataset, make_model, set_threads, train_val_samples
-from .selection import SyntheticValidation
+from .selection import SyntheticValidation, parse_kinds
 
 
 def _progress(quiet: bool) -> Progress:
@@ -69,6 +69,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     map_norm = parse_map_norm(cfg.get("map_norm", "none"))
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
+    parse_kinds(cfg.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
     if "auto" in (map_levels, map_norm) and not val:
         raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
                             "leaves none", path=cfg.get("split_csv") or cfg.get("data"),
@@ -224,5 +225,4 @@ def _selection(cfg: dict, val, model, out: Path, log_lines: list[str], is_main: 
                             fix="restore best.pt, or start a new run")
     if not is_main:   # [distributed] rank 0 validates and writes; the others only train
         return None, best
-    return SyntheticValidation(make_dataset(val, cfg, model.source), int(cfg.get("synthetic_copies", 2)),
-                               cfg["seed"]), best
+    return SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg), best
