@@ -41,14 +41,20 @@ def few_normals_warning(n: int) -> None:
                       "set --threshold / --max-fpr from normal images of your own")
 
 
-def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None, map_norm=None) -> dict:
+def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None, map_norm=None,
+              tile_norm=None) -> dict:
     """Score the validation normals and write ``out/calibration.json``; returns its content.
+
+    ``tile_norm``: "position" (tiled images: each tile's score less the training normals' median at its place,
+    `positions.py`), "none", or None to keep the run's (offsets already on ``model``, else ``cfg``'s). The
+    offsets come first, so that the validation scores and the threshold are position-corrected too.
 
     ``map_levels``: the levels of the pixel map — "all", "auto", a list, or None to keep ``model.cfg``'s (the
     run's current choice). ``map_norm``: "none", "range" (each map in its validation-normal range units,
     `map_ranges`), "auto", or None to keep the run's. Either "auto": chosen on synthetic defects
     (`choose_pixel_map`). Set on ``model`` and recorded in the file."""
     n = len(model.channels)
+    offsets = _position_offsets(model, cfg, tile_norm)
     if map_levels is None:
         map_levels = model.cfg.get("map_levels") or "all"
     if map_norm is None:
@@ -67,8 +73,26 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     few_normals_warning(cal["n_val_normals"])
     if choice is not None:
         cal["pixel_map_choice"] = choice
+    if offsets is not None:
+        cal["tile_offsets"] = offsets
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
     return cal
+
+
+def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:
+    """Set (or clear) ``model.cfg["tile_offsets"]`` for ``tile_norm``; the offsets' record, or None."""
+    from .positions import parse_tile_norm, tile_offsets
+    from .runs import load_samples, train_val_samples
+    if tile_norm is None:   # the run's: calibration.json's when it was applied (the key is then set), else cfg's
+        tile_norm = (("position" if model.cfg["tile_offsets"] else "none") if "tile_offsets" in model.cfg
+                     else cfg.get("tile_norm", "none"))
+    model.cfg["tile_offsets"] = None   # the reference normals are scored plain
+    if parse_tile_norm(tile_norm, cfg.get("tile")) == "none":
+        return None
+    fit, val = train_val_samples(load_samples(cfg), cfg)   # every training normal: 1 validation strip is no median
+    rec = tile_offsets(model, fit + val, cfg)
+    model.cfg["tile_offsets"] = rec["offsets"]
+    return rec
 
 
 def parse_map_levels(v, n_levels: int):
@@ -195,6 +219,7 @@ def apply_calibration(model, run, model_path) -> None:
         return   # an unreadable calibration is reported where its threshold is read
     model.cfg["map_levels"] = cal.get("map_levels") or None
     model.cfg["map_norm"] = cal.get("map_norm") or None
+    model.cfg["tile_offsets"] = (cal.get("tile_offsets") or {}).get("offsets")
 
 
 def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
@@ -224,12 +249,13 @@ def validation_normals(cfg: dict) -> list:
 
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
-                map_levels=None, map_norm=None, synthetic_kinds=None) -> dict:
+                map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``), or to
     (re)choose the pixel map: ``map_levels`` ("all", "auto", a list) and ``map_norm`` ("none", "range", "auto");
     None keeps the run's. ``synthetic_kinds``: the synthetic defects an "auto" choice is made on
-    (`selection.parse_kinds`; None: the run's)."""
+    (`selection.parse_kinds`; None: the run's). ``tile_norm``: "position" / "none" (`positions.py`; None: the
+    run's)."""
     from .checkpoint import build_from_checkpoint
     from .runs import run_path, set_threads
     from .selection import parse_kinds
@@ -241,13 +267,16 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         cfg["data"], cfg["split_csv"] = data, split_csv
     if synthetic_kinds is not None:
         cfg["synthetic_kinds"] = synthetic_kinds
-    parse_kinds(cfg.get("synthetic_kinds"))   # a bad value fails before any scoring
+    parse_kinds(cfg.get("synthetic_kinds"))   # bad values fail before any scoring
+    if tile_norm is not None:
+        from .positions import parse_tile_norm
+        parse_tile_norm(tile_norm, cfg.get("tile"))
     set_threads(cfg)
     val = validation_normals(cfg)
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
-    return calibrate(model, val, cfg, Path(run), quiet, map_levels, map_norm)   # the model is put in eval mode there
+    return calibrate(model, val, cfg, Path(run), quiet, map_levels, map_norm, tile_norm)   # eval mode there
 
 
 def threshold_at_fpr(val_scores, max_fpr: float) -> float:

@@ -43,6 +43,7 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                         "separates the validation normals from synthetic defects made from them (no labels)")
     p.add_argument("--val-every", dest="val_every", type=int, help="with --select synthetic: validate every N epochs")
     _kinds_flag(p, "the synthetic defects that --select synthetic and the auto map choices use")
+    _tile_norm_flag(p, "")
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="share of the training normals held out as validation normals, which set the threshold and "
                         "the label-free choices (default 0.1; at least 19 of them for a threshold near 1 %% "
@@ -88,10 +89,17 @@ def _kinds_flag(p, what: str) -> None:
                         "hole,texture_patch")
 
 
+def _tile_norm_flag(p, default: str) -> None:
+    p.add_argument("--tile-norm", dest="tile_norm", choices=["none", "position"],
+                   help="tiled images: position scores each tile less the training normals' median score at its "
+                        f"place, so an edge that is high on every strip does not set the strip's score{default}")
+
+
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
                "batch_size", "lr", "lr_target", "seed", "threads", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
-               "map_levels", "map_norm", "supervised", "skip_bad", "grad_checkpointing", "step_in_backward")
+               "map_levels", "map_norm", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
+               "step_in_backward")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each level's map in its validation-normal range units before the sum: none (the method), "
                         "range, or auto (chosen on synthetic defects, no labels); default: keep the run's")
     _kinds_flag(p, "the synthetic defects the auto choices are made on; default: the run's")
+    _tile_norm_flag(p, "; default: keep the run's")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("extract", help="export image (and patch) feature vectors into a sharded store")
@@ -411,7 +420,7 @@ def _dispatch(args) -> int:
     if args.command == "calibrate":
         from .calibration import recalibrate
         cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels, args.map_norm,
-                          args.synthetic_kinds)
+                          args.synthetic_kinds, args.tile_norm)
         keys = ("n_val_normals", "threshold", "threshold_rule", "quantiles", "map_levels", "map_norm",
                 "pixel_map_choice")
         print(json.dumps({k: cal[k] for k in keys if k in cal}, indent=2))

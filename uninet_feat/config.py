@@ -24,6 +24,8 @@ DEFAULT_CONFIG: dict = {
     # data
     "data": None, "split_csv": None, "group": None, "mask_pattern": None,
     "image_size": 256, "tile": None, "tile_overlap": 0, "tile_score": "max",
+    # "position": a tile's score less the training normals' median score at its place (positions.py); "none"
+    "tile_norm": "none",
     "val_fraction": 0.1, "supervised": False, "skip_bad": False,
     # what the stable split of split-less layouts hashes (runs.assign_splits): "relative" = each image's path
     # below --data, the same however --data is spelled; a run config without the key is older and used

@@ -23,6 +23,7 @@ from .calibration import apply_calibration, check_threshold_flags, resolve_thres
 from .checkpoint import build_from_checkpoint
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
+from .positions import corrected
 from .runs import eval_batches, load_samples, make_dataset, run_path, set_threads
 from .scoring import pixel_map_kind
 
@@ -42,6 +43,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     want_maps = keep_maps or on_map is not None
     grids = {i: g for i, g, _ in ds.tile_index} if tiled and want_maps else {}
     n = len(samples)
+    offsets = model.cfg.get("tile_offsets") if tiled else None   # tile_norm: position (positions.py)
     tile_scores: dict[int, list[float]] = {}
     tile_maps: dict[int, list[np.ndarray]] = {}
     maps, masks = [None] * n, [None] * n
@@ -63,7 +65,8 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
         for batch, x in eval_batches(ds, cfg):
             pix, score = model.predict(x)
             for j, idx in enumerate(batch["index"].tolist()):
-                tile_scores.setdefault(idx, []).append(float(score[j]))
+                tile_scores.setdefault(idx, []).append(corrected(float(score[j]), batch["tile"][j], offsets,
+                                                                 samples[idx].path))
                 if not want_maps:
                     continue
                 m = pix[j]

@@ -15,6 +15,7 @@ from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
 from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
 from .io import atomic_write_text
+from .positions import corrected
 from .runs import make_dataset, run_path
 
 
@@ -120,9 +121,13 @@ class Extractor:
             v = r["vectors"].float()
             if text is not None:
                 v = torch.cat([v, text], 1)
+            scores = (r["scores"].float().numpy() if r["scores"] is not None
+                      else np.full(len(v), np.nan, np.float32))
+            if self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets"):
+                scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i].path)
+                                   for s, b, i in zip(scores, batch["tile"], batch["index"].tolist())], np.float32)
             cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),
-                    "scores": (r["scores"].float().numpy() if r["scores"] is not None
-                               else np.full(len(v), np.nan, np.float32))}
+                    "scores": scores}
             if self.patches:
                 cols["patches"] = r["patches"].to(torch.float16).numpy()
                 out["patch_grid"] = tuple(r["patch_grid"])

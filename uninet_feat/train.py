@@ -27,6 +27,7 @@ from .distributed import env_rank_world, init_from_env  # [distributed] torchrun
 from .errors import BadInputError
 from .io import atomic_write_text
 from .optim import make_optimizers
+from .positions import parse_tile_norm
 from .runs import CachedDataset, absolute_data_paths, load_samples, make_dataset, make_model, set_threads, train_val_samples
 from .selection import SyntheticValidation, parse_kinds
 
@@ -70,6 +71,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
     parse_kinds(cfg.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
+    parse_tile_norm(cfg.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch
     if "auto" in (map_levels, map_norm) and not val:
         raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
                             "leaves none", path=cfg.get("split_csv") or cfg.get("data"),

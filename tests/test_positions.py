@@ -1,0 +1,121 @@
+"""tile_norm: position — tile scores less the training normals' median at each place (positions.py)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uninet_feat.checkpoint import build_from_checkpoint
+from uninet_feat.cli import main
+from uninet_feat.config import load_config
+from uninet_feat.errors import BadInputError
+from uninet_feat.evaluate import evaluate
+from uninet_feat.extract import Extractor
+from uninet_feat.runs import eval_batches, load_samples, make_dataset, train_val_samples
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+BASE = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 4,
+        "val_fraction": 0.3, "channels_last": False, "seed": 5, "tile": 64}
+
+
+def _cfg(data, **kw):
+    return load_config(None, {"data": str(data), **kw}, base=BASE)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pos")
+    data = write_texture_set(root / "wide", n_train=8, n_good=2, n_bad=2, wide=True)   # 64 x 192: three tiles
+    for p in (data / "train" / "good").glob("*.png"):   # a left edge unlike the rest on every strip
+        a = np.asarray(Image.open(p)).copy()
+        a[:, :64] = a[:, :64] // 3
+        Image.fromarray(a).save(p)
+    train(_cfg(data, tile_norm="position"), root / "run", quiet=True)
+    return data, root / "run"
+
+
+def _plain_tile_scores(model, samples, cfg):
+    """{path: {(y, x): WDM score}} without any offset (the model as built, no calibration applied)."""
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        for batch, x in eval_batches(make_dataset(samples, cfg, model.source), cfg):
+            _, s = model.predict(x)
+            for i, box, v in zip(batch["index"].tolist(), batch["tile"].tolist(), s.tolist()):
+                out.setdefault(str(samples[i].path), {})[(box[0], box[1])] = v
+    return out
+
+
+def test_offsets_are_the_training_normals_medians_and_scores_use_them(run):
+    data, r = run
+    cal = json.loads((r / "calibration.json").read_text())
+    rec = cal["tile_offsets"]
+    model, ck = build_from_checkpoint(r / "model.pt")
+    cfg = dict(ck["config"])
+    fit, val = train_val_samples(load_samples(cfg), cfg)
+    plain = _plain_tile_scores(model, fit + val, cfg)
+    assert rec["n_images"] == len(fit) + len(val) == 8 and len(val) >= 1
+    assert set(rec["offsets"]) == {"0,0", "0,64", "0,128"}
+    for k, v in rec["offsets"].items():
+        y, x = map(int, k.split(","))
+        assert v == pytest.approx(np.median([p[(y, x)] for p in plain.values()]), abs=1e-6)
+    assert 0 <= rec["position_r2"] <= 1
+    # evaluate: each image's score is its highest corrected tile score
+    rep = evaluate(r, quiet=True)
+    test = [s for s in load_samples(cfg) if s.split == "test"]
+    tiles = _plain_tile_scores(model, test, cfg)
+    want = {p: max(v - rec["offsets"][f"{y},{x}"] for (y, x), v in t.items()) for p, t in tiles.items()}
+    got = {row["path"]: float(row["score"]) for row in rep["_rows"]}
+    assert got == pytest.approx(want, abs=1e-4)
+    plain_max = {p: max(t.values()) for p, t in tiles.items()}
+    assert got != pytest.approx(plain_max, abs=1e-4)
+    # the validation scores behind the threshold are corrected too
+    vt = _plain_tile_scores(model, val, cfg)
+    vwant = sorted(max(v - rec["offsets"][f"{y},{x}"] for (y, x), v in t.items()) for t in vt.values())
+    assert cal["val_scores"] == pytest.approx(vwant, abs=1e-4)
+    # extract: the per-tile scores it exports are the corrected ones
+    ex = Extractor(run=r).extract(test)
+    for i, box, s in zip(ex["index"], ex["tile"], ex["scores"]):
+        p = str(ex["samples"][i].path)
+        assert s == pytest.approx(tiles[p][(box[0], box[1])] - rec["offsets"][f"{box[0]},{box[1]}"], abs=1e-4)
+
+
+def test_an_image_of_another_size_is_named_and_none_turns_it_off(run, tmp_path):
+    data, r = run
+    import shutil
+    c = tmp_path / "copy"
+    shutil.copytree(r, c)
+    narrow = data / "test" / "good" / "tall.png"   # 128 x 192: its second row of tiles has no place in the offsets
+    Image.fromarray(np.tile(np.asarray(Image.open(data / "test" / "good" / "000.png")), (2, 1))).save(narrow)
+    try:
+        with pytest.raises(BadInputError, match="no position offset") as e:
+            evaluate(c, quiet=True)
+        assert "tall.png" in str(e.value) and "64,0" in str(e.value)
+    finally:
+        narrow.unlink()
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "none", "--quiet"]) == 0
+    assert "tile_offsets" not in json.loads((c / "calibration.json").read_text())
+    model, ck = build_from_checkpoint(c / "model.pt")
+    test = [s for s in load_samples(dict(ck["config"])) if s.split == "test"]
+    tiles = _plain_tile_scores(model, test, dict(ck["config"]))
+    got = {row["path"]: float(row["score"]) for row in evaluate(c, quiet=True)["_rows"]}
+    assert got == pytest.approx({p: max(t.values()) for p, t in tiles.items()}, abs=1e-4)
+    assert main(["calibrate", "--run", str(c), "--quiet"]) == 0   # keeps the run's choice: still none
+    assert "tile_offsets" not in json.loads((c / "calibration.json").read_text())
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "position", "--quiet"]) == 0
+    assert json.loads((c / "calibration.json").read_text())["tile_offsets"] == \
+        json.loads((r / "calibration.json").read_text())["tile_offsets"]
+
+
+def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    untiled = {**_cfg(data, tile_norm="position"), "tile": None}
+    with pytest.raises(BadInputError, match="tile is not set"):
+        train(untiled, tmp_path / "a", quiet=True)
+    with pytest.raises(BadInputError, match="tile_norm must be none or position"):
+        train(_cfg(data, tile_norm="edge"), tmp_path / "b", quiet=True)
+    assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()
