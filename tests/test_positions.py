@@ -77,6 +77,13 @@ def test_offsets_are_the_training_normals_medians_and_scores_use_them(run):
     vt = _plain_tile_scores(model, val, cfg)
     vwant = sorted(max(v - rec["offsets"][f"{y},{x}"] for (y, x), v in t.items()) for t in vt.values())
     assert cal["val_scores"] == pytest.approx(vwant, abs=1e-4)
+    # predict: its wdm_score is evaluate's score
+    import csv
+    assert main(["predict", "--run", str(r), "--data", str(data / "test"), "--quiet",
+                 "--out", str(r.parent / "pred")]) == 0
+    with open(r.parent / "pred" / "predictions.csv") as fh:
+        pred = {row["path"]: float(row["wdm_score"]) for row in csv.DictReader(fh)}
+    assert pred == pytest.approx(got, abs=1e-4)
     # extract: the per-tile scores it exports are the corrected ones
     ex = Extractor(run=r).extract(test)
     for i, box, s in zip(ex["index"], ex["tile"], ex["scores"]):
