@@ -54,13 +54,14 @@ def test_offsets_are_the_training_normals_medians_and_scores_use_them(run):
     data, r = run
     cal = json.loads((r / "calibration.json").read_text())
     rec = cal["tile_offsets"]
+    (group, table), = rec["offsets"].items()   # one group: this data has no group column
     model, ck = build_from_checkpoint(r / "model.pt")
     cfg = dict(ck["config"])
     fit, val = train_val_samples(load_samples(cfg), cfg)
     plain = _plain_tile_scores(model, fit + val, cfg)
-    assert rec["n_images"] == len(fit) + len(val) == 8 and len(val) >= 1
-    assert set(rec["offsets"]) == {"0,0", "0,64", "0,128"}
-    for k, v in rec["offsets"].items():
+    assert rec["n_images"] == {group: 8} and len(fit) + len(val) == 8 and len(val) >= 1
+    assert set(table) == {"0,0", "0,64", "0,128"}
+    for k, v in table.items():
         y, x = map(int, k.split(","))
         assert v == pytest.approx(np.median([p[(y, x)] for p in plain.values()]), abs=1e-6)
     assert 0 <= rec["position_r2"] <= 1
@@ -68,14 +69,14 @@ def test_offsets_are_the_training_normals_medians_and_scores_use_them(run):
     rep = evaluate(r, quiet=True)
     test = [s for s in load_samples(cfg) if s.split == "test"]
     tiles = _plain_tile_scores(model, test, cfg)
-    want = {p: max(v - rec["offsets"][f"{y},{x}"] for (y, x), v in t.items()) for p, t in tiles.items()}
+    want = {p: max(v - table[f"{y},{x}"] for (y, x), v in t.items()) for p, t in tiles.items()}
     got = {row["path"]: float(row["score"]) for row in rep["_rows"]}
     assert got == pytest.approx(want, abs=1e-4)
     plain_max = {p: max(t.values()) for p, t in tiles.items()}
     assert got != pytest.approx(plain_max, abs=1e-4)
     # the validation scores behind the threshold are corrected too
     vt = _plain_tile_scores(model, val, cfg)
-    vwant = sorted(max(v - rec["offsets"][f"{y},{x}"] for (y, x), v in t.items()) for t in vt.values())
+    vwant = sorted(max(v - table[f"{y},{x}"] for (y, x), v in t.items()) for t in vt.values())
     assert cal["val_scores"] == pytest.approx(vwant, abs=1e-4)
     # predict: its wdm_score is evaluate's score
     import csv
@@ -88,7 +89,7 @@ def test_offsets_are_the_training_normals_medians_and_scores_use_them(run):
     ex = Extractor(run=r).extract(test)
     for i, box, s in zip(ex["index"], ex["tile"], ex["scores"]):
         p = str(ex["samples"][i].path)
-        assert s == pytest.approx(tiles[p][(box[0], box[1])] - rec["offsets"][f"{box[0]},{box[1]}"], abs=1e-4)
+        assert s == pytest.approx(tiles[p][(box[0], box[1])] - table[f"{box[0]},{box[1]}"], abs=1e-4)
 
 
 def test_an_image_of_another_size_is_named_and_none_turns_it_off(run, tmp_path):
@@ -126,3 +127,29 @@ def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
     with pytest.raises(BadInputError, match="tile_norm must be none or position"):
         train(_cfg(data, tile_norm="edge"), tmp_path / "b", quiet=True)
     assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_offsets_are_per_group_and_an_unknown_group_is_named(run):
+    from dataclasses import replace
+    from uninet_feat.positions import corrected, tile_offsets
+    data, r = run
+    model, ck = build_from_checkpoint(r / "model.pt")
+    cfg = dict(ck["config"])
+    samples = load_samples(cfg)
+    a = [replace(s, group="A") for s in samples if s.split == "train"]      # dark left edges
+    b = [replace(s, group="B") for s in samples if s.split == "test"]       # untouched, defects too
+    rec = tile_offsets(model, a + b, cfg)
+    assert set(rec["offsets"]) == {"A", "B"} and rec["n_images"] == {"A": len(a), "B": len(b)}
+    plain_a, plain_b = _plain_tile_scores(model, a, cfg), _plain_tile_scores(model, b, cfg)
+    for g, plain in (("A", plain_a), ("B", plain_b)):
+        for k, v in rec["offsets"][g].items():
+            y, x = map(int, k.split(","))
+            assert v == pytest.approx(np.median([p[(y, x)] for p in plain.values()]), abs=1e-6)
+    assert rec["offsets"]["A"] != pytest.approx(rec["offsets"]["B"], abs=1e-3)
+    box = [0, 64, 64, 64]
+    assert corrected(1.0, box, rec["offsets"], b[0]) == pytest.approx(1.0 - rec["offsets"]["B"]["0,64"])
+    with pytest.raises(BadInputError, match="no position offsets for group 'C'") as e:
+        corrected(1.0, box, rec["offsets"], replace(b[0], group="C"))
+    assert b[0].path.name in str(e.value)
+    one = {"A": rec["offsets"]["A"]}   # a run of one group scores an image of any group (a new batch has none)
+    assert corrected(1.0, box, one, replace(b[0], group="")) == pytest.approx(1.0 - one["A"]["0,64"])

@@ -66,7 +66,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
             pix, score = model.predict(x)
             for j, idx in enumerate(batch["index"].tolist()):
                 tile_scores.setdefault(idx, []).append(corrected(float(score[j]), batch["tile"][j], offsets,
-                                                                 samples[idx].path))
+                                                                 samples[idx]))
                 if not want_maps:
                     continue
                 m = pix[j]
