@@ -153,3 +153,26 @@ def test_offsets_are_per_group_and_an_unknown_group_is_named(run):
     assert b[0].path.name in str(e.value)
     one = {"A": rec["offsets"]["A"]}   # a run of one group scores an image of any group (a new batch has none)
     assert corrected(1.0, box, one, replace(b[0], group="")) == pytest.approx(1.0 - one["A"]["0,64"])
+
+
+def test_predict_group_picks_a_multi_group_runs_offsets(run, tmp_path):
+    import csv
+    import shutil
+    data, r = run
+    c = tmp_path / "two"
+    shutil.copytree(r, c)
+    cal = json.loads((c / "calibration.json").read_text())
+    (table,) = cal["tile_offsets"]["offsets"].values()
+    shifted = {k: v + 0.5 * i for i, (k, v) in enumerate(sorted(table.items()))}
+    cal["tile_offsets"]["offsets"] = {"A": table, "B": shifted}   # as a run over two groups would keep them
+    (c / "calibration.json").write_text(json.dumps(cal))
+    args = ["predict", "--run", str(c), "--data", str(data / "test"), "--quiet", "--no-overlays"]
+    assert main(args + ["--out", str(tmp_path / "p0")]) == 2                     # group-less images: refused
+    assert main(args + ["--group", "B", "--out", str(tmp_path / "pb")]) == 0
+    model, ck = build_from_checkpoint(c / "model.pt")
+    test = [s for s in load_samples(dict(ck["config"])) if s.split == "test"]
+    tiles = _plain_tile_scores(model, test, dict(ck["config"]))
+    want = {p: max(v - shifted[f"{y},{x}"] for (y, x), v in t.items()) for p, t in tiles.items()}
+    with open(tmp_path / "pb" / "predictions.csv") as fh:
+        got = {row["path"]: float(row["wdm_score"]) for row in csv.DictReader(fh)}
+    assert got == pytest.approx(want, abs=1e-4)

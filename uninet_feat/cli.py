@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "both in their validation-normal range units, summed (combined, --knn)")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
+    p.add_argument("--group", help="the group of every image, e.g. fabric_04 (a multi-class run with "
+                                   "--tile-norm position compares tiles with that group's normals)")
     _threshold_args(p)
     _skip_bad_flag(p)
     p.add_argument("--out", required=True)
@@ -406,7 +408,7 @@ def _dispatch(args) -> int:
             res = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
                                  args.overlays, args.quiet, text=args.text, threshold=args.threshold,
                                  max_fpr=args.max_fpr, skip_bad=args.skip_bad, flag_by=args.flag_by,
-                                 heatmap=args.heatmap)
+                                 heatmap=args.heatmap, group=args.group)
             res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0

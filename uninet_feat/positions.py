@@ -70,8 +70,8 @@ def corrected(score: float, box, offsets: dict | None, sample) -> float:
     if table is None:
         raise BadInputError(f"no position offsets for group {sample.group!r}: the run's normals came from groups "
                             f"{sorted(offsets)}", path=sample.path,
-                            fix="give the images' groups (a --split-csv with a group column), or `uninet-feat "
-                                "calibrate --run RUN --tile-norm none`")
+                            fix="give the images' group (`predict --group G`, or a --split-csv with a group "
+                                "column), or `uninet-feat calibrate --run RUN --tile-norm none`")
     k = key(box)
     if k not in table:
         raise BadInputError(f"a tile at y,x = {k} has no position offset: the run's normals were tiled at "

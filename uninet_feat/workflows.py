@@ -140,7 +140,8 @@ def _json_default(o):
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
-                text=None, threshold=None, max_fpr=None, skip_bad=False, flag_by="wdm", heatmap="wdm") -> dict:
+                text=None, threshold=None, max_fpr=None, skip_bad=False, flag_by="wdm", heatmap="wdm",
+                group=None) -> dict:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
@@ -152,7 +153,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     above the threshold chosen on that score: ``threshold`` as given, ``max_fpr`` on the run's validation
     normals, else their 0.99 quantile (WDM: the run's calibrated default). ``heatmap``: the map drawn in
     the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the combined map
-    (`scorers.combined_map`: both in their validation-normal range units, summed)."""
+    (`scorers.combined_map`: both in their validation-normal range units, summed). ``group``: the group of
+    every image (a multi-class run's position offsets, `tile_norm: position`, are per group)."""
     from .calibration import check_threshold_flags, resolve_threshold
     from .downstream import Head
     from .extract import Extractor
@@ -183,6 +185,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
         from .data.layouts import discover_batch
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))
+    if group is not None:
+        from dataclasses import replace
+        samples = [replace(s, group=group) for s in samples]
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
