@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .data.surface import SURFACE_DEFECTS, texture_patch
+from .data.surface import SURFACE_DEFECTS, add_surface_defect
 from .data.synthetic import DEFECTS, add_defect
 from .errors import BadInputError
 
@@ -64,7 +64,7 @@ def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8, 
     base = img.astype(np.float64)
     for _ in range(tries):
         kind = kinds[rng.integers(len(kinds))]
-        out, mask = texture_patch(img, rng) if kind in SURFACE_DEFECTS else add_defect(img, kind, rng)
+        out, mask = add_surface_defect(img, kind, rng) if kind in SURFACE_DEFECTS else add_defect(img, kind, rng)
         out = np.clip(base + rng.uniform(*STRENGTH) * (out - base) + 0.5, 0, 255).astype(np.uint8)
         mask = mask & (np.abs(out.astype(np.int16) - img.astype(np.int16)).max(-1) >= VISIBLE)
         if mask.sum() >= MIN_CHANGED:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-SURFACE_DEFECTS = ("texture_patch",)
+from ..errors import BadInputError
 
 
 def _changed_texture(f: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -53,3 +53,14 @@ def texture_patch(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     a = _region(*f.shape[:2], rng)[..., None]
     out = f * (1 - a) + _changed_texture(f, rng) * a
     return np.clip(out + 0.5, 0, 255).astype(np.uint8), a[..., 0] > 0.5
+
+
+_MAKERS = {"texture_patch": texture_patch}
+SURFACE_DEFECTS = tuple(_MAKERS)
+
+
+def add_surface_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(edited uint8 image, bool mask) for a surface defect ``kind``, as `data.synthetic.add_defect` for fabric."""
+    if kind not in _MAKERS:
+        raise BadInputError(f"unknown surface defect {kind!r}", fix=f"use one of {SURFACE_DEFECTS}")
+    return _MAKERS[kind](img, rng)
