@@ -82,7 +82,9 @@ def test_plain_backbone_features_have_no_map_stats(setup):
     plain = Extractor(backbone="tiny", weights="random").extract(samples[:2])
     adapted = Extractor(run=run).extract(samples[:2])
     assert plain["vectors"].shape[1] == 8 + 16 + 32
-    assert adapted["vectors"].shape[1] == 2 * (8 + 16 + 32) + 3 * 8 + 1
+    # per level teacher + student pools and 2 x 4 map statistics, the WDM score, per level the map-attended
+    # teacher pool, 8 hot-region shape descriptors and the spot's place in the image (2)
+    assert adapted["vectors"].shape[1] == 2 * (8 + 16 + 32) + 3 * 8 + 1 + (8 + 16 + 32) + 8 + 2
     assert np.isnan(plain["scores"]).all() and np.isfinite(adapted["scores"]).all()
 
 
@@ -328,3 +330,21 @@ def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch
     assert 0 <= rep["scorers"]["combined"]["pixel_auroc"] <= 1   # its value is checked in test_scorers
     with pytest.raises(BadInputError, match="--checkpoint"):
         evaluate(run, knn=knn, checkpoint=run / "checkpoint.pt", quiet=True)
+
+
+def test_predict_refuses_a_head_of_another_feature_layout(setup, tmp_path):
+    """A head trained on schema-1 features (no defect descriptors) of the same run is named, not misread."""
+    from uninet_feat.cli import main
+    from uninet_feat.workflows import predict_cmd
+    data, run, samples = setup
+    f, head = tmp_path / "feats", tmp_path / "head"
+    assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(f), "--quiet"]) == 0
+    assert main(["train-head", "--features", str(f), "--task", "binary", "--folds", "2", "--out", str(head)]) == 0
+    meta = json.loads((head / "head.json").read_text())
+    rows = predict_cmd(run, data, tmp_path / "ok", heads=[str(head)], overlays=False, quiet=True)["rows"]
+    assert "head_prediction" in rows[0]
+    old = [n for n in meta["feature_names"] if "hot_" not in n and "spot_" not in n and "mapattn" not in n]
+    (head / "head.json").write_text(json.dumps({**meta, "feature_names": old}))
+    with pytest.raises(BadInputError, match="feature columns") as e:
+        predict_cmd(run, data, tmp_path / "bad", heads=[str(head)], overlays=False, quiet=True)
+    assert "head.json" in str(e.value) and "train-head" in str(e.value)

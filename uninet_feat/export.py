@@ -4,7 +4,9 @@ Per image (or per tile of a large image):
 * an **image vector** — for each level l: the DFS-pooled target-teacher features and the DFS-pooled
   student features (C_l each), then four statistics (mean, std, max, 0.99-quantile) of each of the
   level's two anomaly maps, then the WDM image score. A head therefore sees both what the image
-  looks like (domain-adapted features) and how anomalous it is.
+  looks like (domain-adapted features) and how anomalous it is. Then the defect descriptors
+  (`descriptors`): per level the target-teacher features pooled by that level's anomaly map, and the
+  shape of the pixel map's hot region; `Extractor` appends the hot spot's place in the whole image.
   DFS pooling: v_c = Σ_hw softmax_hw(P_c) · X_c · (θ_c + g_c) — the same spatial selection and the
   same learned θ that DFS applies during training, turned into a pooling.
 * optional **patch vectors** — on the level-2 grid: θ-weighted teacher features of levels 2 and 3
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .descriptors import PLACE_NAMES, SHAPE_NAMES, hot_region_shape, map_pool
 
 MAP_STATS = ("mean", "std", "max", "q99")
 
@@ -65,6 +69,9 @@ def uninet_features(model, x: torch.Tensor, patches: bool | str = False) -> dict
         parts.append(_map_stats(maps[l]))
         parts.append(_map_stats(maps[L + l]))
     parts.append(score.view(-1, 1).float())
+    for l in range(L):
+        parts.append(map_pool(out.teachers[L + l], maps[l] + maps[L + l]))
+    parts.append(hot_region_shape(pix))
     res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix}
     if patches == "source":
         res["patches"] = patch_vectors(out.teachers[:L], [1.0] * L)
@@ -97,4 +104,9 @@ def vector_names(channels, adapted: bool = True) -> list[str]:
             names += [f"l{l}_mapS_{s}" for s in MAP_STATS] + [f"l{l}_mapT_{s}" for s in MAP_STATS]
         else:
             names += [f"l{l}_feat_{i}" for i in range(c)]
-    return names + (["wdm_score"] if adapted else [])
+    if not adapted:
+        return names
+    names.append("wdm_score")
+    for l, c in enumerate(channels, 1):
+        names += [f"l{l}_mapattn_{i}" for i in range(c)]
+    return names + list(SHAPE_NAMES) + list(PLACE_NAMES)

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import DEFAULT_CONFIG
 from .data.layouts import Sample
+from .descriptors import SHAPE_NAMES, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
 from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
@@ -119,6 +120,8 @@ class Extractor:
         for batch in loader:
             r, text = self._forward_with_text(batch["image"])
             v = r["vectors"].float()
+            if self.model is not None:
+                v = torch.cat([v, self._places(v, ds, indices[i:i + len(v)])], 1)
             if text is not None:
                 v = torch.cat([v, text], 1)
             scores = (r["scores"].float().numpy() if r["scores"] is not None
@@ -137,6 +140,21 @@ class Extractor:
                 out[key][i:i + len(a)] = a
             i += len(v)
         return out
+
+    @staticmethod
+    def _places(v: torch.Tensor, ds, items) -> torch.Tensor:
+        """The hot spot's place in the whole image (`descriptors.image_place`) from each tile's centroid
+        (``hot_cy``, ``hot_cx`` of the shape block that ends an adapted vector)."""
+        end = len(SHAPE_NAMES)
+        cy, cx = (v[:, SHAPE_NAMES.index(k) - end].tolist() for k in ("hot_cy", "hot_cx"))
+        rows = []
+        for j, y, x in zip(items, cy, cx):
+            if ds.tile:
+                _, grid, k = ds.tile_index[j]
+                rows.append(image_place(y, x, grid.box(k), (grid.h, grid.w)))
+            else:
+                rows.append((y, x))
+        return torch.tensor(rows, dtype=v.dtype).view(-1, 2)
 
     @torch.no_grad()
     def extract(self, samples) -> dict:

@@ -1,6 +1,7 @@
 """The on-disk feature store: versioned, sharded, resumable, with flat memory.
 
-Layout of a FEATURES folder (schema ``uninet-feat/features`` version 1):
+Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 1 had no defect descriptors,
+`descriptors.py`, in a run's vectors — its stores still load, their vector names are in their manifest):
     manifest.json       schema, source (run path, model sha256, backbone), vector names, shard size,
                         and one record per item (path, label, group, split, tile [y, x, h, w], shard)
     shard-00000.npz     arrays for items [0, shard_size): ``vectors`` (n, D) float32, ``scores`` (n,)
@@ -22,7 +23,7 @@ from .errors import BadInputError
 from .io import atomic_write, atomic_write_text
 
 SCHEMA = "uninet-feat/features"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def file_sha256(path) -> str:

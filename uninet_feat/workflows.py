@@ -95,6 +95,11 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=N
     return {"index": str(out), "level": level, "kind": kind, "n": len(recs)}
 
 
+def head_columns(vector_names) -> list[str]:
+    """A head's column names: the top tile's vector, then the mean over tiles (`featstore.aggregate_tiles`)."""
+    return [f"top_{n}" for n in vector_names] + [f"mean_{n}" for n in vector_names]
+
+
 def _labels_for(recs, task: str, label_from: str):
     if task == "binary":
         return np.array(["good" if r["is_normal"] else "defect" for r in recs])
@@ -121,7 +126,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     if rare:  # a class with one example can be neither trained on nor tested in CV
         keep = [j for j, v in enumerate(y) if v not in rare]
         X, recs, y = X[keep], [recs[j] for j in keep], y[keep]
-    names = [f"top_{n}" for n in store.manifest["vector_names"]] + [f"mean_{n}" for n in store.manifest["vector_names"]]
+    names = head_columns(store.manifest["vector_names"])
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names)
     out = Path(out)
     res.head.save(out, source=store.manifest.get("source"))
@@ -161,6 +166,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
     from .overlay import calibrated_range
     from .scoring import pixel_map_kind
+    from .descriptors import spot_summary
     if flag_by not in SCORES or heatmap not in SCORES:
         raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
                             fix=f"--flag-by and --heatmap: one of {', '.join(SCORES)}")
@@ -180,6 +186,14 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     scorer, kex = knn_setup(knn, ex, skip_bad) if knn is not None else (None, None)
     for hd, head in loaded.items():
         check_built_from(head.source, Path(hd) / "head.json", ex, "head")
+        cols = head_columns(ex.vector_names)
+        generic = head.feature_names == [f"f{i}" for i in range(len(head.feature_names))]   # `train_head` unnamed
+        if len(head.feature_names) != len(cols) or not (generic or head.feature_names == cols):   # other layout
+            raise BadInputError(f"this head was trained on {len(head.feature_names)} feature columns, this version "
+                                f"extracts {2 * len(ex.vector_names)} (features of an older layout: feature "
+                                f"schema version 1 had no defect descriptors)", path=Path(hd) / "head.json",
+                                fix=f"re-extract and retrain: `uninet-feat extract --run {ex.run_dir} --out F`, "
+                                    f"then `uninet-feat train-head --features F`")
     if split_csv:
         samples = _samples(data, split_csv)
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
@@ -193,6 +207,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
     rows = [{"path": path, "label": samples[int(res["index"][idx[0]])].label,
              "wdm_score": float(np.max(res["scores"][idx]))} for path, idx in order]
+    for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
+        row.update(spot_summary(x, ex.vector_names))
     summary_extra, ref = {}, None
     if scorer is not None:
         per_image, patch_scores, kres = knn_scores(scorer, kex or ex, samples, res if kex is None else None)
