@@ -92,6 +92,18 @@ def test_offsets_are_the_training_normals_medians_and_scores_use_them(run):
         assert s == pytest.approx(tiles[p][(box[0], box[1])] - table[f"{box[0]},{box[1]}"], abs=1e-4)
 
 
+def test_evaluate_checkpoint_takes_its_own_offsets(run):
+    """`evaluate --checkpoint` of another model file: its offsets come from its own scores of the training
+    normals (calibration.json's are model.pt's). checkpoint.pt here is the last epoch, model.pt's weights, so
+    its scores and threshold must equal model.pt's corrected ones, not the plain highest tile."""
+    data, r = run
+    want = evaluate(r, quiet=True)
+    got = evaluate(r, quiet=True, checkpoint=r / "checkpoint.pt")
+    assert {x["path"]: float(x["score"]) for x in got["_rows"]} == pytest.approx(
+        {x["path"]: float(x["score"]) for x in want["_rows"]}, abs=1e-4)
+    assert got["threshold"] == pytest.approx(want["threshold"], abs=1e-4)
+
+
 def test_an_image_of_another_size_is_named_and_none_turns_it_off(run, tmp_path):
     data, r = run
     import shutil

@@ -207,6 +207,20 @@ def pick_pixel_map(scores: dict, base, margin: float = PIXEL_MAP_MARGIN):
     return max(pool, key=lambda k: (len(k[0]), k[1] == "none", scored[k]))
 
 
+def checkpoint_offsets(model, run, cfg: dict) -> dict | None:
+    """Position offsets for another epoch's model of ``run`` (`evaluate --checkpoint`): calibration.json's
+    offsets belong to model.pt, so when the run scores tiles by position (its calibration.json has offsets,
+    or without one its config says ``tile_norm: position``) they are taken again from this model's scores of
+    the training normals. Sets ``model.cfg["tile_offsets"]``; returns the record, or None."""
+    path = Path(run) / "calibration.json"
+    try:
+        tile_norm = ("position" if (json.loads(path.read_text()).get("tile_offsets") or {}).get("offsets")
+                     else "none") if path.exists() else cfg.get("tile_norm", "none")
+    except (OSError, ValueError):
+        tile_norm = cfg.get("tile_norm", "none")
+    return _position_offsets(model, cfg, tile_norm)
+
+
 def apply_calibration(model, run, model_path) -> None:
     """Give ``model`` the run's calibrated pixel map (levels, range units) when ``model_path`` is its model.pt (the
     map was chosen for that model; another epoch's model keeps all levels, raw)."""

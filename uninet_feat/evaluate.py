@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import metrics
-from .calibration import apply_calibration, check_threshold_flags, resolve_threshold
+from .calibration import apply_calibration, check_threshold_flags, checkpoint_offsets, resolve_threshold
 from .checkpoint import build_from_checkpoint
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
@@ -102,8 +102,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
 
     ``checkpoint``: another model file of the run than ``model.pt`` — ``checkpoint.pt`` (the last epoch)
     or ``epochs/epoch_NNN.pt`` (``keep_every``) — to report how a model of another epoch does. Its
-    threshold and overlay colours come from its own scores on the run's validation normals, because
-    ``calibration.json`` holds model.pt's.
+    threshold and overlay colours come from its own scores on the run's validation normals, and, when the
+    run scores tiles by place (`tile_norm: position`), its position offsets from its own scores of the
+    training normals, because ``calibration.json`` holds model.pt's. Its pixel map keeps all levels, raw.
 
     ``skip_bad``: leave unreadable test images out (warned, listed in the report's ``skipped``) instead of
     stopping with an error that names them all.
@@ -134,6 +135,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
         check_threshold_flags(cfg.get("threshold"), cfg.get("max_fpr"))   # before scoring the validation normals
+        checkpoint_offsets(model, run, cfg)   # and its own position offsets, when the run scores tiles by place
         if cfg.get("threshold") is None or report_path:   # a given threshold and no report need none
             cal = _checkpoint_calibration(model, cfg, checkpoint)
     threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"), cal=cal,
