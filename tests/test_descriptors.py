@@ -113,7 +113,8 @@ def test_extracted_tiles_carry_shape_and_place_in_the_image(wide_run):
         assert col["spot_x_image"][j] == pytest.approx(x, abs=1e-5)
     assert set(r["tile"][:, 1].tolist()) == {0, 64, 128}
     # each tile's place lies inside its own third of the strip
-    assert ((col["spot_x_image"] >= r["tile"][:, 1] / 192) & (col["spot_x_image"] <= (r["tile"][:, 1] + 64) / 192)).all()
+    x0 = r["tile"][:, 1] / 192
+    assert ((col["spot_x_image"] >= x0) & (col["spot_x_image"] <= x0 + 64 / 192)).all()
 
 
 def test_predict_rows_describe_the_top_tiles_spot(wide_run, tmp_path):
