@@ -16,7 +16,8 @@ strip's edge, a nep is a small blob), and the map already outlines the defect. S
   tile's box (tiled strips: where along the strip; an untiled image: the tile centroid itself).
 
 The half-way level is relative to each tile's own map, so the shape is scale-free (raw or range-unit maps
-alike); a flat map gives the whole tile as its region, not a NaN.
+alike); a flat map gives the whole tile as its region, not a NaN. "Median" is torch's: the lower of the two
+middle values of an even count.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def hot_region_shape(pix: torch.Tensor) -> torch.Tensor:
     cy = (wt.sum(2) * ys).sum(1)
     cx = (wt.sum(1) * xs).sum(1)
     dy, dx = ys.view(1, -1, 1) - cy.view(-1, 1, 1), xs.view(1, 1, -1) - cx.view(-1, 1, 1)
-    syy, sxx, sxy = (wt * dy * dy).flatten(1).sum(1), (wt * dx * dx).flatten(1).sum(1), (wt * dy * dx).flatten(1).sum(1)
+    syy, sxx, sxy = ((wt * a * b).flatten(1).sum(1) for a, b in ((dy, dy), (dx, dx), (dy, dx)))
     tr, det = syy + sxx, syy * sxx - sxy * sxy
     disc = ((tr * tr / 4 - det).clamp(min=0)).sqrt()
     lmax, lmin = tr / 2 + disc, (tr / 2 - disc).clamp(min=0)
