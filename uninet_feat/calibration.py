@@ -212,25 +212,32 @@ def checkpoint_offsets(model, run, cfg: dict) -> dict | None:
     offsets belong to model.pt, so when the run scores tiles by position (its calibration.json has offsets,
     or without one its config says ``tile_norm: position``) they are taken again from this model's scores of
     the training normals. Sets ``model.cfg["tile_offsets"]``; returns the record, or None."""
+    cal = _saved_calibration(run)
+    if cal is None:
+        tile_norm = cfg.get("tile_norm", "none")
+    else:
+        tile_norm = "position" if (cal.get("tile_offsets") or {}).get("offsets") else "none"
+    return _position_offsets(model, cfg, tile_norm)
+
+
+def _saved_calibration(run) -> dict | None:
+    """The run's calibration.json, or None when it is missing or unreadable (an unreadable one is reported
+    where its threshold is read)."""
     path = Path(run) / "calibration.json"
     try:
-        tile_norm = ("position" if (json.loads(path.read_text()).get("tile_offsets") or {}).get("offsets")
-                     else "none") if path.exists() else cfg.get("tile_norm", "none")
+        return json.loads(path.read_text()) if path.exists() else None
     except (OSError, ValueError):
-        tile_norm = cfg.get("tile_norm", "none")
-    return _position_offsets(model, cfg, tile_norm)
+        return None
 
 
 def apply_calibration(model, run, model_path) -> None:
     """Give ``model`` the run's calibrated pixel map (levels, range units) when ``model_path`` is its model.pt (the
     map was chosen for that model; another epoch's model keeps all levels, raw)."""
-    path = Path(run) / "calibration.json"
-    if Path(model_path).resolve() != (Path(run) / "model.pt").resolve() or not path.exists():
+    if Path(model_path).resolve() != (Path(run) / "model.pt").resolve():
         return
-    try:
-        cal = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return   # an unreadable calibration is reported where its threshold is read
+    cal = _saved_calibration(run)
+    if cal is None:
+        return
     model.cfg["map_levels"] = cal.get("map_levels") or None
     model.cfg["map_norm"] = cal.get("map_norm") or None
     model.cfg["tile_offsets"] = (cal.get("tile_offsets") or {}).get("offsets")
