@@ -42,7 +42,7 @@ def _float64() -> None:
     make = T.make_model
     T.make_model = lambda cfg: make(cfg).double()
     fwd = UniNet.forward
-    UniNet.forward = lambda self, x: fwd(self, x.to(self.bottleneck.parameters().__next__().dtype))
+    UniNet.forward = lambda self, x, *a: fwd(self, x.to(self.bottleneck.parameters().__next__().dtype), *a)
 
 
 def _gradcheck(dd, batch: int, report: str) -> None:

@@ -56,6 +56,11 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map-norm", dest="map_norm", choices=["none", "range", "auto"],
                    help="each level's map in its validation-normal range units before the pixel map sums them: "
                         "none (the method, default), range, or auto (chosen with --map-levels on synthetic defects)")
+    p.add_argument("--denoise", type=float,
+                   help="denoising student: this share of the training images gets a synthetic defect, and the "
+                        "student's target stays the clean image's teacher features (default 0: the method)")
+    p.add_argument("--denoise-kinds", dest="denoise_kinds",
+                   help="the synthetic defects drawn for --denoise: fabric (default), all, or names")
     p.add_argument("--supervised", action="store_true", default=None,
                    help="use labelled defects (and masks) in the training split")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
@@ -99,7 +104,7 @@ _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "i
                "batch_size", "lr", "lr_target", "seed", "threads", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
                "map_levels", "map_norm", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
-               "step_in_backward")
+               "step_in_backward", "denoise", "denoise_kinds")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -37,6 +37,9 @@ DEFAULT_CONFIG: dict = {
     # the synthetic defects drawn (selection.parse_kinds): "fabric" (holes, yarns, picks, stains, oil; the
     # default), "all" (and texture_patch, a region of changed texture, for non-fabric surfaces) or a list
     "synthetic_kinds": "fabric",
+    # denoising student (denoise.py): the share of training images given a synthetic defect whose loss target
+    # stays the clean image's teacher features (0: off, the method), and the kinds drawn for it
+    "denoise": 0.0, "denoise_kinds": "fabric",
     # levels summed into the pixel map (calibration.py): "all" (the method), "auto" (chosen after training on
     # synthetic defects of the validation normals, no labels) or a list such as [2, 3]; the image score uses all
     "map_levels": "all",

@@ -101,9 +101,10 @@ class DistEnv:
     def shard_batches(self, dataset, batch_size: int, generator: torch.Generator, drop_last: bool):
         return shard_batches(dataset, batch_size, generator, drop_last, self.rank, self.world_size)
 
-    def loss(self, step, x, labels, masks, has_mask, global_n: int) -> tuple[dict, torch.Tensor]:
+    def loss(self, step, x, labels, masks, has_mask, global_n: int, clean=None,
+             clean_index=None) -> tuple[dict, torch.Tensor]:
         """(terms of the global batch for logging, this rank's loss to call ``backward`` on)."""
-        terms = step(x, labels, masks, has_mask)
+        terms = step(x, labels, masks, has_mask, clean, clean_index)
         w = x.shape[0] / global_n                    # this rank's share of the global mean
         keys = sorted(terms)
         vals = torch.tensor([float(terms[k].detach() if torch.is_tensor(terms[k]) else terms[k]) * w
@@ -206,8 +207,8 @@ class LossStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, labels=None, masks=None, has_mask=None) -> dict:
-        return self.model.loss(self.model(x), labels, masks, has_mask)
+    def forward(self, x, labels=None, masks=None, has_mask=None, clean=None, clean_index=None) -> dict:
+        return self.model.loss(self.model(x, clean, clean_index), labels, masks, has_mask)
 
 
 # ----------------------------------------------------------------------------- global BatchNorm

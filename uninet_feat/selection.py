@@ -51,21 +51,22 @@ def parse_kinds(kinds) -> tuple[str, ...]:
     return kinds
 
 
-def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8, kinds=DEFECTS):
+def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8, kinds=DEFECTS, strength=STRENGTH):
     """(defective copy, bool mask of the visibly changed pixels) of a uint8 (H, W, 3) image; ``kinds``: the
     defects drawn from, each with equal chance (`parse_kinds`).
 
     Why blended: at full strength the edits are too easy to rank models — epoch-5 and epoch-100
     magnetic-tile models both scored 0.98-0.99 image AUROC on them (the first version; README) — so each
-    edit is mixed in at a strength drawn from ``STRENGTH``. The mask is `add_defect`'s mask cut to the
-    pixels the result really changed: on fine textures an edit can leave parts of its region (or all of
-    it) unchanged, and an invisible "defect" would be label noise.
+    edit is mixed in at a strength drawn from ``strength`` (default ``STRENGTH``; training edits of
+    `denoise` use a wider range). The mask is `add_defect`'s mask cut to the pixels the result really
+    changed: on fine textures an edit can leave parts of its region (or all of it) unchanged, and an
+    invisible "defect" would be label noise.
     """
     base = img.astype(np.float64)
     for _ in range(tries):
         kind = kinds[rng.integers(len(kinds))]
         out, mask = add_surface_defect(img, kind, rng) if kind in SURFACE_DEFECTS else add_defect(img, kind, rng)
-        out = np.clip(base + rng.uniform(*STRENGTH) * (out - base) + 0.5, 0, 255).astype(np.uint8)
+        out = np.clip(base + rng.uniform(*strength) * (out - base) + 0.5, 0, 255).astype(np.uint8)
         mask = mask & (np.abs(out.astype(np.int16) - img.astype(np.int16)).max(-1) >= VISIBLE)
         if mask.sum() >= MIN_CHANGED:
             return out, mask

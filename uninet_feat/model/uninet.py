@@ -153,17 +153,24 @@ class UniNet(nn.Module):
                 + list(self.dfs.parameters()),
                 "target": list(self.target.parameters())}
 
-    def forward(self, x: torch.Tensor) -> UniNetOutput:
+    def forward(self, x: torch.Tensor, clean: torch.Tensor | None = None,
+                clean_index: torch.Tensor | None = None) -> UniNetOutput:
+        """Teachers and crossed students of ``x``. Training a denoising student (`uninet_feat.denoise`):
+        ``clean[j]`` is the undamaged image of row ``clean_index[j]``; the student still decodes ``x``, but
+        the returned teachers of those rows (the loss targets) are the clean image's, from the same pass."""
         n, step = x.shape[0], self.bottleneck.out_stride
         if x.shape[-2] % step or x.shape[-1] % step:
             raise ValueError(f"input size {tuple(x.shape[-2:])} must be a multiple of {step} for this backbone "
                              f"(the bottleneck works at stride {step}); use e.g. image_size "
                              f"{max(step, round(x.shape[-1] / step) * step)}")
+        xin = x if clean is None else torch.cat([x, clean.to(x.dtype)], 0)
         with torch.no_grad():
-            src = self.source(x)
-        tgt = self.target(x)
-        z = self.bottleneck([torch.cat([t, s], 0) for t, s in zip(tgt, src)])
+            src = self.source(xin)
+        tgt = self.target(xin)   # one pass: the target teacher's BN sees damaged and clean rows together
+        z = self.bottleneck([torch.cat([t[:n], s[:n]], 0) for t, s in zip(tgt, src)])
         dec = self.student(z)
+        if clean is not None:
+            src, tgt = ([_rows_replaced(f, clean_index, n) for f in fs] for fs in (src, tgt))
         return UniNetOutput(teachers=list(src) + list(tgt),
                             students=[d[:n] for d in dec] + [d[n:] for d in dec],
                             n_levels=len(src))
@@ -205,3 +212,10 @@ class UniNet(nn.Module):
         """Fold multi-scale MEM branches into single convs (inference only)."""
         reparameterize(self.bottleneck)
         return self
+
+
+def _rows_replaced(f: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``f``, with rows ``index`` taken from the rows after them (autograd-safe)."""
+    out = f[:n].clone()
+    out[index] = f[n:]
+    return out

@@ -1,0 +1,100 @@
+"""The denoising student (`uninet_feat.denoise`): damaged inputs, clean targets, reproducible training."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny import TinyBackbone, register_tiny, tiny_train_args, write_texture_set
+from uninet_feat.denoise import Damager, parse_denoise
+from uninet_feat.errors import BadInputError
+from uninet_feat.model import UniNet
+
+
+def _batch(n=4, size=64, seed=0):
+    """A normalised batch of textured images (mean/std 0.5, as the tiny backbone's)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    imgs = [0.5 + 0.25 * np.sin(xx / 2.0 + rng.uniform(0, 6)) * np.sin(yy / 3.0 + rng.uniform(0, 6)) for _ in range(n)]
+    x = torch.tensor(np.stack(imgs), dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+    return (x - 0.5) / 0.5
+
+
+def _damager(p, seed=3):
+    return Damager(p, "fabric", torch.full((3,), 0.5), torch.full((3,), 0.5), seed)
+
+
+def test_damaged_rows_change_only_at_the_defect_and_draws_repeat():
+    x = _batch()
+    damaged, clean, idx = _damager(1.0)(x, epoch=2, step=5)
+    assert idx.tolist() == [0, 1, 2, 3]                    # p = 1: every textured image takes an edit
+    assert torch.equal(clean, x[idx])
+    changed = (damaged != x).any(1)                          # (N, H, W)
+    assert all(0 < int(c.sum()) < c.numel() for c in changed)   # a local edit, not the whole image
+    assert torch.equal(damaged[~changed[:, None].expand_as(x)], x[~changed[:, None].expand_as(x)])   # exact elsewhere
+    again, _, idx2 = _damager(1.0)(x, epoch=2, step=5)
+    other, _, _ = _damager(1.0)(x, epoch=2, step=6)
+    assert torch.equal(again, damaged) and torch.equal(idx2, idx)
+    assert not torch.equal(other, damaged)                   # the next step draws other edits
+
+
+def test_probability_sets_the_share_of_damaged_rows():
+    x = _batch(n=64)
+    assert _damager(0.0)(x, 0, 0)[2] is None
+    counts = [len(_damager(0.5)(x, 0, s)[2]) for s in range(4)]
+    assert all(18 <= c <= 46 for c in counts), counts       # binomial(64, 0.5): far inside 5 sd
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "half"])
+def test_bad_probability_is_refused(bad):
+    with pytest.raises(BadInputError, match="denoise"):
+        parse_denoise(bad)
+
+
+def test_targets_come_from_the_clean_images_and_inputs_from_the_damaged():
+    torch.manual_seed(0)
+    model = UniNet(TinyBackbone()).eval()
+    x = _batch()
+    damaged, clean, idx = _damager(0.5, seed=1)(x, 0, 0)
+    assert idx is not None and 0 < len(idx) < len(x)
+    out = model(damaged, clean, idx)
+    plain_damaged, plain_clean = model(damaged), model(x)
+    keep = torch.tensor([i for i in range(len(x)) if i not in idx.tolist()])
+    for k, t in enumerate(out.teachers):
+        assert torch.allclose(t[idx], plain_clean.teachers[k][idx], atol=1e-5)    # targets: clean features
+        assert torch.allclose(t[keep], plain_damaged.teachers[k][keep], atol=1e-5)
+    for s, ref in zip(out.students, plain_damaged.students):                       # students: from the damaged
+        assert torch.allclose(s, ref, atol=1e-5)
+
+
+def test_clean_targets_pass_gradients_to_the_target_teacher():
+    torch.manual_seed(0)
+    model = UniNet(TinyBackbone()).train()
+    x = _batch()
+    damaged, clean, idx = _damager(1.0)(x, 0, 0)
+    out = model(damaged, clean, idx)
+    # only the target teacher's clean rows (k >= L, rows idx) enter this loss
+    loss = sum(t[idx].square().mean() for t in out.teachers[out.n_levels:])
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.target.parameters())
+
+
+def test_denoising_run_is_reproducible_resumable_and_differs_from_a_plain_run(tmp_path):
+    from uninet_feat.checkpoint import read_checkpoint
+    from uninet_feat.cli import main
+    register_tiny()
+    write_texture_set(tmp_path / "tex")
+    args = tiny_train_args(tmp_path / "tex") + ["--epochs", "2"]
+    main(args + ["--out", str(tmp_path / "a"), "--denoise", "0.5"])
+    main(args + ["--out", str(tmp_path / "b"), "--denoise", "0.5"])
+    main(args + ["--out", str(tmp_path / "plain")])
+    main(args[:-2] + ["--epochs", "1", "--out", str(tmp_path / "c"), "--denoise", "0.5"])
+    main(["train", "--out", str(tmp_path / "c"), "--resume", "--epochs", "2", "--quiet"])
+    sd = {r: read_checkpoint(tmp_path / r / "model.pt")["state_dict"] for r in ("a", "b", "c", "plain")}
+    for r in ("b", "c"):
+        assert all(torch.equal(sd["a"][k], sd[r][k]) for k in sd["a"]), r
+    assert not all(torch.equal(sd["a"][k], sd["plain"][k]) for k in sd["a"])
+    cfg = read_checkpoint(tmp_path / "a" / "model.pt")["config"]
+    assert cfg["denoise"] == 0.5 and cfg["denoise_kinds"] == "fabric"
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(np.isfinite(r["loss"]) for r in log)
