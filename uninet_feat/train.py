@@ -6,8 +6,10 @@ abnormal margin). Two AdamW optimisers as in the method: student + bottleneck + 
 target teacher at ``lr_target``. Fixed schedule: by default the model after the last epoch is the
 model; ``select: synthetic`` keeps instead the epoch that best separates the validation normals from
 synthetic defects made from them (`selection`, no labels), saved as ``best.pt`` as it is found.
-A resumable checkpoint is written atomically after every epoch; ``resume=True`` continues from it
-and reproduces the uninterrupted run (shuffling is seeded per epoch).
+With ``denoise: P`` a share P of each batch gets synthetic defects and the student learns to give the
+clean image's teacher features (`denoise`). A resumable checkpoint is written atomically after every
+epoch; ``resume=True`` continues from it and reproduces the uninterrupted run (shuffling and the
+denoising edits are seeded per epoch and step).
 """
 from __future__ import annotations
 
