@@ -1,0 +1,35 @@
+"""The shipped configs (`configs/*.yaml`) load and every option in them parses, so `train --config` cannot fail
+on a typo after the data has been read."""
+from pathlib import Path
+
+import pytest
+
+from uninet_feat.calibration import parse_map_norm
+from uninet_feat.config import load_config
+from uninet_feat.denoise import parse_denoise
+from uninet_feat.positions import parse_tile_norm
+from uninet_feat.selection import parse_kinds
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"magnetic_tile.yaml", "aitex.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_its_options_parse(path):
+    cfg = load_config(path)   # unknown keys are refused here
+    parse_kinds(cfg["synthetic_kinds"])
+    parse_kinds(cfg["denoise_kinds"])
+    parse_denoise(cfg["denoise"])
+    parse_map_norm(cfg["map_norm"])
+    parse_tile_norm(cfg["tile_norm"], cfg["tile"])
+    assert cfg["data"] and cfg["split_csv"] and int(cfg["epochs"]) > 0
+
+
+def test_magnetic_tile_config_draws_training_edits_apart_from_its_choices():
+    """Its label-free choices are made on a kind that the denoising student never trains on."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "magnetic_tile.yaml")
+    assert parse_denoise(cfg["denoise"]) > 0
+    assert not set(parse_kinds(cfg["synthetic_kinds"])) & set(parse_kinds(cfg["denoise_kinds"]))
