@@ -67,15 +67,19 @@ def test_targets_come_from_the_clean_images_and_inputs_from_the_damaged():
         assert torch.allclose(s, ref, atol=1e-5)
 
 
-def test_clean_targets_pass_gradients_to_the_target_teacher():
+def test_clean_targets_are_differentiable_target_teacher_features_of_the_clean_images():
+    """The trainable target teacher's rows idx come from ``clean`` through the graph (its parameters learn
+    from them, as in a plain run), not from a detached copy or from the damaged input."""
     torch.manual_seed(0)
-    model = UniNet(TinyBackbone()).train()
+    model = UniNet(TinyBackbone()).eval()   # eval: BatchNorm does not couple the rows, so only idx's sources count
     x = _batch()
     damaged, clean, idx = _damager(1.0)(x, 0, 0)
+    clean = clean.clone().requires_grad_(True)
+    damaged = damaged.clone().requires_grad_(True)
     out = model(damaged, clean, idx)
-    # only the target teacher's clean rows (k >= L, rows idx) enter this loss
-    loss = sum(t[idx].square().mean() for t in out.teachers[out.n_levels:])
-    loss.backward()
+    sum(t[idx].square().mean() for t in out.teachers[out.n_levels:]).backward()
+    assert clean.grad is not None and clean.grad.abs().sum() > 0
+    assert damaged.grad is None or damaged.grad.abs().sum() == 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.target.parameters())
 
 
