@@ -40,9 +40,10 @@ def parse_denoise(p) -> float:
 class Damager:
     """Puts synthetic defects into training batches (normalised tensors) and says which images it changed."""
 
-    def __init__(self, p: float, kinds, mean: torch.Tensor, std: torch.Tensor, seed: int):
+    def __init__(self, p: float, kinds, mean, std, seed: int):
+        """``mean``, ``std``: the per-channel input normalisation (the backbone's, as the datasets use)."""
         self.p, self.kinds, self.seed = parse_denoise(p), parse_kinds(kinds), int(seed)
-        self.mean, self.std = mean.view(3, 1, 1), std.view(3, 1, 1)
+        self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
 
     def __call__(self, x: torch.Tensor, epoch: int, step: int, rank: int = 0):
         """(damaged batch, clean images of the damaged rows, their row indices); (x, None, None) when none.

@@ -74,8 +74,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
     parse_kinds(cfg.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
-    parse_kinds(cfg.get("denoise_kinds"))     # the training edits of denoise: P
-    parse_denoise(cfg.get("denoise"))
+    parse_kinds(cfg.get("denoise_kinds"))     # the training edits of denoise: P, normalised as the backbone's inputs
+    damage = (Damager(cfg["denoise"], cfg.get("denoise_kinds"), model.source.mean, model.source.std, cfg["seed"])
+              if parse_denoise(cfg.get("denoise")) > 0 else None)
     parse_tile_norm(cfg.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch
     if "auto" in (map_levels, map_norm) and not val:
         raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
@@ -110,9 +111,6 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if int(cfg.get("keep_every") or 0) < 0:
         raise BadInputError(f"keep_every must be >= 0, got {cfg['keep_every']}", fix="e.g. keep_every: 10, or 0")
     synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main)
-    base = getattr(ds, "ds", ds)   # the ImageDataset under the cache: its normalisation
-    damage = (Damager(cfg["denoise"], cfg.get("denoise_kinds"), base.mean, base.std, cfg["seed"])
-              if parse_denoise(cfg.get("denoise")) > 0 else None)
     drop_last = len(ds) > cfg["batch_size"]
     steps = len(ds) // cfg["batch_size"] if drop_last else 1   # the batches an epoch really runs
     note = dropped_items_note(len(ds), cfg["batch_size"], "tiles" if cfg.get("tile") else "images")
@@ -135,7 +133,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                     x = x.contiguous(memory_format=torch.channels_last)
                 clean, clean_index = None, None
                 if damage is not None:   # denoising student: the loss targets stay the clean images' teachers
-                    x, clean, clean_index = damage(x, epoch, n, dd.rank if dd.enabled else 0)
+                    x, clean, clean_index = damage(x, epoch, n, dd.rank)
                 labels = batch["label"] if cfg.get("supervised") else None
                 masks = batch["mask"] if cfg.get("supervised") else None
                 hm = has_mask[batch["index"]] if cfg.get("supervised") else None
