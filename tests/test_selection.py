@@ -54,6 +54,38 @@ def test_flat_image_refused_with_a_clear_error():
         synthetic_defect(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0), tries=3)
 
 
+class _WithFlat:
+    """A dataset of real texture items with one blank (white) item, like an AITEX margin tile."""
+
+    def __init__(self, ds, flat_at=1):
+        self.ds, self.flat_at, self.mean, self.std = ds, flat_at, ds.mean, ds.std
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, j):
+        item = dict(self.ds[j])
+        if j == self.flat_at:
+            item["image"] = (torch.ones_like(item["image"]) - self.mean) / self.std
+        return item
+
+
+def test_flat_items_keep_their_normal_and_are_counted(texture):
+    goods = [s for s in discover(texture) if s.is_normal][:3]
+    ds = _WithFlat(ImageDataset(goods, image_size=64))
+    with pytest.warns(UserWarning, match="2 of 6 defective copies skipped"):
+        sv = SyntheticValidation(ds, copies=2, seed=0, kinds="texture_patch")
+    assert sv.skipped == 2 and len(sv) == 7                  # 3 normals, 2 + 2 defective copies
+    assert sv.labels.tolist() == [0, 1, 1, 0, 0, 1, 1]
+    assert (sv.images[3] == 255).all() and not sv.masks[3].any()   # the blank item stays, as a normal
+    # the items before the blank one are drawn exactly as without it
+    plain = SyntheticValidation(ImageDataset(goods, image_size=64), copies=2, seed=0, kinds="texture_patch")
+    assert torch.equal(sv.images[:3], plain.images[:3]) and plain.skipped == 0
+    only_flat = _WithFlat(ImageDataset(goods[:1], image_size=64), flat_at=0)
+    with pytest.raises(BadInputError, match="no visible synthetic defect of kinds"):
+        SyntheticValidation(only_flat, copies=2, seed=0, kinds="texture_patch")
+
+
 def test_set_is_seeded_and_leaves_torch_rng_alone(texture):
     state = torch.get_rng_state()
     a = _val_set(texture, seed=1)

@@ -180,7 +180,7 @@ def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", 
     scores = sv.pixel_auroc_of(model, candidates, cfg.get("eval_batch_size", 8), bool(cfg.get("channels_last")))
     levels, norm = pick_pixel_map(scores, (base_levels, "none" if map_norm == "auto" else map_norm))
     return {"levels": None if levels == every else list(levels), "norm": norm, "rule": PIXEL_MAP_RULE,
-            "synthetic_kinds": list(parse_kinds(cfg.get("synthetic_kinds"))),
+            "synthetic_kinds": list(parse_kinds(cfg.get("synthetic_kinds"))), "synthetic_skipped": sv.skipped,
             "synthetic_pixel_auroc": {_label(k): v for k, v in scores.items()}}
 
 

@@ -16,6 +16,8 @@ nothing from the torch generators (the training run itself is unchanged by valid
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -75,7 +77,10 @@ def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8, 
 
 
 class SyntheticValidation:
-    """The fixed validation set: each item of ``dataset`` once as normal, ``copies`` times with a defect."""
+    """The fixed validation set: each item of ``dataset`` once as normal, ``copies`` times with a defect.
+
+    An item that no kind can visibly change (a blank margin tile) keeps only its normal; ``skipped`` counts the
+    copies left out, and only a set with no defect at all is refused."""
 
     def __init__(self, dataset, copies: int = 2, seed: int = 0, kinds=None):
         kinds = parse_kinds(kinds)
@@ -84,15 +89,26 @@ class SyntheticValidation:
                                 fix="keep val_fraction > 0 (and synthetic_copies >= 1), or use select: last")
         rng = np.random.default_rng([seed, 0x5E1EC7])
         self.mean, self.std = dataset.mean, dataset.std
-        images, masks = [], []
+        images, masks, self.skipped = [], [], 0
         for j in range(len(dataset)):
             img = _to_uint8(dataset[j]["image"], self.mean, self.std)
             images.append(img)
             masks.append(np.zeros(img.shape[:2], bool))
             for _ in range(copies):
-                out, m = synthetic_defect(img, rng, kinds=kinds)
+                try:
+                    out, m = synthetic_defect(img, rng, kinds=kinds)
+                except BadInputError:   # a flat tile (e.g. AITEX's white margin) takes no visible edit of these
+                    self.skipped += 1   # kinds: it stays in the set as a normal, without defective copies
+                    continue
                 images.append(out)
                 masks.append(m)
+        if self.skipped == copies * len(dataset):
+            raise BadInputError(f"no visible synthetic defect of kinds {list(kinds)} on any of the {len(dataset)} "
+                                "validation items (flat or saturated images?)",
+                                fix="use other synthetic_kinds (e.g. fabric), or select: last")
+        if self.skipped:
+            warnings.warn(f"synthetic validation: {self.skipped} of {copies * len(dataset)} defective copies "
+                          f"skipped: their items are flat or saturated for kinds {list(kinds)}")
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)   # uint8 (N, 3, H, W)
         self.masks = np.stack(masks)
         self.labels = self.masks.reshape(len(masks), -1).any(1).astype(np.int64)
