@@ -103,3 +103,18 @@ def run_with_plain_index(root, data):
                  "64", "--patches", "--out", str(f), "--quiet"]) == 0
     assert main(["index", "--features", str(f), "--coreset", "1.0", "--run", str(run), "--out", str(knn)]) == 0
     return run, knn, weights, f
+
+
+def write_supervised_manifest(data, n_train_defects=4):
+    """A CSV manifest (``data/m.csv``) of a `write_texture_set` folder that moves its first ``n_train_defects``
+    defects, with their masks, into the training split (the supervised mode's labelled defects)."""
+    import csv
+    rows = [[str(p.relative_to(data)), "train", "good", ""] for p in sorted((data / "train/good").glob("*.png"))]
+    for i, p in enumerate(sorted((data / "test/spot").glob("*.png"))):
+        m = data / "ground_truth/spot" / f"{p.stem}_mask.png"
+        rows.append([str(p.relative_to(data)), "train" if i < n_train_defects else "test", "spot",
+                     str(m.relative_to(data))])
+    rows += [[str(p.relative_to(data)), "test", "good", ""] for p in sorted((data / "test/good").glob("*.png"))]
+    with open(data / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "split", "label", "mask"]] + rows)
+    return data / "m.csv"

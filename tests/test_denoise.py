@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import TinyBackbone, register_tiny, tiny_train_args, write_texture_set
+from _tiny import TinyBackbone, register_tiny, tiny_train_args, write_supervised_manifest, write_texture_set
 from uninet_feat.denoise import Damager, parse_denoise
 from uninet_feat.errors import BadInputError
 from uninet_feat.model import UniNet
@@ -43,6 +43,38 @@ def test_probability_sets_the_share_of_damaged_rows():
     assert _damager(0.0)(x, 0, 0)[2] is None
     counts = [len(_damager(0.5)(x, 0, s)[2]) for s in range(4)]
     assert all(18 <= c <= 46 for c in counts), counts       # binomial(64, 0.5): far inside 5 sd
+
+
+def test_only_normal_rows_are_damaged():
+    x = _batch()
+    both, _, idx = _damager(1.0)(x, 0, 0, normal=torch.tensor([True, False, True, False]))
+    assert idx.tolist() == [0, 2]                            # labelled defect rows keep their own defect
+    assert torch.equal(both[[1, 3]], x[[1, 3]])
+    assert torch.equal(_damager(1.0)(x, 0, 0, normal=torch.ones(4, dtype=torch.bool))[0], _damager(1.0)(x, 0, 0)[0])
+
+
+def test_supervised_denoising_run_damages_only_normal_rows(tmp_path, monkeypatch):
+    from uninet_feat import denoise
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    register_tiny()
+    data = write_texture_set(tmp_path / "sup", n_train=6, n_good=2, n_bad=6)
+    write_supervised_manifest(data)
+    seen, call = [], denoise.Damager.__call__
+
+    def spy(self, x, epoch, step, rank=0, normal=None):
+        out = call(self, x, epoch, step, rank, normal)
+        seen.append((normal.clone(), out[2]))
+        return out
+
+    monkeypatch.setattr(denoise.Damager, "__call__", spy)
+    cfg = load_config(None, {"data": str(data), "split_csv": str(data / "m.csv"), "supervised": True, "denoise": 1.0,
+                             "backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 2,
+                             "batch_size": 4, "val_fraction": 0.0, "channels_last": False})
+    train(cfg, tmp_path / "run", quiet=True)
+    assert 4 <= sum(int((~n).sum()) for n, _ in seen) <= 8   # the 4 labelled defects, each epoch (less drop_last)
+    for normal, idx in seen:                                  # p = 1: every normal row and no defect row
+        assert (idx.tolist() if idx is not None else []) == torch.nonzero(normal).flatten().tolist()
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, "half"])

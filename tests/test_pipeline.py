@@ -13,7 +13,7 @@ from uninet_feat.errors import BadInputError
 from uninet_feat.evaluate import evaluate
 from uninet_feat.train import train
 
-from _tiny import register_tiny, write_texture_set
+from _tiny import register_tiny, write_supervised_manifest, write_texture_set
 
 register_tiny()
 BASE = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 2, "batch_size": 4,
@@ -201,18 +201,7 @@ def test_tiled_training_and_stitched_scores(tmp_path):
 
 def test_supervised_training_uses_masks(tmp_path):
     data = write_texture_set(tmp_path / "sup", n_train=6, n_good=2, n_bad=6)
-    # move 4 defects (with masks) into the training split, MVTec-style csv manifest
-    import csv
-    rows = []
-    for p in sorted((data / "train/good").glob("*.png")):
-        rows.append([str(p.relative_to(data)), "train", "good", ""])
-    for i, p in enumerate(sorted((data / "test/spot").glob("*.png"))):
-        m = data / "ground_truth/spot" / f"{p.stem}_mask.png"
-        rows.append([str(p.relative_to(data)), "train" if i < 4 else "test", "spot", str(m.relative_to(data))])
-    for p in sorted((data / "test/good").glob("*.png")):
-        rows.append([str(p.relative_to(data)), "test", "good", ""])
-    with open(data / "m.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["path", "split", "label", "mask"]] + rows)
+    write_supervised_manifest(data)   # 4 defects (with masks) in the training split
     run = tmp_path / "sup_run"
     train(_cfg(data, split_csv=str(data / "m.csv"), supervised=True, epochs=1, val_fraction=0.0), run, quiet=True)
     log = json.loads((run / "train_log.jsonl").read_text().splitlines()[0])

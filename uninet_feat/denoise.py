@@ -45,13 +45,18 @@ class Damager:
         self.p, self.kinds, self.seed = parse_denoise(p), parse_kinds(kinds), int(seed)
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
 
-    def __call__(self, x: torch.Tensor, epoch: int, step: int, rank: int = 0):
+    def __call__(self, x: torch.Tensor, epoch: int, step: int, rank: int = 0, normal=None):
         """(damaged batch, clean images of the damaged rows, their row indices); (x, None, None) when none.
 
         Unchanged pixels keep their exact input values: only the edit's difference (in grey levels) is
-        added, so a damaged image equals the clean one away from the defect."""
+        added, so a damaged image equals the clean one away from the defect. ``normal`` (bool per row; the
+        supervised mode's labels == 0) limits the edits to normal rows: a labelled defect image keeps its own
+        defect and mask, and its target is not a "clean" image. Which rows are drawn does not depend on it."""
         rng = np.random.default_rng([self.seed, 0xDE, epoch, step, rank])
-        pick = np.flatnonzero(rng.random(x.shape[0]) < self.p)
+        chosen = rng.random(x.shape[0]) < self.p
+        if normal is not None:
+            chosen &= torch.as_tensor(normal, dtype=torch.bool).cpu().numpy().reshape(-1)
+        pick = np.flatnonzero(chosen)
         rows, deltas = [], []
         for i in pick:
             img = _to_uint8(x[i].detach().float().cpu(), self.mean, self.std)

@@ -132,9 +132,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                 if cfg.get("channels_last"):
                     x = x.contiguous(memory_format=torch.channels_last)
                 clean, clean_index = None, None
-                if damage is not None:   # denoising student: the loss targets stay the clean images' teachers
-                    x, clean, clean_index = damage(x, epoch, n, dd.rank)
                 labels = batch["label"] if cfg.get("supervised") else None
+                if damage is not None:   # denoising student: the loss targets stay the clean images' teachers
+                    x, clean, clean_index = damage(x, epoch, n, dd.rank, None if labels is None else labels == 0)
                 masks = batch["mask"] if cfg.get("supervised") else None
                 hm = has_mask[batch["index"]] if cfg.get("supervised") else None
                 if dd.enabled:  # [distributed] global-batch terms for logging, this rank's share to backward
