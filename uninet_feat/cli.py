@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     _skip_bad_flag(p)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("ensemble", help="evaluate several runs (e.g. seeds of one config) and their ensemble: "
+                                        "scores over each run's own threshold, averaged")
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--data")
+    p.add_argument("--split-csv", dest="split_csv")
+    p.add_argument("--group")
+    p.add_argument("--json", help="write the ensemble's metrics JSON here")
+    p.add_argument("--csv", help="write per-image ensemble and per-run scores here")
+    _skip_bad_flag(p)
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("calibrate", help="re-score a run's validation normals (thresholds for --max-fpr)")
     p.add_argument("--run", required=True)
     p.add_argument("--data", help="where the training data is now (default: where it was)")
@@ -341,7 +352,7 @@ _CONTINUE = {"train": "re-run with --resume to continue",
 def _save_command_config(args) -> None:
     """Beside a command's outputs: ``config.yaml`` (every resolved flag; reusable as ``--config``) and
     ``env.json``. train, zero-shot and demo write their own."""
-    if args.command in ("train", "zero-shot", "demo", "evaluate", "prompts", "calibrate"):
+    if args.command in ("train", "zero-shot", "demo", "evaluate", "ensemble", "prompts", "calibrate"):
         return
     from .config import save_run_config
     opts = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
@@ -396,6 +407,13 @@ def _dispatch(args) -> int:
                        report_path=args.report, checkpoint=args.checkpoint, skip_bad=args.skip_bad, knn=args.knn)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
+        return 0
+    if args.command == "ensemble":
+        from .ensemble import evaluate_ensemble
+        rep = evaluate_ensemble(args.runs, args.data, args.split_csv, json_path=args.json, csv_path=args.csv,
+                                group=args.group, quiet=args.quiet, skip_bad=args.skip_bad)
+        if args.quiet:
+            print(json.dumps(rep))
         return 0
     if args.command in ("extract", "index", "train-head", "predict"):
         from . import workflows as wf
