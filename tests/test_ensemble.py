@@ -1,15 +1,23 @@
-"""Seed ensembles (`uninet_feat.ensemble`): threshold-scaled scores averaged over runs, and what is refused."""
+"""Seed ensembles (`uninet_feat.ensemble`): scores over each run's threshold and maps in each run's range units,
+averaged over runs; what is refused."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from _tiny import register_tiny, tiny_train_args, write_texture_set
 from uninet_feat import metrics
+from uninet_feat.calibration import apply_calibration
+from uninet_feat.checkpoint import build_from_checkpoint
 from uninet_feat.cli import main
-from uninet_feat.ensemble import ensemble_scores, evaluate_ensemble
+from uninet_feat.ensemble import evaluate_ensemble
 from uninet_feat.errors import BadInputError
+from uninet_feat.evaluate import score_samples
+from uninet_feat.overlay import calibrated_range
+from uninet_feat.runs import load_samples
+from uninet_feat.scoring import pixel_map_kind
 
 register_tiny()
 
@@ -29,7 +37,17 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_ensemble_averages_each_runs_score_over_its_threshold(seeds, tmp_path):
+def _maps_in_range_units(run):
+    """A run's test maps in its own validation-normal range units, straight from the model (the reference)."""
+    model, ckpt = build_from_checkpoint(run / "model.pt")
+    apply_calibration(model, run, run / "model.pt")
+    test = [s for s in load_samples(dict(ckpt["config"])) if s.split == "test"]
+    res = score_samples(model, test, dict(ckpt["config"]), keep_maps=True)
+    lo, hi = calibrated_range(run, pixel_map_kind(model.cfg))
+    return [(m - lo) / (hi - lo) for m in res["maps"]], res["masks"]
+
+
+def test_ensemble_averages_scores_over_thresholds_and_maps_in_range_units(seeds, tmp_path):
     runs = [str(seeds / "a"), str(seeds / "b")]
     rep = evaluate_ensemble(runs, json_path=tmp_path / "e.json", csv_path=tmp_path / "e.csv", quiet=True)
     per = []
@@ -40,23 +58,29 @@ def test_ensemble_averages_each_runs_score_over_its_threshold(seeds, tmp_path):
         per.append({row["path"]: float(row["score"]) / thr for row in _rows(tmp_path / "r.csv")})
     rows = _rows(tmp_path / "e.csv")
     want = np.array([(per[0][row["path"]] + per[1][row["path"]]) / 2 for row in rows])
-    got = np.array([float(row["score"]) for row in rows])
-    assert np.allclose(got, want, rtol=1e-5)
+    assert np.allclose([float(row["score"]) for row in rows], want, rtol=1e-5)
     assert per[0] != per[1]                                   # the seeds really differ
     labels = np.array([int(row["is_defect"]) for row in rows])
     assert rep["image_auroc"] == pytest.approx(metrics.image_auroc(labels, want), abs=1e-6)
     assert [int(row["flagged"]) for row in rows] == (want > 1).astype(int).tolist()
     assert rep["at_threshold"]["false_positive_rate"] == pytest.approx(float((want[labels == 0] > 1).mean()))
     assert json.loads((tmp_path / "e.json").read_text())["runs"] == runs
-    assert set(rep["per_run_image_auroc"]) == set(runs)
+    (ma, masks), (mb, _) = _maps_in_range_units(seeds / "a"), _maps_in_range_units(seeds / "b")
+    mean = [(x + y) / 2 for x, y in zip(ma, mb)]
+    assert rep["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, mean), abs=1e-6)
+    assert rep["aupro"] == pytest.approx(metrics.aupro(masks, mean), abs=1e-6)
+    assert rep["pixel_auroc"] != pytest.approx(metrics.pixel_auroc(masks, [x + y for x, y in zip(
+        ma, [m * 100 for m in mb])]), abs=1e-9)                   # the units matter: a raw sum ranks pixels otherwise
 
 
-def test_ensemble_refuses_other_test_sets_one_run_and_no_threshold(seeds):
+def test_ensemble_refuses_other_test_sets_one_run_and_no_threshold(seeds, tmp_path):
     with pytest.raises(BadInputError, match="scored other test images"):
         evaluate_ensemble([seeds / "a", seeds / "c"], quiet=True)
     with pytest.raises(BadInputError, match="at least two runs"):
-        ensemble_scores({"a": {}})
-    row = {"path": "x.png", "group": "", "label": "good", "is_defect": 0, "score": "1.0"}
+        evaluate_ensemble([seeds / "a"], quiet=True)
+    bare = tmp_path / "bare"
+    shutil.copytree(seeds / "b", bare)
+    (bare / "calibration.json").unlink()
     with pytest.raises(BadInputError, match="no threshold"):
-        ensemble_scores({"a": {"_rows": [row], "threshold": 2.0}, "b": {"_rows": [row], "threshold": None}})
+        evaluate_ensemble([seeds / "a", bare], quiet=True)
     assert main(["ensemble", "--runs", str(seeds / "a"), str(seeds / "c"), "--quiet"]) == 2   # a clear CLI error

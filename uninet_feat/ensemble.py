@@ -1,16 +1,22 @@
-"""Seed ensembles: several runs scored on one test split, each image score divided by its run's threshold, averaged.
+"""Seed ensembles: several runs scored on one test split, each in its own normal units, averaged.
 
 Why: on AITEX's small test sets (6 normal and 7-31 defective strips per fabric) the training seed alone moves a
 fabric's strip AUROC by up to 0.43 and the mean over fabrics between 0.849 and 0.940 (docs/results.md). Averaging
-runs that differ only in their seed is the usual cure for that variance. The runs' scores are put in one unit
-without labels first: each run's default threshold (from its own validation normals, ``calibration.json``) is 1,
-so a run whose scores are larger does not outvote the others. The ensemble flags an image when the mean is above 1.
+runs that differ only in their seed is the usual cure for that variance. The runs are put in one unit without
+labels first, so that a run whose scores are larger does not outvote the others:
 
-Image level only: the runs' pixel maps are not averaged, so ``pixel_auroc`` / ``aupro`` are not reported.
+- image score: over the run's default threshold (from its own validation normals, ``calibration.json``), so 1 is
+  each run's threshold, and the ensemble flags an image when the mean is above 1;
+- pixel map: in the run's validation-normal range units (`scorers.range_units`: 0 a typical normal pixel, 1 a
+  rare one), when every run's calibration has that range for its kind of map; otherwise no pixel metrics.
 """
 from __future__ import annotations
 
+import json
+import warnings
+
 import numpy as np
+import torch
 
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
@@ -18,54 +24,99 @@ from .io import atomic_write_csv, atomic_write_text
 RULE = "mean over the runs of (image score / that run's threshold from its validation normals) > 1"
 
 
-def ensemble_scores(reports: dict) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """(rows, labels, ensemble scores) from {run: `evaluate.evaluate` report}; refuses runs that scored different
-    test images or have no threshold."""
-    runs = list(reports)
-    if len(runs) < 2:
-        raise BadInputError("an ensemble needs at least two runs", fix="pass --runs RUN_A RUN_B ...")
-    first = reports[runs[0]]["_rows"]
-    key = [(r["path"], r["is_defect"]) for r in first]
-    scaled = []
-    for run in runs:
-        rep = reports[run]
-        if rep.get("threshold") is None:
-            raise BadInputError("the run has no threshold to put its scores in a common unit", path=run,
-                                fix=f"run `uninet-feat calibrate --run {run}` (it needs validation normals)")
-        if [(r["path"], r["is_defect"]) for r in rep["_rows"]] != key:
-            raise BadInputError(f"{run} scored other test images than {runs[0]} (an ensemble compares one image "
-                                "across runs)", path=run, fix="pass runs trained on the same data, split and group")
-        scaled.append(np.array([float(r["score"]) for r in rep["_rows"]]) / float(rep["threshold"]))
-    scores = np.mean(scaled, axis=0)
-    rows = [{"path": r["path"], "group": r["group"], "label": r["label"], "is_defect": r["is_defect"],
-             "score": f"{s:.6g}", "flagged": int(s > 1.0),
-             **{f"score_{i}": f"{x[j]:.6g}" for i, x in enumerate(scaled)}}
-            for j, (r, s) in enumerate(zip(first, scores))]
-    return rows, np.array([int(r["is_defect"]) for r in first]), scores
+def _score_run(run, data, split_csv, group, skip_bad: bool, quiet: bool, maps: dict | None):
+    """(samples, scores over the run's threshold) of ``run`` on its test split; adds each image's map in the run's
+    range units to ``maps`` ({path: [sum, mask]}) unless ``maps`` is None. Returns False for the maps when the run
+    has no calibrated range for them."""
+    from .calibration import apply_calibration, resolve_threshold
+    from .checkpoint import build_from_checkpoint
+    from .evaluate import score_samples
+    from .overlay import calibrated_range
+    from .runs import load_samples, run_path, set_threads
+    from .scorers import range_units
+    from .scoring import pixel_map_kind
+    model_path = run_path(run, "model.pt")
+    model, ckpt = build_from_checkpoint(model_path)
+    apply_calibration(model, run, model_path)
+    cfg = dict(ckpt["config"])
+    if data:
+        cfg["data"], cfg["split_csv"] = data, split_csv
+    if group is not None:
+        cfg["group"] = group
+    cfg["skip_bad"] = bool(skip_bad)
+    set_threads(cfg)
+    threshold, _ = resolve_threshold(run)
+    if threshold is None:
+        raise BadInputError("the run has no threshold to put its scores in a common unit", path=run,
+                            fix=f"run `uninet-feat calibrate --run {run}` (it needs validation normals)")
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    test = [s for s in load_samples(cfg) if s.split == "test"]
+    if not test:
+        raise BadInputError("no test images", path=cfg.get("split_csv") or cfg["data"],
+                            fix="mark rows `test` in the CSV, or use an MVTec-style test/ folder")
+    rng = calibrated_range(run, pixel_map_kind(model.cfg)) if maps is not None else None
+
+    def add(sample, m, mask):
+        acc = maps.setdefault(str(sample.path), [0.0, mask])
+        if np.shape(acc[0]) not in ((), m.shape):
+            raise BadInputError(f"{run} maps {sample.path} at {m.shape[1]}x{m.shape[0]}, an earlier run at "
+                                f"{acc[0].shape[1]}x{acc[0].shape[0]}", path=run,
+                                fix="ensemble runs of one image size and tiling (e.g. one config, other seeds)")
+        acc[0] = acc[0] + range_units(m, rng)
+
+    res = score_samples(model, test, cfg, keep_maps=False, quiet=quiet, on_map=add if rng is not None else None)
+    return res["samples"], np.array(res["scores"]) / float(threshold), rng is not None
 
 
 def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=None, group=None,
                       quiet: bool = False, skip_bad: bool = False) -> dict:
-    """Evaluate each run (`evaluate.evaluate`, its own calibration), then their ensemble; the report holds the
-    ensemble's image metrics, its recall and false-positive rate at 1, and each run's image AUROC."""
-    import json
-
-    from .evaluate import _at_threshold, _metrics, evaluate
-    reports = {str(r): evaluate(r, data, split_csv, group=group, quiet=True, skip_bad=skip_bad) for r in runs}
-    rows, labels, scores = ensemble_scores(reports)
-    report = {"runs": list(reports), "n_test": len(rows), "n_defect": int(labels.sum()),
-              **_metrics(labels, scores, {}, False), "threshold": 1.0, "threshold_rule": RULE,
+    """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
+    images have masks), its recall and false-positive rate at 1, and each run's own image AUROC."""
+    from .evaluate import _at_threshold, _metrics, print_report
+    from . import metrics
+    runs = [str(r) for r in runs]
+    if len(runs) < 2:
+        raise BadInputError("an ensemble needs at least two runs", fix="pass --runs RUN_A RUN_B ...")
+    maps: dict | None = {}
+    samples, scaled = None, []
+    for run in runs:
+        got, s, mapped = _score_run(run, data, split_csv, group, skip_bad, quiet, maps)
+        if samples is None:
+            samples = got
+        elif [str(x.path) for x in got] != [str(x.path) for x in samples]:
+            raise BadInputError(f"{run} scored other test images than {runs[0]} (an ensemble compares one image "
+                                "across runs)", path=run, fix="pass runs trained on the same data, split and group")
+        if not mapped and maps is not None:
+            maps = None   # a run without a calibrated map range: image metrics only
+        scaled.append(s)
+    scores = np.mean(scaled, axis=0)
+    labels = np.array([0 if x.is_normal else 1 for x in samples])
+    has_masks = maps is not None and any(x.mask is not None for x in samples)
+    if maps is None and any(x.mask is not None for x in samples):
+        warnings.warn("a run's calibration.json has no map range for its pixel map: the ensemble reports image "
+                      "metrics only (run `uninet-feat calibrate --run RUN` on it)")
+    res = {}
+    if has_masks:
+        keys = [str(x.path) for x in samples]
+        res = {"maps": [maps[k][0] / len(runs) for k in keys], "masks": [maps[k][1] for k in keys],
+               "pixel_ok": [x.is_normal or x.mask is not None for x in samples]}
+    both = 0 < labels.sum() < len(labels)
+    report = {"runs": runs, "n_test": len(samples), "n_defect": int(labels.sum()),
+              **_metrics(labels, scores, res, has_masks), "threshold": 1.0, "threshold_rule": RULE,
               "at_threshold": _at_threshold(labels, scores > 1.0),
-              "per_run_image_auroc": {r: rep.get("image_auroc") for r, rep in reports.items()}}
-    groups = sorted({r["group"] for r in rows})
+              "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None for r, s in zip(runs, scaled)}}
+    groups = sorted({x.group for x in samples})
     if len(groups) > 1:
-        report["per_group"] = {g: _metrics(labels[idx], scores[idx], {}, False) for g in groups
-                               for idx in [np.array([i for i, r in enumerate(rows) if r["group"] == g])]}
+        report["per_group"] = {g: _metrics(labels[i], scores[i], {}, False) for g in groups
+                               for i in [np.array([j for j, x in enumerate(samples) if x.group == g])]}
+    rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.6g}",
+             "flagged": int(s > 1.0), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(scaled)}}
+            for j, (x, y, s) in enumerate(zip(samples, labels, scores))]
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if not quiet:
-        from .evaluate import print_report
         print_report({**report, "epoch": None})
     return report
