@@ -105,7 +105,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     report = {"runs": runs, "n_test": len(samples), "n_defect": int(labels.sum()),
               **_metrics(labels, scores, res, has_masks), "threshold": 1.0, "threshold_rule": RULE,
               "at_threshold": _at_threshold(labels, scores > 1.0),
-              "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None for r, s in zip(runs, scaled)}}
+              "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
+                                      for r, s in zip(runs, scaled)}}
     groups = sorted({x.group for x in samples})
     if len(groups) > 1:
         report["per_group"] = {g: _metrics(labels[i], scores[i], {}, False) for g in groups
