@@ -119,5 +119,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     if json_path:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if not quiet:
+        from rich.console import Console
         print_report({**report, "epoch": None})
+        Console().print(f"ensemble of {len(runs)} runs; each run alone, image AUROC: " + ", ".join(
+            f"{r} {v:.4f}" if v is not None else f"{r} -" for r, v in report["per_run_image_auroc"].items()))
     return report
