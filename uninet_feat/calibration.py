@@ -269,6 +269,21 @@ def validation_normals(cfg: dict) -> list:
     return train_val_samples(load_samples(cfg), cfg)[1]
 
 
+def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None):
+    """(model with the run's calibration applied, its checkpoint, its config with the data moved to ``data`` /
+    ``split_csv`` when given): what every command that scores with a finished run starts from. ``model_path``:
+    another model file of the run than model.pt."""
+    from .checkpoint import build_from_checkpoint
+    from .runs import run_path
+    path = Path(model_path) if model_path else run_path(run, "model.pt")
+    model, ckpt = build_from_checkpoint(path)
+    apply_calibration(model, run, path)
+    cfg = dict(ckpt["config"])
+    if data:
+        cfg["data"], cfg["split_csv"] = data, split_csv
+    return model, ckpt, cfg
+
+
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
                 map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
@@ -277,15 +292,9 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     None keeps the run's. ``synthetic_kinds``: the synthetic defects an "auto" choice is made on
     (`selection.parse_kinds`; None: the run's). ``tile_norm``: "position" / "none" (`positions.py`; None: the
     run's)."""
-    from .checkpoint import build_from_checkpoint
-    from .runs import run_path, set_threads
+    from .runs import set_threads
     from .selection import parse_kinds
-    path = run_path(run, "model.pt")
-    model, ckpt = build_from_checkpoint(path)
-    apply_calibration(model, run, path)
-    cfg = dict(ckpt["config"])
-    if data:
-        cfg["data"], cfg["split_csv"] = data, split_csv
+    model, _, cfg = load_run(run, data, split_csv)
     if synthetic_kinds is not None:
         cfg["synthetic_kinds"] = synthetic_kinds
     parse_kinds(cfg.get("synthetic_kinds"))   # bad values fail before any scoring

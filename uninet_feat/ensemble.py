@@ -26,21 +26,15 @@ RULE = "mean over the runs of (image score / that run's threshold from its valid
 
 def _score_run(run, data, split_csv, group, skip_bad: bool, quiet: bool, maps: dict | None):
     """(samples, scores over the run's threshold) of ``run`` on its test split; adds each image's map in the run's
-    range units to ``maps`` ({path: [sum, mask]}) unless ``maps`` is None. Returns False for the maps when the run
-    has no calibrated range for them."""
-    from .calibration import apply_calibration, resolve_threshold
-    from .checkpoint import build_from_checkpoint
+    range units to ``maps`` ({path: [sum, mask]}) unless ``maps`` is None. Returns False for the maps when the test
+    images have no masks or the run has no calibrated range for its maps."""
+    from .calibration import load_run, resolve_threshold
     from .evaluate import score_samples
     from .overlay import calibrated_range
-    from .runs import load_samples, run_path, set_threads
+    from .runs import load_samples, set_threads
     from .scorers import range_units
     from .scoring import pixel_map_kind
-    model_path = run_path(run, "model.pt")
-    model, ckpt = build_from_checkpoint(model_path)
-    apply_calibration(model, run, model_path)
-    cfg = dict(ckpt["config"])
-    if data:
-        cfg["data"], cfg["split_csv"] = data, split_csv
+    model, _, cfg = load_run(run, data, split_csv)
     if group is not None:
         cfg["group"] = group
     cfg["skip_bad"] = bool(skip_bad)
@@ -55,7 +49,8 @@ def _score_run(run, data, split_csv, group, skip_bad: bool, quiet: bool, maps: d
     if not test:
         raise BadInputError("no test images", path=cfg.get("split_csv") or cfg["data"],
                             fix="mark rows `test` in the CSV, or use an MVTec-style test/ folder")
-    rng = calibrated_range(run, pixel_map_kind(model.cfg)) if maps is not None else None
+    masked = any(s.mask is not None for s in test)   # without masks no pixel metric: keep no maps
+    rng = calibrated_range(run, pixel_map_kind(model.cfg)) if maps is not None and masked else None
 
     def add(sample, m, mask):
         acc = maps.setdefault(str(sample.path), [0.0, mask])

@@ -19,12 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import metrics
-from .calibration import apply_calibration, check_threshold_flags, checkpoint_offsets, resolve_threshold
-from .checkpoint import build_from_checkpoint
+from .calibration import check_threshold_flags, checkpoint_offsets, load_run, resolve_threshold
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected
-from .runs import eval_batches, load_samples, make_dataset, run_path, set_threads
+from .runs import eval_batches, load_samples, make_dataset, set_threads
 from .scoring import pixel_map_kind
 
 
@@ -114,14 +113,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if knn is not None and checkpoint is not None:
         raise BadInputError("--knn combines with model.pt's calibration; it cannot go with --checkpoint",
                             path=checkpoint, fix="drop one of --knn / --checkpoint")
-    model_path = Path(checkpoint) if checkpoint else run_path(run, "model.pt")
-    model, ckpt = build_from_checkpoint(model_path)
-    apply_calibration(model, run, model_path)   # the run's pixel-map levels (model.pt only)
+    model, ckpt, cfg = load_run(run, data, split_csv, checkpoint)   # the run's pixel-map levels (model.pt only)
     if checkpoint:
         _check_same_run(run, checkpoint, ckpt["config"])
-    cfg = dict(ckpt["config"])
-    if data:
-        cfg["data"], cfg["split_csv"] = data, split_csv
     if group is not None:
         cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
