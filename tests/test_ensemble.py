@@ -84,3 +84,16 @@ def test_ensemble_refuses_other_test_sets_one_run_and_no_threshold(seeds, tmp_pa
     with pytest.raises(BadInputError, match="no threshold"):
         evaluate_ensemble([seeds / "a", bare], quiet=True)
     assert main(["ensemble", "--runs", str(seeds / "a"), str(seeds / "c"), "--quiet"]) == 2   # a clear CLI error
+
+
+def test_ensemble_without_masks_reports_the_same_image_metrics_and_no_pixel_ones(seeds, tmp_path):
+    runs = [seeds / "a", seeds / "b"]
+    with_masks = evaluate_ensemble(runs, quiet=True)
+    tex = seeds / "tex"
+    rows = ["path,split,label"] + [f"{p.relative_to(tex)},{split},{p.parent.name}" for split, sub in
+                                   (("train", "train"), ("test", "test")) for p in sorted((tex / sub).glob("*/*.png"))]
+    (tmp_path / "nomask.csv").write_text("\n".join(rows) + "\n")
+    rep = evaluate_ensemble(runs, data=str(tex), split_csv=str(tmp_path / "nomask.csv"), quiet=True)
+    assert "pixel_auroc" not in rep and "aupro" not in rep and "pixel_auroc" in with_masks
+    assert rep["image_auroc"] == pytest.approx(with_masks["image_auroc"], abs=1e-9)
+
