@@ -97,3 +97,16 @@ def test_ensemble_without_masks_reports_the_same_image_metrics_and_no_pixel_ones
     assert "pixel_auroc" not in rep and "aupro" not in rep and "pixel_auroc" in with_masks
     assert rep["image_auroc"] == pytest.approx(with_masks["image_auroc"], abs=1e-9)
 
+
+def test_a_split_without_test_images_is_refused_naming_it(seeds, tmp_path):
+    from uninet_feat.evaluate import evaluate
+    tex = seeds / "tex"
+    csv_path = tmp_path / "train_only.csv"
+    csv_path.write_text("path,split,label\n" + "".join(f"{p.relative_to(tex)},train,good\n"
+                                                        for p in sorted((tex / "train" / "good").glob("*.png"))))
+    for call in (lambda: evaluate(seeds / "a", str(tex), str(csv_path), quiet=True),
+                 lambda: evaluate_ensemble([seeds / "a", seeds / "b"], str(tex), str(csv_path), quiet=True)):
+        with pytest.raises(BadInputError, match="no test images") as e:
+            call()
+        assert "train_only.csv" in str(e.value)
+

@@ -31,7 +31,7 @@ def _score_run(run, data, split_csv, group, skip_bad: bool, quiet: bool, maps: d
     from .calibration import load_run, resolve_threshold
     from .evaluate import score_samples
     from .overlay import calibrated_range
-    from .runs import load_samples, set_threads
+    from .runs import set_threads, load_test_samples
     from .scorers import range_units
     from .scoring import pixel_map_kind
     model, _, cfg = load_run(run, data, split_csv)
@@ -45,10 +45,7 @@ def _score_run(run, data, split_csv, group, skip_bad: bool, quiet: bool, maps: d
                             fix=f"run `uninet-feat calibrate --run {run}` (it needs validation normals)")
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    test = [s for s in load_samples(cfg) if s.split == "test"]
-    if not test:
-        raise BadInputError("no test images", path=cfg.get("split_csv") or cfg["data"],
-                            fix="mark rows `test` in the CSV, or use an MVTec-style test/ folder")
+    test = load_test_samples(cfg)
     masked = any(s.mask is not None for s in test)   # without masks no pixel metric: keep no maps
     rng = calibrated_range(run, pixel_map_kind(model.cfg)) if maps is not None and masked else None
 
@@ -68,7 +65,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                       quiet: bool = False, skip_bad: bool = False) -> dict:
     """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
     images have masks), its recall and false-positive rate at 1, and each run's own image AUROC."""
-    from .evaluate import _at_threshold, _metrics, print_report
+    from .evaluate import _at_threshold, _metrics, _subset_metrics, print_report
     from . import metrics
     runs = [str(r) for r in runs]
     if len(runs) < 2:
@@ -104,8 +101,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                                       for r, s in zip(runs, scaled)}}
     groups = sorted({x.group for x in samples})
     if len(groups) > 1:
-        report["per_group"] = {g: _metrics(labels[i], scores[i], {}, False) for g in groups
-                               for i in [np.array([j for j, x in enumerate(samples) if x.group == g])]}
+        report["per_group"] = {g: _subset_metrics([j for j, x in enumerate(samples) if x.group == g], labels,
+                                                  scores, {}, False) for g in groups}
     rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.6g}",
              "flagged": int(s > 1.0), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(scaled)}}
             for j, (x, y, s) in enumerate(zip(samples, labels, scores))]

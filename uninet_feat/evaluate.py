@@ -23,7 +23,7 @@ from .calibration import check_threshold_flags, checkpoint_offsets, load_run, re
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected
-from .runs import eval_batches, load_samples, make_dataset, set_threads
+from .runs import eval_batches, load_test_samples, make_dataset, set_threads
 from .scoring import pixel_map_kind
 
 
@@ -136,10 +136,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
                                         source=f"validation normals of {checkpoint}")   # fails before scoring
     if other and cal and cfg.get("threshold") is None:
         rule += f" — scored with {Path(checkpoint).name}, not model.pt"
-    test = [s for s in load_samples(cfg) if s.split == "test"]
-    if not test:
-        raise BadInputError("no test images", path=cfg.get("split_csv") or cfg["data"],
-                            fix="mark rows `test` in the CSV, or use an MVTec-style test/ folder")
+    test = load_test_samples(cfg)
     has_masks = any(s.mask is not None for s in test)
     res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet)
     test = res["samples"]

@@ -37,6 +37,15 @@ def load_samples(cfg: dict):
 SPLIT_HASHES = ("relative", "path")
 
 
+def load_test_samples(cfg: dict) -> list:
+    """The test split of ``cfg``'s data; refused when empty (what evaluate and ensemble score)."""
+    test = [s for s in load_samples(cfg) if s.split == "test"]
+    if not test:
+        raise BadInputError("no test images", path=cfg.get("split_csv") or cfg["data"],
+                            fix="mark rows `test` in the CSV, or use an MVTec-style test/ folder")
+    return test
+
+
 def absolute_data_paths(cfg: dict) -> dict:
     """``cfg`` with ``data`` and ``split_csv`` resolved to absolute paths, as a new run saves them, so that
     ``evaluate --run RUN`` (which reads them back) finds the data from any working directory."""
