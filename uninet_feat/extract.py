@@ -36,16 +36,13 @@ class Extractor:
                  image_size: int | None = None, tile: int | None = None, patches: bool = False,
                  batch_size: int = 8, text=None, skip_bad: bool = False):
         from .backbones import create_backbone
-        from .calibration import apply_calibration
-        from .checkpoint import build_from_checkpoint
+        from .calibration import load_run
         if run is not None:
             path = run_path(run, "model.pt")
             self.run_dir = path.parent
-            self.model, ckpt = build_from_checkpoint(path)
-            apply_calibration(self.model, path.parent, path)   # the run's pixel-map levels, if calibrated
+            self.model, _, self.cfg = load_run(path.parent)   # with the run's pixel-map levels, if calibrated
             self.model.eval()
             self.backbone = self.model.source
-            self.cfg = dict(ckpt["config"])
             self.source = {"run": str(run), "model_sha256": file_sha256(path)}
         else:
             self.model, self.run_dir = None, None
