@@ -3,6 +3,7 @@ averaged over runs; what is refused."""
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,58 @@ def test_a_split_without_test_images_is_refused_naming_it(seeds, tmp_path):
             call()
         assert "train_only.csv" in str(e.value)
 
+
+
+def test_predict_with_an_ensemble_flags_on_the_mean_score_over_thresholds_and_draws_its_map(seeds, tmp_path):
+    from uninet_feat.workflows import predict_cmd
+    a, b, data = seeds / "a", seeds / "b", seeds / "tex" / "test"
+    own = []
+    for r in (a, b):   # each run alone, as `predict` scores it
+        thr = json.loads((r / "calibration.json").read_text())["threshold"]
+        own.append({x["path"]: x["wdm_score"] / thr for x in predict_cmd(r, data, tmp_path / r.name,
+                                                                          overlays=False, quiet=True)["rows"]})
+    want = {p: (own[0][p] + own[1][p]) / 2 for p in own[0]}
+    res = predict_cmd(a, data, tmp_path / "e", ensemble=[b], overlays=False, quiet=True)
+    assert res["flag_by"] == "ensemble" and res["threshold"] == 1.0 and res["ensemble_runs"] == [str(a), str(b)]
+    for row in res["rows"]:
+        assert row["ensemble_score"] == pytest.approx(want[row["path"]], rel=1e-5)
+        assert row["ensemble_score_1"] == pytest.approx(own[1][row["path"]], rel=1e-5)
+        assert row["flagged"] == (want[row["path"]] > 1)
+    cut = float(np.median(list(want.values())))   # a given threshold is in the same units; half the images flagged
+    assert main(["predict", "--run", str(a), "--ensemble", str(b), "--data", str(data), "--threshold", str(cut),
+                 "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    rows = _rows(tmp_path / "cli" / "predictions.csv")
+    assert [r["flagged"] == "True" for r in rows] == [want[r["path"]] > cut for r in rows]
+    assert any(r["flagged"] == "True" for r in rows)
+    assert all(Path(r["overlay"]).is_file() for r in rows if r["flagged"] == "True")
+
+
+def test_ensemble_maps_are_the_mean_of_the_runs_maps_in_range_units(seeds):
+    from uninet_feat.ensemble import load_members, mean_maps
+    members = load_members([seeds / "a", seeds / "b"])
+    test = [s for s in load_samples(members[0].cfg) if s.split == "test"]
+    got = {}
+    mean_maps(members, test, lambda s, m: got.setdefault(str(s.path), m), chunk=3)   # chunks that split the set
+    (ma, _), (mb, _) = _maps_in_range_units(seeds / "a"), _maps_in_range_units(seeds / "b")
+    assert list(got) == [str(s.path) for s in test]
+    for s, x, y in zip(test, ma, mb):
+        assert np.allclose(got[str(s.path)], (x + y) / 2, atol=1e-5)
+
+
+def test_predict_ensemble_refuses_max_fpr_missing_runs_and_other_image_sizes(seeds, tmp_path):
+    import torch
+    from uninet_feat.ensemble import load_members
+    from uninet_feat.workflows import predict_cmd
+    a, b, data = seeds / "a", seeds / "b", seeds / "tex" / "test"
+    with pytest.raises(BadInputError, match="--max-fpr"):
+        predict_cmd(a, data, tmp_path / "p", ensemble=[b], max_fpr=0.1, quiet=True)
+    with pytest.raises(BadInputError, match="need more runs"):
+        predict_cmd(a, data, tmp_path / "p", heatmap="ensemble", quiet=True)
+    assert not (tmp_path / "p").exists()                          # refused before anything was written
+    other = tmp_path / "b96"
+    shutil.copytree(b, other)
+    ckpt = torch.load(other / "model.pt", weights_only=True)
+    ckpt["config"]["image_size"] = 96
+    torch.save(ckpt, other / "model.pt")
+    with pytest.raises(BadInputError, match="image_size 96 vs 64"):
+        load_members([a, other])

@@ -236,12 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn", help="folder written by `index --level patch`")
     p.add_argument("--head", action="append", default=[], help="folder written by `train-head` (repeatable)")
     p.add_argument("--no-overlays", dest="overlays", action="store_false")
-    p.add_argument("--flag-by", dest="flag_by", choices=["wdm", "knn", "combined"], default="wdm",
-                   help="the score that flags images (knn / combined need --knn); its threshold comes from its own "
-                        "scores on the run's validation normals, like WDM's (default wdm)")
-    p.add_argument("--heatmap", choices=["wdm", "knn", "combined"], default="wdm",
-                   help="the map the overlays of flagged images show: WDM's, the kNN patch distances (--knn), or "
-                        "both in their validation-normal range units, summed (combined, --knn)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                   help="more runs of the same config (other seeds): adds ensemble_score, the mean of each run's "
+                        "score over its own threshold, which then flags images above 1 (see `uninet-feat ensemble`)")
+    p.add_argument("--flag-by", dest="flag_by", choices=["wdm", "knn", "combined", "ensemble"], default=None,
+                   help="the score that flags images (knn / combined need --knn, ensemble --ensemble); its threshold "
+                        "comes from its own scores on the run's validation normals, like WDM's (default: ensemble "
+                        "with --ensemble, else wdm)")
+    p.add_argument("--heatmap", choices=["wdm", "knn", "combined", "ensemble"], default=None,
+                   help="the map the overlays of flagged images show: WDM's, the kNN patch distances (--knn), "
+                        "both in their validation-normal range units, summed (combined, --knn), or the runs' "
+                        "maps in those units, averaged (ensemble; default with --ensemble, else wdm)")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="add text-similarity columns, as `extract --text` (needed by heads trained on them)")
     p.add_argument("--group", help="the group of every image, e.g. fabric_04 (a multi-class run with "
@@ -431,7 +436,7 @@ def _dispatch(args) -> int:
             res = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
                                  args.overlays, args.quiet, text=args.text, threshold=args.threshold,
                                  max_fpr=args.max_fpr, skip_bad=args.skip_bad, flag_by=args.flag_by,
-                                 heatmap=args.heatmap, group=args.group)
+                                 heatmap=args.heatmap, group=args.group, ensemble=args.ensemble)
             res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,16 +25,38 @@ from .io import atomic_write_csv, atomic_write_text
 RULE = "mean over the runs of (image score / that run's threshold from its validation normals) > 1"
 
 
-def _score_run(run, data, split_csv, group, skip_bad: bool, quiet: bool, maps: dict | None):
-    """(samples, scores over the run's threshold) of ``run`` on its test split; adds each image's map in the run's
-    range units to ``maps`` ({path: [sum, mask]}) unless ``maps`` is None. Returns False for the maps when the test
-    images have no masks or the run has no calibrated range for its maps."""
+@dataclass
+class Member:
+    """One run of an ensemble, ready to score: its model (calibration applied), config, default threshold and
+    the validation-normal range of its pixel map (None when its calibration has none)."""
+    run: str
+    model: object
+    cfg: dict
+    threshold: float
+    rng: tuple | None
+
+    def scaled(self, samples, quiet: bool = True, on_map=None) -> dict:
+        """{path: score / threshold} of ``samples``; ``on_map(sample, map in range units)`` per finished map."""
+        from .evaluate import score_samples
+        from .scorers import range_units
+        add = None if on_map is None else (lambda s, m, mask: on_map(s, range_units(m, self.rng), mask))
+        res = score_samples(self.model, samples, self.cfg, keep_maps=False, quiet=quiet, on_map=add)
+        return {str(x.path): float(v) / self.threshold for x, v in zip(res["samples"], res["scores"])}
+
+
+# what must match between members so that they score the same images the same way
+_SAME = ("image_size", "tile", "tile_score")
+
+
+def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = False, like: Member | None = None
+                ) -> Member:
+    """A run as an ensemble `Member`; refused without a default threshold (its scores would have no common
+    unit) or when it tiles or sizes images otherwise than ``like`` (the first member)."""
     from .calibration import load_run, resolve_threshold
-    from .evaluate import score_samples
     from .overlay import calibrated_range
-    from .runs import set_threads, load_test_samples
-    from .scorers import range_units
+    from .runs import set_threads
     from .scoring import pixel_map_kind
+    run = str(run)
     model, _, cfg = load_run(run, data, split_csv)
     if group is not None:
         cfg["group"] = group
@@ -43,22 +66,51 @@ def _score_run(run, data, split_csv, group, skip_bad: bool, quiet: bool, maps: d
     if threshold is None:
         raise BadInputError("the run has no threshold to put its scores in a common unit", path=run,
                             fix=f"run `uninet-feat calibrate --run {run}` (it needs validation normals)")
+    if like is not None:
+        diff = [k for k in _SAME if cfg.get(k) != like.cfg.get(k)]
+        if diff:
+            raise BadInputError(f"{run} scores images otherwise than {like.run} ("
+                                + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
+                                path=run, fix="ensemble runs of one config that differ only in their seed")
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    test = load_test_samples(cfg)
-    masked = any(s.mask is not None for s in test)   # without masks no pixel metric: keep no maps
-    rng = calibrated_range(run, pixel_map_kind(model.cfg)) if maps is not None and masked else None
+    return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg)))
 
+
+def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = False) -> list[Member]:
+    """Every run as a `Member` (at least two), checked against the first."""
+    if len(runs) < 2:
+        raise BadInputError("an ensemble needs at least two runs", fix="pass --runs RUN_A RUN_B ...")
+    first = load_member(runs[0], data, split_csv, group, skip_bad)
+    return [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
+
+
+def _accumulate(maps: dict, run: str):
+    """on_map that adds each map (range units) into ``maps`` ({path: [sum, mask]}), refusing other sizes."""
     def add(sample, m, mask):
         acc = maps.setdefault(str(sample.path), [0.0, mask])
         if np.shape(acc[0]) not in ((), m.shape):
             raise BadInputError(f"{run} maps {sample.path} at {m.shape[1]}x{m.shape[0]}, an earlier run at "
                                 f"{acc[0].shape[1]}x{acc[0].shape[0]}", path=run,
                                 fix="ensemble runs of one image size and tiling (e.g. one config, other seeds)")
-        acc[0] = acc[0] + range_units(m, rng)
+        acc[0] = acc[0] + m
+    return add
 
-    res = score_samples(model, test, cfg, keep_maps=False, quiet=quiet, on_map=add if rng is not None else None)
-    return res["samples"], np.array(res["scores"]) / float(threshold), rng is not None
+
+def mean_maps(members: list[Member], samples, on_map, chunk: int = 8) -> None:
+    """``on_map(sample, mean of the members' maps in their range units)`` for each of ``samples``, a few
+    images at a time, so memory holds ``chunk`` maps whatever the count (predict's ensemble overlays)."""
+    missing = [m.run for m in members if m.rng is None]
+    if missing:
+        raise BadInputError("an ensemble heatmap needs each run's validation-normal map range", path=missing[0],
+                            fix=f"run `uninet-feat calibrate --run {missing[0]}`")
+    for i in range(0, len(samples), chunk):
+        part, maps = samples[i:i + chunk], {}
+        for m in members:
+            m.scaled(part, on_map=_accumulate(maps, m.run))
+        for s in part:
+            if str(s.path) in maps:   # not skipped as unreadable
+                on_map(s, maps[str(s.path)][0] / len(members))
 
 
 def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=None, group=None,
@@ -67,25 +119,24 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     images have masks), its recall and false-positive rate at 1, and each run's own image AUROC."""
     from .evaluate import _at_threshold, _metrics, _subset_metrics, print_report
     from . import metrics
+    from .runs import load_test_samples
     runs = [str(r) for r in runs]
-    if len(runs) < 2:
-        raise BadInputError("an ensemble needs at least two runs", fix="pass --runs RUN_A RUN_B ...")
-    maps: dict | None = {}
-    samples, scaled = None, []
-    for run in runs:
-        got, s, mapped = _score_run(run, data, split_csv, group, skip_bad, quiet, maps)
-        if samples is None:
-            samples = got
-        elif [str(x.path) for x in got] != [str(x.path) for x in samples]:
-            raise BadInputError(f"{run} scored other test images than {runs[0]} (an ensemble compares one image "
-                                "across runs)", path=run, fix="pass runs trained on the same data, split and group")
-        if not mapped and maps is not None:
-            maps = None   # a run without a calibrated map range: image metrics only
-        scaled.append(s)
+    members = load_members(runs, data, split_csv, group, skip_bad)
+    test = load_test_samples(members[0].cfg)
+    for m in members[1:]:
+        if [str(x.path) for x in load_test_samples(m.cfg)] != [str(x.path) for x in test]:
+            raise BadInputError(f"{m.run} scored other test images than {runs[0]} (an ensemble compares one image "
+                                "across runs)", path=m.run, fix="pass runs trained on the same data, split and group")
+    masked = any(x.mask is not None for x in test)   # without masks no pixel metric: keep no maps
+    maps = {} if masked and all(m.rng is not None for m in members) else None
+    per_run = [m.scaled(test, quiet, None if maps is None else _accumulate(maps, m.run)) for m in members]
+    by_path = {str(x.path): x for x in test}
+    samples = [by_path[k] for k in per_run[0]]       # without images skipped as unreadable (--skip-bad)
+    scaled = [np.array([d[str(x.path)] for x in samples]) for d in per_run]
     scores = np.mean(scaled, axis=0)
     labels = np.array([0 if x.is_normal else 1 for x in samples])
     has_masks = maps is not None and any(x.mask is not None for x in samples)
-    if maps is None and any(x.mask is not None for x in samples):
+    if maps is None and masked:
         warnings.warn("a run's calibration.json has no map range for its pixel map: the ensemble reports image "
                       "metrics only (run `uninet-feat calibrate --run RUN` on it)")
     res = {}

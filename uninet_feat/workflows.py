@@ -145,8 +145,8 @@ def _json_default(o):
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
-                text=None, threshold=None, max_fpr=None, skip_bad=False, flag_by="wdm", heatmap="wdm",
-                group=None) -> dict:
+                text=None, threshold=None, max_fpr=None, skip_bad=False, flag_by=None, heatmap=None,
+                group=None, ensemble=()) -> dict:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
@@ -159,7 +159,12 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     normals, else their 0.99 quantile (WDM: the run's calibrated default). ``heatmap``: the map drawn in
     the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the combined map
     (`scorers.combined_map`: both in their validation-normal range units, summed). ``group``: the group of
-    every image (a multi-class run's position offsets, `tile_norm: position`, are per group)."""
+    every image (a multi-class run's position offsets, `tile_norm: position`, are per group).
+
+    ``ensemble``: more runs of the same config (other seeds) scored on the same images; ``ensemble_score`` is the
+    mean over ``run`` and them of each run's WDM score over its own default threshold (`ensemble.py`), which
+    flags above 1 (or ``threshold``) and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs'
+    maps in their range units, coloured 0..1: a typical normal pixel .. a rare one)."""
     from .calibration import check_threshold_flags, resolve_threshold
     from .downstream import Head
     from .extract import Extractor
@@ -167,16 +172,36 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     from .overlay import calibrated_range
     from .scoring import pixel_map_kind
     from .descriptors import spot_summary
-    if flag_by not in SCORES or heatmap not in SCORES:
+    from . import ensemble as ens
+    ensemble = [str(r) for r in ensemble]
+    flag_by = flag_by or ("ensemble" if ensemble else "wdm")
+    heatmap = heatmap or ("ensemble" if ensemble else "wdm")
+    if flag_by not in SCORES + ("ensemble",) or heatmap not in SCORES + ("ensemble",):
         raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
-                            fix=f"--flag-by and --heatmap: one of {', '.join(SCORES)}")
-    if knn is None and (flag_by != "wdm" or heatmap != "wdm"):
+                            fix=f"--flag-by and --heatmap: one of {', '.join(SCORES)}, ensemble")
+    if knn is None and {flag_by, heatmap} & {"knn", "combined"}:
         raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need a kNN index",
                             fix="pass --knn DIR (built by `uninet-feat index`)")
+    if not ensemble and "ensemble" in (flag_by, heatmap):
+        raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need more runs",
+                            fix="pass --ensemble RUN_B [RUN_C ...] (the same config trained with other seeds)")
     if flag_by == "wdm":
         threshold, rule = resolve_threshold(run, threshold, max_fpr)   # bad flags fail before any scoring
+    elif flag_by == "ensemble":
+        check_threshold_flags(threshold, max_fpr)
+        if max_fpr is not None:
+            raise BadInputError("--max-fpr does not apply to --flag-by ensemble: its unit is already each run's "
+                                "own threshold on its validation normals",
+                                fix="drop --max-fpr, or pass --threshold T in those units (1: every run's default; "
+                                    "calibrate each run with --max-fpr to move them)")
+        threshold, rule = (float(threshold), "given (--threshold)") if threshold is not None else (1.0, ens.RULE)
     else:
         check_threshold_flags(threshold, max_fpr)
+    members = ens.load_members([run, *ensemble], group=group, skip_bad=skip_bad) if ensemble else None
+    if heatmap == "ensemble" and overlays and any(m.rng is None for m in members):   # before anything is written
+        bad = next(m.run for m in members if m.rng is None)
+        raise BadInputError("--heatmap ensemble needs each run's validation-normal map range", path=bad,
+                            fix=f"run `uninet-feat calibrate --run {bad}`, or --heatmap wdm")
     loaded = {hd: Head.load(hd) for hd in heads}
     for hd, head in loaded.items():
         if not text and any("clip_" in n for n in head.feature_names):
@@ -210,19 +235,22 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
         row.update(spot_summary(x, ex.vector_names))
     summary_extra, ref = {}, None
+    if members is not None:
+        summary_extra = _add_ensemble_scores(rows, members, samples, quiet)
     if scorer is not None:
         per_image, patch_scores, kres = knn_scores(scorer, kex or ex, samples, res if kex is None else None)
         knn_of = dict(zip((str(x.path) for x in samples), per_image))
         for row in rows:
             row["knn_score"] = float(knn_of[row["path"]])
-        summary_extra = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone"}
+        summary_extra |= {"knn_index": str(knn),
+                          "knn_features": "this run" if ex.patches is True else "plain backbone"}
         ref = reference(run, ex.cfg, scorer, kex or ex, ex, paired=flag_by == "combined")
         if ref is not None:
             for r, c in zip(rows, ref.combine([r["knn_score"] for r in rows], [r["wdm_score"] for r in rows])):
                 r["combined_score"] = float(c)
             summary_extra["combined_rule"] = (f"z-score of the kNN and of the WDM score on the run's {ref.n} "
                                               f"validation normals, summed")
-    if flag_by != "wdm":
+    if flag_by in ("knn", "combined"):
         threshold, rule = flag_threshold(flag_by, ref, threshold, max_fpr)
     wdm_range = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg)) if heatmap == "combined" else None
     if heatmap == "combined" and overlays and (ref is None or wdm_range is None):   # before anything is written
@@ -252,6 +280,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             r["overlay"] = ""
         if heatmap == "knn":
             _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", root=Path(data))
+        elif heatmap == "ensemble":
+            _write_ensemble_overlays(members, samples, rows, out / "overlays", root=Path(data))
         elif heatmap == "combined":
             summary["heatmap_range"] = _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range,
                                                                 out / "overlays", root=Path(data))
@@ -261,6 +291,36 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     return {**summary, "rows": rows}
+
+
+def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:
+    """Each row's ``ensemble_score`` (mean over the runs of score / that run's threshold) and the runs' own
+    ``ensemble_score_K``; the first run's scores are the rows' ``wdm_score`` (the same model's), the others are
+    scored here. Returns the summary's ensemble entries."""
+    first = members[0]
+    per = [{r["path"]: r["wdm_score"] / first.threshold for r in rows}]
+    per += [m.scaled(_by_path(samples, rows), quiet) for m in members[1:]]
+    for r in rows:
+        vals = [d[r["path"]] for d in per]
+        r["ensemble_score"] = float(np.mean(vals))
+        r.update({f"ensemble_score_{k}": float(v) for k, v in enumerate(vals)})
+    from .ensemble import RULE
+    return {"ensemble_runs": [m.run for m in members], "ensemble_rule": RULE}
+
+
+def _write_ensemble_overlays(members, samples, rows, folder: Path, root=None) -> None:
+    """Overlays of flagged images' ensemble maps (`ensemble.mean_maps`: the mean of the runs' maps in their
+    validation-normal range units), coloured 0..1, the range every run's own overlays are coloured on."""
+    from .ensemble import mean_maps
+    from .overlay import heatmap_overlay
+    by_path = {r["path"]: r for r in rows}
+    flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
+    names = _overlay_names([s.path for s in flagged], root)
+
+    def write(s, m):
+        by_path[str(s.path)]["overlay"] = str(folder / names[str(s.path)])
+        heatmap_overlay(s.path, m, folder / names[str(s.path)], vmin=0.0, vmax=1.0, mask=None)
+    mean_maps(members, flagged, write)
 
 
 def _validation_paths(run) -> set:
