@@ -118,7 +118,7 @@ def test_extracted_tiles_carry_shape_and_place_in_the_image(wide_run):
 
 
 def test_predict_rows_describe_the_top_tiles_spot(wide_run, tmp_path):
-    from uninet_feat.workflows import predict_cmd
+    from uninet_feat.predict import predict_cmd
     run, samples = wide_run
     rows = predict_cmd(run, str(samples[0].path.parents[2]), tmp_path / "p", overlays=False, quiet=True)["rows"]
     r = Extractor(run=run).extract(samples)

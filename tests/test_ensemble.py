@@ -114,7 +114,7 @@ def test_a_split_without_test_images_is_refused_naming_it(seeds, tmp_path):
 
 
 def test_predict_with_an_ensemble_flags_on_the_mean_score_over_thresholds_and_draws_its_map(seeds, tmp_path):
-    from uninet_feat.workflows import predict_cmd
+    from uninet_feat.predict import predict_cmd
     a, b, data = seeds / "a", seeds / "b", seeds / "tex" / "test"
     own = []
     for r in (a, b):   # each run alone, as `predict` scores it
@@ -152,7 +152,7 @@ def test_ensemble_maps_are_the_mean_of_the_runs_maps_in_range_units(seeds):
 def test_predict_ensemble_refuses_max_fpr_missing_runs_and_other_image_sizes(seeds, tmp_path):
     import torch
     from uninet_feat.ensemble import load_members
-    from uninet_feat.workflows import predict_cmd
+    from uninet_feat.predict import predict_cmd
     a, b, data = seeds / "a", seeds / "b", seeds / "tex" / "test"
     with pytest.raises(BadInputError, match="--max-fpr"):
         predict_cmd(a, data, tmp_path / "p", ensemble=[b], max_fpr=0.1, quiet=True)

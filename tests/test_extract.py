@@ -335,7 +335,7 @@ def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch
 def test_predict_refuses_a_head_of_another_feature_layout(setup, tmp_path):
     """A head trained on schema-1 features (no defect descriptors) of the same run is named, not misread."""
     from uninet_feat.cli import main
-    from uninet_feat.workflows import predict_cmd
+    from uninet_feat.predict import predict_cmd
     data, run, samples = setup
     f, head = tmp_path / "feats", tmp_path / "head"
     assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(f), "--quiet"]) == 0

@@ -328,7 +328,7 @@ def test_predict_overlays_one_per_flagged_image_named_by_folder(trained, texture
     import shutil
     from PIL import Image
     from uninet_feat import overlay
-    from uninet_feat.workflows import predict_cmd
+    from uninet_feat.predict import predict_cmd
     res = predict_cmd(trained, texture, tmp_path / "p", threshold=-1e9, quiet=True)
     files = sorted((tmp_path / "p" / "overlays").iterdir())
     assert len(files) == res["n_images"] == res["n_flagged"] > 0

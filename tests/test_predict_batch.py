@@ -9,7 +9,7 @@ from uninet_feat.config import load_config
 from uninet_feat.data import discover, discover_batch
 from uninet_feat.errors import BadInputError
 from uninet_feat.train import train
-from uninet_feat.workflows import predict_cmd
+from uninet_feat.predict import predict_cmd
 
 from _tiny import register_tiny, write_texture_set
 

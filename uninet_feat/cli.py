@@ -433,10 +433,11 @@ def _dispatch(args) -> int:
                                     args.folds, args.seed)
             res = {"task": res["task"], "classes": res["classes"], "cv": res["oof"], "out": args.out}
         else:
-            res = wf.predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
-                                 args.overlays, args.quiet, text=args.text, threshold=args.threshold,
-                                 max_fpr=args.max_fpr, skip_bad=args.skip_bad, flag_by=args.flag_by,
-                                 heatmap=args.heatmap, group=args.group, ensemble=args.ensemble)
+            from .predict import predict_cmd
+            res = predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
+                              args.overlays, args.quiet, text=args.text, threshold=args.threshold,
+                              max_fpr=args.max_fpr, skip_bad=args.skip_bad, flag_by=args.flag_by,
+                              heatmap=args.heatmap, group=args.group, ensemble=args.ensemble)
             res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0

@@ -1,0 +1,271 @@
+"""`uninet-feat predict`: a batch of images → WDM score and flag, kNN and combined scores, an ensemble's score,
+head predictions and defect descriptors per image; CSV, JSON, summary and heatmap overlays of flagged images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+from .featstore import aggregate_tiles
+from .io import atomic_write_csv, atomic_write_text
+from .workflows import _samples, head_columns
+
+
+def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
+                text=None, threshold=None, max_fpr=None, skip_bad=False, flag_by=None, heatmap=None,
+                group=None, ensemble=()) -> dict:
+    """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
+
+    Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
+
+    ``data`` is a folder (every image under it; a labelled layout keeps its labels, anything else is
+    scored with label ``''``, unknown) or one image file.
+
+    An image is flagged when its ``flag_by`` score (``wdm``, or with ``knn``: ``knn`` / ``combined``) is
+    above the threshold chosen on that score: ``threshold`` as given, ``max_fpr`` on the run's validation
+    normals, else their 0.99 quantile (WDM: the run's calibrated default). ``heatmap``: the map drawn in
+    the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the combined map
+    (`scorers.combined_map`: both in their validation-normal range units, summed). ``group``: the group of
+    every image (a multi-class run's position offsets, `tile_norm: position`, are per group).
+
+    ``ensemble``: more runs of the same config (other seeds) scored on the same images; ``ensemble_score`` is the
+    mean over ``run`` and them of each run's WDM score over its own default threshold (`ensemble.py`), which
+    flags above 1 (or ``threshold``) and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs'
+    maps in their range units, coloured 0..1: a typical normal pixel .. a rare one)."""
+    from .calibration import check_threshold_flags, resolve_threshold
+    from .downstream import Head
+    from .extract import Extractor
+    from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
+    from .overlay import calibrated_range
+    from .scoring import pixel_map_kind
+    from .descriptors import spot_summary
+    from . import ensemble as ens
+    ensemble = [str(r) for r in ensemble]
+    flag_by = flag_by or ("ensemble" if ensemble else "wdm")
+    heatmap = heatmap or ("ensemble" if ensemble else "wdm")
+    if flag_by not in SCORES + ("ensemble",) or heatmap not in SCORES + ("ensemble",):
+        raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
+                            fix=f"--flag-by and --heatmap: one of {', '.join(SCORES)}, ensemble")
+    if knn is None and {flag_by, heatmap} & {"knn", "combined"}:
+        raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need a kNN index",
+                            fix="pass --knn DIR (built by `uninet-feat index`)")
+    if not ensemble and "ensemble" in (flag_by, heatmap):
+        raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need more runs",
+                            fix="pass --ensemble RUN_B [RUN_C ...] (the same config trained with other seeds)")
+    if flag_by == "wdm":
+        threshold, rule = resolve_threshold(run, threshold, max_fpr)   # bad flags fail before any scoring
+    elif flag_by == "ensemble":
+        check_threshold_flags(threshold, max_fpr)
+        if max_fpr is not None:
+            raise BadInputError("--max-fpr does not apply to --flag-by ensemble: its unit is already each run's "
+                                "own threshold on its validation normals",
+                                fix="drop --max-fpr, or pass --threshold T in those units (1: every run's default; "
+                                    "calibrate each run with --max-fpr to move them)")
+        threshold, rule = (float(threshold), "given (--threshold)") if threshold is not None else (1.0, ens.RULE)
+    else:
+        check_threshold_flags(threshold, max_fpr)
+    members = ens.load_members([run, *ensemble], group=group, skip_bad=skip_bad) if ensemble else None
+    if heatmap == "ensemble" and overlays and any(m.rng is None for m in members):   # before anything is written
+        bad = next(m.run for m in members if m.rng is None)
+        raise BadInputError("--heatmap ensemble needs each run's validation-normal map range", path=bad,
+                            fix=f"run `uninet-feat calibrate --run {bad}`, or --heatmap wdm")
+    loaded = {hd: Head.load(hd) for hd in heads}
+    for hd, head in loaded.items():
+        if not text and any("clip_" in n for n in head.feature_names):
+            raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
+                                fix="pass --text (with the same prompt file as at extraction)")
+    ex = Extractor(run=run, text=text, skip_bad=skip_bad)
+    scorer, kex = knn_setup(knn, ex, skip_bad) if knn is not None else (None, None)
+    for hd, head in loaded.items():
+        check_built_from(head.source, Path(hd) / "head.json", ex, "head")
+        cols = head_columns(ex.vector_names)
+        generic = head.feature_names == [f"f{i}" for i in range(len(head.feature_names))]   # `train_head` unnamed
+        if len(head.feature_names) != len(cols) or not (generic or head.feature_names == cols):   # other layout
+            raise BadInputError(f"this head was trained on {len(head.feature_names)} feature columns, this version "
+                                f"extracts {2 * len(ex.vector_names)} (features of an older layout: feature "
+                                f"schema version 1 had no defect descriptors)", path=Path(hd) / "head.json",
+                                fix=f"re-extract and retrain: `uninet-feat extract --run {ex.run_dir} --out F`, "
+                                    f"then `uninet-feat train-head --features F`")
+    if split_csv:
+        samples = _samples(data, split_csv)
+    else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
+        from .data.layouts import discover_batch
+        samples = discover_batch(data, ex.cfg.get("mask_pattern"))
+    if group is not None:
+        from dataclasses import replace
+        samples = [replace(s, group=group) for s in samples]
+    res = ex.extract(samples)
+    keys = [str(samples[i].path) for i in res["index"]]
+    X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
+    rows = [{"path": path, "label": samples[int(res["index"][idx[0]])].label,
+             "wdm_score": float(np.max(res["scores"][idx]))} for path, idx in order]
+    for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
+        row.update(spot_summary(x, ex.vector_names))
+    summary_extra, ref = {}, None
+    if members is not None:
+        summary_extra = _add_ensemble_scores(rows, members, samples, quiet)
+    if scorer is not None:
+        per_image, patch_scores, kres = knn_scores(scorer, kex or ex, samples, res if kex is None else None)
+        knn_of = dict(zip((str(x.path) for x in samples), per_image))
+        for row in rows:
+            row["knn_score"] = float(knn_of[row["path"]])
+        summary_extra |= {"knn_index": str(knn),
+                          "knn_features": "this run" if ex.patches is True else "plain backbone"}
+        ref = reference(run, ex.cfg, scorer, kex or ex, ex, paired=flag_by == "combined")
+        if ref is not None:
+            for r, c in zip(rows, ref.combine([r["knn_score"] for r in rows], [r["wdm_score"] for r in rows])):
+                r["combined_score"] = float(c)
+            summary_extra["combined_rule"] = (f"z-score of the kNN and of the WDM score on the run's {ref.n} "
+                                              f"validation normals, summed")
+    if flag_by in ("knn", "combined"):
+        threshold, rule = flag_threshold(flag_by, ref, threshold, max_fpr)
+    wdm_range = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg)) if heatmap == "combined" else None
+    if heatmap == "combined" and overlays and (ref is None or wdm_range is None):   # before anything is written
+        raise BadInputError("--heatmap combined needs the run's validation normals: "
+                            + ("see the warning" if ref is None else "calibration.json has no WDM map range"),
+                            fix=f"fix what it names (`uninet-feat calibrate --run {run}`), or --heatmap wdm / knn")
+    for r in rows:
+        r["flagged"] = bool(threshold is not None and r[f"{flag_by}_score"] > threshold)
+    for hd, head in loaded.items():
+        proba = head.predict_proba(X)
+        pred = head.predict(X)
+        name = Path(hd).name
+        for row, p, c in zip(rows, proba, pred):
+            row[f"{name}_prediction"] = str(c)
+            row[f"{name}_confidence"] = float(p.max())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(out / "predictions.csv", rows)
+    atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
+    summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "flag_by": flag_by,
+               "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
+               "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
+               **summary_extra}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if overlays and any(r["flagged"] for r in rows):
+        for r in rows:
+            r["overlay"] = ""
+        if heatmap == "knn":
+            _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", root=Path(data))
+        elif heatmap == "ensemble":
+            _write_ensemble_overlays(members, samples, rows, out / "overlays", root=Path(data))
+        elif heatmap == "combined":
+            summary["heatmap_range"] = _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range,
+                                                                out / "overlays", root=Path(data))
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        else:
+            _write_overlays(ex, samples, rows, out / "overlays", root=Path(data))
+        atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
+        atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
+    return {**summary, "rows": rows}
+
+
+def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:
+    """Each row's ``ensemble_score`` (mean over the runs of score / that run's threshold) and the runs' own
+    ``ensemble_score_K``; the first run's scores are the rows' ``wdm_score`` (the same model's), the others are
+    scored here. Returns the summary's ensemble entries."""
+    first = members[0]
+    per = [{r["path"]: r["wdm_score"] / first.threshold for r in rows}]
+    per += [m.scaled(_by_path(samples, rows), quiet) for m in members[1:]]
+    for r in rows:
+        vals = [d[r["path"]] for d in per]
+        r["ensemble_score"] = float(np.mean(vals))
+        r.update({f"ensemble_score_{k}": float(v) for k, v in enumerate(vals)})
+    from .ensemble import RULE
+    return {"ensemble_runs": [m.run for m in members], "ensemble_rule": RULE}
+
+
+def _write_ensemble_overlays(members, samples, rows, folder: Path, root=None) -> None:
+    """Overlays of flagged images' ensemble maps (`ensemble.mean_maps`: the mean of the runs' maps in their
+    validation-normal range units), coloured 0..1, the range every run's own overlays are coloured on."""
+    from .ensemble import mean_maps
+    from .overlay import heatmap_overlay
+    by_path = {r["path"]: r for r in rows}
+    flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
+    names = _overlay_names([s.path for s in flagged], root)
+
+    def write(s, m):
+        by_path[str(s.path)]["overlay"] = str(folder / names[str(s.path)])
+        heatmap_overlay(s.path, m, folder / names[str(s.path)], vmin=0.0, vmax=1.0, mask=None)
+    mean_maps(members, flagged, write)
+
+
+def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, fixed=None) -> None:
+    """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range.
+
+    Each overlay is written as its map is finished (none are held) when the run has that range; only
+    without it (a run with no validation normals) are the maps held to share one 0..max scale. Names
+    keep the image's folders below ``root`` (``spot__000_overlay.png``), so MVTec-style sets whose
+    files are named 000.png in every folder do not overwrite each other; the row gets ``overlay``.
+    ``transform(sample, map)``: the map drawn instead of WDM's, on the colour scale ``fixed`` (vmin, vmax)."""
+    from .overlay import calibrated_range, display_range, heatmap_overlay
+    from .evaluate import score_samples
+    by_path = {r["path"]: r for r in rows}
+    flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
+    names = _overlay_names([s.path for s in flagged], root)
+
+    def write(s, m, vmin, vmax):
+        out = folder / names[str(s.path)]
+        heatmap_overlay(s.path, transform(s, m) if transform else m, out, vmin=vmin, vmax=vmax, mask=None)
+        by_path[str(s.path)]["overlay"] = str(out)
+
+    from .scoring import pixel_map_kind
+    pm = pixel_map_kind(ex.model.cfg)
+    fixed = fixed or calibrated_range(ex.run_dir, pm)
+    if fixed is not None:
+        score_samples(ex.model, flagged, ex.cfg, on_map=lambda s, m, _: write(s, m, *fixed))
+        return
+    res = score_samples(ex.model, flagged, ex.cfg, keep_maps=True)
+    vmin, vmax = display_range(ex.run_dir, res["maps"], pm)
+    for s, m in zip(res["samples"], res["maps"]):
+        write(s, m, vmin, vmax)
+
+
+def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, root=None) -> None:
+    """Overlays of flagged images' kNN maps (`scorers.knn_map`, native size, tiles stitched), coloured on the
+    validation normals' patch-score range (median .. 0.999 quantile), else 0 .. the largest flagged score."""
+    from .overlay import heatmap_overlay
+    from .scorers import knn_map
+    pos = {str(s.path): i for i, s in enumerate(samples)}
+    flagged = [r for r in rows if r["flagged"]]
+    names = _overlay_names([r["path"] for r in flagged], root)
+    lo, hi = ref.knn_range if ref is not None else (0.0, max(max(r["knn_score"] for r in flagged), 1e-6))
+    for r in flagged:
+        r["overlay"] = str(folder / names[r["path"]])
+        heatmap_overlay(r["path"], knn_map(patch_scores, kres, pos[r["path"]]), r["overlay"], vmin=lo, vmax=hi)
+
+
+def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range, folder: Path, root=None):
+    """Overlays of flagged images' combined maps (WDM's map and the kNN map at its size, each in its
+    validation-normal range units, summed), coloured on the combined map's own validation-normal range
+    (`scorers.combined_range`), which is returned."""
+    from .scorers import combined_map, combined_range, knn_map
+    lo, hi = combined_range(ex.model, ex.cfg, ref, wdm_range)
+    pos = {str(s.path): i for i, s in enumerate(samples)}
+    _write_overlays(ex, samples, rows, folder, root, fixed=(lo, hi), transform=lambda s, m: combined_map(
+        m, knn_map(patch_scores, kres, pos[str(s.path)], m.shape), wdm_range, ref.knn_range))
+    return [lo, hi]
+
+
+def _overlay_names(paths, root=None) -> dict:
+    """Unique overlay file names: the path below ``root`` (else the parent folder and name) joined by '__'."""
+    names, used = {}, set()
+    for p in map(Path, paths):
+        try:
+            parts = p.resolve().relative_to(Path(root).resolve()).with_suffix("").parts if root is not None else None
+        except ValueError:
+            parts = None
+        stem = "__".join(parts or (p.parent.name, p.stem)).replace(" ", "_")
+        name, k = f"{stem}_overlay.png", 2
+        while name in used:
+            name, k = f"{stem}_{k}_overlay.png", k + 1
+        used.add(name)
+        names[str(p)] = name
+    return names
+
+
+def _by_path(samples, rows):
+    d = {str(s.path): s for s in samples}
+    return [d[r["path"]] for r in rows]
