@@ -17,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
@@ -54,14 +53,11 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
     unit) or when it tiles or sizes images otherwise than ``like`` (the first member)."""
     from .calibration import load_run, resolve_threshold
     from .overlay import calibrated_range
-    from .runs import set_threads
+    from .runs import ready_to_score
     from .scoring import pixel_map_kind
     run = str(run)
     model, _, cfg = load_run(run, data, split_csv)
-    if group is not None:
-        cfg["group"] = group
-    cfg["skip_bad"] = bool(skip_bad)
-    set_threads(cfg)
+    model = ready_to_score(model, cfg, group, skip_bad)
     threshold, _ = resolve_threshold(run)
     if threshold is None:
         raise BadInputError("the run has no threshold to put its scores in a common unit", path=run,
@@ -72,8 +68,6 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
             raise BadInputError(f"{run} scores images otherwise than {like.run} ("
                                 + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
                                 path=run, fix="ensemble runs of one config that differ only in their seed")
-    if cfg.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
     return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg)))
 
 

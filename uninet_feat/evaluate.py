@@ -23,7 +23,7 @@ from .calibration import check_threshold_flags, checkpoint_offsets, load_run, re
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected
-from .runs import eval_batches, load_test_samples, make_dataset, set_threads
+from .runs import eval_batches, load_test_samples, make_dataset, ready_to_score
 from .scoring import pixel_map_kind
 
 
@@ -116,15 +116,10 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     model, ckpt, cfg = load_run(run, data, split_csv, checkpoint)   # the run's pixel-map levels (model.pt only)
     if checkpoint:
         _check_same_run(run, checkpoint, ckpt["config"])
-    if group is not None:
-        cfg["group"] = group
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    cfg["skip_bad"] = bool(skip_bad)   # asked for at evaluation, not inherited from how the run was trained
     if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
         model.cfg["pixel_map"] = cfg["pixel_map"]
-    set_threads(cfg)
-    if cfg.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
+    model = ready_to_score(model, cfg, group, skip_bad)
     other = checkpoint is not None and Path(checkpoint).resolve() != (Path(run) / "model.pt").resolve()
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals

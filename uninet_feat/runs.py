@@ -122,6 +122,16 @@ def set_threads(cfg: dict) -> None:
         torch.set_num_threads(int(cfg["threads"]))
 
 
+def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False):
+    """``model`` (channels-last when the run trained so) with ``cfg`` set for scoring a finished run: ``group``
+    when given, ``skip_bad`` as asked now (not as the run was trained), its thread count."""
+    if group is not None:
+        cfg["group"] = group
+    cfg["skip_bad"] = bool(skip_bad)
+    set_threads(cfg)
+    return model.to(memory_format=torch.channels_last) if cfg.get("channels_last") else model
+
+
 class CachedDataset(torch.utils.data.Dataset):
     """Keeps decoded, resized items in memory after first use: decoding dominates CPU epochs otherwise."""
 
