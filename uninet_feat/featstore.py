@@ -125,6 +125,11 @@ class FeatureStore:
         return X, recs
 
 
+def head_columns(vector_names) -> list[str]:
+    """A head's column names: the top tile's vector, then the mean over tiles (`aggregate_tiles`)."""
+    return [f"top_{n}" for n in vector_names] + [f"mean_{n}" for n in vector_names]
+
+
 def aggregate_tiles(vectors: np.ndarray, scores: np.ndarray, keys) -> tuple[np.ndarray, list]:
     """Per image: [vector of its highest-scoring tile, mean vector over its tiles] (2D columns).
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .featstore import aggregate_tiles
+from .featstore import aggregate_tiles, head_columns
 from .io import atomic_write_csv, atomic_write_text
-from .workflows import _samples, head_columns
+from .runs import samples_of
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
@@ -89,7 +89,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                                 fix=f"re-extract and retrain: `uninet-feat extract --run {ex.run_dir} --out F`, "
                                     f"then `uninet-feat train-head --features F`")
     if split_csv:
-        samples = _samples(data, split_csv)
+        samples = samples_of(data, split_csv)
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
         from .data.layouts import discover_batch
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))

@@ -37,6 +37,14 @@ def load_samples(cfg: dict):
 SPLIT_HASHES = ("relative", "path")
 
 
+def samples_of(data, split_csv=None, group=None, split_hash=None) -> list:
+    """Samples of ``data`` (a folder layout, or ``split_csv``'s rows) as `load_samples` reads a config;
+    ``split_hash`` from a run's config gives that run's validation split (None: a new one's)."""
+    from .config import load_config
+    return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group,
+                                           "split_hash": split_hash}))
+
+
 def load_test_samples(cfg: dict) -> list:
     """The test split of ``cfg``'s data; refused when empty (what evaluate and ensemble score)."""
     test = [s for s in load_samples(cfg) if s.split == "test"]

@@ -7,17 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .featstore import FeatureStore
+from .featstore import FeatureStore, head_columns
 from .io import atomic_write_csv, atomic_write_text
+from .runs import samples_of
 from .scorers import abs_path, paths_sha
-
-
-def _samples(data, split_csv=None, group=None, split_hash=None):
-    """Samples of ``data``; ``split_hash`` from a run's config gives that run's split (None: a new one's)."""
-    from .config import load_config
-    from .runs import load_samples
-    return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group,
-                                           "split_hash": split_hash}))
 
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
@@ -41,7 +34,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
                    text=text, skip_bad=skip_bad)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
-    samples = _samples(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None)
+    samples = samples_of(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None)
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
     if dd is not None:
@@ -93,11 +86,6 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=N
     save_index(index, out / "index.faiss")
     atomic_write_text(out / "ids.json", json.dumps([r["path"] for r in recs]))
     return {"index": str(out), "level": level, "kind": kind, "n": len(recs)}
-
-
-def head_columns(vector_names) -> list[str]:
-    """A head's column names: the top tile's vector, then the mean over tiles (`featstore.aggregate_tiles`)."""
-    return [f"top_{n}" for n in vector_names] + [f"mean_{n}" for n in vector_names]
 
 
 def _labels_for(recs, task: str, label_from: str):
@@ -175,7 +163,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
         ts = TextScorer(bb, prompts.get("normal"), prompts.get("defect"), patch_mode=patch_mode).eval()
     else:
         ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
-    samples = _samples(data, split_csv, group)
+    samples = samples_of(data, split_csv, group)
     cfg = {**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group, "backbone": backbone,
            "weights": str(weights), "image_size": image_size, "tile": tile, "skip_bad": bool(skip_bad)}
     ds = make_dataset(samples, cfg, bb)
