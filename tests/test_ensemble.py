@@ -1,5 +1,5 @@
-"""Seed ensembles (`uninet_feat.ensemble`): scores over each run's threshold and maps in each run's range units,
-averaged over runs; what is refused."""
+"""Seed ensembles (`uninet_feat.ensemble`): the runs' scores averaged and flagged above their thresholds' mean,
+maps in each run's range units averaged; what is refused or warned about."""
 import csv
 import json
 import shutil
@@ -48,23 +48,27 @@ def _maps_in_range_units(run):
     return [(m - lo) / (hi - lo) for m in res["maps"]], res["masks"]
 
 
-def test_ensemble_averages_scores_over_thresholds_and_maps_in_range_units(seeds, tmp_path):
+def test_ensemble_averages_scores_flags_above_the_mean_threshold_and_averages_maps_in_range_units(seeds, tmp_path):
     runs = [str(seeds / "a"), str(seeds / "b")]
     rep = evaluate_ensemble(runs, json_path=tmp_path / "e.json", csv_path=tmp_path / "e.csv", quiet=True)
-    per = []
+    per, thr = [], []
     for r in runs:   # each run alone, as `uninet-feat evaluate` scores it
         assert main(["evaluate", "--run", r, "--csv", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.json"),
                      "--quiet"]) == 0
-        thr = json.loads((tmp_path / "r.json").read_text())["threshold"]
-        per.append({row["path"]: float(row["score"]) / thr for row in _rows(tmp_path / "r.csv")})
+        thr.append(json.loads((tmp_path / "r.json").read_text())["threshold"])
+        per.append({row["path"]: float(row["score"]) for row in _rows(tmp_path / "r.csv")})
     rows = _rows(tmp_path / "e.csv")
     want = np.array([(per[0][row["path"]] + per[1][row["path"]]) / 2 for row in rows])
     assert np.allclose([float(row["score"]) for row in rows], want, rtol=1e-5)
-    assert per[0] != per[1]                                   # the seeds really differ
+    assert np.allclose([float(row["score_1"]) for row in rows], [per[1][row["path"]] for row in rows], rtol=1e-5)
+    assert per[0] != per[1] and thr[0] != thr[1]              # the seeds really differ
+    cut = (thr[0] + thr[1]) / 2
+    assert rep["threshold"] == pytest.approx(cut, rel=1e-9)
     labels = np.array([int(row["is_defect"]) for row in rows])
     assert rep["image_auroc"] == pytest.approx(metrics.image_auroc(labels, want), abs=1e-6)
-    assert [int(row["flagged"]) for row in rows] == (want > 1).astype(int).tolist()
-    assert rep["at_threshold"]["false_positive_rate"] == pytest.approx(float((want[labels == 0] > 1).mean()))
+    assert [int(row["flagged"]) for row in rows] == (want > cut).astype(int).tolist()
+    assert rep["at_threshold"]["false_positive_rate"] == pytest.approx(float((want[labels == 0] > cut).mean()))
+    assert rep["at_threshold"]["recall_defect"] == pytest.approx(float((want[labels == 1] > cut).mean()))
     assert json.loads((tmp_path / "e.json").read_text())["runs"] == runs
     (ma, masks), (mb, _) = _maps_in_range_units(seeds / "a"), _maps_in_range_units(seeds / "b")
     mean = [(x + y) / 2 for x, y in zip(ma, mb)]
@@ -113,21 +117,23 @@ def test_a_split_without_test_images_is_refused_naming_it(seeds, tmp_path):
 
 
 
-def test_predict_with_an_ensemble_flags_on_the_mean_score_over_thresholds_and_draws_its_map(seeds, tmp_path):
+def test_predict_with_an_ensemble_flags_on_the_mean_score_above_the_mean_threshold_and_draws_its_map(seeds,
+                                                                                                    tmp_path):
     from uninet_feat.predict import predict_cmd
     a, b, data = seeds / "a", seeds / "b", seeds / "tex" / "test"
-    own = []
+    own, thr = [], []
     for r in (a, b):   # each run alone, as `predict` scores it
-        thr = json.loads((r / "calibration.json").read_text())["threshold"]
-        own.append({x["path"]: x["wdm_score"] / thr for x in predict_cmd(r, data, tmp_path / r.name,
-                                                                          overlays=False, quiet=True)["rows"]})
+        thr.append(json.loads((r / "calibration.json").read_text())["threshold"])
+        own.append({x["path"]: x["wdm_score"] for x in predict_cmd(r, data, tmp_path / r.name,
+                                                                   overlays=False, quiet=True)["rows"]})
     want = {p: (own[0][p] + own[1][p]) / 2 for p in own[0]}
     res = predict_cmd(a, data, tmp_path / "e", ensemble=[b], overlays=False, quiet=True)
-    assert res["flag_by"] == "ensemble" and res["threshold"] == 1.0 and res["ensemble_runs"] == [str(a), str(b)]
+    assert res["flag_by"] == "ensemble" and res["ensemble_runs"] == [str(a), str(b)]
+    assert res["threshold"] == pytest.approx((thr[0] + thr[1]) / 2, rel=1e-9)
     for row in res["rows"]:
         assert row["ensemble_score"] == pytest.approx(want[row["path"]], rel=1e-5)
         assert row["ensemble_score_1"] == pytest.approx(own[1][row["path"]], rel=1e-5)
-        assert row["flagged"] == (want[row["path"]] > 1)
+        assert row["flagged"] == (want[row["path"]] > res["threshold"])
     cut = float(np.median(list(want.values())))   # a given threshold is in the same units; half the images flagged
     assert main(["predict", "--run", str(a), "--ensemble", str(b), "--data", str(data), "--threshold", str(cut),
                  "--out", str(tmp_path / "cli"), "--quiet"]) == 0
@@ -166,3 +172,20 @@ def test_predict_ensemble_refuses_max_fpr_missing_runs_and_other_image_sizes(see
     torch.save(ckpt, other / "model.pt")
     with pytest.raises(BadInputError, match="image_size 96 vs 64"):
         load_members([a, other])
+
+
+def test_members_of_another_score_scale_are_named_in_a_warning(seeds, tmp_path):
+    import warnings
+    from uninet_feat.ensemble import load_members
+    a, b = seeds / "a", seeds / "b"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_members([a, b])
+    assert not [w for w in seen if "normal map level" in str(w.message)]   # two seeds of one config: no warning
+    big = tmp_path / "b_x2"
+    shutil.copytree(b, big)
+    cal = json.loads((big / "calibration.json").read_text())
+    cal["map_range"] = [2 * v for v in cal["map_range"]]
+    (big / "calibration.json").write_text(json.dumps(cal))
+    with pytest.warns(UserWarning, match="b_x2.*differs.*by more than 25%"):
+        load_members([a, big])

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("ensemble", help="evaluate several runs (e.g. seeds of one config) and their ensemble: "
-                                        "scores over each run's own threshold, averaged")
+                                        "their scores averaged, flagged above their thresholds' mean")
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--data")
     p.add_argument("--split-csv", dest="split_csv")
@@ -237,12 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", action="append", default=[], help="folder written by `train-head` (repeatable)")
     p.add_argument("--no-overlays", dest="overlays", action="store_false")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
-                   help="more runs of the same config (other seeds): adds ensemble_score, the mean of each run's "
-                        "score over its own threshold, which then flags images above 1 (see `uninet-feat ensemble`)")
+                   help="more runs of the same config (other seeds): adds ensemble_score, the mean of the runs' "
+                        "WDM scores, which then flags images above the mean of their thresholds (see `uninet-feat "
+                        "ensemble`)")
     p.add_argument("--flag-by", dest="flag_by", choices=["wdm", "knn", "combined", "ensemble"], default=None,
                    help="the score that flags images (knn / combined need --knn, ensemble --ensemble); its threshold "
-                        "comes from its own scores on the run's validation normals, like WDM's (default: ensemble "
-                        "with --ensemble, else wdm)")
+                        "comes from its own scores on the run's validation normals, like WDM's; ensemble's is the "
+                        "mean of the runs' thresholds and refuses --max-fpr (default: ensemble with --ensemble, "
+                        "else wdm)")
     p.add_argument("--heatmap", choices=["wdm", "knn", "combined", "ensemble"], default=None,
                    help="the map the overlays of flagged images show: WDM's, the kNN patch distances (--knn), "
                         "both in their validation-normal range units, summed (combined, --knn), or the runs' "

@@ -1,14 +1,19 @@
-"""Seed ensembles: several runs scored on one test split, each in its own normal units, averaged.
+"""Seed ensembles: several runs of one config scored on one test split, their scores averaged.
 
 Why: on AITEX's small test sets (6 normal and 7-31 defective strips per fabric) the training seed alone moves a
 fabric's strip AUROC by up to 0.43 and the mean over fabrics between 0.849 and 0.940 (docs/results.md). Averaging
-runs that differ only in their seed is the usual cure for that variance. The runs are put in one unit without
-labels first, so that a run whose scores are larger does not outvote the others:
+runs that differ only in their seed is the usual cure for that variance.
 
-- image score: over the run's default threshold (from its own validation normals, ``calibration.json``), so 1 is
-  each run's threshold, and the ensemble flags an image when the mean is above 1;
+- image score: the plain mean of the runs' image scores, flagged above the mean of their default thresholds (each
+  from the run's own validation normals, ``calibration.json``). Runs of one config share one score scale (on AITEX
+  the seeds' normal tile scores agree to 2 %), so no rescaling is needed. Until session 20 each score was divided
+  by its run's threshold instead; with one validation strip per fabric that threshold is one strip's
+  position-corrected score, near zero (0.011-0.044 on fabric_03), so the run with the smallest threshold
+  outvoted the others 3-4 to 1, and a threshold at or below 0 would have flipped a run's sign. A warning names
+  a run whose normal scale (its map range's median) differs from the first run's by more than 25 %;
 - pixel map: in the run's validation-normal range units (`scorers.range_units`: 0 a typical normal pixel, 1 a
-  rare one), when every run's calibration has that range for its kind of map; otherwise no pixel metrics.
+  rare one; well conditioned, each range comes from every validation-normal pixel), when every run's
+  calibration has that range for its kind of map; otherwise no pixel metrics.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import numpy as np
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 
-RULE = "mean over the runs of (image score / that run's threshold from its validation normals) > 1"
+RULE = ("mean of the runs' image scores > mean of their default thresholds (each from that run's validation "
+        "normals)")
+SCALE_TOLERANCE = 0.25   # relative difference of normal scale (map-range median) that gets a warning
 
 
 @dataclass
@@ -34,13 +41,13 @@ class Member:
     threshold: float
     rng: tuple | None
 
-    def scaled(self, samples, quiet: bool = True, on_map=None) -> dict:
-        """{path: score / threshold} of ``samples``; ``on_map(sample, map in range units)`` per finished map."""
+    def scores(self, samples, quiet: bool = True, on_map=None) -> dict:
+        """{path: image score} of ``samples``; ``on_map(sample, map in range units)`` per finished map."""
         from .evaluate import score_samples
         from .scorers import range_units
         add = None if on_map is None else (lambda s, m, mask: on_map(s, range_units(m, self.rng), mask))
         res = score_samples(self.model, samples, self.cfg, keep_maps=False, quiet=quiet, on_map=add)
-        return {str(x.path): float(v) / self.threshold for x, v in zip(res["samples"], res["scores"])}
+        return {str(x.path): float(v) for x, v in zip(res["samples"], res["scores"])}
 
 
 # what must match between members so that they score the same images the same way
@@ -72,11 +79,23 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
 
 
 def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = False) -> list[Member]:
-    """Every run as a `Member` (at least two), checked against the first."""
+    """Every run as a `Member` (at least two), checked against the first; warns when their scales differ."""
     if len(runs) < 2:
         raise BadInputError("an ensemble needs at least two runs", fix="pass --runs RUN_A RUN_B ...")
     first = load_member(runs[0], data, split_csv, group, skip_bad)
-    return [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
+    members = [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
+    for m in members[1:]:
+        if first.rng is not None and m.rng is not None and first.rng[0] > 0 \
+                and abs(m.rng[0] / first.rng[0] - 1) > SCALE_TOLERANCE:
+            warnings.warn(f"{m.run}: its normal map level ({m.rng[0]:.4g}) differs from {first.run}'s "
+                          f"({first.rng[0]:.4g}) by more than {SCALE_TOLERANCE:.0%}; the ensemble averages raw "
+                          "scores, so the larger-scale run weighs more (ensemble runs of one config, other seeds)")
+    return members
+
+
+def default_threshold(members: list[Member]) -> float:
+    """The ensemble's default threshold: the mean of its runs' own (`RULE`)."""
+    return float(np.mean([m.threshold for m in members]))
 
 
 def _accumulate(maps: dict, run: str):
@@ -101,7 +120,7 @@ def mean_maps(members: list[Member], samples, on_map, chunk: int = 8) -> None:
     for i in range(0, len(samples), chunk):
         part, maps = samples[i:i + chunk], {}
         for m in members:
-            m.scaled(part, on_map=_accumulate(maps, m.run))
+            m.scores(part, on_map=_accumulate(maps, m.run))
         for s in part:
             if str(s.path) in maps:   # not skipped as unreadable
                 on_map(s, maps[str(s.path)][0] / len(members))
@@ -110,7 +129,7 @@ def mean_maps(members: list[Member], samples, on_map, chunk: int = 8) -> None:
 def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=None, group=None,
                       quiet: bool = False, skip_bad: bool = False) -> dict:
     """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
-    images have masks), its recall and false-positive rate at 1, and each run's own image AUROC."""
+    images have masks), its recall and false-positive rate at its default threshold, and each run's own image AUROC."""
     from .evaluate import _at_threshold, _metrics, _subset_metrics, print_report
     from . import metrics
     from .runs import load_test_samples
@@ -123,11 +142,11 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                                 "across runs)", path=m.run, fix="pass runs trained on the same data, split and group")
     masked = any(x.mask is not None for x in test)   # without masks no pixel metric: keep no maps
     maps = {} if masked and all(m.rng is not None for m in members) else None
-    per_run = [m.scaled(test, quiet, None if maps is None else _accumulate(maps, m.run)) for m in members]
+    per_run = [m.scores(test, quiet, None if maps is None else _accumulate(maps, m.run)) for m in members]
     by_path = {str(x.path): x for x in test}
     samples = [by_path[k] for k in per_run[0]]       # without images skipped as unreadable (--skip-bad)
-    scaled = [np.array([d[str(x.path)] for x in samples]) for d in per_run]
-    scores = np.mean(scaled, axis=0)
+    raw = [np.array([d[str(x.path)] for x in samples]) for d in per_run]
+    scores, thr = np.mean(raw, axis=0), default_threshold(members)
     labels = np.array([0 if x.is_normal else 1 for x in samples])
     has_masks = maps is not None and any(x.mask is not None for x in samples)
     if maps is None and masked:
@@ -140,16 +159,17 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                "pixel_ok": [x.is_normal or x.mask is not None for x in samples]}
     both = 0 < labels.sum() < len(labels)
     report = {"runs": runs, "n_test": len(samples), "n_defect": int(labels.sum()),
-              **_metrics(labels, scores, res, has_masks), "threshold": 1.0, "threshold_rule": RULE,
-              "at_threshold": _at_threshold(labels, scores > 1.0),
+              **_metrics(labels, scores, res, has_masks), "threshold": thr, "threshold_rule": RULE,
+              "run_thresholds": {m.run: m.threshold for m in members},
+              "at_threshold": _at_threshold(labels, scores > thr),
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
-                                      for r, s in zip(runs, scaled)}}
+                                      for r, s in zip(runs, raw)}}
     groups = sorted({x.group for x in samples})
     if len(groups) > 1:
         report["per_group"] = {g: _subset_metrics([j for j, x in enumerate(samples) if x.group == g], labels,
                                                   scores, {}, False) for g in groups}
     rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.6g}",
-             "flagged": int(s > 1.0), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(scaled)}}
+             "flagged": int(s > thr), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(raw)}}
             for j, (x, y, s) in enumerate(zip(samples, labels, scores))]
     if csv_path:
         atomic_write_csv(csv_path, rows)

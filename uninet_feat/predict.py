@@ -31,9 +31,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     every image (a multi-class run's position offsets, `tile_norm: position`, are per group).
 
     ``ensemble``: more runs of the same config (other seeds) scored on the same images; ``ensemble_score`` is the
-    mean over ``run`` and them of each run's WDM score over its own default threshold (`ensemble.py`), which
-    flags above 1 (or ``threshold``) and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs'
-    maps in their range units, coloured 0..1: a typical normal pixel .. a rare one)."""
+    mean of ``run``'s and their WDM scores (`ensemble.py`), flagged above the mean of their default thresholds
+    (or ``threshold``), and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs' maps in their
+    range units, coloured 0..1: a typical normal pixel .. a rare one)."""
     from .calibration import check_threshold_flags, resolve_threshold
     from .downstream import Head
     from .extract import Extractor
@@ -59,14 +59,16 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     elif flag_by == "ensemble":
         check_threshold_flags(threshold, max_fpr)
         if max_fpr is not None:
-            raise BadInputError("--max-fpr does not apply to --flag-by ensemble: its unit is already each run's "
-                                "own threshold on its validation normals",
-                                fix="drop --max-fpr, or pass --threshold T in those units (1: every run's default; "
-                                    "calibrate each run with --max-fpr to move them)")
-        threshold, rule = (float(threshold), "given (--threshold)") if threshold is not None else (1.0, ens.RULE)
+            raise BadInputError("--max-fpr does not apply to --flag-by ensemble: each run has its own validation "
+                                "normals (the split follows the seed), so no normal set is unseen by all of them",
+                                fix="drop --max-fpr (the default is the mean of the runs' thresholds), pass "
+                                    "--threshold T in WDM score units, or calibrate each run with --max-fpr")
     else:
         check_threshold_flags(threshold, max_fpr)
     members = ens.load_members([run, *ensemble], group=group, skip_bad=skip_bad) if ensemble else None
+    if flag_by == "ensemble":
+        threshold, rule = ((float(threshold), "given (--threshold)") if threshold is not None
+                           else (ens.default_threshold(members), ens.RULE))
     if heatmap == "ensemble" and overlays and any(m.rng is None for m in members):   # before anything is written
         bad = next(m.run for m in members if m.rng is None)
         raise BadInputError("--heatmap ensemble needs each run's validation-normal map range", path=bad,
@@ -163,18 +165,18 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
 
 
 def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:
-    """Each row's ``ensemble_score`` (mean over the runs of score / that run's threshold) and the runs' own
-    ``ensemble_score_K``; the first run's scores are the rows' ``wdm_score`` (the same model's), the others are
-    scored here. Returns the summary's ensemble entries."""
-    first = members[0]
-    per = [{r["path"]: r["wdm_score"] / first.threshold for r in rows}]
-    per += [m.scaled(_by_path(samples, rows), quiet) for m in members[1:]]
+    """Each row's ``ensemble_score`` (the mean of the runs' WDM scores) and the runs' own ``ensemble_score_K``;
+    the first run's scores are the rows' ``wdm_score`` (the same model's), the others are scored here. Returns
+    the summary's ensemble entries."""
+    per = [{r["path"]: r["wdm_score"] for r in rows}]
+    per += [m.scores(_by_path(samples, rows), quiet) for m in members[1:]]
     for r in rows:
         vals = [d[r["path"]] for d in per]
         r["ensemble_score"] = float(np.mean(vals))
         r.update({f"ensemble_score_{k}": float(v) for k, v in enumerate(vals)})
     from .ensemble import RULE
-    return {"ensemble_runs": [m.run for m in members], "ensemble_rule": RULE}
+    return {"ensemble_runs": [m.run for m in members], "ensemble_rule": RULE,
+            "ensemble_run_thresholds": [m.threshold for m in members]}
 
 
 def _write_ensemble_overlays(members, samples, rows, folder: Path, root=None) -> None:
