@@ -33,3 +33,19 @@ def test_magnetic_tile_config_draws_training_edits_apart_from_its_choices():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "magnetic_tile.yaml")
     assert parse_denoise(cfg["denoise"]) > 0
     assert not set(parse_kinds(cfg["synthetic_kinds"])) & set(parse_kinds(cfg["denoise_kinds"]))
+
+
+def test_train_help_states_the_defaults_the_config_really_has():
+    """`train --help` writes defaults by hand (the CLI imports no torch to print help); they must not drift."""
+    import re
+    from uninet_feat.cli import build_parser
+    from uninet_feat.config import DEFAULT_CONFIG
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: a.help or "" for a in train._actions}
+    for key in ("backbone", "weights", "image_size", "epochs", "batch_size", "lr", "lr_target", "seed", "mem",
+                "dfs", "temperature", "width", "val_fraction"):
+        said = re.search(r"default:? ([\w.+-]+?)[,;)]", helps[key])
+        assert said, f"--{key} help names no default: {helps[key]!r}"
+        want = DEFAULT_CONFIG[key]
+        got = said.group(1)
+        assert (float(got) == float(want)) if isinstance(want, (int, float)) else got == want, (key, got, want)

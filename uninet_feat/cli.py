@@ -15,22 +15,27 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="image folder (root/<label>/*, MVTec-style) or the root a --split-csv is relative to")
     p.add_argument("--split-csv", dest="split_csv", help="CSV manifest path,split,label[,mask][,group]")
     p.add_argument("--group", help="train/evaluate one category only (one-class); default: all (multi-class)")
-    p.add_argument("--backbone", help="timm model name (default tf_efficientnet_lite0)")
-    p.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint")
+    p.add_argument("--backbone", help="timm model name, or clip:ARCH for the VLM variant (default "
+                                      "tf_efficientnet_lite0)")
+    p.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint (default imagenet)")
     p.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], help="three feature levels, e.g. 1,2,3")
-    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--image-size", dest="image_size", type=int,
+                   help="side of the square model input, or of each tile (default 256)")
     p.add_argument("--tile", type=int, help="tile large images into TILE×TILE pieces (e.g. 256 for fabric strips)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, help="fixed schedule: the last epoch is the model (default 10)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="(default 8)")
+    p.add_argument("--lr", type=float, help="learning rate of the student, bottleneck and DFS (default 0.005)")
     p.add_argument("--lr-target", dest="lr_target", type=float,
                    help="learning rate of the trainable target teacher (default 1e-6, the method's; it uses 1e-4 for "
                         "one MVTec class)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--mem", choices=["official", "multiscale"])
-    p.add_argument("--dfs", choices=["learned", "fixed", "off"])
-    p.add_argument("--temperature", "-T", type=float)
+    p.add_argument("--seed", type=int, help="same seed, same scores; it also draws the validation split "
+                                            "(default 1203)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--mem", choices=["official", "multiscale"], help="MEM as the official code runs it (two 3x3 "
+                   "branches) or the paper's 3x3 + 7x7, re-parameterised for inference (default official)")
+    p.add_argument("--dfs", choices=["learned", "fixed", "off"], help="domain-related feature selection: learned "
+                   "theta, parameter-free, or off (default off)")
+    p.add_argument("--temperature", "-T", type=float, help="T of the similarity-contrastive loss (default 2.0)")
     p.add_argument("--width", type=float,
                    help="inner width of the bottleneck and the student, x the official sizing from the backbone "
                         "(default 1)")
@@ -46,8 +51,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     _tile_norm_flag(p, "")
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="share of the training normals held out as validation normals, which set the threshold and "
-                        "the label-free choices (default 0.1; at least 19 of them for a threshold near 1 %% "
-                        "false positives)")
+                        "the label-free choices (default 0.1; with n of them a new normal passes the default threshold "
+                        "with probability at least 1/(n+1): 19 for 5 %%, 99 for 1 %%)")
     p.add_argument("--keep-every", dest="keep_every", type=int,
                    help="also keep every N-th epoch's model as epochs/epoch_NNN.pt (evaluate --checkpoint)")
     p.add_argument("--map-levels", dest="map_levels",
@@ -87,11 +92,11 @@ def _skip_bad_flag(p) -> None:
                         "output) instead of stopping with an error that names them all")
 
 
-def _kinds_flag(p, what: str) -> None:
+def _kinds_flag(p, what: str, default: str = "fabric") -> None:
     p.add_argument("--synthetic-kinds", dest="synthetic_kinds",
-                   help=f"{what}: fabric (holes, yarns, picks, stains, oil; default), all (and texture_patch, a "
-                        "region of changed texture, for tiles and other non-fabric surfaces) or names such as "
-                        "hole,texture_patch")
+                   help=f"{what}: fabric (holes, yarns, picks, stains, oil), all (and texture_patch, a region of "
+                        "changed texture, for tiles and other non-fabric surfaces) or names such as "
+                        f"hole,texture_patch (default: {default})")
 
 
 def _tile_norm_flag(p, default: str) -> None:
@@ -155,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "checkpoint.pt = the last epoch, or epochs/epoch_010.pt); its threshold and "
                                          "colours come from its own validation-normal scores")
     p.add_argument("--pixel-map", dest="pixel_map", choices=["smoothed", "raw"],
-                   help="pixel map for P-AUROC/AUPRO and overlays (default: the run's, i.e. smoothed)")
+                   help="pixel map for P-AUROC/AUPRO and the --report overlays (default: the run's pixel_map, "
+                        "smoothed unless its config says raw)")
     p.add_argument("--knn", help="kNN index folder (uninet-feat index): also report its image metrics and those of "
                                  "kNN + WDM combined (as predict's combined_score)")
     _threshold_args(p)
@@ -184,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-norm", dest="map_norm", choices=["none", "range", "auto"],
                    help="each level's map in its validation-normal range units before the sum: none (the method), "
                         "range, or auto (chosen on synthetic defects, no labels); default: keep the run's")
-    _kinds_flag(p, "the synthetic defects the auto choices are made on; default: the run's")
+    _kinds_flag(p, "the synthetic defects the auto choices are made on", default="the run's")
     _tile_norm_flag(p, "; default: keep the run's")
     p.add_argument("--quiet", action="store_true")
 
