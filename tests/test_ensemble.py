@@ -181,11 +181,21 @@ def test_members_of_another_score_scale_are_named_in_a_warning(seeds, tmp_path):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         load_members([a, b])
-    assert not [w for w in seen if "normal map level" in str(w.message)]   # two seeds of one config: no warning
+    assert not [w for w in seen if "typical score" in str(w.message)]   # two seeds of one config: no warning
     big = tmp_path / "b_x2"
     shutil.copytree(b, big)
     cal = json.loads((big / "calibration.json").read_text())
-    cal["map_range"] = [2 * v for v in cal["map_range"]]
+    cal["val_scores"] = [2 * v for v in cal["val_scores"]]   # as if its scores were twice as large
     (big / "calibration.json").write_text(json.dumps(cal))
-    with pytest.warns(UserWarning, match="b_x2.*differs.*by more than 25%"):
+    with pytest.warns(UserWarning, match="b_x2.*typical score.*by more than 25%"):
         load_members([a, big])
+
+
+def test_normal_level_is_the_median_tile_offset_of_a_position_normed_run_else_of_validation_scores(seeds):
+    from types import SimpleNamespace
+    from uninet_feat.ensemble import normal_level
+    tiled = SimpleNamespace(cfg={"tile_offsets": {"g1": {"0,0": 1.0, "0,256": 3.0}, "g2": {"0,0": 10.0}}})
+    assert normal_level(tiled, seeds / "a") == 3.0            # median over every group's positions, not val_scores
+    plain = SimpleNamespace(cfg={"tile_offsets": None})
+    val = json.loads((seeds / "a" / "calibration.json").read_text())["val_scores"]
+    assert normal_level(plain, seeds / "a") == pytest.approx(float(np.median(val)))

@@ -10,7 +10,7 @@ runs that differ only in their seed is the usual cure for that variance.
   by its run's threshold instead; with one validation strip per fabric that threshold is one strip's
   position-corrected score, near zero (0.011-0.044 on fabric_03), so the run with the smallest threshold
   outvoted the others 3-4 to 1, and a threshold at or below 0 would have flipped a run's sign. A warning names
-  a run whose normal scale (its map range's median) differs from the first run's by more than 25 %;
+  a run whose normal score level (`normal_level`) differs from the first run's by more than 25 %;
 - pixel map: in the run's validation-normal range units (`scorers.range_units`: 0 a typical normal pixel, 1 a
   rare one; well conditioned, each range comes from every validation-normal pixel), when every run's
   calibration has that range for its kind of map; otherwise no pixel metrics.
@@ -28,18 +28,19 @@ from .io import atomic_write_csv, atomic_write_text
 
 RULE = ("mean of the runs' image scores > mean of their default thresholds (each from that run's validation "
         "normals)")
-SCALE_TOLERANCE = 0.25   # relative difference of normal scale (map-range median) that gets a warning
+SCALE_TOLERANCE = 0.25   # relative difference of normal score level (`normal_level`) that gets a warning
 
 
 @dataclass
 class Member:
-    """One run of an ensemble, ready to score: its model (calibration applied), config, default threshold and
-    the validation-normal range of its pixel map (None when its calibration has none)."""
+    """One run of an ensemble, ready to score: its model (calibration applied), config, default threshold, the
+    validation-normal range of its pixel map (None when its calibration has none) and `normal_level`."""
     run: str
     model: object
     cfg: dict
     threshold: float
     rng: tuple | None
+    level: float | None = None
 
     def scores(self, samples, quiet: bool = True, on_map=None) -> dict:
         """{path: image score} of ``samples``; ``on_map(sample, map in range units)`` per finished map."""
@@ -75,7 +76,20 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
             raise BadInputError(f"{run} scores images otherwise than {like.run} ("
                                 + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
                                 path=run, fix="ensemble runs of one config that differ only in their seed")
-    return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg)))
+    return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg)),
+                  normal_level(model, run))
+
+
+def normal_level(model, run) -> float | None:
+    """The typical plain WDM score of the run's normals, its score scale: the median of its tile-position offsets
+    (training normals' tiles) when it has them, else of its validation normals' image scores. Not the threshold
+    (one AITEX strip's corrected score, near 0) nor the pixel-map range (its levels and units are chosen per run:
+    two magnetic-tile seeds got maps whose normal medians differ fivefold while their scores agree within 5 %)."""
+    from .calibration import _saved_calibration
+    offsets = model.cfg.get("tile_offsets")
+    vals = [v for table in offsets.values() for v in table.values()] if offsets else \
+        (_saved_calibration(run) or {}).get("val_scores")
+    return float(np.median(vals)) if vals else None
 
 
 def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = False) -> list[Member]:
@@ -85,10 +99,9 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
     first = load_member(runs[0], data, split_csv, group, skip_bad)
     members = [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
     for m in members[1:]:
-        if first.rng is not None and m.rng is not None and first.rng[0] > 0 \
-                and abs(m.rng[0] / first.rng[0] - 1) > SCALE_TOLERANCE:
-            warnings.warn(f"{m.run}: its normal map level ({m.rng[0]:.4g}) differs from {first.run}'s "
-                          f"({first.rng[0]:.4g}) by more than {SCALE_TOLERANCE:.0%}; the ensemble averages raw "
+        if first.level and m.level is not None and abs(m.level / first.level - 1) > SCALE_TOLERANCE:
+            warnings.warn(f"{m.run}: its normals' typical score ({m.level:.4g}) differs from {first.run}'s "
+                          f"({first.level:.4g}) by more than {SCALE_TOLERANCE:.0%}; the ensemble averages raw "
                           "scores, so the larger-scale run weighs more (ensemble runs of one config, other seeds)")
     return members
 
