@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--data")
     p.add_argument("--split-csv", dest="split_csv")
-    p.add_argument("--group")
+    p.add_argument("--group", help="score only this group (category) of a multi-group data set")
     p.add_argument("--json", help="write the metrics JSON here")
     p.add_argument("--csv", help="write per-image scores here")
     p.add_argument("--report", help="write a self-contained HTML report here")
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn", help="kNN index folder (uninet-feat index): also report its image metrics and those of "
                                  "kNN + WDM combined (as predict's combined_score)")
     _threshold_args(p)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the run's, else torch's)")
     _skip_bad_flag(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--data")
     p.add_argument("--split-csv", dest="split_csv")
-    p.add_argument("--group")
+    p.add_argument("--group", help="score only this group (category) of a multi-group data set")
     p.add_argument("--json", help="write the ensemble's metrics JSON here")
     p.add_argument("--csv", help="write per-image ensemble and per-run scores here")
     _skip_bad_flag(p)
@@ -197,18 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="export image (and patch) feature vectors into a sharded store")
     p.add_argument("--data", required=True)
     p.add_argument("--split-csv", dest="split_csv")
-    p.add_argument("--group")
+    p.add_argument("--group", help="extract only this group (category) of a multi-group data set")
     p.add_argument("--run", help="trained run (domain-adapted features); omit for plain backbone features")
     p.add_argument("--backbone", help="backbone when no --run (default tf_efficientnet_lite0)")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image-size", dest="image_size", type=int)
-    p.add_argument("--tile", type=int)
+    p.add_argument("--tile", type=int, help="tile large images into TILE x TILE pieces (default: the run's "
+                   "tiling; none without --run)")
     p.add_argument("--patches", action="store_true", help="also store patch vectors (for kNN)")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="clip: backbones: append zero-shot text-similarity columns (default fabric prompts, "
                         "or a prompt file from `uninet-feat prompts`)")
     p.add_argument("--shard", default="0/1", help="i/n: extract every n-th shard starting at i")
-    p.add_argument("--shard-size", dest="shard_size", type=int, default=256)
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=256,
+                   help="images per shard: a killed run redoes at most one shard (default 256)")
     _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
@@ -218,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["flat", "ivfpq", "hnsw"], default="flat")
     p.add_argument("--level", choices=["patch", "image"], default="patch")
     p.add_argument("--coreset", type=float, default=0.1, help="memory-bank fraction kept (patch level)")
-    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--k", type=int, default=1, help="neighbours averaged into a patch's kNN distance (default 1)")
     p.add_argument("--run", help="leave this run's validation normals out of the memory bank (automatic for "
                                  "features of a run), so predict can standardise kNN scores on them")
     p.add_argument("--out", required=True)
@@ -226,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-head", help="LightGBM head on extracted image vectors, with a CV report")
     p.add_argument("--features", required=True)
     p.add_argument("--task", choices=["binary", "multiclass"], default="binary")
-    p.add_argument("--label-from", dest="label_from", choices=["label", "group/label"], default="label")
+    p.add_argument("--label-from", dest="label_from", choices=["label", "group/label"], default="label",
+                   help="class names: the label (e.g. d022), or group/label (fabric_03/d022: one class per "
+                        "group and code; default label)")
     p.add_argument("--defects-only", dest="defects_only", action="store_true",
                    help="multiclass over defect types only (normal rows left out)")
     p.add_argument("--folds", type=int, default=5, help="stratified CV folds (at most the largest class; a class "
@@ -267,13 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zero-shot", help="score images with CLIP text prompts only (no training images)")
     p.add_argument("--data", required=True)
     p.add_argument("--split-csv", dest="split_csv")
-    p.add_argument("--group")
+    p.add_argument("--group", help="score only this group (category) of a multi-group data set")
     p.add_argument("--backbone", required=True, help="a clip: backbone, e.g. clip:ViT-B-16")
     p.add_argument("--weights", required=True, help="the whole open_clip checkpoint (both towers), or a tag")
     p.add_argument("--prompts", help="prompt YAML (write the defaults with `uninet-feat prompts`)")
     p.add_argument("--image-size", dest="image_size", type=int, default=224)
-    p.add_argument("--tile", type=int)
-    p.add_argument("--patch-mode", dest="patch_mode", choices=["tokens", "value"], default="tokens")
+    p.add_argument("--tile", type=int, help="tile large images into TILE x TILE pieces")
+    p.add_argument("--patch-mode", dest="patch_mode", choices=["tokens", "value"], default="tokens",
+                   help="patch features: CLIP's final tokens through its projection (tokens, default) or the "
+                        "last block's value path, MaskCLIP-style (value)")
     _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
@@ -284,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic woven fabric → train → evaluate → report, in a few minutes")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of the demo (default 8)")
     p.add_argument("--quiet", action="store_true")
     for name, sp in sub.choices.items():
         if name != "train":   # train's --config holds model/training options (uninet_feat.config)
