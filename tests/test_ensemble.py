@@ -194,8 +194,9 @@ def test_members_of_another_score_scale_are_named_in_a_warning(seeds, tmp_path):
 def test_normal_level_is_the_median_tile_offset_of_a_position_normed_run_else_of_validation_scores(seeds):
     from types import SimpleNamespace
     from uninet_feat.ensemble import normal_level
+    cal = json.loads((seeds / "a" / "calibration.json").read_text())
     tiled = SimpleNamespace(cfg={"tile_offsets": {"g1": {"0,0": 1.0, "0,256": 3.0}, "g2": {"0,0": 10.0}}})
-    assert normal_level(tiled, seeds / "a") == 3.0            # median over every group's positions, not val_scores
+    assert normal_level(tiled, cal) == 3.0                    # median over every group's positions, not val_scores
     plain = SimpleNamespace(cfg={"tile_offsets": None})
-    val = json.loads((seeds / "a" / "calibration.json").read_text())["val_scores"]
-    assert normal_level(plain, seeds / "a") == pytest.approx(float(np.median(val)))
+    assert normal_level(plain, cal) == pytest.approx(float(np.median(cal["val_scores"])))
+    assert normal_level(plain, None) is None

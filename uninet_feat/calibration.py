@@ -212,7 +212,7 @@ def checkpoint_offsets(model, run, cfg: dict) -> dict | None:
     offsets belong to model.pt, so when the run scores tiles by position (its calibration.json has offsets,
     or without one its config says ``tile_norm: position``) they are taken again from this model's scores of
     the training normals. Sets ``model.cfg["tile_offsets"]``; returns the record, or None."""
-    cal = _saved_calibration(run)
+    cal = saved_calibration(run)
     if cal is None:
         tile_norm = cfg.get("tile_norm", "none")
     else:
@@ -220,7 +220,7 @@ def checkpoint_offsets(model, run, cfg: dict) -> dict | None:
     return _position_offsets(model, cfg, tile_norm)
 
 
-def _saved_calibration(run) -> dict | None:
+def saved_calibration(run) -> dict | None:
     """The run's calibration.json, or None when it is missing or unreadable (an unreadable one is reported
     where its threshold is read)."""
     path = Path(run) / "calibration.json"
@@ -235,7 +235,7 @@ def apply_calibration(model, run, model_path) -> None:
     map was chosen for that model; another epoch's model keeps all levels, raw)."""
     if Path(model_path).resolve() != (Path(run) / "model.pt").resolve():
         return
-    cal = _saved_calibration(run)
+    cal = saved_calibration(run)
     if cal is None:
         return
     model.cfg["map_levels"] = cal.get("map_levels") or None

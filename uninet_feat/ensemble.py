@@ -59,14 +59,15 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
                 ) -> Member:
     """A run as an ensemble `Member`; refused without a default threshold (its scores would have no common
     unit) or when it tiles or sizes images otherwise than ``like`` (the first member)."""
-    from .calibration import load_run, resolve_threshold
+    from .calibration import load_run, resolve_threshold, saved_calibration
     from .overlay import calibrated_range
     from .runs import ready_to_score
     from .scoring import pixel_map_kind
     run = str(run)
     model, _, cfg = load_run(run, data, split_csv)
     model = ready_to_score(model, cfg, group, skip_bad)
-    threshold, _ = resolve_threshold(run)
+    cal = saved_calibration(run)   # read once for the threshold, the map range and the normal level
+    threshold, _ = resolve_threshold(run, cal=cal)
     if threshold is None:
         raise BadInputError("the run has no threshold to put its scores in a common unit", path=run,
                             fix=f"run `uninet-feat calibrate --run {run}` (it needs validation normals)")
@@ -76,19 +77,18 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
             raise BadInputError(f"{run} scores images otherwise than {like.run} ("
                                 + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
                                 path=run, fix="ensemble runs of one config that differ only in their seed")
-    return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg)),
-                  normal_level(model, run))
+    return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg), cal),
+                  normal_level(model, cal))
 
 
-def normal_level(model, run) -> float | None:
+def normal_level(model, cal: dict | None) -> float | None:
     """The typical plain WDM score of the run's normals, its score scale: the median of its tile-position offsets
     (training normals' tiles) when it has them, else of its validation normals' image scores. Not the threshold
     (one AITEX strip's corrected score, near 0) nor the pixel-map range (its levels and units are chosen per run:
-    two magnetic-tile seeds got maps whose normal medians differ fivefold while their scores agree within 5 %)."""
-    from .calibration import _saved_calibration
+    two magnetic-tile seeds got maps whose normal medians differ fivefold while their scores agree within 5 %).
+    ``cal``: the run's calibration.json as a dict (None: no validation scores)."""
     offsets = model.cfg.get("tile_offsets")
-    vals = [v for table in offsets.values() for v in table.values()] if offsets else \
-        (_saved_calibration(run) or {}).get("val_scores")
+    vals = [v for table in offsets.values() for v in table.values()] if offsets else (cal or {}).get("val_scores")
     return float(np.median(vals)) if vals else None
 
 
@@ -142,7 +142,8 @@ def mean_maps(members: list[Member], samples, on_map, chunk: int = 8) -> None:
 def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=None, group=None,
                       quiet: bool = False, skip_bad: bool = False) -> dict:
     """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
-    images have masks), its recall and false-positive rate at its default threshold, and each run's own image AUROC."""
+    images have masks), its recall and false-positive rate at its default threshold, and each run's own image
+    AUROC."""
     from .evaluate import _at_threshold, _metrics, _subset_metrics, print_report
     from . import metrics
     from .runs import load_test_samples
