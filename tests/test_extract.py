@@ -289,6 +289,26 @@ def test_extract_refuses_backbone_flags_with_a_run(setup, tmp_path, capsys):
     assert "drop --backbone/--weights" in capsys.readouterr().err and not (tmp_path / "f").exists()
 
 
+def test_image_level_index_holds_every_row_and_refuses_patch_options(setup, tmp_path, capsys):
+    """An image index is a search index of all rows; --run/--coreset/--k shape a patch memory bank and were
+    silently ignored at --level image."""
+    from uninet_feat.cli import main
+    from uninet_feat.downstream import load_index, search
+    data, run, samples = setup
+    f, out = tmp_path / "f", tmp_path / "img"
+    assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--level", "image", "--out", str(out)]) == 0
+    X, recs = FeatureStore(f).image_table()
+    ids = json.loads((out / "ids.json").read_text())
+    assert ids == [r["path"] for r in recs] and len(ids) == len(samples)
+    _, nn = search(load_index(out / "index.faiss"), X.astype(np.float32), k=1)
+    assert nn[:, 0].tolist() == list(range(len(ids)))   # every row's nearest row is itself
+    for extra in (["--run", str(run)], ["--coreset", "0.5"], ["--k", "3"]):
+        assert main(["index", "--features", str(f), "--level", "image", *extra, "--out",
+                     str(tmp_path / "x")]) == 2
+        assert f"{extra[0]} " in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch):
     """When the run's frozen source teacher is the index's backbone (same config, same named weights, same
     size), predict takes the plain patches from the run's own pass: no second backbone, the same scores."""

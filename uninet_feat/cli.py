@@ -219,10 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True)
     p.add_argument("--kind", choices=["flat", "ivfpq", "hnsw"], default="flat")
     p.add_argument("--level", choices=["patch", "image"], default="patch")
-    p.add_argument("--coreset", type=float, default=0.1, help="memory-bank fraction kept (patch level)")
-    p.add_argument("--k", type=int, default=1, help="neighbours averaged into a patch's kNN distance (default 1)")
-    p.add_argument("--run", help="leave this run's validation normals out of the memory bank (automatic for "
-                                 "features of a run), so predict can standardise kNN scores on them")
+    p.add_argument("--coreset", type=float, help="memory-bank fraction kept (patch level only; default 0.1)")
+    p.add_argument("--k", type=int, help="neighbours averaged into a patch's kNN distance (patch level only; "
+                                         "default 1)")
+    p.add_argument("--run", help="leave this run's validation normals out of the memory bank (patch level only; "
+                                 "automatic for features of a run), so predict can standardise kNN scores on them")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("train-head", help="LightGBM head on extracted image vectors, with a CV report")

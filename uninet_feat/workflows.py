@@ -51,12 +51,21 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     return res
 
 
-def index_cmd(features, out, kind="flat", level="patch", coreset=0.1, k=1, run=None) -> dict:
-    """Patch level: a kNN scorer over the training normals' patches. Image level: an index of image rows.
+def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None) -> dict:
+    """Patch level: a kNN scorer over the training normals' patches (``coreset`` default 0.1, ``k`` default 1).
+    Image level: a search index of every image row, which scores nothing.
 
     The validation normals of ``run`` (by default the run the features came from) stay out of the memory
     bank: a bank that holds them scores them 0, and predict standardises kNN scores on them."""
     from .downstream import KNNScorer, build_index, save_index
+    if level == "image":   # these shape a memory bank of normals; an image index holds every row as it is
+        given = [f"--{n} {v}" for n, v in (("coreset", coreset), ("k", k), ("run", run)) if v is not None]
+        if given:
+            raise BadInputError(f"{', '.join(given)} only apply at --level patch (the kNN scorer's memory bank); "
+                                "an image-level index holds every image row and scores nothing",
+                                fix="drop them, or use --level patch")
+    coreset = 0.1 if coreset is None else coreset
+    k = 1 if k is None else k
     store = FeatureStore(features)
     out = Path(out)
     if level == "patch":
