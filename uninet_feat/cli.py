@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiclass over defect types only (normal rows left out)")
     p.add_argument("--folds", type=int, default=5, help="stratified CV folds (at most the largest class; a class "
                                                         "with fewer rows is tested in fewer folds)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, the early-stopping carve and LightGBM "
+                                                       "(default 0)")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("predict", help="scores, flags, kNN scores and head predictions per image")
