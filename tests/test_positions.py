@@ -136,7 +136,7 @@ def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
     untiled = {**_cfg(data, tile_norm="position"), "tile": None}
     with pytest.raises(BadInputError, match="tile is not set"):
         train(untiled, tmp_path / "a", quiet=True)
-    with pytest.raises(BadInputError, match="tile_norm must be none or position"):
+    with pytest.raises(BadInputError, match="tile_norm must be one of none, position, neighbours"):
         train(_cfg(data, tile_norm="edge"), tmp_path / "b", quiet=True)
     assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()
 
@@ -188,3 +188,86 @@ def test_predict_group_picks_a_multi_group_runs_offsets(run, tmp_path):
     with open(tmp_path / "pb" / "predictions.csv") as fh:
         got = {row["path"]: float(row["wdm_score"]) for row in csv.DictReader(fh)}
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def _tiles_with_context(model, samples, cfg):
+    """[(path, "y,x", plain WDM score, context vector)] of every tile (no offsets applied)."""
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for batch, x in eval_batches(make_dataset(samples, cfg, model.source), cfg):
+            _, s, c = model.predict(x, context=True)
+            for j, (i, box) in enumerate(zip(batch["index"].tolist(), batch["tile"].tolist())):
+                out.append((str(samples[i].path), f"{box[0]},{box[1]}", float(s[j]), c[j].double().numpy()))
+    return out
+
+
+def test_neighbours_offset_is_the_median_of_the_nearest_training_tiles_at_that_place(run, tmp_path):
+    """tile_norm: neighbours against a plain re-computation: standardise the training tiles' contexts, take the
+    3 most cosine-similar training tiles at the tile's place, subtract their median score; evaluate, predict,
+    extract and `evaluate --checkpoint` all give those scores, and they differ from the position medians'."""
+    import csv
+    import shutil
+    data, r = run
+    c = tmp_path / "nb"
+    shutil.copytree(r, c)
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
+    rec = json.loads((c / "calibration.json").read_text())["tile_offsets"]
+    assert rec["mode"] == "neighbours" and rec["k"] == 3 and (c / rec["file"]).is_file()
+    model, ck = build_from_checkpoint(c / "model.pt")
+    cfg = dict(ck["config"])
+    fit, val = train_val_samples(load_samples(cfg), cfg)
+    ref = _tiles_with_context(model, fit + val, cfg)
+    C = np.stack([t[3] for t in ref])
+    mu, sd = C.mean(0), C.std(0) + 1e-6
+
+    def unit(v):
+        z = (v - mu) / sd
+        return z / np.linalg.norm(z, axis=-1, keepdims=True)
+    U = unit(C)
+    test = [s for s in load_samples(cfg) if s.split == "test"]
+    want, per_tile = {}, {}
+    for path, k, score, ctx in _tiles_with_context(model, test, cfg):
+        at = [i for i, t in enumerate(ref) if t[1] == k]
+        near = sorted(at, key=lambda i: -float(U[i] @ unit(ctx)))[:3]
+        per_tile[(path, k)] = score - float(np.median([ref[i][2] for i in near]))
+        want[path] = max(want.get(path, -np.inf), per_tile[(path, k)])
+    got = {row["path"]: float(row["score"]) for row in evaluate(c, quiet=True)["_rows"]}
+    assert got == pytest.approx(want, abs=1e-4)
+    position = {row["path"]: float(row["score"]) for row in evaluate(r, quiet=True)["_rows"]}
+    assert got != pytest.approx(position, abs=1e-3)   # 8 training strips, 3 neighbours: not the median of all
+    ck_scores = {x["path"]: float(x["score"]) for x in evaluate(c, quiet=True, checkpoint=c / "checkpoint.pt")["_rows"]}
+    assert ck_scores == pytest.approx(got, abs=1e-4)   # checkpoint.pt = model.pt's weights: its own, equal, offsets
+    assert main(["predict", "--run", str(c), "--data", str(data / "test"), "--quiet", "--no-overlays",
+                 "--out", str(tmp_path / "pred")]) == 0
+    with open(tmp_path / "pred" / "predictions.csv") as fh:
+        assert {row["path"]: float(row["wdm_score"]) for row in csv.DictReader(fh)} == pytest.approx(got, abs=1e-4)
+    ex = Extractor(run=c).extract(test)
+    for i, box, s in zip(ex["index"], ex["tile"], ex["scores"]):
+        assert s == pytest.approx(per_tile[(str(ex["samples"][i].path), f"{box[0]},{box[1]}")], abs=1e-4)
+    # `calibrate` without --tile-norm keeps neighbours; a damaged tile file is named with its fix
+    assert main(["calibrate", "--run", str(c), "--quiet"]) == 0
+    assert json.loads((c / "calibration.json").read_text())["tile_offsets"]["mode"] == "neighbours"
+    (c / rec["file"]).write_bytes(b"not a zip")
+    with pytest.raises(BadInputError, match="neighbours' tiles") as e:
+        evaluate(c, quiet=True)
+    assert "--tile-norm neighbours" in str(e.value)
+
+
+def test_neighbours_offsets_by_hand_with_fewer_tiles_than_k_and_after_save_load(tmp_path):
+    from uninet_feat.positions import K_NEIGHBOURS, Neighbours
+    rng = np.random.default_rng(0)
+    per = {("g", "0,0"): [(v, rng.standard_normal(4)) for v in (1.0, 2.0, 7.0)][:K_NEIGHBOURS],
+           ("g", "0,64"): [(float(v), rng.standard_normal(4)) for v in range(10)]}
+    nb = Neighbours.fit(per)
+    q = rng.standard_normal(4)
+    assert nb.offset("g", "0,0", q) == pytest.approx(2.0)   # no more tiles there than K: the position median
+    allc = np.stack([c for items in per.values() for _, c in items])
+    mu, sd = allc.mean(0), allc.std(0) + 1e-6
+    z = lambda v: ((v - mu) / sd) / np.linalg.norm((v - mu) / sd)   # noqa: E731
+    sims = [float(z(c) @ z(q)) for _, c in per[("g", "0,64")]]
+    want = np.median([per[("g", "0,64")][i][0] for i in np.argsort(sims)[::-1][:K_NEIGHBOURS]])
+    assert nb.offset("g", "0,64", q) == pytest.approx(want)
+    nb.save(tmp_path / "n.npz")
+    back = Neighbours.load(tmp_path / "n.npz")
+    assert back.offset("g", "0,64", q) == nb.offset("g", "0,64", q) and back.offset("g", "0,0", q) == 2.0

@@ -22,6 +22,7 @@ from .errors import BadInputError
 from .io import atomic_write_text
 
 DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels used)"
+NEIGHBOURS_FILE = "tile_neighbours.npz"   # tile_norm: neighbours — the training tiles it compares with
 FEW_NORMALS = 19   # below this many validation normals a new normal passes the default threshold > 5 % of the time
 
 
@@ -74,6 +75,10 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     if choice is not None:
         cal["pixel_map_choice"] = choice
     if offsets is not None:
+        near = offsets.pop("neighbours", None)
+        if near is not None:   # the tiles' scores and contexts beside calibration.json, written first
+            near.save(Path(out) / NEIGHBOURS_FILE)
+            offsets["file"] = NEIGHBOURS_FILE
         cal["tile_offsets"] = offsets
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
     return cal
@@ -84,15 +89,20 @@ def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:
     from .positions import parse_tile_norm, tile_offsets
     from .runs import load_samples, train_val_samples
     if tile_norm is None:   # the run's: calibration.json's when it was applied (the key is then set), else cfg's
-        tile_norm = (("position" if model.cfg["tile_offsets"] else "none") if "tile_offsets" in model.cfg
-                     else cfg.get("tile_norm", "none"))
-    model.cfg["tile_offsets"] = None   # the reference normals are scored plain
+        tile_norm = (_tile_norm_of(model.cfg["tile_offsets"], model.cfg.get("tile_neighbours"))
+                     if "tile_offsets" in model.cfg else cfg.get("tile_norm", "none"))
+    model.cfg["tile_offsets"] = model.cfg["tile_neighbours"] = None   # the reference normals are scored plain
     if parse_tile_norm(tile_norm, cfg.get("tile")) == "none":
         return None
     fit, val = train_val_samples(load_samples(cfg), cfg)   # every training normal: 1 validation strip is no median
-    rec = tile_offsets(model, fit + val, cfg)
+    rec = tile_offsets(model, fit + val, cfg, neighbours=tile_norm == "neighbours")
     model.cfg["tile_offsets"] = rec["offsets"]
+    model.cfg["tile_neighbours"] = rec.get("neighbours")
     return rec
+
+
+def _tile_norm_of(offsets, neighbours) -> str:
+    return "none" if not offsets else "neighbours" if neighbours is not None else "position"
 
 
 def parse_map_levels(v, n_levels: int):
@@ -216,7 +226,8 @@ def checkpoint_offsets(model, run, cfg: dict) -> dict | None:
     if cal is None:
         tile_norm = cfg.get("tile_norm", "none")
     else:
-        tile_norm = "position" if (cal.get("tile_offsets") or {}).get("offsets") else "none"
+        rec = cal.get("tile_offsets") or {}
+        tile_norm = "none" if not rec.get("offsets") else rec.get("mode", "position")
     return _position_offsets(model, cfg, tile_norm)
 
 
@@ -240,7 +251,12 @@ def apply_calibration(model, run, model_path) -> None:
         return
     model.cfg["map_levels"] = cal.get("map_levels") or None
     model.cfg["map_norm"] = cal.get("map_norm") or None
-    model.cfg["tile_offsets"] = (cal.get("tile_offsets") or {}).get("offsets")
+    rec = cal.get("tile_offsets") or {}
+    model.cfg["tile_offsets"] = rec.get("offsets")
+    model.cfg["tile_neighbours"] = None
+    if rec.get("offsets") and rec.get("mode") == "neighbours":
+        from .positions import Neighbours
+        model.cfg["tile_neighbours"] = Neighbours.load(Path(run) / rec.get("file", NEIGHBOURS_FILE))
 
 
 def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:

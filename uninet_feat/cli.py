@@ -100,9 +100,11 @@ def _kinds_flag(p, what: str, default: str = "fabric") -> None:
 
 
 def _tile_norm_flag(p, default: str) -> None:
-    p.add_argument("--tile-norm", dest="tile_norm", choices=["none", "position"],
+    p.add_argument("--tile-norm", dest="tile_norm", choices=["none", "position", "neighbours"],
                    help="tiled images: position scores each tile less the training normals' median score at its "
-                        f"place, so an edge that is high on every strip does not set the strip's score{default}")
+                        "place, so an edge that is high on every strip does not set the strip's score; neighbours "
+                        "less the median of the 3 training tiles at its place that look most like it (an edge "
+                        f"whose place drifts between images){default}")
 
 
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",

@@ -43,6 +43,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     grids = {i: g for i, g, _ in ds.tile_index} if tiled and want_maps else {}
     n = len(samples)
     offsets = model.cfg.get("tile_offsets") if tiled else None   # tile_norm: position (positions.py)
+    near = model.cfg.get("tile_neighbours") if offsets else None    # tile_norm: neighbours
     tile_scores: dict[int, list[float]] = {}
     tile_maps: dict[int, list[np.ndarray]] = {}
     maps, masks = [None] * n, [None] * n
@@ -62,10 +63,11 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
                   disable=quiet) as prog:
         task = prog.add_task("score", total=len(ds))
         for batch, x in eval_batches(ds, cfg):
-            pix, score = model.predict(x)
+            pix, score, *ctx = model.predict(x, context=near is not None)
             for j, idx in enumerate(batch["index"].tolist()):
                 tile_scores.setdefault(idx, []).append(corrected(float(score[j]), batch["tile"][j], offsets,
-                                                                 samples[idx]))
+                                                                 samples[idx], ctx[0][j].numpy() if ctx else None,
+                                                                 near))
                 if not want_maps:
                     continue
                 m = pix[j]

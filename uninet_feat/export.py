@@ -49,6 +49,14 @@ def patch_vectors(feats: list[torch.Tensor], thetas) -> torch.Tensor:
     return p.flatten(2).transpose(1, 2).contiguous()
 
 
+def teacher_context(model, out) -> torch.Tensor:
+    """(N, ΣC_l): each level's DFS-pooled target-teacher features, the image vector's ``l*_teacher_*`` columns —
+    what an image or tile looks like, for comparing it with normal tiles that look alike (``tile_norm:
+    neighbours``)."""
+    L = out.n_levels
+    return torch.cat([dfs_pool(out.teachers[L + l], out.teachers[L + l], model.dfs.theta(l)) for l in range(L)], 1)
+
+
 @torch.no_grad()
 def uninet_features(model, x: torch.Tensor, patches: bool | str = False) -> dict:
     """Image vectors (N, D), WDM scores (N,), pixel maps (N,H,W) and optionally patch vectors: the adapted
@@ -72,7 +80,7 @@ def uninet_features(model, x: torch.Tensor, patches: bool | str = False) -> dict
     for l in range(L):
         parts.append(map_pool(out.teachers[L + l], maps[l] + maps[L + l]))
     parts.append(hot_region_shape(pix))
-    res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix}
+    res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix, "context": teacher_context(model, out)}
     if patches == "source":
         res["patches"] = patch_vectors(out.teachers[:L], [1.0] * L)
     elif patches:

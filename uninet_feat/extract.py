@@ -124,8 +124,10 @@ class Extractor:
             scores = (r["scores"].float().numpy() if r["scores"] is not None
                       else np.full(len(v), np.nan, np.float32))
             if self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets"):
-                scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i])
-                                   for s, b, i in zip(scores, batch["tile"], batch["index"].tolist())], np.float32)
+                near, ctx = self.model.cfg.get("tile_neighbours"), r["context"].numpy()
+                scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i], c, near)
+                                   for s, b, i, c in zip(scores, batch["tile"], batch["index"].tolist(), ctx)],
+                                  np.float32)
             cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),
                     "scores": scores}
             if self.patches:

@@ -190,11 +190,16 @@ class UniNet(nn.Module):
         return {"loss": total, **{k: float(v) for k, v in parts.items()}}
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, out_size=None):
-        """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method."""
+    def predict(self, x: torch.Tensor, out_size=None, context: bool = False):
+        """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method.
+        ``context``: also what each input looks like (N, D), `export.teacher_context` (``tile_norm: neighbours``)."""
         from uninet_feat.scoring import anomaly_maps
         out = self(x)
-        return self.score_maps(anomaly_maps(out.teachers, out.students), tuple(out_size or x.shape[-2:]))
+        pix, score = self.score_maps(anomaly_maps(out.teachers, out.students), tuple(out_size or x.shape[-2:]))
+        if not context:
+            return pix, score
+        from uninet_feat.export import teacher_context
+        return pix, score, teacher_context(self, out)
 
     def score_maps(self, maps, out_size):
         """(pixel map, WDM image score) from the 2L anomaly maps: the score always from all of them, raw (the
