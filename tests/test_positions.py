@@ -136,6 +136,8 @@ def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
     untiled = {**_cfg(data, tile_norm="position"), "tile": None}
     with pytest.raises(BadInputError, match="tile is not set"):
         train(untiled, tmp_path / "a", quiet=True)
+    with pytest.raises(BadInputError, match="tile_norm: neighbours .* tile is not set"):
+        train({**untiled, "tile_norm": "neighbours"}, tmp_path / "a", quiet=True)
     with pytest.raises(BadInputError, match="tile_norm must be one of none, position, neighbours"):
         train(_cfg(data, tile_norm="edge"), tmp_path / "b", quiet=True)
     assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()
@@ -271,3 +273,8 @@ def test_neighbours_offsets_by_hand_with_fewer_tiles_than_k_and_after_save_load(
     nb.save(tmp_path / "n.npz")
     back = Neighbours.load(tmp_path / "n.npz")
     assert back.offset("g", "0,64", q) == nb.offset("g", "0,64", q) and back.offset("g", "0,0", q) == 2.0
+    with np.load(tmp_path / "n.npz") as z:   # a file without the contexts: named, with its fix
+        np.savez(tmp_path / "bad.npz", **{k: z[k] for k in z.files if not k.endswith("|context")})
+    with pytest.raises(BadInputError, match="neighbours' tiles") as e:
+        Neighbours.load(tmp_path / "bad.npz")
+    assert "bad.npz" in str(e.value) and "--tile-norm neighbours" in str(e.value)

@@ -41,7 +41,7 @@ def parse_tile_norm(v, tile) -> str:
         raise BadInputError(f"tile_norm must be one of {', '.join(MODES)}, got {v!r}",
                             fix="e.g. --tile-norm position")
     if v != "none" and not tile:
-        raise BadInputError("tile_norm: position compares tiles by their place in a tiled image, but tile is not set",
+        raise BadInputError(f"tile_norm: {v} compares tiles by their place in a tiled image, but tile is not set",
                             fix="set tile (e.g. --tile 256) or tile_norm: none")
     return v
 
@@ -98,10 +98,10 @@ class Neighbours:
                 for name in z.files:
                     g, field = name.rsplit("|", 1)
                     groups.setdefault(g, {})[field] = z[name]
-        except (OSError, ValueError) as e:
-            raise BadInputError(f"cannot read the neighbours' tiles ({e})", path=path,
+            return cls(groups)
+        except (OSError, ValueError, KeyError) as e:
+            raise BadInputError(f"cannot read the neighbours' tiles ({type(e).__name__}: {e})", path=path,
                                 fix="re-create it: `uninet-feat calibrate --run RUN --tile-norm neighbours`")
-        return cls(groups)
 
 
 @torch.no_grad()
