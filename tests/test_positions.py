@@ -247,6 +247,8 @@ def test_neighbours_offset_is_the_median_of_the_nearest_training_tiles_at_that_p
     ex = Extractor(run=c).extract(test)
     for i, box, s in zip(ex["index"], ex["tile"], ex["scores"]):
         assert s == pytest.approx(per_tile[(str(ex["samples"][i].path), f"{box[0]},{box[1]}")], abs=1e-4)
+    from uninet_feat.ensemble import load_members   # an ensemble member scores the same way
+    assert load_members([c, r])[0].scores(test) == pytest.approx(got, abs=1e-4)
     # `calibrate` without --tile-norm keeps neighbours; a damaged tile file is named with its fix
     assert main(["calibrate", "--run", str(c), "--quiet"]) == 0
     assert json.loads((c / "calibration.json").read_text())["tile_offsets"]["mode"] == "neighbours"
