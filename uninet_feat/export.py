@@ -49,12 +49,17 @@ def patch_vectors(feats: list[torch.Tensor], thetas) -> torch.Tensor:
     return p.flatten(2).transpose(1, 2).contiguous()
 
 
+def _teacher_pooled(out, thetas) -> list[torch.Tensor]:
+    """Per level (N, C_l): the DFS-pooled target-teacher features."""
+    L = out.n_levels
+    return [dfs_pool(out.teachers[L + l], out.teachers[L + l], thetas[l]) for l in range(L)]
+
+
 def teacher_context(model, out) -> torch.Tensor:
     """(N, ΣC_l): each level's DFS-pooled target-teacher features, the image vector's ``l*_teacher_*`` columns —
     what an image or tile looks like, for comparing it with normal tiles that look alike (``tile_norm:
     neighbours``)."""
-    L = out.n_levels
-    return torch.cat([dfs_pool(out.teachers[L + l], out.teachers[L + l], model.dfs.theta(l)) for l in range(L)], 1)
+    return torch.cat(_teacher_pooled(out, [model.dfs.theta(l) for l in range(out.n_levels)]), 1)
 
 
 @torch.no_grad()
@@ -69,18 +74,18 @@ def uninet_features(model, x: torch.Tensor, patches: bool | str = False) -> dict
     maps = anomaly_maps(out.teachers, out.students)
     pix, score = model.score_maps(maps, tuple(x.shape[-2:]))
     thetas = [model.dfs.theta(l) for l in range(L)]
+    pooled = _teacher_pooled(out, thetas)
     parts = []
     for l in range(L):
-        tgt, src = out.teachers[L + l], out.teachers[l]
-        parts.append(dfs_pool(tgt, tgt, thetas[l]))
-        parts.append(dfs_pool(out.students[l], src, thetas[l]))
+        parts.append(pooled[l])
+        parts.append(dfs_pool(out.students[l], out.teachers[l], thetas[l]))
         parts.append(_map_stats(maps[l]))
         parts.append(_map_stats(maps[L + l]))
     parts.append(score.view(-1, 1).float())
     for l in range(L):
         parts.append(map_pool(out.teachers[L + l], maps[l] + maps[L + l]))
     parts.append(hot_region_shape(pix))
-    res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix, "context": teacher_context(model, out)}
+    res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix, "context": torch.cat(pooled, 1)}
     if patches == "source":
         res["patches"] = patch_vectors(out.teachers[:L], [1.0] * L)
     elif patches:

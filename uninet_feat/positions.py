@@ -58,6 +58,8 @@ class Neighbours:
         """``groups``: {group: {"keys": (n,) str, "scores": (n,), "context": (n, D) raw, "mu": (D,), "sd": (D,)}}."""
         self.groups = groups
         self._unit = {g: self._standard(t, t["context"]) for g, t in groups.items()}
+        self._at = {g: {k: np.flatnonzero(t["keys"] == k) for k in np.unique(t["keys"]).tolist()}
+                    for g, t in groups.items()}   # group → position key → its rows, found once, not per tile
 
     @staticmethod
     def _standard(t, c):
@@ -77,7 +79,7 @@ class Neighbours:
 
     def offset(self, group: str, k: str, context) -> float:
         t = self.groups[group]
-        at = np.flatnonzero(t["keys"] == k)
+        at = self._at[group][k]
         sims = self._unit[group][at] @ self._standard(t, context)
         nearest = at[np.argsort(-sims, kind="stable")[:K_NEIGHBOURS]]
         return float(np.median(t["scores"][nearest]))
