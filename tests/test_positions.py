@@ -131,6 +131,35 @@ def test_an_image_of_another_size_is_named_and_none_turns_it_off(run, tmp_path):
         json.loads((r / "calibration.json").read_text())["tile_offsets"]
 
 
+def test_a_run_missing_the_calibration_its_config_needs_is_refused_until_calibrated(run, tmp_path, capsys):
+    """A training stopped after its last epoch but before calibrating (session 21's AITEX fabric_00 seed 6) left
+    model.pt without calibration.json; evaluate then scored plain highest tiles as if they were the config's
+    position-corrected ones. Every scoring command now refuses such a run and names the fix, which restores the
+    run's own scores."""
+    import shutil
+    data, r = run
+    want = {x["path"]: float(x["score"]) for x in evaluate(r, quiet=True)["_rows"]}
+    c = tmp_path / "copy"
+    shutil.copytree(r, c)
+    (c / "calibration.json").unlink()
+    for score in (lambda: evaluate(c, quiet=True), lambda: Extractor(c)):
+        with pytest.raises(BadInputError, match="calibration.json is missing") as e:
+            score()
+        assert "tile_norm: position" in str(e.value) and "uninet-feat calibrate --run" in str(e.value)
+    assert main(["predict", "--run", str(c), "--data", str(data / "test" / "good"), "--out", str(tmp_path / "p")]) == 2
+    assert "calibration.json is missing" in capsys.readouterr().err and not (tmp_path / "p" / "predictions.csv").exists()
+    (c / "calibration.json").write_text("{not json")
+    with pytest.raises(BadInputError, match="calibration.json is unreadable"):
+        evaluate(c, quiet=True)
+    (c / "calibration.json").unlink()
+    got = evaluate(c, quiet=True, checkpoint=c / "checkpoint.pt")   # another model file takes its own offsets
+    assert {x["path"]: float(x["score"]) for x in got["_rows"]} == pytest.approx(want, abs=1e-4)
+    assert main(["calibrate", "--run", str(c), "--quiet"]) == 0       # the fix: the config's tile_norm again
+    assert json.loads((c / "calibration.json").read_text())["tile_offsets"] == \
+        json.loads((r / "calibration.json").read_text())["tile_offsets"]
+    assert {x["path"]: float(x["score"]) for x in evaluate(c, quiet=True)["_rows"]} == pytest.approx(want, abs=1e-6)
+
+
 def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
     data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
     untiled = {**_cfg(data, tile_norm="position"), "tile": None}

@@ -241,13 +241,30 @@ def saved_calibration(run) -> dict | None:
         return None
 
 
-def apply_calibration(model, run, model_path) -> None:
-    """Give ``model`` the run's calibrated pixel map (levels, range units) when ``model_path`` is its model.pt (the
-    map was chosen for that model; another epoch's model keeps all levels, raw)."""
+def needs_calibration(cfg: dict) -> list[str]:
+    """The settings of a run's config that only its calibration.json carries out (written after the last epoch):
+    scored without it, the image scores (tile offsets) or the pixel map would silently be other ones."""
+    need = [f"tile_norm: {cfg['tile_norm']}"] if cfg.get("tile_norm", "none") != "none" else []
+    return need + [f"{k}: auto" for k in ("map_levels", "map_norm") if cfg.get(k) == "auto"]
+
+
+def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
+    """Give ``model`` the run's calibrated pixel map (levels, range units) and tile offsets when ``model_path`` is
+    its model.pt (they were chosen for that model; another epoch's model keeps all levels, raw). With the run's
+    ``cfg``, a missing or unreadable calibration.json that the config relies on (`needs_calibration`) is an error:
+    a training stopped after its last epoch but before calibrating leaves such a run."""
     if Path(model_path).resolve() != (Path(run) / "model.pt").resolve():
         return
     cal = saved_calibration(run)
     if cal is None:
+        need = needs_calibration(cfg or {})
+        if need:
+            state = "is unreadable" if (Path(run) / "calibration.json").exists() else "is missing"
+            raise BadInputError(f"the run's calibration.json {state}, and its config ({', '.join(need)}) needs it to "
+                                "score as trained: training writes it after the last epoch, so the run stopped "
+                                "before that or the file was removed", path=run,
+                                fix=f"`uninet-feat calibrate --run {run}` (re-scores the validation normals), or "
+                                    f"`uninet-feat train --out {run} --resume`")
         return
     model.cfg["map_levels"] = cal.get("map_levels") or None
     model.cfg["map_norm"] = cal.get("map_norm") or None
@@ -285,16 +302,18 @@ def validation_normals(cfg: dict) -> list:
     return train_val_samples(load_samples(cfg), cfg)[1]
 
 
-def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None):
+def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None,
+             calibrated: bool = True):
     """(model with the run's calibration applied, its checkpoint, its config with the data moved to ``data`` /
     ``split_csv`` when given): what every command that scores with a finished run starts from. ``model_path``:
-    another model file of the run than model.pt."""
+    another model file of the run than model.pt. ``calibrated=False`` (for `recalibrate`) accepts a run whose
+    config needs a calibration.json it lacks."""
     from .checkpoint import build_from_checkpoint
     from .runs import run_path
     path = Path(model_path) if model_path else run_path(run, "model.pt")
     model, ckpt = build_from_checkpoint(path)
-    apply_calibration(model, run, path)
     cfg = dict(ckpt["config"])
+    apply_calibration(model, run, path, cfg if calibrated else None)
     if data:
         cfg["data"], cfg["split_csv"] = data, split_csv
     return model, ckpt, cfg
@@ -310,7 +329,7 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     run's)."""
     from .runs import set_threads
     from .selection import parse_kinds
-    model, _, cfg = load_run(run, data, split_csv)
+    model, _, cfg = load_run(run, data, split_csv, calibrated=False)
     if synthetic_kinds is not None:
         cfg["synthetic_kinds"] = synthetic_kinds
     parse_kinds(cfg.get("synthetic_kinds"))   # bad values fail before any scoring
