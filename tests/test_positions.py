@@ -158,6 +158,9 @@ def test_a_run_missing_the_calibration_its_config_needs_is_refused_until_calibra
     assert json.loads((c / "calibration.json").read_text())["tile_offsets"] == \
         json.loads((r / "calibration.json").read_text())["tile_offsets"]
     assert {x["path"]: float(x["score"]) for x in evaluate(c, quiet=True)["_rows"]} == pytest.approx(want, abs=1e-6)
+    (c / "calibration.json").unlink()                                   # the other fix: resume the finished run
+    assert main(["train", "--out", str(c), "--resume", "--quiet"]) == 0
+    assert {x["path"]: float(x["score"]) for x in evaluate(c, quiet=True)["_rows"]} == pytest.approx(want, abs=1e-6)
 
 
 def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
