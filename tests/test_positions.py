@@ -163,6 +163,35 @@ def test_a_run_missing_the_calibration_its_config_needs_is_refused_until_calibra
     assert {x["path"]: float(x["score"]) for x in evaluate(c, quiet=True)["_rows"]} == pytest.approx(want, abs=1e-6)
 
 
+def test_a_calibration_of_another_model_pt_is_refused_until_recalibrated(run, tmp_path):
+    """calibration.json names the model.pt it was made for (sha256). A training resumed to more epochs writes a
+    new model.pt and then calibrates it; stopped in between, it would leave the old model's offsets, threshold and
+    pixel map beside the new model, which were applied silently before session 22."""
+    import shutil
+    from uninet_feat.checkpoint import save_checkpoint
+    data, r = run
+    c = tmp_path / "copy"
+    shutil.copytree(r, c)
+    model, ck = build_from_checkpoint(c / "model.pt")
+    with torch.no_grad():   # "the next epoch": other weights in model.pt, the old calibration.json beside it
+        for p in model.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint(c / "model.pt", model, dict(ck["config"]), epoch=ck["epoch"] + 1)
+    with pytest.raises(BadInputError, match="belongs to another model.pt") as e:
+        evaluate(c, quiet=True)
+    assert "uninet-feat calibrate --run" in str(e.value)
+    assert main(["calibrate", "--run", str(c), "--quiet"]) == 0
+    fresh = build_from_checkpoint(c / "model.pt")[0]
+    test = [s for s in load_samples(dict(ck["config"])) if s.split == "test"]
+    offsets = json.loads((c / "calibration.json").read_text())["tile_offsets"]["offsets"]
+    (table,) = offsets.values()
+    plain = _plain_tile_scores(fresh, test, dict(ck["config"]))   # the new model's own offsets are applied now
+    want = {p: max(v - table[f"{y},{x}"] for (y, x), v in t.items()) for p, t in plain.items()}
+    got = {x["path"]: float(x["score"]) for x in evaluate(c, quiet=True)["_rows"]}
+    assert got == pytest.approx(want, abs=1e-5)
+    assert offsets != json.loads((r / "calibration.json").read_text())["tile_offsets"]["offsets"]
+
+
 def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
     data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
     untiled = {**_cfg(data, tile_norm="position"), "tile": None}

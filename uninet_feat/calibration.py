@@ -80,6 +80,9 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
             near.save(Path(out) / NEIGHBOURS_FILE)
             offsets["file"] = NEIGHBOURS_FILE
         cal["tile_offsets"] = offsets
+    if (Path(out) / "model.pt").exists():   # which model.pt it belongs to: a later one makes it stale
+        from .featstore import file_sha256
+        cal["model_sha256"] = file_sha256(Path(out) / "model.pt")
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
     return cal
 
@@ -252,7 +255,8 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
     """Give ``model`` the run's calibrated pixel map (levels, range units) and tile offsets when ``model_path`` is
     its model.pt (they were chosen for that model; another epoch's model keeps all levels, raw). With the run's
     ``cfg``, a missing or unreadable calibration.json that the config relies on (`needs_calibration`) is an error:
-    a training stopped after its last epoch but before calibrating leaves such a run."""
+    a training stopped after its last epoch but before calibrating leaves such a run; so is one calibrated for
+    another model.pt (``model_sha256``: a resumed training stopped between its new model.pt and calibrating)."""
     if Path(model_path).resolve() != (Path(run) / "model.pt").resolve():
         return
     cal = saved_calibration(run)
@@ -266,6 +270,13 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
                                 fix=f"`uninet-feat calibrate --run {run}` (re-scores the validation normals), or "
                                     f"`uninet-feat train --out {run} --resume`")
         return
+    if cfg is not None and cal.get("model_sha256"):   # files written before session 22 do not say
+        from .featstore import file_sha256
+        if file_sha256(model_path) != cal["model_sha256"]:
+            raise BadInputError("the run's calibration.json belongs to another model.pt (its threshold, tile "
+                                "offsets and pixel map were chosen for that model): model.pt was replaced after "
+                                "calibrating, or a training that wrote a new one stopped before calibrating it",
+                                path=run, fix=f"`uninet-feat calibrate --run {run}`")
     model.cfg["map_levels"] = cal.get("map_levels") or None
     model.cfg["map_norm"] = cal.get("map_norm") or None
     rec = cal.get("tile_offsets") or {}
