@@ -35,6 +35,25 @@ def _pair(v):
 
 
 MAX_LISTED = 20  # an error about unreadable images names this many, then counts the rest
+SQUASH = 3.0     # an untiled image whose resize stretches one side this much more than the other is warned about
+
+
+def squash_note(samples, sizes: dict, image_size, tile) -> str | None:
+    """The warning for untiled images that resizing squashes (one side scaled ``SQUASH`` times more than the
+    other), or None. Why: a 4096×256 fabric strip resized to 256×256 is squashed 16× along its length, so a
+    defect a few pixels wide vanishes and the weave's texture changes; tiles keep the native resolution."""
+    if tile is not None or image_size is None or not sizes:
+        return None
+    th, tw = image_size
+    factor = {i: max((h / th) / (w / tw), (w / tw) / (h / th)) for i, (h, w) in sizes.items()}
+    odd = [i for i, f in factor.items() if f >= SQUASH]
+    if not odd:
+        return None
+    worst = max(odd, key=factor.get)
+    h, w = sizes[worst]
+    return (f"{len(odd)} of {len(sizes)} images are resized out of shape (e.g. {samples[worst].path}, {w}x{h} px, "
+            f"resized to {tw}x{th}: squashed {factor[worst]:.0f}x along its long side), so small defects can vanish. "
+            f"Fix: tile them at native resolution, e.g. --tile {min(h, w)} (4096x256 fabric strips: --tile 256)")
 
 
 def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
@@ -94,6 +113,9 @@ class ImageDataset(torch.utils.data.Dataset):
         # every image is checked up front (header + verify, no decode), with or without skip_bad
         self._sizes, self.skipped = check_samples(self.samples, min_side, skip_bad)
         self.kept = list(self._sizes)  # indices into `samples` actually served
+        note = squash_note(self.samples, self._sizes, self.image_size, self.tile)
+        if note:
+            warnings.warn(note)
 
     @property
     def tile_index(self) -> list[tuple[int, TileGrid, int]]:
