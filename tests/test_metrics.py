@@ -43,6 +43,70 @@ def test_image_metrics_match_sklearn_and_brute_force_f1():
     assert 0 < M.image_ap(labels, scores) <= 1
 
 
+@pytest.mark.parametrize("levels", [None, 4])
+def test_auroc_bootstrap_equals_sklearn_on_each_resample(levels):
+    """The vectorised bootstrap (dᵀCn over draw counts) against the plain loop: the same draws, each resample
+    built as index lists and scored by scikit-learn (ties included)."""
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(9, int), np.ones(14, int)]
+    scores = rng.normal(size=23) + labels
+    if levels:
+        scores = np.round(scores * levels) / levels
+    got = M.image_auroc_bootstrap(labels, scores, n_boot=200, seed=7)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    draw = np.random.default_rng(7)
+    d = draw.multinomial(14, np.full(14, 1 / 14), size=200)
+    n = draw.multinomial(9, np.full(9, 1 / 9), size=200)
+    want = [roc_auc_score(np.r_[np.zeros(9), np.ones(14)], np.r_[np.repeat(neg, n[b]), np.repeat(pos, d[b])])
+            for b in range(200)]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert got.std() > 0.02   # resamples of 23 images really move the figure
+
+
+def test_auroc_interval_contains_the_figure_narrows_with_data_and_repeats_by_seed():
+    rng = np.random.default_rng(0)
+    def sample(n0, n1):
+        labels = np.r_[np.zeros(n0, int), np.ones(n1, int)]
+        return labels, rng.normal(size=n0 + n1) + 1.2 * labels
+    small, large = sample(6, 7), sample(600, 700)   # AITEX-sized against magnetic-tile-sized and more
+    widths = []
+    for labels, scores in (small, large):
+        lo, hi = M.interval(M.image_auroc_bootstrap(labels, scores))
+        assert lo <= M.image_auroc(labels, scores) <= hi
+        widths.append(hi - lo)
+    assert widths[0] > 0.25 and widths[1] < 0.06
+    labels, scores = small
+    same = M.image_auroc_bootstrap(labels, scores, seed=1)
+    np.testing.assert_array_equal(same, M.image_auroc_bootstrap(labels, scores, seed=1))
+    assert not np.array_equal(same, M.image_auroc_bootstrap(labels, scores, seed=2))
+    assert M.interval(M.image_auroc_bootstrap([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="only normal"):
+        M.image_auroc_bootstrap([0, 0], [0.1, 0.2])
+
+
+def test_group_metrics_give_each_group_its_interval_and_the_mean_one_from_averaged_draws():
+    """The mean over groups (AITEX's four fabrics) gets the interval of the mean, narrower than the groups' own
+    on average: each group is resampled on its own seeded stream and the draws are averaged."""
+    from uninet_feat.evaluate import group_metrics
+    rng = np.random.default_rng(5)
+    groups = ["a"] * 13 + ["b"] * 18 + ["c"] * 37
+    labels = np.array([0] * 6 + [1] * 7 + [0] * 6 + [1] * 12 + [0] * 6 + [1] * 31)
+    scores = rng.normal(size=labels.size) + 1.5 * labels
+    out = group_metrics(groups, labels, scores, {}, False)
+    draws = []
+    for k, g in enumerate("abc"):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        draws.append(M.image_auroc_bootstrap(labels[idx], scores[idx], seed=[0, k + 1]))
+        assert out["per_group"][g]["image_auroc"] == M.image_auroc(labels[idx], scores[idx])
+        assert out["per_group"][g]["image_auroc_interval"] == M.interval(draws[-1])
+    assert out["mean_image_auroc"] == pytest.approx(np.mean([out["per_group"][g]["image_auroc"] for g in "abc"]))
+    assert out["mean_image_auroc_interval"] == M.interval(np.mean(draws, axis=0))
+    width = lambda v: v[1] - v[0]  # noqa: E731
+    assert width(out["mean_image_auroc_interval"]) < np.mean([width(out["per_group"][g]["image_auroc_interval"])
+                                                              for g in "abc"])
+    assert group_metrics(["a"] * len(labels), labels, scores, {}, False) == {}
+
+
 def test_image_errors_single_class_and_nan():
     with pytest.raises(ValueError, match="only normal"):
         M.image_auroc([0, 0, 0], [0.1, 0.2, 0.3])

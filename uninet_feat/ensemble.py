@@ -144,7 +144,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
     images have masks), its recall and false-positive rate at its default threshold, and each run's own image
     AUROC."""
-    from .evaluate import _at_threshold, _metrics, _subset_metrics, print_report
+    from .evaluate import _at_threshold, _metrics, group_metrics, print_report
     from . import metrics
     from .runs import load_test_samples
     runs = [str(r) for r in runs]
@@ -178,10 +178,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
               "at_threshold": _at_threshold(labels, scores > thr),
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
                                       for r, s in zip(runs, raw)}}
-    groups = sorted({x.group for x in samples})
-    if len(groups) > 1:
-        report["per_group"] = {g: _subset_metrics([j for j, x in enumerate(samples) if x.group == g], labels,
-                                                  scores, {}, False) for g in groups}
+    report.update(group_metrics([x.group for x in samples], labels, scores, {}, False))
     rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.6g}",
              "flagged": int(s > thr), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(raw)}}
             for j, (x, y, s) in enumerate(zip(samples, labels, scores))]

@@ -152,13 +152,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if "selection" in ckpt:
         report["selection"] = ckpt["selection"]
     report.update(_metrics(labels, scores, res, has_masks))
-    groups = sorted({s.group for s in test})
-    if len(groups) > 1:
-        per = {}
-        for g in groups:
-            per[g] = _subset_metrics([i for i, s in enumerate(test) if s.group == g], labels, scores, res, has_masks)
-        report["per_group"] = per
-        report["mean_image_auroc"] = float(np.mean([v["image_auroc"] for v in per.values()]))
+    report.update(group_metrics([s.group for s in test], labels, scores, res, has_masks))
     defect_labels = sorted({s.label for s in test if not s.is_normal})
     if len(defect_labels) > 1 and (labels == 0).any():
         report["per_label"] = per_label_metrics(test, labels, scores, res, has_masks, defect_labels)
@@ -287,12 +281,13 @@ def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
                                                  "or --run the folder this checkpoint came from")
 
 
-def _metrics(labels, scores, res, has_masks) -> dict:
+def _metrics(labels, scores, res, has_masks, seed=0) -> dict:
     out = {}
     if labels.min() == labels.max():
         warnings.warn("test set has only one class; image metrics skipped")
         return out
     out["image_auroc"] = metrics.image_auroc(labels, scores)
+    out["image_auroc_interval"] = metrics.interval(metrics.image_auroc_bootstrap(labels, scores, seed=seed))
     out["image_ap"] = metrics.image_ap(labels, scores)
     out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
     if has_masks and res.get("maps") is not None:
@@ -305,10 +300,29 @@ def _metrics(labels, scores, res, has_masks) -> dict:
     return out
 
 
-def _subset_metrics(idx, labels, scores, res, has_masks) -> dict:
+def _subset_metrics(idx, labels, scores, res, has_masks, seed=0) -> dict:
     """``_metrics`` on the images ``idx`` only (maps and masks may be lists or stacked arrays)."""
     pick = lambda key: [res[key][i] for i in idx] if res.get(key) is not None else None  # noqa: E731
-    return _metrics(labels[idx], scores[idx], {k: pick(k) for k in ("maps", "masks", "pixel_ok")}, has_masks)
+    return _metrics(labels[idx], scores[idx], {k: pick(k) for k in ("maps", "masks", "pixel_ok")}, has_masks, seed)
+
+
+def group_metrics(groups, labels, scores, res, has_masks) -> dict:
+    """``per_group`` metrics and their ``mean_image_auroc`` when the images (``groups``: each one's) come from more
+    than one group, else {}. The mean's interval comes from the groups' bootstrap draws averaged, each group
+    resampled on its own stream (seed [0, k + 1]), so it is the spread of the mean itself."""
+    names = sorted(set(groups))
+    if len(names) < 2:
+        return {}
+    idx = {g: [i for i, x in enumerate(groups) if x == g] for g in names}
+    per = {g: _subset_metrics(idx[g], labels, scores, res, has_masks, seed=[0, k + 1]) for k, g in enumerate(names)}
+    out = {"per_group": per}
+    scored = [g for g in names if "image_auroc" in per[g]]
+    if scored:
+        out["mean_image_auroc"] = float(np.mean([per[g]["image_auroc"] for g in scored]))
+        draws = [metrics.image_auroc_bootstrap(labels[idx[g]], scores[idx[g]], seed=[0, names.index(g) + 1])
+                 for g in scored]
+        out["mean_image_auroc_interval"] = metrics.interval(np.mean(draws, axis=0))
+    return out
 
 
 def per_label_metrics(test, labels, scores, res, has_masks, defect_labels) -> dict:
@@ -338,14 +352,20 @@ def print_report(report: dict) -> None:
         epoch += f" (chosen on synthetic validation, of {sel.get('epochs_trained', '?')} trained)"
     table = Table(title=f"uninet-feat evaluation{epoch}")
     table.add_column("scope")
-    keys = ["image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max"]
+    keys = ["image_auroc", "image_auroc_interval", "pixel_auroc", "aupro", "image_ap", "f1_max"]
     for k in keys:
-        table.add_column(k)
+        table.add_column("95 % interval" if k == "image_auroc_interval" else k)
     rows = [("all", report)] + list(report.get("per_group", {}).items())
     rows += [(f"label {k}", v) for k, v in report.get("per_label", {}).items()]
+    show = lambda v: f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
     for name, r in rows:
-        table.add_row(name, *[f"{r[k]:.4f}" if k in r else "-" for k in keys])
+        table.add_row(name, *[show(r[k]) if k in r else "-" for k in keys])
     Console().print(table)
+    if "mean_image_auroc" in report:
+        lo, hi = report.get("mean_image_auroc_interval") or (float("nan"),) * 2
+        Console().print(f"mean image AUROC over groups {report['mean_image_auroc']:.4f} (95 % interval {lo:.3f}-{hi:.3f})")
+    if "image_auroc_interval" in report:
+        Console().print(f"intervals: {metrics.INTERVAL_RULE}")
     sc = report.get("scorers") or {}
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name in ("knn", "combined"):

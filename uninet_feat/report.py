@@ -31,6 +31,7 @@ from .io import atomic_write_text
 
 _METRIC_NAMES = [
     ("image_auroc", "Image AUROC"),
+    ("image_auroc_interval", "Image AUROC, 95 % interval"),
     ("pixel_auroc", "Pixel AUROC"),
     ("aupro", "AUPRO (FPR ≤ 0.3)"),
     ("image_ap", "Image AP"),
@@ -38,8 +39,9 @@ _METRIC_NAMES = [
     ("f1_max", "Image F1-max"),
     ("f1", "F1"),
     ("mean_image_auroc", "Mean image AUROC over groups"),
+    ("mean_image_auroc_interval", "Mean image AUROC, 95 % interval"),
 ]
-_GROUP_KEYS = ["image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max"]
+_GROUP_KEYS = ["image_auroc", "image_auroc_interval", "pixel_auroc", "aupro", "image_ap", "f1_max"]
 _SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect"}
 
 TOP_K = 8
@@ -49,6 +51,8 @@ TOP_K = 8
 def _fmt(v, digits: int = 4) -> str:
     if v is None:
         return "—"
+    if isinstance(v, (list, tuple)) and len(v) == 2:   # an interval
+        return f"{_fmt(v[0], 3)} – {_fmt(v[1], 3)}"
     if isinstance(v, (bool, np.bool_)):
         return "yes" if v else "no"
     if isinstance(v, (int, np.integer)):
