@@ -76,8 +76,9 @@ def test_evaluate_reports_pixel_metrics(trained, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["image_auroc"] == rep["image_auroc"]
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 9
     from uninet_feat import metrics   # the figure's spread over test sets like this one: 4 normals, 4 defects
-    y = np.array([1 if s.strip().split(",")[3] == "1" else 0 for s in (tmp_path / "s.csv").read_text().splitlines()[1:]])
-    sc = np.array([float(s.strip().split(",")[4]) for s in (tmp_path / "s.csv").read_text().splitlines()[1:]])
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    y, sc = np.array([int(r["is_defect"]) for r in rows]), np.array([float(r["score"]) for r in rows])
     assert rep["image_auroc_interval"] == metrics.interval(metrics.image_auroc_bootstrap(y, sc))
     lo, hi = rep["image_auroc_interval"]
     assert lo <= rep["image_auroc"] <= hi and "95 % interval" in html

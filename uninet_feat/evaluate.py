@@ -363,7 +363,8 @@ def print_report(report: dict) -> None:
     Console().print(table)
     if "mean_image_auroc" in report:
         lo, hi = report.get("mean_image_auroc_interval") or (float("nan"),) * 2
-        Console().print(f"mean image AUROC over groups {report['mean_image_auroc']:.4f} (95 % interval {lo:.3f}-{hi:.3f})")
+        Console().print(f"mean image AUROC over groups {report['mean_image_auroc']:.4f} "
+                        f"(95 % interval {lo:.3f}-{hi:.3f})")
     if "image_auroc_interval" in report:
         Console().print(f"intervals: {metrics.INTERVAL_RULE}")
     sc = report.get("scorers") or {}
