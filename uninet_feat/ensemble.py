@@ -144,7 +144,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
     images have masks), its recall and false-positive rate at its default threshold, and each run's own image
     AUROC."""
-    from .evaluate import _at_threshold, _metrics, group_metrics, print_report
+    from .evaluate import _at_threshold, _metrics, group_metrics, print_report, report_console
     from . import metrics
     from .runs import load_test_samples
     runs = [str(r) for r in runs]
@@ -187,8 +187,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     if json_path:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if not quiet:
-        from rich.console import Console
         print_report({**report, "epoch": None})
-        Console().print(f"ensemble of {len(runs)} runs; each run alone, image AUROC: " + ", ".join(
+        report_console().print(f"ensemble of {len(runs)} runs; each run alone, image AUROC: " + ", ".join(
             f"{r} {v:.4f}" if v is not None else f"{r} -" for r, v in report["per_run_image_auroc"].items()))
     return report

@@ -345,7 +345,15 @@ def per_label_metrics(test, labels, scores, res, has_masks, defect_labels) -> di
     return per
 
 
+def report_console() -> Console:
+    """The console the metrics table is printed on: the terminal's width, or 160 columns when the output is a log
+    file or a pipe (rich's 80 there cut the table's numbers to "0.974-0.…")."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def print_report(report: dict) -> None:
+    console = report_console()
     sel = report.get("selection")
     epoch = f", model of epoch {report['epoch']}" if report.get("epoch") else ""
     if sel:
@@ -360,26 +368,26 @@ def print_report(report: dict) -> None:
     show = lambda v: f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
     for name, r in rows:
         table.add_row(name, *[show(r[k]) if k in r else "-" for k in keys])
-    Console().print(table)
+    console.print(table)
     if "mean_image_auroc" in report:
         lo, hi = report.get("mean_image_auroc_interval") or (float("nan"),) * 2
-        Console().print(f"mean image AUROC over groups {report['mean_image_auroc']:.4f} "
+        console.print(f"mean image AUROC over groups {report['mean_image_auroc']:.4f} "
                         f"(95 % interval {lo:.3f}-{hi:.3f})")
     if "image_auroc_interval" in report:
-        Console().print(f"intervals: {metrics.INTERVAL_RULE}")
+        console.print(f"intervals: {metrics.INTERVAL_RULE}")
     sc = report.get("scorers") or {}
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name in ("knn", "combined"):
         if "image_auroc" in sc.get(name, {}):
             at = sc[name].get("at_threshold")
-            Console().print(f"{name} ({sc['knn_features']} features): " + ", ".join(
+            console.print(f"{name} ({sc['knn_features']} features): " + ", ".join(
                 f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max")
                 if k in sc[name]) + (f"; at its threshold {sc[name]['threshold']:.4g}: defect recall "
                                      f"{fmt(at['recall_defect'])}, false-positive rate "
                                      f"{fmt(at['false_positive_rate'])}" if at else ""))
     if report.get("pixel_metrics_without"):
-        Console().print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
+        console.print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
     at = report.get("at_threshold")
     if at:
-        Console().print(f"threshold {report['threshold']:.6g} ({report['threshold_rule']}): defect recall "
+        console.print(f"threshold {report['threshold']:.6g} ({report['threshold_rule']}): defect recall "
                         f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")
