@@ -40,6 +40,23 @@ def test_multiclass_cv_beats_chance(multiclass):
     assert set(res.head.predict(x)) <= set(res.classes)
 
 
+def test_accuracy_interval_is_wilsons_and_reported_out_of_fold(multiclass):
+    """The out-of-fold accuracy comes with its Wilson 95 % interval (by the textbook formula here), which
+    contains it and narrows as rows grow: 28 of 56 right (AITEX's defect types) spans about 0.37-0.63."""
+    from uninet_feat.downstream.head import accuracy_interval
+    x, y, res = multiclass
+    right = int(round(res.oof["accuracy"] * len(y)))
+    z, n, p = 1.959963984540054, len(y), right / len(y)
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert res.oof["accuracy_interval"] == pytest.approx([mid - half, mid + half], abs=1e-9)
+    lo, hi = res.oof["accuracy_interval"]
+    assert lo < res.oof["accuracy"] < hi and all(len(f["accuracy_interval"]) == 2 for f in res.folds)
+    lo, hi = accuracy_interval(28, 56)
+    assert 0.36 < lo < 0.38 and 0.62 < hi < 0.64
+    assert np.diff(accuracy_interval(280, 560))[0] < 0.4 * np.diff(accuracy_interval(28, 56))[0]
+
+
 def test_save_load_identical(multiclass, tmp_path):
     x, _, res = multiclass
     res.head.save(tmp_path / "head")
