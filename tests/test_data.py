@@ -309,8 +309,11 @@ def test_dataset_whole_images(tmp_path, write_image):
 
 def test_untiled_elongated_images_are_warned_about_with_the_tile_to_use(tmp_path, write_image):
     """A 4096x256 strip resized whole to the square input is squashed 16x; the warning names the file, the
-    factor and the tile size that keeps native resolution. Tiled, square or mildly oblong sets say nothing."""
+    factor and the tile size that keeps native resolution, once per process for images of that size and input
+    size (training and validation sets). Tiled, square or mildly oblong sets say nothing."""
     import warnings
+    from uninet_feat.data import dataset
+    dataset._SQUASH_WARNED.clear()
     strip = write_image("good/strip.png", size=(16, 256))        # (h, w): 16:1, like an AITEX strip
     write_image("good/oblong.png", size=(20, 40))                 # 2:1, as magnetic tiles are at most
     s = discover(tmp_path)
@@ -318,6 +321,7 @@ def test_untiled_elongated_images_are_warned_about_with_the_tile_to_use(tmp_path
         ImageDataset(s, image_size=16)
     (msg,) = [str(w.message) for w in rec if "out of shape" in str(w.message)]
     assert "1 of 2 images" in msg and str(strip) in msg and "squashed 16x" in msg and "--tile 16" in msg
+    assert not _warned(lambda: ImageDataset(s[:1] if s[0].path == strip else s[1:], image_size=16))   # said once
     assert "squashed 4x" in next(str(w.message) for w in _warned(lambda: ImageDataset(s, image_size=(16, 64))))
     for quiet in (lambda: ImageDataset(s, image_size=16, tile=16),       # tiled: native resolution
                   lambda: ImageDataset([x for x in s if x.path == strip], image_size=(8, 128)),   # its own shape

@@ -38,10 +38,15 @@ MAX_LISTED = 20  # an error about unreadable images names this many, then counts
 SQUASH = 3.0     # an untiled image whose resize stretches one side this much more than the other is warned about
 
 
-def squash_note(samples, sizes: dict, image_size, tile) -> str | None:
-    """The warning for untiled images that resizing squashes (one side scaled ``SQUASH`` times more than the
-    other), or None. Why: a 4096×256 fabric strip resized to 256×256 is squashed 16× along its length, so a
-    defect a few pixels wide vanishes and the weave's texture changes; tiles keep the native resolution."""
+_SQUASH_WARNED: set = set()   # (image size, input size) pairs already warned about in this process
+
+
+def squash_note(samples, sizes: dict, image_size, tile) -> tuple[str, tuple] | None:
+    """(the warning, its key) for untiled images that resizing squashes (one side scaled ``SQUASH`` times more than
+    the other), or None. Why: a 4096×256 fabric strip resized to 256×256 is squashed 16× along its length, so a
+    defect a few pixels wide vanishes and the weave's texture changes; tiles keep the native resolution. The key
+    (the example's size and the input size) lets a command that builds several datasets of such images (training
+    and validation) say it once."""
     if tile is not None or image_size is None or not sizes:
         return None
     th, tw = image_size
@@ -53,7 +58,7 @@ def squash_note(samples, sizes: dict, image_size, tile) -> str | None:
     h, w = sizes[worst]
     return (f"{len(odd)} of {len(sizes)} images are resized out of shape (e.g. {samples[worst].path}, {w}x{h} px, "
             f"resized to {tw}x{th}: squashed {factor[worst]:.0f}x along its long side), so small defects can vanish. "
-            f"Fix: tile them at native resolution, e.g. --tile {min(h, w)} (4096x256 fabric strips: --tile 256)")
+            f"Fix: tile them at native resolution, e.g. --tile {min(h, w)}"), ((h, w), (th, tw))
 
 
 def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
@@ -114,8 +119,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self._sizes, self.skipped = check_samples(self.samples, min_side, skip_bad)
         self.kept = list(self._sizes)  # indices into `samples` actually served
         note = squash_note(self.samples, self._sizes, self.image_size, self.tile)
-        if note:
-            warnings.warn(note)
+        if note and note[1] not in _SQUASH_WARNED:
+            _SQUASH_WARNED.add(note[1])
+            warnings.warn(note[0])
 
     @property
     def tile_index(self) -> list[tuple[int, TileGrid, int]]:
