@@ -45,22 +45,24 @@ def test_image_metrics_match_sklearn_and_brute_force_f1():
 
 @pytest.mark.parametrize("levels", [None, 4])
 def test_auroc_bootstrap_equals_sklearn_on_each_resample(levels):
-    """The vectorised bootstrap (dᵀCn over draw counts) against the plain loop: the same draws, each resample
-    built as index lists and scored by scikit-learn (ties included)."""
+    """Each resample's AUROC from draw counts against the plain way: the resample built as lists of images and
+    scored by scikit-learn (ties included), over blocks of the counts the bootstrap draws."""
     rng = np.random.default_rng(3)
     labels = np.r_[np.zeros(9, int), np.ones(14, int)]
     scores = rng.normal(size=23) + labels
     if levels:
         scores = np.round(scores * levels) / levels
-    got = M.image_auroc_bootstrap(labels, scores, n_boot=200, seed=7)
     pos, neg = scores[labels == 1], scores[labels == 0]
-    draw = np.random.default_rng(7)
-    d = draw.multinomial(14, np.full(14, 1 / 14), size=200)
-    n = draw.multinomial(9, np.full(9, 1 / 9), size=200)
-    want = [roc_auc_score(np.r_[np.zeros(9), np.ones(14)], np.r_[np.repeat(neg, n[b]), np.repeat(pos, d[b])])
-            for b in range(200)]
-    np.testing.assert_allclose(got, want, atol=1e-12)
-    assert got.std() > 0.02   # resamples of 23 images really move the figure
+    got, want = [], []
+    for d, n in M.bootstrap_counts(14, 9, 200, seed=7, chunk=64):
+        assert d.shape[1] == 14 and n.shape[1] == 9 and (d.sum(1) == 14).all() and (n.sum(1) == 9).all()
+        got.append(M.auroc_of_counts(pos, neg, d, n))
+        want += [roc_auc_score(np.r_[np.zeros(9), np.ones(14)], np.r_[np.repeat(neg, n[b]), np.repeat(pos, d[b])])
+                 for b in range(len(d))]
+    np.testing.assert_allclose(np.concatenate(got), want, atol=1e-12)
+    boot = M.image_auroc_bootstrap(labels, scores, n_boot=200, seed=7)
+    assert boot.shape == (200,) and boot.std() > 0.02   # resamples of 23 images really move the figure
+    np.testing.assert_allclose(boot[:64], np.asarray(want[:64]), atol=1e-12)   # the same first block
 
 
 def test_auroc_interval_contains_the_figure_narrows_with_data_and_repeats_by_seed():

@@ -372,7 +372,7 @@ def print_report(report: dict) -> None:
     if "mean_image_auroc" in report:
         lo, hi = report.get("mean_image_auroc_interval") or (float("nan"),) * 2
         console.print(f"mean image AUROC over groups {report['mean_image_auroc']:.4f} "
-                        f"(95 % interval {lo:.3f}-{hi:.3f})")
+                      f"(95 % interval {lo:.3f}-{hi:.3f})")
     if "image_auroc_interval" in report:
         console.print(f"intervals: {metrics.INTERVAL_RULE}")
     sc = report.get("scorers") or {}
@@ -390,4 +390,4 @@ def print_report(report: dict) -> None:
     at = report.get("at_threshold")
     if at:
         console.print(f"threshold {report['threshold']:.6g} ({report['threshold_rule']}): defect recall "
-                        f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")
+                      f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")
