@@ -109,6 +109,38 @@ def test_group_metrics_give_each_group_its_interval_and_the_mean_one_from_averag
     assert group_metrics(["a"] * len(labels), labels, scores, {}, False) == {}
 
 
+@pytest.mark.parametrize("levels", [None, 6])
+def test_binned_pixel_figures_equal_the_exact_metrics_of_the_resampled_images(levels):
+    """Weights are draw counts: the binned figures of weights w equal the exact pixel AUROC and AUPRO of the
+    image list with image i repeated w[i] times (to binning, < 0.005), for the sample itself too; images of
+    different sizes, regions touching the border, ties."""
+    masks, maps = blobs(4, n=10, size=40, empty=(1, 6), levels=levels)
+    masks, maps = list(masks), list(maps)
+    masks[3], maps[3] = masks[3][:, :25], maps[3][:, :25]          # another size
+    h = M.pixel_histograms(masks, maps)
+    w = np.array([np.ones(10), [2, 0, 1, 3, 0, 1, 1, 0, 2, 0], [0, 1, 0, 0, 4, 1, 0, 2, 1, 1]])
+    auroc, apro = M.binned_pixel_figures(w, h)
+    for row, a, p in zip(w.astype(int), auroc, apro):
+        rep_m = [m for m, k in zip(masks, row) for _ in range(k)]
+        rep_a = [x for x, k in zip(maps, row) for _ in range(k)]
+        assert a == pytest.approx(M.pixel_auroc(rep_m, rep_a), abs=5e-3)
+        assert p == pytest.approx(M.aupro(rep_m, rep_a), abs=5e-3)
+    assert len(set(np.round(auroc, 6))) == 3   # the resamples really differ
+
+
+def test_pixel_bootstrap_keeps_defect_images_repeats_by_seed_and_brackets_the_figure():
+    masks, maps = blobs(2, n=16, size=32, empty=(0, 3, 9))
+    masks, maps = list(masks), list(maps)
+    d = M.pixel_bootstrap(masks, maps, n_boot=300, seed=4, chunk=128)
+    assert d["pixel_auroc"].shape == d["aupro"].shape == (300,)
+    for key, exact in (("pixel_auroc", M.pixel_auroc(masks, maps)), ("aupro", M.aupro(masks, maps))):
+        lo, hi = M.interval(d[key])
+        assert lo < exact < hi and hi - lo > 0.01
+    again = M.pixel_bootstrap(masks, maps, n_boot=300, seed=4)   # other blocks, same draws
+    np.testing.assert_allclose(again["pixel_auroc"], d["pixel_auroc"], atol=1e-12)
+    assert not np.allclose(M.pixel_bootstrap(masks, maps, n_boot=300, seed=5)["aupro"], d["aupro"])
+
+
 def test_image_errors_single_class_and_nan():
     with pytest.raises(ValueError, match="only normal"):
         M.image_auroc([0, 0, 0], [0.1, 0.2, 0.3])

@@ -18,10 +18,12 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from .errors import BadInputError
 
 __all__ = ["image_auroc", "image_auroc_bootstrap", "interval", "image_ap", "f1_max", "pixel_auroc", "aupro",
-           "aupro_reference", "evaluate_maps"]
+           "aupro_reference", "pixel_bootstrap", "evaluate_maps"]
 
 N_BOOT = 2000       # bootstrap resamples behind an interval
 LEVEL = 0.95
+PIXEL_INTERVAL_RULE = ("percentile interval of 1000 bootstrap resamples of the test images (with and without "
+                       "defect pixels each drawn with replacement; seeded), scored on 4096 score bins")
 INTERVAL_RULE = (f"{LEVEL:.0%} percentile interval of {N_BOOT} stratified bootstrap resamples of the test images "
                  "(normals and defects each drawn with replacement, their counts kept; seeded)")
 
@@ -271,6 +273,78 @@ def aupro_reference(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | N
         x.append(fpr_limit)
         y.append(y0 + (fpr_limit - x0) / (x1 - x0) * (y1 - y0))
     return float(np.trapezoid(y, x) / fpr_limit)
+
+
+def pixel_bootstrap(masks, maps, n_boot: int = 1000, seed=0, bins: int = 4096, fpr_limit: float = 0.3,
+                    chunk: int = 250) -> dict:
+    """{"pixel_auroc": draws, "aupro": draws} over ``n_boot`` bootstrap resamples of the test *images* (those with
+    defect pixels and those without each drawn with replacement, their counts kept): how far the pooled pixel
+    figures could move with other test images like these. Pixels of one image are not independent, so images,
+    not pixels, are resampled.
+
+    Why binned: each resample would otherwise re-sort 10^7-10^8 pixels. Every pixel is put once in one of
+    ``bins`` score bins (edges at quantiles of a fixed sample of all pixels, so the bins are fine where the
+    scores are dense); each image keeps its normal- and defect-pixel counts per bin and each defect region its
+    share per bin (`pixel_histograms`), and a resample's figures are count-weighted sums of those
+    (`binned_pixel_figures`). Thresholds then sit at bin edges: on the sample itself the binned figures differ
+    from the exact ones by under 0.005 (tested)."""
+    h = pixel_histograms(masks, maps, bins, seed)
+    has_defect = h["pos"].sum(1) > 0
+    groups = [np.flatnonzero(has_defect), np.flatnonzero(~has_defect)]
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)[1:]]   # a stream per group
+    aurocs, apros = [], []
+    for start in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - start)
+        w = np.zeros((k, len(has_defect)))
+        for g, rng in zip(groups, rngs):
+            if g.size:
+                w[:, g] = rng.multinomial(g.size, np.full(g.size, 1 / g.size), size=k)
+        a, p = binned_pixel_figures(w, h, fpr_limit)
+        aurocs.append(a)
+        apros.append(p)
+    return {"pixel_auroc": np.concatenate(aurocs), "aupro": np.concatenate(apros)}
+
+
+def pixel_histograms(masks, maps, bins: int = 4096, seed=0) -> dict:
+    """Per image the counts of normal ("neg") and defect ("pos") pixels in each score bin, per defect region
+    (8-connected, as `aupro`) its share at or above each bin ("tail") and its image ("owner")."""
+    per_image, _, _ = _pixel_inputs(masks, maps)
+    maps = [_finite("maps", a) for a in maps]
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[0])
+    allv = np.concatenate([np.asarray(a, np.float64).ravel() for a in maps])
+    sample = allv if allv.size <= 1 << 21 else allv[rng.choice(allv.size, 1 << 21, replace=False)]
+    edges = np.unique(np.quantile(sample, np.linspace(0, 1, bins + 1)[1:-1]))
+    nb = edges.size + 1
+    neg, pos, tail, owner = [], [], [], []
+    for i, (m, a) in enumerate(zip(per_image, maps)):
+        b = np.searchsorted(edges, np.asarray(a, np.float64).ravel(), "right")
+        flat = m.ravel()
+        neg.append(np.bincount(b[~flat], minlength=nb))
+        pos.append(np.bincount(b[flat], minlength=nb))
+        lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=int))
+        lab = lab.ravel()
+        for r in range(1, n + 1):
+            c = np.bincount(b[lab == r], minlength=nb)
+            tail.append(np.cumsum(c[::-1])[::-1] / c.sum())
+            owner.append(i)
+    return {"neg": np.array(neg, np.float64), "pos": np.array(pos, np.float64),
+            "tail": np.array(tail).reshape(-1, nb), "owner": np.array(owner, dtype=int)}
+
+
+def binned_pixel_figures(w, h: dict, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel AUROC, AUPRO) of each row of image weights ``w`` (k, images) from `pixel_histograms` ``h``."""
+    neg, pos = w @ h["neg"], w @ h["pos"]
+    fpr = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1] / neg.sum(1, keepdims=True)   # normals at or above each bin
+    wr = w[:, h["owner"]]
+    pro = (wr @ h["tail"]) / wr.sum(1, keepdims=True)
+    apro = [min(1.0, max(0.0, _area_to(f[::-1], p[::-1], fpr_limit))) for f, p in zip(fpr, pro)]
+    return _binned_auroc(neg, pos), np.array(apro)
+
+
+def _binned_auroc(neg, pos) -> np.ndarray:
+    """AUROC of binned counts (B, bins): defect pixels above every normal of lower bins, ½ against their own."""
+    below = np.cumsum(neg, axis=1) - neg
+    return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
 
 
 # ----------------------------------------------------------------------------- all at once
