@@ -78,7 +78,7 @@ def main(argv=None):
         res = {}
         for name, X in (("adapted", Xa), ("plain", Xp)):
             r = train_head(X[idx], y, task="binary" if task == "binary" else "multiclass", cv=folds, seed=0)
-            res[name] = {k: r.oof.get(k) for k in ("accuracy", "macro_f1", "auroc") if k in r.oof}
+            res[name] = {k: r.oof.get(k) for k in ("accuracy", "accuracy_interval", "macro_f1", "auroc") if k in r.oof}
             if a.baselines:
                 res[name].update(_baselines(X[idx], y, folds))
         out[task] = {"n_rows": len(y), "n_classes": len(set(y)), "n_splits": n_splits, **res}
@@ -97,12 +97,15 @@ def _baselines(X, y, folds) -> dict:
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from uninet_feat.downstream.head import accuracy_interval
     models = {"logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight="balanced")),
               "nn1_cosine": KNeighborsClassifier(1, metric="cosine")}
     out = {}
     for name, m in models.items():
         pred = cross_val_predict(m, X, y, cv=folds)
         out[name] = {"accuracy": float(accuracy_score(y, pred)),
+                     "accuracy_interval": accuracy_interval(int(np.sum(pred == y)), len(y)),
                      "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
     return out
 
