@@ -201,7 +201,10 @@ def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
         train({**untiled, "tile_norm": "neighbours"}, tmp_path / "a", quiet=True)
     with pytest.raises(BadInputError, match="tile_norm must be one of none, position, neighbours"):
         train(_cfg(data, tile_norm="edge"), tmp_path / "b", quiet=True)
-    assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()
+    with pytest.raises(BadInputError, match="val_fraction leaves none") as e:   # no calibration.json could hold them
+        train(_cfg(data, tile_norm="position", val_fraction=0), tmp_path / "c", quiet=True)
+    assert "tile_norm: none" in str(e.value)
+    assert not any((tmp_path / x / "checkpoint.pt").exists() for x in "abc")
 
 
 def test_offsets_are_per_group_and_an_unknown_group_is_named(run):

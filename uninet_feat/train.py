@@ -82,6 +82,11 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
                             "leaves none", path=cfg.get("split_csv") or cfg.get("data"),
                             fix="set val_fraction > 0, or map_levels: all and map_norm: none")
+    if cfg.get("tile_norm", "none") != "none" and not val:   # its offsets go into calibration.json, written with them
+        raise BadInputError(f"tile_norm: {cfg['tile_norm']} is calibrated after the last epoch together with the "
+                            "threshold on the validation normals, but val_fraction leaves none",
+                            path=cfg.get("split_csv") or cfg.get("data"),
+                            fix="set val_fraction > 0, or tile_norm: none")
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
