@@ -22,10 +22,10 @@ __all__ = ["image_auroc", "image_auroc_bootstrap", "interval", "image_ap", "f1_m
 
 N_BOOT = 2000       # bootstrap resamples behind an interval
 LEVEL = 0.95
-PIXEL_INTERVAL_RULE = ("percentile interval of 1000 bootstrap resamples of the test images (with and without "
-                       "defect pixels each drawn with replacement; seeded), scored on 4096 score bins")
 INTERVAL_RULE = (f"{LEVEL:.0%} percentile interval of {N_BOOT} stratified bootstrap resamples of the test images "
                  "(normals and defects each drawn with replacement, their counts kept; seeded)")
+PIXEL_INTERVAL_RULE = (f"{LEVEL:.0%} percentile interval of 1000 bootstrap resamples of the test images (those with "
+                       "and without defect pixels each drawn with replacement; seeded), scored on 4096 score bins")
 
 
 # ----------------------------------------------------------------------------- input checks

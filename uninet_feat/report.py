@@ -43,7 +43,8 @@ _METRIC_NAMES = [
     ("mean_image_auroc", "Mean image AUROC over groups"),
     ("mean_image_auroc_interval", "Mean image AUROC, 95 % interval"),
 ]
-_GROUP_KEYS = ["image_auroc", "image_auroc_interval", "pixel_auroc", "aupro", "image_ap", "f1_max"]
+_GROUP_KEYS = ["image_auroc", "image_auroc_interval", "pixel_auroc", "pixel_auroc_interval", "aupro", "aupro_interval",
+               "image_ap", "f1_max"]
 _SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect"}
 
 TOP_K = 8
