@@ -308,27 +308,24 @@ def pixel_bootstrap(masks, maps, n_boot: int = 1000, seed=0, bins: int = 4096, f
 def pixel_histograms(masks, maps, bins: int = 4096, seed=0) -> dict:
     """Per image the counts of normal ("neg") and defect ("pos") pixels in each score bin, per defect region
     (8-connected, as `aupro`) its share at or above each bin ("tail") and its image ("owner")."""
-    per_image, _, _ = _pixel_inputs(masks, maps)
-    maps = [_finite("maps", a) for a in maps]
+    per_image, _, flat = _pixel_inputs(masks, maps)   # validated; ``flat``: every pixel's score, once
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[0])
-    allv = np.concatenate([np.asarray(a, np.float64).ravel() for a in maps])
-    sample = allv if allv.size <= 1 << 21 else allv[rng.choice(allv.size, 1 << 21, replace=False)]
-    edges = np.unique(np.quantile(sample, np.linspace(0, 1, bins + 1)[1:-1]))
+    sample = flat if flat.size <= 1 << 21 else flat[rng.choice(flat.size, 1 << 21, replace=False)]
+    edges = np.unique(np.quantile(sample.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1]))
     nb = edges.size + 1
     neg, pos, tail, owner = [], [], [], []
     for i, (m, a) in enumerate(zip(per_image, maps)):
         b = np.searchsorted(edges, np.asarray(a, np.float64).ravel(), "right")
-        flat = m.ravel()
-        neg.append(np.bincount(b[~flat], minlength=nb))
-        pos.append(np.bincount(b[flat], minlength=nb))
-        lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=int))
-        lab = lab.ravel()
-        for r in range(1, n + 1):
-            c = np.bincount(b[lab == r], minlength=nb)
-            tail.append(np.cumsum(c[::-1])[::-1] / c.sum())
-            owner.append(i)
+        m = np.asarray(m).ravel()
+        neg.append(np.bincount(b[~m], minlength=nb))
+        pos.append(np.bincount(b[m], minlength=nb))
+        lab, n = ndimage.label(m.reshape(np.shape(per_image[i])), structure=np.ones((3, 3), dtype=int))
+        if n:   # every region's counts per bin in one pass: row r - 1 is region r
+            c = np.bincount(lab.ravel()[m] * nb + b[m], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
+            tail.append(np.cumsum(c[:, ::-1], axis=1)[:, ::-1] / c.sum(1, keepdims=True))
+            owner += [i] * n
     return {"neg": np.array(neg, np.float64), "pos": np.array(pos, np.float64),
-            "tail": np.array(tail).reshape(-1, nb), "owner": np.array(owner, dtype=int)}
+            "tail": np.concatenate(tail) if tail else np.zeros((0, nb)), "owner": np.array(owner, dtype=int)}
 
 
 def binned_pixel_figures(w, h: dict, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
