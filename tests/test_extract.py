@@ -368,3 +368,27 @@ def test_predict_refuses_a_head_of_another_feature_layout(setup, tmp_path):
     with pytest.raises(BadInputError, match="feature columns") as e:
         predict_cmd(run, data, tmp_path / "bad", heads=[str(head)], overlays=False, quiet=True)
     assert "head.json" in str(e.value) and "train-head" in str(e.value)
+
+
+def test_file_sha256_is_read_once_per_version_of_the_file(tmp_path, monkeypatch):
+    """Scoring commands name model.pt by its sha256 twice; the second asks no read. Any new version — rewritten in
+    place (other size or mtime) or replaced atomically (a new inode, as the checkpoints are written) — is read
+    again and gets its own digest."""
+    import hashlib
+    import os
+    from uninet_feat.io import atomic_write_bytes
+    p = tmp_path / "model.pt"
+    p.write_bytes(b"a" * 1000)
+    first = featstore.file_sha256(p)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    assert featstore.file_sha256(p) == first and opened == []
+    monkeypatch.undo()
+    st = os.stat(p)
+    p.write_bytes(b"b" * 1000)                            # same size, in place
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert featstore.file_sha256(p) == hashlib.sha256(b"b" * 1000).hexdigest()
+    atomic_write_bytes(p, b"c" * 1000)
+    assert featstore.file_sha256(p) == hashlib.sha256(b"c" * 1000).hexdigest()

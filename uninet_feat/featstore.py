@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,22 @@ SCHEMA = "uninet-feat/features"
 SCHEMA_VERSION = 2
 
 
+_SHA256: dict = {}   # (path, inode, size, mtime) → digest
+
+
 def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's sha256, read once per version of the file in a process: a scoring command names model.pt by it
+    twice (the calibration's model check, the feature store's source), and a large backbone's file takes a while.
+    An atomic rewrite (new inode) or any change of size or mtime reads it again."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
 
 
 def shard_name(i: int) -> str:
