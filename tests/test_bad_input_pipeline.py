@@ -34,6 +34,20 @@ def test_empty_folder_via_cli(tmp_path, capsys):
     assert rc == 2 and "no images" in err and str(tmp_path / "empty") in err
 
 
+def test_command_line_warnings_are_one_line_for_users(tmp_path):
+    """From the command line a warning reads "warning: ...", without the module path and the source line that
+    Python's default display adds (they are for developers, and repeated them under every warning)."""
+    import subprocess
+    import sys
+    (tmp_path / "empty").mkdir()
+    p = subprocess.run([sys.executable, "-m", "uninet_feat", "train", "--data", str(tmp_path / "empty"),
+                        "--out", str(tmp_path / "run"), "--val-every", "3", "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no images" in p.stderr
+    assert "warning: --val-every has no effect" in p.stderr
+    assert "warnings.warn" not in p.stderr and "UserWarning" not in p.stderr and ".py:" not in p.stderr
+
+
 def test_unknown_config_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("epochz: 3\n")

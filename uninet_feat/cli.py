@@ -338,7 +338,15 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     sp.set_defaults(**values)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a user reads it: one line, no source path or code line (those are for developers)."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    print(f"warning{kind}: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:   # the command line (console script, python -m); a caller passing argv keeps its own display
+        warnings.showwarning = _show_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     try:
