@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from uninet_feat.calibration import resolve_threshold, threshold_at_fpr
+from uninet_feat.calibration import NO_THRESHOLD, resolve_threshold, threshold_at_fpr
 from uninet_feat.errors import BadInputError
 
 
@@ -47,7 +47,8 @@ def test_resolve_threshold_rules(tmp_path):
     with pytest.raises(BadInputError, match="no validation-normal scores") as e:
         resolve_threshold(old, max_fpr=0.05)
     assert "calibration.json" in str(e.value) and "uninet-feat calibrate" in str(e.value)
-    assert resolve_threshold(tmp_path / "none") == (None, "none: no calibration")
+    with pytest.warns(UserWarning, match=r"no threshold, so no image is flagged .*--threshold VALUE"):
+        assert resolve_threshold(tmp_path / "none") == (None, NO_THRESHOLD)   # val_fraction 0: said, not silent
 
 
 def test_default_threshold_warns_when_it_rests_on_too_few_validation_normals(tmp_path):
@@ -64,7 +65,6 @@ def test_default_threshold_warns_when_it_rests_on_too_few_validation_normals(tmp
         warnings.simplefilter("error")
         resolve_threshold(enough)
         resolve_threshold(few, threshold=1.0)      # a given threshold does not rest on them
-        resolve_threshold(tmp_path / "none")       # no calibration: nothing to warn about
     with warnings.catch_warnings(record=True) as seen:   # the CLI's "default" filter: once per command, not
         warnings.simplefilter("default")                # once per scorer (`evaluate --knn` resolves three)
         resolve_threshold(few)

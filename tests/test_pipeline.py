@@ -374,3 +374,26 @@ def test_calibrate_rewrites_the_same_calibration(trained, tmp_path):
     after = json.loads((run / "calibration.json").read_text())
     assert after["val_scores"] == pytest.approx(before["val_scores"], rel=1e-5)
     assert after["threshold"] == pytest.approx(before["threshold"], rel=1e-5)
+
+
+def test_a_run_without_validation_normals_says_that_it_flags_nothing(texture, tmp_path):
+    """val_fraction 0 leaves no threshold: train says so, and predict / evaluate leave the flag empty with a
+    warning naming the fix, instead of a column of False that reads as "every part is good"."""
+    import csv
+
+    from uninet_feat.predict import predict_cmd
+    run = tmp_path / "r"
+    with pytest.warns(UserWarning, match="no validation normals: the run will have no threshold"):
+        train(_cfg(texture, epochs=1, val_fraction=0.0), run, quiet=True)
+    with pytest.warns(UserWarning, match=r"no threshold, so no image is flagged .*--threshold VALUE"):
+        rep = predict_cmd(run, str(texture / "test"), tmp_path / "p", quiet=True)
+    assert rep["n_flagged"] is None and {r["flagged"] for r in rep["rows"]} == {None}
+    with open(tmp_path / "p" / "predictions.csv") as f:
+        assert {r["flagged"] for r in csv.DictReader(f)} == {""}
+    given = predict_cmd(run, str(texture / "test"), tmp_path / "q", quiet=True, threshold=-1.0)
+    assert given["n_flagged"] == len(given["rows"]) > 0     # a given threshold flags as usual
+    with pytest.warns(UserWarning, match="no threshold"):
+        ev = evaluate(run, quiet=True, csv_path=tmp_path / "s.csv")
+    assert ev["threshold"] is None and "at_threshold" not in ev
+    with open(tmp_path / "s.csv") as f:
+        assert {r["flagged"] for r in csv.DictReader(f)} == {""}

@@ -22,6 +22,7 @@ from .errors import BadInputError
 from .io import atomic_write_text
 
 DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels used)"
+NO_THRESHOLD = "none: no validation-normal scores (no image is flagged)"
 NEIGHBOURS_FILE = "tile_neighbours.npz"   # tile_norm: neighbours — the training tiles it compares with
 FEW_NORMALS = 19   # below this many validation normals a new normal passes the default threshold > 5 % of the time
 
@@ -388,7 +389,12 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
     if max_fpr is None:
         if cal:
             few_normals_warning(int(cal.get("n_val_normals", len(cal.get("val_scores", [])))))
-        return (cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)) if cal else (None, "none: no calibration")
+        if cal and cal.get("threshold") is not None:
+            return cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)
+        warnings.warn(f"{run}: no threshold, so no image is flagged (the flag is left empty): the run has no "
+                      "validation-normal scores (trained with val_fraction 0, or calibration.json is missing). Fix: "
+                      "pass --threshold VALUE, or retrain with --val-fraction 0.1", stacklevel=2)
+        return None, NO_THRESHOLD
     if cal is None or "val_scores" not in cal:
         raise BadInputError("the run has no validation-normal scores to choose a threshold on", path=path,
                             fix=f"run `uninet-feat calibrate --run {run}` (older runs did not keep them), "

@@ -160,7 +160,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if threshold is not None:
         report["at_threshold"] = _at_threshold(labels, scores > threshold)
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
-             "flagged": int(threshold is not None and sc > threshold)} for s, l, sc in zip(test, labels, scores)]
+             "flagged": "" if threshold is None else int(sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if knn is not None:
         report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, res, skip_bad,
                                            pixel_map_kind(model.cfg))
@@ -395,6 +395,8 @@ def print_report(report: dict) -> None:
     if report.get("pixel_metrics_without"):
         console.print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
     at = report.get("at_threshold")
+    if report.get("threshold") is None and "threshold_rule" in report:
+        console.print(f"threshold: {report['threshold_rule']}")
     if at:
         console.print(f"threshold {report['threshold']:.6g} ({report['threshold_rule']}): defect recall "
                       f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")

@@ -129,7 +129,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                             + ("see the warning" if ref is None else "calibration.json has no WDM map range"),
                             fix=f"fix what it names (`uninet-feat calibrate --run {run}`), or --heatmap wdm / knn")
     for r in rows:
-        r["flagged"] = bool(threshold is not None and r[f"{flag_by}_score"] > threshold)
+        r["flagged"] = None if threshold is None else bool(r[f"{flag_by}_score"] > threshold)   # None: no rule
     for hd, head in loaded.items():
         proba = head.predict_proba(X)
         pred = head.predict(X)
@@ -141,7 +141,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
-    summary = {"n_images": len(rows), "n_flagged": sum(r["flagged"] for r in rows), "flag_by": flag_by,
+    summary = {"n_images": len(rows), "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows), "flag_by": flag_by,
                "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
                "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
                **summary_extra}

@@ -87,6 +87,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                             "threshold on the validation normals, but val_fraction leaves none",
                             path=cfg.get("split_csv") or cfg.get("data"),
                             fix="set val_fraction > 0, or tile_norm: none")
+    if not val and not resume:
+        warnings.warn("val_fraction leaves no validation normals: the run will have no threshold, so evaluate and "
+                      "predict flag no image unless given --threshold VALUE (fix: --val-fraction 0.1)")
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
