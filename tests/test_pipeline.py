@@ -119,6 +119,24 @@ def test_resume_matches_uninterrupted(texture, trained, tmp_path):
     b = read_checkpoint(run / "model.pt")["state_dict"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    assert read_checkpoint(run / "model.pt")["config"] == read_checkpoint(trained / "model.pt")["config"]
+
+
+def test_resuming_a_finished_run_leaves_its_model_untouched(texture, trained, tmp_path):
+    """A pipeline that retries `train --resume` must not rewrite model.pt: indices and heads name its sha256."""
+    import shutil
+
+    from uninet_feat.featstore import file_sha256
+    run = tmp_path / "done"
+    shutil.copytree(trained, run)
+    before = {p.name: (p.stat().st_mtime_ns, file_sha256(p)) for p in run.iterdir() if p.is_file()}
+    with pytest.warns(UserWarning, match="nothing to do, model.pt is left as it is"):
+        assert train(_cfg(texture), run, resume=True, quiet=True) == run / "model.pt"
+    assert {p.name: (p.stat().st_mtime_ns, file_sha256(p)) for p in run.iterdir() if p.is_file()} == before
+    (run / "calibration.json").unlink()         # killed before calibrating: resume calibrates again
+    train(_cfg(texture), run, resume=True, quiet=True)
+    assert file_sha256(run / "model.pt") == before["model.pt"][1]
+    assert json.loads((run / "calibration.json").read_text()) == json.loads((trained / "calibration.json").read_text())
 
 
 def test_refuses_to_overwrite_a_run(texture, trained):

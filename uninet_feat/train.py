@@ -68,7 +68,21 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     fit, val = train_val_samples(samples, cfg)
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
+    if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
+        if val and not _calibrated(out):   # killed between writing model.pt and calibrating it
+            if (env_rank_world() or (0, 1))[0] == 0:
+                from .calibration import recalibrate
+                recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
+                            map_norm=cfg.get("map_norm", "none"))
+        else:
+            warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
+                          "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
+        return out / "model.pt"
     model = make_model(cfg)
+    if resume:   # saved as the run first saved it: the resolved student_relu has the checkpoint's own key, so a
+        cfg = {k: v for k, v in cfg.items() if k != "student_relu"}   # resumed model.pt equals an uninterrupted one
+        if "student_relu" in state["config"]:
+            cfg["student_relu"] = state["config"]["student_relu"]
     map_levels = cfg.get("map_levels", "all")   # the pixel map: used after the last epoch; checked now
     map_norm = parse_map_norm(cfg.get("map_norm", "none"))
     if map_levels != "auto":
@@ -199,6 +213,27 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
             calibrate(model, val, cfg, out, quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
+
+
+def _final_model(out: Path, cfg: dict, state: dict) -> bool:
+    """Whether a resumed run's model.pt is already its final model: checkpoint and model.pt at the schedule's
+    end, and the calibration options the run's own (new ones ask for a new calibration: train again).
+    Then `train --resume`, e.g. retried by a pipeline, leaves model.pt untouched: torch.save never writes the
+    same bytes twice, and every index or head built from model.pt names its sha256."""
+    if int(state["epoch"]) != cfg["epochs"] or not (out / "model.pt").is_file():
+        return False
+    if any(cfg.get(k) != state["config"].get(k) for k in ("map_levels", "map_norm")):
+        return False
+    model = read_checkpoint(out / "model.pt")
+    # a model.pt of a shorter schedule: killed before the longer one's was written
+    return (model.get("selection") or {}).get("epochs_trained", model.get("epoch")) == cfg["epochs"]
+
+
+def _calibrated(out: Path) -> bool:
+    """Whether calibration.json was written for the run's current model.pt."""
+    from .featstore import file_sha256
+    cal = out / "calibration.json"
+    return cal.is_file() and json.loads(cal.read_text()).get("model_sha256") == file_sha256(out / "model.pt")
 
 
 def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | None:
