@@ -49,6 +49,21 @@ def test_predict_scores_a_plain_folder_and_a_single_file(run, tmp_path):
     assert json.loads((tmp_path / "q" / "summary.json").read_text())["n_images"] == 1
 
 
+
+def test_predict_again_into_the_same_folder_keeps_no_stale_overlays(run, tmp_path):
+    """A re-run into a used --out: overlays only of the images this run flags, and the same CSV columns whether
+    or not anything is flagged."""
+    import csv
+    imgs = [_png(tmp_path / "b" / f"{i}.png", i) for i in range(3)]
+    predict_cmd(run, tmp_path / "b", tmp_path / "p", threshold=-1e9, quiet=True)
+    (tmp_path / "p" / "overlays" / "mine.txt").write_text("a user's file")
+    res = predict_cmd(run, tmp_path / "b", tmp_path / "p", threshold=1e9, quiet=True)   # nothing flagged now
+    assert res["n_flagged"] == 0 and [p.name for p in (tmp_path / "p" / "overlays").iterdir()] == ["mine.txt"]
+    with open(tmp_path / "p" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(imgs) and all(r["overlay"] == "" and r["flagged"] == "False" for r in rows)
+
+
 def test_discover_batch_labels(tmp_path):
     _png(tmp_path / "dated" / "day1" / "a.png")
     _png(tmp_path / "dated" / "day2" / "b.png")

@@ -139,6 +139,10 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             row[f"{name}_confidence"] = float(p.max())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for r in rows:   # the same columns whether or not anything is flagged
+        r["overlay"] = ""
+    for old in (out / "overlays").glob("*_overlay.png"):   # a re-run's: only this run's flagged images have one
+        old.unlink()
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     summary = {"n_images": len(rows), "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows), "flag_by": flag_by,
@@ -147,8 +151,6 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                **summary_extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
-        for r in rows:
-            r["overlay"] = ""
         if heatmap == "knn":
             _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", root=Path(data))
         elif heatmap == "ensemble":
