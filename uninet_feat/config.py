@@ -6,6 +6,7 @@ Every run writes its resolved config, library versions and seed beside its outpu
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -78,7 +79,44 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     ov = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_keys(ov, None)
     cfg.update(ov)
+    check_numbers(cfg, path)
     return cfg
+
+
+# key: (lowest value allowed, whether it may equal it, the fix's example); None values are always allowed
+_RANGES = {"epochs": (1, True, "10"), "batch_size": (1, True, "8"), "eval_batch_size": (1, True, "8"),
+           "image_size": (8, True, "256"), "tile": (8, True, "256"), "tile_overlap": (0, True, "0"),
+           "val_fraction": (0, True, "0.1"), "val_every": (1, True, "1"), "threads": (1, True, "2"),
+           "lr": (0, False, "5e-3"), "lr_target": (0, True, "1e-6"), "keep_every": (0, True, "10")}
+_INTEGERS = {"epochs", "batch_size", "eval_batch_size", "image_size", "tile", "tile_overlap", "val_every",
+             "threads", "keep_every"}
+
+
+def check_numbers(cfg: dict, path=None) -> None:
+    """Numeric options in range, before any folder is written or model built: a batch size of 0 or a negative
+    epoch count would otherwise surface as a ZeroDivisionError or an untrained model."""
+    for key, (low, inclusive, example) in _RANGES.items():
+        v = cfg.get(key)
+        if v is None or (key == "lr_target" and v == 0):
+            continue
+        integer = key in _INTEGERS
+        if isinstance(v, str) and not integer:   # YAML 1.1 reads `lr: 5e-3` (no dot) as a string
+            try:
+                v = cfg[key] = float(v)
+            except ValueError:
+                pass
+        ok = (isinstance(v, int) if integer else isinstance(v, (int, float))) and not isinstance(v, bool)
+        ok = ok and math.isfinite(v) and (v >= low if inclusive else v > low)
+        if key == "val_fraction":
+            ok = ok and v < 1
+        if key == "tile_overlap" and ok and cfg.get("tile"):
+            ok = v < cfg["tile"]
+        if not ok:
+            what = "an integer" if integer else "a number"
+            bound = f"{'>=' if inclusive else '>'} {low}" + (" and < 1" if key == "val_fraction" else "")
+            bound += f" and < tile ({cfg.get('tile')})" if key == "tile_overlap" and cfg.get("tile") else ""
+            raise BadInputError(f"{key} must be {what} {bound}, got {v!r}", path=path,
+                                fix=f"e.g. {key.replace('_', '-')} {example}")
 
 
 def _check_keys(d: dict, path) -> None:

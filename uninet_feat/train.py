@@ -79,6 +79,11 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
         return out / "model.pt"
     model = make_model(cfg)
+    step = model.bottleneck.out_stride
+    if cfg["image_size"] % step:   # before the run folder is written; forward would refuse it in the first step
+        low, high = max(step, cfg["image_size"] // step * step), (cfg["image_size"] // step + 1) * step
+        raise BadInputError(f"image_size {cfg['image_size']} must be a multiple of {step} for this backbone "
+                            f"({cfg['backbone']})", fix=f"--image-size {low} or {high}")
     if resume:   # saved as the run first saved it: the resolved student_relu has the checkpoint's own key, so a
         cfg = {k: v for k, v in cfg.items() if k != "student_relu"}   # resumed model.pt equals an uninterrupted one
         if "student_relu" in state["config"]:
