@@ -184,8 +184,13 @@ def test_pickle_checkpoint_refused(tmp_path):
         read_checkpoint(q)
     r = tmp_path / "trunc.pt"
     r.write_bytes((tmp_path / "plain.pt").read_bytes()[:50])
-    with pytest.raises(BadInputError, match="not a readable checkpoint"):
-        read_checkpoint(r)
+    noise, text = tmp_path / "noise.bin", tmp_path / "notes.pt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    text.write_text("not a model\n")
+    for f in (r, noise, text):   # torch.load calls any of these "pickle"; they are not checkpoints at all
+        with pytest.raises(BadInputError, match="not a torch checkpoint: not in torch's zip format") as e:
+            read_checkpoint(f)
+        assert "pickle" not in str(e.value).replace(str(tmp_path), "")
 
 
 def test_tiled_training_and_stitched_scores(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,6 +36,10 @@ def read_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BadInputError("checkpoint not found", path=path, fix="pass the model.pt of a finished run")
+    if not zipfile.is_zipfile(path):   # torch.load says "pickle" of any bytes; what it is not is more useful
+        raise BadInputError("not a torch checkpoint: not in torch's zip format (a corrupt or truncated file, "
+                            "another kind of file, or one saved by torch < 1.6)", path=path,
+                            fix="pass the model.pt of a finished `uninet-feat train` run, or restore the file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
