@@ -178,13 +178,34 @@ def test_skip_bad_in_predict_extract_and_evaluate(tmp_path, capsys):
         assert main(argv + out) == 2, name
         err = capsys.readouterr().err
         assert "truncated.png" in err and "--skip-bad" in err, err
-        with pytest.warns(UserWarning, match="truncated.png"):
+        with pytest.warns(UserWarning, match="truncated.png") as seen:
             assert main(argv + out + ["--skip-bad"]) == 0, name
+        said = [str(w.message) for w in seen if "truncated.png" in str(w.message)]
+        assert not any("pass --skip-bad" in m for m in said), said   # it was passed
     assert json.loads((tmp_path / "predict" / "summary.json").read_text())["skipped"] == [str(broken)]
     rows = json.loads((tmp_path / "predict" / "predictions.json").read_text())
     assert str(broken) not in {r["path"] for r in rows} and len(rows) == 4 + 2 + 2
     assert json.loads((tmp_path / "extract" / "manifest.json").read_text())["skipped"] == [str(broken)]
     assert json.loads((tmp_path / "m.json").read_text())["skipped"] == [str(broken)]
+
+
+def test_a_mask_of_the_wrong_size_stops_evaluate_only(tmp_path, capsys):
+    """predict and extract read no mask, so a defect whose mask has another size is scored like any image;
+    evaluate, which needs it, names the mask and the fix."""
+    from PIL import Image
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=2)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
+    mask = sorted((data / "ground_truth").rglob("*_mask.png"))[0]
+    Image.open(mask).resize((50, 60)).save(mask)
+    assert main(["predict", "--run", str(run), "--data", str(data), "--no-overlays", "--quiet",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert main(["extract", "--run", str(run), "--data", str(data), "--quiet", "--out", str(tmp_path / "f")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert mask.name in err and "50x60" in err and "fix:" in err, err
 
 
 def test_cli_small_input_mistakes_get_one_line_errors(tmp_path, capsys):

@@ -85,7 +85,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     reduce = np.max if cfg.get("tile_score", "max") == "max" else np.mean
     missing = [str(samples[i].path) for i in range(n) if i not in tile_scores]
     if missing:  # only with skip_bad: drop them from the evaluation, loudly
-        warnings.warn(f"{len(missing)} unreadable test images were skipped: {missing[:5]}")
+        warnings.warn(f"{len(missing)} unreadable image(s) left out of scoring: {missing[:5]}")
     if tile_maps:
         raise RuntimeError(f"tiles missing for {[str(samples[i].path) for i in tile_maps][:5]}")
     keep = [i for i in range(n) if i in tile_scores]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -100,7 +101,8 @@ class Extractor:
         samples = [s if isinstance(s, Sample) else Sample(Path(s), "", "unknown", None, "") for s in samples]
         if not samples:
             raise BadInputError("no images to extract features from", fix="pass at least one image path or Sample")
-        return samples, make_dataset(samples, {**self.cfg, "skip_bad": self.skip_bad}, self.backbone)
+        unmasked = [replace(s, mask=None) for s in samples]   # features need no mask: a bad one is not a bad image
+        return samples, make_dataset(unmasked, {**self.cfg, "skip_bad": self.skip_bad}, self.backbone)
 
     @staticmethod
     def skipped(samples, ds) -> list[str]:

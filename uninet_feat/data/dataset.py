@@ -80,8 +80,9 @@ def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
             bad.append((i, e))
     if bad and not skip_bad:
         raise _unreadable(bad, samples)
-    for _, e in bad:
-        warnings.warn(f"skipping unreadable sample: {e}")
+    for i, e in bad:   # --skip-bad was given: its own fix (pass --skip-bad) is not repeated
+        own = f" (fix: {e.fix})" if e.fix and e.fix != IMAGE_FIX else ""
+        warnings.warn(f"skipping {e.path or samples[i].path}: {e.reason}{own}")
     if skip_bad and samples and not sizes:
         raise BadInputError(f"none of the {len(samples)} images is readable",
                             fix="see the warnings above for each file")
