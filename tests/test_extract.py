@@ -192,6 +192,25 @@ def test_saved_config_of_every_command_reruns_it(setup, tmp_path, capsys):
     assert "0.5" in json.loads((tmp_path / "m.json").read_text())["threshold_rule"]
 
 
+def test_a_saved_config_reruns_from_any_folder(setup, tmp_path, monkeypatch):
+    """Paths typed relative to the working folder are saved absolute, as train saves its data paths."""
+    import os
+
+    import yaml
+    from uninet_feat.cli import main
+    data, run, samples = setup
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["extract", "--data", os.path.relpath(data), "--run", os.path.relpath(run), "--quiet",
+                 "--weights", "imagenet", "--out", "f"]) == 0
+    saved = yaml.safe_load((tmp_path / "a" / "f" / "config.yaml").read_text())
+    assert saved["data"] == str(data) and saved["run"] == str(run) and saved["out"] == str(tmp_path / "a" / "f")
+    assert saved["weights"] == "imagenet"     # not a path
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["extract", "--config", str(tmp_path / "a" / "f" / "config.yaml"), "--out", "g"]) == 0
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "b" / "g").vectors, FeatureStore(tmp_path / "a" / "f").vectors)
+
+
 def saved_command(folder):
     import yaml
     return yaml.safe_load((folder / "config.yaml").read_text())["command"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -386,8 +387,23 @@ def _save_command_config(args) -> None:
     if args.command in ("train", "zero-shot", "demo", "evaluate", "ensemble", "prompts", "calibrate"):
         return
     from .config import save_run_config
-    opts = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
+    opts = {k: _absolute(k, v) for k, v in vars(args).items() if k not in ("config", "command")}
     save_run_config(Path(args.out), {"command": args.command, **opts})
+
+
+_PATH_FLAGS = ("data", "split_csv", "run", "out", "features", "knn", "head", "ensemble", "text", "weights")
+
+
+def _absolute(key: str, value):
+    """A path flag's value made absolute (as `train` saves its data paths), so that `--config OUT/config.yaml`
+    re-runs the command from any folder; `--weights imagenet` and `--text` without a file are not paths."""
+    if key not in _PATH_FLAGS or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_absolute(key, v) for v in value]
+    if key in ("weights", "text") and not Path(str(value)).exists():
+        return value
+    return os.path.abspath(value)
 
 
 def _resume_base(out: Path, config, overrides: dict) -> dict:
