@@ -184,6 +184,10 @@ def _metrics(y, proba, pred, classes):
     out = dict(n=int(len(y)), accuracy=float(accuracy_score(y, pred)),
                accuracy_interval=accuracy_interval(int(np.sum(np.asarray(y) == np.asarray(pred))), len(y)),
                macro_f1=float(f1_score(y, pred, average="macro", zero_division=0)),   # classes seen in y or pred
+               # what a reader compares with: always predicting the largest class, and the mean per-class recall
+               majority_accuracy=float(np.bincount(np.asarray(y), minlength=k).max() / max(len(y), 1)),
+               balanced_accuracy=float(np.mean([np.mean(np.asarray(pred)[np.asarray(y) == c] == c)
+                                                for c in np.unique(y)])),
                confusion=confusion_matrix(y, pred, labels=range(k)).tolist())
     if k == 2:
         out["auroc"] = float(roc_auc_score(y, proba[:, 1])) if len(np.unique(y)) == 2 else None
@@ -262,6 +266,8 @@ def train_head(X, y, task=None, n_splits=5, seed=0, class_weight="balanced", par
             raise BadInputError(f"n_splits must be >= 2, got {n_splits}")
         cv = stratified_folds(codes, n_splits, seed)
         small = [c for c, n in zip(classes, counts) if n < len(cv)]
+        if len(cv) < n_splits:
+            warnings.warn(f"{n_splits} folds asked, {len(cv)} used: the largest class has {len(cv)} rows")
     if hasattr(cv, "split"):
         cv = cv.split(x, codes)
     folds, k = [], len(classes)
@@ -296,9 +302,14 @@ def train_head(X, y, task=None, n_splits=5, seed=0, class_weight="balanced", par
         oof_pred = (oof[:, 1] >= ft[fold_of]).astype(int)
     else:
         oof_pred = oof.argmax(1)
+    pooled = _metrics(codes, oof, oof_pred, classes)
+    if pooled["balanced_accuracy"] <= 1 / k:   # a constant prediction scores exactly 1/k: accuracy alone hides it
+        warnings.warn(f"the head is no better than chance out of fold: balanced accuracy {pooled['balanced_accuracy']:.3f} "
+                      f"(chance {1 / k:.3f}), accuracy {pooled['accuracy']:.3f} against {pooled['majority_accuracy']:.3f} "
+                      "for always predicting the largest class. These features do not separate the classes for it: "
+                      "more labelled rows, a trained run's features, or fewer classes may")
     n_est = max(1, int(np.median(best)))
     final = _model(base, n_est).fit(x, codes, feature_name=names)
     threshold = (float(np.mean(thresholds)) if thresholds else 0.5) if task == "binary" else None
     head = Head(final.booster_, classes, threshold, names, n_jobs)
-    return HeadResult(head, task, classes, len(folds), folds, _metrics(codes, oof, oof_pred, classes),
-                      oof, fold_of, n_est, small)
+    return HeadResult(head, task, classes, len(folds), folds, pooled, oof, fold_of, n_est, small)

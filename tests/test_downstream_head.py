@@ -136,5 +136,24 @@ def test_errors_and_clamping():
     res = train_head(x, y3, params=FAST, n_jobs=1)
     assert res.n_splits == 5 and res.oof_proba.shape == (30, 4)
     assert np.allclose(res.oof_proba.sum(1), 1)
-    res = train_head(x[:12], y[:12], n_splits=10, params=FAST, n_jobs=1)   # folds capped by the largest class
+    with pytest.warns(UserWarning, match=r"12 folds asked, 10 used: the largest class has 10 rows"):
+        res = train_head(x[:12], y[:12], n_splits=12, params=FAST, n_jobs=1)   # folds capped by the largest class
     assert res.n_splits == int(np.unique(y[:12], return_counts=True)[1].max())
+
+
+def test_a_head_no_better_than_chance_is_said_with_its_baselines():
+    """Features that carry nothing: the report gives the accuracy of always predicting the largest class and the
+    balanced accuracy, and training warns that the head is no better than chance (a binary head's F1-max
+    threshold can score far below the all-normal baseline, as an audit found: 0.38 against 0.79)."""
+    rng = np.random.default_rng(0)
+    y = np.array(["good"] * 60 + ["hole"] * 20)
+    x = np.ones((80, 6), np.float32)                                      # nothing to split on
+    with pytest.warns(UserWarning, match=r"no better than chance out of fold: balanced accuracy 0\.\d+ \(chance 0\.500\)"):
+        res = train_head(x, y, n_splits=4, params=FAST, n_jobs=1)
+    assert res.oof["majority_accuracy"] == 0.75 and res.oof["balanced_accuracy"] <= 0.5
+    x_sep = np.where(y[:, None] == "hole", 3.0, 0.0) + rng.standard_normal((80, 6))                  # separable: no warning, high balance
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = train_head(x_sep, y, n_splits=4, params=FAST, n_jobs=1)
+    assert good.oof["balanced_accuracy"] > 0.9 and good.oof["majority_accuracy"] == 0.75
