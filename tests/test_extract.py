@@ -411,3 +411,25 @@ def test_file_sha256_is_read_once_per_version_of_the_file(tmp_path, monkeypatch)
     assert featstore.file_sha256(p) == hashlib.sha256(b"b" * 1000).hexdigest()
     atomic_write_bytes(p, b"c" * 1000)
     assert featstore.file_sha256(p) == hashlib.sha256(b"c" * 1000).hexdigest()
+
+
+def test_train_head_says_what_its_rows_cannot_support(setup, tmp_path):
+    """A binary head on a run's features whose normals include the run's training images is warned about (it
+    partly learns "seen in training"); --label-from group/label on rows without a group is refused, not turned
+    into classes such as '/spot'."""
+    from uninet_feat.workflows import train_head_cmd
+    data, run, samples = setup
+    f = tmp_path / "f"
+    Extractor(run=run).extract_to(samples, f)
+    with pytest.warns(UserWarning, match=r"\d+ normal rows are from the run's training split"):
+        train_head_cmd(f, tmp_path / "h", task="binary", folds=2)
+    test_only = [s for s in samples if s.split == "test"]
+    Extractor(run=run).extract_to(test_only, tmp_path / "g")
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train_head_cmd(tmp_path / "g", tmp_path / "h2", task="binary", folds=2)
+    assert not any("training split" in str(w.message) for w in seen)
+    with pytest.raises(BadInputError, match="needs a group for every row") as e:
+        train_head_cmd(f, tmp_path / "h3", task="multiclass", label_from="group/label", folds=2)
+    assert "--label-from label" in str(e.value)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,11 @@ def _labels_for(recs, task: str, label_from: str):
     if task == "binary":
         return np.array(["good" if r["is_normal"] else "defect" for r in recs])
     if label_from == "group/label":
+        bare = next((r["path"] for r in recs if not r.get("group")), None)
+        if bare is not None:
+            raise BadInputError("--label-from group/label needs a group for every row, and this one has none "
+                                "(a layout without groups, or a CSV without a group column)", path=bare,
+                                fix="use --label-from label, or give the rows groups (root/<group>/<label>/*)")
         return np.array([f"{r['group']}/{r['label']}" for r in recs])
     return np.array([r["label"] for r in recs])
 
@@ -118,6 +124,12 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
     X, recs = X[keep], [recs[j] for j in keep]
     y = _labels_for(recs, task, label_from)
+    seen = sum(r["is_normal"] and r.get("split") == "train" for r in recs)
+    if task == "binary" and seen and (store.manifest.get("source") or {}).get("run"):
+        warnings.warn(f"{seen} normal rows are from the run's training split: the run was fitted on most of them, so "
+                      "they score lower than new normals would, and a normal-vs-defect head partly learns 'seen in "
+                      "training'. Fix: extract normals the run did not train on (e.g. a --split-csv of test and "
+                      "held-out rows) for a figure that carries over to new images")
     labels, counts = np.unique(y, return_counts=True)
     rare = set(labels[counts < min_class])
     if rare:  # a class with one example can be neither trained on nor tested in CV
