@@ -196,9 +196,11 @@ def test_checkpoint_of_another_run_is_refused(texture, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     train(_cfg(texture, epochs=1), a, quiet=True)
     train(_cfg(texture, epochs=1, seed=8), b, quiet=True)
-    with pytest.raises(BadInputError, match=r"not a model of the run .*seed 8 vs 7"):
+    with pytest.raises(BadInputError, match=r"not a model of the run .*seed 8 vs 7") as e:
         evaluate(a, checkpoint=b / "model.pt", quiet=True)
-    assert evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)["epoch"] == 1
+    assert str(e.value).count(str(b / "model.pt")) == 1            # the path once, not twice
+    own = evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)
+    assert own["epoch"] == 1 and f"scored with {a / 'checkpoint.pt'}, not {a / 'model.pt'}" in own["threshold_rule"]
 
 
 def test_checkpoint_of_a_run_without_validation_normals(texture, tmp_path):

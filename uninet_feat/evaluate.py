@@ -132,7 +132,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"), cal=cal,
                                         source=f"validation normals of {checkpoint}")   # fails before scoring
     if other and cal and cfg.get("threshold") is None:
-        rule += f" — scored with {Path(checkpoint).name}, not model.pt"
+        rule += f" — scored with {checkpoint}, not {Path(run) / 'model.pt'}"
     test = load_test_samples(cfg)
     has_masks = any(s.mask is not None for s in test)
     res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet)
@@ -275,7 +275,7 @@ def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
         return   # an older or hand-made run folder without its config: nothing to compare against
     diff = [k for k in _SAME_RUN_KEYS if k in run_cfg and run_cfg.get(k) != ckpt_cfg.get(k)]
     if diff:
-        raise BadInputError(f"{checkpoint} is not a model of the run {run}: "
+        raise BadInputError(f"not a model of the run {run}: "
                             + ", ".join(f"{k} {ckpt_cfg.get(k)!r} vs {run_cfg.get(k)!r}" for k in diff),
                             path=checkpoint, fix=f"pass a model from {run} (checkpoint.pt or epochs/epoch_NNN.pt), "
                                                  "or --run the folder this checkpoint came from")
