@@ -94,7 +94,7 @@ class Head:
             text = (d / "model.txt").read_text()
         except FileNotFoundError as e:
             raise BadInputError(f"missing {Path(e.filename).name}", path=d,
-                                fix="point to a folder written by Head.save / train_head") from e
+                                fix="pass a folder written by `uninet-feat train-head --out DIR`") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInputError("head.json is corrupt", path=d, fix="train or save the head again") from e
         if meta.get("format") != _FORMAT:

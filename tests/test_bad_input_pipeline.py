@@ -208,6 +208,12 @@ def test_a_mask_of_the_wrong_size_stops_evaluate_only(tmp_path, capsys):
     assert mask.name in err and "50x60" in err and "fix:" in err, err
 
 
+def test_a_run_folder_that_does_not_exist_is_named_as_such(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path / "nope"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope'}: no such run folder" in err and "uninet-feat train" in err
+
+
 def test_cli_small_input_mistakes_get_one_line_errors(tmp_path, capsys):
     """Unwritable outputs and conflicting flags: exit 2 with one line naming the path/flags (no traceback);
     `--run RUN/model.pt` is taken as the run folder."""

@@ -147,5 +147,5 @@ def test_knn_flags_outlier_patch_and_persists(tmp_path):
     np.testing.assert_array_equal(again.score_patches(test), sc.score_patches(test))
     np.testing.assert_array_equal(KNNScorer("flat", k=3, coreset_ratio=0.5, seed=0, device="cpu").fit(normal)
                                   .score_patches(test), sc.score_patches(test))
-    with pytest.raises(BadInputError, match="no knn.json"):
+    with pytest.raises(BadInputError, match=r"no knn.json.*uninet-feat index --out DIR"):
         KNNScorer.load(tmp_path)

@@ -70,6 +70,7 @@ def test_evaluate_reports_pixel_metrics(trained, tmp_path):
                    report_path=tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
     assert "data:image/png;base64" in html and f"{rep['image_auroc']:.4f}" in html
+    assert "(the same colour scale for every image)" in html and "caller" not in html
     for k in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= rep[k] <= 1.0
     assert rep["n_test"] == 8 and rep["n_defect"] == 4

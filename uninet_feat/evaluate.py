@@ -248,7 +248,7 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     normal = [i for i in np.argsort(-scores) if labels[i] == 0][:top_k]
     defect = [i for i in np.argsort(scores) if labels[i] == 1][:top_k]
     pick = list(dict.fromkeys(normal + defect))
-    overlays = {}
+    overlays, vmin, vmax = {}, None, None
     if pick:
         res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
         vmin, vmax = display_range(run_dir, res["maps"], pixel_map_kind(model.cfg), cal=cal)
@@ -256,7 +256,8 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
             overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=vmin, vmax=vmax, mask=s.mask, max_width=1024)
     summary = {k: v for k, v in report.items() if not k.startswith("_")}
     return write_report(path, summary, report["_rows"], threshold=report.get("threshold"), overlays=overlays,
-                        title=f"uninet-feat evaluation: {cfg.get('data')}", config=cfg)
+                        title=f"uninet-feat evaluation: {cfg.get('data')}", config=cfg,
+                        overlay_range=None if vmin is None else (float(vmin), float(vmax)))
 
 
 # what makes a checkpoint a model of a given run: same network input and the same data and split

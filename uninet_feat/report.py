@@ -364,8 +364,9 @@ def write_report(out_html, metrics: dict | None = None, rows: list[dict] | None 
                  + "<div class='charts'>" + "".join(charts) + "</div>"
                  + "<p class='legendkey'>Histogram bars are normalised per class (each class sums to 1) so a "
                    "small defect set stays visible next to many normals.</p></section>")
-    key = (f"Overlays: anomaly heatmap over the image {_colour_key(overlay_range)} (same colour scale for every "
-           "image when the caller fixed vmin/vmax); green outline = ground-truth defect mask, where given.")
+    scale = " (the same colour scale for every image)" if overlay_range is not None else ""
+    key = (f"Overlays: anomaly heatmap over the image {_colour_key(overlay_range)}{scale}; green outline = "
+           "ground-truth defect mask, where given.")
     if not overlays:
         key = "No heatmap overlays were given to this report."
     parts.append(f"<section id='worst-fp'><h2>Highest-scoring normal images (worst false positives, top {top_k})</h2>"
