@@ -49,3 +49,15 @@ def test_train_help_states_the_defaults_the_config_really_has():
         want = DEFAULT_CONFIG[key]
         got = said.group(1)
         assert (float(got) == float(want)) if isinstance(want, (int, float)) else got == want, (key, got, want)
+
+
+def test_every_flag_of_every_command_says_what_it_is():
+    """`uninet-feat COMMAND --help` leaves no flag unexplained; a flag with a default says it."""
+    from uninet_feat.cli import build_parser
+    ap = build_parser()
+    for name, p in ap.commands.items():
+        for a in p._actions:
+            if a.option_strings and a.option_strings[0] != "-h":
+                assert a.help and a.help.strip(), (name, a.option_strings)
+                if a.default not in (None, False, [], "==SUPPRESS=="):
+                    assert "default" in a.help, (name, a.option_strings, a.help)

@@ -300,8 +300,41 @@ def build_parser() -> argparse.ArgumentParser:
     for name, sp in sub.choices.items():
         if name != "train":   # train's --config holds model/training options (uninet_feat.config)
             sp.add_argument("--config", help="YAML file: flag names (without --) → values; flags override it")
+    for name, sp in sub.choices.items():   # flags that many commands share get their help in one place
+        for a in sp._actions:
+            if a.option_strings and not a.help and a.option_strings[0] != "-h":
+                a.help = _help_of(name, a)
+            elif a.help and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in a.help:
+                a.help += f" (default {a.default})"
     ap.commands = sub.choices
     return ap
+
+
+_SHARED_HELP = {
+    "--run": "run folder written by `uninet-feat train --out` (or its model.pt)",
+    "--runs": "two or more run folders of one config (e.g. other --seed values)",
+    "--data": "image folder (label folders, MVTec-style) or one image, or the root a --split-csv is relative to",
+    "--split-csv": "CSV manifest path,split,label[,mask][,group] with paths relative to --data",
+    "--quiet": "no progress bars or tables; print the result as JSON",
+    "--features": "feature store written by `uninet-feat extract --out`",
+    "--weights": "imagenet | random | PATH to a local weights file (with --run: the run's own)",
+    "--image-size": "side of the square model input, or of each tile (with --run: the run's own)",
+    "--no-overlays": "write no heatmap overlays (scores and flags only)",
+}
+_OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store folder (sharded, resumable)",
+             "index": "index folder (knn.json or ids.json, the FAISS index)",
+             "train-head": "head folder (head.json, model.txt, cv_report.json)",
+             "predict": "output folder (predictions.csv / .json, summary.json, overlays/)",
+             "zero-shot": "output folder (scores.csv / .json, metrics.json when labels exist)",
+             "prompts": "YAML file to write", "demo": "demo folder (data, run, report; default runs/demo)"}
+
+
+def _help_of(command: str, action) -> str:
+    flag = action.option_strings[0]
+    text = _OUT_HELP.get(command) if flag == "--out" else _SHARED_HELP.get(flag, "")
+    if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in (text or ""):
+        text = f"{text} (default {action.default})".strip()
+    return text or " "
 
 
 def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
