@@ -265,3 +265,17 @@ def test_numeric_options_out_of_range_are_refused_before_any_work(tmp_path, caps
         load_config(cfg_file)
     cfg_file.write_text("lr: 5e-3\n")
     assert load_config(cfg_file)["lr"] == 0.005
+
+
+def test_train_says_its_split_and_warns_of_test_images_evaluate_would_refuse(tmp_path, capsys):
+    """Training reads no test image, so a bad one surfaced only at evaluate, after the last epoch."""
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=2, n_bad=2)
+    broken = data / "test" / "good" / "truncated.png"
+    broken.write_bytes((data / "test" / "good" / "000.png").read_bytes()[:60])
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"evaluate will refuse test images") as seen:
+        assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                     "--epochs", "1", "--batch-size", "2", "--out", str(run)]) == 0
+    assert any(str(broken) in str(w.message) for w in seen) and (run / "model.pt").exists()
+    assert ("3 training images, 1 validation normals (threshold, label-free choices), 5 test images (2 with "
+            "defects) left for evaluate") in capsys.readouterr().out

@@ -68,6 +68,9 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     fit, val = train_val_samples(samples, cfg)
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
+    test = [s for s in samples if s.split == "test"]
+    if not resume and (env_rank_world() or (0, 1))[0] == 0:
+        _say_split(fit, val, test, quiet)
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
         if val and not _calibrated(out):   # killed between writing model.pt and calibrating it
             if (env_rank_world() or (0, 1))[0] == 0:
@@ -218,6 +221,18 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
             calibrate(model, val, cfg, out, quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
+
+
+def _say_split(fit, val, test, quiet: bool) -> None:
+    """The split in one line, and a warning now for test images that evaluate would refuse after training."""
+    if not quiet:
+        n_def = sum(not s.is_normal for s in test)
+        print(f"{len(fit)} training images, {len(val)} validation normals (threshold, label-free choices), "
+              f"{len(test)} test images ({n_def} with defects) left for evaluate")
+    try:
+        check_samples(test)
+    except BadInputError as e:   # training does not read them: say it now, not after the last epoch
+        warnings.warn(f"evaluate will refuse test images of this data (training goes on without them):\n{e}")
 
 
 def _final_model(out: Path, cfg: dict, state: dict) -> bool:
