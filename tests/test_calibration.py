@@ -88,7 +88,7 @@ def test_train_val_fraction_flag_sets_the_validation_share(tmp_path, capsys):
     assert cal["n_val_normals"] == 4 and len(cal["val_paths"]) == 4
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["val_fraction"] == 0.5
     assert main(args + ["--val-fraction", "1.0", "--out", str(tmp_path / "bad")]) == 2
-    assert "val_fraction 1.0 must be in [0, 1)" in capsys.readouterr().err
+    assert "val_fraction must be a number >= 0 and < 1, got 1.0" in capsys.readouterr().err
 
 
 def test_map_range_exact_when_small_and_close_when_strided():

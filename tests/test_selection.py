@@ -154,7 +154,7 @@ def test_val_every_and_bad_settings(texture, tmp_path):
     assert ["val_synthetic_score" in r for r in log] == [False, True, True]   # epoch 2, and the last
     with pytest.raises(BadInputError, match="val_fraction is 0"):
         train(_cfg(texture, select="synthetic", val_fraction=0.0), tmp_path / "a", quiet=True)
-    with pytest.raises(BadInputError, match="keep_every must be >= 0"):
+    with pytest.raises(BadInputError, match=r"keep_every must be an integer >= 0, got -2"):
         train(_cfg(texture, keep_every=-2), tmp_path / "c", quiet=True)
     with pytest.raises(BadInputError, match="unknown select"):
         train(_cfg(texture, select="best"), tmp_path / "b", quiet=True)

@@ -138,8 +138,6 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     has_mask = torch.tensor([s.mask is not None for s in fit])
     log_path = out / "train_log.jsonl"
     log_lines = log_path.read_text().splitlines()[:start_epoch] if (resume and log_path.exists()) else []
-    if int(cfg.get("keep_every") or 0) < 0:
-        raise BadInputError(f"keep_every must be >= 0, got {cfg['keep_every']}", fix="e.g. keep_every: 10, or 0")
     synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main)
     drop_last = len(ds) > cfg["batch_size"]
     steps = len(ds) // cfg["batch_size"] if drop_last else 1   # the batches an epoch really runs
