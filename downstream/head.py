@@ -304,10 +304,11 @@ def train_head(X, y, task=None, n_splits=5, seed=0, class_weight="balanced", par
         oof_pred = oof.argmax(1)
     pooled = _metrics(codes, oof, oof_pred, classes)
     if pooled["balanced_accuracy"] <= 1 / k:   # a constant prediction scores exactly 1/k: accuracy alone hides it
-        warnings.warn(f"the head is no better than chance out of fold: balanced accuracy {pooled['balanced_accuracy']:.3f} "
-                      f"(chance {1 / k:.3f}), accuracy {pooled['accuracy']:.3f} against {pooled['majority_accuracy']:.3f} "
-                      "for always predicting the largest class. These features do not separate the classes for it: "
-                      "more labelled rows, a trained run's features, or fewer classes may")
+        warnings.warn("the head is no better than chance out of fold: balanced accuracy "
+                      f"{pooled['balanced_accuracy']:.3f} (chance {1 / k:.3f}), accuracy {pooled['accuracy']:.3f} "
+                      f"against {pooled['majority_accuracy']:.3f} for always predicting the largest class. These "
+                      "features do not separate the classes for it: more labelled rows, a trained run's features, "
+                      "or fewer classes may")
     n_est = max(1, int(np.median(best)))
     final = _model(base, n_est).fit(x, codes, feature_name=names)
     threshold = (float(np.mean(thresholds)) if thresholds else 0.5) if task == "binary" else None

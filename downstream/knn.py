@@ -120,7 +120,8 @@ class KNNScorer:
         try:
             meta = json.loads((d / "knn.json").read_text())
         except FileNotFoundError as e:
-            raise BadInputError("no knn.json here", path=d, fix="pass a folder written by `uninet-feat index --out DIR` (at --level patch)") from e
+            raise BadInputError("no knn.json here", path=d,
+                                fix="pass a folder written by `uninet-feat index --out DIR` (at --level patch)") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInputError("knn.json is corrupt", path=d / "knn.json", fix="save the scorer again") from e
         if meta.get("format") != _FORMAT:

@@ -145,7 +145,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         old.unlink()
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
-    summary = {"n_images": len(rows), "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows), "flag_by": flag_by,
+    summary = {"n_images": len(rows), "flag_by": flag_by,
+               "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows),
                "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
                "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
                **summary_extra}

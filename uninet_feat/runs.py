@@ -158,7 +158,8 @@ class CachedDataset(torch.utils.data.Dataset):
 def run_path(run: str | Path, name: str) -> Path:
     p = Path(run) / name
     if not Path(run).is_dir():
-        raise BadInputError("no such run folder", path=run, fix="pass the --out folder of a finished `uninet-feat train`")
+        raise BadInputError("no such run folder", path=run,
+                            fix="pass the --out folder of a finished `uninet-feat train`")
     if not p.exists():
         raise BadInputError(f"{name} not found in run folder", path=run,
                             fix="pass the --out folder of a finished `uninet-feat train`")

@@ -62,7 +62,8 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
     if level == "image":   # these shape a memory bank of normals; an image index holds every row as it is
         given = [f"--{n} {v}" for n, v in (("coreset", coreset), ("k", k), ("run", run)) if v is not None]
         if given:
-            raise BadInputError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only at --level patch (the kNN scorer's memory bank); "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise BadInputError(f"{', '.join(given)} {verb} only at --level patch (the kNN scorer's memory bank); "
                                 "an image-level index holds every image row and scores nothing",
                                 fix="drop them, or use --level patch")
     coreset = 0.1 if coreset is None else coreset

@@ -180,7 +180,8 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
         _NONBINARY.append(str(path))
         if len(_NONBINARY) == 1:  # once per process: anti-aliased mask sets would otherwise flood the log
             warnings.warn(f"{path}: mask is not binary ({len(np.unique(raw))} distinct values); "
-                          "every non-zero pixel is taken as defect (said once; further such masks are taken the same way)")
+                          "every non-zero pixel is taken as defect (said once; further such masks are taken the "
+                          "same way)")
     return raw > 0
 
 
