@@ -202,13 +202,19 @@ def test_a_saved_config_reruns_from_any_folder(setup, tmp_path, monkeypatch):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     assert main(["extract", "--data", os.path.relpath(data), "--run", os.path.relpath(run), "--quiet",
-                 "--weights", "imagenet", "--out", "f"]) == 0
+                 "--weights", "imagenet", "--shard-size", "4", "--out", "f"]) == 0
     saved = yaml.safe_load((tmp_path / "a" / "f" / "config.yaml").read_text())
     assert saved["data"] == str(data) and saved["run"] == str(run) and saved["out"] == str(tmp_path / "a" / "f")
     assert saved["weights"] == "imagenet"     # not a path
     monkeypatch.chdir(tmp_path / "b")
     assert main(["extract", "--config", str(tmp_path / "a" / "f" / "config.yaml"), "--out", "g"]) == 0
     np.testing.assert_array_equal(FeatureStore(tmp_path / "b" / "g").vectors, FeatureStore(tmp_path / "a" / "f").vectors)
+    shards = sorted((tmp_path / "a" / "f").glob("shard-*.npz"))
+    assert len(shards) > 1
+    kept = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
+    shards[-1].unlink()                                    # as if killed: the saved config resumes the same store
+    assert main(["extract", "--config", str(tmp_path / "a" / "f" / "config.yaml")]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == kept and shards[-1].exists()
 
 
 def saved_command(folder):
@@ -433,3 +439,22 @@ def test_train_head_says_what_its_rows_cannot_support(setup, tmp_path):
     with pytest.raises(BadInputError, match="needs a group for every row") as e:
         train_head_cmd(f, tmp_path / "h3", task="multiclass", label_from="group/label", folds=2)
     assert "--label-from label" in str(e.value)
+
+
+def test_a_store_fingerprinted_the_old_way_still_resumes(setup, tmp_path):
+    """Stores written before session 23 fingerprinted the run path as typed; a killed one still resumes."""
+    from uninet_feat.extract import _fingerprint
+    data, run, samples = setup
+    f = tmp_path / "f"
+    Extractor(run=run).extract_to(samples, f, shard_size=4)
+    m = json.loads((f / "manifest.json").read_text())
+    m["fingerprint"] = _fingerprint({**m["source"], "run": str(run)}, m["settings"], [i["path"] for i in m["items"]])
+    (f / "manifest.json").write_text(json.dumps(m))
+    last = sorted(f.glob("shard-*.npz"))[-1]
+    last.unlink()
+    Extractor(run=run).extract_to(samples, f, shard_size=4)
+    assert last.exists()
+    m["fingerprint"] = "something else"
+    (f / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BadInputError, match="another model/settings"):
+        Extractor(run=run).extract_to(samples, f, shard_size=4)

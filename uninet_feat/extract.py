@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,11 +41,12 @@ class Extractor:
         from .calibration import load_run
         if run is not None:
             path = run_path(run, "model.pt")
+            self._run_typed = run
             self.run_dir = path.parent
             self.model, _, self.cfg = load_run(path.parent)   # with the run's pixel-map levels, if calibrated
             self.model.eval()
             self.backbone = self.model.source
-            self.source = {"run": str(run), "model_sha256": file_sha256(path)}
+            self.source = {"run": os.path.abspath(self.run_dir), "model_sha256": file_sha256(path)}
         else:
             self.model, self.run_dir = None, None
             name = backbone or DEFAULT_CONFIG["backbone"]
@@ -184,12 +186,15 @@ class Extractor:
         n_shards = max(1, -(-len(items) // shard_size))
         settings = {"image_size": self.cfg["image_size"], "tile": self.cfg.get("tile"), "patches": self.patches,
                     "shard_size": shard_size}
-        fp = hashlib.sha256(json.dumps([self.source, settings, [i["path"] for i in items]],
-                                       sort_keys=True).encode()).hexdigest()
+        # what the store holds, however its paths were spelled: the model by its sha256, items by absolute path
+        what = {k: v for k, v in self.source.items() if k != "run"}
+        fp = _fingerprint(what, settings, [os.path.abspath(i["path"]) for i in items])
+        typed = _fingerprint({**self.source, "run": str(self._run_typed)} if self.model is not None else self.source,
+                             settings, [i["path"] for i in items])   # stores written before session 23
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
                     "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
                     "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds)}
-        done = start_store(folder, manifest)
+        done = start_store(folder, manifest, legacy=typed)
         mine = [k for k in range(n_shards) if k % shard[1] == shard[0] and k not in done]
         with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       disable=quiet) as prog:
@@ -205,3 +210,7 @@ class Extractor:
             atomic_write_text(folder / "complete", "ok\n")
             return FeatureStore(folder)
         return None
+
+
+def _fingerprint(source: dict, settings: dict, paths: list) -> str:
+    return hashlib.sha256(json.dumps([source, settings, paths], sort_keys=True).encode()).hexdigest()

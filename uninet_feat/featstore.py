@@ -57,14 +57,15 @@ def write_shard(folder: Path, i: int, arrays: dict) -> None:
     atomic_write(folder / shard_name(i), w)
 
 
-def start_store(folder: Path, manifest: dict) -> set[int]:
-    """Create or re-open a store; returns the shard ids already finished."""
+def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[int]:
+    """Create or re-open a store; returns the shard ids already finished. ``legacy``: the fingerprint an older
+    version gave the same extraction, also accepted."""
     folder.mkdir(parents=True, exist_ok=True)
     mpath = folder / "manifest.json"
     started = any(folder.glob("shard-*.npz"))   # a store that failed before its first shard is started over
     if mpath.exists() and started:
         old = json.loads(mpath.read_text())
-        if old.get("fingerprint") != manifest["fingerprint"]:
+        if old.get("fingerprint") not in (manifest["fingerprint"], legacy):
             raise BadInputError("feature folder holds features of another model/settings", path=folder,
                                 fix="choose a new --out, or delete the folder to start over")
         done = set()
