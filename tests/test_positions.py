@@ -229,8 +229,24 @@ def test_offsets_are_per_group_and_an_unknown_group_is_named(run):
     with pytest.raises(BadInputError, match="no position offsets for group 'C'") as e:
         corrected(1.0, box, rec["offsets"], replace(b[0], group="C"))
     assert b[0].path.name in str(e.value)
-    one = {"A": rec["offsets"]["A"]}   # a run of one group scores an image of any group (a new batch has none)
+    one = {"A": rec["offsets"]["A"]}   # a run of one group scores an image without a group (a new batch)
     assert corrected(1.0, box, one, replace(b[0], group="")) == pytest.approx(1.0 - one["A"]["0,64"])
+    with pytest.raises(BadInputError, match="from group 'A' only"):   # but not another group's with A's offsets
+        corrected(1.0, box, one, replace(b[0], group="B"))
+
+
+def test_a_run_of_one_group_refuses_to_be_evaluated_on_another(tmp_path):
+    """`evaluate --group lineB` of a run trained on lineA alone scored lineB with lineA's model and threshold,
+    silently; the run's own group is evaluated as before."""
+    from uninet_feat.evaluate import evaluate
+    root = tmp_path / "g"
+    for i, g in enumerate(("lineA", "lineB")):   # MVTec-style with categories: root/<group>/train/good, ...
+        write_texture_set(root / g, n_train=6, n_good=2, n_bad=2, seed=i)
+    train(_cfg(root, tile=None, group="lineA"), tmp_path / "r", quiet=True)
+    with pytest.raises(BadInputError, match="trained on group 'lineA' only") as e:
+        evaluate(tmp_path / "r", group="lineB", quiet=True)
+    assert "train --group lineB" in str(e.value)
+    assert evaluate(tmp_path / "r", group="lineA", quiet=True)["n_test"] == 4
 
 
 def test_predict_group_picks_a_multi_group_runs_offsets(run, tmp_path):

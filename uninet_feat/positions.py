@@ -147,8 +147,15 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
     With ``neighbours`` (and the tile's ``context``), the offset of its nearest training tiles at that place."""
     if not offsets:
         return score
-    group = sample.group if sample.group in offsets else (next(iter(offsets)) if len(offsets) == 1 else None)
+    # a run of one group scores images without one (a new batch) with its offsets, not another group's images
+    group = sample.group if sample.group in offsets else (next(iter(offsets)) if len(offsets) == 1
+                                                          and not sample.group else None)
     table = offsets.get(group) if group is not None else None
+    if table is None and len(offsets) == 1:
+        raise BadInputError(f"no position offsets for group {sample.group!r}: the run's normals came from group "
+                            f"{next(iter(offsets))!r} only", path=sample.path,
+                            fix="score that group's images with this run (or drop --group for a new batch of them), "
+                                "or train a run on this group")
     if table is None:
         raise BadInputError(f"no position offsets for group {sample.group!r}: the run's normals came from groups "
                             f"{sorted(offsets)}", path=sample.path,

@@ -134,6 +134,12 @@ def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False):
     """``model`` (channels-last when the run trained so) with ``cfg`` set for scoring a finished run: ``group``
     when given, ``skip_bad`` as asked now (not as the run was trained), its thread count."""
     if group is not None:
+        if cfg.get("group") is not None and str(group) != str(cfg["group"]):
+            raise BadInputError(f"this run was trained on group {cfg['group']!r} only; its model, threshold and "
+                                f"offsets are that group's, so group {group!r}'s figures would not be",
+                                path=cfg.get("data"),
+                                fix=f"evaluate a run trained on {group!r} (`train --group {group}`) or one trained on "
+                                    "every group (no --group), or drop --group")
         cfg["group"] = group
     cfg["skip_bad"] = bool(skip_bad)
     set_threads(cfg)
