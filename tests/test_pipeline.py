@@ -293,7 +293,7 @@ def test_per_label_takes_lists_or_arrays():
     from types import SimpleNamespace
     from uninet_feat.evaluate import per_label_metrics
     rng = np.random.default_rng(0)
-    test = [SimpleNamespace(label=l, is_normal=l == "good") for l in ["good"] * 4 + ["a"] * 3 + ["b"] * 3]
+    test = [SimpleNamespace(label=l, is_normal=l == "good", group="") for l in ["good"] * 4 + ["a"] * 3 + ["b"] * 3]
     labels = np.array([0 if s.is_normal else 1 for s in test])
     masks = np.zeros((10, 16, 16), bool)
     masks[4:7, 2:6, 2:6] = True
@@ -304,6 +304,26 @@ def test_per_label_takes_lists_or_arrays():
     b = per_label_metrics(test, labels, scores, {"maps": list(maps), "masks": list(masks)}, True, ["a", "b"])
     assert a == b
     assert a["a"]["defect_pixel_share"] == 48 / (48 + 384) and a["b"]["n"] == 3
+
+
+def test_per_label_compares_a_label_with_the_normals_of_its_own_groups():
+    """Group A's normals score high, group B's low; label x occurs in B only: its AUROC is against B's normals
+    (0.5 here, scores tied with them), not A's (which would make it look perfect the other way round). A label
+    whose group has no test normal gets no image metrics, and the evaluate-level mean says which groups it
+    covers."""
+    from types import SimpleNamespace
+    from uninet_feat.evaluate import group_metrics, per_label_metrics
+    groups = ["A"] * 4 + ["B"] * 4 + ["B"] * 2 + ["C"] * 2
+    kinds = ["good"] * 8 + ["x"] * 2 + ["y"] * 2
+    test = [SimpleNamespace(label=k, is_normal=k == "good", group=g) for k, g in zip(kinds, groups)]
+    labels = np.array([0 if s.is_normal else 1 for s in test])
+    scores = np.array([9.0] * 4 + [1.0, 2.0, 3.0, 4.0] + [2.5, 2.5] + [5.0, 6.0])
+    with pytest.warns(UserWarning, match="group C's test set has only defective images"):
+        g = group_metrics(groups, labels, scores, {}, False)
+    assert g["mean_image_auroc_groups"] == ["B"] and g["mean_image_auroc"] == 0.5 and g["per_group"]["C"] == {}
+    per = per_label_metrics(test, labels, scores, {}, False, ["x", "y"])
+    assert per["x"]["image_auroc"] == 0.5 and per["x"]["n"] == 2
+    assert "image_auroc" not in per["y"]
 
 
 def test_grad_checkpointing_trains_the_same_model(texture, tmp_path):

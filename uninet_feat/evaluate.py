@@ -282,12 +282,13 @@ def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
                                                  "or --run the folder this checkpoint came from")
 
 
-def _metrics(labels, scores, res, has_masks, seed=0) -> dict:
+def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set") -> dict:
     """Image metrics (I-AUROC with its bootstrap interval, I-AP, F1-max) and, with masks, P-AUROC and AUPRO with
     theirs (`metrics.pixel_bootstrap`, resampling images: 1.1 s for magnetic tile's 666 test maps)."""
     out = {}
     if labels.min() == labels.max():
-        warnings.warn("test set has only one class; image metrics skipped")
+        warnings.warn(f"{scope} has only {'defective' if labels.min() else 'normal'} images; its image metrics are "
+                      "skipped")
         return out
     out["image_auroc"] = metrics.image_auroc(labels, scores)
     out["image_auroc_interval"] = metrics.interval(metrics.image_auroc_bootstrap(labels, scores, seed=seed))
@@ -306,10 +307,11 @@ def _metrics(labels, scores, res, has_masks, seed=0) -> dict:
     return out
 
 
-def _subset_metrics(idx, labels, scores, res, has_masks, seed=0) -> dict:
+def _subset_metrics(idx, labels, scores, res, has_masks, seed=0, scope: str = "the test set") -> dict:
     """``_metrics`` on the images ``idx`` only (maps and masks may be lists or stacked arrays)."""
     pick = lambda key: [res[key][i] for i in idx] if res.get(key) is not None else None  # noqa: E731
-    return _metrics(labels[idx], scores[idx], {k: pick(k) for k in ("maps", "masks", "pixel_ok")}, has_masks, seed)
+    return _metrics(labels[idx], scores[idx], {k: pick(k) for k in ("maps", "masks", "pixel_ok")}, has_masks, seed,
+                    scope)
 
 
 def group_metrics(groups, labels, scores, res, has_masks) -> dict:
@@ -320,11 +322,13 @@ def group_metrics(groups, labels, scores, res, has_masks) -> dict:
     if len(names) < 2:
         return {}
     idx = {g: [i for i, x in enumerate(groups) if x == g] for g in names}
-    per = {g: _subset_metrics(idx[g], labels, scores, res, has_masks, seed=[0, k + 1]) for k, g in enumerate(names)}
+    per = {g: _subset_metrics(idx[g], labels, scores, res, has_masks, seed=[0, k + 1], scope=f"group {g}'s test set")
+           for k, g in enumerate(names)}
     out = {"per_group": per}
     scored = [g for g in names if "image_auroc" in per[g]]
     if scored:
         out["mean_image_auroc"] = float(np.mean([per[g]["image_auroc"] for g in scored]))
+        out["mean_image_auroc_groups"] = scored   # a group of one class has no AUROC: the mean is over the others
         draws = [metrics.image_auroc_bootstrap(labels[idx[g]], scores[idx[g]], seed=[0, names.index(g) + 1])
                  for g in scored]
         out["mean_image_auroc_interval"] = metrics.interval(np.mean(draws, axis=0))
@@ -332,17 +336,20 @@ def group_metrics(groups, labels, scores, res, has_masks) -> dict:
 
 
 def per_label_metrics(test, labels, scores, res, has_masks, defect_labels) -> dict:
-    """Each defect label against all test normals, and its share of the defect pixels.
+    """Each defect label against the test normals of the groups it occurs in (all of them when there are no
+    groups), and its share of the defect pixels: against another group's normals a label's figure would
+    measure how the groups differ. A label whose groups have no test normal gets no image metrics.
 
     Pixel AUROC pools pixels over the test set, so a label whose masks are large dominates it; the
     share tells a reader which label a low pooled figure comes from.
     """
-    normal = [i for i, s in enumerate(test) if s.is_normal]
     masks = res.get("masks") if has_masks else None   # a list (evaluate) or an array (benchmarks)
     total = sum(int(m.sum()) for m in masks) if masks is not None else 0
     per = {}
     for name in defect_labels:
         mine = [i for i, s in enumerate(test) if s.label == name]
+        where = {test[i].group for i in mine}
+        normal = [i for i, s in enumerate(test) if s.is_normal and s.group in where]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             per[name] = {"n": len(mine), **_subset_metrics(normal + mine, labels, scores, res, has_masks)}
@@ -378,8 +385,11 @@ def print_report(report: dict) -> None:
     console.print(table)
     if "mean_image_auroc" in report:
         lo, hi = report.get("mean_image_auroc_interval") or (float("nan"),) * 2
-        console.print(f"mean image AUROC over groups {report['mean_image_auroc']:.4f} "
-                      f"(95 % interval {lo:.3f}-{hi:.3f})")
+        over = report.get("mean_image_auroc_groups") or list(report.get("per_group", {}))
+        left = sorted(set(report.get("per_group", {})) - set(over))
+        console.print(f"mean image AUROC over {len(over)} groups {report['mean_image_auroc']:.4f} "
+                      f"(95 % interval {lo:.3f}-{hi:.3f})"
+                      + (f"; left out, one class only: {', '.join(left)}" if left else ""))
     if "image_auroc_interval" in report:
         console.print(f"intervals: image_auroc {metrics.INTERVAL_RULE}"
                       + (f"; pixel_auroc and aupro {metrics.PIXEL_INTERVAL_RULE}" if "aupro_interval" in report else ""))
