@@ -46,7 +46,8 @@ def write_image(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _reset_nonbinary_mask_log():
-    """Non-binary masks warn once per process; each test starts with a fresh count."""
+    """Non-binary masks and few-bit 16-bit images warn once per process; each test starts with a fresh count."""
     from uninet_feat.data import images
     images._NONBINARY.clear()
+    images._FEW_BITS.clear()
     yield

@@ -78,6 +78,22 @@ def test_16bit_png_scaled_by_full_range(tmp_path):
     np.testing.assert_allclose(a[0, :4, 0], [0, 32768 / 65535, 1.0, 255 / 65535], rtol=1e-6)
 
 
+def test_16bit_png_of_12bit_values_is_read_at_full_scale_with_a_note(tmp_path):
+    """12-bit camera data in a 16-bit file reads 16x darker; it is still scaled by 65535 (a dark 16-bit image
+    looks the same), and said once per process."""
+    arr = np.tile(np.array([0, 1000, 4095, 2048], np.uint16), (8, 3))
+    p = _save(tmp_path, "g12.png", Image.fromarray(arr))
+    with pytest.warns(UserWarning, match=r"g12.png: a 16-bit image whose values stay below 4096 \(max 4095\)"):
+        a = load_image(p)
+    np.testing.assert_allclose(a[0, :4, 0], [0, 1000 / 65535, 4095 / 65535, 2048 / 65535], rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(p)                                        # once per process
+        from uninet_feat.data import images
+        images._FEW_BITS.clear()
+        load_image(_save(tmp_path, "g16.png", Image.fromarray(np.full((8, 12), 5000, np.uint16))))   # uses 16 bits
+
+
 def test_32bit_int_tiff_scaled_by_tag(tmp_path):
     arr = np.tile(np.array([0, 2 ** 30, 2 ** 31 - 1], np.int32), (8, 4))
     a = load_image(_save(tmp_path, "i32.tif", Image.fromarray(arr)))

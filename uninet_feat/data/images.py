@@ -93,13 +93,17 @@ def _to_array(img: Image.Image, path, meta: Image.Image | None = None) -> np.nda
         # RGBA keeps PIL from warning about palette transparency; the alpha is then dropped.
         a = np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
     elif mode.startswith("I;16"):
-        a = np.asarray(img).astype(np.float32) / 65535.0
+        raw = np.asarray(img)
+        _few_bits_note(path, raw, 65535.0)
+        a = raw.astype(np.float32) / 65535.0
     elif mode == "I":
         a = np.asarray(img).astype(np.float64)
         if a.size and a.min() < 0:
             raise BadInputError("signed integer image with negative values", path=path,
                                 fix="save it as unsigned 8- or 16-bit")
-        a = (a / _int_max(meta or img, a)).astype(np.float32)
+        full = _int_max(meta or img, a)
+        _few_bits_note(path, a, full)
+        a = (a / full).astype(np.float32)
     elif mode == "F":
         a = np.asarray(img, dtype=np.float32)
         if not np.isfinite(a).all():
@@ -118,6 +122,22 @@ def _to_array(img: Image.Image, path, meta: Image.Image | None = None) -> np.nda
     if a.ndim == 2:
         a = a[..., None]
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+_FEW_BITS: list[str] = []
+
+
+def _few_bits_note(path, raw: np.ndarray, full: float) -> None:
+    """Warn (once per process) when a 16-bit image's values all fit 12 bits: 8- or 12-bit camera data stored in
+    a 16-bit file reads 16-256x darker than it looks, since it is scaled by the container's full scale, as it must
+    be for real 16-bit data. A dark 16-bit image triggers it too, so it is a note, not a rescale."""
+    if full == 65535.0 and raw.size and 0 < int(raw.max()) < 4096:
+        _FEW_BITS.append(str(path))
+        if len(_FEW_BITS) == 1:
+            warnings.warn(f"{path}: a 16-bit image whose values stay below 4096 (max {int(raw.max())}): if it "
+                          "holds 8- or 12-bit camera data it is read 16-256x darker than full scale (scaled by "
+                          "65535). Fine if all images are stored alike; else store them at one bit depth (said "
+                          "once per run)")
 
 
 def _int_max(img: Image.Image, a: np.ndarray) -> float:
