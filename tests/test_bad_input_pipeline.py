@@ -1,5 +1,7 @@
 """Bad input at the pipeline level: each case gives a clear error naming the file and the fix."""
 import errno
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +114,13 @@ def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
     with pytest.warns(UserWarning, match="broken.png"):
         train(load_config(None, {"data": str(data), "skip_bad": True}, base=base), tmp_path / "r2", quiet=True)
     assert (tmp_path / "r2" / "model.pt").exists()
+    cfg = load_config(None, {"data": str(data), "skip_bad": True, "val_fraction": 0.8}, base=base)
+    val = train_val_samples(load_samples(cfg), cfg)[1]
+    assert any(s.path.name == "broken.png" for s in val)         # this seed's split holds it out
+    with pytest.warns(UserWarning, match="broken.png"):
+        train(cfg, tmp_path / "r3", quiet=True)
+    cal = json.loads((tmp_path / "r3" / "calibration.json").read_text())
+    assert [Path(p).name for p in cal["skipped"]] == ["broken.png"] and cal["n_val_normals"] == len(val) - 1
 
 
 def test_train_names_every_unreadable_image_before_training(tmp_path, capsys, monkeypatch):

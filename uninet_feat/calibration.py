@@ -304,8 +304,9 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
            "val_paths": [str(Path(res["samples"][i].path).resolve()) for i in order],
            "map_range": pixels.result(), "map_range_pixel_map": pixel_map_kind(model.cfg),
            "map_levels": model.cfg.get("map_levels"), "map_norm": model.cfg.get("map_norm"),
-           "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels"}
-    return cal
+           "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels",
+           "skipped": list(res["skipped"])}   # unreadable validation normals left out (--skip-bad): the threshold
+    return cal                                  # rests on the others
 
 
 def validation_normals(cfg: dict) -> list:
