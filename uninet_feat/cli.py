@@ -302,11 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", help="YAML file: flag names (without --) → values; flags override it")
     for name, sp in sub.choices.items():   # flags that many commands share get their help in one place
         for a in sp._actions:
-            if a.option_strings and not a.help and a.option_strings[0] != "-h":
-                a.help = _help_of(name, a)
-            elif (a.help and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in a.help
-                  and a.nargs != 0):   # a switch (--no-overlays) has no value to show
-                a.help += f" (default {a.default})"
+            if not a.option_strings or a.option_strings[0] == "-h":
+                continue
+            text = a.help or _help_of(name, a.option_strings[0])
+            if a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text and a.nargs != 0:
+                text = f"{text} (default {a.default})".strip()   # a switch (--no-overlays) has no value to show
+            a.help = text or " "
     ap.commands = sub.choices
     return ap
 
@@ -330,13 +331,8 @@ _OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store fold
              "prompts": "YAML file to write", "demo": "demo folder (data, run, report; default runs/demo)"}
 
 
-def _help_of(command: str, action) -> str:
-    flag = action.option_strings[0]
-    text = _OUT_HELP.get(command) if flag == "--out" else _SHARED_HELP.get(flag, "")
-    if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in (text or "") \
-            and action.nargs != 0:
-        text = f"{text} (default {action.default})".strip()
-    return text or " "
+def _help_of(command: str, flag: str) -> str:
+    return (_OUT_HELP.get(command) if flag == "--out" else _SHARED_HELP.get(flag)) or ""
 
 
 def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
