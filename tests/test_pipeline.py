@@ -138,6 +138,9 @@ def test_resuming_a_finished_run_leaves_its_model_untouched(texture, trained, tm
     train(_cfg(texture), run, resume=True, quiet=True)
     assert file_sha256(run / "model.pt") == before["model.pt"][1]
     assert json.loads((run / "calibration.json").read_text()) == json.loads((trained / "calibration.json").read_text())
+    (run / "calibration.json").write_text("{not json")   # damaged: calibrated again, not a JSON traceback
+    train(_cfg(texture), run, resume=True, quiet=True)
+    assert json.loads((run / "calibration.json").read_text()) == json.loads((trained / "calibration.json").read_text())
 
 
 def test_refuses_to_overwrite_a_run(texture, trained):

@@ -69,11 +69,12 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     test = [s for s in samples if s.split == "test"]
-    if not resume and (env_rank_world() or (0, 1))[0] == 0:
+    rank, world = env_rank_world() or (0, 1)   # [distributed] torchrun; (0, 1) in a single process
+    if not resume and rank == 0:
         _say_split(fit, val, test, quiet)
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
         if val and not _calibrated(out):   # killed between writing model.pt and calibrating it
-            if (env_rank_world() or (0, 1))[0] == 0:
+            if rank == 0:
                 from .calibration import recalibrate
                 recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
                             map_norm=cfg.get("map_norm", "none"))
@@ -123,7 +124,7 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
         opt_t.load_state_dict(state["opt_target"])
         start_epoch = int(state["epoch"])
     # [distributed] torchrun: every rank has loaded the same state; DDP + global BN (distributed.py)
-    if cfg.get("step_in_backward") and (env_rank_world() or (0, 1))[1] > 1:
+    if cfg.get("step_in_backward") and world > 1:
         raise BadInputError("--step-in-backward cannot be used with torchrun (DDP averages gradients after "
                             "they are consumed)", path=out, fix="drop --step-in-backward for distributed runs")
     dd = init_from_env(device="cpu")  # this loop keeps the model on the CPU: gloo
@@ -248,10 +249,11 @@ def _final_model(out: Path, cfg: dict, state: dict) -> bool:
 
 
 def _calibrated(out: Path) -> bool:
-    """Whether calibration.json was written for the run's current model.pt."""
+    """Whether calibration.json was written for the run's current model.pt (an unreadable one was not)."""
+    from .calibration import saved_calibration
     from .featstore import file_sha256
-    cal = out / "calibration.json"
-    return cal.is_file() and json.loads(cal.read_text()).get("model_sha256") == file_sha256(out / "model.pt")
+    cal = saved_calibration(out)
+    return cal is not None and cal.get("model_sha256") == file_sha256(out / "model.pt")
 
 
 def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | None:
