@@ -124,20 +124,19 @@ def _to_array(img: Image.Image, path, meta: Image.Image | None = None) -> np.nda
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-_FEW_BITS: list[str] = []
+_FEW_BITS: list[str] = []   # the one image the note named (said once per process)
 
 
 def _few_bits_note(path, raw: np.ndarray, full: float) -> None:
     """Warn (once per process) when a 16-bit image's values all fit 12 bits: 8- or 12-bit camera data stored in
     a 16-bit file reads 16-256x darker than it looks, since it is scaled by the container's full scale, as it must
     be for real 16-bit data. A dark 16-bit image triggers it too, so it is a note, not a rescale."""
-    if full == 65535.0 and raw.size and 0 < int(raw.max()) < 4096:
+    if not _FEW_BITS and full == 65535.0 and raw.size and 0 < int(raw.max()) < 4096:
         _FEW_BITS.append(str(path))
-        if len(_FEW_BITS) == 1:
-            warnings.warn(f"{path}: a 16-bit image whose values stay below 4096 (max {int(raw.max())}): if it "
-                          "holds 8- or 12-bit camera data it is read 16-256x darker than full scale (scaled by "
-                          "65535). Fine if all images are stored alike; else store them at one bit depth (said "
-                          "once per run)")
+        warnings.warn(f"{path}: a 16-bit image whose values stay below 4096 (max {int(raw.max())}): if it "
+                      "holds 8- or 12-bit camera data it is read 16-256x darker than full scale (scaled by "
+                      "65535). Fine if all images are stored alike; else store them at one bit depth (said "
+                      "once per run)")
 
 
 def _int_max(img: Image.Image, a: np.ndarray) -> float:
