@@ -60,6 +60,12 @@ def test_default_threshold_warns_when_it_rests_on_too_few_validation_normals(tmp
     eighteen = _run(tmp_path / "18", val_scores=list(np.linspace(0, 1, 18)), n_val_normals=18)
     with pytest.warns(UserWarning, match=r"only 18 validation normals, .*1/19 \(5 %\)"):
         resolve_threshold(eighteen)
+    tenth = _run(tmp_path / "tenth", val_scores=[0.1] * 10, n_val_normals=10, val_fraction=0.1)
+    with pytest.warns(UserWarning, match=r"`train --val-fraction 0.19`, now 0.1: 19 or more"):
+        resolve_threshold(tenth)                     # the fix names a larger share, not one the run already uses
+    half = _run(tmp_path / "half", val_scores=[0.1] * 4, n_val_normals=4, val_fraction=0.5)
+    with pytest.warns(UserWarning, match=r"add normal images to train on \(--val-fraction is 0.5 already"):
+        resolve_threshold(half)
     enough = _run(tmp_path / "19", val_scores=list(np.linspace(0, 1, 19)), n_val_normals=19)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

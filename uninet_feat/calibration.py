@@ -27,20 +27,29 @@ NEIGHBOURS_FILE = "tile_neighbours.npz"   # tile_norm: neighbours — the traini
 FEW_NORMALS = 19   # below this many validation normals a new normal passes the default threshold > 5 % of the time
 
 
-def few_normals_warning(n: int) -> None:
+def few_normals_warning(n: int, val_fraction: float | None = None) -> None:
     """Warn that the default threshold rests on too few validation normals to mean "1 % false positives".
 
     Why: with n normals the 0.99 quantile is (about) their highest score, and a new normal like them scores
     above the highest of n with probability 1/(n+1) — 50 % for one validation strip, which is what a 10 %
     split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals).
+    ``val_fraction``: the run's held-out share, when known, so that the fix names a larger one (or more images)
+    instead of one the run may already use.
     Issued from this one place (no stacklevel) so that the "default" filter the CLI sets prints it once per command,
     not once per scorer whose threshold is resolved (`evaluate --knn` resolves three)."""
-    if 0 < n < FEW_NORMALS:
-        warnings.warn(f"the default threshold is the 0.99 quantile of only {n} validation normal"
-                      f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
-                      f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: hold out more "
-                      f"normals (`train --val-fraction`, e.g. 0.3; {FEW_NORMALS} or more make it under 5 %), or "
-                      "set --threshold / --max-fpr from normal images of your own")
+    if not 0 < n < FEW_NORMALS:
+        return
+    hold = f"hold out more normals (`train --val-fraction`, e.g. 0.3; {FEW_NORMALS} or more make it under 5 %)"
+    if val_fraction:
+        need = math.ceil(round(100 * val_fraction * FEW_NORMALS / n, 6)) / 100   # the share that would hold FEW_NORMALS
+        hold = (f"hold out more normals (`train --val-fraction {need:g}`, now {val_fraction:g}: {FEW_NORMALS} or "
+                "more make it under 5 %)" if need <= 0.5 else
+                f"add normal images to train on (--val-fraction is {val_fraction:g} already, and {FEW_NORMALS} "
+                f"validation normals would need {need:g} of them)")
+    warnings.warn(f"the default threshold is the 0.99 quantile of only {n} validation normal"
+                  f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
+                  f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: {hold}, or "
+                  "set --threshold / --max-fpr from normal images of your own")
 
 
 def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None, map_norm=None,
@@ -72,7 +81,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     model.cfg["map_levels"] = levels
     model.cfg["map_norm"] = ranges if norm == "range" else None
     cal = calibration(model, val, cfg, quiet)
-    few_normals_warning(cal["n_val_normals"])
+    few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"))
     if choice is not None:
         cal["pixel_map_choice"] = choice
     if offsets is not None:
@@ -297,7 +306,7 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
     res = score_samples(model, val, cfg, quiet=quiet, on_map=lambda _, m, __: pixels.add(m))
     s = np.asarray(res["scores"], dtype=np.float64)
     order = np.argsort(s, kind="stable")       # val_paths[i] scored val_scores[i]: which normal sets the threshold
-    cal = {"n_val_normals": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
+    cal = {"n_val_normals": int(len(s)), "val_fraction": cfg.get("val_fraction"), "mean": float(s.mean()), "std": float(s.std()),
            "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
            "threshold": float(np.quantile(s, 0.99)), "threshold_rule": DEFAULT_RULE,
            "val_scores": [float(v) for v in s[order]],
@@ -389,7 +398,8 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
         path = source
     if max_fpr is None:
         if cal:
-            few_normals_warning(int(cal.get("n_val_normals", len(cal.get("val_scores", [])))))
+            few_normals_warning(int(cal.get("n_val_normals", len(cal.get("val_scores", [])))),
+                                cal.get("val_fraction"))
         if cal and cal.get("threshold") is not None:
             return cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)
         warnings.warn(f"{run}: no threshold, so no image is flagged (the flag is left empty): the run has no "
