@@ -359,4 +359,4 @@ def test_neighbours_offsets_by_hand_with_fewer_tiles_than_k_and_after_save_load(
         np.savez(tmp_path / "bad.npz", **{k: z[k] for k in z.files if not k.endswith("|context")})
     with pytest.raises(BadInputError, match="neighbours' tiles") as e:
         Neighbours.load(tmp_path / "bad.npz")
-    assert "bad.npz" in str(e.value) and "--tile-norm neighbours" in str(e.value)
+    assert "bad.npz" in str(e.value) and f"--run {tmp_path.resolve()} --tile-norm neighbours" in str(e.value)

@@ -19,6 +19,8 @@ Measured in docs/results.md; the medians are still kept (``offsets``) for the en
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -103,7 +105,8 @@ class Neighbours:
             return cls(groups)
         except (OSError, ValueError, KeyError) as e:
             raise BadInputError(f"cannot read the neighbours' tiles ({type(e).__name__}: {e})", path=path,
-                                fix="re-create it: `uninet-feat calibrate --run RUN --tile-norm neighbours`")
+                                fix="re-create it: `uninet-feat calibrate --run "
+                                f"{Path(path).resolve().parent} --tile-norm neighbours`")
 
 
 @torch.no_grad()
