@@ -143,6 +143,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="uninet-feat", description=__doc__)
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"uninet-feat {__version__}",
+                    help="print the version and exit (each run's env.json records it with the packages')")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train UniNet on normal images")
