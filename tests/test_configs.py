@@ -51,6 +51,28 @@ def test_train_help_states_the_defaults_the_config_really_has():
         assert (float(got) == float(want)) if isinstance(want, (int, float)) else got == want, (key, got, want)
 
 
+def test_version_flag_prints_the_package_version(capsys):
+    from uninet_feat import __version__
+    from uninet_feat.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"uninet-feat {__version__}"
+
+
+def test_environment_names_the_commit_of_a_checkout_and_nothing_outside_one(tmp_path, monkeypatch):
+    """env.json traces a run to its code: the checkout's HEAD, and whether tracked files differed from it."""
+    import subprocess
+    import uninet_feat.config as config
+    repo = Path(config.__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        pytest.skip("the package does not run from a git checkout here")
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = config.environment(3)
+    assert env["git_commit"] == head and isinstance(env["git_dirty"], bool) and env["seed"] == 3
+    monkeypatch.setattr(config, "__file__", str(tmp_path / "pkg" / "config.py"))   # an installed wheel: no .git
+    assert "git_commit" not in config.environment(3)
+
+
 def test_every_flag_of_every_command_says_what_it_is():
     """`uninet-feat COMMAND --help` leaves no flag unexplained; a flag with a default says it."""
     from uninet_feat.cli import build_parser

@@ -137,7 +137,25 @@ def environment(seed: int) -> dict:
     import timm
     return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
             "timm": timm.__version__, "numpy": np.__version__, "seed": seed,
-            "threads": torch.get_num_threads(), "uninet_feat": __import__("uninet_feat").__version__}
+            "threads": torch.get_num_threads(), "uninet_feat": __import__("uninet_feat").__version__,
+            **source_commit()}
+
+
+def source_commit() -> dict:
+    """The git commit of the code that ran, when it runs from a checkout (``make setup``'s editable install), and
+    whether files differed from it. Why: the version number stays 0.1.0 across every change, so a run's figures
+    can only be traced to the code that made them by its commit. Empty when git or the checkout is absent."""
+    import subprocess
+    here = Path(__file__).resolve().parent.parent
+    if not (here / ".git").exists():
+        return {}
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
 def save_run_config(run_dir: Path, cfg: dict, name: str = "config.yaml") -> None:
