@@ -208,8 +208,9 @@ def test_a_mask_of_the_wrong_size_stops_evaluate_only(tmp_path, capsys):
                  "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
     mask = sorted((data / "ground_truth").rglob("*_mask.png"))[0]
     Image.open(mask).resize((50, 60)).save(mask)
-    assert main(["predict", "--run", str(run), "--data", str(data), "--no-overlays", "--quiet",
-                 "--out", str(tmp_path / "p")]) == 0
+    assert main(["predict", "--run", str(run), "--data", str(data), "--threshold=-1e9", "--save-maps", "--quiet",
+                 "--out", str(tmp_path / "p")]) == 0   # every image flagged: overlays and maps read no mask either
+    assert len(list((tmp_path / "p" / "overlays").iterdir())) == len(list((tmp_path / "p" / "maps").glob("*.npy")))
     assert main(["extract", "--run", str(run), "--data", str(data), "--quiet", "--out", str(tmp_path / "f")]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--quiet"]) == 2

@@ -408,6 +408,44 @@ def test_predict_overlays_one_per_flagged_image_named_by_folder(trained, texture
     assert len(set(seen)) == 1 and seen[0][0] == 0.0 and len(seen) == len(list((tmp_path / "r/overlays").iterdir()))
 
 
+def test_predict_save_maps_writes_each_images_map_and_mask_at_its_own_size(trained, texture, tmp_path):
+    """--save-maps: every image's map at its own size (float16; a 96x80 copy too), equal to evaluate's map; its
+    mask is the map above the validation normals' 0.999 pixel quantile (or --pixel-threshold); a re-run without
+    the flag leaves no stale maps; --pixel-threshold alone is refused."""
+    import csv
+    import shutil
+    from PIL import Image
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.calibration import load_run
+    from uninet_feat.predict import predict_cmd
+    from uninet_feat.runs import samples_of
+    data = tmp_path / "d"
+    shutil.copytree(texture / "test", data / "test")
+    Image.open(data / "test/spot/000.png").resize((80, 96)).save(data / "test/spot/odd.png")
+    res = predict_cmd(trained, data, tmp_path / "p", save_maps=True, overlays=False, quiet=True)
+    cal = json.loads((trained / "calibration.json").read_text())
+    assert res["pixel_threshold"] == cal["map_range"][1] and "0.999 quantile" in res["pixel_threshold_rule"]
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "p" / "predictions.csv"))}
+    assert len(rows) == res["n_images"] == len(list((tmp_path / "p" / "maps").glob("*.npy"))) == 9
+    model, _, cfg = load_run(trained)
+    want = {str(s.path): m for s, m in zip(*(lambda r: (r["samples"], r["maps"]))(
+        score_samples(model, samples_of(str(data), None), cfg)))}
+    for path, r in rows.items():
+        m, mask = np.load(r["map"]), np.asarray(Image.open(r["defect_mask"])) > 0
+        assert m.dtype == np.float16 and m.shape == mask.shape == np.asarray(Image.open(path)).shape[:2]
+        assert (mask == (m.astype(np.float32) > res["pixel_threshold"])).mean() > 0.999   # float16 rounding
+        assert float(r["defect_fraction"]) == pytest.approx(mask.mean(), abs=1e-3)
+        if want[path].shape == m.shape:   # 64x64 images: the model's own map, as evaluate scores it
+            np.testing.assert_allclose(m.astype(np.float32), want[path], rtol=2e-3, atol=1e-3)
+    assert rows[str(data / "test/spot/odd.png")]["map"].endswith("test__spot__odd.npy")
+    low = predict_cmd(trained, data, tmp_path / "p", save_maps=True, pixel_threshold=-1e9, overlays=False, quiet=True)
+    assert all(r["defect_fraction"] == 1.0 for r in low["rows"]) and low["pixel_threshold_rule"].startswith("given")
+    predict_cmd(trained, data, tmp_path / "p", overlays=False, quiet=True)
+    assert not list((tmp_path / "p" / "maps").iterdir())
+    with pytest.raises(BadInputError, match="--pixel-threshold sets the defect masks of --save-maps"):
+        predict_cmd(trained, data, tmp_path / "q", pixel_threshold=1.0, quiet=True)
+
+
 def test_calibrate_rewrites_the_same_calibration(trained, tmp_path):
     """`uninet-feat calibrate` re-scores the same seeded validation split: an older calibration.json
     without `val_scores` comes back identical to the one training wrote."""

@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="the group of every image, e.g. fabric_04 (a multi-class run with "
                                    "--tile-norm position compares tiles with that group's normals)")
     _threshold_args(p)
+    p.add_argument("--save-maps", dest="save_maps", action="store_true",
+                   help="also write every image's WDM pixel map at its own size (maps/NAME.npy, float16) and its "
+                        "defect mask (maps/NAME_mask.png: pixels above the pixel threshold)")
+    p.add_argument("--pixel-threshold", dest="pixel_threshold", type=float,
+                   help="with --save-maps: the map value above which a pixel is defect (default: the 0.999 "
+                        "quantile of the validation normals' map pixels, from calibration.json)")
     _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
@@ -329,7 +335,7 @@ _SHARED_HELP = {
 _OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store folder (sharded, resumable)",
              "index": "index folder (knn.json or ids.json, the FAISS index)",
              "train-head": "head folder (head.json, model.txt, cv_report.json)",
-             "predict": "output folder (predictions.csv / .json, summary.json, overlays/)",
+             "predict": "output folder (predictions.csv / .json, summary.json, overlays/, maps/)",
              "zero-shot": "output folder (scores.csv / .json, metrics.json when labels exist)",
              "prompts": "YAML file to write", "demo": "demo folder (data, run, report; default runs/demo)"}
 
@@ -513,7 +519,8 @@ def _dispatch(args) -> int:
             res = predict_cmd(args.run, args.data, args.out, args.knn, args.head, args.split_csv,
                               args.overlays, args.quiet, text=args.text, threshold=args.threshold,
                               max_fpr=args.max_fpr, skip_bad=args.skip_bad, flag_by=args.flag_by,
-                              heatmap=args.heatmap, group=args.group, ensemble=args.ensemble)
+                              heatmap=args.heatmap, group=args.group, ensemble=args.ensemble,
+                              save_maps=args.save_maps, pixel_threshold=args.pixel_threshold)
             res = {k: v for k, v in res.items() if k != "rows"} | {"out": args.out}
         print(json.dumps(res, indent=2, default=str))
         return 0

@@ -2,20 +2,22 @@
 head predictions and defect descriptors per image; CSV, JSON, summary and heatmap overlays of flagged images."""
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInputError
 from .featstore import aggregate_tiles, head_columns
-from .io import atomic_write_csv, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from .runs import samples_of
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
                 text=None, threshold=None, max_fpr=None, skip_bad=False, flag_by=None, heatmap=None,
-                group=None, ensemble=()) -> dict:
+                group=None, ensemble=(), save_maps=False, pixel_threshold=None) -> dict:
     """Per image: WDM score and flag, kNN score, head probabilities / defect type; CSV, JSON, overlays.
 
     Returns the summary written to ``summary.json`` with the per-image ``rows`` added.
@@ -29,6 +31,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the combined map
     (`scorers.combined_map`: both in their validation-normal range units, summed). ``group``: the group of
     every image (a multi-class run's position offsets, `tile_norm: position`, are per group).
+    ``save_maps``: also every image's WDM pixel map and defect mask (`_write_maps`); ``pixel_threshold``: the map
+    value above which a pixel is defect in those masks (default: the validation normals' 0.999 pixel quantile).
 
     ``ensemble``: more runs of the same config (other seeds) scored on the same images; ``ensemble_score`` is the
     mean of ``run``'s and their WDM scores (`ensemble.py`), flagged above the mean of their default thresholds
@@ -43,6 +47,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     from .descriptors import spot_summary
     from . import ensemble as ens
     ensemble = [str(r) for r in ensemble]
+    if pixel_threshold is not None and not save_maps:
+        raise BadInputError("--pixel-threshold sets the defect masks of --save-maps, which was not given",
+                            fix="add --save-maps, or drop --pixel-threshold")
+    if pixel_threshold is not None and not np.isfinite(pixel_threshold):
+        raise BadInputError(f"--pixel-threshold must be a finite number, got {pixel_threshold}")
     flag_by = flag_by or ("ensemble" if ensemble else "wdm")
     heatmap = heatmap or ("ensemble" if ensemble else "wdm")
     if flag_by not in SCORES + ("ensemble",) or heatmap not in SCORES + ("ensemble",):
@@ -95,9 +104,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
         from .data.layouts import discover_batch
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))
-    if group is not None:
-        from dataclasses import replace
-        samples = [replace(s, group=group) for s in samples]
+    from dataclasses import replace   # predict reads no mask (maps, overlays): a bad one is not a bad image
+    samples = [replace(s, mask=None, group=s.group if group is None else group) for s in samples]
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
@@ -143,6 +151,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         r["overlay"] = ""
     for old in (out / "overlays").glob("*_overlay.png"):   # a re-run's: only this run's flagged images have one
         old.unlink()
+    for old in (out / "maps").glob("*"):   # a re-run's maps: this run writes its own or none
+        if old.name.endswith((".npy", "_mask.png")):
+            old.unlink()
+    if save_maps:
+        summary_extra |= _write_maps(ex, samples, rows, out / "maps", Path(data), pixel_threshold)
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     summary = {"n_images": len(rows), "flag_by": flag_by,
@@ -228,6 +241,55 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, 
         write(s, m, vmin, vmax)
 
 
+PIXEL_RULE = "0.999 quantile of the validation normals' pixel-map values (about 1 normal pixel in 1,000 above it)"
+
+
+def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None) -> dict:
+    """Every image's WDM pixel map (the run's chosen map, as the overlays show it) at the image's own size, tiles
+    stitched, as float16 ``NAME.npy``; and ``NAME_mask.png`` (255 = defect) where it is above the pixel
+    threshold. Why: a line's software wants the map's values and a defect region, not only a picture of
+    flagged images. The threshold is ``pixel_threshold``, else the top of the validation normals' map range
+    (`overlay.calibrated_range`, computed on normals only); without either no masks are written (warned).
+    Maps are written as they are finished (none are held). Each row gets ``map``, ``defect_mask`` and
+    ``defect_fraction`` (its share of pixels above the threshold); returns the summary's entries."""
+    from PIL import Image
+    from .evaluate import score_samples
+    from .io import atomic_write
+    from .overlay import _resize_float, calibrated_range
+    from .data.images import read_size
+    from .scoring import pixel_map_kind
+    if pixel_threshold is not None:
+        rule = "given (--pixel-threshold)"
+    else:
+        rng = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg))
+        pixel_threshold, rule = (rng[1], PIXEL_RULE) if rng is not None else (None, None)
+        if rng is None:
+            warnings.warn(f"{ex.run_dir}: no validation-normal map range, so no defect masks are written (maps "
+                          "are). Fix: pass --pixel-threshold VALUE, or `uninet-feat calibrate --run RUN`")
+    by_path = {r["path"]: r for r in rows}
+    names = _overlay_names([s.path for s in samples], root, suffix="")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(s, m, _):
+        row, name = by_path[str(s.path)], names[str(s.path)]
+        m = _resize_float(np.asarray(m, np.float32), read_size(s.path), Image.Resampling.BILINEAR)
+        def save(tmp):
+            with open(tmp, "wb") as f:   # a file object: numpy would add ".npy" to a bare name
+                np.save(f, m.astype(np.float16))
+        atomic_write(folder / f"{name}.npy", save)
+        row["map"], row["defect_mask"], row["defect_fraction"] = str(folder / f"{name}.npy"), "", None
+        if pixel_threshold is not None:
+            hot = m > pixel_threshold
+            buf = io.BytesIO()
+            Image.fromarray(hot.astype(np.uint8) * 255).save(buf, format="PNG")
+            atomic_write_bytes(folder / f"{name}_mask.png", buf.getvalue())
+            row["defect_mask"], row["defect_fraction"] = str(folder / f"{name}_mask.png"), float(hot.mean())
+
+    score_samples(ex.model, [s for s in _by_path(samples, rows)], ex.cfg, on_map=write)
+    return {"maps": str(folder), "pixel_threshold": pixel_threshold, "pixel_threshold_rule": rule,
+            "map_units": f"WDM pixel map ({pixel_map_kind(ex.model.cfg)}), float16, the image's size"}
+
+
 def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, root=None) -> None:
     """Overlays of flagged images' kNN maps (`scorers.knn_map`, native size, tiles stitched), coloured on the
     validation normals' patch-score range (median .. 0.999 quantile), else 0 .. the largest flagged score."""
@@ -254,8 +316,9 @@ def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_ran
     return [lo, hi]
 
 
-def _overlay_names(paths, root=None) -> dict:
-    """Unique overlay file names: the path below ``root`` (else the parent folder and name) joined by '__'."""
+def _overlay_names(paths, root=None, suffix: str = "_overlay.png") -> dict:
+    """Unique output file names: the path below ``root`` (else the parent folder and name) joined by '__', and
+    ``suffix``; a name already taken gets _2, _3, ... (``suffix`` "" gives the stem, for several files each)."""
     names, used = {}, set()
     for p in map(Path, paths):
         try:
@@ -263,9 +326,9 @@ def _overlay_names(paths, root=None) -> dict:
         except ValueError:
             parts = None
         stem = "__".join(parts or (p.parent.name, p.stem)).replace(" ", "_")
-        name, k = f"{stem}_overlay.png", 2
+        name, k = f"{stem}{suffix}", 2
         while name in used:
-            name, k = f"{stem}_{k}_overlay.png", k + 1
+            name, k = f"{stem}_{k}{suffix}", k + 1
         used.add(name)
         names[str(p)] = name
     return names
