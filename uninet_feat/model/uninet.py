@@ -192,10 +192,22 @@ class UniNet(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, out_size=None, context: bool = False):
         """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method.
-        ``context``: also what each input looks like (N, D), `export.teacher_context` (``tile_norm: neighbours``)."""
+        ``x``: images normalised with the backbone's ``mean`` / ``std``. ``out_size``: (H, W) or one side of the
+        map (default: the input's). ``context``: also what each input looks like (N, D),
+        `export.teacher_context` (``tile_norm: neighbours``).
+
+        Always in eval mode (the model's mode is restored after): in training mode BatchNorm would use the
+        batch's statistics, so an image's score would depend on the others beside it, and each call would
+        overwrite the running statistics the model was trained to."""
         from uninet_feat.scoring import anomaly_maps
-        out = self(x)
-        pix, score = self.score_maps(anomaly_maps(out.teachers, out.students), tuple(out_size or x.shape[-2:]))
+        size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size or x.shape[-2:])
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(x)
+        finally:
+            self.train(was_training)
+        pix, score = self.score_maps(anomaly_maps(out.teachers, out.students), size)
         if not context:
             return pix, score
         from uninet_feat.export import teacher_context
