@@ -224,6 +224,39 @@ def test_width_scales_the_bottleneck_and_student_and_survives_a_checkpoint(tmp_p
         UniNet(TinyBackbone(), width=0)
 
 
+def test_predict_scores_in_eval_mode_and_leaves_the_mode_and_statistics_as_they_were():
+    """A new UniNet is in training mode; predict still scores each image on its own (BatchNorm's running
+    statistics, not the batch's), changes none of them, and hands the model back in the mode it came in."""
+    torch.manual_seed(0)
+    m = UniNet(TinyBackbone())
+    x = torch.randn(4, 3, 64, 64)
+    stats = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+    _, s4 = m.predict(x)
+    assert m.training and m.target.training and not m.source.training
+    assert stats and all(torch.equal(v, m.state_dict()[k]) for k, v in stats.items())
+    torch.testing.assert_close(m.predict(x[:2])[1], s4[:2])   # an image's score: not the batch's beside it
+    torch.testing.assert_close(m.eval().predict(x)[1], s4)
+    assert m.predict(x, out_size=32)[0].shape == (4, 32, 32) == m.predict(x, out_size=(32, 32))[0].shape
+
+
+def test_a_checkpoint_rebuilds_the_models_own_options_whatever_config_it_is_saved_with(tmp_path):
+    """save_checkpoint(path, model, cfg) with a cfg made apart from the model (a library user's load_config())
+    keeps the model's α, pixel map, T and decoder depths: the reloaded model scores the same."""
+    from uninet_feat.checkpoint import build_from_checkpoint, save_checkpoint
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import make_model
+    from _tiny import register_tiny
+    register_tiny()
+    base = {"backbone": "tiny", "weights": "random", "channels_last": False}
+    own = {"alpha": 0.1, "pixel_map": "raw", "temperature": 0.5, "decoder_depths": [1, 1, 1]}
+    m = make_model(load_config(None, base={**base, **own})).eval()
+    again, _ = build_from_checkpoint(save_checkpoint(tmp_path / "m.pt", m, load_config(None, base=base)))
+    assert {k: again.cfg[k] for k in own} == {**own, "decoder_depths": (1, 1, 1)}
+    x = torch.randn(2, 3, 64, 64)
+    for a, b in zip(again.predict(x), m.predict(x)):
+        torch.testing.assert_close(a, b)
+
+
 def test_bottleneck_stride_one_keeps_the_coarsest_grid_and_survives_a_checkpoint(tmp_path):
     """``bottleneck_stride=1`` embeds on the coarsest level's grid (the method: twice its stride), so inputs
     need only be a multiple of that stride; the student still pairs every level, and a checkpoint

@@ -22,9 +22,14 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path, model, cfg: dict, **extra) -> Path:
+    """Write ``model`` with the run config ``cfg`` to ``path`` (atomically). The UniNet options saved are the
+    model's own (``model.cfg``), whatever ``cfg`` says of them: they rebuild the model, and a ``cfg`` made apart
+    from it (a library user's `load_config()`) would otherwise rebuild another one (other α, depths...)."""
+    from .model.uninet import DEFAULTS
+    own = {k: model.cfg[k] for k in DEFAULTS if k != "student_relu"}   # student_relu: resolved, saved below
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "library_version": __import__("uninet_feat").__version__,
-               "config": _plain(cfg), "backbone": _plain(model.source.config()),
+               "config": _plain({**cfg, **own}), "backbone": _plain(model.source.config()),
                "student_relu": [bool(r) for r in model.cfg["student_relu"]],
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
     buf = io.BytesIO()
