@@ -12,11 +12,12 @@ RUNENV := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),)
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIN)
 	$(PY) -m pip install -q -e '.[dev]' $(PIN)
+	$(PY) -c "from uninet_feat._compat import install_startup_guard as g; g()"   # import timm before uninet_feat
 	-(command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (dpkg -s libtcmalloc-minimal4 >/dev/null 2>&1 || \
 	   (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null)))

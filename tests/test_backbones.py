@@ -1,5 +1,7 @@
 """Backbone layer: shapes known up front, levels, local weight files in every layout, refusals, registry,
 and the offline EfficientNet-Lite0 ImageNet weights mapped exactly onto timm."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -285,3 +287,26 @@ def test_block_checkpointing_of_feature_list_bodies():
     for n in g_plain:
         torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=n)
     assert bytes_ckpt < 0.5 * bytes_plain
+
+
+def test_timm_and_torchvision_import_before_uninet_feat(tmp_path):
+    """The torchvision guard runs when torchvision is first imported, by anyone: importing uninet_feat only
+    installs it (no torch import), and the .pth that `make setup` writes installs it at interpreter start, so a
+    script may begin with `import timm`. Checked in interpreters started without site (-S), the packages on
+    sys.path but no .pth run: without the guard's .pth `import timm` fails on this stack, with it it works."""
+    import subprocess
+    import sys
+    import sysconfig
+    from uninet_feat._compat import GUARD_LINE, install_startup_guard
+    run = lambda c: subprocess.run([sys.executable, "-S", "-c", c], capture_output=True, text=True)  # noqa: E731
+    repo = str(Path(uninet_feat.__file__).resolve().parent.parent)
+    paths = f"import sys; sys.path[:0] = [{repo!r}]; sys.path.append({sysconfig.get_paths()['purelib']!r}); "
+    later = run(paths + "import uninet_feat; assert 'torch' not in sys.modules; import timm, torchvision; print('ok')")
+    assert later.stdout.strip() == "ok", later.stderr[-800:]
+    site = tmp_path / "site"
+    site.mkdir()
+    assert Path(install_startup_guard(str(site))).read_text() == GUARD_LINE
+    first = run(paths + f"import site; site.addsitedir({str(site)!r}); import timm, torchvision; print('ok')")
+    assert first.stdout.strip() == "ok", first.stderr[-800:]
+    bare = run(paths + "import timm")
+    assert bare.returncode == 0 or "torchvision::nms does not exist" in bare.stderr   # 0: a stack without the bug

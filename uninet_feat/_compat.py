@@ -7,6 +7,8 @@ torchvision, so before they do we try torchvision's own extension first and, onl
 load, define the two schemas ourselves (detection ops stay unavailable; UniNet never uses them).
 A working torchvision (CUDA torch, or a matching CPU build) is left untouched.
 """
+from __future__ import annotations
+
 import glob
 import importlib.util
 import os
@@ -49,3 +51,19 @@ def ensure_torchvision_importable() -> None:
         _LIB = torch.library.Library("torchvision", "FRAGMENT")
         for n in missing:
             _LIB.define(_SCHEMAS[n])
+
+
+GUARD_PTH = "uninet_feat_guard.pth"
+# a .pth line that starts with "import" is run at interpreter start; without the package (uninstalled) it does nothing
+GUARD_LINE = "import importlib.util as u; u.find_spec('uninet_feat') and __import__('uninet_feat')\n"
+
+
+def install_startup_guard(site_packages: str | None = None) -> str:
+    """Write ``uninet_feat_guard.pth`` into ``site_packages`` (default: this interpreter's), so that every Python
+    of that environment installs the torchvision guard at start (`uninet_feat._TorchvisionGuard`) and
+    ``import timm`` / ``open_clip`` / ``torchvision`` works before ``import uninet_feat``. Returns its path."""
+    import sysconfig
+    from pathlib import Path
+    path = Path(site_packages or sysconfig.get_paths()["purelib"]) / GUARD_PTH
+    path.write_text(GUARD_LINE)
+    return str(path)
