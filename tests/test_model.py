@@ -43,6 +43,27 @@ def test_source_teacher_stays_frozen_and_in_eval():
     assert all(not p.requires_grad for p in m.source.parameters())
 
 
+def test_a_backbone_that_is_not_finetunable_gives_a_frozen_target_teacher():
+    """``finetunable = False`` (the backbone contract): the target teacher keeps its weights and BatchNorm
+    statistics through training steps with the method's optimisers; the student still learns."""
+    from uninet_feat.config import load_config
+    from uninet_feat.optim import make_optimizers
+    torch.manual_seed(0)
+    bb = TinyBackbone()
+    bb.finetunable = False
+    m = UniNet(bb).train()
+    assert not m.target.training and m.trainable_groups()["target"] == []
+    target, student = copy.deepcopy(m.target.state_dict()), copy.deepcopy(m.student.state_dict())
+    opt_s, opt_t = make_optimizers(m, load_config(None))
+    for _ in range(2):
+        m.loss(m(torch.randn(2, 3, 64, 64)))["loss"].backward()
+        opt_s.step()
+        opt_t.step()
+    assert all(torch.equal(v, m.target.state_dict()[k]) for k, v in target.items())
+    assert not all(torch.equal(v, m.student.state_dict()[k]) for k, v in student.items())
+    assert UniNet(TinyBackbone()).trainable_groups()["target"]   # the default: trained
+
+
 def test_dfs_theta_is_learned_and_saved():
     torch.manual_seed(0)
     m = UniNet(TinyBackbone(), dfs="learned")

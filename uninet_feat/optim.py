@@ -63,5 +63,6 @@ def make_optimizers(model, cfg: dict, in_backward: bool = False):
     """(student optimiser, target optimiser) with the method's settings; see the module docstring."""
     groups = model.trainable_groups()
     make = StepInBackward if in_backward else (lambda params, **kw: torch.optim.AdamW(params, **kw))
-    return (make(groups["student"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], **ADAMW),
-            make(groups["target"], lr=cfg["lr_target"], weight_decay=cfg["weight_decay"], **ADAMW))
+    target = groups["target"] or [torch.nn.Parameter(torch.zeros(0))]   # a frozen target teacher (finetunable
+    return (make(groups["student"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], **ADAMW),   # False): a no-op
+            make(target, lr=cfg["lr_target"], weight_decay=cfg["weight_decay"], **ADAMW))

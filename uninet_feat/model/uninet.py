@@ -83,6 +83,11 @@ class UniNet(nn.Module):
         self.target = copy.deepcopy(backbone)
         for p in self.source.parameters():
             p.requires_grad_(False)
+        # a backbone that says it must not be trained (``finetunable = False``) gives a frozen target teacher:
+        # no gradients and, like the source, BatchNorm statistics kept (`train`)
+        self.target_frozen = not getattr(backbone, "finetunable", True)
+        for p in self.target.parameters():
+            p.requires_grad_(not self.target_frozen)
         w = float(self.cfg["width"])
         if not w > 0:
             raise ValueError(f"width must be > 0, got {w}")
@@ -110,6 +115,8 @@ class UniNet(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.source.eval()  # the source teacher never leaves eval mode (anomalib's port lets it drift)
+        if self.target_frozen:
+            self.target.eval()
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> list[str]:
@@ -151,7 +158,7 @@ class UniNet(nn.Module):
         """Parameter groups for the two optimisers of the method."""
         return {"student": list(self.student.parameters()) + list(self.bottleneck.parameters())
                 + list(self.dfs.parameters()),
-                "target": list(self.target.parameters())}
+                "target": [p for p in self.target.parameters() if p.requires_grad]}
 
     def forward(self, x: torch.Tensor, clean: torch.Tensor | None = None,
                 clean_index: torch.Tensor | None = None) -> UniNetOutput:
