@@ -51,3 +51,16 @@ def _reset_nonbinary_mask_log():
     images._NONBINARY.clear()
     images._FEW_BITS.clear()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_backbone_registry():
+    """Backbones a test registers are gone after it, so no test depends on which ran before (two files both
+    register a "broken" factory)."""
+    from uninet_feat.backbones import registry
+    exact, prefix = dict(registry._EXACT), dict(registry._PREFIX)
+    yield
+    registry._EXACT.clear()
+    registry._EXACT.update(exact)
+    registry._PREFIX.clear()
+    registry._PREFIX.update(prefix)

@@ -143,3 +143,24 @@ def test_off_contract_factory_is_refused_early():
         create_backbone("broken")
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("mycnn", lambda name, **kw: None)
+
+
+@pytest.mark.parametrize("declared,match", [
+    ({"strides": (4, 8, 32)}, r"level 2 returns a map of shape \(1, 32, 8, 8\) for a 128x128 input, but channels\[2\] "
+                              r"= 32 and strides\[2\] = 32 declare \(1, 32, 4, 4\)"),
+    ({"channels": (8, 16, 16)}, r"level 2 returns a map of shape \(1, 32, 4, 4\) .* declare \(1, 16, 4, 4\)"),
+    ({"strides": (0, 8, 16)}, "must be positive integers"),
+    ({"strides": (4, 12, 16)}, "each a power of two times the one before"),
+    ({"strides": (16, 16, 16)}, "each a power of two times the one before"),
+])
+def test_declarations_that_differ_from_what_forward_returns_are_refused_at_creation(declared, match):
+    """UniNet is sized from channels / strides alone: a wrong declaration is named with its level when the
+    backbone is created, not met as a shape error inside UniNet's first forward."""
+    def factory(name, **kw):
+        bb = MyCNN(name)
+        for k, v in declared.items():
+            setattr(bb, k, v)
+        return bb
+    register_backbone("declares-wrong", factory, overwrite=True)
+    with pytest.raises(BadInputError, match=match):
+        create_backbone("declares-wrong")

@@ -59,11 +59,42 @@ def check_backbone(bb, origin: str = "backbone") -> nn.Module:
     if n == 0 or len(bb.strides) != n or len(bb.levels) != n:
         raise BadInputError(f"{origin}: channels {bb.channels}, strides {bb.strides} and levels {bb.levels} "
                             "must be non-empty and of equal length")
-    if list(bb.strides) != sorted(bb.strides):
-        raise BadInputError(f"{origin}: strides {bb.strides} must go fine → coarse")
+    strides, channels = list(bb.strides), list(bb.channels)
+    if not all(isinstance(v, int) and v > 0 for v in strides + channels):
+        raise BadInputError(f"{origin}: channels {channels} and strides {strides} must be positive integers")
+    if any(b <= a or b % a or (b // a) & (b // a - 1) for a, b in zip(strides, strides[1:])):
+        raise BadInputError(f"{origin}: strides {strides} must go fine → coarse, each a power of two times the "
+                            "one before (e.g. 4, 8, 16): the student decoder upsamples by powers of two")
     if len(bb.mean) != 3 or len(bb.std) != 3:
         raise BadInputError(f"{origin}: mean/std must have 3 values, got {bb.mean} / {bb.std}")
+    _check_outputs(bb, origin)
     return bb
+
+
+@torch.no_grad()
+def _check_outputs(bb, origin: str) -> None:
+    """One small forward: the maps must have the declared channels and strides. Why: UniNet is sized from the
+    declarations alone, and a wrong one otherwise surfaces as a shape error deep inside its first forward."""
+    size = 4 * bb.strides[-1]
+    was = bb.training
+    first = next(bb.parameters(), None)
+    try:
+        feats = bb.eval()(torch.zeros(1, 3, size, size, device=None if first is None else first.device))
+    except Exception:   # a backbone that refuses this input size (a ViT's patch grid): its declarations stand
+        return
+    finally:
+        bb.train(was)
+    if not isinstance(feats, (list, tuple)) or len(feats) != len(bb.channels):
+        raise BadInputError(f"{origin}: forward returned {type(feats).__name__} of {len(feats) if isinstance(feats, (list, tuple)) else 1}"
+                            f" maps, but the backbone declares {len(bb.channels)} levels",
+                            fix="return a list with one (N, C, H, W) map per level, fine → coarse")
+    for i, (f, c, st) in enumerate(zip(feats, bb.channels, bb.strides)):
+        want = (1, c, size // st, size // st)
+        if tuple(f.shape) != want:
+            raise BadInputError(f"{origin}: level {i} returns a map of shape {tuple(f.shape)} for a {size}x{size} "
+                                f"input, but channels[{i}] = {c} and strides[{i}] = {st} declare {want}",
+                                fix="set channels / strides to what forward returns (e.g. from timm's "
+                                    "feature_info), or return the declared levels")
 
 
 def parse_indices(levels, what: str) -> tuple[int, ...]:
