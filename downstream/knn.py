@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,24 @@ _FORMAT = "uninet-feat-knn/1"
 
 
 def knn_scores(index, queries, k: int = 1) -> np.ndarray:
-    """(n,) mean Euclidean distance of each query (n, d) to its k nearest vectors in an l2 index."""
-    dist, _ = search(index, queries, k)
+    """(n,) mean Euclidean distance of each query (n, d) to its k nearest vectors in an l2 index.
+
+    Refuses an inner-product index (its similarities grow as a query looks *more* normal) and a query with
+    fewer than k neighbours found (k above the bank's size, or an IVF index probing too few lists), whose score
+    would be inf: a wrong anomaly score must not look like a very high one."""
+    if index.metric_type != faiss.METRIC_L2:
+        raise BadInputError("kNN anomaly scores need an l2 index (distances); this one is inner-product "
+                            "(similarities: larger = more normal)", fix="build it with metric='l2'")
+    if k > index.ntotal:
+        raise BadInputError(f"k = {k} nearest neighbours asked of an index of {index.ntotal} vectors",
+                            fix=f"k <= {index.ntotal}, or a larger memory bank")
+    dist, labels = search(index, queries, k)
+    short = (labels < 0).any(1)
+    if short.any():
+        raise BadInputError(f"{int(short.sum())} of {len(short)} queries found fewer than k = {k} neighbours (an "
+                            "IVF index searched too few of its lists)", fix="search more lists "
+                            "(`set_search_params(index, nprobe=N)`, or build_index's nprobe), or a flat or HNSW index "
+                            "(`uninet-feat index --kind flat`)")
     return dist.mean(1)
 
 

@@ -149,3 +149,21 @@ def test_knn_flags_outlier_patch_and_persists(tmp_path):
                                   .score_patches(test), sc.score_patches(test))
     with pytest.raises(BadInputError, match=r"no knn.json.*uninet-feat index --out DIR"):
         KNNScorer.load(tmp_path)
+
+
+def test_knn_scores_refuse_what_would_score_inf_or_backwards():
+    """k above the bank, IVF lists probed too few, or an inner-product index: refused with the fix, never an
+    inf (or a similarity, larger for more normal) passed on as an anomaly score."""
+    from uninet_feat.downstream.index import build_index, set_search_params
+    from uninet_feat.downstream.knn import knn_scores
+    bank, q = clustered(600, d=16, n_clusters=5, seed=3), clustered(4, d=16, n_clusters=5, seed=4)
+    flat = build_index(bank[:3], kind="flat", device="cpu")
+    with pytest.raises(BadInputError, match=r"k = 5 nearest neighbours asked of an index of 3 vectors"):
+        knn_scores(flat, q, k=5)
+    assert np.isfinite(knn_scores(flat, q, k=3)).all()
+    ivf = build_index(bank, kind="ivfpq", nlist=16, m_pq=4, device="cpu")
+    set_search_params(ivf, nprobe=1)
+    with pytest.raises(BadInputError, match=r"queries found fewer than k = 100 neighbours .*nprobe"):
+        knn_scores(ivf, q, k=100)
+    with pytest.raises(BadInputError, match="need an l2 index"):
+        knn_scores(build_index(bank, kind="flat", metric="ip", device="cpu"), q, k=1)
