@@ -310,3 +310,21 @@ def test_timm_and_torchvision_import_before_uninet_feat(tmp_path):
     assert first.stdout.strip() == "ok", first.stderr[-800:]
     bare = run(paths + "import timm")
     assert bare.returncode == 0 or "torchvision::nms does not exist" in bare.stderr   # 0: a stack without the bug
+
+
+def test_hub_weights_without_a_network_read_the_cache_only_and_say_why(monkeypatch):
+    """"imagenet" for a timm model other than the Lites means the hub: with its host unresolvable, huggingface_hub
+    is put in offline mode (cache only; no minute of retries) and the refusal says so; the mode is restored."""
+    import socket
+    from huggingface_hub import constants
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")   # nothing cached: refused
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/nonexistent-cache")
+    seen = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: seen.append((k.get("pretrained"), constants.HF_HUB_OFFLINE)) or real(*a, **k))
+    with pytest.raises(BadInputError, match=r"hub's host cannot be resolved here .* --weights PATH"):
+        create_backbone("resnet18", weights="imagenet")
+    assert [off for pretrained, off in seen if pretrained] == [True] and constants.HF_HUB_OFFLINE is False

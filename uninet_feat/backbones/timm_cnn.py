@@ -9,6 +9,7 @@ never a silently half-random teacher. Extra keys (classifier, unused deeper stag
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
@@ -150,6 +151,32 @@ def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict,
     return {"source": str(source), "matched": how, "loaded": len(got), "ignored": ignored}
 
 
+def _hub_unreachable() -> bool:
+    """Whether the Hugging Face hub's host cannot even be resolved: then timm is asked to read its local cache
+    only (`_hub_offline_mode`). Why: offline, huggingface_hub retries for most of a minute before failing, and
+    "imagenet" is the default weights of every timm model but the EfficientNet-Lites."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return False
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(on: bool):
+    """huggingface_hub's offline mode (cached files only, no request) while ``on``; its setting is restored."""
+    from huggingface_hub import constants
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or on
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 class TimmCNN(Backbone):
     """A timm ``features_only`` model returning exactly the chosen levels (module ``body``)."""
 
@@ -169,12 +196,16 @@ class TimmCNN(Backbone):
         hub = weights == "timm-hub" or (weights == "imagenet" and not lite)
         kw = dict(features_only=True, out_indices=self.levels, **timm_kw)
         if hub:
+            offline = _hub_unreachable()
             try:
-                self.body = timm.create_model(timm_name, pretrained=True, **kw)
+                with _hub_offline_mode(offline):
+                    self.body = timm.create_model(timm_name, pretrained=True, **kw)
             except Exception as e:  # noqa: BLE001 - offline, no such weights, hub errors
+                why = ("the hub's host cannot be resolved here (no internet), and the weights are not in the local "
+                       "cache" if offline else "there may be no internet here")
                 raise BadInputError(f"could not get timm hub weights for {timm_name} ({type(e).__name__}: {e}); "
-                                    "there may be no internet here", fix="download the weights elsewhere and "
-                                    "pass --weights PATH (a local file), or --weights random") from e
+                                    f"{why}", fix="download the weights elsewhere and pass --weights PATH (a local "
+                                                  "file), or --weights random") from e
         else:
             self.body = timm.create_model(timm_name, pretrained=False, **kw)
         self._trim()
