@@ -77,6 +77,23 @@ def test_resume_with_other_model_refused(setup, tmp_path):
         Extractor(backbone="tiny", weights="random").extract_to(samples, tmp_path / "f", shard_size=4)
 
 
+def test_a_finished_store_rerun_with_other_labels_or_splits_records_the_new_ones(setup, tmp_path):
+    """The same images' features, relabelled or re-split (a changed CSV): the store keeps its shards but its
+    manifest takes the new labels and splits (said in a warning), so train-head and index read the new ones; a
+    stale split kept test images in a kNN bank."""
+    from dataclasses import replace
+    data, run, samples = setup
+    Extractor(run=run).extract_to(samples, tmp_path / "f", shard_size=4)
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "f").glob("shard-*.npz"))
+    moved = [replace(s, split="test") if s.split == "train" else s for s in samples]
+    relabelled = [replace(s, label="crack") if s.label == "spot" else s for s in moved]
+    n = sum(a != b for a, b in zip(samples, relabelled))
+    with pytest.warns(UserWarning, match=rf"{n} image\(s\) have another label, split or group"):
+        store = Extractor(run=run).extract_to(relabelled, tmp_path / "f", shard_size=4)
+    assert [(i["label"], i["split"]) for i in store.items] == [(s.label, s.split) for s in relabelled]
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "f").glob("shard-*.npz")) == before   # not redone
+
+
 def test_plain_backbone_features_have_no_map_stats(setup):
     data, run, samples = setup
     plain = Extractor(backbone="tiny", weights="random").extract(samples[:2])
@@ -456,5 +473,5 @@ def test_a_store_fingerprinted_the_old_way_still_resumes(setup, tmp_path):
     assert last.exists()
     m["fingerprint"] = "something else"
     (f / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BadInputError, match="another model/settings"):
+    with pytest.raises(BadInputError, match="another model, settings or image list"):
         Extractor(run=run).extract_to(samples, f, shard_size=4)

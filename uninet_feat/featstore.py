@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,17 @@ def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[
     if mpath.exists() and started:
         old = json.loads(mpath.read_text())
         if old.get("fingerprint") not in (manifest["fingerprint"], legacy):
-            raise BadInputError("feature folder holds features of another model/settings", path=folder,
-                                fix="choose a new --out, or delete the folder to start over")
+            raise BadInputError("feature folder holds features of another model, settings or image list",
+                                path=folder, fix="choose a new --out, or delete the folder to start over")
+        # the same images' features, but their labels / splits / groups are the caller's now: a relabelled or
+        # re-split CSV must reach train-head and index (a stale split would put test images in a kNN bank)
+        meta = ("label", "split", "group", "is_normal")
+        changed = sum(any(a.get(k) != b.get(k) for k in meta) for a, b in zip(old.get("items", []), manifest["items"]))
+        if changed:
+            warnings.warn(f"{folder}: {changed} image(s) have another label, split or group than when their features "
+                          "were extracted; the store now records the new ones (its features are unchanged)")
+        if old != manifest:
+            atomic_write_text(mpath, json.dumps(manifest))
         done = set()
         for i in range(manifest["n_shards"]):
             p = folder / shard_name(i)
