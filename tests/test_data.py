@@ -178,8 +178,33 @@ def test_csv_missing_file_names_line(tmp_path, write_image):
     with pytest.raises(BadInputError, match="already listed on line 2"):
         discover(tmp_path, split_csv=csv)
     csv.write_text("file,label\na.png,good\n")
-    with pytest.raises(BadInputError, match="path"):
+    with pytest.raises(BadInputError, match="lacks the `path` column"):
         discover(tmp_path, split_csv=csv)
+    (tmp_path / "sub").mkdir()   # the same file spelled another way: one image in train and test
+    csv.write_text("path,split,label\na.png,train,good\nsub/../a.png,test,good\n")
+    with pytest.raises(BadInputError, match=r"line 3: sub/../a.png is the same file as line 2 \(a.png\)"):
+        discover(tmp_path, split_csv=csv)
+    csv.write_text("path,split,label\na.png,test,\n")   # an empty label made a normal image a defect
+    with pytest.raises(BadInputError, match=r"line 2: a.png has no label .*`good` for normal images"):
+        discover(tmp_path, split_csv=csv)
+
+
+def test_a_symlink_to_a_folder_above_or_to_another_label_is_not_a_second_copy(tmp_path, write_image):
+    """good/up -> .. would make crack/x.png a normal image too (training normal and test defect at once): not
+    followed, with a warning; a symlink into another label's folder makes one file two samples: refused."""
+    import os
+    for i in range(3):
+        write_image(f"good/{i}.png")
+    write_image("crack/x.png")
+    os.symlink("..", tmp_path / "good" / "up")
+    with pytest.warns(UserWarning, match="a folder above it: not followed"):
+        got = discover(tmp_path)
+    assert sorted((s.path.relative_to(tmp_path).as_posix(), s.label) for s in got) == [
+        ("crack/x.png", "crack"), ("good/0.png", "good"), ("good/1.png", "good"), ("good/2.png", "good")]
+    os.unlink(tmp_path / "good" / "up")
+    os.symlink(tmp_path / "crack", tmp_path / "good" / "more")
+    with pytest.raises(BadInputError, match=r"crack/x.png and .*good/more/x.png are the same file"):
+        discover(tmp_path)
 
 
 def test_empty_folder(tmp_path, write_image):

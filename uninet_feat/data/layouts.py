@@ -83,7 +83,21 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
             if not split_csv and _images(Path(root)) else ""
         raise BadInputError(f"no images found under {root}; expected layouts: {_LAYOUTS}{loose}",
                             path=split_csv or root, fix="check the path and the folder layout")
+    _check_one_file_each(samples, split_csv or root)
     return sorted(samples, key=lambda s: str(s.path))
+
+
+def _check_one_file_each(samples, where) -> None:
+    """Refuse one file reached by two paths (symlinks, ``..``): it would be one image under two labels or splits,
+    e.g. a training normal and a test defect."""
+    first: dict[str, Path] = {}
+    for s in samples:
+        real = os.path.realpath(s.path)
+        if real in first:
+            raise BadInputError(f"{first[real]} and {s.path} are the same file ({real}): one image would be used "
+                                "twice, possibly under two labels or in training and test", path=where,
+                                fix="keep one path to each image (remove the symlink or the duplicate)")
+        first[real] = s.path
 
 
 def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
@@ -127,7 +141,8 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def _images_under(folder: Path, _seen=None) -> list[Path]:
     """Images in the label folder ``folder`` and, recursively, its subfolders (storage, e.g. by date);
-    mask folders are left out, and a symlink loop is followed once."""
+    mask folders are left out, a symlink loop is followed once, and a symlink to a folder above it is not
+    followed (warned): ``good/up -> ..`` would make every other label's images normal ones."""
     seen = _seen if _seen is not None else set()
     real = os.path.realpath(folder)
     if real in seen:
@@ -135,8 +150,13 @@ def _images_under(folder: Path, _seen=None) -> list[Path]:
     seen.add(real)
     out = _images(folder)
     for d in _subdirs(folder):
-        if d.name.lower() not in MASK_DIRS:
-            out += _images_under(d, seen)
+        if d.name.lower() in MASK_DIRS:
+            continue
+        if d.is_symlink() and (real + os.sep).startswith(os.path.realpath(d) + os.sep):
+            _warn_unused(d, f"a symlink to {os.path.realpath(d)}, a folder above it: not followed (its images "
+                            "would take this folder's label)")
+            continue
+        out += _images_under(d, seen)
     return out
 
 
@@ -241,8 +261,10 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in cols or "label" not in cols:
-            raise BadInputError(f"CSV header {reader.fieldnames} lacks `path` and `label` columns", path=csv_path,
+        lacks = [c for c in ("path", "label") if c not in cols]
+        if lacks:
+            raise BadInputError(f"CSV header {reader.fieldnames} lacks the {' and '.join(f'`{c}`' for c in lacks)} "
+                                f"column{'s' if len(lacks) > 1 else ''}", path=csv_path,
                                 fix="first line must be e.g. path,split,label[,mask][,group]")
         group_col = next((c for c in ("group", "fabric", "category") if c in cols), None)
         out, seen, missing = [], {}, []
@@ -255,11 +277,17 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
             if split is None:
                 raise BadInputError(f"line {line}: unknown split {row['split']!r}", path=csv_path,
                                     fix="use train, test, val or leave it empty")
+            if not row.get("label"):   # an empty cell would make a normal image a defect of label ''
+                raise BadInputError(f"line {line}: {row['path']} has no label", path=csv_path,
+                                    fix="give every row a label: `good` for normal images, else the defect type")
             p = root / row["path"]
-            if str(p) in seen:
-                raise BadInputError(f"line {line}: {row['path']} already listed on line {seen[str(p)]}",
-                                    path=csv_path, fix="list every image once (a duplicate can leak train into test)")
-            seen[str(p)] = line
+            real = os.path.realpath(p)   # the file itself: a/../a/x.png or a symlink is the same image
+            if real in seen:
+                again = (f"already listed on line {seen[real][0]}" if seen[real][1] == row["path"] else
+                         f"is the same file as line {seen[real][0]} ({seen[real][1]})")
+                raise BadInputError(f"line {line}: {row['path']} {again}", path=csv_path,
+                                    fix="list every image once (a duplicate can leak train into test)")
+            seen[real] = (line, row["path"])
             if not p.is_file():
                 missing.append((line, row["path"]))
                 continue
