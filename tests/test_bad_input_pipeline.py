@@ -289,3 +289,29 @@ def test_train_says_its_split_and_warns_of_test_images_evaluate_would_refuse(tmp
     assert any(str(broken) in str(w.message) for w in seen) and (run / "model.pt").exists()
     assert ("3 training images, 1 validation normals (threshold, label-free choices), 5 test images (2 with "
             "defects) left for evaluate") in capsys.readouterr().out
+
+
+def test_damaged_run_files_are_named_with_their_fix(tmp_path, capsys):
+    """A damaged calibration.json (predict, evaluate), config.yaml (train --resume) or feature manifest gives
+    one line naming the file and the fix, not a JSON / YAML traceback."""
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+            "--batch-size", "2", "--quiet"]
+    assert main(["train", *args, "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["extract", "--run", str(run), "--data", str(data), "--quiet", "--out", str(tmp_path / "f")]) == 0
+    (run / "calibration.json").write_text('{"bad":')
+    capsys.readouterr()
+    for cmd in (["predict", "--run", str(run), "--data", str(data), "--out", str(tmp_path / "p"), "--quiet"],
+                ["evaluate", "--run", str(run), "--quiet"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'calibration.json'}: cannot read this JSON file" in err, err
+        assert f"uninet-feat calibrate --run {run}" in err and "Traceback" not in err
+    (run / "config.yaml").write_text("garbage: [")
+    assert main(["train", *args, "--epochs", "2", "--resume", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.yaml'}: cannot read this YAML file" in err and "checkpoint.pt" in err
+    (tmp_path / "f" / "manifest.json").write_text("{")
+    assert main(["index", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "k")]) == 2
+    assert f"{tmp_path / 'f' / 'manifest.json'}: cannot read this JSON file" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import BadInputError
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 
 DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels used)"
 NO_THRESHOLD = "none: no validation-normal scores (no image is flagged)"
@@ -394,7 +394,7 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
         return float(threshold), "given (--threshold)"
     path = Path(run) / "calibration.json"
     if cal is None:
-        cal = json.loads(path.read_text()) if path.exists() else None
+        cal = read_json(path, f"re-create it: `uninet-feat calibrate --run {run}`") if path.exists() else None
     else:
         path = source
     if max_fpr is None:

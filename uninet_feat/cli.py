@@ -450,14 +450,15 @@ def _resume_base(out: Path, config, overrides: dict) -> dict:
     """The config a resumed run continues with: its own saved one, so that `train --out RUN --resume` finishes
     the run's schedule instead of the defaults'; flags (and --config keys) given now override it, and only
     those a resume can honour (--epochs, --threads) are accepted."""
-    import yaml
     from .checkpoint import checkpoint_config, read_checkpoint
     from .config import load_config
     from .runs import absolute_data_paths
     from .train import RESUMABLE_KEYS
     saved_path = out / "config.yaml"
     if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text()) or {}
+        from .io import read_yaml
+        saved = read_yaml(saved_path, "restore it, or delete it: --resume then takes the config saved in "
+                                      "checkpoint.pt") or {}
     elif (out / "checkpoint.pt").is_file():
         saved = checkpoint_config(read_checkpoint(out / "checkpoint.pt"))
     else:

@@ -41,7 +41,6 @@ fill its shards of one store; ``validate_store`` checks the finished store.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,7 +307,8 @@ def validate_store(folder, expected_paths=None) -> dict:
     if not mpath.exists():
         raise BadInputError("not a feature folder (no manifest.json)", path=folder,
                             fix="run `uninet-feat extract --out FOLDER` first")
-    m = json.loads(mpath.read_text())
+    from .io import read_json
+    m = read_json(mpath, "extract again into a new --out")
     problems = []
     if m.get("schema") != SCHEMA:
         problems.append(f"schema {m.get('schema')!r} is not {SCHEMA!r}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text, read_json
 
 SCHEMA = "uninet-feat/features"
 SCHEMA_VERSION = 2
@@ -65,7 +65,7 @@ def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[
     mpath = folder / "manifest.json"
     started = any(folder.glob("shard-*.npz"))   # a store that failed before its first shard is started over
     if mpath.exists() and started:
-        old = json.loads(mpath.read_text())
+        old = read_json(mpath, "delete the feature folder and extract again (or choose a new --out)")
         if old.get("fingerprint") not in (manifest["fingerprint"], legacy):
             raise BadInputError("feature folder holds features of another model, settings or image list",
                                 path=folder, fix="choose a new --out, or delete the folder to start over")
@@ -102,7 +102,7 @@ class FeatureStore:
         if not mpath.exists():
             raise BadInputError("not a feature folder (no manifest.json)", path=self.folder,
                                 fix="run `uninet-feat extract --out FOLDER` first")
-        self.manifest = json.loads(mpath.read_text())
+        self.manifest = read_json(mpath, "extract again into a new --out")
         if self.manifest.get("schema") != SCHEMA or self.manifest.get("schema_version", 0) > SCHEMA_VERSION:
             raise BadInputError("unknown feature schema", path=mpath, fix="re-extract with this version")
         if not allow_partial and not (self.folder / "complete").exists():

@@ -88,3 +88,22 @@ def atomic_write_csv(path, rows: list[dict]) -> Path:
     w.writeheader()
     w.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+def read_json(path, fix: str):
+    """The JSON in ``path``; a damaged file (a kill before atomic writes, an edit) is a `BadInputError` naming it
+    and ``fix``, not a traceback."""
+    import json
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read this JSON file ({type(e).__name__}: {e})", path=path, fix=fix) from e
+
+
+def read_yaml(path, fix: str):
+    """The YAML in ``path`` (None when empty); a damaged file is a `BadInputError` naming it and ``fix``."""
+    import yaml
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise BadInputError(f"cannot read this YAML file ({type(e).__name__}: {e})", path=path, fix=fix) from e

@@ -143,9 +143,11 @@ def robust_range(flat: np.ndarray) -> list[float]:
 def calibrated_range(run_dir, pixel_map: str | None = None, cal: dict | None = None):
     """(vmin, vmax) from the run's calibration ``map_range`` (or ``cal``'s) when present and computed on
     the same kind of ``pixel_map``; else None."""
-    import json
     path = Path(run_dir) / "calibration.json" if run_dir is not None else None
-    c = cal if cal is not None else (json.loads(path.read_text()) if path is not None and path.exists() else None)
+    if cal is None and path is not None and path.exists():
+        from .io import read_json
+        cal = read_json(path, f"re-create it: `uninet-feat calibrate --run {run_dir}`")
+    c = cal
     r = c.get("map_range") if c else None
     if r and (pixel_map is None or c.get("map_range_pixel_map", "raw") == pixel_map):
         return float(r[0]), float(r[1])
