@@ -85,3 +85,36 @@ def test_every_flag_of_every_command_says_what_it_is():
                     assert "default" in a.help, (name, a.option_strings, a.help)
                 if a.nargs == 0:   # a switch: "(default True)" of --no-overlays read as "off by default"
                     assert "(default" not in a.help, (name, a.option_strings, a.help)
+
+
+def test_out_of_range_model_and_extract_options_are_one_line_errors(tmp_path, capsys):
+    """--seed -1 or >= 2**32, --width 0, --temperature 0 (a ZeroDivisionError in the first step, after the run
+    folder was written), --shard-size 0 and --shard abc: one line with the range and an example, before any
+    folder is written; two levels with three decoder depths: the model options named with the fix."""
+    from uninet_feat.cli import main
+    from _tiny import register_tiny, tiny_train_args, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    train = tiny_train_args(data)
+    cases = {("--seed", "-1"): "seed must be an integer >= 0 and <= 4294967295, got -1",
+             ("--seed", str(2 ** 32)): "seed must be an integer >= 0 and <= 4294967295",
+             ("--width", "0"): "width must be a number > 0, got 0.0",
+             ("--temperature", "0"): "temperature must be a number > 0, got 0.0"}
+    for k, (flag, want) in enumerate(cases.items()):
+        out = tmp_path / f"r{k}"
+        assert main(train + [*flag, "--out", str(out)]) == 2, flag
+        err = capsys.readouterr().err
+        assert want in err and "fix:" in err and "Traceback" not in err, (flag, err)
+        assert not out.exists(), flag
+    extract = ["extract", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+               "--quiet", "--out", str(tmp_path / "f")]
+    for flag, want in ((["--shard-size", "0"], "--shard-size must be an integer >= 1, got 0"),
+                       (["--shard", "abc"], "--shard abc must be i/n with 0 <= i < n")):
+        assert main(extract + flag) == 2
+        err = capsys.readouterr().err
+        assert want in err and "fix:" in err, err
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.runs import make_model
+    with pytest.raises(BadInputError, match=r"do not fit backbone resnet18 at levels \[1, 2\]: decoder depths"):
+        make_model(load_config(None, base={"backbone": "resnet18", "weights": "random", "levels": [1, 2]}))

@@ -87,9 +87,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
 _RANGES = {"epochs": (1, True, "10"), "batch_size": (1, True, "8"), "eval_batch_size": (1, True, "8"),
            "image_size": (8, True, "256"), "tile": (8, True, "256"), "tile_overlap": (0, True, "0"),
            "val_fraction": (0, True, "0.1"), "val_every": (1, True, "1"), "threads": (1, True, "2"),
-           "lr": (0, False, "5e-3"), "lr_target": (0, True, "1e-6"), "keep_every": (0, True, "10")}
+           "lr": (0, False, "5e-3"), "lr_target": (0, True, "1e-6"), "keep_every": (0, True, "10"),
+           "seed": (0, True, "1203"), "width": (0, False, "4"), "temperature": (0, False, "2"),
+           "margin": (0, True, "1"), "lam": (0, True, "0.7")}
+_HIGH = {"val_fraction": (1, False), "seed": (2 ** 32 - 1, True), "lam": (1, True)}   # (bound, inclusive)
 _INTEGERS = {"epochs", "batch_size", "eval_batch_size", "image_size", "tile", "tile_overlap", "val_every",
-             "threads", "keep_every"}
+             "threads", "keep_every", "seed"}
 
 
 def check_numbers(cfg: dict, path=None) -> None:
@@ -107,13 +110,15 @@ def check_numbers(cfg: dict, path=None) -> None:
                 pass
         ok = (isinstance(v, int) if integer else isinstance(v, (int, float))) and not isinstance(v, bool)
         ok = ok and math.isfinite(v) and (v >= low if inclusive else v > low)
-        if key == "val_fraction":
-            ok = ok and v < 1
+        if key in _HIGH:
+            top, top_in = _HIGH[key]
+            ok = ok and (v <= top if top_in else v < top)
         if key == "tile_overlap" and ok and cfg.get("tile"):
             ok = v < cfg["tile"]
         if not ok:
             what = "an integer" if integer else "a number"
-            bound = f"{'>=' if inclusive else '>'} {low}" + (" and < 1" if key == "val_fraction" else "")
+            high = f" and {'<=' if _HIGH[key][1] else '<'} {_HIGH[key][0]}" if key in _HIGH else ""
+            bound = f"{'>=' if inclusive else '>'} {low}{high}"
             bound += f" and < tile ({cfg.get('tile')})" if key == "tile_overlap" and cfg.get("tile") else ""
             raise BadInputError(f"{key} must be {what} {bound}, got {v!r}", path=path,
                                 fix=f"e.g. {key.replace('_', '-')} {example}")

@@ -122,7 +122,12 @@ def eval_batches(ds, cfg: dict):
 
 def make_model(cfg: dict) -> UniNet:
     backbone = create_backbone(cfg["backbone"], weights=cfg["weights"], levels=cfg.get("levels"))
-    return UniNet(backbone, **model_options(cfg))
+    try:
+        return UniNet(backbone, **model_options(cfg))
+    except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths)
+        raise BadInputError(f"the model options do not fit backbone {cfg['backbone']} at levels "
+                            f"{list(backbone.levels)}: {e}", fix="give decoder_depths one entry per level (e.g. "
+                            "[3, 4, 6] for three), or --levels with three levels") from e
 
 
 def set_threads(cfg: dict) -> None:

@@ -18,9 +18,15 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
                 image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
                 validate=False, text=None, skip_bad=False) -> dict:
     from .extract import Extractor
-    i, n = (int(v) for v in shard.split("/"))
+    try:
+        i, n = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        i, n = -1, 0
     if not 0 <= i < n:
-        raise BadInputError(f"--shard {shard} must be i/n with 0 <= i < n")
+        raise BadInputError(f"--shard {shard} must be i/n with 0 <= i < n", fix="e.g. --shard 0/2 and --shard 1/2 "
+                                                                                 "in two processes; 0/1 for all")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise BadInputError(f"--shard-size must be an integer >= 1, got {shard_size!r}", fix="e.g. --shard-size 256")
     if run is not None and (backbone is not None or weights != "imagenet"):
         raise BadInputError("--backbone/--weights choose plain features; with --run the run's own model is used",
                             path=run, fix="drop --backbone/--weights, or drop --run for plain backbone features")
