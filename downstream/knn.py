@@ -119,12 +119,16 @@ class KNNScorer:
 
         ``source``: the feature store's source (run, ``model_sha256``), recorded so that predict can refuse
         an index built from another model's patches (kept from the last ``save`` when not given)."""
+        from ..featstore import file_sha256
         self._need_fit()
         d = Path(directory)
+        for old in ("knn.json", "ids.json"):   # first: a kill before the new knn.json leaves no stale one beside
+            (d / old).unlink(missing_ok=True)   # the new index (nor an image index's ids.json)
         save_index(self.index, d / "index.faiss")
         meta = dict(format=_FORMAT, kind=self.kind, k=self.k, coreset_ratio=self.coreset_ratio, seed=self.seed,
                     proj_dim=self.proj_dim, index_kw=self.index_kw, n_normal=self.n_normal,
-                    n_memory=int(self.index.ntotal), dim=int(self.index.d))
+                    n_memory=int(self.index.ntotal), dim=int(self.index.d),
+                    index_sha256=file_sha256(d / "index.faiss"))
         self.source = source if source is not None else self.source
         if self.source is not None:
             meta["source"] = self.source
@@ -145,6 +149,13 @@ class KNNScorer:
             raise BadInputError(f"unknown kNN format {meta.get('format')!r}", path=d / "knn.json")
         self = cls(meta["kind"], meta["k"], meta["coreset_ratio"], meta["seed"], device, meta.get("proj_dim", 128),
                    **meta.get("index_kw", {}))
+        want = meta.get("index_sha256")   # None: saved before the index was pinned
+        if want is not None and (d / "index.faiss").is_file():
+            from ..featstore import file_sha256
+            if file_sha256(d / "index.faiss") != want:
+                raise BadInputError("index.faiss is not the index knn.json was written with (a kill between the "
+                                    "two writes, or another index copied in)", path=d,
+                                    fix="build it again: `uninet-feat index --features F --out DIR`")
         self.index = load_index(os.fspath(d / "index.faiss"), device=device)
         self.n_normal = meta.get("n_normal", 0)
         self.source = meta.get("source")   # None: saved before sources were recorded, or not from a store

@@ -167,3 +167,20 @@ def test_knn_scores_refuse_what_would_score_inf_or_backwards():
         knn_scores(ivf, q, k=100)
     with pytest.raises(BadInputError, match="need an l2 index"):
         knn_scores(build_index(bank, kind="flat", metric="ip", device="cpu"), q, k=1)
+
+
+def test_knn_json_pins_its_index_file(tmp_path):
+    """knn.json records index.faiss's sha256: another index in its place (a kill between the two writes of a
+    re-index, a copied file) is refused instead of scoring with the wrong bank; a save removes a stale ids.json."""
+    a = KNNScorer("flat", k=1, coreset_ratio=1.0, device="cpu").fit(clustered(200, d=8, seed=1))
+    b = KNNScorer("flat", k=1, coreset_ratio=1.0, device="cpu").fit(clustered(200, d=8, seed=2))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ids.json").write_text("[]")
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    assert not (tmp_path / "a" / "ids.json").exists()
+    q = clustered(5, d=8, seed=3)
+    np.testing.assert_array_equal(KNNScorer.load(tmp_path / "a", device="cpu").score_patches(q), a.score_patches(q))
+    (tmp_path / "a" / "index.faiss").write_bytes((tmp_path / "b" / "index.faiss").read_bytes())
+    with pytest.raises(BadInputError, match="index.faiss is not the index knn.json was written with"):
+        KNNScorer.load(tmp_path / "a", device="cpu")

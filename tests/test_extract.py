@@ -339,7 +339,10 @@ def test_image_level_index_holds_every_row_and_refuses_patch_options(setup, tmp_
     data, run, samples = setup
     f, out = tmp_path / "f", tmp_path / "img"
     assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(f), "--quiet"]) == 0
+    (out).mkdir()
+    (out / "knn.json").write_text("{}")   # a patch index's, left from an earlier `index` into this folder
     assert main(["index", "--features", str(f), "--level", "image", "--out", str(out)]) == 0
+    assert not (out / "knn.json").exists()   # it would describe the new image index as a kNN scorer
     X, recs = FeatureStore(f).image_table()
     ids = json.loads((out / "ids.json").read_text())
     assert ids == [r["path"] for r in recs] and len(ids) == len(samples)

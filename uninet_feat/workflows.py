@@ -100,6 +100,8 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
     index = build_index(X, kind=kind)
+    for old in ("ids.json", "knn.json"):   # a patch index's knn.json would describe this index wrongly
+        (out / old).unlink(missing_ok=True)
     save_index(index, out / "index.faiss")
     atomic_write_text(out / "ids.json", json.dumps([r["path"] for r in recs]))
     return {"index": str(out), "level": level, "kind": kind, "n": len(recs)}
