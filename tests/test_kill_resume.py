@@ -141,3 +141,23 @@ def test_plain_resume_finishes_the_runs_own_schedule(tmp_path, monkeypatch):
     resumed = ["train", *TRAIN, "--out", "cut", "--resume", "--epochs", "5", "--quiet"]
     assert main(resumed + ["--data", "."]) == 2
     assert main(resumed + ["--data", "d"]) == 0 and read_checkpoint(cut / "model.pt")["epoch"] == 5
+
+
+def test_a_run_folder_takes_one_writer_and_sheds_a_killed_writes_temp_files(tmp_path, capsys):
+    """Two `train --out SAME` at once interleaved their files; now the second is refused while the first holds
+    the folder. A temp file that a kill left mid-write (.checkpoint.pt.XXXX.tmp, checkpoint-sized) is removed
+    when the folder is next trained in; a refused new run leaves no empty folder."""
+    from uninet_feat.io import folder_lock
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+            "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]
+    with folder_lock(run):   # another process training into it now
+        assert main(args) == 2
+    assert "another process is writing this run folder now" in capsys.readouterr().err
+    assert not (run / "config.yaml").exists()
+    (run / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"x" * 1000)
+    assert main(args) == 0
+    assert not list(run.glob(".*.tmp")) and (run / "model.pt").exists()
+    assert main(args[:-2] + ["--image-size", "40", "--out", str(tmp_path / "new")]) == 2   # refused before writing
+    assert not (tmp_path / "new").exists()

@@ -1,6 +1,7 @@
 """Atomic file writes: a crash or a kill leaves either the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -107,3 +108,34 @@ def read_yaml(path, fix: str):
         return yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read this YAML file ({type(e).__name__}: {e})", path=path, fix=fix) from e
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str = "run"):
+    """Hold an exclusive lock on ``folder`` (created if needed) while the body writes into it; a second
+    process asking for it is refused at once. Why: two `train --out SAME` started together both passed the
+    "folder already holds a run" check and interleaved their files (one run's config beside the other's model).
+    The kernel drops the lock when its process dies (flock), so a killed run never leaves the folder locked.
+    Then stale temp files of atomic writes that a kill left (``.NAME.XXXX.tmp``) are removed: with the lock held
+    no other process can be writing them."""
+    import fcntl
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(f"another process is writing this {what} folder now", path=folder,
+                                fix="wait for it to finish, or choose another --out") from None
+        for tmp in list(folder.glob(".*.tmp")) + list(folder.glob("*/.*.tmp")):
+            tmp.unlink(missing_ok=True)
+        yield folder
+    except BaseException:
+        if created and [p.name for p in folder.iterdir()] == [".lock"]:   # refused before writing anything:
+            (folder / ".lock").unlink(missing_ok=True)                    # no empty folder left behind
+            folder.rmdir()
+        raise
+    finally:
+        os.close(fd)   # releases the lock

@@ -28,7 +28,7 @@ from .data.dataset import check_samples
 from .denoise import Damager, parse_denoise
 from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
 from .errors import BadInputError
-from .io import atomic_write_text
+from .io import atomic_write_text, folder_lock
 from .optim import make_optimizers
 from .positions import parse_tile_norm
 from .runs import CachedDataset, absolute_data_paths, load_samples, make_dataset, make_model, set_threads, train_val_samples
@@ -41,8 +41,16 @@ def _progress(quiet: bool) -> Progress:
 
 
 def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False) -> Path:
-    """Train UniNet with ``cfg`` into the run folder ``out``; returns the path of ``model.pt``."""
-    out = Path(out)
+    """Train UniNet with ``cfg`` into the run folder ``out``; returns the path of ``model.pt``. The folder is
+    locked while it trains (`io.folder_lock`; rank 0 of a torchrun job holds it for all ranks)."""
+    rank = (env_rank_world() or (0, 1))[0]
+    if rank != 0:
+        return _train(cfg, Path(out), resume, quiet)
+    with folder_lock(out):
+        return _train(cfg, Path(out), resume, quiet)
+
+
+def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
     ckpt_path = out / "checkpoint.pt"
     start_epoch = 0
     if resume:
