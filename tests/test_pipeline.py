@@ -482,3 +482,17 @@ def test_a_run_without_validation_normals_says_that_it_flags_nothing(texture, tm
     assert ev["threshold"] is None and "at_threshold" not in ev
     with open(tmp_path / "s.csv") as f:
         assert {r["flagged"] for r in csv.DictReader(f)} == {""}
+
+
+def test_the_thread_count_a_run_trained_with_is_recorded_and_a_resume_with_another_warns(texture, tmp_path):
+    """Threads change float sums, so a seed reproduces a run only at its thread count: config.yaml records
+    the count used when none was given, and resuming with another warns."""
+    import yaml
+    run = tmp_path / "r"
+    train(_cfg(texture, epochs=1), run, quiet=True)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["threads"]
+    assert saved == torch.get_num_threads() >= 1
+    other = saved + 1
+    with pytest.warns(UserWarning, match=rf"trained with {saved} threads, --threads {other} now"):
+        train(_cfg(texture, epochs=2, threads=other), run, resume=True, quiet=True)
+    torch.set_num_threads(saved)

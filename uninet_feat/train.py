@@ -59,6 +59,11 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
         state = read_checkpoint(ckpt_path)
         # model, data and options are the checkpoint's; ``cfg`` sets only the schedule's length (to finish or
         # extend it) and, when given, the thread count
+        was = checkpoint_config(state).get("threads")
+        if was and cfg.get("threads") and int(cfg["threads"]) != int(was):
+            warnings.warn(f"{out}: the run trained with {was} threads, --threads {cfg['threads']} now: the thread "
+                          "count changes how floats are summed, so the resumed run will not equal an uninterrupted "
+                          f"one (fix, to reproduce it: --threads {was})")
         cfg = {**checkpoint_config(state), **{k: cfg[k] for k in RESUMABLE_KEYS if cfg.get(k) is not None}}
         if cfg["epochs"] < int(state["epoch"]):
             raise BadInputError(f"the run has already trained {state['epoch']} epochs, more than epochs "
@@ -71,6 +76,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
     else:   # a resumed run keeps its config as saved: an older run's split hashes `data` as it was typed
         cfg = absolute_data_paths(cfg)
     set_threads(cfg)
+    if cfg.get("threads") is None:   # recorded: the thread count is part of what a seed reproduces (float sums)
+        cfg = {**cfg, "threads": torch.get_num_threads()}
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
