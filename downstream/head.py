@@ -132,7 +132,8 @@ def _labels(y, task, positive):
     y = np.asarray([str(v) for v in np.asarray(y).ravel()], dtype=object)
     classes = sorted(set(y))
     if len(classes) < 2:
-        raise BadInputError(f"need at least 2 classes, got {classes}")
+        raise BadInputError(f"a head needs at least 2 classes, got {classes}", fix="label images of two or more "
+                            "classes (with --defects-only: two or more defect types), or use --task binary with normals")
     task = task or ("binary" if len(classes) == 2 else "multiclass")
     if task not in ("binary", "multiclass"):
         raise BadInputError(f"unknown task {task!r}", fix="use binary or multiclass")
@@ -263,7 +264,7 @@ def train_head(X, y, task=None, n_splits=5, seed=0, class_weight="balanced", par
     small = []
     if cv is None:
         if n_splits < 2:
-            raise BadInputError(f"n_splits must be >= 2, got {n_splits}")
+            raise BadInputError(f"the cross-validation needs >= 2 folds, got {n_splits}", fix="e.g. --folds 5")
         cv = stratified_folds(codes, n_splits, seed)
         small = [c for c, n in zip(classes, counts) if n < len(cv)]
         if len(cv) < n_splits:

@@ -186,7 +186,7 @@ def search(index, queries, k: int = 1):
     if index.ntotal == 0:
         raise BadInputError("the index is empty", fix="build it from at least one vector")
     if k < 1:
-        raise BadInputError(f"k must be >= 1, got {k}")
+        raise BadInputError(f"k must be >= 1, got {k}", fix="e.g. k=1")
     dist, labels = index.search(q, int(k))
     missing = labels < 0
     if index.metric_type == faiss.METRIC_L2:

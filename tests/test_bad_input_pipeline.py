@@ -315,3 +315,25 @@ def test_damaged_run_files_are_named_with_their_fix(tmp_path, capsys):
     (tmp_path / "f" / "manifest.json").write_text("{")
     assert main(["index", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "k")]) == 2
     assert f"{tmp_path / 'f' / 'manifest.json'}: cannot read this JSON file" in capsys.readouterr().err
+
+
+def test_cli_paths_and_odd_files_are_handled_before_any_work(tmp_path, capsys, monkeypatch, write_image):
+    """`--json` naming a folder is refused before evaluating (it failed at the end, naming a temp file); `~`
+    in a path flag is the home folder; `index --coreset 2` is refused like 0; a .gif or a broken symlink named
+    .png beside the images is said, not dropped silently."""
+    import os
+    assert main(["evaluate", "--run", str(tmp_path), "--json", str(tmp_path)]) == 2
+    assert f"{tmp_path}: --json names a folder, not a file" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["evaluate", "--run", "~/nope", "--quiet"]) == 2
+    assert f"{tmp_path / 'nope'}: no such run folder" in capsys.readouterr().err
+    from uninet_feat.downstream import KNNScorer
+    with pytest.raises(BadInputError, match=r"coreset ratio must be in \(0, 1\], got 2"):
+        KNNScorer(coreset_ratio=2)
+    for i in range(2):
+        write_image(f"line/good/{i}.png")
+    write_image("line/good/anim.gif")
+    os.symlink(tmp_path / "gone.png", tmp_path / "line" / "good" / "link.png")
+    from uninet_feat.data.layouts import discover
+    with pytest.warns(UserWarning, match=r"2 file\(s\) not read \(anim.gif, link.png\)"):
+        assert len(discover(tmp_path / "line")) == 2

@@ -89,6 +89,12 @@ def test_ensemble_refuses_other_test_sets_one_run_and_no_threshold(seeds, tmp_pa
     with pytest.raises(BadInputError, match="no threshold"):
         evaluate_ensemble([seeds / "a", bare], quiet=True)
     assert main(["ensemble", "--runs", str(seeds / "a"), str(seeds / "c"), "--quiet"]) == 2   # a clear CLI error
+    with pytest.raises(BadInputError, match="the same run is given twice"):
+        evaluate_ensemble([seeds / "a", seeds / "b", seeds / "a" / ".." / "a"], quiet=True)
+    twin = tmp_path / "twin"   # a copy of one run: the same model.pt, averaged with itself
+    shutil.copytree(seeds / "b", twin)
+    with pytest.warns(UserWarning, match="two of these runs hold the same model.pt"):
+        evaluate_ensemble([seeds / "b", twin], quiet=True)
 
 
 def test_ensemble_without_masks_reports_the_same_image_metrics_and_no_pixel_ones(seeds, tmp_path):

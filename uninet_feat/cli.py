@@ -396,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = ap.parse_args(argv)
+    try:
+        _user_paths(args)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run = getattr(args, "run", None)
     if run and Path(run).is_file():   # `--run RUN/model.pt`: the run is the folder the model is in
         args.run = str(Path(run).parent)
@@ -432,6 +437,25 @@ def _save_command_config(args) -> None:
 
 
 _PATH_FLAGS = ("data", "split_csv", "run", "out", "features", "knn", "head", "ensemble", "text", "weights")
+
+
+_OUTPUT_FILES = ("json", "csv", "report")
+
+
+def _user_paths(args) -> None:
+    """``~`` expanded in every path flag (a quoted '~/x', or one from a --config YAML, reaches us unexpanded), and
+    an output file that names a folder refused before any work (it failed at the end, naming a temp file)."""
+    for k in _PATH_FLAGS + _OUTPUT_FILES + ("checkpoint", "prompts"):
+        v = getattr(args, k, None)
+        if isinstance(v, str):
+            setattr(args, k, os.path.expanduser(v))
+        elif isinstance(v, list):
+            setattr(args, k, [os.path.expanduser(x) if isinstance(x, str) else x for x in v])
+    for k in _OUTPUT_FILES:
+        v = getattr(args, k, None)
+        if isinstance(v, str) and Path(v).is_dir():
+            raise BadInputError(f"--{k} names a folder, not a file", path=v,
+                                fix=f"give a file name, e.g. --{k} {Path(v) / ('report.html' if k == 'report' else 'metrics.' + k)}")
 
 
 def _absolute(key: str, value):

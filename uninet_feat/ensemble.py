@@ -18,6 +18,7 @@ runs that differ only in their seed is the usual cure for that variance.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import warnings
 from dataclasses import dataclass
 
@@ -96,6 +97,16 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
     """Every run as a `Member` (at least two), checked against the first; warns when their scales differ."""
     if len(runs) < 2:
         raise BadInputError("an ensemble needs at least two runs", fix="pass --runs RUN_A RUN_B ...")
+    real = [str(Path(r).resolve()) for r in runs]
+    twice = next((r for i, r in enumerate(runs) if real[i] in real[:i]), None)
+    if twice is not None:   # one run twice is one model with double weight, reported as an ensemble
+        raise BadInputError("the same run is given twice", path=twice, fix="pass runs of one config trained with "
+                                                                           "other seeds, each once")
+    from .featstore import file_sha256
+    shas = [file_sha256(Path(r) / "model.pt") if (Path(r) / "model.pt").is_file() else r for r in runs]
+    if len(set(shas)) < len(shas):
+        warnings.warn("two of these runs hold the same model.pt (the same config and seed?): the ensemble averages "
+                      "copies of one model (fix: train the others with other --seed values)")
     first = load_member(runs[0], data, split_csv, group, skip_bad)
     members = [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
     for m in members[1:]:

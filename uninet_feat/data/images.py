@@ -162,7 +162,7 @@ def load_image(path, min_side: int = MIN_SIDE) -> np.ndarray:
         w, h = img.size
         if min(h, w) < min_side:
             raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=path,
-                                fix="remove it, or lower the minimum side if such tiny images are intended")
+                                fix=f"remove it (or --skip-bad to leave it out): images need at least {min_side} px a side")
         a = _to_array(oriented(img), path, meta=img)
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
@@ -232,7 +232,7 @@ def check_image(path, min_side: int = MIN_SIDE) -> tuple[int, int]:
         (w, h), fmt = img.size, img.format     # as stored: verify() must come right after open
         if min(h, w) < min_side:
             raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=p,
-                                fix="remove it, or lower the minimum side if such tiny images are intended")
+                                fix=f"remove it (or --skip-bad to leave it out): images need at least {min_side} px a side")
         try:
             img.verify()
         except Exception as e:  # verify raises assorted types depending on the plugin

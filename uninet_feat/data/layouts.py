@@ -128,8 +128,15 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
 
 def _images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, minus masks kept beside them (``*_mask.*``, ``x.png`` beside ``x.jpg``)."""
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-             and p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    left = sorted(p.name for p in entries if (p.suffix.lower() in IMAGE_EXTENSIONS and not p.exists())
+                  or (p.suffix.lower() in OTHER_IMAGES and p.is_file()))
+    if left:   # said, not dropped silently: another image type, or a broken / looping symlink named as an image
+        _warn_unused(folder, f"{len(left)} file(s) not read ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
+                             f"broken symlinks, or a type other than {', '.join(IMAGE_EXTENSIONS)} (convert to PNG)")
     non_png = {p.stem for p in files if p.suffix.lower() != ".png"}
     return sorted(p for p in files if not p.stem.lower().endswith("_mask")
                   and not (p.suffix.lower() == ".png" and p.stem in non_png))
@@ -169,6 +176,7 @@ def _has_images(folder: Path) -> bool:
 
 
 _WARNED: set[str] = set()
+OTHER_IMAGES = (".gif", ".heic", ".heif", ".jfif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico", ".avif")
 
 
 def _warn_unused(folder: Path, why: str) -> None:
