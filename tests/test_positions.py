@@ -112,11 +112,19 @@ def test_an_image_of_another_size_is_named_and_none_turns_it_off(run, tmp_path):
     narrow = data / "test" / "good" / "tall.png"   # 128 x 192: its second row of tiles has no place in the offsets
     Image.fromarray(np.tile(np.asarray(Image.open(data / "test" / "good" / "000.png")), (2, 1))).save(narrow)
     try:
-        with pytest.raises(BadInputError, match="no position offset") as e:
+        with pytest.raises(BadInputError, match="the image is 192x128 px; the run's position offsets were measured "
+                                                "on 192x64 images") as e:
             evaluate(c, quiet=True)
-        assert "tall.png" in str(e.value) and "64,0" in str(e.value)
+        assert "tall.png" in str(e.value)
     finally:
         narrow.unlink()
+    low = data / "test" / "good" / "low.png"   # 32 px high: its mirror-padded tiles sit at the training places, so
+    Image.open(data / "test" / "good" / "000.png").crop((0, 0, 192, 32)).save(low)   # it passed with their offsets
+    try:
+        with pytest.raises(BadInputError, match="the image is 192x32 px"):
+            evaluate(c, quiet=True)
+    finally:
+        low.unlink()
     assert main(["calibrate", "--run", str(c), "--tile-norm", "none", "--quiet"]) == 0
     assert "tile_offsets" not in json.loads((c / "calibration.json").read_text())
     model, ck = build_from_checkpoint(c / "model.pt")

@@ -111,6 +111,7 @@ def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:
     fit, val = train_val_samples(load_samples(cfg), cfg)   # every training normal: 1 validation strip is no median
     rec = tile_offsets(model, fit + val, cfg, neighbours=tile_norm == "neighbours")
     model.cfg["tile_offsets"] = rec["offsets"]
+    model.cfg["tile_sizes"] = rec.get("image_sizes")
     model.cfg["tile_neighbours"] = rec.get("neighbours")
     return rec
 
@@ -292,6 +293,7 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
     model.cfg["map_norm"] = cal.get("map_norm") or None
     rec = cal.get("tile_offsets") or {}
     model.cfg["tile_offsets"] = rec.get("offsets")
+    model.cfg["tile_sizes"] = rec.get("image_sizes")   # None in files written before session 24: not checked
     model.cfg["tile_neighbours"] = None
     if rec.get("offsets") and rec.get("mode") == "neighbours":
         from .positions import Neighbours

@@ -129,7 +129,8 @@ class Extractor:
                       else np.full(len(v), np.nan, np.float32))
             if self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets"):
                 near, ctx = self.model.cfg.get("tile_neighbours"), r["context"].numpy()
-                scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i], c, near)
+                sizes = self.model.cfg.get("tile_sizes")
+                scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i], c, near, sizes)
                                    for s, b, i, c in zip(scores, batch["tile"], batch["index"].tolist(), ctx)],
                                   np.float32)
             cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),

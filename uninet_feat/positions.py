@@ -136,18 +136,25 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     total = ((allv - allv.mean()) ** 2).sum()
     within = sum(((v - v.mean()) ** 2).sum() for v in vals)
     n = {g: sum(s.group == g for s in samples) for g in offsets}
+    from .data.images import read_size
+    sizes: dict[str, set] = {}
+    for s in samples:   # the offsets hold for tiles of images of these sizes only (`corrected` checks)
+        sizes.setdefault(s.group, set()).add(tuple(read_size(s.path)))
     rec = {"offsets": offsets, "n_images": n, "position_r2": float(1 - within / total) if total > 0 else 0.0,
-           "rule": RULE}
+           "rule": RULE, "image_sizes": {g: sorted(list(v) for v in sz) for g, sz in sizes.items()}}
     if neighbours:
         rec |= {"mode": "neighbours", "k": K_NEIGHBOURS, "rule": NEIGHBOURS_RULE,
                 "neighbours": Neighbours.fit(ctx_per)}
     return rec
 
 
-def corrected(score: float, box, offsets: dict | None, sample, context=None, neighbours: Neighbours | None = None
-              ) -> float:
+def corrected(score: float, box, offsets: dict | None, sample, context=None, neighbours: Neighbours | None = None,
+              sizes: dict | None = None) -> float:
     """``score`` less the offset of the tile at ``box`` of ``sample`` (its group's); unchanged without offsets.
-    With ``neighbours`` (and the tile's ``context``), the offset of its nearest training tiles at that place."""
+    With ``neighbours`` (and the tile's ``context``), the offset of its nearest training tiles at that place.
+    ``sizes``: {group: [[h, w], ...]} of the training normals (``image_sizes`` of the offsets' record; None in
+    records written before session 24): an image of another size is refused, since a smaller one's mirror-padded
+    tiles sit at the training tiles' places and would take offsets measured on full tiles."""
     if not offsets:
         return score
     # a run of one group scores images without one (a new batch) with its offsets, not another group's images
@@ -164,6 +171,15 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
                             f"{sorted(offsets)}", path=sample.path,
                             fix="give the images' group (`predict --group G`, or a --split-csv with a group "
                                 "column), or `uninet-feat calibrate --run RUN --tile-norm none`")
+    if sizes and group in sizes:
+        from .data.images import read_size
+        hw = list(read_size(sample.path))
+        if hw not in sizes[group]:
+            shown = " or ".join(f"{w}x{h}" for h, w in sizes[group])
+            raise BadInputError(f"the image is {hw[1]}x{hw[0]} px; the run's position offsets were measured on "
+                                f"{shown} images", path=sample.path,
+                                fix="score images of the training images' size, or `uninet-feat calibrate --run RUN "
+                                    "--tile-norm none`")
     k = key(box)
     if k not in table:
         raise BadInputError(f"a tile at y,x = {k} has no position offset: the run's normals were tiled at "
