@@ -48,6 +48,8 @@ def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, 
     result is deterministic for a given seed and device. ``vectors`` may be numpy, a memmap or a
     torch tensor; it is read chunk by chunk.
     """
+    if not hasattr(vectors, "ndim"):   # a list of rows, as build_index and train_head take
+        vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise BadInputError(f"vectors must be (N, d), got shape {tuple(vectors.shape)}")
     total = vectors.shape[0]

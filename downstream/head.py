@@ -43,8 +43,9 @@ DEFAULT_PARAMS = dict(n_estimators=1000, learning_rate=0.05, num_leaves=15, min_
 class Head:
     """A trained booster plus its label map (and the binary decision threshold)."""
 
-    def __init__(self, booster: lgb.Booster, classes, threshold=None, feature_names=None, n_jobs=None):
+    def __init__(self, booster: lgb.Booster, classes, threshold=None, feature_names=None, n_jobs=None, task=None):
         self.booster, self.classes = booster, [str(c) for c in classes]
+        self._task = task   # as trained: a two-class head trained as multiclass predicts by argmax
         self.threshold = None if threshold is None else float(threshold)
         self.feature_names = list(feature_names or booster.feature_name())
         self.n_jobs = n_jobs
@@ -52,7 +53,7 @@ class Head:
 
     @property
     def task(self) -> str:
-        return "binary" if len(self.classes) == 2 else "multiclass"
+        return self._task or ("binary" if len(self.classes) == 2 else "multiclass")
 
     def predict_proba(self, X) -> np.ndarray:
         """(n, n_classes), columns in ``self.classes`` order (binary: [negative, positive])."""
@@ -103,7 +104,7 @@ class Head:
             raise BadInputError("model.txt does not match head.json (interrupted save or edited file)",
                                 path=d, fix="save the head again")
         booster = lgb.Booster(model_str=text)
-        head = cls(booster, meta["classes"], meta["threshold"], meta["feature_names"], n_jobs)
+        head = cls(booster, meta["classes"], meta["threshold"], meta["feature_names"], n_jobs, meta.get("task"))
         head.source = meta.get("source")   # None: saved before sources were recorded, or not from a store
         return head
 
@@ -313,5 +314,5 @@ def train_head(X, y, task=None, n_splits=5, seed=0, class_weight="balanced", par
     n_est = max(1, int(np.median(best)))
     final = _model(base, n_est).fit(x, codes, feature_name=names)
     threshold = (float(np.mean(thresholds)) if thresholds else 0.5) if task == "binary" else None
-    head = Head(final.booster_, classes, threshold, names, n_jobs)
+    head = Head(final.booster_, classes, threshold, names, n_jobs, task)
     return HeadResult(head, task, classes, len(folds), folds, pooled, oof, fold_of, n_est, small)

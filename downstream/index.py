@@ -37,7 +37,7 @@ def as_matrix(x, what: str = "vectors", d: int | None = None) -> np.ndarray:
         raise BadInputError(f"{what} must be a 2-D array (n, d), got shape {x.shape}")
     if d is not None and x.shape[1] != d:
         raise BadInputError(f"{what} have dimension {x.shape[1]}, expected {d}",
-                            fix="use vectors from the same extractor/export as the index")
+                            fix="use vectors from the same extractor/export as the index or head")
     bad = np.flatnonzero(~np.isfinite(x).all(1))
     if bad.size:
         raise BadInputError(
@@ -153,6 +153,10 @@ def build_index(vectors, kind="flat", metric="l2", nlist=None, m_pq=None, nbits=
                                 fix="use kind=flat for small sets, or lower nbits/nlist")
         ivf.cp.seed = seed
         faiss.downcast_index(index).pq.cp.seed = seed
+        # faiss prints a line per PQ sub-quantiser when fewer than 39 rows per centroid train it (any bank under
+        # 9,984 rows), 8-16 lines a build; the threshold only sets that warning, the training is the same
+        faiss.downcast_index(index).pq.cp.min_points_per_centroid = 1
+        ivf.cp.min_points_per_centroid = 1
         n_train = min(n, max(64 * ivf.nlist, 39 * 2 ** nbits))
         sub = x if n_train == n else x[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))]
         index.train(sub)

@@ -157,3 +157,16 @@ def test_a_head_no_better_than_chance_is_said_with_its_baselines():
         warnings.simplefilter("error")
         good = train_head(x_sep, y, n_splits=4, params=FAST, n_jobs=1)
     assert good.oof["balanced_accuracy"] > 0.9 and good.oof["majority_accuracy"] == 0.75
+
+
+def test_a_two_class_head_trained_as_multiclass_says_so_after_a_reload(tmp_path):
+    """task="multiclass" with two classes: the head, its head.json and the result agree (the head said binary)."""
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(0, 1, (30, 4)), rng.normal(2, 1, (30, 4))]).astype(np.float32)
+    y = ["hole"] * 30 + ["stain"] * 30
+    res = train_head(X, y, task="multiclass", n_splits=3)
+    assert res.task == res.head.task == "multiclass"
+    res.head.save(tmp_path)
+    again = Head.load(tmp_path)
+    assert again.task == "multiclass" and list(again.predict(X)) == list(res.head.predict(X))
+    assert list(res.head.predict(X)) == [res.head.classes[i] for i in res.head.predict_proba(X).argmax(1)]
