@@ -78,7 +78,7 @@ class KNNScorer:
     def __init__(self, kind="flat", k=1, coreset_ratio=0.1, seed=0, device="auto", proj_dim=128, **index_kw):
         if int(k) < 1:
             raise BadInputError(f"k must be >= 1, got {k}", fix="e.g. --k 1 (the nearest normal patch)")
-        if coreset_ratio is None or not 0 < float(coreset_ratio) <= 1:
+        if coreset_ratio is not None and not 0 < float(coreset_ratio) <= 1:   # None: keep all
             raise BadInputError(f"the coreset ratio must be in (0, 1], got {coreset_ratio}",
                                 fix="e.g. --coreset 0.1 (10 % of the normal patches), or 1 for all of them")
         self.kind, self.k, self.coreset_ratio, self.seed = kind, int(k), coreset_ratio, seed
