@@ -496,3 +496,18 @@ def test_the_thread_count_a_run_trained_with_is_recorded_and_a_resume_with_anoth
     with pytest.warns(UserWarning, match=rf"trained with {saved} threads, --threads {other} now"):
         train(_cfg(texture, epochs=2, threads=other), run, resume=True, quiet=True)
     torch.set_num_threads(saved)
+
+
+def test_a_multiscale_run_scores_with_its_mem_folded_into_one_conv(texture, tmp_path):
+    """--mem multiscale is the paper's 3x3 + 7x7 MEM, re-parameterised for inference: a finished run is scored
+    with one 7x7 conv per block (before, only the inference benchmark folded it), with the unfolded scores."""
+    from uninet_feat.calibration import load_run
+    from uninet_feat.model.mem import RepConv
+    run = tmp_path / "ms"
+    train(_cfg(texture, mem="multiscale", epochs=1), run, quiet=True)
+    model, _, cfg = load_run(run)
+    assert not any(isinstance(m, RepConv) and hasattr(m, "large") for m in model.modules())
+    assert any(isinstance(m, RepConv) and hasattr(m, "fused") for m in model.modules())
+    unfolded, _ = build_from_checkpoint(run / "model.pt")
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.predict(x)[1], unfolded.eval().predict(x)[1], atol=1e-4, rtol=1e-4)

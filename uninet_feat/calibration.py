@@ -338,6 +338,8 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
     path = Path(model_path) if model_path else run_path(run, "model.pt")
     model, ckpt = build_from_checkpoint(path)
     cfg = dict(ckpt["config"])
+    if cfg.get("mem") == "multiscale":   # scoring only: the paper's MEM folded into one 7x7 conv per block
+        model.eval().reparameterize()
     apply_calibration(model, run, path, cfg if calibrated else None)
     if data:
         cfg["data"], cfg["split_csv"] = data, split_csv
