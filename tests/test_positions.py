@@ -368,3 +368,27 @@ def test_neighbours_offsets_by_hand_with_fewer_tiles_than_k_and_after_save_load(
     with pytest.raises(BadInputError, match="neighbours' tiles") as e:
         Neighbours.load(tmp_path / "bad.npz")
     assert "bad.npz" in str(e.value) and f"--run {tmp_path.resolve()} --tile-norm neighbours" in str(e.value)
+
+
+def test_the_stitched_map_of_a_position_normed_run_is_each_tile_less_its_offset(run):
+    """The map shows what the score is: each tile's map less the offset its score got, so an edge hot on every
+    strip no longer sets the heatmap (and predict --save-maps' defect mask) while the score looks past it; its
+    kind is named, so colour scales and pixel thresholds of plain maps are not reused for it."""
+    from uninet_feat.calibration import load_run
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.positions import key
+    from uninet_feat.scoring import pixel_map_kind
+    data, r = run
+    model, _, cfg = load_run(r)
+    table = next(iter(model.cfg["tile_offsets"].values()))
+    assert pixel_map_kind(model.cfg).endswith("tile offsets")
+    test = [s for s in load_samples(cfg) if s.split == "test"][:3]
+    normed = score_samples(model, test, cfg)["maps"]
+    model.cfg["tile_offsets"] = None
+    plain = score_samples(model, test, cfg)["maps"]
+    tile = cfg["tile"]
+    for a, b in zip(normed, plain):
+        for y in range(0, a.shape[0], tile):
+            for x in range(0, a.shape[1], tile):
+                d = b[y:y + tile, x:x + tile] - a[y:y + tile, x:x + tile]
+                np.testing.assert_allclose(d, table[key((y, x))], atol=1e-5)

@@ -78,7 +78,10 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
                 if tuple(m.shape) != (th, tw):
                     m = torch.nn.functional.interpolate(m[None, None], (th, tw), mode="bilinear",
                                                         align_corners=False)[0, 0]
-                tile_maps.setdefault(idx, []).append(m.numpy().astype(np.float32))
+                # tile_norm position / neighbours: the tile's map less the offset its score got, so the map shows
+                # what the score is (a defect unusual for its place), not the edge that is hot on every strip
+                shift = float(score[j]) - tile_scores[idx][-1]
+                tile_maps.setdefault(idx, []).append(m.numpy().astype(np.float32) - np.float32(shift))
                 if len(tile_maps[idx]) == grids[idx].n:
                     finish(idx, stitch(np.stack(tile_maps.pop(idx)), grids[idx]), full_mask(idx))
             prog.update(task, advance=len(x))

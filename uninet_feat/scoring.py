@@ -86,7 +86,9 @@ def pixel_map_kind(cfg: dict) -> str:
     kind = cfg.get("pixel_map", "smoothed")
     if levels:
         kind += f", levels {','.join(str(int(v)) for v in levels)}"
-    return kind + ", range units" if cfg.get("map_norm") else kind
+    if cfg.get("map_norm"):
+        kind += ", range units"
+    return kind + ", tile offsets" if cfg.get("tile_offsets") else kind   # each tile less its place's offset
 
 
 def wdm_score_reference(maps, out_size, alpha: float = ALPHA, beta: float = BETA):
