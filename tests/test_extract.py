@@ -232,6 +232,17 @@ def test_a_saved_config_reruns_from_any_folder(setup, tmp_path, monkeypatch):
     shards[-1].unlink()                                    # as if killed: the saved config resumes the same store
     assert main(["extract", "--config", str(tmp_path / "a" / "f" / "config.yaml")]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == kept and shards[-1].exists()
+    # the store names its images absolutely: an index built from another folder holds the run's validation
+    # normals out of its bank (relative paths matched none of them there, and the bank kept them)
+    assert all(os.path.isabs(i["path"]) for i in FeatureStore(tmp_path / "a" / "f").items)
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "--data", os.path.relpath(data), "--run", os.path.relpath(run), "--patches", "--quiet",
+                 "--out", "p"]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["index", "--features", str(tmp_path / "p"), "--run", str(run), "--out", "k"]) == 0
+    held = json.loads((tmp_path / "b" / "k" / "knn.json").read_text())["source"]["held_out_val"]
+    n_val = len(json.loads((run / "calibration.json").read_text())["val_paths"])
+    assert held["n"] == n_val > 0
 
 
 def saved_command(folder):

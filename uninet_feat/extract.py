@@ -179,11 +179,12 @@ class Extractor:
         """
         folder = Path(folder)
         samples, ds = self._dataset(samples)
-        items = []
-        for si, grid, k in ds.tile_index:
+        items, typed_paths = [], []
+        for si, grid, k in ds.tile_index:   # absolute paths: `index --run` and heads match them from any folder
             s, tile = samples[si], grid.box(k)
-            items.append({"path": str(s.path), "label": s.label, "group": s.group, "split": s.split,
+            items.append({"path": os.path.abspath(s.path), "label": s.label, "group": s.group, "split": s.split,
                           "is_normal": bool(s.is_normal), "tile": [int(v) for v in tile]})
+            typed_paths.append(str(s.path))
         n_shards = max(1, -(-len(items) // shard_size))
         settings = {"image_size": self.cfg["image_size"], "tile": self.cfg.get("tile"), "patches": self.patches,
                     "shard_size": shard_size}
@@ -191,7 +192,7 @@ class Extractor:
         what = {k: v for k, v in self.source.items() if k != "run"}
         fp = _fingerprint(what, settings, [os.path.abspath(i["path"]) for i in items])
         typed = _fingerprint({**self.source, "run": str(self._run_typed)} if self.model is not None else self.source,
-                             settings, [i["path"] for i in items])   # stores written before session 23
+                             settings, typed_paths)   # stores written before session 23
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
                     "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
                     "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds)}
