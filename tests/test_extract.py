@@ -489,3 +489,12 @@ def test_a_store_fingerprinted_the_old_way_still_resumes(setup, tmp_path):
     (f / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BadInputError, match="another model, settings or image list"):
         Extractor(run=run).extract_to(samples, f, shard_size=4)
+
+
+def test_predict_refuses_two_heads_whose_columns_would_share_a_name(setup, tmp_path):
+    """A head's columns are named by its folder: head/B and head2/B made one B_prediction column, one head's
+    results lost without a word."""
+    from uninet_feat.predict import predict_cmd
+    data, run, samples = setup
+    with pytest.raises(BadInputError, match=r"two --head folders are named 'B'.*rename one"):
+        predict_cmd(run, data, tmp_path / "p", heads=[tmp_path / "head" / "B", tmp_path / "head2" / "B"], quiet=True)

@@ -433,7 +433,7 @@ def test_predict_save_maps_writes_each_images_map_and_mask_at_its_own_size(train
     for path, r in rows.items():
         m, mask = np.load(r["map"]), np.asarray(Image.open(r["defect_mask"])) > 0
         assert m.dtype == np.float16 and m.shape == mask.shape == np.asarray(Image.open(path)).shape[:2]
-        assert (mask == (m.astype(np.float32) > res["pixel_threshold"])).mean() > 0.999   # float16 rounding
+        assert np.array_equal(mask, m.astype(np.float32) > np.float32(res["pixel_threshold"]))   # the saved map's
         assert float(r["defect_fraction"]) == pytest.approx(mask.mean(), abs=1e-3)
         if want[path].shape == m.shape:   # 64x64 images: the model's own map, as evaluate scores it
             np.testing.assert_allclose(m.astype(np.float32), want[path], rtol=2e-3, atol=1e-3)
@@ -444,6 +444,11 @@ def test_predict_save_maps_writes_each_images_map_and_mask_at_its_own_size(train
     assert not list((tmp_path / "p" / "maps").iterdir())
     with pytest.raises(BadInputError, match="--pixel-threshold sets the defect masks of --save-maps"):
         predict_cmd(trained, data, tmp_path / "q", pixel_threshold=1.0, quiet=True)
+    batch = tmp_path / "batch"   # a plain batch folder with --out inside it: a re-run does not score the
+    shutil.copytree(data / "test" / "spot", batch)   # overlays and maps the first run wrote there
+    for _ in range(2):
+        again = predict_cmd(trained, batch, batch / "out", save_maps=True, threshold=-1e9, quiet=True)
+        assert again["n_images"] == 5 and not any("/out/" in r["path"] for r in again["rows"])
 
 
 def test_calibrate_rewrites_the_same_calibration(trained, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -82,6 +83,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         bad = next(m.run for m in members if m.rng is None)
         raise BadInputError("--heatmap ensemble needs each run's validation-normal map range", path=bad,
                             fix=f"run `uninet-feat calibrate --run {bad}`, or --heatmap wdm")
+    names = [Path(hd).name for hd in heads]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:   # a head's columns are named by its folder: one would overwrite the other's
+        raise BadInputError(f"two --head folders are named {twice!r}, and a head's columns ({twice}_prediction, "
+                            f"{twice}_confidence) are named by its folder", fix="rename one of the folders")
     loaded = {hd: Head.load(hd) for hd in heads}
     for hd, head in loaded.items():
         if not text and any("clip_" in n for n in head.feature_names):
@@ -104,8 +110,14 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
         from .data.layouts import discover_batch
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))
-    from dataclasses import replace   # predict reads no mask (maps, overlays): a bad one is not a bad image
-    samples = [replace(s, mask=None, group=s.group if group is None else group) for s in samples]
+    from dataclasses import replace
+    mine = os.path.realpath(out) + os.sep   # an --out inside --data: its overlays and maps are not a new batch
+    samples = [s for s in samples if not os.path.realpath(s.path).startswith(mine)]
+    if not samples:
+        raise BadInputError("no images to score outside --out", path=data, fix="choose an --out outside --data")
+    # absolute paths (the CSV and JSON rows are read from other folders); no mask: a bad one is not a bad image
+    samples = [replace(s, path=Path(os.path.abspath(s.path)), mask=None, group=s.group if group is None else group)
+               for s in samples]
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
@@ -273,13 +285,14 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None) -> 
     def write(s, m, _):
         row, name = by_path[str(s.path)], names[str(s.path)]
         m = _resize_float(np.asarray(m, np.float32), read_size(s.path), Image.Resampling.BILINEAR)
+        m = m.astype(np.float16)   # as saved: the mask is the saved map above the threshold, to the pixel
         def save(tmp):
             with open(tmp, "wb") as f:   # a file object: numpy would add ".npy" to a bare name
-                np.save(f, m.astype(np.float16))
+                np.save(f, m)
         atomic_write(folder / f"{name}.npy", save)
         row["map"], row["defect_mask"], row["defect_fraction"] = str(folder / f"{name}.npy"), "", None
         if pixel_threshold is not None:
-            hot = m > pixel_threshold
+            hot = m.astype(np.float32) > np.float32(pixel_threshold)
             buf = io.BytesIO()
             Image.fromarray(hot.astype(np.uint8) * 255).save(buf, format="PNG")
             atomic_write_bytes(folder / f"{name}_mask.png", buf.getvalue())
