@@ -392,3 +392,18 @@ def test_the_stitched_map_of_a_position_normed_run_is_each_tile_less_its_offset(
             for x in range(0, a.shape[1], tile):
                 d = b[y:y + tile, x:x + tile] - a[y:y + tile, x:x + tile]
                 np.testing.assert_allclose(d, table[key((y, x))], atol=1e-5)
+
+
+def test_evaluate_and_predict_state_the_tile_scoring_the_calibration_applies(run, tmp_path):
+    """`calibrate --tile-norm none` changes how tiles are scored without touching config.yaml: evaluate's JSON and
+    report config, and predict's summary, state the mode applied, not the config's."""
+    import shutil
+    from uninet_feat.predict import predict_cmd
+    data, r = run
+    c = tmp_path / "c"
+    shutil.copytree(r, c)
+    assert evaluate(c, quiet=True)["tile_norm"] == "position"
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "none", "--quiet"]) == 0
+    assert evaluate(c, quiet=True, report_path=tmp_path / "r.html")["tile_norm"] == "none"
+    assert "&quot;tile_norm&quot;: &quot;none&quot;" in (tmp_path / "r.html").read_text()   # HTML-escaped
+    assert predict_cmd(c, data / "test", tmp_path / "p", overlays=False, quiet=True)["tile_norm"] == "none"

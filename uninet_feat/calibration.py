@@ -120,6 +120,12 @@ def _tile_norm_of(offsets, neighbours) -> str:
     return "none" if not offsets else "neighbours" if neighbours is not None else "position"
 
 
+def applied_tile_norm(model) -> str:
+    """The tile scoring a model was given (its calibration's, which `calibrate --tile-norm` may have changed
+    since the run's config.yaml was written): what reports and summaries must state."""
+    return _tile_norm_of(model.cfg.get("tile_offsets"), model.cfg.get("tile_neighbours"))
+
+
 def parse_map_levels(v, n_levels: int):
     """"all" / None → None (every level); "2,3" or [2, 3] → [2, 3], checked against ``n_levels``."""
     if v is None or v == "all":

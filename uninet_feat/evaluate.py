@@ -145,6 +145,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
               "pixel_map": pixel_map_kind(model.cfg),
               "skipped": res["skipped"]}
+    if cfg.get("tile"):   # the calibration's, which `calibrate --tile-norm` changes without touching config.yaml
+        from .calibration import applied_tile_norm
+        report["tile_norm"] = cfg["tile_norm"] = applied_tile_norm(model)
     if has_masks:   # a defect image without a mask is not "all normal pixels": keep it out of pixel metrics
         res["pixel_ok"] = [s.is_normal or s.mask is not None for s in test]
         unmasked = [str(s.path) for s, ok in zip(test, res["pixel_ok"]) if not ok]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
+from .calibration import applied_tile_norm
 from .featstore import aggregate_tiles, head_columns
 from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from .runs import samples_of
@@ -174,6 +175,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows),
                "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
                "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
+               **({"tile_norm": applied_tile_norm(ex.model)} if ex.cfg.get("tile") else {}),
                **summary_extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):

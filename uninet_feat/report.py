@@ -147,7 +147,7 @@ def _metrics_table(metrics: dict, op, threshold, n, n_def) -> str:
     body = "".join(f"<tr><th>{_esc(a)}</th><td class='num'>{b}</td></tr>" for a, b in rows)
     out = f"<div class='mtables'><div><h3>All test images</h3><table class='metrics'>{body}</table></div>"
     for key, title, col, extra in (("per_group", "Per group", "group", []),
-                                   ("per_label", "Per defect label (vs all test normals)", "label",
+                                   ("per_label", "Per defect label (vs the test normals of its groups)", "label",
                                     ["n", "defect_pixel_share"])):
         per = metrics.get(key)
         if not (isinstance(per, dict) and per):
