@@ -310,7 +310,7 @@ def train_head(X, y, task=None, n_splits=5, seed=0, class_weight="balanced", par
                       f"{pooled['balanced_accuracy']:.3f} (chance {1 / k:.3f}), accuracy {pooled['accuracy']:.3f} "
                       f"against {pooled['majority_accuracy']:.3f} for always predicting the largest class. These "
                       "features do not separate the classes for it: more labelled rows, a trained run's features, "
-                      "or fewer classes may")
+                      "or fewer classes may help")
     n_est = max(1, int(np.median(best)))
     final = _model(base, n_est).fit(x, codes, feature_name=names)
     threshold = (float(np.mean(thresholds)) if thresholds else 0.5) if task == "binary" else None

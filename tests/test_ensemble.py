@@ -209,3 +209,23 @@ def test_normal_level_is_the_median_tile_offset_of_a_position_normed_run_else_of
     plain = SimpleNamespace(cfg={"tile_offsets": None})
     assert normal_level(plain, cal) == pytest.approx(float(np.median(cal["val_scores"])))
     assert normal_level(plain, None) is None
+
+
+def test_runs_that_score_tiles_differently_are_named_in_a_warning(seeds, monkeypatch):
+    """A position-corrected run averaged with a plain one mixes two kinds of score: said, with the fix."""
+    from uninet_feat import calibration
+    from uninet_feat.ensemble import load_members
+    real = calibration.applied_tile_norm
+    monkeypatch.setattr(calibration, "applied_tile_norm",
+                        lambda m: "position" if m is first_model[0] else real(m))
+    first_model = []
+    import uninet_feat.ensemble as ens
+    orig = ens.load_member
+    def spy(*a, **k):
+        m = orig(*a, **k)
+        if not first_model:
+            first_model.append(m.model)
+        return m
+    monkeypatch.setattr(ens, "load_member", spy)
+    with pytest.warns(UserWarning, match=r"score tiles differently \(.*: position, .*: none\)"):
+        load_members([seeds / "a", seeds / "b"])

@@ -45,8 +45,7 @@ def few_normals_warning(n: int, val_fraction: float | None = None) -> None:
         hold = (f"hold out more normals (`train --val-fraction {need:g}`, now {val_fraction:g}: {FEW_NORMALS} or "
                 "more make it under 5 %)" if need <= 0.5 else
                 f"add normal images to train on (--val-fraction is {val_fraction:g} already; {FEW_NORMALS} validation "
-                f"normals at that share need about {math.ceil(FEW_NORMALS / val_fraction)} normal images in all, "
-                f"against about {round(n / val_fraction)} now)")
+                f"normals at that share need about {math.ceil(FEW_NORMALS / val_fraction)} normal images in all)")
     warnings.warn(f"the default threshold is the 0.99 quantile of only {n} validation normal"
                   f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
                   f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: {hold}, or "

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a prompt file from `uninet-feat prompts`)")
     p.add_argument("--shard", default="0/1", help="i/n: extract every n-th shard starting at i")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=256,
-                   help="images per shard: a killed run redoes at most one shard (default 256)")
+                   help="images per shard (tiles, with --tile): a killed run redoes at most one shard (default 256)")
     _skip_bad_flag(p)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
@@ -507,8 +507,11 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, overrides, base=base)
         if args.val_every is not None and cfg.get("select") != "synthetic":
             warnings.warn("--val-every has no effect without --select synthetic (nothing is validated)")
+        model = Path(args.out) / "model.pt"
+        before = model.stat().st_mtime_ns if model.exists() else None
         path = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
-        print(f"model written to {path}")
+        print(f"model.pt unchanged: {path}" if before is not None and model.stat().st_mtime_ns == before
+              else f"model written to {path}")
         return 0
     if args.command == "evaluate":
         from .evaluate import evaluate

@@ -109,6 +109,12 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
                       "copies of one model (fix: train the others with other --seed values)")
     first = load_member(runs[0], data, split_csv, group, skip_bad)
     members = [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
+    from .calibration import applied_tile_norm
+    modes = {m.run: applied_tile_norm(m.model) for m in members}
+    if len(set(modes.values())) > 1:   # a position-corrected score beside a plain one: not one scale
+        warnings.warn(f"these runs score tiles differently ({', '.join(f'{r}: {v}' for r, v in modes.items())}): "
+                      "the ensemble averages scores of different kinds (fix: `uninet-feat calibrate --run RUN "
+                      "--tile-norm MODE` to give them one)")
     for m in members[1:]:
         if first.level and m.level is not None and abs(m.level / first.level - 1) > SCALE_TOLERANCE:
             warnings.warn(f"{m.run}: its normals' typical score ({m.level:.4g}) differs from {first.run}'s "
