@@ -498,3 +498,23 @@ def test_predict_refuses_two_heads_whose_columns_would_share_a_name(setup, tmp_p
     data, run, samples = setup
     with pytest.raises(BadInputError, match=r"two --head folders are named 'B'.*rename one"):
         predict_cmd(run, data, tmp_path / "p", heads=[tmp_path / "head" / "B", tmp_path / "head2" / "B"], quiet=True)
+
+
+def test_a_defect_type_head_types_flagged_images_only(setup, tmp_path):
+    """A head trained with --defects-only knows defect types, not normal images: predict leaves its columns
+    empty on images that are not flagged (it named a defect type for every normal strip)."""
+    from uninet_feat.downstream import train_head
+    from uninet_feat.predict import predict_cmd
+    data, run, samples = setup
+    store = Extractor(run=run).extract_to(samples, tmp_path / "f", shard_size=8)
+    X, recs = store.image_table()
+    rng = np.random.default_rng(0)
+    res = train_head(X + rng.normal(0, 1e-3, X.shape), ["hole" if i % 2 else "stain" for i in range(len(X))],
+                     task="multiclass", n_splits=2)
+    res.head.save(tmp_path / "types", source={**store.manifest["source"], "defects_only": True})
+    rows = predict_cmd(run, data, tmp_path / "p", heads=[tmp_path / "types"], overlays=False, quiet=True)["rows"]
+    flagged = [r for r in rows if r["flagged"]]
+    unflagged = [r for r in rows if r["flagged"] is False]
+    assert flagged and unflagged
+    assert all(r["types_prediction"] == "" and r["types_confidence"] is None for r in unflagged)
+    assert all(r["types_prediction"] in ("hole", "stain") for r in flagged)

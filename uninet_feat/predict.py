@@ -155,9 +155,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         proba = head.predict_proba(X)
         pred = head.predict(X)
         name = Path(hd).name
+        types_only = bool((head.source or {}).get("defects_only"))   # a defect-type head (--defects-only)
         for row, p, c in zip(rows, proba, pred):
-            row[f"{name}_prediction"] = str(c)
-            row[f"{name}_confidence"] = float(p.max())
+            unflagged = types_only and row["flagged"] is False   # a normal image has no defect type
+            row[f"{name}_prediction"] = "" if unflagged else str(c)
+            row[f"{name}_confidence"] = None if unflagged else float(p.max())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:   # the same columns whether or not anything is flagged
