@@ -230,6 +230,17 @@ def test_prompts_are_editable(tmp_path):
     (tmp_path / "bad.yaml").write_text("normals: [x]\n")
     with pytest.raises(BadInputError, match="keys"):
         load_prompts(tmp_path / "bad.yaml")
+    # templates and prompts str.format cannot fill, an empty list, one template as a string (session-24 audit)
+    for text, match in (("templates: ['a {} photo of {}.']\n", "exactly one '{}'"),
+                        ("defect: ['{obj} is {}']\n", r"prompt '\{obj\} is \{\}' or a template cannot be filled"),
+                        ("defect: ['{0} and {}']\n", "cannot be filled"),
+                        ("normal: []\n", "the 'normal' prompt list is empty")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(BadInputError, match=match) as e:
+            load_prompts(tmp_path / "bad.yaml")
+        assert "bad.yaml" in str(e.value) and "fix:" in str(e.value)
+    (tmp_path / "one.yaml").write_text("templates: 'a photo of {}.'\ndefect: ['torn {}']\n")
+    assert load_prompts(tmp_path / "one.yaml")["defect"] == ["a photo of torn fabric."]
 
 
 def test_zero_shot_ranking_on_constructed_text_embeddings():

@@ -118,3 +118,15 @@ def test_out_of_range_model_and_extract_options_are_one_line_errors(tmp_path, ca
     from uninet_feat.runs import make_model
     with pytest.raises(BadInputError, match=r"do not fit backbone resnet18 at levels \[1, 2\]: decoder depths"):
         make_model(load_config(None, base={"backbone": "resnet18", "weights": "random", "levels": [1, 2]}))
+
+
+def test_a_weights_file_is_saved_by_absolute_path_and_a_name_as_it_is(tmp_path, monkeypatch):
+    """A clip: run reads its text tower from its weights file again (extract --text, predict --text): a
+    relative path saved as typed failed from any other folder."""
+    from uninet_feat.runs import absolute_data_paths
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"x")
+    got = absolute_data_paths({"data": "d", "weights": "w.pt"})
+    assert got["weights"] == str(tmp_path / "w.pt") and got["data"] == str(tmp_path / "d")
+    assert absolute_data_paths({"weights": "imagenet"})["weights"] == "imagenet"
+    assert absolute_data_paths({"weights": "openai"})["weights"] == "openai"

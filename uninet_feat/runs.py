@@ -57,7 +57,11 @@ def load_test_samples(cfg: dict) -> list:
 def absolute_data_paths(cfg: dict) -> dict:
     """``cfg`` with ``data`` and ``split_csv`` resolved to absolute paths, as a new run saves them, so that
     ``evaluate --run RUN`` (which reads them back) finds the data from any working directory."""
-    return {**cfg, **{k: str(Path(cfg[k]).expanduser().resolve()) for k in ("data", "split_csv") if cfg.get(k)}}
+    out = {**cfg, **{k: str(Path(cfg[k]).expanduser().resolve()) for k in ("data", "split_csv") if cfg.get(k)}}
+    w = cfg.get("weights")   # a weights file too: a clip: run reads its text tower from it again (extract --text)
+    if isinstance(w, str) and Path(w).expanduser().is_file():
+        out["weights"] = str(Path(w).expanduser().resolve())
+    return out
 
 
 def assign_splits(samples, root=None):

@@ -79,10 +79,14 @@ def expand_prompts(items, templates=TEMPLATES, obj: str = OBJECT) -> list[str]:
     for it in items:
         if not isinstance(it, str) or not it.strip():
             raise BadInputError(f"prompts must be non-empty strings, got {it!r}")
-        if "{}" in it:
-            out += [t.format(it.format(obj)) for t in templates]
-        else:
-            out.append(it)
+        try:
+            if "{}" in it:
+                out += [t.format(it.format(obj)) for t in templates]
+            else:
+                out.append(it)
+        except (IndexError, KeyError, ValueError) as e:   # str.format: "{} {}", "{obj}", "{0} {}"
+            raise BadInputError(f"prompt {it!r} or a template cannot be filled ({type(e).__name__}: {e})",
+                                fix="give each prompt and template exactly one '{}' and no other braces") from e
     if not out:
         raise BadInputError("a prompt set is empty", fix="give at least one prompt per set")
     return list(dict.fromkeys(out))  # de-duplicated, order kept
@@ -106,11 +110,20 @@ def load_prompts(path) -> dict[str, list[str]]:
         raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p) from e
     if not isinstance(d, dict) or set(d) - {"object", "templates", "normal", "defect"}:
         raise BadInputError("a prompt file is a mapping with keys object, templates, normal, defect", path=p)
-    obj, templates = d.get("object", OBJECT), tuple(d.get("templates") or TEMPLATES)
-    if any(not isinstance(t, str) or "{}" not in t for t in templates):
-        raise BadInputError("every template needs a '{}' placeholder", path=p)
-    return {"normal": expand_prompts(d.get("normal") or NORMAL_STATES, templates, obj),
-            "defect": expand_prompts(d.get("defect") or DEFECT_STATES, templates, obj)}
+    obj, templates = d.get("object", OBJECT), d.get("templates") or TEMPLATES
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)   # one template as a string
+    if any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+        raise BadInputError("every template needs exactly one '{}' placeholder", path=p,
+                            fix="e.g. templates: ['a photo of {}.']")
+    for k in ("normal", "defect"):
+        if k in d and not d[k]:   # an empty list read as "the defaults" hid a mistake
+            raise BadInputError(f"the {k!r} prompt list is empty", path=p,
+                                fix=f"give at least one {k} prompt, or remove the key for the defaults")
+    try:
+        return {"normal": expand_prompts(d.get("normal") or NORMAL_STATES, templates, obj),
+                "defect": expand_prompts(d.get("defect") or DEFECT_STATES, templates, obj)}
+    except BadInputError as e:   # named with the file it came from
+        raise BadInputError(e.reason, path=p, fix=e.fix) from e
 
 
 def dump_prompts(path, obj: str = OBJECT) -> Path:
@@ -134,7 +147,13 @@ def _resolve(model, text_model, tokenizer, clip_name):
             if model.weights_source in ("random", "none", ""):
                 log.warning("TextScorer: %s has random weights, so its text tower is random too; scores are "
                             "meaningless (load open_clip weights for zero-shot use)", model.name)
-            text_model = build_clip_model(model.clip_name, model.weights_source, model._model_cfg, model.quick_gelu)
+            try:
+                text_model = build_clip_model(model.clip_name, model.weights_source, model._model_cfg,
+                                              model.quick_gelu)
+            except (TypeError, RuntimeError, ImportError) as e:   # CoCa's multimodal config, NLLB's transformers
+                raise BadInputError(f"{model.name}: its text tower cannot be built here ({type(e).__name__}: {e})",
+                                    fix="use an open_clip model with its own text tower (e.g. clip:ViT-B-32, "
+                                        "clip:ViT-B-16, clip:ViT-L-14)") from e
     elif hasattr(model, "visual") and hasattr(model, "encode_text"):
         visual, text_model = model.visual, text_model or model
     else:

@@ -200,8 +200,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     else:
         ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
     samples = samples_of(data, split_csv, group)
-    cfg = {**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group, "backbone": backbone,
-           "weights": str(weights), "image_size": image_size, "tile": tile, "skip_bad": bool(skip_bad)}
+    from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder
+    cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
+                               "backbone": backbone, "weights": str(weights), "image_size": image_size,
+                               "tile": tile, "skip_bad": bool(skip_bad)})
     ds = make_dataset(samples, cfg, bb)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
     feats, index = [], []
