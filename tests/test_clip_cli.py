@@ -86,6 +86,10 @@ def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
                  "--out", str(tmp_path / "p1")]) == 0
     preds = json.loads((tmp_path / "p1" / "predictions.json").read_text())
     assert len(preds) == 12 and all("head_prediction" in r for r in preds)
+    other = tmp_path / "other.yaml"   # other prompts: other clip_* columns than the head was trained on
+    other.write_text("defect: ['a photo of a cracked {}.']\n")
+    assert main(["predict", "--run", str(run), "--data", str(data), "--head", str(head), "--text", str(other),
+                 "--no-overlays", "--out", str(tmp_path / "p2")]) == 2
 
 
 def test_zero_shot_skip_bad(tmp_path, capsys):
