@@ -58,7 +58,8 @@ def squash_note(samples, sizes: dict, image_size, tile) -> tuple[str, tuple] | N
     h, w = sizes[worst]
     return (f"{len(odd)} of {len(sizes)} images are resized out of shape (e.g. {samples[worst].path}, {w}x{h} px, "
             f"resized to {tw}x{th}: squashed {factor[worst]:.0f}x along its long side), so small defects can vanish. "
-            f"Fix: tile them at native resolution, e.g. --tile {min(h, w)}"), ((h, w), (th, tw))
+            f"Fix: tile them at native resolution, e.g. `train --tile {min(h, w)}` (predict and evaluate score "
+            "as their run was trained)"), ((h, w), (th, tw))
 
 
 def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
