@@ -337,3 +337,21 @@ def test_merge_with_global_ids_and_errors(vec):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_a_global_batch_smaller_than_the_process_count_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Under torchrun each rank takes a slice of every global batch: --batch-size 1 over 2 processes crashed
+    in the first step (an IndexError), after config.yaml was written."""
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.train import train
+    from _tiny import register_tiny, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config(None, {"data": str(data), "backbone": "tiny", "weights": "random", "image_size": 64,
+                             "batch_size": 1, "epochs": 1})
+    with pytest.raises(BadInputError, match=r"--batch-size 1 is the global batch, split over 2 processes"):
+        train(cfg, tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()

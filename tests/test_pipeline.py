@@ -516,3 +516,21 @@ def test_a_multiscale_run_scores_with_its_mem_folded_into_one_conv(texture, tmp_
     unfolded, _ = build_from_checkpoint(run / "model.pt")
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(model.predict(x)[1], unfolded.eval().predict(x)[1], atol=1e-4, rtol=1e-4)
+
+
+def test_supervised_runs_say_what_makes_supervision_do_less(tmp_path):
+    """--supervised with no training defect (label folders put all in test), an empty defect mask (trained as a
+    normal image), or T = 2 (p_ii < 0.5 always, so the abnormal margin is 0): each said before training."""
+    from PIL import Image
+    data = write_texture_set(tmp_path / "sup", n_train=6, n_good=2, n_bad=6)
+    with pytest.warns(UserWarning, match="training split holds no defective image"):
+        train(_cfg(data, supervised=True, epochs=1), tmp_path / "none", quiet=True)
+    write_supervised_manifest(data)
+    first = sorted((data / "ground_truth/spot").glob("*_mask.png"))[0]
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(first)
+    with pytest.warns(UserWarning) as seen:
+        train(_cfg(data, split_csv=str(data / "m.csv"), supervised=True, epochs=1, val_fraction=0.0),
+              tmp_path / "sup", quiet=True)
+    said = " ".join(str(w.message) for w in seen)
+    assert "1 defective training image(s) have a mask with no defect pixel" in said
+    assert "the abnormal margin cannot act" in said and "-T 0.1" in said

@@ -105,6 +105,9 @@ def train_val_samples(samples, cfg: dict):
     defects = [s for s in train if not s.is_normal]
     if defects and cfg.get("supervised"):
         fit = fit + defects
+    elif cfg.get("supervised"):   # label folders put every defect in test: nothing to supervise with
+        warnings.warn("--supervised, but the training split holds no defective image, so the run is one-class "
+                      "(fix: a --split-csv with defects in its train rows)")
     elif defects:
         warnings.warn(f"{len(defects)} defective training images ignored (unsupervised run; pass --supervised to use them)")
     return fit, val

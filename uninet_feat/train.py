@@ -85,8 +85,13 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     test = [s for s in samples if s.split == "test"]
     rank, world = env_rank_world() or (0, 1)   # [distributed] torchrun; (0, 1) in a single process
+    if world > cfg["batch_size"]:   # each rank takes a slice of every global batch: an empty one crashed
+        raise BadInputError(f"--batch-size {cfg['batch_size']} is the global batch, split over {world} "
+                            "processes: each needs at least one image", fix=f"--batch-size {world} or more")
     if not resume and rank == 0:
         _say_split(fit, val, test, quiet)
+        if cfg.get("supervised"):
+            _supervision_notes(fit, cfg)
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
         if val and not _calibrated(out):   # killed between writing model.pt and calibrating it
             if rank == 0:
@@ -235,6 +240,22 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
             calibrate(model, val, cfg, out, quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
+
+
+def _supervision_notes(fit, cfg: dict) -> None:
+    """Say what makes --supervised do less than asked: defect masks with no defect pixel (those images train as
+    normal ones), and a temperature at which the abnormal margin relu(p_ii - margin/2) cannot act: p_ii is at
+    most e^(1/T) / (e^(1/T) + HW - 1), below 0.5 at T = 2 for any level of 4 or more positions."""
+    from .data.images import load_mask
+    empty = [s.path for s in fit if not s.is_normal and s.mask is not None and not load_mask(s.mask).any()]
+    if empty:
+        warnings.warn(f"{len(empty)} defective training image(s) have a mask with no defect pixel (e.g. {empty[0]}): "
+                      "they train as normal images (fix: correct the masks, or leave the mask cell empty to "
+                      "supervise them by their image label)")
+    if float(cfg["temperature"]) > 0.5:
+        warnings.warn(f"--supervised at temperature {cfg['temperature']:g}: the abnormal margin cannot act "
+                      "(p_ii stays below 0.5 at any level of 4 or more positions), so defect rows only leave the "
+                      "cosine and contrastive terms; the method's supervised recipe uses T = 0.1 (fix: -T 0.1)")
 
 
 def _say_split(fit, val, test, quiet: bool) -> None:
