@@ -77,6 +77,10 @@ def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
     np.testing.assert_allclose([by_path[p] for p in paths], fp.vectors[:, -4], rtol=1e-5)
     metrics = json.loads((zs / "metrics.json").read_text())
     assert 0.0 <= metrics["clip_image_score"]["image_auroc"] <= 1.0 and (zs / "config.yaml").exists()
+    one = paths[0]   # one image, as its help says (it was refused as "not a folder"): scored, no metrics
+    assert main(["zero-shot", "--data", one, "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--out", str(tmp_path / "zs1"), "--quiet"]) == 0
+    assert [r["path"] for r in json.loads((tmp_path / "zs1" / "scores.json").read_text())] == [one]
 
     head = tmp_path / "head"
     assert main(["train-head", "--features", str(tmp_path / "fr"), "--folds", "2", "--out", str(head)]) == 0
@@ -86,6 +90,7 @@ def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
                  "--out", str(tmp_path / "p1")]) == 0
     preds = json.loads((tmp_path / "p1" / "predictions.json").read_text())
     assert len(preds) == 12 and all("head_prediction" in r for r in preds)
+    assert all(np.isfinite(r["clip_image_score"]) for r in preds)   # --text's columns are written too
     other = tmp_path / "other.yaml"   # other prompts: other clip_* columns than the head was trained on
     other.write_text("defect: ['a photo of a cracked {}.']\n")
     assert main(["predict", "--run", str(run), "--data", str(data), "--head", str(head), "--text", str(other),
@@ -130,3 +135,4 @@ def test_prompts_command_writes_an_editable_file(tmp_path):
     assert main(["prompts", "--object", "tile", "--out", str(tmp_path / "p" / "prompts.yaml")]) == 0
     p = load_prompts(tmp_path / "p" / "prompts.yaml")
     assert "a photo of a flawless tile." in p["normal"] and all("fabric" not in s for s in p["defect"])
+    assert main(["prompts", "--out", str(tmp_path / "p")]) == 2   # a folder: said so (it named a temp file)

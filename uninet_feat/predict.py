@@ -132,6 +132,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
              "wdm_score": float(np.max(res["scores"][idx]))} for path, idx in order]
     for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
         row.update(spot_summary(x, ex.vector_names))
+        row.update({n: float(v) for n, v in zip(ex.vector_names, x) if n.startswith("clip_")})   # --text
     summary_extra, ref = {}, None
     if members is not None:
         summary_extra = _add_ensemble_scores(rows, members, samples, quiet)

@@ -199,7 +199,13 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
         ts = TextScorer(bb, prompts.get("normal"), prompts.get("defect"), patch_mode=patch_mode).eval()
     else:
         ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
-    samples = samples_of(data, split_csv, group)
+    try:
+        samples = samples_of(data, split_csv, group)
+    except BadInputError:   # one image, or a folder of unlabelled ones (as predict takes): scored, no metrics
+        if split_csv or group:
+            raise
+        from .data.layouts import discover_batch
+        samples = discover_batch(data)
     from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder
     cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
                                "backbone": backbone, "weights": str(weights), "image_size": image_size,
