@@ -245,14 +245,14 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
 def _supervision_notes(fit, cfg: dict) -> None:
     """Say what makes --supervised do less than asked: defect masks with no defect pixel (those images train as
     normal ones), and a temperature at which the abnormal margin relu(p_ii - margin/2) cannot act: p_ii is at
-    most e^(1/T) / (e^(1/T) + HW - 1), below 0.5 at T = 2 for any level of 4 or more positions."""
+    most e^(1/T) / (e^(1/T) + HW - 1), below 0.5 at T >= 1 for any level of 4 or more positions."""
     from .data.images import load_mask
     empty = [s.path for s in fit if not s.is_normal and s.mask is not None and not load_mask(s.mask).any()]
     if empty:
         warnings.warn(f"{len(empty)} defective training image(s) have a mask with no defect pixel (e.g. {empty[0]}): "
                       "they train as normal images (fix: correct the masks, or leave the mask cell empty to "
                       "supervise them by their image label)")
-    if float(cfg["temperature"]) > 0.5:
+    if float(cfg["temperature"]) >= 1:
         warnings.warn(f"--supervised at temperature {cfg['temperature']:g}: the abnormal margin cannot act "
                       "(p_ii stays below 0.5 at any level of 4 or more positions), so defect rows only leave the "
                       "cosine and contrastive terms; the method's supervised recipe uses T = 0.1 (fix: -T 0.1)")
