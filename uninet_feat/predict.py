@@ -288,7 +288,7 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None) -> 
         pixel_threshold, rule = (rng[1], PIXEL_RULE) if rng is not None else (None, None)
         if rng is None:
             warnings.warn(f"{ex.run_dir}: no validation-normal map range, so no defect masks are written (maps "
-                          "are). Fix: pass --pixel-threshold VALUE, or `uninet-feat calibrate --run RUN`")
+                          f"are). Fix: pass --pixel-threshold VALUE, or `uninet-feat calibrate --run {ex.run_dir}`")
     by_path = {r["path"]: r for r in rows}
     names = _overlay_names([s.path for s in samples], root, suffix="")
     folder.mkdir(parents=True, exist_ok=True)
@@ -309,7 +309,7 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None) -> 
             atomic_write_bytes(folder / f"{name}_mask.png", buf.getvalue())
             row["defect_mask"], row["defect_fraction"] = str(folder / f"{name}_mask.png"), float(hot.mean())
 
-    score_samples(ex.model, [s for s in _by_path(samples, rows)], ex.cfg, on_map=write)
+    score_samples(ex.model, _by_path(samples, rows), ex.cfg, on_map=write)
     return {"maps": str(folder), "pixel_threshold": pixel_threshold, "pixel_threshold_rule": rule,
             "map_units": f"WDM pixel map ({pixel_map_kind(ex.model.cfg)}), float16, the image's size"}
 
