@@ -34,6 +34,13 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False) -> dict:
     cfg = load_config(None, {"data": str(data), "split_csv": manifest, "epochs": epochs}, base=DEMO_CONFIG)
     if not (run / "model.pt").exists():
         train(cfg, run, resume=(run / "checkpoint.pt").exists(), quiet=quiet)
+    elif epochs is not None:   # a finished demo run is reused: say so when another length was asked for
+        from .checkpoint import read_checkpoint
+        done = read_checkpoint(run / "model.pt").get("epoch")
+        if done != epochs:
+            import warnings
+            warnings.warn(f"{run} is a finished demo run of {done} epochs, reused as it is: --epochs {epochs} "
+                          f"applies to a new one (fix: another --out, or delete {run})")
     report = evaluate(run, json_path=out / "metrics.json", csv_path=out / "scores.csv", quiet=quiet,
                       report_path=out / "report.html")
     summary = {k: v for k, v in report.items() if not k.startswith("_")}

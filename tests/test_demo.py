@@ -1,0 +1,20 @@
+"""The built-in demo end to end (`make demo` runs it with 8 epochs): its outputs, and a re-run into its folder."""
+import json
+
+import pytest
+
+from uninet_feat.demo import run_demo
+
+
+def test_demo_writes_its_outputs_and_a_rerun_reuses_its_run_saying_so(tmp_path):
+    out = tmp_path / "demo"
+    first = run_demo(out, epochs=1, quiet=True)
+    for name in ("metrics.json", "scores.csv", "report.html", "run/model.pt", "knn/knn.json",
+                 "head_defect_type/head.json"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["image_auroc"] <= 1 and first["image_auroc"] == metrics["image_auroc"]
+    assert "pixel_auroc" in metrics and "aupro" in metrics   # the synthetic weaves have masks
+    with pytest.warns(UserWarning, match=r"finished demo run of 1 epochs, reused as it is: --epochs 2"):
+        again = run_demo(out, epochs=2, quiet=True)
+    assert again["image_auroc"] == first["image_auroc"]
