@@ -44,6 +44,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     n = len(samples)
     offsets = model.cfg.get("tile_offsets") if tiled else None   # tile_norm: position (positions.py)
     near = model.cfg.get("tile_neighbours") if offsets else None    # tile_norm: neighbours
+    hw = {i: (g.h, g.w) for i, g, _ in ds.tile_index} if offsets else {}   # each image's size, for `corrected`
     tile_scores: dict[int, list[float]] = {}
     tile_maps: dict[int, list[np.ndarray]] = {}
     maps, masks = [None] * n, [None] * n
@@ -67,7 +68,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
             for j, idx in enumerate(batch["index"].tolist()):
                 tile_scores.setdefault(idx, []).append(corrected(float(score[j]), batch["tile"][j], offsets,
                                                                  samples[idx], ctx[0][j].numpy() if ctx else None,
-                                                                 near, model.cfg.get("tile_sizes")))
+                                                                 near, model.cfg.get("tile_sizes"), hw.get(idx)))
                 if not want_maps:
                     continue
                 m = pix[j]

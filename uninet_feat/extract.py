@@ -118,6 +118,8 @@ class Extractor:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=self.batch_size,
                                              shuffle=False)
         out, i = {}, 0
+        by_place = self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets")
+        hw = {j: (g.h, g.w) for j, g, _ in ds.tile_index} if by_place else {}   # each image's size, for `corrected`
         for batch in loader:
             r, text = self._forward_with_text(batch["image"])
             v = r["vectors"].float()
@@ -127,10 +129,11 @@ class Extractor:
                 v = torch.cat([v, text], 1)
             scores = (r["scores"].float().numpy() if r["scores"] is not None
                       else np.full(len(v), np.nan, np.float32))
-            if self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets"):
+            if by_place:
                 near, ctx = self.model.cfg.get("tile_neighbours"), r["context"].numpy()
                 sizes = self.model.cfg.get("tile_sizes")
-                scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i], c, near, sizes)
+                scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i], c, near, sizes,
+                                             hw[i])
                                    for s, b, i, c in zip(scores, batch["tile"], batch["index"].tolist(), ctx)],
                                   np.float32)
             cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),

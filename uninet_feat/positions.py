@@ -118,7 +118,8 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     model.eval()
     per: dict[tuple[str, str], list[float]] = {}
     ctx_per: dict[tuple[str, str], list] = {}
-    for batch, x in eval_batches(make_dataset(samples, cfg, model.source), cfg):
+    ds = make_dataset(samples, cfg, model.source)
+    for batch, x in eval_batches(ds, cfg):
         _, s, *c = model.predict(x, context=neighbours)
         for j, (i, box, v) in enumerate(zip(batch["index"].tolist(), batch["tile"].tolist(), s.float().tolist())):
             per.setdefault((samples[i].group, key(box)), []).append(v)
@@ -136,10 +137,9 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     total = ((allv - allv.mean()) ** 2).sum()
     within = sum(((v - v.mean()) ** 2).sum() for v in vals)
     n = {g: sum(s.group == g for s in samples) for g in offsets}
-    from .data.images import read_size
     sizes: dict[str, set] = {}
-    for s in samples:   # the offsets hold for tiles of images of these sizes only (`corrected` checks)
-        sizes.setdefault(s.group, set()).add(tuple(read_size(s.path)))
+    for i, g, _ in ds.tile_index:   # the offsets hold for tiles of images of these sizes only (`corrected` checks)
+        sizes.setdefault(samples[i].group, set()).add((g.h, g.w))
     rec = {"offsets": offsets, "n_images": n, "position_r2": float(1 - within / total) if total > 0 else 0.0,
            "rule": RULE, "image_sizes": {g: sorted(list(v) for v in sz) for g, sz in sizes.items()}}
     if neighbours:
@@ -149,12 +149,13 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
 
 
 def corrected(score: float, box, offsets: dict | None, sample, context=None, neighbours: Neighbours | None = None,
-              sizes: dict | None = None) -> float:
+              sizes: dict | None = None, hw=None) -> float:
     """``score`` less the offset of the tile at ``box`` of ``sample`` (its group's); unchanged without offsets.
     With ``neighbours`` (and the tile's ``context``), the offset of its nearest training tiles at that place.
     ``sizes``: {group: [[h, w], ...]} of the training normals (``image_sizes`` of the offsets' record; None in
-    records written before session 24): an image of another size is refused, since a smaller one's mirror-padded
-    tiles sit at the training tiles' places and would take offsets measured on full tiles."""
+    records written before session 24) and ``hw`` the image's (h, w), as its dataset read it: an image of another
+    size is refused, since a smaller one's mirror-padded tiles sit at the training tiles' places and would take
+    offsets measured on full tiles."""
     if not offsets:
         return score
     # a run of one group scores images without one (a new batch) with its offsets, not another group's images
@@ -171,9 +172,8 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
                             f"{sorted(offsets)}", path=sample.path,
                             fix="give the images' group (`predict --group G`, or a --split-csv with a group "
                                 "column), or `uninet-feat calibrate --run RUN --tile-norm none`")
-    if sizes and group in sizes:
-        from .data.images import read_size
-        hw = list(read_size(sample.path))
+    if sizes and group in sizes and hw is not None:
+        hw = [int(v) for v in hw]
         if hw not in sizes[group]:
             shown = " or ".join(f"{w}x{h}" for h, w in sizes[group])
             raise BadInputError(f"the image is {hw[1]}x{hw[0]} px; the run's position offsets were measured on "
