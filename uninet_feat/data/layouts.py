@@ -83,7 +83,8 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
             if not split_csv and _images(Path(root)) else ""
         raise BadInputError(f"no images found under {root}; expected layouts: {_LAYOUTS}{loose}",
                             path=split_csv or root, fix="check the path and the folder layout")
-    _check_one_file_each(samples, split_csv or root)
+    if not split_csv:   # a CSV's rows were compared by real path as they were read, with their line numbers
+        _check_one_file_each(samples, root)
     return sorted(samples, key=lambda s: str(s.path))
 
 
