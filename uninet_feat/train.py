@@ -43,14 +43,14 @@ def _progress(quiet: bool) -> Progress:
 def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train UniNet with ``cfg`` into the run folder ``out``; returns the path of ``model.pt``. The folder is
     locked while it trains (`io.folder_lock`; rank 0 of a torchrun job holds it for all ranks)."""
-    rank = (env_rank_world() or (0, 1))[0]
+    rank, world = env_rank_world() or (0, 1)   # [distributed] torchrun; (0, 1) in a single process
     if rank != 0:
-        return _train(cfg, Path(out), resume, quiet)
+        return _train(cfg, Path(out), resume, quiet, rank, world)
     with folder_lock(out):
-        return _train(cfg, Path(out), resume, quiet)
+        return _train(cfg, Path(out), resume, quiet, rank, world)
 
 
-def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
+def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: int) -> Path:
     ckpt_path = out / "checkpoint.pt"
     start_epoch = 0
     if resume:
@@ -84,7 +84,6 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool) -> Path:
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     test = [s for s in samples if s.split == "test"]
-    rank, world = env_rank_world() or (0, 1)   # [distributed] torchrun; (0, 1) in a single process
     if world > cfg["batch_size"]:   # each rank takes a slice of every global batch: an empty one crashed
         raise BadInputError(f"--batch-size {cfg['batch_size']} is the global batch, split over {world} "
                             "processes: each needs at least one image", fix=f"--batch-size {world} or more")
