@@ -113,6 +113,9 @@ def _check(s_hat, t_hat, inv_t) -> None:
     if s_hat.dim() != 3 or s_hat.shape != t_hat.shape:
         raise ValueError(f"s_hat and t_hat must both be (N, HW, C) with equal shapes, got "
                          f"{tuple(s_hat.shape)} and {tuple(t_hat.shape)}")
+    if s_hat.shape[1] == 0 or s_hat.shape[2] == 0:
+        raise ValueError(f"s_hat and t_hat need HW >= 1 positions and C >= 1 channels, got {tuple(s_hat.shape)} "
+                         "(a feature map with no positions: is the image smaller than the level's stride?)")
     if s_hat.dtype != t_hat.dtype or s_hat.device != t_hat.device:
         raise ValueError(f"s_hat and t_hat differ in dtype/device: {s_hat.dtype}/{s_hat.device} vs "
                          f"{t_hat.dtype}/{t_hat.device}")

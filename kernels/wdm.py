@@ -64,6 +64,7 @@ def cos_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def map_maxima(maps) -> torch.Tensor:
     """(N, K) maxima of each map at its native resolution."""
+    _check_maps(maps)
     return torch.stack([m.flatten(1).amax(1) for m in maps], 1)
 
 
@@ -163,6 +164,7 @@ def anomaly_maps(teacher_feats, student_feats, backend: str | None = None) -> li
 
 def anomaly_map(maps, out_size, backend: str | None = None) -> torch.Tensor:
     """Summed pixel map A (N, H, W)."""
+    _check_maps(maps)
     if resolve(maps[0], backend) == "triton":
         return _triton().upsample_sum_maps(maps, _size(out_size))
     return upsample_sum(maps, out_size)
@@ -181,6 +183,7 @@ def gaussian_blur_scipy(x: torch.Tensor, sigma: float = 4.0, truncate: float = 4
 def wdm_from_maps(maps, out_size, alpha: float = 0.01, beta: float = 3e-5, backend: str | None = None,
                   maxima: torch.Tensor | None = None):
     """(pixel map A (N, H, W), image score (N,)) from the K maps; ``maxima`` skips recomputing them."""
+    _check_maps(maps)
     size = _size(out_size)
     name = resolve(maps[0], backend)
     k, _ = wdm_k(map_maxima(maps) if maxima is None else maxima, size, alpha, beta)
@@ -201,6 +204,16 @@ def anomaly_map_wdm(teacher_feats, student_feats, out_size, alpha: float = 0.01,
         a = tr.upsample_sum(flat, sizes, size)
         return a, topk_mean(tr.gaussian_blur(a, 4.0, 4.0), k)
     return wdm_from_maps(anomaly_maps(teacher_feats, student_feats, name), out_size, alpha, beta, name)
+
+
+def _check_maps(maps) -> None:
+    """The map-level entry points' input: K >= 1 maps (N, h_k, w_k) with one N and no empty map."""
+    if len(maps) == 0:
+        raise ValueError("need K >= 1 anomaly maps, got none")
+    for i, m in enumerate(maps):
+        if m.dim() != 3 or m.shape[0] != maps[0].shape[0] or (m.shape[0] and m[0].numel() == 0):
+            raise ValueError(f"map {i}: every map must be (N, h, w) with the same N and h, w >= 1, got "
+                             f"{[tuple(x.shape) for x in maps]}")
 
 
 def _check_pairs(teacher_feats, student_feats) -> None:

@@ -203,6 +203,10 @@ def test_bad_inputs():
         similarity_lse(s, s, 0.0)
     with pytest.raises(ValueError, match="chunk"):
         similarity_lse_chunked(s, s, 1.0, chunk=0)
+    empty = torch.zeros(2, 0, 3)   # a level with no positions: every backend refuses it the same way
+    for backend in ("naive", "chunked"):
+        with pytest.raises(ValueError, match="HW >= 1"):
+            similarity_lse(empty, empty, 1.0, backend)
 
 
 def test_channels_first_views():

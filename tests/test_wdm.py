@@ -231,3 +231,15 @@ def test_backend_resolution(monkeypatch):
         assert wdm.resolve(x) == "triton"
     with pytest.raises(ValueError):
         wdm.resolve(x, "cuda-magic")
+
+
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_bad_maps_are_refused_with_their_shapes(smoothed):
+    """No maps, maps of different batch sizes or a map with no pixels: a ValueError naming the shapes, not an
+    IndexError or a torch.stack message; an empty batch is fine and scores nothing."""
+    for maps, match in (([], "none"), ([torch.rand(2, 4, 4), torch.rand(3, 4, 4)], r"\(3, 4, 4\)"),
+                        ([torch.rand(2, 0, 4)] * 2, r"\(2, 0, 4\)")):
+        with pytest.raises(ValueError, match=match):
+            scoring.wdm_score(maps, 8, smoothed=smoothed)
+    a, s = scoring.wdm_score([torch.rand(0, 4, 4)] * 2, 8, smoothed=smoothed)
+    assert a.shape == (0, 8, 8) and s.shape == (0,)
