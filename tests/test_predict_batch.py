@@ -79,3 +79,15 @@ def test_discover_batch_labels(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInputError, match="no images found"):
         discover_batch(tmp_path / "empty")
+
+
+def test_a_png_beside_a_same_named_image_in_a_batch_is_its_mask_and_said_so(tmp_path):
+    """x.png beside x.jpg is x.jpg's mask (the magnetic-tile layout), for images directly in the batch folder as
+    well as in label folders; since in new batches it may be a second image instead, predict says which files
+    it did not score."""
+    _png(tmp_path / "b" / "x.jpg", 1)
+    _png(tmp_path / "b" / "x.png", 2)
+    _png(tmp_path / "b" / "y.png", 3)
+    with pytest.warns(UserWarning, match=r"1 PNG file\(s\) beside a same-named image \(x.png\).*not scored"):
+        got = discover_batch(tmp_path / "b")
+    assert [(s.path.name, s.mask.name if s.mask else None) for s in got] == [("x.jpg", "x.png"), ("y.png", None)]

@@ -120,7 +120,13 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
     samples = _from_mvtec(p, mask_pattern) or _from_plain(p, mask_pattern)
     if not any(s.is_normal for s in samples):   # no labelled layout: folders are storage
         samples = [Sample(s.path, "", "", s.mask, "") for s in samples]
-    samples += [Sample(x, "", "", None, "") for x in _images(p)]
+    samples += [Sample(x, "", "", _find_mask(x, "", "", None, mask_pattern), "") for x in _images(p)]
+    beside = sorted(s.mask.name for s in samples if s.mask is not None and s.mask.parent == s.path.parent
+                    and s.mask.name == s.path.stem + ".png" and s.path.suffix.lower() != ".png")
+    if beside:   # the magnetic-tile convention; in a batch of new images it may be a second image, so say it
+        _warn_unused(p, f"{len(beside)} PNG file(s) beside a same-named image ({', '.join(beside[:3])}"
+                        f"{', ...' if len(beside) > 3 else ''}) are read as that image's mask, not scored "
+                        "(rename or move them to score them)")
     if not samples:
         raise BadInputError("no images found in this folder or below it", path=p,
                             fix=f"put the images to score in it (extensions: {', '.join(IMAGE_EXTENSIONS)})")
@@ -176,14 +182,14 @@ def _has_images(folder: Path) -> bool:
     return False
 
 
-_WARNED: set[str] = set()
+_WARNED: set[tuple[str, str]] = set()
 OTHER_IMAGES = (".gif", ".heic", ".heif", ".jfif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico", ".avif")
 
 
 def _warn_unused(folder: Path, why: str) -> None:
-    """Warn once per folder and process that images in it are not used (a re-discovery stays quiet)."""
-    if str(folder) not in _WARNED:
-        _WARNED.add(str(folder))
+    """Warn once per folder, reason and process that images in it are not used (a re-discovery stays quiet)."""
+    if (str(folder), why) not in _WARNED:
+        _WARNED.add((str(folder), why))
         warnings.warn(f"{folder}: {why}", stacklevel=3)
 
 
