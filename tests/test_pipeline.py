@@ -369,7 +369,7 @@ def test_operating_point_flags_from_validation_normals(trained, texture, tmp_pat
     rep = evaluate(trained, quiet=True, overrides={"max_fpr": 0.0}, csv_path=tmp_path / "s.csv")
     assert rep["threshold"] == max(cal["val_scores"]) and "--max-fpr" in rep["threshold_rule"]
     rows = rep["_rows"]
-    assert [r["flagged"] for r in rows] == [int(float(r["score"]) > rep["threshold"]) for r in rows]
+    assert [r["flagged"] for r in rows] == [float(r["score"]) > rep["threshold"] for r in rows]
     low = evaluate(trained, quiet=True, overrides={"threshold": -1e9})
     assert low["at_threshold"]["recall_defect"] == 1.0 and low["at_threshold"]["false_positive_rate"] == 1.0
     assert main(["predict", "--run", str(trained), "--data", str(texture), "--out",

@@ -197,7 +197,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                                       for r, s in zip(runs, raw)}}
     report.update(group_metrics([x.group for x in samples], labels, scores, {}, False))
     rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.6g}",
-             "flagged": int(s > thr), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(raw)}}
+             "flagged": bool(s > thr), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(raw)}}
             for j, (x, y, s) in enumerate(zip(samples, labels, scores))]
     if csv_path:
         atomic_write_csv(csv_path, rows)

@@ -167,7 +167,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if threshold is not None:
         report["at_threshold"] = _at_threshold(labels, scores > threshold)
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
-             "flagged": "" if threshold is None else int(sc > threshold)} for s, l, sc in zip(test, labels, scores)]
+             "flagged": "" if threshold is None else bool(sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if knn is not None:
         report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, res, skip_bad,
                                            pixel_map_kind(model.cfg))
