@@ -197,6 +197,24 @@ def test_pickle_checkpoint_refused(tmp_path):
         assert "pickle" not in str(e.value).replace(str(tmp_path), "")
 
 
+def test_predict_scores_tiles_by_the_runs_tile_score_rule(tmp_path):
+    """A run with ``tile_score: mean``: predict gives each image the score calibration gave it (it took the highest
+    tile, so the validation normals that set the threshold scored higher than their threshold meant); other words
+    are refused (any other word meant the mean)."""
+    from uninet_feat.predict import predict_cmd
+    data = write_texture_set(tmp_path / "wide", n_train=6, n_good=1, n_bad=1, wide=True)
+    run = tmp_path / "mean"
+    train(_cfg(data, tile=64, tile_score="mean", epochs=1, val_fraction=0.4), run, quiet=True)
+    cal = json.loads((run / "calibration.json").read_text())
+    res = predict_cmd(run, data / "train" / "good", tmp_path / "p", overlays=False, quiet=True)
+    got = {r["path"]: r["wdm_score"] for r in res["rows"]}
+    assert len(cal["val_paths"]) >= 2
+    for p, s in zip(cal["val_paths"], cal["val_scores"]):
+        assert got[p] == pytest.approx(s, rel=1e-5)
+    with pytest.raises(BadInputError, match="tile_score must be one of max, mean, got 'maximum'"):
+        _cfg(data, tile=64, tile_score="maximum")
+
+
 def test_tiled_training_and_stitched_scores(tmp_path):
     data = write_texture_set(tmp_path / "wide", n_train=4, n_good=2, n_bad=2, wide=True)
     run = tmp_path / "tiled"

@@ -23,6 +23,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", dest="image_size", type=int,
                    help="side of the square model input, or of each tile (default 256)")
     p.add_argument("--tile", type=int, help="tile large images into TILE×TILE pieces (e.g. 256 for fabric strips)")
+    p.add_argument("--tile-score", dest="tile_score", choices=["max", "mean"],
+                   help="a tiled image's score: its highest tile's (a defect in any tile; default) or the mean")
     p.add_argument("--epochs", type=int, help="fixed schedule: the last epoch is the model (default 10)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="(default 8)")
     p.add_argument("--lr", type=float, help="learning rate of the student, bottleneck and DFS (default 0.005)")
@@ -108,8 +110,8 @@ def _tile_norm_flag(p, default: str) -> None:
                         f"whose place drifts between images){default}")
 
 
-_TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "epochs",
-               "batch_size", "lr", "lr_target", "seed", "threads", "mem", "dfs", "temperature", "width",
+_TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "tile_score",
+               "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
                "map_levels", "map_norm", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
                "step_in_backward", "denoise", "denoise_kinds")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from .data.tiling import TILE_SCORES
 from .errors import BadInputError
 from .io import atomic_write_text
 from .model.uninet import DEFAULTS as MODEL_DEFAULTS
@@ -81,6 +82,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     _check_keys(ov, None)
     cfg.update(ov)
     check_numbers(cfg, path)
+    if cfg.get("tile_score", "max") not in TILE_SCORES:   # any other word silently meant the mean
+        raise BadInputError(f"tile_score must be one of {', '.join(TILE_SCORES)}, got {cfg['tile_score']!r}",
+                            path=path, fix="tile_score: max (the highest tile; the default), or --tile-score mean")
     return cfg
 
 

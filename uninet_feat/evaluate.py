@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import metrics
+from .data.tiling import tile_score_reducer
 from .calibration import check_threshold_flags, checkpoint_offsets, load_run, resolve_threshold
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
@@ -86,7 +87,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
                 if len(tile_maps[idx]) == grids[idx].n:
                     finish(idx, stitch(np.stack(tile_maps.pop(idx)), grids[idx]), full_mask(idx))
             prog.update(task, advance=len(x))
-    reduce = np.max if cfg.get("tile_score", "max") == "max" else np.mean
+    reduce = tile_score_reducer(cfg.get("tile_score", "max"))
     missing = [str(samples[i].path) for i in range(n) if i not in tile_scores]
     if missing:  # only with skip_bad: drop them from the evaluation, loudly
         warnings.warn(f"{len(missing)} unreadable image(s) left out of scoring: {missing[:5]}")

@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import BadInputError
 from .calibration import applied_tile_norm
+from .data.tiling import tile_score_reducer
 from .featstore import aggregate_tiles, head_columns
 from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from .runs import samples_of
@@ -128,8 +129,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     res = ex.extract(samples)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
+    reduce = tile_score_reducer(ex.cfg.get("tile_score", "max"))   # as calibration scored the threshold's normals
     rows = [{"path": path, "label": samples[int(res["index"][idx[0]])].label,
-             "wdm_score": float(np.max(res["scores"][idx]))} for path, idx in order]
+             "wdm_score": float(reduce(res["scores"][idx]))} for path, idx in order]
     for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
         row.update(spot_summary(x, ex.vector_names))
         row.update({n: float(v) for n, v in zip(ex.vector_names, x) if n.startswith("clip_")})   # --text

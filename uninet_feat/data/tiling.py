@@ -129,3 +129,16 @@ def stitch(maps, grid: TileGrid, reduce: str = "mean") -> np.ndarray:
         for m, (y, x) in zip(maps, grid.origins):
             np.maximum(out[y:y + th, x:x + tw], m, out=out[y:y + th, x:x + tw])
     return out[:grid.h, :grid.w].astype(np.float32)
+
+
+TILE_SCORES = ("max", "mean")
+
+
+def tile_score_reducer(rule: str = "max"):
+    """How an image's score comes from its tiles' scores (config ``tile_score``): the highest tile (a defect
+    in any tile makes the image defective; the default) or their mean. One function, so that calibration,
+    evaluate and predict score an image the same way and a threshold keeps its meaning."""
+    if rule not in TILE_SCORES:
+        raise BadInputError(f"tile_score must be one of {', '.join(TILE_SCORES)}, got {rule!r}",
+                            fix="tile_score: max (the highest tile; the default) or tile_score: mean")
+    return np.max if rule == "max" else np.mean
