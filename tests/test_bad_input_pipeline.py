@@ -259,7 +259,8 @@ def test_interrupt_message_says_how_each_command_continues(tmp_path, capsys, mon
 def test_numeric_options_out_of_range_are_refused_before_any_work(tmp_path, capsys):
     """A batch size of 0 was a ZeroDivisionError, a negative one a torch traceback, 0 epochs an untrained model."""
     data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1, size=32)
-    for flags, said in ((["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+    for flags, said in ((["--batch-size", "0"], "batch_size must be an integer >= 1, got 0 (fix: e.g. `batch_size: 8` "
+                                                "in a config file, or --batch-size 8)"),
                         (["--batch-size", "-3"], "batch_size must be an integer >= 1"),
                         (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
                         (["--val-fraction", "1"], "val_fraction must be a number >= 0 and < 1"),
@@ -271,8 +272,9 @@ def test_numeric_options_out_of_range_are_refused_before_any_work(tmp_path, caps
         assert not (tmp_path / "r").exists()
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("lr: 5e-3\ntile: 64\ntile_overlap: 64\n")   # YAML reads 5e-3 as a string
-    with pytest.raises(BadInputError, match=r"tile_overlap must be an integer >= 0 and < tile \(64\)"):
+    with pytest.raises(BadInputError, match=r"tile_overlap must be an integer >= 0 and < tile \(64\)") as e:
         load_config(cfg_file)
+    assert e.value.fix == "e.g. `tile_overlap: 0` in a config file"   # it said `tile-overlap 0`: no such flag or key
     cfg_file.write_text("lr: 5e-3\n")
     assert load_config(cfg_file)["lr"] == 0.005
 

@@ -251,8 +251,8 @@ def saved_command(folder):
 
 
 def test_predict_refuses_index_and_head_of_another_run(setup, tmp_path, capsys):
-    """knn.json / head.json record the source model; predict with another run's model refuses them, naming
-    both files; files from before the record are accepted with a warning."""
+    """knn.json / head.json record the source model and its size and tiling; predict with another run's model, or
+    at another size, refuses them, naming both files; files from before the record are accepted with a warning."""
     from uninet_feat.cli import main
     data, run, samples = setup
     other = tmp_path / "other"
@@ -274,6 +274,16 @@ def test_predict_refuses_index_and_head_of_another_run(setup, tmp_path, capsys):
         assert main(base + ["--run", str(other), flag, str(folder), "--out", str(tmp_path / "q")]) == 2
         err = capsys.readouterr().err
         assert str(folder / name) in err and str(other / "model.pt") in err and "rebuild" in err, err
+    capsys.readouterr()   # extract --run at another size was accepted: a bank of 32-px patches for a 64-px run
+    assert main(["extract", "--data", str(data), "--run", str(run), "--image-size", "32", "--out", str(tmp_path / "g")]) == 2
+    assert "trained and calibrated at (image_size 64, tile None)" in capsys.readouterr().err
+    for flag, folder, name in (("--knn", knn, "knn.json"), ("--head", head, "head.json")):   # of 32-px patches
+        d = json.loads((folder / name).read_text())
+        assert d["source"]["settings"]["image_size"] == 64
+        d["source"]["settings"]["image_size"] = 32   # as a store made at another size before extract refused it
+        (folder / name).write_text(json.dumps(d))
+        assert main(base + ["--run", str(run), flag, str(folder), "--out", str(tmp_path / "q")]) == 2
+        assert "at image_size 32, tile None; the run scores at image_size 64" in capsys.readouterr().err
     for meta in (knn / "knn.json", head / "head.json"):   # as written by an older version
         d = json.loads(meta.read_text())
         del d["source"]

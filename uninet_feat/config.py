@@ -96,6 +96,9 @@ _RANGES = {"epochs": (1, True, "10"), "batch_size": (1, True, "8"), "eval_batch_
            "seed": (0, True, "1203"), "width": (0, False, "4"), "temperature": (0, False, "2"),
            "margin": (0, True, "1"), "lam": (0, True, "0.7")}
 _HIGH = {"val_fraction": (1, False), "seed": (2 ** 32 - 1, True), "lam": (1, True)}   # (bound, inclusive)
+# keys that also have a command-line flag (--batch-size); the others are set in a --config file only
+_FLAGGED = {"epochs", "batch_size", "image_size", "tile", "val_fraction", "val_every", "threads", "lr", "lr_target",
+            "keep_every", "seed", "width", "temperature"}
 _INTEGERS = {"epochs", "batch_size", "eval_batch_size", "image_size", "tile", "tile_overlap", "val_every",
              "threads", "keep_every", "seed"}
 
@@ -126,7 +129,8 @@ def check_numbers(cfg: dict, path=None) -> None:
             bound = f"{'>=' if inclusive else '>'} {low}{high}"
             bound += f" and < tile ({cfg.get('tile')})" if key == "tile_overlap" and cfg.get("tile") else ""
             raise BadInputError(f"{key} must be {what} {bound}, got {v!r}", path=path,
-                                fix=f"e.g. {key.replace('_', '-')} {example}")
+                                fix=f"e.g. `{key}: {example}` in a config file" + (
+                                    f", or --{key.replace('_', '-')} {example}" if key in _FLAGGED else ""))
 
 
 def _check_keys(d: dict, path) -> None:

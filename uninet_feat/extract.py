@@ -53,6 +53,13 @@ class Extractor:
             self.backbone = create_backbone(name, weights=weights).eval()
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights}
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
+        if run is not None and ((image_size and image_size != self.cfg["image_size"])
+                                or (tile is not None and (tile or None) != (self.cfg.get("tile") or None))):
+            raise BadInputError(f"a run's features are made at the input size and tiling it was trained and "
+                                f"calibrated at (image_size {self.cfg['image_size']}, tile {self.cfg.get('tile')}); "
+                                f"got image_size {image_size or self.cfg['image_size']}, tile {tile}", path=run,
+                                fix="drop --image-size / --tile with --run (predict would refuse an index or head "
+                                    "built from them), or extract without --run for plain backbone features")
         if image_size:
             self.cfg["image_size"] = image_size
         if tile is not None:

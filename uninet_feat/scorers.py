@@ -90,6 +90,15 @@ def check_built_from(source, meta_path: Path, ex, what: str) -> None:
                             fix=f"rebuild the {what} from features of this run: `uninet-feat extract --run "
                                 f"{ex.run_dir}{' --patches' if what == 'index' else ''} --out F`, then "
                                 f"`uninet-feat {'index' if what == 'index' else 'train-head'} --features F`")
+    settings, cfg = source.get("settings") or {}, ex.cfg
+    made = {"image_size": settings.get("image_size"), "tile": settings.get("tile") or None}
+    runs_own = {"image_size": cfg.get("image_size"), "tile": cfg.get("tile") or None}
+    if settings and made != runs_own:   # the same model at another size: other patch grids, other statistics
+        raise BadInputError(f"this {what} was built from this run's features at image_size {made['image_size']}, "
+                            f"tile {made['tile']}; the run scores at image_size {runs_own['image_size']}, tile "
+                            f"{runs_own['tile']}", path=meta_path,
+                            fix=f"rebuild it from `uninet-feat extract --run {ex.run_dir}"
+                                f"{' --patches' if what == 'index' else ''} --out F` with no --image-size / --tile")
 
 
 def knn_scores(scorer, kex, samples, res=None):

@@ -153,7 +153,8 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names)
     out = Path(out)
     # defects_only: predict gives such a head's defect type to flagged images only
-    res.head.save(out, source={**(store.manifest.get("source") or {}), "defects_only": bool(defects_only)})
+    res.head.save(out, source={**(store.manifest.get("source") or {}), "settings": store.manifest.get("settings"),
+                               "defects_only": bool(defects_only)})   # settings: predict checks size and tiling
     summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
                "features": str(features), "label_from": label_from, "defects_only": defects_only}
     atomic_write_text(out / "cv_report.json", json.dumps(summary, indent=2, default=_json_default))
