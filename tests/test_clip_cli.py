@@ -1,5 +1,6 @@
 """The VLM variant through the CLI: train, extract and predict with `--backbone clip:tiny`, and a local weights file."""
 import json
+import os
 
 import numpy as np
 import torch
@@ -75,12 +76,14 @@ def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
     rows = json.loads((zs / "scores.json").read_text())
     by_path = {r["path"]: r["clip_image_score"] for r in rows}
     np.testing.assert_allclose([by_path[p] for p in paths], fp.vectors[:, -4], rtol=1e-5)
+    assert {(r["label"] == "good", r["is_defect"]) for r in rows} == {(True, 0), (False, 1)}   # as evaluate's CSV
     metrics = json.loads((zs / "metrics.json").read_text())
     assert 0.0 <= metrics["clip_image_score"]["image_auroc"] <= 1.0 and (zs / "config.yaml").exists()
     one = paths[0]   # one image, as its help says (it was refused as "not a folder"): scored, no metrics
-    assert main(["zero-shot", "--data", one, "--backbone", "clip:tiny", "--weights", str(weights),
+    assert main(["zero-shot", "--data", os.path.relpath(one), "--backbone", "clip:tiny", "--weights", str(weights),
                  "--image-size", "64", "--out", str(tmp_path / "zs1"), "--quiet"]) == 0
-    assert [r["path"] for r in json.loads((tmp_path / "zs1" / "scores.json").read_text())] == [one]
+    assert [(r["path"], r["is_defect"]) for r in json.loads((tmp_path / "zs1" / "scores.json").read_text())] == [
+        (one, "")]   # absolute, as the other commands write paths (it was as typed); unlabelled: neither 1 nor 0
 
     head = tmp_path / "head"
     assert main(["train-head", "--features", str(tmp_path / "fr"), "--folds", "2", "--out", str(head)]) == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -224,7 +225,9 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     rows = []
     for i, f in zip(ids.tolist(), np.maximum.reduceat(feats[order], starts)):
         s = samples[i]
-        rows.append({"path": str(s.path), "label": s.label, "split": s.split, "is_normal": bool(s.is_normal),
+        # as evaluate writes them: an absolute path, is_defect 1/0 ('' for an unlabelled image, neither)
+        rows.append({"path": os.path.abspath(s.path), "label": s.label, "split": s.split,
+                     "is_defect": "" if not s.label else int(not s.is_normal),
                      **{n: float(v) for n, v in zip(ts.feature_names, f)}})
     out = Path(out)
     save_run_config(out, {**cfg, "prompts": {"normal": ts.normal_prompts, "defect": ts.defect_prompts},
@@ -232,8 +235,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     atomic_write_csv(out / "scores.csv", rows)
     atomic_write_text(out / "scores.json", json.dumps(rows, indent=1))
     res = {"n_images": len(rows), "out": str(out), "skipped": Extractor.skipped(samples, ds)}
-    test = [r for r in rows if r["split"] in ("test", "")]
-    y = np.array([0 if r["is_normal"] else 1 for r in test])
+    test = [r for r in rows if r["split"] in ("test", "") and r["is_defect"] != ""]
+    y = np.array([r["is_defect"] for r in test], dtype=int)
     if 0 < y.sum() < len(y):
         for col in ("clip_image_score", "clip_patch_max"):
             sc = np.array([r[col] for r in test])
