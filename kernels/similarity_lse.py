@@ -121,8 +121,8 @@ def _check(s_hat, t_hat, inv_t) -> None:
                          f"{t_hat.dtype}/{t_hat.device}")
     if not s_hat.is_floating_point():
         raise ValueError(f"s_hat must be floating point, got {s_hat.dtype}")
-    if not float(inv_t) > 0:
-        raise ValueError(f"inv_t = 1/T must be > 0, got {inv_t}")
+    if not 0 < float(inv_t) < float("inf"):   # T = 0 would make every logit infinite: NaN, silently
+        raise ValueError(f"inv_t = 1/T must be finite and > 0, got {inv_t}")
 
 
 def similarity_lse(s_hat: torch.Tensor, t_hat: torch.Tensor, inv_t: float, backend: str | None = None,

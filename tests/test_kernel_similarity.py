@@ -201,6 +201,8 @@ def test_bad_inputs():
         similarity_lse(s, torch.zeros(1, 5, 3), 1.0)
     with pytest.raises(ValueError, match="inv_t"):
         similarity_lse(s, s, 0.0)
+    with pytest.raises(ValueError, match="inv_t"):
+        similarity_lse(s, s, float("inf"))
     with pytest.raises(ValueError, match="chunk"):
         similarity_lse_chunked(s, s, 1.0, chunk=0)
     empty = torch.zeros(2, 0, 3)   # a level with no positions: every backend refuses it the same way

@@ -8,6 +8,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from uninet_feat import metrics as M
+from uninet_feat.errors import BadInputError
 
 
 def blobs(seed, n=4, size=24, empty=(1,), levels=None):
@@ -278,3 +279,23 @@ def test_pixel_metrics_on_2e7_pixels_stay_memory_sane():
         pytest.skip("machine too busy for the large-input check")
     assert 0.5 < auc < 1 and 0 < pro < 1
     assert peak < 6 * maps.nbytes, f"peak {peak / 2**20:.0f} MiB for {maps.nbytes / 2**20:.0f} MiB of maps"
+
+
+def test_evaluate_maps_takes_maps_of_different_sizes_and_bootstraps_refuse_no_draws():
+    """evaluate_maps took (N, H, W) masks only, though the pixel metrics it calls take lists of maps of different
+    sizes (stitched tiled images): a numpy 'inhomogeneous shape' error. No draws: a BadInputError, not an
+    IndexError or numpy's 'need at least one array to concatenate'."""
+    rng = np.random.default_rng(0)
+    maps = [rng.random((8, 8)), rng.random((8, 12))]
+    masks = [np.zeros((8, 8), bool), np.zeros((8, 12), bool)]
+    masks[1][2:4, 2:4] = True
+    maps[1][2:4, 2:4] += 0.5
+    got = M.evaluate_maps([0, 1], [0.1, 0.5], masks, maps)
+    assert got["pixel_auroc"] == pytest.approx(M.pixel_auroc(masks, maps))
+    assert got["aupro"] == pytest.approx(M.aupro(masks, maps))
+    with pytest.warns(UserWarning, match="no test image has a defect pixel"):
+        assert "aupro" not in M.evaluate_maps([0, 1], [0.1, 0.5], [np.zeros((8, 8), bool)] * 2, maps[:1] * 2)
+    for call in (lambda: M.interval([]), lambda: M.image_auroc_bootstrap([0, 1], [0.0, 1.0], n_boot=0),
+                 lambda: M.pixel_bootstrap(masks, maps, n_boot=0)):
+        with pytest.raises(BadInputError, match="n_boot"):
+            call()

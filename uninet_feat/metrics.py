@@ -100,10 +100,16 @@ def image_auroc_bootstrap(labels, scores, n_boot: int = N_BOOT, seed=0) -> np.nd
     with other test images like these. Why: AITEX has 6 normal and 7-31 defective test strips per fabric, where
     one strip more or less in order moves the AUROC by up to 1/42, so a figure without its spread cannot say
     whether it meets a target. Exact (ties count ½) and linear in the test set's size per resample."""
+    _check_n_boot(n_boot)
     labels, scores = _image_inputs(labels, scores)
     pos, neg = scores[labels].astype(np.float64), scores[~labels].astype(np.float64)
     return np.concatenate([auroc_of_counts(pos, neg, d, n) for d, n in bootstrap_counts(pos.size, neg.size, n_boot,
                                                                                          seed)])
+
+
+def _check_n_boot(n_boot) -> None:
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1):
+        raise BadInputError(f"n_boot must be an integer >= 1, got {n_boot!r}", fix="e.g. n_boot=1000")
 
 
 def bootstrap_counts(n_pos: int, n_neg: int, n_boot: int, seed=0, chunk: int = 250):
@@ -128,8 +134,11 @@ def auroc_of_counts(pos, neg, d, n) -> np.ndarray:
 
 def interval(draws, level: float = LEVEL) -> list[float]:
     """[low, high]: the central ``level`` percentile interval of bootstrap ``draws``."""
+    draws = np.asarray(draws, np.float64)
+    if draws.size == 0:
+        raise BadInputError("no bootstrap draws to take an interval of", fix="resample at least once (n_boot >= 1)")
     a = (1 - level) / 2
-    return [float(v) for v in np.quantile(np.asarray(draws, np.float64), [a, 1 - a])]
+    return [float(v) for v in np.quantile(draws, [a, 1 - a])]
 
 
 def image_ap(labels, scores) -> float:
@@ -288,6 +297,7 @@ def pixel_bootstrap(masks, maps, n_boot: int = 1000, seed=0, bins: int = 4096, f
     share per bin (`pixel_histograms`), and a resample's figures are count-weighted sums of those
     (`binned_pixel_figures`). Thresholds then sit at bin edges: on the sample itself the binned figures differ
     from the exact ones by under 0.005 (tested)."""
+    _check_n_boot(n_boot)
     h = pixel_histograms(masks, maps, bins, seed)
     has_defect = h["pos"].sum(1) > 0
     groups = [np.flatnonzero(has_defect), np.flatnonzero(~has_defect)]
@@ -357,8 +367,8 @@ def evaluate_maps(labels, scores, masks=None, maps=None) -> dict:
         return out
     if maps is None:
         raise BadInputError("masks were given but maps were not", fix="pass the anomaly maps as `maps`")
-    masks = _binary("masks", np.asarray(masks))
-    if not masks.any():
+    per = [_binary("masks", m) for m in masks] if isinstance(masks, (list, tuple)) else [_binary("masks", masks)]
+    if not any(m.any() for m in per):   # lists may hold masks of different sizes (stitched tiled images)
         warnings.warn("no test image has a defect pixel; pixel_auroc and aupro skipped")
         return out
     out["pixel_auroc"] = pixel_auroc(masks, maps)
