@@ -158,6 +158,16 @@ def test_checkpoint_round_trip(trained):
     assert torch.load(trained / "model.pt", weights_only=True)["format"] == "uninet-feat/checkpoint"
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(trained, tmp_path):
+    """NaN weights gave NaN scores, and NaN is never above a threshold: predict passed every image as good."""
+    ckpt = read_checkpoint(trained / "model.pt")
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and "student" in k)
+    ckpt["state_dict"][key].view(-1)[0] = float("nan")
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(BadInputError, match=f"NaN or infinite weights in 1 tensor.*{key}"):
+        build_from_checkpoint(tmp_path / "model.pt")
+
+
 def test_checkpoint_keeps_the_resolved_student_ends(trained, tmp_path):
     """The resolved `student_relu` travels in the checkpoint (not re-probed); older checkpoints, written
     before the option existed, always ended in a ReLU and still load that way."""

@@ -93,6 +93,11 @@ def build_from_checkpoint(path, weights: str = "random"):
         raise BadInputError(f"checkpoint does not match its model: {len(missing)} missing keys "
                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})",
                             path=path, fix="it was written by another version or edited; retrain")
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:   # every score would be NaN, and NaN is never above a threshold: every image would pass as good
+        raise BadInputError(f"checkpoint holds NaN or infinite weights in {len(bad)} tensor(s) (e.g. {bad[:3]})",
+                            path=path, fix="the file is damaged, or training diverged before it was written; restore "
+                                           "it or retrain (e.g. with a lower --lr)")
     return model, ckpt
 
 
