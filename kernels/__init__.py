@@ -4,13 +4,10 @@ Triton is imported lazily, only when the triton backend runs, so this package im
 """
 from ._dispatch import resolve_backend, triton_available
 from .similarity_lse import similarity_lse, similarity_lse_chunked, similarity_lse_naive
+from .wdm import anomaly_map_wdm
 
 __all__ = [
     "resolve_backend", "triton_available",
     "similarity_lse", "similarity_lse_chunked", "similarity_lse_naive",
+    "anomaly_map_wdm",
 ]
-
-# --- anomaly map + WDM (kernels/wdm.py, separate owner): add its imports and __all__ entries below. ---
-from .wdm import anomaly_map_wdm  # noqa: E402
-
-__all__ += ["anomaly_map_wdm"]

@@ -27,7 +27,6 @@ except AttributeError:  # older triton without knobs
     INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit

@@ -17,33 +17,19 @@ The top-k stays a torch sort in both; a histogram/radix select (k <= 1310 of 65,
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-8
+from ._dispatch import resolve_backend as _shared_resolve
 
-try:
-    from ._dispatch import resolve_backend as _shared_resolve
-except ImportError:  # the shared dispatcher is owned elsewhere; keep working without it
-    _shared_resolve = None
+EPS = 1e-8
 
 
 def resolve(tensor: torch.Tensor, backend: str | None = None) -> str:
-    """'triton' or 'torch' for an op on ``tensor`` (argument > env UNINET_KERNELS > auto)."""
-    if _shared_resolve is not None:
-        return "triton" if _shared_resolve(tensor, backend) == "triton" else "torch"
-    name = str(backend if backend is not None else os.environ.get("UNINET_KERNELS", "auto")).strip().lower()
-    if name not in ("auto", "triton", "torch", "chunked", "naive"):
-        raise ValueError(f"kernel backend {name!r} is not one of auto, triton, torch")
-    if name == "auto":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton" if tensor.is_cuda else "torch"
-    return "triton" if name == "triton" else "torch"
+    """'triton' or 'torch' for an op on ``tensor`` (argument > env UNINET_KERNELS > auto, as ``_dispatch``
+    decides for every kernel; its 'chunked' and 'naive' are this module's torch path)."""
+    return "triton" if _shared_resolve(tensor, backend) == "triton" else "torch"
 
 
 def _triton():

@@ -477,7 +477,8 @@ def _absolute(key: str, value):
 def _resume_base(out: Path, config, overrides: dict) -> dict:
     """The config a resumed run continues with: its own saved one, so that `train --out RUN --resume` finishes
     the run's schedule instead of the defaults'; flags (and --config keys) given now override it, and only
-    those a resume can honour (--epochs, --threads) are accepted."""
+    those a resume can honour (``train.RESUMABLE_KEYS``: --epochs, --threads, --map-levels, --map-norm) are
+    accepted."""
     from .checkpoint import checkpoint_config, read_checkpoint
     from .config import load_config
     from .runs import absolute_data_paths

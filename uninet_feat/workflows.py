@@ -99,8 +99,8 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         if run and held_out and not n_held:
             import warnings
             warnings.warn(f"none of {run}'s {len(held_out)} validation normals is among these features' images, "
-                          "so none is held out of the bank: features of other images, or a store written before "
-                          "session 24 with paths relative to another folder (fix: extract again, then index)")
+                          "so none is held out of the bank: features of other images, or a store from an older version "
+                          "with paths relative to another folder (fix: extract again, then index)")
         held = {"run": str(run), "paths_sha256": paths_sha(held_out), "n": n_held} if run else None
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held})
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
