@@ -331,7 +331,8 @@ _SHARED_HELP = {
     "--quiet": "no progress bars or tables; print the result as JSON",
     "--features": "feature store written by `uninet-feat extract --out`",
     "--weights": "imagenet | random | PATH to a local weights file (with --run: the run's own)",
-    "--image-size": "side of the square model input, or of each tile (with --run: the run's own; another is refused)",
+    "--image-size": "side of the square model input, or of each tile (default with --run: the run's own; "
+                    "another is warned)",
     "--no-overlays": "write no heatmap overlays (scores and flags only)",
 }
 _OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store folder (sharded, resumable)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,11 +56,11 @@ class Extractor:
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
         if run is not None and ((image_size and image_size != self.cfg["image_size"])
                                 or (tile is not None and (tile or None) != (self.cfg.get("tile") or None))):
-            raise BadInputError(f"a run's features are made at the input size and tiling it was trained and "
-                                f"calibrated at (image_size {self.cfg['image_size']}, tile {self.cfg.get('tile')}); "
-                                f"got image_size {image_size or self.cfg['image_size']}, tile {tile}", path=run,
-                                fix="drop --image-size / --tile with --run (predict would refuse an index or head "
-                                    "built from them), or extract without --run for plain backbone features")
+            now = (image_size or self.cfg["image_size"], self.cfg.get("tile") if tile is None else tile or None)
+            warnings.warn(f"{run}: the run was trained and calibrated at image_size {self.cfg['image_size']}, tile "
+                          f"{self.cfg.get('tile')}; these features are made at image_size {now[0]}, tile {now[1]}, "
+                          "which predict refuses in an index or head (fine for a throughput measurement). Fix: "
+                          "drop --image-size / --tile with --run", stacklevel=2)
         if image_size:
             self.cfg["image_size"] = image_size
         if tile is not None:
