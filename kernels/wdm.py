@@ -74,9 +74,13 @@ def wdm_k(maxima: torch.Tensor, out_size, alpha: float = 0.01, beta: float = 3e-
 def upsample_sum(maps, out_size) -> torch.Tensor:
     """A = sum_k bilinear(M_k -> out_size, align_corners=True), (N, H, W) fp32; no smoothing (pixel metrics)."""
     size = _size(out_size)
+    same: dict = {}   # bilinear upsampling is linear: maps of one size (a level's two pairs) are summed first,
+    for m in maps:    # which halves the upsampling, the costliest step of the CPU path
+        key = tuple(m.shape)
+        same[key] = m.float() if key not in same else same[key] + m.float()
     a = None
-    for m in maps:
-        u = F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
+    for m in same.values():
+        u = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
         a = u if a is None else a.add_(u)
     return a
 
