@@ -22,6 +22,7 @@ import argparse
 import copy
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import uninet_feat  # noqa: F401  (before timm/torchvision)
@@ -197,6 +198,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--role", choices=["compare", "official-train", "official-infer"], default="compare",
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    need = Path(args.official_path) / "UniNet_lib" / "model.py"
+    if args.role == "compare" and not need.is_file():   # before minutes of measuring our side alone
+        ap.error(f"{need} not found: --official-path must be the official repository's root (the folder holding "
+                 "UniNet_lib/), exported and CPU-patched as benchmarks/README.md says")
     M.set_threads(args.threads)
     run = {"compare": compare, "official-train": official_train, "official-infer": official_inference}[args.role]
     return M.emit(run(args))

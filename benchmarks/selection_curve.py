@@ -45,8 +45,11 @@ def curve(run: Path, threads: int | None = None) -> dict:
         if len(pairs) >= 3:
             corr[m] = float(spearmanr(*np.array(pairs).T).statistic)
     last = max(rows[:-1], key=lambda r: r["epoch"])
-    return {"run": str(run), "rows": rows, "selected": rows[-1], "last_kept": last,
-            "spearman_synthetic_vs_test": corr}
+    out = {"run": str(run), "rows": rows, "selected": rows[-1], "last_kept": last, "spearman_synthetic_vs_test": corr}
+    if not corr:   # said, not an empty {} with no reason
+        out["spearman_note"] = (f"needs >= 3 kept epochs with a synthetic score, got {len(both)}: train with "
+                                "--select synthetic --keep-every N over more epochs")
+    return out
 
 
 def main(argv=None) -> int:

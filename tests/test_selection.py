@@ -242,6 +242,11 @@ def test_selection_curve_reports_every_kept_epoch(texture, tmp_path):
     assert {k: v for k, v in twin.items() if k != "model"} == {k: v for k, v in sel.items() if k != "model"}
     assert sel["synthetic"] == max(r["synthetic"] for r in res["rows"][:-1])
     assert set(res["spearman_synthetic_vs_test"]) == {"image_auroc", "pixel_auroc", "aupro"}
+    assert "spearman_note" not in res
+    for e in (3, 4):   # two kept epochs: no correlation, and the JSON says why (it was an empty {})
+        (run / "epochs" / f"epoch_{e:03d}.pt").unlink()
+    res = curve(run)
+    assert res["spearman_synthetic_vs_test"] == {} and "needs >= 3 kept epochs" in res["spearman_note"]
 
 
 def test_val_every_without_synthetic_selection_warns(tmp_path):
