@@ -389,3 +389,26 @@ def test_dataset_tiles_stitch_back(tmp_path, write_image):
     assert m[:, 60:].min() == 1 and m[:, :60].max() == 0
     resized = ImageDataset(s, image_size=8, tile=16)
     assert resized[0]["image"].shape == (3, 8, 8) and resized[0]["tile"].tolist() == [0, 0, 16, 16]
+
+
+def test_the_training_image_cache_is_bounded_and_returns_the_same_items(tmp_path):
+    """The cache kept every decoded training item (16·S² bytes each: 75 GB for 72,000 images at 256 px). Now it
+    stops at its byte budget, warns once, and decodes the rest each time; every item equals the uncached one, and
+    the all-zero masks of normal images are one tensor, not one each."""
+    import torch
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import CachedDataset, load_samples, make_dataset
+    from _tiny import TinyBackbone, write_texture_set
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=1, n_bad=1, size=32)
+    cfg = load_config(None, {"data": str(data), "image_size": 32})
+    ds = make_dataset([s for s in load_samples(cfg) if s.split == "train"], cfg, TinyBackbone())
+    one = sum(v.numel() * v.element_size() for v in ds[0].values() if torch.is_tensor(v)) - 4 * 32 * 32   # no mask
+    cached = CachedDataset(ds, max_bytes=int(2.5 * one))
+    with pytest.warns(UserWarning, match=r"2 of 6 are kept, the others are decoded again each epoch"):
+        first = [cached[i] for i in range(len(ds))]
+    assert len(cached.cache) == 2 and cached.nbytes <= cached.max_bytes
+    for i in range(len(ds)):   # twice: from the cache or decoded again, the same values
+        want = ds[i]
+        for got in (first[i], cached[i]):
+            assert all(torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] == want[k] for k in want)
+    assert first[0]["mask"] is first[1]["mask"] and not first[0]["mask"].any()
