@@ -40,6 +40,11 @@ def test_store_round_trip_and_schema(setup, tmp_path):
     assert np.isfinite(store.scores).all()
     X, recs = store.image_table()
     assert X.shape == (len(samples), 2 * store.vectors.shape[1]) and recs[0]["path"] == str(samples[0].path)
+    keep = np.arange(len(samples)) % 3 != 1   # rows read shard by shard (3 shards) = the whole array's rows
+    got = store.rows("patches", keep)
+    assert got.dtype == np.float32 and np.array_equal(got, store.array("patches")[keep].astype(np.float32))
+    with pytest.raises(BadInputError, match="shards hold"):
+        store.rows("patches", np.ones(len(samples) + 1, bool))
 
 
 def test_resume_after_crash_equals_uninterrupted(setup, tmp_path, monkeypatch):

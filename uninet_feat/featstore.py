@@ -123,6 +123,31 @@ class FeatureStore:
                                 fix="re-extract with --patches" if key == "patches" else None)
         return np.concatenate(parts)
 
+    def rows(self, key: str, keep, dtype=np.float32) -> np.ndarray:
+        """The rows of ``key`` where the boolean ``keep`` (one per item) holds, as one ``dtype`` array read shard by
+        shard: the peak is the result plus one shard, where ``array(key)[keep].astype(dtype)`` held the whole
+        store, its kept rows and their copy (a patch bank of 100,000 images at 256 px: about 100 GB)."""
+        keep = np.asarray(keep, bool)
+        out, start, pos = None, 0, 0
+        for _, z in self._shards():
+            if key not in z.files:
+                continue
+            a = z[key]
+            sel = keep[start:start + len(a)]
+            if out is None:
+                out = np.empty((int(keep.sum()),) + a.shape[1:], dtype)
+            if len(sel) != len(a):
+                break
+            out[pos:pos + int(sel.sum())] = a[sel]
+            start, pos = start + len(a), pos + int(sel.sum())
+        if out is None:
+            raise BadInputError(f"no '{key}' in this feature store", path=self.folder,
+                                fix="re-extract with --patches" if key == "patches" else None)
+        if start != len(keep):
+            raise BadInputError(f"the shards hold {start} '{key}' rows for {len(keep)} items", path=self.folder,
+                                fix="re-run the same `uninet-feat extract` to finish or repair the store")
+        return out
+
     @property
     def vectors(self) -> np.ndarray:
         return self.array("vectors")

@@ -91,7 +91,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         if not normal.any():
             raise BadInputError("no normal training images in these features", path=features,
                                 fix="extract features of a folder with normal (good) training images")
-        patches = store.array("patches")[normal].astype(np.float32)
+        patches = store.rows("patches", normal)   # shard by shard into one float32 array
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset).fit(patches)
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
