@@ -40,6 +40,11 @@ def test_store_round_trip_and_schema(setup, tmp_path):
     assert np.isfinite(store.scores).all()
     X, recs = store.image_table()
     assert X.shape == (len(samples), 2 * store.vectors.shape[1]) and recs[0]["path"] == str(samples[0].path)
+    from uninet_feat.downstream import KNNScorer   # kNN scored batch by batch: the same scores, no patch kept
+    scorer = KNNScorer(coreset_ratio=None).fit(store.rows("patches", np.ones(len(samples), bool))[:4])
+    batched = Extractor(run=run, patches=True).extract(samples, patch_fn=scorer.score_patches)
+    assert "patches" not in batched and batched["patch_scores"].shape == (len(samples), 8 * 8)
+    np.testing.assert_array_equal(batched["patch_scores"], scorer.score_patches(mem["patches"].astype(np.float32)))
     keep = np.arange(len(samples)) % 3 != 1   # rows read shard by shard (3 shards) = the whole array's rows
     got = store.rows("patches", keep)
     assert got.dtype == np.float32 and np.array_equal(got, store.array("patches")[keep].astype(np.float32))

@@ -119,9 +119,11 @@ class Extractor:
         """Paths of the samples the dataset left out (unreadable, with ``skip_bad``)."""
         return [str(samples[i].path) for i, _ in ds.skipped]
 
-    def _run(self, ds, indices) -> dict:
+    def _run(self, ds, indices, patch_fn=None) -> dict:
         """Features of ``indices``, written batch by batch into arrays allocated once at the first batch:
-        no per-batch list and no concatenated second copy, so a shard's peak memory is one shard."""
+        no per-batch list and no concatenated second copy, so a shard's peak memory is one shard.
+        ``patch_fn`` (e.g. a kNN scorer's ``score_patches``) maps each batch's (n, h*w, d) patches, as float16
+        values, to (n, h*w) ``patch_scores``, kept instead of the patches: 4 bytes a patch instead of 6·d."""
         indices = list(indices)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=self.batch_size,
                                              shuffle=False)
@@ -147,7 +149,11 @@ class Extractor:
             cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),
                     "scores": scores}
             if self.patches:
-                cols["patches"] = r["patches"].to(torch.float16).numpy()
+                half = r["patches"].to(torch.float16)   # what a store keeps, so both score the same values
+                if patch_fn is None:
+                    cols["patches"] = half.numpy()
+                else:
+                    cols["patch_scores"] = np.asarray(patch_fn(half.float().numpy()), np.float32)
                 out["patch_grid"] = tuple(r["patch_grid"])
             for key, a in cols.items():   # float32 vectors/scores, float16 patches, int64 tile/index
                 if key not in out:
@@ -172,10 +178,11 @@ class Extractor:
         return torch.tensor(rows, dtype=v.dtype).view(-1, 2)
 
     @torch.no_grad()
-    def extract(self, samples) -> dict:
-        """In memory: ``vectors`` (n_items, D), ``scores``, ``tile``, ``index`` (sample of each item), ``patches``."""
+    def extract(self, samples, patch_fn=None) -> dict:
+        """In memory: ``vectors`` (n_items, D), ``scores``, ``tile``, ``index`` (sample of each item), ``patches``
+        (or with ``patch_fn``, their ``patch_scores``, scored batch by batch: see `_run`)."""
         samples, ds = self._dataset(samples)
-        out = self._run(ds, range(len(ds)))
+        out = self._run(ds, range(len(ds)), patch_fn)
         out["samples"], out["skipped"] = samples, self.skipped(samples, ds)
         return out
 

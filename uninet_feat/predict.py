@@ -127,7 +127,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     # absolute paths (the CSV and JSON rows are read from other folders); no mask: a bad one is not a bad image
     samples = [replace(s, path=Path(os.path.abspath(s.path)), mask=None, group=s.group if group is None else group)
                for s in samples]
-    res = ex.extract(samples)
+    # with the run's own patches for the kNN, they are scored batch by batch and only their scores kept
+    res = ex.extract(samples, patch_fn=scorer.score_patches if scorer is not None and kex is None else None)
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
     reduce = tile_score_reducer(ex.cfg.get("tile_score", "max"))   # as calibration scored the threshold's normals
