@@ -139,3 +139,23 @@ def test_prompts_command_writes_an_editable_file(tmp_path):
     p = load_prompts(tmp_path / "p" / "prompts.yaml")
     assert "a photo of a flawless tile." in p["normal"] and all("fabric" not in s for s in p["defect"])
     assert main(["prompts", "--out", str(tmp_path / "p")]) == 2   # a folder: said so (it named a temp file)
+
+
+def test_zero_shot_and_extract_refuse_sizes_that_do_not_fit(tmp_path, capsys):
+    """--image-size 0 or -3 was a ZeroDivisionError / torch traceback in zero-shot (extract took 0 as the
+    default, silently); a size off the patch grid named TextScorer's tensors. Now one line with the fix."""
+    data = write_texture_set(tmp_path / "d", n_train=2, n_good=1, n_bad=1)
+    zs = ["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", "random", "--quiet",
+          "--out", str(tmp_path / "zs")]
+    ex = ["extract", "--data", str(data), "--backbone", "clip:tiny", "--weights", "random", "--quiet",
+          "--out", str(tmp_path / "f")]
+    for argv, said in ((zs + ["--image-size", "0"], "image_size must be an integer >= 8, got 0"),
+                       (zs + ["--image-size", "-3"], "image_size must be an integer >= 8, got -3"),
+                       (zs + ["--image-size", "50"], "image size 50 is not a multiple of 16, the patch grid of "
+                                                     "clip:tiny (fix: --image-size 48 or 64)"),
+                       (ex + ["--image-size", "0"], "image_size must be an integer >= 8, got 0")):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert not (tmp_path / "zs").exists() and not (tmp_path / "f").exists()

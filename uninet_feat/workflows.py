@@ -15,6 +15,13 @@ from .runs import samples_of
 from .scorers import abs_path, paths_sha
 
 
+def _check_sizes(image_size, tile) -> None:
+    """--image-size / --tile of the commands that take them without a run config: 0 or a negative size meant the
+    default silently, or a torch traceback (``--tile 0`` is extract's way to say untiled)."""
+    from .config import check_numbers
+    check_numbers({"image_size": image_size, "tile": tile or None})
+
+
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
                 image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
                 validate=False, text=None, skip_bad=False) -> dict:
@@ -28,6 +35,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
                                                                                  "in two processes; 0/1 for all")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise BadInputError(f"--shard-size must be an integer >= 1, got {shard_size!r}", fix="e.g. --shard-size 256")
+    _check_sizes(image_size, tile)
     if run is not None and (backbone is not None or weights != "imagenet"):
         raise BadInputError("--backbone/--weights choose plain features; with --run the run's own model is used",
                             path=run, fix="drop --backbone/--weights, or drop --run for plain backbone features")
@@ -196,7 +204,13 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .metrics import f1_max, image_ap, image_auroc
     from .runs import make_dataset
     from .vlm import TextScorer
+    _check_sizes(image_size, tile)
     bb = create_backbone(backbone, weights=weights).eval()
+    step = getattr(bb, "size_multiple", 1)
+    if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
+        raise BadInputError(f"image size {image_size} is not a multiple of {step}, the patch grid of {backbone}",
+                            fix=f"--image-size {max(step, image_size // step * step)} or "
+                                f"{(image_size // step + 1) * step}")
     if isinstance(prompts, dict):   # the resolved sentences a zero-shot config.yaml records (re-run with --config)
         ts = TextScorer(bb, prompts.get("normal"), prompts.get("defect"), patch_mode=patch_mode).eval()
     else:
