@@ -323,18 +323,19 @@ def pixel_histograms(masks, maps, bins: int = 4096, seed=0) -> dict:
     sample = flat if flat.size <= 1 << 21 else flat[rng.choice(flat.size, 1 << 21, replace=False)]
     edges = np.unique(np.quantile(sample.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1]))
     nb = edges.size + 1
-    neg, pos, tail, owner = [], [], [], []
+    neg, pos = np.zeros((len(per_image), nb)), np.zeros((len(per_image), nb))   # filled in place: no int64 lists
+    tail, owner = [], []                                                        # and float64 copies of them
     for i, (m, a) in enumerate(zip(per_image, maps)):
         b = np.searchsorted(edges, np.asarray(a, np.float64).ravel(), "right")
         m = np.asarray(m).ravel()
-        neg.append(np.bincount(b[~m], minlength=nb))
-        pos.append(np.bincount(b[m], minlength=nb))
+        neg[i] = np.bincount(b[~m], minlength=nb)
+        pos[i] = np.bincount(b[m], minlength=nb)
         lab, n = ndimage.label(m.reshape(np.shape(per_image[i])), structure=np.ones((3, 3), dtype=int))
         if n:   # every region's counts per bin in one pass: row r - 1 is region r
             c = np.bincount(lab.ravel()[m] * nb + b[m], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
             tail.append(np.cumsum(c[:, ::-1], axis=1)[:, ::-1] / c.sum(1, keepdims=True))
             owner += [i] * n
-    return {"neg": np.array(neg, np.float64), "pos": np.array(pos, np.float64),
+    return {"neg": neg, "pos": pos,
             "tail": np.concatenate(tail) if tail else np.zeros((0, nb)), "owner": np.array(owner, dtype=int)}
 
 
