@@ -3,10 +3,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from uninet_feat.backbones import create_backbone
 from uninet_feat.cli import main
+from uninet_feat.errors import BadInputError
+from uninet_feat.predict import predict_cmd
 from uninet_feat.featstore import FeatureStore
 
 from _tiny import write_texture_set
@@ -98,6 +101,10 @@ def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
     other.write_text("defect: ['a photo of a cracked {}.']\n")
     assert main(["predict", "--run", str(run), "--data", str(data), "--head", str(head), "--text", str(other),
                  "--no-overlays", "--out", str(tmp_path / "p2")]) == 2
+    torch.manual_seed(2)   # the CLIP file replaced by another one: its text tower gives other columns, unnoticed
+    torch.save(build_clip_model("tiny").state_dict(), weights)
+    with pytest.raises(BadInputError, match=r"text columns came from a CLIP file with sha256 .*replaced or edited"):
+        predict_cmd(run, data, tmp_path / "p3", heads=[head], text=True, overlays=False, quiet=True)
 
 
 def test_zero_shot_skip_bad(tmp_path, capsys):

@@ -72,7 +72,10 @@ class Extractor:
         if self.text_scorer is not None:
             self.vector_names = self.vector_names + list(self.text_scorer.feature_names)
             ts = self.text_scorer
-            self.source = {**self.source, "text": {"normal": ts.normal_prompts, "defect": ts.defect_prompts}}
+            weights = self.cfg.get("weights")   # the text tower's file: its hash, so a replaced file is noticed
+            tower = file_sha256(weights) if weights and Path(str(weights)).is_file() else str(weights)
+            self.source = {**self.source, "text": {"normal": ts.normal_prompts, "defect": ts.defect_prompts,
+                                                   "weights_sha256": tower}}
 
     def _text_scorer(self, text):
         from .backbones.clip import _RANDOM, ClipViT, build_clip_model

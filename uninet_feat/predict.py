@@ -100,12 +100,20 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     scorer, kex = knn_setup(knn, ex, skip_bad) if knn is not None else (None, None)
     for hd, head in loaded.items():
         check_built_from(head.source, Path(hd) / "head.json", ex, "head")
-        if any("clip_" in n for n in head.feature_names) and (head.source or {}).get("text") is not None \
-                and head.source["text"] != ex.source.get("text"):   # other prompts give other clip_* columns
-            raise BadInputError("this head was trained on text columns of other prompts than --text gives now",
-                                path=Path(hd) / "head.json",
-                                fix="pass --text with the prompt file used at extraction (head.json's source.text "
-                                    "lists its sentences)")
+        was, now = (head.source or {}).get("text"), ex.source.get("text") or {}
+        if any("clip_" in n for n in head.feature_names) and was is not None:
+            if {k: was.get(k) for k in ("normal", "defect")} != {k: now.get(k) for k in ("normal", "defect")}:
+                raise BadInputError("this head was trained on text columns of other prompts than --text gives now",
+                                    path=Path(hd) / "head.json",
+                                    fix="pass --text with the prompt file used at extraction (head.json's source.text "
+                                        "lists its sentences)")
+            if was.get("weights_sha256") and was["weights_sha256"] != now.get("weights_sha256"):   # older: no hash
+                raise BadInputError(f"this head's text columns came from a CLIP file with sha256 "
+                                    f"{str(was['weights_sha256'])[:12]}; the run's weights file now has "
+                                    f"{str(now.get('weights_sha256'))[:12]} (replaced or edited), so its text tower "
+                                    "gives other columns", path=Path(hd) / "head.json",
+                                    fix="restore the CLIP file the features were extracted with, or extract again "
+                                        "and retrain the head")
         cols = head_columns(ex.vector_names)
         generic = head.feature_names == [f"f{i}" for i in range(len(head.feature_names))]   # `train_head` unnamed
         if len(head.feature_names) != len(cols) or not (generic or head.feature_names == cols):   # other layout
