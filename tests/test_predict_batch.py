@@ -91,3 +91,18 @@ def test_a_png_beside_a_same_named_image_in_a_batch_is_its_mask_and_said_so(tmp_
     with pytest.warns(UserWarning, match=r"1 PNG file\(s\) beside a same-named image \(x.png\).*not scored"):
         got = discover_batch(tmp_path / "b")
     assert [(s.path.name, s.mask.name if s.mask else None) for s in got] == [("x.jpg", "x.png"), ("y.png", None)]
+
+
+def test_colour_images_scored_by_a_grey_trained_run_are_named(run, tmp_path):
+    """A run trained on grey images scored colour ones silently (the model never saw colour)."""
+    import warnings
+    from PIL import Image
+    grey = tmp_path / "b" / "grey.png"
+    grey.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)).save(grey)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*images are (colour|grey)")   # grey on grey: nothing to say
+        predict_cmd(run, grey, tmp_path / "p", overlays=False, quiet=True)
+    _png(tmp_path / "b" / "colour.png", 1)
+    with pytest.warns(UserWarning, match=r"1 of 2 images are colour \(.*colour.png\); the run was trained on grey"):
+        predict_cmd(run, tmp_path / "b", tmp_path / "q", overlays=False, quiet=True)

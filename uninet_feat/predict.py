@@ -132,6 +132,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     samples = [s for s in samples if not os.path.realpath(s.path).startswith(mine)]
     if not samples:
         raise BadInputError("no images to score outside --out", path=data, fix="choose an --out outside --data")
+    _warn_other_colour_kind(ex.run_dir, samples)
     # absolute paths (the CSV and JSON rows are read from other folders); no mask: a bad one is not a bad image
     samples = [replace(s, path=Path(os.path.abspath(s.path)), mask=None, group=s.group if group is None else group)
                for s in samples]
@@ -213,6 +214,29 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     return {**summary, "rows": rows}
+
+
+def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20) -> None:
+    """Warn when the batch holds colour images and the run was trained on grey ones, or the other way round:
+    the model never saw such inputs, and its scores carry no meaning there (they were given silently). The run's
+    kind is read from the headers of up to ``n_ref`` validation normals listed in calibration.json."""
+    from .data.images import colour_kind
+    cal_path = Path(run_dir) / "calibration.json"
+    try:
+        ref = [colour_kind(p) for p in json.loads(cal_path.read_text()).get("val_paths", [])[:n_ref]]
+    except (OSError, ValueError):
+        return
+    ref = {k for k in ref if k is not None}
+    if len(ref) != 1:   # none readable (moved), or a run trained on both kinds
+        return
+    trained = ref.pop()
+    other = [str(s.path) for s in samples if colour_kind(s.path) not in (None, trained)]
+    if other:
+        kind = "colour" if trained == "grey" else "grey"
+        warnings.warn(f"{len(other)} of {len(samples)} images are {kind} ({', '.join(other[:3])}"
+                      f"{', ...' if len(other) > 3 else ''}); the run was trained on {trained} images, so its scores "
+                      f"there carry no meaning (unless they are grey pictures saved as colour). Fix: train a run on "
+                      f"{kind} images of this line", stacklevel=2)
 
 
 def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:

@@ -79,6 +79,19 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation(img) >= 5 else (w, h)
 
 
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def colour_kind(path) -> str | None:
+    """'grey' or 'colour' from the file's header (PIL mode; no decode), None when it cannot be opened. A grey
+    picture saved as RGB reads as colour: the header cannot tell, and the model input is the same then."""
+    try:
+        with Image.open(path) as img:
+            return "grey" if img.mode in GREY_MODES else "colour"
+    except (OSError, ValueError):
+        return None
+
+
 def _to_array(img: Image.Image, path, meta: Image.Image | None = None) -> np.ndarray:
     """Any PIL mode → float32 (H, W, C) with C in {1, 3}, in [0, 1]. ``meta``: the file as opened, whose
     format and TIFF tags give the full scale of a 32-bit-int image when ``img`` is a rotated copy."""
