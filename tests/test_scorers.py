@@ -232,3 +232,30 @@ def test_calibration_names_each_validation_normal_beside_its_score(setup):
     assert sorted(cal["val_paths"]) == sorted(own) and len(own) == 5
     assert cal["val_scores"] == sorted(cal["val_scores"])
     assert [own[p] for p in cal["val_paths"]] == pytest.approx(cal["val_scores"], rel=1e-5)
+
+
+def test_combined_scores_of_a_tile_score_mean_run_match_their_threshold(tmp_path):
+    """A tiled run with ``tile_score: mean``: the combined threshold came from validation normals' WDM scores by
+    their highest tile while predict's rows took the mean, so each normal's row and its part in the threshold
+    differed (2.96 against 1.12) and fewer images were flagged than the rule says."""
+    from uninet_feat.predict import predict_cmd
+    from uninet_feat.scorers import knn_setup, reference
+    from uninet_feat.train import train
+    data = write_texture_set(tmp_path / "wide", n_train=8, n_good=2, n_bad=2, wide=True)
+    run = tmp_path / "mean"
+    train(load_config(None, {"data": str(data), "tile": 64, "tile_score": "mean"},
+                      base={"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 4,
+                            "val_fraction": 0.4, "channels_last": False, "seed": 7}), run, quiet=True)
+    assert main(["extract", "--run", str(run), "--data", str(data), "--patches", "--quiet",
+                 "--out", str(tmp_path / "f")]) == 0
+    assert main(["index", "--features", str(tmp_path / "f"), "--coreset", "1", "--out", str(tmp_path / "k")]) == 0
+    ex = Extractor(run=run)
+    scorer, kex = knn_setup(tmp_path / "k", ex)
+    ref = reference(run, ex.cfg, scorer, kex or ex, ex, paired=True)
+    cal = json.loads((run / "calibration.json").read_text())
+    assert np.allclose(sorted(ref.wdm_paired), cal["val_scores"], rtol=1e-6)   # the rule calibration used
+    res = predict_cmd(run, data / "train" / "good", tmp_path / "p", knn=tmp_path / "k", flag_by="combined",
+                      overlays=False, quiet=True)
+    rows = {r["path"]: r for r in res["rows"]}
+    got = [rows[str(s.path)]["combined_score"] for s in ref.val]
+    assert np.allclose(got, ref.combined, rtol=1e-6, atol=1e-9)

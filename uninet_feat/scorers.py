@@ -119,6 +119,19 @@ def per_sample_max(item_scores, index, n: int) -> np.ndarray:
     return out
 
 
+def per_sample_wdm(item_scores, index, n: int, rule: str = "max") -> np.ndarray:
+    """Item (tile) WDM scores → each sample's by the run's ``tile_score`` rule, with the function calibration,
+    evaluate and predict use, NaN for a sample without items (skipped)."""
+    if rule == "max":
+        return per_sample_max(item_scores, index, n)
+    from .data.tiling import tile_score_reducer
+    reduce, index, scores = tile_score_reducer(rule), np.asarray(index), np.asarray(item_scores)
+    out = np.full(n, np.nan)
+    for i in np.unique(index):   # the items of a sample in extraction order, as predict's rows take them
+        out[i] = float(reduce(scores[index == i]))
+    return out
+
+
 def knn_map(patch_scores, res, i: int, shape=None) -> np.ndarray | None:
     """Sample ``i``'s kNN heatmap at its native size: each of its items' (tiles') patch grid upsampled
     bilinearly to the tile's box and placed there (overlaps averaged) — PatchCore's map, stitched.
@@ -227,7 +240,8 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     wp = None
     if paired:
         w_res = res if kex is ex or ex is None else ex.extract(val)
-        wp = per_sample_max(w_res["scores"], w_res["index"], len(val))
+        # each normal's WDM score as its row gets it (a tile_score: mean run takes the mean of its tiles)
+        wp = per_sample_wdm(w_res["scores"], w_res["index"], len(val), cfg.get("tile_score", "max"))
     ok = np.isfinite(kv) & (np.isfinite(wp) if wp is not None else True)  # a skipped normal has no score
     from .overlay import robust_range
     return Reference(int(ok.sum()), kv[ok], wv, tuple(robust_range(patch_scores.ravel())),
