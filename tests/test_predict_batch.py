@@ -91,6 +91,15 @@ def test_a_png_beside_a_same_named_image_in_a_batch_is_its_mask_and_said_so(tmp_
     with pytest.warns(UserWarning, match=r"1 PNG file\(s\) beside a same-named image \(x.png\).*not scored"):
         got = discover_batch(tmp_path / "b")
     assert [(s.path.name, s.mask.name if s.mask else None) for s in got] == [("x.jpg", "x.png"), ("y.png", None)]
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()   # with a run's mask pattern x.png is no mask, and still not scored: said too
+    with pytest.warns(UserWarning, match=r"\(x.png\) are taken for that image's mask, not scored"):
+        got = discover_batch(tmp_path / "b", "{stem}_gt.png")
+    assert [(s.path.name, s.mask) for s in got] == [("x.jpg", None), ("y.png", None)]
+    from uninet_feat.workflows import zero_shot_cmd   # zero-shot reads no masks: x.png (another size) is no error
+    Image.fromarray(np.zeros((30, 50), np.uint8)).save(tmp_path / "b" / "x.png")
+    res = zero_shot_cmd(tmp_path / "b", tmp_path / "zs", "clip:tiny", "random", image_size=32, quiet=True)
+    assert res["n_images"] == 2 and res["skipped"] == []
 
 
 def test_colour_images_scored_by_a_grey_trained_run_are_named(run, tmp_path):

@@ -222,6 +222,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
             raise
         from .data.layouts import discover_batch
         samples = discover_batch(data)
+    from dataclasses import replace   # no masks: scores need none, and a bad one is not a bad image
+    samples = [replace(s, mask=None) for s in samples]
     from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder
     cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
                                "backbone": backbone, "weights": str(weights), "image_size": image_size,

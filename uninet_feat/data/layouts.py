@@ -121,11 +121,11 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
     if not any(s.is_normal for s in samples):   # no labelled layout: folders are storage
         samples = [Sample(s.path, "", "", s.mask, "") for s in samples]
     samples += [Sample(x, "", "", _find_mask(x, "", "", None, mask_pattern), "") for x in _images(p)]
-    beside = sorted(s.mask.name for s in samples if s.mask is not None and s.mask.parent == s.path.parent
-                    and s.mask.name == s.path.stem + ".png" and s.path.suffix.lower() != ".png")
+    beside = sorted(s.path.stem + ".png" for s in samples if s.path.suffix.lower() != ".png"
+                    and s.path.with_suffix(".png").is_file())   # left out as a mask, used as one or not
     if beside:   # the magnetic-tile convention; in a batch of new images it may be a second image, so say it
         _warn_unused(p, f"{len(beside)} PNG file(s) beside a same-named image ({', '.join(beside[:3])}"
-                        f"{', ...' if len(beside) > 3 else ''}) are read as that image's mask, not scored "
+                        f"{', ...' if len(beside) > 3 else ''}) are taken for that image's mask, not scored "
                         "(rename or move them to score them)")
     if not samples:
         raise BadInputError("no images found in this folder or below it", path=p,
