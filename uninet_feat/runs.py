@@ -162,10 +162,10 @@ def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False):
 class CachedDataset(torch.utils.data.Dataset):
     """Keeps decoded, resized items in memory after first use: decoding dominates CPU epochs otherwise.
 
-    Bounded: at most ``max_bytes`` (default a quarter of the machine's memory) are kept; items past it are decoded
-    again each epoch, with the same values, so a large folder costs time instead of a kill for memory (the cache
-    grew by 16·S² bytes per training image, 75 GB for 72,000 images at 256 px). A normal item's all-zero mask is
-    kept once per shape, not once per item (a quarter of each item)."""
+    Bounded: at most ``max_bytes`` (default `memory_budget`: a quarter of the memory, shared by torchrun's
+    processes on the machine) are kept; items past it are decoded again each epoch, with the same values, so a
+    large folder costs time instead of a kill for memory (the cache grew by 16·S² bytes per training image, 75 GB
+    for 72,000 images at 256 px). A normal item's all-zero mask is kept once per shape, not once per item."""
 
     def __init__(self, ds, max_bytes: int | None = None):
         self.ds, self.cache, self.nbytes, self._zeros = ds, {}, 0, {}
@@ -190,18 +190,31 @@ class CachedDataset(torch.utils.data.Dataset):
         elif not self.full:
             self.full = True
             warnings.warn(f"the decoded training images outgrow the memory cache ({self.max_bytes / 2**30:.1f} GB, "
-                          f"a quarter of this machine's memory): {len(self.cache)} of {len(self.ds)} are kept, the "
-                          "others are decoded again each epoch (the same values, more time). Fix: none needed; "
+                          f"this process's share of a quarter of the memory): {len(self.cache)} of {len(self.ds)} "
+                          "are kept, the others are decoded again each epoch (the same values, more time). Fix: "
+                          "none needed; "
                           "`cache_images: false` in a --config skips the cache", stacklevel=2)
         return item
 
 
 def memory_budget(share: float = 0.25) -> int:
-    """``share`` of the machine's physical memory in bytes (8 GiB where the OS does not say)."""
+    """``share`` of the memory this process may use, in bytes: the machine's physical memory or, when lower, the
+    container's limit (cgroup v2 or v1), divided between the processes torchrun starts on this machine
+    (``LOCAL_WORLD_SIZE``), since each keeps its own cache. 8 GiB where the OS does not say."""
     try:
-        return int(share * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 8 * 2 ** 30
+        total = 32 * 2 ** 30
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            total = min(total, int(Path(limit).read_text().split()[0]))   # "max": no limit
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return int(share * total / local)
 
 
 def run_path(run: str | Path, name: str) -> Path:
