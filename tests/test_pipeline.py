@@ -223,6 +223,9 @@ def test_predict_scores_tiles_by_the_runs_tile_score_rule(tmp_path):
         assert got[p] == pytest.approx(s, rel=1e-5)
     with pytest.raises(BadInputError, match="tile_score must be one of max, mean, got 'maximum'"):
         _cfg(data, tile=64, tile_score="maximum")
+    from uninet_feat.data.tiling import tile_score_reducer   # a run saved before the check keeps its mean
+    with pytest.warns(UserWarning, match="when any other word meant the mean"):
+        assert tile_score_reducer("average") is np.mean
 
 
 def test_tiled_training_and_stitched_scores(tmp_path):

@@ -128,6 +128,9 @@ class FeatureStore:
         shard: the peak is the result plus one shard, where ``array(key)[keep].astype(dtype)`` held the whole
         store, its kept rows and their copy (a patch bank of 100,000 images at 256 px: about 100 GB)."""
         keep = np.asarray(keep, bool)
+        if len(keep) != len(self.items):   # checked first: a short mask could end at a shard's border unseen
+            raise BadInputError(f"{len(keep)} row flags for the store's {len(self.items)} items", path=self.folder,
+                                fix="pass one flag per item of the store (its manifest's items)")
         out, start, pos = None, 0, 0
         for _, z in self._shards():
             if key not in z.files:
