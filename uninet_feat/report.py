@@ -315,8 +315,9 @@ def write_report(out_html, metrics: dict | None = None, rows: list[dict] | None 
     scores = np.array([r["score"] for r in rows], dtype=np.float64)
     finite = np.isfinite(scores)
     n, n_def = len(rows), int(labels.sum())
-    # Flags at the threshold: the rows' own ``flagged`` when every row has one (evaluate writes 0 for
-    # all rows when the run has no threshold, so all-False flags without a threshold mean "none").
+    # Flags at the threshold: the rows' own ``flagged`` when every row has one (CSVs of older versions wrote 0
+    # for all rows when the run had no threshold, so all-False flags without a threshold mean "none"; evaluate now
+    # leaves the column empty then).
     row_flags = [r["flagged"] for r in rows]
     if rows and all(f is not None for f in row_flags) and (threshold is not None or any(row_flags)):
         flags = np.array(row_flags, dtype=bool)
