@@ -422,3 +422,23 @@ def test_the_cache_budget_is_shared_by_the_processes_of_one_machine(monkeypatch)
     one = memory_budget()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert memory_budget() == pytest.approx(one / 4, abs=1)
+
+
+def test_a_csv_from_windows_excel_is_named_not_a_traceback(tmp_path, write_image):
+    """A cp1252 CSV (Excel's plain "CSV") was a UnicodeDecodeError traceback; backslash paths were 'not found'
+    with no word on the separator (a file-system audit)."""
+    write_image("good/b.png")
+    write_image("good/café.png")
+    latin = tmp_path / "lat.csv"
+    latin.write_bytes("path,split,label\r\ngood/b.png,train,good\r\ngood/café.png,train,good\r\n".encode("cp1252"))
+    with pytest.raises(BadInputError, match=r"line 3 is not UTF-8 \(byte 0xe9\)") as e:
+        discover(tmp_path, split_csv=latin)
+    assert "CSV UTF-8" in e.value.fix
+    utf8 = tmp_path / "u.csv"   # the same rows saved as UTF-8 read fine
+    utf8.write_bytes(latin.read_bytes().decode("cp1252").encode("utf-8"))
+    assert sorted(s.path.name for s in discover(tmp_path, split_csv=utf8)) == ["b.png", "café.png"]
+    win = tmp_path / "win.csv"
+    win.write_text("path,split,label\ngood\\b.png,train,good\n")
+    with pytest.raises(BadInputError, match="not found") as e:
+        discover(tmp_path, split_csv=win)
+    assert "write them with `/`" in e.value.fix

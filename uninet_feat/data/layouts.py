@@ -28,6 +28,7 @@ Order is sorted by path string, so the same data gives the same sample list on e
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 import warnings
@@ -273,7 +274,15 @@ def _from_plain(root: Path, pattern) -> list[Sample]:
 def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
     if not csv_path.is_file():
         raise BadInputError("split CSV not found", path=csv_path, fix="check the --split-csv path")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:   # Excel's plain "CSV" on Windows is cp1252: a traceback before
+        line = raw[:e.start].count(b"\n") + 1
+        raise BadInputError(f"line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): the CSV was saved in another "
+                            "encoding", path=csv_path, fix='save it as UTF-8 (Excel: "CSV UTF-8"), or convert it: '
+                                                          "iconv -f cp1252 -t utf-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         lacks = [c for c in ("path", "label") if c not in cols]
@@ -318,7 +327,9 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
         first = "; ".join(f"line {ln}: {rel}" for ln, rel in missing[:5])
         raise BadInputError(f"{len(missing)} file(s) listed in the CSV not found under {root} ({first}"
                             f"{' ...' if len(missing) > 5 else ''})", path=csv_path,
-                            fix="paths are relative to --data; fix the CSV or the --data root")
+                            fix="paths are relative to --data; fix the CSV or the --data root" + (
+                                " (the paths use `\\`: write them with `/`)" if any("\\" in r for _, r in missing)
+                                else ""))
     return out
 
 
