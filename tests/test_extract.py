@@ -331,6 +331,17 @@ def test_predict_with_a_plain_feature_index_and_the_combined_score(setup, tmp_pa
     assert "combined_score" not in json.loads((tmp_path / "p0" / "predictions.json").read_text())[0]
     assert main(["index", "--features", str(f), "--coreset", "1.0", "--run", str(run), "--out", str(knn)]) == 0
     assert json.loads((knn / "knn.json").read_text())["source"]["held_out_val"]["n"] == 3
+    import shutil   # features of a copy of the data: the validation normals' copies sit in the bank, scored
+    shutil.copytree(data, tmp_path / "copy")   # about 0; index recorded them as held out and predict flagged all
+    assert main(["extract", "--data", str(tmp_path / "copy"), "--backbone", "tiny", "--weights", str(weights),
+                 "--image-size", "64", "--patches", "--out", str(tmp_path / "fc"), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match=r"3 of .* validation normals are in these features under other paths"):
+        assert main(["index", "--features", str(tmp_path / "fc"), "--coreset", "1.0", "--run", str(run),
+                     "--out", str(tmp_path / "kc")]) == 0
+    assert json.loads((tmp_path / "kc" / "knn.json").read_text())["source"]["held_out_val"] is None
+    with pytest.warns(UserWarning, match="validation normals of .* held out"):   # so predict gives no combined score
+        assert main(base + ["--knn", str(tmp_path / "kc"), "--out", str(tmp_path / "pc")]) == 0
+    assert "combined_score" not in json.loads((tmp_path / "pc" / "predictions.json").read_text())[0]
     assert main(base + ["--knn", str(knn), "--out", str(p)]) == 0
     rows = {r["path"]: r for r in json.loads((p / "predictions.json").read_text())}
     summary = json.loads((p / "summary.json").read_text())

@@ -67,6 +67,17 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     return res
 
 
+def _copies_of(paths, items) -> list[str]:
+    """Store items that look like copies of ``paths`` (the same file name and size at another path)."""
+    def key(p):
+        try:
+            return os.path.basename(p), os.path.getsize(p)
+        except OSError:
+            return None
+    want = {key(p) for p in paths} - {None}
+    return [it["path"] for it in items if key(it["path"]) in want]
+
+
 def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None) -> dict:
     """Patch level: a kNN scorer over the training normals' patches (``coreset`` default 0.1, ``k`` default 1).
     Image level: a search index of every image row, which scores nothing.
@@ -104,12 +115,14 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
         n_held = len(held_out & {abs_path(it["path"]) for it in store.items})
-        if run and held_out and not n_held:
+        copies = _copies_of(held_out, store.items) if run and held_out and not n_held else []
+        if copies:   # the run's validation normals are in the bank under other paths: scored about 0 there
             import warnings
-            warnings.warn(f"none of {run}'s {len(held_out)} validation normals is among these features' images, "
-                          "so none is held out of the bank: features of other images, or a store from an older version "
-                          "with paths relative to another folder (fix: extract again, then index)")
-        held = {"run": str(run), "paths_sha256": paths_sha(held_out), "n": n_held} if run else None
+            warnings.warn(f"{len(copies)} of {run}'s {len(held_out)} validation normals are in these features under "
+                          f"other paths (e.g. {copies[0]}: the same name and size), so they are in the bank and "
+                          "predict will give no combined score with this index (fix: extract from the run's own data "
+                          f"folder, or `uninet-feat calibrate --run {run} --data COPY` first, then extract and index)")
+        held = {"run": str(run), "paths_sha256": paths_sha(held_out), "n": n_held} if run and not copies else None
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held})
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
