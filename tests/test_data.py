@@ -442,3 +442,23 @@ def test_a_csv_from_windows_excel_is_named_not_a_traceback(tmp_path, write_image
     with pytest.raises(BadInputError, match="not found") as e:
         discover(tmp_path, split_csv=win)
     assert "write them with `/`" in e.value.fix
+
+
+def test_masks_with_upper_case_extensions_are_found(tmp_path, write_image):
+    """K.PNG beside K.JPG and ground_truth/.../x_mask.PNG were not found (only lower-case .png was tried), so those
+    defect images left the pixel metrics although their masks were there (a file-system audit)."""
+    from uninet_feat.data import discover_batch
+    write_image("train/good/a.png")
+    write_image("test/good/b.png")
+    for name in ("test/hole/K.JPG", "test/hole/x.png"):
+        write_image(name)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "test" / "hole" / "K.PNG")
+    (tmp_path / "ground_truth" / "hole").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ground_truth" / "hole" / "x_mask.PNG")
+    masks = {s.path.name: s.mask.name if s.mask else None for s in discover(tmp_path) if s.label == "hole"}
+    assert masks == {"K.JPG": "K.PNG", "x.png": "x_mask.PNG"}
+    batch = tmp_path / "batch"
+    write_image("batch/p.JPG")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(batch / "p.PNG")
+    with pytest.warns(UserWarning, match=r"\(p.PNG\) are taken for that image's mask"):
+        assert [s.path.name for s in discover_batch(batch)] == ["p.JPG"]

@@ -28,6 +28,7 @@ Order is sorted by path string, so the same data gives the same sample list on e
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import random
@@ -122,8 +123,8 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
     if not any(s.is_normal for s in samples):   # no labelled layout: folders are storage
         samples = [Sample(s.path, "", "", s.mask, "") for s in samples]
     samples += [Sample(x, "", "", _find_mask(x, "", "", None, mask_pattern), "") for x in _images(p)]
-    beside = sorted(s.path.stem + ".png" for s in samples if s.path.suffix.lower() != ".png"
-                    and s.path.with_suffix(".png").is_file())   # left out as a mask, used as one or not
+    beside = sorted(f.name for f in (_file_any_case(s.path.with_suffix(".png")) for s in samples
+                                     if s.path.suffix.lower() != ".png") if f is not None)   # left out as a mask
     if beside:   # the magnetic-tile convention; in a batch of new images it may be a second image, so say it
         _warn_unused(p, f"{len(beside)} PNG file(s) beside a same-named image ({', '.join(beside[:3])}"
                         f"{', ...' if len(beside) > 3 else ''}) are taken for that image's mask, not scored "
@@ -205,7 +206,31 @@ def _find_mask(img: Path, label: str, group: str, gt_dir: Path | None, pattern: 
             cands.append(img.with_suffix(".png"))
         if gt_dir is not None:
             cands += [gt_dir / label / (img.stem + "_mask.png"), gt_dir / label / (img.stem + ".png")]
-    return next((c for c in cands if c.is_file()), None)
+    return next((c for c in map(_file_any_case, cands) if c is not None), None)
+
+
+def _file_any_case(path: Path) -> Path | None:
+    """``path`` if it is a file, else the one file in its folder whose name differs only in case (``x.PNG``,
+    ``x_MASK.png``: data copied from Windows or camera software), else None."""
+    if path.is_file():
+        return path
+    try:
+        listing = _lower_names(str(path.parent), os.stat(path.parent).st_mtime_ns)
+    except OSError:
+        return None
+    found = listing.get(path.name.lower())
+    return Path(path.parent) / found if found is not None else None
+
+
+@functools.lru_cache(maxsize=64)
+def _lower_names(folder: str, _mtime_ns: int) -> dict:
+    """{lower-case name: name} of the files in ``folder`` (names that collide in lower case left out: ambiguous);
+    cached per folder state, so a folder of 10,000 images is listed once, not once per image."""
+    seen: dict = {}
+    for e in os.scandir(folder):
+        if e.is_file():
+            seen.setdefault(e.name.lower(), []).append(e.name)
+    return {k: v[0] for k, v in seen.items() if len(v) == 1}
 
 
 def _from_mvtec(root: Path, pattern) -> list[Sample]:
