@@ -1,5 +1,6 @@
 """predict on a new batch: a plain folder of images (any depth) or one image file, scored unlabelled."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,20 @@ def test_colour_images_scored_by_a_grey_trained_run_are_named(run, tmp_path):
     _png(tmp_path / "b" / "colour.png", 1)
     with pytest.warns(UserWarning, match=r"1 of 2 images are colour \(.*colour.png\); the run was trained on grey"):
         predict_cmd(run, tmp_path / "b", tmp_path / "q", overlays=False, quiet=True)
+
+
+def test_long_and_colliding_names_get_outputs_that_fit_and_cannot_be_another_images(run, tmp_path):
+    """A 230-character name failed predict ('File name too long': the output name plus the temp file's passed the
+    file system's 255 bytes) after half the overlays; a collision's `_2` could be another image's own name."""
+    from uninet_feat.predict import NAME_BYTES, _overlay_names
+    long = _png(tmp_path / "b" / ("L" * 230 + ".png"), 1)
+    imgs = [_png(tmp_path / "b" / "c" / "x y.png", 2), _png(tmp_path / "b" / "c" / "x_y.png", 3),
+            _png(tmp_path / "b" / "c" / "x_y_2.png", 4)]
+    res = predict_cmd(run, tmp_path / "b", tmp_path / "p", threshold=-1e9, save_maps=True, quiet=True)
+    assert res["n_images"] == 4 and all(Path(r["overlay"]).is_file() and Path(r["map"]).is_file() for r in res["rows"])
+    names = {Path(r["path"]).name: Path(r["overlay"]).name for r in res["rows"]}
+    assert len(set(names.values())) == 4 and len(names[long.name].encode()) <= NAME_BYTES
+    assert names["x_y_2.png"] == "c__x_y_2_overlay.png"   # the rule's name stays its own image's
+    assert {names["x y.png"], names["x_y.png"]} - {"c__x_y_overlay.png"} == {
+        n for n in (names["x y.png"], names["x_y.png"]) if "~" in n}
+    assert _overlay_names(map(str, imgs), tmp_path / "b") == _overlay_names(map(str, imgs), tmp_path / "b")

@@ -18,7 +18,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # a short prefix: a name near the file system's 255-byte limit must not fail for its temp file alone
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise BadInputError(f"cannot write here ({e.strerror or e})", path=path,
                             fix="choose an output in a writable folder (an existing file cannot be a folder)") from e

@@ -376,9 +376,15 @@ def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_ran
     return [lo, hi]
 
 
+NAME_BYTES = 200   # of an output name: the file system's 255 less the longest suffix added here and a temp file's
+
+
 def _overlay_names(paths, root=None, suffix: str = "_overlay.png") -> dict:
     """Unique output file names: the path below ``root`` (else the parent folder and name) joined by '__', and
-    ``suffix``; a name already taken gets _2, _3, ... (``suffix`` "" gives the stem, for several files each)."""
+    ``suffix`` (``suffix`` "" gives the stem, for several files each). A name too long for the file system, or
+    taken by another image, gets ``~`` and 8 hex digits of a hash of the image's path instead of its tail: the
+    rule's own names never end so, and the rows' ``overlay`` / ``map`` columns name the file either way."""
+    import hashlib
     names, used = {}, set()
     for p in map(Path, paths):
         try:
@@ -386,9 +392,11 @@ def _overlay_names(paths, root=None, suffix: str = "_overlay.png") -> dict:
         except ValueError:
             parts = None
         stem = "__".join(parts or (p.parent.name, p.stem)).replace(" ", "_")
-        name, k = f"{stem}{suffix}", 2
-        while name in used:
-            name, k = f"{stem}_{k}{suffix}", k + 1
+        name = f"{stem}{suffix}"
+        if name in used or len(name.encode()) > NAME_BYTES:
+            tag = "~" + hashlib.sha1(str(p).encode()).hexdigest()[:8]
+            room = NAME_BYTES - len((tag + suffix).encode())
+            name = stem.encode()[:room].decode("utf-8", "ignore") + tag + suffix
         used.add(name)
         names[str(p)] = name
     return names
