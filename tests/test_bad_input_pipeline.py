@@ -326,6 +326,14 @@ def test_cli_paths_and_odd_files_are_handled_before_any_work(tmp_path, capsys, m
     import os
     assert main(["evaluate", "--run", str(tmp_path), "--json", str(tmp_path)]) == 2
     assert f"{tmp_path}: --json names a folder, not a file" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")   # a folder it cannot write in: refused before the scoring too
+    assert main(["evaluate", "--run", str(tmp_path), "--csv", str(tmp_path / "notes.txt" / "out" / "s.csv")]) == 2
+    assert f"--csv cannot be written: {tmp_path / 'notes.txt'} is not a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:   # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert main(["evaluate", "--run", str(tmp_path), "--json", str(ro / "m.json")]) == 2
+        assert "is read-only" in capsys.readouterr().err
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["evaluate", "--run", "~/nope", "--quiet"]) == 2
     assert f"{tmp_path / 'nope'}: no such run folder" in capsys.readouterr().err

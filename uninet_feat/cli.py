@@ -461,6 +461,14 @@ def _user_paths(args) -> None:
         if isinstance(v, str) and Path(v).is_dir():
             raise BadInputError(f"--{k} names a folder, not a file", path=v,
                                 fix=f"give a file name, e.g. --{k} {Path(v) / ('report.html' if k == 'report' else 'metrics.' + k)}")
+        if isinstance(v, str):   # a folder it cannot write in failed only after all the scoring
+            up = Path(os.path.abspath(v)).parent
+            while not up.exists() and up != up.parent:
+                up = up.parent
+            if not up.is_dir() or not os.access(up, os.W_OK | os.X_OK):
+                what = "not a folder" if not up.is_dir() else "read-only"
+                raise BadInputError(f"--{k} cannot be written: {up} is {what}", path=v,
+                                    fix=f"give --{k} a path in a folder you can write")
 
 
 def _absolute(key: str, value):
