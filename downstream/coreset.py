@@ -20,9 +20,11 @@ import torch
 from ..errors import BadInputError
 from .index import as_matrix
 
-# greedy k-center throughput on this project's 2-core CPU (a scaling audit, session 25: 16,000 picks over 160,000
-# 80-d vectors in 44.5 s): for the warning that a coreset will take long, not for anything it computes
-CPU_RATE = 5e9
+# greedy k-center throughput (multiply-adds/s) on this project's 2-core CPU, for the warning that a coreset will take
+# long, not for anything it computes: 4.4e9 for 16,000 picks over 160,000 random 80-d vectors (46 s), 1.6e9 for
+# 15,616 over 156,160 magnetic-tile patches projected to 128-d (200 s), 1.7e9 for 62,464 over 624,640 (47 min,
+# session 20): the larger figure of the real banks, so that the estimate errs long
+CPU_RATE = 2e9
 
 
 def _device(device: str) -> torch.device:
