@@ -95,7 +95,10 @@ class DistEnv:
         for part in (model.target, model.bottleneck, model.student):
             self._restore += sync_batchnorm(part, self.bn_group)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(LossStep(model), device_ids=ids, broadcast_buffers=True, process_group=self.group)
+        import inspect   # torch 2.13 renamed broadcast_buffers (a FutureWarning from every rank); older torch lacks it
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                else "broadcast_buffers")
+        return DDP(LossStep(model), device_ids=ids, process_group=self.group, **{sync: True})
 
     def shard_batches(self, dataset, batch_size: int, generator: torch.Generator, drop_last: bool):
         return shard_batches(dataset, batch_size, generator, drop_last, self.rank, self.world_size)
