@@ -74,8 +74,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             raise BadInputError("--max-fpr does not apply to --flag-by ensemble: each run has its own validation "
                                 "normals (the split follows the seed), so no normal set is unseen by all of them",
                                 fix="drop --max-fpr (the default is the mean of the runs' thresholds), pass "
-                                    "--threshold T in WDM score units (e.g. the mean of each run's `predict --max-fpr F` threshold, "
-                                    "in its summary.json)")
+                                    "--threshold T in WDM score units (e.g. the mean of each run's `predict --max-fpr F` "
+                                    "threshold, in its summary.json)")
     else:
         check_threshold_flags(threshold, max_fpr)
     members = ens.load_members([run, *ensemble], group=group, skip_bad=skip_bad) if ensemble else None

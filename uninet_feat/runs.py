@@ -181,10 +181,11 @@ class CachedDataset(torch.utils.data.Dataset):
             return item
         item = self.ds[i]
         m = item.get("mask")
-        if torch.is_tensor(m) and not m.any():
+        shared = torch.is_tensor(m) and not m.any()   # one zero mask per shape, counted once (not here)
+        if shared:
             item = {**item, "mask": self._zeros.setdefault((tuple(m.shape), m.dtype), torch.zeros_like(m))}
-        size = sum(v.numel() * v.element_size() for k, v in item.items() if torch.is_tensor(v)
-                   and not (k == "mask" and v is self._zeros.get((tuple(v.shape), v.dtype))))
+        size = sum(v.numel() * v.element_size() for k, v in item.items()
+                   if torch.is_tensor(v) and not (shared and k == "mask"))
         if self.nbytes + size <= self.max_bytes:
             self.cache[i], self.nbytes = item, self.nbytes + size
         elif not self.full:
@@ -192,8 +193,7 @@ class CachedDataset(torch.utils.data.Dataset):
             warnings.warn(f"the decoded training images outgrow the memory cache ({self.max_bytes / 2**30:.1f} GB, "
                           f"this process's share of a quarter of the memory): {len(self.cache)} of {len(self.ds)} "
                           "are kept, the others are decoded again each epoch (the same values, more time). Fix: "
-                          "none needed; "
-                          "`cache_images: false` in a --config skips the cache", stacklevel=2)
+                          "none needed; `cache_images: false` in a --config skips the cache", stacklevel=2)
         return item
 
 
