@@ -152,16 +152,16 @@ def parse_map_norm(v) -> str:
 def map_ranges(model, val, cfg: dict) -> list[list[float]]:
     """[median, 0.999 quantile] of each of the 2L anomaly maps over all validation-normal pixels, at the map's
     own resolution: the units of ``map_norm: range`` (0 = a typical normal pixel, 1 = a rare one)."""
-    from .runs import eval_batches, make_dataset
+    from .runs import eval_batches, make_dataset, model_device
     from .scoring import anomaly_maps
     model.eval()
     pixels = None
-    for _, x in eval_batches(make_dataset(val, cfg, model.source), cfg):
+    for _, x in eval_batches(make_dataset(val, cfg, model.source), cfg, model_device(model)):
         out = model(x)
         maps = anomaly_maps(out.teachers, out.students)
         pixels = pixels or [[] for _ in maps]
         for k, m in enumerate(maps):
-            pixels[k].append(m.float().numpy().ravel())
+            pixels[k].append(m.float().cpu().numpy().ravel())
     ranges = [[float(np.median(v)), float(np.quantile(v, 0.999))] for v in map(np.concatenate, pixels)]
     bad = [k for k, (lo, hi) in enumerate(ranges) if not (np.isfinite(lo) and np.isfinite(hi))]
     if bad:
@@ -333,19 +333,21 @@ def validation_normals(cfg: dict) -> list:
 
 
 def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None,
-             calibrated: bool = True):
+             calibrated: bool = True, device=None):
     """(model with the run's calibration applied, its checkpoint, its config with the data moved to ``data`` /
     ``split_csv`` when given): what every command that scores with a finished run starts from. ``model_path``:
     another model file of the run than model.pt. ``calibrated=False`` (for `recalibrate`) accepts a run whose
-    config needs a calibration.json it lacks."""
+    config needs a calibration.json it lacks. The model is put on ``device`` (`runs.pick_device`; None: the
+    commands' default, auto), whatever device it was trained on."""
     from .checkpoint import build_from_checkpoint
-    from .runs import run_path
+    from .runs import pick_device, run_path
     path = Path(model_path) if model_path else run_path(run, "model.pt")
     model, ckpt = build_from_checkpoint(path)
     cfg = dict(ckpt["config"])
     if cfg.get("mem") == "multiscale":   # scoring only: the paper's MEM folded into one 7x7 conv per block
         model.eval().reparameterize()
     apply_calibration(model, run, path, cfg if calibrated else None)
+    model.to(pick_device(device))
     if data:
         cfg["data"], cfg["split_csv"] = data, split_csv
     return model, ckpt, cfg

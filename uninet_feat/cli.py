@@ -34,6 +34,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="same seed, same scores; it also draws the validation split "
                                             "(default 1203)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", help="auto (a CUDA GPU when torch sees one, else the CPU; default), cpu, cuda or "
+                                    "cuda:N")
     p.add_argument("--mem", choices=["official", "multiscale"], help="MEM as the official code runs it (two 3x3 "
                    "branches) or the paper's 3x3 + 7x7, re-parameterised for inference (default official)")
     p.add_argument("--dfs", choices=["learned", "fixed", "off"], help="domain-related feature selection: learned "
@@ -110,8 +112,9 @@ def _tile_norm_flag(p, default: str) -> None:
                         f"whose place drifts between images){default}")
 
 
+_DEVICE_COMMANDS = ("evaluate", "ensemble", "calibrate", "extract", "predict", "zero-shot")
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "tile_score",
-               "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "mem", "dfs", "temperature", "width",
+               "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "device", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
                "map_levels", "map_norm", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
                "step_in_backward", "denoise", "denoise_kinds")
@@ -308,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the demo (default 8)")
     p.add_argument("--quiet", action="store_true")
+    for name in _DEVICE_COMMANDS:   # train has its own (a config key, recorded in the run)
+        sub.choices[name].add_argument("--device", help="where the model runs: auto (a CUDA GPU when torch sees "
+                                                        "one, else the CPU; default), cpu, cuda or cuda:N")
     for name, sp in sub.choices.items():
         if name != "train":   # train's --config holds model/training options (uninet_feat.config)
             sp.add_argument("--config", help="YAML file: flag names (without --) → values; flags override it")
@@ -486,7 +492,7 @@ def _absolute(key: str, value):
 def _resume_base(out: Path, config, overrides: dict) -> dict:
     """The config a resumed run continues with: its own saved one, so that `train --out RUN --resume` finishes
     the run's schedule instead of the defaults'; flags (and --config keys) given now override it, and only
-    those a resume can honour (``train.RESUMABLE_KEYS``: --epochs, --threads, --map-levels, --map-norm) are
+    those a resume can honour (``train.RESUMABLE_KEYS``: --epochs, --threads, --map-levels, --map-norm, --device) are
     accepted."""
     from .checkpoint import checkpoint_config, read_checkpoint
     from .config import load_config
@@ -513,6 +519,9 @@ def _resume_base(out: Path, config, overrides: dict) -> dict:
 
 def _dispatch(args) -> int:
     warnings.simplefilter("default")
+    if args.command in _DEVICE_COMMANDS:   # checked before any work; the commands' models go there
+        from .runs import use_device
+        use_device(args.device or "auto")
     if args.command == "train":
         from .config import load_config
         from .train import train

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,9 @@ DEFAULT_CONFIG: dict = {
     # minutes; the configs set their own; fixed schedule: the last epoch is the model)
     "epochs": 10, "batch_size": 8, "lr": 5e-3, "lr_target": 1e-6, "weight_decay": 1e-5,
     "seed": 1203, "threads": None, "channels_last": True, "eval_batch_size": 8, "cache_images": True,
+    # where training runs: "auto" (the first CUDA GPU when torch sees one, else the CPU), "cpu", "cuda", "cuda:N";
+    # scoring commands take their own --device (a run trained on a GPU is scored anywhere)
+    "device": "auto",
     "grad_checkpointing": False,   # recompute target/bottleneck/student activations in backward: less memory, more time
     "step_in_backward": False,     # AdamW per parameter inside backward, gradients freed at once: less memory
     # model
@@ -82,6 +86,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     _check_keys(ov, None)
     cfg.update(ov)
     check_numbers(cfg, path)
+    dev = str(cfg.get("device") or "auto").strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):   # that a GPU is there is checked where it is used
+        raise BadInputError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.get('device')!r}", path=path,
+                            fix="device: auto (a GPU when torch sees one), or --device cpu")
     if cfg.get("tile_score", "max") not in TILE_SCORES:   # any other word silently meant the mean
         raise BadInputError(f"tile_score must be one of {', '.join(TILE_SCORES)}, got {cfg['tile_score']!r}",
                             path=path, fix="tile_score: max (the highest tile; the default), or --tile-score mean")
@@ -152,6 +160,9 @@ def environment(seed: int) -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
             "timm": timm.__version__, "numpy": np.__version__, "seed": seed,
             "threads": torch.get_num_threads(), "uninet_feat": __import__("uninet_feat").__version__,
+            "cuda": torch.version.cuda,   # the build's; None for a CPU build. gpus: those torch sees (device: auto)
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [],
             **source_commit()}
 
 

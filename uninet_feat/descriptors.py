@@ -61,8 +61,8 @@ def hot_region_shape(pix: torch.Tensor) -> torch.Tensor:
     wt = torch.where(flat_map.view(-1, 1, 1), torch.ones_like(wt), wt)
     region = region | flat_map.view(-1, 1, 1)
     wt = wt / wt.flatten(1).sum(1).view(-1, 1, 1)
-    ys = (torch.arange(h, dtype=m.dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=m.dtype) + 0.5) / w
+    ys = (torch.arange(h, dtype=m.dtype, device=m.device) + 0.5) / h
+    xs = (torch.arange(w, dtype=m.dtype, device=m.device) + 0.5) / w
     cy = (wt.sum(2) * ys).sum(1)
     cx = (wt.sum(1) * xs).sum(1)
     dy, dx = ys.view(1, -1, 1) - cy.view(-1, 1, 1), xs.view(1, 1, -1) - cx.view(-1, 1, 1)

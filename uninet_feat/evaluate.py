@@ -24,7 +24,7 @@ from .calibration import check_threshold_flags, checkpoint_offsets, load_run, re
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected
-from .runs import eval_batches, load_test_samples, make_dataset, ready_to_score
+from .runs import eval_batches, load_test_samples, make_dataset, model_device, ready_to_score
 from .scoring import pixel_map_kind
 
 
@@ -64,8 +64,8 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     with Progress(TextColumn("score"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=quiet) as prog:
         task = prog.add_task("score", total=len(ds))
-        for batch, x in eval_batches(ds, cfg):
-            pix, score, *ctx = model.predict(x, context=near is not None)
+        for batch, x in eval_batches(ds, cfg, model_device(model)):
+            pix, score, *ctx = (t.cpu() for t in model.predict(x, context=near is not None))
             for j, idx in enumerate(batch["index"].tolist()):
                 tile_scores.setdefault(idx, []).append(corrected(float(score[j]), batch["tile"][j], offsets,
                                                                  samples[idx], ctx[0][j].numpy() if ctx else None,

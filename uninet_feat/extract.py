@@ -20,7 +20,7 @@ from .export import backbone_features, uninet_features, vector_names
 from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
 from .io import atomic_write_text
 from .positions import corrected
-from .runs import make_dataset, run_path
+from .runs import make_dataset, model_device, run_path
 
 
 class Extractor:
@@ -37,21 +37,22 @@ class Extractor:
 
     def __init__(self, run=None, backbone: str | None = None, weights: str = "imagenet",
                  image_size: int | None = None, tile: int | None = None, patches: bool = False,
-                 batch_size: int = 8, text=None, skip_bad: bool = False):
+                 batch_size: int = 8, text=None, skip_bad: bool = False, device=None):
         from .backbones import create_backbone
         from .calibration import load_run
+        from .runs import pick_device
         if run is not None:
             path = run_path(run, "model.pt")
             self._run_typed = run
             self.run_dir = path.parent
-            self.model, _, self.cfg = load_run(path.parent)   # with the run's pixel-map levels, if calibrated
+            self.model, _, self.cfg = load_run(path.parent, device=device)   # with the run's pixel-map levels
             self.model.eval()
             self.backbone = self.model.source
             self.source = {"run": os.path.abspath(self.run_dir), "model_sha256": file_sha256(path)}
         else:
             self.model, self.run_dir = None, None
             name = backbone or DEFAULT_CONFIG["backbone"]
-            self.backbone = create_backbone(name, weights=weights).eval()
+            self.backbone = create_backbone(name, weights=weights).eval().to(pick_device(device))
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights}
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
         if run is not None and ((image_size and image_size != self.cfg["image_size"])
@@ -65,6 +66,7 @@ class Extractor:
             self.cfg["image_size"] = image_size
         if tile is not None:
             self.cfg["tile"] = tile or None
+        self.device = model_device(self.backbone)   # inputs go there; features come back to the CPU
         self.patches, self.batch_size = patches, batch_size
         self.skip_bad = skip_bad   # unreadable images are left out (warned, listed in ``skipped``) instead of stopping
         self.vector_names = vector_names(self.backbone.channels, adapted=self.model is not None)
@@ -90,7 +92,7 @@ class Extractor:
             warnings.warn("text features with random CLIP weights: the text tower is random, its columns are noise")
         text_model = build_clip_model(bb.clip_name, weights, bb._model_cfg, bb.quick_gelu)
         prompt_file = None if text is True else text
-        return TextScorer(bb, prompt_file=prompt_file, text_model=text_model).eval()
+        return TextScorer(bb, prompt_file=prompt_file, text_model=text_model).eval().to(self.device)
 
     def _forward(self, x: torch.Tensor) -> dict:
         if self.model is not None:
@@ -134,7 +136,9 @@ class Extractor:
         by_place = self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets")
         hw = {j: (g.h, g.w) for j, g, _ in ds.tile_index} if by_place else {}   # each image's size, for `corrected`
         for batch in loader:
-            r, text = self._forward_with_text(batch["image"])
+            r, text = self._forward_with_text(batch["image"].to(self.device))
+            r = {k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
+            text = None if text is None else text.cpu()
             v = r["vectors"].float()
             if self.model is not None:
                 v = torch.cat([v, self._places(v, ds, indices[i:i + len(v)])], 1)

@@ -114,13 +114,13 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     """Per group and tile position, the median WDM score of ``samples`` (normal images), and the share of their
     tile-score variance that group and position explain (``position_r2``: near 1 when places differ consistently).
     ``neighbours``: also each tile's score and context (`Neighbours`, under the record's ``"neighbours"`` key)."""
-    from .runs import eval_batches, make_dataset
+    from .runs import eval_batches, make_dataset, model_device
     model.eval()
     per: dict[tuple[str, str], list[float]] = {}
     ctx_per: dict[tuple[str, str], list] = {}
     ds = make_dataset(samples, cfg, model.source)
-    for batch, x in eval_batches(ds, cfg):
-        _, s, *c = model.predict(x, context=neighbours)
+    for batch, x in eval_batches(ds, cfg, model_device(model)):
+        _, s, *c = (t.cpu() for t in model.predict(x, context=neighbours))
         for j, (i, box, v) in enumerate(zip(batch["index"].tolist(), batch["tile"].tolist(), s.float().tolist())):
             per.setdefault((samples[i].group, key(box)), []).append(v)
             if neighbours:

@@ -120,12 +120,55 @@ def make_dataset(samples, cfg: dict, backbone) -> ImageDataset:
                         skip_bad=cfg.get("skip_bad", False))
 
 
-def eval_batches(ds, cfg: dict):
-    """(batch, model input) over ``ds`` in order at the run's eval batch size, the input channels_last when the
-    run uses it: the scoring loop of `evaluate.score_samples` and `calibration.map_ranges`."""
+def eval_batches(ds, cfg: dict, device=None):
+    """(batch, model input) over ``ds`` in order at the run's eval batch size, the input on ``device`` (the
+    model's: `model_device`) and channels_last when the run uses it: the scoring loop of
+    `evaluate.score_samples` and `calibration.map_ranges`. The batch itself stays on the CPU."""
     for batch in torch.utils.data.DataLoader(ds, batch_size=cfg.get("eval_batch_size", 8), shuffle=False):
-        x = batch["image"]
+        x = batch["image"] if device is None else batch["image"].to(device)
         yield batch, (x.contiguous(memory_format=torch.channels_last) if cfg.get("channels_last") else x)
+
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+_default_device = "auto"
+
+
+def pick_device(name=None) -> torch.device:
+    """The device named ``name`` (None: the one `use_device` set, "auto" unless told): ``auto`` is the first
+    CUDA GPU when torch sees one, else the CPU. A GPU that is not there is refused, not replaced by the CPU:
+    a run asked to use one would otherwise take hours where minutes were planned, silently."""
+    raw = str(_default_device if name is None else name).strip().lower()
+    if raw == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(raw)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BadInputError(f"device {name!r} is not one this tool runs on", fix=f"--device {DEVICES}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise BadInputError(f"device {name!r}: torch sees no CUDA GPU here (torch {torch.__version__}, CUDA "
+                                f"build: {torch.version.cuda or 'no'})", fix="--device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise BadInputError(f"device {name!r}: torch sees {n} CUDA GPU(s), numbered from 0",
+                                fix=f"--device cuda:{n - 1} or lower, or auto")
+    return dev
+
+
+def use_device(name) -> torch.device:
+    """Set the device that commands put their models on (`pick_device`'s default); returns it resolved."""
+    global _default_device
+    dev = pick_device(name)
+    _default_device = str(name).strip().lower()
+    return dev
+
+
+def model_device(model) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without any): its inputs are moved there."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def make_model(cfg: dict) -> UniNet:

@@ -121,21 +121,23 @@ class SyntheticValidation:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _inputs(self, batch_size: int, channels_last: bool):
-        """The set's images in order, as normalised model input batches."""
+    def _inputs(self, batch_size: int, channels_last: bool, device=None):
+        """The set's images in order, as normalised model input batches on ``device``."""
         for i in range(0, len(self), batch_size):
             x = (self.images[i:i + batch_size].float() / 255 - self.mean) / self.std
+            x = x if device is None else x.to(device)
             yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     @torch.no_grad()
     def score(self, model, batch_size: int = 8, channels_last: bool = False) -> dict:
         """Image and pixel AUROC of ``model`` (put in eval mode) on the set, and their mean (``score``)."""
+        from .runs import model_device
         model.eval()
         scores, maps = [], []
-        for x in self._inputs(batch_size, channels_last):
+        for x in self._inputs(batch_size, channels_last, model_device(model)):
             pix, s = model.predict(x)
-            scores.append(s.float().numpy())
-            maps.append(pix.float().numpy())
+            scores.append(s.float().cpu().numpy())
+            maps.append(pix.float().cpu().numpy())
         scores, maps = np.concatenate(scores), np.concatenate(maps)
         if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
             return {"image_auroc": float("nan"), "pixel_auroc": float("nan"), "score": float("nan")}
@@ -153,17 +155,18 @@ class SyntheticValidation:
         The maps of every candidate are held until the end; when they would pass ``max_bytes`` (a large
         validation set), every s-th pixel in each direction is kept, the same pixels for every candidate
         and the masks, so that memory stays bounded and the AUROC is estimated on a regular grid."""
+        from .runs import model_device
         from .scoring import anomaly_maps, level_pixel_map
         model.eval()
         smoothed = model.cfg["pixel_map"] == "smoothed"
         step = pixel_step(self.masks.size * 4 * max(len(candidates), 1), max_bytes)
         maps = {k: [] for k in candidates}
-        for x in self._inputs(batch_size, channels_last):
+        for x in self._inputs(batch_size, channels_last, model_device(model)):
             out = model(x)
             am = anomaly_maps(out.teachers, out.students)
             for k, (levels, norm) in candidates.items():
                 m = level_pixel_map(am, levels, tuple(x.shape[-2:]), smoothed, norm=norm)
-                maps[k].append(m[:, ::step, ::step].float().numpy().copy())
+                maps[k].append(m[:, ::step, ::step].float().cpu().numpy().copy())
         masks = self.masks[:, ::step, ::step]
         out = {}
         for k, m in maps.items():

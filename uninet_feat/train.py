@@ -31,7 +31,8 @@ from .errors import BadInputError
 from .io import atomic_write_text, folder_lock
 from .optim import make_optimizers
 from .positions import parse_tile_norm
-from .runs import CachedDataset, absolute_data_paths, load_samples, make_dataset, make_model, set_threads, train_val_samples
+from .runs import (CachedDataset, absolute_data_paths, load_samples, make_dataset, make_model, pick_device, set_threads,
+                   train_val_samples)
 from .selection import SyntheticValidation, parse_kinds
 
 
@@ -132,6 +133,15 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     if not val and not resume:
         warnings.warn("val_fraction leaves no validation normals: the run will have no threshold, so evaluate and "
                       "predict flag no image unless given --threshold VALUE (fix: --val-fraction 0.1)")
+    if cfg.get("step_in_backward") and world > 1:
+        raise BadInputError("--step-in-backward cannot be used with torchrun (DDP averages gradients after "
+                            "they are consumed)", path=out, fix="drop --step-in-backward for distributed runs")
+    # [distributed] torchrun on GPUs: cuda:LOCAL_RANK and nccl; on CPUs gloo. Before the optimisers: their
+    # state lives beside the parameters (a resumed state is moved there by load_state_dict)
+    device = pick_device(cfg.get("device"))
+    dd = init_from_env(device="cuda" if device.type == "cuda" and world > 1 else device)
+    device = dd.device if dd.enabled else device
+    model = model.to(device)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
@@ -142,11 +152,6 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         opt_s.load_state_dict(state["opt_student"])
         opt_t.load_state_dict(state["opt_target"])
         start_epoch = int(state["epoch"])
-    # [distributed] torchrun: every rank has loaded the same state; DDP + global BN (distributed.py)
-    if cfg.get("step_in_backward") and world > 1:
-        raise BadInputError("--step-in-backward cannot be used with torchrun (DDP averages gradients after "
-                            "they are consumed)", path=out, fix="drop --step-in-backward for distributed runs")
-    dd = init_from_env(device="cpu")  # this loop keeps the model on the CPU: gloo
     step = dd.wrap(model)             # None in the single-process run
     if dd.is_main:
         save_run_config(out, cfg)
@@ -185,6 +190,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                     x, clean, clean_index = damage(x, epoch, n, dd.rank, None if labels is None else labels == 0)
                 masks = batch["mask"] if cfg.get("supervised") else None
                 hm = has_mask[batch["index"]] if cfg.get("supervised") else None
+                if device.type != "cpu":   # edits are drawn on the CPU; everything the model sees goes over at once
+                    x, clean, clean_index, labels, masks, hm = (None if t is None else t.to(device, non_blocking=True)
+                                                                for t in (x, clean, clean_index, labels, masks, hm))
                 if dd.enabled:  # [distributed] global-batch terms for logging, this rank's share to backward
                     terms, local_loss = dd.loss(step, x, labels, masks, hm, batch["global_batch_size"], clean,
                                                 clean_index)
@@ -309,7 +317,8 @@ def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | N
 
 
 # what `train --resume` takes from the config it is given; everything else comes from the checkpoint
-RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm")   # map_*: only the calibration after the last epoch
+RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm", "device")   # map_*: only the calibration after the last
+# epoch; device: a run may go on on another machine (floats are summed otherwise there, as with another thread count)
 
 RULE = "best mean of image and pixel AUROC: validation normals vs synthetic defects made from them"
 

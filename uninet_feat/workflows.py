@@ -42,12 +42,16 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     # [distributed] under torchrun (RANK/WORLD_SIZE set) the default --shard becomes rank/world_size;
     # a barrier at the end lets rank 0 report (and validate) the finished store.
     from .distributed import env_rank_world, init_from_env
-    dd = None
+    import torch
+    from .runs import pick_device
+    dd, device = None, pick_device()
     if shard == "0/1" and (env_rank_world() or (0, 1))[1] > 1:
-        dd = init_from_env(device="cpu")
+        dd = init_from_env(device="cpu")   # for the closing barrier only: gloo
         i, n = dd.rank, dd.world_size
+        if device.type == "cuda":   # one GPU per process, as torchrun's LOCAL_RANK says
+            device = torch.device("cuda", dd.local_rank % torch.cuda.device_count())
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
-                   text=text, skip_bad=skip_bad)
+                   text=text, skip_bad=skip_bad, device=device)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
     samples = samples_of(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None)
@@ -215,9 +219,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .config import DEFAULT_CONFIG, save_run_config
     from .extract import Extractor
     from .metrics import f1_max, image_ap, image_auroc
-    from .runs import make_dataset
+    from .runs import make_dataset, pick_device
     from .vlm import TextScorer
     _check_sizes(image_size, tile)
+    device = pick_device()
     bb = create_backbone(backbone, weights=weights).eval()
     step = getattr(bb, "size_multiple", 1)
     if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
@@ -228,6 +233,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
         ts = TextScorer(bb, prompts.get("normal"), prompts.get("defect"), patch_mode=patch_mode).eval()
     else:
         ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
+    ts = ts.to(device)   # the prompts were embedded on the CPU, where the text tower stays
     try:
         samples = samples_of(data, split_csv, group)
     except BadInputError:   # one image, or a folder of unlabelled ones (as predict takes): scored, no metrics
@@ -246,7 +252,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     feats, index = [], []
     with torch.no_grad():
         for batch in track(loader, description="zero-shot", disable=quiet):
-            feats.append(ts.features(batch["image"]).numpy())
+            feats.append(ts.features(batch["image"].to(device)).cpu().numpy())
             index.append(batch["index"].numpy())
     feats, index = np.concatenate(feats), np.concatenate(index)
     order = np.argsort(index, kind="stable")           # tiles of one image together, then max per image
