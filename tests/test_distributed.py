@@ -271,6 +271,26 @@ def test_validate_store_finds_problems(runs, tmp_path):
         validate_store(src, expected_paths=[it["path"] for it in m["items"]] + ["/nowhere/x.png"])
 
 
+def test_validate_store_compares_absolute_paths(texture, tmp_path, monkeypatch):
+    """The store records absolute paths; relative expected paths (a relative --data) are made absolute
+    against the current folder before the comparison. A missing image is still reported."""
+    from uninet_feat.distributed import validate_store
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.workflows import extract_cmd
+    monkeypatch.chdir(texture.parent)
+    rel = Path(texture.name)
+    res = extract_cmd(rel, tmp_path / "feat", backbone="tiny", weights="random", image_size=64, shard_size=8,
+                      quiet=True, validate=True)
+    assert res["validation"]["ok"] and res["validation"]["n_images"] == res["n_items"]
+    paths = {it["path"] for it in json.loads((tmp_path / "feat" / "manifest.json").read_text())["items"]}
+    relative = sorted(os.path.relpath(p) for p in paths)
+    assert not any(os.path.isabs(p) for p in relative)
+    assert validate_store(tmp_path / "feat", expected_paths=relative)["ok"]
+    with pytest.raises(BadInputError, match="1 expected images missing") as e:
+        validate_store(tmp_path / "feat", expected_paths=relative + [str(rel / "test" / "good" / "nowhere.png")])
+    assert "unexpected" not in str(e.value) and "shards are all there" in str(e.value)
+
+
 # ----------------------------------------------------------------------------- (c) sharded FAISS
 def _clustered(n, d=32, k=12, seed=0):
     rng = np.random.default_rng(seed)

@@ -303,7 +303,8 @@ def sync_batchnorm(module: nn.Module, group=None) -> list:
 def validate_store(folder, expected_paths=None) -> dict:
     """Check a (possibly multi-process) feature store: every shard present and readable, row counts
     as the manifest says, no duplicate item (path, tile), and — with ``expected_paths`` — no missing
-    or unexpected image. Returns a report; raises ``BadInputError`` listing every problem."""
+    or unexpected image (paths compared after ``os.path.abspath``: relative ones are taken from the current
+    folder). Returns a report; raises ``BadInputError`` listing every problem."""
     from .featstore import SCHEMA, shard_name
     folder = Path(folder)
     mpath = folder / "manifest.json"
@@ -359,17 +360,23 @@ def validate_store(folder, expected_paths=None) -> dict:
                    if not p.name[6:11].isdigit() or int(p.name[6:11]) >= n_shards)
     if extra:
         problems.append(f"shard files beyond n_shards: {extra[:5]}")
-    paths = {it["path"] for it in items}
+    # the store records absolute paths; relative ones (given, or in an old store) are taken from the current folder
+    paths = {os.path.abspath(it["path"]) for it in items}
+    n_path_problems = 0
     if expected_paths is not None:
-        exp = {str(p) for p in expected_paths}
+        exp = {os.path.abspath(str(p)) for p in expected_paths}
         if exp - paths:
             problems.append(f"{len(exp - paths)} expected images missing (e.g. {sorted(exp - paths)[:3]})")
         if paths - exp:
             problems.append(f"{len(paths - exp)} unexpected images (e.g. {sorted(paths - exp)[:3]})")
+        n_path_problems = bool(exp - paths) + bool(paths - exp)
     report = {"folder": str(folder), "n_items": n_items, "n_images": len(paths), "n_shards": n_shards,
               "rows": rows, "dim": dim, "nonfinite_vectors": nonfinite,
               "complete_marker": (folder / "complete").exists(), "ok": not problems, "problems": problems}
     if problems:
-        raise BadInputError("feature store failed validation: " + "; ".join(problems), path=folder,
-                            fix="re-run the same `uninet-feat extract` (every --shard i/n) to redo missing shards")
+        fix = "re-run the same `uninet-feat extract` (every --shard i/n) to redo missing shards"
+        if n_path_problems and len(problems) == n_path_problems:   # the store itself is whole
+            fix = ("the shards are all there: extract the expected images into a new --out, or check "
+                   "expected_paths (compared as absolute paths)")
+        raise BadInputError("feature store failed validation: " + "; ".join(problems), path=folder, fix=fix)
     return report

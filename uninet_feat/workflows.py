@@ -67,7 +67,8 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         res["shard"] = f"{i}/{n}"
     if validate and complete and (dd is None or dd.is_main):
         from .distributed import validate_store
-        res["validation"] = validate_store(out, expected_paths=sorted({str(s.path) for s in samples}))
+        exp = sorted({os.path.abspath(s.path) for s in samples})   # the store records absolute paths
+        res["validation"] = validate_store(out, expected_paths=exp)
     return res
 
 
