@@ -87,6 +87,26 @@ def test_every_flag_of_every_command_says_what_it_is():
                     assert "(default" not in a.help, (name, a.option_strings, a.help)
 
 
+def test_shared_help_texts_fit_each_command():
+    """A help text shared by several commands says nothing one of them does not do: --data takes a folder
+    (only predict takes one image, with its own text); zero-shot has no --run and its --image-size defaults
+    to its own 224; extract's names its default without --run."""
+    import inspect
+    import re
+    from uninet_feat.cli import build_parser
+    from uninet_feat.config import DEFAULT_CONFIG
+    from uninet_feat.workflows import zero_shot_cmd
+    ap = build_parser()
+    helps = {name: {a.option_strings[0]: a.help or "" for a in p._actions if a.option_strings}
+             for name, p in ap.commands.items()}
+    for name in ("evaluate", "ensemble", "extract", "zero-shot"):
+        assert "one image" not in helps[name]["--data"], name
+    zs = helps["zero-shot"]["--image-size"]
+    assert "--run" not in zs and re.search(r"default (\d+)", zs).group(1) == str(
+        inspect.signature(zero_shot_cmd).parameters["image_size"].default)
+    assert f"{DEFAULT_CONFIG['image_size']} without" in helps["extract"]["--image-size"]
+
+
 def test_out_of_range_model_and_extract_options_are_one_line_errors(tmp_path, capsys):
     """--seed -1 or >= 2**32, --width 0, --temperature 0 (a ZeroDivisionError in the first step, after the run
     folder was written), --shard-size 0 and --shard abc: one line with the range and an example, before any

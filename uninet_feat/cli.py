@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--tile-norm position compares tiles with that group's normals)")
     _threshold_args(p)
     p.add_argument("--save-maps", dest="save_maps", action="store_true",
-                   help="also write every image's WDM pixel map at its own size (maps/NAME.npy, float16) and its "
-                        "defect mask (maps/NAME_mask.png: pixels above the pixel threshold)")
+                   help="also write every image's WDM pixel map at its own size (maps/<folders>__<name>.npy, "
+                        "float16; names as the overlays') and its defect mask (maps/<folders>__<name>_mask.png: "
+                        "pixels above the pixel threshold)")
     p.add_argument("--pixel-threshold", dest="pixel_threshold", type=float,
                    help="with --save-maps: the map value above which a pixel is defect (default: the 0.999 "
                         "quantile of the validation normals' map pixels, from calibration.json)")
@@ -294,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True, help="a clip: backbone, e.g. clip:ViT-B-16")
     p.add_argument("--weights", required=True, help="the whole open_clip checkpoint (both towers), or a tag")
     p.add_argument("--prompts", help="prompt YAML (write the defaults with `uninet-feat prompts`)")
-    p.add_argument("--image-size", dest="image_size", type=int, default=224)
+    p.add_argument("--image-size", dest="image_size", type=int, default=224,
+                   help="side of the square model input, or of each tile (default 224, CLIP's native resolution)")
     p.add_argument("--tile", type=int, help="tile large images into TILE x TILE pieces")
     p.add_argument("--patch-mode", dest="patch_mode", choices=["tokens", "value"], default="tokens",
                    help="patch features: CLIP's final tokens through its projection (tokens, default) or the "
@@ -332,13 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
 _SHARED_HELP = {
     "--run": "run folder written by `uninet-feat train --out` (or its model.pt)",
     "--runs": "two or more run folders of one config (e.g. other --seed values)",
-    "--data": "image folder (label folders, MVTec-style) or one image, or the root a --split-csv is relative to",
+    "--data": "image folder (label folders, MVTec-style), or the root a --split-csv is relative to",
     "--split-csv": "CSV manifest path,split,label[,mask][,group] with paths relative to --data",
     "--quiet": "no progress bars or tables; print the result as JSON",
     "--features": "feature store written by `uninet-feat extract --out`",
-    "--weights": "imagenet | random | PATH to a local weights file (with --run: the run's own)",
-    "--image-size": "side of the square model input, or of each tile (default with --run: the run's own; "
-                    "another is warned)",
+    "--weights": "imagenet | random | PATH to a local weights file, for plain features without --run (default "
+                 "imagenet); with --run the run's own are used and another --weights is refused",
+    "--image-size": "side of the square model input, or of each tile (default: the run's own with --run, where "
+                    "another size is warned; 256 without)",
     "--no-overlays": "write no heatmap overlays (scores and flags only)",
 }
 _OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store folder (sharded, resumable)",
