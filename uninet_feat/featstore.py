@@ -3,7 +3,8 @@
 Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 1 had no defect descriptors,
 `descriptors.py`, in a run's vectors — its stores still load, their vector names are in their manifest):
     manifest.json       schema, source (run path, model sha256, backbone), vector names, shard size,
-                        and one record per item (path, label, group, split, tile [y, x, h, w], shard)
+                        and one record per item (absolute path, label, group, split, is_normal,
+                        tile [y, x, h, w]); an item's shard is its position // shard size
     shard-00000.npz     arrays for items [0, shard_size): ``vectors`` (n, D) float32, ``scores`` (n,)
                         float32 (NaN without a model), ``patches`` (n, h*w, P) float16 when requested
     complete            written last
