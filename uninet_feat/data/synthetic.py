@@ -368,10 +368,14 @@ def make_fabric_dataset(root, n_train: int = 40, n_test_good: int = 10, n_test_d
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m uninet_feat.data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (MVTec layout + manifest.csv)")
-    for name, default in (("--n-train", 40), ("--n-test-good", 10), ("--n-test-defect", 20), ("--size", 256)):
-        ap.add_argument(name, type=int, default=default)
-    ap.add_argument("--weaves", default=",".join(WEAVES), help="comma-separated subset of " + ",".join(WEAVES))
-    ap.add_argument("--seed", type=int, default=0)
+    for name, default, what in (("--n-train", 40, "training normals per weave"),
+                                ("--n-test-good", 10, "normal test images per weave"),
+                                ("--n-test-defect", 20, "defective test images per weave, cycling through the defects"),
+                                ("--size", 256, "side of each square image in pixels")):
+        ap.add_argument(name, type=int, default=default, help=f"{what} (default {default})")
+    ap.add_argument("--weaves", default=",".join(WEAVES),
+                    help=f"comma-separated subset of {','.join(WEAVES)} (default all: the counts are per weave)")
+    ap.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     ap.add_argument("--color", action="store_true", help="colour images (default grey)")
     a = ap.parse_args(argv)
     s = make_fabric_dataset(a.out, a.n_train, a.n_test_good, a.n_test_defect, a.size,
