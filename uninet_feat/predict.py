@@ -42,7 +42,6 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     (or ``threshold``), and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs' maps in their
     range units, coloured 0..1: a typical normal pixel .. a rare one)."""
     from .calibration import check_threshold_flags, resolve_threshold
-    from .downstream import Head
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
     from .overlay import calibrated_range
@@ -91,6 +90,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if twice is not None:   # a head's columns are named by its folder: one would overwrite the other's
         raise BadInputError(f"two --head folders are named {twice!r}, and a head's columns ({twice}_prediction, "
                             f"{twice}_confidence) are named by its folder", fix="rename one of the folders")
+    if heads:   # LightGBM and scikit-learn are imported only for a head
+        from .downstream import Head
     loaded = {hd: Head.load(hd) for hd in heads}
     for hd, head in loaded.items():
         if not text and any("clip_" in n for n in head.feature_names):
