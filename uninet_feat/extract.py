@@ -124,11 +124,13 @@ class Extractor:
         """Paths of the samples the dataset left out (unreadable, with ``skip_bad``)."""
         return [str(samples[i].path) for i, _ in ds.skipped]
 
-    def _run(self, ds, indices, patch_fn=None) -> dict:
+    def _run(self, ds, indices, patch_fn=None, map_fn=None) -> dict:
         """Features of ``indices``, written batch by batch into arrays allocated once at the first batch:
         no per-batch list and no concatenated second copy, so a shard's peak memory is one shard.
         ``patch_fn`` (e.g. a kNN scorer's ``score_patches``) maps each batch's (n, h*w, d) patches, as float16
-        values, to (n, h*w) ``patch_scores``, kept instead of the patches: 4 bytes a patch instead of 6·d."""
+        values, to (n, h*w) ``patch_scores``, kept instead of the patches: 4 bytes a patch instead of 6·d.
+        ``map_fn(sample_index, pixel_map, score)``: called for every item of an untiled adapted run with its WDM
+        pixel map (float32 numpy, the model input's size) and score, as this pass computed them."""
         indices = list(indices)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=self.batch_size,
                                              shuffle=False)
@@ -153,6 +155,9 @@ class Extractor:
                                              hw[i])
                                    for s, b, i, c in zip(scores, batch["tile"], batch["index"].tolist(), ctx)],
                                   np.float32)
+            if map_fn is not None and not ds.tile and r.get("maps") is not None:
+                for j, (si, sc) in enumerate(zip(batch["index"].tolist(), scores.tolist())):
+                    map_fn(si, r["maps"][j].numpy().astype(np.float32), sc)
             cols = {"vectors": v.numpy(), "tile": batch["tile"].numpy(), "index": batch["index"].numpy(),
                     "scores": scores}
             if self.patches:
@@ -185,11 +190,11 @@ class Extractor:
         return torch.tensor(rows, dtype=v.dtype).view(-1, 2)
 
     @torch.no_grad()
-    def extract(self, samples, patch_fn=None) -> dict:
+    def extract(self, samples, patch_fn=None, map_fn=None) -> dict:
         """In memory: ``vectors`` (n_items, D), ``scores``, ``tile``, ``index`` (sample of each item), ``patches``
-        (or with ``patch_fn``, their ``patch_scores``, scored batch by batch: see `_run`)."""
+        (or with ``patch_fn``, their ``patch_scores``, scored batch by batch: see `_run`); ``map_fn``: see `_run`."""
         samples, ds = self._dataset(samples)
-        out = self._run(ds, range(len(ds)), patch_fn)
+        out = self._run(ds, range(len(ds)), patch_fn, map_fn)
         out["samples"], out["skipped"] = samples, self.skipped(samples, ds)
         return out
 
