@@ -462,3 +462,69 @@ def test_masks_with_upper_case_extensions_are_found(tmp_path, write_image):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(batch / "p.PNG")
     with pytest.warns(UserWarning, match=r"\(p.PNG\) are taken for that image's mask"):
         assert [s.path.name for s in discover_batch(batch)] == ["p.JPG"]
+
+
+def test_masks_are_found_past_a_symlink_loop_and_in_a_label_folder_of_another_case(tmp_path, write_image):
+    """A looping symlink in ground_truth/crack/ made the case-insensitive lookup give up on the whole folder, and
+    test/Crack beside ground_truth/crack found no mask: both reported "no mask, add their masks" (an MVTec audit)."""
+    write_image("train/good/a.png")
+    write_image("test/Crack/x.JPG")
+    write_image("test/hole/y.png")
+    _mask(tmp_path / "ground_truth/crack/x_mask.PNG", (16, 24))
+    _mask(tmp_path / "ground_truth/hole/Y_MASK.png", (16, 24))
+    gt = tmp_path / "ground_truth" / "hole"
+    (gt / "loopA").symlink_to(gt / "loopB")
+    (gt / "loopB").symlink_to(gt / "loopA")
+    masks = {s.path.name: s.mask.name if s.mask else None for s in discover(tmp_path) if not s.is_normal}
+    assert masks == {"x.JPG": "x_mask.PNG", "y.png": "Y_MASK.png"}
+
+
+def test_masks_that_match_no_image_are_named(tmp_path, write_image):
+    """Masks saved as .bmp (or named _gt.png, or in a label folder no test folder has) matched nothing, and with
+    none matched the pixel metrics were left out without a word."""
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()
+    write_image("train/good/a.png")
+    write_image("test/crack/x.png")
+    write_image("test/crack/z.png")
+    _mask(tmp_path / "ground_truth/crack/z_mask.png", (16, 24))
+    Image.fromarray(np.zeros((16, 24), np.uint8)).save(tmp_path / "ground_truth/crack/x_mask.bmp")
+    _mask(tmp_path / "ground_truth/scratch/q_mask.png", (16, 24))
+    with pytest.warns(UserWarning, match=r"2 file\(s\) match no image .*1 of 2 defect images have a mask") as w:
+        s = discover(tmp_path)
+    assert any("x_mask.bmp" in str(x.message) or "q_mask.png" in str(x.message) for x in w)
+    assert [x.mask.name for x in s if x.mask] == ["z_mask.png"]
+    layouts._WARNED.clear()
+    _mask(tmp_path / "ground_truth/crack/x_mask.png", (16, 24))
+    (tmp_path / "ground_truth/crack/x_mask.bmp").unlink()
+    (tmp_path / "ground_truth/scratch/q_mask.png").unlink()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sum(x.mask is not None for x in discover(tmp_path)) == 2   # every mask used: no warning
+
+
+def test_a_split_folder_given_as_data_is_named(tmp_path, write_image):
+    """`--data category/train` was read as a label layout and re-split, its normals partly becoming a test set
+    with no defect, with no word that the category folder was probably meant."""
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()
+    write_image("cat/train/good/a.png")
+    write_image("cat/train/good/b.png")
+    write_image("cat/test/crack/c.png")
+    with pytest.warns(UserWarning, match="one split folder of an MVTec-style category"):
+        assert {s.split for s in discover(tmp_path / "cat" / "train")} == {""}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        discover(tmp_path / "cat")
+
+
+def test_an_unknown_group_names_the_groups_there(tmp_path, write_image):
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import load_samples
+    for cat in ("tile_a", "tile_b"):
+        write_image(f"{cat}/train/good/a.png")
+        write_image(f"{cat}/test/bad/b.png")
+    with pytest.raises(BadInputError, match="groups here: tile_a, tile_b"):
+        load_samples(load_config(None, {"data": str(tmp_path), "group": "tile_c"}))

@@ -133,3 +133,16 @@ def test_long_and_colliding_names_get_outputs_that_fit_and_cannot_be_another_ima
     assert {names["x y.png"], names["x_y.png"]} - {"c__x_y_overlay.png"} == {
         n for n in (names["x y.png"], names["x_y.png"]) if "~" in n}
     assert _overlay_names(map(str, imgs), tmp_path / "b") == _overlay_names(map(str, imgs), tmp_path / "b")
+
+
+def test_a_relative_out_gives_rows_that_name_outputs_by_absolute_path(run, tmp_path, monkeypatch):
+    """The rows' overlay / map / mask paths were relative to the shell's folder (`../out/pred/maps/...`), so the
+    CSV named nothing once read from another folder; its image paths were already absolute."""
+    imgs = [_png(tmp_path / "b" / f"{i}.png", i) for i in range(2)]
+    monkeypatch.chdir(tmp_path)
+    res = predict_cmd(run, "b", "p", threshold=-1e9, quiet=True, save_maps=True, pixel_threshold=0.5)
+    monkeypatch.chdir("/")
+    for r in res["rows"]:
+        for key in ("overlay", "map", "defect_mask"):
+            assert Path(r[key]).is_absolute() and Path(r[key]).is_file(), (key, r[key])
+    assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))

@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiclass over defect types only (normal rows left out)")
     p.add_argument("--folds", type=int, default=5, help="stratified CV folds (at most the largest class; a class "
                                                         "with fewer rows is tested in fewer folds)")
+    p.add_argument("--threads", type=int, help="LightGBM threads (default: OMP_NUM_THREADS when set, else the "
+                                                "cores this process may use; recorded in cv_report.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, the early-stopping carve and LightGBM "
                                                        "(default 0)")
     p.add_argument("--out", required=True)
@@ -569,7 +571,7 @@ def _dispatch(args) -> int:
             res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k, args.run)
         elif args.command == "train-head":
             res = wf.train_head_cmd(args.features, args.out, args.task, args.label_from, args.defects_only,
-                                    args.folds, args.seed)
+                                    args.folds, args.seed, threads=args.threads)
             res = {"task": res["task"], "classes": res["classes"], "cv": res["oof"], "out": args.out}
         else:
             from .predict import predict_cmd

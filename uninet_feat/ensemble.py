@@ -196,8 +196,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
                                       for r, s in zip(runs, raw)}}
     report.update(group_metrics([x.group for x in samples], labels, scores, {}, False))
-    rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.6g}",
-             "flagged": bool(s > thr), **{f"score_{k}": f"{v[j]:.6g}" for k, v in enumerate(raw)}}
+    rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.9g}",
+             "flagged": bool(s > thr), **{f"score_{k}": f"{v[j]:.9g}" for k, v in enumerate(raw)}}
             for j, (x, y, s) in enumerate(zip(samples, labels, scores))]
     if csv_path:
         atomic_write_csv(csv_path, rows)

@@ -167,7 +167,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     report["threshold"], report["threshold_rule"] = threshold, rule
     if threshold is not None:
         report["at_threshold"] = _at_threshold(labels, scores > threshold)
-    rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.6g}",
+    rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.9g}",
              "flagged": "" if threshold is None else bool(sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if knn is not None:
         report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, res, skip_bad,
@@ -226,7 +226,7 @@ def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip
             t, rule = flag_threshold(key, ref, max_fpr=cfg.get("max_fpr"))
             out[key].update(threshold=t, threshold_rule=rule, at_threshold=_at_threshold(labels, v > t))
         for row, x in zip(rows, v):
-            row[name] = f"{x:.6g}"
+            row[name] = f"{x:.9g}"
     return out
 
 

@@ -187,7 +187,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             unflagged = types_only and row["flagged"] is False   # a normal image has no defect type
             row[f"{name}_prediction"] = "" if unflagged else str(c)
             row[f"{name}_confidence"] = None if unflagged else float(p.max())
-    out = Path(out)
+    out = Path(os.path.abspath(out))   # the rows name overlays and maps by absolute path, readable from anywhere
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:   # the same columns whether or not anything is flagged
         r["overlay"] = ""

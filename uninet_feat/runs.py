@@ -24,10 +24,13 @@ def load_samples(cfg: dict):
     group = cfg.get("group")
     if group:
         groups = [group] if isinstance(group, str) else list(group)
+        there = sorted({s.group for s in samples} - {""})
         samples = [s for s in samples if s.group in groups]
         if not samples:
-            raise BadInputError(f"no images in group(s) {groups}", path=cfg["data"],
-                                fix="check --group against the category folders / CSV column")
+            raise BadInputError(f"no images in group(s) {groups}; groups here: {', '.join(there) or 'none'}",
+                                path=cfg["data"], fix="check --group against the category folders / CSV column"
+                                if there else "drop --group: this data has no groups (category folders or a CSV "
+                                              "group column)")
     how = cfg.get("split_hash") or "path"   # a config without the key is from a run trained before it existed
     if how not in SPLIT_HASHES:
         raise BadInputError(f"split_hash {how!r} is not one of {list(SPLIT_HASHES)}", path=cfg.get("data"),

@@ -153,7 +153,7 @@ def _labels_for(recs, task: str, label_from: str):
 
 
 def train_head_cmd(features, out, task="binary", label_from="label", defects_only=False, folds=5, seed=0,
-                   min_class=2) -> dict:
+                   min_class=2, threads=None) -> dict:
     """LightGBM head on image rows, stratified CV report, final booster + label map saved."""
     from .downstream import train_head
     if defects_only and task == "binary":
@@ -177,12 +177,13 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
         keep = [j for j, v in enumerate(y) if v not in rare]
         X, recs, y = X[keep], [recs[j] for j in keep], y[keep]
     names = head_columns(store.manifest["vector_names"])
-    res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names)
+    res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names, n_jobs=threads)
     out = Path(out)
     # defects_only: predict gives such a head's defect type to flagged images only
     res.head.save(out, source={**(store.manifest.get("source") or {}), "settings": store.manifest.get("settings"),
                                "defects_only": bool(defects_only)})   # settings: predict checks size and tiling
     summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
+               "threads": res.head.n_jobs,   # LightGBM's sums differ between thread counts: part of a reproduction
                "features": str(features), "label_from": label_from, "defects_only": defects_only}
     atomic_write_text(out / "cv_report.json", json.dumps(summary, indent=2, default=_json_default))
     return summary

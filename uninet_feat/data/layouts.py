@@ -76,6 +76,12 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
             raise BadInputError("data folder not found" if not root.exists() else "not a folder", path=root,
                                 fix="pass the folder that holds the images (or the root a --split-csv is relative to)")
         samples = _from_mvtec(root, mask_pattern) or _from_plain(root, mask_pattern)
+        if root.resolve().name.lower() in SPLITS and root.resolve().name and \
+                any((root.resolve().parent / d).is_dir() for d in ("train", "test")) and \
+                {s.split for s in samples} == {""}:
+            _warn_unused(root, f"this looks like one split folder of an MVTec-style category, read as a folder of "
+                               f"label folders (its own train/validation/test split is drawn from it); pass the "
+                               f"category folder, {root.resolve().parent}, to use its train/ and test/")
         loose = _images(root)
         if samples and loose:
             _warn_unused(root, f"{len(loose)} image(s) directly in this folder are not used "
@@ -205,8 +211,20 @@ def _find_mask(img: Path, label: str, group: str, gt_dir: Path | None, pattern: 
         if img.suffix.lower() != ".png":
             cands.append(img.with_suffix(".png"))
         if gt_dir is not None:
-            cands += [gt_dir / label / (img.stem + "_mask.png"), gt_dir / label / (img.stem + ".png")]
+            gl = _dir_any_case(gt_dir / label)   # test/Crack beside ground_truth/crack
+            cands += [gl / (img.stem + "_mask.png"), gl / (img.stem + ".png")]
     return next((c for c in map(_file_any_case, cands) if c is not None), None)
+
+
+def _dir_any_case(path: Path) -> Path:
+    """``path``, or the one folder beside it whose name differs only in case; ``path`` when there is none."""
+    if path.is_dir():
+        return path
+    try:
+        found = _lower_names(str(path.parent), os.stat(path.parent).st_mtime_ns, dirs=True).get(path.name.lower())
+    except OSError:
+        return path
+    return path.parent / found if found is not None else path
 
 
 def _file_any_case(path: Path) -> Path | None:
@@ -223,14 +241,39 @@ def _file_any_case(path: Path) -> Path | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _lower_names(folder: str, _mtime_ns: int) -> dict:
-    """{lower-case name: name} of the files in ``folder`` (names that collide in lower case left out: ambiguous);
-    cached per folder state, so a folder of 10,000 images is listed once, not once per image."""
+def _lower_names(folder: str, _mtime_ns: int, dirs: bool = False) -> dict:
+    """{lower-case name: name} of the files (``dirs``: the folders) in ``folder`` (names that collide in lower
+    case left out: ambiguous); cached per folder state, so a folder of 10,000 images is listed once, not once per
+    image. An entry that cannot be followed (a symlink loop) is passed over, not the whole folder."""
     seen: dict = {}
-    for e in os.scandir(folder):
-        if e.is_file():
-            seen.setdefault(e.name.lower(), []).append(e.name)
+    with os.scandir(folder) as entries:
+        for e in entries:
+            try:
+                kind = e.is_dir() if dirs else e.is_file()
+            except OSError:
+                continue
+            if kind:
+                seen.setdefault(e.name.lower(), []).append(e.name)
     return {k: v[0] for k, v in seen.items() if len(v) == 1}
+
+
+def _warn_unmatched_masks(gt: Path, samples) -> None:
+    """Name the files of a ``ground_truth/`` folder that no image took as its mask: a mask named or typed
+    otherwise (``_gt.png``, ``.bmp``), or a label folder no test folder has, would leave those images out of the
+    pixel metrics with no word, or all of them when none matches."""
+    if not gt.is_dir():
+        return
+    used = {os.path.realpath(s.mask) for s in samples if s.mask is not None}
+    left = [Path(d) / f for d, _, files in sorted(os.walk(gt)) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            and os.path.realpath(Path(d) / f) not in used]
+    if left:
+        n_def = sum(not s.is_normal for s in samples)
+        n_masked = sum(s.mask is not None and not s.is_normal for s in samples)
+        _warn_unused(gt, f"{len(left)} file(s) match no image (e.g. {left[0].relative_to(gt)}); "
+                         f"{n_masked} of {n_def} defect images have a mask. A mask is found as "
+                         "ground_truth/<label>/<stem>_mask.png or <stem>.png, <label> as in test/ (fix: rename "
+                         "them, convert them to PNG, or set mask_pattern in a --config file)")
 
 
 def _from_mvtec(root: Path, pattern) -> list[Sample]:
@@ -251,6 +294,8 @@ def _from_mvtec(root: Path, pattern) -> list[Sample]:
                 for p in _images_under(label_dir):
                     out.append(Sample(p, split, label_dir.name,
                                       _find_mask(p, label_dir.name, group, gt, pattern), group))
+        if not pattern:
+            _warn_unmatched_masks(gt, out)
         return out
 
     def has_splits(d: Path) -> bool:
