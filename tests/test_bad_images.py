@@ -235,7 +235,7 @@ def test_dataset_names_every_unreadable_image_in_one_error(tmp_path, write_image
         with pytest.raises(BadInputError) as e:
             ImageDataset(samples, image_size=16)
     lines = str(e.value).splitlines()
-    assert lines[0] == "25 of 27 images are unreadable:"
+    assert lines[0] == "25 of 27 images cannot be used (24 unreadable, 1 with a mask that cannot be used):"
     assert lines[1] == f"  {tmp_path / 'gone.png'}: file not found (fix: check the path (and the CSV/folder it came " \
                        "from))"
     assert [ln.split(":")[0].strip() for ln in lines[2:21]] == [str(p) for p in broken[:19]]
@@ -245,7 +245,7 @@ def test_dataset_names_every_unreadable_image_in_one_error(tmp_path, write_image
     # the mask of the wrong size is among the 5 not named; with fewer files it is listed with its own fix
     with pytest.raises(BadInputError) as e:
         ImageDataset(samples[:2] + samples[-1:], image_size=16)
-    assert "1 of 3 images is unreadable" in str(e.value) and "m.png: mask is 8x8 px" in str(e.value)
+    assert "1 of 3 images has a mask that cannot be used" in str(e.value) and "m.png: mask is 8x8 px" in str(e.value)
     assert "(fix: resize the mask" in str(e.value)
     with pytest.warns(UserWarning):
         ds = ImageDataset(samples, image_size=16, skip_bad=True)

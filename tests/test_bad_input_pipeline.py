@@ -347,3 +347,37 @@ def test_cli_paths_and_odd_files_are_handled_before_any_work(tmp_path, capsys, m
     from uninet_feat.data.layouts import discover
     with pytest.warns(UserWarning, match=r"2 file\(s\) not read \(anim.gif, link.png\)"):
         assert len(discover(tmp_path / "line")) == 2
+
+
+def test_a_mask_that_does_not_fit_is_not_called_an_unreadable_image(tmp_path):
+    """A mask of another size was listed as "1 of N images is unreadable", although the image reads."""
+    from PIL import Image
+    from uninet_feat.data.dataset import check_samples
+    from uninet_feat.data.layouts import Sample
+    img, bad_img = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(img)
+    bad_img.write_bytes(b"not a png")
+    mask = tmp_path / "a_mask.png"
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(mask)
+    with pytest.raises(BadInputError, match=r"1 of 1 images has a mask that cannot be used:\n.*mask is 60x40 px"):
+        check_samples([Sample(img, "test", "crack", mask)])
+    with pytest.raises(BadInputError, match=r"2 of 2 images cannot be used \(1 unreadable, 1 with a mask"):
+        check_samples([Sample(img, "test", "crack", mask), Sample(bad_img, "test", "good")])
+
+
+def test_train_names_bad_test_images_in_the_same_error_as_bad_training_ones(tmp_path, capsys):
+    """A corrupt training image was named alone; the corrupt test image came up one run later."""
+    register_tiny()
+    data = write_texture_set(tmp_path / "data", n_train=6, n_good=1, n_bad=1)
+    (data / "train" / "good" / "zz.png").write_bytes(b"\x89PNG truncated")
+    (data / "test" / "good" / "zz.png").write_bytes(b"\x89PNG truncated")
+    args = ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+            "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "train/good/zz.png" in err and "test/good/zz.png" in err and "which evaluate would refuse" in err
+    (data / "train" / "good" / "zz.png").unlink()
+    (data / "test" / "good" / "zz.png").unlink()
+    assert main(args) == 0   # what a first train prints: the split, then the test labels and their masks
+    out = capsys.readouterr().out
+    assert "test labels: good 1, spot 1; masks for 1 of 1 defect images" in out

@@ -82,9 +82,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
-    if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
-        check_samples(fit + val)  # last epoch), so one error names every unreadable image up front
     test = [s for s in samples if s.split == "test"]
+    if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
+        _check_before_training(fit + val, test)   # last epoch), so one error names every bad image up front
     if world > cfg["batch_size"]:   # each rank takes a slice of every global batch: an empty one crashed
         raise BadInputError(f"--batch-size {cfg['batch_size']} is the global batch, split over {world} "
                             "processes: each needs at least one image", fix=f"--batch-size {world} or more")
@@ -265,12 +265,39 @@ def _supervision_notes(fit, cfg: dict) -> None:
                       "cosine and contrastive terms; the method's supervised recipe uses T = 0.1 (fix: -T 0.1)")
 
 
+def _check_before_training(used, test) -> None:
+    """Refuse unreadable training / validation images (`check_samples`), naming in the same error the test images
+    that evaluate would refuse too: else those came up one run later, after the training ones were fixed."""
+    try:
+        check_samples(used)
+    except BadInputError as e:
+        try:
+            check_samples(test)
+        except BadInputError as t:
+            raise BadInputError(f"{e.reason}\nand among the test images, which evaluate would refuse: {t.reason}",
+                                fix=e.fix) from e
+        raise
+
+
 def _say_split(fit, val, test, quiet: bool) -> None:
     """The split in one line, and a warning now for test images that evaluate would refuse after training."""
     if not quiet:
         n_def = sum(not s.is_normal for s in test)
         print(f"{len(fit)} training images, {len(val)} validation normals (threshold, label-free choices), "
               f"{len(test)} test images ({n_def} with defects) left for evaluate")
+        labels: dict = {}
+        for s in test:
+            labels.setdefault(s.label, [0, 0])
+            labels[s.label][0] += 1
+            labels[s.label][1] += s.mask is not None and not s.is_normal
+        if labels:   # what was read, before the wait: an MVTec user checks the labels and masks first
+            print("test labels: " + ", ".join(f"{k} {n}" + (f" ({m} with a mask)" if m != n and m else "")
+                                              for k, (n, m) in sorted(labels.items()))
+                  + f"; masks for {sum(m for _, m in labels.values())} of {n_def} defect images")
+        groups = sorted({s.group for s in fit} - {""})
+        if len(groups) > 1:
+            print(f"one model over {len(groups)} groups ({', '.join(groups[:6])}{', ...' if len(groups) > 6 else ''})"
+                  "; --group G trains one of them")
     try:
         check_samples(test)
     except BadInputError as e:   # training does not read them: say it now, not after the last epoch

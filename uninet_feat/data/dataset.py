@@ -74,10 +74,15 @@ def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
     for i, s in enumerate(samples):
         try:
             hw = check_image(s.path, min_side)
+        except BadInputError as e:
+            bad.append((i, e))
+            continue
+        try:
             if s.mask is not None and read_size(s.mask) != hw:
                 load_mask(s.mask, size=hw, image_path=s.path)  # raises the detailed size error
             sizes[i] = hw
         except BadInputError as e:
+            e.of_mask = True   # the image reads: its mask does not fit (said so, not "unreadable")
             bad.append((i, e))
     if bad and not skip_bad:
         raise _unreadable(bad, samples)
@@ -99,9 +104,13 @@ def _unreadable(bad, samples) -> BadInputError:
         lines.append(f"  {e.path or samples[i].path}: {e.reason}" + (f" (fix: {e.fix})" if own else ""))
     if len(bad) > MAX_LISTED:
         lines.append(f"  and {len(bad) - MAX_LISTED} more")
-    n = len(bad)
-    return BadInputError(f"{n} of {len(samples)} images {'is' if n == 1 else 'are'} unreadable:\n" + "\n".join(lines),
-                         fix="re-export or remove them, or pass --skip-bad to leave them out with a warning each")
+    n, masks = len(bad), sum(getattr(e, "of_mask", False) for _, e in bad)
+    what = (f"{'is' if n == 1 else 'are'} unreadable" if not masks else
+            f"{'has a mask' if n == 1 else 'have masks'} that cannot be used" if masks == n else
+            f"cannot be used ({n - masks} unreadable, {masks} with a mask that cannot be used)")
+    return BadInputError(f"{n} of {len(samples)} images {what}:\n" + "\n".join(lines),
+                         fix="re-export or remove them (a mask: as its line says), or pass --skip-bad to leave those "
+                             "images out with a warning each (an image whose mask does not fit leaves with it)")
 
 
 class ImageDataset(torch.utils.data.Dataset):
