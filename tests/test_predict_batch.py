@@ -113,8 +113,14 @@ def test_colour_images_scored_by_a_grey_trained_run_are_named(run, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*images are (colour|grey)")   # grey on grey: nothing to say
         predict_cmd(run, grey, tmp_path / "p", overlays=False, quiet=True)
+    g = np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)   # grey pictures in colour files:
+    Image.fromarray(np.stack([g, g, g, np.full_like(g, 255)], -1)).save(tmp_path / "b" / "grey_rgba.png")
+    Image.fromarray(np.stack([g, g, g], -1)).save(tmp_path / "b" / "grey_rgb.jpg", quality=90)   # not named
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*images are (colour|grey)")
+        predict_cmd(run, tmp_path / "b", tmp_path / "p2", overlays=False, quiet=True)
     _png(tmp_path / "b" / "colour.png", 1)
-    with pytest.warns(UserWarning, match=r"1 of 2 images are colour \(.*colour.png\); the run was trained on grey"):
+    with pytest.warns(UserWarning, match=r"1 of 4 images are colour \(.*colour.png\); the run was trained on grey"):
         predict_cmd(run, tmp_path / "b", tmp_path / "q", overlays=False, quiet=True)
 
 

@@ -223,11 +223,13 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     return {**summary, "rows": rows}
 
 
-def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20) -> None:
+def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20, n_look: int = 16) -> None:
     """Warn when the batch holds colour images and the run was trained on grey ones, or the other way round:
     the model never saw such inputs, and its scores carry no meaning there (they were given silently). The run's
-    kind is read from the headers of up to ``n_ref`` validation normals listed in calibration.json."""
-    from .data.images import colour_kind
+    kind is read from the headers of up to ``n_ref`` validation normals listed in calibration.json. Colour files
+    of a grey-trained run are looked into (up to ``n_look``): grey pictures saved as RGB or RGBA are not named
+    (such a tile scored exactly as its grey original, and was named)."""
+    from .data.images import colour_kind, grey_content
     cal_path = Path(run_dir) / "calibration.json"
     try:
         ref = [colour_kind(p) for p in json.loads(cal_path.read_text()).get("val_paths", [])[:n_ref]]
@@ -238,6 +240,11 @@ def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20) -> None:
         return
     trained = ref.pop()
     other = [str(s.path) for s in samples if colour_kind(s.path) not in (None, trained)]
+    if other and trained == "grey":
+        looked = {p: grey_content(p) for p in other[:n_look]}
+        if all(looked.values()):   # grey pictures in colour files (past n_look: taken to be so too)
+            return
+        other = [p for p in other if not looked.get(p)]
     if other:
         kind = "colour" if trained == "grey" else "grey"
         warnings.warn(f"{len(other)} of {len(samples)} images are {kind} ({', '.join(other[:3])}"

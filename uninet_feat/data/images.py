@@ -92,6 +92,19 @@ def colour_kind(path) -> str | None:
         return None
 
 
+def grey_content(path, tolerance: int = 3) -> bool | None:
+    """Whether a colour file holds a grey picture (every pixel's channels within ``tolerance`` of 255 of each other,
+    JPEG's chroma rounding allowed), from a reduced decode; None when it cannot be read. What `colour_kind`'s
+    header cannot tell: a grey tile saved as RGB or RGBA."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (img.width // 4 or 1, img.height // 4 or 1))   # JPEG: decoded at a quarter, cheap
+            rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    except (OSError, ValueError):
+        return None
+    return bool((rgb.max(2) - rgb.min(2)).max() <= tolerance)
+
+
 def _to_array(img: Image.Image, path, meta: Image.Image | None = None) -> np.ndarray:
     """Any PIL mode → float32 (H, W, C) with C in {1, 3}, in [0, 1]. ``meta``: the file as opened, whose
     format and TIFF tags give the full scale of a 32-bit-int image when ``img`` is a rotated copy."""
