@@ -152,3 +152,32 @@ def test_a_relative_out_gives_rows_that_name_outputs_by_absolute_path(run, tmp_p
         for key in ("overlay", "map", "defect_mask"):
             assert Path(r[key]).is_absolute() and Path(r[key]).is_file(), (key, r[key])
     assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))
+
+
+def test_a_detector_scores_in_memory_as_predict_does(run, tmp_path):
+    """`Detector(run).score(paths)`: predict's scores, flags, maps (at each image's size) and masks, in memory,
+    with the model loaded once."""
+    from PIL import Image
+    from uninet_feat.detector import Detector
+    imgs = [_png(tmp_path / "b" / f"{i}.png", i) for i in range(3)]
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (24, 56, 3), dtype=np.uint8)).save(
+        tmp_path / "b" / "wide.png")
+    imgs.append(tmp_path / "b" / "wide.png")
+    res = predict_cmd(run, tmp_path / "b", tmp_path / "p", quiet=True, overlays=False, save_maps=True)
+    rows = {r["path"]: r for r in res["rows"]}
+    det = Detector(run)
+    assert det.threshold == pytest.approx(res["threshold"]) and det.pixel_threshold == pytest.approx(
+        res["pixel_threshold"])
+    found = det.score(imgs)
+    assert [d.path for d in found] == [str(p) for p in imgs]
+    for d in found:
+        row = rows[d.path]
+        assert d.score == pytest.approx(row["wdm_score"], rel=1e-5) and d.flagged == row["flagged"]
+        saved = np.load(row["map"]).astype(np.float32)
+        assert d.map.shape == saved.shape == Image.open(d.path).size[::-1]
+        np.testing.assert_allclose(d.map, saved, atol=5e-3, rtol=2e-3)   # predict saves float16
+        saved_mask = np.asarray(Image.open(row["defect_mask"])) > 0
+        assert d.mask.shape == saved_mask.shape and (d.mask == saved_mask).mean() > 0.99
+    quick = Detector(run, threshold=-1e9).score(imgs[:1], maps=False)
+    assert quick[0].flagged is True and quick[0].map is None and quick[0].mask is None
+    assert quick[0].score == pytest.approx(found[0].score, rel=1e-6)
