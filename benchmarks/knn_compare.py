@@ -53,8 +53,10 @@ def _wdm_maps(ex, samples, image_size: int) -> np.ndarray:
     import torch
     from uninet_feat.data.dataset import ImageDataset
     ds = ImageDataset(samples, image_size=image_size, mean=ex.backbone.mean, std=ex.backbone.std)
+    from uninet_feat.runs import model_device
+    dev = model_device(ex.model)
     with torch.no_grad():
-        return np.concatenate([ex.model.predict(b["image"])[0].numpy()
+        return np.concatenate([ex.model.predict(b["image"].to(dev))[0].cpu().numpy()
                                for b in torch.utils.data.DataLoader(ds, batch_size=8)])
 
 

@@ -50,8 +50,11 @@ def test_a_gpu_asked_for_where_there_is_none_stops_every_command_before_any_work
     register_tiny()
     data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
     out = tmp_path / "run"
+    (data / "train" / "good" / "zz.png").write_bytes(b"\x89PNG truncated")   # found only after the device check
     assert main(tiny_train_args(data) + ["--out", str(out), "--device", "cuda"]) == 2
-    assert "sees no CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sees no CUDA GPU" in err and "zz.png" not in err
+    (data / "train" / "good" / "zz.png").unlink()
     assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
     for cmd in (["evaluate", "--run", str(tmp_path / "no_run")], ["predict", "--run", str(tmp_path / "no_run"),
                 "--data", str(data), "--out", str(tmp_path / "p")]):

@@ -122,6 +122,16 @@ def test_colour_images_scored_by_a_grey_trained_run_are_named(run, tmp_path):
     _png(tmp_path / "b" / "colour.png", 1)
     with pytest.warns(UserWarning, match=r"1 of 4 images are colour \(.*colour.png\); the run was trained on grey"):
         predict_cmd(run, tmp_path / "b", tmp_path / "q", overlays=False, quiet=True)
+    from uninet_feat.data.layouts import Sample
+    from uninet_feat.predict import _warn_other_colour_kind
+    many = [tmp_path / "c" / f"a_{i:02d}.png" for i in range(20)]   # grey pictures in RGB files, then colour
+    many[0].parent.mkdir()
+    for p in many:
+        Image.fromarray(np.stack([g, g, g], -1)).save(p)
+    many += [_png(tmp_path / "c" / f"z_{i}.png", i) for i in range(3)]   # past the first 16 looked into
+    with pytest.warns(UserWarning, match=r"\d of 23 images are colour \(.*z_\d.png.*more colour file\(s\) were not "
+                                         r"looked into"):
+        _warn_other_colour_kind(run, [Sample(p) for p in many])
 
 
 def test_long_and_colliding_names_get_outputs_that_fit_and_cannot_be_another_images(run, tmp_path):
@@ -181,3 +191,18 @@ def test_a_detector_scores_in_memory_as_predict_does(run, tmp_path):
     quick = Detector(run, threshold=-1e9).score(imgs[:1], maps=False)
     assert quick[0].flagged is True and quick[0].map is None and quick[0].mask is None
     assert quick[0].score == pytest.approx(found[0].score, rel=1e-6)
+
+
+def test_overlays_and_saved_maps_are_the_same_past_the_held_maps_budget(run, tmp_path, monkeypatch):
+    """Overlays and --save-maps are drawn from the scoring pass's maps up to a memory budget (`_HeldMaps`), and
+    from a second pass past it: the two give the same files."""
+    from uninet_feat import predict as P
+    for i in range(5):
+        _png(tmp_path / "b" / f"{i}.png", i)
+    full = predict_cmd(run, tmp_path / "b", tmp_path / "full", threshold=-1e9, quiet=True, save_maps=True)
+    monkeypatch.setattr(P, "HELD_MAP_BYTES", 2 * 32 * 32 * 4)   # two maps of the run's 32-px input
+    part = predict_cmd(run, tmp_path / "b", tmp_path / "part", threshold=-1e9, quiet=True, save_maps=True)
+    for a, b in zip(full["rows"], part["rows"]):
+        assert a["wdm_score"] == b["wdm_score"] and a["defect_fraction"] == b["defect_fraction"]
+        np.testing.assert_array_equal(np.load(a["map"]), np.load(b["map"]))
+        assert Path(a["overlay"]).read_bytes() == Path(b["overlay"]).read_bytes()

@@ -354,7 +354,7 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
 
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
-                map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None) -> dict:
+                map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None, device=None) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``), or to
     (re)choose the pixel map: ``map_levels`` ("all", "auto", a list) and ``map_norm`` ("none", "range", "auto");
@@ -363,7 +363,7 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     run's)."""
     from .runs import set_threads
     from .selection import parse_kinds
-    model, _, cfg = load_run(run, data, split_csv, calibrated=False)
+    model, _, cfg = load_run(run, data, split_csv, calibrated=False, device=device)
     if synthetic_kinds is not None:
         cfg["synthetic_kinds"] = synthetic_kinds
     parse_kinds(cfg.get("synthetic_kinds"))   # bad values fail before any scoring

@@ -31,10 +31,22 @@ def save_checkpoint(path, model, cfg: dict, **extra) -> Path:
                "library_version": __import__("uninet_feat").__version__,
                "config": _plain({**cfg, **own}), "backbone": _plain(model.source.config()),
                "student_relu": [bool(r) for r in model.cfg["student_relu"]],
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               **{k: _on_cpu(v) for k, v in extra.items()}}   # optimiser states of a GPU run too: loads anywhere
     buf = io.BytesIO()
     torch.save(payload, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _on_cpu(v):
+    """``v`` with every tensor in it (dicts, lists, tuples) on the CPU."""
+    if torch.is_tensor(v):
+        return v.detach().cpu()
+    if isinstance(v, dict):
+        return {k: _on_cpu(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_on_cpu(x) for x in v)
+    return v
 
 
 def read_checkpoint(path) -> dict:

@@ -112,7 +112,7 @@ def _tile_norm_flag(p, default: str) -> None:
                         f"whose place drifts between images){default}")
 
 
-_DEVICE_COMMANDS = ("evaluate", "ensemble", "calibrate", "extract", "predict", "zero-shot")
+_DEVICE_COMMANDS = ("evaluate", "ensemble", "calibrate", "extract", "predict", "zero-shot", "demo")
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "tile_score",
                "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "device", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
@@ -587,7 +587,7 @@ def _dispatch(args) -> int:
         from .workflows import zero_shot_cmd
         res = zero_shot_cmd(args.data, args.out, args.backbone, args.weights, args.prompts, args.split_csv,
                             args.group, args.image_size, args.tile, args.patch_mode, args.quiet,
-                            skip_bad=args.skip_bad)
+                            skip_bad=args.skip_bad, device=args.device or "auto")
         print(json.dumps(res, indent=2))
         return 0
     if args.command == "calibrate":
@@ -607,7 +607,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "demo":
         from .demo import run_demo
-        run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet)
+        run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet, device=args.device)
         return 0
     raise AssertionError(args.command)
 

@@ -200,6 +200,8 @@ def _plain(v):
 
 
 def seed_everything(seed: int) -> None:
+    # before any CUDA use: without it cuBLAS matmuls are not deterministic (a GPU run has not been checked here)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

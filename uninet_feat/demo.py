@@ -19,7 +19,7 @@ DEMO_CONFIG = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "imag
                "epochs": 8, "batch_size": 8, "val_fraction": 0.2}
 
 
-def run_demo(out: Path, epochs: int | None = None, quiet: bool = False) -> dict:
+def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: str | None = None) -> dict:
     from . import workflows as wf
     from .data.synthetic import make_fabric_dataset
     from .evaluate import evaluate
@@ -31,7 +31,8 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False) -> dict:
         make_fabric_dataset(data, n_train=40, n_test_good=10, n_test_defect=14, size=128, seed=0)
     manifest = str(data / "manifest.csv")
     run = out / "run"
-    cfg = load_config(None, {"data": str(data), "split_csv": manifest, "epochs": epochs}, base=DEMO_CONFIG)
+    cfg = load_config(None, {"data": str(data), "split_csv": manifest, "epochs": epochs, "device": device},
+                      base=DEMO_CONFIG)
     if not (run / "model.pt").exists():
         train(cfg, run, resume=(run / "checkpoint.pt").exists(), quiet=quiet)
     elif epochs is not None:   # a finished demo run is reused: say so when another length was asked for

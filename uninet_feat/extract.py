@@ -138,7 +138,10 @@ class Extractor:
         by_place = self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets")
         hw = {j: (g.h, g.w) for j, g, _ in ds.tile_index} if by_place else {}   # each image's size, for `corrected`
         for batch in loader:
-            r, text = self._forward_with_text(batch["image"].to(self.device))
+            x = batch["image"].to(self.device)
+            if self.model is not None and self.cfg.get("channels_last"):   # as evaluate feeds it: the same scores
+                x = x.contiguous(memory_format=torch.channels_last)
+            r, text = self._forward_with_text(x)
             r = {k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
             text = None if text is None else text.cpu()
             v = r["vectors"].float()

@@ -139,7 +139,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                for s in samples]
     # the scoring pass's WDM maps of the images whose maps are written (--save-maps: all; overlays: those flagged by
     # WDM above a threshold known now), so that they are not decoded and run through the model a second time
-    wdm_overlays = overlays and flag_by == "wdm" and threshold is not None and heatmap in ("wdm", "combined")
+    wdm_overlays = (overlays and flag_by == "wdm" and threshold is not None and heatmap in ("wdm", "combined")
+                    and (heatmap == "combined" or calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg))))
+    # (without the run's map range the overlays share one scale over a second pass: nothing to hold for them)
     held = (_HeldMaps(samples, lambda score: save_maps or (wdm_overlays and score > threshold))
             if (save_maps or wdm_overlays) and not ex.cfg.get("tile") else None)
     # with the run's own patches for the kNN, they are scored batch by batch and only their scores kept
@@ -227,8 +229,8 @@ def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20, n_look: int
     """Warn when the batch holds colour images and the run was trained on grey ones, or the other way round:
     the model never saw such inputs, and its scores carry no meaning there (they were given silently). The run's
     kind is read from the headers of up to ``n_ref`` validation normals listed in calibration.json. Colour files
-    of a grey-trained run are looked into (up to ``n_look``): grey pictures saved as RGB or RGBA are not named
-    (such a tile scored exactly as its grey original, and was named)."""
+    of a grey-trained run are looked into (``n_look`` of them, spread over the batch): grey pictures saved as RGB
+    or RGBA are not named (such a tile scored exactly as its grey original, and was named)."""
     from .data.images import colour_kind, grey_content
     cal_path = Path(run_dir) / "calibration.json"
     try:
@@ -240,17 +242,24 @@ def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20, n_look: int
         return
     trained = ref.pop()
     other = [str(s.path) for s in samples if colour_kind(s.path) not in (None, trained)]
-    if other and trained == "grey":
-        looked = {p: grey_content(p) for p in other[:n_look]}
-        if all(looked.values()):   # grey pictures in colour files (past n_look: taken to be so too)
+    unlooked = []
+    if other and trained == "grey":   # colour files: grey pictures in them are what the run was trained on
+        looked = {p: grey_content(p) for p in other[::-(-len(other) // n_look)]}   # spread over the batch
+        unlooked = [p for p in other if p not in looked]
+        other = [p for p, grey in looked.items() if not grey]
+        if not other:
+            if unlooked:
+                warnings.warn(f"{len(unlooked)} colour file(s) of {len(samples)} were not looked into; the "
+                              f"{len(looked)} looked into hold grey pictures, as the run was trained on. Fix: none "
+                              "if they all do; else score colour ones with a run trained on colour images",
+                              stacklevel=2)
             return
-        other = [p for p in other if not looked.get(p)]
     if other:
         kind = "colour" if trained == "grey" else "grey"
+        more = f"; {len(unlooked)} more colour file(s) were not looked into" if unlooked else ""
         warnings.warn(f"{len(other)} of {len(samples)} images are {kind} ({', '.join(other[:3])}"
-                      f"{', ...' if len(other) > 3 else ''}); the run was trained on {trained} images, so its scores "
-                      f"there carry no meaning (unless they are grey pictures saved as colour). Fix: train a run on "
-                      f"{kind} images of this line", stacklevel=2)
+                      f"{', ...' if len(other) > 3 else ''}){more}; the run was trained on {trained} images, so its "
+                      f"scores there carry no meaning. Fix: train a run on {kind} images of this line", stacklevel=2)
 
 
 def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:
@@ -293,8 +302,9 @@ class _HeldMaps:
     about a third of a 200-image predict's time with overlays, half of it with --save-maps); an image whose map
     was not kept (past the budget, a tiled run, a flag other than WDM's) is scored again, as before."""
 
-    def __init__(self, samples, want, max_bytes: int = HELD_MAP_BYTES):
-        self.paths, self.want, self.max_bytes = [str(s.path) for s in samples], want, max_bytes
+    def __init__(self, samples, want, max_bytes: int | None = None):
+        self.paths, self.want = [str(s.path) for s in samples], want
+        self.max_bytes = HELD_MAP_BYTES if max_bytes is None else max_bytes
         self.maps, self.nbytes = {}, 0
 
     def __call__(self, i: int, m: np.ndarray, score: float) -> None:

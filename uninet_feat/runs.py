@@ -133,13 +133,14 @@ def eval_batches(ds, cfg: dict, device=None):
 
 
 DEVICES = "auto, cpu, cuda or cuda:N"
-_default_device = "auto"
+_default_device = "cpu"   # the library's, as torch's: a caller's CPU tensors meet a CPU model; the CLI sets auto
 
 
 def pick_device(name=None) -> torch.device:
-    """The device named ``name`` (None: the one `use_device` set, "auto" unless told): ``auto`` is the first
-    CUDA GPU when torch sees one, else the CPU. A GPU that is not there is refused, not replaced by the CPU:
-    a run asked to use one would otherwise take hours where minutes were planned, silently."""
+    """The device named ``name`` (None: the one `use_device` set: the CPU in the library, ``--device`` (auto) in
+    the commands): ``auto`` is the first CUDA GPU when torch sees one, else the CPU. A GPU that is not there is
+    refused, not replaced by the CPU: a run asked to use one would otherwise take hours where minutes were
+    planned, silently."""
     raw = str(_default_device if name is None else name).strip().lower()
     if raw == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -77,6 +77,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     else:   # a resumed run keeps its config as saved: an older run's split hashes `data` as it was typed
         cfg = absolute_data_paths(cfg)
     set_threads(cfg)
+    pick_device(cfg.get("device"))   # a GPU that is not there: refused before any image is read
     if cfg.get("threads") is None:   # recorded: the thread count is part of what a seed reproduces (float sums)
         cfg = {**cfg, "threads": torch.get_num_threads()}
     seed_everything(cfg["seed"])
@@ -97,7 +98,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             if rank == 0:
                 from .calibration import recalibrate
                 recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
-                            map_norm=cfg.get("map_norm", "none"))
+                            map_norm=cfg.get("map_norm", "none"), device=cfg.get("device"))
         else:
             warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")

@@ -48,8 +48,9 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     if shard == "0/1" and (env_rank_world() or (0, 1))[1] > 1:
         dd = init_from_env(device="cpu")   # for the closing barrier only: gloo
         i, n = dd.rank, dd.world_size
-        if device.type == "cuda":   # one GPU per process, as torchrun's LOCAL_RANK says
-            device = torch.device("cuda", dd.local_rank % torch.cuda.device_count())
+    if device.type == "cuda" and device.index is None and (env_rank_world() or (0, 1))[1] > 1:
+        local = int(os.environ.get("LOCAL_RANK", (env_rank_world() or (0, 1))[0]))   # one GPU per process
+        device = torch.device("cuda", local % torch.cuda.device_count())
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
                    text=text, skip_bad=skip_bad, device=device)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
@@ -206,7 +207,7 @@ def _validation_paths(run) -> set:
 
 
 def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,
-                  tile=None, patch_mode="tokens", quiet=False, skip_bad=False) -> dict:
+                  tile=None, patch_mode="tokens", quiet=False, skip_bad=False, device=None) -> dict:
     """Score images with CLIP text prompts alone (no training image): the VLM variant's cold start.
 
     Per image: P(defect) from the image embedding (``clip_image_score``, the score) and the patch-score
@@ -224,7 +225,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .runs import make_dataset, pick_device
     from .vlm import TextScorer
     _check_sizes(image_size, tile)
-    device = pick_device()
+    device = pick_device(device)
     bb = create_backbone(backbone, weights=weights).eval()
     step = getattr(bb, "size_multiple", 1)
     if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
@@ -248,7 +249,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder
     cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
                                "backbone": backbone, "weights": str(weights), "image_size": image_size,
-                               "tile": tile, "skip_bad": bool(skip_bad)})
+                               "tile": tile, "skip_bad": bool(skip_bad), "device": str(device)})
     ds = make_dataset(samples, cfg, bb)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
     feats, index = [], []
