@@ -381,3 +381,21 @@ def test_train_names_bad_test_images_in_the_same_error_as_bad_training_ones(tmp_
     assert main(args) == 0   # what a first train prints: the split, then the test labels and their masks
     out = capsys.readouterr().out
     assert "test labels: good 1, spot 1; masks for 1 of 1 defect images" in out
+
+
+def test_a_defect_mask_with_no_defect_pixel_is_named_by_evaluate(tmp_path):
+    """An all-zero mask of a defect image entered the pixel metrics silently (its pixels as normal ones)."""
+    from PIL import Image
+    from uninet_feat.evaluate import evaluate
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=2)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
+    rep = evaluate(run, quiet=True)
+    assert "defect_masks_without_defect_pixels" not in rep
+    mask = sorted((data / "ground_truth").rglob("*_mask.png"))[0]
+    Image.fromarray(np.zeros(Image.open(mask).size[::-1], np.uint8)).save(mask)
+    with pytest.warns(UserWarning, match=r"1 defect image\(s\) have a mask with no defect pixel"):
+        rep = evaluate(run, quiet=True)
+    assert rep["defect_masks_without_defect_pixels"] == 1 and "pixel_auroc" in rep

@@ -206,3 +206,22 @@ def test_overlays_and_saved_maps_are_the_same_past_the_held_maps_budget(run, tmp
         assert a["wdm_score"] == b["wdm_score"] and a["defect_fraction"] == b["defect_fraction"]
         np.testing.assert_array_equal(np.load(a["map"]), np.load(b["map"]))
         assert Path(a["overlay"]).read_bytes() == Path(b["overlay"]).read_bytes()
+
+
+def test_a_detector_streams_long_lists_and_predict_rows_carry_split_and_group(run, tmp_path):
+    """`Detector.iter_score` holds one chunk's maps at a time, with `score`'s results; predict's rows say each
+    image's split and group, so a category folder's train and test normals are told apart without their paths."""
+    import yaml
+    from uninet_feat.detector import Detector
+    imgs = [_png(tmp_path / "b" / f"{i}.png", i) for i in range(5)]
+    det = Detector(run)
+    whole = det.score(imgs)
+    streamed = list(det.iter_score(imgs, chunk=2))
+    assert [d.path for d in streamed] == [d.path for d in whole]
+    for a, b in zip(whole, streamed):
+        assert a.score == pytest.approx(b.score, rel=1e-5) and a.flagged == b.flagged
+        np.testing.assert_allclose(a.map, b.map, rtol=1e-4, atol=1e-5)
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    rows = predict_cmd(run, data, tmp_path / "p", quiet=True, overlays=False)["rows"]
+    assert {r["split"] for r in rows} == {"train", "test"} and all(r["group"] == "" for r in rows)
+    assert all(r["split"] == "train" for r in rows if "/train/" in r["path"])

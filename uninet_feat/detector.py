@@ -47,17 +47,29 @@ class Detector:
         self.group = group
 
     def score(self, images, maps: bool = True) -> list[Detection]:
-        """One `Detection` per image file in ``images``, in order. ``maps=False`` skips the maps (and masks)."""
+        """One `Detection` per image file in ``images``, in order. ``maps=False`` skips the maps (and masks).
+        Every map of the list is held in the result: for long lists, `iter_score`."""
+        return list(self.iter_score(images, maps))
+
+    def iter_score(self, images, maps: bool = True, chunk: int = 64):
+        """`score` as a generator, ``chunk`` images at a time: memory stays that of one chunk's maps however
+        many images (a 4096x256 strip's map is 4 MB)."""
+        images = list(images)
+        if not images:
+            from .errors import BadInputError
+            raise BadInputError("no images to score", fix="pass at least one image path")
+        step = max(1, int(chunk))
+        for i in range(0, len(images), step):
+            yield from self._score(images[i:i + step], maps)
+
+    def _score(self, images, maps: bool) -> list[Detection]:
         from PIL import Image
 
         from .data.images import read_size
         from .data.layouts import Sample
-        from .errors import BadInputError
         from .evaluate import score_samples
         from .overlay import _resize_float
         samples = [Sample(Path(os.path.abspath(p)), "", "", None, self.group or "") for p in images]
-        if not samples:
-            raise BadInputError("no images to score", fix="pass at least one image path")
         got: dict[str, np.ndarray] = {}
 
         def keep(s, m, _mask):   # each finished map at the image's own size, as predict --save-maps writes it

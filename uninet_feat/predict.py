@@ -150,7 +150,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
     reduce = tile_score_reducer(ex.cfg.get("tile_score", "max"))   # as calibration scored the threshold's normals
-    rows = [{"path": path, "label": samples[int(res["index"][idx[0]])].label,
+    first = {path: samples[int(res["index"][idx[0]])] for path, idx in order}
+    # split and group as the data's layout gives them (a category folder: its train and test normals told apart)
+    rows = [{"path": path, "label": first[path].label, "split": first[path].split, "group": first[path].group,
              "wdm_score": float(reduce(res["scores"][idx]))} for path, idx in order]
     for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
         row.update(spot_summary(x, ex.vector_names))
