@@ -216,6 +216,12 @@ def test_a_mask_of_the_wrong_size_stops_evaluate_only(tmp_path, capsys):
     assert main(["evaluate", "--run", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert mask.name in err and "50x60" in err and "fix:" in err, err
+    # --skip-bad leaves out the mask only (it left the readable image out of the image metrics too)
+    with pytest.warns(UserWarning, match=f"skipping the mask .*{mask.name}"):
+        assert main(["evaluate", "--run", str(run), "--skip-bad", "--json", str(tmp_path / "e.json"),
+                     "--quiet"]) == 0
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["n_test"] == 3 and rep["pixel_metrics_without"] == 1 and not rep["skipped"]
 
 
 def test_a_run_folder_that_does_not_exist_is_named_as_such(tmp_path, capsys):

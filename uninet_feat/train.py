@@ -83,6 +83,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
+    if cfg.get("skip_bad"):   # a supervised defect whose mask does not fit is supervised by its image label
+        from .data.dataset import drop_unusable_masks
+        fit = drop_unusable_masks(fit)
     test = [s for s in samples if s.split == "test"]
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         _check_before_training(fit + val, test)   # last epoch), so one error names every bad image up front

@@ -95,6 +95,32 @@ def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
     return sizes, [(i, str(e)) for i, e in bad]
 
 
+def drop_unusable_masks(samples) -> list:
+    """``samples`` with each mask that cannot be read, or does not fit its image, left out (warned): what
+    ``--skip-bad`` does to a mask, instead of leaving its readable image out too. The image keeps its label and
+    score and leaves only the pixel metrics, as one without a mask. Images that cannot be read are kept as they
+    are, for the dataset's own check."""
+    from dataclasses import replace
+    out = []
+    for s in samples:
+        if s.mask is not None:
+            try:
+                hw = read_size(s.path)
+            except (BadInputError, OSError, ValueError):
+                out.append(s)
+                continue
+            try:
+                why = None if read_size(s.mask) == hw else f"its size is not the image's {hw[1]}x{hw[0]} px"
+            except (BadInputError, OSError, ValueError) as e:
+                why = getattr(e, "reason", None) or str(e)
+            if why:
+                warnings.warn(f"skipping the mask {s.mask} of {s.path} ({why}): the image stays, out of the pixel "
+                              "metrics")
+                s = replace(s, mask=None)
+        out.append(s)
+    return out
+
+
 def _unreadable(bad, samples) -> BadInputError:
     """One error for all the failures ``bad`` [(index, BadInputError)] among ``samples``: each file with its
     reason (and its own fix when it is not the usual re-export/remove), at most `MAX_LISTED` of them."""
@@ -109,8 +135,8 @@ def _unreadable(bad, samples) -> BadInputError:
             f"{'has a mask' if n == 1 else 'have masks'} that cannot be used" if masks == n else
             f"cannot be used ({n - masks} unreadable, {masks} with a mask that cannot be used)")
     return BadInputError(f"{n} of {len(samples)} images {what}:\n" + "\n".join(lines),
-                         fix="re-export or remove them (a mask: as its line says), or pass --skip-bad to leave those "
-                             "images out with a warning each (an image whose mask does not fit leaves with it)")
+                         fix="re-export or remove them (a mask: as its line says), or pass --skip-bad to leave them out with "
+                             "a warning each (a mask that does not fit: only the mask)")
 
 
 class ImageDataset(torch.utils.data.Dataset):
