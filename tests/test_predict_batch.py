@@ -225,3 +225,36 @@ def test_a_detector_streams_long_lists_and_predict_rows_carry_split_and_group(ru
     rows = predict_cmd(run, data, tmp_path / "p", quiet=True, overlays=False)["rows"]
     assert {r["split"] for r in rows} == {"train", "test"} and all(r["group"] == "" for r in rows)
     assert all(r["split"] == "train" for r in rows if "/train/" in r["path"])
+
+
+def test_a_detector_leaves_the_host_process_as_it_was(run, tmp_path):
+    """An embedding process: the Detector set torch's threads for the whole process to the run's recorded count
+    (46 ms an image became 992 ms on shared cores), took a path string for a list of characters, stopped a call at
+    one corrupt file with no library way round, and a CLI call in the same process left `auto` as the library's
+    device."""
+    import torch
+    from uninet_feat import runs
+    from uninet_feat.cli import main
+    from uninet_feat.detector import Detector
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        det = Detector(run)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    img = _png(tmp_path / "b" / "a.png", 1)
+    one, = det.score(str(img))
+    assert one.path == str(img) and det.score(img)[0].score == one.score
+    bad = tmp_path / "b" / "bad.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    with pytest.raises(BadInputError, match="bad.png"):
+        det.score([img, bad])
+    with pytest.warns(UserWarning, match="bad.png"):
+        got = Detector(run, skip_bad=True).score([img, bad])
+    assert got[0].score == pytest.approx(one.score, rel=1e-6) and got[1].score != got[1].score
+    assert got[1].flagged is None and got[1].map is None
+    with pytest.raises(BadInputError, match="pixel_threshold must be a finite number"):
+        Detector(run, pixel_threshold=float("nan"))
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    assert runs._default_device == "cpu"

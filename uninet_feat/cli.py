@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(args, "run", None)
     if run and Path(run).is_file():   # `--run RUN/model.pt`: the run is the folder the model is in
         args.run = str(Path(run).parent)
+    from . import runs
+    device_before = runs._default_device   # --device is the command's: a host process calling main keeps its own
     try:
         code = _dispatch(args)
         _save_command_config(args)
@@ -436,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: finished outputs are kept; {_CONTINUE.get(args.command, 're-run the command')}",
               file=sys.stderr)
         return 130
+    finally:
+        runs._default_device = device_before
 
 
 _CONTINUE = {"train": "re-run with --resume to continue",

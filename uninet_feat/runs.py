@@ -190,9 +190,10 @@ def set_threads(cfg: dict) -> None:
         torch.set_num_threads(int(cfg["threads"]))
 
 
-def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False):
+def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False, threads: bool = True):
     """``model`` (channels-last when the run trained so) with ``cfg`` set for scoring a finished run: ``group``
-    when given, ``skip_bad`` as asked now (not as the run was trained), its thread count."""
+    when given, ``skip_bad`` as asked now (not as the run was trained), its thread count (``threads``: torch's
+    process-wide setting; a host process embedding a `Detector` keeps its own)."""
     if group is not None:
         if cfg.get("group") is not None and str(group) != str(cfg["group"]):
             raise BadInputError(f"this run was trained on group {cfg['group']!r} only; its model, threshold and "
@@ -202,7 +203,8 @@ def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False):
                                     "every group (no --group), or drop --group")
         cfg["group"] = group
     cfg["skip_bad"] = bool(skip_bad)
-    set_threads(cfg)
+    if threads:
+        set_threads(cfg)
     return model.to(memory_format=torch.channels_last) if cfg.get("channels_last") else model
 
 

@@ -29,7 +29,8 @@ from ..errors import BadInputError
 
 MIN_SIDE = 8  # smaller images cannot feed a backbone with stride 8+, and are usually thumbnails/mistakes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_FIX = "re-export or remove the file (or pass --skip-bad to skip unreadable images)"
+_FIX = ("re-export or remove the file (or pass --skip-bad, skip_bad=True in the library, to skip unreadable "
+        "images)")
 
 
 def _open(path, decode: bool = True) -> Image.Image:
