@@ -338,7 +338,7 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
     ``split_csv`` when given): what every command that scores with a finished run starts from. ``model_path``:
     another model file of the run than model.pt. ``calibrated=False`` (for `recalibrate`) accepts a run whose
     config needs a calibration.json it lacks. The model is put on ``device`` (`runs.pick_device`; None: the
-    commands' default, auto), whatever device it was trained on."""
+    CPU in the library, the command's --device in a command), whatever device it was trained on."""
     from .checkpoint import build_from_checkpoint
     from .runs import pick_device, run_path
     path = Path(model_path) if model_path else run_path(run, "model.pt")

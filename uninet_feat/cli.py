@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import runs
     device_before = runs._default_device   # --device is the command's: a host process calling main keeps its own
     try:
-        code = _dispatch(args)
+        with warnings.catch_warnings():   # _dispatch sets the commands' filters: a host process keeps its own
+            code = _dispatch(args)
         _save_command_config(args)
         return code
     except BadInputError as e:
