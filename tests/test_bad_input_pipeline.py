@@ -405,3 +405,21 @@ def test_a_defect_mask_with_no_defect_pixel_is_named_by_evaluate(tmp_path):
     with pytest.warns(UserWarning, match=r"1 defect image\(s\) have a mask with no defect pixel"):
         rep = evaluate(run, quiet=True)
     assert rep["defect_masks_without_defect_pixels"] == 1 and "pixel_auroc" in rep
+
+
+def test_defects_smaller_than_a_pixel_of_the_evaluated_size_are_named(tmp_path):
+    """A defect mask that the resize to image_size empties is not a wrong mask: evaluate says which it is."""
+    from PIL import Image
+    from uninet_feat.evaluate import evaluate
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=2, size=64)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
+    mask = sorted((data / "ground_truth").rglob("*_mask.png"))[0]
+    dot = np.zeros(Image.open(mask).size[::-1], np.uint8)
+    dot[10, 10] = 255   # one pixel at 64 px; nearest-exact to 32 px keeps the odd rows and columns only
+    Image.fromarray(dot).save(mask)
+    with pytest.warns(UserWarning, match=r"1 defect mask\(s\) lose every defect pixel .*image_size 32"):
+        rep = evaluate(run, quiet=True)
+    assert rep["defect_masks_lost_at_image_size"] == 1 and "defect_masks_without_defect_pixels" not in rep

@@ -160,13 +160,20 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
             report["pixel_metrics_without"] = len(unmasked)
             warnings.warn(f"{len(unmasked)} defect image(s) have no mask and are left out of the pixel metrics "
                           f"(e.g. {unmasked[0]}); add their masks to include them")
-        empty = [str(s.path) for s, m in zip(test, res["masks"] or []) if not s.is_normal
+        blank = [s for s, m in zip(test, res["masks"] or []) if not s.is_normal
                  and s.mask is not None and m is not None and not np.any(m)]
+        from .data.images import load_mask
+        empty = [str(s.path) for s in blank if not load_mask(s.mask).any()]   # the file itself, not its resize
         if empty:   # kept (as before): their pixels count as normal ones, which is what such a mask says
             report["defect_masks_without_defect_pixels"] = len(empty)
             warnings.warn(f"{len(empty)} defect image(s) have a mask with no defect pixel (e.g. {empty[0]}): their "
                           "pixels count as normal ones in the pixel metrics. Fix: correct those masks, or remove them "
                           "to leave the images out of the pixel metrics")
+        if len(blank) > len(empty):   # a defect smaller than one pixel of the evaluated size
+            report["defect_masks_lost_at_image_size"] = len(blank) - len(empty)
+            warnings.warn(f"{len(blank) - len(empty)} defect mask(s) lose every defect pixel when resized to the "
+                          f"evaluated size (image_size {cfg['image_size']}): those defects count as normal pixels "
+                          "there. Fix: a larger --image-size, or --tile, to localise defects that small")
     if "selection" in ckpt:
         report["selection"] = ckpt["selection"]
     report.update(_metrics(labels, scores, res, has_masks))
