@@ -258,3 +258,28 @@ def test_a_detector_leaves_the_host_process_as_it_was(run, tmp_path):
         Detector(run, pixel_threshold=float("nan"))
     assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
     assert runs._default_device == "cpu"
+
+
+def test_a_detector_scores_camera_frames_as_the_same_pixels_in_files(run, tmp_path):
+    """A line's software has frames in memory: numpy arrays (grey, colour, 16-bit) and PIL images score exactly as
+    files of the same pixels; other arrays are refused with the forms that are read."""
+    from PIL import Image
+    from uninet_feat.detector import Detector
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    colour = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    deep = (rng.integers(0, 65536, (40, 48))).astype(np.uint16)
+    files = []
+    for name, a in (("g.png", grey), ("c.png", colour), ("d.png", deep)):
+        Image.fromarray(a).save(tmp_path / name)
+        files.append(tmp_path / name)
+    det = Detector(run)
+    from_files = det.score(files)
+    frames = det.score([grey, colour, deep, Image.fromarray(colour)])
+    assert [d.path for d in frames] == ["<image 0>", "<image 1>", "<image 2>", "<image 3>"]
+    for a, b in zip(from_files + from_files[1:2], frames):   # other batches: equal up to float sums
+        assert a.score == pytest.approx(b.score, rel=1e-5) and a.flagged == b.flagged
+        np.testing.assert_allclose(a.map, b.map, rtol=1e-4, atol=1e-5)
+    assert det.score(grey)[0].score == pytest.approx(from_files[0].score, rel=1e-5)   # one frame alone
+    with pytest.raises(BadInputError, match="float32 array of shape"):
+        det.score([grey.astype(np.float32)])

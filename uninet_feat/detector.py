@@ -14,6 +14,30 @@ from pathlib import Path
 import numpy as np
 
 
+def _frame_file(image, path: Path, k: int):
+    """(file to score, name for the result): a path as it is (name None: the path), or an in-memory image — a uint8
+    / uint16 numpy array (H, W), (H, W, 3) or (H, W, 4), or a PIL image, e.g. a camera frame — written losslessly
+    to ``path`` (PNG), so it is read exactly as a file of the same pixels would be, and named ``<image k>``."""
+    from PIL import Image
+
+    from .errors import BadInputError
+    if isinstance(image, (str, os.PathLike)):
+        return image, None
+    if isinstance(image, Image.Image):
+        image.save(path, compress_level=1)
+        return path, f"<image {k}>"
+    a = np.asarray(image)
+    if a.dtype not in (np.uint8, np.uint16) or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise BadInputError(f"image {k}: a {a.dtype} array of shape {a.shape} is not an image this reads",
+                            fix="pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.dtype == np.uint16 and a.ndim == 3:   # PIL writes 16-bit grey PNGs only
+        raise BadInputError(f"image {k}: 16-bit colour arrays are not read", fix="pass uint8 colour, or 16-bit grey")
+    Image.fromarray(a).save(path, compress_level=1)
+    return path, f"<image {k}>"
+
+
 @dataclass
 class Detection:
     path: str
@@ -56,22 +80,34 @@ class Detector:
         self.group = group
 
     def score(self, images, maps: bool = True) -> list[Detection]:
-        """One `Detection` per image file in ``images`` (paths, or one path), in order. ``maps=False`` skips the
-        maps (and masks). Every map of the list is held in the result: for long lists, `iter_score`."""
+        """One `Detection` per image in ``images``, in order: file paths, or in-memory images (uint8 / uint16 numpy
+        arrays (H, W), (H, W, 3), (H, W, 4), or PIL images: camera frames; named ``<image k>``), or one of them.
+        ``maps=False`` skips the maps (and masks). Every map of the list is held in the result: for long lists,
+        `iter_score`."""
         return list(self.iter_score(images, maps))
 
     def iter_score(self, images, maps: bool = True, chunk: int = 64):
         """`score` as a generator, ``chunk`` images at a time: memory stays that of one chunk's maps however
         many images (a 4096x256 strip's map is 4 MB)."""
         from .errors import BadInputError
-        images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            images = [images]
+        images = list(images)
         if not images:
             raise BadInputError("no images to score", fix="pass at least one image path")
         step = max(1, int(chunk))
         for i in range(0, len(images), step):
-            yield from self._score(images[i:i + step], maps)
+            yield from self._score(images[i:i + step], maps, i)
 
-    def _score(self, images, maps: bool) -> list[Detection]:
+    def _score(self, images, maps: bool, first: int = 0) -> list[Detection]:
+        """Paths scored where they are; in-memory images (`_frame_file`) through a temporary folder."""
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="uninet-feat-frames-") as tmp:
+            files = [_frame_file(p, Path(tmp) / f"{first + k:06d}.png", first + k) for k, p in enumerate(images)]
+            dets = self._score_files([f for f, _ in files], maps)
+        return [Detection(name or d.path, d.score, d.flagged, d.map, d.mask) for d, (_, name) in zip(dets, files)]
+
+    def _score_files(self, images, maps: bool) -> list[Detection]:
         from PIL import Image
 
         from .data.images import read_size
