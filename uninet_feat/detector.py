@@ -63,9 +63,8 @@ class Detector:
 
         from .calibration import load_run, resolve_threshold
         from .errors import BadInputError
-        from .overlay import calibrated_range
+        from .predict import default_pixel_threshold
         from .runs import ready_to_score, run_path
-        from .scoring import pixel_map_kind
         if pixel_threshold is not None and not math.isfinite(pixel_threshold):
             raise BadInputError(f"pixel_threshold must be a finite number, got {pixel_threshold}")
         self.run = run_path(run, "model.pt").parent
@@ -74,8 +73,7 @@ class Detector:
         self.model = ready_to_score(model, self.cfg, group, skip_bad, threads=False)
         self.threshold, self.threshold_rule = resolve_threshold(self.run, threshold, max_fpr)
         if pixel_threshold is None:
-            rng = calibrated_range(self.run, pixel_map_kind(self.model.cfg))
-            pixel_threshold = rng[1] if rng is not None else None
+            pixel_threshold = default_pixel_threshold(self.run, self.model)
         self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
         self.group = group
 
@@ -108,18 +106,14 @@ class Detector:
         return [Detection(name or d.path, d.score, d.flagged, d.map, d.mask) for d, (_, name) in zip(dets, files)]
 
     def _score_files(self, images, maps: bool) -> list[Detection]:
-        from PIL import Image
-
-        from .data.images import read_size
         from .data.layouts import Sample
         from .evaluate import score_samples
-        from .overlay import _resize_float
+        from .predict import map_at_image_size
         samples = [Sample(Path(os.path.abspath(p)), "", "", None, self.group or "") for p in images]
         got: dict[str, np.ndarray] = {}
 
         def keep(s, m, _mask):   # each finished map at the image's own size, as predict --save-maps writes it
-            got[str(s.path)] = _resize_float(np.asarray(m, np.float32), read_size(s.path),
-                                             Image.Resampling.BILINEAR)
+            got[str(s.path)] = map_at_image_size(s.path, m)
 
         res = score_samples(self.model, samples, self.cfg, keep_maps=False, on_map=keep if maps else None)
         scored = {str(s.path): float(v) for s, v in zip(res["samples"], res["scores"])}

@@ -317,8 +317,10 @@ class _HeldMaps:
         return self.maps.get(str(path))
 
 
-def _held_or_rest(held, samples, use) -> list:
-    """Calls ``use(sample, map)`` for each of ``samples`` whose map ``held`` kept; returns the others."""
+def _maps_of(ex, samples, held, use) -> None:
+    """Calls ``use(sample, map)`` for each of ``samples``: with the map ``held`` kept (`_HeldMaps`), else with the
+    one a second scoring pass makes (only over those), each as it is finished."""
+    from .evaluate import score_samples
     rest = []
     for s in samples:
         m = held.get(s.path) if held is not None else None
@@ -326,7 +328,26 @@ def _held_or_rest(held, samples, use) -> list:
             rest.append(s)
         else:
             use(s, m)
-    return rest
+    if rest:
+        score_samples(ex.model, rest, ex.cfg, on_map=lambda s, m, _: use(s, m))
+
+
+def default_pixel_threshold(run_dir, model) -> float | None:
+    """The pixel threshold of defect masks when none is given: the top of the validation normals' map range
+    (`PIXEL_RULE`) of the run's kind of pixel map; None when the run has none."""
+    from .overlay import calibrated_range
+    from .scoring import pixel_map_kind
+    rng = calibrated_range(run_dir, pixel_map_kind(model.cfg))
+    return None if rng is None else rng[1]
+
+
+def map_at_image_size(path, m) -> np.ndarray:
+    """A float32 pixel map at the size of the image file ``path`` (bilinear), as maps and masks are given out."""
+    from PIL import Image
+
+    from .data.images import read_size
+    from .overlay import _resize_float
+    return _resize_float(np.asarray(m, np.float32), read_size(path), Image.Resampling.BILINEAR)
 
 
 def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, fixed=None, held=None) -> None:
@@ -353,9 +374,7 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, 
     pm = pixel_map_kind(ex.model.cfg)
     fixed = fixed or calibrated_range(ex.run_dir, pm)
     if fixed is not None:
-        rest = _held_or_rest(held, flagged, lambda s, m: write(s, m, *fixed))
-        if rest:
-            score_samples(ex.model, rest, ex.cfg, on_map=lambda s, m, _: write(s, m, *fixed))
+        _maps_of(ex, flagged, held, lambda s, m: write(s, m, *fixed))
         return
     res = score_samples(ex.model, flagged, ex.cfg, keep_maps=True)
     vmin, vmax = display_range(ex.run_dir, res["maps"], pm)
@@ -376,27 +395,23 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None, hel
     (`_HeldMaps`) kept, within its memory budget. Each row gets ``map``, ``defect_mask`` and
     ``defect_fraction`` (its share of pixels above the threshold); returns the summary's entries."""
     from PIL import Image
-    from .evaluate import score_samples
     from .io import atomic_write
-    from .overlay import _resize_float, calibrated_range
-    from .data.images import read_size
     from .scoring import pixel_map_kind
     if pixel_threshold is not None:
         rule = "given (--pixel-threshold)"
     else:
-        rng = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg))
-        pixel_threshold, rule = (rng[1], PIXEL_RULE) if rng is not None else (None, None)
-        if rng is None:
+        pixel_threshold = default_pixel_threshold(ex.run_dir, ex.model)
+        rule = PIXEL_RULE if pixel_threshold is not None else None
+        if pixel_threshold is None:
             warnings.warn(f"{ex.run_dir}: no validation-normal map range, so no defect masks are written (maps "
                           f"are). Fix: pass --pixel-threshold VALUE, or `uninet-feat calibrate --run {ex.run_dir}`")
     by_path = {r["path"]: r for r in rows}
     names = _overlay_names([s.path for s in samples], root, suffix="")
     folder.mkdir(parents=True, exist_ok=True)
 
-    def write(s, m, _):
+    def write(s, m):
         row, name = by_path[str(s.path)], names[str(s.path)]
-        m = _resize_float(np.asarray(m, np.float32), read_size(s.path), Image.Resampling.BILINEAR)
-        m = m.astype(np.float16)   # as saved: the mask is the saved map above the threshold, to the pixel
+        m = map_at_image_size(s.path, m).astype(np.float16)   # as saved: the mask is the saved map above the threshold, to the pixel
         def save(tmp):
             with open(tmp, "wb") as f:   # a file object: numpy would add ".npy" to a bare name
                 np.save(f, m)
@@ -409,9 +424,7 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None, hel
             atomic_write_bytes(folder / f"{name}_mask.png", buf.getvalue())
             row["defect_mask"], row["defect_fraction"] = str(folder / f"{name}_mask.png"), float(hot.mean())
 
-    rest = _held_or_rest(held, _by_path(samples, rows), lambda s, m: write(s, m, None))
-    if rest:
-        score_samples(ex.model, rest, ex.cfg, on_map=write)
+    _maps_of(ex, _by_path(samples, rows), held, write)
     return {"maps": str(folder), "pixel_threshold": pixel_threshold, "pixel_threshold_rule": rule,
             "map_units": f"WDM pixel map ({pixel_map_kind(ex.model.cfg)}), float16, the image's size"}
 

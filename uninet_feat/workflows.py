@@ -44,12 +44,12 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     from .distributed import env_rank_world, init_from_env
     import torch
     from .runs import pick_device
-    dd, device = None, pick_device()
-    if shard == "0/1" and (env_rank_world() or (0, 1))[1] > 1:
+    dd, device, (rank, world) = None, pick_device(), env_rank_world() or (0, 1)
+    if shard == "0/1" and world > 1:
         dd = init_from_env(device="cpu")   # for the closing barrier only: gloo
         i, n = dd.rank, dd.world_size
-    if device.type == "cuda" and device.index is None and (env_rank_world() or (0, 1))[1] > 1:
-        local = int(os.environ.get("LOCAL_RANK", (env_rank_world() or (0, 1))[0]))   # one GPU per process
+    if device.type == "cuda" and device.index is None and world > 1:
+        local = int(os.environ.get("LOCAL_RANK", rank))   # one GPU per process
         device = torch.device("cuda", local % torch.cuda.device_count())
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
                    text=text, skip_bad=skip_bad, device=device)

@@ -129,7 +129,7 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
     if not any(s.is_normal for s in samples):   # no labelled layout: folders are storage
         samples = [Sample(s.path, "", "", s.mask, "") for s in samples]
     samples += [Sample(x, "", "", _find_mask(x, "", "", None, mask_pattern), "") for x in _images(p)]
-    beside = sorted(f.name for f in (_file_any_case(s.path.with_suffix(".png")) for s in samples
+    beside = sorted(f.name for f in (_any_case(s.path.with_suffix(".png")) for s in samples
                                      if s.path.suffix.lower() != ".png") if f is not None)   # left out as a mask
     if beside:   # the magnetic-tile convention; in a batch of new images it may be a second image, so say it
         _warn_unused(p, f"{len(beside)} PNG file(s) beside a same-named image ({', '.join(beside[:3])}"
@@ -211,32 +211,20 @@ def _find_mask(img: Path, label: str, group: str, gt_dir: Path | None, pattern: 
         if img.suffix.lower() != ".png":
             cands.append(img.with_suffix(".png"))
         if gt_dir is not None:
-            gl = _dir_any_case(gt_dir / label)   # test/Crack beside ground_truth/crack
+            gl = _any_case(gt_dir / label, dirs=True) or gt_dir / label   # test/Crack beside ground_truth/crack
             cands += [gl / (img.stem + "_mask.png"), gl / (img.stem + ".png")]
-    return next((c for c in map(_file_any_case, cands) if c is not None), None)
+    return next((c for c in map(_any_case, cands) if c is not None), None)
 
 
-def _dir_any_case(path: Path) -> Path:
-    """``path``, or the one folder beside it whose name differs only in case; ``path`` when there is none."""
-    if path.is_dir():
+def _any_case(path: Path, dirs: bool = False) -> Path | None:
+    """``path`` if it is a file (``dirs``: a folder), else the one such entry beside it whose name differs only in
+    case (``x.PNG``, ``x_MASK.png``, ``ground_truth/Crack``: data copied from Windows or camera software), else None."""
+    if path.is_dir() if dirs else path.is_file():
         return path
     try:
-        found = _lower_names(str(path.parent), os.stat(path.parent).st_mtime_ns, dirs=True).get(path.name.lower())
-    except OSError:
-        return path
-    return path.parent / found if found is not None else path
-
-
-def _file_any_case(path: Path) -> Path | None:
-    """``path`` if it is a file, else the one file in its folder whose name differs only in case (``x.PNG``,
-    ``x_MASK.png``: data copied from Windows or camera software), else None."""
-    if path.is_file():
-        return path
-    try:
-        listing = _lower_names(str(path.parent), os.stat(path.parent).st_mtime_ns)
+        found = _lower_names(str(path.parent), os.stat(path.parent).st_mtime_ns, dirs).get(path.name.lower())
     except OSError:
         return None
-    found = listing.get(path.name.lower())
     return Path(path.parent) / found if found is not None else None
 
 
