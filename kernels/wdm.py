@@ -76,7 +76,7 @@ def upsample_sum(maps, out_size) -> torch.Tensor:
     size = _size(out_size)
     same: dict = {}   # bilinear upsampling is linear: maps of one size (a level's two pairs) are summed first,
     for m in maps:    # which halves the upsampling, the costliest step of the CPU path
-        key = tuple(m.shape)
+        key = tuple(int(v) for v in m.shape[-2:])   # spatial only: the batch may be symbolic (ONNX export)
         same[key] = m.float() if key not in same else same[key] + m.float()
     a = None
     for m in same.values():
@@ -133,8 +133,8 @@ def topk_mean(s: torch.Tensor, k: torch.Tensor, full_sort: bool | None = None) -
     (``full_sort`` None = by device).
     """
     flat = s.flatten(1)
-    if full_sort is None:
-        full_sort = s.device.type != "cpu"
+    if full_sort is None:   # a graph being exported or compiled cannot read k on the host either
+        full_sort = s.device.type != "cpu" or torch.compiler.is_compiling()
     if full_sort:
         v = flat.sort(dim=1, descending=True).values
     else:
