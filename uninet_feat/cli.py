@@ -91,6 +91,15 @@ def _threshold_args(p) -> None:
                         "normals (default: their 0.99 quantile)")
 
 
+def _size_wxh(text: str) -> tuple[int, int]:
+    """'4096x256' → (4096, 256)."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 4096x256") from None
+    return w, h
+
+
 def _skip_bad_flag(p) -> None:
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
                    help="leave unreadable images out with a warning naming each (listed as `skipped` in the "
@@ -290,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("export-model", help="a trained run as one ONNX file (model.onnx + model.json) for a line's "
+                                            "own runtime: ONNX Runtime, OpenVINO, TensorRT")
+    p.add_argument("--run", required=True)
+    p.add_argument("--input-size", dest="input_size", type=_size_wxh,
+                   help="tiled runs: WxH of the images the model will get, e.g. 4096x256 (default: the training "
+                        "images' size when they had one); untiled runs take any size")
+    p.add_argument("--group", help="tiled runs with --tile-norm position over several groups: whose place offsets")
+    _threshold_args(p)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later: the antialiased resize)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip running the file in ONNX Runtime against the run (done by default when installed)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("zero-shot", help="score images with CLIP text prompts only (no training images)")
     p.add_argument("--data", required=True)
     p.add_argument("--split-csv", dest="split_csv")
@@ -351,6 +374,8 @@ _OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store fold
              "train-head": "head folder (head.json, model.txt, cv_report.json)",
              "predict": "output folder (predictions.csv / .json, summary.json, overlays/, maps/)",
              "zero-shot": "output folder (scores.csv / .json, metrics.json when labels exist)",
+             "export-model": "folder for model.onnx, model.json (inputs, outputs, thresholds, the check) and "
+                             "run_config.yaml",
              "prompts": "YAML file to write", "demo": "demo folder (data, run, report; default runs/demo)"}
 
 
@@ -602,6 +627,13 @@ def _dispatch(args) -> int:
         keys = ("n_val_normals", "threshold", "threshold_rule", "quantiles", "map_levels", "map_norm",
                 "pixel_map_choice")
         print(json.dumps({k: cal[k] for k in keys if k in cal}, indent=2))
+        return 0
+    if args.command == "export-model":
+        from .deploy import export_model
+        info = export_model(args.run, args.out, args.input_size, args.group, args.threshold, args.max_fpr,
+                            args.opset, args.check, args.quiet)
+        keys = ("threshold", "threshold_rule", "pixel_threshold", "check", "export_seconds")
+        print(json.dumps({"model": str(Path(args.out) / "model.onnx"), **{k: info[k] for k in keys}}, indent=2))
         return 0
     if args.command == "prompts":
         from .vlm import dump_prompts

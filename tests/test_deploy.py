@@ -1,0 +1,102 @@
+"""`export-model`: a run as one ONNX file that scores decoded images as predict scores their files."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uninet_feat.cli import main
+from uninet_feat.config import load_config
+from uninet_feat.data import load_image
+from uninet_feat.deploy import export_model
+from uninet_feat.detector import Detector
+from uninet_feat.errors import BadInputError
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+register_tiny()
+BASE = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 4,
+        "val_fraction": 0.3, "channels_last": False, "seed": 3}
+
+
+def _run_onnx(folder, paths):
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    return [sess.run(None, {"image": load_image(p).transpose(2, 0, 1)[None].astype(np.float32)}) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy_plain")
+    data = write_texture_set(root / "set", n_train=8, n_good=3, n_bad=3)
+    train(load_config(None, {"data": str(data)}, base=BASE), root / "run", quiet=True)
+    odd = root / "odd"   # other sizes and modes than the training images': the graph resizes them itself
+    odd.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((90, 70)) * 255).astype(np.uint8)).save(odd / "grey_90x70.png")
+    Image.fromarray((rng.random((50, 120, 3)) * 255).astype(np.uint8)).save(odd / "rgb_50x120.png")
+    Image.fromarray((rng.random((64, 64)) * 65535).astype(np.uint16)).save(odd / "grey16.png")
+    return data, root / "run", odd
+
+
+def test_exported_untiled_run_scores_files_as_predict_does(plain, tmp_path):
+    data, run, odd = plain
+    info = main(["export-model", "--run", str(run), "--out", str(tmp_path / "m"), "--quiet"])
+    assert info == 0
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    cal = json.loads((run / "calibration.json").read_text())
+    assert meta["threshold"] == cal["threshold"] and meta["check"]["max_abs_diff_score"] < 1e-4
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.onnx", "model.json", "config.yaml", "env.json",
+                                                              "run_config.yaml"}
+    paths = sorted((data / "test").rglob("*.png")) + sorted(odd.iterdir())
+    got = _run_onnx(tmp_path / "m", paths)
+    want = Detector(run).score(paths)
+    for p, (m, s), d in zip(paths, got, want):
+        assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score)), p.name
+        assert (float(s[0]) > meta["threshold"]) == bool(d.flagged), p.name
+        assert m.shape == (1, 64, 64)   # the model's size; predict resizes it to the file's
+        if Image.open(p).size == (64, 64):   # there the file's size is the model's: the very map predict gives
+            np.testing.assert_allclose(m[0], d.map, atol=1e-4)
+
+
+def test_exported_tiled_run_holds_tiles_offsets_and_stitching(tmp_path):
+    data = write_texture_set(tmp_path / "wide", n_train=8, n_good=2, n_bad=2, wide=True)   # 64 x 192 strips
+    for p in (data / "train" / "good").glob("*.png"):   # a left edge unlike the rest: offsets matter
+        a = np.asarray(Image.open(p)).copy()
+        a[:, :48] = a[:, :48] // 3
+        Image.fromarray(a).save(p)
+    cfg = load_config(None, {"data": str(data), "tile": 48, "tile_overlap": 16, "image_size": 32,
+                             "tile_norm": "position"}, base=BASE)   # tiles resized 48 → 32 and their maps back
+    train(cfg, tmp_path / "run", quiet=True)
+    assert main(["export-model", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    t = meta["tiling"]
+    assert t["tile"] == [48, 48] and t["overlap"] == 16 and len(t["offsets"]) == len(t["origins_yx"]) > 3
+    assert max(abs(v) for v in t["offsets"]) > 0   # the darker edge's places have their own offsets
+    paths = sorted((data / "test").rglob("*.png"))
+    got = _run_onnx(tmp_path / "m", paths)
+    want = Detector(tmp_path / "run").score(paths)
+    for p, (m, s, tiles), d in zip(paths, got, want):
+        assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score)), p.name
+        assert m.shape == (1, 64, 192) and tiles.shape == (1, len(t["origins_yx"]))
+        np.testing.assert_allclose(m[0], d.map, atol=1e-4)   # stitched, offsets taken off, at the strip's size
+    # images of another size than the offsets were measured on are refused, naming the sizes
+    with pytest.raises(BadInputError, match="offsets were measured on 192x64"):
+        export_model(tmp_path / "run", tmp_path / "m2", input_size=(256, 64))
+
+
+def test_export_refusals_name_the_fix(plain, tmp_path, monkeypatch, capsys):
+    _, run, _ = plain
+    with pytest.raises(BadInputError, match="opset 18 or later"):
+        export_model(run, tmp_path / "a", opset=17)
+    with pytest.raises(SystemExit):   # argparse: not WxH
+        main(["export-model", "--run", str(run), "--out", str(tmp_path / "a"), "--input-size", "4096", "--quiet"])
+    assert main(["export-model", "--run", str(run), "--out", str(tmp_path / "a"), "--opset", "17", "--quiet"]) != 0
+    assert "opset 18 or later" in capsys.readouterr().err   # the command says it, without a traceback
+    import uninet_feat.deploy as deploy
+    monkeypatch.setattr(deploy, "TOLERANCE", -1.0)   # every difference too large: the file must not stay
+    with pytest.raises(BadInputError, match="differ from the run's"):
+        export_model(run, tmp_path / "b")
+    assert not (tmp_path / "b" / "model.onnx").exists()

@@ -1,0 +1,252 @@
+"""A finished run as one ONNX file, for a line's own runtime (`uninet-feat export-model`).
+
+Why: `predict` and `Detector` need Python, torch, timm and this package; an inspection PC often runs only an
+ONNX runtime (ONNX Runtime from C++, C#, Java or Python; OpenVINO; TensorRT). The graph holds everything from
+a decoded image to predict's outputs: the antialiased resize and the backbone's normalisation, UniNet's
+teachers, bottleneck and student, the anomaly maps, the run's pixel map (its levels, units and smoothing, as
+calibrated) and the WDM image score. For a tiled run it is built for one image size and also holds the tiles,
+their place offsets (``tile_norm: position``), the image score over the tiles and the stitched full-size map.
+Outside it are only decoding the file (``DECODE``) and the thresholds, which ``model.json`` carries so that
+they can be changed without exporting again.
+
+The export runs the ONNX file and the torch model on the same images and refuses a file whose scores differ
+by more than ``TOLERANCE`` (it records the differences in ``model.json``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInputError
+
+INPUT = "image"
+OPSET = 18   # the first ONNX opset whose Resize has antialias, which the training resize uses
+TOLERANCE = 1e-3   # largest |ONNX - torch| image score accepted, relative to max(1, |score|)
+DECODE = ("RGB, float32 in [0, 1], shape (N, 3, H, W): 8-bit values / 255, 16-bit / 65535; a grey image "
+          "repeated to three channels; alpha dropped; the EXIF orientation applied -- as "
+          "uninet_feat.data.images.load_image decodes a file")
+
+
+class ScoringGraph(torch.nn.Module):
+    """Decoded image(s) → (pixel map, image score[, tile scores]), as `evaluate.score_samples` scores a file.
+
+    Untiled: any (N, 3, H, W) in; the map is at the model's size (the run's ``image_size``), as predict's maps are
+    before the resize to the file's size. Tiled: (N, 3, H, W) of the one size it was built for; the map is (N, H, W),
+    the tiles' maps less their place's offset, stitched with overlaps averaged."""
+
+    def __init__(self, model, image_size, grid=None, offsets=None, tile_score: str = "max"):
+        super().__init__()
+        self.model = model.eval()
+        self.size = tuple(image_size)
+        self.register_buffer("mean", torch.tensor(model.source.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(model.source.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.grid, self.tile_score = grid, tile_score
+        if grid is not None:
+            off = torch.zeros(grid.n) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
+            self.register_buffer("offsets", off)
+            count = torch.zeros(grid.canvas)
+            for y, x in grid.origins:
+                count[y:y + grid.tile[0], x:x + grid.tile[1]] += 1
+            self.register_buffer("count", count)
+
+    def _score(self, x):
+        if self.grid is None or tuple(x.shape[-2:]) != self.size:   # untiled sizes are not known here: always
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return self.model.predict((x - self.mean) / self.std)
+
+    def forward(self, image):
+        if self.grid is None:
+            return self._score(image)
+        from .data.tiling import extract_tile
+        g = self.grid
+        th, tw = g.tile
+        n = image.shape[0]
+        tiles = torch.stack([extract_tile(image, g, k) for k in range(g.n)], 1).reshape(n * g.n, 3, th, tw)
+        pix, score = self._score(tiles)
+        if tuple(pix.shape[-2:]) != (th, tw):
+            pix = F.interpolate(pix[:, None], (th, tw), mode="bilinear", align_corners=False)[:, 0]
+        tile_scores = score.view(n, g.n) - self.offsets
+        pix = pix.view(n, g.n, th, tw) - self.offsets.view(1, -1, 1, 1)
+        acc = image.new_zeros((n,) + g.canvas)
+        for k, (y, x) in enumerate(g.origins):
+            acc[:, y:y + th, x:x + tw] += pix[:, k]
+        full = (acc / self.count)[:, :g.h, :g.w]
+        img_score = tile_scores.amax(1) if self.tile_score == "max" else tile_scores.mean(1)
+        return full, img_score, tile_scores
+
+
+def _tile_offsets(model, grid, group, run) -> tuple[list[float] | None, str | None]:
+    """Each tile's place offset (``tile_norm: position``) for images of ``grid``'s size in ``group``: the same
+    `positions.corrected` that scoring uses, so its checks (group, image size, place) and its numbers hold here."""
+    from .positions import corrected
+    offsets = model.cfg.get("tile_offsets")
+    if not offsets:
+        return None, None
+    if group is None and len(offsets) > 1:
+        raise BadInputError(f"the run's position offsets come from {len(offsets)} groups {sorted(offsets)}, and "
+                            "the exported model is for one of them", path=run,
+                            fix="pass --group G (export once per group)")
+    sample = SimpleNamespace(group=group if group is not None else next(iter(offsets)), path=Path(run))
+    vals = [-corrected(0.0, grid.box(k), offsets, sample, None, None, model.cfg.get("tile_sizes"),
+                       (grid.h, grid.w)) for k in range(grid.n)]
+    return vals, sample.group
+
+
+def _input_size(model, cfg, input_size, group, run) -> tuple[int, int]:
+    """(H, W) a tiled run's graph is built for: ``input_size`` (W, H), else the training images' one size."""
+    if input_size is not None:
+        w, h = (int(v) for v in input_size)
+        if w < 1 or h < 1:
+            raise BadInputError(f"--input-size {w}x{h} is not an image size", fix="e.g. --input-size 4096x256")
+        return h, w
+    sizes = model.cfg.get("tile_sizes") or {}
+    seen = {tuple(s) for g, ss in sizes.items() if group is None or g == group for s in ss}
+    if len(seen) == 1:
+        return next(iter(seen))
+    raise BadInputError("a tiled run is exported for one image size, and "
+                        + (f"its training normals came in {len(seen)} sizes" if seen else "the run does not record "
+                           "its training images' size"), path=run,
+                        fix="pass --input-size WxH, e.g. --input-size 4096x256 for AITEX strips")
+
+
+def export_model(run, out, input_size=None, group: str | None = None, threshold: float | None = None,
+                 max_fpr: float | None = None, opset: int = OPSET, check: bool = True, quiet: bool = True) -> dict:
+    """Write ``out``/model.onnx and ``out``/model.json (how to feed it, its outputs, thresholds, the check);
+    return model.json's content. ``input_size``: (W, H) of a tiled run's images."""
+    from . import __version__
+    from .calibration import load_run, resolve_threshold
+    from .data.tiling import tile_grid
+    from .featstore import file_sha256
+    from .io import atomic_write, atomic_write_text
+    from .predict import default_pixel_threshold
+    from .runs import run_path
+    from .scoring import pixel_map_kind
+
+    try:
+        import onnxscript  # noqa: F401  torch's ONNX exporter needs it (and onnx)
+    except ImportError as e:
+        raise BadInputError("exporting to ONNX needs the packages onnx and onnxscript",
+                            fix="pip install 'uninet-feat[deploy]' (onnx, onnxscript, onnxruntime)") from e
+    if int(opset) < OPSET:
+        raise BadInputError(f"--opset {opset}: the graph's antialiased resize needs opset {OPSET} or later",
+                            fix=f"--opset {OPSET} (ONNX Runtime >= 1.16, OpenVINO >= 2023.1 read it)")
+    run, out = Path(run), Path(out)
+    model, _, cfg = load_run(run, device="cpu")
+    thr, thr_rule = resolve_threshold(run, threshold, max_fpr)   # refused flags fail before the export's seconds
+    if model.cfg.get("tile_neighbours"):
+        raise BadInputError("this run scores each tile against the training tiles that look most like it "
+                            "(tile_norm: neighbours), which needs the training tiles at scoring time", path=run,
+                            fix=f"`uninet-feat calibrate --run {run} --tile-norm position` (or none), then export; "
+                                "or score with predict / Detector")
+    size = (int(cfg["image_size"]),) * 2 if isinstance(cfg["image_size"], int) else tuple(cfg["image_size"])
+    grid, offsets, used_group = None, None, group
+    if cfg.get("tile"):
+        h, w = _input_size(model, cfg, input_size, group, run)
+        grid = tile_grid(h, w, cfg["tile"], cfg.get("tile_overlap", 0))
+        offsets, off_group = _tile_offsets(model, grid, group, run)
+        used_group = off_group or group
+    elif input_size is not None:
+        warnings.warn("--input-size is for tiled runs; this run resizes any image to "
+                      f"{size[1]}x{size[0]}, so the exported model takes any size", stacklevel=2)
+    from .data.tiling import tile_score_reducer
+    rule = cfg.get("tile_score", "max")
+    tile_score_reducer(rule)   # the run's rule checked (and a legacy word warned about) as scoring does
+    graph = ScoringGraph(model, size, grid, offsets, "max" if rule == "max" else "mean").eval()
+
+    gen = torch.Generator().manual_seed(0)
+    # untiled: an example of another size than the model's, so that no size is taken as the only one
+    ex_h, ex_w = (grid.h, grid.w) if grid is not None else (size[0] + 16, size[1] + 32)
+    example = torch.rand(2, 3, ex_h, ex_w, generator=gen)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims = {0: batch} if grid is not None else {0: batch, 2: torch.export.Dim("height", min=8, max=16384),
+                                                   3: torch.export.Dim("width", min=8, max=16384)}
+    outputs = ["map", "score"] + (["tile_scores"] if grid is not None else [])
+    out.mkdir(parents=True, exist_ok=True)
+    probe = torch.rand(3, 3, ex_h, ex_w, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():   # before the export, which leaves the module's tensors in its own state
+        want = [t.numpy().copy() for t in graph(probe)]
+    t0 = time.perf_counter()
+
+    def write(tmp):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")   # the exporter's deprecation and tracing notices, not the user's
+            torch.onnx.export(graph, (example,), tmp, dynamo=True, external_data=False, opset_version=opset,
+                              dynamic_shapes={"image": dims}, input_names=[INPUT], output_names=outputs,
+                              verbose=False, report=False)
+    _quietly(lambda: atomic_write(out / "model.onnx", write), quiet)
+    export_s = time.perf_counter() - t0
+    checked = check_onnx(out / "model.onnx", probe, want) if check else {"skipped": "--no-check"}
+    info = {
+        "format": "onnx", "opset": opset, "uninet_feat": __version__, "torch": torch.__version__,
+        "run": str(run.resolve()), "model_sha256": file_sha256(run_path(run, "model.pt")),
+        "onnx_sha256": file_sha256(out / "model.onnx"), "export_seconds": round(export_s, 1),
+        "input": {"name": INPUT, "decode": DECODE,
+                  "shape": ["N", 3, ex_h, ex_w] if grid is not None else ["N", 3, "H", "W"],
+                  "inside the graph": f"resized to {size[1]}x{size[0]} (bilinear, antialiased), normalised with "
+                                      f"the backbone's mean {list(model.source.mean)} / std {list(model.source.std)}"
+                                      + (", tiled" if grid is not None else "")},
+        "outputs": {
+            "map": ("(N, H, W) pixel map at the input's size: the tiles' maps less their place offsets, stitched"
+                    if grid is not None else
+                    f"(N, {size[0]}, {size[1]}) pixel map at the model's size; predict resizes it to the "
+                    "file's size (bilinear)") + f"; kind: {pixel_map_kind(model.cfg)}",
+            "score": "(N,) image anomaly score, the run's WDM score" + (
+                f" ({rule} of the tile scores)" if grid is not None else ""),
+            **({"tile_scores": f"(N, {grid.n}) each tile's score less its place offset, tiles row-major"}
+               if grid is not None else {})},
+        "threshold": thr, "threshold_rule": thr_rule,
+        "flag": "score > threshold",
+        "pixel_threshold": default_pixel_threshold(run, model),
+        "defect_mask": "map > pixel_threshold",
+        "tiling": None if grid is None else {
+            "tile": list(grid.tile), "overlap": grid.overlap, "origins_yx": [list(o) for o in grid.origins],
+            "tile_score": rule, "group": used_group, "offsets": offsets},
+        "check": checked,
+    }
+    atomic_write_text(out / "model.json", json.dumps(info, indent=2))
+    if (run / "config.yaml").exists():   # the run's settings beside its model (the command's own
+        shutil.copyfile(run_path(run, "config.yaml"), out / "run_config.yaml")   # config.yaml is the CLI's)
+    return info
+
+
+def _quietly(fn, quiet: bool):
+    """Run ``fn`` with the exporter's progress lines (printed to stdout) hidden when ``quiet``."""
+    if not quiet:
+        return fn()
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn()
+
+
+def check_onnx(path, x: torch.Tensor, want: list) -> dict:
+    """Run the ONNX file on images ``x`` and compare with the torch graph's outputs ``want`` on them: the largest
+    differences. Refuses a file whose scores differ by more than ``TOLERANCE``; says so when ONNX Runtime is not
+    installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        warnings.warn("onnxruntime is not installed, so the exported model was not checked against the run "
+                      "(pip install onnxruntime)", stacklevel=2)
+        return {"skipped": "onnxruntime not installed"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {INPUT: x.numpy()})
+    diffs = {name: float(np.abs(g - t).max()) for name, g, t in zip(("map", "score", "tile_scores"), got, want)}
+    scale = max(1.0, float(np.abs(want[1]).max()))
+    if not diffs["score"] <= TOLERANCE * scale:
+        path.unlink(missing_ok=True)
+        raise BadInputError(f"the exported model's scores differ from the run's by {diffs['score']:.3g} "
+                            f"(allowed {TOLERANCE * scale:.3g}); the file was removed", path=path,
+                            fix="report this with the run's config.yaml; score with predict meanwhile")
+    import onnxruntime
+    return {"runtime": f"onnxruntime {onnxruntime.__version__}", "images": int(x.shape[0]),
+            "size": list(x.shape[-2:]),
+            **{f"max_abs_diff_{k}": v for k, v in diffs.items()}}
