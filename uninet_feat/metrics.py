@@ -188,10 +188,12 @@ def _regions(masks: np.ndarray) -> np.ndarray:
     """Global region id (0..R-1) of every defect pixel, in `maps[masks]` order; 8-connected per image."""
     ids, offset = [], 0
     for m in masks:
+        if not m.any():   # no region (a normal image): labelling it adds nothing
+            continue
         lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=int))
         ids.append(lab[m] - 1 + offset)
         offset += n
-    return np.concatenate(ids)
+    return np.concatenate(ids) if ids else np.zeros(0, int)
 
 
 def _area_to(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
@@ -332,6 +334,8 @@ def pixel_histograms(masks, maps, bins: int = 4096, seed=0) -> dict:
         m = np.asarray(m).ravel()
         neg[i] = np.bincount(b[~m], minlength=nb)
         pos[i] = np.bincount(b[m], minlength=nb)
+        if not m.any():   # no defect pixel, no region: not labelled (most test images are normals)
+            continue
         lab, n = ndimage.label(m.reshape(np.shape(per_image[i])), structure=np.ones((3, 3), dtype=int))
         if n:   # every region's counts per bin in one pass: row r - 1 is region r
             c = np.bincount(lab.ravel()[m] * nb + b[m], minlength=(n + 1) * nb).reshape(n + 1, nb)[1:]
