@@ -100,3 +100,19 @@ def test_export_refusals_name_the_fix(plain, tmp_path, monkeypatch, capsys):
     with pytest.raises(BadInputError, match="differ from the run's"):
         export_model(run, tmp_path / "b")
     assert not (tmp_path / "b" / "model.onnx").exists()
+
+
+def test_a_clip_backbone_run_exports_too(tmp_path):
+    """The VLM variant (a CLIP ViT as the teachers' backbone) goes through the same graph."""
+    import torch
+    from uninet_feat.backbones import create_backbone
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=2, n_bad=2)
+    torch.manual_seed(0)
+    torch.save(create_backbone("clip:tiny", weights="random").visual.state_dict(), tmp_path / "w.pt")
+    assert main(["train", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(tmp_path / "w.pt"),
+                 "--image-size", "64", "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    export_model(tmp_path / "run", tmp_path / "m")
+    paths = sorted((data / "test").rglob("*.png"))
+    for (_, s), d in zip(_run_onnx(tmp_path / "m", paths), Detector(tmp_path / "run").score(paths)):
+        assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score))
