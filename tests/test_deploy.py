@@ -116,3 +116,22 @@ def test_a_clip_backbone_run_exports_too(tmp_path):
     paths = sorted((data / "test").rglob("*.png"))
     for (_, s), d in zip(_run_onnx(tmp_path / "m", paths), Detector(tmp_path / "run").score(paths)):
         assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score))
+
+
+def test_the_documented_onnx_runtime_snippet_scores_as_detector(plain, tmp_path, capsys):
+    """docs/usage.md's scoring block (ONNX Runtime, numpy and Pillow only) gives Detector's scores and flags."""
+    import re
+    from pathlib import Path
+    data, run, odd = plain
+    export_model(run, tmp_path / "m")
+    text = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
+    block = re.search(r"Scoring with nothing but ONNX Runtime.*?```python\n(.*?)```", text, re.S).group(1)
+    paths = sorted((data / "test").rglob("*.png")) + sorted(odd.iterdir())
+    capsys.readouterr()
+    exec(compile("\n".join(line[2:] for line in block.splitlines()), "usage.md", "exec"),
+         {"MODEL_DIR": str(tmp_path / "m"), "paths": paths})
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert len(printed) == len(paths)
+    for (p, score, flagged, _), d in zip(printed, Detector(run).score(paths)):
+        assert p == str(d.path) and abs(float(score) - d.score) < 1e-4 * max(1.0, abs(d.score))
+        assert (flagged == "True") == bool(d.flagged)
