@@ -283,3 +283,30 @@ def test_a_detector_scores_camera_frames_as_the_same_pixels_in_files(run, tmp_pa
     assert det.score(grey)[0].score == pytest.approx(from_files[0].score, rel=1e-5)   # one frame alone
     with pytest.raises(BadInputError, match="float32 array of shape"):
         det.score([grey.astype(np.float32)])
+
+
+def test_detection_regions_and_overlay_are_predicts(run, tmp_path):
+    """`Detection.regions()`: the mask's 8-connected regions with their boxes, areas and peaks, hottest first;
+    `Detector.overlay`: the very pixels predict writes as the image's overlay, also for an in-memory frame."""
+    from PIL import Image
+    from uninet_feat.detector import Detection, Detector
+    m = np.zeros((10, 12), np.float32)
+    m[1:3, 2:5] = 2.0           # a 2x3 block
+    m[6, 8] = m[7, 9] = 5.0     # two pixels touching at a corner: one region under 8-connectivity
+    d = Detection("x", 1.0, True, m, m > 1.0)
+    assert [(r.x, r.y, r.width, r.height, r.area, r.peak) for r in d.regions()] == [(8, 6, 2, 2, 2, 5.0),
+                                                                                    (2, 1, 3, 2, 6, 2.0)]
+    assert [r.area for r in d.regions(min_area=3)] == [6] and Detection("y", 1.0, False, m, None).regions() == []
+    imgs = [_png(tmp_path / "b" / f"{i}.png", i) for i in range(3)]
+    res = predict_cmd(run, tmp_path / "b", tmp_path / "p", quiet=True, threshold=-1e9)   # every image flagged
+    det = Detector(run)
+    found = det.score(imgs)
+    for d, row in zip(found, sorted(res["rows"], key=lambda r: r["path"])):
+        assert row["path"] == d.path
+        np.testing.assert_array_equal(det.overlay(d), np.asarray(Image.open(row["overlay"])))
+        assert sum(r.area for r in d.regions()) == int(d.mask.sum())
+    frame = np.asarray(Image.open(imgs[0]))
+    (f,) = det.score(frame)
+    np.testing.assert_array_equal(det.overlay(f, image=frame), det.overlay(found[0]))
+    with pytest.raises(BadInputError, match="in-memory image"):
+        det.overlay(f)

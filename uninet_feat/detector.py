@@ -38,6 +38,17 @@ def _frame_file(image, path: Path, k: int):
     return path, f"<image {k}>"
 
 
+@dataclass(frozen=True)
+class Region:
+    """One defect region of a `Detection`'s mask (8-connected, as AUPRO counts regions), in the image's pixels."""
+    x: int          # left column of its bounding box
+    y: int          # top row
+    width: int
+    height: int
+    area: int       # its pixels
+    peak: float     # the highest map value in it
+
+
 @dataclass
 class Detection:
     path: str
@@ -45,6 +56,21 @@ class Detection:
     flagged: bool | None          # score > threshold; None when there is no threshold
     map: np.ndarray | None        # float32 (H, W) pixel map at the image's own size (``maps=True``)
     mask: np.ndarray | None       # bool (H, W): map > pixel threshold (None without one, or without maps)
+
+    def regions(self, min_area: int = 1) -> list[Region]:
+        """The mask's regions of at least ``min_area`` pixels, the hottest first: where a line's software draws
+        boxes or sorts parts out; [] without a mask."""
+        if self.mask is None or not self.mask.any():
+            return []
+        from scipy import ndimage
+        lab, n = ndimage.label(self.mask, structure=np.ones((3, 3), dtype=int))
+        idx = np.arange(1, n + 1)
+        areas = ndimage.sum_labels(self.mask, lab, idx)
+        peaks = ndimage.maximum(self.map, lab, idx)
+        out = [Region(int(sl[1].start), int(sl[0].start), int(sl[1].stop - sl[1].start),
+                      int(sl[0].stop - sl[0].start), int(a), float(pk))
+               for sl, a, pk in zip(ndimage.find_objects(lab), areas, peaks) if a >= min_area]
+        return sorted(out, key=lambda r: -r.peak)
 
 
 class Detector:
@@ -96,6 +122,29 @@ class Detector:
         step = max(1, int(chunk))
         for i in range(0, len(images), step):
             yield from self._score(images[i:i + step], maps, i)
+
+    def overlay(self, detection: Detection, image=None, alpha: float = 0.5) -> np.ndarray:
+        """uint8 (H, W, 3): ``detection``'s map over its image, as predict draws its overlays (the colour scale of the
+        run's validation normals). ``image``: the frame it was scored from, for in-memory images (``<image k>``),
+        whose temporary file is gone."""
+        from .errors import BadInputError
+        from .overlay import display_range, heatmap_overlay
+        from .scoring import pixel_map_kind
+        if detection.map is None:
+            raise BadInputError(f"{detection.path}: scored with maps=False, so there is no map to draw",
+                                fix="score it with maps=True (the default)")
+        if image is None:
+            if detection.path.startswith("<image "):
+                raise BadInputError(f"{detection.path} was an in-memory image", fix="pass it: overlay(d, image=frame)")
+            image = detection.path
+        if isinstance(image, os.PathLike):
+            image = os.fspath(image)
+        elif not isinstance(image, str):   # arrays and PIL frames as `_frame_file` takes them (palettes as colours)
+            from PIL import Image
+            is_pil = isinstance(image, Image.Image)
+            image = np.asarray(image.convert("RGBA") if is_pil and image.mode in ("P", "PA") else image)
+        vmin, vmax = display_range(self.run, [detection.map], pixel_map_kind(self.model.cfg))
+        return heatmap_overlay(image, detection.map, vmin=vmin, vmax=vmax, alpha=alpha)
 
     def _score(self, images, maps: bool, first: int = 0) -> list[Detection]:
         """Paths scored where they are; in-memory images (`_frame_file`) through a temporary folder."""
