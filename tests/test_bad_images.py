@@ -94,6 +94,42 @@ def test_16bit_png_of_12bit_values_is_read_at_full_scale_with_a_note(tmp_path):
         load_image(_save(tmp_path, "g16.png", Image.fromarray(np.full((8, 12), 5000, np.uint16))))   # uses 16 bits
 
 
+def _png16(path, a):
+    """A 16-bit RGB (or RGBA) PNG written by hand: PIL cannot write one."""
+    import struct
+    import zlib
+    h, w, c = a.shape
+    raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_16bit_colour_is_read_at_8_bits_and_12bit_data_in_it_is_warned(tmp_path):
+    """PIL reads 16-bit colour as each value's high byte: full-range data keeps its scale (8-bit precision);
+    12-bit colour data in a 16-bit file keeps at most 16 levels and reads nearly black, which is said once."""
+    from uninet_feat.data import images
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 65536, (8, 12, 3)).astype(np.uint16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # full-range 16-bit colour: no note
+        a = load_image(_png16(tmp_path / "c16.png", full))
+    np.testing.assert_array_equal(a, (full >> 8).astype(np.float32) / 255)
+    images._FEW_BITS_COLOUR.clear()
+    twelve = rng.integers(0, 4096, (8, 12, 3)).astype(np.uint16)
+    with pytest.warns(UserWarning, match=r"c12.png: a 16-bit colour image whose values stay below 4096"):
+        a = load_image(_png16(tmp_path / "c12.png", twelve))
+    assert a.max() < 16 / 255 + 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(tmp_path / "c12.png")                     # once per process
+        load_image(_save(tmp_path, "dark8.png", Image.fromarray((twelve >> 8).astype(np.uint8))))   # 8-bit: no note
+    images._FEW_BITS_COLOUR.clear()
+
+
 def test_32bit_int_tiff_scaled_by_tag(tmp_path):
     arr = np.tile(np.array([0, 2 ** 30, 2 ** 31 - 1], np.int32), (8, 4))
     a = load_image(_save(tmp_path, "i32.tif", Image.fromarray(arr)))

@@ -310,3 +310,26 @@ def test_detection_regions_and_overlay_are_predicts(run, tmp_path):
     np.testing.assert_array_equal(det.overlay(f, image=frame), det.overlay(found[0]))
     with pytest.raises(BadInputError, match="in-memory image"):
         det.overlay(f)
+
+
+def test_a_detector_reads_colour_frames_of_any_form_as_their_files(run, tmp_path):
+    """Colour frames score as the files they would be: a 16-bit colour array as a 16-bit colour file (its high
+    byte, as PIL reads one), a PIL CMYK image (which PNG cannot hold) as its JPEG/TIFF, and a PIL image opened
+    from an EXIF-rotated file upright, as that file."""
+    from uninet_feat.detector import Detector
+    rng = np.random.default_rng(5)
+    colour = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    deep = colour.astype(np.uint16) * 256 + rng.integers(0, 256, colour.shape).astype(np.uint16)
+    Image.fromarray(colour).save(tmp_path / "c.png")
+    Image.fromarray(colour).convert("CMYK").save(tmp_path / "k.tif")
+    sideways = Image.fromarray(np.rot90(colour, 1).copy())
+    exif = sideways.getexif()
+    exif[0x0112] = 6                                    # stored turned left: shown upright
+    sideways.save(tmp_path / "r.png", exif=exif)
+    det = Detector(run)
+    c, k, r = det.score([tmp_path / "c.png", tmp_path / "k.tif", tmp_path / "r.png"])
+    assert r.score == pytest.approx(c.score, rel=1e-6)  # the rotated file reads as the upright one
+    frames = det.score([deep, Image.open(tmp_path / "k.tif"), Image.open(tmp_path / "r.png")])
+    for a, b in zip((c, k, r), frames):
+        assert a.score == pytest.approx(b.score, rel=1e-5) and a.map.shape == b.map.shape == (40, 48)
+        np.testing.assert_allclose(a.map, b.map, rtol=1e-4, atol=1e-5)

@@ -30,7 +30,8 @@ from .errors import BadInputError
 INPUT = "image"
 OPSET = 18   # the first ONNX opset whose Resize has antialias, which the training resize uses
 TOLERANCE = 1e-3   # largest |ONNX - torch| image score accepted, relative to max(1, |score|)
-DECODE = ("RGB, float32 in [0, 1], shape (N, 3, H, W): 8-bit values / 255, 16-bit / 65535; a grey image "
+DECODE = ("RGB, float32 in [0, 1], shape (N, 3, H, W): 8-bit values / 255, 16-bit grey / 65535 (16-bit colour: "
+          "its high byte / 255, as PIL reads it); a grey image "
           "repeated to three channels; alpha dropped; the EXIF orientation applied -- as "
           "uninet_feat.data.images.load_image decodes a file")
 

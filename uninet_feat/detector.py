@@ -14,26 +14,41 @@ from pathlib import Path
 import numpy as np
 
 
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L"})
+
+
 def _frame_file(image, path: Path, k: int):
     """(file to score, name for the result): a path as it is (name None: the path), or an in-memory image — a uint8
     / uint16 numpy array (H, W), (H, W, 3) or (H, W, 4), or a PIL image, e.g. a camera frame — written losslessly
-    to ``path`` (PNG), so it is read exactly as a file of the same pixels would be, and named ``<image k>``."""
+    to ``path`` (PNG; a TIFF beside it for modes PNG cannot hold, e.g. CMYK), so it is read exactly as a file of
+    the same pixels would be, and named ``<image k>``. Colour arrays are RGB (OpenCV's BGR must be reversed first:
+    ``frame[..., ::-1]``); a 16-bit colour array is read as a 16-bit colour file is, at 8 bits (its high byte). A
+    PIL image is taken upright, as its file: its EXIF orientation is applied."""
     from PIL import Image
 
     from .errors import BadInputError
     if isinstance(image, (str, os.PathLike)):
         return image, None
     if isinstance(image, Image.Image):
-        image.save(path, compress_level=1)
-        return path, f"<image {k}>"
+        # as `load_image` reads the file it came from: upright (a file's EXIF orientation, which a PNG written
+        # here would not carry), and in a lossless container that holds its mode (PNG cannot hold CMYK, YCbCr, ...)
+        from PIL import ImageOps
+        image = ImageOps.exif_transpose(image)
+        if image.mode in _PNG_MODES:
+            image.save(path, compress_level=1)
+            return path, f"<image {k}>"
+        image.save(path.with_suffix(".tif"))
+        return path.with_suffix(".tif"), f"<image {k}>"
     a = np.asarray(image)
     if a.dtype not in (np.uint8, np.uint16) or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise BadInputError(f"image {k}: a {a.dtype} array of shape {a.shape} is not an image this reads",
                             fix="pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    if a.dtype == np.uint16 and a.ndim == 3:   # PIL writes 16-bit grey PNGs only
-        raise BadInputError(f"image {k}: 16-bit colour arrays are not read", fix="pass uint8 colour, or 16-bit grey")
+    if a.dtype == np.uint16 and a.ndim == 3:   # PIL has no 16-bit colour mode: a 16-bit colour file reads as its high byte
+        from .data.images import few_bits_colour_note
+        a = (a >> 8).astype(np.uint8)
+        few_bits_colour_note(f"<image {k}>", a)
     Image.fromarray(a).save(path, compress_level=1)
     return path, f"<image {k}>"
 

@@ -14,8 +14,9 @@ Rules (why):
 - EXIF orientation is applied (``ImageOps.exif_transpose``), to images and masks alike: cameras store
   portrait JPEGs sideways with a tag, viewers show them upright, and masks are drawn on what the viewer
   shows. A mask (PNG) without the tag is used as stored. Sizes from the header (`read_size`) follow it too.
-- 16-bit *RGB* PNGs are reduced to 8 bits by PIL itself (it has no 16-bit RGB mode); the values
-  stay correctly scaled, only precision is lost.
+- 16-bit *RGB* PNGs and TIFFs are reduced to 8 bits by PIL itself (it has no 16-bit RGB mode: each value's
+  high byte / 255); the values stay correctly scaled, only precision is lost. 8- or 12-bit data in such a file
+  keeps at most 16 levels and reads nearly black: warned (`few_bits_colour_note`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def _open(path, decode: bool = True) -> Image.Image:
     try:
         img = Image.open(p)
         if decode:
+            # PIL reduces 16-bit colour to 8 bits while decoding; what the file held is known only before
+            img.uninet_deep_colour = img.mode in ("RGB", "RGBA") and any(
+                ";16" in str(getattr(t, "args", "")) for t in (img.tile or ()))
             img.load()
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as e:
         if img is not None:
@@ -166,6 +170,21 @@ def _few_bits_note(path, raw: np.ndarray, full: float) -> None:
                       "once per run)")
 
 
+_FEW_BITS_COLOUR: list[str] = []   # the one 16-bit colour image the note named (said once per process)
+
+
+def few_bits_colour_note(path, a8: np.ndarray) -> None:
+    """Warn (once per process) when a 16-bit colour image, which PIL reads at 8 bits (the high byte of each value),
+    keeps every value below 16 of 255: 8- or 12-bit camera data stored in a 16-bit file then reads as a nearly black
+    image with at most 16 levels per channel, the rest of its bits lost (16-bit grey keeps them: `_few_bits_note`)."""
+    if not _FEW_BITS_COLOUR and a8.size and 0 < int(a8[..., :3].max()) < 16:
+        _FEW_BITS_COLOUR.append(str(path))
+        warnings.warn(f"{path}: a 16-bit colour image whose values stay below 4096 (read at 8 bits: max "
+                      f"{int(a8[..., :3].max())} of 255): if it holds 8- or 12-bit camera data, PIL keeps only the "
+                      "high byte of each value, so it reads nearly black with at most 16 levels per channel. Fix: "
+                      "store such frames as 8-bit colour, or scale them to the full 16-bit range (said once per run)")
+
+
 def _int_max(img: Image.Image, a: np.ndarray) -> float:
     """Full-scale value of a 32-bit-int PIL image: from the TIFF tags when present (bits, signedness),
     else 65535 (old PIL opens 16-bit PNGs as mode I; a max that fits 16 bits is taken as 16-bit data)."""
@@ -190,6 +209,8 @@ def load_image(path, min_side: int = MIN_SIDE) -> np.ndarray:
         if min(h, w) < min_side:
             raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=path,
                                 fix=f"remove it (or --skip-bad to leave it out): images need at least {min_side} px a side")
+        if getattr(img, "uninet_deep_colour", False):
+            few_bits_colour_note(path, np.asarray(img))
         a = _to_array(oriented(img), path, meta=img)
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
