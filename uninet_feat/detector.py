@@ -152,14 +152,13 @@ class Detector:
             if detection.path.startswith("<image "):
                 raise BadInputError(f"{detection.path} was an in-memory image", fix="pass it: overlay(d, image=frame)")
             image = detection.path
-        if isinstance(image, os.PathLike):
-            image = os.fspath(image)
-        elif not isinstance(image, str):   # arrays and PIL frames as `_frame_file` takes them (palettes as colours)
-            from PIL import Image
-            is_pil = isinstance(image, Image.Image)
-            image = np.asarray(image.convert("RGBA") if is_pil and image.mode in ("P", "PA") else image)
         vmin, vmax = display_range(self.run, [detection.map], pixel_map_kind(self.model.cfg))
-        return heatmap_overlay(image, detection.map, vmin=vmin, vmax=vmax, alpha=alpha)
+        if isinstance(image, (str, os.PathLike)):
+            return heatmap_overlay(os.fspath(image), detection.map, vmin=vmin, vmax=vmax, alpha=alpha)
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="uninet-feat-frames-") as tmp:   # the pixels it was scored from
+            f, _ = _frame_file(image, Path(tmp) / "frame.png", 0)
+            return heatmap_overlay(str(f), detection.map, vmin=vmin, vmax=vmax, alpha=alpha)
 
     def _score(self, images, maps: bool, first: int = 0) -> list[Detection]:
         """Paths scored where they are; in-memory images (`_frame_file`) through a temporary folder."""
