@@ -233,6 +233,7 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
             raw = np.asarray(img.convert("RGB"))
         else:
             raw = np.asarray(img)
+    channels = raw   # its colours, for `_refuse_pictures` once the size is known to fit
     if raw.ndim == 3:
         raw = raw.max(axis=2) if raw.dtype != bool else raw.any(axis=2)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
@@ -243,6 +244,7 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
         raise BadInputError(f"mask is {w}x{h} px but {img_txt} is {size[1]}x{size[0]} px", path=path,
                             fix=f"resize the mask to {size[1]}x{size[0]} with nearest-neighbour, "
                                 "or check that the mask belongs to this image")
+    _refuse_pictures(channels, path, image_path)
     if len(np.unique(raw)) > 2:
         _NONBINARY.append(str(path))
         if len(_NONBINARY) == 1:  # once per process: anti-aliased mask sets would otherwise flood the log
@@ -253,6 +255,26 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
 
 
 _NONBINARY: list[str] = []
+PICTURE_COVER, PICTURE_VALUES = 0.99, 16   # a "mask" non-zero almost everywhere with this many values is a picture
+
+
+def _refuse_pictures(raw: np.ndarray, path, image_path=None) -> None:
+    """Refuse a mask file that is a picture: non-zero in over 99 % of its pixels with more than 16 distinct values
+    (or colours). Why: ``x.png`` beside ``x.jpg`` is x.jpg's mask (the magnetic-tile convention), so a camera that
+    saves each frame twice gave every image a "mask" of 100 % defect, silently. No magnetic-tile mask comes near
+    (at most 50 % of an image); an anti-aliased mask has many values but a zero background."""
+    nonzero = raw.any(axis=2) if raw.ndim == 3 else raw != 0
+    if raw.dtype == bool or nonzero.mean() <= PICTURE_COVER:
+        return
+    values = np.unique(raw.reshape(-1, raw.shape[2]), axis=0) if raw.ndim == 3 else np.unique(raw)
+    if len(values) <= PICTURE_VALUES:
+        return
+    of = f" of {image_path}" if image_path else ""
+    raise BadInputError(f"this mask{of} is a picture, not a defect mask: {nonzero.mean():.0%} of its pixels are "
+                        f"non-zero, in {len(values)} distinct values", path=path,
+                        fix=f"if it is a second copy of the image, move or rename it ({Path(str(path)).name} beside "
+                            "a same-named image is read as that image's mask); else re-export the mask as black "
+                            "(normal) and white (defect); --skip-bad scores the image without it")
 
 
 def nonbinary_masks() -> list[str]:
