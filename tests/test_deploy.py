@@ -95,11 +95,21 @@ def test_export_refusals_name_the_fix(plain, tmp_path, monkeypatch, capsys):
         main(["export-model", "--run", str(run), "--out", str(tmp_path / "a"), "--input-size", "4096", "--quiet"])
     assert main(["export-model", "--run", str(run), "--out", str(tmp_path / "a"), "--opset", "17", "--quiet"]) != 0
     assert "opset 18 or later" in capsys.readouterr().err   # the command says it, without a traceback
+    with pytest.raises(BadInputError, match="wrote opset"):   # past what onnx converts: torch kept 18 silently
+        export_model(run, tmp_path / "o", opset=99)
+    assert not (tmp_path / "o" / "model.onnx").exists()
+    from uninet_feat.featstore import file_sha256
     import uninet_feat.deploy as deploy
+    export_model(run, tmp_path / "b")   # a good export, then a refused one into the same folder
     monkeypatch.setattr(deploy, "TOLERANCE", -1.0)   # every difference too large: the file must not stay
     with pytest.raises(BadInputError, match="differ from the run's"):
+        export_model(run, tmp_path / "c")
+    assert not (tmp_path / "c" / "model.onnx").exists()
+    with pytest.raises(BadInputError, match="differ from the run's"):
         export_model(run, tmp_path / "b")
-    assert not (tmp_path / "b" / "model.onnx").exists()
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())   # the previous pair, whole and matching
+    assert meta["onnx_sha256"] == file_sha256(tmp_path / "b" / "model.onnx")
+    assert not [p.name for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_clip_backbone_run_exports_too(tmp_path):

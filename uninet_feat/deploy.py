@@ -176,19 +176,28 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
         want = [t.numpy().copy() for t in graph(probe)]
     t0 = time.perf_counter()
 
-    def write(tmp):
-        with warnings.catch_warnings(), torch.no_grad():
+    done: dict = {}
+
+    def write(tmp):   # exported and checked under a temp name: a refused or interrupted export leaves the folder's
+        with warnings.catch_warnings(), torch.no_grad():   # previous model.onnx and model.json as they were
             warnings.simplefilter("ignore")   # the exporter's deprecation and tracing notices, not the user's
             torch.onnx.export(graph, (example,), tmp, dynamo=True, external_data=False, opset_version=opset,
                               dynamic_shapes={"image": dims}, input_names=[INPUT], output_names=outputs,
                               verbose=False, report=False)
+        done["export_s"] = time.perf_counter() - t0
+        _check_opset(tmp, opset)   # torch keeps opset 18 when it cannot convert to the one asked for
+        try:
+            done["check"] = check_onnx(Path(tmp), probe, want) if check else {"skipped": "--no-check"}
+        except BadInputError as e:   # named by the file it would have been, not its temp name
+            raise BadInputError(e.reason, path=out / "model.onnx", fix=e.fix) from None
+        done["sha"] = file_sha256(tmp)
+        (out / "model.json").unlink(missing_ok=True)   # never the old model.json beside the new model.onnx
     _quietly(lambda: atomic_write(out / "model.onnx", write), quiet)
-    export_s = time.perf_counter() - t0
-    checked = check_onnx(out / "model.onnx", probe, want) if check else {"skipped": "--no-check"}
+    export_s, checked = done["export_s"], done["check"]
     info = {
         "format": "onnx", "opset": opset, "uninet_feat": __version__, "torch": torch.__version__,
         "run": str(run.resolve()), "model_sha256": file_sha256(run_path(run, "model.pt")),
-        "onnx_sha256": file_sha256(out / "model.onnx"), "export_seconds": round(export_s, 1),
+        "onnx_sha256": done["sha"], "export_seconds": round(export_s, 1),
         "input": {"name": INPUT, "decode": DECODE,
                   "shape": ["N", 3, ex_h, ex_w] if grid is not None else ["N", 3, "H", "W"],
                   "inside the graph": f"resized to {size[1]}x{size[0]} (bilinear, antialiased), normalised with "
@@ -198,7 +207,9 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
             "map": ("(N, H, W) pixel map at the input's size: the tiles' maps less their place offsets, stitched"
                     if grid is not None else
                     f"(N, {size[0]}, {size[1]}) pixel map at the model's size; predict resizes it to the "
-                    "file's size (bilinear)") + f"; kind: {pixel_map_kind(model.cfg)}",
+                    "file's size: bilinear, half-pixel centres, antialiased where it shrinks (Pillow's BILINEAR, "
+                    "torch's interpolate(antialias=True)); a plain bilinear resize (OpenCV INTER_LINEAR) differs "
+                    "where the file is smaller than the model's size") + f"; kind: {pixel_map_kind(model.cfg)}",
             "score": "(N,) image anomaly score, the run's WDM score" + (
                 f" ({rule} of the tile scores)" if grid is not None else ""),
             **({"tile_scores": f"(N, {grid.n}) each tile's score less its place offset, tiles row-major"}
@@ -218,6 +229,16 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     return info
 
 
+def _check_opset(path, opset: int) -> None:
+    """Refuse a file whose default-domain opset is not ``opset`` (model.json would name the wrong one)."""
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    got = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if got != {int(opset)}:
+        raise BadInputError(f"--opset {opset}: torch's exporter wrote opset {sorted(got)} instead (it converts only to "
+                            "the opsets the installed onnx knows)", fix=f"--opset {OPSET} (the default)")
+
+
 def _quietly(fn, quiet: bool):
     """Run ``fn`` with the exporter's progress lines (printed to stdout) hidden when ``quiet``."""
     if not quiet:
@@ -230,7 +251,7 @@ def _quietly(fn, quiet: bool):
 
 def check_onnx(path, x: torch.Tensor, want: list) -> dict:
     """Run the ONNX file on images ``x`` and compare with the torch graph's outputs ``want`` on them: the largest
-    differences. Refuses a file whose scores differ by more than ``TOLERANCE``; says so when ONNX Runtime is not
+    differences. Raises for a file whose scores differ by more than ``TOLERANCE``; says so when ONNX Runtime is not
     installed."""
     try:
         import onnxruntime as ort
@@ -243,9 +264,8 @@ def check_onnx(path, x: torch.Tensor, want: list) -> dict:
     diffs = {name: float(np.abs(g - t).max()) for name, g, t in zip(("map", "score", "tile_scores"), got, want)}
     scale = max(1.0, float(np.abs(want[1]).max()))
     if not diffs["score"] <= TOLERANCE * scale:
-        path.unlink(missing_ok=True)
         raise BadInputError(f"the exported model's scores differ from the run's by {diffs['score']:.3g} "
-                            f"(allowed {TOLERANCE * scale:.3g}); the file was removed", path=path,
+                            f"(allowed {TOLERANCE * scale:.3g}); it was not kept", path=path,
                             fix="report this with the run's config.yaml; score with predict meanwhile")
     import onnxruntime
     return {"runtime": f"onnxruntime {onnxruntime.__version__}", "images": int(x.shape[0]),
