@@ -101,6 +101,12 @@ def test_export_refusals_name_the_fix(plain, tmp_path, monkeypatch, capsys):
     from uninet_feat.featstore import file_sha256
     import uninet_feat.deploy as deploy
     export_model(run, tmp_path / "b")   # a good export, then a refused one into the same folder
+    import torch
+    x = torch.rand(1, 3, 64, 64)
+    got = ort.InferenceSession(str(tmp_path / "b" / "model.onnx")).run(None, {"image": x.numpy()})
+    assert deploy.check_onnx(tmp_path / "b" / "model.onnx", x, got)["max_abs_diff_score"] == 0
+    with pytest.raises(BadInputError, match="maps differ"):   # the heatmap is checked too, not only the score
+        deploy.check_onnx(tmp_path / "b" / "model.onnx", x, [got[0] + 0.5, got[1]])
     monkeypatch.setattr(deploy, "TOLERANCE", -1.0)   # every difference too large: the file must not stay
     with pytest.raises(BadInputError, match="differ from the run's"):
         export_model(run, tmp_path / "c")

@@ -29,7 +29,7 @@ from .errors import BadInputError
 
 INPUT = "image"
 OPSET = 18   # the first ONNX opset whose Resize has antialias, which the training resize uses
-TOLERANCE = 1e-3   # largest |ONNX - torch| image score accepted, relative to max(1, |score|)
+TOLERANCE = 1e-3   # largest |ONNX - torch| score (and map value) accepted, relative to max(1, their largest |value|)
 DECODE = ("RGB, float32 in [0, 1], shape (N, 3, H, W): 8-bit values / 255, 16-bit grey / 65535 (16-bit colour: "
           "its high byte / 255, as PIL reads it); a grey image "
           "repeated to three channels; alpha dropped; the EXIF orientation applied -- as "
@@ -149,6 +149,9 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                                 "or score with predict / Detector")
     size = (int(cfg["image_size"]),) * 2 if isinstance(cfg["image_size"], int) else tuple(cfg["image_size"])
     grid, offsets, used_group = None, None, group
+    if group is not None and not (cfg.get("tile") and model.cfg.get("tile_offsets")):
+        warnings.warn(f"--group {group}: this run has no per-group place offsets (tile_norm: position), so the "
+                      "exported model is the same for every group; --group changes nothing", stacklevel=2)
     if cfg.get("tile"):
         h, w = _input_size(model, cfg, input_size, group, run)
         grid = tile_grid(h, w, cfg["tile"], cfg.get("tile_overlap", 0))
@@ -262,11 +265,12 @@ def check_onnx(path, x: torch.Tensor, want: list) -> dict:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {INPUT: x.numpy()})
     diffs = {name: float(np.abs(g - t).max()) for name, g, t in zip(("map", "score", "tile_scores"), got, want)}
-    scale = max(1.0, float(np.abs(want[1]).max()))
-    if not diffs["score"] <= TOLERANCE * scale:
-        raise BadInputError(f"the exported model's scores differ from the run's by {diffs['score']:.3g} "
-                            f"(allowed {TOLERANCE * scale:.3g}); it was not kept", path=path,
-                            fix="report this with the run's config.yaml; score with predict meanwhile")
+    for name, out in (("score", 1), ("map", 0)):   # heatmaps and masks are outputs too, on their own scale
+        scale = max(1.0, float(np.abs(want[out]).max()))
+        if not diffs[name] <= TOLERANCE * scale:
+            raise BadInputError(f"the exported model's {name}s differ from the run's by {diffs[name]:.3g} (allowed "
+                                f"{TOLERANCE * scale:.3g}); it was not kept", path=path,
+                                fix="report this with the run's config.yaml; score with predict meanwhile")
     import onnxruntime
     return {"runtime": f"onnxruntime {onnxruntime.__version__}", "images": int(x.shape[0]),
             "size": list(x.shape[-2:]),
