@@ -333,3 +333,31 @@ def test_a_detector_reads_colour_frames_of_any_form_as_their_files(run, tmp_path
     for a, b in zip((c, k, r), frames):
         assert a.score == pytest.approx(b.score, rel=1e-5) and a.map.shape == b.map.shape == (40, 48)
         np.testing.assert_allclose(a.map, b.map, rtol=1e-4, atol=1e-5)
+
+
+def test_the_kinds_a_run_was_trained_on_are_recorded_and_named_once_by_a_detector(run, tmp_path):
+    """calibration.json counts the training normals' grey and colour files; a run trained on both kinds is warned
+    about at training and then names neither kind as foreign (it named one from its validation normals alone); a
+    Detector names colour frames of a grey run once, not on every call."""
+    import warnings
+    from uninet_feat.detector import Detector
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["image_kinds"]["colour"] == 0 and cal["image_kinds"]["grey"] >= 6
+    det = Detector(run)
+    frame = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    with pytest.warns(UserWarning, match="1 of 1 images are colour .*trained on grey"):
+        det.score(frame)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*images are (colour|grey)")
+        det.score([frame, frame])   # said once per Detector
+    tex = write_texture_set(tmp_path / "mixed", n_train=8, n_good=1, n_bad=1, size=32)
+    for p in sorted((tex / "train" / "good").glob("*.png"))[:3]:   # a second camera's colour frames
+        Image.open(p).convert("RGB").save(p)
+    with pytest.warns(UserWarning, match=r"training normals mix grey and colour files: 3 colour \(.*\) among 5 grey"):
+        train(load_config(None, {"data": str(tex), "backbone": "tiny", "weights": "random", "image_size": 32,
+                                 "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
+              tmp_path / "r", quiet=True)
+    assert json.loads((tmp_path / "r" / "calibration.json").read_text())["image_kinds"] == {"grey": 5, "colour": 3}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*images are (colour|grey)")
+        Detector(tmp_path / "r").score([frame, sorted((tex / "test").rglob("*.png"))[0]])

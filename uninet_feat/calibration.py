@@ -84,6 +84,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"))
     if choice is not None:
         cal["pixel_map_choice"] = choice
+    cal["image_kinds"] = _image_kinds(cfg)
     if offsets is not None:
         near = offsets.pop("neighbours", None)
         if near is not None:   # the tiles' scores and contexts beside calibration.json, written first
@@ -95,6 +96,20 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
         cal["model_sha256"] = file_sha256(Path(out) / "model.pt")
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
     return cal
+
+
+def _image_kinds(cfg: dict) -> dict[str, int] | None:
+    """How many of the run's normals (training and validation) are grey and colour files, from their headers: what
+    `predict` and `Detector` compare new images with (a run trained on grey has no meaning on colour, and the
+    validation normals alone may all be of one kind when the training mixed both). None when the data is gone."""
+    from .data.images import colour_kinds
+    from .runs import load_samples, train_val_samples
+    try:
+        fit, val = train_val_samples(load_samples(cfg), cfg)
+    except (BadInputError, OSError):
+        return None
+    kinds = colour_kinds(s.path for s in fit + val if s.is_normal)
+    return {k: len(v) for k, v in kinds.items()} if any(kinds.values()) else None
 
 
 def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:

@@ -117,6 +117,8 @@ class Detector:
             pixel_threshold = default_pixel_threshold(self.run, self.model)
         self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
         self.group = group
+        from .predict import trained_colour_kind
+        self._trained_kind = trained_colour_kind(self.run)   # images of the other kind are named once per Detector
 
     def score(self, images, maps: bool = True) -> list[Detection]:
         """One `Detection` per image in ``images``, in order: file paths, or in-memory images (uint8 / uint16 numpy
@@ -173,6 +175,10 @@ class Detector:
         from .evaluate import score_samples
         from .predict import map_at_image_size
         samples = [Sample(Path(os.path.abspath(p)), "", "", None, self.group or "") for p in images]
+        if self._trained_kind is not None:   # as predict does; said once, not on every frame of a line
+            from .predict import _warn_other_colour_kind
+            if _warn_other_colour_kind(self.run, samples, trained=self._trained_kind):
+                self._trained_kind = None
         got: dict[str, np.ndarray] = {}
 
         def keep(s, m, _mask):   # each finished map at the image's own size, as predict --save-maps writes it

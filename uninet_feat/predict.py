@@ -227,22 +227,32 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     return {**summary, "rows": rows}
 
 
-def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20, n_look: int = 16) -> None:
+def trained_colour_kind(run_dir: Path, n_ref: int = 20) -> str | None:
+    """"grey" or "colour": the one kind of image the run was trained on; None when it had both or nobody can tell.
+    From calibration.json's ``image_kinds`` (every training normal's header, counted since session 27), else from
+    the headers of up to ``n_ref`` of its validation normals (older runs)."""
+    from .data.images import colour_kind
+    try:
+        cal = json.loads((Path(run_dir) / "calibration.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if cal.get("image_kinds"):
+        ref = {k for k, n in cal["image_kinds"].items() if n}
+    else:
+        ref = {colour_kind(p) for p in cal.get("val_paths", [])[:n_ref]} - {None}
+    return ref.pop() if len(ref) == 1 else None   # none readable (moved), or a run trained on both kinds
+
+
+def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = 16, trained: str | None = None) -> bool:
     """Warn when the batch holds colour images and the run was trained on grey ones, or the other way round:
     the model never saw such inputs, and its scores carry no meaning there (they were given silently). The run's
-    kind is read from the headers of up to ``n_ref`` validation normals listed in calibration.json. Colour files
-    of a grey-trained run are looked into (``n_look`` of them, spread over the batch): grey pictures saved as RGB
-    or RGBA are not named (such a tile scored exactly as its grey original, and was named)."""
+    kind: `trained_colour_kind` (or ``trained``). Colour files of a grey-trained run are looked into (``n_look`` of
+    them, spread over the batch): grey pictures saved as RGB or RGBA are not named (such a tile scored exactly as
+    its grey original, and was named). Returns whether it warned of images of the other kind."""
     from .data.images import colour_kind, grey_content
-    cal_path = Path(run_dir) / "calibration.json"
-    try:
-        ref = [colour_kind(p) for p in json.loads(cal_path.read_text()).get("val_paths", [])[:n_ref]]
-    except (OSError, ValueError):
-        return
-    ref = {k for k in ref if k is not None}
-    if len(ref) != 1:   # none readable (moved), or a run trained on both kinds
-        return
-    trained = ref.pop()
+    trained = trained or trained_colour_kind(run_dir)
+    if trained is None:
+        return False
     other = [str(s.path) for s in samples if colour_kind(s.path) not in (None, trained)]
     unlooked = []
     if other and trained == "grey":   # colour files: grey pictures in them are what the run was trained on
@@ -255,13 +265,14 @@ def _warn_other_colour_kind(run_dir: Path, samples, n_ref: int = 20, n_look: int
                               f"{len(looked)} looked into hold grey pictures, as the run was trained on. Fix: none "
                               "if they all do; else score colour ones with a run trained on colour images",
                               stacklevel=2)
-            return
+            return False
     if other:
         kind = "colour" if trained == "grey" else "grey"
         more = f"; {len(unlooked)} more colour file(s) were not looked into" if unlooked else ""
         warnings.warn(f"{len(other)} of {len(samples)} images are {kind} ({', '.join(other[:3])}"
                       f"{', ...' if len(other) > 3 else ''}){more}; the run was trained on {trained} images, so its "
                       f"scores there carry no meaning. Fix: train a run on {kind} images of this line", stacklevel=2)
+    return bool(other)
 
 
 def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:

@@ -94,6 +94,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                             "processes: each needs at least one image", fix=f"--batch-size {world} or more")
     if not resume and rank == 0:
         _say_split(fit, val, test, quiet)
+        _mixed_kinds_note(fit + val)
         if cfg.get("supervised"):
             _supervision_notes(fit, cfg)
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
@@ -281,6 +282,22 @@ def _check_before_training(used, test) -> None:
             raise BadInputError(f"{e.reason}\nand among the test images, which evaluate would refuse: {t.reason}",
                                 fix=e.fix) from e
         raise
+
+
+def _mixed_kinds_note(normals) -> None:
+    """Warn when the training normals mix grey and colour files (headers only): a second camera, or a converted
+    batch, that the model then learns as two kinds of normal; the fewer kind is named."""
+    from .data.images import colour_kinds
+    kinds = colour_kinds(s.path for s in normals if s.is_normal)
+    if kinds["grey"] and kinds["colour"]:
+        few = min(kinds, key=lambda k: len(kinds[k]))
+        more = "colour" if few == "grey" else "grey"
+        names = kinds[few]
+        warnings.warn(f"the training normals mix grey and colour files: {len(names)} {few} "
+                      f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) among {len(kinds[more])} {more}; "
+                      f"the model learns both as normal, and {more} scores of {few} images are not comparable. Fix: "
+                      "train on one kind (convert the others, or move them to a run of their own), unless the line "
+                      "really has both", stacklevel=3)
 
 
 def _say_split(fit, val, test, quiet: bool) -> None:

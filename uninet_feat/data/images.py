@@ -97,6 +97,16 @@ def colour_kind(path) -> str | None:
         return None
 
 
+def colour_kinds(paths) -> dict[str, list[str]]:
+    """{"grey": [...], "colour": [...]}: ``paths`` by `colour_kind` (headers only; unreadable ones left out)."""
+    out: dict[str, list[str]] = {"grey": [], "colour": []}
+    for p in paths:
+        k = colour_kind(p)
+        if k is not None:
+            out[k].append(str(p))
+    return out
+
+
 def grey_content(path, tolerance: int = 3) -> bool | None:
     """Whether a colour file holds a grey picture (every pixel's channels within ``tolerance`` of 255 of each other,
     JPEG's chroma rounding allowed), from a reduced decode; None when it cannot be read. What `colour_kind`'s
