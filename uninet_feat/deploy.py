@@ -31,9 +31,10 @@ INPUT = "image"
 OPSET = 18   # the first ONNX opset whose Resize has antialias, which the training resize uses
 TOLERANCE = 1e-3   # largest |ONNX - torch| score (and map value) accepted, relative to max(1, their largest |value|)
 DECODE = ("RGB, float32 in [0, 1], shape (N, 3, H, W): 8-bit values / 255, 16-bit grey / 65535 (16-bit colour: "
-          "its high byte / 255, as PIL reads it); a grey image "
-          "repeated to three channels; alpha dropped; the EXIF orientation applied -- as "
-          "uninet_feat.data.images.load_image decodes a file")
+          "its high byte / 255, as PIL reads it); a grey image repeated to three channels; alpha dropped; palette "
+          "and CMYK images as PIL converts them to RGB; the EXIF orientation applied; at least 8 px a side -- as "
+          "uninet_feat.data.images.load_image decodes a file (which also scales 32-bit integer and float images: "
+          "see its _to_array)")
 
 
 class ScoringGraph(torch.nn.Module):
