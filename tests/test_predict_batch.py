@@ -345,8 +345,8 @@ def test_the_kinds_a_run_was_trained_on_are_recorded_and_named_once_by_a_detecto
     assert cal["image_kinds"]["colour"] == 0 and cal["image_kinds"]["grey"] >= 6
     det = Detector(run)
     frame = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    with pytest.warns(UserWarning, match="1 of 1 images are colour .*trained on grey"):
-        det.score(frame)
+    with pytest.warns(UserWarning, match=r"1 of 1 images are colour \(<image 0>\).*trained on grey"):
+        det.score(frame)   # named as the result is, not by its temporary file
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*images are (colour|grey)")
         det.score([frame, frame])   # said once per Detector

@@ -167,17 +167,18 @@ class Detector:
         import tempfile
         with tempfile.TemporaryDirectory(prefix="uninet-feat-frames-") as tmp:
             files = [_frame_file(p, Path(tmp) / f"{first + k:06d}.png", first + k) for k, p in enumerate(images)]
-            dets = self._score_files([f for f, _ in files], maps)
+            dets = self._score_files([f for f, _ in files], maps,
+                                     {os.path.abspath(f): name for f, name in files if name is not None})
         return [Detection(name or d.path, d.score, d.flagged, d.map, d.mask) for d, (_, name) in zip(dets, files)]
 
-    def _score_files(self, images, maps: bool) -> list[Detection]:
+    def _score_files(self, images, maps: bool, names: dict | None = None) -> list[Detection]:
         from .data.layouts import Sample
         from .evaluate import score_samples
         from .predict import map_at_image_size
         samples = [Sample(Path(os.path.abspath(p)), "", "", None, self.group or "") for p in images]
         if self._trained_kind is not None:   # as predict does; said once, not on every frame of a line
             from .predict import _warn_other_colour_kind
-            if _warn_other_colour_kind(self.run, samples, trained=self._trained_kind):
+            if _warn_other_colour_kind(self.run, samples, trained=self._trained_kind, names=names):
                 self._trained_kind = None
         got: dict[str, np.ndarray] = {}
 

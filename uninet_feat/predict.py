@@ -243,12 +243,14 @@ def trained_colour_kind(run_dir: Path, n_ref: int = 20) -> str | None:
     return ref.pop() if len(ref) == 1 else None   # none readable (moved), or a run trained on both kinds
 
 
-def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = 16, trained: str | None = None) -> bool:
+def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = 16, trained: str | None = None,
+                            names: dict | None = None) -> bool:
     """Warn when the batch holds colour images and the run was trained on grey ones, or the other way round:
     the model never saw such inputs, and its scores carry no meaning there (they were given silently). The run's
     kind: `trained_colour_kind` (or ``trained``). Colour files of a grey-trained run are looked into (``n_look`` of
     them, spread over the batch): grey pictures saved as RGB or RGBA are not named (such a tile scored exactly as
-    its grey original, and was named). Returns whether it warned of images of the other kind."""
+    its grey original, and was named). Returns whether it warned of images of the other kind. ``names``: {path: name
+    to show} (a `Detector`'s in-memory frames are ``<image k>``, not their temporary files)."""
     from .data.images import colour_kind, grey_content
     trained = trained or trained_colour_kind(run_dir)
     if trained is None:
@@ -269,7 +271,8 @@ def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = 16, trained: s
     if other:
         kind = "colour" if trained == "grey" else "grey"
         more = f"; {len(unlooked)} more colour file(s) were not looked into" if unlooked else ""
-        warnings.warn(f"{len(other)} of {len(samples)} images are {kind} ({', '.join(other[:3])}"
+        shown = [(names or {}).get(p, p) for p in other[:3]]
+        warnings.warn(f"{len(other)} of {len(samples)} images are {kind} ({', '.join(shown)}"
                       f"{', ...' if len(other) > 3 else ''}){more}; the run was trained on {trained} images, so its "
                       f"scores there carry no meaning. Fix: train a run on {kind} images of this line", stacklevel=2)
     return bool(other)
