@@ -128,6 +128,10 @@ def test_16bit_colour_is_read_at_8_bits_and_12bit_data_in_it_is_warned(tmp_path)
         load_image(tmp_path / "c12.png")                     # once per process
         load_image(_save(tmp_path, "dark8.png", Image.fromarray((twelve >> 8).astype(np.uint8))))   # 8-bit: no note
     images._FEW_BITS_COLOUR.clear()
+    eight = rng.integers(0, 256, (8, 12, 3)).astype(np.uint16)   # 8-bit data in a 16-bit file: read all black
+    with pytest.warns(UserWarning, match=r"c8.png: a 16-bit colour image whose values stay below 4096 .*max 0 of"):
+        assert load_image(_png16(tmp_path / "c8.png", eight)).max() == 0
+    images._FEW_BITS_COLOUR.clear()
 
 
 def test_32bit_int_tiff_scaled_by_tag(tmp_path):

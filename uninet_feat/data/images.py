@@ -186,8 +186,9 @@ _FEW_BITS_COLOUR: list[str] = []   # the one 16-bit colour image the note named 
 def few_bits_colour_note(path, a8: np.ndarray) -> None:
     """Warn (once per process) when a 16-bit colour image, which PIL reads at 8 bits (the high byte of each value),
     keeps every value below 16 of 255: 8- or 12-bit camera data stored in a 16-bit file then reads as a nearly black
-    image with at most 16 levels per channel, the rest of its bits lost (16-bit grey keeps them: `_few_bits_note`)."""
-    if not _FEW_BITS_COLOUR and a8.size and 0 < int(a8[..., :3].max()) < 16:
+    image with at most 16 levels per channel (8-bit data: all 0, black), the rest of its bits lost (16-bit grey
+    keeps them: `_few_bits_note`)."""
+    if not _FEW_BITS_COLOUR and a8.size and int(a8[..., :3].max()) < 16:   # 0: 8-bit data, read all black
         _FEW_BITS_COLOUR.append(str(path))
         warnings.warn(f"{path}: a 16-bit colour image whose values stay below 4096 (read at 8 bits: max "
                       f"{int(a8[..., :3].max())} of 255): if it holds 8- or 12-bit camera data, PIL keeps only the "
