@@ -331,34 +331,39 @@ def test_exif_orientation_on_a_mask_too(tmp_path):
 
 def test_a_picture_beside_its_image_is_refused_as_a_mask_not_taken_as_all_defect(tmp_path, capsys):
     """A camera that saves each frame as x.jpg and x.png: the PNG is x.jpg's "mask" by the beside rule, and was read
-    as 100 % defect. A picture (non-zero almost everywhere, many values) is refused, naming both files; a real mask
-    with anti-aliased edges (many values, zero background) and a mask that covers the whole image are not."""
+    as 100 % defect. A picture (non-zero almost everywhere, many values) is named by the commands that use masks,
+    before their work, and left out with --skip-bad; a real mask with anti-aliased edges (many values, zero
+    background) and one that covers the whole image are masks; an unsupervised run never looks (its training
+    normals' masks are not used: it trained on such data before, and must still)."""
     from uninet_feat.cli import main
+    from uninet_feat.data.images import picture_as_mask
     rng = np.random.default_rng(0)
     for kind, a in (("colour", rng.integers(1, 256, (40, 48, 3), dtype=np.uint8)),
                     ("grey", rng.integers(1, 256, (40, 48), dtype=np.uint8))):
-        Image.fromarray(a).save(tmp_path / f"{kind}.jpg")
         Image.fromarray(a).save(tmp_path / f"{kind}.png")
-        with pytest.raises(BadInputError, match=f"mask of .*{kind}.jpg is a picture") as e:
-            load_mask(tmp_path / f"{kind}.png", image_path=tmp_path / f"{kind}.jpg")
-        assert "--skip-bad" in str(e.value) and "beside" in str(e.value)
+        assert "a picture, not a defect mask: 100% of its pixels are non-zero" in picture_as_mask(tmp_path / f"{kind}.png")
     soft = np.zeros((40, 48), np.uint8)
     soft[5:30, 5:40] = np.linspace(1, 255, 35).astype(np.uint8)   # 35 values, but mostly background
     Image.fromarray(soft).save(tmp_path / "soft.png")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert load_mask(tmp_path / "soft.png").sum() == 25 * 35
     Image.fromarray(np.full((40, 48), 255, np.uint8)).save(tmp_path / "all.png")
-    assert load_mask(tmp_path / "all.png").all()
-    # through the commands: evaluate names the file
+    assert picture_as_mask(tmp_path / "soft.png") is None and picture_as_mask(tmp_path / "all.png") is None
     data = tmp_path / "set"
-    for lab, n in (("good", 6), ("stain", 2)):
+    for lab, n in (("good", 8), ("stain", 2)):
         (data / lab).mkdir(parents=True)
         for i in range(n):
             Image.fromarray(rng.integers(1, 256, (40, 48, 3), dtype=np.uint8)).save(data / lab / f"{i}.jpg")
-    Image.open(data / "stain" / "0.jpg").save(data / "stain" / "0.png")   # the same frame, twice
+    for p in [data / "stain" / "0.jpg"] + sorted((data / "good").glob("*.jpg")):   # the same frames, twice
+        Image.open(p).save(p.with_suffix(".png"))
     from _tiny import register_tiny, tiny_train_args
     register_tiny()
-    assert main(tiny_train_args(data) + ["--out", str(tmp_path / "run")]) == 0
+    assert main(tiny_train_args(data) + ["--out", str(tmp_path / "run")]) == 0   # unsupervised: masks unused
+    capsys.readouterr()
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--quiet"]) == 2
-    assert "is a picture, not a defect mask" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "images have a picture where their mask should be" in err and "stain/0.png (the mask of" in err
+    assert "--skip-bad" in err
+    with pytest.warns(UserWarning, match="skipping the mask .*0.png .*a picture"):
+        assert main(["evaluate", "--run", str(tmp_path / "run"), "--skip-bad", "--json",
+                     str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert main(tiny_train_args(data) + ["--supervised", "--out", str(tmp_path / "sup")]) == 2
+    assert "picture where their mask should be" in capsys.readouterr().err

@@ -166,7 +166,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     from .runs import load_test_samples
     runs = [str(r) for r in runs]
     members = load_members(runs, data, split_csv, group, skip_bad)
-    test = load_test_samples(members[0].cfg)
+    from .data.dataset import picture_masks
+    test = picture_masks(load_test_samples(members[0].cfg), skip_bad)   # before scoring, as evaluate
     for m in members[1:]:
         if [str(x.path) for x in load_test_samples(m.cfg)] != [str(x.path) for x in test]:
             raise BadInputError(f"{m.run} scored other test images than {runs[0]} (an ensemble compares one image "

@@ -138,9 +138,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
                                         source=f"validation normals of {checkpoint}")   # fails before scoring
     if other and cal and cfg.get("threshold") is None:
         rule += f" — scored with {checkpoint}, not {Path(run) / 'model.pt'}"
-    test = load_test_samples(cfg)
+    from .data.dataset import drop_unusable_masks, picture_masks
+    test = picture_masks(load_test_samples(cfg), skip_bad)   # before scoring: one error naming every such mask
     if skip_bad:   # a mask that does not fit leaves alone: its image is still scored
-        from .data.dataset import drop_unusable_masks
         test = drop_unusable_masks(test)
     has_masks = any(s.mask is not None for s in test)
     res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet)

@@ -86,6 +86,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     if cfg.get("skip_bad"):   # a supervised defect whose mask does not fit is supervised by its image label
         from .data.dataset import drop_unusable_masks
         fit = drop_unusable_masks(fit)
+    if cfg.get("supervised"):   # its masks are training targets: a picture there would teach 100 % defect
+        from .data.dataset import picture_masks
+        fit = picture_masks(fit, cfg.get("skip_bad", False))
     test = [s for s in samples if s.split == "test"]
     if not cfg.get("skip_bad"):   # before the model is built; the validation normals too (read only after the
         _check_before_training(fit + val, test)   # last epoch), so one error names every bad image up front

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInputError
-from .images import _FIX as IMAGE_FIX, MIN_SIDE, check_image, load_image, load_mask, read_size
+from .images import _FIX as IMAGE_FIX, MIN_SIDE, check_image, load_image, load_mask, picture_as_mask, read_size
 from .tiling import TileGrid, extract_tile, tile_grid
 
 
@@ -93,6 +93,36 @@ def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
         raise BadInputError(f"none of the {len(samples)} images is readable",
                             fix="see the warnings above for each file")
     return sizes, [(i, str(e)) for i, e in bad]
+
+
+def picture_masks(samples, skip_bad: bool = False) -> list:
+    """``samples`` after a look at their masks for pictures (`images.picture_as_mask`: a camera's second copy of
+    the frame saved as ``x.png`` beside ``x.jpg`` reads as 100 % defect), by the commands that use masks (evaluate,
+    ensemble, supervised training) before their work: one error naming them all, or with ``skip_bad`` each left
+    out (warned; the image stays, out of the pixel metrics). Masks that cannot be read are left to the dataset's
+    own check. Masks of images that no mask is used for (an unsupervised run's training normals) are not looked at."""
+    from dataclasses import replace
+    out, bad = [], []
+    for s in samples:
+        try:
+            why = picture_as_mask(s.mask) if s.mask is not None else None
+        except (BadInputError, OSError, ValueError):
+            why = None
+        if why and skip_bad:
+            warnings.warn(f"skipping the mask {s.mask} of {s.path} ({why}): the image stays, out of the pixel metrics")
+            s = replace(s, mask=None)
+        elif why:
+            bad.append((s, why))
+        out.append(s)
+    if bad:
+        lines = [f"  {s.mask} (the mask of {s.path}): {why}" for s, why in bad[:MAX_LISTED]]
+        lines += [f"  and {len(bad) - MAX_LISTED} more"] if len(bad) > MAX_LISTED else []
+        raise BadInputError(f"{len(bad)} of {len(samples)} images have a picture where their mask should be:\n"
+                            + "\n".join(lines),
+                            fix="if they are second copies of their images, move or rename them (a PNG beside a "
+                                "same-named image is read as its mask); else re-export the masks as black (normal) "
+                                "and white (defect); or pass --skip-bad to leave these masks out with a warning each")
+    return out
 
 
 def drop_unusable_masks(samples) -> list:

@@ -236,15 +236,7 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
     image's size; a mismatch is an error rather than a silent resize, because it usually means
     the mask belongs to a different image.
     """
-    with _open(path) as stored:
-        img = oriented(stored)
-        if img.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
-            raw = np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "RGBa", "PA") else "LA"))[..., :-1]
-        elif img.mode in ("P", "CMYK", "YCbCr"):
-            raw = np.asarray(img.convert("RGB"))
-        else:
-            raw = np.asarray(img)
-    channels = raw   # its colours, for `_refuse_pictures` once the size is known to fit
+    raw = _mask_channels(path)
     if raw.ndim == 3:
         raw = raw.max(axis=2) if raw.dtype != bool else raw.any(axis=2)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
@@ -255,7 +247,6 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
         raise BadInputError(f"mask is {w}x{h} px but {img_txt} is {size[1]}x{size[0]} px", path=path,
                             fix=f"resize the mask to {size[1]}x{size[0]} with nearest-neighbour, "
                                 "or check that the mask belongs to this image")
-    _refuse_pictures(channels, path, image_path)
     if len(np.unique(raw)) > 2:
         _NONBINARY.append(str(path))
         if len(_NONBINARY) == 1:  # once per process: anti-aliased mask sets would otherwise flood the log
@@ -269,23 +260,32 @@ _NONBINARY: list[str] = []
 PICTURE_COVER, PICTURE_VALUES = 0.99, 16   # a "mask" non-zero almost everywhere with this many values is a picture
 
 
-def _refuse_pictures(raw: np.ndarray, path, image_path=None) -> None:
-    """Refuse a mask file that is a picture: non-zero in over 99 % of its pixels with more than 16 distinct values
-    (or colours). Why: ``x.png`` beside ``x.jpg`` is x.jpg's mask (the magnetic-tile convention), so a camera that
-    saves each frame twice gave every image a "mask" of 100 % defect, silently. No magnetic-tile mask comes near
-    (at most 50 % of an image); an anti-aliased mask has many values but a zero background."""
+def _mask_channels(path) -> np.ndarray:
+    """A mask file's pixels, upright, alpha dropped: (H, W) or (H, W, C), before any channel is merged."""
+    with _open(path) as stored:
+        img = oriented(stored)
+        if img.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+            return np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "RGBa", "PA") else "LA"))[..., :-1]
+        if img.mode in ("P", "CMYK", "YCbCr"):
+            return np.asarray(img.convert("RGB"))
+        return np.asarray(img)
+
+
+def picture_as_mask(path) -> str | None:
+    """Why the mask file ``path`` is a picture and not a defect mask, or None: non-zero in over 99 % of its pixels
+    with more than 16 distinct values (or colours). Why: ``x.png`` beside ``x.jpg`` is x.jpg's mask (the
+    magnetic-tile convention), so a camera that saves each frame twice gave every image a "mask" of 100 % defect,
+    silently. No magnetic-tile mask comes near (at most 50 % of an image); an anti-aliased mask has many values
+    but a zero background. Checked by the commands that use masks, before their work (`dataset.picture_masks`)."""
+    raw = _mask_channels(path)
     nonzero = raw.any(axis=2) if raw.ndim == 3 else raw != 0
-    if raw.dtype == bool or nonzero.mean() <= PICTURE_COVER:
-        return
+    if raw.dtype == bool or not nonzero.size or nonzero.mean() <= PICTURE_COVER:
+        return None
     values = np.unique(raw.reshape(-1, raw.shape[2]), axis=0) if raw.ndim == 3 else np.unique(raw)
     if len(values) <= PICTURE_VALUES:
-        return
-    of = f" of {image_path}" if image_path else ""
-    raise BadInputError(f"this mask{of} is a picture, not a defect mask: {nonzero.mean():.0%} of its pixels are "
-                        f"non-zero, in {len(values)} distinct values", path=path,
-                        fix=f"if it is a second copy of the image, move or rename it ({Path(str(path)).name} beside "
-                            "a same-named image is read as that image's mask); else re-export the mask as black "
-                            "(normal) and white (defect); --skip-bad scores the image without it")
+        return None
+    return (f"a picture, not a defect mask: {nonzero.mean():.0%} of its pixels are non-zero, in {len(values)} "
+            "distinct values")
 
 
 def nonbinary_masks() -> list[str]:
