@@ -361,3 +361,22 @@ def test_the_kinds_a_run_was_trained_on_are_recorded_and_named_once_by_a_detecto
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*images are (colour|grey)")
         Detector(tmp_path / "r").score([frame, sorted((tex / "test").rglob("*.png"))[0]])
+
+
+def test_a_detector_looks_at_colour_kinds_of_its_first_images_only_and_names_unscorable_pil_modes(run, monkeypatch):
+    """The colour-kind look is for a wrong camera or run, which shows at once: a line's frames are not decoded
+    twice for it for ever. A PIL image of a mode no lossless container holds is a one-line error with the fix."""
+    import warnings
+    import uninet_feat.detector as detector
+    monkeypatch.setattr(detector, "KIND_LOOKS", 2)
+    det = detector.Detector(run)
+    grey = np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)
+    colour = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*images are (colour|grey)")
+        det.score([grey, grey])       # the two looks spent on grey frames, as the run's
+        det.score(colour)             # past them: not looked at
+    with pytest.warns(UserWarning, match="1 of 1 images are colour"):
+        detector.Detector(run).score(colour)
+    with pytest.raises(BadInputError, match="mode HSV cannot be scored.*convert"):
+        det.score(Image.fromarray(colour).convert("HSV"))

@@ -34,11 +34,13 @@ def _frame_file(image, path: Path, k: int):
         # here would not carry), and in a lossless container that holds its mode (PNG cannot hold CMYK, YCbCr, ...)
         from PIL import ImageOps
         image = ImageOps.exif_transpose(image)
-        if image.mode in _PNG_MODES:
-            image.save(path, compress_level=1)
-            return path, f"<image {k}>"
-        image.save(path.with_suffix(".tif"))
-        return path.with_suffix(".tif"), f"<image {k}>"
+        target = path if image.mode in _PNG_MODES else path.with_suffix(".tif")
+        try:
+            image.save(target, **({"compress_level": 1} if target == path else {}))
+        except (OSError, ValueError) as e:   # a mode neither container holds (HSV, La, ...)
+            raise BadInputError(f"image {k}: a PIL image of mode {image.mode} cannot be scored ({e})",
+                                fix="convert it first, e.g. image.convert('RGB') (or 'L' for grey)") from None
+        return target, f"<image {k}>"
     a = np.asarray(image)
     if a.dtype not in (np.uint8, np.uint16) or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise BadInputError(f"image {k}: a {a.dtype} array of shape {a.shape} is not an image this reads",
@@ -88,6 +90,9 @@ class Detection:
         return sorted(out, key=lambda r: -r.peak)
 
 
+KIND_LOOKS = 64   # a Detector compares this many of its first images' colour kind with the run's
+
+
 class Detector:
     """``Detector(run, threshold=None, max_fpr=None, pixel_threshold=None, device=None, group=None, skip_bad=False)``.
 
@@ -118,7 +123,9 @@ class Detector:
         self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
         self.group = group
         from .predict import trained_colour_kind
-        self._trained_kind = trained_colour_kind(self.run)   # images of the other kind are named once per Detector
+        self._trained_kind = trained_colour_kind(self.run)   # images of the other kind are named once per Detector,
+        self._kind_looks = KIND_LOOKS   # looked for among its first KIND_LOOKS images: a wrong camera or run shows at
+                                        # once, and a line's frames are not decoded twice for it for ever
 
     def score(self, images, maps: bool = True) -> list[Detection]:
         """One `Detection` per image in ``images``, in order: file paths, or in-memory images (uint8 / uint16 numpy
@@ -130,9 +137,12 @@ class Detector:
     def iter_score(self, images, maps: bool = True, chunk: int = 64):
         """`score` as a generator, ``chunk`` images at a time: memory stays that of one chunk's maps however
         many images (a 4096x256 strip's map is 4 MB)."""
+        from PIL import Image
+
         from .errors import BadInputError
-        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-            images = [images]
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray)
+                                                                   and images.ndim in (2, 3)):
+            images = [images]   # one image (a PIL image is iterable, by rows: it was read as a list of them)
         images = list(images)
         if not images:
             raise BadInputError("no images to score", fix="pass at least one image path")
@@ -176,10 +186,12 @@ class Detector:
         from .evaluate import score_samples
         from .predict import map_at_image_size
         samples = [Sample(Path(os.path.abspath(p)), "", "", None, self.group or "") for p in images]
-        if self._trained_kind is not None:   # as predict does; said once, not on every frame of a line
+        if self._trained_kind is not None and self._kind_looks > 0:   # as predict does; said once
             from .predict import _warn_other_colour_kind
-            if _warn_other_colour_kind(self.run, samples, trained=self._trained_kind, names=names):
-                self._trained_kind = None
+            looked = samples[:self._kind_looks]
+            self._kind_looks -= len(looked)
+            if _warn_other_colour_kind(self.run, looked, trained=self._trained_kind, names=names):
+                self._kind_looks = 0
         got: dict[str, np.ndarray] = {}
 
         def keep(s, m, _mask):   # each finished map at the image's own size, as predict --save-maps writes it

@@ -220,7 +220,7 @@ def load_image(path, min_side: int = MIN_SIDE) -> np.ndarray:
         if min(h, w) < min_side:
             raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=path,
                                 fix=f"remove it (or --skip-bad to leave it out): images need at least {min_side} px a side")
-        if getattr(img, "uninet_deep_colour", False):
+        if getattr(img, "uninet_deep_colour", False) and not _FEW_BITS_COLOUR:   # said once: no copy after
             few_bits_colour_note(path, np.asarray(img))
         a = _to_array(oriented(img), path, meta=img)
     if a.shape[2] == 1:
