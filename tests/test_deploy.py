@@ -151,3 +151,19 @@ def test_the_documented_onnx_runtime_snippet_scores_as_detector(plain, tmp_path,
     for (p, score, flagged, _), d in zip(printed, Detector(run).score(paths)):
         assert p == str(d.path) and abs(float(score) - d.score) < 1e-4 * max(1.0, abs(d.score))
         assert (flagged == "True") == bool(d.flagged)
+
+
+def test_a_tiled_run_without_offsets_is_exported_for_its_normals_size(tmp_path):
+    """A tiled run with `tile_norm: none` records its normals' sizes at calibration, so export-model needs no
+    --input-size for them (it used to); a run whose normals came in two sizes asks for one."""
+    data = write_texture_set(tmp_path / "wide", n_train=6, n_good=1, n_bad=1, wide=True)   # 64 x 192 strips
+    cfg = load_config(None, {"data": str(data), "tile": 64}, base=BASE)
+    train(cfg, tmp_path / "run", quiet=True)
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text())["image_sizes"] == [[64, 192]]
+    meta = export_model(tmp_path / "run", tmp_path / "m", check=False)
+    assert meta["input"]["shape"] == ["N", 3, 64, 192] and meta["tiling"]["offsets"] is None
+    Image.open(next((data / "train" / "good").glob("*.png"))).crop((0, 0, 128, 64)).save(
+        data / "train" / "good" / "short.png")
+    train(cfg, tmp_path / "run2", quiet=True)
+    with pytest.raises(BadInputError, match="its training normals came in 2 sizes"):
+        export_model(tmp_path / "run2", tmp_path / "m2", check=False)

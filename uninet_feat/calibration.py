@@ -84,7 +84,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"))
     if choice is not None:
         cal["pixel_map_choice"] = choice
-    cal["image_kinds"] = _image_kinds(cfg)
+    cal.update(_normals_record(cfg))
     if offsets is not None:
         near = offsets.pop("neighbours", None)
         if near is not None:   # the tiles' scores and contexts beside calibration.json, written first
@@ -98,18 +98,30 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     return cal
 
 
-def _image_kinds(cfg: dict) -> dict[str, int] | None:
-    """How many of the run's normals (training and validation) are grey and colour files, from their headers: what
-    `predict` and `Detector` compare new images with (a run trained on grey has no meaning on colour, and the
-    validation normals alone may all be of one kind when the training mixed both). None when the data is gone."""
-    from .data.images import colour_kinds
+def _normals_record(cfg: dict) -> dict:
+    """From the headers of the run's normals (training and validation): ``image_kinds``, how many are grey and
+    colour files, which `predict` and `Detector` compare new images with (a run trained on grey has no meaning on
+    colour, and the validation normals alone may all be of one kind when the training mixed both); for a tiled
+    run ``image_sizes``, their distinct [h, w], the size `export-model` builds a tiled graph for. Empty when the
+    data is gone."""
+    from .data.images import colour_kinds, read_size
     from .runs import load_samples, train_val_samples
     try:
         fit, val = train_val_samples(load_samples(cfg), cfg)
     except (BadInputError, OSError):
-        return None
-    kinds = colour_kinds(s.path for s in fit + val if s.is_normal)
-    return {k: len(v) for k, v in kinds.items()} if any(kinds.values()) else None
+        return {}
+    normals = [s.path for s in fit + val if s.is_normal]
+    kinds = colour_kinds(normals)
+    out = {"image_kinds": {k: len(v) for k, v in kinds.items()}} if any(kinds.values()) else {}
+    if cfg.get("tile"):
+        sizes = set()
+        for p in normals:
+            try:
+                sizes.add(tuple(read_size(p)))
+            except (BadInputError, OSError):
+                continue
+        out["image_sizes"] = sorted(list(v) for v in sizes)
+    return out
 
 
 def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:

@@ -109,8 +109,13 @@ def _input_size(model, cfg, input_size, group, run) -> tuple[int, int]:
         if w < 1 or h < 1:
             raise BadInputError(f"--input-size {w}x{h} is not an image size", fix="e.g. --input-size 4096x256")
         return h, w
-    sizes = model.cfg.get("tile_sizes") or {}
+    sizes = model.cfg.get("tile_sizes") or {}   # the position offsets' record, per group
     seen = {tuple(s) for g, ss in sizes.items() if group is None or g == group for s in ss}
+    if not sizes:   # a run without offsets: its normals' sizes, counted at calibration since session 27
+        from .io import read_json
+        path = Path(run) / "calibration.json"
+        fix = f"re-create it: `uninet-feat calibrate --run {run}`"
+        seen = {tuple(s) for s in (read_json(path, fix).get("image_sizes") or [])} if path.exists() else set()
     if len(seen) == 1:
         return next(iter(seen))
     raise BadInputError("a tiled run is exported for one image size, and "
