@@ -9,8 +9,9 @@ their place offsets (``tile_norm: position``), the image score over the tiles an
 Outside it are only decoding the file (``DECODE``) and the thresholds, which ``model.json`` carries so that
 they can be changed without exporting again.
 
-The export runs the ONNX file and the torch model on the same images and refuses a file whose scores differ
-by more than ``TOLERANCE`` (it records the differences in ``model.json``).
+The export runs the ONNX file and the torch model on the same images and refuses a file whose scores or maps
+differ by more than ``TOLERANCE`` (it records the differences in ``model.json``); a refused or interrupted export
+leaves the folder's previous model.onnx and model.json as they were.
 """
 from __future__ import annotations
 
