@@ -298,7 +298,7 @@ def _mixed_kinds_note(normals) -> None:
         names = kinds[few]
         warnings.warn(f"the training normals mix grey and colour files: {len(names)} {few} "
                       f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) among {len(kinds[more])} {more}; "
-                      f"the model learns both as normal, and {more} scores of {few} images are not comparable. Fix: "
+                      f"the model learns both as normal, and the {few} images' scores are not those of the {more} ones. Fix: "
                       "train on one kind (convert the others, or move them to a run of their own), unless the line "
                       "really has both", stacklevel=3)
 
