@@ -138,11 +138,10 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     from .runs import run_path
     from .scoring import pixel_map_kind
 
-    try:
-        import onnxscript  # noqa: F401  torch's ONNX exporter needs it (and onnx)
-    except ImportError as e:
+    import importlib.util
+    if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript")):   # torch's ONNX exporter needs them
         raise BadInputError("exporting to ONNX needs the packages onnx and onnxscript",
-                            fix="pip install 'uninet-feat[deploy]' (onnx, onnxscript, onnxruntime)") from e
+                            fix="pip install 'uninet-feat[deploy]' (onnx, onnxscript, onnxruntime)")
     if int(opset) < OPSET:
         raise BadInputError(f"--opset {opset}: the graph's antialiased resize needs opset {OPSET} or later",
                             fix=f"--opset {OPSET} (ONNX Runtime >= 1.16, OpenVINO >= 2023.1 read it)")
