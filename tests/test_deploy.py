@@ -53,12 +53,12 @@ def test_exported_untiled_run_scores_files_as_predict_does(plain, tmp_path):
     paths = sorted((data / "test").rglob("*.png")) + sorted(odd.iterdir())
     got = _run_onnx(tmp_path / "m", paths)
     want = Detector(run).score(paths)
-    for p, (m, s), d in zip(paths, got, want):
+    for p, (m, s, full), d in zip(paths, got, want):
         assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score)), p.name
         assert (float(s[0]) > meta["threshold"]) == bool(d.flagged), p.name
-        assert m.shape == (1, 64, 64)   # the model's size; predict resizes it to the file's
-        if Image.open(p).size == (64, 64):   # there the file's size is the model's: the very map predict gives
-            np.testing.assert_allclose(m[0], d.map, atol=1e-4)
+        assert m.shape == (1, 64, 64)   # the model's size
+        np.testing.assert_allclose(full[0], d.map, atol=1e-4)   # and at the file's size, as predict gives it out
+        assert (full[0] > meta["pixel_threshold"]).mean() == pytest.approx(d.mask.mean(), abs=2e-3), p.name
 
 
 def test_exported_tiled_run_holds_tiles_offsets_and_stitching(tmp_path):
@@ -106,7 +106,7 @@ def test_export_refusals_name_the_fix(plain, tmp_path, monkeypatch, capsys):
     got = ort.InferenceSession(str(tmp_path / "b" / "model.onnx")).run(None, {"image": x.numpy()})
     assert deploy.check_onnx(tmp_path / "b" / "model.onnx", x, got)["max_abs_diff_score"] == 0
     with pytest.raises(BadInputError, match="maps differ"):   # the heatmap is checked too, not only the score
-        deploy.check_onnx(tmp_path / "b" / "model.onnx", x, [got[0] + 0.5, got[1]])
+        deploy.check_onnx(tmp_path / "b" / "model.onnx", x, [got[0] + 0.5, got[1], got[2]])
     monkeypatch.setattr(deploy, "TOLERANCE", -1.0)   # every difference too large: the file must not stay
     with pytest.raises(BadInputError, match="differ from the run's"):
         export_model(run, tmp_path / "c")
@@ -130,7 +130,7 @@ def test_a_clip_backbone_run_exports_too(tmp_path):
                  "--quiet"]) == 0
     export_model(tmp_path / "run", tmp_path / "m")
     paths = sorted((data / "test").rglob("*.png"))
-    for (_, s), d in zip(_run_onnx(tmp_path / "m", paths), Detector(tmp_path / "run").score(paths)):
+    for (_, s, _), d in zip(_run_onnx(tmp_path / "m", paths), Detector(tmp_path / "run").score(paths)):
         assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score))
 
 
@@ -148,9 +148,10 @@ def test_the_documented_onnx_runtime_snippet_scores_as_detector(plain, tmp_path,
          {"MODEL_DIR": str(tmp_path / "m"), "paths": paths})
     printed = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert len(printed) == len(paths)
-    for (p, score, flagged, _), d in zip(printed, Detector(run).score(paths)):
+    for (p, score, flagged, marked), d in zip(printed, Detector(run).score(paths)):
         assert p == str(d.path) and abs(float(score) - d.score) < 1e-4 * max(1.0, abs(d.score))
         assert (flagged == "True") == bool(d.flagged)
+        assert abs(int(marked) - int(d.mask.sum())) <= max(2, 0.002 * d.mask.size)   # the mask at the image's size
 
 
 def test_a_tiled_run_without_offsets_is_exported_for_its_normals_size(tmp_path):

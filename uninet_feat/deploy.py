@@ -42,7 +42,7 @@ class ScoringGraph(torch.nn.Module):
     """Decoded image(s) → (pixel map, image score[, tile scores]), as `evaluate.score_samples` scores a file.
 
     Untiled: any (N, 3, H, W) in; the map is at the model's size (the run's ``image_size``), as predict's maps are
-    before the resize to the file's size. Tiled: (N, 3, H, W) of the one size it was built for; the map is (N, H, W),
+    before the resize to the file's size, and a third output is that map at the input's size. Tiled: (N, 3, H, W) of the one size it was built for; the map is (N, H, W),
     the tiles' maps less their place's offset, stitched with overlaps averaged."""
 
     def __init__(self, model, image_size, grid=None, offsets=None, tile_score: str = "max"):
@@ -66,8 +66,11 @@ class ScoringGraph(torch.nn.Module):
         return self.model.predict((x - self.mean) / self.std)
 
     def forward(self, image):
-        if self.grid is None:
-            return self._score(image)
+        if self.grid is None:   # and the map at the input's size, as predict and Detector give it out (their
+            pix, score = self._score(image)   # Pillow bilinear resize is torch's antialiased one, to ~1e-5)
+            full = F.interpolate(pix[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False,
+                                 antialias=True)[:, 0]
+            return pix, score, full
         from .data.tiling import extract_tile
         g = self.grid
         th, tw = g.tile
@@ -178,7 +181,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     batch = torch.export.Dim("batch", min=1, max=4096)
     dims = {0: batch} if grid is not None else {0: batch, 2: torch.export.Dim("height", min=8, max=16384),
                                                    3: torch.export.Dim("width", min=8, max=16384)}
-    outputs = ["map", "score"] + (["tile_scores"] if grid is not None else [])
+    outputs = ["map", "score"] + (["tile_scores"] if grid is not None else ["map_image"])
     out.mkdir(parents=True, exist_ok=True)
     probe = torch.rand(3, 3, ex_h, ex_w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():   # before the export, which leaves the module's tensors in its own state
@@ -222,7 +225,9 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
             "score": "(N,) image anomaly score, the run's WDM score" + (
                 f" ({rule} of the tile scores)" if grid is not None else ""),
             **({"tile_scores": f"(N, {grid.n}) each tile's score less its place offset, tiles row-major"}
-               if grid is not None else {})},
+               if grid is not None else
+               {"map_image": "(N, H, W) the map at the input's size, as predict and Detector give it out (and "
+                             "threshold it for defect masks)"})},
         "threshold": thr, "threshold_rule": thr_rule,
         "flag": "score > threshold",
         "pixel_threshold": default_pixel_threshold(run, model),
@@ -270,7 +275,8 @@ def check_onnx(path, x: torch.Tensor, want: list) -> dict:
         return {"skipped": "onnxruntime not installed"}
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {INPUT: x.numpy()})
-    diffs = {name: float(np.abs(g - t).max()) for name, g, t in zip(("map", "score", "tile_scores"), got, want)}
+    names = [o.name for o in sess.get_outputs()]
+    diffs = {name: float(np.abs(g - t).max()) for name, g, t in zip(names, got, want)}
     for name, out in (("score", 1), ("map", 0)):   # heatmaps and masks are outputs too, on their own scale
         scale = max(1.0, float(np.abs(want[out]).max()))
         if not diffs[name] <= TOLERANCE * scale:
