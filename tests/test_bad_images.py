@@ -341,7 +341,8 @@ def test_a_picture_beside_its_image_is_refused_as_a_mask_not_taken_as_all_defect
     for kind, a in (("colour", rng.integers(1, 256, (40, 48, 3), dtype=np.uint8)),
                     ("grey", rng.integers(1, 256, (40, 48), dtype=np.uint8))):
         Image.fromarray(a).save(tmp_path / f"{kind}.png")
-        assert "a picture, not a defect mask: 100% of its pixels are non-zero" in picture_as_mask(tmp_path / f"{kind}.png")
+        why = picture_as_mask(tmp_path / f"{kind}.png")
+        assert "a picture, not a defect mask: 100% of its pixels are non-zero" in why
     soft = np.zeros((40, 48), np.uint8)
     soft[5:30, 5:40] = np.linspace(1, 255, 35).astype(np.uint8)   # 35 values, but mostly background
     Image.fromarray(soft).save(tmp_path / "soft.png")

@@ -42,8 +42,9 @@ class ScoringGraph(torch.nn.Module):
     """Decoded image(s) → (pixel map, image score[, tile scores]), as `evaluate.score_samples` scores a file.
 
     Untiled: any (N, 3, H, W) in; the map is at the model's size (the run's ``image_size``), as predict's maps are
-    before the resize to the file's size, and a third output is that map at the input's size. Tiled: (N, 3, H, W) of the one size it was built for; the map is (N, H, W),
-    the tiles' maps less their place's offset, stitched with overlaps averaged."""
+    before the resize to the file's size, and a third output is that map at the input's size. Tiled: (N, 3, H, W)
+    of the one size it was built for; the map is (N, H, W), the tiles' maps less their place's offset, stitched
+    with overlaps averaged."""
 
     def __init__(self, model, image_size, grid=None, offsets=None, tile_score: str = "max"):
         super().__init__()

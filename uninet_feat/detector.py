@@ -47,7 +47,7 @@ def _frame_file(image, path: Path, k: int):
                             fix="pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    if a.dtype == np.uint16 and a.ndim == 3:   # PIL has no 16-bit colour mode: a 16-bit colour file reads as its high byte
+    if a.dtype == np.uint16 and a.ndim == 3:   # PIL has no 16-bit colour mode: such a file reads as its high byte
         from .data.images import few_bits_colour_note
         a = (a >> 8).astype(np.uint8)
         few_bits_colour_note(f"<image {k}>", a)

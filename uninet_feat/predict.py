@@ -425,7 +425,8 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None, hel
 
     def write(s, m):
         row, name = by_path[str(s.path)], names[str(s.path)]
-        m = map_at_image_size(s.path, m).astype(np.float16)   # as saved: the mask is the saved map above the threshold, to the pixel
+        # as saved: the mask is the saved map above the threshold, to the pixel
+        m = map_at_image_size(s.path, m).astype(np.float16)
         def save(tmp):
             with open(tmp, "wb") as f:   # a file object: numpy would add ".npy" to a bare name
                 np.save(f, m)

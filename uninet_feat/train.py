@@ -298,9 +298,9 @@ def _mixed_kinds_note(normals) -> None:
         names = kinds[few]
         warnings.warn(f"the training normals mix grey and colour files: {len(names)} {few} "
                       f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) among {len(kinds[more])} {more}; "
-                      f"the model learns both as normal, and the {few} images' scores are not those of the {more} ones. Fix: "
-                      "train on one kind (convert the others, or move them to a run of their own), unless the line "
-                      "really has both", stacklevel=3)
+                      f"the model learns both as normal, and the {few} images' scores are not those of the {more} "
+                      "ones. Fix: train on one kind (convert the others, or move them to a run of their own), unless "
+                      "the line really has both", stacklevel=3)
 
 
 def _say_split(fit, val, test, quiet: bool) -> None:

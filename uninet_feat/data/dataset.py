@@ -95,13 +95,19 @@ def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
     return sizes, [(i, str(e)) for i, e in bad]
 
 
+def _without_mask(s, why: str):
+    """``s`` without its mask, warned: what --skip-bad does to a mask it cannot use (the image stays scored)."""
+    from dataclasses import replace
+    warnings.warn(f"skipping the mask {s.mask} of {s.path} ({why}): the image stays, out of the pixel metrics")
+    return replace(s, mask=None)
+
+
 def picture_masks(samples, skip_bad: bool = False) -> list:
     """``samples`` after a look at their masks for pictures (`images.picture_as_mask`: a camera's second copy of
     the frame saved as ``x.png`` beside ``x.jpg`` reads as 100 % defect), by the commands that use masks (evaluate,
     ensemble, supervised training) before their work: one error naming them all, or with ``skip_bad`` each left
     out (warned; the image stays, out of the pixel metrics). Masks that cannot be read are left to the dataset's
     own check. Masks of images that no mask is used for (an unsupervised run's training normals) are not looked at."""
-    from dataclasses import replace
     out, bad = [], []
     for s in samples:
         try:
@@ -109,8 +115,7 @@ def picture_masks(samples, skip_bad: bool = False) -> list:
         except (BadInputError, OSError, ValueError):
             why = None
         if why and skip_bad:
-            warnings.warn(f"skipping the mask {s.mask} of {s.path} ({why}): the image stays, out of the pixel metrics")
-            s = replace(s, mask=None)
+            s = _without_mask(s, why)
         elif why:
             bad.append((s, why))
         out.append(s)
@@ -130,7 +135,6 @@ def drop_unusable_masks(samples) -> list:
     ``--skip-bad`` does to a mask, instead of leaving its readable image out too. The image keeps its label and
     score and leaves only the pixel metrics, as one without a mask. Images that cannot be read are kept as they
     are, for the dataset's own check."""
-    from dataclasses import replace
     out = []
     for s in samples:
         if s.mask is not None:
@@ -144,9 +148,7 @@ def drop_unusable_masks(samples) -> list:
             except (BadInputError, OSError, ValueError) as e:
                 why = getattr(e, "reason", None) or str(e)
             if why:
-                warnings.warn(f"skipping the mask {s.mask} of {s.path} ({why}): the image stays, out of the pixel "
-                              "metrics")
-                s = replace(s, mask=None)
+                s = _without_mask(s, why)
         out.append(s)
     return out
 

@@ -257,6 +257,13 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
 
 
 _NONBINARY: list[str] = []
+
+
+def nonbinary_masks() -> list[str]:
+    """Paths of the non-binary masks seen so far in this process."""
+    return list(_NONBINARY)
+
+
 PICTURE_COVER, PICTURE_VALUES = 0.99, 16   # a "mask" non-zero almost everywhere with this many values is a picture
 
 
@@ -286,11 +293,6 @@ def picture_as_mask(path) -> str | None:
         return None
     return (f"a picture, not a defect mask: {nonzero.mean():.0%} of its pixels are non-zero, in {len(values)} "
             "distinct values")
-
-
-def nonbinary_masks() -> list[str]:
-    """Paths of the non-binary masks seen so far in this process."""
-    return list(_NONBINARY)
 
 
 def read_size(path) -> tuple[int, int]:
