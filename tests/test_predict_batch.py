@@ -380,3 +380,48 @@ def test_a_detector_looks_at_colour_kinds_of_its_first_images_only_and_names_uns
         detector.Detector(run).score(colour)
     with pytest.raises(BadInputError, match="mode HSV cannot be scored.*convert"):
         det.score(Image.fromarray(colour).convert("HSV"))
+
+
+def test_a_killed_predict_run_again_reuses_the_parts_it_finished(run, tmp_path, monkeypatch):
+    """predict saves its scoring pass part by part under OUT/.partial: a kill mid-batch, then the same command,
+    scores only the parts not yet saved and writes what an uninterrupted predict writes; an image replaced since
+    the kill, or another model, starts the pass over; a finished predict leaves no parts behind."""
+    import uninet_feat.extract as extract
+    monkeypatch.setattr(extract, "PART_ITEMS", 2)
+    for i in range(7):
+        _png(tmp_path / "b" / f"{i}.png", i)
+    straight = predict_cmd(run, tmp_path / "b", tmp_path / "s", threshold=0.0, quiet=True)
+    calls, real = [], extract.Extractor._run
+
+    def counted(self, ds, indices, *a, **kw):
+        calls.append(list(indices))
+        if kill_after is not None and len(calls) > kill_after:
+            raise KeyboardInterrupt   # what a kill leaves: the parts saved so far
+        return real(self, ds, indices, *a, **kw)
+    monkeypatch.setattr(extract.Extractor, "_run", counted)
+    kill_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        predict_cmd(run, tmp_path / "b", tmp_path / "k", threshold=0.0, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "k" / ".partial" / "run").glob("part-*.npz")) == \
+        ["part-00000.npz", "part-00001.npz"]
+    calls.clear()
+    kill_after = None
+    again = predict_cmd(run, tmp_path / "b", tmp_path / "k", threshold=0.0, quiet=True)
+    assert calls == [[4, 5], [6]] and again["resumed_items"] == 4      # only the two parts not saved
+    key = lambda r: (r["path"], r["flagged"])
+    assert sorted(map(key, again["rows"])) == sorted(map(key, straight["rows"]))
+    assert {r["path"]: r["wdm_score"] for r in again["rows"]} == \
+        pytest.approx({r["path"]: r["wdm_score"] for r in straight["rows"]}, rel=1e-6)
+    assert not (tmp_path / "k" / ".partial").exists() and "resumed_items" not in straight
+    # killed again, then one image replaced: its part (and every other) is scored anew, none reused
+    kill_after = 2
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        predict_cmd(run, tmp_path / "b", tmp_path / "k", threshold=0.0, quiet=True)
+    _png(tmp_path / "b" / "1.png", 99)
+    kill_after, calls[:] = None, []
+    fresh = predict_cmd(run, tmp_path / "b", tmp_path / "k", threshold=0.0, quiet=True)
+    assert len(calls) == 4 and "resumed_items" not in fresh
+    one = predict_cmd(run, tmp_path / "b" / "1.png", tmp_path / "one", threshold=0.0, quiet=True)
+    assert next(r["wdm_score"] for r in fresh["rows"] if r["path"].endswith("1.png")) == \
+        pytest.approx(one["rows"][0]["wdm_score"], rel=1e-5)

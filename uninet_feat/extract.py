@@ -18,7 +18,7 @@ from .descriptors import SHAPE_NAMES, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
 from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
-from .io import atomic_write_text
+from .io import atomic_write, atomic_write_text
 from .positions import corrected
 from .runs import make_dataset, model_device, run_path
 
@@ -193,11 +193,24 @@ class Extractor:
         return torch.tensor(rows, dtype=v.dtype).view(-1, 2)
 
     @torch.no_grad()
-    def extract(self, samples, patch_fn=None, map_fn=None) -> dict:
+    def extract(self, samples, patch_fn=None, map_fn=None, parts=None, key=None) -> dict:
         """In memory: ``vectors`` (n_items, D), ``scores``, ``tile``, ``index`` (sample of each item), ``patches``
-        (or with ``patch_fn``, their ``patch_scores``, scored batch by batch: see `_run`); ``map_fn``: see `_run`."""
+        (or with ``patch_fn``, their ``patch_scores``, scored batch by batch: see `_run`); ``map_fn``: see `_run`.
+
+        ``parts``: a folder where every `PART_ITEMS` items are saved as they are finished, so that a killed
+        pass run again on the same files, model and ``key`` (what else the values depend on, e.g. the kNN index
+        ``patch_fn`` scores with) redoes at most one part (`resumable_pass`); ``resumed``: the items it reused."""
         samples, ds = self._dataset(samples)
-        out = self._run(ds, range(len(ds)), patch_fn, map_fn)
+        if parts is None:
+            out = self._run(ds, range(len(ds)), patch_fn, map_fn)
+            out["resumed"] = 0
+        else:
+            cal = self.run_dir / "calibration.json" if self.model is not None else None   # tile offsets
+            fp = {"source": self.source, "patches": str(self.patches), "key": key,
+                  "calibration": file_sha256(cal) if cal is not None and cal.exists() else None,
+                  "cfg": {k: self.cfg.get(k) for k in ("image_size", "tile", "tile_score", "tile_norm")}}
+            out = resumable_pass(Path(parts), fp, samples, len(ds),
+                                 lambda idx: self._run(ds, idx, patch_fn, map_fn))
         out["samples"], out["skipped"] = samples, self.skipped(samples, ds)
         return out
 
@@ -249,3 +262,63 @@ class Extractor:
 
 def _fingerprint(source: dict, settings: dict, paths: list) -> str:
     return hashlib.sha256(json.dumps([source, settings, paths], sort_keys=True).encode()).hexdigest()
+
+
+PART_ITEMS = 1024   # items (images, or tiles) a resumable pass saves at a time: a kill loses at most these
+
+
+def resumable_pass(folder: Path, what: dict, samples, n_items: int, run) -> dict:
+    """``run(indices)`` (an `Extractor._run`) over ``n_items`` items, `PART_ITEMS` at a time, each part saved in
+    ``folder`` as it is finished, then all joined. Parts are reused only for the same ``what`` and the same
+    files (path, size and modification time of each sample, so an image replaced since is scored again);
+    any other pass's parts there are deleted first. Why: a batch of 100k images is hours of scoring on a
+    CPU, and a kill or a reboot must not lose it."""
+    files = []
+    for s in samples:
+        try:
+            st = os.stat(s.path)
+            files.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns, s.group])   # group: its offsets
+        except OSError:   # gone (skipped with skip_bad): its absence is what the pass saw
+            files.append([os.path.abspath(s.path), None, None, s.group])
+    fp = _fingerprint(what, {"n_items": n_items, "part_items": PART_ITEMS}, files)
+    folder.mkdir(parents=True, exist_ok=True)
+    mpath = folder / "pass.json"
+    try:
+        same = json.loads(mpath.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:   # another pass's parts (other images, model or settings): never mixed into this one
+        for old in folder.glob("part-*.npz"):
+            old.unlink()
+        atomic_write_text(mpath, json.dumps({"fingerprint": fp, "n_items": n_items}))
+    parts, resumed = [], 0
+    for k, start in enumerate(range(0, n_items, PART_ITEMS)):
+        path = folder / f"part-{k:05d}.npz"
+        r = _read_part(path)
+        if r is None:
+            r = run(range(start, min(start + PART_ITEMS, n_items)))
+            arrays = {key: (np.asarray(v) if key != "patch_grid" else np.array(v)) for key, v in r.items()}
+
+            def save(tmp, arrays=arrays):
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+            atomic_write(path, save)
+        else:
+            resumed += len(r["index"])
+        parts.append(r)
+    out = {key: np.concatenate([r[key] for r in parts]) for key in parts[0] if key != "patch_grid"} if parts else {}
+    if parts and "patch_grid" in parts[0]:
+        out["patch_grid"] = tuple(int(v) for v in parts[0]["patch_grid"])
+    out["resumed"] = resumed
+    return out
+
+
+def _read_part(path: Path) -> dict | None:
+    """A saved part's arrays, or None when it is missing or unreadable (a disk that failed mid-write)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            return {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError):
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -144,9 +145,13 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     # (without the run's map range the overlays share one scale over a second pass: nothing to hold for them)
     held = (_HeldMaps(samples, lambda score: save_maps or (wdm_overlays and score > threshold))
             if (save_maps or wdm_overlays) and not ex.cfg.get("tile") else None)
-    # with the run's own patches for the kNN, they are scored batch by batch and only their scores kept
+    # with the run's own patches for the kNN, they are scored batch by batch and only their scores kept; the pass
+    # is saved part by part under OUT/.partial, so a killed predict run again redoes at most one part
+    partial = Path(os.path.abspath(out)) / ".partial"
+    knn_key = _knn_key(knn) if knn is not None else None
     res = ex.extract(samples, patch_fn=scorer.score_patches if scorer is not None and kex is None else None,
-                     map_fn=held)
+                     map_fn=held, parts=partial / "run", key=knn_key if kex is None else None)
+    resumed = res["resumed"]
     keys = [str(samples[i].path) for i in res["index"]]
     X, order = aggregate_tiles(res["vectors"], res["scores"], keys)
     reduce = tile_score_reducer(ex.cfg.get("tile_score", "max"))   # as calibration scored the threshold's normals
@@ -161,7 +166,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if members is not None:
         summary_extra = _add_ensemble_scores(rows, members, samples, quiet)
     if scorer is not None:
-        per_image, patch_scores, kres = knn_scores(scorer, kex or ex, samples, res if kex is None else None)
+        per_image, patch_scores, kres = knn_scores(scorer, kex or ex, samples, res if kex is None else None,
+                                                   parts=partial / "knn", key=knn_key)
+        resumed += kres["resumed"] if kex is not None else 0
         knn_of = dict(zip((str(x.path) for x in samples), per_image))
         for row in rows:
             row["knn_score"] = float(knn_of[row["path"]])
@@ -209,7 +216,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
                "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
                **({"tile_norm": applied_tile_norm(ex.model)} if ex.cfg.get("tile") else {}),
-               **summary_extra}
+               **({"resumed_items": resumed} if resumed else {}), **summary_extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         if heatmap == "knn":
@@ -224,7 +231,19 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             _write_overlays(ex, samples, rows, out / "overlays", root=Path(data), held=held)
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
+    shutil.rmtree(partial, ignore_errors=True)   # everything is written: nothing left to resume
+    if resumed and not quiet:
+        print(f"resumed: {resumed} item(s) scored by a killed predict into {out} were reused, not scored again")
     return {**summary, "rows": rows}
+
+
+def _knn_key(knn) -> dict:
+    """What a kNN pass's saved parts depend on beyond the images and the extractor: the index, by its knn.json
+    (which pins index.faiss by sha256) and the index file's size and time."""
+    from .featstore import file_sha256
+    d = Path(knn)
+    st = (d / "index.faiss").stat() if (d / "index.faiss").is_file() else None
+    return {"knn_json": file_sha256(d / "knn.json"), "index": [st.st_size, st.st_mtime_ns] if st else None}
 
 
 def trained_colour_kind(run_dir: Path, n_ref: int = 20) -> str | None:

@@ -101,12 +101,13 @@ def check_built_from(source, meta_path: Path, ex, what: str) -> None:
                                 f"{' --patches' if what == 'index' else ''} --out F` with no --image-size / --tile")
 
 
-def knn_scores(scorer, kex, samples, res=None):
+def knn_scores(scorer, kex, samples, res=None, parts=None, key=None):
     """(image scores, patch scores, extraction): each sample's kNN score in ``samples`` order — the highest
     patch score over its tiles, NaN for an image the extraction skipped — and the (n_items, h*w) patch scores
     of ``res`` (an extraction with patches or patch scores already made, the run's own pass) or of
-    ``kex.extract(samples)``, scored batch by batch so that no image's patches are kept."""
-    res = res if res is not None else kex.extract(samples, patch_fn=scorer.score_patches)   # no patch kept
+    ``kex.extract(samples)``, scored batch by batch so that no image's patches are kept (``parts``, ``key``:
+    a resumable pass, `Extractor.extract`)."""
+    res = res if res is not None else kex.extract(samples, patch_fn=scorer.score_patches, parts=parts, key=key)
     patch_scores = (res["patch_scores"] if "patch_scores" in res
                     else scorer.score_patches(res["patches"].astype(np.float32)))
     return per_sample_max(patch_scores.max(1), res["index"], len(samples)), patch_scores, res
