@@ -35,19 +35,69 @@ def test_overlay_shape_dtype_and_hot_vs_cold():
     out = heatmap_overlay(img, amap, vmin=0.0, vmax=1.0)
     assert out.shape == (40, 60, 3) and out.dtype == np.uint8
     hot, cold = out[8, 8].astype(int), out[30, 50].astype(int)
-    assert _lum(hot) > _lum(cold) + 60
-    assert hot[0] > cold[0] + 60                         # redder too
+    assert tuple(cold) == (128, 128, 128)                # a cold pixel is the grey image itself
+    assert hot[0] > cold[0] + 50 and hot[0] - hot[2] > 100   # the hot one is coloured: red-orange on grey
+
+
+def _tile(h=64, w=64):
+    """A cream glaze with blue printed rows and a terracotta band: a colour image with a hue of its own."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = (236, 224, 196)
+    img[::8] = (60, 90, 200)
+    img[:, 40:46] = (190, 90, 60)
+    return img
+
+
+def test_a_low_map_leaves_a_colour_image_as_it_is_and_a_hot_one_shows_the_heat_and_the_stain():
+    """The colour was blended at 50 % over every pixel: a cream tile came out dark olive, and a stain's own colour
+    was lost under the tint. Now the weight grows with the map: clear in the lowest 30 % of the scale, at most
+    half heat colour at the top, where the stain still shows at half its own contrast."""
+    from uninet_feat.overlay import heat_colours
+    img = _tile()
+    rng = np.random.default_rng(0)
+    low = rng.uniform(0.0, 0.6, (16, 16)).astype(np.float32)   # a normal map: median-ish to 0.6 of the scale
+    out = heatmap_overlay(img, low, vmin=0.0, vmax=1.0)
+    assert abs(_lum(out).mean() - _lum(img).mean()) < 3     # the old blend: 206 → 103 here
+    assert np.abs(out.astype(int) - img).mean(axis=(0, 1)).max() < 4   # no tint of any channel either
+    old = heatmap_overlay(img, low, vmin=0.0, vmax=1.0, clear_below=None)
+    assert _lum(img).mean() - _lum(old).mean() > 60          # the look before: everything darkened
+    stain = img.copy()
+    stain[20:30, 10:30] = (150, 140, 230)                  # a lavender stain on the cream, same brightness-ish
+    hot = np.zeros((64, 64), np.float32)
+    hot[16:34, 6:34] = 5.0                                 # the map far above the normals' top, around the stain
+    out = heatmap_overlay(stain, hot, vmin=0.0, vmax=1.0).astype(int)
+    top = heat_colours(1.0).astype(int)
+    assert np.abs(out[25, 20] - (stain[25, 20] + top) / 2).max() <= 1      # half image, half heat
+    assert np.abs(out[18, 20] - (stain[18, 20] + top) / 2).max() <= 1      # the cream beside it, same heat
+    contrast_in, contrast_out = stain[25, 20].astype(int) - stain[18, 20], out[25, 20] - out[18, 20]
+    assert np.abs(contrast_out - contrast_in / 2).max() <= 1   # the stain's own colour difference, at half
+    assert (out[50, 50] == stain[50, 50]).all()            # outside the hot region: the image
+
+
+def test_a_grey_image_keeps_its_grey_where_the_map_is_low_and_the_ramp_is_smooth():
+    from uninet_feat.overlay import heat_weight
+    g = np.random.default_rng(1).integers(40, 90, (48, 48), dtype=np.uint8)   # a dark grey tile (magnetic-tile-like)
+    ramp = np.tile(np.linspace(0.0, 1.0, 48, dtype=np.float32), (48, 1))      # the map rises left to right
+    out = heatmap_overlay(g, ramp, vmin=0.0, vmax=1.0).astype(int)
+    left = out[:, :12]                                      # t < 0.25: untouched
+    assert (left == g[:, :12, None]).all()
+    right = out[:, -4:]                                     # t near 1: coloured, brighter than the dark tile
+    assert (right[..., 0] - right[..., 2]).mean() > 60 and _lum(right).mean() > g[:, -4:].mean() + 30
+    w = heat_weight(np.linspace(0, 1, 101))
+    assert w[0] == 0 and w[30] == 0 and w[-1] == pytest.approx(0.5) and np.all(np.diff(w) >= 0)
+    with pytest.raises(ValueError):
+        heat_weight(0.5, clear_below=1.0)
 
 
 def test_fixed_scale_gives_comparable_colours():
     img = np.zeros((32, 32, 3), np.uint8)
-    a = np.full((8, 8), 0.3, np.float32)
+    a = np.full((8, 8), 0.6, np.float32)
     b = a.copy()
     b[0, 0] = 5.0                                        # a different map range
     oa = heatmap_overlay(img, a, vmin=0.0, vmax=1.0, alpha=1.0)
     ob = heatmap_overlay(img, b, vmin=0.0, vmax=1.0, alpha=1.0)
     assert np.array_equal(oa[20, 20], ob[20, 20])        # same value → same colour
-    auto = heatmap_overlay(img, b, alpha=1.0)            # own min/max: 0.3 is now near the bottom
+    auto = heatmap_overlay(img, b, alpha=1.0)            # own min/max: 0.6 is now near the bottom
     assert _lum(auto[20, 20]) < _lum(oa[20, 20])
 
 

@@ -7,8 +7,16 @@ normals' score range) so that a colour means the same anomaly level in every ove
 perfectly normal image — fine for a quick look, misleading for comparison.
 
 `display_range` gives that scale for a trained run: from the validation normals' median pixel
-(black) to their 0.999-quantile pixel (full colour), written by ``train`` into ``calibration.json``
-(``map_range``), so a normal image stays dark and only what exceeds every normal glows.
+to their 0.999-quantile pixel, written by ``train`` into ``calibration.json`` (``map_range``).
+
+The colour is laid over the image with a weight that grows with the map value (`heat_weight`): none in
+the lowest ``clear_below`` (0.3) of the scale, rising smoothly to ``alpha`` (0.5) at its top. A normal
+image therefore shows nearly untouched, in its own colours and brightness, and only what exceeds the
+normals is tinted, half image and half heat colour at most, so a stain's own colour still shows
+through. The heat colours are inferno's black → purple → red → orange (its pale-yellow end is left out:
+it vanishes on cream, white or light-grey images). Until session 28 the colour was blended at 50 % over
+every pixel (``clear_below=None`` still draws that), which halved the brightness of the whole image
+and tinted every colour picture.
 
 No matplotlib at run time: the colormaps are small built-in tables (``colormap(name)``).
 Very wide images (4096×256 fabric strips) keep their aspect ratio; ``max_width`` downscales the
@@ -34,6 +42,8 @@ PNG_LEVEL = 1                     # zlib level of written overlays (lossless at 
 
 MASK_COLOR = (0, 255, 0)          # ground-truth outline: green
 CONTOUR_COLOR = (0, 200, 255)     # threshold contour: light blue
+CLEAR_BELOW = 0.3                 # the lowest 30 % of the colour scale leaves the image untouched
+INFERNO_TOP = 0.75                # overlays use inferno up to its orange (0.75), not its pale-yellow end
 
 
 def colormap(name: str = "inferno") -> np.ndarray:
@@ -58,6 +68,25 @@ def apply_colormap(values: np.ndarray, vmin: float, vmax: float, cmap: str = "in
     t = (v - vmin) / span if span > 0 else np.zeros_like(v)
     idx = np.clip(np.round(t * 255), 0, 255).astype(np.int64)
     return colormap(cmap)[idx]
+
+
+def heat_weight(t, alpha: float = 0.5, clear_below: float | None = CLEAR_BELOW) -> np.ndarray:
+    """The colour's weight over the image at scale position ``t`` (0 = vmin, 1 = vmax; clipped): 0 up to
+    ``clear_below``, rising smoothly (smoothstep) to ``alpha`` at 1; ``clear_below=None``: ``alpha`` everywhere."""
+    t = np.clip(np.asarray(t, np.float32), 0.0, 1.0)
+    if clear_below is None:
+        return np.full_like(t, alpha)
+    if not 0.0 <= clear_below < 1.0:
+        raise ValueError(f"clear_below must be in [0, 1) or None, got {clear_below}")
+    r = np.clip((t - clear_below) / (1.0 - clear_below), 0.0, 1.0)
+    return (alpha * r * r * (3.0 - 2.0 * r)).astype(np.float32)
+
+
+def heat_colours(t, cmap: str = "inferno") -> np.ndarray:
+    """uint8 (..., 3): the overlay's colour at scale position ``t`` (clipped to [0, 1]): inferno up to
+    `INFERNO_TOP` (orange), or the whole of ``jet``."""
+    top = INFERNO_TOP if cmap == "inferno" else 1.0
+    return apply_colormap(np.clip(np.asarray(t, np.float64), 0.0, 1.0) * top, 0.0, 1.0, cmap)
 
 
 def _as_rgb_uint8(image) -> np.ndarray:
@@ -170,13 +199,17 @@ def display_range(run_dir, maps=None, pixel_map: str | None = None, cal: dict | 
 def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float | None = None,
                     vmax: float | None = None, alpha: float = 0.5, mask=None, threshold: float | None = None,
                     max_width: int | None = None, cmap: str = "inferno",
-                    mask_color=MASK_COLOR, contour_color=CONTOUR_COLOR) -> np.ndarray:
-    """Colour ``anomaly_map`` and blend it over the image; returns uint8 (H, W, 3).
+                    mask_color=MASK_COLOR, contour_color=CONTOUR_COLOR,
+                    clear_below: float | None = CLEAR_BELOW) -> np.ndarray:
+    """Colour ``anomaly_map`` and lay it over the image, more opaque where the map is higher; returns uint8 (H, W, 3).
 
     - ``anomaly_map`` (h, w) at any resolution (e.g. the evaluated 256×256, or a stitched full-size
       map) is resized bilinearly to the output size.
     - ``vmin``/``vmax``: the colour scale; fix them across a data set (see the module docstring).
-    - ``alpha``: weight of the colour (0 = image only, 1 = colour only).
+    - ``alpha``: weight of the colour at the top of the scale (0 = image only, 1 = colour only).
+    - ``clear_below``: the fraction of the scale below which the image is left untouched; above it the
+      colour's weight rises smoothly to ``alpha`` (`heat_weight`). None: ``alpha`` over every pixel (the
+      look before session 28, which darkened the whole image).
     - ``mask``: ground-truth defect mask (bool array of any size, or a mask file path); its outline is
       drawn in ``mask_color``. Thin defects survive downscaling (any coverage counts).
     - ``threshold``: if given, the contour of ``map >= threshold`` is drawn in ``contour_color``.
@@ -200,8 +233,11 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
     hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     amap = np.nan_to_num(amap, nan=lo, posinf=hi, neginf=lo)
     m = _resize_float(amap, (H, W), Image.Resampling.BILINEAR)
-    colour = apply_colormap(m, lo, hi, cmap).astype(np.float32)
-    out = np.clip((1.0 - alpha) * img.astype(np.float32) + alpha * colour + 0.5, 0, 255).astype(np.uint8)
+    span = hi - lo
+    t = (m - lo) / span if span > 0 else np.zeros_like(m)
+    colour = heat_colours(t, cmap).astype(np.float32)
+    w = heat_weight(t, alpha, clear_below)[..., None]
+    out = np.clip((1.0 - w) * img.astype(np.float32) + w * colour + 0.5, 0, 255).astype(np.uint8)
     thickness = int(np.clip(round(math.sqrt(H * W) / 150), 1, 4))  # wide strips get a visible line
     if threshold is not None:
         out[_outline(m >= threshold, thickness)] = contour_color

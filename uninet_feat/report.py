@@ -164,14 +164,19 @@ def _metrics_table(metrics: dict, op, threshold, n, n_def) -> str:
 
 
 def _colour_key(overlay_range=None) -> str:
-    """A small inline SVG colour bar of the overlays' default colormap (inferno), low → high."""
-    from .overlay import _INFERNO_ANCHORS
-    stops = "".join(f'<stop offset="{i / (len(_INFERNO_ANCHORS) - 1):.2f}" stop-color="#{c}"/>'
-                    for i, c in enumerate(_INFERNO_ANCHORS))
+    """A small inline SVG colour bar of the overlays' default heat colours (inferno to orange), low → high, each
+    as opaque as it is laid over the image relative to the top (clear over the lowest 30 %)."""
+    import numpy as np
+
+    from .overlay import heat_colours, heat_weight
+    t = np.linspace(0.0, 1.0, 11)
+    cols, ops = heat_colours(t), heat_weight(t, 1.0)
+    stops = "".join(f'<stop offset="{x:.2f}" stop-color="#{c[0]:02x}{c[1]:02x}{c[2]:02x}" stop-opacity="{o:.2f}"/>'
+                    for x, c, o in zip(t, cols, ops))
     lo, hi = ("low", "high") if overlay_range is None else (f"{overlay_range[0]:.3g}", f"{overlay_range[1]:.3g}")
     return (f"<span class='ckey'>{_esc(lo)} <svg width='120' height='12' style='vertical-align:middle'>"
             f"<defs><linearGradient id='inferno'>{stops}</linearGradient></defs>"
-            f"<rect width='120' height='12' fill='url(#inferno)'/></svg> {_esc(hi)}</span>")
+            f"<rect width='120' height='12' fill='url(#inferno)' stroke='#999'/></svg> {_esc(hi)}</span>")
 
 
 def _outcome(r, threshold=None) -> str:
@@ -366,7 +371,8 @@ def write_report(out_html, metrics: dict | None = None, rows: list[dict] | None 
                  + "<p class='legendkey'>Histogram bars are normalised per class (each class sums to 1) so a "
                    "small defect set stays visible next to many normals.</p></section>")
     scale = " (the same colour scale for every image)" if overlay_range is not None else ""
-    key = (f"Overlays: anomaly heatmap over the image {_colour_key(overlay_range)}{scale}; green outline = "
+    key = (f"Overlays: anomaly heatmap over the image {_colour_key(overlay_range)}{scale}, clear where the map "
+           "is low (the image's own colours) and up to half heat colour at the top; green outline = "
            "ground-truth defect mask, where given.")
     if not overlays:
         key = "No heatmap overlays were given to this report."
