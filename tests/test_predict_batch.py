@@ -351,8 +351,8 @@ def test_the_kinds_a_run_was_trained_on_are_recorded_and_named_once_by_a_detecto
         warnings.filterwarnings("error", message=".*images are (colour|grey)")
         det.score([frame, frame])   # said once per Detector
     tex = write_texture_set(tmp_path / "mixed", n_train=8, n_good=1, n_bad=1, size=32)
-    for p in sorted((tex / "train" / "good").glob("*.png"))[:3]:   # a second camera's colour frames
-        Image.open(p).convert("RGB").save(p)
+    for p in sorted((tex / "train" / "good").glob("*.png"))[:3]:   # a second camera's colour frames (tinted:
+        _tint(p)                                                   # grey pictures saved as RGB count as grey)
     with pytest.warns(UserWarning, match=r"training normals mix grey and colour files: 3 colour \(.*\) among 5 grey"):
         train(load_config(None, {"data": str(tex), "backbone": "tiny", "weights": "random", "image_size": 32,
                                  "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
@@ -361,6 +361,75 @@ def test_the_kinds_a_run_was_trained_on_are_recorded_and_named_once_by_a_detecto
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*images are (colour|grey)")
         Detector(tmp_path / "r").score([frame, sorted((tex / "test").rglob("*.png"))[0]])
+
+
+def _tint(p, out=None):
+    """A grey picture made a colour one (a colour camera's frame of the same texture)."""
+    g = np.asarray(Image.open(p).convert("L"), np.float32)
+    Image.fromarray(np.stack([g, 0.8 * g, 0.55 * g], -1).astype(np.uint8)).save(out or p)
+
+
+def _grey_rgb(p, out=None):
+    """The same frame from a camera switched to grey output, saved as RGB (R = G = B)."""
+    Image.open(p).convert("L").convert("RGB").save(out or p)
+
+
+def test_grey_pictures_saved_as_rgb_are_named_for_a_colour_trained_run(tmp_path):
+    """Only a grey-trained run looked into its colour files: a colour line whose camera switched to grey output,
+    saved as RGB, was scored silently by its colour run (session 27's audit). A colour run now names such pictures
+    at predict, in a Detector and at evaluate; a run whose colour files held grey pictures counts as grey."""
+    import shutil
+    import warnings
+    from uninet_feat.detector import Detector
+    from uninet_feat.evaluate import evaluate
+    from uninet_feat.predict import trained_colour_kind
+    tex = write_texture_set(tmp_path / "tex", n_train=6, n_good=2, n_bad=2, size=32)
+    for p in tex.rglob("*.png"):
+        if "ground_truth" not in p.parts:
+            _tint(p)
+    run = tmp_path / "colour_run"
+    train(load_config(None, {"data": str(tex), "backbone": "tiny", "weights": "random", "image_size": 32,
+                             "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
+          run, quiet=True)
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["image_kinds"] == {"grey": 0, "colour": 6} and cal["colour_files_looked"] == {"looked": 6, "grey": 0}
+    assert trained_colour_kind(run) == "colour"
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for i, p in enumerate(sorted((tex / "test" / "good").glob("*.png"))):
+        shutil.copy(p, batch / f"colour_{i}.png")
+        _grey_rgb(p, batch / f"switched_{i}.png")
+    with pytest.warns(UserWarning, match=r"2 of the 4 colour files looked into \(of 4 images\) hold grey pictures, "
+                                         r"every pixel's R = G = B \(.*switched_0.png, .*switched_1.png\): a camera "
+                                         r"set to grey output\?.*trained on colour images.*Fix: set the camera back"):
+        predict_cmd(run, batch, tmp_path / "p", overlays=False, quiet=True)
+    with warnings.catch_warnings():   # colour pictures only: nothing to say
+        warnings.filterwarnings("error", message=".*(grey pictures|images are grey)")
+        predict_cmd(run, batch / "colour_0.png", tmp_path / "p2", overlays=False, quiet=True)
+        Detector(run).score(np.asarray(Image.open(batch / "colour_1.png")))
+    frame = np.asarray(Image.open(batch / "switched_1.png"))
+    with pytest.warns(UserWarning, match=r"1 of the 1 colour files looked into .* \(<image 0>\)"):
+        Detector(run).score(frame)
+    moved = tmp_path / "grey_line"
+    shutil.copytree(tex, moved)
+    for p in (moved / "test").rglob("*.png"):
+        _grey_rgb(p)
+    with pytest.warns(UserWarning, match=r"4 of the 4 colour files looked into \(of 4 images\) hold grey pictures"):
+        evaluate(run, data=str(moved), quiet=True)
+    # a run trained on grey pictures saved as RGB is a grey run: its own kind of picture is not named
+    cal.update(colour_files_looked={"looked": 6, "grey": 6})
+    (run / "calibration.json").write_text(json.dumps(cal))
+    assert trained_colour_kind(run) == "grey"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(grey pictures|images are (grey|colour))")
+        Detector(run).score(frame)
+    cal.update(colour_files_looked={"looked": 6, "grey": 2})   # both kinds: neither named
+    (run / "calibration.json").write_text(json.dumps(cal))
+    assert trained_colour_kind(run) is None
+    del cal["colour_files_looked"]   # a run from before the record: some validation normals are decoded
+    cal["val_paths"] = [str(batch / "switched_0.png"), str(batch / "switched_1.png")]
+    (run / "calibration.json").write_text(json.dumps(cal))
+    assert trained_colour_kind(run) == "grey"
 
 
 def test_a_detector_looks_at_colour_kinds_of_its_first_images_only_and_names_unscorable_pil_modes(run, monkeypatch):

@@ -98,13 +98,17 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     return cal
 
 
+KIND_LOOK_FILES = 16   # colour files decoded to see whether they hold grey pictures (a run's normals, a batch)
+
+
 def _normals_record(cfg: dict) -> dict:
     """From the headers of the run's normals (training and validation): ``image_kinds``, how many are grey and
     colour files, which `predict` and `Detector` compare new images with (a run trained on grey has no meaning on
-    colour, and the validation normals alone may all be of one kind when the training mixed both); for a tiled
-    run ``image_sizes``, their distinct [h, w], the size `export-model` builds a tiled graph for. Empty when the
-    data is gone."""
-    from .data.images import colour_kinds, read_size
+    colour, and the validation normals alone may all be of one kind when the training mixed both), and
+    ``colour_files_looked``: of up to `KIND_LOOK_FILES` colour files (spread over them) decoded, how many hold
+    grey pictures (a grey line saved as RGB is a grey run); for a tiled run ``image_sizes``, their distinct
+    [h, w], the size `export-model` builds a tiled graph for. Empty when the data is gone."""
+    from .data.images import colour_kinds, grey_content, read_size
     from .runs import load_samples, train_val_samples
     try:
         fit, val = train_val_samples(load_samples(cfg), cfg)
@@ -113,6 +117,10 @@ def _normals_record(cfg: dict) -> dict:
     normals = [s.path for s in fit + val if s.is_normal]
     kinds = colour_kinds(normals)
     out = {"image_kinds": {k: len(v) for k, v in kinds.items()}} if any(kinds.values()) else {}
+    colour = kinds["colour"]
+    if colour:
+        looks = [grey_content(p) for p in colour[::-(-len(colour) // KIND_LOOK_FILES)]]
+        out["colour_files_looked"] = {"looked": sum(g is not None for g in looks), "grey": sum(bool(g) for g in looks)}
     if cfg.get("tile"):
         sizes = set()
         for p in normals:

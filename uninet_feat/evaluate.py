@@ -140,6 +140,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         rule += f" — scored with {checkpoint}, not {Path(run) / 'model.pt'}"
     from .data.dataset import drop_unusable_masks, picture_masks
     test = picture_masks(load_test_samples(cfg), skip_bad)   # before scoring: one error naming every such mask
+    from .predict import _warn_other_colour_kind
+    _warn_other_colour_kind(run, test)   # grey images for a colour run, or the other way (as predict and Detector)
     if skip_bad:   # a mask that does not fit leaves alone: its image is still scored
         test = drop_unusable_masks(test)
     has_masks = any(s.mask is not None for s in test)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .calibration import applied_tile_norm
+from .calibration import KIND_LOOK_FILES, applied_tile_norm
 from .data.tiling import tile_score_reducer
 from .featstore import aggregate_tiles, head_columns
 from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text
@@ -246,11 +246,14 @@ def _knn_key(knn) -> dict:
     return {"knn_json": file_sha256(d / "knn.json"), "index": [st.st_size, st.st_mtime_ns] if st else None}
 
 
-def trained_colour_kind(run_dir: Path, n_ref: int = 20) -> str | None:
+def trained_colour_kind(run_dir: Path, n_ref: int = 20, n_look: int = 4) -> str | None:
     """"grey" or "colour": the one kind of image the run was trained on; None when it had both or nobody can tell.
     From calibration.json's ``image_kinds`` (every training normal's header, counted since session 27), else from
-    the headers of up to ``n_ref`` of its validation normals (older runs)."""
-    from .data.images import colour_kind
+    the headers of up to ``n_ref`` of its validation normals (older runs). Colour files holding grey pictures count
+    as grey: from ``colour_files_looked`` (since session 28), else from up to ``n_look`` of the validation
+    normals' colour files, decoded (a grey line saved as RGB is a grey run; a run whose colour files held both is
+    one of both kinds)."""
+    from .data.images import colour_kind, grey_content
     try:
         cal = json.loads((Path(run_dir) / "calibration.json").read_text())
     except (OSError, ValueError):
@@ -259,24 +262,57 @@ def trained_colour_kind(run_dir: Path, n_ref: int = 20) -> str | None:
         ref = {k for k, n in cal["image_kinds"].items() if n}
     else:
         ref = {colour_kind(p) for p in cal.get("val_paths", [])[:n_ref]} - {None}
+    if "colour" in ref:
+        looked = cal.get("colour_files_looked")
+        if looked is None:   # older runs: a few of the validation normals' colour files
+            colour = [p for p in cal.get("val_paths", [])[:n_ref] if colour_kind(p) == "colour"][:n_look]
+            looks = [g for g in map(grey_content, colour) if g is not None]
+            looked = {"looked": len(looks), "grey": sum(looks)}
+        if looked["grey"]:
+            ref.add("grey")
+            if looked["grey"] == looked["looked"]:   # every colour file looked into held a grey picture
+                ref.discard("colour")
     return ref.pop() if len(ref) == 1 else None   # none readable (moved), or a run trained on both kinds
 
 
-def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = 16, trained: str | None = None,
+def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = KIND_LOOK_FILES, trained: str | None = None,
                             names: dict | None = None) -> bool:
     """Warn when the batch holds colour images and the run was trained on grey ones, or the other way round:
     the model never saw such inputs, and its scores carry no meaning there (they were given silently). The run's
-    kind: `trained_colour_kind` (or ``trained``). Colour files of a grey-trained run are looked into (``n_look`` of
-    them, spread over the batch): grey pictures saved as RGB or RGBA are not named (such a tile scored exactly as
-    its grey original, and was named). Returns whether it warned of images of the other kind. ``names``: {path: name
-    to show} (a `Detector`'s in-memory frames are ``<image k>``, not their temporary files)."""
+    kind: `trained_colour_kind` (or ``trained``). Colour files are looked into (``n_look`` of them, spread over the
+    batch): for a grey-trained run, grey pictures saved as RGB or RGBA are not named (such a tile scored exactly as
+    its grey original, and was named); for a colour-trained run, they are (a colour camera switched to grey output
+    was scored silently, session 28). Returns whether it warned of images of the other kind. ``names``: {path:
+    name to show} (a `Detector`'s in-memory frames are ``<image k>``, not their temporary files)."""
     from .data.images import colour_kind, grey_content
     trained = trained or trained_colour_kind(run_dir)
     if trained is None:
         return False
-    other = [str(s.path) for s in samples if colour_kind(s.path) not in (None, trained)]
+    kinds = {str(s.path): colour_kind(s.path) for s in samples}
+    other = [p for p, k in kinds.items() if k not in (None, trained)]
+
+    def show(paths):   # the first three, by the names the caller knows them by
+        return ", ".join((names or {}).get(p, p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    if trained == "colour":   # a grey picture in a colour file is still grey
+        said = bool(other)
+        if other:
+            warnings.warn(f"{len(other)} of {len(samples)} images are grey ({show(other)}); the run was trained on "
+                          "colour images, so its scores there carry no meaning. Fix: train a run on grey images of "
+                          "this line", stacklevel=2)
+        colour = [p for p, k in kinds.items() if k == "colour"]
+        looked = {p: grey_content(p) for p in colour[::-(-len(colour) // n_look)]} if colour else {}
+        grey = [p for p, g in looked.items() if g]
+        if grey:
+            rest = len(colour) - len(looked)
+            more = f"; {rest} more colour file(s) were not looked into" if rest else ""
+            warnings.warn(f"{len(grey)} of the {len(looked)} colour files looked into (of {len(samples)} images) hold "
+                          f"grey pictures, every pixel's R = G = B ({show(grey)}){more}: a camera set to grey "
+                          "output? The run was trained on colour images, so its scores there carry no meaning. Fix: "
+                          "set the camera back to colour; if the line is grey now, train a run on its grey images",
+                          stacklevel=2)
+        return said or bool(grey)
     unlooked = []
-    if other and trained == "grey":   # colour files: grey pictures in them are what the run was trained on
+    if other:   # colour files of a grey-trained run: grey pictures in them are what the run was trained on
         looked = {p: grey_content(p) for p in other[::-(-len(other) // n_look)]}   # spread over the batch
         unlooked = [p for p in other if p not in looked]
         other = [p for p, grey in looked.items() if not grey]
@@ -288,12 +324,10 @@ def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = 16, trained: s
                               stacklevel=2)
             return False
     if other:
-        kind = "colour" if trained == "grey" else "grey"
         more = f"; {len(unlooked)} more colour file(s) were not looked into" if unlooked else ""
-        shown = [(names or {}).get(p, p) for p in other[:3]]
-        warnings.warn(f"{len(other)} of {len(samples)} images are {kind} ({', '.join(shown)}"
-                      f"{', ...' if len(other) > 3 else ''}){more}; the run was trained on {trained} images, so its "
-                      f"scores there carry no meaning. Fix: train a run on {kind} images of this line", stacklevel=2)
+        warnings.warn(f"{len(other)} of {len(samples)} images are colour ({show(other)}){more}; the run was trained "
+                      "on grey images, so its scores there carry no meaning. Fix: train a run on colour images of "
+                      "this line", stacklevel=2)
     return bool(other)
 
 
