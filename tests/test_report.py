@@ -61,6 +61,9 @@ def test_a_low_map_leaves_a_colour_image_as_it_is_and_a_hot_one_shows_the_heat_a
     assert np.abs(out.astype(int) - img).mean(axis=(0, 1)).max() < 4   # no tint of any channel either
     old = heatmap_overlay(img, low, vmin=0.0, vmax=1.0, clear_below=None)
     assert _lum(img).mean() - _lum(old).mean() > 60          # the look before: everything darkened
+    big = np.asarray(Image.fromarray(low, mode="F").resize((64, 64), Image.Resampling.BILINEAR))
+    want = 0.5 * img + 0.5 * colormap("inferno")[np.clip(np.round(big * 255), 0, 255).astype(int)]
+    assert np.abs(old - np.floor(want + 0.5)).max() <= 1       # exactly the old flat blend
     stain = img.copy()
     stain[20:30, 10:30] = (150, 140, 230)                  # a lavender stain on the cream, same brightness-ish
     hot = np.zeros((64, 64), np.float32)

@@ -208,8 +208,8 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
     - ``vmin``/``vmax``: the colour scale; fix them across a data set (see the module docstring).
     - ``alpha``: weight of the colour at the top of the scale (0 = image only, 1 = colour only).
     - ``clear_below``: the fraction of the scale below which the image is left untouched; above it the
-      colour's weight rises smoothly to ``alpha`` (`heat_weight`). None: ``alpha`` over every pixel (the
-      look before session 28, which darkened the whole image).
+      colour's weight rises smoothly to ``alpha`` (`heat_weight`), in `heat_colours`. None: ``alpha`` over
+      every pixel in the whole colormap, the look before session 28 (which darkened the whole image).
     - ``mask``: ground-truth defect mask (bool array of any size, or a mask file path); its outline is
       drawn in ``mask_color``. Thin defects survive downscaling (any coverage counts).
     - ``threshold``: if given, the contour of ``map >= threshold`` is drawn in ``contour_color``.
@@ -235,7 +235,8 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
     m = _resize_float(amap, (H, W), Image.Resampling.BILINEAR)
     span = hi - lo
     t = (m - lo) / span if span > 0 else np.zeros_like(m)
-    colour = heat_colours(t, cmap).astype(np.float32)
+    # the flat blend (clear_below=None) keeps its whole colormap, as drawn before session 28
+    colour = (heat_colours(t, cmap) if clear_below is not None else apply_colormap(m, lo, hi, cmap)).astype(np.float32)
     w = heat_weight(t, alpha, clear_below)[..., None]
     out = np.clip((1.0 - w) * img.astype(np.float32) + w * colour + 0.5, 0, 255).astype(np.uint8)
     thickness = int(np.clip(round(math.sqrt(H * W) / 150), 1, 4))  # wide strips get a visible line
