@@ -17,7 +17,8 @@ from scipy import ndimage
 from .errors import BadInputError
 
 __all__ = ["image_auroc", "image_auroc_bootstrap", "interval", "image_ap", "f1_max", "pixel_auroc", "aupro",
-           "aupro_reference", "pixel_bootstrap", "evaluate_maps"]
+           "aupro_reference", "pixel_bootstrap", "bootstrap_histograms", "PixelStats", "score_keys",
+           "evaluate_maps"]
 
 N_BOOT = 2000       # bootstrap resamples behind an interval
 LEVEL = 0.95
@@ -302,8 +303,14 @@ def pixel_bootstrap(masks, maps, n_boot: int = 1000, seed=0, bins: int = 4096, f
     (`binned_pixel_figures`). Thresholds then sit at bin edges: on the sample itself the binned figures differ
     from the exact ones by under 0.005 (tested)."""
     _check_n_boot(n_boot)
-    h = pixel_histograms(masks, maps, bins, seed)
-    has_defect = h["pos"].sum(1) > 0
+    return bootstrap_histograms(pixel_histograms(masks, maps, bins, seed), n_boot, seed, fpr_limit, chunk)
+
+
+def bootstrap_histograms(h: dict, n_boot: int = 1000, seed=0, fpr_limit: float = 0.3, chunk: int = 250) -> dict:
+    """`pixel_bootstrap`'s draws from per-image histograms ``h`` (`pixel_histograms`, or `PixelStats.histograms`
+    when the maps were not kept)."""
+    _check_n_boot(n_boot)
+    has_defect = np.asarray(h["pos"].sum(1)).ravel() > 0
     groups = [np.flatnonzero(has_defect), np.flatnonzero(~has_defect)]
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)[1:]]   # a stream per group
     aurocs, apros = [], []
@@ -346,11 +353,15 @@ def pixel_histograms(masks, maps, bins: int = 4096, seed=0) -> dict:
 
 
 def binned_pixel_figures(w, h: dict, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """(pixel AUROC, AUPRO) of each row of image weights ``w`` (k, images) from `pixel_histograms` ``h``."""
+    """(pixel AUROC, AUPRO) of each row of image weights ``w`` (k, images) from `pixel_histograms` ``h`` (its
+    "neg" / "pos" may be scipy sparse arrays)."""
     neg, pos = w @ h["neg"], w @ h["pos"]
     fpr = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1] / neg.sum(1, keepdims=True)   # normals at or above each bin
     wr = w[:, h["owner"]]
-    pro = (wr @ h["tail"]) / wr.sum(1, keepdims=True)
+    if "tail" in h:
+        pro = (wr @ h["tail"]) / wr.sum(1, keepdims=True)
+    else:   # "share" (sparse): each region's share per bin; the tail sum after the weighting, not before
+        pro = np.cumsum((wr @ h["share"])[:, ::-1], axis=1)[:, ::-1] / wr.sum(1, keepdims=True)
     apro = [min(1.0, max(0.0, _area_to(f[::-1], p[::-1], fpr_limit))) for f, p in zip(fpr, pro)]
     return _binned_auroc(neg, pos), np.array(apro)
 
@@ -359,6 +370,136 @@ def _binned_auroc(neg, pos) -> np.ndarray:
     """AUROC of binned counts (B, bins): defect pixels above every normal of lower bins, ½ against their own."""
     below = np.cumsum(neg, axis=1) - neg
     return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+# ----------------------------------------------------------------------------- streamed (maps not kept)
+KEY_BITS = 20   # sign, exponent and 11 mantissa bits of a float32: bins 2^-11 of their octave wide (< 5e-4 relative)
+
+
+def score_keys(a, bits: int = KEY_BITS) -> np.ndarray:
+    """Order-preserving uint32 bin keys of float32 scores: the bit pattern with negatives' bits flipped (and the
+    sign bit set on the others), so keys sort as the scores do, cut to its top ``bits``. Why: bins that need no
+    score range in advance, so a map can be binned the moment it is made."""
+    u = (np.asarray(a, np.float32) + np.float32(0)).view(np.uint32)   # + 0: -0.0 is +0.0, one key as one score
+    u = np.where(u >> np.uint32(31), ~u, u | np.uint32(1 << 31))
+    return u >> np.uint32(32 - bits)
+
+
+class PixelStats:
+    """Per image, the pixel statistics pixel AUROC, AUPRO and their image bootstrap need, taken from each map as it is
+    scored so the maps need not be kept: a sparse histogram over `score_keys` bins (the keys present, normal and
+    defect counts) and, per 8-connected defect region (as `aupro` labels them), its counts per key. The figures are
+    then exact for the maps rounded down to their bins: ties within a bin count ½, as equal scores do."""
+
+    def __init__(self, bits: int = KEY_BITS):
+        if not 8 < bits <= 24:
+            raise BadInputError(f"bits must be in 9..24, got {bits}")
+        self.bits, self.images = bits, []   # per image: (keys, neg, pos or None, regions or None, shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def add(self, mask, score_map) -> None:
+        """Bins one image's map (2-D) against its mask; neither is kept."""
+        a, m = _finite("maps", score_map), _binary("masks", mask)
+        if m.shape != a.shape or m.ndim != 2:
+            raise BadInputError(f"image {len(self)}: mask {m.shape} and map {a.shape} must be the same (H, W)")
+        k = score_keys(a.ravel(), self.bits)
+        if not m.any():
+            keys, neg = np.unique(k, return_counts=True)
+            self.images.append((keys.astype(np.uint32), neg.astype(np.uint32), None, None, m.shape))
+            return
+        lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=int))   # 0: normal pixels, r: region r
+        u, c = np.unique(k.astype(np.int64) * (n + 1) + lab.ravel(), return_counts=True)
+        key, reg = u // (n + 1), u % (n + 1)
+        keys, inv = np.unique(key, return_inverse=True)
+        d = reg > 0
+        neg = np.bincount(inv[~d], c[~d], minlength=keys.size)
+        pos = np.bincount(inv[d], c[d], minlength=keys.size)
+        regions = ((reg[d] - 1).astype(np.int32), key[d].astype(np.uint32), c[d].astype(np.uint32), n)
+        self.images.append((keys.astype(np.uint32), neg.astype(np.uint32), pos.astype(np.uint32), regions, m.shape))
+
+    def subset(self, idx) -> "PixelStats":
+        """The images ``idx`` only (their arrays shared, not copied)."""
+        out = PixelStats(self.bits)
+        out.images = [self.images[i] for i in idx]
+        return out
+
+    def defect_pixels(self) -> np.ndarray:
+        """Each image's number of defect pixels."""
+        return np.array([0 if p is None else int(p.sum()) for _, _, p, _, _ in self.images], dtype=np.int64)
+
+    def shapes(self) -> list:
+        return [s for *_, s in self.images]
+
+    def _pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """Normal and defect counts of all images per key, dense over the 2^bits keys (8 MB each at 20 bits)."""
+        neg, pos = np.zeros(1 << self.bits), np.zeros(1 << self.bits)
+        for keys, n, p, _, _ in self.images:   # keys are unique within an image: plain fancy-index adds
+            neg[keys] += n
+            if p is not None:
+                pos[keys] += p
+        n_def = int(pos.sum())
+        if n_def == 0 or neg.sum() == 0:
+            raise BadInputError(f"masks contain only {'defect' if n_def else 'normal'} pixels; pixel metrics need both",
+                                fix="include images with annotated defects (and normal pixels)")
+        return neg, pos
+
+    def _regions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(region id, key, count) of every region's keys over all images, ids 0..R-1."""
+        rid, key, cnt, offset = [], [], [], 0
+        for *_, r, _ in self.images:
+            if r is not None:
+                rid.append(r[0] + offset)
+                key.append(r[1])
+                cnt.append(r[2])
+                offset += r[3]
+        return np.concatenate(rid), np.concatenate(key), np.concatenate(cnt).astype(np.float64)
+
+    def pixel_auroc(self) -> float:
+        neg, pos = self._pooled()
+        return float(_binned_auroc(neg[None], pos[None])[0])
+
+    def aupro(self, fpr_limit: float = 0.3) -> float:
+        """`aupro` with a threshold at every key that holds a pixel (keys taken as scores)."""
+        if not 0 < fpr_limit <= 1:
+            raise BadInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        neg, pos = self._pooled()
+        rid, key, cnt = self._regions()
+        size = np.bincount(rid, cnt)
+        share = np.bincount(key, cnt / (size[rid] * size.size), minlength=neg.size)   # PRO weight per key
+        held = np.flatnonzero((neg > 0) | (pos > 0))[::-1]      # keys that hold a pixel, highest first
+        fpr = np.cumsum(neg[held]) / neg.sum()
+        pro = np.cumsum(share[held])
+        return min(1.0, max(0.0, _area_to(fpr, pro, fpr_limit)))
+
+    def histograms(self, bins: int = 4096) -> dict:
+        """`pixel_histograms` of these images (sparse "neg" / "pos", per region "share" instead of "tail"): bin
+        edges at quantiles of the pooled pixel counts over the keys, as `pixel_histograms` puts them at quantiles of
+        the pixels' scores."""
+        from scipy import sparse
+        neg, pos = self._pooled()
+        cum = np.cumsum(neg + pos)
+        at = np.searchsorted(cum, np.linspace(0, 1, bins + 1)[1:-1] * cum[-1], "left")
+        edges = np.unique(at)   # a key k is in bin searchsorted(edges, k, "right"), as scores are there
+        nb = edges.size + 1
+        rows, cols, nv, pv = [], [], [], []
+        for i, (keys, n, p, _, _) in enumerate(self.images):
+            b, inv = np.unique(np.searchsorted(edges, keys, "right"), return_inverse=True)
+            rows.append(np.full(b.size, i))
+            cols.append(b)
+            nv.append(np.bincount(inv, n, minlength=b.size))
+            pv.append(np.bincount(inv, p, minlength=b.size) if p is not None else np.zeros(b.size))
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        shape = (len(self), nb)
+        h = {"neg": sparse.csr_array((np.concatenate(nv), (rows, cols)), shape=shape),
+             "pos": sparse.csr_array((np.concatenate(pv), (rows, cols)), shape=shape)}
+        rid, key, cnt = self._regions()
+        size = np.bincount(rid, cnt)
+        h["share"] = sparse.csr_array((cnt / size[rid], (rid, np.searchsorted(edges, key, "right"))),
+                                      shape=(size.size, nb))   # duplicate (region, bin) entries are summed
+        h["owner"] = np.concatenate([np.full(r[3], i) for i, (*_, r, _) in enumerate(self.images) if r is not None])
+        return h
 
 
 # ----------------------------------------------------------------------------- all at once
