@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "smoothed unless its config says raw)")
     p.add_argument("--knn", help="kNN index folder (uninet-feat index): also report its image metrics and those of "
                                  "kNN + WDM combined (as predict's combined_score)")
+    p.add_argument("--pixel-budget", dest="pixel_budget", type=int,
+                   help="map pixels kept for exact P-AUROC / AUPRO (default 2^28, ~1 GiB of maps); past it each map "
+                        "is binned as it is scored and freed, so memory stays flat (figures of the binned scores)")
     _threshold_args(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the run's, else torch's)")
     _skip_bad_flag(p)
@@ -580,7 +583,8 @@ def _dispatch(args) -> int:
                        group=args.group, quiet=args.quiet,
                        overrides={"threads": args.threads, "pixel_map": args.pixel_map,
                                   "threshold": args.threshold, "max_fpr": args.max_fpr},
-                       report_path=args.report, checkpoint=args.checkpoint, skip_bad=args.skip_bad, knn=args.knn)
+                       report_path=args.report, checkpoint=args.checkpoint, skip_bad=args.skip_bad, knn=args.knn,
+                       pixel_budget=args.pixel_budget)
         if args.quiet:
             print(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}))
         return 0

@@ -27,6 +27,13 @@ from .positions import corrected
 from .runs import eval_batches, load_test_samples, make_dataset, model_device, ready_to_score
 from .scoring import pixel_map_kind
 
+# Pixels of maps evaluate keeps for exact pixel metrics (one sort of all of them): 2^28 is 1 GiB of float32 maps and
+# 256 MiB of masks, about 4 GiB at the sort's peak, which fits the 16 GB machines the tool is used on and holds every
+# test set measured so far (MVTec's 1,725 test images at 256 px are 113 M pixels, magnetic tile's 666 at 128 px 11 M).
+# Past it the maps are binned as they are scored (`metrics.PixelStats`): memory then grows with the bins an image
+# fills, not with its pixels.
+PIXEL_BUDGET = 1 << 28
+
 
 @torch.no_grad()
 def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool = True, on_map=None) -> dict:
@@ -103,7 +110,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
 
 def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = None, json_path=None,
              csv_path=None, group=None, quiet: bool = False, overrides: dict | None = None,
-             report_path=None, checkpoint=None, skip_bad: bool = False, knn=None) -> dict:
+             report_path=None, checkpoint=None, skip_bad: bool = False, knn=None, pixel_budget=None) -> dict:
     """Evaluate a run on the test split of ``data`` (default: the data it was trained on).
 
     ``checkpoint``: another model file of the run than ``model.pt`` — ``checkpoint.pt`` (the last epoch)
@@ -116,7 +123,10 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     stopping with an error that names them all.
 
     ``knn``: a kNN index folder (`uninet-feat index`) scored beside WDM, and their combination as `predict`
-    computes it: image metrics of both under ``scorers`` and per-image columns in the CSV."""
+    computes it: image metrics of both under ``scorers`` and per-image columns in the CSV.
+
+    ``pixel_budget``: map pixels kept for exact pixel metrics (default `PIXEL_BUDGET`); beyond it the maps are
+    binned as they are scored and the pixel figures are those of the binned scores (``pixel_metrics`` says which)."""
     if knn is not None and checkpoint is not None:
         raise BadInputError("--knn combines with model.pt's calibration; it cannot go with --checkpoint",
                             path=checkpoint, fix="drop one of --knn / --checkpoint")
@@ -145,13 +155,22 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if skip_bad:   # a mask that does not fit leaves alone: its image is still scored
         test = drop_unusable_masks(test)
     has_masks = any(s.mask is not None for s in test)
-    res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet)
+    prep = _knn_prepare(run, knn, cfg, test, skip_bad, pixel_map_kind(model.cfg)) if knn is not None else None
+    budget = PIXEL_BUDGET if pixel_budget is None else int(pixel_budget)
+    sink = _PixelSink(test, budget, extra=prep["extra"] if prep else None) if has_masks else None
+    res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet, on_map=sink)
     test = res["samples"]
+    if sink is not None:
+        res.update(sink.result(test))
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
               "pixel_map": pixel_map_kind(model.cfg),
               "skipped": res["skipped"]}
+    if sink is not None:
+        report["pixel_metrics"] = ("exact" if res.get("pixel_stats") is None else
+                                   f"binned: {sink.pixels} map pixels over the budget of {budget} "
+                                   f"(scores in {res['pixel_stats'].bits}-bit bins, metrics.PixelStats)")
     if cfg.get("tile"):   # the calibration's, which `calibrate --tile-norm` changes without touching config.yaml
         from .calibration import applied_tile_norm
         report["tile_norm"] = cfg["tile_norm"] = applied_tile_norm(model)
@@ -162,8 +181,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
             report["pixel_metrics_without"] = len(unmasked)
             warnings.warn(f"{len(unmasked)} defect image(s) have no mask and are left out of the pixel metrics "
                           f"(e.g. {unmasked[0]}); add their masks to include them")
-        blank = [s for s, m in zip(test, res["masks"] or []) if not s.is_normal
-                 and s.mask is not None and m is not None and not np.any(m)]
+        blank = [s for s, a in zip(test, res["mask_any"]) if not s.is_normal and s.mask is not None and not a]
         from .data.images import load_mask
         empty = [str(s.path) for s in blank if not load_mask(s.mask).any()]   # the file itself, not its resize
         if empty:   # kept (as before): their pixels count as normal ones, which is what such a mask says
@@ -189,8 +207,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.9g}",
              "flagged": "" if threshold is None else bool(sc > threshold)} for s, l, sc in zip(test, labels, scores)]
     if knn is not None:
-        report["scorers"] = _second_scorer(run, knn, cfg, test, labels, scores, rows, res, skip_bad,
-                                           pixel_map_kind(model.cfg))
+        report["scorers"] = _second_scorer(prep, cfg, test, labels, scores, rows, res)
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:
@@ -203,43 +220,115 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     return report
 
 
-def _second_scorer(run, knn, cfg: dict, test, labels, wdm, rows, res: dict, skip_bad: bool,
-                   map_kind: str) -> dict:
-    """kNN scores of the test images (the index's own feature space, as predict makes them) and the combined
-    score: their image metrics, the kNN map's pixel metrics when masks exist and images are not tiled (the
-    patch-grid distances upsampled to the WDM map's size) and of the combined map (`scorers.combined_map`, when
-    calibration.json has the WDM maps' validation range for this ``map_kind`` of pixel map), recall and
-    false-positive rate at each one's own threshold (``max_fpr`` of, else the 0.99 quantile of, its
-    validation-normal scores, as predict ``--flag-by`` sets it), and ``knn_score`` / ``combined_score`` in ``rows``."""
+class _PixelSink:
+    """``on_map`` of `score_samples` for evaluate: keeps maps and masks while their pixels fit ``budget`` (the exact
+    metrics, as before), and at the first map past it bins those kept and then every map as it comes into
+    `metrics.PixelStats` entries, freeing the maps. ``extra(i, map)``: other maps of image ``i`` made from the WDM
+    map ({name: map}, the kNN and combined maps), binned beside it on the streamed path only."""
+
+    def __init__(self, samples, budget: int, extra=None):
+        self.at = {id(s): i for i, s in enumerate(samples)}   # score_samples hands back these very objects
+        self.budget, self.extra, self.pixels = budget, extra, 0
+        self.kept, self.any, self.binned = {}, {}, None
+
+    def __call__(self, sample, m, mask) -> None:
+        i = self.at[id(sample)]
+        self.pixels += m.size
+        self.any[i] = bool(np.any(mask))
+        if self.binned is None and self.pixels <= self.budget:
+            self.kept[i] = (m, mask)
+            return
+        if self.binned is None:   # the first map past the budget: the kept ones are binned and let go
+            self.binned = {}
+            for j, (a, k) in self.kept.items():
+                self._bin(j, a, k)
+            self.kept = {}
+        self._bin(i, m, mask)
+
+    def _bin(self, i, m, mask) -> None:
+        for name, a in {"wdm": m, **(self.extra(i, m) if self.extra else {})}.items():
+            st = metrics.PixelStats()
+            st.add(mask, a)
+            self.binned.setdefault(name, {})[i] = st.images[0]
+
+    def result(self, samples) -> dict:
+        """``maps`` and ``masks`` (exact) or ``pixel_stats`` (and, with ``extra``, ``extra_stats``) in the order of
+        ``samples`` (score_samples' kept ones), and ``mask_any``: whether each mask has a defect pixel."""
+        order = [self.at[id(s)] for s in samples]
+        out = {"mask_any": [self.any[i] for i in order]}
+        if self.binned is None:
+            return {**out, "maps": [self.kept[i][0] for i in order], "masks": [self.kept[i][1] for i in order]}
+        stats = {}
+        for name, per in self.binned.items():
+            stats[name] = metrics.PixelStats()
+            stats[name].images = [per[i] for i in order]
+        return {**out, "maps": None, "masks": None, "pixel_stats": stats.pop("wdm"), "extra_stats": stats}
+
+
+def _knn_prepare(run, knn, cfg: dict, test, skip_bad: bool, map_kind: str) -> dict:
+    """The kNN side of `_second_scorer`, made before the WDM maps are scored: the kNN scores of ``test`` (the
+    index's own feature space, as predict makes them), the combined score's reference, and ``extra``, which makes an
+    image's kNN and combined maps from its WDM map for `_PixelSink` when the maps are not kept."""
     from .extract import Extractor
     from .overlay import calibrated_range
-    from .scorers import combined_map, flag_threshold, knn_scores, knn_setup, reference
+    from .scorers import combined_map, knn_scores, knn_setup, reference
     ex = Extractor(run=run, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad)
     per_image, patch_scores, r = knn_scores(scorer, kex or ex, test)   # as predict: the highest patch score
-    kmaps = None
-    if res.get("maps") is not None and not (kex or ex).cfg.get("tile"):
-        from .downstream.knn import upsample_scores
-        kmaps = upsample_scores(patch_scores, r["patch_grid"], res["maps"][0].shape)
+    tiled = bool((kex or ex).cfg.get("tile"))
     ref = reference(run, cfg, scorer, kex or ex, ex, paired=True)
+    wdm_range = calibrated_range(run, map_kind)
+    row = np.full(len(test), -1)
+    row[np.asarray(r["index"], dtype=int)] = np.arange(len(r["index"]))   # untiled: one item per image
+
+    def extra(i, m) -> dict:
+        if tiled or row[i] < 0:
+            return {}
+        from .downstream.knn import upsample_scores
+        k = upsample_scores(patch_scores[row[i]][None], r["patch_grid"], m.shape)[0]
+        out = {"knn": k}
+        if ref is not None and wdm_range is not None:
+            out["combined"] = combined_map(m, k, wdm_range, ref.knn_range)
+        return out
+
+    return {"knn": knn, "ex": ex, "per_image": per_image, "patch_scores": patch_scores, "r": r, "tiled": tiled,
+            "ref": ref, "wdm_range": wdm_range, "at": {id(s): i for i, s in enumerate(test)}, "extra": extra}
+
+
+def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict) -> dict:
+    """kNN scores of the test images (`_knn_prepare`) and the combined score: their image metrics, the kNN map's
+    pixel metrics when masks exist and images are not tiled (the patch-grid distances upsampled to the WDM map's
+    size) and of the combined map (`scorers.combined_map`, when calibration.json has the WDM maps' validation range
+    for this kind of pixel map), recall and false-positive rate at each one's own threshold (``max_fpr`` of, else
+    the 0.99 quantile of, its validation-normal scores, as predict ``--flag-by`` sets it), and ``knn_score`` /
+    ``combined_score`` in ``rows``. On the streamed path (maps not kept) the maps were binned as they were scored."""
+    from .scorers import combined_map, flag_threshold
+    ex, r, ref, wdm_range = prep["ex"], prep["r"], prep["ref"], prep["wdm_range"]
+    per_image = prep["per_image"][[prep["at"][id(s)] for s in test]]   # the images score_samples kept
+    kmaps = None
+    if res.get("maps") is not None and not prep["tiled"]:
+        from .downstream.knn import upsample_scores
+        kmaps = upsample_scores(prep["patch_scores"], r["patch_grid"], res["maps"][0].shape)
     scored = {"knn_score": per_image}
-    out = {"knn_index": str(knn), "knn_features": "this run" if ex.patches is True else "plain backbone"}
+    out = {"knn_index": str(prep["knn"]), "knn_features": "this run" if ex.patches is True else "plain backbone"}
     if ref is not None:
         scored["combined_score"] = ref.combine(per_image, wdm)
         out["combined_rule"] = f"z-score of the kNN and of the WDM score on the run's {ref.n} validation normals, summed"
     pixel_maps = {}
     if kmaps is not None:
         pixel_maps["knn"] = [kmaps[i] for i in np.argsort(r["index"])]
-        wdm_range = calibrated_range(run, map_kind)
         if ref is not None and wdm_range is not None:
             pixel_maps["combined"] = [combined_map(w, k, wdm_range, ref.knn_range)
                                       for w, k in zip(res["maps"], pixel_maps["knn"])]
-            out["combined_map_rule"] = ("WDM and kNN maps, each as (map - median) / (0.999 quantile - median) of "
-                                        "its validation-normal pixels, summed")
+    binned = res.get("extra_stats") or {}
+    if "combined" in pixel_maps or "combined" in binned:
+        out["combined_map_rule"] = ("WDM and kNN maps, each as (map - median) / (0.999 quantile - median) of "
+                                    "its validation-normal pixels, summed")
     for name, v in scored.items():
         key = name.replace("_score", "")
         pix = ({"maps": pixel_maps[key], "masks": res["masks"], "pixel_ok": res.get("pixel_ok")}
-               if key in pixel_maps else {})
+               if key in pixel_maps else
+               {"pixel_stats": binned[key], "pixel_ok": res.get("pixel_ok")} if key in binned else {})
         out[key] = _metrics(labels, v, pix, bool(pix))
         if ref is not None:
             t, rule = flag_threshold(key, ref, max_fpr=cfg.get("max_fpr"))
@@ -321,7 +410,16 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
     out["image_auroc_interval"] = metrics.interval(metrics.image_auroc_bootstrap(labels, scores, seed=seed))
     out["image_ap"] = metrics.image_ap(labels, scores)
     out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
-    if has_masks and res.get("maps") is not None:
+    if has_masks and res.get("pixel_stats") is not None:   # streamed: the maps were binned as they were scored
+        st = res["pixel_stats"]
+        if res.get("pixel_ok") is not None:
+            st = st.subset(np.flatnonzero(res["pixel_ok"]))
+        if st.defect_pixels().any():
+            out["pixel_auroc"], out["aupro"] = st.pixel_auroc(), st.aupro()
+            draws = metrics.bootstrap_histograms(st.histograms(), seed=seed)
+            out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
+            out["aupro_interval"] = metrics.interval(draws["aupro"])
+    elif has_masks and res.get("maps") is not None:
         m, a = res["masks"], res["maps"]   # lists of 2-D arrays (tiled images may differ in size) or arrays
         if res.get("pixel_ok") is not None:   # only normals and masked defects have known pixel labels
             m, a = [x for x, ok in zip(m, res["pixel_ok"]) if ok], [x for x, ok in zip(a, res["pixel_ok"]) if ok]
@@ -335,10 +433,12 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
 
 
 def _subset_metrics(idx, labels, scores, res, has_masks, seed=0, scope: str = "the test set") -> dict:
-    """``_metrics`` on the images ``idx`` only (maps and masks may be lists or stacked arrays)."""
+    """``_metrics`` on the images ``idx`` only (maps and masks may be lists or stacked arrays, or ``pixel_stats``)."""
     pick = lambda key: [res[key][i] for i in idx] if res.get(key) is not None else None  # noqa: E731
-    return _metrics(labels[idx], scores[idx], {k: pick(k) for k in ("maps", "masks", "pixel_ok")}, has_masks, seed,
-                    scope)
+    sub = {k: pick(k) for k in ("maps", "masks", "pixel_ok")}
+    if res.get("pixel_stats") is not None:
+        sub["pixel_stats"] = res["pixel_stats"].subset(idx)
+    return _metrics(labels[idx], scores[idx], sub, has_masks, seed, scope)
 
 
 def group_metrics(groups, labels, scores, res, has_masks) -> dict:
@@ -371,6 +471,8 @@ def per_label_metrics(test, labels, scores, res, has_masks, defect_labels) -> di
     share tells a reader which label a low pooled figure comes from.
     """
     masks = res.get("masks") if has_masks else None   # a list (evaluate) or an array (benchmarks)
+    if has_masks and masks is None and res.get("pixel_stats") is not None:
+        masks = res["pixel_stats"].defect_pixels()   # streamed: each image's defect-pixel count (sums alike)
     total = sum(int(m.sum()) for m in masks) if masks is not None else 0
     per = {}
     for name in defect_labels:
@@ -431,6 +533,8 @@ def print_report(report: dict) -> None:
                 if k in sc[name]) + (f"; at its threshold {sc[name]['threshold']:.4g}: defect recall "
                                      f"{fmt(at['recall_defect'])}, false-positive rate "
                                      f"{fmt(at['false_positive_rate'])}" if at else ""))
+    if report.get("pixel_metrics"):
+        console.print(f"pixel metrics: {report['pixel_metrics']}")
     if report.get("pixel_metrics_without"):
         console.print(f"pixel metrics leave out {report['pixel_metrics_without']} defect image(s) without a mask")
     at = report.get("at_threshold")
