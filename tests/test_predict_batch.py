@@ -301,10 +301,19 @@ def test_detection_regions_and_overlay_are_predicts(run, tmp_path):
     res = predict_cmd(run, tmp_path / "b", tmp_path / "p", quiet=True, threshold=-1e9)   # every image flagged
     det = Detector(run)
     found = det.score(imgs)
+    from scipy import ndimage
+    from uninet_feat.overlay import CONTOUR_COLOR
+    outlined = 0
     for d, row in zip(found, sorted(res["rows"], key=lambda r: r["path"])):
         assert row["path"] == d.path
-        np.testing.assert_array_equal(det.overlay(d), np.asarray(Image.open(row["overlay"])))
+        ov = det.overlay(d)
+        np.testing.assert_array_equal(ov, np.asarray(Image.open(row["overlay"])))
         assert sum(r.area for r in d.regions()) == int(d.mask.sum())
+        blue = np.all(ov == CONTOUR_COLOR, axis=-1)   # the defect mask's outline, on its edge and nowhere else
+        edge = ndimage.binary_dilation(d.mask, iterations=2) & ~ndimage.binary_erosion(d.mask, iterations=2)
+        assert blue.any() == d.mask.any() and not (blue & ~edge).any()
+        outlined += bool(blue.any())
+    assert outlined   # (the tiny run's maps top its normals' range somewhere on these noise images)
     frame = np.asarray(Image.open(imgs[0]))
     (f,) = det.score(frame)
     np.testing.assert_array_equal(det.overlay(f, image=frame), det.overlay(found[0]))

@@ -152,8 +152,8 @@ class Detector:
 
     def overlay(self, detection: Detection, image=None, alpha: float = 0.5) -> np.ndarray:
         """uint8 (H, W, 3): ``detection``'s map over its image, as predict draws its overlays (the colour scale of the
-        run's validation normals). ``image``: the frame it was scored from, for in-memory images (``<image k>``),
-        whose temporary file is gone."""
+        run's validation normals, the defect mask's region outlined in light blue). ``image``: the frame it was
+        scored from, for in-memory images (``<image k>``), whose temporary file is gone."""
         from .errors import BadInputError
         from .overlay import display_range, heatmap_overlay
         from .scoring import pixel_map_kind
@@ -166,11 +166,13 @@ class Detector:
             image = detection.path
         vmin, vmax = display_range(self.run, [detection.map], pixel_map_kind(self.model.cfg))
         if isinstance(image, (str, os.PathLike)):
-            return heatmap_overlay(os.fspath(image), detection.map, vmin=vmin, vmax=vmax, alpha=alpha)
+            return heatmap_overlay(os.fspath(image), detection.map, vmin=vmin, vmax=vmax, alpha=alpha,
+                                   threshold=self.pixel_threshold)
         import tempfile
         with tempfile.TemporaryDirectory(prefix="uninet-feat-frames-") as tmp:   # the pixels it was scored from
             f, _ = _frame_file(image, Path(tmp) / "frame.png", 0)
-            return heatmap_overlay(str(f), detection.map, vmin=vmin, vmax=vmax, alpha=alpha)
+            return heatmap_overlay(str(f), detection.map, vmin=vmin, vmax=vmax, alpha=alpha,
+                                   threshold=self.pixel_threshold)
 
     def _score(self, images, maps: bool, first: int = 0) -> list[Detection]:
         """Paths scored where they are; in-memory images (`_frame_file`) through a temporary folder."""

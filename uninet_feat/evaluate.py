@@ -358,8 +358,10 @@ def _checkpoint_calibration(model, cfg: dict, checkpoint) -> dict:
 
 def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores, top_k: int = 8,
                       run_dir=None, cal: dict | None = None) -> Path:
-    """HTML report with overlays of the worst false positives / negatives (maps recomputed for those only)."""
-    from .overlay import display_range, heatmap_overlay
+    """HTML report with overlays of the worst false positives / negatives (maps recomputed for those only): the
+    ground-truth mask outlined in green, the model's defect region (map above the pixel threshold, the top of the
+    validation normals' map range, as predict --save-maps marks it) in light blue."""
+    from .overlay import calibrated_range, display_range, heatmap_overlay
     from .report import write_report
     normal = [i for i in np.argsort(-scores) if labels[i] == 0][:top_k]
     defect = [i for i in np.argsort(scores) if labels[i] == 1][:top_k]
@@ -368,8 +370,10 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     if pick:
         res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
         vmin, vmax = display_range(run_dir, res["maps"], pixel_map_kind(model.cfg), cal=cal)
+        top = calibrated_range(run_dir, pixel_map_kind(model.cfg), cal)   # None: no pixel threshold, no outline
         for s, m in zip(res["samples"], res["maps"]):
-            overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=vmin, vmax=vmax, mask=s.mask, max_width=1024)
+            overlays[str(s.path)] = heatmap_overlay(s.path, m, vmin=vmin, vmax=vmax, mask=s.mask, max_width=1024,
+                                                    threshold=None if top is None else top[1])
     summary = {k: v for k, v in report.items() if not k.startswith("_")}
     return write_report(path, summary, report["_rows"], threshold=report.get("threshold"), overlays=overlays,
                         title=f"uninet-feat evaluation: {cfg.get('data')}", config=cfg,

@@ -212,7 +212,7 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
       every pixel in the whole colormap, the look before session 28 (which darkened the whole image).
     - ``mask``: ground-truth defect mask (bool array of any size, or a mask file path); its outline is
       drawn in ``mask_color``. Thin defects survive downscaling (any coverage counts).
-    - ``threshold``: if given, the contour of ``map >= threshold`` is drawn in ``contour_color``.
+    - ``threshold``: if given, the outline of ``map > threshold`` (a defect mask's rule) in ``contour_color``.
     - ``max_width``: downscale so the width is at most this, keeping the aspect ratio (wide strips).
     - ``out_path``: if given, the PNG is written atomically.
     """
@@ -241,7 +241,7 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
     out = np.clip((1.0 - w) * img.astype(np.float32) + w * colour + 0.5, 0, 255).astype(np.uint8)
     thickness = int(np.clip(round(math.sqrt(H * W) / 150), 1, 4))  # wide strips get a visible line
     if threshold is not None:
-        out[_outline(m >= threshold, thickness)] = contour_color
+        out[_outline(m > threshold, thickness)] = contour_color
     if mask is not None:
         if isinstance(mask, (str, Path)):
             from .data.images import load_mask

@@ -227,8 +227,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             summary["heatmap_range"] = _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range,
                                                                 out / "overlays", root=Path(data), held=held)
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        else:
-            _write_overlays(ex, samples, rows, out / "overlays", root=Path(data), held=held)
+        else:   # outlined: the defect mask's edge (--save-maps' pixel threshold)
+            outline = pixel_threshold if pixel_threshold is not None else default_pixel_threshold(ex.run_dir, ex.model)
+            _write_overlays(ex, samples, rows, out / "overlays", root=Path(data), held=held, outline=outline)
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     shutil.rmtree(partial, ignore_errors=True)   # everything is written: nothing left to resume
@@ -417,7 +418,8 @@ def map_at_image_size(path, m) -> np.ndarray:
     return _resize_float(np.asarray(m, np.float32), read_size(path), Image.Resampling.BILINEAR)
 
 
-def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, fixed=None, held=None) -> None:
+def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, fixed=None, held=None,
+                    outline=None) -> None:
     """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range.
 
     Each overlay is written as its map is finished (none are held) when the run has that range; only
@@ -425,7 +427,8 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, 
     keep the image's folders below ``root`` (``spot__000_overlay.png``), so MVTec-style sets whose
     files are named 000.png in every folder do not overwrite each other; the row gets ``overlay``.
     ``transform(sample, map)``: the map drawn instead of WDM's, on the colour scale ``fixed`` (vmin, vmax).
-    ``held``: the scoring pass's maps (`_HeldMaps`); only flagged images without one are scored again."""
+    ``held``: the scoring pass's maps (`_HeldMaps`); only flagged images without one are scored again.
+    ``outline``: a pixel threshold whose region (map above it: the defect mask) is outlined in light blue."""
     from .overlay import calibrated_range, display_range, heatmap_overlay
     from .evaluate import score_samples
     by_path = {r["path"]: r for r in rows}
@@ -434,7 +437,8 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, 
 
     def write(s, m, vmin, vmax):
         out = folder / names[str(s.path)]
-        heatmap_overlay(s.path, transform(s, m) if transform else m, out, vmin=vmin, vmax=vmax, mask=None)
+        heatmap_overlay(s.path, transform(s, m) if transform else m, out, vmin=vmin, vmax=vmax, mask=None,
+                        threshold=outline)
         by_path[str(s.path)]["overlay"] = str(out)
 
     from .scoring import pixel_map_kind
