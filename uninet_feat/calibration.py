@@ -49,7 +49,8 @@ def few_normals_warning(n: int, val_fraction: float | None = None) -> None:
     warnings.warn(f"the default threshold is the 0.99 quantile of only {n} validation normal"
                   f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
                   f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: {hold}, or "
-                  "set --threshold / --max-fpr from normal images of your own")
+                  "calibrate on more normal images the run never saw (`uninet-feat calibrate --run RUN --normals "
+                  "DIR`), or pass --threshold VALUE")
 
 
 def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=None, map_norm=None,
@@ -81,7 +82,11 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     model.cfg["map_levels"] = levels
     model.cfg["map_norm"] = ranges if norm == "range" else None
     cal = calibration(model, val, cfg, quiet)
-    few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"))
+    given = cfg.get("calibration_normals")
+    if given:   # `calibrate --normals`: the user's normal images, not the held-out split
+        cal["calibration_normals"] = given
+        cal["threshold_rule"] = f"0.99 quantile of the image scores of the normals in {given} (no test labels used)"
+    few_normals_warning(cal["n_val_normals"], None if given else cfg.get("val_fraction"))
     if choice is not None:
         cal["pixel_map_choice"] = choice
     cal.update(_normals_record(cfg))
@@ -362,9 +367,62 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
 
 
 def validation_normals(cfg: dict) -> list:
-    """The run's held-out validation normals: the same seeded split as in training."""
+    """The run's validation normals: the same seeded split as in training, or the normal images the run was
+    calibrated on instead (``calibration_normals``, `calibrate --normals`)."""
+    if cfg.get("calibration_normals"):
+        return given_normals(cfg["calibration_normals"], cfg)
     from .runs import load_samples, train_val_samples
     return train_val_samples(load_samples(cfg), cfg)[1]
+
+
+def given_normals(folder, cfg: dict) -> list:
+    """Every image under ``folder`` (or that one image) as a validation normal of the run's group."""
+    from dataclasses import replace
+    from .data.layouts import discover_batch
+    return [replace(s, split="val", label="good", mask=None, group=cfg.get("group") or "")
+            for s in discover_batch(folder)]
+
+
+def with_calibration_normals(cfg: dict, run) -> dict:
+    """``cfg`` with ``calibration_normals`` from the run's calibration.json (set by `calibrate --normals`)."""
+    cal = saved_calibration(run)
+    if cal and cal.get("calibration_normals"):
+        cfg["calibration_normals"] = cal["calibration_normals"]
+    return cfg
+
+
+def check_given_normals(val: list, cfg: dict, folder) -> None:
+    """Refuse normals to calibrate on that the run trained on (by path, or by the file's bytes: a copy):
+    a trained-on image scores lower than a new one, so the threshold would flag more new normals than it says."""
+    from .featstore import file_sha256
+    from .runs import load_samples, train_val_samples
+    if not val:
+        raise BadInputError("no images to calibrate on", path=folder, fix="pass a folder of normal images")
+    try:
+        fit = train_val_samples(load_samples(cfg), cfg)[0]
+    except BadInputError as e:
+        raise BadInputError(f"the run's training images are not readable to check that these normals are not among "
+                            f"them ({e})", path=cfg.get("data"),
+                            fix="pass --data (and --split-csv) where the run's training data is now") from e
+    trained = {str(Path(t.path).resolve()) for t in fit}
+    same = [str(v.path) for v in val if str(Path(v.path).resolve()) in trained]
+    if not same:
+        sizes = {}
+        for t in fit:
+            try:
+                sizes.setdefault(Path(t.path).stat().st_size, []).append(t.path)
+            except OSError:
+                continue
+        for v in val:   # a copy has the same size; only those are hashed
+            peers = sizes.get(Path(v.path).stat().st_size, [])
+            if peers and file_sha256(v.path) in {file_sha256(t) for t in peers}:
+                same.append(str(v.path))
+    if same:
+        raise BadInputError(f"{len(same)} of these normals are images the run was trained on (e.g. {same[0]}): they "
+                            "score lower than new normals, so a threshold set on them would flag more new normals "
+                            "than it says", path=folder,
+                            fix="calibrate on normal images the run never saw (new production, or the test "
+                                "normals only when you no longer report test figures at the threshold)")
 
 
 def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None,
@@ -378,7 +436,7 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
     from .runs import pick_device, run_path
     path = Path(model_path) if model_path else run_path(run, "model.pt")
     model, ckpt = build_from_checkpoint(path)
-    cfg = dict(ckpt["config"])
+    cfg = with_calibration_normals(dict(ckpt["config"]), run)   # `calibrate --normals`: those are its normals
     if cfg.get("mem") == "multiscale":   # scoring only: the paper's MEM folded into one 7x7 conv per block
         model.eval().reparameterize()
     apply_calibration(model, run, path, cfg if calibrated else None)
@@ -389,13 +447,17 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
 
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
-                map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None, device=None) -> dict:
+                map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None, device=None,
+                normals=None) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``), or to
     (re)choose the pixel map: ``map_levels`` ("all", "auto", a list) and ``map_norm`` ("none", "range", "auto");
     None keeps the run's. ``synthetic_kinds``: the synthetic defects an "auto" choice is made on
     (`selection.parse_kinds`; None: the run's). ``tile_norm``: "position" / "none" (`positions.py`; None: the
-    run's)."""
+    run's). ``normals``: a folder (or image) of normal images the run did not train on, scored instead of the
+    held-out split from now on (thresholds, colour scale, pixel threshold, label-free choices, the kNN
+    reference): more normals than a 10 % split holds, or today's production; "split" goes back to the held-out
+    split; None keeps the run's."""
     from .runs import set_threads
     from .selection import parse_kinds
     model, _, cfg = load_run(run, data, split_csv, calibrated=False, device=device)
@@ -406,7 +468,15 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         from .positions import parse_tile_norm
         parse_tile_norm(tile_norm, cfg.get("tile"))
     set_threads(cfg)
+    if normals == "split":
+        cfg.pop("calibration_normals", None)
+    elif normals is not None:
+        if not Path(normals).exists():
+            raise BadInputError("no such folder or image", path=normals, fix="pass a folder of normal images")
+        cfg["calibration_normals"] = str(Path(normals).resolve())
     val = validation_normals(cfg)
+    if cfg.get("calibration_normals"):
+        check_given_normals(val, cfg, cfg["calibration_normals"])
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")

@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="re-score a run's validation normals (thresholds for --max-fpr)")
     p.add_argument("--run", required=True)
+    p.add_argument("--normals", help="a folder of normal images the run never trained on (any depth), calibrated on "
+                                     "instead of the held-out validation split from now on: thresholds, --max-fpr, "
+                                     "colour scale, pixel threshold; `split` goes back to the split (default: keep "
+                                     "the run's)")
     p.add_argument("--data", help="where the training data is now (default: where it was)")
     p.add_argument("--split-csv", dest="split_csv")
     p.add_argument("--map-levels", dest="map_levels",
@@ -627,9 +631,9 @@ def _dispatch(args) -> int:
     if args.command == "calibrate":
         from .calibration import recalibrate
         cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels, args.map_norm,
-                          args.synthetic_kinds, args.tile_norm)
-        keys = ("n_val_normals", "threshold", "threshold_rule", "quantiles", "map_levels", "map_norm",
-                "pixel_map_choice")
+                          args.synthetic_kinds, args.tile_norm, normals=args.normals)
+        keys = ("n_val_normals", "calibration_normals", "threshold", "threshold_rule", "quantiles", "map_levels",
+                "map_norm", "pixel_map_choice")
         print(json.dumps({k: cal[k] for k in keys if k in cal}, indent=2))
         return 0
     if args.command == "export-model":

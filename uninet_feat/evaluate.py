@@ -202,6 +202,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if len(defect_labels) > 1 and (labels == 0).any():
         report["per_label"] = per_label_metrics(test, labels, scores, res, has_masks, defect_labels)
     report["threshold"], report["threshold_rule"] = threshold, rule
+    shared = _threshold_set_on_test(run, test) if threshold is not None and not other else 0
+    if shared:
+        report["threshold_set_on_test_images"] = shared
     if threshold is not None:
         report["at_threshold"] = _at_threshold(labels, scores > threshold)
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.9g}",
@@ -336,6 +339,23 @@ def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict) ->
         for row, x in zip(rows, v):
             row[name] = f"{x:.9g}"
     return out
+
+
+def _threshold_set_on_test(run, test) -> int:
+    """How many test images are among the normals the run's threshold was set on (`calibrate --normals` given the
+    test normals, say); warned: recall and false-positive rate at that threshold are then optimistic."""
+    from .calibration import saved_calibration
+    cal = saved_calibration(run) or {}
+    if not cal.get("calibration_normals"):   # the held-out split is part of the training split, never of test
+        return 0
+    seen = set(cal.get("val_paths", []))
+    shared = [str(s.path) for s in test if str(Path(s.path).resolve()) in seen]
+    if shared:
+        warnings.warn(f"{len(shared)} test image(s) are among the normals the run's threshold was set on "
+                      f"({cal['calibration_normals']}; e.g. {shared[0]}): recall and false-positive rate at that "
+                      "threshold are optimistic (AUROC, AP and the pixel figures do not use it). Fix: `uninet-feat "
+                      f"calibrate --run {run} --normals` a folder without test images, or --threshold / --max-fpr")
+    return len(shared)
 
 
 def _at_threshold(labels, pred) -> dict:

@@ -200,10 +200,12 @@ def _json_default(o):
 
 def _validation_paths(run) -> set:
     """Paths of ``run``'s validation normals (its own seeded split of its own data)."""
-    from .calibration import validation_normals
+    from .calibration import validation_normals, with_calibration_normals
     from .checkpoint import read_checkpoint
     from .runs import run_path
-    return {abs_path(s.path) for s in validation_normals(dict(read_checkpoint(run_path(run, "model.pt"))["config"]))}
+    path = run_path(run, "model.pt")
+    cfg = with_calibration_normals(dict(read_checkpoint(path)["config"]), path.parent)   # `calibrate --normals`
+    return {abs_path(s.path) for s in validation_normals(cfg)}
 
 
 def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,

@@ -1,0 +1,79 @@
+"""`calibrate --normals DIR`: a run's thresholds from normal images of the user's own instead of the held-out
+split (more of them, or today's production), never from images it trained on, and said when they are test images."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from uninet_feat.calibration import threshold_at_fpr
+from uninet_feat.cli import main
+from uninet_feat.predict import predict_cmd
+
+from _tiny import register_tiny, tiny_train_args, write_texture_set
+
+register_tiny()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cn")
+    data = write_texture_set(root / "d", n_train=12, n_good=3, n_bad=2, size=32)
+    run = root / "run"
+    assert main(tiny_train_args(data) + ["--image-size", "32", "--val-fraction", "0.2", "--seed", "5",
+                                         "--out", str(run)]) == 0
+    extra = write_texture_set(root / "more", n_train=25, n_good=0, n_bad=0, size=32, seed=9)   # unseen normals
+    return data, run, extra / "train" / "good"
+
+
+def test_calibrating_on_given_normals_sets_every_threshold_from_them_until_split_is_asked(trained, tmp_path):
+    data, run, normals = trained
+    before = json.loads((run / "calibration.json").read_text())
+    assert main(["calibrate", "--run", str(run), "--normals", str(normals), "--quiet"]) == 0
+    cal = json.loads((run / "calibration.json").read_text())
+    files = sorted(str(p.resolve()) for p in normals.iterdir())
+    assert cal["n_val_normals"] == len(files) == 25 != before["n_val_normals"]
+    assert sorted(cal["val_paths"]) == files and cal["calibration_normals"] == str(normals.resolve())
+    assert str(normals.resolve()) in cal["threshold_rule"]
+    # those very images, scored by predict, give the threshold and the --max-fpr thresholds
+    rows = predict_cmd(run, normals, tmp_path / "p", quiet=True, overlays=False)["rows"]
+    s = np.array([r["wdm_score"] for r in rows])
+    assert cal["threshold"] == pytest.approx(float(np.quantile(s, 0.99)), rel=1e-5)
+    assert sorted(cal["val_scores"]) == pytest.approx(sorted(s), rel=1e-5)
+    res = predict_cmd(run, normals, tmp_path / "q", quiet=True, overlays=False, max_fpr=0.2)
+    assert res["threshold"] == pytest.approx(threshold_at_fpr(cal["val_scores"], 0.2))
+    assert sum(r["flagged"] for r in res["rows"]) <= 0.2 * 25
+    # a later calibrate keeps them; `split` goes back to the held-out validation split
+    assert main(["calibrate", "--run", str(run), "--quiet"]) == 0
+    assert json.loads((run / "calibration.json").read_text())["n_val_normals"] == 25
+    assert main(["calibrate", "--run", str(run), "--normals", "split", "--quiet"]) == 0
+    back = json.loads((run / "calibration.json").read_text())
+    assert "calibration_normals" not in back and back["val_paths"] == before["val_paths"]
+    assert back["threshold"] == pytest.approx(before["threshold"], rel=1e-6)
+
+
+def test_normals_the_run_trained_on_are_refused_even_as_copies(trained, tmp_path, capsys):
+    data, run, normals = trained
+    before = (run / "calibration.json").read_text()
+    held_out = set(json.loads(before)["val_paths"])
+    mixed = tmp_path / "mixed"
+    shutil.copytree(normals, mixed)
+    trained_on = next(p for p in sorted((data / "train" / "good").iterdir()) if str(p.resolve()) not in held_out)
+    shutil.copy(trained_on, mixed / "copy_of_a_training_image.png")
+    assert main(["calibrate", "--run", str(run), "--normals", str(mixed), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "1 of these normals are images the run was trained on" in err and "copy_of_a_training_image.png" in err
+    assert main(["calibrate", "--run", str(run), "--normals", str(data / "train" / "good"), "--quiet"]) != 0
+    assert "images the run was trained on" in capsys.readouterr().err   # the training folder itself, by path
+    assert (run / "calibration.json").read_text() == before   # refused before anything was written
+
+
+def test_evaluate_says_when_the_threshold_was_set_on_test_images(trained, tmp_path):
+    data, run, _ = trained
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    test_normals = data / "test" / "good"
+    assert main(["calibrate", "--run", str(work), "--normals", str(test_normals), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals the run's threshold was set on"):
+        assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["threshold_set_on_test_images"] == 3
