@@ -363,7 +363,11 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
            "map_levels": model.cfg.get("map_levels"), "map_norm": model.cfg.get("map_norm"),
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels",
            "skipped": list(res["skipped"])}   # unreadable validation normals left out (--skip-bad): the threshold
-    return cal                                  # rests on the others
+    groups = [res["samples"][i].group for i in order]   # rests on the others
+    if len(set(groups)) > 1:   # one model for several groups: each group's own threshold (`group_thresholds`)
+        cal["val_groups"] = groups
+        cal["group_thresholds"] = group_thresholds(None, cal=cal, warn=False)   # None: too few per group
+    return cal
 
 
 def validation_normals(cfg: dict) -> list:
@@ -376,11 +380,12 @@ def validation_normals(cfg: dict) -> list:
 
 
 def given_normals(folder, cfg: dict) -> list:
-    """Every image under ``folder`` (or that one image) as a validation normal of the run's group."""
+    """Every image under ``folder`` (or that one image) as a validation normal of the run's group (a run of several
+    groups: of the group the folder's layout gives it, e.g. ``DIR/<group>/train/good``)."""
     from dataclasses import replace
     from .data.layouts import discover_batch
-    return [replace(s, split="val", label="good", mask=None, group=cfg.get("group") or "")
-            for s in discover_batch(folder)]
+    return [replace(s, split="val", label="good", mask=None, group=cfg.get("group") or s.group)
+            for s in discover_batch(folder)]   # a folder laid out by group keeps its groups (a multi-group run's)
 
 
 def with_calibration_normals(cfg: dict, run) -> dict:
@@ -533,3 +538,78 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
                       f"they resolve is 1/{n}; the threshold is their highest score", stacklevel=2)
     return (threshold_at_fpr(cal["val_scores"], max_fpr),
             f"at most {max_fpr:g} of the {n} {scores} above it (--max-fpr)")
+
+
+GROUP_RULE = ("each group's validation-normal median + its standard deviation x the 0.99 quantile of all validation "
+              "normals' scores in their group's units (no test labels used)")
+
+
+def group_thresholds(run, threshold: float | None = None, max_fpr: float | None = None, cal: dict | None = None,
+                     warn: bool = True) -> dict | None:
+    """{group: threshold} for a run trained on several groups (one model for many categories), or None for a one-group
+    run, a given ``threshold``, a calibration.json written before session 28 (no ``val_groups``), or a group with
+    fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``).
+
+    Why: one model's normal scores sit at another level in each group (the demo's plain weave near 2.1, its twill
+    near 3.4), so one pooled threshold is about the highest group's top normal and passes the lower groups' defects.
+    How: each validation normal's score in its group's units, z = (score - group median) / group standard deviation;
+    the 0.99 quantile of all of them (or the ``max_fpr`` rule), Q; group g's threshold median_g + std_g * Q. The tail
+    is read from every validation normal (a 10 % split of a few groups leaves each too few for a 0.99 quantile of its
+    own: a group of 8 would put it at its highest score, passed by a new normal one time in 9); only the level and
+    spread are the group's, and only with `FEW_NORMALS` of them in every group: on the demo's 7 to 9 per group the
+    levels moved (6 of 10 plain test normals scored above all 9 of its validation normals). A group of equal scores
+    keeps the pooled threshold."""
+    check_threshold_flags(threshold, max_fpr)
+    if threshold is not None:
+        return None
+    cal = saved_calibration(run) if cal is None else cal
+    groups = (cal or {}).get("val_groups")
+    if not groups or len(set(groups)) < 2 or len(groups) != len(cal.get("val_scores", [])):
+        return None
+    s, g = np.asarray(cal["val_scores"], dtype=np.float64), np.asarray(groups)
+    names = sorted(set(groups))
+    few = {k: int((g == k).sum()) for k in names if (g == k).sum() < FEW_NORMALS}
+    if few:
+        if warn:
+            warnings.warn(f"one threshold for all {len(names)} groups: a group's own needs {FEW_NORMALS} validation "
+                          f"normals of it, and {', '.join(f'{k} has {v}' for k, v in few.items())}, so the pooled one "
+                          "is about the highest group's top normal and may pass the other groups' defects. Fix: "
+                          "`uninet-feat calibrate --run RUN --normals DIR` with more normals per group (a folder "
+                          "laid out by group), or predict each group with --group G --threshold T")
+        return None
+    level = {k: (float(np.median(s[g == k])), float(np.std(s[g == k], ddof=1))) for k in names}
+    level = {k: v for k, v in level.items() if v[1] > 0}
+    own = np.isin(g, list(level))
+    if own.sum() < 2:
+        return None
+    z = np.array([(x - level[k][0]) / level[k][1] for x, k in zip(s[own], g[own])])
+    q = float(np.quantile(z, 0.99)) if max_fpr is None else threshold_at_fpr(z, max_fpr)
+    pooled = float(np.quantile(s, 0.99)) if max_fpr is None else threshold_at_fpr(s, max_fpr)
+    return {str(k): level[k][0] + level[k][1] * q if k in level else pooled for k in names}
+
+
+def group_rule(max_fpr: float | None = None) -> str:
+    return GROUP_RULE if max_fpr is None else (f"each group's validation-normal median + its standard deviation x the "
+                                               f"--max-fpr {max_fpr:g} threshold of all validation normals' scores in "
+                                               "their group's units")
+
+
+def thresholds_of(groups, pooled: float | None, by_group: dict | None) -> np.ndarray:
+    """Each image's threshold: its group's (``by_group``), else ``pooled``; NaN where there is none."""
+    nan = float("nan") if pooled is None else float(pooled)
+    return np.array([(by_group or {}).get(g, nan) for g in groups], dtype=np.float64)
+
+
+def resolve_thresholds(run, threshold: float | None = None, max_fpr: float | None = None, group: str | None = None,
+                       cal: dict | None = None, source: str = "calibration.json"):
+    """(threshold, rule, by_group): `resolve_threshold`'s, and for a run trained on several groups their own
+    (`group_thresholds`): with ``group``, that group's threshold in place of the pooled one (``by_group`` None);
+    without, ``by_group`` maps each group to its threshold, the pooled one staying for images of no known group."""
+    by = group_thresholds(run, threshold, max_fpr, cal)
+    t, rule = resolve_threshold(run, threshold, max_fpr, cal, source)   # (few validation normals: warned there)
+    if by is None:
+        return t, rule, None
+    if group is not None:
+        return (by[group], f"{group_rule(max_fpr)}: {group}", None) if group in by else (t, rule, None)
+    return t, f"{group_rule(max_fpr)} (group_thresholds; the threshold here, all groups' normals', for images of " \
+              "no known group)", by

@@ -134,7 +134,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     """Write ``out``/model.onnx and ``out``/model.json (how to feed it, its outputs, thresholds, the check);
     return model.json's content. ``input_size``: (W, H) of a tiled run's images."""
     from . import __version__
-    from .calibration import load_run, resolve_threshold
+    from .calibration import load_run, resolve_thresholds
     from .data.tiling import tile_grid
     from .featstore import file_sha256
     from .io import atomic_write, atomic_write_text
@@ -151,7 +151,9 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                             fix=f"--opset {OPSET} (ONNX Runtime >= 1.16, OpenVINO >= 2023.1 read it)")
     run, out = Path(run), Path(out)
     model, _, cfg = load_run(run, device="cpu")
-    thr, thr_rule = resolve_threshold(run, threshold, max_fpr)   # refused flags fail before the export's seconds
+    # refused flags fail before the export's seconds; a run of several groups: --group's own threshold, or all of
+    # them in model.json (`group_thresholds`) for a line to pick its product's
+    thr, thr_rule, by_group = resolve_thresholds(run, threshold, max_fpr, group)
     if model.cfg.get("tile_neighbours"):
         raise BadInputError("this run scores each tile against the training tiles that look most like it "
                             "(tile_norm: neighbours), which needs the training tiles at scoring time", path=run,
@@ -229,7 +231,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                if grid is not None else
                {"map_image": "(N, H, W) the map at the input's size, as predict and Detector give it out (and "
                              "threshold it for defect masks)"})},
-        "threshold": thr, "threshold_rule": thr_rule,
+        "threshold": thr, "threshold_rule": thr_rule, **({"group_thresholds": by_group} if by_group else {}),
         "flag": "score > threshold",
         "pixel_threshold": default_pixel_threshold(run, model),
         "defect_mask": "map > pixel_threshold",

@@ -107,7 +107,7 @@ class Detector:
                  skip_bad: bool = False):
         import math
 
-        from .calibration import load_run, resolve_threshold
+        from .calibration import load_run, resolve_thresholds
         from .errors import BadInputError
         from .predict import default_pixel_threshold
         from .runs import ready_to_score, run_path
@@ -117,7 +117,10 @@ class Detector:
         model, _, self.cfg = load_run(self.run, device=device)
         # group checked now (a run of one group refuses another), skip_bad as asked; threads as the host set them
         self.model = ready_to_score(model, self.cfg, group, skip_bad, threads=False)
-        self.threshold, self.threshold_rule = resolve_threshold(self.run, threshold, max_fpr)
+        # a run of several groups: ``group``'s own threshold; without one the pooled threshold, the groups' own in
+        # ``group_thresholds`` (the images of a call carry no group)
+        self.threshold, self.threshold_rule, self.group_thresholds = resolve_thresholds(self.run, threshold, max_fpr,
+                                                                                        group)
         if pixel_threshold is None:
             pixel_threshold = default_pixel_threshold(self.run, self.model)
         self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import metrics
 from .data.tiling import tile_score_reducer
-from .calibration import check_threshold_flags, checkpoint_offsets, load_run, resolve_threshold
+from .calibration import check_threshold_flags, checkpoint_offsets, load_run, resolve_thresholds, thresholds_of
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected
@@ -144,8 +144,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         checkpoint_offsets(model, run, cfg)   # and its own position offsets, when the run scores tiles by place
         if cfg.get("threshold") is None or report_path:   # a given threshold and no report need none
             cal = _checkpoint_calibration(model, cfg, checkpoint)
-    threshold, rule = resolve_threshold(run, cfg.get("threshold"), cfg.get("max_fpr"), cal=cal,
-                                        source=f"validation normals of {checkpoint}")   # fails before scoring
+    # fails before scoring; a run of several groups flags each test image by its group's threshold
+    threshold, rule, by_group = resolve_thresholds(run, cfg.get("threshold"), cfg.get("max_fpr"), group, cal=cal,
+                                                   source=f"validation normals of {checkpoint}")
     if other and cal and cfg.get("threshold") is None:
         rule += f" — scored with {checkpoint}, not {Path(run) / 'model.pt'}"
     from .data.dataset import drop_unusable_masks, picture_masks
@@ -202,13 +203,17 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if len(defect_labels) > 1 and (labels == 0).any():
         report["per_label"] = per_label_metrics(test, labels, scores, res, has_masks, defect_labels)
     report["threshold"], report["threshold_rule"] = threshold, rule
+    if by_group:
+        report["group_thresholds"] = by_group
+    per_image = thresholds_of([s.group for s in test], threshold, by_group)   # NaN: no threshold, nothing flagged
     shared = _threshold_set_on_test(run, test) if threshold is not None and not other else 0
     if shared:
         report["threshold_set_on_test_images"] = shared
     if threshold is not None:
-        report["at_threshold"] = _at_threshold(labels, scores > threshold)
+        report["at_threshold"] = _at_threshold(labels, scores > per_image)
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.9g}",
-             "flagged": "" if threshold is None else bool(sc > threshold)} for s, l, sc in zip(test, labels, scores)]
+             "flagged": "" if threshold is None else bool(sc > t)}
+            for s, l, sc, t in zip(test, labels, scores, per_image)]
     if knn is not None:
         report["scorers"] = _second_scorer(prep, cfg, test, labels, scores, rows, res)
     if csv_path:
@@ -564,6 +569,10 @@ def print_report(report: dict) -> None:
     at = report.get("at_threshold")
     if report.get("threshold") is None and "threshold_rule" in report:
         console.print(f"threshold: {report['threshold_rule']}")
-    if at:
+    if at and report.get("group_thresholds"):
+        each = ", ".join(f"{g} {t:.6g}" for g, t in report["group_thresholds"].items())
+        console.print(f"thresholds per group {each} ({report['threshold_rule']}): defect recall "
+                      f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")
+    elif at:
         console.print(f"threshold {report['threshold']:.6g} ({report['threshold_rule']}): defect recall "
                       f"{fmt(at['recall_defect'])}, false-positive rate {fmt(at['false_positive_rate'])}")

@@ -42,7 +42,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     mean of ``run``'s and their WDM scores (`ensemble.py`), flagged above the mean of their default thresholds
     (or ``threshold``), and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs' maps in their
     range units, coloured 0..1: a typical normal pixel .. a rare one)."""
-    from .calibration import check_threshold_flags, resolve_threshold
+    from .calibration import check_threshold_flags, resolve_thresholds
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
     from .overlay import calibrated_range
@@ -56,6 +56,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if pixel_threshold is not None and not np.isfinite(pixel_threshold):
         raise BadInputError(f"--pixel-threshold must be a finite number, got {pixel_threshold}")
     flag_by = flag_by or ("ensemble" if ensemble else "wdm")
+    by_group = None   # {group: threshold} (`calibration.group_thresholds`): WDM flags of a run of several groups
     heatmap = heatmap or ("ensemble" if ensemble else "wdm")
     if flag_by not in SCORES + ("ensemble",) or heatmap not in SCORES + ("ensemble",):
         raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
@@ -67,7 +68,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need more runs",
                             fix="pass --ensemble RUN_B [RUN_C ...] (the same config trained with other seeds)")
     if flag_by == "wdm":
-        threshold, rule = resolve_threshold(run, threshold, max_fpr)   # bad flags fail before any scoring
+        # bad flags fail before any scoring; a run of several groups flags each image by its group's threshold
+        threshold, rule, by_group = resolve_thresholds(run, threshold, max_fpr, group)
     elif flag_by == "ensemble":
         check_threshold_flags(threshold, max_fpr)
         if max_fpr is not None:
@@ -143,7 +145,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     wdm_overlays = (overlays and flag_by == "wdm" and threshold is not None and heatmap in ("wdm", "combined")
                     and (heatmap == "combined" or calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg))))
     # (without the run's map range the overlays share one scale over a second pass: nothing to hold for them)
-    held = (_HeldMaps(samples, lambda score: save_maps or (wdm_overlays and score > threshold))
+    lowest = min([threshold, *(by_group or {}).values()]) if threshold is not None else None   # any group's
+    held = (_HeldMaps(samples, lambda score: save_maps or (wdm_overlays and score > lowest))
             if (save_maps or wdm_overlays) and not ex.cfg.get("tile") else None)
     # with the run's own patches for the kNN, they are scored batch by batch and only their scores kept; the pass
     # is saved part by part under OUT/.partial, so a killed predict run again redoes at most one part
@@ -188,7 +191,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                             + ("see the warning" if ref is None else "calibration.json has no WDM map range"),
                             fix=f"fix what it names (`uninet-feat calibrate --run {run}`), or --heatmap wdm / knn")
     for r in rows:
-        r["flagged"] = None if threshold is None else bool(r[f"{flag_by}_score"] > threshold)   # None: no rule
+        t = by_group.get(r["group"], threshold) if by_group else threshold   # the image's group's, if known
+        r["flagged"] = None if t is None else bool(r[f"{flag_by}_score"] > t)   # None: no rule
     for hd, head in loaded.items():
         proba = head.predict_proba(X)
         pred = head.predict(X)
@@ -214,6 +218,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     summary = {"n_images": len(rows), "flag_by": flag_by,
                "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows),
                "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
+               **({"group_thresholds": by_group} if by_group else {}),
                "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
                **({"tile_norm": applied_tile_norm(ex.model)} if ex.cfg.get("tile") else {}),
                **({"resumed_items": resumed} if resumed else {}), **summary_extra}

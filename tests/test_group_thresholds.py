@@ -1,0 +1,104 @@
+"""One model for several groups flags each image by its own group's threshold (`calibration.group_thresholds`):
+the groups' normal scores sit at other levels, and one pooled threshold passes the lower groups' defects."""
+import json
+
+import numpy as np
+import pytest
+
+from uninet_feat.calibration import group_thresholds, resolve_thresholds, threshold_at_fpr
+from uninet_feat.config import load_config
+from uninet_feat.detector import Detector
+from uninet_feat.evaluate import evaluate
+from uninet_feat.predict import predict_cmd
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gt")
+    for i, g in enumerate(("lineA", "lineB")):   # MVTec-style categories: root/<group>/train/good, ...
+        write_texture_set(root / g, n_train=50, n_good=3, n_bad=2, size=32, seed=i)
+    cfg = load_config(None, {"data": str(root), "backbone": "tiny", "weights": "random", "image_size": 32,
+                             "epochs": 1, "batch_size": 4, "val_fraction": 0.5, "channels_last": False, "seed": 2})
+    train(cfg, root / "run", quiet=True)
+    return root, root / "run"
+
+
+def test_each_group_gets_the_threshold_of_its_own_validation_normals(run, tmp_path):
+    root, r = run
+    cal = json.loads((r / "calibration.json").read_text())
+    s, g = np.array(cal["val_scores"]), np.array(cal["val_groups"])
+    assert sorted(set(g)) == ["lineA", "lineB"] and min((g == k).sum() for k in set(g)) >= 19   # FEW_NORMALS
+    level = {k: (np.median(s[g == k]), np.std(s[g == k], ddof=1)) for k in ("lineA", "lineB")}
+    z = np.concatenate([(s[g == k] - m) / sd for k, (m, sd) in level.items()])   # every normal in its group's units
+    want = {k: m + sd * np.quantile(z, 0.99) for k, (m, sd) in level.items()}
+    assert cal["group_thresholds"] == pytest.approx(want) and want["lineA"] != pytest.approx(want["lineB"])
+    assert group_thresholds(r) == pytest.approx(want)
+    for k, t in want.items():   # each group's normals above its threshold: as many as the pooled z-rule lets through
+        assert (s[g == k] > t).sum() <= max(1, int(0.01 * len(s)) + 1)
+    half = threshold_at_fpr(z, 0.5)
+    assert group_thresholds(r, max_fpr=0.5) == pytest.approx({k: m + sd * half for k, (m, sd) in level.items()})
+    assert group_thresholds(r, threshold=1.0) is None and resolve_thresholds(r, threshold=1.0)[2] is None
+    # evaluate: every test image's flag at its group's threshold
+    rep = evaluate(r, csv_path=tmp_path / "s.csv", quiet=True)
+    assert rep["group_thresholds"] == pytest.approx(want)
+    for row in rep["_rows"]:
+        assert row["flagged"] == (float(row["score"]) > want[row["group"]])
+    flagged = np.array([row["flagged"] for row in rep["_rows"]])
+    defect = np.array([row["is_defect"] == 1 for row in rep["_rows"]])
+    assert rep["at_threshold"]["recall_defect"] == pytest.approx(flagged[defect].mean())
+    # predict: the rows of a grouped layout by their group; --group G (and a Detector of G) by G's alone
+    res = predict_cmd(r, root, tmp_path / "p", quiet=True, overlays=False)
+    assert res["group_thresholds"] == pytest.approx(want)
+    assert all(row["flagged"] == (row["wdm_score"] > want[row["group"]]) for row in res["rows"])
+    one = predict_cmd(r, root / "lineB" / "test", tmp_path / "q", quiet=True, overlays=False, group="lineB")
+    assert one["threshold"] == pytest.approx(want["lineB"]) and "group_thresholds" not in one
+    assert Detector(r, group="lineA").threshold == pytest.approx(want["lineA"])
+
+
+def test_a_calibration_without_groups_keeps_one_threshold(run, tmp_path):
+    import shutil
+    _, r = run
+    old = tmp_path / "old"
+    shutil.copytree(r, old)
+    cal = json.loads((old / "calibration.json").read_text())
+    for k in ("val_groups", "group_thresholds"):   # as written before session 28
+        cal.pop(k)
+    (old / "calibration.json").write_text(json.dumps(cal))
+    t, _, by = resolve_thresholds(old)
+    assert by is None and t == cal["threshold"]
+
+
+def test_groups_with_few_validation_normals_share_one_threshold_and_say_so(run, tmp_path):
+    import shutil
+    _, r = run
+    few = tmp_path / "few"
+    shutil.copytree(r, few)
+    cal = json.loads((few / "calibration.json").read_text())
+    keep = [i for i, g in enumerate(cal["val_groups"]) if g == "lineA" or i % 5 == 0]   # lineB keeps about 4
+    for k in ("val_scores", "val_paths", "val_groups"):
+        cal[k] = [cal[k][i] for i in keep]
+    (few / "calibration.json").write_text(json.dumps(cal))
+    with pytest.warns(UserWarning, match=r"one threshold for all 2 groups: .*lineB has \d"):
+        t, _, by = resolve_thresholds(few)
+    assert by is None and t == cal["threshold"]
+
+
+def test_normals_given_by_group_calibrate_each_group(run, tmp_path):
+    """`calibrate --normals DIR` of a run of several groups: a folder laid out by group keeps its groups."""
+    import shutil
+    from uninet_feat.cli import main
+    _, r = run
+    work = tmp_path / "run"
+    shutil.copytree(r, work)
+    more = tmp_path / "more"
+    for i, g in enumerate(("lineA", "lineB")):
+        write_texture_set(more / g, n_train=20, n_good=0, n_bad=0, size=32, seed=10 + i)
+    assert main(["calibrate", "--run", str(work), "--normals", str(more), "--quiet"]) == 0
+    cal = json.loads((work / "calibration.json").read_text())
+    assert sorted(cal["val_groups"]) == ["lineA"] * 20 + ["lineB"] * 20
+    assert set(cal["group_thresholds"]) == {"lineA", "lineB"}
