@@ -551,3 +551,55 @@ def test_a_defect_type_head_types_flagged_images_only(setup, tmp_path):
     assert flagged and unflagged
     assert all(r["types_prediction"] == "" and r["types_confidence"] is None for r in unflagged)
     assert all(r["types_prediction"] in ("hole", "stain") for r in flagged)
+
+
+def _fake_pass(value):
+    """A resumable pass's ``run``: every item's vector and score ``value``, and which items were run."""
+    calls = []
+
+    def run(idx):
+        idx = list(idx)
+        calls.append(idx)
+        return {"vectors": np.full((len(idx), 3), value, np.float32), "index": np.array(idx),
+                "scores": np.full(len(idx), value, np.float32)}
+    return run, calls
+
+
+def test_a_resumable_pass_scores_again_a_part_left_corrupt(tmp_path, monkeypatch):
+    """A part whose bytes were cut or changed (a disk that failed, a copy that stopped) is scored again, not a crash
+    of every later run (numpy raises zipfile.BadZipFile there, which is no OSError)."""
+    import uninet_feat.extract as extract
+    from uninet_feat.data.layouts import Sample
+    monkeypatch.setattr(extract, "PART_ITEMS", 2)
+    samples = [Sample(tmp_path / f"{i}.png") for i in range(6)]
+    run, calls = _fake_pass(1.0)
+    extract.resumable_pass(tmp_path / "p", {"a": 1}, samples, 6, run)
+    part = tmp_path / "p" / "part-00001.npz"
+    data = part.read_bytes()
+    for broken in (data[:len(data) // 2], data[:120] + bytes([data[120] ^ 0xFF]) + data[121:]):
+        part.write_bytes(broken)
+        calls.clear()
+        out = extract.resumable_pass(tmp_path / "p", {"a": 1}, samples, 6, run)
+        assert calls == [[2, 3]] and out["resumed"] == 4 and out["scores"].tolist() == [1.0] * 6
+
+
+def test_a_resumable_pass_never_takes_a_part_another_pass_wrote_into_its_folder(tmp_path, monkeypatch):
+    """Two predicts into one --out: the second resets the folder to its own pass, but the first, still running,
+    then saves its next part there; the second must score that part itself, not take the first one's."""
+    import uninet_feat.extract as extract
+    from uninet_feat.data.layouts import Sample
+    monkeypatch.setattr(extract, "PART_ITEMS", 2)
+    folder = tmp_path / "p"
+    mine = [Sample(tmp_path / f"b{i}.png") for i in range(6)]
+    others = [Sample(tmp_path / f"a{i}.png") for i in range(6)]
+    run_a, _ = _fake_pass(7.0)
+    extract.resumable_pass(folder, {"a": 1}, others, 6, run_a)   # the first predict's parts, all of them
+    parts_a = {p.name: p.read_bytes() for p in folder.glob("part-*.npz")}
+    run_b, calls = _fake_pass(1.0)
+
+    def meanwhile(idx):   # while the second scores its part 0, the first saves its part 1 again
+        if not calls:
+            (folder / "part-00001.npz").write_bytes(parts_a["part-00001.npz"])
+        return run_b(idx)
+    out = extract.resumable_pass(folder, {"b": 1}, mine, 6, meanwhile)
+    assert calls == [[0, 1], [2, 3], [4, 5]] and out["resumed"] == 0 and out["scores"].tolist() == [1.0] * 6

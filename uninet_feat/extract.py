@@ -206,7 +206,7 @@ class Extractor:
             out["resumed"] = 0
         else:
             cal = self.run_dir / "calibration.json" if self.model is not None else None   # tile offsets
-            fp = {"source": self.source, "patches": str(self.patches), "key": key,
+            fp = {"source": self.source, "patches": str(self.patches), "key": key, "columns": self.vector_names,
                   "calibration": file_sha256(cal) if cal is not None and cal.exists() else None,
                   "cfg": {k: self.cfg.get(k) for k in ("image_size", "tile", "tile_score", "tile_norm")}}
             out = resumable_pass(Path(parts), fp, samples, len(ds),
@@ -294,10 +294,11 @@ def resumable_pass(folder: Path, what: dict, samples, n_items: int, run) -> dict
     parts, resumed = [], 0
     for k, start in enumerate(range(0, n_items, PART_ITEMS)):
         path = folder / f"part-{k:05d}.npz"
-        r = _read_part(path)
+        r = _read_part(path, fp)
         if r is None:
             r = run(range(start, min(start + PART_ITEMS, n_items)))
             arrays = {key: (np.asarray(v) if key != "patch_grid" else np.array(v)) for key, v in r.items()}
+            arrays[_PART_FP] = np.array(fp)   # whose part it is: another predict into this --out may write here too
 
             def save(tmp, arrays=arrays):
                 with open(tmp, "wb") as f:
@@ -313,12 +314,20 @@ def resumable_pass(folder: Path, what: dict, samples, n_items: int, run) -> dict
     return out
 
 
-def _read_part(path: Path) -> dict | None:
-    """A saved part's arrays, or None when it is missing or unreadable (a disk that failed mid-write)."""
+_PART_FP = "_fingerprint"
+
+
+def _read_part(path: Path, fp: str) -> dict | None:
+    """A saved part's arrays, or None when it is missing, unreadable (a disk that failed mid-write: numpy then
+    raises zipfile.BadZipFile, not an OSError) or another pass's (a second predict into the same --out, started
+    before this one, writes its parts into the same folder)."""
     if not path.exists():
         return None
     try:
         with np.load(path) as z:
-            return {key: z[key] for key in z.files}
-    except (OSError, ValueError, EOFError):
+            r = {key: z[key] for key in z.files}
+    except Exception:   # BadZipFile, a CRC error, a truncated member, ...: scored again
         return None
+    if str(r.pop(_PART_FP, "")) != fp:
+        return None
+    return r
