@@ -77,3 +77,28 @@ def test_evaluate_says_when_the_threshold_was_set_on_test_images(trained, tmp_pa
     with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals the run's threshold was set on"):
         assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["threshold_set_on_test_images"] == 3
+
+
+def test_normals_of_a_defect_folder_or_with_defect_masks_are_refused(trained, tmp_path, capsys):
+    """`--normals data/test` (a labelled layout: good/ and a defect folder) took every image for a normal, defects
+    too, and raised the threshold above them; a defect mask beside an image says the same. All-zero masks (magnetic
+    tile's MT_Free) are normals'."""
+    from PIL import Image
+    data, run, normals = trained
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    before = (work / "calibration.json").read_text()
+    assert main(["calibrate", "--run", str(work), "--normals", str(data / "test"), "--quiet"]) != 0
+    assert "2 of the 5 images here are defect images by their layout" in capsys.readouterr().err
+    masked = tmp_path / "masked"
+    shutil.copytree(normals, masked)
+    blank = np.zeros((32, 32), np.uint8)
+    Image.fromarray(blank).save(masked / "000_mask.png")   # a normal's mask: nothing marked
+    assert main(["calibrate", "--run", str(work), "--normals", str(masked), "--quiet"]) == 0
+    blank[3:9, 3:9] = 255
+    Image.fromarray(blank).save(masked / "001_mask.png")
+    assert main(["calibrate", "--run", str(work), "--normals", str(masked), "--quiet"]) != 0
+    assert "a defect mask beside it" in capsys.readouterr().err
+    assert main(["calibrate", "--run", str(work), "--normals", "split", "--quiet"]) == 0
+    assert json.loads((work / "calibration.json").read_text())["val_paths"] == json.loads(before)["val_paths"]
+

@@ -381,11 +381,25 @@ def validation_normals(cfg: dict) -> list:
 
 def given_normals(folder, cfg: dict) -> list:
     """Every image under ``folder`` (or that one image) as a validation normal of the run's group (a run of several
-    groups: of the group the folder's layout gives it, e.g. ``DIR/<group>/train/good``)."""
+    groups: of the group the folder's layout gives it, e.g. ``DIR/<group>/train/good``). Refused: a folder
+    that is gone (named as the run's calibration normals, with the ways back), and images its layout marks as
+    defects (a defect label folder such as ``test/crack/``, or a mask beside the image): taken for normals, they
+    would raise the threshold above defects (an all-zero mask, as magnetic tile's MT_Free has, is a normal's)."""
     from dataclasses import replace
     from .data.layouts import discover_batch
-    return [replace(s, split="val", label="good", mask=None, group=cfg.get("group") or s.group)
-            for s in discover_batch(folder)]   # a folder laid out by group keeps its groups (a multi-group run's)
+    if not Path(folder).exists():
+        raise BadInputError("the normal images this run is calibrated on (`calibrate --normals`) are gone", path=folder,
+                            fix="put them back, or calibrate again: `uninet-feat calibrate --run RUN --normals DIR` "
+                                "(their new place), or `--normals split` (the held-out validation split)")
+    from .data.images import load_mask
+    found = discover_batch(folder)
+    bad = [s for s in found if (s.label and not s.is_normal) or (s.mask is not None and load_mask(s.mask).any())]
+    if bad:
+        why = "a defect mask beside it" if bad[0].mask is not None else f"label {bad[0].label!r}"
+        raise BadInputError(f"{len(bad)} of the {len(found)} images here are defect images by their layout (e.g. "
+                            f"{bad[0].path}: {why}), not normals", path=folder,
+                            fix="pass a folder of normal images only (e.g. test/good, not test)")
+    return [replace(s, split="val", label="good", mask=None, group=cfg.get("group") or s.group) for s in found]
 
 
 def with_calibration_normals(cfg: dict, run) -> dict:
