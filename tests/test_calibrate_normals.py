@@ -102,3 +102,22 @@ def test_normals_of_a_defect_folder_or_with_defect_masks_are_refused(trained, tm
     assert main(["calibrate", "--run", str(work), "--normals", "split", "--quiet"]) == 0
     assert json.loads((work / "calibration.json").read_text())["val_paths"] == json.loads(before)["val_paths"]
 
+
+
+def test_gone_normals_are_named_and_a_resumed_training_keeps_them(trained, tmp_path, capsys):
+    """The normals folder moved: commands that score them name it as the run's calibration normals with the ways
+    back; `train --resume` (longer) calibrates its new model.pt on them again, not silently on the split."""
+    data, run, normals = trained
+    work, mine = tmp_path / "run", tmp_path / "normals"
+    shutil.copytree(run, work)
+    shutil.copytree(normals, mine)
+    assert main(["calibrate", "--run", str(work), "--normals", str(mine), "--quiet"]) == 0
+    assert main(["train", "--out", str(work), "--resume", "--epochs", "2", "--quiet"]) == 0
+    cal = json.loads((work / "calibration.json").read_text())
+    assert cal["calibration_normals"] == str(mine.resolve()) and cal["n_val_normals"] == 25
+    mine.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(work), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "calibrated on (`calibrate --normals`) are gone" in err and "--normals split" in err
+    assert main(["calibrate", "--run", str(work), "--normals", str(tmp_path / "moved"), "--quiet"]) == 0

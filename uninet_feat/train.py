@@ -83,6 +83,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
+    given = _calibration_normals(out) if resume else None   # `calibrate --normals`: kept by the new model.pt too
     if cfg.get("skip_bad"):   # a supervised defect whose mask does not fit is supervised by its image label
         from .data.dataset import drop_unusable_masks
         fit = drop_unusable_masks(fit)
@@ -101,7 +102,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         if cfg.get("supervised"):
             _supervision_notes(fit, cfg)
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
-        if val and not _calibrated(out):   # killed between writing model.pt and calibrating it
+        if (val or given) and not _calibrated(out):   # killed between writing model.pt and calibrating it
             if rank == 0:
                 from .calibration import recalibrate
                 recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
@@ -251,8 +252,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                                          selection={**best, "rule": RULE, "epochs_trained": cfg["epochs"]})
         else:
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
-        if val:
-            calibrate(model, val, cfg, out, quiet, map_levels, map_norm)
+        if val or given:
+            calibrate(model, *_calibration_set(out, cfg, val, given), quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
@@ -340,6 +341,28 @@ def _final_model(out: Path, cfg: dict, state: dict) -> bool:
     model = read_checkpoint(out / "model.pt")
     # a model.pt of a shorter schedule: killed before the longer one's was written
     return (model.get("selection") or {}).get("epochs_trained", model.get("epoch")) == cfg["epochs"]
+
+
+def _calibration_normals(out: Path) -> str | None:
+    """The folder of normals the run was calibrated on (`calibrate --normals`), None for its held-out split."""
+    from .calibration import saved_calibration
+    return (saved_calibration(out) or {}).get("calibration_normals") or None
+
+
+def _calibration_set(out: Path, cfg: dict, val: list, given: str | None) -> tuple:
+    """(normals, cfg, out) the final model is calibrated on: the run's given normals when it had them (a resumed
+    run keeps them, as `calibrate` does until `--normals split`), else its validation split; the split, warned,
+    when the given ones are gone."""
+    if given:
+        from .calibration import given_normals
+        try:
+            return given_normals(given, cfg), {**cfg, "calibration_normals": given}, out
+        except BadInputError as e:
+            warnings.warn(f"{out}: calibrated on its held-out validation split, not on the normals it was "
+                          f"calibrated on before ({e}). Fix: `uninet-feat calibrate --run {out} --normals DIR`")
+            if not val:
+                raise
+    return val, cfg, out
 
 
 def _calibrated(out: Path) -> bool:
