@@ -121,3 +121,30 @@ def test_gone_normals_are_named_and_a_resumed_training_keeps_them(trained, tmp_p
     err = capsys.readouterr().err
     assert "calibrated on (`calibrate --normals`) are gone" in err and "--normals split" in err
     assert main(["calibrate", "--run", str(work), "--normals", str(tmp_path / "moved"), "--quiet"]) == 0
+
+
+def test_copies_are_found_hashing_each_training_image_once(trained, tmp_path, monkeypatch):
+    """Fixed-size image files (BMP, uncompressed TIFF: a line's camera) all have one size, so every training image
+    is a copy candidate of every normal given: each must be hashed once, not once per normal (n_val x n_train)."""
+    from PIL import Image
+    from uninet_feat import calibration, featstore
+    from uninet_feat.config import load_config
+    from uninet_feat.data.layouts import discover_batch
+    data, run, normals = trained
+    bmp = tmp_path / "data"
+    for p in data.rglob("*.png"):   # the run's data as BMP: every file 32x32 grey, one size
+        out = bmp / p.relative_to(data).with_suffix(".bmp" if "ground_truth" not in p.parts else ".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(p).save(out)
+    given = tmp_path / "given"
+    given.mkdir()
+    for p in sorted(normals.iterdir()):
+        Image.open(p).save(given / (p.stem + ".bmp"))
+    cfg = {**load_config(run / "config.yaml"), "data": str(bmp)}
+    calls = []
+    real = featstore.file_sha256
+    monkeypatch.setattr(featstore, "file_sha256", lambda p: calls.append(p) or real(p))
+    val = calibration.given_normals(given, cfg)
+    calibration.check_given_normals(val, cfg, given)
+    n_fit = len(list((bmp / "train" / "good").iterdir())) - 2   # less the held-out validation normals
+    assert len(calls) == n_fit + len(val)   # each training image once, each given normal once

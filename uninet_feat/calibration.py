@@ -432,9 +432,12 @@ def check_given_normals(val: list, cfg: dict, folder) -> None:
                 sizes.setdefault(Path(t.path).stat().st_size, []).append(t.path)
             except OSError:
                 continue
-        for v in val:   # a copy has the same size; only those are hashed
-            peers = sizes.get(Path(v.path).stat().st_size, [])
-            if peers and file_sha256(v.path) in {file_sha256(t) for t in peers}:
+        by_size = {}   # size -> the sha256 of its training images, each hashed once: a line's fixed-size files
+        for v in val:  # (BMP, raw TIFF) all share one size, and were hashed again for every normal given
+            size = Path(v.path).stat().st_size
+            if size in sizes and size not in by_size:
+                by_size[size] = {file_sha256(t) for t in sizes[size]}
+            if size in by_size and file_sha256(v.path) in by_size[size]:
                 same.append(str(v.path))
     if same:
         raise BadInputError(f"{len(same)} of these normals are images the run was trained on (e.g. {same[0]}): they "
