@@ -148,3 +148,19 @@ def test_copies_are_found_hashing_each_training_image_once(trained, tmp_path, mo
     calibration.check_given_normals(val, cfg, given)
     n_fit = len(list((bmp / "train" / "good").iterdir())) - 2   # less the held-out validation normals
     assert len(calls) == n_fit + len(val)   # each training image once, each given normal once
+
+
+def test_the_few_normals_warning_of_given_normals_names_their_folder_not_the_split(trained, tmp_path):
+    """A run calibrated on 3 given normals: predict's few-normals fix named --val-fraction and training images (the
+    calibration.json keeps the run's val_fraction), which would not change the threshold at all."""
+    data, run, normals = trained
+    work, few = tmp_path / "run", tmp_path / "few"
+    shutil.copytree(run, work)
+    few.mkdir()
+    for p in sorted(normals.iterdir())[:3]:
+        shutil.copy(p, few / p.name)
+    with pytest.warns(UserWarning, match="only 3 validation normals") as got:
+        assert main(["calibrate", "--run", str(work), "--normals", str(few), "--quiet"]) == 0
+        predict_cmd(work, data / "test", tmp_path / "p", quiet=True, overlays=False)
+    said = [str(w.message) for w in got if "only 3 validation normals" in str(w.message)]
+    assert len(said) == 2 and all(f"into {few.resolve()}" in m and "val-fraction" not in m for m in said)

@@ -27,20 +27,24 @@ NEIGHBOURS_FILE = "tile_neighbours.npz"   # tile_norm: neighbours — the traini
 FEW_NORMALS = 19   # below this many validation normals a new normal passes the default threshold > 5 % of the time
 
 
-def few_normals_warning(n: int, val_fraction: float | None = None) -> None:
+def few_normals_warning(n: int, val_fraction: float | None = None, given: str | None = None) -> None:
     """Warn that the default threshold rests on too few validation normals to mean "1 % false positives".
 
     Why: with n normals the 0.99 quantile is (about) their highest score, and a new normal like them scores
     above the highest of n with probability 1/(n+1) — 50 % for one validation strip, which is what a 10 %
     split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals).
     ``val_fraction``: the run's held-out share, when known, so that the fix names a larger one (or more images)
-    instead of one the run may already use.
+    instead of one the run may already use; ``given``: the folder of normals the run is calibrated on instead
+    (`calibrate --normals`), whose fix is more images there, not another split.
     Issued from this one place (no stacklevel) so that the "default" filter the CLI sets prints it once per command,
     not once per scorer whose threshold is resolved (`evaluate --knn` resolves three)."""
     if not 0 < n < FEW_NORMALS:
         return
     hold = f"hold out more normals (`train --val-fraction`, e.g. 0.3; {FEW_NORMALS} or more make it under 5 %)"
-    if val_fraction:
+    if given:   # `calibrate --normals`: the split and its share are not what the threshold rests on
+        hold = (f"put more normal images the run never saw into {given} ({FEW_NORMALS} or more make it under 5 %) "
+                "and calibrate again")
+    elif val_fraction:
         need = math.ceil(round(100 * val_fraction * FEW_NORMALS / n, 6)) / 100   # the share that would hold FEW_NORMALS
         hold = (f"hold out more normals (`train --val-fraction {need:g}`, now {val_fraction:g}: {FEW_NORMALS} or "
                 "more make it under 5 %)" if need <= 0.5 else
@@ -86,7 +90,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     if given:   # `calibrate --normals`: the user's normal images, not the held-out split
         cal["calibration_normals"] = given
         cal["threshold_rule"] = f"0.99 quantile of the image scores of the normals in {given} (no test labels used)"
-    few_normals_warning(cal["n_val_normals"], None if given else cfg.get("val_fraction"))
+    few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"), given)
     if choice is not None:
         cal["pixel_map_choice"] = choice
     cal.update(_normals_record(cfg))
@@ -538,7 +542,7 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
     if max_fpr is None:
         if cal:
             few_normals_warning(int(cal.get("n_val_normals", len(cal.get("val_scores", [])))),
-                                cal.get("val_fraction"))
+                                cal.get("val_fraction"), cal.get("calibration_normals"))
         if cal and cal.get("threshold") is not None:
             return cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)
         warnings.warn(f"{run}: no threshold, so no image is flagged (the flag is left empty): the run has no "
