@@ -200,3 +200,24 @@ def test_evaluate_past_the_budget_reports_the_exact_figures_within_tolerance(run
                 assert b[k] == pytest.approx(e[k], abs=0.02), k
         assert rep["image_auroc"] == exact["image_auroc"] and rep["_rows"] == exact["_rows"]
     assert "data:image/png;base64" in (tmp_path / "r.html").read_text()   # its overlays re-score the few it shows
+
+
+def test_maps_far_from_zero_keep_their_resolution_less_the_sinks_origin():
+    """Bins are 2^-11 of their value wide: maps near 1000 with a spread of 0.1 binned as they are would share a
+    few bins; `_PixelSink` bins them less the first map's median, and the figures stay the exact ones."""
+    masks, maps = _set(3)
+    far = [np.float32(1000.0) + np.float32(0.05) * a for a in maps]
+    exact = (M.pixel_auroc(masks, far), M.aupro(masks, far))
+    plain = _stats(masks, far)
+    assert abs(plain.pixel_auroc() - exact[0]) > 5 * TOL   # what binning at the raw value loses
+    samples = [SimpleNamespace(i=i) for i in range(len(far))]
+    sink = _PixelSink(samples, budget=0)
+    for s, m, a in zip(samples, masks, far):
+        sink(s, a, m)
+    st = sink.result(samples)["pixel_stats"]
+    assert st.origin == pytest.approx(float(np.median(far[0])))
+    near = _PixelSink(samples, budget=0)   # maps about 0 are binned as they are (origin 0)
+    for s, m, a in zip(samples, masks, maps):
+        near(s, a, m)
+    assert near.result(samples)["pixel_stats"].origin == 0.0
+    assert st.pixel_auroc() == pytest.approx(exact[0], abs=TOL) and st.aupro() == pytest.approx(exact[1], abs=TOL)

@@ -237,7 +237,7 @@ class _PixelSink:
     def __init__(self, samples, budget: int, extra=None):
         self.at = {id(s): i for i, s in enumerate(samples)}   # score_samples hands back these very objects
         self.budget, self.extra, self.pixels = budget, extra, 0
-        self.kept, self.any, self.binned = {}, {}, None
+        self.kept, self.any, self.binned, self.origin = {}, {}, None, {}
 
     def __call__(self, sample, m, mask) -> None:
         i = self.at[id(sample)]
@@ -255,7 +255,9 @@ class _PixelSink:
 
     def _bin(self, i, m, mask) -> None:
         for name, a in {"wdm": m, **(self.extra(i, m) if self.extra else {})}.items():
-            st = metrics.PixelStats()
+            if name not in self.origin:
+                self.origin[name] = _bin_origin(a)
+            st = metrics.PixelStats(origin=self.origin[name])
             st.add(mask, a)
             self.binned.setdefault(name, {})[i] = st.images[0]
 
@@ -268,9 +270,18 @@ class _PixelSink:
             return {**out, "maps": [self.kept[i][0] for i in order], "masks": [self.kept[i][1] for i in order]}
         stats = {}
         for name, per in self.binned.items():
-            stats[name] = metrics.PixelStats()
+            stats[name] = metrics.PixelStats(origin=self.origin[name])
             stats[name].images = [per[i] for i in order]
         return {**out, "maps": None, "masks": None, "pixel_stats": stats.pop("wdm"), "extra_stats": stats}
+
+
+def _bin_origin(a) -> float:
+    """What a kind of map is binned less of (`metrics.PixelStats`): its first map's median when that lies over 8
+    spreads (1st to 99th percentile) from 0, else 0. Why: bins are 2^-11 of their value wide, so maps near 1000 with a
+    spread of 0.1 would share a few bins; but less an origin inside their range, maps near 0 would fill far more of the
+    fine bins around it (more memory per map), so only maps far from 0 are shifted."""
+    lo, med, hi = np.percentile(a, [1, 50, 99])
+    return float(med) if abs(med) > 8 * (hi - lo) else 0.0
 
 
 def _knn_prepare(run, knn, cfg: dict, test, skip_bad: bool, map_kind: str) -> dict:

@@ -391,10 +391,12 @@ class PixelStats:
     defect counts) and, per 8-connected defect region (as `aupro` labels them), its counts per key. The figures are
     then exact for the maps rounded down to their bins: ties within a bin count ½, as equal scores do."""
 
-    def __init__(self, bits: int = KEY_BITS):
+    def __init__(self, bits: int = KEY_BITS, origin: float = 0.0):
         if not 8 < bits <= 24:
             raise BadInputError(f"bits must be in 9..24, got {bits}")
-        self.bits, self.images = bits, []   # per image: (keys, neg, pos or None, regions or None, shape)
+        # origin: subtracted before binning (order unchanged): bins are 2^-11 of their value wide, so scores near
+        # 1000 with a spread of 0.1 would share a few bins; less a typical score, they sit near 0 where bins are fine
+        self.bits, self.origin, self.images = bits, float(origin), []   # per image: (keys, neg, pos, regions, shape)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -404,7 +406,7 @@ class PixelStats:
         a, m = _finite("maps", score_map), _binary("masks", mask)
         if m.shape != a.shape or m.ndim != 2:
             raise BadInputError(f"image {len(self)}: mask {m.shape} and map {a.shape} must be the same (H, W)")
-        k = score_keys(a.ravel(), self.bits)
+        k = score_keys(a.ravel() - np.float32(self.origin), self.bits)
         if not m.any():
             keys, neg = np.unique(k, return_counts=True)
             self.images.append((keys.astype(np.uint32), neg.astype(np.uint32), None, None, m.shape))
@@ -421,7 +423,7 @@ class PixelStats:
 
     def subset(self, idx) -> "PixelStats":
         """The images ``idx`` only (their arrays shared, not copied)."""
-        out = PixelStats(self.bits)
+        out = PixelStats(self.bits, self.origin)
         out.images = [self.images[i] for i in idx]
         return out
 
