@@ -78,6 +78,23 @@ def test_ensemble_averages_scores_flags_above_the_mean_threshold_and_averages_ma
         ma, [m * 100 for m in mb])]), abs=1e-9)                   # the units matter: a raw sum ranks pixels otherwise
 
 
+def test_ensemble_maps_go_a_few_images_at_a_time_and_past_the_budget_binned(seeds, monkeypatch):
+    """No image's mean map waits for the last run: every run scores a chunk before the next chunk; past the pixel
+    budget the mean maps are binned as they come (evaluate's `_PixelSink`), with the exact figures within 1e-3."""
+    import uninet_feat.ensemble as ens
+    runs = [str(seeds / "a"), str(seeds / "b")]
+    whole = evaluate_ensemble(runs, quiet=True)
+    monkeypatch.setattr(ens, "ENSEMBLE_CHUNK", 3)
+    chunked = evaluate_ensemble(runs, quiet=True)
+    assert whole["pixel_metrics"] == chunked["pixel_metrics"] == "exact"
+    for k in ("image_auroc", "pixel_auroc", "aupro"):
+        assert chunked[k] == pytest.approx(whole[k], abs=1e-9)
+    binned = evaluate_ensemble(runs, quiet=True, pixel_budget=1)
+    assert binned["pixel_metrics"].startswith("binned")
+    for k in ("pixel_auroc", "aupro"):
+        assert binned[k] == pytest.approx(whole[k], abs=1e-3)
+
+
 def test_ensemble_refuses_other_test_sets_one_run_and_no_threshold(seeds, tmp_path):
     with pytest.raises(BadInputError, match="scored other test images"):
         evaluate_ensemble([seeds / "a", seeds / "c"], quiet=True)

@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="score only this group (category) of a multi-group data set")
     p.add_argument("--json", help="write the ensemble's metrics JSON here")
     p.add_argument("--csv", help="write per-image ensemble and per-run scores here")
+    p.add_argument("--pixel-budget", dest="pixel_budget", type=int,
+                   help="mean-map pixels kept for exact P-AUROC / AUPRO (default 2^28), as evaluate's")
     _skip_bad_flag(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -595,7 +597,8 @@ def _dispatch(args) -> int:
     if args.command == "ensemble":
         from .ensemble import evaluate_ensemble
         rep = evaluate_ensemble(args.runs, args.data, args.split_csv, json_path=args.json, csv_path=args.csv,
-                                group=args.group, quiet=args.quiet, skip_bad=args.skip_bad)
+                                group=args.group, quiet=args.quiet, skip_bad=args.skip_bad,
+                                pixel_budget=args.pixel_budget)
         if args.quiet:
             print(json.dumps(rep))
         return 0

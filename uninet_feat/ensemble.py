@@ -156,12 +156,16 @@ def mean_maps(members: list[Member], samples, on_map, chunk: int = 8) -> None:
                 on_map(s, maps[str(s.path)][0] / len(members))
 
 
+ENSEMBLE_CHUNK = 64   # test images scored by every run before their mean maps are reduced
+
+
 def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=None, group=None,
-                      quiet: bool = False, skip_bad: bool = False) -> dict:
+                      quiet: bool = False, skip_bad: bool = False, pixel_budget=None) -> dict:
     """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
-    images have masks), its recall and false-positive rate at its default threshold, and each run's own image
-    AUROC."""
-    from .evaluate import _at_threshold, _metrics, group_metrics, print_report, report_console
+    images have masks, exact within ``pixel_budget`` map pixels as evaluate's, else binned), its recall and
+    false-positive rate at its default threshold, and each run's own image AUROC."""
+    from .evaluate import PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, group_metrics, print_report
+    from .evaluate import report_console
     from . import metrics
     from .runs import load_test_samples
     runs = [str(r) for r in runs]
@@ -173,25 +177,36 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
             raise BadInputError(f"{m.run} scored other test images than {runs[0]} (an ensemble compares one image "
                                 "across runs)", path=m.run, fix="pass runs trained on the same data, split and group")
     masked = any(x.mask is not None for x in test)   # without masks no pixel metric: keep no maps
-    maps = {} if masked and all(m.rng is not None for m in members) else None
-    per_run = [m.scores(test, quiet, None if maps is None else _accumulate(maps, m.run)) for m in members]
+    pixels = masked and all(m.rng is not None for m in members)
+    sink = _PixelSink(test, PIXEL_BUDGET if pixel_budget is None else int(pixel_budget)) if pixels else None
+    if sink is None:
+        per_run = [m.scores(test, quiet) for m in members]
+    else:   # a few images at a time through every run: their mean maps go to the sink (kept within the budget,
+        per_run = [{} for _ in members]   # binned past it), so no image's map waits for the last run
+        for i in range(0, len(test), ENSEMBLE_CHUNK):
+            part, maps = test[i:i + ENSEMBLE_CHUNK], {}
+            for d, m in zip(per_run, members):
+                d.update(m.scores(part, on_map=_accumulate(maps, m.run)))
+            for x in part:
+                if str(x.path) in maps:   # not skipped as unreadable
+                    sink(x, maps[str(x.path)][0] / len(runs), maps[str(x.path)][1])
     by_path = {str(x.path): x for x in test}
     samples = [by_path[k] for k in per_run[0]]       # without images skipped as unreadable (--skip-bad)
     raw = [np.array([d[str(x.path)] for x in samples]) for d in per_run]
     scores, thr = np.mean(raw, axis=0), default_threshold(members)
     labels = np.array([0 if x.is_normal else 1 for x in samples])
-    has_masks = maps is not None and any(x.mask is not None for x in samples)
-    if maps is None and masked:
+    has_masks = sink is not None and any(x.mask is not None for x in samples)
+    if not pixels and masked:
         warnings.warn("a run's calibration.json has no map range for its pixel map: the ensemble reports image "
                       "metrics only (run `uninet-feat calibrate --run RUN` on it)")
     res = {}
     if has_masks:
-        keys = [str(x.path) for x in samples]
-        res = {"maps": [maps[k][0] / len(runs) for k in keys], "masks": [maps[k][1] for k in keys],
-               "pixel_ok": [x.is_normal or x.mask is not None for x in samples]}
+        res = {**sink.result(samples), "pixel_ok": [x.is_normal or x.mask is not None for x in samples]}
     both = 0 < labels.sum() < len(labels)
     report = {"runs": runs, "n_test": len(samples), "n_defect": int(labels.sum()),
               **_metrics(labels, scores, res, has_masks), "threshold": thr, "threshold_rule": RULE,
+              **({"pixel_metrics": "exact" if res.get("pixel_stats") is None else
+                  f"binned: {sink.pixels} map pixels over the budget"} if has_masks else {}),
               "run_thresholds": {m.run: m.threshold for m in members},
               "at_threshold": _at_threshold(labels, scores > thr),
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
