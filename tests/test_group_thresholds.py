@@ -60,31 +60,32 @@ def test_each_group_gets_the_threshold_of_its_own_validation_normals(run, tmp_pa
     assert Detector(r, group="lineA").threshold == pytest.approx(want["lineA"])
 
 
-def test_a_calibration_without_groups_keeps_one_threshold(run, tmp_path):
+def _edited_copy(run, dest, edit) -> dict:
+    """A copy of ``run`` at ``dest`` whose calibration.json ``edit(cal)`` changed in place; returns the new one."""
     import shutil
-    _, r = run
-    old = tmp_path / "old"
-    shutil.copytree(r, old)
-    cal = json.loads((old / "calibration.json").read_text())
-    for k in ("val_groups", "group_thresholds"):   # as written before session 28
-        cal.pop(k)
-    (old / "calibration.json").write_text(json.dumps(cal))
-    t, _, by = resolve_thresholds(old)
+    shutil.copytree(run, dest)
+    cal = json.loads((dest / "calibration.json").read_text())
+    edit(cal)
+    (dest / "calibration.json").write_text(json.dumps(cal))
+    return cal
+
+
+def test_a_calibration_without_groups_keeps_one_threshold(run, tmp_path):
+    def old(cal):   # as written before session 28
+        del cal["val_groups"], cal["group_thresholds"]
+    cal = _edited_copy(run[1], tmp_path / "old", old)
+    t, _, by = resolve_thresholds(tmp_path / "old")
     assert by is None and t == cal["threshold"]
 
 
 def test_groups_with_few_validation_normals_share_one_threshold_and_say_so(run, tmp_path):
-    import shutil
-    _, r = run
-    few = tmp_path / "few"
-    shutil.copytree(r, few)
-    cal = json.loads((few / "calibration.json").read_text())
-    keep = [i for i, g in enumerate(cal["val_groups"]) if g == "lineA" or i % 5 == 0]   # lineB keeps about 4
-    for k in ("val_scores", "val_paths", "val_groups"):
-        cal[k] = [cal[k][i] for i in keep]
-    (few / "calibration.json").write_text(json.dumps(cal))
+    def few(cal):
+        keep = [i for i, g in enumerate(cal["val_groups"]) if g == "lineA" or i % 5 == 0]   # lineB keeps about 4
+        for k in ("val_scores", "val_paths", "val_groups"):
+            cal[k] = [cal[k][i] for i in keep]
+    cal = _edited_copy(run[1], tmp_path / "few", few)
     with pytest.warns(UserWarning, match=r"one threshold for all 2 groups: .*lineB has \d"):
-        t, _, by = resolve_thresholds(few)
+        t, _, by = resolve_thresholds(tmp_path / "few")
     assert by is None and t == cal["threshold"]
 
 
