@@ -103,3 +103,12 @@ def test_normals_given_by_group_calibrate_each_group(run, tmp_path):
     cal = json.loads((work / "calibration.json").read_text())
     assert sorted(cal["val_groups"]) == ["lineA"] * 20 + ["lineB"] * 20
     assert set(cal["group_thresholds"]) == {"lineA", "lineB"}
+
+
+def test_evaluate_group_of_another_checkpoint_is_calibrated_on_the_runs_own_split(run):
+    """`evaluate --group G --checkpoint X` of a run of several groups: X's threshold from the run's validation normals
+    (all groups, G's own threshold picked), not from a new split of G's normals alone, half of them trained on."""
+    _, r = run
+    want = group_thresholds(r)
+    rep = evaluate(r, group="lineA", checkpoint=r / "checkpoint.pt", quiet=True)   # after 1 epoch: model.pt's weights
+    assert rep["threshold"] == pytest.approx(want["lineA"]) and "lineA" in rep["threshold_rule"]

@@ -136,14 +136,18 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if cfg.get("pixel_map"):   # the pixel map is an evaluation choice: a trained run can report either
         model.cfg["pixel_map"] = cfg["pixel_map"]
+    # the run's validation normals are its own seeded split of the groups it trained on: `--group G` of a run of
+    # several groups picks G's test images, not another split made over G's normals alone (half of them trained on)
+    split_cfg = dict(cfg)
     model = ready_to_score(model, cfg, group, skip_bad)
+    split_cfg.update({k: v for k, v in cfg.items() if k != "group"})
     other = checkpoint is not None and Path(checkpoint).resolve() != (Path(run) / "model.pt").resolve()
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
         check_threshold_flags(cfg.get("threshold"), cfg.get("max_fpr"))   # before scoring the validation normals
         checkpoint_offsets(model, run, cfg)   # and its own position offsets, when the run scores tiles by place
         if cfg.get("threshold") is None or report_path:   # a given threshold and no report need none
-            cal = _checkpoint_calibration(model, cfg, checkpoint)
+            cal = _checkpoint_calibration(model, split_cfg, checkpoint)
     # fails before scoring; a run of several groups flags each test image by its group's threshold
     threshold, rule, by_group = resolve_thresholds(run, cfg.get("threshold"), cfg.get("max_fpr"), group, cal=cal,
                                                    source=f"validation normals of {checkpoint}")
@@ -156,7 +160,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if skip_bad:   # a mask that does not fit leaves alone: its image is still scored
         test = drop_unusable_masks(test)
     has_masks = any(s.mask is not None for s in test)
-    prep = _knn_prepare(run, knn, cfg, test, skip_bad, pixel_map_kind(model.cfg)) if knn is not None else None
+    prep = _knn_prepare(run, knn, split_cfg, test, skip_bad, pixel_map_kind(model.cfg)) if knn is not None else None
     budget = PIXEL_BUDGET if pixel_budget is None else int(pixel_budget)
     sink = _PixelSink(test, budget, extra=prep["extra"] if prep else None) if has_masks else None
     res = score_samples(model, test, cfg, keep_maps=has_masks, quiet=quiet, on_map=sink)
