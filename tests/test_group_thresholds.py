@@ -105,6 +105,22 @@ def test_normals_given_by_group_calibrate_each_group(run, tmp_path):
     assert set(cal["group_thresholds"]) == {"lineA", "lineB"}
 
 
+def test_a_group_with_no_validation_normal_is_a_group_of_too_few(run, tmp_path):
+    """The split is not made per group: a small group the run trained on can be left no validation normal, and its
+    images were flagged at the pooled threshold, unwarned, while the others had their own."""
+    import shutil
+    _, r = run
+    cal = json.loads((r / "calibration.json").read_text())
+    assert cal["trained_groups"] == ["lineA", "lineB"]
+    none = tmp_path / "none"
+    shutil.copytree(r, none)
+    cal["trained_groups"] = ["lineA", "lineB", "lineC"]   # lineC trained on, none of it among the validation normals
+    (none / "calibration.json").write_text(json.dumps(cal))
+    with pytest.warns(UserWarning, match=r"one threshold for all 3 groups: .*lineC has 0"):
+        t, _, by = resolve_thresholds(none)
+    assert by is None and t == cal["threshold"]
+
+
 def test_evaluate_group_of_another_checkpoint_is_calibrated_on_the_runs_own_split(run):
     """`evaluate --group G --checkpoint X` of a run of several groups: X's threshold from the run's validation normals
     (all groups, G's own threshold picked), not from a new split of G's normals alone, half of them trained on."""

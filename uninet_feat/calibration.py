@@ -368,10 +368,21 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels",
            "skipped": list(res["skipped"])}   # unreadable validation normals left out (--skip-bad): the threshold
     groups = [res["samples"][i].group for i in order]   # rests on the others
-    if len(set(groups)) > 1:   # one model for several groups: each group's own threshold (`group_thresholds`)
+    trained = _trained_groups(cfg)   # a group the split left no validation normal of has none to set its own
+    if len(set(groups) | set(trained)) > 1:   # one model for several groups: each group's own (`group_thresholds`)
         cal["val_groups"] = groups
+        cal["trained_groups"] = trained
         cal["group_thresholds"] = group_thresholds(None, cal=cal, warn=False)   # None: too few per group
     return cal
+
+
+def _trained_groups(cfg: dict) -> list:
+    """The groups of the run's training normals (validation split included); [] when its data is not readable."""
+    from .runs import load_samples
+    try:
+        return sorted({s.group for s in load_samples(cfg) if s.split == "train" and s.is_normal})
+    except (BadInputError, OSError):
+        return []
 
 
 def validation_normals(cfg: dict) -> list:
@@ -579,16 +590,19 @@ def group_thresholds(run, threshold: float | None = None, max_fpr: float | None 
     own: a group of 8 would put it at its highest score, passed by a new normal one time in 9); only the level and
     spread are the group's, and only with `FEW_NORMALS` of them in every group: on the demo's 7 to 9 per group the
     levels moved (6 of 10 plain test normals scored above all 9 of its validation normals). A group of equal scores
-    keeps the pooled threshold."""
+    keeps the pooled threshold. A group the run trained on (``trained_groups``) without a single validation normal
+    counts as one of 0: the split is not made per group, so a small group can be left none."""
     check_threshold_flags(threshold, max_fpr)
     if threshold is not None:
         return None
     cal = saved_calibration(run) if cal is None else cal
     groups = (cal or {}).get("val_groups")
-    if not groups or len(set(groups)) < 2 or len(groups) != len(cal.get("val_scores", [])):
+    if not groups or len(groups) != len(cal.get("val_scores", [])):
+        return None
+    names = sorted(set(groups) | set(cal.get("trained_groups") or ()))   # a trained group may have no normal here
+    if len(names) < 2:
         return None
     s, g = np.asarray(cal["val_scores"], dtype=np.float64), np.asarray(groups)
-    names = sorted(set(groups))
     few = {k: int((g == k).sum()) for k in names if (g == k).sum() < FEW_NORMALS}
     if few:
         if warn:
