@@ -121,6 +121,20 @@ def test_a_group_with_no_validation_normal_is_a_group_of_too_few(run, tmp_path):
     assert by is None and t == cal["threshold"]
 
 
+def test_images_of_no_group_of_the_run_are_warned_at_the_pooled_threshold(run, tmp_path):
+    import shutil
+    root, r = run
+    with pytest.warns(UserWarning, match=r"group 'lineZ' are flagged at the pooled threshold"):
+        d = Detector(r, group="lineZ")   # a misspelt group
+    assert d.threshold == json.loads((r / "calibration.json").read_text())["threshold"]
+    flat = tmp_path / "flat"   # a plain folder: its images have no group
+    flat.mkdir()
+    for p in sorted((root / "lineA" / "test" / "spot").glob("*.png")):
+        shutil.copy(p, flat / p.name)
+    with pytest.warns(UserWarning, match=r"group '' \(2\) are flagged at the pooled threshold"):
+        predict_cmd(r, flat, tmp_path / "p", quiet=True, overlays=False)
+
+
 def test_evaluate_group_of_another_checkpoint_is_calibrated_on_the_runs_own_split(run):
     """`evaluate --group G --checkpoint X` of a run of several groups: X's threshold from the run's validation normals
     (all groups, G's own threshold picked), not from a new split of G's normals alone, half of them trained on."""

@@ -635,6 +635,23 @@ def thresholds_of(groups, pooled: float | None, by_group: dict | None) -> np.nda
     return np.array([(by_group or {}).get(g, nan) for g in groups], dtype=np.float64)
 
 
+def pooled_for_unknown_groups(groups, by_group: dict | None, count: bool = True) -> int:
+    """Warn (once per command: one place, no stacklevel) that images of a group without a threshold of its own in a
+    run of several groups (no group: a plain folder; a misspelt --group; a group the run did not calibrate) are
+    flagged at the pooled threshold, about the highest group's top normal; returns how many images that is."""
+    if not by_group:
+        return 0
+    other = [g for g in groups if g not in by_group]
+    if other:
+        names = sorted({repr(g) for g in other})
+        n = f" ({len(other)})" if count else ""
+        warnings.warn(f"images of group {', '.join(names[:5])}{n} are flagged at the pooled threshold: "
+                      f"the run's own thresholds are for groups {', '.join(sorted(by_group))}, and the pooled one is "
+                      "about the highest group's top normal, so it may pass a lower group's defects. Fix: --group G "
+                      "(Detector(group=G)) with the images' group, or lay the images out by group (DIR/<group>/...)")
+    return len(other)
+
+
 def resolve_thresholds(run, threshold: float | None = None, max_fpr: float | None = None, group: str | None = None,
                        cal: dict | None = None, source: str = "calibration.json"):
     """(threshold, rule, by_group): `resolve_threshold`'s, and for a run trained on several groups their own
@@ -645,6 +662,9 @@ def resolve_thresholds(run, threshold: float | None = None, max_fpr: float | Non
     if by is None:
         return t, rule, None
     if group is not None:
-        return (by[group], f"{group_rule(max_fpr)}: {group}", None) if group in by else (t, rule, None)
+        if group in by:
+            return by[group], f"{group_rule(max_fpr)}: {group}", None
+        pooled_for_unknown_groups([group], by, count=False)   # a misspelt --group, say
+        return t, rule, None
     return t, f"{group_rule(max_fpr)} (group_thresholds; the threshold here, all groups' normals', for images of " \
               "no known group)", by

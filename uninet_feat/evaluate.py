@@ -20,7 +20,8 @@ from rich.table import Table
 
 from . import metrics
 from .data.tiling import tile_score_reducer
-from .calibration import check_threshold_flags, checkpoint_offsets, load_run, resolve_thresholds, thresholds_of
+from .calibration import (check_threshold_flags, checkpoint_offsets, load_run, pooled_for_unknown_groups,
+                          resolve_thresholds, thresholds_of)
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected
@@ -209,6 +210,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     report["threshold"], report["threshold_rule"] = threshold, rule
     if by_group:
         report["group_thresholds"] = by_group
+    pooled_for_unknown_groups([s.group for s in test], by_group)   # e.g. --data of other groups: warned
     per_image = thresholds_of([s.group for s in test], threshold, by_group)   # NaN: no threshold, nothing flagged
     shared = _threshold_set_on_test(run, test) if threshold is not None and not other else 0
     if shared:

@@ -42,7 +42,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     mean of ``run``'s and their WDM scores (`ensemble.py`), flagged above the mean of their default thresholds
     (or ``threshold``), and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs' maps in their
     range units, coloured 0..1: a typical normal pixel .. a rare one)."""
-    from .calibration import check_threshold_flags, resolve_thresholds
+    from .calibration import check_threshold_flags, pooled_for_unknown_groups, resolve_thresholds
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
     from .overlay import calibrated_range
@@ -190,6 +190,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         raise BadInputError("--heatmap combined needs the run's validation normals: "
                             + ("see the warning" if ref is None else "calibration.json has no WDM map range"),
                             fix=f"fix what it names (`uninet-feat calibrate --run {run}`), or --heatmap wdm / knn")
+    if flag_by == "wdm":
+        pooled_for_unknown_groups([r["group"] for r in rows], by_group)   # a plain folder's images have no group
     for r in rows:
         t = by_group.get(r["group"], threshold) if by_group else threshold   # the image's group's, if known
         r["flagged"] = None if t is None else bool(r[f"{flag_by}_score"] > t)   # None: no rule
