@@ -609,8 +609,9 @@ def group_thresholds(run, threshold: float | None = None, max_fpr: float | None 
             warnings.warn(f"one threshold for all {len(names)} groups: a group's own needs {FEW_NORMALS} validation "
                           f"normals of it, and {', '.join(f'{k} has {v}' for k, v in few.items())}, so the pooled one "
                           "is about the highest group's top normal and may pass the other groups' defects. Fix: "
-                          "`uninet-feat calibrate --run RUN --normals DIR` with more normals per group (a folder "
-                          "laid out by group), or predict each group with --group G --threshold T")
+                          "hold out more normals (`train --val-fraction`), or `uninet-feat calibrate --run RUN "
+                          "--normals DIR` with more normals per group (a folder laid out by group), or predict each "
+                          "group with --group G --threshold T")
         return None
     level = {k: (float(np.median(s[g == k])), float(np.std(s[g == k], ddof=1))) for k in names}
     level = {k: v for k, v in level.items() if v[1] > 0}
