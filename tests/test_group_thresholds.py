@@ -142,3 +142,14 @@ def test_evaluate_group_of_another_checkpoint_is_calibrated_on_the_runs_own_spli
     want = group_thresholds(r)
     rep = evaluate(r, group="lineA", checkpoint=r / "checkpoint.pt", quiet=True)   # after 1 epoch: model.pt's weights
     assert rep["threshold"] == pytest.approx(want["lineA"]) and "lineA" in rep["threshold_rule"]
+
+
+def test_the_report_and_a_group_less_detector_say_which_threshold_applies(run, tmp_path):
+    root, r = run
+    rep = evaluate(r, report_path=tmp_path / "r.html", quiet=True)
+    html = (tmp_path / "r.html").read_text()
+    assert "Thresholds per group" in html and all(f"{g} {rep['group_thresholds'][g]:.6g}"[:12] in html
+                                                  for g in ("lineA", "lineB"))
+    with pytest.warns(UserWarning, match="flagged at the pooled threshold"):
+        det = Detector(r)
+    assert det.threshold == pytest.approx(rep["threshold"]) and set(det.group_thresholds) == {"lineA", "lineB"}

@@ -107,7 +107,7 @@ class Detector:
                  skip_bad: bool = False):
         import math
 
-        from .calibration import load_run, resolve_thresholds
+        from .calibration import load_run, pooled_for_unknown_groups, resolve_thresholds
         from .errors import BadInputError
         from .predict import default_pixel_threshold
         from .runs import ready_to_score, run_path
@@ -121,6 +121,8 @@ class Detector:
         # ``group_thresholds`` (the images of a call carry no group)
         self.threshold, self.threshold_rule, self.group_thresholds = resolve_thresholds(self.run, threshold, max_fpr,
                                                                                         group)
+        if self.group_thresholds:   # the images of a call carry no group: said once, here
+            pooled_for_unknown_groups([""], self.group_thresholds, count=False)
         if pixel_threshold is None:
             pixel_threshold = default_pixel_threshold(self.run, self.model)
         self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)

@@ -45,7 +45,7 @@ _METRIC_NAMES = [
 ]
 _GROUP_KEYS = ["image_auroc", "image_auroc_interval", "pixel_auroc", "pixel_auroc_interval", "aupro", "aupro_interval",
                "image_ap", "f1_max"]
-_SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect"}
+_SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect", "group_thresholds"}
 
 TOP_K = 8
 
@@ -136,7 +136,12 @@ def _metrics_table(metrics: dict, op, threshold, n, n_def) -> str:
         if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
             rows.append((key, _fmt(v)))
     rows.append(("Test images (normal / defect)", f"{n} ({n - n_def} / {n_def})"))
-    rows.append(("Threshold (from validation normals)" if threshold is not None else "Threshold",
+    by_group = metrics.get("group_thresholds")
+    if by_group:   # a run of several groups flags each image at its group's threshold
+        rows.append(("Thresholds per group (from validation normals)",
+                     ", ".join(f"{_esc(str(g))} {_fmt(t, 6)}" for g, t in by_group.items())))
+    rows.append(("Threshold (from validation normals)" + (", images of no known group" if by_group else "")
+                 if threshold is not None else "Threshold",
                  _fmt(threshold, 6) if threshold is not None else "— (none)"))
     if op is not None:
         rows.append(("Defects flagged at threshold (recall)", f"{_fmt(op['tpr'], 3)} ({op['tp']} / {op['tp'] + op['fn']})"))
