@@ -87,8 +87,8 @@ def test_ensemble_maps_go_a_few_images_at_a_time_and_past_the_budget_binned(seed
     monkeypatch.setattr(ens, "ENSEMBLE_CHUNK", 3)
     chunked = evaluate_ensemble(runs, quiet=True)
     assert whole["pixel_metrics"] == chunked["pixel_metrics"] == "exact"
-    for k in ("image_auroc", "pixel_auroc", "aupro"):
-        assert chunked[k] == pytest.approx(whole[k], abs=1e-9)
+    for k in ("image_auroc", "pixel_auroc", "aupro"):   # other images share a batch: maps move by ~1e-6 (usage.md)
+        assert chunked[k] == pytest.approx(whole[k], abs=1e-5)
     binned = evaluate_ensemble(runs, quiet=True, pixel_budget=1)
     assert binned["pixel_metrics"].startswith("binned")
     for k in ("pixel_auroc", "aupro"):
