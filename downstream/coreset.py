@@ -12,12 +12,15 @@ Cost: O(n_selected · n · proj_dim); use a GPU (``device='auto'`` picks it) for
 """
 from __future__ import annotations
 
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import BadInputError
+from ..io import atomic_write
 from .index import as_matrix
 
 # greedy k-center throughput (multiply-adds/s) on this project's 2-core CPU, for the warning that a coreset will take
@@ -48,13 +51,18 @@ def _project(vectors, proj_dim, seed, dev, chunk) -> torch.Tensor:
 
 @torch.no_grad()
 def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, seed: int = 0,
-                      proj_dim: int | None = 128, device: str = "auto", chunk: int = 65536) -> np.ndarray:
+                      proj_dim: int | None = 128, device: str = "auto", chunk: int = 65536,
+                      state=None) -> np.ndarray:
     """Indices (int64, in selection order) of a greedy k-center coreset of ``vectors`` (N, d).
 
     Keeps ``n`` points if given, else ``ceil(ratio * N)``. The first centre is drawn with ``seed``;
     each next one is the point farthest from all chosen so far (ties: lowest index), so the
     result is deterministic for a given seed and device. ``vectors`` may be numpy, a memmap or a
     torch tensor; it is read chunk by chunk.
+
+    ``state``: a file where the picks so far and the running distances are saved every `STATE_SECONDS`, so that a
+    killed selection (an hour on a CPU for 10^5+ picks) resumes from its last save, to the same result, when run
+    again on the same vectors and settings (`_resume`); removed when the selection is done.
     """
     if not hasattr(vectors, "ndim"):   # a list of rows, as build_index and train_head take
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -82,10 +90,54 @@ def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, 
     chosen = torch.empty(n, dtype=torch.long, device=dev)
     last = torch.as_tensor(int(np.random.default_rng(seed).integers(total)), device=dev)
     mind = torch.full((total,), float("inf"), device=dev)
-    for i in range(n):  # no .item() in the loop: on GPU the whole loop stays asynchronous
+    start, key, saved = 0, None, time.monotonic()
+    if state is not None:
+        key = _state_key(x, n, seed, dev)
+        start, last, mind = _resume(Path(state), key, chosen, last, mind)
+    for i in range(start, n):  # no .item() in the loop: on GPU the whole loop stays asynchronous
         chosen[i] = last
         c = x[last]
         mind = torch.minimum(mind, (sq - 2 * (x @ c) + sq[last]).clamp_min_(0))
         mind.index_fill_(0, last.view(1), -1.0)  # never re-pick a centre, even with duplicates
         last = torch.argmax(mind)
+        if state is not None and i % 64 == 63 and time.monotonic() - saved > STATE_SECONDS:
+            _save_state(Path(state), key, chosen[:i + 1], last, mind)
+            saved = time.monotonic()
+    if state is not None:
+        Path(state).unlink(missing_ok=True)
     return chosen.cpu().numpy()
+
+
+STATE_SECONDS = 60.0   # a resumable selection saves its picks at most this often (a kill loses at most this much)
+
+
+def _state_key(x: torch.Tensor, n: int, seed: int, dev) -> str:
+    """What a saved selection must match: the projected vectors (a digest of their bytes), n, seed and device."""
+    import hashlib
+    h = hashlib.sha256(f"{tuple(x.shape)} {n} {seed} {dev.type}".encode())
+    for s in range(0, x.shape[0], 1 << 16):
+        h.update(x[s:s + (1 << 16)].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_state(path: Path, key: str, chosen, last, mind) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), chosen=chosen.cpu().numpy(), last=last.cpu().numpy(),
+                     mind=mind.cpu().numpy())
+    atomic_write(path, write)
+
+
+def _resume(path: Path, key: str, chosen, last, mind):
+    """(first pick to make, next centre, running distances): from ``path`` when it holds this selection, else the
+    start; a state of other vectors or settings, or an unreadable one, is ignored (and replaced at the next save)."""
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) != key:
+                return 0, last, mind
+            done = z["chosen"]
+            chosen[:len(done)] = torch.as_tensor(done, device=chosen.device)
+            return (len(done), torch.as_tensor(z["last"], device=chosen.device),
+                    torch.as_tensor(z["mind"], device=mind.device))
+    except Exception:   # missing, truncated, another format: start over
+        return 0, last, mind

@@ -87,12 +87,13 @@ class KNNScorer:
         self.n_normal = 0
         self.source = None   # the feature store's source it was built from (set by save / load)
 
-    def fit(self, normal_patches) -> "KNNScorer":
+    def fit(self, normal_patches, state=None) -> "KNNScorer":
+        """``state``: a file that makes the coreset selection resumable (`coreset_subsample`)."""
         x, _ = _flat(normal_patches, "normal patch vectors")
         self.n_normal = len(x)
         if self.coreset_ratio is not None and self.coreset_ratio < 1:
             x = x[np.sort(coreset_subsample(x, ratio=self.coreset_ratio, seed=self.seed,
-                                            proj_dim=self.proj_dim, device=self.device))]
+                                            proj_dim=self.proj_dim, device=self.device, state=state))]
         self.index = build_index(x, kind=self.kind, metric="l2", device=self.device, seed=self.seed,
                                  **self.index_kw)
         return self

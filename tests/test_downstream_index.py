@@ -200,3 +200,37 @@ def test_a_coreset_that_will_take_long_on_the_cpu_says_so_first(monkeypatch):
     with pytest.warns(UserWarning, match=said):
         slow = coreset.coreset_subsample(x, ratio=0.1, device="cpu")
     assert np.array_equal(quiet, slow)
+
+
+def test_a_killed_coreset_selection_resumes_from_its_last_save_to_the_same_picks(tmp_path, monkeypatch):
+    """`coreset_subsample(state=F)` saves its picks as it goes: killed after its second save and run again, it
+    starts from the 128 picks saved and ends with the uninterrupted selection; a state of other settings is not
+    reused; a finished selection leaves no state."""
+    from uninet_feat.downstream import coreset as cs
+    x = np.random.default_rng(0).standard_normal((3000, 40)).astype(np.float32)
+    straight = cs.coreset_subsample(x, n=300, seed=3, proj_dim=16, device="cpu")
+    monkeypatch.setattr(cs, "STATE_SECONDS", 0.0)   # save at every 64th pick
+    state, real_save, real_resume = tmp_path / "state.npz", cs._save_state, cs._resume
+    saves, starts = [], []
+
+    def save_then_die(*a):
+        real_save(*a)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cs, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cs.coreset_subsample(x, n=300, seed=3, proj_dim=16, device="cpu", state=state)
+    monkeypatch.setattr(cs, "_save_state", real_save)
+    monkeypatch.setattr(cs, "_resume", lambda *a: starts.append(real_resume(*a)[0]) or real_resume(*a))
+    np.testing.assert_array_equal(cs.coreset_subsample(x, n=300, seed=3, proj_dim=16, device="cpu", state=state),
+                                  straight)
+    assert starts == [128] and not state.exists()
+    with pytest.raises(KeyboardInterrupt):   # killed again, then asked for another seed: the state is not its own
+        monkeypatch.setattr(cs, "_save_state", save_then_die)
+        saves.clear()
+        cs.coreset_subsample(x, n=300, seed=3, proj_dim=16, device="cpu", state=state)
+    monkeypatch.setattr(cs, "_save_state", real_save)
+    other = cs.coreset_subsample(x, n=300, seed=4, proj_dim=16, device="cpu", state=state)
+    np.testing.assert_array_equal(other, cs.coreset_subsample(x, n=300, seed=4, proj_dim=16, device="cpu"))
+    assert starts[-1] == 0
