@@ -77,6 +77,12 @@ def test_evaluate_says_when_the_threshold_was_set_on_test_images(trained, tmp_pa
     with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals the run's threshold was set on"):
         assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["threshold_set_on_test_images"] == 3
+    copies = tmp_path / "copies"   # `cp test/good/* DIR`: the same pictures under other paths
+    shutil.copytree(test_normals, copies)
+    assert main(["calibrate", "--run", str(work), "--normals", str(copies), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals"):
+        assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["threshold_set_on_test_images"] == 3
 
 
 def test_normals_of_a_defect_folder_or_with_defect_masks_are_refused(trained, tmp_path, capsys):

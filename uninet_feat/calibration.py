@@ -425,10 +425,36 @@ def with_calibration_normals(cfg: dict, run) -> dict:
     return cfg
 
 
+def same_files(paths, pool) -> list[str]:
+    """Those of ``paths`` that are files of ``pool``: the same file (symlinks resolved) or a byte copy of one (same
+    size, then same sha256; each pool file is hashed once, and only when a path has its size: a line's fixed-size
+    files, BMP or raw TIFF, all share one)."""
+    from .featstore import file_sha256
+    known = {str(Path(t).resolve()) for t in pool}
+    same = [str(v) for v in paths if str(Path(v).resolve()) in known]
+    sizes, by_size = {}, {}
+    for t in pool:
+        try:
+            sizes.setdefault(Path(t).stat().st_size, []).append(t)
+        except OSError:
+            continue
+    for v in paths:
+        if str(v) in same:
+            continue
+        try:
+            size = Path(v).stat().st_size
+        except OSError:
+            continue
+        if size in sizes and size not in by_size:
+            by_size[size] = {file_sha256(t) for t in sizes[size]}
+        if size in by_size and file_sha256(v) in by_size[size]:
+            same.append(str(v))
+    return same
+
+
 def check_given_normals(val: list, cfg: dict, folder) -> None:
     """Refuse normals to calibrate on that the run trained on (by path, or by the file's bytes: a copy):
     a trained-on image scores lower than a new one, so the threshold would flag more new normals than it says."""
-    from .featstore import file_sha256
     from .runs import load_samples, train_val_samples
     if not val:
         raise BadInputError("no images to calibrate on", path=folder, fix="pass a folder of normal images")
@@ -438,22 +464,7 @@ def check_given_normals(val: list, cfg: dict, folder) -> None:
         raise BadInputError(f"the run's training images are not readable to check that these normals are not among "
                             f"them ({e})", path=cfg.get("data"),
                             fix="pass --data (and --split-csv) where the run's training data is now") from e
-    trained = {str(Path(t.path).resolve()) for t in fit}
-    same = [str(v.path) for v in val if str(Path(v.path).resolve()) in trained]
-    if not same:
-        sizes = {}
-        for t in fit:
-            try:
-                sizes.setdefault(Path(t.path).stat().st_size, []).append(t.path)
-            except OSError:
-                continue
-        by_size = {}   # size -> the sha256 of its training images, each hashed once: a line's fixed-size files
-        for v in val:  # (BMP, raw TIFF) all share one size, and were hashed again for every normal given
-            size = Path(v.path).stat().st_size
-            if size in sizes and size not in by_size:
-                by_size[size] = {file_sha256(t) for t in sizes[size]}
-            if size in by_size and file_sha256(v.path) in by_size[size]:
-                same.append(str(v.path))
+    same = same_files([v.path for v in val], [t.path for t in fit])
     if same:
         raise BadInputError(f"{len(same)} of these normals are images the run was trained on (e.g. {same[0]}): they "
                             "score lower than new normals, so a threshold set on them would flag more new normals "

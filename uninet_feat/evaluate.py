@@ -366,12 +366,11 @@ def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict) ->
 def _threshold_set_on_test(run, test) -> int:
     """How many test images are among the normals the run's threshold was set on (`calibrate --normals` given the
     test normals, say); warned: recall and false-positive rate at that threshold are then optimistic."""
-    from .calibration import saved_calibration
+    from .calibration import saved_calibration, same_files
     cal = saved_calibration(run) or {}
     if not cal.get("calibration_normals"):   # the held-out split is part of the training split, never of test
         return 0
-    seen = set(cal.get("val_paths", []))
-    shared = [str(s.path) for s in test if str(Path(s.path).resolve()) in seen]
+    shared = same_files([s.path for s in test], cal.get("val_paths", []))   # also copies: `cp test/good/* DIR`
     if shared:
         warnings.warn(f"{len(shared)} test image(s) are among the normals the run's threshold was set on "
                       f"({cal['calibration_normals']}; e.g. {shared[0]}): recall and false-positive rate at that "
