@@ -669,6 +669,9 @@ def resolve_thresholds(run, threshold: float | None = None, max_fpr: float | Non
     """(threshold, rule, by_group): `resolve_threshold`'s, and for a run trained on several groups their own
     (`group_thresholds`): with ``group``, that group's threshold in place of the pooled one (``by_group`` None);
     without, ``by_group`` maps each group to its threshold, the pooled one staying for images of no known group."""
+    path = Path(run) / "calibration.json"
+    if cal is None and threshold is None and path.exists():   # read once for both (a given threshold reads none)
+        cal, source = read_json(path, f"re-create it: `uninet-feat calibrate --run {run}`"), path
     by = group_thresholds(run, threshold, max_fpr, cal)
     t, rule = resolve_threshold(run, threshold, max_fpr, cal, source)   # (few validation normals: warned there)
     if by is None:

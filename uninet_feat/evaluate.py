@@ -139,9 +139,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         model.cfg["pixel_map"] = cfg["pixel_map"]
     # the run's validation normals are its own seeded split of the groups it trained on: `--group G` of a run of
     # several groups picks G's test images, not another split made over G's normals alone (half of them trained on)
-    split_cfg = dict(cfg)
+    run_group = cfg.get("group")
     model = ready_to_score(model, cfg, group, skip_bad)
-    split_cfg.update({k: v for k, v in cfg.items() if k != "group"})
+    split_cfg = {**cfg, "group": run_group}
     other = checkpoint is not None and Path(checkpoint).resolve() != (Path(run) / "model.pt").resolve()
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals

@@ -270,9 +270,9 @@ PART_ITEMS = 1024   # items (images, or tiles) a resumable pass saves at a time:
 def resumable_pass(folder: Path, what: dict, samples, n_items: int, run) -> dict:
     """``run(indices)`` (an `Extractor._run`) over ``n_items`` items, `PART_ITEMS` at a time, each part saved in
     ``folder`` as it is finished, then all joined. Parts are reused only for the same ``what`` and the same
-    files (path, size and modification time of each sample, so an image replaced since is scored again);
-    any other pass's parts there are deleted first. Why: a batch of 100k images is hours of scoring on a
-    CPU, and a kill or a reboot must not lose it."""
+    files (path, size and modification time of each sample, so an image replaced since is scored again): each
+    part carries its pass's fingerprint, and another pass's part is scored again and overwritten. Why: a batch of
+    100k images is hours of scoring on a CPU, and a kill or a reboot must not lose it."""
     files = []
     for s in samples:
         try:
@@ -281,16 +281,6 @@ def resumable_pass(folder: Path, what: dict, samples, n_items: int, run) -> dict
         except OSError:   # gone (skipped with skip_bad): its absence is what the pass saw
             files.append([os.path.abspath(s.path), None, None, s.group])
     fp = _fingerprint(what, {"n_items": n_items, "part_items": PART_ITEMS}, files)
-    folder.mkdir(parents=True, exist_ok=True)
-    mpath = folder / "pass.json"
-    try:
-        same = json.loads(mpath.read_text()).get("fingerprint") == fp
-    except (OSError, ValueError, AttributeError):
-        same = False
-    if not same:   # another pass's parts (other images, model or settings): never mixed into this one
-        for old in folder.glob("part-*.npz"):
-            old.unlink()
-        atomic_write_text(mpath, json.dumps({"fingerprint": fp, "n_items": n_items}))
     parts, resumed = [], 0
     for k, start in enumerate(range(0, n_items, PART_ITEMS)):
         path = folder / f"part-{k:05d}.npz"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .calibration import calibrate, parse_map_levels, parse_map_norm
+from .calibration import calibrate, parse_map_levels, parse_map_norm, with_calibration_normals
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
 from .config import save_run_config, seed_everything
 from .data.dataset import check_samples
@@ -83,7 +83,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     seed_everything(cfg["seed"])
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
-    given = _calibration_normals(out) if resume else None   # `calibrate --normals`: kept by the new model.pt too
+    # `calibrate --normals`: kept by the new model.pt too
+    given = with_calibration_normals({}, out).get("calibration_normals") if resume else None
     if cfg.get("skip_bad"):   # a supervised defect whose mask does not fit is supervised by its image label
         from .data.dataset import drop_unusable_masks
         fit = drop_unusable_masks(fit)
@@ -253,7 +254,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         else:
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
         if val or given:
-            calibrate(model, *_calibration_set(out, cfg, val, given), quiet, map_levels, map_norm)
+            calibrate(model, *_calibration_set(out, cfg, val, given), out, quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
@@ -343,26 +344,20 @@ def _final_model(out: Path, cfg: dict, state: dict) -> bool:
     return (model.get("selection") or {}).get("epochs_trained", model.get("epoch")) == cfg["epochs"]
 
 
-def _calibration_normals(out: Path) -> str | None:
-    """The folder of normals the run was calibrated on (`calibrate --normals`), None for its held-out split."""
-    from .calibration import saved_calibration
-    return (saved_calibration(out) or {}).get("calibration_normals") or None
-
-
 def _calibration_set(out: Path, cfg: dict, val: list, given: str | None) -> tuple:
-    """(normals, cfg, out) the final model is calibrated on: the run's given normals when it had them (a resumed
+    """(normals, cfg) the final model is calibrated on: the run's given normals when it had them (a resumed
     run keeps them, as `calibrate` does until `--normals split`), else its validation split; the split, warned,
     when the given ones are gone."""
     if given:
         from .calibration import given_normals
         try:
-            return given_normals(given, cfg), {**cfg, "calibration_normals": given}, out
+            return given_normals(given, cfg), {**cfg, "calibration_normals": given}
         except BadInputError as e:
             warnings.warn(f"{out}: calibrated on its held-out validation split, not on the normals it was "
                           f"calibrated on before ({e}). Fix: `uninet-feat calibrate --run {out} --normals DIR`")
             if not val:
                 raise
-    return val, cfg, out
+    return val, cfg
 
 
 def _calibrated(out: Path) -> bool:
