@@ -583,15 +583,39 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
             f"at most {max_fpr:g} of the {n} {scores} above it (--max-fpr)")
 
 
-GROUP_RULE = ("each group's validation-normal median + its standard deviation x the 0.99 quantile of all validation "
-              "normals' scores in their group's units (no test labels used)")
+def group_rule(max_fpr: float | None = None, score: str | None = None) -> str:
+    """The per-group rule's text; ``score``: the score it is applied to ("knn", "combined"; None: the run's WDM)."""
+    what = "scores" if score is None else f"{score} scores"
+    return (f"each group's validation-normal median + its standard deviation x the 0.99 quantile of all validation "
+            f"normals' {what} in their group's units (no test labels used)" if max_fpr is None else
+            f"each group's validation-normal median + its standard deviation x the --max-fpr {max_fpr:g} threshold "
+            f"of all validation normals' {what} in their group's units")
+
+
+GROUP_RULE = group_rule()
 
 
 def group_thresholds(run, threshold: float | None = None, max_fpr: float | None = None, cal: dict | None = None,
                      warn: bool = True) -> dict | None:
-    """{group: threshold} for a run trained on several groups (one model for many categories), or None for a one-group
-    run, a given ``threshold``, a calibration.json written before session 28 (no ``val_groups``), or a group with
-    fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``).
+    """{group: threshold} for a run trained on several groups (one model for many categories) from the validation
+    normals' WDM scores in ``cal`` (default: the run's calibration.json), by `thresholds_by_group`; None for a
+    one-group run, a given ``threshold``, a calibration.json written before session 28 (no ``val_groups``), or a
+    group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``)."""
+    check_threshold_flags(threshold, max_fpr)
+    if threshold is not None:
+        return None
+    cal = saved_calibration(run) if cal is None else cal
+    groups = (cal or {}).get("val_groups")
+    if not groups or len(groups) != len(cal.get("val_scores", [])):
+        return None
+    return thresholds_by_group(cal["val_scores"], groups, cal.get("trained_groups") or (), max_fpr, warn)
+
+
+def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None, warn: bool = True) -> dict | None:
+    """{group: threshold} from the validation normals' ``scores`` (any score: WDM, kNN, combined), each of group
+    ``groups[i]``; ``trained``: the groups the run trained on (one without a single validation normal counts as one
+    of 0: the split is not made per group, so a small group can be left none). None for fewer than two groups, or a
+    group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``).
 
     Why: one model's normal scores sit at another level in each group (the demo's plain weave near 2.1, its twill
     near 3.4), so one pooled threshold is about the highest group's top normal and passes the lower groups' defects.
@@ -601,19 +625,11 @@ def group_thresholds(run, threshold: float | None = None, max_fpr: float | None 
     own: a group of 8 would put it at its highest score, passed by a new normal one time in 9); only the level and
     spread are the group's, and only with `FEW_NORMALS` of them in every group: on the demo's 7 to 9 per group the
     levels moved (6 of 10 plain test normals scored above all 9 of its validation normals). A group of equal scores
-    keeps the pooled threshold. A group the run trained on (``trained_groups``) without a single validation normal
-    counts as one of 0: the split is not made per group, so a small group can be left none."""
-    check_threshold_flags(threshold, max_fpr)
-    if threshold is not None:
-        return None
-    cal = saved_calibration(run) if cal is None else cal
-    groups = (cal or {}).get("val_groups")
-    if not groups or len(groups) != len(cal.get("val_scores", [])):
-        return None
-    names = sorted(set(groups) | set(cal.get("trained_groups") or ()))   # a trained group may have no normal here
+    keeps the pooled threshold."""
+    names = sorted(set(groups) | set(trained))   # a trained group may have no normal here
     if len(names) < 2:
         return None
-    s, g = np.asarray(cal["val_scores"], dtype=np.float64), np.asarray(groups)
+    s, g = np.asarray(scores, dtype=np.float64), np.asarray(groups)
     few = {k: int((g == k).sum()) for k in names if (g == k).sum() < FEW_NORMALS}
     if few:
         if warn:
@@ -635,10 +651,20 @@ def group_thresholds(run, threshold: float | None = None, max_fpr: float | None 
     return {str(k): level[k][0] + level[k][1] * q if k in level else pooled for k in names}
 
 
-def group_rule(max_fpr: float | None = None) -> str:
-    return GROUP_RULE if max_fpr is None else (f"each group's validation-normal median + its standard deviation x the "
-                                               f"--max-fpr {max_fpr:g} threshold of all validation normals' scores in "
-                                               "their group's units")
+def pick_group(threshold, rule: str, by_group: dict | None, group: str | None, each_rule: str):
+    """(threshold, rule, by_group) as the commands use them: with ``group``, that group's threshold in place of the
+    pooled one (``by_group`` None; a group without one of its own keeps the pooled one, warned); without, ``by_group``
+    maps each group to its threshold, the pooled one staying for images of no known group. ``each_rule``: the
+    per-group rule's text."""
+    if by_group is None:
+        return threshold, rule, None
+    if group is not None:
+        if group in by_group:
+            return by_group[group], f"{each_rule}: {group}", None
+        pooled_for_unknown_groups([group], by_group, count=False)   # a misspelt --group, say
+        return threshold, rule, None
+    return threshold, f"{each_rule} (group_thresholds; the threshold here, all groups' normals', for images of " \
+                      "no known group)", by_group
 
 
 def thresholds_of(groups, pooled: float | None, by_group: dict | None) -> np.ndarray:
@@ -674,12 +700,4 @@ def resolve_thresholds(run, threshold: float | None = None, max_fpr: float | Non
         cal, source = read_json(path, f"re-create it: `uninet-feat calibrate --run {run}`"), path
     by = group_thresholds(run, threshold, max_fpr, cal)
     t, rule = resolve_threshold(run, threshold, max_fpr, cal, source)   # (few validation normals: warned there)
-    if by is None:
-        return t, rule, None
-    if group is not None:
-        if group in by:
-            return by[group], f"{group_rule(max_fpr)}: {group}", None
-        pooled_for_unknown_groups([group], by, count=False)   # a misspelt --group, say
-        return t, rule, None
-    return t, f"{group_rule(max_fpr)} (group_thresholds; the threshold here, all groups' normals', for images of " \
-              "no known group)", by
+    return pick_group(t, rule, by, group, group_rule(max_fpr))
