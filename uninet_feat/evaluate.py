@@ -221,7 +221,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
              "flagged": "" if threshold is None else bool(sc > t)}
             for s, l, sc, t in zip(test, labels, scores, per_image)]
     if knn is not None:
-        report["scorers"] = _second_scorer(prep, cfg, test, labels, scores, rows, res)
+        report["scorers"] = _second_scorer(prep, cfg, test, labels, scores, rows, res, group)
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:
@@ -320,12 +320,13 @@ def _knn_prepare(run, knn, cfg: dict, test, skip_bad: bool, map_kind: str) -> di
             "ref": ref, "wdm_range": wdm_range, "at": {id(s): i for i, s in enumerate(test)}, "extra": extra}
 
 
-def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict) -> dict:
+def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict, group=None) -> dict:
     """kNN scores of the test images (`_knn_prepare`) and the combined score: their image metrics, the kNN map's
     pixel metrics when masks exist and images are not tiled (the patch-grid distances upsampled to the WDM map's
     size) and of the combined map (`scorers.combined_map`, when calibration.json has the WDM maps' validation range
     for this kind of pixel map), recall and false-positive rate at each one's own threshold (``max_fpr`` of, else
-    the 0.99 quantile of, its validation-normal scores, as predict ``--flag-by`` sets it), and ``knn_score`` /
+    the 0.99 quantile of, its validation-normal scores, as predict ``--flag-by`` sets it: per group for a run of
+    several groups, ``group``'s alone with ``--group``, `scorers.flag_threshold`), and ``knn_score`` /
     ``combined_score`` in ``rows``. On the streamed path (maps not kept) the maps were binned as they were scored."""
     from .scorers import combined_map, flag_threshold
     ex, r, ref, wdm_range = prep["ex"], prep["r"], prep["ref"], prep["wdm_range"]
@@ -356,8 +357,11 @@ def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict) ->
                {"pixel_stats": binned[key], "pixel_ok": res.get("pixel_ok")} if key in binned else {})
         out[key] = _metrics(labels, v, pix, bool(pix))
         if ref is not None:
-            t, rule = flag_threshold(key, ref, max_fpr=cfg.get("max_fpr"))
-            out[key].update(threshold=t, threshold_rule=rule, at_threshold=_at_threshold(labels, v > t))
+            t, rule, by = flag_threshold(key, ref, max_fpr=cfg.get("max_fpr"), group=group)
+            groups = [s.group for s in test]
+            pooled_for_unknown_groups(groups, by)
+            out[key].update(threshold=t, threshold_rule=rule, **({"group_thresholds": by} if by else {}),
+                            at_threshold=_at_threshold(labels, v > thresholds_of(groups, t, by)))
         for row, x in zip(rows, v):
             row[name] = f"{x:.9g}"
     return out
@@ -572,11 +576,12 @@ def print_report(report: dict) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name in ("knn", "combined"):
         if "image_auroc" in sc.get(name, {}):
-            at = sc[name].get("at_threshold")
+            at, by = sc[name].get("at_threshold"), sc[name].get("group_thresholds")
+            where = (f"its thresholds per group {', '.join(f'{g} {t:.4g}' for g, t in by.items())}" if by else
+                     f"its threshold {sc[name].get('threshold', float('nan')):.4g}")
             console.print(f"{name} ({sc['knn_features']} features): " + ", ".join(
                 f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max")
-                if k in sc[name]) + (f"; at its threshold {sc[name]['threshold']:.4g}: defect recall "
-                                     f"{fmt(at['recall_defect'])}, false-positive rate "
+                if k in sc[name]) + (f"; at {where}: defect recall {fmt(at['recall_defect'])}, false-positive rate "
                                      f"{fmt(at['false_positive_rate'])}" if at else ""))
     if report.get("pixel_metrics"):
         console.print(f"pixel metrics: {report['pixel_metrics']}")

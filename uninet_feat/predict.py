@@ -31,10 +31,13 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
 
     An image is flagged when its ``flag_by`` score (``wdm``, or with ``knn``: ``knn`` / ``combined``) is
     above the threshold chosen on that score: ``threshold`` as given, ``max_fpr`` on the run's validation
-    normals, else their 0.99 quantile (WDM: the run's calibrated default). ``heatmap``: the map drawn in
-    the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the combined map
-    (`scorers.combined_map`: both in their validation-normal range units, summed). ``group``: the group of
-    every image (a multi-class run's position offsets, `tile_norm: position`, are per group).
+    normals, else their 0.99 quantile (WDM: the run's calibrated default); a run of several groups with enough
+    validation normals in each flags each image by its group's threshold on that score (``group_thresholds`` in
+    the summary, ``group_thresholds_score`` naming the score; `calibration.thresholds_by_group`). ``heatmap``:
+    the map drawn in the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the
+    combined map (`scorers.combined_map`: both in their validation-normal range units, summed). ``group``: the
+    group of every image (a multi-class run's position offsets, `tile_norm: position`, are per group; a run of
+    several groups flags by that group's threshold).
     ``save_maps``: also every image's WDM pixel map and defect mask (`_write_maps`); ``pixel_threshold``: the map
     value above which a pixel is defect in those masks (default: the validation normals' 0.999 pixel quantile).
 
@@ -56,7 +59,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if pixel_threshold is not None and not np.isfinite(pixel_threshold):
         raise BadInputError(f"--pixel-threshold must be a finite number, got {pixel_threshold}")
     flag_by = flag_by or ("ensemble" if ensemble else "wdm")
-    by_group = None   # {group: threshold} (`calibration.group_thresholds`): WDM flags of a run of several groups
+    by_group = None   # {group: threshold}: a run of several groups flags each image by its group's (any score)
     heatmap = heatmap or ("ensemble" if ensemble else "wdm")
     if flag_by not in SCORES + ("ensemble",) or heatmap not in SCORES + ("ensemble",):
         raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
@@ -184,14 +187,13 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             summary_extra["combined_rule"] = (f"z-score of the kNN and of the WDM score on the run's {ref.n} "
                                               f"validation normals, summed")
     if flag_by in ("knn", "combined"):
-        threshold, rule = flag_threshold(flag_by, ref, threshold, max_fpr)
+        threshold, rule, by_group = flag_threshold(flag_by, ref, threshold, max_fpr, group)
     wdm_range = calibrated_range(ex.run_dir, pixel_map_kind(ex.model.cfg)) if heatmap == "combined" else None
     if heatmap == "combined" and overlays and (ref is None or wdm_range is None):   # before anything is written
         raise BadInputError("--heatmap combined needs the run's validation normals: "
                             + ("see the warning" if ref is None else "calibration.json has no WDM map range"),
                             fix=f"fix what it names (`uninet-feat calibrate --run {run}`), or --heatmap wdm / knn")
-    if flag_by == "wdm":
-        pooled_for_unknown_groups([r["group"] for r in rows], by_group)   # a plain folder's images have no group
+    pooled_for_unknown_groups([r["group"] for r in rows], by_group)   # a plain folder's images have no group
     for r in rows:
         t = by_group.get(r["group"], threshold) if by_group else threshold   # the image's group's, if known
         r["flagged"] = None if t is None else bool(r[f"{flag_by}_score"] > t)   # None: no rule
@@ -220,7 +222,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     summary = {"n_images": len(rows), "flag_by": flag_by,
                "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows),
                "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
-               **({"group_thresholds": by_group} if by_group else {}),
+               **({"group_thresholds": by_group, "group_thresholds_score": flag_by} if by_group else {}),
                "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
                **({"tile_norm": applied_tile_norm(ex.model)} if ex.cfg.get("tile") else {}),
                **({"resumed_items": resumed} if resumed else {}), **summary_extra}

@@ -195,7 +195,9 @@ class Reference:
     """The run's validation normals seen through a kNN index: what standardises and thresholds the kNN and
     combined scores and scales the kNN heatmap. ``wdm`` is calibration.json's scores (for the z-score);
     ``wdm_paired`` / ``combined`` are per image in ``knn``'s order (None unless asked for); ``val`` the
-    validation normals with their patch scores and extraction (for `combined_range`)."""
+    validation normals with their patch scores and extraction (for `combined_range`); ``groups`` each scored
+    normal's group in ``knn``'s order and ``trained_groups`` the run's (calibration.json's), for a run of several
+    groups' thresholds per group (`flag_threshold`)."""
     n: int
     knn: np.ndarray
     wdm: np.ndarray
@@ -204,6 +206,8 @@ class Reference:
     val: list | None = None
     val_patch_scores: np.ndarray | None = None
     val_res: dict | None = None
+    groups: list | None = None
+    trained_groups: tuple = ()
 
     def combine(self, knn, wdm) -> np.ndarray:
         return zscore(knn, self.knn) + zscore(wdm, self.wdm)
@@ -223,7 +227,8 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     from .calibration import validation_normals
     lost = "no combined score, kNN threshold or kNN colour scale"   # what every reason below costs
     try:
-        wv = np.asarray(json.loads((Path(run) / "calibration.json").read_text())["val_scores"], dtype=np.float64)
+        cal = json.loads((Path(run) / "calibration.json").read_text())
+        wv = np.asarray(cal["val_scores"], dtype=np.float64)
         val = validation_normals(cfg)
     except (OSError, KeyError, ValueError, BadInputError) as e:
         warnings.warn(f"{lost}: the run's validation normals are not available ({e}); "
@@ -247,21 +252,29 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     from .overlay import robust_range
     return Reference(int(ok.sum()), kv[ok], wv, tuple(robust_range(patch_scores.ravel())),
                      wp[ok] if wp is not None else None, val, patch_scores,
-                     {k: res[k] for k in ("index", "tile", "patch_grid")})   # not the patch vectors
+                     {k: res[k] for k in ("index", "tile", "patch_grid")},   # not the patch vectors
+                     [s.group for s, keep in zip(val, ok) if keep], tuple(cal.get("trained_groups") or ()))
 
 
-def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=None) -> tuple[float, str]:
-    """(threshold, rule) for flagging by the kNN or combined score: ``threshold`` as given, the lowest one that
-    flags at most ``max_fpr`` of the validation normals, or their 0.99 quantile — WDM's rules, on this score."""
-    from .calibration import check_threshold_flags, resolve_threshold
+def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=None, group: str | None = None):
+    """(threshold, rule, by_group) for flagging by the kNN or combined score: ``threshold`` as given, the lowest one
+    that flags at most ``max_fpr`` of the validation normals, or their 0.99 quantile — WDM's rules, on this score.
+    A run of several groups gets them per group as WDM does (`calibration.thresholds_by_group` on this score's
+    validation-normal values, same gate and warnings): their kNN and combined scores also sit at another level in
+    each group. With ``group``, that group's threshold (`calibration.pick_group`)."""
+    from .calibration import check_threshold_flags, group_rule, pick_group, resolve_threshold, thresholds_by_group
     check_threshold_flags(threshold, max_fpr)
     if threshold is not None:
-        return float(threshold), "given (--threshold)"
+        return float(threshold), "given (--threshold)", None
     if ref is None:
         raise BadInputError(f"flagging by the {name} score needs the run's validation normals (see the warning)",
                             fix="fix what the warning names, pass --threshold VALUE, or flag by wdm")
-    v = np.sort(ref.val_scores(name))
+    vals = ref.val_scores(name)
+    v = np.sort(vals)
     cal = {"threshold": float(np.quantile(v, 0.99)), "val_scores": v.tolist(),
            "threshold_rule": f"0.99 quantile of the {len(v)} validation normals' {name} scores (no test labels used)"}
-    return resolve_threshold(".", None, max_fpr, cal=cal, source=f"{name} scores",
-                             scores=f"validation normals' {name} scores")
+    by = (thresholds_by_group(vals, ref.groups, ref.trained_groups, max_fpr)
+          if ref.groups is not None and len(ref.groups) == len(vals) else None)
+    t, rule = resolve_threshold(".", None, max_fpr, cal=cal, source=f"{name} scores",
+                                scores=f"validation normals' {name} scores")
+    return pick_group(t, rule, by, group, group_rule(max_fpr, name))
