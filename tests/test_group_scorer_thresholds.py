@@ -1,4 +1,4 @@
-"""A run of several groups flags by the kNN and combined scores at each group's own threshold, as by WDM
+"""A run of several groups flags by the kNN, combined and ensemble scores at each group's own threshold, as by WDM
 (`calibration.thresholds_by_group`): those scores of the validation normals also sit at another level per group."""
 import json
 import shutil
@@ -12,6 +12,7 @@ from uninet_feat.backbones import create_backbone
 from uninet_feat.calibration import thresholds_by_group
 from uninet_feat.cli import main
 from uninet_feat.config import load_config
+from uninet_feat.ensemble import evaluate_ensemble
 from uninet_feat.evaluate import evaluate
 from uninet_feat.predict import predict_cmd
 from uninet_feat.scorers import Reference, flag_threshold
@@ -153,3 +154,36 @@ def test_knn_flags_of_too_few_or_unknown_groups_are_pooled_and_warned(lines, tmp
     with pytest.warns(UserWarning, match=r"group '' \(15\) are flagged at the pooled threshold"):
         res = predict_cmd(run, flat, tmp_path / "q", knn=knn, flag_by="knn", quiet=True, overlays=False)
     assert all(r["flagged"] == (r["knn_score"] > res["threshold"]) for r in res["rows"])
+
+
+@pytest.fixture(scope="module")
+def second(lines):
+    root, data, _, _ = lines
+    return _train(data, root / "run_b", root / "tiny.pt", 3)
+
+
+def test_ensemble_flags_at_the_mean_of_the_runs_group_thresholds(lines, second, tmp_path):
+    _, data, run, _ = lines
+    own = [json.loads((r / "calibration.json").read_text()) for r in (run, second)]
+    want = {g: (own[0]["group_thresholds"][g] + own[1]["group_thresholds"][g]) / 2 for g in ("lineA", "lineB")}
+    res = predict_cmd(run, data, tmp_path / "p", ensemble=[second], quiet=True, overlays=False)
+    assert res["group_thresholds"] == pytest.approx(want) and res["group_thresholds_score"] == "ensemble"
+    assert res["threshold"] == pytest.approx((own[0]["threshold"] + own[1]["threshold"]) / 2)
+    assert all(r["flagged"] == (r["ensemble_score"] > want[r["group"]]) for r in res["rows"])
+    one = predict_cmd(run, data / "lineB" / "test", tmp_path / "q", ensemble=[second], quiet=True, overlays=False,
+                      group="lineB")
+    assert one["threshold"] == pytest.approx(want["lineB"]) and "group_thresholds" not in one
+    rep = evaluate_ensemble([run, second], quiet=True, csv_path=tmp_path / "e.csv")
+    assert rep["group_thresholds"] == pytest.approx(want)
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "e.csv")))
+    assert all((r["flagged"] == "True") == (float(r["score"]) > want[r["group"]]) for r in rows)
+    # a run without thresholds per group (too few validation normals of a group): the pooled mean, warned
+    few = tmp_path / "few"
+    shutil.copytree(second, few)
+    cal = dict(own[1], trained_groups=["lineA", "lineB", "lineC"])
+    (few / "calibration.json").write_text(json.dumps(cal))
+    with pytest.warns(UserWarning, match=r"lineC has 0"):
+        res = predict_cmd(run, data / "lineB" / "test", tmp_path / "r", ensemble=[few], quiet=True, overlays=False)
+    assert "group_thresholds" not in res
+    assert res["threshold"] == pytest.approx((own[0]["threshold"] + own[1]["threshold"]) / 2)

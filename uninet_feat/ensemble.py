@@ -35,13 +35,15 @@ SCALE_TOLERANCE = 0.25   # relative difference of normal score level (`normal_le
 @dataclass
 class Member:
     """One run of an ensemble, ready to score: its model (calibration applied), config, default threshold, the
-    validation-normal range of its pixel map (None when its calibration has none) and `normal_level`."""
+    validation-normal range of its pixel map (None when its calibration has none), `normal_level` and, for a run
+    of several groups with enough validation normals in each, its thresholds per group (`group_thresholds`)."""
     run: str
     model: object
     cfg: dict
     threshold: float
     rng: tuple | None
     level: float | None = None
+    by_group: dict | None = None
 
     def scores(self, samples, quiet: bool = True, on_map=None) -> dict:
         """{path: image score} of ``samples``; ``on_map(sample, map in range units)`` per finished map."""
@@ -60,7 +62,7 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
                 ) -> Member:
     """A run as an ensemble `Member`; refused without a default threshold (its scores would have no common
     unit) or when it tiles or sizes images otherwise than ``like`` (the first member)."""
-    from .calibration import load_run, resolve_threshold, saved_calibration
+    from .calibration import group_thresholds, load_run, resolve_threshold, saved_calibration
     from .overlay import calibrated_range
     from .runs import ready_to_score
     from .scoring import pixel_map_kind
@@ -79,7 +81,7 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
                                 + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
                                 path=run, fix="ensemble runs of one config that differ only in their seed")
     return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg), cal),
-                  normal_level(model, cal))
+                  normal_level(model, cal), group_thresholds(run, cal=cal))
 
 
 def normal_level(model, cal: dict | None) -> float | None:
@@ -128,6 +130,24 @@ def default_threshold(members: list[Member]) -> float:
     return float(np.mean([m.threshold for m in members]))
 
 
+GROUP_RULE = ("mean of the runs' image scores > mean of the runs' thresholds of the image's group (each run's "
+              "`group_thresholds`, from its validation normals)")
+
+
+def default_thresholds(members: list[Member], group: str | None = None):
+    """(threshold, rule, by_group): `default_threshold`, and for runs of several groups that each have thresholds per
+    group, per group the mean of the runs' (`calibration.pick_group`: ``group``'s alone when given). Why: the runs'
+    normal scores sit at another level in each group, as one run's do, so the mean of pooled thresholds passes the
+    lower groups' defects. When any run has none per group (too few validation normals: it warned) the pooled mean."""
+    from .calibration import pick_group
+    bys = [m.by_group for m in members]
+    by = None
+    if all(bys):
+        common = set.intersection(*(set(b) for b in bys))
+        by = {g: float(np.mean([b[g] for b in bys])) for g in sorted(common)} or None
+    return pick_group(default_threshold(members), RULE, by, group, GROUP_RULE)
+
+
 def _accumulate(maps: dict, run: str):
     """on_map that adds each map (range units) into ``maps`` ({path: [sum, mask]}), refusing other sizes."""
     def add(sample, m, mask):
@@ -163,7 +183,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                       quiet: bool = False, skip_bad: bool = False, pixel_budget=None) -> dict:
     """Score each run on the test split and report the ensemble's image metrics (and pixel metrics when the test
     images have masks, exact within ``pixel_budget`` map pixels as evaluate's, else binned), its recall and
-    false-positive rate at its default threshold, and each run's own image AUROC."""
+    false-positive rate at its default threshold (per group for runs of several groups, `default_thresholds`), and
+    each run's own image AUROC."""
     from .evaluate import PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, group_metrics, print_report
     from .evaluate import report_console
     from . import metrics
@@ -193,7 +214,11 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     by_path = {str(x.path): x for x in test}
     samples = [by_path[k] for k in per_run[0]]       # without images skipped as unreadable (--skip-bad)
     raw = [np.array([d[str(x.path)] for x in samples]) for d in per_run]
-    scores, thr = np.mean(raw, axis=0), default_threshold(members)
+    scores = np.mean(raw, axis=0)
+    thr, rule, by_group = default_thresholds(members, group)   # per group: the mean of the runs' group thresholds
+    from .calibration import pooled_for_unknown_groups, thresholds_of
+    pooled_for_unknown_groups([x.group for x in samples], by_group)
+    per_image = thresholds_of([x.group for x in samples], thr, by_group)
     labels = np.array([0 if x.is_normal else 1 for x in samples])
     has_masks = sink is not None and any(x.mask is not None for x in samples)
     if not pixels and masked:
@@ -204,17 +229,18 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
         res = {**sink.result(samples), "pixel_ok": [x.is_normal or x.mask is not None for x in samples]}
     both = 0 < labels.sum() < len(labels)
     report = {"runs": runs, "n_test": len(samples), "n_defect": int(labels.sum()),
-              **_metrics(labels, scores, res, has_masks), "threshold": thr, "threshold_rule": RULE,
+              **_metrics(labels, scores, res, has_masks), "threshold": thr, "threshold_rule": rule,
+              **({"group_thresholds": by_group} if by_group else {}),
               **({"pixel_metrics": "exact" if res.get("pixel_stats") is None else
                   f"binned: {sink.pixels} map pixels over the budget"} if has_masks else {}),
               "run_thresholds": {m.run: m.threshold for m in members},
-              "at_threshold": _at_threshold(labels, scores > thr),
+              "at_threshold": _at_threshold(labels, scores > per_image),
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
                                       for r, s in zip(runs, raw)}}
     report.update(group_metrics([x.group for x in samples], labels, scores, {}, False))
     rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.9g}",
-             "flagged": bool(s > thr), **{f"score_{k}": f"{v[j]:.9g}" for k, v in enumerate(raw)}}
-            for j, (x, y, s) in enumerate(zip(samples, labels, scores))]
+             "flagged": bool(s > t), **{f"score_{k}": f"{v[j]:.9g}" for k, v in enumerate(raw)}}
+            for j, (x, y, s, t) in enumerate(zip(samples, labels, scores, per_image))]
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:

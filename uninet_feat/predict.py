@@ -43,8 +43,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
 
     ``ensemble``: more runs of the same config (other seeds) scored on the same images; ``ensemble_score`` is the
     mean of ``run``'s and their WDM scores (`ensemble.py`), flagged above the mean of their default thresholds
-    (or ``threshold``), and is then the default ``flag_by`` and ``heatmap`` (the mean of the runs' maps in their
-    range units, coloured 0..1: a typical normal pixel .. a rare one)."""
+    (per group when every run has its own per group; or ``threshold``), and is then the default ``flag_by`` and
+    ``heatmap`` (the mean of the runs' maps in their range units, coloured 0..1: a typical normal pixel .. a rare
+    one)."""
     from .calibration import check_threshold_flags, pooled_for_unknown_groups, resolve_thresholds
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
@@ -84,9 +85,9 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     else:
         check_threshold_flags(threshold, max_fpr)
     members = ens.load_members([run, *ensemble], group=group, skip_bad=skip_bad) if ensemble else None
-    if flag_by == "ensemble":
-        threshold, rule = ((float(threshold), "given (--threshold)") if threshold is not None
-                           else (ens.default_threshold(members), ens.RULE))
+    if flag_by == "ensemble":   # per group: the mean of the runs' group thresholds when every run has them
+        threshold, rule, by_group = ((float(threshold), "given (--threshold)", None) if threshold is not None
+                                     else ens.default_thresholds(members, group))
     if heatmap == "ensemble" and overlays and any(m.rng is None for m in members):   # before anything is written
         bad = next(m.run for m in members if m.rng is None)
         raise BadInputError("--heatmap ensemble needs each run's validation-normal map range", path=bad,
