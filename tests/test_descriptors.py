@@ -132,3 +132,25 @@ def test_predict_rows_describe_the_top_tiles_spot(wide_run, tmp_path):
         angle = 0.5 * math.degrees(math.atan2(v["hot_sin2phi"], v["hot_cos2phi"]))
         assert row["spot_angle_deg"] == pytest.approx(angle, abs=0.06) and -90 <= angle <= 90
     assert len(rows) == len(samples)
+
+
+def test_spot_differences_are_the_spot_less_the_tiles_own_mean(wide_run):
+    """`l*_spotdiff_*` (schema 3) = each level's map-attended target-teacher features less the plain mean of the same
+    features over the tile, recomputed here from the model's own forward pass."""
+    import torch
+    run, samples = wide_run
+    ex = Extractor(run=run)
+    r = ex.extract(samples)
+    _, ds = ex._dataset(samples)
+    assert len(ds) == len(r["vectors"])
+    x = torch.stack([ds[j]["image"] for j in range(len(ds))])
+    with torch.no_grad():
+        out = ex.model.eval()(x)
+    L = out.n_levels
+    mean = torch.cat([out.teachers[L + l].float().mean((2, 3)) for l in range(L)], 1).numpy()
+    names = ex.vector_names
+    att = r["vectors"][:, [j for j, n in enumerate(names) if "_mapattn_" in n]]
+    diff = r["vectors"][:, [j for j, n in enumerate(names) if "_spotdiff_" in n]]
+    assert diff.shape == att.shape == mean.shape
+    assert diff == pytest.approx(att - mean, abs=1e-4)
+    assert np.abs(mean).max() > 1e-2   # the difference is not the spot itself

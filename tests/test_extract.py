@@ -111,8 +111,8 @@ def test_plain_backbone_features_have_no_map_stats(setup):
     adapted = Extractor(run=run).extract(samples[:2])
     assert plain["vectors"].shape[1] == 8 + 16 + 32
     # per level teacher + student pools and 2 x 4 map statistics, the WDM score, per level the map-attended
-    # teacher pool, 8 hot-region shape descriptors and the spot's place in the image (2)
-    assert adapted["vectors"].shape[1] == 2 * (8 + 16 + 32) + 3 * 8 + 1 + (8 + 16 + 32) + 8 + 2
+    # teacher pool and its difference from the tile's mean, 8 hot-region shape descriptors and the spot's place (2)
+    assert adapted["vectors"].shape[1] == 2 * (8 + 16 + 32) + 3 * 8 + 1 + 2 * (8 + 16 + 32) + 8 + 2
     assert np.isnan(plain["scores"]).all() and np.isfinite(adapted["scores"]).all()
 
 
@@ -441,20 +441,34 @@ def test_plain_index_reuses_the_runs_source_teacher(setup, tmp_path, monkeypatch
         evaluate(run, knn=knn, checkpoint=run / "checkpoint.pt", quiet=True)
 
 
-def test_predict_refuses_a_head_of_another_feature_layout(setup, tmp_path):
-    """A head trained on schema-1 features (no defect descriptors) of the same run is named, not misread."""
+def test_predict_reads_an_older_heads_columns_by_name_and_refuses_unknown_ones(setup, tmp_path):
+    """A head trained on schema-2 features (no `l*_spotdiff_*`) of the same run predicts from the columns it was
+    trained on, found by name among this version's; a head naming a column this version does not make is named,
+    not misread."""
     from uninet_feat.cli import main
+    from uninet_feat.downstream import Head, train_head
+    from uninet_feat.featstore import FeatureStore, head_columns
     from uninet_feat.predict import predict_cmd
     data, run, samples = setup
     f, head = tmp_path / "feats", tmp_path / "head"
     assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(f), "--quiet"]) == 0
     assert main(["train-head", "--features", str(f), "--task", "binary", "--folds", "2", "--out", str(head)]) == 0
+    source = Head.load(head).source
+    store = FeatureStore(f)
+    X, recs = store.image_table()
+    names = head_columns(store.manifest["vector_names"])
+    old = [j for j, n in enumerate(names) if "spotdiff" not in n]   # the schema-2 layout
+    assert 0 < len(old) < len(names)
+    y = ["good" if r["is_normal"] else "defect" for r in recs]
+    res = train_head(X[:, old], y, task="binary", n_splits=2, feature_names=[names[j] for j in old])
+    res.head.save(tmp_path / "v2", source=source)
+    rows = predict_cmd(run, data, tmp_path / "ok", heads=[str(tmp_path / "v2")], overlays=False, quiet=True)["rows"]
+    want = dict(zip((r["path"] for r in recs), res.head.predict_proba(X[:, old]).max(1)))
+    assert [r["v2_confidence"] for r in rows] == pytest.approx([want[r["path"]] for r in rows], abs=1e-6)
     meta = json.loads((head / "head.json").read_text())
-    rows = predict_cmd(run, data, tmp_path / "ok", heads=[str(head)], overlays=False, quiet=True)["rows"]
-    assert "head_prediction" in rows[0]
-    old = [n for n in meta["feature_names"] if "hot_" not in n and "spot_" not in n and "mapattn" not in n]
-    (head / "head.json").write_text(json.dumps({**meta, "feature_names": old}))
-    with pytest.raises(BadInputError, match="feature columns") as e:
+    meta["feature_names"][3] = "l9_unknown_0"
+    (head / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInputError, match="1 of which this version does not make") as e:
         predict_cmd(run, data, tmp_path / "bad", heads=[str(head)], overlays=False, quiet=True)
     assert "head.json" in str(e.value) and "train-head" in str(e.value)
 

@@ -7,6 +7,9 @@ strip's edge, a nep is a small blob), and the map already outlines the defect. S
 
 * **map-attended features** per level: the target teacher's features pooled with weights equal to that
   level's anomaly map in excess of its median (`map_pool`): what the most anomalous spot looks like;
+* **spot differences** per level (feature schema 3): those less the plain mean of the same features over the
+  tile, i.e. how the spot differs from the rest of its own image. Lighting or a capture session moves both
+  alike, so the difference keeps the defect and drops much of the image (`uninet-feat cluster` groups by it);
 * **the hot region's shape** (`hot_region_shape`) on the pixel map: the pixels at or above
   ``median + 0.5 · (max − median)``, weighted by their excess over the median: area fraction, weighted
   centroid (y, x) and bounding-box height and width (tile fractions), elongation ``1 − λ_min / λ_max`` of

@@ -82,8 +82,9 @@ def uninet_features(model, x: torch.Tensor, patches: bool | str = False) -> dict
         parts.append(_map_stats(maps[l]))
         parts.append(_map_stats(maps[L + l]))
     parts.append(score.view(-1, 1).float())
-    for l in range(L):
-        parts.append(map_pool(out.teachers[L + l], maps[l] + maps[L + l]))
+    spots = [map_pool(out.teachers[L + l], maps[l] + maps[L + l]) for l in range(L)]
+    parts += spots
+    parts += [spots[l] - out.teachers[L + l].float().mean((2, 3)) for l in range(L)]   # `l*_spotdiff_*`
     parts.append(hot_region_shape(pix))
     res = {"vectors": torch.cat(parts, 1), "scores": score, "maps": pix, "context": torch.cat(pooled, 1)}
     if patches == "source":
@@ -122,4 +123,6 @@ def vector_names(channels, adapted: bool = True) -> list[str]:
     names.append("wdm_score")
     for l, c in enumerate(channels, 1):
         names += [f"l{l}_mapattn_{i}" for i in range(c)]
+    for l, c in enumerate(channels, 1):
+        names += [f"l{l}_spotdiff_{i}" for i in range(c)]
     return names + list(SHAPE_NAMES) + list(PLACE_NAMES)

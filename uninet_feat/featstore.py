@@ -26,7 +26,7 @@ from .errors import BadInputError
 from .io import atomic_write, atomic_write_text, read_json
 
 SCHEMA = "uninet-feat/features"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3   # 3: the spot-difference descriptors (`l*_spotdiff_*`); 2: the defect descriptors
 
 
 _SHA256: dict = {}   # (path, inode, size, mtime) → digest

@@ -106,6 +106,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                                 fix="pass --text (with the same prompt file as at extraction)")
     ex = Extractor(run=run, text=text, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad) if knn is not None else (None, None)
+    head_cols = {}   # each head's columns among this version's
     for hd, head in loaded.items():
         check_built_from(head.source, Path(hd) / "head.json", ex, "head")
         was, now = (head.source or {}).get("text"), ex.source.get("text") or {}
@@ -122,14 +123,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                                     "gives other columns", path=Path(hd) / "head.json",
                                     fix="restore the CLIP file the features were extracted with, or extract again "
                                         "and retrain the head")
-        cols = head_columns(ex.vector_names)
-        generic = head.feature_names == [f"f{i}" for i in range(len(head.feature_names))]   # `train_head` unnamed
-        if len(head.feature_names) != len(cols) or not (generic or head.feature_names == cols):   # other layout
-            raise BadInputError(f"this head was trained on {len(head.feature_names)} feature columns, this version "
-                                f"extracts {2 * len(ex.vector_names)} (features of an older layout: feature "
-                                f"schema version 1 had no defect descriptors)", path=Path(hd) / "head.json",
-                                fix=f"re-extract and retrain: `uninet-feat extract --run {ex.run_dir} --out F`, "
-                                    f"then `uninet-feat train-head --features F`")
+        head_cols[hd] = _head_columns(head, head_columns(ex.vector_names), hd, ex.run_dir)
     if split_csv:
         samples = samples_of(data, split_csv)
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
@@ -199,8 +193,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         t = by_group.get(r["group"], threshold) if by_group else threshold   # the image's group's, if known
         r["flagged"] = None if t is None else bool(r[f"{flag_by}_score"] > t)   # None: no rule
     for hd, head in loaded.items():
-        proba = head.predict_proba(X)
-        pred = head.predict(X)
+        proba = head.predict_proba(X[:, head_cols[hd]])
+        pred = head.predict(X[:, head_cols[hd]])
         name = Path(hd).name
         types_only = bool((head.source or {}).get("defects_only"))   # a defect-type head (--defects-only)
         for row, p, c in zip(rows, proba, pred):
@@ -567,3 +561,19 @@ def _overlay_names(paths, root=None, suffix: str = "_overlay.png") -> dict:
 def _by_path(samples, rows):
     d = {str(s.path): s for s in samples}
     return [d[r["path"]] for r in rows]
+
+
+def _head_columns(head, cols: list, where, run) -> list:
+    """The positions of a head's columns among this version's ``cols``, found by name: a head trained on an older
+    feature schema (version 2: no `l*_spotdiff_*`) keeps working, since every column it knows is still made."""
+    names = head.feature_names
+    if names == cols or names == [f"f{i}" for i in range(len(names))] and len(names) == len(cols):   # unnamed
+        return list(range(len(cols)))
+    pos = {n: j for j, n in enumerate(cols)}
+    if all(n in pos for n in names):
+        return [pos[n] for n in names]
+    raise BadInputError(f"this head was trained on {len(names)} feature columns, {sum(n not in pos for n in names)} "
+                        f"of which this version does not make (features of an older layout: feature schema version 1 "
+                        "had no defect descriptors)", path=Path(where) / "head.json",
+                        fix=f"re-extract and retrain: `uninet-feat extract --run {run} --out F`, then "
+                            "`uninet-feat train-head --features F`")
