@@ -536,6 +536,10 @@ def test_a_store_fingerprinted_the_old_way_still_resumes(setup, tmp_path):
     (f / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BadInputError, match="another model, settings or image list"):
         Extractor(run=run).extract_to(samples, f, shard_size=4)
+    m["schema_version"] = 2   # a store of this version's predecessor: its columns are fewer, said so
+    (f / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BadInputError, match="an older version .feature schema 2, now 3"):
+        Extractor(run=run).extract_to(samples, f, shard_size=4)
 
 
 def test_predict_refuses_two_heads_whose_columns_would_share_a_name(setup, tmp_path):

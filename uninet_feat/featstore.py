@@ -68,8 +68,12 @@ def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[
     if mpath.exists() and started:
         old = read_json(mpath, "delete the feature folder and extract again (or choose a new --out)")
         if old.get("fingerprint") not in (manifest["fingerprint"], legacy):
-            raise BadInputError("feature folder holds features of another model, settings or image list",
-                                path=folder, fix="choose a new --out, or delete the folder to start over")
+            was = old.get("schema_version", 1)
+            what = (f"features of an older version (feature schema {was}, now {manifest.get('schema_version')})"
+                    if was < manifest.get("schema_version", was) else "features of another model, settings or "
+                    "image list")
+            raise BadInputError(f"feature folder holds {what}", path=folder,
+                                fix="choose a new --out, or delete the folder to start over")
         # the same images' features, but their labels / splits / groups are the caller's now: a relabelled or
         # re-split CSV must reach train-head and index (a stale split would put test images in a kNN bank)
         meta = ("label", "split", "group", "is_normal")
