@@ -6,6 +6,7 @@ Flat public surface (like faiss's and LightGBM's sklearn API):
 * ``coreset_subsample`` - greedy k-center memory-bank subsampling
 * ``KNNScorer``, ``knn_scores`` - patch kNN anomaly maps and image scores
 * ``train_head`` → ``HeadResult`` (``.head`` is a ``Head``), ``Head.load``
+* ``cluster_vectors``, ``label_agreement`` - candidate defect types without labels (k-means, k by silhouette)
 
 The names are imported on first use (PEP 562): ``from uninet_feat.downstream import KNNScorer`` loads faiss
 but not LightGBM and scikit-learn (about 1.5 s of imports on 2 CPU cores), and ``predict`` without ``--head``
@@ -17,10 +18,10 @@ import importlib
 
 _WHERE = {"coreset_subsample": "coreset", "Head": "head", "HeadResult": "head", "train_head": "head",
           "build_index": "index", "load_index": "index", "save_index": "index", "search": "index",
-          "KNNScorer": "knn", "knn_scores": "knn"}
+          "KNNScorer": "knn", "knn_scores": "knn", "cluster_vectors": "cluster", "label_agreement": "cluster"}
 
 __all__ = ["build_index", "search", "save_index", "load_index", "coreset_subsample", "KNNScorer", "knn_scores",
-           "train_head", "Head", "HeadResult"]
+           "train_head", "Head", "HeadResult", "cluster_vectors", "label_agreement"]
 
 
 def __getattr__(name: str):

@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, help="tile large images into TILE x TILE pieces (default: the run's "
                    "tiling; none without --run)")
     p.add_argument("--patches", action="store_true", help="also store patch vectors (for kNN)")
+    p.add_argument("--batch", action="store_true", help="read --data as predict does: every image under it, "
+                   "unlabelled unless its layout has a normal folder (a folder of images alone is read so anyway)")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="clip: backbones: append zero-shot text-similarity columns (default fabric prompts, "
                         "or a prompt file from `uninet-feat prompts`)")
@@ -269,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "cores this process may use; recorded in cv_report.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, the early-stopping carve and LightGBM "
                                                        "(default 0)")
+    p.add_argument("--labels", help="a CSV path,label (e.g. `cluster`'s labels.csv with the clusters named): these "
+                                     "labels, for these images only, in place of the store's own")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("cluster", help="group flagged (or labelled defect) images into candidate defect types, with "
+                                       "a contact sheet, to name them for train-head --labels")
+    p.add_argument("--features", required=True, help="a feature store of a run (`uninet-feat extract --run RUN`)")
+    p.add_argument("--flagged", help="predict's predictions.csv: cluster the images it flagged (default: every "
+                                     "image not labelled normal)")
+    p.add_argument("--k", default="auto", help="number of clusters, or auto (highest silhouette; default)")
+    p.add_argument("--max-k", dest="max_k", type=int, default=10, help="largest k that auto tries (default 10)")
+    p.add_argument("--columns", choices=["descriptors", "contrast", "all"], default="descriptors",
+                   help="the top tile's defect descriptors; contrast: the same, each level's spot features less "
+                        "its whole-tile features; all: every image-vector column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-sheet", dest="sheet", action="store_false", help="skip sheet.html (the thumbnails)")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("predict", help="scores, flags, kNN scores and head predictions per image")
@@ -381,6 +399,7 @@ _SHARED_HELP = {
 _OUT_HELP = {"evaluate": None, "calibrate": None, "extract": "feature store folder (sharded, resumable)",
              "index": "index folder (knn.json or ids.json, the FAISS index)",
              "train-head": "head folder (head.json, model.txt, cv_report.json)",
+             "cluster": "output folder (clusters.csv, labels.csv to name, clusters.json, sheet.html)",
              "predict": "output folder (predictions.csv / .json, summary.json, overlays/, maps/)",
              "zero-shot": "output folder (scores.csv / .json, metrics.json when labels exist)",
              "export-model": "folder for model.onnx, model.json (inputs, outputs, thresholds, the check) and "
@@ -491,7 +510,8 @@ def _save_command_config(args) -> None:
     save_run_config(Path(args.out), {"command": args.command, **opts})
 
 
-_PATH_FLAGS = ("data", "split_csv", "run", "out", "features", "knn", "head", "ensemble", "text", "weights")
+_PATH_FLAGS = ("data", "split_csv", "run", "out", "features", "knn", "head", "ensemble", "text", "weights", "flagged",
+               "labels")
 
 
 _OUTPUT_FILES = ("json", "csv", "report")
@@ -602,17 +622,25 @@ def _dispatch(args) -> int:
         if args.quiet:
             print(json.dumps(rep))
         return 0
+    if args.command == "cluster":
+        from .clusters import cluster_cmd
+        res = cluster_cmd(args.features, args.out, args.flagged, args.k, args.max_k, args.columns, args.seed,
+                          sheet=args.sheet)
+        keys = ("rows", "n_images", "k", "k_rule", "sizes", "agreement_with_labels")
+        print(json.dumps({k: res[k] for k in keys if k in res} | {"out": args.out}, indent=2))
+        return 0
     if args.command in ("extract", "index", "train-head", "predict"):
         from . import workflows as wf
         if args.command == "extract":
             res = wf.extract_cmd(args.data, args.out, args.run, args.split_csv, args.group, args.backbone,
                                  args.weights, args.image_size, args.tile, args.patches, args.shard,
-                                 args.shard_size, args.quiet, text=args.text, skip_bad=args.skip_bad)
+                                 args.shard_size, args.quiet, text=args.text, skip_bad=args.skip_bad,
+                                 batch=args.batch)
         elif args.command == "index":
             res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k, args.run)
         elif args.command == "train-head":
             res = wf.train_head_cmd(args.features, args.out, args.task, args.label_from, args.defects_only,
-                                    args.folds, args.seed, threads=args.threads)
+                                    args.folds, args.seed, threads=args.threads, labels=args.labels)
             res = {"task": res["task"], "classes": res["classes"], "cv": res["oof"], "out": args.out}
         else:
             from .predict import predict_cmd

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.layouts import NORMAL_LABELS
 from .errors import BadInputError
 from .featstore import FeatureStore, head_columns
 from .io import atomic_write_csv, atomic_write_text
@@ -24,7 +25,9 @@ def _check_sizes(image_size, tile) -> None:
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
                 image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
-                validate=False, text=None, skip_bad=False) -> dict:
+                validate=False, text=None, skip_bad=False, batch=False) -> dict:
+    """``batch``: ``data`` read as predict reads a new batch (`layouts.discover_batch`); a folder that holds images
+    but no training layout (no label folders) is read so without it."""
     from .extract import Extractor
     try:
         i, n = (int(v) for v in str(shard).split("/"))
@@ -55,7 +58,8 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
                    text=text, skip_bad=skip_bad, device=device)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
-    samples = samples_of(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None)
+    samples = _batch_or_layout(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None,
+                               batch, ex.cfg.get("mask_pattern"))
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
     if dd is not None:
@@ -82,6 +86,27 @@ def _copies_of(paths, items) -> list[str]:
             return None
     want = {key(p) for p in paths} - {None}
     return [it["path"] for it in items if key(it["path"]) in want]
+
+
+def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_pattern=None) -> list:
+    """The samples to extract: a training layout's (`samples_of`), or a new batch's as predict reads it (``batch``,
+    or a folder of images without label folders, where the layout finds none): the features of the images
+    `predict` flagged, for `cluster`."""
+    from .data.layouts import discover_batch
+    if batch:
+        if split_csv or group:
+            raise BadInputError("--batch reads every image under --data, unlabelled: it takes no --split-csv or "
+                                "--group", fix="drop --batch, or drop --split-csv / --group")
+        return discover_batch(data, mask_pattern)
+    try:
+        return samples_of(data, split_csv, group, split_hash)
+    except BadInputError as e:
+        if split_csv or group or not Path(data).is_dir() or "no images found" not in e.reason:
+            raise
+        found = discover_batch(data, mask_pattern)
+        if not found:
+            raise
+        return found
 
 
 def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None) -> dict:
@@ -154,9 +179,30 @@ def _labels_for(recs, task: str, label_from: str):
     return np.array([r["label"] for r in recs])
 
 
+def _given_labels(X, recs, labels, features):
+    """The rows ``labels`` (a CSV path,label) names, with its labels; every path must be in the store."""
+    from .clusters import read_path_table
+    table = read_path_table(labels, "label", "labels CSV")
+    where = {r["path"]: j for j, r in enumerate(recs)}
+    absent = [p for p in table if p not in where]
+    if absent:
+        raise BadInputError(f"{len(absent)} of the {len(table)} images in {labels} are not in the feature store "
+                            f"(first: {absent[0]})", path=features,
+                            fix="pass the feature store the labels were made from (`uninet-feat cluster --features`)"
+                                ", or extract those images into it")
+    keep = [(where[p], v) for p, v in table.items() if v]
+    if not keep:
+        raise BadInputError("every label in the file is blank", path=labels, fix="name the clusters in its label "
+                                                                               "column (cluster_0 → e.g. hole)")
+    idx = [j for j, _ in keep]
+    return X[idx], [recs[j] for j in idx], np.array([v for _, v in keep])
+
+
 def train_head_cmd(features, out, task="binary", label_from="label", defects_only=False, folds=5, seed=0,
-                   min_class=2, threads=None) -> dict:
-    """LightGBM head on image rows, stratified CV report, final booster + label map saved."""
+                   min_class=2, threads=None, labels=None) -> dict:
+    """LightGBM head on image rows, stratified CV report, final booster + label map saved. ``labels``: a CSV
+    path,label (`uninet-feat cluster`'s labels.csv once named) whose labels replace the store's, for its images
+    only (a blank label leaves an image out)."""
     from .downstream import train_head
     if defects_only and task == "binary":
         raise BadInputError("--defects-only leaves out the normal rows, so a binary (normal vs defect) head would "
@@ -164,17 +210,23 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
                             fix="use --task multiclass with --defects-only (defect types), or drop --defects-only")
     store = FeatureStore(features)
     X, recs = store.image_table()
-    keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
-    X, recs = X[keep], [recs[j] for j in keep]
-    y = _labels_for(recs, task, label_from)
+    if labels is not None:
+        X, recs, y = _given_labels(X, recs, labels, features)
+        # named defect types only (cluster's flagged images): predict gives its type to flagged images only
+        if task == "multiclass":
+            defects_only = defects_only or not any(v.strip().lower() in NORMAL_LABELS for v in y)
+    else:
+        keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
+        X, recs = X[keep], [recs[j] for j in keep]
+        y = _labels_for(recs, task, label_from)
     seen = sum(r["is_normal"] and r.get("split") == "train" for r in recs)
     if task == "binary" and seen and (store.manifest.get("source") or {}).get("run"):
         warnings.warn(f"{seen} normal rows are from the run's training split: the run was fitted on most of them, so "
                       "they score lower than new normals would, and a normal-vs-defect head partly learns 'seen in "
                       "training'. Fix: extract normals the run did not train on (e.g. a --split-csv of test and "
                       "held-out rows) for a figure that carries over to new images")
-    labels, counts = np.unique(y, return_counts=True)
-    rare = set(labels[counts < min_class])
+    classes, counts = np.unique(y, return_counts=True)
+    rare = set(classes[counts < min_class])
     if rare:  # a class with one example can be neither trained on nor tested in CV
         keep = [j for j, v in enumerate(y) if v not in rare]
         X, recs, y = X[keep], [recs[j] for j in keep], y[keep]
@@ -186,7 +238,8 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
                                "defects_only": bool(defects_only)})   # settings: predict checks size and tiling
     summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
                "threads": res.head.n_jobs,   # LightGBM's sums differ between thread counts: part of a reproduction
-               "features": str(features), "label_from": label_from, "defects_only": defects_only}
+               "features": str(features), "label_from": label_from, "defects_only": defects_only,
+               "labels": None if labels is None else str(labels)}
     atomic_write_text(out / "cv_report.json", json.dumps(summary, indent=2, default=_json_default))
     return summary
 

@@ -1,0 +1,246 @@
+"""`uninet-feat cluster` and `train-head --labels`: candidate defect types without labels, then named ones."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from tests._tiny import register_tiny, tiny_train_args, write_texture_set
+from uninet_feat.downstream.cluster import cluster_vectors, label_agreement
+from uninet_feat.errors import BadInputError
+
+
+def _blobs(sizes=(30, 20, 10), d=40, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 6, (len(sizes), d))
+    X = np.concatenate([c + rng.normal(0, 1, (n, d)) for c, n in zip(centres, sizes)])
+    y = np.concatenate([[f"t{i}"] * n for i, n in enumerate(sizes)])
+    perm = rng.permutation(len(X))
+    return X[perm], y[perm]
+
+
+def test_auto_k_finds_separated_types_numbered_by_size_with_exemplars_nearest_the_centre():
+    X, y = _blobs()
+    res = cluster_vectors(X, seed=3)
+    assert res.k == 3 and max(res.silhouettes, key=res.silhouettes.get) == 3
+    assert set(res.silhouettes) == set(range(2, 11))
+    assert [len(e) for e in res.exemplars] == [30, 20, 10]   # cluster 0 = the largest
+    for c, ex in enumerate(res.exemplars):
+        assert set(np.flatnonzero(res.labels == c)) == set(ex)
+        assert res.distance[ex[0]] == res.distance[ex].min()   # the exemplar first
+        assert np.all(np.diff(res.distance[ex]) >= 0)
+    agree = label_agreement(res, y)
+    assert agree["ari"] == pytest.approx(1.0) and agree["purity"] == 1.0 and agree["exemplar_named_accuracy"] == 1.0
+    assert agree["majority_label_accuracy"] == pytest.approx(0.5)
+    again = cluster_vectors(X, seed=3)
+    assert np.array_equal(again.labels, res.labels)   # a seed gives the same clusters
+
+
+def test_agreement_figures_against_a_hand_count():
+    X, _ = _blobs((6, 6), d=5)
+    res = cluster_vectors(X, k=2)
+    truth = np.where(res.labels == 0, "a", "b")
+    truth[res.exemplars[0][-1]] = "b"   # one of cluster 0's rows, not its exemplar, carries the other label
+    agree = label_agreement(res, truth)
+    assert agree["purity"] == pytest.approx(11 / 12)
+    assert agree["exemplar_named_accuracy"] == pytest.approx(11 / 12)
+    assert 0 < agree["random_k_labelled_accuracy"] <= 1 and agree["n_labels"] == 2
+
+
+def test_bad_inputs_are_named():
+    X, _ = _blobs((10, 10), d=4)
+    with pytest.raises(BadInputError, match="at least 4"):
+        cluster_vectors(X[:3])
+    Xn = X.copy()
+    Xn[5, 1] = np.nan
+    with pytest.raises(BadInputError, match="row 5"):
+        cluster_vectors(Xn)
+    with pytest.raises(BadInputError, match="k must be from 2 to 19"):
+        cluster_vectors(X, k=20)
+    with pytest.raises(BadInputError, match="same in all rows"):
+        cluster_vectors(np.ones((8, 3)))
+
+
+def _two_kinds(root):
+    """A texture set whose defects are of two kinds: thin horizontal streaks and small square spots."""
+    from PIL import Image
+    data = write_texture_set(root / "data", n_train=8, n_good=4, n_bad=0)
+    rng = np.random.default_rng(1)
+    for kind in ("streak", "spot"):
+        for i in range(6):
+            a = np.asarray(Image.open(data / "test/good/000.png"), dtype=np.float64) / 255
+            a = np.roll(a, int(rng.integers(0, 64)), axis=1).copy()
+            y, x = int(rng.integers(8, 48)), int(rng.integers(8, 40))
+            if kind == "streak":
+                a[y:y + 2, 4:60] = 0.0
+            else:
+                a[y:y + 8, x:x + 8] = 1.0
+            (data / "test" / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((a * 255).astype("uint8")).save(data / "test" / kind / f"{i:03d}.png")
+    return data
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from uninet_feat.cli import main
+    register_tiny()
+    root = tmp_path_factory.mktemp("cluster")
+    data = _two_kinds(root)
+    assert main(tiny_train_args(data) + ["--out", str(root / "run"), "--val-fraction", "0.25"]) == 0
+    assert main(["extract", "--run", str(root / "run"), "--data", str(data), "--out", str(root / "f"),
+                 "--quiet"]) == 0
+    return root
+
+
+def test_cluster_writes_rows_labels_and_a_sheet_and_named_labels_train_a_head(store, tmp_path):
+    from uninet_feat.cli import main
+    out = tmp_path / "c"
+    assert main(["cluster", "--features", str(store / "f"), "--out", str(out)]) == 0
+    summary = json.loads((out / "clusters.json").read_text())
+    rows = list(csv.DictReader(open(out / "clusters.csv")))
+    assert summary["rows"] == "every image not labelled normal" and summary["n_images"] == len(rows) == 12
+    assert sorted({r["label"] for r in rows}) == ["spot", "streak"]   # the normals are left out
+    assert sum(summary["sizes"]) == 12 and len(summary["sizes"]) == summary["k"]
+    assert summary["n_columns"] == (8 + 16 + 32) + 8 + 2   # the tiny backbone's spotdiff channels, shape, place
+    assert set(summary["agreement_with_labels"]) >= {"ari", "nmi", "purity", "exemplar_named_accuracy"}
+    assert (out / "config.yaml").exists() and "cluster" in (out / "config.yaml").read_text()
+    for c in range(summary["k"]):
+        mine = [r for r in rows if int(r["cluster"]) == c]
+        assert [int(r["rank"]) for r in mine] == list(range(len(mine)))
+        assert min(float(r["distance"]) for r in mine) == float(mine[0]["distance"])
+    labels = list(csv.DictReader(open(out / "labels.csv")))
+    assert [(r["path"], r["label"]) for r in labels] == [(r["path"], f"cluster_{r['cluster']}") for r in rows]
+    sheet = (out / "sheet.html").read_text()
+    assert sheet.count("<h2>") == summary["k"] and sheet.count("data:image/png;base64,") == 12
+
+    # the engineer names the types: here, each image by its true kind; one image's label blanked (left out)
+    named = [{"path": r["path"], "label": r["label"] if i else ""} for i, r in enumerate(rows)]
+    with open(tmp_path / "named.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label"])
+        w.writeheader()
+        w.writerows(named)
+    head = tmp_path / "head"
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                 str(tmp_path / "named.csv"), "--folds", "2", "--out", str(head)]) == 0
+    rep = json.loads((head / "cv_report.json").read_text())
+    assert rep["n_rows"] == 11 and sorted(rep["classes"]) == ["spot", "streak"] and rep["defects_only"] is True
+
+
+def test_cluster_takes_predicts_flagged_images(store, tmp_path):
+    from uninet_feat.cli import main
+    items = json.loads((store / "f" / "manifest.json").read_text())["items"]
+    paths = sorted({it["path"] for it in items})
+    flagged = paths[::2]   # as if predict flagged every other image, normals among them
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "wdm_score", "flagged"])
+        w.writeheader()
+        w.writerows({"path": p, "wdm_score": 1.0, "flagged": p in flagged} for p in paths)
+    out = tmp_path / "c"
+    assert main(["cluster", "--features", str(store / "f"), "--flagged", str(tmp_path / "predictions.csv"),
+                 "--k", "2", "--no-sheet", "--out", str(out)]) == 0
+    got = sorted(r["path"] for r in csv.DictReader(open(out / "clusters.csv")))
+    assert got == flagged and not (out / "sheet.html").exists()
+    assert json.loads((out / "clusters.json").read_text())["k_rule"] == "given (--k)"
+
+
+def test_cluster_and_labels_errors_name_the_fix(store, tmp_path, capsys):
+    from uninet_feat.cli import main
+
+    def refused(argv, text):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert text in err and "fix:" in err, err
+
+    with open(tmp_path / "none.csv", "w", newline="") as f:
+        f.write("path,flagged\n/elsewhere/a.png,True\n")
+    refused(["cluster", "--features", str(store / "f"), "--flagged", str(tmp_path / "none.csv"),
+             "--out", str(tmp_path / "c")], "none of the 1 flagged images is in the feature store")
+    with open(tmp_path / "bad.csv", "w", newline="") as f:
+        f.write("file,label\na.png,x\n")
+    refused(["train-head", "--features", str(store / "f"), "--labels", str(tmp_path / "bad.csv"),
+             "--task", "multiclass", "--out", str(tmp_path / "h")], "needs columns path and label")
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        f.write("path,label\n/elsewhere/a.png,hole\n")
+    refused(["train-head", "--features", str(store / "f"), "--labels", str(tmp_path / "other.csv"),
+             "--task", "multiclass", "--out", str(tmp_path / "h")], "are not in the feature store")
+
+
+def test_plain_features_have_no_descriptors(tmp_path, capsys):
+    from uninet_feat.cli import main
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=2, n_bad=4)
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert main(["cluster", "--features", str(tmp_path / "p"), "--out", str(tmp_path / "c")]) == 2
+    assert "no defect descriptors" in capsys.readouterr().err
+    assert main(["cluster", "--features", str(tmp_path / "p"), "--columns", "all", "--k", "2", "--no-sheet",
+                 "--out", str(tmp_path / "c")]) == 0
+
+
+def test_descriptors_are_spot_differences_and_a_schema_2_store_falls_back_with_a_warning():
+    from uninet_feat.clusters import cluster_matrix, descriptor_columns
+    from uninet_feat.export import vector_names
+    from uninet_feat.featstore import head_columns
+    names = head_columns(vector_names((4, 6), adapted=True))
+    picked = [names[j] for j in descriptor_columns(names)]
+    assert picked[:10] == [f"top_l1_spotdiff_{i}" for i in range(4)] + [f"top_l2_spotdiff_{i}" for i in range(6)]
+    assert len(picked) == 10 + 8 + 2 and not any(n.startswith("mean_") or "mapattn" in n for n in picked)
+    old = [n for n in names if "spotdiff" not in n]   # a schema-2 store
+    with pytest.warns(UserWarning, match="predate the spot differences"):
+        got = [old[j] for j in descriptor_columns(old)]
+    assert got[:4] == [f"top_l1_mapattn_{i}" for i in range(4)] and len(got) == 20
+    X = np.arange(3 * len(names), dtype=float).reshape(3, -1)
+    M, blocks = cluster_matrix(X, names, "descriptors")
+    assert M.shape == (3, 20) and blocks[0] == "top_l1_spotdiff" and blocks[-1] == "top_place"
+    assert set(blocks[10:18]) == {"top_shape"}
+
+
+def test_a_new_batch_flat_folder_extracts_and_clusters_what_predict_flagged(store, tmp_path, monkeypatch):
+    """The flow of a line without labels: predict a folder of images (no label folders), extract the same folder
+    (read as predict reads it: unlabelled), cluster the flagged ones by predict's own CSV (relative paths)."""
+    import shutil
+    from uninet_feat.cli import main
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for kind in ("spot", "streak", "good"):
+        for p in sorted((store / "data" / "test" / kind).glob("*.png"))[:4]:
+            shutil.copy(p, batch / f"{kind}_{p.name}")
+    monkeypatch.chdir(tmp_path)   # relative paths, as a user types them
+    assert main(["predict", "--run", str(store / "run"), "--data", "batch", "--no-overlays", "--out", "p0",
+                 "--quiet"]) == 0
+    scores = sorted(float(r["wdm_score"]) for r in csv.DictReader(open("p0/predictions.csv")))
+    cut = (scores[5] + scores[6]) / 2   # flags the top half
+    assert main(["predict", "--run", str(store / "run"), "--data", "batch", "--no-overlays", "--threshold", str(cut),
+                 "--out", "p1", "--quiet"]) == 0
+    flagged = sorted(str((tmp_path / r["path"]).resolve()) for r in csv.DictReader(open("p1/predictions.csv"))
+                     if r["flagged"] == "True")
+    assert len(flagged) == 6
+    assert main(["extract", "--run", str(store / "run"), "--data", "batch", "--out", "f", "--quiet"]) == 0
+    items = json.loads((tmp_path / "f" / "manifest.json").read_text())["items"]
+    assert len(items) == 12 and {it["label"] for it in items} == {""}   # unlabelled, as predict reads them
+    assert main(["cluster", "--features", "f", "--flagged", "p1/predictions.csv", "--k", "2", "--out", "c"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "c" / "clusters.csv")))
+    assert sorted(r["path"] for r in rows) == flagged
+    assert "agreement_with_labels" not in json.loads((tmp_path / "c" / "clusters.json").read_text())
+
+
+def test_extract_batch_reads_storage_folders_as_predict_does(store, tmp_path, capsys):
+    """Images filed by day (batch/day1/*.png) are a training layout's label folders to extract without --batch
+    (label day1, a defect type), and unlabelled images with it; --batch takes no --split-csv."""
+    import shutil
+    from uninet_feat.cli import main
+    for day in ("day1", "day2"):
+        (tmp_path / "batch" / day).mkdir(parents=True)
+        for p in sorted((store / "data" / "test" / "spot").glob("*.png"))[:2]:
+            shutil.copy(p, tmp_path / "batch" / day / p.name)
+    assert main(["extract", "--run", str(store / "run"), "--data", str(tmp_path / "batch"), "--batch",
+                 "--out", str(tmp_path / "f"), "--quiet"]) == 0
+    items = json.loads((tmp_path / "f" / "manifest.json").read_text())["items"]
+    assert len(items) == 4 and {it["label"] for it in items} == {""}
+    assert main(["extract", "--run", str(store / "run"), "--data", str(tmp_path / "batch"), "--out",
+                 str(tmp_path / "g"), "--quiet"]) == 0
+    assert {it["label"] for it in json.loads((tmp_path / "g" / "manifest.json").read_text())["items"]} == \
+        {"day1", "day2"}
+    assert main(["extract", "--run", str(store / "run"), "--data", str(tmp_path / "batch"), "--batch",
+                 "--split-csv", "x.csv", "--out", str(tmp_path / "h"), "--quiet"]) == 2
+    assert "takes no --split-csv" in capsys.readouterr().err

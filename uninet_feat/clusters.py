@@ -1,0 +1,224 @@
+"""`uninet-feat cluster`: candidate defect types among flagged images, to name instead of labelling each image.
+
+The flow it serves: ``predict`` flags images of a new batch; ``extract --run`` gives their vectors; ``cluster``
+groups the flagged ones by their defect descriptors (`downstream.cluster`) and writes a contact sheet of each
+cluster's most typical images; the engineer names the clusters in ``labels.csv`` (merging two is giving them
+one name, dropping a row is blanking its label) and ``train-head --labels labels.csv`` learns the named types.
+
+Only the defect descriptors of each image's top tile are clustered by default (``--columns descriptors``): how the
+hottest spot's features differ from its own tile's mean, the hot region's shape and its place in the image. The
+pooled image vector mostly describes the product's own look and the image's lighting, in which a defect is a few
+per cent of the pixels.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .descriptors import PLACE_NAMES, SHAPE_NAMES
+from .errors import BadInputError
+from .featstore import FeatureStore, head_columns
+from .io import atomic_write_csv, atomic_write_text
+
+_SHAPE_PLACE = "|".join(SHAPE_NAMES + PLACE_NAMES)
+_DESCRIPTOR = re.compile(r"^top_(l\d+_spotdiff_\d+|" + _SHAPE_PLACE + r")$")
+_DESCRIPTOR_V2 = re.compile(r"^top_(l\d+_mapattn_\d+|" + _SHAPE_PLACE + r")$")   # a schema-2 store's
+SHEET_PER_CLUSTER = 12
+TRUTHY = {"1", "true", "yes", "y"}
+
+
+def descriptor_columns(names, where=None) -> list[int]:
+    """Indices of the top tile's defect descriptors among a head's columns (`featstore.head_columns`): each level's
+    spot difference (the hot spot's features less its tile's mean), the hot region's shape and its place. Chosen
+    over the map-attended features themselves and over every column by `benchmarks.cluster_synthetic` (synthetic
+    defect kinds, no real label): those group the images more by their lighting than by their defect."""
+    if any("_spotdiff_" in n for n in names):
+        return [j for j, n in enumerate(names) if _DESCRIPTOR.match(n)]
+    cols = [j for j, n in enumerate(names) if _DESCRIPTOR_V2.match(n)]
+    if cols:
+        warnings.warn("these features predate the spot differences (feature schema 3), so the spots' own features "
+                      "are clustered, which follow each image's lighting more; re-extract with this version for "
+                      "clusters of what the defects are")
+    return cols
+
+
+def cluster_matrix(X: np.ndarray, names, columns: str, where=None) -> tuple[np.ndarray, list]:
+    """(the columns of the image rows ``X`` (head columns ``names``) that are clustered, each one's block name):
+    ``descriptors`` (`descriptor_columns`; blocks: each level's spot differences, the hot region's shape, its place
+    in the image), or ``all`` (blocks: each named group of columns, ``top_l1_teacher`` and so on)."""
+    if columns == "all":
+        cols = list(range(len(names)))
+    elif columns == "descriptors":
+        cols = descriptor_columns(names, where)
+        if not cols:
+            raise BadInputError("this feature store has no defect descriptors (plain backbone features, or a "
+                                "store of schema 1)", path=where,
+                                fix="extract with --run RUN (schema 2), or cluster every column with --columns all")
+    else:
+        raise BadInputError(f"unknown --columns {columns!r}", fix="--columns descriptors or all")
+    return X[:, cols], [block_of(names[j]) for j in cols]
+
+
+def block_of(name: str) -> str:
+    """A column's block: its name without the channel number; the shape and place descriptors one block each."""
+    bare = name.split("_", 1)[1] if name.startswith(("top_", "mean_")) else name
+    side = name.split("_", 1)[0] if name.startswith(("top_", "mean_")) else ""
+    if bare in SHAPE_NAMES:
+        return f"{side}_shape"
+    if bare in PLACE_NAMES:
+        return f"{side}_place"
+    return re.sub(r"_\d+$", "", name)
+
+
+def read_path_table(path, column: str, what: str) -> dict:
+    """{absolute path: ``column``'s value} of a CSV with a ``path`` column (``predictions.csv``, ``labels.csv``);
+    a relative path is taken from the working folder, as the commands that wrote it were given it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{what} not found", path=path, fix="pass the CSV file itself")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "path" not in cols or column not in cols:
+            raise BadInputError(f"{what} needs columns path and {column}; it has {', '.join(cols) or 'none'}",
+                                path=path, fix=f"a CSV with a header line path,{column}")
+        return {os.path.abspath(r["path"]): (r[column] or "").strip() for r in reader if r.get("path")}
+
+
+def _rows(recs, flagged) -> tuple[list[int], str]:
+    """Which images to cluster: those flagged in predict's CSV, else every image not labelled normal."""
+    if flagged is not None:
+        table = read_path_table(flagged, "flagged", "predictions CSV")
+        wanted = {p for p, v in table.items() if v.lower() in TRUTHY}
+        keep = [j for j, r in enumerate(recs) if r["path"] in wanted]
+        missing = len(wanted) - len(keep)
+        if wanted and not keep:
+            raise BadInputError(f"none of the {len(wanted)} flagged images is in the feature store", path=flagged,
+                                fix="extract the folder that predict scored (`uninet-feat extract --run RUN --data "
+                                    "SAME_FOLDER --out F`), from the same working folder")
+        if missing:
+            warnings.warn(f"{missing} of {len(wanted)} flagged images are not in the feature store and are left out "
+                          "(extract the same folder that predict scored to include them)")
+        return keep, f"flagged in {flagged}"
+    keep = [j for j, r in enumerate(recs) if not r["is_normal"]]
+    if not keep:
+        raise BadInputError("every image in the feature store is labelled normal, so there is no defect to cluster",
+                            fix="pass --flagged PRED/predictions.csv (from `uninet-feat predict`) to cluster the "
+                                "images predict flagged")
+    unlabelled = sum(not recs[j]["label"] for j in keep)
+    if unlabelled:
+        warnings.warn(f"{unlabelled} unlabelled images are clustered as defects (every image not labelled normal "
+                      "is); pass --flagged PRED/predictions.csv to cluster only those predict flagged")
+    return keep, "every image not labelled normal"
+
+
+def _top_tiles(store: FeatureStore) -> dict:
+    """{path: the top tile's box (y, x, h, w)}, the tile whose vector `featstore.aggregate_tiles` takes."""
+    scores, boxes = store.scores, {}
+    by_path: dict = {}
+    for j, it in enumerate(store.items):
+        by_path.setdefault(it["path"], []).append(j)
+    for p, idx in by_path.items():
+        s = scores[idx]
+        top = idx[int(np.nanargmax(s))] if np.isfinite(s).any() else None
+        boxes[p] = store.items[top].get("tile") if top is not None and len(idx) > 1 else None
+    return boxes
+
+
+def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns: str = "descriptors", seed: int = 0,
+                n_components: int = 16, sheet: bool = True) -> dict:
+    """Cluster the images of a feature store; writes clusters.csv, labels.csv, clusters.json (with the settings)
+    and sheet.html. Returns clusters.json's content."""
+    from .downstream.cluster import cluster_vectors, label_agreement
+    store = FeatureStore(features)
+    X, recs = store.image_table()
+    names = head_columns(store.manifest["vector_names"])
+    keep, rule = _rows(recs, flagged)
+    Xk, rk = cluster_matrix(X[keep], names, columns, features)[0], [recs[j] for j in keep]
+    bad = [r["path"] for r, ok in zip(rk, np.isfinite(Xk).all(1)) if not ok]
+    if bad:
+        raise BadInputError(f"{len(bad)} image(s) have NaN or infinite feature values", path=bad[0],
+                            fix="re-extract them (a NaN vector comes from a NaN image or model)")
+    res = cluster_vectors(Xk, k=k, k_max=k_max, seed=seed, n_components=n_components)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank = {i: n for ex in res.exemplars for n, i in enumerate(ex)}
+    rows = [{"cluster": int(res.labels[i]), "rank": rank[i], "path": rk[i]["path"], "group": rk[i].get("group", ""),
+             "label": rk[i]["label"], "score": rk[i]["score"], "distance": round(float(res.distance[i]), 6)}
+            for ex in res.exemplars for i in ex]
+    atomic_write_csv(out / "clusters.csv", rows)
+    atomic_write_csv(out / "labels.csv", [{"path": r["path"], "label": f"cluster_{r['cluster']}"} for r in rows])
+    settings = {"features": str(features), "flagged": None if flagged is None else str(flagged), "k": k,
+                "max_k": k_max, "columns": columns, "seed": seed,
+                "pca_components": n_components}
+    summary = {"rows": rule, "n_images": len(rk), "n_columns": int(Xk.shape[1]),
+               "pca_components": int(res.embedding.shape[1]), "explained_variance": res.explained_variance,
+               "k": res.k, "k_rule": "given (--k)" if k != "auto" else "highest mean silhouette (no labels used)",
+               "silhouettes": {str(kk): v for kk, v in res.silhouettes.items()},
+               "sizes": [len(ex) for ex in res.exemplars],
+               "exemplars": {str(c): [rk[i]["path"] for i in ex[:5]] for c, ex in enumerate(res.exemplars)},
+               "settings": settings}
+    truth = [r["label"] for r in rk]
+    if all(truth) and len(set(truth)) >= 2:   # a labelled data set: how the clusters match its labels (figures only)
+        summary["agreement_with_labels"] = label_agreement(res, truth, seed=seed)
+    atomic_write_text(out / "clusters.json", json.dumps(summary, indent=2))
+    if sheet:
+        top = X[keep][:, :len(store.manifest["vector_names"])]   # each image's top-tile vector
+        atomic_write_text(out / "sheet.html", contact_sheet(rk, res, _top_tiles(store), store.manifest["vector_names"],
+                                                            top))
+    return summary
+
+
+def _thumb(rec, box, spot: dict) -> str | None:
+    """The image (its top tile, for a tiled one) with a box of the hot region's size around its centroid."""
+    from PIL import Image, ImageDraw
+    from .data.images import oriented
+    from .report import _thumb_uri
+    try:
+        with Image.open(rec["path"]) as f:
+            img = oriented(f).convert("RGB")
+    except (OSError, ValueError):
+        return None
+    if box is not None:
+        y, x, h, w = (int(v) for v in box)
+        img = img.crop((x, y, min(x + w, img.width), min(y + h, img.height)))
+    if {"hot_cy", "hot_cx", "hot_bbox_h", "hot_bbox_w"} <= set(spot):
+        W, H = img.size
+        cy, cx = spot["hot_cy"] * H, spot["hot_cx"] * W
+        bh, bw = max(spot["hot_bbox_h"] * H, 6), max(spot["hot_bbox_w"] * W, 6)
+        ImageDraw.Draw(img).rectangle([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=(90, 200, 255),
+                                      width=max(1, round(min(W, H) / 100)))
+    return _thumb_uri(np.asarray(img), 180, 180, max_bytes=40_000)
+
+
+def contact_sheet(recs, res, boxes, names, top) -> str:
+    """One self-contained HTML page: per cluster, its most typical images first (closest to its centre).
+    ``top``: each image's top-tile vector, columns ``names``."""
+    want = {n: names.index(n) for n in ("hot_cy", "hot_cx", "hot_bbox_h", "hot_bbox_w") if n in names}
+    parts = ["<!doctype html><meta charset='utf-8'><title>uninet-feat clusters</title><style>"
+             "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:4px;width:184px;"
+             "vertical-align:top;font-size:11px;word-break:break-all}img{max-width:180px;max-height:180px}"
+             "</style>", f"<h1>{res.k} clusters of {len(recs)} images</h1>",
+             "<p>Each cluster's images closest to its centre come first; the blue box has the size of the hot "
+             "region, around its centroid. Name the clusters in <code>labels.csv</code> (the same name merges "
+             "clusters, a blank label drops an image), then <code>uninet-feat train-head --labels labels.csv"
+             "</code>.</p>"]
+    for c, ex in enumerate(res.exemplars):
+        labels = sorted({recs[i]["label"] for i in ex if recs[i]["label"]})
+        seen = f" (labels present: {html.escape(', '.join(labels[:8]))})" if labels else ""
+        parts.append(f"<h2>cluster_{c}: {len(ex)} images{seen}</h2>")
+        for i in ex[:SHEET_PER_CLUSTER]:
+            r = recs[i]
+            uri = _thumb(r, boxes.get(r["path"]), {n: float(top[i][j]) for n, j in want.items()})
+            img = f"<img src='{uri}'>" if uri else "<i>unreadable</i>"
+            parts.append(f"<figure>{img}<figcaption>{html.escape(Path(r['path']).name)}"
+                         f"{' · ' + html.escape(r['label']) if r['label'] else ''} · score {r['score']:.3g}"
+                         "</figcaption></figure>")
+    return "\n".join(parts)
