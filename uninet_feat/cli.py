@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", choices=["descriptors", "contrast", "all"], default="descriptors",
                    help="the top tile's defect descriptors; contrast: the same, each level's spot features less "
                         "its whole-tile features; all: every image-vector column")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the PCA and k-means starts (default 0)")
     p.add_argument("--no-sheet", dest="sheet", action="store_false", help="skip sheet.html (the thumbnails)")
     p.add_argument("--out", required=True)
 
