@@ -621,3 +621,41 @@ def test_a_resumable_pass_never_takes_a_part_another_pass_wrote_into_its_folder(
         return run_b(idx)
     out = extract.resumable_pass(folder, {"b": 1}, mine, 6, meanwhile)
     assert calls == [[0, 1], [2, 3], [4, 5]] and out["resumed"] == 0 and out["scores"].tolist() == [1.0] * 6
+
+
+def _as_schema_2(f):
+    """Rewrite a store as this version's predecessor wrote it: no `l*_spotdiff_*` columns, schema_version 2 (the
+    fingerprint, which names the model, settings and images, is the same)."""
+    m = json.loads((f / "manifest.json").read_text())
+    keep = [j for j, n in enumerate(m["vector_names"]) if "_spotdiff_" not in n]
+    for p in sorted(f.glob("shard-*.npz")):
+        with np.load(p) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["vectors"] = arrays["vectors"][:, keep]
+        featstore.write_shard(f, int(p.stem.split("-")[1]), arrays)
+    m["vector_names"] = [m["vector_names"][j] for j in keep]
+    m["schema_version"] = 2
+    (f / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def test_a_schema_2_store_is_not_resumed_with_this_versions_columns(setup, tmp_path):
+    """The fingerprint names the model, settings and images, not the columns: a killed (or finished) schema-2
+    extraction run again by this version matched it, kept the old shards (fewer columns) beside new ones and
+    rewrote the manifest with this version's column names, so every column after `l*_mapattn_*` was misnamed."""
+    data, run, samples = setup
+    f = tmp_path / "f"
+    Extractor(run=run).extract_to(samples, f, shard_size=4)
+    _as_schema_2(f)
+    (f / "complete").unlink()
+    sorted(f.glob("shard-*.npz"))[-1].unlink()   # killed before its last shard
+    with pytest.raises(BadInputError, match=r"older version .feature schema 2, now 3") as e:
+        Extractor(run=run).extract_to(samples, f, shard_size=4)
+    assert "new --out" in str(e.value)
+    g = tmp_path / "g"   # a finished one, extracted again to get the new columns
+    Extractor(run=run).extract_to(samples, g, shard_size=4)
+    m = _as_schema_2(g)
+    with pytest.raises(BadInputError, match=r"older version .feature schema 2, now 3"):
+        Extractor(run=run).extract_to(samples, g, shard_size=4)
+    assert json.loads((g / "manifest.json").read_text()) == m   # left as it was: still a readable schema-2 store
+    assert FeatureStore(g).vectors.shape[1] == len(m["vector_names"])

@@ -67,11 +67,15 @@ def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[
     started = any(folder.glob("shard-*.npz"))   # a store that failed before its first shard is started over
     if mpath.exists() and started:
         old = read_json(mpath, "delete the feature folder and extract again (or choose a new --out)")
-        if old.get("fingerprint") not in (manifest["fingerprint"], legacy):
+        # the fingerprint names the model, settings and images, not the columns: a store of an older schema (or
+        # other columns) of the same extraction must not be resumed, its shards are narrower than this manifest
+        other_columns = old.get("vector_names", manifest.get("vector_names")) != manifest.get("vector_names")
+        if old.get("fingerprint") not in (manifest["fingerprint"], legacy) or other_columns:
             was = old.get("schema_version", 1)
             what = (f"features of an older version (feature schema {was}, now {manifest.get('schema_version')})"
-                    if was < manifest.get("schema_version", was) else "features of another model, settings or "
-                    "image list")
+                    if was < manifest.get("schema_version", was) else "features with other columns"
+                    if old.get("fingerprint") in (manifest["fingerprint"], legacy)
+                    else "features of another model, settings or image list")
             raise BadInputError(f"feature folder holds {what}", path=folder,
                                 fix="choose a new --out, or delete the folder to start over")
         # the same images' features, but their labels / splits / groups are the caller's now: a relabelled or
