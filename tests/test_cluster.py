@@ -1,5 +1,6 @@
 """`uninet-feat cluster` and `train-head --labels`: candidate defect types without labels, then named ones."""
 import csv
+from pathlib import Path
 import json
 
 import numpy as np
@@ -244,3 +245,73 @@ def test_extract_batch_reads_storage_folders_as_predict_does(store, tmp_path, ca
     assert main(["extract", "--run", str(store / "run"), "--data", str(tmp_path / "batch"), "--batch",
                  "--split-csv", "x.csv", "--out", str(tmp_path / "h"), "--quiet"]) == 2
     assert "takes no --split-csv" in capsys.readouterr().err
+
+
+def _named_labels(store, tmp_path):
+    """labels.csv of the store's defect images, each named by its true kind."""
+    items = json.loads((store / "f" / "manifest.json").read_text())["items"]
+    return [(it["path"], it["label"]) for it in items if not it["is_normal"]]
+
+
+def test_labels_csv_saved_by_a_spreadsheet_is_read(store, tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM, a header may be capitalised and carry extra columns; the same file
+    in cp1252 (Excel's plain "CSV") is named, not a traceback."""
+    from uninet_feat.cli import main
+    rows = _named_labels(store, tmp_path)
+    text = "Path , Label,notes\r\n" + "".join(f"{p},{lab},seen on line 2\r\n" for p, lab in rows)
+    (tmp_path / "bom.csv").write_bytes(text.encode("utf-8-sig"))
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                 str(tmp_path / "bom.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0
+    rep = json.loads((tmp_path / "h" / "cv_report.json").read_text())
+    assert rep["n_rows"] == len(rows) and sorted(rep["classes"]) == ["spot", "streak"]
+    (tmp_path / "cp.csv").write_bytes(("path,label\n" + "".join(f"{p},défaut_{lab}\n" for p, lab in rows))
+                                      .encode("cp1252"))
+    with pytest.raises(BadInputError, match="not UTF-8") as e:
+        from uninet_feat.clusters import read_path_table
+        read_path_table(tmp_path / "cp.csv", "label", "labels CSV")
+    assert "cp.csv" in str(e.value) and "CSV UTF-8" in str(e.value)
+
+
+def test_a_path_listed_twice_with_two_labels_is_refused(store, tmp_path, capsys):
+    from uninet_feat.cli import main
+    rows = _named_labels(store, tmp_path)
+    p0 = rows[0][0]
+    lines = [f"{p},{lab}" for p, lab in rows] + [f"{p0},hole"]
+    (tmp_path / "twice.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                 str(tmp_path / "twice.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert f"line {len(rows) + 2}" in err and "line 2" in err and "fix:" in err, err
+    same = [f"{p},{lab}" for p, lab in rows] + [f"{p0},{rows[0][1]}"]   # the same label twice: harmless
+    (tmp_path / "same.csv").write_text("path,label\n" + "\n".join(same) + "\n")
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                 str(tmp_path / "same.csv"), "--folds", "2", "--out", str(tmp_path / "h2")]) == 0
+
+
+def test_flagged_paths_through_a_symlinked_folder_match_the_store(store, tmp_path):
+    """predict run on the batch through a link (/data -> /mnt/disk/data, a mounted share) writes other absolute
+    paths than extract run on the real folder: the same files, matched by where they really are."""
+    from uninet_feat.cli import main
+    items = json.loads((store / "f" / "manifest.json").read_text())["items"]
+    paths = sorted({it["path"] for it in items})
+    data = store / "data"
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    flagged = paths[::2]
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "flagged"])
+        w.writeheader()
+        w.writerows({"path": str(tmp_path / "link" / Path(p).relative_to(data)), "flagged": p in flagged}
+                    for p in paths)
+    out = tmp_path / "c"
+    assert main(["cluster", "--features", str(store / "f"), "--flagged", str(tmp_path / "predictions.csv"),
+                 "--k", "2", "--no-sheet", "--out", str(out)]) == 0
+    got = sorted(r["path"] for r in csv.DictReader(open(out / "clusters.csv")))
+    assert got == flagged   # the store's own paths
+    rows = _named_labels(store, tmp_path)
+    named = [{"path": str(tmp_path / "link" / Path(p).relative_to(data)), "label": lab} for p, lab in rows]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label"])
+        w.writeheader()
+        w.writerows(named)
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                 str(tmp_path / "labels.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import os
 import re
@@ -79,26 +80,74 @@ def block_of(name: str) -> str:
 
 def read_path_table(path, column: str, what: str) -> dict:
     """{absolute path: ``column``'s value} of a CSV with a ``path`` column (``predictions.csv``, ``labels.csv``);
-    a relative path is taken from the working folder, as the commands that wrote it were given it."""
+    a relative path is taken from the working folder, as the commands that wrote it were given it. Read as a
+    spreadsheet may save it: a UTF-8 BOM, header names in any case or with spaces, extra columns. A file listed
+    twice (by any spelling of its path) with two values is refused, naming both lines."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{what} not found", path=path, fix="pass the CSV file itself")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "path" not in cols or column not in cols:
-            raise BadInputError(f"{what} needs columns path and {column}; it has {', '.join(cols) or 'none'}",
-                                path=path, fix=f"a CSV with a header line path,{column}")
-        return {os.path.abspath(r["path"]): (r[column] or "").strip() for r in reader if r.get("path")}
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:   # Excel's plain "CSV" on Windows is cp1252
+        line = raw[:e.start].count(b"\n") + 1
+        raise BadInputError(f"line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): the CSV was saved in another "
+                            "encoding", path=path, fix='save it as UTF-8 (Excel: "CSV UTF-8"), or convert it: '
+                                                      "iconv -f cp1252 -t utf-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+    if "path" not in cols or column not in cols:
+        raise BadInputError(f"{what} needs columns path and {column}; it has {', '.join(cols) or 'none'}",
+                            path=path, fix=f"a CSV with a header line path,{column}")
+    out, seen = {}, {}
+    for row in reader:
+        row = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
+        if not row.get("path"):
+            continue
+        p, v = os.path.abspath(row["path"]), row.get(column, "")
+        key = same_file_key(p)
+        if key in seen and out[seen[key][1]] != v:
+            was = out[seen[key][1]]
+            raise BadInputError(f"line {reader.line_num}: {row['path']} is {column} {v!r} here and {was!r} on line "
+                                f"{seen[key][0]}", path=path, fix="list every image once")
+        seen.setdefault(key, (reader.line_num, p))
+        out[seen[key][1]] = v
+    return out
+
+
+def same_file_key(path) -> str:
+    """What two spellings of one file share: its real path (a symlinked folder, a/../a), case-folded where the
+    file system folds case (Windows)."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+def store_rows(paths, recs) -> tuple[dict, list]:
+    """({path: index of its record in ``recs``}, the paths not found): matched by absolute path, else by the file
+    they name (`same_file_key`), so that predict run through a symlinked folder finds the store's images."""
+    where = {r["path"]: j for j, r in enumerate(recs)}
+    real = None
+    found, absent = {}, []
+    for p in paths:
+        j = where.get(p)
+        if j is None:
+            if real is None:
+                real = {same_file_key(r["path"]): j for j, r in enumerate(recs)}
+            j = real.get(same_file_key(p))
+        if j is None:
+            absent.append(p)
+        else:
+            found[p] = j
+    return found, absent
 
 
 def _rows(recs, flagged) -> tuple[list[int], str]:
     """Which images to cluster: those flagged in predict's CSV, else every image not labelled normal."""
     if flagged is not None:
         table = read_path_table(flagged, "flagged", "predictions CSV")
-        wanted = {p for p, v in table.items() if v.lower() in TRUTHY}
-        keep = [j for j, r in enumerate(recs) if r["path"] in wanted]
-        missing = len(wanted) - len(keep)
+        wanted = [p for p, v in table.items() if v.lower() in TRUTHY]
+        found, absent = store_rows(wanted, recs)
+        keep = sorted(set(found.values()))
+        missing = len(absent)
         if wanted and not keep:
             raise BadInputError(f"none of the {len(wanted)} flagged images is in the feature store", path=flagged,
                                 fix="extract the folder that predict scored (`uninet-feat extract --run RUN --data "

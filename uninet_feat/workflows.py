@@ -181,10 +181,9 @@ def _labels_for(recs, task: str, label_from: str):
 
 def _given_labels(X, recs, labels, features):
     """The rows ``labels`` (a CSV path,label) names, with its labels; every path must be in the store."""
-    from .clusters import read_path_table
+    from .clusters import read_path_table, store_rows
     table = read_path_table(labels, "label", "labels CSV")
-    where = {r["path"]: j for j, r in enumerate(recs)}
-    absent = [p for p in table if p not in where]
+    where, absent = store_rows(table, recs)
     if absent:
         raise BadInputError(f"{len(absent)} of the {len(table)} images in {labels} are not in the feature store "
                             f"(first: {absent[0]})", path=features,
