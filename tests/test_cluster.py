@@ -315,3 +315,34 @@ def test_flagged_paths_through_a_symlinked_folder_match_the_store(store, tmp_pat
         w.writerows(named)
     assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
                  str(tmp_path / "labels.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0
+
+
+def test_named_defect_types_with_the_default_binary_task_are_refused(store, tmp_path, capsys):
+    """`train-head --labels types.csv` without --task (binary: normal vs defect) on two named defect types made a
+    'binary' head of spot vs streak that was not a defect-type head, so predict gave every normal image a defect
+    type."""
+    from uninet_feat.cli import main
+    rows = _named_labels(store, tmp_path)
+    (tmp_path / "types.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+    assert main(["train-head", "--features", str(store / "f"), "--labels", str(tmp_path / "types.csv"),
+                 "--folds", "2", "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "no normal" in err and "--task multiclass" in err, err
+    items = json.loads((store / "f" / "manifest.json").read_text())["items"]
+    both = [(it["path"], "good" if it["is_normal"] else "defect") for it in items]   # normal vs defect: binary
+    (tmp_path / "nd.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in both))
+    assert main(["train-head", "--features", str(store / "f"), "--labels", str(tmp_path / "nd.csv"),
+                 "--folds", "2", "--out", str(tmp_path / "hb")]) == 0
+    rep = json.loads((tmp_path / "hb" / "cv_report.json").read_text())
+    assert rep["task"] == "binary" and rep["defects_only"] is False
+
+
+def test_defects_only_leaves_out_the_rows_labels_name_normal(store, tmp_path):
+    from uninet_feat.cli import main
+    items = json.loads((store / "f" / "manifest.json").read_text())["items"]
+    rows = [(it["path"], "good" if it["is_normal"] else it["label"]) for it in items]
+    (tmp_path / "all.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--defects-only",
+                 "--labels", str(tmp_path / "all.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0
+    rep = json.loads((tmp_path / "h" / "cv_report.json").read_text())
+    assert sorted(rep["classes"]) == ["spot", "streak"] and rep["n_rows"] == 12

@@ -211,9 +211,16 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     X, recs = store.image_table()
     if labels is not None:
         X, recs, y = _given_labels(X, recs, labels, features)
+        normal = np.array([v.strip().lower() in NORMAL_LABELS for v in y])
+        if task == "binary" and not normal.any():   # else a head of two defect types, typing every normal image
+            raise BadInputError(f"--task binary is normal vs defect, and {labels} names no normal image (good, normal, "
+                                f"ok): its labels ({', '.join(sorted(set(y))[:5])}) are defect types",
+                                path=labels, fix="pass --task multiclass to learn the named defect types")
+        if defects_only:   # the rows it labels normal are left out, as the store's are without --labels
+            X, recs, y = X[~normal], [r for r, n in zip(recs, normal) if not n], y[~normal]
         # named defect types only (cluster's flagged images): predict gives its type to flagged images only
         if task == "multiclass":
-            defects_only = defects_only or not any(v.strip().lower() in NORMAL_LABELS for v in y)
+            defects_only = defects_only or not normal.any()
     else:
         keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
         X, recs = X[keep], [recs[j] for j in keep]
