@@ -71,7 +71,9 @@ def cluster_vectors(X, k="auto", k_max: int = 10, seed: int = 0, n_components: i
     if blocks is not None and len(blocks) != X.shape[1]:
         raise ValueError(f"{len(blocks)} block names for {X.shape[1]} columns")
     Z, kept = _embed(X, n_components, seed, blocks)
-    hi = min(int(k_max), len(X) // 2)
+    # identical rows (an image copied under another name) are one point: k-means can make no more clusters
+    distinct = len(np.unique(X, axis=0))
+    hi = min(int(k_max), len(X) // 2, distinct)
     if k == "auto":
         if hi < 2:
             raise BadInputError(f"--max-k {k_max} leaves no k of 2 or more to try", fix="--max-k 2 or more")
@@ -81,6 +83,10 @@ def cluster_vectors(X, k="auto", k_max: int = 10, seed: int = 0, n_components: i
         if not 2 <= k <= len(X) - 1:
             raise BadInputError(f"--k {k} for {len(X)} images: k must be from 2 to {len(X) - 1}",
                                 fix="a smaller --k, or --k auto")
+        if k > distinct:
+            raise BadInputError(f"--k {k} for {len(X)} images of which only {distinct} distinct (the others repeat "
+                                "one of them exactly: the same image under two names?)",
+                                fix=f"--k {distinct} or less, or --k auto")
         tried = [k]
     sil, fits = {}, {}
     for kk in tried:

@@ -346,3 +346,19 @@ def test_defects_only_leaves_out_the_rows_labels_name_normal(store, tmp_path):
                  "--labels", str(tmp_path / "all.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0
     rep = json.loads((tmp_path / "h" / "cv_report.json").read_text())
     assert sorted(rep["classes"]) == ["spot", "streak"] and rep["n_rows"] == 12
+
+
+def test_fewer_distinct_images_than_k_is_named_not_an_index_error():
+    """Duplicate images (one file copied under two names) give identical rows: k-means then leaves a cluster empty,
+    which crashed the renumbering with an IndexError; auto never picks such a k."""
+    import warnings
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 5))
+    X = a[[0, 0, 0, 0, 1, 1, 1, 1, 2, 2]]   # 3 distinct rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BadInputError, match="3 distinct"):
+            cluster_vectors(X, k=4)
+        res = cluster_vectors(X)
+    assert res.k == 3 and max(res.silhouettes) <= 3 and [len(e) for e in res.exemplars] == [4, 4, 2]
+    assert res.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
