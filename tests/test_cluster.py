@@ -362,3 +362,28 @@ def test_fewer_distinct_images_than_k_is_named_not_an_index_error():
         res = cluster_vectors(X)
     assert res.k == 3 and max(res.silhouettes) <= 3 and [len(e) for e in res.exemplars] == [4, 4, 2]
     assert res.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_the_sheet_shows_a_16_bit_image_and_a_strips_top_tile(tmp_path):
+    """A 16-bit grey image (an industrial camera's) was converted by PIL's RGB conversion, which clips at 255: an
+    all-white thumbnail. A tiled strip's thumbnail is its top tile, the hot region's box drawn in it."""
+    import base64
+    import io
+    from PIL import Image
+    from uninet_feat.clusters import _thumb
+    ramp = np.tile(np.linspace(0, 65535, 256), (64, 1)).astype(np.uint16)   # dark left, bright right
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+
+    def decoded(uri):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+    a = decoded(_thumb({"path": str(tmp_path / "g16.png")}, None, {}))
+    assert a.shape[1] == 180 and a[:, :20].mean() < 40 and a[:, -20:].mean() > 215   # the ramp, not white
+    strip = np.zeros((64, 1024, 3), np.uint8)
+    strip[:, 512:576] = 200   # the top tile (x 512..575) is bright, the rest dark
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    spot = {"hot_cy": 0.5, "hot_cx": 0.5, "hot_bbox_h": 0.25, "hot_bbox_w": 0.25}
+    t = decoded(_thumb({"path": str(tmp_path / "strip.png")}, (0, 512, 64, 64), spot))
+    assert t.shape[:2] == (64, 64) and (t.astype(int) == [90, 200, 255]).all(-1).any()   # the box is drawn
+    plain = t[(t.astype(int) != [90, 200, 255]).any(-1)]
+    assert plain.mean() > 150   # inside the bright tile

@@ -228,13 +228,15 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
 def _thumb(rec, box, spot: dict) -> str | None:
     """The image (its top tile, for a tiled one) with a box of the hot region's size around its centroid."""
     from PIL import Image, ImageDraw
-    from .data.images import oriented
+    from .data.images import load_image
     from .report import _thumb_uri
-    try:
-        with Image.open(rec["path"]) as f:
-            img = oriented(f).convert("RGB")
-    except (OSError, ValueError):
+    try:   # decoded as the model reads it (upright; 16-bit scaled, where PIL's RGB conversion clips at 255)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # said at extraction already
+            a = load_image(rec["path"], min_side=1)
+    except (OSError, ValueError, BadInputError):
         return None
+    img = Image.fromarray(np.round(a * 255).astype(np.uint8))
     if box is not None:
         y, x, h, w = (int(v) for v in box)
         img = img.crop((x, y, min(x + w, img.width), min(y + h, img.height)))
