@@ -387,3 +387,36 @@ def test_the_sheet_shows_a_16_bit_image_and_a_strips_top_tile(tmp_path):
     assert t.shape[:2] == (64, 64) and (t.astype(int) == [90, 200, 255]).all(-1).any()   # the box is drawn
     plain = t[(t.astype(int) != [90, 200, 255]).any(-1)]
     assert plain.mean() > 150   # inside the bright tile
+
+
+def test_a_rerun_keeps_named_labels_and_leaves_no_stale_sheet(store, tmp_path, capsys):
+    """Clustering again into the same --out (another --k) overwrote the labels.csv the engineer had named, and with
+    --no-sheet left the previous run's sheet.html beside the new clusters.csv, showing other clusters."""
+    from uninet_feat.cli import main
+    out = tmp_path / "c"
+    base = ["cluster", "--features", str(store / "f"), "--out", str(out)]
+    assert main(base + ["--k", "2"]) == 0
+    assert (out / "sheet.html").exists()
+    assert main(base + ["--k", "3", "--no-sheet"]) == 0   # labels.csv untouched by a person: rewritten
+    assert not (out / "sheet.html").exists()
+    assert {r["label"] for r in csv.DictReader(open(out / "labels.csv"))} == {"cluster_0", "cluster_1", "cluster_2"}
+    text = (out / "labels.csv").read_text().replace("cluster_0", "hole")   # named
+    (out / "labels.csv").write_text(text)
+    capsys.readouterr()
+    assert main(base + ["--k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "labels.csv" in err and "named" in err and "fix:" in err, err
+    assert (out / "labels.csv").read_text() == text
+
+
+def test_cluster_flags_are_checked_by_the_parser(store, tmp_path, capsys):
+    """--columns offered 'contrast', which cluster then refused as unknown; --k three was a ValueError traceback."""
+    from uninet_feat.cli import build_parser, main
+    help_text = build_parser()._subparsers._group_actions[0].choices["cluster"].format_help()
+    assert "contrast" not in help_text
+    for bad in (["--columns", "contrast"], ["--k", "three"], ["--k", "1"]):
+        with pytest.raises(SystemExit) as e:
+            main(["cluster", "--features", str(store / "f"), "--out", str(tmp_path / "c")] + bad)
+        assert e.value.code == 2
+    assert main(["cluster", "--features", str(store / "f"), "--k", "AUTO", "--no-sheet",
+                 "--out", str(tmp_path / "c")]) == 0

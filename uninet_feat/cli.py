@@ -280,11 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="a feature store of a run (`uninet-feat extract --run RUN`)")
     p.add_argument("--flagged", help="predict's predictions.csv: cluster the images it flagged (default: every "
                                      "image not labelled normal)")
-    p.add_argument("--k", default="auto", help="number of clusters, or auto (highest silhouette; default)")
+    p.add_argument("--k", default="auto", type=_cluster_k,
+                   help="number of clusters (2 or more), or auto (highest silhouette; default)")
     p.add_argument("--max-k", dest="max_k", type=int, default=10, help="largest k that auto tries (default 10)")
-    p.add_argument("--columns", choices=["descriptors", "contrast", "all"], default="descriptors",
-                   help="the top tile's defect descriptors; contrast: the same, each level's spot features less "
-                        "its whole-tile features; all: every image-vector column")
+    p.add_argument("--columns", choices=["descriptors", "all"], default="descriptors",
+                   help="descriptors: the top tile's defect descriptors (each level's spot features less its "
+                        "tile's mean, the hot region's shape and place; default); all: every image-vector column")
     p.add_argument("--seed", type=int, default=0, help="seed of the PCA and k-means starts (default 0)")
     p.add_argument("--no-sheet", dest="sheet", action="store_false", help="skip sheet.html (the thumbnails)")
     p.add_argument("--out", required=True)
@@ -381,6 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
             a.help = text or " "
     ap.commands = sub.choices
     return ap
+
+
+def _cluster_k(text: str):
+    """``--k``: auto (any case), or a whole number of 2 or more."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of clusters, or auto") from None
+    if k < 2:
+        raise argparse.ArgumentTypeError(f"{k}: at least 2 clusters, or auto")
+    return k
 
 
 _SHARED_HELP = {

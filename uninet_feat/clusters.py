@@ -186,6 +186,7 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     """Cluster the images of a feature store; writes clusters.csv, labels.csv, clusters.json (with the settings)
     and sheet.html. Returns clusters.json's content."""
     from .downstream.cluster import cluster_vectors, label_agreement
+    _keep_named_labels(Path(out) / "labels.csv")
     store = FeatureStore(features)
     X, recs = store.image_table()
     names = head_columns(store.manifest["vector_names"])
@@ -218,11 +219,27 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     if all(truth) and len(set(truth)) >= 2:   # a labelled data set: how the clusters match its labels (figures only)
         summary["agreement_with_labels"] = label_agreement(res, truth, seed=seed)
     atomic_write_text(out / "clusters.json", json.dumps(summary, indent=2))
-    if sheet:
+    if not sheet:   # a previous run's sheet would show other clusters than clusters.csv
+        (out / "sheet.html").unlink(missing_ok=True)
+    else:
         top = X[keep][:, :len(store.manifest["vector_names"])]   # each image's top-tile vector
         atomic_write_text(out / "sheet.html", contact_sheet(rk, res, _top_tiles(store), store.manifest["vector_names"],
                                                             top))
     return summary
+
+
+def _keep_named_labels(path: Path) -> None:
+    """Refuse to overwrite a labels.csv someone has named (a label other than ``cluster_N``, or a blank one)."""
+    if not path.is_file():
+        return
+    try:
+        table = read_path_table(path, "label", "labels CSV")
+    except BadInputError:
+        table = {"": "?"}   # not as cluster wrote it: edited
+    if any(not re.fullmatch(r"cluster_\d+", v) for v in table.values()):
+        raise BadInputError("this folder's labels.csv has been named (labels other than cluster_N): clustering "
+                            "again would overwrite it", path=path,
+                            fix="choose another --out, or move labels.csv away first")
 
 
 def _thumb(rec, box, spot: dict) -> str | None:
