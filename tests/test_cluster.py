@@ -420,3 +420,24 @@ def test_cluster_flags_are_checked_by_the_parser(store, tmp_path, capsys):
         assert e.value.code == 2
     assert main(["cluster", "--features", str(store / "f"), "--k", "AUTO", "--no-sheet",
                  "--out", str(tmp_path / "c")]) == 0
+
+
+def test_group_clusters_one_products_images_and_several_groups_are_warned(store, tmp_path, capsys):
+    import shutil
+    from uninet_feat.cli import main
+    f = tmp_path / "f"
+    shutil.copytree(store / "f", f)
+    m = json.loads((f / "manifest.json").read_text())
+    for it in m["items"]:
+        it["group"] = "a" if it["label"] == "spot" or "000" in it["path"] else "b"
+    (f / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="of 2 groups"):
+        assert main(["cluster", "--features", str(f), "--k", "2", "--no-sheet", "--out", str(tmp_path / "all")]) == 0
+    assert main(["cluster", "--features", str(f), "--group", "a", "--k", "2", "--no-sheet",
+                 "--out", str(tmp_path / "a")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "a" / "clusters.csv")))
+    want = {it["path"] for it in m["items"] if it["group"] == "a" and not it["is_normal"]}
+    assert {r["path"] for r in rows} == want and {r["group"] for r in rows} == {"a"} and len(want) >= 6
+    assert json.loads((tmp_path / "a" / "clusters.json").read_text())["settings"]["group"] == "a"
+    assert main(["cluster", "--features", str(f), "--group", "z", "--out", str(tmp_path / "z")]) == 2
+    assert "none of the 12 images to cluster is of group 'z'" in capsys.readouterr().err

@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="descriptors: the top tile's defect descriptors (each level's spot features less its "
                         "tile's mean, the hot region's shape and place; default); all: every image-vector column")
     p.add_argument("--seed", type=int, default=0, help="seed of the PCA and k-means starts (default 0)")
+    p.add_argument("--group", help="cluster this group's images only (a store of several products)")
     p.add_argument("--no-sheet", dest="sheet", action="store_false", help="skip sheet.html (the thumbnails)")
     p.add_argument("--out", required=True)
 
@@ -639,7 +640,7 @@ def _dispatch(args) -> int:
     if args.command == "cluster":
         from .clusters import cluster_cmd
         res = cluster_cmd(args.features, args.out, args.flagged, args.k, args.max_k, args.columns, args.seed,
-                          sheet=args.sheet)
+                          sheet=args.sheet, group=args.group)
         keys = ("rows", "n_images", "k", "k_rule", "sizes", "agreement_with_labels")
         print(json.dumps({k: res[k] for k in keys if k in res} | {"out": args.out}, indent=2))
         return 0

@@ -168,6 +168,22 @@ def _rows(recs, flagged) -> tuple[list[int], str]:
     return keep, "every image not labelled normal"
 
 
+def _in_group(keep, recs, group, rule, where) -> tuple[list, str]:
+    """``keep`` cut to ``group``'s images; without one, a warning when they are of several groups."""
+    groups = sorted({recs[j].get("group") or "" for j in keep})
+    if group is None:
+        if len(groups) > 1:
+            warnings.warn(f"the images to cluster are of {len(groups)} groups ({', '.join(map(repr, groups[:5]))}): "
+                          "the clusters may split them by product before defect type; pass --group G for one "
+                          "group's images")
+        return keep, rule
+    mine = [j for j in keep if (recs[j].get("group") or "") == group]
+    if not mine:
+        raise BadInputError(f"none of the {len(keep)} images to cluster is of group {group!r} (their groups: "
+                            f"{', '.join(map(repr, groups[:5]))})", path=where, fix="pass one of those groups")
+    return mine, f"{rule}, group {group}"
+
+
 def _top_tiles(store: FeatureStore) -> dict:
     """{path: the top tile's box (y, x, h, w)}, the tile whose vector `featstore.aggregate_tiles` takes."""
     scores, boxes = store.scores, {}
@@ -182,15 +198,17 @@ def _top_tiles(store: FeatureStore) -> dict:
 
 
 def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns: str = "descriptors", seed: int = 0,
-                n_components: int = 16, sheet: bool = True) -> dict:
+                n_components: int = 16, sheet: bool = True, group: str | None = None) -> dict:
     """Cluster the images of a feature store; writes clusters.csv, labels.csv, clusters.json (with the settings)
-    and sheet.html. Returns clusters.json's content."""
+    and sheet.html. Returns clusters.json's content. ``group``: that group's images only (a store of several
+    products, whose defects the clusters would otherwise split by product first)."""
     from .downstream.cluster import cluster_vectors, label_agreement
     _keep_named_labels(Path(out) / "labels.csv")
     store = FeatureStore(features)
     X, recs = store.image_table()
     names = head_columns(store.manifest["vector_names"])
     keep, rule = _rows(recs, flagged)
+    keep, rule = _in_group(keep, recs, group, rule, features)
     Xk, rk = cluster_matrix(X[keep], names, columns, features)[0], [recs[j] for j in keep]
     bad = [r["path"] for r, ok in zip(rk, np.isfinite(Xk).all(1)) if not ok]
     if bad:
@@ -206,7 +224,7 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     atomic_write_csv(out / "clusters.csv", rows)
     atomic_write_csv(out / "labels.csv", [{"path": r["path"], "label": f"cluster_{r['cluster']}"} for r in rows])
     settings = {"features": str(features), "flagged": None if flagged is None else str(flagged), "k": k,
-                "max_k": k_max, "columns": columns, "seed": seed,
+                "max_k": k_max, "columns": columns, "seed": seed, "group": group,
                 "pca_components": n_components}
     summary = {"rows": rule, "n_images": len(rk), "n_columns": int(Xk.shape[1]),
                "pca_components": int(res.embedding.shape[1]), "explained_variance": res.explained_variance,
