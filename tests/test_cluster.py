@@ -441,3 +441,22 @@ def test_group_clusters_one_products_images_and_several_groups_are_warned(store,
     assert json.loads((tmp_path / "a" / "clusters.json").read_text())["settings"]["group"] == "a"
     assert main(["cluster", "--features", str(f), "--group", "z", "--out", str(tmp_path / "z")]) == 2
     assert "none of the 12 images to cluster is of group 'z'" in capsys.readouterr().err
+
+
+def test_extract_batch_leaves_out_a_predict_output_folder_inside_the_batch(store, tmp_path):
+    """predict --out inside the batch folder writes overlays and masks there; extracting the batch afterwards must
+    not take them for images of the batch (predict leaves out its own --out alike)."""
+    import shutil
+    from uninet_feat.cli import main
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for p in sorted((store / "data" / "test" / "spot").glob("*.png"))[:4]:
+        shutil.copy(p, batch / p.name)
+    assert main(["predict", "--run", str(store / "run"), "--data", str(batch), "--threshold=-1e9", "--save-maps",
+                 "--out", str(batch / "pred"), "--quiet"]) == 0
+    assert len(list((batch / "pred").rglob("*.png"))) >= 4   # overlays and masks now lie in the batch folder
+    with pytest.warns(UserWarning, match="predict output folder"):
+        assert main(["extract", "--run", str(store / "run"), "--data", str(batch), "--batch", "--out",
+                     str(tmp_path / "f"), "--quiet"]) == 0
+    items = json.loads((tmp_path / "f" / "manifest.json").read_text())["items"]
+    assert sorted(Path(it["path"]).name for it in items) == sorted(p.name for p in batch.glob("*.png"))

@@ -97,16 +97,37 @@ def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_patte
         if split_csv or group:
             raise BadInputError("--batch reads every image under --data, unlabelled: it takes no --split-csv or "
                                 "--group", fix="drop --batch, or drop --split-csv / --group")
-        return discover_batch(data, mask_pattern)
+        return _without_predict_outputs(discover_batch(data, mask_pattern), data)
     try:
         return samples_of(data, split_csv, group, split_hash)
     except BadInputError as e:
         if split_csv or group or not Path(data).is_dir() or "no images found" not in e.reason:
             raise
-        found = discover_batch(data, mask_pattern)
+        found = _without_predict_outputs(discover_batch(data, mask_pattern), data)
         if not found:
             raise
         return found
+
+
+def _without_predict_outputs(samples, data) -> list:
+    """``samples`` less the images in a predict output folder under ``data`` (one holding predictions.csv and
+    summary.json: its overlays and masks), with a warning naming it; predict leaves out its own ``--out`` alike."""
+    root, outputs, kept = Path(data), {}, []
+    for s in samples:
+        d = Path(s.path).parent
+        while True:
+            if d not in outputs:
+                outputs[d] = (d / "predictions.csv").is_file() and (d / "summary.json").is_file()
+            if outputs[d] or d == root or d == d.parent or root not in d.parents:
+                break
+            d = d.parent
+        if not outputs[d]:
+            kept.append(s)
+    left = sorted(str(d) for d, yes in outputs.items() if yes)
+    if left:
+        warnings.warn(f"{len(samples) - len(kept)} image(s) in predict output folder(s) {', '.join(left[:3])} are "
+                      "left out (overlays and masks, not the batch)")
+    return kept
 
 
 def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None) -> dict:
