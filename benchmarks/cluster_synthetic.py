@@ -8,7 +8,8 @@ the copies are extracted with the run (`DIR/data/<kind>/`, the normals themselve
 clustered with each column choice (`clusters.cluster_matrix`, and schema 2's spot features), each column
 weighted alike or each block of columns alike (`downstream.cluster.cluster_vectors`'s ``blocks``), at k = the
 number of kinds and at k auto. The adjusted Rand index against the kinds says which columns group defects by
-what they are rather than by the image they are on; no real defect label is read. Writes ``DIR/cluster_synthetic.json`` and prints a table.
+what they are rather than by the image they are on; no real defect label is read. Writes
+``DIR/cluster_synthetic.json`` and prints a table.
 """
 from __future__ import annotations
 
