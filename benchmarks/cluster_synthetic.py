@@ -24,7 +24,7 @@ import uninet_feat  # noqa: F401
 from uninet_feat.calibration import validation_normals, with_calibration_normals
 from uninet_feat.checkpoint import read_checkpoint
 from uninet_feat.clusters import _DESCRIPTOR_V2, block_of, cluster_matrix
-from uninet_feat.data.images import oriented
+from uninet_feat.data.images import load_image
 from uninet_feat.downstream.cluster import cluster_vectors, label_agreement
 from uninet_feat.errors import BadInputError
 from uninet_feat.featstore import FeatureStore, head_columns
@@ -51,8 +51,8 @@ def make_set(run, out: Path, kinds, seed: int) -> Path:
     rng = np.random.default_rng([seed, 0xC1A55])
     data = out / "data"
     for s in validation_normals(cfg):
-        with Image.open(s.path) as f:
-            img = np.asarray(oriented(f).convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
+        full = Image.fromarray(np.round(load_image(s.path, min_side=1) * 255).astype(np.uint8))   # 16-bit scaled
+        img = np.asarray(full.resize((size, size), Image.Resampling.LANCZOS))
         name = f"{Path(s.path).stem}.png"
         (data / "good").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(data / "good" / name)
