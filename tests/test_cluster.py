@@ -460,3 +460,19 @@ def test_extract_batch_leaves_out_a_predict_output_folder_inside_the_batch(store
                      str(tmp_path / "f"), "--quiet"]) == 0
     items = json.loads((tmp_path / "f" / "manifest.json").read_text())["items"]
     assert sorted(Path(it["path"]).name for it in items) == sorted(p.name for p in batch.glob("*.png"))
+
+
+def test_labels_that_differ_only_in_case_are_warned(store, tmp_path):
+    from uninet_feat.workflows import train_head_cmd
+    items = json.loads((store / "f" / "manifest.json").read_text())["items"]
+    rows = [it for it in items if not it["is_normal"]]
+    with open(tmp_path / "named.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label"])
+        w.writeheader()
+        streaks = [it["path"] for it in rows if it["label"] == "streak"]
+        for it in rows:   # two streaks named "Streak" by a second engineer
+            w.writerow({"path": it["path"], "label": "Streak" if it["path"] in streaks[:2] else it["label"]})
+    with pytest.warns(UserWarning, match="differ only in case or spaces"):
+        rep = train_head_cmd(store / "f", tmp_path / "h", task="multiclass", folds=2, labels=tmp_path / "named.csv",
+                             min_class=1)
+    assert "spot" in rep["classes"]

@@ -214,6 +214,14 @@ def _given_labels(X, recs, labels, features):
     if not keep:
         raise BadInputError("every label in the file is blank", path=labels, fix="name the clusters in its label "
                                                                                "column (cluster_0 → e.g. hole)")
+    spelt: dict = {}
+    for _, v in keep:
+        spelt.setdefault(" ".join(v.split()).casefold(), set()).add(v)
+    alike = [sorted(names) for names in spelt.values() if len(names) > 1]
+    if alike:   # two classes that are one type spelt twice: the head learns to tell apart what is not different
+        warnings.warn(f"labels that differ only in case or spaces are different classes: "
+                      f"{'; '.join(' / '.join(map(repr, a)) for a in alike[:3])}. Fix: spell each type one way "
+                      f"in {labels}")
     idx = [j for j, _ in keep]
     return X[idx], [recs[j] for j in idx], np.array([v for _, v in keep])
 
