@@ -1,8 +1,8 @@
 """`uninet-feat cluster`: candidate defect types among flagged images, to name instead of labelling each image.
 
-The flow it serves: ``predict`` flags images of a new batch; ``extract --run`` gives their vectors; ``cluster``
-groups the flagged ones by their defect descriptors (`downstream.cluster`) and writes a contact sheet of each
-cluster's most typical images; the engineer names the clusters in ``labels.csv`` (merging two is giving them
+The flow it serves: ``predict`` flags images of a new batch; ``extract --run RUN --batch`` gives their vectors;
+``cluster`` groups the flagged ones by their defect descriptors (`downstream.cluster`) and writes a contact sheet
+of each cluster's most typical images; the engineer names the clusters in ``labels.csv`` (merging two is giving them
 one name, dropping a row is blanking its label) and ``train-head --labels labels.csv`` learns the named types.
 
 Only the defect descriptors of each image's top tile are clustered by default (``--columns descriptors``): how the
@@ -35,7 +35,7 @@ SHEET_PER_CLUSTER = 12
 TRUTHY = {"1", "true", "yes", "y"}
 
 
-def descriptor_columns(names, where=None) -> list[int]:
+def descriptor_columns(names) -> list[int]:
     """Indices of the top tile's defect descriptors among a head's columns (`featstore.head_columns`): each level's
     spot difference (the hot spot's features less its tile's mean), the hot region's shape and its place. Chosen
     over the map-attended features themselves and over every column by `benchmarks.cluster_synthetic` (synthetic
@@ -57,11 +57,11 @@ def cluster_matrix(X: np.ndarray, names, columns: str, where=None) -> tuple[np.n
     if columns == "all":
         cols = list(range(len(names)))
     elif columns == "descriptors":
-        cols = descriptor_columns(names, where)
+        cols = descriptor_columns(names)
         if not cols:
             raise BadInputError("this feature store has no defect descriptors (plain backbone features, or a "
                                 "store of schema 1)", path=where,
-                                fix="extract with --run RUN (schema 2), or cluster every column with --columns all")
+                                fix="extract with --run RUN, or cluster every column with --columns all")
     else:
         raise BadInputError(f"unknown --columns {columns!r}", fix="--columns descriptors or all")
     return X[:, cols], [block_of(names[j]) for j in cols]
@@ -151,7 +151,7 @@ def _rows(recs, flagged) -> tuple[list[int], str]:
         if wanted and not keep:
             raise BadInputError(f"none of the {len(wanted)} flagged images is in the feature store", path=flagged,
                                 fix="extract the folder that predict scored (`uninet-feat extract --run RUN --data "
-                                    "SAME_FOLDER --out F`), from the same working folder")
+                                    "SAME_FOLDER --batch --out F`), from the same working folder")
         if missing:
             warnings.warn(f"{missing} of {len(wanted)} flagged images are not in the feature store and are left out "
                           "(extract the same folder that predict scored to include them)")
