@@ -299,7 +299,7 @@ def contact_sheet(recs, res, boxes, names, top) -> str:
     for c, ex in enumerate(res.exemplars):
         labels = sorted({recs[i]["label"] for i in ex if recs[i]["label"]})
         seen = f" (labels present: {html.escape(', '.join(labels[:8]))})" if labels else ""
-        parts.append(f"<h2>cluster_{c}: {len(ex)} images{seen}</h2>")
+        parts.append(f"<h2>cluster_{c}: {len(ex)} image{'s' if len(ex) != 1 else ''}{seen}</h2>")
         for i in ex[:SHEET_PER_CLUSTER]:
             r = recs[i]
             uri = _thumb(r, boxes.get(r["path"]), {n: float(top[i][j]) for n, j in want.items()})
