@@ -184,19 +184,6 @@ def _in_group(keep, recs, group, rule, where) -> tuple[list, str]:
     return mine, f"{rule}, group {group}"
 
 
-def _top_tiles(store: FeatureStore) -> dict:
-    """{path: the top tile's box (y, x, h, w)}, the tile whose vector `featstore.aggregate_tiles` takes."""
-    scores, boxes = store.scores, {}
-    by_path: dict = {}
-    for j, it in enumerate(store.items):
-        by_path.setdefault(it["path"], []).append(j)
-    for p, idx in by_path.items():
-        s = scores[idx]
-        top = idx[int(np.nanargmax(s))] if np.isfinite(s).any() else None
-        boxes[p] = store.items[top].get("tile") if top is not None and len(idx) > 1 else None
-    return boxes
-
-
 def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns: str = "descriptors", seed: int = 0,
                 n_components: int = 16, sheet: bool = True, group: str | None = None) -> dict:
     """Cluster the images of a feature store; writes clusters.csv, labels.csv, clusters.json (with the settings)
@@ -209,7 +196,8 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     names = head_columns(store.manifest["vector_names"])
     keep, rule = _rows(recs, flagged)
     keep, rule = _in_group(keep, recs, group, rule, features)
-    Xk, rk = cluster_matrix(X[keep], names, columns, features)[0], [recs[j] for j in keep]
+    X = X[keep]
+    Xk, rk = cluster_matrix(X, names, columns, features)[0], [recs[j] for j in keep]
     bad = [r["path"] for r, ok in zip(rk, np.isfinite(Xk).all(1)) if not ok]
     if bad:
         raise BadInputError(f"{len(bad)} image(s) have NaN or infinite feature values", path=bad[0],
@@ -240,9 +228,8 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     if not sheet:   # a previous run's sheet would show other clusters than clusters.csv
         (out / "sheet.html").unlink(missing_ok=True)
     else:
-        top = X[keep][:, :len(store.manifest["vector_names"])]   # each image's top-tile vector
-        atomic_write_text(out / "sheet.html", contact_sheet(rk, res, _top_tiles(store), store.manifest["vector_names"],
-                                                            top))
+        top = X[:, :len(store.manifest["vector_names"])]   # each image's top-tile vector
+        atomic_write_text(out / "sheet.html", contact_sheet(rk, res, store.manifest["vector_names"], top))
     return summary
 
 
@@ -284,9 +271,10 @@ def _thumb(rec, box, spot: dict) -> str | None:
     return _thumb_uri(np.asarray(img), 180, 180, max_bytes=40_000)
 
 
-def contact_sheet(recs, res, boxes, names, top) -> str:
+def contact_sheet(recs, res, names, top) -> str:
     """One self-contained HTML page: per cluster, its most typical images first (closest to its centre).
-    ``top``: each image's top-tile vector, columns ``names``."""
+    ``recs``: `FeatureStore.image_table` records (``top_tile``: the tile shown); ``top``: each image's top-tile
+    vector, columns ``names``."""
     want = {n: names.index(n) for n in ("hot_cy", "hot_cx", "hot_bbox_h", "hot_bbox_w") if n in names}
     parts = ["<!doctype html><meta charset='utf-8'><title>uninet-feat clusters</title><style>"
              "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:4px;width:184px;"
@@ -302,7 +290,7 @@ def contact_sheet(recs, res, boxes, names, top) -> str:
         parts.append(f"<h2>cluster_{c}: {len(ex)} image{'s' if len(ex) != 1 else ''}{seen}</h2>")
         for i in ex[:SHEET_PER_CLUSTER]:
             r = recs[i]
-            uri = _thumb(r, boxes.get(r["path"]), {n: float(top[i][j]) for n, j in want.items()})
+            uri = _thumb(r, r.get("top_tile"), {n: float(top[i][j]) for n, j in want.items()})
             img = f"<img src='{uri}'>" if uri else "<i>unreadable</i>"
             parts.append(f"<figure>{img}<figcaption>{html.escape(Path(r['path']).name)}"
                          f"{' · ' + html.escape(r['label']) if r['label'] else ''} · score {r['score']:.3g}"

@@ -69,13 +69,14 @@ def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[
         old = read_json(mpath, "delete the feature folder and extract again (or choose a new --out)")
         # the fingerprint names the model, settings and images, not the columns: a store of an older schema (or
         # other columns) of the same extraction must not be resumed, its shards are narrower than this manifest
+        same = old.get("fingerprint") in (manifest["fingerprint"], legacy)
         other_columns = old.get("vector_names", manifest.get("vector_names")) != manifest.get("vector_names")
-        if old.get("fingerprint") not in (manifest["fingerprint"], legacy) or other_columns:
-            was = old.get("schema_version", 1)
-            what = (f"features of an older version (feature schema {was}, now {manifest.get('schema_version')})"
-                    if was < manifest.get("schema_version", was) else "features with other columns"
-                    if old.get("fingerprint") in (manifest["fingerprint"], legacy)
-                    else "features of another model, settings or image list")
+        if not same or other_columns:
+            was, now = old.get("schema_version", 1), manifest.get("schema_version")
+            if now is not None and was < now:
+                what = f"features of an older version (feature schema {was}, now {now})"
+            else:
+                what = "features with other columns" if same else "features of another model, settings or image list"
             raise BadInputError(f"feature folder holds {what}", path=folder,
                                 fix="choose a new --out, or delete the folder to start over")
         # the same images' features, but their labels / splits / groups are the caller's now: a relabelled or
@@ -169,17 +170,20 @@ class FeatureStore:
         return self.array("scores")
 
     def image_table(self):
-        """One row per image (tiles aggregated by ``aggregate_tiles``) and its record."""
+        """One row per image (tiles aggregated by ``aggregate_tiles``) and its record; ``top_tile``: the box of
+        the tile whose vector is the row's first half (None for an untiled image, or without scores)."""
         keys = [it["path"] for it in self.items]
-        X, order = aggregate_tiles(self.vectors, self.scores, keys)
+        sc = self.scores   # read once from the shards, for the rows and the records
+        X, order = aggregate_tiles(self.vectors, sc, keys)
         recs = []
-        sc = self.scores
         for path, idx in order:
             rec = dict(self.items[idx[0]])
             rec.pop("tile", None)
             s = sc[idx]
-            rec["score"] = float(np.nanmax(s)) if np.isfinite(s).any() else float("nan")
+            scored = bool(np.isfinite(s).any())
+            rec["score"] = float(np.nanmax(s)) if scored else float("nan")
             rec["n_tiles"] = len(idx)
+            rec["top_tile"] = self.items[idx[int(np.nanargmax(s))]].get("tile") if scored and len(idx) > 1 else None
             recs.append(rec)
         return X, recs
 
