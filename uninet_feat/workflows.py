@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.layouts import NORMAL_LABELS
+from .data.layouts import is_normal_label
 from .errors import BadInputError
 from .featstore import FeatureStore, head_columns
 from .io import atomic_write_csv, atomic_write_text
@@ -240,7 +240,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     X, recs = store.image_table()
     if labels is not None:
         X, recs, y = _given_labels(X, recs, labels, features)
-        normal = np.array([v.strip().lower() in NORMAL_LABELS for v in y])
+        normal = np.array([is_normal_label(v) for v in y])
         if task == "binary" and not normal.any():   # else a head of two defect types, typing every normal image
             raise BadInputError(f"--task binary is normal vs defect, and {labels} names no normal image (good, normal, "
                                 f"ok): its labels ({', '.join(sorted(set(y))[:5])}) are defect types",

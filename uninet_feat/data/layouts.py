@@ -59,7 +59,12 @@ class Sample:
 
     @property
     def is_normal(self) -> bool:
-        return self.label.strip().lower() in NORMAL_LABELS
+        return is_normal_label(self.label)
+
+
+def is_normal_label(label: str) -> bool:
+    """A label of normal images (`NORMAL_LABELS`, case and surrounding spaces aside)."""
+    return label.strip().lower() in NORMAL_LABELS
 
 
 def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Sample]:
