@@ -193,8 +193,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         t = by_group.get(r["group"], threshold) if by_group else threshold   # the image's group's, if known
         r["flagged"] = None if t is None else bool(r[f"{flag_by}_score"] > t)   # None: no rule
     for hd, head in loaded.items():
-        proba = head.predict_proba(X[:, head_cols[hd]])
-        pred = head.predict(X[:, head_cols[hd]])
+        Xh = X[:, head_cols[hd]]
+        proba, pred = head.predict_proba(Xh), head.predict(Xh)
         name = Path(hd).name
         types_only = bool((head.source or {}).get("defects_only"))   # a defect-type head (--defects-only)
         for row, p, c in zip(rows, proba, pred):
@@ -567,13 +567,14 @@ def _head_columns(head, cols: list, where, run) -> list:
     """The positions of a head's columns among this version's ``cols``, found by name: a head trained on an older
     feature schema (version 2: no `l*_spotdiff_*`) keeps working, since every column it knows is still made."""
     names = head.feature_names
-    if names == cols or names == [f"f{i}" for i in range(len(names))] and len(names) == len(cols):   # unnamed
+    if names == [f"f{i}" for i in range(len(names))] and len(names) == len(cols):   # `train_head` unnamed
         return list(range(len(cols)))
     pos = {n: j for j, n in enumerate(cols)}
-    if all(n in pos for n in names):
+    missing = [n for n in names if n not in pos]
+    if not missing:
         return [pos[n] for n in names]
-    raise BadInputError(f"this head was trained on {len(names)} feature columns, {sum(n not in pos for n in names)} "
-                        f"of which this version does not make (features of an older layout: feature schema version 1 "
-                        "had no defect descriptors)", path=Path(where) / "head.json",
+    raise BadInputError(f"this head was trained on {len(names)} feature columns, {len(missing)} of which this version "
+                        f"does not make from this run (e.g. {missing[0]}: features of another layout or backbone)",
+                        path=Path(where) / "head.json",
                         fix=f"re-extract and retrain: `uninet-feat extract --run {run} --out F`, then "
                             "`uninet-feat train-head --features F`")
