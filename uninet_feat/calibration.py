@@ -592,9 +592,6 @@ def group_rule(max_fpr: float | None = None, score: str | None = None) -> str:
             f"of all validation normals' {what} in their group's units")
 
 
-GROUP_RULE = group_rule()
-
-
 def group_thresholds(run, threshold: float | None = None, max_fpr: float | None = None, cal: dict | None = None,
                      warn: bool = True) -> dict | None:
     """{group: threshold} for a run trained on several groups (one model for many categories) from the validation
