@@ -476,3 +476,42 @@ def test_labels_that_differ_only_in_case_are_warned(store, tmp_path):
         rep = train_head_cmd(store / "f", tmp_path / "h", task="multiclass", folds=2, labels=tmp_path / "named.csv",
                              min_class=1)
     assert "spot" in rep["classes"]
+
+
+def test_images_with_nan_features_are_left_out_named_not_the_whole_run_stopped(store, tmp_path, capsys):
+    """One image whose vector holds NaN (a damaged file, a NaN in the model) stopped `cluster` for every image; it
+    is left out with a warning naming it, and listed in clusters.json. All of them non-finite: refused."""
+    import shutil
+    from uninet_feat import featstore
+    from uninet_feat.cli import main
+    f = tmp_path / "f"
+    shutil.copytree(store / "f", f)
+    m = json.loads((f / "manifest.json").read_text())
+    size = m["settings"]["shard_size"]
+    defects = [j for j, it in enumerate(m["items"]) if not it["is_normal"]]
+
+    def poison(rows, value):
+        for i in sorted({j // size for j in rows}):
+            with np.load(f / featstore.shard_name(i)) as z:
+                arrays = {k: z[k] for k in z.files}
+            for j in rows:
+                if j // size == i:
+                    arrays["vectors"][j % size, 5:] = value
+            featstore.write_shard(f, i, arrays)
+
+    bad = [m["items"][j]["path"] for j in defects[:2]]
+    poison(defects[:1], np.nan)
+    poison(defects[1:2], np.inf)
+    with pytest.warns(UserWarning, match=r"2 of 12 images to cluster have NaN or infinite") as got:
+        assert main(["cluster", "--features", str(f), "--k", "2", "--no-sheet", "--out", str(tmp_path / "c")]) == 0
+    said = next(str(w.message) for w in got if "NaN or infinite" in str(w.message))
+    assert all(p in said for p in bad) and "re-extract" in said, said
+    summary = json.loads((tmp_path / "c" / "clusters.json").read_text())
+    assert summary["left_out_nonfinite"] == bad and summary["n_images"] == 10
+    rows = list(csv.DictReader(open(tmp_path / "c" / "clusters.csv")))
+    assert len(rows) == 10 and not set(bad) & {r["path"] for r in rows}
+    poison(defects, np.nan)
+    capsys.readouterr()
+    assert main(["cluster", "--features", str(f), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "every one of the 12 images to cluster" in err and "fix:" in err, err

@@ -184,6 +184,24 @@ def _in_group(keep, recs, group, rule, where) -> tuple[list, str]:
     return mine, f"{rule}, group {group}"
 
 
+def _finite_rows(Xk, recs, where) -> np.ndarray:
+    """Which rows of ``Xk`` (the clustered columns of images ``recs``) are finite. One image with NaN or Inf (a
+    damaged file, a NaN in the model) stopped the whole run; such images are left out, named in a warning."""
+    ok = np.isfinite(Xk).all(1)
+    bad = [r["path"] for r, good in zip(recs, ok) if not good]
+    if not bad:
+        return ok
+    fix = ("re-extract those images (a NaN vector comes from a NaN image or model); "
+           "`uninet_feat.distributed.validate_store(FEATURES)` counts such vectors in a store")
+    if len(bad) == len(recs):
+        raise BadInputError(f"every one of the {len(bad)} images to cluster has NaN or infinite feature values "
+                            f"(first: {bad[0]})", path=where, fix=fix)
+    warnings.warn(f"{len(bad)} of {len(recs)} images to cluster have NaN or infinite feature values and are left "
+                  f"out (clusters.json lists them, left_out_nonfinite): {', '.join(bad[:3])}"
+                  f"{', ...' if len(bad) > 3 else ''}. Fix: {fix}")
+    return ok
+
+
 def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns: str = "descriptors", seed: int = 0,
                 n_components: int = 16, sheet: bool = True, group: str | None = None) -> dict:
     """Cluster the images of a feature store; writes clusters.csv, labels.csv, clusters.json (with the settings)
@@ -198,10 +216,9 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     keep, rule = _in_group(keep, recs, group, rule, features)
     X = X[keep]
     Xk, rk = cluster_matrix(X, names, columns, features)[0], [recs[j] for j in keep]
-    bad = [r["path"] for r, ok in zip(rk, np.isfinite(Xk).all(1)) if not ok]
-    if bad:
-        raise BadInputError(f"{len(bad)} image(s) have NaN or infinite feature values", path=bad[0],
-                            fix="re-extract them (a NaN vector comes from a NaN image or model)")
+    ok = _finite_rows(Xk, rk, features)
+    nonfinite = [r["path"] for r, good in zip(rk, ok) if not good]
+    X, Xk, rk = X[ok], Xk[ok], [r for r, good in zip(rk, ok) if good]
     res = cluster_vectors(Xk, k=k, k_max=k_max, seed=seed, n_components=n_components)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +238,8 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
                "sizes": [len(ex) for ex in res.exemplars],
                "exemplars": {str(c): [rk[i]["path"] for i in ex[:5]] for c, ex in enumerate(res.exemplars)},
                "settings": settings}
+    if nonfinite:
+        summary["left_out_nonfinite"] = nonfinite
     truth = [r["label"] for r in rk]
     if all(truth) and len(set(truth)) >= 2:   # a labelled data set: how the clusters match its labels (figures only)
         summary["agreement_with_labels"] = label_agreement(res, truth, seed=seed)
