@@ -273,3 +273,22 @@ def test_report_without_threshold_shows_no_outcomes(tmp_path):
     text = write_report(tmp_path / "r.html", {"image_auroc": 0.5}, rows).read_text()
     assert "oc oc-FN" not in text and "oc oc-TN" not in text and "Defects flagged" not in text
     assert "— (none)" in text
+
+
+def test_report_thumbnails_of_16_bit_images_are_scaled_not_clipped_white(tmp_path):
+    """A 16-bit grey frame (values 1000..3000 of 65535) went through PIL's RGB conversion, which clips at 255:
+    the report showed it all white. It is decoded as the model reads it (`load_image`), a file as an array."""
+    import base64
+    import io
+    ramp = np.tile(np.linspace(1000, 3000, 96), (48, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    want = ramp / 65535 * 255   # 3.9 .. 11.7 of 255: a dark frame
+    rows = _rows(2, 1)
+    ovs = {rows[0]["path"]: tmp_path / "g16.png", rows[1]["path"]: ramp}
+    text = write_report(tmp_path / "r.html", METRICS, rows, overlays=ovs).read_text()
+    srcs = re.findall(r"<img[^>]*\bsrc='data:image/png;base64,([^']*)'", text)
+    assert len(srcs) >= 2
+    for s in srcs:
+        a = np.asarray(Image.open(io.BytesIO(base64.b64decode(s))).convert("L"), np.float64)
+        assert a.max() < 20 and abs(a.mean() - want.mean()) < 1.5, (a.min(), a.max())   # was 255 everywhere

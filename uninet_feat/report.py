@@ -19,13 +19,14 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .charts import escape as _esc, hist_svg, operating_point, pr_svg, roc_svg
-from .data.images import oriented, oriented_size
+from .data.images import oriented_size
 from .io import atomic_write_text
 
 
@@ -100,17 +101,21 @@ def _norm_rows(rows) -> list[dict]:
 
 
 def _thumb_uri(src, max_w: int, max_h: int, max_bytes: int = 100_000) -> str | None:
-    """A PNG data URI of ``src`` (a file path or a uint8 array) fitted into max_w × max_h.
+    """A PNG data URI of ``src`` (a file path or an image array) fitted into max_w × max_h.
 
-    A thumbnail whose full-colour PNG exceeds ``max_bytes`` (noisy textures compress badly) is stored
-    with a 256-colour palette instead, which keeps ~50 overlays well under 10 MB."""
+    A file is decoded as the model reads it (`load_image`: upright, 16-bit scaled by its full range), an array
+    as the overlays take one (`overlay._as_rgb_uint8`): PIL's own RGB conversion clips 16-bit values at 255, which
+    showed a 16-bit camera frame all white. A thumbnail whose full-colour PNG exceeds ``max_bytes`` (noisy
+    textures compress badly) is stored with a 256-colour palette instead, which keeps ~50 overlays well under
+    10 MB."""
+    from .data.images import load_image
+    from .overlay import _as_rgb_uint8
     try:
-        if isinstance(src, np.ndarray):
-            img = Image.fromarray(src)
-        else:
-            with Image.open(src) as f:
-                img = oriented(f).convert("RGB")   # upright, as its map (load_image) is
-        img = img.convert("RGB")
+        if not isinstance(src, np.ndarray):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # said when the image was scored
+                src = load_image(src, min_side=1)
+        img = Image.fromarray(_as_rgb_uint8(src))
         img.thumbnail((max_w, max_h), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
@@ -119,7 +124,7 @@ def _thumb_uri(src, max_w: int, max_h: int, max_bytes: int = 100_000) -> str | N
             buf = io.BytesIO()
             img.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG")
             data = min(data, buf.getvalue(), key=len)
-    except (OSError, ValueError):
+    except (OSError, ValueError):   # BadInputError (an unreadable file) is a ValueError
         return None
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
