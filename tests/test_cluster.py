@@ -515,3 +515,40 @@ def test_images_with_nan_features_are_left_out_named_not_the_whole_run_stopped(s
     assert main(["cluster", "--features", str(f), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "every one of the 12 images to cluster" in err and "fix:" in err, err
+
+
+def test_a_csv_written_on_windows_with_backslash_paths_matches_the_store(store, tmp_path, monkeypatch):
+    """A predictions or labels CSV saved on Windows holds `data\\test\\spot\\000.png`, which names no folder here:
+    none of its paths matched the store's. Such a path is matched with its backslashes read as /, said once."""
+    import warnings
+    from uninet_feat.cli import main
+    monkeypatch.chdir(store)   # the CSV's paths are relative to the working folder
+    items = json.loads((store / "f" / "manifest.json").read_text())["items"]
+    paths = sorted({it["path"] for it in items})
+    flagged = paths[::2]
+
+    def win(p):
+        return str(Path(p).relative_to(store)).replace("/", "\\")
+
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "flagged"])
+        w.writeheader()
+        w.writerows({"path": win(p), "flagged": p in flagged} for p in paths)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["cluster", "--features", str(store / "f"), "--flagged", str(tmp_path / "predictions.csv"),
+                     "--k", "2", "--no-sheet", "--out", str(tmp_path / "c")]) == 0
+    said = [str(w.message) for w in seen if "backslashes read as /" in str(w.message)]
+    assert len(said) == 1 and f"{len(flagged)} path(s) in {tmp_path / 'predictions.csv'}" in said[0], said
+    assert sorted(r["path"] for r in csv.DictReader(open(tmp_path / "c" / "clusters.csv"))) == flagged
+    rows = _named_labels(store, tmp_path)
+    twice = [(win(p), lab) for p, lab in rows] + [(rows[0][0], "hole")]   # one image by both spellings
+    (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in twice[:-1]))
+    with pytest.warns(UserWarning, match="backslashes read as /"):
+        assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                     str(tmp_path / "labels.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0
+    assert json.loads((tmp_path / "h" / "cv_report.json").read_text())["n_rows"] == len(rows)
+    (tmp_path / "twice.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in twice))
+    from uninet_feat.clusters import read_path_table
+    with pytest.raises(BadInputError, match=f"line {len(twice) + 1}: .* and .* on line 2"):
+        read_path_table(tmp_path / "twice.csv", "label", "labels CSV")

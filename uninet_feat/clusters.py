@@ -82,7 +82,7 @@ def read_path_table(path, column: str, what: str) -> dict:
     """{absolute path: ``column``'s value} of a CSV with a ``path`` column (``predictions.csv``, ``labels.csv``);
     a relative path is taken from the working folder, as the commands that wrote it were given it. Read as a
     spreadsheet may save it: a UTF-8 BOM, header names in any case or with spaces, extra columns. A file listed
-    twice (by any spelling of its path) with two values is refused, naming both lines."""
+    twice (by any spelling of its path, backslashes read as / too) with two values is refused, naming both lines."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{what} not found", path=path, fix="pass the CSV file itself")
@@ -105,7 +105,7 @@ def read_path_table(path, column: str, what: str) -> dict:
         if not row.get("path"):
             continue
         p, v = os.path.abspath(row["path"]), row.get(column, "")
-        key = same_file_key(p)
+        key = same_file_key(p.replace("\\", "/"))
         if key in seen and out[seen[key][1]] != v:
             was = out[seen[key][1]]
             raise BadInputError(f"line {reader.line_num}: {row['path']} is {column} {v!r} here and {was!r} on line "
@@ -121,22 +121,32 @@ def same_file_key(path) -> str:
     return os.path.normcase(os.path.realpath(path))
 
 
-def store_rows(paths, recs) -> tuple[dict, list]:
+def store_rows(paths, recs, source=None) -> tuple[dict, list]:
     """({path: index of its record in ``recs``}, the paths not found): matched by absolute path, else by the file
-    they name (`same_file_key`), so that predict run through a symlinked folder finds the store's images."""
+    they name (`same_file_key`), so that predict run through a symlinked folder finds the store's images. A path
+    that matches neither and holds backslashes (a CSV written on Windows: ``batch\\img_001.png``, which names no
+    folder here) is matched with them read as /, said once in a warning naming ``source`` (the CSV)."""
     where = {r["path"]: j for j, r in enumerate(recs)}
     real = None
-    found, absent = {}, []
+    found, absent, slashed = {}, [], []
     for p in paths:
         j = where.get(p)
         if j is None:
             if real is None:
                 real = {same_file_key(r["path"]): j for j, r in enumerate(recs)}
             j = real.get(same_file_key(p))
+        if j is None and "\\" in p:
+            q = os.path.abspath(p.replace("\\", "/"))
+            j = where.get(q, real.get(same_file_key(q)))
+            if j is not None:
+                slashed.append(p)
         if j is None:
             absent.append(p)
         else:
             found[p] = j
+    if slashed:
+        warnings.warn(f"{len(slashed)} path(s){f' in {source}' if source else ''} matched the feature store only "
+                      f"with their backslashes read as / (a CSV written on Windows; first: {slashed[0]})")
     return found, absent
 
 
@@ -145,7 +155,7 @@ def _rows(recs, flagged) -> tuple[list[int], str]:
     if flagged is not None:
         table = read_path_table(flagged, "flagged", "predictions CSV")
         wanted = [p for p, v in table.items() if v.lower() in TRUTHY]
-        found, absent = store_rows(wanted, recs)
+        found, absent = store_rows(wanted, recs, flagged)
         keep = sorted(set(found.values()))
         missing = len(absent)
         if wanted and not keep:

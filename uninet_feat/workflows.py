@@ -204,7 +204,7 @@ def _given_labels(X, recs, labels, features):
     """The rows ``labels`` (a CSV path,label) names, with its labels; every path must be in the store."""
     from .clusters import read_path_table, store_rows
     table = read_path_table(labels, "label", "labels CSV")
-    where, absent = store_rows(table, recs)
+    where, absent = store_rows(table, recs, labels)
     if absent:
         raise BadInputError(f"{len(absent)} of the {len(table)} images in {labels} are not in the feature store "
                             f"(first: {absent[0]})", path=features,
