@@ -246,3 +246,18 @@ def test_runs_that_score_tiles_differently_are_named_in_a_warning(seeds, monkeyp
     monkeypatch.setattr(ens, "load_member", spy)
     with pytest.warns(UserWarning, match=r"score tiles differently \(.*: position, .*: none\)"):
         load_members([seeds / "a", seeds / "b"])
+
+
+def test_a_members_few_normals_warning_names_its_run(seeds):
+    """Each member's default threshold rests on its own validation normals; the warning that they are too few did
+    not say of which run, and under the CLI's "default" filter the second run's (the same text) was not shown."""
+    import warnings
+    from uninet_feat.calibration import thresholds_by_group
+    from uninet_feat.ensemble import load_members
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")   # as the CLI sets it: each distinct message once
+        load_members([seeds / "a", seeds / "b"])
+    few = [str(w.message) for w in seen if "0.99 quantile of only" in str(w.message)]
+    assert [m.split(": ", 1)[0] for m in few] == [str(seeds / "a"), str(seeds / "b")], few
+    with pytest.warns(UserWarning, match=r"^runs/x: one threshold for all 2 groups"):   # a run of several groups
+        thresholds_by_group([0.1, 0.2, 0.3], ["g1", "g1", "g2"], run="runs/x")

@@ -27,7 +27,7 @@ NEIGHBOURS_FILE = "tile_neighbours.npz"   # tile_norm: neighbours — the traini
 FEW_NORMALS = 19   # below this many validation normals a new normal passes the default threshold > 5 % of the time
 
 
-def few_normals_warning(n: int, val_fraction: float | None = None, given: str | None = None) -> None:
+def few_normals_warning(n: int, val_fraction: float | None = None, given: str | None = None, run=None) -> None:
     """Warn that the default threshold rests on too few validation normals to mean "1 % false positives".
 
     Why: with n normals the 0.99 quantile is (about) their highest score, and a new normal like them scores
@@ -35,7 +35,8 @@ def few_normals_warning(n: int, val_fraction: float | None = None, given: str | 
     split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals).
     ``val_fraction``: the run's held-out share, when known, so that the fix names a larger one (or more images)
     instead of one the run may already use; ``given``: the folder of normals the run is calibrated on instead
-    (`calibrate --normals`), whose fix is more images there, not another split.
+    (`calibrate --normals`), whose fix is more images there, not another split; ``run``: the run folder to name,
+    where one command resolves several runs' thresholds (an ensemble's members: which of them is short of normals).
     Issued from this one place (no stacklevel) so that the "default" filter the CLI sets prints it once per command,
     not once per scorer whose threshold is resolved (`evaluate --knn` resolves three)."""
     if not 0 < n < FEW_NORMALS:
@@ -50,7 +51,8 @@ def few_normals_warning(n: int, val_fraction: float | None = None, given: str | 
                 "more make it under 5 %)" if need <= 0.5 else
                 f"add normal images to train on (--val-fraction is {val_fraction:g} already; {FEW_NORMALS} validation "
                 f"normals at that share need about {math.ceil(FEW_NORMALS / val_fraction)} normal images in all)")
-    warnings.warn(f"the default threshold is the 0.99 quantile of only {n} validation normal"
+    who = f"{run}: " if run else ""
+    warnings.warn(f"{who}the default threshold is the 0.99 quantile of only {n} validation normal"
                   f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
                   f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: {hold}, or "
                   "calibrate on more normal images the run never saw (`uninet-feat calibrate --run RUN --normals "
@@ -548,11 +550,12 @@ def check_threshold_flags(threshold: float | None, max_fpr: float | None) -> Non
 
 
 def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None = None, cal: dict | None = None,
-                      source: str = "calibration.json", scores: str = "validation normals"):
+                      source: str = "calibration.json", scores: str = "validation normals", name_run: bool = False):
     """(threshold or None, rule) for ``run``; see the module docstring.
 
     ``cal``: a `calibration` dict to use instead of the run's ``calibration.json`` (e.g. that of another
-    epoch's model, or another scorer's); ``source`` names it in errors, ``scores`` its values in the rule."""
+    epoch's model, or another scorer's); ``source`` names it in errors, ``scores`` its values in the rule;
+    ``name_run``: the few-normals warning names the run (one of several, as an ensemble's members are)."""
     check_threshold_flags(threshold, max_fpr)
     if threshold is not None:
         return float(threshold), "given (--threshold)"
@@ -564,7 +567,7 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
     if max_fpr is None:
         if cal:
             few_normals_warning(int(cal.get("n_val_normals", len(cal.get("val_scores", [])))),
-                                cal.get("val_fraction"), cal.get("calibration_normals"))
+                                cal.get("val_fraction"), cal.get("calibration_normals"), run if name_run else None)
         if cal and cal.get("threshold") is not None:
             return cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)
         warnings.warn(f"{run}: no threshold, so no image is flagged (the flag is left empty): the run has no "
@@ -593,11 +596,12 @@ def group_rule(max_fpr: float | None = None, score: str | None = None) -> str:
 
 
 def group_thresholds(run, threshold: float | None = None, max_fpr: float | None = None, cal: dict | None = None,
-                     warn: bool = True) -> dict | None:
+                     warn: bool = True, name_run: bool = False) -> dict | None:
     """{group: threshold} for a run trained on several groups (one model for many categories) from the validation
     normals' WDM scores in ``cal`` (default: the run's calibration.json), by `thresholds_by_group`; None for a
     one-group run, a given ``threshold``, a calibration.json written before session 28 (no ``val_groups``), or a
-    group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``)."""
+    group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``, naming
+    the run with ``name_run``)."""
     check_threshold_flags(threshold, max_fpr)
     if threshold is not None:
         return None
@@ -605,14 +609,17 @@ def group_thresholds(run, threshold: float | None = None, max_fpr: float | None 
     groups = (cal or {}).get("val_groups")
     if not groups or len(groups) != len(cal.get("val_scores", [])):
         return None
-    return thresholds_by_group(cal["val_scores"], groups, cal.get("trained_groups") or (), max_fpr, warn)
+    return thresholds_by_group(cal["val_scores"], groups, cal.get("trained_groups") or (), max_fpr, warn,
+                               run if name_run else None)
 
 
-def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None, warn: bool = True) -> dict | None:
+def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None, warn: bool = True,
+                        run=None) -> dict | None:
     """{group: threshold} from the validation normals' ``scores`` (any score: WDM, kNN, combined), each of group
     ``groups[i]``; ``trained``: the groups the run trained on (one without a single validation normal counts as one
     of 0: the split is not made per group, so a small group can be left none). None for fewer than two groups, or a
-    group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``).
+    group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``; ``run``:
+    the run the warning names, when one command resolves several runs' thresholds).
 
     Why: one model's normal scores sit at another level in each group (the demo's plain weave near 2.1, its twill
     near 3.4), so one pooled threshold is about the highest group's top normal and passes the lower groups' defects.
@@ -630,12 +637,13 @@ def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None
     few = {k: int((g == k).sum()) for k in names if (g == k).sum() < FEW_NORMALS}
     if few:
         if warn:
-            warnings.warn(f"one threshold for all {len(names)} groups: a group's own needs {FEW_NORMALS} validation "
-                          f"normals of it, and {', '.join(f'{k} has {v}' for k, v in few.items())}, so the pooled one "
-                          "is about the highest group's top normal and may pass the other groups' defects. Fix: "
-                          "hold out more normals (`train --val-fraction`), or `uninet-feat calibrate --run RUN "
-                          "--normals DIR` with more normals per group (a folder laid out by group), or predict each "
-                          "group with --group G --threshold T")
+            who = f"{run}: " if run else ""
+            warnings.warn(f"{who}one threshold for all {len(names)} groups: a group's own needs {FEW_NORMALS} "
+                          f"validation normals of it, and {', '.join(f'{k} has {v}' for k, v in few.items())}, so "
+                          "the pooled one is about the highest group's top normal and may pass the other groups' "
+                          "defects. Fix: hold out more normals (`train --val-fraction`), or `uninet-feat calibrate "
+                          "--run RUN --normals DIR` with more normals per group (a folder laid out by group), or "
+                          "predict each group with --group G --threshold T")
         return None
     level = {k: (float(np.median(s[g == k])), float(np.std(s[g == k], ddof=1))) for k in names}
     level = {k: v for k, v in level.items() if v[1] > 0}

@@ -70,7 +70,7 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
     model, _, cfg = load_run(run, data, split_csv)
     model = ready_to_score(model, cfg, group, skip_bad)
     cal = saved_calibration(run)   # read once for the threshold, the map range and the normal level
-    threshold, _ = resolve_threshold(run, cal=cal)
+    threshold, _ = resolve_threshold(run, cal=cal, name_run=True)   # its warnings say which member they are of
     if threshold is None:
         raise BadInputError("the run has no threshold to put its scores in a common unit", path=run,
                             fix=f"run `uninet-feat calibrate --run {run}` (it needs validation normals)")
@@ -81,7 +81,7 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
                                 + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
                                 path=run, fix="ensemble runs of one config that differ only in their seed")
     return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg), cal),
-                  normal_level(model, cal), group_thresholds(run, cal=cal))
+                  normal_level(model, cal), group_thresholds(run, cal=cal, name_run=True))
 
 
 def normal_level(model, cal: dict | None) -> float | None:
