@@ -659,3 +659,37 @@ def test_a_schema_2_store_is_not_resumed_with_this_versions_columns(setup, tmp_p
         Extractor(run=run).extract_to(samples, g, shard_size=4)
     assert json.loads((g / "manifest.json").read_text()) == m   # left as it was: still a readable schema-2 store
     assert FeatureStore(g).vectors.shape[1] == len(m["vector_names"])
+
+
+def test_a_store_whose_shards_are_narrower_than_its_column_names_is_refused_when_opened(tmp_path, monkeypatch):
+    """A schema-2 store resumed by a schema-3 extract (before that was refused) kept its 203-column shards under 259
+    column names and still loaded, its columns misnamed; only validate_store said so. FeatureStore refuses it when
+    opened, from the first shard's header (no shard data read), and any other shard of another width when read."""
+    f = tmp_path / "f"
+    items = [{"path": f"/x/{i}.png", "label": "good", "group": "", "split": "test", "is_normal": True, "tile": None}
+             for i in range(6)]
+
+    def store(widths, n_names):
+        for i, w in enumerate(widths):
+            featstore.write_shard(f, i, {"vectors": np.ones((3, w), np.float32), "scores": np.zeros(3, np.float32)})
+        m = {"schema": featstore.SCHEMA, "schema_version": 3, "vector_names": [f"c{j}" for j in range(n_names)],
+             "items": items, "n_items": 6, "n_shards": len(widths), "settings": {"shard_size": 3}}
+        (f / "manifest.json").write_text(json.dumps(m))
+        (f / "complete").write_text("")
+
+    f.mkdir()
+    store([203, 203], 259)
+    real_load = np.load
+    with monkeypatch.context() as mp:
+        mp.setattr(np, "load", lambda *a, **k: pytest.fail("shard data read to check the width"))
+        with pytest.raises(BadInputError, match="shard-00000.npz holds vectors of 203 columns, but the manifest "
+                                                "names 259") as e:
+            FeatureStore(f)
+    assert np.load is real_load
+    assert str(f) in str(e.value) and "extract again into a new folder" in str(e.value)
+    store([259, 203], 259)   # the first shard fits: the other is refused when read, not concatenated
+    s = FeatureStore(f)
+    with pytest.raises(BadInputError, match="shard-00001.npz holds vectors of 203 columns"):
+        s.image_table()
+    store([259, 259], 259)
+    assert FeatureStore(f).vectors.shape == (6, 259)

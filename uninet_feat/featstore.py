@@ -59,6 +59,15 @@ def write_shard(folder: Path, i: int, arrays: dict) -> None:
     atomic_write(folder / shard_name(i), w)
 
 
+def shard_vectors_shape(path) -> tuple:
+    """The shape of a shard's ``vectors``, from its .npy header alone (no data read)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z, z.open("vectors.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return read(f)[0]
+
+
 def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[int]:
     """Create or re-open a store; returns the shard ids already finished. ``legacy``: the fingerprint an older
     version gave the same extraction, also accepted."""
@@ -119,6 +128,32 @@ class FeatureStore:
             raise BadInputError("extraction did not finish", path=self.folder,
                                 fix="re-run the same `uninet-feat extract` command to resume it")
         self.items = self.manifest["items"]
+        self._check_width()
+
+    def _check_width(self, width: int | None = None, shard: int | None = None) -> None:
+        """Refuse vectors whose width is not the manifest's number of column names. A schema-2 store resumed by a
+        schema-3 extract (before that was refused) kept its 203-column shards under 259 names: its columns were read
+        under other columns' names, and only `distributed.validate_store` said so. ``width``: of shard ``shard``'s
+        vectors, read already; without, the first shard's, from its header alone (no data read)."""
+        names = self.manifest.get("vector_names")
+        if names is None:
+            return
+        if width is None:
+            first = next((i for i in range(self.manifest["n_shards"]) if (self.folder / shard_name(i)).exists()), None)
+            if first is None:
+                return
+            try:
+                shape = shard_vectors_shape(self.folder / shard_name(first))
+            except Exception:   # noqa: BLE001 - an unreadable shard is named when it is read
+                return
+            if len(shape) != 2:
+                return
+            width, shard = shape[1], first
+        if width != len(names):
+            raise BadInputError(f"{shard_name(shard)} holds vectors of {width} columns, but the manifest names "
+                                f"{len(names)} (a store written partly by another version, or with other columns: "
+                                "its columns cannot be told apart)", path=self.folder,
+                                fix="extract again into a new folder (a new --out)")
 
     def _shards(self):
         for i in range(self.manifest["n_shards"]):
@@ -127,7 +162,12 @@ class FeatureStore:
                 yield i, np.load(p)
 
     def array(self, key: str) -> np.ndarray:
-        parts = [z[key] for _, z in self._shards() if key in z.files]
+        parts = []
+        for i, z in self._shards():
+            if key in z.files:
+                parts.append(z[key])
+                if key == "vectors":   # every shard's width, not only the first's
+                    self._check_width(parts[-1].shape[1], i)
         if not parts:
             raise BadInputError(f"no '{key}' in this feature store", path=self.folder,
                                 fix="re-extract with --patches" if key == "patches" else None)
@@ -142,10 +182,12 @@ class FeatureStore:
             raise BadInputError(f"{len(keep)} row flags for the store's {len(self.items)} items", path=self.folder,
                                 fix="pass one flag per item of the store (its manifest's items)")
         out, start, pos = None, 0, 0
-        for _, z in self._shards():
+        for i, z in self._shards():
             if key not in z.files:
                 continue
             a = z[key]
+            if key == "vectors":
+                self._check_width(a.shape[1], i)
             sel = keep[start:start + len(a)]
             if out is None:
                 out = np.empty((int(keep.sum()),) + a.shape[1:], dtype)
