@@ -693,3 +693,23 @@ def test_a_store_whose_shards_are_narrower_than_its_column_names_is_refused_when
         s.image_table()
     store([259, 259], 259)
     assert FeatureStore(f).vectors.shape == (6, 259)
+
+
+def test_a_head_of_unnamed_columns_of_another_width_is_refused_saying_so(tmp_path):
+    """A head trained on unnamed columns (train_head without feature_names: f0, f1, ...) of another width than this
+    run's was refused naming f0 as a column this version does not make, which read as a schema change; it says
+    what it is: unnamed columns of width N against this run's M named ones, and to train the head again."""
+    from uninet_feat.downstream import Head, train_head
+    from uninet_feat.predict import _head_columns
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(24, 5))
+    y = np.array(["good", "defect"] * 12)
+    train_head(X, y, task="binary", n_splits=2).head.save(tmp_path / "h")
+    head = Head.load(tmp_path / "h")
+    assert head.feature_names == [f"f{i}" for i in range(5)]
+    cols = [f"top_c{j}" for j in range(4)] + [f"mean_c{j}" for j in range(4)]
+    with pytest.raises(BadInputError, match=r"unnamed columns of width 5 .*this run makes 8 named columns") as e:
+        _head_columns(head, cols, tmp_path / "h", "runs/r")
+    assert "does not make" not in str(e.value) and "train the head again" in str(e.value)
+    assert "head.json" in str(e.value) and "--run runs/r" in str(e.value)
+    assert _head_columns(head, cols[:5], tmp_path / "h", "runs/r") == list(range(5))   # same width: by position

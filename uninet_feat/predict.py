@@ -567,8 +567,15 @@ def _head_columns(head, cols: list, where, run) -> list:
     """The positions of a head's columns among this version's ``cols``, found by name: a head trained on an older
     feature schema (version 2: no `l*_spotdiff_*`) keeps working, since every column it knows is still made."""
     names = head.feature_names
-    if names == [f"f{i}" for i in range(len(names))] and len(names) == len(cols):   # `train_head` unnamed
+    unnamed = names == [f"f{i}" for i in range(len(names))]   # `train_head` without feature_names
+    if unnamed and len(names) == len(cols):
         return list(range(len(cols)))
+    if unnamed:   # no name to find: its refusal would name f0 as a column this version does not make
+        raise BadInputError(f"this head was trained on unnamed columns of width {len(names)} (f0 ... "
+                            f"f{len(names) - 1}), while this run makes {len(cols)} named columns: which of them the "
+                            "head's are is not known", path=Path(where) / "head.json",
+                            fix=f"train the head again on this run's features: `uninet-feat extract --run {run} "
+                                "--out F`, then `uninet-feat train-head --features F`")
     pos = {n: j for j, n in enumerate(cols)}
     missing = [n for n in names if n not in pos]
     if not missing:
