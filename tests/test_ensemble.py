@@ -261,3 +261,17 @@ def test_a_members_few_normals_warning_names_its_run(seeds):
     assert [m.split(": ", 1)[0] for m in few] == [str(seeds / "a"), str(seeds / "b")], few
     with pytest.warns(UserWarning, match=r"^runs/x: one threshold for all 2 groups"):   # a run of several groups
         thresholds_by_group([0.1, 0.2, 0.3], ["g1", "g1", "g2"], run="runs/x")
+
+
+def test_a_member_without_a_map_range_is_named_in_the_image_metrics_only_warning(seeds, tmp_path):
+    """Which run lacks the range decides which one to calibrate; the warning said only "a run's"."""
+    bare = tmp_path / "b_bare"
+    shutil.copytree(seeds / "b", bare)
+    cal = json.loads((bare / "calibration.json").read_text())
+    cal.pop("map_range")
+    (bare / "calibration.json").write_text(json.dumps(cal))
+    with pytest.warns(UserWarning, match="no map range") as seen:
+        rep = evaluate_ensemble([seeds / "a", bare], quiet=True)
+    text = next(str(w.message) for w in seen if "no map range" in str(w.message))
+    assert text.startswith(f"{bare}: ") and f"calibrate --run {bare}" in text and str(seeds / "a") not in text
+    assert "pixel_auroc" not in rep and "image_auroc" in rep

@@ -222,8 +222,10 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     labels = np.array([0 if x.is_normal else 1 for x in samples])
     has_masks = sink is not None and any(x.mask is not None for x in samples)
     if not pixels and masked:
-        warnings.warn("a run's calibration.json has no map range for its pixel map: the ensemble reports image "
-                      "metrics only (run `uninet-feat calibrate --run RUN` on it)")
+        bare = [m.run for m in members if m.rng is None]
+        warnings.warn(f"{', '.join(bare)}: calibration.json has no map range for the pixel map, so the ensemble "
+                      f"reports image metrics only. Fix: `uninet-feat calibrate --run {bare[0]}`"
+                      f"{' (and the others named)' if len(bare) > 1 else ''}")
     res = {}
     if has_masks:
         res = {**sink.result(samples), "pixel_ok": [x.is_normal or x.mask is not None for x in samples]}
