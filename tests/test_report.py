@@ -292,3 +292,22 @@ def test_report_thumbnails_of_16_bit_images_are_scaled_not_clipped_white(tmp_pat
     for s in srcs:
         a = np.asarray(Image.open(io.BytesIO(base64.b64decode(s))).convert("L"), np.float64)
         assert a.max() < 20 and abs(a.mean() - want.mean()) < 1.5, (a.min(), a.max())   # was 255 everywhere
+
+
+def test_report_shows_the_knn_and_combined_scorers_with_their_own_thresholds(tmp_path):
+    """`evaluate --knn --report`: the kNN and combined flags have thresholds of their own (per group for a run of
+    several groups); the report showed WDM's alone."""
+    sc = {"knn_features": "plain backbone",
+          "knn": {"image_auroc": 0.9401, "pixel_auroc": 0.8502, "aupro": 0.7331, "threshold": 1.2345,
+                  "at_threshold": {"recall_defect": 0.75, "false_positive_rate": 0.0312}},
+          "combined": {"image_auroc": 0.9644, "threshold": None, "group_thresholds": {"plain": 2.5, "twill": 3.75},
+                       "at_threshold": {"recall_defect": 0.8, "false_positive_rate": 0.05}}}
+    text = write_report(tmp_path / "r.html", {**METRICS, "scorers": sc}, _rows()).read_text()
+    part = _section(text, "metrics")
+    assert "Other scorers (plain backbone features)" in part
+    knn = part[part.index("<th>knn</th>"):].split("</tr>")[0]
+    assert [c for c in re.findall(r"<td class='num'>([^<]*)</td>", knn)] == [
+        "0.9401", "0.8502", "0.7331", "1.2345", "0.750", "0.031"]
+    comb = part[part.index("<th>combined</th>"):].split("</tr>")[0]
+    assert "plain 2.5000, twill 3.7500" in comb and "0.9644" in comb and "0.050" in comb
+    assert "Other scorers" not in write_report(tmp_path / "w.html", METRICS, _rows()).read_text()

@@ -170,7 +170,33 @@ def _metrics_table(metrics: dict, op, threshold, n, n_def) -> str:
                       for g, v in sorted(per.items()))
         out += (f"<div><h3>{_esc(title)}</h3><table class='metrics pergroup'><tr><th>{col}</th>{head}</tr>"
                 f"{trs}</table></div>")
-    return out + "</div>"
+    return out + _scorers_table(metrics.get("scorers")) + "</div>"
+
+
+def _scorers_table(sc) -> str:
+    """`evaluate --knn`'s other scorers (kNN, combined): their metrics and each one's own threshold (per group for a
+    run of several groups) with recall and false-positive rate there. Why: the report showed WDM's alone, so the
+    kNN flag a line runs with `predict --flag-by knn` had no threshold or operating point anywhere but the console."""
+    if not isinstance(sc, dict):
+        return ""
+    trs = []
+    for name in ("knn", "combined"):
+        v = sc.get(name)
+        if not isinstance(v, dict) or "image_auroc" not in v:
+            continue
+        by, at = v.get("group_thresholds"), v.get("at_threshold") or {}
+        thr = (", ".join(f"{_esc(str(g))} {_fmt(t, 4)}" for g, t in by.items()) if by else
+               _fmt(v.get("threshold"), 4) if v.get("threshold") is not None else "—")
+        cells = [_fmt(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro")]
+        cells += [thr, _fmt(at.get("recall_defect"), 3), _fmt(at.get("false_positive_rate"), 3)]
+        trs.append(f"<tr><th>{name}</th>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
+    if not trs:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("I-AUROC", "P-AUROC", "AUPRO", "threshold (validation normals)",
+                                            "defect recall", "false-positive rate"))
+    feats = f" ({_esc(str(sc['knn_features']))} features)" if sc.get("knn_features") else ""
+    return (f"<div><h3>Other scorers{feats}</h3><table class='metrics pergroup'><tr><th>scorer</th>{head}</tr>"
+            + "".join(trs) + "</table></div>")
 
 
 def _colour_key(overlay_range=None) -> str:
