@@ -194,8 +194,9 @@ def test_evaluate_past_the_budget_reports_the_exact_figures_within_tolerance(run
                   (exact["scorers"]["combined"], rep["scorers"]["combined"])]
         scopes += [(exact["per_label"][k], rep["per_label"][k]) for k in ("crack", "hole")]
         for e, b in scopes:
-            for k in ("pixel_auroc", "aupro"):
+            for k in ("pixel_auroc", "aupro", "within_image_auroc"):
                 assert b[k] == pytest.approx(e[k], abs=TOL), k
+            assert b["within_image_n"] == e["within_image_n"] >= 1
             for k in ("pixel_auroc_interval", "aupro_interval"):
                 assert b[k] == pytest.approx(e[k], abs=0.02), k
         assert rep["image_auroc"] == exact["image_auroc"] and rep["_rows"] == exact["_rows"]
@@ -221,3 +222,27 @@ def test_maps_far_from_zero_keep_their_resolution_less_the_sinks_origin():
         near(s, a, m)
     assert near.result(samples)["pixel_stats"].origin == 0.0
     assert st.pixel_auroc() == pytest.approx(exact[0], abs=TOL) and st.aupro() == pytest.approx(exact[1], abs=TOL)
+
+
+@pytest.mark.parametrize("levels", [None, 8])
+def test_within_image_auroc_is_each_defect_images_own_auroc_averaged_binned_or_not(levels):
+    """The mean over images with both kinds of pixel of sklearn's AUROC of that image alone; normal images (no
+    defect pixel) and all-defect images are left out; the binned figure matches (exactly on a grid of ties)."""
+    from sklearn.metrics import roc_auc_score
+    masks, maps = _set(4, levels=levels)
+    full = np.ones((8, 8), bool)
+    masks, maps = masks + [full], maps + [np.zeros((8, 8), np.float32)]   # one class only: left out
+    want = [roc_auc_score(m.ravel(), a.ravel()) for m, a in zip(masks, maps) if m.any() and not m.all()]
+    mean, n = M.within_image_auroc(masks, maps)
+    assert n == len(want) == 6 and mean == pytest.approx(np.mean(want), abs=1e-12)
+    b_mean, b_n = _stats(masks, maps).within_image_auroc()
+    assert b_n == n and b_mean == pytest.approx(mean, abs=1e-12 if levels else TOL)
+    # pooled AUROC can move while this does not: lift every map of a normal image, each image's own order stays
+    lifted = [a + (5.0 if not m.any() else 0.0) for m, a in zip(masks, maps)]
+    assert M.within_image_auroc(masks, lifted)[0] == pytest.approx(mean, abs=1e-12)
+    assert M.pixel_auroc(masks, lifted) < M.pixel_auroc(masks, maps) - 0.05
+    # and it sees a map whose hot spot leaves the defect
+    moved = [np.where(m, a.min(), a) for m, a in zip(masks, maps)]
+    assert M.within_image_auroc(masks, moved)[0] < 0.2
+    assert M.within_image_auroc([m & False for m in masks], maps) is None
+    assert _stats([m & False for m in masks], maps).within_image_auroc() is None

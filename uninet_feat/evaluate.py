@@ -468,6 +468,7 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
             draws = metrics.bootstrap_histograms(st.histograms(), seed=seed)
             out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
             out["aupro_interval"] = metrics.interval(draws["aupro"])
+            _within(out, st.within_image_auroc())
     elif has_masks and res.get("maps") is not None:
         m, a = res["masks"], res["maps"]   # lists of 2-D arrays (tiled images may differ in size) or arrays
         if res.get("pixel_ok") is not None:   # only normals and masked defects have known pixel labels
@@ -478,7 +479,14 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
             draws = metrics.pixel_bootstrap(list(m), list(a), seed=seed)
             out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
             out["aupro_interval"] = metrics.interval(draws["aupro"])
+            _within(out, metrics.within_image_auroc(m, a))
     return out
+
+
+def _within(out: dict, w) -> None:
+    """``within_image_auroc`` (`metrics.within_image_auroc`) and over how many defective images, when any."""
+    if w is not None:
+        out["within_image_auroc"], out["within_image_n"] = w
 
 
 def _subset_metrics(idx, labels, scores, res, has_masks, seed=0, scope: str = "the test set") -> dict:
@@ -553,9 +561,11 @@ def print_report(report: dict) -> None:
     table = Table(title=f"uninet-feat evaluation{epoch}")
     table.add_column("scope")
     keys = ["image_auroc", "image_auroc_interval", "pixel_auroc", "pixel_auroc_interval", "aupro", "aupro_interval",
-            "image_ap", "f1_max"]
+            "within_image_auroc", "image_ap", "f1_max"]
+    keys = [k for k in keys if k != "within_image_auroc" or "within_image_auroc" in report]
     for k in keys:
-        table.add_column("95 % interval" if k.endswith("_interval") else k)
+        table.add_column("95 % interval" if k.endswith("_interval") else "within image" if k.startswith("within")
+                         else k)
     rows = [("all", report)] + list(report.get("per_group", {}).items())
     rows += [(f"label {k}", v) for k, v in report.get("per_label", {}).items()]
     show = lambda v: f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
@@ -569,6 +579,9 @@ def print_report(report: dict) -> None:
         console.print(f"mean image AUROC over {len(over)} groups {report['mean_image_auroc']:.4f} "
                       f"(95 % interval {lo:.3f}-{hi:.3f})"
                       + (f"; left out, one class only: {', '.join(left)}" if left else ""))
+    if "within_image_auroc" in report:
+        console.print(f"within image: each defective image's own pixel AUROC (is the defect where its map is hot), "
+                      f"mean over the {report['within_image_n']} with defect and normal pixels")
     if "image_auroc_interval" in report:
         console.print(f"intervals: image_auroc {metrics.INTERVAL_RULE}"
                       + (f"; pixel_auroc and aupro {metrics.PIXEL_INTERVAL_RULE}" if "aupro_interval" in report else ""))
@@ -580,7 +593,7 @@ def print_report(report: dict) -> None:
             where = (f"its thresholds per group {', '.join(f'{g} {t:.4g}' for g, t in by.items())}" if by else
                      f"its threshold {sc[name].get('threshold', float('nan')):.4g}")
             console.print(f"{name} ({sc['knn_features']} features): " + ", ".join(
-                f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "f1_max")
+                f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "within_image_auroc", "image_ap", "f1_max")
                 if k in sc[name]) + (f"; at {where}: defect recall {fmt(at['recall_defect'])}, false-positive rate "
                                      f"{fmt(at['false_positive_rate'])}" if at else ""))
     if report.get("pixel_metrics"):

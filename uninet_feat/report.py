@@ -37,6 +37,7 @@ _METRIC_NAMES = [
     ("pixel_auroc_interval", "Pixel AUROC, 95 % interval (images resampled)"),
     ("aupro", "AUPRO (FPR ≤ 0.3)"),
     ("aupro_interval", "AUPRO, 95 % interval (images resampled)"),
+    ("within_image_auroc", "Pixel AUROC within each defective image (mean)"),
     ("image_ap", "Image AP"),
     ("ap", "AP"),
     ("f1_max", "Image F1-max"),
@@ -45,8 +46,9 @@ _METRIC_NAMES = [
     ("mean_image_auroc_interval", "Mean image AUROC, 95 % interval"),
 ]
 _GROUP_KEYS = ["image_auroc", "image_auroc_interval", "pixel_auroc", "pixel_auroc_interval", "aupro", "aupro_interval",
-               "image_ap", "f1_max"]
-_SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect", "group_thresholds"}
+               "within_image_auroc", "image_ap", "f1_max"]
+_SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect", "group_thresholds",
+              "within_image_n"}
 
 TOP_K = 8
 
