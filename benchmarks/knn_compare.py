@@ -41,6 +41,9 @@ def _eval(labels, scores, masks, maps, test) -> dict:
     if has_masks:
         out["pixel_auroc"] = metrics.pixel_auroc(masks, maps)
         out["aupro"] = metrics.aupro(masks, maps)
+        w = metrics.within_image_auroc(masks, maps)
+        if w is not None:
+            out["within_image_auroc"], out["within_image_n"] = w
     defect_labels = sorted({s.label for s in test if not s.is_normal})
     if len(defect_labels) > 1:
         res = {"maps": maps, "masks": masks} if has_masks else {}
