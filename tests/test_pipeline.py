@@ -289,7 +289,7 @@ def _relabelled_manifest(texture, path, label_of):
     path.write_text("\n".join(rows) + "\n")
 
 
-def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_path):
+def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_path, capsys):
     """Two defect labels in a manifest: each is scored against all test normals, the image AUROC per
     label equals the one recomputed from the score CSV, and the labels' defect-pixel shares sum to 1."""
     from uninet_feat import metrics
@@ -301,6 +301,14 @@ def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_pat
     assert "Per defect label" in html and f"{per['hole']['pixel_auroc']:.4f}" in html
     assert sorted(per) == ["crack", "hole"] and per["crack"]["n"] == per["hole"]["n"] == 2
     assert abs(per["crack"]["defect_pixel_share"] + per["hole"]["defect_pixel_share"] - 1) < 1e-9
+    from uninet_feat.evaluate import print_report
+    capsys.readouterr()
+    print_report(rep)   # the console table: each label's share of the defect pixels and within-image AUROC
+    out = capsys.readouterr().out
+    assert "defect px" in out and "within image" in out
+    for name in ("crack", "hole"):
+        row = next(line for line in out.splitlines() if f"label {name}" in line)
+        assert f"{per[name]['defect_pixel_share']:.2f}" in row and f"{per[name]['within_image_auroc']:.4f}" in row
     import csv
     got = list(csv.DictReader(open(tmp_path / "s.csv")))
     for name in ("crack", "hole"):

@@ -569,8 +569,13 @@ def print_report(report: dict) -> None:
     rows = [("all", report)] + list(report.get("per_group", {}).items())
     rows += [(f"label {k}", v) for k, v in report.get("per_label", {}).items()]
     show = lambda v: f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
+    share = any("defect_pixel_share" in v for v in report.get("per_label", {}).values())
+    if share:   # pooled pixel AUROC weighs labels by their pixels: which label a low figure comes from
+        table.add_column("defect px")
     for name, r in rows:
-        table.add_row(name, *[show(r[k]) if k in r else "-" for k in keys])
+        cells = [show(r[k]) if k in r else "-" for k in keys]
+        table.add_row(name, *cells, *([f"{r['defect_pixel_share']:.2f}" if "defect_pixel_share" in r else "-"]
+                                      if share else []))
     console.print(table)
     if "mean_image_auroc" in report:
         lo, hi = report.get("mean_image_auroc_interval") or (float("nan"),) * 2
