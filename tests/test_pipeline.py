@@ -311,6 +311,10 @@ def test_evaluate_breaks_metrics_down_per_defect_label(trained, texture, tmp_pat
         assert f"{per[name]['defect_pixel_share']:.2f}" in row and f"{per[name]['within_image_auroc']:.4f}" in row
     import csv
     got = list(csv.DictReader(open(tmp_path / "s.csv")))
+    own = [float(r["pixel_auroc"]) for r in got if r["pixel_auroc"]]   # each defective image's own pixel AUROC
+    assert len(own) == rep["within_image_n"] >= 1 and all(r["pixel_auroc"] == "" for r in got if r["label"] == "good")
+    assert np.mean(own) == pytest.approx(rep["within_image_auroc"], abs=1e-5)
+    assert "Defects the heatmap misses" in html
     for name in ("crack", "hole"):
         sub = [r for r in got if r["label"] in ("good", name)]
         y = np.array([int(r["is_defect"]) for r in sub])

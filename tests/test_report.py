@@ -298,7 +298,8 @@ def test_report_shows_the_knn_and_combined_scorers_with_their_own_thresholds(tmp
     """`evaluate --knn --report`: the kNN and combined flags have thresholds of their own (per group for a run of
     several groups); the report showed WDM's alone."""
     sc = {"knn_features": "plain backbone",
-          "knn": {"image_auroc": 0.9401, "pixel_auroc": 0.8502, "aupro": 0.7331, "threshold": 1.2345,
+          "knn": {"image_auroc": 0.9401, "pixel_auroc": 0.8502, "aupro": 0.7331, "within_image_auroc": 0.8614,
+                  "threshold": 1.2345,
                   "at_threshold": {"recall_defect": 0.75, "false_positive_rate": 0.0312}},
           "combined": {"image_auroc": 0.9644, "threshold": None, "group_thresholds": {"plain": 2.5, "twill": 3.75},
                        "at_threshold": {"recall_defect": 0.8, "false_positive_rate": 0.05}}}
@@ -307,7 +308,26 @@ def test_report_shows_the_knn_and_combined_scorers_with_their_own_thresholds(tmp
     assert "Other scorers (plain backbone features)" in part
     knn = part[part.index("<th>knn</th>"):].split("</tr>")[0]
     assert [c for c in re.findall(r"<td class='num'>([^<]*)</td>", knn)] == [
-        "0.9401", "0.8502", "0.7331", "1.2345", "0.750", "0.031"]
+        "0.9401", "0.8502", "0.7331", "0.8614", "1.2345", "0.750", "0.031"]
     comb = part[part.index("<th>combined</th>"):].split("</tr>")[0]
     assert "plain 2.5000, twill 3.7500" in comb and "0.9644" in comb and "0.050" in comb
     assert "Other scorers" not in write_report(tmp_path / "w.html", METRICS, _rows()).read_text()
+
+
+def test_report_shows_the_defects_the_heatmap_misses_lowest_pixel_auroc_first(tmp_path):
+    """evaluate's rows carry each defective image's own pixel AUROC: the report lists the lowest (the defects whose
+    map is hot elsewhere, whatever their image score) and shows the column; rows without it show neither."""
+    rows = _rows()
+    own = {}
+    for k, r in enumerate(r for r in rows if r["is_defect"]):
+        own[r["path"]] = [0.9, 0.35, 0.99, 0.6, 0.5, 0.8][k]
+    for r in rows:
+        r["pixel_auroc"] = f"{own[r['path']]:.6g}" if r["path"] in own else ""
+    text = write_report(tmp_path / "r.html", METRICS, rows, overlays=_overlays(tmp_path, rows), top_k=3).read_text()
+    part = _section(text, "worst-loc")
+    names = re.findall(r"class='fname' title='([^']+)'", part)
+    want = sorted(own, key=own.get)[:3]
+    assert names == want and "pixel AUROC in the image 0.350" in part and "<img class='ov'" in part
+    assert "<th onclick='sortTable(this)'>pixel AUROC</th>" in _section(text, "images")
+    plain = write_report(tmp_path / "p.html", METRICS, _rows()).read_text()
+    assert "worst-loc" not in plain and "pixel AUROC</th>" not in plain

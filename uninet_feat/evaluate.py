@@ -220,6 +220,11 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.9g}",
              "flagged": "" if threshold is None else bool(sc > t)}
             for s, l, sc, t in zip(test, labels, scores, per_image)]
+    if has_masks:   # each defective image's own pixel AUROC: which defects the heatmap misses (the report shows them)
+        own = (res["pixel_stats"].image_pixel_aurocs() if res.get("pixel_stats") is not None
+               else metrics.image_pixel_aurocs(res["masks"], res["maps"]))
+        for row, v, ok in zip(rows, own, res["pixel_ok"]):
+            row["pixel_auroc"] = "" if v is None or not ok else f"{v:.6g}"
     if knn is not None:
         report["scorers"] = _second_scorer(prep, cfg, test, labels, scores, rows, res, group)
     if csv_path:
@@ -410,7 +415,9 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     from .report import write_report
     normal = [i for i in np.argsort(-scores) if labels[i] == 0][:top_k]
     defect = [i for i in np.argsort(scores) if labels[i] == 1][:top_k]
-    pick = list(dict.fromkeys(normal + defect))
+    own = {i: float(r["pixel_auroc"]) for i, r in enumerate(report["_rows"]) if r.get("pixel_auroc", "") != ""}
+    missed = sorted(own, key=own.get)[:top_k]   # the report's "defects the heatmap misses"
+    pick = list(dict.fromkeys(normal + defect + missed))
     overlays, vmin, vmax = {}, None, None
     if pick:
         res = score_samples(model, [test[i] for i in pick], cfg, keep_maps=True)
@@ -598,7 +605,8 @@ def print_report(report: dict) -> None:
             where = (f"its thresholds per group {', '.join(f'{g} {t:.4g}' for g, t in by.items())}" if by else
                      f"its threshold {sc[name].get('threshold', float('nan')):.4g}")
             console.print(f"{name} ({sc['knn_features']} features): " + ", ".join(
-                f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "within_image_auroc", "image_ap", "f1_max")
+                f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "within_image_auroc",
+                                                   "image_ap", "f1_max")
                 if k in sc[name]) + (f"; at {where}: defect recall {fmt(at['recall_defect'])}, false-positive rate "
                                      f"{fmt(at['false_positive_rate'])}" if at else ""))
     if report.get("pixel_metrics"):

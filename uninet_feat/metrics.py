@@ -185,20 +185,30 @@ def pixel_auroc(masks, maps, chunk: int = 1 << 22) -> float:
     return twice_u / (2.0 * pos.size * neg.size)
 
 
+def image_pixel_aurocs(masks, maps) -> list[float | None]:
+    """Each image's own pixel AUROC, None for an image without both defect and normal pixels (a normal image)."""
+    out = []
+    for m, a in zip(masks, maps):
+        m, a = _binary("masks", m), _finite("maps", a)
+        out.append(pixel_auroc(m[None], a[None]) if m.any() and not m.all() else None)
+    return out
+
+
 def within_image_auroc(masks, maps) -> tuple[float, int] | None:
-    """(mean over images, number of images) of each image's own pixel AUROC, over the images that hold both defect
-    and normal pixels; None when none does.
+    """(mean over images, number of images) of each image's own pixel AUROC (`image_pixel_aurocs`), over the images
+    that hold both defect and normal pixels; None when none does.
 
     Why: pixel AUROC pools every image's pixels, so it mixes two questions: is a normal image's map low (which the
     image score already answers), and, inside a defective image, is the defect where the map is hot. This answers the
     second one alone, the one an engineer looking at a flagged part's heatmap asks. On magnetic tile (session 30) a
     perfect image-level gate would have raised the pooled figure only from 0.790 to 0.825: the gap is inside images."""
-    per = []
-    for m, a in zip(masks, maps):
-        m, a = _binary("masks", m), _finite("maps", a)
-        if m.any() and not m.all():
-            per.append(pixel_auroc(m[None], a[None]))
-    return (float(np.mean(per)), len(per)) if per else None
+    return mean_of(image_pixel_aurocs(masks, maps))
+
+
+def mean_of(per) -> tuple[float, int] | None:
+    """(mean, count) of the values of ``per`` that are not None; None when there is none."""
+    vals = [v for v in per if v is not None]
+    return (float(np.mean(vals)), len(vals)) if vals else None
 
 
 def _regions(masks: np.ndarray) -> np.ndarray:
@@ -474,17 +484,22 @@ class PixelStats:
                 offset += r[3]
         return np.concatenate(rid), np.concatenate(key), np.concatenate(cnt).astype(np.float64)
 
-    def within_image_auroc(self) -> tuple[float, int] | None:
-        """`within_image_auroc` of the binned maps: each image's AUROC from its own sparse histogram (its keys are
-        sorted), ties within a key counting one half."""
-        per = []
+    def image_pixel_aurocs(self) -> list[float | None]:
+        """`image_pixel_aurocs` of the binned maps: each image's AUROC from its own sparse histogram (its keys are
+        sorted), ties within a key counting one half; None for an image without both kinds of pixel."""
+        out = []
         for _, n, p, _, _ in self.images:
             if p is None or not n.sum() or not p.sum():
+                out.append(None)
                 continue
             n, p = n.astype(np.float64), p.astype(np.float64)
             below = np.cumsum(n) - n   # normal pixels in lower keys
-            per.append(float((p * (below + 0.5 * n)).sum() / (p.sum() * n.sum())))
-        return (float(np.mean(per)), len(per)) if per else None
+            out.append(float((p * (below + 0.5 * n)).sum() / (p.sum() * n.sum())))
+        return out
+
+    def within_image_auroc(self) -> tuple[float, int] | None:
+        """`within_image_auroc` of the binned maps."""
+        return mean_of(self.image_pixel_aurocs())
 
     def pixel_auroc(self) -> float:
         neg, pos = self._pooled()

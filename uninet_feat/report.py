@@ -98,6 +98,8 @@ def _norm_rows(rows) -> list[dict]:
                               else d["label"] not in ("good", "normal", "ok", ""))
         d["score"] = _to_float(d.get("score"))
         d["flagged"] = _to_bool(d.get("flagged"))
+        own = d.get("pixel_auroc")   # evaluate's: the image's own pixel AUROC ("" for a normal image)
+        d["pixel_auroc"] = None if own in (None, "") else _to_float(own)
         out.append(d)
     return out
 
@@ -189,12 +191,13 @@ def _scorers_table(sc) -> str:
         by, at = v.get("group_thresholds"), v.get("at_threshold") or {}
         thr = (", ".join(f"{_esc(str(g))} {_fmt(t, 4)}" for g, t in by.items()) if by else
                _fmt(v.get("threshold"), 4) if v.get("threshold") is not None else "—")
-        cells = [_fmt(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro")]
+        cells = [_fmt(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "within_image_auroc")]
         cells += [thr, _fmt(at.get("recall_defect"), 3), _fmt(at.get("false_positive_rate"), 3)]
         trs.append(f"<tr><th>{name}</th>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
     if not trs:
         return ""
-    head = "".join(f"<th>{h}</th>" for h in ("I-AUROC", "P-AUROC", "AUPRO", "threshold (validation normals)",
+    head = "".join(f"<th>{h}</th>" for h in ("I-AUROC", "P-AUROC", "AUPRO", "P-AUROC within defective images",
+                                            "threshold (validation normals)",
                                             "defect recall", "false-positive rate"))
     feats = f" ({_esc(str(sc['knn_features']))} features)" if sc.get("knn_features") else ""
     return (f"<div><h3>Other scorers{feats}</h3><table class='metrics pergroup'><tr><th>scorer</th>{head}</tr>"
@@ -247,6 +250,7 @@ def _cards(rows, overlays, threshold, kind) -> str:
             f"<figure class='card{' wide' if wide else ''}' data-path='{_esc(r['path'])}'>{img}<figcaption>"
             f"<b>#{rank}</b> <span class='fname' title='{_esc(r['path'])}'>{_esc(Path(r['path']).name)}</span><br>"
             f"score <b>{_fmt(r['score'])}</b> · label {_esc(r['label']) or '—'}"
+            f"{' · pixel AUROC in the image ' + _fmt(r['pixel_auroc'], 3) if kind == 'loc' else ''}"
             f"{' · group ' + _esc(r['group']) if r['group'] else ''} · "
             f"<span class='oc oc-{oc}'>{oc}</span></figcaption></figure>")
     return "<div class='cards'>" + "".join(cards) + "</div>"
@@ -266,6 +270,7 @@ def _aspect(src) -> float:
 def _table(rows, overlays, threshold, max_rows) -> str:
     order = sorted(rows, key=lambda r: (-r["score"] if math.isfinite(r["score"]) else math.inf))
     shown = order[:max_rows]
+    own = any(r.get("pixel_auroc") is not None for r in rows)   # evaluate with masks: each image's pixel AUROC
     trs = []
     for i, r in enumerate(shown, 1):
         src = overlays.get(r["path"]) if overlays else None
@@ -276,11 +281,14 @@ def _table(rows, overlays, threshold, max_rows) -> str:
         trs.append(f"<tr><td class='num'>{i}</td><td title='{_esc(r['path'])}'>{_esc(Path(r['path']).name)}</td>"
                    f"<td>{_esc(r['group'])}</td><td>{_esc(r['label'])}</td><td>{'defect' if r['is_defect'] else 'normal'}</td>"
                    f"<td class='num' data-v='{r['score'] if math.isfinite(r['score']) else ''}'>{_fmt(r['score'])}</td>"
-                   f"<td>{flag}</td><td class='oc oc-{oc}'>{oc}</td><td>{th}</td></tr>")
+                   + (f"<td class='num' data-v='{'' if r['pixel_auroc'] is None else r['pixel_auroc']}'>"
+                      f"{'' if r['pixel_auroc'] is None else _fmt(r['pixel_auroc'], 3)}</td>" if own else "")
+                   + f"<td>{flag}</td><td class='oc oc-{oc}'>{oc}</td><td>{th}</td></tr>")
     note = (f"<p class='note'>Showing the {max_rows} highest-scoring of {len(rows)} images.</p>"
             if len(rows) > max_rows else "")
     head = "".join(f"<th onclick='sortTable(this)'>{h}</th>" for h in
-                   ("#", "image", "group", "label", "truth", "score", "flagged", "outcome", "overlay"))
+                   ("#", "image", "group", "label", "truth", "score") + (("pixel AUROC",) if own else ())
+                   + ("flagged", "outcome", "overlay"))
     return f"{note}<table class='rows' id='rows'><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
 
 
@@ -418,6 +426,13 @@ def write_report(out_html, metrics: dict | None = None, rows: list[dict] | None 
                  f"<p class='legendkey'>{key}</p>" + _cards(normals, overlays, threshold, "fp") + "</section>")
     parts.append(f"<section id='worst-fn'><h2>Lowest-scoring defect images (worst false negatives, top {top_k})</h2>"
                  + _cards(defects, overlays, threshold, "fn") + "</section>")
+    missed = sorted([r for r in rows if r["is_defect"] and r.get("pixel_auroc") is not None
+                     and math.isfinite(r["pixel_auroc"])], key=lambda r: r["pixel_auroc"])[:top_k]
+    if missed:   # the image score may catch a defect whose heatmap points elsewhere: where to look at the maps
+        parts.append(f"<section id='worst-loc'><h2>Defects the heatmap misses (lowest pixel AUROC inside the image, "
+                     f"top {top_k})</h2><p class='legendkey'>Each defective image's own pixel AUROC: 1 when every "
+                     "defect pixel is hotter than every other pixel of its image, 0.5 when the map does not tell "
+                     "them apart.</p>" + _cards(missed, overlays, threshold, "loc") + "</section>")
     parts.append("<section id='images'><h2>All images</h2><p class='legendkey'>Click a column header to sort. "
                  "Outcome at the threshold: TP/TN correct, FP = normal flagged, FN = defect missed.</p>"
                  + (_table(rows, overlays, threshold, max_table_rows) if rows else "<p class='note'>No rows.</p>")
