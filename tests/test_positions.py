@@ -407,3 +407,26 @@ def test_evaluate_and_predict_state_the_tile_scoring_the_calibration_applies(run
     assert evaluate(c, quiet=True, report_path=tmp_path / "r.html")["tile_norm"] == "none"
     assert "&quot;tile_norm&quot;: &quot;none&quot;" in (tmp_path / "r.html").read_text()   # HTML-escaped
     assert predict_cmd(c, data / "test", tmp_path / "p", overlays=False, quiet=True)["tile_norm"] == "none"
+
+
+def test_clusters_csv_score_of_a_position_normed_run_is_predicts_score(run, tmp_path):
+    """docs/usage.md said cluster's `score` is the store's raw highest tile score, not predict's under `tile_norm:
+    position`; extract stores the position-corrected tile scores, so under `tile_score: max` it is predict's."""
+    import csv
+    data, r = run
+    assert main(["extract", "--run", str(r), "--data", str(data / "test"), "--batch",
+                 "--out", str(tmp_path / "f")]) == 0
+    assert main(["predict", "--run", str(r), "--data", str(data / "test"), "--quiet", "--no-overlays",
+                 "--out", str(tmp_path / "p")]) == 0
+    with open(tmp_path / "p" / "predictions.csv") as fh:
+        pred = {row["path"]: float(row["wdm_score"]) for row in csv.DictReader(fh)}
+    (tmp_path / "flagged.csv").write_text("path,flagged\n" + "".join(f"{p},True\n" for p in pred))
+    assert main(["cluster", "--features", str(tmp_path / "f"), "--flagged", str(tmp_path / "flagged.csv"),
+                 "--columns", "all", "--k", "2", "--no-sheet", "--out", str(tmp_path / "c")]) == 0
+    with open(tmp_path / "c" / "clusters.csv") as fh:
+        got = {row["path"]: float(row["score"]) for row in csv.DictReader(fh)}
+    assert len(got) == len(pred) == 4 and got == pytest.approx(pred, abs=1e-4)
+    model, ck = build_from_checkpoint(r / "model.pt")
+    cfg = dict(ck["config"])
+    raw = _plain_tile_scores(model, [s for s in load_samples(cfg) if s.split == "test"], cfg)
+    assert got != pytest.approx({p: max(t.values()) for p, t in raw.items()}, abs=1e-4)   # not the raw tile score
