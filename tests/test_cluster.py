@@ -552,3 +552,25 @@ def test_a_csv_written_on_windows_with_backslash_paths_matches_the_store(store, 
     from uninet_feat.clusters import read_path_table
     with pytest.raises(BadInputError, match=f"line {len(twice) + 1}: .* and .* on line 2"):
         read_path_table(tmp_path / "twice.csv", "label", "labels CSV")
+
+
+def test_a_file_whose_name_holds_a_backslash_is_not_taken_for_another_file(tmp_path, monkeypatch):
+    """On Linux `a\\b.png` can be a file of its own beside `a/b.png`. Reading backslashes as / is for a path that
+    names no file here (a CSV written on Windows); it merged two files listed in one CSV (refused as one image
+    listed twice with two labels, or one of them silently dropped) and matched an existing file outside the store
+    to another image of it."""
+    import warnings
+    from uninet_feat.clusters import read_path_table, store_rows
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b.png").write_bytes(b"x")
+    (tmp_path / "a\\b.png").write_bytes(b"y")   # another file, its name holding a backslash
+    (tmp_path / "two.csv").write_text("path,label\na\\b.png,spot\na/b.png,hole\n")
+    table = read_path_table(tmp_path / "two.csv", "label", "labels CSV")
+    assert table == {str(tmp_path / "a\\b.png"): "spot", str(tmp_path / "a" / "b.png"): "hole"}
+    recs = [{"path": str(tmp_path / "a" / "b.png")}]   # a store of a/b.png alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store_rows([str(tmp_path / "a\\b.png")], recs) == ({}, [str(tmp_path / "a\\b.png")])
+    with pytest.warns(UserWarning, match="backslashes read as /"):   # a path naming no file here still matches
+        assert store_rows([str(tmp_path / "c\\..\\a\\b.png")], recs)[0] == {str(tmp_path / "c\\..\\a\\b.png"): 0}

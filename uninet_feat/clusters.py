@@ -82,7 +82,7 @@ def read_path_table(path, column: str, what: str) -> dict:
     """{absolute path: ``column``'s value} of a CSV with a ``path`` column (``predictions.csv``, ``labels.csv``);
     a relative path is taken from the working folder, as the commands that wrote it were given it. Read as a
     spreadsheet may save it: a UTF-8 BOM, header names in any case or with spaces, extra columns. A file listed
-    twice (by any spelling of its path, backslashes read as / too) with two values is refused, naming both lines."""
+    twice (by any spelling of its path, `windows_path`'s too) with two values is refused, naming both lines."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{what} not found", path=path, fix="pass the CSV file itself")
@@ -105,7 +105,7 @@ def read_path_table(path, column: str, what: str) -> dict:
         if not row.get("path"):
             continue
         p, v = os.path.abspath(row["path"]), row.get(column, "")
-        key = same_file_key(p.replace("\\", "/"))
+        key = same_file_key(windows_path(p))
         if key in seen and out[seen[key][1]] != v:
             was = out[seen[key][1]]
             raise BadInputError(f"line {reader.line_num}: {row['path']} is {column} {v!r} here and {was!r} on line "
@@ -113,6 +113,15 @@ def read_path_table(path, column: str, what: str) -> dict:
         seen.setdefault(key, (reader.line_num, p))
         out[seen[key][1]] = v
     return out
+
+
+def windows_path(path: str) -> str:
+    """``path`` with its backslashes read as / when it holds some and names no file here (a CSV written on Windows:
+    ``batch\\img_001.png``); else ``path`` itself: on Linux ``a\\b.png`` can be a file of its own beside
+    ``a/b.png``."""
+    if "\\" not in path or os.path.lexists(path):
+        return path
+    return os.path.abspath(path.replace("\\", "/"))
 
 
 def same_file_key(path) -> str:
@@ -125,7 +134,7 @@ def store_rows(paths, recs, source=None) -> tuple[dict, list]:
     """({path: index of its record in ``recs``}, the paths not found): matched by absolute path, else by the file
     they name (`same_file_key`), so that predict run through a symlinked folder finds the store's images. A path
     that matches neither and holds backslashes (a CSV written on Windows: ``batch\\img_001.png``, which names no
-    folder here) is matched with them read as /, said once in a warning naming ``source`` (the CSV)."""
+    file here: `windows_path`) is matched with them read as /, said once in a warning naming ``source`` (the CSV)."""
     where = {r["path"]: j for j, r in enumerate(recs)}
     real = None
     found, absent, slashed = {}, [], []
@@ -135,8 +144,8 @@ def store_rows(paths, recs, source=None) -> tuple[dict, list]:
             if real is None:
                 real = {same_file_key(r["path"]): j for j, r in enumerate(recs)}
             j = real.get(same_file_key(p))
-        if j is None and "\\" in p:
-            q = os.path.abspath(p.replace("\\", "/"))
+        q = windows_path(p) if j is None else p
+        if q != p:
             j = where.get(q, real.get(same_file_key(q)))
             if j is not None:
                 slashed.append(p)
