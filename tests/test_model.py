@@ -330,3 +330,50 @@ def test_lr_target_flag_sets_how_far_the_target_teacher_moves(tmp_path):
         moved[name] = max(float((tgt[k] - src[k]).abs().max()) for k in src)
     assert moved["zero"] == 0 < moved["default"], moved
     assert yaml.safe_load((tmp_path / "zero" / "config.yaml").read_text())["lr_target"] == 0
+
+
+def test_border_pad_gives_the_teachers_of_the_mirrored_image_cropped_back_and_survives_a_checkpoint(tmp_path):
+    """``border_pad=p``: the network sees the input mirrored p pixels out on every side, and every level is cropped
+    back to the image (p / stride cells), so the outputs keep the unpadded shapes and the teachers are exactly the
+    backbone's features of the padded image, cropped. Border cells change (they see the surface, not zeros); the
+    option survives a checkpoint, and values that crop no whole cell, or mirror more than the image, are refused."""
+    import torch.nn.functional as F
+    from uninet_feat.checkpoint import build_from_checkpoint, save_checkpoint
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import make_model
+    from _tiny import register_tiny
+    register_tiny()
+    torch.manual_seed(0)
+    m = UniNet(TinyBackbone(), border_pad=16).eval()
+    plain = copy.deepcopy(m)
+    plain.border_pad = 0
+    x = torch.randn(2, 3, 64, 64)
+    out, ref = m(x), plain(x)
+    assert [t.shape for t in out.teachers] == [t.shape for t in ref.teachers]
+    assert [s.shape for s in out.students] == [s.shape for s in ref.students]
+    with torch.no_grad():
+        feats = m.source(F.pad(x, (16, 16, 16, 16), mode="reflect"))
+    for f, t, st in zip(feats, out.teachers[:3], (4, 8, 16)):
+        c = 16 // st
+        torch.testing.assert_close(t, f[..., c:-c, c:-c])
+    first = out.teachers[0]
+    assert not torch.allclose(first[..., 0, :], ref.teachers[0][..., 0, :])   # the border row sees other context
+    pix, score = m.predict(x)
+    assert pix.shape == (2, 64, 64) and torch.isfinite(score).all()
+    cfg = load_config(None, base={"backbone": "tiny", "weights": "random", "channels_last": False, "border_pad": 16})
+    made = make_model(cfg)
+    again, _ = build_from_checkpoint(save_checkpoint(tmp_path / "m.pt", made, cfg))
+    assert again.border_pad == 16
+    for a, b in zip(again.eval()(x).students, made.eval()(x).students):
+        torch.testing.assert_close(a, b)
+    for bad, why in ((8, "multiple of 16"), (-16, ">= 0"), (16.0, "whole number")):
+        with pytest.raises(ValueError, match=why):
+            UniNet(TinyBackbone(), border_pad=bad)
+    with pytest.raises(ValueError, match="smaller than the input"):
+        UniNet(TinyBackbone(), border_pad=64)(torch.randn(1, 3, 64, 64))
+    from uninet_feat.errors import BadInputError
+    with pytest.raises(BadInputError, match="border_pad must be a multiple of 16") as e:   # as train says it
+        make_model(load_config(None, base={**cfg, "border_pad": 8}))
+    assert "--border-pad a multiple" in str(e.value.fix)
+    with pytest.raises(BadInputError, match="border_pad must be an integer >= 0"):
+        load_config(None, {"border_pad": -16}, base={"backbone": "tiny"})

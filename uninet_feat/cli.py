@@ -48,6 +48,10 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                    help="the bottleneck's embedding stride, x the coarsest level's: 2 (the method, default) or 1, "
                         "which keeps the coarsest level's grid (measured worse on magnetic tile at 128 px: the student "
                         "then reconstructs defects too; docs/results.md)")
+    p.add_argument("--border-pad", dest="border_pad", type=int,
+                   help="pixels of mirrored context the network sees around each input, cropped off its features, "
+                        "so that defects at the border are not hidden by the convolutions' zero padding (a multiple "
+                        "of the backbone's coarsest stride, e.g. 16 for EfficientNet-Lite0; default 0)")
     p.add_argument("--select", choices=["last", "synthetic"],
                    help="which epoch becomes model.pt: the last (fixed schedule, default) or the one that best "
                         "separates the validation normals from synthetic defects made from them (no labels)")
@@ -126,7 +130,7 @@ _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "i
                "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "device", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
                "map_levels", "map_norm", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
-               "step_in_backward", "denoise", "denoise_kinds")
+               "step_in_backward", "denoise", "denoise_kinds", "border_pad")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -102,13 +102,13 @@ _RANGES = {"epochs": (1, True, "10"), "batch_size": (1, True, "8"), "eval_batch_
            "val_fraction": (0, True, "0.1"), "val_every": (1, True, "1"), "threads": (1, True, "2"),
            "lr": (0, False, "5e-3"), "lr_target": (0, True, "1e-6"), "keep_every": (0, True, "10"),
            "seed": (0, True, "1203"), "width": (0, False, "4"), "temperature": (0, False, "2"),
-           "margin": (0, True, "1"), "lam": (0, True, "0.7")}
+           "margin": (0, True, "1"), "lam": (0, True, "0.7"), "border_pad": (0, True, "16")}
 _HIGH = {"val_fraction": (1, False), "seed": (2 ** 32 - 1, True), "lam": (1, True)}   # (bound, inclusive)
 # keys that also have a command-line flag (--batch-size); the others are set in a --config file only
 _FLAGGED = {"epochs", "batch_size", "image_size", "tile", "val_fraction", "val_every", "threads", "lr", "lr_target",
-            "keep_every", "seed", "width", "temperature"}
+            "keep_every", "seed", "width", "temperature", "border_pad"}
 _INTEGERS = {"epochs", "batch_size", "eval_batch_size", "image_size", "tile", "tile_overlap", "val_every",
-             "threads", "keep_every", "seed"}
+             "threads", "keep_every", "seed", "border_pad"}
 
 
 def check_numbers(cfg: dict, path=None) -> None:
