@@ -259,3 +259,29 @@ def test_combined_scores_of_a_tile_score_mean_run_match_their_threshold(tmp_path
     rows = {r["path"]: r for r in res["rows"]}
     got = [rows[str(s.path)]["combined_score"] for s in ref.val]
     assert np.allclose(got, ref.combined, rtol=1e-6, atol=1e-9)
+
+
+def test_a_border_pad_run_queries_a_plain_index_with_the_plain_backbones_patches(tmp_path):
+    """A run trained with ``border_pad`` feeds its source teacher the mirrored input, so that teacher's patches are
+    not the plain backbone's near the border even when it is the same backbone and weights file: the kNN queries of
+    an index over plain patches must then come from the plain backbone (as the index's patches did), not from the
+    run's pass (``patches="source"``), else every border patch is far from the bank."""
+    import torch
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.scorers import knn_setup
+    from uninet_feat.train import train
+    data = write_texture_set(tmp_path / "data", n_train=6, n_good=2, n_bad=2)
+    weights, run, f, knn = tmp_path / "tiny.pt", tmp_path / "run", tmp_path / "plain", tmp_path / "knn"
+    torch.save(create_backbone("tiny", weights="random").state_dict(), weights)
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": str(weights), "image_size": 64,
+                                                       "epochs": 1, "batch_size": 2, "channels_last": False,
+                                                       "val_fraction": 0.5, "border_pad": 16}), run, quiet=True)
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
+                 "64", "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["index", "--features", str(f), "--coreset", "1.0", "--out", str(knn)]) == 0
+    samples = sorted((data / "test").rglob("*.png"))
+    ex = Extractor(run=run)
+    _, kex = knn_setup(knn, ex)
+    got = (kex or ex).extract(samples)["patches"]
+    plain = Extractor(backbone="tiny", weights=str(weights), image_size=64, patches=True).extract(samples)["patches"]
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)

@@ -54,9 +54,10 @@ def _is_plain(source) -> bool:
 
 def _same_plain_backbone(source, ex) -> bool:
     """Whether the run's source teacher is the index's backbone (same configuration and named weights — a
-    random init is never the same twice) at the same input size and tiling."""
+    random init is never the same twice) at the same input size and tiling, and sees the image as it does: a run's
+    ``border_pad`` feeds it the mirrored input, whose border patches are not the plain backbone's."""
     settings, cfg = source.get("settings") or {}, ex.cfg
-    return (source["backbone"] == ex.backbone.config()
+    return (source["backbone"] == ex.backbone.config() and not getattr(ex.model, "border_pad", 0)
             and str(source.get("weights")) == str(cfg.get("weights")) and str(cfg.get("weights")) != "random"
             and settings.get("image_size") == cfg.get("image_size")
             and (settings.get("tile") or None) == (cfg.get("tile") or None))
