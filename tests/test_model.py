@@ -377,3 +377,18 @@ def test_border_pad_gives_the_teachers_of_the_mirrored_image_cropped_back_and_su
     assert "--border-pad a multiple" in str(e.value.fix)
     with pytest.raises(BadInputError, match="border_pad must be an integer >= 0"):
         load_config(None, {"border_pad": -16}, base={"backbone": "tiny"})
+
+
+@pytest.mark.parametrize("extra", [["--border-pad", "64"], ["--tile", "32", "--border-pad", "32"]])
+def test_train_refuses_a_border_pad_as_large_as_its_input_before_the_run_folder(tmp_path, capsys, extra):
+    """A mirror reflects at most the network's input (the image at image_size, or the tile): ``train`` says so as
+    one error with its fix before it writes the run folder, as it does for an image_size the backbone cannot take,
+    instead of a ValueError traceback from the first training step."""
+    from uninet_feat.cli import main
+    from _tiny import register_tiny, tiny_train_args, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
+    assert main(tiny_train_args(data) + extra + ["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "border_pad" in err and "smaller than" in err and "fix:" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()

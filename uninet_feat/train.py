@@ -118,6 +118,13 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         low, high = max(step, cfg["image_size"] // step * step), (cfg["image_size"] // step + 1) * step
         raise BadInputError(f"image_size {cfg['image_size']} must be a multiple of {step} for this backbone "
                             f"({cfg['backbone']})", fix=f"--image-size {low} or {high}")
+    side = cfg.get("tile") or cfg["image_size"]   # the network's input: a tile of a tiled run, else the image
+    side = min(side) if isinstance(side, (list, tuple)) else side
+    if model.border_pad >= side:   # forward would refuse it in the first step, after the run folder is written
+        what = "tile" if cfg.get("tile") else "image_size"
+        raise BadInputError(f"border_pad {model.border_pad} must be smaller than the network's input ({what} "
+                            f"{side}): a mirror reflects at most the input itself",
+                            fix=f"a smaller --border-pad, or a larger --{what.replace('_', '-')}")
     if resume:   # saved as the run first saved it: the resolved student_relu has the checkpoint's own key, so a
         cfg = {k: v for k, v in cfg.items() if k != "student_relu"}   # resumed model.pt equals an uninterrupted one
         if "student_relu" in state["config"]:
