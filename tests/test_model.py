@@ -392,3 +392,20 @@ def test_train_refuses_a_border_pad_as_large_as_its_input_before_the_run_folder(
     err = capsys.readouterr().err
     assert "border_pad" in err and "smaller than" in err and "fix:" in err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_border_pad_of_a_vit_backbone_keeps_the_padded_input_on_its_patch_grid():
+    """A CLIP ViT of patch 14 takes only multiples of 112 (its patch and its coarsest level's stride 16): a pad of 16
+    crops whole cells at every level but makes a 224-px input 256, which the backbone refuses in the first forward
+    with the fix 'use image_size 224', the size already used. ``border_pad`` is checked against the whole input
+    instead, naming the pad that works; that pad gives the unpadded shapes."""
+    pytest.importorskip("open_clip")
+    from test_clip_backbone import P14
+    from uninet_feat.backbones import create_backbone
+    torch.manual_seed(0)
+    bb = create_backbone("clip:p14", model_cfg=P14)
+    with pytest.raises(ValueError, match="multiple of 112"):
+        UniNet(bb, border_pad=16)
+    m, plain = UniNet(bb, border_pad=112).eval(), UniNet(bb).eval()
+    x = torch.randn(1, 3, 224, 224)
+    assert [t.shape for t in m(x).teachers] == [t.shape for t in plain(x).teachers]

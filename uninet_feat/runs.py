@@ -180,7 +180,7 @@ def make_model(cfg: dict) -> UniNet:
     try:
         return UniNet(backbone, **model_options(cfg))
     except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths)
-        fix = ("--border-pad a multiple of the backbone's coarsest stride, as the message says, or 0"
+        fix = ("--border-pad a multiple of the pixels the message names (the backbone's coarsest stride), or 0"
                if "border_pad" in str(e) else
                "give decoder_depths one entry per level (e.g. [3, 4, 6] for three), or --levels with three levels")
         raise BadInputError(f"the model options do not fit backbone {cfg['backbone']} at levels "

@@ -11,6 +11,7 @@ Everything is sized from the backbone's ``channels`` and ``strides``.
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -96,7 +97,8 @@ class UniNet(nn.Module):
         scaled = {} if w == 1 else {"width": max(8, round(w * channels[-1])),
                                     "out_channels": max(8, round(2 * w * channels[-1]))}
         self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"], **scaled, stride=self.cfg["bottleneck_stride"])
-        self.border_pad = _border_pad(self.cfg["border_pad"], strides, self.bottleneck.out_stride)
+        self.border_pad = _border_pad(self.cfg["border_pad"], strides, self.bottleneck.out_stride,
+                                      getattr(backbone, "size_multiple", 1))
         relu = self.cfg["student_relu"]
         if relu == "auto":
             relu = nonnegative_levels(backbone)
@@ -249,9 +251,10 @@ class UniNet(nn.Module):
         return self
 
 
-def _border_pad(p, strides, step: int) -> int:
+def _border_pad(p, strides, step: int, multiple: int = 1) -> int:
     """``border_pad`` checked: a whole number of cells at every level (a multiple of the coarsest stride) that keeps
-    the padded input a multiple of the bottleneck's stride ``step``.
+    the padded input a multiple of the bottleneck's stride ``step`` and of what the backbone takes (``multiple``,
+    its ``size_multiple``: a ViT of patch 14 takes multiples of 112, so its pad is one of 112).
 
     Why the option: with zero padding, every convolution near the image's border sees zeros, and the student
     learns to reproduce the teacher there easily, so a defect at the border (a broken tile edge) scores low: on
@@ -260,9 +263,14 @@ def _border_pad(p, strides, step: int) -> int:
     if isinstance(p, bool) or not isinstance(p, int) or p < 0:
         raise ValueError(f"border_pad must be a whole number of pixels >= 0, got {p!r}")
     unit = max(strides)   # the bottleneck's stride is at most twice it, so 2p keeps the input a multiple of it
+    multiple = max(1, int(multiple))
+    unit = math.lcm(unit, multiple // math.gcd(multiple, 2))   # 2p a multiple of what the backbone takes
+    why = ("its coarsest level's stride, so that every level crops whole cells" if unit == max(strides) else
+           f"so that every level crops whole cells and the padded input stays a multiple of {multiple}, "
+           "which the backbone takes")
     if p % unit or (2 * p) % step:
-        raise ValueError(f"border_pad must be a multiple of {unit} pixels for this backbone (its coarsest level's "
-                         f"stride, so that every level crops whole cells), got {p}; e.g. {unit * max(1, round(p / unit))}")
+        raise ValueError(f"border_pad must be a multiple of {unit} pixels for this backbone ({why}), got {p}; "
+                         f"e.g. {unit * max(1, round(p / unit))}")
     return p
 
 
