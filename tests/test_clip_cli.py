@@ -166,3 +166,21 @@ def test_zero_shot_and_extract_refuse_sizes_that_do_not_fit(tmp_path, capsys):
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, err
     assert not (tmp_path / "zs").exists() and not (tmp_path / "f").exists()
+
+
+def test_text_columns_of_a_border_pad_run_are_the_plain_image_towers(tmp_path):
+    """A run trained with ``--border-pad`` feeds its source teacher the mirrored input: its tower pass is not the
+    image's, so extract's text columns must not reuse it (they would score the mirrored image, and a run's store
+    would no longer agree with a plain-backbone store of the same CLIP file)."""
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--epochs", "1", "--batch-size", "2", "--border-pad", "16", "--out", str(run),
+                 "--quiet"]) == 0
+    assert main(["extract", "--data", str(data), "--run", str(run), "--text", "--out", str(tmp_path / "fr"),
+                 "--quiet"]) == 0
+    assert main(["extract", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--text", "--out", str(tmp_path / "fp"), "--quiet"]) == 0
+    fr, fp = FeatureStore(tmp_path / "fr"), FeatureStore(tmp_path / "fp")
+    np.testing.assert_allclose(fr.vectors[:, -4:], fp.vectors[:, -4:], rtol=1e-5, atol=1e-6)

@@ -106,7 +106,8 @@ class Extractor:
         if ts is None:
             return self._forward(x), None
         keep = getattr(self.backbone, "keep_tower_output", None)
-        if keep is None or ts.visual is not getattr(self.backbone, "visual", None):
+        padded = getattr(self.model, "border_pad", 0)   # the run's pass is of the mirrored input, not the image
+        if keep is None or padded or ts.visual is not getattr(self.backbone, "visual", None):
             return self._forward(x), ts.features(x)
         with keep() as passes:
             r = self._forward(x)
