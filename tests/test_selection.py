@@ -318,3 +318,15 @@ def test_synthetic_kinds_parse_and_choose_what_is_drawn(texture, tmp_path):
     with pytest.raises(BadInputError, match="unknown synthetic defect kinds"):   # refused before any epoch
         train(_cfg(texture, synthetic_kinds="stain,foo"), tmp_path / "r", quiet=True)
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_texture_patch_reaches_the_border_as_often_as_the_border_holds_area():
+    """Defects reach a part's edges, where maps are weakest: the validation set must put its regions there too.
+    The border (8 px of 128) holds 23 % of the area; centred in 0.2-0.8 the regions put 9 % of their pixels
+    there, centred anywhere 17 % here (a region at the border is partly cut off, so fewer than 23 %)."""
+    img = _stripes(128)
+    inner = np.zeros((128, 128), bool)
+    inner[8:-8, 8:-8] = True
+    masks = np.stack([texture_patch(img, np.random.default_rng(s))[1] for s in range(120)])
+    share = masks[:, ~inner].sum() / masks.sum()
+    assert 0.15 < share < 1 - inner.mean(), share
