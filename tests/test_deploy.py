@@ -168,3 +168,27 @@ def test_a_tiled_run_without_offsets_is_exported_for_its_normals_size(tmp_path):
     train(cfg, tmp_path / "run2", quiet=True)
     with pytest.raises(BadInputError, match="its training normals came in 2 sizes"):
         export_model(tmp_path / "run2", tmp_path / "m2", check=False)
+
+
+def test_a_border_pad_run_exports_with_its_mirrored_context(plain, tmp_path):
+    """``train --border-pad P`` mirrors P pixels around every input inside UniNet.forward and crops every level back:
+    the exported graph must hold that pad (an ONNX reflect pad, for images of any size) and score as predict does,
+    not as the same weights would without their context."""
+    data, _, odd = plain
+    train(load_config(None, {"data": str(data), "border_pad": 16}, base=BASE), tmp_path / "run", quiet=True)
+    assert main(["export-model", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["check"]["max_abs_diff_score"] < 1e-4
+    assert "border_pad: 16" in (tmp_path / "m" / "run_config.yaml").read_text()
+    paths = sorted((data / "test").rglob("*.png")) + sorted(odd.iterdir())   # other sizes and modes too
+    got = _run_onnx(tmp_path / "m", paths)
+    det = Detector(tmp_path / "run")
+    assert det.model.border_pad == 16
+    want = det.score(paths)
+    for p, (m, s, full), d in zip(paths, got, want):
+        assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score)), p.name
+        assert m.shape == (1, 64, 64)
+        np.testing.assert_allclose(full[0], d.map, atol=1e-4)
+    det.model.border_pad = 0   # the same weights without their mirrored context score otherwise: the pad is in it
+    plain_scores = [d.score for d in det.score(paths, maps=False)]
+    assert max(abs(float(s[0]) - v) for (_, s, _), v in zip(got, plain_scores)) > 1e-3
