@@ -394,6 +394,30 @@ def test_train_refuses_a_border_pad_as_large_as_its_input_before_the_run_folder(
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_scoring_a_padded_run_below_its_pad_names_the_size_the_pad_and_the_fix(tmp_path, capsys):
+    """``extract --run RUN --image-size N`` scores a finished run at another input size: one no larger than the run's
+    border_pad (or off the bottleneck's stride) stopped the first forward with a ValueError traceback whose fix, a
+    smaller border_pad, cannot be applied to a trained run. It is refused before any image is read, naming both."""
+    from uninet_feat.cli import main
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.extract import Extractor
+    from _tiny import register_tiny, tiny_train_args, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--border-pad", "48", "--val-fraction", "0", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["extract", "--run", str(run), "--data", str(data), "--image-size", "32", "--quiet",
+                 "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "image_size 32" in err and "border_pad 48" in err and "--image-size 64 or larger" in err, err
+    assert "Traceback" not in err and not (tmp_path / "f").exists()
+    with pytest.raises(BadInputError, match="multiple of 32") as e:
+        Extractor(run=run, image_size=80)
+    assert e.value.fix.startswith("--image-size 64 or 96 (the run's own is 64)") and e.value.path == str(run)
+    assert Extractor(run=run, image_size=128).cfg["image_size"] == 128   # a size it takes is used as before
+
+
 def test_border_pad_of_a_vit_backbone_keeps_the_padded_input_on_its_patch_grid():
     """A CLIP ViT of patch 14 takes only multiples of 112 (its patch and its coarsest level's stride 16): a pad of 16
     crops whole cells at every level but makes a 224-px input 256, which the backbone refuses in the first forward

@@ -20,7 +20,7 @@ from .export import backbone_features, uninet_features, vector_names
 from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
 from .io import atomic_write, atomic_write_text
 from .positions import corrected
-from .runs import make_dataset, model_device, run_path
+from .runs import check_input_side, make_dataset, model_device, run_path
 
 
 class Extractor:
@@ -63,6 +63,8 @@ class Extractor:
                           "which predict refuses in an index or head (fine for a throughput measurement). Fix: "
                           "drop --image-size / --tile with --run", stacklevel=2)
         if image_size:
+            if self.model is not None:   # before any image is read: a size the run's network cannot take
+                check_input_side(self.model, image_size, run, own=self.cfg["image_size"])
             self.cfg["image_size"] = image_size
         if tile is not None:
             self.cfg["tile"] = tile or None
