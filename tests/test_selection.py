@@ -203,6 +203,25 @@ def test_checkpoint_of_another_run_is_refused(texture, tmp_path):
     assert own["epoch"] == 1 and f"scored with {a / 'checkpoint.pt'}, not {a / 'model.pt'}" in own["threshold_rule"]
 
 
+def test_checkpoint_of_a_run_with_another_border_pad_is_refused(texture, tmp_path):
+    """A run's checkpoints share its border_pad (`train --resume` keeps the checkpoint's), so a model trained with
+    another pad on the same data, split and seed is another run's: evaluating it as one of this run's epochs mixed
+    two runs' figures. Refused, naming the pads; a config written before the option (no key) means no pad."""
+    import yaml
+    from uninet_feat.evaluate import evaluate
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(texture, epochs=1), a, quiet=True)
+    train(_cfg(texture, epochs=1, border_pad=16), b, quiet=True)
+    with pytest.raises(BadInputError, match=r"not a model of the run .*border_pad 16 vs 0"):
+        evaluate(a, checkpoint=b / "model.pt", quiet=True)
+    cfg = yaml.safe_load((a / "config.yaml").read_text())
+    cfg.pop("border_pad")   # an older run's config.yaml
+    (a / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(BadInputError, match=r"border_pad 16 vs 0"):
+        evaluate(a, checkpoint=b / "model.pt", quiet=True)
+    assert evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)["epoch"] == 1
+
+
 def test_checkpoint_of_a_run_without_validation_normals(texture, tmp_path):
     from uninet_feat.evaluate import evaluate
     run = tmp_path / "nv"

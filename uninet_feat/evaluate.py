@@ -432,9 +432,12 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
                         overlay_range=None if vmin is None else (float(vmin), float(vmax)))
 
 
-# what makes a checkpoint a model of a given run: same network input and the same data and split
-_SAME_RUN_KEYS = ("backbone", "levels", "image_size", "tile", "data", "split_csv", "group", "seed", "val_fraction",
-                  "split_hash")
+# what makes a checkpoint a model of a given run: same network input and the same data and split. border_pad is
+# part of the input (the mirrored context the weights learnt beside the image) and `train --resume` keeps the
+# checkpoint's, so a model of another pad is of another run, whose figures would pass for this run's epochs
+_SAME_RUN_KEYS = ("backbone", "levels", "image_size", "tile", "border_pad", "data", "split_csv", "group", "seed",
+                  "val_fraction", "split_hash")
+_SAME_RUN_DEFAULTS = {"border_pad": 0}   # what a config written before the key existed meant
 
 
 def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
@@ -446,6 +449,7 @@ def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
         run_cfg = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return   # an older or hand-made run folder without its config: nothing to compare against
+    run_cfg, ckpt_cfg = ({**_SAME_RUN_DEFAULTS, **c} for c in (run_cfg, ckpt_cfg))
     diff = [k for k in _SAME_RUN_KEYS if k in run_cfg and run_cfg.get(k) != ckpt_cfg.get(k)]
     if diff:
         raise BadInputError(f"not a model of the run {run}: "
