@@ -78,6 +78,29 @@ def test_ensemble_averages_scores_flags_above_the_mean_threshold_and_averages_ma
         ma, [m * 100 for m in mb])]), abs=1e-9)                   # the units matter: a raw sum ranks pixels otherwise
 
 
+def test_ensemble_csv_has_each_defective_images_own_pixel_auroc_as_evaluates(seeds, tmp_path):
+    """`evaluate`'s CSV has each defective image's own pixel AUROC (``pixel_auroc``: which defects the heatmap
+    misses); the ensemble's had none. It is the image's AUROC of the mean map in range units, empty for a normal
+    image, exact within the pixel budget and from the binned maps past it."""
+    runs = [str(seeds / "a"), str(seeds / "b")]
+    evaluate_ensemble(runs, csv_path=tmp_path / "e.csv", quiet=True)
+    rows = _rows(tmp_path / "e.csv")
+    (ma, masks), (mb, _) = _maps_in_range_units(seeds / "a"), _maps_in_range_units(seeds / "b")
+    want = metrics.image_pixel_aurocs(masks, [(x + y) / 2 for x, y in zip(ma, mb)])
+    test = [s for s in load_samples(dict(build_from_checkpoint(seeds / "a" / "model.pt")[1]["config"]))
+            if s.split == "test"]
+    by_path = {str(s.path): v for s, v in zip(test, want)}
+    assert sorted(by_path) == sorted(r["path"] for r in rows)
+    defects = [r for r in rows if r["is_defect"] == "1"]
+    assert defects and all(r["pixel_auroc"] == "" for r in rows if r["is_defect"] == "0")
+    for r in defects:
+        assert float(r["pixel_auroc"]) == pytest.approx(by_path[r["path"]], abs=1e-5), r["path"]
+    evaluate_ensemble(runs, csv_path=tmp_path / "b.csv", quiet=True, pixel_budget=1)   # binned as it is scored
+    binned = {r["path"]: r["pixel_auroc"] for r in _rows(tmp_path / "b.csv")}
+    for r in defects:
+        assert float(binned[r["path"]]) == pytest.approx(float(r["pixel_auroc"]), abs=1e-3)
+
+
 def test_ensemble_maps_go_a_few_images_at_a_time_and_past_the_budget_binned(seeds, monkeypatch):
     """No image's mean map waits for the last run: every run scores a chunk before the next chunk; past the pixel
     budget the mean maps are binned as they come (evaluate's `_PixelSink`), with the exact figures within 1e-3."""

@@ -185,7 +185,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     images have masks, exact within ``pixel_budget`` map pixels as evaluate's, else binned), its recall and
     false-positive rate at its default threshold (per group for runs of several groups, `default_thresholds`), and
     each run's own image AUROC."""
-    from .evaluate import PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, group_metrics, print_report
+    from .evaluate import PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, group_metrics, pixel_auroc_column
+    from .evaluate import print_report
     from .evaluate import report_console
     from . import metrics
     from .runs import load_test_samples
@@ -243,6 +244,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     rows = [{"path": str(x.path), "group": x.group, "label": x.label, "is_defect": int(y), "score": f"{s:.9g}",
              "flagged": bool(s > t), **{f"score_{k}": f"{v[j]:.9g}" for k, v in enumerate(raw)}}
             for j, (x, y, s, t) in enumerate(zip(samples, labels, scores, per_image))]
+    if has_masks:   # each image's own pixel AUROC of the mean map, as evaluate's CSV has it for one run's
+        pixel_auroc_column(rows, res)
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:

@@ -220,11 +220,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     rows = [{"path": str(s.path), "group": s.group, "label": s.label, "is_defect": int(l), "score": f"{sc:.9g}",
              "flagged": "" if threshold is None else bool(sc > t)}
             for s, l, sc, t in zip(test, labels, scores, per_image)]
-    if has_masks:   # each defective image's own pixel AUROC: which defects the heatmap misses (the report shows them)
-        own = (res["pixel_stats"].image_pixel_aurocs() if res.get("pixel_stats") is not None
-               else metrics.image_pixel_aurocs(res["masks"], res["maps"]))
-        for row, v, ok in zip(rows, own, res["pixel_ok"]):
-            row["pixel_auroc"] = "" if v is None or not ok else f"{v:.6g}"
+    if has_masks:
+        pixel_auroc_column(rows, res)
     if knn is not None:
         report["scorers"] = _second_scorer(prep, cfg, test, labels, scores, rows, res, group)
     if csv_path:
@@ -430,6 +427,17 @@ def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores
     return write_report(path, summary, report["_rows"], threshold=report.get("threshold"), overlays=overlays,
                         title=f"uninet-feat evaluation: {cfg.get('data')}", config=cfg,
                         overlay_range=None if vmin is None else (float(vmin), float(vmax)))
+
+
+def pixel_auroc_column(rows, res) -> None:
+    """Each CSV row's ``pixel_auroc``: its image's own pixel AUROC, which defects the heatmap misses (the report
+    shows them); empty for an image without both defect and normal pixels or without a mask (``res["pixel_ok"]``).
+    ``res``: the rows' maps and masks, or their binned ``pixel_stats``, in the rows' order (evaluate's and
+    ensemble's alike)."""
+    own = (res["pixel_stats"].image_pixel_aurocs() if res.get("pixel_stats") is not None
+           else metrics.image_pixel_aurocs(res["masks"], res["maps"]))
+    for row, v, ok in zip(rows, own, res["pixel_ok"]):
+        row["pixel_auroc"] = "" if v is None or not ok else f"{v:.6g}"
 
 
 # what makes a checkpoint a model of a given run: same network input and the same data and split. border_pad is
