@@ -328,6 +328,80 @@ def test_report_shows_the_defects_the_heatmap_misses_lowest_pixel_auroc_first(tm
     names = re.findall(r"class='fname' title='([^']+)'", part)
     want = sorted(own, key=own.get)[:3]
     assert names == want and "pixel AUROC in the image 0.350" in part and "<img class='ov'" in part
-    assert "<th onclick='sortTable(this)'>pixel AUROC</th>" in _section(text, "images")
+    assert "<th onclick='sortTable(this)' data-num=1>pixel AUROC</th>" in _section(text, "images")
     plain = write_report(tmp_path / "p.html", METRICS, _rows()).read_text()
     assert "worst-loc" not in plain and "pixel AUROC</th>" not in plain
+
+
+def _table_cells(text):
+    """(header [(text, attrs)], body rows [[(text, attrs)]]) of the report's per-image table."""
+    from html.parser import HTMLParser
+
+    class P(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.head, self.body, self.cell = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.body.append([])
+            elif tag in ("th", "td"):
+                self.cell = ["", dict(attrs), tag]
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell[0] += data
+
+        def handle_endtag(self, tag):
+            if tag in ("th", "td") and self.cell is not None:
+                (self.head if self.cell[2] == "th" else self.body[-1]).append(tuple(self.cell[:2]))
+                self.cell = None
+
+    p = P()
+    p.feed(_section(text, "images"))
+    return p.head, [r for r in p.body if r]
+
+
+def test_report_table_numeric_columns_carry_their_number_as_the_sort_key_and_none_as_empty(tmp_path):
+    """The table sorted by each cell's shown text: a "—" (no finite score) or blank (a normal image's pixel AUROC)
+    compared as text with the numbers beside it, so sorting interleaved them. Numeric columns now say so in their
+    header (data-num) and each cell holds its number in full, or an empty key that the sort puts last both ways."""
+    rows = _rows(4, 3)
+    rows[1]["score"] = "nan"
+    for k, r in enumerate(rows):
+        r["pixel_auroc"] = f"{0.25 + 0.1 * k:.6g}" if r["is_defect"] else ""
+    text = write_report(tmp_path / "r.html", METRICS, rows, threshold=0.4).read_text()
+    head, body = _table_cells(text)
+    names = [h for h, _ in head]
+    numeric = {h for h, a in head if a.get("data-num") == "1"}
+    assert numeric == {"#", "score", "pixel AUROC"} and "image" in names
+    si, pi = names.index("score"), names.index("pixel AUROC")
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert len(body) == len(rows)
+    for n, row in enumerate(body, 1):
+        src = by_name[row[1][0]]
+        assert row[0][1]["data-sort"] == repr(float(n))
+        score = float(src["score"])
+        assert row[si][1]["data-sort"] == ("" if score != score else repr(score))
+        assert row[pi][1]["data-sort"] == ("" if src["pixel_auroc"] == "" else repr(float(src["pixel_auroc"])))
+    assert [c[1]["data-sort"] for c in (r[si] for r in body)].count("") == 1   # the NaN score: "—", no key
+    assert sum(r[pi][1]["data-sort"] == "" for r in body) == 4                  # the normals
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="node is not installed")
+def test_report_sort_puts_empty_keys_last_both_ways_and_numbers_by_value(tmp_path):
+    """The page's own comparator (run in node): numbers by value, not as text ("10" after "9"), empty keys last
+    ascending and descending; text columns by their text, empty last too."""
+    import json
+    import subprocess
+    from uninet_feat.report import _JS
+    keys = ["0.5", "", "10", "9", "-1", "", "2.5e-05"]
+    script = _JS + f"""
+var k={json.dumps(keys)};
+function by(num,asc){{return k.slice().sort(function(a,b){{return cmpKeys(a,b,num,asc);}});}}
+console.log(JSON.stringify([by(true,true),by(true,false),by(false,true)]));"""
+    up, down, text = json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True,
+                                               check=True).stdout)
+    assert up == ["-1", "2.5e-05", "0.5", "9", "10", "", ""]
+    assert down == ["10", "9", "0.5", "2.5e-05", "-1", "", ""]
+    assert text[-2:] == ["", ""] and text.index("10") < text.index("9")

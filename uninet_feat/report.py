@@ -267,6 +267,15 @@ def _aspect(src) -> float:
         return 1.0
 
 
+def _num_cell(v, text: str) -> str:
+    """A numeric table cell whose sort key is explicit: ``data-sort`` holds the number itself (full precision) or is
+    empty for none (None, NaN: shown as "—" or blank). Why: the sort read the shown text, so a "—" or blank cell
+    compared as text with the numbers beside it, and the rows came out interleaved; `_JS` puts empty keys last."""
+    f = None if v is None else _to_float(v)
+    key = repr(f) if f is not None and math.isfinite(f) else ""
+    return f"<td class='num' data-sort='{key}'>{text}</td>"
+
+
 def _table(rows, overlays, threshold, max_rows) -> str:
     order = sorted(rows, key=lambda r: (-r["score"] if math.isfinite(r["score"]) else math.inf))
     shown = order[:max_rows]
@@ -278,15 +287,16 @@ def _table(rows, overlays, threshold, max_rows) -> str:
         th = f"<img class='thumb' src='{uri}' alt='' loading='lazy'>" if uri else ""
         oc = _outcome(r, threshold)
         flag = "—" if oc == "—" else ("yes" if oc in ("TP", "FP") else "no")
-        trs.append(f"<tr><td class='num'>{i}</td><td title='{_esc(r['path'])}'>{_esc(Path(r['path']).name)}</td>"
+        pa = r.get("pixel_auroc")
+        trs.append(f"<tr>{_num_cell(i, str(i))}<td title='{_esc(r['path'])}'>{_esc(Path(r['path']).name)}</td>"
                    f"<td>{_esc(r['group'])}</td><td>{_esc(r['label'])}</td><td>{'defect' if r['is_defect'] else 'normal'}</td>"
-                   f"<td class='num' data-v='{r['score'] if math.isfinite(r['score']) else ''}'>{_fmt(r['score'])}</td>"
-                   + (f"<td class='num' data-v='{'' if r['pixel_auroc'] is None else r['pixel_auroc']}'>"
-                      f"{'' if r['pixel_auroc'] is None else _fmt(r['pixel_auroc'], 3)}</td>" if own else "")
+                   + _num_cell(r["score"], _fmt(r["score"]))
+                   + (_num_cell(pa, "" if pa is None else _fmt(pa, 3)) if own else "")
                    + f"<td>{flag}</td><td class='oc oc-{oc}'>{oc}</td><td>{th}</td></tr>")
     note = (f"<p class='note'>Showing the {max_rows} highest-scoring of {len(rows)} images.</p>"
             if len(rows) > max_rows else "")
-    head = "".join(f"<th onclick='sortTable(this)'>{h}</th>" for h in
+    numeric = {"#", "score", "pixel AUROC"}   # sorted by their cells' data-sort numbers, the others by their text
+    head = "".join(f"<th onclick='sortTable(this)'{' data-num=1' if h in numeric else ''}>{h}</th>" for h in
                    ("#", "image", "group", "label", "truth", "score") + (("pixel AUROC",) if own else ())
                    + ("flagged", "outcome", "overlay"))
     return f"{note}<table class='rows' id='rows'><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
@@ -326,11 +336,12 @@ pre{background:#1a202c;color:#e2e8f0;padding:12px;border-radius:6px;overflow:aut
 """
 
 _JS = """
-function sortTable(th){var t=th.closest('table'),b=t.tBodies[0],i=th.cellIndex,asc=th.dataset.asc!=='1';
-th.dataset.asc=asc?'1':'0';var rs=Array.from(b.rows);rs.sort(function(a,c){var x=a.cells[i],y=c.cells[i];
-var u=x.dataset.v!==undefined?parseFloat(x.dataset.v):parseFloat(x.textContent),
-v=y.dataset.v!==undefined?parseFloat(y.dataset.v):parseFloat(y.textContent);
-if(!isNaN(u)&&!isNaN(v))return asc?u-v:v-u;return asc?x.textContent.localeCompare(y.textContent):y.textContent.localeCompare(x.textContent);});
+function cmpKeys(u,v,num,asc){var e=(u==='')-(v==='');if(e||u==='')return e;
+if(num){u=parseFloat(u);v=parseFloat(v);return asc?u-v:v-u;}return asc?u.localeCompare(v):v.localeCompare(u);}
+function sortTable(th){var t=th.closest('table'),b=t.tBodies[0],i=th.cellIndex,asc=th.dataset.asc!=='1',
+num=th.dataset.num==='1';th.dataset.asc=asc?'1':'0';var rs=Array.from(b.rows);
+rs.sort(function(a,c){var x=a.cells[i],y=c.cells[i];
+return cmpKeys(num?x.dataset.sort:x.textContent.trim(),num?y.dataset.sort:y.textContent.trim(),num,asc);});
 rs.forEach(function(r){b.appendChild(r);});}
 """
 
