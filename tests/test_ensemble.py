@@ -189,6 +189,18 @@ def test_predict_with_an_ensemble_flags_on_the_mean_score_above_the_mean_thresho
     assert all(Path(r["overlay"]).is_file() for r in rows if r["flagged"] == "True")
 
 
+def test_predict_ensemble_flagged_by_wdm_warns_of_a_runs_few_normals_once(seeds, tmp_path):
+    """`predict --ensemble B --flag-by wdm` resolves the first run's threshold for the flag and again as an ensemble
+    member: its few-normals warning came twice, once without the run's name and once with it. Once per run now."""
+    import warnings
+    a, b, data = seeds / "a", seeds / "b", seeds / "tex" / "test"
+    with warnings.catch_warnings(record=True) as seen:
+        assert main(["predict", "--run", str(a), "--ensemble", str(b), "--flag-by", "wdm", "--data", str(data),
+                     "--no-overlays", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    few = [str(w.message) for w in seen if "0.99 quantile of only" in str(w.message)]
+    assert sorted(m.split(": ", 1)[0] for m in few) == sorted([str(a), str(b)]), few
+
+
 def test_ensemble_maps_are_the_mean_of_the_runs_maps_in_range_units(seeds):
     from uninet_feat.ensemble import load_members, mean_maps
     members = load_members([seeds / "a", seeds / "b"])

@@ -696,13 +696,15 @@ def pooled_for_unknown_groups(groups, by_group: dict | None, count: bool = True)
 
 
 def resolve_thresholds(run, threshold: float | None = None, max_fpr: float | None = None, group: str | None = None,
-                       cal: dict | None = None, source: str = "calibration.json"):
+                       cal: dict | None = None, source: str = "calibration.json", name_run: bool = False):
     """(threshold, rule, by_group): `resolve_threshold`'s, and for a run trained on several groups their own
     (`group_thresholds`): with ``group``, that group's threshold in place of the pooled one (``by_group`` None);
-    without, ``by_group`` maps each group to its threshold, the pooled one staying for images of no known group."""
+    without, ``by_group`` maps each group to its threshold, the pooled one staying for images of no known group.
+    ``name_run``: the warnings name the run, as an ensemble member's do (`ensemble.load_member`), so that a command
+    that resolves this run's threshold both ways (`predict --ensemble --flag-by wdm`) says each warning once."""
     path = Path(run) / "calibration.json"
     if cal is None and threshold is None and path.exists():   # read once for both (a given threshold reads none)
         cal, source = read_json(path, f"re-create it: `uninet-feat calibrate --run {run}`"), path
-    by = group_thresholds(run, threshold, max_fpr, cal)
-    t, rule = resolve_threshold(run, threshold, max_fpr, cal, source)   # (few validation normals: warned there)
+    by = group_thresholds(run, threshold, max_fpr, cal, name_run=name_run)
+    t, rule = resolve_threshold(run, threshold, max_fpr, cal, source, name_run=name_run)   # (few normals: warned)
     return pick_group(t, rule, by, group, group_rule(max_fpr))

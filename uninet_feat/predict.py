@@ -73,7 +73,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                             fix="pass --ensemble RUN_B [RUN_C ...] (the same config trained with other seeds)")
     if flag_by == "wdm":
         # bad flags fail before any scoring; a run of several groups flags each image by its group's threshold
-        threshold, rule, by_group = resolve_thresholds(run, threshold, max_fpr, group)
+        # with --ensemble the run is a member too, whose warnings name it: the same text, said once
+        threshold, rule, by_group = resolve_thresholds(run, threshold, max_fpr, group, name_run=bool(ensemble))
     elif flag_by == "ensemble":
         check_threshold_flags(threshold, max_fpr)
         if max_fpr is not None:
