@@ -517,28 +517,35 @@ def test_images_with_nan_features_are_left_out_named_not_the_whole_run_stopped(s
     assert "every one of the 12 images to cluster" in err and "fix:" in err, err
 
 
-def test_a_csv_written_on_windows_with_backslash_paths_matches_the_store(store, tmp_path, monkeypatch):
-    """A predictions or labels CSV saved on Windows holds `data\\test\\spot\\000.png`, which names no folder here:
-    none of its paths matched the store's. Such a path is matched with its backslashes read as /, said once."""
+def _cluster_flagged_as(store, tmp_path, spell, warned):
+    """Cluster every other image of ``store`` from a predictions.csv whose paths are written ``spell(path)`` (as
+    another machine wrote them): (the flagged paths, the warnings that say ``warned``)."""
     import warnings
     from uninet_feat.cli import main
-    monkeypatch.chdir(store)   # the CSV's paths are relative to the working folder
     items = json.loads((store / "f" / "manifest.json").read_text())["items"]
     paths = sorted({it["path"] for it in items})
     flagged = paths[::2]
-
-    def win(p):
-        return str(Path(p).relative_to(store)).replace("/", "\\")
-
     with open(tmp_path / "predictions.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "flagged"])
         w.writeheader()
-        w.writerows({"path": win(p), "flagged": p in flagged} for p in paths)
+        w.writerows({"path": spell(p), "flagged": p in flagged} for p in paths)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert main(["cluster", "--features", str(store / "f"), "--flagged", str(tmp_path / "predictions.csv"),
                      "--k", "2", "--no-sheet", "--out", str(tmp_path / "c")]) == 0
-    said = [str(w.message) for w in seen if "backslashes read as /" in str(w.message)]
+    return flagged, [str(w.message) for w in seen if warned in str(w.message)]
+
+
+def test_a_csv_written_on_windows_with_backslash_paths_matches_the_store(store, tmp_path, monkeypatch):
+    """A predictions or labels CSV saved on Windows holds `data\\test\\spot\\000.png`, which names no folder here:
+    none of its paths matched the store's. Such a path is matched with its backslashes read as /, said once."""
+    from uninet_feat.cli import main
+    monkeypatch.chdir(store)   # the CSV's paths are relative to the working folder
+
+    def win(p):
+        return str(Path(p).relative_to(store)).replace("/", "\\")
+
+    flagged, said = _cluster_flagged_as(store, tmp_path, win, "backslashes read as /")
     assert len(said) == 1 and f"{len(flagged)} path(s) in {tmp_path / 'predictions.csv'}" in said[0], said
     assert sorted(r["path"] for r in csv.DictReader(open(tmp_path / "c" / "clusters.csv"))) == flagged
     rows = _named_labels(store, tmp_path)
@@ -552,6 +559,35 @@ def test_a_csv_written_on_windows_with_backslash_paths_matches_the_store(store, 
     from uninet_feat.clusters import read_path_table
     with pytest.raises(BadInputError, match=f"line {len(twice) + 1}: .* and .* on line 2"):
         read_path_table(tmp_path / "twice.csv", "label", "labels CSV")
+
+
+def test_windows_absolute_paths_match_the_store_by_their_path_below_its_folder(store, tmp_path, capsys):
+    """predict run on Windows writes `C:\\lines\\data\\test\\spot\\000.png`: on Linux that was read as a file name
+    below the working folder and matched nothing, so `cluster --flagged` found none of the flagged images. Such a
+    path is matched by its path below the store's folder (`test/spot/000.png`), said once; one that still matches
+    nothing is refused by `train-head --labels` naming the Windows path and the fix (relative paths)."""
+    from uninet_feat.cli import main
+
+    def win(p):
+        return "C:\\lines\\" + str(Path(p).relative_to(store)).replace("/", "\\")
+
+    flagged, said = _cluster_flagged_as(store, tmp_path, win, "Windows absolute path")
+    assert len(said) == 1 and f"{len(flagged)} Windows absolute path(s)" in said[0], said
+    assert f"below the feature store's folder {store / 'data'}" in said[0]
+    assert sorted(r["path"] for r in csv.DictReader(open(tmp_path / "c" / "clusters.csv"))) == flagged
+    rows = _named_labels(store, tmp_path)
+    (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"{win(p)},{lab}\n" for p, lab in rows))
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                 str(tmp_path / "labels.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0
+    assert json.loads((tmp_path / "h" / "cv_report.json").read_text())["n_rows"] == len(rows)
+    gone = "C:\\lines\\data\\test\\spot\\999.png"   # an image the store does not hold
+    (tmp_path / "gone.csv").write_text("path,label\n" + "".join(f"{win(p)},{lab}\n" for p, lab in rows)
+                                       + f"{gone},spot\n")
+    capsys.readouterr()
+    assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass", "--labels",
+                 str(tmp_path / "gone.csv"), "--folds", "2", "--out", str(tmp_path / "h2")]) == 2
+    err = capsys.readouterr().err
+    assert gone in err and "Windows absolute paths" in err and "relative to the data folder" in err, err
 
 
 def test_a_file_whose_name_holds_a_backslash_is_not_taken_for_another_file(tmp_path, monkeypatch):

@@ -104,7 +104,8 @@ def read_path_table(path, column: str, what: str) -> dict:
         row = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
         if not row.get("path"):
             continue
-        p, v = os.path.abspath(row["path"]), row.get(column, "")
+        p, v = row["path"], row.get(column, "")
+        p = p if windows_absolute(p) else os.path.abspath(p)   # C:\\... is no path below the working folder
         key = same_file_key(windows_path(p))
         if key in seen and out[seen[key][1]] != v:
             was = out[seen[key][1]]
@@ -124,6 +125,45 @@ def windows_path(path: str) -> str:
     return os.path.abspath(path.replace("\\", "/"))
 
 
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\[^\\/]+[\\/])")   # C:\..., C:/..., \\server\...
+
+
+def windows_absolute(path: str) -> bool:
+    """Whether ``path`` is a Windows absolute path (``C:\\data\\x.png``, ``\\\\server\\share\\x.png``: predict run
+    on Windows writes such) that names no file here; on Linux ``C:\\data`` would be read as a file name below the
+    working folder."""
+    return bool(_WINDOWS_ABSOLUTE.match(path)) and not os.path.lexists(path)
+
+
+def _by_path_below_root(paths, recs) -> tuple[dict, str]:
+    """({Windows absolute path: index of its image in ``recs``}, the store's folder): each path matched to the image
+    whose path below the folder holding every store image it ends with (the longest such: ``day1\\a.png`` before
+    ``a.png``), and kept only when what it has before that is the Windows folder most of them share, so that
+    ``C:\\x\\other\\a.png`` is not taken for the store's ``a.png`` beside ``day1/`` (Windows folders case-folded)."""
+    root = os.path.commonpath([os.path.dirname(r["path"]) for r in recs])
+    below = {Path(os.path.relpath(r["path"], root)).parts: j for j, r in enumerate(recs)}
+    got = {}
+    for p in paths:
+        parts = [x for x in re.split(r"[\\/]+", p) if x]
+        k = next((k for k in range(1, len(parts)) if tuple(parts[k:]) in below), None)   # 1: never the drive
+        if k is not None:
+            got[p] = (below[tuple(parts[k:])], "/".join(parts[:k]).casefold())
+    folders = [f for _, f in got.values()]
+    top = max(set(folders), key=folders.count) if folders else None
+    return {p: j for p, (j, f) in got.items() if f == top}, root
+
+
+def unmatched_windows_paths(absent, source) -> tuple[str, str] | None:
+    """(reason, fix) when ``absent`` (CSV paths found in no store row) holds Windows absolute paths, else None."""
+    win = [p for p in absent if windows_absolute(p)]
+    if not win:
+        return None
+    return (f"{len(win)} path(s) in {source} are Windows absolute paths that name no file here and end in no "
+            f"feature-store image's path below the store's folder (first: {win[0]})",
+            "write the CSV's paths relative to the data folder (e.g. test\\spot\\000.png) and run from that "
+            "folder, or extract the images they name into the store")
+
+
 def same_file_key(path) -> str:
     """What two spellings of one file share: its real path (a symlinked folder, a/../a), case-folded where the
     file system folds case (Windows)."""
@@ -134,7 +174,10 @@ def store_rows(paths, recs, source=None) -> tuple[dict, list]:
     """({path: index of its record in ``recs``}, the paths not found): matched by absolute path, else by the file
     they name (`same_file_key`), so that predict run through a symlinked folder finds the store's images. A path
     that matches neither and holds backslashes (a CSV written on Windows: ``batch\\img_001.png``, which names no
-    file here: `windows_path`) is matched with them read as /, said once in a warning naming ``source`` (the CSV)."""
+    file here: `windows_path`) is matched with them read as /, said once in a warning naming ``source`` (the CSV).
+    A Windows absolute path (``C:\\lines\\batch\\day1\\a.png``, as predict writes on Windows) is matched by its path
+    below the store's folder (`_by_path_below_root`), said once too; one that still matches nothing stays absent,
+    and the caller names it with `unmatched_windows_paths`'s fix."""
     where = {r["path"]: j for j, r in enumerate(recs)}
     real = None
     found, absent, slashed = {}, [], []
@@ -153,9 +196,20 @@ def store_rows(paths, recs, source=None) -> tuple[dict, list]:
             absent.append(p)
         else:
             found[p] = j
+    where_from = f" in {source}" if source else ""
     if slashed:
-        warnings.warn(f"{len(slashed)} path(s){f' in {source}' if source else ''} matched the feature store only "
+        warnings.warn(f"{len(slashed)} path(s){where_from} matched the feature store only "
                       f"with their backslashes read as / (a CSV written on Windows; first: {slashed[0]})")
+    win = [p for p in absent if windows_absolute(p)]   # C:\\lines\\batch\\day1\\a.png: by day1/a.png below the root
+    if win and recs:
+        moved, root = _by_path_below_root(win, recs)
+        if moved:
+            found.update(moved)
+            absent = [p for p in absent if p not in moved]
+            first = next(iter(moved))
+            warnings.warn(f"{len(moved)} Windows absolute path(s){where_from} name no file here and were matched by "
+                          f"their path below the feature store's folder {root} (first: {first} -> "
+                          f"{recs[moved[first]]['path']})")
     return found, absent
 
 
@@ -167,13 +221,17 @@ def _rows(recs, flagged) -> tuple[list[int], str]:
         found, absent = store_rows(wanted, recs, flagged)
         keep = sorted(set(found.values()))
         missing = len(absent)
+        win = unmatched_windows_paths(absent, flagged)
         if wanted and not keep:
-            raise BadInputError(f"none of the {len(wanted)} flagged images is in the feature store", path=flagged,
-                                fix="extract the folder that predict scored (`uninet-feat extract --run RUN --data "
-                                    "SAME_FOLDER --batch --out F`), from the same working folder")
+            raise BadInputError(f"none of the {len(wanted)} flagged images is in the feature store"
+                                + (f": {win[0]}" if win else ""), path=flagged,
+                                fix=win[1] if win else "extract the folder that predict scored (`uninet-feat extract "
+                                                       "--run RUN --data SAME_FOLDER --batch --out F`), from the same "
+                                                       "working folder")
         if missing:
             warnings.warn(f"{missing} of {len(wanted)} flagged images are not in the feature store and are left out "
-                          "(extract the same folder that predict scored to include them)")
+                          + (f"({win[0]}; fix: {win[1]})" if win else
+                             "(extract the same folder that predict scored to include them)"))
         return keep, f"flagged in {flagged}"
     keep = [j for j, r in enumerate(recs) if not r["is_normal"]]
     if not keep:

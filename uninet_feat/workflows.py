@@ -202,14 +202,15 @@ def _labels_for(recs, task: str, label_from: str):
 
 def _given_labels(X, recs, labels, features):
     """The rows ``labels`` (a CSV path,label) names, with its labels; every path must be in the store."""
-    from .clusters import read_path_table, store_rows
+    from .clusters import read_path_table, store_rows, unmatched_windows_paths
     table = read_path_table(labels, "label", "labels CSV")
     where, absent = store_rows(table, recs, labels)
     if absent:
+        win = unmatched_windows_paths(absent, labels)
         raise BadInputError(f"{len(absent)} of the {len(table)} images in {labels} are not in the feature store "
-                            f"(first: {absent[0]})", path=features,
-                            fix="pass the feature store the labels were made from (`uninet-feat cluster --features`)"
-                                ", or extract those images into it")
+                            f"(first: {absent[0]})" + (f": {win[0]}" if win else ""), path=features,
+                            fix=win[1] if win else "pass the feature store the labels were made from (`uninet-feat "
+                                                   "cluster --features`), or extract those images into it")
     keep = [(where[p], v) for p, v in table.items() if v]
     if not keep:
         raise BadInputError("every label in the file is blank", path=labels, fix="name the clusters in its label "
