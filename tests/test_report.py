@@ -405,3 +405,39 @@ console.log(JSON.stringify([by(true,true),by(true,false),by(false,true)]));"""
     assert up == ["-1", "2.5e-05", "0.5", "9", "10", "", ""]
     assert down == ["10", "9", "0.5", "2.5e-05", "-1", "", ""]
     assert text[-2:] == ["", ""] and text.index("10") < text.index("9")
+
+
+def test_report_thumbnails_of_large_files_are_made_without_their_float_array(tmp_path):
+    """A thumbnail of a file was made from `load_image`'s float32 array and an 8-bit copy via float64: 36 bytes a
+    pixel (GBs for a 20000 x 20000 image) for a 360-px picture. PIL now reduces the file in its own 8- or 16-bit mode
+    (a JPEG decoded at a fraction of its size): Python-side memory stays a few bytes a pixel at most, and the picture
+    is the one the float path made (upright, 16-bit grey by its full range)."""
+    import base64
+    import io
+    import tracemalloc
+    from uninet_feat.data.images import load_image
+    from uninet_feat.overlay import _as_rgb_uint8
+    from uninet_feat.report import _thumb_uri
+    h, w = 1200, 2000
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    Image.fromarray(rgb).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray((xx * 65535 // w).astype(np.uint16)).save(tmp_path / "big16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6   # stored sideways: shown turned a quarter
+    Image.fromarray(rgb[:400, :600]).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    for name, per_pixel, close in (("big.png", 1, 0), ("big.jpg", 1, 1.0), ("big16.png", 8, 0), ("turned.jpg", 1, 1.0)):
+        path = tmp_path / name
+        n = Image.open(path).size[0] * Image.open(path).size[1]
+        tracemalloc.start()
+        uri = _thumb_uri(path, 360, 360, max_bytes=10 ** 9)   # full colour, as made
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert uri and peak < per_pixel * n + 2 ** 20, (name, peak / n)   # + the PNG and its text; float path: 36 B/px
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"), np.float64)
+        old = Image.fromarray(_as_rgb_uint8(load_image(path, min_side=1)))
+        old.thumbnail((360, 360), Image.Resampling.LANCZOS)
+        assert got.shape == np.asarray(old).shape, name
+        assert np.abs(got - np.asarray(old, np.float64)).mean() <= close, name
+    assert got.shape == (360, 240, 3)   # turned.jpg: upright
