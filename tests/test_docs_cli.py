@@ -1,0 +1,32 @@
+"""What README.md and docs/usage.md promise of the command line, checked where an audit found the code did
+otherwise (session 31): flags that were ignored, and misuse that gave no clear message."""
+import csv
+import json
+
+from uninet_feat.cli import main
+
+from _tiny import register_tiny, tiny_train_args, write_texture_set
+
+register_tiny()
+
+
+def _run(tmp_path, **texture):
+    data = write_texture_set(tmp_path / "data", **texture)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--out", str(run), "--threads", "1"]) == 0
+    return data, run
+
+
+def test_split_csv_without_data_is_read_over_the_runs_data_not_ignored(tmp_path, capsys):
+    """`evaluate --run RUN --split-csv CSV` (the docs: --data is the root a --split-csv is relative to, by default
+    the run's data) scored the run's own test split and said nothing: the CSV was dropped unless --data came too."""
+    data, run = _run(tmp_path, n_train=6, n_good=3, n_bad=3)
+    rows = [("test/good/000.png", "test", "good"), ("test/spot/000.png", "test", "spot")]
+    rows += [(f"train/good/{p.name}", "train", "good") for p in sorted((data / "train/good").glob("*.png"))]
+    sub = tmp_path / "sub.csv"
+    with open(sub, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "split", "label"), *rows])
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--split-csv", str(sub), "--quiet", "--threads", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (rep["n_test"], rep["n_defect"]) == (2, 1)   # the CSV's two test images, not the run's six
