@@ -30,3 +30,17 @@ def test_split_csv_without_data_is_read_over_the_runs_data_not_ignored(tmp_path,
     assert main(["evaluate", "--run", str(run), "--split-csv", str(sub), "--quiet", "--threads", "1"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (rep["n_test"], rep["n_defect"]) == (2, 1)   # the CSV's two test images, not the run's six
+
+
+def test_index_refuses_a_run_that_is_not_a_run_folder(tmp_path, capsys):
+    """`index --run TYPO` built the index anyway, with a warning that it could not hold out the validation normals
+    (meant for a run whose data moved), so predict then gave no combined score."""
+    data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
+    feats = tmp_path / "feats"
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--patches", "--out", str(feats), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--features", str(feats), "--coreset", "1", "--run", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "knn")]) == 2
+    assert f"{tmp_path / 'nope'}: no such run folder" in capsys.readouterr().err
+    assert not (tmp_path / "knn" / "knn.json").exists()

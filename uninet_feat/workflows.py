@@ -150,6 +150,9 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
     out = Path(out)
     if level == "patch":
         source = store.manifest.get("source") or {}
+        if run is not None:   # given: not a run is refused (the warning below is for a run whose data moved)
+            from .runs import run_path
+            run_path(run, "model.pt")
         run = run or source.get("run")
         try:
             held_out = _validation_paths(run) if run else set()
