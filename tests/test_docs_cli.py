@@ -44,3 +44,14 @@ def test_index_refuses_a_run_that_is_not_a_run_folder(tmp_path, capsys):
                  "--out", str(tmp_path / "knn")]) == 2
     assert f"{tmp_path / 'nope'}: no such run folder" in capsys.readouterr().err
     assert not (tmp_path / "knn" / "knn.json").exists()
+
+
+def test_zero_shot_with_a_cnn_backbone_says_it_needs_a_clip_one(tmp_path, capsys):
+    """`zero-shot --backbone tf_efficientnet_lite0` loaded the CNN and then said "TextScorer needs a clip: backbone,
+    a UniNet built on one, or an open_clip model; got TimmCNN": a class name, no flag and no fix."""
+    data = write_texture_set(tmp_path / "data", n_train=2, n_good=1, n_bad=1)
+    assert main(["zero-shot", "--data", str(data), "--backbone", "tiny", "--weights", "random",
+                 "--out", str(tmp_path / "z"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--backbone tiny is not a clip: backbone" in err and "fix: --backbone clip:ViT-B-16" in err
+    assert "TextScorer" not in err and not (tmp_path / "z").exists()

@@ -320,6 +320,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .runs import make_dataset, pick_device
     from .vlm import TextScorer
     _check_sizes(image_size, tile)
+    if not str(backbone).startswith("clip:"):   # before any weights load; it said "TextScorer needs ...", no fix
+        raise BadInputError(f"zero-shot scores with CLIP's text prompts: --backbone {backbone} is not a clip: backbone",
+                            fix="--backbone clip:ViT-B-16 (or another open_clip model) --weights FILE, the whole "
+                                "open_clip checkpoint (both towers)")
     device = pick_device(device)
     bb = create_backbone(backbone, weights=weights).eval()
     step = getattr(bb, "size_multiple", 1)
