@@ -55,3 +55,20 @@ def test_zero_shot_with_a_cnn_backbone_says_it_needs_a_clip_one(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--backbone tiny is not a clip: backbone" in err and "fix: --backbone clip:ViT-B-16" in err
     assert "TextScorer" not in err and not (tmp_path / "z").exists()
+
+
+def test_run_naming_a_file_other_than_model_pt_is_refused(tmp_path, capsys):
+    """`--run RUN/model.pt` is the run (the help says so), but `--run RUN/checkpoint.pt` was taken as RUN too, so
+    evaluate scored model.pt, not the file named; `--run notes.txt` said "`.`: model.pt not found". `--runs` and
+    `predict --ensemble` now take a model.pt as `--run` does (they said "no such run folder")."""
+    data, run = _run(tmp_path, n_train=4, n_good=1, n_bad=1)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run / "checkpoint.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoint.pt'}: --run takes a run folder (or its model.pt), not this file" in err
+    assert "evaluate --checkpoint FILE" in err
+    assert main(["predict", "--run", str(run / "config.yaml"), "--data", str(data), "--out", str(tmp_path / "p")]) == 2
+    assert f"{run / 'config.yaml'}: --run takes a run folder" in capsys.readouterr().err
+    assert main(["ensemble", "--runs", str(run / "model.pt"), str(run / "train_log.jsonl"), "--quiet"]) == 2
+    assert f"{run / 'train_log.jsonl'}: --runs takes a run folder" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(run / "model.pt"), "--quiet", "--threads", "1"]) == 0

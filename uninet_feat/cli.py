@@ -489,9 +489,14 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = getattr(args, "run", None)
-    if run and Path(run).is_file():   # `--run RUN/model.pt`: the run is the folder the model is in
-        args.run = str(Path(run).parent)
+    try:   # `--run RUN/model.pt`: the run is the folder the model is in
+        for flag in ("run", "runs", "ensemble"):
+            v = getattr(args, flag, None)
+            if v:
+                setattr(args, flag, _run_folder(v, flag) if isinstance(v, str) else [_run_folder(r, flag) for r in v])
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from . import runs
     device_before = runs._default_device   # --device is the command's: a host process calling main keeps its own
     try:
@@ -513,6 +518,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         runs._default_device = device_before
+
+
+def _run_folder(value: str, flag: str) -> str:
+    """A run flag's value as a run folder: `RUN/model.pt` names its folder; another file (checkpoint.pt, a kept epoch)
+    is refused, since the folder's model.pt would be scored in its place."""
+    p = Path(value)
+    if not p.is_file():
+        return value
+    if p.name != "model.pt":
+        fix = f"--{flag} {p.parent} (its model.pt)" + ("; `evaluate --checkpoint FILE` scores another model file of "
+                                                        "the run" if p.suffix == ".pt" else "")
+        raise BadInputError(f"--{flag} takes a run folder (or its model.pt), not this file", path=value, fix=fix)
+    return str(p.parent)
 
 
 _CONTINUE = {"train": "re-run with --resume to continue",
