@@ -72,3 +72,14 @@ def test_run_naming_a_file_other_than_model_pt_is_refused(tmp_path, capsys):
     assert main(["ensemble", "--runs", str(run / "model.pt"), str(run / "train_log.jsonl"), "--quiet"]) == 2
     assert f"{run / 'train_log.jsonl'}: --runs takes a run folder" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(run / "model.pt"), "--quiet", "--threads", "1"]) == 0
+
+
+def test_quiet_help_says_what_each_command_prints():
+    """Every command's --quiet said "print the result as JSON": only evaluate and ensemble switch to JSON with it;
+    extract, predict, calibrate, export-model and zero-shot print JSON either way, and demo prints nothing."""
+    from uninet_feat.cli import build_parser
+    helps = {n: sp.options["quiet"].help for n, sp in build_parser().commands.items() if "quiet" in sp.options}
+    assert {n for n, h in helps.items() if "print the result as JSON" in h} == {"evaluate", "ensemble"}
+    for n in ("extract", "predict", "calibrate", "export-model", "zero-shot"):
+        assert "printed as JSON either way" in helps[n], n
+    assert "summary" in helps["demo"] and "JSON" not in helps["demo"]

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _threshold_args(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the run's, else torch's)")
     _skip_bad_flag(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print the result as JSON")
 
     p = sub.add_parser("ensemble", help="evaluate several runs (e.g. seeds of one config) and their ensemble: "
                                         "their scores averaged, flagged above their thresholds' mean")
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-budget", dest="pixel_budget", type=int,
                    help="mean-map pixels kept for exact P-AUROC / AUPRO (default 2^28), as evaluate's")
     _skip_bad_flag(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print the result as JSON")
 
     p = sub.add_parser("calibrate", help="re-score a run's validation normals (thresholds for --max-fpr)")
     p.add_argument("--run", required=True)
@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic woven fabric → train → evaluate → report, in a few minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the demo (default 8)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, tables or summary (the demo's "
+                                                        "summary.json holds it)")
     for name in _DEVICE_COMMANDS:   # train has its own (a config key, recorded in the run)
         sub.choices[name].add_argument("--device", help="where the model runs: auto (a CUDA GPU when torch sees "
                                                         "one, else the CPU; default), cpu, cuda or cuda:N")
@@ -407,7 +408,7 @@ _SHARED_HELP = {
     "--runs": "two or more run folders of one config (e.g. other --seed values)",
     "--data": "image folder (label folders, MVTec-style), or the root a --split-csv is relative to",
     "--split-csv": "CSV manifest path,split,label[,mask][,group] with paths relative to --data",
-    "--quiet": "no progress bars or tables; print the result as JSON",
+    "--quiet": "no progress bars (the result is printed as JSON either way)",
     "--features": "feature store written by `uninet-feat extract --out`",
     "--weights": "imagenet | random | PATH to a local weights file, for plain features without --run (default "
                  "imagenet); with --run the run's own are used and another --weights is refused",
