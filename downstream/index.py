@@ -150,7 +150,8 @@ def build_index(vectors, kind="flat", metric="l2", nlist=None, m_pq=None, nbits=
         ivf = faiss.extract_index_ivf(index)
         if n < 2 ** nbits or n < ivf.nlist:
             raise BadInputError(f"ivfpq needs at least max(2^nbits={2 ** nbits}, nlist={ivf.nlist}) vectors, got {n}",
-                                fix="use kind=flat for small sets, or lower nbits/nlist")
+                                fix="`index --kind flat` (or hnsw) for a set this small; in the library kind='flat', "
+                                    "or a lower nbits / nlist")
         ivf.cp.seed = seed
         faiss.downcast_index(index).pq.cp.seed = seed
         # faiss prints a line per PQ sub-quantiser when fewer than 39 rows per centroid train it (any bank under

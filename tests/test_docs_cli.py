@@ -83,3 +83,14 @@ def test_quiet_help_says_what_each_command_prints():
     for n in ("extract", "predict", "calibrate", "export-model", "zero-shot"):
         assert "printed as JSON either way" in helps[n], n
     assert "summary" in helps["demo"] and "JSON" not in helps["demo"]
+
+
+def test_an_ivfpq_index_of_too_few_patches_names_the_flag_that_works(tmp_path, capsys):
+    """`index --kind ivfpq` over a small bank said "use kind=flat ..., or lower nbits/nlist": no such flags exist."""
+    data = write_texture_set(tmp_path / "data", n_train=2, n_good=1, n_bad=1)
+    feats = tmp_path / "feats"
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--patches", "--out", str(feats), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--features", str(feats), "--kind", "ivfpq", "--out", str(tmp_path / "knn")]) == 2
+    assert "(fix: `index --kind flat` (or hnsw)" in capsys.readouterr().err
