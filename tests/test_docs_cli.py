@@ -94,3 +94,14 @@ def test_an_ivfpq_index_of_too_few_patches_names_the_flag_that_works(tmp_path, c
     capsys.readouterr()
     assert main(["index", "--features", str(feats), "--kind", "ivfpq", "--out", str(tmp_path / "knn")]) == 2
     assert "(fix: `index --kind flat` (or hnsw)" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_thread_count_below_one(tmp_path, capsys):
+    """`evaluate --threads -1` ended in torch's RuntimeError traceback, and `--threads 0` silently used torch's
+    count instead of the run's (the help: "default: the run's")."""
+    _, run = _run(tmp_path, n_train=4, n_good=1, n_bad=1)
+    capsys.readouterr()
+    for n in ("-1", "0"):
+        assert main(["evaluate", "--run", str(run), "--threads", n, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"threads must be an integer >= 1, got {n}" in err and "--threads 2" in err and "Traceback" not in err

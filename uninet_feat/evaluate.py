@@ -128,6 +128,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
 
     ``pixel_budget``: map pixels kept for exact pixel metrics (default `PIXEL_BUDGET`); beyond it the maps are
     binned as they are scored and the pixel figures are those of the binned scores (``pixel_metrics`` says which)."""
+    from .config import check_numbers   # --threads 0 was dropped for torch's count, -1 a RuntimeError traceback
+    check_numbers({"threads": (overrides or {}).get("threads")})
     if knn is not None and checkpoint is not None:
         raise BadInputError("--knn combines with model.pt's calibration; it cannot go with --checkpoint",
                             path=checkpoint, fix="drop one of --knn / --checkpoint")
