@@ -105,3 +105,20 @@ def test_evaluate_refuses_a_thread_count_below_one(tmp_path, capsys):
         assert main(["evaluate", "--run", str(run), "--threads", n, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert f"threads must be an integer >= 1, got {n}" in err and "--threads 2" in err and "Traceback" not in err
+
+
+def test_a_flat_normals_folder_calibrates_a_run_of_one_group_as_that_group(tmp_path, recwarn):
+    """A run trained on one category of an MVTec-style root (group `cat`), calibrated with `--normals DIR` on a flat
+    folder, counted those normals as a second group of no name: "one threshold for all 2 groups: ...,  has 4, cat has
+    0" at every evaluate, since calibration.json recorded per-group fields for a one-group run."""
+    import shutil
+    data = write_texture_set(tmp_path / "data" / "cat", n_train=6, n_good=4, n_bad=1)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(tmp_path / "data") + ["--out", str(run), "--threads", "1"]) == 0
+    normals = tmp_path / "normals"
+    shutil.copytree(data / "test" / "good", normals)
+    recwarn.clear()
+    assert main(["calibrate", "--run", str(run), "--normals", str(normals), "--quiet"]) == 0
+    assert not [w for w in recwarn if "groups" in str(w.message)]
+    cal = json.loads((run / "calibration.json").read_text())
+    assert "val_groups" not in cal and cal["n_val_normals"] == 4

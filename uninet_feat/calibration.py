@@ -416,7 +416,11 @@ def given_normals(folder, cfg: dict) -> list:
         raise BadInputError(f"{len(bad)} of the {len(found)} images here are defect images by their layout (e.g. "
                             f"{bad[0].path}: {why}), not normals", path=folder,
                             fix="pass a folder of normal images only (e.g. test/good, not test)")
-    return [replace(s, split="val", label="good", mask=None, group=cfg.get("group") or s.group) for s in found]
+    only = cfg.get("group")
+    if only is None and any(not s.group for s in found):   # a flat folder for a run of one group is that group's
+        trained = _trained_groups(cfg)                     # (it counted as a second group, of no name, with 0 normals)
+        only = trained[0] if len(trained) == 1 else None
+    return [replace(s, split="val", label="good", mask=None, group=only or s.group) for s in found]
 
 
 def with_calibration_normals(cfg: dict, run) -> dict:
