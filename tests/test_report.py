@@ -441,3 +441,29 @@ def test_report_thumbnails_of_large_files_are_made_without_their_float_array(tmp
         assert got.shape == np.asarray(old).shape, name
         assert np.abs(got - np.asarray(old, np.float64)).mean() <= close, name
     assert got.shape == (360, 240, 3)   # turned.jpg: upright
+
+
+@pytest.mark.parametrize("ext", ["jpg", "bmp", "tif", "png"])
+def test_report_thumbnail_of_a_file_that_already_fits_its_box(tmp_path, ext):
+    """PIL's thumbnail() leaves a picture that already fits its box undecoded, and the file was closed before the
+    picture was converted: a JPEG, BMP or TIFF overlay file of 64 px (the table's box is 200 x 64) stopped the whole
+    report with an AssertionError from PIL. It is the picture the float path makes, and the report is written."""
+    import base64
+    import io
+    from uninet_feat.data.images import load_image
+    from uninet_feat.overlay import _as_rgb_uint8
+    from uninet_feat.report import _thumb_uri
+    yy, xx = np.mgrid[0:64, 0:64]
+    rgb = np.stack([xx * 4, yy * 4, (xx + yy) % 256], -1).astype(np.uint8)
+    for name, a in (("c", rgb), ("g", rgb[..., 0])):
+        path = tmp_path / f"{name}.{ext}"
+        Image.fromarray(a).save(path)
+        for box in ((200, 64), (360, 360)):
+            uri = _thumb_uri(path, *box, max_bytes=10 ** 9)
+            assert uri, (path.name, box)
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+            np.testing.assert_array_equal(got, _as_rgb_uint8(load_image(path, min_side=1)))
+    rows = _rows(2, 1)
+    overlays = {r["path"]: tmp_path / f"c.{ext}" for r in rows}
+    text = write_report(tmp_path / "r.html", METRICS, rows, overlays=overlays).read_text()
+    assert "<img class='thumb' src='data:image/png;base64," in text and "overlay unreadable" not in text

@@ -165,6 +165,7 @@ def _file_thumbnail(path, max_w: int, max_h: int) -> Image.Image | None:
         else:
             return None
         small.thumbnail(box, Image.Resampling.LANCZOS)
+        small.load()   # one that already fits is left undecoded by thumbnail(): decoded before the file closes
     return (small.transpose(_UPRIGHT[turn]) if turn in _UPRIGHT else small).convert("RGB")
 
 
