@@ -467,3 +467,32 @@ def test_report_thumbnail_of_a_file_that_already_fits_its_box(tmp_path, ext):
     overlays = {r["path"]: tmp_path / f"c.{ext}" for r in rows}
     text = write_report(tmp_path / "r.html", METRICS, rows, overlays=overlays).read_text()
     assert "<img class='thumb' src='data:image/png;base64," in text and "overlay unreadable" not in text
+
+
+@pytest.mark.parametrize("ext", ["tif", "jpg", "png"])
+def test_report_thumbnail_of_a_file_with_an_exif_turn_is_turned_once(tmp_path, ext):
+    """PIL turns a TIFF upright as it decodes it (its size already upright, its orientation tag then dropped), which
+    `load_image` follows; the thumbnail read the tag before the decode and turned the picture a second time (a
+    quarter turn came out upside down and squeezed into the other box). Every EXIF orientation, 8- and 16-bit grey."""
+    import base64
+    import io
+    from uninet_feat.data.images import load_image
+    from uninet_feat.overlay import _as_rgb_uint8
+    from uninet_feat.report import _thumb_uri
+    yy, xx = np.mgrid[0:300, 0:500]
+    pictures = {"c": np.stack([xx * 255 // 500, yy * 255 // 300, (xx // 50 + yy // 50) % 2 * 255], -1)
+                .astype(np.uint8)}
+    if ext != "jpg":
+        pictures["g16"] = (xx * 65535 // 500 + (yy // 50) % 2 * 20000).clip(0, 65535).astype(np.uint16)
+    for name, a in pictures.items():
+        for turn in range(2, 9):
+            exif = Image.Exif()
+            exif[0x0112] = turn
+            path = tmp_path / f"{name}{turn}.{ext}"
+            Image.fromarray(a).save(path, exif=exif, **({"quality": 95} if ext == "jpg" else {}))
+            uri = _thumb_uri(path, 360, 200, max_bytes=10 ** 9)
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"), float)
+            old = Image.fromarray(_as_rgb_uint8(load_image(path, min_side=1)))
+            old.thumbnail((360, 200), Image.Resampling.LANCZOS)
+            assert got.shape == np.asarray(old).shape, (path.name, got.shape)
+            assert np.abs(got - np.asarray(old, float)).mean() <= 1.5, path.name

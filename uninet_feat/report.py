@@ -154,18 +154,20 @@ def _file_thumbnail(path, max_w: int, max_h: int) -> Image.Image | None:
     whose scale needs `load_image`'s rules (32-bit integer and float TIFFs): the caller decodes those."""
     from .data.images import orientation
     with Image.open(path) as img:
+        if img.mode not in _GREY16 and img.mode not in _EIGHT_BIT:
+            return None
         turn = orientation(img)
         box = (max_h, max_w) if turn >= 5 else (max_w, max_h)   # in the stored image's axes
+        img.draft(None, (2 * box[0], 2 * box[1]))   # JPEG only: decoded at the smallest scale above twice the box
+        img.load()   # PIL turns a TIFF upright as it decodes it (and drops its tag): the turn left is read after
+        turn = orientation(img)
+        box = (max_h, max_w) if turn >= 5 else (max_w, max_h)
         if img.mode in _GREY16:
             small = _grey16_to_8(img)
-        elif img.mode in _EIGHT_BIT:
-            img.draft(None, (2 * box[0], 2 * box[1]))   # JPEG only: decoded at the smallest scale above twice the box
+        else:
             want = _EIGHT_BIT[img.mode]
             small = img if img.mode == want else (img.convert("RGBA") if img.mode in ("P", "PA") else img).convert(want)
-        else:
-            return None
         small.thumbnail(box, Image.Resampling.LANCZOS)
-        small.load()   # one that already fits is left undecoded by thumbnail(): decoded before the file closes
     return (small.transpose(_UPRIGHT[turn]) if turn in _UPRIGHT else small).convert("RGB")
 
 
