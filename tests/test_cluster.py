@@ -610,3 +610,23 @@ def test_a_file_whose_name_holds_a_backslash_is_not_taken_for_another_file(tmp_p
         assert store_rows([str(tmp_path / "a\\b.png")], recs) == ({}, [str(tmp_path / "a\\b.png")])
     with pytest.warns(UserWarning, match="backslashes read as /"):   # a path naming no file here still matches
         assert store_rows([str(tmp_path / "c\\..\\a\\b.png")], recs)[0] == {str(tmp_path / "c\\..\\a\\b.png"): 0}
+
+
+def test_windows_absolute_paths_in_a_tie_of_folders_match_the_same_images_in_every_process():
+    """Two Windows paths matched below two folders, one inside the other (``C:\\lines\\batch`` by ``day1/a.png``,
+    ``C:\\lines\\batch\\day3`` by ``a.png``): no folder holds most, and the one kept was the first of a set of
+    strings, so it changed with the process's hash seed (half the time day3\\a.png was taken for the store's a.png
+    and day1\\a.png was dropped). The outer folder wins a tie: its paths match more of the store's path."""
+    import os
+    import subprocess
+    import sys
+    code = ("from uninet_feat.clusters import _by_path_below_root as f; "
+            "print(sorted(f([r'C:\\lines\\batch\\day1\\a.png', r'C:\\lines\\batch\\day3\\a.png'], "
+            "[{'path': '/d/batch/day1/a.png'}, {'path': '/d/batch/a.png'}])[0].items()))")
+    root = str(Path(__file__).resolve().parents[1])
+    seen = set()
+    for seed in range(8):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": root}
+        seen.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout.strip())
+    assert seen == {"[('C:\\\\lines\\\\batch\\\\day1\\\\a.png', 0)]"}, seen

@@ -149,7 +149,9 @@ def _by_path_below_root(paths, recs) -> tuple[dict, str]:
         if k is not None:
             got[p] = (below[tuple(parts[k:])], "/".join(parts[:k]).casefold())
     folders = [f for _, f in got.values()]
-    top = max(set(folders), key=folders.count) if folders else None
+    # most paths first; in a tie the outer folder (its paths match more of the store's path), then by name: the same
+    # images in every process (a set's order of strings changes with the hash seed)
+    top = min(set(folders), key=lambda f: (-folders.count(f), f.count("/"), f)) if folders else None
     return {p: j for p, (j, f) in got.items() if f == top}, root
 
 
