@@ -418,6 +418,31 @@ def test_scoring_a_padded_run_below_its_pad_names_the_size_the_pad_and_the_fix(t
     assert Extractor(run=run, image_size=128).cfg["image_size"] == 128   # a size it takes is used as before
 
 
+def test_scoring_a_vit_run_at_a_size_off_its_patch_grid_is_refused_before_any_image_is_read():
+    """A CLIP ViT of patch 14 takes multiples of 112 and UniNet's bottleneck multiples of 32, so such a run takes
+    multiples of 224. `check_input_side` checked the bottleneck's stride alone: ``extract --run --image-size 160``
+    passed it and stopped in the first forward, after images were read, naming the padded input (384) and sizes
+    (336 or 448) of which 336 fails too. Refused up front, naming the sizes that work."""
+    pytest.importorskip("open_clip")
+    from test_clip_backbone import P14
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.runs import check_input_side
+    torch.manual_seed(0)
+    bb = create_backbone("clip:p14", model_cfg=P14)
+    for pad in (0, 112):
+        m = UniNet(bb, border_pad=pad).eval()
+        with pytest.raises(BadInputError, match="multiple of 224") as e:
+            check_input_side(m, 160, "RUN", own=224)
+        assert e.value.fix.startswith("--image-size 224 (the run's own is 224)"), e.value.fix
+        with pytest.raises(BadInputError, match="multiple of 224") as e:
+            check_input_side(m, 500, "RUN", own=224)
+        assert e.value.fix.startswith("--image-size 448 or 672"), e.value.fix
+        check_input_side(m, 448, "RUN", own=224)   # a size it takes passes, and the network takes it
+        with torch.no_grad():
+            m(torch.randn(1, 3, 448, 448))
+
+
 def test_border_pad_of_a_vit_backbone_keeps_the_padded_input_on_its_patch_grid():
     """A CLIP ViT of patch 14 takes only multiples of 112 (its patch and its coarsest level's stride 16): a pad of 16
     crops whole cells at every level but makes a 224-px input 256, which the backbone refuses in the first forward

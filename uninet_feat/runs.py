@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -192,15 +193,17 @@ def check_input_side(model, side: int, run, own: int | None = None) -> None:
     model cannot take, before any image is read: a side off the bottleneck's stride, or one no larger than the run's
     ``border_pad`` (a mirror reflects at most the input itself), was a ValueError traceback from the first forward,
     whose fix ("a smaller border_pad") cannot be applied to a trained run. ``own``: the run's own image_size."""
-    step, pad = model.bottleneck.out_stride, getattr(model, "border_pad", 0)
+    stride, pad = model.bottleneck.out_stride, getattr(model, "border_pad", 0)
+    grid = int(getattr(model.source, "size_multiple", 1) or 1)   # a ViT's patch grid (2 pads keep it: `_border_pad`)
+    step = math.lcm(stride, grid)
     least = (pad // step + 1) * step   # the smallest input it takes: a multiple of the stride, larger than the pad
     own_txt = f" (the run's own is {own})" if own else ""
     if side % step:
         low, high = side // step * step, max(least, (side // step + 1) * step)
-        raise BadInputError(f"image_size {side} must be a multiple of {step} for this run's backbone (its "
-                            f"bottleneck works at stride {step})", path=run,
-                            fix=f"--image-size {f'{low} or {high}' if low >= least else high}{own_txt}, or drop "
-                                "--image-size")
+        why = f"bottleneck works at stride {stride}" + (f", its input on a grid of {grid}" if grid > 1 else "")
+        raise BadInputError(f"image_size {side} must be a multiple of {step} for this run's backbone (its {why})",
+                            path=run, fix=f"--image-size {f'{low} or {high}' if low >= least else high}{own_txt}, or "
+                                          "drop --image-size")
     if pad >= side:
         raise BadInputError(f"image_size {side} is too small for this run's border_pad {pad}: the network sees "
                             f"{pad} px of the input mirrored around it, and a mirror reflects at most the input "
