@@ -349,3 +349,38 @@ def test_texture_patch_reaches_the_border_as_often_as_the_border_holds_area():
     masks = np.stack([texture_patch(img, np.random.default_rng(s))[1] for s in range(120)])
     share = masks[:, ~inner].sum() / masks.sum()
     assert 0.15 < share < 1 - inner.mean(), share
+
+
+def test_synthetic_compare_scores_runs_on_one_set_and_refuses_runs_on_other_normals(texture, tmp_path):
+    """benchmarks.synthetic_compare, the label-free check behind adopting border_pad: with the runs' own seed it
+    gives back each run's recorded choice and figures (so it scores as training's calibration does); a fresh
+    seed draws another set, the same for every run; a run whose validation normals differ is refused, as the
+    two would be scored on different images."""
+    import json as _json
+    from benchmarks.synthetic_compare import compare, main
+    from uninet_feat.calibration import _label
+    kw = dict(epochs=1, map_levels="auto", map_norm="auto")
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train(_cfg(texture, **kw), a, quiet=True)
+    train(_cfg(texture, border_pad=16, **kw), b, quiet=True)
+    res = compare([a, b])
+    own = res["rows"]
+    for run, row in zip((a, b), own):
+        rec = _json.loads((run / "calibration.json").read_text())["pixel_map_choice"]
+        assert row["candidates"] == pytest.approx(rec["synthetic_pixel_auroc"], abs=1e-9)
+        levels = rec["levels"] or [int(v) for v in max(row["candidates"], key=len).split()[0].split(",")]
+        assert row["chosen_map"] == _label((tuple(levels), rec["norm"]))      # the run's recorded choice
+        assert row["pixel_auroc"] == row["candidates"][row["chosen_map"]]
+    assert own[0]["candidates"] != own[1]["candidates"]           # the pad changes the model, not the set
+    res31 = compare([a, a], seed=31)
+    assert res31["normals"] == res["normals"] and len(res["normals"]) == 3   # the seed moves the set, not the split
+    fresh = res31["rows"]
+    assert fresh[0] == {**fresh[1]} and fresh[0]["n_images"] == own[0]["n_images"]
+    assert fresh[0]["candidates"] != own[0]["candidates"]         # another seed, another set
+    train(_cfg(texture, seed=8, **kw), c, quiet=True)
+    with pytest.raises(BadInputError, match="other validation normals"):
+        compare([a, c])
+    assert main(["--runs", str(a), str(c)]) == 2
+    out = tmp_path / "cmp.json"
+    assert main(["--runs", str(a), str(b), "--seed", "31", "--json", str(out)]) == 0
+    assert [r["run"] for r in _json.loads(out.read_text())["rows"]] == [str(a), str(b)]
