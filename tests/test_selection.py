@@ -222,6 +222,23 @@ def test_checkpoint_of_a_run_with_another_border_pad_is_refused(texture, tmp_pat
     assert evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)["epoch"] == 1
 
 
+def test_checkpoint_of_a_run_with_another_width_or_recipe_is_refused(texture, tmp_path):
+    """Same data, split, seed and pad, but another width and denoising recipe: another run's model, refused
+    naming both; keys an older config lacks take their defaults, so they do not count as a difference."""
+    import yaml
+    from uninet_feat.evaluate import evaluate
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(texture, epochs=1), a, quiet=True)
+    train(_cfg(texture, epochs=1, width=2, denoise=0.5), b, quiet=True)
+    with pytest.raises(BadInputError, match=r"not a model of the run .*width 2(\.0)? vs 1(\.0)?.*denoise 0\.5 vs 0"):
+        evaluate(a, checkpoint=b / "model.pt", quiet=True)
+    cfg = yaml.safe_load((a / "config.yaml").read_text())
+    for k in ("denoise", "denoise_kinds", "width", "stop_grad"):
+        cfg.pop(k)   # an older run's config.yaml: the defaults
+    (a / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)["epoch"] == 1
+
+
 def test_checkpoint_of_a_run_without_validation_normals(texture, tmp_path):
     from uninet_feat.evaluate import evaluate
     run = tmp_path / "nv"

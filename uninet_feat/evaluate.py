@@ -448,6 +448,11 @@ def pixel_auroc_column(rows, res) -> None:
 _SAME_RUN_KEYS = ("backbone", "levels", "image_size", "tile", "border_pad", "data", "split_csv", "group", "seed",
                   "val_fraction", "split_hash")
 _SAME_RUN_DEFAULTS = {"border_pad": 0}   # what a config written before the key existed meant
+# and the same training: a model of another width, MEM, DFS, loss or recipe is another run's, even on the same
+# split (its figures would pass for one of this run's epochs); a key a config lacks takes its default
+_SAME_TRAINING_KEYS = ("weights", "mem", "dfs", "temperature", "lam", "margin", "decoder_depths", "width",
+                       "bottleneck_stride", "stop_grad", "denoise", "denoise_kinds", "lr", "lr_target",
+                       "weight_decay", "batch_size")
 
 
 def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
@@ -460,10 +465,14 @@ def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
     except (OSError, yaml.YAMLError):
         return   # an older or hand-made run folder without its config: nothing to compare against
     run_cfg, ckpt_cfg = ({**_SAME_RUN_DEFAULTS, **c} for c in (run_cfg, ckpt_cfg))
-    diff = [k for k in _SAME_RUN_KEYS if k in run_cfg and run_cfg.get(k) != ckpt_cfg.get(k)]
+    from .config import DEFAULT_CONFIG
+    trained = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in {**DEFAULT_CONFIG, **c}.items()
+                if k in _SAME_TRAINING_KEYS} for c in (ckpt_cfg, run_cfg)]
+    diff = [(k, ckpt_cfg.get(k), run_cfg.get(k)) for k in _SAME_RUN_KEYS
+            if k in run_cfg and run_cfg.get(k) != ckpt_cfg.get(k)]
+    diff += [(k, trained[0][k], trained[1][k]) for k in _SAME_TRAINING_KEYS if trained[0][k] != trained[1][k]]
     if diff:
-        raise BadInputError(f"not a model of the run {run}: "
-                            + ", ".join(f"{k} {ckpt_cfg.get(k)!r} vs {run_cfg.get(k)!r}" for k in diff),
+        raise BadInputError(f"not a model of the run {run}: " + ", ".join(f"{k} {a!r} vs {b!r}" for k, a, b in diff),
                             path=checkpoint, fix=f"pass a model from {run} (checkpoint.pt or epochs/epoch_NNN.pt), "
                                                  "or --run the folder this checkpoint came from")
 
