@@ -122,3 +122,20 @@ def test_a_flat_normals_folder_calibrates_a_run_of_one_group_as_that_group(tmp_p
     assert not [w for w in recwarn if "groups" in str(w.message)]
     cal = json.loads((run / "calibration.json").read_text())
     assert "val_groups" not in cal and cal["n_val_normals"] == 4
+
+
+def test_a_negative_pixel_budget_is_refused_and_zero_bins_every_map(tmp_path, capsys):
+    """`--pixel-budget -5` was taken as 0 (every map binned) without a word; 0 is the documented flat-memory
+    setting: its figures are the binned ones, and equal the exact ones within the bins' resolution."""
+    _, run = _run(tmp_path, n_train=4, n_good=2, n_bad=2)
+    capsys.readouterr()
+    for cmd in (["evaluate", "--run", str(run)], ["ensemble", "--runs", str(run)]):
+        assert main(cmd + ["--pixel-budget", "-5", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "--pixel-budget must be an integer >= 0" in err and "got -5" in err and "Traceback" not in err
+    reps = []
+    for budget in ("0", str(1 << 28)):
+        assert main(["evaluate", "--run", str(run), "--pixel-budget", budget, "--quiet", "--threads", "1"]) == 0
+        reps.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert reps[0]["pixel_metrics"] != reps[1]["pixel_metrics"]          # binned, then exact
+    assert abs(reps[0]["pixel_auroc"] - reps[1]["pixel_auroc"]) < 0.01

@@ -130,6 +130,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     binned as they are scored and the pixel figures are those of the binned scores (``pixel_metrics`` says which)."""
     from .config import check_numbers   # --threads 0 was dropped for torch's count, -1 a RuntimeError traceback
     check_numbers({"threads": (overrides or {}).get("threads")})
+    check_pixel_budget(pixel_budget)
     if knn is not None and checkpoint is not None:
         raise BadInputError("--knn combines with model.pt's calibration; it cannot go with --checkpoint",
                             path=checkpoint, fix="drop one of --knn / --checkpoint")
@@ -236,6 +237,15 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     if report_path:
         write_html_report(report_path, report, model, cfg, test, labels, scores, run_dir=run, cal=cal)
     return report
+
+
+def check_pixel_budget(budget) -> None:
+    """A negative ``--pixel-budget`` was taken as 0 (every map binned) without a word: refused before any image
+    is read."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise BadInputError(f"--pixel-budget must be an integer >= 0 (map pixels kept for exact P-AUROC / AUPRO; 0 "
+                            f"bins every map as it is scored), got {budget!r}",
+                            fix=f"drop it for the default {PIXEL_BUDGET}, or --pixel-budget 0 for flat memory")
 
 
 class _PixelSink:
