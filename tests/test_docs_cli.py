@@ -139,3 +139,19 @@ def test_a_negative_pixel_budget_is_refused_and_zero_bins_every_map(tmp_path, ca
         reps.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert reps[0]["pixel_metrics"] != reps[1]["pixel_metrics"]          # binned, then exact
     assert abs(reps[0]["pixel_auroc"] - reps[1]["pixel_auroc"]) < 0.01
+
+
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """`predict --out preds.csv` (an existing file) scored every image, then failed at mkdir with a
+    FileExistsError traceback; a path below a file failed the same way. Refused first, naming the file."""
+    data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
+    f = tmp_path / "preds.csv"
+    f.write_text("kept\n")
+    for out, says in ((f, f"--out {tmp_path / 'preds'}"), (f / "sub", "whose folders are not files")):
+        for cmd in (["predict", "--run", str(tmp_path / "norun"), "--data", str(data)],
+                    tiny_train_args(data)):
+            capsys.readouterr()
+            assert main(cmd + ["--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert "--out must be a folder" in err and says in err and "Traceback" not in err
+    assert f.read_text() == "kept\n" and not (tmp_path / "norun").exists()

@@ -577,6 +577,20 @@ def _user_paths(args) -> None:
                 what = "not a folder" if not up.is_dir() else "read-only"
                 raise BadInputError(f"--{k} cannot be written: {up} is {what}", path=v,
                                     fix=f"give --{k} a path in a folder you can write")
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and getattr(args, "command", None) != "prompts":   # --out is a folder (prompts': a file)
+        up = Path(os.path.abspath(out))
+        while not up.exists() and up != up.parent:
+            up = up.parent
+        if not up.is_dir():   # predict, export-model, ... failed at mkdir after all their scoring
+            here = up == Path(os.path.abspath(out))
+            alt = Path(out).with_suffix("") if Path(out).suffix else Path(f"{out}_out")
+            raise BadInputError(f"--out must be a folder, and {up} is a file", path=out,
+                                fix=f"give --out a folder, e.g. --out {alt}" if here else
+                                f"give --out a path whose folders are not files ({up} is one)")
+        if not os.access(up, os.W_OK | os.X_OK):
+            raise BadInputError(f"--out cannot be written: {up} is read-only", path=out,
+                                fix="give --out a folder you can write")
 
 
 def _absolute(key: str, value):
