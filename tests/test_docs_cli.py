@@ -155,3 +155,34 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsy
             err = capsys.readouterr().err
             assert "--out must be a folder" in err and says in err and "Traceback" not in err
     assert f.read_text() == "kept\n" and not (tmp_path / "norun").exists()
+
+
+def test_calibrate_data_keeps_the_runs_split_csv(tmp_path, capsys):
+    """`calibrate --run RUN --data ROOT` (the docs: where the training data is now) dropped the run's split CSV,
+    so the data's own layout drew the validation normals: other images, training ones among them, and other
+    thresholds. The CSV is kept, found below the new root when the data moved with it, and refused by name when
+    it is gone."""
+    import shutil
+    data = write_texture_set(tmp_path / "data", n_train=10, n_good=3, n_bad=3)
+    rows = [("path", "split", "label")]
+    for p in sorted(data.rglob("*.png")):
+        rel = p.relative_to(data).as_posix()
+        if not rel.startswith("ground_truth"):   # the CSV trains on test/good too: not the layout's split
+            rows.append((rel, "test" if "/spot/" in rel else "train", "spot" if "/spot/" in rel else "good"))
+    with open(data / "split.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--split-csv", str(data / "split.csv"), "--val-fraction", "0.3",
+                                         "--threads", "1", "--out", str(run)]) == 0
+    first = json.loads((run / "calibration.json").read_text())["val_scores"]
+    assert main(["calibrate", "--run", str(run), "--data", str(data), "--quiet"]) == 0
+    assert json.loads((run / "calibration.json").read_text())["val_scores"] == first
+    moved = tmp_path / "moved"
+    shutil.move(str(data), str(moved))   # the data and its CSV moved together
+    assert main(["calibrate", "--run", str(run), "--data", str(moved), "--quiet"]) == 0
+    assert json.loads((run / "calibration.json").read_text())["val_scores"] == first
+    (moved / "split.csv").unlink()
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(run), "--data", str(moved), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"split CSV {data / 'split.csv'}, which is gone" in err and "pass --split-csv" in err

@@ -514,7 +514,12 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     split; None keeps the run's."""
     from .runs import set_threads
     from .selection import parse_kinds
-    model, _, cfg = load_run(run, data, split_csv, calibrated=False, device=device)
+    model, _, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
+    if data:   # where the training data is now: the run's split CSV is kept (dropped, the layout's split drew
+        old_root, own_csv = cfg["data"], cfg.get("split_csv")   # other validation normals, training images too)
+        cfg["data"] = data
+        if split_csv is None and own_csv:
+            cfg["split_csv"] = moved_split_csv(own_csv, old_root, data, run)
     if synthetic_kinds is not None:
         cfg["synthetic_kinds"] = synthetic_kinds
     parse_kinds(cfg.get("synthetic_kinds"))   # bad values fail before any scoring
@@ -535,6 +540,25 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
     return calibrate(model, val, cfg, Path(run), quiet, map_levels, map_norm, tile_norm)   # eval mode there
+
+
+def moved_split_csv(own_csv, old_root, new_root, run) -> str:
+    """The run's split CSV for its data now under ``new_root``: the file itself where it still is, else the same
+    path below the new root when it lay below the old one; else refused, naming it (the layout's own split would
+    hold other validation normals, training images among them)."""
+    own = Path(own_csv)
+    if own.is_file():
+        return str(own)
+    try:
+        moved = Path(new_root) / own.relative_to(Path(old_root))
+    except ValueError:
+        moved = None
+    if moved is not None and moved.is_file():
+        return str(moved)
+    raise BadInputError(f"the run was trained with the split CSV {own}, which is gone"
+                        + (f" (and not at {moved} below --data either)" if moved is not None else ""), path=run,
+                        fix="pass --split-csv where it is now: without it the data's own layout would choose other "
+                            "validation normals than the run held out")
 
 
 def threshold_at_fpr(val_scores, max_fpr: float) -> float:
