@@ -482,8 +482,8 @@ def check_given_normals(val: list, cfg: dict, folder) -> None:
 def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None,
              calibrated: bool = True, device=None):
     """(model with the run's calibration applied, its checkpoint, its config with the data moved to ``data`` /
-    ``split_csv`` when given; ``split_csv`` alone is read over the run's own data root): what every command that scores with a finished run starts from. ``model_path``:
-    another model file of the run than model.pt. ``calibrated=False`` (for `recalibrate`) accepts a run whose
+    ``split_csv`` when given; ``split_csv`` alone is read over the run's own data root): what every command that
+    scores with a finished run starts from. ``model_path``: another model file of the run than model.pt. ``calibrated=False`` (for `recalibrate`) accepts a run whose
     config needs a calibration.json it lacks. The model is put on ``device`` (`runs.pick_device`; None: the
     CPU in the library, the command's --device in a command), whatever device it was trained on."""
     from .checkpoint import build_from_checkpoint

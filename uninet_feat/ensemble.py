@@ -185,10 +185,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     images have masks, exact within ``pixel_budget`` map pixels as evaluate's, else binned), its recall and
     false-positive rate at its default threshold (per group for runs of several groups, `default_thresholds`), and
     each run's own image AUROC."""
-    from .evaluate import PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, check_pixel_budget, group_metrics
-    from .evaluate import pixel_auroc_column
-    from .evaluate import print_report
-    from .evaluate import report_console
+    from .evaluate import (PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, check_pixel_budget, group_metrics,
+                           pixel_auroc_column, print_report, report_console)
     from . import metrics
     from .runs import load_test_samples
     check_pixel_budget(pixel_budget)
