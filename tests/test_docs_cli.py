@@ -181,6 +181,9 @@ def test_calibrate_data_keeps_the_runs_split_csv(tmp_path, capsys):
     shutil.move(str(data), str(moved))   # the data and its CSV moved together
     assert main(["calibrate", "--run", str(run), "--data", str(moved), "--quiet"]) == 0
     assert json.loads((run / "calibration.json").read_text())["val_scores"] == first
+    import pytest
+    with pytest.warns(UserWarning, match=r"trained with the split CSV .*read by its own layout.*--split-csv"):
+        assert main(["evaluate", "--run", str(run), "--data", str(moved), "--quiet", "--threads", "1"]) == 0
     (moved / "split.csv").unlink()
     capsys.readouterr()
     assert main(["calibrate", "--run", str(run), "--data", str(moved), "--quiet"]) == 2

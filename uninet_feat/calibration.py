@@ -495,6 +495,10 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
         model.eval().reparameterize()
     apply_calibration(model, run, path, cfg if calibrated else None)
     model.to(pick_device(device))
+    if data and not split_csv and cfg.get("split_csv"):   # read by its layout (another test set): said, since a
+        warnings.warn(f"{run}: trained with the split CSV {cfg['split_csv']}; --data {data} without --split-csv "
+                      "is read by its own layout, so its test split is not the run's. Fix, to keep the run's split "
+                      f"over data that moved: --split-csv {cfg['split_csv']}", stacklevel=2)   # moved folder
     if data or split_csv:   # --split-csv alone: another CSV over the run's own data root (it was ignored)
         cfg["data"], cfg["split_csv"] = data or cfg["data"], split_csv
     return model, ckpt, cfg
