@@ -570,18 +570,14 @@ def _user_paths(args) -> None:
             raise BadInputError(f"--{k} names a folder, not a file", path=v,
                                 fix=f"give a file name, e.g. --{k} {Path(v) / ('report.html' if k == 'report' else 'metrics.' + k)}")
         if isinstance(v, str):   # a folder it cannot write in failed only after all the scoring
-            up = Path(os.path.abspath(v)).parent
-            while not up.exists() and up != up.parent:
-                up = up.parent
+            up = _nearest_existing(Path(os.path.abspath(v)).parent)
             if not up.is_dir() or not os.access(up, os.W_OK | os.X_OK):
                 what = "not a folder" if not up.is_dir() else "read-only"
                 raise BadInputError(f"--{k} cannot be written: {up} is {what}", path=v,
                                     fix=f"give --{k} a path in a folder you can write")
     out = getattr(args, "out", None)
     if isinstance(out, str) and getattr(args, "command", None) != "prompts":   # --out is a folder (prompts': a file)
-        up = Path(os.path.abspath(out))
-        while not up.exists() and up != up.parent:
-            up = up.parent
+        up = _nearest_existing(Path(os.path.abspath(out)))
         if not up.is_dir():   # predict, export-model, ... failed at mkdir after all their scoring
             here = up == Path(os.path.abspath(out))
             alt = Path(out).with_suffix("") if Path(out).suffix else Path(f"{out}_out")
@@ -591,6 +587,13 @@ def _user_paths(args) -> None:
         if not os.access(up, os.W_OK | os.X_OK):
             raise BadInputError(f"--out cannot be written: {up} is read-only", path=out,
                                 fix="give --out a folder you can write")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where a file or folder given for output would be written."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _absolute(key: str, value):
