@@ -270,7 +270,8 @@ def test_numeric_options_out_of_range_are_refused_before_any_work(tmp_path, caps
                         (["--batch-size", "-3"], "batch_size must be an integer >= 1"),
                         (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
                         (["--val-fraction", "1"], "val_fraction must be a number >= 0 and < 1"),
-                        (["--image-size", "40"], "image_size 40 must be a multiple of 32 for this backbone (tiny) (fix: --image-size 32 or 64")):
+                        (["--image-size", "40"], "image_size 40 must be a multiple of 32 for this backbone (tiny: its bottleneck "
+                                                  "works at stride 32) (fix: --image-size 32 or 64")):
         rc = main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--backbone", "tiny",
                    "--weights", "random", *flags, "--quiet"])
         err = capsys.readouterr().err

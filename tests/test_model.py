@@ -379,11 +379,11 @@ def test_border_pad_gives_the_teachers_of_the_mirrored_image_cropped_back_and_su
         load_config(None, {"border_pad": -16}, base={"backbone": "tiny"})
 
 
-@pytest.mark.parametrize("extra", [["--border-pad", "64"], ["--tile", "32", "--border-pad", "32"]])
+@pytest.mark.parametrize("extra", [["--border-pad", "64"], ["--tile", "128", "--image-size", "32", "--border-pad", "32"]])
 def test_train_refuses_a_border_pad_as_large_as_its_input_before_the_run_folder(tmp_path, capsys, extra):
-    """A mirror reflects at most the network's input (the image at image_size, or the tile): ``train`` says so as
-    one error with its fix before it writes the run folder, as it does for an image_size the backbone cannot take,
-    instead of a ValueError traceback from the first training step."""
+    """A mirror reflects at most the network's input (the image, or each tile, resized to image_size): ``train`` says
+    so as one error with its fix before it writes the run folder, as it does for an image_size the backbone cannot
+    take, instead of a ValueError traceback from the first training step."""
     from uninet_feat.cli import main
     from _tiny import register_tiny, tiny_train_args, write_texture_set
     register_tiny()
@@ -392,6 +392,44 @@ def test_train_refuses_a_border_pad_as_large_as_its_input_before_the_run_folder(
     err = capsys.readouterr().err
     assert "border_pad" in err and "smaller than" in err and "fix:" in err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_tile_smaller_than_the_pad_trains_when_image_size_is_larger(tmp_path):
+    """Each tile is resized to image_size, so that, not the tile, is what the mirror pads: train compared the pad
+    with the tile and refused ``--tile 32 --image-size 64 --border-pad 32``, which the network takes (64 > 32)."""
+    from uninet_feat.cli import main
+    from uninet_feat.runs import make_model
+    from _tiny import register_tiny, tiny_train_args, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--tile", "32", "--border-pad", "32", "--val-fraction", "0",
+                                         "--out", str(run)]) == 0
+    import yaml
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["tile"], cfg["image_size"], cfg["border_pad"]) == (32, 64, 32)
+    assert make_model(cfg).border_pad == 32 and (run / "model.pt").exists()
+
+
+def test_train_refuses_an_image_size_off_a_vits_patch_grid_before_the_run_folder(tmp_path, capsys):
+    """A CLIP ViT of patch 14 takes multiples of 112 and UniNet's bottleneck multiples of 32, so only multiples of
+    224. train checked the bottleneck's stride alone (extract's check had the grid): ``--image-size 160`` wrote the
+    run folder and stopped in the first step. Refused up front, naming the sizes that work, as extract does."""
+    pytest.importorskip("open_clip")
+    from test_clip_backbone import P14
+    from uninet_feat.backbones.clip import register_clip_config
+    from uninet_feat.cli import main
+    from _tiny import write_texture_set
+    register_clip_config("p14-train-test", P14, overwrite=True)
+    data = write_texture_set(tmp_path / "data", n_train=2, n_good=1, n_bad=1)
+    args = ["train", "--data", str(data), "--backbone", "clip:p14-train-test", "--weights", "random", "--epochs", "1",
+            "--batch-size", "2", "--quiet"]
+    for size, fix in (("160", "--image-size 224"), ("500", "--image-size 448 or 672")):
+        assert main(args + ["--image-size", size, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert f"image_size {size} must be a multiple of 224" in err and "grid of 112" in err, err
+        assert f"(fix: {fix})" in err and not (tmp_path / "r").exists(), err
+    assert main(args + ["--image-size", "224", "--val-fraction", "0", "--out", str(tmp_path / "r")]) == 0   # as named
 
 
 def test_scoring_a_padded_run_below_its_pad_names_the_size_the_pad_and_the_fix(tmp_path, capsys):

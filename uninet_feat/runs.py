@@ -188,22 +188,35 @@ def make_model(cfg: dict) -> UniNet:
                             f"{list(backbone.levels)}: {e}", fix=fix) from e
 
 
+def input_sides(model) -> tuple[int, int, str]:
+    """(step, least, why): the network input sides ``model`` takes are the multiples of ``step`` from ``least`` on.
+    ``step`` is the bottleneck's stride, and for a ViT also its patch grid (``size_multiple``; both pads keep it,
+    `_border_pad`); ``least`` is the first such side larger than ``border_pad`` (a mirror reflects at most the input
+    itself); ``why`` says where ``step`` comes from. One rule for `train` and for scoring a run at another size."""
+    stride, pad = model.bottleneck.out_stride, getattr(model, "border_pad", 0)
+    grid = int(getattr(model.source, "size_multiple", 1) or 1)
+    step = math.lcm(stride, grid)
+    why = f"bottleneck works at stride {stride}" + (f", its input on a grid of {grid}" if grid > 1 else "")
+    return step, (pad // step + 1) * step, why
+
+
+def side_fix(side: int, step: int, least: int) -> str:
+    """The ``--image-size`` values nearest ``side`` (off ``step``) that a model of `input_sides` (step, least) takes."""
+    low, high = side // step * step, max(least, (side // step + 1) * step)
+    return f"{low} or {high}" if low >= least else str(high)
+
+
 def check_input_side(model, side: int, run, own: int | None = None) -> None:
     """Refuse scoring a finished run at a network input of ``side`` px (`extract --run RUN --image-size N`) that the
     model cannot take, before any image is read: a side off the bottleneck's stride, or one no larger than the run's
     ``border_pad`` (a mirror reflects at most the input itself), was a ValueError traceback from the first forward,
     whose fix ("a smaller border_pad") cannot be applied to a trained run. ``own``: the run's own image_size."""
-    stride, pad = model.bottleneck.out_stride, getattr(model, "border_pad", 0)
-    grid = int(getattr(model.source, "size_multiple", 1) or 1)   # a ViT's patch grid (2 pads keep it: `_border_pad`)
-    step = math.lcm(stride, grid)
-    least = (pad // step + 1) * step   # the smallest input it takes: a multiple of the stride, larger than the pad
+    step, least, why = input_sides(model)
+    pad = getattr(model, "border_pad", 0)
     own_txt = f" (the run's own is {own})" if own else ""
     if side % step:
-        low, high = side // step * step, max(least, (side // step + 1) * step)
-        why = f"bottleneck works at stride {stride}" + (f", its input on a grid of {grid}" if grid > 1 else "")
         raise BadInputError(f"image_size {side} must be a multiple of {step} for this run's backbone (its {why})",
-                            path=run, fix=f"--image-size {f'{low} or {high}' if low >= least else high}{own_txt}, or "
-                                          "drop --image-size")
+                            path=run, fix=f"--image-size {side_fix(side, step, least)}{own_txt}, or drop --image-size")
     if pad >= side:
         raise BadInputError(f"image_size {side} is too small for this run's border_pad {pad}: the network sees "
                             f"{pad} px of the input mirrored around it, and a mirror reflects at most the input "

@@ -31,8 +31,8 @@ from .errors import BadInputError
 from .io import atomic_write_text, folder_lock
 from .optim import make_optimizers
 from .positions import parse_tile_norm
-from .runs import (CachedDataset, absolute_data_paths, load_samples, make_dataset, make_model, pick_device, set_threads,
-                   train_val_samples)
+from .runs import (CachedDataset, absolute_data_paths, input_sides, load_samples, make_dataset, make_model, pick_device,
+                   set_threads, side_fix, train_val_samples)
 from .selection import SyntheticValidation, parse_kinds
 
 
@@ -113,18 +113,16 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
         return out / "model.pt"
     model = make_model(cfg)
-    step = model.bottleneck.out_stride
-    if cfg["image_size"] % step:   # before the run folder is written; forward would refuse it in the first step
-        low, high = max(step, cfg["image_size"] // step * step), (cfg["image_size"] // step + 1) * step
-        raise BadInputError(f"image_size {cfg['image_size']} must be a multiple of {step} for this backbone "
-                            f"({cfg['backbone']})", fix=f"--image-size {low} or {high}")
-    side = cfg.get("tile") or cfg["image_size"]   # the network's input: a tile of a tiled run, else the image
-    side = min(side) if isinstance(side, (list, tuple)) else side
-    if model.border_pad >= side:   # forward would refuse it in the first step, after the run folder is written
-        what = "tile" if cfg.get("tile") else "image_size"
-        raise BadInputError(f"border_pad {model.border_pad} must be smaller than the network's input ({what} "
-                            f"{side}): a mirror reflects at most the input itself",
-                            fix=f"a smaller --border-pad, or a larger --{what.replace('_', '-')}")
+    step, least, why = input_sides(model)   # before the run folder is written; forward would refuse it later
+    side = cfg["image_size"]   # the network's input: the image, or each tile, resized to image_size
+    if side % step:
+        raise BadInputError(f"image_size {side} must be a multiple of {step} for this backbone ({cfg['backbone']}: "
+                            f"its {why})", fix=f"--image-size {side_fix(side, step, least)}")
+    if model.border_pad >= side:
+        raise BadInputError(f"border_pad {model.border_pad} must be smaller than the network's input (image_size "
+                            f"{side}, to which {'each tile' if cfg.get('tile') else 'the image'} is resized): a "
+                            "mirror reflects at most the input itself",
+                            fix=f"a smaller --border-pad, or --image-size {least} or larger")
     if resume:   # saved as the run first saved it: the resolved student_relu has the checkpoint's own key, so a
         cfg = {k: v for k, v in cfg.items() if k != "student_relu"}   # resumed model.pt equals an uninterrupted one
         if "student_relu" in state["config"]:
