@@ -443,6 +443,52 @@ def test_report_thumbnails_of_large_files_are_made_without_their_float_array(tmp
     assert got.shape == (360, 240, 3)   # turned.jpg: upright
 
 
+def test_overlays_of_files_are_the_float_paths_pixels_without_its_float_array(tmp_path, monkeypatch):
+    """`heatmap_overlay` (predict's overlays, evaluate's report, `Detector.overlay`) read a file through `load_image`:
+    float32, then float64 for the 8-bit conversion, and blended the whole picture in float32 arrays: 75 bytes a
+    pixel at its peak. It now decodes the file in its own 8- or 16-bit mode (the same pixels for every mode and EXIF
+    turn; 32-bit and float files still through `load_image`) and blends a strip of rows at a time (the same pixels as
+    one strip): 6 bytes a pixel for evaluate's 500-px report overlay of a large file, 15 at full size."""
+    import tracemalloc
+    from uninet_feat.data.images import load_image
+    from uninet_feat.overlay import _as_rgb_uint8, heatmap_overlay
+    yy, xx = np.mgrid[0:60, 0:90]
+    rgb = np.stack([xx * 255 // 90, yy * 255 // 60, (xx * 7 + yy * 3) % 256], -1).astype(np.uint8)
+    grey16 = (xx * 65535 // 90 + (yy % 7) * 911).clip(0, 65535).astype(np.uint16)
+    files = {"rgb.png": Image.fromarray(rgb), "grey.png": Image.fromarray(rgb[..., 0]),
+             "la.png": Image.fromarray(rgb[..., :2].copy(), "LA"), "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+             "p.png": Image.fromarray(rgb).quantize(17), "bit.png": Image.fromarray(rgb[..., 0] > 90),
+             "g16.png": Image.fromarray(grey16), "g16.tif": Image.fromarray(grey16), "c.jpg": Image.fromarray(rgb),
+             "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "i32.tif": Image.fromarray(grey16.astype(np.int32) * 7)}
+    for name, img in files.items():
+        img.save(tmp_path / name)
+    for turn in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = turn
+        for ext in ("jpg", "tif"):
+            Image.fromarray(rgb).save(tmp_path / f"turn{turn}.{ext}", exif=exif)
+            files[f"turn{turn}.{ext}"] = None
+    for name in files:
+        want = _as_rgb_uint8(load_image(tmp_path / name, min_side=1))
+        np.testing.assert_array_equal(_as_rgb_uint8(tmp_path / name), want, err_msg=name)
+    h, w = 1500, 2000
+    yy, xx = np.mgrid[0:h, 0:w]
+    Image.fromarray(np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.uint8)).save(tmp_path / "big.png")
+    amap = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    mask = np.zeros((h, w), bool)
+    mask[100:900, 300:700] = True
+    for max_width, shape, per_pixel in ((500, (375, 500, 3), 8), (None, (h, w, 3), 20)):
+        tracemalloc.start()
+        out = heatmap_overlay(tmp_path / "big.png", amap, vmin=0.0, vmax=1.0, max_width=max_width, mask=mask,
+                              threshold=0.9)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out.shape == shape and peak < per_pixel * h * w, (max_width, peak / (h * w))   # was 75 B/px
+    monkeypatch.setattr("uninet_feat.overlay.BLEND_PIXELS", h * w)   # one strip: the same picture
+    np.testing.assert_array_equal(heatmap_overlay(tmp_path / "big.png", amap, vmin=0.0, vmax=1.0, mask=mask,
+                                                  threshold=0.9), out)
+
+
 @pytest.mark.parametrize("ext", ["jpg", "bmp", "tif", "png"])
 def test_report_thumbnail_of_a_file_that_already_fits_its_box(tmp_path, ext):
     """PIL's thumbnail() leaves a picture that already fits its box undecoded, and the file was closed before the

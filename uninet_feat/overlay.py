@@ -39,6 +39,7 @@ _INFERNO_ANCHORS = ["000004", "160b39", "420a68", "6a176e", "932667", "bc3754",
                     "dd513a", "f37819", "fca50a", "f6d746", "fcffa4"]
 
 PNG_LEVEL = 1                     # zlib level of written overlays (lossless at any level)
+BLEND_PIXELS = 1 << 18            # pixels blended at a time: a large overlay needs no full-size float copies
 
 MASK_COLOR = (0, 255, 0)          # ground-truth outline: green
 CONTOUR_COLOR = (0, 200, 255)     # threshold contour: light blue
@@ -90,10 +91,13 @@ def heat_colours(t, cmap: str = "inferno") -> np.ndarray:
 
 
 def _as_rgb_uint8(image) -> np.ndarray:
-    """A path or an array (H,W) / (H,W,1|3|4), uint8 / uint16 / bool / float in [0,1] → uint8 (H,W,3)."""
+    """A path or an array (H,W) / (H,W,1|3|4), uint8 / uint16 / bool / float in [0,1] → uint8 (H,W,3). A file is
+    decoded in its own 8- or 16-bit mode (`picture_8bit`: 3 bytes a pixel, not the 36 of a float decode and its
+    conversion), through `load_image` only for 32-bit and float files; the same pixels either way."""
     if isinstance(image, (str, Path)):
-        from .data.images import load_image
-        a = load_image(image)
+        from .data.images import load_image, picture_8bit
+        pic = picture_8bit(image)
+        a = np.asarray(pic) if pic is not None else load_image(image)
     else:
         a = np.asarray(image)
     if a.ndim == 2:
@@ -234,11 +238,16 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
     amap = np.nan_to_num(amap, nan=lo, posinf=hi, neginf=lo)
     m = _resize_float(amap, (H, W), Image.Resampling.BILINEAR)
     span = hi - lo
-    t = (m - lo) / span if span > 0 else np.zeros_like(m)
-    # the flat blend (clear_below=None) keeps its whole colormap, as drawn before session 28
-    colour = (heat_colours(t, cmap) if clear_below is not None else apply_colormap(m, lo, hi, cmap)).astype(np.float32)
-    w = heat_weight(t, alpha, clear_below)[..., None]
-    out = np.clip((1.0 - w) * img.astype(np.float32) + w * colour + 0.5, 0, 255).astype(np.uint8)
+    out = np.empty_like(img)
+    rows = max(1, BLEND_PIXELS // W)   # the blend's float arrays (~40 B/px) for a strip of rows at a time
+    for y in range(0, H, rows):
+        ms = m[y:y + rows]
+        t = (ms - lo) / span if span > 0 else np.zeros_like(ms)
+        # the flat blend (clear_below=None) keeps its whole colormap, as drawn before session 28
+        colour = (heat_colours(t, cmap) if clear_below is not None else apply_colormap(ms, lo, hi, cmap)
+                  ).astype(np.float32)
+        w = heat_weight(t, alpha, clear_below)[..., None]
+        out[y:y + rows] = np.clip((1.0 - w) * img[y:y + rows].astype(np.float32) + w * colour + 0.5, 0, 255)
     thickness = int(np.clip(round(math.sqrt(H * W) / 150), 1, 4))  # wide strips get a visible line
     if threshold is not None:
         out[_outline(m > threshold, thickness)] = contour_color

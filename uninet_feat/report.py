@@ -108,19 +108,19 @@ def _thumb_uri(src, max_w: int, max_h: int, max_bytes: int = 100_000) -> str | N
     """A PNG data URI of ``src`` (a file path or an image array) fitted into max_w × max_h.
 
     A file is read as the model reads it (upright, 16-bit scaled by its full range) but reduced by PIL in its own
-    mode (`_file_thumbnail`; 32-bit and float files through `load_image`), an array as the overlays take one
+    mode (`data.images.picture_8bit`; 32-bit and float files through `load_image`), an array as the overlays take one
     (`overlay._as_rgb_uint8`): PIL's own RGB conversion clips 16-bit values at 255, which showed a 16-bit camera
     frame all white. A thumbnail whose full-colour PNG exceeds ``max_bytes`` (noisy
     textures compress badly) is stored with a 256-colour palette instead, which keeps ~50 overlays well under
     10 MB."""
-    from .data.images import load_image
+    from .data.images import load_image, picture_8bit
     from .overlay import _as_rgb_uint8
     try:
         img = None
         if not isinstance(src, np.ndarray):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # said when the image was scored
-                img = _file_thumbnail(src, max_w, max_h)
+                img = picture_8bit(src, (max_w, max_h))
                 src = load_image(src, min_side=1) if img is None else None
         if img is None:
             img = Image.fromarray(_as_rgb_uint8(src))
@@ -135,52 +135,6 @@ def _thumb_uri(src, max_w: int, max_h: int, max_bytes: int = 100_000) -> str | N
     except (OSError, ValueError, Image.DecompressionBombError):   # BadInputError (an unreadable file) is a ValueError
         return None
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-# PIL mode of a file → the 8-bit mode `load_image` reads it as (alpha dropped, a palette expanded)
-_EIGHT_BIT = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB",
-              "CMYK": "RGB", "YCbCr": "RGB"}
-_GREY16 = ("I;16", "I;16L", "I;16B")
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}   # EXIF orientation → the turn that shows it upright (as ImageOps')
-
-
-def _file_thumbnail(path, max_w: int, max_h: int) -> Image.Image | None:
-    """The image file ``path`` as an RGB picture fitted into max_w × max_h, read as `load_image` reads it (upright,
-    16-bit grey scaled by its full range) without its float array: that took 12 bytes a pixel, and the 8-bit
-    conversion after it 24 more, for a 360-px picture (GBs for a 20000 × 20000 image). A JPEG is decoded at 1/2 to 1/8
-    of its size (PIL's ``draft``), any other file in its own 8- or 16-bit mode, then reduced by PIL. None for the modes
-    whose scale needs `load_image`'s rules (32-bit integer and float TIFFs): the caller decodes those."""
-    from .data.images import orientation
-    with Image.open(path) as img:
-        if img.mode not in _GREY16 and img.mode not in _EIGHT_BIT:
-            return None
-        turn = orientation(img)
-        box = (max_h, max_w) if turn >= 5 else (max_w, max_h)   # in the stored image's axes
-        img.draft(None, (2 * box[0], 2 * box[1]))   # JPEG only: decoded at the smallest scale above twice the box
-        img.load()   # PIL turns a TIFF upright as it decodes it (and drops its tag): the turn left is read after
-        turn = orientation(img)
-        box = (max_h, max_w) if turn >= 5 else (max_w, max_h)
-        if img.mode in _GREY16:
-            small = _grey16_to_8(img)
-        else:
-            want = _EIGHT_BIT[img.mode]
-            small = img if img.mode == want else (img.convert("RGBA") if img.mode in ("P", "PA") else img).convert(want)
-        small.thumbnail(box, Image.Resampling.LANCZOS)
-    return (small.transpose(_UPRIGHT[turn]) if turn in _UPRIGHT else small).convert("RGB")
-
-
-def _grey16_to_8(img: Image.Image, strip: int = 2 ** 20) -> Image.Image:
-    """A 16-bit grey image as 8-bit grey, value v → round(v / 65535 · 255) as `load_image` and the overlays scale
-    it (PIL's own conversion clips at 255: a 16-bit frame came out white), about ``strip`` pixels at a time so that
-    no full-size wider array is made: the file's pixels once (2 bytes each) and the 8-bit image."""
-    w, h = img.size
-    a = np.frombuffer(img.tobytes(), ">u2" if img.mode == "I;16B" else "<u2").reshape(h, w)
-    out, rows = np.empty((h, w), np.uint8), max(1, strip // max(w, 1))
-    for y in range(0, h, rows):
-        out[y:y + rows] = (a[y:y + rows].astype(np.uint32) * 255 + 32767) // 65535
-    return Image.fromarray(out)
 
 
 # ----------------------------------------------------------------------------------------- sections

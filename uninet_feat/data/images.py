@@ -228,6 +228,55 @@ def load_image(path, min_side: int = MIN_SIDE) -> np.ndarray:
     return a
 
 
+# PIL mode of a file → the 8-bit mode `load_image` reads it as (alpha dropped, a palette expanded)
+_EIGHT_BIT = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB",
+              "CMYK": "RGB", "YCbCr": "RGB"}
+_GREY16 = ("I;16", "I;16L", "I;16B")
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}   # EXIF orientation → the turn that shows it upright (as ImageOps')
+
+
+def picture_8bit(path, box: tuple[int, int] | None = None) -> Image.Image | None:
+    """The image file ``path`` as an 8-bit RGB picture, read as `load_image` reads it (upright, 16-bit grey scaled
+    by its full range) without its float array, which takes 12 bytes a pixel, and the 8-bit conversion after it 24
+    more (GBs for a 20000 × 20000 image, for a report thumbnail or an overlay): the file is decoded in its own 8- or
+    16-bit mode. ``box`` (W, H): fitted into it, a JPEG decoded at 1/2 to 1/8 of its size (PIL's ``draft``), then
+    reduced by PIL (report thumbnails). None for the modes whose scale needs `load_image`'s rules (32-bit integer
+    and float TIFFs): the caller decodes those. Without ``box`` an unreadable file is a BadInputError, as in
+    `load_image`."""
+    with (_open(path) if box is None else Image.open(path)) as img:
+        if img.mode not in _GREY16 and img.mode not in _EIGHT_BIT:
+            return None
+        if box is not None:
+            turn = orientation(img)
+            fit = (box[1], box[0]) if turn >= 5 else box   # in the stored image's axes
+            img.draft(None, (2 * fit[0], 2 * fit[1]))   # JPEG only: decoded at the smallest scale above twice it
+            img.load()   # PIL turns a TIFF upright as it decodes it (and drops its tag): the turn left is read after
+        turn = orientation(img)
+        if img.mode in _GREY16:
+            small = _grey16_to_8(img)
+        else:
+            want = _EIGHT_BIT[img.mode]
+            small = img if img.mode == want else (img.convert("RGBA") if img.mode in ("P", "PA") else img).convert(want)
+        if box is not None:
+            small.thumbnail((box[1], box[0]) if turn >= 5 else box, Image.Resampling.LANCZOS)
+        small = small.transpose(_UPRIGHT[turn]) if turn in _UPRIGHT else small
+        return small.convert("RGB") if small.mode != "RGB" or small is img else small
+
+
+def _grey16_to_8(img: Image.Image, strip: int = 2 ** 20) -> Image.Image:
+    """A 16-bit grey image as 8-bit grey, value v → round(v / 65535 · 255) as `load_image` and the overlays scale
+    it (PIL's own conversion clips at 255: a 16-bit frame came out white), about ``strip`` pixels at a time so that
+    no full-size wider array is made: the file's pixels once (2 bytes each) and the 8-bit image."""
+    w, h = img.size
+    a = np.frombuffer(img.tobytes(), ">u2" if img.mode == "I;16B" else "<u2").reshape(h, w)
+    out, rows = np.empty((h, w), np.uint8), max(1, strip // max(w, 1))
+    for y in range(0, h, rows):
+        out[y:y + rows] = (a[y:y + rows].astype(np.uint32) * 255 + 32767) // 65535
+    return Image.fromarray(out)
+
+
 def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.ndarray:
     """Decode a defect mask to bool (H, W): any non-zero pixel (in any colour channel) is defect.
 
