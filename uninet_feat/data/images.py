@@ -245,6 +245,10 @@ def picture_8bit(path, box: tuple[int, int] | None = None) -> Image.Image | None
     reduced by PIL (report thumbnails). None for the modes whose scale needs `load_image`'s rules (32-bit integer
     and float TIFFs): the caller decodes those. Without ``box`` an unreadable file is a BadInputError, as in
     `load_image`."""
+    if box is None:   # the header's mode first: a 32-bit or float file is then decoded once, by the caller
+        with _open(path, decode=False) as head:
+            if head.mode not in _GREY16 and head.mode not in _EIGHT_BIT:
+                return None
     with (_open(path) if box is None else Image.open(path)) as img:
         if img.mode not in _GREY16 and img.mode not in _EIGHT_BIT:
             return None
