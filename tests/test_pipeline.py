@@ -375,6 +375,28 @@ def test_per_label_compares_a_label_with_the_normals_of_its_own_groups():
     assert "image_auroc" not in per["y"]
 
 
+def test_a_test_set_of_defective_images_only_keeps_its_pixel_metrics():
+    """No normal image, so no image AUROC; but the defective images' own normal pixels make P-AUROC, AUPRO and the
+    within-image AUROC defined (`evaluate --group G` on a group whose test images are all defective): they are
+    reported."""
+    from uninet_feat import metrics
+    from uninet_feat.evaluate import _metrics
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((16, 16), bool) for _ in range(4)]
+    for k, m in enumerate(masks):
+        m[k:k + 5, 2 * k:2 * k + 4] = True
+    maps = [(rng.random((16, 16)) + 0.6 * m).astype(np.float32) for m in masks]
+    labels, scores = np.ones(4, int), np.array([m.max() for m in maps])
+    with pytest.warns(UserWarning, match="only defective images; its image metrics are skipped"):
+        out = _metrics(labels, scores, {"maps": maps, "masks": masks}, True)
+    assert "image_auroc" not in out and "f1_max" not in out
+    assert out["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, maps))
+    assert out["aupro"] == pytest.approx(metrics.aupro(masks, maps))
+    assert 0.7 < out["pixel_auroc"] < 1 and out["within_image_n"] == 4
+    lo, hi = out["pixel_auroc_interval"]
+    assert lo <= out["pixel_auroc"] <= hi
+
+
 def test_grad_checkpointing_trains_the_same_model(texture, tmp_path):
     """`--grad-checkpointing` recomputes the target teacher (timm) and the student in backward: the run's
     weights and BN running statistics equal a run without it; without restoring the statistics after

@@ -491,14 +491,14 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
     """Image metrics (I-AUROC with its bootstrap interval, I-AP, F1-max) and, with masks, P-AUROC and AUPRO with
     theirs (`metrics.pixel_bootstrap`, resampling images: 1.1 s for magnetic tile's 666 test maps)."""
     out = {}
-    if labels.min() == labels.max():
+    if labels.min() == labels.max():   # the pixel metrics below still have normal pixels in defective images
         warnings.warn(f"{scope} has only {'defective' if labels.min() else 'normal'} images; its image metrics are "
                       "skipped")
-        return out
-    out["image_auroc"] = metrics.image_auroc(labels, scores)
-    out["image_auroc_interval"] = metrics.interval(metrics.image_auroc_bootstrap(labels, scores, seed=seed))
-    out["image_ap"] = metrics.image_ap(labels, scores)
-    out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
+    else:
+        out["image_auroc"] = metrics.image_auroc(labels, scores)
+        out["image_auroc_interval"] = metrics.interval(metrics.image_auroc_bootstrap(labels, scores, seed=seed))
+        out["image_ap"] = metrics.image_ap(labels, scores)
+        out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
     if has_masks and res.get("pixel_stats") is not None:   # streamed: the maps were binned as they were scored
         st = res["pixel_stats"]
         if res.get("pixel_ok") is not None:
@@ -627,9 +627,10 @@ def print_report(report: dict) -> None:
     if "within_image_auroc" in report:
         console.print(f"within image: each defective image's own pixel AUROC (is the defect where its map is hot), "
                       f"mean over the {report['within_image_n']} with defect and normal pixels")
-    if "image_auroc_interval" in report:
-        console.print(f"intervals: image_auroc {metrics.INTERVAL_RULE}"
-                      + (f"; pixel_auroc and aupro {metrics.PIXEL_INTERVAL_RULE}" if "aupro_interval" in report else ""))
+    rules = ([f"image_auroc {metrics.INTERVAL_RULE}"] if "image_auroc_interval" in report else []) + (
+        [f"pixel_auroc and aupro {metrics.PIXEL_INTERVAL_RULE}"] if "aupro_interval" in report else [])
+    if rules:
+        console.print("intervals: " + "; ".join(rules))
     sc = report.get("scorers") or {}
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name in ("knn", "combined"):
