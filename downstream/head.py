@@ -34,9 +34,10 @@ from ..io import atomic_write_text
 from .index import as_matrix
 
 _FORMAT = "uninet-feat-head/1"
-# Binary heads: these label names (case-insensitive) are the negative class; otherwise the
-# second label in sorted order is positive. Pass ``positive=`` to choose explicitly.
-_NEGATIVE_NAMES = {"good", "ok", "normal", "0", "false", "negative", "pass"}
+# Binary heads: a normal folder's name (`layouts.NORMAL_LABELS`: good, normal, ok, free) or one of these
+# (case-insensitive) is the negative class; otherwise the second label in sorted order is positive. Pass
+# ``positive=`` to choose explicitly.
+_NEGATIVE_NAMES = {"0", "false", "negative", "pass"}
 DEFAULT_PARAMS = dict(n_estimators=1000, learning_rate=0.05, num_leaves=15, min_child_samples=5,
                       reg_lambda=1.0, verbose=-1)
 
@@ -144,7 +145,8 @@ def _labels(y, task, positive):
             raise BadInputError(f"binary head needs exactly 2 classes, got {len(classes)}: {classes}",
                                 fix="use task=multiclass or merge labels")
         if positive is None:
-            neg = [c for c in classes if c.lower() in _NEGATIVE_NAMES]
+            from ..data.layouts import is_normal_label   # the data layer's names: "free" is normal there too
+            neg = [c for c in classes if is_normal_label(c) or c.strip().lower() in _NEGATIVE_NAMES]
             positive = classes[0] if neg == [classes[1]] else classes[1]
         if str(positive) not in classes:
             raise BadInputError(f"positive label {positive!r} is not one of {classes}")

@@ -105,6 +105,15 @@ def test_binary_threshold_never_sees_test_labels():
     assert res2.folds[0]["accuracy"] == pytest.approx(1 - res.folds[0]["accuracy"])
 
 
+@pytest.mark.parametrize("normal", ["free", " Free", "OK", "pass"])
+def test_a_binary_head_takes_every_normal_folder_name_as_the_negative_class(normal):
+    """The data layer reads `free` (and good / normal / ok, any case) as normal; a binary head must too, else
+    "broken" < "free" makes the normals the positive class and its threshold one on P(normal)."""
+    from uninet_feat.downstream.head import _labels
+    codes, classes, task, _ = _labels(["broken", normal, normal, "broken"], "binary", None)
+    assert task == "binary" and classes == [normal, "broken"] and list(codes) == [1, 0, 0, 1]
+
+
 def test_f1_max_threshold():
     assert f1_max_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.225)
     assert f1_max_threshold(np.array([0, 1]), np.array([0.1, 0.9])) == pytest.approx(0.5)
