@@ -132,8 +132,8 @@ def similarity_lse(s_hat: torch.Tensor, t_hat: torch.Tensor, inv_t: float, backe
     s_hat, t_hat: (N, HW, C), rows L2-normalised by the caller. Returns (N, HW) fp32 (fp64 for fp64 input).
     backend: 'naive' | 'torch'/'chunked' | 'triton' | 'auto' | None (env UNINET_KERNELS, then auto).
     chunk: query rows per step for the chunked backend only.
-    Triton handles C <= 256 (UniNet level 1, the memory hog); wider C falls back to chunked
-    (with a warning when triton was forced).
+    Triton handles C <= 256 (UniNet level 1, the memory hog) in fp32/bf16/fp16; wider C or fp64 (a gradcheck,
+    an fp64 debug run on a GPU) falls back to chunked (with a warning when triton was forced).
     """
     _check(s_hat, t_hat, inv_t)
     name = resolve_backend(s_hat, backend)
@@ -142,9 +142,10 @@ def similarity_lse(s_hat: torch.Tensor, t_hat: torch.Tensor, inv_t: float, backe
     if name == "chunked":
         return similarity_lse_chunked(s_hat, t_hat, inv_t, chunk)
     from .similarity_lse_triton import MAX_C, similarity_lse_triton  # lazy: CPU users never import triton
-    if s_hat.shape[-1] > MAX_C:
+    why = (f"C={s_hat.shape[-1]} > {MAX_C} (cheap there: such levels have small HW)" if s_hat.shape[-1] > MAX_C
+           else f"{s_hat.dtype}" if s_hat.dtype not in (torch.float32, torch.bfloat16, torch.float16) else None)
+    if why:
         if requested_backend(backend) == "triton":  # auto falls back silently
-            warnings.warn(f"similarity_lse: C={s_hat.shape[-1]} > {MAX_C} has no Triton kernel; using the chunked "
-                          "torch path (cheap there: such levels have small HW)", stacklevel=2)
+            warnings.warn(f"similarity_lse: no Triton kernel for {why}; using the chunked torch path", stacklevel=2)
         return similarity_lse_chunked(s_hat, t_hat, inv_t, chunk)
     return similarity_lse_triton(s_hat, t_hat, float(inv_t))

@@ -225,6 +225,19 @@ def test_channels_first_views():
             _close(g_, r_, 1e-5)
 
 
+def test_fp64_falls_back_from_triton_with_fp64_results():
+    """The Triton kernel takes fp32/bf16/fp16; fp64 (a gradcheck on a GPU, where auto picks triton) goes to the
+    chunked path in fp64 instead of raising, warned when triton was forced."""
+    _triton_mod()
+    s, t, up = _inputs(1, 9, 5, dtype=torch.float64, device=_device())
+    ref = _run(lambda a, b: similarity_lse_naive(a, b, 10.0), s, t, up)
+    with pytest.warns(UserWarning, match="no Triton kernel for torch.float64"):
+        got = _run(lambda a, b: similarity_lse(a, b, 10.0, backend="triton"), s, t, up)
+    assert all(g_.dtype == torch.float64 for g_ in got)
+    for g_, r_ in zip(got, ref):
+        _close(g_, r_, 1e-12)
+
+
 def test_wide_channels_fall_back_from_triton():
     """C > 256 has no Triton kernel (UniNet levels 2-3); forced triton warns and uses the chunked path."""
     mod = _triton_mod()
