@@ -95,7 +95,9 @@ def _split_key(path, root) -> str:
 
 
 def train_val_samples(samples, cfg: dict):
-    """Training normals (and labelled defects when supervised), and a validation split of normals.
+    """Training normals (and labelled defects when supervised), and a validation split of normals: the data's own
+    (an MVTec-style ``validation/`` folder, CSV rows marked ``val``: its normals) when it has one, else a seeded
+    ``val_fraction`` of the training normals.
 
     The validation split calibrates the score threshold and, with ``select: synthetic``, chooses the
     epoch (against synthetic defects made from it, `selection`); nothing is chosen on test labels.
@@ -106,7 +108,19 @@ def train_val_samples(samples, cfg: dict):
     if not normals:
         raise BadInputError("no normal training images", path=cfg.get("split_csv") or cfg.get("data"),
                             fix="UniNet learns from normal images: add a `good` folder or `train,good` CSV rows")
-    fit, val = split_train_val(normals, cfg["val_fraction"], cfg["seed"]) if cfg["val_fraction"] else (normals, [])
+    given = [s for s in samples if s.split == "val"]   # the data's own validation split (validation/, `val` rows)
+    if given and cfg["val_fraction"]:
+        fit, val = normals, [s for s in given if s.is_normal]
+        if len(val) < len(given):
+            warnings.warn(f"{len(given) - len(val)} defective validation image(s) are not used: validation holds "
+                          "normals only (fix: move them to the test split to have them scored)")
+        if not val:
+            raise BadInputError("the data's validation split holds no normal image", path=cfg.get("split_csv")
+                                or cfg.get("data"), fix="put normal images in it, or move its images to train/test")
+    else:
+        if given:
+            warnings.warn(f"val_fraction is 0, so the data's {len(given)} validation image(s) are not used")
+        fit, val = split_train_val(normals, cfg["val_fraction"], cfg["seed"]) if cfg["val_fraction"] else (normals, [])
     defects = [s for s in train if not s.is_normal]
     if defects and cfg.get("supervised"):
         fit = fit + defects

@@ -15,7 +15,13 @@ Label folders and nesting (why: people file new images by date, ``good/2024-05-0
   folders when any of its folders is named like a normal label (``good``/``normal``/``ok``/``free``) or holds
   images directly; then every folder there is a label (``root/hole/day1/*`` is label ``hole``). Otherwise
   the first level holds groups, and each group's subfolders are its label folders.
-- A folder that would mix the two (``root/good/*`` beside ``root/fab_0/good/*``) is an error, not a guess.
+- A folder that would mix the two (``root/good/*`` beside ``root/fab_0/good/*``, or the same inside a group) is
+  an error, not a guess. Split and mask folders match in any case (``Train/``, ``Ground_Truth/``: Windows);
+  ``__MACOSX`` and other archivers' or NAS boxes' folders are passed over.
+- A mask is found for one image only: one found for two is an error (a flat ``ground_truth/crack/`` for
+  ``test/crack/day1/`` and ``day2/``), and ``ground_truth/<label>/<subfolder>/`` is searched first.
+- ``validation/`` (``val`` CSV rows) is kept as split ``val``: `runs.train_val_samples` takes its normals as
+  the validation normals.
 - What is still not used, images directly in ``root`` or in ``root/train``, or a folder beside the split
   folders of (b), is named in one warning per folder instead of being dropped silently.
 
@@ -73,6 +79,7 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
     ``mask_pattern`` (e.g. ``"{stem}_mask.png"`` or ``"../masks/{stem}.png"``), relative to the image's
     folder, with fields {stem} {name} {label} {group}, replaces the default mask search.
     """
+    check_mask_pattern(mask_pattern)
     if split_csv:
         samples = _from_csv(Path(split_csv), Path(root) if root else Path(split_csv).parent, mask_pattern)
     else:
@@ -83,7 +90,7 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
         seen: dict = {}   # this call's folder lookups (`_any_case`)
         samples = _from_mvtec(root, mask_pattern, seen) or _from_plain(root, mask_pattern, seen)
         if root.resolve().name.lower() in SPLITS and root.resolve().name and \
-                any((root.resolve().parent / d).is_dir() for d in ("train", "test")) and \
+                any(d.name.lower() in ("train", "test") for d in _subdirs(root.resolve().parent)) and \
                 {s.split for s in samples} == {""}:
             _warn_unused(root, f"this looks like one split folder of an MVTec-style category, read as a folder of "
                                f"label folders (its own train/validation/test split is drawn from it); pass the "
@@ -99,7 +106,40 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
                             path=split_csv or root, fix="check the path and the folder layout")
     if not split_csv:   # a CSV's rows were compared by real path as they were read, with their line numbers
         _check_one_file_each(samples, root)
+        _check_one_image_per_mask(samples, root)
     return sorted(samples, key=lambda s: str(s.path))
+
+
+def _check_one_image_per_mask(samples, where) -> None:
+    """Refuse one mask found for two images: ``test/crack/day1/0001.png`` and ``day2/0001.png`` beside a flat
+    ``ground_truth/crack/0001_mask.png`` would both take it, and one of them would be scored against the other's
+    defect with no word (same-sized masks pass every other check)."""
+    first: dict[str, Path] = {}
+    for s in sorted(samples, key=lambda s: str(s.path)):
+        if s.mask is None:
+            continue
+        real = os.path.realpath(s.mask)
+        if real in first:
+            raise BadInputError(f"{s.mask} was found as the mask of both {first[real]} and {s.path}", path=where,
+                                fix="give each image its own mask: mirror the images' subfolders in ground_truth/ "
+                                    "(ground_truth/<label>/<subfolder>/<stem>_mask.png), or rename the images apart")
+        first[real] = s.path
+
+
+MASK_FIELDS = dict(stem="x", name="x.png", label="crack", group="g")
+
+
+def check_mask_pattern(pattern: str | None) -> None:
+    """Refuse a ``mask_pattern`` that cannot be filled for every image (``{Stem}``, ``{}``, ``{stem:d}``): a
+    traceback at the first image otherwise."""
+    if not pattern:
+        return
+    try:
+        str(pattern).format(**MASK_FIELDS)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        raise BadInputError(f"mask_pattern {pattern!r} cannot be filled in ({type(e).__name__}: {e})",
+                            fix="use only the fields {stem} {name} {label} {group}, e.g. {stem}_mask.png or "
+                                "../masks/{label}/{stem}.png (double a literal brace: {{ }})") from None
 
 
 def _check_one_file_each(samples, where) -> None:
@@ -123,6 +163,7 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
     ``good/``) keeps its labels and masks; images directly in it are added unlabelled. Without a normal
     folder the folder names are taken for storage (``day1/``, ``camera2/``), not labels.
     """
+    check_mask_pattern(mask_pattern)
     p = Path(path)
     if p.is_file():
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -159,13 +200,19 @@ def _images(folder: Path) -> list[Path]:
     if left:   # said, not dropped silently: another image type, or a broken / looping symlink named as an image
         _warn_unused(folder, f"{len(left)} file(s) not read ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
                              f"broken symlinks, or a type other than {', '.join(IMAGE_EXTENSIONS)} (convert to PNG)")
-    non_png = {p.stem for p in files if p.suffix.lower() != ".png"}
+    non_png = {p.stem.lower() for p in files if p.suffix.lower() != ".png"}   # x.png beside X.JPG is its mask too
     return sorted(p for p in files if not p.stem.lower().endswith("_mask")
-                  and not (p.suffix.lower() == ".png" and p.stem in non_png))
+                  and not (p.suffix.lower() == ".png" and p.stem.lower() in non_png))
+
+
+# Folders that archivers and NAS boxes add beside the data (a macOS zip's resource forks, Synology's thumbnails):
+# never labels, groups or images.
+SYSTEM_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volume information"})
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and p.name.lower() not in SYSTEM_DIRS)
 
 
 def _images_under(folder: Path, _seen=None) -> list[Path]:
@@ -191,7 +238,8 @@ def _images_under(folder: Path, _seen=None) -> list[Path]:
 
 def _has_images(folder: Path) -> bool:
     """Whether any image lies anywhere under ``folder`` (stops at the first)."""
-    for _, _, files in os.walk(folder):
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and x.lower() not in SYSTEM_DIRS]
         if any(f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") for f in files):
             return True
     return False
@@ -209,13 +257,18 @@ def _warn_unused(folder: Path, why: str) -> None:
 
 
 def _find_mask(img: Path, label: str, group: str, gt_dir: Path | None, pattern: str | None,
-               seen: dict | None = None) -> Path | None:
-    """Mask for ``img``: the explicit pattern, else ``<stem>_mask.png`` / ``<stem>.png`` beside it, else
-    ``gt_dir/<label>/<stem>_mask.png`` (or ``<stem>.png``). ``seen``: the discovery call's lookups (`_any_case`)."""
+               seen: dict | None = None, sub: str = "") -> Path | None:
+    """Mask for ``img``: the explicit pattern, else ``<stem>_mask.png`` (or ``_mask`` in another image type, which
+    `_images` leaves out as a mask too) / ``<stem>.png`` beside it, else ``gt_dir/<label>/<stem>_mask.png`` (or
+    ``<stem>.png``), first in ``gt_dir/<label>/<sub>/`` when the image lies in a subfolder ``sub`` of its label
+    folder (``test/crack/day2/0001.png`` → ``ground_truth/crack/day2/0001_mask.png``). ``seen``: the discovery
+    call's lookups (`_any_case`)."""
     if pattern:
         cands = [img.parent / pattern.format(stem=img.stem, name=img.name, label=label, group=group)]
     else:
-        cands = [img.with_name(img.stem + "_mask.png")]
+        names = _names_in(img.parent, False, seen)   # other types only when listed: no stat per type and image
+        cands = [img.with_name(img.stem + "_mask" + ext) for ext in IMAGE_EXTENSIONS
+                 if ext == ".png" or (img.stem + "_mask" + ext).lower() in names]
         if img.suffix.lower() != ".png":
             cands.append(img.with_suffix(".png"))
         if gt_dir is not None:
@@ -226,7 +279,7 @@ def _find_mask(img: Path, label: str, group: str, gt_dir: Path | None, pattern: 
                 gl = _any_case(gt_dir / label, dirs=True, seen=seen) or gt_dir / label
                 if seen is not None:
                     seen[key] = gl
-            cands += [gl / (img.stem + "_mask.png"), gl / (img.stem + ".png")]
+            cands += [d / (img.stem + end) for d in ([gl / sub] if sub else []) + [gl] for end in ("_mask.png", ".png")]
     return next((c for c in (_any_case(c, seen=seen) for c in cands) if c is not None), None)
 
 
@@ -238,17 +291,22 @@ def _any_case(path: Path, dirs: bool = False, seen: dict | None = None) -> Path 
     in the call, not once per image (about 10 % of discovering 12,000 images); a new call looks again."""
     if path.is_dir() if dirs else path.is_file():
         return path
-    key = (str(path.parent), dirs)
+    found = _names_in(path.parent, dirs, seen).get(path.name.lower())
+    return Path(path.parent) / found if found is not None else None
+
+
+def _names_in(folder: Path, dirs: bool, seen: dict | None) -> dict:
+    """`_lower_names` of ``folder``, looked up once per discovery call (``seen``)."""
+    key = (str(folder), dirs)
     names = seen.get(key) if seen is not None else None
     if names is None:
         try:
-            names = _lower_names(key[0], os.stat(path.parent).st_mtime_ns, dirs)
+            names = _lower_names(key[0], os.stat(folder).st_mtime_ns, dirs)
         except OSError:
             names = {}   # no such folder (or unreadable): no entry in it
         if seen is not None:
             seen[key] = names
-    found = names.get(path.name.lower())
-    return Path(path.parent) / found if found is not None else None
+    return names
 
 
 @functools.lru_cache(maxsize=64)
@@ -292,7 +350,7 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
 
     def one(base: Path, group: str) -> list[Sample]:
         out = []
-        gt = base / "ground_truth"
+        gt = _any_case(base / "ground_truth", dirs=True, seen=seen) or base / "ground_truth"   # Ground_Truth/ too
         for split_dir in _subdirs(base):
             split = SPLITS.get(split_dir.name.lower())
             if not split:
@@ -304,15 +362,21 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
                 _warn_unused(split_dir, f"{len(_images(split_dir))} image(s) directly in this folder are not "
                                         f"used (move them into {split_dir.name}/good/ or {split_dir.name}/<defect>/)")
             for label_dir in _subdirs(split_dir):
+                if label_dir.name.lower() in MASK_DIRS:   # test/ground_truth/: masks, never defect images
+                    if _has_images(label_dir):
+                        _warn_unused(label_dir, f"not read as images: a mask folder belongs beside "
+                                                f"{split_dir.name}/, as {base.name or base}/ground_truth/<label>/")
+                    continue
                 for p in _images_under(label_dir):
-                    out.append(Sample(p, split, label_dir.name,
-                                      _find_mask(p, label_dir.name, group, gt, pattern, seen), group))
+                    sub = os.path.relpath(p.parent, label_dir)
+                    out.append(Sample(p, split, label_dir.name, _find_mask(p, label_dir.name, group, gt, pattern,
+                                                                           seen, "" if sub == "." else sub), group))
         if not pattern:
             _warn_unmatched_masks(gt, out)
         return out
 
-    def has_splits(d: Path) -> bool:
-        return any((d / s).is_dir() for s in ("train", "test"))
+    def has_splits(d: Path) -> bool:   # Train/ and TEST/ too (data copied from Windows): one() reads them so
+        return any(x.name.lower() in ("train", "test") for x in _subdirs(d))
 
     if has_splits(root):
         return one(root, "")
@@ -334,25 +398,49 @@ def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
     def is_label(d: Path) -> bool:
         return d.name.lower() in NORMAL_LABELS or bool(_images(d))
 
-    labels = [d for d in firsts if is_label(d)]
-    if labels:  # root/<label>/**
-        for d in firsts:
+    def one_layout(base: Path, label_dirs: list, group: str) -> None:
+        """Refuse a label folder of ``base`` that holds a normal-named folder: a ROOT/<group>/<label>/ layout
+        one level down, whose normals would be read as defects of the label (``lineA/good/`` beside
+        ``lineA/cam2/good/``: cam2's normals become test defects)."""
+        first = next((d for d in label_dirs if d.name.lower() in NORMAL_LABELS or _images(d)), None)
+        for d in label_dirs:
             inner = [x.name for x in _subdirs(d) if x.name.lower() in NORMAL_LABELS]
             if inner and d.name.lower() not in NORMAL_LABELS:
+                where = (f"{first} makes {base} " + ("a group of label folders" if group else
+                                                     "a ROOT/<label>/ layout")) if first is not None else \
+                    f"{base} is a group of ROOT/<group>/<label>/"
                 raise BadInputError(
-                    f"{d} holds a `{inner[0]}` folder, as if it were a group (ROOT/<group>/<label>/), but "
-                    f"{labels[0]} makes {root} a ROOT/<label>/ layout, where {d.name} would be one defect label",
+                    f"{d} holds a `{inner[0]}` folder, as if it were a group (ROOT/<group>/<label>/), but {where}, "
+                    f"where {d.name} would be one defect label and its `{inner[0]}` images defects",
                     path=d, fix="use one layout: move the label folders into group folders, or give a --split-csv")
-        return [Sample(p, "", d.name, _find_mask(p, d.name, "", root / "ground_truth", pattern, seen), "")
-                for d in firsts for p in _images_under(d)]
+
+    def masks_in(base: Path):   # ground_truth/ in any case (Ground_Truth/ copied from Windows)
+        return _any_case(base / "ground_truth", dirs=True, seen=seen) or base / "ground_truth"
+
+    def rel(p: Path, d: Path) -> str:
+        sub = os.path.relpath(p.parent, d)
+        return "" if sub == "." else sub
+
+    labels = [d for d in firsts if is_label(d)]
+    if labels:  # root/<label>/**
+        one_layout(root, firsts, "")
+        gt = masks_in(root)
+        out = [Sample(p, "", d.name, _find_mask(p, d.name, "", gt, pattern, seen, rel(p, d)), "")
+               for d in firsts for p in _images_under(d)]
+        if not pattern:
+            _warn_unmatched_masks(gt, out)
+        return out
     out = []
     for g in firsts:  # root/<group>/<label>/**
-        for ld in _subdirs(g):
-            if ld.name.lower() in MASK_DIRS:
-                continue
-            out += [Sample(p, "", ld.name, _find_mask(p, ld.name, g.name, g / "ground_truth", pattern, seen),
-                           g.name)
-                    for p in _images_under(ld)]
+        lds = [ld for ld in _subdirs(g) if ld.name.lower() not in MASK_DIRS]
+        one_layout(g, lds, g.name)
+        gt, mine = masks_in(g), []
+        for ld in lds:
+            mine += [Sample(p, "", ld.name, _find_mask(p, ld.name, g.name, gt, pattern, seen, rel(p, ld)), g.name)
+                     for p in _images_under(ld)]
+        if not pattern:
+            _warn_unmatched_masks(gt, mine)
+        out += mine
     return out
 
 
@@ -360,6 +448,9 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
     if not csv_path.is_file():
         raise BadInputError("split CSV not found", path=csv_path, fix="check the --split-csv path")
     raw = csv_path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):   # Excel's "Unicode text", Notepad's "Unicode": not cp1252
+        raise BadInputError("the CSV is saved as UTF-16", path=csv_path,
+                            fix='save it as UTF-8 (Excel: "CSV UTF-8"), or convert it: iconv -f utf-16 -t utf-8')
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:   # Excel's plain "CSV" on Windows is cp1252: a traceback before
@@ -376,16 +467,23 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
                                 f"column{'s' if len(lacks) > 1 else ''}", path=csv_path,
                                 fix="first line must be e.g. path,split,label[,mask][,group]")
         group_col = next((c for c in ("group", "fabric", "category") if c in cols), None)
-        out, seen, missing = [], {}, []
+        out, seen, missing, blank_split, n_rows = [], {}, [], [], 0
         for row in reader:
-            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             line = reader.line_num
+            if None in row:   # DictReader's key for fields beyond the header's
+                raise BadInputError(f"line {line} has {len(reader.fieldnames) + len(row[None])} fields, the header "
+                                    f"{len(reader.fieldnames)} ({','.join(reader.fieldnames)})", path=csv_path,
+                                    fix="quote a path that holds a comma (\"a,b.png\"), and remove trailing commas")
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             if not row.get("path"):
                 continue
+            n_rows += 1
+            if "split" in cols and not row.get("split"):
+                blank_split.append(line)
             split = SPLITS.get(row.get("split", "").lower())
             if split is None:
                 raise BadInputError(f"line {line}: unknown split {row['split']!r}", path=csv_path,
-                                    fix="use train, test, val or leave it empty")
+                                    fix="use train, test, val (or leave it empty in every row)")
             if not row.get("label"):   # an empty cell would make a normal image a defect of label ''
                 raise BadInputError(f"line {line}: {row['path']} has no label", path=csv_path,
                                     fix="give every row a label: `good` for normal images, else the defect type")
@@ -408,6 +506,12 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
             else:
                 mask = _find_mask(p, row["label"], group, None, pattern)
             out.append(Sample(p, split, row["label"], mask, group))
+    if blank_split and len(blank_split) < n_rows:   # all blank: assign_splits draws a split
+        lines = ", ".join(map(str, blank_split[:5])) + (" ..." if len(blank_split) > 5 else "")
+        raise BadInputError(f"{len(blank_split)} row(s) have no split (lines {lines}) while others have one: they "
+                            "would be neither trained on nor tested", path=csv_path,
+                            fix="give every row a split (train, test or val), or leave the column empty in every row "
+                                "for a drawn split")
     if missing:
         first = "; ".join(f"line {ln}: {rel}" for ln, rel in missing[:5])
         raise BadInputError(f"{len(missing)} file(s) listed in the CSV not found under {root} ({first}"

@@ -1,0 +1,161 @@
+"""layouts.py on folders as they arrive from other machines: Windows case, mask subfolders, a macOS zip's
+__MACOSX, a dataset's own validation split, CSVs with stray commas or half-filled columns. Each case used to
+change which images are train, test, normal or defect with no word, or ended in a traceback."""
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uninet_feat.config import load_config
+from uninet_feat.data import discover
+from uninet_feat.errors import BadInputError
+from uninet_feat.runs import assign_splits, train_val_samples
+
+
+def _mask(p, size=(16, 24)):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros(size, np.uint8)
+    arr[2:6, 3:9] = 255
+    Image.fromarray(arr).save(p)
+    return p
+
+
+def _cfg(root, **kw):
+    return load_config(None, {"data": str(root), **kw})
+
+
+def test_capitalised_split_folders_keep_their_split(tmp_path, write_image):
+    """Train/ and Test/ (Windows): read as the split they name, not as two groups whose normals a hash then
+    re-splits (test normals went into training)."""
+    for i in range(5):
+        write_image(f"Train/good/{i}.png")
+        write_image(f"Test/good/t{i}.png")
+    write_image("Test/crack/c0.png")
+    _mask(tmp_path / "Ground_Truth/crack/c0_mask.png")
+    s = assign_splits(discover(tmp_path), tmp_path)
+    assert {x.path.parent.parent.name: x.split for x in s} == {"Train": "train", "Test": "test"}
+    assert {x.group for x in s} == {""}
+    crack = next(x for x in s if x.label == "crack")
+    assert crack.mask == tmp_path / "Ground_Truth/crack/c0_mask.png"
+
+
+def test_masks_mirror_the_images_subfolders_and_one_mask_never_serves_two_images(tmp_path, write_image):
+    for day in ("day1", "day2"):
+        write_image(f"train/good/{day}/a.png")
+        write_image(f"test/crack/{day}/0001.png")
+        _mask(tmp_path / f"ground_truth/crack/{day}/0001_mask.png")
+    s = [x for x in discover(tmp_path) if x.label == "crack"]
+    assert [x.mask.relative_to(tmp_path).as_posix() for x in s] == [
+        "ground_truth/crack/day1/0001_mask.png", "ground_truth/crack/day2/0001_mask.png"]
+    flat = tmp_path / "flat"
+    for day in ("day1", "day2"):
+        write_image(f"flat/train/good/{day}/a.png")
+        write_image(f"flat/test/crack/{day}/0001.png")
+    _mask(flat / "ground_truth/crack/0001_mask.png")
+    with pytest.raises(BadInputError, match=r"0001_mask.png was found as the mask of both .*day1/0001.png and "
+                                            r".*day2/0001.png") as e:
+        discover(flat)
+    assert "ground_truth/<label>/<subfolder>/<stem>_mask.png" in str(e.value)
+
+
+def test_a_mask_folder_inside_a_split_folder_is_not_a_defect_label(tmp_path, write_image):
+    write_image("train/good/a.png")
+    write_image("test/crack/c.png")
+    _mask(tmp_path / "test/ground_truth/crack/c_mask.png")
+    with pytest.warns(UserWarning, match="not read as images: a mask folder belongs beside test/"):
+        s = discover(tmp_path)
+    assert sorted(x.label for x in s) == ["crack", "good"]
+
+
+def test_a_group_with_a_layout_one_level_down_is_refused(tmp_path, write_image):
+    """lineA/good beside lineA/cam2/{good,crack}: cam2's normals would be test defects of label cam2."""
+    write_image("lineA/good/a.png")
+    write_image("lineA/cam2/good/b.png")
+    write_image("lineA/cam2/crack/c.png")
+    write_image("lineB/good/d.png")
+    with pytest.raises(BadInputError, match="cam2 holds a `good` folder.*lineA/good makes .*lineA a group of label "
+                                            "folders.*its `good` images defects"):
+        discover(tmp_path)
+
+
+def test_macos_zip_folders_and_case_of_a_same_named_mask(tmp_path, write_image):
+    write_image("good/a.png")
+    write_image("__MACOSX/good/._a.png")        # resource forks unzipped beside the data
+    write_image("__MACOSX/good/b.png")
+    write_image("crack/IMG1.jpg")
+    _mask(tmp_path / "crack/img1.png")          # the magnetic-tile convention, in another case
+    write_image("crack/x.png")
+    _mask(tmp_path / "crack/x_mask.bmp")        # a mask in another lossless type
+    s = discover(tmp_path)
+    assert [(x.path.name, x.mask and x.mask.name) for x in s] == [
+        ("IMG1.jpg", "img1.png"), ("x.png", "x_mask.bmp"), ("a.png", None)]
+
+
+def test_a_plain_layouts_ground_truth_names_its_unmatched_masks(tmp_path, write_image):
+    write_image("good/a.png")
+    write_image("crack/x.png")
+    _mask(tmp_path / "ground_truth/crack/x_gt.png")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) match no image \(e.g. crack/x_gt.png\); 0 of 1 defect"):
+        discover(tmp_path)
+
+
+def test_the_datas_own_validation_split_is_the_validation_set(tmp_path, write_image):
+    """MVTec AD 2's validation/ (and CSV `val` rows) were read and then used nowhere; validation came from the
+    training normals anyway."""
+    for i in range(6):
+        write_image(f"train/good/{i}.png")
+    for i in range(3):
+        write_image(f"validation/good/v{i}.png")
+    write_image("validation/crack/vc.png")
+    write_image("test/good/t.png")
+    write_image("test/crack/c.png")
+    samples = discover(tmp_path)
+    with pytest.warns(UserWarning, match="1 defective validation image"):
+        fit, val = train_val_samples(samples, _cfg(tmp_path))
+    assert sorted(x.path.name for x in val) == ["v0.png", "v1.png", "v2.png"]
+    assert sorted(x.path.name for x in fit) == [f"{i}.png" for i in range(6)]
+    with pytest.warns(UserWarning, match="val_fraction is 0, so the data's 4 validation image"):
+        fit, val = train_val_samples(samples, _cfg(tmp_path, val_fraction=0.0))
+    assert val == [] and len(fit) == 6
+
+
+def _csv(tmp_path, write_image, text, encoding="utf-8"):
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(name)
+    p = tmp_path / "split.csv"
+    p.write_text(text, encoding=encoding)
+    return p
+
+
+def test_a_csv_row_with_more_fields_than_its_header_is_named(tmp_path, write_image):
+    p = _csv(tmp_path, write_image, "path,split,label\na.png,train,good\nb.png,test,crack,\n")
+    with pytest.raises(BadInputError, match=r"line 3 has 4 fields, the header 3") as e:
+        discover(tmp_path, p)
+    assert "quote a path that holds a comma" in str(e.value)
+
+
+def test_a_csv_with_some_splits_left_blank_is_refused(tmp_path, write_image):
+    p = _csv(tmp_path, write_image, "path,split,label\na.png,train,good\nb.png,,good\nc.png,test,crack\n")
+    with pytest.raises(BadInputError, match=r"1 row\(s\) have no split \(lines 3\)"):
+        discover(tmp_path, p)
+    p.write_text("path,split,label\na.png,,good\nb.png,,good\nc.png,,crack\n")   # none given: a drawn split
+    assert {x.split for x in discover(tmp_path, p)} == {""}
+
+
+def test_a_utf16_csv_is_named_as_such(tmp_path, write_image):
+    p = _csv(tmp_path, write_image, "path,split,label\na.png,train,good\n", encoding="utf-16")
+    with pytest.raises(BadInputError, match="saved as UTF-16") as e:
+        discover(tmp_path, p)
+    assert "iconv -f utf-16" in str(e.value)
+
+
+@pytest.mark.parametrize("pattern", ["{Stem}_mask.png", "{}_mask.png", "{stem:d}.png", "{stem"])
+def test_a_mask_pattern_that_cannot_be_filled_is_refused_before_any_image(tmp_path, write_image, pattern):
+    write_image("good/a.png")
+    with pytest.raises(BadInputError, match="cannot be filled in") as e:
+        discover(tmp_path, mask_pattern=pattern)
+    assert "{stem} {name} {label} {group}" in str(e.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert discover(tmp_path, mask_pattern="../masks/{label}/{stem}.png")[0].mask is None
