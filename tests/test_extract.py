@@ -713,3 +713,41 @@ def test_a_head_of_unnamed_columns_of_another_width_is_refused_saying_so(tmp_pat
     assert "does not make" not in str(e.value) and "train the head again" in str(e.value)
     assert "head.json" in str(e.value) and "--run runs/r" in str(e.value)
     assert _head_columns(head, cols[:5], tmp_path / "h", "runs/r") == list(range(5))   # same width: by position
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bytes flipped", "deleted"])
+def test_a_damaged_or_missing_shard_of_a_finished_store_is_named_not_a_traceback(tmp_path, damage):
+    """A truncated or corrupt shard raised zipfile's BadZipFile from train-head, index and cluster; a deleted one an
+    IndexError from image_table (array returned the other shards' rows, shifted onto other items' records)."""
+    f = tmp_path / "f"
+    items = [{"path": f"/x/{i}.png", "label": "good", "group": "", "split": "train", "is_normal": True, "tile": None}
+             for i in range(9)]
+    for i in range(3):
+        featstore.write_shard(f, i, {"vectors": np.full((3, 4), i, np.float32), "scores": np.zeros(3, np.float32),
+                                     "patches": np.ones((3, 4, 2), np.float16)})
+    (f / "manifest.json").write_text(json.dumps({
+        "schema": featstore.SCHEMA, "schema_version": 3, "vector_names": [f"c{j}" for j in range(4)], "items": items,
+        "n_items": 9, "n_shards": 3, "settings": {"shard_size": 3}}))
+    (f / "complete").write_text("")
+    shard = f / "shard-00001.npz"
+    raw = shard.read_bytes()
+    if damage == "truncated":
+        shard.write_bytes(raw[:len(raw) // 2])
+    elif damage == "bytes flipped":   # inside the vectors' data: the zip opens, the read fails its CRC check
+        at = raw.index(np.full(4, 1, np.float32).tobytes())
+        shard.write_bytes(raw[:at] + b"\xff" * 8 + raw[at + 8:])
+    else:
+        shard.unlink()
+    s = FeatureStore(f)
+    named = str(shard) if damage != "deleted" else "missing: shard-00001.npz"
+    fix = "delete shard-00001.npz, then re-run the same `uninet-feat extract`" if damage != "deleted" else \
+        "re-run the same `uninet-feat extract` to finish or repair the store"
+    reads = [s.image_table, lambda: s.array("vectors"), lambda: s.rows("vectors", np.ones(9, bool))]
+    if damage != "bytes flipped":   # there only the vectors fail to read
+        reads += [lambda: s.array("patches"), lambda: s.rows("patches", np.ones(9, bool))]
+    for read in reads:
+        with pytest.raises(BadInputError) as e:
+            read()
+        assert named in str(e.value) and fix in str(e.value) and str(f) in str(e.value)
+    if damage == "deleted":
+        assert "the shards hold 6 'patches' rows for 9 items" in str(e.value)

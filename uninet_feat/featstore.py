@@ -155,23 +155,45 @@ class FeatureStore:
                                 "its columns cannot be told apart)", path=self.folder,
                                 fix="extract again into a new folder (a new --out)")
 
-    def _shards(self):
+    def _shards(self, key: str):
+        """(shard id, its ``key`` array or None where it has none) for each shard on disk. A shard that cannot be
+        read (truncated by a full disk or a cut-short copy) is named, not left to zipfile's traceback. The fix says
+        to delete it: extract redoes a missing shard, but keeps one whose vectors still read (all it checks)."""
         for i in range(self.manifest["n_shards"]):
             p = self.folder / shard_name(i)
-            if p.exists():
-                yield i, np.load(p)
+            if not p.exists():
+                continue
+            try:
+                with np.load(p) as z:
+                    a = z[key] if key in z.files else None
+            except Exception as e:   # noqa: BLE001 - BadZipFile, a CRC error, a short read, a bad .npy header
+                raise BadInputError(f"unreadable feature shard ({type(e).__name__}: {e})", path=p,
+                                    fix=f"delete {p.name}, then re-run the same `uninet-feat extract` command (it "
+                                        "redoes missing shards)") from e
+            yield i, a
+
+    def _short(self, key: str, n_rows: int) -> BadInputError:
+        gone = [shard_name(i) for i in range(self.manifest["n_shards"]) if not (self.folder / shard_name(i)).exists()]
+        why = f" ({len(gone)} missing: {', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})" if gone else ""
+        return BadInputError(f"the shards hold {n_rows} '{key}' rows for {len(self.items)} items{why}",
+                             path=self.folder, fix="re-run the same `uninet-feat extract` to finish or repair the store")
 
     def array(self, key: str) -> np.ndarray:
+        """``key`` of every item, in item order; refused unless there is exactly one row per item (a deleted shard
+        would shift every later row onto another item's record)."""
         parts = []
-        for i, z in self._shards():
-            if key in z.files:
-                parts.append(z[key])
+        for i, a in self._shards(key):
+            if a is not None:
+                parts.append(a)
                 if key == "vectors":   # every shard's width, not only the first's
-                    self._check_width(parts[-1].shape[1], i)
+                    self._check_width(a.shape[1], i)
         if not parts:
             raise BadInputError(f"no '{key}' in this feature store", path=self.folder,
                                 fix="re-extract with --patches" if key == "patches" else None)
-        return np.concatenate(parts)
+        out = np.concatenate(parts)
+        if len(out) != len(self.items):
+            raise self._short(key, len(out))
+        return out
 
     def rows(self, key: str, keep, dtype=np.float32) -> np.ndarray:
         """The rows of ``key`` where the boolean ``keep`` (one per item) holds, as one ``dtype`` array read shard by
@@ -182,10 +204,9 @@ class FeatureStore:
             raise BadInputError(f"{len(keep)} row flags for the store's {len(self.items)} items", path=self.folder,
                                 fix="pass one flag per item of the store (its manifest's items)")
         out, start, pos = None, 0, 0
-        for i, z in self._shards():
-            if key not in z.files:
+        for i, a in self._shards(key):
+            if a is None:
                 continue
-            a = z[key]
             if key == "vectors":
                 self._check_width(a.shape[1], i)
             sel = keep[start:start + len(a)]
@@ -199,8 +220,7 @@ class FeatureStore:
             raise BadInputError(f"no '{key}' in this feature store", path=self.folder,
                                 fix="re-extract with --patches" if key == "patches" else None)
         if start != len(keep):
-            raise BadInputError(f"the shards hold {start} '{key}' rows for {len(keep)} items", path=self.folder,
-                                fix="re-run the same `uninet-feat extract` to finish or repair the store")
+            raise self._short(key, start)
         return out
 
     @property
