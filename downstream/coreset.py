@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BadInputError
 from ..io import atomic_write
-from .index import as_matrix
+from .index import as_matrix, parse_device
 
 # greedy k-center throughput (multiply-adds/s) on this project's 2-core CPU, for the warning that a coreset will take
 # long, not for anything it computes: 4.4e9 for 16,000 picks over 160,000 random 80-d vectors (46 s), 1.6e9 for
@@ -30,10 +30,20 @@ from .index import as_matrix
 CPU_RATE = 2e9
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def torch_device(device) -> torch.device:
+    """``device`` as `parse_device` reads it, for torch; refuses a GPU torch does not have (a CPU-only build
+    fails with a bare AssertionError only once a tensor is moved)."""
+    kind, n = parse_device(device)
+    have = torch.cuda.device_count() if kind != "cpu" and torch.cuda.is_available() else 0
+    if kind == "cpu" or (kind == "auto" and have == 0):
+        return torch.device("cpu")
+    if have == 0:
+        raise BadInputError(f"device={device!r} asked for, but torch sees no GPU (a CPU-only torch build, or no "
+                            "CUDA driver)", fix="use device='auto' (the CPU where torch has no GPU) or 'cpu'")
+    if n is not None and n >= have:
+        raise BadInputError(f"device={device!r} asked for, but torch sees {have} GPU(s)",
+                            fix=f"use cuda:0 to cuda:{have - 1}")
+    return torch.device("cuda" if n is None else f"cuda:{n}")
 
 
 def _project(vectors, proj_dim, seed, dev, chunk) -> torch.Tensor:
@@ -58,12 +68,13 @@ def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, 
     Keeps ``n`` points if given, else ``ceil(ratio * N)``. The first centre is drawn with ``seed``;
     each next one is the point farthest from all chosen so far (ties: lowest index), so the
     result is deterministic for a given seed and device. ``vectors`` may be numpy, a memmap or a
-    torch tensor; it is read chunk by chunk.
+    torch tensor; it is read chunk by chunk. ``device``: auto, cpu, cuda, cuda:N or gpu (`torch_device`).
 
     ``state``: a file where the picks so far and the running distances are saved every `STATE_SECONDS`, so that a
     killed selection (an hour on a CPU for 10^5+ picks) resumes from its last save, to the same result, when run
     again on the same vectors and settings (`_resume`); removed when the selection is done.
     """
+    dev = torch_device(device)   # first: a bad device is refused whatever the vectors
     if not hasattr(vectors, "ndim"):   # a list of rows, as build_index and train_head take
         vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
@@ -78,7 +89,6 @@ def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, 
         raise BadInputError(f"coreset size must be >= 1, got {n}")
     if n >= total:
         return np.arange(total, dtype=np.int64)
-    dev = _device(device)
     x = _project(vectors, proj_dim, seed, dev, chunk)
     work = float(n) * total * x.shape[1]   # each pick is one pass over all N points: quadratic in N at a fixed ratio
     if dev.type == "cpu" and work / CPU_RATE > 300:

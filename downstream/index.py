@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 
 import faiss
@@ -94,20 +95,51 @@ def _gpu_count() -> int:
         return 0
 
 
+_DEVICES = "auto, cpu, cuda, cuda:N or gpu"
+
+
+def parse_device(device) -> tuple[str, int | None]:
+    """``device`` → ('auto' | 'cpu' | 'gpu', GPU number or None for any / all).
+
+    One reading for both halves of a kNN scorer: torch (the coreset) and faiss (the index) took different names
+    ('gpu' only faiss, 'cuda:0' only torch), and a name one half refused failed only after the other half's work."""
+    if device in ("auto", "cpu"):
+        return device, None
+    if device in ("cuda", "gpu"):
+        return "gpu", None
+    m = re.fullmatch(r"cuda:(\d+)", device) if isinstance(device, str) else None
+    if m is None:
+        raise BadInputError(f"unknown device {device!r}", fix=f"use {_DEVICES}")
+    return "gpu", int(m.group(1))
+
+
+def faiss_gpus(device) -> list[int] | None:
+    """The GPUs faiss puts an index on for ``device``: None for the CPU, else their numbers (all of them for
+    auto, cuda and gpu). Refuses a GPU faiss does not have, so that a caller can check before any long work."""
+    kind, n = parse_device(device)
+    have = 0 if kind == "cpu" else _gpu_count()
+    if have == 0:
+        if kind == "gpu":
+            raise BadInputError(f"device={device!r} asked for, but faiss sees no GPU (a faiss-cpu build?)",
+                                fix="install faiss-gpu-cu12, or use device='auto' (the CPU where faiss has no GPU) "
+                                    "or 'cpu'")
+        return None
+    if n is not None and n >= have:
+        raise BadInputError(f"device={device!r} asked for, but faiss sees {have} GPU(s)",
+                            fix=f"use cuda:0 to cuda:{have - 1}, or cuda for all of them")
+    return list(range(have)) if n is None else [n]
+
+
 def _to_device(index, device: str, kind: str):
-    if device not in ("auto", "cpu", "cuda", "gpu"):
-        raise BadInputError(f"unknown device {device!r}", fix="use auto, cpu or cuda")
-    if device == "cpu":
-        return index
-    if _gpu_count() == 0:
-        if device != "auto":
-            raise BadInputError("device=cuda asked for but faiss sees no GPU (faiss-cpu build?)",
-                                fix="install faiss-gpu-cu12 or use device=auto")
+    gpus = faiss_gpus(device)
+    if gpus is None:
         return index
     if kind == "hnsw":  # faiss has no GPU HNSW; its graph search is CPU-only.
         return index
     try:
-        return faiss.index_cpu_to_all_gpus(index)
+        if parse_device(device)[1] is None:
+            return faiss.index_cpu_to_all_gpus(index)
+        return faiss.index_cpu_to_gpus_list(index, gpus=gpus)
     except Exception as e:  # e.g. a PQ code size the GPU kernels lack
         if device != "auto":
             raise BadInputError(f"faiss could not move this index to the GPU: {e}") from e
@@ -135,9 +167,10 @@ def build_index(vectors, kind="flat", metric="l2", nlist=None, m_pq=None, nbits=
       nprobe to ``auto_nprobe(nlist)``.
     * IVF/PQ k-means trains on a subsample of at most 64·nlist (>= 2^nbits·39) rows drawn with
       ``seed``, so builds are reproducible and training cost does not grow with n.
-    * GPU: when faiss sees a GPU and ``device`` is auto/cuda, flat and IVFPQ move to all GPUs
-      (trained on CPU, filled on GPU); HNSW stays on CPU.
+    * GPU: when faiss sees a GPU and ``device`` is auto, cuda or gpu (cuda:N: GPU N only), flat and
+      IVFPQ move to all GPUs (trained on CPU, filled on GPU); HNSW stays on CPU.
     """
+    faiss_gpus(device)   # a bad device is refused before the training, not after
     x = as_matrix(vectors)
     n, d = x.shape
     if n == 0:
@@ -212,6 +245,7 @@ def save_index(index, path) -> None:
 def load_index(path, device="cpu"):
     """Read an index written by ``save_index`` (or any faiss ``write_index``); optional GPU move."""
     path = os.fspath(path)
+    faiss_gpus(device)
     if not os.path.isfile(path):
         raise BadInputError("index file not found", path=path,
                             fix="build and save the index first (check the path)")

@@ -3,8 +3,10 @@
 A patch is anomalous when it is far from every normal patch seen in training: the score of a
 patch is its mean Euclidean distance to the k nearest patches of a (coreset-subsampled) memory
 bank of normal patches. The map is the patch grid of scores upsampled bilinearly to the image
-size, and the image score is the map's maximum (one bad patch makes a bad image). PatchCore's
-optional neighbourhood reweighting of the image score is not applied.
+size, and the image score is the highest patch score (one bad patch makes a bad image), not the
+map's maximum: bilinear upsampling lowers an isolated hot patch, and predict / evaluate score by
+the patches (`scorers.knn_scores`). PatchCore's optional neighbourhood reweighting of the image
+score is not applied.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import BadInputError
 from ..io import atomic_write_text
-from .coreset import coreset_subsample
-from .index import as_matrix, build_index, load_index, save_index, search
+from .coreset import coreset_subsample, torch_device
+from .index import as_matrix, build_index, faiss_gpus, load_index, save_index, search
 
 _FORMAT = "uninet-feat-knn/1"
 
@@ -72,7 +74,9 @@ class KNNScorer:
 
     ``coreset_ratio`` (None or 1 = keep all) subsamples the bank with greedy k-center
     (``coreset_subsample``); ``index_kw`` go to ``build_index`` (e.g. nlist, m_pq, ef_search).
-    Deterministic for a given seed with kind='flat' or 'ivfpq'.
+    Deterministic for a given seed with kind='flat' or 'ivfpq'. ``device``: auto, cpu, cuda, cuda:N or gpu,
+    checked here against both torch (the coreset) and faiss (the index), so that a device one of them cannot use
+    is refused before the coreset (an hour on a CPU for a large bank), not after it.
     """
 
     def __init__(self, kind="flat", k=1, coreset_ratio=0.1, seed=0, device="auto", proj_dim=128, **index_kw):
@@ -81,6 +85,9 @@ class KNNScorer:
         if coreset_ratio is not None and not 0 < float(coreset_ratio) <= 1:   # None: keep all
             raise BadInputError(f"the coreset ratio must be in (0, 1], got {coreset_ratio}",
                                 fix="e.g. --coreset 0.1 (10 % of the normal patches), or 1 for all of them")
+        faiss_gpus(device)
+        if coreset_ratio is not None and float(coreset_ratio) < 1:
+            torch_device(device)
         self.kind, self.k, self.coreset_ratio, self.seed = kind, int(k), coreset_ratio, seed
         self.device, self.proj_dim, self.index_kw = device, proj_dim, index_kw
         self.index = None
@@ -109,14 +116,15 @@ class KNNScorer:
         return knn_scores(self.index, x, min(self.k, self.index.ntotal)).reshape(lead)
 
     def score_maps(self, test_patches, grid_hw, out_size):
-        """(maps (n, H, W) float32 bilinear-upsampled from the (h, w) patch grid, image scores = map max)."""
+        """(maps (n, H, W) float32 bilinear-upsampled from the (h, w) patch grid, image scores = highest patch
+        score): the image score `predict` and `evaluate --knn` give, which the map's max is not (see the top)."""
         h, w = map(int, grid_hw)
         s = self.score_patches(test_patches)
         if s.ndim != 2 or s.shape[1] != h * w:
             raise BadInputError(f"test patches have shape {s.shape} scores, expected (n, {h}*{w})",
                                 fix="pass grid_hw matching the exported patch grid")
         maps = upsample_scores(s, (h, w), out_size)
-        return maps, maps.reshape(len(maps), -1).max(1)
+        return maps, s.max(1)
 
     def save(self, directory, source: dict | None = None) -> Path:
         """``index.faiss`` + ``knn.json`` in ``directory`` (each written atomically).

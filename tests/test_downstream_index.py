@@ -234,3 +234,82 @@ def test_a_killed_coreset_selection_resumes_from_its_last_save_to_the_same_picks
     other = cs.coreset_subsample(x, n=300, seed=4, proj_dim=16, device="cpu", state=state)
     np.testing.assert_array_equal(other, cs.coreset_subsample(x, n=300, seed=4, proj_dim=16, device="cpu"))
     assert starts[-1] == 0
+
+
+def _no_gpu(monkeypatch, torch_gpus=0, faiss_gpus=0):
+    """As if torch and faiss saw these many GPUs, whatever this machine has."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: torch_gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: torch_gpus)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: faiss_gpus)
+
+
+def test_a_device_either_half_of_the_knn_scorer_cannot_use_is_refused_before_the_coreset(monkeypatch):
+    """The coreset (torch) and the index (faiss) read ``device`` differently: 'gpu' crashed torch with a raw
+    RuntimeError, 'cuda' on a CPU-only torch gave an AssertionError, and 'cuda:0' was refused by faiss only after
+    the coreset (an hour on a CPU). Every name is now checked against both halves before any coreset work."""
+    from uninet_feat.downstream import knn
+    x = clustered(400, d=8, seed=1)
+    real = knn.coreset_subsample
+    monkeypatch.setattr(knn, "coreset_subsample", lambda *a, **k: pytest.fail("coreset ran before the refusal"))
+    _no_gpu(monkeypatch)
+    for device, said in [("gpu", "faiss sees no GPU"), ("cuda", "faiss sees no GPU"), ("cuda:0", "faiss sees no GPU"),
+                         ("tpu", "unknown device 'tpu'"), ("", "unknown device ''")]:
+        with pytest.raises(BadInputError, match=said):
+            KNNScorer("flat", k=1, coreset_ratio=0.5, device=device).fit(x)
+    _no_gpu(monkeypatch, torch_gpus=1)   # torch has a GPU, faiss-cpu has none: refused before the coreset
+    with pytest.raises(BadInputError, match="'cuda:0' asked for, but faiss sees no GPU"):
+        KNNScorer("flat", k=1, coreset_ratio=0.5, device="cuda:0").fit(x)
+    _no_gpu(monkeypatch, faiss_gpus=1)   # the other way round
+    with pytest.raises(BadInputError, match="'gpu' asked for, but torch sees no GPU"):
+        KNNScorer("flat", k=1, coreset_ratio=0.5, device="gpu").fit(x)
+    _no_gpu(monkeypatch)
+    monkeypatch.setattr(knn, "coreset_subsample", real)
+    q = clustered(5, d=8, seed=2)
+    want = KNNScorer("flat", k=1, coreset_ratio=0.5, device="cpu").fit(x).score_patches(q)
+    np.testing.assert_array_equal(KNNScorer("flat", k=1, coreset_ratio=0.5, device="auto").fit(x).score_patches(q),
+                                  want)
+
+
+def test_devices_map_to_torch_and_faiss_alike(monkeypatch):
+    """cuda:N is GPU N for both torch and faiss; gpu and cuda are all of faiss's GPUs and torch's current one; a GPU
+    either does not have, or one asked for directly of coreset_subsample on a CPU-only torch, is refused by name."""
+    import torch
+    from uninet_feat.downstream.coreset import torch_device
+    x = np.ones((10, 4), np.float32)
+    _no_gpu(monkeypatch)
+    for device in ("cuda", "gpu", "cuda:0"):
+        with pytest.raises(BadInputError, match="torch sees no GPU"):
+            coreset_subsample(x, n=2, device=device)
+    _no_gpu(monkeypatch, torch_gpus=2, faiss_gpus=2)
+    assert [torch_device(d) for d in ("cuda:1", "gpu", "cuda", "cpu")] == [
+        torch.device("cuda:1"), torch.device("cuda"), torch.device("cuda"), torch.device("cpu")]
+    with pytest.raises(BadInputError, match="torch sees 2 GPU"):
+        torch_device("cuda:2")
+    moved = []
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda ix: moved.append("all") or ix)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpus_list", lambda ix, gpus: moved.append(gpus) or ix)
+    for device in ("cuda:1", "gpu", "cuda", "auto", "cpu"):
+        build_index(x, "flat", device=device)
+    assert moved == [[1], "all", "all", "all"]
+    with pytest.raises(BadInputError, match="faiss sees 2 GPU"):
+        build_index(x, "flat", device="cuda:2")
+
+
+def test_score_maps_image_score_is_the_highest_patch_score_as_predict_gives():
+    """score_maps took the max of the bilinearly upsampled map, which lowers an isolated hot patch (align_corners
+    False: 13.455 for a patch scoring 14.993), so it disagreed with predict and evaluate --knn (`scorers.knn_scores`,
+    the highest patch score)."""
+    from uninet_feat.scorers import knn_scores
+    rng = np.random.default_rng(0)
+    h = w = 4
+    normal = clustered(10 * h * w, d=16, n_clusters=5, seed=2).reshape(10, h * w, 16)
+    test = clustered(2 * h * w, d=16, n_clusters=5, seed=2).reshape(2, h * w, 16)
+    test[1, 1 * w + 2] += 25 * rng.standard_normal(16).astype(np.float32)   # one hot patch
+    sc = KNNScorer("flat", k=1, coreset_ratio=None, device="cpu").fit(normal)
+    maps, img = sc.score_maps(test, (h, w), 32)
+    patch = sc.score_patches(test)
+    np.testing.assert_array_equal(img, patch.max(1))
+    res = {"patches": test, "index": np.arange(len(test))}
+    np.testing.assert_array_equal(img, knn_scores(sc, None, [None] * len(test), res=res)[0])
+    assert maps[1].max() < img[1] - 1   # the map's max is lower: the score it was
