@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInputError
-from .images import _FIX as IMAGE_FIX, MIN_SIDE, check_image, load_image, load_mask, picture_as_mask, read_size
+from .images import (_FIX as IMAGE_FIX, MIN_SIDE, check_image, check_mask, load_image, load_mask,
+                     picture_as_mask, read_size)
 from .tiling import TileGrid, extract_tile, tile_grid
 
 
@@ -63,8 +64,9 @@ def squash_note(samples, sizes: dict, image_size, tile) -> tuple[str, tuple] | N
 
 
 def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
-    """The cheap up-front check of every sample (`check_image`: header and verify, no decode; and its mask's
-    size) → ({index: (H, W)} of the usable ones, in order; [(index, error text)] of the others).
+    """The cheap up-front check of every sample (`check_image`: header and verify, no decode; its mask the same
+    way, `check_mask`, and its size) → ({index: (H, W)} of the usable ones, in order; [(index, error text)] of the
+    others).
 
     Without ``skip_bad`` any failure raises ONE BadInputError that counts them and names each with its
     reason (the first `MAX_LISTED`), so a set with many bad files is fixed in one pass, not one file per run.
@@ -78,7 +80,7 @@ def check_samples(samples, min_side: int = MIN_SIDE, skip_bad: bool = False):
             bad.append((i, e))
             continue
         try:
-            if s.mask is not None and read_size(s.mask) != hw:
+            if s.mask is not None and check_mask(s.mask) != hw:
                 load_mask(s.mask, size=hw, image_path=s.path)  # raises the detailed size error
             sizes[i] = hw
         except BadInputError as e:
@@ -107,7 +109,9 @@ def picture_masks(samples, skip_bad: bool = False) -> list:
     the frame saved as ``x.png`` beside ``x.jpg`` reads as 100 % defect), by the commands that use masks (evaluate,
     ensemble, supervised training) before their work: one error naming them all, or with ``skip_bad`` each left
     out (warned; the image stays, out of the pixel metrics). Masks that cannot be read are left to the dataset's
-    own check. Masks of images that no mask is used for (an unsupervised run's training normals) are not looked at."""
+    own check (`check_samples`, which verifies them as `check_image` does images) and, with ``skip_bad``, to
+    `drop_unusable_masks` (evaluate, supervised training). Masks of images that no mask is used for (an
+    unsupervised run's training normals) are not looked at."""
     out, bad = [], []
     for s in samples:
         try:
@@ -131,10 +135,10 @@ def picture_masks(samples, skip_bad: bool = False) -> list:
 
 
 def drop_unusable_masks(samples) -> list:
-    """``samples`` with each mask that cannot be read, or does not fit its image, left out (warned): what
-    ``--skip-bad`` does to a mask, instead of leaving its readable image out too. The image keeps its label and
-    score and leaves only the pixel metrics, as one without a mask. Images that cannot be read are kept as they
-    are, for the dataset's own check."""
+    """``samples`` with each mask that cannot be read (verified as `check_samples` verifies it: a truncated mask
+    has a whole header), or does not fit its image, left out (warned): what ``--skip-bad`` does to a mask, instead
+    of leaving its readable image out too. The image keeps its label and score and leaves only the pixel metrics,
+    as one without a mask. Images that cannot be read are kept as they are, for the dataset's own check."""
     out = []
     for s in samples:
         if s.mask is not None:
@@ -144,7 +148,7 @@ def drop_unusable_masks(samples) -> list:
                 out.append(s)
                 continue
             try:
-                why = None if read_size(s.mask) == hw else f"its size is not the image's {hw[1]}x{hw[0]} px"
+                why = None if check_mask(s.mask) == hw else f"its size is not the image's {hw[1]}x{hw[0]} px"
             except (BadInputError, OSError, ValueError) as e:
                 why = getattr(e, "reason", None) or str(e)
             if why:
@@ -168,7 +172,7 @@ def _unreadable(bad, samples) -> BadInputError:
             f"cannot be used ({n - masks} unreadable, {masks} with a mask that cannot be used)")
     return BadInputError(f"{n} of {len(samples)} images {what}:\n" + "\n".join(lines),
                          fix="re-export or remove them (a mask: as its line says), or pass --skip-bad to leave them out with "
-                             "a warning each (a mask that does not fit: only the mask)")
+                             "a warning each (a mask that cannot be used: only the mask)")
 
 
 class ImageDataset(torch.utils.data.Dataset):

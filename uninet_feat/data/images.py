@@ -11,9 +11,10 @@ Rules (why):
 - Alpha is dropped, not composited: the colour under a transparent pixel is still the captured one.
 - Integer data is scaled by its container's full range (``/65535`` for 16-bit), not by its max,
   so an image's brightness does not depend on its content.
-- EXIF orientation is applied (``ImageOps.exif_transpose``), to images and masks alike: cameras store
-  portrait JPEGs sideways with a tag, viewers show them upright, and masks are drawn on what the viewer
-  shows. A mask (PNG) without the tag is used as stored. Sizes from the header (`read_size`) follow it too.
+- EXIF orientation is applied, to images and masks alike: cameras store portrait JPEGs sideways with a tag,
+  viewers show them upright, and masks are drawn on what the viewer shows. A mask (PNG) without the tag is used
+  as stored. Sizes from the header (`read_size`) follow it too, the same turn (`_decode`: PIL turns a TIFF
+  itself as it decodes it, and reports its size upright before).
 - 16-bit *RGB* PNGs and TIFFs are reduced to 8 bits by PIL itself (it has no 16-bit RGB mode: each value's
   high byte / 255); the values stay correctly scaled, only precision is lost. 8- or 12-bit data in such a file
   keeps at most 16 levels and reads nearly black: warned (`few_bits_colour_note`).
@@ -24,7 +25,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import BadInputError
 
@@ -49,7 +50,11 @@ def _open(path, decode: bool = True) -> Image.Image:
             # PIL reduces 16-bit colour to 8 bits while decoding; what the file held is known only before
             img.uninet_deep_colour = img.mode in ("RGB", "RGBA") and any(
                 ";16" in str(getattr(t, "args", "")) for t in (img.tile or ()))
-            img.load()
+            _decode(img, p)
+    except BadInputError:   # `_decode`'s own (a ValueError): said as it is
+        if img is not None:
+            img.close()
+        raise
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as e:
         if img is not None:
             img.close()
@@ -64,23 +69,66 @@ def _open(path, decode: bool = True) -> Image.Image:
 
 
 def orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1..8; 1 = as stored); an unreadable EXIF block counts as 1, since the
-    pixels are still fine and a broken tag is no reason to refuse them."""
+    """The EXIF orientation tag (1..8; 1 = as stored) of a file opened, not yet decoded, read from its header; an
+    unreadable EXIF block counts as 1, since the pixels are still fine and a broken tag is no reason to refuse them.
+    A PNG's comes from what precedes its pixel data (an eXIf chunk, XMP): PIL's PNG ``getexif()`` decodes the whole
+    image to look for an eXIf chunk after them when none comes before (18 ms instead of 0.05 ms for a 1500 x 1500
+    PNG, in `read_size`, which promises no decode). One after the pixel data (rare: PIL and most writers put it
+    first) is read by neither `read_size` nor `load_image`, so that they agree."""
     try:
-        o = int(img.getexif().get(0x0112, 1))
+        exif = Image.Image.getexif(img) if img.format == "PNG" else img.getexif()
+        o = int(exif.get(0x0112, 1))
     except Exception:  # Pillow raises assorted types on malformed EXIF
         return 1
     return o if 1 <= o <= 8 else 1
 
 
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """(W, H) of the pixels as the file stores them, before any turn: a TIFF's from its tags, since PIL (11 and
+    later) gives a TIFF with a quarter turn (orientation 5..8) its upright size already at open, older PIL the
+    stored one."""
+    tag = getattr(img, "tag_v2", None)
+    if img.format == "TIFF" and tag is not None and 256 in tag and 257 in tag:
+        return int(tag[256]), int(tag[257])
+    return img.size
+
+
+def _decode(img: Image.Image, path) -> None:
+    """``img.load()``, then ``img.uninet_turn``: the EXIF turn left to apply to its pixels (1: none), so that they
+    come out upright at `read_size`'s size. PIL turns a TIFF upright as it decodes it (its orientation tag dropped
+    since PIL 10.1) and no other format: a TIFF still tagged and of its stored size after the decode (an older PIL)
+    is turned here, any other TIFF is upright. PIL 11 to 13 at least memory-map an uncompressed L, P, I;16, RGBA or
+    CMYK TIFF at its upright size, which scrambles one with a quarter turn (its rows re-cut at the other width):
+    such a file is decoded from its stream instead (PIL maps only a file with a ``filename``). Decoded at another
+    size than its header's turned one: a BadInputError, not pixels of another shape than `read_size` promised."""
+    turn, (w, h) = orientation(img), _stored_size(img)
+    tiff = img.format == "TIFF"
+    if tiff and turn >= 5:
+        img.filename = ""
+    img.load()
+    if tiff:
+        still = 0x0112 in getattr(img, "tag_v2", {})
+        want = (h, w) if turn >= 5 else (w, h)
+        turn = turn if turn >= 5 and still and img.size == (w, h) != want else 1
+        got = img.size[::-1] if turn >= 5 else img.size
+        if got != want:
+            raise BadInputError(f"decoded at {got[0]}x{got[1]} px, not the {want[0]}x{want[1]} px its header gives "
+                                "with its orientation tag", path=path,
+                                fix="re-save it upright, without an orientation tag")
+    img.uninet_turn = turn
+
+
 def oriented(img: Image.Image) -> Image.Image:
-    """``img`` as a viewer shows it (EXIF orientation applied); ``img`` itself when it has no rotation."""
-    return ImageOps.exif_transpose(img) if orientation(img) != 1 else img
+    """A decoded ``img`` (`_decode`) as a viewer shows it: the turn its decode left applied; ``img`` itself when
+    none is."""
+    turn = getattr(img, "uninet_turn", 1)
+    return img.transpose(_UPRIGHT[turn]) if turn in _UPRIGHT else img
 
 
 def oriented_size(img: Image.Image) -> tuple[int, int]:
-    """(W, H) as a viewer shows it, from the header: orientations 5..8 swap width and height."""
-    w, h = img.size
+    """(W, H) as a viewer shows it, from the header of a file opened, not decoded (no decode: `orientation`):
+    orientations 5..8 swap the stored width and height (`_stored_size`)."""
+    w, h = _stored_size(img)
     return (h, w) if orientation(img) >= 5 else (w, h)
 
 
@@ -256,8 +304,8 @@ def picture_8bit(path, box: tuple[int, int] | None = None) -> Image.Image | None
             turn = orientation(img)
             fit = (box[1], box[0]) if turn >= 5 else box   # in the stored image's axes
             img.draft(None, (2 * fit[0], 2 * fit[1]))   # JPEG only: decoded at the smallest scale above twice it
-            img.load()   # PIL turns a TIFF upright as it decodes it (and drops its tag): the turn left is read after
-        turn = orientation(img)
+            _decode(img, path)   # PIL turns a TIFF upright as it decodes it: the turn left is `_decode`'s
+        turn = img.uninet_turn
         if img.mode in _GREY16:
             small = _grey16_to_8(img)
         else:
@@ -363,9 +411,15 @@ def check_image(path, min_side: int = MIN_SIDE) -> tuple[int, int]:
     truncation included). JPEGs are checked for the end-of-image marker; one that lacks it
     (truncated, or trailing bytes) is fully decoded to decide.
     """
+    return _verified(path, min_side, lambda p: load_image(p, min_side))
+
+
+def _verified(path, min_side: int, decode) -> tuple[int, int]:
+    """`check_image`'s checks, ``decode(path)`` deciding where verify() cannot (a JPEG without its end marker,
+    formats other than PNG) → (H, W) as `read_size` gives it."""
     p = Path(path)
     with _open(p, decode=False) as img:
-        (w, h), fmt = img.size, img.format     # as stored: verify() must come right after open
+        (w, h), fmt = img.size, img.format     # verify() must come right after open
         if min(h, w) < min_side:
             raise BadInputError(f"image is {w}x{h} px, smaller than the minimum side of {min_side} px", path=p,
                                 fix=f"remove it (or --skip-bad to leave it out): images need at least {min_side} px a side")
@@ -378,7 +432,22 @@ def check_image(path, min_side: int = MIN_SIDE) -> tuple[int, int]:
             f.seek(max(0, p.stat().st_size - 2))
             tail = f.read(2)
         if tail != b"\xff\xd9":
-            load_image(p, min_side)
+            decode(p)
     elif fmt not in ("PNG",):  # verify() is shallow for most other formats: decode to be sure
-        load_image(p, min_side)
+        decode(p)
     return read_size(p)   # as load_image returns it (EXIF orientation); a header read, cheap
+
+
+MASK_FIX = "re-export the mask (black normal, white defect; PNG), or remove it to score its image without pixel metrics"
+
+
+def check_mask(path) -> tuple[int, int]:
+    """`check_image` for a defect mask → its (H, W) as `load_mask` returns it: header and verify (PNG checksums, a
+    JPEG's end marker), a decode where those cannot decide (without `load_image`'s float conversion and its
+    rules). Why: a truncated mask with a whole header passed the size check and stopped scoring (or training) at
+    its decode. The BadInputError says "unreadable mask", with a mask's fix."""
+    try:
+        return _verified(path, 1, lambda p: _open(p).close())   # a mask's size is its image's: no minimum
+    except BadInputError as e:
+        raise BadInputError(f"unreadable mask: {e.reason}", path=path,
+                            fix=MASK_FIX if e.fix == _FIX else e.fix) from None
