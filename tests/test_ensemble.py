@@ -310,3 +310,35 @@ def test_a_member_without_a_map_range_is_named_in_the_image_metrics_only_warning
     text = next(str(w.message) for w in seen if "no map range" in str(w.message))
     assert text.startswith(f"{bare}: ") and f"calibrate --run {bare}" in text and str(seeds / "a") not in text
     assert "pixel_auroc" not in rep and "image_auroc" in rep
+
+
+def test_ensemble_skip_bad_leaves_out_only_a_mask_that_cannot_be_used_as_evaluate(seeds, tmp_path, capsys):
+    """As `evaluate` (`test_bad_input_pipeline.py::test_a_mask_of_the_wrong_size_stops_evaluate_only`): a mask of
+    another size or a truncated one stops the ensemble by name; with --skip-bad only the mask is left out (warned)
+    and its image keeps its score. The ensemble never called `drop_unusable_masks`, so the dataset's check left
+    each such image out of the image metrics too."""
+    from PIL import Image
+    tex = tmp_path / "tex"
+    shutil.copytree(seeds / "tex", tex)
+    masks = sorted((tex / "ground_truth").rglob("*_mask.png"))
+    Image.open(masks[0]).resize((50, 60)).save(masks[0])                      # another size
+    noise = np.random.default_rng(0).integers(0, 2, (64, 64)).astype(np.uint8) * 255
+    Image.fromarray(noise).save(masks[1])                                      # truncated: its header whole
+    masks[1].write_bytes(masks[1].read_bytes()[: masks[1].stat().st_size // 2])
+    runs = [str(seeds / "a"), str(seeds / "b")]
+    whole = evaluate_ensemble(runs, data=str(seeds / "tex"), quiet=True)   # every mask usable
+    capsys.readouterr()
+    assert main(["ensemble", "--runs", *runs, "--data", str(tex), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "have masks that cannot be used" in err and masks[0].name in err and "50x60" in err, err
+    assert masks[1].name in err and "unreadable mask" in err, err
+    with pytest.warns(UserWarning, match="skipping the mask") as seen:
+        rep = evaluate_ensemble(runs, data=str(tex), csv_path=tmp_path / "e.csv", quiet=True, skip_bad=True)
+    said = sorted(str(w.message) for w in seen if str(w.message).startswith("skipping"))
+    assert [s.split(" of ")[0] for s in said] == [f"skipping the mask {m}" for m in masks[:2]], said
+    assert rep["n_test"] == whole["n_test"] and rep["n_defect"] == whole["n_defect"]   # no image left out
+    assert rep["pixel_metrics_without"] == 2 and "pixel_auroc" in rep
+    assert rep["image_auroc"] == pytest.approx(whole["image_auroc"], abs=1e-9)
+    rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "e.csv") if r["is_defect"] == "1"}
+    left = {m.name.replace("_mask", "") for m in masks[:2]}
+    assert all((rows[n]["pixel_auroc"] == "") == (n in left) for n in rows)   # out of the pixel metrics only

@@ -192,12 +192,14 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     check_pixel_budget(pixel_budget)
     runs = [str(r) for r in runs]
     members = load_members(runs, data, split_csv, group, skip_bad)
-    from .data.dataset import picture_masks
+    from .data.dataset import drop_unusable_masks, picture_masks
     test = picture_masks(load_test_samples(members[0].cfg), skip_bad)   # before scoring, as evaluate
     for m in members[1:]:
         if [str(x.path) for x in load_test_samples(m.cfg)] != [str(x.path) for x in test]:
             raise BadInputError(f"{m.run} scored other test images than {runs[0]} (an ensemble compares one image "
                                 "across runs)", path=m.run, fix="pass runs trained on the same data, split and group")
+    if skip_bad:   # as evaluate: a mask that cannot be used leaves alone, its image is still scored (the
+        test = drop_unusable_masks(test)   # dataset's check left the whole image out of the image metrics too)
     masked = any(x.mask is not None for x in test)   # without masks no pixel metric: keep no maps
     pixels = masked and all(m.rng is not None for m in members)
     sink = _PixelSink(test, PIXEL_BUDGET if pixel_budget is None else int(pixel_budget)) if pixels else None
@@ -227,15 +229,20 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
         warnings.warn(f"{', '.join(bare)}: calibration.json has no map range for the pixel map, so the ensemble "
                       f"reports image metrics only. Fix: `uninet-feat calibrate --run {bare[0]}`"
                       f"{' (and the others named)' if len(bare) > 1 else ''}")
-    res = {}
+    res, unmasked = {}, []
     if has_masks:
         res = {**sink.result(samples), "pixel_ok": [x.is_normal or x.mask is not None for x in samples]}
+        unmasked = [str(x.path) for x, ok in zip(samples, res["pixel_ok"]) if not ok]
+        if unmasked:   # as evaluate: a defect image without a mask (none, or its mask left out) is not all normal
+            warnings.warn(f"{len(unmasked)} defect image(s) have no mask and are left out of the pixel metrics "
+                          f"(e.g. {unmasked[0]}); add their masks to include them")
     both = 0 < labels.sum() < len(labels)
     report = {"runs": runs, "n_test": len(samples), "n_defect": int(labels.sum()),
               **_metrics(labels, scores, res, has_masks), "threshold": thr, "threshold_rule": rule,
               **({"group_thresholds": by_group} if by_group else {}),
               **({"pixel_metrics": "exact" if res.get("pixel_stats") is None else
                   f"binned: {sink.pixels} map pixels over the budget"} if has_masks else {}),
+              **({"pixel_metrics_without": len(unmasked)} if unmasked else {}),
               "run_thresholds": {m.run: m.threshold for m in members},
               "at_threshold": _at_threshold(labels, scores > per_image),
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
