@@ -81,6 +81,58 @@ def test_resume_after_crash_equals_uninterrupted(setup, tmp_path, monkeypatch):
     assert seen == [2, 3]  # only the shards the crash left undone, each reported once it is on disk
 
 
+def test_a_resumed_extract_redoes_the_shards_of_images_replaced_since(tmp_path, monkeypatch):
+    """The resume fingerprint names images by path alone, so an image replaced between a kill and the resume kept
+    the old image's features (predict's parts compare each file's size and modification time, and start over). A
+    resumed extract, or one re-run into a finished store, redoes the shards of the images changed since, named in a
+    warning, and keeps the others: the store equals a fresh one of the files as they are now."""
+    import os
+    import re
+    import warnings
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "img" / f"{i}.png" for i in range(6)]
+    paths[0].parent.mkdir()
+
+    def draw(p):   # a new picture, and a later mtime whatever the clock's resolution
+        was = p.stat().st_mtime_ns if p.exists() else 0
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        if was:
+            os.utime(p, ns=(was + 10**9, was + 10**9))
+    for p in paths:
+        draw(p)
+    ex = Extractor(backbone="tiny", weights="random", image_size=32)   # one instance: one random backbone
+    real, written = featstore.write_shard, []
+
+    def killed_after_two(folder, i, arrays):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        written.append(i)
+        real(folder, i, arrays)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ex.extract_to(paths, tmp_path / "f", shard_size=2)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", real)
+    first = (tmp_path / "f" / "shard-00000.npz").stat().st_mtime_ns
+    draw(paths[2])   # shard 1's first image replaced between the kill and the resume
+    seen = []
+    with pytest.warns(UserWarning, match=rf"1 image\(s\) changed since .*{re.escape(str(paths[2]))}; "
+                                         r"shard-00001\.npz extracted again"):
+        store = ex.extract_to(paths, tmp_path / "f", shard_size=2, on_shard=seen.append)
+    assert seen == [1, 2] and (tmp_path / "f" / "shard-00000.npz").stat().st_mtime_ns == first   # the rest kept
+    np.testing.assert_array_equal(store.vectors, ex.extract_to(paths, tmp_path / "fresh", shard_size=2).vectors)
+    draw(paths[5])   # a finished store re-run: its shard redone too, and the store complete again
+    seen.clear()
+    with pytest.warns(UserWarning, match=r"shard-00002\.npz extracted again"):
+        store = ex.extract_to(paths, tmp_path / "f", shard_size=2, on_shard=seen.append)
+    assert seen == [2] and store is not None
+    np.testing.assert_array_equal(store.vectors, ex.extract_to(paths, tmp_path / "fresh2", shard_size=2).vectors)
+    with warnings.catch_warnings():   # nothing changed: nothing redone, nothing said
+        warnings.simplefilter("error")
+        seen.clear()
+        assert ex.extract_to(paths, tmp_path / "f", shard_size=2, on_shard=seen.append) is not None and seen == []
+
+
 def test_resume_with_other_model_refused(setup, tmp_path):
     data, run, samples = setup
     Extractor(run=run).extract_to(samples, tmp_path / "f", shard_size=4)

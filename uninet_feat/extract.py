@@ -17,7 +17,7 @@ from .data.layouts import Sample
 from .descriptors import SHAPE_NAMES, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
-from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, start_store, write_shard
+from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, file_stats, start_store, write_shard
 from .io import atomic_write, atomic_write_text
 from .positions import corrected
 from .runs import check_input_side, make_dataset, model_device, run_path
@@ -244,7 +244,8 @@ class Extractor:
                              settings, typed_paths)   # stores written before session 23
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
                     "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
-                    "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds)}
+                    "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds),
+                    "files": file_stats(i["path"] for i in items)}   # a resume redoes shards of images changed since
         done = start_store(folder, manifest, legacy=typed)
         mine = [k for k in range(n_shards) if k % shard[1] == shard[0] and k not in done]
         with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

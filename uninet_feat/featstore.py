@@ -10,7 +10,9 @@ Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 
     complete            written last
 Each shard is written atomically; a killed run re-started with the same arguments skips shards that
 exist and redoes only the missing ones. The manifest records a fingerprint of the source model and
-settings, and a resume with a different one is refused rather than silently mixing features.
+settings, and a resume with a different one is refused rather than silently mixing features. It also records
+each image file's size and modification time (``files``), so a shard holding an image replaced since is
+extracted again rather than kept with the old image's features (as predict's resumable parts).
 """
 from __future__ import annotations
 
@@ -68,9 +70,46 @@ def shard_vectors_shape(path) -> tuple:
         return read(f)[0]
 
 
+def file_stats(paths) -> dict:
+    """{path: [size, mtime_ns]} of each distinct path (None where it cannot be stat'ed): what a resume compares
+    to tell a replaced image from the one a shard was made of. One stat per image, no read: cheap for 10^5."""
+    out = {}
+    for p in paths:
+        if p not in out:
+            try:
+                st = os.stat(p)
+                out[p] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                out[p] = None
+    return out
+
+
+def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
+    """Shards on disk that hold an image whose file changed (size or mtime) since the store recorded it, named in a
+    warning. A store from before ``files`` was recorded cannot tell: taken as it is."""
+    was, now = old.get("files"), manifest.get("files")
+    if was is None or now is None:
+        return set()
+    changed = {p for p, v in now.items() if was.get(p, v) != v}
+    if not changed:
+        return set()
+    size, hit = manifest["settings"]["shard_size"], {}
+    for j, it in enumerate(manifest["items"]):
+        if it["path"] in changed:
+            hit.setdefault(j // size, set()).add(it["path"])
+    stale = {i for i in hit if (folder / shard_name(i)).exists()}   # one not written yet is extracted anyway
+    if stale:
+        names = sorted(set().union(*(hit[i] for i in stale)))
+        warnings.warn(f"{folder}: {len(names)} image(s) changed since their features were extracted (size or "
+                      f"modification time): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}; "
+                      f"{', '.join(shard_name(i) for i in sorted(stale))} extracted again")
+    return stale
+
+
 def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[int]:
     """Create or re-open a store; returns the shard ids already finished. ``legacy``: the fingerprint an older
-    version gave the same extraction, also accepted."""
+    version gave the same extraction, also accepted. A finished shard that holds an image changed since (the
+    manifest's ``files``) is removed to be redone: the fingerprint names the images by path alone."""
     folder.mkdir(parents=True, exist_ok=True)
     mpath = folder / "manifest.json"
     started = any(folder.glob("shard-*.npz"))   # a store that failed before its first shard is started over
@@ -95,6 +134,11 @@ def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[
         if changed:
             warnings.warn(f"{folder}: {changed} image(s) have another label, split or group than when their features "
                           "were extracted; the store now records the new ones (its features are unchanged)")
+        stale = _stale_shards(folder, old, manifest)
+        for i in stale:   # before the manifest takes the new stats: a kill in between still redoes them (another
+            (folder / shard_name(i)).unlink(missing_ok=True)   # `--shard i/n` process may have removed it first)
+        if stale:
+            (folder / "complete").unlink(missing_ok=True)
         if old != manifest:
             atomic_write_text(mpath, json.dumps(manifest))
         done = set()
