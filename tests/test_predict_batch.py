@@ -344,6 +344,40 @@ def test_a_detector_reads_colour_frames_of_any_form_as_their_files(run, tmp_path
         np.testing.assert_allclose(a.map, b.map, rtol=1e-4, atol=1e-5)
 
 
+def test_a_pil_tiff_with_a_quarter_turn_reads_as_its_file_not_scrambled(tmp_path):
+    """PIL decodes an uncompressed L (P, I;16, RGBA, CMYK) TIFF with orientation 5-8 through a memory map at its
+    upright size, which re-cuts its rows; `ImageOps.exif_transpose` on an image from Image.open decoded it so, and
+    a Detector scored those scrambled pixels. An image not yet decoded is read as `load_image` reads its file; one
+    decoded already keeps PIL's turn (an RGB TIFF: upright, not turned again; a JPEG: none, so it is turned) and
+    one scrambled by that map is refused by name."""
+    from uninet_feat.data.images import load_image
+    from uninet_feat.detector import _frame_file
+    yy, xx = np.mgrid[0:40, 0:24]                                # stored 24 wide, 40 high: shown 40 x 24
+    stored = np.stack([xx * 10 + 1, yy * 6, (xx * 7 + yy * 3) % 256], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    grey, rgb, jpg = tmp_path / "l.tif", tmp_path / "rgb.tif", tmp_path / "t.jpg"
+    Image.fromarray(stored).convert("L").save(grey, exif=exif)   # uncompressed, PIL's default
+    Image.fromarray(stored).save(rgb, exif=exif)
+    Image.fromarray(stored).save(jpg, exif=exif, quality=95)
+    want = load_image(grey)
+    assert want.shape == (24, 40, 3)
+    opened = Image.open(grey)
+    f, name = _frame_file(opened, tmp_path / "frame.png", 0)
+    np.testing.assert_array_equal(load_image(f), want)
+    assert name == "<image 0>" and opened.filename == str(grey)   # the caller's image keeps its file name
+
+    def decoded(p):
+        im = Image.open(p)
+        im.load()
+        return im
+    with pytest.raises(BadInputError, match=r"<image 1> was decoded by PIL at 24x40 px, not the 40x24 px"):
+        _frame_file(decoded(grey), tmp_path / "g.png", 1)      # PIL's map scrambled it: not scored
+    for p in (rgb, jpg):   # PIL turned the RGB TIFF as it decoded it, and no JPEG
+        f, _ = _frame_file(decoded(p), tmp_path / f"{p.suffix[1:]}.png", 2)
+        np.testing.assert_array_equal(load_image(f), load_image(p))
+
+
 def test_the_kinds_a_run_was_trained_on_are_recorded_and_named_once_by_a_detector(run, tmp_path):
     """calibration.json counts the training normals' grey and colour files; a run trained on both kinds is warned
     about at training and then names neither kind as foreign (it named one from its validation normals alone); a

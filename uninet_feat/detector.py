@@ -32,8 +32,7 @@ def _frame_file(image, path: Path, k: int):
     if isinstance(image, Image.Image):
         # as `load_image` reads the file it came from: upright (a file's EXIF orientation, which a PNG written
         # here would not carry), and in a lossless container that holds its mode (PNG cannot hold CMYK, YCbCr, ...)
-        from PIL import ImageOps
-        image = ImageOps.exif_transpose(image)
+        image = _upright(image, k)
         target = path if image.mode in _PNG_MODES else path.with_suffix(".tif")
         try:
             image.save(target, **({"compress_level": 1} if target == path else {}))
@@ -53,6 +52,52 @@ def _frame_file(image, path: Path, k: int):
         few_bits_colour_note(f"<image {k}>", a)
     Image.fromarray(a).save(path, compress_level=1)
     return path, f"<image {k}>"
+
+
+def _upright(image, k: int):
+    """A PIL image as a viewer shows it, as `load_image` reads its file. Not `ImageOps.exif_transpose`: it decodes
+    an image not yet decoded through PIL's memory map, which scrambles an uncompressed L / P / I;16 / RGBA / CMYK
+    TIFF with a quarter turn (orientation 5-8: mapped at its upright size), and on a decoded TIFF it cannot know
+    the turn PIL already made. So one not yet decoded is decoded by `images._decode` (as a file is); one decoded
+    already gets only the turn PIL left pending, and a TIFF decoded by that memory map is refused, not scored."""
+    from PIL import Image
+
+    from .data.images import _decode, _stored_size, _UPRIGHT, orientation, oriented, oriented_size
+    from .errors import BadInputError
+    name = f"<image {k}>"
+    if getattr(image, "tile", None) and getattr(image, "fp", None) is not None:   # opened, not yet decoded
+        filename = getattr(image, "filename", "")
+        try:
+            _decode(image, name)
+        except BadInputError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadInputError(f"{name}: cannot decode the PIL image ({type(e).__name__}: {e})",
+                                fix="pass the file's path, or re-export the file") from None
+        finally:
+            image.filename = filename   # `_decode` cleared it to keep PIL from mapping the file: the caller's again
+        out = oriented(image)
+    else:
+        turn = orientation(image)   # what PIL left in its tags: it turns a TIFF as it decodes it and drops the tag
+        if image.format == "TIFF":  # (older PIL kept it, and the stored size): as `_decode`, a quarter turn then
+            w, h = _stored_size(image)
+            turn = turn if turn >= 5 and image.size == (w, h) != (h, w) else 1
+        out = image.transpose(_UPRIGHT[turn]) if turn in _UPRIGHT else image
+        file = getattr(image, "filename", "")
+        if image.format == "TIFF" and file and os.path.isfile(file) and image.tell() == 0:
+            try:
+                with Image.open(file) as head:   # the header alone: the size the file shows upright
+                    want, quarter = oriented_size(head), orientation(head) >= 5
+            except (OSError, ValueError):
+                want, quarter = out.size, False
+            if quarter and out.size != want:
+                raise BadInputError(f"{name} was decoded by PIL at {out.size[0]}x{out.size[1]} px, not the "
+                                    f"{want[0]}x{want[1]} px its header gives with its orientation tag (PIL's memory "
+                                    "map of an uncompressed TIFF with a quarter turn scrambles its rows)", path=file,
+                                    fix="pass the file's path, or the image as Image.open returns it (before .load())")
+    if out is not image:   # a turned copy: its tag no longer applies (as exif_transpose leaves it)
+        out.info.pop("exif", None)
+    return out
 
 
 @dataclass(frozen=True)
