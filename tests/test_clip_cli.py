@@ -133,6 +133,19 @@ def test_zero_shot_skip_bad(tmp_path, capsys):
     assert yaml.safe_load((tmp_path / "zs" / "config.yaml").read_text())["skip_bad"] is True
 
 
+def test_zero_shot_of_an_unlabelled_batch_leaves_no_earlier_metrics(tmp_path):
+    """metrics.json is written only when the labels hold both classes; a labelled run and then an unlabelled batch
+    into the same --out kept the first run's metrics beside the second run's scores."""
+    data = write_texture_set(tmp_path / "d", n_train=2, n_good=2, n_bad=2)
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    zs = tmp_path / "zs"
+    argv = ["zero-shot", "--backbone", "clip:tiny", "--weights", str(weights), "--image-size", "64", "--quiet",
+            "--out", str(zs)]
+    assert main(argv + ["--data", str(data)]) == 0 and (zs / "metrics.json").is_file()
+    assert main(argv + ["--data", str(data / "test" / "good")]) == 0   # a plain folder: unlabelled, no metrics
+    assert len(json.loads((zs / "scores.json").read_text())) == 2 and not (zs / "metrics.json").exists()
+
+
 def test_text_columns_need_a_clip_backbone(tmp_path, capsys):
     data = write_texture_set(tmp_path / "d", n_train=2, n_good=1, n_bad=1)
     assert main(["extract", "--data", str(data), "--backbone", "resnet18", "--weights", "random", "--text",

@@ -2,6 +2,7 @@
 otherwise (session 31): flags that were ignored, and misuse that gave no clear message."""
 import csv
 import json
+import os
 
 from uninet_feat.cli import main
 
@@ -189,3 +190,103 @@ def test_calibrate_data_keeps_the_runs_split_csv(tmp_path, capsys):
     assert main(["calibrate", "--run", str(run), "--data", str(moved), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"split CSV {data / 'split.csv'}, which is gone" in err and "pass --split-csv" in err
+
+
+def test_an_out_that_is_an_input_folder_or_holds_a_run_is_refused_before_any_work(tmp_path, capsys):
+    """`predict --run R --out R` or `export-model --run R --out R` replaced R's config.yaml and env.json (its
+    training record) with the command's: `evaluate --checkpoint` then refused R's own checkpoints and
+    `train --resume` continued from predict's config. Such an --out, another input folder, or a folder that holds
+    a run or another command's outputs is refused before any work; a re-run into its own --out is not."""
+    import yaml
+    from uninet_feat import cli
+    from uninet_feat.errors import BadInputError
+    import pytest
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"not read")
+    (run / "config.yaml").write_text(yaml.safe_dump({"backbone": "tiny", "epochs": 1}))
+    killed = tmp_path / "killed"   # a run killed in its first epoch: a model config, no model yet
+    killed.mkdir()
+    (killed / "config.yaml").write_text(yaml.safe_dump({"backbone": "tiny", "epochs": 3, "data": "d"}))
+    outputs = {}
+    for name, record in (("feats", {"command": "extract"}), ("knn", {"command": "index"}),
+                         ("head", {"command": "train-head"}), ("pred", {"command": "predict"}),
+                         ("zs", {"backbone": "clip:tiny", "epochs": 10, "patch_mode": "tokens"})):
+        outputs[name] = tmp_path / name
+        outputs[name].mkdir()
+        (outputs[name] / "config.yaml").write_text(yaml.safe_dump(record))
+    data = tmp_path / "data"
+    data.mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    refused = [
+        (["predict", "--run", str(run), "--data", str(data), "--out", str(run)], "is the --run folder"),
+        (["export-model", "--run", str(run / "model.pt"), "--out", str(run)], "is the --run folder"),
+        (["predict", "--run", str(killed), "--data", str(data), "--ensemble", str(run), "--out", str(run)],
+         "is the --ensemble folder"),
+        (["predict", "--run", str(killed), "--data", str(data), "--knn", str(outputs["knn"]),
+          "--out", str(outputs["knn"])], "is the --knn folder"),
+        (["predict", "--run", str(killed), "--data", str(data), "--head", str(outputs["pred"]),
+          "--head", str(outputs["head"]), "--out", str(outputs["head"] / ".")], "is the --head folder"),
+        (["index", "--features", str(outputs["feats"]), "--out", str(outputs["feats"])], "is the --features folder"),
+        (["extract", "--data", str(data), "--out", str(run)], "holds a trained run (model.pt)"),
+        (["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", "w", "--out", str(killed)],
+         "outputs of `train`"),
+        (["cluster", "--features", str(outputs["feats"]), "--out", str(outputs["pred"])], "outputs of `predict`"),
+        (["predict", "--run", str(killed), "--data", str(data), "--out", str(outputs["zs"])], "outputs of `zero-shot`"),
+    ]
+    for argv, says in refused:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and "fix: give --out a folder of its own" in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before   # nothing written
+    ap = cli.build_parser()
+    for argv in (["predict", "--run", str(run), "--data", str(data), "--out", str(outputs["pred"])],   # its own
+                 ["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", "w",
+                  "--out", str(outputs["zs"])],
+                 ["predict", "--run", str(run), "--data", str(data), "--out", str(run / "predictions")],
+                 ["train", "--out", str(run)]):   # train refuses a used run folder itself, or resumes it
+        cli._user_paths(ap.parse_args(argv))
+    with pytest.raises(BadInputError, match="is the --run folder"):   # the check is _user_paths', for main's callers
+        cli._user_paths(ap.parse_args(["predict", "--run", str(run), "--data", str(data), "--out", str(run)]))
+
+
+def test_runs_and_normals_expand_the_home_folder_and_split_stays_a_word(tmp_path, monkeypatch):
+    """docs/bad_input.md promises `~` in any path flag; `ensemble --runs` and `calibrate --normals` kept it
+    literally (a quoted '~/r1', or one from a --config YAML)."""
+    from uninet_feat import cli
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ap = cli.build_parser()
+    a = ap.parse_args(["ensemble", "--runs", "~/r1", "~/r2"])
+    cli._user_paths(a)
+    assert a.runs == [str(tmp_path / "r1"), str(tmp_path / "r2")]
+    a = ap.parse_args(["calibrate", "--run", "~/r", "--normals", "~/line_normals"])
+    cli._user_paths(a)
+    assert a.normals == str(tmp_path / "line_normals")
+    a = ap.parse_args(["calibrate", "--run", "~/r", "--normals", "split"])
+    cli._user_paths(a)
+    assert a.normals == "split" and cli._absolute("normals", "split") == "split"
+    assert cli._absolute("normals", "n") == os.path.abspath("n")
+
+
+def test_repeated_flags_replace_a_configs_list(tmp_path):
+    """`predict --config C --head B` scored with C's heads and B: a repeatable flag (action append) added to the
+    config's list, though flags override the config."""
+    import yaml
+    from uninet_feat import cli
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": "r", "data": "d", "out": "o", "head": ["/h/A"]}))
+    for flags, want in (([], ["/h/A"]), (["--head", "/h/B"], ["/h/B"]),
+                        (["--head", "/h/B", "--head", "/h/C"], ["/h/B", "/h/C"]), ([], ["/h/A"])):
+        argv = ["predict", "--config", str(cfg), *flags]
+        ap = cli.build_parser()
+        cli._apply_config(ap, argv)
+        assert ap.parse_args(argv).head == want, flags
+    cfg.write_text(yaml.safe_dump({"run": "r", "data": "d", "out": "o", "head": "/h/A"}))   # one, not a list
+    ap = cli.build_parser()
+    cli._apply_config(ap, ["predict", "--config", str(cfg)])
+    assert ap.parse_args(["predict", "--config", str(cfg)]).head == ["/h/A"]
+    ap = cli.build_parser()   # without a config: the flags alone, and no flag none
+    assert ap.parse_args(["predict", "--run", "r", "--data", "d", "--out", "o"]).head == []
+    appends = [a.dest for sp in ap.commands.values() for a in sp._actions if isinstance(a, cli._AppendOverDefault)]
+    assert appends == ["head"]   # every repeatable flag is one (argparse's own append keeps the config's list)

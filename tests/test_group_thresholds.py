@@ -153,3 +153,26 @@ def test_the_report_and_a_group_less_detector_say_which_threshold_applies(run, t
     with pytest.warns(UserWarning, match="flagged at the pooled threshold"):
         det = Detector(r)
     assert det.threshold == pytest.approx(rep["threshold"]) and set(det.group_thresholds) == {"lineA", "lineB"}
+
+
+def test_export_model_group_puts_its_threshold_in_model_json_without_saying_it_changes_nothing(run, tmp_path):
+    """`export-model --group G` of an untiled run of several groups writes G's own threshold into model.json, yet it
+    warned "--group changes nothing"; that warning is for a run with neither place offsets nor group thresholds."""
+    import warnings
+    pytest.importorskip("onnxscript")
+    from uninet_feat.cli import main
+    root, r = run
+    want = json.loads((r / "calibration.json").read_text())["group_thresholds"]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert main(["export-model", "--run", str(r), "--group", "lineB", "--no-check", "--quiet",
+                     "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["threshold"] == pytest.approx(want["lineB"])
+    assert not [w for w in said if "changes nothing" in str(w.message)]
+
+    def old(cal):   # one threshold for every group: then --group does change nothing
+        del cal["val_groups"], cal["group_thresholds"]
+    _edited_copy(r, tmp_path / "old", old)
+    with pytest.warns(UserWarning, match="no per-group thresholds, so .*--group changes nothing"):
+        assert main(["export-model", "--run", str(tmp_path / "old"), "--group", "lineB", "--no-check", "--quiet",
+                     "--out", str(tmp_path / "m2")]) == 0

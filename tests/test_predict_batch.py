@@ -537,3 +537,26 @@ def test_a_killed_predict_run_again_reuses_the_parts_it_finished(run, tmp_path, 
     one = predict_cmd(run, tmp_path / "b" / "1.png", tmp_path / "one", threshold=0.0, quiet=True)
     assert next(r["wdm_score"] for r in fresh["rows"] if r["path"].endswith("1.png")) == \
         pytest.approx(one["rows"][0]["wdm_score"], rel=1e-5)
+
+
+def test_predict_leaves_out_predict_outputs_only_and_scores_real_images_under_out(run, tmp_path, monkeypatch):
+    """predict dropped every image whose path was under --out: `--data batch --out batch/day1` skipped day1's own
+    images, `--data batch --out .` refused all ("choose an --out outside --data"), and an earlier predict's output
+    folder inside --data had its overlays and masks scored as batch images. Now only predict outputs are left out
+    (overlays/, maps/, .partial/ of this --out or of a folder holding an earlier predict's), with the count."""
+    batch = tmp_path / "batch"
+    imgs = sorted(str(_png(batch / day / f"{i}.png", 10 * k + i)) for k, day in enumerate(("day1", "day2"))
+                  for i in range(2))
+    res = predict_cmd(run, batch, batch / "day1", threshold=-1e9, save_maps=True, quiet=True)
+    assert sorted(r["path"] for r in res["rows"]) == imgs   # day1's own images are scored
+    with pytest.warns(UserWarning, match=r"image\(s\) in predict output folder\(s\) .*day1/(maps|overlays)"):
+        again = predict_cmd(run, batch, batch / "day1", threshold=-1e9, save_maps=True, quiet=True)
+    assert sorted(r["path"] for r in again["rows"]) == imgs   # its overlays and masks are not
+    with pytest.warns(UserWarning, match=r"image\(s\) in predict output folder"):   # an earlier predict's outputs
+        other = predict_cmd(run, batch, batch / "pred2", threshold=-1e9, quiet=True)
+    assert sorted(r["path"] for r in other["rows"]) == imgs
+    monkeypatch.chdir(batch)   # --out . with --data below it: outside --data, nothing to leave out
+    here = predict_cmd(run, "day2", ".", overlays=False, quiet=True)
+    assert sorted(r["path"] for r in here["rows"]) == imgs[2:]
+    with pytest.raises(BadInputError, match="every image under --data is a predict output"):
+        predict_cmd(run, batch / "day1" / "overlays", batch / "p3", quiet=True)

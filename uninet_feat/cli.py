@@ -134,6 +134,17 @@ _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "i
                "step_in_backward", "denoise", "denoise_kinds", "border_pad")
 
 
+class _AppendOverDefault(argparse.Action):
+    """``action="append"`` whose first value on the command line starts a new list: argparse's own appends to the
+    default, which is a ``--config`` file's list (`_apply_config`), so `--config C --head B` kept C's heads too,
+    though flags override the config."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        items = [] if items is None or items is self.default else list(items)   # the default: unchanged, replaced
+        setattr(namespace, self.dest, items + [values])
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that keeps its options by destination (``options``), so that a ``--config`` file
     can be checked against them without argparse's private ``_actions``; sub-commands inherit the class."""
@@ -143,6 +154,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)
 
     def add_argument(self, *args, **kw):
+        if kw.get("action") == "append":   # a repeated flag replaces a --config's list instead of adding to it
+            kw["action"] = _AppendOverDefault
         action = super().add_argument(*args, **kw)
         self.options[action.dest] = action
         return action
@@ -442,8 +455,8 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     path = Path(argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else ""))
     import yaml
     try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read config ({type(e).__name__}: {e})", path=path,
                             fix="pass a readable YAML mapping of flag names to values") from e
     if not isinstance(d, dict):
@@ -462,8 +475,10 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     if unknown:
         raise BadInputError(f"unknown keys {unknown} for `{cmd}`", path=path,
                             fix=f"use only: {', '.join(sorted(actions))}")
-    for k in values:
+    for k, v in values.items():
         actions[k].required = False
+        if isinstance(actions[k], _AppendOverDefault) and not isinstance(v, list):   # `head: DIR`: one of them
+            values[k] = [] if v is None else [v]
     sp.set_defaults(**values)
 
 
@@ -549,8 +564,9 @@ def _save_command_config(args) -> None:
     save_run_config(Path(args.out), {"command": args.command, **opts})
 
 
-_PATH_FLAGS = ("data", "split_csv", "run", "out", "features", "knn", "head", "ensemble", "text", "weights", "flagged",
-               "labels")
+_PATH_FLAGS = ("data", "split_csv", "run", "runs", "out", "features", "knn", "head", "ensemble", "text", "weights",
+               "flagged", "labels", "normals")
+_INPUT_FOLDERS = ("run", "ensemble", "knn", "head", "features")   # folders a command reads: never its --out
 
 
 _OUTPUT_FILES = ("json", "csv", "report")
@@ -561,6 +577,8 @@ def _user_paths(args) -> None:
     an output file that names a folder refused before any work (it failed at the end, naming a temp file)."""
     for k in _PATH_FLAGS + _OUTPUT_FILES + ("checkpoint", "prompts"):
         v = getattr(args, k, None)
+        if k == "normals" and v == "split":   # `calibrate --normals split`: a word, not a path
+            continue
         if isinstance(v, str):
             setattr(args, k, os.path.expanduser(v))
         elif isinstance(v, list):
@@ -588,6 +606,56 @@ def _user_paths(args) -> None:
         if not os.access(up, os.W_OK | os.X_OK):
             raise BadInputError(f"--out cannot be written: {up} is read-only", path=out,
                                 fix="give --out a folder you can write")
+        if args.command != "train":   # train refuses a used run folder itself (or resumes it)
+            _check_out_is_its_own(args, out)
+
+
+def _check_out_is_its_own(args, out: str) -> None:
+    """Refuse an ``--out`` that is an input folder of the command (``--run``, ``--knn``, ...) or holds a run or
+    another command's outputs. Why: the command's config.yaml and env.json replaced the folder's own, so that
+    `export-model --run R --out R` or `predict --run R --out R` lost R's training record: `evaluate --checkpoint`
+    then refused R's own checkpoints and `train --resume` continued from predict's config."""
+    here = Path(os.path.realpath(out))
+    alt = os.path.normpath(out)
+    alt = f"{here if alt in ('.', '..') else alt}_{args.command.replace('-', '_')}"
+    fix = f"give --out a folder of its own, e.g. --out {alt}"
+    for flag in _INPUT_FOLDERS:
+        values = getattr(args, flag, None)
+        for v in [values] if isinstance(values, str) else values or []:
+            p = Path(os.path.realpath(v))
+            if (p.parent if p.is_file() else p) == here:   # `--run RUN/model.pt` is the run folder
+                raise BadInputError(f"--out is the --{flag} folder: {args.command}'s config.yaml and env.json "
+                                    "would replace its own", path=out, fix=fix)
+    if not here.is_dir():
+        return
+    model = next((n for n in ("model.pt", "checkpoint.pt") if (here / n).is_file()), None)
+    if model is not None:
+        raise BadInputError(f"--out holds a trained run ({model}): {args.command}'s config.yaml and env.json would "
+                            "replace the run's training record", path=out, fix=fix)
+    saved = _saved_command(here / "config.yaml")
+    if saved not in (None, args.command):
+        raise BadInputError(f"--out holds the outputs of `{saved}` (its config.yaml): {args.command}'s config.yaml "
+                            "and env.json would replace that command's record", path=out, fix=fix)
+
+
+def _saved_command(path: Path) -> str | None:
+    """The command whose outputs ``path`` (a folder's config.yaml) records: its ``command`` key (`_save_command_config`),
+    ``zero-shot`` for one with prompts' ``patch_mode``, ``train`` for a run's model config; None for none (or a file
+    of the user's own)."""
+    if not path.is_file():
+        return None
+    import yaml
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):   # not ours to judge: as before, the command writes its own
+        return None
+    if not isinstance(d, dict):
+        return None
+    if d.get("command"):
+        return str(d["command"])
+    if "patch_mode" in d:
+        return "zero-shot"
+    return "train" if {"backbone", "epochs"} <= set(d) else None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -604,7 +672,7 @@ def _absolute(key: str, value):
         return value
     if isinstance(value, (list, tuple)):
         return [_absolute(key, v) for v in value]
-    if key in ("weights", "text") and not Path(str(value)).exists():
+    if key in ("weights", "text") and not Path(str(value)).exists() or key == "normals" and value == "split":
         return value
     return os.path.abspath(value)
 

@@ -134,7 +134,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     """Write ``out``/model.onnx and ``out``/model.json (how to feed it, its outputs, thresholds, the check);
     return model.json's content. ``input_size``: (W, H) of a tiled run's images."""
     from . import __version__
-    from .calibration import load_run, resolve_thresholds
+    from .calibration import group_thresholds, load_run, resolve_thresholds
     from .data.tiling import tile_grid
     from .featstore import file_sha256
     from .io import atomic_write, atomic_write_text
@@ -161,9 +161,11 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                                 "or score with predict / Detector")
     size = (int(cfg["image_size"]),) * 2 if isinstance(cfg["image_size"], int) else tuple(cfg["image_size"])
     grid, offsets, used_group = None, None, group
-    if group is not None and not (cfg.get("tile") and model.cfg.get("tile_offsets")):
-        warnings.warn(f"--group {group}: this run has no per-group place offsets (tile_norm: position), so the "
-                      "exported model is the same for every group; --group changes nothing", stacklevel=2)
+    if (group is not None and not (cfg.get("tile") and model.cfg.get("tile_offsets"))   # its threshold: G's when
+            and not group_thresholds(run, threshold, max_fpr, warn=False)):                # the run has them
+        warnings.warn(f"--group {group}: this run has no per-group place offsets (tile_norm: position) and "
+                      + ("the threshold is the one given" if threshold is not None else "no per-group thresholds")
+                      + ", so the exported model is the same for every group; --group changes nothing", stacklevel=2)
     if cfg.get("tile"):
         h, w = _input_size(model, cfg, input_size, group, run)
         grid = tile_grid(h, w, cfg["tile"], cfg.get("tile_overlap", 0))

@@ -471,8 +471,8 @@ def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:
     import yaml
     path = Path(run) / "config.yaml"
     try:
-        run_cfg = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        run_cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return   # an older or hand-made run folder without its config: nothing to compare against
     run_cfg, ckpt_cfg = ({**_SAME_RUN_DEFAULTS, **c} for c in (run_cfg, ckpt_cfg))
     from .config import DEFAULT_CONFIG

@@ -68,8 +68,11 @@ def _cleanup(tmp: str) -> None:
 
 
 def atomic_write_text(path, text: str) -> Path:
+    """``text`` as UTF-8, its line ends as given. Why: the locale's encoding (cp1252 on Windows) failed on the report's
+    "·" after all the scoring, and on image names outside it; newline translation turned the CSV writer's \\r\\n
+    into \\r\\r\\n. Our JSON, YAML and HTML end lines in \\n on every system."""
     def w(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
     return atomic_write(path, w)
 
@@ -97,7 +100,7 @@ def read_json(path, fix: str):
     and ``fix``, not a traceback."""
     import json
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot read this JSON file ({type(e).__name__}: {e})", path=path, fix=fix) from e
 
@@ -106,8 +109,8 @@ def read_yaml(path, fix: str):
     """The YAML in ``path`` (None when empty); a damaged file is a `BadInputError` naming it and ``fix``."""
     import yaml
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read this YAML file ({type(e).__name__}: {e})", path=path, fix=fix) from e
 
 

@@ -131,10 +131,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         from .data.layouts import discover_batch
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))
     from dataclasses import replace
-    mine = os.path.realpath(out) + os.sep   # an --out inside --data: its overlays and maps are not a new batch
-    samples = [s for s in samples if not os.path.realpath(s.path).startswith(mine)]
+    from .workflows import _without_predict_outputs   # this --out's and earlier predicts' overlays and maps
+    samples = _without_predict_outputs(samples, data, out)   # are not a new batch (warned); other images are
     if not samples:
-        raise BadInputError("no images to score outside --out", path=data, fix="choose an --out outside --data")
+        raise BadInputError("every image under --data is a predict output (overlays/, maps/)", path=data,
+                            fix="give --data the folder of the batch's own images")
     _warn_other_colour_kind(ex.run_dir, samples)
     # absolute paths (the CSV and JSON rows are read from other folders); no mask: a bad one is not a bad image
     samples = [replace(s, path=Path(os.path.abspath(s.path)), mask=None, group=s.group if group is None else group)
@@ -261,7 +262,7 @@ def trained_colour_kind(run_dir: Path, n_ref: int = 20, n_look: int = 4) -> str 
     one of both kinds)."""
     from .data.images import colour_kind, grey_content
     try:
-        cal = json.loads((Path(run_dir) / "calibration.json").read_text())
+        cal = json.loads((Path(run_dir) / "calibration.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if cal.get("image_kinds"):

@@ -228,7 +228,7 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     from .calibration import validation_normals
     lost = "no combined score, kNN threshold or kNN colour scale"   # what every reason below costs
     try:
-        cal = json.loads((Path(run) / "calibration.json").read_text())
+        cal = json.loads((Path(run) / "calibration.json").read_text(encoding="utf-8"))
         wv = np.asarray(cal["val_scores"], dtype=np.float64)
         val = validation_normals(cfg)
     except (OSError, KeyError, ValueError, BadInputError) as e:

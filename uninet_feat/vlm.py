@@ -105,8 +105,8 @@ def load_prompts(path) -> dict[str, list[str]]:
     import yaml
     p = Path(path).expanduser()
     try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p) from e
     if not isinstance(d, dict) or set(d) - {"object", "templates", "normal", "defect"}:
         raise BadInputError("a prompt file is a mapping with keys object, templates, normal, defect", path=p)

@@ -65,7 +65,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     if dd is not None:
         dd.close()  # barrier: every rank's shards are written; the last one to finish wrote `complete`
         complete = (Path(out) / "complete").exists()
-    m = json.loads((Path(out) / "manifest.json").read_text())
+    m = json.loads((Path(out) / "manifest.json").read_text(encoding="utf-8"))
     res = {"features": str(out), "n_items": m["n_items"], "n_shards": m["n_shards"],
            "dim": len(m["vector_names"]), "complete": complete, "skipped": m.get("skipped", [])}
     if dd is not None:
@@ -109,24 +109,38 @@ def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_patte
         return found
 
 
-def _without_predict_outputs(samples, data) -> list:
-    """``samples`` less the images in a predict output folder under ``data`` (one holding predictions.csv and
-    summary.json: its overlays and masks), with a warning naming it; predict leaves out its own ``--out`` alike."""
-    root, outputs, kept = Path(data), {}, []
+PREDICT_OUTPUT_FOLDERS = ("overlays", "maps", ".partial")   # what predict writes images (and parts) into
+
+
+def _without_predict_outputs(samples, data, out=None) -> list:
+    """``samples`` less predict's outputs among them: the images in the overlays/, maps/ and .partial/ of a predict
+    output folder under ``data`` (one holding predictions.csv and summary.json) and of ``out`` (predict's own
+    --out, which a killed first run left without them), warned with the count. Other images in such a folder are
+    kept: `predict --data batch --out batch/day1` scores day1's own images."""
+    root = Path(os.path.realpath(data))
+    own = Path(os.path.realpath(out)) if out is not None else None
+    is_output: dict = {}   # folder -> whether it is a predict output folder
+
+    def output_part(d: Path) -> bool:
+        if d.name not in PREDICT_OUTPUT_FOLDERS:
+            return False
+        if d.parent not in is_output:
+            is_output[d.parent] = d.parent == own or ((d.parent / "predictions.csv").is_file()
+                                                      and (d.parent / "summary.json").is_file())
+        return is_output[d.parent]
+
+    kept, left = [], set()
     for s in samples:
-        d = Path(s.path).parent
-        while True:
-            if d not in outputs:
-                outputs[d] = (d / "predictions.csv").is_file() and (d / "summary.json").is_file()
-            if outputs[d] or d == root or d == d.parent or root not in d.parents:
-                break
+        d = Path(os.path.realpath(Path(s.path).parent))
+        while not output_part(d) and root in d.parents:   # up to --data, not above it
             d = d.parent
-        if not outputs[d]:
+        if output_part(d):
+            left.add(str(d))
+        else:
             kept.append(s)
-    left = sorted(str(d) for d, yes in outputs.items() if yes)
     if left:
-        warnings.warn(f"{len(samples) - len(kept)} image(s) in predict output folder(s) {', '.join(left[:3])} are "
-                      "left out (overlays and masks, not the batch)")
+        warnings.warn(f"{len(samples) - len(kept)} image(s) in predict output folder(s) {', '.join(sorted(left)[:3])}"
+                      " are left out (overlays and masks, not the batch)")
     return kept
 
 
@@ -379,4 +393,6 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
             sc = np.array([r[col] for r in test])
             res[col] = {"image_auroc": image_auroc(y, sc), "image_ap": image_ap(y, sc), "f1_max": f1_max(y, sc)}
         atomic_write_text(out / "metrics.json", json.dumps(res, indent=2))
+    else:   # an earlier labelled run's metrics into this --out are not this batch's
+        (out / "metrics.json").unlink(missing_ok=True)
     return res
