@@ -1,5 +1,6 @@
 """The shipped configs (`configs/*.yaml`) load and every option in them parses, so `train --config` cannot fail
 on a typo after the data has been read."""
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,48 @@ def test_a_weights_file_is_saved_by_absolute_path_and_a_name_as_it_is(tmp_path, 
     assert got["weights"] == str(tmp_path / "w.pt") and got["data"] == str(tmp_path / "d")
     assert absolute_data_paths({"weights": "imagenet"})["weights"] == "imagenet"
     assert absolute_data_paths({"weights": "openai"})["weights"] == "openai"
+
+
+def test_every_numeric_option_is_read_as_a_number_and_checked(tmp_path):
+    """YAML 1.1 reads `1e-5` as a string: weight_decay, alpha and beta were left strings (a TypeError in AdamW, or a
+    string beta saved into model.pt that crashed calibration); now read as numbers and checked like the others."""
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    f = tmp_path / "c.yaml"
+    f.write_text("weight_decay: 1e-5\nalpha: 1e-2\nbeta: 3e-5\ndenoise: 5e-1\nsynthetic_copies: 3\n")
+    cfg = load_config(f)
+    assert (cfg["weight_decay"], cfg["alpha"], cfg["beta"], cfg["denoise"]) == (1e-5, 1e-2, 3e-5, 0.5)
+    for line, said in (("weight_decay: -1e-5", "weight_decay must be a number >= 0, got -1e-05"),
+                       ("alpha: 0.6", "alpha must be a number >= 0 and <= 0.5, got 0.6"),
+                       ("beta: 2", "beta must be a number >= 0 and <= 1, got 2"),
+                       ("beta: abc", "beta must be a number >= 0 and <= 1, got 'abc'"),
+                       ("synthetic_copies: 0", "synthetic_copies must be an integer >= 1, got 0"),
+                       ("denoise: 1.5", "denoise must be a number >= 0 and <= 1, got 1.5")):
+        f.write_text(line + "\n")
+        with pytest.raises(BadInputError, match=re.escape(said)) as e:
+            load_config(f)
+        assert e.value.path == str(f) and e.value.fix.startswith("e.g. `"), line
+
+
+def test_model_choices_are_refused_with_their_own_fix(tmp_path):
+    """dfs, mem, pixel_map and bottleneck_stride values the model does not have were a ValueError from building the
+    model answered with the fix for decoder depths; now refused by load_config, naming the config file, each with
+    its allowed values. A model ValueError of another kind no longer gets the decoder-depths fix either."""
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.runs import make_model
+    from _tiny import register_tiny
+    register_tiny()
+    f = tmp_path / "c.yaml"
+    for line, said in (("dfs: on", "dfs must be one of learned, fixed, off, got True"),
+                       ("mem: repvgg", "mem must be one of official, multiscale, got 'repvgg'"),
+                       ("pixel_map: blurred", "pixel_map must be one of smoothed, raw, got 'blurred'"),
+                       ("bottleneck_stride: 4", "bottleneck_stride must be one of 1, 2, got 4")):
+        f.write_text(line + "\n")
+        with pytest.raises(BadInputError, match=re.escape(said)) as e:
+            load_config(f)
+        assert e.value.path == str(f) and "decoder_depths" not in e.value.fix, line
+    assert load_config(None, {"dfs": "learned", "bottleneck_stride": 1})["dfs"] == "learned"
+    with pytest.raises(BadInputError, match="student_relu needs one entry per level") as e:
+        make_model(load_config(None, base={"backbone": "tiny", "weights": "random", "student_relu": [True]}))
+    assert "decoder_depths" not in e.value.fix and "student_relu" in e.value.fix

@@ -146,6 +146,79 @@ def test_resuming_a_finished_run_leaves_its_model_untouched(texture, trained, tm
     assert json.loads((run / "calibration.json").read_text()) == json.loads((trained / "calibration.json").read_text())
 
 
+def test_a_finished_run_recalibrated_by_resume_is_left_as_it_is_by_every_later_resume(trained, tmp_path):
+    """`train --resume --map-levels X` of a finished run rewrites model.pt (a new calibration) but trains no epoch,
+    so checkpoint.pt keeps the old value: later plain resumes compared with it and rewrote model.pt each time (a
+    new sha256: indexes and heads built on it refused). A run older than map_levels did so on every resume."""
+    import shutil
+
+    from uninet_feat.cli import main
+    from uninet_feat.featstore import file_sha256
+    run, old = tmp_path / "r", tmp_path / "old"
+    shutil.copytree(trained, run)
+    shutil.copytree(trained, old)
+    assert main(["train", "--out", str(run), "--resume", "--map-levels", "2,3", "--quiet"]) == 0
+    assert read_checkpoint(run / "model.pt")["config"]["map_levels"] == "2,3"
+    sha = file_sha256(run / "model.pt")
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="nothing to do"):
+            assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert file_sha256(run / "model.pt") == sha
+    for name in ("checkpoint.pt", "model.pt"):   # saved before map_levels / map_norm existed
+        ck = torch.load(old / name, weights_only=True)
+        ck["config"] = {k: v for k, v in ck["config"].items() if k not in ("map_levels", "map_norm")}
+        torch.save(ck, old / name)
+    sha = file_sha256(old / "model.pt")
+    main(["train", "--out", str(old), "--resume", "--quiet"])   # calibrates (calibration.json named the old bytes)
+    with pytest.warns(UserWarning, match="nothing to do"):
+        assert main(["train", "--out", str(old), "--resume", "--quiet"]) == 0
+    assert file_sha256(old / "model.pt") == sha
+
+
+def test_a_model_file_copied_in_as_checkpoint_pt_is_named_not_a_key_error(texture, trained, tmp_path):
+    """model.pt, best.pt or a kept epoch copied in as checkpoint.pt has no optimiser states (a KeyError after the
+    model was built); weights that do not fit the config's model were a torch traceback."""
+    import shutil
+    run = tmp_path / "r"
+    run.mkdir()
+    shutil.copyfile(trained / "model.pt", run / "checkpoint.pt")
+    with pytest.raises(BadInputError, match="a model file, not a resumable checkpoint: it lacks opt_student, "
+                                            "opt_target") as e:
+        train(_cfg(texture), run, resume=True, quiet=True)
+    assert e.value.path == str(run / "checkpoint.pt") and "checkpoint.pt" in e.value.fix
+    shutil.rmtree(run)
+    shutil.copytree(trained, run)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    ck["state_dict"].pop(next(k for k in ck["state_dict"] if k.startswith("student.")))
+    ck["epoch"] = 1   # not finished: the model is built
+    torch.save(ck, run / "checkpoint.pt")
+    with pytest.raises(BadInputError, match=r"checkpoint.pt does not match the model its own config builds \("
+                                            r".*Missing key"):
+        train(_cfg(texture), run, resume=True, quiet=True)
+
+
+def test_an_edited_config_yaml_is_refused_on_resume_not_silently_written_over(texture, trained, tmp_path):
+    """A resume trains on checkpoint.pt's options (only the resumable keys come from the command), so an edit of
+    RUN/config.yaml was ignored and then written over; now it is refused naming both files, the edit kept.
+    The resumable keys (epochs here) may differ."""
+    import shutil
+
+    import yaml
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    (run / "model.pt").unlink()   # as if killed after the last checkpoint
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    edited = yaml.safe_dump({**cfg, "lr": 0.5, "batch_size": 2, "epochs": 3})
+    (run / "config.yaml").write_text(edited)
+    with pytest.raises(BadInputError, match=r"batch_size, lr in config.yaml differ from the run's checkpoint.pt "
+                                            r"\(batch_size=4, lr=0.005\)") as e:
+        train(_cfg(texture), run, resume=True, quiet=True)
+    assert e.value.path == str(run / "config.yaml") and (run / "config.yaml").read_text() == edited
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "epochs": 3}))
+    train(_cfg(texture), run, resume=True, quiet=True)
+    assert read_checkpoint(run / "model.pt")["epoch"] == 2
+
+
 def test_refuses_to_overwrite_a_run(texture, trained):
     with pytest.raises(BadInputError, match="already holds a run"):
         train(_cfg(texture), trained, quiet=True)

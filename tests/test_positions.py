@@ -430,3 +430,23 @@ def test_clusters_csv_score_of_a_position_normed_run_is_predicts_score(run, tmp_
     cfg = dict(ck["config"])
     raw = _plain_tile_scores(model, [s for s in load_samples(cfg) if s.split == "test"], cfg)
     assert got != pytest.approx({p: max(t.values()) for p, t in raw.items()}, abs=1e-4)   # not the raw tile score
+
+
+def test_position_offsets_are_taken_from_normals_only_in_a_supervised_run(tmp_path, monkeypatch):
+    """A supervised run's training split holds labelled defects: the offsets (medians of the training normals'
+    tile scores at each place) were taken over them too, raising every place where a defect lay."""
+    import types
+
+    import uninet_feat.positions as positions
+    from uninet_feat.calibration import _position_offsets
+    from _tiny import write_supervised_manifest
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=2, n_bad=4)
+    cfg = _cfg(data, split_csv=str(write_supervised_manifest(data, n_train_defects=2)), supervised=True,
+               tile_norm="position")
+    fit, val = train_val_samples(load_samples(cfg), cfg)
+    assert any(not s.is_normal for s in fit)   # the case: labelled defects among the training images
+    seen = []
+    monkeypatch.setattr(positions, "tile_offsets",
+                        lambda model, samples, cfg, neighbours=False: seen.extend(samples) or {"offsets": {}})
+    _position_offsets(types.SimpleNamespace(cfg={}), cfg, "position")
+    assert sorted(s.path for s in seen) == sorted(s.path for s in fit + val if s.is_normal)

@@ -1,5 +1,6 @@
 """Label-free model selection (select: synthetic): the synthetic set, its scoring, and the training loop."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -401,3 +402,73 @@ def test_synthetic_compare_scores_runs_on_one_set_and_refuses_runs_on_other_norm
     out = tmp_path / "cmp.json"
     assert main(["--runs", str(a), str(b), "--seed", "31", "--json", str(out)]) == 0
     assert [r["run"] for r in _json.loads(out.read_text())["rows"]] == [str(a), str(b)]
+
+
+class _Killed(BaseException):
+    """A stop of the process at one file write (BaseException: no `except Exception` in train catches it)."""
+
+
+def _kill_at(monkeypatch, name: str, epoch: int):
+    """Make train's write of ``name`` (a file name) for ``epoch`` stop the run before it is written."""
+    import uninet_feat.train as train_mod
+    real = train_mod.save_checkpoint
+
+    def save(path, model, cfg, **extra):
+        if Path(path).name == name and extra.get("epoch") == epoch:
+            raise _Killed(name)
+        return real(path, model, cfg, **extra)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+
+
+def _rising_score(self, model, batch_size=8, channels_last=False):
+    """A validation score that rises with every training step (BatchNorm's step count, saved in the weights and
+    restored on resume): each epoch is the best so far, deterministically."""
+    n = max(int(b) for k, b in model.named_buffers() if k.endswith("num_batches_tracked"))
+    return {"score": float(n), "image_auroc": 0.5, "pixel_auroc": 0.5}
+
+
+def _same_model(a, b):
+    a, b = read_checkpoint(a), read_checkpoint(b)
+    assert a["epoch"] == b["epoch"] and a["selection"]["score"] == b["selection"]["score"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_a_stop_around_best_pt_never_gives_model_pt_another_epochs_weights(texture, tmp_path, monkeypatch):
+    """best.pt was written before the log and checkpoint.pt: a stop between them left best.pt holding epoch 2
+    while the log's best was epoch 1, and a resume that ended at epoch 1 gave model.pt epoch 2's weights labelled
+    epoch 1. It is now written after checkpoint.pt, and a stop between those two is mended from checkpoint.pt."""
+    monkeypatch.setattr(SyntheticValidation, "score", _rising_score)
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(_cfg(texture, select="synthetic", epochs=1), one, quiet=True)
+    train(_cfg(texture, select="synthetic", epochs=2), two, quiet=True)
+    for name, resume_to, same_as in (("checkpoint.pt", 1, one), ("best.pt", 2, two)):
+        run = tmp_path / f"stopped_at_{name}"
+        with monkeypatch.context() as m:
+            _kill_at(m, name, epoch=2)
+            with pytest.raises(_Killed):
+                train(_cfg(texture, select="synthetic", epochs=2), run, quiet=True)
+        train(_cfg(texture, select="synthetic", epochs=resume_to), run, resume=True, quiet=True)
+        _same_model(run / "model.pt", same_as / "model.pt")
+        assert read_checkpoint(run / "best.pt")["epoch"] == resume_to
+    # a best.pt of another epoch than the log's best (whose weights are gone) is refused, never relabelled
+    (run / "model.pt").unlink()
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    log[1]["val_synthetic_score"] = -1.0   # the log's best is now epoch 1; best.pt holds epoch 2
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    with pytest.raises(BadInputError, match="best.pt holds epoch 2, but the log's best is epoch 1"):
+        train(_cfg(texture, select="synthetic", epochs=2), run, resume=True, quiet=True)
+    assert not (run / "model.pt").exists()
+
+
+def test_a_stop_before_checkpoint_pt_keeps_the_kept_epoch(texture, tmp_path, monkeypatch):
+    """epochs/epoch_NNN.pt (--keep-every) was written after checkpoint.pt: a stop between them lost it for good
+    (the resume starts after that epoch). It is now written first, and the replayed epoch writes it again."""
+    run, full = tmp_path / "stopped", tmp_path / "full"
+    train(_cfg(texture, epochs=2, keep_every=1), full, quiet=True)
+    with monkeypatch.context() as m:
+        _kill_at(m, "epoch_002.pt", epoch=2)
+        with pytest.raises(_Killed):
+            train(_cfg(texture, epochs=2, keep_every=1), run, quiet=True)
+    train(_cfg(texture, epochs=2, keep_every=1), run, resume=True, quiet=True)
+    a, b = (read_checkpoint(r / "epochs" / "epoch_002.pt")["state_dict"] for r in (run, full))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -153,8 +153,9 @@ def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:
     model.cfg["tile_offsets"] = model.cfg["tile_neighbours"] = None   # the reference normals are scored plain
     if parse_tile_norm(tile_norm, cfg.get("tile")) == "none":
         return None
-    fit, val = train_val_samples(load_samples(cfg), cfg)   # every training normal: 1 validation strip is no median
-    rec = tile_offsets(model, fit + val, cfg, neighbours=tile_norm == "neighbours")
+    fit, val = train_val_samples(load_samples(cfg), cfg)   # every training normal: 1 validation strip is no median;
+    normals = [s for s in fit + val if s.is_normal]        # a supervised run's labelled defects would raise it
+    rec = tile_offsets(model, normals, cfg, neighbours=tile_norm == "neighbours")
     model.cfg["tile_offsets"] = rec["offsets"]
     model.cfg["tile_sizes"] = rec.get("image_sizes")
     model.cfg["tile_neighbours"] = rec.get("neighbours")
@@ -302,7 +303,7 @@ def saved_calibration(run) -> dict | None:
     where its threshold is read)."""
     path = Path(run) / "calibration.json"
     try:
-        return json.loads(path.read_text()) if path.exists() else None
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
     except (OSError, ValueError):
         return None
 

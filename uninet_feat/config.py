@@ -75,8 +75,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     if path:
         p = Path(path)
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise BadInputError(f"cannot read config: {e}", path=p, fix="pass a readable YAML mapping") from e
         if not isinstance(loaded, dict):
             raise BadInputError("config must be a YAML mapping", path=p, fix="write `key: value` lines")
@@ -93,7 +93,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     if cfg.get("tile_score", "max") not in TILE_SCORES:   # any other word silently meant the mean
         raise BadInputError(f"tile_score must be one of {', '.join(TILE_SCORES)}, got {cfg['tile_score']!r}",
                             path=path, fix="tile_score: max (the highest tile; the default), or --tile-score mean")
+    check_model_choices(cfg, path)
     return cfg
+
+
+def _model_choices() -> dict:
+    """Model options with a fixed set of values (the model code's own lists): key -> (values, fix)."""
+    from .model.bottleneck import STRIDES
+    from .model.dfs import MODES
+    from .model.mem import FORMS
+    from .model.uninet import PIXEL_MAPS
+    return {"dfs": (MODES, 'dfs: "off" (the method; quoted: YAML reads a bare off as false), or --dfs learned'),
+            "mem": (FORMS, "mem: official (the method), or --mem multiscale"),
+            "pixel_map": (PIXEL_MAPS, "pixel_map: smoothed (the default), or raw (the official unsmoothed map)"),
+            "bottleneck_stride": (STRIDES, "bottleneck_stride: 2 (the method), or --bottleneck-stride 1")}
+
+
+def check_model_choices(cfg: dict, path=None) -> None:
+    """Refuse a ``dfs``, ``mem``, ``pixel_map`` or ``bottleneck_stride`` the model does not have, with its own
+    fix: building the model raised a ValueError that was answered with the fix for decoder depths."""
+    for key, (values, fix) in _model_choices().items():
+        v = cfg.get(key, MODEL_DEFAULTS[key])
+        ok = v in values and not isinstance(v, bool)   # True == 1: a YAML `on`/`yes` is no stride
+        if not ok:
+            raise BadInputError(f"{key} must be one of {', '.join(map(str, values))}, got {v!r}", path=path,
+                                fix=fix)
 
 
 # key: (lowest value allowed, whether it may equal it, the fix's example); None values are always allowed
@@ -102,13 +126,19 @@ _RANGES = {"epochs": (1, True, "10"), "batch_size": (1, True, "8"), "eval_batch_
            "val_fraction": (0, True, "0.1"), "val_every": (1, True, "1"), "threads": (1, True, "2"),
            "lr": (0, False, "5e-3"), "lr_target": (0, True, "1e-6"), "keep_every": (0, True, "10"),
            "seed": (0, True, "1203"), "width": (0, False, "4"), "temperature": (0, False, "2"),
-           "margin": (0, True, "1"), "lam": (0, True, "0.7"), "border_pad": (0, True, "16")}
-_HIGH = {"val_fraction": (1, False), "seed": (2 ** 32 - 1, True), "lam": (1, True)}   # (bound, inclusive)
+           "margin": (0, True, "1"), "lam": (0, True, "0.7"), "border_pad": (0, True, "16"),
+           "weight_decay": (0, True, "1e-5"), "synthetic_copies": (1, True, "2"), "denoise": (0, True, "0.5"),
+           # WDM (method §6): w = max(alpha · mean of kept map maxima, beta) is the share of the map's pixels whose
+           # top-k mean is the score; the maxima of 1 - cosine lie in [0, 2], so alpha <= 0.5 and beta <= 1 keep w
+           # a share (k = floor(H·W·w) is clamped to [1, H·W])
+           "alpha": (0, True, "0.01"), "beta": (0, True, "3e-5")}
+_HIGH = {"val_fraction": (1, False), "seed": (2 ** 32 - 1, True), "lam": (1, True), "denoise": (1, True),
+         "alpha": (0.5, True), "beta": (1, True)}   # (bound, inclusive)
 # keys that also have a command-line flag (--batch-size); the others are set in a --config file only
 _FLAGGED = {"epochs", "batch_size", "image_size", "tile", "val_fraction", "val_every", "threads", "lr", "lr_target",
-            "keep_every", "seed", "width", "temperature", "border_pad"}
+            "keep_every", "seed", "width", "temperature", "border_pad", "denoise"}
 _INTEGERS = {"epochs", "batch_size", "eval_batch_size", "image_size", "tile", "tile_overlap", "val_every",
-             "threads", "keep_every", "seed", "border_pad"}
+             "threads", "keep_every", "seed", "border_pad", "synthetic_copies"}
 
 
 def check_numbers(cfg: dict, path=None) -> None:

@@ -194,12 +194,20 @@ def make_model(cfg: dict) -> UniNet:
     backbone = create_backbone(cfg["backbone"], weights=cfg["weights"], levels=cfg.get("levels"))
     try:
         return UniNet(backbone, **model_options(cfg))
-    except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths)
-        fix = ("--border-pad a multiple of the pixels the message names (the backbone's coarsest stride), or 0"
-               if "border_pad" in str(e) else
-               "give decoder_depths one entry per level (e.g. [3, 4, 6] for three), or --levels with three levels")
+    except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths); values
+        # the model never takes (dfs, mem, pixel_map, bottleneck_stride) are refused by load_config first
+        fix = next((f for words, f in _MODEL_FIXES if words in str(e)),
+                   "check the option the message names against docs/usage.md, or train with its default")
         raise BadInputError(f"the model options do not fit backbone {cfg['backbone']} at levels "
                             f"{list(backbone.levels)}: {e}", fix=fix) from e
+
+
+# make_model's fix for the model's ValueErrors, by words of their message; any other gets a plain one
+_MODEL_FIXES = (("border_pad", "--border-pad a multiple of the pixels the message names (the backbone's coarsest "
+                               "stride), or 0"),
+                ("decoder depths", "give decoder_depths one entry per level (e.g. [3, 4, 6] for three), or --levels "
+                                   "with three levels"),
+                ("student_relu", "give student_relu one entry per level, true or false, or auto"))
 
 
 def input_sides(model) -> tuple[int, int, str]:

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .calibration import calibrate, parse_map_levels, parse_map_norm, with_calibration_normals
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
-from .config import save_run_config, seed_everything
+from .config import DEFAULT_CONFIG, save_run_config, seed_everything
 from .data.dataset import check_samples
 from .denoise import Damager, parse_denoise
 from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
@@ -58,6 +58,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         if not ckpt_path.exists():
             raise BadInputError("nothing to resume: no checkpoint.pt", path=out, fix="drop --resume to start fresh")
         state = read_checkpoint(ckpt_path)
+        _check_resumable(ckpt_path, state)
+        _check_config_edits(out, state)
         # model, data and options are the checkpoint's; ``cfg`` sets only the schedule's length (to finish or
         # extend it) and, when given, the thread count
         was = checkpoint_config(state).get("threads")
@@ -163,9 +165,15 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     if cfg.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)
     if resume:
-        model.load_state_dict(state["state_dict"])
-        opt_s.load_state_dict(state["opt_student"])
-        opt_t.load_state_dict(state["opt_target"])
+        try:
+            model.load_state_dict(state["state_dict"])
+            opt_s.load_state_dict(state["opt_student"])
+            opt_t.load_state_dict(state["opt_target"])
+        except (RuntimeError, ValueError, KeyError) as e:   # e.g. weights of another backbone copied in
+            first = (str(e).split("\n")[1] if "\n" in str(e) else str(e)).strip()   # torch's report: one line
+            raise BadInputError(f"checkpoint.pt does not match the model its own config builds ({first[:300]})",
+                                path=ckpt_path, fix="restore the run's own checkpoint.pt, or start a new run "
+                                                    "(a new --out)") from e
         start_epoch = int(state["epoch"])
     step = dd.wrap(model)             # None in the single-process run
     if dd.is_main:
@@ -177,8 +185,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         raise BadInputError("no training images left after filtering", path=cfg["data"])
     has_mask = torch.tensor([s.mask is not None for s in fit])
     log_path = out / "train_log.jsonl"
-    log_lines = log_path.read_text().splitlines()[:start_epoch] if (resume and log_path.exists()) else []
-    synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main)
+    log_lines = log_path.read_text(encoding="utf-8").splitlines()[:start_epoch] if (resume and log_path.exists()) else []
+    synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main, start_epoch)
     drop_last = len(ds) > cfg["batch_size"]
     steps = len(ds) // cfg["batch_size"] if drop_last else 1   # the batches an epoch really runs
     note = dropped_items_note(len(ds), cfg["batch_size"], "tiles" if cfg.get("tile") else "images")
@@ -230,30 +238,40 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                 prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg['epochs']} loss {loss.item():.4f}")
             rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n,
                    **{k: v / max(n, 1) for k, v in sums.items()}}
+            improved = False
             if synth is not None and ((epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == cfg["epochs"]):
                 v = synth.score(model, cfg["eval_batch_size"], bool(cfg.get("channels_last")))
                 rec.update({f"val_synthetic_{k}": x for k, x in v.items()})
                 if v["score"] > best["score"]:   # strict: ties keep the earlier epoch; NaN never wins
-                    best = {"epoch": epoch + 1, "score": v["score"]}
-                    save_checkpoint(out / "best.pt", model, cfg, epoch=epoch + 1, selection=best)
+                    best, improved = {"epoch": epoch + 1, "score": v["score"]}, True
                 if not quiet:   # a line above the bar: the bar's own info is overwritten by the next step
                     prog.console.print(f"epoch {epoch + 1}: synthetic validation {v['score']:.4f} "
                                        f"(image {v['image_auroc']:.4f}, pixel {v['pixel_auroc']:.4f}; "
                                        f"best epoch {best['epoch']})")
             log_lines.append(json.dumps(rec))
             if dd.is_main:  # [distributed] rank 0 writes, the others wait
-                # the log first: a stop between the two leaves an extra log line (cut on resume), never a
-                # checkpoint whose epoch the log lacks
+                # commit order: the log, the kept epoch, checkpoint.pt, best.pt. A stop before checkpoint.pt leaves
+                # an extra log line (cut on resume) and an epoch file that the replayed epoch writes again; one
+                # after it, a best.pt one epoch behind, which the resume rebuilds from checkpoint.pt's weights
+                # (`_selection`). Never a file ahead of checkpoint.pt, nor a kept epoch that no resume writes
                 atomic_write_text(log_path, "\n".join(log_lines) + "\n")
-                save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
-                                opt_target=opt_t.state_dict())
                 if cfg.get("keep_every") and (epoch + 1) % cfg["keep_every"] == 0:
                     save_checkpoint(out / "epochs" / f"epoch_{epoch + 1:03d}.pt", model, cfg, epoch=epoch + 1)
+                save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
+                                opt_target=opt_t.state_dict())
+                if improved:
+                    save_checkpoint(out / "best.pt", model, cfg, epoch=epoch + 1, selection=best)
             dd.barrier()
     model_path = out / "model.pt"
     if dd.is_main:
         if synth is not None and best["epoch"]:
-            model.load_state_dict(read_checkpoint(out / "best.pt")["state_dict"])
+            kept = read_checkpoint(out / "best.pt")
+            if kept.get("epoch") != best["epoch"]:   # never the weights of another epoch under the best's number
+                raise BadInputError(f"best.pt holds epoch {kept.get('epoch')}, but the log's best is epoch "
+                                    f"{best['epoch']}", path=out / "best.pt",
+                                    fix=f"put that epoch's model there (epochs/epoch_{best['epoch']:03d}.pt when "
+                                        "--keep-every kept it) and resume again, or start a new run")
+            model.load_state_dict(kept["state_dict"])
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=best["epoch"],
                                          selection={**best, "rule": RULE, "epochs_trained": cfg["epochs"]})
         else:
@@ -342,11 +360,48 @@ def _final_model(out: Path, cfg: dict, state: dict) -> bool:
     same bytes twice, and every index or head built from model.pt names its sha256."""
     if int(state["epoch"]) != cfg["epochs"] or not (out / "model.pt").is_file():
         return False
-    if any(cfg.get(k) != state["config"].get(k) for k in ("map_levels", "map_norm")):
-        return False
     model = read_checkpoint(out / "model.pt")
+    # model.pt's own: checkpoint.pt is not saved again when only these change (no epoch trains), and a run older
+    # than a key saved none (its default)
+    if any(cfg.get(k, DEFAULT_CONFIG[k]) != model["config"].get(k, DEFAULT_CONFIG[k])
+           for k in ("map_levels", "map_norm")):
+        return False
     # a model.pt of a shorter schedule: killed before the longer one's was written
     return (model.get("selection") or {}).get("epochs_trained", model.get("epoch")) == cfg["epochs"]
+
+
+# what a resumable checkpoint.pt holds; a model file (model.pt, best.pt, a kept epoch) lacks the optimiser states
+RESUME_STATE = ("epoch", "opt_student", "opt_target", "state_dict", "config")
+
+
+def _check_resumable(path: Path, state: dict) -> None:
+    """Refuse a model file copied in as checkpoint.pt before anything is built (it was a KeyError later)."""
+    missing = [k for k in RESUME_STATE if k not in state]
+    if missing:
+        raise BadInputError(f"a model file, not a resumable checkpoint: it lacks {', '.join(missing)}", path=path,
+                            fix="start a new run (a new --out; --weights cannot take it either), or restore the "
+                                "run's own checkpoint.pt")
+
+
+def _check_config_edits(out: Path, state: dict) -> None:
+    """Refuse a config.yaml edited since checkpoint.pt was written: a resume trains on checkpoint.pt's options
+    (only `RESUMABLE_KEYS` come from the command) and then writes them over the edit, so it was silently undone.
+    A key either file lacks (an older run) is not compared; an unreadable config.yaml is written anew."""
+    from .io import read_yaml
+    try:
+        saved = read_yaml(out / "config.yaml", "") if (out / "config.yaml").is_file() else None
+    except BadInputError:
+        return
+    if not isinstance(saved, dict):
+        return
+    was = state["config"]
+    changed = sorted(k for k in saved.keys() & was.keys() if k not in RESUMABLE_KEYS and saved[k] != was[k])
+    if changed:
+        raise BadInputError(f"{', '.join(changed)} in config.yaml differ{'s' * (len(changed) == 1)} from the run's "
+                            f"checkpoint.pt ({', '.join(f'{k}={was[k]!r}' for k in changed)}), which a resume trains "
+                            "with: the edit would be ignored and then written over", path=out / "config.yaml",
+                            fix="undo the edit to continue the run (a resume changes only "
+                                f"{', '.join(RESUMABLE_KEYS)}), or train a new run with a new --out")
 
 
 def _calibration_set(out: Path, cfg: dict, val: list, given: str | None) -> tuple:
@@ -397,8 +452,9 @@ RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm", "device")   # m
 RULE = "best mean of image and pixel AUROC: validation normals vs synthetic defects made from them"
 
 
-def _selection(cfg: dict, val, model, out: Path, log_lines: list[str], is_main: bool):
-    """(SyntheticValidation or None, best so far) — on a resume the best comes back from the log."""
+def _selection(cfg: dict, val, model, out: Path, log_lines: list[str], is_main: bool, done: int = 0):
+    """(SyntheticValidation or None, best so far) — on a resume the best comes back from the log, and best.pt is
+    checked against it: ``model`` holds checkpoint.pt's weights, those of epoch ``done``."""
     if cfg.get("select", "last") == "last":
         return None, None
     if cfg["select"] != "synthetic":
@@ -413,9 +469,29 @@ def _selection(cfg: dict, val, model, out: Path, log_lines: list[str], is_main: 
         rec = json.loads(line)
         if rec.get("val_synthetic_score", float("nan")) > best["score"]:
             best = {"epoch": rec["epoch"], "score": rec["val_synthetic_score"]}
-    if best["epoch"] and not (out / "best.pt").exists():
-        raise BadInputError("the log names a best epoch but best.pt is missing", path=out,
-                            fix="restore best.pt, or start a new run")
+    if best["epoch"]:
+        _check_best(out, model, cfg, best, done, is_main)
     if not is_main:   # [distributed] rank 0 validates and writes; the others only train
         return None, best
     return SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg), best
+
+
+def _check_best(out: Path, model, cfg: dict, best: dict, done: int, is_main: bool) -> None:
+    """best.pt is written after checkpoint.pt: a stop between the two leaves the earlier best (or none) while the
+    log and checkpoint.pt name epoch ``done`` the best, so it is rebuilt from checkpoint.pt's weights (``model``).
+    A best.pt ahead of checkpoint.pt (earlier versions wrote it first) is written again when its epoch is
+    replayed; the end of training refuses it if none is."""
+    path = out / "best.pt"
+    held = read_checkpoint(path).get("epoch") if path.exists() else None
+    if held == best["epoch"]:
+        return
+    if best["epoch"] == done:
+        if is_main:
+            save_checkpoint(path, model, cfg, epoch=done, selection=best)
+    elif held is None:
+        raise BadInputError("the log names a best epoch but best.pt is missing", path=out,
+                            fix="restore best.pt, or start a new run")
+    elif held < done:
+        raise BadInputError(f"best.pt holds epoch {held}, but the log's best is epoch {best['epoch']}", path=path,
+                            fix=f"put that epoch's model there (epochs/epoch_{best['epoch']:03d}.pt when --keep-every "
+                                "kept it) and resume again, or start a new run")

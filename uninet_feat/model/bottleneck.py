@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .mem import MEMBlock
 
+STRIDES = (1, 2)   # the ``bottleneck_stride`` option's values, × the coarsest level's stride
+
 
 def _downsampler(cin: int, stride: int, channels: dict[int, int], s_last: int, c_last: int) -> nn.Module:
     """Stride-2 3×3 conv + BN + ReLU steps from ``stride`` to ``s_last``.
@@ -51,7 +53,7 @@ class Bottleneck(nn.Module):
         width = width or c_last
         self.out_channels = out_channels or 2 * c_last
         cin = c_last * len(channels)
-        if stride not in (1, 2):
+        if stride not in STRIDES:
             raise ValueError(f"bottleneck_stride must be 1 or 2 (× the coarsest level's stride), got {stride!r}")
         stride = int(stride)   # 1.0 / 2.0 from a config file
         blocks = []

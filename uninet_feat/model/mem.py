@@ -66,13 +66,16 @@ def _branch(cin: int, width: int, stride: int, form: str, bias: bool) -> nn.Modu
     return nn.Sequential(conv_bn(cin, width, 3, stride, bias), nn.ReLU(inplace=True), conv_bn(width, width, 3, 1, bias))
 
 
+FORMS = ("official", "multiscale")   # the ``mem`` option's values (config.load_config checks them up front)
+
+
 class MEMBlock(nn.Module):
     """One two-branch residual block; ``width`` is split evenly between the branches."""
 
     def __init__(self, cin: int, width: int, cout: int, stride: int = 1, form: str = "official"):
         super().__init__()
-        if form not in ("official", "multiscale"):
-            raise ValueError(f"MEM form must be 'official' or 'multiscale', got {form!r}")
+        if form not in FORMS:
+            raise ValueError(f"MEM form must be one of {FORMS}, got {form!r}")
         self.split = cin // 2
         half = width // 2
         self.branch_a = _branch(self.split, half, stride, "official", bias=False)

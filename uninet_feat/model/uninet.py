@@ -40,6 +40,7 @@ DEFAULTS = {
     "student_relu": "auto",     # end student levels in a ReLU: "auto" (iff the teacher level is ≥ 0), a bool, or one per level
     "border_pad": 0,            # input pixels of mirrored context around the image, cropped off every level (0: none)
 }
+PIXEL_MAPS = ("smoothed", "raw")
 
 
 @torch.no_grad()
@@ -78,7 +79,7 @@ class UniNet(nn.Module):
         if unknown:
             raise ValueError(f"unknown UniNet options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         self.cfg = {**DEFAULTS, **cfg}
-        if self.cfg["pixel_map"] not in ("smoothed", "raw"):
+        if self.cfg["pixel_map"] not in PIXEL_MAPS:
             raise ValueError(f"pixel_map must be 'smoothed' or 'raw', got {self.cfg['pixel_map']!r}")
         channels, strides = tuple(backbone.channels), tuple(backbone.strides)
         self.channels, self.strides = channels, strides
