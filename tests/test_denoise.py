@@ -134,3 +134,22 @@ def test_denoising_run_is_reproducible_resumable_and_differs_from_a_plain_run(tm
     assert cfg["denoise"] == 0.5 and cfg["denoise_kinds"] == "fabric"
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_label_free_choices_on_the_kinds_the_student_learns_to_undo_are_warned_about(tmp_path):
+    """`--denoise` with `--map-levels auto` (or select: synthetic) on the default kinds chooses on the defects the
+    student is trained to remove: warned, naming the shared kinds; disjoint kinds (the magnetic-tile config's) are
+    not."""
+    import warnings
+
+    from uninet_feat.cli import main
+    register_tiny()
+    write_texture_set(tmp_path / "tex")
+    args = tiny_train_args(tmp_path / "tex") + ["--denoise", "0.5", "--map-levels", "auto"]
+    with pytest.warns(UserWarning, match=r"map_levels: auto choose on synthetic defects of kinds the denoising "
+                                         r"student is trained on \(broken_yarn, hole, knot"):
+        main(args + ["--out", str(tmp_path / "a")])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        main(args + ["--synthetic-kinds", "texture_patch", "--out", str(tmp_path / "b")])
+    assert not [w for w in seen if "denoising student is trained on" in str(w.message)]

@@ -9,7 +9,8 @@ synthetic defects made from them (`selection`, no labels), saved as ``best.pt`` 
 With ``denoise: P`` a share P of each batch gets synthetic defects and the student learns to give the
 clean image's teacher features (`denoise`). A resumable checkpoint is written atomically after every
 epoch; ``resume=True`` continues from it and reproduces the uninterrupted run (shuffling and the
-denoising edits are seeded per epoch and step).
+denoising edits are seeded per epoch and step; under torchrun the edits per rank too, so a denoising run resumed
+with another number of ranks draws other edits: docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     damage = (Damager(cfg["denoise"], cfg.get("denoise_kinds"), model.source.mean, model.source.std, cfg["seed"])
               if parse_denoise(cfg.get("denoise")) > 0 else None)
     parse_tile_norm(cfg.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch
+    _warn_choices_on_trained_kinds(cfg, map_levels, map_norm, damage is not None)
     if "auto" in (map_levels, map_norm) and not val:
         raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
                             "leaves none", path=cfg.get("split_csv") or cfg.get("data"),
@@ -351,6 +353,22 @@ def _say_split(fit, val, test, quiet: bool) -> None:
         check_samples(test)
     except BadInputError as e:   # training does not read them: say it now, not after the last epoch
         warnings.warn(f"evaluate will refuse test images of this data (training goes on without them):\n{e}")
+
+
+def _warn_choices_on_trained_kinds(cfg: dict, map_levels, map_norm, denoising: bool) -> None:
+    """Warn when a label-free choice (``select: synthetic``, ``map_levels`` / ``map_norm: auto``) is made on the
+    synthetic defect kinds the denoising student is trained to undo: the choice then rewards the student for
+    suppressing exactly those, the opposite of what it is meant to measure (a student that learns to reconstruct
+    defects). `configs/magnetic_tile.yaml` keeps the two apart (texture_patch against the fabric kinds)."""
+    choices = [n for n, on in (("select: synthetic", cfg.get("select") == "synthetic"),
+                               ("map_levels: auto", map_levels == "auto"), ("map_norm: auto", map_norm == "auto")) if on]
+    if not (denoising and choices):
+        return
+    both = sorted(set(parse_kinds(cfg.get("synthetic_kinds"))) & set(parse_kinds(cfg.get("denoise_kinds"))))
+    if both:
+        warnings.warn(f"{' and '.join(choices)} choose on synthetic defects of kinds the denoising student is trained "
+                      f"on ({', '.join(both)}), which favours it for undoing those kinds (fix: synthetic_kinds: "
+                      "texture_patch with the default denoise_kinds, or other disjoint lists)")
 
 
 def _final_model(out: Path, cfg: dict, state: dict) -> bool:
