@@ -159,3 +159,59 @@ def test_a_mask_pattern_that_cannot_be_filled_is_refused_before_any_image(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert discover(tmp_path, mask_pattern="../masks/{label}/{stem}.png")[0].mask is None
+
+
+def test_a_csv_group_without_splits_beside_a_group_with_them_is_drawn_not_refused(tmp_path, write_image):
+    """Blank splits are refused only within a group: group B left blank (to have its split drawn) beside group A
+    with its own worked with --group A and --group B before, and without --group B's rows are drawn too."""
+    from uninet_feat.runs import load_samples
+    for name in "abcdefg":
+        write_image(f"{name}.png")
+    p = tmp_path / "g.csv"
+    p.write_text("path,split,label,group\na.png,train,good,A\nb.png,train,good,A\nc.png,test,hole,A\n"
+                 "d.png,,good,B\ne.png,,good,B\nf.png,,good,B\ng.png,,hole,B\n")
+    a = load_samples(_cfg(tmp_path, split_csv=str(p), group="A"))
+    assert [(x.path.name, x.split) for x in a] == [("a.png", "train"), ("b.png", "train"), ("c.png", "test")]
+    b = load_samples(_cfg(tmp_path, split_csv=str(p), group="B"))
+    both = load_samples(_cfg(tmp_path, split_csv=str(p)))
+    assert all(x.split for x in both) and [x.split for x in both if x.group == "B"] == [x.split for x in b]
+    assert next(x for x in b if x.label == "hole").split == "test"
+    p.write_text("path,split,label,group\na.png,train,good,A\nb.png,,good,A\n")
+    with pytest.raises(BadInputError, match=r"1 row\(s\) of group A have no split \(lines 3\)"):
+        discover(tmp_path, p)
+
+
+def test_masks_deduplicated_into_symlinks_to_one_file_are_each_images_own(tmp_path, write_image):
+    """rdfind / jdupes turn identical all-black masks into links to one file: each image still has its own mask
+    path, which is what the one-mask-per-image check compares."""
+    write_image("train/good/a.png")
+    _mask(tmp_path / "empty.png")
+    for name in ("0", "1"):
+        write_image(f"test/crack/{name}.png")
+        (tmp_path / "ground_truth/crack").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"ground_truth/crack/{name}_mask.png").symlink_to(tmp_path / "empty.png")
+    s = [x for x in discover(tmp_path) if x.label == "crack"]
+    assert [x.mask.name for x in s] == ["0_mask.png", "1_mask.png"]
+
+
+def test_a_group_without_its_own_validation_normals_draws_them_and_old_runs_keep_drawing(tmp_path, write_image):
+    for cat in ("catA", "catB"):
+        for i in range(10):
+            write_image(f"{cat}/train/good/{i}.png")
+        write_image(f"{cat}/test/crack/c.png")
+    for i in range(3):
+        write_image(f"catA/validation/good/v{i}.png")
+    samples = discover(tmp_path)
+    fit, val = train_val_samples(samples, _cfg(tmp_path))
+    assert sorted(x.path.name for x in val if x.group == "catA") == ["v0.png", "v1.png", "v2.png"]
+    assert len([x for x in val if x.group == "catB"]) == 1          # its drawn 10 % of its 10 training normals
+    assert len(fit) == 20 - 1 and not {id(x) for x in fit} & {id(x) for x in val}
+    old = {**_cfg(tmp_path), "val_split": None}   # a run's config from before the key: its drawn split
+    fit_old, val_old = train_val_samples(samples, old)
+    assert all(x.split == "train" for x in val_old) and len(val_old) == 2 and len(fit_old) == 18
+    write_image("catB/validation/crack/vc.png")   # a validation split of defects only: warned, drawn instead
+    from uninet_feat.runs import load_samples
+    cfg_b = _cfg(tmp_path, group="catB")
+    with pytest.warns(UserWarning, match="with none the validation normals are drawn"):
+        _, val_b = train_val_samples(load_samples(cfg_b), cfg_b)
+    assert len(val_b) == 1 and val_b[0].split == "train"

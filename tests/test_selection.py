@@ -12,7 +12,7 @@ from uninet_feat.config import load_config
 from uninet_feat.data.dataset import ImageDataset
 from uninet_feat.data.layouts import discover
 from uninet_feat.errors import BadInputError
-from uninet_feat.data.surface import texture_patch
+from uninet_feat.data.surface import SURFACE_DEFECTS, texture_patch
 from uninet_feat.data.synthetic import DEFECTS
 from uninet_feat.selection import MIN_CHANGED, VISIBLE, SyntheticValidation, parse_kinds, synthetic_defect
 from uninet_feat.train import train
@@ -38,16 +38,19 @@ def _val_set(texture, copies=2, seed=0):
     return SyntheticValidation(ImageDataset(goods, image_size=64), copies=copies, seed=seed)
 
 
-def test_synthetic_defect_mask_is_exactly_the_visible_change():
+@pytest.mark.parametrize("kind", DEFECTS + SURFACE_DEFECTS)
+def test_synthetic_defect_mask_is_exactly_the_visible_change(kind):
+    """Every kind, `texture_patch` too: its soft-edged blend changed pixels outside its mask by up to 21 grey
+    levels, labelled normal in the label-free choices (the fabric kinds restore them themselves)."""
     rng = np.random.default_rng(3)
     y, x = np.mgrid[:96, :96]
     img = np.repeat((128 + 60 * np.sin(x / 1.5) * np.sin(y / 1.5)).astype(np.uint8)[..., None], 3, -1)
     for _ in range(10):
-        out, mask = synthetic_defect(img, rng)
+        out, mask = synthetic_defect(img, rng, kinds=(kind,))
         diff = np.abs(out.astype(int) - img.astype(int)).max(-1)
         assert mask.sum() >= MIN_CHANGED
         assert (diff[mask] >= VISIBLE).all()          # nothing invisible is called a defect
-        assert (diff[~mask] < VISIBLE).all()          # and nothing visible outside the mask
+        assert (diff[~mask] == 0).all()               # and nothing outside the mask changes
 
 
 def test_flat_image_refused_with_a_clear_error():

@@ -70,15 +70,16 @@ def absolute_data_paths(cfg: dict) -> dict:
 
 
 def assign_splits(samples, root=None):
-    """Layouts without a split get a stable one: ~20% of normals (by path hash) and all defects are test.
+    """Samples without a split (a layout without one) get a stable one: ~20% of normals (by path hash) and all
+    defects are test.
 
     A hash, not a random draw, so the split never changes between runs or machines. With ``root`` the
     hash is of the path below it (posix), so ``lf``, ``/abs/lf`` or a moved copy give the same split;
     without it, of the path as written (``split_hash: path``, runs trained before ``relative`` existed).
     """
-    if any(s.split for s in samples):
-        return samples
     for s in samples:
+        if s.split:   # given (a CSV group with splits beside a group without: only the latter's are drawn)
+            continue
         key = _split_key(s.path, root) if root is not None else str(s.path)
         h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 5
         s.split = "test" if (not s.is_normal or h == 0) else "train"
@@ -102,25 +103,12 @@ def train_val_samples(samples, cfg: dict):
     The validation split calibrates the score threshold and, with ``select: synthetic``, chooses the
     epoch (against synthetic defects made from it, `selection`); nothing is chosen on test labels.
     """
-    from .data.layouts import split_train_val
     train = [s for s in samples if s.split == "train"]
     normals = [s for s in train if s.is_normal]
     if not normals:
         raise BadInputError("no normal training images", path=cfg.get("split_csv") or cfg.get("data"),
                             fix="UniNet learns from normal images: add a `good` folder or `train,good` CSV rows")
-    given = [s for s in samples if s.split == "val"]   # the data's own validation split (validation/, `val` rows)
-    if given and cfg["val_fraction"]:
-        fit, val = normals, [s for s in given if s.is_normal]
-        if len(val) < len(given):
-            warnings.warn(f"{len(given) - len(val)} defective validation image(s) are not used: validation holds "
-                          "normals only (fix: move them to the test split to have them scored)")
-        if not val:
-            raise BadInputError("the data's validation split holds no normal image", path=cfg.get("split_csv")
-                                or cfg.get("data"), fix="put normal images in it, or move its images to train/test")
-    else:
-        if given:
-            warnings.warn(f"val_fraction is 0, so the data's {len(given)} validation image(s) are not used")
-        fit, val = split_train_val(normals, cfg["val_fraction"], cfg["seed"]) if cfg["val_fraction"] else (normals, [])
+    fit, val = _validation_split(samples, normals, cfg)
     defects = [s for s in train if not s.is_normal]
     if defects and cfg.get("supervised"):
         fit = fit + defects
@@ -130,6 +118,35 @@ def train_val_samples(samples, cfg: dict):
     elif defects:
         warnings.warn(f"{len(defects)} defective training images ignored (unsupervised run; pass --supervised to use them)")
     return fit, val
+
+
+VAL_SPLITS = ("data", "drawn")
+
+
+def _validation_split(samples, normals: list, cfg: dict):
+    """(fit, val) of the training ``normals``. ``val_split: data`` (new runs): a group with normals in the data's
+    own validation split (``validation/``, ``val`` rows) takes those, and trains on all its training normals;
+    every other group draws a seeded ``val_fraction`` of its training normals, as ``drawn`` does for all (what a
+    run's config without the key meant: runs trained before session 34 keep their split)."""
+    from .data.layouts import split_train_val
+    how = cfg.get("val_split") or "drawn"
+    if how not in VAL_SPLITS:
+        raise BadInputError(f"val_split {how!r} is not one of {list(VAL_SPLITS)}", path=cfg.get("data"),
+                            fix="use val_split: data (the data's own validation split where it has one) or drawn")
+    given = [s for s in samples if s.split == "val"] if how == "data" else []
+    if given and not cfg["val_fraction"]:
+        warnings.warn(f"val_fraction is 0, so the data's {len(given)} validation image(s) are not used")
+        return normals, []
+    own = [s for s in given if s.is_normal]
+    if len(own) < len(given):
+        warnings.warn(f"{len(given) - len(own)} defective validation image(s) are not used: validation holds normals "
+                      "only" + ("" if own else ", and with none the validation normals are drawn from the training "
+                                                "normals") + " (fix: move them to the test split to have them scored)")
+    covered = {s.group for s in own}
+    rest = [s for s in normals if s.group not in covered]
+    drawn = split_train_val(rest, cfg["val_fraction"], cfg["seed"])[1] if cfg["val_fraction"] and rest else []
+    out = {id(s) for s in drawn}
+    return [s for s in normals if id(s) not in out], own + drawn
 
 
 def make_dataset(samples, cfg: dict, backbone) -> ImageDataset:

@@ -129,12 +129,19 @@ def _without_predict_outputs(samples, data, out=None) -> list:
                                                       and (d.parent / "summary.json").is_file())
         return is_output[d.parent]
 
-    kept, left = [], set()
+    kept, left, found = [], set(), {}   # found: each image folder's output part (or None), looked up once
+
+    def part_of(folder: str):
+        if folder not in found:
+            d = Path(os.path.realpath(folder))
+            while not output_part(d) and root in d.parents:   # up to --data, not above it
+                d = d.parent
+            found[folder] = d if output_part(d) else None
+        return found[folder]
+
     for s in samples:
-        d = Path(os.path.realpath(Path(s.path).parent))
-        while not output_part(d) and root in d.parents:   # up to --data, not above it
-            d = d.parent
-        if output_part(d):
+        d = part_of(str(Path(s.path).parent))
+        if d is not None:
             left.add(str(d))
         else:
             kept.append(s)

@@ -111,14 +111,14 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
 
 
 def _check_one_image_per_mask(samples, where) -> None:
-    """Refuse one mask found for two images: ``test/crack/day1/0001.png`` and ``day2/0001.png`` beside a flat
+    """Refuse one mask path found for two images: ``test/crack/day1/0001.png`` and ``day2/0001.png`` beside a flat
     ``ground_truth/crack/0001_mask.png`` would both take it, and one of them would be scored against the other's
     defect with no word (same-sized masks pass every other check)."""
     first: dict[str, Path] = {}
     for s in sorted(samples, key=lambda s: str(s.path)):
         if s.mask is None:
             continue
-        real = os.path.realpath(s.mask)
+        real = os.path.abspath(s.mask)   # lexical: masks deduplicated into symlinks to one file are each image's own
         if real in first:
             raise BadInputError(f"{s.mask} was found as the mask of both {first[real]} and {s.path}", path=where,
                                 fix="give each image its own mask: mirror the images' subfolders in ground_truth/ "
@@ -376,7 +376,11 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
         return out
 
     def has_splits(d: Path) -> bool:   # Train/ and TEST/ too (data copied from Windows): one() reads them so
-        return any(x.name.lower() in ("train", "test") for x in _subdirs(d))
+        try:   # names first: a stat only for a folder so named, not for each image of a flat good/
+            names = [n for n in os.listdir(d) if n.lower() in ("train", "test")]
+        except OSError:
+            return False
+        return any((d / n).is_dir() for n in names)
 
     if has_splits(root):
         return one(root, "")
@@ -467,7 +471,7 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
                                 f"column{'s' if len(lacks) > 1 else ''}", path=csv_path,
                                 fix="first line must be e.g. path,split,label[,mask][,group]")
         group_col = next((c for c in ("group", "fabric", "category") if c in cols), None)
-        out, seen, missing, blank_split, n_rows = [], {}, [], [], 0
+        out, seen, missing, blank_split, n_rows = [], {}, [], {}, {}
         for row in reader:
             line = reader.line_num
             if None in row:   # DictReader's key for fields beyond the header's
@@ -477,9 +481,10 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             if not row.get("path"):
                 continue
-            n_rows += 1
+            g = row.get(group_col, "") if group_col else ""
+            n_rows[g] = n_rows.get(g, 0) + 1
             if "split" in cols and not row.get("split"):
-                blank_split.append(line)
+                blank_split.setdefault(g, []).append(line)
             split = SPLITS.get(row.get("split", "").lower())
             if split is None:
                 raise BadInputError(f"line {line}: unknown split {row['split']!r}", path=csv_path,
@@ -506,12 +511,13 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
             else:
                 mask = _find_mask(p, row["label"], group, None, pattern)
             out.append(Sample(p, split, row["label"], mask, group))
-    if blank_split and len(blank_split) < n_rows:   # all blank: assign_splits draws a split
-        lines = ", ".join(map(str, blank_split[:5])) + (" ..." if len(blank_split) > 5 else "")
-        raise BadInputError(f"{len(blank_split)} row(s) have no split (lines {lines}) while others have one: they "
-                            "would be neither trained on nor tested", path=csv_path,
-                            fix="give every row a split (train, test or val), or leave the column empty in every row "
-                                "for a drawn split")
+    for g, blank in blank_split.items():   # a group all blank gets a drawn split (`runs.assign_splits`)
+        if len(blank) < n_rows[g]:
+            lines = ", ".join(map(str, blank[:5])) + (" ..." if len(blank) > 5 else "")
+            raise BadInputError(f"{len(blank)} row(s) {f'of group {g} ' if g else ''}have no split (lines {lines}) "
+                                "while others have one: they would be neither trained on nor tested", path=csv_path,
+                                fix="give every row a split (train, test or val), or leave the column empty in every "
+                                    "row (of a group) for a drawn split")
     if missing:
         first = "; ".join(f"line {ln}: {rel}" for ln, rel in missing[:5])
         raise BadInputError(f"{len(missing)} file(s) listed in the CSV not found under {root} ({first}"
