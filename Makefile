@@ -6,8 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIN    := torch==2.13.0 torchvision==0.28.0
 export OMP_NUM_THREADS ?= 2
-TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
-RUNENV := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),)
+# looked for when a recipe runs (`=`, not `:=`), so the first run after `setup` installs it has it too
+TCMALLOC = $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
+RUNENV = $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),)
 
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
