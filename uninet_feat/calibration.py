@@ -686,7 +686,15 @@ def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None
     z = np.array([(x - level[k][0]) / level[k][1] for x, k in zip(s[own], g[own])])
     q = float(np.quantile(z, 0.99)) if max_fpr is None else threshold_at_fpr(z, max_fpr)
     pooled = float(np.quantile(s, 0.99)) if max_fpr is None else threshold_at_fpr(s, max_fpr)
-    return {str(k): level[k][0] + level[k][1] * q if k in level else pooled for k in names}
+
+    def own_threshold(k) -> float:
+        """median + std · q, raised to the highest of the group's own normals at or under q in z: back from z to a
+        score the product can round one ulp under the normal that set q, which `score > t` then flagged (one
+        normal over the --max-fpr bound, about one threshold in 6,000)."""
+        sk = s[g == k]
+        under = sk[(sk - level[k][0]) / level[k][1] <= q]
+        return max(level[k][0] + level[k][1] * q, float(under.max(initial=-np.inf)))
+    return {str(k): own_threshold(k) if k in level else pooled for k in names}
 
 
 def pick_group(threshold, rule: str, by_group: dict | None, group: str | None, each_rule: str):
