@@ -803,3 +803,125 @@ def test_a_damaged_or_missing_shard_of_a_finished_store_is_named_not_a_traceback
         assert named in str(e.value) and fix in str(e.value) and str(f) in str(e.value)
     if damage == "deleted":
         assert "the shards hold 6 'patches' rows for 9 items" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def position_run(tmp_path_factory):
+    """A tiled run (64 x 192 strips, three tiles) whose tiles are scored less their place's offset (tile_norm:
+    position), and its test samples."""
+    root = tmp_path_factory.mktemp("pos")
+    data = write_texture_set(root / "wide", n_train=6, n_good=2, n_bad=2, wide=True)
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "tile": 64, "tile_norm": "position", "epochs": 1,
+                                                       "batch_size": 4, "val_fraction": 0.3, "channels_last": False,
+                                                       "seed": 5})
+    train(cfg, root / "run", quiet=True)
+    return root / "run", [s for s in load_samples(cfg) if s.split == "test"]
+
+
+def _copy_run(run, to, shift=None):
+    """A copy of ``run``; ``shift``: {group: added to every position offset}, as another calibration would give."""
+    import shutil
+    shutil.copytree(run, to)
+    if shift is not None:
+        _shift_offsets(to, shift)
+    return to
+
+
+def _shift_offsets(run, shift):
+    cal = json.loads((run / "calibration.json").read_text())
+    (table,) = cal["tile_offsets"]["offsets"].values()
+    cal["tile_offsets"]["offsets"] = {g: {k: v + d for k, v in table.items()} for g, d in shift.items()}
+    (run / "calibration.json").write_text(json.dumps(cal))
+
+
+def _mtimes(f):
+    return {p.name: p.stat().st_mtime_ns for p in f.glob("shard-*.npz")}
+
+
+def test_an_extract_after_the_runs_calibration_changed_is_refused_not_mixed(position_run, tmp_path, monkeypatch):
+    """The store's fingerprint left out calibration.json (tile offsets, pixel-map levels / units): a `calibrate`
+    between a kill and the resume, or before a re-run into a finished store, mixed scores of two calibrations.
+    Refused as another model is (the fix: a new --out); an unchanged re-run (`make demo` again) does nothing and
+    says nothing, and the calibration put back resumes the store to a fresh one's values."""
+    import warnings
+    run, samples = position_run
+    c = _copy_run(run, tmp_path / "run")
+    original = (c / "calibration.json").read_bytes()
+    f, real = tmp_path / "f", featstore.write_shard
+
+    def killed_after_one(folder, i, arrays):
+        if any(folder.glob("shard-*.npz")):
+            raise KeyboardInterrupt("killed")
+        real(folder, i, arrays)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        Extractor(run=c).extract_to(samples, f, shard_size=3)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", real)
+    before = _mtimes(f)
+    assert len(before) == 1
+    _shift_offsets(c, {"": 0.25})   # as `uninet-feat calibrate --run RUN` between the kill and the resume
+    with pytest.raises(BadInputError, match="another calibration of the run") as e:
+        Extractor(run=c).extract_to(samples, f, shard_size=3)
+    assert "new --out" in str(e.value) and _mtimes(f) == before
+    new = Extractor(run=c).extract_to(samples, tmp_path / "new", shard_size=3)   # the fix: a new --out
+    (c / "calibration.json").write_bytes(original)   # the calibration the store was started with: resumed
+    seen = []
+    old = Extractor(run=c).extract_to(samples, f, shard_size=3, on_shard=seen.append)
+    assert 0 not in seen and _mtimes(f)["shard-00000.npz"] == before["shard-00000.npz"]
+    np.testing.assert_array_equal(old.scores, Extractor(run=c).extract_to(samples, tmp_path / "fresh",
+                                                                           shard_size=3).scores)
+    np.testing.assert_allclose(new.scores, old.scores - 0.25, atol=1e-5)   # what a resume would have mixed
+    with warnings.catch_warnings():   # nothing changed: nothing redone, nothing said
+        warnings.simplefilter("error")
+        seen.clear()
+        assert Extractor(run=c).extract_to(samples, f, shard_size=3, on_shard=seen.append) is not None
+        assert seen == []
+    _shift_offsets(c, {"": 0.25})   # a finished store re-run after a calibration: refused too
+    with pytest.raises(BadInputError, match="another calibration of the run"):
+        Extractor(run=c).extract_to(samples, f, shard_size=3)
+
+
+def test_a_store_fingerprinted_before_the_calibration_was_still_reruns(position_run, tmp_path):
+    """A store written before the calibration was fingerprinted (no ``calibration_sha256``) re-runs and resumes
+    as before; its manifest then takes this version's fingerprint, so a later calibration is noticed."""
+    from uninet_feat.extract import _fingerprint
+    run, samples = position_run
+    c, f = _copy_run(run, tmp_path / "run"), tmp_path / "f"
+    Extractor(run=c).extract_to(samples, f, shard_size=3)
+    m = json.loads((f / "manifest.json").read_text())
+    m.pop("calibration_sha256", None)   # as the code before wrote it
+    m["fingerprint"] = _fingerprint({k: v for k, v in m["source"].items() if k != "run"}, m["settings"],
+                                    [i["path"] for i in m["items"]])
+    (f / "manifest.json").write_text(json.dumps(m))
+    last = sorted(f.glob("shard-*.npz"))[-1]
+    last.unlink()
+    assert Extractor(run=c).extract_to(samples, f, shard_size=3) is not None and last.exists()
+    now = json.loads((f / "manifest.json").read_text())
+    assert now["fingerprint"] != m["fingerprint"] and now["calibration_sha256"]
+    _shift_offsets(c, {"": 0.25})
+    with pytest.raises(BadInputError, match="another calibration of the run"):
+        Extractor(run=c).extract_to(samples, f, shard_size=3)
+
+
+def test_a_regrouped_image_of_a_position_scored_run_has_its_shard_redone(position_run, tmp_path):
+    """Under tile_norm: position a tile's score is less its group's offset, so a store re-run with an image moved
+    to another group (a changed CSV) kept a stale score under "its features are unchanged". Its shard is redone,
+    named in a warning; the others are kept, and the store equals a fresh one."""
+    from dataclasses import replace
+    run, samples = position_run
+    c = _copy_run(run, tmp_path / "run", shift={"A": 0.0, "B": 0.5})   # a run of two groups' offsets
+    a = [replace(s, group="A") for s in samples]
+    f = tmp_path / "f"
+    first = Extractor(run=c).extract_to(a, f, shard_size=3).scores   # three tiles an image: one image a shard
+    before = _mtimes(f)
+    moved = [replace(s, group="B") if i == 1 else s for i, s in enumerate(a)]
+    seen = []
+    with pytest.warns(UserWarning, match=r"1 image\(s\) have another group .*shard-00001\.npz extracted again"):
+        store = Extractor(run=c).extract_to(moved, f, shard_size=3, on_shard=seen.append)
+    assert seen == [1] and {k: v for k, v in _mtimes(f).items() if k != "shard-00001.npz"} == \
+        {k: v for k, v in before.items() if k != "shard-00001.npz"}
+    assert [i["group"] for i in store.items][3:6] == ["B"] * 3
+    fresh = Extractor(run=c).extract_to(moved, tmp_path / "fresh", shard_size=3)
+    np.testing.assert_array_equal(store.scores, fresh.scores)
+    np.testing.assert_allclose(store.scores[3:6], first[3:6] - 0.5, atol=1e-5)

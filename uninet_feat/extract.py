@@ -239,14 +239,22 @@ class Extractor:
                     "shard_size": shard_size}
         # what the store holds, however its paths were spelled: the model by its sha256, items by absolute path
         what = {k: v for k, v in self.source.items() if k != "run"}
-        fp = _fingerprint(what, settings, [os.path.abspath(i["path"]) for i in items])
+        paths = [os.path.abspath(i["path"]) for i in items]
+        fp = older = _fingerprint(what, settings, paths)   # older: stores written before the calibration was in it
+        extra = {}
+        if self.model is not None:   # its offsets and pixel-map choice make the scores and map features: a
+            cal = self.run_dir / "calibration.json"   # `calibrate` between a kill and the resume must not mix two
+            extra["calibration_sha256"] = file_sha256(cal) if cal.exists() else None
+            fp = _fingerprint({**what, **extra}, settings, paths)
         typed = _fingerprint({**self.source, "run": str(self._run_typed)} if self.model is not None else self.source,
                              settings, typed_paths)   # stores written before session 23
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
-                    "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
+                    **extra, "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
                     "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds),
                     "files": file_stats(i["path"] for i in items)}   # a resume redoes shards of images changed since
-        done = start_store(folder, manifest, legacy=typed)
+        # tiles scored less their group's position offsets (as `_run` does): a regrouped item's score is stale
+        by_group = bool(self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets"))
+        done = start_store(folder, manifest, legacy=(older, typed), by_group=by_group)
         mine = [k for k in range(n_shards) if k % shard[1] == shard[0] and k not in done]
         with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       disable=quiet) as prog:

@@ -2,7 +2,8 @@
 
 Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 1 had no defect descriptors,
 `descriptors.py`, in a run's vectors — its stores still load, their vector names are in their manifest):
-    manifest.json       schema, source (run path, model sha256, backbone), vector names, shard size,
+    manifest.json       schema, source (run path, model sha256, backbone), with a run its calibration.json's
+                        ``calibration_sha256``, vector names, shard size,
                         and one record per item (absolute path, label, group, split, is_normal,
                         tile [y, x, h, w]); an item's shard is its position // shard size
     shard-00000.npz     arrays for items [0, shard_size): ``vectors`` (n, D) float32, ``scores`` (n,)
@@ -10,9 +11,11 @@ Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 
     complete            written last
 Each shard is written atomically; a killed run re-started with the same arguments skips shards that
 exist and redoes only the missing ones. The manifest records a fingerprint of the source model and
-settings, and a resume with a different one is refused rather than silently mixing features. It also records
+settings (with ``--run``, of its calibration.json too: its offsets and pixel-map choice make the scores and map
+features), and a resume with a different one is refused rather than silently mixing features. It also records
 each image file's size and modification time (``files``), so a shard holding an image replaced since is
-extracted again rather than kept with the old image's features (as predict's resumable parts).
+extracted again rather than kept with the old image's features (as predict's resumable parts); so is a shard
+holding an image whose group changed when the run scores tiles by position (per-group offsets).
 """
 from __future__ import annotations
 
@@ -106,10 +109,23 @@ def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
     return stale
 
 
-def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[int]:
-    """Create or re-open a store; returns the shard ids already finished. ``legacy``: the fingerprint an older
-    version gave the same extraction, also accepted. A finished shard that holds an image changed since (the
-    manifest's ``files``) is removed to be redone: the fingerprint names the images by path alone."""
+def _recalibrated(old: dict, manifest: dict) -> bool:
+    """Whether the calibration alone tells two manifests apart (same model, settings and images), so that the
+    refusal names it rather than "another model": a `calibrate` between two extracts is the likely cause."""
+    if "calibration_sha256" not in old or old["calibration_sha256"] == manifest.get("calibration_sha256"):
+        return False
+    def what(m):   # the run's folder aside: the fingerprint names the model by its sha256, not where it is
+        return ({k: v for k, v in (m.get("source") or {}).items() if k != "run"}, m.get("settings"),
+                [i["path"] for i in m.get("items", [])])
+    return what(old) == what(manifest)
+
+
+def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False) -> set[int]:
+    """Create or re-open a store; returns the shard ids already finished. ``legacy``: the fingerprints older
+    versions gave the same extraction, also accepted (a store is not refused for a change of the fingerprint's
+    recipe). A finished shard that holds an image changed since (the manifest's ``files``) is removed to be redone:
+    the fingerprint names the images by path alone; with ``by_group`` (the scores take the item's group's position
+    offsets) so is one holding an item whose group changed."""
     folder.mkdir(parents=True, exist_ok=True)
     mpath = folder / "manifest.json"
     started = any(folder.glob("shard-*.npz"))   # a store that failed before its first shard is started over
@@ -117,24 +133,40 @@ def start_store(folder: Path, manifest: dict, legacy: str | None = None) -> set[
         old = read_json(mpath, "delete the feature folder and extract again (or choose a new --out)")
         # the fingerprint names the model, settings and images, not the columns: a store of an older schema (or
         # other columns) of the same extraction must not be resumed, its shards are narrower than this manifest
-        same = old.get("fingerprint") in (manifest["fingerprint"], legacy)
+        same = old.get("fingerprint") in (manifest["fingerprint"], *legacy)
         other_columns = old.get("vector_names", manifest.get("vector_names")) != manifest.get("vector_names")
         if not same or other_columns:
             was, now = old.get("schema_version", 1), manifest.get("schema_version")
             if now is not None and was < now:
                 what = f"features of an older version (feature schema {was}, now {now})"
+            elif same:
+                what = "features with other columns"
+            elif _recalibrated(old, manifest):
+                what = ("features made with another calibration of the run (its calibration.json changed since, "
+                        "e.g. by `uninet-feat calibrate`: other scores and map features)")
             else:
-                what = "features with other columns" if same else "features of another model, settings or image list"
+                what = "features of another model, settings or image list"
             raise BadInputError(f"feature folder holds {what}", path=folder,
                                 fix="choose a new --out, or delete the folder to start over")
         # the same images' features, but their labels / splits / groups are the caller's now: a relabelled or
         # re-split CSV must reach train-head and index (a stale split would put test images in a kNN bank)
         meta = ("label", "split", "group", "is_normal")
-        changed = sum(any(a.get(k) != b.get(k) for k in meta) for a, b in zip(old.get("items", []), manifest["items"]))
-        if changed:
-            warnings.warn(f"{folder}: {changed} image(s) have another label, split or group than when their features "
-                          "were extracted; the store now records the new ones (its features are unchanged)")
-        stale = _stale_shards(folder, old, manifest)
+        pairs = list(zip(old.get("items", []), manifest["items"]))
+        regrouped = {j for j, (a, b) in enumerate(pairs) if a.get("group") != b.get("group")} if by_group else set()
+        kept = {b["path"] for j, (a, b) in enumerate(pairs)
+                if j not in regrouped and any(a.get(k) != b.get(k) for k in meta)}
+        if kept:
+            warnings.warn(f"{folder}: {len(kept)} image(s) have another label, split or group than when their "
+                          "features were extracted; the store now records the new ones (its features are unchanged)")
+        size = manifest["settings"]["shard_size"]
+        moved = {j // size for j in regrouped if (folder / shard_name(j // size)).exists()}
+        if moved:
+            names = sorted({manifest["items"][j]["path"] for j in regrouped if j // size in moved})
+            warnings.warn(f"{folder}: {len(names)} image(s) have another group than when their features were "
+                          f"extracted, and the run scores tiles less their group's position offsets: "
+                          f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}; "
+                          f"{', '.join(shard_name(i) for i in sorted(moved))} extracted again")
+        stale = _stale_shards(folder, old, manifest) | moved
         for i in stale:   # before the manifest takes the new stats: a kill in between still redoes them (another
             (folder / shard_name(i)).unlink(missing_ok=True)   # `--shard i/n` process may have removed it first)
         if stale:
