@@ -450,3 +450,102 @@ def test_position_offsets_are_taken_from_normals_only_in_a_supervised_run(tmp_pa
                         lambda model, samples, cfg, neighbours=False: seen.extend(samples) or {"offsets": {}})
     _position_offsets(types.SimpleNamespace(cfg={}), cfg, "position")
     assert sorted(s.path for s in seen) == sorted(s.path for s in fit + val if s.is_normal)
+
+
+class _PixelModel(torch.nn.Module):
+    """A stand-in for a trained model: a tile's WDM score is its top-left pixel (0-255, exact), so the offsets
+    and scores below are known numbers, and ``context`` a vector the neighbours' offset can be fitted on."""
+    source = type("Src", (), {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = {}
+
+    def predict(self, x, context=False):
+        s = torch.round((x[:, 0, 0, 0] * 0.5 + 0.5) * 255)
+        pix = torch.zeros(len(x), x.shape[-2], x.shape[-1])
+        return (pix, s, torch.stack([s, torch.ones_like(s)], 1)) if context else (pix, s)
+
+
+def _strips(root, widths_values, group=""):
+    """One 64 px high RGB strip per [(width, [value of each 64 px column tile])], as training normals."""
+    from uninet_feat.data.layouts import Sample
+    out = []
+    for n, (w, vals) in enumerate(widths_values):
+        a = np.zeros((64, w, 3), np.uint8)
+        for c, v in enumerate(vals):
+            a[:, 64 * c:64 * c + 64] = v
+        p = root / f"{group or 'g'}_{w}_{n:02d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(p)
+        out.append(Sample(p, split="train", group=group))
+    return out
+
+
+TILED = {"image_size": 64, "tile": 64, "tile_overlap": 0, "eval_batch_size": 4}
+
+
+def test_offsets_of_training_images_of_two_widths_are_kept_per_width(tmp_path):
+    """Strips 256 and 192 px wide, both bright at their right edge: the tile at x 128 is the 192-wide strips'
+    edge and an interior tile of the 256-wide ones. One median over both (136 here) was neither, so the narrow
+    strips' edge still scored 89 over normal; each width now has its own offsets, in every consumer."""
+    from types import SimpleNamespace
+    from uninet_feat.data.tiling import tile_grid
+    from uninet_feat.deploy import _tile_offsets
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.positions import corrected, tile_offsets
+    wide = [(256, [40 + 10 * i, 41 + 10 * i, 42 + 10 * i, 200 + 10 * i]) for i in range(3)]
+    narrow = [(192, [40 + 10 * i, 41 + 10 * i, 210 + 10 * i]) for i in range(3)]
+    train_ = _strips(tmp_path / "train", wide + narrow)
+    model = _PixelModel()
+    rec = tile_offsets(model, train_, TILED)
+    table = rec["offsets"][""]
+    assert table == {"256x64:0,0": 50, "256x64:0,64": 51, "256x64:0,128": 52, "256x64:0,192": 210,
+                     "192x64:0,0": 50, "192x64:0,64": 51, "192x64:0,128": 220}   # not one "0,128": 136
+    assert rec["image_sizes"] == {"": [[64, 192], [64, 256]]} and "WxH:y,x" in rec["rule"]
+    test = _strips(tmp_path / "test", [(256, [55, 55, 55, 215]), (192, [55, 55, 225])])
+    model.cfg.update(tile_offsets=rec["offsets"], tile_sizes=rec["image_sizes"])
+    got = score_samples(model, test, TILED, keep_maps=False)["scores"]   # evaluate / predict / ensemble
+    assert got == [5.0, 5.0]   # each strip less its own width's offsets: 215 - 210, 225 - 220
+    sample = test[1]
+    for (h, w), x, want in (((64, 192), 128, 220), ((64, 256), 128, 52), ((64, 256), 192, 210)):
+        assert corrected(0.0, [0, x, 64, 64], rec["offsets"], sample, sizes=rec["image_sizes"], hw=(h, w)) == -want
+    with pytest.raises(BadInputError, match="the image is 128x64 px"):   # a third width is still refused
+        corrected(0.0, [0, 0, 64, 64], rec["offsets"], sample, sizes=rec["image_sizes"], hw=(64, 128))
+    # export-model bakes the offsets of the size it is built for
+    m = SimpleNamespace(cfg=model.cfg)
+    assert _tile_offsets(m, tile_grid(64, 192, 64), None, tmp_path)[0] == [50, 51, 220]
+    assert _tile_offsets(m, tile_grid(64, 256, 64), None, tmp_path)[0] == [50, 51, 52, 210]
+    # tile_norm: neighbours keeps its training tiles under the same keys
+    nrec = tile_offsets(model, train_, TILED, neighbours=True)
+    assert nrec["offsets"] == rec["offsets"] and set(nrec["neighbours"].groups[""]["keys"].tolist()) == set(table)
+    ctx = np.array([225.0, 1.0])
+    assert corrected(225.0, [0, 128, 64, 64], nrec["offsets"], sample, ctx, nrec["neighbours"], nrec["image_sizes"],
+                     (64, 192)) == 5.0
+
+
+# tile_offsets' record of `test_a_run_of_one_size_per_group_keeps_its_offsets_record_byte_for_byte`, as written
+# by positions.py before offsets were kept per image size (the committed file, run on the same strips)
+ONE_SIZE_RECORD = (
+    '{"offsets": {"A": {"0,0": 50.5, "0,64": 82.5, "0,128": 204.5}, "B": {"0,0": 69.0, "0,64": 34.0, "0,128": 68.0, '
+    '"0,192": 161.0}}, "n_images": {"A": 4, "B": 3}, "position_r2": 0.9903154771292224, "rule": "tile score minus '
+    'the median WDM score of the run\'s training normals\' tiles at the same position (top-left corner); the image '
+    'score is the highest corrected tile score", "image_sizes": {"A": [[64, 192]], "B": [[64, 256]]}}')
+
+
+def test_a_run_of_one_size_per_group_keeps_its_offsets_record_byte_for_byte(tmp_path):
+    """Groups whose training images share one size (AITEX strips; here group A 192 px wide, B 256) keep plain
+    "y,x" keys and the very record written before, so existing runs' calibration.json score as they did."""
+    from uninet_feat.positions import corrected, tile_offsets
+    a = _strips(tmp_path, [(192, [40 + 7 * i, 90 - 5 * i, 200 + 3 * i]) for i in range(4)], group="A")
+    b = _strips(tmp_path, [(256, [60 + 9 * i, 33 + i, 70 - 2 * i, 150 + 11 * i]) for i in range(3)], group="B")
+    model = _PixelModel()
+    rec = tile_offsets(model, a + b, TILED)
+    assert json.dumps(rec) == ONE_SIZE_RECORD
+    nrec = tile_offsets(model, a + b, TILED, neighbours=True)
+    assert {g: set(t["keys"].tolist()) for g, t in nrec["neighbours"].groups.items()} == \
+        {g: set(t) for g, t in rec["offsets"].items()}
+    for s, w in ((a[0], 192), (b[0], 256)):
+        for x in range(0, w, 64):
+            assert corrected(1.0, [0, x, 64, 64], rec["offsets"], s, sizes=rec["image_sizes"], hw=(64, w)) == \
+                1.0 - rec["offsets"][s.group][f"0,{x}"]

@@ -5,8 +5,9 @@ normal strip — the selvage and lit edge of an AITEX strip. Measured on fabric_
 score 3.4-4.4 on every training strip, the middle tiles 1.9-2.5, so the left edge set every strip's score and a
 defect in the middle had to beat the edge. With ``tile_norm: position`` a tile's score becomes its WDM score
 minus the median score of the run's training normals' tiles at that position (``offsets``, per group — a
-multi-class run's fabrics differ in where their edges are — and per tile top-left corner "y,x"), so a strip is
-scored by the tile that is most unusual *for where it is*. Only training normals are used; the offsets are
+multi-class run's fabrics differ in where their edges are — and per tile top-left corner "y,x", or "WxH:y,x" in a
+group whose training images come in several sizes, `key`), so a strip is scored by the tile that is most unusual
+*for where it is*. Only training normals are used; the offsets are
 computed after training and kept in calibration.json. A run of one group applies its offsets to any image of
 its size (a new batch has no group); a run of several needs each image's group.
 
@@ -48,8 +49,13 @@ def parse_tile_norm(v, tile) -> str:
     return v
 
 
-def key(box) -> str:
-    return f"{int(box[0])},{int(box[1])}"
+def key(box, hw=None) -> str:
+    """A tile's place: "y,x" of its top-left corner; with its image's (h, w), "WxH:y,x". Why the size: the last
+    tile of a row ends at the image's border, so in a group of strips 4096 and 3840 px wide the tile at x 3584 is
+    an interior one of the first and the right-edge one of the second, and one median over both mixes in the very
+    edge the offsets remove. Such a group's offsets are kept per size; a group of one size keeps plain "y,x"."""
+    k = f"{int(box[0])},{int(box[1])}"
+    return k if hw is None else f"{int(hw[1])}x{int(hw[0])}:{k}"
 
 
 class Neighbours:
@@ -119,12 +125,18 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     per: dict[tuple[str, str], list[float]] = {}
     ctx_per: dict[tuple[str, str], list] = {}
     ds = make_dataset(samples, cfg, model.source)
+    sizes: dict[str, set] = {}
+    for i, g, _ in ds.tile_index:   # the offsets hold for tiles of images of these sizes only (`corrected` checks)
+        sizes.setdefault(samples[i].group, set()).add((g.h, g.w))
+    hw = {i: (g.h, g.w) for i, g, _ in ds.tile_index}
+    multi = {g for g, sz in sizes.items() if len(sz) > 1}   # groups keyed by size and place (`key`)
     for batch, x in eval_batches(ds, cfg, model_device(model)):
         _, s, *c = (t.cpu() for t in model.predict(x, context=neighbours))
         for j, (i, box, v) in enumerate(zip(batch["index"].tolist(), batch["tile"].tolist(), s.float().tolist())):
-            per.setdefault((samples[i].group, key(box)), []).append(v)
+            k = key(box, hw[i] if samples[i].group in multi else None)
+            per.setdefault((samples[i].group, k), []).append(v)
             if neighbours:
-                ctx_per.setdefault((samples[i].group, key(box)), []).append((v, c[0][j].numpy()))
+                ctx_per.setdefault((samples[i].group, k), []).append((v, c[0][j].numpy()))
     if not per:
         raise BadInputError("no normal tiles to take position offsets from", fix="use tile_norm: none")
     offsets: dict[str, dict[str, float]] = {}
@@ -137,14 +149,14 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     total = ((allv - allv.mean()) ** 2).sum()
     within = sum(((v - v.mean()) ** 2).sum() for v in vals)
     n = {g: sum(s.group == g for s in samples) for g in offsets}
-    sizes: dict[str, set] = {}
-    for i, g, _ in ds.tile_index:   # the offsets hold for tiles of images of these sizes only (`corrected` checks)
-        sizes.setdefault(samples[i].group, set()).add((g.h, g.w))
     rec = {"offsets": offsets, "n_images": n, "position_r2": float(1 - within / total) if total > 0 else 0.0,
            "rule": RULE, "image_sizes": {g: sorted(list(v) for v in sz) for g, sz in sizes.items()}}
     if neighbours:
         rec |= {"mode": "neighbours", "k": K_NEIGHBOURS, "rule": NEIGHBOURS_RULE,
                 "neighbours": Neighbours.fit(ctx_per)}
+    if multi:   # a one-size run's record stays as it was
+        rec["rule"] += (f"; per image size too (keys \"WxH:y,x\") in group(s) {sorted(multi)}, whose training "
+                        "images come in several sizes")
     return rec
 
 
@@ -155,7 +167,8 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
     ``sizes``: {group: [[h, w], ...]} of the training normals (``image_sizes`` of the offsets' record; None in
     records written before session 24) and ``hw`` the image's (h, w), as its dataset read it: an image of another
     size is refused, since a smaller one's mirror-padded tiles sit at the training tiles' places and would take
-    offsets measured on full tiles."""
+    offsets measured on full tiles; in a group of several training sizes ``hw`` also picks that size's offsets
+    (`key`)."""
     if not offsets:
         return score
     # a run of one group scores images without one (a new batch) with its offsets, not another group's images
@@ -181,6 +194,8 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
                                 fix="score images of the training images' size, or `uninet-feat calibrate --run RUN "
                                     "--tile-norm none`")
     k = key(box)
+    if hw is not None and key(box, hw) in table:   # a group of several training sizes: offsets per size (`key`)
+        k = key(box, hw)
     if k not in table:
         raise BadInputError(f"a tile at y,x = {k} has no position offset: the run's normals were tiled at "
                             f"{len(table)} other places", path=sample.path,
