@@ -157,7 +157,6 @@ def test_every_numeric_option_is_read_as_a_number_and_checked(tmp_path):
     """YAML 1.1 reads `1e-5` as a string: weight_decay, alpha and beta were left strings (a TypeError in AdamW, or a
     string beta saved into model.pt that crashed calibration); now read as numbers and checked like the others."""
     from uninet_feat.config import load_config
-    from uninet_feat.errors import BadInputError
     f = tmp_path / "c.yaml"
     f.write_text("weight_decay: 1e-5\nalpha: 1e-2\nbeta: 3e-5\ndenoise: 5e-1\nsynthetic_copies: 3\n")
     cfg = load_config(f)
@@ -168,10 +167,19 @@ def test_every_numeric_option_is_read_as_a_number_and_checked(tmp_path):
                        ("beta: abc", "beta must be a number >= 0 and <= 1, got 'abc'"),
                        ("synthetic_copies: 0", "synthetic_copies must be an integer >= 1, got 0"),
                        ("denoise: 1.5", "denoise must be a number >= 0 and <= 1, got 1.5")):
-        f.write_text(line + "\n")
-        with pytest.raises(BadInputError, match=re.escape(said)) as e:
-            load_config(f)
-        assert e.value.path == str(f) and e.value.fix.startswith("e.g. `"), line
+        e = _refused(f, line, said)
+        assert e.fix.startswith("e.g. `"), line
+
+
+def _refused(f, line: str, said: str):
+    """The BadInputError of a config file holding ``line`` alone: it says ``said`` and names the file."""
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    f.write_text(line + "\n")
+    with pytest.raises(BadInputError, match=re.escape(said)) as e:
+        load_config(f)
+    assert e.value.path == str(f), line
+    return e.value
 
 
 def test_model_choices_are_refused_with_their_own_fix(tmp_path):
@@ -188,10 +196,7 @@ def test_model_choices_are_refused_with_their_own_fix(tmp_path):
                        ("mem: repvgg", "mem must be one of official, multiscale, got 'repvgg'"),
                        ("pixel_map: blurred", "pixel_map must be one of smoothed, raw, got 'blurred'"),
                        ("bottleneck_stride: 4", "bottleneck_stride must be one of 1, 2, got 4")):
-        f.write_text(line + "\n")
-        with pytest.raises(BadInputError, match=re.escape(said)) as e:
-            load_config(f)
-        assert e.value.path == str(f) and "decoder_depths" not in e.value.fix, line
+        assert "decoder_depths" not in _refused(f, line, said).fix, line
     assert load_config(None, {"dfs": "learned", "bottleneck_stride": 1})["dfs"] == "learned"
     with pytest.raises(BadInputError, match="student_relu needs one entry per level") as e:
         make_model(load_config(None, base={"backbone": "tiny", "weights": "random", "student_relu": [True]}))
