@@ -296,3 +296,29 @@ def test_text_tower_comes_from_the_backbone_weights(tmp_path):
     torch.save(bb.state_dict(), tmp_path / "visual_only.pt")
     with pytest.raises(BadInputError, match="only an image tower"):
         TextScorer(create_backbone("clip:tiny", weights=str(tmp_path / "visual_only.pt")))
+
+
+def test_zero_shot_takes_any_multiple_of_the_patch_not_of_the_pyramids_stride():
+    """A patch-14 ViT takes multiples of 112 under UniNet (patch and the stride-16 level), but zero-shot builds no
+    pyramid: 56 (its native size here; 378 for ViT-H-14-378) was refused."""
+    from uninet_feat.vlm import TextScorer
+    from uninet_feat.workflows import zero_shot_step
+    p14 = create_backbone("clip:p14", model_cfg=P14)
+    assert p14.size_multiple == 112 and zero_shot_step(p14) == 14
+    assert zero_shot_step(create_backbone("clip:tiny")) == 16
+
+
+@pytest.mark.parametrize("text, said", [("normal: 5\n", "'normal' must be a sentence or a list of sentences"),
+                                        ("templates: 5\n", "'templates' must be a sentence"),
+                                        ("defect: {a: b}\n", "'defect' must be a sentence"),
+                                        ("templates: []\n", "the 'templates' list is empty"),
+                                        ("object: null\n", "'object' must be a non-empty word"),
+                                        ("object: [a, b]\n", "'object' must be a non-empty word")])
+def test_prompt_files_of_the_wrong_shape_are_named(tmp_path, text, said):
+    """A number was a TypeError traceback after the weights loaded, a mapping's keys were read as prompts, an
+    empty template list as the defaults, and `object: null` made 'a photo of a None.'."""
+    from uninet_feat.vlm import load_prompts
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(BadInputError, match=said) as e:
+        load_prompts(tmp_path / "p.yaml")
+    assert e.value.path == str(tmp_path / "p.yaml")

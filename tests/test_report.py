@@ -542,3 +542,12 @@ def test_report_thumbnail_of_a_file_with_an_exif_turn_is_turned_once(tmp_path, e
             old.thumbnail((360, 200), Image.Resampling.LANCZOS)
             assert got.shape == np.asarray(old).shape, (path.name, got.shape)
             assert np.abs(got - np.asarray(old, float)).mean() <= 1.5, path.name
+
+
+def test_chart_ticks_of_a_range_a_few_ulps_wide_end():
+    """`t += step` with a step under half an ulp of t never moved: the tick list grew until memory ran out."""
+    import math
+    from uninet_feat.charts import _nice_ticks
+    assert _nice_ticks(1.0, math.nextafter(1.0, 2.0)) == [1.0]
+    assert _nice_ticks(1e6, 1e6 + 2.4e-10) == [1e6]
+    assert _nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]

@@ -26,10 +26,14 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
     start = math.ceil(lo / step - 1e-9) * step
-    ticks, t = [], start
-    while t <= hi + step * 1e-6:
+    if start + step == start:   # a range of a few ulps: the step is lost in the sum, which looped for ever
+        return [lo]
+    ticks = []
+    for i in range(4 * n + 2):   # counted, not summed: bounded whatever the rounding
+        t = start + i * step
+        if t > hi + step * 1e-6:
+            break
         ticks.append(round(t, 12))
-        t += step
     return ticks
 
 

@@ -217,9 +217,11 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
         "onnx_sha256": done["sha"], "export_seconds": round(export_s, 1),
         "input": {"name": INPUT, "decode": DECODE,
                   "shape": ["N", 3, ex_h, ex_w] if grid is not None else ["N", 3, "H", "W"],
-                  "inside the graph": f"resized to {size[1]}x{size[0]} (bilinear, antialiased), normalised with "
-                                      f"the backbone's mean {list(model.source.mean)} / std {list(model.source.std)}"
-                                      + (", tiled" if grid is not None else "")},
+                  "inside the graph": (f"resized to {size[1]}x{size[0]} (bilinear, antialiased)" if grid is None else
+                                       f"cut into {grid.tile[1]}x{grid.tile[0]} tiles, each resized to "
+                                       f"{size[1]}x{size[0]} (bilinear, antialiased) only where the sizes differ")
+                                      + f", normalised with the backbone's mean {list(model.source.mean)} / std "
+                                        f"{list(model.source.std)}"},
         "outputs": {
             "map": ("(N, H, W) pixel map at the input's size: the tiles' maps less their place offsets, stitched"
                     if grid is not None else

@@ -110,7 +110,18 @@ def load_prompts(path) -> dict[str, list[str]]:
         raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p) from e
     if not isinstance(d, dict) or set(d) - {"object", "templates", "normal", "defect"}:
         raise BadInputError("a prompt file is a mapping with keys object, templates, normal, defect", path=p)
-    obj, templates = d.get("object", OBJECT), d.get("templates") or TEMPLATES
+    for k in ("templates", "normal", "defect"):   # a number or a mapping was a TypeError, or its keys read as prompts
+        v = d.get(k)
+        if v is not None and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            raise BadInputError(f"{k!r} must be a sentence or a list of sentences, got {v!r}", path=p,
+                                fix=f"e.g. {k}: ['...', '...']")
+    if "templates" in d and not d["templates"]:   # an empty list read as the defaults hid a mistake
+        raise BadInputError("the 'templates' list is empty", path=p, fix="give at least one, or remove the key")
+    obj = d.get("object", OBJECT)
+    if not isinstance(obj, str) or not obj.strip():
+        raise BadInputError(f"'object' must be a non-empty word or phrase, got {obj!r}", path=p,
+                            fix="e.g. object: woven fabric")
+    templates = d.get("templates") or TEMPLATES
     templates = (templates,) if isinstance(templates, str) else tuple(templates)   # one template as a string
     if any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
         raise BadInputError("every template needs exactly one '{}' placeholder", path=p,

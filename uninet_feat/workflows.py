@@ -112,6 +112,12 @@ def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_patte
 PREDICT_OUTPUT_FOLDERS = ("overlays", "maps", ".partial")   # what predict writes images (and parts) into
 
 
+def zero_shot_step(bb) -> int:
+    """What a zero-shot image side must be a multiple of: the ViT's patch alone. Zero-shot builds no feature pyramid,
+    whose coarsest stride `size_multiple` also counts (112 for patch 14, which refused ViT-H-14-378 at its 378 px)."""
+    return getattr(bb, "patch_size", None) or getattr(bb, "size_multiple", 1)
+
+
 def _without_predict_outputs(samples, data, out=None) -> list:
     """``samples`` less predict's outputs among them: the images in the overlays/, maps/ and .partial/ of a predict
     output folder under ``data`` (one holding predictions.csv and summary.json) and of ``out`` (predict's own
@@ -347,7 +353,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
                                 "open_clip checkpoint (both towers)")
     device = pick_device(device)
     bb = create_backbone(backbone, weights=weights).eval()
-    step = getattr(bb, "size_multiple", 1)
+    step = zero_shot_step(bb)
     if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
         raise BadInputError(f"image size {image_size} is not a multiple of {step}, the patch grid of {backbone}",
                             fix=f"--image-size {max(step, image_size // step * step)} or "
