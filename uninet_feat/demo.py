@@ -19,6 +19,27 @@ DEMO_CONFIG = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "imag
                "epochs": 8, "batch_size": 8, "val_fraction": 0.2}
 
 
+def _run_stamp(run: Path) -> dict:
+    """What the demo's features, index and head were made from: the run's model.pt and calibration.json."""
+    from .featstore import file_sha256
+    return {name: file_sha256(run / name) if (run / name).is_file() else None
+            for name in ("model.pt", "calibration.json")}
+
+
+def _clear_if_the_run_changed(out: Path, run: Path, trained: bool) -> None:
+    """Remove features/, knn/ and head_defect_type/ when the run they were made from changed (retrained after its
+    folder was deleted, or re-calibrated): the feature store refuses another model's or calibration's features,
+    which stopped a re-run of the demo at its extract step."""
+    import shutil
+    try:
+        was = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("features_of")
+    except (OSError, ValueError):
+        was = None
+    if trained or (was is not None and was != _run_stamp(run)):
+        for name in ("features", "knn", "head_defect_type"):
+            shutil.rmtree(out / name, ignore_errors=True)
+
+
 def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: str | None = None) -> dict:
     from . import workflows as wf
     from .data.synthetic import make_fabric_dataset
@@ -33,7 +54,8 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: 
     run = out / "run"
     cfg = load_config(None, {"data": str(data), "split_csv": manifest, "epochs": epochs, "device": device},
                       base=DEMO_CONFIG)
-    if not (run / "model.pt").exists():
+    trained = not (run / "model.pt").exists()
+    if trained:
         train(cfg, run, resume=(run / "checkpoint.pt").exists(), quiet=quiet)
     elif epochs is not None:   # a finished demo run is reused: say so when another length was asked for
         from .checkpoint import read_checkpoint
@@ -46,12 +68,14 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: 
                       report_path=out / "report.html")
     summary = {k: v for k, v in report.items() if not k.startswith("_")}
     feats = out / "features"
+    _clear_if_the_run_changed(out, run, trained)
     wf.extract_cmd(data, feats, run=str(run), split_csv=manifest, patches=True, quiet=quiet)
     summary["knn_index"] = wf.index_cmd(feats, out / "knn", kind="flat", coreset=0.1)
     head = wf.train_head_cmd(feats, out / "head_defect_type", task="multiclass", label_from="label",
                              defects_only=True, folds=3)
     summary["defect_type_head_cv"] = {k: head["oof"].get(k) for k in ("accuracy", "macro_f1")}
     summary["report"] = str(out / "report.html")
+    summary["features_of"] = _run_stamp(run)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     if not quiet:
         keys = ("image_auroc", "pixel_auroc", "aupro", "defect_type_head_cv", "report")
