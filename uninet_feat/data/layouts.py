@@ -345,12 +345,24 @@ def _warn_unmatched_masks(gt: Path, samples) -> None:
                          "them, convert them to PNG, or set mask_pattern in a --config file)")
 
 
+def _masks_folder(base: Path, seen: dict) -> Path:
+    """``base/ground_truth`` in any case (``Ground_Truth/`` copied from Windows), else the name as written."""
+    return _any_case(base / "ground_truth", dirs=True, seen=seen) or base / "ground_truth"
+
+
+def _subfolder(p: Path, label_dir: Path) -> str:
+    """The folder of image ``p`` below its label folder ('' when directly in it), where its mask is looked for
+    first in ``ground_truth/<label>/``."""
+    sub = os.path.relpath(p.parent, label_dir)
+    return "" if sub == "." else sub
+
+
 def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
     seen = {} if seen is None else seen   # the call's folder lookups (`_any_case`)
 
     def one(base: Path, group: str) -> list[Sample]:
         out = []
-        gt = _any_case(base / "ground_truth", dirs=True, seen=seen) or base / "ground_truth"   # Ground_Truth/ too
+        gt = _masks_folder(base, seen)
         for split_dir in _subdirs(base):
             split = SPLITS.get(split_dir.name.lower())
             if not split:
@@ -368,9 +380,8 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
                                                 f"{split_dir.name}/, as {base.name or base}/ground_truth/<label>/")
                     continue
                 for p in _images_under(label_dir):
-                    sub = os.path.relpath(p.parent, label_dir)
                     out.append(Sample(p, split, label_dir.name, _find_mask(p, label_dir.name, group, gt, pattern,
-                                                                           seen, "" if sub == "." else sub), group))
+                                                                           seen, _subfolder(p, label_dir)), group))
         if not pattern:
             _warn_unmatched_masks(gt, out)
         return out
@@ -418,18 +429,11 @@ def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
                     f"where {d.name} would be one defect label and its `{inner[0]}` images defects",
                     path=d, fix="use one layout: move the label folders into group folders, or give a --split-csv")
 
-    def masks_in(base: Path):   # ground_truth/ in any case (Ground_Truth/ copied from Windows)
-        return _any_case(base / "ground_truth", dirs=True, seen=seen) or base / "ground_truth"
-
-    def rel(p: Path, d: Path) -> str:
-        sub = os.path.relpath(p.parent, d)
-        return "" if sub == "." else sub
-
     labels = [d for d in firsts if is_label(d)]
     if labels:  # root/<label>/**
         one_layout(root, firsts, "")
-        gt = masks_in(root)
-        out = [Sample(p, "", d.name, _find_mask(p, d.name, "", gt, pattern, seen, rel(p, d)), "")
+        gt = _masks_folder(root, seen)
+        out = [Sample(p, "", d.name, _find_mask(p, d.name, "", gt, pattern, seen, _subfolder(p, d)), "")
                for d in firsts for p in _images_under(d)]
         if not pattern:
             _warn_unmatched_masks(gt, out)
@@ -438,10 +442,10 @@ def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
     for g in firsts:  # root/<group>/<label>/**
         lds = [ld for ld in _subdirs(g) if ld.name.lower() not in MASK_DIRS]
         one_layout(g, lds, g.name)
-        gt, mine = masks_in(g), []
+        gt, mine = _masks_folder(g, seen), []
         for ld in lds:
-            mine += [Sample(p, "", ld.name, _find_mask(p, ld.name, g.name, gt, pattern, seen, rel(p, ld)), g.name)
-                     for p in _images_under(ld)]
+            mine += [Sample(p, "", ld.name, _find_mask(p, ld.name, g.name, gt, pattern, seen, _subfolder(p, ld)),
+                            g.name) for p in _images_under(ld)]
         if not pattern:
             _warn_unmatched_masks(gt, mine)
         out += mine
