@@ -192,3 +192,24 @@ def test_a_border_pad_run_exports_with_its_mirrored_context(plain, tmp_path):
     det.model.border_pad = 0   # the same weights without their mirrored context score otherwise: the pad is in it
     plain_scores = [d.score for d in det.score(paths, maps=False)]
     assert max(abs(float(s[0]) - v) for (_, s, _), v in zip(got, plain_scores)) > 1e-3
+
+
+def test_an_exported_tiled_run_with_a_map_of_other_units_takes_the_maps_own_offsets_off_its_map(tmp_path):
+    """A tiled run whose pixel map is level 3 in range units: its tiles' maps are less the offsets measured on that
+    map (`positions.tile_map_shift`), not the score's; the ONNX map is predict's (Detector's)."""
+    data = write_texture_set(tmp_path / "wide", n_train=8, n_good=2, n_bad=2, wide=True)
+    for p in (data / "train" / "good").glob("*.png"):
+        a = np.asarray(Image.open(p)).copy()
+        a[:, :64] = a[:, :64] // 3
+        Image.fromarray(a).save(p)
+    cfg = load_config(None, {"data": str(data), "tile": 64, "tile_norm": "position"}, base=BASE)
+    train(cfg, tmp_path / "run", quiet=True)
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--map-levels", "3", "--map-norm", "range",
+                 "--quiet"]) == 0
+    assert main(["export-model", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    t = json.loads((tmp_path / "m" / "model.json").read_text())["tiling"]
+    assert t["map_offsets"] != pytest.approx(t["offsets"], abs=1e-3)
+    paths = sorted((data / "test").rglob("*.png"))
+    for p, (m, s, _), d in zip(paths, _run_onnx(tmp_path / "m", paths), Detector(tmp_path / "run").score(paths)):
+        assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score)), p.name
+        np.testing.assert_allclose(m[0], d.map, atol=1e-4)

@@ -925,3 +925,73 @@ def test_a_regrouped_image_of_a_position_scored_run_has_its_shard_redone(positio
     fresh = Extractor(run=c).extract_to(moved, tmp_path / "fresh", shard_size=3)
     np.testing.assert_array_equal(store.scores, fresh.scores)
     np.testing.assert_allclose(store.scores[3:6], first[3:6] - 0.5, atol=1e-5)
+
+
+def test_an_extract_after_the_neighbours_tiles_changed_is_refused_not_mixed(position_run, tmp_path, monkeypatch):
+    """Under tile_norm: neighbours a tile's score is less the median of its nearest training tiles', kept in
+    tile_neighbours.npz beside calibration.json, which names that file but not its content: the store's
+    fingerprint (calibration.json's sha256 alone) let a resume after the tiles changed mix two calibrations' scores.
+    Refused as a changed calibration.json is; the same tiles written again (other zip bytes: a re-calibration that
+    gives the same tiles) resume; a store fingerprinted the old way (calibration.json alone) still resumes."""
+    from uninet_feat.cli import main
+    from uninet_feat.extract import _fingerprint
+    from uninet_feat.positions import Neighbours
+    run, samples = position_run
+    c = _copy_run(run, tmp_path / "run")
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
+    tiles = c / "tile_neighbours.npz"
+    cal, original = (c / "calibration.json").read_bytes(), Neighbours.load(tiles)
+    f, real = tmp_path / "f", featstore.write_shard
+
+    def killed_after_one(folder, i, arrays):
+        if any(folder.glob("shard-*.npz")):
+            raise KeyboardInterrupt("killed")
+        real(folder, i, arrays)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        Extractor(run=c).extract_to(samples, f, shard_size=3)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", real)
+    before = _mtimes(f)
+    assert len(before) == 1
+    Neighbours({g: {**t, "scores": t["scores"] + 0.25} for g, t in original.groups.items()}).save(tiles)
+    assert (c / "calibration.json").read_bytes() == cal   # calibration.json alone does not tell
+    with pytest.raises(BadInputError, match="another calibration of the run") as e:
+        Extractor(run=c).extract_to(samples, f, shard_size=3)
+    assert "new --out" in str(e.value) and _mtimes(f) == before
+    changed = Extractor(run=c).extract_to(samples, tmp_path / "new", shard_size=3)
+    original.save(tiles)   # the same tiles again, in a new file: resumed, its first shard kept
+    seen = []
+    resumed = Extractor(run=c).extract_to(samples, f, shard_size=3, on_shard=seen.append)
+    assert 0 not in seen and _mtimes(f)["shard-00000.npz"] == before["shard-00000.npz"]
+    np.testing.assert_array_equal(resumed.scores, Extractor(run=c).extract_to(samples, tmp_path / "fresh",
+                                                                               shard_size=3).scores)
+    np.testing.assert_allclose(changed.scores, resumed.scores - 0.25, atol=1e-5)   # what a resume would have mixed
+    # a store written before the neighbours' tiles were fingerprinted: calibration.json's sha256 alone
+    m = json.loads((f / "manifest.json").read_text())
+    m.pop("tile_neighbours_sha256")
+    m["fingerprint"] = _fingerprint({**{k: v for k, v in m["source"].items() if k != "run"},
+                                     "calibration_sha256": m["calibration_sha256"]}, m["settings"],
+                                    [i["path"] for i in m["items"]])
+    (f / "manifest.json").write_text(json.dumps(m))
+    last = sorted(f.glob("shard-*.npz"))[-1]
+    last.unlink()
+    assert Extractor(run=c).extract_to(samples, f, shard_size=3) is not None and last.exists()
+    assert json.loads((f / "manifest.json").read_text())["tile_neighbours_sha256"]   # this version's, from now on
+
+
+def test_a_predict_pass_resumed_after_the_neighbours_tiles_changed_scores_again(position_run, tmp_path):
+    """predict's resumable parts carry the calibration's fingerprint too: parts scored against other neighbours'
+    tiles are scored again, not joined to this calibration's."""
+    from uninet_feat.cli import main
+    from uninet_feat.positions import Neighbours
+    run, samples = position_run
+    c = _copy_run(run, tmp_path / "run")
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
+    tiles = c / "tile_neighbours.npz"
+    first = Extractor(run=c).extract(samples, parts=tmp_path / "parts")
+    original = Neighbours.load(tiles)
+    Neighbours({g: {**t, "scores": t["scores"] + 0.25} for g, t in original.groups.items()}).save(tiles)
+    again = Extractor(run=c).extract(samples, parts=tmp_path / "parts")
+    assert again["resumed"] == 0
+    np.testing.assert_allclose(again["scores"], first["scores"] - 0.25, atol=1e-5)
+    assert Extractor(run=c).extract(samples, parts=tmp_path / "parts")["resumed"] == len(first["scores"])

@@ -549,3 +549,143 @@ def test_a_run_of_one_size_per_group_keeps_its_offsets_record_byte_for_byte(tmp_
         for x in range(0, w, 64):
             assert corrected(1.0, [0, x, 64, 64], rec["offsets"], s, sizes=rec["image_sizes"], hw=(64, w)) == \
                 1.0 - rec["offsets"][s.group][f"0,{x}"]
+
+
+def _map_scores_by_hand(model, samples, cfg):
+    """{(path, "y,x"): the tile's pixel map's own WDM score}: the mean of the top k of its σ=4 blurred map of the
+    model's levels and units, k the tile's WDM k, as numpy sorts it."""
+    from uninet_feat.scoring import anomaly_maps, level_pixel_map, wdm_weights
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        for batch, x in eval_batches(make_dataset(samples, cfg, model.source), cfg):
+            o = model(x)
+            maps = anomaly_maps(o.teachers, o.students)
+            size = tuple(x.shape[-2:])
+            k, _ = wdm_weights(maps, model.cfg["alpha"], model.cfg["beta"], size)
+            s = level_pixel_map(maps, model.cfg["map_levels"], size, True, norm=model.cfg["map_norm"]).numpy()
+            for j, (i, box) in enumerate(zip(batch["index"].tolist(), batch["tile"].tolist())):
+                top = np.sort(s[j].ravel())[::-1][:int(k[j])]
+                out[(str(samples[i].path), f"{box[0]},{box[1]}")] = float(top.mean())
+    return out
+
+
+def test_a_pixel_map_of_other_units_is_shifted_by_offsets_measured_on_it_not_the_scores(run, tmp_path):
+    """The position offsets are in the image score's units (all levels' maps, raw); a run whose pixel map is some
+    levels in range units had each tile's map shifted by them all the same: on this run the edge tile's score offset
+    is 0.6 above the middle's while its map (level 3, range units) is about 0.1 above, so the edge was pushed far
+    below the rest. Calibration now also measures the offsets on the map (the median of each place's map scores,
+    `scoring.level_map_score`), and each tile's map is less those; the score is unchanged, and the map's kind is
+    named apart, so a colour scale or pixel threshold taken on the old maps is not reused."""
+    import shutil
+    from uninet_feat.calibration import load_run
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.positions import key
+    from uninet_feat.scoring import pixel_map_kind
+    data, r = run
+    c = tmp_path / "c"
+    shutil.copytree(r, c)
+    assert main(["calibrate", "--run", str(c), "--map-levels", "3", "--map-norm", "range", "--quiet"]) == 0
+    cal = json.loads((c / "calibration.json").read_text())
+    rec = cal["tile_offsets"]
+    (group, table), = rec["offsets"].items()
+    assert rec["offsets"] == json.loads((r / "calibration.json").read_text())["tile_offsets"]["offsets"]
+    model, _, cfg = load_run(c)
+    assert model.cfg["map_levels"] == [3] and model.cfg["map_norm"]
+    fit, val = train_val_samples(load_samples(cfg), cfg)
+    by_hand = _map_scores_by_hand(model, fit + val, cfg)
+    maps_table = {k: float(np.median([s for (_, kk), s in by_hand.items() if kk == k])) for k in table}
+    # the score offsets are not numbers of the map's scale (shifted by them, the map moved by several units), so
+    # the map shifts checked below tell the two apart
+    assert min(abs(table[k] - maps_table[k]) for k in table) > 0.1
+    test = [s for s in load_samples(cfg) if s.split == "test"][:3]
+    normed = score_samples(model, test, cfg)
+    offsets = model.cfg["tile_offsets"]
+    model.cfg["tile_offsets"] = None
+    plain = score_samples(model, test, cfg)
+    model.cfg["tile_offsets"] = offsets
+    tile = cfg["tile"]
+    for a, b in zip(normed["maps"], plain["maps"]):
+        for y in range(0, a.shape[0], tile):
+            for x in range(0, a.shape[1], tile):
+                np.testing.assert_allclose(b[y:y + tile, x:x + tile] - a[y:y + tile, x:x + tile],
+                                           maps_table[key((y, x))], atol=1e-5)
+    assert normed["scores"] != pytest.approx(plain["scores"], abs=1e-4)   # the scores still take the score offsets
+    assert rec["map_offsets"] == {group: pytest.approx(maps_table, abs=1e-5)}
+    assert pixel_map_kind(model.cfg) == "smoothed, levels 3, range units, tile offsets in map units"
+    assert cal["map_range_pixel_map"] == pixel_map_kind(model.cfg)
+    # a calibration.json written before the map offsets: its maps are left as they are (said), named as plain maps
+    del cal["tile_offsets"]["map_offsets"]
+    (c / "calibration.json").write_text(json.dumps(cal))
+    with pytest.warns(UserWarning, match=r"pixel map \(levels 3, range units\) is not in the image score's units.*"
+                                         r"uninet-feat calibrate --run"):
+        model, _, cfg = load_run(c)
+    assert pixel_map_kind(model.cfg) == "smoothed, levels 3, range units"
+    old = score_samples(model, test, cfg)
+    for a, b in zip(old["maps"], plain["maps"]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert old["scores"] == pytest.approx(normed["scores"], abs=1e-6)
+    from uninet_feat.overlay import calibrated_range
+    assert calibrated_range(c, pixel_map_kind(model.cfg)) is None   # taken on maps shifted by score offsets
+
+
+def test_a_map_of_the_scores_units_keeps_the_score_offsets_and_its_own_score_is_the_wdm_score(run):
+    """All levels raw (the default): the map is in the score's units, so no map offsets are measured and each
+    tile's map is less its score's offset, as before; the map's own score is then the WDM score itself."""
+    from uninet_feat.calibration import load_run
+    from uninet_feat.scoring import anomaly_maps, level_map_score, map_in_score_units
+    data, r = run
+    assert "map_offsets" not in json.loads((r / "calibration.json").read_text())["tile_offsets"]
+    model, _, cfg = load_run(r)
+    assert map_in_score_units(model.cfg) and model.cfg["tile_map_offsets"] is None
+    x = next(iter(eval_batches(make_dataset(load_samples(cfg)[:2], cfg, model.source), cfg)))[1]
+    with torch.no_grad():
+        o = model.eval()(x)
+        maps = anomaly_maps(o.teachers, o.students)
+        _, s = model.score_maps(maps, tuple(x.shape[-2:]))
+        ms = level_map_score(maps, None, tuple(x.shape[-2:]), None, model.cfg["alpha"], model.cfg["beta"])
+    np.testing.assert_allclose(ms.numpy(), s.numpy(), rtol=1e-5)
+    for cfg_ in ({"map_levels": [2, 3]}, {"map_norm": [[0, 1]] * 6}):
+        assert not map_in_score_units(cfg_)
+
+
+def test_neighbours_with_a_map_of_other_units_shift_it_by_the_same_nearest_tiles_map_scores(run, tmp_path):
+    """Under neighbours a tile's score offset is the median of its nearest training tiles' scores; its map, of
+    other units, is less the median of the same tiles' map scores (kept beside their scores in the tile file)."""
+    import shutil
+    from uninet_feat.calibration import load_run
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.positions import Neighbours, corrected, tile_map_shift
+    data, r = run
+    c = tmp_path / "nb"
+    shutil.copytree(r, c)
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--map-levels", "3", "--map-norm",
+                 "range", "--quiet"]) == 0
+    rec = json.loads((c / "calibration.json").read_text())["tile_offsets"]
+    near = Neighbours.load(c / rec["file"])
+    (t,) = near.groups.values()
+    model, _, cfg = load_run(c)
+    fit, val = train_val_samples(load_samples(cfg), cfg)
+    by_hand = _map_scores_by_hand(model, fit + val, cfg)
+    assert sorted(t["map_scores"].tolist()) == pytest.approx(sorted(by_hand.values()), abs=1e-5)
+    test = [s for s in load_samples(cfg) if s.split == "test"][:2]
+    normed = score_samples(model, test, cfg)["maps"]
+    ctx = {}
+    with torch.no_grad():
+        for batch, x in eval_batches(make_dataset(test, cfg, model.source), cfg):
+            _, s, cx = model.predict(x, context=True)
+            for i, box, v, cv in zip(batch["index"].tolist(), batch["tile"].tolist(), s.tolist(), cx.numpy()):
+                ctx[(i, box[1])] = (box, v, cv)
+    offsets = model.cfg["tile_offsets"]
+    model.cfg["tile_offsets"] = None
+    plain = score_samples(model, test, cfg)["maps"]
+    model.cfg["tile_offsets"] = offsets
+    maps_near = near.for_maps()
+    for i, (a, b) in enumerate(zip(normed, plain)):
+        for x in range(0, a.shape[1], cfg["tile"]):
+            box, v, cv = ctx[(i, x)]
+            want = maps_near.offset(next(iter(offsets)), f"0,{x}", cv)
+            assert want != pytest.approx(v - corrected(v, box, offsets, test[i], cv, near), abs=1e-3)
+            assert tile_map_shift(model.cfg, v, corrected(v, box, offsets, test[i], cv, near), box, test[i], cv,
+                                  (64, 192)) == pytest.approx(want)
+            np.testing.assert_allclose(b[:, x:x + 64] - a[:, x:x + 64], want, atol=1e-5)

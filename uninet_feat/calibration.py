@@ -65,14 +65,16 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
 
     ``tile_norm``: "position" (tiled images: each tile's score less the training normals' median at its place,
     `positions.py`), "none", or None to keep the run's (offsets already on ``model``, else ``cfg``'s). The
-    offsets come first, so that the validation scores and the threshold are position-corrected too.
+    offsets come after the pixel map is chosen (a map of other units than the score's gets offsets measured on it,
+    `positions.tile_offsets`) and before the validation normals are scored, so that the validation scores, the
+    threshold and the map's range are position-corrected too.
 
     ``map_levels``: the levels of the pixel map — "all", "auto", a list, or None to keep ``model.cfg``'s (the
     run's current choice). ``map_norm``: "none", "range" (each map in its validation-normal range units,
     `map_ranges`), "auto", or None to keep the run's. Either "auto": chosen on synthetic defects
     (`choose_pixel_map`). Set on ``model`` and recorded in the file."""
     n = len(model.channels)
-    offsets = _position_offsets(model, cfg, tile_norm)
+    tile_norm = _resolve_tile_norm(model, cfg, tile_norm)   # refused before any scoring
     if map_levels is None:
         map_levels = model.cfg.get("map_levels") or "all"
     if map_norm is None:
@@ -87,6 +89,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
         levels, norm = parse_map_levels(map_levels, n), map_norm
     model.cfg["map_levels"] = levels
     model.cfg["map_norm"] = ranges if norm == "range" else None
+    offsets = _position_offsets(model, cfg, tile_norm)   # of this pixel map: its own offsets when it needs them
     cal = calibration(model, val, cfg, quiet)
     given = cfg.get("calibration_normals")
     if given:   # `calibrate --normals`: the user's normal images, not the held-out split
@@ -143,20 +146,31 @@ def _normals_record(cfg: dict) -> dict:
     return out
 
 
-def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:
-    """Set (or clear) ``model.cfg["tile_offsets"]`` for ``tile_norm``; the offsets' record, or None."""
-    from .positions import parse_tile_norm, tile_offsets
-    from .runs import load_samples, train_val_samples
-    if tile_norm is None:   # the run's: calibration.json's when it was applied (the key is then set), else cfg's
+def _resolve_tile_norm(model, cfg: dict, tile_norm) -> str:
+    """``tile_norm`` checked, or for None the run's: calibration.json's when it was applied (the key is then set),
+    else ``cfg``'s."""
+    from .positions import parse_tile_norm
+    if tile_norm is None:
         tile_norm = (_tile_norm_of(model.cfg["tile_offsets"], model.cfg.get("tile_neighbours"))
                      if "tile_offsets" in model.cfg else cfg.get("tile_norm", "none"))
+    return parse_tile_norm(tile_norm, cfg.get("tile"))
+
+
+def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:
+    """Set (or clear) ``model.cfg["tile_offsets"]`` for ``tile_norm`` (and ``["tile_map_offsets"]``, those of a
+    pixel map of other units than the score's: set the model's pixel map first); the offsets' record, or None."""
+    from .positions import tile_offsets
+    from .runs import load_samples, train_val_samples
+    tile_norm = _resolve_tile_norm(model, cfg, tile_norm)
     model.cfg["tile_offsets"] = model.cfg["tile_neighbours"] = None   # the reference normals are scored plain
-    if parse_tile_norm(tile_norm, cfg.get("tile")) == "none":
+    model.cfg["tile_map_offsets"] = None
+    if tile_norm == "none":
         return None
     fit, val = train_val_samples(load_samples(cfg), cfg)   # every training normal: 1 validation strip is no median;
     normals = [s for s in fit + val if s.is_normal]        # a supervised run's labelled defects would raise it
     rec = tile_offsets(model, normals, cfg, neighbours=tile_norm == "neighbours")
     model.cfg["tile_offsets"] = rec["offsets"]
+    model.cfg["tile_map_offsets"] = rec.get("map_offsets")
     model.cfg["tile_sizes"] = rec.get("image_sizes")
     model.cfg["tile_neighbours"] = rec.get("neighbours")
     return rec
@@ -345,11 +359,39 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
     model.cfg["map_norm"] = cal.get("map_norm") or None
     rec = cal.get("tile_offsets") or {}
     model.cfg["tile_offsets"] = rec.get("offsets")
+    model.cfg["tile_map_offsets"] = rec.get("map_offsets")   # a pixel map of other units than the score's
     model.cfg["tile_sizes"] = rec.get("image_sizes")   # None in files written before session 24: not checked
     model.cfg["tile_neighbours"] = None
     if rec.get("offsets") and rec.get("mode") == "neighbours":
         from .positions import Neighbours
         model.cfg["tile_neighbours"] = Neighbours.load(Path(run) / rec.get("file", NEIGHBOURS_FILE))
+    from .scoring import map_in_score_units
+    if cfg is not None and rec.get("offsets") and not rec.get("map_offsets") and not map_in_score_units(model.cfg):
+        levels = model.cfg["map_levels"]
+        what = (f"levels {','.join(map(str, levels))}, " if levels else "") + \
+            ("range units" if model.cfg["map_norm"] else "raw")
+        warnings.warn(f"{run}: its pixel map ({what}) is not in the image score's units, and "
+                      "its calibration.json (written before tile maps had offsets in their own units) has tile "
+                      "offsets in score units only: the tiles' maps are left as they are, not less their place's "
+                      "offset, and the calibrated colour scale and pixel threshold (taken on maps shifted by score "
+                      f"offsets) are not used. Fix: `uninet-feat calibrate --run {run}`")
+
+
+def calibration_fingerprint(run, model) -> dict:
+    """What a run's calibration is named by where features or scores made with it are kept (a feature store's
+    manifest, predict's resumable parts): ``calibration_sha256``, the sha256 of its calibration.json (None without
+    one), and, when ``model`` scores tiles by their neighbours (`apply_calibration` loaded them), ``tile_neighbours_
+    sha256``: the digest of those training tiles (`Neighbours.digest`, of their content). Why the second: they are
+    kept beside calibration.json in `NEIGHBOURS_FILE`, which names that file but not its content, so a
+    re-calibration could change the tiles a score is taken against and leave calibration.json's bytes as they were.
+    A run without neighbours gets the one key it always had, so its stores' fingerprints are unchanged."""
+    from .featstore import file_sha256
+    cal = Path(run) / "calibration.json"
+    out = {"calibration_sha256": file_sha256(cal) if cal.exists() else None}
+    near = model.cfg.get("tile_neighbours") if model.cfg.get("tile_offsets") else None
+    if near is not None:
+        out["tile_neighbours_sha256"] = near.digest()
+    return out
 
 
 def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:

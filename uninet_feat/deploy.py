@@ -46,7 +46,7 @@ class ScoringGraph(torch.nn.Module):
     of the one size it was built for; the map is (N, H, W), the tiles' maps less their place's offset, stitched
     with overlaps averaged."""
 
-    def __init__(self, model, image_size, grid=None, offsets=None, tile_score: str = "max"):
+    def __init__(self, model, image_size, grid=None, offsets=None, tile_score: str = "max", map_offsets=None):
         super().__init__()
         self.model = model.eval()
         self.size = tuple(image_size)
@@ -56,6 +56,9 @@ class ScoringGraph(torch.nn.Module):
         if grid is not None:
             off = torch.zeros(grid.n) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
             self.register_buffer("offsets", off)
+            # the maps' own (`positions.tile_map_shift`): the score's unless the map is of other units
+            self.register_buffer("map_offsets", off.clone() if map_offsets is None
+                                 else torch.as_tensor(map_offsets, dtype=torch.float32))
             count = torch.zeros(grid.canvas)
             for y, x in grid.origins:
                 count[y:y + grid.tile[0], x:x + grid.tile[1]] += 1
@@ -81,7 +84,7 @@ class ScoringGraph(torch.nn.Module):
         if tuple(pix.shape[-2:]) != (th, tw):
             pix = F.interpolate(pix[:, None], (th, tw), mode="bilinear", align_corners=False)[:, 0]
         tile_scores = score.view(n, g.n) - self.offsets
-        pix = pix.view(n, g.n, th, tw) - self.offsets.view(1, -1, 1, 1)
+        pix = pix.view(n, g.n, th, tw) - self.map_offsets.view(1, -1, 1, 1)
         acc = image.new_zeros((n,) + g.canvas)
         for k, (y, x) in enumerate(g.origins):
             acc[:, y:y + th, x:x + tw] += pix[:, k]
@@ -90,13 +93,15 @@ class ScoringGraph(torch.nn.Module):
         return full, img_score, tile_scores
 
 
-def _tile_offsets(model, grid, group, run) -> tuple[list[float] | None, str | None]:
-    """Each tile's place offset (``tile_norm: position``) for images of ``grid``'s size in ``group``: the same
-    `positions.corrected` that scoring uses, so its checks (group, image size, place) and its numbers hold here."""
-    from .positions import corrected
+def _tile_offsets(model, grid, group, run) -> tuple[list[float] | None, list[float] | None, str | None]:
+    """Each tile's place offset (``tile_norm: position``) for images of ``grid``'s size in ``group``, and what its
+    map is less (`positions.tile_map_shift`: the same offset, or for a pixel map of other units than the score's
+    the map's own): the same `positions.corrected` that scoring uses, so its checks (group, image size, place) and
+    its numbers hold here."""
+    from .positions import corrected, tile_map_shift
     offsets = model.cfg.get("tile_offsets")
     if not offsets:
-        return None, None
+        return None, None, None
     if group is None and len(offsets) > 1:
         raise BadInputError(f"the run's position offsets come from {len(offsets)} groups {sorted(offsets)}, and "
                             "the exported model is for one of them", path=run,
@@ -104,7 +109,9 @@ def _tile_offsets(model, grid, group, run) -> tuple[list[float] | None, str | No
     sample = SimpleNamespace(group=group if group is not None else next(iter(offsets)), path=Path(run))
     vals = [-corrected(0.0, grid.box(k), offsets, sample, None, None, model.cfg.get("tile_sizes"),
                        (grid.h, grid.w)) for k in range(grid.n)]
-    return vals, sample.group
+    maps = [tile_map_shift(model.cfg, 0.0, -v, grid.box(k), sample, None, (grid.h, grid.w))
+            for k, v in enumerate(vals)]
+    return vals, maps, sample.group
 
 
 def _input_size(model, cfg, input_size, group, run) -> tuple[int, int]:
@@ -160,7 +167,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                             fix=f"`uninet-feat calibrate --run {run} --tile-norm position` (or none), then export; "
                                 "or score with predict / Detector")
     size = (int(cfg["image_size"]),) * 2 if isinstance(cfg["image_size"], int) else tuple(cfg["image_size"])
-    grid, offsets, used_group = None, None, group
+    grid, offsets, map_offsets, used_group = None, None, None, group
     if (group is not None and not (cfg.get("tile") and model.cfg.get("tile_offsets"))   # its threshold: G's when
             and not group_thresholds(run, threshold, max_fpr, warn=False)):                # the run has them
         warnings.warn(f"--group {group}: this run has no per-group place offsets (tile_norm: position) and "
@@ -169,7 +176,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     if cfg.get("tile"):
         h, w = _input_size(model, cfg, input_size, group, run)
         grid = tile_grid(h, w, cfg["tile"], cfg.get("tile_overlap", 0))
-        offsets, off_group = _tile_offsets(model, grid, group, run)
+        offsets, map_offsets, off_group = _tile_offsets(model, grid, group, run)
         used_group = off_group or group
     elif input_size is not None:
         warnings.warn("--input-size is for tiled runs; this run resizes any image to "
@@ -177,7 +184,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     from .data.tiling import tile_score_reducer
     rule = cfg.get("tile_score", "max")
     tile_score_reducer(rule)   # the run's rule checked (and a legacy word warned about) as scoring does
-    graph = ScoringGraph(model, size, grid, offsets, "max" if rule == "max" else "mean").eval()
+    graph = ScoringGraph(model, size, grid, offsets, "max" if rule == "max" else "mean", map_offsets).eval()
 
     gen = torch.Generator().manual_seed(0)
     # untiled: an example of another size than the model's, so that no size is taken as the only one
@@ -241,7 +248,8 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
         "defect_mask": "map > pixel_threshold",
         "tiling": None if grid is None else {
             "tile": list(grid.tile), "overlap": grid.overlap, "origins_yx": [list(o) for o in grid.origins],
-            "tile_score": rule, "group": used_group, "offsets": offsets},
+            "tile_score": rule, "group": used_group, "offsets": offsets,
+                           **({"map_offsets": map_offsets} if map_offsets != offsets else {})},
         "check": checked,
     }
     atomic_write_text(out / "model.json", json.dumps(info, indent=2))

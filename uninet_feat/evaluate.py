@@ -24,7 +24,7 @@ from .calibration import (check_threshold_flags, checkpoint_offsets, load_run, p
                           resolve_thresholds, thresholds_of)
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
-from .positions import corrected
+from .positions import corrected, tile_map_shift
 from .runs import eval_batches, load_test_samples, make_dataset, model_device, ready_to_score
 from .scoring import pixel_map_kind
 
@@ -88,9 +88,12 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
                 if tuple(m.shape) != (th, tw):
                     m = torch.nn.functional.interpolate(m[None, None], (th, tw), mode="bilinear",
                                                         align_corners=False)[0, 0]
-                # tile_norm position / neighbours: the tile's map less the offset its score got, so the map shows
-                # what the score is (a defect unusual for its place), not the edge that is hot on every strip
-                shift = float(score[j]) - tile_scores[idx][-1]
+                # tile_norm position / neighbours: the tile's map less its place's offset (the one its score got,
+                # or in a map of other units the map's own), so the map shows what the score is (a defect unusual
+                # for its place), not the edge that is hot on every strip
+                shift = tile_map_shift(model.cfg, float(score[j]), tile_scores[idx][-1], batch["tile"][j],
+                                       samples[idx], ctx[0][j].numpy() if ctx else None, hw.get(idx)) \
+                    if offsets else 0.0
                 tile_maps.setdefault(idx, []).append(m.numpy().astype(np.float32) - np.float32(shift))
                 if len(tile_maps[idx]) == grids[idx].n:
                     finish(idx, stitch(np.stack(tile_maps.pop(idx)), grids[idx]), full_mask(idx))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .calibration import calibration_fingerprint
 from .config import DEFAULT_CONFIG
 from .data.layouts import Sample
 from .descriptors import SHAPE_NAMES, image_place
@@ -208,10 +209,12 @@ class Extractor:
             out = self._run(ds, range(len(ds)), patch_fn, map_fn)
             out["resumed"] = 0
         else:
-            cal = self.run_dir / "calibration.json" if self.model is not None else None   # tile offsets
+            cal = calibration_fingerprint(self.run_dir, self.model) if self.model is not None else {}   # offsets
             fp = {"source": self.source, "patches": str(self.patches), "key": key, "columns": self.vector_names,
-                  "calibration": file_sha256(cal) if cal is not None and cal.exists() else None,
+                  "calibration": cal.get("calibration_sha256"),
                   "cfg": {k: self.cfg.get(k) for k in ("image_size", "tile", "tile_score", "tile_norm")}}
+            if "tile_neighbours_sha256" in cal:   # the training tiles of tile_norm: neighbours (runs without keep
+                fp["tile_neighbours"] = cal["tile_neighbours_sha256"]   # their parts' fingerprint as it was)
             out = resumable_pass(Path(parts), fp, samples, len(ds),
                                  lambda idx: self._run(ds, idx, patch_fn, map_fn))
         out["samples"], out["skipped"] = samples, self.skipped(samples, ds)
@@ -241,11 +244,13 @@ class Extractor:
         what = {k: v for k, v in self.source.items() if k != "run"}
         paths = [os.path.abspath(i["path"]) for i in items]
         fp = older = _fingerprint(what, settings, paths)   # older: stores written before the calibration was in it
-        extra = {}
-        if self.model is not None:   # its offsets and pixel-map choice make the scores and map features: a
-            cal = self.run_dir / "calibration.json"   # `calibrate` between a kill and the resume must not mix two
-            extra["calibration_sha256"] = file_sha256(cal) if cal.exists() else None
-            fp = _fingerprint({**what, **extra}, settings, paths)
+        extra, legacy = {}, []
+        if self.model is not None:   # its offsets (and neighbours' tiles) and pixel-map choice make the scores and map
+            extra = calibration_fingerprint(self.run_dir, self.model)   # features: a `calibrate` between a kill and
+            fp = _fingerprint({**what, **extra}, settings, paths)       # the resume must not mix two
+            if len(extra) > 1:   # stores written before the neighbours' tiles were in it: calibration.json's alone
+                legacy.append(_fingerprint({**what, "calibration_sha256": extra["calibration_sha256"]}, settings,
+                                           paths))
         typed = _fingerprint({**self.source, "run": str(self._run_typed)} if self.model is not None else self.source,
                              settings, typed_paths)   # stores written before session 23
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
@@ -254,7 +259,7 @@ class Extractor:
                     "files": file_stats(i["path"] for i in items)}   # a resume redoes shards of images changed since
         # tiles scored less their group's position offsets (as `_run` does): a regrouped item's score is stale
         by_group = bool(self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets"))
-        done = start_store(folder, manifest, legacy=(older, typed), by_group=by_group)
+        done = start_store(folder, manifest, legacy=(older, typed, *legacy), by_group=by_group)
         mine = [k for k in range(n_shards) if k % shard[1] == shard[0] and k not in done]
         with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       disable=quiet) as prog:

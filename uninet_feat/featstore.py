@@ -3,7 +3,8 @@
 Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 1 had no defect descriptors,
 `descriptors.py`, in a run's vectors — its stores still load, their vector names are in their manifest):
     manifest.json       schema, source (run path, model sha256, backbone), with a run its calibration.json's
-                        ``calibration_sha256``, vector names, shard size,
+                        ``calibration_sha256`` (and under ``tile_norm: neighbours`` the digest of the training
+                        tiles in its tile_neighbours.npz, ``tile_neighbours_sha256``), vector names, shard size,
                         and one record per item (absolute path, label, group, split, is_normal,
                         tile [y, x, h, w]); an item's shard is its position // shard size
     shard-00000.npz     arrays for items [0, shard_size): ``vectors`` (n, D) float32, ``scores`` (n,)
@@ -11,8 +12,9 @@ Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 
     complete            written last
 Each shard is written atomically; a killed run re-started with the same arguments skips shards that
 exist and redoes only the missing ones. The manifest records a fingerprint of the source model and
-settings (with ``--run``, of its calibration.json too: its offsets and pixel-map choice make the scores and map
-features), and a resume with a different one is refused rather than silently mixing features. It also records
+settings (with ``--run``, of its calibration too: calibration.json's offsets and pixel-map choice, and the
+neighbours' tiles it names, make the scores and map features), and a resume with a different one is refused
+rather than silently mixing features. It also records
 each image file's size and modification time (``files``), so a shard holding an image replaced since is
 extracted again rather than kept with the old image's features (as predict's resumable parts); so is a shard
 holding an image whose group changed when the run scores tiles by position (per-group offsets).
@@ -32,6 +34,8 @@ from .io import atomic_write, atomic_write_text, read_json
 
 SCHEMA = "uninet-feat/features"
 SCHEMA_VERSION = 3   # 3: the spot-difference descriptors (`l*_spotdiff_*`); 2: the defect descriptors
+# what a run's calibration is named by in a manifest (`calibration.calibration_fingerprint`)
+CALIBRATION_KEYS = ("calibration_sha256", "tile_neighbours_sha256")
 
 
 _SHA256: dict = {}   # (path, inode, size, mtime) → digest
@@ -112,7 +116,7 @@ def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
 def _recalibrated(old: dict, manifest: dict) -> bool:
     """Whether the calibration alone tells two manifests apart (same model, settings and images), so that the
     refusal names it rather than "another model": a `calibrate` between two extracts is the likely cause."""
-    if "calibration_sha256" not in old or old["calibration_sha256"] == manifest.get("calibration_sha256"):
+    if "calibration_sha256" not in old or all(old.get(k) == manifest.get(k) for k in CALIBRATION_KEYS):
         return False
     def what(m):   # the run's folder aside: the fingerprint names the model by its sha256, not where it is
         return ({k: v for k, v in (m.get("source") or {}).items() if k != "run"}, m.get("settings"),

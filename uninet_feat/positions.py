@@ -17,6 +17,14 @@ tiles at the same position that look most like the tile (cosine of the DFS-poole
 drifts between strips — on AITEX fabric_00 6 of the 14 training strips have it near x 1133 and 8 near x 1233 —
 so one median per position mixes two edges, and a cut edge is a small change beside the edge's own large score.
 Measured in docs/results.md; the medians are still kept (``offsets``) for the ensemble's score scale.
+
+A tile's pixel map is shifted down by the offset its score got (`tile_map_shift`), so that the map shows what the
+score is. The offsets are in the image score's units (the WDM score: all levels' maps, raw), which are the map's
+only when the run's pixel map is all levels raw; a map of some levels (``map_levels``) or in range units
+(``map_norm``) has other units, and a score offset subtracted from it shifted it by a number of the wrong scale (an
+edge tile's map moved by the score's edge-to-middle difference, several times its own). Such a run's calibration
+also measures the offsets on its map (``map_offsets``: the median over the normals at each place of the map's own
+WDM score, `scoring.level_map_score`; each neighbours' tile's one, ``map_scores``), and the map is shifted by those.
 """
 from __future__ import annotations
 
@@ -29,6 +37,11 @@ from .errors import BadInputError
 
 RULE = ("tile score minus the median WDM score of the run's training normals' tiles at the same position "
         "(top-left corner); the image score is the highest corrected tile score")
+
+
+MAP_RULE = ("each tile's pixel map less the median, over the run's training normals' tiles at the same position "
+            "(under neighbours: the same nearest tiles), of the map's own WDM score (its levels and units; "
+            "scoring.level_map_score): the pixel map is not in the image score's units")
 
 
 K_NEIGHBOURS = 3
@@ -76,13 +89,16 @@ class Neighbours:
 
     @classmethod
     def fit(cls, per: dict) -> "Neighbours":
-        """From {(group, key): [(score, context), ...]}."""
+        """From {(group, key): [(score, context), ...]}, or [(score, context, map score), ...] (a pixel map of
+        other units than the score's, `tile_offsets`): each tile's map score is then kept too (``map_scores``)."""
         groups = {}
         for g in sorted({g for g, _ in per}):
-            rows = [(k, v, c) for (gg, k), items in sorted(per.items()) if gg == g for v, c in items]
-            ctx = np.stack([np.asarray(c, np.float64) for _, _, c in rows])
-            groups[g] = {"keys": np.array([k for k, _, _ in rows]), "scores": np.array([v for _, v, _ in rows]),
+            rows = [(k, *item) for (gg, k), items in sorted(per.items()) if gg == g for item in items]
+            ctx = np.stack([np.asarray(r[2], np.float64) for r in rows])
+            groups[g] = {"keys": np.array([r[0] for r in rows]), "scores": np.array([r[1] for r in rows]),
                          "context": ctx, "mu": ctx.mean(0), "sd": ctx.std(0) + 1e-6}
+            if all(len(r) > 3 for r in rows):
+                groups[g]["map_scores"] = np.array([r[3] for r in rows], np.float64)
         return cls(groups)
 
     def offset(self, group: str, k: str, context) -> float:
@@ -91,6 +107,30 @@ class Neighbours:
         sims = self._unit[group][at] @ self._standard(t, context)
         nearest = at[np.argsort(-sims, kind="stable")[:K_NEIGHBOURS]]
         return float(np.median(t["scores"][nearest]))
+
+    def for_maps(self) -> "Neighbours | None":
+        """The same tiles with their map scores as their scores: `offset` then gives the median of the same nearest
+        tiles' map scores, a tile map's offset in its own units; None when they were not kept (a map in the
+        score's units needs none; a file written before them has none). Made once."""
+        if not hasattr(self, "_maps"):
+            ok = self.groups and all("map_scores" in t for t in self.groups.values())
+            self._maps = Neighbours({g: {**t, "scores": t["map_scores"]} for g, t in self.groups.items()}) \
+                if ok else None
+        return self._maps
+
+    def digest(self) -> str:
+        """A sha256 of the tiles' content (each group's fields: name, dtype, shape and bytes), not of the file's
+        bytes: `save` writes a zip whose members carry the time of writing, so a re-calibration that gives the same
+        tiles writes other bytes. What a feature store's calibration fingerprint names them by (`extract`)."""
+        import hashlib
+        import json
+        h = hashlib.sha256()
+        for g in sorted(self.groups):
+            for name in sorted(self.groups[g]):
+                a = np.ascontiguousarray(self.groups[g][name])
+                h.update(json.dumps([g, name, a.dtype.str, list(a.shape)]).encode())
+                h.update(a.tobytes())
+        return h.hexdigest()
 
     def save(self, path) -> None:
         from .io import atomic_write
@@ -115,14 +155,38 @@ class Neighbours:
                                 f"{Path(path).resolve().parent} --tile-norm neighbours`")
 
 
+def _scores(model, x, context: bool, map_scores: bool):
+    """(WDM scores, the pixel map's own scores or None, [context]) of the batch ``x``, as `UniNet.predict` scores
+    it; the map's scores (`scoring.level_map_score` of the model's ``map_levels`` / ``map_norm``) with
+    ``map_scores``."""
+    if not map_scores:
+        _, s, *c = (t.cpu() for t in model.predict(x, context=context))
+        return s, None, c
+    from .export import teacher_context
+    from .scoring import anomaly_maps, level_map_score
+    size = tuple(x.shape[-2:])
+    out = model(x)   # in eval mode: `tile_offsets` put it there
+    maps = anomaly_maps(out.teachers, out.students)
+    _, s = model.score_maps(maps, size)
+    ms = level_map_score(maps, model.cfg.get("map_levels"), size, model.cfg.get("map_norm"), model.cfg["alpha"],
+                         model.cfg["beta"])
+    return s.cpu(), ms.cpu(), [teacher_context(model, out).cpu()] if context else []
+
+
 @torch.no_grad()
 def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     """Per group and tile position, the median WDM score of ``samples`` (normal images), and the share of their
     tile-score variance that group and position explain (``position_r2``: near 1 when places differ consistently).
-    ``neighbours``: also each tile's score and context (`Neighbours`, under the record's ``"neighbours"`` key)."""
+    ``neighbours``: also each tile's score and context (`Neighbours`, under the record's ``"neighbours"`` key).
+    When the model's pixel map is not in the score's units (``model.cfg``'s ``map_levels`` / ``map_norm``:
+    `scoring.map_in_score_units`), also the median of the map's own scores (``map_offsets``, as ``offsets``; each
+    neighbours' tile's one too), which `tile_map_shift` shifts its tiles' maps by: set the pixel map first."""
     from .runs import eval_batches, make_dataset, model_device
+    from .scoring import map_in_score_units
     model.eval()
+    own_units = not map_in_score_units(model.cfg)
     per: dict[tuple[str, str], list[float]] = {}
+    map_per: dict[tuple[str, str], list[float]] = {}
     ctx_per: dict[tuple[str, str], list] = {}
     ds = make_dataset(samples, cfg, model.source)
     sizes: dict[str, set] = {}
@@ -131,12 +195,17 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     hw = {i: (g.h, g.w) for i, g, _ in ds.tile_index}
     multi = {g for g, sz in sizes.items() if len(sz) > 1}   # groups keyed by size and place (`key`)
     for batch, x in eval_batches(ds, cfg, model_device(model)):
-        _, s, *c = (t.cpu() for t in model.predict(x, context=neighbours))
-        for j, (i, box, v) in enumerate(zip(batch["index"].tolist(), batch["tile"].tolist(), s.float().tolist())):
+        s, ms, c = _scores(model, x, neighbours, own_units)
+        ms = ms.float().tolist() if ms is not None else [None] * len(s)
+        for j, (i, box, v, mv) in enumerate(zip(batch["index"].tolist(), batch["tile"].tolist(), s.float().tolist(),
+                                                ms)):
             k = key(box, hw[i] if samples[i].group in multi else None)
             per.setdefault((samples[i].group, k), []).append(v)
+            if own_units:
+                map_per.setdefault((samples[i].group, k), []).append(mv)
             if neighbours:
-                ctx_per.setdefault((samples[i].group, k), []).append((v, c[0][j].numpy()))
+                item = (v, c[0][j].numpy()) + ((mv,) if own_units else ())
+                ctx_per.setdefault((samples[i].group, k), []).append(item)
     if not per:
         raise BadInputError("no normal tiles to take position offsets from", fix="use tile_norm: none")
     offsets: dict[str, dict[str, float]] = {}
@@ -146,11 +215,18 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     allv = np.concatenate(vals)
     if not np.isfinite(allv).all():
         raise BadInputError("WDM scores of the training normals are not finite", fix="retrain the run")
+    if own_units and not np.isfinite(np.concatenate([np.asarray(v, np.float64) for v in map_per.values()])).all():
+        raise BadInputError("the pixel map's scores of the training normals are not finite", fix="retrain the run")
     total = ((allv - allv.mean()) ** 2).sum()
     within = sum(((v - v.mean()) ** 2).sum() for v in vals)
     n = {g: sum(s.group == g for s in samples) for g in offsets}
     rec = {"offsets": offsets, "n_images": n, "position_r2": float(1 - within / total) if total > 0 else 0.0,
            "rule": RULE, "image_sizes": {g: sorted(list(v) for v in sz) for g, sz in sizes.items()}}
+    if own_units:   # the map's own offsets (of the pixel map calibration.json records beside them)
+        rec["map_offsets"] = {}
+        for (g, k), v in map_per.items():
+            rec["map_offsets"].setdefault(g, {})[k] = float(np.median(v))
+        rec["map_offsets_rule"] = MAP_RULE
     if neighbours:
         rec |= {"mode": "neighbours", "k": K_NEIGHBOURS, "rule": NEIGHBOURS_RULE,
                 "neighbours": Neighbours.fit(ctx_per)}
@@ -206,3 +282,24 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
             raise ValueError("tile_norm: neighbours needs each tile's context (model.predict(x, context=True))")
         return score - neighbours.offset(group, k, context)
     return score - table[k]
+
+
+def tile_map_shift(cfg: dict, score: float, corrected_score: float, box, sample, context=None, hw=None) -> float:
+    """What a tile's pixel map is less under ``tile_norm: position`` / ``neighbours`` (``cfg``: the model's), so that
+    the stitched map shows what the score is (a defect unusual for its place, not an edge hot on every strip):
+    the offset its ``score`` got (``score - corrected_score``) when the map is in the score's units
+    (`scoring.map_in_score_units`); else its place's offset measured on the map itself (``cfg["tile_map_offsets"]``,
+    under neighbours of the same nearest tiles' map scores, `Neighbours.for_maps`; by `corrected`, with its
+    checks); 0 for a map of other units whose calibration did not measure those (written before them:
+    `calibration.apply_calibration` warns), since a score offset is not a number of the map's scale."""
+    from .scoring import map_in_score_units
+    if not cfg.get("tile_offsets"):
+        return 0.0
+    if map_in_score_units(cfg):
+        return float(score) - float(corrected_score)
+    table = cfg.get("tile_map_offsets")
+    if not table:
+        return 0.0
+    near = cfg.get("tile_neighbours")
+    near = near.for_maps() if near is not None else None   # None: a tile file without map scores, the medians
+    return -corrected(0.0, box, table, sample, context if near is not None else None, near, cfg.get("tile_sizes"), hw)

@@ -79,16 +79,43 @@ def level_pixel_map(maps, levels, out_size, smoothed: bool = True, backend: str 
     return gaussian_blur_scipy(a, 4.0, 4.0, backend) if smoothed else a
 
 
+def level_map_score(maps, levels, out_size, norm=None, alpha: float = ALPHA, beta: float = BETA,
+                    backend: str | None = None) -> torch.Tensor:
+    """(N,) the WDM score of the pixel map of ``levels`` in ``norm``'s units (`level_pixel_map`), not of all maps
+    raw: the mean of the top-k of its σ=4 blurred map, k the image's WDM k (`wdm_weights`, from all maps). Of all
+    levels raw it is the WDM score itself. What a tile's map is shifted by under ``tile_norm: position`` when the
+    run's pixel map is not in the image score's units (`positions.tile_offsets`)."""
+    maps = list(maps)
+    size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+    k, _ = _wdm.wdm_k(_wdm.map_maxima(maps), size, alpha, beta)
+    return _wdm.topk_mean(level_pixel_map(maps, levels, size, True, backend, norm), k)
+
+
+def map_in_score_units(cfg: dict) -> bool:
+    """Whether the pixel map ``cfg`` makes is in the image score's units: the sum of all levels' maps, raw, as the
+    WDM score is (smoothed or not: a blur keeps a constant). With ``map_levels`` (some levels only) or ``map_norm``
+    (range units) it is not, and a number in score units (a tile position's offset) means nothing on it."""
+    return not (cfg.get("map_levels") or cfg.get("map_norm"))
+
+
 def pixel_map_kind(cfg: dict) -> str:
     """A name for the kind of pixel map ``cfg`` makes ("smoothed", "raw, levels 2,3", "smoothed, range units"):
-    colour scales and ranges computed on one kind are not used for another."""
+    colour scales and ranges computed on one kind are not used for another. Under ``tile_norm: position`` /
+    ``neighbours`` each tile's map is less its place's offset (`positions.tile_map_shift`): "tile offsets" when the
+    map is in the score's units (the score's offsets), "tile offsets in map units" when it is not (offsets measured
+    on the map, ``tile_map_offsets``); a map of other units without those (a calibration.json written before
+    them) is not shifted, and named as a plain map."""
     levels = cfg.get("map_levels")
     kind = cfg.get("pixel_map", "smoothed")
     if levels:
         kind += f", levels {','.join(str(int(v)) for v in levels)}"
     if cfg.get("map_norm"):
         kind += ", range units"
-    return kind + ", tile offsets" if cfg.get("tile_offsets") else kind   # each tile less its place's offset
+    if not cfg.get("tile_offsets"):
+        return kind
+    if map_in_score_units(cfg):
+        return kind + ", tile offsets"   # each tile less its place's offset
+    return kind + ", tile offsets in map units" if cfg.get("tile_map_offsets") else kind
 
 
 def wdm_score_reference(maps, out_size, alpha: float = ALPHA, beta: float = BETA):
