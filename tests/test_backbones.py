@@ -409,6 +409,45 @@ def test_torchvision_efficientnet_file_only_onto_the_symmetric_padded_model(tmp_
     assert bb.load_report["matched"] == "by structure"
 
 
+
+def test_torchvision_efficientnetv2_file_warns_of_its_batchnorm_eps_and_loads_exactly_with_it(tmp_path):
+    """torchvision's EfficientNetV2 normalises with BatchNorm eps 1e-3, timm's efficientnetv2_s with 1e-5; both pad
+    symmetrically, so the file mapped by structure and loaded silently into features that are not the file's
+    network's. A state dict stores no eps: the layout says it, and the load warns, naming the fix (timm's bn_eps),
+    with which the features are torchvision's exactly, kept in the config that rebuilds the backbone."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(7)
+    tv = torchvision.models.efficientnet_v2_s(weights=None).eval()
+    for m in tv.modules():   # statistics of real inputs (a pass in train mode), with channels nearly switched off
+        if isinstance(m, torch.nn.BatchNorm2d):   # by their gain, as trained networks have: there the eps shows
+            m.momentum = None
+            m.weight.data.uniform_(0, 1.5)
+    with torch.no_grad():
+        tv.train()(_x(n=4, seed=1))
+    tv.eval()
+    torch.save(tv.state_dict(), tmp_path / "tv2.pth")
+    with torch.no_grad():
+        h, outs = _x(), []
+        for block in tv.features[:6]:
+            h = block(h)
+            outs.append(h)
+    want = [outs[2], outs[3], outs[5]]   # strides 4, 8, 16
+    with pytest.warns(UserWarning, match=r"tv2\.pth: the file is in torchvision layout, whose network normalises "
+                                         r"with BatchNorm eps 0\.001, but efficientnetv2_s uses eps 1e-05.*"
+                                         r"bn_eps=0\.001"):
+        plain = create_backbone("efficientnetv2_s", weights=str(tmp_path / "tv2.pth")).eval()
+    with torch.no_grad():   # not float noise: 1 % and more at every level here
+        assert all(float((a - b).norm() / b.norm()) > 1e-3 for a, b in zip(plain(_x()), want))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the file's own eps: nothing to say
+        bb = create_backbone("efficientnetv2_s", weights=str(tmp_path / "tv2.pth"), bn_eps=1e-3).eval()
+        again = create_backbone(**bb.config())
+    with torch.no_grad():
+        _same(bb(_x()), want)
+    assert bb.config()["bn_eps"] == 1e-3 and {m.eps for m in again.modules()
+                                               if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+
 def test_safetensors_file_in_a_structure_mapped_layout_says_give_it_as_pth(tmp_path):
     """safetensors keeps no tensor order, and mapping a torchvision layout by structure needs forward order: the
     refusal says so, and what to do, instead of a bare list of missing keys."""

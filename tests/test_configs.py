@@ -137,8 +137,8 @@ def test_out_of_range_model_and_extract_options_are_one_line_errors(tmp_path, ca
     from uninet_feat.config import load_config
     from uninet_feat.errors import BadInputError
     from uninet_feat.runs import make_model
-    with pytest.raises(BadInputError, match=r"do not fit backbone resnet18 at levels \[1, 2\]: decoder depths"):
-        make_model(load_config(None, base={"backbone": "resnet18", "weights": "random", "levels": [1, 2]}))
+    with pytest.raises(BadInputError, match=r"do not fit backbone resnet18 at levels \[1, 2, 3\]: decoder depths"):
+        make_model(load_config(None, base={"backbone": "resnet18", "weights": "random", "decoder_depths": [3, 4]}))
 
 
 def test_a_weights_file_is_saved_by_absolute_path_and_a_name_as_it_is(tmp_path, monkeypatch):
@@ -201,3 +201,65 @@ def test_model_choices_are_refused_with_their_own_fix(tmp_path):
     with pytest.raises(BadInputError, match="student_relu needs one entry per level") as e:
         make_model(load_config(None, base={"backbone": "tiny", "weights": "random", "student_relu": [True]}))
     assert "decoder_depths" not in e.value.fix and "student_relu" in e.value.fix
+
+
+def test_levels_and_decoder_depths_are_checked_before_the_data_is_read(tmp_path):
+    """levels and decoder_depths were taken as given: a depth of 0 built a student stage that passed on the wrong
+    channels (a RuntimeError in the first step, after the run folder was written), 2.5 or a single number was a
+    TypeError, `decoder_depths: 3,4,6` (a YAML string) was read as its five characters, levels [1.5, 2, 3] or
+    [true, 2, 3] silently meant level 1, and two levels with the default three depths was caught only at the model.
+    Now each is refused by load_config, naming the setting and the file, with an example. Other level counts are
+    the user's choice (the bottleneck and the student are sized from the backbone's levels) and train."""
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.runs import make_model
+    f = tmp_path / "c.yaml"
+    for line, said in (("decoder_depths: [0, 4, 6]", "decoder_depths must be a list of whole numbers >= 1"),
+                       ("decoder_depths: [-1, 4, 6]", "got [-1, 4, 6]"),
+                       ("decoder_depths: [2.5, 4, 6]", "got [2.5, 4, 6]"),
+                       ("decoder_depths: 3", "got 3"),
+                       ("decoder_depths: [true, 4, 6]", "got [True, 4, 6]"),
+                       ("decoder_depths: three", "got 'three'"),
+                       ("decoder_depths: null", "got None"),
+                       ("decoder_depths: []", "got []"),
+                       ("levels: [3, 2, 1]", "levels must be increasing whole numbers >= 0"),
+                       ("levels: [1, 1, 2]", "got [1, 1, 2]"),
+                       ("levels: [-1, 0, 1]", "got [-1, 0, 1]"),
+                       ("levels: [1.5, 2, 3]", "got [1.5, 2, 3]"),
+                       ("levels: [true, 2, 3]", "got [True, 2, 3]"),
+                       ("levels: 3", "got 3"),
+                       ("levels: a,b,c", "got 'a,b,c'"),
+                       ("levels: []", "got []"),
+                       ("levels: [1, 2]", "levels [1, 2] picks 2 feature levels, but decoder_depths [3, 4, 6] has 3 "
+                                          "entries"),
+                       ("levels: 1,2,3,4", "levels [1, 2, 3, 4] picks 4 feature levels, but decoder_depths [3, 4, 6]"),
+                       ("levels: [1, 2, 3]\ndecoder_depths: [3, 4]", "decoder_depths [3, 4] has 2 entries")):
+        e = _refused(f, line, said)
+        key = "levels" if line.startswith("levels") else "decoder_depths"
+        assert key in e.fix and "e.g. `" in e.fix, line
+    assert "decoder_depths: [3, 4]" in _refused(f, "levels: [1, 2]", "picks 2").fix
+    f.write_text("decoder_depths: 3,4,6\nlevels: 1,2,3\n")   # YAML's plain form, as --levels 1,2,3 gives it
+    cfg = load_config(f)
+    assert cfg["decoder_depths"] == [3, 4, 6] and cfg["levels"] == "1,2,3"
+    for levels, depths in (([2, 3], [4, 6]), ([1, 2, 3, 4], [2, 3, 4, 6])):   # any count, one depth per level
+        model = make_model(load_config(None, base={"backbone": "resnet18", "weights": "random", "levels": levels,
+                                                   "decoder_depths": depths}))
+        assert len(model.channels) == len(levels) and len(model.student.stages) == len(depths)
+    with pytest.raises(BadInputError, match=r"levels \[1, 2, 9\] must be increasing indices into the 5 feature"):
+        make_model(load_config(None, base={"backbone": "resnet18", "weights": "random", "levels": [1, 2, 9]}))
+
+
+def test_wrong_levels_or_depths_leave_no_run_folder(tmp_path, capsys):
+    """`train --levels` with a depth count that does not fit, or a depth of 0 in --config: one line with the fix, no
+    folder written (a depth of 0 wrote config.yaml and env.json before the first step's RuntimeError)."""
+    from uninet_feat.cli import main
+    from _tiny import register_tiny, tiny_train_args, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    (tmp_path / "c.yaml").write_text("decoder_depths: [0, 4, 6]\n")
+    for k, (extra, said) in enumerate(((["--levels", "1,2"], "levels [1, 2] picks 2 feature levels"),
+                                       (["--config", str(tmp_path / "c.yaml")], "decoder_depths must be a list"))):
+        out = tmp_path / f"r{k}"
+        assert main(tiny_train_args(data) + extra + ["--out", str(out)]) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and "fix:" in err and "Traceback" not in err, err
+        assert not out.exists()

@@ -75,7 +75,8 @@ def test_train_step_in_backward_equals_plain_run_and_resumes(tmp_path):
     plain = train(load_config(None, {**base, "epochs": 2}), tmp_path / "a", quiet=True)
     train(load_config(None, {**base, "epochs": 1, "step_in_backward": True}), tmp_path / "b", quiet=True)
     (tmp_path / "b" / "model.pt").unlink()   # as if killed after the epoch-1 checkpoint
-    fused = train(load_config(None, {**base, "epochs": 2}), tmp_path / "b", resume=True, quiet=True)
+    fused = train(load_config(None, {**base, "epochs": 2, "step_in_backward": True}), tmp_path / "b", resume=True,
+                  quiet=True)   # the run's own settings: a resume changes only train.RESUMABLE_KEYS
     ma, ckpt_a = build_from_checkpoint(plain)
     mb, ckpt_b = build_from_checkpoint(fused)
     assert ckpt_b["config"]["step_in_backward"] and not ckpt_a["config"]["step_in_backward"]

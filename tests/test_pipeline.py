@@ -1,6 +1,7 @@
 """Train → checkpoint → evaluate on a tiny backbone: reproducibility, resume, tiling, supervision."""
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,43 @@ def test_an_edited_config_yaml_is_refused_on_resume_not_silently_written_over(te
     train(_cfg(texture), run, resume=True, quiet=True)
     assert read_checkpoint(run / "model.pt")["epoch"] == 2
 
+
+
+def test_a_library_resume_with_settings_it_cannot_change_is_refused_as_the_cli_refuses_them(texture, trained,
+                                                                                            tmp_path, monkeypatch,
+                                                                                            capsys):
+    """`train(cfg, out, resume=True)` trains on checkpoint.pt's options and took only the resumable keys from
+    ``cfg``: a library caller's other backbone, image_size or width was silently dropped (the old run trained on).
+    Now refused by the check `train --resume` uses too (one code path), naming the keys, both values and the fix,
+    before anything is written; the run's own config, with resumable keys changed and the data spelled relative,
+    resumes. A run without config.yaml (resumed from checkpoint.pt's resolved student_relu) too."""
+    import shutil
+
+    from uninet_feat.cli import main
+    from uninet_feat.featstore import file_sha256
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    (run / "model.pt").unlink()   # as if killed after the last checkpoint
+    before = {p.name: file_sha256(p) for p in run.iterdir() if p.is_file()}
+    for change, said in (({"image_size": 128}, "image_size cannot change when a run is resumed (it was trained with "
+                                               "image_size=64; asked: image_size=128)"),
+                         ({"width": 0.5}, "width=1.0; asked: width=0.5"),
+                         ({"backbone": "resnet18"}, "backbone='tiny'; asked: backbone='resnet18'"),
+                         ({"levels": [0, 1, 2], "decoder_depths": [1, 1, 1]}, "decoder_depths, levels cannot change"),
+                         ({"select": "synthetic"}, "select='last'; asked: select='synthetic'")):
+        with pytest.raises(BadInputError, match=re.escape(said)) as e:
+            train(_cfg(texture, **change), run, resume=True, quiet=True)
+        assert e.value.path == str(run / "checkpoint.pt") and "load_config(" in e.value.fix, change
+        assert {p.name: file_sha256(p) for p in run.iterdir() if p.is_file()} == before, change
+    assert main(["train", "--out", str(run), "--resume", "--image-size", "128", "--quiet"]) == 2   # the same words
+    assert "image_size cannot change when a run is resumed (it was trained with image_size=64" in capsys.readouterr().err
+    monkeypatch.chdir(texture.parent)
+    resumed = train(load_config(run / "config.yaml", {"data": texture.name, "device": "cpu"}), run, resume=True,
+                    quiet=True)
+    assert read_checkpoint(resumed)["epoch"] == 2
+    (run / "model.pt").unlink()
+    (run / "config.yaml").unlink()
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0 and (run / "model.pt").is_file()
 
 def test_refuses_to_overwrite_a_run(texture, trained):
     with pytest.raises(BadInputError, match="already holds a run"):

@@ -146,7 +146,7 @@ def test_resumed_selection_matches_uninterrupted(texture, tmp_path):
     train(_cfg(texture, select="synthetic", epochs=4), full, quiet=True)
     train(_cfg(texture, select="synthetic", epochs=2), cut, quiet=True)
     (cut / "model.pt").unlink()                        # as if killed after epoch 2's checkpoint
-    train(_cfg(texture, epochs=4), cut, resume=True, quiet=True)
+    train(_cfg(texture, select="synthetic", epochs=4), cut, resume=True, quiet=True)   # the run's own settings
     a, b = read_checkpoint(full / "model.pt"), read_checkpoint(cut / "model.pt")
     assert a["epoch"] == b["epoch"] and a["selection"]["score"] == b["selection"]["score"]
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -90,6 +90,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     _check_keys(ov, None)
     cfg.update(ov)
     check_numbers(cfg, path)
+    check_levels_and_depths(cfg, path)
     dev = str(cfg.get("device") or "auto").strip().lower()
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):   # that a GPU is there is checked where it is used
         raise BadInputError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.get('device')!r}", path=path,
@@ -173,6 +174,57 @@ def check_numbers(cfg: dict, path=None) -> None:
             raise BadInputError(f"{key} must be {what} {bound}, got {v!r}", path=path,
                                 fix=f"e.g. `{key}: {example}` in a config file" + (
                                     f", or --{key.replace('_', '-')} {example}" if key in _FLAGGED else ""))
+
+
+def _whole_numbers(v) -> list[int] | None:
+    """``v`` as a list of ints: a list or tuple of ints, or a "1,2,3" string (the CLI's and a YAML file's plain
+    form); None for anything else (a float, a bool, a single number, words)."""
+    if isinstance(v, str):
+        try:
+            return [int(x) for x in v.replace(" ", "").split(",") if x]   # "1,2,3," as parse_indices reads it
+        except ValueError:
+            return None
+    if isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return list(v)
+    return None
+
+
+def check_levels_and_depths(cfg: dict, path=None) -> None:
+    """``levels`` and ``decoder_depths`` of a usable form, and one depth per level, before the data is read or the
+    model built. Without it a depth of 0 built a student stage that passed on the wrong channels (a RuntimeError in
+    the first step, after the run folder was written), 2.5 or a single number was a TypeError, `decoder_depths:
+    3,4,6` (a YAML string) was read as five characters, and levels [1.5, 2, 3] or [true, 2, 3] silently meant
+    level 1. Any number of levels is taken (the bottleneck and the student are sized from the backbone's); which
+    indices exist is the backbone's own check (a timm CNN's feature levels; a clip: ViT's blocks, three of them).
+    A "3,4,6" string of depths is kept as the list it means; one of levels is left as it is (the backbone reads it,
+    and a run saved with it is compared as saved on --resume)."""
+    default = list(MODEL_DEFAULTS["decoder_depths"])
+    depths_v = cfg.get("decoder_depths", default)
+    depths = _whole_numbers(depths_v)
+    if not depths or min(depths) < 1:
+        raise BadInputError(f"decoder_depths must be a list of whole numbers >= 1 (the student's blocks per level, "
+                            f"coarse to fine), one per level, got {depths_v!r}", path=path,
+                            fix=f"e.g. `decoder_depths: {default}` in a config file (the method's, for three levels)")
+    if isinstance(depths_v, str):
+        cfg["decoder_depths"] = depths
+    levels_v = cfg.get("levels")
+    if levels_v is None:   # the backbone's default levels: their count is checked against the depths at the model
+        return
+    levels = _whole_numbers(levels_v)
+    if not levels or min(levels) < 0 or levels != sorted(set(levels)):
+        raise BadInputError(f"levels must be increasing whole numbers >= 0 (the backbone's feature indices, fine to "
+                            f"coarse, no repeats), got {levels_v!r}", path=path,
+                            fix="e.g. `levels: [1, 2, 3]` in a config file, or --levels 1,2,3; or leave levels out "
+                                "for the backbone's default three (strides 4, 8, 16)")
+    if len(levels) != len(depths):
+        n = len(levels)
+        example = default[:n] if n <= len(default) else [default[0]] * (n - len(default)) + default
+        raise BadInputError(f"levels {levels} picks {n} feature level{'s' * (n != 1)}, but decoder_depths {depths} has "
+                            f"{len(depths)} entr{'ies' if len(depths) != 1 else 'y'}: the student decoder has one "
+                            "stage per level", path=path,
+                            fix=f"give decoder_depths one entry per level, e.g. `decoder_depths: {example}`, or pick "
+                                f"{len(depths)} levels (e.g. `levels: {list(range(1, len(depths) + 1))}`, --levels "
+                                f"{','.join(map(str, range(1, len(depths) + 1)))})")
 
 
 def _check_keys(d: dict, path) -> None:

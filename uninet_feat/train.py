@@ -44,7 +44,10 @@ def _progress(quiet: bool) -> Progress:
 
 def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train UniNet with ``cfg`` into the run folder ``out``; returns the path of ``model.pt``. The folder is
-    locked while it trains (`io.folder_lock`; rank 0 of a torchrun job holds it for all ranks)."""
+    locked while it trains (`io.folder_lock`; rank 0 of a torchrun job holds it for all ranks). ``resume=True``
+    continues the run in ``out``: ``cfg`` is then the run's own config but for `RESUMABLE_KEYS` (e.g.
+    ``load_config(out / "config.yaml", {"epochs": 20})``); another value of any other key is refused
+    (`check_resume_changes`), as `train --resume` refuses it."""
     rank, world = env_rank_world() or (0, 1)   # [distributed] torchrun; (0, 1) in a single process
     if rank != 0:
         return _train(cfg, Path(out), resume, quiet, rank, world)
@@ -61,8 +64,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         state = read_checkpoint(ckpt_path)
         _check_resumable(ckpt_path, state)
         _check_config_edits(out, state)
-        # model, data and options are the checkpoint's; ``cfg`` sets only the schedule's length (to finish or
-        # extend it) and, when given, the thread count
+        check_resume_changes(cfg, state, out)
+        # model, data and options are the checkpoint's (a ``cfg`` that differs in them was refused just above);
+        # ``cfg`` sets only the schedule's length (to finish or extend it) and, when given, the thread count
         was = checkpoint_config(state).get("threads")
         if was and cfg.get("threads") and int(cfg["threads"]) != int(was):
             warnings.warn(f"{out}: the run trained with {was} threads, --threads {cfg['threads']} now: the thread "
@@ -420,6 +424,29 @@ def _check_config_edits(out: Path, state: dict) -> None:
                             "with: the edit would be ignored and then written over", path=out / "config.yaml",
                             fix="undo the edit to continue the run (a resume changes only "
                                 f"{', '.join(RESUMABLE_KEYS)}), or train a new run with a new --out")
+
+
+def check_resume_changes(cfg: dict, state: dict, out: Path) -> None:
+    """Refuse a resume asked with settings it cannot honour. A resume trains on checkpoint.pt's options and takes
+    only `RESUMABLE_KEYS` from ``cfg``, so a library caller's `train(cfg, out, resume=True)` with another backbone,
+    image_size or width silently trained the old run on. One check for it and `train --resume` (whose flags reach
+    ``cfg`` on top of the run's own config.yaml): ``cfg`` against the run config that checkpoint.pt saved, data
+    paths absolute on both sides (a relative spelling of the same folder is the same run); a key either lacks (an
+    older run) is not compared; student_relu may be the saved value or its resolved one (a run without config.yaml
+    is resumed from checkpoint.pt's resolved config)."""
+    from .checkpoint import checkpoint_config
+    from .config import _plain
+    given, was = absolute_data_paths(cfg), absolute_data_paths(state["config"])
+    resolved = checkpoint_config(state)
+    changed = sorted(k for k in given.keys() & was.keys() if k not in RESUMABLE_KEYS
+                     and _plain(given[k]) not in (_plain(was[k]), _plain(resolved.get(k))))
+    if changed:
+        raise BadInputError(f"{', '.join(changed)} cannot change when a run is resumed (it was trained with "
+                            f"{', '.join(f'{k}={was[k]!r}' for k in changed)}; asked: "
+                            f"{', '.join(f'{k}={given[k]!r}' for k in changed)})", path=out / "checkpoint.pt",
+                            fix="drop those flags to continue the run (from Python, resume with the run's own "
+                                f"config: load_config('{out / 'config.yaml'}', {{'epochs': N}})); a resume changes only "
+                                f"{', '.join(RESUMABLE_KEYS)}. Or train a new run with a new --out")
 
 
 def _calibration_set(out: Path, cfg: dict, val: list, given: str | None) -> tuple:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -164,6 +165,34 @@ def _check_padding(sd: dict, body: torch.nn.Module, timm_name: str, source) -> N
                         fix=f"{use} with this file, or pass a checkpoint of {timm_name} itself")
 
 
+# BatchNorm eps of a foreign layout's own network where it is not that of the timm model its file maps onto by
+# structure (layout, timm name prefix) -> eps: torchvision's EfficientNetV2 (efficientnet_v2_s/m/l) normalises with
+# 1e-3, timm's efficientnetv2_* with 1e-5, both padding symmetrically, so `_check_padding` lets it through. A state
+# dict stores no eps, so the layout and the model are all that tell it; a file in timm's own key names (e.g.
+# tf_efficientnet_b0's, eps 1e-3, into efficientnet_b0, 1e-5) looks exactly like the model's own and cannot be told.
+_FOREIGN_BN_EPS = {("torchvision", "efficientnetv2_"): 1e-3}
+
+
+def _check_bn_eps(sd: dict, body: torch.nn.Module, timm_name: str, source) -> None:
+    """Warn when every layer of a foreign-layout file fits but its network normalises with another BatchNorm eps
+    than ``body``: the features then differ from the file's network's, most in channels whose running variance is
+    near the eps (measured on the TF-trained EfficientNet-Lite0 weights, eps 1e-3 run at 1e-5: 0.3 %, 0.5 % and 4 %
+    of the features' norm at strides 4, 8, 16). Timm builds the model with the file's eps when asked (``bn_eps``)."""
+    layout, base = _layout(sd), timm_name.split(".")[0]
+    want = next((eps for (lay, prefix), eps in _FOREIGN_BN_EPS.items() if lay == layout and base.startswith(prefix)),
+                None)
+    have = sorted({m.eps for m in body.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
+    if want is None or have == [want]:
+        return
+    warnings.warn(f"{source}: the file is in {layout} layout, whose network normalises with BatchNorm eps {want:g}, "
+                  f"but {timm_name} uses eps {', '.join(f'{e:g}' for e in have)}: every layer loads, yet the features "
+                  "differ from the file's network's (most where a channel's running variance is near the eps). Fix: "
+                  f"build {timm_name} with the file's eps, create_backbone({timm_name!r}, weights=FILE, "
+                  f"bn_eps={want:g}) (kept in the backbone's config, so a checkpoint rebuilds it; for `train`, register "
+                  "a backbone name whose factory passes it, docs/backbones.md), or use a checkpoint of timm's own "
+                  f"{timm_name}", stacklevel=4)
+
+
 def _check_finite(tensors: dict, names: dict, source) -> None:
     """NaN/Inf weights make every feature, score and loss NaN; NaN is never above a threshold, so a model built
     on them would pass every image as good. ``names``: id → the file's key, for the message."""
@@ -189,6 +218,7 @@ def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict,
             mapped, how = {}, f"by name; by structure: {e}"
         if len(mapped) == len(own):
             _check_padding(sd, body, timm_name, source)
+            _check_bn_eps(sd, body, timm_name, source)
             got, how = mapped, "by structure"
     missing = [k for k in own if k not in got]
     if missing:
