@@ -290,3 +290,61 @@ def test_repeated_flags_replace_a_configs_list(tmp_path):
     assert ap.parse_args(["predict", "--run", "r", "--data", "d", "--out", "o"]).head == []
     appends = [a.dest for sp in ap.commands.values() for a in sp._actions if isinstance(a, cli._AppendOverDefault)]
     assert appends == ["head"]   # every repeatable flag is one (argparse's own append keeps the config's list)
+
+
+def _usage_onnx_decode(tmp_path):
+    """The `decode` of docs/usage.md's ONNX Runtime block, run as the block is (test_deploy.py runs it whole), with
+    a stand-in for onnxruntime and no path to score."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
+    block = re.search(r"Scoring with nothing but ONNX Runtime.*?```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "model.json").write_text("{}")
+    ort = types.ModuleType("onnxruntime")
+    ort.InferenceSession = lambda path: None
+    saved = sys.modules.get("onnxruntime")
+    sys.modules["onnxruntime"] = ort
+    try:
+        space = {"MODEL_DIR": str(tmp_path), "paths": []}
+        exec(compile("\n".join(line[2:] for line in block.splitlines()), "usage.md", "exec"), space)
+    finally:
+        if saved is None:
+            del sys.modules["onnxruntime"]
+        else:
+            sys.modules["onnxruntime"] = saved
+    return space["decode"]
+
+
+def test_the_onnx_snippets_decode_reads_every_file_as_load_image(tmp_path):
+    """docs/usage.md's deployment snippet turned the file as opened with `ImageOps.exif_transpose`, which read an
+    uncompressed TIFF with a quarter-turn orientation tag through PIL's memory map: its rows re-cut, at its stored
+    size (docs/bad_input.md's EXIF row), where `load_image` reads it upright. It decodes from memory now and turns
+    what PIL left: the pixels of `load_image`, for JPEG, PNG, WebP and TIFF (compressed or not) in every mode the
+    snippet names, for every orientation."""
+    import numpy as np
+    from PIL import Image
+    from uninet_feat.data import load_image
+    decode = _usage_onnx_decode(tmp_path)
+    yy, xx = np.mgrid[0:40, 0:24]
+    rgb = np.stack([xx * 10 + 1, yy * 6, (xx * 7 + yy * 3) % 256], -1).astype(np.uint8)
+    pictures = {"RGB": Image.fromarray(rgb), "L": Image.fromarray(rgb[..., 0]),
+                "RGBA": Image.fromarray(np.dstack([rgb, 255 - rgb[..., :1]])), "P": Image.fromarray(rgb).convert("P"),
+                "I;16": Image.fromarray((xx * 2500 + yy * 17 + 1).astype(np.uint16))}
+    files = 0
+    for (mode, img), turn in ((m, t) for m in pictures.items() for t in (1, 2, 3, 5, 6, 8)):
+        exif = Image.Exif()
+        exif[0x0112] = turn
+        kinds = [("tif", {}), ("tif", {"compression": "tiff_lzw"}), ("png", {})]
+        if mode in ("RGB", "L"):
+            kinds += [("jpg", {"quality": 95}), ("webp", {"lossless": True})]
+        for k, (ext, kw) in enumerate(kinds):
+            p = tmp_path / f"{mode.replace(';', '')}_{turn}_{k}.{ext}"
+            img.save(p, exif=exif, **kw)
+            want = load_image(p)
+            got = decode(p)
+            assert got.shape == (1, 3, *want.shape[:2]), (p.name, got.shape, want.shape)
+            np.testing.assert_array_equal(got[0].transpose(1, 2, 0), want, err_msg=p.name)
+            files += 1
+    assert files == 5 * 6 * 3 + 2 * 6 * 2

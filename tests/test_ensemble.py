@@ -342,3 +342,28 @@ def test_ensemble_skip_bad_leaves_out_only_a_mask_that_cannot_be_used_as_evaluat
     rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "e.csv") if r["is_defect"] == "1"}
     left = {m.name.replace("_mask", "") for m in masks[:2]}
     assert all((rows[n]["pixel_auroc"] == "") == (n in left) for n in rows)   # out of the pixel metrics only
+
+
+def test_ensemble_names_images_of_the_other_colour_kind_as_evaluate(seeds, tmp_path):
+    """Runs trained on grey images, scored on colour copies of their test images: `evaluate` warned (the model never
+    saw colour, its scores there carry no meaning) and `ensemble` scored them silently; it now calls the same helper,
+    so the warning is evaluate's, word for word. Grey data gives neither command anything to say."""
+    import warnings
+    from PIL import Image
+    from uninet_feat.evaluate import evaluate
+    tex = tmp_path / "tex"
+    shutil.copytree(seeds / "tex", tex)
+    for p in sorted((tex / "test").rglob("*.png")):   # a colour camera: the same picture, tinted
+        g = np.asarray(Image.open(p).convert("L"), dtype=np.float32)
+        Image.fromarray(np.stack([g, g * 0.8, g * 0.6], -1).astype(np.uint8)).save(p)
+    runs = [str(seeds / "a"), str(seeds / "b")]
+
+    def said(call):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        return sorted({str(w.message) for w in seen if "trained on grey" in str(w.message)})
+    ens = said(lambda: evaluate_ensemble(runs, data=str(tex), quiet=True))
+    one = said(lambda: evaluate(runs[0], str(tex), quiet=True))
+    assert ens == one and len(ens) == 1 and "images are colour" in ens[0], (ens, one)
+    assert said(lambda: evaluate_ensemble(runs, data=str(seeds / "tex"), quiet=True)) == []

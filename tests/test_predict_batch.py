@@ -560,3 +560,38 @@ def test_predict_leaves_out_predict_outputs_only_and_scores_real_images_under_ou
     assert sorted(r["path"] for r in here["rows"]) == imgs[2:]
     with pytest.raises(BadInputError, match="every image under --data is a predict output"):
         predict_cmd(run, batch / "day1" / "overlays", batch / "p3", quiet=True)
+
+
+def test_predict_refuses_an_out_inside_a_labelled_data_set_or_the_runs_data(run, tmp_path, capsys):
+    """predict writes images into --out (overlays/*_overlay.png, maps/*_mask.png), and `train`, `evaluate` and
+    `calibrate` read every image of a labelled folder by its layout (only predict and `extract --batch` leave
+    predict outputs out): `--data D/test --out D/test/pred` made the overlays test images of a defect label `pred`,
+    and `--out D` of labels `overlays` and `maps`, scored silently by the next `evaluate --data D`. Such an --out,
+    or one inside the run's own training data, is refused before anything is scored or written; a batch of
+    unlabelled images may hold --out (predict leaves its outputs out), and --data may lie inside --out."""
+    import shutil
+    from uninet_feat.cli import main
+    from uninet_feat.config import load_config as cfg_of
+    lab = tmp_path / "lab"
+    shutil.copytree(cfg_of(run / "config.yaml")["data"], lab)
+    _png(lab / "test" / "pred" / "overlays" / "000_overlay.png")   # what such an --out held: a defect image now
+    assert {s.label for s in discover(lab) if "overlays" in str(s.path)} == {"pred"}
+    shutil.rmtree(lab / "test" / "pred")
+    for data, out, said in ((lab / "test", lab / "test" / "pred", "lies inside the data set"),
+                            (lab, lab, "is the data set"), (lab / "test", lab, "is the data set"),
+                            (lab / "test" / "spot", cfg_of(run / "config.yaml")["data"] + "/pred",
+                             f"{run} was trained on it")):
+        capsys.readouterr()
+        assert main(["predict", "--run", str(run), "--data", str(data), "--out", str(out), "--threshold=-1e9",
+                     "--quiet"]) == 2, (data, out)
+        err = capsys.readouterr().err
+        assert said in err and "would be read as images of that data set" in err and "_predict" in err, err
+        assert not (Path(out) / "overlays").exists() and not (Path(out) / "predictions.csv").exists()
+    with pytest.raises(BadInputError, match="--data is a labelled data set"):
+        predict_cmd(run, lab / "test", lab / "test" / "good" / "p", quiet=True)
+    batch = tmp_path / "o" / "batch"   # --data inside --out: the outputs lie beside the batch, not in it
+    imgs = [_png(batch / f"{i}.png", i) for i in range(2)]
+    res = predict_cmd(run, batch, tmp_path / "o", threshold=-1e9, quiet=True)
+    assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))
+    res = predict_cmd(run, batch, batch / "p", threshold=-1e9, quiet=True)   # a plain batch: as before
+    assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))

@@ -198,6 +198,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
         if [str(x.path) for x in load_test_samples(m.cfg)] != [str(x.path) for x in test]:
             raise BadInputError(f"{m.run} scored other test images than {runs[0]} (an ensemble compares one image "
                                 "across runs)", path=m.run, fix="pass runs trained on the same data, split and group")
+    from .predict import _warn_other_colour_kind
+    _warn_other_colour_kind(runs[0], test)   # grey images for colour runs, or the other way (as evaluate and predict)
     if skip_bad:   # as evaluate: a mask that cannot be used leaves alone, its image is still scored (the
         test = drop_unusable_masks(test)   # dataset's check left the whole image out of the image metrics too)
     masked = any(x.mask is not None for x in test)   # without masks no pixel metric: keep no maps

@@ -136,6 +136,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if not samples:
         raise BadInputError("every image under --data is a predict output (overlays/, maps/)", path=data,
                             fix="give --data the folder of the batch's own images")
+    _refuse_out_in_a_data_set(out, data, split_csv, samples, ex.cfg, ex.run_dir)   # before anything is scored
     _warn_other_colour_kind(ex.run_dir, samples)
     # absolute paths (the CSV and JSON rows are read from other folders); no mask: a bad one is not a bad image
     samples = [replace(s, path=Path(os.path.abspath(s.path)), mask=None, group=s.group if group is None else group)
@@ -242,6 +243,47 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if resumed and not quiet:
         print(f"resumed: {resumed} item(s) scored by a killed predict into {out} were reused, not scored again")
     return {**summary, "rows": rows}
+
+
+def _refuse_out_in_a_data_set(out, data, split_csv, samples, run_cfg: dict, run_dir) -> None:
+    """Refuse an ``out`` that is, or lies inside, a data set read by its folder layout: ``data`` when it is a labelled
+    layout (a normal folder: label folders or MVTec-style; ``samples`` are its images as predict found them), or the
+    run's own training data (a run trained from a folder, not a split CSV). Why: predict writes images there,
+    ``overlays/*_overlay.png`` and with --save-maps ``maps/*_mask.png``, and `train`, `evaluate`, `ensemble`,
+    `calibrate` and `extract` read every image of such a folder by its layout (only predict and `extract --batch`
+    leave predict outputs out): `--out D/test/pred` made the overlays test images of a defect label ``pred``, and
+    `--out D` (label folders) of labels ``overlays`` and ``maps``, all scored silently by a later `evaluate`. A
+    folder of unlabelled images (a new batch) may still hold ``out``: predict and `extract --batch` leave out its
+    outputs there (session 34), and nothing reads such a folder by labels. ``data`` inside ``out`` is refused only
+    when ``out`` is itself a labelled data set (`--data D/hole --out D` put overlays/ beside D's labels)."""
+    here = Path(os.path.realpath(out))
+    sets = []
+    if not split_csv and Path(data).is_dir() and any(s.label for s in samples):
+        sets.append((data, "--data is a labelled data set (a normal folder beside its labels)"))
+    if run_cfg.get("data") and not run_cfg.get("split_csv"):
+        sets.append((run_cfg["data"], f"{run_dir} was trained on it"))
+    if here in Path(os.path.realpath(data)).parents and _labelled_layout(here):   # only then: a walk of --out
+        sets.append((here, "a labelled data set that holds --data"))
+    for folder, why in sets:
+        root = Path(os.path.realpath(folder))
+        if here == root or root in here.parents:
+            place = "is" if here == root else "lies inside"
+            raise BadInputError(f"--out {place} the data set {root} ({why}): predict's overlays and masks written "
+                                "there would be read as images of that data set by `train`, `evaluate` and "
+                                "`calibrate`", path=out,
+                                fix=f"give --out a folder outside it, e.g. --out {root.parent / (root.name + '_predict')}")
+
+
+def _labelled_layout(folder: Path) -> bool:
+    """Whether ``folder`` is a labelled layout as predict reads one (`layouts.discover_batch`: a normal folder, label
+    folders or MVTec-style), from its file names alone; a folder it cannot read as one is not."""
+    from .data.layouts import discover_batch
+    try:
+        with warnings.catch_warnings():   # its notes (unused images, PNGs beside images) are not this check's
+            warnings.simplefilter("ignore")
+            return any(s.label for s in discover_batch(folder))
+    except BadInputError:
+        return False
 
 
 def _knn_key(knn) -> dict:
