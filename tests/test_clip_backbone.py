@@ -322,3 +322,67 @@ def test_prompt_files_of_the_wrong_shape_are_named(tmp_path, text, said):
     with pytest.raises(BadInputError, match=said) as e:
         load_prompts(tmp_path / "p.yaml")
     assert e.value.path == str(tmp_path / "p.yaml")
+
+
+OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def test_a_local_file_takes_open_clips_normalisation_for_its_model_name():
+    """A local weights file carries no preprocessing, and every file got OpenAI's mean/std: open_clip's own factory
+    does the same unless told `image_mean`/`image_std`, but it knows each pretrained tag's (`get_pretrained_cfg`),
+    and CLIPA's checkpoints (ImageNet's) or ViT-L-14's laion2b_s32b_b82k (0.5 / 0.5) were fed other inputs than they
+    were trained on, silently. From open_clip's registry alone (nothing downloaded): the tag the path names, else
+    the one all the model's tags share, else OpenAI's with a warning that names the others and the fix."""
+    import warnings
+    from uninet_feat.backbones.clip import file_normalisation
+    hub = "/cache/huggingface/hub/models--laion--CLIP-ViT-L-14-laion2B-s32B-b82K/snapshots/0a1b/open_clip_model.bin"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # none of these is ambiguous
+        assert file_normalisation("ViT-L-14", hub)[:2] == ((0.5,) * 3, (0.5,) * 3)
+        assert file_normalisation("ViT-L-14", r"C:\w\ViT-L-14-laion2b_s32b_b82k.safetensors")[:2] == ((0.5,) * 3,) * 2
+        assert file_normalisation("ViT-L-14", "/w/vit_l_14-laion400m_e31-69988bb6.pt")[:2] == OPENAI
+        mean, std, why = file_normalisation("ViT-L-14-CLIPA", "/w/clipa.bin")   # every tag: ImageNet's
+        assert (mean, std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) and "each of the model's" in why
+        assert file_normalisation("ViT-B-16", "/w/b16.bin")[:2] == OPENAI
+    with pytest.warns(UserWarning, match=r"/w/l14.bin: a weights file of ViT-L-14.*taking mean \[0.48145466.*"
+                                         r"laion2b_s32b_b82k.*--mean 0.5 0.5 0.5 --std 0.5 0.5 0.5"):
+        assert file_normalisation("ViT-L-14", "/w/l14.bin")[:2] == OPENAI
+
+
+def test_a_builtin_models_file_is_normalised_as_open_clip_knows_it_given_values_win_and_are_checked(tmp_path,
+                                                                                                   monkeypatch):
+    """The backbone takes `file_normalisation` for a file of a built-in open_clip model (here a stand-in: the tiny
+    config under an open_clip name, whose two tags differ), `mean=`/`std=` over it (no warning), and records what it
+    used, so a checkpoint's config rebuilds it with no lookup. A hub `open_clip_config.json` registered as a config
+    keeps its `preprocess_cfg` (it was dropped with the model config). Values that cannot normalise are refused."""
+    import json
+    import warnings
+    import open_clip
+    from uninet_feat.backbones.clip import _CONFIGS, register_clip_config
+    tiny = dict(_CONFIGS["tiny"])
+    tags = {"half": {"mean": (0.5,) * 3, "std": (0.5,) * 3, "hf_hub": "org/tiny-half/"}, "openai": {}}
+    monkeypatch.setattr(open_clip, "get_model_config", lambda n: dict(tiny) if n == "Tiny-OC" else None)
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda n: list(tags) if n == "Tiny-OC" else [])
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda n, t: tags.get(t, {}) if n == "Tiny-OC" else {})
+    torch.save(build_clip_model("tiny").state_dict(), tmp_path / "tiny-half.bin")   # named like the tag's repository
+    bb = create_backbone("clip:Tiny-OC", weights=str(tmp_path / "tiny-half.bin"))
+    assert (bb.mean, bb.std) == ((0.5,) * 3, (0.5,) * 3) and "tag half" in bb.normalisation_source
+    assert bb.config()["mean"] == [0.5] * 3 and "model_cfg" not in bb.config()   # a built-in name: no config copy
+    (tmp_path / "other.bin").write_bytes((tmp_path / "tiny-half.bin").read_bytes())
+    with pytest.warns(UserWarning, match="differ in their input normalisation"):
+        assert (create_backbone("clip:Tiny-OC", weights=str(tmp_path / "other.bin")).mean,) == (OPENAI[0],)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given = create_backbone("clip:Tiny-OC", weights=str(tmp_path / "other.bin"), mean=(0.4, 0.5, 0.6),
+                                std=(0.2, 0.25, 0.3))
+        assert (given.mean, given.std, given.normalisation_source) == ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3), "given")
+        again = create_backbone(**given.config())   # as a checkpoint rebuilds it (random weights, recorded values)
+        assert (again.mean, again.std) == (given.mean, given.std)
+    hub = {"model_cfg": tiny, "preprocess_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(hub))
+    register_clip_config("tiny-hub", tmp_path / "open_clip_config.json")
+    assert create_backbone("clip:tiny-hub").mean == (0.1, 0.2, 0.3)
+    for mean, std, said in (((0.5, 0.5), (0.5,) * 3, "mean must be 3 numbers"), ((0.5,) * 3, (0.5, 0, 0.5), "std"),
+                            ((127.0,) * 3, (0.5,) * 3, r"each in \[0, 1\]"), ((0.5,) * 3, (float("nan"),) * 3, "std")):
+        with pytest.raises(BadInputError, match=said):
+            create_backbone("clip:tiny", mean=mean, std=std)

@@ -197,3 +197,62 @@ def test_text_columns_of_a_border_pad_run_are_the_plain_image_towers(tmp_path):
                  "--image-size", "64", "--text", "--out", str(tmp_path / "fp"), "--quiet"]) == 0
     fr, fp = FeatureStore(tmp_path / "fr"), FeatureStore(tmp_path / "fp")
     np.testing.assert_allclose(fr.vectors[:, -4:], fp.vectors[:, -4:], rtol=1e-5, atol=1e-6)
+
+
+def test_mean_and_std_of_a_weights_file_are_given_checked_recorded_and_scored_with(tmp_path, capsys):
+    """A CLIP file trained with another normalisation than the backbone's default (0.5 / 0.5, as some open_clip
+    checkpoints and many fine-tunes) had no way in: `--mean R G B --std R G B` gives it to `train` (recorded in the
+    run's config.yaml, and in model.pt as the backbone's own, so evaluate, predict, extract --run and Detector score
+    with it), to `extract` without --run (the store's source) and to `zero-shot` (its config.yaml, re-run with
+    --config). Values that cannot normalise, one of the two alone, a backbone that ignores them, another pair on
+    --resume and --mean beside --run are refused before any folder is written."""
+    import yaml
+    from uninet_feat.checkpoint import read_checkpoint
+    from uninet_feat.detector import Detector
+    from uninet_feat.extract import Extractor
+    from _tiny import register_tiny
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    norm = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
+    base = ["train", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights), "--image-size", "64",
+            "--epochs", "1", "--batch-size", "2", "--quiet"]
+    for extra, said in ((["--mean", "0.5", "0.5", "0.5"], "mean is given without std"),
+                        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0", "0.2"], "std must be 3 numbers"),
+                        (["--mean", "127", "127", "127", "--std", "60", "60", "60"], r"each in [0, 1]")):
+        capsys.readouterr()
+        assert main(base + extra + ["--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "--mean R G B --std R G B" in err, err
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",
+                 "--epochs", "1", "--quiet", "--out", str(tmp_path / "bad")] + norm) == 2
+    assert "backbone tiny does not take an input normalisation" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    assert main(base + norm + ["--out", str(run)]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["mean"], cfg["std"]) == ([0.5] * 3, [0.25] * 3)
+    bb = read_checkpoint(run / "model.pt")["backbone"]
+    assert (bb["mean"], bb["std"]) == ([0.5] * 3, [0.25] * 3)
+    assert Extractor(run).backbone.std == (0.25,) * 3 and Detector(run).model.source.mean == (0.5,) * 3
+    capsys.readouterr()
+    assert main(base + ["--mean", "0.4", "0.4", "0.4", "--std", "0.25", "0.25", "0.25", "--out", str(run),
+                        "--resume"]) == 2
+    assert "mean" in capsys.readouterr().err
+    assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(tmp_path / "fr"), "--quiet"]
+                + norm) == 2
+    assert "a run scores with the one it was trained with" in capsys.readouterr().err
+    assert main(["extract", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--out", str(tmp_path / "fp"), "--quiet"] + norm) == 0
+    assert FeatureStore(tmp_path / "fp").manifest["source"]["backbone"]["std"] == [0.25] * 3
+    zs = tmp_path / "zs"
+    assert main(["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--quiet", "--out", str(zs)] + norm) == 0
+    saved = yaml.safe_load((zs / "config.yaml").read_text())
+    assert (saved["mean"], saved["std"]) == ([0.5] * 3, [0.25] * 3)
+    first = json.loads((zs / "scores.json").read_text())
+    assert main(["zero-shot", "--config", str(zs / "config.yaml"), "--out", str(zs), "--quiet"]) == 0   # the same again
+    assert json.loads((zs / "scores.json").read_text()) == first
+    assert main(["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
+                 "--image-size", "64", "--quiet", "--out", str(tmp_path / "zs2")]) == 0   # CLIP's own: other scores
+    assert json.loads((tmp_path / "zs2" / "scores.json").read_text()) != first

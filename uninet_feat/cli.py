@@ -19,7 +19,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="timm model name, or clip:ARCH for the VLM variant (default "
                                       "tf_efficientnet_lite0)")
     p.add_argument("--weights", help="imagenet | random | PATH to a local checkpoint (default imagenet)")
-    p.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], help="three feature levels, e.g. 1,2,3")
+    _normalisation_flags(p)
+    p.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], help="feature levels, fine to coarse, e.g. 1,2,3 (the default three); decoder_depths needs one entry per level")
     p.add_argument("--image-size", dest="image_size", type=int,
                    help="side of the square model input, or of each tile (default 256)")
     p.add_argument("--tile", type=int, help="tile large images into TILE×TILE pieces (e.g. 256 for fabric strips)")
@@ -88,6 +89,17 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                         "one parameter copy less at the peak (same results; not with torchrun)")
 
 
+def _normalisation_flags(p) -> None:
+    """--mean / --std: the input normalisation of a weights file trained with its own (recorded in the run)."""
+    p.add_argument("--mean", nargs=3, type=float, metavar=("R", "G", "B"),
+                   help="input normalisation (x - mean) / std of images in [0, 1], with --std: for a weights file "
+                        "trained with another than the backbone's own (default: a timm model's pretrained config; "
+                        "a clip: model's open_clip tag, or for a local file open_clip's for the model name, else "
+                        "OpenAI's), e.g. --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5")
+    p.add_argument("--std", nargs=3, type=float, metavar=("R", "G", "B"),
+                   help="per-channel std of the input normalisation, each above 0 (with --mean)")
+
+
 def _threshold_args(p) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, help="flag images whose score is above this value")
@@ -131,7 +143,7 @@ _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "i
                "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "device", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
                "map_levels", "map_norm", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
-               "step_in_backward", "denoise", "denoise_kinds", "border_pad")
+               "step_in_backward", "denoise", "denoise_kinds", "border_pad", "mean", "std")
 
 
 class _AppendOverDefault(argparse.Action):
@@ -248,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="trained run (domain-adapted features); omit for plain backbone features")
     p.add_argument("--backbone", help="backbone when no --run (default tf_efficientnet_lite0)")
     p.add_argument("--weights", default="imagenet")
+    _normalisation_flags(p)
     p.add_argument("--image-size", dest="image_size", type=int)
     p.add_argument("--tile", type=int, help="tile large images into TILE x TILE pieces (default: the run's "
                    "tiling; none without --run)")
@@ -366,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="score only this group (category) of a multi-group data set")
     p.add_argument("--backbone", required=True, help="a clip: backbone, e.g. clip:ViT-B-16")
     p.add_argument("--weights", required=True, help="the whole open_clip checkpoint (both towers), or a tag")
+    _normalisation_flags(p)
     p.add_argument("--prompts", help="prompt YAML (write the defaults with `uninet-feat prompts`)")
     p.add_argument("--image-size", dest="image_size", type=int, default=224,
                    help="side of the square model input, or of each tile (default 224, CLIP's native resolution)")
@@ -677,15 +691,12 @@ def _absolute(key: str, value):
     return os.path.abspath(value)
 
 
-def _resume_base(out: Path, config, overrides: dict) -> dict:
+def _resume_base(out: Path) -> dict:
     """The config a resumed run continues with: its own saved one, so that `train --out RUN --resume` finishes
     the run's schedule instead of the defaults'; flags (and --config keys) given now override it, and only
     those a resume can honour (``train.RESUMABLE_KEYS``: --epochs, --threads, --map-levels, --map-norm, --device) are
-    accepted."""
+    accepted: `train.check_resume_changes` refuses the others, for this command and a library caller alike."""
     from .checkpoint import checkpoint_config, read_checkpoint
-    from .config import load_config
-    from .runs import absolute_data_paths
-    from .train import RESUMABLE_KEYS
     saved_path = out / "config.yaml"
     if saved_path.is_file():
         from .io import read_yaml
@@ -695,13 +706,6 @@ def _resume_base(out: Path, config, overrides: dict) -> dict:
         saved = checkpoint_config(read_checkpoint(out / "checkpoint.pt"))
     else:
         return {}   # train() says there is nothing to resume
-    # data paths compared as a new run saves them (absolute), on both sides: `--config FILE` spells them relative
-    given, saved_abs = absolute_data_paths(load_config(config, overrides, base=saved)), absolute_data_paths(saved)
-    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_KEYS and given[k] != saved_abs[k])
-    if changed:
-        raise BadInputError(f"{', '.join(changed)} cannot change when a run is resumed (it was trained with "
-                            f"{', '.join(f'{k}={saved[k]!r}' for k in changed)})", path=saved_path,
-                            fix="drop those flags to continue the run, or train a new run with a new --out")
     return saved
 
 
@@ -714,7 +718,7 @@ def _dispatch(args) -> int:
         from .config import load_config
         from .train import train
         overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
-        base = _resume_base(Path(args.out), args.config, overrides) if args.resume else None
+        base = _resume_base(Path(args.out)) if args.resume else None
         cfg = load_config(args.config, overrides, base=base)
         if args.val_every is not None and cfg.get("select") != "synthetic":
             warnings.warn("--val-every has no effect without --select synthetic (nothing is validated)")
@@ -759,7 +763,7 @@ def _dispatch(args) -> int:
             res = wf.extract_cmd(args.data, args.out, args.run, args.split_csv, args.group, args.backbone,
                                  args.weights, args.image_size, args.tile, args.patches, args.shard,
                                  args.shard_size, args.quiet, text=args.text, skip_bad=args.skip_bad,
-                                 batch=args.batch)
+                                 batch=args.batch, mean=args.mean, std=args.std)
         elif args.command == "index":
             res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k, args.run)
         elif args.command == "train-head":
@@ -780,7 +784,7 @@ def _dispatch(args) -> int:
         from .workflows import zero_shot_cmd
         res = zero_shot_cmd(args.data, args.out, args.backbone, args.weights, args.prompts, args.split_csv,
                             args.group, args.image_size, args.tile, args.patch_mode, args.quiet,
-                            skip_bad=args.skip_bad, device=args.device or "auto")
+                            skip_bad=args.skip_bad, device=args.device or "auto", mean=args.mean, std=args.std)
         print(json.dumps(res, indent=2))
         return 0
     if args.command == "calibrate":

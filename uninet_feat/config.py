@@ -56,6 +56,10 @@ DEFAULT_CONFIG: dict = {
     "keep_every": 0,               # also keep the model of every N-th epoch as epochs/epoch_NNN.pt (0: none)
     # backbone
     "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "levels": None,
+    # the input normalisation (x - mean) / std, per channel R, G, B: None = the backbone's own (a timm CNN's pretrained
+    # config; a clip: model's open_clip tag, or for a local file open_clip's for the model name, else OpenAI's). A
+    # weights file trained with another one (e.g. 0.5 / 0.5) needs it given; model.pt records what the model used
+    "mean": None, "std": None,
     # optimisation (method §5, one-class recipe, but 10 epochs instead of its 100 so that a first CPU run takes
     # minutes; the configs set their own; fixed schedule: the last epoch is the model)
     "epochs": 10, "batch_size": 8, "lr": 5e-3, "lr_target": 1e-6, "weight_decay": 1e-5,
@@ -99,6 +103,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         raise BadInputError(f"tile_score must be one of {', '.join(TILE_SCORES)}, got {cfg['tile_score']!r}",
                             path=path, fix="tile_score: max (the highest tile; the default), or --tile-score mean")
     check_model_choices(cfg, path)
+    check_mean_std(cfg, path)
     return cfg
 
 
@@ -292,3 +297,24 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def check_mean_std(cfg: dict, path=None) -> None:
+    """``mean`` and ``std`` None (the backbone's own) or 3 numbers each (`backbones.base.check_normalisation`), kept as
+    lists of floats (YAML 1.1 reads ``5e-1`` as text), and given together: one alone would pair with the other's
+    default, which belongs to another normalisation."""
+    from .backbones.base import check_normalisation
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None and std is None:
+        return
+    if mean is None or std is None:
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise BadInputError(f"{given} is given without {missing}", path=path,
+                            fix="give both, --mean R G B --std R G B (`mean: [R, G, B]` and `std: [R, G, B]` in a "
+                                "config file), or neither for the backbone's own")
+    try:
+        m, s = check_normalisation(mean, std, "the input normalisation",
+                                   "--mean R G B --std R G B (`mean: [R, G, B]`, `std: [R, G, B]` in a config file)")
+    except BadInputError as e:
+        raise BadInputError(e.reason, path=path, fix=e.fix) from None
+    cfg["mean"], cfg["std"] = list(m), list(s)

@@ -38,10 +38,13 @@ class Extractor:
 
     def __init__(self, run=None, backbone: str | None = None, weights: str = "imagenet",
                  image_size: int | None = None, tile: int | None = None, patches: bool = False,
-                 batch_size: int = 8, text=None, skip_bad: bool = False, device=None):
-        from .backbones import create_backbone
+                 batch_size: int = 8, text=None, skip_bad: bool = False, device=None, mean=None, std=None):
         from .calibration import load_run
-        from .runs import pick_device
+        from .runs import create_normalised_backbone, pick_device
+        if run is not None and (mean is not None or std is not None):
+            raise BadInputError("--mean/--std set the input normalisation of plain backbone features; a run scores "
+                                "with the one it was trained with (its model.pt records it)", path=run,
+                                fix="drop --mean/--std, or drop --run for plain backbone features")
         if run is not None:
             path = run_path(run, "model.pt")
             self._run_typed = run
@@ -53,8 +56,8 @@ class Extractor:
         else:
             self.model, self.run_dir = None, None
             name = backbone or DEFAULT_CONFIG["backbone"]
-            self.backbone = create_backbone(name, weights=weights).eval().to(pick_device(device))
-            self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights}
+            self.backbone = create_normalised_backbone(name, weights, mean, std).eval().to(pick_device(device))
+            self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights, "mean": mean, "std": std}
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
         if run is not None and ((image_size and image_size != self.cfg["image_size"])
                                 or (tile is not None and (tile or None) != (self.cfg.get("tile") or None))):

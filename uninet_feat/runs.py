@@ -208,7 +208,8 @@ def model_device(model) -> torch.device:
 
 
 def make_model(cfg: dict) -> UniNet:
-    backbone = create_backbone(cfg["backbone"], weights=cfg["weights"], levels=cfg.get("levels"))
+    backbone = create_normalised_backbone(cfg["backbone"], cfg["weights"], cfg.get("mean"), cfg.get("std"),
+                                          levels=cfg.get("levels"))
     try:
         return UniNet(backbone, **model_options(cfg))
     except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths); values
@@ -217,6 +218,30 @@ def make_model(cfg: dict) -> UniNet:
                    "check the option the message names against docs/usage.md, or train with its default")
         raise BadInputError(f"the model options do not fit backbone {cfg['backbone']} at levels "
                             f"{list(backbone.levels)}: {e}", fix=fix) from e
+
+
+def create_normalised_backbone(name, weights, mean=None, std=None, **kw):
+    """``create_backbone(name, weights=weights, **kw)`` with the input normalisation ``mean``/``std`` when given (a
+    config's, `config.check_mean_std`); refused when the backbone does not take it (a factory that ignores them
+    would train on another normalisation than the run records)."""
+    if mean is None and std is None:
+        return create_backbone(name, weights=weights, **kw)
+    from .config import check_mean_std
+    given = {"mean": mean, "std": std}
+    check_mean_std(given)
+    mean, std = tuple(given["mean"]), tuple(given["std"])
+    try:
+        bb = create_backbone(name, weights=weights, mean=mean, std=std, **kw)
+    except TypeError as e:
+        bb, why = None, f" ({e})"
+    else:
+        why = ""
+    if bb is None or not all(math.isclose(float(a), b, rel_tol=1e-6)
+                             for a, b in zip((*bb.mean, *bb.std), (*mean, *std))):
+        raise BadInputError(f"backbone {name} does not take an input normalisation of its own{why}",
+                            fix="drop --mean/--std (mean/std in the config) for it, or give its factory mean= and "
+                                "std= arguments")
+    return bb
 
 
 # make_model's fix for the model's ValueErrors, by words of their message; any other gets a plain one

@@ -25,7 +25,7 @@ def _check_sizes(image_size, tile) -> None:
 
 def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, weights="imagenet",
                 image_size=None, tile=None, patches=False, shard="0/1", shard_size=256, quiet=False,
-                validate=False, text=None, skip_bad=False, batch=False) -> dict:
+                validate=False, text=None, skip_bad=False, batch=False, mean=None, std=None) -> dict:
     """``batch``: ``data`` read as predict reads a new batch (`layouts.discover_batch`); a folder that holds images
     but no training layout (no label folders) is read so without it."""
     from .extract import Extractor
@@ -55,7 +55,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         local = int(os.environ.get("LOCAL_RANK", rank))   # one GPU per process
         device = torch.device("cuda", local % torch.cuda.device_count())
     ex = Extractor(run=run, backbone=backbone, weights=weights, image_size=image_size, tile=tile, patches=patches,
-                   text=text, skip_bad=skip_bad, device=device)
+                   text=text, skip_bad=skip_bad, device=device, mean=mean, std=std)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
     samples = _batch_or_layout(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None,
@@ -329,7 +329,8 @@ def _validation_paths(run) -> set:
 
 
 def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,
-                  tile=None, patch_mode="tokens", quiet=False, skip_bad=False, device=None) -> dict:
+                  tile=None, patch_mode="tokens", quiet=False, skip_bad=False, device=None, mean=None,
+                  std=None) -> dict:
     """Score images with CLIP text prompts alone (no training image): the VLM variant's cold start.
 
     Per image: P(defect) from the image embedding (``clip_image_score``, the score) and the patch-score
@@ -340,11 +341,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     """
     import torch
     from rich.progress import track
-    from .backbones import create_backbone
     from .config import DEFAULT_CONFIG, save_run_config
     from .extract import Extractor
     from .metrics import f1_max, image_ap, image_auroc
-    from .runs import make_dataset, pick_device
+    from .runs import create_normalised_backbone, make_dataset, pick_device
     from .vlm import TextScorer
     _check_sizes(image_size, tile)
     if not str(backbone).startswith("clip:"):   # before any weights load; it said "TextScorer needs ...", no fix
@@ -352,7 +352,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
                             fix="--backbone clip:ViT-B-16 (or another open_clip model) --weights FILE, the whole "
                                 "open_clip checkpoint (both towers)")
     device = pick_device(device)
-    bb = create_backbone(backbone, weights=weights).eval()
+    bb = create_normalised_backbone(backbone, weights, mean, std).eval()   # --mean/--std: a file's own, if other
     step = zero_shot_step(bb)
     if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
         raise BadInputError(f"image size {image_size} is not a multiple of {step}, the patch grid of {backbone}",
@@ -375,7 +375,9 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder
     cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
                                "backbone": backbone, "weights": str(weights), "image_size": image_size,
-                               "tile": tile, "skip_bad": bool(skip_bad), "device": str(device)})
+                               "tile": tile, "skip_bad": bool(skip_bad), "device": str(device),
+                               "mean": None if mean is None else list(bb.mean),
+                               "std": None if std is None else list(bb.std)})
     ds = make_dataset(samples, cfg, bb)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
     feats, index = [], []

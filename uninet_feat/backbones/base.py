@@ -7,6 +7,8 @@ read. Any ``nn.Module`` with these attributes works (tests use a hand-written on
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -65,10 +67,30 @@ def check_backbone(bb, origin: str = "backbone") -> nn.Module:
     if any(b <= a or b % a or (b // a) & (b // a - 1) for a, b in zip(strides, strides[1:])):
         raise BadInputError(f"{origin}: strides {strides} must go fine → coarse, each a power of two times the "
                             "one before (e.g. 4, 8, 16): the student decoder upsamples by powers of two")
-    if len(bb.mean) != 3 or len(bb.std) != 3:
-        raise BadInputError(f"{origin}: mean/std must have 3 values, got {bb.mean} / {bb.std}")
+    check_normalisation(bb.mean, bb.std, origin)
     _check_outputs(bb, origin)
     return bb
+
+
+def check_normalisation(mean, std, origin: str = "mean/std", flags: str = "mean=(R, G, B), std=(R, G, B)"):
+    """(mean, std) as two tuples of 3 floats, the input normalisation ``(x - mean) / std`` of images in [0, 1]:
+    each mean in [0, 1], each std finite and above 0 (a std of 0 divides by zero; a mean outside the image range is
+    a typo or 0-255 units), else a BadInputError naming ``flags``. Numbers written as text (YAML 1.1's ``5e-1``)
+    are read as numbers."""
+    out = []
+    for name, v, ok in (("mean", mean, lambda x: 0 <= x <= 1), ("std", std, lambda x: 0 < x < math.inf)):
+        try:
+            vals = tuple(float(x) for x in v) if not isinstance(v, (str, bytes)) else None
+        except (TypeError, ValueError):
+            vals = None
+        if vals is None or len(vals) != 3 or any(isinstance(x, bool) for x in v) or not all(map(ok, vals)):
+            rule = "each in [0, 1]" if name == "mean" else "each above 0"
+            raise BadInputError(f"{origin}: {name} must be 3 numbers (R, G, B), {rule}, for images in [0, 1]; "
+                                f"got {v!r}", fix=f"give {flags}, e.g. OpenAI CLIP's mean 0.48145466 0.4578275 "
+                                                  "0.40821073, std 0.26862954 0.26130258 0.27577711, or 0.5 0.5 0.5 "
+                                                  "for both")
+        out.append(vals)
+    return out[0], out[1]
 
 
 @torch.no_grad()

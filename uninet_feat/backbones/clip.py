@@ -28,6 +28,10 @@ pretrained tag (``"laion2b_s34b_b88k"``, ``"openai"``, ...), which open_clip dow
 path that touches the network. Only open_clip's own ``VisionTransformer`` towers are supported (not the
 timm-tower models such as SigLIP/EVA, nor the ModifiedResNet ones).
 
+Input normalisation (``mean``/``std``): given, else the hub tag's, else the model config's ``preprocess_cfg``, else
+for a local file of a built-in model open_clip's for the model name (`file_normalisation`: the tag the file's path
+names, or the one all its tags share; warned where they differ), else OpenAI's, as open_clip's factory has it.
+
 ``clip:tiny`` (patch 16) and ``clip:tiny-p8`` (patch 8) are small random configurations for tests and docs
 (width 64, 4 blocks, 64 px native, a 1-block text tower); ``register_clip_config`` adds others.
 ``import uninet_feat.backbones`` registers the ``clip:`` prefix without importing open_clip (it is imported on
@@ -50,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadInputError
-from .base import Backbone, parse_indices
+from .base import Backbone, check_normalisation, parse_indices
 from .registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,10 @@ def register_clip_config(name: str, cfg, overwrite: bool = False) -> None:
             cfg = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise BadInputError(f"cannot read an open_clip model config ({e})", path=p) from e
-        cfg = cfg.get("model_cfg", cfg)
+    if isinstance(cfg.get("model_cfg"), dict):   # open_clip_config.json: its preprocess_cfg (mean, std) sits beside
+        pre = cfg.get("preprocess_cfg")          # the model config, and was dropped with it
+        cfg = dict(cfg["model_cfg"], **({"preprocess_cfg": pre} if pre and "preprocess_cfg" not in cfg["model_cfg"]
+                                         else {}))
     _check_cfg(name, cfg)
     if name in _CONFIGS and not overwrite and _CONFIGS[name] != cfg:
         raise ValueError(f"clip config {name!r} is already registered (pass overwrite=True to replace it)")
@@ -311,6 +318,61 @@ def _tag_cfg(clip_name: str, tag: str, builtin: bool) -> dict:
     return open_clip.get_pretrained_cfg(clip_name, tag) or {}
 
 
+def _tag_normalisation(pcfg: dict) -> tuple[tuple, tuple]:
+    """(mean, std) of an open_clip pretrained config; a config without them has open_clip's default, OpenAI's."""
+    return (tuple(float(x) for x in (pcfg.get("mean") or OPENAI_MEAN)),
+            tuple(float(x) for x in (pcfg.get("std") or OPENAI_STD)))
+
+
+def _names_of_tag(tag: str, pcfg: dict) -> list[str]:
+    """How a file of open_clip's tag ``tag`` may be named on disk, lower case: the tag, its download's file name, its
+    Hugging Face repository's name and that repository's folder in the hub's cache (``models--laion--CLIP-...``)."""
+    names = [tag.lower()]
+    url = str(pcfg.get("url") or "").rstrip("/")
+    if url:
+        names.append(url.rsplit("/", 1)[-1].lower())
+    hub = str(pcfg.get("hf_hub") or "").strip("/")
+    if hub:
+        names += [hub.rsplit("/", 1)[-1].lower(), "models--" + hub.replace("/", "--").lower()]
+    return [n for n in names if n]
+
+
+def file_normalisation(clip_name: str, weights) -> tuple[tuple, tuple, str]:
+    """(mean, std, where from) for a local weights file of open_clip's built-in model ``clip_name``, which carries no
+    preprocessing of its own (open_clip's factory gives such a file OpenAI's mean/std unless told ``image_mean``/
+    ``image_std``). open_clip knows the mean/std of each pretrained tag of the model (``get_pretrained_cfg``): the tag
+    whose name, download file name or Hugging Face repository the file's path holds gives its own; otherwise, when
+    every tag of the model has one and the same (CLIPA's ImageNet mean/std), that one. When the tags differ (ViT-L-14's
+    laion2b_s32b_b82k: 0.5 / 0.5, its others OpenAI's) and the path names none of them, OpenAI's are taken with a
+    warning naming the tags of the others and the fix (``mean=``/``std=``, ``--mean``/``--std``)."""
+    import open_clip
+    tags = {t: open_clip.get_pretrained_cfg(clip_name, t) or {}
+            for t in open_clip.list_pretrained_tags_by_model(clip_name)}
+    if not tags:
+        return OPENAI_MEAN, OPENAI_STD, "OpenAI's (open_clip's default; it has no pretrained tag of this model)"
+    path = str(weights).replace("\\", "/").lower()
+    named = [t for t, c in tags.items() if any(n in path for n in _names_of_tag(t, c))]
+    pool = {t: tags[t] for t in (named or tags)}
+    kinds: dict = {}
+    for t, c in pool.items():
+        kinds.setdefault(_tag_normalisation(c), []).append(t)
+    if len(kinds) == 1:
+        (mean, std), which = next(iter(kinds.items()))
+        return mean, std, (f"open_clip's tag {which[0]} (the file's path names it)" if named else
+                           f"open_clip's, the same for each of the model's {len(which)} tag(s)")
+    openai = (tuple(OPENAI_MEAN), tuple(OPENAI_STD))
+    mean, std = openai if openai in kinds else next(iter(kinds))
+    others = "; ".join(f"mean {list(m)}, std {list(sd)} for {', '.join(ts)}" for (m, sd), ts in kinds.items()
+                       if (m, sd) != (mean, std))
+    first = next(((m, sd) for (m, sd) in kinds if (m, sd) != (mean, std)))
+    warnings.warn(f"{weights}: a weights file of {clip_name}, whose open_clip checkpoints differ in their input "
+                  f"normalisation, and its path names none of their tags: taking mean {list(mean)}, std {list(std)} "
+                  f"({', '.join(kinds[(mean, std)])}); open_clip gives {others}. Fix: for a file of those, pass its "
+                  f"normalisation: --mean {' '.join(map(str, first[0]))} --std {' '.join(map(str, first[1]))} "
+                  "(mean=, std= in the library)", stacklevel=3)
+    return mean, std, "OpenAI's, one of the kinds of the model's tags (warned)"
+
+
 def build_clip_model(clip_name: str, weights: str = "random", model_cfg: dict | None = None,
                      quick_gelu: bool | None = None, text: bool = True):
     """A whole open_clip model (both towers) for ``clip_name``, with the same weight rules as the backbone.
@@ -376,10 +438,16 @@ class ClipViT(Backbone):
         self.weights_source = weights
         pre = cfg.get("preprocess_cfg", {}) or {}
         dmean, dstd = pre.get("mean") or OPENAI_MEAN, pre.get("std") or OPENAI_STD
+        self.normalisation_source = ("given" if mean and std else "the model config's preprocess_cfg"
+                                     if pre.get("mean") else "OpenAI's (open_clip's default)")
+        local = weights not in _RANDOM and _is_file_spec(weights)
+        if local and builtin and not pre.get("mean") and not (mean and std):   # open_clip's for the model name
+            dmean, dstd, self.normalisation_source = file_normalisation(clip_name, weights)
         if weights not in _RANDOM and not _is_file_spec(weights):  # an open_clip hub tag
             pcfg = _tag_cfg(clip_name, weights, builtin)
             quick_gelu = bool(pcfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
             dmean, dstd = pcfg.get("mean") or dmean, pcfg.get("std") or dstd
+            self.normalisation_source = "given" if mean and std else f"open_clip's tag {weights}"
             self.visual = build_clip_model(clip_name, weights, None, quick_gelu).visual
         else:
             import open_clip
@@ -391,8 +459,7 @@ class ClipViT(Backbone):
                 _load_tower(self.visual, sd, f"{clip_name} image tower", weights)
         self.quick_gelu = bool(quick_gelu)
         self._tower_out = None   # a list while `keep_tower_output` is active
-        self.mean = tuple(float(x) for x in (mean or dmean))
-        self.std = tuple(float(x) for x in (std or dstd))
+        self.mean, self.std = check_normalisation(mean or dmean, std or dstd, f"backbone {name!r}")
 
     # ------------------------------------------------------------ contract
     def check_size(self, h: int, w: int, m: int | None = None) -> None:
