@@ -839,6 +839,41 @@ def _mtimes(f):
     return {p.name: p.stat().st_mtime_ns for p in f.glob("shard-*.npz")}
 
 
+def _killed_after_one_shard(run, samples, f, monkeypatch) -> dict:
+    """An extract of ``run`` into ``f`` killed once its first shard of 3 is written; that shard's mtimes."""
+    real = featstore.write_shard
+
+    def killed_after_one(folder, i, arrays):
+        if any(folder.glob("shard-*.npz")):
+            raise KeyboardInterrupt("killed")
+        real(folder, i, arrays)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        Extractor(run=run).extract_to(samples, f, shard_size=3)
+    monkeypatch.setattr("uninet_feat.extract.write_shard", real)
+    before = _mtimes(f)
+    assert len(before) == 1
+    return before
+
+
+def _refused_then_resumed(run, samples, f, before, restore) -> list:
+    """The killed store ``f`` of ``run``, whose calibration changed since (by 0.25 on every score), refused with the
+    fix of a new --out; a new store scored 0.25 lower; after ``restore()`` (the calibration the store was started
+    with) resumed, its first shard kept, to a fresh store's scores. The shards the resume wrote."""
+    with pytest.raises(BadInputError, match="another calibration of the run") as e:
+        Extractor(run=run).extract_to(samples, f, shard_size=3)
+    assert "new --out" in str(e.value) and _mtimes(f) == before
+    changed = Extractor(run=run).extract_to(samples, f.parent / "new", shard_size=3)   # the fix: a new --out
+    restore()
+    seen = []
+    resumed = Extractor(run=run).extract_to(samples, f, shard_size=3, on_shard=seen.append)
+    assert 0 not in seen and _mtimes(f)["shard-00000.npz"] == before["shard-00000.npz"]
+    np.testing.assert_array_equal(resumed.scores, Extractor(run=run).extract_to(samples, f.parent / "fresh",
+                                                                                 shard_size=3).scores)
+    np.testing.assert_allclose(changed.scores, resumed.scores - 0.25, atol=1e-5)   # what a resume would have mixed
+    return seen
+
+
 def test_an_extract_after_the_runs_calibration_changed_is_refused_not_mixed(position_run, tmp_path, monkeypatch):
     """The store's fingerprint left out calibration.json (tile offsets, pixel-map levels / units): a `calibrate`
     between a kill and the resume, or before a re-run into a finished store, mixed scores of two calibrations.
@@ -848,30 +883,11 @@ def test_an_extract_after_the_runs_calibration_changed_is_refused_not_mixed(posi
     run, samples = position_run
     c = _copy_run(run, tmp_path / "run")
     original = (c / "calibration.json").read_bytes()
-    f, real = tmp_path / "f", featstore.write_shard
-
-    def killed_after_one(folder, i, arrays):
-        if any(folder.glob("shard-*.npz")):
-            raise KeyboardInterrupt("killed")
-        real(folder, i, arrays)
-    monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        Extractor(run=c).extract_to(samples, f, shard_size=3)
-    monkeypatch.setattr("uninet_feat.extract.write_shard", real)
-    before = _mtimes(f)
-    assert len(before) == 1
+    f = tmp_path / "f"
+    before = _killed_after_one_shard(c, samples, f, monkeypatch)
     _shift_offsets(c, {"": 0.25})   # as `uninet-feat calibrate --run RUN` between the kill and the resume
-    with pytest.raises(BadInputError, match="another calibration of the run") as e:
-        Extractor(run=c).extract_to(samples, f, shard_size=3)
-    assert "new --out" in str(e.value) and _mtimes(f) == before
-    new = Extractor(run=c).extract_to(samples, tmp_path / "new", shard_size=3)   # the fix: a new --out
-    (c / "calibration.json").write_bytes(original)   # the calibration the store was started with: resumed
-    seen = []
-    old = Extractor(run=c).extract_to(samples, f, shard_size=3, on_shard=seen.append)
-    assert 0 not in seen and _mtimes(f)["shard-00000.npz"] == before["shard-00000.npz"]
-    np.testing.assert_array_equal(old.scores, Extractor(run=c).extract_to(samples, tmp_path / "fresh",
-                                                                           shard_size=3).scores)
-    np.testing.assert_allclose(new.scores, old.scores - 0.25, atol=1e-5)   # what a resume would have mixed
+    # the calibration the store was started with: resumed
+    seen = _refused_then_resumed(c, samples, f, before, lambda: (c / "calibration.json").write_bytes(original))
     with warnings.catch_warnings():   # nothing changed: nothing redone, nothing said
         warnings.simplefilter("error")
         seen.clear()
@@ -941,31 +957,12 @@ def test_an_extract_after_the_neighbours_tiles_changed_is_refused_not_mixed(posi
     assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
     tiles = c / "tile_neighbours.npz"
     cal, original = (c / "calibration.json").read_bytes(), Neighbours.load(tiles)
-    f, real = tmp_path / "f", featstore.write_shard
-
-    def killed_after_one(folder, i, arrays):
-        if any(folder.glob("shard-*.npz")):
-            raise KeyboardInterrupt("killed")
-        real(folder, i, arrays)
-    monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        Extractor(run=c).extract_to(samples, f, shard_size=3)
-    monkeypatch.setattr("uninet_feat.extract.write_shard", real)
-    before = _mtimes(f)
-    assert len(before) == 1
+    f = tmp_path / "f"
+    before = _killed_after_one_shard(c, samples, f, monkeypatch)
     Neighbours({g: {**t, "scores": t["scores"] + 0.25} for g, t in original.groups.items()}).save(tiles)
     assert (c / "calibration.json").read_bytes() == cal   # calibration.json alone does not tell
-    with pytest.raises(BadInputError, match="another calibration of the run") as e:
-        Extractor(run=c).extract_to(samples, f, shard_size=3)
-    assert "new --out" in str(e.value) and _mtimes(f) == before
-    changed = Extractor(run=c).extract_to(samples, tmp_path / "new", shard_size=3)
-    original.save(tiles)   # the same tiles again, in a new file: resumed, its first shard kept
-    seen = []
-    resumed = Extractor(run=c).extract_to(samples, f, shard_size=3, on_shard=seen.append)
-    assert 0 not in seen and _mtimes(f)["shard-00000.npz"] == before["shard-00000.npz"]
-    np.testing.assert_array_equal(resumed.scores, Extractor(run=c).extract_to(samples, tmp_path / "fresh",
-                                                                               shard_size=3).scores)
-    np.testing.assert_allclose(changed.scores, resumed.scores - 0.25, atol=1e-5)   # what a resume would have mixed
+    # the same tiles again, in a new file: resumed, its first shard kept
+    _refused_then_resumed(c, samples, f, before, lambda: original.save(tiles))
     # a store written before the neighbours' tiles were fingerprinted: calibration.json's sha256 alone
     m = json.loads((f / "manifest.json").read_text())
     m.pop("tile_neighbours_sha256")
