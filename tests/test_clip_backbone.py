@@ -386,3 +386,29 @@ def test_a_builtin_models_file_is_normalised_as_open_clip_knows_it_given_values_
                             ((127.0,) * 3, (0.5,) * 3, r"each in \[0, 1\]"), ((0.5,) * 3, (float("nan"),) * 3, "std")):
         with pytest.raises(BadInputError, match=said):
             create_backbone("clip:tiny", mean=mean, std=std)
+
+
+def test_a_local_file_of_openai_weights_by_its_name_gets_quickgelu(tmp_path, monkeypatch):
+    """OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain names (ViT-B-16) build GELU, so a local
+    copy of them gave other features, silently, unless the user knew to write `-quickgelu`. A path that names a
+    tag trained with it (OpenAI's download `ViT-B-16.pt`, timm's `..._clip_224.openai` hub folder) now switches it
+    on; a path that names another tag, or none, keeps the name's own activation; given, `quick_gelu=` wins."""
+    import open_clip
+    from uninet_feat.backbones.clip import _CONFIGS, file_quick_gelu
+    hub = "/cache/hub/models--timm--vit_base_patch16_clip_224.openai/snapshots/0a1b/open_clip_pytorch_model.bin"
+    assert file_quick_gelu("ViT-B-16", "/w/ViT-B-16.pt") and file_quick_gelu("ViT-B-16", hub)
+    assert not file_quick_gelu("ViT-B-16", "/w/b16-laion2b_s34b_b88k.bin") and not file_quick_gelu("ViT-B-16", "/w/x.bin")
+    assert not file_quick_gelu("ViT-B-16", "/work/openai_tests/x.bin")   # a word in a folder's name is not a tag
+    tiny = dict(_CONFIGS["tiny"])
+    tags = {"openai": {"quick_gelu": True, "hf_hub": "timm/tiny.openai/"}, "half": {"hf_hub": "org/tiny-half/"}}
+    monkeypatch.setattr(open_clip, "get_model_config", lambda n: dict(tiny) if n == "Tiny-OC" else None)
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda n: list(tags) if n == "Tiny-OC" else [])
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda n, t: tags.get(t, {}) if n == "Tiny-OC" else {})
+    sd = build_clip_model("tiny").state_dict()
+    for name, quick in (("tiny.openai.bin", True), ("tiny-half.bin", False), ("mine.bin", False)):
+        torch.save(sd, tmp_path / name)
+        bb = create_backbone("clip:Tiny-OC", weights=str(tmp_path / name))
+        assert bb.quick_gelu is quick and bb.config()["quick_gelu"] is quick, name
+        acts = {type(m).__name__ for m in bb.visual.modules()}
+        assert ("QuickGELU" in acts) is quick, name
+    assert create_backbone("clip:Tiny-OC", weights=str(tmp_path / "tiny.openai.bin"), quick_gelu=False).quick_gelu is False

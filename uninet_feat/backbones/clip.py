@@ -324,34 +324,56 @@ def _tag_normalisation(pcfg: dict) -> tuple[tuple, tuple]:
             tuple(float(x) for x in (pcfg.get("std") or OPENAI_STD)))
 
 
-def _names_of_tag(tag: str, pcfg: dict) -> list[str]:
-    """How a file of open_clip's tag ``tag`` may be named on disk, lower case: the tag, its download's file name, its
-    Hugging Face repository's name and that repository's folder in the hub's cache (``models--laion--CLIP-...``)."""
-    names = [tag.lower()]
+def _names_of_tag(tag: str, pcfg: dict) -> tuple[list[str], list[str]]:
+    """How a file of open_clip's tag ``tag`` may be named on disk, lower case: (words of its file name: the tag, its
+    download's file name, its Hugging Face repository's name; whole names of a folder above it: that repository's
+    and its folder in the hub's cache, ``models--laion--CLIP-...``)."""
+    in_name, folders = [tag.lower()], []
     url = str(pcfg.get("url") or "").rstrip("/")
     if url:
-        names.append(url.rsplit("/", 1)[-1].lower())
+        in_name.append(url.rsplit("/", 1)[-1].lower())
     hub = str(pcfg.get("hf_hub") or "").strip("/")
     if hub:
-        names += [hub.rsplit("/", 1)[-1].lower(), "models--" + hub.replace("/", "--").lower()]
-    return [n for n in names if n]
+        in_name.append(hub.rsplit("/", 1)[-1].lower())
+        folders += [hub.rsplit("/", 1)[-1].lower(), "models--" + hub.replace("/", "--").lower()]
+    return [n for n in in_name if n], folders
+
+
+def _named_tags(clip_name: str, weights) -> tuple[dict, list]:
+    """({tag: open_clip's pretrained config} of built-in model ``clip_name``, [the tags the file path ``weights``
+    names: in its file name, or as a whole folder name above it, `_names_of_tag`; a tag's word elsewhere in a
+    folder's name, `/work/openai_tests/`, is not taken for it]), from open_clip's registry alone."""
+    import open_clip
+    tags = {t: open_clip.get_pretrained_cfg(clip_name, t) or {}
+            for t in open_clip.list_pretrained_tags_by_model(clip_name)}
+    *folders, name = str(weights).replace("\\", "/").lower().split("/")
+
+    def names(t):
+        words, whole = _names_of_tag(t, tags[t])
+        return any(w in name for w in words) or any(f in folders for f in whole)
+    return tags, [t for t in tags if names(t)]
+
+
+def file_quick_gelu(clip_name: str, weights) -> bool:
+    """Whether a local weights file of built-in model ``clip_name`` needs QuickGELU: when every tag its path names
+    was trained with it (OpenAI's ``ViT-B-16.pt``, a ``..._clip_224.openai`` hub folder, DFN, MetaCLIP). A file
+    carries no activation of its own, and open_clip's default for the plain name (GELU) gave OpenAI's weights other
+    features, silently; a path that names no tag keeps the name's own (``-quickgelu`` names set it)."""
+    tags, named = _named_tags(clip_name, weights)
+    return bool(named) and all(tags[t].get("quick_gelu") for t in named)
 
 
 def file_normalisation(clip_name: str, weights) -> tuple[tuple, tuple, str]:
     """(mean, std, where from) for a local weights file of open_clip's built-in model ``clip_name``, which carries no
     preprocessing of its own (open_clip's factory gives such a file OpenAI's mean/std unless told ``image_mean``/
     ``image_std``). open_clip knows the mean/std of each pretrained tag of the model (``get_pretrained_cfg``): the tag
-    whose name, download file name or Hugging Face repository the file's path holds gives its own; otherwise, when
+    the file's path names (`_named_tags`: in its file name, or a hub folder above it) gives its own; otherwise, when
     every tag of the model has one and the same (CLIPA's ImageNet mean/std), that one. When the tags differ (ViT-L-14's
     laion2b_s32b_b82k: 0.5 / 0.5, its others OpenAI's) and the path names none of them, OpenAI's are taken with a
     warning naming the tags of the others and the fix (``mean=``/``std=``, ``--mean``/``--std``)."""
-    import open_clip
-    tags = {t: open_clip.get_pretrained_cfg(clip_name, t) or {}
-            for t in open_clip.list_pretrained_tags_by_model(clip_name)}
+    tags, named = _named_tags(clip_name, weights)
     if not tags:
         return OPENAI_MEAN, OPENAI_STD, "OpenAI's (open_clip's default; it has no pretrained tag of this model)"
-    path = str(weights).replace("\\", "/").lower()
-    named = [t for t, c in tags.items() if any(n in path for n in _names_of_tag(t, c))]
     pool = {t: tags[t] for t in (named or tags)}
     kinds: dict = {}
     for t, c in pool.items():
@@ -451,8 +473,9 @@ class ClipViT(Backbone):
             self.visual = build_clip_model(clip_name, weights, None, quick_gelu).visual
         else:
             import open_clip
-            if quick_gelu is None:
-                quick_gelu = bool(cfg.get("quick_gelu", False))
+            if quick_gelu is None:   # a file of OpenAI's (DFN's, MetaCLIP's) weights by its name: as its tag
+                quick_gelu = bool(cfg.get("quick_gelu", False)) or (local and builtin and
+                                                                    file_quick_gelu(clip_name, weights))
             self.visual = open_clip.model._build_vision_tower(self.embed_dim, cfg["vision_cfg"], quick_gelu)
             if weights not in _RANDOM:
                 sd = _visual_part(read_clip_state_dict(weights))
