@@ -257,6 +257,28 @@ def test_a_library_resume_with_settings_it_cannot_change_is_refused_as_the_cli_r
     (run / "config.yaml").unlink()
     assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0 and (run / "model.pt").is_file()
 
+
+def test_a_run_from_before_mean_and_std_resumed_with_them_is_refused(texture, trained, tmp_path):
+    """A run saved before `mean`/`std` were config keys has none in its config: the comparison of resume settings
+    passes over keys an older run lacks, so `--mean` on its resume was dropped silently (it trained on with the
+    backbone's normalisation). Such a run had the backbone's own (None), and is compared so; without them it resumes."""
+    import shutil
+
+    import yaml
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    (run / "model.pt").unlink()
+    state = read_checkpoint(run / "checkpoint.pt")
+    for k in ("mean", "std"):
+        state["config"].pop(k, None)
+    torch.save(state, run / "checkpoint.pt")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in saved.items() if k not in ("mean", "std")}))
+    with pytest.raises(BadInputError, match=r"mean, std cannot change when a run is resumed \(it was trained with "
+                                            r"mean=None, std=None"):
+        train(_cfg(texture, mean=[0.5] * 3, std=[0.5] * 3), run, resume=True, quiet=True)
+    assert read_checkpoint(train(_cfg(texture), run, resume=True, quiet=True))["epoch"] == 2
+
 def test_refuses_to_overwrite_a_run(texture, trained):
     with pytest.raises(BadInputError, match="already holds a run"):
         train(_cfg(texture), trained, quiet=True)

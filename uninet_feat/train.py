@@ -426,6 +426,11 @@ def _check_config_edits(out: Path, state: dict) -> None:
                                 f"{', '.join(RESUMABLE_KEYS)}), or train a new run with a new --out")
 
 
+# what a key an older run's config lacks meant when it trained, where that is known: (a key not here is not compared)
+# no mean/std of its own: the backbone's, so a resume asked with --mean/--std would train on without them
+_MEANT_WHEN_ABSENT = {"mean": None, "std": None}
+
+
 def check_resume_changes(cfg: dict, state: dict, out: Path) -> None:
     """Refuse a resume asked with settings it cannot honour. A resume trains on checkpoint.pt's options and takes
     only `RESUMABLE_KEYS` from ``cfg``, so a library caller's `train(cfg, out, resume=True)` with another backbone,
@@ -436,7 +441,8 @@ def check_resume_changes(cfg: dict, state: dict, out: Path) -> None:
     is resumed from checkpoint.pt's resolved config)."""
     from .checkpoint import checkpoint_config
     from .config import _plain
-    given, was = absolute_data_paths(cfg), absolute_data_paths(state["config"])
+    given = absolute_data_paths(cfg)
+    was = {**{k: v for k, v in _MEANT_WHEN_ABSENT.items() if k in given}, **absolute_data_paths(state["config"])}
     resolved = checkpoint_config(state)
     changed = sorted(k for k in given.keys() & was.keys() if k not in RESUMABLE_KEYS
                      and _plain(given[k]) not in (_plain(was[k]), _plain(resolved.get(k))))
