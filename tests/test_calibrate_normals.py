@@ -170,3 +170,30 @@ def test_the_few_normals_warning_of_given_normals_names_their_folder_not_the_spl
         predict_cmd(work, data / "test", tmp_path / "p", quiet=True, overlays=False)
     said = [str(w.message) for w in got if "only 3 validation normals" in str(w.message)]
     assert len(said) == 2 and all(f"into {few.resolve()}" in m and "val-fraction" not in m for m in said)
+
+
+def _predict_output_inside(folder, n=3):
+    """A predict output folder (predictions.csv, summary.json, overlays/ of ``n`` heatmap images) inside ``folder``,
+    as `predict --data folder --out folder/pred` leaves it (allowed: a folder of unlabelled images)."""
+    out = folder / "pred"
+    (out / "overlays").mkdir(parents=True)
+    (out / "predictions.csv").write_text("path\n")
+    (out / "summary.json").write_text("{}")
+    for p in sorted(folder.glob("*.png"))[:n]:
+        shutil.copy(p, out / "overlays" / f"{p.stem}_overlay.png")
+
+
+def test_a_predicts_overlays_inside_the_normals_folder_are_not_taken_for_normals(trained, tmp_path):
+    """`predict --data N --out N/pred` is allowed for a folder of unlabelled images, and predict itself leaves its
+    outputs out of a later batch; `calibrate --normals N` took the overlays (heatmaps) for normal images and set
+    the threshold on them too. Left out, warned, as predict does."""
+    data, run, normals = trained
+    folder = tmp_path / "normals"
+    shutil.copytree(normals, folder)
+    _predict_output_inside(folder)
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    with pytest.warns(UserWarning, match=r"3 image\(s\) in predict output folder"):
+        assert main(["calibrate", "--run", str(r), "--normals", str(folder), "--quiet"]) == 0
+    cal = json.loads((r / "calibration.json").read_text())
+    assert cal["n_val_normals"] == 25 and not any("/pred/" in p for p in cal["val_paths"])

@@ -1,6 +1,7 @@
 """The VLM variant through the CLI: train, extract and predict with `--backbone clip:tiny`, and a local weights file."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -142,7 +143,13 @@ def test_zero_shot_of_an_unlabelled_batch_leaves_no_earlier_metrics(tmp_path):
     argv = ["zero-shot", "--backbone", "clip:tiny", "--weights", str(weights), "--image-size", "64", "--quiet",
             "--out", str(zs)]
     assert main(argv + ["--data", str(data)]) == 0 and (zs / "metrics.json").is_file()
-    assert main(argv + ["--data", str(data / "test" / "good")]) == 0   # a plain folder: unlabelled, no metrics
+    good = data / "test" / "good"   # a plain folder: unlabelled, no metrics; a predict's overlays there left out
+    (good / "pred" / "overlays").mkdir(parents=True)
+    for name in ("predictions.csv", "summary.json"):
+        (good / "pred" / name).write_text("")
+    shutil.copy(sorted(good.glob("*.png"))[0], good / "pred" / "overlays" / "a_overlay.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) in predict output folder"):
+        assert main(argv + ["--data", str(good)]) == 0
     assert len(json.loads((zs / "scores.json").read_text())) == 2 and not (zs / "metrics.json").exists()
 
 

@@ -215,3 +215,24 @@ def test_a_group_without_its_own_validation_normals_draws_them_and_old_runs_keep
     with pytest.warns(UserWarning, match="with none the validation normals are drawn"):
         _, val_b = train_val_samples(load_samples(cfg_b), cfg_b)
     assert len(val_b) == 1 and val_b[0].split == "train"
+
+
+def test_a_predict_output_folder_inside_the_data_is_not_read_as_its_images(tmp_path, write_image):
+    """`predict --data D/test/good --out D/test/good/pred` (a folder of unlabelled images: allowed) leaves
+    overlays/ and maps/ there; the layout read `pred/overlays/x_overlay.png` as a test normal (a subfolder of good/),
+    and a flat folder's `pred/` as a label folder, its overlays the only images. Left out, warned, as predict does;
+    a folder named overlays/ that is not a predict's (no predictions.csv beside it) stays data."""
+    for i in range(3):
+        write_image(f"train/good/{i}.png")
+        write_image(f"test/good/t{i}.png")
+        write_image(f"test/good/overlays/o{i}.png")   # not a predict's: data
+    out = tmp_path / "test/good/pred"
+    write_image("test/good/pred/overlays/t0_overlay.png")
+    write_image("test/good/pred/maps/t0_mask.png")
+    (out / "predictions.csv").write_text("path\n")
+    (out / "summary.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) in predict output folder"):   # its *_mask.png: a mask
+        s = discover(tmp_path)
+    assert len(s) == 9 and not any("pred" in x.path.parts for x in s)
+    with pytest.warns(UserWarning, match="predict output"), pytest.raises(BadInputError, match="no images found"):
+        discover(tmp_path / "test/good/pred")   # only a predict's outputs: nothing to read by layout

@@ -452,7 +452,8 @@ def given_normals(folder, cfg: dict) -> list:
                             fix="put them back, or calibrate again: `uninet-feat calibrate --run RUN --normals DIR` "
                                 "(their new place), or `--normals split` (the held-out validation split)")
     from .data.images import load_mask
-    found = discover_batch(folder)
+    from .data.layouts import without_predict_outputs   # a predict's overlays there are heatmaps, not normals
+    found = without_predict_outputs(discover_batch(folder), folder)
     bad = [s for s in found if (s.label and not s.is_normal) or (s.mask is not None and load_mask(s.mask).any())]
     if bad:
         why = "a defect mask beside it" if bad[0].mask is not None else f"label {bad[0].label!r}"

@@ -131,8 +131,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         from .data.layouts import discover_batch
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))
     from dataclasses import replace
-    from .workflows import _without_predict_outputs   # this --out's and earlier predicts' overlays and maps
-    samples = _without_predict_outputs(samples, data, out)   # are not a new batch (warned); other images are
+    from .data.layouts import without_predict_outputs   # this --out's and earlier predicts' overlays and maps
+    samples = without_predict_outputs(samples, data, out)   # are not a new batch (warned); other images are
     if not samples:
         raise BadInputError("every image under --data is a predict output (overlays/, maps/)", path=data,
                             fix="give --data the folder of the batch's own images")
@@ -250,9 +250,10 @@ def _refuse_out_in_a_data_set(out, data, split_csv, samples, run_cfg: dict, run_
     layout (a normal folder: label folders or MVTec-style; ``samples`` are its images as predict found them), or the
     run's own training data (a run trained from a folder, not a split CSV). Why: predict writes images there,
     ``overlays/*_overlay.png`` and with --save-maps ``maps/*_mask.png``, and `train`, `evaluate`, `ensemble`,
-    `calibrate` and `extract` read every image of such a folder by its layout (only predict and `extract --batch`
-    leave predict outputs out): `--out D/test/pred` made the overlays test images of a defect label ``pred``, and
-    `--out D` (label folders) of labels ``overlays`` and ``maps``, all scored silently by a later `evaluate`. A
+    `calibrate` and `extract` read such a folder by its layout: `--out D/test/pred` made the overlays test images
+    of a defect label ``pred``, scored silently by a later `evaluate`. Layouts now leave a predict output folder's
+    images out (`layouts.without_predict_outputs`, warned), but a data set is still no place for outputs (other
+    tools read it, and a folder without predictions.csv, e.g. a killed first run's, is not known as one). A
     folder of unlabelled images (a new batch) may still hold ``out``: predict and `extract --batch` leave out its
     outputs there (session 34), and nothing reads such a folder by labels. ``data`` inside ``out`` is refused only
     when ``out`` is itself a labelled data set (`--data D/hole --out D` put overlays/ beside D's labels)."""

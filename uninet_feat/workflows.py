@@ -92,69 +92,27 @@ def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_patte
     """The samples to extract: a training layout's (`samples_of`), or a new batch's as predict reads it (``batch``,
     or a folder of images without label folders, where the layout finds none): the features of the images
     `predict` flagged, for `cluster`."""
-    from .data.layouts import discover_batch
+    from .data.layouts import discover_batch, without_predict_outputs
     if batch:
         if split_csv or group:
             raise BadInputError("--batch reads every image under --data, unlabelled: it takes no --split-csv or "
                                 "--group", fix="drop --batch, or drop --split-csv / --group")
-        return _without_predict_outputs(discover_batch(data, mask_pattern), data)
+        return without_predict_outputs(discover_batch(data, mask_pattern), data)
     try:
         return samples_of(data, split_csv, group, split_hash)
     except BadInputError as e:
         if split_csv or group or not Path(data).is_dir() or "no images found" not in e.reason:
             raise
-        found = _without_predict_outputs(discover_batch(data, mask_pattern), data)
+        found = without_predict_outputs(discover_batch(data, mask_pattern), data)
         if not found:
             raise
         return found
-
-
-PREDICT_OUTPUT_FOLDERS = ("overlays", "maps", ".partial")   # what predict writes images (and parts) into
 
 
 def zero_shot_step(bb) -> int:
     """What a zero-shot image side must be a multiple of: the ViT's patch alone. Zero-shot builds no feature pyramid,
     whose coarsest stride `size_multiple` also counts (112 for patch 14, which refused ViT-H-14-378 at its 378 px)."""
     return getattr(bb, "patch_size", None) or getattr(bb, "size_multiple", 1)
-
-
-def _without_predict_outputs(samples, data, out=None) -> list:
-    """``samples`` less predict's outputs among them: the images in the overlays/, maps/ and .partial/ of a predict
-    output folder under ``data`` (one holding predictions.csv and summary.json) and of ``out`` (predict's own
-    --out, which a killed first run left without them), warned with the count. Other images in such a folder are
-    kept: `predict --data batch --out batch/day1` scores day1's own images."""
-    root = Path(os.path.realpath(data))
-    own = Path(os.path.realpath(out)) if out is not None else None
-    is_output: dict = {}   # folder -> whether it is a predict output folder
-
-    def output_part(d: Path) -> bool:
-        if d.name not in PREDICT_OUTPUT_FOLDERS:
-            return False
-        if d.parent not in is_output:
-            is_output[d.parent] = d.parent == own or ((d.parent / "predictions.csv").is_file()
-                                                      and (d.parent / "summary.json").is_file())
-        return is_output[d.parent]
-
-    kept, left, found = [], set(), {}   # found: each image folder's output part (or None), looked up once
-
-    def part_of(folder: str):
-        if folder not in found:
-            d = Path(os.path.realpath(folder))
-            while not output_part(d) and root in d.parents:   # up to --data, not above it
-                d = d.parent
-            found[folder] = d if output_part(d) else None
-        return found[folder]
-
-    for s in samples:
-        d = part_of(str(Path(s.path).parent))
-        if d is not None:
-            left.add(str(d))
-        else:
-            kept.append(s)
-    if left:
-        warnings.warn(f"{len(samples) - len(kept)} image(s) in predict output folder(s) {', '.join(sorted(left)[:3])}"
-                      " are left out (overlays and masks, not the batch)")
-    return kept
 
 
 def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None) -> dict:
@@ -368,8 +326,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     except BadInputError:   # one image, or a folder of unlabelled ones (as predict takes): scored, no metrics
         if split_csv or group:
             raise
-        from .data.layouts import discover_batch
-        samples = discover_batch(data)
+        from .data.layouts import discover_batch, without_predict_outputs
+        samples = without_predict_outputs(discover_batch(data), data)   # a predict's overlays are not the batch
     from dataclasses import replace   # no masks: scores need none, and a bad one is not a bad image
     samples = [replace(s, mask=None) for s in samples]
     from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder

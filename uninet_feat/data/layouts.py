@@ -89,6 +89,7 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
                                 fix="pass the folder that holds the images (or the root a --split-csv is relative to)")
         seen: dict = {}   # this call's folder lookups (`_any_case`)
         samples = _from_mvtec(root, mask_pattern, seen) or _from_plain(root, mask_pattern, seen)
+        samples = without_predict_outputs(samples, root)   # overlays and masks of a predict run into the data
         if root.resolve().name.lower() in SPLITS and root.resolve().name and \
                 any(d.name.lower() in ("train", "test") for d in _subdirs(root.resolve().parent)) and \
                 {s.split for s in samples} == {""}:
@@ -188,6 +189,47 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
                             fix=f"put the images to score in it (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return sorted(samples, key=lambda s: str(s.path))
 
+
+PREDICT_OUTPUT_FOLDERS = ("overlays", "maps", ".partial")   # what predict writes images (and parts) into
+
+
+def without_predict_outputs(samples, data, out=None) -> list:
+    """``samples`` less predict's outputs among them: the images in the overlays/, maps/ and .partial/ of a predict
+    output folder under ``data`` (one holding predictions.csv and summary.json) and of ``out`` (predict's own
+    --out, which a killed first run left without them), warned with the count. Other images in such a folder are
+    kept: `predict --data batch --out batch/day1` scores day1's own images."""
+    root = Path(os.path.realpath(data))
+    own = Path(os.path.realpath(out)) if out is not None else None
+    is_output: dict = {}   # folder -> whether it is a predict output folder
+
+    def output_part(d: Path) -> bool:
+        if d.name not in PREDICT_OUTPUT_FOLDERS:
+            return False
+        if d.parent not in is_output:
+            is_output[d.parent] = d.parent == own or ((d.parent / "predictions.csv").is_file()
+                                                      and (d.parent / "summary.json").is_file())
+        return is_output[d.parent]
+
+    kept, left, found = [], set(), {}   # found: each image folder's output part (or None), looked up once
+
+    def part_of(folder: str):
+        if folder not in found:
+            d = Path(os.path.realpath(folder))
+            while not output_part(d) and root in d.parents:   # up to --data, not above it
+                d = d.parent
+            found[folder] = d if output_part(d) else None
+        return found[folder]
+
+    for s in samples:
+        d = part_of(str(Path(s.path).parent))
+        if d is not None:
+            left.add(str(d))
+        else:
+            kept.append(s)
+    if left:
+        warnings.warn(f"{len(samples) - len(kept)} image(s) in predict output folder(s) {', '.join(sorted(left)[:3])}"
+                      " are left out (overlays and masks, not the batch)")
+    return kept
 
 def _images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, minus masks kept beside them (``*_mask.*``, ``x.png`` beside ``x.jpg``)."""
