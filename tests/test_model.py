@@ -29,6 +29,15 @@ def test_input_size_not_multiple_of_bottleneck_stride_is_explained():
         m(torch.randn(1, 3, 40, 40))
 
 
+
+def test_decoder_depths_below_one_are_refused_when_the_model_is_built():
+    """A student stage of 0 blocks passed its input's channels on unchanged: built without a word, it failed with a
+    shape error at the first forward (the config check guards the CLI; this guards the library's UniNet)."""
+    for depths in ((0, 4, 6), (-1, 4, 6), (3, 4.0, 6), (True, 4, 6)):
+        with pytest.raises(ValueError, match="whole numbers >= 1"):
+            UniNet(TinyBackbone(), decoder_depths=depths)
+    assert UniNet(TinyBackbone(), decoder_depths=(1, 1, 1))(torch.rand(1, 3, 64, 64)) is not None
+
 def test_source_teacher_stays_frozen_and_in_eval():
     m = UniNet(TinyBackbone())
     m.train()

@@ -49,6 +49,9 @@ class StudentDecoder(nn.Module):
         out_relu = tuple(out_relu) if out_relu is not None else (True,) * len(channels)
         if len(depths) != len(channels):
             raise ValueError(f"decoder depths {depths} must have one entry per level {channels}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depths):
+            # a stage of 0 blocks passes its input's channels on unchanged: a shape error at the first forward
+            raise ValueError(f"decoder depths {depths} must be whole numbers >= 1")
         stages, c, s = [], in_channels, in_stride
         for cout, sout, depth, relu in zip(channels[::-1], strides[::-1], depths, out_relu[::-1]):
             up = s // sout
