@@ -263,3 +263,38 @@ def test_mean_and_std_of_a_weights_file_are_given_checked_recorded_and_scored_wi
     assert main(["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
                  "--image-size", "64", "--quiet", "--out", str(tmp_path / "zs2")]) == 0   # CLIP's own: other scores
     assert json.loads((tmp_path / "zs2" / "scores.json").read_text()) != first
+
+
+def test_a_resumed_clip_run_keeps_the_normalisation_and_activation_it_trained_with(tmp_path, monkeypatch):
+    """A clip: backbone now reads a local file's mean/std and QuickGELU from its name (open_clip's tags). A run
+    started before (OpenAI's mean/std, GELU for `.../tiny.openai.bin`) and resumed after rebuilt its backbone from
+    the file name, so its last epochs trained on other inputs and activations (no parameter tells them apart) and
+    model.pt recorded the new ones. Resumed, it keeps the checkpoint's. And an open_clip_config.json's preprocess_cfg
+    kept in a registered config no longer breaks the text tower's build (a TypeError in open_clip's CLIP)."""
+    import open_clip
+    from uninet_feat.backbones import clip as C
+    from uninet_feat.checkpoint import read_checkpoint
+    tiny = dict(C._CONFIGS["tiny"])
+    tags = {"openai": {"quick_gelu": True, "mean": (0.5,) * 3, "std": (0.5,) * 3, "hf_hub": "timm/tiny.openai/"}}
+    monkeypatch.setattr(open_clip, "get_model_config", lambda n: dict(tiny) if n == "Tiny-OC" else None)
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda n: list(tags) if n == "Tiny-OC" else [])
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda n, t: tags.get(t, {}) if n == "Tiny-OC" else {})
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    weights = tmp_path / "tiny.openai.bin"
+    torch.save(C.build_clip_model("tiny").state_dict(), weights)
+    run = tmp_path / "run"
+    base = ["train", "--data", str(data), "--backbone", "clip:Tiny-OC", "--weights", str(weights), "--image-size",
+            "64", "--batch-size", "2", "--quiet", "--out", str(run)]
+    with monkeypatch.context() as old:   # the version before: nothing read from the file's name
+        old.setattr(C, "file_quick_gelu", lambda *a: False)
+        old.setattr(C, "file_normalisation", lambda *a: (C.OPENAI_MEAN, C.OPENAI_STD, "OpenAI's"))
+        assert main(base + ["--epochs", "1"]) == 0
+    was = read_checkpoint(run / "model.pt")["backbone"]
+    assert was["quick_gelu"] is False and tuple(was["mean"]) == tuple(C.OPENAI_MEAN)
+    (run / "model.pt").unlink()   # killed before the end of a longer schedule
+    assert main(base + ["--epochs", "2", "--resume"]) == 0
+    now = read_checkpoint(run / "model.pt")["backbone"]
+    assert (now["quick_gelu"], now["mean"], now["std"]) == (was["quick_gelu"], was["mean"], was["std"])
+    assert create_backbone("clip:Tiny-OC", weights=str(weights)).quick_gelu is True   # a new run reads the name
+    C.register_clip_config("tiny-pre", {"model_cfg": tiny, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    assert C.build_clip_model("tiny-pre").visual is not None

@@ -207,9 +207,20 @@ def model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def make_model(cfg: dict) -> UniNet:
-    backbone = create_normalised_backbone(cfg["backbone"], cfg["weights"], cfg.get("mean"), cfg.get("std"),
-                                          levels=cfg.get("levels"))
+# what a clip: backbone works out from its weights file's name (`clip.file_normalisation`, `file_quick_gelu`): a
+# resumed run keeps what its checkpoint recorded, so that a version that reads the name otherwise changes nothing
+_FROM_FILE_NAME = ("mean", "std", "quick_gelu")
+
+
+def make_model(cfg: dict, saved_backbone: dict | None = None) -> UniNet:
+    """The UniNet ``cfg`` describes. ``saved_backbone``: a resumed run's checkpoint record of its backbone
+    (``state["backbone"]``), whose input normalisation and activation a clip: backbone keeps (a run started before
+    they were read from the file's name trained with OpenAI's mean/std and GELU: resumed, it would train on others)."""
+    kw = {}
+    if saved_backbone and str(cfg["backbone"]).startswith("clip:"):
+        kw = {k: saved_backbone[k] for k in _FROM_FILE_NAME if saved_backbone.get(k) is not None}
+    mean, std = kw.pop("mean", cfg.get("mean")), kw.pop("std", cfg.get("std"))
+    backbone = create_normalised_backbone(cfg["backbone"], cfg["weights"], mean, std, levels=cfg.get("levels"), **kw)
     try:
         return UniNet(backbone, **model_options(cfg))
     except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths); values

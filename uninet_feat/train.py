@@ -119,7 +119,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
         return out / "model.pt"
-    model = make_model(cfg)
+    model = make_model(cfg, state["backbone"] if resume else None)   # resumed: the backbone as it trained
     step, least, why = input_sides(model)   # before the run folder is written; forward would refuse it later
     side = cfg["image_size"]   # the network's input: the image, or each tile, resized to image_size
     if side % step:

@@ -415,6 +415,7 @@ def build_clip_model(clip_name: str, weights: str = "random", model_cfg: dict | 
                                 "weights=<local file>") from e
     if quick_gelu is not None:
         cfg["quick_gelu"] = quick_gelu
+    cfg.pop("preprocess_cfg", None)   # an open_clip_config.json's, kept for the backbone's mean/std: not a model arg
     if cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {}):
         model = open_clip.model.CustomTextCLIP(**cfg)
     else:
