@@ -240,6 +240,8 @@ def test_levels_and_decoder_depths_are_checked_before_the_data_is_read(tmp_path)
     f.write_text("decoder_depths: 3,4,6\nlevels: 1,2,3\n")   # YAML's plain form, as --levels 1,2,3 gives it
     cfg = load_config(f)
     assert cfg["decoder_depths"] == [3, 4, 6] and cfg["levels"] == "1,2,3"
+    import numpy as np   # numpy's integers (a library config built with numpy) are whole numbers too
+    assert load_config(None, {"levels": tuple(np.arange(1, 4)), "decoder_depths": list(np.array([3, 4, 6]))})
     for levels, depths in (([2, 3], [4, 6]), ([1, 2, 3, 4], [2, 3, 4, 6])):   # any count, one depth per level
         model = make_model(load_config(None, base={"backbone": "resnet18", "weights": "random", "levels": levels,
                                                    "decoder_depths": depths}))

@@ -37,6 +37,8 @@ def test_decoder_depths_below_one_are_refused_when_the_model_is_built():
         with pytest.raises(ValueError, match="whole numbers >= 1"):
             UniNet(TinyBackbone(), decoder_depths=depths)
     assert UniNet(TinyBackbone(), decoder_depths=(1, 1, 1))(torch.rand(1, 3, 64, 64)) is not None
+    import numpy as np   # numpy's integers are whole numbers (a library config built with numpy)
+    assert UniNet(TinyBackbone(), decoder_depths=tuple(np.array([1, 2, 1])))(torch.rand(1, 3, 64, 64)) is not None
 
 def test_source_teacher_stays_frozen_and_in_eval():
     m = UniNet(TinyBackbone())

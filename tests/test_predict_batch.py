@@ -595,3 +595,17 @@ def test_predict_refuses_an_out_inside_a_labelled_data_set_or_the_runs_data(run,
     assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))
     res = predict_cmd(run, batch, batch / "p", threshold=-1e9, quiet=True)   # a plain batch: as before
     assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))
+
+
+def test_an_older_runs_relative_data_path_is_not_taken_for_where_predict_runs(tmp_path, monkeypatch):
+    """A run saves its data folder absolute; an older one kept it as typed (`--data data`), relative to a folder
+    no longer known. Resolved against predict's working folder it refused an --out that has nothing to do with the
+    run's data (or missed the real one): such a path is not compared."""
+    from uninet_feat.predict import _refuse_out_in_a_data_set
+    batch = tmp_path / "data" / "batch"
+    batch.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    _refuse_out_in_a_data_set(tmp_path / "data" / "out", batch, None, [], {"data": "data"}, tmp_path / "run")
+    with pytest.raises(BadInputError, match="was trained on it"):
+        _refuse_out_in_a_data_set(tmp_path / "data" / "out", batch, None, [], {"data": str(tmp_path / "data")},
+                                  tmp_path / "run")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import platform
 import random
@@ -189,8 +190,8 @@ def _whole_numbers(v) -> list[int] | None:
             return [int(x) for x in v.replace(" ", "").split(",") if x]   # "1,2,3," as parse_indices reads it
         except ValueError:
             return None
-    if isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        return list(v)
+    if isinstance(v, (list, tuple)) and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
+        return [int(x) for x in v]   # numpy's integers too
     return None
 
 

@@ -261,8 +261,9 @@ def _refuse_out_in_a_data_set(out, data, split_csv, samples, run_cfg: dict, run_
     sets = []
     if not split_csv and Path(data).is_dir() and any(s.label for s in samples):
         sets.append((data, "--data is a labelled data set (a normal folder beside its labels)"))
-    if run_cfg.get("data") and not run_cfg.get("split_csv"):
-        sets.append((run_cfg["data"], f"{run_dir} was trained on it"))
+    trained_on = run_cfg.get("data")   # absolute in a new run; an older run's as typed, relative to a folder
+    if trained_on and not run_cfg.get("split_csv") and os.path.isabs(trained_on):   # now unknown: not compared
+        sets.append((trained_on, f"{run_dir} was trained on it"))
     if here in Path(os.path.realpath(data)).parents and _labelled_layout(here):   # only then: a walk of --out
         sets.append((here, "a labelled data set that holds --data"))
     for folder, why in sets:

@@ -13,6 +13,8 @@ along those, which left a floor of ≈0.5 in 1 − cos on every pair. ``UniNet``
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -49,7 +51,7 @@ class StudentDecoder(nn.Module):
         out_relu = tuple(out_relu) if out_relu is not None else (True,) * len(channels)
         if len(depths) != len(channels):
             raise ValueError(f"decoder depths {depths} must have one entry per level {channels}")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depths):
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in depths):
             # a stage of 0 blocks passes its input's channels on unchanged: a shape error at the first forward
             raise ValueError(f"decoder depths {depths} must be whole numbers >= 1")
         stages, c, s = [], in_channels, in_stride
