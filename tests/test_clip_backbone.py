@@ -399,6 +399,9 @@ def test_a_local_file_of_openai_weights_by_its_name_gets_quickgelu(tmp_path, mon
     assert file_quick_gelu("ViT-B-16", "/w/ViT-B-16.pt") and file_quick_gelu("ViT-B-16", hub)
     assert not file_quick_gelu("ViT-B-16", "/w/b16-laion2b_s34b_b88k.bin") and not file_quick_gelu("ViT-B-16", "/w/x.bin")
     assert not file_quick_gelu("ViT-B-16", "/work/openai_tests/x.bin")   # a word in a folder's name is not a tag
+    assert not file_quick_gelu("ViT-B-16", "/m/ViT-B-16.pth")   # a download's name is a whole name, not a word
+    from uninet_feat.backbones.clip import file_normalisation   # a folder named as the tag names it
+    assert file_normalisation("ViT-L-14", "/w/laion2b_s32b_b82k/open_clip_pytorch_model.bin")[:2] == ((0.5,) * 3,) * 2
     tiny = dict(_CONFIGS["tiny"])
     tags = {"openai": {"quick_gelu": True, "hf_hub": "timm/tiny.openai/"}, "half": {"hf_hub": "org/tiny-half/"}}
     monkeypatch.setattr(open_clip, "get_model_config", lambda n: dict(tiny) if n == "Tiny-OC" else None)

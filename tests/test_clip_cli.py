@@ -298,3 +298,32 @@ def test_a_resumed_clip_run_keeps_the_normalisation_and_activation_it_trained_wi
     assert create_backbone("clip:Tiny-OC", weights=str(weights)).quick_gelu is True   # a new run reads the name
     C.register_clip_config("tiny-pre", {"model_cfg": tiny, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}})
     assert C.build_clip_model("tiny-pre").visual is not None
+
+
+def test_zero_shot_of_a_predict_output_folder_alone_is_refused_by_name(tmp_path, capsys):
+    """Every image of a predict's output folder is left out of a batch; zero-shot then scored an empty list and
+    died in numpy (`concatenate`); refused naming the folder, as predict is."""
+    out = tmp_path / "pred"
+    (out / "overlays").mkdir(parents=True)
+    for name in ("predictions.csv", "summary.json"):
+        (out / name).write_text("")
+    data = write_texture_set(tmp_path / "d", n_train=1, n_good=1, n_bad=0)
+    shutil.copy(sorted((data / "test" / "good").glob("*.png"))[0], out / "overlays" / "a_overlay.png")
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    assert main(["zero-shot", "--backbone", "clip:tiny", "--weights", str(weights), "--image-size", "64", "--quiet",
+                 "--data", str(out), "--out", str(tmp_path / "zs")]) == 2
+    assert "every image under --data is a predict output" in capsys.readouterr().err
+
+
+def test_a_plain_clip_index_whose_backbone_rebuilds_otherwise_is_refused():
+    """A plain-feature kNN index is queried through a backbone rebuilt from its name and weights; a clip: file whose
+    name now gives it QuickGELU or open_clip's mean/std (an index built before) made other query patches than the
+    indexed ones, silently. Its recorded mean/std are passed; an activation that differs is refused by name."""
+    from pathlib import Path
+    from uninet_feat.scorers import _plain_knn_extractor
+    record = create_backbone("clip:tiny", mean=(0.5,) * 3, std=(0.25,) * 3).config()
+    source = {"backbone": record, "weights": "random", "settings": {"image_size": 64}}
+    ex = _plain_knn_extractor(source, Path("knn.json"), False)
+    assert (ex.backbone.mean, ex.backbone.std) == ((0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(BadInputError, match="quick_gelu=True"):
+        _plain_knn_extractor({**source, "backbone": {**record, "quick_gelu": True}}, Path("knn.json"), False)

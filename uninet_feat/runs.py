@@ -258,7 +258,7 @@ def create_normalised_backbone(name, weights, mean=None, std=None, **kw):
 # make_model's fix for the model's ValueErrors, by words of their message; any other gets a plain one
 _MODEL_FIXES = (("border_pad", "--border-pad a multiple of the pixels the message names (the backbone's coarsest "
                                "stride), or 0"),
-                ("decoder depths", "give decoder_depths one entry per level (e.g. [3, 4, 6] for three), or --levels "
+                ("one entry per level", "give decoder_depths one entry per level (e.g. [3, 4, 6] for three), or --levels "
                                    "with three levels"),
                 ("student_relu", "give student_relu one entry per level, true or false, or auto"))
 

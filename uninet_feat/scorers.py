@@ -70,9 +70,30 @@ def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
     if not settings:
         raise BadInputError("this plain-feature index records no image size / tiling", path=meta_path,
                             fix="rebuild it with `uninet-feat index` from its feature store")
-    return Extractor(backbone=source["backbone"]["name"], weights=source.get("weights", "imagenet"),
-                     image_size=settings["image_size"], tile=settings.get("tile") or 0, patches=True,
-                     skip_bad=skip_bad)
+    ex = Extractor(backbone=source["backbone"]["name"], weights=source.get("weights", "imagenet"),
+                   image_size=settings["image_size"], tile=settings.get("tile") or 0, patches=True,
+                   skip_bad=skip_bad, **_given_normalisation(source["backbone"]))
+    was, now = source["backbone"], ex.backbone.config()
+    differ = [k for k in ("mean", "std", "quick_gelu") if k in was and k in now and _plain_value(was[k]) !=
+              _plain_value(now[k])]
+    if differ:   # e.g. a clip: file whose name now gives it QuickGELU: its query patches are not the index's
+        raise BadInputError(f"the index's backbone was built with {', '.join(f'{k}={was[k]!r}' for k in differ)}, "
+                            f"rebuilt now with {', '.join(f'{k}={now[k]!r}' for k in differ)}: its query patches "
+                            "would not match the indexed ones", path=meta_path,
+                            fix="extract the features and build the index again (uninet-feat extract, index)")
+    return ex
+
+
+def _given_normalisation(record: dict) -> dict:
+    """The mean/std a plain-feature index's backbone record holds, for a backbone that takes them (clip:, where a
+    file's are read from its name or given); others rebuild theirs from the name."""
+    if not str(record.get("name", "")).startswith("clip:") or record.get("mean") is None:
+        return {}
+    return {"mean": tuple(record["mean"]), "std": tuple(record["std"])}
+
+
+def _plain_value(v):
+    return [round(float(x), 6) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def check_built_from(source, meta_path: Path, ex, what: str) -> None:

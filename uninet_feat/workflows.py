@@ -328,6 +328,9 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
             raise
         from .data.layouts import discover_batch, without_predict_outputs
         samples = without_predict_outputs(discover_batch(data), data)   # a predict's overlays are not the batch
+        if not samples:
+            raise BadInputError("every image under --data is a predict output (overlays/, maps/)", path=data,
+                                fix="give --data the folder of the images to score")
     from dataclasses import replace   # no masks: scores need none, and a bad one is not a bad image
     samples = [replace(s, mask=None) for s in samples]
     from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder

@@ -324,33 +324,34 @@ def _tag_normalisation(pcfg: dict) -> tuple[tuple, tuple]:
             tuple(float(x) for x in (pcfg.get("std") or OPENAI_STD)))
 
 
-def _names_of_tag(tag: str, pcfg: dict) -> tuple[list[str], list[str]]:
-    """How a file of open_clip's tag ``tag`` may be named on disk, lower case: (words of its file name: the tag, its
-    download's file name, its Hugging Face repository's name; whole names of a folder above it: that repository's
+def _names_of_tag(tag: str, pcfg: dict) -> tuple[list[str], list[str], list[str]]:
+    """How a file of open_clip's tag ``tag`` may be named on disk, lower case: (words within its file name: the tag
+    and its Hugging Face repository's name; whole file names: its download's, ``ViT-B-16.pt`` — within a name it
+    would also be ``my-ViT-B-16.pth`` of other weights; whole names of a folder above it: the tag, the repository's
     and its folder in the hub's cache, ``models--laion--CLIP-...``)."""
-    in_name, folders = [tag.lower()], []
+    words, files, folders = [tag.lower()], [], [tag.lower()]
     url = str(pcfg.get("url") or "").rstrip("/")
     if url:
-        in_name.append(url.rsplit("/", 1)[-1].lower())
+        files.append(url.rsplit("/", 1)[-1].lower())
     hub = str(pcfg.get("hf_hub") or "").strip("/")
     if hub:
-        in_name.append(hub.rsplit("/", 1)[-1].lower())
+        words.append(hub.rsplit("/", 1)[-1].lower())
         folders += [hub.rsplit("/", 1)[-1].lower(), "models--" + hub.replace("/", "--").lower()]
-    return [n for n in in_name if n], folders
+    return [n for n in words if n], files, folders
 
 
 def _named_tags(clip_name: str, weights) -> tuple[dict, list]:
     """({tag: open_clip's pretrained config} of built-in model ``clip_name``, [the tags the file path ``weights``
-    names: in its file name, or as a whole folder name above it, `_names_of_tag`; a tag's word elsewhere in a
-    folder's name, `/work/openai_tests/`, is not taken for it]), from open_clip's registry alone."""
+    names: in its file name, as its whole file name, or as a whole folder name above it, `_names_of_tag`; a tag's
+    word elsewhere in a folder's name, `/work/openai_tests/`, is not taken for it]), from open_clip's registry."""
     import open_clip
     tags = {t: open_clip.get_pretrained_cfg(clip_name, t) or {}
             for t in open_clip.list_pretrained_tags_by_model(clip_name)}
     *folders, name = str(weights).replace("\\", "/").lower().split("/")
 
     def names(t):
-        words, whole = _names_of_tag(t, tags[t])
-        return any(w in name for w in words) or any(f in folders for f in whole)
+        words, files, whole = _names_of_tag(t, tags[t])
+        return any(w in name for w in words) or name in files or any(f in folders for f in whole)
     return tags, [t for t in tags if names(t)]
 
 

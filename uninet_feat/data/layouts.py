@@ -231,6 +231,7 @@ def without_predict_outputs(samples, data, out=None) -> list:
                       " are left out (overlays and masks, not the batch)")
     return kept
 
+
 def _images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, minus masks kept beside them (``*_mask.*``, ``x.png`` beside ``x.jpg``)."""
     if not folder.is_dir():
