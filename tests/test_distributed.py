@@ -40,7 +40,7 @@ def _float64() -> None:
     import uninet_feat.train as T
     from uninet_feat.model.uninet import UniNet
     make = T.make_model
-    T.make_model = lambda cfg: make(cfg).double()
+    T.make_model = lambda cfg, *saved: make(cfg, *saved).double()
     fwd = UniNet.forward
     UniNet.forward = lambda self, x, *a: fwd(self, x.to(self.bottleneck.parameters().__next__().dtype), *a)
 

@@ -258,8 +258,9 @@ def create_normalised_backbone(name, weights, mean=None, std=None, **kw):
 # make_model's fix for the model's ValueErrors, by words of their message; any other gets a plain one
 _MODEL_FIXES = (("border_pad", "--border-pad a multiple of the pixels the message names (the backbone's coarsest "
                                "stride), or 0"),
-                ("one entry per level", "give decoder_depths one entry per level (e.g. [3, 4, 6] for three), or --levels "
-                                   "with three levels"),
+                ("must have one entry per level", "give decoder_depths one entry per level (e.g. [3, 4, 6] for "
+                                                  "three), or --levels with three levels"),
+                ("whole numbers >= 1", "give decoder_depths whole numbers >= 1, one per level (e.g. [3, 4, 6])"),
                 ("student_relu", "give student_relu one entry per level, true or false, or auto"))
 
 
