@@ -73,9 +73,10 @@ def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
     ex = Extractor(backbone=source["backbone"]["name"], weights=source.get("weights", "imagenet"),
                    image_size=settings["image_size"], tile=settings.get("tile") or 0, patches=True,
                    skip_bad=skip_bad, **_given_normalisation(source["backbone"]))
+    from .config import _plain
+    from .runs import _FROM_FILE_NAME
     was, now = source["backbone"], ex.backbone.config()
-    differ = [k for k in ("mean", "std", "quick_gelu") if k in was and k in now and _plain_value(was[k]) !=
-              _plain_value(now[k])]
+    differ = [k for k in _FROM_FILE_NAME if k in was and k in now and _plain(was[k]) != _plain(now[k])]
     if differ:   # e.g. a clip: file whose name now gives it QuickGELU: its query patches are not the index's
         raise BadInputError(f"the index's backbone was built with {', '.join(f'{k}={was[k]!r}' for k in differ)}, "
                             f"rebuilt now with {', '.join(f'{k}={now[k]!r}' for k in differ)}: its query patches "
@@ -90,10 +91,6 @@ def _given_normalisation(record: dict) -> dict:
     if not str(record.get("name", "")).startswith("clip:") or record.get("mean") is None:
         return {}
     return {"mean": tuple(record["mean"]), "std": tuple(record["std"])}
-
-
-def _plain_value(v):
-    return [round(float(x), 6) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def check_built_from(source, meta_path: Path, ex, what: str) -> None:
