@@ -115,16 +115,24 @@ def _check_one_image_per_mask(samples, where) -> None:
     """Refuse one mask path found for two images: ``test/crack/day1/0001.png`` and ``day2/0001.png`` beside a flat
     ``ground_truth/crack/0001_mask.png`` would both take it, and one of them would be scored against the other's
     defect with no word (same-sized masks pass every other check)."""
-    first: dict[str, Path] = {}
-    for s in sorted(samples, key=lambda s: str(s.path)):
-        if s.mask is None:
-            continue
-        real = os.path.abspath(s.mask)   # lexical: masks deduplicated into symlinks to one file are each image's own
-        if real in first:
-            raise BadInputError(f"{s.mask} was found as the mask of both {first[real]} and {s.path}", path=where,
-                                fix="give each image its own mask: mirror the images' subfolders in ground_truth/ "
-                                    "(ground_truth/<label>/<subfolder>/<stem>_mask.png), or rename the images apart")
-        first[real] = s.path
+    # lexical: masks deduplicated into symlinks to one file are each image's own
+    twice = _first_repeat((os.path.abspath(s.mask), s) for s in sorted(samples, key=lambda s: str(s.path))
+                          if s.mask is not None)
+    if twice:
+        a, b = twice
+        raise BadInputError(f"{b.mask} was found as the mask of both {a.path} and {b.path}", path=where,
+                            fix="give each image its own mask: mirror the images' subfolders in ground_truth/ "
+                                "(ground_truth/<label>/<subfolder>/<stem>_mask.png), or rename the images apart")
+
+
+def _first_repeat(keyed):
+    """The first two items of ``(key, item)`` pairs that share a key, or None."""
+    first: dict = {}
+    for key, item in keyed:
+        if key in first:
+            return first[key], item
+        first[key] = item
+    return None
 
 
 MASK_FIELDS = dict(stem="x", name="x.png", label="crack", group="g")
@@ -146,14 +154,12 @@ def check_mask_pattern(pattern: str | None) -> None:
 def _check_one_file_each(samples, where) -> None:
     """Refuse one file reached by two paths (symlinks, ``..``): it would be one image under two labels or splits,
     e.g. a training normal and a test defect."""
-    first: dict[str, Path] = {}
-    for s in samples:
-        real = os.path.realpath(s.path)
-        if real in first:
-            raise BadInputError(f"{first[real]} and {s.path} are the same file ({real}): one image would be used "
-                                "twice, possibly under two labels or in training and test", path=where,
-                                fix="keep one path to each image (remove the symlink or the duplicate)")
-        first[real] = s.path
+    twice = _first_repeat((os.path.realpath(s.path), s) for s in samples)
+    if twice:
+        a, b = twice
+        raise BadInputError(f"{a.path} and {b.path} are the same file ({os.path.realpath(b.path)}): one image would "
+                            "be used twice, possibly under two labels or in training and test", path=where,
+                            fix="keep one path to each image (remove the symlink or the duplicate)")
 
 
 def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
