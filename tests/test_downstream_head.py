@@ -195,3 +195,53 @@ def test_lightgbm_threads_follow_omp_num_threads_not_every_core(monkeypatch):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(BadInputError, match="threads must be an integer >= 1"):
             train_head(x, y, n_splits=4, params=FAST, n_jobs=bad)
+
+
+def _fake_store(monkeypatch, labels, seed=0):
+    """train_head_cmd on a store of the given image labels ('' = unlabelled, as `extract --batch` stores them)."""
+    from uninet_feat import workflows
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((len(labels), 4)).astype("f4")
+    for i, lab in enumerate(labels):
+        X[i] += {"good": 0.0, "hole": 3.0, "stain": -3.0}.get(lab, 1.5)
+    recs = [{"path": f"/d/{i}.png", "label": lab, "is_normal": lab == "good", "split": "test", "group": ""}
+            for i, lab in enumerate(labels)]
+
+    class Store:
+        manifest = {"vector_names": ["a", "b"], "source": None}   # head columns: top tile + mean
+
+        def __init__(self, path):
+            pass
+
+        def image_table(self):
+            return X, recs
+    monkeypatch.setattr(workflows, "FeatureStore", Store)
+    return workflows.train_head_cmd
+
+
+def test_train_head_leaves_unlabelled_images_out_of_both_classes(monkeypatch, tmp_path):
+    """An image of unknown label was a positive of the binary head and a class '' of a multiclass one."""
+    cmd = _fake_store(monkeypatch, ["good"] * 20 + ["hole"] * 10 + ["stain"] * 10 + [""] * 20)
+    with pytest.warns(UserWarning, match=r"20 unlabelled image\(s\) .*/d/40.png"):
+        rep = cmd("F", tmp_path / "b", task="binary", folds=2, threads=1)
+    assert rep["n_rows"] == 40 and sorted(rep["classes"]) == ["defect", "good"]
+    with pytest.warns(UserWarning, match="20 unlabelled"):
+        rep = cmd("F", tmp_path / "m", task="multiclass", defects_only=True, folds=2, threads=1)
+    assert rep["n_rows"] == 20 and sorted(rep["classes"]) == ["hole", "stain"]
+    cmd = _fake_store(monkeypatch, [""] * 12)
+    with pytest.raises(BadInputError, match="none of the store's 12 images has a label"):
+        cmd("F", tmp_path / "n", task="binary", folds=2, threads=1)
+
+
+def test_a_head_that_fails_to_save_leaves_no_old_report_beside_it(monkeypatch, tmp_path):
+    from uninet_feat.downstream.head import Head
+    cmd = _fake_store(monkeypatch, ["good"] * 12 + ["hole"] * 12)
+    cmd("F", tmp_path, task="binary", folds=2, threads=1)
+    assert (tmp_path / "cv_report.json").exists()
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Head, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cmd("F", tmp_path, task="binary", folds=2, threads=1)
+    assert not (tmp_path / "cv_report.json").exists()

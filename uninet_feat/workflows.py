@@ -240,7 +240,19 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
         if task == "multiclass":
             defects_only = defects_only or not normal.any()
     else:
-        keep = [j for j, r in enumerate(recs) if not (defects_only and r["is_normal"])]
+        # an unlabelled image (`extract --batch`, loose images beside label folders) is neither class: as a
+        # "defect" it would teach the head that unknown means defective, as "" a defect type named nothing
+        unknown = [r["path"] for r in recs if not r["is_normal"] and not r.get("label")]
+        if unknown:
+            if len(unknown) == len(recs):
+                raise BadInputError(f"none of the store's {len(recs)} images has a label (a batch extract)",
+                                    path=features, fix="name them with --labels (a CSV path,label, e.g. `uninet-feat "
+                                                       "cluster`'s labels.csv once named), or extract a labelled "
+                                                       "layout (root/good/*, root/<defect>/*)")
+            warnings.warn(f"{len(unknown)} unlabelled image(s) in {features} (e.g. {unknown[0]}) are left out of the "
+                          "head. Fix: name them with --labels to train on them")
+        keep = [j for j, r in enumerate(recs) if (r["is_normal"] or r.get("label"))
+                and not (defects_only and r["is_normal"])]
         X, recs = X[keep], [recs[j] for j in keep]
         y = _labels_for(recs, task, label_from)
     seen = sum(r["is_normal"] and r.get("split") == "train" for r in recs)
@@ -257,6 +269,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     names = head_columns(store.manifest["vector_names"])
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names, n_jobs=threads)
     out = Path(out)
+    (out / "cv_report.json").unlink(missing_ok=True)   # a kill after the new head never leaves the old report beside it
     # defects_only: predict gives such a head's defect type to flagged images only
     res.head.save(out, source={**(store.manifest.get("source") or {}), "settings": store.manifest.get("settings"),
                                "defects_only": bool(defects_only)})   # settings: predict checks size and tiling
