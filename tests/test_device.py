@@ -100,3 +100,32 @@ def test_the_models_maps_scores_and_features_stay_on_its_device(dfs, monkeypatch
     r = uninet_features(model, x, patches=True)
     assert {k for k, v in r.items() if torch.is_tensor(v) and v.device.type != "meta"} == set()
     assert r["vectors"].shape[0] == 2
+
+
+def test_the_knn_index_goes_where_the_model_is_and_index_takes_a_device(monkeypatch, tmp_path):
+    """faiss-gpu put every kNN index on all GPUs (load's default, auto), whatever --device the command had."""
+    import faiss
+    import numpy as np
+    from uninet_feat import workflows
+    from uninet_feat.downstream import KNNScorer
+    from uninet_feat.scorers import knn_setup
+    KNNScorer(coreset_ratio=1.0, device="cpu").fit(np.random.default_rng(0).standard_normal((50, 8))
+                                                    .astype("f4")).save(tmp_path / "knn")
+    moved = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)   # a faiss-gpu build, torch's model on the CPU
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda idx, *a, **k: moved.append("all") or idx)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpus_list", lambda idx, gpus, *a, **k: moved.extend(gpus) or idx)
+
+    class Ex:
+        device = torch.device("cpu")
+    from uninet_feat import scorers
+    monkeypatch.setattr(scorers, "check_built_from", lambda *a: None)   # an index of adapted patches, taken as ex's
+    scorer, _ = knn_setup(tmp_path / "knn", Ex())
+    assert moved == [] and scorer.index.ntotal == 50
+    Ex.device = torch.device("cuda", 1)   # a model on the second GPU: its index there, not on both
+    knn_setup(tmp_path / "knn", Ex())
+    assert moved == [1]
+    seen = {}
+    monkeypatch.setattr(workflows, "index_cmd", lambda *a, **k: seen.update(k) or {"index": "x"})
+    assert main(["index", "--features", str(tmp_path), "--out", str(tmp_path / "i"), "--device", "cpu"]) == 0
+    assert seen["device"] == "cpu"

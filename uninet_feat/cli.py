@@ -138,7 +138,7 @@ def _tile_norm_flag(p, default: str) -> None:
                         f"whose place drifts between images){default}")
 
 
-_DEVICE_COMMANDS = ("evaluate", "ensemble", "calibrate", "extract", "predict", "zero-shot", "demo")
+_DEVICE_COMMANDS = ("evaluate", "ensemble", "calibrate", "extract", "index", "predict", "zero-shot", "demo")
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "tile_score",
                "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "device", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars, tables or summary (the demo's "
                                                         "summary.json holds it)")
     for name in _DEVICE_COMMANDS:   # train has its own (a config key, recorded in the run)
-        sub.choices[name].add_argument("--device", help="where the model runs: auto (a CUDA GPU when torch sees "
+        where = "the coreset and the FAISS index are built" if name == "index" else "the model runs"
+        sub.choices[name].add_argument("--device", help=f"where {where}: auto (a CUDA GPU when torch sees "
                                                         "one, else the CPU; default), cpu, cuda or cuda:N")
     for name, sp in sub.choices.items():
         if name != "train":   # train's --config holds model/training options (uninet_feat.config)
@@ -765,7 +766,8 @@ def _dispatch(args) -> int:
                                  args.shard_size, args.quiet, text=args.text, skip_bad=args.skip_bad,
                                  batch=args.batch, mean=args.mean, std=args.std)
         elif args.command == "index":
-            res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k, args.run)
+            res = wf.index_cmd(args.features, args.out, args.kind, args.level, args.coreset, args.k, args.run,
+                               device=args.device or "auto")
         elif args.command == "train-head":
             res = wf.train_head_cmd(args.features, args.out, args.task, args.label_from, args.defects_only,
                                     args.folds, args.seed, threads=args.threads, labels=args.labels)

@@ -36,7 +36,8 @@ def knn_setup(knn, ex, skip_bad: bool = False):
     adapted patches (checked to be this run's) sets ``ex.patches``; one over plain backbone patches uses the
     run's source teacher when it is that backbone, else ``kex``, an extractor of that backbone's patches."""
     from .downstream import KNNScorer
-    scorer, kex = KNNScorer.load(knn), None
+    # the index goes where the run's model is (a --device cpu run keeps it off the GPUs, cuda:1 on that one)
+    scorer, kex = KNNScorer.load(knn, device=str(ex.device)), None
     if _is_plain(scorer.source) and _same_plain_backbone(scorer.source, ex):
         ex.patches = "source"   # the run's frozen source teacher is that backbone: its patches, same pass
     elif _is_plain(scorer.source):

@@ -115,9 +115,10 @@ def zero_shot_step(bb) -> int:
     return getattr(bb, "patch_size", None) or getattr(bb, "size_multiple", 1)
 
 
-def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None) -> dict:
+def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None, device="auto") -> dict:
     """Patch level: a kNN scorer over the training normals' patches (``coreset`` default 0.1, ``k`` default 1).
-    Image level: a search index of every image row, which scores nothing.
+    Image level: a search index of every image row, which scores nothing. ``device``: where the coreset and
+    the index are built (auto, cpu, cuda, cuda:N; `downstream.KNNScorer`).
 
     The validation normals of ``run`` (by default the run the features came from) stay out of the memory
     bank: a bank that holds them scores them 0, and predict standardises kNN scores on them."""
@@ -152,7 +153,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
                                 fix="extract features of a folder with normal (good) training images")
         patches = store.rows("patches", normal)   # shard by shard into one float32 array
         # the coreset's picks saved as it goes: a killed index run again resumes its selection
-        scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset).fit(patches, state=out / ".coreset_state.npz")
+        scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset, device=device).fit(patches, state=out / ".coreset_state.npz")
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
         n_held = len(held_out & {abs_path(it["path"]) for it in store.items})
@@ -167,7 +168,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held})
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
-    index = build_index(X, kind=kind)
+    index = build_index(X, kind=kind, device=device)
     for old in ("ids.json", "knn.json"):   # a patch index's knn.json would describe this index wrongly
         (out / old).unlink(missing_ok=True)
     save_index(index, out / "index.faiss")
