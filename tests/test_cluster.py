@@ -630,3 +630,21 @@ def test_windows_absolute_paths_in_a_tie_of_folders_match_the_same_images_in_eve
         seen.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                 check=True).stdout.strip())
     assert seen == {"[('C:\\\\lines\\\\batch\\\\day1\\\\a.png', 0)]"}, seen
+
+
+def test_a_cluster_run_killed_while_its_sheet_is_made_leaves_no_old_sheet_beside_new_labels(store, tmp_path,
+                                                                                          monkeypatch):
+    from uninet_feat import clusters
+    from uninet_feat.cli import main
+    out = tmp_path / "c"
+    assert main(["cluster", "--features", str(store / "f"), "--out", str(out), "--k", "2"]) == 0
+    assert (out / "sheet.html").exists() and (out / "clusters.json").exists()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(clusters, "contact_sheet", killed)
+    assert main(["cluster", "--features", str(store / "f"), "--out", str(out), "--k", "3"]) == 130   # Ctrl-C
+    labels = {r["label"] for r in csv.DictReader(open(out / "labels.csv"))}
+    assert labels == {"cluster_0", "cluster_1", "cluster_2"}   # the new run's
+    assert not (out / "sheet.html").exists()   # the 2-cluster sheet would have named them
+    assert json.loads((out / "clusters.json").read_text())["k"] == 3

@@ -305,6 +305,8 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     rows = [{"cluster": int(res.labels[i]), "rank": rank[i], "path": rk[i]["path"], "group": rk[i].get("group", ""),
              "label": rk[i]["label"], "score": rk[i]["score"], "distance": round(float(res.distance[i]), 6)}
             for ex in res.exemplars for i in ex]
+    for old in ("sheet.html", "clusters.json"):   # a kill while the new ones are made leaves no old one beside the
+        (out / old).unlink(missing_ok=True)       # new labels.csv (an old sheet would name its clusters wrongly)
     atomic_write_csv(out / "clusters.csv", rows)
     atomic_write_csv(out / "labels.csv", [{"path": r["path"], "label": f"cluster_{r['cluster']}"} for r in rows])
     settings = {"features": str(features), "flagged": None if flagged is None else str(flagged), "k": k,
@@ -323,9 +325,7 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     if all(truth) and len(set(truth)) >= 2:   # a labelled data set: how the clusters match its labels (figures only)
         summary["agreement_with_labels"] = label_agreement(res, truth, seed=seed)
     atomic_write_text(out / "clusters.json", json.dumps(summary, indent=2))
-    if not sheet:   # a previous run's sheet would show other clusters than clusters.csv
-        (out / "sheet.html").unlink(missing_ok=True)
-    else:
+    if sheet:
         top = X[:, :len(store.manifest["vector_names"])]   # each image's top-tile vector
         atomic_write_text(out / "sheet.html", contact_sheet(rk, res, store.manifest["vector_names"], top))
     return summary
