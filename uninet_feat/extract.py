@@ -19,7 +19,7 @@ from .descriptors import SHAPE_NAMES, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
 from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, file_stats, start_store, write_shard
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text, remove_dead_temps
 from .positions import corrected
 from .runs import check_input_side, make_dataset, model_device, run_path
 
@@ -56,9 +56,21 @@ class Extractor:
         else:
             self.model, self.run_dir = None, None
             name = backbone or DEFAULT_CONFIG["backbone"]
-            self.backbone = create_normalised_backbone(name, weights, mean, std).eval().to(pick_device(device))
+            with torch.random.fork_rng(devices=[]):   # a random init (--weights random), the same in every run,
+                torch.manual_seed(0)                   # resume and --shard process; the caller's RNG untouched
+                bb = create_normalised_backbone(name, weights, mean, std)
+            self.backbone = bb.eval().to(pick_device(device))
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights, "mean": mean, "std": std}
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
+            if weights and Path(str(weights)).expanduser().is_file():   # a file replaced at the same path (or
+                self.source["weights_sha256"] = file_sha256(Path(str(weights)).expanduser())   # relative one elsewhere)
+        n_levels = len(self.backbone.channels)
+        if patches and n_levels < 3:   # patch vectors are levels 2 and 3 on the level-2 grid (`export.patch_vectors`)
+            what = "this run has" if run is not None else f"backbone {self.cfg['backbone']} has"
+            raise BadInputError(f"patch vectors are made of levels 2 and 3, and {what} {n_levels} level(s)", path=run,
+                                fix="drop --patches, or " + ("use a run trained with three levels (the default "
+                                                             "--levels)" if run is not None else
+                                                             "use a backbone with three levels"))
         if run is not None and ((image_size and image_size != self.cfg["image_size"])
                                 or (tile is not None and (tile or None) != (self.cfg.get("tile") or None))):
             now = (image_size or self.cfg["image_size"], self.cfg.get("tile") if tile is None else tile or None)
@@ -256,6 +268,10 @@ class Extractor:
                                            paths))
         typed = _fingerprint({**self.source, "run": str(self._run_typed)} if self.model is not None else self.source,
                              settings, typed_paths)   # stores written before session 23
+        if "weights_sha256" in self.source:   # stores written before a weights file's sha256 was in it: its
+            bare = {k: v for k, v in self.source.items() if k != "weights_sha256"}   # replacement since is unknown
+            legacy += [_fingerprint({k: v for k, v in bare.items() if k != "run"}, settings, paths),
+                       _fingerprint(bare, settings, typed_paths)]
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,
                     **extra, "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
                     "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds),
@@ -301,6 +317,7 @@ def resumable_pass(folder: Path, what: dict, samples, n_items: int, run) -> dict
         except OSError:   # gone (skipped with skip_bad): its absence is what the pass saw
             files.append([os.path.abspath(s.path), None, None, s.group])
     fp = _fingerprint(what, {"n_items": n_items, "part_items": PART_ITEMS}, files)
+    remove_dead_temps(folder, ".part-*.tmp")   # parts a killed pass left half-written
     parts, resumed = [], 0
     for k, start in enumerate(range(0, n_items, PART_ITEMS)):
         path = folder / f"part-{k:05d}.npz"

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .io import atomic_write, atomic_write_text, read_json
+from .io import atomic_write, atomic_write_text, read_json, remove_dead_temps
 
 SCHEMA = "uninet-feat/features"
 SCHEMA_VERSION = 3   # 3: the spot-difference descriptors (`l*_spotdiff_*`); 2: the defect descriptors
@@ -124,6 +124,19 @@ def _recalibrated(old: dict, manifest: dict) -> bool:
     return what(old) == what(manifest)
 
 
+def read_manifest(mpath: Path, fix: str) -> dict:
+    """A store's manifest.json, refused (naming it and ``fix``) unless it is one: JSON that is not ours (another
+    tool's manifest.json) or a damaged one (a list, no ``items``) was an AttributeError / KeyError traceback."""
+    m = read_json(mpath, fix)
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA:
+        raise BadInputError("this manifest.json is not a feature store's (its schema is not "
+                             f"{SCHEMA!r})", path=mpath, fix=fix)
+    if not isinstance(m.get("items"), list) or not all(isinstance(i, dict) for i in m["items"]) \
+            or not isinstance(m.get("n_shards"), int):
+        raise BadInputError("damaged feature-store manifest (no item list or shard count)", path=mpath, fix=fix)
+    return m
+
+
 def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False) -> set[int]:
     """Create or re-open a store; returns the shard ids already finished. ``legacy``: the fingerprints older
     versions gave the same extraction, also accepted (a store is not refused for a change of the fingerprint's
@@ -131,10 +144,13 @@ def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False)
     the fingerprint names the images by path alone; with ``by_group`` (the scores take the item's group's position
     offsets) so is one holding an item whose group changed."""
     folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(folder)   # shards (or a manifest) a killed writer left half-written
     mpath = folder / "manifest.json"
     started = any(folder.glob("shard-*.npz"))   # a store that failed before its first shard is started over
-    if mpath.exists() and started:
-        old = read_json(mpath, "delete the feature folder and extract again (or choose a new --out)")
+    # never written over: another tool's manifest.json in --out, nor a damaged store's
+    old = read_manifest(mpath, "delete the feature folder and extract again (or choose a new --out)") \
+        if mpath.exists() else None
+    if old is not None and started:
         # the fingerprint names the model, settings and images, not the columns: a store of an older schema (or
         # other columns) of the same extraction must not be resumed, its shards are narrower than this manifest
         same = old.get("fingerprint") in (manifest["fingerprint"], *legacy)
@@ -201,8 +217,8 @@ class FeatureStore:
         if not mpath.exists():
             raise BadInputError("not a feature folder (no manifest.json)", path=self.folder,
                                 fix="run `uninet-feat extract --out FOLDER` first")
-        self.manifest = read_json(mpath, "extract again into a new --out")
-        if self.manifest.get("schema") != SCHEMA or self.manifest.get("schema_version", 0) > SCHEMA_VERSION:
+        self.manifest = read_manifest(mpath, "extract again into a new --out")
+        if self.manifest.get("schema_version", 0) > SCHEMA_VERSION:
             raise BadInputError("unknown feature schema", path=mpath, fix="re-extract with this version")
         if not allow_partial and not (self.folder / "complete").exists():
             raise BadInputError("extraction did not finish", path=self.folder,

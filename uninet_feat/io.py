@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import socket
 import stat
 import tempfile
 import threading
@@ -18,8 +20,9 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a short prefix: a name near the file system's 255-byte limit must not fail for its temp file alone
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
+        # a short prefix: a name near the file system's 255-byte limit must not fail for its temp file alone; the
+        # writer's host and PID, so that a kill's leftover can be told from a live writer's (`remove_dead_temps`)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.{_writer()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise BadInputError(f"cannot write here ({e.strerror or e})", path=path,
                             fix="choose an output in a writable folder (an existing file cannot be a folder)") from e
@@ -40,6 +43,38 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         _cleanup(tmp)
         raise
     return path
+
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def _writer() -> str:
+    return f"{_HOST}-pid{os.getpid()}"   # a function: a forked worker writes under its own PID
+
+
+_DEAD_TEMP = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-pid(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def remove_dead_temps(folder, pattern: str = ".*.tmp") -> list[Path]:
+    """Remove ``folder``'s temp files of `atomic_write` (those matching ``pattern``) whose writer, a process of this
+    host named in the file's name, is gone: a SIGKILL mid-write leaves its temp file, which nothing else removes.
+    A live writer's, another host's (a store on a shared disk filled by several machines) and an older version's
+    (no PID in the name) are kept. Returns the files removed."""
+    gone = []
+    if os.name == "nt":   # os.kill(pid, 0) there terminates the process, it does not probe it
+        return gone
+    for tmp in Path(folder).glob(pattern):
+        m = _DEAD_TEMP.search(tmp.name)
+        if m is None or m["host"] != _HOST:
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+        except (PermissionError, OverflowError, ValueError):   # alive, another user's; or not a PID
+            pass
+    return gone
 
 
 _umask_lock = threading.Lock()

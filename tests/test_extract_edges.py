@@ -1,0 +1,177 @@
+"""Feature-store edges: a replaced weights file, a random-init backbone, a 2-level run with --patches, a killed
+writer's temp files, a damaged or foreign manifest.json."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from uninet_feat import featstore
+from uninet_feat.errors import BadInputError
+from uninet_feat.extract import Extractor, _fingerprint
+from uninet_feat.featstore import FeatureStore
+
+from _tiny import TinyBackbone, register_tiny, write_texture_set
+
+register_tiny()
+
+
+def _images(root, n=4, size=64):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(root / f"{i:03d}.png")
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(paths[-1])
+    return paths
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after_first(k):
+    if k == 0:
+        raise _Killed
+
+
+def _save_weights(path, seed):
+    torch.manual_seed(seed)
+    torch.save(TinyBackbone().state_dict(), path)
+
+
+def test_a_replaced_weights_file_is_not_resumed_onto_the_old_files_features(tmp_path):
+    """Plain features fingerprinted a weights file by its path alone: a file replaced at the same path resumed
+    onto the old file's shards and predict's parts. Stores from before its sha256 was recorded still resume."""
+    ps, w = _images(tmp_path / "img"), tmp_path / "w.pt"
+    _save_weights(w, 0)
+    ex = Extractor(backbone="tiny", weights=str(w), image_size=64)
+    with pytest.raises(_Killed):
+        ex.extract_to(ps, tmp_path / "f", shard_size=2, on_shard=_kill_after_first)
+    assert ex.extract(ps, parts=tmp_path / "parts")["resumed"] == 0
+    _save_weights(w, 1)   # replaced between the kill and the resume
+    ex = Extractor(backbone="tiny", weights=str(w), image_size=64)
+    with pytest.raises(BadInputError, match="another model, settings or image list"):
+        ex.extract_to(ps, tmp_path / "f", shard_size=2)
+    assert ex.extract(ps, parts=tmp_path / "parts")["resumed"] == 0   # scored again with the new file
+    # a store written before the file's sha256 was in its fingerprint: resumed as before (it cannot tell)
+    f = tmp_path / "old"
+    ex.extract_to(ps, f, shard_size=2)
+    m = json.loads((f / "manifest.json").read_text())
+    del m["source"]["weights_sha256"]
+    m["fingerprint"] = _fingerprint({k: v for k, v in m["source"].items() if k != "run"}, m["settings"],
+                                    [i["path"] for i in m["items"]])
+    (f / "manifest.json").write_text(json.dumps(m))
+    (f / "shard-00001.npz").unlink()
+    assert ex.extract_to(ps, f, shard_size=2) is not None
+    assert ex.source["weights_sha256"] == featstore.file_sha256(w)
+    assert json.loads((f / "manifest.json").read_text())["source"]["weights_sha256"] == featstore.file_sha256(w)
+
+
+def test_a_random_init_backbone_is_the_same_in_every_process_and_leaves_the_callers_rng(tmp_path):
+    """`--weights random` plain features built another random network in every run, resume and --shard process:
+    one store held two networks' features."""
+    ps = _images(tmp_path / "img")
+    a, b = [(torch.manual_seed(seed), Extractor(backbone="tiny", weights="random", image_size=64))[1]
+            for seed in (1, 2)]   # two processes: their RNGs in other states
+    assert a.extract_to(ps, tmp_path / "f", shard_size=2, shard=(0, 2)) is None
+    st = b.extract_to(ps, tmp_path / "f", shard_size=2, shard=(1, 2))
+    np.testing.assert_allclose(st.vectors, a.extract(ps)["vectors"], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    Extractor(backbone="tiny", weights="random", image_size=64)
+    assert torch.equal(torch.rand(3), want)   # the caller's RNG is not drawn from
+
+
+def _two_levels(name, weights="random", levels=None, **_):
+    m = TinyBackbone((8, 16), (4, 8))
+    m.levels, m.name = (1, 2), "tiny2"
+    return m
+
+
+@pytest.mark.filterwarnings("ignore:the default threshold")   # one validation normal: fine here
+def test_patches_of_a_two_level_run_are_refused_before_any_extraction(tmp_path, capsys):
+    """Patch vectors are levels 2 and 3 on the level-2 grid: `extract --run R --patches` of a 2-level run
+    (train --levels 2,3) died with an IndexError in `export.patch_vectors`."""
+    from uninet_feat.backbones import register_backbone
+    from uninet_feat.cli import main
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    try:
+        register_backbone("tiny2", _two_levels)
+    except Exception:
+        pass   # already registered in this process
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny2", "weights": "random", "image_size": 64,
+                                                       "decoder_depths": [1, 1], "epochs": 1, "batch_size": 4,
+                                                       "channels_last": False}), run, quiet=True)
+    with pytest.raises(BadInputError, match="levels 2 and 3, and this run has 2 level") as e:
+        Extractor(run=run, patches=True)
+    assert str(run) in str(e.value) and "drop --patches" in str(e.value)
+    with pytest.raises(BadInputError, match="backbone tiny2 has 2 level"):
+        Extractor(backbone="tiny2", patches=True)
+    capsys.readouterr()
+    out = tmp_path / "f"
+    assert main(["extract", "--data", str(data), "--run", str(run), "--patches", "--quiet", "--out", str(out)]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (out / "manifest.json").exists()
+    assert Extractor(run=run).extract(sorted((data / "train" / "good").glob("*.png")))["vectors"].shape[0] == 4
+
+
+# atomic_write in a child process killed mid-write (SIGKILL: no cleanup runs)
+_KILLED_WRITER = ("import os, signal, sys; from uninet_feat.io import atomic_write\n"
+                  "def w(tmp):\n    open(tmp, 'wb').write(b'x' * 1000); os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "atomic_write(sys.argv[1], w)")
+
+
+def _killed_write(path):
+    r = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], timeout=120)
+    assert r.returncode == -signal.SIGKILL
+
+
+def test_a_killed_writers_temp_files_are_removed_when_the_store_or_parts_are_reopened(tmp_path):
+    """A SIGKILL while a shard or part was written left its .tmp file for ever; a live writer's is kept."""
+    ps, f, parts = _images(tmp_path / "img"), tmp_path / "f", tmp_path / "parts"
+    _killed_write(f / "shard-00001.npz")
+    _killed_write(parts / "part-00000.npz")
+    (dead,), (dead_part,) = f.glob(".shard-00001.npz.*.tmp"), parts.glob(".part-*.tmp")
+    # the same writer's name, but this process's: a writer still alive
+    live = f / re.sub(r"-pid\d+\.", f"-pid{os.getpid()}.", dead.name).replace("shard-00001", "shard-00000")
+    live.write_bytes(b"x")
+    ex = Extractor(backbone="tiny", weights="random", image_size=64)
+    assert ex.extract_to(ps, f, shard_size=2) is not None
+    assert not dead.exists() and [p.name for p in f.glob(".*.tmp")] == [live.name]
+    ex.extract(ps, parts=parts)
+    assert not dead_part.exists() and not list(parts.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("manifest", [[], {"schema": featstore.SCHEMA},
+                                      {"schema": featstore.SCHEMA, "items": [], "schema_version": 3}],
+                         ids=["a list", "no items", "no shard count"])
+def test_a_damaged_manifest_is_named_not_a_traceback(tmp_path, manifest):
+    ps, f = _images(tmp_path / "img"), tmp_path / "f"
+    ex = Extractor(backbone="tiny", weights="random", image_size=64)
+    ex.extract_to(ps, f, shard_size=2)
+    (f / "manifest.json").write_text(json.dumps(manifest))
+    for open_it in (lambda: FeatureStore(f), lambda: ex.extract_to(ps, f, shard_size=2)):
+        with pytest.raises(BadInputError) as e:
+            open_it()
+        assert str(f / "manifest.json") in str(e.value) and "new --out" in str(e.value)
+
+
+def test_a_manifest_json_that_is_not_a_stores_is_not_written_over(tmp_path):
+    ps, f = _images(tmp_path / "img"), tmp_path / "f"
+    f.mkdir()
+    theirs = json.dumps({"name": "my-app", "version": "1.0"})
+    (f / "manifest.json").write_text(theirs)
+    with pytest.raises(BadInputError, match="not a feature store's") as e:
+        Extractor(backbone="tiny", weights="random", image_size=64).extract_to(ps, f, shard_size=2)
+    assert "new --out" in str(e.value)
+    assert (f / "manifest.json").read_text() == theirs and not list(f.glob("shard-*"))
