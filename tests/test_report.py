@@ -551,3 +551,13 @@ def test_chart_ticks_of_a_range_a_few_ulps_wide_end():
     assert _nice_ticks(1.0, math.nextafter(1.0, 2.0)) == [1.0]
     assert _nice_ticks(1e6, 1e6 + 2.4e-10) == [1e6]
     assert _nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_the_console_table_prints_label_and_group_names_as_written(capsys):
+    """rich read them as markup: 'scratch [minor]' lost its bracket, and a name with '[/]' was a MarkupError."""
+    from uninet_feat.evaluate import print_report
+    one = {"image_auroc": 0.9, "n": 3}
+    print_report({"image_auroc": 0.9, "per_group": {"line [2]": dict(one)},
+                  "per_label": {"scratch [minor]": dict(one), "hole [/]": dict(one)}})
+    out = capsys.readouterr().out
+    assert "label scratch [minor]" in out and "label hole [/]" in out and "line [2]" in out

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -617,8 +618,8 @@ def print_report(report: dict) -> None:
         table.add_column("defect px")
     for name, r in rows:
         cells = [show(r[k]) if k in r else "-" for k in keys]
-        table.add_row(name, *cells, *([f"{r['defect_pixel_share']:.2f}" if "defect_pixel_share" in r else "-"]
-                                      if share else []))
+        table.add_row(escape(name), *cells,   # a label or group named 'scratch [minor]' is text, not markup
+                      *([f"{r['defect_pixel_share']:.2f}" if "defect_pixel_share" in r else "-"] if share else []))
     console.print(table)
     if "mean_image_auroc" in report:
         lo, hi = report.get("mean_image_auroc_interval") or (float("nan"),) * 2
@@ -626,7 +627,7 @@ def print_report(report: dict) -> None:
         left = sorted(set(report.get("per_group", {})) - set(over))
         console.print(f"mean image AUROC over {len(over)} groups {report['mean_image_auroc']:.4f} "
                       f"(95 % interval {lo:.3f}-{hi:.3f})"
-                      + (f"; left out, one class only: {', '.join(left)}" if left else ""))
+                      + (f"; left out, one class only: {escape(', '.join(left))}" if left else ""))
     if "within_image_auroc" in report:
         console.print(f"within image: each defective image's own pixel AUROC (is the defect where its map is hot), "
                       f"mean over the {report['within_image_n']} with defect and normal pixels")
