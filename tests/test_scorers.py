@@ -285,3 +285,19 @@ def test_a_border_pad_run_queries_a_plain_index_with_the_plain_backbones_patches
     got = (kex or ex).extract(samples)["patches"]
     plain = Extractor(backbone="tiny", weights=str(weights), image_size=64, patches=True).extract(samples)["patches"]
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_the_knn_map_of_a_padded_tile_is_cut_to_the_image_not_squeezed_onto_it():
+    """A 64x50 image in one mirrored 80x80 tile: the padding's heat (rows 72-79) was stretched over the image's
+    last rows, and tiles of another size than the WDM map's broke the combined map."""
+    from uninet_feat.scorers import knn_map
+    grid = np.zeros((10, 10), np.float32)
+    grid[9] = 1.0   # hot only in the tile's last patch row: rows 72-79, past the image
+    res = {"index": np.array([0]), "tile": np.array([[0, 0, 80, 80]]), "patch_grid": (10, 10)}
+    m = knn_map(grid.reshape(1, -1), res, 0, size=(64, 50))
+    assert m.shape == (64, 50) and m.max() < 0.05   # bilinear reach of row 9's heat ends near row 68
+    assert np.array_equal(knn_map(grid.reshape(1, -1), res, 0, shape=(64, 50)), m)   # shape alone: the same
+    wide = knn_map(grid.reshape(1, -1), res, 0, shape=(32, 25), size=(64, 50))   # cut first, then resized
+    assert wide.shape == (32, 25) and wide.max() < 0.05
+    two = {"index": np.array([0, 0]), "tile": np.array([[0, 0, 80, 80], [0, 80, 80, 80]]), "patch_grid": (10, 10)}
+    assert knn_map(np.zeros((2, 100), np.float32), two, 0, shape=(64, 150)).shape == (64, 150)

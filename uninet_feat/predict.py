@@ -554,6 +554,7 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None, hel
 def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, root=None) -> None:
     """Overlays of flagged images' kNN maps (`scorers.knn_map`, native size, tiles stitched), coloured on the
     validation normals' patch-score range (median .. 0.999 quantile), else 0 .. the largest flagged score."""
+    from .data.images import read_size
     from .overlay import heatmap_overlay
     from .scorers import knn_map
     pos = {str(s.path): i for i, s in enumerate(samples)}
@@ -562,7 +563,8 @@ def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, ro
     lo, hi = ref.knn_range if ref is not None else (0.0, max(max(r["knn_score"] for r in flagged), 1e-6))
     for r in flagged:
         r["overlay"] = str(folder / names[r["path"]])
-        heatmap_overlay(r["path"], knn_map(patch_scores, kres, pos[r["path"]]), r["overlay"], vmin=lo, vmax=hi)
+        heatmap_overlay(r["path"], knn_map(patch_scores, kres, pos[r["path"]], size=read_size(r["path"])),
+                        r["overlay"], vmin=lo, vmax=hi)
 
 
 def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range, folder: Path, root=None,

@@ -153,24 +153,30 @@ def per_sample_wdm(item_scores, index, n: int, rule: str = "max") -> np.ndarray:
     return out
 
 
-def knn_map(patch_scores, res, i: int, shape=None) -> np.ndarray | None:
+def knn_map(patch_scores, res, i: int, shape=None, size=None) -> np.ndarray | None:
     """Sample ``i``'s kNN heatmap at its native size: each of its items' (tiles') patch grid upsampled
-    bilinearly to the tile's box and placed there (overlaps averaged) — PatchCore's map, stitched.
-    ``shape``: an untiled sample's map straight at that size instead (the WDM map's, to combine with it).
-    None for a sample the extraction skipped (no items)."""
+    bilinearly to the tile's box and placed there (overlaps averaged) — PatchCore's map, stitched — and cut to
+    the image: ``size``, its (H, W) (default ``shape``). Tiles run past the edge of an image that is not a whole
+    number of them (mirrored padding), and that padding's scores are not the image's. ``shape``: the map resized
+    to that size (the WDM map's, to combine with it). None for a sample the extraction skipped (no items)."""
     from .downstream.knn import upsample_scores
     items = np.flatnonzero(np.asarray(res["index"]) == i)
     if not len(items):
         return None
-    if shape is not None and len(items) == 1:
-        return upsample_scores(patch_scores[items[0]][None], res["patch_grid"], tuple(shape))[0]
     boxes = np.asarray(res["tile"])[items]
     h, w = int((boxes[:, 0] + boxes[:, 2]).max()), int((boxes[:, 1] + boxes[:, 3]).max())
     acc, cnt = np.zeros((h, w)), np.zeros((h, w))
     for j, (y, x, th, tw) in zip(items, boxes.tolist()):
         acc[y:y + th, x:x + tw] += upsample_scores(patch_scores[j][None], res["patch_grid"], (th, tw))[0]
         cnt[y:y + th, x:x + tw] += 1
-    return (acc / np.maximum(cnt, 1)).astype(np.float32)
+    size = size if size is not None else shape
+    out = (acc / np.maximum(cnt, 1))[:size[0], :size[1]] if size is not None else acc / np.maximum(cnt, 1)
+    if shape is not None and out.shape != tuple(shape):
+        import torch
+        import torch.nn.functional as F
+        out = F.interpolate(torch.from_numpy(out)[None, None], size=tuple(map(int, shape)), mode="bilinear",
+                            align_corners=False)[0, 0].numpy()
+    return out.astype(np.float32)
 
 
 def range_units(m, rng) -> np.ndarray:
