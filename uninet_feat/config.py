@@ -13,6 +13,7 @@ import platform
 import random
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,32 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextmanager
+def restored_global_state():
+    """Undo on exit what `seed_everything` and `runs.set_threads` change process-wide (deterministic algorithms,
+    which also fill torch.empty with NaN; the thread count; CUBLAS_WORKSPACE_CONFIG; the random, numpy and torch RNG
+    states), so a library caller's process is as it was. CUDA RNG states are kept only where CUDA was already in use:
+    reading them otherwise would start CUDA on every device (every rank of a torchrun job)."""
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads, cublas = torch.get_num_threads(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    rng = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.set_num_threads(threads)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.random.set_rng_state(rng[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def check_mean_std(cfg: dict, path=None) -> None:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .calibration import calibrate, parse_map_levels, parse_map_norm, with_calibration_normals
 from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
-from .config import DEFAULT_CONFIG, save_run_config, seed_everything
+from .config import DEFAULT_CONFIG, restored_global_state, save_run_config, seed_everything
 from .data.dataset import check_samples
 from .denoise import Damager, parse_denoise
 from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
@@ -47,12 +47,14 @@ def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False)
     locked while it trains (`io.folder_lock`; rank 0 of a torchrun job holds it for all ranks). ``resume=True``
     continues the run in ``out``: ``cfg`` is then the run's own config but for `RESUMABLE_KEYS` (e.g.
     ``load_config(out / "config.yaml", {"epochs": 20})``); another value of any other key is refused
-    (`check_resume_changes`), as `train --resume` refuses it."""
+    (`check_resume_changes`), as `train --resume` refuses it. The process-wide state it sets for a reproducible run
+    (seeds, deterministic algorithms, thread count) is the caller's again on return (`config.restored_global_state`)."""
     rank, world = env_rank_world() or (0, 1)   # [distributed] torchrun; (0, 1) in a single process
-    if rank != 0:
-        return _train(cfg, Path(out), resume, quiet, rank, world)
-    with folder_lock(out):
-        return _train(cfg, Path(out), resume, quiet, rank, world)
+    with restored_global_state():
+        if rank != 0:
+            return _train(cfg, Path(out), resume, quiet, rank, world)
+        with folder_lock(out):
+            return _train(cfg, Path(out), resume, quiet, rank, world)
 
 
 def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: int) -> Path:

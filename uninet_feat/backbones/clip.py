@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from ..errors import BadInputError
 from .base import Backbone, check_normalisation, parse_indices
 from .registry import register_backbone
+from .timm_cnn import check_mean_std_pair
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +447,8 @@ class ClipViT(Backbone):
     def __init__(self, name: str, weights: str = "random", levels=None, mean=None, std=None, strides=None,
                  quick_gelu: bool | None = None, model_cfg: dict | None = None):
         super().__init__()
+        check_mean_std_pair(mean, std, name)
+        given = mean is not None   # `is None`: a numpy array has no truth value
         clip_name = name[len(PREFIX):] if name.startswith(PREFIX) else name
         cfg, builtin = _model_cfg(clip_name, model_cfg)
         v = _vision(cfg)
@@ -462,16 +465,16 @@ class ClipViT(Backbone):
         self.weights_source = weights
         pre = cfg.get("preprocess_cfg", {}) or {}
         dmean, dstd = pre.get("mean") or OPENAI_MEAN, pre.get("std") or OPENAI_STD
-        self.normalisation_source = ("given" if mean and std else "the model config's preprocess_cfg"
+        self.normalisation_source = ("given" if given else "the model config's preprocess_cfg"
                                      if pre.get("mean") else "OpenAI's (open_clip's default)")
         local = weights not in _RANDOM and _is_file_spec(weights)
-        if local and builtin and not pre.get("mean") and not (mean and std):   # open_clip's for the model name
+        if local and builtin and not pre.get("mean") and not given:   # open_clip's for the model name
             dmean, dstd, self.normalisation_source = file_normalisation(clip_name, weights)
         if weights not in _RANDOM and not _is_file_spec(weights):  # an open_clip hub tag
             pcfg = _tag_cfg(clip_name, weights, builtin)
             quick_gelu = bool(pcfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
             dmean, dstd = pcfg.get("mean") or dmean, pcfg.get("std") or dstd
-            self.normalisation_source = "given" if mean and std else f"open_clip's tag {weights}"
+            self.normalisation_source = "given" if given else f"open_clip's tag {weights}"
             self.visual = build_clip_model(clip_name, weights, None, quick_gelu).visual
         else:
             import open_clip
@@ -484,7 +487,7 @@ class ClipViT(Backbone):
                 _load_tower(self.visual, sd, f"{clip_name} image tower", weights)
         self.quick_gelu = bool(quick_gelu)
         self._tower_out = None   # a list while `keep_tower_output` is active
-        self.mean, self.std = check_normalisation(mean or dmean, std or dstd, f"backbone {name!r}")
+        self.mean, self.std = check_normalisation(*((mean, std) if given else (dmean, dstd)), f"backbone {name!r}")
 
     # ------------------------------------------------------------ contract
     def check_size(self, h: int, w: int, m: int | None = None) -> None:

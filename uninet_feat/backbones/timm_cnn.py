@@ -279,11 +279,21 @@ def _hub_offline_mode(on: bool):
         constants.HF_HUB_OFFLINE = before
 
 
+def check_mean_std_pair(mean, std, name: str) -> None:
+    """``mean`` and ``std`` given together or not at all: one alone would pair with the other's default, which
+    belongs to another normalisation (`config.check_mean_std` refuses it in configs for the same reason)."""
+    if (mean is None) != (std is None):
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise BadInputError(f"backbone {name!r}: {given} is given without {missing}",
+                            fix="give both, mean=(R, G, B) and std=(R, G, B), or neither for the backbone's own")
+
+
 class TimmCNN(Backbone):
     """A timm ``features_only`` model returning exactly the chosen levels (module ``body``)."""
 
     def __init__(self, name: str, weights: str = "random", levels=None, mean=None, std=None, **timm_kw):
         super().__init__()
+        check_mean_std_pair(mean, std, name)
         import timm
         timm_name = name.split(":", 1)[1] if name.startswith("timm:") else name
         info = _feature_info(timm_name, timm_kw)
@@ -318,12 +328,14 @@ class TimmCNN(Backbone):
             base = timm_name.split(".")[0]
             self.load_report = load_weights(self.body, lite_imagenet_state_dict(base), timm_name, timm_kw,
                                             lite_source_file(base))
-            mean, std = mean or LITE_MEAN, std or LITE_STD
+            if mean is None:
+                mean, std = LITE_MEAN, LITE_STD
         elif not hub and weights != "random":
             self.load_report = load_weights(self.body, read_state_dict(weights), timm_name, timm_kw, weights)
         cfg = getattr(self.body, "pretrained_cfg", None) or {}
-        self.mean = tuple(float(v) for v in (mean or cfg.get("mean", (0.485, 0.456, 0.406))))
-        self.std = tuple(float(v) for v in (std or cfg.get("std", (0.229, 0.224, 0.225))))
+        if mean is None:   # `is None`: a numpy array has no truth value
+            mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
     def _trim(self):
         """timm's EfficientNetFeatures runs every block even when no later level is returned; drop them."""

@@ -116,7 +116,9 @@ class UniNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.source.eval()
+        # every part in the mode `train` gives (source, and a frozen target, in eval): the backbone's own mode would
+        # leave a frozen target's BN statistics adapting, or an eval()'d backbone's target training in eval mode
+        self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)
