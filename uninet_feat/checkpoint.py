@@ -91,6 +91,8 @@ def build_from_checkpoint(path, weights: str = "random"):
     cfg = ckpt["config"]
     bb_cfg = dict(ckpt["backbone"])
     backbone = create_backbone(**{**bb_cfg, "weights": weights})
+    if hasattr(backbone, "weights_source"):   # its weights are the run's (loaded below), not `weights`: a clip:
+        backbone.weights_source = str(cfg.get("weights") or weights)   # TextScorer builds the text tower from it
     model = UniNet(backbone, **model_options(checkpoint_config(ckpt)))
     state = ckpt["state_dict"]
     if cfg.get("mem") == "multiscale" and any(".fused." in k for k in state):

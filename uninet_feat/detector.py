@@ -23,12 +23,18 @@ def _frame_file(image, path: Path, k: int):
     to ``path`` (PNG; a TIFF beside it for modes PNG cannot hold, e.g. CMYK), so it is read exactly as a file of
     the same pixels would be, and named ``<image k>``. Colour arrays are RGB (OpenCV's BGR must be reversed first:
     ``frame[..., ::-1]``); a 16-bit colour array is read as a 16-bit colour file is, at 8 bits (its high byte). A
-    PIL image is taken upright, as its file: its EXIF orientation is applied."""
+    PIL image is taken upright, as its file: its EXIF orientation is applied. A torch tensor is read as its array;
+    one of shape (C, H, W) with C 1, 3 or 4 and W not (torchvision.io.decode_image's) is taken channels first."""
     from PIL import Image
 
     from .errors import BadInputError
     if isinstance(image, (str, os.PathLike)):
         return image, None
+    if _is_tensor(image):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+            image = image.permute(1, 2, 0)   # channels first, as torch holds images: to an array's (H, W, C)
+        image = image.numpy()
     if isinstance(image, Image.Image):
         # as `load_image` reads the file it came from: upright (a file's EXIF orientation, which a PNG written
         # here would not carry), and in a lossless container that holds its mode (PNG cannot hold CMYK, YCbCr, ...)
@@ -40,10 +46,14 @@ def _frame_file(image, path: Path, k: int):
             raise BadInputError(f"image {k}: a PIL image of mode {image.mode} cannot be scored ({e})",
                                 fix="convert it first, e.g. image.convert('RGB') (or 'L' for grey)") from None
         return target, f"<image {k}>"
+    _check_image_kind(image, f"image {k}")
     a = np.asarray(image)
     if a.dtype not in (np.uint8, np.uint16) or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise BadInputError(f"image {k}: a {a.dtype} array of shape {a.shape} is not an image this reads",
                             fix="pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path")
+    if a.size == 0:   # PIL cannot write it (a raw ValueError)
+        raise BadInputError(f"image {k}: an array of shape {a.shape} has no pixels",
+                            fix="pass an image of at least 1x1 pixels")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if a.dtype == np.uint16 and a.ndim == 3:   # PIL has no 16-bit colour mode: such a file reads as its high byte
@@ -52,6 +62,22 @@ def _frame_file(image, path: Path, k: int):
         few_bits_colour_note(f"<image {k}>", a)
     Image.fromarray(a).save(path, compress_level=1)
     return path, f"<image {k}>"
+
+
+def _is_tensor(x) -> bool:
+    import torch
+    return isinstance(x, torch.Tensor)
+
+
+def _check_image_kind(image, what) -> None:
+    """Refuse what is no image (None, a number, encoded bytes) with its fix, not as a TypeError or a 0-d array."""
+    from .errors import BadInputError
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raise BadInputError(f"{what}: encoded image bytes cannot be scored as they are",
+                            fix="decode them first, e.g. PIL.Image.open(io.BytesIO(data)), or pass the file's path")
+    if image is None or not (hasattr(image, "__array__") or hasattr(image, "__array_interface__")):
+        raise BadInputError(f"{what}: a {type(image).__name__} is not an image",
+                            fix="pass file paths, numpy arrays, torch tensors or PIL images (or a list of them)")
 
 
 def _upright(image, k: int):
@@ -159,7 +185,9 @@ class Detector:
         if pixel_threshold is not None and not math.isfinite(pixel_threshold):
             raise BadInputError(f"pixel_threshold must be a finite number, got {pixel_threshold}")
         self.run = run_path(run, "model.pt").parent
-        model, _, self.cfg = load_run(self.run, device=device)
+        import torch
+        with torch.random.fork_rng(devices=[]):   # the rebuild's random init, replaced by the run's weights, must
+            model, _, self.cfg = load_run(self.run, device=device)   # not advance the caller's RNG
         # group checked now (a run of one group refuses another), skip_bad as asked; threads as the host set them
         self.model = ready_to_score(model, self.cfg, group, skip_bad, threads=False)
         # a run of several groups: ``group``'s own threshold; without one the pooled threshold, the groups' own in
@@ -179,7 +207,9 @@ class Detector:
 
     def score(self, images, maps: bool = True) -> list[Detection]:
         """One `Detection` per image in ``images``, in order: file paths, or in-memory images (uint8 / uint16 numpy
-        arrays (H, W), (H, W, 3), (H, W, 4), or PIL images: camera frames; named ``<image k>``), or one of them.
+        arrays (H, W), (H, W, 3), (H, W, 4), torch tensors of those shapes or (C, H, W) — channels first when C is
+        1, 3 or 4 and W is not —, or PIL images: camera frames; named ``<image k>``), or one of them. A 4-D array or
+        tensor is a batch of such images.
         ``maps=False`` skips the maps (and masks). Every map of the list is held in the result: for long lists,
         `iter_score`."""
         return list(self.iter_score(images, maps))
@@ -190,9 +220,11 @@ class Detector:
         from PIL import Image
 
         from .errors import BadInputError
-        if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray)
-                                                                   and images.ndim in (2, 3)):
-            images = [images]   # one image (a PIL image is iterable, by rows: it was read as a list of them)
+        array = isinstance(images, np.ndarray) or _is_tensor(images)   # 4-D: a batch, iterated as a list
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (array and images.ndim != 4) or \
+                isinstance(images, (bytes, bytearray, memoryview)) or not hasattr(images, "__iter__"):
+            images = [images]   # one image (a PIL image is iterable, by rows: it was read as a list of them; a
+                                # tensor by its first dim); None, a number, bytes: refused as one by `_frame_file`
         images = list(images)
         if not images:
             raise BadInputError("no images to score", fix="pass at least one image path")

@@ -159,7 +159,9 @@ def eval_batches(ds, cfg: dict, device=None):
     """(batch, model input) over ``ds`` in order at the run's eval batch size, the input on ``device`` (the
     model's: `model_device`) and channels_last when the run uses it: the scoring loop of
     `evaluate.score_samples` and `calibration.map_ranges`. The batch itself stays on the CPU."""
-    for batch in torch.utils.data.DataLoader(ds, batch_size=cfg.get("eval_batch_size", 8), shuffle=False):
+    # a generator of its own: a loader without one draws its base seed from the caller's global RNG
+    for batch in torch.utils.data.DataLoader(ds, batch_size=cfg.get("eval_batch_size", 8), shuffle=False,
+                                             generator=torch.Generator()):
         x = batch["image"] if device is None else batch["image"].to(device)
         yield batch, (x.contiguous(memory_format=torch.channels_last) if cfg.get("channels_last") else x)
 

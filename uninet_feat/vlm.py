@@ -148,14 +148,19 @@ def dump_prompts(path, obj: str = OBJECT) -> Path:
 
 def _resolve(model, text_model, tokenizer, clip_name):
     """(visual tower, open_clip model with a text tower, tokenizer)."""
-    from .backbones.clip import ClipViT, build_clip_model
+    from .backbones.clip import _RANDOM, ClipViT, _is_file_spec, build_clip_model
     if hasattr(model, "source") and isinstance(getattr(model, "source"), ClipViT):
         model = model.source  # a UniNet: its frozen source teacher is the unadapted CLIP tower
     if isinstance(model, ClipViT):
         visual = model.visual
         clip_name = clip_name or (model.clip_name if model._model_cfg is None else None)  # open_clip built-in
         if text_model is None:
-            if model.weights_source in ("random", "none", ""):
+            src = model.weights_source   # a run's model: the weights file it was trained from (its config's)
+            if src not in _RANDOM and _is_file_spec(src) and not Path(src).expanduser().is_file():
+                raise BadInputError(f"{model.name}: the CLIP weights file its text tower comes from is not here",
+                                    path=src, fix="restore the file at that path, or pass text_model=<the open_clip "
+                                                  "model of those weights, both towers>")
+            if src in _RANDOM:
                 log.warning("TextScorer: %s has random weights, so its text tower is random too; scores are "
                             "meaningless (load open_clip weights for zero-shot use)", model.name)
             try:
@@ -167,6 +172,10 @@ def _resolve(model, text_model, tokenizer, clip_name):
                                         "clip:ViT-B-16, clip:ViT-L-14)") from e
     elif hasattr(model, "visual") and hasattr(model, "encode_text"):
         visual, text_model = model.visual, text_model or model
+        if not hasattr(visual, "patch_size"):   # ModifiedResNet (RN50, ...), a timm tower: no patch tokens to score
+            raise BadInputError(f"TextScorer: the open_clip model's image tower is a {type(visual).__name__}; ResNet "
+                                "(and timm) CLIP image towers are not supported, only ViT ones",
+                                fix="use a ViT CLIP model, e.g. open_clip.create_model('ViT-B-16', pretrained=...)")
     else:
         raise BadInputError(f"TextScorer needs a clip: backbone, a UniNet built on one, or an open_clip model; "
                             f"got {type(model).__name__}")
@@ -189,8 +198,14 @@ class TextScorer(nn.Module):
         if patch_mode not in ("tokens", "value"):
             raise BadInputError(f"patch_mode must be 'tokens' or 'value', got {patch_mode!r}")
         base = load_prompts(prompt_file) if prompt_file is not None else default_prompts(obj, templates)
-        self.normal_prompts = expand_prompts(normal_prompts, templates, obj) if normal_prompts else base["normal"]
-        self.defect_prompts = expand_prompts(defect_prompts, templates, obj) if defect_prompts else base["defect"]
+        normal_prompts, defect_prompts = (p if p is None or isinstance(p, str) else list(p)
+                                          for p in (normal_prompts, defect_prompts))
+        for key, given in (("normal", normal_prompts), ("defect", defect_prompts)):
+            if given is not None and not given:   # as `load_prompts`: an empty list read as the defaults hid a mistake
+                raise BadInputError(f"{key}_prompts is empty",
+                                    fix=f"give at least one {key} prompt, or leave {key}_prompts=None for the defaults")
+        self.normal_prompts, self.defect_prompts = (base[k] if p is None else expand_prompts(p, templates, obj)
+                                                    for k, p in (("normal", normal_prompts), ("defect", defect_prompts)))
         self.visual, text_model, self.tokenizer = _resolve(model, text_model, tokenizer, clip_name)
         self.patch_mode = patch_mode
         self.patch_size = int(self.visual.patch_size[0])
