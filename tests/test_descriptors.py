@@ -154,3 +154,24 @@ def test_spot_differences_are_the_spot_less_the_tiles_own_mean(wide_run):
     assert diff.shape == att.shape == mean.shape
     assert diff == pytest.approx(att - mean, abs=1e-4)
     assert np.abs(mean).max() > 1e-2   # the difference is not the spot itself
+
+
+def test_a_spots_angle_and_elongation_are_the_images_not_the_squashed_inputs():
+    """A 64x192 image is squashed to the model's square input: a 45-degree streak there runs at 71.6 degrees, and a
+    round spot of the input is a wide ellipse in the image."""
+    import math
+
+    from uninet_feat.descriptors import spot_summary
+    names = ["spot_y_image", "spot_x_image", "hot_area", "hot_elongation", "hot_cos2phi", "hot_sin2phi"]
+
+    def row(elong, phi_deg):
+        phi = math.radians(2 * phi_deg)
+        return [0.5, 0.5, 0.01, elong, math.cos(phi), math.sin(phi)]
+    squashed = math.degrees(math.atan2(1 / 64, 1 / 192))   # the image's 45-degree line on the input: 71.57
+    assert spot_summary(row(1.0, squashed), names)["spot_angle_deg"] == pytest.approx(71.6)
+    got = spot_summary(row(1.0, squashed), names, (64, 192))
+    assert got["spot_angle_deg"] == pytest.approx(45.0) and got["spot_elongation"] == pytest.approx(1.0)
+    round_spot = spot_summary(row(0.0, 0.0), names, (64, 192))
+    assert round_spot["spot_angle_deg"] == pytest.approx(0.0)
+    assert round_spot["spot_elongation"] == pytest.approx(1 - (64 / 192) ** 2)
+    assert spot_summary(row(0.3, 20.0), names, (80, 80)) == spot_summary(row(0.3, 20.0), names)   # square: as it was

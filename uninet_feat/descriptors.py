@@ -89,11 +89,23 @@ def image_place(cy, cx, box, image_hw) -> tuple[float, float]:
     return min(1.0, (y + cy * th) / H), min(1.0, (x + cx * tw) / W)
 
 
-def spot_summary(vector, names) -> dict:
+def spot_summary(vector, names, tile_hw=None) -> dict:
     """A prediction row's description of its top tile's hot spot, from that tile's vector (``names``: its
     columns): place in the image (fractions), area (fraction of the tile), elongation, and angle in degrees
-    (0 = horizontal, ±90 = vertical; positive = running down to the right, as image rows grow downwards)."""
+    (0 = horizontal, ±90 = vertical; positive = running down to the right, as image rows grow downwards).
+    ``tile_hw``: the tile's size in image pixels (an untiled image's own): the vector's shape columns are measured
+    on the model's square input, where a non-square tile is squashed, so its angle and elongation are those of the
+    image only once the spot's second moments are stretched back to it."""
     v = dict(zip(names, (float(x) for x in vector)))
-    angle = 0.5 * math.degrees(math.atan2(v["hot_sin2phi"], v["hot_cos2phi"]))
+    phi = 0.5 * math.atan2(v["hot_sin2phi"], v["hot_cos2phi"])
+    elong = v["hot_elongation"]
+    if tile_hw is not None and tile_hw[0] != tile_hw[1]:
+        # the moments up to scale (major axis 1, minor 1 - elongation, at phi), in pixels: x by W, y by H
+        c, s, lo = math.cos(phi), math.sin(phi), 1.0 - elong
+        h, w = (float(t) for t in tile_hw)
+        sxx, syy, sxy = (c * c + lo * s * s) * w * w, (s * s + lo * c * c) * h * h, (1.0 - lo) * s * c * h * w
+        phi = 0.5 * math.atan2(2 * sxy, sxx - syy)
+        half, disc = (sxx + syy) / 2, math.sqrt(max(((sxx - syy) / 2) ** 2 + sxy * sxy, 0.0))
+        elong = 1 - max(half - disc, 0.0) / (half + disc) if half + disc > 0 else 0.0
     return {"spot_y": v["spot_y_image"], "spot_x": v["spot_x_image"], "spot_area": v["hot_area"],
-            "spot_elongation": v["hot_elongation"], "spot_angle_deg": round(angle, 1)}
+            "spot_elongation": elong, "spot_angle_deg": round(math.degrees(phi), 1)}

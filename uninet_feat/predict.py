@@ -51,6 +51,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
     from .overlay import calibrated_range
     from .scoring import pixel_map_kind
+    from .data.images import read_size
     from .descriptors import spot_summary
     from . import ensemble as ens
     ensemble = [str(r) for r in ensemble]
@@ -164,7 +165,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     rows = [{"path": path, "label": first[path].label, "split": first[path].split, "group": first[path].group,
              "wdm_score": float(reduce(res["scores"][idx]))} for path, idx in order]
     for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
-        row.update(spot_summary(x, ex.vector_names))
+        # an untiled image was squashed to the model's square input: its spot's shape is stretched back to it
+        row.update(spot_summary(x, ex.vector_names, None if ex.cfg.get("tile") else read_size(row["path"])))
         row.update({n: float(v) for n, v in zip(ex.vector_names, x) if n.startswith("clip_")})   # --text
     summary_extra, ref = {}, None
     if members is not None:
