@@ -79,7 +79,12 @@ def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, 
         vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise BadInputError(f"vectors must be (N, d), got shape {tuple(vectors.shape)}")
+    if proj_dim is not None and (isinstance(proj_dim, bool) or int(proj_dim) != proj_dim or proj_dim < 1):
+        raise BadInputError(f"proj_dim must be a whole number >= 1 or None, got {proj_dim!r}",   # 0: every distance 0
+                            fix="e.g. proj_dim=128 (the default), or None to keep every dimension")
     total = vectors.shape[0]
+    if total == 0:
+        raise BadInputError("no vectors to select a coreset from", fix="pass the normal patches (N >= 1 rows)")
     if n is None:
         if ratio is None or not 0 < ratio <= 1:
             raise BadInputError(f"coreset ratio must be in (0, 1], got {ratio}")

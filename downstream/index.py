@@ -36,6 +36,8 @@ def as_matrix(x, what: str = "vectors", d: int | None = None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise BadInputError(f"{what} must be a 2-D array (n, d), got shape {x.shape}")
+    if x.shape[1] == 0:   # faiss takes d = 0 and finds every vector at distance 0
+        raise BadInputError(f"{what} have no columns (shape {x.shape})", fix="pass (n, d) vectors with d >= 1")
     if d is not None and x.shape[1] != d:
         raise BadInputError(f"{what} have dimension {x.shape[1]}, expected {d}",
                             fix="use vectors from the same extractor/export as the index or head")

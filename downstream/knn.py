@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..errors import BadInputError
 from ..io import atomic_write_text
 from .coreset import coreset_subsample, torch_device
-from .index import as_matrix, build_index, faiss_gpus, load_index, save_index, search
+from .index import KINDS, as_matrix, build_index, faiss_gpus, load_index, save_index, search
 
 _FORMAT = "uninet-feat-knn/1"
 
@@ -85,6 +85,11 @@ class KNNScorer:
         if coreset_ratio is not None and not 0 < float(coreset_ratio) <= 1:   # None: keep all
             raise BadInputError(f"the coreset ratio must be in (0, 1], got {coreset_ratio}",
                                 fix="e.g. --coreset 0.1 (10 % of the normal patches), or 1 for all of them")
+        if kind not in KINDS:   # now, not after the coreset (an hour on a CPU)
+            raise BadInputError(f"unknown index kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
+        if "metric" in index_kw:
+            raise BadInputError("the kNN scorer's index is L2 (PatchCore's distance); metric is not an option here",
+                                fix="leave metric out, or use build_index(..., metric='ip') for an index of its own")
         faiss_gpus(device)
         if coreset_ratio is not None and float(coreset_ratio) < 1:
             torch_device(device)

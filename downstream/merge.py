@@ -72,6 +72,10 @@ def train_empty_index(vector_shards, kind: str = "ivfpq", metric: str = "l2", nl
     if not vector_shards:
         raise BadInputError("no vector shards given")
     d = as_matrix(vector_shards[0][:1]).shape[1]
+    for k, v in enumerate(vector_shards):   # before the sample: numpy's concatenate error named no shard
+        if np.ndim(v) != 2 or np.shape(v)[1] != d:
+            raise BadInputError(f"shard {k} has shape {np.shape(v)}, shard 0 has dimension {d}",
+                                fix="give every shard (n_k, d) vectors of one extractor")
     n = int(sum(len(v) for v in vector_shards))
     if n == 0:
         raise BadInputError("cannot build an index from zero vectors")
@@ -117,13 +121,19 @@ def merge_indices(shards):
         raise BadInputError("no shard indices to merge")
     dst = shards[0]
     for src in shards[1:]:
-        if src.d != dst.d or type(faiss.downcast_index(src)) is not type(faiss.downcast_index(dst)):
-            raise BadInputError("shard indices differ in type or dimension",
+        if src.d != dst.d or type(faiss.downcast_index(src)) is not type(faiss.downcast_index(dst)) \
+                or src.metric_type != dst.metric_type:
+            raise BadInputError("shard indices differ in type, dimension or metric",
                                 fix="fill every shard from one trained empty index (fill_shard)")
-        if isinstance(faiss.downcast_index(dst), faiss.IndexIVF):
-            faiss.merge_into(dst, src, False)  # ids are already global: no shifting
-        else:
-            dst.merge_from(src, 0)
+        try:
+            if isinstance(faiss.downcast_index(dst), faiss.IndexIVF):
+                faiss.merge_into(dst, src, False)  # ids are already global: no shifting
+            else:
+                dst.merge_from(src, 0)
+        except RuntimeError as e:   # e.g. shards of two separately trained empty indices (other quantizers)
+            raise BadInputError(f"faiss cannot merge these shards: {str(e).strip().splitlines()[-1]}",
+                                fix="fill every shard from one trained empty index (train_empty_index, then "
+                                    "fill_shard)") from None
     return dst
 
 

@@ -313,3 +313,27 @@ def test_score_maps_image_score_is_the_highest_patch_score_as_predict_gives():
     res = {"patches": test, "index": np.arange(len(test))}
     np.testing.assert_array_equal(img, knn_scores(sc, None, [None] * len(test), res=res)[0])
     assert maps[1].max() < img[1] - 1   # the map's max is lower: the score it was
+
+
+def test_bad_settings_and_shapes_are_named_before_any_work():
+    """A bad kind or a metric reached the scorer only after the coreset (an hour on a CPU); proj_dim 0 made every
+    coreset distance 0 (arbitrary picks); zero-width vectors made a flat index of distances 0; merge gave numpy's
+    and faiss's own errors."""
+    from uninet_feat.downstream import merge
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype("f4")
+    with pytest.raises(BadInputError, match="unknown index kind 'ivf'"):
+        KNNScorer(kind="ivf")
+    with pytest.raises(BadInputError, match="metric is not an option"):
+        KNNScorer(metric="ip")
+    with pytest.raises(BadInputError, match="proj_dim must be a whole number >= 1"):
+        coreset_subsample(x, n=5, proj_dim=0, device="cpu")
+    with pytest.raises(BadInputError, match="no vectors to select"):
+        coreset_subsample(x[:0], n=5, device="cpu")
+    with pytest.raises(BadInputError, match="have no columns"):
+        build_index(np.zeros((5, 0), "f4"))
+    with pytest.raises(BadInputError, match="shard 1 has shape"):
+        merge.train_empty_index([x, np.zeros((300, 16), "f4")], kind="ivfpq", nlist=4, m_pq=4, nbits=4)
+    one = merge.train_empty_index([x], kind="ivfpq", nlist=4, m_pq=4, nbits=4)
+    other = merge.train_empty_index([x[::-1] * 3], kind="ivfpq", nlist=4, m_pq=4, nbits=4, seed=1)
+    with pytest.raises(BadInputError, match="faiss cannot merge these shards"):
+        merge.merge_indices([merge.fill_shard(one, x[:10]), merge.fill_shard(other, x[10:20])])
