@@ -689,3 +689,21 @@ def test_neighbours_with_a_map_of_other_units_shift_it_by_the_same_nearest_tiles
             assert tile_map_shift(model.cfg, v, corrected(v, box, offsets, test[i], cv, near), box, test[i], cv,
                                   (64, 192)) == pytest.approx(want)
             np.testing.assert_allclose(b[:, x:x + 64] - a[:, x:x + 64], want, atol=1e-5)
+
+
+def test_predict_and_the_detector_give_a_position_normed_run_the_same_scores_to_the_last_bit(run, tmp_path):
+    """predict rounded the corrected tile scores to float32 where Detector (and the calibration that sets a
+    --max-fpr threshold: one validation normal's score) kept float64; with the tiles' mean as the image score the
+    two differed, and the normal that set the threshold was flagged by predict and not by the Detector."""
+    from pathlib import Path
+
+    from uninet_feat.detector import Detector
+    from uninet_feat.predict import predict_cmd
+    data, _ = run
+    r = tmp_path / "mean"
+    train(_cfg(data, tile_norm="position", tile_score="mean"), r, quiet=True)
+    res = predict_cmd(str(r), str(data / "test"), str(tmp_path / "p"), quiet=True, overlays=False, max_fpr=0.5)
+    got = {str(Path(row["path"]).resolve()): (row["wdm_score"], row["flagged"]) for row in res["rows"]}
+    det = {str(Path(d.path).resolve()): (d.score, d.flagged)
+           for d in Detector(r, max_fpr=0.5).score(sorted(got), maps=False)}
+    assert got == det   # exact, not approx

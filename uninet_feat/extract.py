@@ -176,7 +176,7 @@ class Extractor:
                 scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i], c, near, sizes,
                                              hw[i])
                                    for s, b, i, c in zip(scores, batch["tile"], batch["index"].tolist(), ctx)],
-                                  np.float32)
+                                  np.float64)   # as calibration keeps them: a threshold is one normal's score
             if map_fn is not None and not ds.tile and r.get("maps") is not None:
                 for j, (si, sc) in enumerate(zip(batch["index"].tolist(), scores.tolist())):
                     map_fn(si, r["maps"][j].numpy().astype(np.float32), sc)
