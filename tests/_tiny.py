@@ -118,3 +118,16 @@ def write_supervised_manifest(data, n_train_defects=4):
     with open(data / "m.csv", "w", newline="") as f:
         csv.writer(f).writerows([["path", "split", "label", "mask"]] + rows)
     return data / "m.csv"
+
+
+def tiny_run(tmp_path_factory):
+    """(run folder, texture set): a 1-epoch tiny run on 32-px textures, for the tests of what reads a finished run."""
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    register_tiny()
+    tex = write_texture_set(tmp_path_factory.mktemp("tex"), n_train=6, n_good=1, n_bad=1, size=32)
+    out = tmp_path_factory.mktemp("run") / "r"
+    train(load_config(None, {"data": str(tex), "backbone": "tiny", "weights": "random", "image_size": 32,
+                             "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
+          out, quiet=True)
+    return out, tex

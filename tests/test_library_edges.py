@@ -11,19 +11,14 @@ from uninet_feat.detector import Detector
 from uninet_feat.errors import BadInputError
 from uninet_feat.train import train
 
-from _tiny import register_tiny, write_texture_set
+from _tiny import register_tiny, tiny_run, write_texture_set
 
 register_tiny()
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tex = write_texture_set(tmp_path_factory.mktemp("tex"), n_train=6, n_good=1, n_bad=1, size=32)
-    out = tmp_path_factory.mktemp("run") / "r"
-    train(load_config(None, {"data": str(tex), "backbone": "tiny", "weights": "random", "image_size": 32,
-                             "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
-          out, quiet=True)
-    return out, tex
+    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

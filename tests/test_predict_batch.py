@@ -12,7 +12,7 @@ from uninet_feat.errors import BadInputError
 from uninet_feat.train import train
 from uninet_feat.predict import predict_cmd
 
-from _tiny import register_tiny, write_texture_set
+from _tiny import register_tiny, tiny_run, write_texture_set
 
 register_tiny()
 
@@ -25,12 +25,7 @@ def _png(p, seed=0):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tex = write_texture_set(tmp_path_factory.mktemp("tex"), n_train=6, n_good=1, n_bad=1, size=32)
-    out = tmp_path_factory.mktemp("run") / "r"
-    train(load_config(None, {"data": str(tex), "backbone": "tiny", "weights": "random", "image_size": 32,
-                             "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
-          out, quiet=True)
-    return out
+    return tiny_run(tmp_path_factory)[0]
 
 
 def test_predict_scores_a_plain_folder_and_a_single_file(run, tmp_path):
