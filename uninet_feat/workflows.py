@@ -153,7 +153,8 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
                                 fix="extract features of a folder with normal (good) training images")
         patches = store.rows("patches", normal)   # shard by shard into one float32 array
         # the coreset's picks saved as it goes: a killed index run again resumes its selection
-        scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset, device=device).fit(patches, state=out / ".coreset_state.npz")
+        scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset, device=device).fit(
+            patches, state=out / ".coreset_state.npz")
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
         n_held = len(held_out & {abs_path(it["path"]) for it in store.items})
