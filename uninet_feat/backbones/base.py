@@ -72,6 +72,15 @@ def check_backbone(bb, origin: str = "backbone") -> nn.Module:
     return bb
 
 
+def check_mean_std_pair(mean, std, name: str) -> None:
+    """``mean`` and ``std`` given together or not at all: one alone would pair with the other's default, which
+    belongs to another normalisation (`config.check_mean_std` refuses it in configs for the same reason)."""
+    if (mean is None) != (std is None):
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise BadInputError(f"backbone {name!r}: {given} is given without {missing}",
+                            fix="give both, mean=(R, G, B) and std=(R, G, B), or neither for the backbone's own")
+
+
 def check_normalisation(mean, std, origin: str = "mean/std", flags: str = "mean=(R, G, B), std=(R, G, B)"):
     """(mean, std) as two tuples of 3 floats, the input normalisation ``(x - mean) / std`` of images in [0, 1]:
     each mean in [0, 1], each std finite and above 0 (a std of 0 divides by zero; a mean outside the image range is

@@ -54,9 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadInputError
-from .base import Backbone, check_normalisation, parse_indices
+from .base import Backbone, check_mean_std_pair, check_normalisation, parse_indices
 from .registry import register_backbone
-from .timm_cnn import check_mean_std_pair
 
 log = logging.getLogger(__name__)
 

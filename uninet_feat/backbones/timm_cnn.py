@@ -20,7 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInputError
-from .base import Backbone, parse_indices
+from .base import Backbone, check_mean_std_pair, parse_indices
 
 log = logging.getLogger(__name__)
 WEIGHT_KINDS = ("random", "imagenet", "timm-hub")
@@ -277,15 +277,6 @@ def _hub_offline_mode(on: bool):
         yield
     finally:
         constants.HF_HUB_OFFLINE = before
-
-
-def check_mean_std_pair(mean, std, name: str) -> None:
-    """``mean`` and ``std`` given together or not at all: one alone would pair with the other's default, which
-    belongs to another normalisation (`config.check_mean_std` refuses it in configs for the same reason)."""
-    if (mean is None) != (std is None):
-        given, missing = ("mean", "std") if std is None else ("std", "mean")
-        raise BadInputError(f"backbone {name!r}: {given} is given without {missing}",
-                            fix="give both, mean=(R, G, B) and std=(R, G, B), or neither for the backbone's own")
 
 
 class TimmCNN(Backbone):
