@@ -105,7 +105,7 @@ def spot_summary(vector, names, tile_hw=None) -> dict:
         h, w = (float(t) for t in tile_hw)
         sxx, syy, sxy = (c * c + lo * s * s) * w * w, (s * s + lo * c * c) * h * h, (1.0 - lo) * s * c * h * w
         phi = 0.5 * math.atan2(2 * sxy, sxx - syy)
-        half, disc = (sxx + syy) / 2, math.sqrt(max(((sxx - syy) / 2) ** 2 + sxy * sxy, 0.0))
+        half, disc = (sxx + syy) / 2, math.sqrt(((sxx - syy) / 2) ** 2 + sxy * sxy)
         elong = 1 - max(half - disc, 0.0) / (half + disc) if half + disc > 0 else 0.0
     return {"spot_y": v["spot_y_image"], "spot_x": v["spot_x_image"], "spot_area": v["hot_area"],
             "spot_elongation": elong, "spot_angle_deg": round(math.degrees(phi), 1)}

@@ -62,8 +62,9 @@ class Extractor:
             self.backbone = bb.eval().to(pick_device(device))
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights, "mean": mean, "std": std}
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
-            if weights and Path(str(weights)).expanduser().is_file():   # a file replaced at the same path (or
-                self.source["weights_sha256"] = file_sha256(Path(str(weights)).expanduser())   # relative one elsewhere)
+            wfile = Path(str(weights)).expanduser() if weights else None
+            if wfile is not None and wfile.is_file():   # a file replaced at the same path (or a relative one elsewhere)
+                self.source["weights_sha256"] = file_sha256(wfile)
         n_levels = len(self.backbone.channels)
         if patches and n_levels < 3:   # patch vectors are levels 2 and 3 on the level-2 grid (`export.patch_vectors`)
             what = "this run has" if run is not None else f"backbone {self.cfg['backbone']} has"

@@ -170,12 +170,11 @@ def knn_map(patch_scores, res, i: int, shape=None, size=None) -> np.ndarray | No
         acc[y:y + th, x:x + tw] += upsample_scores(patch_scores[j][None], res["patch_grid"], (th, tw))[0]
         cnt[y:y + th, x:x + tw] += 1
     size = size if size is not None else shape
-    out = (acc / np.maximum(cnt, 1))[:size[0], :size[1]] if size is not None else acc / np.maximum(cnt, 1)
-    if shape is not None and out.shape != tuple(shape):
-        import torch
-        import torch.nn.functional as F
-        out = F.interpolate(torch.from_numpy(out)[None, None], size=tuple(map(int, shape)), mode="bilinear",
-                            align_corners=False)[0, 0].numpy()
+    out = acc / np.maximum(cnt, 1)
+    if size is not None:
+        out = out[:size[0], :size[1]]
+    if shape is not None and out.shape != tuple(shape):   # the cut map as a grid, bilinear as the patches were
+        out = upsample_scores(out.reshape(1, -1), out.shape, tuple(shape))[0]
     return out.astype(np.float32)
 
 
