@@ -60,11 +60,11 @@ def test_resume_after_crash_equals_uninterrupted(setup, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = featstore.write_shard
 
-    def crashing(folder, i, arrays):
+    def crashing(folder, i, arrays, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        real(folder, i, arrays)
+        real(folder, i, arrays, **kw)
 
     monkeypatch.setattr("uninet_feat.extract.write_shard", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -104,11 +104,11 @@ def test_a_resumed_extract_redoes_the_shards_of_images_replaced_since(tmp_path, 
     ex = Extractor(backbone="tiny", weights="random", image_size=32)   # one instance: one random backbone
     real, written = featstore.write_shard, []
 
-    def killed_after_two(folder, i, arrays):
+    def killed_after_two(folder, i, arrays, **kw):
         if len(written) == 2:
             raise KeyboardInterrupt("killed")
         written.append(i)
-        real(folder, i, arrays)
+        real(folder, i, arrays, **kw)
     monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         ex.extract_to(paths, tmp_path / "f", shard_size=2)
@@ -843,10 +843,10 @@ def _killed_after_one_shard(run, samples, f, monkeypatch) -> dict:
     """An extract of ``run`` into ``f`` killed once its first shard of 3 is written; that shard's mtimes."""
     real = featstore.write_shard
 
-    def killed_after_one(folder, i, arrays):
+    def killed_after_one(folder, i, arrays, **kw):
         if any(folder.glob("shard-*.npz")):
             raise KeyboardInterrupt("killed")
-        real(folder, i, arrays)
+        real(folder, i, arrays, **kw)
     monkeypatch.setattr("uninet_feat.extract.write_shard", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         Extractor(run=run).extract_to(samples, f, shard_size=3)

@@ -175,3 +175,36 @@ def test_a_manifest_json_that_is_not_a_stores_is_not_written_over(tmp_path):
         Extractor(backbone="tiny", weights="random", image_size=64).extract_to(ps, f, shard_size=2)
     assert "new --out" in str(e.value)
     assert (f / "manifest.json").read_text() == theirs and not list(f.glob("shard-*"))
+
+
+def test_two_shard_processes_with_other_settings_do_not_mix_one_store(tmp_path):
+    """`extract --shard 0/2` and `--shard 1/2` started with other settings into one --out: the second, starting
+    before any shard existed, wrote its manifest over the first's, and both filled the store — one 'complete'
+    store of two image sizes' features. The first now stops at its next shard; a shard written in the race
+    (after that check) is named when read and redone by a resume."""
+    ps, f = _images(tmp_path / "img", n=8), tmp_path / "f"
+    a = Extractor(backbone="tiny", weights="random", image_size=64)
+    b = Extractor(backbone="tiny", weights="random", image_size=48)
+    run_a = a._run
+    def a_run(ds, rows):   # process b starts while a is busy with its first shard
+        if not (f / "shard-00001.npz").exists():
+            b.extract_to(ps, f, shard_size=2, shard=(1, 2))
+        return run_a(ds, rows)
+    a._run = a_run
+    with pytest.raises(BadInputError, match="other settings .* has taken over") as e:
+        a.extract_to(ps, f, shard_size=2, shard=(0, 2))
+    assert str(f) in str(e.value) and "same arguments" in str(e.value)
+    assert sorted(p.name for p in f.glob("shard-*")) == ["shard-00001.npz", "shard-00003.npz"]
+    st = b.extract_to(ps, f, shard_size=2)   # b's remaining shards: a store of b's features alone
+    np.testing.assert_allclose(st.vectors, b.extract(ps)["vectors"], rtol=1e-5, atol=1e-6)
+    # the race past the check: a shard of a's on disk under b's manifest
+    a._run = run_a
+    with np.load(f / "shard-00002.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    featstore.write_shard(f, 2, {**arrays, "vectors": arrays["vectors"] + 1}, fingerprint="another extraction's")
+    with pytest.raises(BadInputError, match="other settings than the manifest's") as e:
+        FeatureStore(f).vectors
+    assert "shard-00002.npz" in str(e.value)
+    with pytest.warns(UserWarning, match="shard-00002.npz: written by an extraction with other settings"):
+        st = b.extract_to(ps, f, shard_size=2)
+    np.testing.assert_allclose(st.vectors, b.extract(ps)["vectors"], rtol=1e-5, atol=1e-6)

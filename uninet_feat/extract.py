@@ -18,7 +18,8 @@ from .data.layouts import Sample
 from .descriptors import SHAPE_NAMES, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
-from .featstore import SCHEMA, SCHEMA_VERSION, FeatureStore, file_sha256, file_stats, start_store, write_shard
+from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, check_writer, file_sha256, file_stats, start_store,
+                        write_shard)
 from .io import atomic_write, atomic_write_text, remove_dead_temps
 from .positions import corrected
 from .runs import check_input_side, make_dataset, model_device, run_path
@@ -286,7 +287,9 @@ class Extractor:
             task = prog.add_task("extract", total=len(mine))
             for k in mine:
                 r = self._run(ds, range(k * shard_size, min((k + 1) * shard_size, len(items))))
-                write_shard(folder, k, {key: v for key, v in r.items() if key in ("vectors", "scores", "patches")})
+                check_writer(folder, fp)   # another --shard process with other settings may have taken the folder
+                write_shard(folder, k, {key: v for key, v in r.items() if key in ("vectors", "scores", "patches")},
+                            fingerprint=fp)
                 del r  # else this shard stays alive while the next one is filled: two shards at the peak
                 prog.update(task, advance=1)
                 if on_shard is not None:

@@ -8,7 +8,8 @@ Layout of a FEATURES folder (schema ``uninet-feat/features`` version 2; version 
                         and one record per item (absolute path, label, group, split, is_normal,
                         tile [y, x, h, w]); an item's shard is its position // shard size
     shard-00000.npz     arrays for items [0, shard_size): ``vectors`` (n, D) float32, ``scores`` (n,)
-                        float32 (NaN without a model), ``patches`` (n, h*w, P) float16 when requested
+                        float32 (NaN without a model), ``patches`` (n, h*w, P) float16 when requested,
+                        ``fingerprint`` (the writer's; shards from before session 37 have none)
     complete            written last
 Each shard is written atomically; a killed run re-started with the same arguments skips shards that
 exist and redoes only the missing ones. The manifest records a fingerprint of the source model and
@@ -17,7 +18,9 @@ neighbours' tiles it names, make the scores and map features), and a resume with
 rather than silently mixing features. It also records
 each image file's size and modification time (``files``), so a shard holding an image replaced since is
 extracted again rather than kept with the old image's features (as predict's resumable parts); so is a shard
-holding an image whose group changed when the run scores tiles by position (per-group offsets).
+holding an image whose group changed when the run scores tiles by position (per-group offsets). Each shard
+carries its writer's fingerprint: a `--shard i/n` process that finds the manifest taken over by one with other
+settings stops before its next shard, and a shard of another extraction is refused when read (redone on resume).
 """
 from __future__ import annotations
 
@@ -60,12 +63,46 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.npz"
 
 
-def write_shard(folder: Path, i: int, arrays: dict) -> None:
-    """Streamed into the temp file (no in-memory copy of the shard), then renamed into place."""
+def write_shard(folder: Path, i: int, arrays: dict, fingerprint: str | None = None) -> None:
+    """Streamed into the temp file (no in-memory copy of the shard), then renamed into place. ``fingerprint``:
+    the writer's (the manifest's, when it started), kept in the shard as ``fingerprint`` so that a shard written
+    by another `--shard i/n` process with other settings is told apart from the manifest's own."""
+    if fingerprint is not None:
+        arrays = {**arrays, SHARD_FP: np.array(fingerprint)}
     def w(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     atomic_write(folder / shard_name(i), w)
+
+
+SHARD_FP = "fingerprint"   # a shard's writer's fingerprint (shards written before session 37 have none)
+
+
+def shard_fingerprints(manifest: dict) -> set[str]:
+    """The fingerprints a shard of this store may carry: the manifest's, and those of the extractions it was
+    resumed from under an older fingerprint recipe (``resumed_from``)."""
+    return {manifest.get("fingerprint"), *manifest.get("resumed_from", [])}
+
+
+def shard_writer(z, manifest: dict) -> str | None:
+    """A loaded shard's fingerprint when it is not one of this store's (None: the store's own, or a shard from
+    before shards carried one)."""
+    if SHARD_FP not in z.files:
+        return None
+    fp = str(z[SHARD_FP])
+    return None if fp in shard_fingerprints(manifest) else fp
+
+
+def check_writer(folder: Path, fingerprint: str) -> None:
+    """Refuse to write another shard when the folder's manifest no longer names this extraction: a second
+    `extract --shard i/n` with other settings (model, image size, images, ...) started into the same --out before
+    any shard existed, and wrote its own manifest over this one's."""
+    m = read_manifest(folder / "manifest.json", "delete the feature folder and extract again (or choose a new --out)")
+    if fingerprint not in shard_fingerprints(m):
+        raise BadInputError("another `uninet-feat extract` with other settings (model, image size, tiling, images "
+                            "or calibration) has taken over this feature folder since this one started",
+                            path=folder, fix="give every `--shard i/n` process the same arguments, or each setting "
+                                             "its own --out; then re-run the command")
 
 
 def shard_vectors_shape(path) -> tuple:
@@ -191,6 +228,10 @@ def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False)
             (folder / shard_name(i)).unlink(missing_ok=True)   # `--shard i/n` process may have removed it first)
         if stale:
             (folder / "complete").unlink(missing_ok=True)
+        # resumed under an older fingerprint recipe: its shards (and those of earlier ones) stay the store's own
+        was = {*old.get("resumed_from", []), old["fingerprint"]} - {manifest["fingerprint"]}
+        if was:
+            manifest = {**manifest, "resumed_from": sorted(was)}
         if old != manifest:
             atomic_write_text(mpath, json.dumps(manifest))
         done = set()
@@ -200,9 +241,15 @@ def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False)
                 try:
                     with np.load(p) as z:
                         z["vectors"]
-                    done.add(i)
+                        other = shard_writer(z, manifest)
                 except Exception:
                     p.unlink()  # a shard that cannot be read is redone
+                    continue
+                if other is None:
+                    done.add(i)
+                else:   # written by a process with other settings (`check_writer` missed the race): redone
+                    warnings.warn(f"{p}: written by an extraction with other settings; extracted again")
+                    p.unlink()
         return done
     atomic_write_text(mpath, json.dumps(manifest))
     return set()
@@ -262,10 +309,16 @@ class FeatureStore:
             try:
                 with np.load(p) as z:
                     a = z[key] if key in z.files else None
+                    other = shard_writer(z, self.manifest)
             except Exception as e:   # noqa: BLE001 - BadZipFile, a CRC error, a short read, a bad .npy header
                 raise BadInputError(f"unreadable feature shard ({type(e).__name__}: {e})", path=p,
                                     fix=f"delete {p.name}, then re-run the same `uninet-feat extract` command (it "
                                         "redoes missing shards)") from e
+            if other is not None:
+                raise BadInputError("feature shard written by an extraction with other settings than the "
+                                    "manifest's (two `--shard i/n` processes started with different arguments)",
+                                    path=p, fix=f"delete {p.name}, then re-run the manifest's `uninet-feat extract` "
+                                                "command (it redoes missing shards)")
             yield i, a
 
     def _short(self, key: str, n_rows: int) -> BadInputError:
