@@ -20,6 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _tiny import register_tiny, write_texture_set  # noqa: E402
+from uninet_feat import featstore  # noqa: E402
 
 register_tiny()
 # global batch 4 = 2 ranks x 2 images (unequal slices are checked at the gradient level: _gradcheck)
@@ -260,6 +261,12 @@ def test_validate_store_finds_problems(runs, tmp_path):
         arrays = {k: z[k] if k == "fingerprint" else z[k][:2] for k in z.files}
     np.savez(d / "shard-00001.npz", **arrays)
     with pytest.raises(BadInputError, match=r"shard-00001.npz: vectors \(2,"):
+        validate_store(d)
+    d = broken("foreign")   # a --shard process started with other settings (featstore.check_writer's race)
+    with np.load(d / "shard-00002.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    featstore.write_shard(d, 2, arrays, fingerprint="another extraction's")
+    with pytest.raises(BadInputError, match=r"1 shard\(s\) written by an extraction with other settings"):
         validate_store(d)
     d = broken("dup")
     m = json.loads((d / "manifest.json").read_text())

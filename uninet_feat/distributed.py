@@ -305,7 +305,7 @@ def validate_store(folder, expected_paths=None) -> dict:
     as the manifest says, no duplicate item (path, tile), and — with ``expected_paths`` — no missing
     or unexpected image (paths compared after ``os.path.abspath``: relative ones are taken from the current
     folder). Returns a report; raises ``BadInputError`` listing every problem."""
-    from .featstore import SCHEMA, shard_name
+    from .featstore import SCHEMA, shard_name, shard_writer
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not mpath.exists():
@@ -332,7 +332,7 @@ def validate_store(folder, expected_paths=None) -> dict:
         seen.add(k)
     if dups:
         problems.append(f"{len(dups)} duplicate items (e.g. {dups[:3]})")
-    missing_shards, rows, nonfinite = [], 0, 0
+    missing_shards, rows, nonfinite, foreign = [], 0, 0, []
     for k in range(max(n_shards, 0)):
         p = folder / shard_name(k)
         want = max(0, min(size, n_items - k * size))
@@ -343,6 +343,8 @@ def validate_store(folder, expected_paths=None) -> dict:
             with np.load(p) as z:
                 v, s = z["vectors"], z["scores"]
                 pr = z["patches"].shape[0] if "patches" in z.files else None
+                if shard_writer(z, m) is not None:
+                    foreign.append(p.name)
         except Exception as e:  # noqa: BLE001 - any unreadable shard is reported
             problems.append(f"{p.name} is unreadable ({type(e).__name__})")
             continue
@@ -354,6 +356,9 @@ def validate_store(folder, expected_paths=None) -> dict:
             problems.append(f"{p.name}: {len(s)} scores, expected {want}")
         if patches and pr != want:
             problems.append(f"{p.name}: patches rows {pr}, expected {want}")
+    if foreign:
+        problems.append(f"{len(foreign)} shard(s) written by an extraction with other settings than the "
+                        f"manifest's (e.g. {foreign[:3]})")
     if missing_shards:
         problems.append(f"{len(missing_shards)} of {n_shards} shards missing (e.g. {missing_shards[:5]})")
     extra = sorted(p.name for p in folder.glob("shard-*.npz")
