@@ -357,6 +357,13 @@ def test_predict_scores_tiles_by_the_runs_tile_score_rule(tmp_path):
     assert len(cal["val_paths"]) >= 2
     for p, s in zip(cal["val_paths"], cal["val_scores"]):
         assert got[p] == pytest.approx(s, rel=1e-5)
+    # a feature store's image table (the cluster sheet's scores) reduces the tiles as predict does (it took the max)
+    from uninet_feat.extract import Extractor
+    store = Extractor(run=run).extract_to(sorted((data / "train" / "good").glob("*.png")), tmp_path / "f")
+    tiles = np.asarray(store.scores).reshape(len(got), -1)
+    assert (tiles.max(1) - tiles.mean(1) > 1e-4).all()   # the two rules differ here
+    for rec in store.image_table()[1]:
+        assert rec["score"] == pytest.approx(got[rec["path"]], rel=1e-4)
     with pytest.raises(BadInputError, match="tile_score must be one of max, mean, got 'maximum'"):
         _cfg(data, tile=64, tile_score="maximum")
     from uninet_feat.data.tiling import tile_score_reducer   # a run saved before the check keeps its mean

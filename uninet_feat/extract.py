@@ -278,6 +278,8 @@ class Extractor:
                     **extra, "settings": settings, "vector_names": self.vector_names, "n_items": len(items),
                     "n_shards": n_shards, "items": items, "skipped": self.skipped(samples, ds),
                     "files": file_stats(i["path"] for i in items)}   # a resume redoes shards of images changed since
+        if self.model is not None:   # an image's score in image_table, as evaluate and predict reduce its tiles
+            manifest["tile_score"] = self.cfg.get("tile_score", "max")
         # tiles scored less their group's position offsets (as `_run` does): a regrouped item's score is stale
         by_group = bool(self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets"))
         done = start_store(folder, manifest, legacy=(older, typed, *legacy), by_group=by_group)

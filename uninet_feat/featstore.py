@@ -381,10 +381,13 @@ class FeatureStore:
         return self.array("scores")
 
     def image_table(self):
-        """One row per image (tiles aggregated by ``aggregate_tiles``) and its record; ``top_tile``: the box of
-        the tile whose vector is the row's first half (None for an untiled image, or without scores)."""
+        """One row per image (tiles aggregated by ``aggregate_tiles``) and its record; ``score``: its tiles' scores
+        reduced by the run's ``tile_score``; ``top_tile``: the box of the tile whose vector is the row's first half
+        (None for an untiled image, or without scores)."""
         keys = [it["path"] for it in self.items]
         sc = self.scores   # read once from the shards, for the rows and the records
+        # the image's score as evaluate and predict give it (the run's tile_score); stores before session 37: max
+        reduce = np.mean if self.manifest.get("tile_score", "max") == "mean" else np.max
         X, order = aggregate_tiles(self.vectors, sc, keys)
         recs = []
         for path, idx in order:
@@ -392,7 +395,7 @@ class FeatureStore:
             rec.pop("tile", None)
             s = sc[idx]
             scored = bool(np.isfinite(s).any())
-            rec["score"] = float(np.nanmax(s)) if scored else float("nan")
+            rec["score"] = float(reduce(s[np.isfinite(s)])) if scored else float("nan")
             rec["n_tiles"] = len(idx)
             rec["top_tile"] = self.items[idx[int(np.nanargmax(s))]].get("tile") if scored and len(idx) > 1 else None
             recs.append(rec)
