@@ -455,3 +455,27 @@ def test_safetensors_file_in_a_structure_mapped_layout_says_give_it_as_pth(tmp_p
     save_file(_tv_efficientnet_b0().state_dict(), str(tmp_path / "tv.safetensors"))
     with pytest.raises(BadInputError, match=r"tv\.safetensors.*keeps no tensor order.*as \.pth.*timm names"):
         create_backbone("efficientnet_b0", weights=str(tmp_path / "tv.safetensors"))
+
+
+def test_the_contract_probe_tries_224_and_warns_when_every_size_fails():
+    """check_backbone's probe forward passed any exception over in silence: a forward that failed for every size
+    (a bug in a plugged-in backbone) went unreported until deep in UniNet, and a fixed-size model's wrong
+    declarations were never checked. Now 224 is tried too, and a forward that fails at both sizes is warned about."""
+    from _tiny import TinyBackbone
+    from uninet_feat.backbones.base import check_backbone
+
+    class Fixed(TinyBackbone):   # takes 224x224 alone (a ViT's fixed patch grid), declares a wrong channel count
+        def forward(self, x):
+            if x.shape[-1] != 224:
+                raise RuntimeError("input size must be 224")
+            return super().forward(x)
+    bb = Fixed()
+    bb.channels = (8, 16, 33)
+    with pytest.raises(BadInputError, match=r"level 2 returns a map of shape \(1, 32, 14, 14\) for a 224x224"):
+        check_backbone(bb, "fixed")
+
+    class Broken(TinyBackbone):
+        def forward(self, x):
+            raise AttributeError("'Broken' object has no attribute 'blocks'")
+    with pytest.warns(UserWarning, match=r"could not check .*64x64: AttributeError: 'Broken' object has no attri"):
+        assert check_backbone(Broken(), "broken").channels == (8, 16, 32)

@@ -8,6 +8,7 @@ read. Any ``nn.Module`` with these attributes works (tests use a hand-written on
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -106,13 +107,22 @@ def check_normalisation(mean, std, origin: str = "mean/std", flags: str = "mean=
 def _check_outputs(bb, origin: str) -> None:
     """One small forward: the maps must have the declared channels and strides. Why: UniNet is sized from the
     declarations alone, and a wrong one otherwise surfaces as a shape error deep inside its first forward."""
-    size = 4 * bb.strides[-1]
     was = bb.training
     first = next(bb.parameters(), None)
+    errors = []
     try:
-        feats = bb.eval()(torch.zeros(1, 3, size, size, device=None if first is None else first.device))
-    except Exception:   # a backbone that refuses this input size (a ViT's patch grid): its declarations stand
-        return
+        # the smallest size every level has 4 cells at; then 224, the size fixed-grid models (a ViT's patches) take
+        for size in dict.fromkeys((4 * bb.strides[-1], max(224, 4 * bb.strides[-1]))):
+            try:
+                with torch.no_grad():
+                    feats = bb.eval()(torch.zeros(1, 3, size, size, device=None if first is None else first.device))
+                break
+            except Exception as e:   # noqa: BLE001 - reported below, not raised: UniNet may use a size that works
+                errors.append(f"{size}x{size}: {type(e).__name__}: {e}")
+        else:   # the declarations stand unchecked; a broken forward was silently passed over before
+            warnings.warn(f"{origin}: could not check the declared channels and strides, its forward failed on "
+                          f"a zero image ({'; '.join(errors)})", stacklevel=3)
+            return
     finally:
         bb.train(was)
     if not isinstance(feats, (list, tuple)) or len(feats) != len(bb.channels):
