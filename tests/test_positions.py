@@ -315,6 +315,15 @@ def test_neighbours_offset_is_the_median_of_the_nearest_training_tiles_at_that_p
         z = (v - mu) / sd
         return z / np.linalg.norm(z, axis=-1, keepdims=True)
     U = unit(C)
+    # the validation normals that set the threshold are among the reference tiles: each is scored without its own
+    # (its own tile, cosine 1, was always one of its 3 nearest, and the threshold came out below new normals')
+    cal = json.loads((c / "calibration.json").read_text())
+    val_want = {}
+    for path, k, score, ctx in _tiles_with_context(model, val, cfg):
+        at = [i for i, t in enumerate(ref) if t[1] == k and t[0] != path]
+        near = sorted(at, key=lambda i: -float(U[i] @ unit(ctx)))[:3]
+        val_want[path] = max(val_want.get(path, -np.inf), score - float(np.median([ref[i][2] for i in near])))
+    assert len(val_want) >= 2 and dict(zip(cal["val_paths"], cal["val_scores"])) == pytest.approx(val_want, abs=1e-4)
     test = [s for s in load_samples(cfg) if s.split == "test"]
     want, per_tile = {}, {}
     for path, k, score, ctx in _tiles_with_context(model, test, cfg):

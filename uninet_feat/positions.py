@@ -28,6 +28,7 @@ WDM score, `scoring.level_map_score`; each neighbours' tile's one, ``map_scores`
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,12 @@ class Neighbours:
     """The training normals' tiles of each group: position keys, raw WDM scores and unit context vectors (after
     standardising with the group's ``mu``, ``sd``), for the neighbours' offset of a tile."""
 
-    def __init__(self, groups: dict):
-        """``groups``: {group: {"keys": (n,) str, "scores": (n,), "context": (n, D) raw, "mu": (D,), "sd": (D,)}}."""
-        self.groups = groups
+    def __init__(self, groups: dict, sources: dict | None = None):
+        """``groups``: {group: {"keys": (n,) str, "scores": (n,), "context": (n, D) raw, "mu": (D,), "sd": (D,)}}.
+        ``sources``: {group: (n,) absolute image path of each row}, kept in memory only (not saved): the
+        calibration that fits the tiles scores its validation normals, which are among them, leaving each image's
+        own tiles out (`offset`'s ``exclude``)."""
+        self.groups, self.sources = groups, sources or {}
         self._unit = {g: self._standard(t, t["context"]) for g, t in groups.items()}
         self._at = {g: {k: np.flatnonzero(t["keys"] == k) for k in np.unique(t["keys"]).tolist()}
                     for g, t in groups.items()}   # group → position key → its rows, found once, not per tile
@@ -88,22 +92,34 @@ class Neighbours:
         return z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
 
     @classmethod
-    def fit(cls, per: dict) -> "Neighbours":
+    def fit(cls, per: dict, sources: dict | None = None) -> "Neighbours":
         """From {(group, key): [(score, context), ...]}, or [(score, context, map score), ...] (a pixel map of
-        other units than the score's, `tile_offsets`): each tile's map score is then kept too (``map_scores``)."""
-        groups = {}
+        other units than the score's, `tile_offsets`): each tile's map score is then kept too (``map_scores``).
+        ``sources``: {(group, key): [image path, ...]} beside ``per`` (`Neighbours.sources`)."""
+        groups, src = {}, {}
         for g in sorted({g for g, _ in per}):
             rows = [(k, *item) for (gg, k), items in sorted(per.items()) if gg == g for item in items]
+            if sources is not None:
+                src[g] = np.array([os.path.abspath(str(p)) for (gg, k), ps in sorted(sources.items()) if gg == g
+                                   for p in ps])
             ctx = np.stack([np.asarray(r[2], np.float64) for r in rows])
             groups[g] = {"keys": np.array([r[0] for r in rows]), "scores": np.array([r[1] for r in rows]),
                          "context": ctx, "mu": ctx.mean(0), "sd": ctx.std(0) + 1e-6}
             if all(len(r) > 3 for r in rows):
                 groups[g]["map_scores"] = np.array([r[3] for r in rows], np.float64)
-        return cls(groups)
+        return cls(groups, src)
 
-    def offset(self, group: str, k: str, context) -> float:
+    def offset(self, group: str, k: str, context, exclude=None) -> float:
+        """The median score of the ``K_NEIGHBOURS`` tiles at place ``k`` most like ``context``. ``exclude``: an
+        image path whose own tiles are left out when the tiles' sources are known (a validation normal scored by
+        the calibration that fitted them: its own tile, cosine 1, was always among its nearest, pulling its score
+        to 0 and the threshold below what new normals score)."""
         t = self.groups[group]
         at = self._at[group][k]
+        src = self.sources.get(group)
+        if exclude is not None and src is not None:
+            others = at[src[at] != os.path.abspath(str(exclude))]
+            at = others if len(others) else at   # an image that is the place's only normal keeps itself
         sims = self._unit[group][at] @ self._standard(t, context)
         nearest = at[np.argsort(-sims, kind="stable")[:K_NEIGHBOURS]]
         return float(np.median(t["scores"][nearest]))
@@ -114,8 +130,8 @@ class Neighbours:
         score's units needs none; a file written before them has none). Made once."""
         if not hasattr(self, "_maps"):
             ok = self.groups and all("map_scores" in t for t in self.groups.values())
-            self._maps = Neighbours({g: {**t, "scores": t["map_scores"]} for g, t in self.groups.items()}) \
-                if ok else None
+            self._maps = Neighbours({g: {**t, "scores": t["map_scores"]} for g, t in self.groups.items()},
+                                    self.sources) if ok else None
         return self._maps
 
     def digest(self) -> str:
@@ -188,6 +204,7 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     per: dict[tuple[str, str], list[float]] = {}
     map_per: dict[tuple[str, str], list[float]] = {}
     ctx_per: dict[tuple[str, str], list] = {}
+    src_per: dict[tuple[str, str], list] = {}
     ds = make_dataset(samples, cfg, model.source)
     sizes: dict[str, set] = {}
     for i, g, _ in ds.tile_index:   # the offsets hold for tiles of images of these sizes only (`corrected` checks)
@@ -206,6 +223,7 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
             if neighbours:
                 item = (v, c[0][j].numpy()) + ((mv,) if own_units else ())
                 ctx_per.setdefault((samples[i].group, k), []).append(item)
+                src_per.setdefault((samples[i].group, k), []).append(samples[i].path)
     if not per:
         raise BadInputError("no normal tiles to take position offsets from", fix="use tile_norm: none")
     offsets: dict[str, dict[str, float]] = {}
@@ -229,7 +247,7 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
         rec["map_offsets_rule"] = MAP_RULE
     if neighbours:
         rec |= {"mode": "neighbours", "k": K_NEIGHBOURS, "rule": NEIGHBOURS_RULE,
-                "neighbours": Neighbours.fit(ctx_per)}
+                "neighbours": Neighbours.fit(ctx_per, src_per)}
     if multi:   # a one-size run's record stays as it was
         rec["rule"] += (f"; per image size too (keys \"WxH:y,x\") in group(s) {sorted(multi)}, whose training "
                         "images come in several sizes")
@@ -280,7 +298,7 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
     if neighbours is not None:
         if context is None:
             raise ValueError("tile_norm: neighbours needs each tile's context (model.predict(x, context=True))")
-        return score - neighbours.offset(group, k, context)
+        return score - neighbours.offset(group, k, context, exclude=sample.path)
     return score - table[k]
 
 
