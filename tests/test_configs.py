@@ -196,7 +196,10 @@ def test_model_choices_are_refused_with_their_own_fix(tmp_path):
                        ("mem: repvgg", "mem must be one of official, multiscale, got 'repvgg'"),
                        ("pixel_map: blurred", "pixel_map must be one of smoothed, raw, got 'blurred'"),
                        ("bottleneck_stride: 4", "bottleneck_stride must be one of 1, 2, got 4")):
-        assert "decoder_depths" not in _refused(f, line, said).fix, line
+        fix = _refused(f, line, said).fix
+        assert "decoder_depths" not in fix, line
+        if line.startswith("dfs"):   # off is this package's default, not the method's (which runs theta = 1)
+            assert '"off" (the default' in fix and "fixed (the official code's theta = 1)" in fix
     assert load_config(None, {"dfs": "learned", "bottleneck_stride": 1})["dfs"] == "learned"
     with pytest.raises(BadInputError, match="student_relu needs one entry per level") as e:
         make_model(load_config(None, base={"backbone": "tiny", "weights": "random", "student_relu": [True]}))

@@ -142,6 +142,10 @@ def test_supervised_mask_loss_runs_and_pushes_abnormal_rows():
     # image label without a mask: every position of the defect image is abnormal
     normal2, _ = row_weights(labels, masks, (8, 8), torch.tensor([False, False]))
     assert not normal2[1].any() and normal2[0].all()
+    # masks without has_mask (a library call of model.loss(out, labels, masks)): every image's mask is used; the
+    # masks were silently ignored, and the loss was the labels-only one
+    normal3, cos3 = row_weights(labels, masks, (8, 8))
+    assert torch.equal(normal3, normal) and torch.equal(cos3, cos_w)
 
 
 def test_all_abnormal_batch_has_no_normal_terms():

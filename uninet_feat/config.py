@@ -115,7 +115,8 @@ def _model_choices() -> dict:
     from .model.dfs import MODES
     from .model.mem import FORMS
     from .model.uninet import PIXEL_MAPS
-    return {"dfs": (MODES, 'dfs: "off" (the method; quoted: YAML reads a bare off as false), or --dfs learned'),
+    return {"dfs": (MODES, 'dfs: "off" (the default; quoted: YAML reads a bare off as false), --dfs fixed '
+                           "(the official code's theta = 1) or --dfs learned"),
             "mem": (FORMS, "mem: official (the method), or --mem multiscale"),
             "pixel_map": (PIXEL_MAPS, "pixel_map: smoothed (the default), or raw (the official unsmoothed map)"),
             "bottleneck_stride": (STRIDES, "bottleneck_stride: 2 (the method), or --bottleneck-stride 1")}

@@ -77,7 +77,8 @@ def row_weights(labels: torch.Tensor | None, masks: torch.Tensor | None, size: t
     """Normal-row map and cosine weights at one level's resolution.
 
     ``labels`` (N,) 1 = defect image; ``masks`` (N,1,H,W) defect pixels; ``has_mask`` (N,) bool says
-    which images carry a real mask (others fall back to their image label).
+    which images carry a real mask (others fall back to their image label; None with ``masks``: every image
+    does — the masks were passed over in silence before).
     A level position counts as defect when any defect pixel falls inside it (adaptive max-pool).
     Returns (normal (N,HW) bool or None when everything is normal, cos_weight (N,HW) or None).
     """
@@ -87,6 +88,8 @@ def row_weights(labels: torch.Tensor | None, masks: torch.Tensor | None, size: t
     hw = size[0] * size[1]
     normal = (labels == 0).view(n, 1).expand(n, hw).clone()
     cos_w = torch.ones(n, hw, device=labels.device)
+    if masks is not None and has_mask is None:
+        has_mask = torch.ones(n, dtype=torch.bool, device=labels.device)
     if masks is not None and has_mask is not None and bool(has_mask.any()):
         pooled = F.adaptive_max_pool2d(masks.float(), size).flatten(1) > 0.5
         m = has_mask.view(n, 1)
