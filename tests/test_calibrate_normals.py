@@ -83,6 +83,17 @@ def test_evaluate_says_when_the_threshold_was_set_on_test_images(trained, tmp_pa
     with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals"):
         assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["threshold_set_on_test_images"] == 3
+    # another checkpoint's threshold, set on the same normals: said too, and its rule names them (it said "the
+    # validation normals" and was not counted); a given --threshold is set on no normals: not counted
+    with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals"):
+        assert main(["evaluate", "--run", str(work), "--checkpoint", str(work / "checkpoint.pt"), "--json",
+                     str(tmp_path / "k.json"), "--quiet"]) == 0
+    k = json.loads((tmp_path / "k.json").read_text())
+    assert k["threshold_set_on_test_images"] == 3 and f"of the normals in {copies}" in k["threshold_rule"]
+    assert "checkpoint.pt" in k["threshold_rule"]
+    assert main(["evaluate", "--run", str(work), "--threshold", "0.5", "--json", str(tmp_path / "t.json"),
+                 "--quiet"]) == 0
+    assert "threshold_set_on_test_images" not in json.loads((tmp_path / "t.json").read_text())
 
 
 def test_normals_of_a_defect_folder_or_with_defect_masks_are_refused(trained, tmp_path, capsys):

@@ -215,6 +215,21 @@ def test_bad_tile_norm_settings_are_refused_before_training(tmp_path):
     assert not any((tmp_path / x / "checkpoint.pt").exists() for x in "abc")
 
 
+def test_evaluate_checkpoint_of_one_group_of_a_multi_group_run(tmp_path):
+    """`evaluate --checkpoint C --group A` of a run of two groups: C's offsets were taken from group A's normals
+    alone, and scoring the run's validation normals (both groups') then failed on B's first one."""
+    for g, seed in (("A", 0), ("B", 1)):
+        write_texture_set(tmp_path / "data" / g, n_train=8, n_good=2, n_bad=2, wide=True, seed=seed)
+    r = tmp_path / "run"
+    train(_cfg(tmp_path / "data", tile_norm="position", keep_every=1), r, quiet=True)
+    want = evaluate(r, group="A", quiet=True)
+    got = evaluate(r, group="A", quiet=True, checkpoint=r / "epochs" / "epoch_001.pt")   # model.pt's weights
+    assert len(got["_rows"]) == 4 and {x["group"] for x in got["_rows"]} == {"A"}
+    assert {x["path"]: float(x["score"]) for x in got["_rows"]} == pytest.approx(
+        {x["path"]: float(x["score"]) for x in want["_rows"]}, abs=1e-4)
+    assert got["threshold"] == pytest.approx(want["threshold"], abs=1e-4)
+
+
 def test_offsets_are_per_group_and_an_unknown_group_is_named(run):
     from dataclasses import replace
     from uninet_feat.positions import corrected, tile_offsets

@@ -92,9 +92,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     offsets = _position_offsets(model, cfg, tile_norm)   # of this pixel map: its own offsets when it needs them
     cal = calibration(model, val, cfg, quiet)
     given = cfg.get("calibration_normals")
-    if given:   # `calibrate --normals`: the user's normal images, not the held-out split
-        cal["calibration_normals"] = given
-        cal["threshold_rule"] = f"0.99 quantile of the image scores of the normals in {given} (no test labels used)"
+    given_normals_rule(cal, given)
     few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"), given)
     if choice is not None:
         cal["pixel_map_choice"] = choice
@@ -109,6 +107,16 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
         from .featstore import file_sha256
         cal["model_sha256"] = file_sha256(Path(out) / "model.pt")
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
+    return cal
+
+
+def given_normals_rule(cal: dict, given) -> dict:
+    """``cal`` (`calibration`'s) says so when its normals are ``given`` (`calibrate --normals`), the user's normal
+    images rather than the held-out split: `evaluate` counts test images among them, and the rule names them."""
+    if given:
+        cal["calibration_normals"] = given
+        if cal.get("threshold_rule") == DEFAULT_RULE:
+            cal["threshold_rule"] = f"0.99 quantile of the image scores of the normals in {given} (no test labels used)"
     return cal
 
 

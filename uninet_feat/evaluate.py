@@ -153,7 +153,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
         check_threshold_flags(cfg.get("threshold"), cfg.get("max_fpr"))   # before scoring the validation normals
-        checkpoint_offsets(model, run, cfg)   # and its own position offsets, when the run scores tiles by place
+        checkpoint_offsets(model, run, split_cfg)   # its own position offsets (of every group the run scores)
         if cfg.get("threshold") is None or report_path:   # a given threshold and no report need none
             cal = _checkpoint_calibration(model, split_cfg, checkpoint)
     # fails before scoring; a run of several groups flags each test image by its group's threshold
@@ -219,7 +219,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         report["group_thresholds"] = by_group
     pooled_for_unknown_groups([s.group for s in test], by_group)   # e.g. --data of other groups: warned
     per_image = thresholds_of([s.group for s in test], threshold, by_group)   # NaN: no threshold, nothing flagged
-    shared = _threshold_set_on_test(run, test) if threshold is not None and not other else 0
+    # a threshold set on normals (model.pt's, or another checkpoint's on the same ones), not a given --threshold
+    shared = _threshold_set_on_test(run, test) if threshold is not None and cfg.get("threshold") is None else 0
     if shared:
         report["threshold_set_on_test_images"] = shared
     if threshold is not None:
@@ -409,14 +410,14 @@ def _at_threshold(labels, pred) -> dict:
 def _checkpoint_calibration(model, cfg: dict, checkpoint) -> dict:
     """`calibration` of another epoch's model on the run's validation normals (not written: calibration.json
     stays model.pt's); {} when the run kept no validation normals."""
-    from .calibration import calibration, validation_normals
+    from .calibration import calibration, given_normals_rule, validation_normals
     val = validation_normals(cfg)
     if not val:
         if cfg.get("max_fpr") is not None:
             raise BadInputError("--max-fpr needs validation normals and this run kept none (val_fraction 0)",
                                 path=checkpoint, fix="pass --threshold VALUE")
         return {}
-    return calibration(model, val, cfg)
+    return given_normals_rule(calibration(model, val, cfg), cfg.get("calibration_normals"))
 
 
 def write_html_report(path, report: dict, model, cfg: dict, test, labels, scores, top_k: int = 8,
