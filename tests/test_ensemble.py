@@ -367,3 +367,16 @@ def test_ensemble_names_images_of_the_other_colour_kind_as_evaluate(seeds, tmp_p
     one = said(lambda: evaluate(runs[0], str(tex), quiet=True))
     assert ens == one and len(ens) == 1 and "images are colour" in ens[0], (ens, one)
     assert said(lambda: evaluate_ensemble(runs, data=str(seeds / "tex"), quiet=True)) == []
+
+
+def test_ensemble_says_when_a_members_threshold_was_set_on_test_images(seeds, tmp_path):
+    """`evaluate` warns and counts test images among the normals a run's threshold was set on (`calibrate
+    --normals test/good`); the ensemble reported recall and false-positive rate at such thresholds without a word."""
+    a = tmp_path / "a"
+    shutil.copytree(seeds / "a", a)
+    good = seeds / "tex" / "test" / "good"
+    assert main(["calibrate", "--run", str(a), "--normals", str(good), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match=r"test image\(s\) are among the normals the run's threshold was set on"):
+        rep = evaluate_ensemble([a, seeds / "b"], quiet=True)
+    assert rep["threshold_set_on_test_images"] == {str(a): len(list(good.glob("*.png")))}
+    assert "threshold_set_on_test_images" not in evaluate_ensemble([seeds / "a", seeds / "b"], quiet=True)

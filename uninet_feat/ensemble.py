@@ -185,8 +185,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     images have masks, exact within ``pixel_budget`` map pixels as evaluate's, else binned), its recall and
     false-positive rate at its default threshold (per group for runs of several groups, `default_thresholds`), and
     each run's own image AUROC."""
-    from .evaluate import (PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, check_pixel_budget, group_metrics,
-                           pixel_auroc_column, print_report, report_console)
+    from .evaluate import (PIXEL_BUDGET, _PixelSink, _at_threshold, _metrics, _threshold_set_on_test,
+                           check_pixel_budget, group_metrics, pixel_auroc_column, print_report, report_console)
     from . import metrics
     from .runs import load_test_samples
     check_pixel_budget(pixel_budget)
@@ -225,6 +225,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     pooled_for_unknown_groups([x.group for x in samples], by_group)
     per_image = thresholds_of([x.group for x in samples], thr, by_group)
     labels = np.array([0 if x.is_normal else 1 for x in samples])
+    # a member calibrated on test normals (`calibrate --normals`) makes its share of the threshold optimistic
+    shared = {m.run: n for m in members if (n := _threshold_set_on_test(m.run, samples))}
     has_masks = sink is not None and any(x.mask is not None for x in samples)
     if not pixels and masked:
         bare = [m.run for m in members if m.rng is None]
@@ -247,6 +249,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
               **({"pixel_metrics_without": len(unmasked)} if unmasked else {}),
               "run_thresholds": {m.run: m.threshold for m in members},
               "at_threshold": _at_threshold(labels, scores > per_image),
+              **({"threshold_set_on_test_images": shared} if shared else {}),
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None
                                       for r, s in zip(runs, raw)}}
     report.update(group_metrics([x.group for x in samples], labels, scores, {}, False))
