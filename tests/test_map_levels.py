@@ -221,3 +221,23 @@ def test_map_levels_auto_without_validation_normals_is_refused_before_training(t
     with pytest.raises(BadInputError, match="map_norm"):
         train({**cfg, "val_fraction": 0.5, "map_levels": "all", "map_norm": "zscore"}, tmp_path / "run4", quiet=True)
     assert not any((tmp_path / f"run{i}" / "checkpoint.pt").exists() for i in (2, 3, 4))
+
+
+def test_recalibrating_a_stale_calibration_takes_the_runs_map_choice_not_the_earlier_models(run, tmp_path):
+    """A resumed training stopped between its new model.pt and calibrating it leaves the earlier model's
+    calibration.json; load_run refuses it and names `calibrate --run RUN`. That fix kept the stale file's pixel map
+    (levels chosen for the earlier model, `auto` never made again): the run's config chooses again, as training."""
+    import shutil
+    from uninet_feat.calibration import recalibrate
+    data, r = run
+    stale = tmp_path / "run"
+    shutil.copytree(r, stale)
+    cal = json.loads((stale / "calibration.json").read_text())
+    assert cal["map_levels"] == [3]   # the config's choice
+    cal.update(map_levels=[1], model_sha256="0" * 64)   # another model.pt's file, its levels 1
+    (stale / "calibration.json").write_text(json.dumps(cal))
+    assert recalibrate(stale)["map_levels"] == [3]
+    cal = json.loads((stale / "calibration.json").read_text())
+    cal["map_levels"] = [1]   # not stale (this model.pt's): `calibrate --run` keeps the run's current choice
+    (stale / "calibration.json").write_text(json.dumps(cal))
+    assert recalibrate(stale)["map_levels"] == [1]

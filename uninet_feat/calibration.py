@@ -571,6 +571,11 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     from .runs import set_threads
     from .selection import parse_kinds
     model, _, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
+    if (map_levels is None or map_norm is None) and _stale(run):
+        # the pixel map load_run gave the model was chosen for an earlier model.pt (a resumed training stopped
+        # before calibrating its new one): the run's config chooses again ("auto" included), as training would have
+        map_levels = cfg.get("map_levels", "all") if map_levels is None else map_levels
+        map_norm = cfg.get("map_norm", "none") if map_norm is None else map_norm
     if data:   # where the training data is now: the run's split CSV is kept (dropped, the layout's split drew
         old_root, own_csv = cfg["data"], cfg.get("split_csv")   # other validation normals, training images too)
         cfg["data"] = data
@@ -596,6 +601,14 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
     return calibrate(model, val, cfg, Path(run), quiet, map_levels, map_norm, tile_norm)   # eval mode there
+
+
+def _stale(run) -> bool:
+    """Whether the run's calibration.json names another model.pt than the one there (``model_sha256``)."""
+    from .featstore import file_sha256
+    from .runs import run_path
+    cal = saved_calibration(run) or {}
+    return bool(cal.get("model_sha256")) and cal["model_sha256"] != file_sha256(run_path(run, "model.pt"))
 
 
 def moved_split_csv(own_csv, old_root, new_root, run) -> str:
