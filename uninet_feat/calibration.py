@@ -24,37 +24,51 @@ from .io import atomic_write_text, read_json
 DEFAULT_RULE = "0.99 quantile of validation-normal image scores (no test labels used)"
 NO_THRESHOLD = "none: no validation-normal scores (no image is flagged)"
 NEIGHBOURS_FILE = "tile_neighbours.npz"   # tile_norm: neighbours — the training tiles it compares with
-FEW_NORMALS = 19   # below this many validation normals a new normal passes the default threshold > 5 % of the time
+FEW_NORMALS = 19   # a group's own threshold (its median and spread, `thresholds_by_group`) needs this many
+WARN_NORMALS = 24   # below this many validation normals a new normal passes the default threshold > 5 % of the time
 
 
-def few_normals_warning(n: int, val_fraction: float | None = None, given: str | None = None, run=None) -> None:
+def pass_chance(n: int) -> float:
+    """The chance that a new normal scores above the 0.99 quantile of ``n`` validation normals like it (numpy's
+    linear interpolation between order statistics, whose expected quantiles are k / (n + 1)): (0.01 n + 0.99) /
+    (n + 1). 5.9 % at 19, 5.1 % at 23, 4.9 % at 24; at least 1 / (n + 1)."""
+    return (0.01 * n + 0.99) / (n + 1)
+
+
+def few_normals_warning(n: int, val_fraction: float | None = None, given: str | None = None, run=None,
+                        from_data: bool = False) -> None:
     """Warn that the default threshold rests on too few validation normals to mean "1 % false positives".
 
     Why: with n normals the 0.99 quantile is (about) their highest score, and a new normal like them scores
-    above the highest of n with probability 1/(n+1) — 50 % for one validation strip, which is what a 10 %
+    above it with probability `pass_chance(n)`, at least 1/(n+1) — 50 % for one validation strip, which is what a 10 %
     split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals).
+    ``from_data``: the normals are the data's own validation split (``val_split: data``), which no
+    ``--val-fraction`` changes: the fix is more images there.
     ``val_fraction``: the run's held-out share, when known, so that the fix names a larger one (or more images)
     instead of one the run may already use; ``given``: the folder of normals the run is calibrated on instead
     (`calibrate --normals`), whose fix is more images there, not another split; ``run``: the run folder to name,
     where one command resolves several runs' thresholds (an ensemble's members: which of them is short of normals).
     Issued from this one place (no stacklevel) so that the "default" filter the CLI sets prints it once per command,
     not once per scorer whose threshold is resolved (`evaluate --knn` resolves three)."""
-    if not 0 < n < FEW_NORMALS:
+    if not 0 < n < WARN_NORMALS:
         return
-    hold = f"hold out more normals (`train --val-fraction`, e.g. 0.3; {FEW_NORMALS} or more make it under 5 %)"
+    enough = f"{WARN_NORMALS} or more make it under 5 %"
+    hold = f"hold out more normals (`train --val-fraction`, e.g. 0.3; {enough})"
     if given:   # `calibrate --normals`: the split and its share are not what the threshold rests on
-        hold = (f"put more normal images the run never saw into {given} ({FEW_NORMALS} or more make it under 5 %) "
-                "and calibrate again")
+        hold = f"put more normal images the run never saw into {given} ({enough}) and calibrate again"
+    elif from_data:   # the data's validation/ folder (or `val` rows): --val-fraction draws none of them
+        hold = (f"put more normal images into the data's validation split (its validation/ folder or `val` rows; "
+                f"{enough}) and train again")
     elif val_fraction:
-        need = math.ceil(round(100 * val_fraction * FEW_NORMALS / n, 6)) / 100   # the share that would hold FEW_NORMALS
-        hold = (f"hold out more normals (`train --val-fraction {need:g}`, now {val_fraction:g}: {FEW_NORMALS} or "
-                "more make it under 5 %)" if need <= 0.5 else
-                f"add normal images to train on (--val-fraction is {val_fraction:g} already; {FEW_NORMALS} validation "
-                f"normals at that share need about {math.ceil(FEW_NORMALS / val_fraction)} normal images in all)")
+        need = math.ceil(round(100 * val_fraction * WARN_NORMALS / n, 6)) / 100   # the share that would hold them
+        hold = (f"hold out more normals (`train --val-fraction {need:g}`, now {val_fraction:g}: {enough})"
+                if need <= 0.5 else
+                f"add normal images to train on (--val-fraction is {val_fraction:g} already; {WARN_NORMALS} validation "
+                f"normals at that share need about {math.ceil(WARN_NORMALS / val_fraction)} normal images in all)")
     who = f"{run}: " if run else ""
     warnings.warn(f"{who}the default threshold is the 0.99 quantile of only {n} validation normal"
                   f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
-                  f"with probability at least 1/{n + 1} ({100 / (n + 1):.0f} %), not 1 %. Fix: {hold}, or "
+                  f"with probability {100 * pass_chance(n):.0f} % (at least 1/{n + 1}), not 1 %. Fix: {hold}, or "
                   "calibrate on more normal images the run never saw (`uninet-feat calibrate --run RUN --normals "
                   "DIR`), or pass --threshold VALUE")
 
@@ -93,7 +107,8 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     cal = calibration(model, val, cfg, quiet)
     given = cfg.get("calibration_normals")
     given_normals_rule(cal, given)
-    few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"), given)
+    few_normals_warning(cal["n_val_normals"], cfg.get("val_fraction"), given,
+                        from_data=bool(cal.get("val_from_data")))
     if choice is not None:
         cal["pixel_map_choice"] = choice
     cal.update(_normals_record(cfg))
@@ -419,6 +434,8 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
            "map_range": pixels.result(), "map_range_pixel_map": pixel_map_kind(model.cfg),
            "map_levels": model.cfg.get("map_levels"), "map_norm": model.cfg.get("map_norm"),
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels",
+           # how many are the data's own validation split (`val_split: data`), which --val-fraction does not draw
+           "val_from_data": sum(x.split == "val" for x in res["samples"]),
            "skipped": list(res["skipped"])}   # unreadable validation normals left out (--skip-bad): the threshold
     groups = [res["samples"][i].group for i in order]   # rests on the others
     trained = _trained_groups(cfg)   # a group the split left no validation normal of has none to set its own
@@ -664,7 +681,8 @@ def resolve_threshold(run, threshold: float | None = None, max_fpr: float | None
     if max_fpr is None:
         if cal:
             few_normals_warning(int(cal.get("n_val_normals", len(cal.get("val_scores", [])))),
-                                cal.get("val_fraction"), cal.get("calibration_normals"), run if name_run else None)
+                                cal.get("val_fraction"), cal.get("calibration_normals"), run if name_run else None,
+                                from_data=bool(cal.get("val_from_data")))
         if cal and cal.get("threshold") is not None:
             return cal["threshold"], cal.get("threshold_rule", DEFAULT_RULE)
         warnings.warn(f"{run}: no threshold, so no image is flagged (the flag is left empty): the run has no "
