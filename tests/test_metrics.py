@@ -153,6 +153,20 @@ def test_image_errors_single_class_and_nan():
         M.image_auroc([0, 2], [0.1, 0.2])
 
 
+
+def test_integer_and_bfloat16_scores_keep_their_order():
+    """Integer scores went through float32, which merges integers above 2**24 into ties (0.75 for 0.875); a torch
+    bfloat16 tensor was a TypeError from numpy; text is named."""
+    import torch
+    big = np.array([2**24, 2**24 + 1, 2**24 + 1, 2**24 + 2], np.int64)
+    assert M.image_auroc([0, 0, 1, 1], big) == pytest.approx(roc_auc_score([0, 0, 1, 1], big)) == 0.875
+    s = torch.tensor([0.1, 0.5, 0.3, 0.9], dtype=torch.bfloat16)
+    assert M.image_auroc([0, 1, 0, 1], s) == 1.0
+    assert M.pixel_auroc(np.array([[[0, 1], [0, 1]]]), s.view(1, 2, 2)) == 1.0
+    with pytest.raises(BadInputError, match="scores must be numbers"):
+        M.image_auroc([0, 1], ["a", "b"])
+
+
 # ----------------------------------------------------------------------------- pixel AUROC
 @pytest.mark.parametrize("levels", [None, 4, 20])
 def test_pixel_auroc_matches_sklearn_with_ties(levels):

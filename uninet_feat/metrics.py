@@ -30,8 +30,15 @@ PIXEL_INTERVAL_RULE = (f"{LEVEL:.0%} percentile interval of 1000 bootstrap resam
 
 # ----------------------------------------------------------------------------- input checks
 def _finite(name: str, a) -> np.ndarray:
+    if hasattr(a, "detach") and hasattr(a, "float"):   # a torch tensor: bfloat16 has no numpy dtype
+        a = a.detach().cpu()
+        a = a.float() if not a.is_floating_point() or a.element_size() < 4 else a
     a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating) or a.dtype == np.float16:
+    if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
+        raise BadInputError(f"{name} must be numbers, got an array of {a.dtype}")
+    if np.issubdtype(a.dtype, np.integer):   # float32 would merge integers above 2**24 into ties
+        a = a.astype(np.float64)
+    elif not np.issubdtype(a.dtype, np.floating) or a.dtype == np.float16:
         a = a.astype(np.float32)
     bad = a.size - np.count_nonzero(np.isfinite(a))
     if bad:
