@@ -208,3 +208,29 @@ def test_a_predicts_overlays_inside_the_normals_folder_are_not_taken_for_normals
         assert main(["calibrate", "--run", str(r), "--normals", str(folder), "--quiet"]) == 0
     cal = json.loads((r / "calibration.json").read_text())
     assert cal["n_val_normals"] == 25 and not any("/pred/" in p for p in cal["val_paths"])
+
+
+def test_another_split_csv_that_draws_training_images_as_validation_normals_is_refused(tmp_path, capsys):
+    """`calibrate --split-csv B.csv` with more training rows than the run's A.csv drew some of the images the run
+    trained on as validation normals (3 of 6 here), a threshold below what new normals score, without a word."""
+    data = write_texture_set(tmp_path / "d", n_train=20, n_good=2, n_bad=2, size=32)
+    rows = sorted((data / "train" / "good").glob("*.png"))
+    test = [f"{p.relative_to(data)},test,{p.parent.name}" for p in sorted((data / "test").glob("*/*.png"))]
+
+    def split(name, train_rows):
+        f = tmp_path / name
+        f.write_text("\n".join(["path,split,label"] + [f"{p.relative_to(data)},train,good" for p in train_rows]
+                               + test) + "\n")
+        return f
+    a, b = split("a.csv", rows[:10]), split("b.csv", rows)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--split-csv", str(a), "--image-size", "32", "--val-fraction", "0.3",
+                                         "--seed", "1", "--out", str(run)]) == 0
+    before = (run / "calibration.json").read_text()
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(run), "--split-csv", str(b), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "validation normals this split draws are images the run was trained on" in err and str(b) in err
+    assert "--normals DIR" in err and (run / "calibration.json").read_text() == before
+    assert main(["calibrate", "--run", str(run), "--split-csv", str(a), "--quiet"]) == 0   # its own split: the same
+    assert json.loads((run / "calibration.json").read_text())["val_paths"] == json.loads(before)["val_paths"]

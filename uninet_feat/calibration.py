@@ -587,7 +587,7 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     split; None keeps the run's."""
     from .runs import set_threads
     from .selection import parse_kinds
-    model, _, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
+    model, ckpt, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
     if (map_levels is None or map_norm is None) and _stale(run):
         # the pixel map load_run gave the model was chosen for an earlier model.pt (a resumed training stopped
         # before calibrating its new one): the run's config chooses again ("auto" included), as training would have
@@ -614,6 +614,8 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     val = validation_normals(cfg)
     if cfg.get("calibration_normals"):
         check_given_normals(val, cfg, cfg["calibration_normals"])
+    elif split_csv is not None:   # another split draws other validation normals: the run may have trained on some
+        _check_not_trained_on(val, dict(ckpt["config"]), split_csv)
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
@@ -626,6 +628,23 @@ def _stale(run) -> bool:
     from .runs import run_path
     cal = saved_calibration(run) or {}
     return bool(cal.get("model_sha256")) and cal["model_sha256"] != file_sha256(run_path(run, "model.pt"))
+
+
+def _check_not_trained_on(val: list, trained_cfg: dict, split_csv) -> None:
+    """Refuse validation normals drawn from another split CSV that the run trained on (``trained_cfg``: the run's
+    own config, whose split says what it trained on): a CSV with more training rows draws some of the old ones."""
+    from .runs import load_samples, train_val_samples
+    try:
+        fit = train_val_samples(load_samples(trained_cfg), trained_cfg)[0]
+    except (BadInputError, OSError):   # the run's own data is gone or moved: nothing to compare with
+        return
+    same = same_files([v.path for v in val], [t.path for t in fit])
+    if same:
+        raise BadInputError(f"{len(same)} of the {len(val)} validation normals this split draws are images the run was "
+                            f"trained on (e.g. {same[0]}): they score lower than new normals, so the threshold would "
+                            "flag more new normals than it says", path=split_csv,
+                            fix="calibrate with the run's own split (drop --split-csv), or on normals it never saw: "
+                                "`uninet-feat calibrate --run RUN --normals DIR`")
 
 
 def moved_split_csv(own_csv, old_root, new_root, run) -> str:
