@@ -444,5 +444,11 @@ def test_a_picture_beside_its_image_is_refused_as_a_mask_not_taken_as_all_defect
     with pytest.warns(UserWarning, match="skipping the mask .*0.png .*a picture"):
         assert main(["evaluate", "--run", str(tmp_path / "run"), "--skip-bad", "--json",
                      str(tmp_path / "m.json"), "--quiet"]) == 0
-    assert main(tiny_train_args(data) + ["--supervised", "--out", str(tmp_path / "sup")]) == 2
-    assert "picture where their mask should be" in capsys.readouterr().err
+    # a supervised run reads its training defects' masks (its normals' it does not, since session 37): refused
+    rows = ["path,split,label"] + [f"good/{i}.jpg,train,good" for i in range(8)] + ["stain/0.jpg,train,stain",
+                                                                                    "stain/1.jpg,test,stain"]
+    (tmp_path / "sup.csv").write_text("\n".join(rows) + "\n")
+    assert main(tiny_train_args(data) + ["--split-csv", str(tmp_path / "sup.csv"), "--supervised", "--out",
+                                         str(tmp_path / "sup")]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 8 images have a picture where their mask should be" in err and "stain/0.png (the mask of" in err

@@ -94,7 +94,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     fit, val = train_val_samples(samples, cfg)
     # `calibrate --normals`: kept by the new model.pt too
     given = with_calibration_normals({}, out).get("calibration_normals") if resume else None
-    if cfg.get("skip_bad"):   # a supervised defect whose mask does not fit is supervised by its image label
+    # the normals come without masks (`train_val_samples`): only a supervised run's defects' are read, as targets
+    if cfg.get("skip_bad") and cfg.get("supervised"):   # a defect whose mask does not fit: its image label then
         from .data.dataset import drop_unusable_masks
         fit = drop_unusable_masks(fit)
     if cfg.get("supervised"):   # its masks are training targets: a picture there would teach 100 % defect

@@ -5,6 +5,9 @@ Supported, tried in this order:
       (e.g. ``shared/data/splits/magnetic_tile.csv``, ``aitex.csv``);
   (b) MVTec-style ``root/train/good/*``, ``root/test/<defect>/*``, ``root/ground_truth/<defect>/<stem>_mask.png``,
       or the same one level deeper per category, ``root/<category>/train/good/*`` (group = category);
+      ``ground_truth/<label>/`` holds the TEST images' masks; a ``train/`` (``validation/``) image's is found beside
+      it or in ``ground_truth/train/<label>/`` (``ground_truth/validation/<label>/``), never in the test images'
+      folder: MVTec numbering restarts per folder (``train/good/000.png`` and ``test/good/000.png`` are two images);
   (c) plain ``root/<label>/*`` (split ``''``), or ``root/<group>/<label>/*`` (e.g. ``aitex/fabric_00/good``).
 
 Label folders and nesting (why: people file new images by date, ``good/2024-05-01/``, and expect them used):
@@ -89,6 +92,7 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
                                 fix="pass the folder that holds the images (or the root a --split-csv is relative to)")
         seen: dict = {}   # this call's folder lookups (`_any_case`)
         samples = _from_mvtec(root, mask_pattern, seen) or _from_plain(root, mask_pattern, seen)
+        samples = _without_masks_as_images(samples, root)
         samples = without_predict_outputs(samples, root)   # overlays and masks of a predict run into the data
         if root.resolve().name.lower() in SPLITS and root.resolve().name and \
                 any(d.name.lower() in ("train", "test") for d in _subdirs(root.resolve().parent)) and \
@@ -121,8 +125,9 @@ def _check_one_image_per_mask(samples, where) -> None:
     if twice:
         a, b = twice
         raise BadInputError(f"{b.mask} was found as the mask of both {a.path} and {b.path}", path=where,
-                            fix="give each image its own mask: mirror the images' subfolders in ground_truth/ "
-                                "(ground_truth/<label>/<subfolder>/<stem>_mask.png), or rename the images apart")
+                            fix="give each image its own mask: mirror the images' subfolders in its mask folder "
+                                "(ground_truth/<label>/<subfolder>/<stem>_mask.png; an MVTec-style train/ image's "
+                                "under ground_truth/train/<label>/), or rename the images apart")
 
 
 def _first_repeat(keyed):
@@ -184,6 +189,7 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
     if not any(s.is_normal for s in samples):   # no labelled layout: folders are storage
         samples = [Sample(s.path, "", "", s.mask, "") for s in samples]
     samples += [Sample(x, "", "", _find_mask(x, "", "", None, mask_pattern, seen), "") for x in _images(p)]
+    samples = _without_masks_as_images(samples, p)
     beside = sorted(f.name for f in (_any_case(s.path.with_suffix(".png"), seen=seen) for s in samples
                                      if s.path.suffix.lower() != ".png") if f is not None)   # left out as a mask
     if beside:   # the magnetic-tile convention; in a batch of new images it may be a second image, so say it
@@ -194,6 +200,32 @@ def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
         raise BadInputError("no images found in this folder or below it", path=p,
                             fix=f"put the images to score in it (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return sorted(samples, key=lambda s: str(s.path))
+
+
+def _without_masks_as_images(samples, where) -> list:
+    """``samples`` less those that are another sample's mask (by real path), warned with the count. Why: `_images`
+    knows masks beside their images only by the default names (``*_mask.*``, ``x.png`` beside ``x.jpg``), so a
+    ``mask_pattern`` such as ``{stem}_gt.png`` made every mask an image too: a training normal, a test defect, or a
+    batch image to score."""
+    # an image and a mask are one file only under one name, or through a symlink: real paths (a stat per folder
+    # level; a third of the time of discovering 6,000 images) are looked up for those alone
+    links = {str(s.path): os.path.realpath(s.path) for s in samples if os.path.islink(s.path)}
+    names = {Path(s.path).name for s in samples} | {os.path.basename(r) for r in links.values()}
+    masks = {os.path.realpath(s.mask) for s in samples if s.mask is not None
+             and (Path(s.mask).name in names or os.path.islink(s.mask))}
+    if not masks:
+        return samples
+    mask_names = {os.path.basename(m) for m in masks}
+    kept, left = [], []
+    for s in samples:
+        p = str(s.path)
+        real = links.get(p) or (os.path.realpath(p) if os.path.basename(p) in mask_names else None)
+        own = s.mask is not None and real is not None and os.path.realpath(s.mask) == real   # a pattern naming itself
+        (left if real in masks and not own else kept).append(s)
+    if left:
+        _warn_unused(where, f"{len(left)} file(s) found as images are other images' masks (e.g. {left[0].path}): "
+                            "left out as images, kept as masks")
+    return kept
 
 
 PREDICT_OUTPUT_FOLDERS = ("overlays", "maps", ".partial")   # what predict writes images (and parts) into
@@ -375,10 +407,10 @@ def _lower_names(folder: str, _mtime_ns: int, dirs: bool = False) -> dict:
     return {k: v[0] for k, v in seen.items() if len(v) == 1}
 
 
-def _warn_unmatched_masks(gt: Path, samples) -> None:
+def _warn_unmatched_masks(gt: Path, samples, more: str = "") -> None:
     """Name the files of a ``ground_truth/`` folder that no image took as its mask: a mask named or typed
     otherwise (``_gt.png``, ``.bmp``), or a label folder no test folder has, would leave those images out of the
-    pixel metrics with no word, or all of them when none matches."""
+    pixel metrics with no word, or all of them when none matches. ``more``: the layout's other mask folders."""
     if not gt.is_dir():
         return
     used = {os.path.realpath(s.mask) for s in samples if s.mask is not None}
@@ -390,8 +422,8 @@ def _warn_unmatched_masks(gt: Path, samples) -> None:
         n_masked = sum(s.mask is not None and not s.is_normal for s in samples)
         _warn_unused(gt, f"{len(left)} file(s) match no image (e.g. {left[0].relative_to(gt)}); "
                          f"{n_masked} of {n_def} defect images have a mask. A mask is found as "
-                         "ground_truth/<label>/<stem>_mask.png or <stem>.png, <label> as in test/ (fix: rename "
-                         "them, convert them to PNG, or set mask_pattern in a --config file)")
+                         f"ground_truth/<label>/<stem>_mask.png or <stem>.png, <label> as in test/{more} (fix: "
+                         "rename them, convert them to PNG, or set mask_pattern in a --config file)")
 
 
 def _masks_folder(base: Path, seen: dict) -> Path:
@@ -422,6 +454,10 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
             if _images(split_dir):
                 _warn_unused(split_dir, f"{len(_images(split_dir))} image(s) directly in this folder are not "
                                         f"used (move them into {split_dir.name}/good/ or {split_dir.name}/<defect>/)")
+            # ground_truth/<label>/ holds the test images' masks; MVTec numbering restarts per folder, so a train/
+            # image named as a test one (train/good/000.png, test/good/000.png) took that image's mask, or the
+            # layout was refused as one mask for two images. Other splits: ground_truth/<split>/<label>/ only
+            split_gt = gt if split == "test" else _any_case(gt / split_dir.name, dirs=True, seen=seen)
             for label_dir in _subdirs(split_dir):
                 if label_dir.name.lower() in MASK_DIRS:   # test/ground_truth/: masks, never defect images
                     if _has_images(label_dir):
@@ -429,10 +465,11 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
                                                 f"{split_dir.name}/, as {base.name or base}/ground_truth/<label>/")
                     continue
                 for p in _images_under(label_dir):
-                    out.append(Sample(p, split, label_dir.name, _find_mask(p, label_dir.name, group, gt, pattern,
-                                                                           seen, _subfolder(p, label_dir)), group))
+                    out.append(Sample(p, split, label_dir.name, _find_mask(p, label_dir.name, group, split_gt,
+                                                                           pattern, seen, _subfolder(p, label_dir)),
+                                      group))
         if not pattern:
-            _warn_unmatched_masks(gt, out)
+            _warn_unmatched_masks(gt, out, "; a train/ image's in ground_truth/train/<label>/")
         return out
 
     def has_splits(d: Path) -> bool:   # Train/ and TEST/ too (data copied from Windows): one() reads them so

@@ -1,0 +1,127 @@
+"""Masks that are not the image: one that cannot be used costs only itself (and nothing where no mask is read), a
+mask is never also an image, and an MVTec-style train/ image never takes a test image's mask."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _tiny import register_tiny, tiny_train_args
+from uninet_feat.cli import main
+from uninet_feat.data import discover, discover_batch
+
+
+def _save(p, a):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(p)
+    return p
+
+
+def _normals_with_masks(root, bad: str, n=10, defects="test"):
+    """``root/split.csv``: n 32-px normals (train, the last two val) with all-black masks, the ``bad`` one's 16 px
+    (a mask that cannot be used), and two defects with masks in the split ``defects``."""
+    rng = np.random.default_rng(0)
+    rows = ["path,split,label,mask"]
+    for i in range(n):
+        _save(root / f"good/{i:02d}.png", (rng.random((32, 32)) * 255).astype(np.uint8))
+        _save(root / f"good/{i:02d}_m.png", np.zeros((16, 16) if f"{i:02d}" == bad else (32, 32), np.uint8))
+        rows.append(f"good/{i:02d}.png,{'train' if i < n - 2 else 'val'},good,good/{i:02d}_m.png")
+    for i in range(2):
+        _save(root / f"bad/{i}.png", (rng.random((32, 32)) * 255).astype(np.uint8))
+        _save(root / f"bad/{i}_m.png", np.full((32, 32), 255, np.uint8))
+        rows.append(f"bad/{i}.png,{defects},crack,bad/{i}_m.png")
+    (root / "split.csv").write_text("\n".join(rows) + "\n")
+    return root / "split.csv"
+
+
+def _train(data, csv, out, *extra):
+    return main(tiny_train_args(data) + ["--image-size", "32", "--split-csv", str(csv), "--out", str(out), *extra])
+
+
+def test_an_unsupervised_run_reads_no_mask_of_its_normals(tmp_path):
+    """A training normal's mask of the wrong size stopped an unsupervised train, which never reads it; with
+    --skip-bad a validation normal with one was dropped as an image (one validation normal fewer, silently)."""
+    register_tiny()
+    csv = _normals_with_masks(tmp_path / "a", bad="00")   # a training normal's mask
+    assert _train(tmp_path / "a", csv, tmp_path / "r1") == 0
+    assert main(["calibrate", "--run", str(tmp_path / "r1"), "--quiet"]) == 0   # calibrate reads none either
+    csv = _normals_with_masks(tmp_path / "b", bad="08")   # a validation normal's mask
+    assert _train(tmp_path / "b", csv, tmp_path / "r2") == 0
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert _train(tmp_path / "b", csv, tmp_path / "r3", "--skip-bad") == 0
+    assert not [x for x in w if "skipping" in str(x.message)]   # not read, so nothing to skip
+    cal = json.loads((tmp_path / "r3/calibration.json").read_text())
+    assert cal["n_val_normals"] == 2 and cal["skipped"] == []
+    assert sorted(cal["val_paths"]) == [str(tmp_path / "b/good/08.png"), str(tmp_path / "b/good/09.png")]
+
+
+def test_a_supervised_run_reads_no_mask_of_its_validation_normals(tmp_path):
+    """Only the training rows' masks are a supervised run's targets: a validation normal's mask that cannot be used
+    stopped the run, and with --skip-bad cost the validation normal."""
+    register_tiny()
+    csv = _normals_with_masks(tmp_path, bad="08", defects="train")
+    for out, extra in (("r1", []), ("r2", ["--skip-bad"])):
+        assert _train(tmp_path, csv, tmp_path / out, "--supervised", *extra) == 0
+        cal = json.loads((tmp_path / out / "calibration.json").read_text())
+        assert cal["n_val_normals"] == 2 and cal.get("skipped", []) == []
+
+
+@pytest.mark.parametrize("layout", ["plain", "mvtec"])
+def test_masks_a_pattern_puts_beside_their_images_are_not_images_too(tmp_path, layout):
+    """mask_pattern `{stem}_gt.png`: `_images` leaves out only `*_mask.*`, so each mask was read as an image too (a
+    training normal, a test defect), silently."""
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()
+    root = tmp_path / layout
+    dirs = {"plain": ("good", "crack"), "mvtec": ("train/good", "test/crack")}[layout]
+    for d, v in zip(dirs, (0, 255)):
+        _save(root / d / "000.png", np.full((16, 16), 120, np.uint8))
+        _save(root / d / "000_gt.png", np.full((16, 16), v, np.uint8))
+    with pytest.warns(UserWarning, match=r"2 file\(s\) found as images are other images' masks \(e.g. .*_gt.png\)"):
+        s = discover(root, mask_pattern="{stem}_gt.png")
+    assert [(x.path.relative_to(root).as_posix(), x.mask.name) for x in s] == [
+        (f"{d}/000.png", "000_gt.png") for d in sorted(dirs)]
+    layouts._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"1 file\(s\) found as images are other images' masks"):
+        batch = discover_batch(root / dirs[1], mask_pattern="{stem}_gt.png")   # predict: a batch of new images
+    assert [x.path.name for x in batch] == ["000.png"]
+    other = tmp_path / "other" / layout   # masks in a folder of their own: nothing left out, no word
+    for d in dirs:
+        _save(other / d / "000.png", np.full((16, 16), 120, np.uint8))
+        _save(other / "masks" / d.split("/")[-1] / "000.png", np.zeros((16, 16), np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = discover(other, mask_pattern="../../masks/{label}/{stem}.png" if layout == "mvtec" else
+                     "../masks/{label}/{stem}.png")
+    assert len(s) == 2 and all(x.mask is not None and x.mask.is_file() for x in s)
+
+
+def test_mvtec_train_images_do_not_take_the_test_images_masks(tmp_path):
+    """MVTec numbering restarts per folder: train/crack/000.png and test/crack/000.png (or train/good/000.png and
+    test/good/000.png) both looked up ground_truth/<label>/000_mask.png, so the layout was refused as one mask for
+    two images (its fix, mirroring subfolders, could not help), or a train image took a test image's mask."""
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()
+    img = np.full((16, 16), 128, np.uint8)
+    for d in ("train/good", "train/crack", "test/good", "test/crack"):
+        _save(tmp_path / d / "000.png", img)
+    _save(tmp_path / "ground_truth/crack/000_mask.png", np.full((16, 16), 255, np.uint8))
+    _save(tmp_path / "ground_truth/good/000_mask.png", np.zeros((16, 16), np.uint8))
+
+    def masks():
+        return {x.path.relative_to(tmp_path).as_posix(): x.mask and x.mask.relative_to(tmp_path).as_posix()
+                for x in discover(tmp_path)}
+    assert masks() == {"test/crack/000.png": "ground_truth/crack/000_mask.png",
+                       "test/good/000.png": "ground_truth/good/000_mask.png",
+                       "train/crack/000.png": None, "train/good/000.png": None}
+    _save(tmp_path / "ground_truth/train/crack/000_mask.png", np.full((16, 16), 255, np.uint8))   # the train one's
+    assert masks()["train/crack/000.png"] == "ground_truth/train/crack/000_mask.png"
+    (tmp_path / "ground_truth/train/crack/000_mask.png").unlink()
+    _save(tmp_path / "train/crack/005.png", img)   # its mask where only test images' are looked for: said so
+    _save(tmp_path / "ground_truth/crack/005_mask.png", np.full((16, 16), 255, np.uint8))
+    layouts._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"1 file\(s\) match no image \(e.g. crack/005_mask.png\).*a train/ "
+                                         r"image's in ground_truth/train/<label>/"):
+        assert masks()["train/crack/005.png"] is None
