@@ -157,7 +157,18 @@ def test_a_run_folder_takes_one_writer_and_sheds_a_killed_writes_temp_files(tmp_
     assert "another process is writing this run folder now" in capsys.readouterr().err
     assert not (run / "config.yaml").exists()
     (run / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"x" * 1000)
+    # a live writer's temp file in a subfolder (a `predict --out RUN/preds` now) is kept; a dead writer's is not
+    import subprocess
+    import sys
+    from uninet_feat import io as uio
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / "preds").mkdir()
+    live = run / "preds" / f".part-00000.npz.{uio._HOST}-pid{os.getpid()}.abc123.tmp"
+    gone = run / "preds" / f".part-00001.npz.{uio._HOST}-pid{int(dead.stdout)}.abc123.tmp"
+    for f in (live, gone):
+        f.write_bytes(b"x")
     assert main(args) == 0
     assert not list(run.glob(".*.tmp")) and (run / "model.pt").exists()
+    assert live.exists() and not gone.exists()
     assert main(args[:-2] + ["--image-size", "40", "--out", str(tmp_path / "new")]) == 2   # refused before writing
     assert not (tmp_path / "new").exists()

@@ -55,16 +55,19 @@ def _writer() -> str:
 _DEAD_TEMP = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-pid(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
-def remove_dead_temps(folder, pattern: str = ".*.tmp") -> list[Path]:
+def remove_dead_temps(folder, pattern: str = ".*.tmp", unnamed: bool = False) -> list[Path]:
     """Remove ``folder``'s temp files of `atomic_write` (those matching ``pattern``) whose writer, a process of this
     host named in the file's name, is gone: a SIGKILL mid-write leaves its temp file, which nothing else removes.
     A live writer's, another host's (a store on a shared disk filled by several machines) and an older version's
-    (no PID in the name) are kept. Returns the files removed."""
+    (no PID in the name) are kept; the last removed too with ``unnamed``. Returns the files removed."""
     gone = []
     if os.name == "nt":   # os.kill(pid, 0) there terminates the process, it does not probe it
         return gone
     for tmp in Path(folder).glob(pattern):
         m = _DEAD_TEMP.search(tmp.name)
+        if m is None and unnamed:
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
         if m is None or m["host"] != _HOST:
             continue
         try:
@@ -155,8 +158,10 @@ def folder_lock(folder, what: str = "run"):
     process asking for it is refused at once. Why: two `train --out SAME` started together both passed the
     "folder already holds a run" check and interleaved their files (one run's config beside the other's model).
     The kernel drops the lock when its process dies (flock), so a killed run never leaves the folder locked.
-    Then stale temp files of atomic writes that a kill left (``.NAME.XXXX.tmp``) are removed: with the lock held
-    no other process can be writing them."""
+    Then temp files of atomic writes that a kill left (``.NAME.XXXX.tmp``) are removed, in the folder and its
+    subfolders: those of writers that are gone (`remove_dead_temps`; and an older version's, unnamed). A live
+    writer's is kept: only `train` takes this lock, and a `predict --out RUN/preds` or a `calibrate` may be writing
+    (all of them were removed, and the live writer's rename then failed)."""
     import fcntl
     folder = Path(folder)
     created = not folder.exists()
@@ -168,8 +173,8 @@ def folder_lock(folder, what: str = "run"):
         except BlockingIOError:
             raise BadInputError(f"another process is writing this {what} folder now", path=folder,
                                 fix="wait for it to finish, or choose another --out") from None
-        for tmp in list(folder.glob(".*.tmp")) + list(folder.glob("*/.*.tmp")):
-            tmp.unlink(missing_ok=True)
+        for sub in [folder, *(d for d in folder.iterdir() if d.is_dir())]:
+            remove_dead_temps(sub, unnamed=True)
         yield folder
     except BaseException:
         if created and [p.name for p in folder.iterdir()] == [".lock"]:   # refused before writing anything:
