@@ -136,6 +136,10 @@ def test_plain_resume_finishes_the_runs_own_schedule(tmp_path, monkeypatch):
     assert main(["train", "--out", str(cut), "--resume", "--epochs", "4", "--quiet"]) == 0   # extend it
     assert read_checkpoint(cut / "model.pt")["epoch"] == 4 and len(steps) == 3
     assert len((cut / "train_log.jsonl").read_text().splitlines()) == 4
+    # env.json keeps the environment that trained the first epochs and lists each resume (a resume wrote over it)
+    env = json.loads((cut / "env.json").read_text())
+    assert env["threads"] == 1 and [r["at_epoch"] for r in env["resumes"]] == [2, 3]
+    assert all("torch" in r and "threads" in r for r in env["resumes"])
     # the same data spelled relative (as a --config file spells it) is the same run; other data is not
     monkeypatch.chdir(tmp_path)
     resumed = ["train", *TRAIN, "--out", "cut", "--resume", "--epochs", "5", "--quiet"]

@@ -277,10 +277,21 @@ def source_commit() -> dict:
         return {}
 
 
-def save_run_config(run_dir: Path, cfg: dict, name: str = "config.yaml") -> None:
+def save_run_config(run_dir: Path, cfg: dict, name: str = "config.yaml", resumed_at: int | None = None) -> None:
+    """``cfg`` as ``name`` and the environment as env.json. ``resumed_at``: a resumed training's first epoch; the
+    environment that trained the earlier epochs is kept and this one appended under ``resumes`` (a resume wrote
+    over it: the first segment's commit, versions and threads were lost)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / name, yaml.safe_dump(_plain(cfg), sort_keys=True))
-    atomic_write_text(run_dir / "env.json", json.dumps(environment(cfg.get("seed", 0)), indent=2))
+    env = environment(cfg.get("seed", 0))
+    if resumed_at is not None:
+        try:
+            first = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            first = None   # none, or damaged: this environment is all that is known
+        if isinstance(first, dict):
+            env = {**first, "resumes": [*first.get("resumes", []), {"at_epoch": int(resumed_at), **env}]}
+    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
 
 
 def _plain(v):

@@ -186,7 +186,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         start_epoch = int(state["epoch"])
     step = dd.wrap(model)             # None in the single-process run
     if dd.is_main:
-        save_run_config(out, cfg)
+        save_run_config(out, cfg, resumed_at=start_epoch if resume else None)
     ds = make_dataset(fit, cfg, model.source)
     if cfg.get("cache_images", True):
         ds = CachedDataset(ds)
