@@ -215,6 +215,7 @@ def test_an_edited_config_yaml_is_refused_on_resume_not_silently_written_over(te
                                             r"\(batch_size=4, lr=0.005\)") as e:
         train(_cfg(texture), run, resume=True, quiet=True)
     assert e.value.path == str(run / "config.yaml") and (run / "config.yaml").read_text() == edited
+    assert "or checkpoint.pt is another run's" in str(e.value) and "checkpoint.pt back" in str(e.value)
     (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "epochs": 3}))
     train(_cfg(texture), run, resume=True, quiet=True)
     assert read_checkpoint(run / "model.pt")["epoch"] == 2

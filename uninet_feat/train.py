@@ -424,9 +424,11 @@ def _check_config_edits(out: Path, state: dict) -> None:
     if changed:
         raise BadInputError(f"{', '.join(changed)} in config.yaml differ{'s' * (len(changed) == 1)} from the run's "
                             f"checkpoint.pt ({', '.join(f'{k}={was[k]!r}' for k in changed)}), which a resume trains "
-                            "with: the edit would be ignored and then written over", path=out / "config.yaml",
+                            "with: config.yaml was edited (the edit would be ignored and then written over), or "
+                            "checkpoint.pt is another run's, copied in", path=out / "config.yaml",
                             fix="undo the edit to continue the run (a resume changes only "
-                                f"{', '.join(RESUMABLE_KEYS)}), or train a new run with a new --out")
+                                f"{', '.join(RESUMABLE_KEYS)}); or put the run's own checkpoint.pt back; or train a "
+                                "new run with a new --out")
 
 
 # what a key an older run's config lacks meant when it trained, where that is known: (a key not here is not compared)
