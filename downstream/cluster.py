@@ -61,7 +61,10 @@ def cluster_vectors(X, k="auto", k_max: int = 10, seed: int = 0, n_components: i
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
     X = np.asarray(X)
-    if X.ndim != 2 or len(X) < MIN_ROWS:
+    if X.ndim != 2:   # a single vector is not "too few images"
+        raise BadInputError(f"the vectors to cluster must be a 2-D array (one row per image), not one of shape "
+                            f"{X.shape}", fix="pass an (images, columns) array, one row per image")
+    if len(X) < MIN_ROWS:
         raise BadInputError(f"{len(X)} image(s) to cluster; at least {MIN_ROWS} are needed",
                             fix="cluster more images (e.g. a lower --threshold in predict flags more)")
     bad = np.flatnonzero(~np.isfinite(X).all(1))
@@ -71,8 +74,11 @@ def cluster_vectors(X, k="auto", k_max: int = 10, seed: int = 0, n_components: i
     if blocks is not None and len(blocks) != X.shape[1]:
         raise ValueError(f"{len(blocks)} block names for {X.shape[1]} columns")
     Z, kept = _embed(X, n_components, seed, blocks)
-    # identical rows (an image copied under another name) are one point: k-means can make no more clusters
-    distinct = len(np.unique(X, axis=0))
+    # identical points (an image copied under another name, or rows that differ only in what the PCA drops) are
+    # one point: k-means can make no more clusters, and an empty one broke the renumbering (IndexError). Counted
+    # in Z, where k-means runs, rounded so that the PCA's float noise does not tell copies apart.
+    distinct = len(np.unique(np.round(Z / max(float(np.abs(Z).max()), 1e-300), 9), axis=0))
+    collapsed = distinct < len(np.unique(X, axis=0))
     hi = min(int(k_max), len(X) // 2, distinct)
     if k == "auto":
         if hi < 2:
@@ -84,8 +90,10 @@ def cluster_vectors(X, k="auto", k_max: int = 10, seed: int = 0, n_components: i
             raise BadInputError(f"--k {k} for {len(X)} images: k must be from 2 to {len(X) - 1}",
                                 fix="a smaller --k, or --k auto")
         if k > distinct:
-            raise BadInputError(f"--k {k} for {len(X)} images of which only {distinct} distinct (the others repeat "
-                                "one of them exactly: the same image under two names?)",
+            why = (f"points in the {Z.shape[1]}-dimensional PCA space (rows that differ only in what it drops "
+                   "coincide)" if collapsed else "(the others repeat one of them exactly: the same image under two "
+                   "names?)")
+            raise BadInputError(f"--k {k} for {len(X)} images of which only {distinct} distinct {why}",
                                 fix=f"--k {distinct} or less, or --k auto")
         tried = [k]
     sil, fits = {}, {}

@@ -648,3 +648,49 @@ def test_a_cluster_run_killed_while_its_sheet_is_made_leaves_no_old_sheet_beside
     assert labels == {"cluster_0", "cluster_1", "cluster_2"}   # the new run's
     assert not (out / "sheet.html").exists()   # the 2-cluster sheet would have named them
     assert json.loads((out / "clusters.json").read_text())["k"] == 3
+
+
+def test_fewer_distinct_points_after_the_pca_than_k_is_named_and_a_1d_input_is_told_apart():
+    """Rows distinct in X but one point in the PCA space (k-means' space) left a cluster empty: IndexError. A 1-D
+    input was called too few images ("5 image(s) to cluster; at least 4 are needed")."""
+    c1, c3 = np.array([0, 0, 0, 0, 1, 1, 1, 1.]), np.array([0, 1, 2, 3, 0, 1, 2, 3.]) * 1e-3
+    X = np.stack([c1, c1, c1, c1, c3], 1)   # the first component is c1's two values; c3's is dropped
+    with pytest.raises(BadInputError, match="only 2 distinct points in the 1-dimensional PCA space"):
+        cluster_vectors(X, k=3, n_components=1)
+    assert cluster_vectors(X, k=3).k == 3   # kept with the second component
+    assert cluster_vectors(X, n_components=1).k == 2
+    with pytest.raises(BadInputError, match=r"2-D array .* shape \(5,\)"):
+        cluster_vectors(np.arange(5.0))
+
+
+def _drawn_box(rec, box, spot, *tile):
+    """(thumbnail shape, the rows and columns where the box changed it: y0, y1, x0, x1)."""
+    import base64
+    import io
+    from PIL import Image
+    from uninet_feat.clusters import _thumb
+
+    def decoded(uri):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")).astype(int)
+    t, plain = decoded(_thumb(rec, box, spot, *tile)), decoded(_thumb(rec, box, {}, *tile))
+    drawn = np.argwhere(np.abs(t - plain).max(-1) > 30)
+    return t.shape[:2], drawn[:, 0].min(), drawn[:, 0].max(), drawn[:, 1].min(), drawn[:, 1].max()
+
+
+def test_the_sheets_box_is_on_the_hot_spot_of_a_padded_tile(tmp_path):
+    """A tile of an image smaller than the tile runs past the image (padded); the hot region's fractions are of the
+    whole tile, but were scaled by the cropped part: on a 100 px tall strip the box sat at 64/256 of 100 px."""
+    from PIL import Image
+    strip = np.full((100, 600, 3), 128, np.uint8)
+    strip[60:68, 380:388] = 255   # the spot, centre y 64, x 384
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    spot = {"hot_cy": 64 / 256, "hot_cx": 128 / 256, "hot_bbox_h": 8 / 256, "hot_bbox_w": 8 / 256}
+    (h, w), y0, y1, x0, x1 = _drawn_box({"path": str(tmp_path / "strip.png")}, (0, 256, 256, 256), spot)
+    s = w / 256   # the thumbnail's scale (the cropped 100 x 256 tile fitted into 180 px)
+    assert (h, w) == (70, 180) and y0 <= 64 * s <= y1 and x0 <= 128 * s <= x1 and y1 - y0 < 10
+    # one tile (image_table names no top tile): the fractions are of the store's tile, not of the 100 x 200 image
+    Image.fromarray(strip[:, 300:500]).save(tmp_path / "one.png")   # the spot at y 64, x 84
+    spot = {"hot_cy": 64 / 256, "hot_cx": 84 / 256, "hot_bbox_h": 8 / 256, "hot_bbox_w": 8 / 256}
+    (h, w), y0, y1, x0, x1 = _drawn_box({"path": str(tmp_path / "one.png")}, None, spot, 256)
+    s = w / 200
+    assert y0 <= 64 * s <= y1 and x0 <= 84 * s <= x1 and y1 - y0 < 10

@@ -33,15 +33,19 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         t = start + i * step
         if t > hi + step * 1e-6:
             break
-        ticks.append(round(t, 12))
+        ticks.append(round(t, max(12, 3 - math.floor(math.log10(step)))))   # noise off; a step below 1e-12 kept
     return ticks
 
 
 def _tick_label(t: float, ticks: list[float]) -> str:
+    """``t`` with as many decimals as the tick step needs: from the step's magnitude (a fixed tolerance and cap
+    gave a step below ~5e-6 no decimals, labels '0', '1', '1', '1'), one more for a step such as 2.5e-8."""
     step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
-    dec = 0
-    while dec < 6 and abs(step * 10 ** dec - round(step * 10 ** dec)) > 1e-6:
-        dec += 1
+    if not (math.isfinite(step) and step > 0):
+        step = 1.0
+    mag = math.floor(math.log10(step))
+    lead = step / 10 ** mag   # 1, 2, 2.5 or 5 (`_nice_ticks`), give or take the float noise of large tick values
+    dec = max(0, -mag + (abs(lead - round(lead)) > 0.01))
     return f"{t:.{dec}f}"
 
 

@@ -327,7 +327,8 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     atomic_write_text(out / "clusters.json", json.dumps(summary, indent=2))
     if sheet:
         top = X[:, :len(store.manifest["vector_names"])]   # each image's top-tile vector
-        atomic_write_text(out / "sheet.html", contact_sheet(rk, res, store.manifest["vector_names"], top))
+        tile = (store.manifest.get("settings") or {}).get("tile")   # what a one-tile image's fractions are of
+        atomic_write_text(out / "sheet.html", contact_sheet(rk, res, store.manifest["vector_names"], top, tile))
     return summary
 
 
@@ -345,8 +346,12 @@ def _keep_named_labels(path: Path) -> None:
                             fix="choose another --out, or move labels.csv away first")
 
 
-def _thumb(rec, box, spot: dict) -> str | None:
-    """The image (its top tile, for a tiled one) with a box of the hot region's size around its centroid."""
+def _thumb(rec, box, spot: dict, tile=None) -> str | None:
+    """The image (its top tile, for a tiled one) with a box of the hot region's size around its centroid.
+
+    The hot region's fractions are of the model's input: the tile (``box``'s size; ``tile``, the store's tile
+    setting, for an image of a tiled store cut into one tile), else the whole image. A tile of an image smaller
+    than the tile runs past the image (padded, `tiling`): scaling by the cropped size misplaced the box."""
     from PIL import Image, ImageDraw
     from .data.images import load_image
     from .report import _thumb_uri
@@ -357,22 +362,26 @@ def _thumb(rec, box, spot: dict) -> str | None:
     except (OSError, ValueError, BadInputError):
         return None
     img = Image.fromarray(np.round(a * 255).astype(np.uint8))
+    if box is None and tile:   # one tile of a tiled store (image_table names none): at the origin, maybe padded
+        th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+        box = (0, 0, th, tw)
+    H, W = img.height, img.width   # what the fractions are of
     if box is not None:
         y, x, h, w = (int(v) for v in box)
         img = img.crop((x, y, min(x + w, img.width), min(y + h, img.height)))
+        H, W = h, w   # the tile's size, not the cropped part's: a padded tile's fractions are of the whole tile
     if {"hot_cy", "hot_cx", "hot_bbox_h", "hot_bbox_w"} <= set(spot):
-        W, H = img.size
         cy, cx = spot["hot_cy"] * H, spot["hot_cx"] * W
         bh, bw = max(spot["hot_bbox_h"] * H, 6), max(spot["hot_bbox_w"] * W, 6)
         ImageDraw.Draw(img).rectangle([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=(90, 200, 255),
-                                      width=max(1, round(min(W, H) / 100)))
+                                      width=max(1, round(min(img.size) / 100)))
     return _thumb_uri(np.asarray(img), 180, 180, max_bytes=40_000)
 
 
-def contact_sheet(recs, res, names, top) -> str:
+def contact_sheet(recs, res, names, top, tile=None) -> str:
     """One self-contained HTML page: per cluster, its most typical images first (closest to its centre).
     ``recs``: `FeatureStore.image_table` records (``top_tile``: the tile shown); ``top``: each image's top-tile
-    vector, columns ``names``."""
+    vector, columns ``names``; ``tile``: the store's tile setting (None: untiled)."""
     want = {n: names.index(n) for n in ("hot_cy", "hot_cx", "hot_bbox_h", "hot_bbox_w") if n in names}
     parts = ["<!doctype html><meta charset='utf-8'><title>uninet-feat clusters</title><style>"
              "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:4px;width:184px;"
@@ -388,7 +397,7 @@ def contact_sheet(recs, res, names, top) -> str:
         parts.append(f"<h2>cluster_{c}: {len(ex)} image{'s' if len(ex) != 1 else ''}{seen}</h2>")
         for i in ex[:SHEET_PER_CLUSTER]:
             r = recs[i]
-            uri = _thumb(r, r.get("top_tile"), {n: float(top[i][j]) for n, j in want.items()})
+            uri = _thumb(r, r.get("top_tile"), {n: float(top[i][j]) for n, j in want.items()}, tile)
             img = f"<img src='{uri}'>" if uri else "<i>unreadable</i>"
             parts.append(f"<figure>{img}<figcaption>{html.escape(Path(r['path']).name)}"
                          f"{' · ' + html.escape(r['label']) if r['label'] else ''} · score {r['score']:.3g}"

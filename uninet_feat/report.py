@@ -27,6 +27,7 @@ from PIL import Image
 
 from .charts import escape as _esc, hist_svg, operating_point, pr_svg, roc_svg
 from .data.images import oriented_size
+from .data.layouts import is_normal_label
 from .io import atomic_write_text
 
 
@@ -80,10 +81,15 @@ def _to_float(v) -> float:
 
 
 def _to_bool(v) -> bool | None:
-    if v is None or v == "":
+    """True/False, or None for unknown: None, a blank or NaN cell (numpy and pandas read an empty cell as NaN,
+    which ``bool`` made True: every image flagged)."""
+    if v is None:
         return None
     if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "y")
+        s = v.strip().lower()
+        return None if s in ("", "nan") else s in ("1", "true", "yes", "y")
+    if isinstance(v, (float, np.floating)) and math.isnan(v):
+        return None
     return bool(v)
 
 
@@ -94,8 +100,9 @@ def _norm_rows(rows) -> list[dict]:
         d["path"] = str(d.get("path", ""))
         d["label"] = str(d.get("label", ""))
         d["group"] = "" if d.get("group") is None else str(d.get("group"))
-        d["is_defect"] = bool(_to_bool(d.get("is_defect")) if d.get("is_defect") is not None
-                              else d["label"] not in ("good", "normal", "ok", ""))
+        known = _to_bool(d.get("is_defect"))
+        # unknown: from the label, by the project's rule (case, spaces, "free"); a blank label is a normal image's
+        d["is_defect"] = known if known is not None else not (d["label"].strip() == "" or is_normal_label(d["label"]))
         d["score"] = _to_float(d.get("score"))
         d["flagged"] = _to_bool(d.get("flagged"))
         own = d.get("pixel_auroc")   # evaluate's: the image's own pixel AUROC ("" for a normal image)
