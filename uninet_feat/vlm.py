@@ -71,8 +71,22 @@ DEFECT_STATES = (
 FEATURE_NAMES = ("clip_image_score", "clip_patch_max", "clip_patch_mean", "clip_patch_q99")
 
 
+def check_templates(templates) -> tuple[str, ...]:
+    """``templates`` as a tuple, each with exactly one ``{}``; a single string is one template (as in a prompt
+    file), not a sequence of one-letter templates."""
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    if not templates:
+        raise BadInputError("templates is empty", fix="give at least one, e.g. templates=['a photo of {}.']")
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise BadInputError(f"template {t!r} needs exactly one '{{}}' placeholder (where the phrase goes)",
+                                fix="e.g. templates=['a photo of {}.'] (one template may be given as a string)")
+    return templates
+
+
 def expand_prompts(items, templates=TEMPLATES, obj: str = OBJECT) -> list[str]:
     """Phrases with ``{}`` → one sentence per template (``{}`` filled with ``obj``); other items as they are."""
+    templates = check_templates(templates)
     if isinstance(items, str):
         items = [items]
     out = []
@@ -180,12 +194,57 @@ def _resolve(model, text_model, tokenizer, clip_name):
         raise BadInputError(f"TextScorer needs a clip: backbone, a UniNet built on one, or an open_clip model; "
                             f"got {type(model).__name__}")
     if tokenizer is None:
-        import open_clip
-        if clip_name:
-            tokenizer = open_clip.get_tokenizer(clip_name)
-        else:
-            tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=getattr(text_model, "context_length", 77))
+        model_cfg = model._model_cfg if isinstance(model, ClipViT) and not clip_name else None   # a name given wins
+        tokenizer = _tokenizer(text_model, model_cfg, clip_name)
     return visual, text_model, tokenizer
+
+
+def _tokenizer(text_model, model_cfg: dict | None, clip_name: str | None):
+    """The tokenizer of the model config (``model_cfg``, else ``clip_name``'s): its ``hf_tokenizer_name`` (MetaCLIP-2
+    worldwide, CLIPA) or CLIP's SimpleTokenizer. CLIP's on another vocabulary gave token ids the model never
+    learnt (an ``eos`` pool never found its end token: every score exactly 0.5, silently)."""
+    import open_clip
+    from .backbones.clip import _CONFIGS
+    if model_cfg is None and clip_name in _CONFIGS:   # register_clip_config's: open_clip does not know it
+        model_cfg = _CONFIGS[clip_name]
+    if model_cfg is None and clip_name and (":" in clip_name or "/" in clip_name):   # hf-hub:, local-dir:
+        return _hf_guard(lambda: open_clip.get_tokenizer(clip_name), clip_name)
+    if model_cfg is None and clip_name:
+        model_cfg = open_clip.get_model_config(clip_name)
+    ctx = getattr(text_model, "context_length", 77)
+    if model_cfg is None:   # an open_clip model alone: nothing says its tokenizer; CLIP's only fits CLIP's vocabulary
+        vocab = getattr(text_model, "vocab_size", None)
+        if vocab is not None and vocab != 49408:
+            raise BadInputError(f"TextScorer: the open_clip model's text vocabulary has {vocab} tokens, not CLIP's "
+                                "49408, so CLIP's tokenizer does not fit it and nothing names its own",
+                                fix="pass tokenizer=open_clip.get_tokenizer('<its model name>') (or clip_name=)")
+        return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+    text_cfg = model_cfg.get("text_cfg") or {}
+    ctx = text_cfg.get("context_length") or ctx
+    kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+    name = text_cfg.get("hf_tokenizer_name")
+    if not name:
+        return open_clip.tokenizer.SimpleTokenizer(context_length=ctx, **kwargs)
+    if text_cfg.get("tokenizer_mode"):   # only where set: older open_clip's HFTokenizer has no such argument
+        kwargs["tokenizer_mode"] = text_cfg["tokenizer_mode"]
+    return _hf_guard(lambda: open_clip.tokenizer.HFTokenizer(name, context_length=ctx, **kwargs), name)
+
+
+def _hf_guard(make, name: str):
+    """``make()``; a missing ``transformers`` or tokenizer download (a raw ModuleNotFoundError / OSError) said
+    neither what was needed nor how to get it."""
+    try:
+        return make()
+    except ImportError as e:
+        raise BadInputError(f"the model's text tower uses the Hugging Face tokenizer {name!r}, which needs the "
+                            f"transformers package ({type(e).__name__}: {e})",
+                            fix="pip install transformers (and have the tokenizer in the Hugging Face cache), or "
+                                "pass tokenizer=") from e
+    except (OSError, ValueError) as e:   # offline, not in the cache (huggingface_hub's errors are OSErrors)
+        raise BadInputError(f"cannot load the Hugging Face tokenizer {name!r} of the model's text tower "
+                            f"({type(e).__name__}: {e})",
+                            fix="download it once with internet access (it is then read from the Hugging Face "
+                                "cache, HF_HOME), or pass tokenizer=") from e
 
 
 class TextScorer(nn.Module):
@@ -197,6 +256,7 @@ class TextScorer(nn.Module):
         super().__init__()
         if patch_mode not in ("tokens", "value"):
             raise BadInputError(f"patch_mode must be 'tokens' or 'value', got {patch_mode!r}")
+        templates = check_templates(templates)
         base = load_prompts(prompt_file) if prompt_file is not None else default_prompts(obj, templates)
         normal_prompts, defect_prompts = (p if p is None or isinstance(p, str) else list(p)
                                           for p in (normal_prompts, defect_prompts))

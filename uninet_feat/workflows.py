@@ -303,7 +303,7 @@ def _validation_paths(run) -> set:
 
 def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,
                   tile=None, patch_mode="tokens", quiet=False, skip_bad=False, device=None, mean=None,
-                  std=None) -> dict:
+                  std=None, quick_gelu: bool | None = None) -> dict:
     """Score images with CLIP text prompts alone (no training image): the VLM variant's cold start.
 
     Per image: P(defect) from the image embedding (``clip_image_score``, the score) and the patch-score
@@ -311,6 +311,11 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     the resolved settings, and — when the labels hold both normal and defective images — ``metrics.json``
     (I-AUROC, I-AP, F1-max; nothing is tuned on them). ``skip_bad``: unreadable images are left out (warned,
     listed as ``skipped`` in the result and ``metrics.json``) instead of stopping with an error that names them all.
+    ``quick_gelu``: the activation, where not the one the backbone reads from the weights file's name.
+
+    ``config.yaml`` records the mean/std used (a re-run with ``--config`` passes them back as ``--mean``/``--std``)
+    and the weights file's absolute path as given, links not followed: the tags its folders name set the mean/std
+    and QuickGELU (`clip.file_quick_gelu`), and the link's target (a hub cache's ``blobs/<hash>``) may name none.
     """
     import torch
     from rich.progress import track
@@ -325,7 +330,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
                             fix="--backbone clip:ViT-B-16 (or another open_clip model) --weights FILE, the whole "
                                 "open_clip checkpoint (both towers)")
     device = pick_device(device)
-    bb = create_normalised_backbone(backbone, weights, mean, std).eval()   # --mean/--std: a file's own, if other
+    kw = {} if quick_gelu is None else {"quick_gelu": bool(quick_gelu)}
+    bb = create_normalised_backbone(backbone, weights, mean, std, **kw).eval()   # --mean/--std: a file's own, if other
     step = zero_shot_step(bb)
     if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
         raise BadInputError(f"image size {image_size} is not a multiple of {step}, the patch grid of {backbone}",
@@ -352,8 +358,10 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
                                "backbone": backbone, "weights": str(weights), "image_size": image_size,
                                "tile": tile, "skip_bad": bool(skip_bad), "device": str(device),
-                               "mean": None if mean is None else list(bb.mean),
-                               "std": None if std is None else list(bb.std)})
+                               "mean": list(bb.mean), "std": list(bb.std)})   # those read from the file's name too
+    w = Path(str(weights)).expanduser()
+    if w.is_file():   # as given, not link-resolved: a re-run reads the same tags from its name (see above)
+        cfg["weights"] = str(w.absolute())
     ds = make_dataset(samples, cfg, bb)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
     feats, index = [], []

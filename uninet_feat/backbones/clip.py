@@ -165,14 +165,16 @@ def _check_strides(strides) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- running an open_clip VisionTransformer
 def _pos_embed(visual, gh: int, gw: int) -> torch.Tensor:
-    """(1 + gh*gw, C) positional embedding; bicubically interpolated when (gh, gw) is not the native grid."""
+    """(1 + gh*gw, C) positional embedding; bicubically interpolated when (gh, gw) is not the native grid, with
+    antialiasing whether it grows or shrinks, as open_clip's ``resize_pos_embed`` (features of a larger input
+    differed from open_clip's by up to 0.014 at 320 px)."""
     pos = visual.positional_embedding
     g0h, g0w = visual.grid_size
     if (gh, gw) == (g0h, g0w):
         return pos
     grid = pos[1:].reshape(1, g0h, g0w, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False,
-                         antialias=gh < g0h or gw < g0w).to(pos.dtype)
+                         antialias=True).to(pos.dtype)
     return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)], 0)
 
 
@@ -342,16 +344,24 @@ def _names_of_tag(tag: str, pcfg: dict) -> tuple[list[str], list[str], list[str]
 
 def _named_tags(clip_name: str, weights) -> tuple[dict, list]:
     """({tag: open_clip's pretrained config} of built-in model ``clip_name``, [the tags the file path ``weights``
-    names: in its file name, as its whole file name, or as a whole folder name above it, `_names_of_tag`; a tag's
-    word elsewhere in a folder's name, `/work/openai_tests/`, is not taken for it]), from open_clip's registry."""
+    names, absolute or with its links followed: in its file name, as its whole file name, or as a whole folder name
+    above it, `_names_of_tag`; a tag's word elsewhere in a folder's name, `/work/openai_tests/`, is not taken for
+    it]), from open_clip's registry."""
     import open_clip
     tags = {t: open_clip.get_pretrained_cfg(clip_name, t) or {}
             for t in open_clip.list_pretrained_tags_by_model(clip_name)}
-    *folders, name = str(weights).replace("\\", "/").lower().split("/")
+    # the absolute path and the one its links lead to: as written, a relative path in a hub folder
+    # (`snapshots/abc/open_clip_pytorch_model.bin` from within it) lost the folder that names the tag
+    p = Path(str(weights).replace("\\", "/")).expanduser()
+    paths = {p.absolute()}
+    with contextlib.suppress(OSError, RuntimeError):   # a link loop
+        paths.add(p.resolve())
+    splits = [(str(q).replace("\\", "/").lower().split("/")[:-1], q.name.lower()) for q in paths]
 
     def names(t):
         words, files, whole = _names_of_tag(t, tags[t])
-        return any(w in name for w in words) or name in files or any(f in folders for f in whole)
+        return any(any(w in name for w in words) or name in files or any(f in folders for f in whole)
+                   for folders, name in splits)
     return tags, [t for t in tags if names(t)]
 
 
