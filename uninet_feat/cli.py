@@ -158,11 +158,15 @@ class _AppendOverDefault(argparse.Action):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that keeps its options by destination (``options``), so that a ``--config`` file
-    can be checked against them without argparse's private ``_actions``; sub-commands inherit the class."""
+    """An ArgumentParser that keeps its options by destination (``options``) and its mutually exclusive ones
+    (``exclusive``), so that a ``--config`` file can be checked against them without argparse's private
+    ``_actions``; sub-commands inherit the class. No abbreviations: argparse read `--conf F` as --config, which
+    `_apply_config` did not see, so the file was silently ignored."""
 
     def __init__(self, *args, **kw):
         self.options: dict[str, argparse.Action] = {}   # before super(): it adds --help
+        self.exclusive: list[list[argparse.Action]] = []
+        kw.setdefault("allow_abbrev", False)
         super().__init__(*args, **kw)
 
     def add_argument(self, *args, **kw):
@@ -176,10 +180,13 @@ class _Parser(argparse.ArgumentParser):
         """A group whose options are recorded too (--threshold / --max-fpr live in one)."""
         group = super().add_mutually_exclusive_group(**kw)
         add = group.add_argument
+        members: list[argparse.Action] = []
+        self.exclusive.append(members)
 
         def add_recorded(*args, **kw):
             action = add(*args, **kw)
             self.options[action.dest] = action
+            members.append(action)
             return action
         group.add_argument = add_recorded
         return group
@@ -467,7 +474,8 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
                                                          for a in argv):
         return
     i = next(j for j, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
-    path = Path(argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else ""))
+    given = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
+    path = Path(os.path.expanduser(given))   # a quoted '~/c.yaml' reaches us unexpanded, as other path flags do
     import yaml
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -493,8 +501,52 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     for k, v in values.items():
         actions[k].required = False
         if isinstance(actions[k], _AppendOverDefault) and not isinstance(v, list):   # `head: DIR`: one of them
-            values[k] = [] if v is None else [v]
+            v = [] if v is None else [v]
+        values[k] = _config_value(actions[k], k, v, path)
+    typed = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
+    for group in sp.exclusive:   # a flag typed now wins over its exclusive partner from the file (--max-fpr over
+        if any(set(a.option_strings) & typed for a in group):   # a saved threshold), as over its own value
+            for a in group:
+                if not set(a.option_strings) & typed and a.dest in values:
+                    values[a.dest] = None
     sp.set_defaults(**values)
+
+
+def _config_value(action: argparse.Action, key: str, value, path: Path):
+    """A ``--config`` value checked as argparse checks the flag's (it checks only the command line's): its
+    ``type`` (on the text of a number or bool YAML read, so `folds: 2.5` or `threshold: yes` is refused, not
+    truncated or taken as 1) and its ``choices``, each item of a list; a number for a text flag (`group: 2024`)
+    as text. Why: `pixel-map: smooth` silently scored the raw map, `level: patches` built an image index."""
+    flag = action.option_strings[0]
+    if value is None:
+        if action.default is not None and (action.type is not None or action.choices is not None):
+            raise BadInputError(f"{key} has no value (a blank `{key}:` in YAML is null)", path=path,
+                                fix=f"give {flag}'s value, or leave the key out for its default ({action.default})")
+        return None
+    if action.nargs == 0 or action.const is not None:   # a switch (or --text's optional file): as given
+        return value
+    many = action.nargs not in (None, "?") or isinstance(action, _AppendOverDefault)
+    if isinstance(value, (list, tuple)) and not many:
+        if action.choices is not None:
+            raise BadInputError(f"{key} takes one value, one of {', '.join(map(str, action.choices))}, got "
+                                f"{value!r}", path=path, fix=f"e.g. `{key}: {next(iter(action.choices))}`")
+        return value   # a value its type made (export-model's input_size, saved as [W, H]): the command takes it
+
+    def one(v):
+        if action.type is None:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):   # a text flag: 2024 is the name "2024"
+                v = str(v)
+        else:   # argparse converts a string default too, but names no file when it fails
+            try:
+                v = action.type(v if isinstance(v, str) else str(v))
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                raise BadInputError(f"{key}: {v!r} is not a valid {flag} value ({e})", path=path,
+                                    fix=f"give {key} a value as {flag} takes it") from None
+        if action.choices is not None and v not in action.choices:
+            raise BadInputError(f"{key} must be one of {', '.join(map(str, action.choices))}, got {v!r}",
+                                path=path, fix=f"e.g. `{key}: {next(iter(action.choices))}`")
+        return v
+    return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -590,7 +642,7 @@ _OUTPUT_FILES = ("json", "csv", "report")
 def _user_paths(args) -> None:
     """``~`` expanded in every path flag (a quoted '~/x', or one from a --config YAML, reaches us unexpanded), and
     an output file that names a folder refused before any work (it failed at the end, naming a temp file)."""
-    for k in _PATH_FLAGS + _OUTPUT_FILES + ("checkpoint", "prompts"):
+    for k in _PATH_FLAGS + _OUTPUT_FILES + ("checkpoint", "prompts", "config"):
         v = getattr(args, k, None)
         if k == "normals" and v == "split":   # `calibrate --normals split`: a word, not a path
             continue

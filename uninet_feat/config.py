@@ -95,7 +95,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     ov = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_keys(ov, None)
     cfg.update(ov)
-    check_numbers(cfg, path)
+    check_numbers(cfg, path, whole=True)
+    check_text_options(cfg, path)
     check_levels_and_depths(cfg, path)
     dev = str(cfg.get("device") or "auto").strip().lower()
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):   # that a GPU is there is checked where it is used
@@ -133,7 +134,8 @@ def check_model_choices(cfg: dict, path=None) -> None:
                                 fix=fix)
 
 
-# key: (lowest value allowed, whether it may equal it, the fix's example); None values are always allowed
+# key: (lowest value allowed, whether it may equal it, the fix's example); None only where the default is None
+# (`check_numbers`)
 _RANGES = {"epochs": (1, True, "10"), "batch_size": (1, True, "8"), "eval_batch_size": (1, True, "8"),
            "image_size": (8, True, "256"), "tile": (8, True, "256"), "tile_overlap": (0, True, "0"),
            "val_fraction": (0, True, "0.1"), "val_every": (1, True, "1"), "threads": (1, True, "2"),
@@ -154,11 +156,17 @@ _INTEGERS = {"epochs", "batch_size", "eval_batch_size", "image_size", "tile", "t
              "threads", "keep_every", "seed", "border_pad", "synthetic_copies"}
 
 
-def check_numbers(cfg: dict, path=None) -> None:
+def check_numbers(cfg: dict, path=None, whole: bool = False) -> None:
     """Numeric options in range, before any folder is written or model built: a batch size of 0 or a negative
-    epoch count would otherwise surface as a ZeroDivisionError or an untrained model."""
+    epoch count would otherwise surface as a ZeroDivisionError or an untrained model. ``whole``: ``cfg`` is a
+    complete run config (`load_config`), where None (a blank `lr:` in YAML) is refused unless the key's default is
+    None: it was a TypeError, some only after training; the commands' own partial checks pass None for "not given"."""
     for key, (low, inclusive, example) in _RANGES.items():
         v = cfg.get(key)
+        if v is None and whole and DEFAULT_CONFIG.get(key) is not None:
+            raise BadInputError(f"{key} has no value (a blank `{key}:` in YAML is null)", path=path,
+                                fix=f"e.g. `{key}: {example}` in a config file, or leave the key out for its "
+                                    f"default ({DEFAULT_CONFIG[key]})")
         if v is None or (key == "lr_target" and v == 0):
             continue
         integer = key in _INTEGERS
@@ -182,6 +190,36 @@ def check_numbers(cfg: dict, path=None) -> None:
             raise BadInputError(f"{key} must be {what} {bound}, got {v!r}", path=path,
                                 fix=f"e.g. `{key}: {example}` in a config file" + (
                                     f", or --{key.replace('_', '-')} {example}" if key in _FLAGGED else ""))
+
+
+def _as_group(v, path):
+    """A ``group`` as text: YAML reads `group: 2024` as a number, which `runs.load_samples` could not iterate
+    (``--group 2024`` is text); a list's items likewise. A bool (`group: yes`) or a mapping is refused."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_as_group(x, path) for x in v]
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return str(v)
+    raise BadInputError(f"group must be a name or a list of names, got {v!r}", path=path,
+                        fix='quote it, e.g. `group: "2024"`, or --group NAME')
+
+
+def check_text_options(cfg: dict, path=None) -> None:
+    """``group`` as text (`_as_group`), ``mask_pattern`` a string and the two kinds lists of a usable form
+    (`selection.parse_kinds`), before any folder is written: `mask_pattern: 5` was an AttributeError and
+    `synthetic_kinds: off` (YAML's false) or `denoise_kinds: 3` a TypeError traceback."""
+    cfg["group"] = _as_group(cfg.get("group"), path)
+    pattern = cfg.get("mask_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise BadInputError(f"mask_pattern must be text such as \"{{stem}}_mask.png\", got {pattern!r}", path=path,
+                            fix='e.g. `mask_pattern: "{stem}_mask.png"` (quoted), or leave it out')
+    from .selection import parse_kinds
+    for key in ("synthetic_kinds", "denoise_kinds"):
+        try:
+            parse_kinds(cfg.get(key), key)
+        except BadInputError as e:
+            raise BadInputError(e.reason, path=path, fix=e.fix) from None
 
 
 def _whole_numbers(v) -> list[int] | None:

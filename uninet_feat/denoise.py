@@ -42,7 +42,7 @@ class Damager:
 
     def __init__(self, p: float, kinds, mean, std, seed: int):
         """``mean``, ``std``: the per-channel input normalisation (the backbone's, as the datasets use)."""
-        self.p, self.kinds, self.seed = parse_denoise(p), parse_kinds(kinds), int(seed)
+        self.p, self.kinds, self.seed = parse_denoise(p), parse_kinds(kinds, "denoise_kinds"), int(seed)
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
 
     def __call__(self, x: torch.Tensor, epoch: int, step: int, rank: int = 0, normal=None):

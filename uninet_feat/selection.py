@@ -38,18 +38,22 @@ def _to_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndar
 KIND_SETS = {"fabric": DEFECTS, "all": DEFECTS + SURFACE_DEFECTS}
 
 
-def parse_kinds(kinds) -> tuple[str, ...]:
-    """The config's ``synthetic_kinds`` as a tuple of defect names: None or "fabric" (the fabric faults, the
-    default), "all" (those and ``texture_patch``), or names as a list or comma-separated string."""
+def parse_kinds(kinds, key: str = "synthetic_kinds") -> tuple[str, ...]:
+    """The config's ``synthetic_kinds`` (or ``denoise_kinds``: ``key``, named in errors) as a tuple of defect names:
+    None or "fabric" (the fabric faults, the default), "all" (those and ``texture_patch``), or names as a list or
+    comma-separated string. Anything else is refused: YAML's `off` (false) or a number was a TypeError traceback."""
     if kinds is None:
         return DEFECTS
+    fix = f"{key}: fabric, all, or names from {DEFECTS + SURFACE_DEFECTS}"
     if isinstance(kinds, str):
         kinds = KIND_SETS.get(kinds) or [k.strip() for k in kinds.split(",") if k.strip()]
-    kinds = tuple(str(k) for k in kinds)
+    elif not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
+        raise BadInputError(f"{key} must be fabric, all, or defect names (a list or comma-separated), got "
+                            f"{kinds!r}", fix=fix)
+    kinds = tuple(kinds)
     bad = [k for k in kinds if k not in DEFECTS + SURFACE_DEFECTS]
     if bad or not kinds:
-        raise BadInputError(f"unknown synthetic defect kinds {bad or '(none given)'}",
-                            fix=f"synthetic_kinds: fabric, all, or names from {DEFECTS + SURFACE_DEFECTS}")
+        raise BadInputError(f"unknown synthetic defect kinds {bad or '(none given)'}", fix=fix)
     return kinds
 
 

@@ -1,0 +1,144 @@
+"""--config files against the flags they stand for (session 37 review): values argparse never saw were taken
+unchecked, blank YAML values and numbers for names were tracebacks, a typed flag did not beat its exclusive partner
+from the file, `--conf` was silently ignored and a quoted `~/c.yaml` was not found."""
+import re
+
+import pytest
+
+from uninet_feat.cli import _apply_config, _user_paths, build_parser, main
+from uninet_feat.errors import BadInputError
+
+from _tiny import register_tiny, tiny_train_args, write_texture_set
+
+register_tiny()
+
+
+def _parse(argv):
+    """The namespace `main` would dispatch: the --config applied, then the command line parsed."""
+    ap = build_parser()
+    _apply_config(ap, argv)
+    return ap.parse_args(argv)
+
+
+def _refused(tmp_path, capsys, argv, body, *said):
+    """``argv`` with a --config holding ``body``: exit 2, one error line naming the file and saying ``said``."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(body)
+    capsys.readouterr()
+    assert main(argv + ["--config", str(cfg)]) == 2, body
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("error"))
+    assert str(cfg) in line and "Traceback" not in err, err
+    for s in said:
+        assert s in line, (s, line)
+
+
+def test_config_values_are_checked_against_the_flags_choices_and_types(tmp_path, capsys):
+    """`pixel-map: smooth` scored the raw map and `level: patches` built an image index: argparse checks
+    choices (and types) only on the command line. Now refused, naming the file and the allowed values."""
+    run, feats = str(tmp_path / "run"), str(tmp_path / "feats")
+    _refused(tmp_path, capsys, ["evaluate", "--run", run, "--quiet"], "pixel-map: smooth\n",
+             "smoothed, raw", "'smooth'")
+    _refused(tmp_path, capsys, ["index", "--features", feats, "--out", str(tmp_path / "ix")], "level: patches\n",
+             "patch, image")
+    assert not (tmp_path / "ix").exists()
+    _refused(tmp_path, capsys, ["evaluate", "--run", run], "pixel-budget: 2.5\n", "pixel_budget")   # not cut to 2
+    _refused(tmp_path, capsys, ["evaluate", "--run", run], "threshold: yes\n", "threshold")        # not 1.0
+    _refused(tmp_path, capsys, ["predict", "--run", run, "--data", run, "--out", str(tmp_path / "p")],
+             "flag-by: [wdm, knnn]\n", "flag_by")
+    # what a flag takes is still taken, as argparse converts it
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("k: 3\nseed: 2\ngroup: 2024\n")
+    args = _parse(["cluster", "--features", feats, "--out", str(tmp_path / "cl"), "--config", str(cfg)])
+    assert (args.k, args.seed, args.group) == (3, 2, "2024")   # group: a name, as --group 2024 gives
+    cfg.write_text("k: auto\n")
+    assert _parse(["cluster", "--features", feats, "--out", "o", "--config", str(cfg)]).k == "auto"
+    cfg.write_text("input_size: [64, 32]\n")   # export-model's saved config re-runs
+    assert _parse(["export-model", "--run", run, "--out", "o", "--config", str(cfg)]).input_size == [64, 32]
+
+
+def test_blank_and_mistyped_run_options_are_refused_by_load_config(tmp_path):
+    """A blank `lr:` (null) passed the number checks ("None values are always allowed") and was a TypeError, some
+    only after training (`eval_batch_size:` while calibrating; `val_fraction:` silently held out nothing);
+    `group: 2024` (a YAML number) a TypeError in runs.load_samples; `synthetic_kinds: off`, `denoise_kinds: 3`
+    and `mask_pattern: 5` tracebacks too."""
+    from uninet_feat.config import check_numbers, load_config
+    f = tmp_path / "c.yaml"
+
+    def refused(body, said):
+        f.write_text(body + "\n")
+        with pytest.raises(BadInputError, match=re.escape(said)) as e:
+            load_config(f)
+        assert e.value.path == str(f), body
+
+    for key in ("lr", "epochs", "seed", "width", "temperature", "lam", "batch_size", "image_size", "weight_decay",
+                "eval_batch_size", "val_fraction", "margin"):
+        refused(f"{key}:", f"{key} has no value")
+    refused("synthetic_kinds: off", "synthetic_kinds must be fabric, all, or defect names")
+    refused("denoise_kinds: 3", "denoise_kinds must be fabric, all, or defect names")
+    refused("mask_pattern: 5", "mask_pattern must be text")
+    refused("group: yes", "group must be a name")
+    f.write_text("tile:\nthreads:\n")   # None is their default: still taken
+    assert load_config(f)["tile"] is None
+    f.write_text("group: 2024\n")
+    assert load_config(f)["group"] == "2024"
+    f.write_text("group: [2024, b]\n")
+    assert load_config(f)["group"] == ["2024", "b"]
+    check_numbers({"image_size": None, "tile": None})   # the commands' partial checks: None is "not given"
+
+
+def test_kinds_of_another_type_are_a_bad_input_error():
+    from uninet_feat.denoise import Damager
+    from uninet_feat.selection import parse_kinds
+    for v in (False, 3, {"hole": 1}, ["hole", 3]):
+        with pytest.raises(BadInputError, match="synthetic_kinds must be"):
+            parse_kinds(v)
+    with pytest.raises(BadInputError, match="denoise_kinds must be"):
+        Damager(0.5, 3, (0.5,) * 3, (0.5,) * 3, 0)
+
+
+def test_a_blank_value_stops_train_before_the_run_folder(tmp_path, capsys):
+    """`eval_batch_size:` trained the whole run, then crashed calibrating it (exit 1, a half-made run folder)."""
+    data = write_texture_set(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
+    out = tmp_path / "run"
+    _refused(tmp_path, capsys, tiny_train_args(data) + ["--out", str(out)], "eval_batch_size:\n",
+             "eval_batch_size has no value")
+    assert not out.exists()
+
+
+def test_a_typed_threshold_flag_beats_its_exclusive_partner_from_the_config(tmp_path):
+    """`predict --config OUT/config.yaml --max-fpr 0.5` of a run saved with --threshold 3 said "give --threshold
+    or --max-fpr, not both": the config's value is a default, which a flag overrides, its partner included."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("threshold: 3\nmax_fpr: null\n")
+    base = ["evaluate", "--run", "r", "--config", str(cfg)]
+    args = _parse(base + ["--max-fpr", "0.5"])
+    assert (args.threshold, args.max_fpr) == (None, 0.5)
+    args = _parse(base + ["--max-fpr=0.25"])
+    assert (args.threshold, args.max_fpr) == (None, 0.25)
+    assert (_parse(base).threshold, _parse(base).max_fpr) == (3.0, None)   # no flag: the config's
+    args = _parse(base + ["--threshold", "4"])
+    assert (args.threshold, args.max_fpr) == (4.0, None)
+
+
+def test_abbreviated_flags_are_refused_not_silently_dropped(tmp_path, capsys):
+    """argparse took `--conf F` as --config, which `_apply_config` did not look for: the file was ignored."""
+    for argv in (["index", "--features", "F", "--out", "O", "--conf", "c.yaml"],
+                 ["train", "--out", "O", "--conf", "c.yaml"], ["evaluate", "--run", "R", "--thresh", "3"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_quoted_tilde_config_is_expanded(tmp_path, monkeypatch, capsys):
+    """`--config '~/c.yaml'` was looked up in a folder named ~, as no other path flag is."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("level: image\n")
+    assert _parse(["index", "--features", "F", "--out", "O", "--config", "~/c.yaml"]).level == "image"
+    args = build_parser().parse_args(["train", "--out", "O", "--config", "~/c.yaml"])
+    _user_paths(args)
+    assert args.config == str(tmp_path / "c.yaml")
+    (tmp_path / "t.yaml").write_text("epochs: 0\n")   # train reads the file: its own check speaks, not "cannot read"
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", "~/t.yaml"]) == 2
+    assert f"{tmp_path / 't.yaml'}: epochs must be an integer >= 1" in capsys.readouterr().err
