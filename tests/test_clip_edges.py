@@ -141,16 +141,21 @@ def test_zero_shot_records_what_it_read_from_the_file_name_and_reruns_with_it(tm
                  "--image-size", "64", "--quiet", "--out", str(zs)]) == 0
     saved = yaml.safe_load((zs / "config.yaml").read_text())
     assert saved["weights"] == str(tmp_path / "w" / "tiny.openai.bin")
-    assert (saved["mean"], saved["std"]) == ([0.5] * 3, [0.5] * 3)
+    assert (saved["mean"], saved["std"]) == ([0.5] * 3, [0.5] * 3) and saved["quick_gelu"] is True
     monkeypatch.chdir(tmp_path)
     assert main(["zero-shot", "--config", str(zs / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     first, again = (json.loads((d / "scores.json").read_text()) for d in (zs, tmp_path / "again"))
     assert [r["clip_image_score"] for r in first] == [r["clip_image_score"] for r in again]
-    from uninet_feat.workflows import zero_shot_cmd   # the activation can be given, as to the backbone
-    gelu = zero_shot_cmd(str(data), str(tmp_path / "gelu"), "clip:Tiny-OC", str(tmp_path / "w" / "tiny.openai.bin"),
-                         image_size=64, quiet=True, quick_gelu=False)
-    assert gelu["n_images"] == len(first)
-    assert json.loads((tmp_path / "gelu" / "scores.json").read_text()) != first
+    # the activation can be given (--no-quick-gelu), is recorded, and a re-run of that config keeps it
+    assert main(["zero-shot", "--data", str(data), "--backbone", "clip:Tiny-OC", "--weights",
+                 str(tmp_path / "w" / "tiny.openai.bin"), "--image-size", "64", "--no-quick-gelu", "--quiet",
+                 "--out", str(tmp_path / "gelu")]) == 0
+    gelu = json.loads((tmp_path / "gelu" / "scores.json").read_text())
+    assert len(gelu) == len(first) and gelu != first
+    assert yaml.safe_load((tmp_path / "gelu" / "config.yaml").read_text())["quick_gelu"] is False
+    assert main(["zero-shot", "--config", str(tmp_path / "gelu" / "config.yaml"), "--out", str(tmp_path / "g2"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "g2" / "scores.json").read_text()) == gelu
 
 
 @pytest.mark.parametrize("size", [96, 128, 32])

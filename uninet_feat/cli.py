@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True, help="a clip: backbone, e.g. clip:ViT-B-16")
     p.add_argument("--weights", required=True, help="the whole open_clip checkpoint (both towers), or a tag")
     _normalisation_flags(p)
+    p.add_argument("--quick-gelu", dest="quick_gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="the towers' activation: QuickGELU (OpenAI-trained weights) or GELU (--no-quick-gelu); "
+                        "default: what the weights file's name or hub folder says (recorded in config.yaml)")
     p.add_argument("--prompts", help="prompt YAML (write the defaults with `uninet-feat prompts`)")
     p.add_argument("--image-size", dest="image_size", type=int, default=224,
                    help="side of the square model input, or of each tile (default 224, CLIP's native resolution)")
@@ -838,7 +841,8 @@ def _dispatch(args) -> int:
         from .workflows import zero_shot_cmd
         res = zero_shot_cmd(args.data, args.out, args.backbone, args.weights, args.prompts, args.split_csv,
                             args.group, args.image_size, args.tile, args.patch_mode, args.quiet,
-                            skip_bad=args.skip_bad, device=args.device or "auto", mean=args.mean, std=args.std)
+                            skip_bad=args.skip_bad, device=args.device or "auto", mean=args.mean, std=args.std,
+                            quick_gelu=args.quick_gelu)
         print(json.dumps(res, indent=2))
         return 0
     if args.command == "calibrate":

@@ -358,7 +358,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
                                "backbone": backbone, "weights": str(weights), "image_size": image_size,
                                "tile": tile, "skip_bad": bool(skip_bad), "device": str(device),
-                               "mean": list(bb.mean), "std": list(bb.std)})   # those read from the file's name too
+                               "mean": list(bb.mean), "std": list(bb.std),   # those read from the file's name too
+                               "quick_gelu": bool(getattr(bb, "quick_gelu", False))})   # a re-run takes it back
     w = Path(str(weights)).expanduser()
     if w.is_file():   # as given, not link-resolved: a re-run reads the same tags from its name (see above)
         cfg["weights"] = str(w.absolute())
