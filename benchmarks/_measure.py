@@ -117,6 +117,11 @@ def add_common_args(ap) -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--mem", choices=["official", "multiscale"], default="official")
+    from uninet_feat.model.dfs import MODES
+    from uninet_feat.model.uninet import DEFAULTS
+    ap.add_argument("--dfs", choices=MODES, default=DEFAULTS["dfs"],
+                    help=f"DFS in the loss: learned (the official network's), fixed or off (default: the model's, "
+                         f"{DEFAULTS['dfs']})")
     ap.add_argument("--seed", type=int, default=0)
 
 

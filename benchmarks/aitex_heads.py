@@ -4,10 +4,11 @@
         --runs runs/aitex_fabric_00 runs/aitex_fabric_01 ... --json out.json
 
 Adapted features of each fabric come from that fabric's one-class run (so a strip is described by
-the model of its own line; or one multi-class run for all); plain features from the same backbone with
-ImageNet weights. Rows are the defective strips; labels are `fabric/defect code` (``defect_type``) or the
-defect code alone across fabrics (``defect_code``); classes with fewer than 2 strips are dropped;
-stratified CV (``--folds``, at most the largest class; a smaller class is tested in fewer folds, as in
+the model of its own line; or one multi-class run for all); plain features of each run from the same backbone
+at the run's input size and tiling, with ImageNet weights (or the run's weights when they are a name such as
+``random``; listed under ``plain_features``). Rows are the defective strips; labels are `fabric/defect code`
+(``defect_type``) or the defect code alone across fabrics (``defect_code``); classes with fewer than 2 strips
+are dropped; stratified CV (``--folds``, at most the largest class; a smaller class is tested in fewer folds, as in
 `train_head`) with identical folds for both feature sets. Also a binary normal-vs-defect head on all
 strips. ``--baselines`` adds, on the same folds and features, two reference classifiers from
 scikit-learn (standardised logistic regression with balanced class weights, and 1-nearest-neighbour by
@@ -37,6 +38,19 @@ def table(ex, samples):
     return X, [k for k, _ in order]
 
 
+def plain_settings(run_cfg: dict) -> tuple:
+    """The plain-feature extractor for a run (as sorted items, a cache key): the run's backbone, input size, tiling
+    and normalisation, with the run's weights when they are a name (imagenet, random), ImageNet's when they are a
+    file (the source teacher's starting point is not a plain backbone's)."""
+    from pathlib import Path
+    w = run_cfg.get("weights") or "imagenet"
+    named = isinstance(w, str) and "/" not in w and "\\" not in w and not Path(w).expanduser().is_file()
+    mean, std = run_cfg.get("mean"), run_cfg.get("std")
+    return tuple(sorted({"backbone": run_cfg["backbone"], "weights": w if named else "imagenet",
+                         "image_size": int(run_cfg["image_size"]), "tile": run_cfg.get("tile") or None,
+                         "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}.items()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -48,14 +62,18 @@ def main(argv=None):
     a = ap.parse_args(argv)
     samples = load_samples(load_config(None, {"data": a.data, "split_csv": a.split_csv}))
     by_path = {str(s.path): s for s in samples}
-    plain_ex = Extractor(backbone="tf_efficientnet_lite0", weights="imagenet", image_size=256, tile=256)
+    plain, plain_used = {}, []
     Xa, Xp, paths = [], [], []
     for run in a.runs:
         ex = Extractor(run=run)
         group = ex.cfg["group"]
         ss = [s for s in samples if group is None or s.group == group]   # a multi-class run: every fabric
         xa, ka = table(ex, ss)
-        xp, kp = table(plain_ex, ss)
+        key = plain_settings(ex.cfg)
+        if key not in plain:
+            plain[key] = Extractor(**dict(key))
+        plain_used.append({"run": str(run), **dict(key)})
+        xp, kp = table(plain[key], ss)
         assert ka == kp
         Xa.append(xa); Xp.append(xp); paths += ka
     Xa, Xp = np.concatenate(Xa), np.concatenate(Xp)
@@ -82,6 +100,7 @@ def main(argv=None):
             if a.baselines:
                 res[name].update(_baselines(X[idx], y, folds))
         out[task] = {"n_rows": len(y), "n_classes": len(set(y)), "n_splits": n_splits, **res}
+    out["plain_features"] = plain_used
     print(json.dumps(out, indent=2))
     if a.json:
         with open(a.json, "w") as f:

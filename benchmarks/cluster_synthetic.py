@@ -50,10 +50,10 @@ def make_set(run, out: Path, kinds, seed: int) -> Path:
     size = int(cfg["image_size"])
     rng = np.random.default_rng([seed, 0xC1A55])
     data = out / "data"
-    for s in validation_normals(cfg):
+    for i, s in enumerate(validation_normals(cfg)):
         full = Image.fromarray(np.round(load_image(s.path, min_side=1) * 255).astype(np.uint8))   # 16-bit scaled
         img = np.asarray(full.resize((size, size), Image.Resampling.LANCZOS))
-        name = f"{Path(s.path).stem}.png"
+        name = f"{i:05d}_{Path(s.path).stem}.png"   # numbered: normals of other folders share names (000.png)
         (data / "good").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(data / "good" / name)
         for kind in kinds:

@@ -8,7 +8,9 @@ data has fewer) into a temporary feature store with ``Extractor.extract_to`` —
 runs — and reports images/s (wall clock of the whole extraction: decoding, resizing, model, writing
 shards), its peak RSS, and its RSS after every shard. Flat memory across counts is the streaming claim:
 one shard is in memory at a time, so the per-shard RSS levels off after the first shards (allocator
-warm-up) and the peak of N and 4N images agree. Without ``--data`` it writes synthetic fabric images first.
+warm-up) and the peak of N and 4N images agree. Without ``--data`` it writes 60 synthetic fabric images first
+(once, into a temporary folder that is deleted at the end). ``peak_rss_growth_mb``: the peak RSS of the largest
+count minus that of the smallest (counts are run smallest first, whatever their order on the command line).
 """
 from __future__ import annotations
 
@@ -22,19 +24,28 @@ import uninet_feat  # noqa: F401
 from benchmarks import _measure as M
 
 
+def _synthetic(folder) -> str:
+    """60 synthetic fabric images (256 px) under ``folder``, the data without ``--data``; returns their root."""
+    from uninet_feat.data.synthetic import make_fabric_dataset
+    root = Path(folder) / "fabric"
+    make_fabric_dataset(root, n_train=60, n_test_good=0, n_test_defect=0, size=256, seed=0)
+    return str(root)
+
+
 def _paths(a) -> list[Path]:
     from uninet_feat.config import load_config
     from uninet_feat.runs import load_samples
     if a.data:
         samples = load_samples(load_config(None, {"data": a.data, "split_csv": a.split_csv}))
         return [s.path for s in samples]
-    from uninet_feat.data.synthetic import make_fabric_dataset
-    root = Path(tempfile.mkdtemp()) / "fabric"
-    make_fabric_dataset(root, n_train=60, n_test_good=0, n_test_defect=0, size=256, seed=0)
-    return sorted(root.rglob("*.png"))
+    return sorted(Path(a.synthetic).rglob("*.png"))
 
 
 def child(a) -> dict:
+    if not a.data and not a.synthetic:   # a child started by hand: its own synthetic set, deleted after
+        with tempfile.TemporaryDirectory() as d:
+            a.synthetic = _synthetic(d)
+            return child(a)
     from uninet_feat.extract import Extractor
     M.set_threads(a.threads)
     paths = list(itertools.islice(itertools.cycle(_paths(a)), a.child))
@@ -65,6 +76,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--counts", type=int, nargs="+", default=[250, 1000])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--synthetic", help=argparse.SUPPRESS)   # the parent's synthetic set, for its children
     a = ap.parse_args(argv)
     if a.child:
         return M.emit(child(a))
@@ -74,11 +86,15 @@ def main(argv=None) -> dict:
         if v is not None:
             fwd += [f"--{k.replace('_', '-')}", v]
     fwd += ["--batch-size", a.batch_size, "--shard-size", a.shard_size] + (["--patches"] if a.patches else [])
-    runs = {str(n): M.run_json("benchmarks.extract_throughput", fwd + ["--child", n]) for n in a.counts}
+    counts = sorted(set(a.counts))   # smallest to largest: peak_rss_growth_mb is largest minus smallest
+    with tempfile.TemporaryDirectory() as d:   # without --data: one synthetic set for every child, deleted after
+        if not a.data:
+            fwd += ["--synthetic", _synthetic(d)]
+        runs = {str(n): M.run_json("benchmarks.extract_throughput", fwd + ["--child", n]) for n in counts}
     ok = [r for r in runs.values() if "error" not in r]
     out = {"config": {k: getattr(a, k) for k in ("data", "split_csv", "run", "backbone", "image_size", "patches",
                                                   "batch_size", "shard_size", "threads")}, "runs": runs}
-    if len(ok) >= 2:
+    if len(ok) >= 2:   # the largest count that ran minus the smallest
         out["peak_rss_growth_mb"] = round(ok[-1]["peak_rss_mb"] - ok[0]["peak_rss_mb"], 1)
     return M.emit(out)
 

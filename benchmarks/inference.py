@@ -2,6 +2,7 @@
 
     python -m benchmarks.inference --backbone wide_resnet50_2 --image-size 256 --batch-size 1|8 \
         --iters 20 --threads 2 [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--mem multiscale]
+        [--dfs off|learned|fixed]
 
 The model is prepared as a saved run is (``eval()`` + ``reparameterize()``, a no-op for ``--mem official``).
 Prints one JSON line: images/s, median seconds per batch, peak RSS (and CUDA peak).

@@ -6,7 +6,9 @@
 Without ``--run``: the plain-backbone kNN baseline (PatchCore-style, ImageNet features, same backbone
 and resolution as UniNet). With ``--run``: kNN over the run's domain-adapted patch features, the
 run's WDM scores, and the two combined — each scorer z-normalised by its scores on the run's
-validation normals (never on test labels) and summed. Prints and writes JSON.
+validation normals (never on test labels) and summed. With ``--run`` the group, split, input size and tiling
+are the run's, read from its config (``--group``, ``--tile`` and ``--image-size`` may be left out; one that
+contradicts the run is refused). Prints and writes JSON.
 
 ``--index-kinds flat,ivfpq,hnsw`` (untiled sets) also puts the same coreset memory bank into each FAISS
 index kind and reports, over every test patch as a query: recall@1 against the flat index, query time
@@ -67,14 +69,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--split-csv")
-    ap.add_argument("--group")
+    ap.add_argument("--group", help="without --run: one group of the data (default: all); with --run: the run's")
     ap.add_argument("--run")
     ap.add_argument("--backbone", default=DEFAULT_CONFIG["backbone"])
     ap.add_argument("--weights", default="imagenet")
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help=f"without --run: default {DEFAULT_CONFIG['image_size']}; with --run: the run's")
     ap.add_argument("--coreset", type=float, default=0.1, help="memory-bank fraction (the index command's default; 1.0 = all)")
     ap.add_argument("--k", type=int, default=1)
-    ap.add_argument("--tile", type=int, help="tile large images (e.g. 256 for AITEX strips); image scores only")
+    ap.add_argument("--tile", type=int, default=None,
+                    help="tile large images (e.g. 256 for AITEX strips); image scores only. With --run: the run's")
     ap.add_argument("--knn-features", choices=("run", "plain"), default="run",
                     help="with --run: kNN over the run's adapted patches (run) or the ImageNet backbone's (plain)")
     ap.add_argument("--index-kinds", default="flat",
@@ -82,18 +86,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     kinds = [k.strip() for k in a.index_kinds.split(",") if k.strip()]
-    if kinds[:1] != ["flat"] or (len(kinds) > 1 and a.tile):
+    if kinds[:1] != ["flat"]:
         ap.error("--index-kinds must start with flat (the reference) and needs untiled images")
-    ex = (Extractor(run=a.run, image_size=a.image_size, patches=a.knn_features == "run", tile=a.tile) if a.run else
-          Extractor(backbone=a.backbone, weights=a.weights, image_size=a.image_size, patches=True, tile=a.tile))
+    if a.run:
+        ex = Extractor(run=a.run, patches=a.knn_features == "run")
+        _take_runs_input(ap, a, ex.cfg)   # --group/--tile/--image-size: the run's (a contradicting flag is refused)
+    else:
+        a.image_size = a.image_size or DEFAULT_CONFIG["image_size"]
+        ex = Extractor(backbone=a.backbone, weights=a.weights, image_size=a.image_size, patches=True, tile=a.tile)
+    if len(kinds) > 1 and a.tile:
+        ap.error("--index-kinds must start with flat (the reference) and needs untiled images")
     kex = ex   # the kNN's patch features; WDM scores always come from ``ex``
-    if a.run and a.knn_features == "plain":
+    if a.run and a.knn_features == "plain":   # the plain backbone at the run's input size and tiling
         kex = Extractor(backbone=ex.cfg["backbone"], weights=a.weights, image_size=a.image_size, patches=True,
                         tile=a.tile)
-    # with a run: its own training / validation split (val_fraction, seed), so the kNN memory holds exactly
-    # the run's training normals and the z-scores use the run's validation normals
+    # with a run: its own data selection and training / validation split (group, split_hash, val_split,
+    # val_fraction, seed), so the kNN memory holds exactly the run's training normals, the test set is the run's
+    # and the z-scores use the run's validation normals
     cfg = load_config(None, {"data": a.data, "split_csv": a.split_csv, "group": a.group},
-                      base={k: ex.cfg[k] for k in ("val_fraction", "seed", "mask_pattern")} if a.run else None)
+                      base=_split_keys(ex.cfg) if a.run else None)
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
     test = [s for s in samples if s.split == "test"]
@@ -135,6 +146,41 @@ def main(argv=None) -> dict:
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
         per_image.update(wdm=wscores, combined=comb_scores)
     return _finish(res, test, per_image, a.json)
+
+
+def _norm_group(g):
+    """A config's group as a sorted list (None: every group)."""
+    if g is None or g == "" or g == []:
+        return None
+    return sorted([g] if isinstance(g, str) else g)
+
+
+def _take_runs_input(ap, a, run_cfg: dict) -> None:
+    """Fill --group, --tile and --image-size from the run's config; refuse a flag that contradicts the run: the
+    kNN bank and the test set would silently differ from the images the run trained on and `evaluate` scores."""
+    run_tile = run_cfg.get("tile") or None
+    bad = []
+    if a.group is not None and _norm_group(a.group) != _norm_group(run_cfg.get("group")):
+        bad.append(f"--group {a.group} (the run's: {run_cfg.get('group')})")
+    if a.tile is not None and (a.tile or None) != run_tile:
+        bad.append(f"--tile {a.tile} (the run's: {run_tile})")
+    if a.image_size is not None and a.image_size != int(run_cfg["image_size"]):
+        bad.append(f"--image-size {a.image_size} (the run's: {run_cfg['image_size']})")
+    if bad:
+        ap.error(f"{', '.join(bad)} contradicts --run {a.run}: with --run the group, tiling and input size are the "
+                 "run's; drop these flags")
+    g = run_cfg.get("group")
+    a.group = g if g not in ("", []) else None
+    a.tile, a.image_size = run_tile, int(run_cfg["image_size"])
+
+
+def _split_keys(run_cfg: dict) -> dict:
+    """The keys of a run's config that choose its samples and their split (an older run's config without
+    split_hash / val_split meant the legacy ``path`` hash and ``drawn`` validation split)."""
+    out = {k: run_cfg[k] for k in ("val_fraction", "seed", "mask_pattern") if k in run_cfg}
+    out.update(group=run_cfg.get("group"), split_hash=run_cfg.get("split_hash") or "path",
+               val_split=run_cfg.get("val_split") or "drawn")
+    return out
 
 
 def _index_kinds(knn, patches, kinds, grid, size, evaluate) -> dict:

@@ -9,7 +9,7 @@ random init (``pretrained=False``, nothing is downloaded), their bottleneck, dec
 two AdamW optimisers, stepped exactly as ``train_unsupervisedAD.py`` does; inference as ``eval.py`` does
 (batch 1 under ``no_grad``, 1 − cos maps collected, then ``mechanism.weighted_decision_mechanism`` over
 all images). Our side: ``benchmarks.train_step`` / ``benchmarks.inference`` with the same network
-(wide_resnet50_2 random, MEM official, chunked kernels), inference at batch 1 and ``--batch-size``.
+(wide_resnet50_2 random, MEM official, DFS learned, chunked kernels), inference at batch 1 and ``--batch-size``.
 Ratios: ``train_time_ratio`` = official / ours step time (>1: ours faster), ``train_memory_ratio`` =
 official / ours peak RSS (>1: ours smaller), ``inference_speedup_b*`` = ours / official images per second.
 
@@ -128,7 +128,8 @@ def _common(args, batch_size):
 
 
 def compare(args) -> dict:
-    ours_net = ["--backbone", "wide_resnet50_2", "--weights", "random", "--mem", "official"]
+    # DFS learned: the official network's (its DFS is in their loss), so both sides compute the same network
+    ours_net = ["--backbone", "wide_resnet50_2", "--weights", "random", "--mem", "official", "--dfs", "learned"]
     me = ["--official-path", args.official_path]
     steps = ["--steps", args.steps, "--warmup", args.warmup]
     b = args.batch_size

@@ -2,8 +2,8 @@
 
     python -m benchmarks.train_step --backbone wide_resnet50_2 --weights random --image-size 256 \
         --batch-size 8 --steps 5 --warmup 1 --threads 2 [--kernels chunked|naive|triton] \
-        [--mem official|multiscale] [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--grad-checkpointing]
-        [--step-in-backward]
+        [--mem official|multiscale] [--dfs off|learned|fixed] [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last]
+        [--grad-checkpointing] [--step-in-backward]
 
 Prints one JSON line: median step seconds, images/s, peak RSS (and CUDA peak) and the configuration.
 Inputs are random tensors; peak RSS covers the whole process (model build included), so compare runs
@@ -21,13 +21,15 @@ from uninet_feat.backbones import create_backbone
 from uninet_feat.config import DEFAULT_CONFIG
 from uninet_feat.kernels import resolve_backend
 from uninet_feat.model import UniNet
+from uninet_feat.model.uninet import DEFAULTS
 from uninet_feat.optim import make_optimizers
 
 
 def build(args):
     """(model, input batch) on the device, in the requested memory format."""
     torch.manual_seed(args.seed)
-    model = UniNet(create_backbone(args.backbone, weights=args.weights), mem=args.mem).to(args.device)
+    model = UniNet(create_backbone(args.backbone, weights=args.weights), mem=args.mem,
+                   dfs=getattr(args, "dfs", DEFAULTS["dfs"])).to(args.device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -102,3 +102,64 @@ def test_plain_knn_features_beside_the_runs_wdm(tiled_run, tmp_path):
     assert not np.allclose(plain["scores"]["knn"], adapted["scores"]["knn"])
     comb, k, w = (np.asarray(plain["scores"][n]) for n in ("combined", "knn", "wdm"))
     assert np.corrcoef(comb, k)[0, 1] > 0 and np.corrcoef(comb, w)[0, 1] > 0
+
+
+def test_plain_knn_of_a_tiled_run_takes_the_runs_tiling_and_size(tiled_run, monkeypatch):
+    """--knn-features plain without --tile/--image-size: the plain extractor tiles and sizes as the run does
+    (it made whole-strip features at 256 px, so the bank and test set differed from the run's)."""
+    data, run, _ = tiled_run
+    made, real = [], knn_compare.Extractor
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(("run" if k.get("run") else "plain", self.cfg["image_size"], self.cfg.get("tile")))
+
+    monkeypatch.setattr(knn_compare, "Extractor", Spy)
+    args = ["--data", str(data), "--run", str(run), "--coreset", "1.0", "--weights", "random",
+            "--knn-features", "plain"]
+    res = knn_compare.main(args)
+    assert made == [("run", 64, 64), ("plain", 64, 64)]
+    assert res["image_size"] == 64 and res["tile"] == 64
+    explicit = knn_compare.main(args + ["--tile", "64", "--image-size", "64"])   # the run's values: the same
+    np.testing.assert_allclose(res["scores"]["knn"], explicit["scores"]["knn"], rtol=1e-6)
+    assert res["n_memory"] == explicit["n_memory"] == 3 * 64 * 6   # 6 training strips × 3 tiles × 8×8 patches
+
+
+@pytest.mark.parametrize("flags", [["--tile", "32"], ["--image-size", "32"], ["--group", "B"]])
+def test_a_flag_that_contradicts_the_run_is_refused(tiled_run, flags):
+    data, run, _ = tiled_run
+    with pytest.raises(SystemExit):
+        knn_compare.main(["--data", str(data), "--run", str(run), "--coreset", "1.0", *flags])
+
+
+def test_a_runs_group_is_the_knn_bank_and_test_set(tmp_path):
+    """A run trained on group A, without --group: the kNN bank holds A's training normals and the test set is A's,
+    the images `evaluate` scores (it took both groups)."""
+    data = tmp_path / "data"
+    write_texture_set(data / "A", n_train=8, n_good=3, n_bad=3)
+    write_texture_set(data / "B", n_train=8, n_good=3, n_bad=3, seed=5)
+    cfg = load_config(None, {"data": str(data), "group": "A"}, base={
+        "backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 4,
+        "val_fraction": 0.25, "channels_last": False})
+    train(cfg, tmp_path / "run", quiet=True)
+    ev = evaluate(tmp_path / "run", quiet=True)
+    res = knn_compare.main(["--data", str(data), "--run", str(tmp_path / "run"), "--coreset", "1.0"])
+    assert res["scores"]["path"] == [r["path"] for r in ev["_rows"]]
+    fit, _ = train_val_samples(load_samples(cfg), cfg)
+    assert all(s.group == "A" for s in fit) and res["n_memory"] == len(fit) * 8 * 8
+    rows = {r["path"]: float(r["score"]) for r in ev["_rows"]}
+    np.testing.assert_allclose(res["scores"]["wdm"], [rows[p] for p in res["scores"]["path"]], rtol=1e-5)
+
+
+def test_an_older_runs_split_keys_are_the_legacy_ones():
+    keys = knn_compare._split_keys({"val_fraction": 0.1, "seed": 0, "mask_pattern": None, "group": "A"})
+    assert keys["split_hash"] == "path" and keys["val_split"] == "drawn" and keys["group"] == "A"
+
+
+def test_without_a_run_the_input_size_defaults_as_before(tmp_path):
+    data = write_texture_set(tmp_path / "set", n_train=4, n_good=2, n_bad=2, size=32)
+    res = knn_compare.main(["--data", str(data), "--backbone", "tiny", "--weights", "random", "--coreset", "1.0"])
+    cfg = load_config(None, {"data": str(data)})
+    fit, _ = train_val_samples(load_samples(cfg), cfg)
+    assert res["image_size"] == 256 and res["n_memory"] == len(fit) * 32 * 32   # 256 px: a 32×32 patch grid
