@@ -232,9 +232,8 @@ def test_recalibrating_a_stale_calibration_takes_the_runs_map_choice_not_the_ear
     data, r = run
     stale = tmp_path / "run"
     shutil.copytree(r, stale)
-    cal = json.loads((stale / "calibration.json").read_text())
-    assert cal["map_levels"] == [3]   # the config's choice
-    cal.update(map_levels=[1], model_sha256="0" * 64)   # another model.pt's file, its levels 1
+    cal = json.loads((stale / "calibration.json").read_text())   # (earlier tests may have recalibrated `run`)
+    cal.update(map_levels=[1], model_sha256="0" * 64)   # another model.pt's file, its levels 1; the config's: 3
     (stale / "calibration.json").write_text(json.dumps(cal))
     assert recalibrate(stale)["map_levels"] == [3]
     cal = json.loads((stale / "calibration.json").read_text())
