@@ -142,3 +142,17 @@ def test_a_quoted_tilde_config_is_expanded(tmp_path, monkeypatch, capsys):
     (tmp_path / "t.yaml").write_text("epochs: 0\n")   # train reads the file: its own check speaks, not "cannot read"
     assert main(["train", "--out", str(tmp_path / "run"), "--config", "~/t.yaml"]) == 2
     assert f"{tmp_path / 't.yaml'}: epochs must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", ['supervised: "false"', "channels_last: 'no'", "skip_bad:", "cache_images: 0"])
+def test_on_off_options_must_be_booleans(tmp_path, line):
+    """A quoted `supervised: "false"` is the text "false", which Python took as true: a supervised run, silently."""
+    from uninet_feat.config import load_config
+    f = tmp_path / "c.yaml"
+    f.write_text(line + "\n")
+    key = line.split(":")[0]
+    with pytest.raises(BadInputError, match=f"{key} must be true or false") as e:
+        load_config(f)
+    assert str(f) in str(e.value) and "unquoted" in str(e.value)
+    f.write_text(f"{key}: false\n")
+    assert load_config(f)[key] is False

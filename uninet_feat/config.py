@@ -97,6 +97,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     cfg.update(ov)
     check_numbers(cfg, path, whole=True)
     check_text_options(cfg, path)
+    check_switches(cfg, path)
     check_levels_and_depths(cfg, path)
     dev = str(cfg.get("device") or "auto").strip().lower()
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):   # that a GPU is there is checked where it is used
@@ -203,6 +204,17 @@ def _as_group(v, path):
         return str(v)
     raise BadInputError(f"group must be a name or a list of names, got {v!r}", path=path,
                         fix='quote it, e.g. `group: "2024"`, or --group NAME')
+
+
+def check_switches(cfg: dict, path=None) -> None:
+    """The on/off options (those whose default is a bool) must be YAML booleans: a quoted `supervised: "false"` is
+    the text "false", which Python takes as true (a supervised run, silently); a blank one is null."""
+    for key, default in DEFAULT_CONFIG.items():
+        v = cfg.get(key, default)
+        if isinstance(default, bool) and not isinstance(v, (bool, np.bool_)):
+            raise BadInputError(f"{key} must be true or false, got {v!r}", path=path,
+                                fix=f"`{key}: true` or `{key}: false`, unquoted (or leave it out for its default, "
+                                    f"{str(default).lower()})")
 
 
 def check_text_options(cfg: dict, path=None) -> None:
