@@ -116,6 +116,16 @@ def _tile_offsets(model, grid, group, run) -> tuple[list[float] | None, list[flo
 
 def _input_size(model, cfg, input_size, group, run) -> tuple[int, int]:
     """(H, W) a tiled run's graph is built for: ``input_size`` (W, H), else the training images' one size."""
+    offsets = model.cfg.get("tile_offsets") or {}
+    # a group the offsets do not know (misspelt) is named first: its record of sizes is empty, which read as a run
+    # that records none (--input-size asked for, then refused for the group)
+    if group is not None and offsets and str(group) not in offsets:
+        known = sorted(offsets)
+        raise BadInputError(f"no position offsets for group {group!r}: the run's normals came from "
+                            + (f"groups {known}" if len(known) > 1 else f"group {known[0]!r} only"), path=run,
+                            fix="drop --group (the run's normals had no group)" if known == [""] else
+                            f"pass --group {known[0]}, or drop it" if len(known) == 1 else
+                            f"pass --group as one of {known}")
     if input_size is not None:
         w, h = (int(v) for v in input_size)
         if w < 1 or h < 1:

@@ -7,24 +7,29 @@ position offsets, its chosen pixel map, and the top of the validation normals' m
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 
-_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L"})
+# modes Pillow writes to PNG as they are; the others go to TIFF, which also holds 32-bit "I" (PNG cannot: a
+# conversion to fit it would clip the values) and "I;16L" (no PNG writer)
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 
 
 def _frame_file(image, path: Path, k: int):
     """(file to score, name for the result): a path as it is (name None: the path), or an in-memory image — a uint8
     / uint16 numpy array (H, W), (H, W, 3) or (H, W, 4), or a PIL image, e.g. a camera frame — written losslessly
-    to ``path`` (PNG; a TIFF beside it for modes PNG cannot hold, e.g. CMYK), so it is read exactly as a file of
-    the same pixels would be, and named ``<image k>``. Colour arrays are RGB (OpenCV's BGR must be reversed first:
-    ``frame[..., ::-1]``); a 16-bit colour array is read as a 16-bit colour file is, at 8 bits (its high byte). A
-    PIL image is taken upright, as its file: its EXIF orientation is applied. A torch tensor is read as its array;
-    one of shape (C, H, W) with C 1, 3 or 4 and W not (torchvision.io.decode_image's) is taken channels first."""
+    to ``path`` (PNG; a TIFF beside it for modes PNG cannot hold, e.g. CMYK or 32-bit "I"), so it is read exactly
+    as a file of the same pixels would be, and named ``<image k>``. Colour arrays are RGB (OpenCV's BGR must be
+    reversed first: ``frame[..., ::-1]``); a 16-bit colour array is read as a 16-bit colour file is, at 8 bits (its
+    high byte). A PIL image is taken upright, as its file: its EXIF orientation is applied. A torch tensor is read
+    as its array; one of shape (C, H, W) with C 1, 3 or 4 and W not (torchvision.io.decode_image's) is taken
+    channels first."""
     from PIL import Image
 
     from .errors import BadInputError
@@ -42,9 +47,12 @@ def _frame_file(image, path: Path, k: int):
         target = path if image.mode in _PNG_MODES else path.with_suffix(".tif")
         try:
             image.save(target, **({"compress_level": 1} if target == path else {}))
-        except (OSError, ValueError) as e:   # a mode neither container holds (HSV, La, ...)
+        except (OSError, ValueError) as e:   # a mode neither container holds (HSV, La, I;16N, ...)
+            # integer pixels: convert('RGB' / 'L') would clip them to 8 bits, which is not how their file reads
+            fix = ("pass the file's path, or its pixels as a numpy array, np.asarray(image), when they fit 16 bits"
+                   if image.mode.startswith("I") else "convert it first, e.g. image.convert('RGB') (or 'L' for grey)")
             raise BadInputError(f"image {k}: a PIL image of mode {image.mode} cannot be scored ({e})",
-                                fix="convert it first, e.g. image.convert('RGB') (or 'L' for grey)") from None
+                                fix=fix) from None
         return target, f"<image {k}>"
     _check_image_kind(image, f"image {k}")
     a = np.asarray(image)
@@ -62,6 +70,49 @@ def _frame_file(image, path: Path, k: int):
         few_bits_colour_note(f"<image {k}>", a)
     Image.fromarray(a).save(path, compress_level=1)
     return path, f"<image {k}>"
+
+
+def _readable(path) -> bool:
+    """Whether ``path`` passes the up-front check scoring gives every image (`check_image`), quietly."""
+    from .data.images import MIN_SIDE, check_image
+    from .errors import BadInputError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            check_image(path, MIN_SIDE)
+        except BadInputError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _named_frames(names: dict):
+    """Errors and warnings raised inside name in-memory images by ``names`` ({temporary file: ``<image k>``}), as
+    the caller knows them, not by their temporary files, gone by the time the caller reads them. The warnings are
+    caught and re-emitted renamed, from where they were raised, so the caller's filters still apply to them."""
+    if not names:
+        yield
+        return
+    from .errors import BadInputError
+
+    def renamed(text):
+        for f, name in names.items():
+            text = text.replace(f, name)
+        return text
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    except BadInputError as e:
+        err = BadInputError(renamed(e.reason), path=None if e.path is None else names.get(e.path, renamed(e.path)),
+                            fix=e.fix and renamed(e.fix))
+        err.__dict__.update({k: v for k, v in vars(e).items() if k not in vars(err)})   # e.g. of_mask
+        raise err from None
+    finally:   # before the error, which points at them ("see the warnings above")
+        registry = globals().setdefault("__warningregistry__", {})
+        for w in caught:
+            warnings.warn_explicit(renamed(str(w.message)), w.category, w.filename, w.lineno, registry=registry)
 
 
 def _is_tensor(x) -> bool:
@@ -261,8 +312,9 @@ class Detector:
         import tempfile
         with tempfile.TemporaryDirectory(prefix="uninet-feat-frames-") as tmp:
             files = [_frame_file(p, Path(tmp) / f"{first + k:06d}.png", first + k) for k, p in enumerate(images)]
-            dets = self._score_files([f for f, _ in files], maps,
-                                     {os.path.abspath(f): name for f, name in files if name is not None})
+            names = {os.path.abspath(f): name for f, name in files if name is not None}
+            with _named_frames(names):
+                dets = self._score_files([f for f, _ in files], maps, names)
         return [Detection(name or d.path, d.score, d.flagged, d.map, d.mask) for d, (_, name) in zip(dets, files)]
 
     def _score_files(self, images, maps: bool, names: dict | None = None) -> list[Detection]:
@@ -281,7 +333,16 @@ class Detector:
         def keep(s, m, _mask):   # each finished map at the image's own size, as predict --save-maps writes it
             got[str(s.path)] = map_at_image_size(s.path, m)
 
-        res = score_samples(self.model, samples, self.cfg, keep_maps=False, on_map=keep if maps else None)
+        from .errors import BadInputError
+        try:
+            res = score_samples(self.model, samples, self.cfg, keep_maps=False, on_map=keep if maps else None)
+        except BadInputError:
+            # skip_bad: `check_samples` still refuses a set of which no image reads, and images are scored a chunk
+            # at a time, so one bad image alone (or a chunk of them) stopped the call and every chunk after it.
+            # Each was warned of already: NaN scores, as for a bad image among readable ones.
+            if not self.cfg.get("skip_bad") or any(_readable(s.path) for s in samples):
+                raise
+            res = {"samples": [], "scores": []}
         scored = {str(s.path): float(v) for s, v in zip(res["samples"], res["scores"])}
         out = []
         for s in samples:   # in the caller's order; an image skipped as unreadable (skip_bad) has a NaN score

@@ -1,0 +1,123 @@
+"""Detector edges: skip_bad over whole chunks, integer PIL modes, in-memory frames named as the caller knows them;
+export-model's misspelt group."""
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uninet_feat.config import load_config
+from uninet_feat.detector import Detector
+from uninet_feat.errors import BadInputError
+from uninet_feat.train import train
+
+from _tiny import register_tiny, write_texture_set
+
+register_tiny()
+BASE = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 4,
+        "val_fraction": 0.3, "channels_last": False, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("detector_edges")
+    data = write_texture_set(root / "set", n_train=8, n_good=2, n_bad=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # its few validation normals are warned about
+        train(load_config(None, {"data": str(data)}, base=BASE), root / "run", quiet=True)
+    broken = root / "broken.png"
+    broken.write_bytes(b"not a png")
+    return root / "run", sorted((data / "test" / "good").glob("*.png")), broken
+
+
+def _texts(record):
+    return [str(w.message) for w in record]
+
+
+def test_skip_bad_scores_past_a_chunk_of_only_unreadable_images(run):
+    """A chunk with no readable image stopped the call ("none of the 1 images is readable") and the chunks after it,
+    though skip_bad promises a NaN score for each."""
+    r, (good, good2), broken = run
+    det = Detector(r, skip_bad=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = list(det.iter_score([good, broken, good2], chunk=1))
+        alone = det.score(broken)
+        frame = det.score(np.zeros((4, 64), np.uint8))   # a frame too small to score, alone
+    assert [d.path for d in got] == [str(good), str(broken), str(good2)]
+    assert np.isfinite(got[0].score) and np.isfinite(got[2].score) and got[1].score != got[1].score
+    assert got[1].flagged is None and got[1].map is None
+    assert len(alone) == 1 and alone[0].score != alone[0].score and alone[0].path == str(broken)
+    assert frame[0].path == "<image 0>" and frame[0].score != frame[0].score
+    assert any(t.startswith(f"skipping {broken}") for t in _texts(rec))   # each still warned of
+    with pytest.raises(BadInputError, match="1 of 1 images is unreadable"):   # without skip_bad: refused
+        Detector(r).score(broken)
+
+
+def test_integer_pil_modes_score_as_their_files(run, tmp_path):
+    """Mode I (32-bit) and I;16L went to PNG, which Pillow cannot write, and were refused with a convert() fix that
+    clips 32-bit values; as TIFF they score as their file does."""
+    r, _, _ = run
+    det = Detector(r)
+    rng = np.random.default_rng(0)
+    i32 = (rng.random((60, 70)) * 2**31).astype(np.int32)
+    Image.fromarray(i32, mode="I").save(tmp_path / "i32.tif")
+    want = det.score(tmp_path / "i32.tif")[0]
+    for img in (Image.open(tmp_path / "i32.tif"), Image.fromarray(i32, mode="I")):
+        d = det.score(img)[0]
+        assert d.path == "<image 0>" and d.score == want.score
+        np.testing.assert_array_equal(d.map, want.map)
+    u16 = (rng.random((60, 70)) * 65535).astype(np.uint16)
+    little = Image.frombytes("I;16L", (70, 60), u16.astype("<u2").tobytes())
+    assert det.score(little)[0].score == det.score(u16)[0].score   # as the same pixels' 16-bit array
+    with pytest.raises(BadInputError, match="mode I;16N") as e:   # neither container holds it: no clipping fix
+        det.score(Image.new("I;16N", (40, 40)))
+    assert "convert" not in e.value.fix and "np.asarray(image)" in e.value.fix
+
+
+def test_in_memory_frames_are_named_as_the_caller_knows_them(run):
+    """Errors and warnings named a frame by its temporary file (deleted by then), not ``<image k>``."""
+    r, _, _ = run
+    frames = [np.full((64, 64, 3), 128, np.uint8), np.zeros((4, 64), np.uint8)]
+    with pytest.raises(BadInputError) as e:
+        Detector(r).score(frames)
+    assert "<image 1>: image is 64x4 px" in str(e.value) and "uninet-feat-frames" not in str(e.value)
+    with pytest.warns(UserWarning) as rec:   # re-emitted: the caller's filters see them
+        got = Detector(r, skip_bad=True).score(frames)
+    assert [d.path for d in got] == ["<image 0>", "<image 1>"] and got[1].score != got[1].score
+    texts = _texts(rec)
+    assert any(t.startswith("skipping <image 1>: image is 64x4 px") for t in texts)
+    assert any("left out of scoring: ['<image 1>']" in t for t in texts)
+    assert not [t for t in texts if "uninet-feat-frames" in t]
+
+
+def test_a_frames_error_with_a_path_is_renamed_whole():
+    """An error naming one file (``path``) names the frame in its path, text and fix, and keeps its own fields."""
+    from uninet_feat.detector import _named_frames
+    names = {"/tmp/uninet-feat-frames-x/000003.tif": "<image 3>"}
+    err = BadInputError("cannot read /tmp/uninet-feat-frames-x/000003.tif", path="/tmp/uninet-feat-frames-x/000003.tif",
+                        fix="re-export /tmp/uninet-feat-frames-x/000003.tif")
+    err.of_mask = True
+    with pytest.raises(BadInputError) as e, _named_frames(names):
+        raise err
+    assert e.value.path == "<image 3>" and e.value.reason == "cannot read <image 3>"
+    assert e.value.fix == "re-export <image 3>" and e.value.of_mask is True
+    assert "uninet-feat-frames" not in str(e.value)
+
+
+def test_export_names_a_misspelt_group_first(tmp_path):
+    """A tiled run with place offsets of two groups, exported for a misspelt one: it was told to pass --input-size
+    (the group's record of sizes is empty), and only with it was the group named."""
+    from uninet_feat.deploy import export_model
+    for i, g in enumerate(("lineA", "lineB")):
+        write_texture_set(tmp_path / "data" / g, n_train=4, n_good=1, n_bad=1, size=32, seed=i, wide=True)
+    cfg = load_config(None, {"data": str(tmp_path / "data"), "image_size": 32, "val_fraction": 0.5, "tile": 32,
+                             "tile_overlap": 8, "tile_norm": "position"}, base=BASE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, tmp_path / "run", quiet=True)
+    for size in (None, (96, 32)):
+        with pytest.raises(BadInputError, match=r"no position offsets for group 'lineC'.*\['lineA', 'lineB'\]") as e:
+            export_model(tmp_path / "run", tmp_path / "m", group="lineC", input_size=size, check=False)
+        assert "--input-size" not in str(e.value) and "pass --group as one of" in e.value.fix
+    assert not (tmp_path / "m" / "model.onnx").exists()
