@@ -315,9 +315,15 @@ def _knn_prepare(run, knn, cfg: dict, test, skip_bad: bool, map_kind: str) -> di
     image's kNN and combined maps from its WDM map for `_PixelSink` when the maps are not kept."""
     from .extract import Extractor
     from .overlay import calibrated_range
-    from .scorers import combined_map, knn_scores, knn_setup, reference
+    from .scorers import combined_map, knn_scores, knn_setup, reference, test_images_in_bank
     ex = Extractor(run=run, skip_bad=skip_bad)
     scorer, kex = knn_setup(knn, ex, skip_bad)
+    in_bank = test_images_in_bank(scorer.source, test)
+    if in_bank:   # e.g. an index of an `extract --batch` store built before `index` held the run's test images out
+        warnings.warn(f"{len(in_bank)} of the {len(test)} test images are in the kNN index's memory bank (e.g. "
+                      f"{in_bank[0]}): they score about 0 against themselves, so the kNN and combined figures are "
+                      f"optimistic. Fix: rebuild the index with `uninet-feat index --features F --run {run} --out "
+                      f"{knn}`, which leaves the run's test images out")
     per_image, patch_scores, r = knn_scores(scorer, kex or ex, test)   # as predict: the highest patch score
     tiled = bool((kex or ex).cfg.get("tile"))
     ref = reference(run, cfg, scorer, kex or ex, ex, paired=True)
@@ -335,8 +341,9 @@ def _knn_prepare(run, knn, cfg: dict, test, skip_bad: bool, map_kind: str) -> di
             out["combined"] = combined_map(m, k, wdm_range, ref.knn_range)
         return out
 
-    return {"knn": knn, "ex": ex, "per_image": per_image, "patch_scores": patch_scores, "r": r, "tiled": tiled,
-            "ref": ref, "wdm_range": wdm_range, "at": {id(s): i for i, s in enumerate(test)}, "extra": extra}
+    return {"knn": knn, "in_bank": in_bank, "ex": ex, "per_image": per_image, "patch_scores": patch_scores, "r": r,
+            "tiled": tiled, "ref": ref, "wdm_range": wdm_range, "at": {id(s): i for i, s in enumerate(test)},
+            "extra": extra}
 
 
 def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict, group=None) -> dict:
@@ -353,15 +360,23 @@ def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict, gr
     kmaps = None
     if res.get("maps") is not None and not prep["tiled"]:
         from .downstream.knn import upsample_scores
-        kmaps = upsample_scores(prep["patch_scores"], r["patch_grid"], res["maps"][0].shape)
+        # each image's grid at its own WDM map's size (a tiled run's maps are each image's native size), found by
+        # its sample: the maps are in ``test``'s (kept) order, the kNN rows in the extraction's
+        row = {int(i): j for j, i in enumerate(r["index"])}   # untiled: one row per image
+        rows_of = [row.get(prep["at"][id(s)]) for s in test]
+        if None not in rows_of:   # else an image the kNN pass skipped and WDM's kept: no kNN map to pair with it
+            kmaps = [upsample_scores(prep["patch_scores"][j][None], r["patch_grid"], w.shape)[0]
+                     for j, w in zip(rows_of, res["maps"])]
     scored = {"knn_score": per_image}
-    out = {"knn_index": str(prep["knn"]), "knn_features": "this run" if ex.patches is True else "plain backbone"}
+    out = {"knn_index": str(prep["knn"]), "knn_features": "this run" if ex.patches is True else "plain backbone",
+           # test images in the bank (warned), None: an index that does not record its images
+           "knn_test_images_in_bank": None if prep["in_bank"] is None else len(prep["in_bank"])}
     if ref is not None:
         scored["combined_score"] = ref.combine(per_image, wdm)
         out["combined_rule"] = f"z-score of the kNN and of the WDM score on the run's {ref.n} validation normals, summed"
     pixel_maps = {}
     if kmaps is not None:
-        pixel_maps["knn"] = [kmaps[i] for i in np.argsort(r["index"])]
+        pixel_maps["knn"] = kmaps
         if ref is not None and wdm_range is not None:
             pixel_maps["combined"] = [combined_map(w, k, wdm_range, ref.knn_range)
                                       for w, k in zip(res["maps"], pixel_maps["knn"])]

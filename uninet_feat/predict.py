@@ -574,11 +574,13 @@ def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_ran
     """Overlays of flagged images' combined maps (WDM's map and the kNN map at its size, each in its
     validation-normal range units, summed), coloured on the combined map's own validation-normal range
     (`scorers.combined_range`), which is returned."""
+    from .data.images import read_size
     from .scorers import combined_map, combined_range, knn_map
     lo, hi = combined_range(ex.model, ex.cfg, ref, wdm_range)
     pos = {str(s.path): i for i, s in enumerate(samples)}
+    # the kNN map cut to the image's native size, then resized to the WDM map's (an untiled run's is the model's)
     _write_overlays(ex, samples, rows, folder, root, fixed=(lo, hi), held=held, transform=lambda s, m: combined_map(
-        m, knn_map(patch_scores, kres, pos[str(s.path)], m.shape), wdm_range, ref.knn_range))
+        m, knn_map(patch_scores, kres, pos[str(s.path)], m.shape, size=read_size(s.path)), wdm_range, ref.knn_range))
     return [lo, hi]
 
 

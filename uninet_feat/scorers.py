@@ -48,6 +48,17 @@ def knn_setup(knn, ex, skip_bad: bool = False):
     return scorer, kex
 
 
+def test_images_in_bank(source, samples) -> list[str] | None:
+    """Those of ``samples`` (test images) whose patches are in the index's bank: scored against themselves, about
+    0, they flatter every kNN and combined figure. By path, from knn.json's ``bank_images`` (`index` records it);
+    None for an index that does not record it (built before it did), which cannot tell."""
+    bank = (source or {}).get("bank_images")
+    if bank is None:
+        return None
+    bank = set(bank)
+    return [str(s.path) for s in samples if abs_path(s.path) in bank]
+
+
 def _is_plain(source) -> bool:
     """An index over plain backbone patches (extract without --run: the PatchCore-style baseline)."""
     return isinstance(source, dict) and source.get("run") is None and "backbone" in source
@@ -158,7 +169,9 @@ def knn_map(patch_scores, res, i: int, shape=None, size=None) -> np.ndarray | No
     bilinearly to the tile's box and placed there (overlaps averaged) — PatchCore's map, stitched — and cut to
     the image: ``size``, its (H, W) (default ``shape``). Tiles run past the edge of an image that is not a whole
     number of them (mirrored padding), and that padding's scores are not the image's. ``shape``: the map resized
-    to that size (the WDM map's, to combine with it). None for a sample the extraction skipped (no items)."""
+    to that size (the WDM map's, to combine with it). An untiled run's WDM map is at the model's size, not the
+    image's: pass ``size`` then, or the map is cut to ``shape``'s top-left corner of the image instead of resized.
+    None for a sample the extraction skipped (no items)."""
     from .downstream.knn import upsample_scores
     items = np.flatnonzero(np.asarray(res["index"]) == i)
     if not len(items):
@@ -195,13 +208,14 @@ def combined_range(model, cfg: dict, ref: "Reference", wdm_range, max_pixels: in
     """Colour scale of the combined map: the median and 0.999 quantile of its pixels on the validation normals
     (the rule of the WDM and kNN overlays), from one WDM pass over them; at most ``max_pixels`` pixels per
     image, on a regular stride, so memory stays small however large the images."""
+    from .data.images import read_size
     from .evaluate import score_samples
     from .overlay import robust_range
     pos = {str(x.path): i for i, x in enumerate(ref.val)}
     pixels = []
 
-    def take(sample, m, _mask):
-        k = knn_map(ref.val_patch_scores, ref.val_res, pos[str(sample.path)], m.shape)
+    def take(sample, m, _mask):   # cut to the image (its native size), then resized to the WDM map's
+        k = knn_map(ref.val_patch_scores, ref.val_res, pos[str(sample.path)], m.shape, size=read_size(sample.path))
         if k is not None:
             c = combined_map(m, k, wdm_range, ref.knn_range).ravel()
             pixels.append(c[::max(1, -(-c.size // max_pixels))])

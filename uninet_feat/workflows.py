@@ -121,7 +121,10 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
     the index are built (auto, cpu, cuda, cuda:N; `downstream.KNNScorer`).
 
     The validation normals of ``run`` (by default the run the features came from) stay out of the memory
-    bank: a bank that holds them scores them 0, and predict standardises kNN scores on them."""
+    bank: a bank that holds them scores them 0, and predict standardises kNN scores on them. So do its test
+    images: a store that does not mark them test (`extract --batch` of a label-folder set gives every image split
+    "") would put its test normals in the bank, and `evaluate --knn` would score them 0. knn.json records both, and
+    the bank's image paths (`scorers.test_images_in_bank`)."""
     from .downstream import KNNScorer, build_index, save_index
     if level == "image":   # these shape a memory bank of normals; an image index holds every row as it is
         given = [f"--{n} {v}" for n, v in (("coreset", coreset), ("k", k), ("run", run)) if v is not None]
@@ -141,13 +144,20 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
             run_path(run, "model.pt")
         run = run or source.get("run")
         try:
-            held_out = _validation_paths(run) if run else set()
+            held_out, test = _held_out_paths(run) if run else (set(), None)
         except BadInputError as e:   # the run's data moved: the bank keeps every normal; predict won't z-score
-            import warnings
             warnings.warn(f"cannot hold out the validation normals of {run} ({e}); predict will give no combined score")
-            run, held_out = None, set()
-        normal = np.array([it["is_normal"] and it["split"] in ("train", "") and abs_path(it["path"]) not in held_out
-                           for it in store.items])
+            run, held_out, test = None, set(), None
+        paths = [abs_path(it["path"]) for it in store.items]
+        normal = np.array([it["is_normal"] and it["split"] in ("train", "") and p not in held_out
+                           for it, p in zip(store.items, paths)])
+        is_test = np.array([p in (test or ()) for p in paths], dtype=bool)
+        n_test = int((normal & is_test).sum())
+        if n_test:   # a store whose splits are not the run's (`extract --batch`: split "" for every image)
+            warnings.warn(f"{n_test} of the run's test images in these features (e.g. "
+                          f"{paths[int(np.flatnonzero(normal & is_test)[0])]}) are left out of the bank: "
+                          f"they are {run}'s test split, which `evaluate --knn` scores")
+        normal &= ~is_test
         if not normal.any():
             raise BadInputError("no normal training images in these features", path=features,
                                 fix="extract features of a folder with normal (good) training images")
@@ -157,16 +167,21 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
             patches, state=out / ".coreset_state.npz")
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
-        n_held = len(held_out & {abs_path(it["path"]) for it in store.items})
+        n_held = len(held_out & set(paths))
         copies = _copies_of(held_out, store.items) if run and held_out and not n_held else []
         if copies:   # the run's validation normals are in the bank under other paths: scored about 0 there
-            import warnings
             warnings.warn(f"{len(copies)} of {run}'s {len(held_out)} validation normals are in these features under "
                           f"other paths (e.g. {copies[0]}: the same name and size), so they are in the bank and "
                           "predict will give no combined score with this index (fix: extract from the run's own data "
                           f"folder, or `uninet-feat calibrate --run {run} --data COPY` first, then extract and index)")
         held = {"run": str(run), "paths_sha256": paths_sha(held_out), "n": n_held} if run and not copies else None
-        scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held})
+        # the test images left out (n: those the store held), and the bank's images: evaluate --knn warns of any
+        # of its test images among them, whatever run or store the index came from
+        held_test = ({"run": str(run), "paths_sha256": paths_sha(test), "n": int(is_test.sum())}
+                     if run and test is not None else None)
+        bank = sorted({p for p, keep in zip(paths, normal) if keep})
+        scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held,
+                                 "held_out_test": held_test, "bank_images": bank})
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
     index = build_index(X, kind=kind, device=device)
@@ -291,14 +306,22 @@ def _json_default(o):
     return str(o)
 
 
-def _validation_paths(run) -> set:
-    """Paths of ``run``'s validation normals (its own seeded split of its own data)."""
+def _held_out_paths(run) -> tuple[set, set | None]:
+    """Paths of ``run``'s validation normals (its own seeded split of its own data, or its `calibrate --normals`)
+    and of its test images (that split's test images, as `runs.load_test_samples` takes them; none is no error
+    here), None with a warning when its data cannot be read for them (its validation normals may still be)."""
     from .calibration import validation_normals, with_calibration_normals
     from .checkpoint import read_checkpoint
-    from .runs import run_path
+    from .runs import load_samples, run_path
     path = run_path(run, "model.pt")
-    cfg = with_calibration_normals(dict(read_checkpoint(path)["config"]), path.parent)   # `calibrate --normals`
-    return {abs_path(s.path) for s in validation_normals(cfg)}
+    cfg = dict(read_checkpoint(path)["config"])
+    val = {abs_path(s.path) for s in validation_normals(with_calibration_normals(dict(cfg), path.parent))}
+    try:
+        return val, {abs_path(s.path) for s in load_samples(cfg) if s.split == "test"}
+    except BadInputError as e:
+        warnings.warn(f"cannot hold out the test images of {run} ({e}): any among these features go into the bank, "
+                      "and `evaluate --knn` cannot tell")
+        return val, None
 
 
 def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,

@@ -1,0 +1,158 @@
+"""kNN and combined scoring where image, map and split differ from the plain case: images larger than the run's
+image size, a tiled run beside an untiled index over images of several sizes, and a store without the run's split."""
+import csv
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uninet_feat.cli import main
+from uninet_feat.extract import Extractor
+
+from _tiny import register_tiny, run_with_plain_index, write_texture_set
+
+register_tiny()
+
+
+def _tiny_weights(path):
+    import torch
+    from uninet_feat.backbones import create_backbone
+    torch.save(create_backbone("tiny", weights="random").state_dict(), path)
+    return path
+
+
+def _train(data, out, weights, **cfg):
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    train(load_config(None, {"data": str(data), **cfg}, base={
+        "backbone": "tiny", "weights": str(weights), "image_size": 64, "epochs": 1, "batch_size": 2,
+        "channels_last": False, "val_fraction": 0.5}), out, quiet=True)
+    return out
+
+
+def _plain_store(data, weights, out, *extra):
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size", "64",
+                 "--patches", "--out", str(out), "--quiet", *extra]) == 0
+    return out
+
+
+def test_combined_overlays_of_images_larger_than_the_run_resize_the_whole_knn_map(tmp_path):
+    """An untiled run at 64 px on 128 px images: its WDM maps are 64x64, and the kNN map was cut to their size (the
+    image's top-left quarter) instead of the whole image's map resized to it, in the overlays and in their colour
+    scale (the validation normals' combined pixels)."""
+    from uninet_feat.calibration import validation_normals
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.data.layouts import discover_batch
+    from uninet_feat.downstream import KNNScorer
+    from uninet_feat.downstream.knn import upsample_scores
+    from uninet_feat.evaluate import score_samples
+    from uninet_feat.overlay import heatmap_overlay
+    data = write_texture_set(tmp_path / "data", n_train=10, n_good=3, n_bad=4, size=128)
+    run, knn, weights, _ = run_with_plain_index(tmp_path, data)
+    out = tmp_path / "p"
+    assert main(["predict", "--run", str(run), "--data", str(data), "--knn", str(knn), "--heatmap", "combined",
+                 "--threshold=-1e9", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = json.loads((out / "predictions.json").read_text())
+    model, ck = build_from_checkpoint(run / "model.pt")
+    cfg, bank = dict(ck["config"]), KNNScorer.load(knn)
+    wr = json.loads((run / "calibration.json").read_text())["map_range"]
+    plain = Extractor(backbone="tiny", weights=str(weights), image_size=64, patches=True)
+    val = validation_normals(cfg)
+    kr = np.quantile(bank.score_patches(plain.extract(val)["patches"].astype(np.float32)), [0.5, 0.999])
+
+    def combined(samples):   # the whole image's kNN grid at the WDM map's size, both in range units
+        res, kres = score_samples(model, samples, cfg, keep_maps=True), plain.extract(samples)
+        assert res["maps"][0].shape == (64, 64) and kres["tile"][0].tolist() == [0, 0, 128, 128]
+        k = upsample_scores(bank.score_patches(kres["patches"].astype(np.float32)), kres["patch_grid"], (64, 64))
+        return [(w - wr[0]) / (wr[1] - wr[0]) + (k[i] - kr[0]) / (kr[1] - kr[0]) for i, w in enumerate(res["maps"])]
+    v = np.concatenate([m.ravel() for m in combined(val)])
+    assert summary["heatmap_range"] == pytest.approx([np.quantile(v, 0.5), np.quantile(v, 0.999)], rel=1e-4)
+    samples = discover_batch(data)
+    maps = combined(samples)
+    lo, hi = summary["heatmap_range"]
+    for row in [r for r in rows if r["label"] == "spot"]:
+        m = maps[[str(x.path) for x in samples].index(row["path"])]
+        got = np.asarray(Image.open(row["overlay"]).convert("RGB")).astype(int)
+        assert np.abs(got - heatmap_overlay(row["path"], m, vmin=lo, vmax=hi).astype(int)).max() <= 1
+
+
+def test_a_tiled_run_with_an_untiled_index_pairs_each_knn_map_with_its_own_images_map(tmp_path):
+    """A tiled run's WDM maps are each image's native size; with an untiled plain index and test images of two
+    widths, evaluate's exact pixel path resized every kNN map to the first image's size and crashed (broadcast),
+    while the binned path, each map at its own size, worked: both now give the same figures."""
+    from uninet_feat.evaluate import evaluate
+    data = write_texture_set(tmp_path / "data", n_train=8, n_good=3, n_bad=3, wide=True)   # 64x192
+    img = np.asarray(Image.open(data / "test/spot/000.png"), dtype=np.float32)[:, :128].copy()   # and a 64x128
+    mask = np.zeros((64, 128), np.uint8)
+    img[20:34, 90:104], mask[20:34, 90:104] = 255, 255
+    Image.fromarray(img.astype(np.uint8)).save(data / "test/spot/009.png")
+    Image.fromarray(mask).save(data / "ground_truth/spot/009_mask.png")
+    weights = _tiny_weights(tmp_path / "tiny.pt")
+    run = _train(data, tmp_path / "run", weights, tile=64)
+    _plain_store(data, weights, tmp_path / "plain")
+    assert main(["index", "--features", str(tmp_path / "plain"), "--coreset", "1.0", "--run", str(run),
+                 "--out", str(tmp_path / "knn")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = evaluate(run, quiet=True, knn=tmp_path / "knn")["scorers"]
+        binned = evaluate(run, quiet=True, knn=tmp_path / "knn", pixel_budget=0)["scorers"]
+    for name in ("knn", "combined"):
+        assert exact[name]["pixel_auroc"] == pytest.approx(binned[name]["pixel_auroc"], abs=1e-3)
+    assert exact["knn"]["aupro"] == pytest.approx(binned["knn"]["aupro"], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def label_folders(tmp_path_factory):
+    """A run on a label-folder set (good/, spot/: its test normals a hashed share of good/) and a plain store of
+    that set made with `extract --batch`, which marks every image split ''."""
+    root = tmp_path_factory.mktemp("lf")
+    src = write_texture_set(root / "src", n_train=20, n_good=0, n_bad=4)
+    data = root / "data"
+    for folder, to in (("train/good", "good"), ("test/spot", "spot")):
+        (data / to).mkdir(parents=True)
+        for p in (src / folder).glob("*.png"):
+            shutil.copy(p, data / to / p.name)
+    weights = _tiny_weights(root / "tiny.pt")
+    run = _train(data, root / "run", weights, val_fraction=0.3)
+    return root, data, run, _plain_store(data, weights, root / "plain", "--batch")
+
+
+def _test_normals(run):
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import load_test_samples
+    from uninet_feat.scorers import abs_path
+    return {abs_path(s.path) for s in load_test_samples(load_config(run / "config.yaml")) if s.label == "good"}
+
+
+def test_index_with_a_run_leaves_its_test_images_out_of_the_bank(label_folders):
+    from uninet_feat.evaluate import evaluate
+    root, data, run, store = label_folders
+    normals = _test_normals(run)
+    assert normals   # the split has test normals, which the --batch store does not mark
+    with pytest.warns(UserWarning, match=f"{len(normals)} of the run's test images in these features"):
+        assert main(["index", "--features", str(store), "--coreset", "1.0", "--run", str(run),
+                     "--out", str(root / "knn")]) == 0
+    source = json.loads((root / "knn" / "knn.json").read_text())["source"]
+    assert source["held_out_test"]["run"] == str(run) and source["held_out_test"]["n"] >= len(normals)
+    assert source["bank_images"] and not normals & set(source["bank_images"])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rep = evaluate(run, quiet=True, knn=root / "knn", csv_path=root / "ev.csv")
+    assert not [x for x in w if "memory bank" in str(x.message)] and rep["scorers"]["knn_test_images_in_bank"] == 0
+    rows = list(csv.DictReader(open(root / "ev.csv")))
+    assert min(float(r["knn_score"]) for r in rows if r["is_defect"] == "0") > 1e-3   # not scored against itself
+
+
+def test_evaluate_warns_of_test_images_in_the_bank(label_folders):
+    """An index built without --run from that store keeps the test normals: evaluate --knn says so (by path)."""
+    from uninet_feat.evaluate import evaluate
+    root, data, run, store = label_folders
+    assert main(["index", "--features", str(store), "--coreset", "1.0", "--out", str(root / "knn_all")]) == 0
+    n = len(_test_normals(run))
+    with pytest.warns(UserWarning, match=f"{n} of the {n + 4} test images are in the kNN index's memory bank"):
+        rep = evaluate(run, quiet=True, knn=root / "knn_all")
+    assert rep["scorers"]["knn_test_images_in_bank"] == n
