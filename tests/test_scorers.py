@@ -48,13 +48,14 @@ def test_predict_flags_by_the_knn_or_combined_score_at_its_own_validation_thresh
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
     assert summary["flag_by"] == flag_by and f"validation normals' {flag_by} scores" in summary["threshold_rule"]
-    assert summary["threshold"] == pytest.approx(np.quantile(val, 0.99), rel=1e-4)
+    # abs: a combined (z-scored) threshold may lie near 0, where float32 sums of other batchings differ by ~4e-7
+    assert summary["threshold"] == pytest.approx(np.quantile(val, 0.99), rel=1e-4, abs=1e-5)
     assert [r["flagged"] for r in rows] == [r[f"{flag_by}_score"] > summary["threshold"] for r in rows]
     assert summary["n_flagged"] == sum(r["flagged"] for r in rows)
     # --max-fpr 0.2 of 5 validation normals: at most one above the threshold, i.e. the second highest score
     assert main(base + ["--max-fpr", "0.2", "--out", str(tmp_path / "q")]) == 0
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
-    assert summary["threshold"] == pytest.approx(np.sort(val)[-2], rel=1e-4)
+    assert summary["threshold"] == pytest.approx(np.sort(val)[-2], rel=1e-4, abs=1e-5)
     assert main(base + ["--threshold=-1e9", "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["n_flagged"] == len(rows)
 
