@@ -124,3 +124,18 @@ def test_map_range_exact_when_small_and_close_when_strided():
         for m in maps:
             acc.add(m)
         assert acc.result() == map_range(maps, max_pixels=cap)
+
+
+def test_calibration_refuses_validation_scores_that_are_not_finite(monkeypatch, tmp_path):
+    """A NaN validation score (a diverged model) sorted last and became the 0.99 quantile: a NaN threshold that
+    flags nothing, written to calibration.json without a word."""
+    from uninet_feat import evaluate
+    from uninet_feat.calibration import calibration
+    from uninet_feat.data.layouts import Sample
+    val = [Sample(tmp_path / f"{n}.png", "train", "good", None, "") for n in ("a", "b", "c")]
+    monkeypatch.setattr(evaluate, "score_samples",
+                        lambda model, samples, cfg, **kw: {"samples": samples, "scores": [0.1, float("nan"), 0.2],
+                                                           "skipped": []})
+    with pytest.raises(BadInputError, match=r"1 validation normal\(s\) scored NaN or infinite") as e:
+        calibration(None, val, {})
+    assert str(tmp_path / "b.png") in str(e.value) and "lower --lr" in str(e.value)

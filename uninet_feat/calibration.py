@@ -425,6 +425,12 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
     pixels = MapRangeSample(len(val))            # maps streamed through, not held
     res = score_samples(model, val, cfg, quiet=quiet, on_map=lambda _, m, __: pixels.add(m))
     s = np.asarray(res["scores"], dtype=np.float64)
+    bad = [str(res["samples"][i].path) for i in np.flatnonzero(~np.isfinite(s))]
+    if bad:   # a NaN sorts last and becomes the threshold (nothing flagged), an inf one flags nothing either
+        raise BadInputError(f"{len(bad)} validation normal(s) scored NaN or infinite (e.g. {bad[0]}), so no threshold "
+                            "can be set on them", path=bad[0],
+                            fix="check the model: a training that diverged has NaN weights (train again, e.g. with a "
+                                "lower --lr); else check those images")
     order = np.argsort(s, kind="stable")       # val_paths[i] scored val_scores[i]: which normal sets the threshold
     cal = {"n_val_normals": int(len(s)), "val_fraction": cfg.get("val_fraction"), "mean": float(s.mean()), "std": float(s.std()),
            "quantiles": {q: float(np.quantile(s, float(q))) for q in ("0.5", "0.9", "0.95", "0.99", "1.0")},
