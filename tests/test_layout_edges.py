@@ -236,3 +236,15 @@ def test_a_predict_output_folder_inside_the_data_is_not_read_as_its_images(tmp_p
     assert len(s) == 9 and not any("pred" in x.path.parts for x in s)
     with pytest.warns(UserWarning, match="predict output"), pytest.raises(BadInputError, match="no images found"):
         discover(tmp_path / "test/good/pred")   # only a predict's outputs: nothing to read by layout
+
+
+def test_two_csv_rows_naming_one_mask_and_a_nul_in_a_path_are_named(tmp_path, write_image):
+    """Folder layouts refused one mask for two images; a CSV accepted it (a copy-paste slip gives one image the
+    other's defect pixels). A NUL in a path was a bare ValueError from os.path."""
+    write_image("m.png", mode="L", array=np.zeros((16, 24), np.uint8))
+    p = _csv(tmp_path, write_image, "path,split,label,mask\na.png,test,crack,m.png\nb.png,test,crack,m.png\n")
+    with pytest.raises(BadInputError, match=r"line 3: m.png is already the mask of line 2 \(a.png\)"):
+        discover(tmp_path, p)
+    p.write_bytes(b"path,split,label\na.png\x00,train,good\n")
+    with pytest.raises(BadInputError, match="line 2: a path holds a NUL character"):
+        discover(tmp_path, p)

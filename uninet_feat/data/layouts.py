@@ -561,7 +561,7 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
                                 f"column{'s' if len(lacks) > 1 else ''}", path=csv_path,
                                 fix="first line must be e.g. path,split,label[,mask][,group]")
         group_col = next((c for c in ("group", "fabric", "category") if c in cols), None)
-        out, seen, missing, blank_split, n_rows = [], {}, [], {}, {}
+        out, seen, missing, blank_split, n_rows, mask_of = [], {}, [], {}, {}, {}
         for row in reader:
             line = reader.line_num
             if None in row:   # DictReader's key for fields beyond the header's
@@ -571,6 +571,9 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             if not row.get("path"):
                 continue
+            if any("\x00" in row.get(k, "") for k in ("path", "mask")):   # os.path would raise a bare ValueError
+                raise BadInputError(f"line {line}: a path holds a NUL character", path=csv_path,
+                                    fix="the CSV is damaged or binary: re-export it as plain UTF-8 text")
             g = row.get(group_col, "") if group_col else ""
             n_rows[g] = n_rows.get(g, 0) + 1
             if "split" in cols and not row.get("split"):
@@ -598,6 +601,13 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
                 mask = root / row["mask"] if row.get("mask") else None
                 if mask is not None and not mask.is_file():
                     missing.append((line, row["mask"]))
+                elif mask is not None:   # one mask for two images: a copy-paste slip gives one image the other's
+                    m_real = os.path.realpath(mask)   # defect pixels (folder layouts refuse it too)
+                    if m_real in mask_of:
+                        raise BadInputError(f"line {line}: {row['mask']} is already the mask of line "
+                                            f"{mask_of[m_real][0]} ({mask_of[m_real][1]})", path=csv_path,
+                                            fix="give each image its own mask file")
+                    mask_of[m_real] = (line, row["path"])
             else:
                 mask = _find_mask(p, row["label"], group, None, pattern)
             out.append(Sample(p, split, row["label"], mask, group))
