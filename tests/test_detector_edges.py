@@ -121,3 +121,13 @@ def test_export_names_a_misspelt_group_first(tmp_path):
             export_model(tmp_path / "run", tmp_path / "m", group="lineC", input_size=size, check=False)
         assert "--input-size" not in str(e.value) and "pass --group as one of" in e.value.fix
     assert not (tmp_path / "m" / "model.onnx").exists()
+
+
+def test_paths_as_a_numpy_array_are_a_list_of_paths(run):
+    """A pandas column's `.values` (a 1-D array of path strings) was refused as "a <U29 array is not an image"."""
+    r, (good, good2), _ = run
+    det = Detector(r)
+    want = [d.score for d in det.score([good, good2], maps=False)]
+    for paths in (np.array([str(good), str(good2)]), np.array([str(good), str(good2)], dtype=object)):
+        got = det.score(paths, maps=False)
+        assert [d.path for d in got] == [str(good), str(good2)] and [d.score for d in got] == want

@@ -271,6 +271,8 @@ class Detector:
         from PIL import Image
 
         from .errors import BadInputError
+        if isinstance(images, np.ndarray) and images.ndim == 1 and images.dtype.kind in "UO":
+            images = images.tolist()   # paths as a numpy array (a pandas column's .values): a list of them
         array = isinstance(images, np.ndarray) or _is_tensor(images)   # 4-D: a batch, iterated as a list
         if isinstance(images, (str, os.PathLike, Image.Image)) or (array and images.ndim != 4) or \
                 isinstance(images, (bytes, bytearray, memoryview)) or not hasattr(images, "__iter__"):
