@@ -190,6 +190,7 @@ def test_report_self_contained_with_metrics_charts_and_worst_cases(tmp_path):
     assert not re.search(r"<script[^>]*\bsrc\s*=", text, re.I)
     assert "<link" not in text.lower() and "@import" not in text
     assert "T&lt;est&gt;" in text                                               # escaped title
+    assert "green outline = ground-truth" in text and "light-blue outline = the model" in text   # both keyed
     # metrics
     for v in ("0.9123", "0.9556", "0.8712", "0.8765", "0.8125", "0.9321", "0.8888"):
         assert v in text, v

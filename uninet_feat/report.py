@@ -441,7 +441,8 @@ def write_report(out_html, metrics: dict | None = None, rows: list[dict] | None 
     scale = " (the same colour scale for every image)" if overlay_range is not None else ""
     key = (f"Overlays: anomaly heatmap over the image {_colour_key(overlay_range)}{scale}, clear where the map "
            "is low (the image's own colours) and up to half heat colour at the top; green outline = "
-           "ground-truth defect mask, where given.")
+           "ground-truth defect mask, where given; light-blue outline = the model's defect region (the map above the "
+           "run's pixel threshold, as `predict --save-maps` marks it), where the run has one.")
     if not overlays:
         key = "No heatmap overlays were given to this report."
     parts.append(f"<section id='worst-fp'><h2>Highest-scoring normal images (worst false positives, top {top_k})</h2>"
