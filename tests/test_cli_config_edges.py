@@ -156,3 +156,16 @@ def test_on_off_options_must_be_booleans(tmp_path, line):
     assert str(f) in str(e.value) and "unquoted" in str(e.value)
     f.write_text(f"{key}: false\n")
     assert load_config(f)[key] is False
+
+
+def test_a_train_switch_turns_off_a_config_files_true(tmp_path):
+    """`--supervised`, `--skip-bad`, `--grad-checkpointing`, `--step-in-backward` could only turn on what a --config
+    file set; `--no-X` now turns off its `X: true`."""
+    import yaml
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=1, n_bad=1)
+    f = tmp_path / "c.yaml"
+    f.write_text("skip_bad: true\ngrad_checkpointing: true\n")
+    assert main(tiny_train_args(data) + ["--config", str(f), "--no-skip-bad", "--out", str(tmp_path / "r")]) == 0
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["skip_bad"] is False and saved["grad_checkpointing"] is True

@@ -77,14 +77,17 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
                         "student's target stays the clean image's teacher features (default 0: the method)")
     p.add_argument("--denoise-kinds", dest="denoise_kinds",
                    help="the synthetic defects drawn for --denoise: fabric (default), all, or names")
-    p.add_argument("--supervised", action="store_true", default=None,
+    # on/off (--no-X): a store_true flag could turn on what a --config file left off, never the other way
+    p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
                    help="use labelled defects (and masks) in the training split")
-    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
+    p.add_argument("--skip-bad", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
                    help="skip unreadable images with a warning instead of stopping")
-    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true", default=None,
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action=argparse.BooleanOptionalAction,
+                   default=None,
                    help="recompute activations in backward: about 0.6x the peak memory (WideResNet-50-2, 256 px; "
                         "0.8x for Lite0 at 128 px) for about 1.15x the step time (same results)")
-    p.add_argument("--step-in-backward", dest="step_in_backward", action="store_true", default=None,
+    p.add_argument("--step-in-backward", dest="step_in_backward", action=argparse.BooleanOptionalAction,
+                   default=None,
                    help="update each parameter as soon as its gradient is complete and free the gradient: "
                         "one parameter copy less at the peak (same results; not with torchrun)")
 
