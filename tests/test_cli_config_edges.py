@@ -169,3 +169,17 @@ def test_a_train_switch_turns_off_a_config_files_true(tmp_path):
     assert main(tiny_train_args(data) + ["--config", str(f), "--no-skip-bad", "--out", str(tmp_path / "r")]) == 0
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["skip_bad"] is False and saved["grad_checkpointing"] is True
+
+
+def test_an_unknown_key_names_the_key_it_is_closest_to(tmp_path, capsys):
+    """The fix listed all ~60 keys; a typo's intended key is now named."""
+    from uninet_feat.config import load_config
+    f = tmp_path / "c.yaml"
+    f.write_text("lr_taget: 1e-4\nzzz: 1\n")
+    with pytest.raises(BadInputError, match=r"unknown config keys \['lr_taget', 'zzz'\] \(did you mean "
+                                            r"lr_taget -> lr_target\?\)"):
+        load_config(f)
+    g = tmp_path / "i.yaml"
+    g.write_text("featurs: x\n")
+    assert main(["index", "--config", str(g), "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean featurs -> features?" in capsys.readouterr().err

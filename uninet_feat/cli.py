@@ -502,7 +502,8 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     values = {k: v for k, v in values.items() if k not in record_only}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise BadInputError(f"unknown keys {unknown} for `{cmd}`", path=path,
+        from .config import did_you_mean
+        raise BadInputError(f"unknown keys {unknown} for `{cmd}`{did_you_mean(unknown, actions)}", path=path,
                             fix=f"use only: {', '.join(sorted(actions))}")
     for k, v in values.items():
         actions[k].required = False

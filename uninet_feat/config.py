@@ -285,10 +285,18 @@ def check_levels_and_depths(cfg: dict, path=None) -> None:
                                 f"{','.join(map(str, range(1, len(depths) + 1)))})")
 
 
+def did_you_mean(unknown, known) -> str:
+    """`` (did you mean lr_target?)`` for the closest known key of each unknown one (a typo such as `lr_taget`),
+    or ''. Why: the full list of 60 keys hides the one that was meant."""
+    import difflib
+    near = {k: m[0] for k in unknown if (m := difflib.get_close_matches(str(k), list(known), n=1, cutoff=0.75))}
+    return f" (did you mean {', '.join(f'{k} -> {v}' for k, v in near.items())}?)" if near else ""
+
+
 def _check_keys(d: dict, path) -> None:
     unknown = sorted(set(d) - set(DEFAULT_CONFIG))
     if unknown:
-        raise BadInputError(f"unknown config keys {unknown}", path=path,
+        raise BadInputError(f"unknown config keys {unknown}{did_you_mean(unknown, DEFAULT_CONFIG)}", path=path,
                             fix=f"use only: {', '.join(sorted(DEFAULT_CONFIG))}")
 
 
