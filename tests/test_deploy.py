@@ -107,6 +107,8 @@ def test_export_refusals_name_the_fix(plain, tmp_path, monkeypatch, capsys):
     assert deploy.check_onnx(tmp_path / "b" / "model.onnx", x, got)["max_abs_diff_score"] == 0
     with pytest.raises(BadInputError, match="maps differ"):   # the heatmap is checked too, not only the score
         deploy.check_onnx(tmp_path / "b" / "model.onnx", x, [got[0] + 0.5, got[1], got[2]])
+    with pytest.raises(BadInputError, match="map_images differ"):   # and the map at the image's size (unchecked)
+        deploy.check_onnx(tmp_path / "b" / "model.onnx", x, [got[0], got[1], got[2] + 0.5])
     monkeypatch.setattr(deploy, "TOLERANCE", -1.0)   # every difference too large: the file must not stay
     with pytest.raises(BadInputError, match="differ from the run's"):
         export_model(run, tmp_path / "c")
