@@ -55,7 +55,8 @@ def test_default_threshold_warns_when_it_rests_on_too_few_validation_normals(tmp
     """With n validation normals the 0.99 quantile is about their maximum, passed by a new normal with probability
     >= 1/(n+1): one AITEX validation strip made it 50 %, and a run flagged all its test normals."""
     few = _run(tmp_path / "few", val_scores=[0.5], n_val_normals=1)
-    with pytest.warns(UserWarning, match=r"only 1 validation normal, .*probability 50 % \(at least 1/2\).*--val-fraction"):
+    with pytest.warns(UserWarning,
+                      match=r"only 1 validation normal, .*probability 50 % \(at least 1/2\).*--val-fraction"):
         assert resolve_threshold(few) == (0.9, "r")
     # 19 made it under 5 % in the message; the 0.99 quantile lies below the highest score: 5.9 % (simulated below)
     nineteen = _run(tmp_path / "19", val_scores=list(np.linspace(0, 1, 19)), n_val_normals=19)
