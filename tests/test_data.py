@@ -572,3 +572,22 @@ def test_an_unknown_group_names_the_groups_there(tmp_path, write_image):
         write_image(f"{cat}/test/bad/b.png")
     with pytest.raises(BadInputError, match="groups here: tile_a, tile_b"):
         load_samples(load_config(None, {"data": str(tmp_path), "group": "tile_c"}))
+
+
+def test_a_defect_painted_on_a_transparent_layer_is_the_mask_not_its_hidden_white(tmp_path):
+    """An annotation tool's RGBA export: the defect opaque, the rest transparent white. Alpha was dropped, so the
+    white read as 100 % defect. A constant alpha still leaves the colours as they are."""
+    a = np.zeros((8, 10, 4), np.uint8)
+    a[..., :3] = 255                      # hidden white everywhere
+    a[2:4, 3:6, 3] = 255                  # the defect: the only opaque pixels
+    Image.fromarray(a, "RGBA").save(tmp_path / "m.png")
+    m = load_mask(tmp_path / "m.png")
+    assert m.sum() == 6 and m[2:4, 3:6].all()
+    la = np.zeros((8, 10, 2), np.uint8)
+    la[..., 0], la[5, 5, 1] = 200, 255     # grey + alpha, one opaque pixel
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert load_mask(tmp_path / "la.png").sum() == 1
+    b = np.zeros((8, 10, 4), np.uint8)
+    b[1:3, 1:3, 0], b[..., 3] = 255, 255   # fully opaque: the red square is the mask
+    Image.fromarray(b, "RGBA").save(tmp_path / "o.png")
+    assert load_mask(tmp_path / "o.png").sum() == 4

@@ -400,11 +400,18 @@ PICTURE_COVER, PICTURE_VALUES = 0.99, 16   # a "mask" non-zero almost everywhere
 
 
 def _mask_channels(path) -> np.ndarray:
-    """A mask file's pixels, upright, alpha dropped: (H, W) or (H, W, C), before any channel is merged."""
+    """A mask file's pixels, upright, alpha dropped: (H, W) or (H, W, C), before any channel is merged. Where the
+    alpha channel is 0 in some pixels and not in others, the transparent ones are background (zero): annotation
+    tools export a defect painted on a transparent layer, whose hidden colour may be white (read as 100 % defect)."""
     with _open(path) as stored:
         img = oriented(stored)
         if img.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
-            return np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "RGBa", "PA") else "LA"))[..., :-1]
+            a = np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "RGBa", "PA") else "LA"))
+            colour, alpha = a[..., :-1], a[..., -1]
+            clear = alpha == 0
+            if clear.any() and not clear.all():   # a constant alpha says nothing: the colours are the mask
+                colour = np.where(clear[..., None], 0, colour).astype(colour.dtype)
+            return colour
         if img.mode in ("P", "CMYK", "YCbCr"):
             return np.asarray(img.convert("RGB"))
         return np.asarray(img)
