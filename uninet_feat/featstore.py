@@ -387,7 +387,8 @@ class FeatureStore:
         keys = [it["path"] for it in self.items]
         sc = self.scores   # read once from the shards, for the rows and the records
         # the image's score as evaluate and predict give it (the run's tile_score); stores before session 37: max
-        reduce = np.mean if self.manifest.get("tile_score", "max") == "mean" else np.max
+        from .data.tiling import tile_score_reducer
+        reduce = tile_score_reducer(self.manifest.get("tile_score", "max"))
         X, order = aggregate_tiles(self.vectors, sc, keys)
         recs = []
         for path, idx in order:
