@@ -109,7 +109,9 @@ def train_val_samples(samples, cfg: dict):
     keep theirs: they are its training targets.
     """
     from dataclasses import replace
-    train = [s if not s.is_normal or s.mask is None else replace(s, mask=None) for s in samples if s.split == "train"]
+    samples = [replace(s, mask=None) if s.is_normal and s.mask is not None and s.split in ("train", "val") else s
+               for s in samples]
+    train = [s for s in samples if s.split == "train"]
     normals = [s for s in train if s.is_normal]
     if not normals:
         raise BadInputError("no normal training images", path=cfg.get("split_csv") or cfg.get("data"),
@@ -134,14 +136,12 @@ def _validation_split(samples, normals: list, cfg: dict):
     own validation split (``validation/``, ``val`` rows) takes those, and trains on all its training normals;
     every other group draws a seeded ``val_fraction`` of its training normals, as ``drawn`` does for all (what a
     run's config without the key meant: runs trained before session 34 keep their split)."""
-    from dataclasses import replace
     from .data.layouts import split_train_val
     how = cfg.get("val_split") or "drawn"
     if how not in VAL_SPLITS:
         raise BadInputError(f"val_split {how!r} is not one of {list(VAL_SPLITS)}", path=cfg.get("data"),
                             fix="use val_split: data (the data's own validation split where it has one) or drawn")
-    given = [s if s.mask is None or not s.is_normal else replace(s, mask=None)
-             for s in samples if s.split == "val"] if how == "data" else []   # masks: `train_val_samples`
+    given = [s for s in samples if s.split == "val"] if how == "data" else []
     if given and not cfg["val_fraction"]:
         warnings.warn(f"val_fraction is 0, so the data's {len(given)} validation image(s) are not used")
         return normals, []
