@@ -62,8 +62,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="share of the training normals held out as validation normals, which set the threshold and "
                         "the label-free choices (default 0.1; with n of them a new normal passes the default threshold "
-                        "with probability (0.01 n + 0.99) / (n + 1): 24 for under 5 %%, 2 %% at 100); data with its own validation "
-                        "split (validation/, `val` CSV rows) gives its normals instead, unless this is 0")
+                        "with probability (0.01 n + 0.99) / (n + 1): 24 for under 5 %%, 2 %% at 100); data with its "
+                        "own validation split (validation/, `val` CSV rows) gives its normals instead, unless this is 0")
     p.add_argument("--keep-every", dest="keep_every", type=int,
                    help="also keep every N-th epoch's model as epochs/epoch_NNN.pt (evaluate --checkpoint)")
     p.add_argument("--map-levels", dest="map_levels",
