@@ -133,6 +133,45 @@ def test_a_resumed_extract_redoes_the_shards_of_images_replaced_since(tmp_path, 
         assert ex.extract_to(paths, tmp_path / "f", shard_size=2, on_shard=seen.append) is not None and seen == []
 
 
+def test_an_image_replaced_with_cp_p_has_its_shard_extracted_again(tmp_path):
+    """`cp -p` writes another picture of the same size over an image and keeps its old mtime: size and mtime alone
+    (the stamp before session 38) kept the old picture's features. The inode's change time moves, and the stamp
+    holds it; a store recorded with the older [size, mtime] stamps is still compared on those (no re-extraction)."""
+    import json
+    import os
+    import shutil
+    import time
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    paths = [tmp_path / "img" / f"{i}.png" for i in range(4)]
+    paths[0].parent.mkdir()
+    for p in paths:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+    ex = Extractor(backbone="tiny", weights="random", image_size=32)
+    ex.extract_to(paths, tmp_path / "f", shard_size=2)
+    other = tmp_path / "other.png"   # same size in bytes: another random picture of the same shape, as a PNG
+    while True:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(other)
+        if other.stat().st_size == paths[3].stat().st_size:
+            break
+    before = paths[3].stat()
+    time.sleep(0.05)   # past the file system's coarse clock tick
+    shutil.copy2(other, paths[3])   # what `cp -p` does: the bytes, then the source's times
+    os.utime(paths[3], ns=(before.st_atime_ns, before.st_mtime_ns))   # and the replaced file's own mtime
+    assert (paths[3].stat().st_size, paths[3].stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    seen = []
+    with pytest.warns(UserWarning, match=r"shard-00001\.npz extracted again"):
+        store = ex.extract_to(paths, tmp_path / "f", shard_size=2, on_shard=seen.append)
+    assert seen == [1]
+    np.testing.assert_array_equal(store.vectors, ex.extract_to(paths, tmp_path / "fresh", shard_size=2).vectors)
+    mpath = tmp_path / "f" / "manifest.json"   # a store of the older stamp: compared on size and mtime alone
+    m = json.loads(mpath.read_text())
+    m["files"] = {p: v[:2] for p, v in m["files"].items()}
+    mpath.write_text(json.dumps(m))
+    seen.clear()
+    assert ex.extract_to(paths, tmp_path / "f", shard_size=2, on_shard=seen.append) is not None and seen == []
+
+
 def test_resume_with_other_model_refused(setup, tmp_path):
     data, run, samples = setup
     Extractor(run=run).extract_to(samples, tmp_path / "f", shard_size=4)

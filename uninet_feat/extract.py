@@ -18,8 +18,8 @@ from .data.layouts import Sample
 from .descriptors import SHAPE_NAMES, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
-from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, check_writer, file_sha256, file_stats, start_store,
-                        write_shard)
+from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, check_writer, file_sha256, file_stamp, file_stats,
+                        start_store, write_shard)
 from .io import atomic_write, atomic_write_text, remove_dead_temps
 from .positions import corrected
 from .runs import check_input_side, make_dataset, model_device, run_path
@@ -312,16 +312,16 @@ PART_ITEMS = 1024   # items (images, or tiles) a resumable pass saves at a time:
 def resumable_pass(folder: Path, what: dict, samples, n_items: int, run) -> dict:
     """``run(indices)`` (an `Extractor._run`) over ``n_items`` items, `PART_ITEMS` at a time, each part saved in
     ``folder`` as it is finished, then all joined. Parts are reused only for the same ``what`` and the same
-    files (path, size and modification time of each sample, so an image replaced since is scored again): each
+    files (path, size, modification and change time of each sample, `featstore.file_stamp`: an image replaced since,
+    also by `cp -p`, is scored again): each
     part carries its pass's fingerprint, and another pass's part is scored again and overwritten. Why: a batch of
     100k images is hours of scoring on a CPU, and a kill or a reboot must not lose it."""
     files = []
     for s in samples:
         try:
-            st = os.stat(s.path)
-            files.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns, s.group])   # group: its offsets
+            files.append([os.path.abspath(s.path), *file_stamp(os.stat(s.path)), s.group])   # group: its offsets
         except OSError:   # gone (skipped with skip_bad): its absence is what the pass saw
-            files.append([os.path.abspath(s.path), None, None, s.group])
+            files.append([os.path.abspath(s.path), None, None, None, s.group])
     fp = _fingerprint(what, {"n_items": n_items, "part_items": PART_ITEMS}, files)
     remove_dead_temps(folder, ".part-*.tmp")   # parts a killed pass left half-written
     parts, resumed = [], 0

@@ -41,15 +41,15 @@ SCHEMA_VERSION = 3   # 3: the spot-difference descriptors (`l*_spotdiff_*`); 2: 
 CALIBRATION_KEYS = ("calibration_sha256", "tile_neighbours_sha256")
 
 
-_SHA256: dict = {}   # (path, inode, size, mtime) → digest
+_SHA256: dict = {}   # (path, inode, size, mtime, ctime) → digest
 
 
 def file_sha256(path) -> str:
     """The file's sha256, read once per version of the file in a process: a scoring command names model.pt by it
     twice (the calibration's model check, the feature store's source), and a large backbone's file takes a while.
-    An atomic rewrite (new inode) or any change of size or mtime reads it again."""
+    An atomic rewrite (new inode) or any change of size, mtime or ctime reads it again."""
     st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(Path(path).resolve()), st.st_ino, *file_stamp(st))
     if key not in _SHA256:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -114,27 +114,42 @@ def shard_vectors_shape(path) -> tuple:
         return read(f)[0]
 
 
+def file_stamp(st: os.stat_result) -> list:
+    """[size, mtime_ns, ctime_ns]: what tells a replaced file from the one a result was made of, without reading
+    it. ctime because `cp -p` (or a restore from a backup) writes other pixels of the same size under the old
+    mtime, and only the inode's change time moves (git's index compares it too). Its cost: a data folder copied
+    or restored with its times kept still reads as changed, so its features are extracted again."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def same_stamp(was, now) -> bool:
+    """Whether a recorded stamp names the same file version; a stamp from before session 38 holds [size,
+    mtime_ns] only and is compared on those."""
+    if was is None or now is None:
+        return was is None and now is None
+    return list(was) == list(now)[:len(was)]
+
+
 def file_stats(paths) -> dict:
-    """{path: [size, mtime_ns]} of each distinct path (None where it cannot be stat'ed): what a resume compares
-    to tell a replaced image from the one a shard was made of. One stat per image, no read: cheap for 10^5."""
+    """{path: file_stamp} of each distinct path (None where it cannot be stat'ed): what a resume compares to tell
+    a replaced image from the one a shard was made of. One stat per image, no read: cheap for 10^5."""
     out = {}
     for p in paths:
         if p not in out:
             try:
-                st = os.stat(p)
-                out[p] = [st.st_size, st.st_mtime_ns]
+                out[p] = file_stamp(os.stat(p))
             except OSError:
                 out[p] = None
     return out
 
 
 def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
-    """Shards on disk that hold an image whose file changed (size or mtime) since the store recorded it, named in a
+    """Shards on disk that hold an image whose file changed (size, mtime or ctime) since the store recorded it, named in a
     warning. A store from before ``files`` was recorded cannot tell: taken as it is."""
     was, now = old.get("files"), manifest.get("files")
     if was is None or now is None:
         return set()
-    changed = {p for p, v in now.items() if was.get(p, v) != v}
+    changed = {p for p, v in now.items() if p in was and not same_stamp(was[p], v)}
     if not changed:
         return set()
     size, hit = manifest["settings"]["shard_size"], {}
@@ -144,8 +159,8 @@ def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
     stale = {i for i in hit if (folder / shard_name(i)).exists()}   # one not written yet is extracted anyway
     if stale:
         names = sorted(set().union(*(hit[i] for i in stale)))
-        warnings.warn(f"{folder}: {len(names)} image(s) changed since their features were extracted (size or "
-                      f"modification time): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}; "
+        warnings.warn(f"{folder}: {len(names)} image(s) changed since their features were extracted (size, "
+                      f"modification or change time): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}; "
                       f"{', '.join(shard_name(i) for i in sorted(stale))} extracted again")
     return stale
 

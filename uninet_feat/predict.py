@@ -292,11 +292,11 @@ def _labelled_layout(folder: Path) -> bool:
 
 def _knn_key(knn) -> dict:
     """What a kNN pass's saved parts depend on beyond the images and the extractor: the index, by its knn.json
-    (which pins index.faiss by sha256) and the index file's size and time."""
-    from .featstore import file_sha256
+    (which pins index.faiss by sha256) and the index file's size and times."""
+    from .featstore import file_sha256, file_stamp
     d = Path(knn)
     st = (d / "index.faiss").stat() if (d / "index.faiss").is_file() else None
-    return {"knn_json": file_sha256(d / "knn.json"), "index": [st.st_size, st.st_mtime_ns] if st else None}
+    return {"knn_json": file_sha256(d / "knn.json"), "index": file_stamp(st) if st else None}
 
 
 def trained_colour_kind(run_dir: Path, n_ref: int = 20, n_look: int = 4) -> str | None:
