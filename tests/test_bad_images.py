@@ -452,3 +452,36 @@ def test_a_picture_beside_its_image_is_refused_as_a_mask_not_taken_as_all_defect
                                          str(tmp_path / "sup")]) == 2
     err = capsys.readouterr().err
     assert "1 of 8 images have a picture where their mask should be" in err and "stain/0.png (the mask of" in err
+
+def test_a_mask_with_a_transparency_colour_key_is_read_as_its_alpha_channel(tmp_path):
+    """A defect painted on a transparent layer whose hidden colour is white: saved as RGBA it read 12 defect
+    pixels (session 37), but a palette export's tRNS, or an L / RGB PNG's colour key, read the hidden white as
+    defect everywhere (100 % defect, silently)."""
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[5:8, 5:9] = (255, 0, 0, 255)
+    layer = Image.fromarray(rgba, "RGBA")
+    pal = _save(tmp_path, "pal.png", layer.quantize(colors=2))   # what palette-optimising exports write
+    assert Image.open(pal).mode == "P" and "transparency" in Image.open(pal).info
+    grey = np.full((20, 30), 255, np.uint8)
+    grey[5:8, 5:9] = 128
+    key_l = _save(tmp_path, "key_l.png", Image.fromarray(grey), transparency=255)
+    key_rgb = _save(tmp_path, "key_rgb.png", Image.fromarray(rgba[..., :3]), transparency=(255, 255, 255))
+    for p in (_save(tmp_path, "rgba.png", layer), pal, key_l, key_rgb):
+        m = load_mask(p)
+        assert m.sum() == 12 and m[5:8, 5:9].all(), p.name
+    opaque = _save(tmp_path, "opaque_key.png", Image.fromarray(grey), transparency=7)   # a key no pixel has
+    assert load_mask(opaque).all()   # nothing transparent: the colours are the mask, as before
+
+
+def test_the_non_binary_mask_log_is_bounded(tmp_path, monkeypatch):
+    """Every load of a non-binary mask (each epoch loads them again) added its path: a list without bound."""
+    from uninet_feat.data import images
+    monkeypatch.setattr(images, "_NONBINARY_KEPT", 3)
+    arr = np.zeros((8, 12), np.uint8)
+    arr[1, 1], arr[2, 2] = 1, 255
+    p = _save(tmp_path, "soft_mask.png", Image.fromarray(arr))
+    with pytest.warns(UserWarning, match="soft_mask.png"):
+        for _ in range(5):
+            assert load_mask(p).sum() == 2
+    assert images.nonbinary_masks() == [str(p)] * 3

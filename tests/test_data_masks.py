@@ -125,3 +125,44 @@ def test_mvtec_train_images_do_not_take_the_test_images_masks(tmp_path):
     with pytest.warns(UserWarning, match=r"1 file\(s\) match no image \(e.g. crack/005_mask.png\).*a train/ "
                                          r"image's in ground_truth/train/<label>/"):
         assert masks()["train/crack/005.png"] is None
+
+
+@pytest.mark.parametrize("layout, folder", [
+    (("train/good/a.png", "test/crack/c.png", "masks/crack/c_mask.png"), "masks"),
+    (("train/good/a.png", "test/crack/c.png", "gt/crack/c_mask.png"), "gt"),
+    (("good/a.png", "crack/c.png", "masks/crack/c_mask.png"), "masks"),
+    (("fab0/good/a.png", "fab0/crack/c.png", "fab0/gt/crack/c_mask.png"), "fab0/gt"),
+    (("fab0/good/a.png", "fab0/crack/c.png", "ground_truth/fab0/crack/c_mask.png"), "ground_truth"),
+    (("good/a.png", "crack/c.png", "crack/mask/c.png"), "crack/mask"),
+    (("cat/train/good/a.png", "cat/test/crack/c.png", "cat/masks/crack/c_mask.png"), "cat/masks"),
+])
+def test_masks_in_a_folder_nothing_reads_are_named(tmp_path, layout, folder):
+    """Masks in masks/, mask/, gt/ (or a ground_truth/ where none is looked for: a group layout's root) were never
+    read, and nothing said so: evaluate then left the pixel metrics out silently. Named, with where masks are read;
+    a mask_pattern may read such a folder, so with one nothing is said."""
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()
+    for f in layout:
+        _save(tmp_path / f, np.full((16, 16), 255 if f == layout[-1] else 120, np.uint8))
+    with pytest.warns(UserWarning, match=f"{tmp_path / folder}: its masks are not read: masks are read only from "
+                                         r"ground_truth/<label>/ \(beside the label or split folders\), beside their "
+                                         r"images \(<stem>_mask.png\), by mask_pattern, or from a CSV's mask column"):
+        s = discover(tmp_path)
+    assert len(s) == 2 and all(x.mask is None for x in s)
+    layouts._WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        discover(tmp_path, mask_pattern="{stem}_gt.png")
+
+
+def test_a_gif_mask_in_ground_truth_is_named_as_unmatched(tmp_path):
+    """A .gif mask in ground_truth/ was neither used nor counted among the files that match no image."""
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()
+    for f in ("train/good/a.png", "test/crack/c.png"):
+        _save(tmp_path / f, np.full((16, 16), 120, np.uint8))
+    _save(tmp_path / "ground_truth/crack/c_mask.gif", np.full((16, 16), 255, np.uint8))
+    with pytest.warns(UserWarning, match=r"1 file\(s\) match no image \(e.g. crack/c_mask.gif\); 0 of 1 defect "
+                                         r"images have a mask.*convert them to PNG"):
+        s = discover(tmp_path)
+    assert [(x.label, x.mask) for x in s] == [("crack", None), ("good", None)]

@@ -231,7 +231,7 @@ def test_a_predict_output_folder_inside_the_data_is_not_read_as_its_images(tmp_p
     write_image("test/good/pred/maps/t0_mask.png")
     (out / "predictions.csv").write_text("path\n")
     (out / "summary.json").write_text("{}")
-    with pytest.warns(UserWarning, match=r"1 image\(s\) in predict output folder"):   # its *_mask.png: a mask
+    with pytest.warns(UserWarning, match=r"2 image\(s\) in predict output folder"):   # the overlay and the mask
         s = discover(tmp_path)
     assert len(s) == 9 and not any("pred" in x.path.parts for x in s)
     with pytest.warns(UserWarning, match="predict output"), pytest.raises(BadInputError, match="no images found"):
@@ -248,3 +248,71 @@ def test_two_csv_rows_naming_one_mask_and_a_nul_in_a_path_are_named(tmp_path, wr
     p.write_bytes(b"path,split,label\na.png\x00,train,good\n")
     with pytest.raises(BadInputError, match="line 2: a path holds a NUL character"):
         discover(tmp_path, p)
+
+
+def test_an_image_named_like_a_mask_without_its_image_is_an_image(tmp_path, write_image):
+    """Every `*_mask.*` was left out as a mask, with no image `x` beside it too: a product photo `gas_mask.jpg` was
+    never trained on, and a batch holding only `face_mask.png` had "no images"."""
+    from uninet_feat.data import discover_batch
+    write_image("good/gas_mask.jpg")
+    write_image("good/a.png")
+    write_image("crack/c.png")
+    _mask(tmp_path / "crack/C_MASK.png")   # beside its image c.png (any case): still c's mask, not an image
+    s = discover(tmp_path)
+    assert [(x.path.name, x.mask and x.mask.name) for x in s] == [
+        ("c.png", "C_MASK.png"), ("a.png", None), ("gas_mask.jpg", None)]
+    write_image("batch/face_mask.png")
+    assert [x.path.name for x in discover_batch(tmp_path / "batch")] == ["face_mask.png"]
+
+
+def test_a_csv_whose_found_masks_serve_two_images_is_refused(tmp_path, write_image):
+    """Without a mask column, masks found by mask_pattern (or beside the image) were given to two images silently
+    (`crack/day1/0001.png` and `day2/0001.png` both took `crack/masks/0001.png`); folder layouts refused it."""
+    write_image("good/a.png")
+    for day in ("day1", "day2"):
+        write_image(f"crack/{day}/0001.png")
+    _mask(tmp_path / "crack/masks/0001.png")
+    p = tmp_path / "s.csv"
+    p.write_text("path,split,label\ngood/a.png,train,good\ncrack/day1/0001.png,test,crack\n"
+                 "crack/day2/0001.png,test,crack\n")
+    with pytest.raises(BadInputError, match=r"line 4: .*0001.png was found as the mask of both crack/day1/0001.png "
+                                            r"\(line 3\) and crack/day2/0001.png") as e:
+        discover(tmp_path, p, mask_pattern="../masks/{stem}.png")
+    assert "a `mask` column" in str(e.value)
+    p.write_text("path,split,label\ngood/a.png,train,good\ncrack/day1/0001.png,test,crack\n")   # one image: fine
+    assert discover(tmp_path, p, mask_pattern="../masks/{stem}.png")[0].mask.name == "0001.png"
+    write_image("x.jpg")
+    write_image("x.jpeg")
+    _mask(tmp_path / "x.png")   # beside both: the default search found it for each
+    p.write_text("path,split,label\nx.jpg,test,crack\nx.jpeg,test,crack\n")
+    with pytest.raises(BadInputError, match=r"line 3: .*x.png was found as the mask of both x.jpg \(line 2\)"):
+        discover(tmp_path, p)
+
+
+def test_a_label_folder_by_its_loose_images_is_named_with_one(tmp_path, write_image):
+    """fab0/good, fab0/crack and a stray fab0/loose.png: the error said fab0 made the layout one of labels (fab0
+    named twice) and never why; it names loose.png and where to move it."""
+    write_image("fab0/good/a.png")
+    write_image("fab0/crack/c.png")
+    write_image("fab0/loose.png")
+    write_image("fab1/good/b.png")
+    with pytest.raises(BadInputError, match=r"fab0 holds 1 image\(s\) directly \(e.g. loose.png\), so it counts as a "
+                                            r"label folder") as e:
+        discover(tmp_path)
+    assert f"move them into {tmp_path / 'fab0'}/<label>/ (or remove them)" in str(e.value)
+    (tmp_path / "fab0/loose.png").unlink()
+    assert {(x.group, x.label) for x in discover(tmp_path)} == {("fab0", "good"), ("fab0", "crack"), ("fab1", "good")}
+
+
+def test_loose_images_in_an_mvtec_category_folder_are_named(tmp_path, write_image):
+    """bottle/extra.png beside bottle/train/ and bottle/test/ was dropped without a word."""
+    from uninet_feat.data import layouts
+    layouts._WARNED.clear()
+    for cat in ("bottle", "cable"):
+        write_image(f"{cat}/train/good/a.png")
+        write_image(f"{cat}/test/crack/c.png")
+    write_image("bottle/extra.png")
+    with pytest.warns(UserWarning, match=r"bottle: 1 image\(s\) directly in this category folder are not used "
+                                         r"\(move them into bottle/train/good/"):
+        s = discover(tmp_path)
+    assert len(s) == 4 and "extra.png" not in {x.path.name for x in s}

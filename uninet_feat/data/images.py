@@ -380,7 +380,8 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
                             fix=f"resize the mask to {size[1]}x{size[0]} with nearest-neighbour, "
                                 "or check that the mask belongs to this image")
     if len(np.unique(raw)) > 2:
-        _NONBINARY.append(str(path))
+        if len(_NONBINARY) < _NONBINARY_KEPT:   # each epoch loads its masks again: a list without bound
+            _NONBINARY.append(str(path))
         if len(_NONBINARY) == 1:  # once per process: anti-aliased mask sets would otherwise flood the log
             warnings.warn(f"{path}: mask is not binary ({len(np.unique(raw))} distinct values); "
                           "every non-zero pixel is taken as defect (said once; further such masks are taken the "
@@ -389,10 +390,11 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
 
 
 _NONBINARY: list[str] = []
+_NONBINARY_KEPT = 10_000
 
 
 def nonbinary_masks() -> list[str]:
-    """Paths of the non-binary masks seen so far in this process."""
+    """Paths of the non-binary masks loaded so far in this process, one per load (the first `_NONBINARY_KEPT`)."""
     return list(_NONBINARY)
 
 
@@ -402,9 +404,13 @@ PICTURE_COVER, PICTURE_VALUES = 0.99, 16   # a "mask" non-zero almost everywhere
 def _mask_channels(path) -> np.ndarray:
     """A mask file's pixels, upright, alpha dropped: (H, W) or (H, W, C), before any channel is merged. Where the
     alpha channel is 0 in some pixels and not in others, the transparent ones are background (zero): annotation
-    tools export a defect painted on a transparent layer, whose hidden colour may be white (read as 100 % defect)."""
+    tools export a defect painted on a transparent layer, whose hidden colour may be white (read as 100 % defect).
+    A transparency colour key (a palette PNG's tRNS, as palette-optimising exports write that layer, or an L / RGB
+    PNG's) is such an alpha channel too."""
     with _open(path) as stored:
         img = oriented(stored)
+        if "transparency" in img.info and img.mode in ("1", "L", "P", "RGB"):
+            img = img.convert("LA" if img.mode in ("1", "L") else "RGBA")
         if img.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
             a = np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "RGBa", "PA") else "LA"))
             colour, alpha = a[..., :-1], a[..., -1]

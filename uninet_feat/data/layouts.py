@@ -25,8 +25,10 @@ Label folders and nesting (why: people file new images by date, ``good/2024-05-0
   ``test/crack/day1/`` and ``day2/``), and ``ground_truth/<label>/<subfolder>/`` is searched first.
 - ``validation/`` (``val`` CSV rows) is kept as split ``val``: `runs.train_val_samples` takes its normals as
   the validation normals.
-- What is still not used, images directly in ``root`` or in ``root/train``, or a folder beside the split
-  folders of (b), is named in one warning per folder instead of being dropped silently.
+- What is still not used, images directly in ``root``, in ``root/train`` or in a category folder of (b), a folder
+  beside the split folders of (b), or masks in a mask folder nothing reads (``masks/``, ``gt/``: masks are read
+  from ``ground_truth/``, beside their images, by ``mask_pattern`` or a CSV's mask column), is named in one
+  warning per folder instead of being dropped silently.
 
 Normal vs defect: the label is kept exactly as written; a sample is normal when its label is, case-
 insensitively, one of ``good``, ``normal``, ``ok``, ``free`` (the magnetic-tile data set calls its
@@ -271,7 +273,9 @@ def without_predict_outputs(samples, data, out=None) -> list:
 
 
 def _images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, minus masks kept beside them (``*_mask.*``, ``x.png`` beside ``x.jpg``)."""
+    """Image files directly in ``folder``, minus masks kept beside them (``x_mask.*`` beside an image ``x``, ``x.png``
+    beside ``x.jpg``). A ``face_mask.png`` with no image ``face`` beside it is an image (a product photographed), not
+    an orphan mask to drop without a word."""
     if not folder.is_dir():
         return []
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
@@ -282,7 +286,8 @@ def _images(folder: Path) -> list[Path]:
         _warn_unused(folder, f"{len(left)} file(s) not read ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
                              f"broken symlinks, or a type other than {', '.join(IMAGE_EXTENSIONS)} (convert to PNG)")
     non_png = {p.stem.lower() for p in files if p.suffix.lower() != ".png"}   # x.png beside X.JPG is its mask too
-    return sorted(p for p in files if not p.stem.lower().endswith("_mask")
+    stems = {p.stem.lower() for p in files}
+    return sorted(p for p in files if not (p.stem.lower().endswith("_mask") and p.stem.lower()[:-5] in stems)
                   and not (p.suffix.lower() == ".png" and p.stem.lower() in non_png))
 
 
@@ -296,10 +301,11 @@ def _subdirs(folder: Path) -> list[Path]:
                   and p.name.lower() not in SYSTEM_DIRS)
 
 
-def _images_under(folder: Path, _seen=None) -> list[Path]:
+def _images_under(folder: Path, pattern=None, _seen=None) -> list[Path]:
     """Images in the label folder ``folder`` and, recursively, its subfolders (storage, e.g. by date);
-    mask folders are left out, a symlink loop is followed once, and a symlink to a folder above it is not
-    followed (warned): ``good/up -> ..`` would make every other label's images normal ones."""
+    mask folders are left out (named when nothing reads them: no ``pattern``), a symlink loop is followed once, and
+    a symlink to a folder above it is not followed (warned): ``good/up -> ..`` would make every other label's
+    images normal ones."""
     seen = _seen if _seen is not None else set()
     real = os.path.realpath(folder)
     if real in seen:
@@ -308,12 +314,13 @@ def _images_under(folder: Path, _seen=None) -> list[Path]:
     out = _images(folder)
     for d in _subdirs(folder):
         if d.name.lower() in MASK_DIRS:
+            _warn_unread_masks(d, pattern)
             continue
         if d.is_symlink() and (real + os.sep).startswith(os.path.realpath(d) + os.sep):
             _warn_unused(d, f"a symlink to {os.path.realpath(d)}, a folder above it: not followed (its images "
                             "would take this folder's label)")
             continue
-        out += _images_under(d, seen)
+        out += _images_under(d, pattern, seen)
     return out
 
 
@@ -324,6 +331,17 @@ def _has_images(folder: Path) -> bool:
         if any(f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") for f in files):
             return True
     return False
+
+
+def _warn_unread_masks(folder: Path, pattern) -> None:
+    """Name a mask folder whose files nothing reads (``masks/``, ``gt/``, a ``ground_truth/`` where none is looked
+    for, any mask folder inside a label folder): its images are never images, and without a ``mask_pattern`` no
+    mask is looked for there, so evaluate left the pixel metrics out without a word."""
+    if not pattern and _has_images(folder):
+        _warn_unused(folder, "its masks are not read: masks are read only from ground_truth/<label>/ (beside the "
+                             "label or split folders), beside their images (<stem>_mask.png), by mask_pattern, or "
+                             "from a CSV's mask column (fix: move them into ground_truth/<label>/, or set "
+                             "mask_pattern in a --config file)")
 
 
 _WARNED: set[tuple[str, str]] = set()
@@ -415,7 +433,7 @@ def _warn_unmatched_masks(gt: Path, samples, more: str = "") -> None:
         return
     used = {os.path.realpath(s.mask) for s in samples if s.mask is not None}
     left = [Path(d) / f for d, _, files in sorted(os.walk(gt)) for f in sorted(files)
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            if f.lower().endswith(IMAGE_EXTENSIONS + OTHER_IMAGES) and not f.startswith(".")   # .gif: never read
             and os.path.realpath(Path(d) / f) not in used]
     if left:
         n_def = sum(not s.is_normal for s in samples)
@@ -444,12 +462,17 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
     def one(base: Path, group: str) -> list[Sample]:
         out = []
         gt = _masks_folder(base, seen)
+        if group and _images(base):   # the root's own are named by `discover`
+            _warn_unused(base, f"{len(_images(base))} image(s) directly in this category folder are not used "
+                               f"(move them into {base.name}/train/good/ or {base.name}/test/<label>/)")
         for split_dir in _subdirs(base):
             split = SPLITS.get(split_dir.name.lower())
             if not split:
                 if split_dir.name.lower() not in MASK_DIRS and _has_images(split_dir):
                     _warn_unused(split_dir, "not used: beside train/ and test/ only split folders "
                                             f"({', '.join(sorted(k for k in SPLITS if k))}) are read")
+                elif split_dir.name.lower() in MASK_DIRS and split_dir != gt:
+                    _warn_unread_masks(split_dir, pattern)
                 continue
             if _images(split_dir):
                 _warn_unused(split_dir, f"{len(_images(split_dir))} image(s) directly in this folder are not "
@@ -464,7 +487,7 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
                         _warn_unused(label_dir, f"not read as images: a mask folder belongs beside "
                                                 f"{split_dir.name}/, as {base.name or base}/ground_truth/<label>/")
                     continue
-                for p in _images_under(label_dir):
+                for p in _images_under(label_dir, pattern):
                     out.append(Sample(p, split, label_dir.name, _find_mask(p, label_dir.name, group, split_gt,
                                                                            pattern, seen, _subfolder(p, label_dir)),
                                       group))
@@ -487,6 +510,8 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
             if d not in cats and d.name.lower() not in MASK_DIRS and _has_images(d):
                 _warn_unused(d, "not used: beside category folders with train/ and test/, a folder without "
                                 "them is not read")
+            elif d.name.lower() in MASK_DIRS:   # each category's own ground_truth/ is read, not the root's
+                _warn_unread_masks(d, pattern)
     return [s for d in cats for s in one(d, d.name)]
 
 
@@ -502,25 +527,37 @@ def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
     def one_layout(base: Path, label_dirs: list, group: str) -> None:
         """Refuse a label folder of ``base`` that holds a normal-named folder: a ROOT/<group>/<label>/ layout
         one level down, whose normals would be read as defects of the label (``lineA/good/`` beside
-        ``lineA/cam2/good/``: cam2's normals become test defects)."""
-        first = next((d for d in label_dirs if d.name.lower() in NORMAL_LABELS or _images(d)), None)
+        ``lineA/cam2/good/``: cam2's normals become test defects). A folder that is a label only by the images
+        directly in it (a stray ``fab0/loose.png`` beside ``fab0/good/``) is named with one of them: the error said
+        fab0 made the layout one of labels, and never why."""
+        first = next((d for d in label_dirs if d.name.lower() in NORMAL_LABELS), None) or \
+            next((d for d in label_dirs if _images(d)), None)
         for d in label_dirs:
             inner = [x.name for x in _subdirs(d) if x.name.lower() in NORMAL_LABELS]
             if inner and d.name.lower() not in NORMAL_LABELS:
-                where = (f"{first} makes {base} " + ("a group of label folders" if group else
-                                                     "a ROOT/<label>/ layout")) if first is not None else \
-                    f"{base} is a group of ROOT/<group>/<label>/"
+                kind = "a group of label folders" if group else "a ROOT/<label>/ layout"
+                loose = _images(first) if first is not None and first.name.lower() not in NORMAL_LABELS else []
+                fix = "use one layout: move the label folders into group folders, or give a --split-csv"
+                if loose:
+                    where = (f"{first} holds {len(loose)} image(s) directly (e.g. {loose[0].name}), so it counts as "
+                             f"a label folder and makes {base} {kind}")
+                    fix = f"move them into {first}/<label>/ (or remove them); or {fix}"
+                else:
+                    where = f"{first} makes {base} {kind}" if first is not None else \
+                        f"{base} is a group of ROOT/<group>/<label>/"
                 raise BadInputError(
                     f"{d} holds a `{inner[0]}` folder, as if it were a group (ROOT/<group>/<label>/), but {where}, "
-                    f"where {d.name} would be one defect label and its `{inner[0]}` images defects",
-                    path=d, fix="use one layout: move the label folders into group folders, or give a --split-csv")
+                    f"where {d.name} would be one defect label and its `{inner[0]}` images defects", path=d, fix=fix)
 
     labels = [d for d in firsts if is_label(d)]
+    gt = _masks_folder(root, seen) if labels else None   # a group layout reads each group's ground_truth/ only
+    for d in _subdirs(root):
+        if d.name.lower() in MASK_DIRS and d != gt:
+            _warn_unread_masks(d, pattern)
     if labels:  # root/<label>/**
         one_layout(root, firsts, "")
-        gt = _masks_folder(root, seen)
         out = [Sample(p, "", d.name, _find_mask(p, d.name, "", gt, pattern, seen, _subfolder(p, d)), "")
-               for d in firsts for p in _images_under(d)]
+               for d in firsts for p in _images_under(d, pattern)]
         if not pattern:
             _warn_unmatched_masks(gt, out)
         return out
@@ -529,9 +566,12 @@ def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
         lds = [ld for ld in _subdirs(g) if ld.name.lower() not in MASK_DIRS]
         one_layout(g, lds, g.name)
         gt, mine = _masks_folder(g, seen), []
+        for ld in _subdirs(g):
+            if ld.name.lower() in MASK_DIRS and ld != gt:
+                _warn_unread_masks(ld, pattern)
         for ld in lds:
             mine += [Sample(p, "", ld.name, _find_mask(p, ld.name, g.name, gt, pattern, seen, _subfolder(p, ld)),
-                            g.name) for p in _images_under(ld)]
+                            g.name) for p in _images_under(ld, pattern)]
         if not pattern:
             _warn_unmatched_masks(gt, mine)
         out += mine
@@ -608,8 +648,16 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
                                             f"{mask_of[m_real][0]} ({mask_of[m_real][1]})", path=csv_path,
                                             fix="give each image its own mask file")
                     mask_of[m_real] = (line, row["path"])
-            else:
+            else:   # found by mask_pattern or beside the image: checked as the folder layouts check theirs
                 mask = _find_mask(p, row["label"], group, None, pattern)
+                m_key = os.path.abspath(mask) if mask is not None else None   # lexical: `_check_one_image_per_mask`
+                if m_key in mask_of:
+                    raise BadInputError(f"line {line}: {mask} was found as the mask of both {mask_of[m_key][1]} "
+                                        f"(line {mask_of[m_key][0]}) and {row['path']}", path=csv_path,
+                                        fix="give each image its own mask: a `mask` column naming each image's, or "
+                                            "a mask_pattern that names one file per image (rename the images apart)")
+                if m_key is not None:
+                    mask_of[m_key] = (line, row["path"])
             out.append(Sample(p, split, row["label"], mask, group))
     for g, blank in blank_split.items():   # a group all blank gets a drawn split (`runs.assign_splits`)
         if len(blank) < n_rows[g]:
