@@ -2,6 +2,7 @@
 split (more of them, or today's production), never from images it trained on, and said when they are test images."""
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -234,3 +235,130 @@ def test_another_split_csv_that_draws_training_images_as_validation_normals_is_r
     assert "--normals DIR" in err and (run / "calibration.json").read_text() == before
     assert main(["calibrate", "--run", str(run), "--split-csv", str(a), "--quiet"]) == 0   # its own split: the same
     assert json.loads((run / "calibration.json").read_text())["val_paths"] == json.loads(before)["val_paths"]
+
+
+def _split(data, path, val_rows, train_rows=None):
+    """A split CSV over ``data``: ``val_rows`` as `val` normals, ``train_rows`` (default: every train/good image) as
+    `train` ones and the test images as `test` rows, less those among ``val_rows``."""
+    val_rows = [str(p.relative_to(data)) for p in val_rows]
+    train_rows = [str(p.relative_to(data)) for p in (train_rows or sorted((data / "train" / "good").glob("*.png")))]
+    rows = [f"{p},val,good" for p in val_rows] + [f"{p},train,good" for p in train_rows if p not in val_rows]
+    rows += [f"{p.relative_to(data)},test,{p.parent.name}" for p in sorted((data / "test").glob("*/*.png"))
+             if str(p.relative_to(data)) not in val_rows]
+    path.write_text("\n".join(["path,split,label"] + rows) + "\n")
+    return path
+
+
+def test_a_split_csv_whose_validation_rows_are_the_runs_test_images_is_warned_and_counted(trained, tmp_path):
+    """`calibrate --split-csv B.csv` whose `val` rows are the test normals of the run's own split set the threshold
+    on test images: calibration.json recorded nothing and `evaluate` neither warned nor counted them (it compared
+    only `--normals` folders with the test set)."""
+    data, run, _ = trained
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    other = _split(data, tmp_path / "other.csv", sorted((data / "test" / "good").glob("*.png")))
+    with pytest.warns(UserWarning, match=r"3 of the 3 validation normals .*other.csv draws are test images of the "
+                                         r"run's own split"):
+        assert main(["calibrate", "--run", str(work), "--split-csv", str(other), "--quiet"]) == 0
+    cal = json.loads((work / "calibration.json").read_text())
+    assert sorted(cal["val_paths"]) == sorted(str(p.resolve()) for p in (data / "test" / "good").glob("*.png"))
+    with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals the run's threshold was set on "
+                                         r"\(the validation rows of the split CSV") as got:
+        assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["threshold_set_on_test_images"] == 3
+    assert any("without --split-csv" in str(w.message) for w in got)
+    # the run's own held-out split: no test image among its normals, nothing said
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        assert main(["evaluate", "--run", str(run), "--json", str(tmp_path / "o.json"), "--quiet"]) == 0
+    assert "threshold_set_on_test_images" not in json.loads((tmp_path / "o.json").read_text())
+    assert not [w for w in got if "test image(s) are among" in str(w.message)]
+
+
+def test_a_split_csv_drawing_training_images_is_refused_also_when_the_data_moved(tmp_path, capsys):
+    """`calibrate --data NEW --split-csv NEW/B.csv` after the run's data moved: the trained-on check read the run's
+    split at its old place, could not, and passed silently (B drew 3 images the run trained on); now it reads it
+    under --data, and says so when the run's own data cannot be read at all."""
+    data = write_texture_set(tmp_path / "d", n_train=10, n_good=2, n_bad=2, size=32)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--image-size", "32", "--val-fraction", "0.3", "--seed", "1",
+                                         "--out", str(run)]) == 0
+    before = json.loads((run / "calibration.json").read_text())
+    held_out = set(before["val_paths"])
+    fit = [p for p in sorted((data / "train" / "good").glob("*.png")) if str(p.resolve()) not in held_out]
+    _split(data, data / "b.csv", fit[:3])
+    moved = tmp_path / "moved"
+    shutil.move(str(data), str(moved))
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(run), "--data", str(moved), "--split-csv", str(moved / "b.csv"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "3 of the 3 validation normals this split draws are images the run was trained on" in err
+    assert json.loads((run / "calibration.json").read_text()) == before
+    # without --data the run's split is not readable: said, not passed over (B's rows absolute: it still reads)
+    absolute = tmp_path / "abs.csv"
+    val = [moved / p.relative_to(data) for p in fit[:3]]   # trained on: what the check would refuse
+    absolute.write_text("\n".join(["path,split,label"] + [f"{p},val,good" for p in val] + [
+        f"{p},train,good" for p in sorted((moved / "train" / "good").glob("*.png")) if p not in val]) + "\n")
+    with pytest.warns(UserWarning, match="could not check that the validation normals .*abs.csv draws are not "
+                                         "images the run was trained on"):
+        assert main(["calibrate", "--run", str(run), "--split-csv", str(absolute), "--quiet"]) == 0
+
+
+def test_given_normals_keep_their_layouts_group_and_other_groups_are_refused(tmp_path):
+    """A run of group A took every given normal for group A's, so a folder laid out by group (N/A/good, N/B/good) let
+    group B's normals set A's threshold; a run of a list of groups (`group: [A, B]`) took the list itself for each
+    image's group (a TypeError in calibrate). Now: group-less images are the run's one group's, a layout's group is
+    kept, a group the run was not trained on is refused, and group-less images for a list are refused."""
+    from uninet_feat.calibration import given_normals
+    from uninet_feat.errors import BadInputError
+    by_group = tmp_path / "n"
+    for g in "AB":
+        write_texture_set(by_group / g, n_train=2, n_good=0, n_bad=0, size=32)
+    flat = by_group / "A" / "train" / "good"
+    with pytest.raises(BadInputError, match=r"2 of the 4 images here are of group\(s\) B by their layout") as e:
+        given_normals(by_group, {"group": "A"})
+    assert "group A's normals only" in str(e.value) and str(by_group / "A") in str(e.value)
+    assert {s.group for s in given_normals(by_group / "A", {"group": "A"})} == {"A"}
+    assert {s.group for s in given_normals(flat, {"group": "A"})} == {"A"}   # a flat folder: the run's group
+    got = given_normals(by_group, {"group": ["A", "B"]})
+    assert sorted(s.group for s in got) == ["A", "A", "B", "B"]
+    with pytest.raises(BadInputError, match=r"group\(s\) B .* trained on group\(s\) A, C only"):
+        given_normals(by_group, {"group": ["A", "C"]})
+    with pytest.raises(BadInputError, match="trained on groups A, B, and images here are of no group") as e:
+        given_normals(flat, {"group": ["A", "B"]})
+    assert "laid out by group" in str(e.value)
+
+
+def test_a_run_of_a_list_of_groups_calibrates_on_normals_laid_out_by_group(tmp_path):
+    """`calibrate --normals DIR` of a run trained on `group: [A, B]` crashed (unhashable type: 'list')."""
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    data = tmp_path / "d"
+    for i, g in enumerate("ABC"):
+        write_texture_set(data / g, n_train=6, n_good=1, n_bad=1, size=32, seed=i)
+    run = tmp_path / "run"
+    train(load_config(None, {"data": str(data), "group": ["A", "B"], "backbone": "tiny", "weights": "random",
+                             "image_size": 32, "epochs": 1, "batch_size": 4, "val_fraction": 0.3,
+                             "channels_last": False}), run, quiet=True)
+    normals = tmp_path / "n"
+    for i, g in enumerate("AB"):
+        write_texture_set(normals / g, n_train=2, n_good=0, n_bad=0, size=32, seed=7 + i)
+    assert main(["calibrate", "--run", str(run), "--normals", str(normals), "--quiet"]) == 0
+    cal = json.loads((run / "calibration.json").read_text())
+    assert sorted(cal["val_groups"]) == ["A", "A", "B", "B"] and cal["trained_groups"] == ["A", "B"]
+
+
+def test_the_warning_says_the_pixel_figures_rest_on_test_normals_in_range_units(trained, tmp_path):
+    """A run whose pixel map is in range units takes them on its calibration normals: calibrated on test normals,
+    its pixel figures move too, and the warning said "the pixel figures do not use it"."""
+    data, run, _ = trained
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    assert main(["calibrate", "--run", str(work), "--normals", str(data / "test" / "good"), "--map-norm", "range",
+                 "--quiet"]) == 0
+    with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals") as got:
+        assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    said = [str(w.message) for w in got if "test image(s) are among" in str(w.message)]
+    assert "the pixel figures rest on those normals too, the pixel map's range units" in said[0]
+    assert "the pixel figures do not use it" not in said[0]

@@ -982,6 +982,14 @@ def test_a_regrouped_image_of_a_position_scored_run_has_its_shard_redone(positio
     np.testing.assert_allclose(store.scores[3:6], first[3:6] - 0.5, atol=1e-5)
 
 
+def _without_tiles_digest(run):
+    """The run's calibration.json as written before it recorded its tiles' digest (session 38): a tile file changed
+    beside it is then taken as it is, and only a store's fingerprint tells the two calibrations apart."""
+    cal = json.loads((run / "calibration.json").read_text())
+    cal["tile_offsets"].pop("tile_neighbours_sha256")
+    (run / "calibration.json").write_text(json.dumps(cal))
+
+
 def test_an_extract_after_the_neighbours_tiles_changed_is_refused_not_mixed(position_run, tmp_path, monkeypatch):
     """Under tile_norm: neighbours a tile's score is less the median of its nearest training tiles', kept in
     tile_neighbours.npz beside calibration.json, which names that file but not its content: the store's
@@ -994,6 +1002,7 @@ def test_an_extract_after_the_neighbours_tiles_changed_is_refused_not_mixed(posi
     run, samples = position_run
     c = _copy_run(run, tmp_path / "run")
     assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
+    _without_tiles_digest(c)   # a calibration.json of this run names its tiles' digest: another file is refused
     tiles = c / "tile_neighbours.npz"
     cal, original = (c / "calibration.json").read_bytes(), Neighbours.load(tiles)
     f = tmp_path / "f"
@@ -1023,6 +1032,7 @@ def test_a_predict_pass_resumed_after_the_neighbours_tiles_changed_scores_again(
     run, samples = position_run
     c = _copy_run(run, tmp_path / "run")
     assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
+    _without_tiles_digest(c)
     tiles = c / "tile_neighbours.npz"
     first = Extractor(run=c).extract(samples, parts=tmp_path / "parts")
     original = Neighbours.load(tiles)

@@ -731,3 +731,31 @@ def test_predict_and_the_detector_give_a_position_normed_run_the_same_scores_to_
     det = {str(Path(d.path).resolve()): (d.score, d.flagged)
            for d in Detector(r, max_fpr=0.5).score(sorted(got), maps=False)}
     assert got == det   # exact, not approx
+
+
+def test_a_neighbours_file_of_another_calibration_beside_calibration_json_is_refused(run, tmp_path):
+    """`calibrate` writes tile_neighbours.npz, then calibration.json: killed between the two, the new training tiles
+    sat beside the old offsets and threshold and were used silently. calibration.json records their digest now; a
+    file without it (written before) is taken as it is."""
+    import shutil
+    from uninet_feat.positions import Neighbours
+    data, r = run
+    c = tmp_path / "nb"
+    shutil.copytree(r, c)
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
+    cal = json.loads((c / "calibration.json").read_text())
+    near = Neighbours.load(c / cal["tile_offsets"]["file"])
+    assert cal["tile_offsets"]["tile_neighbours_sha256"] == near.digest()
+    evaluate(c, quiet=True)   # its own pair: accepted
+    for t in near.groups.values():   # another calibration's tiles, as a kill before calibration.json leaves them
+        t["scores"] = t["scores"] + 0.5
+    near.save(c / cal["tile_offsets"]["file"])
+    with pytest.raises(BadInputError, match="tile_neighbours.npz is not the one its calibration.json was made") as e:
+        evaluate(c, quiet=True)
+    assert f"uninet-feat calibrate --run {c}" in str(e.value)
+    old = {**cal, "tile_offsets": {k: v for k, v in cal["tile_offsets"].items() if k != "tile_neighbours_sha256"}}
+    (c / "calibration.json").write_text(json.dumps(old))   # from before the digest: not checked
+    evaluate(c, quiet=True)
+    (c / "calibration.json").write_text(json.dumps(cal))
+    assert main(["calibrate", "--run", str(c), "--quiet"]) == 0   # the fix: a pair again
+    evaluate(c, quiet=True)

@@ -114,9 +114,10 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     cal.update(_normals_record(cfg))
     if offsets is not None:
         near = offsets.pop("neighbours", None)
-        if near is not None:   # the tiles' scores and contexts beside calibration.json, written first
-            near.save(Path(out) / NEIGHBOURS_FILE)
+        if near is not None:   # the tiles' scores and contexts beside calibration.json, written first; their
+            near.save(Path(out) / NEIGHBOURS_FILE)   # digest pairs the two (a kill between them: refused on load)
             offsets["file"] = NEIGHBOURS_FILE
+            offsets["tile_neighbours_sha256"] = near.digest()
         cal["tile_offsets"] = offsets
     if (Path(out) / "model.pt").exists():   # which model.pt it belongs to: a later one makes it stale
         from .featstore import file_sha256
@@ -357,7 +358,8 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
     its model.pt (they were chosen for that model; another epoch's model keeps all levels, raw). With the run's
     ``cfg``, a missing or unreadable calibration.json that the config relies on (`needs_calibration`) is an error:
     a training stopped after its last epoch but before calibrating leaves such a run; so is one calibrated for
-    another model.pt (``model_sha256``: a resumed training stopped between its new model.pt and calibrating)."""
+    another model.pt (``model_sha256``: a resumed training stopped between its new model.pt and calibrating), and a
+    tile_neighbours.npz of another calibration (``tile_neighbours_sha256``: a calibrate stopped between the two)."""
     if Path(model_path).resolve() != (Path(run) / "model.pt").resolve():
         return
     cal = saved_calibration(run)
@@ -387,7 +389,14 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
     model.cfg["tile_neighbours"] = None
     if rec.get("offsets") and rec.get("mode") == "neighbours":
         from .positions import Neighbours
-        model.cfg["tile_neighbours"] = Neighbours.load(Path(run) / rec.get("file", NEIGHBOURS_FILE))
+        near = Neighbours.load(Path(run) / rec.get("file", NEIGHBOURS_FILE))
+        if cfg is not None and rec.get("tile_neighbours_sha256") not in (None, near.digest()):   # older: not said
+            raise BadInputError("the run's tile_neighbours.npz is not the one its calibration.json was made with "
+                                "(its training tiles were written by a calibrate stopped before calibration.json, or "
+                                "the file was replaced): its offsets and threshold belong to other tiles",
+                                path=Path(run) / rec.get("file", NEIGHBOURS_FILE),
+                                fix=f"`uninet-feat calibrate --run {run}`")
+        model.cfg["tile_neighbours"] = near
     from .scoring import map_in_score_units
     if cfg is not None and rec.get("offsets") and not rec.get("map_offsets") and not map_in_score_units(model.cfg):
         levels = model.cfg["map_levels"]
@@ -471,8 +480,9 @@ def validation_normals(cfg: dict) -> list:
 
 
 def given_normals(folder, cfg: dict) -> list:
-    """Every image under ``folder`` (or that one image) as a validation normal of the run's group (a run of several
-    groups: of the group the folder's layout gives it, e.g. ``DIR/<group>/train/good``). Refused: a folder
+    """Every image under ``folder`` (or that one image) as a validation normal of the group the folder's layout gives
+    it (e.g. ``DIR/<group>/train/good``), or when it gives none the run's one group. Refused: images of a group the
+    run was not trained on (`group:` a name or a list) and, for a run of several named groups, images of none; a folder
     that is gone (named as the run's calibration normals, with the ways back), and images its layout marks as
     defects (a defect label folder such as ``test/crack/``, or a mask beside the image): taken for normals, they
     would raise the threshold above defects (an all-zero mask, as magnetic tile's MT_Free has, is a normal's)."""
@@ -491,11 +501,29 @@ def given_normals(folder, cfg: dict) -> list:
         raise BadInputError(f"{len(bad)} of the {len(found)} images here are defect images by their layout (e.g. "
                             f"{bad[0].path}: {why}), not normals", path=folder,
                             fix="pass a folder of normal images only (e.g. test/good, not test)")
-    only = cfg.get("group")
-    if only is None and any(not s.group for s in found):   # a flat folder for a run of one group is that group's
-        trained = _trained_groups(cfg)                     # (it counted as a second group, of no name, with 0 normals)
+    run_groups = cfg.get("group")   # a name, or a list of them (`group: [A, B]`); None: every group of the data
+    named = [run_groups] if isinstance(run_groups, str) and run_groups else list(run_groups or [])
+    other = [s for s in found if s.group and named and s.group not in named]
+    if other:   # another group's normals would set this group's threshold
+        names = sorted({s.group for s in other})
+        raise BadInputError(f"{len(other)} of the {len(found)} images here are of group(s) {', '.join(names)} by "
+                            f"their layout (e.g. {other[0].path}), and the run was trained on group(s) "
+                            f"{', '.join(named)} only: their scores would set its threshold", path=folder,
+                            fix=(f"pass group {named[0]}'s normals only (e.g. {Path(folder) / named[0]}, or a folder "
+                                 "of them not laid out by group)" if len(named) == 1 else
+                                 f"pass normals of groups {', '.join(named)} only, laid out by group") +
+                                ", or calibrate a run trained on the other groups")
+    only = named[0] if len(named) == 1 else None   # group-less images are the run's one group's
+    if not named and any(not s.group for s in found):   # a flat folder for a run of one group is that
+        trained = _trained_groups(cfg)   # group's (it counted as a second group, of no name, with 0 normals)
         only = trained[0] if len(trained) == 1 else None
-    return [replace(s, split="val", label="good", mask=None, group=only or s.group) for s in found]
+    elif only is None and any(not s.group for s in found):   # several groups: whose normal each is, unknown
+        loose = next(s for s in found if not s.group)
+        raise BadInputError(f"the run was trained on groups {', '.join(named)}, and images here are of no group "
+                            f"(e.g. {loose.path}): which group's threshold each sets is unknown", path=folder,
+                            fix="pass a folder laid out by group (DIR/<group>/..., e.g. "
+                                f"{Path(folder) / named[0] / 'good'})")
+    return [replace(s, split="val", label="good", mask=None, group=s.group or only) for s in found]
 
 
 def with_calibration_normals(cfg: dict, run) -> dict:
@@ -621,7 +649,7 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     if cfg.get("calibration_normals"):
         check_given_normals(val, cfg, cfg["calibration_normals"])
     elif split_csv is not None:   # another split draws other validation normals: the run may have trained on some
-        _check_not_trained_on(val, dict(ckpt["config"]), split_csv)
+        _check_not_trained_on(val, dict(ckpt["config"]), split_csv, data, run)
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
@@ -636,13 +664,26 @@ def _stale(run) -> bool:
     return bool(cal.get("model_sha256")) and cal["model_sha256"] != file_sha256(run_path(run, "model.pt"))
 
 
-def _check_not_trained_on(val: list, trained_cfg: dict, split_csv) -> None:
+def _check_not_trained_on(val: list, trained_cfg: dict, split_csv, data=None, run=None) -> None:
     """Refuse validation normals drawn from another split CSV that the run trained on (``trained_cfg``: the run's
-    own config, whose split says what it trained on): a CSV with more training rows draws some of the old ones."""
+    own config, whose split says what it trained on, read under ``data`` when its data moved there): a CSV with more
+    training rows draws some of the old ones. Warn when some are the run's own test images: its test figures at
+    that threshold are then optimistic (`evaluate` counts them), as with `--normals` given test normals."""
     from .runs import load_samples, train_val_samples
+    own = dict(trained_cfg)
     try:
-        fit = train_val_samples(load_samples(trained_cfg), trained_cfg)[0]
-    except (BadInputError, OSError):   # the run's own data is gone or moved: nothing to compare with
+        if data:   # its split CSV with it, as `recalibrate` moves the run's own
+            own["data"] = data
+            if own.get("split_csv"):
+                own["split_csv"] = moved_split_csv(own["split_csv"], trained_cfg["data"], data, run)
+        samples = load_samples(own)
+        fit = train_val_samples(samples, own)[0]
+    except (BadInputError, OSError) as e:   # said: the threshold may rest on training images
+        why = f"{e.path}: {e.reason}" if isinstance(e, BadInputError) and e.path else getattr(e, "reason", e)
+        warnings.warn(f"{run}: could not check that the validation normals {split_csv} draws are not images the run "
+                      f"was trained on, since its own data is not readable ({why}). Fix: pass --data where the run's "
+                      "training data is now, or calibrate on normals it never saw (`uninet-feat calibrate --run RUN "
+                      "--normals DIR`)")
         return
     same = same_files([v.path for v in val], [t.path for t in fit])
     if same:
@@ -651,6 +692,13 @@ def _check_not_trained_on(val: list, trained_cfg: dict, split_csv) -> None:
                             "flag more new normals than it says", path=split_csv,
                             fix="calibrate with the run's own split (drop --split-csv), or on normals it never saw: "
                                 "`uninet-feat calibrate --run RUN --normals DIR`")
+    tested = same_files([v.path for v in val], [t.path for t in samples if t.split == "test"])
+    if tested:
+        warnings.warn(f"{len(tested)} of the {len(val)} validation normals {split_csv} draws are test images of the "
+                      f"run's own split (e.g. {tested[0]}): recall and false-positive rate at a threshold set on them "
+                      "are optimistic on that test set (`evaluate` counts them). Fix: calibrate with the run's own "
+                      "split (drop --split-csv), or on normals it never saw (`uninet-feat calibrate --run RUN "
+                      "--normals DIR`)")
 
 
 def moved_split_csv(own_csv, old_root, new_root, run) -> str:

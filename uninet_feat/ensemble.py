@@ -226,7 +226,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     per_image = thresholds_of([x.group for x in samples], thr, by_group)
     labels = np.array([0 if x.is_normal else 1 for x in samples])
     # a member calibrated on test normals (`calibrate --normals`) makes its share of the threshold optimistic
-    shared = {m.run: n for m in members if (n := _threshold_set_on_test(m.run, samples))}
+    shared = {m.run: n for m in members if (n := _threshold_set_on_test(m.run, samples, range_units=True))}
     has_masks = sink is not None and any(x.mask is not None for x in samples)
     if not pixels and masked:
         bare = [m.run for m in members if m.rng is None]

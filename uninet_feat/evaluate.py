@@ -220,7 +220,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     pooled_for_unknown_groups([s.group for s in test], by_group)   # e.g. --data of other groups: warned
     per_image = thresholds_of([s.group for s in test], threshold, by_group)   # NaN: no threshold, nothing flagged
     # a threshold set on normals (model.pt's, or another checkpoint's on the same ones), not a given --threshold
-    shared = _threshold_set_on_test(run, test) if threshold is not None and cfg.get("threshold") is None else 0
+    shared = _threshold_set_on_test(run, test, other) if threshold is not None and cfg.get("threshold") is None else 0
     if shared:
         report["threshold_set_on_test_images"] = shared
     if threshold is not None:
@@ -401,19 +401,28 @@ def _second_scorer(prep: dict, cfg: dict, test, labels, wdm, rows, res: dict, gr
     return out
 
 
-def _threshold_set_on_test(run, test) -> int:
+def _threshold_set_on_test(run, test, other_model: bool = False, range_units: bool = False) -> int:
     """How many test images are among the normals the run's threshold was set on (`calibrate --normals` given the
-    test normals, say); warned: recall and false-positive rate at that threshold are then optimistic."""
+    test normals, or `calibrate --split-csv` whose validation rows are test images, say); warned: recall and
+    false-positive rate at that threshold are then optimistic, and so are the pixel figures of model.pt when its
+    pixel map's range units or label-free choice were taken on them (``other_model``: another epoch's model,
+    whose map is all levels, raw; ``range_units``: the maps are taken in the run's range units whatever its config,
+    as an ensemble's are)."""
     from .calibration import saved_calibration, same_files
     cal = saved_calibration(run) or {}
-    if not cal.get("calibration_normals"):   # the held-out split is part of the training split, never of test
-        return 0
     shared = same_files([s.path for s in test], cal.get("val_paths", []))   # also copies: `cp test/good/* DIR`
     if shared:
+        given = cal.get("calibration_normals")
+        on = [] if other_model else [w for w, k in (("range units", "map_norm"), ("choice", "pixel_map_choice"))
+                                     if cal.get(k) or (k == "map_norm" and range_units)]
+        pixel = (f"AUROC and AP do not use it; the pixel figures rest on those normals too, the pixel map's "
+                 f"{' and '.join(on)} being taken on them" if on else
+                 "AUROC, AP and the pixel figures do not use it")
         warnings.warn(f"{len(shared)} test image(s) are among the normals the run's threshold was set on "
-                      f"({cal['calibration_normals']}; e.g. {shared[0]}): recall and false-positive rate at that "
-                      "threshold are optimistic (AUROC, AP and the pixel figures do not use it). Fix: `uninet-feat "
-                      f"calibrate --run {run} --normals` a folder without test images, or --threshold / --max-fpr")
+                      f"({given or 'the validation rows of the split CSV it was calibrated with'}; e.g. {shared[0]}): "
+                      f"recall and false-positive rate at that threshold are optimistic ({pixel}). Fix: `uninet-feat "
+                      f"calibrate --run {run} --normals` a folder without test images"
+                      + ("" if given else ", or without --split-csv (its own split)") + ", or --threshold / --max-fpr")
     return len(shared)
 
 
