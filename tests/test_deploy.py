@@ -215,3 +215,20 @@ def test_an_exported_tiled_run_with_a_map_of_other_units_takes_the_maps_own_offs
     for p, (m, s, _), d in zip(paths, _run_onnx(tmp_path / "m", paths), Detector(tmp_path / "run").score(paths)):
         assert abs(float(s[0]) - d.score) < 1e-4 * max(1.0, abs(d.score)), p.name
         np.testing.assert_allclose(m[0], d.map, atol=1e-4)
+
+
+def test_an_interrupted_export_keeps_the_folders_model_json_beside_its_model_onnx(plain, tmp_path, monkeypatch):
+    """The run's model.pt was hashed and its pixel threshold read after the new model.onnx had replaced the old and
+    model.json had been removed: an export stopped there left a model.onnx without its model.json. Both are read
+    before now, so a stop leaves the previous pair as it was."""
+    _, run, _ = plain
+    out = tmp_path / "m"
+    assert export_model(run, out, check=False)["onnx_sha256"]
+    before = {n: (out / n).read_bytes() for n in ("model.onnx", "model.json", "run_config.yaml")}
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt("stopped")
+    monkeypatch.setattr("uninet_feat.predict.default_pixel_threshold", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(run, out, opset=18, check=False)
+    assert {n: (out / n).read_bytes() for n in before} == before

@@ -54,6 +54,19 @@ def test_skip_bad_scores_past_a_chunk_of_only_unreadable_images(run):
         Detector(r).score(broken)
 
 
+def test_the_overlay_of_a_skipped_image_says_it_was_unreadable(run):
+    """Its map is None because skip_bad skipped it, not because maps=False was asked for, which the error said."""
+    r, (good, _), broken = run
+    det = Detector(r, skip_bad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the skip is warned of
+        ok, bad = det.score([good, broken])
+    assert det.overlay(ok).shape[-1] == 3
+    with pytest.raises(BadInputError, match="could not be read, so skip_bad skipped it") as e:
+        det.overlay(bad)
+    assert str(broken) in str(e.value) and "maps=False" not in str(e.value)
+
+
 def test_integer_pil_modes_score_as_their_files(run, tmp_path):
     """Mode I (32-bit) and I;16L went to PNG, which Pillow cannot write, and were refused with a convert() fix that
     clips 32-bit values; as TIFF they score as their file does."""

@@ -208,6 +208,8 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     probe = torch.rand(3, 3, ex_h, ex_w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():   # before the export, which leaves the module's tensors in its own state
         want = [t.numpy().copy() for t in graph(probe)]
+    # read before the export: once the new model.onnx is in place, only a dict stands between it and its model.json
+    model_sha, pixel_thr = file_sha256(run_path(run, "model.pt")), default_pixel_threshold(run, model)
     t0 = time.perf_counter()
 
     done: dict = {}
@@ -230,7 +232,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     export_s, checked = done["export_s"], done["check"]
     info = {
         "format": "onnx", "opset": opset, "uninet_feat": __version__, "torch": torch.__version__,
-        "run": str(run.resolve()), "model_sha256": file_sha256(run_path(run, "model.pt")),
+        "run": str(run.resolve()), "model_sha256": model_sha,
         "onnx_sha256": done["sha"], "export_seconds": round(export_s, 1),
         "input": {"name": INPUT, "decode": DECODE,
                   "shape": ["N", 3, ex_h, ex_w] if grid is not None else ["N", 3, "H", "W"],
@@ -254,7 +256,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                              "threshold it for defect masks)"})},
         "threshold": thr, "threshold_rule": thr_rule, **({"group_thresholds": by_group} if by_group else {}),
         "flag": "score > threshold",
-        "pixel_threshold": default_pixel_threshold(run, model),
+        "pixel_threshold": pixel_thr,
         "defect_mask": "map > pixel_threshold",
         "tiling": None if grid is None else {
             "tile": list(grid.tile), "overlap": grid.overlap, "origins_yx": [list(o) for o in grid.origins],
@@ -263,8 +265,10 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
         "check": checked,
     }
     atomic_write_text(out / "model.json", json.dumps(info, indent=2))
-    if (run / "config.yaml").exists():   # the run's settings beside its model (the command's own
-        shutil.copyfile(run_path(run, "config.yaml"), out / "run_config.yaml")   # config.yaml is the CLI's)
+    if (run / "config.yaml").exists():   # the run's settings beside its model (the command's own config.yaml is the CLI's)
+        atomic_write(out / "run_config.yaml", lambda tmp: shutil.copyfile(run_path(run, "config.yaml"), tmp))
+    else:   # never another run's settings beside this model
+        (out / "run_config.yaml").unlink(missing_ok=True)
     return info
 
 

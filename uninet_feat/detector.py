@@ -292,6 +292,9 @@ class Detector:
         from .errors import BadInputError
         from .overlay import display_range, heatmap_overlay
         from .scoring import pixel_map_kind
+        if detection.map is None and not np.isfinite(detection.score):   # skip_bad's NaN row: nothing was scored
+            raise BadInputError(f"{detection.path}: the image could not be read, so skip_bad skipped it and there is "
+                                "no map to draw", fix="re-export the image (or leave it out) and score it again")
         if detection.map is None:
             raise BadInputError(f"{detection.path}: scored with maps=False, so there is no map to draw",
                                 fix="score it with maps=True (the default)")
