@@ -82,6 +82,7 @@ def test_extract_killed_mid_run_resumes_to_the_same_store(tmp_path):
     data = write_texture_set(tmp_path / "d", n_train=40, n_good=10, n_bad=10)
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), *TRAIN, "--epochs", "1", "--out", str(run)]) == 0
+    torch.set_num_threads(1)   # extract scores at the process's thread count (it has no --threads): the child's
     args = ["extract", "--data", str(data), "--run", str(run), "--patches", "--shard-size", "2", "--quiet"]
     killed = tmp_path / "killed"
     proc = _start(args + ["--out", str(killed)])
@@ -176,3 +177,55 @@ def test_a_run_folder_takes_one_writer_and_sheds_a_killed_writes_temp_files(tmp_
     assert live.exists() and not gone.exists()
     assert main(args[:-2] + ["--image-size", "40", "--out", str(tmp_path / "new")]) == 2   # refused before writing
     assert not (tmp_path / "new").exists()
+
+
+def test_a_resume_refuses_a_data_folder_whose_split_changed(tmp_path, capsys):
+    """The validation split is drawn from the sorted training normals, so an image added to train/good redrew it on
+    resume: a normal the first epochs trained on became a validation normal (threshold, selection). A resume now
+    compares the split with the one checkpoint.pt saved and refuses another, naming the images; a checkpoint from
+    before the split was saved is resumed as it is."""
+    import shutil
+    data = write_texture_set(tmp_path / "d", n_train=10, n_good=1, n_bad=1)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), *TRAIN, "--val-fraction", "0.3", "--epochs", "1", "--out", str(run)]
+    assert main(args) == 0
+    saved = read_checkpoint(run / "checkpoint.pt")
+    assert saved["split"] == read_checkpoint(run / "model.pt")["split"]   # plain str/int: weights_only reads it
+    assert saved["split"]["n_fit"] == 7 and len(saved["split_paths"]["val"]) == 3
+    good = data / "train" / "good"
+    shutil.copy(good / "001.png", good / "new.png")
+    (good / "009.png").rename(tmp_path / "009.png")
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "added 1 (train/good/new.png)" in err and "removed 1 (train/good/009.png)" in err
+    assert "restore the data folder as it was, or train a new run with a new --out" in err
+    assert read_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+    old = {k: v for k, v in saved.items() if k not in ("split", "split_paths")}   # a run from before: not compared
+    torch.save(old, run / "checkpoint.pt")
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert read_checkpoint(run / "model.pt")["epoch"] == 2
+
+
+def test_a_resume_may_change_the_memory_options_that_train_the_same_model(tmp_path):
+    """grad_checkpointing, step_in_backward and cache_images save memory and train the same model (AdamW's state
+    moves between the per-parameter and the plain optimisers), so a resume takes them, either way, and gives a
+    model equal tensor for tensor to an uninterrupted plain run; they were refused."""
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1, size=32)
+
+    def cfg(epochs, **kw):
+        return load_config(None, {"data": str(data), "backbone": "tiny", "weights": "random", "image_size": 32,
+                                  "epochs": epochs, "batch_size": 3, "seed": 3, "threads": 1, "val_fraction": 0.25,
+                                  "channels_last": False, **kw})
+    lean = {"grad_checkpointing": True, "step_in_backward": True, "cache_images": False}
+    plain = {k: not v for k, v in lean.items()}
+    train(cfg(3), tmp_path / "plain", quiet=True)
+    ref = read_checkpoint(tmp_path / "plain" / "model.pt")["state_dict"]
+    for i, (first, then) in enumerate(((lean, plain), (plain, lean))):
+        run = tmp_path / f"run{i}"
+        train(cfg(2, **first), run, quiet=True)
+        train(cfg(3, **then), run, resume=True, quiet=True)
+        got = read_checkpoint(run / "model.pt")
+        assert all(torch.equal(got["state_dict"][k], ref[k]) for k in ref)
+        assert {k: got["config"][k] for k in lean} == then   # saved: a new run of its config.yaml is the same

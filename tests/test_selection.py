@@ -475,3 +475,47 @@ def test_a_stop_before_checkpoint_pt_keeps_the_kept_epoch(texture, tmp_path, mon
     train(_cfg(texture, epochs=2, keep_every=1), run, resume=True, quiet=True)
     a, b = (read_checkpoint(r / "epochs" / "epoch_002.pt")["state_dict"] for r in (run, full))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+_BY_EPOCH = {1: 0.0, 2: 1.0, 3: 5.0, 4: 3.0, 5: 2.0}
+
+
+def _score_by_epoch(self, model, batch_size=8, channels_last=False):
+    """A fixed score per epoch (the weights' step count: one step an epoch here): epoch 3 the best, then 4."""
+    n = max(int(b) for k, b in model.named_buffers() if k.endswith("num_batches_tracked"))
+    return {"score": _BY_EPOCH[n], "image_auroc": 0.5, "pixel_auroc": 0.5}
+
+
+def _validated(run):
+    return [r["epoch"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+            if "val_synthetic_score" in r]
+
+
+def test_a_resume_that_changes_epochs_selects_as_a_new_run_of_its_config(texture, tmp_path, monkeypatch):
+    """select: synthetic at val_every > 1, resumed with another --epochs: the resume chose among the epochs the old
+    schedule validated. Extended 3 -> 5, the old last epoch 3 (scored, the best) won, though a 5-epoch run scores
+    2, 4 and 5 only; shortened to the epoch done (3 of 5), epoch 3 was never scored, and with none scored (2 of 6
+    at val_every 3) model.pt had no selection and no best.pt. Now each equals a new run of its saved config.yaml."""
+    monkeypatch.setattr(SyntheticValidation, "score", _score_by_epoch)
+
+    def same_as_new_run(run):
+        new = tmp_path / f"{run.name}_new"
+        train(load_config(str(run / "config.yaml")), new, quiet=True)
+        _same_model(run / "model.pt", new / "model.pt")
+        return read_checkpoint(run / "model.pt")["epoch"], _validated(new)
+
+    ext = tmp_path / "ext"
+    train(_cfg(texture, select="synthetic", val_every=2, epochs=3), ext, quiet=True)
+    assert _validated(ext) == [2, 3] and read_checkpoint(ext / "best.pt")["epoch"] == 3
+    with pytest.warns(UserWarning, match="best.pt holds epoch 3, which a 5-epoch run at val_every 2 does not score"):
+        train(_cfg(texture, select="synthetic", val_every=2, epochs=5), ext, resume=True, quiet=True)
+    assert same_as_new_run(ext) == (4, [2, 4, 5])
+    for val_every, epochs, done in ((2, 5, 3), (3, 6, 2)):
+        run = tmp_path / f"short_{val_every}"
+        with monkeypatch.context() as m:   # stopped before the checkpoint of epoch done + 1
+            _kill_at(m, "checkpoint.pt", epoch=done + 1)
+            with pytest.raises(_Killed):
+                train(_cfg(texture, select="synthetic", val_every=val_every, epochs=epochs), run, quiet=True)
+        train(_cfg(texture, select="synthetic", val_every=val_every, epochs=done), run, resume=True, quiet=True)
+        assert same_as_new_run(run) == (done, _validated(run))
+        assert read_checkpoint(run / "best.pt")["epoch"] == done

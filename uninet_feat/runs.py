@@ -128,6 +128,53 @@ def train_val_samples(samples, cfg: dict):
     return fit, val
 
 
+def split_paths(fit, val, root=None) -> dict:
+    """{"fit": [...], "val": [...]}: the sorted paths of a run's training and validation samples, below ``root``
+    (the run's data folder: a moved copy is the same split) as `assign_splits` keys them; plain lists of str, so
+    ``torch.load(weights_only=True)`` reads them from checkpoint.pt."""
+    def keys(samples):
+        return sorted(_split_key(s.path, root) if root is not None else str(s.path) for s in samples)
+    return {"fit": keys(fit), "val": keys(val)}
+
+
+def split_digest(fit, val, root=None) -> dict:
+    """The identity of a run's split, saved in checkpoint.pt and model.pt: the sha256 of `split_paths`' two lists
+    and their lengths. The validation split is drawn from the sorted training normals, so a normal added to the
+    folder redraws it, and a normal the model trained on becomes a validation normal; a resume (`check_split`),
+    and a calibration, compare it with the split the data gives now."""
+    paths = split_paths(fit, val, root)
+    return {**{k: hashlib.sha256("\n".join(v).encode()).hexdigest() for k, v in paths.items()},
+            "n_fit": len(fit), "n_val": len(val)}
+
+
+def check_split(ckpt: dict, fit, val, root=None, where=None) -> None:
+    """Refuse a split (``fit``, ``val``: the data's now) other than the one ``ckpt`` (a checkpoint's dict) trained
+    on, naming a few images added and removed when it holds `split_paths` (checkpoint.pt), else the counts. A
+    checkpoint without a `split_digest` (written before it was saved) is not compared."""
+    saved = ckpt.get("split")
+    now = split_digest(fit, val, root)
+    if not saved or all(now[k] == saved.get(k) for k in ("fit", "val")):
+        return
+    was = ckpt.get("split_paths")
+    if was:
+        new, old = split_paths(fit, val, root), {k: set(v) for k, v in was.items()}
+        added = sorted(set(new["fit"] + new["val"]) - old["fit"] - old["val"])
+        removed = sorted((old["fit"] | old["val"]) - set(new["fit"] + new["val"]))
+        moved = sorted(set(new["val"]) & old["fit"])
+
+        def some(names):
+            return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        what = "; ".join(f"{label} {some(n)}" for label, n in (("added", added), ("removed", removed),
+                                                               ("trained on, now validation", moved)) if n)
+    else:
+        what = (f"{now['n_fit']} training and {now['n_val']} validation images now, {saved.get('n_fit')} and "
+                f"{saved.get('n_val')} when it trained")
+    raise BadInputError(f"the data's training images differ from those the run trained on ({what}): the validation "
+                        "split is drawn anew from them, so the run would now validate and calibrate on other normals, "
+                        "some of them trained on", path=where,
+                        fix="restore the data folder as it was, or train a new run with a new --out")
+
+
 VAL_SPLITS = ("data", "drawn")
 
 

@@ -32,8 +32,8 @@ from .errors import BadInputError
 from .io import atomic_write_text, folder_lock
 from .optim import make_optimizers
 from .positions import parse_tile_norm
-from .runs import (CachedDataset, absolute_data_paths, input_sides, load_samples, make_dataset, make_model, pick_device,
-                   set_threads, side_fix, train_val_samples)
+from .runs import (CachedDataset, absolute_data_paths, check_split, input_sides, load_samples, make_dataset, make_model,
+                   pick_device, set_threads, side_fix, split_digest, split_paths, train_val_samples)
 from .selection import SyntheticValidation, parse_kinds
 
 
@@ -112,8 +112,11 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         _mixed_kinds_note(fit + val)
         if cfg.get("supervised"):
             _supervision_notes(fit, cfg)
+    # the split as it is now: a resume refuses another one (a normal added to the folder redraws the validation split)
+    split, paths = split_digest(fit, val, cfg["data"]), split_paths(fit, val, cfg["data"])
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
         if (val or given) and not _calibrated(out):   # killed between writing model.pt and calibrating it
+            check_split(state, fit, val, cfg["data"], cfg.get("split_csv") or cfg["data"])
             if rank == 0:
                 from .calibration import recalibrate
                 recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
@@ -122,6 +125,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
         return out / "model.pt"
+    if resume:
+        check_split(state, fit, val, cfg["data"], cfg.get("split_csv") or cfg["data"])
     model = make_model(cfg, state["backbone"] if resume else None)   # resumed: the backbone as it trained
     step, least, why = input_sides(model)   # before the run folder is written; forward would refuse it later
     side = cfg["image_size"]   # the network's input: the image, or each tile, resized to image_size
@@ -196,6 +201,15 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     log_path = out / "train_log.jsonl"
     log_lines = log_path.read_text(encoding="utf-8").splitlines()[:start_epoch] if (resume and log_path.exists()) else []
     synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main, start_epoch)
+    last = json.loads(log_lines[-1]) if synth is not None and start_epoch == cfg["epochs"] and log_lines else {}
+    if last.get("epoch") == start_epoch and "val_synthetic_score" not in last:
+        # resumed with --epochs = the epochs done: a run of this length validates its last epoch, so it is scored
+        # now, from checkpoint.pt's weights, as the loop would have (log line first, then best.pt)
+        best, improved = _validate(synth, model, cfg, last, best, None if quiet else print)
+        log_lines[-1] = json.dumps(last)
+        atomic_write_text(log_path, "\n".join(log_lines) + "\n")
+        if improved:
+            save_checkpoint(out / "best.pt", model, cfg, epoch=start_epoch, selection=best)
     drop_last = len(ds) > cfg["batch_size"]
     steps = len(ds) // cfg["batch_size"] if drop_last else 1   # the batches an epoch really runs
     note = dropped_items_note(len(ds), cfg["batch_size"], "tiles" if cfg.get("tile") else "images")
@@ -248,15 +262,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n,
                    **{k: v / max(n, 1) for k, v in sums.items()}}
             improved = False
-            if synth is not None and ((epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == cfg["epochs"]):
-                v = synth.score(model, cfg["eval_batch_size"], bool(cfg.get("channels_last")))
-                rec.update({f"val_synthetic_{k}": x for k, x in v.items()})
-                if v["score"] > best["score"]:   # strict: ties keep the earlier epoch; NaN never wins
-                    best, improved = {"epoch": epoch + 1, "score": v["score"]}, True
-                if not quiet:   # a line above the bar: the bar's own info is overwritten by the next step
-                    prog.console.print(f"epoch {epoch + 1}: synthetic validation {v['score']:.4f} "
-                                       f"(image {v['image_auroc']:.4f}, pixel {v['pixel_auroc']:.4f}; "
-                                       f"best epoch {best['epoch']})")
+            if synth is not None and _validates(epoch + 1, cfg):   # a line above the bar: its info is overwritten
+                best, improved = _validate(synth, model, cfg, rec, best, None if quiet else prog.console.print)
             log_lines.append(json.dumps(rec))
             if dd.is_main:  # [distributed] rank 0 writes, the others wait
                 # commit order: the log, the kept epoch, checkpoint.pt, best.pt. A stop before checkpoint.pt leaves
@@ -267,7 +274,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                 if cfg.get("keep_every") and (epoch + 1) % cfg["keep_every"] == 0:
                     save_checkpoint(out / "epochs" / f"epoch_{epoch + 1:03d}.pt", model, cfg, epoch=epoch + 1)
                 save_checkpoint(ckpt_path, model, cfg, epoch=epoch + 1, opt_student=opt_s.state_dict(),
-                                opt_target=opt_t.state_dict())
+                                opt_target=opt_t.state_dict(), split=split, split_paths=paths)
                 if improved:
                     save_checkpoint(out / "best.pt", model, cfg, epoch=epoch + 1, selection=best)
             dd.barrier()
@@ -282,9 +289,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                                         "--keep-every kept it) and resume again, or start a new run")
             model.load_state_dict(kept["state_dict"])
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=best["epoch"],
-                                         selection={**best, "rule": RULE, "epochs_trained": cfg["epochs"]})
+                                         selection={**best, "rule": RULE, "epochs_trained": cfg["epochs"]}, split=split)
         else:
-            model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"])
+            model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"], split=split)
         if val or given:
             calibrate(model, *_calibration_set(out, cfg, val, given), out, quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
@@ -502,8 +509,10 @@ def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | N
 
 
 # what `train --resume` takes from the config it is given; everything else comes from the checkpoint
-RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm", "device")   # map_*: only the calibration after the last
-# epoch; device: a run may go on on another machine (floats are summed otherwise there, as with another thread count)
+RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm", "device", "grad_checkpointing", "step_in_backward",
+                  "cache_images")   # map_*: only the calibration after the last epoch; device: a run may go on on
+# another machine (floats are summed otherwise there, as with another thread count); the last three save memory and
+# train the same model (optimiser states move between the two step modes: `optim`)
 
 RULE = "best mean of image and pixel AUROC: validation normals vs synthetic defects made from them"
 
@@ -521,15 +530,34 @@ def _selection(cfg: dict, val, model, out: Path, log_lines: list[str], is_main: 
         raise BadInputError("select: synthetic needs validation normals, but val_fraction is 0",
                             path=cfg.get("split_csv") or cfg.get("data"), fix="set val_fraction > 0 or select: last")
     best = {"epoch": 0, "score": float("-inf")}
-    for line in log_lines:
-        rec = json.loads(line)
-        if rec.get("val_synthetic_score", float("nan")) > best["score"]:
+    for line in log_lines:   # only the epochs this schedule validates: a resume that changed --epochs equals a new
+        rec = json.loads(line)   # run of that length (the old last epoch was scored, a longer run never scores it)
+        if _validates(rec["epoch"], cfg) and rec.get("val_synthetic_score", float("nan")) > best["score"]:
             best = {"epoch": rec["epoch"], "score": rec["val_synthetic_score"]}
     if best["epoch"]:
         _check_best(out, model, cfg, best, done, is_main)
     if not is_main:   # [distributed] rank 0 validates and writes; the others only train
         return None, best
     return SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg), best
+
+
+def _validates(epoch: int, cfg: dict) -> bool:
+    """Whether ``select: synthetic`` scores ``epoch``: every ``val_every``-th and the schedule's last."""
+    return epoch % int(cfg.get("val_every", 1)) == 0 or epoch == cfg["epochs"]
+
+
+def _validate(synth, model, cfg: dict, rec: dict, best: dict, say=None) -> tuple[dict, bool]:
+    """Score the model of epoch ``rec["epoch"]`` into its log record ``rec``: (best so far, whether it is this
+    epoch). Strict: ties keep the earlier epoch; NaN never wins. ``say``: where the line goes (None: nowhere)."""
+    v = synth.score(model, cfg["eval_batch_size"], bool(cfg.get("channels_last")))
+    rec.update({f"val_synthetic_{k}": x for k, x in v.items()})
+    improved = v["score"] > best["score"]
+    if improved:
+        best = {"epoch": rec["epoch"], "score": v["score"]}
+    if say is not None:
+        say(f"epoch {rec['epoch']}: synthetic validation {v['score']:.4f} (image {v['image_auroc']:.4f}, pixel "
+            f"{v['pixel_auroc']:.4f}; best epoch {best['epoch']})")
+    return best, improved
 
 
 def _check_best(out: Path, model, cfg: dict, best: dict, done: int, is_main: bool) -> None:
@@ -551,3 +579,10 @@ def _check_best(out: Path, model, cfg: dict, best: dict, done: int, is_main: boo
         raise BadInputError(f"best.pt holds epoch {held}, but the log's best is epoch {best['epoch']}", path=path,
                             fix=f"put that epoch's model there (epochs/epoch_{best['epoch']:03d}.pt when --keep-every "
                                 "kept it) and resume again, or start a new run")
+    elif held == done and not _validates(held, cfg) and is_main:   # the old last epoch of an extended run
+        warnings.warn(f"{path}: best.pt holds epoch {held}, which a {cfg['epochs']}-epoch run at val_every "
+                      f"{cfg['val_every']} does not score, so it is no longer a candidate; the best this schedule "
+                      f"scored is epoch {best['epoch']}, whose weights are not kept: unless a later epoch scores above "
+                      f"it, the run stops after its last epoch without a new model.pt (fix: put "
+                      f"epochs/epoch_{best['epoch']:03d}.pt at best.pt when --keep-every kept it, or train a new run "
+                      "with a new --out)")
