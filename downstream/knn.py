@@ -103,7 +103,14 @@ class KNNScorer:
         """``state``: a file that makes the coreset selection resumable (`coreset_subsample`)."""
         x, _ = _flat(normal_patches, "normal patch vectors")
         self.n_normal = len(x)
-        if self.coreset_ratio is not None and self.coreset_ratio < 1:
+        coreset = self.coreset_ratio is not None and float(self.coreset_ratio) < 1
+        bank = int(np.ceil(float(self.coreset_ratio) * len(x))) if coreset else len(x)   # coreset_subsample's size
+        if self.k > bank:   # before the coreset; scoring took min(k, bank) unsaid, while knn.json recorded k
+            raise BadInputError(f"k = {self.k} nearest neighbours asked of a memory bank of {bank} normal patches"
+                                + (f" (a coreset of {self.coreset_ratio} of {len(x)})" if coreset else ""),
+                                fix=f"a smaller --k (at most {bank}), or a larger bank: more normal images"
+                                    + (", or a larger --coreset" if coreset else ""))
+        if coreset:
             x = x[np.sort(coreset_subsample(x, ratio=self.coreset_ratio, seed=self.seed,
                                             proj_dim=self.proj_dim, device=self.device, state=state))]
         self.index = build_index(x, kind=self.kind, metric="l2", device=self.device, seed=self.seed,
@@ -118,7 +125,7 @@ class KNNScorer:
         """(n, h*w, d) → (n, h*w) patch scores; (n, d) → (n,)."""
         self._need_fit()
         x, lead = _flat(test_patches, "test patch vectors")
-        return knn_scores(self.index, x, min(self.k, self.index.ntotal)).reshape(lead)
+        return knn_scores(self.index, x, self.k).reshape(lead)
 
     def score_maps(self, test_patches, grid_hw, out_size):
         """(maps (n, H, W) float32 bilinear-upsampled from the (h, w) patch grid, image scores = highest patch

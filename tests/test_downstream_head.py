@@ -245,3 +245,59 @@ def test_a_head_that_fails_to_save_leaves_no_old_report_beside_it(monkeypatch, t
     with pytest.raises(KeyboardInterrupt):
         cmd("F", tmp_path, task="binary", folds=2, threads=1)
     assert not (tmp_path / "cv_report.json").exists()
+
+
+def _labels_csv(path, rows):
+    path.write_text("path,label\n" + "".join(f"{p},{v}\n" for p, v in rows))
+    return path
+
+
+def test_labels_naming_one_image_twice_give_it_one_row_and_refuse_two_labels(monkeypatch, tmp_path):
+    """A labels CSV written on Windows naming one image twice (C:\\ and c:\\, which the store's matching finds to be
+    one image) gave it two rows (one in a CV fold, its copy training it) or two labels at once."""
+    import warnings
+    labels = ["good"] * 10 + ["hole"] * 10
+    cmd = _fake_store(monkeypatch, labels)
+    rows = [(f"C:\\lines\\{i}.png", v) for i, v in enumerate(labels)]
+    csv = _labels_csv(tmp_path / "l.csv", rows + [("c:\\lines\\0.png", "good")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the Windows paths matched by their path below the store's folder
+        rep = cmd("F", tmp_path / "h", task="binary", labels=csv, folds=2, threads=1)
+        assert rep["n_rows"] == 20
+        _labels_csv(csv, rows + [("c:\\lines\\0.png", "stain")])
+        with pytest.raises(BadInputError, match=r"line 22: c:\\lines\\0.png is label 'stain' here and 'good' on "
+                                                r"line 2 \(C:\\lines\\0.png\): both are the store's image /d/0.png"):
+            cmd("F", tmp_path / "h", task="multiclass", labels=csv, folds=2, threads=1)
+
+
+def test_a_binary_head_on_labels_of_several_defect_types_is_normal_vs_defect(monkeypatch, tmp_path):
+    """--task binary --labels naming normals and two defect types was refused ('binary head needs exactly 2
+    classes'): the labels are read as without --labels, every defect type a defect."""
+    labels = ["good"] * 10 + ["hole"] * 5 + ["stain"] * 5
+    cmd = _fake_store(monkeypatch, labels)
+    csv = _labels_csv(tmp_path / "l.csv", [(f"/d/{i}.png", v) for i, v in enumerate(labels)])
+    rep = cmd("F", tmp_path / "h", task="binary", labels=csv, folds=2, threads=1)
+    assert sorted(rep["classes"]) == ["defect", "good"] and rep["n_rows"] == 20
+
+
+def test_classes_left_out_for_too_few_images_are_named_when_too_few_remain(monkeypatch, tmp_path):
+    """Left with one class after the single-image ones were dropped, train-head said 'a head needs at least 2
+    classes, got ['good']', naming neither the classes it had left out nor why."""
+    cmd = _fake_store(monkeypatch, ["good"] * 10 + ["hole", "stain"])
+    with pytest.raises(BadInputError, match=r"classes with fewer than 2 images are left out \(hole \(1\), stain "
+                                            r"\(1\)\), and 1 class\(es\) remain \(good\)") as e:
+        cmd("F", tmp_path / "h", task="multiclass", folds=2, threads=1)
+    assert "label at least 2 images of each class" in e.value.fix
+
+
+def test_train_head_names_the_images_whose_features_are_nan(monkeypatch, tmp_path):
+    """NaN features (a damaged model) were refused as '2 of 20 feature rows contain NaN (rows [3, 12])': no store,
+    no image, no fix."""
+    from uninet_feat import workflows
+    cmd = _fake_store(monkeypatch, ["good"] * 10 + ["hole"] * 10)
+    X, _ = workflows.FeatureStore("F").image_table()
+    X[[3, 12], 1] = np.nan
+    with pytest.raises(BadInputError, match=r"^F: the features of 2 image\(s\) contain NaN or Inf \(first: /d/3.png, "
+                                            r"/d/12.png\)") as e:
+        cmd("F", tmp_path / "h", task="binary", folds=2, threads=1)
+    assert "extract again" in e.value.fix

@@ -337,3 +337,41 @@ def test_bad_settings_and_shapes_are_named_before_any_work():
     other = merge.train_empty_index([x[::-1] * 3], kind="ivfpq", nlist=4, m_pq=4, nbits=4, seed=1)
     with pytest.raises(BadInputError, match="faiss cannot merge these shards"):
         merge.merge_indices([merge.fill_shard(one, x[:10]), merge.fill_shard(other, x[10:20])])
+
+
+def test_knn_setup_keeps_the_index_on_the_cpu_beside_a_cuda_model_when_faiss_has_no_gpu(monkeypatch, tmp_path):
+    """knn_setup loaded the index on the run model's device (cuda:0), which faiss-cpu (the default install) refused:
+    predict / evaluate --knn failed on every CUDA machine. It goes to the CPU then, as `index --device auto` does."""
+    import types
+
+    import torch
+    from uninet_feat import scorers
+    x, q = clustered(50, d=8, seed=1), clustered(5, d=8, seed=2)
+    want = KNNScorer("flat", k=1, coreset_ratio=None, device="cpu").fit(x)
+    want.save(tmp_path)
+    _no_gpu(monkeypatch, torch_gpus=1)   # torch sees a GPU, faiss none
+    ex = types.SimpleNamespace(device=torch.device("cuda", 0), run_dir=tmp_path)
+    with pytest.warns(UserWarning, match="records no source model"):
+        scorer, kex = scorers.knn_setup(tmp_path, ex)
+    assert kex is None and scorer.device == "cpu"
+    np.testing.assert_array_equal(scorer.score_patches(q), want.score_patches(q))
+
+
+def test_a_k_above_the_memory_bank_is_refused_at_fit_not_lowered_unsaid(monkeypatch):
+    """k above the bank's size was lowered to it when scoring while knn.json recorded k: refused at fit, before any
+    coreset, naming both; an index whose k its bank cannot give is refused when it scores."""
+    from uninet_feat.downstream import knn
+    x = clustered(40, d=8, seed=1)
+    with pytest.raises(BadInputError, match=r"k = 5 nearest neighbours asked of a memory bank of 3 normal patches"
+                                            r" \(fix: a smaller --k \(at most 3\), or a larger bank"):
+        KNNScorer("flat", k=5, coreset_ratio=None, device="cpu").fit(x[:3])
+    real = knn.coreset_subsample
+    monkeypatch.setattr(knn, "coreset_subsample", lambda *a, **k: pytest.fail("coreset ran before the refusal"))
+    with pytest.raises(BadInputError, match=r"bank of 4 normal patches \(a coreset of 0.1 of 40\).*--coreset"):
+        KNNScorer("flat", k=5, coreset_ratio=0.1, device="cpu").fit(x)   # ceil(0.1 * 40) = 4
+    monkeypatch.setattr(knn, "coreset_subsample", real)
+    assert KNNScorer("flat", k=4, coreset_ratio=0.1, device="cpu").fit(x).index.ntotal == 4
+    s = KNNScorer("flat", k=5, coreset_ratio=None, device="cpu")
+    s.index = build_index(x[:3], "flat", device="cpu")   # e.g. one saved before the refusal
+    with pytest.raises(BadInputError, match="k = 5 nearest neighbours asked of an index of 3 vectors"):
+        s.score_patches(x[:2])

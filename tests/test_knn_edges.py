@@ -156,3 +156,40 @@ def test_evaluate_warns_of_test_images_in_the_bank(label_folders):
     with pytest.warns(UserWarning, match=f"{n} of the {n + 4} test images are in the kNN index's memory bank"):
         rep = evaluate(run, quiet=True, knn=root / "knn_all")
     assert rep["scorers"]["knn_test_images_in_bank"] == n
+
+
+def test_index_and_train_head_name_the_store_and_images_whose_features_are_nan(tmp_path, capsys):
+    """A damaged weights file (one NaN) gives NaN features; index and train-head refused them as '4 of 4 normal
+    patch vectors contain NaN (rows [0, 1, ...])', naming no store, image or fix."""
+    import torch
+    from uninet_feat.backbones import create_backbone
+    data = write_texture_set(tmp_path / "tex", n_train=4, n_good=3, n_bad=3, size=32)
+    sd = create_backbone("tiny", weights="random").state_dict()
+    next(v for v in sd.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", str(tmp_path / "nan.pt"),
+                 "--image-size", "32", "--patches", "--out", str(tmp_path / "f"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--features", str(tmp_path / "f"), "--coreset", "1", "--out", str(tmp_path / "k")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'f'}: the features of 4 image(s) contain NaN or Inf (first: {data}/train/good/000.png" in err
+    assert f"check --weights {tmp_path / 'nan.pt'}, then extract again" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["train-head", "--features", str(tmp_path / "f"), "--folds", "2",
+                     "--out", str(tmp_path / "h")]) == 2
+    assert "the features of 10 image(s) contain NaN or Inf (first: " in capsys.readouterr().err
+
+
+def test_extract_validate_takes_the_images_skip_bad_left_out_for_no_missing_ones(tmp_path):
+    """extract --validate --skip-bad refused its own finished store: the unreadable image it had left out was among
+    the expected paths, so the check found it 'missing'."""
+    from uninet_feat.workflows import extract_cmd
+    data = write_texture_set(tmp_path / "tex", n_train=4, n_good=2, n_bad=2, size=32)
+    (data / "test" / "good" / "broken.png").write_bytes(b"not a png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = extract_cmd(str(data), str(tmp_path / "f"), backbone="tiny", weights="random", image_size=32,
+                          quiet=True, skip_bad=True, validate=True)
+    assert res["skipped"] == [str(data / "test" / "good" / "broken.png")]
+    assert res["validation"]["ok"] and res["validation"]["n_images"] == 8

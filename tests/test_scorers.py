@@ -302,3 +302,43 @@ def test_the_knn_map_of_a_padded_tile_is_cut_to_the_image_not_squeezed_onto_it()
     assert wide.shape == (32, 25) and wide.max() < 0.05
     two = {"index": np.array([0, 0]), "tile": np.array([[0, 0, 80, 80], [0, 80, 80, 80]]), "patch_grid": (10, 10)}
     assert knn_map(np.zeros((2, 100), np.float32), two, 0, shape=(64, 150)).shape == (64, 150)
+
+
+def test_a_head_trained_before_a_calibrate_is_refused_by_predict(monkeypatch, tmp_path):
+    """A head trained on a store, then `calibrate` (same model.pt): predict used it on features whose hot-region and
+    score columns changed, since head.json recorded the model's sha256 and not the store's calibration keys."""
+    import types
+    from uninet_feat import workflows
+    from uninet_feat.downstream import Head
+    from uninet_feat.featstore import file_sha256
+    from uninet_feat.scorers import check_built_from
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "calibration.json").write_text('{"threshold": 1.0}')
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((24, 4)) + np.repeat([0.0, 3.0], 12)[:, None]).astype("f4")
+    recs = [{"path": f"/d/{i}.png", "label": "good" if i < 12 else "hole", "is_normal": i < 12, "split": "test",
+             "group": ""} for i in range(24)]
+
+    class Store:
+        manifest = {"vector_names": ["a", "b"], "source": {"run": str(run), "model_sha256": "m"},
+                    "calibration_sha256": file_sha256(run / "calibration.json"),
+                    "settings": {"image_size": 32, "tile": None}}
+
+        def __init__(self, path):
+            pass
+
+        def image_table(self):
+            return X, recs
+    monkeypatch.setattr(workflows, "FeatureStore", Store)
+    workflows.train_head_cmd("F", tmp_path / "h", task="binary", folds=2, threads=1)
+    source = Head.load(tmp_path / "h").source
+    ex = types.SimpleNamespace(run_dir=run, model=types.SimpleNamespace(cfg={}), source={"model_sha256": "m"},
+                               cfg={"image_size": 32, "tile": None})
+    check_built_from(source, tmp_path / "h" / "head.json", ex, "head")   # the calibration it was trained with
+    (run / "calibration.json").write_text('{"threshold": 2.0}')           # `calibrate` again
+    with pytest.raises(BadInputError, match="trained on features of .*model.pt made with another calibration") as e:
+        check_built_from(source, tmp_path / "h" / "head.json", ex, "head")
+    assert "train the head again on features extracted with this calibration" in e.value.fix
+    older = {k: v for k, v in source.items() if k != "calibration_sha256"}   # a head from before: taken as it is
+    check_built_from(older, tmp_path / "h" / "head.json", ex, "head")

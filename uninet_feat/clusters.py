@@ -78,11 +78,13 @@ def block_of(name: str) -> str:
     return re.sub(r"_\d+$", "", name)
 
 
-def read_path_table(path, column: str, what: str) -> dict:
+def read_path_table(path, column: str, what: str, lines: dict | None = None) -> dict:
     """{absolute path: ``column``'s value} of a CSV with a ``path`` column (``predictions.csv``, ``labels.csv``);
     a relative path is taken from the working folder, as the commands that wrote it were given it. Read as a
     spreadsheet may save it: a UTF-8 BOM, header names in any case or with spaces, extra columns. A file listed
-    twice (by any spelling of its path, `windows_path`'s too) with two values is refused, naming both lines."""
+    twice (by any spelling of its path, `windows_path`'s too) with two values is refused, naming both lines.
+    ``lines``: filled with {path: its line}, for a caller that finds two paths to be one image later (the store's
+    matching) to name both lines too."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{what} not found", path=path, fix="pass the CSV file itself")
@@ -113,6 +115,8 @@ def read_path_table(path, column: str, what: str) -> dict:
                                 f"{seen[key][0]}", path=path, fix="list every image once")
         seen.setdefault(key, (reader.line_num, p))
         out[seen[key][1]] = v
+    if lines is not None:
+        lines.update({p: n for n, p in seen.values()})
     return out
 
 

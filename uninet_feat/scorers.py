@@ -36,8 +36,11 @@ def knn_setup(knn, ex, skip_bad: bool = False):
     adapted patches (checked to be this run's) sets ``ex.patches``; one over plain backbone patches uses the
     run's source teacher when it is that backbone, else ``kex``, an extractor of that backbone's patches."""
     from .downstream import KNNScorer
-    # the index goes where the run's model is (a --device cpu run keeps it off the GPUs, cuda:1 on that one)
-    scorer, kex = KNNScorer.load(knn, device=str(ex.device)), None
+    from .downstream.index import faiss_gpus
+    # the index goes where the run's model is (a --device cpu run keeps it off the GPUs, cuda:1 on that one), or on
+    # the CPU where faiss sees no GPU (faiss-cpu, the default install, beside a CUDA torch), as `index --device auto`
+    device = str(ex.device) if faiss_gpus("auto") is not None else "cpu"
+    scorer, kex = KNNScorer.load(knn, device=device), None
     if _is_plain(scorer.source) and _same_plain_backbone(scorer.source, ex):
         ex.patches = "source"   # the run's frozen source teacher is that backbone: its patches, same pass
     elif _is_plain(scorer.source):
@@ -106,8 +109,9 @@ def _given_normalisation(record: dict) -> dict:
 
 
 def check_built_from(source, meta_path: Path, ex, what: str) -> None:
-    """Refuse a kNN index or head built from features of another model than the run predict scores with:
-    its scores would be silently wrong. Files saved before the source was recorded are only warned about."""
+    """Refuse a kNN index or head built from features of another model than the run predict scores with, or (a head,
+    whose source records the store's `featstore.CALIBRATION_KEYS`) of another calibration of it: its scores would be
+    silently wrong. Files saved before the source was recorded are only warned about."""
     model = ex.run_dir / "model.pt"
     if source is None:
         warnings.warn(f"{meta_path}: records no source model, so it cannot be checked against {model}; "
@@ -130,6 +134,20 @@ def check_built_from(source, meta_path: Path, ex, what: str) -> None:
                             f"{runs_own['tile']}", path=meta_path,
                             fix=f"rebuild it from `uninet-feat extract --run {ex.run_dir}"
                                 f"{' --patches' if what == 'index' else ''} --out F` with no --image-size / --tile")
+    from .featstore import CALIBRATION_KEYS
+    cal = {k: source[k] for k in CALIBRATION_KEYS if k in source}   # none: saved before heads recorded them
+    if cal:   # a `calibrate` since: other offsets and map features (the hot-region columns) than it was trained on
+        from .calibration import calibration_fingerprint
+        now = calibration_fingerprint(ex.run_dir, ex.model)
+        if any(now.get(k) != v for k, v in cal.items()):
+            was = str(cal.get("calibration_sha256"))[:12]
+            raise BadInputError(f"this {what} was trained on features of {model} made with another calibration of "
+                                f"the run (calibration.json sha256 {was}, now "
+                                f"{str(now.get('calibration_sha256'))[:12]}; e.g. a `uninet-feat calibrate` since): "
+                                "their score and map columns are not the ones predict makes now", path=meta_path,
+                                fix=f"train the {what} again on features extracted with this calibration: "
+                                    f"`uninet-feat extract --run {ex.run_dir} --out F` (a new F), then "
+                                    f"`uninet-feat train-head --features F`")
 
 
 def knn_scores(scorer, kex, samples, res=None, parts=None, key=None):

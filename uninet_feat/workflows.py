@@ -10,7 +10,7 @@ import numpy as np
 
 from .data.layouts import is_normal_label
 from .errors import BadInputError
-from .featstore import FeatureStore, head_columns
+from .featstore import CALIBRATION_KEYS, FeatureStore, head_columns
 from .io import atomic_write_csv, atomic_write_text
 from .runs import samples_of
 from .scorers import abs_path, paths_sha
@@ -72,7 +72,8 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
         res["shard"] = f"{i}/{n}"
     if validate and complete and (dd is None or dd.is_main):
         from .distributed import validate_store
-        exp = sorted({os.path.abspath(s.path) for s in samples})   # the store records absolute paths
+        # the store records absolute paths; the images skip_bad left out are no missing ones
+        exp = sorted({os.path.abspath(s.path) for s in samples} - {os.path.abspath(p) for p in res["skipped"]})
         res["validation"] = validate_store(out, expected_paths=exp)
     return res
 
@@ -162,6 +163,7 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
             raise BadInputError("no normal training images in these features", path=features,
                                 fix="extract features of a folder with normal (good) training images")
         patches = store.rows("patches", normal)   # shard by shard into one float32 array
+        _refuse_nonfinite(patches, [paths[j] for j in np.flatnonzero(normal)], features, source)
         # the coreset's picks saved as it goes: a killed index run again resumes its selection
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset, device=device).fit(
             patches, state=out / ".coreset_state.npz")
@@ -192,6 +194,25 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
     return {"index": str(out), "level": level, "kind": kind, "n": len(recs)}
 
 
+def _refuse_nonfinite(rows, paths, features, source) -> None:
+    """Refuse feature rows (one per path of ``paths``) that hold NaN or Inf, naming the store and their images: the
+    model that extracted them gave NaN (a damaged model.pt or weights file), and the head's or index's own refusal
+    named row numbers only. A block of rows at a time: a patch bank's mask at once would take a byte per value."""
+    bad = []
+    for s in range(0, len(rows), 256):
+        block = np.asarray(rows[s:s + 256])
+        bad.extend((s + np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))).tolist())
+    if bad:
+        names = list(dict.fromkeys(paths[j] for j in bad))   # an image's tiles once
+        source = source or {}
+        model = (f"{source['run']}/model.pt (restore it, or train the run again)" if source.get("run")
+                 else f"--weights {source['weights']}" if source.get("weights") else "it")
+        raise BadInputError(f"the features of {len(names)} image(s) contain NaN or Inf (first: "
+                            f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})", path=features,
+                            fix=f"the model that extracted them gives NaN: check {model}, then extract again into "
+                                "a new --out")
+
+
 def _labels_for(recs, task: str, label_from: str):
     if task == "binary":
         return np.array(["good" if r["is_normal"] else "defect" for r in recs])
@@ -206,9 +227,11 @@ def _labels_for(recs, task: str, label_from: str):
 
 
 def _given_labels(X, recs, labels, features):
-    """The rows ``labels`` (a CSV path,label) names, with its labels; every path must be in the store."""
+    """The rows ``labels`` (a CSV path,label) names, with its labels; every path must be in the store. An image it
+    names twice (spellings only the store's matching tells apart) is one row; with two labels it is refused."""
     from .clusters import read_path_table, store_rows, unmatched_windows_paths
-    table = read_path_table(labels, "label", "labels CSV")
+    lines: dict = {}
+    table = read_path_table(labels, "label", "labels CSV", lines=lines)
     where, absent = store_rows(table, recs, labels)
     if absent:
         win = unmatched_windows_paths(absent, labels)
@@ -216,7 +239,20 @@ def _given_labels(X, recs, labels, features):
                             f"(first: {absent[0]})" + (f": {win[0]}" if win else ""), path=features,
                             fix=win[1] if win else "pass the feature store the labels were made from (`uninet-feat "
                                                    "cluster --features`), or extract those images into it")
-    keep = [(where[p], v) for p, v in table.items() if v]
+    first, keep = {}, []   # by store row: two spellings of one image (a Windows path in two cases) are one row,
+    # not two (one in a CV fold, its copy training it), nor two labels
+    for p, v in table.items():
+        j = where[p]
+        if j in first:
+            q, w = first[j]
+            if w != v:
+                raise BadInputError(f"line {lines[p]}: {p} is label {v!r} here and {w!r} on line {lines[q]} ({q}): "
+                                    f"both are the store's image {recs[j]['path']}", path=labels,
+                                    fix="list every image once")
+            continue   # the same image again, with the same label
+        first[j] = (p, v)
+        if v:
+            keep.append((j, v))
     if not keep:
         raise BadInputError("every label in the file is blank", path=labels, fix="name the clusters in its label "
                                                                                "column (cluster_0 → e.g. hole)")
@@ -251,6 +287,8 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
             raise BadInputError(f"--task binary is normal vs defect, and {labels} names no normal image (good, normal, "
                                 f"ok): its labels ({', '.join(sorted(set(y))[:5])}) are defect types",
                                 path=labels, fix="pass --task multiclass to learn the named defect types")
+        if task == "binary":   # normal vs defect, as without --labels (`_labels_for`): every defect type is a defect
+            y = np.where(normal, "good", "defect")
         if defects_only:   # the rows it labels normal are left out, as the store's are without --labels
             X, recs, y = X[~normal], [r for r, n in zip(recs, normal) if not n], y[~normal]
         # named defect types only (cluster's flagged images): predict gives its type to flagged images only
@@ -283,13 +321,23 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     if rare:  # a class with one example can be neither trained on nor tested in CV
         keep = [j for j, v in enumerate(y) if v not in rare]
         X, recs, y = X[keep], [recs[j] for j in keep], y[keep]
+        left = sorted(set(y))
+        if len(left) < 2:   # else train_head's "needs 2 classes" names neither the drop nor its fix
+            dropped = ", ".join(f"{c} ({n})" for c, n in zip(classes, counts) if c in rare)
+            raise BadInputError(f"classes with fewer than {min_class} images are left out ({dropped}), and "
+                                f"{len(left)} class(es) remain ({', '.join(left) or 'none'}): a head needs 2",
+                                path=labels if labels is not None else features,
+                                fix=f"label at least {min_class} images of each class")
+    _refuse_nonfinite(X, [r["path"] for r in recs], features, store.manifest.get("source"))   # the rows it trains on
     names = head_columns(store.manifest["vector_names"])
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names, n_jobs=threads)
     out = Path(out)
     (out / "cv_report.json").unlink(missing_ok=True)   # a kill after the new head never leaves the old report beside it
     # defects_only: predict gives such a head's defect type to flagged images only
-    res.head.save(out, source={**(store.manifest.get("source") or {}), "settings": store.manifest.get("settings"),
-                               "defects_only": bool(defects_only)})   # settings: predict checks size and tiling
+    # settings: predict checks size and tiling; the calibration keys: that no `calibrate` changed the features since
+    cal = {k: store.manifest[k] for k in CALIBRATION_KEYS if k in store.manifest}
+    res.head.save(out, source={**(store.manifest.get("source") or {}), **cal,
+                               "settings": store.manifest.get("settings"), "defects_only": bool(defects_only)})
     summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
                "threads": res.head.n_jobs,   # LightGBM's sums differ between thread counts: part of a reproduction
                "features": str(features), "label_from": label_from, "defects_only": defects_only,
