@@ -144,3 +144,22 @@ def test_paths_as_a_numpy_array_are_a_list_of_paths(run):
     for paths in (np.array([str(good), str(good2)]), np.array([str(good), str(good2)], dtype=object)):
         got = det.score(paths, maps=False)
         assert [d.path for d in got] == [str(good), str(good2)] and [d.score for d in got] == want
+
+
+def test_predict_refuses_a_group_the_run_was_not_trained_on_as_a_detector_does(tmp_path):
+    """A run trained with --group catA: Detector(group='catB'), evaluate and --ensemble refuse catB, while predict
+    --group catB scored it silently with catA's model and threshold."""
+    from uninet_feat.predict import predict_cmd
+    for i, g in enumerate(("catA", "catB")):
+        write_texture_set(tmp_path / "data" / g, n_train=4, n_good=1, n_bad=1, size=32, seed=i)
+    cfg = load_config(None, {"data": str(tmp_path / "data"), "group": "catA", "image_size": 32}, base=BASE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, tmp_path / "run", quiet=True)
+    with pytest.raises(BadInputError) as want:
+        Detector(tmp_path / "run", group="catB")
+    assert "trained on group 'catA' only" in want.value.reason
+    with pytest.raises(BadInputError) as got:
+        predict_cmd(tmp_path / "run", tmp_path / "data" / "catB" / "test", tmp_path / "p", group="catB", quiet=True)
+    assert (got.value.reason, got.value.fix) == (want.value.reason, want.value.fix)
+    assert not (tmp_path / "p").exists()

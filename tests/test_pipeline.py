@@ -642,7 +642,9 @@ def test_predict_save_maps_writes_each_images_map_and_mask_at_its_own_size(train
     for path, r in rows.items():
         m, mask = np.load(r["map"]), np.asarray(Image.open(r["defect_mask"])) > 0
         assert m.dtype == np.float16 and m.shape == mask.shape == np.asarray(Image.open(path)).shape[:2]
-        assert np.array_equal(mask, m.astype(np.float32) > np.float32(res["pixel_threshold"]))   # the saved map's
+        t, m32 = np.float32(res["pixel_threshold"]), m.astype(np.float32)   # the mask is the float32 map's: the
+        off = mask != (m32 > t)   # saved float16 values differ from it only where their rounding crosses t
+        assert np.all(np.abs(m32[off] - t) <= 1e-3 * max(1.0, abs(float(t)))) and off.mean() < 0.01
         assert float(r["defect_fraction"]) == pytest.approx(mask.mean(), abs=1e-3)
         if want[path].shape == m.shape:   # 64x64 images: the model's own map, as evaluate scores it
             np.testing.assert_allclose(m.astype(np.float32), want[path], rtol=2e-3, atol=1e-3)

@@ -604,3 +604,104 @@ def test_an_older_runs_relative_data_path_is_not_taken_for_where_predict_runs(tm
     with pytest.raises(BadInputError, match="was trained on it"):
         _refuse_out_in_a_data_set(tmp_path / "data" / "out", batch, None, [], {"data": str(tmp_path / "data")},
                                   tmp_path / "run")
+
+
+def test_a_binary_heads_confidence_is_the_probability_of_the_class_it_predicts(run, tmp_path):
+    """`<head>_confidence` was p.max(): a binary head predicts by its own threshold, not 0.5, so a row predicted
+    defect with P(defect) < 0.5 was given P(good) as the confidence of 'defect'. With every row predicted positive
+    (threshold 0), then negative (threshold above 1), the two confidences of an image sum to 1."""
+    from uninet_feat.downstream import train_head
+    from uninet_feat.extract import Extractor
+    from uninet_feat.featstore import head_columns
+    ex = Extractor(run=run)
+    names = head_columns(ex.vector_names)
+    rng = np.random.default_rng(0)
+    y = np.repeat(["good", "defect"], 20)
+    X = rng.standard_normal((40, len(names))).astype(np.float32) + 3 * (y == "defect")[:, None]
+    head = train_head(X, y, n_splits=2, seed=0, feature_names=names, n_jobs=1, params=dict(n_estimators=20)).head
+    source = {**ex.source, "settings": {"image_size": ex.cfg["image_size"], "tile": None}}
+    conf = {}
+    for t in (0.0, 1.5):
+        head.threshold = t
+        head.save(tmp_path / "h", source=source)
+        rows = predict_cmd(run, Path(load_config(run / "config.yaml")["data"]) / "test", tmp_path / "p",
+                           heads=[tmp_path / "h"], overlays=False, quiet=True, threshold=0.0)["rows"]   # WDM's
+        assert {r["h_prediction"] for r in rows} == {head.classes[1] if t == 0 else head.classes[0]}
+        conf[t] = np.array([r["h_confidence"] for r in rows])
+    assert (np.abs(conf[0.0] - 0.5) > 0.05).all()   # p.max() would give 0.5 + |p - 0.5| to both
+    np.testing.assert_allclose(conf[0.0] + conf[1.5], 1, atol=1e-6)
+
+
+def test_an_images_overlay_map_and_mask_share_one_name_when_names_collide(run, tmp_path):
+    """`a/b.png` and `a__b.png` both give the name `a__b`: the overlays' names were chosen among the flagged images
+    only and the maps' among all, so with only `a__b.png` flagged its overlay was `a__b_overlay.png` while its map
+    was `a__b~<hash>.npy` and `a__b.npy` the other image's."""
+    from uninet_feat.detector import Detector
+    one, two = _png(tmp_path / "x" / "1.png", 1), _png(tmp_path / "x" / "2.png", 2)
+    s1, s2 = (d.score for d in Detector(run).score([one, two], maps=False))
+    hi, lo = (one, two) if s1 > s2 else (two, one)
+    (tmp_path / "b" / "a").mkdir(parents=True)
+    lo.rename(tmp_path / "b" / "a" / "b.png")
+    hi.rename(tmp_path / "b" / "a__b.png")   # the one flagged: the second of the two in path order
+    res = predict_cmd(run, tmp_path / "b", tmp_path / "p", threshold=(s1 + s2) / 2, quiet=True, save_maps=True,
+                      pixel_threshold=0.5)
+    rows = {Path(r["path"]).relative_to(tmp_path / "b").as_posix(): r for r in res["rows"]}
+    assert rows["a__b.png"]["flagged"] and not rows["a/b.png"]["flagged"]
+    stem = Path(rows["a__b.png"]["overlay"]).name.removesuffix("_overlay.png")
+    assert Path(rows["a__b.png"]["map"]).name == f"{stem}.npy"
+    assert Path(rows["a__b.png"]["defect_mask"]).name == f"{stem}_mask.png"
+    assert Path(rows["a/b.png"]["map"]).name == "a__b.npy" and stem != "a__b"
+
+
+def test_predicts_saved_mask_is_the_detectors_at_a_threshold_the_float16_map_rounds_across(run, tmp_path):
+    """The saved mask thresholded the float16-rounded map while `Detector.mask` and the overlay's outline threshold
+    the float32 map: a pixel between the two sides of the threshold was defect in one and not the other."""
+    from uninet_feat.detector import Detector
+    img = _png(tmp_path / "b" / "0.png", 5)
+    m = Detector(run).score(img)[0].map.ravel()
+    gap = m.astype(np.float16).astype(np.float32) - m   # float16 rounds these pixels up past a threshold between
+    k = int(np.argmax(gap))
+    assert gap[k] > 1e-5 * abs(m[k])   # far beyond the float32 noise of another batch
+    t = float((m[k] + m[k].astype(np.float16).astype(np.float32)) / 2)
+    res = predict_cmd(run, tmp_path / "b", tmp_path / "p", quiet=True, save_maps=True, pixel_threshold=t)
+    saved = np.asarray(Image.open(res["rows"][0]["defect_mask"])) > 0
+    np.testing.assert_array_equal(saved, Detector(run, pixel_threshold=t).score(img)[0].mask)
+    assert not saved.ravel()[k]
+
+
+def test_a_rerun_stopped_while_writing_maps_leaves_no_csv_or_summary_of_other_files(run, tmp_path, monkeypatch):
+    """A re-run into a used --out deleted the old maps and overlays and wrote new maps before replacing
+    predictions.csv and summary.json: a stop in between (a kill, a full disk) left the old ones naming files
+    that were gone or held the new run's masks."""
+    import uninet_feat.predict as P
+    for i in range(3):
+        _png(tmp_path / "b" / f"{i}.png", i)
+    predict_cmd(run, tmp_path / "b", tmp_path / "p", quiet=True, save_maps=True, pixel_threshold=0.5,
+                threshold=-1e9)
+    real, n = P.atomic_write_bytes, []
+
+    def full_disk(path, data):
+        n.append(path)
+        if len(n) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(P, "atomic_write_bytes", full_disk)
+    with pytest.raises(OSError):
+        predict_cmd(run, tmp_path / "b", tmp_path / "p", quiet=True, save_maps=True, pixel_threshold=0.7)
+    left = {p.name for p in (tmp_path / "p").iterdir()}
+    assert not left & {"predictions.csv", "predictions.json", "summary.json"}, left
+    assert len(list((tmp_path / "p" / "maps").glob("*_mask.png"))) == 1   # the new run's, stopped at its second
+
+
+def test_a_missing_knn_index_or_ensemble_names_only_the_options_that_need_it(run, tmp_path):
+    """`--heatmap knn` alone was told "--flag-by wdm / --heatmap knn need a kNN index", blaming the default
+    --flag-by wdm; `--flag-by ensemble` alone likewise named --heatmap."""
+    with pytest.raises(BadInputError, match=r"^--heatmap knn needs a kNN index") as e:
+        predict_cmd(run, tmp_path, tmp_path / "p", heatmap="knn", quiet=True)
+    assert "--flag-by" not in e.value.reason
+    with pytest.raises(BadInputError, match=r"^--flag-by combined and --heatmap knn need a kNN index"):
+        predict_cmd(run, tmp_path, tmp_path / "p", flag_by="combined", heatmap="knn", quiet=True)
+    with pytest.raises(BadInputError, match=r"^--flag-by ensemble: an ensemble's .* need more runs") as e:
+        predict_cmd(run, tmp_path, tmp_path / "p", flag_by="ensemble", quiet=True)
+    assert "--heatmap" not in e.value.reason
+    assert not (tmp_path / "p").exists()

@@ -16,7 +16,7 @@ from .calibration import KIND_LOOK_FILES, applied_tile_norm
 from .data.tiling import tile_score_reducer
 from .featstore import aggregate_tiles, head_columns
 from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text
-from .runs import samples_of
+from .runs import ready_to_score, samples_of
 
 
 def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=True, quiet=False,
@@ -66,11 +66,14 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if flag_by not in SCORES + ("ensemble",) or heatmap not in SCORES + ("ensemble",):
         raise BadInputError(f"unknown --flag-by {flag_by!r} or --heatmap {heatmap!r}",
                             fix=f"--flag-by and --heatmap: one of {', '.join(SCORES)}, ensemble")
-    if knn is None and {flag_by, heatmap} & {"knn", "combined"}:
-        raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need a kNN index",
+    # the error names only the options that need what is missing (the other may be a default)
+    wants = {need: " and ".join(f"--{o} {v}" for o, v in (("flag-by", flag_by), ("heatmap", heatmap)) if v in vals)
+             for need, vals in (("knn", ("knn", "combined")), ("ensemble", ("ensemble",)))}
+    if knn is None and wants["knn"]:
+        raise BadInputError(f"{wants['knn']} need{'' if ' and ' in wants['knn'] else 's'} a kNN index",
                             fix="pass --knn DIR (built by `uninet-feat index`)")
-    if not ensemble and "ensemble" in (flag_by, heatmap):
-        raise BadInputError(f"--flag-by {flag_by} / --heatmap {heatmap} need more runs",
+    if not ensemble and wants["ensemble"]:
+        raise BadInputError(f"{wants['ensemble']}: an ensemble's scores and maps need more runs than --run",
                             fix="pass --ensemble RUN_B [RUN_C ...] (the same config trained with other seeds)")
     if flag_by == "wdm":
         # bad flags fail before any scoring; a run of several groups flags each image by its group's threshold
@@ -107,6 +110,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             raise BadInputError("this head was trained on text-similarity columns (clip_*)", path=hd,
                                 fix="pass --text (with the same prompt file as at extraction)")
     ex = Extractor(run=run, text=text, skip_bad=skip_bad)
+    if group is not None:   # a run of one group refuses another, as Detector and evaluate do (a copy: only the check)
+        ready_to_score(ex.model, {**ex.cfg, "channels_last": False}, group, skip_bad, threads=False)
     scorer, kex = knn_setup(knn, ex, skip_bad) if knn is not None else (None, None)
     head_cols = {}   # each head's columns among this version's
     for hd, head in loaded.items():
@@ -205,18 +210,24 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         for row, p, c in zip(rows, proba, pred):
             unflagged = types_only and row["flagged"] is False   # a normal image has no defect type
             row[f"{name}_prediction"] = "" if unflagged else str(c)
-            row[f"{name}_confidence"] = None if unflagged else float(p.max())
+            # the predicted class's probability: a binary head predicts by its own threshold, not p.max()'s 0.5
+            row[f"{name}_confidence"] = None if unflagged else float(p[head.classes.index(str(c))])
     out = Path(os.path.abspath(out))   # the rows name overlays and maps by absolute path, readable from anywhere
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:   # the same columns whether or not anything is flagged
         r["overlay"] = ""
+    for old in ("summary.json", "predictions.csv", "predictions.json"):   # a re-run's: gone before the files they
+        (out / old).unlink(missing_ok=True)   # name are, so a stop part-way leaves none describing other files
     for old in (out / "overlays").glob("*_overlay.png"):   # a re-run's: only this run's flagged images have one
         old.unlink()
     for old in (out / "maps").glob("*"):   # a re-run's maps: this run writes its own or none
         if old.name.endswith((".npy", "_mask.png")):
             old.unlink()
+    # one name per image for its overlay and its map and mask, chosen among all the batch's images
+    names = {p: n.removesuffix("_overlay.png")
+             for p, n in _overlay_names([s.path for s in samples], Path(data)).items()}
     if save_maps:
-        summary_extra |= _write_maps(ex, samples, rows, out / "maps", Path(data), pixel_threshold, held)
+        summary_extra |= _write_maps(ex, samples, rows, out / "maps", names, pixel_threshold, held)
     atomic_write_csv(out / "predictions.csv", rows)
     atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     summary = {"n_images": len(rows), "flag_by": flag_by,
@@ -229,16 +240,16 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         if heatmap == "knn":
-            _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", root=Path(data))
+            _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", names)
         elif heatmap == "ensemble":
-            _write_ensemble_overlays(members, samples, rows, out / "overlays", root=Path(data))
+            _write_ensemble_overlays(members, samples, rows, out / "overlays", names)
         elif heatmap == "combined":
             summary["heatmap_range"] = _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range,
-                                                                out / "overlays", root=Path(data), held=held)
+                                                                out / "overlays", names, held=held)
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         else:   # outlined: the defect mask's edge (--save-maps' pixel threshold)
             outline = pixel_threshold if pixel_threshold is not None else default_pixel_threshold(ex.run_dir, ex.model)
-            _write_overlays(ex, samples, rows, out / "overlays", root=Path(data), held=held, outline=outline)
+            _write_overlays(ex, samples, rows, out / "overlays", names, held=held, outline=outline)
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
     shutil.rmtree(partial, ignore_errors=True)   # everything is written: nothing left to resume
@@ -399,18 +410,18 @@ def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:
             "ensemble_run_thresholds": [m.threshold for m in members]}
 
 
-def _write_ensemble_overlays(members, samples, rows, folder: Path, root=None) -> None:
+def _write_ensemble_overlays(members, samples, rows, folder: Path, names: dict) -> None:
     """Overlays of flagged images' ensemble maps (`ensemble.mean_maps`: the mean of the runs' maps in their
-    validation-normal range units), coloured 0..1, the range every run's own overlays are coloured on."""
+    validation-normal range units), coloured 0..1, the range every run's own overlays are coloured on; ``names``:
+    each image's output name (`_overlay_names`' stem)."""
     from .ensemble import mean_maps
     from .overlay import heatmap_overlay
     by_path = {r["path"]: r for r in rows}
     flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
-    names = _overlay_names([s.path for s in flagged], root)
 
     def write(s, m):
-        by_path[str(s.path)]["overlay"] = str(folder / names[str(s.path)])
-        heatmap_overlay(s.path, m, folder / names[str(s.path)], vmin=0.0, vmax=1.0, mask=None)
+        by_path[str(s.path)]["overlay"] = str(folder / f"{names[str(s.path)]}_overlay.png")
+        heatmap_overlay(s.path, m, folder / f"{names[str(s.path)]}_overlay.png", vmin=0.0, vmax=1.0, mask=None)
     mean_maps(members, flagged, write)
 
 
@@ -470,14 +481,15 @@ def map_at_image_size(path, m) -> np.ndarray:
     return _resize_float(np.asarray(m, np.float32), read_size(path), Image.Resampling.BILINEAR)
 
 
-def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, fixed=None, held=None,
+def _write_overlays(ex, samples, rows, folder: Path, names: dict, transform=None, fixed=None, held=None,
                     outline=None) -> None:
     """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range.
 
     Each overlay is written as its map is finished (none are held) when the run has that range; only
-    without it (a run with no validation normals) are the maps held to share one 0..max scale. Names
-    keep the image's folders below ``root`` (``spot__000_overlay.png``), so MVTec-style sets whose
-    files are named 000.png in every folder do not overwrite each other; the row gets ``overlay``.
+    without it (a run with no validation normals) are the maps held to share one 0..max scale. ``names``:
+    each image's output name (`_overlay_names`' stem, the same as its map's) keeping its folders
+    (``spot__000_overlay.png``), so MVTec-style sets whose files are named 000.png in every folder do not
+    overwrite each other; the row gets ``overlay``.
     ``transform(sample, map)``: the map drawn instead of WDM's, on the colour scale ``fixed`` (vmin, vmax).
     ``held``: the scoring pass's maps (`_HeldMaps`); only flagged images without one are scored again.
     ``outline``: a pixel threshold whose region (map above it: the defect mask) is outlined in light blue."""
@@ -485,10 +497,9 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, 
     from .evaluate import score_samples
     by_path = {r["path"]: r for r in rows}
     flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
-    names = _overlay_names([s.path for s in flagged], root)
 
     def write(s, m, vmin, vmax):
-        out = folder / names[str(s.path)]
+        out = folder / f"{names[str(s.path)]}_overlay.png"
         heatmap_overlay(s.path, transform(s, m) if transform else m, out, vmin=vmin, vmax=vmax, mask=None,
                         threshold=outline)
         by_path[str(s.path)]["overlay"] = str(out)
@@ -508,12 +519,13 @@ def _write_overlays(ex, samples, rows, folder: Path, root=None, transform=None, 
 PIXEL_RULE = "0.999 quantile of the validation normals' pixel-map values (about 1 normal pixel in 1,000 above it)"
 
 
-def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None, held=None) -> dict:
+def _write_maps(ex, samples, rows, folder: Path, names: dict, pixel_threshold=None, held=None) -> dict:
     """Every image's WDM pixel map (the run's chosen map, as the overlays show it) at the image's own size, tiles
     stitched, as float16 ``NAME.npy``; and ``NAME_mask.png`` (255 = defect) where it is above the pixel
     threshold. Why: a line's software wants the map's values and a defect region, not only a picture of
-    flagged images. The threshold is ``pixel_threshold``, else the top of the validation normals' map range
-    (`overlay.calibrated_range`, computed on normals only); without either no masks are written (warned).
+    flagged images. ``names``: each image's name, its overlay's stem. The threshold is ``pixel_threshold``, else
+    the top of the validation normals' map range (`overlay.calibrated_range`, computed on normals only); without
+    either no masks are written (warned).
     Maps are written as they are finished (none are held), or from the scoring pass's maps that ``held``
     (`_HeldMaps`) kept, within its memory budget. Each row gets ``map``, ``defect_mask`` and
     ``defect_fraction`` (its share of pixels above the threshold); returns the summary's entries."""
@@ -529,20 +541,19 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None, hel
             warnings.warn(f"{ex.run_dir}: no validation-normal map range, so no defect masks are written (maps "
                           f"are). Fix: pass --pixel-threshold VALUE, or `uninet-feat calibrate --run {ex.run_dir}`")
     by_path = {r["path"]: r for r in rows}
-    names = _overlay_names([s.path for s in samples], root, suffix="")
     folder.mkdir(parents=True, exist_ok=True)
 
     def write(s, m):
         row, name = by_path[str(s.path)], names[str(s.path)]
-        # as saved: the mask is the saved map above the threshold, to the pixel
-        m = map_at_image_size(s.path, m).astype(np.float16)
+        # the mask is the float32 map above the threshold, as Detector.mask and the overlay's outline; saved float16
+        m = map_at_image_size(s.path, m)
         def save(tmp):
             with open(tmp, "wb") as f:   # a file object: numpy would add ".npy" to a bare name
-                np.save(f, m)
+                np.save(f, m.astype(np.float16))
         atomic_write(folder / f"{name}.npy", save)
         row["map"], row["defect_mask"], row["defect_fraction"] = str(folder / f"{name}.npy"), "", None
         if pixel_threshold is not None:
-            hot = m.astype(np.float32) > np.float32(pixel_threshold)
+            hot = m > np.float32(pixel_threshold)
             buf = io.BytesIO()
             Image.fromarray(hot.astype(np.uint8) * 255).save(buf, format="PNG")
             atomic_write_bytes(folder / f"{name}_mask.png", buf.getvalue())
@@ -553,7 +564,7 @@ def _write_maps(ex, samples, rows, folder: Path, root, pixel_threshold=None, hel
             "map_units": f"WDM pixel map ({pixel_map_kind(ex.model.cfg)}), float16, the image's size"}
 
 
-def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, root=None) -> None:
+def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, names: dict) -> None:
     """Overlays of flagged images' kNN maps (`scorers.knn_map`, native size, tiles stitched), coloured on the
     validation normals' patch-score range (median .. 0.999 quantile), else 0 .. the largest flagged score."""
     from .data.images import read_size
@@ -561,15 +572,14 @@ def _write_knn_overlays(samples, rows, patch_scores, kres, ref, folder: Path, ro
     from .scorers import knn_map
     pos = {str(s.path): i for i, s in enumerate(samples)}
     flagged = [r for r in rows if r["flagged"]]
-    names = _overlay_names([r["path"] for r in flagged], root)
     lo, hi = ref.knn_range if ref is not None else (0.0, max(max(r["knn_score"] for r in flagged), 1e-6))
     for r in flagged:
-        r["overlay"] = str(folder / names[r["path"]])
+        r["overlay"] = str(folder / f"{names[r['path']]}_overlay.png")
         heatmap_overlay(r["path"], knn_map(patch_scores, kres, pos[r["path"]], size=read_size(r["path"])),
                         r["overlay"], vmin=lo, vmax=hi)
 
 
-def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range, folder: Path, root=None,
+def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range, folder: Path, names: dict,
                              held=None):
     """Overlays of flagged images' combined maps (WDM's map and the kNN map at its size, each in its
     validation-normal range units, summed), coloured on the combined map's own validation-normal range
@@ -579,7 +589,7 @@ def _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_ran
     lo, hi = combined_range(ex.model, ex.cfg, ref, wdm_range)
     pos = {str(s.path): i for i, s in enumerate(samples)}
     # the kNN map cut to the image's native size, then resized to the WDM map's (an untiled run's is the model's)
-    _write_overlays(ex, samples, rows, folder, root, fixed=(lo, hi), held=held, transform=lambda s, m: combined_map(
+    _write_overlays(ex, samples, rows, folder, names, fixed=(lo, hi), held=held, transform=lambda s, m: combined_map(
         m, knn_map(patch_scores, kres, pos[str(s.path)], m.shape, size=read_size(s.path)), wdm_range, ref.knn_range))
     return [lo, hi]
 
