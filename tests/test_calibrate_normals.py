@@ -362,3 +362,27 @@ def test_the_warning_says_the_pixel_figures_rest_on_test_normals_in_range_units(
     said = [str(w.message) for w in got if "test image(s) are among" in str(w.message)]
     assert "the pixel figures rest on those normals too, the pixel map's range units" in said[0]
     assert "the pixel figures do not use it" not in said[0]
+
+
+def test_calibrating_a_run_whose_training_folder_grew_is_refused(tmp_path, capsys):
+    """`calibrate --run RUN` draws the run's validation split anew from its data folder; a normal added since
+    reshuffles that draw, so images the run trained on became validation normals (the threshold set on them). The
+    split model.pt recorded is compared: another is refused, naming the counts; moved to --data, the same split
+    is taken."""
+    from PIL import Image
+    data = write_texture_set(tmp_path / "d", n_train=10, n_good=2, n_bad=2, size=32)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--image-size", "32", "--val-fraction", "0.3", "--seed", "1",
+                                         "--out", str(run)]) == 0
+    before = (run / "calibration.json").read_bytes()
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert main(["calibrate", "--run", str(run), "--data", str(moved), "--quiet"]) == 0   # the same split, elsewhere
+    np.testing.assert_allclose(json.loads((run / "calibration.json").read_text())["val_scores"],
+                               json.loads(before)["val_scores"], rtol=1e-5)   # the same normals (threads aside)
+    Image.open(data / "train" / "good" / "000.png").transpose(Image.FLIP_LEFT_RIGHT).save(
+        data / "train" / "good" / "zz_new.png")
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "differ from those the run trained on" in err and "restore the data folder as it was" in err

@@ -650,6 +650,9 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         check_given_normals(val, cfg, cfg["calibration_normals"])
     elif split_csv is not None:   # another split draws other validation normals: the run may have trained on some
         _check_not_trained_on(val, dict(ckpt["config"]), split_csv, data, run)
+    else:   # its own split, drawn anew from the data as it is now: a normal added since reshuffles it
+        from .runs import check_split, load_samples, train_val_samples
+        check_split(ckpt, *train_val_samples(load_samples(cfg), cfg), cfg["data"], run)
     if not val:
         raise BadInputError("the run has no validation normals (val_fraction 0)", path=run,
                             fix="choose a threshold with --threshold VALUE")
