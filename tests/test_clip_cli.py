@@ -258,7 +258,8 @@ def test_mean_and_std_of_a_weights_file_are_given_checked_recorded_and_scored_wi
     saved = yaml.safe_load((zs / "config.yaml").read_text())
     assert (saved["mean"], saved["std"]) == ([0.5] * 3, [0.25] * 3)
     first = json.loads((zs / "scores.json").read_text())
-    assert main(["zero-shot", "--config", str(zs / "config.yaml"), "--out", str(zs), "--quiet"]) == 0   # the same again
+    assert saved["out"] == str(zs.resolve()) and saved["device"] in (None, "auto")   # as asked, not as resolved
+    assert main(["zero-shot", "--config", str(zs / "config.yaml"), "--quiet"]) == 0   # the same again, --out from it
     assert json.loads((zs / "scores.json").read_text()) == first
     assert main(["zero-shot", "--data", str(data), "--backbone", "clip:tiny", "--weights", str(weights),
                  "--image-size", "64", "--quiet", "--out", str(tmp_path / "zs2")]) == 0   # CLIP's own: other scores

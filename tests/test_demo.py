@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 
 from uninet_feat.demo import run_demo
 
@@ -12,6 +13,9 @@ def test_demo_writes_its_outputs_and_a_rerun_reuses_its_run_saying_so(tmp_path):
     for name in ("metrics.json", "scores.csv", "report.html", "run/model.pt", "knn/knn.json",
                  "head_defect_type/head.json"):
         assert (out / name).exists(), name
+    for sub, command in (("", "demo"), ("features", "extract"), ("knn", "index"), ("head_defect_type", "train-head")):
+        assert (out / sub / "env.json").exists(), sub   # every output folder says how it was made
+        assert yaml.safe_load((out / sub / "config.yaml").read_text())["command"] == command, sub
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["image_auroc"] <= 1 and first["image_auroc"] == metrics["image_auroc"]
     assert "pixel_auroc" in metrics and "aupro" in metrics   # the synthetic weaves have masks

@@ -40,6 +40,13 @@ def _clear_if_the_run_changed(out: Path, run: Path, trained: bool) -> None:
             shutil.rmtree(out / name, ignore_errors=True)
 
 
+def _record(argv: list) -> None:
+    """The step's config.yaml and env.json, as the CLI saves them for that command (the demo calls the workflows
+    directly): each output folder names how it was made and re-runs with `--config`."""
+    from .cli import _save_command_config, build_parser
+    _save_command_config(build_parser().parse_args([str(a) for a in argv]))
+
+
 def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: str | None = None) -> dict:
     from . import workflows as wf
     from .data.synthetic import make_fabric_dataset
@@ -70,12 +77,18 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: 
     feats = out / "features"
     _clear_if_the_run_changed(out, run, trained)
     wf.extract_cmd(data, feats, run=str(run), split_csv=manifest, patches=True, quiet=quiet)
+    _record(["extract", "--data", str(data), "--run", str(run), "--split-csv", manifest, "--patches", "--out", feats])
     summary["knn_index"] = wf.index_cmd(feats, out / "knn", kind="flat", coreset=0.1)
+    _record(["index", "--features", str(feats), "--kind", "flat", "--coreset", "0.1", "--out", out / "knn"])
     head = wf.train_head_cmd(feats, out / "head_defect_type", task="multiclass", label_from="label",
                              defects_only=True, folds=3)
+    _record(["train-head", "--features", str(feats), "--task", "multiclass", "--label-from", "label",
+             "--defects-only", "--folds", "3", "--out", out / "head_defect_type"])
     summary["defect_type_head_cv"] = {k: head["oof"].get(k) for k in ("accuracy", "macro_f1")}
     summary["report"] = str(out / "report.html")
     summary["features_of"] = _run_stamp(run)
+    from .config import save_run_config   # the demo's own, beside its metrics and report
+    save_run_config(out, {"command": "demo", "out": str(out.resolve()), "epochs": epochs, "device": device})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     if not quiet:
         keys = ("image_auroc", "pixel_auroc", "aupro", "defect_type_head_cv", "report")

@@ -285,7 +285,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
         normal = np.array([is_normal_label(v) for v in y])
         if task == "binary" and not normal.any():   # else a head of two defect types, typing every normal image
             raise BadInputError(f"--task binary is normal vs defect, and {labels} names no normal image (good, normal, "
-                                f"ok): its labels ({', '.join(sorted(set(y))[:5])}) are defect types",
+                                f"ok, free): its labels ({', '.join(sorted(set(y))[:5])}) are defect types",
                                 path=labels, fix="pass --task multiclass to learn the named defect types")
         if task == "binary":   # normal vs defect, as without --labels (`_labels_for`): every defect type is a defect
             y = np.where(normal, "good", "defect")
@@ -400,7 +400,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
         raise BadInputError(f"zero-shot scores with CLIP's text prompts: --backbone {backbone} is not a clip: backbone",
                             fix="--backbone clip:ViT-B-16 (or another open_clip model) --weights FILE, the whole "
                                 "open_clip checkpoint (both towers)")
-    device = pick_device(device)
+    asked_device, device = device, pick_device(device)
     kw = {} if quick_gelu is None else {"quick_gelu": bool(quick_gelu)}
     bb = create_normalised_backbone(backbone, weights, mean, std, **kw).eval()   # --mean/--std: a file's own, if other
     step = zero_shot_step(bb)
@@ -428,7 +428,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .runs import absolute_data_paths   # absolute, so that --config OUT/config.yaml re-runs from any folder
     cfg = absolute_data_paths({**DEFAULT_CONFIG, "data": str(data), "split_csv": split_csv, "group": group,
                                "backbone": backbone, "weights": str(weights), "image_size": image_size,
-                               "tile": tile, "skip_bad": bool(skip_bad), "device": str(device),
+                               "tile": tile, "skip_bad": bool(skip_bad), "device": asked_device,   # as asked:
+                               # the one it resolved to (cuda:0) would refuse a --config re-run on a CPU machine
                                "mean": list(bb.mean), "std": list(bb.std),   # those read from the file's name too
                                "quick_gelu": bool(getattr(bb, "quick_gelu", False))})   # a re-run takes it back
     w = Path(str(weights)).expanduser()
@@ -453,7 +454,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
                      **{n: float(v) for n, v in zip(ts.feature_names, f)}})
     out = Path(out)
     save_run_config(out, {**cfg, "prompts": {"normal": ts.normal_prompts, "defect": ts.defect_prompts},
-                          "patch_mode": patch_mode})
+                          "patch_mode": patch_mode, "out": str(out.resolve())})   # `--config OUT/config.yaml` alone
     atomic_write_csv(out / "scores.csv", rows)
     atomic_write_text(out / "scores.json", json.dumps(rows, indent=1))
     res = {"n_images": len(rows), "out": str(out), "skipped": Extractor.skipped(samples, ds)}
