@@ -8,8 +8,10 @@ diagonal, so any upstream gradient on ``lse`` must work. The naive form material
 Shift. Instead of a running max we subtract a per-row *upper bound* m_i = inv_t * |s_i| * max_j |t_j|
 (Cauchy-Schwarz), which is exactly inv_t for unit rows, so no exp can overflow even for unnormalised input.
 The largest term of a row is >= exp(-2 m_i) relative to the shift; fp32 keeps that normal while 2 m_i < 87,
-i.e. for unit rows whenever T > ~0.023 (T = 0.1 gives exp(-20) ~ 2e-9, harmless). Backward recomputes
-P_ij = exp(z_ij - lse_i) <= 1 from the saved lse, so it needs no shift at all.
+i.e. for unit rows whenever T > ~0.023 (T = 0.1 gives exp(-20) ~ 2e-9, harmless). Past that (`bound_is_safe`)
+a whole row could underflow to lse = -inf, so the chunked form subtracts each row's own maximum instead (one
+more pass over the chunk's logits) and the dispatcher sends such inputs to it, not to Triton. Backward
+recomputes P_ij = exp(z_ij - lse_i) <= 1 from the saved lse, so it needs no shift at all.
 
 Gradients: with g_i = dL/dlse_i, dL/dz_ij = g_i P_ij, ds_i = inv_t sum_j g_i P_ij t_j and
 dt_j = inv_t sum_i g_i P_ij s_i. Accumulation is fp32 (fp64 for fp64 input, for gradcheck); lse is returned
@@ -38,6 +40,15 @@ def row_shift(s: torch.Tensor, t: torch.Tensor, inv_t: float) -> torch.Tensor:
     return torch.linalg.vector_norm(s, dim=-1, dtype=cd).mul_(t_max).mul_(inv_t)
 
 
+# 2·max shift below which the bound shift cannot underflow a whole row (exp(-87) is fp32's smallest normal)
+SAFE_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def bound_is_safe(shift: torch.Tensor) -> bool:
+    """Whether the upper-bound shift keeps every row's largest term representable (see the module docstring)."""
+    return 2 * float(shift.max()) < SAFE_SPAN.get(shift.dtype, 80.0) if shift.numel() else True
+
+
 def similarity_lse_naive(s_hat: torch.Tensor, t_hat: torch.Tensor, inv_t: float) -> torch.Tensor:
     """Reference: the full (N, HW, HW) logits and torch.logsumexp; autograd does the backward."""
     cd = compute_dtype(s_hat.dtype)
@@ -60,14 +71,20 @@ class _ChunkedLSE(torch.autograd.Function):
         n, hw, _ = s.shape
         rows = chunk or default_chunk(n, hw)
         shift = row_shift(s32, t32, inv_t)
+        exact = not bound_is_safe(shift)   # a small T: each row's own max, or a row could underflow to -inf
         lse = torch.empty(n, hw, dtype=cd, device=s.device)
         buf = torch.empty(n * min(rows, hw) * hw, dtype=cd, device=s.device)
         tT = t32.transpose(1, 2)
         for a in range(0, hw, rows):
             b = min(a + rows, hw)
             z = buf[: n * (b - a) * hw].view(n, b - a, hw)
-            torch.baddbmm(shift[:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=z).exp_()
-            lse[:, a:b] = z.sum(-1)
+            if exact:
+                torch.bmm(s32[:, a:b], tT, out=z).mul_(inv_t)
+                shift[:, a:b] = z.amax(-1)
+                z.sub_(shift[:, a:b, None])
+            else:
+                torch.baddbmm(shift[:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=z)
+            lse[:, a:b] = z.exp_().sum(-1)
         lse.log_().add_(shift)
         ctx.save_for_backward(s, t, lse)
         ctx.inv_t, ctx.rows = inv_t, rows
@@ -144,6 +161,8 @@ def similarity_lse(s_hat: torch.Tensor, t_hat: torch.Tensor, inv_t: float, backe
     from .similarity_lse_triton import MAX_C, similarity_lse_triton  # lazy: CPU users never import triton
     why = (f"C={s_hat.shape[-1]} > {MAX_C} (cheap there: such levels have small HW)" if s_hat.shape[-1] > MAX_C
            else f"{s_hat.dtype}" if s_hat.dtype not in (torch.float32, torch.bfloat16, torch.float16) else None)
+    if why is None and not bound_is_safe(row_shift(s_hat, t_hat, float(inv_t))):
+        why = f"1/T = {float(inv_t):g} with these rows' norms (its upper-bound shift would underflow whole rows)"
     if why:
         if requested_backend(backend) == "triton":  # auto falls back silently
             warnings.warn(f"similarity_lse: no Triton kernel for {why}; using the chunked torch path", stacklevel=2)

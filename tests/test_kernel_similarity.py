@@ -69,6 +69,24 @@ def test_chunked_matches_naive(n, hw, c, temp):
         _close(g_, r_, 1e-5)
 
 
+@pytest.mark.parametrize("temp", [0.005, 0.002])
+def test_a_temperature_below_the_bound_shifts_reach_matches_naive_not_minus_inf(temp):
+    """The upper-bound shift (1/T for unit rows) underflowed every term of a row once 2/T passed ~87: lse was -inf
+    (L_SC -inf, training stopped blaming the inputs) where torch.logsumexp is finite. Such inputs now take each
+    row's own maximum (chunked), and a forced Triton call goes there too, warned."""
+    s, t, up = _inputs(2, 60, 8)
+    ref = _run(lambda a, b: similarity_lse_naive(a, b, 1 / temp), s, t, up)
+    got = _run(lambda a, b: similarity_lse(a, b, 1 / temp, backend="torch", chunk=7), s, t, up)
+    assert torch.isfinite(got[0]).all()
+    for g_, r_ in zip(got, ref):   # fp32 logits of up to 1/T = 500 round at ~3e-5 of themselves, both sides
+        _close(g_, r_, 2e-4)
+    if triton_available() and importlib.import_module("uninet_feat.kernels.similarity_lse_triton").INTERPRETED:
+        with pytest.warns(UserWarning, match="upper-bound shift would underflow"):
+            tri = _run(lambda a, b: similarity_lse(a, b, 1 / temp, backend="triton"), s, t, up)
+        for g_, r_ in zip(tri, ref):
+            _close(g_, r_, 2e-4)
+
+
 @pytest.mark.parametrize("n,hw,c", SHAPES)
 @pytest.mark.parametrize("temp", [0.1, 2.0])
 def test_triton_matches_naive_fp32(n, hw, c, temp):
