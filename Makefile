@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIN    := torch==2.13.0 torchvision==0.28.0
+# where the CPU wheel is not on disk (plain PyPI's torch 2.13.0 is the CUDA build), name PyTorch's CPU index:
+#   make setup PIP_EXTRA='--extra-index-url https://download.pytorch.org/whl/cpu'
+PIP_EXTRA ?=
 export OMP_NUM_THREADS ?= 2
 # looked for when a recipe runs (`=`, not `:=`), so the first run after `setup` installs it has it too
 TCMALLOC = $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
@@ -16,8 +19,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIN)
-	$(PY) -m pip install -q -e '.[dev]' $(PIN)
+	$(PY) -m pip install -q $(PIP_EXTRA) $(PIN)
+	$(PY) -m pip install -q $(PIP_EXTRA) -e '.[dev]' $(PIN)
 	$(PY) -c "from uninet_feat._compat import install_startup_guard as g; g()"   # import timm before uninet_feat
 	-(command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (dpkg -s libtcmalloc-minimal4 >/dev/null 2>&1 || \
