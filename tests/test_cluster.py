@@ -694,3 +694,52 @@ def test_the_sheets_box_is_on_the_hot_spot_of_a_padded_tile(tmp_path):
     (h, w), y0, y1, x0, x1 = _drawn_box({"path": str(tmp_path / "one.png")}, None, spot, 256)
     s = w / 200
     assert y0 <= 64 * s <= y1 and x0 <= 84 * s <= x1 and y1 - y0 < 10
+
+
+def test_a_rerun_refuses_a_labels_csv_with_rows_deleted_or_clusters_merged(store, tmp_path, capsys):
+    """Only a label other than cluster_N counted as named: rows deleted, or two clusters merged by renaming
+    cluster_1 to cluster_0 (the sheet's own advice), were overwritten by the next run into the same --out."""
+    from uninet_feat.cli import main
+    out = tmp_path / "c"
+    base = ["cluster", "--features", str(store / "f"), "--out", str(out), "--k", "3"]
+    assert main(base) == 0
+    written = (out / "labels.csv").read_text()
+    lines = written.splitlines(keepends=True)
+    for text in ("".join(lines[:-2]), written.replace(",cluster_1", ",cluster_0")):   # rows deleted; merged
+        (out / "labels.csv").write_text(text)
+        capsys.readouterr()
+        assert main(base) == 2
+        err = capsys.readouterr().err
+        assert "labels.csv" in err and "edited" in err and "fix:" in err, err
+        assert (out / "labels.csv").read_text() == text
+    (out / "labels.csv").write_text(written)
+    assert main(base) == 0                                   # as the last run wrote it: rewritten
+    (out / "clusters.csv").unlink()                          # a run killed before clusters.csv: cluster_N only
+    assert main(base) == 0 and (out / "clusters.csv").exists()
+
+
+def test_a_path_that_ends_in_a_space_is_read_back_as_written(tmp_path, monkeypatch):
+    """CSV values were stripped, path too: labels.csv naming "end.png " (a legal file name) matched no image."""
+    from uninet_feat.clusters import read_path_table
+    from uninet_feat.io import atomic_write_csv
+    paths = [str(tmp_path / n) for n in ("end.png ", " lead.png", "plain.png")]
+    for p in paths:
+        open(p, "wb").close()
+    atomic_write_csv(tmp_path / "labels.csv", [{"path": p, "label": f" cluster_{i} "} for i, p in enumerate(paths)])
+    assert read_path_table(tmp_path / "labels.csv", "label", "labels CSV") == {
+        p: f"cluster_{i}" for i, p in enumerate(paths)}                      # labels stripped, paths as written
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typed.csv").write_text("path , label\nplain.png ,hole\n")   # a space typed before the comma
+    assert read_path_table(tmp_path / "typed.csv", "label", "labels CSV") == {paths[2]: "hole"}
+
+
+def test_the_sheet_shows_a_file_name_that_is_not_utf8_with_its_odd_byte_escaped(tmp_path):
+    """A file name of bytes that are not UTF-8 (b"caf\\xe9.png", legal on Linux) stopped writing sheet.html with a
+    UnicodeEncodeError."""
+    import os
+    from types import SimpleNamespace
+    from uninet_feat.clusters import contact_sheet
+    recs = [{"path": os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png"), "label": os.fsdecode(b"d\xe9faut"),
+             "score": 0.5}]
+    sheet = contact_sheet(recs, SimpleNamespace(k=1, exemplars=[[0]]), [], np.zeros((1, 0)))
+    assert "caf\\xe9.png · d\\xe9faut" in sheet.encode("utf-8").decode("utf-8")

@@ -26,8 +26,10 @@ def _reference(m: np.ndarray) -> list[float]:
     med, mx = np.sort(m.ravel())[(m.size - 1) // 2], m.max()   # torch's median: the lower middle value
     region = m >= med + 0.5 * (mx - med)
     wt = np.where(region, m - med, 0.0)
-    if wt.sum() <= 0:
+    if mx <= m.min():                   # flat: the whole tile, evenly
         region, wt = np.ones_like(region), np.ones_like(m)
+    elif wt.sum() <= 0:                 # max == median, not flat: the plateau at the top, evenly
+        wt = region.astype(float)
     wt = wt / wt.sum()
     ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
     Y, X = np.meshgrid(ys, xs, indexing="ij")
@@ -72,6 +74,19 @@ def test_streaks_blobs_and_flat_maps_read_as_expected():
     # scale-free: a map and the same map in other units give the same shape
     np.testing.assert_allclose(hot_region_shape(torch.tensor(b[None] * 7 + 2, dtype=torch.float32)),
                                hot_region_shape(torch.tensor(b[None], dtype=torch.float32)), atol=1e-6)
+
+
+def test_a_plateau_at_the_top_over_half_the_tile_is_the_region_not_the_whole_tile():
+    """max == median (the top value over half the pixels or more) was taken for a flat map: the whole tile, its
+    centroid the tile's centre, whatever the map."""
+    m = np.zeros((8, 8))
+    m[:5] = 1.0                         # the top 5 rows of 8 at the maximum: 62.5 % of the tile
+    s = _shape(m)
+    assert s["hot_area"] == pytest.approx(5 / 8) and s["hot_bbox_h"] == pytest.approx(5 / 8)
+    assert s["hot_cy"] == pytest.approx(2.5 / 8) and s["hot_cx"] == pytest.approx(0.5)
+    np.testing.assert_allclose(list(s.values()), _reference(m), atol=1e-6)
+    f = _shape(np.full((8, 8), 2.0))    # a flat map is still the whole tile
+    assert f["hot_area"] == 1.0 and f["hot_cy"] == pytest.approx(0.5)
 
 
 def test_map_pool_picks_the_hot_spot_and_a_flat_map_gives_the_mean():

@@ -139,6 +139,26 @@ def test_overlay_rejects_bad_map():
         heatmap_overlay(np.zeros((8, 8)), np.zeros((2, 3, 4)))
 
 
+def test_overlay_of_a_one_pixel_high_image_keeps_its_maps_and_masks_height():
+    """np.squeeze took the (1, 1, 300) map of a 1×300 image (a Detector map, batch axis kept) to (300,): refused."""
+    img, ramp = np.full((1, 300), 128, np.uint8), np.linspace(0, 1, 300, dtype=np.float32)
+    want = heatmap_overlay(img, ramp[None], vmin=0, vmax=1)
+    np.testing.assert_array_equal(heatmap_overlay(img, ramp[None, None], vmin=0, vmax=1), want)
+    np.testing.assert_array_equal(heatmap_overlay(img.T, ramp[None, :, None], vmin=0, vmax=1),
+                                  heatmap_overlay(img.T, ramp[:, None], vmin=0, vmax=1))
+    ring = heatmap_overlay(img, np.zeros((1, 300)), vmin=0, vmax=1, mask=np.ones((1, 1, 300), bool))
+    assert (ring == MASK_COLOR).all(-1).any()                                  # the (1, 1, 300) mask is drawn
+    assert heatmap_overlay(np.zeros((8, 8)), np.ones((8, 8, 1)), vmin=0, vmax=1).shape == (8, 8, 3)   # (H, W, 1)
+
+
+def test_overlay_refuses_a_colour_scale_upside_down():
+    """vmax below vmin drew nothing at all (every pixel below vmin), silently."""
+    m = np.zeros((8, 8))
+    m[2:4, 2:4] = 10
+    with pytest.raises(ValueError, match=r"vmax \(1\) is below vmin \(5\)"):
+        heatmap_overlay(np.full((32, 32), 128, np.uint8), m, vmin=5, vmax=1)
+
+
 # ----------------------------------------------------------------------------------------- report
 def _rows(n_normal=12, n_defect=6, seed=0):
     rng = np.random.default_rng(seed)

@@ -13,7 +13,6 @@ per cent of the pixels.
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .charts import escape as _esc   # the report's: a file name that is not UTF-8 shown escaped
 from .descriptors import PLACE_NAMES, SHAPE_NAMES
 from .errors import BadInputError
 from .featstore import FeatureStore, head_columns
@@ -102,11 +102,13 @@ def read_path_table(path, column: str, what: str, lines: dict | None = None) -> 
         raise BadInputError(f"{what} needs columns path and {column}; it has {', '.join(cols) or 'none'}",
                             path=path, fix=f"a CSV with a header line path,{column}")
     out, seen = {}, {}
-    for row in reader:
-        row = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
-        if not row.get("path"):
+    for row in reader:   # values stripped but the path: a file name may end in a space (it then named no file)
+        row = {(k or "").strip().lower(): (v or "") if isinstance(v, str) else "" for k, v in row.items()}
+        p, v = row.get("path", ""), row.get(column, "").strip()
+        if not p.strip():
             continue
-        p, v = row["path"], row.get(column, "")
+        if p != p.strip() and not os.path.lexists(p) and os.path.lexists(p.strip()):   # "a.png ,x" typed by hand
+            p = p.strip()
         p = p if windows_absolute(p) else os.path.abspath(p)   # C:\\... is no path below the working folder
         key = same_file_key(windows_path(p))
         if key in seen and out[seen[key][1]] != v:
@@ -309,10 +311,11 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     rows = [{"cluster": int(res.labels[i]), "rank": rank[i], "path": rk[i]["path"], "group": rk[i].get("group", ""),
              "label": rk[i]["label"], "score": rk[i]["score"], "distance": round(float(res.distance[i]), 6)}
             for ex in res.exemplars for i in ex]
-    for old in ("sheet.html", "clusters.json"):   # a kill while the new ones are made leaves no old one beside the
-        (out / old).unlink(missing_ok=True)       # new labels.csv (an old sheet would name its clusters wrongly)
-    atomic_write_csv(out / "clusters.csv", rows)
+    for old in ("sheet.html", "clusters.json", "clusters.csv"):   # a kill while the new ones are made leaves no
+        (out / old).unlink(missing_ok=True)   # old one beside the new labels.csv (an old sheet would name its clusters
+    # wrongly; an old clusters.csv would make the new labels.csv look edited to the next run: `_keep_named_labels`)
     atomic_write_csv(out / "labels.csv", [{"path": r["path"], "label": f"cluster_{r['cluster']}"} for r in rows])
+    atomic_write_csv(out / "clusters.csv", rows)
     settings = {"features": str(features), "flagged": None if flagged is None else str(flagged), "k": k,
                 "max_k": k_max, "columns": columns, "seed": seed, "group": group,
                 "pca_components": n_components}
@@ -337,16 +340,24 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
 
 
 def _keep_named_labels(path: Path) -> None:
-    """Refuse to overwrite a labels.csv someone has named (a label other than ``cluster_N``, or a blank one)."""
+    """Refuse to overwrite a labels.csv someone has edited: unless it holds what the last run wrote (each image of
+    its clusters.csv as ``cluster_N``), with no clusters.csv beside it (a run killed before writing it) unless
+    every label is some ``cluster_N``. Why: only a label other than ``cluster_N`` was seen, so rows deleted or two
+    clusters merged by renaming one to the other (cluster_2 → cluster_0) were overwritten by the next run."""
     if not path.is_file():
         return
     try:
         table = read_path_table(path, "label", "labels CSV")
+        rows = path.with_name("clusters.csv")
+        wrote = ({p: f"cluster_{c}" for p, c in read_path_table(rows, "cluster", "clusters CSV").items()}
+                 if rows.is_file() else None)
     except BadInputError:
-        table = {"": "?"}   # not as cluster wrote it: edited
-    if any(not re.fullmatch(r"cluster_\d+", v) for v in table.values()):
-        raise BadInputError("this folder's labels.csv has been named (labels other than cluster_N): clustering "
-                            "again would overwrite it", path=path,
+        table, wrote = {"": "?"}, None   # not as cluster wrote it: edited
+    edited = (table != wrote if wrote is not None
+              else any(not re.fullmatch(r"cluster_\d+", v) for v in table.values()))
+    if edited:
+        raise BadInputError("this folder's labels.csv has been named or edited (not as the last run wrote it): "
+                            "clustering again would overwrite it", path=path,
                             fix="choose another --out, or move labels.csv away first")
 
 
@@ -397,13 +408,13 @@ def contact_sheet(recs, res, names, top, tile=None) -> str:
              "</code>.</p>"]
     for c, ex in enumerate(res.exemplars):
         labels = sorted({recs[i]["label"] for i in ex if recs[i]["label"]})
-        seen = f" (labels present: {html.escape(', '.join(labels[:8]))})" if labels else ""
+        seen = f" (labels present: {_esc(', '.join(labels[:8]))})" if labels else ""
         parts.append(f"<h2>cluster_{c}: {len(ex)} image{'s' if len(ex) != 1 else ''}{seen}</h2>")
         for i in ex[:SHEET_PER_CLUSTER]:
             r = recs[i]
             uri = _thumb(r, r.get("top_tile"), {n: float(top[i][j]) for n, j in want.items()}, tile)
             img = f"<img src='{uri}'>" if uri else "<i>unreadable</i>"
-            parts.append(f"<figure>{img}<figcaption>{html.escape(Path(r['path']).name)}"
-                         f"{' · ' + html.escape(r['label']) if r['label'] else ''} · score {r['score']:.3g}"
+            parts.append(f"<figure>{img}<figcaption>{_esc(Path(r['path']).name)}"
+                         f"{' · ' + _esc(r['label']) if r['label'] else ''} · score {r['score']:.3g}"
                          "</figcaption></figure>")
     return "\n".join(parts)

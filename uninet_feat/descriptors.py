@@ -19,8 +19,9 @@ strip's edge, a nep is a small blob), and the map already outlines the defect. S
   tile's box (tiled strips: where along the strip; an untiled image: the tile centroid itself).
 
 The half-way level is relative to each tile's own map, so the shape is scale-free (raw or range-unit maps
-alike); a flat map gives the whole tile as its region, not a NaN. "Median" is torch's: the lower of the two
-middle values of an even count.
+alike); a flat map gives the whole tile as its region, not a NaN, and a map whose maximum is also its median
+(a plateau at the top over half the tile or more) gives that plateau, weighted evenly. "Median" is torch's: the
+lower of the two middle values of an even count.
 """
 from __future__ import annotations
 
@@ -60,9 +61,13 @@ def hot_region_shape(pix: torch.Tensor) -> torch.Tensor:
     mx = flat.amax(1).view(-1, 1, 1)
     region = m >= med + 0.5 * (mx - med)
     wt = (m - med).clamp(min=0) * region
-    flat_map = wt.flatten(1).sum(1) <= 0   # max == median: the whole tile, evenly
-    wt = torch.where(flat_map.view(-1, 1, 1), torch.ones_like(wt), wt)
-    region = region | flat_map.view(-1, 1, 1)
+    # max == median with the map not flat (a plateau at the top over half the tile): no pixel exceeds the median,
+    # so the region (the plateau) is weighted evenly; it was taken for a flat map, the whole tile
+    even = wt.flatten(1).sum(1).view(-1, 1, 1) <= 0
+    flat_map = mx <= flat.amin(1).view(-1, 1, 1)   # max == min: the whole tile, evenly
+    wt = torch.where(even, region.to(wt.dtype), wt)
+    wt = torch.where(flat_map, torch.ones_like(wt), wt)
+    region = region | flat_map
     wt = wt / wt.flatten(1).sum(1).view(-1, 1, 1)
     ys = (torch.arange(h, dtype=m.dtype, device=m.device) + 0.5) / h
     xs = (torch.arange(w, dtype=m.dtype, device=m.device) + 0.5) / w

@@ -200,6 +200,17 @@ def display_range(run_dir, maps=None, pixel_map: str | None = None, cal: dict | 
     return 0.0, max(hi, 1e-6)
 
 
+def _drop_unit_axes(a: np.ndarray) -> np.ndarray:
+    """``a`` with size-1 axes dropped from the front, then the back, while it has more than 2: (1, 1, H, W) and
+    (H, W, 1) are (H, W). Why not np.squeeze: it also dropped a size-1 height or width, so the (1, 1, 300) map of a
+    1×300 image became (300,) and was refused."""
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    while a.ndim > 2 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return a
+
+
 def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float | None = None,
                     vmax: float | None = None, alpha: float = 0.5, mask=None, threshold: float | None = None,
                     max_width: int | None = None, cmap: str = "inferno",
@@ -222,9 +233,10 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if vmin is not None and vmax is not None and float(vmax) < float(vmin):   # drew nothing: every pixel below vmin
+        raise ValueError(f"vmax ({vmax}) is below vmin ({vmin}): the colour scale runs from vmin up to vmax")
     img = _as_rgb_uint8(image_path_or_array)
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    amap = np.squeeze(amap) if amap.ndim > 2 else amap
+    amap = _drop_unit_axes(np.asarray(anomaly_map, dtype=np.float32))
     if amap.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (h, w), got shape {np.shape(anomaly_map)}")
     H, W = img.shape[:2]
@@ -255,8 +267,7 @@ def heatmap_overlay(image_path_or_array, anomaly_map, out_path=None, vmin: float
         if isinstance(mask, (str, Path)):
             from .data.images import load_mask
             mask = load_mask(mask)
-        mk = np.asarray(mask)
-        mk = np.squeeze(mk) if mk.ndim > 2 else mk
+        mk = _drop_unit_axes(np.asarray(mask))
         if mk.ndim != 2:
             raise ValueError(f"mask must be 2-D (h, w), got shape {np.shape(mask)}")
         mk = _resize_float(mk.astype(np.float32) > 0, (H, W), Image.Resampling.BOX) > 0 \

@@ -392,10 +392,12 @@ def write_report(out_html, metrics: dict | None = None, rows: list[dict] | None 
     # for all rows when the run had no threshold, so all-False flags without a threshold mean "none"; evaluate now
     # leaves the column empty then).
     row_flags = [r["flagged"] for r in rows]
+    by_group = {str(g): _to_float(t) for g, t in (metrics.get("group_thresholds") or {}).items()}
     if rows and all(f is not None for f in row_flags) and (threshold is not None or any(row_flags)):
         flags = np.array(row_flags, dtype=bool)
-    elif threshold is not None:
-        flags = np.where(np.isfinite(scores), scores > threshold, False)
+    elif threshold is not None:   # each image at its group's threshold, where the run has them (as evaluate flags)
+        per = np.array([by_group.get(r["group"], threshold) for r in rows], dtype=np.float64)
+        flags = np.where(np.isfinite(scores), scores > per, False)
     else:
         flags = None
     for i, r in enumerate(rows):
@@ -415,8 +417,10 @@ def write_report(out_html, metrics: dict | None = None, rows: list[dict] | None 
         only = "defect" if lf.all() else "normal"
         notes.append(f"Only {only} images in the test set: ROC and precision–recall curves need both classes "
                      "and are skipped.")
-    if sf.size:
-        charts.append(hist_svg(lf, sf, threshold))
+    if sf.size:   # a run of several groups: each group's threshold, the pooled one only for images of no known group
+        present = {r["group"] for r, ok in zip(rows, finite) if ok}
+        lines = {g: t for g, t in by_group.items() if g in present}
+        charts.append(hist_svg(lf, sf, threshold if not by_group or present - set(by_group) else None, lines))
     else:
         notes.append("No scored images: no charts.")
 
