@@ -183,3 +183,74 @@ def test_an_unknown_key_names_the_key_it_is_closest_to(tmp_path, capsys):
     g.write_text("featurs: x\n")
     assert main(["index", "--config", str(g), "--out", str(tmp_path / "o")]) == 2
     assert "did you mean featurs -> features?" in capsys.readouterr().err
+
+
+def test_a_blank_required_flag_in_a_config_is_refused_naming_the_key(tmp_path, capsys):
+    """`run:` (YAML null) made --run not required and None reached the command: a TypeError traceback, exit 1."""
+    run, data = str(tmp_path / "run"), str(tmp_path / "data")
+    _refused(tmp_path, capsys, ["predict", "--data", data, "--out", str(tmp_path / "p")], "run:\n",
+             "run has no value", "--run")
+    _refused(tmp_path, capsys, ["predict", "--run", run, "--data", data], "out:\n", "out has no value")
+    _refused(tmp_path, capsys, ["index", "--out", str(tmp_path / "i")], "features:\n", "features has no value")
+    _refused(tmp_path, capsys, ["extract", "--run", run, "--out", str(tmp_path / "e")], "data:\n", "data has no value")
+    assert not any((tmp_path / d).exists() for d in ("p", "i", "e"))
+    cfg = tmp_path / "ok.yaml"   # the flag typed now gives the value: the blank is not in the way
+    cfg.write_text("run:\n")
+    assert _parse(["predict", "--config", str(cfg), "--run", run, "--data", data, "--out", "o"]).run == run
+
+
+def test_a_list_or_mapping_for_a_one_value_flag_is_refused(tmp_path, capsys):
+    """`data: [a, b]`, `data: {a: 1}` or `head: {a: 1}` reached the command as they were: a TypeError traceback."""
+    run, data = str(tmp_path / "run"), str(tmp_path / "data")
+    predict = ["predict", "--run", run, "--out", str(tmp_path / "p")]
+    _refused(tmp_path, capsys, predict, f"data: [{data}, {data}2]\n", "data takes one value", "--data")
+    _refused(tmp_path, capsys, predict, "data: {a: 1}\n", "data takes one value")
+    _refused(tmp_path, capsys, predict + ["--data", data], "head: {a: 1}\n", "head takes a list of single values")
+    _refused(tmp_path, capsys, predict + ["--data", data], "text: [a, b]\n", "text takes one value")
+    _refused(tmp_path, capsys, ["export-model", "--run", run, "--out", str(tmp_path / "x")], "input_size: [64]\n",
+             "input_size")
+    cfg = tmp_path / "ok.yaml"   # what a command saves is still taken: export-model's [W, H], zero-shot's sentences
+    cfg.write_text("prompts: {normal: [a photo of fabric], defect: [a photo of torn fabric]}\n")
+    args = _parse(["zero-shot", "--data", data, "--backbone", "clip:x", "--weights", "w", "--out", "o",
+                   "--config", str(cfg)])
+    assert args.prompts == {"normal": ["a photo of fabric"], "defect": ["a photo of torn fabric"]}
+
+
+def test_a_single_value_for_a_many_value_flag_is_a_list_of_one(tmp_path):
+    """`ensemble: RUN2` in a predict config and `runs: RUN` in an ensemble one were taken letter by letter."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ensemble: /runs/seed2\n")
+    assert _parse(["predict", "--run", "r", "--data", "d", "--out", "o", "--config", str(cfg)]).ensemble == \
+        ["/runs/seed2"]
+    cfg.write_text("runs: /runs/seed1\n")
+    assert _parse(["ensemble", "--config", str(cfg)]).runs == ["/runs/seed1"]
+    cfg.write_text("runs: [/runs/seed1, /runs/seed2]\n")
+    assert _parse(["ensemble", "--config", str(cfg)]).runs == ["/runs/seed1", "/runs/seed2"]
+
+
+@pytest.mark.parametrize("line", ['overlays: "false"', "skip-bad: 'no'", "quiet: 1", "overlays:"])
+def test_on_off_flags_in_a_config_must_be_booleans(tmp_path, capsys, line):
+    """A quoted `overlays: "false"` is the text "false", which Python took as true (as train's `supervised`, whose
+    check this is); a blank `overlays:` (null) turned the overlays off."""
+    key = line.split(":")[0].replace("-", "_")
+    argv = ["predict", "--run", str(tmp_path / "r"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "p")]
+    _refused(tmp_path, capsys, argv, line + "\n", f"{key} must be true or false", "unquoted")
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(f"{key}: false\n")
+    assert getattr(_parse(argv + ["--config", str(cfg)]), key) is False
+    cfg.write_text("quick_gelu:\n")   # null: its default, "what the weights say"
+    assert _parse(["zero-shot", "--data", "d", "--backbone", "clip:x", "--weights", "w", "--out", "o",
+                   "--config", str(cfg)]).quick_gelu is None
+
+
+def test_a_config_of_another_command_and_a_non_finite_threshold_say_the_fix(tmp_path, capsys):
+    """"this config was written for another command" and "--threshold must be a finite number, got nan" had no fix;
+    a nan threshold from a config was found only once the run was loaded."""
+    _refused(tmp_path, capsys, ["index", "--out", str(tmp_path / "i")], "command: predict\n",
+             "written for another command", "fix: use it with `uninet-feat predict --config")
+    argv = ["predict", "--run", str(tmp_path / "r"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "p")]
+    _refused(tmp_path, capsys, argv, "threshold: .nan\n", "not a finite number", "fix:")
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv + ["--threshold", "inf"])
+    assert e.value.code == 2
+    assert "'inf' is not a finite number, e.g. 0.5" in capsys.readouterr().err

@@ -348,3 +348,22 @@ def test_the_onnx_snippets_decode_reads_every_file_as_load_image(tmp_path):
             np.testing.assert_array_equal(got[0].transpose(1, 2, 0), want, err_msg=p.name)
             files += 1
     assert files == 5 * 6 * 3 + 2 * 6 * 2
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_say_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in train's first epoch said "re-run with --resume to continue", and that resume was refused: no
+    checkpoint.pt yet. It says so and that the same command starts over; once checkpoint.pt is there, --resume."""
+    import uninet_feat.train
+
+    def interrupted(cfg, out, **kw):
+        os.makedirs(out, exist_ok=True)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(uninet_feat.train, "train", interrupted)
+    out = tmp_path / "run"
+    argv = tiny_train_args(tmp_path / "data") + ["--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "--resume to continue" not in err and "re-run the same command (without --resume) to start over" in err
+    (out / "checkpoint.pt").write_bytes(b"")
+    assert main(argv) == 130
+    assert "re-run with --resume to continue" in capsys.readouterr().err

@@ -77,3 +77,71 @@ def test_text_outputs_are_utf8_with_their_own_line_ends_under_any_locale(tmp_pat
     assert (tmp_path / "w.csv").read_bytes() == b"path,wdm_score\r\na.png,1.0\r\n"
     atomic_write_text(tmp_path / "w.json", '{\n "a": 1\n}')
     assert (tmp_path / "w.json").read_bytes() == b'{\n "a": 1\n}'
+
+
+def test_a_process_refused_the_lock_leaves_the_holders_folder(tmp_path, monkeypatch):
+    """A process that made the folder and was then refused the lock (another took it in between) removed the
+    holder's folder and its .lock in its cleanup: a third process then took a new lock while the holder wrote."""
+    import fcntl
+
+    import uninet_feat.io as uio
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.io import folder_lock
+    folder, held = tmp_path / "run", []
+    real_open = os.open
+
+    def holder_between(path, *args, **kw):   # after this process's exists() and mkdir, before its own flock
+        if str(path).endswith(".lock") and not held:
+            held.append(real_open(path, os.O_CREAT | os.O_RDWR))
+            fcntl.flock(held[0], fcntl.LOCK_EX)   # its own open file: locked against ours as another process's
+        return real_open(path, *args, **kw)
+    monkeypatch.setattr(uio.os, "open", holder_between)
+    try:
+        with pytest.raises(BadInputError, match="another process is writing"):
+            with folder_lock(folder):
+                pass
+        monkeypatch.setattr(uio.os, "open", real_open)
+        assert (folder / ".lock").is_file()
+        with pytest.raises(BadInputError, match="another process is writing"):   # the holder still holds it
+            with folder_lock(folder):
+                pass
+    finally:
+        for fd in held:
+            os.close(fd)
+    with folder_lock(folder):   # released: taken now
+        pass
+
+
+def test_temps_a_killed_writer_left_in_a_commands_out_are_removed(tmp_path, capsys):
+    """train's folder lock removed a kill's `.NAME.WRITER.tmp` files; predict's, index's, ... --out kept them for
+    ever. A live writer's (this process's) is kept."""
+    import subprocess
+    import sys
+    from uninet_feat.cli import main
+    from uninet_feat.io import _HOST
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    out = tmp_path / "knn"
+    (out / "sub").mkdir(parents=True)
+    stale = [out / f".knn.json.{_HOST}-pid{dead}.x1.tmp", out / "sub" / f".a.png.{_HOST}-pid{dead}.x2.tmp"]
+    live = out / f".knn.json.{_HOST}-pid{os.getpid()}.x3.tmp"
+    for p in stale + [live]:
+        p.write_text("half")
+    assert main(["index", "--features", str(tmp_path / "none"), "--out", str(out)]) == 2   # refused; cleaned first
+    assert [p for p in stale if p.exists()] == [] and live.exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes(tmp_path):
+    """Linux file names are bytes: b"caf\\xe9.png" reaches Python as "caf\\udce9.png", which UTF-8 cannot encode:
+    evaluate --csv and cluster's CSVs were a UnicodeEncodeError after all the work. Written back as its bytes; a
+    UTF-8 CSV reads as before."""
+    import csv
+    from uninet_feat.clusters import read_path_table
+    from uninet_feat.io import atomic_write_csv
+    odd = os.fsdecode(b"/d/caf\xe9.png")
+    atomic_write_csv(tmp_path / "s.csv", [{"path": odd, "score": 1.0}])
+    assert b"/d/caf\xe9.png,1.0" in (tmp_path / "s.csv").read_bytes()
+    with open(tmp_path / "s.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        assert next(csv.DictReader(f))["path"] == odd   # the same name back
+    atomic_write_csv(tmp_path / "u.csv", [{"path": "/d/défaut.png", "label": "hole"}])
+    assert read_path_table(tmp_path / "u.csv", "label", "labels") == {"/d/défaut.png": "hole"}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -105,10 +106,23 @@ def _normalisation_flags(p) -> None:
 
 def _threshold_args(p) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=float, help="flag images whose score is above this value")
+    g.add_argument("--threshold", type=_finite, help="flag images whose score is above this value")
     g.add_argument("--max-fpr", dest="max_fpr", type=float,
                    help="flag with the lowest threshold that flags at most this fraction of the run's validation "
                         "normals (default: their 0.99 quantile)")
+
+
+def _finite(text: str) -> float:
+    """--threshold: a finite number, refused with an example before any work (nan was refused only once the run was
+    loaded, with no fix)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number, e.g. 0.5 (or --max-fpr 0.01: the "
+                                         "threshold from the validation normals)")
+    return v
 
 
 def _size_wxh(text: str) -> tuple[int, int]:
@@ -490,8 +504,11 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
                             fix="pass a readable YAML mapping of flag names to values") from e
     if not isinstance(d, dict):
         raise BadInputError("config must be a YAML mapping", path=path, fix="write `flag-name: value` lines")
-    if d.pop("command", cmd) != cmd:
-        raise BadInputError(f"this config was written for another command, not `{cmd}`", path=path)
+    saved = d.pop("command", cmd)
+    if saved != cmd:
+        raise BadInputError(f"this config was written for another command, not `{cmd}`", path=path,
+                            fix=f"use it with `uninet-feat {saved} --config {given}`, or give `{cmd}` a config of its "
+                                "own (its --out's config.yaml, or flag names without --)")
     sp = ap.commands[cmd]
     actions = {d: a for d, a in sp.options.items() if d not in ("help", "config")}
     values = {str(k).replace("-", "_"): v for k, v in d.items()}
@@ -505,12 +522,16 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
         from .config import did_you_mean
         raise BadInputError(f"unknown keys {unknown} for `{cmd}`{did_you_mean(unknown, actions)}", path=path,
                             fix=f"use only: {', '.join(sorted(actions))}")
+    typed = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
     for k, v in values.items():
+        if v is None and actions[k].required and not set(actions[k].option_strings) & typed:
+            raise BadInputError(f"{k} has no value (a blank `{k}:` in YAML is null), and {cmd} needs its "
+                                f"{actions[k].option_strings[0]}", path=path,
+                                fix=f"give {k} a value in the file, or pass {actions[k].option_strings[0]}")
         actions[k].required = False
         if isinstance(actions[k], _AppendOverDefault) and not isinstance(v, list):   # `head: DIR`: one of them
             v = [] if v is None else [v]
         values[k] = _config_value(actions[k], k, v, path)
-    typed = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
     for group in sp.exclusive:   # a flag typed now wins over its exclusive partner from the file (--max-fpr over
         if any(set(a.option_strings) & typed for a in group):   # a saved threshold), as over its own value
             for a in group:
@@ -525,21 +546,48 @@ def _config_value(action: argparse.Action, key: str, value, path: Path):
     truncated or taken as 1) and its ``choices``, each item of a list; a number for a text flag (`group: 2024`)
     as text. Why: `pixel-map: smooth` silently scored the raw map, `level: patches` built an image index."""
     flag = action.option_strings[0]
+    if action.nargs == 0:   # a switch: a YAML bool, as train's `config.check_switches` asks; a quoted "false" is
+        # text, which turned it on. Null only where the default is "not given" (--quick-gelu: the weights say)
+        if isinstance(value, bool) or value is None and action.default is None:
+            return value
+        default = "" if action.default is None else f", {str(action.default).lower()}"
+        raise BadInputError(f"{key} must be true or false, got {value!r}", path=path,
+                            fix=f"`{key}: true` or `{key}: false`, unquoted (or leave it out for its default{default})")
     if value is None:
         if action.default is not None and (action.type is not None or action.choices is not None):
             raise BadInputError(f"{key} has no value (a blank `{key}:` in YAML is null)", path=path,
                                 fix=f"give {flag}'s value, or leave the key out for its default ({action.default})")
         return None
-    if action.nargs == 0 or action.const is not None:   # a switch (or --text's optional file): as given
-        return value
     many = action.nargs not in (None, "?") or isinstance(action, _AppendOverDefault)
+    if isinstance(value, dict) and action.dest == "prompts":   # zero-shot's config.yaml records its sentences
+        return value
+
+    def refuse(v):   # a list or mapping where the flag takes one value: a TypeError deep in the command
+        raise BadInputError(f"{key} takes {'a list of single values' if many else 'one value'}, as {flag} does, "
+                            f"got {v!r}", path=path, fix=f"e.g. `{key}: [A, B]`" if many else
+                            f"one value, as {flag} takes it: `{key}: VALUE`")
+    if isinstance(value, dict):
+        refuse(value)
     if isinstance(value, (list, tuple)) and not many:
         if action.choices is not None:
             raise BadInputError(f"{key} takes one value, one of {', '.join(map(str, action.choices))}, got "
                                 f"{value!r}", path=path, fix=f"e.g. `{key}: {next(iter(action.choices))}`")
-        return value   # a value its type made (export-model's input_size, saved as [W, H]): the command takes it
+        if action.type is not _size_wxh:
+            refuse(value)
+        try:   # a value its type made (export-model's input_size, saved as [W, H]): the command takes it
+            _size_wxh("x".join(map(str, value)))
+        except argparse.ArgumentTypeError as e:
+            raise BadInputError(f"{key}: {value!r} is not a valid {flag} value ({e})", path=path,
+                                fix=f"e.g. `{key}: [4096, 256]` or `{key}: 4096x256`") from None
+        return value
+    if action.const is not None:   # --text's optional file: true, or the file
+        return value
+    if action.nargs in ("+", "*") and not isinstance(value, (list, tuple)):   # `runs: RUN`: one of them, not
+        value = [value]                                                       # its letters
 
     def one(v):
+        if isinstance(v, (list, tuple, dict)):
+            refuse(v)
         if action.type is None:
             if isinstance(v, (int, float)) and not isinstance(v, bool):   # a text flag: 2024 is the name "2024"
                 v = str(v)
@@ -591,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import runs
     device_before = runs._default_device   # --device is the command's: a host process calling main keeps its own
     try:
+        out = getattr(args, "out", None)
+        if args.command not in ("train", "prompts") and isinstance(out, str) and Path(out).is_dir():
+            _remove_dead_temps(Path(out))
         with warnings.catch_warnings():   # _dispatch sets the commands' filters: a host process keeps its own
             code = _dispatch(args)
         _save_command_config(args)
@@ -603,12 +654,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{e.strerror or e} (fix: check the path; outputs need a writable folder)",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished outputs are kept; {_CONTINUE.get(args.command, 're-run the command')}",
-              file=sys.stderr)
+    except KeyboardInterrupt:   # in train's first epoch there is no checkpoint.pt yet, and --resume is refused
+        then = _CONTINUE.get(args.command, "re-run the command")
+        if args.command == "train" and not (Path(args.out) / "checkpoint.pt").is_file():
+            then = "no epoch was saved yet: re-run the same command (without --resume) to start over"
+        print(f"interrupted: finished outputs are kept; {then}", file=sys.stderr)
         return 130
     finally:
         runs._default_device = device_before
+
+
+def _remove_dead_temps(out: Path) -> None:
+    """Temp files that a kill mid-write left in a command's --out and its subfolders: those of writers that are gone
+    (`io.remove_dead_temps`; a live writer's is kept). train's folder lock removes its run's; the others' stayed."""
+    from .io import remove_dead_temps
+    for sub in [out, *(d for d in out.iterdir() if d.is_dir())]:
+        remove_dead_temps(sub)
 
 
 def _run_folder(value: str, flag: str) -> str:

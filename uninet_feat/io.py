@@ -108,9 +108,11 @@ def _cleanup(tmp: str) -> None:
 def atomic_write_text(path, text: str) -> Path:
     """``text`` as UTF-8, its line ends as given. Why: the locale's encoding (cp1252 on Windows) failed on the report's
     "·" after all the scoring, and on image names outside it; newline translation turned the CSV writer's \\r\\n
-    into \\r\\r\\n. Our JSON, YAML and HTML end lines in \\n on every system."""
+    into \\r\\r\\n. Our JSON, YAML and HTML end lines in \\n on every system. A file name that is not UTF-8 (Linux
+    allows any bytes; Python reads b"caf\\xe9.png" as "caf\\udce9.png") is written as its own bytes
+    (surrogateescape), so a CSV names the file that is there: it was a UnicodeEncodeError after all the scoring."""
     def w(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             f.write(text)
     return atomic_write(path, w)
 
@@ -167,18 +169,22 @@ def folder_lock(folder, what: str = "run"):
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BadInputError(f"another process is writing this {what} folder now", path=folder,
                                 fix="wait for it to finish, or choose another --out") from None
+        held = True
         for sub in [folder, *(d for d in folder.iterdir() if d.is_dir())]:
             remove_dead_temps(sub, unnamed=True)
         yield folder
     except BaseException:
-        if created and [p.name for p in folder.iterdir()] == [".lock"]:   # refused before writing anything:
-            (folder / ".lock").unlink(missing_ok=True)                    # no empty folder left behind
+        # stopped before writing anything: no empty folder left behind; only by the holder, since a refused
+        # process's folder (it made it just before the holder took the lock) is the holder's, .lock included
+        if held and created and [p.name for p in folder.iterdir()] == [".lock"]:
+            (folder / ".lock").unlink(missing_ok=True)
             folder.rmdir()
         raise
     finally:
