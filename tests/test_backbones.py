@@ -479,3 +479,72 @@ def test_the_contract_probe_tries_224_and_warns_when_every_size_fails():
             raise AttributeError("'Broken' object has no attribute 'blocks'")
     with pytest.warns(UserWarning, match=r"could not check .*64x64: AttributeError: 'Broken' object has no attri"):
         assert check_backbone(Broken(), "broken").channels == (8, 16, 32)
+
+
+def test_levels_are_timms_absolute_feature_indices_where_its_default_selection_skips_the_first():
+    """dla*'s default out_indices are (1, …, 5), tresnet_m's (1, …, 4): strides and channels counted in that
+    selection but levels passed to timm as absolute out_indices made every choice fail (tresnet_m: a bare
+    AssertionError). Levels index all of timm's feature levels; models whose default starts at 0 keep theirs, and
+    levels timm cannot build are a BadInputError naming the model and the ones it can."""
+    torch.manual_seed(0)
+    bb = create_backbone("dla46_c").eval()
+    assert (bb.levels, bb.strides, bb.channels) == ((2, 3, 4), (4, 8, 16), (64, 64, 128))
+    with torch.no_grad():
+        feats = bb(_x(64))
+    assert [tuple(f.shape) for f in feats] == [(1, c, 64 // s, 64 // s) for c, s in zip(bb.channels, bb.strides)]
+    assert create_backbone("dla46_c", levels=(1, 2, 3)).strides == (2, 4, 8)
+    for name, want in [("vgg11", ((2, 3, 4), (4, 8, 16), (256, 512, 512))),
+                       ("selecsls42b", ((1, 2, 3), (4, 8, 16), (128, 288, 480))),
+                       ("efficientnet_b0", ((1, 2, 3), (4, 8, 16), (24, 40, 112)))]:
+        bb = create_backbone(name)
+        assert (bb.levels, bb.strides, bb.channels) == want, name
+    with pytest.raises(BadInputError, match=r"timm cannot build tresnet_m with levels \[0, 1, 2\].*levels=\[1, 2, 3\]"):
+        create_backbone("tresnet_m", levels=(0, 1, 2))
+
+
+def test_torchvision_mobilenetv3_file_maps_past_its_linear_head_and_loads_exactly_with_its_batchnorm_eps(tmp_path):
+    """torchvision's MobileNetV3 ends in a Linear where timm's has a 1×1 conv_head: the whole-model structure match
+    refused the file although the levels never use the head. Only the layers up to the last used one must agree;
+    torchvision normalises with BatchNorm eps 1e-3 (a warning names bn_eps), with which the features are its own."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(8)
+    tv = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    for m in tv.modules():   # statistics of real inputs, some channels nearly switched off: there the eps shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.weight.data.uniform_(0, 1.5)
+    with torch.no_grad():
+        tv.train()(_x(n=4, seed=1))
+    tv.eval()
+    torch.save(tv.state_dict(), tmp_path / "mnv3.pth")
+    with pytest.warns(UserWarning, match=r"mnv3\.pth: the file is in torchvision layout.*eps 0\.001.*bn_eps=0\.001"):
+        create_backbone("mobilenetv3_small_100", weights=str(tmp_path / "mnv3.pth"))
+    bb = create_backbone("mobilenetv3_small_100", weights=str(tmp_path / "mnv3.pth"), bn_eps=1e-3).eval()
+    with torch.no_grad():
+        h, outs = _x(), []
+        for block in tv.features[:9]:
+            h = block(h)
+            outs.append(h)
+        _same(bb(_x()), [outs[1], outs[3], outs[8]])   # strides 4, 8, 16
+    assert bb.load_report["matched"] == "by structure"
+
+
+def test_weights_nested_under_unknown_keys_averaged_models_and_folders(tmp_path):
+    """{'teacher': sd, 'student': sd} read as an empty state dict ("the file has e.g. []"): refused naming the
+    entries and how to re-save one. torch.optim.swa_utils.AveragedModel's state dict ('module.' weights beside an
+    unprefixed 'n_averaged') was not unwrapped; now it loads. A folder is said to be one, not "not found"."""
+    from torch.optim.swa_utils import AveragedModel
+    torch.manual_seed(9)
+    m = timm.create_model("resnet18")
+    torch.save(m.state_dict(), tmp_path / "plain.pth")
+    torch.save(AveragedModel(m).state_dict(), tmp_path / "swa.pth")
+    with torch.no_grad():
+        _same(create_backbone("resnet18", weights=str(tmp_path / "swa.pth")).eval()(_x()),
+              create_backbone("resnet18", weights=str(tmp_path / "plain.pth")).eval()(_x()))
+    torch.save({"teacher": m.state_dict(), "student": m.state_dict(), "epoch": 2}, tmp_path / "ts.pth")
+    with pytest.raises(BadInputError, match=r"ts\.pth: no weight tensors .*'state_dict'.*entries are \['teacher', "
+                                            r"'student', 'epoch'\].*torch\.load\('.*ts\.pth'\)\['teacher'\]"):
+        create_backbone("resnet18", weights=str(tmp_path / "ts.pth"))
+    (tmp_path / "snapshot").mkdir()
+    with pytest.raises(BadInputError, match=r"snapshot: the weights path is a folder; a weight file is needed"):
+        create_backbone("resnet18", weights=str(tmp_path / "snapshot"))

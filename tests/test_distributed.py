@@ -221,6 +221,38 @@ def test_ddp_gradients_equal_full_batch_gradients_with_unequal_slices(runs):
         assert rep["buffers"] < 1e-12 and rep["loss"][0] == pytest.approx(rep["loss"][1], rel=1e-6)
 
 
+def test_ddp_trains_a_clip_backbone_whose_tower_has_parameters_no_level_reaches():
+    """A CLIP tower's ln_post and proj (and, levels 0-2 of 4 blocks, its last block) get no gradient: DDP without
+    find_unused_parameters stopped at the second step ("Expected to have finished reduction in the prior
+    iteration"); torchrun training of any clip: backbone did. ``wrap`` freezes exactly those while wrapped and
+    ``close`` thaws them. One in-process gloo rank stands in for torchrun (DDP's check is each rank's own)."""
+    import torch.distributed as dist
+
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.distributed import DistEnv
+    from uninet_feat.model.uninet import UniNet
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = UniNet(create_backbone("clip:tiny", levels=(0, 1, 2))).train()
+        names = [n for n, _ in model.target.named_parameters()]
+        want = {n for n in names if n.startswith(("visual.ln_post.", "visual.transformer.resblocks.3."))}
+        want |= {"visual.proj"}
+        dd = DistEnv(rank=0, world_size=2, backend="gloo")   # a "world" of 2, so `wrap` wraps; the group has 1 rank
+        step = dd.wrap(model)
+        for i in range(3):
+            step(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)))["loss"].backward()
+        frozen = {n for n, p in model.target.named_parameters() if not p.requires_grad}
+        assert frozen == want
+        assert all((p.grad is None) == (n in want) for n, p in model.target.named_parameters())
+        dd.close()
+        assert all(p.requires_grad for p in model.target.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- (b) sharded extraction
 def test_two_rank_extraction_equals_one_rank(runs):
     from uninet_feat.featstore import FeatureStore

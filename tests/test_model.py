@@ -54,6 +54,25 @@ def test_source_teacher_stays_frozen_and_in_eval():
     assert all(not p.requires_grad for p in m.source.parameters())
 
 
+def test_the_unreached_parameter_probe_names_them_and_leaves_statistics_gradients_and_randomness_alone():
+    """`unreached_target_parameters` (DDP freezes what it names) runs the target teacher once in train mode: its
+    BatchNorm statistics, the parameters' gradients, the mode and the global random state stay as they were."""
+    class WithHead(TinyBackbone):   # a head no level uses, as a CLIP tower's ln_post / proj
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(32, 4)
+
+    torch.manual_seed(0)
+    m = UniNet(WithHead()).eval()
+    stats = {k: v.clone() for k, v in m.target.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert m.unreached_target_parameters() == ["head.weight", "head.bias"]
+    assert torch.equal(torch.get_rng_state(), rng) and not m.target.training
+    assert all(torch.equal(v, m.target.state_dict()[k]) for k, v in stats.items())
+    assert all(p.grad is None for p in m.parameters())
+    assert UniNet(TinyBackbone()).unreached_target_parameters() == []
+
+
 def test_a_backbone_that_is_not_finetunable_gives_a_frozen_target_teacher():
     """``finetunable = False`` (the backbone contract): the target teacher keeps its weights and BatchNorm
     statistics through training steps with the method's optimisers; the student still learns."""

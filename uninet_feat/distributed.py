@@ -14,7 +14,8 @@ single-process run on the same global batch:
   outputs *and* ``model.loss`` (``LossStep``). The DFS φ parameters get their gradient only through
   the loss, so computing the loss inside the DDP forward is what makes DDP see them as used
   (no ``find_unused_parameters``, no manual all-reduce). The frozen source teacher has no
-  trainable parameters and is ignored by DDP.
+  trainable parameters and is ignored by DDP; so are target-teacher parameters that no level reaches
+  (a CLIP tower's ln_post / proj), which ``wrap`` freezes: they get no gradient in one process either.
 * **Loss.** ``model.loss`` is a mean over images and positions; its similarity-contrastive term is
   an InfoNCE over the positions *of one image*, so no cross-rank gather of negatives is needed.
   Each rank's loss is the mean over its images; DDP averages gradients over ranks, which equals the
@@ -74,6 +75,7 @@ class DistEnv:
     bn_group: object = None        # process group for BatchNorm statistics
     group: object = None           # group for DDP/loss/barriers; None = the default group
     _restore: list = field(default_factory=list)
+    _frozen: list = field(default_factory=list)   # parameters `wrap` froze (no level reaches them)
 
     @property
     def enabled(self) -> bool:
@@ -88,17 +90,29 @@ class DistEnv:
             dist.barrier(group=self.group)
 
     def wrap(self, model: nn.Module):
-        """Global BN in the trainable parts + DDP around ``LossStep(model)``; None when single-process."""
+        """Global BN in the trainable parts + DDP around ``LossStep(model)``; None when single-process.
+
+        Target-teacher parameters that no level reaches (`UniNet.unreached_target_parameters`: a CLIP tower's
+        ln_post / proj) would stop DDP at the second step; they never get a gradient, so they are frozen while
+        wrapped (the optimisers keep them, as in the single-process run: checkpoints stay interchangeable).
+        Where the probe fails, DDP looks for unused parameters every step instead."""
         if not self.enabled:
             return None
         from torch.nn.parallel import DistributedDataParallel as DDP
+        probe = getattr(model, "unreached_target_parameters", None)
+        unreached = probe() if probe is not None else []
+        params = dict(model.target.named_parameters())
+        for name in unreached or ():
+            params[name].requires_grad_(False)
+            self._frozen.append(params[name])
         for part in (model.target, model.bottleneck, model.student):
             self._restore += sync_batchnorm(part, self.bn_group)
         ids = [self.device.index] if self.device.type == "cuda" else None
         import inspect   # torch 2.13 renamed broadcast_buffers (a FutureWarning from every rank); older torch lacks it
         sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
                 else "broadcast_buffers")
-        return DDP(LossStep(model), device_ids=ids, process_group=self.group, **{sync: True})
+        return DDP(LossStep(model), device_ids=ids, process_group=self.group,
+                   find_unused_parameters=unreached is None, **{sync: True})
 
     def shard_batches(self, dataset, batch_size: int, generator: torch.Generator, drop_last: bool):
         return shard_batches(dataset, batch_size, generator, drop_last, self.rank, self.world_size)
@@ -123,6 +137,9 @@ class DistEnv:
         for m, cls in self._restore:
             m.__class__ = cls
         self._restore.clear()
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen.clear()
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
             self.owned = False

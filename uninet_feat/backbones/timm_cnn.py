@@ -61,9 +61,25 @@ def _check_levels(levels, reductions) -> tuple[int, ...]:
     return levels
 
 
+def _create(timm_name: str, kw: dict, reductions: list[int], meta: bool = False) -> torch.nn.Module:
+    """timm's random-init feature model; BadInputError when timm cannot build it with these levels (out_indices)."""
+    import timm
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return timm.create_model(timm_name, pretrained=False, **kw)
+    except Exception as e:  # noqa: BLE001 - timm raises AssertionError, IndexError… for out_indices it cannot serve
+        raise BadInputError(f"timm cannot build {timm_name} with levels {list(kw['out_indices'])} (its feature "
+                            f"levels have strides {reductions}; {type(e).__name__}: {e})",
+                            fix=f"choose other levels, e.g. levels={list(default_levels(reductions))}, or another "
+                                "backbone") from e
+
+
 def read_state_dict(path) -> dict:
     """Tensors of a local weight file, without ever unpickling arbitrary objects."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise BadInputError("the weights path is a folder; a weight file is needed", path=p,
+                            fix="pass the file inside it (a .pth / .pt / .safetensors state dict)")
     if not p.is_file():
         raise BadInputError("weights file not found", path=p,
                             fix=f"check the path (a timm CNN also takes --weights {' / '.join(WEIGHT_KINDS)}; "
@@ -94,6 +110,16 @@ def read_state_dict(path) -> dict:
         raise BadInputError(f"not a state dict (got {type(obj).__name__})", path=p,
                             fix="save model.state_dict(), or a dict with a 'state_dict' or 'model' entry")
     sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    if not sd:   # e.g. {"teacher": sd, "student": sd} or {"model_ema": sd, "epoch": 1}: which one is meant is a guess
+        nested = [k for k, v in obj.items() if isinstance(v, dict) and any(torch.is_tensor(t) for t in v.values())]
+        raise BadInputError(f"no weight tensors at the top level of the file, nor under "
+                            f"{' / '.join(map(repr, _WRAPPERS))}: its entries are {list(obj)[:8]}"
+                            + (f", of which {nested[:4]} hold tensors" if nested else ""), path=p,
+                            fix=(f"re-save the state dict meant, e.g. torch.save(torch.load('{p}')[{nested[0]!r}], "
+                                 "'w.pth')" if nested else "save model.state_dict()")
+                            + ", or put it under a 'state_dict' entry")
+    if "n_averaged" in sd and all(k.startswith("module.") for k in sd if k != "n_averaged"):
+        del sd["n_averaged"]   # torch.optim.swa_utils.AveragedModel's counter beside its 'module.' weights
     for pre in _PREFIXES:
         if sd and all(k.startswith(pre) for k in sd):
             sd = {k[len(pre):]: v for k, v in sd.items()}
@@ -125,6 +151,21 @@ def _match(sd: dict, own: dict) -> dict:
                 out[k] = sd[cand]
                 break
     return out
+
+
+def _map_used_by_structure(sd: dict, shapes: dict, own: dict) -> dict:
+    """`map_by_structure` of ``sd`` onto the full model's ``shapes`` over the layers up to the last one the feature
+    model ``own`` uses; the layers after it need only be as many (a head the levels never run may differ:
+    torchvision's MobileNetV3 ends in a Linear where timm has a 1×1 conv_head). ValueError as map_by_structure."""
+    from .efficientnet_lite import _layers, map_by_structure
+    a, b = list(_layers(sd)), list(_layers(shapes))
+    if len(a) != len(b):
+        raise ValueError(f"checkpoint has {len(a)} layers, the model {len(b)}")
+    used = {c.rpartition(".")[0] for k in own for c in _candidates(k) if c in shapes}
+    n = 1 + max((i for i, m in enumerate(b) if m in used), default=len(b) - 1)
+    keep_a, keep_b = set(a[:n]), set(b[:n])
+    return map_by_structure({k: v for k, v in sd.items() if k.rpartition(".")[0] in keep_a},
+                            {k: v for k, v in shapes.items() if k.rpartition(".")[0] in keep_b})
 
 
 def _layout(sd: dict) -> str | None:
@@ -167,10 +208,11 @@ def _check_padding(sd: dict, body: torch.nn.Module, timm_name: str, source) -> N
 
 # BatchNorm eps of a foreign layout's own network where it is not that of the timm model its file maps onto by
 # structure (layout, timm name prefix) -> eps: torchvision's EfficientNetV2 (efficientnet_v2_s/m/l) normalises with
-# 1e-3, timm's efficientnetv2_* with 1e-5, both padding symmetrically, so `_check_padding` lets it through. A state
+# 1e-3, timm's efficientnetv2_* with 1e-5, both padding symmetrically, so `_check_padding` lets it through; so do
+# torchvision's MobileNetV3 (mobilenet_v3_small/large, 1e-3) and timm's mobilenetv3_* (1e-5). A state
 # dict stores no eps, so the layout and the model are all that tell it; a file in timm's own key names (e.g.
 # tf_efficientnet_b0's, eps 1e-3, into efficientnet_b0, 1e-5) looks exactly like the model's own and cannot be told.
-_FOREIGN_BN_EPS = {("torchvision", "efficientnetv2_"): 1e-3}
+_FOREIGN_BN_EPS = {("torchvision", "efficientnetv2_"): 1e-3, ("torchvision", "mobilenetv3_"): 1e-3}
 
 
 def _check_bn_eps(sd: dict, body: torch.nn.Module, timm_name: str, source) -> None:
@@ -211,9 +253,9 @@ def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict,
     if len(got) < len(own) and unordered:
         how = "by name; not by structure: a .safetensors file keeps no tensor order"
     elif len(got) < len(own):  # a foreign layout (e.g. lukemelas EfficientNet): try ordered structure
-        from .efficientnet_lite import map_by_structure, timm_shapes
+        from .efficientnet_lite import timm_shapes
         try:
-            mapped = _match(map_by_structure(sd, timm_shapes(timm_name, **timm_kw)), own)
+            mapped = _match(_map_used_by_structure(sd, timm_shapes(timm_name, **timm_kw), own), own)
         except ValueError as e:
             mapped, how = {}, f"by name; by structure: {e}"
         if len(mapped) == len(own):
@@ -287,10 +329,12 @@ class TimmCNN(Backbone):
         check_mean_std_pair(mean, std, name)
         import timm
         timm_name = name.split(":", 1)[1] if name.startswith("timm:") else name
-        info = _feature_info(timm_name, timm_kw)
-        reductions = list(info.reduction())
+        # every feature level timm has, not only its default selection: levels are timm's absolute out_indices,
+        # and some models' defaults skip the first (dla34: (1, …, 5), tresnet_m: (1, …, 4))
+        info = _feature_info(timm_name, timm_kw).info
+        reductions = [f["reduction"] for f in info]
         self.levels = default_levels(reductions) if levels is None else _check_levels(levels, reductions)
-        self.channels = tuple(info.channels()[i] for i in self.levels)
+        self.channels = tuple(info[i]["num_chs"] for i in self.levels)
         self.strides = tuple(reductions[i] for i in self.levels)
         self.name, self.finetunable, self._timm_kw = name, True, dict(timm_kw)
         weights = "random" if weights in (None, "", "none") else str(weights)
@@ -298,7 +342,8 @@ class TimmCNN(Backbone):
         lite = timm_name.split(".")[0] in LITE_WHEELS and weights == "imagenet"
         hub = weights == "timm-hub" or (weights == "imagenet" and not lite)
         kw = dict(features_only=True, out_indices=self.levels, **timm_kw)
-        if hub:
+        if hub:   # the levels checked on the meta device first, so that a hub error is only ever the hub's
+            _create(timm_name, kw, reductions, meta=True)
             offline = _hub_unreachable()
             try:
                 with _hub_offline_mode(offline):
@@ -310,7 +355,7 @@ class TimmCNN(Backbone):
                                     f"{why}", fix="download the weights elsewhere and pass --weights PATH (a local "
                                                   "file), or --weights random") from e
         else:
-            self.body = timm.create_model(timm_name, pretrained=False, **kw)
+            self.body = _create(timm_name, kw, reductions)
         self._trim()
         self.load_report = None
         self._recompute = False   # set_grad_checkpointing on a FeatureListNet body

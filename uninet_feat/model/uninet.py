@@ -162,6 +162,33 @@ class UniNet(nn.Module):
             for k, v in stats.items():
                 bufs[k].copy_(v)
 
+    def unreached_target_parameters(self) -> list[str] | None:
+        """Names of the trainable target-teacher parameters that no returned level depends on: a CLIP tower's
+        ln_post and proj (and its blocks past the last level), timm hrnet_w18_small's last fuse layers, xception41's
+        last block. DDP without ``find_unused_parameters`` fails at the second step when a parameter gets no
+        gradient (`distributed.DistEnv.wrap` freezes these). Found by one probe forward/backward of the target on
+        noise in train mode; BatchNorm statistics, gradients and the random state are left as they were. None when
+        the backbone refuses the probe."""
+        named = [(n, p) for n, p in self.target.named_parameters() if p.requires_grad]
+        if not named:
+            return []
+        p0, bb = named[0][1], self.target
+        size = math.lcm(4 * max(self.strides), int(getattr(bb, "size_multiple", 1)))
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(p0.device, p0.dtype)
+        bufs, was_training = {k: v.clone() for k, v in bb.named_buffers()}, bb.training
+        try:
+            with torch.random.fork_rng(devices=[p0.device] if p0.device.type == "cuda" else []), torch.enable_grad():
+                total = sum(f.float().sum() for f in bb.train()(x))
+                grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+        except Exception:  # noqa: BLE001 - a backbone that refuses this input: the caller assumes the worst
+            return None
+        finally:
+            bb.train(was_training)
+            with torch.no_grad():
+                for k, v in bb.named_buffers():
+                    v.copy_(bufs[k])
+        return [n for (n, _), g in zip(named, grads) if g is None]
+
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups for the two optimisers of the method."""
         return {"student": list(self.student.parameters()) + list(self.bottleneck.parameters())
