@@ -12,7 +12,15 @@ from uninet_feat.backbones import create_backbone, default_levels, list_backbone
 from uninet_feat.backbones import registry
 from uninet_feat.errors import BadInputError
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """This module's comparisons at one thread; the process's count given back after it (set at import, it held
+    the whole suite at one thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _x(size=64, n=1, seed=0):
