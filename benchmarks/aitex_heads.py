@@ -103,8 +103,8 @@ def main(argv=None):
     out["plain_features"] = plain_used
     print(json.dumps(out, indent=2))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        from uninet_feat.io import atomic_write_text   # a kill mid-write leaves the last result, not half of one
+        atomic_write_text(a.json, json.dumps(out, indent=2))
     return out
 
 

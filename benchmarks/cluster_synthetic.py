@@ -75,7 +75,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     out = Path(a.out)
     kinds = parse_kinds(a.kinds)
+    import shutil   # an earlier run's set (other kinds, seed or run) would be clustered with this one's
+    for old in (out / "data", out / "features"):
+        shutil.rmtree(old, ignore_errors=True)
     data = make_set(a.run, out, kinds, a.seed)
+    found = sorted(p.name for p in data.iterdir() if p.is_dir() and p.name != "good")
+    if not set(found) <= set(kinds):
+        raise SystemExit(f"{data}: kinds {found} found, {list(kinds)} asked")
     from uninet_feat.cli import main as cli
     if cli(["extract", "--run", a.run, "--data", str(data), "--out", str(out / "features"), "--quiet"]) != 0:
         return 1
@@ -97,7 +103,8 @@ def main(argv=None) -> int:
         auto = label_agreement(auto_c, truth, seed=a.seed)
         res["columns"][f"{c}/{bal}"] = {"k_true": fixed, "k_auto": auto_c.k, "auto": auto}
         print(f"{c:12} {bal:8} {fixed['ari']:12.3f} {fixed['nmi']:6.3f} {auto_c.k:7d} {auto['ari']:9.3f}")
-    (out / "cluster_synthetic.json").write_text(json.dumps(res, indent=2))
+    from uninet_feat.io import atomic_write_text
+    atomic_write_text(out / "cluster_synthetic.json", json.dumps(res, indent=2))
     return 0
 
 

@@ -8,7 +8,7 @@ data has fewer) into a temporary feature store with ``Extractor.extract_to`` —
 runs — and reports images/s (wall clock of the whole extraction: decoding, resizing, model, writing
 shards), its peak RSS, and its RSS after every shard. Flat memory across counts is the streaming claim:
 one shard is in memory at a time, so the per-shard RSS levels off after the first shards (allocator
-warm-up) and the peak of N and 4N images agree. Without ``--data`` it writes 60 synthetic fabric images first
+warm-up) and the peak of N and 4N images agree. Without ``--data`` it writes 180 synthetic fabric images first (60 of each of the three weaves)
 (once, into a temporary folder that is deleted at the end). ``peak_rss_growth_mb``: the peak RSS of the largest
 count minus that of the smallest (counts are run smallest first, whatever their order on the command line).
 """
@@ -25,7 +25,7 @@ from benchmarks import _measure as M
 
 
 def _synthetic(folder) -> str:
-    """60 synthetic fabric images (256 px) under ``folder``, the data without ``--data``; returns their root."""
+    """180 synthetic fabric images (256 px; 60 per weave) under ``folder``, the data without ``--data``; returns their root."""
     from uninet_feat.data.synthetic import make_fabric_dataset
     root = Path(folder) / "fabric"
     make_fabric_dataset(root, n_train=60, n_test_good=0, n_test_defect=0, size=256, seed=0)

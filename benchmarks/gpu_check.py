@@ -90,6 +90,8 @@ def main(argv=None) -> int:
             figures[tag] = json.loads((out / f"{tag}.json").read_text())
     _close("CPU-trained run, evaluate on GPU vs CPU", _scores(out / "run_cpu_cpu.csv"),
            _scores(out / "run_cpu_cuda.csv"), 1e-3, fails)
+    _close("GPU-trained run, evaluate on GPU vs CPU", _scores(out / "run_gpu_cpu.csv"),
+           _scores(out / "run_gpu_cuda.csv"), 1e-3, fails)
     for k in ("image_auroc", "pixel_auroc", "aupro"):
         d = abs(figures["run_cpu_cpu"][k] - figures["run_cpu_cuda"][k])
         print(f"  {k}: CPU {figures['run_cpu_cpu'][k]:.4f}, GPU {figures['run_cpu_cuda'][k]:.4f}")

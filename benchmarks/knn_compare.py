@@ -239,8 +239,8 @@ def _finish(res: dict, test, per_image: dict, path) -> dict:
                      **{k: [float(x) for x in v] for k, v in per_image.items()}}
     print(json.dumps({k: v for k, v in res.items() if k != "scores"}, indent=2))  # per-image scores: file only
     if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
+        from uninet_feat.io import atomic_write_text   # a kill mid-write leaves the last result, not half of one
+        atomic_write_text(path, json.dumps(res, indent=2))
     return res
 
 

@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
            "threads": torch.get_num_threads(), "left_out_other_size": other}
     print(json.dumps(out, indent=2))
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+        from uninet_feat.io import atomic_write_text
+        atomic_write_text(a.json, json.dumps(out, indent=2))
     return out
 
 

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     res = curve(args.run, args.threads)
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+        from uninet_feat.io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
     return 0
 

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         print(f"error: {e}")
         return 2
     if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
+        from uninet_feat.io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(res, indent=1))
     return 0
 
 
