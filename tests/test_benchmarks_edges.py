@@ -164,6 +164,22 @@ def test_cluster_synthetic_writes_every_validation_normal(tmp_path):
     assert len(list((d / kinds[0]).glob("*.png"))) == len(val)
 
 
+def test_cluster_synthetic_again_into_its_out_clusters_only_this_runs_kinds(tmp_path, capsys):
+    """The set was written over the last one without clearing it: a kind no longer asked for stayed, and was
+    extracted and clustered with the new ones (the JSON naming the asked kinds only)."""
+    import json
+    from benchmarks import cluster_synthetic as C
+    data = write_texture_set(tmp_path / "data", n_train=16, n_good=1, n_bad=1, size=32)
+    run = _train(data, tmp_path / "run", image_size=32, val_fraction=0.5)
+    out = tmp_path / "out"
+    assert C.main(["--run", str(run), "--kinds", "texture_patch,hole", "--out", str(out)]) == 0
+    assert C.main(["--run", str(run), "--kinds", "texture_patch,stain", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["good", "stain", "texture_patch"]
+    res = json.loads((out / "cluster_synthetic.json").read_text())
+    n = sum(len(list((out / "data" / k).glob("*.png"))) for k in ("stain", "texture_patch"))
+    assert res["kinds"] == ["texture_patch", "stain"] and res["n_images"] == n
+
+
 # --- extract_throughput: growth from smallest to largest count; the synthetic set made once and deleted -----
 
 def test_extract_throughput_growth_is_largest_minus_smallest_count(monkeypatch, capsys):
