@@ -328,3 +328,80 @@ def test_a_plain_clip_index_whose_backbone_rebuilds_otherwise_is_refused():
     assert (ex.backbone.mean, ex.backbone.std) == ((0.5,) * 3, (0.25,) * 3)
     with pytest.raises(BadInputError, match="quick_gelu=True"):
         _plain_knn_extractor({**source, "backbone": {**record, "quick_gelu": True}}, Path("knn.json"), False)
+
+
+def _flat_set(root, n_good=6, n_bad=3):
+    """``root/good/*.png`` and ``root/hole/*.png``: a folder of label folders (its split drawn by path hash)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for label, n in (("good", n_good), ("hole", n_bad)):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_zero_shot_metrics_say_which_images_they_are_over_or_why_there_are_none(tmp_path):
+    """metrics.json is the test split's (as evaluate's), and `metrics_on` now says so and counts its images
+    (`n_images` counts every scored one, the training normals too); a folder of label folders whose normals the
+    path hash all put in the train split got no metrics.json and no word: now a warning says why and the fix."""
+    from uninet_feat.runs import samples_of
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    argv = ["zero-shot", "--backbone", "clip:tiny", "--weights", str(weights), "--image-size", "64", "--quiet"]
+    data = write_texture_set(tmp_path / "d", n_train=2, n_good=2, n_bad=3)
+    assert main(argv + ["--data", str(data), "--out", str(tmp_path / "zs")]) == 0
+    m = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert m["metrics_on"] == {"split": "test", "n_normal": 2, "n_defect": 3} and m["n_images"] == 7
+    flat = _flat_set(tmp_path / "flat")
+    assert {s.split for s in samples_of(flat) if s.is_normal} == {"train"}   # the case: no test normal
+    with pytest.warns(UserWarning, match=r"no metrics.json: the labels hold normal and defective images, but the "
+                                         r"test split, .* holds 0 normal and 3 defective.*train split.*Fix: "
+                                         r"--split-csv"):
+        assert main(argv + ["--data", str(flat), "--out", str(tmp_path / "zs")]) == 0
+    assert not (tmp_path / "zs" / "metrics.json").exists()
+
+
+def test_a_config_prompts_mapping_is_read_as_a_prompt_file(tmp_path, capsys):
+    """zero-shot --config with a `prompts:` mapping read only its normal/defect lists: `object`, `templates` and
+    unknown keys (`normals:`) were ignored silently. Now checked and expanded as a prompt file; the sentences a
+    run's config.yaml records re-run unchanged."""
+    import yaml
+    data = write_texture_set(tmp_path / "d", n_train=1, n_good=1, n_bad=1)
+    weights = _full_clip_file(tmp_path / "clip_full.pt")
+    base = {"data": str(data), "backbone": "clip:tiny", "weights": str(weights), "image_size": 64, "quiet": True}
+
+    def run(prompts, name):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, "prompts": prompts}))
+        return main(["zero-shot", "--config", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)])
+    assert run({"object": "leather", "templates": ["a photo of {}."], "normal": ["flawless {}"],
+                "defect": ["{} with a hole", "torn {}"]}, "a") == 0
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["prompts"] == {"normal": ["a photo of flawless leather."],
+                                "defect": ["a photo of leather with a hole.", "a photo of torn leather."]}
+    capsys.readouterr()
+    assert main(["zero-shot", "--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b")]) == 0
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["prompts"] == saved["prompts"]
+    assert (json.loads((tmp_path / "b" / "scores.json").read_text())
+            == json.loads((tmp_path / "a" / "scores.json").read_text()))
+    assert run({"normals": ["flawless leather"], "defect": ["torn leather"]}, "c") == 2
+    err = capsys.readouterr().err
+    assert "`prompts:` mapping" in err and "unknown: ['normals']" in err and "fix:" in err
+    assert run({"object": "", "defect": ["torn {}"]}, "e") == 2
+    assert "'object' must be a non-empty word" in capsys.readouterr().err
+
+
+def test_the_prompts_command_keeps_an_existing_file_and_checks_the_object(tmp_path, capsys):
+    """`prompts --out` overwrote an existing (perhaps edited) file silently, and wrote `--object ""` (refused
+    only when the file was used)."""
+    p = tmp_path / "prompts.yaml"
+    assert main(["prompts", "--object", "tile", "--out", str(p)]) == 0
+    assert main(["prompts", "--object", "tile", "--out", str(p)]) == 0   # the same text again: no harm
+    edited = p.read_text().replace("object: tile", "object: slate")
+    p.write_text(edited)
+    capsys.readouterr()
+    assert main(["prompts", "--object", "tile", "--out", str(p)]) == 2 and p.read_text() == edited
+    err = capsys.readouterr().err
+    assert "exists" in err and "another --out, or delete the file" in err
+    for obj in ("", "  "):
+        assert main(["prompts", "--object", obj, "--out", str(tmp_path / "e.yaml")]) == 2
+        assert "fix:" in capsys.readouterr().err and not (tmp_path / "e.yaml").exists()

@@ -191,3 +191,32 @@ def test_a_single_template_string_is_one_template():
             TextScorer(bb, ["flawless fabric"], ["torn fabric"], templates=bad)
     with pytest.raises(BadInputError, match="templates is empty"):
         TextScorer(bb, templates=[])
+
+
+def test_a_random_text_tower_is_the_same_whatever_the_callers_seed(tmp_path):
+    """--weights random: the image tower was built under seed 0, the text tower (extract --text, TextScorer,
+    zero-shot) under whatever the caller's RNG held, so text columns and zero-shot scores changed between
+    processes, shards and resumes. Built under seed 0 too; the caller's RNG is left as it was."""
+    import numpy as np
+    from uninet_feat.extract import Extractor
+    from uninet_feat.vlm import TextScorer
+    from uninet_feat.workflows import zero_shot_cmd
+    data = write_texture_set(tmp_path / "d", n_train=1, n_good=1, n_bad=1)
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    cols, embs, scores = [], [], []
+    for seed in (100, 101):
+        torch.manual_seed(seed)
+        with pytest.warns(UserWarning, match="text tower is random"):
+            ex = Extractor(backbone="clip:tiny", weights="random", image_size=64, text=True)
+        cols.append(ex.extract(paths)["vectors"][:, -4:])
+        torch.manual_seed(seed)
+        bb = create_backbone("clip:tiny", weights="random")
+        state = torch.get_rng_state()
+        embs.append(TextScorer(bb).text_embeddings)
+        assert torch.equal(state, torch.get_rng_state())   # the caller's RNG untouched
+        torch.manual_seed(seed)
+        zero_shot_cmd(data, tmp_path / f"zs{seed}", "clip:tiny", "random", image_size=64, quiet=True, device="cpu")
+        scores.append([r["clip_image_score"] for r in json.loads((tmp_path / f"zs{seed}" / "scores.json").read_text())])
+    np.testing.assert_array_equal(cols[0], cols[1])
+    assert torch.equal(embs[0], embs[1])
+    assert scores[0] == scores[1]

@@ -101,7 +101,7 @@ class Extractor:
 
     def _text_scorer(self, text):
         from .backbones.clip import _RANDOM, ClipViT, build_clip_model
-        from .vlm import TextScorer
+        from .vlm import TextScorer, seeded
         bb = self.backbone
         if not isinstance(bb, ClipViT):
             raise BadInputError(f"text features need a clip: backbone, this one is {getattr(bb, 'name', bb)}",
@@ -110,7 +110,8 @@ class Extractor:
         if str(weights) in _RANDOM:
             import warnings
             warnings.warn("text features with random CLIP weights: the text tower is random, its columns are noise")
-        text_model = build_clip_model(bb.clip_name, weights, bb._model_cfg, bb.quick_gelu)
+        with seeded():   # a random text tower: the same in every process, shard and resume
+            text_model = build_clip_model(bb.clip_name, weights, bb._model_cfg, bb.quick_gelu)
         prompt_file = None if text is True else text
         return TextScorer(bb, prompt_file=prompt_file, text_model=text_model).eval().to(self.device)
 

@@ -25,6 +25,7 @@ the defaults as a starting point).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -122,8 +123,20 @@ def load_prompts(path) -> dict[str, list[str]]:
         d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p) from e
-    if not isinstance(d, dict) or set(d) - {"object", "templates", "normal", "defect"}:
-        raise BadInputError("a prompt file is a mapping with keys object, templates, normal, defect", path=p)
+    return prompts_from_mapping(d, path=p)
+
+
+def prompts_from_mapping(d, path=None) -> dict[str, list[str]]:
+    """`load_prompts` of a mapping already read (``path``: the file it came from, for the messages). Shared so that
+    zero-shot's ``--config`` ``prompts:`` mapping is checked and expanded as a prompt file is (its ``object``,
+    ``templates`` and unknown keys were ignored); sentences without ``{}`` (the expanded ones a zero-shot
+    config.yaml records) pass unchanged, so a recorded config re-runs with the same prompts."""
+    p = path
+    keys = {"object", "templates", "normal", "defect"}
+    if not isinstance(d, dict) or set(d) - keys:
+        extra = f" (unknown: {sorted(map(str, set(d) - keys))})" if isinstance(d, dict) else ""
+        raise BadInputError(f"prompts are a mapping with keys object, templates, normal, defect{extra}",
+                            path=p, fix="use only those keys, e.g. normal: [...], defect: [...]")
     for k in ("templates", "normal", "defect"):   # a number or a mapping was a TypeError, or its keys read as prompts
         v = d.get(k)
         if v is not None and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
@@ -152,12 +165,31 @@ def load_prompts(path) -> dict[str, list[str]]:
 
 
 def dump_prompts(path, obj: str = OBJECT) -> Path:
-    """Write the default prompt file (to edit)."""
+    """Write the default prompt file (to edit). An existing file is refused unless it holds just that: it may be
+    an edited one (it was overwritten silently); ``obj`` is checked as `load_prompts` checks ``object`` (an
+    empty one was written, and refused only when the file was used)."""
     import yaml
     from .io import atomic_write_text
-    return atomic_write_text(Path(path).expanduser(), yaml.safe_dump(
-        {"object": obj, "templates": list(TEMPLATES), "normal": list(NORMAL_STATES),
-         "defect": list(DEFECT_STATES)}, sort_keys=False))
+    p = Path(path).expanduser()
+    d = {"object": obj, "templates": list(TEMPLATES), "normal": list(NORMAL_STATES), "defect": list(DEFECT_STATES)}
+    if not isinstance(obj, str) or not obj.strip():
+        raise BadInputError(f"the object must be a non-empty word or phrase, got {obj!r}",
+                            fix="e.g. --object 'woven fabric' (obj= in Python)")
+    text = yaml.safe_dump(d, sort_keys=False)
+    if p.exists() and not (p.is_file() and p.read_bytes() == text.encode("utf-8")):
+        raise BadInputError("this file exists (perhaps edited prompts) and is not overwritten", path=p,
+                            fix="give another --out, or delete the file first to write the defaults again")
+    return atomic_write_text(p, text)
+
+
+@contextlib.contextmanager
+def seeded():
+    """Build under seed 0, the caller's RNG untouched, as `Extractor` builds the image tower: a random text tower
+    (``--weights random``) gave other text columns and zero-shot scores in every process, ``--shard`` part and
+    resume."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def _resolve(model, text_model, tokenizer, clip_name):
@@ -178,8 +210,9 @@ def _resolve(model, text_model, tokenizer, clip_name):
                 log.warning("TextScorer: %s has random weights, so its text tower is random too; scores are "
                             "meaningless (load open_clip weights for zero-shot use)", model.name)
             try:
-                text_model = build_clip_model(model.clip_name, model.weights_source, model._model_cfg,
-                                              model.quick_gelu)
+                with seeded():
+                    text_model = build_clip_model(model.clip_name, model.weights_source, model._model_cfg,
+                                                  model.quick_gelu)
             except (TypeError, RuntimeError, ImportError) as e:   # CoCa's multimodal config, NLLB's transformers
                 raise BadInputError(f"{model.name}: its text tower cannot be built here ({type(e).__name__}: {e})",
                                     fix="use an open_clip model with its own text tower (e.g. clip:ViT-B-32, "

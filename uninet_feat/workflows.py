@@ -379,9 +379,11 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
 
     Per image: P(defect) from the image embedding (``clip_image_score``, the score) and the patch-score
     max / mean / q99; tiled images take each column's max over tiles. Writes ``scores.csv`` / ``.json``,
-    the resolved settings, and — when the labels hold both normal and defective images — ``metrics.json``
-    (I-AUROC, I-AP, F1-max; nothing is tuned on them). ``skip_bad``: unreadable images are left out (warned,
-    listed as ``skipped`` in the result and ``metrics.json``) instead of stopping with an error that names them all.
+    the resolved settings, and — when the test split's labels hold both normal and defective images —
+    ``metrics.json`` (I-AUROC, I-AP, F1-max over those, as evaluate's; ``metrics_on`` counts them; nothing is
+    tuned on them; a warning says why when the other split holds a class the test split lacks). ``skip_bad``:
+    unreadable images are left out (warned, listed as ``skipped`` in the result and ``metrics.json``) instead of
+    stopping with an error that names them all.
     ``quick_gelu``: the activation, where not the one the backbone reads from the weights file's name.
 
     ``config.yaml`` records the mean/std used (a re-run with ``--config`` passes them back as ``--mean``/``--std``)
@@ -394,7 +396,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     from .extract import Extractor
     from .metrics import f1_max, image_ap, image_auroc
     from .runs import create_normalised_backbone, make_dataset, pick_device
-    from .vlm import TextScorer
+    from .vlm import TextScorer, prompts_from_mapping, seeded
     _check_sizes(image_size, tile)
     if not str(backbone).startswith("clip:"):   # before any weights load; it said "TextScorer needs ...", no fix
         raise BadInputError(f"zero-shot scores with CLIP's text prompts: --backbone {backbone} is not a clip: backbone",
@@ -402,14 +404,19 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
                                 "open_clip checkpoint (both towers)")
     asked_device, device = device, pick_device(device)
     kw = {} if quick_gelu is None else {"quick_gelu": bool(quick_gelu)}
-    bb = create_normalised_backbone(backbone, weights, mean, std, **kw).eval()   # --mean/--std: a file's own, if other
+    with seeded():   # --weights random: the same towers (so scores) in every process, as extract's
+        bb = create_normalised_backbone(backbone, weights, mean, std, **kw).eval()   # --mean/--std: a file's own
     step = zero_shot_step(bb)
     if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
         raise BadInputError(f"image size {image_size} is not a multiple of {step}, the patch grid of {backbone}",
                             fix=f"--image-size {max(step, image_size // step * step)} or "
                                 f"{(image_size // step + 1) * step}")
-    if isinstance(prompts, dict):   # the resolved sentences a zero-shot config.yaml records (re-run with --config)
-        ts = TextScorer(bb, prompts.get("normal"), prompts.get("defect"), patch_mode=patch_mode).eval()
+    if isinstance(prompts, dict):   # --config's `prompts:` mapping (a zero-shot config.yaml records the sentences)
+        try:   # checked and expanded as a prompt file: its object, templates and unknown keys were ignored
+            prompts = prompts_from_mapping(prompts)
+        except BadInputError as e:
+            raise BadInputError(f"the --config file's `prompts:` mapping: {e.reason}", fix=e.fix) from e
+        ts = TextScorer(bb, prompts["normal"], prompts["defect"], patch_mode=patch_mode).eval()
     else:
         ts = TextScorer(bb, prompt_file=prompts, patch_mode=patch_mode).eval()
     ts = ts.to(device)   # the prompts were embedded on the CPU, where the text tower stays
@@ -458,13 +465,24 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     atomic_write_csv(out / "scores.csv", rows)
     atomic_write_text(out / "scores.json", json.dumps(rows, indent=1))
     res = {"n_images": len(rows), "out": str(out), "skipped": Extractor.skipped(samples, ds)}
-    test = [r for r in rows if r["split"] in ("test", "") and r["is_defect"] != ""]
+    labelled = [r for r in rows if r["is_defect"] != ""]
+    # the test split's, as evaluate's (comparable with a trained run's); '' is a batch's images (no split)
+    test = [r for r in labelled if r["split"] in ("test", "")]
     y = np.array([r["is_defect"] for r in test], dtype=int)
-    if 0 < y.sum() < len(y):
+    if 0 < y.sum() < len(y):   # n_images counts every scored image; these say which ones the figures are over
+        res["metrics_on"] = {"split": "test", "n_normal": int(len(y) - y.sum()), "n_defect": int(y.sum())}
         for col in ("clip_image_score", "clip_patch_max"):
             sc = np.array([r[col] for r in test])
             res[col] = {"image_auroc": image_auroc(y, sc), "image_ap": image_ap(y, sc), "f1_max": f1_max(y, sc)}
         atomic_write_text(out / "metrics.json", json.dumps(res, indent=2))
     else:   # an earlier labelled run's metrics into this --out are not this batch's
         (out / "metrics.json").unlink(missing_ok=True)
+        if {r["is_defect"] for r in labelled} == {0, 1}:   # labelled both ways, yet no metrics: it said nothing
+            n_def = int(y.sum())
+            warnings.warn(f"zero-shot: no metrics.json: the labels hold normal and defective images, but the test "
+                          f"split, which the metrics are over (as evaluate's), holds {len(y) - n_def} normal and "
+                          f"{n_def} defective: the data's layout put the others in the train split (a folder of label "
+                          "folders puts about 1 normal image in 5 in the test split, by a hash of its path). Fix: "
+                          "--split-csv with the images to score marked test, or an MVTec-style test/ folder "
+                          "(test/good/, test/<defect>/)", stacklevel=2)
     return res
