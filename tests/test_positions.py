@@ -759,3 +759,24 @@ def test_a_neighbours_file_of_another_calibration_beside_calibration_json_is_ref
     (c / "calibration.json").write_text(json.dumps(cal))
     assert main(["calibrate", "--run", str(c), "--quiet"]) == 0   # the fix: a pair again
     evaluate(c, quiet=True)
+
+
+def test_a_size_held_by_fewer_than_3_training_normals_of_a_multi_size_group_is_warned_of(tmp_path):
+    """A group of two widths with one 192 px training strip: that width's offsets are that one strip's own tiles,
+    so an image of that width scores about 0 by construction (the strip itself exactly 0). Silent before; now a
+    warning names the group, the size and its count. The offsets stay as they were."""
+    import warnings
+    from uninet_feat.positions import tile_offsets
+    wide = [(256, [40 + 10 * i, 41 + 10 * i, 42 + 10 * i, 200 + 10 * i]) for i in range(3)]
+    narrow = [(192, [40 + 10 * i, 41 + 10 * i, 210 + 10 * i]) for i in range(3)]
+    model = _PixelModel()
+    for n in (1, 2):
+        strips = _strips(tmp_path / str(n), wide + narrow[:n], group="A")
+        with pytest.warns(UserWarning, match=rf"group 'A' has only {n} training normal\(s\) 192x64 px") as w:
+            rec = tile_offsets(model, strips, TILED)
+        assert len([x for x in w if "training normal(s)" in str(x.message)]) == 1   # not the 256 px strips
+        assert rec["offsets"]["A"]["192x64:0,128"] == np.median([210 + 10 * i for i in range(n)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # 3 of each width, or one width only: nothing to warn of
+        tile_offsets(model, _strips(tmp_path / "3", wide + narrow, group="A"), TILED)
+        tile_offsets(model, _strips(tmp_path / "w", narrow[:1], group="A"), TILED)

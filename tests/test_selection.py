@@ -53,6 +53,30 @@ def test_synthetic_defect_mask_is_exactly_the_visible_change(kind):
         assert (diff[~mask] == 0).all()               # and nothing outside the mask changes
 
 
+@pytest.mark.parametrize("kind", DEFECTS + SURFACE_DEFECTS)
+def test_a_grey_picture_gets_grey_defects_and_a_colour_one_its_coloured_ones(kind):
+    """select: synthetic and denoise get (H, W, 3) images, a grey line as three equal channels: a stain or oil line
+    drawn on the three came out tinted (up to 23 grey levels between channels), a defect no image of that line can
+    show. A grey picture's defect is drawn on one channel and repeated; a colour picture's is drawn as before."""
+    from uninet_feat.data.synthetic import add_defect, render_fabric
+    from uninet_feat.selection import STRENGTH
+    grey = np.repeat(render_fabric((64, 64), "plain", np.random.default_rng(1))[..., None], 3, -1)
+    colour = render_fabric((64, 64), "plain", np.random.default_rng(1), color=True)
+    for seed in range(6):
+        out, mask = synthetic_defect(grey, np.random.default_rng(seed), kinds=(kind,))
+        assert mask.any() and (out == out[..., :1]).all()   # every pixel still grey
+        if kind in SURFACE_DEFECTS:
+            continue
+        out, mask = synthetic_defect(colour, np.random.default_rng(seed), kinds=(kind,))
+        rng = np.random.default_rng(seed)   # the colour path by hand: the same draws on the image as it is
+        rng.integers(1)
+        want, m = add_defect(colour, kind, rng)
+        base = colour.astype(np.float64)
+        want = np.clip(base + rng.uniform(*STRENGTH) * (want - base) + 0.5, 0, 255).astype(np.uint8)
+        m &= np.abs(want.astype(np.int16) - colour.astype(np.int16)).max(-1) >= VISIBLE
+        assert np.array_equal(mask, m) and np.array_equal(out, np.where(m[..., None], want, colour))
+
+
 def test_flat_image_refused_with_a_clear_error():
     with pytest.raises(BadInputError, match="no visible synthetic defect"):
         synthetic_defect(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0), tries=3)

@@ -111,6 +111,21 @@ def test_defect_mask_marks_exactly_the_changed_pixels(kind):
             assert diff[mask].mean() > 8, (weave, seed, diff[mask].mean())  # visible inside it
 
 
+def test_every_defect_fits_small_images():
+    """A model input of 4-32 px (select: synthetic, denoise and map_levels: auto edit it): broken_yarn's gap could
+    be longer than the image and its loose strand wander off it, and numpy raised "negative dimensions are not
+    allowed" (about 1 draw in 3 at 4 px, 1 in 12 at 16-32 px)."""
+    for h, w in ((4, 4), (5, 9), (8, 8), (12, 6), (16, 16), (20, 32), (32, 32), (32, 12)):
+        for color in (False, True):
+            clean = syn.render_fabric((max(h, 8), max(w, 8)), "plain", np.random.default_rng(h + w), color=color)
+            clean = clean[:h, :w]
+            for kind in syn.DEFECTS:
+                for seed in range(25 if kind == "broken_yarn" else 5):
+                    img, mask = syn.add_defect(clean, kind, np.random.default_rng(seed))
+                    assert img.shape == clean.shape and img.dtype == np.uint8
+                    assert mask.shape == (h, w) and mask.dtype == bool
+
+
 def test_add_defect_deterministic_and_rejects_unknown_kind():
     clean = syn.render_fabric(96, "plain", np.random.default_rng(0))
     a = syn.add_defect(clean, "hole", np.random.default_rng(1))

@@ -29,6 +29,8 @@ WDM score, `scoring.level_map_score`; each neighbours' tile's one, ``map_scores`
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,7 @@ NEIGHBOURS_RULE = (f"tile score minus the median WDM score of the {K_NEIGHBOURS}
                    "same position (top-left corner) whose pooled target-teacher features are nearest (cosine, "
                    "standardised per group); the image score is the highest corrected tile score")
 MODES = ("none", "position", "neighbours")
+MIN_PER_SIZE = 3   # training normals of one size in a group of several sizes, below which its offsets are warned of
 
 
 def parse_tile_norm(v, tile) -> str:
@@ -211,6 +214,15 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
         sizes.setdefault(samples[i].group, set()).add((g.h, g.w))
     hw = {i: (g.h, g.w) for i, g, _ in ds.tile_index}
     multi = {g for g, sz in sizes.items() if len(sz) > 1}   # groups keyed by size and place (`key`)
+    per_size = Counter((samples[i].group, h, w) for i, (h, w) in hw.items() if samples[i].group in multi)
+    for (g, h, w), n_img in sorted(per_size.items()):   # such a size's offsets are those few images' own tiles
+        if n_img < MIN_PER_SIZE:
+            warnings.warn(f"tile_norm: group {g!r} has only {n_img} training normal(s) {w}x{h} px (beside its other "
+                          f"size(s)); that size's position offsets are the median of those images' own tiles, so "
+                          f"they score about 0 by them (one image: exactly 0; a validation normal among them lowers "
+                          f"the threshold) and new images of that size are compared with {n_img} normal(s). Fix: "
+                          f"train on at least {MIN_PER_SIZE} normals of each size, or crop or leave out the {w}x{h} "
+                          "images, or tile_norm: none")
     for batch, x in eval_batches(ds, cfg, model_device(model)):
         s, ms, c = _scores(model, x, neighbours, own_units)
         ms = ms.float().tolist() if ms is not None else [None] * len(s)

@@ -280,7 +280,11 @@ class Reference:
 def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Reference | None:
     """`Reference` of ``run``'s validation normals, or None with a warning when they, their calibrated WDM
     scores or an index that keeps them out of its bank are not at hand. ``paired``: also each validation
-    normal's WDM score (from the same pass when ``kex`` is the run's extractor, else one pass of ``ex``)."""
+    normal's WDM score: calibration.json's (``val_paths``), else (written before those, or the data moved since)
+    from the same pass when ``kex`` is the run's extractor, or one pass of ``ex``. Why calibration's: under
+    ``tile_norm: neighbours`` it left each normal's own tiles out of its nearest ones, which a run loaded from disk
+    cannot (tile_neighbours.npz keeps no tile sources): scored again, a normal's own tiles pulled it low (0.058 to
+    0.005) and the combined threshold with it."""
     from .calibration import validation_normals
     lost = "no combined score, kNN threshold or kNN colour scale"   # what every reason below costs
     try:
@@ -301,7 +305,13 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
         return None
     kv, patch_scores, res = knn_scores(scorer, kex, val)
     wp = None
-    if paired:
+    if paired:   # calibration's own scores; a normal it skipped (unreadable) has none, as a re-score gives it
+        given = dict(zip(cal.get("val_paths") or (), wv))
+        skipped = {abs_path(p) for p in cal.get("skipped") or ()}
+        keys = [abs_path(s.path) for s in val]
+        if given and all(k in given or k in skipped for k in keys):
+            wp = np.array([given.get(k, np.nan) for k in keys])
+    if paired and wp is None:
         w_res = res if kex is ex or ex is None else ex.extract(val)
         # each normal's WDM score as its row gets it (a tile_score: mean run takes the mean of its tiles)
         wp = per_sample_wdm(w_res["scores"], w_res["index"], len(val), cfg.get("tile_score", "max"))

@@ -69,11 +69,19 @@ def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8, 
     invisible "defect" would be label noise. Pixels outside that mask are put back as they were: a kind
     blended with a soft edge (`texture_patch`: its mask is where the blend passes 0.5) changed pixels labelled
     normal by up to 21 grey levels (6 % of its changed pixels, session 34), label noise the other way.
+    A grey picture (three equal channels: a grey line read as RGB) gets a fabric defect drawn on one channel and
+    repeated: drawn on three, a stain or oil line came out tinted (up to 23 grey levels between channels), which no
+    image of that line can show.
     """
     base = img.astype(np.float64)
+    grey = bool((img == img[..., :1]).all())
     for _ in range(tries):
         kind = kinds[rng.integers(len(kinds))]
-        out, mask = add_surface_defect(img, kind, rng) if kind in SURFACE_DEFECTS else add_defect(img, kind, rng)
+        if kind in SURFACE_DEFECTS:
+            out, mask = add_surface_defect(img, kind, rng)
+        else:
+            out, mask = add_defect(img[..., 0] if grey else img, kind, rng)
+            out = np.repeat(out[..., None], 3, -1) if grey else out
         out = np.clip(base + rng.uniform(*strength) * (out - base) + 0.5, 0, 255).astype(np.uint8)
         mask = mask & (np.abs(out.astype(np.int16) - img.astype(np.int16)).max(-1) >= VISIBLE)
         if mask.sum() >= MIN_CHANGED:

@@ -194,6 +194,8 @@ def _curve_dist(shape, y0, x0, ang, length, reach, rng):
     r = int(reach) + 2
     y_lo, y_hi = max(0, int(min(py.min(), y0)) - r), min(shape[0], int(max(py.max(), y0)) + r + 1)
     x_lo, x_hi = max(0, int(min(px.min(), x0)) - r), min(shape[1], int(max(px.max(), x0)) + r + 1)
+    if y_hi <= y_lo or x_hi <= x_lo:   # the strand wandered off a small image: no pixel is near it
+        return dist
     yy, xx = np.mgrid[y_lo:y_hi, x_lo:x_hi]
     dist[y_lo:y_hi, x_lo:x_hi] = np.sqrt((yy[..., None] - py) ** 2 + (xx[..., None] - px) ** 2).min(-1)
     return dist
@@ -250,7 +252,7 @@ def _defect(f, kind, rng):
                                                   (px, py), (cx, cy))
     out, mask = f.copy(), None
     if kind == "broken_yarn":
-        length = py * rng.uniform(2, 5)
+        length = min(py * rng.uniform(2, 5), h)   # a gap longer than a small image started above it (crashed)
         y0 = float(np.clip(cy - length / 2, 0, h - length))
         xc = _snap(g, cx, int(y0), int(y0 + length) + 1, px)
         gap = (np.abs(x - xc) < px * 0.45) & (y >= y0) & (y <= y0 + length)
