@@ -8,7 +8,8 @@ and resolution as UniNet). With ``--run``: kNN over the run's domain-adapted pat
 run's WDM scores, and the two combined — each scorer z-normalised by its scores on the run's
 validation normals (never on test labels) and summed. With ``--run`` the group, split, input size and tiling
 are the run's, read from its config (``--group``, ``--tile`` and ``--image-size`` may be left out; one that
-contradicts the run is refused). Prints and writes JSON.
+contradicts the run is refused). Prints and writes JSON: ``setup`` (the flags, the backbone and, with ``--run``,
+its weights), the metrics, and each test image's scores (``scores``, in the file only).
 
 ``--index-kinds flat,ivfpq,hnsw`` (untiled sets) also puts the same coreset memory bank into each FAISS
 index kind and reports, over every test patch as a query: recall@1 against the flat index, query time
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
         res["combined"] = {**_eval(labels, comb_scores, masks, comb_maps, test),
                            "rule": "z-score of each scorer on validation normals (image scores; map pixels), summed"}
         per_image.update(wdm=wscores, combined=comb_scores)
-    return _finish(res, test, per_image, a.json)
+    return _finish(res, test, per_image, a, ex)
 
 
 def _norm_group(g):
@@ -229,18 +230,24 @@ def _tiled(a, ex, kex, knn, te, test, val, t_fit, run_out) -> dict:
         res["combined"] = {**_eval(labels, comb, None, None, test),
                            "rule": "z-score of each scorer on validation normals (image scores), summed"}
         per_image.update(wdm=ws, combined=comb)
-    return _finish(res, test, per_image, a.json)
+    return _finish(res, test, per_image, a, ex)
 
 
-def _finish(res: dict, test, per_image: dict, path) -> dict:
-    """Add per test image its path and each scorer's image score (``scores``, for per-image study and
-    cross-checks), print the summary and write the whole result as JSON."""
+def _finish(res: dict, test, per_image: dict, a, ex) -> dict:
+    """Add what was compared (``setup``: data, split, run, backbone, weights, k, ...), per test image its path and
+    each scorer's image score (``scores``, for per-image study and cross-checks), print the summary and write the
+    whole result as JSON (``a.json``)."""
+    setup = {k: v for k, v in vars(a).items() if k != "json"}
+    setup["backbone"] = ex.cfg["backbone"]   # with --run: the run's (--weights: the plain kNN's, --knn-features plain)
+    if a.run:
+        setup["run_weights"] = ex.cfg.get("weights")
+    res = {"setup": setup, **res}
     res["scores"] = {"path": [str(s.path) for s in test],
                      **{k: [float(x) for x in v] for k, v in per_image.items()}}
     print(json.dumps({k: v for k, v in res.items() if k != "scores"}, indent=2))  # per-image scores: file only
-    if path:
+    if a.json:
         from uninet_feat.io import atomic_write_text   # a kill mid-write leaves the last result, not half of one
-        atomic_write_text(path, json.dumps(res, indent=2))
+        atomic_write_text(a.json, json.dumps(res, indent=2))
     return res
 
 

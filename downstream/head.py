@@ -101,7 +101,8 @@ class Head:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInputError("head.json is corrupt", path=d, fix="train or save the head again") from e
         if meta.get("format") != _FORMAT:
-            raise BadInputError(f"unknown head format {meta.get('format')!r}", path=d / "head.json")
+            raise BadInputError(f"unknown head format {meta.get('format')!r}", path=d / "head.json",
+                                fix="train the head again with this version (`uninet-feat train-head`)")
         if hashlib.sha256(text.encode()).hexdigest() != meta.get("model_sha256"):
             raise BadInputError("model.txt does not match head.json (interrupted save or edited file)",
                                 path=d, fix="save the head again")

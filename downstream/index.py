@@ -144,7 +144,8 @@ def _to_device(index, device: str, kind: str):
         return faiss.index_cpu_to_gpus_list(index, gpus=gpus)
     except Exception as e:  # e.g. a PQ code size the GPU kernels lack
         if device != "auto":
-            raise BadInputError(f"faiss could not move this index to the GPU: {e}") from e
+            raise BadInputError(f"faiss could not move this index to the GPU: {e}",
+                                fix="use --device cpu, or --device auto to fall back to the CPU") from e
         warnings.warn(f"faiss GPU move failed ({e}); searching on CPU")
         return index
 

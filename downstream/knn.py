@@ -170,7 +170,8 @@ class KNNScorer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInputError("knn.json is corrupt", path=d / "knn.json", fix="save the scorer again") from e
         if meta.get("format") != _FORMAT:
-            raise BadInputError(f"unknown kNN format {meta.get('format')!r}", path=d / "knn.json")
+            raise BadInputError(f"unknown kNN format {meta.get('format')!r}", path=d / "knn.json",
+                                fix="build the scorer again with this version (`uninet-feat index --level patch`)")
         self = cls(meta["kind"], meta["k"], meta["coreset_ratio"], meta["seed"], device, meta.get("proj_dim", 128),
                    **meta.get("index_kw", {}))
         want = meta.get("index_sha256")   # None: saved before the index was pinned

@@ -166,6 +166,8 @@ def test_prompts_command_writes_an_editable_file(tmp_path):
     p = load_prompts(tmp_path / "p" / "prompts.yaml")
     assert "a photo of a flawless tile." in p["normal"] and all("fabric" not in s for s in p["defect"])
     assert main(["prompts", "--out", str(tmp_path / "p")]) == 2   # a folder: said so (it named a temp file)
+    # a new folder named with its slash: refused, not written as a file named "new" (Path drops the slash)
+    assert main(["prompts", "--out", str(tmp_path / "new") + "/"]) == 2 and not (tmp_path / "new").exists()
 
 
 def test_zero_shot_and_extract_refuse_sizes_that_do_not_fit(tmp_path, capsys):

@@ -32,7 +32,11 @@ def test_tiled_scores_are_the_highest_tile_and_wdm_equals_evaluate(tiled_run, tm
     data, run, cfg = tiled_run
     res = knn_compare.main(["--data", str(data), "--run", str(run), "--tile", "64", "--image-size", "64",
                             "--coreset", "1.0", "--json", str(tmp_path / "k.json")])
-    assert json.loads((tmp_path / "k.json").read_text())["scores"] == res["scores"]
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert saved["scores"] == res["scores"]
+    # the file says what it compared: the run, k, the run's backbone and weights (it held figures only)
+    assert saved["setup"]["run"] == str(run) and saved["setup"]["k"] == 1 and saved["setup"]["coreset"] == 1.0
+    assert saved["setup"]["backbone"] == "tiny" and saved["setup"]["run_weights"] == "random"
     test = [s for s in load_samples(cfg) if s.split == "test"]
     assert res["scores"]["path"] == [str(s.path) for s in test]
 
@@ -163,3 +167,4 @@ def test_without_a_run_the_input_size_defaults_as_before(tmp_path):
     cfg = load_config(None, {"data": str(data)})
     fit, _ = train_val_samples(load_samples(cfg), cfg)
     assert res["image_size"] == 256 and res["n_memory"] == len(fit) * 32 * 32   # 256 px: a 32×32 patch grid
+    assert res["setup"]["backbone"] == "tiny" and res["setup"]["weights"] == "random" and res["setup"]["run"] is None

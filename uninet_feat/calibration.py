@@ -734,7 +734,8 @@ def check_threshold_flags(threshold: float | None, max_fpr: float | None) -> Non
     if threshold is not None and max_fpr is not None:
         raise BadInputError("give --threshold or --max-fpr, not both", fix="drop one of them")
     if threshold is not None and not math.isfinite(threshold):
-        raise BadInputError(f"--threshold must be a finite number, got {threshold}")
+        raise BadInputError(f"--threshold must be a finite number, got {threshold}",
+                            fix="drop it for the run's calibrated threshold, or give a number from calibration.json")
     if max_fpr is not None and not 0.0 <= max_fpr < 1.0:
         raise BadInputError(f"--max-fpr must be in [0, 1), got {max_fpr}", fix="e.g. --max-fpr 0.05")
 

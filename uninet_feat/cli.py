@@ -927,9 +927,6 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "prompts":
         from .vlm import dump_prompts
-        if Path(args.out).is_dir():
-            raise BadInputError("--out names a folder; prompts are written to a YAML file", path=args.out,
-                                fix=f"e.g. --out {Path(args.out) / 'prompts.yaml'}")
         print(f"prompts written to {dump_prompts(args.out, args.object)} (pass it as --prompts / --text)")
         return 0
     if args.command == "demo":

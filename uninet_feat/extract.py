@@ -57,8 +57,8 @@ class Extractor:
         else:
             self.model, self.run_dir = None, None
             name = backbone or DEFAULT_CONFIG["backbone"]
-            with torch.random.fork_rng(devices=[]):   # a random init (--weights random), the same in every run,
-                torch.manual_seed(0)                   # resume and --shard process; the caller's RNG untouched
+            from .vlm import seeded
+            with seeded():   # a random init (--weights random), the same in every run, resume and --shard process
                 bb = create_normalised_backbone(name, weights, mean, std)
             self.backbone = bb.eval().to(pick_device(device))
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights, "mean": mean, "std": std}

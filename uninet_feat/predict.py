@@ -59,7 +59,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         raise BadInputError("--pixel-threshold sets the defect masks of --save-maps, which was not given",
                             fix="add --save-maps, or drop --pixel-threshold")
     if pixel_threshold is not None and not np.isfinite(pixel_threshold):
-        raise BadInputError(f"--pixel-threshold must be a finite number, got {pixel_threshold}")
+        raise BadInputError(f"--pixel-threshold must be a finite number, got {pixel_threshold}",
+                            fix="drop it for the run's default, or give a number such as 0.5")
     flag_by = flag_by or ("ensemble" if ensemble else "wdm")
     by_group = None   # {group: threshold}: a run of several groups flags each image by its group's (any score)
     heatmap = heatmap or ("ensemble" if ensemble else "wdm")

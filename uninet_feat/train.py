@@ -196,7 +196,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     if cfg.get("cache_images", True):
         ds = CachedDataset(ds)
     if len(ds) < 1:
-        raise BadInputError("no training images left after filtering", path=cfg["data"])
+        raise BadInputError("no training images left after filtering", path=cfg["data"],
+                            fix="check --group and --split-csv select normal training images, or drop --skip-bad")
     has_mask = torch.tensor([s.mask is not None for s in fit])
     log_path = out / "train_log.jsonl"
     log_lines = log_path.read_text(encoding="utf-8").splitlines()[:start_epoch] if (resume and log_path.exists()) else []

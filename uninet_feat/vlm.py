@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -122,7 +123,8 @@ def load_prompts(path) -> dict[str, list[str]]:
     try:
         d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p) from e
+        raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p,
+                               fix="pass a UTF-8 YAML file with normal/defect lists (`uninet-feat prompts --out FILE` writes one)") from e
     return prompts_from_mapping(d, path=p)
 
 
@@ -171,6 +173,9 @@ def dump_prompts(path, obj: str = OBJECT) -> Path:
     import yaml
     from .io import atomic_write_text
     p = Path(path).expanduser()
+    if p.is_dir() or str(path).endswith(("/", os.sep)):   # `--out new/`: Path drops the slash, a file "new" was written
+        raise BadInputError("--out names a folder; prompts are written to a YAML file", path=path,
+                            fix=f"e.g. --out {p / 'prompts.yaml'}")
     d = {"object": obj, "templates": list(TEMPLATES), "normal": list(NORMAL_STATES), "defect": list(DEFECT_STATES)}
     if not isinstance(obj, str) or not obj.strip():
         raise BadInputError(f"the object must be a non-empty word or phrase, got {obj!r}",

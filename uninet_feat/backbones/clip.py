@@ -81,7 +81,8 @@ def register_clip_config(name: str, cfg, overwrite: bool = False) -> None:
         try:
             cfg = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise BadInputError(f"cannot read an open_clip model config ({e})", path=p) from e
+            raise BadInputError(f"cannot read an open_clip model config ({e})", path=p,
+                                fix="pass an open_clip model config JSON (e.g. open_clip_config.json beside the weights)") from e
     if isinstance(cfg.get("model_cfg"), dict):   # open_clip_config.json: its preprocess_cfg (mean, std) sits beside
         pre = cfg.get("preprocess_cfg")          # the model config, and was dropped with it
         cfg = dict(cfg["model_cfg"], **({"preprocess_cfg": pre} if pre and "preprocess_cfg" not in cfg["model_cfg"]
@@ -272,7 +273,8 @@ def read_clip_state_dict(path) -> dict:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 sd = dict(torch.jit.load(str(p), map_location="cpu").state_dict())
         except Exception as e:  # noqa: BLE001
-            raise BadInputError(f"cannot read TorchScript weights ({type(e).__name__}: {e})", path=p) from e
+            raise BadInputError(f"cannot read TorchScript weights ({type(e).__name__}: {e})", path=p,
+                                fix="download the file again, or pass open_clip's own .bin/.safetensors weights") from e
     else:
         sd = read_state_dict(p)
     return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
