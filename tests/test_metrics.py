@@ -313,3 +313,16 @@ def test_evaluate_maps_takes_maps_of_different_sizes_and_bootstraps_refuse_no_dr
                  lambda: M.pixel_bootstrap(masks, maps, n_boot=0)):
         with pytest.raises(BadInputError, match="n_boot"):
             call()
+
+
+def test_bootstrap_takes_the_maps_the_point_figures_take_and_within_image_refuses_unequal_lists():
+    """pixel_bootstrap crashed on bfloat16 torch maps (pixel_auroc / aupro take them); within-image AUROC cut
+    the longer of unequal mask and map lists short (zip) and gave a figure over the first images only."""
+    import torch
+    masks, maps = blobs(5, n=6, size=24, empty=(0,))
+    tmaps = [torch.from_numpy(a).to(torch.bfloat16) for a in maps]
+    d = M.pixel_bootstrap(list(masks), tmaps, n_boot=20, seed=1)
+    ref = M.pixel_bootstrap(list(masks), [t.float().numpy() for t in tmaps], n_boot=20, seed=1)
+    np.testing.assert_allclose(d["pixel_auroc"], ref["pixel_auroc"])
+    with pytest.raises(BadInputError, match="6 masks but 5 maps"):
+        M.within_image_auroc(list(masks), list(maps)[:5])

@@ -292,6 +292,33 @@ def test_predict_scores_in_eval_mode_and_leaves_the_mode_and_statistics_as_they_
     torch.testing.assert_close(m.predict(x[:2])[1], s4[:2])   # an image's score: not the batch's beside it
     torch.testing.assert_close(m.eval().predict(x)[1], s4)
     assert m.predict(x, out_size=32)[0].shape == (4, 32, 32) == m.predict(x, out_size=(32, 32))[0].shape
+    # out_size sizes the map only: the image score (WDM's k and σ in input pixels) was the out_size's, off the
+    # run's threshold for a caller that asked for maps at the original image size
+    for size in (32, (128, 96)):
+        pix, s = m.predict(x, out_size=size)
+        torch.testing.assert_close(s, s4)
+        assert pix.shape[-2:] == ((size, size) if isinstance(size, int) else size)
+
+
+def test_a_rebuilt_checkpoint_is_in_eval_mode_and_a_tagged_dict_without_its_parts_is_named(tmp_path):
+    """build_from_checkpoint gave a training-mode model (eval only for a folded multi-scale MEM): a plain
+    ``model(x)`` then scored on batch statistics and overwrote the trained running ones. A tagged file without
+    config / backbone / state_dict was a KeyError traceback."""
+    from uninet_feat.checkpoint import build_from_checkpoint, save_checkpoint
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.runs import make_model
+    from _tiny import register_tiny
+    register_tiny()
+    cfg = load_config(None, base={"backbone": "tiny", "weights": "random", "channels_last": False})
+    p = save_checkpoint(tmp_path / "m.pt", make_model(cfg), cfg)
+    m, _ = build_from_checkpoint(p)
+    assert not any(x.training for x in m.modules())
+    ckpt = torch.load(p, weights_only=True)
+    del ckpt["config"]
+    torch.save(ckpt, tmp_path / "partial.pt")
+    with pytest.raises(BadInputError, match="partial.pt: the checkpoint lacks config"):
+        build_from_checkpoint(tmp_path / "partial.pt")
 
 
 def test_a_checkpoint_rebuilds_the_models_own_options_whatever_config_it_is_saved_with(tmp_path):

@@ -705,3 +705,24 @@ def test_a_missing_knn_index_or_ensemble_names_only_the_options_that_need_it(run
         predict_cmd(run, tmp_path, tmp_path / "p", flag_by="ensemble", quiet=True)
     assert "--heatmap" not in e.value.reason
     assert not (tmp_path / "p").exists()
+
+
+def test_a_file_name_not_utf8_is_scored_and_a_reruns_results_survive_a_failure_to_name(run, tmp_path, monkeypatch):
+    """Linux allows b"caf\\xe9.png": naming its overlay was a UnicodeEncodeError after all the scoring (even with
+    --no-overlays), and a re-run had already deleted the last results in --out."""
+    import os
+
+    import uninet_feat.predict as pr
+    d = tmp_path / "b"
+    _png(d / "a.png", 1)
+    odd = Path(os.fsdecode(os.fsencode(d) + b"/caf\xe9.png"))
+    _png(odd, 2)
+    res = predict_cmd(run, d, tmp_path / "p", threshold=-1e9, save_maps=True, quiet=True)
+    over = {Path(r["path"]).name: Path(r["overlay"]) for r in res["rows"]}
+    assert res["n_images"] == 2 and over[odd.name].is_file() and os.fsencode(over[odd.name].name) == b"caf\xe9_overlay.png"
+    # a failure while naming (before any removal) leaves the finished run's results as they were
+    before = (tmp_path / "p" / "predictions.csv").read_bytes()
+    monkeypatch.setattr(pr, "_overlay_names", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        predict_cmd(run, d, tmp_path / "p", threshold=-1e9, quiet=True)
+    assert (tmp_path / "p" / "predictions.csv").read_bytes() == before and (tmp_path / "p" / "summary.json").is_file()

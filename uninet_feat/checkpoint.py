@@ -2,8 +2,8 @@
 
 A checkpoint is a plain dict of tensors and primitives: the format tag, the library version,
 the resolved run config (backbone name, levels, model options…), the backbone's own config, the
-model state dict and — for resumable training checkpoints — optimiser states, the epoch and RNG
-states. Pickled objects are never loaded: a file that needs ``weights_only=False`` is refused.
+model state dict and — for resumable training checkpoints — optimiser states, the epoch and the
+split (no RNG state: the loader order and denoising edits are re-seeded from ``seed`` each epoch). Pickled objects are never loaded: a file that needs ``weights_only=False`` is refused.
 """
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def read_checkpoint(path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BadInputError("not a uninet-feat checkpoint (no format tag)", path=path,
                             fix="pass a model.pt written by `uninet-feat train`")
+    missing = [k for k in ("config", "backbone", "state_dict") if k not in ckpt]
+    if missing:   # a KeyError traceback in build_from_checkpoint before
+        raise BadInputError(f"the checkpoint lacks {', '.join(missing)}", path=path,
+                            fix="pass a model.pt written by `uninet-feat train` (an edited or another tool's file?)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise BadInputError(f"checkpoint format {ckpt['format_version']} is newer than this library "
                             f"understands ({FORMAT_VERSION})", path=path, fix="upgrade uninet-feat")
@@ -82,7 +86,8 @@ def checkpoint_config(ckpt: dict) -> dict:
 
 
 def build_from_checkpoint(path, weights: str = "random"):
-    """Rebuild a UniNet exactly as trained (backbone weights come from the checkpoint itself)."""
+    """Rebuild a UniNet exactly as trained (backbone weights come from the checkpoint itself), in eval mode: in
+    training mode a plain ``model(x)`` would score on batch statistics and overwrite the trained running ones."""
     from .backbones import create_backbone
     from .config import model_options
     from .model import UniNet
@@ -112,7 +117,7 @@ def build_from_checkpoint(path, weights: str = "random"):
         raise BadInputError(f"checkpoint holds NaN or infinite weights in {len(bad)} tensor(s) (e.g. {bad[:3]})",
                             path=path, fix="the file is damaged, or training diverged before it was written; restore "
                                            "it or retrain (e.g. with a lower --lr)")
-    return model, ckpt
+    return model.eval(), ckpt
 
 
 def _plain(v):

@@ -194,6 +194,8 @@ def pixel_auroc(masks, maps, chunk: int = 1 << 22) -> float:
 
 def image_pixel_aurocs(masks, maps) -> list[float | None]:
     """Each image's own pixel AUROC, None for an image without both defect and normal pixels (a normal image)."""
+    if len(masks) != len(maps):   # zip cut the longer one short: a figure over the first images only
+        raise BadInputError(f"{len(masks)} masks but {len(maps)} maps", fix="pass one map per mask, in the same order")
     out = []
     for m, a in zip(masks, maps):
         m, a = _binary("masks", m), _finite("maps", a)
@@ -370,6 +372,7 @@ def pixel_histograms(masks, maps, bins: int = 4096, seed=0) -> dict:
     neg, pos = np.zeros((len(per_image), nb)), np.zeros((len(per_image), nb))   # filled in place: no int64 lists
     tail, owner = [], []                                                        # and float64 copies of them
     for i, (m, a) in enumerate(zip(per_image, maps)):
+        a = _finite("maps", a)   # as _pixel_inputs read it (torch, bfloat16: np.asarray refused those)
         b = np.searchsorted(edges, np.asarray(a, np.float64).ravel(), "right")
         m = np.asarray(m).ravel()
         neg[i] = np.bincount(b[~m], minlength=nb)

@@ -217,6 +217,10 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:   # the same columns whether or not anything is flagged
         r["overlay"] = ""
+    # one name per image for its overlay and its map and mask, chosen among all the batch's images (before a
+    # re-run's results are removed: a failure here leaves them)
+    names = {p: n.removesuffix("_overlay.png")
+             for p, n in _overlay_names([s.path for s in samples], Path(data)).items()}
     for old in ("summary.json", "predictions.csv", "predictions.json"):   # a re-run's: gone before the files they
         (out / old).unlink(missing_ok=True)   # name are, so a stop part-way leaves none describing other files
     for old in (out / "overlays").glob("*_overlay.png"):   # a re-run's: only this run's flagged images have one
@@ -224,9 +228,6 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     for old in (out / "maps").glob("*"):   # a re-run's maps: this run writes its own or none
         if old.name.endswith((".npy", "_mask.png")):
             old.unlink()
-    # one name per image for its overlay and its map and mask, chosen among all the batch's images
-    names = {p: n.removesuffix("_overlay.png")
-             for p, n in _overlay_names([s.path for s in samples], Path(data)).items()}
     if save_maps:
         summary_extra |= _write_maps(ex, samples, rows, out / "maps", names, pixel_threshold, held)
     atomic_write_csv(out / "predictions.csv", rows)
@@ -612,10 +613,11 @@ def _overlay_names(paths, root=None, suffix: str = "_overlay.png") -> dict:
             parts = None
         stem = "__".join(parts or (p.parent.name, p.stem)).replace(" ", "_")
         name = f"{stem}{suffix}"
-        if name in used or len(name.encode()) > NAME_BYTES:
-            tag = "~" + hashlib.sha1(str(p).encode()).hexdigest()[:8]
+        raw = "utf-8", "surrogateescape"   # a file name's own bytes: not UTF-8 ones were a UnicodeEncodeError
+        if name in used or len(name.encode(*raw)) > NAME_BYTES:
+            tag = "~" + hashlib.sha1(str(p).encode(*raw)).hexdigest()[:8]
             room = NAME_BYTES - len((tag + suffix).encode())
-            name = stem.encode()[:room].decode("utf-8", "ignore") + tag + suffix
+            name = stem.encode(*raw)[:room].decode("utf-8", "ignore") + tag + suffix
         used.add(name)
         names[str(p)] = name
     return names

@@ -243,7 +243,7 @@ class UniNet(nn.Module):
     def predict(self, x: torch.Tensor, out_size=None, context: bool = False):
         """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method.
         ``x``: images normalised with the backbone's ``mean`` / ``std``. ``out_size``: (H, W) or one side of the
-        map (default: the input's). ``context``: also what each input looks like (N, D),
+        map (default: the input's); the image score is always the input size's, the run's threshold's. ``context``: also what each input looks like (N, D),
         `export.teacher_context` (``tile_norm: neighbours``).
 
         Always in eval mode (the model's mode is restored after): in training mode BatchNorm would use the
@@ -257,7 +257,9 @@ class UniNet(nn.Module):
             out = self(x)
         finally:
             self.train(was_training)
-        pix, score = self.score_maps(anomaly_maps(out.teachers, out.students), size)
+        pix, score = self.score_maps(anomaly_maps(out.teachers, out.students), tuple(x.shape[-2:]))
+        if size != tuple(x.shape[-2:]):   # the score at the input size (WDM's k and σ are in its pixels): only the
+            pix = F.interpolate(pix[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]   # map resized
         if not context:
             return pix, score
         from uninet_feat.export import teacher_context
