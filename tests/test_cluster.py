@@ -743,3 +743,27 @@ def test_the_sheet_shows_a_file_name_that_is_not_utf8_with_its_odd_byte_escaped(
              "score": 0.5}]
     sheet = contact_sheet(recs, SimpleNamespace(k=1, exemplars=[[0]]), [], np.zeros((1, 0)))
     assert "caf\\xe9.png · d\\xe9faut" in sheet.encode("utf-8").decode("utf-8")
+
+
+def test_a_csv_the_toolkit_wrote_with_a_file_name_not_utf8_reads_back(tmp_path, monkeypatch):
+    """predict and cluster write a Linux file name's own bytes (b"caf\\xe9.png"); reading that CSV back was the
+    "saved in another encoding" error, so cluster refused its own untouched labels.csv as edited on every re-run
+    and `--flagged` / `--labels` refused the toolkit's own files. Such bytes are taken where they name a file here;
+    elsewhere (a label, a path of no file) the CSV is still one saved in another encoding."""
+    import os
+    from uninet_feat.clusters import _keep_named_labels, read_path_table
+    from uninet_feat.io import atomic_write_csv
+    monkeypatch.chdir(tmp_path)
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png")
+    Path(odd).write_bytes(b"x")
+    atomic_write_csv(tmp_path / "types" / "clusters.csv", [{"path": odd, "cluster": 1}, {"path": "a.png", "cluster": 0}])
+    atomic_write_csv(tmp_path / "types" / "labels.csv", [{"path": odd, "label": "cluster_1"},
+                                                         {"path": "a.png", "label": "cluster_0"}])
+    assert read_path_table(tmp_path / "types" / "labels.csv", "label", "labels CSV") == {
+        odd: "cluster_1", str(tmp_path / "a.png"): "cluster_0"}
+    _keep_named_labels(tmp_path / "types" / "labels.csv")   # untouched: no refusal
+    for rows, where in (([{"path": odd, "label": "d\udce9faut"}], "a label"),
+                        ([{"path": odd + "x", "label": "hole"}], "a path of no file")):
+        atomic_write_csv(tmp_path / "bad.csv", [{"path": "a.png", "label": "ok"}] + rows)
+        with pytest.raises(BadInputError, match=r"line 3 is not UTF-8 \(byte 0xe9\)"):
+            read_path_table(tmp_path / "bad.csv", "label", "labels CSV")

@@ -89,15 +89,20 @@ def read_path_table(path, column: str, what: str, lines: dict | None = None) -> 
     if not path.is_file():
         raise BadInputError(f"{what} not found", path=path, fix="pass the CSV file itself")
     raw = path.read_bytes()
+
+    def not_utf8(start):   # Excel's plain "CSV" on Windows is cp1252
+        line = raw[:start].count(b"\n") + 1
+        return BadInputError(f"line {line} is not UTF-8 (byte 0x{raw[start]:02x}): the CSV was saved in another "
+                             "encoding", path=path, fix='save it as UTF-8 (Excel: "CSV UTF-8"), or convert it: '
+                                                       "iconv -f cp1252 -t utf-8")
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:   # Excel's plain "CSV" on Windows is cp1252
-        line = raw[:e.start].count(b"\n") + 1
-        raise BadInputError(f"line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): the CSV was saved in another "
-                            "encoding", path=path, fix='save it as UTF-8 (Excel: "CSV UTF-8"), or convert it: '
-                                                      "iconv -f cp1252 -t utf-8") from None
+        text, odd = raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError as e:   # or a Linux file name's own bytes, as predict and cluster write them: taken
+        text, odd = raw.decode("utf-8-sig", "surrogateescape"), e.start   # where they are the path of a file here
     reader = csv.DictReader(io.StringIO(text, newline=""))
     cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+    if odd is not None and any(_SURROGATE.search(c) for c in cols):
+        raise not_utf8(odd)
     if "path" not in cols or column not in cols:
         raise BadInputError(f"{what} needs columns path and {column}; it has {', '.join(cols) or 'none'}",
                             path=path, fix=f"a CSV with a header line path,{column}")
@@ -105,6 +110,9 @@ def read_path_table(path, column: str, what: str, lines: dict | None = None) -> 
     for row in reader:   # values stripped but the path: a file name may end in a space (it then named no file)
         row = {(k or "").strip().lower(): (v or "") if isinstance(v, str) else "" for k, v in row.items()}
         p, v = row.get("path", ""), row.get(column, "").strip()
+        if odd is not None and any(_SURROGATE.search(x) for k, x in row.items() if k != "path" or
+                                   not os.path.lexists(x)):   # bytes of another encoding, not a file's name
+            raise not_utf8(odd)
         if not p.strip():
             continue
         if p != p.strip() and not os.path.lexists(p) and os.path.lexists(p.strip()):   # "a.png ,x" typed by hand
@@ -120,6 +128,9 @@ def read_path_table(path, column: str, what: str, lines: dict | None = None) -> 
     if lines is not None:
         lines.update({p: n for n, p in seen.values()})
     return out
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")   # a byte that is not UTF-8, as surrogateescape holds it
 
 
 def windows_path(path: str) -> str:
