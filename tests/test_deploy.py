@@ -1,5 +1,6 @@
 """`export-model`: a run as one ONNX file that scores decoded images as predict scores their files."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,25 @@ def test_an_interrupted_export_keeps_the_folders_model_json_beside_its_model_onn
     with pytest.raises(KeyboardInterrupt):
         export_model(run, out, opset=18, check=False)
     assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_a_model_json_that_cannot_be_written_leaves_the_previous_pair(plain, tmp_path, monkeypatch):
+    """model.json was written after the new model.onnx was in place and the old model.json removed: a full disk
+    there left a model.onnx without its model.json, though the error said the previous file was intact. It is
+    now written in full first, and the two are put in place back to back."""
+    import uninet_feat.io as uio
+    _, run, _ = plain
+    out = tmp_path / "m"
+    export_model(run, out, check=False)
+    before = {n: (out / n).read_bytes() for n in ("model.onnx", "model.json")}
+    real = uio.staged
+
+    def full(path, writer):
+        if Path(path).name == "model.json":
+            raise BadInputError("disk full while writing; the previous version of this file is intact", path=path)
+        return real(path, writer)
+    monkeypatch.setattr(uio, "staged", full)
+    with pytest.raises(BadInputError, match="disk full"):
+        export_model(run, out, opset=18, check=False)
+    assert {n: (out / n).read_bytes() for n in before} == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]   # no temp file left behind

@@ -10,12 +10,14 @@ Outside it are only decoding the file (``DECODE``) and the thresholds, which ``m
 they can be changed without exporting again.
 
 The export runs the ONNX file and the torch model on the same images and refuses a file whose scores or maps
-differ by more than ``TOLERANCE`` (it records the differences in ``model.json``); a refused or interrupted export
-leaves the folder's previous model.onnx and model.json as they were.
+differ by more than ``TOLERANCE`` (it records the differences in ``model.json``); a refused or failed export
+leaves the folder's previous model.onnx and model.json as they were, and a kill at worst a model.onnx without its
+model.json, never beside another export's.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -154,7 +156,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     from .calibration import group_thresholds, load_run, resolve_thresholds
     from .data.tiling import tile_grid
     from .featstore import file_sha256
-    from .io import atomic_write, atomic_write_text
+    from .io import atomic_write, staged_text
     from .predict import default_pixel_threshold
     from .runs import run_path
     from .scoring import pixel_map_kind
@@ -214,7 +216,44 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
 
     done: dict = {}
 
-    def write(tmp):   # exported and checked under a temp name: a refused or interrupted export leaves the folder's
+    def make_info() -> dict:   # what model.json says of the file just checked
+        export_s, checked = done["export_s"], done["check"]
+        return {
+            "format": "onnx", "opset": opset, "uninet_feat": __version__, "torch": torch.__version__,
+            "run": str(run.resolve()), "model_sha256": model_sha,
+            "onnx_sha256": done["sha"], "export_seconds": round(export_s, 1),
+            "input": {"name": INPUT, "decode": DECODE,
+                      "shape": ["N", 3, ex_h, ex_w] if grid is not None else ["N", 3, "H", "W"],
+                      "inside the graph": (f"resized to {size[1]}x{size[0]} (bilinear, antialiased)" if grid is None else
+                                           f"cut into {grid.tile[1]}x{grid.tile[0]} tiles, each resized to "
+                                           f"{size[1]}x{size[0]} (bilinear, antialiased) only where the sizes differ")
+                                          + f", normalised with the backbone's mean {list(model.source.mean)} / std "
+                                            f"{list(model.source.std)}"},
+            "outputs": {
+                "map": ("(N, H, W) pixel map at the input's size: the tiles' maps less their place offsets, stitched"
+                        if grid is not None else
+                        f"(N, {size[0]}, {size[1]}) pixel map at the model's size; predict resizes it to the "
+                        "file's size: bilinear, half-pixel centres, antialiased where it shrinks (Pillow's BILINEAR, "
+                        "torch's interpolate(antialias=True)); a plain bilinear resize (OpenCV INTER_LINEAR) differs "
+                        "where the file is smaller than the model's size") + f"; kind: {pixel_map_kind(model.cfg)}",
+                "score": "(N,) image anomaly score, the run's WDM score" + (
+                    f" ({rule} of the tile scores)" if grid is not None else ""),
+                **({"tile_scores": f"(N, {grid.n}) each tile's score less its place offset, tiles row-major"}
+                   if grid is not None else
+                   {"map_image": "(N, H, W) the map at the input's size, as predict and Detector give it out (and "
+                                 "threshold it for defect masks)"})},
+            "threshold": thr, "threshold_rule": thr_rule, **({"group_thresholds": by_group} if by_group else {}),
+            "flag": "score > threshold",
+            "pixel_threshold": pixel_thr,
+            "defect_mask": "map > pixel_threshold",
+            "tiling": None if grid is None else {
+                "tile": list(grid.tile), "overlap": grid.overlap, "origins_yx": [list(o) for o in grid.origins],
+                "tile_score": rule, "group": used_group, "offsets": offsets,
+                               **({"map_offsets": map_offsets} if map_offsets != offsets else {})},
+            "check": checked,
+        }
+
+    def write(tmp):   # exported and checked under a temp name: a refused or failed export leaves the folder's
         with warnings.catch_warnings(), torch.no_grad():   # previous model.onnx and model.json as they were
             warnings.simplefilter("ignore")   # the exporter's deprecation and tracing notices, not the user's
             torch.onnx.export(graph, (example,), tmp, dynamo=True, external_data=False, opset_version=opset,
@@ -227,44 +266,16 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
         except BadInputError as e:   # named by the file it would have been, not its temp name
             raise BadInputError(e.reason, path=out / "model.onnx", fix=e.fix) from None
         done["sha"] = file_sha256(tmp)
+        done["info"] = make_info()   # model.json written in full before the old one goes (a full disk failed after)
+        done["json"] = staged_text(out / "model.json", json.dumps(done["info"], indent=2))
         (out / "model.json").unlink(missing_ok=True)   # never the old model.json beside the new model.onnx
-    _quietly(lambda: atomic_write(out / "model.onnx", write), quiet)
-    export_s, checked = done["export_s"], done["check"]
-    info = {
-        "format": "onnx", "opset": opset, "uninet_feat": __version__, "torch": torch.__version__,
-        "run": str(run.resolve()), "model_sha256": model_sha,
-        "onnx_sha256": done["sha"], "export_seconds": round(export_s, 1),
-        "input": {"name": INPUT, "decode": DECODE,
-                  "shape": ["N", 3, ex_h, ex_w] if grid is not None else ["N", 3, "H", "W"],
-                  "inside the graph": (f"resized to {size[1]}x{size[0]} (bilinear, antialiased)" if grid is None else
-                                       f"cut into {grid.tile[1]}x{grid.tile[0]} tiles, each resized to "
-                                       f"{size[1]}x{size[0]} (bilinear, antialiased) only where the sizes differ")
-                                      + f", normalised with the backbone's mean {list(model.source.mean)} / std "
-                                        f"{list(model.source.std)}"},
-        "outputs": {
-            "map": ("(N, H, W) pixel map at the input's size: the tiles' maps less their place offsets, stitched"
-                    if grid is not None else
-                    f"(N, {size[0]}, {size[1]}) pixel map at the model's size; predict resizes it to the "
-                    "file's size: bilinear, half-pixel centres, antialiased where it shrinks (Pillow's BILINEAR, "
-                    "torch's interpolate(antialias=True)); a plain bilinear resize (OpenCV INTER_LINEAR) differs "
-                    "where the file is smaller than the model's size") + f"; kind: {pixel_map_kind(model.cfg)}",
-            "score": "(N,) image anomaly score, the run's WDM score" + (
-                f" ({rule} of the tile scores)" if grid is not None else ""),
-            **({"tile_scores": f"(N, {grid.n}) each tile's score less its place offset, tiles row-major"}
-               if grid is not None else
-               {"map_image": "(N, H, W) the map at the input's size, as predict and Detector give it out (and "
-                             "threshold it for defect masks)"})},
-        "threshold": thr, "threshold_rule": thr_rule, **({"group_thresholds": by_group} if by_group else {}),
-        "flag": "score > threshold",
-        "pixel_threshold": pixel_thr,
-        "defect_mask": "map > pixel_threshold",
-        "tiling": None if grid is None else {
-            "tile": list(grid.tile), "overlap": grid.overlap, "origins_yx": [list(o) for o in grid.origins],
-            "tile_score": rule, "group": used_group, "offsets": offsets,
-                           **({"map_offsets": map_offsets} if map_offsets != offsets else {})},
-        "check": checked,
-    }
-    atomic_write_text(out / "model.json", json.dumps(info, indent=2))
+    try:
+        _quietly(lambda: atomic_write(out / "model.onnx", write), quiet)
+        os.replace(done["json"], out / "model.json")   # just after the new model.onnx: nothing left to fail between
+    finally:
+        if done.get("json") and os.path.exists(done["json"]):
+            os.unlink(done["json"])
+    info = done["info"]
     if (run / "config.yaml").exists():   # the run's settings beside its model (the command's own config.yaml is the CLI's)
         atomic_write(out / "run_config.yaml", lambda tmp: shutil.copyfile(run_path(run, "config.yaml"), tmp))
     else:   # never another run's settings beside this model

@@ -17,6 +17,19 @@ from .errors import BadInputError
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
     """Call ``writer(tmp_path)`` on a temp file in the target's folder, fsync, then rename over ``path``."""
+    tmp = staged(path, writer)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _cleanup(tmp)
+        raise
+    return Path(path)
+
+
+def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
+    """``writer(tmp_path)`` on a temp file in ``path``'s folder, fsynced and with ``path``'s mode: the caller puts it
+    in place (``os.replace``) or removes it. Why apart from `atomic_write`: a pair of files (export-model's
+    model.onnx and model.json) is written in full first and then renamed back to back."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +45,6 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, open_mode(path))   # mkstemp made it 0600
-        os.replace(tmp, path)
     except OSError as e:
         _cleanup(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -42,7 +54,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     except BaseException:
         _cleanup(tmp)
         raise
-    return path
+    return tmp
 
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
@@ -105,16 +117,25 @@ def _cleanup(tmp: str) -> None:
         pass
 
 
+def _text_writer(text: str):
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            f.write(text)
+    return w
+
+
 def atomic_write_text(path, text: str) -> Path:
     """``text`` as UTF-8, its line ends as given. Why: the locale's encoding (cp1252 on Windows) failed on the report's
     "·" after all the scoring, and on image names outside it; newline translation turned the CSV writer's \\r\\n
     into \\r\\r\\n. Our JSON, YAML and HTML end lines in \\n on every system. A file name that is not UTF-8 (Linux
     allows any bytes; Python reads b"caf\\xe9.png" as "caf\\udce9.png") is written as its own bytes
     (surrogateescape), so a CSV names the file that is there: it was a UnicodeEncodeError after all the scoring."""
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            f.write(text)
-    return atomic_write(path, w)
+    return atomic_write(path, _text_writer(text))
+
+
+def staged_text(path, text: str) -> str:
+    """`staged` for ``text``, written as `atomic_write_text` writes it."""
+    return staged(path, _text_writer(text))
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
