@@ -140,3 +140,25 @@ def test_calibration_refuses_validation_scores_that_are_not_finite(monkeypatch, 
     with pytest.raises(BadInputError, match=r"1 validation normal\(s\) scored NaN or infinite") as e:
         calibration(None, val, {})
     assert str(tmp_path / "b.png") in str(e.value) and "lower --lr" in str(e.value)
+
+
+def test_recalibrating_a_channels_last_tiled_run_gives_trainings_calibration_to_the_last_bit(tmp_path):
+    """`calibrate --run` (and a resume killed after model.pt) scored the validation normals with the model in
+    the contiguous layout, training and evaluate in channels_last: a tiled run's threshold and place offsets moved
+    in the 7th digit, so evaluate's figures after a resume were not the uninterrupted run's."""
+    import shutil
+    from uninet_feat.calibration import recalibrate
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    from _tiny import register_tiny, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "wide", n_train=8, n_good=1, n_bad=1, wide=True)
+    cfg = load_config(None, {"data": str(data), "tile": 32, "tile_norm": "position"}, base={
+        "backbone": "tiny", "weights": "random", "image_size": 32, "epochs": 1, "batch_size": 4,
+        "val_fraction": 0.3, "channels_last": True, "seed": 3})
+    train(cfg, tmp_path / "run", quiet=True)
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    recalibrate(tmp_path / "again")
+    a, b = (json.loads((tmp_path / r / "calibration.json").read_text()) for r in ("run", "again"))
+    assert a["threshold"] == b["threshold"] and a["val_scores"] == b["val_scores"]
+    assert a.get("tile_offsets") == b.get("tile_offsets")

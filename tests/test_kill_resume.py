@@ -229,3 +229,18 @@ def test_a_resume_may_change_the_memory_options_that_train_the_same_model(tmp_pa
         got = read_checkpoint(run / "model.pt")
         assert all(torch.equal(got["state_dict"][k], ref[k]) for k in ref)
         assert {k: got["config"][k] for k in lean} == then   # saved: a new run of its config.yaml is the same
+
+
+def test_a_resume_names_a_damaged_training_log(tmp_path, capsys):
+    """A `select: synthetic` run reads its validation scores back from train_log.jsonl on a resume: a damaged line
+    was a JSONDecodeError traceback. It is named, with the fix; the log and checkpoint are left as they were."""
+    data = write_texture_set(tmp_path / "d", n_train=9, n_good=2, n_bad=2)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), *TRAIN, "--select", "synthetic", "--out", str(run)]
+    assert main(args + ["--epochs", "1"]) == 0
+    (run / "train_log.jsonl").write_text('{"epoch": 1, "seco\n')
+    capsys.readouterr()
+    assert main(args + ["--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train_log.jsonl: line 1 is not an epoch's record" in err and "restore train_log.jsonl" in err
+    assert read_checkpoint(run / "checkpoint.pt")["epoch"] == 1

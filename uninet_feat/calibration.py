@@ -622,6 +622,8 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     from .runs import set_threads
     from .selection import parse_kinds
     model, ckpt, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
+    if cfg.get("channels_last"):   # as training's model and evaluate's: its scores to the last bit, tiled ones too
+        model = model.to(memory_format=torch.channels_last)
     if (map_levels is None or map_norm is None) and _stale(run):
         # the pixel map load_run gave the model was chosen for an earlier model.pt (a resumed training stopped
         # before calibrating its new one): the run's config chooses again ("auto" included), as training would have

@@ -200,7 +200,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                             fix="check --group and --split-csv select normal training images, or drop --skip-bad")
     has_mask = torch.tensor([s.mask is not None for s in fit])
     log_path = out / "train_log.jsonl"
-    log_lines = log_path.read_text(encoding="utf-8").splitlines()[:start_epoch] if (resume and log_path.exists()) else []
+    log_lines = _resumed_log(log_path, start_epoch) if (resume and log_path.exists()) else []
     synth, best = _selection(cfg, val, model, out, log_lines, dd.is_main, start_epoch)
     last = json.loads(log_lines[-1]) if synth is not None and start_epoch == cfg["epochs"] and log_lines else {}
     if last.get("epoch") == start_epoch and "val_synthetic_score" not in last:
@@ -540,6 +540,25 @@ def _selection(cfg: dict, val, model, out: Path, log_lines: list[str], is_main: 
     if not is_main:   # [distributed] rank 0 validates and writes; the others only train
         return None, best
     return SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg), best
+
+
+def _resumed_log(log_path: Path, start_epoch: int) -> list[str]:
+    """The log's lines of the epochs a resume keeps, each checked to be an epoch's JSON record: a damaged line was
+    a JSONDecodeError traceback (a `select: synthetic` run reads its validation scores from them)."""
+    try:
+        lines = log_path.read_text(encoding="utf-8").splitlines()[:start_epoch]
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read the training log ({e})", path=log_path,
+                            fix="restore train_log.jsonl, or train a new run with a new --out") from None
+    for i, line in enumerate(lines):
+        try:
+            ok = isinstance(json.loads(line).get("epoch"), int)
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise BadInputError(f"line {i + 1} is not an epoch's record (a damaged or edited log)", path=log_path,
+                                fix="restore train_log.jsonl, or train a new run with a new --out")
+    return lines
 
 
 def _validates(epoch: int, cfg: dict) -> bool:
