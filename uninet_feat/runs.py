@@ -181,8 +181,10 @@ VAL_SPLITS = ("data", "drawn")
 def _validation_split(samples, normals: list, cfg: dict):
     """(fit, val) of the training ``normals``. ``val_split: data`` (new runs): a group with normals in the data's
     own validation split (``validation/``, ``val`` rows) takes those, and trains on all its training normals;
-    every other group draws a seeded ``val_fraction`` of its training normals, as ``drawn`` does for all (what a
-    run's config without the key meant: runs trained before session 34 keep their split)."""
+    the other groups' training normals together give one seeded ``val_fraction`` draw, as ``drawn`` does over all
+    (what a run's config without the key meant: runs trained before session 34 keep their split). One draw, not
+    one per group: a small group may get few or none (`calibration.thresholds_by_group` then keeps one pooled
+    threshold, warned)."""
     from .data.layouts import split_train_val
     how = cfg.get("val_split") or "drawn"
     if how not in VAL_SPLITS:
