@@ -85,20 +85,24 @@ class _ChunkedLSE(torch.autograd.Function):
             else:
                 torch.baddbmm(shift[:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=z)
             lse[:, a:b] = z.exp_().sum(-1)
-        lse.log_().add_(shift)
-        ctx.save_for_backward(s, t, lse)
-        ctx.inv_t, ctx.rows = inv_t, rows
+        lse.log_()
+        if exact:   # backward recomputes z - max exactly as here: a fused z - lse differs by ulps of a huge z,
+            ctx.save_for_backward(s, t, shift, lse.clone())   # which exp turned into wrong (then inf) gradients
+        lse.add_(shift)
+        if not exact:
+            ctx.save_for_backward(s, t, lse)
+        ctx.inv_t, ctx.rows, ctx.exact = inv_t, rows, exact
         return lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        s, t, lse = ctx.saved_tensors
+        s, t, *rest = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
         if not (need_s or need_t):
             return None, None, None, None
         inv_t, rows = ctx.inv_t, ctx.rows
-        cd = lse.dtype
+        cd = rest[0].dtype
         s32, t32, g = s.to(cd), t.to(cd), g.to(cd)
         n, hw, _ = s.shape
         ds = torch.empty_like(s32) if need_s else None
@@ -108,7 +112,11 @@ class _ChunkedLSE(torch.autograd.Function):
         for a in range(0, hw, rows):
             b = min(a + rows, hw)
             p = buf[: n * (b - a) * hw].view(n, b - a, hw)
-            torch.baddbmm(lse[:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=p).exp_()
+            if ctx.exact:   # rest: each row's max and the log of its shifted sum
+                torch.bmm(s32[:, a:b], tT, out=p).mul_(inv_t).sub_(rest[0][:, a:b, None])
+                p.sub_(rest[1][:, a:b, None]).exp_()
+            else:   # rest: lse
+                torch.baddbmm(rest[0][:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=p).exp_()
             p.mul_(g[:, a:b, None])  # g_i * P_ij = dL/dz_ij
             if need_s:
                 ds[:, a:b] = torch.bmm(p, t32)
@@ -161,7 +169,7 @@ def similarity_lse(s_hat: torch.Tensor, t_hat: torch.Tensor, inv_t: float, backe
     from .similarity_lse_triton import MAX_C, similarity_lse_triton  # lazy: CPU users never import triton
     why = (f"C={s_hat.shape[-1]} > {MAX_C} (cheap there: such levels have small HW)" if s_hat.shape[-1] > MAX_C
            else f"{s_hat.dtype}" if s_hat.dtype not in (torch.float32, torch.bfloat16, torch.float16) else None)
-    if why is None and not bound_is_safe(row_shift(s_hat, t_hat, float(inv_t))):
+    if why is None and not bound_is_safe(row_shift(s_hat.detach(), t_hat.detach(), float(inv_t))):
         why = f"1/T = {float(inv_t):g} with these rows' norms (its upper-bound shift would underflow whole rows)"
     if why:
         if requested_backend(backend) == "triton":  # auto falls back silently

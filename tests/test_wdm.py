@@ -243,3 +243,16 @@ def test_bad_maps_are_refused_with_their_shapes(smoothed):
             scoring.wdm_score(maps, 8, smoothed=smoothed)
     a, s = scoring.wdm_score([torch.rand(0, 4, 4)] * 2, 8, smoothed=smoothed)
     assert a.shape == (0, 8, 8) and s.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_feature_pairs_of_other_batch_sizes_or_no_pixels_are_refused_on_every_path(backend):
+    """The Triton path sized its buffers from the first pair's N and never checked the others: a smaller later
+    N read past the buffer (garbage, NaN scores), a larger one dropped images, an empty level scored."""
+    if backend == "triton":
+        _triton_mod()
+    for sizes, n2 in (([(4, 4), (2, 2)], 2), ([(4, 4), (2, 2)], 4), ([(4, 4), (0, 4)], 3)):
+        ts, ss = _feats(3, sizes)
+        ts[1], ss[1] = ts[1][:1].expand(n2, -1, -1, -1).clone(), ss[1][:1].expand(n2, -1, -1, -1).clone()
+        with pytest.raises(ValueError, match="same N and h, w >= 1"):
+            wdm.anomaly_map_wdm([t.to(_dev()) for t in ts], [s.to(_dev()) for s in ss], 8, backend=backend)
