@@ -163,3 +163,62 @@ def test_predict_refuses_a_group_the_run_was_not_trained_on_as_a_detector_does(t
         predict_cmd(tmp_path / "run", tmp_path / "data" / "catB" / "test", tmp_path / "p", group="catB", quiet=True)
     assert (got.value.reason, got.value.fix) == (want.value.reason, want.value.fix)
     assert not (tmp_path / "p").exists()
+
+
+def test_a_generator_of_frames_is_scored_chunk_by_chunk_not_read_to_its_end(run):
+    """iter_score listed its input first: a camera's generator was read to its end (every frame held), an
+    endless one never yielded a result."""
+    r, _, _ = run
+    pulled = []
+
+    def camera():   # long (an endless one would hang the old code, not fail it)
+        for k in range(1000):
+            pulled.append(k)
+            yield np.full((64, 64), 100 + k % 50, np.uint8)
+    it = Detector(r).iter_score(camera(), maps=False, chunk=3)
+    first = next(it)
+    assert first.path == "<image 0>" and len(pulled) == 3
+    assert [next(it).path for _ in range(3)] == ["<image 1>", "<image 2>", "<image 3>"] and len(pulled) == 6
+    with pytest.raises(BadInputError, match="no images to score"):
+        list(Detector(r).iter_score(x for x in []))
+
+
+def test_frames_the_reader_cannot_take_and_overlays_of_another_size_are_named(run):
+    """A bfloat16 or sparse tensor was a TypeError from .numpy(); an empty PIL image was told to convert itself;
+    overlay stretched the map over a frame of another size without a word."""
+    import torch
+    r, (good, _), _ = run
+    det = Detector(r)
+    for frame, match in ((torch.zeros(64, 64, dtype=torch.bfloat16), "bfloat16 tensor"),
+                         (torch.zeros(64, 64, dtype=torch.uint8).to_sparse(), "sparse_coo"),
+                         (Image.new("L", (0, 0)), r"size \(0, 0\) has no pixels")):
+        with pytest.raises(BadInputError, match=match):
+            det.score(frame)
+    frame = np.full((64, 64), 90, np.uint8)
+    d = det.score(frame)[0]
+    assert det.overlay(d, image=frame).shape == (64, 64, 3)
+    with pytest.raises(BadInputError, match=r"scored at 64x64 \(HxW\), the image given is 30x50"):
+        det.overlay(d, image=np.full((30, 50), 90, np.uint8))
+
+
+def test_a_callers_module_filter_holds_for_frames_too_and_a_float64_default_builds_float32(run):
+    """Warnings about in-memory frames were re-emitted without their module, so a filter by module="uninet_feat"
+    silenced a path's warning but not the same pixels' as an array; a host program's float64 default dtype
+    built float64 weights that every image then crashed on."""
+    import torch
+    r, _, _ = run
+    frames = [np.full((64, 64, 3), 128, np.uint8), np.zeros((4, 64), np.uint8)]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module="uninet_feat")
+        Detector(r, skip_bad=True).score(frames)
+    assert not _texts(rec)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        det = Detector(r)
+        assert {p.dtype for p in det.model.parameters()} == {torch.float32}
+        assert np.isfinite(det.score(np.full((64, 64), 90, np.uint8))[0].score)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(prev)

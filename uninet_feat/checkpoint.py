@@ -7,6 +7,7 @@ split (no RNG state: the loader order and denoising edits are re-seeded from ``s
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import zipfile
@@ -85,6 +86,18 @@ def checkpoint_config(ckpt: dict) -> dict:
     return {**ckpt["config"], "student_relu": ckpt.get("student_relu", True)}
 
 
+@contextlib.contextmanager
+def float32_default():
+    """Build modules in float32 whatever the host program's ``torch.set_default_dtype``: a float64 default gave
+    float64 weights that every float32 image then crashed on (and the caller's default is restored after)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def build_from_checkpoint(path, weights: str = "random"):
     """Rebuild a UniNet exactly as trained (backbone weights come from the checkpoint itself), in eval mode: in
     training mode a plain ``model(x)`` would score on batch statistics and overwrite the trained running ones."""
@@ -95,10 +108,11 @@ def build_from_checkpoint(path, weights: str = "random"):
     ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
     bb_cfg = dict(ckpt["backbone"])
-    backbone = create_backbone(**{**bb_cfg, "weights": weights})
-    if hasattr(backbone, "weights_source"):   # its weights are the run's (loaded below), not `weights`: a clip:
-        backbone.weights_source = str(cfg.get("weights") or weights)   # TextScorer builds the text tower from it
-    model = UniNet(backbone, **model_options(checkpoint_config(ckpt)))
+    with float32_default():
+        backbone = create_backbone(**{**bb_cfg, "weights": weights})
+        if hasattr(backbone, "weights_source"):   # its weights are the run's (loaded below), not `weights`: a clip:
+            backbone.weights_source = str(cfg.get("weights") or weights)   # TextScorer builds the text tower from it
+        model = UniNet(backbone, **model_options(checkpoint_config(ckpt)))
     state = ckpt["state_dict"]
     if cfg.get("mem") == "multiscale" and any(".fused." in k for k in state):
         model.eval().reparameterize()

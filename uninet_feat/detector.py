@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ def _frame_file(image, path: Path, k: int):
     if isinstance(image, (str, os.PathLike)):
         return image, None
     if _is_tensor(image):
+        import torch
+        if image.layout != torch.strided or image.dtype not in (torch.uint8, torch.uint16):   # .numpy(): a TypeError
+            raise BadInputError(f"image {k}: a {image.dtype} tensor ({image.layout}) of shape {tuple(image.shape)} "
+                                "is not an image this reads",
+                                fix="pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path")
         image = image.detach().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
             image = image.permute(1, 2, 0)   # channels first, as torch holds images: to an array's (H, W, C)
@@ -43,6 +49,9 @@ def _frame_file(image, path: Path, k: int):
     if isinstance(image, Image.Image):
         # as `load_image` reads the file it came from: upright (a file's EXIF orientation, which a PNG written
         # here would not carry), and in a lossless container that holds its mode (PNG cannot hold CMYK, YCbCr, ...)
+        if 0 in image.size:   # PIL cannot write it: "convert it first" was no fix
+            raise BadInputError(f"image {k}: a PIL image of size {image.size} has no pixels",
+                                fix="pass an image of at least 1x1 pixels")
         image = _upright(image, k)
         target = path if image.mode in _PNG_MODES else path.with_suffix(".tif")
         try:
@@ -110,9 +119,12 @@ def _named_frames(names: dict):
         err.__dict__.update({k: v for k, v in vars(e).items() if k not in vars(err)})   # e.g. of_mask
         raise err from None
     finally:   # before the error, which points at them ("see the warnings above")
-        registry = globals().setdefault("__warningregistry__", {})
-        for w in caught:
-            warnings.warn_explicit(renamed(str(w.message)), w.category, w.filename, w.lineno, registry=registry)
+        for w in caught:   # from the module that raised it, so a caller's filter by module="uninet_feat" holds
+            mod = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == w.filename), None)
+            registry = vars(mod).setdefault("__warningregistry__", {}) if mod else globals().setdefault(
+                "__warningregistry__", {})
+            warnings.warn_explicit(renamed(str(w.message)), w.category, w.filename, w.lineno,
+                                   module=mod.__name__ if mod else None, registry=registry)
 
 
 def _is_tensor(x) -> bool:
@@ -267,7 +279,8 @@ class Detector:
 
     def iter_score(self, images, maps: bool = True, chunk: int = 64):
         """`score` as a generator, ``chunk`` images at a time: memory stays that of one chunk's maps however
-        many images (a 4096x256 strip's map is 4 MB)."""
+        many images (a 4096x256 strip's map is 4 MB). A generator or other iterator of images (a camera's frames)
+        is read a chunk at a time, so an endless one yields as it goes."""
         from PIL import Image
 
         from .errors import BadInputError
@@ -278,17 +291,27 @@ class Detector:
                 isinstance(images, (bytes, bytearray, memoryview)) or not hasattr(images, "__iter__"):
             images = [images]   # one image (a PIL image is iterable, by rows: it was read as a list of them; a
                                 # tensor by its first dim); None, a number, bytes: refused as one by `_frame_file`
+        step = max(1, int(chunk))
+        if not (array or isinstance(images, (list, tuple))):   # a generator (camera frames): ``chunk`` at a time,
+            from itertools import islice                         # not read to its end (an endless one never was)
+            it, i = iter(images), 0
+            while part := list(islice(it, step)):
+                yield from self._score(part, maps, i)
+                i += len(part)
+            if not i:
+                raise BadInputError("no images to score", fix="pass at least one image path")
+            return
         images = list(images)
         if not images:
             raise BadInputError("no images to score", fix="pass at least one image path")
-        step = max(1, int(chunk))
         for i in range(0, len(images), step):
             yield from self._score(images[i:i + step], maps, i)
 
     def overlay(self, detection: Detection, image=None, alpha: float = 0.5) -> np.ndarray:
         """uint8 (H, W, 3): ``detection``'s map over its image, as predict draws its overlays (the colour scale of the
         run's validation normals, the defect mask's region outlined in light blue). ``image``: the frame it was
-        scored from, for in-memory images (``<image k>``), whose temporary file is gone."""
+        scored from, for in-memory images (``<image k>``), whose temporary file is gone; one of another size than
+        the map is refused."""
         from .errors import BadInputError
         from .overlay import display_range, heatmap_overlay
         from .scoring import pixel_map_kind
@@ -303,14 +326,17 @@ class Detector:
                 raise BadInputError(f"{detection.path} was an in-memory image", fix="pass it: overlay(d, image=frame)")
             image = detection.path
         vmin, vmax = display_range(self.run, [detection.map], pixel_map_kind(self.model.cfg))
-        if isinstance(image, (str, os.PathLike)):
-            return heatmap_overlay(os.fspath(image), detection.map, vmin=vmin, vmax=vmax, alpha=alpha,
-                                   threshold=self.pixel_threshold)
         import tempfile
         with tempfile.TemporaryDirectory(prefix="uninet-feat-frames-") as tmp:   # the pixels it was scored from
-            f, _ = _frame_file(image, Path(tmp) / "frame.png", 0)
-            return heatmap_overlay(str(f), detection.map, vmin=vmin, vmax=vmax, alpha=alpha,
-                                   threshold=self.pixel_threshold)
+            f = os.fspath(image) if isinstance(image, (str, os.PathLike)) else str(
+                _frame_file(image, Path(tmp) / "frame.png", 0)[0])
+            from .data.images import read_size
+            size = read_size(f)
+            if size != tuple(detection.map.shape):   # the map was stretched over it: a plausible, wrong picture
+                raise BadInputError(f"{detection.path} was scored at {detection.map.shape[0]}x{detection.map.shape[1]}"
+                                    f" (HxW), the image given is {size[0]}x{size[1]}",
+                                    fix="pass the image (frame) it was scored from")
+            return heatmap_overlay(f, detection.map, vmin=vmin, vmax=vmax, alpha=alpha, threshold=self.pixel_threshold)
 
     def _score(self, images, maps: bool, first: int = 0) -> list[Detection]:
         """Paths scored where they are; in-memory images (`_frame_file`) through a temporary folder."""

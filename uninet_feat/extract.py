@@ -58,8 +58,9 @@ class Extractor:
             self.model, self.run_dir = None, None
             name = backbone or DEFAULT_CONFIG["backbone"]
             from .vlm import seeded
-            with seeded():   # a random init (--weights random), the same in every run, resume and --shard process
-                bb = create_normalised_backbone(name, weights, mean, std)
+            from .checkpoint import float32_default
+            with seeded(), float32_default():   # a random init (--weights random): the same in every run, resume
+                bb = create_normalised_backbone(name, weights, mean, std)   # and --shard process
             self.backbone = bb.eval().to(pick_device(device))
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights, "mean": mean, "std": std}
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
