@@ -190,3 +190,26 @@ def test_a_spots_angle_and_elongation_are_the_images_not_the_squashed_inputs():
     assert round_spot["spot_angle_deg"] == pytest.approx(0.0)
     assert round_spot["spot_elongation"] == pytest.approx(1 - (64 / 192) ** 2)
     assert spot_summary(row(0.3, 20.0), names, (80, 80)) == spot_summary(row(0.3, 20.0), names)   # square: as it was
+
+
+def test_an_image_smaller_than_a_tile_has_its_spot_where_its_own_map_is_hot(wide_run, tmp_path):
+    """An image smaller than the tile is mirrored to fill it; its hot spot was measured on the whole padded tile
+    and placed through the full tile box, so spot_y / spot_x fell towards, and were clipped at, the image's
+    bottom / right edge. They are now the hot region of the image's own part of the map."""
+    from PIL import Image
+    from uninet_feat.predict import predict_cmd
+    run, _ = wide_run
+    rng = np.random.default_rng(5)
+    for name, (h, w) in (("a.png", (24, 40)), ("b.png", (40, 20))):
+        img = (120 + rng.normal(0, 6, (h, w))).clip(0, 255).astype(np.uint8)
+        img[4:10, 3:9] = 250   # a bright spot near the top left
+        (tmp_path / "b").mkdir(exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "b" / name)
+    rows = predict_cmd(run, tmp_path / "b", tmp_path / "p", overlays=False, save_maps=True, threshold=-1e9,
+                       quiet=True)["rows"]
+    for row in rows:
+        m = torch.from_numpy(np.load(row["map"]).astype(np.float32))[None]
+        own = dict(zip(SHAPE_NAMES, hot_region_shape(m)[0].tolist()))
+        assert row["spot_y"] == pytest.approx(own["hot_cy"], abs=0.08)
+        assert row["spot_x"] == pytest.approx(own["hot_cx"], abs=0.08)
+        assert row["spot_y"] < 1 and row["spot_x"] < 1

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .calibration import calibration_fingerprint
 from .config import DEFAULT_CONFIG
 from .data.layouts import Sample
-from .descriptors import SHAPE_NAMES, image_place
+from .descriptors import SHAPE_NAMES, hot_region_shape, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
 from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, check_writer, file_sha256, file_stamp, file_stats,
@@ -169,6 +169,8 @@ class Extractor:
             text = None if text is None else text.cpu()
             v = r["vectors"].float()
             if self.model is not None:
+                if ds.tile:
+                    self._unpadded_shapes(v, r["maps"], ds, indices[i:i + len(v)])
                 v = torch.cat([v, self._places(v, ds, indices[i:i + len(v)])], 1)
             if text is not None:
                 v = torch.cat([v, text], 1)
@@ -201,6 +203,21 @@ class Extractor:
         return out
 
     @staticmethod
+    def _unpadded_shapes(v: torch.Tensor, maps: torch.Tensor, ds, items) -> None:
+        """The hot-region shape block of each tile that runs past its image (an image smaller than the tile,
+        mirrored to fill it) measured again on the image's part of its map: on the whole tile the mirrored copy
+        pulled the hot spot's place towards, and clipped it at, the image's bottom or right edge."""
+        end = len(SHAPE_NAMES)
+        for row, j in enumerate(items):
+            _, grid, k = ds.tile_index[j]
+            _, _, vh, vw = grid.valid_box(k)
+            if (vh, vw) == tuple(grid.tile):
+                continue
+            h, w = maps.shape[-2:]
+            ch, cw = max(1, round(h * vh / grid.tile[0])), max(1, round(w * vw / grid.tile[1]))
+            v[row, v.shape[1] - end:] = hot_region_shape(maps[row:row + 1, :ch, :cw]).to(v.dtype)[0]
+
+    @staticmethod
     def _places(v: torch.Tensor, ds, items) -> torch.Tensor:
         """The hot spot's place in the whole image (`descriptors.image_place`) from each tile's centroid
         (``hot_cy``, ``hot_cx`` of the shape block that ends an adapted vector)."""
@@ -210,7 +227,7 @@ class Extractor:
         for j, y, x in zip(items, cy, cx):
             if ds.tile:
                 _, grid, k = ds.tile_index[j]
-                rows.append(image_place(y, x, grid.box(k), (grid.h, grid.w)))
+                rows.append(image_place(y, x, grid.valid_box(k), (grid.h, grid.w)))   # fractions of its image part
             else:
                 rows.append((y, x))
         return torch.tensor(rows, dtype=v.dtype).view(-1, 2)

@@ -47,6 +47,12 @@ class TileGrid:
         y, x = self.origins[k]
         return y, x, self.tile[0], self.tile[1]
 
+    def valid_box(self, k: int) -> tuple[int, int, int, int]:
+        """`box` less the mirrored padding: the part of tile ``k`` that is the image (all of it unless the image is
+        smaller than a tile)."""
+        y, x = self.origins[k]
+        return y, x, min(self.tile[0], self.h - y), min(self.tile[1], self.w - x)
+
 
 def _starts(length: int, size: int, step: int) -> list[int]:
     if length <= size:
