@@ -20,10 +20,20 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     tmp = staged(path, writer)
     try:
         os.replace(tmp, path)
+    except OSError as e:
+        _cleanup(tmp)
+        _raise_if_full(e, path)
+        raise
     except BaseException:
         _cleanup(tmp)
         raise
     return Path(path)
+
+
+def _raise_if_full(e: OSError, path) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise BadInputError("disk full while writing; the previous version of this file is intact",
+                            path=path, fix="free disk space and run the command again") from e
 
 
 def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
@@ -47,9 +57,7 @@ def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
         os.chmod(tmp, open_mode(path))   # mkstemp made it 0600
     except OSError as e:
         _cleanup(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise BadInputError("disk full while writing; the previous version of this file is intact",
-                                path=path, fix="free disk space and run the command again") from e
+        _raise_if_full(e, path)
         raise
     except BaseException:
         _cleanup(tmp)
