@@ -9,10 +9,13 @@ printed with its figures; the exit status is 1 when a check fails:
    references) and tests/test_device.py;
 2. one synthetic fabric run trained on the CPU, scored by ``evaluate`` on the CPU and on the GPU: the same model
    must give the same image scores (to 1e-3 relative) and metrics (to 1e-3) on both devices;
-3. the same run trained on the GPU: it must finish, its model.pt must score on the CPU, and its image AUROC must
-   be within 0.1 of the CPU-trained run's (float sums differ, so the two models are not equal);
+3. the same run trained on the GPU: it must finish and its model.pt must score on the CPU, with finite figures;
+   its image AUROC beside the CPU-trained run's is printed, not checked (3 epochs and 20 test images: the thread
+   count alone moves it by 0.17 on the CPU, session 39);
 4. ``predict`` and ``extract --patches`` of the CPU-trained run on the GPU against the CPU (scores to 1e-3, feature
    vectors to 1e-2 relative);
+   the GPU side of steps 2 and 4 runs with ``NVIDIA_TF32_OVERRIDE=0``: cuDNN's default TF32 convolutions (10-bit
+   mantissa) moved scores by up to 5e-4 relative in an emulation, too near the 1e-3 limit to tell a bug;
 5. seconds per training epoch on each device (from train_log.jsonl).
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 CLI = [sys.executable, "-m", "uninet_feat"]
+NO_TF32 = {"NVIDIA_TF32_OVERRIDE": "0"}   # IEEE fp32 in cuDNN / cuBLAS: device comparisons, not TF32's rounding
 
 
 def _run(args, env=None) -> None:
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
         for dev in ("cpu", "cuda"):
             tag = f"{run}_{dev}"
             _run([*CLI, "evaluate", "--run", out / run, "--device", dev, "--json", out / f"{tag}.json",
-                  "--csv", out / f"{tag}.csv", "--quiet"])
+                  "--csv", out / f"{tag}.csv", "--quiet"], env=NO_TF32)
             figures[tag] = json.loads((out / f"{tag}.json").read_text())
     _close("CPU-trained run, evaluate on GPU vs CPU", _scores(out / "run_cpu_cpu.csv"),
            _scores(out / "run_cpu_cuda.csv"), 1e-3, fails)
@@ -97,17 +101,19 @@ def main(argv=None) -> int:
         print(f"  {k}: CPU {figures['run_cpu_cpu'][k]:.4f}, GPU {figures['run_cpu_cuda'][k]:.4f}")
         if d > 1e-3:
             fails.append(f"evaluate {k}")
-    d = abs(figures["run_gpu_cpu"]["image_auroc"] - figures["run_cpu_cpu"]["image_auroc"])
-    print(f"GPU-trained run: image AUROC {figures['run_gpu_cpu']['image_auroc']:.4f} (scored on the CPU) against "
-          f"{figures['run_cpu_cpu']['image_auroc']:.4f} for the CPU-trained one: {'ok' if d <= 0.1 else 'FAIL'}")
-    if d > 0.1:
-        fails.append("GPU-trained image AUROC")
+    got = [figures["run_gpu_cpu"].get(k, float("nan")) for k in ("image_auroc", "pixel_auroc", "aupro")]
+    ok = bool(np.isfinite(got).all())
+    print(f"GPU-trained run: image AUROC {got[0]:.4f} (scored on the CPU) against "
+          f"{figures['run_cpu_cpu']['image_auroc']:.4f} for the CPU-trained one (not checked: two CPU runs differing "
+          f"only in thread count differ by up to 0.17 here); figures finite: {'ok' if ok else 'FAIL'}")
+    if not ok:
+        fails.append("GPU-trained run's figures")
     test = data / "test"
     for dev in ("cpu", "cuda"):
         _run([*CLI, "predict", "--run", out / "run_cpu", "--data", test, "--out", out / f"pred_{dev}",
-              "--device", dev, "--no-overlays", "--quiet"])
+              "--device", dev, "--no-overlays", "--quiet"], env=NO_TF32)
         _run([*CLI, "extract", "--run", out / "run_cpu", "--data", data, "--patches", "--out", out / f"feat_{dev}",
-              "--device", dev, "--quiet"])
+              "--device", dev, "--quiet"], env=NO_TF32)
     _close("predict on GPU vs CPU", _scores(out / "pred_cpu" / "predictions.csv"),
            _scores(out / "pred_cuda" / "predictions.csv"), 1e-3, fails)
     from uninet_feat.featstore import FeatureStore

@@ -213,6 +213,9 @@ def _check_pairs(teacher_feats, student_feats) -> None:
         if t.dim() != 4 or t.shape != s.shape:
             raise ValueError(f"pair {i}: teacher and student must be equal (N, C, h, w), got "
                              f"{tuple(t.shape)} and {tuple(s.shape)}")
+    devs = {x.device for x in (*teacher_feats, *student_feats)}
+    if len(devs) > 1:   # the Triton path reads each pointer on the first one's device
+        raise ValueError(f"every teacher/student map must be on one device, got {sorted(map(str, devs))}")
     n = teacher_feats[0].shape[0]   # the Triton path sizes its buffers from pair 0: another N read out of bounds
     if any(t.shape[0] != n or t.shape[-2] < 1 or t.shape[-1] < 1 for t in teacher_feats):
         raise ValueError(f"every pair must be (N, C, h, w) with the same N and h, w >= 1, got "

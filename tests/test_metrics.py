@@ -326,3 +326,25 @@ def test_bootstrap_takes_the_maps_the_point_figures_take_and_within_image_refuse
     np.testing.assert_allclose(d["pixel_auroc"], ref["pixel_auroc"])
     with pytest.raises(BadInputError, match="6 masks but 5 maps"):
         M.within_image_auroc(list(masks), list(maps)[:5])
+
+
+def test_labels_and_masks_as_device_tensors_are_taken_as_scores_are():
+    """Scores and maps went through .cpu(), labels and masks through np.asarray: a CUDA tensor there raised
+    "can't convert cuda:0 device type tensor to numpy". A tensor whose .numpy() refuses as a CUDA one's stands in."""
+    import torch
+
+    class OnDevice(torch.Tensor):
+        def numpy(self, *a, **k):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def __array__(self, *a, **k):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def cpu(self, *a, **k):
+            return torch.Tensor.cpu(self.as_subclass(torch.Tensor))
+    dev = lambda t: t.as_subclass(OnDevice)   # noqa: E731
+    labels, scores = torch.tensor([0, 1, 0, 1]), torch.tensor([0.1, 0.9, 0.2, 0.8])
+    assert M.image_auroc(dev(labels), dev(scores)) == 1.0
+    masks, maps = blobs(3, n=3, size=16, empty=(0,))
+    got = M.pixel_auroc(dev(torch.from_numpy(masks)), dev(torch.from_numpy(maps)))
+    assert got == pytest.approx(M.pixel_auroc(masks, maps))

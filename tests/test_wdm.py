@@ -256,3 +256,11 @@ def test_feature_pairs_of_other_batch_sizes_or_no_pixels_are_refused_on_every_pa
         ts[1], ss[1] = ts[1][:1].expand(n2, -1, -1, -1).clone(), ss[1][:1].expand(n2, -1, -1, -1).clone()
         with pytest.raises(ValueError, match="same N and h, w >= 1"):
             wdm.anomaly_map_wdm([t.to(_dev()) for t in ts], [s.to(_dev()) for s in ss], 8, backend=backend)
+
+
+def test_maps_on_two_devices_are_refused_before_any_kernel():
+    """A pair on another device than the first was read by the Triton path through the first one's pointers."""
+    ts, ss = _feats(2, [(4, 4), (2, 2)])
+    ss[1] = ss[1].to("meta")
+    with pytest.raises(ValueError, match="on one device"):
+        wdm.anomaly_map_wdm(ts, ss, 8, backend="torch")

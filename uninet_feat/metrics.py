@@ -48,6 +48,8 @@ def _finite(name: str, a) -> np.ndarray:
 
 
 def _binary(name: str, a) -> np.ndarray:
+    if hasattr(a, "detach") and hasattr(a, "cpu"):   # a torch tensor, perhaps on a GPU (np.asarray: a TypeError)
+        a = a.detach().cpu()
     a = np.asarray(a)
     if a.dtype != np.bool_:
         bad = a.size - np.count_nonzero((a == 0) | (a == 1))
