@@ -18,22 +18,22 @@ from .errors import BadInputError
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
     """Call ``writer(tmp_path)`` on a temp file in the target's folder, fsync, then rename over ``path``."""
     tmp = staged(path, writer)
-    try:
+    with _removed_on_failure(tmp, path):
         os.replace(tmp, path)
-    except OSError as e:
-        _cleanup(tmp)
-        _raise_if_full(e, path)
-        raise
-    except BaseException:
-        _cleanup(tmp)
-        raise
     return Path(path)
 
 
-def _raise_if_full(e: OSError, path) -> None:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise BadInputError("disk full while writing; the previous version of this file is intact",
-                            path=path, fix="free disk space and run the command again") from e
+@contextlib.contextmanager
+def _removed_on_failure(tmp: str, path):
+    """Remove ``tmp`` when the block fails; a full disk is said as such (the target is untouched)."""
+    try:
+        yield
+    except BaseException as e:
+        _cleanup(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BadInputError("disk full while writing; the previous version of this file is intact",
+                                path=path, fix="free disk space and run the command again") from e
+        raise
 
 
 def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
@@ -50,18 +50,11 @@ def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
         raise BadInputError(f"cannot write here ({e.strerror or e})", path=path,
                             fix="choose an output in a writable folder (an existing file cannot be a folder)") from e
     os.close(fd)
-    try:
+    with _removed_on_failure(tmp, path):
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, open_mode(path))   # mkstemp made it 0600
-    except OSError as e:
-        _cleanup(tmp)
-        _raise_if_full(e, path)
-        raise
-    except BaseException:
-        _cleanup(tmp)
-        raise
     return tmp
 
 
