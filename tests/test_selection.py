@@ -543,3 +543,21 @@ def test_a_resume_that_changes_epochs_selects_as_a_new_run_of_its_config(texture
         train(_cfg(texture, select="synthetic", val_every=val_every, epochs=done), run, resume=True, quiet=True)
         assert same_as_new_run(run) == (done, _validated(run))
         assert read_checkpoint(run / "best.pt")["epoch"] == done
+
+
+def test_calibrate_auto_on_the_denoising_students_kinds_is_warned_as_train_warns(texture, tmp_path):
+    """`calibrate --map-levels auto --synthetic-kinds fabric` on a run whose denoising student learns the fabric
+    kinds made the biased choice train warns about, without a word; a bad denoise_kinds named synthetic_kinds."""
+    import warnings
+    from uninet_feat.calibration import recalibrate
+    cfg = _cfg(texture, epochs=1, denoise=1.0, synthetic_kinds="texture_patch")
+    train(cfg, tmp_path / "run", quiet=True)
+    with pytest.warns(UserWarning, match="denoising student is trained on"):
+        recalibrate(tmp_path / "run", map_levels="auto", synthetic_kinds="fabric")
+    with warnings.catch_warnings(record=True) as rec:   # disjoint kinds: no such warning
+        warnings.simplefilter("always")
+        recalibrate(tmp_path / "run", map_levels="auto", synthetic_kinds="texture_patch")
+    assert not [w for w in rec if "denoising student" in str(w.message)]
+    bad = {**cfg, "denoise_kinds": "scratch"}
+    with pytest.raises(BadInputError, match="fix: denoise_kinds:"):
+        train(bad, tmp_path / "bad", quiet=True)

@@ -95,7 +95,7 @@ def test_weaves_differ_in_interlacing():
 
 
 @pytest.mark.parametrize("kind", syn.DEFECTS)
-def test_defect_mask_marks_exactly_the_changed_pixels(kind):
+def test_defect_mask_holds_every_changed_pixel_and_the_edit_is_visible_in_it(kind):
     for weave in syn.WEAVES:
         for seed in range(3):
             rng = np.random.default_rng([seed, 7])
@@ -204,3 +204,24 @@ def test_cli_main_and_bad_layout(tmp_path, capsys):
     with pytest.raises(BadInputError):
         syn.make_fabric_dataset(tmp_path / "e", weaves=("satin",))
     assert not (tmp_path / "e").exists()
+
+
+def test_the_data_set_refuses_sizes_too_small_and_the_module_says_so_in_one_line(tmp_path, capsys):
+    """--size 0 was a ZeroDivisionError; at 8-16 px some defective test images were byte-identical to their clean
+    image with an all-zero mask (a defect label on a normal image); the module's own command printed tracebacks."""
+    for size in (0, -3, 8):
+        with pytest.raises(BadInputError, match="too small"):
+            syn.make_fabric_dataset(tmp_path / "d", n_train=1, n_test_good=1, n_test_defect=1, size=size)
+    assert syn.main(["--out", str(tmp_path / "e"), "--size", "0"]) == 2
+    assert syn.main(["--out", str(tmp_path / "e"), "--weaves", "satin"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2 and "Traceback" not in err
+    syn.make_fabric_dataset(tmp_path / "s", n_train=1, n_test_good=1, n_test_defect=21, size=16, seed=0)
+    for m in (tmp_path / "s").glob("*/ground_truth/*/*_mask.png"):
+        assert np.asarray(Image.open(m)).any(), m   # every defect image's mask marks something changed
+
+
+def test_kind_set_names_are_trimmed():
+    """" all" (a shell variable, a quoted YAML value) was refused as an unknown kind 'all'."""
+    from uninet_feat.selection import parse_kinds
+    assert parse_kinds(" all") == parse_kinds("all") and parse_kinds("fabric ") == syn.DEFECTS

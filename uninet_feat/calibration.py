@@ -609,7 +609,7 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
                 map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None, device=None,
-                normals=None) -> dict:
+                normals=None, warn_kinds: bool = True) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``), or to
     (re)choose the pixel map: ``map_levels`` ("all", "auto", a list) and ``map_norm`` ("none", "range", "auto");
@@ -618,7 +618,8 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     run's). ``normals``: a folder (or image) of normal images the run did not train on, scored instead of the
     held-out split from now on (thresholds, colour scale, pixel threshold, label-free choices, the kNN
     reference): more normals than a 10 % split holds, or today's production; "split" goes back to the held-out
-    split; None keeps the run's."""
+    split; None keeps the run's. ``warn_kinds``: warn when an auto choice is made on the kinds the denoising
+    student trains on (False for a resumed training, which warned already)."""
     from .runs import set_threads
     from .selection import parse_kinds
     model, ckpt, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
@@ -637,6 +638,11 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     if synthetic_kinds is not None:
         cfg["synthetic_kinds"] = synthetic_kinds
     parse_kinds(cfg.get("synthetic_kinds"))   # bad values fail before any scoring
+    if warn_kinds and "auto" in (map_levels, map_norm):   # chosen now, perhaps on kinds the student learned to undo
+        from .denoise import parse_denoise
+        from .selection import warn_choices_on_trained_kinds
+        warn_choices_on_trained_kinds({**cfg, "select": None}, map_levels, map_norm,
+                                      parse_denoise(cfg.get("denoise")) > 0)
     if tile_norm is not None:
         from .positions import parse_tile_norm
         parse_tile_norm(tile_norm, cfg.get("tile"))

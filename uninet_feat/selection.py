@@ -46,7 +46,7 @@ def parse_kinds(kinds, key: str = "synthetic_kinds") -> tuple[str, ...]:
         return DEFECTS
     fix = f"{key}: fabric, all, or names from {DEFECTS + SURFACE_DEFECTS}"
     if isinstance(kinds, str):
-        kinds = KIND_SETS.get(kinds) or [k.strip() for k in kinds.split(",") if k.strip()]
+        kinds = KIND_SETS.get(kinds.strip()) or [k.strip() for k in kinds.split(",") if k.strip()]   # " all"
     elif not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
         raise BadInputError(f"{key} must be fabric, all, or defect names (a list or comma-separated), got "
                             f"{kinds!r}", fix=fix)
@@ -55,6 +55,23 @@ def parse_kinds(kinds, key: str = "synthetic_kinds") -> tuple[str, ...]:
     if bad or not kinds:
         raise BadInputError(f"unknown synthetic defect kinds {bad or '(none given)'}", fix=fix)
     return kinds
+
+
+def warn_choices_on_trained_kinds(cfg: dict, map_levels, map_norm, denoising: bool) -> None:
+    """Warn when a label-free choice (``select: synthetic``, ``map_levels`` / ``map_norm: auto``) is made on the
+    synthetic defect kinds the denoising student is trained to undo: the choice then rewards the student for
+    suppressing exactly those, the opposite of what it is meant to measure (a student that learns to reconstruct
+    defects). `configs/magnetic_tile.yaml` keeps the two apart (texture_patch against the fabric kinds). Called by
+    training and by `calibrate --map-levels/--map-norm auto` (which made the same choice unwarned)."""
+    choices = [n for n, on in (("select: synthetic", cfg.get("select") == "synthetic"),
+                               ("map_levels: auto", map_levels == "auto"), ("map_norm: auto", map_norm == "auto")) if on]
+    if not (denoising and choices):
+        return
+    both = sorted(set(parse_kinds(cfg.get("synthetic_kinds"))) & set(parse_kinds(cfg.get("denoise_kinds"))))
+    if both:
+        warnings.warn(f"{' and '.join(choices)} choose on synthetic defects of kinds the denoising student is trained "
+                      f"on ({', '.join(both)}), which favours it for undoing those kinds (fix: synthetic_kinds: "
+                      "texture_patch with the default denoise_kinds, or other disjoint lists)")
 
 
 def synthetic_defect(img: np.ndarray, rng: np.random.Generator, tries: int = 8, kinds=DEFECTS, strength=STRENGTH):

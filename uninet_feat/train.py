@@ -34,7 +34,7 @@ from .optim import make_optimizers
 from .positions import parse_tile_norm
 from .runs import (CachedDataset, absolute_data_paths, check_split, input_sides, load_samples, make_dataset, make_model,
                    pick_device, set_threads, side_fix, split_digest, split_paths, train_val_samples)
-from .selection import SyntheticValidation, parse_kinds
+from .selection import SyntheticValidation, parse_kinds, warn_choices_on_trained_kinds
 
 
 def _progress(quiet: bool) -> Progress:
@@ -120,7 +120,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             if rank == 0:
                 from .calibration import recalibrate
                 recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
-                            map_norm=cfg.get("map_norm", "none"), device=cfg.get("device"))
+                            map_norm=cfg.get("map_norm", "none"), device=cfg.get("device"), warn_kinds=False)
         else:
             warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
@@ -147,11 +147,11 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
     parse_kinds(cfg.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
-    parse_kinds(cfg.get("denoise_kinds"))     # the training edits of denoise: P, normalised as the backbone's inputs
+    parse_kinds(cfg.get("denoise_kinds"), "denoise_kinds")   # the training edits of denoise: P, normalised as the backbone's inputs
     damage = (Damager(cfg["denoise"], cfg.get("denoise_kinds"), model.source.mean, model.source.std, cfg["seed"])
               if parse_denoise(cfg.get("denoise")) > 0 else None)
     parse_tile_norm(cfg.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch
-    _warn_choices_on_trained_kinds(cfg, map_levels, map_norm, damage is not None)
+    warn_choices_on_trained_kinds(cfg, map_levels, map_norm, damage is not None)
     if "auto" in (map_levels, map_norm) and not val:
         raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
                             "leaves none", path=cfg.get("split_csv") or cfg.get("data"),
@@ -368,22 +368,6 @@ def _say_split(fit, val, test, quiet: bool) -> None:
         check_samples(test)
     except BadInputError as e:   # training does not read them: say it now, not after the last epoch
         warnings.warn(f"evaluate will refuse test images of this data (training goes on without them):\n{e}")
-
-
-def _warn_choices_on_trained_kinds(cfg: dict, map_levels, map_norm, denoising: bool) -> None:
-    """Warn when a label-free choice (``select: synthetic``, ``map_levels`` / ``map_norm: auto``) is made on the
-    synthetic defect kinds the denoising student is trained to undo: the choice then rewards the student for
-    suppressing exactly those, the opposite of what it is meant to measure (a student that learns to reconstruct
-    defects). `configs/magnetic_tile.yaml` keeps the two apart (texture_patch against the fabric kinds)."""
-    choices = [n for n, on in (("select: synthetic", cfg.get("select") == "synthetic"),
-                               ("map_levels: auto", map_levels == "auto"), ("map_norm: auto", map_norm == "auto")) if on]
-    if not (denoising and choices):
-        return
-    both = sorted(set(parse_kinds(cfg.get("synthetic_kinds"))) & set(parse_kinds(cfg.get("denoise_kinds"))))
-    if both:
-        warnings.warn(f"{' and '.join(choices)} choose on synthetic defects of kinds the denoising student is trained "
-                      f"on ({', '.join(both)}), which favours it for undoing those kinds (fix: synthetic_kinds: "
-                      "texture_patch with the default denoise_kinds, or other disjoint lists)")
 
 
 def _final_model(out: Path, cfg: dict, state: dict) -> bool:

@@ -5,7 +5,8 @@ interlacing of warp (vertical) and weft (horizontal) threads, so the images rend
 width/brightness jitter, which yarn is on top at each crossing (the weave matrix), cylinder shading across a
 yarn, the dip where it bends under, twist striations and hairiness, then a slight rotation/skew, a lighting
 gradient, optical blur and sensor noise. Defects are image-space edits sized from the thread pitch estimated
-from the image itself, so ``add_defect`` works on any image (also real ones) and each returns the exact mask.
+from the image itself, so ``add_defect`` works on any image (also real ones) and each returns its region's mask:
+nothing outside it changes, and a few pixels inside it may keep their value (a flat or dark image can keep all).
 Only numpy/scipy/PIL; a 256x256 image renders in a few milliseconds (vectorised, no per-pixel loops).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +305,8 @@ def _defect(f, kind, rng):
 
 
 def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator | None = None):
-    """(defective uint8 image, bool mask of the changed pixels); ``img`` is (H,W) or (H,W,3) uint8."""
+    """(defective uint8 image, bool mask of the defect's region: every changed pixel lies in it, a few inside it may
+    keep their value); ``img`` is (H,W) or (H,W,3) uint8."""
     rng = np.random.default_rng(rng)
     f = np.asarray(img, np.float64)[..., None] if img.ndim == 2 else np.asarray(img, np.float64)
     out, mask = _defect(f / 255.0, kind, rng)
@@ -338,6 +341,8 @@ def make_fabric_dataset(root, n_train: int = 40, n_test_good: int = 10, n_test_d
     bad = [w for w in weaves if w not in WEAVES] + [d for d in defects if d not in DEFECTS]
     if bad or not weaves or not defects:
         raise BadInputError(f"unknown or no weaves/defects: {bad}", fix=f"weaves from {WEAVES}, defects from {DEFECTS}")
+    if min(_hw(size)) < 16:   # 0 was a ZeroDivisionError; below 16 px some defects changed no pixel at all
+        raise BadInputError(f"image size {size} is too small for woven fabric and its defects", fix="--size 16 or more")
     root = Path(root)
     rows, summary = [], {"root": str(root), "seed": seed, "size": size, "categories": {}}
     for wi, weave in enumerate(weaves):
@@ -350,7 +355,14 @@ def make_fabric_dataset(root, n_train: int = 40, n_test_good: int = 10, n_test_d
                 label, mask_rel = "good", ""
                 if code == 3:
                     label = defects[k % len(defects)]
-                    img, mask = add_defect(img, label, rng)
+                    clean = img
+                    for _ in range(8):   # an edit that changed no pixel would be a defect label on a clean image
+                        img, mask = add_defect(clean, label, rng)
+                        if (img != clean).any():
+                            break
+                    else:
+                        raise BadInputError(f"{weave}: a {label} edit changed no pixel of image {k} in 8 draws",
+                                            fix="a larger --size, or another --seed")
                     mask_rel = f"{weave}/ground_truth/{label}/{k:03d}_mask.png"
                     _write_atomic(root / mask_rel, _png(mask.astype(np.uint8) * 255))
                     counts[label] = counts.get(label, 0) + 1
@@ -380,8 +392,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     ap.add_argument("--color", action="store_true", help="colour images (default grey)")
     a = ap.parse_args(argv)
-    s = make_fabric_dataset(a.out, a.n_train, a.n_test_good, a.n_test_defect, a.size,
-                            tuple(w for w in a.weaves.split(",") if w), a.seed, color=a.color)
+    try:
+        s = make_fabric_dataset(a.out, a.n_train, a.n_test_good, a.n_test_defect, a.size,
+                                tuple(w for w in a.weaves.split(",") if w), a.seed, color=a.color)
+    except BadInputError as e:   # one line, as uninet-feat says it (a traceback before)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(s))
     return 0
 
