@@ -386,3 +386,36 @@ def test_calibrating_a_run_whose_training_folder_grew_is_refused(tmp_path, capsy
     assert main(["calibrate", "--run", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "differ from those the run trained on" in err and "restore the data folder as it was" in err
+
+
+def test_evaluate_on_another_split_says_how_many_test_images_the_run_trained_on(tmp_path):
+    """evaluate scored the run's own training images as test normals of another split CSV without a word (a real
+    AITEX split: image AUROC 0.29 -> 0.64, false-positive rate 0.67 -> 0); calibrate refuses as much for
+    validation normals. Now warned, and counted in the JSON; the run's own split is not checked (nothing to say)."""
+    import csv
+    import warnings
+    from uninet_feat.config import load_config
+    from uninet_feat.evaluate import evaluate
+    from uninet_feat.runs import load_samples, train_val_samples
+    from uninet_feat.train import train
+    from _tiny import register_tiny, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=2, n_bad=2)
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 1, "batch_size": 4, "val_fraction": 0.25,
+                                                       "channels_last": False, "seed": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, tmp_path / "run", quiet=True)
+    samples = load_samples(cfg)
+    fit = train_val_samples(samples, cfg)[0]
+    rows = [{"path": str(s.path), "split": "test" if s in fit[:3] or s.split == "test" else s.split,
+             "label": s.label} for s in samples]
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "split", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.warns(UserWarning, match="3 of the 7 test images are images the run trained on"):
+        res = evaluate(tmp_path / "run", split_csv=str(tmp_path / "other.csv"), quiet=True)
+    assert res["test_images_trained_on"] == 3
+    assert "test_images_trained_on" not in evaluate(tmp_path / "run", quiet=True)

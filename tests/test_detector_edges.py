@@ -159,6 +159,8 @@ def test_predict_refuses_a_group_the_run_was_not_trained_on_as_a_detector_does(t
     with pytest.raises(BadInputError) as want:
         Detector(tmp_path / "run", group="catB")
     assert "trained on group 'catA' only" in want.value.reason
+    # named without the run's training data folder (it named that, not what was given) and for any command
+    assert want.value.path is None and want.value.fix.startswith("use a run trained on 'catB'")
     with pytest.raises(BadInputError) as got:
         predict_cmd(tmp_path / "run", tmp_path / "data" / "catB" / "test", tmp_path / "p", group="catB", quiet=True)
     assert (got.value.reason, got.value.fix) == (want.value.reason, want.value.fix)

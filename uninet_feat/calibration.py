@@ -680,15 +680,8 @@ def _check_not_trained_on(val: list, trained_cfg: dict, split_csv, data=None, ru
     own config, whose split says what it trained on, read under ``data`` when its data moved there): a CSV with more
     training rows draws some of the old ones. Warn when some are the run's own test images: its test figures at
     that threshold are then optimistic (`evaluate` counts them), as with `--normals` given test normals."""
-    from .runs import load_samples, train_val_samples
-    own = dict(trained_cfg)
     try:
-        if data:   # its split CSV with it, as `recalibrate` moves the run's own
-            own["data"] = data
-            if own.get("split_csv"):
-                own["split_csv"] = moved_split_csv(own["split_csv"], trained_cfg["data"], data, run)
-        samples = load_samples(own)
-        fit = train_val_samples(samples, own)[0]
+        samples, fit = _own_split(trained_cfg, data, run)
     except (BadInputError, OSError) as e:   # said: the threshold may rest on training images
         why = f"{e.path}: {e.reason}" if isinstance(e, BadInputError) and e.path else getattr(e, "reason", e)
         warnings.warn(f"{run}: could not check that the validation normals {split_csv} draws are not images the run "
@@ -710,6 +703,42 @@ def _check_not_trained_on(val: list, trained_cfg: dict, split_csv, data=None, ru
                       "are optimistic on that test set (`evaluate` counts them). Fix: calibrate with the run's own "
                       "split (drop --split-csv), or on normals it never saw (`uninet-feat calibrate --run RUN "
                       "--normals DIR`)")
+
+
+def _own_split(trained_cfg: dict, data=None, run=None) -> tuple[list, list]:
+    """(samples, training images) of the run's own split (``trained_cfg``: its config), read under ``data`` when
+    its data moved there (its split CSV with it, as `recalibrate` moves the run's own)."""
+    from .runs import load_samples, train_val_samples
+    own = dict(trained_cfg)
+    if data:
+        own["data"] = data
+        if own.get("split_csv"):
+            own["split_csv"] = moved_split_csv(own["split_csv"], trained_cfg["data"], data, run)
+    samples = load_samples(own)
+    return samples, train_val_samples(samples, own)[0]
+
+
+def warn_test_images_trained_on(test: list, trained_cfg: dict, data=None, run=None) -> int | None:
+    """How many of ``test`` (another split's or layout's test images) the run trained on, warned when any: every
+    figure on them is optimistic (a trained image scores like the normals it learnt). None when the run's own data
+    cannot be read to tell (warned)."""
+    try:
+        try:   # where it trained, when still there (``data`` may be another layout of the same files)
+            fit = _own_split(trained_cfg)[1]
+        except (BadInputError, OSError):
+            if not data:
+                raise
+            fit = _own_split(trained_cfg, data, run)[1]   # its data moved under ``data``
+    except (BadInputError, OSError) as e:
+        warnings.warn(f"{run}: could not check the test images against the images the run trained on ({e}). Fix: "
+                      "pass --data where the run's training data is now")
+        return None
+    same = same_files([s.path for s in test], [t.path for t in fit])
+    if same:
+        warnings.warn(f"{run}: {len(same)} of the {len(test)} test images are images the run trained on (e.g. "
+                      f"{same[0]}): every figure on them is optimistic. Fix: a split whose test images the run never "
+                      "saw (its own: drop --split-csv)")
+    return len(same)
 
 
 def moved_split_csv(own_csv, old_root, new_root, run) -> str:

@@ -167,6 +167,10 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     _warn_other_colour_kind(run, test)   # grey images for a colour run, or the other way (as predict and Detector)
     if skip_bad:   # a mask that does not fit leaves alone: its image is still scored
         test = drop_unusable_masks(test)
+    trained_on = None
+    if data is not None or split_csv is not None:   # another split or layout: its test images may be trained ones
+        from .calibration import warn_test_images_trained_on
+        trained_on = warn_test_images_trained_on(test, dict(ckpt["config"]), data, run)
     has_masks = any(s.mask is not None for s in test)
     prep = _knn_prepare(run, knn, split_cfg, test, skip_bad, pixel_map_kind(model.cfg)) if knn is not None else None
     budget = PIXEL_BUDGET if pixel_budget is None else int(pixel_budget)
@@ -180,6 +184,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
               "pixel_map": pixel_map_kind(model.cfg),
               "skipped": res["skipped"]}
+    if trained_on is not None:
+        report["test_images_trained_on"] = trained_on
     if sink is not None:
         report["pixel_metrics"] = ("exact" if res.get("pixel_stats") is None else
                                    f"binned: {sink.pixels} map pixels over the budget of {budget} "

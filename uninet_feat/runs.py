@@ -371,8 +371,7 @@ def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False, threads
         if cfg.get("group") is not None and str(group) != str(cfg["group"]):
             raise BadInputError(f"this run was trained on group {cfg['group']!r} only; its model, threshold and "
                                 f"offsets are that group's, so group {group!r}'s figures would not be",
-                                path=cfg.get("data"),
-                                fix=f"evaluate a run trained on {group!r} (`train --group {group}`) or one trained on "
+                                fix=f"use a run trained on {group!r} (`train --group {group}`) or one trained on "
                                     "every group (no --group), or drop --group")
         cfg["group"] = group
     cfg["skip_bad"] = bool(skip_bad)

@@ -179,7 +179,8 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         held = {"run": str(run), "paths_sha256": paths_sha(held_out), "n": n_held} if run and not copies else None
         # the test images left out (n: those the store held), and the bank's images: evaluate --knn warns of any
         # of its test images among them, whatever run or store the index came from
-        held_test = ({"run": str(run), "paths_sha256": paths_sha(test), "n": int(is_test.sum())}
+        held_test = ({"run": str(run), "paths_sha256": paths_sha(test),   # n: images, as held_out_val's (not tiles)
+                      "n": len({p for p, t in zip(paths, is_test) if t})}
                      if run and test is not None else None)
         bank = sorted({p for p, keep in zip(paths, normal) if keep})
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held,
