@@ -381,3 +381,20 @@ def test_ensemble_says_when_a_members_threshold_was_set_on_test_images(seeds, tm
         rep = evaluate_ensemble([a, seeds / "b"], quiet=True)   # its maps are in each run's range units, always
     assert rep["threshold_set_on_test_images"] == {str(a): len(list(good.glob("*.png")))}
     assert "threshold_set_on_test_images" not in evaluate_ensemble([seeds / "a", seeds / "b"], quiet=True)
+
+
+def test_ensemble_on_another_split_counts_each_runs_trained_test_images(seeds, tmp_path):
+    """As evaluate: another split's test images that a run trained on are warned and counted, per run."""
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import train_val_samples
+    cfg = load_config(seeds / "a" / "config.yaml")
+    samples = load_samples(cfg)
+    fit = train_val_samples(samples, cfg)[0][:2]
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "split", "label"])
+        w.writerows([str(s.path), "test" if s in fit else s.split, s.label] for s in samples)
+    with pytest.warns(UserWarning, match="images the run trained on"):
+        rep = evaluate_ensemble([seeds / "a", seeds / "b"], split_csv=str(tmp_path / "other.csv"), quiet=True)
+    assert rep["test_images_trained_on"][str(seeds / "a")] == 2
+    assert "test_images_trained_on" not in evaluate_ensemble([seeds / "a", seeds / "b"], quiet=True)

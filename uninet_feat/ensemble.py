@@ -44,6 +44,7 @@ class Member:
     rng: tuple | None
     level: float | None = None
     by_group: dict | None = None
+    trained_cfg: dict | None = None   # the run's own config (its split: what it trained on)
 
     def scores(self, samples, quiet: bool = True, on_map=None) -> dict:
         """{path: image score} of ``samples``; ``on_map(sample, map in range units)`` per finished map."""
@@ -67,7 +68,7 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
     from .runs import ready_to_score
     from .scoring import pixel_map_kind
     run = str(run)
-    model, _, cfg = load_run(run, data, split_csv)
+    model, ckpt, cfg = load_run(run, data, split_csv)
     model = ready_to_score(model, cfg, group, skip_bad)
     cal = saved_calibration(run)   # read once for the threshold, the map range and the normal level
     threshold, _ = resolve_threshold(run, cal=cal, name_run=True)   # its warnings say which member they are of
@@ -81,7 +82,7 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
                                 + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
                                 path=run, fix="ensemble runs of one config that differ only in their seed")
     return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg), cal),
-                  normal_level(model, cal), group_thresholds(run, cal=cal, name_run=True))
+                  normal_level(model, cal), group_thresholds(run, cal=cal, name_run=True), dict(ckpt["config"]))
 
 
 def normal_level(model, cal: dict | None) -> float | None:
@@ -200,6 +201,10 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                                 "across runs)", path=m.run, fix="pass runs trained on the same data, split and group")
     from .predict import _warn_other_colour_kind
     _warn_other_colour_kind(runs[0], test)   # grey images for colour runs, or the other way (as evaluate and predict)
+    trained_on = None
+    if data is not None or split_csv is not None:   # another test set: images some run trained on (as evaluate)
+        from .calibration import warn_test_images_trained_on
+        trained_on = {m.run: warn_test_images_trained_on(test, m.trained_cfg, data, m.run) for m in members}
     if skip_bad:   # as evaluate: a mask that cannot be used leaves alone, its image is still scored (the
         test = drop_unusable_masks(test)   # dataset's check left the whole image out of the image metrics too)
     masked = any(x.mask is not None for x in test)   # without masks no pixel metric: keep no maps
@@ -247,6 +252,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
               **({"pixel_metrics": "exact" if res.get("pixel_stats") is None else
                   f"binned: {sink.pixels} map pixels over the budget"} if has_masks else {}),
               **({"pixel_metrics_without": len(unmasked)} if unmasked else {}),
+              **({"test_images_trained_on": trained_on} if trained_on is not None else {}),
               "run_thresholds": {m.run: m.threshold for m in members},
               "at_threshold": _at_threshold(labels, scores > per_image),
               **({"threshold_set_on_test_images": shared} if shared else {}),
