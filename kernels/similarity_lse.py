@@ -85,38 +85,35 @@ class _ChunkedLSE(torch.autograd.Function):
             else:
                 torch.baddbmm(shift[:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=z)
             lse[:, a:b] = z.exp_().sum(-1)
-        lse.log_()
-        if exact:   # backward recomputes z - max exactly as here: a fused z - lse differs by ulps of a huge z,
-            ctx.save_for_backward(s, t, shift, lse.clone())   # which exp turned into wrong (then inf) gradients
-        lse.add_(shift)
-        if not exact:
-            ctx.save_for_backward(s, t, lse)
-        ctx.inv_t, ctx.rows, ctx.exact = inv_t, rows, exact
-        return lse
+        logsum = lse.log_()   # each row's shift and the log of its shifted sum, kept apart: on the row-max path the
+        ctx.save_for_backward(s, t, shift, logsum)   # backward recomputes z - max exactly as here (a fused z - lse
+        ctx.inv_t, ctx.rows, ctx.exact = inv_t, rows, exact   # differs by ulps of a huge z, which exp made wrong)
+        return logsum + shift
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        s, t, *rest = ctx.saved_tensors
+        s, t, shift, logsum = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
         if not (need_s or need_t):
             return None, None, None, None
         inv_t, rows = ctx.inv_t, ctx.rows
-        cd = rest[0].dtype
+        cd = logsum.dtype
         s32, t32, g = s.to(cd), t.to(cd), g.to(cd)
         n, hw, _ = s.shape
         ds = torch.empty_like(s32) if need_s else None
         dt = torch.zeros_like(t32) if need_t else None
         buf = torch.empty(n * min(rows, hw) * hw, dtype=cd, device=s.device)
         tT = t32.transpose(1, 2)
+        lse = None if ctx.exact else logsum + shift   # the forward's output, as it returned it
         for a in range(0, hw, rows):
             b = min(a + rows, hw)
             p = buf[: n * (b - a) * hw].view(n, b - a, hw)
-            if ctx.exact:   # rest: each row's max and the log of its shifted sum
-                torch.bmm(s32[:, a:b], tT, out=p).mul_(inv_t).sub_(rest[0][:, a:b, None])
-                p.sub_(rest[1][:, a:b, None]).exp_()
-            else:   # rest: lse
-                torch.baddbmm(rest[0][:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=p).exp_()
+            if ctx.exact:
+                torch.bmm(s32[:, a:b], tT, out=p).mul_(inv_t).sub_(shift[:, a:b, None])
+                p.sub_(logsum[:, a:b, None]).exp_()
+            else:
+                torch.baddbmm(lse[:, a:b, None].neg(), s32[:, a:b], tT, alpha=inv_t, out=p).exp_()
             p.mul_(g[:, a:b, None])  # g_i * P_ij = dL/dz_ij
             if need_s:
                 ds[:, a:b] = torch.bmm(p, t32)

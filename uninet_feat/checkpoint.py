@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors and primitives: the format tag, the library version,
 the resolved run config (backbone name, levels, model options…), the backbone's own config, the
 model state dict and — for resumable training checkpoints — optimiser states, the epoch and the
-split (no RNG state: the loader order and denoising edits are re-seeded from ``seed`` each epoch). Pickled objects are never loaded: a file that needs ``weights_only=False`` is refused.
+split (no RNG state: the loader order and denoising edits are re-seeded from ``seed`` each epoch).
+Pickled objects are never loaded: a file that needs ``weights_only=False`` is refused.
 """
 from __future__ import annotations
 

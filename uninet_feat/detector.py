@@ -22,6 +22,9 @@ import numpy as np
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 
 
+_PIXELS_FIX = "pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path"
+
+
 def _frame_file(image, path: Path, k: int):
     """(file to score, name for the result): a path as it is (name None: the path), or an in-memory image — a uint8
     / uint16 numpy array (H, W), (H, W, 3) or (H, W, 4), or a PIL image, e.g. a camera frame — written losslessly
@@ -40,8 +43,7 @@ def _frame_file(image, path: Path, k: int):
         import torch
         if image.layout != torch.strided or image.dtype not in (torch.uint8, torch.uint16):   # .numpy(): a TypeError
             raise BadInputError(f"image {k}: a {image.dtype} tensor ({image.layout}) of shape {tuple(image.shape)} "
-                                "is not an image this reads",
-                                fix="pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path")
+                                "is not an image this reads", fix=_PIXELS_FIX)
         image = image.detach().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
             image = image.permute(1, 2, 0)   # channels first, as torch holds images: to an array's (H, W, C)
@@ -67,7 +69,7 @@ def _frame_file(image, path: Path, k: int):
     a = np.asarray(image)
     if a.dtype not in (np.uint8, np.uint16) or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise BadInputError(f"image {k}: a {a.dtype} array of shape {a.shape} is not an image this reads",
-                            fix="pass uint8 or uint16 pixels as (H, W), (H, W, 3) or (H, W, 4), or a file path")
+                            fix=_PIXELS_FIX)
     if a.size == 0:   # PIL cannot write it (a raw ValueError)
         raise BadInputError(f"image {k}: an array of shape {a.shape} has no pixels",
                             fix="pass an image of at least 1x1 pixels")
@@ -119,12 +121,12 @@ def _named_frames(names: dict):
         err.__dict__.update({k: v for k, v in vars(e).items() if k not in vars(err)})   # e.g. of_mask
         raise err from None
     finally:   # before the error, which points at them ("see the warnings above")
+        by_file = {getattr(m, "__file__", None): m for m in list(sys.modules.values())} if caught else {}
         for w in caught:   # from the module that raised it, so a caller's filter by module="uninet_feat" holds
-            mod = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == w.filename), None)
-            registry = vars(mod).setdefault("__warningregistry__", {}) if mod else globals().setdefault(
-                "__warningregistry__", {})
+            mod = by_file.get(w.filename)   # None: the module is named from the file, as warnings does
             warnings.warn_explicit(renamed(str(w.message)), w.category, w.filename, w.lineno,
-                                   module=mod.__name__ if mod else None, registry=registry)
+                                   module=mod.__name__ if mod else None,
+                                   registry=vars(mod or sys.modules[__name__]).setdefault("__warningregistry__", {}))
 
 
 def _is_tensor(x) -> bool:

@@ -147,7 +147,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
     parse_kinds(cfg.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
-    parse_kinds(cfg.get("denoise_kinds"), "denoise_kinds")   # the training edits of denoise: P, normalised as the backbone's inputs
+    parse_kinds(cfg.get("denoise_kinds"), "denoise_kinds")   # denoise's training edits: P, as the backbone's inputs
     damage = (Damager(cfg["denoise"], cfg.get("denoise_kinds"), model.source.mean, model.source.std, cfg["seed"])
               if parse_denoise(cfg.get("denoise")) > 0 else None)
     parse_tile_norm(cfg.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch

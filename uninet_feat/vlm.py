@@ -124,7 +124,8 @@ def load_prompts(path) -> dict[str, list[str]]:
         d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p,
-                               fix="pass a UTF-8 YAML file with normal/defect lists (`uninet-feat prompts --out FILE` writes one)") from e
+                            fix="pass a UTF-8 YAML file with normal/defect lists (`uninet-feat prompts --out FILE` "
+                                "writes one)") from e
     return prompts_from_mapping(d, path=p)
 
 

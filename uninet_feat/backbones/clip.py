@@ -82,7 +82,8 @@ def register_clip_config(name: str, cfg, overwrite: bool = False) -> None:
             cfg = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise BadInputError(f"cannot read an open_clip model config ({e})", path=p,
-                                fix="pass an open_clip model config JSON (e.g. open_clip_config.json beside the weights)") from e
+                                fix="pass an open_clip model config JSON (e.g. open_clip_config.json beside the "
+                                    "weights)") from e
     if isinstance(cfg.get("model_cfg"), dict):   # open_clip_config.json: its preprocess_cfg (mean, std) sits beside
         pre = cfg.get("preprocess_cfg")          # the model config, and was dropped with it
         cfg = dict(cfg["model_cfg"], **({"preprocess_cfg": pre} if pre and "preprocess_cfg" not in cfg["model_cfg"]

@@ -243,8 +243,8 @@ class UniNet(nn.Module):
     def predict(self, x: torch.Tensor, out_size=None, context: bool = False):
         """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method.
         ``x``: images normalised with the backbone's ``mean`` / ``std``. ``out_size``: (H, W) or one side of the
-        map (default: the input's); the image score is always the input size's, the run's threshold's. ``context``: also what each input looks like (N, D),
-        `export.teacher_context` (``tile_norm: neighbours``).
+        map (default: the input's); the image score is always the input size's, the run's threshold's.
+        ``context``: also what each input looks like (N, D), `export.teacher_context` (``tile_norm: neighbours``).
 
         Always in eval mode (the model's mode is restored after): in training mode BatchNorm would use the
         batch's statistics, so an image's score would depend on the others beside it, and each call would
