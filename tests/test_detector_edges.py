@@ -224,3 +224,13 @@ def test_a_callers_module_filter_holds_for_frames_too_and_a_float64_default_buil
         assert torch.get_default_dtype() == torch.float64
     finally:
         torch.set_default_dtype(prev)
+
+
+def test_a_detector_takes_a_runs_model_pt_as_the_cli_does_and_refuses_its_checkpoint(run):
+    """`--run RUN/model.pt` was taken by every command while `Detector("RUN/model.pt")` said "no such run folder"."""
+    r, (good, _), _ = run
+    by_file = Detector(r / "model.pt").score(good, maps=False)[0]
+    assert by_file.score == Detector(r).score(good, maps=False)[0].score
+    with pytest.raises(BadInputError, match="run folder .or its model.pt.") as e:
+        Detector(r / "checkpoint.pt")
+    assert "checkpoint.pt" in str(e.value) and "--checkpoint" in str(e.value)

@@ -561,3 +561,19 @@ def test_calibrate_auto_on_the_denoising_students_kinds_is_warned_as_train_warns
     bad = {**cfg, "denoise_kinds": "scratch"}
     with pytest.raises(BadInputError, match="fix: denoise_kinds:"):
         train(bad, tmp_path / "bad", quiet=True)
+
+
+def test_select_synthetic_with_no_finite_score_warns_and_says_model_pt_is_the_last_epoch(texture, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Every validation NaN (non-finite maps) left best epoch 0 and model.pt silently the last epoch, with no
+    selection: as if select: last had been asked."""
+    from uninet_feat.evaluate import print_report
+    nan = {"image_auroc": float("nan"), "pixel_auroc": float("nan"), "score": float("nan")}
+    monkeypatch.setattr(SyntheticValidation, "score", lambda self, *a, **k: dict(nan))
+    with pytest.warns(UserWarning, match="scored no validated epoch .* model.pt is the last epoch, 2"):
+        train(_cfg(texture, select="synthetic", epochs=2), tmp_path / "r", quiet=True)
+    model = read_checkpoint(tmp_path / "r" / "model.pt")
+    assert model["epoch"] == 2 and model["selection"]["score"] is None
+    assert model["selection"]["rule"].startswith("last") and not (tmp_path / "r" / "best.pt").exists()
+    print_report({"epoch": 2, "selection": model["selection"], "image_auroc": 0.5})
+    assert "no finite synthetic validation score" in capsys.readouterr().out

@@ -673,16 +673,9 @@ def _remove_dead_temps(out: Path) -> None:
 
 
 def _run_folder(value: str, flag: str) -> str:
-    """A run flag's value as a run folder: `RUN/model.pt` names its folder; another file (checkpoint.pt, a kept epoch)
-    is refused, since the folder's model.pt would be scored in its place."""
-    p = Path(value)
-    if not p.is_file():
-        return value
-    if p.name != "model.pt":
-        fix = f"--{flag} {p.parent} (its model.pt)" + ("; `evaluate --checkpoint FILE` scores another model file of "
-                                                        "the run" if p.suffix == ".pt" else "")
-        raise BadInputError(f"--{flag} takes a run folder (or its model.pt), not this file", path=value, fix=fix)
-    return str(p.parent)
+    """A run flag's value as a run folder (`runs.run_folder`): `RUN/model.pt` names its folder."""
+    from .runs import run_folder
+    return str(run_folder(value, f"--{flag}")) if Path(value).is_file() else value
 
 
 _CONTINUE = {"train": "re-run with --resume to continue",

@@ -232,7 +232,7 @@ KIND_LOOKS = 64   # a Detector compares this many of its first images' colour ki
 class Detector:
     """``Detector(run, threshold=None, max_fpr=None, pixel_threshold=None, device=None, group=None, skip_bad=False)``.
 
-    ``threshold`` / ``max_fpr``: as predict's flags (default: the run's, from its validation normals).
+    ``run``: a run folder or its model.pt, as ``--run``. ``threshold`` / ``max_fpr``: as predict's flags (default: the run's, from its validation normals).
     ``device``: `runs.pick_device` (None: the CPU, as torch's; "auto": a CUDA GPU when torch sees one). ``group``:
     the group of every image (a multi-group run's position offsets are per group; a run trained on one group
     refuses another). ``skip_bad``: an unreadable image gets a `Detection` with a NaN score (warned) instead of
@@ -246,10 +246,10 @@ class Detector:
         from .calibration import load_run, pooled_for_unknown_groups, resolve_thresholds
         from .errors import BadInputError
         from .predict import default_pixel_threshold
-        from .runs import ready_to_score, run_path
+        from .runs import ready_to_score, run_folder, run_path
         if pixel_threshold is not None and not math.isfinite(pixel_threshold):
             raise BadInputError(f"pixel_threshold must be a finite number, got {pixel_threshold}")
-        self.run = run_path(run, "model.pt").parent
+        self.run = run_path(run_folder(run, "Detector(run)"), "model.pt").parent   # folder or model.pt, as --run
         import torch
         with torch.random.fork_rng(devices=[]):   # the rebuild's random init, replaced by the run's weights, must
             model, _, self.cfg = load_run(self.run, device=device)   # not advance the caller's RNG

@@ -630,7 +630,9 @@ def print_report(report: dict) -> None:
     console = report_console()
     sel = report.get("selection")
     epoch = f", model of epoch {report['epoch']}" if report.get("epoch") else ""
-    if sel:
+    if sel and sel.get("score") is None:   # select: synthetic found no finite validation score
+        epoch += " (the last: no finite synthetic validation score)"
+    elif sel:
         trained = sel.get("epochs_trained")   # best.pt, written while training, does not know it yet
         epoch += f" (chosen on synthetic validation{f', of {trained} trained' if trained else ''})"
     table = Table(title=f"uninet-feat evaluation{epoch}")

@@ -438,6 +438,19 @@ def memory_budget(share: float = 0.25) -> int:
     return int(share * total / local)
 
 
+def run_folder(run: str | Path, what: str = "the run") -> Path:
+    """A run given as its folder or its ``model.pt`` (what a user copies from a listing): the folder. Another file
+    (checkpoint.pt, a kept epoch) is refused, since the folder's model.pt would be scored in its place."""
+    p = Path(run)
+    if not p.is_file():
+        return p
+    if p.name != "model.pt":
+        fix = f"{what} {p.parent} (its model.pt)" + ("; `evaluate --checkpoint FILE` scores another model file of "
+                                                      "the run" if p.suffix == ".pt" else "")
+        raise BadInputError(f"{what} takes a run folder (or its model.pt), not this file", path=run, fix=fix)
+    return p.parent
+
+
 def run_path(run: str | Path, name: str) -> Path:
     p = Path(run) / name
     if not Path(run).is_dir():

@@ -292,7 +292,16 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=best["epoch"],
                                          selection={**best, "rule": RULE, "epochs_trained": cfg["epochs"]}, split=split)
         else:
-            model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"], split=split)
+            selection = None
+            if synth is not None:   # every validated epoch scored NaN (non-finite maps): no epoch was chosen
+                selection = {"epoch": cfg["epochs"], "score": None, "rule": "last: no finite synthetic "
+                             "validation score", "epochs_trained": cfg["epochs"]}
+                warnings.warn(f"select: synthetic scored no validated epoch (every score was NaN: the model's "
+                              f"validation maps or scores were not finite), so model.pt is the last epoch, "
+                              f"{cfg['epochs']}, as select: last (fix: look for NaN/Inf in train_log.jsonl's "
+                              f"val_synthetic_* and the inputs, or lower --lr)")
+            model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"], split=split,
+                                         **({"selection": selection} if selection else {}))
         if val or given:
             calibrate(model, *_calibration_set(out, cfg, val, given), out, quiet, map_levels, map_norm)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
