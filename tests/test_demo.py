@@ -22,6 +22,7 @@ def test_demo_writes_its_outputs_and_a_rerun_reuses_its_run_saying_so(tmp_path):
     with pytest.warns(UserWarning, match=r"finished demo run of 1 epochs, reused as it is: --epochs 2"):
         again = run_demo(out, epochs=2, quiet=True)
     assert again["image_auroc"] == first["image_auroc"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 1   # the run's, not the 2 asked
     from uninet_feat.calibration import recalibrate
     recalibrate(out / "run", map_levels=[3])   # calibrate on the demo's run, as docs suggest: its features then differ
     third = run_demo(out, quiet=True)          # refused at extract before: the store held another calibration's

@@ -61,12 +61,13 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: 
     run = out / "run"
     cfg = load_config(None, {"data": str(data), "split_csv": manifest, "epochs": epochs, "device": device},
                       base=DEMO_CONFIG)
+    from .checkpoint import read_checkpoint
     trained = not (run / "model.pt").exists()
     if trained:
         train(cfg, run, resume=(run / "checkpoint.pt").exists(), quiet=quiet)
-    elif epochs is not None:   # a finished demo run is reused: say so when another length was asked for
-        from .checkpoint import read_checkpoint
-        done = read_checkpoint(run / "model.pt").get("epoch")
+    model = read_checkpoint(run / "model.pt")
+    done = (model.get("selection") or {}).get("epochs_trained", model.get("epoch"))   # what the run has, recorded
+    if not trained and epochs is not None:   # a finished demo run is reused: say so when another length was asked
         if done != epochs:
             import warnings
             warnings.warn(f"{run} is a finished demo run of {done} epochs, reused as it is: --epochs {epochs} "
@@ -88,7 +89,8 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: 
     summary["report"] = str(out / "report.html")
     summary["features_of"] = _run_stamp(run)
     from .config import save_run_config   # the demo's own, beside its metrics and report
-    save_run_config(out, {"command": "demo", "out": str(out.resolve()), "epochs": epochs, "device": device})
+    # the epochs the run has (a reused run keeps its length, warned above): `demo --config` re-makes these outputs
+    save_run_config(out, {"command": "demo", "out": str(out.resolve()), "epochs": done, "device": device})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     if not quiet:
         keys = ("image_auroc", "pixel_auroc", "aupro", "defect_type_head_cv", "report")
