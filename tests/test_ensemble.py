@@ -398,3 +398,17 @@ def test_ensemble_on_another_split_counts_each_runs_trained_test_images(seeds, t
         rep = evaluate_ensemble([seeds / "a", seeds / "b"], split_csv=str(tmp_path / "other.csv"), quiet=True)
     assert rep["test_images_trained_on"][str(seeds / "a")] == 2
     assert "test_images_trained_on" not in evaluate_ensemble([seeds / "a", seeds / "b"], quiet=True)
+
+
+def test_predict_ensemble_names_a_run_trained_on_other_data(seeds, tmp_path):
+    """`predict --ensemble` averaged a run of other data (another model's units, not another seed's) silently;
+    evaluate's ensemble refuses it only through its other test images."""
+    import warnings
+    from uninet_feat.predict import predict_cmd
+    data = seeds / "tex" / "test"
+    with pytest.warns(UserWarning, match=r"c was trained on other data than .*a \(data .*other.* vs .*tex"):
+        predict_cmd(seeds / "a", data, tmp_path / "c", ensemble=[seeds / "c"], overlays=False, quiet=True)
+    with warnings.catch_warnings(record=True) as rec:   # two seeds of one config and data: nothing said
+        warnings.simplefilter("always")
+        predict_cmd(seeds / "a", data, tmp_path / "b", ensemble=[seeds / "b"], overlays=False, quiet=True)
+    assert not [w for w in rec if "other data" in str(w.message)]

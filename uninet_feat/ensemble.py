@@ -45,6 +45,7 @@ class Member:
     level: float | None = None
     by_group: dict | None = None
     trained_cfg: dict | None = None   # the run's own config (its split: what it trained on)
+    split: dict | None = None   # its model.pt's `runs.split_digest` (None: a model saved before it was kept)
 
     def scores(self, samples, quiet: bool = True, on_map=None) -> dict:
         """{path: image score} of ``samples``; ``on_map(sample, map in range units)`` per finished map."""
@@ -82,7 +83,8 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
                                 + ", ".join(f"{k} {cfg.get(k)} vs {like.cfg.get(k)}" for k in diff) + ")",
                                 path=run, fix="ensemble runs of one config that differ only in their seed")
     return Member(run, model, cfg, float(threshold), calibrated_range(run, pixel_map_kind(model.cfg), cal),
-                  normal_level(model, cal), group_thresholds(run, cal=cal, name_run=True), dict(ckpt["config"]))
+                  normal_level(model, cal), group_thresholds(run, cal=cal, name_run=True),
+                  dict(ckpt["config"]), ckpt.get("split"))
 
 
 def normal_level(model, cal: dict | None) -> float | None:
@@ -112,6 +114,7 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
                       "copies of one model (fix: train the others with other --seed values)")
     first = load_member(runs[0], data, split_csv, group, skip_bad)
     members = [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
+    _warn_other_training_data(members)
     from .calibration import applied_tile_norm
     modes = {m.run: applied_tile_norm(m.model) for m in members}
     if len(set(modes.values())) > 1:   # a position-corrected score beside a plain one: not one scale
@@ -124,6 +127,28 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
                           f"({first.level:.4g}) by more than {SCALE_TOLERANCE:.0%}; the ensemble averages raw "
                           "scores, so the larger-scale run weighs more (ensemble runs of one config, other seeds)")
     return members
+
+
+def _warn_other_training_data(members: list[Member]) -> None:
+    """Name a run trained on other data than the first (its data folder, split file or group, or the number of
+    normals it trained and validated on): its scores are in another model's units, not another seed's. Warned, not
+    refused: a data folder may have moved (predict and Detector users pass their own images; evaluate's ensemble
+    also refuses other test images)."""
+    first = members[0]
+
+    def what(m):
+        c, split = m.trained_cfg or {}, m.split or {}
+        return {"data": c.get("data"), "split_csv": c.get("split_csv"), "group": c.get("group"),
+                "training normals": (split["n_fit"] + split["n_val"]) if "n_fit" in split else None}
+    mine = what(first)
+    for m in members[1:]:
+        theirs = what(m)
+        diff = [k for k in mine if mine[k] is not None and theirs[k] is not None and mine[k] != theirs[k]
+                or k == "group" and mine[k] != theirs[k]]
+        if diff:
+            warnings.warn(f"{m.run} was trained on other data than {first.run} ("
+                          + ", ".join(f"{k} {theirs[k]} vs {mine[k]}" for k in diff) + "): an ensemble averages "
+                          "runs of one config and data that differ only in their seed (fix: pass such runs)")
 
 
 def default_threshold(members: list[Member]) -> float:
