@@ -147,6 +147,22 @@ def test_index_with_a_run_leaves_its_test_images_out_of_the_bank(label_folders):
     assert min(float(r["knn_score"]) for r in rows if r["is_defect"] == "0") > 1e-3   # not scored against itself
 
 
+def test_index_counts_the_held_out_test_images_not_their_tiles(label_folders, tmp_path):
+    """knn.json's held_out_test.n counted a tiled store's tiles (4 per image here) where held_out_val.n counts
+    images."""
+    from uninet_feat.config import load_config
+    from uninet_feat.runs import load_test_samples
+    root, data, run, _ = label_folders
+    tiled = _plain_store(data, _tiny_weights(tmp_path / "tiny.pt"), tmp_path / "tiled", "--batch", "--tile", "32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the store holds the run's test images: warned, left out
+        assert main(["index", "--features", str(tiled), "--coreset", "1.0", "--run", str(run),
+                     "--out", str(tmp_path / "knn")]) == 0
+    source = json.loads((tmp_path / "knn" / "knn.json").read_text())["source"]
+    n_test = len(load_test_samples(load_config(run / "config.yaml")))
+    assert n_test and source["held_out_test"]["n"] == n_test
+
+
 def test_evaluate_warns_of_test_images_in_the_bank(label_folders):
     """An index built without --run from that store keeps the test normals: evaluate --knn says so (by path)."""
     from uninet_feat.evaluate import evaluate
