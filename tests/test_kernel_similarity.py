@@ -279,3 +279,16 @@ def test_gradients_stay_exact_at_huge_logits():
         for x, r in zip(got, ref):
             assert x.isfinite().all()
             _close(x, r, 1e-5)
+
+
+def test_the_triton_dispatch_of_inputs_that_need_grad_warns_nothing():
+    """The dispatch's bound check took float() of a tensor built from inputs that need grad: torch's "Converting a
+    tensor with requires_grad=True to a scalar" warning on every training step's call."""
+    import warnings
+    dev = _device()
+    s, t, up = _inputs(1, 40, 8, device=dev)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        lse = similarity_lse(s, t, 2.0, backend="triton")
+    assert lse.requires_grad and not [w for w in rec if "requires_grad" in str(w.message)]
+    _close(lse, similarity_lse_naive(s.detach(), t.detach(), 2.0), 1e-5)
