@@ -297,6 +297,24 @@ def test_block_checkpointing_of_feature_list_bodies():
     assert bytes_ckpt < 0.5 * bytes_plain
 
 
+def test_a_timm_model_that_refuses_checkpointing_trains_without_it_warned(tmp_path):
+    """hrnet's set_grad_checkpointing asserts "not supported": `train --grad-checkpointing` stopped there."""
+    import sys
+    import warnings
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny import write_texture_set
+    from uninet_feat.cli import main
+    bb = create_backbone("hrnet_w18_small", weights="random")
+    assert bb.set_grad_checkpointing(True) is False
+    data = write_texture_set(tmp_path / "tex", n_train=4, n_good=1, n_bad=1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert main(["train", "--data", str(data), "--backbone", "hrnet_w18_small", "--weights", "random",
+                     "--image-size", "32", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0",
+                     "--grad-checkpointing", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert any("hrnet_w18_small offers no checkpointing" in str(w.message) for w in rec)
+
+
 def test_timm_and_torchvision_import_before_uninet_feat(tmp_path):
     """The torchvision guard runs when torchvision is first imported, by anyone: importing uninet_feat only
     installs it (no torch import), and the .pth that `make setup` writes installs it at interpreter start, so a

@@ -176,8 +176,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     opt_s, opt_t = make_optimizers(model, cfg, in_backward=bool(cfg.get("step_in_backward")))
-    if cfg.get("grad_checkpointing"):
-        model.set_grad_checkpointing(True)
+    if cfg.get("grad_checkpointing") and "target" not in model.set_grad_checkpointing(True) and dd.is_main:
+        warnings.warn(f"--grad-checkpointing: {cfg['backbone']} offers no checkpointing of its own, so its target "
+                      "teacher's activations are stored as without it (the bottleneck and student are recomputed)")
     if resume:
         try:
             model.load_state_dict(state["state_dict"])

@@ -399,7 +399,8 @@ class TimmCNN(Backbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> bool:
         """Recompute activations in backward: per block for timm's FeatureListNet bodies (ResNets,
-        most CNNs), else timm's own per-stage checkpointing. False when this timm model has neither."""
+        most CNNs), else timm's own per-stage checkpointing. False when this timm model has neither, or
+        refuses it (hrnet's asserts "not supported": the run trained nothing before)."""
         from timm.models import FeatureListNet
         if isinstance(self.body, FeatureListNet):
             self._recompute = enable
@@ -407,7 +408,10 @@ class TimmCNN(Backbone):
         fn = getattr(self.body, "set_grad_checkpointing", None)
         if fn is None:
             return False
-        fn(enable)
+        try:
+            fn(enable)
+        except (AssertionError, NotImplementedError):
+            return False
         return True
 
     def config(self) -> dict:
