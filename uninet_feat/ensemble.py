@@ -18,6 +18,7 @@ runs that differ only in their seed is the usual cure for that variance.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import warnings
 from dataclasses import dataclass
@@ -138,7 +139,8 @@ def _warn_other_training_data(members: list[Member]) -> None:
 
     def what(m):
         c, split = m.trained_cfg or {}, m.split or {}
-        return {"data": c.get("data"), "split_csv": c.get("split_csv"), "group": c.get("group"),
+        real = lambda p: p and os.path.realpath(os.path.expanduser(str(p)))  # noqa: E731 (`../d` and /abs/d: one)
+        return {"data": real(c.get("data")), "split_csv": real(c.get("split_csv")), "group": c.get("group"),
                 "training normals": (split["n_fit"] + split["n_val"]) if "n_fit" in split else None}
     mine = what(first)
     for m in members[1:]:
