@@ -232,7 +232,8 @@ KIND_LOOKS = 64   # a Detector compares this many of its first images' colour ki
 class Detector:
     """``Detector(run, threshold=None, max_fpr=None, pixel_threshold=None, device=None, group=None, skip_bad=False)``.
 
-    ``run``: a run folder or its model.pt, as ``--run``. ``threshold`` / ``max_fpr``: as predict's flags (default: the run's, from its validation normals).
+    ``run``: a run folder or its model.pt, as ``--run``. ``threshold`` / ``max_fpr``: as predict's flags
+    (default: the run's, from its validation normals).
     ``device``: `runs.pick_device` (None: the CPU, as torch's; "auto": a CUDA GPU when torch sees one). ``group``:
     the group of every image (a multi-group run's position offsets are per group; a run trained on one group
     refuses another). ``skip_bad``: an unreadable image gets a `Detection` with a NaN score (warned) instead of
