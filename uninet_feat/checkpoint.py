@@ -87,6 +87,12 @@ def checkpoint_config(ckpt: dict) -> dict:
     return {**ckpt["config"], "student_relu": ckpt.get("student_relu", True)}
 
 
+def epochs_trained(ckpt: dict):
+    """The epochs a run trained: a selected model.pt (`select: synthetic`) keeps its best epoch's number in
+    ``epoch`` and the run's length in ``selection``; a last-epoch model.pt has only ``epoch``."""
+    return (ckpt.get("selection") or {}).get("epochs_trained", ckpt.get("epoch"))
+
+
 @contextlib.contextmanager
 def float32_default():
     """Build modules in float32 whatever the host program's ``torch.set_default_dtype``: a float64 default gave

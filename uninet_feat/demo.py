@@ -61,12 +61,12 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, device: 
     run = out / "run"
     cfg = load_config(None, {"data": str(data), "split_csv": manifest, "epochs": epochs, "device": device},
                       base=DEMO_CONFIG)
-    from .checkpoint import read_checkpoint
+    from .checkpoint import epochs_trained, read_checkpoint
     trained = not (run / "model.pt").exists()
     if trained:
         train(cfg, run, resume=(run / "checkpoint.pt").exists(), quiet=quiet)
     model = read_checkpoint(run / "model.pt")
-    done = (model.get("selection") or {}).get("epochs_trained", model.get("epoch"))   # what the run has, recorded
+    done = epochs_trained(model)   # what the run has, recorded
     if not trained and epochs is not None:   # a finished demo run is reused: say so when another length was asked
         if done != epochs:
             import warnings

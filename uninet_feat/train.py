@@ -23,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .calibration import calibrate, parse_map_levels, parse_map_norm, with_calibration_normals
-from .checkpoint import checkpoint_config, read_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_config, epochs_trained, read_checkpoint, save_checkpoint
 from .config import DEFAULT_CONFIG, restored_global_state, save_run_config, seed_everything
 from .data.dataset import check_samples
 from .denoise import Damager, parse_denoise
@@ -394,7 +394,7 @@ def _final_model(out: Path, cfg: dict, state: dict) -> bool:
            for k in ("map_levels", "map_norm")):
         return False
     # a model.pt of a shorter schedule: killed before the longer one's was written
-    return (model.get("selection") or {}).get("epochs_trained", model.get("epoch")) == cfg["epochs"]
+    return epochs_trained(model) == cfg["epochs"]
 
 
 # what a resumable checkpoint.pt holds; a model file (model.pt, best.pt, a kept epoch) lacks the optimiser states
