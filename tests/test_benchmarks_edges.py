@@ -167,7 +167,6 @@ def test_cluster_synthetic_writes_every_validation_normal(tmp_path):
 def test_cluster_synthetic_again_into_its_out_clusters_only_this_runs_kinds(tmp_path, capsys):
     """The set was written over the last one without clearing it: a kind no longer asked for stayed, and was
     extracted and clustered with the new ones (the JSON naming the asked kinds only)."""
-    import json
     from benchmarks import cluster_synthetic as C
     data = write_texture_set(tmp_path / "data", n_train=16, n_good=1, n_bad=1, size=32)
     run = _train(data, tmp_path / "run", image_size=32, val_fraction=0.5)

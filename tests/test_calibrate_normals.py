@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from uninet_feat.calibration import threshold_at_fpr
+from uninet_feat.thresholds import threshold_at_fpr
 from uninet_feat.cli import main
 from uninet_feat.predict import predict_cmd
 
@@ -147,7 +147,6 @@ def test_copies_are_found_hashing_each_training_image_once(trained, tmp_path, mo
     from PIL import Image
     from uninet_feat import calibration, featstore
     from uninet_feat.config import load_config
-    from uninet_feat.data.layouts import discover_batch
     data, run, normals = trained
     bmp = tmp_path / "data"
     for p in data.rglob("*.png"):   # the run's data as BMP: every file 32x32 grey, one size

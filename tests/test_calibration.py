@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from uninet_feat.calibration import NO_THRESHOLD, pass_chance, resolve_threshold, threshold_at_fpr
+from uninet_feat.thresholds import NO_THRESHOLD, pass_chance, resolve_threshold, threshold_at_fpr
 from uninet_feat.errors import BadInputError
 
 

@@ -301,7 +301,6 @@ def test_text_tower_comes_from_the_backbone_weights(tmp_path):
 def test_zero_shot_takes_any_multiple_of_the_patch_not_of_the_pyramids_stride():
     """A patch-14 ViT takes multiples of 112 under UniNet (patch and the stride-16 level), but zero-shot builds no
     pyramid: 56 (its native size here; 378 for ViT-H-14-378) was refused."""
-    from uninet_feat.vlm import TextScorer
     from uninet_feat.workflows import zero_shot_step
     p14 = create_backbone("clip:p14", model_cfg=P14)
     assert p14.size_multiple == 112 and zero_shot_step(p14) == 14

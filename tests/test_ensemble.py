@@ -287,7 +287,7 @@ def test_a_members_few_normals_warning_names_its_run(seeds):
     """Each member's default threshold rests on its own validation normals; the warning that they are too few did
     not say of which run, and under the CLI's "default" filter the second run's (the same text) was not shown."""
     import warnings
-    from uninet_feat.calibration import thresholds_by_group
+    from uninet_feat.thresholds import thresholds_by_group
     from uninet_feat.ensemble import load_members
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")   # as the CLI sets it: each distinct message once

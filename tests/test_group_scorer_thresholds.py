@@ -1,5 +1,5 @@
 """A run of several groups flags by the kNN, combined and ensemble scores at each group's own threshold, as by WDM
-(`calibration.thresholds_by_group`): those scores of the validation normals also sit at another level per group."""
+(`thresholds.thresholds_by_group`): those scores of the validation normals also sit at another level per group."""
 import json
 import shutil
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from uninet_feat.backbones import create_backbone
-from uninet_feat.calibration import thresholds_by_group
+from uninet_feat.thresholds import thresholds_by_group
 from uninet_feat.cli import main
 from uninet_feat.config import load_config
 from uninet_feat.ensemble import evaluate_ensemble

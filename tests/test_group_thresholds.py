@@ -1,11 +1,11 @@
-"""One model for several groups flags each image by its own group's threshold (`calibration.group_thresholds`):
+"""One model for several groups flags each image by its own group's threshold (`thresholds.group_thresholds`):
 the groups' normal scores sit at other levels, and one pooled threshold passes the lower groups' defects."""
 import json
 
 import numpy as np
 import pytest
 
-from uninet_feat.calibration import group_thresholds, resolve_thresholds, threshold_at_fpr
+from uninet_feat.thresholds import group_thresholds, resolve_thresholds, threshold_at_fpr
 from uninet_feat.config import load_config
 from uninet_feat.detector import Detector
 from uninet_feat.evaluate import evaluate
@@ -181,7 +181,7 @@ def test_export_model_group_puts_its_threshold_in_model_json_without_saying_it_c
 def test_a_group_threshold_under_max_fpr_never_flags_more_normals_than_the_bound():
     """The bound is checked in z, the threshold applied as median + std · q: back from z the product can round one
     ulp under the normal that set q, and `score > t` flagged it (found in session 34 on these 38 scores)."""
-    from uninet_feat.calibration import thresholds_by_group
+    from uninet_feat.thresholds import thresholds_by_group
     a = [-33.3, -8.6, -7.9, -7.1, 33.6, 4.0, 10.8, 0.2, -27.0, 5.2, 21.8, 3.5, -16.4, -36.6, 48.7, -23.6, -23.8,
          -39.4, 9.4]
     b = [100.5, 96.2, 99.1, 101.0, 98.0, 94.9, 98.6, 101.1, 95.1, 97.1, 102.9, 105.3, 103.9, 101.4, 105.7, 97.9,

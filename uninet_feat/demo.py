@@ -14,7 +14,7 @@ from .config import load_config
 from .io import atomic_write_text
 
 # val_fraction 0.2: 24 of the 120 training normals validate, enough for the default threshold to mean a few % of
-# false positives (calibration.WARN_NORMALS); 0.1 left 12, and a warning
+# false positives (thresholds.WARN_NORMALS); 0.1 left 12, and a warning
 DEMO_CONFIG = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "image_size": 128,
                "epochs": 8, "batch_size": 8, "val_fraction": 0.2}
 

@@ -153,7 +153,8 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     """Write ``out``/model.onnx and ``out``/model.json (how to feed it, its outputs, thresholds, the check);
     return model.json's content. ``input_size``: (W, H) of a tiled run's images."""
     from . import __version__
-    from .calibration import group_thresholds, load_run, resolve_thresholds
+    from .calibration import load_run
+    from .thresholds import group_thresholds, resolve_thresholds
     from .data.tiling import tile_grid
     from .featstore import file_sha256
     from .io import atomic_write, staged_text

@@ -244,7 +244,8 @@ class Detector:
                  skip_bad: bool = False):
         import math
 
-        from .calibration import load_run, pooled_for_unknown_groups, resolve_thresholds
+        from .calibration import load_run
+        from .thresholds import pooled_for_unknown_groups, resolve_thresholds
         from .errors import BadInputError
         from .predict import default_pixel_threshold
         from .runs import ready_to_score, run_folder, run_path

@@ -65,7 +65,8 @@ def load_member(run, data=None, split_csv=None, group=None, skip_bad: bool = Fal
                 ) -> Member:
     """A run as an ensemble `Member`; refused without a default threshold (its scores would have no common
     unit) or when it tiles or sizes images otherwise than ``like`` (the first member)."""
-    from .calibration import group_thresholds, load_run, resolve_threshold, saved_calibration
+    from .calibration import load_run, saved_calibration
+    from .thresholds import group_thresholds, resolve_threshold
     from .overlay import calibrated_range
     from .runs import ready_to_score
     from .scoring import pixel_map_kind
@@ -164,10 +165,10 @@ GROUP_RULE = ("mean of the runs' image scores > mean of the runs' thresholds of 
 
 def default_thresholds(members: list[Member], group: str | None = None):
     """(threshold, rule, by_group): `default_threshold`, and for runs of several groups that each have thresholds per
-    group, per group the mean of the runs' (`calibration.pick_group`: ``group``'s alone when given). Why: the runs'
+    group, per group the mean of the runs' (`thresholds.pick_group`: ``group``'s alone when given). Why: the runs'
     normal scores sit at another level in each group, as one run's do, so the mean of pooled thresholds passes the
     lower groups' defects. When any run has none per group (too few validation normals: it warned) the pooled mean."""
-    from .calibration import pick_group
+    from .thresholds import pick_group
     bys = [m.by_group for m in members]
     by = None
     if all(bys):
@@ -253,7 +254,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     raw = [np.array([d[str(x.path)] for x in samples]) for d in per_run]
     scores = np.mean(raw, axis=0)
     thr, rule, by_group = default_thresholds(members, group)   # per group: the mean of the runs' group thresholds
-    from .calibration import pooled_for_unknown_groups, thresholds_of
+    from .thresholds import pooled_for_unknown_groups, thresholds_of
     pooled_for_unknown_groups([x.group for x in samples], by_group)
     per_image = thresholds_of([x.group for x in samples], thr, by_group)
     labels = np.array([0 if x.is_normal else 1 for x in samples])

@@ -21,13 +21,13 @@ from rich.table import Table
 
 from . import metrics
 from .data.tiling import tile_score_reducer
-from .calibration import (check_threshold_flags, checkpoint_offsets, load_run, pooled_for_unknown_groups,
-                          resolve_thresholds, thresholds_of)
+from .calibration import checkpoint_offsets, load_run
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected, tile_map_shift
 from .runs import eval_batches, load_test_samples, make_dataset, model_device, ready_to_score
 from .scoring import pixel_map_kind
+from .thresholds import check_threshold_flags, pooled_for_unknown_groups, resolve_thresholds, thresholds_of
 
 # Pixels of maps evaluate keeps for exact pixel metrics (one sort of all of them): 2^28 is 1 GiB of float32 maps and
 # 256 MiB of masks, about 4 GiB at the sort's peak, which fits the 16 GB machines the tool is used on and holds every

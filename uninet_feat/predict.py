@@ -33,7 +33,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     above the threshold chosen on that score: ``threshold`` as given, ``max_fpr`` on the run's validation
     normals, else their 0.99 quantile (WDM: the run's calibrated default); a run of several groups with enough
     validation normals in each flags each image by its group's threshold on that score (``group_thresholds`` in
-    the summary, ``group_thresholds_score`` naming the score; `calibration.thresholds_by_group`). ``heatmap``:
+    the summary, ``group_thresholds_score`` naming the score; `thresholds.thresholds_by_group`). ``heatmap``:
     the map drawn in the overlays of flagged images, WDM's or (with ``knn``) the kNN patch distances or the
     combined map (`scorers.combined_map`: both in their validation-normal range units, summed). ``group``: the
     group of every image (a multi-class run's position offsets, `tile_norm: position`, are per group; a run of
@@ -46,7 +46,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     (per group when every run has its own per group; or ``threshold``), and is then the default ``flag_by`` and
     ``heatmap`` (the mean of the runs' maps in their range units, coloured 0..1: a typical normal pixel .. a rare
     one)."""
-    from .calibration import check_threshold_flags, pooled_for_unknown_groups, resolve_thresholds
+    from .thresholds import check_threshold_flags, pooled_for_unknown_groups, resolve_thresholds
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
     from .overlay import calibrated_range

@@ -183,7 +183,7 @@ def _validation_split(samples, normals: list, cfg: dict):
     own validation split (``validation/``, ``val`` rows) takes those, and trains on all its training normals;
     the other groups' training normals together give one seeded ``val_fraction`` draw, as ``drawn`` does over all
     (what a run's config without the key meant: runs trained before session 34 keep their split). One draw, not
-    one per group: a small group may get few or none (`calibration.thresholds_by_group` then keeps one pooled
+    one per group: a small group may get few or none (`thresholds.thresholds_by_group` then keeps one pooled
     threshold, warned)."""
     from .data.layouts import split_train_val
     how = cfg.get("val_split") or "drawn"

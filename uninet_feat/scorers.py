@@ -326,10 +326,10 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
 def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=None, group: str | None = None):
     """(threshold, rule, by_group) for flagging by the kNN or combined score: ``threshold`` as given, the lowest one
     that flags at most ``max_fpr`` of the validation normals, or their 0.99 quantile — WDM's rules, on this score.
-    A run of several groups gets them per group as WDM does (`calibration.thresholds_by_group` on this score's
+    A run of several groups gets them per group as WDM does (`thresholds.thresholds_by_group` on this score's
     validation-normal values, same gate and warnings): their kNN and combined scores also sit at another level in
-    each group. With ``group``, that group's threshold (`calibration.pick_group`)."""
-    from .calibration import check_threshold_flags, group_rule, pick_group, resolve_threshold, thresholds_by_group
+    each group. With ``group``, that group's threshold (`thresholds.pick_group`)."""
+    from .thresholds import check_threshold_flags, group_rule, pick_group, resolve_threshold, thresholds_by_group
     check_threshold_flags(threshold, max_fpr)
     if threshold is not None:
         return float(threshold), "given (--threshold)", None
