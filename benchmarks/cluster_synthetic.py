@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 import uninet_feat  # noqa: F401
-from uninet_feat.calibration import validation_normals, with_calibration_normals
+from uninet_feat.calibration import with_calibration_normals
+from uninet_feat.normals import validation_normals
 from uninet_feat.checkpoint import read_checkpoint
 from uninet_feat.clusters import _DESCRIPTOR_V2, block_of, cluster_matrix
 from uninet_feat.data.images import load_image

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 import uninet_feat  # noqa: F401
-from uninet_feat.calibration import _label, choose_pixel_map, load_run, validation_normals
+from uninet_feat.calibration import _label, choose_pixel_map, load_run
+from uninet_feat.normals import validation_normals
 from uninet_feat.errors import BadInputError
 from uninet_feat.runs import make_dataset, set_threads
 from uninet_feat.selection import SyntheticValidation

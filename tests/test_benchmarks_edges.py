@@ -148,7 +148,8 @@ def test_aitex_heads_plain_weights_of_a_run_trained_from_a_file_are_imagenet():
 
 def test_cluster_synthetic_writes_every_validation_normal(tmp_path):
     from benchmarks import cluster_synthetic as C
-    from uninet_feat.calibration import validation_normals, with_calibration_normals
+    from uninet_feat.calibration import with_calibration_normals
+    from uninet_feat.normals import validation_normals
     from uninet_feat.checkpoint import read_checkpoint
     from uninet_feat.selection import parse_kinds
     data = tmp_path / "data"

@@ -145,7 +145,8 @@ def test_copies_are_found_hashing_each_training_image_once(trained, tmp_path, mo
     """Fixed-size image files (BMP, uncompressed TIFF: a line's camera) all have one size, so every training image
     is a copy candidate of every normal given: each must be hashed once, not once per normal (n_val x n_train)."""
     from PIL import Image
-    from uninet_feat import calibration, featstore
+    from uninet_feat import featstore
+    from uninet_feat import normals as run_normals
     from uninet_feat.config import load_config
     data, run, normals = trained
     bmp = tmp_path / "data"
@@ -161,8 +162,8 @@ def test_copies_are_found_hashing_each_training_image_once(trained, tmp_path, mo
     calls = []
     real = featstore.file_sha256
     monkeypatch.setattr(featstore, "file_sha256", lambda p: calls.append(p) or real(p))
-    val = calibration.given_normals(given, cfg)
-    calibration.check_given_normals(val, cfg, given)
+    val = run_normals.given_normals(given, cfg)
+    run_normals.check_given_normals(val, cfg, given)
     n_fit = len(list((bmp / "train" / "good").iterdir())) - 2   # less the held-out validation normals
     assert len(calls) == n_fit + len(val)   # each training image once, each given normal once
 
@@ -309,7 +310,7 @@ def test_given_normals_keep_their_layouts_group_and_other_groups_are_refused(tmp
     group B's normals set A's threshold; a run of a list of groups (`group: [A, B]`) took the list itself for each
     image's group (a TypeError in calibrate). Now: group-less images are the run's one group's, a layout's group is
     kept, a group the run was not trained on is refused, and group-less images for a list are refused."""
-    from uninet_feat.calibration import given_normals
+    from uninet_feat.normals import given_normals
     from uninet_feat.errors import BadInputError
     by_group = tmp_path / "n"
     for g in "AB":

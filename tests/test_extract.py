@@ -402,7 +402,7 @@ def test_predict_with_a_plain_feature_index_and_the_combined_score(setup, tmp_pa
     combined_score is the kNN and WDM scores z-scored on the run's validation normals and summed."""
     import torch
     from uninet_feat.backbones import create_backbone
-    from uninet_feat.calibration import validation_normals
+    from uninet_feat.normals import validation_normals
     from uninet_feat.cli import main
     from uninet_feat.downstream import KNNScorer
     data, _, samples = setup

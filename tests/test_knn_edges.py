@@ -43,7 +43,7 @@ def test_combined_overlays_of_images_larger_than_the_run_resize_the_whole_knn_ma
     """An untiled run at 64 px on 128 px images: its WDM maps are 64x64, and the kNN map was cut to their size (the
     image's top-left quarter) instead of the whole image's map resized to it, in the overlays and in their colour
     scale (the validation normals' combined pixels)."""
-    from uninet_feat.calibration import validation_normals
+    from uninet_feat.normals import validation_normals
     from uninet_feat.checkpoint import build_from_checkpoint
     from uninet_feat.data.layouts import discover_batch
     from uninet_feat.downstream import KNNScorer

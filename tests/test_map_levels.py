@@ -164,7 +164,7 @@ def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
 
 def test_map_norm_units_come_from_the_validation_normals_and_evaluate_applies_them(run):
     from uninet_feat import metrics
-    from uninet_feat.calibration import validation_normals
+    from uninet_feat.normals import validation_normals
     from uninet_feat.checkpoint import build_from_checkpoint
     from uninet_feat.cli import main
     from uninet_feat.evaluate import evaluate, score_samples

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
 
 def _validation_scores(run, knn):
     """Each validation normal's kNN, WDM and combined score, computed here from the pieces."""
-    from uninet_feat.calibration import validation_normals
+    from uninet_feat.normals import validation_normals
     from uninet_feat.downstream import KNNScorer
     cfg = load_config(run / "config.yaml")
     val = validation_normals(cfg)
@@ -102,7 +102,7 @@ def test_knn_heatmap_overlays_show_the_patch_distances_at_native_size(setup, tmp
     m = knn_map(s, res, i)
     np.testing.assert_allclose(m, upsample_scores(s[list(res["index"]).index(i)][None], res["patch_grid"],
                                                   (64, 64))[0], rtol=1e-6)
-    from uninet_feat.calibration import validation_normals   # colour scale: the validation normals' patch scores
+    from uninet_feat.normals import validation_normals# colour scale: the validation normals' patch scores
     vres = Extractor(run=run, patches="source").extract(validation_normals(load_config(run / "config.yaml")))
     vs = KNNScorer.load(knn).score_patches(vres["patches"].astype(np.float32)).ravel()
     lo, hi = np.quantile(vs, 0.5), np.quantile(vs, 0.999)
@@ -115,7 +115,7 @@ def test_combined_heatmap_overlays_sum_both_maps_in_range_units(setup, tmp_path)
     """`--heatmap combined` draws WDM's map plus the kNN map (at the WDM map's size), each in its own
     validation-normal range units, coloured median .. 0.999 quantile of that combined map on the validation normals."""
     from PIL import Image
-    from uninet_feat.calibration import validation_normals
+    from uninet_feat.normals import validation_normals
     from uninet_feat.checkpoint import build_from_checkpoint
     from uninet_feat.data.layouts import discover_batch
     from uninet_feat.downstream import KNNScorer
@@ -224,7 +224,7 @@ def test_calibration_names_each_validation_normal_beside_its_score(setup):
     """calibration.json's val_paths[i] is the validation normal that scored val_scores[i] (ascending), so the
     normal that sets a threshold can be looked at."""
     from pathlib import Path
-    from uninet_feat.calibration import validation_normals
+    from uninet_feat.normals import validation_normals
     data, run, knn = setup
     cal = json.loads((run / "calibration.json").read_text())
     val = validation_normals(load_config(run / "config.yaml"))

@@ -199,7 +199,8 @@ def test_kept_epochs_can_be_evaluated(texture, tmp_path):
     assert [r["score"] for r in kept["_rows"]] != [r["score"] for r in final["_rows"]]
     # calibration.json belongs to model.pt: another epoch's model is calibrated on the same validation
     # normals, in memory, so its threshold is its own 0.99 quantile there and --max-fpr works on its scores
-    from uninet_feat.calibration import calibration, validation_normals
+    from uninet_feat.calibration import calibration
+    from uninet_feat.normals import validation_normals
     from uninet_feat.thresholds import threshold_at_fpr
     from uninet_feat.checkpoint import build_from_checkpoint
     cal_before = (run / "calibration.json").read_text()
@@ -280,7 +281,8 @@ def test_checkpoint_of_a_run_without_validation_normals(texture, tmp_path):
 
 def test_checkpoint_report_colours_from_its_own_validation_maps(texture, tmp_path, monkeypatch):
     import uninet_feat.overlay as overlay
-    from uninet_feat.calibration import calibration, validation_normals
+    from uninet_feat.calibration import calibration
+    from uninet_feat.normals import validation_normals
     from uninet_feat.checkpoint import build_from_checkpoint
     from uninet_feat.evaluate import evaluate
     run = tmp_path / "k"

@@ -231,7 +231,7 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
     _warn_other_colour_kind(runs[0], test)   # grey images for colour runs, or the other way (as evaluate and predict)
     trained_on = None
     if data is not None or split_csv is not None:   # another test set: images some run trained on (as evaluate)
-        from .calibration import warn_test_images_trained_on
+        from .normals import warn_test_images_trained_on
         trained_on = {m.run: warn_test_images_trained_on(test, m.trained_cfg, data, m.run) for m in members}
     if skip_bad:   # as evaluate: a mask that cannot be used leaves alone, its image is still scored (the
         test = drop_unusable_masks(test)   # dataset's check left the whole image out of the image metrics too)

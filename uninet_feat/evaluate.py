@@ -169,7 +169,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         test = drop_unusable_masks(test)
     trained_on = None
     if data is not None or split_csv is not None:   # another split or layout: its test images may be trained ones
-        from .calibration import warn_test_images_trained_on
+        from .normals import warn_test_images_trained_on
         trained_on = warn_test_images_trained_on(test, dict(ckpt["config"]), data, run)
     has_masks = any(s.mask is not None for s in test)
     prep = _knn_prepare(run, knn, split_cfg, test, skip_bad, pixel_map_kind(model.cfg)) if knn is not None else None
@@ -414,7 +414,8 @@ def _threshold_set_on_test(run, test, other_model: bool = False, range_units: bo
     pixel map's range units or label-free choice were taken on them (``other_model``: another epoch's model,
     whose map is all levels, raw; ``range_units``: the maps are taken in the run's range units whatever its config,
     as an ensemble's are)."""
-    from .calibration import saved_calibration, same_files
+    from .calibration import saved_calibration
+    from .normals import same_files
     cal = saved_calibration(run) or {}
     shared = same_files([s.path for s in test], cal.get("val_paths", []))   # also copies: `cp test/good/* DIR`
     if shared:
@@ -440,7 +441,8 @@ def _at_threshold(labels, pred) -> dict:
 def _checkpoint_calibration(model, cfg: dict, checkpoint) -> dict:
     """`calibration` of another epoch's model on the run's validation normals (not written: calibration.json
     stays model.pt's); {} when the run kept no validation normals."""
-    from .calibration import calibration, given_normals_rule, validation_normals
+    from .calibration import calibration, given_normals_rule
+    from .normals import validation_normals
     val = validation_normals(cfg)
     if not val:
         if cfg.get("max_fpr") is not None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .calibration import KIND_LOOK_FILES, applied_tile_norm
+from .calibration import applied_tile_norm
+from .normals import KIND_LOOK_FILES
 from .data.tiling import tile_score_reducer
 from .featstore import aggregate_tiles, head_columns
 from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text

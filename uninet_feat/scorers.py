@@ -285,7 +285,7 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     ``tile_norm: neighbours`` it left each normal's own tiles out of its nearest ones, which a run loaded from disk
     cannot (tile_neighbours.npz keeps no tile sources): scored again, a normal's own tiles pulled it low (0.058 to
     0.005) and the combined threshold with it."""
-    from .calibration import validation_normals
+    from .normals import validation_normals
     lost = "no combined score, kNN threshold or kNN colour scale"   # what every reason below costs
     try:
         cal = json.loads((Path(run) / "calibration.json").read_text(encoding="utf-8"))

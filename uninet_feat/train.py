@@ -467,7 +467,7 @@ def _calibration_set(out: Path, cfg: dict, val: list, given: str | None) -> tupl
     run keeps them, as `calibrate` does until `--normals split`), else its validation split; the split, warned,
     when the given ones are gone."""
     if given:
-        from .calibration import given_normals
+        from .normals import given_normals
         try:
             return given_normals(given, cfg), {**cfg, "calibration_normals": given}
         except BadInputError as e:

@@ -359,7 +359,8 @@ def _held_out_paths(run) -> tuple[set, set | None]:
     """Paths of ``run``'s validation normals (its own seeded split of its own data, or its `calibrate --normals`)
     and of its test images (that split's test images, as `runs.load_test_samples` takes them; none is no error
     here), None with a warning when its data cannot be read for them (its validation normals may still be)."""
-    from .calibration import validation_normals, with_calibration_normals
+    from .calibration import with_calibration_normals
+    from .normals import validation_normals
     from .checkpoint import read_checkpoint
     from .runs import load_samples, run_path
     path = run_path(run, "model.pt")
