@@ -1041,3 +1041,33 @@ def test_a_predict_pass_resumed_after_the_neighbours_tiles_changed_scores_again(
     assert again["resumed"] == 0
     np.testing.assert_allclose(again["scores"], first["scores"] - 0.25, atol=1e-5)
     assert Extractor(run=c).extract(samples, parts=tmp_path / "parts")["resumed"] == len(first["scores"])
+
+
+def test_an_untiled_stores_head_trains_on_the_top_half_only_and_predicts_as_with_both(setup, tmp_path):
+    """Untiled, every image's mean over tiles is its one tile: the head took the same columns twice (twice the
+    LightGBM time, each column's importance split in two). It now takes the top tile's alone, gives the same
+    predictions as a head of both halves, and predict finds its columns by name."""
+    from uninet_feat.cli import main
+    from uninet_feat.downstream import Head, train_head
+    from uninet_feat.featstore import FeatureStore, head_columns, without_twin_half
+    from uninet_feat.predict import predict_cmd
+    data, run, samples = setup
+    f, head = tmp_path / "feats", tmp_path / "head"
+    assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(f), "--quiet"]) == 0
+    assert main(["train-head", "--features", str(f), "--task", "binary", "--folds", "2", "--out", str(head)]) == 0
+    store = FeatureStore(f)
+    X, recs = store.image_table()
+    names = head_columns(store.manifest["vector_names"])
+    h = Head.load(head)
+    assert h.feature_names == names[:len(names) // 2] and all(n.startswith("top_") for n in h.feature_names)
+    assert json.loads((head / "cv_report.json").read_text())["n_columns"] == len(names) // 2
+    y = ["good" if r["is_normal"] else "defect" for r in recs]
+    both = train_head(X, y, task="binary", n_splits=2, feature_names=names, n_jobs=1).head
+    assert h.predict_proba(X[:, :len(names) // 2]) == pytest.approx(both.predict_proba(X), abs=1e-9)
+    rows = predict_cmd(run, data, tmp_path / "p", heads=[str(head)], overlays=False, quiet=True)["rows"]
+    want = dict(zip((r["path"] for r in recs), h.predict_proba(X[:, :len(names) // 2]).max(1)))
+    assert [r["head_confidence"] for r in rows] == pytest.approx([want[r["path"]] for r in rows], abs=1e-6)
+    # a tiled image's mean differs from its top tile: both halves are kept
+    tiled = np.concatenate([X[:, :len(names) // 2], X[:, :len(names) // 2] + 1.0], 1)
+    kept, kept_names = without_twin_half(tiled, names)
+    assert kept.shape == tiled.shape and kept_names == names

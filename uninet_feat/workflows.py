@@ -10,7 +10,7 @@ import numpy as np
 
 from .data.layouts import is_normal_label
 from .errors import BadInputError
-from .featstore import CALIBRATION_KEYS, FeatureStore, head_columns
+from .featstore import CALIBRATION_KEYS, FeatureStore, head_columns, without_twin_half
 from .io import atomic_write_csv, atomic_write_text
 from .runs import samples_of
 from .scorers import abs_path, paths_sha
@@ -330,7 +330,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
                                 path=labels if labels is not None else features,
                                 fix=f"label at least {min_class} images of each class")
     _refuse_nonfinite(X, [r["path"] for r in recs], features, store.manifest.get("source"))   # the rows it trains on
-    names = head_columns(store.manifest["vector_names"])
+    X, names = without_twin_half(X, head_columns(store.manifest["vector_names"]))
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names, n_jobs=threads)
     out = Path(out)
     (out / "cv_report.json").unlink(missing_ok=True)   # a kill after the new head never leaves the old report beside it
@@ -339,7 +339,7 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
     cal = {k: store.manifest[k] for k in CALIBRATION_KEYS if k in store.manifest}
     res.head.save(out, source={**(store.manifest.get("source") or {}), **cal,
                                "settings": store.manifest.get("settings"), "defects_only": bool(defects_only)})
-    summary = {**res.summary(), "n_rows": len(y), "dropped_rare_classes": sorted(rare),
+    summary = {**res.summary(), "n_rows": len(y), "n_columns": len(names), "dropped_rare_classes": sorted(rare),
                "threads": res.head.n_jobs,   # LightGBM's sums differ between thread counts: part of a reproduction
                "features": str(features), "label_from": label_from, "defects_only": defects_only,
                "labels": None if labels is None else str(labels)}
