@@ -425,8 +425,9 @@ def head_columns(vector_names) -> list[str]:
 
 def without_twin_half(X: np.ndarray, names: list) -> tuple[np.ndarray, list]:
     """(X, names) less the mean half when every row's mean over tiles equals its top tile (an untiled store, or
-    one image a tile): the same numbers twice cost LightGBM twice the time for the same trees (magnetic tile's 392
-    defect rows: 78 s against 36 s, identical out-of-fold metrics) and split each column's importance in two.
+    one image a tile): the same numbers twice cost LightGBM twice the time for the same trees (`train-head` on
+    magnetic tile's 392 defect rows: 218.6 s against 116.6 s, the same out-of-fold figures, docs/results.md) and
+    split each column's importance in two.
     `predict` finds a head's columns by name, so such a head is read as any other."""
     d = X.shape[1] // 2
     if X.shape[1] % 2 == 0 and len(X) and np.array_equal(X[:, :d], X[:, d:], equal_nan=True):
