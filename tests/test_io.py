@@ -145,3 +145,58 @@ def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes(tmp_path):
         assert next(csv.DictReader(f))["path"] == odd   # the same name back
     atomic_write_csv(tmp_path / "u.csv", [{"path": "/d/défaut.png", "label": "hole"}])
     assert read_path_table(tmp_path / "u.csv", "label", "labels") == {"/d/défaut.png": "hole"}
+
+
+def test_shared_locks_coexist_an_exclusive_one_waits_for_none_and_a_lockless_filesystem_warns(tmp_path, monkeypatch):
+    """`extract --shard i/n` jobs share their store's folder (shared locks), and any other writer is refused while
+    one of them writes, and they while it does. A filesystem that cannot lock (ENOLCK: an NFS mount without its
+    lock daemon) failed every command with an OSError; it now runs the command unlocked and says so."""
+    import errno
+    import fcntl
+
+    import uninet_feat.io as uio
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.io import folder_lock
+    folder = tmp_path / "store"
+    with folder_lock(folder, shared=True), folder_lock(folder, shared=True):   # two jobs of one extract
+        with pytest.raises(BadInputError, match="another process is writing this x folder"):
+            with folder_lock(folder, "x"):
+                pass
+    with folder_lock(folder):
+        with pytest.raises(BadInputError, match="another process is writing"):
+            with folder_lock(folder, shared=True):
+                pass
+    # a job refused before writing leaves no empty folder, unless another job holds it too
+    with pytest.raises(ValueError), folder_lock(tmp_path / "once", shared=True):
+        raise ValueError
+    assert not (tmp_path / "once").exists()
+    real_open, other = os.open, []
+
+    def other_job_joins(path, *args, **kw):   # another job locks the folder just after this one made it
+        fd = real_open(path, *args, **kw)
+        if str(path).endswith(".lock") and not other:
+            other.append(real_open(path, os.O_RDWR))
+            fcntl.flock(other[0], fcntl.LOCK_SH)
+        return fd
+    monkeypatch.setattr(uio.os, "open", other_job_joins)
+    with pytest.raises(ValueError), folder_lock(tmp_path / "two", shared=True):
+        raise ValueError
+    monkeypatch.setattr(uio.os, "open", real_open)
+    os.close(other[0])
+    assert (tmp_path / "two" / ".lock").exists()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock files"):
+        with folder_lock(tmp_path / "nfs") as f:
+            (f / "x").write_text("done")
+    assert (tmp_path / "nfs" / "x").read_text() == "done"
+    with pytest.warns(UserWarning), pytest.raises(ValueError):   # failed before writing: no empty folder left
+        with folder_lock(tmp_path / "nfs2"):
+            raise ValueError
+    assert not (tmp_path / "nfs2").exists()
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):   # a real failure is not taken for a missing feature
+        with folder_lock(tmp_path / "bad"):
+            pass

@@ -179,6 +179,37 @@ def test_a_run_folder_takes_one_writer_and_sheds_a_killed_writes_temp_files(tmp_
     assert not (tmp_path / "new").exists()
 
 
+def test_every_command_writing_a_folder_takes_it_alone_and_extract_jobs_share_theirs(tmp_path, capsys):
+    """Only `train` locked its folder: two `train-head --out SAME` (a retried pipeline step) mixed one head with
+    the other's CV report, and `calibrate` rewrote calibration.json of a run still training. Now the folder a
+    command writes is locked against other processes: an exclusive lock for index / train-head / predict / ...
+    and calibrate's run, a shared one for extract, whose `--shard i/n` jobs write one store together."""
+    from uninet_feat.io import folder_lock
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=2, n_bad=2)
+    run, feats, head = tmp_path / "run", tmp_path / "feats", tmp_path / "head"
+    assert main(["train", "--data", str(data), *TRAIN, "--epochs", "1", "--out", str(run)]) == 0
+    cal = (run / "calibration.json").read_bytes()
+    with folder_lock(run):   # `train --resume` training it now
+        assert main(["calibrate", "--run", str(run), "--quiet"]) == 2
+    assert "another process is writing this run folder now" in capsys.readouterr().err
+    assert (run / "calibration.json").read_bytes() == cal
+    extract = ["extract", "--data", str(data), "--run", str(run), "--out", str(feats), "--quiet"]
+    with folder_lock(feats):   # another command (an index, a predict) writing there now
+        assert main(extract) == 2
+    assert "another process is writing this feature store folder now" in capsys.readouterr().err
+    assert not (feats / "manifest.json").exists()
+    with folder_lock(feats, shared=True):   # another job of the same sharded extract: both write the store
+        assert main(extract) == 0
+    assert (feats / "complete").exists()
+    th = ["train-head", "--features", str(feats), "--folds", "2", "--threads", "1", "--out", str(head)]
+    for shared in (False, True):   # the same step started again while the first still runs; an extract's job
+        with folder_lock(head, shared=shared):
+            assert main(th) == 2
+        assert "another process is writing this train-head output folder now" in capsys.readouterr().err
+        assert not (head / "cv_report.json").exists()
+    assert main(th) == 0 and (head / "cv_report.json").exists()   # the lock is gone with its holder
+
+
 def test_a_resume_refuses_a_data_folder_whose_split_changed(tmp_path, capsys):
     """The validation split is drawn from the sorted training normals, so an image added to train/good redrew it on
     resume: a normal the first epochs trained on became a validation normal (threshold, selection). A resume now

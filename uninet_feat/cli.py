@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -642,9 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "out", None)
         if args.command not in ("train", "prompts") and isinstance(out, str) and Path(out).is_dir():
             _remove_dead_temps(Path(out))
-        with warnings.catch_warnings():   # _dispatch sets the commands' filters: a host process keeps its own
-            code = _dispatch(args)
-        _save_command_config(args)
+        with warnings.catch_warnings(), _command_lock(args):   # _dispatch sets the commands' filters: a host
+            code = _dispatch(args)                              # process keeps its own
+            _save_command_config(args)
         return code
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -662,6 +663,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         runs._default_device = device_before
+
+
+# commands whose --out is theirs alone while they write it; `extract`'s jobs share theirs (`--shard i/n`)
+_ONE_WRITER = ("index", "train-head", "cluster", "predict", "export-model", "zero-shot")
+
+
+def _command_lock(args):
+    """The folder a command writes, locked against other processes while it runs (`io.folder_lock`). Why: two
+    commands into one --out (a pipeline step retried while the first still ran, or another command) each passed
+    `_check_out_is_its_own` and mixed their files: one head's booster beside the other's CV report. `calibrate`
+    writes into its run, so it waits for no one but is refused while `train` trains that run (its calibration
+    would describe a model about to be replaced). train takes its own lock; demo, evaluate and ensemble write files."""
+    from .io import folder_lock
+    if args.command in _ONE_WRITER:
+        return folder_lock(args.out, f"{args.command} output")
+    if args.command == "extract":
+        return folder_lock(args.out, "feature store", shared=True,
+                           fix="wait for it to finish, or choose another --out (the jobs of one sharded extract, "
+                               "`--shard i/n` with the same arguments, may share it)")
+    if args.command == "calibrate" and Path(args.run).is_dir():   # else calibrate says what is wrong with --run
+        return folder_lock(args.run, "run", fix="wait for its training (or the other calibrate) to finish")
+    return contextlib.nullcontext()
 
 
 def _remove_dead_temps(out: Path) -> None:

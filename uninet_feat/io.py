@@ -176,15 +176,29 @@ def read_yaml(path, fix: str):
         raise BadInputError(f"cannot read this YAML file ({type(e).__name__}: {e})", path=path, fix=fix) from e
 
 
+def _alone(fd: int) -> bool:
+    """Whether the shared lock on ``fd`` could be made exclusive: no other process holds the folder."""
+    import fcntl
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def folder_lock(folder, what: str = "run"):
+def folder_lock(folder, what: str = "run", shared: bool = False, fix: str = "wait for it to finish, or choose "
+                "another --out"):
     """Hold an exclusive lock on ``folder`` (created if needed) while the body writes into it; a second
     process asking for it is refused at once. Why: two `train --out SAME` started together both passed the
-    "folder already holds a run" check and interleaved their files (one run's config beside the other's model).
-    The kernel drops the lock when its process dies (flock), so a killed run never leaves the folder locked.
-    Then temp files of atomic writes that a kill left (``.NAME.XXXX.tmp``) are removed, in the folder and its
-    subfolders: those of writers that are gone (`remove_dead_temps`; and an older version's, unnamed). A live
-    writer's is kept: only `train` takes this lock, and a `predict --out RUN/preds` or a `calibrate` may be writing
+    "folder already holds a run" check and interleaved their files (one run's config beside the other's model);
+    two `train-head --out SAME` (a retried pipeline step) left one head beside the other's CV report.
+    ``shared``: a lock that other shared holders may hold too (the jobs of one sharded `extract`) and an exclusive
+    one may not. The kernel drops the lock when its process dies (flock), so a killed run never leaves the folder
+    locked. On a filesystem without locks the body runs unlocked, with a warning.
+    Then, exclusive only, temp files of atomic writes that a kill left (``.NAME.XXXX.tmp``) are removed, in the
+    folder and its subfolders: those of writers that are gone (`remove_dead_temps`; and an older version's,
+    unnamed). A live writer's is kept: a `predict --out RUN/preds` or a `calibrate` may be writing
     (all of them were removed, and the live writer's rename then failed)."""
     import fcntl
     folder = Path(folder)
@@ -194,18 +208,26 @@ def folder_lock(folder, what: str = "run"):
     held = False
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
-            raise BadInputError(f"another process is writing this {what} folder now", path=folder,
-                                fix="wait for it to finish, or choose another --out") from None
-        held = True
-        for sub in [folder, *(d for d in folder.iterdir() if d.is_dir())]:
-            remove_dead_temps(sub, unnamed=True)
+            raise BadInputError(f"another process is writing this {what} folder now", path=folder, fix=fix) from None
+        except OSError as e:   # e.g. a network filesystem mounted without lock support (ENOLCK)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+                raise
+            import warnings
+            warnings.warn(f"{folder}'s filesystem cannot lock files ({e.strerror}): another process writing into it "
+                          "now would not be noticed; run one writer at a time there")
+            held = True   # as the folder's one writer, which is all the caller can be told
+        if held and not shared:
+            for sub in [folder, *(d for d in folder.iterdir() if d.is_dir())]:
+                remove_dead_temps(sub, unnamed=True)
         yield folder
     except BaseException:
         # stopped before writing anything: no empty folder left behind; only by the holder, since a refused
         # process's folder (it made it just before the holder took the lock) is the holder's, .lock included
-        if held and created and [p.name for p in folder.iterdir()] == [".lock"]:
+        # (a shared holder only when it holds the folder alone: its lock turns exclusive)
+        if held and created and [p.name for p in folder.iterdir()] == [".lock"] and (not shared or _alone(fd)):
             (folder / ".lock").unlink(missing_ok=True)
             folder.rmdir()
         raise
