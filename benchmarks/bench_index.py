@@ -64,7 +64,7 @@ def main(argv=None):
             r["recall_1@10"] = float((lab == ref[:, None]).any(1).mean())
         if kind == "ivfpq":
             ivf = faiss.extract_index_ivf(index)
-            r.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe), m_pq=int(faiss.downcast_index(index).pq.M))
+            r.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe), m_pq=int(faiss.downcast_index(ivf).pq.M))
         elif kind == "hnsw":
             r.update(M=32, efSearch=int(faiss.downcast_index(index).hnsw.efSearch))
         out["results"][kind] = r

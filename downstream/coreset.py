@@ -62,7 +62,7 @@ def _project(vectors, proj_dim, seed, dev, chunk) -> torch.Tensor:
 @torch.no_grad()
 def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, seed: int = 0,
                       proj_dim: int | None = 128, device: str = "auto", chunk: int = 65536,
-                      state=None) -> np.ndarray:
+                      state=None, keep_state: bool = False) -> np.ndarray:
     """Indices (int64, in selection order) of a greedy k-center coreset of ``vectors`` (N, d).
 
     Keeps ``n`` points if given, else ``ceil(ratio * N)``. The first centre is drawn with ``seed``;
@@ -72,7 +72,9 @@ def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, 
 
     ``state``: a file where the picks so far and the running distances are saved every `STATE_SECONDS`, so that a
     killed selection (an hour on a CPU for 10^5+ picks) resumes from its last save, to the same result, when run
-    again on the same vectors and settings (`_resume`); removed when the selection is done.
+    again on the same vectors and settings (`_resume`); removed when the selection is done, or with ``keep_state``
+    saved finished, for the caller to remove once what it builds from the picks is saved (a kill while the index
+    is built or written then costs no selection again).
     """
     dev = torch_device(device)   # first: a bad device is refused whatever the vectors
     if not hasattr(vectors, "ndim"):   # a list of rows, as build_index and train_head take
@@ -118,7 +120,10 @@ def coreset_subsample(vectors, ratio: float | None = 0.1, n: int | None = None, 
         if state is not None and i % 64 == 63 and time.monotonic() - saved > STATE_SECONDS:
             _save_state(Path(state), key, chosen[:i + 1], last, mind)
             saved = time.monotonic()
-    if state is not None:
+    if state is not None and keep_state:
+        if start < n:   # else it was read back finished
+            _save_state(Path(state), key, chosen, last, mind)
+    elif state is not None:
         Path(state).unlink(missing_ok=True)
     return chosen.cpu().numpy()
 

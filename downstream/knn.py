@@ -42,8 +42,12 @@ def knn_scores(index, queries, k: int = 1) -> np.ndarray:
     dist, labels = search(index, queries, k)
     short = (labels < 0).any(1)
     if short.any():
-        raise BadInputError(f"{int(short.sum())} of {len(short)} queries found fewer than k = {k} neighbours (an "
-                            "IVF index searched too few of its lists)", fix="search more lists "
+        said = f"{int(short.sum())} of {len(short)} queries found fewer than k = {k} neighbours"
+        if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):   # was told "an IVF index ... or an HNSW one"
+            raise BadInputError(f"{said} (an HNSW graph search reaches fewer than k of its {index.ntotal} vectors "
+                                "when k is near their count)", fix="a smaller --k, or an exact index (`uninet-feat "
+                                "index --kind flat`)")
+        raise BadInputError(f"{said} (an IVF index searched too few of its lists)", fix="search more lists "
                             "(`set_search_params(index, nprobe=N)`, or build_index's nprobe), or a flat or HNSW index "
                             "(`uninet-feat index --kind flat`)")
     return dist.mean(1)
@@ -99,8 +103,9 @@ class KNNScorer:
         self.n_normal = 0
         self.source = None   # the feature store's source it was built from (set by save / load)
 
-    def fit(self, normal_patches, state=None) -> "KNNScorer":
-        """``state``: a file that makes the coreset selection resumable (`coreset_subsample`)."""
+    def fit(self, normal_patches, state=None, keep_state: bool = False) -> "KNNScorer":
+        """``state``: a file that makes the coreset selection resumable (`coreset_subsample`; ``keep_state``: left
+        finished for the caller to remove once the scorer is saved)."""
         x, _ = _flat(normal_patches, "normal patch vectors")
         self.n_normal = len(x)
         coreset = self.coreset_ratio is not None and float(self.coreset_ratio) < 1
@@ -112,9 +117,12 @@ class KNNScorer:
                                     + (", or a larger --coreset" if coreset else ""))
         if coreset:
             x = x[np.sort(coreset_subsample(x, ratio=self.coreset_ratio, seed=self.seed,
-                                            proj_dim=self.proj_dim, device=self.device, state=state))]
+                                            proj_dim=self.proj_dim, device=self.device, state=state,
+                                            keep_state=keep_state))]
         self.index = build_index(x, kind=self.kind, metric="l2", device=self.device, seed=self.seed,
                                  **self.index_kw)
+        if self.kind != "flat":   # an approximate search that misses neighbours is refused now, not at scoring
+            knn_scores(self.index, x[np.linspace(0, len(x) - 1, min(len(x), 64)).astype(int)], self.k)
         return self
 
     def _need_fit(self):

@@ -89,7 +89,7 @@ def train_empty_index(vector_shards, kind: str = "ivfpq", metric: str = "l2", nl
                             fix="use kind=flat for small sets, or lower nbits/nlist")
     ivf.cp.seed = seed
     if kind == "ivfpq":
-        faiss.downcast_index(index).pq.cp.seed = seed
+        faiss.downcast_index(ivf).pq.cp.seed = seed
     n_train = min(n, max(64 * ivf.nlist, 39 * 2 ** nbits) if kind == "ivfpq" else 64 * ivf.nlist)
     index.train(training_sample(vector_shards, n_train, seed))
     set_search_params(index, nprobe=auto_nprobe(ivf.nlist) if nprobe is None else nprobe)

@@ -190,6 +190,9 @@ def test_index_and_train_head_name_the_store_and_images_whose_features_are_nan(t
     err = capsys.readouterr().err
     assert f"{tmp_path / 'f'}: the features of 4 image(s) contain NaN or Inf (first: {data}/train/good/000.png" in err
     assert f"check --weights {tmp_path / 'nan.pt'}, then extract again" in err
+    # an image-level index named row numbers only ("1 of 10 vectors contain NaN or Inf (rows [0, ...])")
+    assert main(["index", "--features", str(tmp_path / "f"), "--level", "image", "--out", str(tmp_path / "i")]) == 2
+    assert f"{tmp_path / 'f'}: the features of 10 image(s) contain NaN or Inf (first: " in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["train-head", "--features", str(tmp_path / "f"), "--folds", "2",
@@ -209,3 +212,32 @@ def test_extract_validate_takes_the_images_skip_bad_left_out_for_no_missing_ones
                           quiet=True, skip_bad=True, validate=True)
     assert res["skipped"] == [str(data / "test" / "good" / "broken.png")]
     assert res["validation"]["ok"] and res["validation"]["n_images"] == 8
+
+
+def test_a_kill_while_the_index_is_built_keeps_the_finished_coreset_for_the_next_run(tmp_path, monkeypatch):
+    """The selection's state was removed as soon as the picks were made, so a kill while the index was built or
+    written (minutes for IVF-PQ or HNSW on a real bank) made the next `index` run select again from pick 0 (47 min
+    at 256 px here). `index` now keeps the finished state until knn.json is saved."""
+    from uninet_feat import workflows
+    from uninet_feat.downstream import coreset as cs
+    from uninet_feat.downstream import KNNScorer, knn
+    from uninet_feat.featstore import FeatureStore
+    store = tmp_path / "f"
+    data = write_texture_set(tmp_path / "tex", n_train=6, n_good=1, n_bad=1, size=32)
+    assert main(["extract", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+                 "--patches", "--out", str(store), "--quiet"]) == 0
+    real_build, real_resume, starts = knn.build_index, cs._resume, []
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(knn, "build_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        workflows.index_cmd(store, tmp_path / "k", coreset=0.5, device="cpu")
+    assert (tmp_path / "k" / ".coreset_state.npz").exists()
+    monkeypatch.setattr(knn, "build_index", real_build)
+    monkeypatch.setattr(cs, "_resume", lambda *a: (lambda r: starts.append(r[0]) or r)(real_resume(*a)))
+    workflows.index_cmd(store, tmp_path / "k", coreset=0.5, device="cpu")
+    n_bank = KNNScorer.load(tmp_path / "k").index.ntotal
+    assert starts == [n_bank] and not (tmp_path / "k" / ".coreset_state.npz").exists()   # nothing picked again
+    n_normal = sum(it["is_normal"] and it["split"] == "train" for it in FeatureStore(store).items)
+    assert n_bank < n_normal * 64 and n_bank > 0

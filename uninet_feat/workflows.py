@@ -164,9 +164,11 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
                                 fix="extract features of a folder with normal (good) training images")
         patches = store.rows("patches", normal)   # shard by shard into one float32 array
         _refuse_nonfinite(patches, [paths[j] for j in np.flatnonzero(normal)], features, source)
-        # the coreset's picks saved as it goes: a killed index run again resumes its selection
+        # the coreset's picks saved as it goes, and kept until the scorer is saved: a killed index run again
+        # resumes its selection, also when killed while its index was built or written
+        state = out / ".coreset_state.npz"
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset, device=device).fit(
-            patches, state=out / ".coreset_state.npz")
+            patches, state=state, keep_state=True)
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
         # which validation normals were held out (predict's combined score needs them outside the bank)
         n_held = len(held_out & set(paths))
@@ -185,8 +187,10 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         bank = sorted({p for p, keep in zip(paths, normal) if keep})
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held,
                                  "held_out_test": held_test, "bank_images": bank})
+        state.unlink(missing_ok=True)
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
+    _refuse_nonfinite(X, [r["path"] for r in recs], features, store.manifest.get("source"))   # names the images
     index = build_index(X, kind=kind, device=device)
     for old in ("ids.json", "knn.json"):   # a patch index's knn.json would describe this index wrongly
         (out / old).unlink(missing_ok=True)
