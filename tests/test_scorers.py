@@ -1,5 +1,6 @@
 """The kNN and combined scorers beside WDM: flagging by them, their thresholds, the kNN heatmap."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,37 @@ def test_flag_by_knn_needs_an_index_and_valid_normals(setup, tmp_path, capsys):
     with pytest.warns(UserWarning, match="held out"):
         assert main(base + ["--knn", str(tmp_path / "all"), "--flag-by", "knn", "--out", str(tmp_path / "p")]) == 2
     assert "needs the run's validation normals" in capsys.readouterr().err
+    # with --threshold: the kNN score is compared with it; a combined score does not exist (a KeyError after scoring)
+    given = base + ["--knn", str(tmp_path / "all"), "--threshold", "0.5", "--no-overlays"]
+    with pytest.warns(UserWarning, match="held out"):
+        assert main(given + ["--flag-by", "combined", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "flagging by the combined score needs the run's validation normals" in err and "Traceback" not in err
+    assert not (tmp_path / "c" / "predictions.csv").exists()
+    with pytest.warns(UserWarning, match="held out"):
+        assert main(given + ["--flag-by", "knn", "--out", str(tmp_path / "k")]) == 0
+    rows = json.loads((tmp_path / "k" / "predictions.json").read_text())
+    assert [r["flagged"] for r in rows] == [r["knn_score"] > 0.5 for r in rows]
+
+
+def test_predict_removes_its_earlier_overlays_and_maps_and_no_file_of_the_users(setup, tmp_path):
+    """A predict into --out removed every *_overlay.png in OUT/overlays and every *.npy / *_mask.png in OUT/maps, the
+    user's own masks and arrays too; now the files an earlier predict's predictions.csv names, and those under the
+    names this run writes."""
+    data, run, _ = setup
+    out = tmp_path / "p"
+    mine = [out / "maps" / "part17.npy", out / "maps" / "part17_mask.png", out / "overlays" / "shift2_overlay.png"]
+    for f in mine:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"the user's")
+    base = ["predict", "--run", str(run), "--data", str(data), "--quiet", "--out", str(out)]
+    assert main(base + ["--threshold=-1e9", "--save-maps"]) == 0   # every image flagged: an overlay and a map each
+    first = json.loads((out / "predictions.json").read_text())
+    written = [Path(r[c]) for r in first for c in ("overlay", "map")]
+    assert all(f.is_file() for f in written) and all(f.read_bytes() == b"the user's" for f in mine)
+    assert main(base + ["--threshold=1e9"]) == 0   # a re-run: nothing flagged, no maps
+    assert not any(f.exists() for f in written) and all(f.read_bytes() == b"the user's" for f in mine)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["shift2_overlay.png"]
 
 
 def _predict_every_image(setup, out, heatmap):

@@ -222,13 +222,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     # re-run's results are removed: a failure here leaves them)
     names = {p: n.removesuffix("_overlay.png")
              for p, n in _overlay_names([s.path for s in samples], Path(data)).items()}
+    earlier = _earlier_outputs(out, names)   # read before the predictions.csv that names them is removed
     for old in ("summary.json", "predictions.csv", "predictions.json"):   # a re-run's: gone before the files they
         (out / old).unlink(missing_ok=True)   # name are, so a stop part-way leaves none describing other files
-    for old in (out / "overlays").glob("*_overlay.png"):   # a re-run's: only this run's flagged images have one
-        old.unlink()
-    for old in (out / "maps").glob("*"):   # a re-run's maps: this run writes its own or none
-        if old.name.endswith((".npy", "_mask.png")):
-            old.unlink()
+    for old in earlier:   # a re-run's overlays and maps: only this run's flagged images have one
+        old.unlink(missing_ok=True)
     if save_maps:
         summary_extra |= _write_maps(ex, samples, rows, out / "maps", names, pixel_threshold, held)
     atomic_write_csv(out / "predictions.csv", rows)
@@ -520,6 +518,24 @@ def _write_overlays(ex, samples, rows, folder: Path, names: dict, transform=None
 
 
 PIXEL_RULE = "0.999 quantile of the validation normals' pixel-map values (about 1 normal pixel in 1,000 above it)"
+
+
+def _earlier_outputs(out: Path, names: dict) -> list[Path]:
+    """The overlays, maps and masks that an earlier predict into ``out`` wrote (its predictions.csv names them), and
+    those under the names this run writes (``names``; also a killed run's, whose csv was already gone): removed
+    before this run writes its own. Why: every ``*_overlay.png``, ``*.npy`` and ``*_mask.png`` in OUT/overlays and
+    OUT/maps was removed, a user's own masks and arrays there too. Only files in those two folders are taken."""
+    import csv
+    files = set()
+    try:
+        with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                files |= {Path(row[c]) for c in ("overlay", "map", "defect_mask") if row.get(c)}
+    except (OSError, UnicodeDecodeError, csv.Error):   # none, or not readable: the names below only
+        pass
+    for n in names.values():
+        files |= {out / "overlays" / f"{n}_overlay.png", out / "maps" / f"{n}.npy", out / "maps" / f"{n}_mask.png"}
+    return sorted(p for p in files if p.parent in (out / "overlays", out / "maps") and p.is_file())
 
 
 def _write_maps(ex, samples, rows, folder: Path, names: dict, pixel_threshold=None, held=None) -> dict:

@@ -331,6 +331,10 @@ def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=Non
     each group. With ``group``, that group's threshold (`thresholds.pick_group`)."""
     from .thresholds import check_threshold_flags, group_rule, pick_group, resolve_threshold, thresholds_by_group
     check_threshold_flags(threshold, max_fpr)
+    if ref is None and name == "combined":   # with --threshold too: there is no combined score to compare with it
+        raise BadInputError("flagging by the combined score needs the run's validation normals (it sums the kNN "
+                            "and WDM scores in their units; see the warning)",
+                            fix="fix what the warning names, or flag by knn or wdm (--flag-by)")
     if threshold is not None:
         return float(threshold), "given (--threshold)", None
     if ref is None:
