@@ -251,3 +251,20 @@ def test_within_image_auroc_is_each_defect_images_own_auroc_averaged_binned_or_n
     assert M.within_image_auroc(masks, moved)[0] < 0.2
     assert M.within_image_auroc([m & False for m in masks], maps) is None
     assert _stats([m & False for m in masks], maps).within_image_auroc() is None
+
+
+def test_a_streamed_sink_leaves_out_the_knn_maps_when_the_knn_pass_skipped_an_image():
+    """`evaluate --knn` on the streamed path bins each image's kNN map beside its WDM map; an image the kNN pass
+    skipped (its file changed between the two passes) has none, and `result` raised a KeyError after all the
+    scoring. Now the kNN figures are left out for the set, as on the exact path; the WDM figures stay."""
+    masks, maps = _set(5, n=6)
+    samples = [SimpleNamespace(i=i) for i in range(6)]
+    sink = _PixelSink(samples, budget=0, extra=lambda i, m: {} if i == 2 else {"knn": m * 2})
+    for s, m, a in zip(samples, masks, maps):
+        sink(s, a, m)
+    got = sink.result(samples)
+    assert len(got["pixel_stats"].images) == 6 and got["extra_stats"] == {}
+    whole = _PixelSink(samples, budget=0, extra=lambda i, m: {"knn": m * 2})
+    for s, m, a in zip(samples, masks, maps):
+        whole(s, a, m)
+    assert len(whole.result(samples)["extra_stats"]["knn"].images) == 6

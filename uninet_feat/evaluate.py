@@ -301,6 +301,8 @@ class _PixelSink:
             return {**out, "maps": [self.kept[i][0] for i in order], "masks": [self.kept[i][1] for i in order]}
         stats = {}
         for name, per in self.binned.items():
+            if any(i not in per for i in order):   # an image the kNN pass skipped (a file changed between the two
+                continue                           # passes): no kNN map to pair with it, as on the exact path
             stats[name] = metrics.PixelStats(origin=self.origin[name])
             stats[name].images = [per[i] for i in order]
         return {**out, "maps": None, "masks": None, "pixel_stats": stats.pop("wdm"), "extra_stats": stats}
