@@ -591,3 +591,13 @@ def test_a_defect_painted_on_a_transparent_layer_is_the_mask_not_its_hidden_whit
     b[1:3, 1:3, 0], b[..., 3] = 255, 255   # fully opaque: the red square is the mask
     Image.fromarray(b, "RGBA").save(tmp_path / "o.png")
     assert load_mask(tmp_path / "o.png").sum() == 4
+    # a black brush on a transparent layer read as an empty mask (its colours are all 0): its alpha is the mask
+    k = np.zeros((8, 10, 4), np.uint8)
+    k[2:4, 3:6, 3] = 255
+    Image.fromarray(k, "RGBA").save(tmp_path / "k.png")
+    assert load_mask(tmp_path / "k.png").sum() == 6 and load_mask(tmp_path / "k.png")[2:4, 3:6].all()
+    Image.fromarray(k[..., 2:], "LA").save(tmp_path / "k_la.png")
+    assert load_mask(tmp_path / "k_la.png").sum() == 6
+    k[..., 3] = 255 - k[..., 3]   # an opaque black background with a transparent hole: no defect, as before
+    Image.fromarray(k, "RGBA").save(tmp_path / "hole.png")
+    assert not load_mask(tmp_path / "hole.png").any()

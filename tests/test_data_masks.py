@@ -10,6 +10,7 @@ from PIL import Image
 from _tiny import register_tiny, tiny_train_args
 from uninet_feat.cli import main
 from uninet_feat.data import discover, discover_batch
+from uninet_feat.errors import BadInputError
 
 
 def _save(p, a):
@@ -166,3 +167,56 @@ def test_a_gif_mask_in_ground_truth_is_named_as_unmatched(tmp_path):
                                          r"images have a mask.*convert them to PNG"):
         s = discover(tmp_path)
     assert [(x.label, x.mask) for x in s] == [("crack", None), ("good", None)]
+
+
+def test_a_csv_refuses_its_split_under_another_name_and_a_mask_listed_as_an_image(tmp_path):
+    """Without a column named `split` the split is drawn by path hash: a CSV whose splits were under `set` had
+    220 of magnetic tile's test normals trained on, silently. And a CSV listing a folder as `ls` gives it (x.jpg
+    and its mask x.png) made each mask an image too, trained on or scored; folder layouts leave those out."""
+    for n in ("a", "b", "c"):
+        _save(tmp_path / f"{n}.jpg", np.full((16, 16), 120, np.uint8))
+    _save(tmp_path / "b.png", np.zeros((16, 16), np.uint8))   # b.jpg's mask by the beside-the-image convention
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,set,label\na.jpg,train,good\nb.jpg,test,good\nc.jpg,Test,crack\n")
+    with pytest.raises(BadInputError, match=r"no `split` column, and its `set` column holds splits .* test images "
+                                            r"trained on \(fix: name that column `split`"):
+        discover(tmp_path, split_csv=csv)
+    csv.write_text("path,note,label\na.jpg,train,good\nb.jpg,scratched,good\nc.jpg,,crack\n")   # not splits
+    assert [s.split for s in discover(tmp_path, split_csv=csv)] == ["", "", ""]   # drawn later, as before
+    csv.write_text("path,split,label\na.jpg,train,good\nb.jpg,test,good\nb.png,test,good\nc.jpg,test,crack\n")
+    with pytest.raises(BadInputError, match=r"line 4: b.png is the mask of line 3 \(b.jpg\): a mask is not an image"):
+        discover(tmp_path, split_csv=csv)
+    csv.write_text("path,split,label,mask\na.jpg,train,good,\nc.jpg,test,crack,b.png\nb.png,test,good,\n")
+    with pytest.raises(BadInputError, match=r"line 4: b.png is the mask of line 3 \(c.jpg\)"):   # a mask column's
+        discover(tmp_path, split_csv=csv)
+
+
+def test_extract_and_calibrate_normals_take_the_runs_mask_pattern(tmp_path):
+    """`extract --run` and `calibrate --normals DIR` discovered the data without the run's mask_pattern, so masks
+    named by it (x_gt.png) were stored as defect images and calibrated on as normals."""
+    register_tiny()
+    data = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        _save(data / "good" / f"{i:03d}.png", rng.integers(90, 110, (32, 32), dtype=np.uint8))
+    for i in range(2):
+        a, m = rng.integers(90, 110, (32, 32), dtype=np.uint8), np.zeros((32, 32), np.uint8)
+        a[8:16, 8:16], m[8:16, 8:16] = 255, 255
+        _save(data / "crack" / f"{i:03d}.png", a)
+        _save(data / "crack" / f"{i:03d}_gt.png", m)
+    normals = tmp_path / "normals"
+    for i in range(3):
+        _save(normals / f"n{i}.png", rng.integers(90, 110, (32, 32), dtype=np.uint8))
+        _save(normals / f"n{i}_gt.png", np.zeros((32, 32), np.uint8))
+    (tmp_path / "cfg.yaml").write_text('mask_pattern: "{stem}_gt.png"\n')
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(tiny_train_args(data) + ["--image-size", "32", "--config", str(tmp_path / "cfg.yaml"),
+                                             "--out", str(run)]) == 0
+        assert main(["extract", "--data", str(data), "--run", str(run), "--out", str(tmp_path / "f"), "--quiet"]) == 0
+        assert main(["calibrate", "--run", str(run), "--normals", str(normals), "--quiet"]) == 0
+    items = json.loads((tmp_path / "f" / "manifest.json").read_text())["items"]
+    assert len(items) == 10 and not [it for it in items if "_gt" in it["path"]]
+    cal = json.loads((run / "calibration.json").read_text())
+    assert sorted(p.rsplit("/", 1)[-1] for p in cal["val_paths"]) == ["n0.png", "n1.png", "n2.png"]

@@ -76,7 +76,7 @@ def given_normals(folder, cfg: dict) -> list:
                                 "(their new place), or `--normals split` (the held-out validation split)")
     from .data.images import load_mask
     from .data.layouts import without_predict_outputs   # a predict's overlays there are heatmaps, not normals
-    found = without_predict_outputs(discover_batch(folder), folder)
+    found = without_predict_outputs(discover_batch(folder, cfg.get("mask_pattern")), folder)   # its masks too
     bad = [s for s in found if (s.label and not s.is_normal) or (s.mask is not None and load_mask(s.mask).any())]
     if bad:
         why = "a defect mask beside it" if bad[0].mask is not None else f"label {bad[0].label!r}"

@@ -134,7 +134,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                                         "and retrain the head")
         head_cols[hd] = _head_columns(head, head_columns(ex.vector_names), hd, ex.run_dir)
     if split_csv:
-        samples = samples_of(data, split_csv)
+        samples = samples_of(data, split_csv, mask_pattern=ex.cfg.get("mask_pattern"))
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
         from .data.layouts import discover_batch
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))

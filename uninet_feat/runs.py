@@ -42,12 +42,13 @@ def load_samples(cfg: dict):
 SPLIT_HASHES = ("relative", "path")
 
 
-def samples_of(data, split_csv=None, group=None, split_hash=None) -> list:
+def samples_of(data, split_csv=None, group=None, split_hash=None, mask_pattern=None) -> list:
     """Samples of ``data`` (a folder layout, or ``split_csv``'s rows) as `load_samples` reads a config;
-    ``split_hash`` from a run's config gives that run's validation split (None: a new one's)."""
+    ``split_hash`` from a run's config gives that run's validation split (None: a new one's), and its
+    ``mask_pattern`` its masks (without it, masks named by the pattern were images: `extract --run` stored them)."""
     from .config import load_config
     return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group,
-                                           "split_hash": split_hash}))
+                                           "split_hash": split_hash, "mask_pattern": mask_pattern}))
 
 
 def load_test_samples(cfg: dict) -> list:

@@ -100,7 +100,7 @@ def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_patte
                                 "--group", fix="drop --batch, or drop --split-csv / --group")
         return without_predict_outputs(discover_batch(data, mask_pattern), data)
     try:
-        return samples_of(data, split_csv, group, split_hash)
+        return samples_of(data, split_csv, group, split_hash, mask_pattern)
     except BadInputError as e:
         if split_csv or group or not Path(data).is_dir() or "no images found" not in e.reason:
             raise

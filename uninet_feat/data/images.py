@@ -406,7 +406,8 @@ def _mask_channels(path) -> np.ndarray:
     alpha channel is 0 in some pixels and not in others, the transparent ones are background (zero): annotation
     tools export a defect painted on a transparent layer, whose hidden colour may be white (read as 100 % defect).
     A transparency colour key (a palette PNG's tRNS, as palette-optimising exports write that layer, or an L / RGB
-    PNG's) is such an alpha channel too."""
+    PNG's) is such an alpha channel too. A layer whose painted pixels are all black (a black brush) and cover at most
+    half of it is read by its alpha: its colours were all zero, an empty mask."""
     with _open(path) as stored:
         img = oriented(stored)
         if "transparency" in img.info and img.mode in ("1", "L", "P", "RGB"):
@@ -416,6 +417,10 @@ def _mask_channels(path) -> np.ndarray:
             colour, alpha = a[..., :-1], a[..., -1]
             clear = alpha == 0
             if clear.any() and not clear.all():   # a constant alpha says nothing: the colours are the mask
+                # a black brush: the painted (opaque) pixels are the defect; not an opaque black background with
+                # transparent holes, which would make most of the image a defect
+                if not colour[~clear].any() and clear.mean() >= 0.5:
+                    return np.where(clear, 0, 255).astype(np.uint8)
                 colour = np.where(clear[..., None], 0, colour).astype(colour.dtype)
             return colour
         if img.mode in ("P", "CMYK", "YCbCr"):

@@ -602,6 +602,9 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
                                 fix="first line must be e.g. path,split,label[,mask][,group]")
         group_col = next((c for c in ("group", "fabric", "category") if c in cols), None)
         out, seen, missing, blank_split, n_rows, mask_of = [], {}, [], {}, {}, {}
+        # without a `split` column the split is drawn: a column that holds splits under another name (set, subset)
+        # was ignored, and its test rows trained on
+        split_like = {c: 0 for c in cols if c not in ("path", "label", "mask", "split", group_col)}
         for row in reader:
             line = reader.line_num
             if None in row:   # DictReader's key for fields beyond the header's
@@ -611,6 +614,11 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             if not row.get("path"):
                 continue
+            for c in list(split_like):
+                if row.get(c, "").lower() not in SPLITS:
+                    del split_like[c]
+                elif row.get(c):
+                    split_like[c] += 1
             if any("\x00" in row.get(k, "") for k in ("path", "mask")):   # os.path would raise a bare ValueError
                 raise BadInputError(f"line {line}: a path holds a NUL character", path=csv_path,
                                     fix="the CSV is damaged or binary: re-export it as plain UTF-8 text")
@@ -659,6 +667,22 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
                 if m_key is not None:
                     mask_of[m_key] = (line, row["path"])
             out.append(Sample(p, split, row["label"], mask, group))
+    named = [c for c, n in split_like.items() if n and "split" not in cols]
+    if named:
+        raise BadInputError(f"the CSV has no `split` column, and its `{named[0]}` column holds splits (train, test, "
+                            "val): it would be ignored, each image's split drawn from its path, and test images "
+                            "trained on", path=csv_path, fix=f"name that column `split` in the header "
+                                                            f"(path,split,label[,mask]), or remove it for a drawn split")
+    # a row's image that is another row's mask (a listing of Imgs/ holding x.jpg and its mask x.png): trained on
+    # as a normal, or scored as a defect, and used as a mask too; folder layouts leave such files out
+    owner = {os.path.realpath(m): v for m, v in mask_of.items()}
+    both = [(v, owner[real]) for real, v in seen.items() if real in owner and owner[real][0] != v[0]]
+    if both:
+        (line, rel), (m_line, m_rel) = min(both)
+        more = f" (and {len(both) - 1} more)" if len(both) > 1 else ""
+        raise BadInputError(f"line {line}: {rel} is the mask of line {m_line} ({m_rel}){more}: a mask is not an "
+                            "image to train on or score", path=csv_path,
+                            fix="remove the rows of mask files from the CSV (name masks in a `mask` column)")
     for g, blank in blank_split.items():   # a group all blank gets a drawn split (`runs.assign_splits`)
         if len(blank) < n_rows[g]:
             lines = ", ".join(map(str, blank[:5])) + (" ..." if len(blank) > 5 else "")
