@@ -123,3 +123,52 @@ def test_text_scorer_refuses_an_explicitly_empty_prompt_list(key):
     from uninet_feat.vlm import TextScorer
     with pytest.raises(BadInputError, match=f"{key} is empty"):
         TextScorer(create_backbone("clip:tiny"), **{key: []})
+
+
+def test_train_builds_float32_under_a_callers_float64_default_and_leaves_it(tmp_path):
+    """`Detector` and `build_from_checkpoint` built float32 under a host's float64 default, `train` did not: its
+    float64 model met float32 images at the first step (a RuntimeError, with config.yaml already written)."""
+    data = write_texture_set(tmp_path / "tex", n_train=4, n_good=1, n_bad=1, size=32)
+    cfg = load_config(None, {"data": str(data), "backbone": "tiny", "weights": "random", "image_size": 32,
+                             "epochs": 1, "batch_size": 2, "channels_last": False, "val_fraction": 0.3})
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        path = train(cfg, tmp_path / "run", quiet=True)
+        assert torch.get_default_dtype() == torch.float64   # the caller's default, as it was
+    finally:
+        torch.set_default_dtype(before)
+    from uninet_feat.checkpoint import read_checkpoint
+    weights = read_checkpoint(path)["state_dict"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_a_run_of_an_older_versions_config_yaml_re_creates_that_run(tmp_path):
+    """A run's config.yaml holds the keys that existed when it trained; `train --config OLD/config.yaml` filled
+    today's defaults for the others (a student without the ReLU, another split hash, the data's own validation
+    split), so the re-run was another run. The keys it lacks now take what they meant then, said in a warning."""
+    import yaml
+    from uninet_feat.checkpoint import read_checkpoint
+    from uninet_feat.cli import main
+    from uninet_feat.runs import load_samples
+    data = write_texture_set(tmp_path / "tex", n_train=10, n_good=2, n_bad=2, size=32)
+    old = tmp_path / "old"
+    assert main(["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(old)]) == 0
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    for k in ("student_relu", "split_hash", "val_split"):   # as an older version wrote it
+        saved.pop(k)
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.warns(UserWarning, match=r"trained by an older version, without student_relu, split_hash, "
+                                         r"val_split: they take the values that run trained with"):
+        assert main(["train", "--config", str(old / "config.yaml"), "--quiet", "--out", str(tmp_path / "new")]) == 0
+    new = yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())
+    assert (new["split_hash"], new["val_split"]) == ("path", "drawn")
+    assert read_checkpoint(tmp_path / "new" / "model.pt")["student_relu"] == [True, True, True]
+    split = lambda c: [(str(s.path), s.split) for s in load_samples(c)]   # noqa: E731
+    assert split(new) == split(saved)   # what the old run's own commands read
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(saved))   # not beside a run: today's defaults, no word
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(tmp_path / "mine.yaml")["split_hash"] == "relative"

@@ -91,6 +91,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         if not isinstance(loaded, dict):
             raise BadInputError("config must be a YAML mapping", path=p, fix="write `key: value` lines")
         _check_keys(loaded, p)
+        cfg.update(_meant_when_absent(p, loaded))
         cfg.update(loaded)
     ov = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_keys(ov, None)
@@ -109,6 +110,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     check_model_choices(cfg, path)
     check_mean_std(cfg, path)
     return cfg
+
+
+# what a key that a run's config.yaml lacks meant when the run trained (it was written before the key existed),
+# as its evaluate, calibrate and resume read it (checkpoint_config, runs.load_samples, runs._validation_split)
+MEANT_WHEN_ABSENT = {"student_relu": True, "split_hash": "path", "val_split": "drawn"}
+
+
+def _meant_when_absent(path: Path, loaded: dict) -> dict:
+    """For a run's own config.yaml (beside its model.pt or checkpoint.pt) written by an older version: the values
+    its missing keys had then (`MEANT_WHEN_ABSENT`), said in a warning. Why: `train --config OLD/config.yaml` filled
+    today's defaults, so the re-run built another student and trained and tested on another split, while the
+    saved config is what re-creates a run. A flag given beside --config still overrides them."""
+    if "command" in loaded or not any((path.parent / n).is_file() for n in ("model.pt", "checkpoint.pt")):
+        return {}
+    absent = {k: v for k, v in MEANT_WHEN_ABSENT.items() if k not in loaded}
+    if absent:
+        import warnings
+        warnings.warn(f"{path} is the config of a run trained by an older version, without "
+                      f"{', '.join(absent)}: they take the values that run trained with "
+                      f"({', '.join(f'{k}: {v}' for k, v in absent.items())}), so a run of it re-creates that run. "
+                      "Fix: set them in the file (or as flags) for today's defaults")
+    return absent
 
 
 def _model_choices() -> dict:
