@@ -485,3 +485,23 @@ def test_the_non_binary_mask_log_is_bounded(tmp_path, monkeypatch):
         for _ in range(5):
             assert load_mask(p).sum() == 2
     assert images.nonbinary_masks() == [str(p)] * 3
+
+
+def test_an_image_past_pils_pixel_limit_names_a_limit_a_command_can_raise(tmp_path, monkeypatch):
+    """A 400 Mpx wafer frame was refused with "raise PIL.Image.MAX_IMAGE_PIXELS", which no command or config could
+    do. The limit is now read from UNINET_MAX_IMAGE_PIXELS (a pixel count, or none), and the error names it."""
+    from uninet_feat.data import images
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)   # restored after the test
+    p = tmp_path / "big.png"
+    Image.new("L", (100, 60)).save(p)
+    monkeypatch.setenv("UNINET_MAX_IMAGE_PIXELS", "2000")   # refused past twice the limit
+    with pytest.raises(BadInputError, match=r"big.png: image too large for PIL's safety limit .*"
+                                            r"UNINET_MAX_IMAGE_PIXELS=N \(pixels, or none\)"):
+        images.load_image(p)
+    monkeypatch.setenv("UNINET_MAX_IMAGE_PIXELS", "6000")
+    assert images.load_image(p).shape[:2] == (60, 100)
+    monkeypatch.setenv("UNINET_MAX_IMAGE_PIXELS", "none")
+    assert images.load_image(p).shape[:2] == (60, 100) and Image.MAX_IMAGE_PIXELS is None
+    monkeypatch.setenv("UNINET_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(BadInputError, match=r"UNINET_MAX_IMAGE_PIXELS='lots' is not a number of pixels"):
+        images.load_image(p)

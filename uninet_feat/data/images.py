@@ -37,8 +37,33 @@ _FIX = ("re-export or remove the file (or pass --skip-bad, skip_bad=True in the 
         "images)")
 
 
+PIXEL_LIMIT_ENV = "UNINET_MAX_IMAGE_PIXELS"
+
+
+def _apply_pixel_limit() -> None:
+    """PIL's decompression-bomb limit (about 179 Mpx; refused past twice that) from ``UNINET_MAX_IMAGE_PIXELS``
+    when it is set: a number of pixels, or ``none`` for no limit. Why: a wafer or line-scan frame of 400 Mpx, which
+    a tiled run can score, was refused with a fix ("raise PIL.Image.MAX_IMAGE_PIXELS") no command could apply."""
+    value = os.environ.get(PIXEL_LIMIT_ENV)
+    if value is None:
+        return
+    v = value.strip().lower()
+    if v in ("none", "0"):
+        Image.MAX_IMAGE_PIXELS = None
+        return
+    try:
+        n = int(float(v))
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise BadInputError(f"{PIXEL_LIMIT_ENV}={value!r} is not a number of pixels",
+                            fix=f"e.g. {PIXEL_LIMIT_ENV}=500000000 (500 Mpx), or none for no limit")
+    Image.MAX_IMAGE_PIXELS = n
+
+
 def _open(path, decode: bool = True) -> Image.Image:
     """Open (and by default fully decode) ``path``; every failure becomes a BadInputError."""
+    _apply_pixel_limit()
     p = Path(path)
     if not p.is_file():
         raise BadInputError("file not found" if not p.exists() else "not a file", path=p,
@@ -62,7 +87,9 @@ def _open(path, decode: bool = True) -> Image.Image:
             img.close()
         if isinstance(e, Image.DecompressionBombError):
             raise BadInputError(f"image too large for PIL's safety limit ({e})", path=p,
-                                fix="raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+                                fix=f"if the file is trusted, raise the limit: {PIXEL_LIMIT_ENV}=N (pixels, or none) "
+                                    "in the environment, e.g. `UNINET_MAX_IMAGE_PIXELS=1000000000 uninet-feat ...`; "
+                                    "from Python, PIL.Image.MAX_IMAGE_PIXELS") from None
         # UnidentifiedImageError (not an image) is an OSError; truncation is an OSError or EOFError
         what = "truncated or corrupt image" if "truncat" in str(e).lower() or isinstance(e, EOFError) \
             else "cannot decode image"
