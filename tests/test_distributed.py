@@ -308,6 +308,13 @@ def test_validate_store_finds_problems(runs, tmp_path):
         validate_store(d)
     with pytest.raises(BadInputError, match="1 expected images missing"):
         validate_store(src, expected_paths=[it["path"] for it in m["items"]] + ["/nowhere/x.png"])
+    for name, other in (("list", []), ("other_tool", {"items": ["a.png"], "n_items": 1}),
+                        ("count", {**m, "n_items": "many"})):   # tracebacks before (AttributeError, ValueError)
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(other))
+        with pytest.raises(BadInputError, match="not a feature store's|n_items 'many' is not a count"):
+            validate_store(d)
 
 
 def test_validate_store_compares_absolute_paths(texture, tmp_path, monkeypatch):

@@ -391,11 +391,12 @@ def _thumb(rec, box, spot: dict, tile=None) -> str | None:
     if box is None and tile:   # one tile of a tiled store (image_table names none): at the origin, maybe padded
         th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
         box = (0, 0, th, tw)
-    H, W = img.height, img.width   # what the fractions are of
     if box is not None:
         y, x, h, w = (int(v) for v in box)
         img = img.crop((x, y, min(x + w, img.width), min(y + h, img.height)))
-        H, W = h, w   # the tile's size, not the cropped part's: a padded tile's fractions are of the whole tile
+        # the cropped part's size: a tile past the image's edge has its spot measured on the image's part
+        # (`Extractor._unpadded_shapes`; the whole tile's size put the box outside the image)
+    H, W = img.height, img.width
     if {"hot_cy", "hot_cx", "hot_bbox_h", "hot_bbox_w"} <= set(spot):
         cy, cx = spot["hot_cy"] * H, spot["hot_cx"] * W
         bh, bw = max(spot["hot_bbox_h"] * H, 6), max(spot["hot_bbox_w"] * W, 6)

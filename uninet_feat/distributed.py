@@ -322,26 +322,31 @@ def validate_store(folder, expected_paths=None) -> dict:
     as the manifest says, no duplicate item (path, tile), and — with ``expected_paths`` — no missing
     or unexpected image (paths compared after ``os.path.abspath``: relative ones are taken from the current
     folder). Returns a report; raises ``BadInputError`` listing every problem."""
-    from .featstore import SCHEMA, shard_name, shard_writer
+    from .featstore import shard_name, shard_writer
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not mpath.exists():
         raise BadInputError("not a feature folder (no manifest.json)", path=folder,
                             fix="run `uninet-feat extract --out FOLDER` first")
-    from .io import read_json
-    m = read_json(mpath, "extract again into a new --out")
+    from .featstore import read_manifest
+    # another tool's manifest.json, or a damaged one, is refused as FeatureStore refuses it (an AttributeError or
+    # ValueError traceback here before)
+    m = read_manifest(mpath, "extract again into a new --out")
     problems = []
-    if m.get("schema") != SCHEMA:
-        problems.append(f"schema {m.get('schema')!r} is not {SCHEMA!r}")
-    items, n_items, n_shards = m.get("items", []), int(m.get("n_items", -1)), int(m.get("n_shards", -1))
-    size = int(m.get("settings", {}).get("shard_size", 0))
-    patches = bool(m.get("settings", {}).get("patches"))
+    n_items = m.get("n_items")
+    if not isinstance(n_items, int) or isinstance(n_items, bool):
+        problems.append(f"n_items {n_items!r} is not a count")
+        n_items = -1
+    items, n_shards = m["items"], m["n_shards"]
+    settings = m.get("settings") if isinstance(m.get("settings"), dict) else {}
+    size = settings.get("shard_size") if isinstance(settings.get("shard_size"), int) else 0
+    patches = bool(settings.get("patches"))
     dim = len(m.get("vector_names", []))
     if len(items) != n_items:
         problems.append(f"manifest lists {len(items)} items but n_items = {n_items}")
     if size < 1 or n_shards != max(1, -(-n_items // size)):
         problems.append(f"n_shards = {n_shards} does not fit {n_items} items in shards of {size}")
-    keys = [(it["path"], tuple(it.get("tile") or ())) for it in items]
+    keys = [(it.get("path"), tuple(it.get("tile") or ())) for it in items]
     seen, dups = set(), []
     for k in keys:
         if k in seen:

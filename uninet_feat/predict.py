@@ -171,9 +171,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     # split and group as the data's layout gives them (a category folder: its train and test normals told apart)
     rows = [{"path": path, "label": first[path].label, "split": first[path].split, "group": first[path].group,
              "wdm_score": float(reduce(res["scores"][idx]))} for path, idx in order]
-    for row, x in zip(rows, X):   # X: [top tile's vector, mean]; zip with the names reads the top tile
-        # an untiled image was squashed to the model's square input: its spot's shape is stretched back to it
-        row.update(spot_summary(x, ex.vector_names, None if ex.cfg.get("tile") else read_size(row["path"])))
+    for row, x, (_, idx) in zip(rows, X, order):   # X: [top tile's vector, mean]; the names read the top tile
+        # the model's square input squashed the image (untiled) or the top tile's image part (a tile past the
+        # image's edge is measured on that part, `Extractor._unpadded_shapes`): its spot's shape is stretched back
+        hw = _top_tile_part(res, idx, row["path"]) if ex.cfg.get("tile") else read_size(row["path"])
+        row.update(spot_summary(x, ex.vector_names, hw))
         row.update({n: float(v) for n, v in zip(ex.vector_names, x) if n.startswith("clip_")})   # --text
     summary_extra, ref = {}, None
     if members is not None:
@@ -518,6 +520,19 @@ def _write_overlays(ex, samples, rows, folder: Path, names: dict, transform=None
 
 
 PIXEL_RULE = "0.999 quantile of the validation normals' pixel-map values (about 1 normal pixel in 1,000 above it)"
+
+
+def _top_tile_part(res: dict, idx, path) -> tuple[int, int] | None:
+    """(height, width) in image pixels of the image's part of its top tile (`featstore.aggregate_tiles`' pick: the
+    highest-scoring one), whose hot-spot shape the vector holds; None without scores. Why: a tiled run's angle and
+    elongation were read as if every tile were square and whole, 58 degrees for a 45-degree streak in a 40 x 64
+    image scored in 64-pixel tiles."""
+    s = res["scores"][idx]
+    if not np.isfinite(s).any():
+        return None
+    y, x, th, tw = (int(v) for v in res["tile"][idx[int(np.nanargmax(s))]])
+    h, w = read_size(path)
+    return min(th, h - y), min(tw, w - x)
 
 
 def _earlier_outputs(out: Path, names: dict) -> list[Path]:

@@ -281,10 +281,11 @@ def make_model(cfg: dict, saved_backbone: dict | None = None) -> UniNet:
         kw = {k: saved_backbone[k] for k in _FROM_FILE_NAME if saved_backbone.get(k) is not None}
     mean, std = kw.pop("mean", cfg.get("mean")), kw.pop("std", cfg.get("std"))
     from .checkpoint import float32_default
-    try:   # float32 whatever the host process's default dtype (its float64 model met float32 images at step 1)
+    with float32_default():   # whatever the host's default dtype (its float64 model met float32 images at step 1)
+        backbone = create_normalised_backbone(cfg["backbone"], cfg["weights"], mean, std, levels=cfg.get("levels"),
+                                              **kw)
+    try:
         with float32_default():
-            backbone = create_normalised_backbone(cfg["backbone"], cfg["weights"], mean, std,
-                                                  levels=cfg.get("levels"), **kw)
             return UniNet(backbone, **model_options(cfg))
     except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths); values
         # the model never takes (dfs, mem, pixel_map, bottleneck_stride) are refused by load_config first
