@@ -678,19 +678,20 @@ def _drawn_box(rec, box, spot, *tile):
 
 
 def test_the_sheets_box_is_on_the_hot_spot_of_a_padded_tile(tmp_path):
-    """A tile of an image smaller than the tile runs past the image (padded); the hot region's fractions are of the
-    whole tile, but were scaled by the cropped part: on a 100 px tall strip the box sat at 64/256 of 100 px."""
+    """A tile of an image smaller than the tile runs past the image (padded); extract measures the hot region on
+    the image's part of the tile (`Extractor._unpadded_shapes`, since 200b549), so its fractions are of that part,
+    but the sheet scaled them by the whole tile: the box fell below a 100 px tall strip, or was not drawn."""
     from PIL import Image
     strip = np.full((100, 600, 3), 128, np.uint8)
     strip[60:68, 380:388] = 255   # the spot, centre y 64, x 384
     Image.fromarray(strip).save(tmp_path / "strip.png")
-    spot = {"hot_cy": 64 / 256, "hot_cx": 128 / 256, "hot_bbox_h": 8 / 256, "hot_bbox_w": 8 / 256}
+    spot = {"hot_cy": 64 / 100, "hot_cx": 128 / 256, "hot_bbox_h": 8 / 100, "hot_bbox_w": 8 / 256}
     (h, w), y0, y1, x0, x1 = _drawn_box({"path": str(tmp_path / "strip.png")}, (0, 256, 256, 256), spot)
     s = w / 256   # the thumbnail's scale (the cropped 100 x 256 tile fitted into 180 px)
     assert (h, w) == (70, 180) and y0 <= 64 * s <= y1 and x0 <= 128 * s <= x1 and y1 - y0 < 10
-    # one tile (image_table names no top tile): the fractions are of the store's tile, not of the 100 x 200 image
+    # one tile (image_table names no top tile) past a 100 x 200 image: the fractions are of the image, its part
     Image.fromarray(strip[:, 300:500]).save(tmp_path / "one.png")   # the spot at y 64, x 84
-    spot = {"hot_cy": 64 / 256, "hot_cx": 84 / 256, "hot_bbox_h": 8 / 256, "hot_bbox_w": 8 / 256}
+    spot = {"hot_cy": 64 / 100, "hot_cx": 84 / 200, "hot_bbox_h": 8 / 100, "hot_bbox_w": 8 / 200}
     (h, w), y0, y1, x0, x1 = _drawn_box({"path": str(tmp_path / "one.png")}, None, spot, 256)
     s = w / 200
     assert y0 <= 64 * s <= y1 and x0 <= 84 * s <= x1 and y1 - y0 < 10

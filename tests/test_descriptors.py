@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from uninet_feat.config import load_config
+from uninet_feat.data import Sample
 from uninet_feat.descriptors import SHAPE_NAMES, hot_region_shape, image_place, map_pool
 from uninet_feat.extract import Extractor
 from uninet_feat.runs import load_samples
@@ -130,6 +131,36 @@ def test_extracted_tiles_carry_shape_and_place_in_the_image(wide_run):
     # each tile's place lies inside its own third of the strip
     x0 = r["tile"][:, 1] / 192
     assert ((col["spot_x_image"] >= x0) & (col["spot_x_image"] <= x0 + 64 / 192)).all()
+
+
+def test_predict_stretches_the_spot_of_a_tile_past_the_image_back_to_the_images_part(wide_run, tmp_path):
+    """A tile that runs past a short image has its spot measured on the image's part of the map (40 x 64 of a 64-px
+    tile, squashed square), but predict read every tiled row as square: a 45-degree streak came out at 58."""
+    from PIL import Image
+    from uninet_feat.descriptors import spot_summary
+    from uninet_feat.predict import predict_cmd
+    run, _ = wide_run
+    batch = tmp_path / "short"
+    batch.mkdir()
+    rng = np.random.default_rng(0)
+    img = np.full((40, 96), 128, np.uint8) + rng.integers(0, 20, (40, 96)).astype(np.uint8)
+    for k in range(24):   # a bright diagonal streak
+        img[8 + k, 20 + k:23 + k] = 255
+    Image.fromarray(img).save(batch / "a.png")
+    row = predict_cmd(run, str(batch), tmp_path / "p", overlays=False, quiet=True)["rows"][0]
+    ex = Extractor(run=run)
+    samples = [Sample(batch / "a.png", "", "", None, "")]
+    r = ex.extract(samples)
+    top = int(np.argmax(r["scores"]))
+    y, x, th, tw = (int(v) for v in r["tile"][top])
+    part = (min(th, 40 - y), min(tw, 96 - x))
+    assert part == (40, 64)
+    want = spot_summary(r["vectors"][top], ex.vector_names, part)
+    square = spot_summary(r["vectors"][top], ex.vector_names, None)
+    assert row["spot_angle_deg"] == pytest.approx(want["spot_angle_deg"], abs=0.06)
+    assert row["spot_elongation"] == pytest.approx(want["spot_elongation"], abs=1e-4)
+    assert abs(want["spot_angle_deg"] - square["spot_angle_deg"]) > 1 or \
+        abs(want["spot_elongation"] - square["spot_elongation"]) > 1e-3   # the stretch is not a no-op here
 
 
 def test_predict_rows_describe_the_top_tiles_spot(wide_run, tmp_path):

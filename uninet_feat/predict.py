@@ -527,6 +527,7 @@ def _top_tile_part(res: dict, idx, path) -> tuple[int, int] | None:
     highest-scoring one), whose hot-spot shape the vector holds; None without scores. Why: a tiled run's angle and
     elongation were read as if every tile were square and whole, 58 degrees for a 45-degree streak in a 40 x 64
     image scored in 64-pixel tiles."""
+    from .data.images import read_size
     s = res["scores"][idx]
     if not np.isfinite(s).any():
         return None
