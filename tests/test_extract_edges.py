@@ -208,3 +208,23 @@ def test_two_shard_processes_with_other_settings_do_not_mix_one_store(tmp_path):
     with pytest.warns(UserWarning, match="shard-00002.npz: written by an extraction with other settings"):
         st = b.extract_to(ps, f, shard_size=2)
     np.testing.assert_allclose(st.vectors, b.extract(ps)["vectors"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_tiled_stores_image_replaced_by_one_of_another_size_is_named(tmp_path):
+    """An image replaced by a larger one has more tiles, so a resume cannot line the store's rows up with its images
+    and refuses it; it said "features of another model, settings or image list", naming nothing that changed."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    ps = [tmp_path / "img" / f"{i}.png" for i in range(4)]
+    ps[0].parent.mkdir()
+    for p in ps:
+        Image.fromarray(rng.integers(0, 256, (64, 192, 3), dtype=np.uint8)).save(p)
+    ex = Extractor(backbone="tiny", weights="random", image_size=64, tile=64)
+    assert len(ex.extract_to(ps, tmp_path / "f", shard_size=4).items) == 12
+    Image.fromarray(rng.integers(0, 256, (64, 256, 3), dtype=np.uint8)).save(ps[1])   # 4 tiles now
+    with pytest.raises(BadInputError, match=r"tiles of 1 image\(s\) whose size changed since \(e.g. .*1.png\)"):
+        Extractor(backbone="tiny", weights="random", image_size=64, tile=64).extract_to(ps, tmp_path / "f",
+                                                                                       shard_size=4)
+    with pytest.raises(BadInputError, match="another model, settings or image list"):   # other images: as before
+        Extractor(backbone="tiny", weights="random", image_size=64, tile=64).extract_to(ps[:3], tmp_path / "f",
+                                                                                       shard_size=4)

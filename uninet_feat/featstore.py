@@ -165,6 +165,26 @@ def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
     return stale
 
 
+def _retiled(old: dict, manifest: dict) -> list[str]:
+    """The images whose number of tiles differs between two manifests of one model, settings and image list, each
+    a file changed since (a picture replaced by a larger one): why a resume cannot reuse the store, said by name
+    (it was "features of another model, settings or image list")."""
+    if any(old.get(k) != manifest.get(k) for k in ("source", "settings")) or not old.get("files"):
+        return []
+
+    def tiles(m) -> dict:   # path -> its number of items, in the store's order
+        n: dict = {}
+        for it in m["items"]:
+            n[it["path"]] = n.get(it["path"], 0) + 1
+        return n
+    was, now = tiles(old), tiles(manifest)
+    if list(was) != list(now):
+        return []
+    changed = [p for p in now if was[p] != now[p]]
+    stamps = manifest.get("files") or {}
+    return changed if all(not same_stamp(old["files"].get(p), stamps.get(p)) for p in changed) else []
+
+
 def _recalibrated(old: dict, manifest: dict) -> bool:
     """Whether the calibration alone tells two manifests apart (same model, settings and images), so that the
     refusal names it rather than "another model": a `calibrate` between two extracts is the likely cause."""
@@ -216,6 +236,10 @@ def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False)
             elif _recalibrated(old, manifest):
                 what = ("features made with another calibration of the run (its calibration.json changed since, "
                         "e.g. by `uninet-feat calibrate`: other scores and map features)")
+            elif _retiled(old, manifest):
+                names = _retiled(old, manifest)
+                what = (f"tiles of {len(names)} image(s) whose size changed since (e.g. {names[0]}): they now have "
+                        "another number of tiles, so the store's rows no longer line up with its images")
             else:
                 what = "features of another model, settings or image list"
             raise BadInputError(f"feature folder holds {what}", path=folder,
