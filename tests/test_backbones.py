@@ -574,3 +574,44 @@ def test_weights_nested_under_unknown_keys_averaged_models_and_folders(tmp_path)
     (tmp_path / "snapshot").mkdir()
     with pytest.raises(BadInputError, match=r"snapshot: the weights path is a folder; a weight file is needed"):
         create_backbone("resnet18", weights=str(tmp_path / "snapshot"))
+
+
+def test_a_torchvision_file_without_its_head_or_with_another_head_loads_by_structure(tmp_path):
+    """Structure mapping needed the file's layer count to equal the model's, though only the layers the levels use
+    are mapped: a torchvision file saved without its classifier, or fine-tuned with a two-layer head, was refused as
+    "209 of its 209 feature tensors are missing". A deeper network's file is still refused."""
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.efficientnet_b0(weights=None).eval()
+    full = tv.state_dict()
+    ref = create_backbone("efficientnet_b0", weights=_saved(tmp_path / "full.pth", full)).eval()
+    headless = {k: v for k, v in full.items() if not k.startswith("classifier.")}
+    two = {**headless, "classifier.1.weight": torch.zeros(64, 1280), "classifier.1.bias": torch.zeros(64),
+           "classifier.3.weight": torch.zeros(5, 64), "classifier.3.bias": torch.zeros(5)}
+    for name, sd in (("headless.pth", headless), ("five_classes.pth", two)):
+        bb = create_backbone("efficientnet_b0", weights=_saved(tmp_path / name, sd)).eval()
+        assert bb.load_report["matched"] == "by structure"
+        with torch.no_grad():
+            _same(bb(_x()), ref(_x()))
+    deeper = torchvision.models.resnet34(weights=None).state_dict()
+    with pytest.raises(BadInputError, match="another .*architecture|missing"):
+        create_backbone("resnet18", weights=_saved(tmp_path / "r34_tv.pth", deeper))
+
+
+def test_a_timm_features_only_state_dict_of_the_same_model_loads(tmp_path):
+    """`timm.create_model(name, features_only=True).state_dict()` flattens module names (stages_3 for stages.3);
+    keys of levels deeper than the chosen ones were in neither spelling checked, so the file was refused as "another
+    (deeper/wider) architecture"."""
+    torch.manual_seed(0)
+    fo = timm.create_model("convnext_atto", features_only=True).eval()
+    bb = create_backbone("convnext_atto", weights=_saved(tmp_path / "fo.pth", fo.state_dict())).eval()
+    with torch.no_grad():
+        _same(bb(_x()), [fo(_x())[i] for i in bb.levels])
+    torch.save(timm.create_model("convnext_femto", features_only=True).state_dict(), tmp_path / "wider.pth")
+    with pytest.raises(BadInputError, match="wrong shape|missing|another"):
+        create_backbone("convnext_atto", weights=str(tmp_path / "wider.pth"))
+
+
+def _saved(path, sd) -> str:
+    torch.save(sd, path)
+    return str(path)

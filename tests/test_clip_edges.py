@@ -220,3 +220,34 @@ def test_a_random_text_tower_is_the_same_whatever_the_callers_seed(tmp_path):
     np.testing.assert_array_equal(cols[0], cols[1])
     assert torch.equal(embs[0], embs[1])
     assert scores[0] == scores[1]
+
+
+def test_a_text_model_of_another_width_is_refused_when_the_scorer_is_built():
+    """`TextScorer(..., text_model=X)` took a text tower whose embedding width differs from the image tower's and
+    failed at the first score with torch's "mat1 and mat2 shapes cannot be multiplied"."""
+    from uninet_feat.backbones.clip import register_clip_config
+    from uninet_feat.vlm import TextScorer
+    cfg = {"embed_dim": 16, "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2,
+                                         "layers": 1},
+           "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 32, "patch_size": 16}}
+    register_clip_config("tiny16_test", cfg)
+    bb = create_backbone("clip:tiny", weights="random")
+    with pytest.raises(BadInputError, match=r"the text model embeds in 16 dimensions, the image tower in 32"):
+        TextScorer(bb, text_model=build_clip_model("tiny16_test", "random"))
+    same = build_clip_model("tiny", "random")
+    assert TextScorer(bb, text_model=same).image_scores(torch.randn(1, 3, 64, 64)).shape == (1,)
+
+
+def test_a_linked_weights_file_is_recorded_by_the_links_path_whose_name_says_its_activation(tmp_path, monkeypatch):
+    """train recorded (and built from) a weights file with links followed: an OpenAI ViT-B-32.pt kept as a link
+    into a hash-named store lost the name that says QuickGELU, and trained with GELU while extract and zero-shot
+    read the link as QuickGELU."""
+    from uninet_feat.runs import absolute_data_paths
+    store = tmp_path / "objects" / "SHA256E-s1--3f2a9c.pt"
+    store.parent.mkdir()
+    store.write_bytes(b"x")
+    link = tmp_path / "models" / "ViT-B-32-openai.pt"
+    link.parent.mkdir()
+    link.symlink_to(store)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_data_paths({"weights": "models/ViT-B-32-openai.pt"})["weights"] == str(link)

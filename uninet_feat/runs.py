@@ -65,8 +65,9 @@ def absolute_data_paths(cfg: dict) -> dict:
     ``evaluate --run RUN`` (which reads them back) finds the data from any working directory."""
     out = {**cfg, **{k: str(Path(cfg[k]).expanduser().resolve()) for k in ("data", "split_csv") if cfg.get(k)}}
     w = cfg.get("weights")   # a weights file too: a clip: run reads its text tower from it again (extract --text)
-    if isinstance(w, str) and Path(w).expanduser().is_file():
-        out["weights"] = str(Path(w).expanduser().resolve())
+    if isinstance(w, str) and Path(w).expanduser().is_file():   # a link kept: a clip: file's name says its activation
+        out["weights"] = os.path.abspath(Path(w).expanduser())   # and normalisation (resolved, an annexed ViT-B-32.pt
+        # became a hash and trained with GELU, while extract and zero-shot read the link's name as QuickGELU)
     return out
 
 

@@ -312,6 +312,11 @@ class TextScorer(nn.Module):
         self.logit_scale = float(text_model.logit_scale.detach().exp().clamp(max=100).reshape(-1)[0])
         self.register_buffer("text_embeddings", torch.stack(
             [self._embed_set(text_model, self.normal_prompts), self._embed_set(text_model, self.defect_prompts)]))
+        proj = getattr(self.visual, "proj", None)   # the image tower's embedding width, where it projects
+        if proj is not None and self.text_embeddings.shape[-1] != proj.shape[-1]:   # a raw RuntimeError at scoring
+            raise BadInputError(f"the text model embeds in {self.text_embeddings.shape[-1]} dimensions, the image "
+                                f"tower in {proj.shape[-1]}: their similarities cannot be taken",
+                                fix="pass the text tower of the same CLIP checkpoint as the image tower (text_model=)")
 
     @torch.no_grad()
     def _embed_set(self, text_model, prompts: list[str]) -> torch.Tensor:

@@ -155,14 +155,15 @@ def _match(sd: dict, own: dict) -> dict:
 
 def _map_used_by_structure(sd: dict, shapes: dict, own: dict) -> dict:
     """`map_by_structure` of ``sd`` onto the full model's ``shapes`` over the layers up to the last one the feature
-    model ``own`` uses; the layers after it need only be as many (a head the levels never run may differ:
-    torchvision's MobileNetV3 ends in a Linear where timm has a 1×1 conv_head). ValueError as map_by_structure."""
+    model ``own`` uses; the layers after it may differ or be missing (a head the levels never run: torchvision's
+    MobileNetV3 ends in a Linear where timm has a 1×1 conv_head; a fine-tuned two-layer head; a file saved without
+    its classifier, which was refused as "every feature tensor missing"). ValueError as map_by_structure."""
     from .efficientnet_lite import _layers, map_by_structure
     a, b = list(_layers(sd)), list(_layers(shapes))
-    if len(a) != len(b):
-        raise ValueError(f"checkpoint has {len(a)} layers, the model {len(b)}")
     used = {c.rpartition(".")[0] for k in own for c in _candidates(k) if c in shapes}
     n = 1 + max((i for i, m in enumerate(b) if m in used), default=len(b) - 1)
+    if len(a) < n:   # the layers after the used ones may differ or be gone (a two-layer head, a headless file)
+        raise ValueError(f"checkpoint has {len(a)} layers, the model's levels use {n}")
     keep_a, keep_b = set(a[:n]), set(b[:n])
     return map_by_structure({k: v for k, v in sd.items() if k.rpartition(".")[0] in keep_a},
                             {k: v for k, v in shapes.items() if k.rpartition(".")[0] in keep_b})
@@ -276,7 +277,9 @@ def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict,
     if how == "by name":  # extra tensors a timm model of this name lacks: e.g. resnet34 file into resnet18
         from .efficientnet_lite import timm_shapes
         full = timm_shapes(timm_name, **timm_kw)
-        foreign = [k for k in sd if k not in full and k not in own and not k.endswith("num_batches_tracked")]
+        # a features_only model's own keys flatten the full model's (stages_3 for stages.3): known under any spelling
+        foreign = [k for k in sd if k not in own and not any(c in full for c in _candidates(k))
+                   and not k.endswith("num_batches_tracked")]
         if foreign:
             raise BadInputError(f"not weights for {timm_name}: the file has {len(foreign)} tensors this model "
                                 f"lacks (e.g. {foreign[:4]}), so it is another (deeper/wider) architecture",
