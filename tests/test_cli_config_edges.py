@@ -254,3 +254,25 @@ def test_a_config_of_another_command_and_a_non_finite_threshold_say_the_fix(tmp_
         build_parser().parse_args(argv + ["--threshold", "inf"])
     assert e.value.code == 2
     assert "'inf' is not a finite number, e.g. 0.5" in capsys.readouterr().err
+
+
+def test_a_yaml_boolean_for_a_text_flag_a_zero_shot_train_setting_and_the_last_config_file(tmp_path, capsys):
+    """Three ways a --config's value was lost unsaid: YAML reads `group: off` as false, which the command took as
+    "no group" and scored every group; zero-shot dropped train settings such as `tile_score: mean` that change its
+    scores; and of two --config files the first was read while argparse (and train) keep the last."""
+    base = ["evaluate", "--run", str(tmp_path / "r")]
+    _refused(tmp_path, capsys, base, "group: off\n", "group: YAML read this value as false", "quote it")
+    assert _parse(base + ["--config", str(_written(tmp_path / "q.yaml", "group: 'off'\n"))]).group == "off"
+    assert _parse(base + ["--config", str(_written(tmp_path / "n.yaml", "group: 2024\n"))]).group == "2024"
+    zs = ["zero-shot", "--data", str(tmp_path), "--backbone", "clip:tiny", "--weights", "random",
+          "--out", str(tmp_path / "z")]
+    _refused(tmp_path, capsys, zs, "tile_score: mean\n", "tile_score: 'mean': zero-shot takes no such setting")
+    assert _parse(zs + ["--config", str(_written(tmp_path / "z.yaml", "tile_score: max\nseed: 1203\n"))])
+    a, b = _written(tmp_path / "a.yaml", "threshold: 0.5\n"), _written(tmp_path / "b.yaml", "threshold: 0.9\n")
+    args = _parse(["predict", "--run", "r", "--data", "d", "--out", "o", "--config", str(a), "--config", str(b)])
+    assert args.config == str(b) and args.threshold == 0.9
+
+
+def _written(path, text):
+    path.write_text(text)
+    return path

@@ -494,7 +494,8 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     if cmd not in ap.commands or cmd == "train" or not any(a == "--config" or a.startswith("--config=")
                                                          for a in argv):
         return
-    i = next(j for j, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    # the last one, as argparse keeps it (and train reads it): the first was read here, the last named in args
+    i = max(j for j, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
     given = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
     path = Path(os.path.expanduser(given))   # a quoted '~/c.yaml' reaches us unexpanded, as other path flags do
     import yaml
@@ -515,8 +516,15 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     values = {str(k).replace("-", "_"): v for k, v in d.items()}
     record_only = set()
     if cmd == "zero-shot":   # its config.yaml also records the resolved run settings: accepted, not flags
-        from .config import DEFAULT_CONFIG
+        from .config import DEFAULT_CONFIG, _plain
         record_only = set(DEFAULT_CONFIG) - set(actions)
+        # at the values zero-shot scores with; another (tile_overlap: 32, tile_score: mean) was dropped unsaid
+        changed = sorted(k for k in record_only & set(values) if _plain(values[k]) != _plain(DEFAULT_CONFIG[k]))
+        if changed:
+            raise BadInputError(f"{', '.join(f'{k}: {values[k]!r}' for k in changed)}: zero-shot takes no "
+                                f"such setting (it scores with {', '.join(f'{k}: {DEFAULT_CONFIG[k]!r}' for k in changed)})",
+                                path=path, fix=f"remove {'it' if len(changed) == 1 else 'them'} from the config; "
+                                               f"zero-shot's settings are: {', '.join(sorted(actions))}")
     values = {k: v for k, v in values.items() if k not in record_only}
     unknown = sorted(set(values) - set(actions))
     if unknown:
@@ -590,7 +598,12 @@ def _config_value(action: argparse.Action, key: str, value, path: Path):
         if isinstance(v, (list, tuple, dict)):
             refuse(v)
         if action.type is None:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):   # a text flag: 2024 is the name "2024"
+            if isinstance(v, bool):   # YAML reads off / no / on / yes as false / true: `group: off` was False, "no
+                raise BadInputError(   # group", and scored every group
+                    f"{key}: YAML read this value as {str(v).lower()} (off, no, on, yes and true / false are "
+                    f"booleans to it), and {flag} takes text", path=path,
+                    fix=f"quote it: `{key}: 'off'` (or whatever text was meant)")
+            if isinstance(v, (int, float)):   # a text flag: 2024 is the name "2024"
                 v = str(v)
         else:   # argparse converts a string default too, but names no file when it fails
             try:
