@@ -671,8 +671,8 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
     if named:
         raise BadInputError(f"the CSV has no `split` column, and its `{named[0]}` column holds splits (train, test, "
                             "val): it would be ignored, each image's split drawn from its path, and test images "
-                            "trained on", path=csv_path, fix=f"name that column `split` in the header "
-                                                            f"(path,split,label[,mask]), or remove it for a drawn split")
+                            "trained on", path=csv_path, fix=f"name the `{named[0]}` column `split` in the header "
+                                                            "(path,split,label[,mask]), or remove it for a drawn split")
     # a row's image that is another row's mask (a listing of Imgs/ holding x.jpg and its mask x.png): trained on
     # as a normal, or scored as a defect, and used as a mask too; folder layouts leave such files out
     owner = {os.path.realpath(m): v for m, v in mask_of.items()}
