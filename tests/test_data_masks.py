@@ -179,7 +179,7 @@ def test_a_csv_refuses_its_split_under_another_name_and_a_mask_listed_as_an_imag
     csv = tmp_path / "m.csv"
     csv.write_text("path,set,label\na.jpg,train,good\nb.jpg,test,good\nc.jpg,Test,crack\n")
     with pytest.raises(BadInputError, match=r"no `split` column, and its `set` column holds splits .* test images "
-                                            r"trained on \(fix: name that column `split`"):
+                                            r"trained on \(fix: name the `set` column `split`"):
         discover(tmp_path, split_csv=csv)
     csv.write_text("path,note,label\na.jpg,train,good\nb.jpg,scratched,good\nc.jpg,,crack\n")   # not splits
     assert [s.split for s in discover(tmp_path, split_csv=csv)] == ["", "", ""]   # drawn later, as before
