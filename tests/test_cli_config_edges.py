@@ -276,3 +276,17 @@ def test_a_yaml_boolean_for_a_text_flag_a_zero_shot_train_setting_and_the_last_c
 def _written(path, text):
     path.write_text(text)
     return path
+
+
+def test_train_names_the_command_whose_config_it_was_given(tmp_path, capsys):
+    """`train --config PRED/config.yaml` listed "unknown config keys ['command', 'out', 'run']" where the other
+    commands say which command the file is for."""
+    pred = _written(tmp_path / "p.yaml", "command: predict\nrun: r\nout: o\nthreshold: 0.5\n")
+    zs = _written(tmp_path / "z.yaml", "backbone: clip:tiny\npatch_mode: tokens\nprompts: {normal: [a]}\n")
+    for cfg, name in ((pred, "predict"), (zs, "zero-shot")):
+        capsys.readouterr()
+        assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert f"written for another command, not `train` (it is `{name}`'s)" in err
+        assert f"uninet-feat {name} --config {cfg}" in err
+    assert not (tmp_path / "r").exists()

@@ -318,6 +318,13 @@ def did_you_mean(unknown, known) -> str:
 
 def _check_keys(d: dict, path) -> None:
     unknown = sorted(set(d) - set(DEFAULT_CONFIG))
+    # another command's saved config.yaml (its `command` key; zero-shot's has prompts and patch_mode): named, as the
+    # other commands name it, rather than listed as unknown keys
+    saved = d.get("command") or ("zero-shot" if {"patch_mode", "prompts"} & set(unknown) else None)
+    if unknown and saved and path is not None:
+        raise BadInputError(f"this config was written for another command, not `train` (it is `{saved}`'s)",
+                            path=path, fix=f"use it with `uninet-feat {saved} --config {path}`, or give train a "
+                                           "config of its own (a run's config.yaml, or train's keys)")
     if unknown:
         raise BadInputError(f"unknown config keys {unknown}{did_you_mean(unknown, DEFAULT_CONFIG)}", path=path,
                             fix=f"use only: {', '.join(sorted(DEFAULT_CONFIG))}")
