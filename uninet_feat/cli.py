@@ -654,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     device_before = runs._default_device   # --device is the command's: a host process calling main keeps its own
     try:
         out = getattr(args, "out", None)
-        if args.command not in ("train", "prompts") and isinstance(out, str) and Path(out).is_dir():
+        # train's folder lock, and the one-writer commands' (`_command_lock`), remove them themselves
+        if args.command not in ("train", "prompts", *_ONE_WRITER) and isinstance(out, str) and Path(out).is_dir():
             _remove_dead_temps(Path(out))
         with warnings.catch_warnings(), _command_lock(args):   # _dispatch sets the commands' filters: a host
             code = _dispatch(args)                              # process keeps its own

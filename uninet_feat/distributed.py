@@ -322,13 +322,12 @@ def validate_store(folder, expected_paths=None) -> dict:
     as the manifest says, no duplicate item (path, tile), and — with ``expected_paths`` — no missing
     or unexpected image (paths compared after ``os.path.abspath``: relative ones are taken from the current
     folder). Returns a report; raises ``BadInputError`` listing every problem."""
-    from .featstore import shard_name, shard_writer
+    from .featstore import read_manifest, shard_name, shard_writer
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not mpath.exists():
         raise BadInputError("not a feature folder (no manifest.json)", path=folder,
                             fix="run `uninet-feat extract --out FOLDER` first")
-    from .featstore import read_manifest
     # another tool's manifest.json, or a damaged one, is refused as FeatureStore refuses it (an AttributeError or
     # ValueError traceback here before)
     m = read_manifest(mpath, "extract again into a new --out")

@@ -236,8 +236,7 @@ def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False)
             elif _recalibrated(old, manifest):
                 what = ("features made with another calibration of the run (its calibration.json changed since, "
                         "e.g. by `uninet-feat calibrate`: other scores and map features)")
-            elif _retiled(old, manifest):
-                names = _retiled(old, manifest)
+            elif names := _retiled(old, manifest):
                 what = (f"tiles of {len(names)} image(s) whose size changed since (e.g. {names[0]}): they now have "
                         "another number of tiles, so the store's rows no longer line up with its images")
             else:

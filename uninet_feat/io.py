@@ -219,7 +219,7 @@ def folder_lock(folder, what: str = "run", shared: bool = False, fix: str = "wai
             warnings.warn(f"{folder}'s filesystem cannot lock files ({e.strerror}): another process writing into it "
                           "now would not be noticed; run one writer at a time there")
             held = True   # as the folder's one writer, which is all the caller can be told
-        if held and not shared:
+        if not shared:   # (held: a refusal raised above)
             for sub in [folder, *(d for d in folder.iterdir() if d.is_dir())]:
                 remove_dead_temps(sub, unnamed=True)
         yield folder

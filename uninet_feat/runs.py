@@ -285,15 +285,14 @@ def make_model(cfg: dict, saved_backbone: dict | None = None) -> UniNet:
     with float32_default():   # whatever the host's default dtype (its float64 model met float32 images at step 1)
         backbone = create_normalised_backbone(cfg["backbone"], cfg["weights"], mean, std, levels=cfg.get("levels"),
                                               **kw)
-    try:
-        with float32_default():
+        try:
             return UniNet(backbone, **model_options(cfg))
-    except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths); values
-        # the model never takes (dfs, mem, pixel_map, bottleneck_stride) are refused by load_config first
-        fix = next((f for words, f in _MODEL_FIXES if words in str(e)),
-                   "check the option the message names against docs/usage.md, or train with its default")
-        raise BadInputError(f"the model options do not fit backbone {cfg['backbone']} at levels "
-                            f"{list(backbone.levels)}: {e}", fix=fix) from e
+        except ValueError as e:   # options that do not fit this backbone (e.g. 2 levels, 3 decoder depths); values
+            # the model never takes (dfs, mem, pixel_map, bottleneck_stride) are refused by load_config first
+            fix = next((f for words, f in _MODEL_FIXES if words in str(e)),
+                       "check the option the message names against docs/usage.md, or train with its default")
+            raise BadInputError(f"the model options do not fit backbone {cfg['backbone']} at levels "
+                                f"{list(backbone.levels)}: {e}", fix=fix) from e
 
 
 def create_normalised_backbone(name, weights, mean=None, std=None, **kw):

@@ -445,9 +445,7 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
                                # the one it resolved to (cuda:0) would refuse a --config re-run on a CPU machine
                                "mean": list(bb.mean), "std": list(bb.std),   # those read from the file's name too
                                "quick_gelu": bool(getattr(bb, "quick_gelu", False))})   # a re-run takes it back
-    w = Path(str(weights)).expanduser()
-    if w.is_file():   # as given, not link-resolved: a re-run reads the same tags from its name (see above)
-        cfg["weights"] = str(w.absolute())
+    # (a weights file as given, not link-resolved: a re-run reads the same tags from its name)
     ds = make_dataset(samples, cfg, bb)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
     feats, index = [], []
