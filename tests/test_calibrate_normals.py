@@ -419,3 +419,67 @@ def test_evaluate_on_another_split_says_how_many_test_images_the_run_trained_on(
         res = evaluate(tmp_path / "run", split_csv=str(tmp_path / "other.csv"), quiet=True)
     assert res["test_images_trained_on"] == 3
     assert "test_images_trained_on" not in evaluate(tmp_path / "run", quiet=True)
+
+
+def test_given_normals_of_a_run_of_every_group_of_its_data_are_checked_against_those_groups(tmp_path):
+    """A run trained on every group of its data (no `group:`) took a flat folder's images as group None (a TypeError
+    sorting the groups) and another group's (DIR/lineZ/...) as a group of their own, alone setting the threshold;
+    a run of one ungrouped category took an MVTec layout's category folder (DIR/bottle/train/good) for a second group
+    (then 'no position offsets for group bottle' when tiled)."""
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.normals import given_normals
+    two = tmp_path / "two"
+    for i, g in enumerate(("lineA", "lineB")):
+        write_texture_set(two / g, n_train=3, n_good=0, n_bad=0, size=32, seed=i)
+    cfg = load_config(None, {"data": str(two), "backbone": "tiny", "weights": "random"})
+    n = tmp_path / "n"
+    for g in ("lineZ", "lineA"):
+        write_texture_set(n / g, n_train=2, n_good=0, n_bad=0, size=32, seed=7)
+    with pytest.raises(BadInputError, match=r"2 of the 4 images here are of group\(s\) lineZ .* trained on group\(s\) "
+                                            r"lineA, lineB only"):
+        given_normals(n, cfg)
+    with pytest.raises(BadInputError, match="trained on groups lineA, lineB, and images here are of no group"):
+        given_normals(n / "lineA" / "train" / "good", cfg)
+    shutil.rmtree(n / "lineZ")
+    assert sorted(s.group for s in given_normals(n, cfg)) == ["lineA", "lineA"]
+    one = write_texture_set(tmp_path / "one", n_train=3, n_good=0, n_bad=0, size=32)
+    cfg = load_config(None, {"data": str(one), "backbone": "tiny", "weights": "random"})
+    bottle = tmp_path / "b"
+    write_texture_set(bottle / "bottle", n_train=2, n_good=0, n_bad=0, size=32, seed=8)
+    assert [s.group for s in given_normals(bottle, cfg)] == ["", ""]
+
+
+def test_another_epochs_threshold_comes_from_the_runs_own_split_not_a_given_csvs(tmp_path):
+    """`evaluate --checkpoint X --split-csv OTHER` drew X's validation normals from OTHER's training rows, some of
+    them images the run trained on; model.pt's threshold came from the run's own. Both use the run's own now."""
+    import csv
+    from uninet_feat import calibration as C
+    from uninet_feat.evaluate import evaluate
+    from uninet_feat.runs import load_samples, train_val_samples
+    data = write_texture_set(tmp_path / "d", n_train=16, n_good=3, n_bad=2, size=32)
+    files = sorted((data / "train" / "good").glob("*.png"))
+    rows = [{"path": str(p.relative_to(data)), "split": "train", "label": "good"} for p in files[:10]]
+    rows += [{"path": str(p.relative_to(data)), "split": "test", "label": p.parent.name}
+             for p in sorted((data / "test").rglob("*.png"))]
+    own, other = tmp_path / "own.csv", tmp_path / "other.csv"
+    for path, part in ((own, rows), (other, rows + [dict(rows[0], path=str(p.relative_to(data))) for p in files[10:]])):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, ["path", "split", "label"])
+            w.writeheader()
+            w.writerows(part)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--image-size", "32", "--split-csv", str(own), "--val-fraction", "0.3",
+                                         "--keep-every", "1", "--out", str(run)]) == 0
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    fit, val = train_val_samples(load_samples(cfg), cfg)
+    seen, real = [], C.calibration
+
+    def spy(model, v, c, quiet=True):
+        seen.append(sorted(str(s.path) for s in v))
+        return real(model, v, c, quiet)
+    import unittest.mock
+    with unittest.mock.patch.object(C, "calibration", spy), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate(run, split_csv=str(other), checkpoint=str(run / "epochs" / "epoch_001.pt"), quiet=True)
+    assert seen == [sorted(str(s.path) for s in val)]

@@ -254,6 +254,9 @@ def test_offsets_are_per_group_and_an_unknown_group_is_named(run):
     assert b[0].path.name in str(e.value)
     one = {"A": rec["offsets"]["A"]}   # a run of one group scores an image without a group (a new batch)
     assert corrected(1.0, box, one, replace(b[0], group="")) == pytest.approx(1.0 - one["A"]["0,64"])
+    # a run of one ungrouped category: a batch's layout group (DIR/bottle/test/good) is a folder, not another group
+    ungrouped = {"": one["A"]}
+    assert corrected(1.0, box, ungrouped, replace(b[0], group="bottle")) == pytest.approx(1.0 - one["A"]["0,64"])
     with pytest.raises(BadInputError, match="from group 'A' only"):   # but not another group's with A's offsets
         corrected(1.0, box, one, replace(b[0], group="B"))
 

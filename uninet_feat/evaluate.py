@@ -153,9 +153,13 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
         check_threshold_flags(cfg.get("threshold"), cfg.get("max_fpr"))   # before scoring the validation normals
-        checkpoint_offsets(model, run, split_cfg)   # its own position offsets (of every group the run scores)
+        own_cfg = _own_split_cfg(split_cfg, dict(ckpt["config"]), data, split_csv, run)
+        if own_cfg is split_cfg and (split_csv is not None or data is not None):   # the run's own split is gone:
+            from .normals import check_not_trained_on, validation_normals            # the given one's, checked
+            check_not_trained_on(validation_normals(own_cfg), dict(ckpt["config"]), split_csv, data, run)
+        checkpoint_offsets(model, run, own_cfg)   # its own position offsets (of every group the run scores)
         if cfg.get("threshold") is None or report_path:   # a given threshold and no report need none
-            cal = _checkpoint_calibration(model, split_cfg, checkpoint)
+            cal = _checkpoint_calibration(model, own_cfg, checkpoint)
     # fails before scoring; a run of several groups flags each test image by its group's threshold
     threshold, rule, by_group = resolve_thresholds(run, cfg.get("threshold"), cfg.get("max_fpr"), group, cal=cal,
                                                    source=f"validation normals of {checkpoint}")
@@ -438,6 +442,29 @@ def _threshold_set_on_test(run, test, other_model: bool = False, range_units: bo
 def _at_threshold(labels, pred) -> dict:
     return {"recall_defect": float(pred[labels == 1].mean()) if labels.any() else None,
             "false_positive_rate": float(pred[labels == 0].mean()) if (labels == 0).any() else None}
+
+
+def _own_split_cfg(split_cfg: dict, trained_cfg: dict, data, split_csv, run) -> dict:
+    """The run's own split for another epoch's model (its validation normals, its training normals' offsets): a
+    --split-csv or --data given for the test images would redraw them, some from images the run trained on.
+    ``split_cfg`` itself when the run's own split is gone (moved without its CSV). Refused when the data gained or
+    lost training images since (the split recorded in model.pt, or checkpoint.pt of a run still training)."""
+    own = split_cfg
+    if split_csv is not None or data is not None:
+        from .normals import moved_split_csv
+        own = {**split_cfg, "data": data or trained_cfg["data"], "split_csv": trained_cfg.get("split_csv")}
+        if own["split_csv"] and data:
+            try:
+                own["split_csv"] = moved_split_csv(trained_cfg["split_csv"], trained_cfg["data"], data, run)
+            except BadInputError:
+                return split_cfg
+    saved = next((p for p in (Path(run) / "model.pt", Path(run) / "checkpoint.pt") if p.is_file()), None)
+    if saved is not None:
+        import torch
+        from .runs import check_split, load_samples, train_val_samples
+        record = torch.load(saved, map_location="cpu", weights_only=True)
+        check_split(record, *train_val_samples(load_samples(own), own), own["data"], run)
+    return own
 
 
 def _checkpoint_calibration(model, cfg: dict, checkpoint) -> dict:

@@ -63,8 +63,10 @@ def validation_normals(cfg: dict) -> list:
 
 def given_normals(folder, cfg: dict) -> list:
     """Every image under ``folder`` (or that one image) as a validation normal of the group the folder's layout gives
-    it (e.g. ``DIR/<group>/train/good``), or when it gives none the run's one group. Refused: images of a group the
-    run was not trained on (`group:` a name or a list) and, for a run of several named groups, images of none; a folder
+    it (e.g. ``DIR/<group>/train/good``), or when it gives none the run's one group; for a run of one ungrouped
+    category every image is of it (``DIR/bottle/train/good``: a folder, not a group). Refused: images of a group the
+    run was not trained on (`group:` a name or a list, else the groups of its training normals) and, for a run of
+    several groups, images of none; a folder
     that is gone (named as the run's calibration normals, with the ways back), and images its layout marks as
     defects (a defect label folder such as ``test/crack/``, or a mask beside the image): taken for normals, they
     would raise the threshold above defects (an all-zero mask, as magnetic tile's MT_Free has, is a normal's)."""
@@ -85,26 +87,26 @@ def given_normals(folder, cfg: dict) -> list:
                             fix="pass a folder of normal images only (e.g. test/good, not test)")
     run_groups = cfg.get("group")   # a name, or a list of them (`group: [A, B]`); None: every group of the data
     named = [run_groups] if isinstance(run_groups, str) and run_groups else list(run_groups or [])
-    other = [s for s in found if s.group and named and s.group not in named]
-    if other:   # another group's normals would set this group's threshold
+    trained = named or trained_groups(cfg)   # a run of every group of its data: the groups its normals were of
+    if trained == [""]:   # a run of one ungrouped category: a layout's group here (DIR/bottle/train/good) is a
+        return [replace(s, split="val", label="good", mask=None, group="") for s in found]   # folder, not a group
+    other = [s for s in found if s.group and trained and s.group not in trained]
+    if other:   # another group's normals would set this group's threshold (or the pooled one, alone)
         names = sorted({s.group for s in other})
         raise BadInputError(f"{len(other)} of the {len(found)} images here are of group(s) {', '.join(names)} by "
                             f"their layout (e.g. {other[0].path}), and the run was trained on group(s) "
-                            f"{', '.join(named)} only: their scores would set its threshold", path=folder,
-                            fix=(f"pass group {named[0]}'s normals only (e.g. {Path(folder) / named[0]}, or a folder "
-                                 "of them not laid out by group)" if len(named) == 1 else
-                                 f"pass normals of groups {', '.join(named)} only, laid out by group") +
+                            f"{', '.join(trained)} only: their scores would set its threshold", path=folder,
+                            fix=(f"pass group {trained[0]}'s normals only (e.g. {Path(folder) / trained[0]}, or a "
+                                 "folder of them not laid out by group)" if len(trained) == 1 else
+                                 f"pass normals of groups {', '.join(trained)} only, laid out by group") +
                                 ", or calibrate a run trained on the other groups")
-    only = named[0] if len(named) == 1 else None   # group-less images are the run's one group's
-    if not named and any(not s.group for s in found):   # a flat folder for a run of one group is that
-        trained = trained_groups(cfg)   # group's (it counted as a second group, of no name, with 0 normals)
-        only = trained[0] if len(trained) == 1 else None
-    elif only is None and any(not s.group for s in found):   # several groups: whose normal each is, unknown
+    only = trained[0] if len(trained) == 1 else None   # group-less images are the run's one group's
+    if only is None and trained and any(not s.group for s in found):   # several groups: whose normal each is, unknown
         loose = next(s for s in found if not s.group)
-        raise BadInputError(f"the run was trained on groups {', '.join(named)}, and images here are of no group "
+        raise BadInputError(f"the run was trained on groups {', '.join(trained)}, and images here are of no group "
                             f"(e.g. {loose.path}): which group's threshold each sets is unknown", path=folder,
                             fix="pass a folder laid out by group (DIR/<group>/..., e.g. "
-                                f"{Path(folder) / named[0] / 'good'})")
+                                f"{Path(folder) / trained[0] / 'good'})")
     return [replace(s, split="val", label="good", mask=None, group=s.group or only) for s in found]
 
 

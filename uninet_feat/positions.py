@@ -277,9 +277,11 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
     (`key`)."""
     if not offsets:
         return score
-    # a run of one group scores images without one (a new batch) with its offsets, not another group's images
-    group = sample.group if sample.group in offsets else (next(iter(offsets)) if len(offsets) == 1
-                                                          and not sample.group else None)
+    # a run of one group scores images without one (a new batch) with its offsets, not another group's images; a run
+    # of one ungrouped category (group '') scores every image: a batch's layout group (DIR/bottle/test) is a folder
+    only = next(iter(offsets)) if len(offsets) == 1 else None
+    group = sample.group if sample.group in offsets else (only if only is not None and (not sample.group or only == "")
+                                                          else None)
     table = offsets.get(group) if group is not None else None
     if table is None and len(offsets) == 1:
         raise BadInputError(f"no position offsets for group {sample.group!r}: the run's normals came from group "
