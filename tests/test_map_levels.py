@@ -90,6 +90,14 @@ def test_pick_pixel_map_keeps_the_base_unless_another_map_is_clearly_better():
     for bad in ("0,1", "4", "x", []):
         with pytest.raises(BadInputError, match="map levels"):
             parse_map_levels(bad, 3)
+    # a config's one level (`map_levels: 3`) was a TypeError; a text, bool or fraction in a list a ValueError, or
+    # read as another level (2.5 as 2); a refused text was reported as "got None"
+    assert parse_map_levels(3, 3) == [3] and parse_map_levels([3, "2"], 3) == [2, 3]
+    for bad in (2.5, [2.5], [2, "x"], True, [True], {"a": 1}):
+        with pytest.raises(BadInputError, match="map levels"):
+            parse_map_levels(bad, 3)
+    with pytest.raises(BadInputError, match="got 'abc'"):
+        parse_map_levels("abc", 3)
     assert [parse_map_norm(v) for v in ("none", "range", "auto")] == ["none", "range", "auto"]
     with pytest.raises(BadInputError, match="map_norm"):
         parse_map_norm("zscore")

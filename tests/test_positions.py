@@ -367,10 +367,18 @@ def test_neighbours_offset_is_the_median_of_the_nearest_training_tiles_at_that_p
     # `calibrate` without --tile-norm keeps neighbours; a damaged tile file is named with its fix
     assert main(["calibrate", "--run", str(c), "--quiet"]) == 0
     assert json.loads((c / "calibration.json").read_text())["tile_offsets"]["mode"] == "neighbours"
+    before = evaluate(c, quiet=True)
     (c / rec["file"]).write_bytes(b"not a zip")
     with pytest.raises(BadInputError, match="neighbours' tiles") as e:
         evaluate(c, quiet=True)
     assert "--tile-norm neighbours" in str(e.value)
+    # and that fix works: calibrate read the lost file before writing it anew, and failed the same way
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
+    assert evaluate(c, quiet=True)["image_auroc"] == pytest.approx(before["image_auroc"])
+    (c / rec["file"]).unlink()
+    assert main(["calibrate", "--run", str(c), "--tile-norm", "position", "--quiet"]) == 0
+    after = json.loads((c / "calibration.json").read_text())["tile_offsets"]
+    assert after["offsets"] and after.get("mode", "position") == "position"
 
 
 def test_neighbours_offsets_by_hand_with_fewer_tiles_than_k_and_after_save_load(tmp_path):

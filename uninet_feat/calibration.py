@@ -131,14 +131,15 @@ def parse_map_levels(v, n_levels: int):
     """"all" / None → None (every level); "2,3" or [2, 3] → [2, 3], checked against ``n_levels``."""
     if v is None or v == "all":
         return None
-    if isinstance(v, str):
-        try:
-            v = [int(x) for x in v.replace(" ", "").split(",") if x]
-        except ValueError:
-            v = None
-    levels = sorted({int(x) for x in v}) if v else []
+    raw = v   # a config's `map_levels: 3` is one level; a text, bool or 2.5 in it is refused, as is "abc" on the CLI
+    items = [v] if isinstance(v, int) else v.replace(" ", "").split(",") if isinstance(v, str) else v
+    try:
+        levels = sorted({x if isinstance(x, int) and not isinstance(x, bool) else int(x) if isinstance(x, str)
+                         else int("x") for x in items if x != ""})
+    except (TypeError, ValueError):
+        levels = []
     if not levels or levels[0] < 1 or levels[-1] > n_levels:
-        raise BadInputError(f"map levels must be all, auto or levels among 1..{n_levels} (e.g. 2,3), got {v!r}",
+        raise BadInputError(f"map levels must be all, auto or levels among 1..{n_levels} (e.g. 2,3), got {raw!r}",
                             fix=f"e.g. --map-levels auto, or --map-levels 2,{n_levels}")
     return None if len(levels) == n_levels else levels
 
@@ -306,7 +307,12 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
     model.cfg["tile_neighbours"] = None
     if rec.get("offsets") and rec.get("mode") == "neighbours":
         from .positions import Neighbours
-        near = Neighbours.load(Path(run) / rec.get("file", NEIGHBOURS_FILE))
+        try:
+            near = Neighbours.load(Path(run) / rec.get("file", NEIGHBOURS_FILE))
+        except BadInputError:
+            if cfg is not None:
+                raise
+            return   # `recalibrate` (no cfg) writes the tiles anew, the fix that error names
         if cfg is not None and rec.get("tile_neighbours_sha256") not in (None, near.digest()):   # older: not said
             raise BadInputError("the run's tile_neighbours.npz is not the one its calibration.json was made with "
                                 "(its training tiles were written by a calibrate stopped before calibration.json, or "
