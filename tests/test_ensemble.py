@@ -412,3 +412,45 @@ def test_predict_ensemble_names_a_run_trained_on_other_data(seeds, tmp_path):
         warnings.simplefilter("always")
         predict_cmd(seeds / "a", data, tmp_path / "b", ensemble=[seeds / "b"], overlays=False, quiet=True)
     assert not [w for w in rec if "other data" in str(w.message)]
+
+
+def test_runs_of_other_settings_are_named_in_a_warning(seeds, tmp_path):
+    """Only image size and tiling were compared: runs of another recipe (epochs, lr, width, ...) were averaged as if
+    they were seeds of one config, unsaid unless their score scales differed by 25 %."""
+    import warnings
+    assert main(tiny_train_args(seeds / "tex") + ["--epochs", "1", "--seed", "2", "--lr", "0.0005",
+                                                  "--out", str(tmp_path / "d")]) == 0
+    with pytest.warns(UserWarning, match=r"d was trained with other settings than .*a \(epochs 1 vs 2, lr 0.0005 vs"):
+        evaluate_ensemble([seeds / "a", tmp_path / "d"], quiet=True)
+    with warnings.catch_warnings(record=True) as rec:   # two seeds of one config: nothing said
+        warnings.simplefilter("always")
+        evaluate_ensemble([seeds / "a", seeds / "b"], quiet=True)
+    assert not [w for w in rec if "other settings" in str(w.message)]
+
+
+def test_the_runs_thresholds_reported_are_those_the_ensembles_threshold_is_the_mean_of(tmp_path):
+    """With --group G the ensemble flags above the mean of the runs' G thresholds, and `run_thresholds` gave their
+    pooled ones, whose mean is another cut."""
+    from uninet_feat.config import load_config
+    from uninet_feat.predict import predict_cmd
+    from uninet_feat.train import train
+    data = tmp_path / "d"
+    for i, g in enumerate(("lineA", "lineB")):
+        write_texture_set(data / g, n_train=50, n_good=2, n_bad=2, size=32, seed=i)
+    runs = []
+    for seed in (2, 5):
+        runs.append(tmp_path / f"r{seed}")
+        train(load_config(None, {"data": str(data), "backbone": "tiny", "weights": "random", "image_size": 32,
+                                 "epochs": 1, "batch_size": 4, "val_fraction": 0.5, "channels_last": False,
+                                 "seed": seed}), runs[-1], quiet=True)
+    from uninet_feat.thresholds import group_thresholds
+    by = [group_thresholds(r) for r in runs]
+    assert all(by) and by[0]["lineA"] != by[1]["lineA"]
+    rep = evaluate_ensemble(runs, group="lineA", quiet=True)
+    assert rep["run_thresholds"] == pytest.approx({str(r): b["lineA"] for r, b in zip(runs, by)})
+    assert rep["threshold"] == pytest.approx(np.mean(list(rep["run_thresholds"].values())))
+    rep = evaluate_ensemble(runs, quiet=True)   # flagged per group: each run's group thresholds beside
+    assert rep["run_group_thresholds"] == {str(r): pytest.approx(b) for r, b in zip(runs, by)}
+    res = predict_cmd(runs[0], data / "lineA" / "test", tmp_path / "p", ensemble=[runs[1]], group="lineA",
+                      overlays=False, quiet=True)
+    assert res["ensemble_run_thresholds"] == pytest.approx([b["lineA"] for b in by])

@@ -131,6 +131,12 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
     return members
 
 
+# config keys that do not change what a run learns (or that `_warn_other_training_data` names as its data)
+_NOT_SETTINGS = {"seed", "threads", "device", "data", "split_csv", "group", "mask_pattern", "split_hash", "val_split",
+                 "cache_images", "grad_checkpointing", "step_in_backward", "keep_every", "eval_batch_size",
+                 "channels_last", "skip_bad", "map_levels", "map_norm", "pixel_map", "tile_norm"}
+
+
 def _warn_other_training_data(members: list[Member]) -> None:
     """Name a run trained on other data than the first (its data folder, split file or group, or the number of
     normals it trained and validated on): its scores are in another model's units, not another seed's. Warned, not
@@ -152,6 +158,12 @@ def _warn_other_training_data(members: list[Member]) -> None:
             warnings.warn(f"{m.run} was trained on other data than {first.run} ("
                           + ", ".join(f"{k} {theirs[k]} vs {mine[k]}" for k in diff) + "): an ensemble averages "
                           "runs of one config and data that differ only in their seed (fix: pass such runs)")
+        a, b = first.trained_cfg or {}, m.trained_cfg or {}
+        other = sorted(k for k in set(a) | set(b) if k not in _NOT_SETTINGS and a.get(k) != b.get(k))
+        if other:   # another recipe (epochs, lr, width, ...): not a seed ensemble, and its scale may still agree
+            warnings.warn(f"{m.run} was trained with other settings than {first.run} ("
+                          + ", ".join(f"{k} {b.get(k)} vs {a.get(k)}" for k in other) + "): an ensemble averages "
+                          "runs of one config that differ only in their seed (fix: pass such runs)")
 
 
 def default_threshold(members: list[Member]) -> float:
@@ -175,6 +187,13 @@ def default_thresholds(members: list[Member], group: str | None = None):
         common = set.intersection(*(set(b) for b in bys))
         by = {g: float(np.mean([b[g] for b in bys])) for g in sorted(common)} or None
     return pick_group(default_threshold(members), RULE, by, group, GROUP_RULE)
+
+
+def member_thresholds(members: list[Member], group: str | None = None) -> dict:
+    """{run: the threshold it brings to `default_thresholds`' mean}: with ``group``, its threshold of that group
+    where every run has one (the mean is then of those), else its pooled one."""
+    mine = group is not None and all(m.by_group and group in m.by_group for m in members)
+    return {m.run: m.by_group[group] if mine else m.threshold for m in members}
 
 
 def _accumulate(maps: dict, run: str):
@@ -281,7 +300,8 @@ def evaluate_ensemble(runs, data=None, split_csv=None, json_path=None, csv_path=
                   f"binned: {sink.pixels} map pixels over the budget"} if has_masks else {}),
               **({"pixel_metrics_without": len(unmasked)} if unmasked else {}),
               **({"test_images_trained_on": trained_on} if trained_on is not None else {}),
-              "run_thresholds": {m.run: m.threshold for m in members},
+              "run_thresholds": member_thresholds(members, group),
+              **({"run_group_thresholds": {m.run: m.by_group for m in members}} if by_group else {}),
               "at_threshold": _at_threshold(labels, scores > per_image),
               **({"threshold_set_on_test_images": shared} if shared else {}),
               "per_run_image_auroc": {r: metrics.image_auroc(labels, s) if both else None

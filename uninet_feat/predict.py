@@ -179,7 +179,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         row.update({n: float(v) for n, v in zip(ex.vector_names, x) if n.startswith("clip_")})   # --text
     summary_extra, ref = {}, None
     if members is not None:
-        summary_extra = _add_ensemble_scores(rows, members, samples, quiet)
+        summary_extra = _add_ensemble_scores(rows, members, samples, quiet, group)
     if scorer is not None:
         per_image, patch_scores, kres = knn_scores(scorer, kex or ex, samples, res if kex is None else None,
                                                    parts=partial / "knn", key=knn_key)
@@ -398,19 +398,19 @@ def _warn_other_colour_kind(run_dir: Path, samples, n_look: int = KIND_LOOK_FILE
     return bool(other)
 
 
-def _add_ensemble_scores(rows, members, samples, quiet: bool) -> dict:
+def _add_ensemble_scores(rows, members, samples, quiet: bool, group=None) -> dict:
     """Each row's ``ensemble_score`` (the mean of the runs' WDM scores) and the runs' own ``ensemble_score_K``;
     the first run's scores are the rows' ``wdm_score`` (the same model's), the others are scored here. Returns
-    the summary's ensemble entries."""
+    the summary's ensemble entries (each run's threshold: its ``group``'s when the ensemble flags by that)."""
     per = [{r["path"]: r["wdm_score"] for r in rows}]
     per += [m.scores(_by_path(samples, rows), quiet) for m in members[1:]]
     for r in rows:
         vals = [d[r["path"]] for d in per]
         r["ensemble_score"] = float(np.mean(vals))
         r.update({f"ensemble_score_{k}": float(v) for k, v in enumerate(vals)})
-    from .ensemble import RULE
+    from .ensemble import RULE, member_thresholds
     return {"ensemble_runs": [m.run for m in members], "ensemble_rule": RULE,
-            "ensemble_run_thresholds": [m.threshold for m in members]}
+            "ensemble_run_thresholds": list(member_thresholds(members, group).values())}
 
 
 def _write_ensemble_overlays(members, samples, rows, folder: Path, names: dict) -> None:
