@@ -255,3 +255,24 @@ def test_a_model_json_that_cannot_be_written_leaves_the_previous_pair(plain, tmp
         export_model(run, out, opset=18, check=False)
     assert {n: (out / n).read_bytes() for n in before} == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]   # no temp file left behind
+
+
+def test_an_export_stopped_before_its_run_config_leaves_none_not_the_previous_runs(plain, tmp_path, monkeypatch):
+    """run_config.yaml was copied after the new model.json was in place: a stop between the two left the previous
+    export's run settings beside another run's model. The old one now goes with the old model.json."""
+    import shutil
+    _, run, _ = plain
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    (other / "config.yaml").write_text((run / "config.yaml").read_text() + "# the other run\n")
+    out = tmp_path / "m"
+    export_model(run, out, check=False)
+    assert (out / "run_config.yaml").read_text() == (run / "config.yaml").read_text()
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt("stopped")
+    monkeypatch.setattr("uninet_feat.deploy.shutil.copyfile", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(other, out, check=False)
+    assert json.loads((out / "model.json").read_text())["run"] == str(other.resolve())
+    assert not (out / "run_config.yaml").exists()

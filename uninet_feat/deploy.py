@@ -269,7 +269,8 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
         done["sha"] = file_sha256(tmp)
         done["info"] = make_info()   # model.json written in full before the old one goes (a full disk failed after)
         done["json"] = staged_text(out / "model.json", json.dumps(done["info"], indent=2))
-        (out / "model.json").unlink(missing_ok=True)   # never the old model.json beside the new model.onnx
+        (out / "model.json").unlink(missing_ok=True)   # never the old model.json beside the new model.onnx, nor
+        (out / "run_config.yaml").unlink(missing_ok=True)   # the old run's settings (a stop before the copy below)
     try:
         _quietly(lambda: atomic_write(out / "model.onnx", write), quiet)
         os.replace(done["json"], out / "model.json")   # just after the new model.onnx: nothing left to fail between
@@ -279,8 +280,6 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
     info = done["info"]
     if (run / "config.yaml").exists():   # the run's settings beside its model (the command's own config.yaml is the CLI's)
         atomic_write(out / "run_config.yaml", lambda tmp: shutil.copyfile(run_path(run, "config.yaml"), tmp))
-    else:   # never another run's settings beside this model
-        (out / "run_config.yaml").unlink(missing_ok=True)
     return info
 
 
