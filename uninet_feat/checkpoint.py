@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -31,7 +32,11 @@ def save_checkpoint(path, model, cfg: dict, **extra) -> Path:
     own = {k: model.cfg[k] for k in DEFAULTS if k != "student_relu"}   # student_relu: resolved, saved below
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "library_version": __import__("uninet_feat").__version__,
-               "config": _plain({**cfg, **own}), "backbone": _plain(model.source.config()),
+               # through JSON, keys sorted: a config whose values share string objects (one made in a process, not
+               # read from YAML) pickled them as back-references, and its key order was the caller's, so the same run
+               # trained again from its config.yaml gave another model.pt's bytes (its indices and heads refused)
+               "config": json.loads(json.dumps(_plain({**cfg, **own}), sort_keys=True)),
+               "backbone": json.loads(json.dumps(_plain(model.source.config()), sort_keys=True)),
                "student_relu": [bool(r) for r in model.cfg["student_relu"]],
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                **{k: _on_cpu(v) for k, v in extra.items()}}   # optimiser states of a GPU run too: loads anywhere

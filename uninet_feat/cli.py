@@ -58,7 +58,8 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", choices=["last", "synthetic"],
                    help="which epoch becomes model.pt: the last (fixed schedule, default) or the one that best "
                         "separates the validation normals from synthetic defects made from them (no labels)")
-    p.add_argument("--val-every", dest="val_every", type=int, help="with --select synthetic: validate every N epochs")
+    p.add_argument("--val-every", dest="val_every", type=int,
+                   help="with --select synthetic: validate every N epochs (default 1, every epoch)")
     _kinds_flag(p, "the synthetic defects that --select synthetic and the auto map choices use")
     _tile_norm_flag(p, "")
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
@@ -657,9 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         # train's folder lock, and the one-writer commands' (`_command_lock`), remove them themselves
         if args.command not in ("train", "prompts", *_ONE_WRITER) and isinstance(out, str) and Path(out).is_dir():
             _remove_dead_temps(Path(out))
-        with warnings.catch_warnings(), _command_lock(args):   # _dispatch sets the commands' filters: a host
-            code = _dispatch(args)                              # process keeps its own
-            _save_command_config(args)
+        with warnings.catch_warnings(), _command_lock(args), _records_first(args):   # _dispatch sets the commands'
+            code = _dispatch(args)                                                 # filters: a host keeps its own
+            _save_command_config(args)   # also when it wrote nothing there (its records come first otherwise)
         return code
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -719,14 +720,34 @@ _CONTINUE = {"train": "re-run with --resume to continue",
              "extract": "re-run the same command to continue (finished shards are kept)"}
 
 
+_OWN_RECORDS = ("train", "zero-shot", "demo", "evaluate", "ensemble", "prompts", "calibrate")
+
+
 def _save_command_config(args) -> None:
     """Beside a command's outputs: ``config.yaml`` (every resolved flag; reusable as ``--config``) and
-    ``env.json``. train, zero-shot and demo write their own."""
-    if args.command in ("train", "zero-shot", "demo", "evaluate", "ensemble", "prompts", "calibrate"):
+    ``env.json``. train, zero-shot and demo write their own. extract's is the store's, not one `--shard` job's
+    (the jobs write one store: a re-run of a job's record built only its shards); index's patch-level bank
+    states its coreset share and k."""
+    if args.command in _OWN_RECORDS:
         return
     from .config import save_run_config
     opts = {k: _absolute(k, v) for k, v in vars(args).items() if k not in ("config", "command")}
+    if args.command == "extract":
+        opts["shard"] = "0/1"
+    if args.command == "index" and args.level == "patch":
+        from .workflows import INDEX_DEFAULTS
+        opts.update({k: v for k, v in INDEX_DEFAULTS.items() if opts.get(k) is None})
     save_run_config(Path(args.out), {"command": args.command, **opts})
+
+
+def _records_first(args):
+    """A folder command's records written just before its first output (`io.records_first`); a refused command
+    writes no output and leaves the folder's earlier records with the earlier outputs they describe."""
+    out = getattr(args, "out", None)
+    if args.command in _OWN_RECORDS or not isinstance(out, str):
+        return contextlib.nullcontext()
+    from .io import records_first
+    return records_first(out, lambda: _save_command_config(args))
 
 
 _PATH_FLAGS = ("data", "split_csv", "run", "runs", "out", "features", "knn", "head", "ensemble", "text", "weights",

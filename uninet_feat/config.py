@@ -337,10 +337,27 @@ def model_options(cfg: dict) -> dict:
     return opts
 
 
+# the libraries behind a command's results besides torch, timm and numpy (heads, clusters, indices, image decoding,
+# CLIP, ONNX): their versions in env.json where installed
+_RESULT_PACKAGES = ("lightgbm", "scikit-learn", "faiss-cpu", "faiss-gpu", "Pillow", "scipy", "open_clip_torch",
+                    "onnx", "onnxruntime", "triton")
+
+
+def _versions() -> dict:
+    from importlib import metadata
+    out = {}
+    for name in _RESULT_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def environment(seed: int) -> dict:
     import timm
     return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": np.__version__, "seed": seed,
+            "timm": timm.__version__, "numpy": np.__version__, "packages": _versions(), "seed": seed,
             "threads": torch.get_num_threads(), "uninet_feat": __import__("uninet_feat").__version__,
             "cuda": torch.version.cuda,   # the build's; None for a CPU build. gpus: those torch sees (device: auto)
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -36,10 +36,39 @@ def _removed_on_failure(tmp: str, path):
         raise
 
 
+_FIRST_WRITE: dict = {}   # folder → what to write there before its first output (`records_first`)
+_FIRST_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def records_first(folder, write_records: Callable[[], None]):
+    """While the block runs, the first file written under ``folder`` (every write goes through `staged`) is preceded
+    by ``write_records()``: a command's config.yaml and env.json then describe its outputs from the first one
+    replaced on, and a command killed after that never leaves an earlier command's records beside its results."""
+    key = os.path.abspath(folder)
+    _FIRST_WRITE[key] = write_records
+    try:
+        yield
+    finally:
+        _FIRST_WRITE.pop(key, None)
+
+
+def _before_write(path) -> None:
+    if not _FIRST_WRITE:
+        return
+    p = os.path.abspath(path)
+    with _FIRST_LOCK:
+        due = [k for k in _FIRST_WRITE if p == k or p.startswith(k.rstrip(os.sep) + os.sep)]
+        calls = [_FIRST_WRITE.pop(k) for k in due]
+    for call in calls:   # its own files come back here with the folder gone from the table
+        call()
+
+
 def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
     """``writer(tmp_path)`` on a temp file in ``path``'s folder, fsynced and with ``path``'s mode: the caller puts it
     in place (``os.replace``) or removes it. Why apart from `atomic_write`: a pair of files (export-model's
     model.onnx and model.json) is written in full first and then renamed back to back."""
+    _before_write(path)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,9 @@ def zero_shot_step(bb) -> int:
     return getattr(bb, "patch_size", None) or getattr(bb, "size_multiple", 1)
 
 
+INDEX_DEFAULTS = {"coreset": 0.1, "k": 1}   # a patch-level bank's: the share of patches kept, the neighbours scored
+
+
 def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, run=None, device="auto") -> dict:
     """Patch level: a kNN scorer over the training normals' patches (``coreset`` default 0.1, ``k`` default 1).
     Image level: a search index of every image row, which scores nothing. ``device``: where the coreset and
@@ -134,8 +137,8 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
             raise BadInputError(f"{', '.join(given)} {verb} only at --level patch (the kNN scorer's memory bank); "
                                 "an image-level index holds every image row and scores nothing",
                                 fix="drop them, or use --level patch")
-    coreset = 0.1 if coreset is None else coreset
-    k = 1 if k is None else k
+    coreset = INDEX_DEFAULTS["coreset"] if coreset is None else coreset
+    k = INDEX_DEFAULTS["k"] if k is None else k
     store = FeatureStore(features)
     out = Path(out)
     if level == "patch":
