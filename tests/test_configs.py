@@ -44,7 +44,7 @@ def test_train_help_states_the_defaults_the_config_really_has():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     helps = {a.dest: a.help or "" for a in train._actions}
     for key in ("backbone", "weights", "image_size", "epochs", "batch_size", "lr", "lr_target", "seed", "mem",
-                "dfs", "temperature", "width", "val_fraction"):
+                "dfs", "temperature", "width", "val_fraction", "val_every"):
         said = re.search(r"default:? ([\w.+-]+?)[,;)]", helps[key])
         assert said, f"--{key} help names no default: {helps[key]!r}"
         want = DEFAULT_CONFIG[key]

@@ -146,6 +146,8 @@ def test_dataset_layout_and_manifest(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "split", "label", "mask", "group"]
     assert len(rows) == s["n_images"] and len({r["path"] for r in rows}) == len(rows)
+    raw = (tmp_path / "manifest.csv").read_bytes()   # CSV lines end in \r\n, as every CSV the commands write
+    assert raw.count(b"\r\n") == len(rows) + 1 == raw.count(b"\n")
     for weave in syn.WEAVES:
         assert len(list((tmp_path / weave / "train" / "good").glob("*.png"))) == 3
         assert len(list((tmp_path / weave / "test" / "good").glob("*.png"))) == 2

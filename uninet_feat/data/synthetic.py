@@ -371,7 +371,7 @@ def make_fabric_dataset(root, n_train: int = 40, n_test_good: int = 10, n_test_d
                 rows.append((rel, split, label, mask_rel, weave))
         summary["categories"][weave] = counts
     buf = io.StringIO()
-    wr = csv.writer(buf, lineterminator="\n")
+    wr = csv.writer(buf, lineterminator="\r\n")   # as every CSV the commands write (docs/usage.md)
     wr.writerow(["path", "split", "label", "mask", "group"])
     wr.writerows(rows)
     _write_atomic(root / "manifest.csv", buf.getvalue().encode())
