@@ -131,15 +131,17 @@ def parse_map_levels(v, n_levels: int):
     """"all" / None → None (every level); "2,3" or [2, 3] → [2, 3], checked against ``n_levels``."""
     if v is None or v == "all":
         return None
-    raw = v   # a config's `map_levels: 3` is one level; a text, bool or 2.5 in it is refused, as is "abc" on the CLI
+    def level(x) -> int:   # a whole number, as written: not a bool, and 2.5 is not level 2
+        if isinstance(x, bool) or not isinstance(x, (int, str)):
+            raise ValueError(x)
+        return int(x)
     items = [v] if isinstance(v, int) else v.replace(" ", "").split(",") if isinstance(v, str) else v
-    try:
-        levels = sorted({x if isinstance(x, int) and not isinstance(x, bool) else int(x) if isinstance(x, str)
-                         else int("x") for x in items if x != ""})
+    try:   # a config's `map_levels: 3` is one level
+        levels = sorted({level(x) for x in items if x != ""})
     except (TypeError, ValueError):
         levels = []
     if not levels or levels[0] < 1 or levels[-1] > n_levels:
-        raise BadInputError(f"map levels must be all, auto or levels among 1..{n_levels} (e.g. 2,3), got {raw!r}",
+        raise BadInputError(f"map levels must be all, auto or levels among 1..{n_levels} (e.g. 2,3), got {v!r}",
                             fix=f"e.g. --map-levels auto, or --map-levels 2,{n_levels}")
     return None if len(levels) == n_levels else levels
 

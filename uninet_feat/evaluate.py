@@ -153,7 +153,8 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     cal = None   # None: the run's calibration.json, which belongs to model.pt
     if other:    # another epoch's model: threshold and colours from its own scores on the validation normals
         check_threshold_flags(cfg.get("threshold"), cfg.get("max_fpr"))   # before scoring the validation normals
-        own_cfg = _own_split_cfg(split_cfg, dict(ckpt["config"]), data, split_csv, run)
+        uses_split = cfg.get("threshold") is None or report_path or cfg.get("tile")   # its normals or offsets
+        own_cfg = _own_split_cfg(split_cfg, dict(ckpt["config"]), data, split_csv, run, check=bool(uses_split))
         if own_cfg is split_cfg and (split_csv is not None or data is not None):   # the run's own split is gone:
             from .normals import check_not_trained_on, validation_normals            # the given one's, checked
             check_not_trained_on(validation_normals(own_cfg), dict(ckpt["config"]), split_csv, data, run)
@@ -444,11 +445,12 @@ def _at_threshold(labels, pred) -> dict:
             "false_positive_rate": float(pred[labels == 0].mean()) if (labels == 0).any() else None}
 
 
-def _own_split_cfg(split_cfg: dict, trained_cfg: dict, data, split_csv, run) -> dict:
+def _own_split_cfg(split_cfg: dict, trained_cfg: dict, data, split_csv, run, check: bool = True) -> dict:
     """The run's own split for another epoch's model (its validation normals, its training normals' offsets): a
     --split-csv or --data given for the test images would redraw them, some from images the run trained on.
-    ``split_cfg`` itself when the run's own split is gone (moved without its CSV). Refused when the data gained or
-    lost training images since (the split recorded in model.pt, or checkpoint.pt of a run still training)."""
+    ``split_cfg`` itself when the run's own split is gone (moved without its CSV). With ``check``, refused when the
+    data gained or lost training images since (the split recorded in model.pt, or checkpoint.pt of a run still
+    training)."""
     own = split_cfg
     if split_csv is not None or data is not None:
         from .normals import moved_split_csv
@@ -459,7 +461,7 @@ def _own_split_cfg(split_cfg: dict, trained_cfg: dict, data, split_csv, run) -> 
             except BadInputError:
                 return split_cfg
     saved = next((p for p in (Path(run) / "model.pt", Path(run) / "checkpoint.pt") if p.is_file()), None)
-    if saved is not None:
+    if check and saved is not None:
         import torch
         from .runs import check_split, load_samples, train_val_samples
         record = torch.load(saved, map_location="cpu", weights_only=True)
