@@ -182,7 +182,8 @@ def _pitch(g: np.ndarray, axis: int) -> float:
 def _snap(g, pos, lo, hi, pitch):
     """Centre (column) of the bright thread nearest ``pos``, from the column profile over rows lo:hi."""
     a, b = max(0, int(pos - pitch)), min(g.shape[1], int(pos + pitch) + 1)
-    prof = ndi.gaussian_filter1d(g[lo:hi, a:b].mean(0), max(pitch / 5, 0.5))
+    rows = g[lo:hi] if hi > lo else g   # an image 1-2 px tall leaves no rows between lo and hi: the whole column
+    prof = ndi.gaussian_filter1d(rows[:, a:b].mean(0), max(pitch / 5, 0.5))
     near = np.abs(np.arange(a, b) - pos) <= pitch / 2
     return float(a + np.argmax(np.where(near, prof, -np.inf)))
 
