@@ -75,3 +75,20 @@ def test_a_run_trained_again_from_its_config_is_the_same_model_file(run, tmp_pat
     def sha(p):
         return hashlib.sha256(p.read_bytes()).hexdigest()
     assert sha(again / "model.pt") == sha(r / "model.pt")
+
+
+def test_a_command_writes_its_records_once(run, tmp_path, monkeypatch):
+    """The records came first (before the first output) and were written again when the command returned: twice the
+    package-version lookups of env.json per command. Once now; a command that wrote nothing there still gets them."""
+    import uninet_feat.cli as cli
+    data, r = run
+    calls = []
+    real = cli._save_command_config
+    monkeypatch.setattr(cli, "_save_command_config", lambda args: (calls.append(args.command), real(args)))
+    out = tmp_path / "p"
+    assert main(["predict", "--run", str(r), "--data", str(data / "test" / "good"), "--out", str(out), "--quiet"]) == 0
+    assert calls == ["predict"] and (out / "config.yaml").is_file() and (out / "env.json").is_file()
+    monkeypatch.setattr(cli, "_dispatch", lambda args: 0)   # a command that returns without writing anything there
+    empty = tmp_path / "e"
+    assert main(["predict", "--run", str(r), "--data", str(data / "test" / "good"), "--out", str(empty), "--quiet"]) == 0
+    assert calls == ["predict", "predict"] and yaml.safe_load((empty / "config.yaml").read_text())["command"] == "predict"

@@ -658,9 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         # train's folder lock, and the one-writer commands' (`_command_lock`), remove them themselves
         if args.command not in ("train", "prompts", *_ONE_WRITER) and isinstance(out, str) and Path(out).is_dir():
             _remove_dead_temps(Path(out))
-        with warnings.catch_warnings(), _command_lock(args), _records_first(args):   # _dispatch sets the commands'
-            code = _dispatch(args)                                                 # filters: a host keeps its own
-            _save_command_config(args)   # also when it wrote nothing there (its records come first otherwise)
+        with warnings.catch_warnings(), _command_lock(args), _records_first(args) as flush:   # _dispatch sets the
+            code = _dispatch(args)                                               # commands' filters: a host keeps its own
+            flush()   # its records also when it wrote nothing there (else they came before its first output)
         return code
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -745,7 +745,7 @@ def _records_first(args):
     writes no output and leaves the folder's earlier records with the earlier outputs they describe."""
     out = getattr(args, "out", None)
     if args.command in _OWN_RECORDS or not isinstance(out, str):
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(lambda: _save_command_config(args))
     from .io import records_first
     return records_first(out, lambda: _save_command_config(args))
 

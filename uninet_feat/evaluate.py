@@ -464,7 +464,8 @@ def _own_split_cfg(split_cfg: dict, trained_cfg: dict, data, split_csv, run, che
     if check and saved is not None:
         import torch
         from .runs import check_split, load_samples, train_val_samples
-        record = torch.load(saved, map_location="cpu", weights_only=True)
+        # only its split record is read: mapped, the weights stay on disk
+        record = torch.load(saved, map_location="cpu", weights_only=True, mmap=True)
         check_split(record, *train_val_samples(load_samples(own), own), own["data"], run)
     return own
 

@@ -44,11 +44,18 @@ _FIRST_LOCK = threading.Lock()
 def records_first(folder, write_records: Callable[[], None]):
     """While the block runs, the first file written under ``folder`` (every write goes through `staged`) is preceded
     by ``write_records()``: a command's config.yaml and env.json then describe its outputs from the first one
-    replaced on, and a command killed after that never leaves an earlier command's records beside its results."""
+    replaced on, and a command killed after that never leaves an earlier command's records beside its results.
+    Yields ``flush()``, which writes the records now if nothing was written there yet (a command with no output)."""
     key = os.path.abspath(folder)
     _FIRST_WRITE[key] = write_records
+
+    def flush() -> None:
+        with _FIRST_LOCK:
+            due = _FIRST_WRITE.get(key) is write_records and _FIRST_WRITE.pop(key)
+        if due:
+            write_records()
     try:
-        yield
+        yield flush
     finally:
         _FIRST_WRITE.pop(key, None)
 
