@@ -283,6 +283,22 @@ def test_runs_that_score_tiles_differently_are_named_in_a_warning(seeds, monkeyp
         load_members([seeds / "a", seeds / "b"])
 
 
+def test_runs_that_take_image_scores_from_other_maps_are_named_in_a_warning(seeds, tmp_path):
+    """One run's score from its level-3 map (`image_score: map`) beside the WDM of all maps: not one scale."""
+    import shutil
+    import warnings as w
+    from uninet_feat.ensemble import load_members
+    shutil.copytree(seeds / "b", tmp_path / "b")
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        load_members([seeds / "a", tmp_path / "b"])
+    assert not [c for c in caught if "from different maps" in str(c.message)]
+    assert main(["calibrate", "--run", str(tmp_path / "b"), "--map-levels", "3", "--image-score", "map",
+                 "--quiet"]) == 0
+    with pytest.warns(UserWarning, match=r"image scores from different maps \(.*: wdm, .*: map: smoothed, levels 3\)"):
+        load_members([seeds / "a", tmp_path / "b"])
+
+
 def test_a_members_few_normals_warning_names_its_run(seeds):
     """Each member's default threshold rests on its own validation normals; the warning that they are too few did
     not say of which run, and under the CLI's "default" filter the second run's (the same text) was not shown."""

@@ -75,6 +75,10 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map-norm", dest="map_norm", choices=["none", "range", "auto"],
                    help="each level's map in its validation-normal range units before the pixel map sums them: "
                         "none (the method, default), range, or auto (chosen with --map-levels on synthetic defects)")
+    p.add_argument("--image-score", dest="image_score", choices=["wdm", "map", "auto"],
+                   help="the image score: wdm (the method's WDM of all maps, default), map (the same top-k mean of "
+                        "the pixel map --map-levels / --map-norm make), or auto (map only when it ranks synthetic "
+                        "defects of the validation normals better, no labels)")
     p.add_argument("--denoise", type=float,
                    help="denoising student: this share of the training images gets a synthetic defect, and the "
                         "student's target stays the clean image's teacher features (default 0: the method)")
@@ -161,7 +165,7 @@ _DEVICE_COMMANDS = ("evaluate", "ensemble", "calibrate", "extract", "index", "pr
 _TRAIN_KEYS = ("data", "split_csv", "group", "backbone", "weights", "levels", "image_size", "tile", "tile_score",
                "epochs", "batch_size", "lr", "lr_target", "seed", "threads", "device", "mem", "dfs", "temperature", "width",
                "bottleneck_stride", "select", "val_every", "synthetic_kinds", "val_fraction", "keep_every",
-               "map_levels", "map_norm", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
+               "map_levels", "map_norm", "image_score", "tile_norm", "supervised", "skip_bad", "grad_checkpointing",
                "step_in_backward", "denoise", "denoise_kinds", "border_pad", "mean", "std")
 
 
@@ -275,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-norm", dest="map_norm", choices=["none", "range", "auto"],
                    help="each level's map in its validation-normal range units before the sum: none (the method), "
                         "range, or auto (chosen on synthetic defects, no labels); default: keep the run's")
+    p.add_argument("--image-score", dest="image_score", choices=["wdm", "map", "auto"],
+                   help="the image score: wdm (the method), map (the same top-k mean of the pixel map), or auto "
+                        "(chosen on synthetic defects, no labels); default: keep the run's")
     _kinds_flag(p, "the synthetic defects the auto choices are made on", default="the run's")
     _tile_norm_flag(p, "; default: keep the run's")
     p.add_argument("--quiet", action="store_true")
@@ -964,9 +971,9 @@ def _dispatch(args) -> int:
     if args.command == "calibrate":
         from .calibration import recalibrate
         cal = recalibrate(args.run, args.data, args.split_csv, args.quiet, args.map_levels, args.map_norm,
-                          args.synthetic_kinds, args.tile_norm, normals=args.normals)
+                          args.synthetic_kinds, args.tile_norm, normals=args.normals, image_score=args.image_score)
         keys = ("n_val_normals", "calibration_normals", "threshold", "threshold_rule", "quantiles", "map_levels",
-                "map_norm", "pixel_map_choice")
+                "map_norm", "pixel_map_choice", "image_score", "image_score_choice")
         print(json.dumps({k: cal[k] for k in keys if k in cal}, indent=2))
         return 0
     if args.command == "export-model":

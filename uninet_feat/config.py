@@ -50,11 +50,14 @@ DEFAULT_CONFIG: dict = {
     # stays the clean image's teacher features (0: off, the method), and the kinds drawn for it
     "denoise": 0.0, "denoise_kinds": "fabric",
     # levels summed into the pixel map (calibration.py): "all" (the method), "auto" (chosen after training on
-    # synthetic defects of the validation normals, no labels) or a list such as [2, 3]; the image score uses all
+    # synthetic defects of the validation normals, no labels) or a list such as [2, 3]; the WDM score uses all
     "map_levels": "all",
     # each map in its validation-normal range units before the pixel map sums them (calibration.py): "none" (the
     # method), "range" ((M - median) / (0.999 quantile - median) of its validation-normal pixels) or "auto"
     "map_norm": "none",
+    # the image score (calibration.py): "wdm" (the method: the WDM of all levels' maps, raw), "map" (the same top-k
+    # mean of the pixel map above) or "auto" (chosen after training on synthetic defects, no labels)
+    "image_score": "wdm",
     "keep_every": 0,               # also keep the model of every N-th epoch as epochs/epoch_NNN.pt (0: none)
     # backbone
     "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "levels": None,

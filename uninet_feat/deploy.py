@@ -237,7 +237,8 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                         "file's size: bilinear, half-pixel centres, antialiased where it shrinks (Pillow's BILINEAR, "
                         "torch's interpolate(antialias=True)); a plain bilinear resize (OpenCV INTER_LINEAR) differs "
                         "where the file is smaller than the model's size") + f"; kind: {pixel_map_kind(model.cfg)}",
-                "score": "(N,) image anomaly score, the run's WDM score" + (
+                "score": ("(N,) image anomaly score, the run's WDM score" if model.cfg.get("image_score") != "map" else
+                          "(N,) image anomaly score, the WDM's top-k mean of the run's pixel map (image_score: map)") + (
                     f" ({rule} of the tile scores)" if grid is not None else ""),
                 **({"tile_scores": f"(N, {grid.n}) each tile's score less its place offset, tiles row-major"}
                    if grid is not None else

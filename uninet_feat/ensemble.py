@@ -118,11 +118,18 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
     members = [first] + [load_member(r, data, split_csv, group, skip_bad, like=first) for r in runs[1:]]
     _warn_other_training_data(members)
     from .calibration import applied_tile_norm
+    from .scoring import image_score_kind
     modes = {m.run: applied_tile_norm(m.model) for m in members}
     if len(set(modes.values())) > 1:   # a position-corrected score beside a plain one: not one scale
         warnings.warn(f"these runs score tiles differently ({', '.join(f'{r}: {v}' for r, v in modes.items())}): "
                       "the ensemble averages scores of different kinds (fix: `uninet-feat calibrate --run RUN "
                       "--tile-norm MODE` to give them one)")
+    scored = {m.run: image_score_kind(m.model.cfg) for m in members}
+    if len(set(scored.values())) > 1:   # the WDM of all maps beside a score of one chosen map: not one scale
+        which = ", ".join(f"{r}: {v}" for r, v in scored.items())
+        warnings.warn(f"these runs take their image scores from different maps ({which}): the ensemble averages "
+                      "scores of different kinds (fix: `uninet-feat calibrate --run RUN --image-score wdm` for each, "
+                      "the method's score)")
     for m in members[1:]:
         if first.level and m.level is not None and abs(m.level / first.level - 1) > SCALE_TOLERANCE:
             warnings.warn(f"{m.run}: its normals' typical score ({m.level:.4g}) differs from {first.run}'s "
@@ -134,7 +141,8 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
 # config keys that do not change what a run learns (or that `_warn_other_training_data` names as its data)
 _NOT_SETTINGS = {"seed", "threads", "device", "data", "split_csv", "group", "mask_pattern", "split_hash", "val_split",
                  "cache_images", "grad_checkpointing", "step_in_backward", "keep_every", "eval_batch_size",
-                 "channels_last", "skip_bad", "map_levels", "map_norm", "pixel_map", "tile_norm"}
+                 "channels_last", "skip_bad", "map_levels", "map_norm", "image_score", "pixel_map",
+                 "tile_norm"}
 
 
 def _warn_other_training_data(members: list[Member]) -> None:

@@ -187,7 +187,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
-              "pixel_map": pixel_map_kind(model.cfg),
+              "pixel_map": pixel_map_kind(model.cfg), "image_score": model.cfg.get("image_score") or "wdm",
               "skipped": res["skipped"]}
     if trained_on is not None:
         report["test_images_trained_on"] = trained_on
@@ -418,7 +418,8 @@ def _threshold_set_on_test(run, test, other_model: bool = False, range_units: bo
     """How many test images are among the normals the run's threshold was set on (`calibrate --normals` given the
     test normals, or `calibrate --split-csv` whose validation rows are test images, say); warned: recall and
     false-positive rate at that threshold are then optimistic, and so are the pixel figures of model.pt when its
-    pixel map's range units or label-free choice were taken on them (``other_model``: another epoch's model,
+    pixel map's range units or label-free choice were taken on them, and the image figures when the image score
+    was chosen on them (``other_model``: another epoch's model,
     whose map is all levels, raw; ``range_units``: the maps are taken in the run's range units whatever its config,
     as an ensemble's are)."""
     from .calibration import saved_calibration
@@ -429,9 +430,13 @@ def _threshold_set_on_test(run, test, other_model: bool = False, range_units: bo
         given = cal.get("calibration_normals")
         on = [] if other_model else [w for w, k in (("range units", "map_norm"), ("choice", "pixel_map_choice"))
                                      if cal.get(k) or (k == "map_norm" and range_units)]
-        pixel = (f"AUROC and AP do not use it; the pixel figures rest on those normals too, the pixel map's "
+        chosen = not other_model and "synthetic_image_auroc" in (cal.get("image_score_choice") or {})
+        image = ("AUROC and AP rest on those normals too, the image score being chosen on them" if chosen else
+                 "AUROC and AP do not use it")
+        pixel = (f"{image}; the pixel figures rest on those normals too, the pixel map's "
                  f"{' and '.join(on)} being taken on them" if on else
-                 "AUROC, AP and the pixel figures do not use it")
+                 f"{image}; the pixel figures do not use it" if chosen else "AUROC, AP and the pixel figures do not "
+                 "use it")
         warnings.warn(f"{len(shared)} test image(s) are among the normals the run's threshold was set on "
                       f"({given or 'the validation rows of the split CSV it was calibrated with'}; e.g. {shared[0]}): "
                       f"recall and false-positive rate at that threshold are optimistic ({pixel}). Fix: `uninet-feat "

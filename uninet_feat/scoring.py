@@ -87,15 +87,33 @@ def level_map_score(maps, levels, out_size, norm=None, alpha: float = ALPHA, bet
     run's pixel map is not in the image score's units (`positions.tile_offsets`)."""
     maps = list(maps)
     size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-    k, _ = _wdm.wdm_k(_wdm.map_maxima(maps), size, alpha, beta)
-    return _wdm.topk_mean(level_pixel_map(maps, levels, size, True, backend, norm), k)
+    return map_topk_score(maps, level_pixel_map(maps, levels, size, True, backend, norm), alpha, beta)
+
+
+def map_topk_score(maps, smoothed_map: torch.Tensor, alpha: float = ALPHA, beta: float = BETA) -> torch.Tensor:
+    """(N,) the mean of the top-k of ``smoothed_map`` (N, H, W), k each image's WDM k from all of ``maps``
+    (`wdm_weights` at the map's size): the WDM's reduction applied to another map than the sum of all."""
+    maps = list(maps)
+    k, _ = _wdm.wdm_k(_wdm.map_maxima(maps), tuple(smoothed_map.shape[-2:]), alpha, beta)
+    return _wdm.topk_mean(smoothed_map, k)
+
+
+IMAGE_SCORES = ("wdm", "map", "auto")
 
 
 def map_in_score_units(cfg: dict) -> bool:
     """Whether the pixel map ``cfg`` makes is in the image score's units: the sum of all levels' maps, raw, as the
-    WDM score is (smoothed or not: a blur keeps a constant). With ``map_levels`` (some levels only) or ``map_norm``
-    (range units) it is not, and a number in score units (a tile position's offset) means nothing on it."""
-    return not (cfg.get("map_levels") or cfg.get("map_norm"))
+    WDM score is (smoothed or not: a blur keeps a constant), or any pixel map when the image score is taken from it
+    (``image_score: map``). With ``map_levels`` (some levels only) or ``map_norm`` (range units) under the WDM score
+    it is not, and a number in score units (a tile position's offset) means nothing on it."""
+    return cfg.get("image_score") == "map" or not (cfg.get("map_levels") or cfg.get("map_norm"))
+
+
+def image_score_kind(cfg: dict) -> str:
+    """"wdm" (the WDM of all maps, raw: also a map score of such a map), else "map: " and the pixel map's kind."""
+    if cfg.get("image_score") != "map" or not (cfg.get("map_levels") or cfg.get("map_norm")):
+        return "wdm"
+    return "map: " + pixel_map_kind({k: cfg.get(k) for k in ("map_levels", "map_norm")})
 
 
 def pixel_map_kind(cfg: dict) -> str:

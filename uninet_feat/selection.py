@@ -57,14 +57,15 @@ def parse_kinds(kinds, key: str = "synthetic_kinds") -> tuple[str, ...]:
     return kinds
 
 
-def warn_choices_on_trained_kinds(cfg: dict, map_levels, map_norm, denoising: bool) -> None:
-    """Warn when a label-free choice (``select: synthetic``, ``map_levels`` / ``map_norm: auto``) is made on the
-    synthetic defect kinds the denoising student is trained to undo: the choice then rewards the student for
-    suppressing exactly those, the opposite of what it is meant to measure (a student that learns to reconstruct
+def warn_choices_on_trained_kinds(cfg: dict, map_levels, map_norm, denoising: bool, image_score=None) -> None:
+    """Warn when a label-free choice (``select: synthetic``, ``map_levels`` / ``map_norm`` / ``image_score: auto``) is
+    made on the synthetic defect kinds the denoising student is trained to undo: the choice then rewards the student
+    for suppressing exactly those, the opposite of what it is meant to measure (a student that learns to reconstruct
     defects). `configs/magnetic_tile.yaml` keeps the two apart (texture_patch against the fabric kinds). Called by
-    training and by `calibrate --map-levels/--map-norm auto` (which made the same choice unwarned)."""
+    training and by `calibrate --map-levels/--map-norm/--image-score auto` (which made the same choice unwarned)."""
     choices = [n for n, on in (("select: synthetic", cfg.get("select") == "synthetic"),
-                               ("map_levels: auto", map_levels == "auto"), ("map_norm: auto", map_norm == "auto")) if on]
+                               ("map_levels: auto", map_levels == "auto"), ("map_norm: auto", map_norm == "auto"),
+                               ("image_score: auto", image_score == "auto")) if on]
     if not (denoising and choices):
         return
     both = sorted(set(parse_kinds(cfg.get("synthetic_kinds"))) & set(parse_kinds(cfg.get("denoise_kinds"))))
@@ -204,6 +205,30 @@ class SyntheticValidation:
             m = np.concatenate(m)
             out[k] = metrics.pixel_auroc(masks, m) if np.isfinite(m).all() else float("nan")
         return out
+
+
+    @torch.no_grad()
+    def image_auroc_of(self, model, batch_size: int = 8, channels_last: bool = False) -> dict:
+        """{"wdm": image AUROC of the WDM of all maps, "map": of the same top-k mean of ``model``'s pixel map (its
+        ``map_levels`` / ``map_norm``, `scoring.level_map_score`)} on the set, one model pass per batch for both
+        (`calibration.choose_image_score`); NaN for a score that is not finite."""
+        from .runs import model_device
+        from .scoring import anomaly_maps, level_map_score, wdm_score
+        model.eval()
+        a, b = model.cfg["alpha"], model.cfg["beta"]
+        scores = {"wdm": [], "map": []}
+        for x in self._inputs(batch_size, channels_last, model_device(model)):
+            out = model(x)
+            am = anomaly_maps(out.teachers, out.students)
+            size = tuple(x.shape[-2:])
+            scores["wdm"].append(wdm_score(am, size, a, b)[1].float().cpu().numpy())
+            scores["map"].append(level_map_score(am, model.cfg.get("map_levels"), size, model.cfg.get("map_norm"),
+                                                 a, b).float().cpu().numpy())
+        res = {}
+        for k, v in scores.items():
+            v = np.concatenate(v)
+            res[k] = metrics.image_auroc(self.labels, v) if np.isfinite(v).all() else float("nan")
+        return res
 
 
 def pixel_step(nbytes: int, max_bytes: int) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .calibration import calibrate, parse_map_levels, parse_map_norm, with_calibration_normals
+from .calibration import calibrate, parse_image_score, parse_map_levels, parse_map_norm, with_calibration_normals
 from .checkpoint import checkpoint_config, epochs_trained, read_checkpoint, save_checkpoint
 from .config import DEFAULT_CONFIG, restored_global_state, save_run_config, seed_everything
 from .data.dataset import check_samples
@@ -120,7 +120,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             if rank == 0:
                 from .calibration import recalibrate
                 recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
-                            map_norm=cfg.get("map_norm", "none"), device=cfg.get("device"), warn_kinds=False)
+                            map_norm=cfg.get("map_norm", "none"), device=cfg.get("device"), warn_kinds=False,
+                            image_score=cfg.get("image_score", "wdm"))
         else:
             warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
@@ -144,6 +145,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             cfg["student_relu"] = state["config"]["student_relu"]
     map_levels = cfg.get("map_levels", "all")   # the pixel map: used after the last epoch; checked now
     map_norm = parse_map_norm(cfg.get("map_norm", "none"))
+    image_score = parse_image_score(cfg.get("image_score", "wdm"))
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
     parse_kinds(cfg.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
@@ -151,11 +153,11 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     damage = (Damager(cfg["denoise"], cfg.get("denoise_kinds"), model.source.mean, model.source.std, cfg["seed"])
               if parse_denoise(cfg.get("denoise")) > 0 else None)
     parse_tile_norm(cfg.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch
-    warn_choices_on_trained_kinds(cfg, map_levels, map_norm, damage is not None)
-    if "auto" in (map_levels, map_norm) and not val:
-        raise BadInputError("map_levels / map_norm: auto chooses on the validation normals, but val_fraction "
-                            "leaves none", path=cfg.get("split_csv") or cfg.get("data"),
-                            fix="set val_fraction > 0, or map_levels: all and map_norm: none")
+    warn_choices_on_trained_kinds(cfg, map_levels, map_norm, damage is not None, image_score)
+    if "auto" in (map_levels, map_norm, image_score) and not val:
+        raise BadInputError("map_levels / map_norm / image_score: auto chooses on the validation normals, but "
+                            "val_fraction leaves none", path=cfg.get("split_csv") or cfg.get("data"),
+                            fix="set val_fraction > 0, or map_levels: all, map_norm: none and image_score: wdm")
     if cfg.get("tile_norm", "none") != "none" and not val:   # its offsets go into calibration.json, written with them
         raise BadInputError(f"tile_norm: {cfg['tile_norm']} is calibrated after the last epoch together with the "
                             "threshold on the validation normals, but val_fraction leaves none",
@@ -304,7 +306,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"], split=split,
                                          **({"selection": selection} if selection else {}))
         if val or given:
-            calibrate(model, *_calibration_set(out, cfg, val, given), out, quiet, map_levels, map_norm)
+            calibrate(model, *_calibration_set(out, cfg, val, given), out, quiet, map_levels, map_norm,
+                      image_score=image_score)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
 
@@ -391,7 +394,7 @@ def _final_model(out: Path, cfg: dict, state: dict) -> bool:
     # model.pt's own: checkpoint.pt is not saved again when only these change (no epoch trains), and a run older
     # than a key saved none (its default)
     if any(cfg.get(k, DEFAULT_CONFIG[k]) != model["config"].get(k, DEFAULT_CONFIG[k])
-           for k in ("map_levels", "map_norm")):
+           for k in ("map_levels", "map_norm", "image_score")):
         return False
     # a model.pt of a shorter schedule: killed before the longer one's was written
     return epochs_trained(model) == cfg["epochs"]
@@ -504,7 +507,7 @@ def dropped_items_note(n: int, batch_size: int, what: str = "images") -> str | N
 
 
 # what `train --resume` takes from the config it is given; everything else comes from the checkpoint
-RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm", "device", "grad_checkpointing", "step_in_backward",
+RESUMABLE_KEYS = ("epochs", "threads", "map_levels", "map_norm", "image_score", "device", "grad_checkpointing", "step_in_backward",
                   "cache_images")   # map_*: only the calibration after the last epoch; device: a run may go on on
 # another machine (floats are summed otherwise there, as with another thread count); the last three save memory and
 # train the same model (optimiser states move between the two step modes: `optim`)

@@ -266,16 +266,21 @@ class UniNet(nn.Module):
         return pix, score, teacher_context(self, out)
 
     def score_maps(self, maps, out_size):
-        """(pixel map, WDM image score) from the 2L anomaly maps: the score always from all of them, raw (the
-        method's WDM); the pixel map from the levels in ``cfg["map_levels"]`` only and each map in its
-        validation-normal range units (``cfg["map_norm"]``), when a run's calibration.json sets them
-        (`calibration.apply_calibration`, chosen on synthetic defects)."""
-        from uninet_feat.scoring import level_pixel_map, wdm_score
+        """(pixel map, image score) from the 2L anomaly maps. The pixel map sums the levels in ``cfg["map_levels"]``
+        only, each map in its validation-normal range units (``cfg["map_norm"]``), when a run's calibration.json
+        sets them (`calibration.apply_calibration`, chosen on synthetic defects). The score is the method's WDM of
+        all maps, raw, unless ``cfg["image_score"]`` is "map" (also set by calibration.json): then the same top-k
+        mean is taken of that pixel map, σ=4 blurred, so that the score ranks images by the map that is shown."""
+        from uninet_feat.scoring import gaussian_blur_scipy, level_pixel_map, map_topk_score, wdm_score
         smoothed = self.cfg["pixel_map"] == "smoothed"
-        pix, score = wdm_score(maps, out_size, self.cfg["alpha"], self.cfg["beta"], smoothed=smoothed)
-        if self.cfg.get("map_levels") or self.cfg.get("map_norm"):
-            pix = level_pixel_map(maps, self.cfg.get("map_levels"), out_size, smoothed, norm=self.cfg.get("map_norm"))
-        return pix, score
+        levels, norm = self.cfg.get("map_levels"), self.cfg.get("map_norm")
+        if not (levels or norm):
+            return wdm_score(maps, out_size, self.cfg["alpha"], self.cfg["beta"], smoothed=smoothed)
+        pix = level_pixel_map(maps, levels, out_size, smoothed, norm=norm)
+        if self.cfg.get("image_score") == "map":
+            blurred = pix if smoothed else gaussian_blur_scipy(pix, 4.0, 4.0)
+            return pix, map_topk_score(maps, blurred, self.cfg["alpha"], self.cfg["beta"])
+        return pix, wdm_score(maps, out_size, self.cfg["alpha"], self.cfg["beta"])[1]
 
     def reparameterize(self) -> "UniNet":
         """Fold multi-scale MEM branches into single convs (inference only)."""
