@@ -133,7 +133,7 @@ def test_auto_is_decided_on_the_synthetic_set_and_every_command_scores_with_the_
     want = score_samples(model, test, cfg, keep_maps=False)
     got = _scores(tmp_path / "m.csv")
     np.testing.assert_allclose([got[str(s.path)] for s in want["samples"]], want["scores"], rtol=1e-6)
-    assert json.loads((tmp_path / "m.json").read_text())["image_score"] == "map"
+    assert json.loads((tmp_path / "m.json").read_text())["image_score"] == "map: smoothed, levels 3"
     assert main(["calibrate", "--run", str(r), "--image-score", "wdm", "--quiet"]) == 0
     cal_wdm = json.loads((r / "calibration.json").read_text())
     assert cal_wdm["threshold"] != cal_map["threshold"]   # each score's own validation-normal quantile
@@ -168,3 +168,22 @@ def test_auto_is_decided_on_the_synthetic_set_and_every_command_scores_with_the_
     assert main(["export-model", "--run", str(r), "--out", str(tmp_path / "x"), "--quiet"]) == 0
     meta = json.loads((tmp_path / "x" / "model.json").read_text())
     assert meta["check"]["max_abs_diff_score"] < 1e-4 and "image_score: map" in meta["outputs"]["score"]
+
+
+def test_calibrating_a_run_without_calibration_json_takes_its_configs_image_score(run, tmp_path):
+    """A first training stopped after model.pt and before calibrating: `calibrate --run RUN` (the fix evaluate names)
+    chose the method's WDM and all levels, silently not the config's `image_score` / `map_levels`."""
+    import shutil
+    from uninet_feat.cli import main
+    data, r = run
+    copy = tmp_path / "run"
+    shutil.copytree(r, copy)
+    assert main(["calibrate", "--run", str(copy), "--image-score", "map", "--map-levels", "3", "--quiet"]) == 0
+    (copy / "calibration.json").unlink()
+    assert main(["evaluate", "--run", str(copy), "--quiet"]) == 2   # refused: its config needs the calibration
+    assert main(["calibrate", "--run", str(copy), "--quiet"]) == 0
+    cal = json.loads((copy / "calibration.json").read_text())
+    cfg = torch.load(copy / "model.pt", weights_only=True)["config"]
+    assert cfg["image_score"] in ("auto", "map") and cal["map_levels"] == [3]
+    assert cal["image_score"] == ("map" if cfg["image_score"] == "map" else cal["image_score_choice"]["image_score"])
+    assert "image_score_choice" in cal or cfg["image_score"] == "map"

@@ -487,9 +487,10 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     model, ckpt, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
     if cfg.get("channels_last"):   # as training's model and evaluate's: its scores to the last bit, tiled ones too
         model = model.to(memory_format=torch.channels_last)
-    if (map_levels is None or map_norm is None) and _stale(run):
-        # the pixel map load_run gave the model was chosen for an earlier model.pt (a resumed training stopped
-        # before calibrating its new one): the run's config chooses again ("auto" included), as training would have
+    if None in (map_levels, map_norm, image_score) and (saved_calibration(run) is None or _stale(run)):
+        # no calibration.json (a first training stopped before calibrating), or one chosen for an earlier model.pt
+        # (a resumed training stopped before calibrating its new one): the run's config chooses ("auto" included),
+        # as training would have
         map_levels = cfg.get("map_levels", "all") if map_levels is None else map_levels
         map_norm = cfg.get("map_norm", "none") if map_norm is None else map_norm
         image_score = cfg.get("image_score", "wdm") if image_score is None else image_score

@@ -205,7 +205,7 @@ class Region:
 @dataclass
 class Detection:
     path: str
-    score: float                  # the WDM image score (a tiled image's by the run's tile rule and offsets)
+    score: float                  # the image score, WDM or image_score's (a tiled image's by its tile rule, offsets)
     flagged: bool | None          # score > threshold; None when there is no threshold
     map: np.ndarray | None        # float32 (H, W) pixel map at the image's own size (``maps=True``)
     mask: np.ndarray | None       # bool (H, W): map > pixel threshold (None without one, or without maps)

@@ -26,7 +26,7 @@ from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
 from .positions import corrected, tile_map_shift
 from .runs import eval_batches, load_test_samples, make_dataset, model_device, ready_to_score
-from .scoring import pixel_map_kind
+from .scoring import image_score_kind, pixel_map_kind
 from .thresholds import check_threshold_flags, pooled_for_unknown_groups, resolve_thresholds, thresholds_of
 
 # Pixels of maps evaluate keeps for exact pixel metrics (one sort of all of them): 2^28 is 1 GiB of float32 maps and
@@ -187,7 +187,7 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     labels = np.array([0 if s.is_normal else 1 for s in test])
     scores = np.array(res["scores"])
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
-              "pixel_map": pixel_map_kind(model.cfg), "image_score": model.cfg.get("image_score") or "wdm",
+              "pixel_map": pixel_map_kind(model.cfg), "image_score": image_score_kind(model.cfg),
               "skipped": res["skipped"]}
     if trained_on is not None:
         report["test_images_trained_on"] = trained_on
@@ -430,7 +430,9 @@ def _threshold_set_on_test(run, test, other_model: bool = False, range_units: bo
         given = cal.get("calibration_normals")
         on = [] if other_model else [w for w, k in (("range units", "map_norm"), ("choice", "pixel_map_choice"))
                                      if cal.get(k) or (k == "map_norm" and range_units)]
-        chosen = not other_model and "synthetic_image_auroc" in (cal.get("image_score_choice") or {})
+        # the image score rests on them when it was chosen on them, or is taken from a map whose units or levels were
+        chosen = not other_model and ("synthetic_image_auroc" in (cal.get("image_score_choice") or {}) or
+                                      (cal.get("image_score") == "map" and bool(on)))
         image = ("AUROC and AP rest on those normals too, the image score being chosen on them" if chosen else
                  "AUROC and AP do not use it")
         pixel = (f"{image}; the pixel figures rest on those normals too, the pixel map's "

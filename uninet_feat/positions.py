@@ -260,6 +260,9 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     if neighbours:
         rec |= {"mode": "neighbours", "k": K_NEIGHBOURS, "rule": NEIGHBOURS_RULE,
                 "neighbours": Neighbours.fit(ctx_per, src_per)}
+    from .scoring import image_score_kind
+    if image_score_kind(model.cfg) != "wdm":   # the run's image score is its pixel map's (image_score: map)
+        rec["rule"] = rec["rule"].replace("median WDM score", "median image score (the pixel map's, image_score: map)")
     if multi:   # a one-size run's record stays as it was
         rec["rule"] += (f"; per image size too (keys \"WxH:y,x\") in group(s) {sorted(multi)}, whose training "
                         "images come in several sizes")

@@ -51,7 +51,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     from .extract import Extractor
     from .scorers import SCORES, check_built_from, flag_threshold, knn_scores, knn_setup, reference
     from .overlay import calibrated_range
-    from .scoring import pixel_map_kind
+    from .scoring import image_score_kind, pixel_map_kind
     from .data.images import read_size
     from .descriptors import spot_summary
     from . import ensemble as ens
@@ -237,7 +237,8 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                "n_flagged": None if threshold is None else sum(r["flagged"] for r in rows),
                "threshold": threshold, "threshold_rule": rule, "heatmap": heatmap,
                **({"group_thresholds": by_group, "group_thresholds_score": flag_by} if by_group else {}),
-               "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "skipped": res["skipped"],
+               "wdm_pixel_map": pixel_map_kind(ex.model.cfg), "wdm_image_score": image_score_kind(ex.model.cfg),
+               "skipped": res["skipped"],
                **({"tile_norm": applied_tile_norm(ex.model)} if ex.cfg.get("tile") else {}),
                **({"resumed_items": resumed} if resumed else {}), **summary_extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -241,7 +241,7 @@ class UniNet(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, out_size=None, context: bool = False):
-        """Eval-time scoring: (pixel map (N,H,W), WDM image score (N,)). No DFS, as in the method.
+        """Eval-time scoring: (pixel map (N,H,W), image score (N,): the WDM, or `score_maps`). No DFS, as in the method.
         ``x``: images normalised with the backbone's ``mean`` / ``std``. ``out_size``: (H, W) or one side of the
         map (default: the input's); the image score is always the input size's, the run's threshold's.
         ``context``: also what each input looks like (N, D), `export.teacher_context` (``tile_norm: neighbours``).
