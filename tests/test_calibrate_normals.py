@@ -364,6 +364,23 @@ def test_the_warning_says_the_pixel_figures_rest_on_test_normals_in_range_units(
     assert "the pixel figures do not use it" not in said[0]
 
 
+def test_the_warning_says_the_image_figures_rest_on_test_normals_when_the_score_is_such_a_maps(trained, tmp_path):
+    """`image_score: map` on a pixel map in range units taken on test normals: AUROC and AP rest on them too, and
+    the warning said "AUROC and AP do not use it"; with the WDM they do not."""
+    data, run, _ = trained
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    said = {}
+    for kind in ("map", "wdm"):
+        assert main(["calibrate", "--run", str(work), "--normals", str(data / "test" / "good"), "--map-norm", "range",
+                     "--image-score", kind, "--quiet"]) == 0
+        with pytest.warns(UserWarning, match=r"test image\(s\) are among the normals") as got:
+            assert main(["evaluate", "--run", str(work), "--quiet"]) == 0
+        said[kind] = next(str(w.message) for w in got if "test image(s) are among" in str(w.message))
+    assert "AUROC and AP rest on those normals too" in said["map"] and "do not use it" not in said["map"]
+    assert "AUROC and AP do not use it; the pixel figures rest on those normals too" in said["wdm"]
+
+
 def test_calibrating_a_run_whose_training_folder_grew_is_refused(tmp_path, capsys):
     """`calibrate --run RUN` draws the run's validation split anew from its data folder; a normal added since
     reshuffles that draw, so images the run trained on became validation normals (the threshold set on them). The
