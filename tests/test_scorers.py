@@ -174,12 +174,16 @@ def test_combined_heatmap_overlays_sum_both_maps_in_range_units(setup, tmp_path)
     assert summary["heatmap_range"] == pytest.approx([lo, hi], rel=1e-4)
     samples = discover_batch(data)
     maps = combined(samples)
+    own_range = []
     for row in rows[:3]:
         m = maps[[str(x.path) for x in samples].index(row["path"])]
         got = np.asarray(Image.open(row["overlay"]).convert("RGB")).astype(int)
         want = heatmap_overlay(row["path"], m, vmin=lo, vmax=hi).astype(int)
         assert np.abs(got - want).max() <= 1       # float rounding of the colour index at most
-        assert np.abs(got - heatmap_overlay(row["path"], m, vmin=0, vmax=float(m.max()))).max() > 1
+        own_range.append(np.abs(got - heatmap_overlay(row["path"], m, vmin=0, vmax=float(m.max()))).max())
+    # not drawn on each map's own range: over the three overlays (one alone may have a range close to the calibrated
+    # one: a full-suite run at 1 thread drew one within a colour step)
+    assert max(own_range) > 1
 
 
 def test_knn_map_stitches_tiles_into_the_native_image():
