@@ -206,7 +206,6 @@ class SyntheticValidation:
             out[k] = metrics.pixel_auroc(masks, m) if np.isfinite(m).all() else float("nan")
         return out
 
-
     @torch.no_grad()
     def image_auroc_of(self, model, batch_size: int = 8, channels_last: bool = False) -> dict:
         """{"wdm": image AUROC of the WDM of all maps, "map": of the same top-k mean of ``model``'s pixel map (its
