@@ -54,7 +54,7 @@ def test_choose_image_score_takes_the_map_only_when_clearly_better(monkeypatch):
     seen = []   # a NaN score (non-finite maps) never wins, as in the pixel-map choice
 
     def fake(wdm, mp):
-        def image_auroc_of(self, m, batch_size=8, channels_last=False):
+        def image_auroc_of(self, m, batch_size=8, channels_last=False, maps=None):
             seen.append(1)
             return {"wdm": wdm, "map": mp}
         monkeypatch.setattr(_Set, "image_auroc_of", image_auroc_of, raising=False)
@@ -80,6 +80,9 @@ def test_choose_image_score_takes_the_map_only_when_clearly_better(monkeypatch):
 
 class _Set:
     skipped = 0
+
+    def level_maps(self, model, batch_size=8, channels_last=False):
+        return []
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +190,36 @@ def test_calibrating_a_run_without_calibration_json_takes_its_configs_image_scor
     assert cfg["image_score"] in ("auto", "map") and cal["map_levels"] == [3]
     assert cal["image_score"] == ("map" if cfg["image_score"] == "map" else cal["image_score_choice"]["image_score"])
     assert "image_score_choice" in cal or cfg["image_score"] == "map"
+
+
+def test_both_label_free_choices_share_one_synthetic_set_and_one_model_pass(run, tmp_path, monkeypatch):
+    """`calibrate --map-levels auto --image-score auto` built the synthetic set and ran the model over it twice;
+    the shared pass must give each choice the figures its own pass gives."""
+    import shutil
+    from uninet_feat.calibration import recalibrate
+    from uninet_feat.checkpoint import build_from_checkpoint
+    from uninet_feat.normals import validation_normals
+    from uninet_feat.runs import make_dataset
+    from uninet_feat.selection import SyntheticValidation
+    copy = tmp_path / "run"
+    shutil.copytree(run[1], copy)
+    built, passes = [], []
+    make, level_maps = SyntheticValidation.from_config.__func__, SyntheticValidation.level_maps
+    monkeypatch.setattr(SyntheticValidation, "from_config",
+                        classmethod(lambda cls, ds, cfg: built.append(1) or make(cls, ds, cfg)))
+    monkeypatch.setattr(SyntheticValidation, "level_maps",
+                        lambda self, *a, **k: passes.append(1) or level_maps(self, *a, **k))
+    # range units: a pixel map other than the WDM's whatever the levels, so that the image score is chosen too
+    cal = recalibrate(copy, map_levels="auto", map_norm="range", image_score="auto", warn_kinds=False)
+    assert len(built) == len(passes) == 1
+    assert "synthetic_image_auroc" in cal["image_score_choice"]
+    # each figure recorded equals the same choice's own set and pass, made afresh
+    model, ck = build_from_checkpoint(copy / "model.pt")
+    cfg = dict(ck["config"])
+    monkeypatch.undo()
+    sv = SyntheticValidation.from_config(make_dataset(validation_normals(cfg), cfg, model.source), cfg)
+    ranges = cal["map_norm"]
+    pix = sv.pixel_auroc_of(model, {"3 range": ([3], ranges), "1,2,3 range": (None, ranges)})
+    assert {k: cal["pixel_map_choice"]["synthetic_pixel_auroc"][k] for k in pix} == pytest.approx(pix, abs=1e-12)
+    model.cfg.update(map_levels=cal["map_levels"], map_norm=ranges)
+    assert cal["image_score_choice"]["synthetic_image_auroc"] == pytest.approx(sv.image_auroc_of(model), abs=1e-12)

@@ -48,9 +48,9 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     map_norm = parse_map_norm(map_norm)
     image_score = parse_image_score(model.cfg.get("image_score") or "wdm" if image_score is None else image_score)
     ranges = map_ranges(model, val, cfg) if map_norm != "none" else None   # fresh: the model or data may have changed
-    choice = None
+    choice, synthetic = None, {}   # the synthetic set and its model pass, shared by the two choices
     if "auto" in (map_levels, map_norm):
-        choice = choose_pixel_map(model, val, cfg, map_levels, map_norm, ranges, quiet)
+        choice = choose_pixel_map(model, val, cfg, map_levels, map_norm, ranges, quiet, synthetic)
         levels, norm = choice["levels"], choice["norm"]
     else:
         levels, norm = parse_map_levels(map_levels, n), map_norm
@@ -58,7 +58,7 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     model.cfg["map_norm"] = ranges if norm == "range" else None
     score_choice = None
     if image_score == "auto":   # of the pixel map just chosen; before the offsets and thresholds, which are its
-        score_choice = choose_image_score(model, val, cfg)
+        score_choice = choose_image_score(model, val, cfg, synthetic)
         image_score = score_choice["image_score"]
     model.cfg["image_score"] = image_score
     offsets = _position_offsets(model, cfg, tile_norm)   # of this pixel map: its own offsets when it needs them
@@ -190,8 +190,23 @@ PIXEL_MAP_RULE = ("pixel AUROC on the validation normals and synthetic defective
                   f"then of those within {PIXEL_MAP_MARGIN} of the best the one with most levels, raw before range")
 
 
+def synthetic_pass(model, val, cfg: dict, shared: dict | None = None):
+    """(`selection.SyntheticValidation` of the validation normals, its `level_maps` for ``model``), made once
+    and kept in ``shared`` (a dict, empty at first) when given: `calibrate` chooses the pixel map and then the
+    image score on the same set, and one model pass over it serves both (it was two sets and two passes)."""
+    from .runs import make_dataset
+    from .selection import SyntheticValidation
+    if shared:
+        return shared["set"], shared["maps"]
+    sv = SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg)
+    maps = sv.level_maps(model, cfg.get("eval_batch_size", 8), bool(cfg.get("channels_last")))
+    if shared is not None:
+        shared.update(set=sv, maps=maps)
+    return sv, maps
+
+
 def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", ranges=None,
-                     quiet: bool = True) -> dict:
+                     quiet: bool = True, shared: dict | None = None) -> dict:
     """Which levels' maps the pixel map sums, and whether each map is first put in its validation-normal
     range units, chosen without labels.
 
@@ -202,11 +217,11 @@ def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", 
     Every candidate (each subset when ``map_levels`` is "auto", else the given levels; raw and range units when
     ``map_norm`` is "auto", else the given one) is scored on `selection.SyntheticValidation` (the validation
     normals and defective copies with exact masks), and `pick_pixel_map` takes one: the base (all levels, or
-    the given ones; raw, or the given norm) unless a candidate beats it by more than PIXEL_MAP_MARGIN."""
+    the given ones; raw, or the given norm) unless a candidate beats it by more than PIXEL_MAP_MARGIN.
+    ``shared``: as for `synthetic_pass`."""
     from itertools import combinations
 
-    from .runs import make_dataset
-    from .selection import SyntheticValidation, parse_kinds
+    from .selection import parse_kinds
     if not val:
         raise BadInputError("choosing the pixel map needs validation normals, and this run kept none (val_fraction 0)",
                             fix="use --map-levels all --map-norm none, or a list of levels such as 2,3")
@@ -221,8 +236,8 @@ def choose_pixel_map(model, val, cfg: dict, map_levels="auto", map_norm="auto", 
     if "range" in norms and ranges is None:
         ranges = map_ranges(model, val, cfg)
     candidates = {(s, nm): (list(s), ranges if nm == "range" else None) for s in subsets for nm in norms}
-    sv = SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg)
-    scores = sv.pixel_auroc_of(model, candidates, cfg.get("eval_batch_size", 8), bool(cfg.get("channels_last")))
+    sv, maps = synthetic_pass(model, val, cfg, shared)
+    scores = sv.pixel_auroc_of(model, candidates, maps=maps)
     levels, norm = pick_pixel_map(scores, (base_levels, "none" if map_norm == "auto" else map_norm))
     return {"levels": None if levels == every else list(levels), "norm": norm, "rule": PIXEL_MAP_RULE,
             "synthetic_kinds": list(parse_kinds(cfg.get("synthetic_kinds"))), "synthetic_skipped": sv.skipped,
@@ -242,7 +257,7 @@ def parse_image_score(v) -> str:
     return v
 
 
-def choose_image_score(model, val, cfg: dict) -> dict:
+def choose_image_score(model, val, cfg: dict, shared: dict | None = None) -> dict:
     """Whether the image score is the WDM of all maps (the method) or the same top-k mean of the model's chosen
     pixel map (``image_score: map``), chosen without labels on `selection.SyntheticValidation`.
 
@@ -250,16 +265,17 @@ def choose_image_score(model, val, cfg: dict) -> dict:
     images by maps that localise nothing. On magnetic tile (session 44, docs/results.md) the rule chose the map in
     all six runs scored; test image AUROC rose by 0.002-0.020 one-class and by 0.048-0.071 with defect masks in
     training (`--supervised`), whose WDM falls most. The WDM is kept unless the map's score beats it by more than
-    PIXEL_MAP_MARGIN; a pixel map of all levels, raw, is the WDM's own and is not scored."""
-    from .runs import make_dataset
-    from .selection import SyntheticValidation, parse_kinds
-    if not (model.cfg.get("map_levels") or model.cfg.get("map_norm")):
+    PIXEL_MAP_MARGIN; a pixel map of all levels, raw, is the WDM's own and is not scored. ``shared``: as for
+    `synthetic_pass`."""
+    from .scoring import pixel_map_chosen
+    from .selection import parse_kinds
+    if not pixel_map_chosen(model.cfg):
         return {"image_score": "wdm", "rule": "the pixel map is all levels, raw: its score is the WDM's"}
     if not val:
         raise BadInputError("choosing the image score needs validation normals, and this run kept none "
                             "(val_fraction 0)", fix="use --image-score wdm (the method) or map")
-    sv = SyntheticValidation.from_config(make_dataset(val, cfg, model.source), cfg)
-    scores = sv.image_auroc_of(model, cfg.get("eval_batch_size", 8), bool(cfg.get("channels_last")))
+    sv, maps = synthetic_pass(model, val, cfg, shared)
+    scores = sv.image_auroc_of(model, maps=maps)
     wdm, mp = scores["wdm"], scores["map"]
     pick = "map" if mp > wdm + PIXEL_MAP_MARGIN or (wdm != wdm and mp == mp) else "wdm"   # NaN: as pick_pixel_map
     return {"image_score": pick, "rule": IMAGE_SCORE_RULE, "synthetic_image_auroc": scores,

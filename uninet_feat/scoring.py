@@ -101,17 +101,23 @@ def map_topk_score(maps, smoothed_map: torch.Tensor, alpha: float = ALPHA, beta:
 IMAGE_SCORES = ("wdm", "map", "auto")
 
 
+def pixel_map_chosen(cfg: dict) -> bool:
+    """Whether ``cfg``'s pixel map differs from the method's sum of all levels' maps, raw: some levels only
+    (``map_levels``) or range units (``map_norm``). Only such a map has units and a score of its own."""
+    return bool(cfg.get("map_levels") or cfg.get("map_norm"))
+
+
 def map_in_score_units(cfg: dict) -> bool:
     """Whether the pixel map ``cfg`` makes is in the image score's units: the sum of all levels' maps, raw, as the
     WDM score is (smoothed or not: a blur keeps a constant), or any pixel map when the image score is taken from it
     (``image_score: map``). With ``map_levels`` (some levels only) or ``map_norm`` (range units) under the WDM score
     it is not, and a number in score units (a tile position's offset) means nothing on it."""
-    return cfg.get("image_score") == "map" or not (cfg.get("map_levels") or cfg.get("map_norm"))
+    return cfg.get("image_score") == "map" or not pixel_map_chosen(cfg)
 
 
 def image_score_kind(cfg: dict) -> str:
     """"wdm" (the WDM of all maps, raw: also a map score of such a map), else "map: " and the pixel map's kind."""
-    if cfg.get("image_score") != "map" or not (cfg.get("map_levels") or cfg.get("map_norm")):
+    if cfg.get("image_score") != "map" or not pixel_map_chosen(cfg):
         return "wdm"
     return "map: " + pixel_map_kind({k: cfg.get(k) for k in ("map_levels", "map_norm")})
 

@@ -178,56 +178,66 @@ class SyntheticValidation:
         return {"image_auroc": img, "pixel_auroc": pix, "score": (img + pix) / 2}
 
     @torch.no_grad()
+    def level_maps(self, model, batch_size: int = 8, channels_last: bool = False) -> list[list[torch.Tensor]]:
+        """Each batch's 2L anomaly maps at their own (feature) resolution, kept on the CPU: the one model pass that
+        the label-free choices of the pixel map and of the image score share (`calibration.calibrate`). Small: at
+        magnetic tile's 128 px, 2.2 MB for its 204 images; the full-size maps are made per batch from them."""
+        from .runs import model_device
+        from .scoring import anomaly_maps
+        model.eval()
+        out = []
+        for x in self._inputs(batch_size, channels_last, model_device(model)):
+            o = model(x)
+            out.append([m.cpu() for m in anomaly_maps(o.teachers, o.students)])
+        return out
+
+    def _batches(self, model, maps, batch_size: int, channels_last: bool):
+        """(anomaly maps on the model's device, input size) per batch: of ``maps`` (`level_maps`) when given."""
+        from .runs import model_device
+        maps = self.level_maps(model, batch_size, channels_last) if maps is None else maps
+        device, size = model_device(model), tuple(self.images.shape[-2:])
+        for am in maps:
+            yield [m.to(device) for m in am], size
+
+    @torch.no_grad()
     def pixel_auroc_of(self, model, candidates: dict, batch_size: int = 8, channels_last: bool = False,
-                       max_bytes: int = 1 << 30) -> dict:
-        """{key: pixel AUROC of that candidate pixel map} on the set, one model pass per batch for all of them
-        (`calibration.choose_pixel_map`). ``candidates``: {key: (levels or None, norm or None)}, the pixel map
-        `scoring.level_pixel_map` makes from them.
+                       max_bytes: int = 1 << 30, maps=None) -> dict:
+        """{key: pixel AUROC of that candidate pixel map} on the set, from one model pass for all of them
+        (`calibration.choose_pixel_map`; ``maps``: that pass's `level_maps`, made here when None).
+        ``candidates``: {key: (levels or None, norm or None)}, the pixel map `scoring.level_pixel_map` makes.
 
         The maps of every candidate are held until the end; when they would pass ``max_bytes`` (a large
         validation set), every s-th pixel in each direction is kept, the same pixels for every candidate
         and the masks, so that memory stays bounded and the AUROC is estimated on a regular grid."""
-        from .runs import model_device
-        from .scoring import anomaly_maps, level_pixel_map
-        model.eval()
+        from .scoring import level_pixel_map
         smoothed = model.cfg["pixel_map"] == "smoothed"
         step = pixel_step(self.masks.size * 4 * max(len(candidates), 1), max_bytes)
-        maps = {k: [] for k in candidates}
-        for x in self._inputs(batch_size, channels_last, model_device(model)):
-            out = model(x)
-            am = anomaly_maps(out.teachers, out.students)
+        out = {k: [] for k in candidates}
+        for am, size in self._batches(model, maps, batch_size, channels_last):
             for k, (levels, norm) in candidates.items():
-                m = level_pixel_map(am, levels, tuple(x.shape[-2:]), smoothed, norm=norm)
-                maps[k].append(m[:, ::step, ::step].float().cpu().numpy().copy())
+                m = level_pixel_map(am, levels, size, smoothed, norm=norm)
+                out[k].append(m[:, ::step, ::step].float().cpu().numpy().copy())
         masks = self.masks[:, ::step, ::step]
-        out = {}
-        for k, m in maps.items():
-            m = np.concatenate(m)
-            out[k] = metrics.pixel_auroc(masks, m) if np.isfinite(m).all() else float("nan")
-        return out
+        return {k: _finite_or_nan(metrics.pixel_auroc, masks, np.concatenate(m)) for k, m in out.items()}
 
     @torch.no_grad()
-    def image_auroc_of(self, model, batch_size: int = 8, channels_last: bool = False) -> dict:
+    def image_auroc_of(self, model, batch_size: int = 8, channels_last: bool = False, maps=None) -> dict:
         """{"wdm": image AUROC of the WDM of all maps, "map": of the same top-k mean of ``model``'s pixel map (its
-        ``map_levels`` / ``map_norm``, `scoring.level_map_score`)} on the set, one model pass per batch for both
-        (`calibration.choose_image_score`); NaN for a score that is not finite."""
-        from .runs import model_device
-        from .scoring import anomaly_maps, level_map_score, wdm_score
-        model.eval()
+        ``map_levels`` / ``map_norm``, `scoring.level_map_score`)} on the set (`calibration.choose_image_score`;
+        ``maps`` as for `pixel_auroc_of`); NaN for a score that is not finite."""
+        from .scoring import level_map_score, wdm_score
         a, b = model.cfg["alpha"], model.cfg["beta"]
-        scores = {"wdm": [], "map": []}
-        for x in self._inputs(batch_size, channels_last, model_device(model)):
-            out = model(x)
-            am = anomaly_maps(out.teachers, out.students)
-            size = tuple(x.shape[-2:])
-            scores["wdm"].append(wdm_score(am, size, a, b)[1].float().cpu().numpy())
-            scores["map"].append(level_map_score(am, model.cfg.get("map_levels"), size, model.cfg.get("map_norm"),
-                                                 a, b).float().cpu().numpy())
-        res = {}
-        for k, v in scores.items():
-            v = np.concatenate(v)
-            res[k] = metrics.image_auroc(self.labels, v) if np.isfinite(v).all() else float("nan")
-        return res
+        levels, norm = model.cfg.get("map_levels"), model.cfg.get("map_norm")
+        out = {"wdm": [], "map": []}
+        for am, size in self._batches(model, maps, batch_size, channels_last):
+            out["wdm"].append(wdm_score(am, size, a, b)[1].float().cpu().numpy())
+            out["map"].append(level_map_score(am, levels, size, norm, a, b).float().cpu().numpy())
+        return {k: _finite_or_nan(metrics.image_auroc, self.labels, np.concatenate(v)) for k, v in out.items()}
+
+
+def _finite_or_nan(metric, truth, pred) -> float:
+    """``metric(truth, pred)``, NaN when a prediction is not finite (a diverged model ranks nothing)."""
+    return metric(truth, pred) if np.isfinite(pred).all() else float("nan")
 
 
 def pixel_step(nbytes: int, max_bytes: int) -> int:

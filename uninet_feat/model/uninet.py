@@ -271,10 +271,11 @@ class UniNet(nn.Module):
         sets them (`calibration.apply_calibration`, chosen on synthetic defects). The score is the method's WDM of
         all maps, raw, unless ``cfg["image_score"]`` is "map" (also set by calibration.json): then the same top-k
         mean is taken of that pixel map, σ=4 blurred, so that the score ranks images by the map that is shown."""
-        from uninet_feat.scoring import gaussian_blur_scipy, level_pixel_map, map_topk_score, wdm_score
+        from uninet_feat.scoring import (gaussian_blur_scipy, level_pixel_map, map_topk_score, pixel_map_chosen,
+                                         wdm_score)
         smoothed = self.cfg["pixel_map"] == "smoothed"
         levels, norm = self.cfg.get("map_levels"), self.cfg.get("map_norm")
-        if not (levels or norm):
+        if not pixel_map_chosen(self.cfg):
             return wdm_score(maps, out_size, self.cfg["alpha"], self.cfg["beta"], smoothed=smoothed)
         pix = level_pixel_map(maps, levels, out_size, smoothed, norm=norm)
         if self.cfg.get("image_score") == "map":
