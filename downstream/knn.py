@@ -101,6 +101,7 @@ class KNNScorer:
         self.device, self.proj_dim, self.index_kw = device, proj_dim, index_kw
         self.index = None
         self.n_normal = 0
+        self.coreset_device = None   # where the coreset ran ("cpu", "cuda:0"): its picks are the seed's on that kind
         self.source = None   # the feature store's source it was built from (set by save / load)
 
     def fit(self, normal_patches, state=None, keep_state: bool = False) -> "KNNScorer":
@@ -115,6 +116,7 @@ class KNNScorer:
                                 + (f" (a coreset of {self.coreset_ratio} of {len(x)})" if coreset else ""),
                                 fix=f"a smaller --k (at most {bank}), or a larger bank: more normal images"
                                     + (", or a larger --coreset" if coreset else ""))
+        self.coreset_device = str(torch_device(self.device)) if coreset else None
         if coreset:
             x = x[np.sort(coreset_subsample(x, ratio=self.coreset_ratio, seed=self.seed,
                                             proj_dim=self.proj_dim, device=self.device, state=state,
@@ -158,7 +160,8 @@ class KNNScorer:
             (d / old).unlink(missing_ok=True)   # the new index (nor an image index's ids.json)
         save_index(self.index, d / "index.faiss")
         meta = dict(format=_FORMAT, kind=self.kind, k=self.k, coreset_ratio=self.coreset_ratio, seed=self.seed,
-                    proj_dim=self.proj_dim, index_kw=self.index_kw, n_normal=self.n_normal,
+                    proj_dim=self.proj_dim, coreset_device=self.coreset_device, index_kw=self.index_kw,
+                    n_normal=self.n_normal,
                     n_memory=int(self.index.ntotal), dim=int(self.index.d),
                     index_sha256=file_sha256(d / "index.faiss"))
         self.source = source if source is not None else self.source
@@ -191,5 +194,6 @@ class KNNScorer:
                                     fix="build it again: `uninet-feat index --features F --out DIR`")
         self.index = load_index(os.fspath(d / "index.faiss"), device=device)
         self.n_normal = meta.get("n_normal", 0)
+        self.coreset_device = meta.get("coreset_device")   # None also when saved before session 45
         self.source = meta.get("source")   # None: saved before sources were recorded, or not from a store
         return self

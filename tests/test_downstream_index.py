@@ -163,8 +163,12 @@ def test_knn_flags_outlier_patch_and_persists(tmp_path):
     r, c = np.unravel_index(np.argmax(maps[1]), maps[1].shape)
     assert (r // 8, c // 8) == (2, 4)
     sc.save(tmp_path / "knn")
-    assert json.loads((tmp_path / "knn" / "knn.json").read_text())["n_memory"] == sc.index.ntotal
+    meta = json.loads((tmp_path / "knn" / "knn.json").read_text())
+    # where the coreset ran: its picks are the seed's on that kind of device ("auto" resolved)
+    assert meta["n_memory"] == sc.index.ntotal and meta["coreset_device"] == "cpu"
     again = KNNScorer.load(tmp_path / "knn", device="cpu")
+    assert again.coreset_device == "cpu"
+    assert KNNScorer("flat", k=3, coreset_ratio=None, device="auto").fit(normal).coreset_device is None
     np.testing.assert_array_equal(again.score_patches(test), sc.score_patches(test))
     np.testing.assert_array_equal(KNNScorer("flat", k=3, coreset_ratio=0.5, seed=0, device="cpu").fit(normal)
                                   .score_patches(test), sc.score_patches(test))
