@@ -74,10 +74,14 @@ def test_offsets_are_the_training_normals_medians_and_scores_use_them(run):
     assert got == pytest.approx(want, abs=1e-4)
     plain_max = {p: max(t.values()) for p, t in tiles.items()}
     assert got != pytest.approx(plain_max, abs=1e-4)
-    # the validation scores behind the threshold are corrected too
+    # the validation scores behind the threshold are corrected too, each against the median of the *other* normals'
+    # tiles at its places: its own tile was in the saved median and pulled its score (and the threshold) low
     vt = _plain_tile_scores(model, val, cfg)
-    vwant = sorted(max(v - table[f"{y},{x}"] for (y, x), v in t.items()) for t in vt.values())
-    assert cal["val_scores"] == pytest.approx(vwant, abs=1e-4)
+    vwant = {p: max(v - np.median([o[(y, x)] for q, o in plain.items() if q != p]) for (y, x), v in t.items())
+             for p, t in vt.items()}
+    assert dict(zip(cal["val_paths"], cal["val_scores"])) == pytest.approx(vwant, abs=1e-4)
+    with_own = {p: max(v - table[f"{y},{x}"] for (y, x), v in t.items()) for p, t in vt.items()}
+    assert vwant != pytest.approx(with_own, abs=1e-4)
     # predict: its wdm_score is evaluate's score
     import csv
     assert main(["predict", "--run", str(r), "--data", str(data / "test"), "--quiet",
@@ -482,7 +486,8 @@ def test_position_offsets_are_taken_from_normals_only_in_a_supervised_run(tmp_pa
     assert any(not s.is_normal for s in fit)   # the case: labelled defects among the training images
     seen = []
     monkeypatch.setattr(positions, "tile_offsets",
-                        lambda model, samples, cfg, neighbours=False: seen.extend(samples) or {"offsets": {}})
+                        lambda model, samples, cfg, neighbours=False, own=False:
+                        seen.extend(samples) or {"offsets": {}})
     _position_offsets(types.SimpleNamespace(cfg={}), cfg, "position")
     assert sorted(s.path for s in seen) == sorted(s.path for s in fit + val if s.is_normal)
 
@@ -791,3 +796,30 @@ def test_a_size_held_by_fewer_than_3_training_normals_of_a_multi_size_group_is_w
         warnings.simplefilter("error")   # 3 of each width, or one width only: nothing to warn of
         tile_offsets(model, _strips(tmp_path / "3", wide + narrow, group="A"), TILED)
         tile_offsets(model, _strips(tmp_path / "w", narrow[:1], group="A"), TILED)
+
+
+def test_a_normal_among_the_offsets_normals_is_taken_against_the_others_median(tmp_path):
+    """`OwnTiles`: the calibration that measured the offsets scores its validation normals, which are among them,
+    against the median of the other normals' tiles at each place (the score's and the map's own); any other image
+    (a test or new one) and a place's only normal take the saved median."""
+    import types
+
+    from uninet_feat.positions import OwnTiles, corrected
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    per = {("", "0,0"): [1.0, 2.0, 3.0, 10.0], ("", "0,64"): [5.0]}
+    maps = {("", "0,0"): [0.1, 0.2, 0.3, 0.9], ("", "0,64"): [0.5]}
+    src = {("", "0,0"): paths, ("", "0,64"): paths[:1]}
+    own = OwnTiles(per, src, maps)
+    table = {"": {"0,0": 2.5, "0,64": 5.0}}
+    map_table = {"": {"0,0": 0.25, "0,64": 0.5}}
+
+    def at(p, group=""):
+        return types.SimpleNamespace(path=p, group=group)
+    box = (0, 0, 64, 64)
+    assert corrected(4.0, box, table, at(paths[0]), own=own) == pytest.approx(4.0 - 3.0)   # others: 2, 3, 10
+    assert corrected(4.0, box, table, at(paths[3]), own=own) == pytest.approx(4.0 - 2.0)   # others: 1, 2, 3
+    assert corrected(4.0, box, table, at(tmp_path / "new.png"), own=own) == pytest.approx(4.0 - 2.5)
+    assert corrected(4.0, box, table, at(paths[0])) == pytest.approx(4.0 - 2.5)   # loaded from disk: no own tiles
+    assert corrected(4.0, (0, 64, 64, 64), table, at(paths[0]), own=own) == pytest.approx(4.0 - 5.0)   # alone there
+    assert corrected(0.0, box, map_table, at(paths[3]), own=own, maps=True) == pytest.approx(-0.2)
+    assert corrected(0.0, box, map_table, at(paths[3]), own=OwnTiles(per, src), maps=True) == pytest.approx(-0.25)

@@ -114,16 +114,17 @@ def _position_offsets(model, cfg: dict, tile_norm) -> dict | None:
     from .runs import load_samples, train_val_samples
     tile_norm = _resolve_tile_norm(model, cfg, tile_norm)
     model.cfg["tile_offsets"] = model.cfg["tile_neighbours"] = None   # the reference normals are scored plain
-    model.cfg["tile_map_offsets"] = None
+    model.cfg["tile_map_offsets"] = model.cfg["tile_own"] = None
     if tile_norm == "none":
         return None
     fit, val = train_val_samples(load_samples(cfg), cfg)   # every training normal: 1 validation strip is no median;
     normals = [s for s in fit + val if s.is_normal]        # a supervised run's labelled defects would raise it
-    rec = tile_offsets(model, normals, cfg, neighbours=tile_norm == "neighbours")
+    rec = tile_offsets(model, normals, cfg, neighbours=tile_norm == "neighbours", own=True)
     model.cfg["tile_offsets"] = rec["offsets"]
     model.cfg["tile_map_offsets"] = rec.get("map_offsets")
     model.cfg["tile_sizes"] = rec.get("image_sizes")
     model.cfg["tile_neighbours"] = rec.get("neighbours")
+    model.cfg["tile_own"] = rec.pop("own", None)   # in memory only: a validation normal's own tiles left out
     return rec
 
 
@@ -371,7 +372,7 @@ def apply_calibration(model, run, model_path, cfg: dict | None = None) -> None:
     model.cfg["tile_offsets"] = rec.get("offsets")
     model.cfg["tile_map_offsets"] = rec.get("map_offsets")   # a pixel map of other units than the score's
     model.cfg["tile_sizes"] = rec.get("image_sizes")   # None in files written before session 24: not checked
-    model.cfg["tile_neighbours"] = None
+    model.cfg["tile_neighbours"] = model.cfg["tile_own"] = None   # each normal's own tiles: the calibration's only
     if rec.get("offsets") and rec.get("mode") == "neighbours":
         from .positions import Neighbours
         try:

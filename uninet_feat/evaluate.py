@@ -78,7 +78,8 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
             for j, idx in enumerate(batch["index"].tolist()):
                 tile_scores.setdefault(idx, []).append(corrected(float(score[j]), batch["tile"][j], offsets,
                                                                  samples[idx], ctx[0][j].numpy() if ctx else None,
-                                                                 near, model.cfg.get("tile_sizes"), hw.get(idx)))
+                                                                 near, model.cfg.get("tile_sizes"), hw.get(idx),
+                                                                 model.cfg.get("tile_own")))
                 if not want_maps:
                     continue
                 m = pix[j]

@@ -180,7 +180,7 @@ class Extractor:
                 near, ctx = self.model.cfg.get("tile_neighbours"), r["context"].numpy()
                 sizes = self.model.cfg.get("tile_sizes")
                 scores = np.array([corrected(float(s), b, self.model.cfg["tile_offsets"], ds.samples[i], c, near, sizes,
-                                             hw[i])
+                                             hw[i], self.model.cfg.get("tile_own"))
                                    for s, b, i, c in zip(scores, batch["tile"], batch["index"].tolist(), ctx)],
                                   np.float64)   # as calibration keeps them: a threshold is one normal's score
             if map_fn is not None and not ds.tile and r.get("maps") is not None:

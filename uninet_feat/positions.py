@@ -174,6 +174,33 @@ class Neighbours:
                                 f"{Path(path).resolve().parent} --tile-norm neighbours`")
 
 
+class OwnTiles:
+    """Each training normal's own tile scores at each place, kept in memory by the calibration that measured the
+    position offsets (never saved): the validation normals are among the normals those offsets are medians of, so
+    scored against them a validation normal met its own tile in its place's median, pulling its score (and the
+    threshold, the 0.99 quantile of those scores) below what a new normal scores. `offset` gives the median of
+    the *other* normals' tiles, as `Neighbours.offset`'s ``exclude`` does for ``tile_norm: neighbours``."""
+
+    def __init__(self, per: dict, sources: dict, map_per: dict | None = None):
+        """``per`` / ``map_per``: {(group, key): [score, ...]} (the map's own scores: a pixel map of other units);
+        ``sources``: {(group, key): [image path, ...]} in the same order."""
+        self._rows = {gk: (np.array([os.path.abspath(str(p)) for p in sources[gk]]), np.asarray(v, np.float64),
+                           None if map_per is None else np.asarray(map_per[gk], np.float64))
+                      for gk, v in per.items()}
+
+    def offset(self, group: str, k: str, path, maps: bool = False) -> float | None:
+        """The median score (``maps``: map score) at place ``k`` of ``group``'s normals other than the image at
+        ``path``; None when that image is not among them (a test or new image takes the saved median) or is the
+        place's only normal, or when ``maps`` and no map scores were kept."""
+        rows = self._rows.get((group, k))
+        if rows is None or (maps and rows[2] is None):
+            return None
+        others = rows[0] != os.path.abspath(str(path))
+        if others.all() or not others.any():
+            return None
+        return float(np.median(rows[2 if maps else 1][others]))
+
+
 def _scores(model, x, context: bool, map_scores: bool):
     """(WDM scores, the pixel map's own scores or None, [context]) of the batch ``x``, as `UniNet.predict` scores
     it; the map's scores (`scoring.level_map_score` of the model's ``map_levels`` / ``map_norm``) with
@@ -193,13 +220,14 @@ def _scores(model, x, context: bool, map_scores: bool):
 
 
 @torch.no_grad()
-def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
+def tile_offsets(model, samples, cfg: dict, neighbours: bool = False, own: bool = False) -> dict:
     """Per group and tile position, the median WDM score of ``samples`` (normal images), and the share of their
     tile-score variance that group and position explain (``position_r2``: near 1 when places differ consistently).
     ``neighbours``: also each tile's score and context (`Neighbours`, under the record's ``"neighbours"`` key).
     When the model's pixel map is not in the score's units (``model.cfg``'s ``map_levels`` / ``map_norm``:
     `scoring.map_in_score_units`), also the median of the map's own scores (``map_offsets``, as ``offsets``; each
-    neighbours' tile's one too), which `tile_map_shift` shifts its tiles' maps by: set the pixel map first."""
+    neighbours' tile's one too), which `tile_map_shift` shifts its tiles' maps by: set the pixel map first.
+    ``own`` (without ``neighbours``): also each image's own tile scores (`OwnTiles`, under ``"own"``), not JSON."""
     from .runs import eval_batches, make_dataset, model_device
     from .scoring import map_in_score_units
     model.eval()
@@ -232,10 +260,10 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
             per.setdefault((samples[i].group, k), []).append(v)
             if own_units:
                 map_per.setdefault((samples[i].group, k), []).append(mv)
+            src_per.setdefault((samples[i].group, k), []).append(samples[i].path)
             if neighbours:
                 item = (v, c[0][j].numpy()) + ((mv,) if own_units else ())
                 ctx_per.setdefault((samples[i].group, k), []).append(item)
-                src_per.setdefault((samples[i].group, k), []).append(samples[i].path)
     if not per:
         raise BadInputError("no normal tiles to take position offsets from", fix="use tile_norm: none")
     offsets: dict[str, dict[str, float]] = {}
@@ -260,6 +288,8 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
     if neighbours:
         rec |= {"mode": "neighbours", "k": K_NEIGHBOURS, "rule": NEIGHBOURS_RULE,
                 "neighbours": Neighbours.fit(ctx_per, src_per)}
+    elif own:
+        rec["own"] = OwnTiles(per, src_per, map_per if own_units else None)
     from .scoring import image_score_kind
     if image_score_kind(model.cfg) != "wdm":   # the run's image score is its pixel map's (image_score: map)
         rec["rule"] = rec["rule"].replace("median WDM score", "median image score (the pixel map's, image_score: map)")
@@ -270,14 +300,15 @@ def tile_offsets(model, samples, cfg: dict, neighbours: bool = False) -> dict:
 
 
 def corrected(score: float, box, offsets: dict | None, sample, context=None, neighbours: Neighbours | None = None,
-              sizes: dict | None = None, hw=None) -> float:
+              sizes: dict | None = None, hw=None, own: OwnTiles | None = None, maps: bool = False) -> float:
     """``score`` less the offset of the tile at ``box`` of ``sample`` (its group's); unchanged without offsets.
     With ``neighbours`` (and the tile's ``context``), the offset of its nearest training tiles at that place.
     ``sizes``: {group: [[h, w], ...]} of the training normals (``image_sizes`` of the offsets' record; None in
     records written before session 24) and ``hw`` the image's (h, w), as its dataset read it: an image of another
     size is refused, since a smaller one's mirror-padded tiles sit at the training tiles' places and would take
     offsets measured on full tiles; in a group of several training sizes ``hw`` also picks that size's offsets
-    (`key`)."""
+    (`key`). ``own``: the offsets' normals' own tiles (`OwnTiles`, the calibration that measured them), so that
+    one of those normals is taken against the others' median (``maps``: of map scores, ``offsets`` being the map's)."""
     if not offsets:
         return score
     # a run of one group scores images without one (a new batch) with its offsets, not another group's images; a run
@@ -316,7 +347,8 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
         if context is None:
             raise ValueError("tile_norm: neighbours needs each tile's context (model.predict(x, context=True))")
         return score - neighbours.offset(group, k, context, exclude=sample.path)
-    return score - table[k]
+    loo = own.offset(group, k, sample.path, maps) if own is not None else None
+    return score - (table[k] if loo is None else loo)
 
 
 def tile_map_shift(cfg: dict, score: float, corrected_score: float, box, sample, context=None, hw=None) -> float:
@@ -337,4 +369,5 @@ def tile_map_shift(cfg: dict, score: float, corrected_score: float, box, sample,
         return 0.0
     near = cfg.get("tile_neighbours")
     near = near.for_maps() if near is not None else None   # None: a tile file without map scores, the medians
-    return -corrected(0.0, box, table, sample, context if near is not None else None, near, cfg.get("tile_sizes"), hw)
+    return -corrected(0.0, box, table, sample, context if near is not None else None, near, cfg.get("tile_sizes"), hw,
+                      cfg.get("tile_own"), maps=True)
