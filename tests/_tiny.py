@@ -131,3 +131,16 @@ def tiny_run(tmp_path_factory):
                              "epochs": 1, "batch_size": 4, "channels_last": False, "val_fraction": 0.3}),
           out, quiet=True)
     return out, tex
+
+
+def level3_run(tmp_path_factory, name: str, n_good: int, **cfg):
+    """(texture set, run folder): a 1-epoch tiny run on 64-px textures, half its training normals kept for
+    validation and its pixel map of level 3 (``cfg`` adds to that), for the tests of the label-free choices."""
+    from uninet_feat.config import load_config
+    from uninet_feat.train import train
+    root = tmp_path_factory.mktemp(name)
+    data = write_texture_set(root / "data", n_train=8, n_good=n_good, n_bad=3)
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "image_size": 64, "epochs": 1,
+                                                       "batch_size": 2, "channels_last": False, "val_fraction": 0.5,
+                                                       "map_levels": [3], **cfg}), root / "run", quiet=True)
+    return data, root / "run"

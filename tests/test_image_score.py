@@ -14,7 +14,7 @@ from uninet_feat.model import UniNet
 from uninet_feat.scoring import (anomaly_maps, gaussian_blur_scipy, level_pixel_map, map_in_score_units,
                                  map_topk_score, wdm_score)
 
-from _tiny import TinyBackbone, register_tiny, write_texture_set
+from _tiny import TinyBackbone, level3_run, register_tiny
 
 register_tiny()
 
@@ -87,15 +87,7 @@ class _Set:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from uninet_feat.config import load_config
-    from uninet_feat.train import train
-    root = tmp_path_factory.mktemp("is")
-    data = write_texture_set(root / "data", n_train=8, n_good=3, n_bad=3)
-    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "image_size": 64, "epochs": 1,
-                                                       "batch_size": 2, "channels_last": False, "val_fraction": 0.5,
-                                                       "map_levels": [3], "image_score": "auto"}),
-          root / "run", quiet=True)
-    return data, root / "run"
+    return level3_run(tmp_path_factory, "is", n_good=3, image_score="auto")
 
 
 def _scores(csv_path):

@@ -11,7 +11,7 @@ from uninet_feat.errors import BadInputError
 from uninet_feat.model import UniNet
 from uninet_feat.scoring import anomaly_map, gaussian_blur_scipy, level_pixel_map, pixel_map_kind
 
-from _tiny import TinyBackbone, register_tiny, write_texture_set
+from _tiny import TinyBackbone, level3_run, register_tiny, write_texture_set
 
 register_tiny()
 
@@ -105,14 +105,7 @@ def test_pick_pixel_map_keeps_the_base_unless_another_map_is_clearly_better():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from uninet_feat.config import load_config
-    from uninet_feat.train import train
-    root = tmp_path_factory.mktemp("ml")
-    data = write_texture_set(root / "data", n_train=8, n_good=2, n_bad=3)
-    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "image_size": 64, "epochs": 1,
-                                                       "batch_size": 2, "channels_last": False, "val_fraction": 0.5,
-                                                       "map_levels": [3]}), root / "run", quiet=True)
-    return data, root / "run"
+    return level3_run(tmp_path_factory, "ml", n_good=2)
 
 
 def test_calibrate_auto_records_its_choice_and_evaluate_applies_it(run, capsys):
