@@ -144,3 +144,25 @@ def level3_run(tmp_path_factory, name: str, n_good: int, **cfg):
                                                        "batch_size": 2, "channels_last": False, "val_fraction": 0.5,
                                                        "map_levels": [3], **cfg}), root / "run", quiet=True)
     return data, root / "run"
+
+
+def stand_in_exporter(monkeypatch, source=None) -> list:
+    """torch.onnx.export replaced by a writer of ``source``'s bytes (an ONNX file), or of a one-node opset-18 graph:
+    for tests of what export-model does around the exporter (its files, model.json, refusals), which need not
+    spend torch's ~20 s an export. Returns the list of the paths it wrote."""
+    from pathlib import Path
+    if source is not None:
+        data = Path(source).read_bytes()
+    else:
+        from onnx import TensorProto, helper
+        value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)   # noqa: E731
+        graph = helper.make_graph([helper.make_node("Identity", ["image"], ["score"])], "stand_in",
+                                  [value("image")], [value("score")])
+        data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    wrote = []
+
+    def export(model, args, f, *a, **k):   # not shutil: some tests stop shutil.copyfile
+        Path(f).write_bytes(data)
+        wrote.append(Path(f))
+    monkeypatch.setattr(torch.onnx, "export", export)
+    return wrote
