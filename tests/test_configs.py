@@ -268,3 +268,23 @@ def test_wrong_levels_or_depths_leave_no_run_folder(tmp_path, capsys):
         err = capsys.readouterr().err
         assert said in err and "fix:" in err and "Traceback" not in err, err
         assert not out.exists()
+
+
+def test_the_configs_train_at_their_figures_thread_count_unless_told(monkeypatch, tmp_path):
+    """Another thread count sums floats in another order and trains another model from the same seed (session 46:
+    the AITEX config's first epoch differs between 1 and 2 threads), so the configs pin the count their figures were
+    trained at, for the plain command to re-make them; `--threads` still overrides it."""
+    import uninet_feat.train as tr
+    from uninet_feat.cli import main
+    from uninet_feat.errors import BadInputError
+    seen = []
+
+    def record(cfg, out, **kw):   # the resolved config that would train; nothing trains
+        seen.append(cfg["threads"])
+        raise BadInputError("recorded")
+    monkeypatch.setattr(tr, "train", record)
+    for path in CONFIGS:
+        for extra, want in (([], 2), (["--threads", "1"], 1)):
+            n = len(seen)
+            main(["train", "--config", str(path), "--out", str(tmp_path / f"r{n}"), "--quiet", *extra])
+            assert len(seen) == n + 1 and seen[-1] == want, (path.name, extra, seen)
