@@ -288,3 +288,20 @@ def test_the_configs_train_at_their_figures_thread_count_unless_told(monkeypatch
             n = len(seen)
             main(["train", "--config", str(path), "--out", str(tmp_path / f"r{n}"), "--quiet", *extra])
             assert len(seen) == n + 1 and seen[-1] == want, (path.name, extra, seen)
+
+
+def test_aitex_config_holds_out_enough_strips_per_fabric_for_its_threshold(shared_data):
+    """Each fabric's threshold rests on at least 4 validation strips, not the 1 that the default share leaves of
+    its 14 training normals: a new normal strip passes the 0.99 quantile of n normals with chance `pass_chance(n)`,
+    50 % at 1, 21 % at 4."""
+    from uninet_feat.config import DEFAULT_CONFIG
+    from uninet_feat.runs import load_samples, train_val_samples
+    from uninet_feat.thresholds import pass_chance
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "aitex.yaml",
+                      {"data": str(shared_data), "split_csv": str(shared_data / "splits" / "aitex.csv")})
+    for fabric in ("fabric_00", "fabric_01", "fabric_03", "fabric_04"):
+        fit, val = train_val_samples(load_samples({**cfg, "group": fabric}), cfg)
+        assert len(val) >= 4 and pass_chance(len(val)) < 0.25, (fabric, len(val))
+        assert len(fit) >= 9 and not {s.path for s in fit} & {s.path for s in val}, fabric
+        _, one = train_val_samples(load_samples({**cfg, "group": fabric}), {**cfg, "val_fraction": DEFAULT_CONFIG["val_fraction"]})
+        assert len(one) < len(val)   # the default share would leave fewer (1 of 14)
