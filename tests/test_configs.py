@@ -300,8 +300,9 @@ def test_aitex_config_holds_out_enough_strips_per_fabric_for_its_threshold(share
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "aitex.yaml",
                       {"data": str(shared_data), "split_csv": str(shared_data / "splits" / "aitex.csv")})
     for fabric in ("fabric_00", "fabric_01", "fabric_03", "fabric_04"):
-        fit, val = train_val_samples(load_samples({**cfg, "group": fabric}), cfg)
+        samples = load_samples({**cfg, "group": fabric})
+        fit, val = train_val_samples(samples, cfg)
         assert len(val) >= 4 and pass_chance(len(val)) < 0.25, (fabric, len(val))
         assert len(fit) >= 9 and not {s.path for s in fit} & {s.path for s in val}, fabric
-        _, one = train_val_samples(load_samples({**cfg, "group": fabric}), {**cfg, "val_fraction": DEFAULT_CONFIG["val_fraction"]})
+        _, one = train_val_samples(samples, {**cfg, "val_fraction": DEFAULT_CONFIG["val_fraction"]})
         assert len(one) < len(val)   # the default share would leave fewer (1 of 14)
