@@ -576,12 +576,15 @@ ONE_SIZE_RECORD = (
 def test_a_run_of_one_size_per_group_keeps_its_offsets_record_byte_for_byte(tmp_path):
     """Groups whose training images share one size (AITEX strips; here group A 192 px wide, B 256) keep plain
     "y,x" keys and the very record written before, so existing runs' calibration.json score as they did."""
-    from uninet_feat.positions import corrected, tile_offsets
+    from uninet_feat.positions import RULE, corrected, tile_offsets
     a = _strips(tmp_path, [(192, [40 + 7 * i, 90 - 5 * i, 200 + 3 * i]) for i in range(4)], group="A")
     b = _strips(tmp_path, [(256, [60 + 9 * i, 33 + i, 70 - 2 * i, 150 + 11 * i]) for i in range(3)], group="B")
     model = _PixelModel()
     rec = tile_offsets(model, a + b, TILED)
-    assert json.dumps(rec) == ONE_SIZE_RECORD
+    # byte for byte but the rule's text, which since session 48 also states the validation normals' leave-one-out
+    old = json.loads(ONE_SIZE_RECORD)
+    assert json.dumps({**rec, "rule": old["rule"]}) == ONE_SIZE_RECORD
+    assert rec["rule"] == RULE and "leave-one-out" in RULE
     nrec = tile_offsets(model, a + b, TILED, neighbours=True)
     assert {g: set(t["keys"].tolist()) for g, t in nrec["neighbours"].groups.items()} == \
         {g: set(t) for g, t in rec["offsets"].items()}

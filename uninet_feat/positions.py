@@ -38,8 +38,10 @@ import torch
 
 from .errors import BadInputError
 
-RULE = ("tile score minus the median WDM score of the run's training normals' tiles at the same position "
-        "(top-left corner); the image score is the highest corrected tile score")
+LOO = ("; when the threshold is set, a validation normal (itself one of those normals) is compared with the other "
+       "normals' tiles only (leave-one-out)")
+RULE = ("tile score minus the median WDM score of the run's training-split normals' tiles (validation normals "
+        "included) at the same position (top-left corner); the image score is the highest corrected tile score" + LOO)
 
 
 MAP_RULE = ("each tile's pixel map less the median, over the run's training normals' tiles at the same position "
@@ -50,7 +52,7 @@ MAP_RULE = ("each tile's pixel map less the median, over the run's training norm
 K_NEIGHBOURS = 3
 NEIGHBOURS_RULE = (f"tile score minus the median WDM score of the {K_NEIGHBOURS} training normals' tiles at the "
                    "same position (top-left corner) whose pooled target-teacher features are nearest (cosine, "
-                   "standardised per group); the image score is the highest corrected tile score")
+                   "standardised per group); the image score is the highest corrected tile score" + LOO)
 MODES = ("none", "position", "neighbours")
 MIN_PER_SIZE = 3   # training normals of one size in a group of several sizes, below which its offsets are warned of
 
