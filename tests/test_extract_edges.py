@@ -210,21 +210,47 @@ def test_two_shard_processes_with_other_settings_do_not_mix_one_store(tmp_path):
     np.testing.assert_allclose(st.vectors, b.extract(ps)["vectors"], rtol=1e-5, atol=1e-6)
 
 
-def test_a_tiled_stores_image_replaced_by_one_of_another_size_is_named(tmp_path):
-    """An image replaced by a larger one has more tiles, so a resume cannot line the store's rows up with its images
-    and refuses it; it said "features of another model, settings or image list", naming nothing that changed."""
+def test_a_tiled_store_whose_image_changed_size_resumes_from_that_image(tmp_path, monkeypatch):
+    """An image replaced by a larger one has more tiles, so the store's rows move from it on. The resume was refused
+    ("choose a new --out"), losing every finished shard; it now keeps the shards before that image, re-stamped with
+    the new fingerprint, extracts the rest, and gives the store a fresh extraction gives. A kill before the new
+    manifest is written is resumed by the same command."""
+    import io
     from PIL import Image
     rng = np.random.default_rng(0)
     ps = [tmp_path / "img" / f"{i}.png" for i in range(4)]
     ps[0].parent.mkdir()
     for p in ps:
         Image.fromarray(rng.integers(0, 256, (64, 192, 3), dtype=np.uint8)).save(p)
-    ex = Extractor(backbone="tiny", weights="random", image_size=64, tile=64)
-    assert len(ex.extract_to(ps, tmp_path / "f", shard_size=4).items) == 12
-    Image.fromarray(rng.integers(0, 256, (64, 256, 3), dtype=np.uint8)).save(ps[1])   # 4 tiles now
-    with pytest.raises(BadInputError, match=r"tiles of 1 image\(s\) whose size changed since \(e.g. .*1.png\)"):
-        Extractor(backbone="tiny", weights="random", image_size=64, tile=64).extract_to(ps, tmp_path / "f",
-                                                                                       shard_size=4)
-    with pytest.raises(BadInputError, match="another model, settings or image list"):   # other images: as before
-        Extractor(backbone="tiny", weights="random", image_size=64, tile=64).extract_to(ps[:3], tmp_path / "f",
-                                                                                       shard_size=4)
+    make = lambda: Extractor(backbone="tiny", weights="random", image_size=64, tile=64)  # noqa: E731
+    f = tmp_path / "f"
+    assert len(make().extract_to(ps, f, shard_size=4).items) == 12   # 3 shards of 4 tiles
+    kept = {i: (f / featstore.shard_name(i)).read_bytes() for i in (0, 1)}
+    Image.fromarray(rng.integers(0, 256, (64, 256, 3), dtype=np.uint8)).save(ps[3])   # 4 tiles now: items 9..12
+    ex = make()
+    real_write, calls = featstore.atomic_write_text, []
+    def killed_at_manifest(path, text):   # a kill after the shards were sorted out, before the new manifest
+        if path.name == "manifest.json" and not calls:
+            calls.append(path)
+            raise _Killed
+        return real_write(path, text)
+    monkeypatch.setattr(featstore, "atomic_write_text", killed_at_manifest)
+    with pytest.warns(UserWarning, match=r"1 image\(s\) changed size .*3\.png.*2 of the 3 finished shard"), \
+            pytest.raises(_Killed):
+        ex.extract_to(ps, f, shard_size=4)
+    assert sorted(q.name for q in f.glob("shard-*")) == ["shard-00000.npz", "shard-00001.npz"]
+    rows, run = [], ex._run
+    ex._run = lambda ds, r, *a: rows.append(list(r)) or run(ds, r, *a)
+    with pytest.warns(UserWarning, match="2 of the 2 finished shard"):
+        st = ex.extract_to(ps, f, shard_size=4)
+    assert rows == [[8, 9, 10, 11], [12]]   # shards 0 and 1 (images 0-2's first tiles) were not extracted again
+    fresh = make().extract_to(ps, tmp_path / "fresh", shard_size=4)
+    assert st.manifest["fingerprint"] == fresh.manifest["fingerprint"] and len(st.items) == 13
+    assert [i["tile"] for i in st.items] == [i["tile"] for i in fresh.items]
+    np.testing.assert_allclose(st.vectors, fresh.vectors, rtol=1e-5, atol=1e-6)
+    for i, old in kept.items():   # the kept shards: the same arrays under the new fingerprint
+        with np.load(f / featstore.shard_name(i)) as z, np.load(io.BytesIO(old)) as o:
+            assert str(z["fingerprint"]) == fresh.manifest["fingerprint"] != str(o["fingerprint"])
+            np.testing.assert_array_equal(z["vectors"], o["vectors"])
+    with pytest.raises(BadInputError, match="another model, settings or image list"):   # other images: refused
+        make().extract_to(ps[:3], f, shard_size=4)

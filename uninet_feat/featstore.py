@@ -18,7 +18,8 @@ neighbours' tiles it names, make the scores and map features), and a resume with
 rather than silently mixing features. It also records
 each image file's size and modification time (``files``), so a shard holding an image replaced since is
 extracted again rather than kept with the old image's features (as predict's resumable parts); so is a shard
-holding an image whose group changed when the run scores tiles by position (per-group offsets). Each shard
+holding an image whose group changed when the run scores tiles by position (per-group offsets). A tiled image
+replaced by one of another size moves every later row: the shards before it are kept, the rest redone. Each shard
 carries its writer's fingerprint: a `--shard i/n` process that finds the manifest taken over by one with other
 settings stops before its next shard, and a shard of another extraction is refused when read (redone on resume).
 """
@@ -167,9 +168,10 @@ def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
 
 def _retiled(old: dict, manifest: dict) -> list[str]:
     """The images whose number of tiles differs between two manifests of one model, settings and image list, each
-    a file changed since (a picture replaced by a larger one): why a resume cannot reuse the store, said by name
-    (it was "features of another model, settings or image list")."""
-    if any(old.get(k) != manifest.get(k) for k in ("source", "settings")) or not old.get("files"):
+    a file changed since (a picture replaced by a larger one), everything else the same: a resume keeps the shards
+    before the first of them (`_resume_retiled`). Else []."""
+    same = ("source", "settings", "vector_names", "schema_version", "tile_score", *CALIBRATION_KEYS)
+    if any(old.get(k) != manifest.get(k) for k in same) or not old.get("files"):
         return []
 
     def tiles(m) -> dict:   # path -> its number of items, in the store's order
@@ -183,6 +185,52 @@ def _retiled(old: dict, manifest: dict) -> list[str]:
     changed = [p for p in now if was[p] != now[p]]
     stamps = manifest.get("files") or {}
     return changed if all(not same_stamp(old["files"].get(p), stamps.get(p)) for p in changed) else []
+
+
+def _resume_retiled(folder: Path, old: dict, manifest: dict, names: list[str], by_group: bool) -> set[int]:
+    """Resume a tiled store some of whose images changed size (`_retiled`): its rows shift from the first such
+    image on, so the shards before it that hold no changed image (``by_group``: nor a regrouped item, whose score
+    takes its group's position offsets) are kept, re-stamped with the new fingerprint
+    (an old `--shard i/n` process must not add rows of the old layout), and the rest are extracted again. It
+    was refused ("choose a new --out"), which lost every finished shard for one replaced picture. Returns the
+    kept shard ids. A kill part-way is resumed by the same command: the old manifest is replaced last."""
+    size = manifest["settings"]["shard_size"]
+    was, now = old["items"], manifest["items"]
+    moved = ("path", "tile", "group") if by_group else ("path", "tile")
+    cut = next((j for j, (a, b) in enumerate(zip(was, now)) if any(a.get(k) != b.get(k) for k in moved)),
+               min(len(was), len(now)))
+    stamps, changed = old.get("files") or {}, set()
+    for q, v in (manifest.get("files") or {}).items():
+        if not same_stamp(stamps.get(q), v):
+            changed.add(q)
+    keep = {i for i in range(cut // size) if not any(it["path"] in changed for it in now[i * size:(i + 1) * size])}
+    found = list(folder.glob("shard-*.npz"))
+    for q in found:   # every other shard, also past either manifest's count
+        if q.name not in {shard_name(i) for i in keep}:
+            q.unlink(missing_ok=True)
+    (folder / "complete").unlink(missing_ok=True)
+    # a kept shard is the old store's (or, after a kill part-way through this, already re-stamped)
+    ours, done = shard_fingerprints(old) | {manifest["fingerprint"]}, set()
+    for i in sorted(keep):
+        q = folder / shard_name(i)
+        try:
+            with np.load(q) as z:
+                arrays = {k: z[k] for k in z.files if k != SHARD_FP}
+                fp = str(z[SHARD_FP]) if SHARD_FP in z.files else None
+        except Exception:   # noqa: BLE001 - missing or unreadable: extracted again
+            q.unlink(missing_ok=True)
+            continue
+        if fp is not None and fp not in ours:   # another extraction's (a race): extracted again
+            q.unlink()
+            continue
+        if fp != manifest["fingerprint"]:
+            write_shard(folder, i, arrays, fingerprint=manifest["fingerprint"])
+        done.add(i)
+    warnings.warn(f"{folder}: {len(names)} image(s) changed size since their features were extracted (e.g. "
+                  f"{names[0]}): they have another number of tiles now, so the rows from the first of them on moved; "
+                  f"{len(done)} of the {len(found)} finished shard(s) kept, the rest extracted again")
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest))
+    return done
 
 
 def _recalibrated(old: dict, manifest: dict) -> bool:
@@ -237,8 +285,7 @@ def start_store(folder: Path, manifest: dict, legacy=(), by_group: bool = False)
                 what = ("features made with another calibration of the run (its calibration.json changed since, "
                         "e.g. by `uninet-feat calibrate`: other scores and map features)")
             elif names := _retiled(old, manifest):
-                what = (f"tiles of {len(names)} image(s) whose size changed since (e.g. {names[0]}): they now have "
-                        "another number of tiles, so the store's rows no longer line up with its images")
+                return _resume_retiled(folder, old, manifest, names, by_group)
             else:
                 what = "features of another model, settings or image list"
             raise BadInputError(f"feature folder holds {what}", path=folder,
