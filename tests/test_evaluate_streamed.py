@@ -96,10 +96,11 @@ def test_subsets_per_label_per_group_and_unmasked_defects_match_the_exact_path()
     pe, pb = (per_label_metrics(test, labels, scores, r, True, ["x", "y"]) for r in (exact, binned))
     figures += [(pe[k], pb[k]) for k in "xy"]
     for e, b in figures:
-        assert e.keys() == b.keys() and "aupro" in e
-        for k in ("pixel_auroc", "aupro"):
+        assert e.keys() == b.keys() and "aupro" in e and "aupro_vs_normal_images" in e
+        for k in ("pixel_auroc", "aupro", "pixel_auroc_vs_normal_images", "aupro_vs_normal_images"):
             assert b[k] == pytest.approx(e[k], abs=TOL)
-        for k in ("pixel_auroc_interval", "aupro_interval"):
+        for k in ("pixel_auroc_interval", "aupro_interval", "pixel_auroc_vs_normal_images_interval",
+                  "aupro_vs_normal_images_interval"):
             assert b[k] == pytest.approx(e[k], abs=0.01)
         assert b["image_auroc"] == e["image_auroc"]
     assert pb["x"]["defect_pixel_share"] == pe["x"]["defect_pixel_share"]

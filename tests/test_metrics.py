@@ -219,6 +219,43 @@ def test_aupro_exact_equals_literal_reference(seed, levels, limit):
     assert M.aupro(masks, maps, fpr_limit=limit) == pytest.approx(ref, abs=1e-9)
 
 
+@pytest.mark.parametrize("seed,levels", [(3, None), (4, 5), (8, 3)])
+def test_figures_against_normal_images_leave_out_the_defective_images_other_pixels(seed, levels):
+    """`negatives="normal_images"`: defect pixels against the defect-free images' pixels alone, for pixel AUROC (as
+    sklearn on those pixels) and AUPRO (as the literal reference counting false positives there); exact and binned
+    (`PixelStats`) alike, and its bootstrap (`normal_images_histograms`) as the exact figures of resampled images."""
+    masks, maps = blobs(seed, n=6, levels=levels, empty=(1, 3))
+    maps = maps + 0.3 * masks.any(axis=(1, 2))[:, None, None]   # the defective images' backgrounds run hot
+    clean = ~masks.any(axis=(1, 2))
+    neg = maps[clean].ravel()
+    want = roc_auc_score(np.r_[np.ones(masks.sum()), np.zeros(neg.size)], np.r_[maps[masks], neg])
+    got = M.pixel_auroc(masks, maps, negatives="normal_images")
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got > M.pixel_auroc(masks, maps) + 0.05              # the pooled figure counts the hot backgrounds
+    ref = M.aupro_reference(masks, maps, num_thresholds=None, negatives="normal_images")
+    assert M.aupro(masks, maps, negatives="normal_images") == pytest.approx(ref, abs=1e-9)
+    assert ref > M.aupro(masks, maps) + 0.02
+    st = M.PixelStats()
+    for m, a in zip(masks, maps):
+        st.add(m, a)
+    assert st.pixel_auroc("normal_images") == pytest.approx(got, abs=5e-3)
+    assert st.aupro(negatives="normal_images") == pytest.approx(ref, abs=5e-3)
+    h = M.normal_images_histograms(M.pixel_histograms(list(masks), list(maps)))
+    w = np.array([[1, 1, 1, 1, 1, 1], [2, 0, 1, 3, 0, 1]])
+    auroc, apro = M.binned_pixel_figures(w, h)
+    for row, a, p in zip(w, auroc, apro):
+        rep_m = np.stack([m for m, k in zip(masks, row) for _ in range(k)])
+        rep_a = np.stack([x for x, k in zip(maps, row) for _ in range(k)])
+        assert a == pytest.approx(M.pixel_auroc(rep_m, rep_a, negatives="normal_images"), abs=5e-3)
+        assert p == pytest.approx(M.aupro(rep_m, rep_a, negatives="normal_images"), abs=5e-3)
+    sparse_h = M.normal_images_histograms(st.histograms())   # the streamed path's (sparse) histograms
+    assert M.binned_pixel_figures(w[:1], sparse_h)[0][0] == pytest.approx(got, abs=5e-3)
+    with pytest.raises(BadInputError, match="no image without defect pixels"):
+        M.pixel_auroc(masks[[0, 2]], maps[[0, 2]], negatives="normal_images")
+    with pytest.raises(BadInputError, match="negatives must be one of"):
+        M.aupro(masks, maps, negatives="normals")
+
+
 @pytest.mark.parametrize("seed", [9, 10])
 def test_aupro_close_to_many_threshold_reference(seed):
     masks, maps = blobs(seed)

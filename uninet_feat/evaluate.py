@@ -582,10 +582,13 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
             st = st.subset(np.flatnonzero(res["pixel_ok"]))
         if st.defect_pixels().any():
             out["pixel_auroc"], out["aupro"] = st.pixel_auroc(), st.aupro()
-            draws = metrics.bootstrap_histograms(st.histograms(), seed=seed)
+            h = st.histograms()
+            draws = metrics.bootstrap_histograms(h, seed=seed)
             out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
             out["aupro_interval"] = metrics.interval(draws["aupro"])
             _within(out, st.within_image_auroc())
+            if not st.defect_pixels().all():   # some image has no defect pixel
+                _vs_normal_images(out, st.pixel_auroc("normal_images"), st.aupro(negatives="normal_images"), h, seed)
     elif has_masks and res.get("maps") is not None:
         m, a = res["masks"], res["maps"]   # lists of 2-D arrays (tiled images may differ in size) or arrays
         if res.get("pixel_ok") is not None:   # only normals and masked defects have known pixel labels
@@ -593,11 +596,25 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
         if any(np.any(x) for x in m):
             out["pixel_auroc"] = metrics.pixel_auroc(m, a)
             out["aupro"] = metrics.aupro(m, a)
-            draws = metrics.pixel_bootstrap(list(m), list(a), seed=seed)
+            h = metrics.pixel_histograms(list(m), list(a), seed=seed)   # what pixel_bootstrap bins
+            draws = metrics.bootstrap_histograms(h, seed=seed)
             out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
             out["aupro_interval"] = metrics.interval(draws["aupro"])
             _within(out, metrics.within_image_auroc(m, a))
+            if not all(np.any(x) for x in m):   # some image has no defect pixel
+                _vs_normal_images(out, metrics.pixel_auroc(m, a, negatives="normal_images"),
+                                  metrics.aupro(m, a, negatives="normal_images"), h, seed)
     return out
+
+
+def _vs_normal_images(out: dict, auroc: float, apro: float, h: dict, seed) -> None:
+    """``pixel_auroc_vs_normal_images`` / ``aupro_vs_normal_images`` and their intervals (`metrics.NORMAL_IMAGES_RULE`):
+    the pooled figures' other half beside ``within_image_auroc``, so a reader tells false alarms on good parts from
+    hot backgrounds of defective parts."""
+    draws = metrics.bootstrap_histograms(metrics.normal_images_histograms(h), seed=seed)
+    out["pixel_auroc_vs_normal_images"], out["aupro_vs_normal_images"] = auroc, apro
+    out["pixel_auroc_vs_normal_images_interval"] = metrics.interval(draws["pixel_auroc"])
+    out["aupro_vs_normal_images_interval"] = metrics.interval(draws["aupro"])
 
 
 def _within(out: dict, w) -> None:
@@ -706,6 +723,11 @@ def print_report(report: dict) -> None:
     if "within_image_auroc" in report:
         console.print(f"within image: each defective image's own pixel AUROC (is the defect where its map is hot), "
                       f"mean over the {report['within_image_n']} with defect and normal pixels")
+    if "pixel_auroc_vs_normal_images" in report:
+        iv = lambda k: "{:.3f}-{:.3f}".format(*report[k + "_interval"])  # noqa: E731
+        console.print(f"against normal images alone (the defective images' other pixels left out): pixel AUROC "
+                      f"{report['pixel_auroc_vs_normal_images']:.4f} ({iv('pixel_auroc_vs_normal_images')}), AUPRO "
+                      f"{report['aupro_vs_normal_images']:.4f} ({iv('aupro_vs_normal_images')})")
     rules = ([f"image_auroc {metrics.INTERVAL_RULE}"] if "image_auroc_interval" in report else []) + (
         [f"pixel_auroc and aupro {metrics.PIXEL_INTERVAL_RULE}"] if "aupro_interval" in report else [])
     if rules:

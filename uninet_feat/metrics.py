@@ -175,17 +175,38 @@ def f1_max(labels, scores) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- pixel level
-def pixel_auroc(masks, maps, chunk: int = 1 << 22) -> float:
+NEGATIVES = ("all", "normal_images")
+NORMAL_IMAGES_RULE = ("defect pixels against the pixels of the normal images alone: the defective images' other "
+                      "pixels are left out (the pooled figure counts them as normal pixels too)")
+
+
+def _negatives(per, masks, negatives: str) -> np.ndarray:
+    """The flat bool selection of the pixels a figure counts as normal: every non-defect pixel (``all``, the
+    standard), or those of images without a defect pixel (``normal_images``). Why the second: on magnetic tile the
+    defective images' other pixels score well above the normal images' for every scorer (session 48), and the
+    pooled figure cannot tell that from false alarms on good parts."""
+    if negatives not in NEGATIVES:
+        raise BadInputError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if negatives == "all":
+        return ~masks
+    sel = np.concatenate([np.full(np.size(m), not np.any(m)) for m in per])
+    if not sel.any():
+        raise BadInputError("no image without defect pixels: figures against normal images need some",
+                            fix="include normal images in the test set")
+    return sel
+
+
+def pixel_auroc(masks, maps, chunk: int = 1 << 22, negatives: str = "all") -> float:
     """ROC AUC over all pixels of (N, H, W) masks and maps (or lists of 2-D ones of any sizes), exact, in
-    O(n log n) and ~1 copy of memory.
+    O(n log n) and ~1 copy of memory. ``negatives``: which pixels are the normal class (`NEGATIVES`; `_negatives`).
 
     AUROC equals P(defect score > normal score) + 0.5 P(equal) (Mann-Whitney U). We sort the normal
     scores once and, for each defect score, count normals below it (`searchsorted` left) and at or
     below it (right); their mean counts ties as one half, exactly like the trapezoidal ROC. No
     (n,) int64 argsort or float64 rank array is built, which is what makes 10^8 pixels fit.
     """
-    _, masks, maps = _pixel_inputs(masks, maps)
-    neg = np.sort(maps[~masks])
+    per, masks, maps = _pixel_inputs(masks, maps)
+    neg = np.sort(maps[_negatives(per, masks, negatives)])
     pos = np.sort(maps[masks])                             # sorted queries make searchsorted faster
     twice_u = 0                                            # Python int: never overflows
     for s in range(0, pos.size, chunk):
@@ -247,7 +268,7 @@ def _area_to(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / limit)
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float:
+def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None, negatives: str = "all") -> float:
     """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit` (in [0, 1]).
 
     PRO(t) is the mean over ground-truth regions (8-connected components of each mask) of the
@@ -263,12 +284,12 @@ def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None
     `fpr_limit` are sorted (found with an O(n) partition).
 
     `num_thresholds`: evaluate only at that many evenly spaced thresholds from max to min score
-    (the classic approximation) instead of every distinct score.
+    (the classic approximation) instead of every distinct score. `negatives`: the pixels FPR counts (`_negatives`).
     """
     if not 0 < fpr_limit <= 1:
         raise BadInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     per_image, masks, maps = _pixel_inputs(masks, maps)
-    neg = maps[~masks]
+    neg = maps[_negatives(per_image, masks, negatives)]
     pos = maps[masks]
     n_normal = neg.size
     region = _regions(per_image)
@@ -291,10 +312,12 @@ def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None
     return min(1.0, max(0.0, _area_to(fpr, pro, fpr_limit)))
 
 
-def aupro_reference(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = 1000) -> float:
+def aupro_reference(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = 1000,
+                    negatives: str = "all") -> float:
     """Slow, literal AUPRO for tests: binarise at each threshold, measure every region, integrate.
 
-    `num_thresholds=None` uses every distinct score (exact); otherwise evenly spaced thresholds.
+    `num_thresholds=None` uses every distinct score (exact); otherwise evenly spaced thresholds. `negatives`:
+    "normal_images" counts false positives on the images without a defect pixel only.
     """
     from skimage.measure import label
 
@@ -308,7 +331,7 @@ def aupro_reference(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | N
     for i, m in enumerate(masks):
         lab = label(m, connectivity=2)
         regions += [(i, lab == r) for r in range(1, lab.max() + 1)]
-    normal = ~masks
+    normal = ~masks if negatives == "all" else np.broadcast_to(~masks.any(axis=(1, 2))[:, None, None], masks.shape)
     fprs, pros = [0.0], [0.0]
     for t in thresholds:
         pred = maps >= t
@@ -361,6 +384,15 @@ def bootstrap_histograms(h: dict, n_boot: int = 1000, seed=0, fpr_limit: float =
         aurocs.append(a)
         apros.append(p)
     return {"pixel_auroc": np.concatenate(aurocs), "aupro": np.concatenate(apros)}
+
+
+def normal_images_histograms(h: dict) -> dict:
+    """``h`` (`pixel_histograms` or `PixelStats.histograms`) with the defective images' normal counts removed: the
+    bootstrap of the figures against normal images alone (`NORMAL_IMAGES_RULE`)."""
+    from scipy import sparse
+    keep = (np.asarray(h["pos"].sum(1)).ravel() == 0).astype(np.float64)
+    neg = sparse.diags_array(keep) @ h["neg"] if sparse.issparse(h["neg"]) else h["neg"] * keep[:, None]
+    return {**h, "neg": neg}
 
 
 def pixel_histograms(masks, maps, bins: int = 4096, seed=0) -> dict:
@@ -472,13 +504,20 @@ class PixelStats:
     def shapes(self) -> list:
         return [s for *_, s in self.images]
 
-    def _pooled(self) -> tuple[np.ndarray, np.ndarray]:
-        """Normal and defect counts of all images per key, dense over the 2^bits keys (8 MB each at 20 bits)."""
+    def _pooled(self, negatives: str = "all") -> tuple[np.ndarray, np.ndarray]:
+        """Normal and defect counts of all images per key, dense over the 2^bits keys (8 MB each at 20 bits);
+        ``negatives``: normal counts of every image, or of the images without a defect pixel (`_negatives`)."""
+        if negatives not in NEGATIVES:
+            raise BadInputError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
         neg, pos = np.zeros(1 << self.bits), np.zeros(1 << self.bits)
         for keys, n, p, _, _ in self.images:   # keys are unique within an image: plain fancy-index adds
-            neg[keys] += n
+            if negatives == "all" or p is None or not p.any():
+                neg[keys] += n
             if p is not None:
                 pos[keys] += p
+        if negatives != "all" and neg.sum() == 0 and pos.sum() > 0:
+            raise BadInputError("no image without defect pixels: figures against normal images need some",
+                                fix="include normal images in the test set")
         n_def = int(pos.sum())
         if n_def == 0 or neg.sum() == 0:
             raise BadInputError(f"masks contain only {'defect' if n_def else 'normal'} pixels; pixel metrics need both",
@@ -513,15 +552,15 @@ class PixelStats:
         """`within_image_auroc` of the binned maps."""
         return mean_of(self.image_pixel_aurocs())
 
-    def pixel_auroc(self) -> float:
-        neg, pos = self._pooled()
+    def pixel_auroc(self, negatives: str = "all") -> float:
+        neg, pos = self._pooled(negatives)
         return float(_binned_auroc(neg[None], pos[None])[0])
 
-    def aupro(self, fpr_limit: float = 0.3) -> float:
+    def aupro(self, fpr_limit: float = 0.3, negatives: str = "all") -> float:
         """`aupro` with a threshold at every key that holds a pixel (keys taken as scores)."""
         if not 0 < fpr_limit <= 1:
             raise BadInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-        neg, pos = self._pooled()
+        neg, pos = self._pooled(negatives)
         rid, key, cnt = self._regions()
         size = np.bincount(rid, cnt)
         share = np.bincount(key, cnt / (size[rid] * size.size), minlength=neg.size)   # PRO weight per key
