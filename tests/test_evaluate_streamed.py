@@ -108,6 +108,32 @@ def test_subsets_per_label_per_group_and_unmasked_defects_match_the_exact_path()
     assert max(abs(everything[k] - figures[0][1][k]) for k in ("pixel_auroc", "aupro")) > TOL
 
 
+def test_figures_against_normal_images_take_the_normal_labels_not_the_empty_masks():
+    """A defective image whose mask is empty (4 on magnetic tile) counts its pixels as normal ones in the pooled
+    figures, as evaluate warns, but it is not a normal image: `pixel_auroc_vs_normal_images` and
+    `aupro_vs_normal_images` leave it out, on the exact and the streamed path alike; a normal label whose mask holds
+    a defect is neither."""
+    masks, maps = _set(5, n=12)
+    labels = np.array([0 if not m.any() else 1 for m in masks])
+    labels[2] = 1                      # an image with an empty mask, labelled defective
+    scores = np.array([a.max() for a in maps])
+    normal = labels == 0
+    want = (M.pixel_auroc(masks, maps, negatives=normal), M.aupro(masks, maps, negatives=normal))
+    assert want[0] != pytest.approx(M.pixel_auroc(masks, maps, negatives="normal_images"), abs=1e-6)
+    for res in ({"maps": maps, "masks": masks}, {"pixel_stats": _stats(masks, maps), "maps": None, "masks": None}):
+        out = _metrics(labels, scores, res, True)
+        assert out["pixel_auroc_vs_normal_images"] == pytest.approx(want[0], abs=TOL)
+        assert out["aupro_vs_normal_images"] == pytest.approx(want[1], abs=TOL)
+        lo, hi = out["aupro_vs_normal_images_interval"]
+        assert lo <= out["aupro_vs_normal_images"] + 0.01 and hi >= out["aupro_vs_normal_images"] - 0.01
+    odd = labels.copy()
+    odd[1] = 0                         # a "normal" image whose mask marks a defect: not a normal image either
+    out = _metrics(odd, scores, {"maps": maps, "masks": masks}, True)
+    assert out["pixel_auroc_vs_normal_images"] == pytest.approx(want[0], abs=1e-12)
+    only_defects = {"maps": [maps[i] for i in range(12) if labels[i]], "masks": [masks[i] for i in range(12) if labels[i]]}
+    assert "aupro_vs_normal_images" not in _metrics(labels[labels == 1], scores[labels == 1], only_defects, True)
+
+
 def test_sink_stays_exact_within_the_budget_and_keeps_no_map_past_it():
     masks, maps = _set(5, n=10)
     samples = [SimpleNamespace(i=i) for i in range(10)]

@@ -250,10 +250,21 @@ def test_figures_against_normal_images_leave_out_the_defective_images_other_pixe
         assert p == pytest.approx(M.aupro(rep_m, rep_a, negatives="normal_images"), abs=5e-3)
     sparse_h = M.normal_images_histograms(st.histograms())   # the streamed path's (sparse) histograms
     assert M.binned_pixel_figures(w[:1], sparse_h)[0][0] == pytest.approx(got, abs=5e-3)
-    with pytest.raises(BadInputError, match="no image without defect pixels"):
+    # one bool per image (evaluate's normal labels): a defective image with an empty mask is not a normal image
+    flags = clean.copy()
+    flags[3] = False
+    assert M.pixel_auroc(masks, maps, negatives=flags) == pytest.approx(roc_auc_score(
+        np.r_[np.ones(masks.sum()), np.zeros(maps[flags].size)], np.r_[maps[masks], maps[flags].ravel()]), abs=1e-12)
+    assert M.aupro(masks, maps, negatives=flags) != pytest.approx(ref, abs=1e-6)
+    assert st.aupro(negatives=flags) == pytest.approx(M.aupro(masks, maps, negatives=flags), abs=5e-3)
+    with pytest.raises(BadInputError, match="no normal image"):
         M.pixel_auroc(masks[[0, 2]], maps[[0, 2]], negatives="normal_images")
     with pytest.raises(BadInputError, match="negatives must be one of"):
         M.aupro(masks, maps, negatives="normals")
+    with pytest.raises(BadInputError, match="5 flags for 6 images"):
+        M.pixel_auroc(masks, maps, negatives=flags[:5])
+    with pytest.raises(BadInputError, match="an image marked normal has defect pixels"):
+        st.pixel_auroc(np.ones(6, bool))
 
 
 @pytest.mark.parametrize("seed", [9, 10])

@@ -577,9 +577,9 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
         out["image_ap"] = metrics.image_ap(labels, scores)
         out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
     if has_masks and res.get("pixel_stats") is not None:   # streamed: the maps were binned as they were scored
-        st = res["pixel_stats"]
+        st, normal = res["pixel_stats"], labels == 0
         if res.get("pixel_ok") is not None:
-            st = st.subset(np.flatnonzero(res["pixel_ok"]))
+            st, normal = st.subset(np.flatnonzero(res["pixel_ok"])), normal[np.asarray(res["pixel_ok"], bool)]
         if st.defect_pixels().any():
             out["pixel_auroc"], out["aupro"] = st.pixel_auroc(), st.aupro()
             h = st.histograms()
@@ -587,12 +587,15 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
             out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
             out["aupro_interval"] = metrics.interval(draws["aupro"])
             _within(out, st.within_image_auroc())
-            if not st.defect_pixels().all():   # some image has no defect pixel
-                _vs_normal_images(out, st.pixel_auroc("normal_images"), st.aupro(negatives="normal_images"), h, seed)
+            normal = normal & (st.defect_pixels() == 0)   # a normal label with a defect in its mask: neither
+            if normal.any():
+                _vs_normal_images(out, st.pixel_auroc(normal), st.aupro(negatives=normal), h, normal, seed)
     elif has_masks and res.get("maps") is not None:
         m, a = res["masks"], res["maps"]   # lists of 2-D arrays (tiled images may differ in size) or arrays
+        normal = labels == 0
         if res.get("pixel_ok") is not None:   # only normals and masked defects have known pixel labels
             m, a = [x for x, ok in zip(m, res["pixel_ok"]) if ok], [x for x, ok in zip(a, res["pixel_ok"]) if ok]
+            normal = normal[np.asarray(res["pixel_ok"], bool)]
         if any(np.any(x) for x in m):
             out["pixel_auroc"] = metrics.pixel_auroc(m, a)
             out["aupro"] = metrics.aupro(m, a)
@@ -601,17 +604,19 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
             out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
             out["aupro_interval"] = metrics.interval(draws["aupro"])
             _within(out, metrics.within_image_auroc(m, a))
-            if not all(np.any(x) for x in m):   # some image has no defect pixel
-                _vs_normal_images(out, metrics.pixel_auroc(m, a, negatives="normal_images"),
-                                  metrics.aupro(m, a, negatives="normal_images"), h, seed)
+            normal = normal & ~np.array([np.any(x) for x in m])   # a normal label with a defect in its mask
+            if normal.any():
+                _vs_normal_images(out, metrics.pixel_auroc(m, a, negatives=normal),
+                                  metrics.aupro(m, a, negatives=normal), h, normal, seed)
     return out
 
 
-def _vs_normal_images(out: dict, auroc: float, apro: float, h: dict, seed) -> None:
-    """``pixel_auroc_vs_normal_images`` / ``aupro_vs_normal_images`` and their intervals (`metrics.NORMAL_IMAGES_RULE`):
-    the pooled figures' other half beside ``within_image_auroc``, so a reader tells false alarms on good parts from
-    hot backgrounds of defective parts."""
-    draws = metrics.bootstrap_histograms(metrics.normal_images_histograms(h), seed=seed)
+def _vs_normal_images(out: dict, auroc: float, apro: float, h: dict, normal, seed) -> None:
+    """``pixel_auroc_vs_normal_images`` / ``aupro_vs_normal_images`` and their intervals (`metrics.NORMAL_IMAGES_RULE`;
+    ``normal``: each image's normal label): the pooled figures' other half beside ``within_image_auroc``, so a reader
+    tells false alarms on good parts from hot backgrounds of defective parts. A defective image whose mask is empty
+    is not a normal image here (the pooled figures count its pixels as normal ones, as `evaluate` warns)."""
+    draws = metrics.bootstrap_histograms(metrics.normal_images_histograms(h, normal), seed=seed)
     out["pixel_auroc_vs_normal_images"], out["aupro_vs_normal_images"] = auroc, apro
     out["pixel_auroc_vs_normal_images_interval"] = metrics.interval(draws["pixel_auroc"])
     out["aupro_vs_normal_images_interval"] = metrics.interval(draws["aupro"])

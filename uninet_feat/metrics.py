@@ -180,20 +180,36 @@ NORMAL_IMAGES_RULE = ("defect pixels against the pixels of the normal images alo
                       "pixels are left out (the pooled figure counts them as normal pixels too)")
 
 
-def _negatives(per, masks, negatives: str) -> np.ndarray:
-    """The flat bool selection of the pixels a figure counts as normal: every non-defect pixel (``all``, the
-    standard), or those of images without a defect pixel (``normal_images``). Why the second: on magnetic tile the
-    defective images' other pixels score well above the normal images' for every scorer (session 48), and the
-    pooled figure cannot tell that from false alarms on good parts."""
-    if negatives not in NEGATIVES:
-        raise BadInputError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    if negatives == "all":
-        return ~masks
-    sel = np.concatenate([np.full(np.size(m), not np.any(m)) for m in per])
-    if not sel.any():
-        raise BadInputError("no image without defect pixels: figures against normal images need some",
+def normal_image_flags(per, negatives) -> np.ndarray | None:
+    """Per image, whether its pixels are the normal class of a figure (`_negatives`); None for ``all``."""
+    if isinstance(negatives, str):
+        if negatives not in NEGATIVES:
+            raise BadInputError(f"negatives must be one of {NEGATIVES} or one bool per image, got {negatives!r}")
+        if negatives == "all":
+            return None
+        flags = np.array([not np.any(m) for m in per])
+    else:
+        flags = np.asarray(negatives, bool).ravel()
+        if flags.size != len(per):
+            raise BadInputError(f"negatives: {flags.size} flags for {len(per)} images", fix="one bool per image")
+        if any(np.any(m) for m, f in zip(per, flags) if f):
+            raise BadInputError("negatives: an image marked normal has defect pixels", fix="mark normal images only")
+    if not flags.any():
+        raise BadInputError("no normal image: figures against normal images need some",
                             fix="include normal images in the test set")
-    return sel
+    return flags
+
+
+def _negatives(per, masks, negatives) -> np.ndarray:
+    """The flat bool selection of the pixels a figure counts as normal: every non-defect pixel (``all``, the
+    standard), or the pixels of the normal images alone: ``normal_images`` (the images without a defect pixel) or
+    one bool per image (evaluate's normal labels: a defective image whose mask is empty is not a normal image). Why:
+    on magnetic tile the defective images' other pixels score well above the normal images' for the plain kNN and
+    UniNet alike (session 48), and the pooled figure cannot tell that from false alarms on good parts."""
+    flags = normal_image_flags(per, negatives)
+    if flags is None:
+        return ~masks
+    return np.concatenate([np.full(np.size(m), f) for m, f in zip(per, flags)])
 
 
 def pixel_auroc(masks, maps, chunk: int = 1 << 22, negatives: str = "all") -> float:
@@ -386,11 +402,13 @@ def bootstrap_histograms(h: dict, n_boot: int = 1000, seed=0, fpr_limit: float =
     return {"pixel_auroc": np.concatenate(aurocs), "aupro": np.concatenate(apros)}
 
 
-def normal_images_histograms(h: dict) -> dict:
-    """``h`` (`pixel_histograms` or `PixelStats.histograms`) with the defective images' normal counts removed: the
-    bootstrap of the figures against normal images alone (`NORMAL_IMAGES_RULE`)."""
+def normal_images_histograms(h: dict, flags=None) -> dict:
+    """``h`` (`pixel_histograms` or `PixelStats.histograms`) with the normal counts of the images that are not normal
+    removed (``flags``: one bool per image, default the images without a defect pixel): the bootstrap of the figures
+    against normal images alone (`NORMAL_IMAGES_RULE`)."""
     from scipy import sparse
-    keep = (np.asarray(h["pos"].sum(1)).ravel() == 0).astype(np.float64)
+    keep = (np.asarray(h["pos"].sum(1)).ravel() == 0) if flags is None else np.asarray(flags, bool).ravel()
+    keep = keep.astype(np.float64)
     neg = sparse.diags_array(keep) @ h["neg"] if sparse.issparse(h["neg"]) else h["neg"] * keep[:, None]
     return {**h, "neg": neg}
 
@@ -506,18 +524,14 @@ class PixelStats:
 
     def _pooled(self, negatives: str = "all") -> tuple[np.ndarray, np.ndarray]:
         """Normal and defect counts of all images per key, dense over the 2^bits keys (8 MB each at 20 bits);
-        ``negatives``: normal counts of every image, or of the images without a defect pixel (`_negatives`)."""
-        if negatives not in NEGATIVES:
-            raise BadInputError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+        ``negatives``: normal counts of every image, or of the normal images alone (`_negatives`)."""
+        flags = normal_image_flags([p is not None and p.any() for _, _, p, _, _ in self.images], negatives)
         neg, pos = np.zeros(1 << self.bits), np.zeros(1 << self.bits)
-        for keys, n, p, _, _ in self.images:   # keys are unique within an image: plain fancy-index adds
-            if negatives == "all" or p is None or not p.any():
+        for i, (keys, n, p, _, _) in enumerate(self.images):   # keys are unique within an image: fancy-index adds
+            if flags is None or flags[i]:
                 neg[keys] += n
             if p is not None:
                 pos[keys] += p
-        if negatives != "all" and neg.sum() == 0 and pos.sum() > 0:
-            raise BadInputError("no image without defect pixels: figures against normal images need some",
-                                fix="include normal images in the test set")
         n_def = int(pos.sum())
         if n_def == 0 or neg.sum() == 0:
             raise BadInputError(f"masks contain only {'defect' if n_def else 'normal'} pixels; pixel metrics need both",
