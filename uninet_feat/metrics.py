@@ -212,7 +212,7 @@ def _negatives(per, masks, negatives) -> np.ndarray:
     return np.concatenate([np.full(np.size(m), f) for m, f in zip(per, flags)])
 
 
-def pixel_auroc(masks, maps, chunk: int = 1 << 22, negatives: str = "all") -> float:
+def pixel_auroc(masks, maps, chunk: int = 1 << 22, negatives="all") -> float:
     """ROC AUC over all pixels of (N, H, W) masks and maps (or lists of 2-D ones of any sizes), exact, in
     O(n log n) and ~1 copy of memory. ``negatives``: which pixels are the normal class (`NEGATIVES`; `_negatives`).
 
@@ -284,7 +284,7 @@ def _area_to(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / limit)
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None, negatives: str = "all") -> float:
+def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None, negatives="all") -> float:
     """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit` (in [0, 1]).
 
     PRO(t) is the mean over ground-truth regions (8-connected components of each mask) of the
@@ -522,7 +522,7 @@ class PixelStats:
     def shapes(self) -> list:
         return [s for *_, s in self.images]
 
-    def _pooled(self, negatives: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    def _pooled(self, negatives="all") -> tuple[np.ndarray, np.ndarray]:
         """Normal and defect counts of all images per key, dense over the 2^bits keys (8 MB each at 20 bits);
         ``negatives``: normal counts of every image, or of the normal images alone (`_negatives`)."""
         flags = normal_image_flags([p is not None and p.any() for _, _, p, _, _ in self.images], negatives)
@@ -566,11 +566,11 @@ class PixelStats:
         """`within_image_auroc` of the binned maps."""
         return mean_of(self.image_pixel_aurocs())
 
-    def pixel_auroc(self, negatives: str = "all") -> float:
+    def pixel_auroc(self, negatives="all") -> float:
         neg, pos = self._pooled(negatives)
         return float(_binned_auroc(neg[None], pos[None])[0])
 
-    def aupro(self, fpr_limit: float = 0.3, negatives: str = "all") -> float:
+    def aupro(self, fpr_limit: float = 0.3, negatives="all") -> float:
         """`aupro` with a threshold at every key that holds a pixel (keys taken as scores)."""
         if not 0 < fpr_limit <= 1:
             raise BadInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
