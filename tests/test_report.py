@@ -234,6 +234,23 @@ def test_report_self_contained_with_metrics_charts_and_worst_cases(tmp_path):
     assert "<details>" in text and "&quot;epochs&quot;: 3" in text
 
 
+def test_report_names_the_figures_against_normal_images_overall_and_per_label(tmp_path):
+    """evaluate's `pixel_auroc_vs_normal_images` / `aupro_vs_normal_images` (session 48) are named in the report's
+    metrics, and per label where the labels have them: before, the per-label table left them out."""
+    per_label = {"crack": {"n": 3, "image_auroc": 0.97, "pixel_auroc": 0.9451, "pixel_auroc_vs_normal_images": 0.9675,
+                           "aupro_vs_normal_images": 0.8649},
+                 "hole": {"n": 3, "image_auroc": 0.95, "pixel_auroc": 0.9667}}
+    metrics = {**METRICS, "pixel_auroc_vs_normal_images": 0.965112, "aupro_vs_normal_images": 0.866045,
+               "aupro_vs_normal_images_interval": [0.8362, 0.8922], "per_label": per_label}
+    text = write_report(tmp_path / "r.html", metrics, _rows(), threshold=0.4).read_text()
+    top = text[text.index("<h3>All test images</h3>"):text.index("</table>", text.index("<h3>All test images</h3>"))]
+    assert "Pixel AUROC against normal images alone" in top and "0.9651" in top and "0.8660" in top
+    assert "AUPRO against normal images alone, 95 % interval" in top
+    lab = text[text.index("<h3>Per defect label"):]
+    lab = lab[:lab.index("</table>")]
+    assert "<th>Pixel AUROC against normal images alone</th>" in lab and "0.9675" in lab and "0.8649" in lab
+
+
 def test_report_single_class_no_overlays_no_threshold(tmp_path):
     rows = [r for r in _rows() if not r["is_defect"]]
     for r in rows:

@@ -51,7 +51,7 @@ _METRIC_NAMES = [
     ("mean_image_auroc_interval", "Mean image AUROC, 95 % interval"),
 ]
 _GROUP_KEYS = ["image_auroc", "image_auroc_interval", "pixel_auroc", "pixel_auroc_interval", "aupro", "aupro_interval",
-               "within_image_auroc", "image_ap", "f1_max"]
+               "within_image_auroc", "pixel_auroc_vs_normal_images", "aupro_vs_normal_images", "image_ap", "f1_max"]
 _SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect", "group_thresholds",
               "within_image_n"}
 
