@@ -337,7 +337,7 @@ def test_report_shows_the_knn_and_combined_scorers_with_their_own_thresholds(tmp
     several groups); the report showed WDM's alone."""
     sc = {"knn_features": "plain backbone",
           "knn": {"image_auroc": 0.9401, "pixel_auroc": 0.8502, "aupro": 0.7331, "within_image_auroc": 0.8614,
-                  "threshold": 1.2345,
+                  "pixel_auroc_vs_normal_images": 0.9685, "aupro_vs_normal_images": 0.9228, "threshold": 1.2345,
                   "at_threshold": {"recall_defect": 0.75, "false_positive_rate": 0.0312}},
           "combined": {"image_auroc": 0.9644, "threshold": None, "group_thresholds": {"plain": 2.5, "twill": 3.75},
                        "at_threshold": {"recall_defect": 0.8, "false_positive_rate": 0.05}}}
@@ -346,7 +346,7 @@ def test_report_shows_the_knn_and_combined_scorers_with_their_own_thresholds(tmp
     assert "Other scorers (plain backbone features)" in part
     knn = part[part.index("<th>knn</th>"):].split("</tr>")[0]
     assert [c for c in re.findall(r"<td class='num'>([^<]*)</td>", knn)] == [
-        "0.9401", "0.8502", "0.7331", "0.8614", "1.2345", "0.750", "0.031"]
+        "0.9401", "0.8502", "0.7331", "0.8614", "0.9685", "0.9228", "1.2345", "0.750", "0.031"]
     comb = part[part.index("<th>combined</th>"):].split("</tr>")[0]
     assert "plain 2.5000, twill 3.7500" in comb and "0.9644" in comb and "0.050" in comb
     assert "Other scorers" not in write_report(tmp_path / "w.html", METRICS, _rows()).read_text()

@@ -746,6 +746,7 @@ def print_report(report: dict) -> None:
                      f"its threshold {sc[name].get('threshold', float('nan')):.4g}")
             console.print(f"{name} ({sc['knn_features']} features): " + ", ".join(
                 f"{k} {sc[name][k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "within_image_auroc",
+                                                   "pixel_auroc_vs_normal_images", "aupro_vs_normal_images",
                                                    "image_ap", "f1_max")
                 if k in sc[name]) + (f"; at {where}: defect recall {fmt(at['recall_defect'])}, false-positive rate "
                                      f"{fmt(at['false_positive_rate'])}" if at else ""))

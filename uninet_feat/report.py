@@ -206,12 +206,14 @@ def _scorers_table(sc) -> str:
         by, at = v.get("group_thresholds"), v.get("at_threshold") or {}
         thr = (", ".join(f"{_esc(str(g))} {_fmt(t, 4)}" for g, t in by.items()) if by else
                _fmt(v.get("threshold"), 4) if v.get("threshold") is not None else "—")
-        cells = [_fmt(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "within_image_auroc")]
+        cells = [_fmt(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "within_image_auroc",
+                                          "pixel_auroc_vs_normal_images", "aupro_vs_normal_images")]
         cells += [thr, _fmt(at.get("recall_defect"), 3), _fmt(at.get("false_positive_rate"), 3)]
         trs.append(f"<tr><th>{name}</th>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
     if not trs:
         return ""
     head = "".join(f"<th>{h}</th>" for h in ("I-AUROC", "P-AUROC", "AUPRO", "P-AUROC within defective images",
+                                            "P-AUROC against normal images", "AUPRO against normal images",
                                             "threshold (validation normals)",
                                             "defect recall", "false-positive rate"))
     feats = f" ({_esc(str(sc['knn_features']))} features)" if sc.get("knn_features") else ""
