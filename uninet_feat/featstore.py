@@ -144,13 +144,19 @@ def file_stats(paths) -> dict:
     return out
 
 
-def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
-    """Shards on disk that hold an image whose file changed (size, mtime or ctime) since the store recorded it, named in a
-    warning. A store from before ``files`` was recorded cannot tell: taken as it is."""
+def _changed_files(old: dict, manifest: dict) -> set[str]:
+    """The image paths both manifests record whose file changed between them (size, mtime or ctime); none when
+    either has no ``files`` (a store from before they were recorded cannot tell)."""
     was, now = old.get("files"), manifest.get("files")
     if was is None or now is None:
         return set()
-    changed = {p for p, v in now.items() if p in was and not same_stamp(was[p], v)}
+    return {p for p, v in now.items() if p in was and not same_stamp(was[p], v)}
+
+
+def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
+    """Shards on disk that hold an image whose file changed (size, mtime or ctime) since the store recorded it, named in a
+    warning. A store from before ``files`` was recorded cannot tell: taken as it is."""
+    changed = _changed_files(old, manifest)
     if not changed:
         return set()
     size, hit = manifest["settings"]["shard_size"], {}
@@ -183,8 +189,7 @@ def _retiled(old: dict, manifest: dict) -> list[str]:
     if list(was) != list(now):
         return []
     changed = [p for p in now if was[p] != now[p]]
-    stamps = manifest.get("files") or {}
-    return changed if all(not same_stamp(old["files"].get(p), stamps.get(p)) for p in changed) else []
+    return changed if set(changed) <= _changed_files(old, manifest) else []
 
 
 def _resume_retiled(folder: Path, old: dict, manifest: dict, names: list[str], by_group: bool) -> set[int]:
@@ -199,14 +204,11 @@ def _resume_retiled(folder: Path, old: dict, manifest: dict, names: list[str], b
     moved = ("path", "tile", "group") if by_group else ("path", "tile")
     cut = next((j for j, (a, b) in enumerate(zip(was, now)) if any(a.get(k) != b.get(k) for k in moved)),
                min(len(was), len(now)))
-    stamps, changed = old.get("files") or {}, set()
-    for q, v in (manifest.get("files") or {}).items():
-        if not same_stamp(stamps.get(q), v):
-            changed.add(q)
+    changed = _changed_files(old, manifest)
     keep = {i for i in range(cut // size) if not any(it["path"] in changed for it in now[i * size:(i + 1) * size])}
-    found = list(folder.glob("shard-*.npz"))
+    found, kept = list(folder.glob("shard-*.npz")), {shard_name(i) for i in keep}
     for q in found:   # every other shard, also past either manifest's count
-        if q.name not in {shard_name(i) for i in keep}:
+        if q.name not in kept:
             q.unlink(missing_ok=True)
     (folder / "complete").unlink(missing_ok=True)
     # a kept shard is the old store's (or, after a kill part-way through this, already re-stamped)
