@@ -8,6 +8,8 @@
 # 3. the CUDA kernel benchmarks (pytest-benchmark: Triton vs torch) -> OUT_DIR/kernel_bench.json;
 # 4. training-step and inference timings (random inputs and weights) -> OUT_DIR/timings.jsonl.
 # Each step has its own time limit and the next runs whatever the last gave; all output goes to OUT_DIR/log.txt.
+# A shorter call (a re-run of what failed): STEPS=knn (gpu_check --steps), BENCH='cuda_levels' (pytest -k),
+# TIMINGS=0 (no step timings).
 set -u
 out=${1:-${OUT:-/tmp/gpu_session}}
 mkdir -p "$out"
@@ -28,7 +30,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "editable install failed"; exit 1; }
+# no editable install there: setuptools' develop step asks the (unreachable) index for build dependencies. The
+# checkout is taken from PYTHONPATH instead, with its two namespace folders linked where an install would put them.
+for d in kernels downstream; do [ -e "uninet_feat/$d" ] || ln -s "../$d" "uninet_feat/$d"; done
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import uninet_feat.kernels, uninet_feat.downstream" || { echo "uninet_feat not importable"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 gcc --version | head -1
 $PY - <<'PYEOF'
@@ -43,13 +49,14 @@ import torch
 print("CUDA", torch.version.cuda, torch.cuda.get_device_name(0), "cuDNN", torch.backends.cudnn.version())
 PYEOF
 
-step 360 $PY -m benchmarks.gpu_check --out /tmp/gpu_check --json "$out/gpu_check.json"
+step 360 $PY -m benchmarks.gpu_check --out /tmp/gpu_check --json "$out/gpu_check.json" \
+  --steps "${STEPS:-tests,train,evaluate,predict,knn}"
 step 150 env TRITON_INTERPRET=0 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_similarity.py \
-  benchmarks/test_bench_wdm.py -k cuda --benchmark-only --benchmark-json "$out/kernel_bench.json" \
+  benchmarks/test_bench_wdm.py -k "${BENCH:-cuda}" --benchmark-only --benchmark-json "$out/kernel_bench.json" \
   --benchmark-columns=min,median,max,rounds
 lite="--backbone tf_efficientnet_lite0 --weights random"
 wrn="--backbone wide_resnet50_2 --weights random"
-while read -r mod args; do
+[ "${TIMINGS:-1}" = 0 ] || while read -r mod args; do
   step 90 $PY -m "benchmarks.$mod" --device cuda $args | grep '^{' | tail -1 | tee -a "$out/timings.jsonl"
 done <<EOF2
 train_step $lite --image-size 256 --steps 20 --warmup 3 --kernels triton

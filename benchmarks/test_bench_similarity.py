@@ -44,3 +44,20 @@ def test_bench_cuda(benchmark, backend, dtype):
         step()
         torch.cuda.synchronize()
     benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=2)
+
+
+# UniNet's own level shapes at 256 px, batch 8: EfficientNet-Lite0's strides 4 / 8 / 16 (C = 24, 40, 112) and
+# WideResNet-50-2's first level (C = 256; its 512 and 1024 take the chunked path). The fp32 Triton dot is IEEE
+# (no TF32): the N=8 HW=4096 C=256 case above ran 4.8x slower than the naive matmul on an H200 (session 49).
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("backend", ["naive", "chunked", "triton"])
+@pytest.mark.parametrize("hw,c", [(4096, 24), (1024, 40), (256, 112), (4096, 256)],
+                         ids=["lite0-l1", "lite0-l2", "lite0-l3", "wrn50-l1"])
+def test_bench_cuda_levels(benchmark, backend, hw, c):
+    benchmark.group = f"similarity_lse cuda fp32 N=8 HW={hw} C={c} fwd+bwd"
+    step = _step(*_inputs(8, hw, c, "cuda"), backend)
+
+    def synced():
+        step()
+        torch.cuda.synchronize()
+    benchmark.pedantic(synced, rounds=10, iterations=1, warmup_rounds=2)
