@@ -19,7 +19,7 @@ import torch
 from benchmarks import _measure as M
 from uninet_feat.backbones import create_backbone
 from uninet_feat.config import DEFAULT_CONFIG
-from uninet_feat.kernels import resolve_backend
+from uninet_feat.kernels import similarity_backend
 from uninet_feat.model import UniNet
 from uninet_feat.model.uninet import DEFAULTS
 from uninet_feat.optim import make_optimizers
@@ -35,6 +35,14 @@ def build(args):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     return model, x
+
+
+def _level1_backend(model, x, kernels) -> str:
+    """The similarity_lse backend of the first level's loss: auto depends on its shape (the loss's rows are fp32)."""
+    with torch.no_grad():
+        t = model(x).teachers[0]
+    rows = torch.empty(t.shape[0], t.shape[2] * t.shape[3], t.shape[1], device=t.device)
+    return similarity_backend(rows, rows, kernels)
 
 
 def main(argv=None) -> dict:
@@ -67,7 +75,7 @@ def main(argv=None) -> dict:
     return M.emit({
         **M.train_step_report("train_step", step, args, rss_model, opt_s, opt_t),
         "config": {**{k: v for k, v in vars(args).items() if k not in ("steps",)},
-                   "kernels_resolved": resolve_backend(x, args.kernels), "threads": threads,
+                   "kernels_resolved": _level1_backend(model, x, args.kernels), "threads": threads,
                    "torch": torch.__version__},
     })
 

@@ -3,11 +3,11 @@
 Triton is imported lazily, only when the triton backend runs, so this package imports without it.
 """
 from ._dispatch import resolve_backend, triton_available
-from .similarity_lse import similarity_lse, similarity_lse_chunked, similarity_lse_naive
+from .similarity_lse import similarity_backend, similarity_lse, similarity_lse_chunked, similarity_lse_naive
 from .wdm import anomaly_map_wdm
 
 __all__ = [
     "resolve_backend", "triton_available",
-    "similarity_lse", "similarity_lse_chunked", "similarity_lse_naive",
+    "similarity_backend", "similarity_lse", "similarity_lse_chunked", "similarity_lse_naive",
     "anomaly_map_wdm",
 ]

@@ -26,6 +26,12 @@ import torch
 from ._dispatch import requested_backend, resolve_backend
 
 CHUNK_BYTES = 16 << 20  # logits per chunk; 8-32 MiB measured flat on CPU, smaller costs loop overhead
+# auto on a CUDA tensor in fp32 takes the naive form while its (N, HW, HW) logits stay within this many elements
+# (1 GiB; the backward holds about three such matrices). On an H200 (session 49, fwd+bwd, N=8) cuBLAS's fp32
+# matmul beat the Triton kernel's IEEE-fp32 dot at UniNet's level shapes: 0.46 / 0.36 / 6.9 ms against 1.04 / 1.24
+# / 33 ms at HW, C = 1024, 40 / 256, 112 / 4096, 256, and 3.4 against 3.2 ms at 4096, 24. Larger matrices keep
+# Triton (no logits held), and so do bf16 / fp16 inputs (1.7 ms against 7.0 ms naive at 4096, 256).
+NAIVE_MAX_ELEMENTS = 1 << 28
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,18 +153,29 @@ def _check(s_hat, t_hat, inv_t) -> None:
         raise ValueError(f"inv_t = 1/T must be finite and > 0, got {inv_t}")
 
 
+def similarity_backend(s_hat: torch.Tensor, t_hat: torch.Tensor, backend: str | None = None) -> str:
+    """The backend `similarity_lse` takes for these inputs before its Triton fallbacks: auto's Triton becomes
+    naive for fp32 logits within `NAIVE_MAX_ELEMENTS` (faster there); a named backend is kept."""
+    name = resolve_backend(s_hat, backend)
+    if (name == "triton" and requested_backend(backend) == "auto" and s_hat.dtype == torch.float32
+            and s_hat.shape[0] * s_hat.shape[1] * t_hat.shape[1] <= NAIVE_MAX_ELEMENTS):
+        return "naive"
+    return name
+
+
 def similarity_lse(s_hat: torch.Tensor, t_hat: torch.Tensor, inv_t: float, backend: str | None = None,
                    *, chunk: int | None = None) -> torch.Tensor:
     """lse[n, i] = logsumexp_j (s_hat[n, i] . t_hat[n, j]) * inv_t, differentiable in both inputs.
 
     s_hat, t_hat: (N, HW, C), rows L2-normalised by the caller. Returns (N, HW) fp32 (fp64 for fp64 input).
-    backend: 'naive' | 'torch'/'chunked' | 'triton' | 'auto' | None (env UNINET_KERNELS, then auto).
+    backend: 'naive' | 'torch'/'chunked' | 'triton' | 'auto' | None (env UNINET_KERNELS, then auto: chunked on
+    the CPU; on CUDA naive for fp32 logits within `NAIVE_MAX_ELEMENTS`, else Triton; `similarity_backend`).
     chunk: query rows per step for the chunked backend only.
     Triton handles C <= 256 (UniNet level 1, the memory hog) in fp32/bf16/fp16; wider C or fp64 (a gradcheck,
     an fp64 debug run on a GPU) falls back to chunked (with a warning when triton was forced).
     """
     _check(s_hat, t_hat, inv_t)
-    name = resolve_backend(s_hat, backend)
+    name = similarity_backend(s_hat, t_hat, backend)
     if name == "naive":
         return similarity_lse_naive(s_hat, t_hat, float(inv_t))
     if name == "chunked":

@@ -213,6 +213,38 @@ def test_dispatch(monkeypatch):
     assert resolve_backend(x, "triton") == "triton"
 
 
+def test_auto_on_cuda_takes_the_naive_form_for_fp32_logits_that_fit(monkeypatch):
+    """On an H200 the fp32 naive matmul beat the IEEE-fp32 Triton kernel at UniNet's level shapes (session 49):
+    auto takes it while the (N, HW, HW) logits fit NAIVE_MAX_ELEMENTS, and Triton past that or for bf16 / fp16.
+    A CUDA tensor is stood in for by resolving auto to Triton, as `resolve_backend` does for one."""
+    from uninet_feat.kernels import similarity_backend
+    mod = importlib.import_module("uninet_feat.kernels.similarity_lse")
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(mod, "resolve_backend", lambda x, b=None: "triton" if dispatch.requested_backend(b) in
+                        ("auto", "triton") else dispatch.requested_backend(b))
+    limit = mod.NAIVE_MAX_ELEMENTS
+    fits = torch.empty(8, 4096, 24, device="meta")                   # 8 * 4096^2 = 2^27 logits
+    assert 8 * 4096 ** 2 <= limit < 8 * 16384 ** 2
+    assert similarity_backend(fits, fits) == "naive"
+    assert similarity_backend(fits, fits, "triton") == "triton"     # a named backend is kept
+    big = torch.empty(8, 16384, 24, device="meta")                   # 512 px at stride 4: 8.6 GB of logits
+    assert similarity_backend(big, big) == "triton"
+    assert similarity_backend(fits, big) == "triton"                  # 8 * 4096 * 16384 = 2^29 logits
+    assert similarity_backend(fits.to(torch.bfloat16), fits.to(torch.bfloat16)) == "triton"
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")                    # the env names it: kept too
+    assert similarity_backend(fits, fits) == "triton"
+    monkeypatch.setattr(mod, "NAIVE_MAX_ELEMENTS", 0)
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    assert similarity_backend(fits, fits) == "triton"
+    # and similarity_lse follows it: the naive form's result, on CPU tensors standing in
+    calls = []
+    monkeypatch.setattr(mod, "NAIVE_MAX_ELEMENTS", limit)
+    monkeypatch.setattr(mod, "similarity_lse_naive", lambda s, t, inv_t: calls.append("naive") or s.sum(-1))
+    s = F.normalize(torch.randn(2, 16, 8), dim=-1)
+    mod.similarity_lse(s, s, 2.0)
+    assert calls == ["naive"]
+
+
 def test_bad_inputs():
     s = torch.zeros(1, 4, 3)
     with pytest.raises(ValueError, match="equal shapes"):
