@@ -316,3 +316,34 @@ def test_loose_images_in_an_mvtec_category_folder_are_named(tmp_path, write_imag
                                          r"\(move them into bottle/train/good/"):
         s = discover(tmp_path)
     assert len(s) == 4 and "extra.png" not in {x.path.name for x in s}
+
+
+def test_each_group_draws_its_own_validation_share_and_older_runs_keep_one_draw(tmp_path, write_image):
+    """val_split: group (new runs since session 49) draws val_fraction of each group's training normals; with one
+    draw over all (data, drawn) a multi-class run left AITEX's fabric_00 2 of 17 validation strips. A one-group run
+    draws what `data` drew, so one-class runs keep their split; a run recorded with data or drawn keeps its own."""
+    from uninet_feat.data.layouts import split_train_val
+    sizes = {"big": 40, "mid": 12, "small": 5}
+    for cat, n in sizes.items():
+        for i in range(n):
+            write_image(f"{cat}/train/good/{i}.png")
+        write_image(f"{cat}/test/crack/c.png")
+    samples = discover(tmp_path)
+    cfg = {**_cfg(tmp_path), "val_fraction": 0.25}
+    assert cfg["val_split"] == "group"                      # the default of new runs
+    fit, val = train_val_samples(samples, cfg)
+    per = {g: sum(x.group == g for x in val) for g in sizes}
+    assert per == {"big": 10, "mid": 3, "small": 1}          # round(0.25 n), at least one, at least one left to fit
+    assert len(fit) + len(val) == sum(sizes.values()) and not {id(x) for x in fit} & {id(x) for x in val}
+    assert all(x.split == "train" and x.is_normal for x in val)
+    again = train_val_samples(discover(tmp_path), cfg)[1]     # seeded: the same images every time
+    assert sorted(str(x.path) for x in again) == sorted(str(x.path) for x in val)
+    for old in ("data", "drawn"):                          # one draw over all groups' normals, as those runs drew
+        normals = [x for x in samples if x.split == "train" and x.is_normal]
+        want = split_train_val(normals, 0.25, cfg["seed"])[1]
+        got = train_val_samples(samples, {**cfg, "val_split": old})[1]
+        assert sorted(str(x.path) for x in got) == sorted(str(x.path) for x in want)
+        assert sum(x.group == "small" for x in got) != 1 or sum(x.group == "big" for x in got) != 10
+    one = [x for x in samples if x.group == "mid"]           # a one-group run: the split `data` drew
+    assert ({str(x.path) for x in train_val_samples(one, cfg)[1]}
+            == {str(x.path) for x in train_val_samples(one, {**cfg, "val_split": "data"})[1]})

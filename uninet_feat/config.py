@@ -36,10 +36,11 @@ DEFAULT_CONFIG: dict = {
     # below --data, the same however --data is spelled; a run config without the key is older and used
     # "path" (the path as typed), which its evaluate/calibrate keep so its split does not change
     "split_hash": "relative",
-    # the validation normals (runs._validation_split): "data" = a group's normals in the data's own validation
-    # split (validation/, `val` rows) where it has one, else a drawn val_fraction of its training normals; "drawn"
-    # = always drawn, what a run config without the key (before session 34) did, which its commands keep
-    "val_split": "data",
+    # the validation normals (runs._validation_split): "group" = a group's normals in the data's own validation
+    # split (validation/, `val` rows) where it has one, else a drawn val_fraction of that group's training normals;
+    # "data" (sessions 34-48) = the same, but the groups without their own split share one draw; "drawn" = always
+    # one draw over all groups, what a run config without the key (before session 34) did. A run keeps its own
+    "val_split": "group",
     # model selection without labels (selection.py): "last" = fixed schedule; "synthetic" = the epoch
     # whose model best separates the validation normals from synthetic defects made from them
     "select": "last", "val_every": 1, "synthetic_copies": 2,

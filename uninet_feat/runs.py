@@ -177,22 +177,24 @@ def check_split(ckpt: dict, fit, val, root=None, where=None) -> None:
                         fix="restore the data folder as it was, or train a new run with a new --out")
 
 
-VAL_SPLITS = ("data", "drawn")
+VAL_SPLITS = ("group", "data", "drawn")
 
 
 def _validation_split(samples, normals: list, cfg: dict):
-    """(fit, val) of the training ``normals``. ``val_split: data`` (new runs): a group with normals in the data's
-    own validation split (``validation/``, ``val`` rows) takes those, and trains on all its training normals;
-    the other groups' training normals together give one seeded ``val_fraction`` draw, as ``drawn`` does over all
-    (what a run's config without the key meant: runs trained before session 34 keep their split). One draw, not
-    one per group: a small group may get few or none (`thresholds.thresholds_by_group` then keeps one pooled
-    threshold, warned)."""
+    """(fit, val) of the training ``normals``. A group with normals in the data's own validation split
+    (``validation/``, ``val`` rows) takes those, and trains on all its training normals (``val_split`` group and
+    data). ``group`` (new runs since session 49): each other group draws its own seeded ``val_fraction`` share, so
+    every group of a multi-class run gets its share (with one draw over all, AITEX's fabric_00 got 2 of 17
+    validation strips), and a one-group run's split is the one ``data`` drew. ``data`` (sessions 34-48) gives the
+    other groups one draw together, as ``drawn`` does over all (a run's config without the key: runs trained before
+    session 34); each run keeps the split it trained with."""
     from .data.layouts import split_train_val
     how = cfg.get("val_split") or "drawn"
     if how not in VAL_SPLITS:
         raise BadInputError(f"val_split {how!r} is not one of {list(VAL_SPLITS)}", path=cfg.get("data"),
-                            fix="use val_split: data (the data's own validation split where it has one) or drawn")
-    given = [s for s in samples if s.split == "val"] if how == "data" else []
+                            fix="use val_split: group (the data's own validation split where a group has one, else a "
+                                "draw per group), data or drawn")
+    given = [s for s in samples if s.split == "val"] if how in ("group", "data") else []
     if given and not cfg["val_fraction"]:
         warnings.warn(f"val_fraction is 0, so the data's {len(given)} validation image(s) are not used")
         return normals, []
@@ -203,7 +205,10 @@ def _validation_split(samples, normals: list, cfg: dict):
                                                 "normals") + " (fix: move them to the test split to have them scored)")
     covered = {s.group for s in own}
     rest = [s for s in normals if s.group not in covered]
-    drawn = split_train_val(rest, cfg["val_fraction"], cfg["seed"])[1] if cfg["val_fraction"] and rest else []
+    pools = ([[s for s in rest if s.group == g] for g in sorted({s.group for s in rest}, key=str)]
+             if how == "group" else [rest])
+    drawn = [s for pool in pools if cfg["val_fraction"] and pool
+             for s in split_train_val(pool, cfg["val_fraction"], cfg["seed"])[1]]
     out = {id(s) for s in drawn}
     return [s for s in normals if id(s) not in out], own + drawn
 

@@ -38,7 +38,7 @@ def few_normals_warning(n: int, val_fraction: float | None = None, given: str | 
     Why: with n normals the 0.99 quantile is (about) their highest score, and a new normal like them scores
     above it with probability `pass_chance(n)`, at least 1/(n+1) — 50 % for one validation strip, which is what a 10 %
     split of an AITEX fabric's 14 training strips leaves (measured: fabric_03's run flagged all 6 test normals).
-    ``from_data``: the normals are the data's own validation split (``val_split: data``), which no
+    ``from_data``: the normals are the data's own validation split (``val_split`` group or data), which no
     ``--val-fraction`` changes: the fix is more images there.
     ``val_fraction``: the run's held-out share, when known, so that the fix names a larger one (or more images)
     instead of one the run may already use; ``given``: the folder of normals the run is calibrated on instead
@@ -157,7 +157,7 @@ def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None
                         run=None) -> dict | None:
     """{group: threshold} from the validation normals' ``scores`` (any score: WDM, kNN, combined), each of group
     ``groups[i]``; ``trained``: the groups the run trained on (one without a single validation normal counts as one
-    of 0: the split is not made per group, so a small group can be left none). None for fewer than two groups, or a
+    of 0: a run split by ``val_split`` data or drawn, one draw over all groups, can leave a small group none). None for fewer than two groups, or a
     group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``; ``run``:
     the run the warning names, when one command resolves several runs' thresholds).
 
