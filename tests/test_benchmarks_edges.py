@@ -215,3 +215,33 @@ def test_extract_throughput_synthetic_data_is_made_once_and_removed(tmp_path, mo
     assert [r["n_images"] for r in out["runs"].values()] == [2, 3]
     assert len(made) == 1                  # one synthetic set for both counts
     assert list(scratch.iterdir()) == []   # and nothing left behind
+
+
+# --- gpu_check: its verdicts -----------------------------------------------------------------------------------
+
+def test_gpu_check_fails_a_difference_past_its_limit_or_a_missing_side_and_goes_on_after_a_failed_command(
+        tmp_path, capsys):
+    """The device machine is lent minutes at a time: a verdict that passed a wrong figure, or a failed command that
+    stopped the later steps (as the first session-49 call's refused `index --device cuda` would have), costs a lease."""
+    import sys
+    from benchmarks.gpu_check import Checks, _scores
+    c = Checks()
+    a = {"x.png": 1.0, "y.png": 2.0}
+    assert c.close("near", a, {"x.png": 1.0 + 5e-4, "y.png": 2.0}, 1e-3) == pytest.approx(5e-4)
+    assert c.fails == []
+    c.close("far", a, {"x.png": 1.0, "y.png": 2.01}, 1e-3)
+    c.close("one image fewer", a, {"x.png": 1.0}, 1e-3)
+    c.close("missing", a, None, 1e-3)
+    assert c.fails == ["far", "one image fewer", "missing"]
+    c.close("printed only", a, {"x.png": 9.0, "y.png": 2.0}, None)   # not checked: printed, never a failure
+    c.close("printed, missing", None, a, None)
+    assert c.fails == ["far", "one image fewer", "missing"] and c.figures["printed only"] == pytest.approx(8.0)
+    assert "not checked" in capsys.readouterr().out
+    assert not c.run("a failing command", [sys.executable, "-c", "raise SystemExit(3)"])
+    assert c.run("a command after it", [sys.executable, "-c", "pass"])
+    assert c.fails[-1] == "a failing command" and set(c.figures["seconds"]) == {"a failing command",
+                                                                              "a command after it"}
+    p = tmp_path / "p.csv"
+    p.write_text("path,wdm_score,knn_score\nx.png,1.5,0.25\n")
+    assert _scores(p) == {"x.png": 1.5} and _scores(p, "knn_score") == {"x.png": 0.25}
+    assert _scores(tmp_path / "none.csv") is None
