@@ -38,10 +38,10 @@ def build(args):
 
 
 def _level1_backend(model, x, kernels) -> str:
-    """The similarity_lse backend of the first level's loss: auto depends on its shape (the loss's rows are fp32)."""
-    with torch.no_grad():
-        t = model(x).teachers[0]
-    rows = torch.empty(t.shape[0], t.shape[2] * t.shape[3], t.shape[1], device=t.device)
+    """The similarity_lse backend of the first level's loss: auto depends on its shape (the loss's rows are fp32),
+    known from the model's channels and strides without a forward pass."""
+    hw = -(-x.shape[2] // model.strides[0]) * -(-x.shape[3] // model.strides[0])
+    rows = torch.empty(x.shape[0], hw, model.channels[0], device=x.device)
     return similarity_backend(rows, rows, kernels)
 
 

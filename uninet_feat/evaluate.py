@@ -576,10 +576,10 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
         out["image_auroc_interval"] = metrics.interval(metrics.image_auroc_bootstrap(labels, scores, seed=seed))
         out["image_ap"] = metrics.image_ap(labels, scores)
         out["f1_max"] = float(metrics.f1_max(labels, scores)[0])
+    ok = res.get("pixel_ok")   # only normals and masked defects have known pixel labels
+    normal = labels == 0 if ok is None else (labels == 0)[np.asarray(ok, bool)]
     if has_masks and res.get("pixel_stats") is not None:   # streamed: the maps were binned as they were scored
-        st, normal = res["pixel_stats"], labels == 0
-        if res.get("pixel_ok") is not None:
-            st, normal = st.subset(np.flatnonzero(res["pixel_ok"])), normal[np.asarray(res["pixel_ok"], bool)]
+        st = res["pixel_stats"] if ok is None else res["pixel_stats"].subset(np.flatnonzero(ok))
         if st.defect_pixels().any():
             out["pixel_auroc"], out["aupro"] = st.pixel_auroc(), st.aupro()
             h = st.histograms()
@@ -592,10 +592,8 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
                 _vs_normal_images(out, st.pixel_auroc(normal), st.aupro(negatives=normal), h, normal, seed)
     elif has_masks and res.get("maps") is not None:
         m, a = res["masks"], res["maps"]   # lists of 2-D arrays (tiled images may differ in size) or arrays
-        normal = labels == 0
-        if res.get("pixel_ok") is not None:   # only normals and masked defects have known pixel labels
-            m, a = [x for x, ok in zip(m, res["pixel_ok"]) if ok], [x for x, ok in zip(a, res["pixel_ok"]) if ok]
-            normal = normal[np.asarray(res["pixel_ok"], bool)]
+        if ok is not None:
+            m, a = [x for x, k in zip(m, ok) if k], [x for x, k in zip(a, ok) if k]
         if any(np.any(x) for x in m):
             out["pixel_auroc"] = metrics.pixel_auroc(m, a)
             out["aupro"] = metrics.aupro(m, a)
