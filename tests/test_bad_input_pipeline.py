@@ -103,6 +103,50 @@ def test_nan_input_stops_training_with_a_message(tmp_path):
         train(cfg, tmp_path / "run", quiet=True)
 
 
+def test_epoch_meter_keeps_the_float_sums_of_before_and_the_first_nonfinite_loss():
+    from uninet_feat.train import _EpochMeter
+    g = torch.Generator().manual_seed(0)
+    steps = [{"loss": torch.rand((), generator=g) * 7, "cos": torch.rand((), generator=g), "margin_abnormal": 0.0}
+             for _ in range(9)]
+    meter = _EpochMeter()
+    for i, terms in enumerate(steps):
+        meter.add(terms, i)
+    assert meter.bad() is None
+    for k in steps[0]:   # the log's means of before: Python floats summed in step order, to the last bit
+        expect = 0.0
+        for terms in steps:
+            expect += float(terms[k])
+        assert meter.means(9)[k] == expect / 9
+    meter.add({"loss": torch.tensor(float("inf"))}, 9)
+    meter.add({"loss": torch.tensor(float("nan"))}, 10)
+    assert meter.bad() == (9, float("inf"))   # the earliest bad step, not the last
+
+
+def test_a_nonfinite_loss_seen_late_stops_before_its_epoch_is_saved(tmp_path, monkeypatch):
+    """On a GPU the loss is looked at every CHECK_EVERY steps, not each step: a NaN is still named with its epoch and
+    step, and the run keeps the last good epoch's checkpoint (forced here on the CPU)."""
+    import uninet_feat.train as train_mod
+    monkeypatch.setattr(train_mod, "_check_every", lambda device: train_mod.CHECK_EVERY)
+    real, calls = UniNet.loss, []
+
+    def loss(self, *a, **kw):
+        terms = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 6:   # epoch 2, step 2 (4 steps an epoch)
+            terms = {**terms, "loss": terms["loss"] * float("nan")}
+        return terms
+    monkeypatch.setattr(UniNet, "loss", loss)
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 3, "batch_size": 2, "channels_last": False,
+                                                       "val_fraction": 0.0})
+    with pytest.raises(BadInputError, match=r"loss became nan at epoch 2 \(step 2\)"):
+        train_mod.train(cfg, tmp_path / "run", quiet=True)
+    assert len(calls) == 8   # the epoch ran out before the look (4 steps < CHECK_EVERY)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 1
+
+
 def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
     from uninet_feat.train import train
     data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)

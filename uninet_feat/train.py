@@ -230,7 +230,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             else:
                 loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=gen,
                                                      drop_last=drop_last)
-            t0, sums, n = time.time(), {}, 0
+            t0, meter, n, every = time.time(), _EpochMeter(), 0, _check_every(device)
             for batch, x, clean, clean_index in _edited(loader, damage, cfg, epoch, dd.rank, _edits_ahead(device)):
                 labels = batch["label"] if cfg.get("supervised") else None
                 masks = batch["mask"] if cfg.get("supervised") else None
@@ -245,9 +245,9 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                     terms = model.loss(model(x, clean, clean_index), labels, masks, hm)
                     local_loss = terms["loss"]
                 loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise BadInputError(f"loss became {loss.item()} at epoch {epoch + 1}", path=out,
-                                        fix="check the inputs for NaN/Inf or lower --lr")
+                meter.add(terms, n)
+                if n % every == every - 1:
+                    _stop_if_nonfinite(meter, epoch, out)
                 opt_s.zero_grad(set_to_none=True)
                 opt_t.zero_grad(set_to_none=True)
                 with model.backward_guard():   # BN statistics not updated twice under checkpointing
@@ -255,11 +255,11 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                 opt_s.step()
                 opt_t.step()
                 n += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-                prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg['epochs']} loss {loss.item():.4f}")
-            rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n,
-                   **{k: v / max(n, 1) for k, v in sums.items()}}
+                info = {} if quiet or n % every else {"info": f"epoch {epoch + 1}/{cfg['epochs']} loss "
+                                                                     f"{meter.means(n)['loss']:.4f}"}
+                prog.update(task, advance=1, **info)
+            _stop_if_nonfinite(meter, epoch, out)
+            rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n, **meter.means(n)}
             improved = False
             if synth is not None and _validates(epoch + 1, cfg):   # a line above the bar: its info is overwritten
                 best, improved = _validate(synth, model, cfg, rec, best, None if quiet else prog.console.print)
@@ -305,6 +305,52 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                       image_score=image_score)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
+
+
+# Steps between the host's looks at the loss on a GPU (its finiteness, the progress bar's running mean; every step
+# on the CPU, where a look is free). Why: a look is a host-device sync, and one each step (the loss's finiteness,
+# five float() of the terms, the bar's loss.item()) left the GPU idle while the host queued the next step.
+CHECK_EVERY = 25
+
+
+def _check_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else CHECK_EVERY
+
+
+class _EpochMeter:
+    """Running sums of an epoch's loss terms, kept where the terms are (float64, so the epoch means are the Python
+    float sums of before, in the same order), and the first non-finite loss; read only when asked."""
+
+    def __init__(self):
+        self.sums, self.first, self.first_value = {}, None, None
+
+    def add(self, terms: dict, step: int) -> None:
+        for k, v in terms.items():
+            v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
+            self.sums[k] = v if k not in self.sums else self.sums[k] + v.to(self.sums[k].device)
+        loss = terms["loss"].detach()
+        if self.first is None:
+            self.first, self.first_value = torch.full_like(loss, -1, dtype=torch.int64), torch.zeros_like(loss)
+        keep = ~torch.isfinite(loss) & (self.first < 0)   # the earliest bad step is kept
+        self.first = torch.where(keep, step, self.first)
+        self.first_value = torch.where(keep, loss, self.first_value)
+
+    def bad(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss, or None (a host-device sync)."""
+        if self.first is None or int(self.first) < 0:
+            return None
+        return int(self.first), float(self.first_value)
+
+    def means(self, n: int) -> dict:
+        """Each term's mean over the epoch's first ``n`` steps (a host-device sync)."""
+        return {k: float(v) / max(n, 1) for k, v in self.sums.items()}
+
+
+def _stop_if_nonfinite(meter: _EpochMeter, epoch: int, out: Path) -> None:
+    bad = meter.bad()
+    if bad is not None:   # raised before this epoch's checkpoint: the last one saved is the last good epoch
+        raise BadInputError(f"loss became {bad[1]} at epoch {epoch + 1} (step {bad[0] + 1})", path=out,
+                            fix="check the inputs for NaN/Inf or lower --lr")
 
 
 # Where the denoising edits of the next batch are drawn while the current step runs: "gpu" (a GPU device), "always"
