@@ -59,6 +59,8 @@ wrn="--backbone wide_resnet50_2 --weights random"
 [ "${TIMINGS:-1}" = 0 ] || while read -r mod args; do
   step 90 $PY -m "benchmarks.$mod" --device cuda $args | grep '^{' | tail -1 | tee -a "$out/timings.jsonl"
 done <<EOF2
+train_step --config configs/magnetic_tile.yaml --image-size 256 --steps 20 --warmup 3 --threads 12
+train_step --config configs/magnetic_tile.yaml --steps 20 --warmup 3 --threads 12
 train_step $lite --image-size 256 --steps 20 --warmup 3 --kernels triton
 train_step $lite --image-size 256 --steps 20 --warmup 3 --kernels chunked
 train_step $lite --image-size 256 --steps 20 --warmup 3 --kernels triton --dtype bf16

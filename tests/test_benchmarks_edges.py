@@ -51,6 +51,29 @@ def test_train_step_dfs_learned_adds_the_dfs_thetas_and_is_recorded(capsys):
     assert res["config"]["dfs"] == "learned" and res["trainable_params"] == n_on
 
 
+def test_train_step_with_a_config_times_its_model_and_its_denoising_step(tmp_path, capsys):
+    """--config builds the model train builds (width, border pad) and runs the denoising step (the clean rows through
+    the teachers too); the edits are timed apart; a flag given beside it wins."""
+    from benchmarks import _measure as M
+    from benchmarks import train_step
+    from uninet_feat.config import load_config
+    from uninet_feat.optim import make_optimizers
+    from uninet_feat.runs import make_model
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("backbone: tiny\nweights: random\nimage_size: 64\nbatch_size: 3\nwidth: 2\nborder_pad: 16\n"
+                        "denoise: 1.0\nchannels_last: false\n")
+    res = train_step.main(["--config", str(cfg_path), "--steps", "2", "--warmup", "0"])
+    want = M.param_counts(*make_optimizers(make_model(load_config(cfg_path)), load_config(cfg_path)))
+    bare = train_step.main(["--backbone", "tiny", "--image-size", "64", "--batch-size", "3", "--steps", "1",
+                            "--warmup", "0"])
+    assert res["trainable_params"] == want != bare["trainable_params"]   # the config's width, not the bare model's
+    c = res["config"]
+    assert (c["image_size"], c["batch_size"], c["width"], c["border_pad"], c["denoise"]) == (64, 3, 2, 16, 1.0)
+    assert res["damaged_rows"] == 3 and res["edits_median_s"] > 0 and "edits_median_s" not in bare
+    assert train_step.main(["--config", str(cfg_path), "--image-size", "32", "--steps", "1",
+                            "--warmup", "0"])["config"]["image_size"] == 32
+
+
 def test_official_compare_runs_our_side_with_learned_dfs(tmp_path, monkeypatch, capsys):
     from benchmarks import official_compare
     (tmp_path / "UniNet_lib").mkdir()
