@@ -6,7 +6,8 @@
 #    this checkout goes on PYTHONPATH with kernels/ and downstream/ linked under uninet_feat/; versions are printed;
 # 2. benchmarks/gpu_check.py (device parity, GPU training, kNN path) -> OUT_DIR/gpu_check.json;
 # 3. the CUDA kernel benchmarks (pytest-benchmark: Triton vs torch) -> OUT_DIR/kernel_bench.json;
-# 4. training-step and inference timings (random inputs and weights) -> OUT_DIR/timings.jsonl.
+# 4. training epochs with the denoising edits in a thread and in processes (EDITS=0: not), then training-step and
+#    inference timings (random inputs and weights) -> OUT_DIR/timings.jsonl.
 # Each step has its own time limit and the next runs whatever the last gave; all output goes to OUT_DIR/log.txt.
 # A shorter call (a re-run of what failed): STEPS=knn (gpu_check --steps), BENCH='cuda_levels' (pytest -k),
 # TIMINGS=0 (no step timings).
@@ -54,6 +55,18 @@ step 360 $PY -m benchmarks.gpu_check --out /tmp/gpu_check --json "$out/gpu_check
 step 150 env TRITON_INTERPRET=0 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_similarity.py \
   benchmarks/test_bench_wdm.py -k "${BENCH:-cuda}" --benchmark-only --benchmark-json "$out/kernel_bench.json" \
   --benchmark-columns=min,median,max,rounds
+# 4. where the denoising edits are drawn (env UNINET_EDITS): 2 epochs of magnetic tile's model options at 256 px on
+#    400 synthetic twill images, a thread against spawned processes; each epoch's seconds -> timings.jsonl
+if [ "${EDITS:-1}" != 0 ]; then
+  step 60 $PY -m uninet_feat.data.synthetic --out /tmp/edits_data --weaves twill --n-train 400 --n-test-good 2 \
+    --n-test-defect 2 >/dev/null
+  for m in thread processes; do
+    step 150 env UNINET_EDITS=$m $PY -m uninet_feat train --data /tmp/edits_data/twill --weights random --image-size 256 \
+      --epochs 2 --denoise 1.0 --width 4 --border-pad 16 --device cuda --quiet --out "/tmp/edits_$m" >/dev/null
+    $PY -c "import json, sys; print(json.dumps({'benchmark': 'train_epochs', 'edits': sys.argv[1], 'seconds': [json.loads(l)['seconds'] for l in open(sys.argv[2])]}))" \
+      "$m" "/tmp/edits_$m/train_log.jsonl" | tee -a "$out/timings.jsonl"
+  done
+fi
 lite="--backbone tf_efficientnet_lite0 --weights random"
 wrn="--backbone wide_resnet50_2 --weights random"
 [ "${TIMINGS:-1}" = 0 ] || while read -r mod args; do

@@ -1,5 +1,6 @@
 """The denoising student (`uninet_feat.denoise`): damaged inputs, clean targets, reproducible training."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -155,31 +156,46 @@ def test_label_free_choices_on_the_kinds_the_student_learns_to_undo_are_warned_a
     assert not [w for w in seen if "denoising student is trained on" in str(w.message)]
 
 
-def test_edits_drawn_a_batch_ahead_in_a_thread_train_the_same_model(tmp_path, monkeypatch):
-    """On a GPU the next batch's denoising edits are drawn in a thread while the step runs (`train.EDITS_AHEAD`):
-    122 ms of CPU edits a batch at 256 px against a 35 ms H200 step (session 49). The batches must be the same, so
-    the model is: forced here on the CPU, every weight equals the in-place run's, and the edits did run elsewhere."""
+def test_edits_drawn_ahead_in_a_thread_or_in_processes_train_the_same_model(tmp_path, monkeypatch):
+    """The denoising edits may be drawn in place, a batch ahead in a thread, or batches ahead in spawned processes
+    (env UNINET_EDITS; on an H200 the thread hid little of them, session 50). The batches must be the same, so the
+    model is: every weight equals the in-place run's, and the edits did run elsewhere (the thread's name; none in
+    this process for the processes)."""
     import threading
-    from uninet_feat import train as train_mod
     from uninet_feat.checkpoint import read_checkpoint
     from uninet_feat.cli import main
     register_tiny()
     write_texture_set(tmp_path / "tex", n_train=12)
     args = tiny_train_args(tmp_path / "tex") + ["--epochs", "2", "--denoise", "0.5"]
-    where, steps, real = set(), [], Damager.__call__
+    where, real = {}, Damager.__call__
 
     def spy(self, x, epoch, step, *a, **k):
-        where.add(threading.current_thread().name)
-        steps.append((epoch, step))
+        where.setdefault(os.environ["UNINET_EDITS"], []).append((threading.current_thread().name, epoch, step))
         return real(self, x, epoch, step, *a, **k)
     monkeypatch.setattr(Damager, "__call__", spy)
-    for mode in ("never", "always"):
-        monkeypatch.setattr(train_mod, "EDITS_AHEAD", mode)
-        main(args + ["--out", str(tmp_path / mode)])
-    assert any(w.startswith("uninet-edits") for w in where) and threading.current_thread().name in where
-    half = len(steps) // 2
-    assert steps[:half] == steps[half:] == [(e, s) for e in range(2) for s in range(half // 2)]
-    sd = {m: read_checkpoint(tmp_path / m / "model.pt")["state_dict"] for m in ("never", "always")}
-    assert all(torch.equal(sd["never"][k], sd["always"][k]) for k in sd["never"])
-    monkeypatch.setattr(train_mod, "EDITS_AHEAD", "gpu")   # the default: ahead on a GPU only
-    assert train_mod._edits_ahead(torch.device("cuda", 0)) and not train_mod._edits_ahead(torch.device("cpu"))
+    modes = ("inplace", "thread", "processes:2")
+    for mode in modes:
+        monkeypatch.setenv("UNINET_EDITS", mode)
+        main(args + ["--out", str(tmp_path / mode.replace(":", "_"))])
+    main_thread = threading.current_thread().name
+    assert {w for w, _, _ in where["inplace"]} == {main_thread}
+    assert {w for w, _, _ in where["thread"]} == {"uninet-edits_0"}
+    assert [s for _, *s in where["thread"]] == [s for _, *s in where["inplace"]]
+    assert "processes:2" not in where   # drawn in the workers, which this spy does not reach
+    sd = {m: read_checkpoint(tmp_path / m.replace(":", "_") / "model.pt")["state_dict"] for m in modes}
+    for m in modes[1:]:
+        assert all(torch.equal(sd["inplace"][k], sd[m][k]) for k in sd["inplace"])
+
+
+def test_edits_mode_reads_the_environment_and_names_a_bad_value(monkeypatch):
+    from uninet_feat.denoise import edits_mode
+    monkeypatch.delenv("UNINET_EDITS", raising=False)
+    assert edits_mode("cpu") == ("inplace", 0) and edits_mode(torch.device("cuda", 0)) == ("thread", 0)
+    monkeypatch.setenv("UNINET_EDITS", "processes:3")
+    assert edits_mode("cpu") == ("processes", 3)
+    monkeypatch.setenv("UNINET_EDITS", "Processes")
+    assert edits_mode("cpu")[0] == "processes" and 1 <= edits_mode("cpu")[1] <= 8
+    for bad in ("threads", "processes:0", "thread:2", "processes:x"):
+        monkeypatch.setenv("UNINET_EDITS", bad)
+        with pytest.raises(BadInputError, match="UNINET_EDITS"):
+            edits_mode("cpu")

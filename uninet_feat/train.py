@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from .calibration import calibrate, parse_image_score, parse_map_levels, parse_m
 from .checkpoint import checkpoint_config, epochs_trained, read_checkpoint, save_checkpoint
 from .config import DEFAULT_CONFIG, restored_global_state, save_run_config, seed_everything
 from .data.dataset import check_samples
-from .denoise import Damager, parse_denoise
+from .denoise import Damager, EditDrawer, edits_mode, parse_denoise
 from .distributed import env_rank_world, init_from_env  # [distributed] torchrun support; a no-op without WORLD_SIZE
 from .errors import BadInputError
 from .io import atomic_write_text, folder_lock
@@ -220,7 +219,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     note = dropped_items_note(len(ds), cfg["batch_size"], "tiles" if cfg.get("tile") else "images")
     if note and dd.is_main:
         warnings.warn(note)
-    with _progress(quiet or not dd.is_main) as prog:
+    with _progress(quiet or not dd.is_main) as prog, EditDrawer(damage, cfg, *edits_mode(device)) as draw:
         task = prog.add_task("train", total=(cfg["epochs"] - start_epoch) * steps, info="")
         for epoch in range(start_epoch, cfg["epochs"]):
             model.train()
@@ -231,7 +230,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                 loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=gen,
                                                      drop_last=drop_last)
             t0, meter, n, every = time.time(), _EpochMeter(), 0, _check_every(device)
-            for batch, x, clean, clean_index in _edited(loader, damage, cfg, epoch, dd.rank, _edits_ahead(device)):
+            for batch, x, clean, clean_index in draw(loader, epoch, dd.rank):
                 labels = batch["label"] if cfg.get("supervised") else None
                 masks = batch["mask"] if cfg.get("supervised") else None
                 hm = has_mask[batch["index"]] if cfg.get("supervised") else None
@@ -351,47 +350,6 @@ def _stop_if_nonfinite(meter: _EpochMeter, epoch: int, out: Path) -> None:
     if bad is not None:   # raised before this epoch's checkpoint: the last one saved is the last good epoch
         raise BadInputError(f"loss became {bad[1]} at epoch {epoch + 1} (step {bad[0] + 1})", path=out,
                             fix="check the inputs for NaN/Inf or lower --lr")
-
-
-# Where the denoising edits of the next batch are drawn while the current step runs: "gpu" (a GPU device), "always"
-# (tests: the same batches either way), "never". Why: they are the step's CPU work, 37 ms a batch of 8 at 128 px and
-# 122 ms at 256 px for magnetic tile's config on 2 threads here, against a 35 ms H200 training step at 256 px
-# (session 49); drawn one batch ahead in a thread they were to overlap the GPU's step. On the H200 the config's 256-px
-# epoch took 14.0 s with them and 7.1 s without (session 50): the thread hides little of them. Each batch's edits
-# are seeded by (epoch, step, rank), so the batches are the same. On the CPU they share the step's cores: ahead there,
-# 2 epochs of that config took 100 / 87 s against 74 / 70 s in place, the same weights (session 49).
-EDITS_AHEAD = "gpu"
-
-
-def _edits_ahead(device: torch.device) -> bool:
-    return EDITS_AHEAD == "always" or (EDITS_AHEAD == "gpu" and device.type != "cpu")
-
-
-def _edited(batches, damage, cfg: dict, epoch: int, rank: int, ahead: bool):
-    """(batch, model input, clean images of the damaged rows, their indices) for each batch, in order: the input in
-    channels_last when the run uses it, with the denoising student's edits (`Damager`; the loss targets stay the
-    clean images' teachers); with ``ahead`` the next batch's edits are drawn in a thread while the caller's step runs."""
-    def edit(n, batch):
-        x = batch["image"]
-        if cfg.get("channels_last"):
-            x = x.contiguous(memory_format=torch.channels_last)
-        if damage is None:
-            return batch, x, None, None
-        labels = batch["label"] if cfg.get("supervised") else None
-        return (batch, *damage(x, epoch, n, rank, None if labels is None else labels == 0))
-
-    if not ahead or damage is None:
-        for n, batch in enumerate(batches):
-            yield edit(n, batch)
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="uninet-edits") as pool:
-        pending = None
-        for n, batch in enumerate(batches):   # the loader is read here; only the edits run in the thread
-            ready, pending = pending, pool.submit(edit, n, batch)
-            if ready is not None:
-                yield ready.result()
-        if pending is not None:
-            yield pending.result()
 
 
 def _supervision_notes(fit, cfg: dict) -> None:
