@@ -61,7 +61,7 @@ if [ "${EDITS:-1}" != 0 ]; then
   step 60 $PY -m uninet_feat.data.synthetic --out /tmp/edits_data --weaves twill --n-train 400 --n-test-good 2 \
     --n-test-defect 2 >/dev/null
   for m in thread processes; do
-    step 150 env UNINET_EDITS=$m $PY -m uninet_feat train --data /tmp/edits_data/twill --weights random --image-size 256 \
+    step 150 env UNINET_EDITS=$m $PY -m uninet_feat train --data /tmp/edits_data/twill --backbone tf_efficientnet_lite0 --weights random --image-size 256 \
       --epochs 2 --denoise 1.0 --width 4 --border-pad 16 --device cuda --quiet --out "/tmp/edits_$m" >/dev/null
     $PY -c "import json, sys; print(json.dumps({'benchmark': 'train_epochs', 'edits': sys.argv[1], 'seconds': [json.loads(l)['seconds'] for l in open(sys.argv[2])]}))" \
       "$m" "/tmp/edits_$m/train_log.jsonl" | tee -a "$out/timings.jsonl"
