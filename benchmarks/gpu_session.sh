@@ -10,7 +10,7 @@
 #    inference timings (random inputs and weights) -> OUT_DIR/timings.jsonl.
 # Each step has its own time limit and the next runs whatever the last gave; all output goes to OUT_DIR/log.txt.
 # A shorter call (a re-run of what failed): STEPS=knn (gpu_check --steps), BENCH='cuda_levels' (pytest -k),
-# TIMINGS=0 (no step timings).
+# EDITS=0 (no edit timings), TIMINGS=0 (no step timings).
 set -u
 out=${1:-${OUT:-/tmp/gpu_session}}
 mkdir -p "$out"
