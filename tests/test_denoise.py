@@ -187,6 +187,28 @@ def test_edits_drawn_ahead_in_a_thread_or_in_processes_train_the_same_model(tmp_
         assert all(torch.equal(sd["inplace"][k], sd[m][k]) for k in sd["inplace"])
 
 
+class _DyingDamager(Damager):
+    """Kills the worker process that draws step 1's edits (module level: a spawned worker unpickles it)."""
+
+    def __call__(self, x, epoch, step, *a, **k):
+        if step == 1:
+            os._exit(3)
+        return super().__call__(x, epoch, step, *a, **k)
+
+
+def test_a_dead_edit_worker_stops_training_with_a_message_not_a_pool_traceback():
+    from uninet_feat.denoise import EditDrawer
+    damage = _DyingDamager(1.0, "fabric", (0.5,) * 3, (0.5,) * 3, seed=0)
+    batches = [{"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)), "label": torch.zeros(2)}
+               for i in range(3)]
+    got = []
+    with pytest.raises(BadInputError, match="worker process drawing the denoising edits stopped.*--resume"):
+        with EditDrawer(damage, {}, "processes", 1) as draw:
+            for item in draw(batches, 0):
+                got.append(item)
+    assert len(got) <= 1   # no batch from the dead step on
+
+
 def test_edits_mode_reads_the_environment_and_names_a_bad_value(monkeypatch):
     from uninet_feat.denoise import edits_mode
     monkeypatch.delenv("UNINET_EDITS", raising=False)

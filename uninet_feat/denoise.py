@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -175,7 +176,13 @@ class EditDrawer:
 
     @staticmethod
     def _rebuilt(batch, x, future):
-        rows, idx = future.result()
+        try:
+            rows, idx = future.result()
+        except BrokenProcessPool as e:
+            raise BadInputError("a worker process drawing the denoising edits stopped (killed, e.g. short of memory); "
+                                "the run's last finished epoch is in its checkpoint.pt",
+                                fix=f"resume with --resume, with fewer workers ({EDITS_ENV}=processes:N) or "
+                                    f"{EDITS_ENV}=thread") from e
         if idx is None:
             return batch, x, None, None
         damaged = x.clone()
