@@ -216,7 +216,15 @@ def test_edits_mode_reads_the_environment_and_names_a_bad_value(monkeypatch):
     monkeypatch.setenv("UNINET_EDITS", "processes:3")
     assert edits_mode("cpu") == ("processes", 3)
     monkeypatch.setenv("UNINET_EDITS", "Processes")
-    assert edits_mode("cpu")[0] == "processes" and 1 <= edits_mode("cpu")[1] <= 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 34)
+    assert edits_mode("cpu") == ("processes", 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")   # torchrun's 4 processes on this machine share the 32 cores
+    assert edits_mode("cpu") == ("processes", 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert edits_mode("cpu") == ("processes", 4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert edits_mode("cpu") == ("processes", 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     for bad in ("threads", "processes:0", "thread:2", "processes:x"):
         monkeypatch.setenv("UNINET_EDITS", bad)
         with pytest.raises(BadInputError, match="UNINET_EDITS"):

@@ -82,11 +82,12 @@ class Damager:
 
 # How a training run draws its edits (env UNINET_EDITS): "auto" (a thread on a GPU, in place on the CPU), "inplace",
 # "thread" (the next batch's, while the step runs), "processes" or "processes:N" (up to N batches ahead in N spawned
-# worker processes; default N: the cores less two, at most 8). Why: they are CPU work, 37 ms a batch of 8 at 128 px
-# and 122 ms at 256 px for magnetic tile's config on 2 threads here; on the CPU they share the step's cores (a thread
-# there cost 24 %, session 49), and on an H200 the config's 256-px epoch took 14.0 s with them drawn in a thread and
-# 7.1 s without denoising (session 50): a thread shares the Python interpreter with the step, processes do not.
-# Each batch's edits are seeded by (epoch, step, rank), so every mode trains the same model.
+# worker processes; default N: the cores less two, at most 8, divided among torchrun's processes on the machine).
+# Why: they are CPU work, 37 ms a batch of 8 at 128 px and 122 ms at 256 px for magnetic tile's config on 2 threads
+# here; on the CPU they share the step's cores (a thread there cost 24 %, session 49), and on an H200 the config's
+# 256-px epoch took 14.0 s with them drawn in a thread and 7.1 s without denoising (session 50): a thread shares the
+# Python interpreter with the step, processes do not. Each batch's edits are seeded by (epoch, step, rank), so every
+# mode trains the same model.
 EDITS_ENV = "UNINET_EDITS"
 EDIT_MODES = ("auto", "inplace", "thread", "processes")
 
@@ -100,8 +101,17 @@ def edits_mode(device) -> tuple[str, int]:
                             fix=f"unset it, or one of {', '.join(EDIT_MODES)}, processes:N (N >= 1)")
     if name == "auto":
         name = "inplace" if torch.device(device).type == "cpu" else "thread"
-    workers = (int(n) if n else max(1, min(8, (os.cpu_count() or 2) - 2))) if name == "processes" else 0
+    workers = (int(n) if n else _default_workers()) if name == "processes" else 0
     return name, workers
+
+
+def _default_workers() -> int:
+    """The cores less two, at most 8, shared by the processes torchrun starts on this machine (each draws its own)."""
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(8, ((os.cpu_count() or 2) - 2) // local))
 
 
 def damaged_rows(damage: Damager, x: torch.Tensor, epoch: int, step: int, rank: int = 0, normal=None):
