@@ -167,12 +167,12 @@ def test_edits_drawn_ahead_in_a_thread_or_in_processes_train_the_same_model(tmp_
     register_tiny()
     write_texture_set(tmp_path / "tex", n_train=12)
     args = tiny_train_args(tmp_path / "tex") + ["--epochs", "2", "--denoise", "0.5"]
-    where, real = {}, Damager.__call__
+    where, real = {}, Damager.rows
 
     def spy(self, x, epoch, step, *a, **k):
         where.setdefault(os.environ["UNINET_EDITS"], []).append((threading.current_thread().name, epoch, step))
         return real(self, x, epoch, step, *a, **k)
-    monkeypatch.setattr(Damager, "__call__", spy)
+    monkeypatch.setattr(Damager, "rows", spy)
     modes = ("inplace", "thread", "processes:2")
     for mode in modes:
         monkeypatch.setenv("UNINET_EDITS", mode)
@@ -190,10 +190,10 @@ def test_edits_drawn_ahead_in_a_thread_or_in_processes_train_the_same_model(tmp_
 class _DyingDamager(Damager):
     """Kills the worker process that draws step 1's edits (module level: a spawned worker unpickles it)."""
 
-    def __call__(self, x, epoch, step, *a, **k):
+    def rows(self, x, epoch, step, *a, **k):
         if step == 1:
             os._exit(3)
-        return super().__call__(x, epoch, step, *a, **k)
+        return super().rows(x, epoch, step, *a, **k)
 
 
 def test_a_dead_edit_worker_stops_training_with_a_message_not_a_pool_traceback():

@@ -51,7 +51,12 @@ class Damager:
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
 
     def __call__(self, x: torch.Tensor, epoch: int, step: int, rank: int = 0, normal=None):
-        """(damaged batch, clean images of the damaged rows, their row indices); (x, None, None) when none.
+        """(damaged batch, clean images of the damaged rows, their row indices); (x, None, None) when none."""
+        return self.assemble(x, *self.rows(x, epoch, step, rank, normal))
+
+    def rows(self, x: torch.Tensor, epoch: int, step: int, rank: int = 0, normal=None):
+        """(indices of the damaged rows, those rows damaged), or (None, None): the part a worker draws
+        (`EditDrawer`), which `assemble` puts into the batch.
 
         Unchanged pixels keep their exact input values: only the edit's difference (in grey levels) is
         added, so a damaged image equals the clean one away from the defect. ``normal`` (bool per row; the
@@ -73,10 +78,17 @@ class Damager:
             rows.append(int(i))
             deltas.append(d / self.std)
         if not rows:
-            return x, None, None
+            return None, None
         idx = torch.tensor(rows, dtype=torch.long, device=x.device)
+        return idx, x[idx] + torch.stack(deltas).to(x.device, x.dtype)
+
+    @staticmethod
+    def assemble(x: torch.Tensor, idx, rows):
+        """(damaged batch, clean images of the damaged rows, their indices) from ``rows``' output."""
+        if idx is None:
+            return x, None, None
         damaged = x.clone()
-        damaged[idx] = x[idx] + torch.stack(deltas).to(x.device, x.dtype)
+        damaged[idx] = rows
         return damaged, x[idx], idx
 
 
@@ -114,11 +126,9 @@ def _default_workers() -> int:
     return max(1, min(8, ((os.cpu_count() or 2) - 2) // local))
 
 
-def damaged_rows(damage: Damager, x: torch.Tensor, epoch: int, step: int, rank: int = 0, normal=None):
-    """A worker process's part of ``damage(x, ...)``: (the damaged rows, their indices), or (None, None). The
-    caller puts the rows into a copy of ``x``, which is then the very tensor the call returns."""
-    out, _, idx = damage(x, epoch, step, rank, normal)
-    return (None, None) if idx is None else (out[idx], idx)
+def _rows(damage: Damager, *args):
+    """``damage.rows(*args)`` by name in a worker (a bound method would be pickled by its function's name)."""
+    return damage.rows(*args)
 
 
 def _worker_init() -> None:
@@ -156,45 +166,28 @@ class EditDrawer:
         labels = batch["label"] if self.cfg.get("supervised") else None
         return x, None if labels is None else labels == 0
 
-    def _edit(self, n, batch, epoch, rank):
-        x, normal = self._input(batch)
-        if self.damage is None:
-            return batch, x, None, None
-        return (batch, *self.damage(x, epoch, n, rank, normal))
-
     def __call__(self, batches, epoch: int, rank: int = 0):
-        if self.pool is None:
-            for n, batch in enumerate(batches):
-                yield self._edit(n, batch, epoch, rank)
-        elif self.mode == "thread":
-            pending = None
-            for n, batch in enumerate(batches):   # the loader is read here; only the edits run in the thread
-                ready, pending = pending, self.pool.submit(self._edit, n, batch, epoch, rank)
-                if ready is not None:
-                    yield ready.result()
-            if pending is not None:
-                yield pending.result()
-        else:
-            pending = deque()
-            for n, batch in enumerate(batches):
-                x, normal = self._input(batch)
-                pending.append((batch, x, self.pool.submit(damaged_rows, self.damage, x, epoch, n, rank, normal)))
-                if len(pending) > self.workers:
-                    yield self._rebuilt(*pending.popleft())
-            while pending:
-                yield self._rebuilt(*pending.popleft())
+        ahead, pending = max(1, self.workers), deque()
+        for n, batch in enumerate(batches):   # the loader is read here; only the edits run in the pool
+            x, normal = self._input(batch)
+            if self.damage is None:
+                yield batch, x, None, None
+            elif self.pool is None:
+                yield (batch, *self.damage(x, epoch, n, rank, normal))
+            else:   # a thread draws one batch ahead, N processes N batches
+                pending.append((batch, x, self.pool.submit(_rows, self.damage, x, epoch, n, rank, normal)))
+                if len(pending) > ahead:
+                    yield self._finish(*pending.popleft())
+        while pending:
+            yield self._finish(*pending.popleft())
 
     @staticmethod
-    def _rebuilt(batch, x, future):
+    def _finish(batch, x, future):
         try:
-            rows, idx = future.result()
+            idx, rows = future.result()
         except BrokenProcessPool as e:
             raise BadInputError("a worker process drawing the denoising edits stopped (killed, e.g. short of memory); "
                                 "the run's last finished epoch is in its checkpoint.pt",
                                 fix=f"resume with --resume, with fewer workers ({EDITS_ENV}=processes:N) or "
                                     f"{EDITS_ENV}=thread") from e
-        if idx is None:
-            return batch, x, None, None
-        damaged = x.clone()
-        damaged[idx] = rows
-        return batch, damaged, x[idx], idx
+        return (batch, *Damager.assemble(x, idx, rows))
