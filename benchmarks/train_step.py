@@ -34,21 +34,21 @@ from uninet_feat.model.uninet import DEFAULTS
 from uninet_feat.optim import make_optimizers
 
 
-BARE = {"backbone": "wide_resnet50_2", "image_size": 256, "batch_size": 8, "mem": "official", "dfs": DEFAULTS["dfs"],
-        "channels_last": False}   # the flags' values without --config
+CONFIG_FLAGS = ("backbone", "image_size", "batch_size", "mem", "dfs", "channels_last")   # a --config sets these too
 
 
-def resolve(args) -> dict | None:
-    """The train config of ``--config`` with the flags given beside it (None without one); the flags left unset
-    take the config's values (or `BARE`'s), so that the report says what was timed."""
-    given = {k: getattr(args, k, None) for k in BARE}
+def resolve(args, bare: dict) -> dict | None:
+    """The train config of ``--config`` with the flags given beside it (None without one); the `CONFIG_FLAGS` left
+    unset (None) take the config's values, else ``bare`` (the flags' own defaults), so the report says what was
+    timed."""
+    given = {k: getattr(args, k, None) for k in CONFIG_FLAGS}
     cfg = None
     if getattr(args, "config", None):
         from uninet_feat.config import load_config
         cfg = load_config(args.config, {**{k: v for k, v in given.items() if v is not None}, "weights": args.weights})
-    for k in BARE:
+    for k in CONFIG_FLAGS:
         if given[k] is None:
-            setattr(args, k, cfg[k] if cfg else BARE[k])
+            setattr(args, k, cfg[k] if cfg else bare[k])
     return cfg
 
 
@@ -85,9 +85,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--grad-checkpointing", action="store_true", help="as `train --grad-checkpointing`")
     ap.add_argument("--step-in-backward", action="store_true", help="as `train --step-in-backward`")
     ap.add_argument("--config", help="a train --config YAML: its model, size, batch and denoising step (see above)")
-    ap.set_defaults(**dict.fromkeys(BARE))
+    bare = {k: ap.get_default(k) for k in CONFIG_FLAGS}
+    ap.set_defaults(**dict.fromkeys(CONFIG_FLAGS))
     args = ap.parse_args(argv)
-    cfg = resolve(args)
+    cfg = resolve(args, bare)
     threads = M.set_threads(args.threads)
     model, x = build(args, cfg)
     clean = index = damage = None

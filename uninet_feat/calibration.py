@@ -440,7 +440,8 @@ def calibration(model, val, cfg: dict, quiet: bool = True) -> dict:
            "map_range": pixels.result(), "map_range_pixel_map": pixel_map_kind(model.cfg),
            "map_levels": model.cfg.get("map_levels"), "map_norm": model.cfg.get("map_norm"),
            "map_range_rule": "overlay colour scale: median and 0.999 quantile of validation-normal map pixels",
-           # how many are the data's own validation split (`val_split: group` or `data`), which --val-fraction does not draw
+           # how many are the data's own validation split (`val_split: group` or `data`), which --val-fraction
+           # does not draw
            "val_from_data": sum(x.split == "val" for x in res["samples"]),
            "skipped": list(res["skipped"])}   # unreadable validation normals left out (--skip-bad): the threshold
     groups = [res["samples"][i].group for i in order]   # rests on the others

@@ -157,9 +157,10 @@ def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None
                         run=None) -> dict | None:
     """{group: threshold} from the validation normals' ``scores`` (any score: WDM, kNN, combined), each of group
     ``groups[i]``; ``trained``: the groups the run trained on (one without a single validation normal counts as one
-    of 0: a run split by ``val_split`` data or drawn, one draw over all groups, can leave a small group none). None for fewer than two groups, or a
-    group with fewer than `FEW_NORMALS` validation normals (then one pooled threshold, warned when ``warn``; ``run``:
-    the run the warning names, when one command resolves several runs' thresholds).
+    of 0: a run split by ``val_split`` data or drawn, one draw over all groups, can leave a small group none). None
+    for fewer than two groups, or a group with fewer than `FEW_NORMALS` validation normals (then one pooled
+    threshold, warned when ``warn``; ``run``: the run the warning names, when one command resolves several runs'
+    thresholds).
 
     Why: one model's normal scores sit at another level in each group (the demo's plain weave near 2.1, its twill
     near 3.4), so one pooled threshold is about the highest group's top normal and passes the lower groups' defects.
