@@ -196,15 +196,23 @@ class _DyingDamager(Damager):
         return super().rows(x, epoch, step, *a, **k)
 
 
-def test_a_dead_edit_worker_stops_training_with_a_message_not_a_pool_traceback():
+@pytest.mark.parametrize("pause", [0.0, 3.0], ids=["noticed-at-a-result", "noticed-at-the-next-hand-out"])
+def test_a_dead_edit_worker_stops_training_with_a_message_not_a_pool_traceback(pause):
+    """The pool notices a dead worker at a waited result, or, when the loader is slow, already at the next submit:
+    both give the message (CI once met the second as a bare BrokenProcessPool)."""
+    import time
     from uninet_feat.denoise import EditDrawer
     damage = _DyingDamager(1.0, "fabric", (0.5,) * 3, (0.5,) * 3, seed=0)
-    batches = [{"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)), "label": torch.zeros(2)}
-               for i in range(3)]
+
+    def batches():
+        for i in range(3):
+            if i == 2:
+                time.sleep(pause)   # a slow loader: the worker of step 1 is dead before step 2 is handed out
+            yield {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)), "label": torch.zeros(2)}
     got = []
     with pytest.raises(BadInputError, match="worker process drawing the denoising edits stopped.*--resume"):
         with EditDrawer(damage, {}, "processes", 1) as draw:
-            for item in draw(batches, 0):
+            for item in draw(batches(), 0):
                 got.append(item)
     assert len(got) <= 1   # no batch from the dead step on
 

@@ -175,7 +175,11 @@ class EditDrawer:
             elif self.pool is None:
                 yield (batch, *self.damage(x, epoch, n, rank, normal))
             else:   # a thread draws one batch ahead, N processes N batches
-                pending.append((batch, x, self.pool.submit(_rows, self.damage, x, epoch, n, rank, normal)))
+                try:
+                    future = self.pool.submit(_rows, self.damage, x, epoch, n, rank, normal)
+                except BrokenProcessPool as e:   # a worker died before this batch was handed out
+                    raise _worker_stopped() from e
+                pending.append((batch, x, future))
                 if len(pending) > ahead:
                     yield self._finish(*pending.popleft())
         while pending:
@@ -186,8 +190,12 @@ class EditDrawer:
         try:
             idx, rows = future.result()
         except BrokenProcessPool as e:
-            raise BadInputError("a worker process drawing the denoising edits stopped (killed, e.g. short of memory); "
-                                "the run's last finished epoch is in its checkpoint.pt",
-                                fix=f"resume with --resume, with fewer workers ({EDITS_ENV}=processes:N) or "
-                                    f"{EDITS_ENV}=thread") from e
+            raise _worker_stopped() from e
         return (batch, *Damager.assemble(x, idx, rows))
+
+
+def _worker_stopped() -> BadInputError:
+    """The error for a dead edit worker, whether the pool notices it at a result or at the next hand-out."""
+    return BadInputError("a worker process drawing the denoising edits stopped (killed, e.g. short of memory); "
+                         "the run's last finished epoch is in its checkpoint.pt",
+                         fix=f"resume with --resume, with fewer workers ({EDITS_ENV}=processes:N) or {EDITS_ENV}=thread")
