@@ -98,14 +98,15 @@ def _worker(jobs_file: str) -> None:
     dd.close()
 
 
-def launch(jobs, tmp_path, nproc=2) -> float:
-    """Run ``jobs`` in ``nproc`` processes (torchrun) or one plain process (``nproc=0``); returns the
-    wall time. The whole process group is killed on timeout."""
+def launch(jobs, tmp_path, nproc=2, env_extra=None) -> float:
+    """Run ``jobs`` in ``nproc`` processes (torchrun) or one plain process (``nproc=0``), with ``env_extra`` set;
+    returns the wall time. The whole process group is killed on timeout."""
     jf = tmp_path / f"jobs-{time.monotonic_ns()}.json"
     jf.write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
+               **(env_extra or {}))
     run = [sys.executable]
     if nproc:
         run += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
@@ -209,6 +210,26 @@ def test_ddp_training_equals_single_process(runs):
     for name in ("config.yaml", "env.json", "checkpoint.pt", "calibration.json"):
         assert (runs["multi"] / name).exists(), name
     assert not list(runs["multi"].glob(".*.tmp"))
+
+
+def test_ddp_training_with_edits_in_worker_processes_equals_edits_drawn_in_place(texture, tmp_path):
+    """UNINET_EDITS=processes under torchrun: each rank spawns its own edit worker, and a batch's edits are seeded by
+    (epoch, step, rank), so 2 ranks train the model the in-place edits train, to the bit (a worker that drew rank
+    0's edits for every rank, or lost a step, would not)."""
+    from uninet_feat.checkpoint import read_checkpoint
+    cfg = {"data": str(texture), "epochs": 1, "denoise": 1.0, "val_fraction": 0.0}
+    runs = {mode: tmp_path / mode.split(":")[0] for mode in ("inplace", "processes:1", "thread")}
+    times = {mode: launch([{"do": "train", "cfg": cfg, "out": str(out)}], tmp_path, env_extra={"UNINET_EDITS": mode})
+             for mode, out in runs.items()}
+    print(f"\n[timing] torchrun 2 ranks, 1 epoch with edits: {times}")
+    ref = read_checkpoint(runs["inplace"] / "model.pt")["state_dict"]
+    for mode in ("processes:1", "thread"):
+        got = read_checkpoint(runs[mode] / "model.pt")["state_dict"]
+        assert got.keys() == ref.keys()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), mode
+    clean = launch([{"do": "train", "cfg": {**cfg, "denoise": 0.0}, "out": str(tmp_path / "clean")}], tmp_path)
+    other = read_checkpoint(tmp_path / "clean" / "model.pt")["state_dict"]
+    assert not all(torch.equal(other[k], ref[k]) for k in ref), "the edits changed nothing: the test would prove nothing"
 
 
 def test_ddp_gradients_equal_full_batch_gradients_with_unequal_slices(runs):
