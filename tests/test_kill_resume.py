@@ -275,3 +275,30 @@ def test_a_resume_names_a_damaged_training_log(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train_log.jsonl: line 1 is not an epoch's record" in err and "restore train_log.jsonl" in err
     assert read_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
+def test_ctrl_c_with_edits_in_worker_processes_prints_the_resume_message_not_worker_tracebacks(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group, the spawned edit workers too
+    (UNINET_EDITS=processes): each printed a KeyboardInterrupt traceback around `train`'s one-line message."""
+    data = write_texture_set(tmp_path / "d", n_train=24, n_good=2, n_bad=2)
+    out = tmp_path / "r"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNINET_EDITS": "processes:2"}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(TESTS)), "train", "--data", str(data), *TRAIN,
+                             "--epochs", "200", "--denoise", "1.0", "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log = out / "train_log.jsonl"
+    try:
+        t0 = time.time()
+        while not (log.exists() and log.read_text().count("\n") >= 2):   # workers up, a checkpoint written
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() - t0 < 120, "no epoch in 120 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] >= 1

@@ -17,6 +17,7 @@ generator seeded by (seed, epoch, step), so a run is reproducible and a resumed 
 from __future__ import annotations
 
 import os
+import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -133,6 +134,9 @@ def _rows(damage: Damager, *args):
 
 def _worker_init() -> None:
     torch.set_num_threads(1)   # one core each: the workers are the parallelism
+    # a terminal's Ctrl-C reaches the whole process group: the main process stops the run (and the pool, leaving
+    # `EditDrawer`), so the workers need not, and each would print a KeyboardInterrupt traceback over its message
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EditDrawer:
