@@ -277,9 +277,9 @@ def test_a_resume_names_a_damaged_training_log(tmp_path, capsys):
     assert read_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
-def test_ctrl_c_with_edits_in_worker_processes_prints_the_resume_message_not_worker_tracebacks(tmp_path):
-    """A terminal's Ctrl-C sends SIGINT to the whole process group, the spawned edit workers too
-    (UNINET_EDITS=processes): each printed a KeyboardInterrupt traceback around `train`'s one-line message."""
+def _train_with_edit_workers(tmp_path):
+    """`train` with its denoising edits in 2 spawned worker processes, in a process group of its own (as a terminal
+    or a scheduler starts it), once its first epoch is written: (process, run folder)."""
     data = write_texture_set(tmp_path / "d", n_train=24, n_good=2, n_bad=2)
     out = tmp_path / "r"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNINET_EDITS": "processes:2"}
@@ -287,18 +287,40 @@ def test_ctrl_c_with_edits_in_worker_processes_prints_the_resume_message_not_wor
                              "--epochs", "200", "--denoise", "1.0", "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    log = out / "train_log.jsonl"
+    log, t0 = out / "train_log.jsonl", time.time()
+    while not (log.exists() and log.read_text().count("\n") >= 2):   # workers up, a checkpoint written
+        if proc.poll() is not None or time.time() - t0 > 120:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no epoch: {proc.communicate()[1].decode()[-2000:]}")
+        time.sleep(0.05)
+    return proc, out
+
+
+def test_ctrl_c_with_edits_in_worker_processes_prints_the_resume_message_not_worker_tracebacks(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group, the spawned edit workers too
+    (UNINET_EDITS=processes): each printed a KeyboardInterrupt traceback around `train`'s one-line message."""
+    proc, out = _train_with_edit_workers(tmp_path)
     try:
-        t0 = time.time()
-        while not (log.exists() and log.read_text().count("\n") >= 2):   # workers up, a checkpoint written
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() - t0 < 120, "no epoch in 120 s"
-            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
         err = proc.communicate(timeout=60)[1].decode()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert read_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_train_killed_alone_takes_its_edit_workers_with_it(tmp_path, sig):
+    """A scheduler's SIGTERM (or a SIGKILL) to `train` alone skips the pool's shutdown: its spawned edit workers
+    then waited for ever for a batch, 280 MB each, holding train's stderr open, so a wrapper reading it hung."""
+    proc, out = _train_with_edit_workers(tmp_path)
+    os.kill(proc.pid, sig)   # the main process only, not its group
+    try:
+        proc.communicate(timeout=30)   # stderr reaches EOF only when no worker holds it
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the edit workers outlived train by 30 s")
+    assert proc.returncode == -sig
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] >= 1   # what was finished is kept

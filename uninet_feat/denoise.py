@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -137,6 +138,18 @@ def _worker_init() -> None:
     # a terminal's Ctrl-C reaches the whole process group: the main process stops the run (and the pool, leaving
     # `EditDrawer`), so the workers need not, and each would print a KeyboardInterrupt traceback over its message
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, name="uninet-edits-parent", daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    """Ends this worker when the training process is gone. A SIGTERM (a scheduler, `timeout`) or SIGKILL of `train`
+    skips the pool's shutdown, and a worker waiting for its next batch then waited for ever, holding its memory and
+    the parent's stdout (a wrapper reading that output hung)."""
+    import multiprocessing.connection
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
 
 
 class EditDrawer:
