@@ -450,6 +450,9 @@ def test_a_defect_mask_with_no_defect_pixel_is_named_by_evaluate(tmp_path):
     with pytest.warns(UserWarning, match=r"1 defect image\(s\) have a mask with no defect pixel"):
         rep = evaluate(run, quiet=True)
     assert rep["defect_masks_without_defect_pixels"] == 1 and "pixel_auroc" in rep
+    for k in ("pixel_auroc_vs_normal_images", "aupro_vs_normal_images"):   # 1 normal image: was [nan, nan], [0, x]
+        lo, hi = rep[f"{k}_interval"]
+        assert 0 < lo <= rep[k] + 0.01 and rep[k] - 0.01 <= hi <= 1, (k, lo, rep[k], hi)
 
 
 def test_defects_smaller_than_a_pixel_of_the_evaluated_size_are_named(tmp_path):

@@ -219,6 +219,27 @@ def test_aupro_exact_equals_literal_reference(seed, levels, limit):
     assert M.aupro(masks, maps, fpr_limit=limit) == pytest.approx(ref, abs=1e-9)
 
 
+def test_the_bootstrap_against_normal_images_draws_no_image_it_does_not_count():
+    """A defective image whose mask is empty has no pixel counted against normal images alone (its normal counts
+    removed, no defect pixel). Resampled among the normal images, a draw of it alone had no normal pixel: NaN
+    pixel-AUROC draws (an interval [nan, nan]) and AUPRO draws of 0.0, seen on a test set of 1 normal image. Such an
+    image now leaves the draws: they are the draws without it, and finite."""
+    masks, maps = blobs(5, n=3, empty=(1, 2))   # image 0 defective, 1 an empty-mask defect image, 2 normal
+    flags = np.array([False, False, True])
+    h = M.normal_images_histograms(M.pixel_histograms(list(masks), list(maps)), flags)
+    draws = M.bootstrap_histograms(h, n_boot=400, seed=1)
+    assert all(np.isfinite(d).all() for d in draws.values())
+    assert draws["aupro"].min() > 0
+    keep = [0, 2]
+    alone = M.bootstrap_histograms(M.normal_images_histograms(
+        M.pixel_histograms([masks[i] for i in keep], [maps[i] for i in keep]), flags[keep]), n_boot=400, seed=1)
+    for k in draws:
+        np.testing.assert_allclose(draws[k], alone[k], atol=5e-3)   # same draws; bin edges from other pixels
+    pooled = M.pixel_histograms(list(masks), list(maps))   # pooled, every image counts: the draws as before
+    g = M.bootstrap_histograms(pooled, n_boot=50, seed=1)
+    assert np.isfinite(g["pixel_auroc"]).all() and len(np.unique(g["pixel_auroc"])) > 1
+
+
 @pytest.mark.parametrize("seed,levels", [(3, None), (4, 5), (8, 3)])
 def test_figures_against_normal_images_leave_out_the_defective_images_other_pixels(seed, levels):
     """`negatives="normal_images"`: defect pixels against the defect-free images' pixels alone, for pixel AUROC (as
