@@ -210,11 +210,49 @@ def test_a_dead_edit_worker_stops_training_with_a_message_not_a_pool_traceback(p
                 time.sleep(pause)   # a slow loader: the worker of step 1 is dead before step 2 is handed out
             yield {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)), "label": torch.zeros(2)}
     got = []
-    with pytest.raises(BadInputError, match="worker process drawing the denoising edits stopped.*--resume"):
+    with pytest.raises(BadInputError, match="worker process drawing the denoising edits stopped.*--resume") as e:
         with EditDrawer(damage, {}, "processes", 1) as draw:
             for item in draw(batches(), 0):
                 got.append(item)
+    assert "__name__" not in str(e.value)   # pytest's own entry point is not a user script to blame
     assert len(got) <= 1   # no batch from the dead step on
+
+
+_UNGUARDED = """import sys
+sys.path.insert(0, {tests!r})
+from _tiny import register_tiny
+register_tiny()
+from uninet_feat.config import load_config
+from uninet_feat.train import train
+train(load_config(None, {{"data": {data!r}, "backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1,
+                         "batch_size": 2, "denoise": 1.0, "threads": 1}}), {out!r}, quiet=True)
+"""
+
+
+def test_a_script_that_calls_train_unguarded_is_named_when_its_edit_workers_fail(tmp_path):
+    """With UNINET_EDITS=processes each worker is spawned and imports the user's script first: unguarded, its
+    train(...) ran again in the worker, which failed, and the message blamed memory. It now names the script and the
+    `if __name__ == "__main__":` guard."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    data = write_texture_set(tmp_path / "d", n_train=6, n_good=1, n_bad=1)
+    script = tmp_path / "my_training.py"
+    script.write_text(_UNGUARDED.format(tests=str(Path(__file__).parent), data=str(data), out=str(tmp_path / "run")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "UNINET_EDITS": "processes:1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "worker process drawing the denoising edits stopped" in last and str(script) in last, last
+    assert 'if __name__ == "__main__":' in last, last
+    guarded = tmp_path / "guarded.py"   # the same script with the guard trains
+    body = _UNGUARDED.format(tests=str(Path(__file__).parent), data=str(data), out=str(tmp_path / "run2"))
+    head, call = body.split("train(load_config", 1)
+    guarded.write_text(head + 'if __name__ == "__main__":\n    train(load_config' + call.replace("\n ", "\n     "))
+    r = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "UNINET_EDITS": "processes:1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run2" / "model.pt").exists()
 
 
 def test_edits_mode_reads_the_environment_and_names_a_bad_value(monkeypatch):

@@ -212,7 +212,25 @@ class EditDrawer:
 
 
 def _worker_stopped() -> BadInputError:
-    """The error for a dead edit worker, whether the pool notices it at a result or at the next hand-out."""
-    return BadInputError("a worker process drawing the denoising edits stopped (killed, e.g. short of memory); "
-                         "the run's last finished epoch is in its checkpoint.pt",
-                         fix=f"resume with --resume, with fewer workers ({EDITS_ENV}=processes:N) or {EDITS_ENV}=thread")
+    """The error for a dead edit worker, whether the pool notices it at a result or at the next hand-out. Run from a
+    script of the user's own, the likeliest cause is that script: a spawned worker imports it first, so its unguarded
+    top-level code ran again there (train and all) and failed: the message names it."""
+    script = _user_script()
+    guard = (f"; if {script} calls train at its top level, put that code under `if __name__ == \"__main__\":` (each "
+             "worker is a spawned process that imports that script first)") if script else ""
+    return BadInputError("a worker process drawing the denoising edits stopped (killed, e.g. short of memory, or it "
+                         "failed to start); the run's last finished epoch is in its checkpoint.pt",
+                         fix=f"resume with --resume, with fewer workers ({EDITS_ENV}=processes:N) or {EDITS_ENV}=thread"
+                             f"{guard}")
+
+
+def _user_script() -> str | None:
+    """The file a spawned process runs again before its task: ``__main__``'s, unless it is uninet-feat's own entry
+    point (its console script or ``python -m uninet_feat``, both guarded) or a test runner's."""
+    import sys
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(getattr(main, "__spec__", None), "name", "") or ""
+    if not path or spec.split(".")[0] in ("uninet_feat", "pytest") or os.path.basename(path) == "uninet-feat":
+        return None
+    return path
