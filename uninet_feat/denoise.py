@@ -225,12 +225,13 @@ def _worker_stopped() -> BadInputError:
 
 
 def _user_script() -> str | None:
-    """The file a spawned process runs again before its task: ``__main__``'s, unless it is uninet-feat's own entry
-    point (its console script or ``python -m uninet_feat``, both guarded) or a test runner's."""
+    """The file a spawned process runs again before its task: ``__main__``'s, unless it is a console script
+    (`uninet-feat`, `pytest`: pip's wrappers are guarded, and have no .py suffix) or ``python -m`` of uninet_feat or
+    pytest (both guarded)."""
     import sys
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     spec = getattr(getattr(main, "__spec__", None), "name", "") or ""
-    if not path or spec.split(".")[0] in ("uninet_feat", "pytest") or os.path.basename(path) == "uninet-feat":
+    if not path or not str(path).endswith(".py") or spec.split(".")[0] in ("uninet_feat", "pytest"):
         return None
-    return path
+    return str(path)
