@@ -147,6 +147,32 @@ def test_a_nonfinite_loss_seen_late_stops_before_its_epoch_is_saved(tmp_path, mo
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 1
 
 
+def test_weights_made_nonfinite_by_an_epochs_last_step_are_not_saved(tmp_path, monkeypatch):
+    """A NaN gradient under a finite loss (here sqrt'(0) on the epoch's last step) makes the weights NaN while every
+    loss of that epoch looked fine: checkpoint.pt then held NaN weights, the next epoch's first loss stopped the run,
+    and the --resume its message advises continued from the NaN weights. The epoch is now refused before it is saved."""
+    import uninet_feat.train as train_mod
+    real, calls = UniNet.loss, []
+
+    def loss(self, *a, **kw):
+        terms = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 8:   # epoch 2's last step (4 steps an epoch): its loss stays finite, its gradient is NaN
+            z = terms["loss"] - terms["loss"].detach()
+            terms = {**terms, "loss": terms["loss"] + torch.sqrt(z.abs())}
+        return terms
+    monkeypatch.setattr(UniNet, "loss", loss)
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
+    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 3, "batch_size": 2, "channels_last": False,
+                                                       "val_fraction": 0.0})
+    with pytest.raises(BadInputError, match=r"weights became non-finite in epoch 2 .*e\.g\. [a-z].*--resume"):
+        train_mod.train(cfg, tmp_path / "run", quiet=True)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
 def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
     from uninet_feat.train import train
     data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)

@@ -258,6 +258,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                                                                      f"{meter.means(n)['loss']:.4f}"}
                 prog.update(task, advance=1, **info)
             _stop_if_nonfinite(meter, epoch, out)
+            _stop_if_weights_nonfinite(model, epoch, out)
             rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n, **meter.means(n)}
             improved = False
             if synth is not None and _validates(epoch + 1, cfg):   # a line above the bar: its info is overwritten
@@ -350,6 +351,20 @@ def _stop_if_nonfinite(meter: _EpochMeter, epoch: int, out: Path) -> None:
     if bad is not None:   # raised before this epoch's checkpoint: the last one saved is the last good epoch
         raise BadInputError(f"loss became {bad[1]} at epoch {epoch + 1} (step {bad[0] + 1})", path=out,
                             fix="check the inputs for NaN/Inf or lower --lr")
+
+
+def _stop_if_weights_nonfinite(model, epoch: int, out: Path) -> None:
+    """Refuse an epoch whose weights or BatchNorm statistics are not finite, before it is saved: a NaN gradient under
+    a finite loss (the epoch's last step) left every loss looking fine, checkpoint.pt took the NaN weights, and
+    --resume continued from them. One host-device sync an epoch."""
+    named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return
+    bad = [n for n, t in named if not bool(torch.isfinite(t).all())]
+    raise BadInputError(f"weights became non-finite in epoch {epoch + 1} while its losses stayed finite ({len(bad)} "
+                        f"tensors, e.g. {bad[0]}): a NaN/Inf gradient; the epoch was not saved, the run's last "
+                        "finished epoch is in its checkpoint.pt", path=out,
+                        fix="check the inputs for NaN/Inf or lower --lr, then --resume")
 
 
 def _supervision_notes(fit, cfg: dict) -> None:
