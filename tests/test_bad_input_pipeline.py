@@ -1,6 +1,7 @@
 """Bad input at the pipeline level: each case gives a clear error naming the file and the fix."""
 import errno
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,27 +123,34 @@ def test_epoch_meter_keeps_the_float_sums_of_before_and_the_first_nonfinite_loss
     assert meter.bad() == (9, float("inf"))   # the earliest bad step, not the last
 
 
-def test_a_nonfinite_loss_seen_late_stops_before_its_epoch_is_saved(tmp_path, monkeypatch):
-    """On a GPU the loss is looked at every CHECK_EVERY steps, not each step: a NaN is still named with its epoch and
-    step, and the run keeps the last good epoch's checkpoint (forced here on the CPU)."""
+def _train_with_a_poisoned_step(tmp_path, monkeypatch, at: int, poison):
+    """Train 3 epochs of 4 steps (the tiny backbone) with ``poison(loss)`` in place of the loss of call ``at`` (1-based);
+    returns (the error train raised, the number of loss calls)."""
     import uninet_feat.train as train_mod
-    monkeypatch.setattr(train_mod, "_check_every", lambda device: train_mod.CHECK_EVERY)
     real, calls = UniNet.loss, []
 
     def loss(self, *a, **kw):
         terms = real(self, *a, **kw)
         calls.append(1)
-        if len(calls) == 6:   # epoch 2, step 2 (4 steps an epoch)
-            terms = {**terms, "loss": terms["loss"] * float("nan")}
-        return terms
+        return {**terms, "loss": poison(terms["loss"])} if len(calls) == at else terms
     monkeypatch.setattr(UniNet, "loss", loss)
     data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
     cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
                                                        "epochs": 3, "batch_size": 2, "channels_last": False,
                                                        "val_fraction": 0.0})
-    with pytest.raises(BadInputError, match=r"loss became nan at epoch 2 \(step 2\)"):
+    with pytest.raises(BadInputError) as e:
         train_mod.train(cfg, tmp_path / "run", quiet=True)
-    assert len(calls) == 8   # the epoch ran out before the look (4 steps < CHECK_EVERY)
+    return e.value, len(calls)
+
+
+def test_a_nonfinite_loss_seen_late_stops_before_its_epoch_is_saved(tmp_path, monkeypatch):
+    """On a GPU the loss is looked at every CHECK_EVERY steps, not each step: a NaN is still named with its epoch and
+    step, and the run keeps the last good epoch's checkpoint (forced here on the CPU)."""
+    import uninet_feat.train as train_mod
+    monkeypatch.setattr(train_mod, "_check_every", lambda device: train_mod.CHECK_EVERY)
+    err, calls = _train_with_a_poisoned_step(tmp_path, monkeypatch, 6, lambda loss: loss * float("nan"))  # epoch 2 step 2
+    assert re.search(r"loss became nan at epoch 2 \(step 2\)", str(err)), err
+    assert calls == 8   # the epoch ran out before the look (4 steps < CHECK_EVERY)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 1
 
@@ -151,23 +159,9 @@ def test_weights_made_nonfinite_by_an_epochs_last_step_are_not_saved(tmp_path, m
     """A NaN gradient under a finite loss (here sqrt'(0) on the epoch's last step) makes the weights NaN while every
     loss of that epoch looked fine: checkpoint.pt then held NaN weights, the next epoch's first loss stopped the run,
     and the --resume its message advises continued from the NaN weights. The epoch is now refused before it is saved."""
-    import uninet_feat.train as train_mod
-    real, calls = UniNet.loss, []
-
-    def loss(self, *a, **kw):
-        terms = real(self, *a, **kw)
-        calls.append(1)
-        if len(calls) == 8:   # epoch 2's last step (4 steps an epoch): its loss stays finite, its gradient is NaN
-            z = terms["loss"] - terms["loss"].detach()
-            terms = {**terms, "loss": terms["loss"] + torch.sqrt(z.abs())}
-        return terms
-    monkeypatch.setattr(UniNet, "loss", loss)
-    data = write_texture_set(tmp_path / "d", n_train=8, n_good=1, n_bad=1)
-    cfg = load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
-                                                       "epochs": 3, "batch_size": 2, "channels_last": False,
-                                                       "val_fraction": 0.0})
-    with pytest.raises(BadInputError, match=r"weights became non-finite in epoch 2 .*e\.g\. [a-z].*--resume"):
-        train_mod.train(cfg, tmp_path / "run", quiet=True)
+    err, _ = _train_with_a_poisoned_step(tmp_path, monkeypatch, 8,   # epoch 2's last step: loss finite, gradient NaN
+                                         lambda loss: loss + torch.sqrt((loss - loss.detach()).abs()))
+    assert re.search(r"weights became non-finite in epoch 2 .*e\.g\. [a-z].*--resume", str(err)), err
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
