@@ -364,7 +364,8 @@ def _stop_if_weights_nonfinite(model, epoch: int, out: Path) -> None:
     raise BadInputError(f"weights became non-finite in epoch {epoch + 1} while its losses stayed finite ({len(bad)} "
                         f"tensors, e.g. {bad[0]}): a NaN/Inf gradient; the epoch was not saved, the run's last "
                         "finished epoch is in its checkpoint.pt", path=out,
-                        fix="check the inputs for NaN/Inf or lower --lr, then --resume")
+                        fix="check the inputs for NaN/Inf (once mended, --resume goes on from that epoch), or train a "
+                            "new run with a lower --lr (a resume keeps the run's lr)")
 
 
 def _supervision_notes(fit, cfg: dict) -> None:
