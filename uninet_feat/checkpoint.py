@@ -138,12 +138,21 @@ def build_from_checkpoint(path, weights: str = "random"):
         raise BadInputError(f"checkpoint does not match its model: {len(missing)} missing keys "
                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})",
                             path=path, fix="it was written by another version or edited; retrain")
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    bad = nonfinite_keys(state)
     if bad:   # every score would be NaN, and NaN is never above a threshold: every image would pass as good
         raise BadInputError(f"checkpoint holds NaN or infinite weights in {len(bad)} tensor(s) (e.g. {bad[:3]})",
                             path=path, fix="the file is damaged, or training diverged before it was written; restore "
                                            "it or retrain (e.g. with a lower --lr)")
     return model.eval(), ckpt
+
+
+def nonfinite_keys(state: dict) -> list[str]:
+    """The keys of ``state``'s floating tensors that hold NaN or Inf (a state dict: a checkpoint's, or a training
+    model's before it is saved); one host-device sync when all are finite (tensors on one device)."""
+    floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or bool(torch.stack([v.isfinite().all() for v in floats.values()]).all()):
+        return []
+    return [k for k, v in floats.items() if not v.isfinite().all()]
 
 
 def _plain(v):

@@ -23,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .calibration import calibrate, parse_image_score, parse_map_levels, parse_map_norm, with_calibration_normals
-from .checkpoint import checkpoint_config, epochs_trained, read_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_config, epochs_trained, nonfinite_keys, read_checkpoint, save_checkpoint
 from .config import DEFAULT_CONFIG, restored_global_state, save_run_config, seed_everything
 from .data.dataset import check_samples
 from .denoise import Damager, EditDrawer, edits_mode, parse_denoise
@@ -357,10 +357,9 @@ def _stop_if_weights_nonfinite(model, epoch: int, out: Path) -> None:
     """Refuse an epoch whose weights or BatchNorm statistics are not finite, before it is saved: a NaN gradient under
     a finite loss (the epoch's last step) left every loss looking fine, checkpoint.pt took the NaN weights, and
     --resume continued from them. One host-device sync an epoch."""
-    named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
-    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+    bad = nonfinite_keys(model.state_dict())   # the tensors checkpoint.pt would take
+    if not bad:
         return
-    bad = [n for n, t in named if not bool(torch.isfinite(t).all())]
     raise BadInputError(f"weights became non-finite in epoch {epoch + 1} while its losses stayed finite ({len(bad)} "
                         f"tensors, e.g. {bad[0]}): a NaN/Inf gradient; the epoch was not saved, the run's last "
                         "finished epoch is in its checkpoint.pt", path=out,
