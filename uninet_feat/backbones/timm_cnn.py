@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import nonfinite_keys
 from ..errors import BadInputError
 from .base import Backbone, check_mean_std_pair, parse_indices
 
@@ -239,7 +240,7 @@ def _check_bn_eps(sd: dict, body: torch.nn.Module, timm_name: str, source) -> No
 def _check_finite(tensors: dict, names: dict, source) -> None:
     """NaN/Inf weights make every feature, score and loss NaN; NaN is never above a threshold, so a model built
     on them would pass every image as good. ``names``: id → the file's key, for the message."""
-    bad = [names.get(id(v), k) for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    bad = [names.get(id(tensors[k]), k) for k in nonfinite_keys(tensors)]
     if bad:
         raise BadInputError(f"the weights hold NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[:3]})",
                             path=source, fix="the file is damaged, or training diverged before it was written; "
