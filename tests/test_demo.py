@@ -16,7 +16,12 @@ def test_demo_writes_its_outputs_and_a_rerun_reuses_its_run_saying_so(tmp_path):
     for sub, command in (("", "demo"), ("features", "extract"), ("knn", "index"), ("head_defect_type", "train-head")):
         assert (out / sub / "env.json").exists(), sub   # every output folder says how it was made
         assert yaml.safe_load((out / sub / "config.yaml").read_text())["command"] == command, sub
+    calibration = json.loads((out / "run" / "calibration.json").read_text())
+    for key in ("pixel_map_choice", "image_score_choice"):   # both made after training, on synthetic defects
+        assert calibration[key]["synthetic_kinds"] and "rule" in calibration[key], key
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image_score"] == calibration["image_score"] or \
+        metrics["image_score"].startswith(calibration["image_score"] + ":")
     assert 0 <= metrics["image_auroc"] <= 1 and first["image_auroc"] == metrics["image_auroc"]
     assert "pixel_auroc" in metrics and "aupro" in metrics   # the synthetic weaves have masks
     with pytest.warns(UserWarning, match=r"finished demo run of 1 epochs, reused as it is: --epochs 2"):
