@@ -135,6 +135,29 @@ def test_a_csv_row_with_more_fields_than_its_header_is_named(tmp_path, write_ima
     assert "quote a path that holds a comma" in str(e.value)
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_semicolon_or_tab_separated_csv_is_read_as_its_header_separates(tmp_path, write_image, sep):
+    """Excel in German or French locales saves "CSV" with semicolons: the header was one column named
+    'path;split;label', and the error said the `path` column was missing."""
+    rows = ["path,split,label", '"a;1.png",train,good', "b.png,train,good", "c.png,test,crack"]
+    write_image("a;1.png")
+    p = _csv(tmp_path, write_image, "\n".join(r.replace(",", sep) for r in rows) + "\n")
+    got = {x.path.name: (x.split, x.label) for x in discover(tmp_path, p)}
+    assert got == {"a;1.png": ("train", "good"), "b.png": ("train", "good"), "c.png": ("test", "crack")}
+    p.write_text(p.read_text() + f"c.png{sep}test{sep}crack{sep}\n")
+    with pytest.raises(BadInputError, match=r"line 5 has 4 fields") as e:
+        discover(tmp_path, p)
+    assert "semicolon" in str(e.value) if sep == ";" else "tab" in str(e.value)
+
+
+def test_a_csv_row_with_a_label_but_no_path_is_named_not_dropped(tmp_path, write_image):
+    p = _csv(tmp_path, write_image, "path,split,label\na.png,train,good\n,test,crack\n,,\nc.png,test,crack\n")
+    with pytest.raises(BadInputError, match=r"line 3 has no path \(,test,crack\)"):
+        discover(tmp_path, p)
+    p.write_text("path,split,label\na.png,train,good\n,,\nc.png,test,crack\n")   # an empty row is no row
+    assert [x.path.name for x in discover(tmp_path, p)] == ["a.png", "c.png"]
+
+
 def test_a_csv_with_some_splits_left_blank_is_refused(tmp_path, write_image):
     p = _csv(tmp_path, write_image, "path,split,label\na.png,train,good\nb.png,,good\nc.png,test,crack\n")
     with pytest.raises(BadInputError, match=r"1 row\(s\) have no split \(lines 3\)"):

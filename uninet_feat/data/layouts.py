@@ -592,8 +592,11 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
         raise BadInputError(f"line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): the CSV was saved in another "
                             "encoding", path=csv_path, fix='save it as UTF-8 (Excel: "CSV UTF-8"), or convert it: '
                                                           "iconv -f cp1252 -t utf-8") from None
+    header = text.split("\n", 1)[0]
+    # Excel in many locales (German, French...) saves "CSV" separated by semicolons; tab-separated exports too
+    sep = next((c for c in ";\t" if c in header and "," not in header), ",")
     with io.StringIO(text, newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=sep)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         lacks = [c for c in ("path", "label") if c not in cols]
         if lacks:
@@ -608,11 +611,16 @@ def _from_csv(csv_path: Path, root: Path, pattern) -> list[Sample]:
         for row in reader:
             line = reader.line_num
             if None in row:   # DictReader's key for fields beyond the header's
+                name = {",": "comma", ";": "semicolon", "\t": "tab"}[sep]
                 raise BadInputError(f"line {line} has {len(reader.fieldnames) + len(row[None])} fields, the header "
-                                    f"{len(reader.fieldnames)} ({','.join(reader.fieldnames)})", path=csv_path,
-                                    fix="quote a path that holds a comma (\"a,b.png\"), and remove trailing commas")
+                                    f"{len(reader.fieldnames)} ({sep.join(reader.fieldnames)})", path=csv_path,
+                                    fix=f"quote a path that holds a {name} (\"a{sep}b.png\"), and remove trailing "
+                                        f"{name}s")
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             if not row.get("path"):
+                if any(row.values()):   # a labelled row whose path cell is empty was dropped without a word
+                    raise BadInputError(f"line {line} has no path ({sep.join(v for v in row.values())})",
+                                        path=csv_path, fix="fill in the image's path, or delete the row")
                 continue
             for c in list(split_like):
                 if row.get(c, "").lower() not in SPLITS:
