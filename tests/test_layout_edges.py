@@ -370,3 +370,25 @@ def test_each_group_draws_its_own_validation_share_and_older_runs_keep_one_draw(
     one = [x for x in samples if x.group == "mid"]           # a one-group run: the split `data` drew
     assert ({str(x.path) for x in train_val_samples(one, cfg)[1]}
             == {str(x.path) for x in train_val_samples(one, {**cfg, "val_split": "data"})[1]})
+
+
+def test_a_group_whose_normals_all_drew_test_is_named_when_training_leaves_it_out(tmp_path, write_image, recwarn):
+    """A group of few normals whose drawn split sent them all to test was left out of training without a word,
+    and evaluate then scored its images with a model that never saw them (an audit, session 52)."""
+    import hashlib
+    from uninet_feat.cli import main
+    from _tiny import register_tiny, tiny_train_args
+    register_tiny()
+    for g in ("lineA", "lineB"):
+        for i in range(6):
+            write_image(f"d/{g}/good/{i}.png", size=(32, 32))
+        write_image(f"d/{g}/dent/0.png", size=(32, 32))
+    drawn_test = [n for n in (f"c{i}.png" for i in range(200))
+                  if int(hashlib.sha1(f"lineC/good/{n}".encode()).hexdigest()[:8], 16) % 5 == 0][:3]
+    for n in drawn_test:
+        write_image(f"d/lineC/good/{n}", size=(32, 32))
+    write_image("d/lineC/dent/0.png", size=(32, 32))
+    assert main(tiny_train_args(tmp_path / "d") + ["--image-size", "32", "--out", str(tmp_path / "run")]) == 0
+    said = [str(w.message) for w in recwarn if "no training or validation normal" in str(w.message)]
+    assert len(said) == 1 and "lineC (3 normal and 1 defective test images)" in said[0]
+    assert "lineA" not in said[0] and "lineB" not in said[0]

@@ -432,6 +432,15 @@ def _say_split(fit, val, test, quiet: bool) -> None:
         if len(groups) > 1:
             print(f"one model over {len(groups)} groups ({', '.join(groups[:6])}{', ...' if len(groups) > 6 else ''})"
                   "; --group G trains one of them")
+    unseen = sorted({s.group for s in test} - {s.group for s in fit} - {s.group for s in val} - {""})
+    if unseen and {s.group for s in fit} - {""}:   # a group of few normals whose drawn split put them all in test
+        n = {g: (sum(s.group == g and s.is_normal for s in test), sum(s.group == g for s in test)) for g in unseen}
+        warnings.warn(f"{len(unseen)} group(s) have test images but no training or validation normal, so the model "
+                      "never sees their normal images and evaluate scores them against the other groups': "
+                      + ", ".join(f"{g} ({a} normal and {b - a} defective test images)" for g, (a, b) in n.items())
+                      + ". Fix: give each group normals to train on (a split CSV with `train` rows, or a train/good "
+                        "folder; a drawn split sends about a fifth of a group's normals to test), or leave the group "
+                        "out of this data")
     try:
         check_samples(test)
     except BadInputError as e:   # training does not read them: say it now, not after the last epoch
