@@ -392,3 +392,31 @@ def test_a_group_whose_normals_all_drew_test_is_named_when_training_leaves_it_ou
     said = [str(w.message) for w in recwarn if "no training or validation normal" in str(w.message)]
     assert len(said) == 1 and "lineC (3 normal and 1 defective test images)" in said[0]
     assert "lineA" not in said[0] and "lineB" not in said[0]
+
+
+def test_split_folders_inside_label_folders_give_the_split_without_unused_warnings(tmp_path, write_image):
+    """good/train/, good/test/, hole/test/ (a split filed under each label): the MVTec probe warned that their
+    images were not used, then the label layout used them all and drew the split by hash, sending some of the
+    user's test normals into training (an audit, session 52). Runs trained before keep their drawn split."""
+    from uninet_feat.runs import load_samples
+    for i in range(8):
+        write_image(f"d/good/train/{i}.png")
+    for i in range(3):
+        write_image(f"d/good/Test/{i}.png")
+        write_image(f"d/hole/test/{i}.png")
+    write_image("d/good/day1/x.png")   # no split folder: drawn as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # not one "not used" warning
+        got = {x.path.relative_to(tmp_path / "d").as_posix(): (x.split, x.label)
+               for x in load_samples(_cfg(tmp_path / "d"))}
+    assert {k: v for k, v in got.items() if "day1" not in k} == \
+        {**{f"good/train/{i}.png": ("train", "good") for i in range(8)},
+         **{f"good/Test/{i}.png": ("test", "good") for i in range(3)},
+         **{f"hole/test/{i}.png": ("test", "hole") for i in range(3)}}
+    assert got["good/day1/x.png"][0] in ("train", "test")
+    old = {"data": str(tmp_path / "d"), "split_hash": "relative"}   # a run config from before the key
+    from uninet_feat.data.layouts import Sample
+    was = load_samples(old)
+    redrawn = assign_splits([Sample(x.path, "", x.label) for x in was], root=tmp_path / "d")
+    assert [x.split for x in was] == [x.split for x in redrawn]   # every split drawn, as that run drew it
+    assert {x.path.relative_to(tmp_path / "d").as_posix(): x.split for x in was} != {k: v[0] for k, v in got.items()}

@@ -36,6 +36,9 @@ DEFAULT_CONFIG: dict = {
     # below --data, the same however --data is spelled; a run config without the key is older and used
     # "path" (the path as typed), which its evaluate/calibrate keep so its split does not change
     "split_hash": "relative",
+    # label folders holding split-named folders (good/train/, hole/test/) take that split (session 52); a run
+    # config without the key drew their split by hash and keeps doing so
+    "label_split_folders": True,
     # the validation normals (runs._validation_split): "group" = a group's normals in the data's own validation
     # split (validation/, `val` rows) where it has one, else a drawn val_fraction of that group's training normals;
     # "data" (sessions 34-48) = the same, but the groups without their own split share one draw; "drawn" = always
@@ -118,7 +121,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
 
 # what a key that a run's config.yaml lacks meant when the run trained (it was written before the key existed),
 # as its evaluate, calibrate and resume read it (checkpoint_config, runs.load_samples, runs._validation_split)
-MEANT_WHEN_ABSENT = {"student_relu": True, "split_hash": "path", "val_split": "drawn"}
+MEANT_WHEN_ABSENT = {"student_relu": True, "split_hash": "path", "val_split": "drawn", "label_split_folders": False}
 
 
 def _meant_when_absent(path: Path, loaded: dict) -> dict:

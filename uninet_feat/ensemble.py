@@ -140,6 +140,7 @@ def load_members(runs, data=None, split_csv=None, group=None, skip_bad: bool = F
 
 # config keys that do not change what a run learns (or that `_warn_other_training_data` names as its data)
 _NOT_SETTINGS = {"seed", "threads", "device", "data", "split_csv", "group", "mask_pattern", "split_hash", "val_split",
+                 "label_split_folders",
                  "cache_images", "grad_checkpointing", "step_in_backward", "keep_every", "eval_batch_size",
                  "channels_last", "skip_bad", "map_levels", "map_norm", "image_score", "pixel_map",
                  "tile_norm"}

@@ -533,8 +533,8 @@ def pixel_auroc_column(rows, res) -> None:
 # part of the input (the mirrored context the weights learnt beside the image) and `train --resume` keeps the
 # checkpoint's, so a model of another pad is of another run, whose figures would pass for this run's epochs
 _SAME_RUN_KEYS = ("backbone", "levels", "image_size", "tile", "border_pad", "data", "split_csv", "group", "seed",
-                  "val_fraction", "split_hash", "val_split")
-_SAME_RUN_DEFAULTS = {"border_pad": 0}   # what a config written before the key existed meant
+                  "val_fraction", "split_hash", "val_split", "label_split_folders")
+_SAME_RUN_DEFAULTS = {"border_pad": 0, "label_split_folders": False}   # what a config written before the key existed meant
 # and the same training: a model of another width, MEM, DFS, loss or recipe is another run's, even on the same
 # split (its figures would pass for one of this run's epochs); a key a config lacks takes its default
 _SAME_TRAINING_KEYS = ("weights", "mem", "dfs", "temperature", "lam", "margin", "decoder_depths", "width",

@@ -21,7 +21,8 @@ def load_samples(cfg: dict):
     """The samples of ``cfg``'s data (``group`` filtered), with the stable split that ``split_hash`` names."""
     if not cfg.get("data"):
         raise BadInputError("no data folder given", fix="pass --data ROOT (a folder of images, or the root a CSV is relative to)")
-    samples = discover(cfg["data"], split_csv=cfg.get("split_csv"), mask_pattern=cfg.get("mask_pattern"))
+    samples = discover(cfg["data"], split_csv=cfg.get("split_csv"), mask_pattern=cfg.get("mask_pattern"),
+                       label_splits=bool(cfg.get("label_split_folders", False)))   # absent: an older run's config
     group = cfg.get("group")
     if group:
         groups = [group] if isinstance(group, str) else list(group)
@@ -42,13 +43,15 @@ def load_samples(cfg: dict):
 SPLIT_HASHES = ("relative", "path")
 
 
-def samples_of(data, split_csv=None, group=None, split_hash=None, mask_pattern=None) -> list:
+def samples_of(data, split_csv=None, group=None, split_hash=None, mask_pattern=None,
+               label_split_folders=None) -> list:
     """Samples of ``data`` (a folder layout, or ``split_csv``'s rows) as `load_samples` reads a config;
-    ``split_hash`` from a run's config gives that run's validation split (None: a new one's), and its
-    ``mask_pattern`` its masks (without it, masks named by the pattern were images: `extract --run` stored them)."""
+    ``split_hash`` and ``label_split_folders`` from a run's config give that run's split (None: a new one's), and
+    its ``mask_pattern`` its masks (without it, masks named by the pattern were images: `extract --run` stored them)."""
     from .config import load_config
     return load_samples(load_config(None, {"data": str(data), "split_csv": split_csv, "group": group,
-                                           "split_hash": split_hash, "mask_pattern": mask_pattern}))
+                                           "split_hash": split_hash, "mask_pattern": mask_pattern,
+                                           "label_split_folders": label_split_folders}))
 
 
 def load_test_samples(cfg: dict) -> list:

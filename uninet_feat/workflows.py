@@ -59,7 +59,8 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
     samples = _batch_or_layout(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None,
-                               batch, ex.cfg.get("mask_pattern"))
+                               batch, ex.cfg.get("mask_pattern"),
+                               bool(ex.cfg.get("label_split_folders", False)) if run else None)
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
     if dd is not None:
@@ -89,7 +90,8 @@ def _copies_of(paths, items) -> list[str]:
     return [it["path"] for it in items if key(it["path"]) in want]
 
 
-def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_pattern=None) -> list:
+def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_pattern=None,
+                     label_split_folders=None) -> list:
     """The samples to extract: a training layout's (`samples_of`), or a new batch's as predict reads it (``batch``,
     or a folder of images without label folders, where the layout finds none): the features of the images
     `predict` flagged, for `cluster`."""
@@ -100,7 +102,7 @@ def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_patte
                                 "--group", fix="drop --batch, or drop --split-csv / --group")
         return without_predict_outputs(discover_batch(data, mask_pattern), data)
     try:
-        return samples_of(data, split_csv, group, split_hash, mask_pattern)
+        return samples_of(data, split_csv, group, split_hash, mask_pattern, label_split_folders)
     except BadInputError as e:
         if split_csv or group or not Path(data).is_dir() or "no images found" not in e.reason:
             raise

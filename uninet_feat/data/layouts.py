@@ -8,11 +8,13 @@ Supported, tried in this order:
       ``ground_truth/<label>/`` holds the TEST images' masks; a ``train/`` (``validation/``) image's is found beside
       it or in ``ground_truth/train/<label>/`` (``ground_truth/validation/<label>/``), never in the test images'
       folder: MVTec numbering restarts per folder (``train/good/000.png`` and ``test/good/000.png`` are two images);
-  (c) plain ``root/<label>/*`` (split ``''``), or ``root/<group>/<label>/*`` (e.g. ``aitex/fabric_00/good``).
+  (c) plain ``root/<label>/*`` (split ``''``), or ``root/<group>/<label>/*`` (e.g. ``aitex/fabric_00/good``);
+      a split folder first below a label folder gives its images that split (``good/train/``, ``hole/test/``).
 
 Label folders and nesting (why: people file new images by date, ``good/2024-05-01/``, and expect them used):
 - A label folder's images are collected recursively; its subfolders are storage, not labels
-  (``good/day1/a.png`` is label ``good``). Folders named like masks (``ground_truth``, ``masks``, ``mask``,
+  (``good/day1/a.png`` is label ``good``), and a split-named one (``train``, ``test``, ``val``...) also names the
+  split of the images under it. Folders named like masks (``ground_truth``, ``masks``, ``mask``,
   ``gt``) and hidden ones are never searched for images.
 - In (b) the label folders are ``<split>/<label>``. In (c) the first level under ``root`` holds the label
   folders when any of its folders is named like a normal label (``good``/``normal``/``ok``/``free``) or holds
@@ -78,11 +80,13 @@ def is_normal_label(label: str) -> bool:
     return label.strip().lower() in NORMAL_LABELS
 
 
-def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Sample]:
+def discover(root, split_csv=None, mask_pattern: str | None = None, label_splits: bool = True) -> list[Sample]:
     """All samples under ``root`` (or listed in ``split_csv``, relative to ``root``), sorted by path.
 
     ``mask_pattern`` (e.g. ``"{stem}_mask.png"`` or ``"../masks/{stem}.png"``), relative to the image's
-    folder, with fields {stem} {name} {label} {group}, replaces the default mask search.
+    folder, with fields {stem} {name} {label} {group}, replaces the default mask search. ``label_splits``: a label
+    folder's split-named subfolders (``good/train/``) give their images' split; False, as runs trained before
+    session 52 read them, leaves it to be drawn.
     """
     check_mask_pattern(mask_pattern)
     if split_csv:
@@ -93,7 +97,7 @@ def discover(root, split_csv=None, mask_pattern: str | None = None) -> list[Samp
             raise BadInputError("data folder not found" if not root.exists() else "not a folder", path=root,
                                 fix="pass the folder that holds the images (or the root a --split-csv is relative to)")
         seen: dict = {}   # this call's folder lookups (`_any_case`)
-        samples = _from_mvtec(root, mask_pattern, seen) or _from_plain(root, mask_pattern, seen)
+        samples = _from_mvtec(root, mask_pattern, seen) or _from_plain(root, mask_pattern, seen, label_splits)
         samples = _without_masks_as_images(samples, root)
         samples = without_predict_outputs(samples, root)   # overlays and masks of a predict run into the data
         if root.resolve().name.lower() in SPLITS and root.resolve().name and \
@@ -345,11 +349,17 @@ def _warn_unread_masks(folder: Path, pattern) -> None:
 
 
 _WARNED: set[tuple[str, str]] = set()
+_PROBING: list[list] = []   # `_from_mvtec`'s held warnings
 OTHER_IMAGES = (".gif", ".heic", ".heif", ".jfif", ".jp2", ".pgm", ".ppm", ".pnm", ".ico", ".avif")
 
 
 def _warn_unused(folder: Path, why: str) -> None:
-    """Warn once per folder, reason and process that images in it are not used (a re-discovery stays quiet)."""
+    """Warn once per folder, reason and process that images in it are not used (a re-discovery stays quiet).
+    While `_from_mvtec` probes a folder the warning waits: a folder it finds no sample in is read by
+    `_from_plain`, and its images are used after all."""
+    if _PROBING:
+        _PROBING[-1].append((folder, why))
+        return
     if (str(folder), why) not in _WARNED:
         _WARNED.add((str(folder), why))
         warnings.warn(f"{folder}: {why}", stacklevel=3)
@@ -457,6 +467,19 @@ def _subfolder(p: Path, label_dir: Path) -> str:
 
 
 def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
+    """MVTec-style samples under ``root``, or [] when it is not that layout; its warnings only in the first case
+    (``good/train/`` in a layout of label folders said its images were not used, and then they were)."""
+    _PROBING.append([])
+    try:
+        out = _from_mvtec_probe(root, pattern, seen)
+    finally:
+        held = _PROBING.pop()
+    for folder, why in held if out else ():
+        _warn_unused(folder, why)
+    return out
+
+
+def _from_mvtec_probe(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
     seen = {} if seen is None else seen   # the call's folder lookups (`_any_case`)
 
     def one(base: Path, group: str) -> list[Sample]:
@@ -515,7 +538,15 @@ def _from_mvtec(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
     return [s for d in cats for s in one(d, d.name)]
 
 
-def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
+def _split_folder(p: Path, label_dir: Path, label_splits: bool = True) -> str:
+    """The split an image's first subfolder below its label folder names (``good/train/a.png``, ``hole/Test/b.png``:
+    a split filed under each label), else '' (drawn). Such folders were read as storage and the split drawn anew,
+    sending a user's own test images into training."""
+    sub = _subfolder(p, label_dir) if label_splits else ""
+    return SPLITS.get(Path(sub).parts[0].lower(), "") if sub else ""
+
+
+def _from_plain(root: Path, pattern, seen: dict | None = None, label_splits: bool = True) -> list[Sample]:
     """``root/<label>/**`` when any first-level folder is a label folder (a normal name, or images in it),
     else ``root/<group>/<label>/**``; see the module docstring. ``seen``: the call's folder lookups (`_any_case`)."""
     seen = {} if seen is None else seen
@@ -556,8 +587,8 @@ def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
             _warn_unread_masks(d, pattern)
     if labels:  # root/<label>/**
         one_layout(root, firsts, "")
-        out = [Sample(p, "", d.name, _find_mask(p, d.name, "", gt, pattern, seen, _subfolder(p, d)), "")
-               for d in firsts for p in _images_under(d, pattern)]
+        out = [Sample(p, _split_folder(p, d, label_splits), d.name, _find_mask(p, d.name, "", gt, pattern, seen, _subfolder(p, d)),
+                      "") for d in firsts for p in _images_under(d, pattern)]
         if not pattern:
             _warn_unmatched_masks(gt, out)
         return out
@@ -570,8 +601,9 @@ def _from_plain(root: Path, pattern, seen: dict | None = None) -> list[Sample]:
             if ld.name.lower() in MASK_DIRS and ld != gt:
                 _warn_unread_masks(ld, pattern)
         for ld in lds:
-            mine += [Sample(p, "", ld.name, _find_mask(p, ld.name, g.name, gt, pattern, seen, _subfolder(p, ld)),
-                            g.name) for p in _images_under(ld, pattern)]
+            mine += [Sample(p, _split_folder(p, ld, label_splits), ld.name,
+                            _find_mask(p, ld.name, g.name, gt, pattern, seen, _subfolder(p, ld)), g.name)
+                     for p in _images_under(ld, pattern)]
         if not pattern:
             _warn_unmatched_masks(gt, mine)
         out += mine
