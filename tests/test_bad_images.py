@@ -83,7 +83,7 @@ def test_16bit_png_of_12bit_values_is_read_at_full_scale_with_a_note(tmp_path):
     looks the same), and said once per process."""
     arr = np.tile(np.array([0, 1000, 4095, 2048], np.uint16), (8, 3))
     p = _save(tmp_path, "g12.png", Image.fromarray(arr))
-    with pytest.warns(UserWarning, match=r"g12.png: a 16-bit image whose values stay below 4096 \(max 4095\)"):
+    with pytest.warns(UserWarning, match=r"g12.png: a 16-bit image whose values stay below 4096 \(max 4095, 12 bits\)"):
         a = load_image(p)
     np.testing.assert_allclose(a[0, :4, 0], [0, 1000 / 65535, 4095 / 65535, 2048 / 65535], rtol=1e-6)
     with warnings.catch_warnings():
@@ -132,6 +132,38 @@ def test_16bit_colour_is_read_at_8_bits_and_12bit_data_in_it_is_warned(tmp_path)
     with pytest.warns(UserWarning, match=r"c8.png: a 16-bit colour image whose values stay below 4096 .*max 0 of"):
         assert load_image(_png16(tmp_path / "c8.png", eight)).max() == 0
     images._FEW_BITS_COLOUR.clear()
+
+
+def test_16bit_data_in_a_32bit_tiff_is_read_at_its_containers_scale_with_a_note(tmp_path):
+    """It read near black (max 1.5e-5) without a word: the note was for 16-bit containers only (session 52)."""
+    tifffile = pytest.importorskip("tifffile")
+    from uninet_feat.data import images
+    images._FEW_BITS.clear()
+    arr = np.tile(np.array([0, 1000, 65535], np.uint32), (8, 4))
+    tifffile.imwrite(tmp_path / "u32.tif", arr)
+    with pytest.warns(UserWarning, match=r"u32.tif: a 32-bit image whose values stay below 268435456 \(max 65535, "
+                                         r"16 bits\): if it holds 16-bit camera data it is read 65536x darker"):
+        a = load_image(tmp_path / "u32.tif")
+    np.testing.assert_allclose(a[0, :3, 0], [0, 1000 / (2 ** 32 - 1), 65535 / (2 ** 32 - 1)], rtol=1e-6)
+    images._FEW_BITS.clear()
+
+
+def test_a_deep_tiff_stored_plane_by_plane_is_refused_not_read_as_noise(tmp_path):
+    """PIL decodes each 16-bit plane of a PlanarConfiguration-2 TIFF (tifffile's default for a (3, H, W) array) as
+    8-bit bytes: the image passed every check and trained as noise (an audit, session 52)."""
+    tifffile = pytest.importorskip("tifffile")
+    planes = (np.random.default_rng(2).random((3, 40, 60)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "planar16.tif", planes, planarconfig="separate")
+    for read in (load_image, check_image, load_mask):
+        with pytest.raises(BadInputError, match=r"planar16.tif: a 16-bit TIFF stored plane by plane") as e:
+            read(tmp_path / "planar16.tif")
+        assert "planarconfig='contig'" in e.value.fix
+    tifffile.imwrite(tmp_path / "contig16.tif", np.moveaxis(planes, 0, 2), planarconfig="contig")
+    np.testing.assert_array_equal(load_image(tmp_path / "contig16.tif"),
+                                  (np.moveaxis(planes, 0, 2) >> 8).astype(np.float32) / 255)
+    tifffile.imwrite(tmp_path / "planar8.tif", (planes >> 8).astype(np.uint8), planarconfig="separate")
+    np.testing.assert_array_equal(load_image(tmp_path / "planar8.tif"),   # 8 bits a plane: PIL reads it right
+                                  np.moveaxis(planes >> 8, 0, 2).astype(np.float32) / 255)
 
 
 def test_32bit_int_tiff_scaled_by_tag(tmp_path):

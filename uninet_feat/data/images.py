@@ -73,6 +73,7 @@ def _open(path, decode: bool = True) -> Image.Image:
     img = None
     try:
         img = Image.open(p)
+        _check_planar_deep_tiff(img, p)
         if decode:
             # PIL reduces 16-bit colour to 8 bits while decoding; what the file held is known only before
             img.uninet_deep_colour = img.mode in ("RGB", "RGBA") and any(
@@ -95,6 +96,22 @@ def _open(path, decode: bool = True) -> Image.Image:
             else "cannot decode image"
         raise BadInputError(f"{what} ({type(e).__name__}: {e})", path=p, fix=_FIX) from None
     return img
+
+
+def _check_planar_deep_tiff(img: Image.Image, path) -> None:
+    """Refuse a TIFF of more than 8 bits a sample stored plane by plane (PlanarConfiguration 2, tifffile's default
+    for a (3, H, W) array): PIL decodes each 16-bit plane as 8-bit bytes, and the image came out as noise with no
+    error (an audit, session 52)."""
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None or tags.get(284) != 2:
+        return
+    bits = tags.get(258, (8,))
+    if max(bits if isinstance(bits, tuple) else (bits,)) > 8:
+        raise BadInputError(f"a {max(bits)}-bit TIFF stored plane by plane (PlanarConfiguration 2), which PIL "
+                            "cannot decode: it would read as noise", path=path,
+                            fix="save it with interleaved samples (e.g. tifffile.imwrite(out, tifffile.imread(f), "
+                                "planarconfig='contig'), or ImageMagick: convert f -interlace none out.tif), or "
+                                "as a 16-bit PNG")
 
 
 def orientation(img: Image.Image) -> int:
@@ -275,15 +292,19 @@ _FEW_BITS: list[str] = []   # the one image the note named (said once per proces
 
 
 def _few_bits_note(path, raw: np.ndarray, full: float) -> None:
-    """Warn (once per process) when a 16-bit image's values all fit 12 bits: 8- or 12-bit camera data stored in
-    a 16-bit file reads 16-256x darker than it looks, since it is scaled by the container's full scale, as it must
-    be for real 16-bit data. A dark 16-bit image triggers it too, so it is a note, not a rescale."""
-    if not _FEW_BITS and full == 65535.0 and raw.size and 0 < int(raw.max()) < 4096:
+    """Warn (once per process) when an integer image of 16 or more bits keeps its values 4 bits or more below its
+    container's full scale: 8- or 12-bit camera data in a 16-bit file (or 16-bit data in a 32-bit TIFF, which read
+    near black without a word until session 52) is read 16x or more darker than it looks, since it is scaled by
+    the container's full scale, as it must be for data of that depth. A dark image triggers it too, so it is a
+    note, not a rescale."""
+    bits = int(round(np.log2(full + 1)))
+    if not _FEW_BITS and bits >= 16 and raw.size and 0 < int(raw.max()) < (full + 1) / 16:
         _FEW_BITS.append(str(path))
-        warnings.warn(f"{path}: a 16-bit image whose values stay below 4096 (max {int(raw.max())}): if it "
-                      "holds 8- or 12-bit camera data it is read 16-256x darker than full scale (scaled by "
-                      "65535). Fine if all images are stored alike; else store them at one bit depth (said "
-                      "once per run)")
+        fits = int(np.ceil(np.log2(int(raw.max()) + 1)))
+        warnings.warn(f"{path}: a {bits}-bit image whose values stay below {int((full + 1) / 16)} (max "
+                      f"{int(raw.max())}, {fits} bits): if it holds {fits}-bit camera data it is read "
+                      f"{(full + 1) / 2 ** fits:.0f}x darker than full scale (scaled by {int(full)}). Fine if all "
+                      "images are stored alike; else store them at one bit depth (said once per run)")
 
 
 _FEW_BITS_COLOUR: list[str] = []   # the one 16-bit colour image the note named (said once per process)
