@@ -206,6 +206,55 @@ def test_truncated_files(tmp_path, fmt):
         check_image(p)  # the cheap check catches it too
 
 
+def _png_by_hand(path, a, rows=None, interlace=False, cut=None):
+    """An 8-bit grey (H, W) or RGB (H, W, 3) PNG with right checksums: ``rows`` of it compressed (a stream that ends
+    early), ``cut`` bytes of its compressed stream kept (one that stops mid-way), Adam7 ``interlace``."""
+    import struct
+    import zlib
+    h, w = a.shape[:2]
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)) \
+        if interlace else ((0, 0, 1, 1),)
+    raw = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in passes
+                   for row in a[y0::dy, x0::dx][:rows] if a[y0::dy, x0::dx].size)
+    data = zlib.compress(raw)[:cut]
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2 if a.ndim == 3 else 0,
+                                                                       0, 0, int(interlace)))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_png_whose_pixel_stream_stops_or_ends_early_is_refused_up_front(tmp_path):
+    """Right checksums and an IEND, so verify() passed both: a stream that stops mid-way stopped training at its
+    decode (even under --skip-bad), one that ends after half the rows decoded with no error, the rest black (an
+    audit, session 52). Interlaced files and the real data's PNGs pass (1,485 of them, session 52)."""
+    import zlib
+    from uninet_feat.data.images import check_mask
+    a = np.random.default_rng(3).integers(0, 256, (64, 48), dtype=np.uint8)
+    whole = len(zlib.compress(b"".join(b"\x00" + r.tobytes() for r in a)))
+    for name, kw, why in (("half_rows.png", {"rows": 32}, r"holds 1568 of the 3136 bytes its 48x64 header needs"),
+                          ("stops.png", {"cut": whole // 2}, r"pixel data stops before its end")):
+        p = _png_by_hand(tmp_path / name, a, **kw)
+        for check in (check_image, check_mask):
+            with pytest.raises(BadInputError, match=why):
+                check(p)
+    for shape in ((64, 48), (5, 3), (3, 5), (1, 1), (17, 9, 3)):
+        b = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
+        for interlace in (False, True):
+            p = _png_by_hand(tmp_path / f"ok_{'x'.join(map(str, shape))}_{interlace}.png", b, interlace=interlace)
+            assert check_image(p, min_side=1) == shape[:2]
+            got = load_image(p, min_side=1)
+            np.testing.assert_array_equal(got[..., 0] if b.ndim == 2 else got, b.astype(np.float32) / 255)
+    for mode, kw in (("1", {}), ("P", {"bits": 4}), ("I;16", {}), ("LA", {}), ("RGBA", {})):
+        img = Image.fromarray(a).convert("RGBA" if mode == "RGBA" else "LA" if mode == "LA" else "L")
+        img = img.convert(mode) if mode in ("1", "P") else \
+            Image.fromarray(a.astype(np.uint16) * 257) if mode == "I;16" else img
+        img.save(tmp_path / f"m_{mode.replace(';', '')}.png", **kw)
+        assert check_image(tmp_path / f"m_{mode.replace(';', '')}.png") == (64, 48), mode
+
+
 def test_corrupt_png_body(tmp_path):
     data = bytearray(_good_bytes(tmp_path, "png"))
     data[200:260] = b"\x00" * 60  # damage compressed data, keep the header

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,56 @@ def _png_late_exif(path) -> bytes | None:
             if kind == b"IEND":
                 return None
             f.seek(n + 4, 1)   # the data and its CRC
+
+
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_pixels_short(path) -> str | None:
+    """Why a PNG's pixel data is incomplete, or None: its IDAT stream inflated (no unfiltering, no image kept; a
+    few ms for a 1-Mpx strip, a decode takes ~30) and compared with the bytes its header asks for. verify() checks
+    only the chunk checksums, so a file whose writer stopped mid-stream and still closed it (IEND, right CRCs) passed
+    `check_image`, then stopped training at its decode, even under --skip-bad; one whose stream ended early
+    decoded with no error, its missing rows black (an audit, session 52)."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return None
+        inflate, got, want = zlib.decompressobj(), 0, None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None   # verify() names a file without IEND
+            n, kind = struct.unpack(">I4s", head)
+            if kind == b"IHDR":
+                w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", f.read(13))
+                f.seek(4, 1)
+                bits = depth * {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
+                passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+                want = 0
+                for x0, y0, dx, dy in passes:
+                    pw, ph = -(-(w - x0) // dx) if w > x0 else 0, -(-(h - y0) // dy) if h > y0 else 0
+                    want += ph * (1 + -(-pw * bits // 8)) if pw and ph else 0
+                continue
+            if kind == b"IDAT":
+                data = f.read(n)
+                while data and not inflate.eof:
+                    try:
+                        got += len(inflate.decompress(data, 1 << 20))
+                    except zlib.error as e:
+                        return f"its pixel data does not inflate ({e})"
+                    data = inflate.unconsumed_tail
+                f.seek(4, 1)
+                continue
+            if kind == b"IEND":
+                break
+            f.seek(n + 4, 1)
+    if want is None:
+        return None
+    if not inflate.eof:
+        return f"its pixel data stops before its end ({got} of {want} bytes inflated)"
+    if got < want:
+        return f"its pixel data holds {got} of the {want} bytes its {w}x{h} header needs (rows missing)"
+    return None
 
 
 def _stored_size(img: Image.Image) -> tuple[int, int]:
@@ -504,9 +555,10 @@ def read_size(path) -> tuple[int, int]:
 def check_image(path, min_side: int = MIN_SIDE) -> tuple[int, int]:
     """Cheap up-front validation → (H, W), raising BadInputError like `load_image` would.
 
-    Reads the header and verifies the file without decoding pixels (PNG: every chunk CRC,
-    truncation included). JPEGs are checked for the end-of-image marker; one that lacks it
-    (truncated, or trailing bytes) is fully decoded to decide.
+    Reads the header and verifies the file without decoding pixels (PNG: every chunk CRC, truncation
+    included, and its pixel stream inflated to the length its header needs). JPEGs are checked for the
+    end-of-image marker; one that lacks it (truncated, or trailing bytes) is fully decoded to decide. Not
+    caught: a JPEG cut and given its end marker back (PIL decodes it, its lost part grey, without an error).
     """
     return _verified(path, min_side, lambda p: load_image(p, min_side))
 
@@ -530,7 +582,11 @@ def _verified(path, min_side: int, decode) -> tuple[int, int]:
             tail = f.read(2)
         if tail != b"\xff\xd9":
             decode(p)
-    elif fmt not in ("PNG",):  # verify() is shallow for most other formats: decode to be sure
+    elif fmt == "PNG":
+        short = _png_pixels_short(p)
+        if short:
+            raise BadInputError(f"truncated or corrupt image: {short}", path=p, fix=_FIX)
+    else:  # verify() is shallow for most other formats: decode to be sure
         decode(p)
     return read_size(p)   # as load_image returns it (EXIF orientation); a header read, cheap
 
