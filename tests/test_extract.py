@@ -457,6 +457,72 @@ def test_predict_with_a_plain_feature_index_and_the_combined_score(setup, tmp_pa
         assert r["combined_score"] == pytest.approx(z, rel=1e-4, abs=1e-6)
 
 
+def _register_tiny_with_normalisation():
+    """`tiny` that takes --mean/--std and records them in its config, as timm backbones do."""
+    import torch
+    from _tiny import TinyBackbone
+    from uninet_feat.backbones import register_backbone
+
+    class TinyNorm(TinyBackbone):
+        name = "tiny_norm"
+
+        def config(self):
+            return {**super().config(), "name": self.name, "mean": list(self.mean), "std": list(self.std)}
+
+    def factory(name, weights="random", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **_):
+        m = TinyNorm()
+        if weights not in (None, "random", "imagenet"):
+            m.load_state_dict(torch.load(weights, weights_only=True))
+        m.mean, m.std = tuple(mean), tuple(std)
+        return m
+    try:
+        register_backbone("tiny_norm", factory)
+    except Exception:
+        pass   # already registered in this process
+
+
+def test_a_plain_stores_weights_file_is_known_by_content_and_checked_by_predict(setup, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A plain store recorded --weights as typed: `./w.pt` or the saved config's absolute path could not resume a
+    store made with `w.pt` (every finished shard lost), and an index of it failed from another folder; and predict
+    never compared the file's sha256, so a replaced file gave other kNN scores without a word. Features extracted
+    with --mean/--std made an index predict refused for ever (an audit, session 52)."""
+    import torch
+    from uninet_feat.backbones import create_backbone
+    from uninet_feat.cli import main
+    from uninet_feat.downstream import KNNScorer
+    data, run, samples = setup
+    _register_tiny_with_normalisation()
+    monkeypatch.chdir(tmp_path)
+    torch.save(create_backbone("tiny", weights="random").state_dict(), tmp_path / "w.pt")
+    args = ["extract", "--data", str(data), "--backbone", "tiny_norm", "--image-size", "64", "--patches", "--quiet"]
+    norm = ["--mean", "0.4", "0.45", "0.5", "--std", "0.2", "0.25", "0.3"]
+    assert main(args + ["--weights", "w.pt", "--shard-size", "4", "--out", "f"] + norm) == 0
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["source"]["weights"] == str(tmp_path / "w.pt")
+    (tmp_path / "f" / "complete").unlink()   # an interrupted store: resumed however the file is spelled
+    (tmp_path / "f" / "shard-00001.npz").unlink()
+    capsys.readouterr()
+    assert main(args + ["--weights", "./w.pt", "--shard-size", "4", "--out", "f"] + norm) == 0
+    assert main(["extract", "--config", str(tmp_path / "f" / "config.yaml"), "--quiet"]) == 0
+    assert (tmp_path / "f" / "complete").exists() and "another model" not in capsys.readouterr().err
+    assert main(["index", "--features", "f", "--coreset", "1.0", "--run", str(run), "--out", "k"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)   # the index names the file by its absolute path
+    pred = ["predict", "--run", str(run), "--data", str(data), "--no-overlays", "--quiet", "--knn", str(tmp_path / "k")]
+    assert main(pred + ["--out", "p"]) == 0
+    rows = {r["path"]: r["knn_score"] for r in json.loads((elsewhere / "p" / "predictions.json").read_text())}
+    plain = Extractor(backbone="tiny_norm", weights=str(tmp_path / "w.pt"), image_size=64, patches=True,
+                      mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3))
+    want = KNNScorer.load(tmp_path / "k").score_patches(plain.extract(samples)["patches"].astype(np.float32)).max(1)
+    np.testing.assert_allclose([rows[str(s.path)] for s in samples], want, rtol=1e-5)   # with the store's mean/std
+    torch.save(create_backbone("tiny", weights="random").state_dict(), tmp_path / "w.pt")   # other weights there
+    capsys.readouterr()
+    assert main(pred + ["--out", "p2"]) == 2
+    assert "replaced or edited" in capsys.readouterr().err and not (elsewhere / "p2" / "predictions.csv").exists()
+
+
 def test_extract_refuses_backbone_flags_with_a_run(setup, tmp_path, capsys):
     """--backbone/--weights pick plain features; beside --run they were silently ignored."""
     from uninet_feat.cli import main

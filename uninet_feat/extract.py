@@ -62,9 +62,12 @@ class Extractor:
             with seeded(), float32_default():   # a random init (--weights random): the same in every run, resume
                 bb = create_normalised_backbone(name, weights, mean, std)   # and --shard process
             self.backbone = bb.eval().to(pick_device(device))
+            wfile = Path(str(weights)).expanduser() if weights else None
+            self._weights_typed = weights
+            if wfile is not None and wfile.is_file():   # recorded absolute (a link's own name kept: a clip: file's
+                weights = os.path.abspath(wfile)       # name says its activation), so index and predict find it
             self.cfg = {**DEFAULT_CONFIG, "backbone": name, "weights": weights, "mean": mean, "std": std}
             self.source = {"run": None, "backbone": self.backbone.config(), "weights": weights}
-            wfile = Path(str(weights)).expanduser() if weights else None
             if wfile is not None and wfile.is_file():   # a file replaced at the same path (or a relative one elsewhere)
                 self.source["weights_sha256"] = file_sha256(wfile)
         n_levels = len(self.backbone.channels)
@@ -276,21 +279,27 @@ class Extractor:
         n_shards = max(1, -(-len(items) // shard_size))
         settings = {"image_size": self.cfg["image_size"], "tile": self.cfg.get("tile"), "patches": self.patches,
                     "shard_size": shard_size}
-        # what the store holds, however its paths were spelled: the model by its sha256, items by absolute path
+        # what the store holds, however its paths were spelled: the model (or a weights file) by its sha256, items
+        # by absolute path
         what = {k: v for k, v in self.source.items() if k != "run"}
         paths = [os.path.abspath(i["path"]) for i in items]
         fp = older = _fingerprint(what, settings, paths)   # older: stores written before the calibration was in it
         extra, legacy = {}, []
+        source_typed = self.source   # the weights as typed, as stores written before session 52 recorded them
+        if "weights_sha256" in what:   # the file by its content: `--weights ./w.pth`, `w.pth` or the saved config's
+            fp = _fingerprint({k: v for k, v in what.items() if k != "weights"}, settings, paths)   # absolute path
+            source_typed = {**self.source, "weights": self._weights_typed}
+            older = _fingerprint({k: v for k, v in source_typed.items() if k != "run"}, settings, paths)
         if self.model is not None:   # its offsets (and neighbours' tiles) and pixel-map choice make the scores and map
             extra = calibration_fingerprint(self.run_dir, self.model)   # features: a `calibrate` between a kill and
             fp = _fingerprint({**what, **extra}, settings, paths)       # the resume must not mix two
             if len(extra) > 1:   # stores written before the neighbours' tiles were in it: calibration.json's alone
                 legacy.append(_fingerprint({**what, "calibration_sha256": extra["calibration_sha256"]}, settings,
                                            paths))
-        typed = _fingerprint({**self.source, "run": str(self._run_typed)} if self.model is not None else self.source,
+        typed = _fingerprint({**self.source, "run": str(self._run_typed)} if self.model is not None else source_typed,
                              settings, typed_paths)   # stores written before session 23
         if "weights_sha256" in self.source:   # stores written before a weights file's sha256 was in it: its
-            bare = {k: v for k, v in self.source.items() if k != "weights_sha256"}   # replacement since is unknown
+            bare = {k: v for k, v in source_typed.items() if k != "weights_sha256"}   # replacement since is unknown
             legacy += [_fingerprint({k: v for k, v in bare.items() if k != "run"}, settings, paths),
                        _fingerprint(bare, settings, typed_paths)]
         manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "source": self.source,

@@ -88,6 +88,13 @@ def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
     ex = Extractor(backbone=source["backbone"]["name"], weights=source.get("weights", "imagenet"),
                    image_size=settings["image_size"], tile=settings.get("tile") or 0, patches=True,
                    skip_bad=skip_bad, **_given_normalisation(source["backbone"]))
+    if source.get("weights_sha256") and source["weights_sha256"] != ex.source.get("weights_sha256"):
+        raise BadInputError(f"the index's backbone weights file {source.get('weights')} had sha256 "
+                            f"{str(source['weights_sha256'])[:12]}; the file there now has "
+                            f"{str(ex.source.get('weights_sha256'))[:12]} (replaced or edited): its query patches "
+                            "would not match the indexed ones", path=meta_path,
+                            fix="put the weights file the features were extracted with back, or extract the "
+                                "features and build the index again (uninet-feat extract, index)")
     from .config import _plain
     from .runs import _FROM_FILE_NAME
     was, now = source["backbone"], ex.backbone.config()
@@ -101,9 +108,10 @@ def _plain_knn_extractor(source, meta_path: Path, skip_bad: bool):
 
 
 def _given_normalisation(record: dict) -> dict:
-    """The mean/std a plain-feature index's backbone record holds, for a backbone that takes them (clip:, where a
-    file's are read from its name or given); others rebuild theirs from the name."""
-    if not str(record.get("name", "")).startswith("clip:") or record.get("mean") is None:
+    """The mean/std a plain-feature index's backbone record holds: the features were extracted with them (a clip:
+    file's read from its name, or `extract --mean/--std`, which a rebuild from the name alone lost, so such an index
+    was refused at every predict; an audit, session 52)."""
+    if record.get("mean") is None or record.get("std") is None:
         return {}
     return {"mean": tuple(record["mean"]), "std": tuple(record["std"])}
 
