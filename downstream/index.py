@@ -164,8 +164,21 @@ def _to_device(index, device: str, kind: str):
         return index
 
 
+def _check_counts(**given) -> None:
+    """Refuse a count below 1 (or not a whole number) before faiss sees it: nlist 0 crashed the interpreter
+    (segfault), hnsw_m 0 aborted it on an assertion, ef_search 0 returned wrong neighbours silently and nprobe 0 a
+    bare RuntimeError at search time (an audit, session 52)."""
+    for name, v in given.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not float(v).is_integer() or int(v) < 1:
+            raise BadInputError(f"{name} must be a whole number of at least 1, got {v!r}",
+                                fix=f"give {name} >= 1, or leave it out for the default")
+
+
 def set_search_params(index, nprobe=None, ef_search=None):
     """Set nprobe (IVF) / efSearch (HNSW) through faiss's ParameterSpace (CPU or GPU variant)."""
+    _check_counts(nprobe=nprobe, ef_search=ef_search)
     ps = faiss.GpuParameterSpace() if is_gpu_index(index) else faiss.ParameterSpace()
     if nprobe is not None:
         ps.set_index_parameter(index, "nprobe", int(nprobe))
@@ -188,6 +201,9 @@ def build_index(vectors, kind="flat", metric="l2", nlist=None, m_pq=None, nbits=
       IVFPQ move to all GPUs (trained on CPU, filled on GPU); HNSW stays on CPU.
     """
     faiss_gpus(device)   # a bad device is refused before the training, not after
+    _check_counts(nlist=nlist, nbits=nbits, hnsw_m=hnsw_m, ef_search=ef_search, nprobe=nprobe)
+    if nbits > 16:   # faiss's PQ codes hold at most 16 bits a sub-quantiser
+        raise BadInputError(f"nbits must be at most 16, got {nbits}", fix="use nbits 8 (the default) or fewer")
     x = as_matrix(vectors)
     n, d = x.shape
     if n == 0:

@@ -85,6 +85,23 @@ def test_auto_sizes_and_bad_pq():
         build_index(np.zeros((100, 8), np.float32), "ivfpq")
 
 
+@pytest.mark.parametrize("kind,bad", [("ivfpq", {"nlist": 0}), ("hnsw", {"hnsw_m": 0}), ("hnsw", {"ef_search": 0}),
+                                      ("ivfpq", {"nprobe": 0}), ("ivfpq", {"nbits": 0}), ("ivfpq", {"nbits": 17}),
+                                      ("hnsw", {"ef_search": 2.5}), ("ivfpq", {"nlist": True})])
+def test_index_counts_below_one_are_refused_before_faiss_sees_them(kind, bad):
+    """nlist 0 crashed the interpreter (segfault), hnsw_m 0 aborted it, ef_search 0 gave wrong neighbours without a
+    word and nprobe 0 a bare faiss RuntimeError at search time (an audit, session 52)."""
+    x = np.random.default_rng(0).standard_normal((400, 32)).astype(np.float32)
+    name = next(iter(bad))
+    with pytest.raises(BadInputError, match=rf"{name} must be"):
+        build_index(x, kind, device="cpu", **bad)
+    index = build_index(x, kind, device="cpu")
+    if name in ("nprobe", "ef_search"):   # as a search setting of a built index too
+        with pytest.raises(BadInputError, match=rf"{name} must be"):
+            index_mod.set_search_params(index, **bad)
+    assert search(index, x[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
+
+
 def test_ivfpq_over_a_width_with_no_useful_divisor_finds_neighbours_as_an_even_width_does():
     """A store's image vector is 4 * channels + 35 columns wide, always odd: auto sizing gave IVF-PQ a code of 1-3
     bytes (m = 1 for 739 dims), whose 10 hits held the true nearest neighbour for 28 % of queries (99.9 % padded,
