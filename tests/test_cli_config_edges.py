@@ -290,3 +290,20 @@ def test_train_names_the_command_whose_config_it_was_given(tmp_path, capsys):
         assert f"written for another command, not `train` (it is `{name}`'s)" in err
         assert f"uninet-feat {name} --config {cfg}" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_negative_value_in_exponent_form_is_taken_as_the_flags_value(tmp_path, capsys):
+    """`--threshold -1e-3` stopped at argparse's "expected one argument" (it takes -0.001 but not -1e-3 as a value),
+    while a position-corrected threshold near 0 is printed so by summary.json (an audit, session 52)."""
+    from uninet_feat.cli import _joined_exponent_values
+    argv = ["predict", "--run", str(tmp_path / "r"), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--threshold", "-1e-3"]
+    assert _parse(_joined_exponent_values(argv)).threshold == -0.001
+    assert _joined_exponent_values(["x", "--mean", "0.1", "-2e-1"])[-1] == "-2e-1"   # only a flag's first value
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:   # argparse's refusal
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "expected one argument" not in err and str(tmp_path / "r") in err

@@ -234,3 +234,33 @@ def test_a_detector_takes_a_runs_model_pt_as_the_cli_does_and_refuses_its_checkp
     with pytest.raises(BadInputError, match="run folder .or its model.pt.") as e:
         Detector(r / "checkpoint.pt")
     assert "checkpoint.pt" in str(e.value) and "--checkpoint" in str(e.value)
+
+
+def test_a_closed_pil_image_and_a_big_endian_array_are_scored_or_named(run, tmp_path):
+    """`with Image.open(p) as im: pass` then scoring im raised PIL's bare AssertionError; a uint16 array in big-endian
+    order (np.frombuffer(raw, ">u2")) was refused as "not an image this reads" with a fix asking for uint16
+    (an audit, session 52)."""
+    r, (good, _), _ = run
+    det = Detector(r)
+    with Image.open(good) as im:
+        pass
+    with pytest.raises(BadInputError, match="closed before its pixels were read") as e:
+        det.score(im)
+    assert "image.load()" in e.value.fix
+    u16 = (np.random.default_rng(1).random((60, 70)) * 65535).astype(np.uint16)
+    big = np.frombuffer(u16.astype(">u2").tobytes(), ">u2").reshape(u16.shape)
+    assert det.score(big)[0].score == det.score(u16)[0].score
+
+
+def test_an_unsigned_32bit_tiff_over_2_to_the_31_is_read_not_refused_as_signed(tmp_path):
+    """PIL opens it as int32, so values from 2^31 wrapped negative and the image was refused as "signed integer
+    image with negative values" (an audit, session 52)."""
+    tifffile = pytest.importorskip("tifffile")
+    from uninet_feat.data import load_image
+    full = np.tile(np.array([0, 2 ** 31, 2 ** 32 - 1], np.uint32), (8, 4))
+    tifffile.imwrite(tmp_path / "u32.tif", full)
+    np.testing.assert_allclose(load_image(tmp_path / "u32.tif")[0, :3, 0], [0, 2 ** 31 / (2 ** 32 - 1), 1.0],
+                               rtol=1e-6)
+    tifffile.imwrite(tmp_path / "i32.tif", np.array([[-5, 7]] * 8, np.int32))   # a signed file's negatives: refused
+    with pytest.raises(BadInputError, match="negative values"):
+        load_image(tmp_path / "i32.tif", min_side=1)

@@ -277,6 +277,8 @@ def test_width_scales_the_bottleneck_and_student_and_survives_a_checkpoint(tmp_p
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="width"):
         UniNet(TinyBackbone(), width=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):   # the loss divided by it at the first step
+        UniNet(TinyBackbone(), temperature=0)
 
 
 def test_predict_scores_in_eval_mode_and_leaves_the_mode_and_statistics_as_they_were():

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -632,12 +633,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning{kind}: {message}", file=file or sys.stderr)
 
 
+_NEGATIVE_EXPONENT = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _joined_exponent_values(argv: list) -> list:
+    """``--threshold -1e-3`` as ``--threshold=-1e-3``: argparse takes a negative number only without an exponent as a
+    value and stopped at "expected one argument", while a position-corrected threshold near 0 is printed so by
+    summary.json (an audit, session 52)."""
+    out = []
+    for tok in argv:
+        if out and _NEGATIVE_EXPONENT.match(tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:   # the command line (console script, python -m); a caller passing argv keeps its own display
         warnings.showwarning = _show_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:   # `torchrun ... -m uninet_feat -- extract --run R` (else torchrun takes --run itself)
         argv = argv[1:]
+    argv = _joined_exponent_values(argv)
     ap = build_parser()
     try:
         _apply_config(ap, argv)

@@ -67,6 +67,8 @@ def _frame_file(image, path: Path, k: int):
         return target, f"<image {k}>"
     _check_image_kind(image, f"image {k}")
     a = np.asarray(image)
+    if a.dtype.byteorder not in ("=", "|") and a.dtype.kind == "u":   # np.frombuffer(raw, ">u2") of a camera buffer
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype not in (np.uint8, np.uint16) or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise BadInputError(f"image {k}: a {a.dtype} array of shape {a.shape} is not an image this reads",
                             fix=_PIXELS_FIX)
@@ -156,6 +158,10 @@ def _upright(image, k: int):
     from .data.images import _decode, _stored_size, _UPRIGHT, orientation, oriented, oriented_size
     from .errors import BadInputError
     name = f"<image {k}>"
+    if getattr(image, "tile", None) and getattr(image, "fp", None) is None:   # `with Image.open(p) as im:` left
+        raise BadInputError(f"{name}: the PIL image was closed before its pixels were read (a bare AssertionError in "
+                            "PIL before session 52)", fix="pass the file's path, or call image.load() inside the "
+                                                          "`with Image.open(...)` block before it closes")
     if getattr(image, "tile", None) and getattr(image, "fp", None) is not None:   # opened, not yet decoded
         filename = getattr(image, "filename", "")
         try:

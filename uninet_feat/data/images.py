@@ -312,7 +312,11 @@ def _to_array(img: Image.Image, path, meta: Image.Image | None = None) -> np.nda
         _few_bits_note(path, raw, 65535.0)
         a = raw.astype(np.float32) / 65535.0
     elif mode == "I":
-        a = np.asarray(img).astype(np.float64)
+        a = np.asarray(img)
+        tag = getattr(meta or img, "tag_v2", None)
+        if a.dtype == np.int32 and tag is not None and _tag_first(tag, 258) == 32 and _tag_first(tag, 339, 1) == 1:
+            a = a.view(np.uint32)   # an unsigned 32-bit TIFF: PIL's int32 wraps values from 2^31 to negative ones
+        a = a.astype(np.float64)
         if a.size and a.min() < 0:
             raise BadInputError("signed integer image with negative values", path=path,
                                 fix="save it as unsigned 8- or 16-bit")
@@ -372,6 +376,14 @@ def few_bits_colour_note(path, a8: np.ndarray) -> None:
                       f"{int(a8[..., :3].max())} of 255): if it holds 8- or 12-bit camera data, PIL keeps only the "
                       "high byte of each value, so it reads nearly black with at most 16 levels per channel. Fix: "
                       "store such frames as 8-bit colour, or scale them to the full 16-bit range (said once per run)")
+
+
+def _tag_first(tag, key: int, default=None):
+    """A TIFF tag's (first) value as an int, or ``default``."""
+    if key not in tag:
+        return default
+    v = tag[key]
+    return int(v[0] if isinstance(v, tuple) else v)
 
 
 def _int_max(img: Image.Image, a: np.ndarray) -> float:

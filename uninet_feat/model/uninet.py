@@ -95,6 +95,8 @@ class UniNet(nn.Module):
         w = float(self.cfg["width"])
         if not w > 0:
             raise ValueError(f"width must be > 0, got {w}")
+        if not float(self.cfg["temperature"]) > 0:   # the loss divides by it: a ZeroDivisionError at the first step
+            raise ValueError(f"temperature must be > 0, got {self.cfg['temperature']}")
         scaled = {} if w == 1 else {"width": max(8, round(w * channels[-1])),
                                     "out_channels": max(8, round(2 * w * channels[-1]))}
         self.bottleneck = Bottleneck(channels, strides, self.cfg["mem"], **scaled, stride=self.cfg["bottleneck_stride"])
