@@ -135,6 +135,11 @@ def test_export_refusals_name_the_fix(plain, exported, tmp_path, monkeypatch, ca
     meta = json.loads((tmp_path / "b" / "model.json").read_text())   # the previous pair, whole and matching
     assert meta["onnx_sha256"] == file_sha256(tmp_path / "b" / "model.onnx")
     assert not [p.name for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")]
+    # and its records: a refused export-model wrote its own config.yaml / env.json beside the previous export's
+    # model.onnx and model.json (an audit, session 52), so `--config OUT/config.yaml` re-ran another command
+    records = {n: (tmp_path / "b" / n).read_bytes() for n in ("config.yaml", "env.json", "model.json")}
+    assert main(["export-model", "--run", str(run), "--out", str(tmp_path / "b"), "--max-fpr", "0.2", "--quiet"]) == 2
+    assert {n: (tmp_path / "b" / n).read_bytes() for n in records} == records
 
 
 def test_a_clip_backbone_run_exports_too(tmp_path):

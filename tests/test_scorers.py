@@ -84,6 +84,12 @@ def test_flag_by_knn_needs_an_index_and_valid_normals(setup, tmp_path, capsys):
         assert main(given + ["--flag-by", "knn", "--out", str(tmp_path / "k")]) == 0
     rows = json.loads((tmp_path / "k" / "predictions.json").read_text())
     assert [r["flagged"] for r in rows] == [r["knn_score"] > 0.5 for r in rows]
+    # refused after scoring into that folder: its parts under .partial are scratch, so the folder keeps the records of
+    # the outputs it holds (the refused command's config.yaml and env.json replaced them; an audit, session 52)
+    records = {n: (tmp_path / "k" / n).read_bytes() for n in ("config.yaml", "env.json", "summary.json")}
+    with pytest.warns(UserWarning, match="held out"):
+        assert main(given + ["--flag-by", "combined", "--out", str(tmp_path / "k")]) == 2
+    assert {n: (tmp_path / "k" / n).read_bytes() for n in records} == records
 
 
 def test_predict_removes_its_earlier_overlays_and_maps_and_no_file_of_the_users(setup, tmp_path):

@@ -60,12 +60,16 @@ def records_first(folder, write_records: Callable[[], None]):
         _FIRST_WRITE.pop(key, None)
 
 
+SCRATCH = ".partial"   # a command's resumable parts under its --out: scratch, not outputs the records describe
+
+
 def _before_write(path) -> None:
     if not _FIRST_WRITE:
         return
     p = os.path.abspath(path)
     with _FIRST_LOCK:
-        due = [k for k in _FIRST_WRITE if p == k or p.startswith(k.rstrip(os.sep) + os.sep)]
+        due = [k for k in _FIRST_WRITE if p == k or (p.startswith(k.rstrip(os.sep) + os.sep)
+                                                      and Path(os.path.relpath(p, k)).parts[0] != SCRATCH)]
         calls = [_FIRST_WRITE.pop(k) for k in due]
     for call in calls:   # its own files come back here with the folder gone from the table
         call()
@@ -74,8 +78,9 @@ def _before_write(path) -> None:
 def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
     """``writer(tmp_path)`` on a temp file in ``path``'s folder, fsynced and with ``path``'s mode: the caller puts it
     in place (``os.replace``) or removes it. Why apart from `atomic_write`: a pair of files (export-model's
-    model.onnx and model.json) is written in full first and then renamed back to back."""
-    _before_write(path)
+    model.onnx and model.json) is written in full first and then renamed back to back. The command's records
+    (`records_first`) are written once ``writer`` has succeeded, before the caller puts the file in place: a writer
+    that refuses (export-model's check) leaves the folder's earlier records with its earlier outputs."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,7 @@ def staged(path: str | os.PathLike, writer: Callable[[str], None]) -> str:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, open_mode(path))   # mkstemp made it 0600
+        _before_write(path)
     return tmp
 
 

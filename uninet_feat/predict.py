@@ -16,7 +16,7 @@ from .calibration import applied_tile_norm
 from .normals import KIND_LOOK_FILES
 from .data.tiling import tile_score_reducer
 from .featstore import aggregate_tiles, head_columns
-from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from .io import SCRATCH, atomic_write_bytes, atomic_write_csv, atomic_write_text
 from .runs import ready_to_score, samples_of
 
 
@@ -159,7 +159,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
             if (save_maps or wdm_overlays) and not ex.cfg.get("tile") else None)
     # with the run's own patches for the kNN, they are scored batch by batch and only their scores kept; the pass
     # is saved part by part under OUT/.partial, so a killed predict run again redoes at most one part
-    partial = Path(os.path.abspath(out)) / ".partial"
+    partial = Path(os.path.abspath(out)) / SCRATCH
     knn_key = _knn_key(knn) if knn is not None else None
     res = ex.extract(samples, patch_fn=scorer.score_patches if scorer is not None and kex is None else None,
                      map_fn=held, parts=partial / "run", key=knn_key if kex is None else None)
