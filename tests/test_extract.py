@@ -1,5 +1,6 @@
 """Feature export: schema round trip, resume after a crash, plain vs adapted, CLI downstream chain."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1137,3 +1138,34 @@ def test_an_untiled_stores_head_trains_on_the_top_half_only_and_predicts_as_with
     tiled = np.concatenate([X[:, :len(names) // 2], X[:, :len(names) // 2] + 1.0], 1)
     kept, kept_names = without_twin_half(tiled, names)
     assert kept.shape == tiled.shape and kept_names == names
+
+
+def test_a_batch_for_a_run_of_several_groups_takes_group_from_flag_or_folder(tmp_path, capsys):
+    """A run of several groups scored by position offsets per group could not extract a new batch at all: the
+    offsets need each image's group, and --group was refused with --batch (README step 5; an audit, session 52)."""
+    import shutil
+    from uninet_feat.cli import main
+    root = tmp_path / "data"
+    for i, g in enumerate(("g1", "g2")):
+        write_texture_set(root / g, n_train=6, n_good=2, n_bad=2, wide=True, seed=i)
+    cfg = load_config(None, {"data": str(root)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "tile": 64, "tile_norm": "position", "epochs": 1,
+                                                       "batch_size": 4, "val_fraction": 0.3, "channels_last": False})
+    train(cfg, tmp_path / "run", quiet=True)
+    flat, by = tmp_path / "flat", tmp_path / "by"
+    for g in ("g1", "g2"):
+        for p in sorted((root / g / "test" / "good").glob("*.png")):
+            (by / g).mkdir(parents=True, exist_ok=True)
+            flat.mkdir(exist_ok=True)
+            shutil.copy(p, by / g / p.name)
+            shutil.copy(p, flat / f"{g}_{p.name}")
+    base = ["extract", "--run", str(tmp_path / "run"), "--batch", "--quiet"]
+    capsys.readouterr()
+    assert main(base + ["--data", str(flat), "--out", str(tmp_path / "f0")]) == 2
+    assert "extract --batch --group G" in capsys.readouterr().err
+    assert main(base + ["--data", str(flat), "--group", "g1", "--out", str(tmp_path / "f1")]) == 0
+    items = json.loads((tmp_path / "f1" / "manifest.json").read_text())["items"]
+    assert {i["group"] for i in items} == {"g1"} and len({i["path"] for i in items}) == 4
+    assert main(base + ["--data", str(by), "--out", str(tmp_path / "f2")]) == 0
+    items = json.loads((tmp_path / "f2" / "manifest.json").read_text())["items"]
+    assert {(Path(i["path"]).parent.name, i["group"]) for i in items} == {("g1", "g1"), ("g2", "g2")}

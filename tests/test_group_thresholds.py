@@ -1,6 +1,7 @@
 """One model for several groups flags each image by its own group's threshold (`thresholds.group_thresholds`):
 the groups' normal scores sit at other levels, and one pooled threshold passes the lower groups' defects."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,21 @@ def test_images_of_no_group_of_the_run_are_warned_at_the_pooled_threshold(run, t
         shutil.copy(p, flat / p.name)
     with pytest.warns(UserWarning, match=r"group '' \(2\) are flagged at the pooled threshold"):
         predict_cmd(r, flat, tmp_path / "p", quiet=True, overlays=False)
+    # laid out as the warning advises, DIR/<group>/...: each image takes its folder's group and threshold (they kept
+    # group '' and the pooled threshold; an audit, session 52); a folder of no group of the run stays ''
+    by = tmp_path / "by_group"
+    for g in ("lineA", "lineB", "lineQ"):
+        (by / g).mkdir(parents=True)
+        for p in sorted((root / ("lineA" if g == "lineQ" else g) / "test" / "spot").glob("*.png")):
+            shutil.copy(p, by / g / p.name)
+    with pytest.warns(UserWarning, match=r"group '' \(2\) are flagged at the pooled threshold"):
+        res = predict_cmd(r, by, tmp_path / "q", quiet=True, overlays=False)
+    rows = json.loads((tmp_path / "q" / "predictions.json").read_text())
+    assert sorted((Path(x["path"]).parent.name, x["group"]) for x in rows) == \
+        [("lineA", "lineA")] * 2 + [("lineB", "lineB")] * 2 + [("lineQ", "")] * 2
+    cal = json.loads((r / "calibration.json").read_text())
+    assert all(x["flagged"] == (x["wdm_score"] > cal["group_thresholds"].get(x["group"], cal["threshold"]))
+               for x in rows) and res["n_images"] == 6
 
 
 def test_evaluate_group_of_another_checkpoint_is_calibrated_on_the_runs_own_split(run):

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tiling; none without --run)")
     p.add_argument("--patches", action="store_true", help="also store patch vectors (for kNN)")
     p.add_argument("--batch", action="store_true", help="read --data as predict does: every image under it, "
-                   "unlabelled unless its layout has a normal folder (a folder of images alone is read so anyway)")
+                   "unlabelled unless its layout has a normal folder (a folder of images alone is read so anyway); "
+                   "DIR/<group>/ images take a multi-group run's group of that name, --group G gives every image G")
     p.add_argument("--text", nargs="?", const=True, default=None, metavar="PROMPTS_YAML",
                    help="clip: backbones: append zero-shot text-similarity columns (default fabric prompts, "
                         "or a prompt file from `uninet-feat prompts`)")

@@ -327,8 +327,9 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
     if table is None:
         raise BadInputError(f"no position offsets for group {sample.group!r}: the run's normals came from groups "
                             f"{sorted(offsets)}", path=sample.path,
-                            fix="give the images' group (`predict --group G`, or a --split-csv with a group "
-                                "column), or `uninet-feat calibrate --run RUN --tile-norm none`")
+                            fix="give the images' group (`predict --group G`, `extract --batch --group G`, a batch "
+                                "laid out as DIR/<group>/..., or a --split-csv with a group column), or "
+                                "`uninet-feat calibrate --run RUN --tile-norm none`")
     if sizes and group in sizes and hw is not None:
         hw = [int(v) for v in hw]
         if hw not in sizes[group]:

@@ -136,8 +136,11 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     if split_csv:
         samples = samples_of(data, split_csv, mask_pattern=ex.cfg.get("mask_pattern"))
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
-        from .data.layouts import discover_batch
+        from .data.layouts import batch_groups, discover_batch
+        from .thresholds import run_group_names
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))
+        if group is None:   # DIR/<group>/... for a run of several groups: each image its folder's group
+            samples = batch_groups(samples, data, run_group_names(ex.run_dir, ex.model.cfg))
     from dataclasses import replace
     from .data.layouts import without_predict_outputs   # this --out's and earlier predicts' overlays and maps
     samples = without_predict_outputs(samples, data, out)   # are not a new batch (warned); other images are

@@ -58,9 +58,11 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
                    text=text, skip_bad=skip_bad, device=device, mean=mean, std=std)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
+    from .thresholds import run_group_names
     samples = _batch_or_layout(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None,
                                batch, ex.cfg.get("mask_pattern"),
-                               bool(ex.cfg.get("label_split_folders", False)) if run else None)
+                               bool(ex.cfg.get("label_split_folders", False)) if run else None,
+                               run_group_names(ex.run_dir, ex.model.cfg) if run else ())
     store = ex.extract_to(samples, out, shard_size=shard_size, shard=(i, n), quiet=quiet)
     complete = store is not None
     if dd is not None:
@@ -91,16 +93,20 @@ def _copies_of(paths, items) -> list[str]:
 
 
 def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_pattern=None,
-                     label_split_folders=None) -> list:
+                     label_split_folders=None, run_groups=()) -> list:
     """The samples to extract: a training layout's (`samples_of`), or a new batch's as predict reads it (``batch``,
     or a folder of images without label folders, where the layout finds none): the features of the images
-    `predict` flagged, for `cluster`."""
-    from .data.layouts import discover_batch, without_predict_outputs
+    `predict` flagged, for `cluster`. A batch takes ``group`` (every image), else, for a run of several
+    ``run_groups``, each image its ``DIR/<group>/`` folder's, as predict reads it (a run scored by position offsets
+    per group could not extract a batch at all: --group was refused with --batch; an audit, session 52)."""
+    from dataclasses import replace
+    from .data.layouts import batch_groups, discover_batch, without_predict_outputs
     if batch:
-        if split_csv or group:
-            raise BadInputError("--batch reads every image under --data, unlabelled: it takes no --split-csv or "
-                                "--group", fix="drop --batch, or drop --split-csv / --group")
-        return without_predict_outputs(discover_batch(data, mask_pattern), data)
+        if split_csv:
+            raise BadInputError("--batch reads every image under --data, unlabelled: it takes no --split-csv",
+                                fix="drop --batch, or drop --split-csv")
+        found = without_predict_outputs(discover_batch(data, mask_pattern), data)
+        return [replace(s, group=group) for s in found] if group else batch_groups(found, data, run_groups)
     try:
         return samples_of(data, split_csv, group, split_hash, mask_pattern, label_split_folders)
     except BadInputError as e:
@@ -109,7 +115,7 @@ def _batch_or_layout(data, split_csv, group, split_hash, batch: bool, mask_patte
         found = without_predict_outputs(discover_batch(data, mask_pattern), data)
         if not found:
             raise
-        return found
+        return batch_groups(found, data, run_groups)
 
 
 def zero_shot_step(bb) -> int:

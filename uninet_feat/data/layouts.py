@@ -173,6 +173,25 @@ def _check_one_file_each(samples, where) -> None:
                             fix="keep one path to each image (remove the symlink or the duplicate)")
 
 
+def batch_groups(samples, root, groups) -> list[Sample]:
+    """A new batch laid out by group, ``DIR/<group>/...``, scored by a run of several ``groups``: each image of no
+    group under a folder so named takes that group (its threshold and position offsets). The folders of a batch are
+    storage to `discover_batch`, so such images kept group '' and were flagged at the pooled threshold, whose
+    warning advised this very layout (an audit, session 52)."""
+    from dataclasses import replace
+    names = set(groups) - {""}
+    if len(names) < 2:
+        return samples
+    out = []
+    for s in samples:
+        try:
+            parts = Path(os.path.relpath(s.path, root)).parts
+        except ValueError:   # another drive (Windows)
+            parts = ()
+        out.append(replace(s, group=parts[0]) if not s.group and len(parts) > 1 and parts[0] in names else s)
+    return out
+
+
 def discover_batch(path, mask_pattern: str | None = None) -> list[Sample]:
     """Images to score (``predict``): one image file, or every image under a folder, sorted by path.
 
