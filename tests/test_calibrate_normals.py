@@ -143,7 +143,8 @@ def test_gone_normals_are_named_and_a_resumed_training_keeps_them(trained, tmp_p
 
 def test_copies_are_found_hashing_each_training_image_once(trained, tmp_path, monkeypatch):
     """Fixed-size image files (BMP, uncompressed TIFF: a line's camera) all have one size, so every training image
-    is a copy candidate of every normal given: each must be hashed once, not once per normal (n_val x n_train)."""
+    is a copy candidate of every normal given: each must be hashed once, not once per normal (n_val x n_train); and
+    since session 52 only its first 64 KiB unless a normal's match them."""
     from PIL import Image
     from uninet_feat import featstore
     from uninet_feat import normals as run_normals
@@ -159,13 +160,22 @@ def test_copies_are_found_hashing_each_training_image_once(trained, tmp_path, mo
     for p in sorted(normals.iterdir()):
         Image.open(p).save(given / (p.stem + ".bmp"))
     cfg = {**load_config(run / "config.yaml"), "data": str(bmp)}
-    calls = []
-    real = featstore.file_sha256
+    calls, heads = [], []
+    real, real_head = featstore.file_sha256, run_normals._head_sha256
     monkeypatch.setattr(featstore, "file_sha256", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(run_normals, "_head_sha256", lambda p: heads.append(p) or real_head(p))
     val = run_normals.given_normals(given, cfg)
     run_normals.check_given_normals(val, cfg, given)
     n_fit = len(list((bmp / "train" / "good").iterdir())) - 2   # less the held-out validation normals
-    assert len(calls) == n_fit + len(val)   # each training image once, each given normal once
+    assert len(heads) == n_fit + len(val)   # each training image once, each given normal once
+    assert calls == []   # no head alike: no file read whole
+    import shutil   # a given normal that is a copy of a training image: those two read whole, once each
+    fit_file = sorted(p for p in (bmp / "train" / "good").iterdir() if str(p) not in {str(s.path) for s in val})[0]
+    calls.clear()
+    from uninet_feat.normals import same_files
+    assert same_files([*(s.path for s in val), shutil.copy(fit_file, tmp_path / "copy.bmp")],
+                      sorted((bmp / "train" / "good").iterdir())) == [str(tmp_path / "copy.bmp")]
+    assert sorted(map(str, calls)) == sorted([str(fit_file), str(tmp_path / "copy.bmp")])
 
 
 def test_the_few_normals_warning_of_given_normals_names_their_folder_not_the_split(trained, tmp_path):
@@ -263,7 +273,7 @@ def test_a_split_csv_whose_validation_rows_are_the_runs_test_images_is_warned_an
     cal = json.loads((work / "calibration.json").read_text())
     assert sorted(cal["val_paths"]) == sorted(str(p.resolve()) for p in (data / "test" / "good").glob("*.png"))
     with pytest.warns(UserWarning, match=r"3 test image\(s\) are among the normals the run's threshold was set on "
-                                         r"\(the validation rows of the split CSV") as got:
+                                         r"\(the validation normals it was calibrated with: its own split, or the val rows of a split CSV") as got:
         assert main(["evaluate", "--run", str(work), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["threshold_set_on_test_images"] == 3
     assert any("without --split-csv" in str(w.message) for w in got)
@@ -408,7 +418,8 @@ def test_calibrating_a_run_whose_training_folder_grew_is_refused(tmp_path, capsy
 def test_evaluate_on_another_split_says_how_many_test_images_the_run_trained_on(tmp_path):
     """evaluate scored the run's own training images as test normals of another split CSV without a word (a real
     AITEX split: image AUROC 0.29 -> 0.64, false-positive rate 0.67 -> 0); calibrate refuses as much for
-    validation normals. Now warned, and counted in the JSON; the run's own split is not checked (nothing to say)."""
+    validation normals. Now warned, and counted in the JSON; on the run's own split only a byte copy of a training
+    image filed among the test images can be one, said by train and evaluate (an audit, session 52)."""
     import csv
     import warnings
     from uninet_feat.config import load_config
@@ -436,6 +447,16 @@ def test_evaluate_on_another_split_says_how_many_test_images_the_run_trained_on(
         res = evaluate(tmp_path / "run", split_csv=str(tmp_path / "other.csv"), quiet=True)
     assert res["test_images_trained_on"] == 3
     assert "test_images_trained_on" not in evaluate(tmp_path / "run", quiet=True)
+    import shutil   # a training image copied into the run's own test folder, under another name
+    shutil.copytree(data, tmp_path / "d2")
+    own = train_val_samples(load_samples({**cfg, "data": str(tmp_path / "d2")}), cfg)[0][0].path
+    shutil.copy(own, tmp_path / "d2" / "test" / "good" / "copy_of_a_training_image.png")
+    cfg2 = {**cfg, "data": str(tmp_path / "d2")}
+    with pytest.warns(UserWarning, match=r"1 test image\(s\) are byte copies of training or validation images"):
+        train(cfg2, tmp_path / "run2", quiet=True)
+    with pytest.warns(UserWarning, match=r"1 of the 5 test images are images the run trained on \(byte copies of its "
+                                         r"training images\) \(e.g. .*copy_of_a_training_image.png\).*remove the copies"):
+        assert evaluate(tmp_path / "run2", quiet=True)["test_images_trained_on"] == 1
 
 
 def test_given_normals_of_a_run_of_every_group_of_its_data_are_checked_against_those_groups(tmp_path):

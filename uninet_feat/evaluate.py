@@ -173,10 +173,12 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     _warn_other_colour_kind(run, test)   # grey images for a colour run, or the other way (as predict and Detector)
     if skip_bad:   # a mask that does not fit leaves alone: its image is still scored
         test = drop_unusable_masks(test)
-    trained_on = None
-    if data is not None or split_csv is not None:   # another split or layout: its test images may be trained ones
-        from .normals import warn_test_images_trained_on
-        trained_on = warn_test_images_trained_on(test, dict(ckpt["config"]), data, run)
+    # another split or layout: its test images may be trained ones; the run's own: byte copies of training images
+    from .normals import warn_test_images_trained_on
+    own = data is None and split_csv is None
+    trained_on = warn_test_images_trained_on(test, dict(ckpt["config"]), data, run, own=own)
+    if own and not trained_on:   # the JSON names the count where it is news: another split's, or copies found
+        trained_on = None
     has_masks = any(s.mask is not None for s in test)
     prep = _knn_prepare(run, knn, split_cfg, test, skip_bad, pixel_map_kind(model.cfg)) if knn is not None else None
     budget = PIXEL_BUDGET if pixel_budget is None else int(pixel_budget)
@@ -440,8 +442,9 @@ def _threshold_set_on_test(run, test, other_model: bool = False, range_units: bo
                  f"{' and '.join(on)} being taken on them" if on else
                  f"{image}; the pixel figures do not use it" if chosen else "AUROC, AP and the pixel figures do not "
                  "use it")
+        where = given or "the validation normals it was calibrated with: its own split, or the val rows of a split CSV"
         warnings.warn(f"{len(shared)} test image(s) are among the normals the run's threshold was set on "
-                      f"({given or 'the validation rows of the split CSV it was calibrated with'}; e.g. {shared[0]}): "
+                      f"({where}; e.g. {shared[0]}): "
                       f"recall and false-positive rate at that threshold are optimistic ({pixel}). Fix: `uninet-feat "
                       f"calibrate --run {run} --normals` a folder without test images"
                       + ("" if given else ", or without --split-csv (its own split)") + ", or --threshold / --max-fpr")

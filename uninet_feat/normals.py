@@ -110,10 +110,18 @@ def given_normals(folder, cfg: dict) -> list:
     return [replace(s, split="val", label="good", mask=None, group=s.group or only) for s in found]
 
 
+def _head_sha256(path, n: int = 1 << 16) -> str:
+    """sha256 of a file's first ``n`` bytes: tells apart most same-sized files (a line's fixed-size BMPs or raw TIFFs)
+    without reading them whole."""
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
 def same_files(paths, pool) -> list[str]:
     """Those of ``paths`` that are files of ``pool``: the same file (symlinks resolved) or a byte copy of one (same
-    size, then same sha256; each pool file is hashed once, and only when a path has its size: a line's fixed-size
-    files, BMP or raw TIFF, all share one)."""
+    size, then the same first 64 KiB, then the same sha256; a pool file is read only when a path has its size and
+    head: a line's fixed-size files, BMP or raw TIFF, all share one size)."""
     from .featstore import file_sha256
     known = {str(Path(t).resolve()) for t in pool}
     same = [str(v) for v in paths if str(Path(v).resolve()) in known]
@@ -123,17 +131,28 @@ def same_files(paths, pool) -> list[str]:
             sizes.setdefault(Path(t).stat().st_size, []).append(t)
         except OSError:
             continue
+    heads: dict = {}   # size -> {head sha256: [pool files]}
     for v in paths:
         if str(v) in same:
             continue
         try:
             size = Path(v).stat().st_size
+            if size not in sizes:
+                continue
+            if size not in heads:
+                heads[size] = {}
+                for t in sizes[size]:
+                    heads[size].setdefault(_head_sha256(t), []).append(t)
+            key = (size, _head_sha256(v))
+            alike = heads[size].get(key[1])
+            if not alike:
+                continue
+            if key not in by_size:
+                by_size[key] = {file_sha256(t) for t in alike}
+            if file_sha256(v) in by_size[key]:
+                same.append(str(v))
         except OSError:
             continue
-        if size in sizes and size not in by_size:
-            by_size[size] = {file_sha256(t) for t in sizes[size]}
-        if size in by_size and file_sha256(v) in by_size[size]:
-            same.append(str(v))
     return same
 
 
@@ -201,10 +220,11 @@ def own_split(trained_cfg: dict, data=None, run=None) -> tuple[list, list]:
     return samples, train_val_samples(samples, own)[0]
 
 
-def warn_test_images_trained_on(test: list, trained_cfg: dict, data=None, run=None) -> int | None:
-    """How many of ``test`` (another split's or layout's test images) the run trained on, warned when any: every
-    figure on them is optimistic (a trained image scores like the normals it learnt). None when the run's own data
-    cannot be read to tell (warned)."""
+def warn_test_images_trained_on(test: list, trained_cfg: dict, data=None, run=None, own: bool = False) -> int | None:
+    """How many of ``test`` (another split's or layout's test images; ``own``: the run's own split's, where a byte copy
+    of a training image filed among the test images goes unseen by the split) the run trained on, warned when any:
+    every figure on them is optimistic (a trained image scores like the normals it learnt). None when the run's own
+    data cannot be read to tell (warned)."""
     try:
         try:   # where it trained, when still there (``data`` may be another layout of the same files)
             fit = own_split(trained_cfg)[1]
@@ -218,9 +238,11 @@ def warn_test_images_trained_on(test: list, trained_cfg: dict, data=None, run=No
         return None
     same = same_files([s.path for s in test], [t.path for t in fit])
     if same:
-        warnings.warn(f"{run}: {len(same)} of the {len(test)} test images are images the run trained on (e.g. "
-                      f"{same[0]}): every figure on them is optimistic. Fix: a split whose test images the run never "
-                      "saw (its own: drop --split-csv)")
+        fix = ("remove the copies from the test images (or from training) and train again" if own else
+               "a split whose test images the run never saw (its own: drop --split-csv)")
+        warnings.warn(f"{run}: {len(same)} of the {len(test)} test images are images the run trained on"
+                      f"{' (byte copies of its training images)' if own else ''} (e.g. {same[0]}): every figure on "
+                      f"them is optimistic. Fix: {fix}")
     return len(same)
 
 

@@ -441,6 +441,12 @@ def _say_split(fit, val, test, quiet: bool) -> None:
                       + ". Fix: give each group normals to train on (a split CSV with `train` rows, or a train/good "
                         "folder; a drawn split sends about a fifth of a group's normals to test), or leave the group "
                         "out of this data")
+    from .normals import same_files
+    copies = same_files([s.path for s in test], [s.path for s in [*fit, *val]])
+    if copies:   # a split of paths cannot see a file filed twice (an audit, session 52)
+        warnings.warn(f"{len(copies)} test image(s) are byte copies of training or validation images (e.g. "
+                      f"{copies[0]}): evaluate's figures on them are optimistic (a trained image scores like the "
+                      "normals it learnt). Fix: remove the copies from the test images (or from training)")
     try:
         check_samples(test)
     except BadInputError as e:   # training does not read them: say it now, not after the last epoch
