@@ -379,6 +379,23 @@ def _exif(orientation):
     return exif
 
 
+def test_a_mask_drawn_on_a_turned_images_stored_pixels_is_told_to_turn_not_resize(tmp_path):
+    """The mask fits the JPEG's stored 96x48 pixels, the image reads upright 48x96: the error advised resizing the
+    mask to 48x96, which squashes it (an audit, session 52). A mask of another size altogether still gets that fix."""
+    p = _save(tmp_path, "phone.jpg", Image.fromarray(np.zeros((48, 96, 3), np.uint8)), exif=_exif(6), quality=95)
+    stored = _save(tmp_path, "stored_mask.png", Image.fromarray(np.zeros((48, 96), np.uint8)))
+    with pytest.raises(BadInputError, match=r"stored turned \(EXIF orientation 6\)") as e:
+        load_mask(stored, size=(96, 48), image_path=p)
+    assert "do not resize" in e.value.fix and "exif_transpose" in e.value.fix
+    other = _save(tmp_path, "other_mask.png", Image.fromarray(np.zeros((40, 40), np.uint8)))
+    with pytest.raises(BadInputError, match="resize the mask to 48x96"):
+        load_mask(other, size=(96, 48), image_path=p)
+    plain = _save(tmp_path, "plain.jpg", Image.fromarray(np.zeros((48, 96, 3), np.uint8)), quality=95)
+    with pytest.raises(BadInputError, match="resize the mask to 96x48"):   # no tag: sizes swapped, but no turn
+        load_mask(_save(tmp_path, "tall_mask.png", Image.fromarray(np.zeros((96, 48), np.uint8))), size=(48, 96),
+                  image_path=plain)
+
+
 def test_exif_orientation_applied_to_images_and_their_sizes(tmp_path):
     """A phone-style JPEG stored 96x48 with orientation 6 is shown 48x96 (turned 90 degrees clockwise): it is
     read that way, so a mask drawn on the displayed image fits it."""

@@ -471,6 +471,16 @@ def _grey16_to_8(img: Image.Image, strip: int = 2 ** 20) -> Image.Image:
     return Image.fromarray(out)
 
 
+def _stored_turned(path) -> int:
+    """The EXIF orientation (5..8) of an image stored with a quarter turn, else 0 (unreadable too)."""
+    try:
+        with _open(path, decode=False) as img:
+            o = orientation(img)
+    except (BadInputError, OSError):
+        return 0
+    return o if o >= 5 else 0
+
+
 def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.ndarray:
     """Decode a defect mask to bool (H, W): any non-zero pixel (in any colour channel) is defect.
 
@@ -487,6 +497,14 @@ def load_mask(path, size: tuple[int, int] | None = None, image_path=None) -> np.
     h, w = raw.shape
     if size is not None and (h, w) != tuple(size):
         img_txt = f"image {image_path}" if image_path else "its image"
+        turn = _stored_turned(image_path) if image_path and (w, h) == tuple(size) else 0
+        if turn:   # drawn on the pixels as stored: resizing it as advised would squash it (an audit, session 52)
+            raise BadInputError(f"mask is {w}x{h} px but {img_txt} is {size[1]}x{size[0]} px: the image is stored "
+                                f"turned (EXIF orientation {turn}) and shown upright, and the mask fits its stored "
+                                "pixels", path=path,
+                                fix="turn the mask as the tag turns the image (e.g. PIL's ImageOps.exif_transpose "
+                                    "on the image and the same transpose on the mask), or save the image upright "
+                                    "without the tag; do not resize it")
         raise BadInputError(f"mask is {w}x{h} px but {img_txt} is {size[1]}x{size[0]} px", path=path,
                             fix=f"resize the mask to {size[1]}x{size[0]} with nearest-neighbour, "
                                 "or check that the mask belongs to this image")
