@@ -240,6 +240,27 @@ def test_the_bootstrap_against_normal_images_draws_no_image_it_does_not_count():
     assert np.isfinite(g["pixel_auroc"]).all() and len(np.unique(g["pixel_auroc"])) > 1
 
 
+def test_a_pooled_draw_with_no_normal_pixel_is_left_out_and_counted():
+    """No normal test image and a defect image whose mask covers it whole: a draw of that image alone has no normal
+    pixel, so its pixel AUROC was NaN (the interval [nan, nan], and NaN in the JSON) and its AUPRO 0.0 (an audit,
+    session 52). Such draws leave the draws and are counted; the others are as before."""
+    rng = np.random.default_rng(0)
+    whole, part = np.ones((8, 8), bool), np.zeros((8, 8), bool)
+    part[2:4, 2:4] = True
+    maps = [rng.random((8, 8)).astype(np.float32) for _ in range(2)]
+    h = M.pixel_histograms([whole, part], maps)
+    draws = M.bootstrap_histograms(h, n_boot=200)
+    n = len(draws["pixel_auroc"])
+    assert draws["undefined_draws"] == 200 - n and 20 < 200 - n < 100 and len(draws["aupro"]) == n
+    assert np.isfinite(draws["pixel_auroc"]).all() and np.isfinite(draws["aupro"]).all()
+    w = np.random.default_rng(np.random.SeedSequence(0).spawn(3)[1]).multinomial(2, [0.5, 0.5], size=200)
+    a, p = M.binned_pixel_figures(w.astype(float), h, 0.3)   # the same resamples, each scored
+    ok = w[:, 1] > 0   # a draw holding the partly masked image has normal pixels
+    np.testing.assert_array_equal(draws["pixel_auroc"], a[ok])
+    np.testing.assert_array_equal(draws["aupro"], p[ok])
+    assert M.bootstrap_histograms(M.pixel_histograms([part, ~whole], maps), n_boot=50)["undefined_draws"] == 0
+
+
 @pytest.mark.parametrize("seed,levels", [(3, None), (4, 5), (8, 3)])
 def test_figures_against_normal_images_leave_out_the_defective_images_other_pixels(seed, levels):
     """`negatives="normal_images"`: defect pixels against the defect-free images' pixels alone, for pixel AUROC (as

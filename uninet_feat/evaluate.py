@@ -586,9 +586,7 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
         if st.defect_pixels().any():
             out["pixel_auroc"], out["aupro"] = st.pixel_auroc(), st.aupro()
             h = st.histograms()
-            draws = metrics.bootstrap_histograms(h, seed=seed)
-            out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
-            out["aupro_interval"] = metrics.interval(draws["aupro"])
+            _pixel_intervals(out, metrics.bootstrap_histograms(h, seed=seed))
             _within(out, st.within_image_auroc())
             normal = normal & (st.defect_pixels() == 0)   # a normal label with a defect in its mask: neither
             if normal.any():
@@ -601,9 +599,7 @@ def _metrics(labels, scores, res, has_masks, seed=0, scope: str = "the test set"
             out["pixel_auroc"] = metrics.pixel_auroc(m, a)
             out["aupro"] = metrics.aupro(m, a)
             h = metrics.pixel_histograms(list(m), list(a), seed=seed)   # what pixel_bootstrap bins
-            draws = metrics.bootstrap_histograms(h, seed=seed)
-            out["pixel_auroc_interval"] = metrics.interval(draws["pixel_auroc"])
-            out["aupro_interval"] = metrics.interval(draws["aupro"])
+            _pixel_intervals(out, metrics.bootstrap_histograms(h, seed=seed))
             _within(out, metrics.within_image_auroc(m, a))
             normal = normal & ~np.array([np.any(x) for x in m])   # a normal label with a defect in its mask
             if normal.any():
@@ -619,8 +615,16 @@ def _vs_normal_images(out: dict, auroc: float, apro: float, h: dict, normal, see
     is not a normal image here (the pooled figures count its pixels as normal ones, as `evaluate` warns)."""
     draws = metrics.bootstrap_histograms(metrics.normal_images_histograms(h, normal), seed=seed)
     out["pixel_auroc_vs_normal_images"], out["aupro_vs_normal_images"] = auroc, apro
-    out["pixel_auroc_vs_normal_images_interval"] = metrics.interval(draws["pixel_auroc"])
-    out["aupro_vs_normal_images_interval"] = metrics.interval(draws["aupro"])
+    _pixel_intervals(out, draws, "_vs_normal_images")
+
+
+def _pixel_intervals(out: dict, draws: dict, suffix: str = "") -> None:
+    """The pixel figures' intervals from `metrics.bootstrap_histograms` draws; None when no draw had a normal pixel,
+    and how many draws had none (left out) when any."""
+    for key in ("pixel_auroc", "aupro"):
+        out[f"{key}{suffix}_interval"] = metrics.interval(draws[key]) if len(draws[key]) else None
+    if draws.get("undefined_draws"):
+        out[f"pixel{suffix}_undefined_draws"] = draws["undefined_draws"]
 
 
 def _within(out: dict, w) -> None:
@@ -710,7 +714,7 @@ def print_report(report: dict) -> None:
                          else k)
     rows = [("all", report)] + list(report.get("per_group", {}).items())
     rows += [(f"label {k}", v) for k, v in report.get("per_label", {}).items()]
-    show = lambda v: f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
+    show = lambda v: "none" if v is None else f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
     share = any("defect_pixel_share" in v for v in report.get("per_label", {}).values())
     if share:   # pooled pixel AUROC weighs labels by their pixels: which label a low figure comes from
         table.add_column("defect px")
@@ -730,7 +734,7 @@ def print_report(report: dict) -> None:
         console.print(f"within image: each defective image's own pixel AUROC (is the defect where its map is hot), "
                       f"mean over the {report['within_image_n']} with defect and normal pixels")
     if "pixel_auroc_vs_normal_images" in report:
-        iv = lambda k: "{:.3f}-{:.3f}".format(*report[k + "_interval"])  # noqa: E731
+        iv = lambda k: "{:.3f}-{:.3f}".format(*report[k + "_interval"]) if report[k + "_interval"] else "none"  # noqa: E731
         console.print(f"against normal images alone (the defective images' other pixels left out): pixel AUROC "
                       f"{report['pixel_auroc_vs_normal_images']:.4f} ({iv('pixel_auroc_vs_normal_images')}), AUPRO "
                       f"{report['aupro_vs_normal_images']:.4f} ({iv('aupro_vs_normal_images')})")
