@@ -47,6 +47,28 @@ def register_tiny():
         pass  # already registered in this process
 
 
+def register_tiny_norm():
+    """`tiny` that takes --mean/--std and records them in its config, as timm backbones do."""
+    from uninet_feat.backbones import register_backbone
+
+    class TinyNorm(TinyBackbone):
+        name = "tiny_norm"
+
+        def config(self):
+            return {**super().config(), "name": self.name, "mean": list(self.mean), "std": list(self.std)}
+
+    def factory(name, weights="random", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **_):
+        m = TinyNorm()
+        if weights not in (None, "random", "imagenet"):
+            m.load_state_dict(torch.load(weights, weights_only=True))
+        m.mean, m.std = tuple(mean), tuple(std)
+        return m
+    try:
+        register_backbone("tiny_norm", factory)
+    except Exception:
+        pass   # already registered in this process
+
+
 def tiny_train_args(data) -> list[str]:
     """`uninet-feat train` arguments for a one-epoch run of the tiny backbone on ``data`` (add --out and flags)."""
     return ["train", "--data", str(data), "--backbone", "tiny", "--weights", "random", "--image-size", "64",

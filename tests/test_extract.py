@@ -13,7 +13,7 @@ from uninet_feat.featstore import FeatureStore
 from uninet_feat.train import train
 from uninet_feat.runs import load_samples
 
-from _tiny import register_tiny, run_with_plain_index, write_texture_set
+from _tiny import register_tiny, register_tiny_norm, run_with_plain_index, write_texture_set
 
 register_tiny()
 
@@ -458,30 +458,6 @@ def test_predict_with_a_plain_feature_index_and_the_combined_score(setup, tmp_pa
         assert r["combined_score"] == pytest.approx(z, rel=1e-4, abs=1e-6)
 
 
-def _register_tiny_with_normalisation():
-    """`tiny` that takes --mean/--std and records them in its config, as timm backbones do."""
-    import torch
-    from _tiny import TinyBackbone
-    from uninet_feat.backbones import register_backbone
-
-    class TinyNorm(TinyBackbone):
-        name = "tiny_norm"
-
-        def config(self):
-            return {**super().config(), "name": self.name, "mean": list(self.mean), "std": list(self.std)}
-
-    def factory(name, weights="random", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **_):
-        m = TinyNorm()
-        if weights not in (None, "random", "imagenet"):
-            m.load_state_dict(torch.load(weights, weights_only=True))
-        m.mean, m.std = tuple(mean), tuple(std)
-        return m
-    try:
-        register_backbone("tiny_norm", factory)
-    except Exception:
-        pass   # already registered in this process
-
-
 def test_a_plain_stores_weights_file_is_known_by_content_and_checked_by_predict(setup, tmp_path, monkeypatch,
                                                                                  capsys):
     """A plain store recorded --weights as typed: `./w.pt` or the saved config's absolute path could not resume a
@@ -493,7 +469,7 @@ def test_a_plain_stores_weights_file_is_known_by_content_and_checked_by_predict(
     from uninet_feat.cli import main
     from uninet_feat.downstream import KNNScorer
     data, run, samples = setup
-    _register_tiny_with_normalisation()
+    register_tiny_norm()
     monkeypatch.chdir(tmp_path)
     torch.save(create_backbone("tiny", weights="random").state_dict(), tmp_path / "w.pt")
     args = ["extract", "--data", str(data), "--backbone", "tiny_norm", "--image-size", "64", "--patches", "--quiet"]

@@ -420,3 +420,22 @@ def test_split_folders_inside_label_folders_give_the_split_without_unused_warnin
     redrawn = assign_splits([Sample(x.path, "", x.label) for x in was], root=tmp_path / "d")
     assert [x.split for x in was] == [x.split for x in redrawn]   # every split drawn, as that run drew it
     assert {x.path.relative_to(tmp_path / "d").as_posix(): x.split for x in was} != {k: v[0] for k, v in got.items()}
+
+
+def test_a_list_of_groups_refuses_a_name_it_does_not_find_and_scores_each_of_its_own(tmp_path, write_image):
+    """`group: [fabA, fabBB]` (a typo) trained on fabA alone without a word; and a run of `group: [fabA, fabB]`
+    refused `evaluate/predict --group fabA`, comparing 'fabA' with the list's text (an audit, session 52)."""
+    from uninet_feat.runs import load_samples, ready_to_score
+    for g in ("fabA", "fabB"):
+        for i in range(3):
+            write_image(f"d/{g}/good/{i}.png")
+    with pytest.raises(BadInputError, match=r"no images in group\(s\) \['fabBB'\]; groups here: fabA, fabB"):
+        load_samples(_cfg(tmp_path / "d", group=["fabA", "fabBB"]))
+    assert {s.group for s in load_samples(_cfg(tmp_path / "d", group=["fabA", "fabB"]))} == {"fabA", "fabB"}
+
+    class Model:   # what ready_to_score reads of a model here
+        cfg: dict = {}
+    for own in (["fabA", "fabB"], ["fabA"], "fabA"):
+        assert ready_to_score(Model(), {"group": own}, "fabA", threads=False) is not None
+    with pytest.raises(BadInputError, match="trained on group"):
+        ready_to_score(Model(), {"group": ["fabA", "fabB"]}, "fabC", threads=False)

@@ -269,6 +269,21 @@ def test_checkpoint_of_a_run_with_another_width_or_recipe_is_refused(texture, tm
     assert evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)["epoch"] == 1
 
 
+
+def test_checkpoint_of_a_run_with_another_input_normalisation_is_refused(texture, tmp_path):
+    """A model trained on inputs normalised with another --mean/--std was scored and reported as one of the run's
+    epochs (an audit, session 52)."""
+    from uninet_feat.evaluate import evaluate
+    from _tiny import register_tiny_norm
+    register_tiny_norm()
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(texture, epochs=1, backbone="tiny_norm"), a, quiet=True)
+    train(_cfg(texture, epochs=1, backbone="tiny_norm", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]), b, quiet=True)
+    with pytest.raises(BadInputError, match=r"not a model of the run .*mean \[0\.5, 0\.5, 0\.5\] vs None"):
+        evaluate(a, checkpoint=b / "model.pt", quiet=True)
+    assert evaluate(a, checkpoint=a / "checkpoint.pt", quiet=True)["epoch"] == 1
+
+
 def test_checkpoint_of_a_run_without_validation_normals(texture, tmp_path):
     from uninet_feat.evaluate import evaluate
     run = tmp_path / "nv"

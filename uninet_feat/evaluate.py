@@ -542,7 +542,7 @@ _SAME_RUN_DEFAULTS = {"border_pad": 0, "label_split_folders": False}   # what a 
 # split (its figures would pass for one of this run's epochs); a key a config lacks takes its default
 _SAME_TRAINING_KEYS = ("weights", "mem", "dfs", "temperature", "lam", "margin", "decoder_depths", "width",
                        "bottleneck_stride", "stop_grad", "denoise", "denoise_kinds", "lr", "lr_target",
-                       "weight_decay", "batch_size")
+                       "weight_decay", "batch_size", "mean", "std")   # mean/std: the input it learnt on
 
 
 def _check_same_run(run, checkpoint, ckpt_cfg: dict) -> None:

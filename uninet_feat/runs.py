@@ -27,9 +27,10 @@ def load_samples(cfg: dict):
     if group:
         groups = [group] if isinstance(group, str) else list(group)
         there = sorted({s.group for s in samples} - {""})
+        missing = [g for g in groups if g not in there]   # a misspelt name of a list trained on the rest silently
         samples = [s for s in samples if s.group in groups]
-        if not samples:
-            raise BadInputError(f"no images in group(s) {groups}; groups here: {', '.join(there) or 'none'}",
+        if not samples or missing:
+            raise BadInputError(f"no images in group(s) {missing or groups}; groups here: {', '.join(there) or 'none'}",
                                 path=cfg["data"], fix="check --group against the category folders / CSV column"
                                 if there else "drop --group: this data has no groups (category folders or a CSV "
                                               "group column)")
@@ -381,7 +382,9 @@ def ready_to_score(model, cfg: dict, group=None, skip_bad: bool = False, threads
     when given, ``skip_bad`` as asked now (not as the run was trained), its thread count (``threads``: torch's
     process-wide setting; a host process embedding a `Detector` keeps its own)."""
     if group is not None:
-        if cfg.get("group") is not None and str(group) != str(cfg["group"]):
+        own = cfg.get("group")
+        own = None if own is None else [own] if isinstance(own, str) else [str(g) for g in own]
+        if own is not None and str(group) not in own:   # a run of a list of groups scores each of them
             raise BadInputError(f"this run was trained on group {cfg['group']!r} only; its model, threshold and "
                                 f"offsets are that group's, so group {group!r}'s figures would not be",
                                 fix=f"use a run trained on {group!r} (`train --group {group}`) or one trained on "
