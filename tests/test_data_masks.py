@@ -220,3 +220,39 @@ def test_extract_and_calibrate_normals_take_the_runs_mask_pattern(tmp_path):
     assert len(items) == 10 and not [it for it in items if "_gt" in it["path"]]
     cal = json.loads((run / "calibration.json").read_text())
     assert sorted(p.rsplit("/", 1)[-1] for p in cal["val_paths"]) == ["n0.png", "n1.png", "n2.png"]
+
+
+def test_supervised_training_keeps_thin_defects_that_a_nearest_resize_empties(tmp_path, monkeypatch):
+    """A 1-px defect line on a 300-px image, trained at 64 px: nearest-exact kept no pixel of 6 of 8 such masks, so
+    those labelled defects trained as normal images, their defect copied by the student (an audit, session 52).
+    Training masks now mark a resized pixel defect when any pixel it covers is; evaluation keeps nearest-exact."""
+    import numpy as np
+    from PIL import Image
+    from uninet_feat.data import ImageDataset, Sample
+    img = np.full((300, 300, 3), 128, np.uint8)
+    mask = np.zeros((300, 300), np.uint8)
+    mask[:, 151] = 255   # column 151: between the columns nearest-exact keeps at 300 -> 64
+    Image.fromarray(img).save(tmp_path / "x.png")
+    Image.fromarray(mask).save(tmp_path / "x_mask.png")
+    s = [Sample(tmp_path / "x.png", label="scratch", mask=tmp_path / "x_mask.png")]
+    assert ImageDataset(s, image_size=64)[0]["mask"].sum() == 0
+    kept = ImageDataset(s, image_size=64, mask_resize="any")[0]["mask"]
+    assert kept.sum() == 64 and set(np.unique(kept.numpy())) == {0.0, 1.0}
+    assert kept[0, :, 32].sum() == 64   # the column the line's pixels fall into: 151 * 64 / 300 = 32.2
+    seen = []
+    import uninet_feat.train as train_mod
+    real = train_mod.make_dataset
+    monkeypatch.setattr(train_mod, "make_dataset", lambda *a, **k: seen.append(k.get("mask_resize")) or real(*a, **k))
+    from uninet_feat.config import load_config
+    from _tiny import register_tiny, write_texture_set
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=2)
+    base = {"backbone": "tiny", "weights": "random", "image_size": 32, "epochs": 1, "batch_size": 2,
+            "channels_last": False}
+    train_mod.train(load_config(None, {"data": str(data)}, base=base), tmp_path / "one", quiet=True)
+    rows = ["path,split,label"] + [f"{p.relative_to(data)},train,good" for p in sorted((data / "train" / "good").glob("*.png"))] \
+        + [f"{p.relative_to(data)},train,spot" for p in sorted((data / "test").glob("*/*.png")) if p.parent.name != "good"]
+    (tmp_path / "sup.csv").write_text("\n".join(rows) + "\n")
+    train_mod.train(load_config(None, {"data": str(data), "split_csv": str(tmp_path / "sup.csv"), "supervised": True},
+                                base=base), tmp_path / "sup", quiet=True)
+    assert seen[0] == "nearest" and seen[-1] == "any"

@@ -217,10 +217,10 @@ def _validation_split(samples, normals: list, cfg: dict):
     return [s for s in normals if id(s) not in out], own + drawn
 
 
-def make_dataset(samples, cfg: dict, backbone) -> ImageDataset:
+def make_dataset(samples, cfg: dict, backbone, mask_resize: str = "nearest") -> ImageDataset:
     return ImageDataset(samples, image_size=cfg["image_size"], tile=cfg.get("tile"),
                         overlap=cfg.get("tile_overlap", 0), mean=tuple(backbone.mean), std=tuple(backbone.std),
-                        skip_bad=cfg.get("skip_bad", False))
+                        skip_bad=cfg.get("skip_bad", False), mask_resize=mask_resize)
 
 
 def eval_batches(ds, cfg: dict, device=None):

@@ -195,7 +195,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     step = dd.wrap(model)             # None in the single-process run
     if dd.is_main:
         save_run_config(out, cfg, resumed_at=start_epoch if resume else None)
-    ds = make_dataset(fit, cfg, model.source)
+    # supervised: a defect's positions are where any of its pixels fall (as `losses.row_weights` pools them)
+    ds = make_dataset(fit, cfg, model.source, mask_resize="any" if cfg.get("supervised") else "nearest")
     if cfg.get("cache_images", True):
         ds = CachedDataset(ds)
     if len(ds) < 1:
