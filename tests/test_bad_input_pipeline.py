@@ -167,6 +167,16 @@ def test_weights_made_nonfinite_by_an_epochs_last_step_are_not_saved(tmp_path, m
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 
 
+def test_weights_made_nonfinite_in_the_first_epoch_say_nothing_was_saved_to_resume(tmp_path, monkeypatch):
+    """In epoch 1 there is no checkpoint.pt: the message said the last finished epoch was in it and advised --resume,
+    which met "nothing to resume" (an audit, session 52)."""
+    err, _ = _train_with_a_poisoned_step(tmp_path, monkeypatch, 4,   # epoch 1's last step
+                                         lambda loss: loss + torch.sqrt((loss - loss.detach()).abs()))
+    assert re.search(r"weights became non-finite in epoch 1 .*no epoch was finished before it", str(err)), err
+    assert "--resume" not in err.fix.replace("saved to --resume from", "") and "run the command again" in err.fix
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_skip_bad_trains_around_a_corrupt_file(tmp_path):
     from uninet_feat.train import train
     data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)

@@ -146,6 +146,17 @@ def test_plain_resume_finishes_the_runs_own_schedule(tmp_path, monkeypatch):
     resumed = ["train", *TRAIN, "--out", "cut", "--resume", "--epochs", "5", "--quiet"]
     assert main(resumed + ["--data", "."]) == 2
     assert main(resumed + ["--data", "d"]) == 0 and read_checkpoint(cut / "model.pt")["epoch"] == 5
+    # checkpoint.pt removed from the finished run (disk space): --resume said "drop --resume", and without it
+    # "already holds a run ... pass --resume", a circle (an audit, session 52); both now say a new --out
+    (cut / "checkpoint.pt").unlink()
+    from uninet_feat.config import load_config
+    from uninet_feat.errors import BadInputError
+    fixes = []
+    for resume in (True, False):   # refused before any model is built
+        with pytest.raises(BadInputError) as e:
+            train_mod.train(load_config(None, {"data": str(data)}), cut, resume=resume, quiet=True)
+        fixes.append(e.value.fix)
+    assert all("new --out" in f and "pass --resume" not in f and "drop --resume" not in f for f in fixes), fixes
 
 
 def test_a_run_folder_takes_one_writer_and_sheds_a_killed_writes_temp_files(tmp_path, capsys):

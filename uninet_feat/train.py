@@ -62,7 +62,12 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
     start_epoch = 0
     if resume:
         if not ckpt_path.exists():
-            raise BadInputError("nothing to resume: no checkpoint.pt", path=out, fix="drop --resume to start fresh")
+            # a finished run whose checkpoint.pt was removed (disk space): "drop --resume" led to "already holds a
+            # run", whose fix was --resume again (an audit, session 52)
+            fix = ("a run cannot go on without its checkpoint.pt (model.pt holds no optimiser state): restore it, or "
+                   "train a new run (a new --out)" if (out / "model.pt").exists() else
+                   "drop --resume to start fresh")
+            raise BadInputError("nothing to resume: no checkpoint.pt", path=out, fix=fix)
         state = read_checkpoint(ckpt_path)
         _check_resumable(ckpt_path, state)
         _check_config_edits(out, state)
@@ -82,7 +87,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                                     f"{state['epoch']}")
     elif (out / "model.pt").exists() or ckpt_path.exists():
         raise BadInputError("run folder already holds a run", path=out,
-                            fix="pass --resume to continue it, or choose a new --out")
+                            fix="pass --resume to continue it, or choose a new --out" if ckpt_path.exists() else
+                            "choose a new --out (its checkpoint.pt is gone, so --resume cannot continue it)")
     else:   # a resumed run keeps its config as saved: an older run's split hashes `data` as it was typed
         cfg = absolute_data_paths(cfg)
     set_threads(cfg)
@@ -361,11 +367,17 @@ def _stop_if_weights_nonfinite(model, epoch: int, out: Path) -> None:
     bad = nonfinite_keys(model.state_dict())   # the tensors checkpoint.pt would take
     if not bad:
         return
-    raise BadInputError(f"weights became non-finite in epoch {epoch + 1} while its losses stayed finite ({len(bad)} "
-                        f"tensors, e.g. {bad[0]}): a NaN/Inf gradient; the epoch was not saved, the run's last "
-                        "finished epoch is in its checkpoint.pt", path=out,
-                        fix="check the inputs for NaN/Inf (once mended, --resume goes on from that epoch), or train a "
-                            "new run with a lower --lr (a resume keeps the run's lr)")
+    what = f"weights became non-finite in epoch {epoch + 1} while its losses stayed finite ({len(bad)} tensors, e.g. " \
+           f"{bad[0]}): a NaN/Inf gradient; the epoch was not saved"
+    if (out / "checkpoint.pt").exists():
+        raise BadInputError(f"{what}, the run's last finished epoch is in its checkpoint.pt", path=out,
+                            fix="check the inputs for NaN/Inf (once mended, --resume goes on from that epoch), or "
+                                "train a new run with a lower --lr (a resume keeps the run's lr)")
+    # the first epoch: no checkpoint.pt to resume from (the advice to --resume met "nothing to resume"; an audit,
+    # session 52)
+    raise BadInputError(f"{what}, and no epoch was finished before it", path=out,
+                        fix="check the inputs for NaN/Inf, or lower --lr; then run the command again (nothing was "
+                            "saved to --resume from)")
 
 
 def _supervision_notes(fit, cfg: dict) -> None:
