@@ -526,3 +526,19 @@ def test_defects_smaller_than_a_pixel_of_the_evaluated_size_are_named(tmp_path):
     with pytest.warns(UserWarning, match=r"1 defect mask\(s\) lose every defect pixel .*image_size 32"):
         rep = evaluate(run, quiet=True)
     assert rep["defect_masks_lost_at_image_size"] == 1 and "defect_masks_without_defect_pixels" not in rep
+
+
+def test_a_batch_of_one_with_a_one_by_one_bottleneck_is_refused_before_the_run_folder(tmp_path):
+    """--batch-size 1 (or one training image) at an input whose bottleneck grid is 1x1: BatchNorm raised a torch
+    traceback mid-epoch after config.yaml was written (an audit, session 52)."""
+    from uninet_feat.train import train
+    register_tiny()
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    base = {"backbone": "tiny", "weights": "random", "epochs": 1, "channels_last": False, "val_fraction": 0.0}
+    with pytest.raises(BadInputError, match=r"batch of one image at image_size 32: the bottleneck's grid is 1x1") as e:
+        train(load_config(None, {"data": str(data)}, base={**base, "image_size": 32, "batch_size": 1}),
+              tmp_path / "r", quiet=True)
+    assert "--image-size 64" in e.value.fix and not (tmp_path / "r").exists()
+    train(load_config(None, {"data": str(data)}, base={**base, "image_size": 64, "batch_size": 1}), tmp_path / "ok",
+          quiet=True)
+    assert (tmp_path / "ok" / "model.pt").exists()

@@ -145,6 +145,12 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                             f"{side}, to which {'each tile' if cfg.get('tile') else 'the image'} is resized): a "
                             "mirror reflects at most the input itself",
                             fix=f"a smaller --border-pad, or --image-size {least} or larger")
+    one = cfg["batch_size"] == 1 or (len(fit) == 1 and not cfg.get("tile"))   # a batch of one image
+    if one and (side + 2 * model.border_pad) // step <= 1:   # a torch traceback after the folder was written
+        raise BadInputError(f"a batch of one image at image_size {side}: the bottleneck's grid is 1x1, and BatchNorm "
+                            "cannot train on one value per channel", path=cfg.get("split_csv") or cfg.get("data"),
+                            fix=f"--batch-size 2 or more (with 2 or more training images), or --image-size "
+                                f"{2 * step} or larger")
     if resume:   # saved as the run first saved it: the resolved student_relu has the checkpoint's own key, so a
         cfg = {k: v for k, v in cfg.items() if k != "student_relu"}   # resumed model.pt equals an uninterrupted one
         if "student_relu" in state["config"]:
