@@ -79,14 +79,16 @@ def test_random_weights_are_seedable():
         _same(a(_x()), b(_x()))
 
 
-@pytest.mark.parametrize("name, suffix", [("resnet18", ".pth"), ("convnext_atto", ".safetensors")])
+@pytest.mark.parametrize("name, suffix", [("resnet18", ".pth"), ("convnext_atto", ".safetensors"),
+                                         ("convnext_atto", ".SAFETENSORS")])
 def test_timm_layout_file_round_trip(tmp_path, name, suffix):
     """A full timm model's own state dict (classifier included; convnext's feature wrapper renames
-    stages.0 → stages_0) loads by path and reproduces that model's intermediate features."""
+    stages.0 → stages_0) loads by path and reproduces that model's intermediate features. An upper-case
+    .SAFETENSORS was read as a torch file and refused (an audit, session 52)."""
     torch.manual_seed(1)
     full = timm.create_model(name, pretrained=False).eval()
     path = tmp_path / f"w{suffix}"
-    if suffix == ".safetensors":
+    if suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
     else:

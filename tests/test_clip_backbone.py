@@ -225,6 +225,19 @@ def test_text_side_reuses_the_teachers_tower_pass(tmp_path, mode, levels):
     np.testing.assert_allclose(got, ex.text_scorer.features(batch).numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_prompts_longer_than_the_text_context_are_refused_not_cut(tmp_path):
+    """The tokenizer cut prompts at the text tower's context, silently: a normal and a defect prompt that differed
+    only past the cut embedded alike and every score was exactly 0.5 (an audit, session 52)."""
+    from uninet_feat.vlm import TextScorer
+    clip = build_clip_model("tiny")
+    ctx = int(clip.context_length)
+    long = "a close-up of woven fabric " * ctx   # far past any context
+    with pytest.raises(BadInputError, match=rf"1 prompt\(s\) are longer than the text tower's {ctx}-token context"):
+        TextScorer(clip, [long + "without flaws"], ["a photo of torn fabric."])
+    fits = " ".join(["fabric"] * (ctx - 2))   # exactly the context, start and end tokens included
+    TextScorer(clip, [fits], ["a photo of torn fabric."])
+
+
 def test_prompts_are_editable(tmp_path):
     from uninet_feat.vlm import TextScorer, dump_prompts, load_prompts
     clip = build_clip_model("tiny")

@@ -85,9 +85,12 @@ def test_text_columns_in_extract_train_head_predict_and_zero_shot(tmp_path):
     assert 0.0 <= metrics["clip_image_score"]["image_auroc"] <= 1.0 and (zs / "config.yaml").exists()
     one = paths[0]   # one image, as its help says (it was refused as "not a folder"): scored, no metrics
     assert main(["zero-shot", "--data", os.path.relpath(one), "--backbone", "clip:tiny", "--weights", str(weights),
-                 "--image-size", "64", "--out", str(tmp_path / "zs1"), "--quiet"]) == 0
-    assert [(r["path"], r["is_defect"]) for r in json.loads((tmp_path / "zs1" / "scores.json").read_text())] == [
+                 "--out", str(tmp_path / "zs1"), "--quiet"]) == 0   # no --image-size: the model's native 64
+    got = json.loads((tmp_path / "zs1" / "scores.json").read_text())
+    assert [(r["path"], r["is_defect"]) for r in got] == [
         (one, "")]   # absolute, as the other commands write paths (it was as typed); unlabelled: neither 1 nor 0
+    assert got[0]["clip_image_score"] == pytest.approx(by_path[one], rel=1e-5)   # at 64 px, as asked above
+    assert "image_size: 64\n" in (tmp_path / "zs1" / "config.yaml").read_text()   # was 224 for every model
 
     head = tmp_path / "head"
     assert main(["train-head", "--features", str(tmp_path / "fr"), "--folds", "2", "--out", str(head)]) == 0

@@ -419,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the towers' activation: QuickGELU (OpenAI-trained weights) or GELU (--no-quick-gelu); "
                         "default: what the weights file's name or hub folder says (recorded in config.yaml)")
     p.add_argument("--prompts", help="prompt YAML (write the defaults with `uninet-feat prompts`)")
-    p.add_argument("--image-size", dest="image_size", type=int, default=224,
-                   help="side of the square model input, or of each tile (default 224, CLIP's native resolution)")
+    p.add_argument("--image-size", dest="image_size", type=int, default=None,
+                   help="side of the square model input, or of each tile (default: the model's native size, 224 "
+                        "for most CLIP models)")
     p.add_argument("--tile", type=int, help="tile large images into TILE x TILE pieces")
     p.add_argument("--patch-mode", dest="patch_mode", choices=["tokens", "value"], default="tokens",
                    help="patch features: CLIP's final tokens through its projection (tokens, default) or the "

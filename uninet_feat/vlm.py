@@ -319,7 +319,26 @@ class TextScorer(nn.Module):
                                 fix="pass the text tower of the same CLIP checkpoint as the image tower (text_model=)")
 
     @torch.no_grad()
+    def _check_lengths(self, prompts: list[str]) -> None:
+        """Refuse prompts longer than the text tower's context: the tokenizer cuts them, silently, and prompts that
+        differ only past the cut embed alike (every score exactly 0.5; an audit, session 52). CLIP's own tokenizer
+        is counted; a Hugging Face one truncates the same way but is not counted here."""
+        import open_clip
+        tok = self.tokenizer
+        if not isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+            return
+        ctx = int(getattr(tok, "context_length", 77))
+        long = [(p, len(tok.encode(p)) + 2) for p in prompts]   # + the start and end tokens
+        long = [(p, n) for p, n in long if n > ctx]
+        if long:
+            p, n = long[0]
+            raise BadInputError(f"{len(long)} prompt(s) are longer than the text tower's {ctx}-token context and "
+                                f"would be cut, silently (e.g. {n} tokens: {p[:80]!r}{'...' if len(p) > 80 else ''})",
+                                fix="shorten the prompts or their templates: what lies past the cut is never read, so "
+                                    "normal and defect prompts that differ only there score alike")
+
     def _embed_set(self, text_model, prompts: list[str]) -> torch.Tensor:
+        self._check_lengths(prompts)
         was = text_model.training
         text_model.eval()
         try:

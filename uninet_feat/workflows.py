@@ -389,7 +389,7 @@ def _held_out_paths(run) -> tuple[set, set | None]:
         return val, None
 
 
-def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=224,
+def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, group=None, image_size=None,
                   tile=None, patch_mode="tokens", quiet=False, skip_bad=False, device=None, mean=None,
                   std=None, quick_gelu: bool | None = None) -> dict:
     """Score images with CLIP text prompts alone (no training image): the VLM variant's cold start.
@@ -402,6 +402,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     unreadable images are left out (warned, listed as ``skipped`` in the result and ``metrics.json``) instead of
     stopping with an error that names them all.
     ``quick_gelu``: the activation, where not the one the backbone reads from the weights file's name.
+    ``image_size``: None takes the model's native size (224 for most, 256 / 240 / 336 / 378 for some): 224 for all
+    scored those at another size than they learnt, their position embeddings interpolated (an audit, session 52).
 
     ``config.yaml`` records the mean/std used (a re-run with ``--config`` passes them back as ``--mean``/``--std``)
     and the weights file's absolute path as given, links not followed: the tags its folders name set the mean/std
@@ -423,6 +425,8 @@ def zero_shot_cmd(data, out, backbone, weights, prompts=None, split_csv=None, gr
     kw = {} if quick_gelu is None else {"quick_gelu": bool(quick_gelu)}
     with seeded():   # --weights random: the same towers (so scores) in every process, as extract's
         bb = create_normalised_backbone(backbone, weights, mean, std, **kw).eval()   # --mean/--std: a file's own
+    if image_size is None:
+        image_size = int(getattr(bb, "native_size", None) or 224)
     step = zero_shot_step(bb)
     if image_size % step:   # the model input (each tile is resized to it); TextScorer's message named tensors
         raise BadInputError(f"image size {image_size} is not a multiple of {step}, the patch grid of {backbone}",

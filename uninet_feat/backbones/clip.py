@@ -309,7 +309,7 @@ def _load_tower(module: nn.Module, sd: dict, what: str, source) -> None:
 
 def _is_file_spec(weights: str) -> bool:
     return Path(weights).expanduser().exists() or any(ch in weights for ch in "/\\") or \
-        weights.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+        weights.lower().endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
 def _tag_cfg(clip_name: str, tag: str, builtin: bool) -> dict:

@@ -86,7 +86,7 @@ def read_state_dict(path) -> dict:
                             fix=f"check the path (a timm CNN also takes --weights {' / '.join(WEIGHT_KINDS)}; "
                                 "a clip: backbone an open_clip tag)")
     try:
-        if p.suffix == ".safetensors":
+        if p.suffix.lower() == ".safetensors":   # M.SAFETENSORS too (a Windows copy): it was read as torch
             from safetensors.torch import load_file
             obj = load_file(str(p), device="cpu")
         else:
@@ -251,7 +251,7 @@ def load_weights(body: torch.nn.Module, sd: dict, timm_name: str, timm_kw: dict,
     """Load ``sd`` into the feature model ``body``; BadInputError unless every used weight is covered."""
     own = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
     got, how = _match(sd, own), "by name"
-    unordered = str(source).endswith(".safetensors")   # safetensors keeps no tensor order: structure needs it
+    unordered = str(source).lower().endswith(".safetensors")   # safetensors keeps no tensor order: structure needs it
     if len(got) < len(own) and unordered:
         how = "by name; not by structure: a .safetensors file keeps no tensor order"
     elif len(got) < len(own):  # a foreign layout (e.g. lukemelas EfficientNet): try ordered structure
