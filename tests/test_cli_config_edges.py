@@ -307,3 +307,27 @@ def test_a_negative_value_in_exponent_form_is_taken_as_the_flags_value(tmp_path,
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and "expected one argument" not in err and str(tmp_path / "r") in err
+
+
+def test_output_files_that_are_inputs_or_each_other_are_refused_before_any_work(tmp_path, capsys):
+    """`evaluate --run R --report R/model.pt` replaced the model with the report; `--csv split.csv` (meaning
+    --split-csv) the run's manifest with the scores, after which evaluate scored another test set; `--json F --csv F`
+    kept one of the two (an audit, session 52). Refused before anything is read or written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"PK model")
+    split = tmp_path / "split.csv"
+    split.write_text("path,split,label\n")
+    (run / "config.yaml").write_text(f"split_csv: {split}\n")
+    before = {p: p.read_bytes() for p in (run / "model.pt", split, run / "config.yaml")}
+    base = ["evaluate", "--run", str(run), "--quiet"]
+    for extra, said in ((["--report", str(run / "model.pt")], "--report would write over the run's model.pt"),
+                        (["--csv", str(split)], "--csv would write over the run's split CSV"),
+                        (["--json", str(run / "epochs" / "e.json")], "one of the run's kept epochs"),
+                        (["--json", str(tmp_path / "m"), "--csv", str(tmp_path / "m")], "--json and --csv name one file"),
+                        (["--split-csv", str(tmp_path / "s2.csv"), "--json", str(tmp_path / "s2.csv")],
+                         "--json would write over --split-csv")):
+        capsys.readouterr()
+        assert main(base + extra) == 2, extra
+        assert said in capsys.readouterr().err, (extra, said)
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "m").exists()

@@ -807,6 +807,7 @@ def _user_paths(args) -> None:
                 what = "not a folder" if not up.is_dir() else "read-only"
                 raise BadInputError(f"--{k} cannot be written: {up} is {what}", path=v,
                                     fix=f"give --{k} a path in a folder you can write")
+    _check_output_files_are_not_inputs(args)
     out = getattr(args, "out", None)
     if isinstance(out, str) and getattr(args, "command", None) != "prompts":   # --out is a folder (prompts': a file)
         up = _nearest_existing(Path(os.path.abspath(out)))
@@ -821,6 +822,47 @@ def _user_paths(args) -> None:
                                 fix="give --out a folder you can write")
         if args.command != "train":   # train refuses a used run folder itself (or resumes it)
             _check_out_is_its_own(args, out)
+
+
+_RUN_RECORDS = ("model.pt", "checkpoint.pt", "best.pt", "calibration.json", "config.yaml", "env.json",
+                "train_log.jsonl")
+
+
+def _check_output_files_are_not_inputs(args) -> None:
+    """Refuse --json / --csv / --report naming one file twice, or a file the command reads: a run's own records
+    (model.pt, calibration.json, ..., epochs/), its split CSV or the --split-csv given, the --config or --checkpoint.
+    `evaluate --run R --report R/model.pt` replaced the model with the report, and `--csv split.csv` (for
+    --split-csv) the run's manifest with the scores, after which evaluate scored another test set without a word
+    (an audit, session 52)."""
+    import yaml
+    outs = {k: os.path.realpath(v) for k in _OUTPUT_FILES if isinstance(v := getattr(args, k, None), str)}
+    if not outs:
+        return
+    seen: dict = {}
+    for k, p in outs.items():
+        if p in seen:
+            raise BadInputError(f"--{seen[p]} and --{k} name one file: the second would replace the first",
+                                path=getattr(args, k), fix=f"give --{k} a file of its own")
+        seen[p] = k
+    reads = {os.path.realpath(v): f"--{k.replace('_', '-')}" for k in ("split_csv", "config", "checkpoint")
+             if isinstance(v := getattr(args, k, None), str)}
+    runs = [getattr(args, k, None) for k in ("run", "runs", "ensemble")]
+    for r in [x for v in runs for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]:
+        folder = os.path.realpath(r)
+        reads.update({os.path.join(folder, n): f"the run's {n}" for n in _RUN_RECORDS})
+        try:
+            own = (yaml.safe_load(Path(folder, "config.yaml").read_text(encoding="utf-8")) or {}).get("split_csv")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+            own = None
+        if isinstance(own, str):
+            reads[os.path.realpath(own)] = "the run's split CSV"
+        for k, p in outs.items():
+            if p.startswith(os.path.join(folder, "epochs") + os.sep):
+                reads[p] = "one of the run's kept epochs"
+    for k, p in outs.items():
+        if p in reads:
+            raise BadInputError(f"--{k} would write over {reads[p]}, which this command reads", path=getattr(args, k),
+                                fix=f"give --{k} another file name (e.g. {Path(getattr(args, k)).with_name(k + '_out' + ('.html' if k == 'report' else '.' + k))})")
 
 
 def _check_out_is_its_own(args, out: str) -> None:
