@@ -346,6 +346,28 @@ def test_defects_only_leaves_out_the_rows_labels_name_normal(store, tmp_path):
                  "--labels", str(tmp_path / "all.csv"), "--folds", "2", "--out", str(tmp_path / "h")]) == 0
     rep = json.loads((tmp_path / "h" / "cv_report.json").read_text())
     assert sorted(rep["classes"]) == ["spot", "streak"] and rep["n_rows"] == 12
+    # one normal row among named defect types (below min_class): dropped, said, and the head stays defects-only, so
+    # predict types flagged images alone (it typed every image; an audit, session 52)
+    defects = [(p, lab) for p, lab in rows if lab != "good"]
+    normal = next(p for p, lab in rows if lab == "good")
+    (tmp_path / "one_good.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in defects)
+                                           + f"{normal},good\n")
+    with pytest.warns(UserWarning, match=r"left out of the head: good \(1\)"):
+        assert main(["train-head", "--features", str(store / "f"), "--task", "multiclass",
+                     "--labels", str(tmp_path / "one_good.csv"), "--folds", "2", "--out", str(tmp_path / "h1")]) == 0
+    rep = json.loads((tmp_path / "h1" / "cv_report.json").read_text())
+    assert rep["dropped_rare_classes"] == ["good"] and rep["defects_only"] is True
+    assert json.loads((tmp_path / "h1" / "head.json").read_text())["source"]["defects_only"] is True
+    import os   # `--head .` from inside the head's folder: its columns were named `_prediction` (an empty name)
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path / "h1")
+        assert main(["predict", "--run", str(store / "run"), "--data", str(store / "data"), "--head", ".",
+                     "--no-overlays", "--quiet", "--out", str(tmp_path / "p")]) == 0
+    finally:
+        os.chdir(here)
+    head_cols = [c for c in open(tmp_path / "p" / "predictions.csv").readline().strip().split(",") if "prediction" in c]
+    assert head_cols == ["h1_prediction"]
 
 
 def test_fewer_distinct_images_than_k_is_named_not_an_index_error():

@@ -251,6 +251,21 @@ def test_report_names_the_figures_against_normal_images_overall_and_per_label(tm
     assert "<th>Pixel AUROC against normal images alone</th>" in lab and "0.9675" in lab and "0.8649" in lab
 
 
+def test_the_report_states_the_thresholds_own_rule_and_a_threshold_set_on_test_images(tmp_path):
+    """The report said "from validation normals" for a given --threshold too, and showed a threshold set on test
+    normals as a bare `threshold_set_on_test_images` row (an audit, session 52)."""
+    given = {**METRICS, "threshold_rule": "given (--threshold)", "threshold_set_on_test_images": 6}
+    top = write_report(tmp_path / "r.html", given, _rows(), threshold=0.4).read_text()
+    top = top[top.index("<h3>All test images</h3>"):top.index("</table>", top.index("<h3>All test images</h3>"))]
+    assert "Threshold (given (--threshold))" in top and "from validation normals" not in top
+    assert "include 6 test image(s): recall and false-positive rate at it are optimistic" in top
+    assert "<th>threshold_set_on_test_images</th>" not in top
+    plain = write_report(tmp_path / "p.html", {**METRICS, "threshold_rule": "0.99 quantile of validation-normal image "
+                                               "scores (no test labels used)"}, _rows(), threshold=0.4).read_text()
+    assert "Threshold (0.99 quantile of validation-normal image scores (no test labels used))" in plain
+    assert "optimistic" not in plain
+
+
 def test_report_single_class_no_overlays_no_threshold(tmp_path):
     rows = [r for r in _rows() if not r["is_defect"]]
     for r in rows:

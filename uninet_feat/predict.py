@@ -99,7 +99,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         bad = next(m.run for m in members if m.rng is None)
         raise BadInputError("--heatmap ensemble needs each run's validation-normal map range", path=bad,
                             fix=f"run `uninet-feat calibrate --run {bad}`, or --heatmap wdm")
-    names = [Path(hd).name for hd in heads]
+    names = [Path(os.path.abspath(hd)).name for hd in heads]   # `--head .`: the folder's own name
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:   # a head's columns are named by its folder: one would overwrite the other's
         raise BadInputError(f"two --head folders are named {twice!r}, and a head's columns ({twice}_prediction, "
@@ -212,7 +212,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
     for hd, head in loaded.items():
         Xh = X[:, head_cols[hd]]
         proba, pred = head.predict_proba(Xh), head.predict(Xh)
-        name = Path(hd).name
+        name = Path(os.path.abspath(hd)).name
         types_only = bool((head.source or {}).get("defects_only"))   # a defect-type head (--defects-only)
         for row, p, c in zip(rows, proba, pred):
             unflagged = types_only and row["flagged"] is False   # a normal image has no defect type

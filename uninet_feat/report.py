@@ -53,6 +53,7 @@ _METRIC_NAMES = [
 _GROUP_KEYS = ["image_auroc", "image_auroc_interval", "pixel_auroc", "pixel_auroc_interval", "aupro", "aupro_interval",
                "within_image_auroc", "pixel_auroc_vs_normal_images", "aupro_vs_normal_images", "image_ap", "f1_max"]
 _SKIP_KEYS = {"per_group", "per_label", "at_threshold", "threshold", "n_test", "n_defect", "group_thresholds",
+              "threshold_set_on_test_images",
               "within_image_n"}
 
 TOP_K = 8
@@ -164,9 +165,16 @@ def _metrics_table(metrics: dict, op, threshold, n, n_def) -> str:
     if by_group:   # a run of several groups flags each image at its group's threshold
         rows.append(("Thresholds per group (from validation normals)",
                      ", ".join(f"{_esc(str(g))} {_fmt(t, 6)}" for g, t in by_group.items())))
-    rows.append(("Threshold (from validation normals)" + (", images of no known group" if by_group else "")
+    # the rule as evaluate states it: "from validation normals" was printed for a given --threshold too (an audit,
+    # session 52)
+    rule = str(metrics.get("threshold_rule") or "from validation normals")
+    rows.append((f"Threshold ({rule})" + (", images of no known group" if by_group else "")
                  if threshold is not None else "Threshold",
                  _fmt(threshold, 6) if threshold is not None else "— (none)"))
+    on_test = metrics.get("threshold_set_on_test_images")
+    if on_test:
+        rows.append(("Warning", f"the threshold was set on normals that include {int(on_test)} test image(s): recall "
+                                "and false-positive rate at it are optimistic"))
     if op is not None:
         rows.append(("Defects flagged at threshold (recall)", f"{_fmt(op['tpr'], 3)} ({op['tp']} / {op['tp'] + op['fn']})"))
         rows.append(("Normals flagged at threshold (FPR)", f"{_fmt(op['fpr'], 3)} ({op['fp']} / {op['fp'] + op['tn']})"))

@@ -338,12 +338,18 @@ def train_head_cmd(features, out, task="binary", label_from="label", defects_onl
         keep = [j for j, v in enumerate(y) if v not in rare]
         X, recs, y = X[keep], [recs[j] for j in keep], y[keep]
         left = sorted(set(y))
+        dropped = ", ".join(f"{c} ({n})" for c, n in zip(classes, counts) if c in rare)
         if len(left) < 2:   # else train_head's "needs 2 classes" names neither the drop nor its fix
-            dropped = ", ".join(f"{c} ({n})" for c, n in zip(classes, counts) if c in rare)
             raise BadInputError(f"classes with fewer than {min_class} images are left out ({dropped}), and "
                                 f"{len(left)} class(es) remain ({', '.join(left) or 'none'}): a head needs 2",
                                 path=labels if labels is not None else features,
                                 fix=f"label at least {min_class} images of each class")
+        warnings.warn(f"classes with fewer than {min_class} images are left out of the head: {dropped} (fix: label "
+                      f"at least {min_class} images of each class to keep one)")
+        # a lone normal row dropped: the head knows defect types only, so predict must type flagged images only
+        # (it typed every image, the unflagged normals too; an audit, session 52)
+        if task == "multiclass" and not any(is_normal_label(v) for v in y):
+            defects_only = True
     _refuse_nonfinite(X, [r["path"] for r in recs], features, store.manifest.get("source"))   # the rows it trains on
     X, names = without_twin_half(X, head_columns(store.manifest["vector_names"]))
     res = train_head(X, y, task=task, n_splits=folds, seed=seed, feature_names=names, n_jobs=threads)
