@@ -606,8 +606,9 @@ def _from_plain(root: Path, pattern, seen: dict | None = None, label_splits: boo
             _warn_unread_masks(d, pattern)
     if labels:  # root/<label>/**
         one_layout(root, firsts, "")
-        out = [Sample(p, _split_folder(p, d, label_splits), d.name, _find_mask(p, d.name, "", gt, pattern, seen, _subfolder(p, d)),
-                      "") for d in firsts for p in _images_under(d, pattern)]
+        out = [Sample(p, _split_folder(p, d, label_splits), d.name,
+                      _find_mask(p, d.name, "", gt, pattern, seen, _subfolder(p, d)), "")
+               for d in firsts for p in _images_under(d, pattern)]
         if not pattern:
             _warn_unmatched_masks(gt, out)
         return out
