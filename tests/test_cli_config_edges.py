@@ -331,3 +331,23 @@ def test_output_files_that_are_inputs_or_each_other_are_refused_before_any_work(
         assert main(base + extra) == 2, extra
         assert said in capsys.readouterr().err, (extra, said)
     assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "m").exists()
+
+
+def test_a_key_given_twice_in_a_config_or_prompt_file_is_refused_with_its_line(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys silently: a second `epochs:` replaced the one a user read, a second
+    `normal:` prompt list the first (an audit, session 52)."""
+    from uninet_feat.config import load_config
+    from uninet_feat.vlm import load_prompts
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 100\nimage_size: 128\nepochs: 2\n")
+    with pytest.raises(BadInputError, match=r"(?s)the key 'epochs' is given twice.*line 3"):
+        load_config(cfg)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path), "--config", str(cfg)]) == 2
+    assert "the key 'epochs' is given twice" in capsys.readouterr().err
+    p = tmp_path / "p.yaml"
+    p.write_text("normal: [a clean fabric]\ndefect: [a torn fabric]\nnormal: [a flawless fabric]\n")
+    with pytest.raises(BadInputError, match=r"the key 'normal' is given twice"):
+        load_prompts(p)
+    cfg.write_text("epochs: 2\nimage_size: 128\n")   # the same file without the twin: read as before
+    assert load_config(cfg)["epochs"] == 2

@@ -238,6 +238,19 @@ def test_prompts_longer_than_the_text_context_are_refused_not_cut(tmp_path):
     TextScorer(clip, [fits], ["a photo of torn fabric."])
 
 
+def test_a_half_precision_text_scorer_scores_as_the_fp32_one():
+    """`TextScorer(...).half()` made its text buffer fp16 beside the fp32 image embedding: a dtype RuntimeError at the
+    first score (an audit, session 52)."""
+    from uninet_feat.vlm import TextScorer
+    torch.manual_seed(0)
+    bb = create_backbone("clip:tiny").eval()
+    ts = TextScorer(bb, text_model=build_clip_model("tiny")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    want = ts.image_scores(x)
+    got = ts.half().image_scores(x.half())
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=2e-2)
+
+
 def test_prompts_are_editable(tmp_path):
     from uninet_feat.vlm import TextScorer, dump_prompts, load_prompts
     clip = build_clip_model("tiny")

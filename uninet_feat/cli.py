@@ -510,8 +510,9 @@ def _apply_config(ap: argparse.ArgumentParser, argv: list[str]) -> None:
     given = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
     path = Path(os.path.expanduser(given))   # a quoted '~/c.yaml' reaches us unexpanded, as other path flags do
     import yaml
+    from .io import user_yaml
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        d = user_yaml(path.read_text(encoding="utf-8"), path) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read config ({type(e).__name__}: {e})", path=path,
                             fix="pass a readable YAML mapping of flag names to values") from e

@@ -22,7 +22,7 @@ import yaml
 
 from .data.tiling import TILE_SCORES
 from .errors import BadInputError
-from .io import atomic_write_text
+from .io import atomic_write_text, user_yaml
 from .model.uninet import DEFAULTS as MODEL_DEFAULTS
 
 DEFAULT_CONFIG: dict = {
@@ -92,7 +92,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     if path:
         p = Path(path)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = user_yaml(p.read_text(encoding="utf-8"), p) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise BadInputError(f"cannot read config: {e}", path=p, fix="pass a readable YAML mapping") from e
         if not isinstance(loaded, dict):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import socket
@@ -207,6 +208,29 @@ def read_json(path, fix: str):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot read this JSON file ({type(e).__name__}: {e})", path=path, fix=fix) from e
+
+
+def user_yaml(text: str, name: str = "<text>"):
+    """YAML a user wrote (a --config file, a prompt file), parsed as `yaml.safe_load` does, but a key given twice in one
+    mapping is a `yaml.YAMLError` naming it and its line: PyYAML keeps the last silently, so a second `normal:` list
+    replaced the first, or a second `epochs:` the one a user was reading (an audit, session 52)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+        for i, (k, _) in enumerate(node.value):
+            if keys[i] in keys[:i]:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {keys[i]!r} is given twice in one mapping (the last would replace the first "
+                    "without a word)", k.start_mark)
+        return loader.construct_mapping(node, deep=True)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    stream = io.StringIO(text)
+    stream.name = str(name)   # the marks name the file, not "<unicode string>"
+    return yaml.load(stream, Loader=Loader)   # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path, fix: str):

@@ -119,9 +119,10 @@ def load_prompts(path) -> dict[str, list[str]]:
     ``object`` and ``templates`` are optional (defaults: "fabric" and `TEMPLATES`); a missing ``normal`` or
     ``defect`` list keeps the default states."""
     import yaml
+    from .io import user_yaml
     p = Path(path).expanduser()
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        d = user_yaml(p.read_text(encoding="utf-8"), p) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BadInputError(f"cannot read prompts ({type(e).__name__}: {e})", path=p,
                             fix="pass a UTF-8 YAML file with normal/defect lists (`uninet-feat prompts --out FILE` "
@@ -356,7 +357,8 @@ class TextScorer(nn.Module):
 
     def _probs(self, e: torch.Tensor) -> torch.Tensor:
         """P(defect) from L2-normalised embeddings (..., D)."""
-        logits = self.logit_scale * e.float() @ self.text_embeddings.to(e.device).t()
+        # in fp32 whatever the module's dtype: `.half()` made the text buffer fp16 beside an fp32 image embedding
+        logits = self.logit_scale * e.float() @ self.text_embeddings.to(e.device, torch.float32).t()
         return logits.softmax(-1)[..., 1]
 
     @torch.no_grad()
