@@ -330,6 +330,14 @@ def saved_calibration(run) -> dict | None:
         return None
 
 
+def run_group_names(run_dir, model_cfg: dict) -> set:
+    """The groups a run knows by name: those it trained on and calibrated (calibration.json) and those its position
+    offsets are for."""
+    cal = saved_calibration(run_dir) or {}
+    return ({*(cal.get("trained_groups") or ()), *(cal.get("group_thresholds") or {}),
+             *(model_cfg.get("tile_offsets") or {})} - {""})
+
+
 def needs_calibration(cfg: dict) -> list[str]:
     """The settings of a run's config that only its calibration.json carries out (written after the last epoch):
     scored without it, the image scores (tile offsets) or the pixel map would silently be other ones."""

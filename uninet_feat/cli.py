@@ -862,8 +862,9 @@ def _check_output_files_are_not_inputs(args) -> None:
                 reads[p] = "one of the run's kept epochs"
     for k, p in outs.items():
         if p in reads:
+            other = Path(getattr(args, k)).with_name(f"{k}_out.{'html' if k == 'report' else k}")
             raise BadInputError(f"--{k} would write over {reads[p]}, which this command reads", path=getattr(args, k),
-                                fix=f"give --{k} another file name (e.g. {Path(getattr(args, k)).with_name(k + '_out' + ('.html' if k == 'report' else '.' + k))})")
+                                fix=f"give --{k} another file name (e.g. {other})")
 
 
 def _check_out_is_its_own(args, out: str) -> None:

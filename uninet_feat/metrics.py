@@ -389,12 +389,12 @@ def bootstrap_histograms(h: dict, n_boot: int = 1000, seed=0, fpr_limit: float =
     NaN pixel-AUROC draws, an interval of [nan, nan], and AUPRO draws of 0.0 (an audit, session 52)."""
     _check_n_boot(n_boot)
     has_defect = np.asarray(h["pos"].sum(1)).ravel() > 0
+    normals_in = np.asarray(h["neg"].sum(1)).ravel()   # each image's normal pixels
     # an image with no pixel counted (`normal_images_histograms`' defect image with an empty mask) is left out of
     # the draws: resampled among the normal images, a draw of it alone had no normal pixel (NaN, 0.0 AUPRO draws)
-    counted = has_defect | (np.asarray(h["neg"].sum(1)).ravel() > 0)
+    counted = has_defect | (normals_in > 0)
     groups = [np.flatnonzero(has_defect), np.flatnonzero(counted & ~has_defect)]
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)[1:]]   # a stream per group
-    normals_in = np.asarray(h["neg"].sum(1)).ravel()
     aurocs, apros, undefined = [], [], 0
     for start in range(0, n_boot, chunk):
         k = min(chunk, n_boot - start)

@@ -137,7 +137,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         samples = samples_of(data, split_csv, mask_pattern=ex.cfg.get("mask_pattern"))
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
         from .data.layouts import batch_groups, discover_batch
-        from .thresholds import run_group_names
+        from .calibration import run_group_names
         samples = discover_batch(data, ex.cfg.get("mask_pattern"))
         if group is None:   # DIR/<group>/... for a run of several groups: each image its folder's group
             samples = batch_groups(samples, data, run_group_names(ex.run_dir, ex.model.cfg))

@@ -8,7 +8,6 @@ validation normals the default cannot mean "1 % false positives", and `few_norma
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -226,15 +225,6 @@ def thresholds_of(groups, pooled: float | None, by_group: dict | None) -> np.nda
     """Each image's threshold: its group's (``by_group``), else ``pooled``; NaN where there is none."""
     nan = float("nan") if pooled is None else float(pooled)
     return np.array([(by_group or {}).get(g, nan) for g in groups], dtype=np.float64)
-
-
-def run_group_names(run_dir, model_cfg: dict) -> set:
-    """The groups a run knows by name: those it trained on and calibrated (calibration.json) and those its position
-    offsets are for."""
-    path = Path(run_dir) / "calibration.json"
-    cal = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return ({*(cal.get("trained_groups") or ()), *(cal.get("group_thresholds") or {}),
-             *(model_cfg.get("tile_offsets") or {})} - {""})
 
 
 def pooled_for_unknown_groups(groups, by_group: dict | None, count: bool = True) -> int:

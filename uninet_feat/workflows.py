@@ -58,7 +58,7 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
                    text=text, skip_bad=skip_bad, device=device, mean=mean, std=std)
     # with a run, its own split (an older run's config lacks split_hash: the legacy one), so the store's
     # `train` rows are the images the run trained on
-    from .thresholds import run_group_names
+    from .calibration import run_group_names
     samples = _batch_or_layout(data, split_csv, group, (ex.cfg.get("split_hash") or "path") if run else None,
                                batch, ex.cfg.get("mask_pattern"),
                                bool(ex.cfg.get("label_split_folders", False)) if run else None,

@@ -145,18 +145,22 @@ def _png_late_exif(path) -> bytes | None:
     if not isinstance(path, (str, os.PathLike)) or not path:
         return None
     with open(path, "rb") as f:
-        if f.read(8) != _PNG_SIGNATURE:
-            return None
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            n, kind = struct.unpack(">I4s", head)
-            if kind == b"eXIf":
-                return f.read(n)
-            if kind == b"IEND":
-                return None
-            f.seek(n + 4, 1)   # the data and its CRC
+        return next((f.read(n) for kind, n in _png_chunks(f) if kind == b"eXIf"), None)
+
+
+def _png_chunks(f):
+    """(type, length) of each chunk of the PNG file open as ``f``, with ``f`` at the chunk's data, up to IEND; none
+    when ``f`` is no PNG. The next chunk is found from its offset, whatever the caller read of this one; a file cut
+    inside a chunk header ends the chunks (verify() names it)."""
+    if f.read(8) != _PNG_SIGNATURE:
+        return
+    while len(head := f.read(8)) == 8:
+        n, kind = struct.unpack(">I4s", head)
+        start = f.tell()
+        yield kind, n
+        if kind == b"IEND":
+            return
+        f.seek(start + n + 4)   # past the data and its CRC
 
 
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
@@ -168,26 +172,18 @@ def _png_pixels_short(path) -> str | None:
     only the chunk checksums, so a file whose writer stopped mid-stream and still closed it (IEND, right CRCs) passed
     `check_image`, then stopped training at its decode, even under --skip-bad; one whose stream ended early
     decoded with no error, its missing rows black (an audit, session 52)."""
+    inflate, got, want, ended = zlib.decompressobj(), 0, None, False
     with open(path, "rb") as f:
-        if f.read(8) != _PNG_SIGNATURE:
-            return None
-        inflate, got, want = zlib.decompressobj(), 0, None
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                return None   # verify() names a file without IEND
-            n, kind = struct.unpack(">I4s", head)
+        for kind, n in _png_chunks(f):
+            ended = kind == b"IEND"
             if kind == b"IHDR":
                 w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", f.read(13))
-                f.seek(4, 1)
                 bits = depth * {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
-                passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
                 want = 0
-                for x0, y0, dx, dy in passes:
+                for x0, y0, dx, dy in (_ADAM7 if interlace else ((0, 0, 1, 1),)):
                     pw, ph = -(-(w - x0) // dx) if w > x0 else 0, -(-(h - y0) // dy) if h > y0 else 0
                     want += ph * (1 + -(-pw * bits // 8)) if pw and ph else 0
-                continue
-            if kind == b"IDAT":
+            elif kind == b"IDAT":
                 data = f.read(n)
                 while data and not inflate.eof:
                     try:
@@ -195,12 +191,7 @@ def _png_pixels_short(path) -> str | None:
                     except zlib.error as e:
                         return f"its pixel data does not inflate ({e})"
                     data = inflate.unconsumed_tail
-                f.seek(4, 1)
-                continue
-            if kind == b"IEND":
-                break
-            f.seek(n + 4, 1)
-    if want is None:
+    if want is None or not ended:   # not a PNG, or cut before IEND: verify() names those
         return None
     if not inflate.eof:
         return f"its pixel data stops before its end ({got} of {want} bytes inflated)"
