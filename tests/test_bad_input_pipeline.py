@@ -542,3 +542,18 @@ def test_a_batch_of_one_with_a_one_by_one_bottleneck_is_refused_before_the_run_f
     train(load_config(None, {"data": str(data)}, base={**base, "image_size": 64, "batch_size": 1}), tmp_path / "ok",
           quiet=True)
     assert (tmp_path / "ok" / "model.pt").exists()
+
+
+def test_a_tiny_temperature_that_overflows_the_loss_is_named_in_the_fix(tmp_path):
+    """At -T 1e-40, L_SC's logits cos / T overflow whatever the images and --lr; the fix told the user to check the
+    inputs or lower --lr (an audit, session 52). It now names the temperature; at the method's T it does not."""
+    from uninet_feat.errors import BadInputError
+    from uninet_feat.train import _lower, train
+    data = write_texture_set(tmp_path / "d", n_train=4, n_good=1, n_bad=1)
+    cfg = load_config(None, {"data": str(data), "temperature": 1e-40},
+                      base={"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 2,
+                            "channels_last": False, "val_fraction": 0.0})
+    with pytest.raises(BadInputError) as e:
+        train(cfg, tmp_path / "run", quiet=True)
+    assert "raise -T (temperature 1e-40" in e.value.fix and "--lr" not in e.value.fix, e.value.fix
+    assert _lower({"temperature": 2.0}) == "lower --lr" and _lower({"temperature": 0.1}) == "lower --lr"

@@ -259,7 +259,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                 loss = terms["loss"]
                 meter.add(terms, n)
                 if n % every == every - 1:
-                    _stop_if_nonfinite(meter, epoch, out)
+                    _stop_if_nonfinite(meter, epoch, out, cfg)
                 opt_s.zero_grad(set_to_none=True)
                 opt_t.zero_grad(set_to_none=True)
                 with model.backward_guard():   # BN statistics not updated twice under checkpointing
@@ -270,8 +270,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                 info = {} if quiet or n % every else {"info": f"epoch {epoch + 1}/{cfg['epochs']} loss "
                                                                      f"{meter.means(n)['loss']:.4f}"}
                 prog.update(task, advance=1, **info)
-            _stop_if_nonfinite(meter, epoch, out)
-            _stop_if_weights_nonfinite(model, epoch, out)
+            _stop_if_nonfinite(meter, epoch, out, cfg)
+            _stop_if_weights_nonfinite(model, epoch, out, cfg)
             rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "steps": n, **meter.means(n)}
             improved = False
             if synth is not None and _validates(epoch + 1, cfg):   # a line above the bar: its info is overwritten
@@ -359,14 +359,26 @@ class _EpochMeter:
         return {k: float(v) / max(n, 1) for k, v in self.sums.items()}
 
 
-def _stop_if_nonfinite(meter: _EpochMeter, epoch: int, out: Path) -> None:
+# Below this temperature the fix texts name it: L_SC's logits are cos / T, so at a tiny T they and their gradients
+# overflow whatever the inputs and --lr (an audit, session 52: -T 1e-40 was told to check its images or lower --lr).
+SMALL_TEMPERATURE = 1e-3
+
+
+def _lower(cfg: dict) -> str:
+    """What to lower or raise so that the loss stays finite, for the fix texts."""
+    t = float(cfg.get("temperature", 2.0))
+    return f"raise -T (temperature {t:g} divides L_SC's similarities, which then overflow)" \
+        if t < SMALL_TEMPERATURE else "lower --lr"
+
+
+def _stop_if_nonfinite(meter: _EpochMeter, epoch: int, out: Path, cfg: dict) -> None:
     bad = meter.bad()
     if bad is not None:   # raised before this epoch's checkpoint: the last one saved is the last good epoch
         raise BadInputError(f"loss became {bad[1]} at epoch {epoch + 1} (step {bad[0] + 1})", path=out,
-                            fix="check the inputs for NaN/Inf or lower --lr")
+                            fix=f"check the inputs for NaN/Inf or {_lower(cfg)}")
 
 
-def _stop_if_weights_nonfinite(model, epoch: int, out: Path) -> None:
+def _stop_if_weights_nonfinite(model, epoch: int, out: Path, cfg: dict) -> None:
     """Refuse an epoch whose weights or BatchNorm statistics are not finite, before it is saved: a NaN gradient under
     a finite loss (the epoch's last step) left every loss looking fine, checkpoint.pt took the NaN weights, and
     --resume continued from them. One host-device sync an epoch."""
@@ -378,12 +390,12 @@ def _stop_if_weights_nonfinite(model, epoch: int, out: Path) -> None:
     if (out / "checkpoint.pt").exists():
         raise BadInputError(f"{what}, the run's last finished epoch is in its checkpoint.pt", path=out,
                             fix="check the inputs for NaN/Inf (once mended, --resume goes on from that epoch), or "
-                                "train a new run with a lower --lr (a resume keeps the run's lr)")
+                                f"train a new run and {_lower(cfg)} (a resume keeps the run's settings)")
     # the first epoch: no checkpoint.pt to resume from (the advice to --resume met "nothing to resume"; an audit,
     # session 52)
     raise BadInputError(f"{what}, and no epoch was finished before it", path=out,
-                        fix="check the inputs for NaN/Inf, or lower --lr; then run the command again (nothing was "
-                            "saved to --resume from)")
+                        fix=f"check the inputs for NaN/Inf, or {_lower(cfg)}; then run the command again (nothing "
+                            "was saved to --resume from)")
 
 
 def _supervision_notes(fit, cfg: dict) -> None:
