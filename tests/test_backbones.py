@@ -617,3 +617,22 @@ def test_a_timm_features_only_state_dict_of_the_same_model_loads(tmp_path):
 def _saved(path, sd) -> str:
     torch.save(sd, path)
     return str(path)
+
+
+def test_a_uninet_model_file_is_refused_as_backbone_weights(tmp_path):
+    """A run's model.pt given as --weights was mapped by structure and loaded its first tensors, the frozen source
+    teacher's: the backbone's original weights, the training's adaptation left out, without a word (an audit,
+    session 53). It is refused, naming the file and --run; its own source teacher's tensors as a state dict load."""
+    from uninet_feat.checkpoint import save_checkpoint
+    from uninet_feat.config import load_config
+    from uninet_feat.model import UniNet
+    bb = create_backbone("resnet18", weights="random")
+    model = UniNet(bb)
+    p = save_checkpoint(tmp_path / "model.pt", model, {**load_config(None), "backbone": "resnet18"})
+    with pytest.raises(BadInputError, match=r"model\.pt.*a uninet-feat model file") as e:
+        create_backbone("resnet18", weights=str(p))
+    assert "--run" in e.value.fix
+    own = {k[len("source."):]: v for k, v in torch.load(p, weights_only=True)["state_dict"].items()
+           if k.startswith("source.")}
+    torch.save(own, tmp_path / "source.pth")   # the same tensors as a plain state dict: they load, as before
+    assert create_backbone("resnet18", weights=str(tmp_path / "source.pth")).load_report["loaded"] > 0

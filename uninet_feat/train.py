@@ -510,7 +510,7 @@ def _check_resumable(path: Path, state: dict) -> None:
     missing = [k for k in RESUME_STATE if k not in state]
     if missing:
         raise BadInputError(f"a model file, not a resumable checkpoint: it lacks {', '.join(missing)}", path=path,
-                            fix="start a new run (a new --out; --weights cannot take it either), or restore the "
+                            fix="start a new run (a new --out; --weights refuses a model file too), or restore the "
                                 "run's own checkpoint.pt")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import nonfinite_keys
+from ..checkpoint import FORMAT as CHECKPOINT_FORMAT, nonfinite_keys
 from ..errors import BadInputError
 from .base import Backbone, check_mean_std_pair, parse_indices
 
@@ -102,6 +102,14 @@ def read_state_dict(path) -> dict:
     except Exception as e:  # noqa: BLE001 - corrupt / not a torch file
         raise BadInputError(f"cannot read weights ({type(e).__name__}: {e})", path=p,
                             fix="pass a torch state dict (.pth/.pt) or a .safetensors file") from e
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        # a run's model.pt / checkpoint.pt: mapped by structure, its first tensors are the frozen source teacher's,
+        # so it loaded as the backbone's original weights without a word, the training's adaptation left out
+        raise BadInputError("a uninet-feat model file (a trained UniNet: source teacher, adapted target teacher, "
+                            "student), not a backbone's weights", path=p,
+                            fix="score or extract features with the trained model through its run folder (--run "
+                                "RUN, or Detector / Extractor(run=...)); for the backbone's original weights pass "
+                                "--weights imagenet or their own file")
     while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
         if inner is None:
