@@ -422,6 +422,25 @@ def test_split_folders_inside_label_folders_give_the_split_without_unused_warnin
     assert {x.path.relative_to(tmp_path / "d").as_posix(): x.split for x in was} != {k: v[0] for k, v in got.items()}
 
 
+
+def test_split_folders_under_label_folders_with_date_folders_below_keep_labels_and_splits(tmp_path, write_image):
+    """good/train/2024-01-01/ (a split filed under each label, a folder per day below it): the MVTec probe read
+    `good` and `hole` as categories and each date as a label, so every image was a defect of label "2024-01-01"
+    and the label folders were groups (found in session 53). A normal-named folder makes ROOT a layout of labels."""
+    from uninet_feat.runs import load_samples
+    for day in ("2024-01-01", "2024-01-02"):
+        for i in range(2):
+            write_image(f"d/good/train/{day}/{i}.png")
+            write_image(f"d/good/test/{day}/{i}.png")
+            write_image(f"d/hole/test/{day}/{i}.png")
+    got = {(x.split, x.label, x.group) for x in load_samples(_cfg(tmp_path / "d"))}
+    assert got == {("train", "good", ""), ("test", "good", ""), ("test", "hole", "")}
+    for i in range(2):   # a true MVTec layout of categories is still read as one
+        write_image(f"m/bottle/train/good/{i}.png")
+        write_image(f"m/bottle/test/crack/{i}.png")
+    got = {(x.split, x.label, x.group) for x in load_samples(_cfg(tmp_path / "m"))}
+    assert got == {("train", "good", "bottle"), ("test", "crack", "bottle")}
+
 def test_a_list_of_groups_refuses_a_name_it_does_not_find_and_scores_each_of_its_own(tmp_path, write_image):
     """`group: [fabA, fabBB]` (a typo) trained on fabA alone without a word; and a run of `group: [fabA, fabB]`
     refused `evaluate/predict --group fabA`, comparing 'fabA' with the list's text (an audit, session 52)."""

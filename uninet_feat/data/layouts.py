@@ -546,6 +546,10 @@ def _from_mvtec_probe(root: Path, pattern, seen: dict | None = None) -> list[Sam
 
     if has_splits(root):
         return one(root, "")
+    if any(d.name.lower() in NORMAL_LABELS for d in _subdirs(root)):
+        # a folder named like a normal label makes ROOT a layout of label folders (c), never of MVTec categories:
+        # good/train/2024-01-01/ was read as category `good` with one label per date, every image a defect
+        return []
     cats = [d for d in _subdirs(root) if has_splits(d)]
     if cats:
         for d in _subdirs(root):
