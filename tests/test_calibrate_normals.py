@@ -521,3 +521,50 @@ def test_another_epochs_threshold_comes_from_the_runs_own_split_not_a_given_csvs
         warnings.simplefilter("ignore")
         evaluate(run, split_csv=str(other), checkpoint=str(run / "epochs" / "epoch_001.pt"), quiet=True)
     assert seen == [sorted(str(s.path) for s in val)]
+
+
+def test_a_resumed_training_keeps_what_calibrate_was_told_unless_its_command_says_otherwise(tmp_path):
+    """`calibrate --tile-norm none --map-levels 3 --image-score map`, then `train --resume --epochs 2`: the new
+    model.pt was calibrated with config.yaml's choices (position offsets, every level, the WDM), undoing the
+    calibration without a word (an audit, session 53). The choices are kept in calibration.json and made again; a
+    choice that the resume's own command sets (--map-levels 2,3) wins."""
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=2, n_bad=2, size=32, wide=True)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data) + ["--image-size", "32", "--tile", "32", "--tile-norm", "position",
+                                         "--val-fraction", "0.5", "--out", str(run)]) == 0
+
+    def choices():
+        cal = json.loads((run / "calibration.json").read_text())
+        return bool(cal.get("tile_offsets")), cal["map_levels"], cal["image_score"]
+    assert choices() == (True, None, "wdm")   # None: every level
+    assert main(["calibrate", "--run", str(run), "--tile-norm", "none", "--map-levels", "3", "--image-score", "map",
+                 "--quiet"]) == 0
+    assert choices() == (False, [3], "map")
+    sha = json.loads((run / "calibration.json").read_text())["model_sha256"]
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((run / "calibration.json").read_text())["model_sha256"] != sha   # a new model.pt, calibrated
+    assert choices() == (False, [3], "map")
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--map-levels", "2,3", "--quiet"]) == 0
+    assert choices() == (False, [2, 3], "map")
+    assert main(["calibrate", "--run", str(run), "--quiet"]) == 0   # nothing asked: the run's as it is
+    assert choices() == (False, [2, 3], "map")
+
+
+def test_a_bad_split_csv_is_named_and_one_beside_given_normals_is_said_unused(trained, tmp_path, capsys):
+    """On a run calibrated with --normals, `calibrate --split-csv BAD.csv` blamed "the run's training images" with a
+    fix about where the training data is now; and a good CSV's validation rows were silently not calibrated on, the
+    given normals staying in force (an audit, session 53)."""
+    data, run, normals = trained
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    assert main(["calibrate", "--run", str(work), "--normals", str(normals), "--quiet"]) == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,set,class\nx.png,train,good\n")
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(work), "--split-csv", str(bad), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "bad.csv: CSV header" in err and "training images" not in err
+    good = _split(data, tmp_path / "good.csv", sorted((data / "train" / "good").glob("*.png"))[:2])
+    with pytest.warns(UserWarning, match=r"good.csv: its validation rows are not calibrated on.*--normals split"):
+        assert main(["calibrate", "--run", str(work), "--split-csv", str(good), "--quiet"]) == 0
+    assert json.loads((work / "calibration.json").read_text())["n_val_normals"] == 25   # still the given normals

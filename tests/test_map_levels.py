@@ -235,8 +235,15 @@ def test_recalibrating_a_stale_calibration_takes_the_runs_map_choice_not_the_ear
     shutil.copytree(r, stale)
     cal = json.loads((stale / "calibration.json").read_text())   # (earlier tests may have recalibrated `run`)
     cal.update(map_levels=[1], model_sha256="0" * 64)   # another model.pt's file, its levels 1; the config's: 3
+    cal.pop("calibrate_choices", None)   # what earlier tests told `calibrate` (kept since session 53): none here
     (stale / "calibration.json").write_text(json.dumps(cal))
     assert recalibrate(stale)["map_levels"] == [3]
+    cal.update(model_sha256="0" * 64, calibrate_choices={"map_levels": "2"})   # `calibrate --map-levels 2` before:
+    (stale / "calibration.json").write_text(json.dumps(cal))                     # made again for the new model.pt
+    assert recalibrate(stale)["map_levels"] == [2]
+    cal = json.loads((stale / "calibration.json").read_text())
+    assert cal["calibrate_choices"] == {"map_levels": "2"}
+    cal.pop("calibrate_choices")
     cal = json.loads((stale / "calibration.json").read_text())
     cal["map_levels"] = [1]   # not stale (this model.pt's): `calibrate --run` keeps the run's current choice
     (stale / "calibration.json").write_text(json.dumps(cal))

@@ -108,6 +108,35 @@ def test_evaluate_checkpoint_takes_its_own_offsets(run):
     assert got["threshold"] == pytest.approx(want["threshold"], abs=1e-4)
 
 
+def test_images_without_offsets_are_refused_before_any_is_scored_all_in_one_error(run, tmp_path, monkeypatch):
+    """A wider image at the end of a batch was refused only when the scoring pass reached it: predict had saved its
+    earlier parts, and the same command without that image scored them all again (its file list is in every part's
+    fingerprint; an audit, session 53). Now every such image is named before the first batch, no part written."""
+    import shutil
+    import uninet_feat.extract as ex
+    from uninet_feat.predict import predict_cmd
+    data, r = run
+    monkeypatch.setattr(ex, "PART_ITEMS", 3)   # a part of one image: parts would be saved before the last image
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    good = sorted((data / "test" / "good").glob("*.png"))
+    for i in range(4):
+        shutil.copy(good[i % len(good)], batch / f"a{i}.png")
+    src = np.asarray(Image.open(good[0]))
+    for name in ("z_wide.png", "z_wider.png"):
+        Image.fromarray(np.concatenate([src, src[:, :64 if name == "z_wide.png" else 128]], 1)).save(batch / name)
+    calls = []
+    real = ex.Extractor._forward_with_text
+    monkeypatch.setattr(ex.Extractor, "_forward_with_text", lambda self, x: (calls.append(1), real(self, x))[1])
+    with pytest.raises(BadInputError, match=r"2 image\(s\) cannot be scored against the run's position offsets") as e:
+        predict_cmd(r, batch, tmp_path / "p", quiet=True, overlays=False)
+    assert "z_wide.png: the image is 256x64 px" in str(e.value) and "z_wider.png: the image is 320x64 px" in str(e.value)
+    assert not calls and not list((tmp_path / "p").rglob("*.npz"))   # nothing scored, no part to lose
+    for name in ("z_wide.png", "z_wider.png"):
+        (batch / name).unlink()
+    predict_cmd(r, batch, tmp_path / "p", quiet=True, overlays=False)
+    assert calls and len(json.loads((tmp_path / "p" / "predictions.json").read_text())) == 4
+
 def test_an_image_of_another_size_is_named_and_none_turns_it_off(run, tmp_path):
     data, r = run
     import shutil
@@ -379,10 +408,10 @@ def test_neighbours_offset_is_the_median_of_the_nearest_training_tiles_at_that_p
     # and that fix works: calibrate read the lost file before writing it anew, and failed the same way
     assert main(["calibrate", "--run", str(c), "--tile-norm", "neighbours", "--quiet"]) == 0
     assert evaluate(c, quiet=True)["image_auroc"] == pytest.approx(before["image_auroc"])
-    (c / rec["file"]).unlink()
     assert main(["calibrate", "--run", str(c), "--tile-norm", "position", "--quiet"]) == 0
     after = json.loads((c / "calibration.json").read_text())["tile_offsets"]
     assert after["offsets"] and after.get("mode", "position") == "position"
+    assert not (c / rec["file"]).exists()   # the neighbours' tiles no longer apply: not left beside (session 53)
 
 
 def test_neighbours_offsets_by_hand_with_fewer_tiles_than_k_and_after_save_load(tmp_path):

@@ -73,6 +73,8 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
     if score_choice is not None:
         cal["image_score_choice"] = score_choice
     cal.update(normals_record(cfg))
+    if cfg.get("calibrate_choices"):
+        cal["calibrate_choices"] = cfg["calibrate_choices"]
     if offsets is not None:
         near = offsets.pop("neighbours", None)
         if near is not None:   # the tiles' scores and contexts beside calibration.json, written first; their
@@ -84,6 +86,8 @@ def calibrate(model, val, cfg: dict, out: Path, quiet: bool = True, map_levels=N
         from .featstore import file_sha256
         cal["model_sha256"] = file_sha256(Path(out) / "model.pt")
     atomic_write_text(Path(out) / "calibration.json", json.dumps(cal, indent=2))
+    if not (offsets or {}).get("file"):   # a run switched off neighbours: its tiles' file no longer applies (removed
+        (Path(out) / NEIGHBOURS_FILE).unlink(missing_ok=True)   # after the json, so a kill between keeps a pair)
     return cal
 
 
@@ -469,6 +473,19 @@ def with_calibration_normals(cfg: dict, run) -> dict:
     return cfg
 
 
+# What `calibrate` can be told to choose; ``calibrate_choices`` in calibration.json keeps what it was told, so that a
+# calibration of a later model.pt (`train --resume --epochs N`, or `calibrate` of a stale file) makes the same
+# choices, not config.yaml's: the resumed training undid `calibrate --tile-norm none --map-levels 3` without a word
+# (an audit, session 53). Values as given ("auto" stays "auto": chosen anew for the new model).
+CHOICE_KEYS = ("map_levels", "map_norm", "image_score", "tile_norm", "synthetic_kinds")
+
+
+def calibrate_choices(run) -> dict:
+    """The choices `calibrate` was given for the run (calibration.json's ``calibrate_choices``), {} when none."""
+    got = (saved_calibration(run) or {}).get("calibrate_choices")
+    return {k: v for k, v in got.items() if k in CHOICE_KEYS} if isinstance(got, dict) else {}
+
+
 def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None,
              calibrated: bool = True, device=None):
     """(model with the run's calibration applied, its checkpoint, its config with the data moved to ``data`` /
@@ -496,7 +513,7 @@ def load_run(run, data: str | None = None, split_csv: str | None = None, model_p
 
 def recalibrate(run, data: str | None = None, split_csv: str | None = None, quiet: bool = True,
                 map_levels=None, map_norm=None, synthetic_kinds=None, tile_norm=None, device=None,
-                normals=None, warn_kinds: bool = True, image_score=None) -> dict:
+                normals=None, warn_kinds: bool = True, image_score=None, choices: dict | None = None) -> dict:
     """Re-score a run's validation normals (the same seeded split as in training) into calibration.json:
     for runs written before the scores were kept, or whose data moved (``data``/``split_csv``), or to
     (re)choose the pixel map: ``map_levels`` ("all", "auto", a list) and ``map_norm`` ("none", "range", "auto");
@@ -507,19 +524,31 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
     held-out split from now on (thresholds, colour scale, pixel threshold, label-free choices, the kNN
     reference): more normals than a 10 % split holds, or today's production; "split" goes back to the held-out
     split; None keeps the run's. ``warn_kinds``: warn when an auto choice is made on the kinds the denoising
-    student trains on (False for a resumed training, which warned already)."""
+    student trains on (False for a resumed training, which warned already). The choices given here are kept in
+    calibration.json (``calibrate_choices``, beside those given before), and later calibrations of a new model.pt
+    make them again; ``choices``: the record to keep instead (a resumed training's, `train._kept_choices`)."""
     from .runs import set_threads
     from .selection import parse_kinds
     model, ckpt, cfg = load_run(run, None, split_csv, calibrated=False, device=device)
     if cfg.get("channels_last"):   # as training's model and evaluate's: its scores to the last bit, tiled ones too
         model = model.to(memory_format=torch.channels_last)
+    asked = {"map_levels": map_levels, "map_norm": map_norm, "image_score": image_score, "tile_norm": tile_norm,
+             "synthetic_kinds": synthetic_kinds}
+    choices = {**calibrate_choices(run), **{k: v for k, v in asked.items() if v is not None}} \
+        if choices is None else choices
     if None in (map_levels, map_norm, image_score) and (saved_calibration(run) is None or _stale(run)):
         # no calibration.json (a first training stopped before calibrating), or one chosen for an earlier model.pt
-        # (a resumed training stopped before calibrating its new one): the run's config chooses ("auto" included),
-        # as training would have
-        map_levels = cfg.get("map_levels", "all") if map_levels is None else map_levels
-        map_norm = cfg.get("map_norm", "none") if map_norm is None else map_norm
-        image_score = cfg.get("image_score", "wdm") if image_score is None else image_score
+        # (a resumed training stopped before calibrating its new one): what `calibrate` was told before, else the
+        # run's config, chooses ("auto" included), as training would have
+        own = {**cfg, **choices}
+        map_levels = own.get("map_levels", "all") if map_levels is None else map_levels
+        map_norm = own.get("map_norm", "none") if map_norm is None else map_norm
+        image_score = own.get("image_score", "wdm") if image_score is None else image_score
+        tile_norm = choices.get("tile_norm") if tile_norm is None else tile_norm
+    if synthetic_kinds is None and "synthetic_kinds" in choices:
+        synthetic_kinds = choices["synthetic_kinds"]
+    if choices:
+        cfg["calibrate_choices"] = choices
     if image_score is not None:
         parse_image_score(image_score)   # before any scoring
     if data:   # where the training data is now: the run's split CSV is kept (dropped, the layout's split drew
@@ -545,6 +574,14 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         if not Path(normals).exists():
             raise BadInputError("no such folder or image", path=normals, fix="pass a folder of normal images")
         cfg["calibration_normals"] = str(Path(normals).resolve())
+    if split_csv is not None:   # read on its own first: a bad CSV was blamed on "the run's training images"
+        from .runs import load_samples
+        load_samples(cfg)
+        if cfg.get("calibration_normals"):
+            warnings.warn(f"--split-csv {split_csv}: its validation rows are not calibrated on, the run's normals "
+                          f"in {cfg['calibration_normals']} are (`calibrate --normals`); it gives the training "
+                          "images only (the copies check, position offsets). Fix, to calibrate on its validation "
+                          "rows: add --normals split")
     val = validation_normals(cfg)
     if cfg.get("calibration_normals"):
         check_given_normals(val, cfg, cfg["calibration_normals"])

@@ -24,7 +24,7 @@ from .data.tiling import tile_score_reducer
 from .calibration import checkpoint_offsets, load_run
 from .errors import BadInputError
 from .io import atomic_write_csv, atomic_write_text
-from .positions import corrected, tile_map_shift
+from .positions import check_places, corrected, tile_map_shift
 from .runs import eval_batches, load_test_samples, make_dataset, model_device, ready_to_score
 from .scoring import image_score_kind, pixel_map_kind
 from .thresholds import check_threshold_flags, pooled_for_unknown_groups, resolve_thresholds, thresholds_of
@@ -55,6 +55,7 @@ def score_samples(model, samples, cfg: dict, keep_maps: bool = True, quiet: bool
     offsets = model.cfg.get("tile_offsets") if tiled else None   # tile_norm: position (positions.py)
     near = model.cfg.get("tile_neighbours") if offsets else None    # tile_norm: neighbours
     hw = {i: (g.h, g.w) for i, g, _ in ds.tile_index} if offsets else {}   # each image's size, for `corrected`
+    check_places(offsets, model.cfg.get("tile_sizes"), ds)   # every image's places before the first batch
     tile_scores: dict[int, list[float]] = {}
     tile_maps: dict[int, list[np.ndarray]] = {}
     maps, masks = [None] * n, [None] * n

@@ -21,7 +21,7 @@ from .export import backbone_features, uninet_features, vector_names
 from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, check_writer, file_sha256, file_stamp, file_stats,
                         start_store, write_shard)
 from .io import atomic_write, atomic_write_text, remove_dead_temps
-from .positions import corrected
+from .positions import check_places, corrected
 from .runs import check_input_side, make_dataset, model_device, run_path
 
 
@@ -163,6 +163,8 @@ class Extractor:
         out, i = {}, 0
         by_place = self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets")
         hw = {j: (g.h, g.w) for j, g, _ in ds.tile_index} if by_place else {}   # each image's size, for `corrected`
+        if by_place:   # every image's places checked before the first batch
+            check_places(self.model.cfg["tile_offsets"], self.model.cfg.get("tile_sizes"), ds)
         for batch in loader:
             x = batch["image"].to(self.device)
             if self.model is not None and self.cfg.get("channels_last"):   # as evaluate feeds it: the same scores

@@ -313,6 +313,18 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
     one of those normals is taken against the others' median (``maps``: of map scores, ``offsets`` being the map's)."""
     if not offsets:
         return score
+    group, table, k = _place(box, offsets, sample, sizes, hw)
+    if neighbours is not None:
+        if context is None:
+            raise ValueError("tile_norm: neighbours needs each tile's context (model.predict(x, context=True))")
+        return score - neighbours.offset(group, k, context, exclude=sample.path)
+    loo = own.offset(group, k, sample.path, maps) if own is not None else None
+    return score - (table[k] if loo is None else loo)
+
+
+def _place(box, offsets: dict, sample, sizes: dict | None, hw) -> tuple:
+    """(group, its offsets table, the tile's key) of a tile at ``box`` of ``sample``; BadInputError, naming the
+    image and the fix, when the run has no offset for it (`corrected`)."""
     # a run of one group scores images without one (a new batch) with its offsets, not another group's images; a run
     # of one ungrouped category (group '') scores every image: a batch's layout group (DIR/bottle/test) is a folder
     only = next(iter(offsets)) if len(offsets) == 1 else None
@@ -346,12 +358,30 @@ def corrected(score: float, box, offsets: dict | None, sample, context=None, nei
                             f"{len(table)} other places", path=sample.path,
                             fix="score images of the training images' size, or `uninet-feat calibrate --run RUN "
                                 "--tile-norm none`")
-    if neighbours is not None:
-        if context is None:
-            raise ValueError("tile_norm: neighbours needs each tile's context (model.predict(x, context=True))")
-        return score - neighbours.offset(group, k, context, exclude=sample.path)
-    loo = own.offset(group, k, sample.path, maps) if own is not None else None
-    return score - (table[k] if loo is None else loo)
+    return group, table, k
+
+
+def check_places(offsets: dict | None, sizes: dict | None, ds) -> None:
+    """Refuse, before any image is scored, the images whose tiles have no position offset (another size than the
+    training normals', a group without offsets), all in one error: `corrected` refused the first when the scoring
+    loop reached it, after the batches before it were scored, and with a file list that changed when it was taken
+    out, predict's saved parts were all scored again (an audit, session 53). ``ds``: a tiled `ImageDataset`."""
+    if not offsets or getattr(ds, "_places_checked", None) is offsets:   # once a dataset (extract: per part)
+        return
+    bad, seen = [], set()
+    for i, grid, k in ds.tile_index:
+        if i in seen:
+            continue
+        try:
+            _place(grid.box(k), offsets, ds.samples[i], sizes, (grid.h, grid.w))
+        except BadInputError as e:
+            seen.add(i)
+            bad.append(e)
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise BadInputError(f"{len(bad)} image(s) cannot be scored against the run's position offsets:\n"
+                            + "\n".join(f"  {e.path}: {e.reason}" for e in bad[:3]) + more, fix=bad[0].fix)
+    ds._places_checked = offsets
 
 
 def tile_map_shift(cfg: dict, score: float, corrected_score: float, box, sample, context=None, hw=None) -> float:

@@ -120,14 +120,17 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             _supervision_notes(fit, cfg)
     # the split as it is now: a resume refuses another one (a normal added to the folder redraws the validation split)
     split, paths = split_digest(fit, val, cfg["data"]), split_paths(fit, val, cfg["data"])
+    choices = _kept_choices(cfg, state, out) if resume else {}   # what `calibrate` was told: kept by a resume
+    own = {**cfg, **choices}
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
         if (val or given) and not _calibrated(out):   # killed between writing model.pt and calibrating it
             check_split(state, fit, val, cfg["data"], cfg.get("split_csv") or cfg["data"])
             if rank == 0:
                 from .calibration import recalibrate
-                recalibrate(out, quiet=quiet, map_levels=cfg.get("map_levels", "all"),
-                            map_norm=cfg.get("map_norm", "none"), device=cfg.get("device"), warn_kinds=False,
-                            image_score=cfg.get("image_score", "wdm"))
+                recalibrate(out, quiet=quiet, map_levels=own.get("map_levels", "all"),
+                            map_norm=own.get("map_norm", "none"), device=cfg.get("device"), warn_kinds=False,
+                            image_score=own.get("image_score", "wdm"), tile_norm=own.get("tile_norm"),
+                            synthetic_kinds=choices.get("synthetic_kinds"), choices=choices)
         else:
             warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
@@ -155,17 +158,17 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         cfg = {k: v for k, v in cfg.items() if k != "student_relu"}   # resumed model.pt equals an uninterrupted one
         if "student_relu" in state["config"]:
             cfg["student_relu"] = state["config"]["student_relu"]
-    map_levels = cfg.get("map_levels", "all")   # the pixel map: used after the last epoch; checked now
-    map_norm = parse_map_norm(cfg.get("map_norm", "none"))
-    image_score = parse_image_score(cfg.get("image_score", "wdm"))
+    map_levels = own.get("map_levels", "all")   # the pixel map: used after the last epoch; checked now
+    map_norm = parse_map_norm(own.get("map_norm", "none"))
+    image_score = parse_image_score(own.get("image_score", "wdm"))
     if map_levels != "auto":
         parse_map_levels(map_levels, len(model.channels))
-    parse_kinds(cfg.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
+    parse_kinds(own.get("synthetic_kinds"))   # used by select: synthetic and the auto choices
     parse_kinds(cfg.get("denoise_kinds"), "denoise_kinds")   # denoise's training edits: P, as the backbone's inputs
     damage = (Damager(cfg["denoise"], cfg.get("denoise_kinds"), model.source.mean, model.source.std, cfg["seed"])
               if parse_denoise(cfg.get("denoise")) > 0 else None)
-    parse_tile_norm(cfg.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch
-    warn_choices_on_trained_kinds(cfg, map_levels, map_norm, damage is not None, image_score)
+    parse_tile_norm(own.get("tile_norm", "none"), cfg.get("tile"))   # used after the last epoch
+    warn_choices_on_trained_kinds(own, map_levels, map_norm, damage is not None, image_score)
     if "auto" in (map_levels, map_norm, image_score) and not val:
         raise BadInputError("map_levels / map_norm / image_score: auto chooses on the validation normals, but "
                             "val_fraction leaves none", path=cfg.get("split_csv") or cfg.get("data"),
@@ -314,7 +317,11 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             model_path = save_checkpoint(out / "model.pt", model, cfg, epoch=cfg["epochs"], split=split,
                                          **({"selection": selection} if selection else {}))
         if val or given:
-            calibrate(model, *_calibration_set(out, cfg, val, given), out, quiet, map_levels, map_norm,
+            normals, cal_cfg = _calibration_set(out, cfg, val, given)
+            if choices:   # the auto choices' synthetic kinds, and the record that the next calibration keeps
+                cal_cfg = {**cal_cfg, "calibrate_choices": choices,
+                           **{k: choices[k] for k in ("synthetic_kinds",) if k in choices}}
+            calibrate(model, normals, cal_cfg, out, quiet, map_levels, map_norm, tile_norm=own.get("tile_norm"),
                       image_score=image_score)
     dd.close()  # [distributed] barrier, plain BN classes back, process group destroyed
     return model_path
@@ -564,6 +571,18 @@ def check_resume_changes(cfg: dict, state: dict, out: Path) -> None:
                             fix="drop those flags to continue the run (from Python, resume with the run's own "
                                 f"config: load_config('{out / 'config.yaml'}', {{'epochs': N}})); a resume changes only "
                                 f"{', '.join(RESUMABLE_KEYS)}. Or train a new run with a new --out")
+
+
+def _kept_choices(cfg: dict, state: dict, out: Path) -> dict:
+    """The choices `calibrate` was told for a resumed run (`calibration.calibrate_choices`), which its final
+    calibration makes again rather than config.yaml's; less those this resume's command sets itself (`train --resume
+    --map-levels all`: config.yaml's then)."""
+    from .calibration import calibrate_choices
+    choices = calibrate_choices(out)
+    for k in ("map_levels", "map_norm", "image_score"):   # the choices `train --resume` also takes (RESUMABLE_KEYS)
+        if k in choices and cfg.get(k, DEFAULT_CONFIG[k]) != state["config"].get(k, DEFAULT_CONFIG[k]):
+            del choices[k]
+    return choices
 
 
 def _calibration_set(out: Path, cfg: dict, val: list, given: str | None) -> tuple:
