@@ -246,7 +246,7 @@ def test_cli_chain_extract_index_head_predict(setup, tmp_path, capsys):
     assert defect > normal_train
 
 
-def test_every_command_takes_a_yaml_config_and_saves_its_resolved_one(setup, tmp_path, capsys):
+def test_every_command_takes_a_yaml_config_and_saves_its_resolved_one(setup, tmp_path, capsys, monkeypatch):
     """Non-train commands: `--config FILE` keys are flag names, flags override them, the resolved flags
     land in OUT/config.yaml (+ env.json) and that file re-runs the same command."""
     import yaml
@@ -264,8 +264,13 @@ def test_every_command_takes_a_yaml_config_and_saves_its_resolved_one(setup, tmp
     np.testing.assert_array_equal(FeatureStore(again).vectors, FeatureStore(f).vectors)
     head_cfg = tmp_path / "head.yaml"
     head_cfg.write_text(yaml.safe_dump({"features": str(f), "folds": 2, "task": "binary"}))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(["train-head", "--config", str(head_cfg), "--out", str(tmp_path / "h")]) == 0
-    assert yaml.safe_load((tmp_path / "h" / "config.yaml").read_text())["folds"] == 2
+    saved = yaml.safe_load((tmp_path / "h" / "config.yaml").read_text())
+    assert saved["folds"] == 2 and saved["threads"] == 1   # the count used, not null (session 53): LightGBM's model
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")               # text names it, and a rerun under another count differed
+    assert main(["train-head", "--config", str(tmp_path / "h" / "config.yaml"), "--out", str(tmp_path / "h2")]) == 0
+    assert (tmp_path / "h2" / "model.txt").read_bytes() == (tmp_path / "h" / "model.txt").read_bytes()
     capsys.readouterr()
     cfg.write_text(yaml.safe_dump({"data": str(data), "epochs": 3}))
     assert main(["extract", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2

@@ -235,7 +235,8 @@ def test_a_tiled_store_whose_image_changed_size_resumes_from_that_image(tmp_path
             raise _Killed
         return real_write(path, text)
     monkeypatch.setattr(featstore, "atomic_write_text", killed_at_manifest)
-    with pytest.warns(UserWarning, match=r"1 image\(s\) changed size .*3\.png.*2 of the 3 finished shard"), \
+    with pytest.warns(UserWarning, match=r"1 image\(s\) were added, removed or changed size .*3\.png.*2 of the 3 "
+                                         r"finished shard"), \
             pytest.raises(_Killed):
         ex.extract_to(ps, f, shard_size=4)
     assert sorted(q.name for q in f.glob("shard-*")) == ["shard-00000.npz", "shard-00001.npz"]
@@ -252,5 +253,33 @@ def test_a_tiled_store_whose_image_changed_size_resumes_from_that_image(tmp_path
         with np.load(f / featstore.shard_name(i)) as z, np.load(io.BytesIO(old)) as o:
             assert str(z["fingerprint"]) == fresh.manifest["fingerprint"] != str(o["fingerprint"])
             np.testing.assert_array_equal(z["vectors"], o["vectors"])
-    with pytest.raises(BadInputError, match="another model, settings or image list"):   # other images: refused
-        make().extract_to(ps[:3], f, shard_size=4)
+    # an image fewer (or more): the same resume, from the first image the lists disagree on (session 53)
+    with pytest.warns(UserWarning, match=r"1 image\(s\) were added, removed or changed size .*3\.png"):
+        st = make().extract_to(ps[:3], f, shard_size=4)
+    assert len(st.items) == 9
+    np.testing.assert_allclose(st.vectors, make().extract(ps[:3])["vectors"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_store_resumes_after_an_image_was_added_or_a_skipped_one_mended(tmp_path):
+    """A store killed after its first shards, then an image added to the folder (or one that --skip-bad skipped,
+    then mended, back in the list): the same command was refused ("another model, settings or image list"), and
+    every finished shard was lost (an audit, session 53). The shards before the first new image are kept."""
+    ps = _images(tmp_path / "img", n=6)
+    ex = Extractor(backbone="tiny", weights="random", image_size=64)
+    with pytest.raises(_Killed):
+        ex.extract_to(ps, tmp_path / "f", shard_size=2, on_shard=_kill_after_first)
+    first = (tmp_path / "f" / "shard-00000.npz").read_bytes()
+    from PIL import Image
+    added = tmp_path / "img" / "zz.png"   # sorts last
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(added)
+    rows, run = [], ex._run
+    ex._run = lambda ds, r, *a: rows.append(list(r)) or run(ds, r, *a)
+    with pytest.warns(UserWarning, match=r"1 image\(s\) were added, removed .*zz\.png.*1 of the 1 finished shard"):
+        st = ex.extract_to([*ps, added], tmp_path / "f", shard_size=2)
+    assert rows == [[2, 3], [4, 5], [6]]   # shard 0 kept, not extracted again
+    np.testing.assert_allclose(st.vectors, ex.extract([*ps, added])["vectors"], rtol=1e-5, atol=1e-6)
+    with np.load(tmp_path / "f" / "shard-00000.npz") as z, np.load(__import__("io").BytesIO(first)) as o:
+        np.testing.assert_array_equal(z["vectors"], o["vectors"])
+    other = _images(tmp_path / "other", n=7)   # another folder: refused, its store not replaced
+    with pytest.raises(BadInputError, match="another model, settings or image list"):
+        ex.extract_to(other, tmp_path / "f", shard_size=2)

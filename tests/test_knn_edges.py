@@ -230,14 +230,19 @@ def test_a_kill_while_the_index_is_built_keeps_the_finished_coreset_for_the_next
 
     def killed(*a, **kw):
         raise KeyboardInterrupt
+    from uninet_feat.cli import main as cli
+    assert cli(["index", "--features", str(store), "--coreset", "0.25", "--out", str(tmp_path / "k")]) == 0
     monkeypatch.setattr(knn, "build_index", killed)
-    with pytest.raises(KeyboardInterrupt):
-        workflows.index_cmd(store, tmp_path / "k", coreset=0.5, device="cpu")
-    assert (tmp_path / "k" / ".coreset_state.npz").exists()
+    assert cli(["index", "--features", str(store), "--coreset", "0.5", "--device", "cpu", "--out",
+                str(tmp_path / "k")]) == 130   # stopped as by Ctrl-C
+    assert (tmp_path / "k" / ".partial" / "coreset_state.npz").exists()
+    # the state is scratch: its saves did not put this command's config.yaml beside the earlier index (they did
+    # until session 53)
+    assert "coreset: 0.25" in (tmp_path / "k" / "config.yaml").read_text()
     monkeypatch.setattr(knn, "build_index", real_build)
     monkeypatch.setattr(cs, "_resume", lambda *a: (lambda r: starts.append(r[0]) or r)(real_resume(*a)))
     workflows.index_cmd(store, tmp_path / "k", coreset=0.5, device="cpu")
     n_bank = KNNScorer.load(tmp_path / "k").index.ntotal
-    assert starts == [n_bank] and not (tmp_path / "k" / ".coreset_state.npz").exists()   # nothing picked again
+    assert starts == [n_bank] and not (tmp_path / "k" / ".partial").exists()   # nothing picked again
     n_normal = sum(it["is_normal"] and it["split"] == "train" for it in FeatureStore(store).items)
     assert n_bank < n_normal * 64 and n_bank > 0

@@ -749,3 +749,26 @@ def test_supervised_runs_say_what_makes_supervision_do_less(tmp_path):
     said = " ".join(str(w.message) for w in seen)
     assert "1 defective training image(s) have a mask with no defect pixel" in said
     assert "the abnormal margin cannot act" in said and "-T 0.1" in said
+
+
+def test_evaluate_names_what_it_measured_and_never_leaves_an_earlier_report_beside_new_figures(trained, tmp_path,
+                                                                                              monkeypatch):
+    """evaluate wrote --csv, then --json, then the report, each over an earlier evaluation's file, and the JSON named
+    neither run nor model: killed while drawing the report (seconds on real data), the folder held this run's
+    figures beside another run's report, with nothing to tell them apart (an audit, session 53)."""
+    import uninet_feat.evaluate as ev
+    from uninet_feat.featstore import file_sha256
+    j, c, r = tmp_path / "m.json", tmp_path / "s.csv", tmp_path / "r.html"
+    evaluate(trained, json_path=j, csv_path=c, report_path=r, quiet=True)
+    src = json.loads(j.read_text())["source"]
+    assert src["run"] == str(trained.resolve()) and src["model_sha256"] == file_sha256(trained / "model.pt")
+    assert src["model"] == str((trained / "model.pt").resolve()) and src["knn"] is None
+
+    def killed(*a, **k):   # stands in for a kill while the report is drawn
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "write_html_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(trained, json_path=j, csv_path=c, report_path=r, quiet=True,
+                 checkpoint=trained / "checkpoint.pt")
+    assert j.exists() and c.exists() and not r.exists()   # the new figures, and no earlier report beside them
+    assert json.loads(j.read_text())["source"]["model"] == str((trained / "checkpoint.pt").resolve())

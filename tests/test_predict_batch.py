@@ -60,6 +60,25 @@ def test_predict_again_into_the_same_folder_keeps_no_stale_overlays(run, tmp_pat
     assert len(rows) == len(imgs) and all(r["overlay"] == "" and r["flagged"] == "False" for r in rows)
 
 
+def test_summary_json_is_written_last_so_a_predict_stopped_in_its_overlays_does_not_look_finished(run, tmp_path,
+                                                                                                   monkeypatch):
+    """summary.json was written before the overlays: a predict killed while drawing them left a summary counting
+    the flagged images beside rows naming no overlay (an audit, session 53). It is now the finished predict's mark."""
+    import uninet_feat.predict as pr
+    imgs = [_png(tmp_path / "b" / f"{i}.png", i) for i in range(3)]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pr, "_write_overlays", killed)
+    with pytest.raises(KeyboardInterrupt):
+        predict_cmd(run, tmp_path / "b", tmp_path / "p", threshold=-1e9, quiet=True)
+    assert not (tmp_path / "p" / "summary.json").exists()
+    monkeypatch.undo()
+    res = predict_cmd(run, tmp_path / "b", tmp_path / "p", threshold=-1e9, quiet=True)
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["n_flagged"] == len(imgs) == res["n_flagged"]
+    assert all(Path(r["overlay"]).is_file() for r in res["rows"])
+
 def test_discover_batch_labels(tmp_path):
     _png(tmp_path / "dated" / "day1" / "a.png")
     _png(tmp_path / "dated" / "day2" / "b.png")

@@ -38,7 +38,8 @@ def test_a_predict_stopped_after_its_first_output_leaves_its_own_records_and_a_r
                  "--threshold", "0"]) == 130   # stopped (Ctrl-C's code)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["threshold"] == 0 and cfg["data"] == str((data / "test").resolve())
-    assert json.loads((out / "summary.json").read_text())["threshold"] == 0
+    assert (out / "predictions.csv").is_file()   # its own rows; no summary.json, the mark of a finished predict
+    assert not (out / "summary.json").exists()    # (written before the overlays until session 53)
     before = (out / "config.yaml").read_text()   # refused before any output: the folder's records stay
     assert main(["predict", "--run", str(r), "--data", str(tmp_path / "none"), "--out", str(out), "--quiet"]) == 2
     assert (out / "config.yaml").read_text() == before
@@ -92,3 +93,22 @@ def test_a_command_writes_its_records_once(run, tmp_path, monkeypatch):
     empty = tmp_path / "e"
     assert main(["predict", "--run", str(r), "--data", str(data / "test" / "good"), "--out", str(empty), "--quiet"]) == 0
     assert calls == ["predict", "predict"] and yaml.safe_load((empty / "config.yaml").read_text())["command"] == "predict"
+
+
+def test_a_command_stopped_while_its_environment_is_read_leaves_the_earlier_records_whole(run, tmp_path,
+                                                                                          monkeypatch):
+    """config.yaml was written, then the environment read (importing timm: ~2 s in a command that never loaded it),
+    then env.json: a kill in between left this command's config.yaml beside the earlier outputs and env.json (an
+    audit, session 53). The environment is now read first and the two files written back to back."""
+    data, r = run
+    out = tmp_path / "p"
+    assert main(["predict", "--run", str(r), "--data", str(data / "test" / "good"), "--out", str(out), "--quiet",
+                 "--threshold", "1e9"]) == 0
+    before = {n: (out / n).read_text() for n in ("config.yaml", "env.json")}
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr("uninet_feat.config.environment", stopped)
+    assert main(["predict", "--run", str(r), "--data", str(data / "test"), "--out", str(out), "--quiet",
+                 "--threshold", "0"]) == 130
+    assert {n: (out / n).read_text() for n in ("config.yaml", "env.json")} == before

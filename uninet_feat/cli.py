@@ -679,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.command == "train-head" and args.threads is None:   # recorded as used: LightGBM's model text names the
+        from .downstream.head import default_threads            # count, so `--config OUT/config.yaml` under
+        args.threads = default_threads()                        # another OMP_NUM_THREADS made another head
     from . import runs
     device_before = runs._default_device   # --device is the command's: a host process calling main keeps its own
     try:

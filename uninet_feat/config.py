@@ -394,8 +394,11 @@ def save_run_config(run_dir: Path, cfg: dict, name: str = "config.yaml", resumed
     environment that trained the earlier epochs is kept and this one appended under ``resumes`` (a resume wrote
     over it: the first segment's commit, versions and threads were lost)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / name, yaml.safe_dump(_plain(cfg), sort_keys=True))
+    # the environment first (importing timm for its version takes ~2 s in a command that never loaded it), then the
+    # two files back to back: a kill in that gap left this command's config.yaml beside the earlier outputs and
+    # env.json (an audit, session 53)
     env = environment(cfg.get("seed", 0))
+    text = yaml.safe_dump(_plain(cfg), sort_keys=True)
     if resumed_at is not None:
         try:
             first = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
@@ -404,6 +407,7 @@ def save_run_config(run_dir: Path, cfg: dict, name: str = "config.yaml", resumed
         if isinstance(first, dict):
             env = {**first, "resumes": [*first.get("resumes", []), {"at_epoch": int(resumed_at), **env}]}
     atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
+    atomic_write_text(run_dir / name, text)
 
 
 def _plain(v):

@@ -193,6 +193,13 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
     report = {"n_test": len(test), "n_defect": int(labels.sum()), "epoch": ckpt.get("epoch"),
               "pixel_map": pixel_map_kind(model.cfg), "image_score": image_score_kind(model.cfg),
               "skipped": res["skipped"]}
+    from .featstore import file_sha256
+    scored = Path(checkpoint) if other else Path(run) / "model.pt"
+    # what was measured: two evaluations written to the same files can be told apart (an audit, session 53)
+    report["source"] = {"run": str(Path(run).resolve()), "model": str(scored.resolve()),
+                        "model_sha256": file_sha256(scored), "data": str(cfg.get("data")),
+                        "split_csv": None if cfg.get("split_csv") is None else str(cfg["split_csv"]),
+                        "knn": None if knn is None else str(Path(knn).resolve())}
     if trained_on is not None:
         report["test_images_trained_on"] = trained_on
     if sink is not None:
@@ -247,6 +254,9 @@ def evaluate(run: str | Path, data: str | None = None, split_csv: str | None = N
         pixel_auroc_column(rows, res)
     if knn is not None:
         report["scorers"] = _second_scorer(prep, cfg, test, labels, scores, rows, res, group)
+    for prev in (csv_path, json_path, report_path):   # an earlier evaluation's files, gone before the first new one:
+        if prev:                                      # a kill between the writes leaves none beside the new ones
+            Path(prev).unlink(missing_ok=True)
     if csv_path:
         atomic_write_csv(csv_path, rows)
     if json_path:

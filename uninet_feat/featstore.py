@@ -173,9 +173,11 @@ def _stale_shards(folder: Path, old: dict, manifest: dict) -> set[int]:
 
 
 def _retiled(old: dict, manifest: dict) -> list[str]:
-    """The images whose number of tiles differs between two manifests of one model, settings and image list, each
-    a file changed since (a picture replaced by a larger one), everything else the same: a resume keeps the shards
-    before the first of them (`_resume_retiled`). Else []."""
+    """The images that two manifests of one model and settings disagree on, everything else the same: images added
+    or removed (a new image in the folder; one `--skip-bad` skipped, now mended) and images whose number of tiles
+    differs, each a file changed since (a picture replaced by a larger one). A resume keeps the shards before the
+    first of them (`_resume_retiled`): it was refused ("another image list"), and every finished shard was lost for
+    one image (an audit, session 53). Else [], also when most of the stored images are gone (another folder)."""
     same = ("source", "settings", "vector_names", "schema_version", "tile_score", *CALIBRATION_KEYS)
     if any(old.get(k) != manifest.get(k) for k in same) or not old.get("files"):
         return []
@@ -186,10 +188,13 @@ def _retiled(old: dict, manifest: dict) -> list[str]:
             n[it["path"]] = n.get(it["path"], 0) + 1
         return n
     was, now = tiles(old), tiles(manifest)
-    if list(was) != list(now):
-        return []
-    changed = [p for p in now if was[p] != now[p]]
-    return changed if set(changed) <= _changed_files(old, manifest) else []
+    retiled = [p for p in now if p in was and was[p] != now[p]]
+    if not set(retiled) <= _changed_files(old, manifest):
+        return []   # another number of tiles from an unchanged file: not this store's extraction
+    removed = [p for p in was if p not in now]
+    if 2 * len(removed) > len(was):   # most of its images gone: another image list (another --data), whose store
+        return []                     # this would replace, not the same folder grown or mended
+    return [*removed, *(p for p in now if p not in was), *retiled]
 
 
 def _resume_retiled(folder: Path, old: dict, manifest: dict, names: list[str], by_group: bool) -> set[int]:
@@ -228,8 +233,8 @@ def _resume_retiled(folder: Path, old: dict, manifest: dict, names: list[str], b
         if fp != manifest["fingerprint"]:
             write_shard(folder, i, arrays, fingerprint=manifest["fingerprint"])
         done.add(i)
-    warnings.warn(f"{folder}: {len(names)} image(s) changed size since their features were extracted (e.g. "
-                  f"{names[0]}): they have another number of tiles now, so the rows from the first of them on moved; "
+    warnings.warn(f"{folder}: {len(names)} image(s) were added, removed or changed size since the store's features "
+                  f"were extracted (e.g. {', '.join(names[:3])}), so the rows from the first of them on moved; "
                   f"{len(done)} of the {len(found)} finished shard(s) kept, the rest extracted again")
     atomic_write_text(folder / "manifest.json", json.dumps(manifest))
     return done

@@ -244,7 +244,6 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                "skipped": res["skipped"],
                **({"tile_norm": applied_tile_norm(ex.model)} if ex.cfg.get("tile") else {}),
                **({"resumed_items": resumed} if resumed else {}), **summary_extra}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if overlays and any(r["flagged"] for r in rows):
         if heatmap == "knn":
             _write_knn_overlays(samples, rows, patch_scores, kres, ref, out / "overlays", names)
@@ -253,12 +252,14 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
         elif heatmap == "combined":
             summary["heatmap_range"] = _write_combined_overlays(ex, samples, rows, patch_scores, kres, ref, wdm_range,
                                                                 out / "overlays", names, held=held)
-            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         else:   # outlined: the defect mask's edge (--save-maps' pixel threshold)
             outline = pixel_threshold if pixel_threshold is not None else default_pixel_threshold(ex.run_dir, ex.model)
             _write_overlays(ex, samples, rows, out / "overlays", names, held=held, outline=outline)
         atomic_write_csv(out / "predictions.csv", rows)        # again, with each flagged row's overlay
         atomic_write_text(out / "predictions.json", json.dumps(rows, indent=1))
+    # last: the mark of a finished predict (written before the overlays, it looked finished while they were drawn,
+    # the rows naming none of them yet; an audit, session 53)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)   # everything is written: nothing left to resume
     if resumed and not quiet:
         print(f"resumed: {resumed} item(s) scored by a killed predict into {out} were reused, not scored again")

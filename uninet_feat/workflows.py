@@ -1,6 +1,7 @@
 """The downstream commands: extract → index → train-head (and zero-shot); predict is `predict.py`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -11,7 +12,7 @@ import numpy as np
 from .data.layouts import is_normal_label
 from .errors import BadInputError
 from .featstore import CALIBRATION_KEYS, FeatureStore, head_columns, without_twin_half
-from .io import atomic_write_csv, atomic_write_text
+from .io import SCRATCH, atomic_write_csv, atomic_write_text
 from .runs import samples_of
 from .scorers import abs_path, paths_sha
 
@@ -177,7 +178,12 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
         _refuse_nonfinite(patches, [paths[j] for j in np.flatnonzero(normal)], features, source)
         # the coreset's picks saved as it goes, and kept until the scorer is saved: a killed index run again
         # resumes its selection, also when killed while its index was built or written
-        state = out / ".coreset_state.npz"
+        # under SCRATCH: its first save was the folder's first write, which put this command's config.yaml beside
+        # the earlier index minutes before the new one (an audit, session 53)
+        state = out / SCRATCH / "coreset_state.npz"
+        if (out / ".coreset_state.npz").is_file() and not state.exists():   # a selection killed before that
+            state.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out / ".coreset_state.npz", state)
         scorer = KNNScorer(kind=kind, k=k, coreset_ratio=coreset, device=device).fit(
             patches, state=state, keep_state=True)
         # the source, the settings a plain-feature index needs for predict to extract matching patches, and
@@ -189,16 +195,18 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
                           f"other paths (e.g. {copies[0]}: the same name and size), so they are in the bank and "
                           "predict will give no combined score with this index (fix: extract from the run's own data "
                           f"folder, or `uninet-feat calibrate --run {run} --data COPY` first, then extract and index)")
-        held = {"run": str(run), "paths_sha256": paths_sha(held_out), "n": n_held} if run and not copies else None
+        held = {"run": str(Path(run).resolve()), "paths_sha256": paths_sha(held_out), "n": n_held} if run and not copies else None
         # the test images left out (n: those the store held), and the bank's images: evaluate --knn warns of any
         # of its test images among them, whatever run or store the index came from
-        held_test = ({"run": str(run), "paths_sha256": paths_sha(test),   # n: images, as held_out_val's (not tiles)
+        held_test = ({"run": str(Path(run).resolve()), "paths_sha256": paths_sha(test),   # n: images, as held_out_val's (not tiles)
                       "n": len({p for p, t in zip(paths, is_test) if t})}
                      if run and test is not None else None)
         bank = sorted({p for p, keep in zip(paths, normal) if keep})
         scorer.save(out, source={**source, "settings": store.manifest.get("settings"), "held_out_val": held,
                                  "held_out_test": held_test, "bank_images": bank})
         state.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):   # the scratch folder, when nothing else is in it
+            state.parent.rmdir()
         return {"index": str(out), "level": level, "kind": kind, "n_memory": int(scorer.index.ntotal)}
     X, recs = store.image_table()
     _refuse_nonfinite(X, [r["path"] for r in recs], features, store.manifest.get("source"))   # names the images
