@@ -1150,3 +1150,44 @@ def test_a_batch_for_a_run_of_several_groups_takes_group_from_flag_or_folder(tmp
     assert main(base + ["--data", str(by), "--out", str(tmp_path / "f2")]) == 0
     items = json.loads((tmp_path / "f2" / "manifest.json").read_text())["items"]
     assert {(Path(i["path"]).parent.name, i["group"]) for i in items} == {("g1", "g1"), ("g2", "g2")}
+
+
+def test_the_rebuild_that_a_refusal_names_runs_as_written_and_keeps_the_heads_kind(setup, tmp_path, capsys):
+    """A head or index built from another run's features is refused with the commands that rebuild it; they named
+    `extract` without its required --data and `index` / `train-head` without --out, and rebuilt a defect-type head
+    as a binary one (an audit, session 53). Each command of the fix is run here as written (F: a folder)."""
+    import shlex
+    import yaml
+    import re
+    from uninet_feat.cli import main
+    import shutil
+    data, run, _ = setup
+    data = Path(shutil.copytree(data, tmp_path / "d"))   # two defect types (2 images each) for a defect-type head
+    spots = sorted((data / "test" / "spot").glob("*.png"))
+    (data / "test" / "stain").mkdir()
+    for p in spots:
+        shutil.copy(p, data / "test" / "stain" / p.name)
+        shutil.copy(data / "ground_truth" / "spot" / f"{p.stem}_mask.png", data / "ground_truth" / "stain")
+    other = tmp_path / "other"   # another model of the same data
+    train(load_config(None, {"data": str(data)}, base={"backbone": "tiny", "weights": "random", "image_size": 64,
+                                                       "epochs": 1, "batch_size": 4, "channels_last": False,
+                                                       "seed": 9}), other, quiet=True)
+    f, head, knn = tmp_path / "f", tmp_path / "head", tmp_path / "knn"
+    assert main(["extract", "--run", str(other), "--data", str(data), "--patches", "--out", str(f), "--quiet"]) == 0
+    assert main(["train-head", "--features", str(f), "--task", "multiclass", "--defects-only", "--folds", "2",
+                 "--out", str(head)]) == 0
+    assert main(["index", "--features", str(f), "--out", str(knn)]) == 0
+    for flag, folder in (("--head", head), ("--knn", knn)):
+        capsys.readouterr()
+        assert main(["predict", "--run", str(run), "--data", str(data / "test"), flag, str(folder), "--out",
+                     str(tmp_path / "p"), "--quiet", "--no-overlays"]) == 2
+        fix = capsys.readouterr().err.split("(fix: ", 1)[1]
+        commands = re.findall(r"`(uninet-feat [^`]+)`", fix)
+        assert len(commands) == 2, fix
+        for i, c in enumerate(commands):
+            args = [str(tmp_path / f"F{flag}") if a == "F" else a for a in shlex.split(c)[1:]]
+            assert main(args + ["--quiet"] * (i == 0)) == 0, c
+        assert main(["predict", "--run", str(run), "--data", str(data / "test"), flag, str(folder), "--out",
+                     str(tmp_path / "p"), "--quiet", "--no-overlays"]) == 0
+    assert json.loads((head / "head.json").read_text())["task"] == "multiclass"
+    assert yaml.safe_load((head / "config.yaml").read_text())["defects_only"] is True

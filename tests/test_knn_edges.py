@@ -246,3 +246,17 @@ def test_a_kill_while_the_index_is_built_keeps_the_finished_coreset_for_the_next
     assert starts == [n_bank] and not (tmp_path / "k" / ".partial").exists()   # nothing picked again
     n_normal = sum(it["is_normal"] and it["split"] == "train" for it in FeatureStore(store).items)
     assert n_bank < n_normal * 64 and n_bank > 0
+
+
+def test_the_few_normals_warning_of_the_knn_and_combined_thresholds_is_wdms_said_once(tmp_path, recwarn):
+    """`evaluate --knn` resolves three thresholds on the same validation normals; the kNN's and the combined's built
+    their record without the run's val_fraction, so besides WDM's right fix they advised `train --val-fraction 0.3`
+    to a run at 0.5, twice more (an audit, session 53). Now one warning, the run's fix."""
+    data = write_texture_set(tmp_path / "d", n_train=8, n_good=2, n_bad=2)
+    run, knn, _, _ = run_with_plain_index(tmp_path, data)
+    recwarn.clear()
+    assert main(["evaluate", "--run", str(run), "--knn", str(knn), "--json", str(tmp_path / "m.json"),
+                 "--quiet"]) == 0
+    few = [str(w.message) for w in recwarn if "the default threshold is the 0.99 quantile" in str(w.message)]
+    assert len(few) == 1, few
+    assert "--val-fraction is 0.5 already" in few[0] and "e.g. 0.3" not in few[0]

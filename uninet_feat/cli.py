@@ -62,14 +62,15 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", dest="val_every", type=int,
                    help="with --select synthetic: validate every N epochs (default 1, every epoch)")
     _kinds_flag(p, "the synthetic defects that --select synthetic and the auto map choices use")
-    _tile_norm_flag(p, "")
+    _tile_norm_flag(p, " (default none: each tile's own score)")
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="share of the training normals held out as validation normals, which set the threshold and "
                         "the label-free choices (default 0.1; with n of them a new normal passes the default threshold "
                         "with probability (0.01 n + 0.99) / (n + 1): 24 for under 5 %%, 2 %% at 100); data with its "
                         "own validation split (validation/, `val` CSV rows) gives its normals instead, unless this is 0")
     p.add_argument("--keep-every", dest="keep_every", type=int,
-                   help="also keep every N-th epoch's model as epochs/epoch_NNN.pt (evaluate --checkpoint)")
+                   help="also keep every N-th epoch's model as epochs/epoch_NNN.pt (evaluate --checkpoint; "
+                        "default 0: none kept)")
     p.add_argument("--map-levels", dest="map_levels",
                    help="levels summed into the pixel map: all (the method, default), auto (chosen after training "
                         "on synthetic defects of the validation normals, no labels) or a list such as 2,3")
@@ -689,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         # train's folder lock, and the one-writer commands' (`_command_lock`), remove them themselves
         if args.command not in ("train", "prompts", *_ONE_WRITER) and isinstance(out, str) and Path(out).is_dir():
             _remove_dead_temps(Path(out))
-        with warnings.catch_warnings(), _command_lock(args), _records_first(args) as flush:   # _dispatch sets the
-            code = _dispatch(args)                                               # commands' filters: a host keeps its own
+        from .thresholds import said_once
+        with warnings.catch_warnings(), _command_lock(args), _records_first(args) as flush, said_once():
+            code = _dispatch(args)   # _dispatch sets the commands' warning filters: a host keeps its own
             flush()   # its records also when it wrote nothing there (else they came before its first output)
         return code
     except BadInputError as e:

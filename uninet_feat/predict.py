@@ -132,7 +132,7 @@ def predict_cmd(run, data, out, knn=None, heads=(), split_csv=None, overlays=Tru
                                     "gives other columns", path=Path(hd) / "head.json",
                                     fix="restore the CLIP file the features were extracted with, or extract again "
                                         "and retrain the head")
-        head_cols[hd] = _head_columns(head, head_columns(ex.vector_names), hd, ex.run_dir)
+        head_cols[hd] = _head_columns(head, head_columns(ex.vector_names), hd, ex.run_dir, ex.cfg)
     if split_csv:
         samples = samples_of(data, split_csv, mask_pattern=ex.cfg.get("mask_pattern"))
     else:   # a new batch: any image under data (or data itself), unlabelled unless its layout has labels
@@ -666,9 +666,10 @@ def _by_path(samples, rows):
     return [d[r["path"]] for r in rows]
 
 
-def _head_columns(head, cols: list, where, run) -> list:
+def _head_columns(head, cols: list, where, run, cfg: dict) -> list:
     """The positions of a head's columns among this version's ``cols``, found by name: a head trained on an older
     feature schema (version 2: no `l*_spotdiff_*`) keeps working, since every column it knows is still made."""
+    from .scorers import rebuild_fix
     names = head.feature_names
     unnamed = names == [f"f{i}" for i in range(len(names))]   # `train_head` without feature_names
     if unnamed and len(names) == len(cols):
@@ -677,8 +678,7 @@ def _head_columns(head, cols: list, where, run) -> list:
         raise BadInputError(f"this head was trained on unnamed columns of width {len(names)} (f0 ... "
                             f"f{len(names) - 1}), while this run makes {len(cols)} named columns: which of them the "
                             "head's are is not known", path=Path(where) / "head.json",
-                            fix=f"train the head again on this run's features: `uninet-feat extract --run {run} "
-                                "--out F`, then `uninet-feat train-head --features F`")
+                            fix=f"train the head again on this run's features: {rebuild_fix(run, cfg, 'head', where)}")
     pos = {n: j for j, n in enumerate(cols)}
     missing = [n for n in names if n not in pos]
     if not missing:
@@ -686,5 +686,4 @@ def _head_columns(head, cols: list, where, run) -> list:
     raise BadInputError(f"this head was trained on {len(names)} feature columns, {len(missing)} of which this version "
                         f"does not make from this run (e.g. {missing[0]}: features of another layout or backbone)",
                         path=Path(where) / "head.json",
-                        fix=f"re-extract and retrain: `uninet-feat extract --run {run} --out F`, then "
-                            "`uninet-feat train-head --features F`")
+                        fix=f"re-extract and retrain: {rebuild_fix(run, cfg, 'head', where)}")

@@ -116,6 +116,37 @@ def _given_normalisation(record: dict) -> dict:
     return {"mean": tuple(record["mean"]), "std": tuple(record["std"])}
 
 
+def _yaml_of(folder) -> dict:
+    """A command folder's config.yaml as a dict, {} when it is missing or unreadable."""
+    from .io import read_yaml
+    try:
+        got = read_yaml(Path(folder) / "config.yaml", "")
+    except (BadInputError, OSError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def rebuild_fix(run, cfg: dict, what: str, folder) -> str:
+    """The two commands that rebuild ``what`` ("index" or "head", in ``folder``) from features of ``run``, runnable
+    as written: the fix texts named `extract` without its required --data and `index` / `train-head` without --out,
+    and a defect-type head's rebuild as a binary one (an audit, session 53). The images are those the old features
+    were extracted from (the store's config.yaml, which ``folder``'s names), else the run's own; a head keeps its
+    --task, --defects-only and --label-from."""
+    had = _yaml_of(folder)
+    store = _yaml_of(had["features"]) if had.get("features") else {}
+    src = store if store.get("data") else {"data": cfg.get("data"), "split_csv": cfg.get("split_csv")}
+    data = f"--data {src['data']}" + (f" --split-csv {src['split_csv']}" if src.get("split_csv") else "") \
+        + (f" --group {src['group']}" if src.get("group") else "") + (" --batch" if src.get("batch") else "")
+    if what == "index":
+        return (f"`uninet-feat extract --run {run} {data} --patches --out F` (a new F), then "
+                f"`uninet-feat index --features F --run {run} --out {folder}`")
+    opts = f" --task {had['task']}" if had.get("task") else ""
+    opts += " --defects-only" if had.get("defects_only") else ""
+    opts += f" --label-from {had['label_from']}" if had.get("label_from") not in (None, "label") else ""
+    return (f"`uninet-feat extract --run {run} {data} --out F` (a new F), then "
+            f"`uninet-feat train-head --features F{opts} --out {folder}`")
+
+
 def check_built_from(source, meta_path: Path, ex, what: str) -> None:
     """Refuse a kNN index or head built from features of another model than the run predict scores with, or (a head,
     whose source records the store's `featstore.CALIBRATION_KEYS`) of another calibration of it: its scores would be
@@ -130,9 +161,8 @@ def check_built_from(source, meta_path: Path, ex, what: str) -> None:
                  if source.get("run") else "plain backbone features (no run)")
         raise BadInputError(f"this {what} was built from {built}, not from {model} "
                             f"(sha256 {ex.source['model_sha256'][:12]})", path=meta_path,
-                            fix=f"rebuild the {what} from features of this run: `uninet-feat extract --run "
-                                f"{ex.run_dir}{' --patches' if what == 'index' else ''} --out F`, then "
-                                f"`uninet-feat {'index' if what == 'index' else 'train-head'} --features F`")
+                            fix=f"rebuild the {what} from features of this run: "
+                                f"{rebuild_fix(ex.run_dir, ex.cfg, what, meta_path.parent)}")
     settings, cfg = source.get("settings") or {}, ex.cfg
     made = {"image_size": settings.get("image_size"), "tile": settings.get("tile") or None}
     runs_own = {"image_size": cfg.get("image_size"), "tile": cfg.get("tile") or None}
@@ -140,8 +170,8 @@ def check_built_from(source, meta_path: Path, ex, what: str) -> None:
         raise BadInputError(f"this {what} was built from this run's features at image_size {made['image_size']}, "
                             f"tile {made['tile']}; the run scores at image_size {runs_own['image_size']}, tile "
                             f"{runs_own['tile']}", path=meta_path,
-                            fix=f"rebuild it from `uninet-feat extract --run {ex.run_dir}"
-                                f"{' --patches' if what == 'index' else ''} --out F` with no --image-size / --tile")
+                            fix=f"rebuild it, extracting with no --image-size / --tile: "
+                                f"{rebuild_fix(ex.run_dir, ex.cfg, what, meta_path.parent)}")
     from .featstore import CALIBRATION_KEYS
     cal = {k: source[k] for k in CALIBRATION_KEYS if k in source}   # none: saved before heads recorded them
     if cal:   # a `calibrate` since: other offsets and map features (the hot-region columns) than it was trained on
@@ -154,8 +184,7 @@ def check_built_from(source, meta_path: Path, ex, what: str) -> None:
                                 f"{str(now.get('calibration_sha256'))[:12]}; e.g. a `uninet-feat calibrate` since): "
                                 "their score and map columns are not the ones predict makes now", path=meta_path,
                                 fix=f"train the {what} again on features extracted with this calibration: "
-                                    f"`uninet-feat extract --run {ex.run_dir} --out F` (a new F), then "
-                                    f"`uninet-feat train-head --features F`")
+                                    f"{rebuild_fix(ex.run_dir, ex.cfg, what, meta_path.parent)}")
 
 
 def knn_scores(scorer, kex, samples, res=None, parts=None, key=None):
@@ -273,6 +302,7 @@ class Reference:
     val_res: dict | None = None
     groups: list | None = None
     trained_groups: tuple = ()
+    normals: dict | None = None   # where the normals came from (calibration.json's keys): the few-normals fix
 
     def combine(self, knn, wdm) -> np.ndarray:
         return zscore(knn, self.knn) + zscore(wdm, self.wdm)
@@ -328,7 +358,8 @@ def reference(run, cfg: dict, scorer, kex, ex=None, paired: bool = False) -> Ref
     return Reference(int(ok.sum()), kv[ok], wv, tuple(robust_range(patch_scores.ravel())),
                      wp[ok] if wp is not None else None, val, patch_scores,
                      {k: res[k] for k in ("index", "tile", "patch_grid")},   # not the patch vectors
-                     [s.group for s, keep in zip(val, ok) if keep], tuple(cal.get("trained_groups") or ()))
+                     [s.group for s, keep in zip(val, ok) if keep], tuple(cal.get("trained_groups") or ()),
+                     {k: cal[k] for k in ("val_fraction", "calibration_normals", "val_from_data") if k in cal})
 
 
 def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=None, group: str | None = None):
@@ -350,7 +381,10 @@ def flag_threshold(name: str, ref: Reference | None, threshold=None, max_fpr=Non
                             fix="fix what the warning names, pass --threshold VALUE, or flag by wdm")
     vals = ref.val_scores(name)
     v = np.sort(vals)
-    cal = {"threshold": float(np.quantile(v, 0.99)), "val_scores": v.tolist(),
+    # the normals' origin as the run's calibration says it, so that the few-normals warning names the same fix as
+    # WDM's (it advised `train --val-fraction 0.3` for a run at 0.4, or calibrated on --normals; an audit, session
+    # 53) and, being the same text, is said once per command
+    cal = {"threshold": float(np.quantile(v, 0.99)), "val_scores": v.tolist(), **(ref.normals or {}),
            "threshold_rule": f"0.99 quantile of the {len(v)} validation normals' {name} scores (no test labels used)"}
     by = (thresholds_by_group(vals, ref.groups, ref.trained_groups, max_fpr)
           if ref.groups is not None and len(ref.groups) == len(vals) else None)

@@ -8,6 +8,7 @@ validation normals the default cannot mean "1 % false positives", and `few_norma
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -29,6 +30,33 @@ def pass_chance(n: int) -> float:
     linear interpolation between order statistics, whose expected quantiles are k / (n + 1)): (0.01 n + 0.99) /
     (n + 1). 5.9 % at 19, 5.1 % at 23, 4.9 % at 24; at least 1 / (n + 1)."""
     return (0.01 * n + 0.99) / (n + 1)
+
+
+_SAID: list = []   # the texts `warn_once` has said in the command running (`said_once`); empty: none running
+
+
+@contextlib.contextmanager
+def said_once():
+    """Within the block (a command), `warn_once` says each text once. Why not the "default" warnings filter: any
+    ``catch_warnings`` block in between resets its memory, and `evaluate --knn` said the few-normals warning three
+    times, once per scorer's threshold (an audit, session 53). Nested blocks share the outermost one's memory."""
+    fresh = not _SAID
+    if fresh:
+        _SAID.append(set())
+    try:
+        yield
+    finally:
+        if fresh:
+            _SAID.clear()
+
+
+def warn_once(text: str) -> None:
+    """``warnings.warn(text)`` unless a `said_once` block running said it already (always outside one)."""
+    if _SAID:
+        if text in _SAID[0]:
+            return
+        _SAID[0].add(text)
+    warnings.warn(text)
 
 
 def few_normals_warning(n: int, val_fraction: float | None = None, given: str | None = None, run=None,
@@ -62,11 +90,11 @@ def few_normals_warning(n: int, val_fraction: float | None = None, given: str | 
                 f"add normal images to train on (--val-fraction is {val_fraction:g} already; {WARN_NORMALS} validation "
                 f"normals at that share need about {math.ceil(WARN_NORMALS / val_fraction)} normal images in all)")
     who = f"{run}: " if run else ""
-    warnings.warn(f"{who}the default threshold is the 0.99 quantile of only {n} validation normal"
-                  f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
-                  f"with probability {100 * pass_chance(n):.0f} % (at least 1/{n + 1}), not 1 %. Fix: {hold}, or "
-                  "calibrate on more normal images the run never saw (`uninet-feat calibrate --run RUN --normals "
-                  "DIR`), or pass --threshold VALUE")
+    warn_once(f"{who}the default threshold is the 0.99 quantile of only {n} validation normal"
+              f"{'s' if n > 1 else ''}, about their highest score: a new normal image scores above it "
+              f"with probability {100 * pass_chance(n):.0f} % (at least 1/{n + 1}), not 1 %. Fix: {hold}, or "
+              "calibrate on more normal images the run never saw (`uninet-feat calibrate --run RUN --normals "
+              "DIR`), or pass --threshold VALUE")
 
 
 def threshold_at_fpr(val_scores, max_fpr: float) -> float:
@@ -179,12 +207,12 @@ def thresholds_by_group(scores, groups, trained=(), max_fpr: float | None = None
     if few:
         if warn:
             who = f"{run}: " if run else ""
-            warnings.warn(f"{who}one threshold for all {len(names)} groups: a group's own needs {FEW_NORMALS} "
-                          f"validation normals of it, and {', '.join(f'{k} has {v}' for k, v in few.items())}, so "
-                          "the pooled one is about the highest group's top normal and may pass the other groups' "
-                          "defects. Fix: hold out more normals (`train --val-fraction`), or `uninet-feat calibrate "
-                          "--run RUN --normals DIR` with more normals per group (a folder laid out by group), or "
-                          "predict each group with --group G --threshold T")
+            warn_once(f"{who}one threshold for all {len(names)} groups: a group's own needs {FEW_NORMALS} "
+                      f"validation normals of it, and {', '.join(f'{k} has {v}' for k, v in few.items())}, so "
+                      "the pooled one is about the highest group's top normal and may pass the other groups' "
+                      "defects. Fix: hold out more normals (`train --val-fraction`), or `uninet-feat calibrate "
+                      "--run RUN --normals DIR` with more normals per group (a folder laid out by group), or "
+                      "predict each group with --group G --threshold T")
         return None
     level = {k: (float(np.median(s[g == k])), float(np.std(s[g == k], ddof=1))) for k in names}
     level = {k: v for k, v in level.items() if v[1] > 0}
