@@ -195,10 +195,11 @@ def index_cmd(features, out, kind="flat", level="patch", coreset=None, k=None, r
                           f"other paths (e.g. {copies[0]}: the same name and size), so they are in the bank and "
                           "predict will give no combined score with this index (fix: extract from the run's own data "
                           f"folder, or `uninet-feat calibrate --run {run} --data COPY` first, then extract and index)")
-        held = {"run": str(Path(run).resolve()), "paths_sha256": paths_sha(held_out), "n": n_held} if run and not copies else None
+        held = ({"run": str(Path(run).resolve()), "paths_sha256": paths_sha(held_out), "n": n_held}
+                if run and not copies else None)
         # the test images left out (n: those the store held), and the bank's images: evaluate --knn warns of any
         # of its test images among them, whatever run or store the index came from
-        held_test = ({"run": str(Path(run).resolve()), "paths_sha256": paths_sha(test),   # n: images, as held_out_val's (not tiles)
+        held_test = ({"run": str(Path(run).resolve()), "paths_sha256": paths_sha(test),   # n: images (not tiles)
                       "n": len({p for p, t in zip(paths, is_test) if t})}
                      if run and test is not None else None)
         bank = sorted({p for p, keep in zip(paths, normal) if keep})
