@@ -156,6 +156,10 @@ def test_cluster_and_labels_errors_name_the_fix(store, tmp_path, capsys):
         f.write("path,flagged\n/elsewhere/a.png,True\n")
     refused(["cluster", "--features", str(store / "f"), "--flagged", str(tmp_path / "none.csv"),
              "--out", str(tmp_path / "c")], "none of the 1 flagged images is in the feature store")
+    with open(tmp_path / "nothing.csv", "w", newline="") as f:   # it said "0 image(s) to cluster" (session 53)
+        f.write("path,flagged\n/elsewhere/a.png,False\n/elsewhere/b.png,False\n")
+    refused(["cluster", "--features", str(store / "f"), "--flagged", str(tmp_path / "nothing.csv"),
+             "--out", str(tmp_path / "c")], "the predictions CSV flags no image (of 2 rows)")
     with open(tmp_path / "bad.csv", "w", newline="") as f:
         f.write("file,label\na.png,x\n")
     refused(["train-head", "--features", str(store / "f"), "--labels", str(tmp_path / "bad.csv"),
@@ -790,3 +794,32 @@ def test_a_csv_the_toolkit_wrote_with_a_file_name_not_utf8_reads_back(tmp_path, 
         atomic_write_csv(tmp_path / "bad.csv", [{"path": "a.png", "label": "ok"}] + rows)
         with pytest.raises(BadInputError, match=r"line 3 is not UTF-8 \(byte 0xe9\)"):
             read_path_table(tmp_path / "bad.csv", "label", "labels CSV")
+
+
+def test_the_same_images_in_a_store_of_another_order_give_the_same_clusters(store, tmp_path):
+    """k-means++ starts and the renumbering's ties follow the rows' order, which is the store's (a CSV manifest's
+    row order, a merged store's): the same images under one seed gave other clusters (an audit, session 53). The
+    rows are clustered in path order."""
+    import shutil
+    from uninet_feat.cli import main
+    src = store / "f"
+    f = tmp_path / "f"
+    shutil.copytree(src, f)
+    m = json.loads((f / "manifest.json").read_text())   # the same store, its rows reversed in one shard
+    n = len(m["items"])
+    order = np.arange(n)[::-1]
+    m["items"] = [m["items"][i] for i in order]
+    m["n_shards"], m["settings"]["shard_size"] = 1, n
+    for q in f.glob("shard-*.npz"):
+        q.unlink()
+    from uninet_feat import featstore
+    with np.load(src / featstore.shard_name(0)) as z:
+        keys = [k for k in z.files if k != featstore.SHARD_FP]
+    cols = {k: np.concatenate([np.load(q)[k] for q in sorted(src.glob("shard-*.npz"))])[order] for k in keys}
+    featstore.write_shard(f, 0, cols, fingerprint=m["fingerprint"])
+    (f / "manifest.json").write_text(json.dumps(m))
+    got = {}
+    for name, feats in (("a", src), ("b", f)):
+        assert main(["cluster", "--features", str(feats), "--k", "3", "--no-sheet", "--out", str(tmp_path / name)]) == 0
+        got[name] = {r["path"]: r["cluster"] for r in csv.DictReader(open(tmp_path / name / "clusters.csv"))}
+    assert got["a"] == got["b"] and len(got["a"]) == 12

@@ -848,10 +848,10 @@ def test_a_head_of_unnamed_columns_of_another_width_is_refused_saying_so(tmp_pat
     assert head.feature_names == [f"f{i}" for i in range(5)]
     cols = [f"top_c{j}" for j in range(4)] + [f"mean_c{j}" for j in range(4)]
     with pytest.raises(BadInputError, match=r"unnamed columns of width 5 .*this run makes 8 named columns") as e:
-        _head_columns(head, cols, tmp_path / "h", "runs/r")
+        _head_columns(head, cols, tmp_path / "h", "runs/r", {"data": "d"})
     assert "does not make" not in str(e.value) and "train the head again" in str(e.value)
     assert "head.json" in str(e.value) and "--run runs/r" in str(e.value)
-    assert _head_columns(head, cols[:5], tmp_path / "h", "runs/r") == list(range(5))   # same width: by position
+    assert _head_columns(head, cols[:5], tmp_path / "h", "runs/r", {"data": "d"}) == list(range(5))   # same width: by position
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bytes flipped", "deleted"])

@@ -172,7 +172,7 @@ def test_the_report_and_a_group_less_detector_say_which_threshold_applies(run, t
 
 
 def test_export_model_group_puts_its_threshold_in_model_json_without_saying_it_changes_nothing(run, tmp_path,
-                                                                                               monkeypatch):
+                                                                                               monkeypatch, capsys):
     """`export-model --group G` of an untiled run of several groups writes G's own threshold into model.json, yet it
     warned "--group changes nothing"; that warning is for a run with neither place offsets nor group thresholds."""
     import warnings
@@ -187,6 +187,10 @@ def test_export_model_group_puts_its_threshold_in_model_json_without_saying_it_c
                      "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "model.json").read_text())["threshold"] == pytest.approx(want["lineB"])
     assert not [w for w in said if "changes nothing" in str(w.message)]
+    # a misspelt group exported the pooled threshold, no group_thresholds, exit 0 (an audit, session 53): refused
+    assert main(["export-model", "--run", str(r), "--group", "lineZ", "--no-check", "--quiet",
+                 "--out", str(tmp_path / "mz")]) == 2
+    assert "its groups are lineA, lineB" in capsys.readouterr().err and not (tmp_path / "mz").exists()
 
     def old(cal):   # one threshold for every group: then --group does change nothing
         del cal["val_groups"], cal["group_thresholds"]

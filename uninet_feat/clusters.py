@@ -237,6 +237,10 @@ def _rows(recs, flagged) -> tuple[list[int], str]:
     if flagged is not None:
         table = read_path_table(flagged, "flagged", "predictions CSV")
         wanted = [p for p, v in table.items() if v.lower() in TRUTHY]
+        if not wanted:   # it was "0 image(s) to cluster", as for flagged images missing from the store
+            raise BadInputError(f"the predictions CSV flags no image (of {len(table)} rows)", path=flagged,
+                                fix="flag more in predict (a lower --threshold, or --max-fpr F), or cluster every "
+                                    "image not labelled normal (no --flagged)")
         found, absent = store_rows(wanted, recs, flagged)
         keep = sorted(set(found.values()))
         missing = len(absent)
@@ -310,6 +314,9 @@ def cluster_cmd(features, out, flagged=None, k="auto", k_max: int = 10, columns:
     names = head_columns(store.manifest["vector_names"])
     keep, rule = _rows(recs, flagged)
     keep, rule = _in_group(keep, recs, group, rule, features)
+    # in path order, not the store's: k-means++ starts and ties follow the rows' order, so the same images in two
+    # stores (another shard size, a merged store) gave other clusters under one seed (an audit, session 53)
+    keep = sorted(keep, key=lambda j: (str(recs[j]["path"]), j))
     X = X[keep]
     Xk, rk = cluster_matrix(X, names, columns, features)[0], [recs[j] for j in keep]
     ok = _finite_rows(Xk, rk, features)

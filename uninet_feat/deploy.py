@@ -171,6 +171,14 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                             fix=f"--opset {OPSET} (ONNX Runtime >= 1.16, OpenVINO >= 2023.1 read it)")
     run, out = Path(run), Path(out)
     model, _, cfg = load_run(run, device="cpu")
+    if group is not None:   # a misspelt --group exported the pooled threshold, warned in predict's words only (an
+        from .calibration import run_group_names   # audit, session 53): a shipped model that cannot be told apart
+        known = run_group_names(run, model.cfg)
+        if known and group not in known:
+            raise BadInputError(f"--group {group!r}: the run knows no such group; its groups are "
+                                f"{', '.join(sorted(known))}", path=run,
+                                fix="pass --group as one of them, or leave it out (model.json then holds every "
+                                    "group's threshold, group_thresholds)")
     # refused flags fail before the export's seconds; a run of several groups: --group's own threshold, or all of
     # them in model.json (`group_thresholds`) for a line to pick its product's
     thr, thr_rule, by_group = resolve_thresholds(run, threshold, max_fpr, group)
