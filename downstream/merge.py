@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from ..errors import BadInputError
-from .index import METRICS, as_matrix, auto_nprobe, factory_string, set_search_params
+from .index import METRICS, _check_counts, as_matrix, auto_nprobe, factory_string, set_search_params
 
 MERGE_KINDS = ("flat", "ivfflat", "ivfpq")
 
@@ -67,6 +67,11 @@ def training_sample(vector_shards, n_train: int, seed: int = 0) -> np.ndarray:
 def train_empty_index(vector_shards, kind: str = "ivfpq", metric: str = "l2", nlist=None, m_pq=None,
                       nbits: int = 8, nprobe=None, seed: int = 0):
     """One trained, empty index for all shards (sized from the total count, like ``build_index``)."""
+    # the counts checked as `build_index` checks them: nlist 0 crashed the interpreter here too (a segfault), nbits 0
+    # built a meaningless index and nlist 2.5 was truncated (an audit, session 53)
+    _check_counts(nlist=nlist, nbits=nbits, nprobe=nprobe)
+    if nbits > 16:   # faiss's PQ codes hold at most 16 bits a sub-quantiser
+        raise BadInputError(f"nbits must be at most 16, got {nbits}", fix="use nbits 8 (the default) or fewer")
     if metric not in METRICS:
         raise BadInputError(f"unknown metric {metric!r}", fix="use l2 or ip")
     if not vector_shards:

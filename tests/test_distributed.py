@@ -329,6 +329,35 @@ def test_validate_store_finds_problems(runs, tmp_path):
         validate_store(d)
     with pytest.raises(BadInputError, match="1 expected images missing"):
         validate_store(src, expected_paths=[it["path"] for it in m["items"]] + ["/nowhere/x.png"])
+    # what index / train-head / a resume refuse or redo passed here (an audit, session 53)
+    d = broken("unfinished")
+    (d / "complete").unlink()
+    with pytest.raises(BadInputError, match="no `complete` marker"):
+        validate_store(d)
+    d = broken("nan")
+    with np.load(d / "shard-00001.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["vectors"] = arrays["vectors"].copy()
+    arrays["vectors"][0, 0] = np.nan
+    np.savez(d / "shard-00001.npz", **arrays)
+    with pytest.raises(BadInputError, match=r"1 vector\(s\) hold NaN or Inf"):
+        validate_store(d)
+    d = broken("grid")   # patch rows of two widths (only a damaged store has them): index stacked them, a traceback
+    for k, width in ((0, 8), (2, 7)):
+        with np.load(d / f"shard-0000{k}.npz") as z:
+            arrays = {q: z[q] for q in z.files}
+        arrays["patches"] = np.zeros((len(arrays["vectors"]), 4, width), np.float16)
+        np.savez(d / f"shard-0000{k}.npz", **arrays)
+    with pytest.raises(BadInputError, match=r"shard-00002.npz: patches of shape \(4, 7\) per row, the first shard's "
+                                            r"\(4, 8\)"):
+        validate_store(d)
+    d = broken("changed")
+    m2 = json.loads((d / "manifest.json").read_text())
+    first = next(iter(m2["files"]))
+    m2["files"][first] = [0, 0, 0]   # as if the image had been replaced since
+    (d / "manifest.json").write_text(json.dumps(m2))
+    with pytest.raises(BadInputError, match=r"1 image\(s\) changed since their features were extracted"):
+        validate_store(d)
     for name, other in (("list", []), ("other_tool", {"items": ["a.png"], "n_items": 1}),
                         ("count", {**m, "n_items": "many"})):   # tracebacks before (AttributeError, ValueError)
         d = tmp_path / name

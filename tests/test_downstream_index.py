@@ -102,6 +102,17 @@ def test_index_counts_below_one_are_refused_before_faiss_sees_them(kind, bad):
     assert search(index, x[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
 
 
+
+@pytest.mark.parametrize("kind,bad", [("ivfpq", {"nlist": 0}), ("ivfflat", {"nlist": 0}), ("ivfpq", {"nbits": 0}),
+                                      ("ivfpq", {"nbits": 17}), ("ivfpq", {"nlist": 2.5}), ("ivfpq", {"nprobe": 0})])
+def test_the_sharded_build_refuses_the_counts_build_index_refuses(kind, bad):
+    """`merge.train_empty_index` skipped `build_index`'s checks: nlist 0 segfaulted (ivfpq) or gave a bare numpy
+    error (ivfflat), nbits 0 built a meaningless index and nlist 2.5 was truncated (an audit, session 53)."""
+    from uninet_feat.downstream.merge import train_empty_index
+    x = np.random.default_rng(0).standard_normal((400, 32)).astype(np.float32)
+    with pytest.raises(BadInputError, match=rf"{next(iter(bad))} must be"):
+        train_empty_index([x[:200], x[200:]], kind, **bad)
+
 def test_ivfpq_over_a_width_with_no_useful_divisor_finds_neighbours_as_an_even_width_does():
     """A store's image vector is 4 * channels + 35 columns wide, always odd: auto sizing gave IVF-PQ a code of 1-3
     bytes (m = 1 for 739 dims), whose 10 hits held the true nearest neighbour for 28 % of queries (99.9 % padded,

@@ -283,3 +283,82 @@ def test_a_store_resumes_after_an_image_was_added_or_a_skipped_one_mended(tmp_pa
     other = _images(tmp_path / "other", n=7)   # another folder: refused, its store not replaced
     with pytest.raises(BadInputError, match="another model, settings or image list"):
         ex.extract_to(other, tmp_path / "f", shard_size=2)
+
+
+def test_an_image_replaced_while_a_sharded_extraction_runs_is_extracted_again(tmp_path):
+    """`--shard 0/2` read an image; it was replaced (same size) and `--shard 1/2` started, found no shard of it to
+    call stale and recorded the new file; then 0/2 wrote the old pixels' shard, which every re-run kept (an audit,
+    session 53). A writer now leaves a shard unwritten when one of its images changed since it started."""
+    from PIL import Image
+    ps = _images(tmp_path / "img", n=6)
+    ex = Extractor(backbone="tiny", weights="random", image_size=64)
+    f, real, said = tmp_path / "f", ex._run, []
+
+    def run(ds, span, *a):
+        out = real(ds, span, *a)
+        if 4 in span and not said:   # 0/2 has read shard 2's images: one is replaced, then 1/2 runs whole
+            said.append(1)
+            Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ps[4])
+            ex._run = real
+            ex.extract_to(ps, f, shard_size=2, shard=(1, 2))
+            ex._run = run
+        return out
+    ex._run = run
+    with pytest.warns(UserWarning, match=r"1 image\(s\) changed while they were extracted .*004\.png"):
+        assert ex.extract_to(ps, f, shard_size=2, shard=(0, 2)) is None
+    assert not (f / "shard-00002.npz").exists()
+    ex._run = real
+    st = ex.extract_to(ps, f, shard_size=2, shard=(0, 2))   # the re-run the warning names
+    np.testing.assert_allclose(st.vectors, ex.extract(ps)["vectors"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_folder_grown_between_two_shard_processes_is_said_as_such(tmp_path):
+    """`--shard 0/2` ran; an image was added and `--shard 1/2` started with the same arguments: 0/2 stopped with
+    "another extract with other settings ... give every process the same arguments", which they had (an audit,
+    session 53). It now names the changed folder, and the re-run it advises gives a fresh extraction's store."""
+    from PIL import Image
+    ps = _images(tmp_path / "img", n=6)
+    ex = Extractor(backbone="tiny", weights="random", image_size=64)
+    f, real, said = tmp_path / "f", ex._run, []
+    added = tmp_path / "img" / "zz.png"
+
+    def run(ds, span, *a):
+        if 4 in span and not said:   # 0/2 has written shard 0: the folder grows and 1/2 starts
+            said.append(1)
+            Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(added)
+            ex._run = real
+            with pytest.warns(UserWarning, match="were added, removed or changed size"):
+                ex.extract_to([*ps, added], f, shard_size=2, shard=(1, 2))
+            ex._run = run
+        return real(ds, span, *a)
+    ex._run = run
+    with pytest.raises(BadInputError, match=r"the data folder changed since this extraction started.*zz\.png") as e:
+        ex.extract_to(ps, f, shard_size=2, shard=(0, 2))
+    assert "re-run the command" in e.value.fix
+    ex._run = real
+    st = ex.extract_to([*ps, added], f, shard_size=2, shard=(0, 2))
+    np.testing.assert_allclose(st.vectors, ex.extract([*ps, added])["vectors"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_writer_parses_the_manifest_again_only_once_it_was_replaced(tmp_path, monkeypatch):
+    """Every shard's writer check parsed the whole manifest: 0.36 s a shard at 10^5 images, hours at 10^6 (an
+    audit, session 53). It is parsed again only when another process replaced it."""
+    from uninet_feat import featstore
+    ps = _images(tmp_path / "img", n=8)
+    real, calls = featstore.read_manifest, []
+    monkeypatch.setattr(featstore, "read_manifest", lambda *a: calls.append(1) or real(*a))
+    Extractor(backbone="tiny", weights="random", image_size=64).extract_to(ps, tmp_path / "f", shard_size=1)
+    assert len(calls) <= 2   # 8 shards: one parse for the writer's checks, not 8
+
+
+def test_a_shard_given_to_every_torchrun_process_is_refused(tmp_path, monkeypatch):
+    """`torchrun ... extract --shard 0/2`: every rank took shard 0/2, so 0/2 was extracted twice and 1/2 never,
+    each printing "complete": false without a word (an audit, session 53)."""
+    from uninet_feat.workflows import extract_cmd
+    ps = _images(tmp_path / "img", n=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(BadInputError, match=r"--shard 0/2 under torchrun's 2 processes") as e:
+        extract_cmd(str(ps[0].parent), str(tmp_path / "f"), backbone="tiny", weights="random", image_size=64,
+                    shard="0/2", quiet=True, batch=True)
+    assert "drop --shard under torchrun" in e.value.fix and not (tmp_path / "f").exists()

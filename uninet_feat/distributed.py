@@ -145,8 +145,16 @@ class DistEnv:
             self.owned = False
 
 
+# How long a collective waits for the slowest rank. Rank 0 works alone while the others wait in a barrier: it
+# validates (`select: synthetic`), writes checkpoints, and after the last epoch saves and calibrates model.pt (on
+# the CPU with 10^4 validation normals, past torch's 30 minutes); an extraction's closing barrier waits for the rank
+# with the most shards left. At 30 minutes the waiting rank failed and torchrun killed rank 0 mid-calibration (an
+# audit, session 53). A rank that dies is noticed by torchrun's agent, not by this timeout.
+TIMEOUT_S = 24 * 3600.0
+
+
 def init_from_env(device: str | torch.device | None = None, backend: str | None = None,
-                  timeout_s: float = 1800.0) -> DistEnv:
+                  timeout_s: float = TIMEOUT_S) -> DistEnv:
     """Join torchrun's process group (env:// rendezvous); a no-op ``DistEnv()`` without ``WORLD_SIZE``.
 
     ``backend`` defaults to nccl for a CUDA ``device`` and gloo otherwise; ``device`` defaults to
@@ -353,7 +361,7 @@ def validate_store(folder, expected_paths=None) -> dict:
         seen.add(k)
     if dups:
         problems.append(f"{len(dups)} duplicate items (e.g. {dups[:3]})")
-    missing_shards, rows, nonfinite, foreign = [], 0, 0, []
+    missing_shards, rows, nonfinite, foreign, grid = [], 0, 0, [], None
     for k in range(max(n_shards, 0)):
         p = folder / shard_name(k)
         want = max(0, min(size, n_items - k * size))
@@ -363,7 +371,8 @@ def validate_store(folder, expected_paths=None) -> dict:
         try:
             with np.load(p) as z:
                 v, s = z["vectors"], z["scores"]
-                pr = z["patches"].shape[0] if "patches" in z.files else None
+                pshape = z["patches"].shape if "patches" in z.files else None
+                pr = None if pshape is None else pshape[0]
                 if shard_writer(z, m) is not None:
                     foreign.append(p.name)
         except Exception as e:  # noqa: BLE001 - any unreadable shard is reported
@@ -377,9 +386,26 @@ def validate_store(folder, expected_paths=None) -> dict:
             problems.append(f"{p.name}: {len(s)} scores, expected {want}")
         if patches and pr != want:
             problems.append(f"{p.name}: patches rows {pr}, expected {want}")
+        if pshape is not None and pr:   # one patch grid and width in every shard (index stacked them: a traceback)
+            grid = tuple(pshape[1:]) if grid is None else grid
+            if tuple(pshape[1:]) != grid:
+                problems.append(f"{p.name}: patches of shape {tuple(pshape[1:])} per row, the first shard's "
+                                f"{grid}")
     if foreign:
         problems.append(f"{len(foreign)} shard(s) written by an extraction with other settings than the "
                         f"manifest's (e.g. {foreign[:3]})")
+    # what `index`, `train-head` and a resume refuse or redo, said here too: a store that passed was refused by them
+    # (an audit, session 53)
+    if nonfinite:
+        problems.append(f"{nonfinite} vector(s) hold NaN or Inf, which index and train-head refuse")
+    from .featstore import file_stats, same_stamp
+    files = m.get("files") if isinstance(m.get("files"), dict) else {}
+    changed = [q for q, st in file_stats(files).items() if not same_stamp(files[q], st)]
+    if changed:
+        problems.append(f"{len(changed)} image(s) changed since their features were extracted (e.g. "
+                        f"{changed[0]})")
+    if not problems and not missing_shards and not (folder / "complete").exists():
+        problems.append("no `complete` marker: the extraction did not finish, and index / train-head refuse it")
     if missing_shards:
         problems.append(f"{len(missing_shards)} of {n_shards} shards missing (e.g. {missing_shards[:5]})")
     extra = sorted(p.name for p in folder.glob("shard-*.npz")

@@ -19,7 +19,7 @@ from .descriptors import SHAPE_NAMES, hot_region_shape, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
 from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, check_writer, file_sha256, file_stamp, file_stats,
-                        start_store, write_shard)
+                        same_stamp, start_store, write_shard)
 from .io import atomic_write, atomic_write_text, remove_dead_temps
 from .positions import check_places, corrected
 from .runs import check_input_side, make_dataset, model_device, run_path
@@ -317,15 +317,28 @@ class Extractor:
         with Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       disable=quiet) as prog:
             task = prog.add_task("extract", total=len(mine))
+            changed = []
             for k in mine:
-                r = self._run(ds, range(k * shard_size, min((k + 1) * shard_size, len(items))))
-                check_writer(folder, fp)   # another --shard process with other settings may have taken the folder
+                span = range(k * shard_size, min((k + 1) * shard_size, len(items)))
+                r = self._run(ds, span)
+                check_writer(folder, fp, manifest)   # another --shard process may have taken the folder since
+                # an image replaced while this process ran: the shard may hold its old pixels, and another
+                # `--shard i/n` process that started since recorded the new file, finding no shard to call stale
+                # (an audit, session 53): not written, so that a re-run extracts it
+                moved = [p for p, st in file_stats(items[j]["path"] for j in span).items()
+                         if not same_stamp(manifest["files"].get(p), st)]
+                if moved:
+                    changed += moved
+                    continue
                 write_shard(folder, k, {key: v for key, v in r.items() if key in ("vectors", "scores", "patches")},
                             fingerprint=fp)
                 del r  # else this shard stays alive while the next one is filled: two shards at the peak
                 prog.update(task, advance=1)
                 if on_shard is not None:
                     on_shard(k)
+        if changed:
+            warnings.warn(f"{folder}: {len(changed)} image(s) changed while they were extracted (e.g. {changed[0]}): "
+                          "their shards were not written. Fix: run the same command again, which extracts them")
         if all((folder / f"shard-{k:05d}.npz").exists() for k in range(n_shards)):
             atomic_write_text(folder / "complete", "ok\n")
             return FeatureStore(folder)

@@ -94,12 +94,41 @@ def shard_writer(z, manifest: dict) -> str | None:
     return None if fp in shard_fingerprints(manifest) else fp
 
 
-def check_writer(folder: Path, fingerprint: str) -> None:
+_WRITERS_SEEN: dict = {}   # manifest path -> (its stat, its fingerprints): parsed again only once it is replaced
+
+
+def check_writer(folder: Path, fingerprint: str, mine: dict | None = None) -> None:
     """Refuse to write another shard when the folder's manifest no longer names this extraction: a second
     `extract --shard i/n` with other settings (model, image size, images, ...) started into the same --out before
-    any shard existed, and wrote its own manifest over this one's."""
-    m = read_manifest(folder / "manifest.json", "delete the feature folder and extract again (or choose a new --out)")
-    if fingerprint not in shard_fingerprints(m):
+    any shard existed, and wrote its own manifest over this one's. The manifest is parsed again only when it was
+    replaced (an atomic write: another inode): parsed before every shard, a store of 10^6 images spent hours on it
+    (an audit, session 53). ``mine``: this extraction's manifest, to say when only the images differ."""
+    mpath = folder / "manifest.json"
+    try:
+        st = os.stat(mpath)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    seen = _WRITERS_SEEN.get(str(mpath))
+    if key is not None and seen is not None and seen[0] == key:
+        fps, m = seen[1], None
+    else:
+        m = read_manifest(mpath, "delete the feature folder and extract again (or choose a new --out)")
+        fps = shard_fingerprints(m)
+        if key is not None:
+            _WRITERS_SEEN[str(mpath)] = (key, fps)
+    if fingerprint not in fps:
+        m = m or read_manifest(mpath, "delete the feature folder and extract again (or choose a new --out)")
+        same = ("source", "settings", "vector_names", *CALIBRATION_KEYS)
+        if mine is not None and all(m.get(k) == mine.get(k) for k in same):
+            was = {i["path"] for i in mine["items"]}
+            now = {i["path"] for i in m["items"]}
+            new = sorted(now - was) or sorted(was - now)
+            raise BadInputError("the data folder changed since this extraction started: another `uninet-feat "
+                                "extract` of the same settings found other images"
+                                + (f" (e.g. {new[0]})" if new else ""), path=folder,
+                                fix="re-run the command (every `--shard i/n` process), which extracts the folder as "
+                                    "it is now and keeps the finished shards")
         raise BadInputError("another `uninet-feat extract` with other settings (model, image size, tiling, images "
                             "or calibration) has taken over this feature folder since this one started",
                             path=folder, fix="give every `--shard i/n` process the same arguments, or each setting "

@@ -52,6 +52,11 @@ def extract_cmd(data, out, run=None, split_csv=None, group=None, backbone=None, 
     if shard == "0/1" and world > 1:
         dd = init_from_env(device="cpu")   # for the closing barrier only: gloo
         i, n = dd.rank, dd.world_size
+    elif world > 1:   # every rank took the one shard given: the same shards extracted world times, the others none
+        raise BadInputError(f"--shard {shard} under torchrun's {world} processes: each takes its rank's share "
+                            "itself, and a --shard given to all of them makes each extract the same shards (an "
+                            "audit, session 53)", fix="drop --shard under torchrun, or run `uninet-feat extract "
+                                                     "--shard i/n` processes without torchrun")
     if device.type == "cuda" and device.index is None and world > 1:
         local = int(os.environ.get("LOCAL_RANK", rank))   # one GPU per process
         device = torch.device("cuda", local % torch.cuda.device_count())
