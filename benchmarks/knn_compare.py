@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import faiss
@@ -109,6 +110,9 @@ def main(argv=None) -> dict:
     samples = load_samples(cfg)
     fit, val = train_val_samples(samples, cfg)
     test = [s for s in samples if s.split == "test"]
+    if a.run and not val:   # the combined score is z-scored on them: a traceback after all the scoring before
+        ap.error(f"--run {a.run} has no validation normals (val_fraction 0), which the combined score is "
+                 "standardised on: compare without --run (the kNN alone), or a run trained with --val-fraction > 0")
     t0 = time.time()
     tr = kex.extract(fit)
     knn = KNNScorer(kind="flat", k=a.k, coreset_ratio=a.coreset).fit(tr["patches"].astype(np.float32))
@@ -167,9 +171,21 @@ def _take_runs_input(ap, a, run_cfg: dict) -> None:
         bad.append(f"--tile {a.tile} (the run's: {run_tile})")
     if a.image_size is not None and a.image_size != int(run_cfg["image_size"]):
         bad.append(f"--image-size {a.image_size} (the run's: {run_cfg['image_size']})")
+    # the run's split CSV: without it the layout drew another split, whose "test" images the run trained on and
+    # whose training images (the kNN bank) held the run's test images, without a word (an audit, session 53)
+    run_csv = run_cfg.get("split_csv")
+    same_data = os.path.abspath(a.data) == os.path.abspath(str(run_cfg.get("data")))
+    if a.split_csv is not None and os.path.abspath(a.split_csv) != os.path.abspath(str(run_csv)):
+        bad.append(f"--split-csv {a.split_csv} (the run's: {run_csv})")
+    elif a.split_csv is None and run_csv:
+        if same_data:
+            a.split_csv = run_csv
+        else:
+            bad.append(f"--data {a.data} without --split-csv (the run trained with --split-csv {run_csv} over "
+                       f"{run_cfg.get('data')}: give it, moved with the data)")
     if bad:
-        ap.error(f"{', '.join(bad)} contradicts --run {a.run}: with --run the group, tiling and input size are the "
-                 "run's; drop these flags")
+        ap.error(f"{', '.join(bad)} contradicts --run {a.run}: with --run the group, split, tiling and input size are "
+                 "the run's; drop these flags")
     g = run_cfg.get("group")
     a.group = g if g not in ("", []) else None
     a.tile, a.image_size = run_tile, int(run_cfg["image_size"])

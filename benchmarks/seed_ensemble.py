@@ -27,15 +27,21 @@ from uninet_feat.io import atomic_write_text
 
 
 def train_seeds(config, group, seeds, out: Path, overrides=()) -> list[Path]:
-    """The run folders of ``group`` for ``seeds``, each trained (or resumed) unless already finished."""
+    """The run folders of ``group`` for ``seeds``, each trained, or resumed with the same flags: `train --resume`
+    finishes a killed run, leaves a finished one as it is, trains one further for a longer ``--epochs`` and refuses
+    one whose other settings differ. A finished run was reused whatever ``overrides`` said now (`--train-args
+    --image-size 32` scored the 64-px runs without a word; an audit, session 53); one that lost its checkpoint.pt
+    cannot be checked so, and is kept as it is."""
     runs = []
     for seed in seeds:
         run = out / f"{group}_s{seed}"
-        if not ((run / "model.pt").exists() and (run / "calibration.json").exists()):
+        finished = (run / "model.pt").exists() and (run / "calibration.json").exists()
+        if not finished or (run / "checkpoint.pt").exists():
             args = ["train", "--config", str(config), "--group", group, "--seed", str(seed), "--out", str(run),
                     "--quiet", *overrides] + (["--resume"] if (run / "checkpoint.pt").exists() else [])
             if cli(args) != 0:
-                raise SystemExit(f"training {run} failed (its message is above); re-run to resume it")
+                raise SystemExit(f"training {run} failed (its message is above); re-run to resume it, or give "
+                                 "another --out for other settings")
         runs.append(run)
     return runs
 
@@ -53,14 +59,20 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if len(a.seeds) < 2:
         ap.error("an ensemble needs at least two --seeds")
+    if len(set(a.seeds)) != len(a.seeds):   # one run twice: refused by the ensemble after every training
+        ap.error(f"--seeds {' '.join(map(str, a.seeds))} names a seed twice")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     where = [*(["--data", a.data] if a.data else []), *(["--split-csv", a.split_csv] if a.split_csv else [])]
-    summary = {"config": str(a.config), "seeds": a.seeds, "groups": {}}
+    summary = {"config": str(a.config), "seeds": a.seeds, "train_args": a.train_args, "groups": {}}
+    from uninet_feat.errors import BadInputError
     for g in a.groups:
         runs = train_seeds(a.config, g, a.seeds, out, where + a.train_args)
-        rep = evaluate_ensemble(runs, a.data, a.split_csv, json_path=out / f"{g}_ensemble.json",
-                                csv_path=out / f"{g}_ensemble.csv", quiet=True)
+        try:
+            rep = evaluate_ensemble(runs, a.data, a.split_csv, json_path=out / f"{g}_ensemble.json",
+                                    csv_path=out / f"{g}_ensemble.csv", quiet=True)
+        except BadInputError as e:   # said as the CLI says it, not as a traceback
+            raise SystemExit(f"error: {e}") from e
         summary["groups"][g] = {"ensemble": rep["image_auroc"],
                                 "runs": [rep["per_run_image_auroc"][str(r)] for r in runs],
                                 "at_threshold": rep["at_threshold"]}

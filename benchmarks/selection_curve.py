@@ -7,7 +7,9 @@ score of every validated epoch and ``epochs/epoch_NNN.pt`` the kept models. For 
 ``model.pt``, the selected one) this evaluates the test split exactly as ``uninet-feat evaluate`` does,
 and prints one row per epoch plus the Spearman rank correlation, across the kept epochs, between the
 synthetic score and each test metric. The test figures judge the selection rule after the fact; no
-setting of the rule or of the run may be chosen from them.
+setting of the rule or of the run may be chosen from them. Each row names its pixel map and image score: model.pt
+is scored with its calibrated ones, a kept epoch with the method's (every level raw, the WDM), as `evaluate
+--checkpoint` scores it, so compare pixel figures between `selected` and a kept row only where the two agree.
 """
 from __future__ import annotations
 
@@ -33,8 +35,12 @@ def curve(run: Path, threads: int | None = None) -> dict:
     for path in kept + [run / "model.pt"]:
         rep = evaluate(run, checkpoint=path, quiet=True, overrides={"threads": threads})
         e = rep["epoch"]
+        # each row names its pixel map: model.pt is scored with its calibrated one (map_levels: auto...), a kept
+        # epoch with every level raw (as `evaluate --checkpoint`), so the same weights differ in pixel figures
+        # between `selected` and a kept row (an audit, session 53)
         rows.append({"model": path.name, "epoch": e, "synthetic": log.get(e, {}).get("val_synthetic_score"),
-                     **{m: rep.get(m) for m in METRICS}})
+                     **{m: rep.get(m) for m in METRICS}, "pixel_map": rep.get("pixel_map"),
+                     "image_score": rep.get("image_score")})
         if "per_group" in rep:
             rows[-1]["per_group_image_auroc"] = {g: v.get("image_auroc") for g, v in rep["per_group"].items()}
         print(json.dumps(rows[-1]), flush=True)

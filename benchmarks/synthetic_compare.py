@@ -3,7 +3,7 @@
     python -m benchmarks.synthetic_compare --runs RUN_A RUN_B [--seed 31] [--kinds texture_patch] [--json F]
 
 Each run's pixel map is chosen again as `calibration.choose_pixel_map` chooses it (the run's own ``map_levels``
-and ``map_norm``), on the synthetic defects that ``--seed`` draws on the runs' validation normals; the row gives
+and ``map_norm``, those `calibrate` was told since training first), on the synthetic defects that ``--seed`` draws on the runs' validation normals; the row gives
 that map, its pixel AUROC and the set's image AUROC (the run's image score). The runs must share their validation
 normals, so that they are scored on the same images. A fresh ``--seed`` (not the runs' own) keeps the check apart
 from the set each run's recorded choice was made on. No test image or label is read: this is how session 31
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import uninet_feat  # noqa: F401
-from uninet_feat.calibration import _label, choose_pixel_map, load_run
+from uninet_feat.calibration import _label, calibrate_choices, choose_pixel_map, load_run
 from uninet_feat.normals import validation_normals
 from uninet_feat.errors import BadInputError
 from uninet_feat.runs import make_dataset, set_threads
@@ -29,6 +29,10 @@ def compare(runs, seed: int | None = None, kinds=None, threads: int | None = Non
     rows, first = [], None
     for run in runs:
         model, _, own = load_run(run)
+        # what `calibrate` was told since training (calibration.json's record) over the training config's: the map
+        # chosen again as the run's own choice was made (it took config.yaml's; an audit, session 53)
+        told = calibrate_choices(run)
+        own = {**own, **{k: told[k] for k in ("map_levels", "map_norm", "synthetic_kinds") if k in told}}
         val = validation_normals(own)   # the run's own held-out split: it is drawn with the run's seed
         cfg = dict(own, **({"seed": seed} if seed is not None else {}),   # the set's seed alone moves
                    **({"synthetic_kinds": kinds} if kinds else {}), **({"threads": threads} if threads else {}))

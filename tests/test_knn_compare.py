@@ -168,3 +168,32 @@ def test_without_a_run_the_input_size_defaults_as_before(tmp_path):
     fit, _ = train_val_samples(load_samples(cfg), cfg)
     assert res["image_size"] == 256 and res["n_memory"] == len(fit) * 32 * 32   # 256 px: a 32×32 patch grid
     assert res["setup"]["backbone"] == "tiny" and res["setup"]["weights"] == "random" and res["setup"]["run"] is None
+
+
+def test_a_runs_split_csv_is_the_knn_bank_and_test_set_and_another_is_refused(tmp_path):
+    """A run trained with a split CSV that moves the test normals into training: without --split-csv the benchmark
+    drew the layout's split, scoring as test normals images the run trained on, without a word; a run without
+    validation normals gave a traceback after all the scoring (an audit, session 53)."""
+    import csv
+    data = write_texture_set(tmp_path / "data", n_train=6, n_good=3, n_bad=3)
+    rows = [[str(p.relative_to(data)), "train", "good"] for p in sorted((data / "test/good").glob("*.png"))]
+    rows += [[str(p.relative_to(data)), "test", "good"] for p in sorted((data / "train/good").glob("*.png"))[:3]]
+    rows += [[str(p.relative_to(data)), "train", "good"] for p in sorted((data / "train/good").glob("*.png"))[3:]]
+    rows += [[str(p.relative_to(data)), "test", "spot"] for p in sorted((data / "test/spot").glob("*.png"))]
+    with open(tmp_path / "split.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "split", "label"]] + rows)
+    base = {"backbone": "tiny", "weights": "random", "image_size": 64, "epochs": 1, "batch_size": 2,
+            "val_fraction": 0.34, "channels_last": False}
+    cfg = load_config(None, {"data": str(data), "split_csv": str(tmp_path / "split.csv")}, base=base)
+    train(cfg, tmp_path / "run", quiet=True)
+    ev = evaluate(tmp_path / "run", quiet=True)
+    res = knn_compare.main(["--data", str(data), "--run", str(tmp_path / "run"), "--coreset", "1.0"])
+    assert res["scores"]["path"] == [r["path"] for r in ev["_rows"]]   # the run's own test images
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "split", "label"]] + rows[:3])
+    with pytest.raises(SystemExit):
+        knn_compare.main(["--data", str(data), "--run", str(tmp_path / "run"), "--split-csv",
+                          str(tmp_path / "other.csv")])
+    train({**cfg, "val_fraction": 0.0}, tmp_path / "noval", quiet=True)
+    with pytest.raises(SystemExit):
+        knn_compare.main(["--data", str(data), "--run", str(tmp_path / "noval"), "--coreset", "1.0"])

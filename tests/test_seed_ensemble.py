@@ -56,3 +56,17 @@ def test_a_rerun_keeps_finished_runs_and_resumes_a_killed_one(recipe):
         assert again["groups"][g]["ensemble"] == pytest.approx(summary["groups"][g]["ensemble"], abs=1e-9)
     assert json.loads((root / "out" / "summary.json").read_text())["mean_ensemble"] == pytest.approx(
         summary["mean_ensemble"], abs=1e-9)
+
+
+def test_a_rerun_with_other_train_args_is_not_scored_on_the_old_runs(recipe, capsys):
+    """`--train-args --image-size 32` on a folder of finished 64-px runs scored the old runs without a word (an
+    audit, session 53): each run goes through `train --resume`, which refuses settings it cannot honour; a seed named
+    twice is refused before any training."""
+    root, argv, _ = recipe
+    with pytest.raises(SystemExit, match="training .*A_s3 failed"):
+        seed_ensemble(argv + ["--train-args", "--image-size", "32"])
+    assert "image_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        seed_ensemble([a if a != "4" else "3" for a in argv])   # --seeds 3 3
+    assert "names a seed twice" in capsys.readouterr().err
+    assert json.loads((root / "out" / "summary.json").read_text())["train_args"] == []

@@ -62,9 +62,15 @@ def test_a_grey_picture_gets_grey_defects_and_a_colour_one_its_coloured_ones(kin
     from uninet_feat.selection import STRENGTH
     grey = np.repeat(render_fabric((64, 64), "plain", np.random.default_rng(1))[..., None], 3, -1)
     colour = render_fabric((64, 64), "plain", np.random.default_rng(1), color=True)
+    nearly = grey.copy()   # a grey picture put back to uint8 after per-channel ImageNet statistics and a resize: a
+    odd = np.random.default_rng(9).random(nearly.shape[:2]) < 0.05   # few pixels one level apart (session 53)
+    nearly[..., 1][odd] = np.clip(nearly[..., 1][odd].astype(int) + 1, 0, 255)
     for seed in range(6):
         out, mask = synthetic_defect(grey, np.random.default_rng(seed), kinds=(kind,))
         assert mask.any() and (out == out[..., :1]).all()   # every pixel still grey
+        out, mask = synthetic_defect(nearly, np.random.default_rng(seed), kinds=(kind,))
+        spread = out.max(-1).astype(int) - out.min(-1)
+        assert mask.any() and spread[mask].max() <= 1, spread[mask].max()   # not tinted: grey within its one level
         if kind in SURFACE_DEFECTS:
             continue
         out, mask = synthetic_defect(colour, np.random.default_rng(seed), kinds=(kind,))
@@ -329,6 +335,12 @@ def test_selection_curve_reports_every_kept_epoch(texture, tmp_path):
         (run / "epochs" / f"epoch_{e:03d}.pt").unlink()
     res = curve(run)
     assert res["spearman_synthetic_vs_test"] == {} and "needs >= 3 kept epochs" in res["spearman_note"]
+    # a run whose calibrated map is not the method's: its selected row names it, the kept ones every level raw, so
+    # the same weights' pixel figures are not read as the rule's doing (session 53)
+    auto = tmp_path / "a"
+    train(_cfg(texture, select="synthetic", keep_every=1, epochs=2, map_levels="3"), auto, quiet=True)
+    res = curve(auto)
+    assert res["selected"]["pixel_map"] != res["rows"][0]["pixel_map"] and all(r["pixel_map"] for r in res["rows"])
 
 
 def test_val_every_without_synthetic_selection_warns(tmp_path):
@@ -447,6 +459,10 @@ def test_synthetic_compare_scores_runs_on_one_set_and_refuses_runs_on_other_norm
     out = tmp_path / "cmp.json"
     assert main(["--runs", str(a), str(b), "--seed", "31", "--json", str(out)]) == 0
     assert [r["run"] for r in _json.loads(out.read_text())["rows"]] == [str(a), str(b)]
+    # a choice `calibrate` was told since training is the run's: it took config.yaml's auto (session 53)
+    from uninet_feat.cli import main as cli
+    assert cli(["calibrate", "--run", str(a), "--map-levels", "3", "--map-norm", "none", "--quiet"]) == 0
+    assert compare([a])["rows"][0]["chosen_map"] == _label(((3,), "none"))
 
 
 class _Killed(BaseException):
