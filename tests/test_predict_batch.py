@@ -79,6 +79,52 @@ def test_summary_json_is_written_last_so_a_predict_stopped_in_its_overlays_does_
     assert summary["n_flagged"] == len(imgs) == res["n_flagged"]
     assert all(Path(r["overlay"]).is_file() for r in res["rows"])
 
+
+def test_a_stopped_predicts_overlays_and_masks_are_not_scored_by_the_next_one(run, tmp_path, monkeypatch):
+    """A predict into D/pred stopped while drawing overlays (summary.json, written last, absent) left overlays/ and
+    maps/ that the next predict of D scored as new images, and `calibrate --normals D` would take as normals (an
+    audit, session 53). The folder is known by the config.yaml a predict writes before its first output."""
+    from uninet_feat.cli import main
+    import uninet_feat.predict as pr
+    imgs = [_png(tmp_path / "D" / f"{i}.png", i) for i in range(3)]
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pr, "_write_overlays", lambda ex, samples, rows, folder, *a, **k: (
+        folder.mkdir(parents=True, exist_ok=True), _png(folder / "0_overlay.png", 9), stopped()))
+    assert main(["predict", "--run", str(run), "--data", str(tmp_path / "D"), "--out", str(tmp_path / "D" / "pred"),
+                 "--save-maps", "--threshold", "-1e9", "--quiet"]) == 130
+    assert not (tmp_path / "D" / "pred" / "summary.json").exists()
+    assert list((tmp_path / "D" / "pred" / "maps").glob("*_mask.png"))
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"image\(s\) in predict output folder"):
+        res = predict_cmd(run, tmp_path / "D", tmp_path / "D" / "pred2", threshold=-1e9, quiet=True)
+    assert sorted(r["path"] for r in res["rows"]) == sorted(map(str, imgs))
+
+
+def test_overlays_of_a_run_without_a_map_range_are_detectors_and_leave_normal_regions_clear(tmp_path):
+    """A run without validation normals coloured its overlays from 0 to the flagged maps' largest value: a WDM map is
+    2.5-4 on normal pixels, so 97-99 % of every overlay was tinted, and predict's pooled scale differed from
+    `Detector.overlay`'s (an audit, session 53). Each overlay is now on its own map's median .. max, in both."""
+    from PIL import Image
+    from uninet_feat.detector import Detector
+    tex = write_texture_set(tmp_path / "t", n_train=6, n_good=1, n_bad=1, size=32)
+    train(load_config(None, {"data": str(tex)}, base={"backbone": "tiny", "weights": "random", "image_size": 32,
+                                                      "epochs": 1, "batch_size": 2, "channels_last": False,
+                                                      "val_fraction": 0.0}), tmp_path / "run", quiet=True)
+    imgs = [_png(tmp_path / "b" / f"{i}.png", i) for i in range(3)]
+    with pytest.warns(UserWarning, match="no validation-normal map range, so each overlay is coloured from its own"):
+        res = predict_cmd(tmp_path / "run", tmp_path / "b", tmp_path / "p", threshold=-1e9, quiet=True)
+    det = Detector(tmp_path / "run", threshold=-1e9)
+    for r, d in zip(sorted(res["rows"], key=lambda r: r["path"]), det.score(imgs)):
+        got = np.asarray(Image.open(r["overlay"]).convert("RGB"))
+        want = det.overlay(d)
+        diff = np.abs(got.astype(int) - want).max(-1)
+        assert diff.max() == 0, (int((diff > 0).sum()), int(diff.max()), got.shape)   # the same pixels
+        plain = np.asarray(Image.open(r["path"]).convert("RGB"))
+        tinted = (np.abs(got.astype(int) - plain).max(-1) > 20).mean()
+        assert tinted < 0.5, tinted   # the lower half of the map (below its median) shows the image as it is
+
 def test_discover_batch_labels(tmp_path):
     _png(tmp_path / "dated" / "day1" / "a.png")
     _png(tmp_path / "dated" / "day2" / "b.png")

@@ -191,13 +191,21 @@ def calibrated_range(run_dir, pixel_map: str | None = None, cal: dict | None = N
 
 def display_range(run_dir, maps=None, pixel_map: str | None = None, cal: dict | None = None
                   ) -> tuple[float, float]:
-    """Colour scale for a run's overlays: `calibrated_range` when there is one, else from 0 to the
-    largest value of ``maps``. ``cal``: a calibration dict used instead of the run's ``calibration.json``."""
+    """Colour scale for a run's overlays: `calibrated_range` when there is one, else from the median to the largest
+    value of ``maps`` (predict and `Detector.overlay` pass one map: each image on its own scale, the same pixels
+    from both). Why not from 0: a WDM map is 2.5-4 on normal pixels, so every pixel was near the top of the scale
+    and every overlay looked hot (an audit, session 53). ``cal``: a calibration dict used instead of the run's
+    ``calibration.json``."""
     r = calibrated_range(run_dir, pixel_map, cal)
     if r is not None:
         return r
-    hi = max((float(np.nanmax(m)) for m in maps), default=1.0) if maps else 1.0
-    return 0.0, max(hi, 1e-6)
+    vals = [np.asarray(m, dtype=np.float64).ravel() for m in maps] if maps else []
+    vals = np.concatenate(vals) if vals else np.zeros(1)
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
+        return 0.0, 1.0
+    lo, hi = float(np.median(vals)), float(vals.max())
+    return lo, max(hi, lo + 1e-6)
 
 
 def _drop_unit_axes(a: np.ndarray) -> np.ndarray:

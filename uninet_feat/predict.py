@@ -493,8 +493,8 @@ def _write_overlays(ex, samples, rows, folder: Path, names: dict, transform=None
                     outline=None) -> None:
     """Heatmap overlays for flagged images, colours fixed to the validation normals' pixel range.
 
-    Each overlay is written as its map is finished (none are held) when the run has that range; only
-    without it (a run with no validation normals) are the maps held to share one 0..max scale. ``names``:
+    Each overlay is written as its map is finished (none are held); a run without that range (no validation
+    normals) colours each from its own map's median to its maximum, as `Detector.overlay` does. ``names``:
     each image's output name (`_overlay_names`' stem, the same as its map's) keeping its folders
     (``spot__000_overlay.png``), so MVTec-style sets whose files are named 000.png in every folder do not
     overwrite each other; the row gets ``overlay``.
@@ -502,7 +502,6 @@ def _write_overlays(ex, samples, rows, folder: Path, names: dict, transform=None
     ``held``: the scoring pass's maps (`_HeldMaps`); only flagged images without one are scored again.
     ``outline``: a pixel threshold whose region (map above it: the defect mask) is outlined in light blue."""
     from .overlay import calibrated_range, display_range, heatmap_overlay
-    from .evaluate import score_samples
     by_path = {r["path"]: r for r in rows}
     flagged = [s for s, r in zip(_by_path(samples, rows), rows) if r["flagged"]]
 
@@ -518,10 +517,12 @@ def _write_overlays(ex, samples, rows, folder: Path, names: dict, transform=None
     if fixed is not None:
         _maps_of(ex, flagged, held, lambda s, m: write(s, m, *fixed))
         return
-    res = score_samples(ex.model, flagged, ex.cfg, keep_maps=True)
-    vmin, vmax = display_range(ex.run_dir, res["maps"], pm)
-    for s, m in zip(res["samples"], res["maps"]):
-        write(s, m, vmin, vmax)
+    # no normal scale: each overlay on its own map's (as `Detector.overlay` draws it), said once
+    warnings.warn(f"{ex.run_dir}: the run has no validation-normal map range, so each overlay is coloured from its "
+                  "own map's median to its maximum: hot regions show within an image, not how hot against normal "
+                  f"images. Fix: `uninet-feat calibrate --run {ex.run_dir} --normals DIR` with normal images")
+    _maps_of(ex, flagged, held,   # the scale of the map at the image's size, as Detector's map is: the same pixels
+             lambda s, m: write(s, m, *display_range(ex.run_dir, [map_at_image_size(s.path, m)], pm)))
 
 
 PIXEL_RULE = "0.999 quantile of the validation normals' pixel-map values (about 1 normal pixel in 1,000 above it)"

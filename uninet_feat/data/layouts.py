@@ -256,11 +256,25 @@ def _without_masks_as_images(samples, where) -> list:
 PREDICT_OUTPUT_FOLDERS = ("overlays", "maps", ".partial")   # what predict writes images (and parts) into
 
 
+def _predict_folder(d: Path) -> bool:
+    """Whether ``d`` holds a predict's outputs: a finished one's predictions.csv and summary.json, or the records a
+    predict writes before its first output (config.yaml's ``command: predict``), which a stopped one leaves beside
+    its overlays and masks (summary.json is written last: a predict stopped while drawing overlays left them to be
+    scored as new images by the next predict, and taken as normals by `calibrate --normals`; an audit, session 53)."""
+    if (d / "predictions.csv").is_file() and (d / "summary.json").is_file():
+        return True
+    try:
+        text = (d / "config.yaml").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.strip() == "command: predict" for line in text.splitlines())
+
+
 def without_predict_outputs(samples, data, out=None) -> list:
     """``samples`` less predict's outputs among them: the images in the overlays/, maps/ and .partial/ of a predict
-    output folder under ``data`` (one holding predictions.csv and summary.json) and of ``out`` (predict's own
-    --out, which a killed first run left without them), warned with the count. Other images in such a folder are
-    kept: `predict --data batch --out batch/day1` scores day1's own images."""
+    output folder under ``data`` (`_predict_folder`) and of ``out`` (predict's own --out, which a killed first run
+    left without them), warned with the count. Other images in such a folder are kept: `predict --data batch --out
+    batch/day1` scores day1's own images."""
     root = Path(os.path.realpath(data))
     own = Path(os.path.realpath(out)) if out is not None else None
     is_output: dict = {}   # folder -> whether it is a predict output folder
@@ -269,8 +283,7 @@ def without_predict_outputs(samples, data, out=None) -> list:
         if d.name not in PREDICT_OUTPUT_FOLDERS:
             return False
         if d.parent not in is_output:
-            is_output[d.parent] = d.parent == own or ((d.parent / "predictions.csv").is_file()
-                                                      and (d.parent / "summary.json").is_file())
+            is_output[d.parent] = d.parent == own or _predict_folder(d.parent)
         return is_output[d.parent]
 
     kept, left, found = [], set(), {}   # found: each image folder's output part (or None), looked up once
