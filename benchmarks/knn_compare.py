@@ -175,7 +175,7 @@ def _take_runs_input(ap, a, run_cfg: dict) -> None:
     # whose training images (the kNN bank) held the run's test images, without a word (an audit, session 53)
     run_csv = run_cfg.get("split_csv")
     same_data = os.path.abspath(a.data) == os.path.abspath(str(run_cfg.get("data")))
-    if a.split_csv is not None and os.path.abspath(a.split_csv) != os.path.abspath(str(run_csv)):
+    if a.split_csv is not None and not _same_csv(a.split_csv, run_csv, moved=not same_data):
         bad.append(f"--split-csv {a.split_csv} (the run's: {run_csv})")
     elif a.split_csv is None and run_csv:
         if same_data:
@@ -189,6 +189,21 @@ def _take_runs_input(ap, a, run_cfg: dict) -> None:
     g = run_cfg.get("group")
     a.group = g if g not in ("", []) else None
     a.tile, a.image_size = run_tile, int(run_cfg["image_size"])
+
+
+def _same_csv(given: str, run_csv, moved: bool) -> bool:
+    """Whether ``given`` is the run's split CSV: the same file, or its bytes (a copy moved with the data); with the
+    data ``moved`` and the run's file no longer there, taken as the user's word (it was refused whatever it was, and
+    the fix for moved data asked for it; a review, session 53)."""
+    if run_csv is None:
+        return False
+    if os.path.abspath(given) == os.path.abspath(str(run_csv)):
+        return True
+    try:
+        with open(given, "rb") as f, open(run_csv, "rb") as g:
+            return f.read() == g.read()
+    except OSError:
+        return moved and os.path.isfile(given)
 
 
 def _split_keys(run_cfg: dict) -> dict:

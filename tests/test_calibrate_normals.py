@@ -548,6 +548,25 @@ def test_a_resumed_training_keeps_what_calibrate_was_told_unless_its_command_say
     assert choices() == (False, [2, 3], "map")
     assert main(["calibrate", "--run", str(run), "--quiet"]) == 0   # nothing asked: the run's as it is
     assert choices() == (False, [2, 3], "map")
+    # the resume's own flag wins also when it equals the run's config (a review, session 53: it was taken as unset)
+    assert main(["calibrate", "--run", str(run), "--map-levels", "3", "--quiet"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "4", "--map-levels", "2,3", "--quiet"]) == 0
+    assert choices() == (False, [2, 3], "map")
+    # a resume with a new --map-levels stopped before it calibrated, then retried without the flag: config.yaml's
+    # new value, not what `calibrate` was told before it
+    assert main(["calibrate", "--run", str(run), "--map-levels", "3", "--quiet"]) == 0
+    import uninet_feat.train as train_mod
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    real = train_mod.calibrate
+    train_mod.calibrate = killed
+    try:
+        assert main(["train", "--out", str(run), "--resume", "--epochs", "5", "--map-levels", "1", "--quiet"]) == 130
+    finally:
+        train_mod.calibrate = real
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "5", "--quiet"]) == 0
+    assert choices() == (False, [1], "map")
 
 
 def test_a_bad_split_csv_is_named_and_one_beside_given_normals_is_said_unused(trained, tmp_path, capsys):

@@ -253,7 +253,11 @@ def test_a_tiled_store_whose_image_changed_size_resumes_from_that_image(tmp_path
         with np.load(f / featstore.shard_name(i)) as z, np.load(io.BytesIO(old)) as o:
             assert str(z["fingerprint"]) == fresh.manifest["fingerprint"] != str(o["fingerprint"])
             np.testing.assert_array_equal(z["vectors"], o["vectors"])
-    # an image fewer (or more): the same resume, from the first image the lists disagree on (session 53)
+    # an image fewer still on disk: another selection (a subset CSV), refused, the store not cut down to it; one
+    # taken out of the folder: the same resume, from the first image the lists disagree on (session 53)
+    with pytest.raises(BadInputError, match="another model, settings or image list"):
+        make().extract_to(ps[:3], f, shard_size=4)
+    ps[3].unlink()
     with pytest.warns(UserWarning, match=r"1 image\(s\) were added, removed or changed size .*3\.png"):
         st = make().extract_to(ps[:3], f, shard_size=4)
     assert len(st.items) == 9

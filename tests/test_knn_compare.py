@@ -194,6 +194,15 @@ def test_a_runs_split_csv_is_the_knn_bank_and_test_set_and_another_is_refused(tm
     with pytest.raises(SystemExit):
         knn_compare.main(["--data", str(data), "--run", str(tmp_path / "run"), "--split-csv",
                           str(tmp_path / "other.csv")])
+    import shutil   # the data moved with its CSV (and the run's CSV gone): the moved copy is the run's split
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved / "data")
+    shutil.copy(tmp_path / "split.csv", moved / "split.csv")
+    (tmp_path / "split.csv").rename(tmp_path / "gone.csv")
+    res2 = knn_compare.main(["--data", str(moved / "data"), "--split-csv", str(moved / "split.csv"), "--run",
+                             str(tmp_path / "run"), "--coreset", "1.0"])
+    assert [p.replace(str(moved / "data"), str(data)) for p in res2["scores"]["path"]] == res["scores"]["path"]
+    (tmp_path / "gone.csv").rename(tmp_path / "split.csv")
     train({**cfg, "val_fraction": 0.0}, tmp_path / "noval", quiet=True)
     with pytest.raises(SystemExit):
         knn_compare.main(["--data", str(data), "--run", str(tmp_path / "noval"), "--coreset", "1.0"])

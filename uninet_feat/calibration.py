@@ -480,10 +480,34 @@ def with_calibration_normals(cfg: dict, run) -> dict:
 CHOICE_KEYS = ("map_levels", "map_norm", "image_score", "tile_norm", "synthetic_kinds")
 
 
-def calibrate_choices(run) -> dict:
-    """The choices `calibrate` was given for the run (calibration.json's ``calibrate_choices``), {} when none."""
+def calibrate_choices(run, anchors: bool = False) -> dict:
+    """The choices `calibrate` was given for the run (calibration.json's ``calibrate_choices``), {} when none.
+    ``anchors``: also ``"_over"``, the run config's value of each when `calibrate` was told it (`current_choices`)."""
     got = (saved_calibration(run) or {}).get("calibrate_choices")
-    return {k: v for k, v in got.items() if k in CHOICE_KEYS} if isinstance(got, dict) else {}
+    if not isinstance(got, dict):
+        return {}
+    out = {k: v for k, v in got.items() if k in CHOICE_KEYS}
+    if anchors and isinstance(got.get("_over"), dict):
+        out["_over"] = dict(got["_over"])
+    return out
+
+
+def current_choices(choices: dict, cfg: dict) -> dict:
+    """``choices`` (`calibrate_choices` with anchors) less those whose config value changed since `calibrate` was
+    told them: the config's newer value is then the run's (a resume given --map-levels 2 after `calibrate
+    --map-levels 3`); without the key's anchor (an older record) the choice stands. No ``"_over"`` in the result."""
+    over = choices.get("_over") or {}
+    return {k: v for k, v in choices.items() if k != "_over"
+            and not (k in over and cfg.get(k) != over[k])}
+
+
+def _record_choices(kept: dict, asked: dict, cfg: dict) -> dict:
+    """The record `calibrate` keeps: ``kept`` (with anchors) updated by ``asked`` (the flags given now), each new
+    one anchored to the run config's value now."""
+    over = dict(kept.get("_over") or {})
+    over.update({k: cfg.get(k) for k in asked})
+    rec = {**{k: v for k, v in kept.items() if k != "_over"}, **asked}
+    return {**rec, "_over": {k: v for k, v in over.items() if k in rec}} if rec else {}
 
 
 def load_run(run, data: str | None = None, split_csv: str | None = None, model_path=None,
@@ -534,18 +558,21 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         model = model.to(memory_format=torch.channels_last)
     asked = {"map_levels": map_levels, "map_norm": map_norm, "image_score": image_score, "tile_norm": tile_norm,
              "synthetic_kinds": synthetic_kinds}
-    choices = {**calibrate_choices(run), **{k: v for k, v in asked.items() if v is not None}} \
-        if choices is None else choices
+    if choices is None:   # the record: what was told before (those still current), and what is asked now
+        kept = calibrate_choices(run, anchors=True)
+        now = current_choices(kept, cfg)
+        choices = _record_choices({**now, "_over": kept.get("_over") or {}},
+                                  {k: v for k, v in asked.items() if v is not None}, cfg)
     if None in (map_levels, map_norm, image_score) and (saved_calibration(run) is None or _stale(run)):
         # no calibration.json (a first training stopped before calibrating), or one chosen for an earlier model.pt
         # (a resumed training stopped before calibrating its new one): what `calibrate` was told before, else the
         # run's config, chooses ("auto" included), as training would have
-        own = {**cfg, **choices}
+        own = {**cfg, **current_choices(choices, cfg)}
         map_levels = own.get("map_levels", "all") if map_levels is None else map_levels
         map_norm = own.get("map_norm", "none") if map_norm is None else map_norm
         image_score = own.get("image_score", "wdm") if image_score is None else image_score
-        tile_norm = choices.get("tile_norm") if tile_norm is None else tile_norm
-    if synthetic_kinds is None and "synthetic_kinds" in choices:
+        tile_norm = current_choices(choices, cfg).get("tile_norm") if tile_norm is None else tile_norm
+    if synthetic_kinds is None and "synthetic_kinds" in current_choices(choices, cfg):
         synthetic_kinds = choices["synthetic_kinds"]
     if choices:
         cfg["calibrate_choices"] = choices

@@ -972,7 +972,8 @@ def _dispatch(args) -> int:
             warnings.warn("--val-every has no effect without --select synthetic (nothing is validated)")
         model = Path(args.out) / "model.pt"
         before = model.stat().st_mtime_ns if model.exists() else None
-        path = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
+        path = train(cfg, args.out, resume=args.resume, quiet=args.quiet,
+                     flags=tuple(k for k, v in overrides.items() if v is not None))
         from .distributed import env_rank_world
         if (env_rank_world() or (0, 1))[0] != 0:   # torchrun: rank 0 speaks for all
             return 0

@@ -206,7 +206,8 @@ def _retiled(old: dict, manifest: dict) -> list[str]:
     or removed (a new image in the folder; one `--skip-bad` skipped, now mended) and images whose number of tiles
     differs, each a file changed since (a picture replaced by a larger one). A resume keeps the shards before the
     first of them (`_resume_retiled`): it was refused ("another image list"), and every finished shard was lost for
-    one image (an audit, session 53). Else [], also when most of the stored images are gone (another folder)."""
+    one image (an audit, session 53). Else [], also when most of the stored images are left out (another folder),
+    or any left out is still on disk (another selection: the store is not cut down to it)."""
     same = ("source", "settings", "vector_names", "schema_version", "tile_score", *CALIBRATION_KEYS)
     if any(old.get(k) != manifest.get(k) for k in same) or not old.get("files"):
         return []
@@ -223,6 +224,8 @@ def _retiled(old: dict, manifest: dict) -> list[str]:
     removed = [p for p in was if p not in now]
     if 2 * len(removed) > len(was):   # most of its images gone: another image list (another --data), whose store
         return []                     # this would replace, not the same folder grown or mended
+    if any(os.path.exists(p) for p in removed):   # still there: another selection of them (a subset --split-csv, a
+        return []   # --group), whose store this would cut down, not images taken out (a review, session 53)
     return [*removed, *(p for p in now if p not in was), *retiled]
 
 

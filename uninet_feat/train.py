@@ -42,22 +42,24 @@ def _progress(quiet: bool) -> Progress:
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=quiet, transient=False)
 
 
-def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False) -> Path:
+def train(cfg: dict, out: str | Path, resume: bool = False, quiet: bool = False, flags: tuple = ()) -> Path:
     """Train UniNet with ``cfg`` into the run folder ``out``; returns the path of ``model.pt``. The folder is
     locked while it trains (`io.folder_lock`; rank 0 of a torchrun job holds it for all ranks). ``resume=True``
     continues the run in ``out``: ``cfg`` is then the run's own config but for `RESUMABLE_KEYS` (e.g.
     ``load_config(out / "config.yaml", {"epochs": 20})``); another value of any other key is refused
     (`check_resume_changes`), as `train --resume` refuses it. The process-wide state it sets for a reproducible run
-    (seeds, deterministic algorithms, thread count) is the caller's again on return (`config.restored_global_state`)."""
+    (seeds, deterministic algorithms, thread count) is the caller's again on return (`config.restored_global_state`).
+    ``flags``: the keys of ``cfg`` the caller set itself (the command's flags): on a resume, those of the pixel map and
+    image score win over what `calibrate` was told since (`_kept_choices`), also when equal to the run's own."""
     rank, world = env_rank_world() or (0, 1)   # [distributed] torchrun; (0, 1) in a single process
     with restored_global_state():
         if rank != 0:
-            return _train(cfg, Path(out), resume, quiet, rank, world)
+            return _train(cfg, Path(out), resume, quiet, rank, world, tuple(flags))
         with folder_lock(out):
-            return _train(cfg, Path(out), resume, quiet, rank, world)
+            return _train(cfg, Path(out), resume, quiet, rank, world, tuple(flags))
 
 
-def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: int) -> Path:
+def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: int, flags: tuple = ()) -> Path:
     ckpt_path = out / "checkpoint.pt"
     start_epoch = 0
     if resume:
@@ -120,7 +122,8 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
             _supervision_notes(fit, cfg)
     # the split as it is now: a resume refuses another one (a normal added to the folder redraws the validation split)
     split, paths = split_digest(fit, val, cfg["data"]), split_paths(fit, val, cfg["data"])
-    choices = _kept_choices(cfg, state, out) if resume else {}   # what `calibrate` was told: kept by a resume
+    record = _kept_choices(cfg, state, out, flags) if resume else {}   # what `calibrate` was told: kept by a resume
+    choices = {k: v for k, v in record.items() if k != "_over"}
     own = {**cfg, **choices}
     if resume and _final_model(out, cfg, state):   # model.pt is left as it is: indices and heads name its sha256
         if (val or given) and not _calibrated(out):   # killed between writing model.pt and calibrating it
@@ -130,7 +133,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
                 recalibrate(out, quiet=quiet, map_levels=own.get("map_levels", "all"),
                             map_norm=own.get("map_norm", "none"), device=cfg.get("device"), warn_kinds=False,
                             image_score=own.get("image_score", "wdm"), tile_norm=own.get("tile_norm"),
-                            synthetic_kinds=choices.get("synthetic_kinds"), choices=choices)
+                            synthetic_kinds=choices.get("synthetic_kinds"), choices=record)
         else:
             warnings.warn(f"{out}: the run has already trained its {cfg['epochs']} epochs and calibrated model.pt; "
                           "nothing to do, model.pt is left as it is (fix, to train longer: --resume --epochs N)")
@@ -319,7 +322,7 @@ def _train(cfg: dict, out: Path, resume: bool, quiet: bool, rank: int, world: in
         if val or given:
             normals, cal_cfg = _calibration_set(out, cfg, val, given)
             if choices:   # the auto choices' synthetic kinds, and the record that the next calibration keeps
-                cal_cfg = {**cal_cfg, "calibrate_choices": choices,
+                cal_cfg = {**cal_cfg, "calibrate_choices": record,
                            **{k: choices[k] for k in ("synthetic_kinds",) if k in choices}}
             calibrate(model, normals, cal_cfg, out, quiet, map_levels, map_norm, tile_norm=own.get("tile_norm"),
                       image_score=image_score)
@@ -573,16 +576,20 @@ def check_resume_changes(cfg: dict, state: dict, out: Path) -> None:
                                 f"{', '.join(RESUMABLE_KEYS)}. Or train a new run with a new --out")
 
 
-def _kept_choices(cfg: dict, state: dict, out: Path) -> dict:
+def _kept_choices(cfg: dict, state: dict, out: Path, flags: tuple = ()) -> dict:
     """The choices `calibrate` was told for a resumed run (`calibration.calibrate_choices`), which its final
-    calibration makes again rather than config.yaml's; less those this resume's command sets itself (`train --resume
-    --map-levels all`: config.yaml's then)."""
-    from .calibration import calibrate_choices
-    choices = calibrate_choices(out)
+    calibration makes again rather than config.yaml's; less those this resume's command sets itself (``flags``:
+    `train --resume --map-levels all`, also when all is the run's own) and those whose config value changed since
+    `calibrate` was told them (a resume with --map-levels 2, killed before it calibrated, then retried without it:
+    config.yaml's 2, not the older 3; a review, session 53)."""
+    from .calibration import calibrate_choices, current_choices
+    told = calibrate_choices(out, anchors=True)
+    choices = current_choices(told, cfg)
     for k in ("map_levels", "map_norm", "image_score"):   # the choices `train --resume` also takes (RESUMABLE_KEYS)
-        if k in choices and cfg.get(k, DEFAULT_CONFIG[k]) != state["config"].get(k, DEFAULT_CONFIG[k]):
+        if k in choices and (k in flags or cfg.get(k, DEFAULT_CONFIG[k]) != state["config"].get(k, DEFAULT_CONFIG[k])):
             del choices[k]
-    return choices
+    over = {k: v for k, v in (told.get("_over") or {}).items() if k in choices}
+    return {**choices, "_over": over} if choices else {}   # the record to keep, anchored as it was
 
 
 def _calibration_set(out: Path, cfg: dict, val: list, given: str | None) -> tuple:
