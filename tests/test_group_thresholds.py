@@ -185,7 +185,8 @@ def test_export_model_group_puts_its_threshold_in_model_json_without_saying_it_c
         warnings.simplefilter("always")
         assert main(["export-model", "--run", str(r), "--group", "lineB", "--no-check", "--quiet",
                      "--out", str(tmp_path / "m")]) == 0
-    assert json.loads((tmp_path / "m" / "model.json").read_text())["threshold"] == pytest.approx(want["lineB"])
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["threshold"] == pytest.approx(want["lineB"]) and meta["group"] == "lineB"
     assert not [w for w in said if "changes nothing" in str(w.message)]
     # a misspelt group exported the pooled threshold, no group_thresholds, exit 0 (an audit, session 53): refused
     assert main(["export-model", "--run", str(r), "--group", "lineZ", "--no-check", "--quiet",

@@ -198,7 +198,7 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
         h, w = _input_size(model, cfg, input_size, group, run)
         grid = tile_grid(h, w, cfg["tile"], cfg.get("tile_overlap", 0))
         offsets, map_offsets, off_group = _tile_offsets(model, grid, group, run)
-        used_group = off_group or group
+        used_group = off_group if off_group is not None else group   # "" (a run of no group) stays "", not None
     elif input_size is not None:
         warnings.warn("--input-size is for tiled runs; this run resizes any image to "
                       f"{size[1]}x{size[0]}, so the exported model takes any size", stacklevel=2)
@@ -252,6 +252,9 @@ def export_model(run, out, input_size=None, group: str | None = None, threshold:
                    if grid is not None else
                    {"map_image": "(N, H, W) the map at the input's size, as predict and Detector give it out (and "
                                  "threshold it for defect masks)"})},
+            # the group exported for, as --group named it (None: every group, or a run of one): it showed only in
+            # the threshold's rule (an audit, session 53)
+            "group": group,
             "threshold": thr, "threshold_rule": thr_rule, **({"group_thresholds": by_group} if by_group else {}),
             "flag": "score > threshold",
             "pixel_threshold": pixel_thr,
