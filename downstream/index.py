@@ -165,15 +165,17 @@ def _to_device(index, device: str, kind: str):
 
 
 def _check_counts(**given) -> None:
-    """Refuse a count below 1 (or not a whole number) before faiss sees it: nlist 0 crashed the interpreter
-    (segfault), hnsw_m 0 aborted it on an assertion, ef_search 0 returned wrong neighbours silently and nprobe 0 a
-    bare RuntimeError at search time (an audit, session 52)."""
+    """Refuse a count below 1 (or not a whole number), and ``nbits`` past 16, before faiss sees it: nlist 0 crashed
+    the interpreter (segfault), hnsw_m 0 aborted it on an assertion, ef_search 0 returned wrong neighbours silently
+    and nprobe 0 a bare RuntimeError at search time (an audit, session 52)."""
     for name, v in given.items():
         if v is None:
             continue
         if isinstance(v, bool) or not float(v).is_integer() or int(v) < 1:
             raise BadInputError(f"{name} must be a whole number of at least 1, got {v!r}",
                                 fix=f"give {name} >= 1, or leave it out for the default")
+        if name == "nbits" and int(v) > 16:   # faiss's PQ codes hold at most 16 bits a sub-quantiser
+            raise BadInputError(f"nbits must be at most 16, got {v}", fix="use nbits 8 (the default) or fewer")
 
 
 def set_search_params(index, nprobe=None, ef_search=None):
@@ -202,8 +204,6 @@ def build_index(vectors, kind="flat", metric="l2", nlist=None, m_pq=None, nbits=
     """
     faiss_gpus(device)   # a bad device is refused before the training, not after
     _check_counts(nlist=nlist, nbits=nbits, hnsw_m=hnsw_m, ef_search=ef_search, nprobe=nprobe)
-    if nbits > 16:   # faiss's PQ codes hold at most 16 bits a sub-quantiser
-        raise BadInputError(f"nbits must be at most 16, got {nbits}", fix="use nbits 8 (the default) or fewer")
     x = as_matrix(vectors)
     n, d = x.shape
     if n == 0:

@@ -70,8 +70,6 @@ def train_empty_index(vector_shards, kind: str = "ivfpq", metric: str = "l2", nl
     # the counts checked as `build_index` checks them: nlist 0 crashed the interpreter here too (a segfault), nbits 0
     # built a meaningless index and nlist 2.5 was truncated (an audit, session 53)
     _check_counts(nlist=nlist, nbits=nbits, nprobe=nprobe)
-    if nbits > 16:   # faiss's PQ codes hold at most 16 bits a sub-quantiser
-        raise BadInputError(f"nbits must be at most 16, got {nbits}", fix="use nbits 8 (the default) or fewer")
     if metric not in METRICS:
         raise BadInputError(f"unknown metric {metric!r}", fix="use l2 or ip")
     if not vector_shards:

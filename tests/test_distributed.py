@@ -305,14 +305,17 @@ def test_validate_store_finds_problems(runs, tmp_path):
         shutil.copytree(src, dst)
         return dst
 
+    def edit_shard(d, k, edit):   # a shard's arrays changed by ``edit`` (a dict of arrays -> the new dict)
+        with np.load(d / f"shard-{k:05d}.npz") as z:
+            arrays = {q: z[q] for q in z.files}
+        np.savez(d / f"shard-{k:05d}.npz", **edit(arrays))
+
     d = broken("missing")
     (d / "shard-00003.npz").unlink()
     with pytest.raises(BadInputError, match="1 of 6 shards missing"):
         validate_store(d)
     d = broken("rows")
-    with np.load(d / "shard-00001.npz") as z:
-        arrays = {k: z[k] if k == "fingerprint" else z[k][:2] for k in z.files}
-    np.savez(d / "shard-00001.npz", **arrays)
+    edit_shard(d, 1, lambda a: {k: v if k == "fingerprint" else v[:2] for k, v in a.items()})
     with pytest.raises(BadInputError, match=r"shard-00001.npz: vectors \(2,"):
         validate_store(d)
     d = broken("foreign")   # a --shard process started with other settings (featstore.check_writer's race)
@@ -335,19 +338,17 @@ def test_validate_store_finds_problems(runs, tmp_path):
     with pytest.raises(BadInputError, match="no `complete` marker"):
         validate_store(d)
     d = broken("nan")
-    with np.load(d / "shard-00001.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["vectors"] = arrays["vectors"].copy()
-    arrays["vectors"][0, 0] = np.nan
-    np.savez(d / "shard-00001.npz", **arrays)
+
+    def nan_first(a):
+        a["vectors"] = a["vectors"].copy()
+        a["vectors"][0, 0] = np.nan
+        return a
+    edit_shard(d, 1, nan_first)
     with pytest.raises(BadInputError, match=r"1 vector\(s\) hold NaN or Inf"):
         validate_store(d)
     d = broken("grid")   # patch rows of two widths (only a damaged store has them): index stacked them, a traceback
     for k, width in ((0, 8), (2, 7)):
-        with np.load(d / f"shard-0000{k}.npz") as z:
-            arrays = {q: z[q] for q in z.files}
-        arrays["patches"] = np.zeros((len(arrays["vectors"]), 4, width), np.float16)
-        np.savez(d / f"shard-0000{k}.npz", **arrays)
+        edit_shard(d, k, lambda a, w=width: {**a, "patches": np.zeros((len(a["vectors"]), 4, w), np.float16)})
     with pytest.raises(BadInputError, match=r"shard-00002.npz: patches of shape \(4, 7\) per row, the first shard's "
                                             r"\(4, 8\)"):
         validate_store(d)

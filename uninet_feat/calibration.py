@@ -563,17 +563,18 @@ def recalibrate(run, data: str | None = None, split_csv: str | None = None, quie
         now = current_choices(kept, cfg)
         choices = _record_choices({**now, "_over": kept.get("_over") or {}},
                                   {k: v for k, v in asked.items() if v is not None}, cfg)
+    told = current_choices(choices, cfg)   # what `calibrate` was told that the config has not changed since
     if None in (map_levels, map_norm, image_score) and (saved_calibration(run) is None or _stale(run)):
         # no calibration.json (a first training stopped before calibrating), or one chosen for an earlier model.pt
         # (a resumed training stopped before calibrating its new one): what `calibrate` was told before, else the
         # run's config, chooses ("auto" included), as training would have
-        own = {**cfg, **current_choices(choices, cfg)}
+        own = {**cfg, **told}
         map_levels = own.get("map_levels", "all") if map_levels is None else map_levels
         map_norm = own.get("map_norm", "none") if map_norm is None else map_norm
         image_score = own.get("image_score", "wdm") if image_score is None else image_score
-        tile_norm = current_choices(choices, cfg).get("tile_norm") if tile_norm is None else tile_norm
-    if synthetic_kinds is None and "synthetic_kinds" in current_choices(choices, cfg):
-        synthetic_kinds = choices["synthetic_kinds"]
+        tile_norm = told.get("tile_norm") if tile_norm is None else tile_norm
+    if synthetic_kinds is None and "synthetic_kinds" in told:
+        synthetic_kinds = told["synthetic_kinds"]
     if choices:
         cfg["calibrate_choices"] = choices
     if image_score is not None:

@@ -398,9 +398,8 @@ def validate_store(folder, expected_paths=None) -> dict:
     # (an audit, session 53)
     if nonfinite:
         problems.append(f"{nonfinite} vector(s) hold NaN or Inf, which index and train-head refuse")
-    from .featstore import file_stats, same_stamp
-    files = m.get("files") if isinstance(m.get("files"), dict) else {}
-    changed = [q for q, st in file_stats(files).items() if not same_stamp(files[q], st)]
+    from .featstore import changed_on_disk
+    changed = changed_on_disk(m["files"]) if isinstance(m.get("files"), dict) else []
     if changed:
         problems.append(f"{len(changed)} image(s) changed since their features were extracted (e.g. "
                         f"{changed[0]})")

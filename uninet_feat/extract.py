@@ -18,8 +18,8 @@ from .data.layouts import Sample
 from .descriptors import SHAPE_NAMES, hot_region_shape, image_place
 from .errors import BadInputError
 from .export import backbone_features, uninet_features, vector_names
-from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, check_writer, file_sha256, file_stamp, file_stats,
-                        same_stamp, start_store, write_shard)
+from .featstore import (SCHEMA, SCHEMA_VERSION, FeatureStore, changed_on_disk, check_writer, file_sha256,
+                        file_stamp, file_stats, start_store, write_shard)
 from .io import atomic_write, atomic_write_text, remove_dead_temps
 from .positions import check_places, corrected
 from .runs import check_input_side, make_dataset, model_device, run_path
@@ -143,7 +143,10 @@ class Extractor:
         if not samples:
             raise BadInputError("no images to extract features from", fix="pass at least one image path or Sample")
         unmasked = [replace(s, mask=None) for s in samples]   # features need no mask: a bad one is not a bad image
-        return samples, make_dataset(unmasked, {**self.cfg, "skip_bad": self.skip_bad}, self.backbone)
+        ds = make_dataset(unmasked, {**self.cfg, "skip_bad": self.skip_bad}, self.backbone)
+        if self.model is not None and self.cfg.get("tile"):   # every image's tile places, before any is scored
+            check_places(self.model.cfg.get("tile_offsets"), self.model.cfg.get("tile_sizes"), ds)
+        return samples, ds
 
     @staticmethod
     def skipped(samples, ds) -> list[str]:
@@ -163,8 +166,6 @@ class Extractor:
         out, i = {}, 0
         by_place = self.model is not None and self.cfg.get("tile") and self.model.cfg.get("tile_offsets")
         hw = {j: (g.h, g.w) for j, g, _ in ds.tile_index} if by_place else {}   # each image's size, for `corrected`
-        if by_place:   # every image's places checked before the first batch
-            check_places(self.model.cfg["tile_offsets"], self.model.cfg.get("tile_sizes"), ds)
         for batch in loader:
             x = batch["image"].to(self.device)
             if self.model is not None and self.cfg.get("channels_last"):   # as evaluate feeds it: the same scores
@@ -325,8 +326,7 @@ class Extractor:
                 # an image replaced while this process ran: the shard may hold its old pixels, and another
                 # `--shard i/n` process that started since recorded the new file, finding no shard to call stale
                 # (an audit, session 53): not written, so that a re-run extracts it
-                moved = [p for p, st in file_stats(items[j]["path"] for j in span).items()
-                         if not same_stamp(manifest["files"].get(p), st)]
+                moved = changed_on_disk(manifest["files"], (items[j]["path"] for j in span))
                 if moved:
                     changed += moved
                     continue

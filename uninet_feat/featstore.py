@@ -152,6 +152,13 @@ def file_stamp(st: os.stat_result) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def changed_on_disk(recorded: dict, paths=None) -> list:
+    """Those of ``paths`` (default: every path of ``recorded``, a manifest's ``files``) whose file on disk is not the
+    version ``recorded`` stamped (`file_stats`): replaced, edited or gone."""
+    now = file_stats(recorded if paths is None else paths)
+    return [p for p, st in now.items() if not same_stamp(recorded.get(p), st)]
+
+
 def same_stamp(was, now) -> bool:
     """Whether a recorded stamp names the same file version; a stamp from before session 38 holds [size,
     mtime_ns] only and is compared on those."""

@@ -366,7 +366,7 @@ def check_places(offsets: dict | None, sizes: dict | None, ds) -> None:
     training normals', a group without offsets), all in one error: `corrected` refused the first when the scoring
     loop reached it, after the batches before it were scored, and with a file list that changed when it was taken
     out, predict's saved parts were all scored again (an audit, session 53). ``ds``: a tiled `ImageDataset`."""
-    if not offsets or getattr(ds, "_places_checked", None) is offsets:   # once a dataset (extract: per part)
+    if not offsets:
         return
     bad, seen = [], set()
     for i, grid, k in ds.tile_index:
@@ -381,7 +381,6 @@ def check_places(offsets: dict | None, sizes: dict | None, ds) -> None:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise BadInputError(f"{len(bad)} image(s) cannot be scored against the run's position offsets:\n"
                             + "\n".join(f"  {e.path}: {e.reason}" for e in bad[:3]) + more, fix=bad[0].fix)
-    ds._places_checked = offsets
 
 
 def tile_map_shift(cfg: dict, score: float, corrected_score: float, box, sample, context=None, hw=None) -> float:
